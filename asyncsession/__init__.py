@@ -1,0 +1,92 @@
+"""Async session management for asyncio and trio.
+
+Layout: implementation lives in private modules (``_models``, ``_manager``, ...); this
+module is the public façade. Stores live in :mod:`asyncsession.stores`, the storage
+contract in :mod:`asyncsession.abc`, test helpers in :mod:`asyncsession.testing`.
+"""
+
+from ._clock import Clock as Clock
+from ._clock import Duration as Duration
+from ._clock import SystemClock as SystemClock
+from ._events import EventKind as EventKind
+from ._events import SessionEvent as SessionEvent
+from ._events import Subscription as Subscription
+from ._exceptions import CorruptSessionError as CorruptSessionError
+from ._exceptions import InvalidConfiguration as InvalidConfiguration
+from ._exceptions import InvalidCursor as InvalidCursor
+from ._exceptions import InvalidJSONValue as InvalidJSONValue
+from ._exceptions import InvalidOwner as InvalidOwner
+from ._exceptions import InvalidRole as InvalidRole
+from ._exceptions import InvalidSessionName as InvalidSessionName
+from ._exceptions import InvalidUpdate as InvalidUpdate
+from ._exceptions import LimitExceeded as LimitExceeded
+from ._exceptions import ManagerNotRunning as ManagerNotRunning
+from ._exceptions import SchemaVersionError as SchemaVersionError
+from ._exceptions import SerializationError as SerializationError
+from ._exceptions import SessionClosed as SessionClosed
+from ._exceptions import SessionConflict as SessionConflict
+from ._exceptions import SessionError as SessionError
+from ._exceptions import SessionNotFound as SessionNotFound
+from ._exceptions import StorageError as StorageError
+from ._exceptions import ValidationError as ValidationError
+from ._json import FrozenDict as FrozenDict
+from ._manager import SessionManager as SessionManager
+from ._manager import SessionStats as SessionStats
+from ._migrations import CURRENT_VERSION as CURRENT_VERSION
+from ._models import ROLES as ROLES
+from ._models import ExpiryPolicy as ExpiryPolicy
+from ._models import Message as Message
+from ._models import MessageLog as MessageLog
+from ._models import Session as Session
+from ._models import SessionStatus as SessionStatus
+from ._serialization import dumps as dumps
+from ._serialization import loads as loads
+from .abc import Page as Page
+from .abc import SessionQuery as SessionQuery
+from .abc import SessionRepository as SessionRepository
+from .stores.memory import MemoryRepository as MemoryRepository
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CURRENT_VERSION",
+    "ROLES",
+    "Clock",
+    "CorruptSessionError",
+    "Duration",
+    "EventKind",
+    "ExpiryPolicy",
+    "FrozenDict",
+    "InvalidConfiguration",
+    "InvalidCursor",
+    "InvalidJSONValue",
+    "InvalidOwner",
+    "InvalidRole",
+    "InvalidSessionName",
+    "InvalidUpdate",
+    "LimitExceeded",
+    "ManagerNotRunning",
+    "MemoryRepository",
+    "Message",
+    "MessageLog",
+    "Page",
+    "SchemaVersionError",
+    "SerializationError",
+    "Session",
+    "SessionClosed",
+    "SessionConflict",
+    "SessionError",
+    "SessionEvent",
+    "SessionManager",
+    "SessionNotFound",
+    "SessionQuery",
+    "SessionRepository",
+    "SessionStats",
+    "SessionStatus",
+    "StorageError",
+    "Subscription",
+    "SystemClock",
+    "ValidationError",
+    "dumps",
+    "loads",
+]

@@ -1,0 +1,71 @@
+"""Time source used by the manager: a protocol, the system clock and duration helpers."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Protocol, Union, runtime_checkable
+
+import anyio
+
+from ._exceptions import InvalidConfiguration
+
+__all__ = ["Clock", "Duration", "SystemClock", "to_timedelta"]
+
+#: A duration argument: seconds as int/float, a timedelta, or None for "no limit".
+Duration = Union[int, float, timedelta, None]
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """What the manager needs from a clock: the current UTC time and a way to wait."""
+
+    def now(self) -> datetime:
+        """Return the current time as a timezone-aware UTC datetime."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait until ``seconds`` have passed on this clock."""
+        ...
+
+
+class SystemClock:
+    """The real wall clock (UTC) and :func:`anyio.sleep`."""
+
+    def now(self) -> datetime:
+        """Return ``datetime.now(timezone.utc)``."""
+        return datetime.now(timezone.utc)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep with :func:`anyio.sleep`."""
+        await anyio.sleep(seconds)
+
+    def __repr__(self) -> str:
+        return "SystemClock()"
+
+
+def to_timedelta(value: Duration, name: str) -> timedelta | None:
+    """Convert a duration argument to a positive timedelta, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, timedelta)):
+        raise InvalidConfiguration(
+            f"{name} must be seconds (int or float), a timedelta, or None; got {value!r}."
+        )
+    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
+    if delta <= timedelta(0):
+        raise InvalidConfiguration(
+            f"{name} must be positive; got {value!r}. Use None to disable it."
+        )
+    return delta
+
+
+def utc(value: datetime, name: str = "datetime") -> datetime:
+    """Return ``value`` in UTC; reject naive datetimes."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidConfiguration(
+            f"{name} must be timezone-aware; got naive {value!r}. Use "
+            "datetime.now(timezone.utc)."
+        )
+    if value.tzinfo is timezone.utc:
+        return value
+    return value.astimezone(timezone.utc)

@@ -1,0 +1,138 @@
+"""Lifecycle events and bounded subscriptions."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import uuid
+from datetime import datetime
+from types import TracebackType
+
+import anyio
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._exceptions import InvalidConfiguration
+from ._models import Session
+
+__all__ = ["EventKind", "SessionEvent", "Subscription"]
+
+logger = logging.getLogger(__name__)
+
+
+class EventKind(str, enum.Enum):
+    """What happened to a session."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    MESSAGE_ADDED = "message_added"
+    CLOSED = "closed"
+    EXPIRED = "expired"
+    DELETED = "deleted"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@attrs.frozen(slots=True)
+class SessionEvent:
+    """One lifecycle event. ``seq`` numbers a manager's events, so gaps show drops.
+
+    ``session`` is the snapshot after the change (for EXPIRED, the session as it was
+    removed, with status EXPIRED if it was still open; None for DELETED).
+    """
+
+    kind: EventKind
+    session_id: uuid.UUID
+    session: Session | None
+    at: datetime
+    seq: int
+
+
+class Subscription:
+    """An async iterator of :class:`SessionEvent`; use it with ``async with``.
+
+    Overflow policy: each subscription buffers up to ``buffer`` events. When a slow
+    subscriber's buffer is full, new events *for that subscriber* are dropped (counted
+    in :attr:`dropped`, visible as gaps in ``seq``) so the manager and other
+    subscribers never wait. Iteration ends when the subscription or manager closes.
+    """
+
+    def __init__(self, hub: EventHub, buffer: int) -> None:
+        if type(buffer) is not int or buffer < 1:
+            raise InvalidConfiguration(f"buffer must be an int >= 1, got {buffer!r}.")
+        self._hub = hub
+        self._send: MemoryObjectSendStream[SessionEvent]
+        self._receive: MemoryObjectReceiveStream[SessionEvent]
+        self._send, self._receive = anyio.create_memory_object_stream[SessionEvent](buffer)
+        self.dropped = 0
+        hub._subscribers.add(self)
+
+    def _offer(self, event: SessionEvent) -> None:
+        try:
+            self._send.send_nowait(event)
+        except anyio.WouldBlock:
+            if self.dropped == 0:
+                logger.warning("event subscriber is too slow; dropping events for it")
+            self.dropped += 1
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._hub._subscribers.discard(self)
+
+    def _end(self) -> None:
+        self._hub._subscribers.discard(self)
+        self._send.close()
+
+    async def aclose(self) -> None:
+        """Stop receiving events."""
+        self._end()
+        self._receive.close()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> SessionEvent:
+        try:
+            return await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    def receive_nowait(self) -> SessionEvent:
+        """Return a buffered event or raise :class:`anyio.WouldBlock`."""
+        return self._receive.receive_nowait()
+
+
+class EventHub:
+    """Fans events out to subscriptions without ever blocking the publisher."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[Subscription] = set()
+        self._seq = 0
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def publish(
+        self, kind: EventKind, session_id: uuid.UUID, session: Session | None, at: datetime
+    ) -> None:
+        if not self._subscribers:
+            return
+        self._seq += 1
+        event = SessionEvent(kind, session_id, session, at, self._seq)
+        for subscription in tuple(self._subscribers):
+            subscription._offer(event)
+
+    def close(self) -> None:
+        for subscription in tuple(self._subscribers):
+            subscription._end()

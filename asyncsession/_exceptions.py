@@ -1,0 +1,245 @@
+"""The exceptions asyncsession raises.
+
+Every error derives from :class:`SessionError` and carries a ``recoverable`` flag: true
+when retrying the same call later may succeed (a conflict, a storage hiccup). Messages say
+what happened and what to do about it::
+
+    SessionError
+    ├── SessionNotFound          unknown, expired or deleted id
+    ├── SessionClosed            the session is terminal; it can be read, not changed
+    ├── SessionConflict          a concurrent writer won the compare-and-set (recoverable)
+    ├── ManagerNotRunning        the manager is used outside ``async with``
+    ├── ValidationError          bad input; nothing was stored (also a ValueError)
+    │   ├── InvalidSessionName
+    │   ├── InvalidOwner
+    │   ├── InvalidJSONValue
+    │   ├── InvalidRole
+    │   ├── LimitExceeded
+    │   ├── InvalidUpdate
+    │   ├── InvalidCursor
+    │   └── InvalidConfiguration
+    ├── SerializationError       a stored document cannot be read or written
+    │   ├── SchemaVersionError
+    │   └── CorruptSessionError
+    └── StorageError             the backing store failed (recoverable when a retry can help)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CorruptSessionError",
+    "InvalidConfiguration",
+    "InvalidCursor",
+    "InvalidJSONValue",
+    "InvalidOwner",
+    "InvalidRole",
+    "InvalidSessionName",
+    "InvalidUpdate",
+    "LimitExceeded",
+    "ManagerNotRunning",
+    "SchemaVersionError",
+    "SerializationError",
+    "SessionClosed",
+    "SessionConflict",
+    "SessionError",
+    "SessionNotFound",
+    "StorageError",
+    "ValidationError",
+]
+
+
+class SessionError(Exception):
+    """Base class of every error raised by asyncsession."""
+
+    recoverable: bool = False
+
+    def __init__(self, message: str, *, recoverable: bool | None = None) -> None:
+        super().__init__(message)
+        if recoverable is not None:
+            self.recoverable = recoverable
+
+    @property
+    def message(self) -> str:
+        """The human-readable message."""
+        return str(self.args[0]) if self.args else ""
+
+
+class SessionNotFound(SessionError, LookupError):
+    """No live session has this id (never existed, expired, or deleted)."""
+
+    def __init__(self, session_id: Any) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"Session {session_id} was not found: it does not exist, has expired or was "
+            "deleted. Create a new session with SessionManager.create()."
+        )
+
+
+class SessionClosed(SessionError):
+    """The session is terminal (exited, crashed, abnormal, expired) and cannot change."""
+
+    def __init__(self, session_id: Any, status: Any) -> None:
+        self.session_id = session_id
+        self.status = status
+        status_name = getattr(status, "value", status)
+        super().__init__(
+            f"Session {session_id} is closed (status {status_name!s}); it can still be "
+            "read but not changed. Create a new session to continue."
+        )
+
+
+class SessionConflict(SessionError):
+    """A concurrent writer changed the session first (compare-and-set failed)."""
+
+    recoverable = True
+
+    def __init__(
+        self,
+        session_id: Any,
+        *,
+        expected_revision: int | None = None,
+        actual_revision: int | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.expected_revision = expected_revision
+        self.actual_revision = actual_revision
+        self.attempts = attempts
+        if attempts is not None:
+            text = (
+                f"Session {session_id} kept changing under {attempts} attempts of this "
+                "update; another writer is updating it heavily. Retry later, or raise "
+                "SessionManager(max_retries=...)."
+            )
+        else:
+            text = (
+                f"Session {session_id} was saved by someone else first (expected revision "
+                f"{expected_revision}, stored revision {actual_revision}). Read it again "
+                "and reapply the change."
+            )
+        super().__init__(text)
+
+
+class ManagerNotRunning(SessionError):
+    """The manager was used before ``async with`` entered it or after it exited."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The SessionManager is not running. Use it inside "
+            "`async with SessionManager(repository) as sessions:`."
+        )
+
+
+class ValidationError(SessionError, ValueError):
+    """Bad input: the call was rejected and nothing was stored."""
+
+
+class InvalidSessionName(ValidationError):
+    """A session name is not 1–100 characters of ``[A-Za-z0-9_-]``."""
+
+    def __init__(self, name: object) -> None:
+        self.name = name
+        super().__init__(
+            f"Invalid session name {name!r}: use 1 to 100 characters from letters, digits, "
+            "'-' and '_' (for example 'my-feature')."
+        )
+
+
+class InvalidOwner(ValidationError):
+    """An owner is not a non-empty string of at most 256 printable characters."""
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        super().__init__(
+            f"Invalid owner {owner!r}: use a non-empty string of at most 256 printable "
+            "characters (a user id or e-mail address), or None."
+        )
+
+
+class InvalidJSONValue(ValidationError):
+    """A state or message-data value is not a JSON value."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(
+            f"{path}: {problem}. State and message data must be JSON values: dicts with "
+            "string keys, lists, strings, finite numbers, booleans and None."
+        )
+
+
+class InvalidRole(ValidationError):
+    """A message role is not one of the known roles."""
+
+    def __init__(self, role: object, allowed: tuple[str, ...]) -> None:
+        self.role = role
+        super().__init__(
+            f"Invalid message role {role!r}: use one of {', '.join(allowed)}."
+        )
+
+
+class LimitExceeded(ValidationError):
+    """A configured cap (messages per session, message size) would be exceeded."""
+
+    def __init__(self, what: str, limit: int, actual: int) -> None:
+        self.what = what
+        self.limit = limit
+        self.actual = actual
+        super().__init__(
+            f"{what} would be {actual}, over the limit of {limit}. Start a new session, "
+            "trim the content, or configure a higher limit on the SessionManager."
+        )
+
+
+class InvalidUpdate(ValidationError):
+    """An update callback returned something that cannot be saved."""
+
+
+class InvalidCursor(ValidationError):
+    """A listing cursor is malformed or belongs to another query."""
+
+    def __init__(self, cursor: object) -> None:
+        self.cursor = cursor
+        super().__init__(
+            f"Invalid cursor {cursor!r}: pass the next_cursor of a previous page of the "
+            "same listing, or None for the first page."
+        )
+
+
+class InvalidConfiguration(ValidationError):
+    """A constructor or call argument is out of range."""
+
+
+class SerializationError(SessionError):
+    """A session could not be encoded or decoded."""
+
+
+class SchemaVersionError(SerializationError):
+    """A stored document was written by a newer asyncsession."""
+
+    def __init__(self, version: object, supported: int) -> None:
+        self.version = version
+        self.supported = supported
+        super().__init__(
+            f"Stored session document has schema version {version!r}, but this "
+            f"asyncsession reads versions up to {supported}. Upgrade asyncsession."
+        )
+
+
+class CorruptSessionError(SerializationError):
+    """Stored bytes are not a readable session document."""
+
+    def __init__(self, detail: str, *, session_id: Any = None) -> None:
+        self.session_id = session_id
+        self.detail = detail
+        where = f"Session {session_id}" if session_id is not None else "A stored session"
+        super().__init__(
+            f"{where} is corrupt: {detail}. Restore it from a backup or delete it; other "
+            "sessions are unaffected."
+        )
+
+
+class StorageError(SessionError):
+    """The backing store failed; ``recoverable`` says whether a retry may help."""

@@ -1,0 +1,565 @@
+"""SessionManager: the policy layer over a repository."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Union
+
+import anyio
+import attrs
+
+from ._clock import Clock, Duration, SystemClock, to_timedelta
+from ._events import EventHub, EventKind, Subscription
+from ._exceptions import (
+    InvalidConfiguration,
+    InvalidUpdate,
+    LimitExceeded,
+    ManagerNotRunning,
+    SessionClosed,
+    SessionConflict,
+    SessionNotFound,
+)
+from ._models import ExpiryPolicy, Message, Session, SessionStatus
+from .abc import Page, SessionQuery, SessionRepository
+
+__all__ = ["SessionManager", "SessionStats", "UpdateFn"]
+
+logger = logging.getLogger(__name__)
+
+#: An update callback: takes the current snapshot, returns the new one (sync or async).
+UpdateFn = Callable[[Session], Union[Session, Awaitable[Session]]]
+
+SessionId = Union[uuid.UUID, str]
+
+
+@attrs.frozen(slots=True)
+class SessionStats:
+    """Counts reported by :meth:`SessionManager.stats`."""
+
+    by_status: Mapping[SessionStatus, int]
+    subscribers: int
+    cleanup_passes: int
+    expired_total: int
+
+    @property
+    def total(self) -> int:
+        """All stored sessions."""
+        return sum(self.by_status.values())
+
+
+class _LockEntry:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = anyio.Lock(fast_acquire=True)
+        self.users = 0
+
+
+class _SessionLock:
+    """Holds the in-process lock of one session; entries vanish when unused."""
+
+    __slots__ = ("_locks", "_id", "_entry")
+
+    def __init__(self, locks: dict[uuid.UUID, _LockEntry], session_id: uuid.UUID) -> None:
+        self._locks = locks
+        self._id = session_id
+
+    async def __aenter__(self) -> None:
+        entry = self._locks.get(self._id)
+        if entry is None:
+            entry = self._locks[self._id] = _LockEntry()
+        entry.users += 1
+        self._entry = entry
+        try:
+            await entry.lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._entry.lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self._entry.users -= 1
+        if self._entry.users == 0:
+            del self._locks[self._id]
+
+
+def _positive_int_or_none(value: int | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value < 1:
+        raise InvalidConfiguration(f"{name} must be an int >= 1 or None, got {value!r}.")
+    return value
+
+
+class SessionManager:
+    """Create, read, update, close, list and expire sessions stored in a repository.
+
+    Use it as an async context manager: entering opens the repository and starts the
+    cleanup loop in the manager's task group; leaving cancels the loop and closes the
+    repository (if the manager opened it)::
+
+        async with SessionManager(MemoryRepository(), idle_timeout=1800) as sessions:
+            s = await sessions.create(owner="alice")
+
+    Durations are seconds or :class:`~datetime.timedelta`; ``None`` disables a limit.
+    ``retention`` is how long closed sessions stay readable.
+    """
+
+    def __init__(
+        self,
+        repository: SessionRepository,
+        *,
+        idle_timeout: Duration = 1800,
+        max_age: Duration = None,
+        retention: Duration = timedelta(days=1),
+        cleanup_interval: Duration = 300,
+        clock: Clock | None = None,
+        max_retries: int = 16,
+        max_messages: int | None = None,
+        max_message_size: int | None = None,
+        event_buffer: int = 1000,
+        cleanup_batch: int = 1000,
+    ) -> None:
+        if not isinstance(repository, SessionRepository):
+            raise InvalidConfiguration(
+                f"repository must be a SessionRepository (e.g. MemoryRepository()), got "
+                f"{repository!r}."
+            )
+        if clock is not None and not isinstance(clock, Clock):
+            raise InvalidConfiguration(
+                f"clock must have now() and async sleep(); got {clock!r}."
+            )
+        self._repository = repository
+        self._policy = ExpiryPolicy(
+            idle_timeout=to_timedelta(idle_timeout, "idle_timeout"),
+            max_age=to_timedelta(max_age, "max_age"),
+            retention=to_timedelta(retention, "retention"),
+        )
+        self._cleanup_interval = to_timedelta(cleanup_interval, "cleanup_interval")
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        retries = _positive_int_or_none(max_retries, "max_retries")
+        self._max_retries = retries if retries is not None else 16
+        self._max_messages = _positive_int_or_none(max_messages, "max_messages")
+        self._max_message_size = _positive_int_or_none(max_message_size, "max_message_size")
+        self._event_buffer = _positive_int_or_none(event_buffer, "event_buffer") or 1000
+        self._cleanup_batch = _positive_int_or_none(cleanup_batch, "cleanup_batch") or 1000
+        self._locks: dict[uuid.UUID, _LockEntry] = {}
+        self._events = EventHub()
+        self._running = False
+        self._stack: AsyncExitStack | None = None
+        self._cleanup_passes = 0
+        self._expired_total = 0
+        self._cleanup_done: anyio.Event | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"SessionManager({self._repository!r}, idle_timeout={self._policy.idle_timeout}, "
+            f"max_age={self._policy.max_age}, running={self._running})"
+        )
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def repository(self) -> SessionRepository:
+        """The store this manager uses."""
+        return self._repository
+
+    @property
+    def clock(self) -> Clock:
+        """The clock that decides activity times and expiry."""
+        return self._clock
+
+    @property
+    def policy(self) -> ExpiryPolicy:
+        """The expiry policy (idle timeout, max age, retention)."""
+        return self._policy
+
+    @property
+    def running(self) -> bool:
+        """True inside ``async with``."""
+        return self._running
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> SessionManager:
+        if self._running or self._stack is not None:
+            raise InvalidConfiguration("This SessionManager is already running.")
+        stack = AsyncExitStack()
+        try:
+            await stack.enter_async_context(self._repository)
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(task_group.cancel_scope.cancel)
+            self._cleanup_done = anyio.Event()
+            if self._cleanup_interval is not None:
+                task_group.start_soon(self._cleanup_loop, name="asyncsession cleanup")
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        self._running = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._running = False
+        self._events.close()
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    def _check_running(self) -> None:
+        if not self._running:
+            raise ManagerNotRunning()
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def get(
+        self, session_id: SessionId, *, touch: bool = True, last_messages: int | None = None
+    ) -> Session:
+        """Return a snapshot of a live session; raise :class:`SessionNotFound`.
+
+        By default the read counts as activity (moves ``last_active`` and the idle
+        deadline); pass ``touch=False`` to just look. ``last_messages=n`` loads only the
+        last ``n`` messages (``messages.total`` stays exact).
+        """
+        self._check_running()
+        sid = _parse_id(session_id)
+        now = self._clock.now()
+        if touch:
+            session = await self._repository.touch(
+                sid, at=now, policy=self._policy, last_messages=last_messages
+            )
+        else:
+            session = await self._repository.get(sid, last_messages=last_messages)
+        if session is None or session.is_expired(now):
+            raise SessionNotFound(sid)
+        return session
+
+    async def exists(self, session_id: SessionId) -> bool:
+        """True when a live (unexpired) session has this id. Does not touch it."""
+        try:
+            await self.get(session_id, touch=False, last_messages=0)
+        except SessionNotFound:
+            return False
+        return True
+
+    async def list(
+        self,
+        *,
+        owner: str | None = None,
+        status: SessionStatus | Iterable[SessionStatus] | None = None,
+        search: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page of live sessions, most recently active first.
+
+        Filters by owner, status (one or several) and a case-insensitive ``search`` over
+        the name and first message. Pass ``page.next_cursor`` to get the next page.
+        """
+        self._check_running()
+        query = SessionQuery(
+            owner=owner,
+            status=status,  # type: ignore[arg-type]
+            search=search,
+            limit=limit,
+            cursor=cursor,
+            visible_at=self._clock.now(),
+        )
+        return await self._repository.list(query)
+
+    async def stats(self) -> SessionStats:
+        """Stored sessions by status, plus manager counters."""
+        self._check_running()
+        counts = await self._repository.count_by_status()
+        return SessionStats(
+            by_status=dict(counts),
+            subscribers=self._events.subscriber_count,
+            cleanup_passes=self._cleanup_passes,
+            expired_total=self._expired_total,
+        )
+
+    # -- writing ----------------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        owner: str | None = None,
+        name: str | None = None,
+        state: Mapping[str, Any] | None = None,
+    ) -> Session:
+        """Create a session with a fresh random id (UUID4 from the OS CSPRNG)."""
+        self._check_running()
+        now = self._clock.now()
+        session = Session(
+            uuid.uuid4(),
+            now,
+            now,
+            owner=owner,
+            name=name,
+            state=state,  # type: ignore[arg-type]
+            expires_at=self._policy.deadline(SessionStatus.ACTIVE, now, now, None),
+        )
+        await self._repository.add(session)
+        self._events.publish(EventKind.CREATED, session.id, session, now)
+        return session
+
+    async def update(self, session_id: SessionId, fn: UpdateFn) -> Session:
+        """Atomically replace a session by ``fn(snapshot)`` and return the saved result.
+
+        ``fn`` may be sync or async and may run more than once (on a fresh snapshot each
+        time) if another process writes the session concurrently. If it raises, nothing
+        is saved and the exception propagates. It may not change ``id``,
+        ``created_at`` or ``revision``; setting a terminal status closes the session.
+        """
+        self._check_running()
+        sid = _parse_id(session_id)
+        return await self._update(sid, fn)
+
+    async def _update(self, sid: uuid.UUID, fn: UpdateFn) -> Session:
+        async with _SessionLock(self._locks, sid):
+            for _attempt in range(self._max_retries):
+                old = await self._repository.get(sid)
+                now = self._clock.now()
+                if old is None or old.is_expired(now):
+                    raise SessionNotFound(sid)
+                if old.status.is_terminal:
+                    raise SessionClosed(sid, old.status)
+                result = fn(old)
+                if inspect.isawaitable(result):
+                    result = await result
+                new, added = self._prepare(old, result, now)
+                try:
+                    await self._repository.save(
+                        new, expected_revision=old.revision, new_messages=added
+                    )
+                except SessionConflict:
+                    logger.debug("session %s changed concurrently; retrying update", sid)
+                    continue
+                kind = EventKind.CLOSED if new.status.is_terminal else EventKind.UPDATED
+                self._events.publish(kind, sid, new, now)
+                return new
+        raise SessionConflict(sid, attempts=self._max_retries)
+
+    def _prepare(
+        self, old: Session, new: object, now: datetime
+    ) -> tuple[Session, tuple[Message, ...] | None]:
+        if not isinstance(new, Session):
+            raise InvalidUpdate(
+                f"The update function returned {type(new).__name__}, not a Session. Return "
+                "a changed copy, e.g. `lambda s: s.with_state(count=1)`."
+            )
+        for field in ("id", "created_at", "revision"):
+            if getattr(new, field) != getattr(old, field):
+                raise InvalidUpdate(
+                    f"The update function changed Session.{field}, which is managed by "
+                    "asyncsession. Change owner, name, state, messages or status instead."
+                )
+        if not new.messages.is_complete:
+            raise InvalidUpdate(
+                "The update function returned a window of the message history; append to "
+                "the snapshot's messages instead of replacing them with a partial view."
+            )
+        added = new.messages.added_since(old.messages)
+        self._check_messages(new.messages if added is None else added, new.messages.total)
+        closed_at = new.closed_at
+        if new.status.is_terminal:
+            closed_at = closed_at or now
+        elif closed_at is not None:
+            closed_at = None
+        last_active = max(old.last_active, now)
+        prepared = attrs.evolve(
+            new,
+            last_active=last_active,
+            closed_at=closed_at,
+            expires_at=self._policy.deadline(new.status, new.created_at, last_active, closed_at),
+            revision=old.revision + 1,
+        )
+        return prepared, added
+
+    def _check_messages(self, messages: Iterable[Message], total: int) -> None:
+        if self._max_messages is not None and total > self._max_messages:
+            raise LimitExceeded("Messages in this session", self._max_messages, total)
+        if self._max_message_size is not None:
+            for message in messages:
+                if len(message.content) > self._max_message_size:
+                    raise LimitExceeded(
+                        "Message length (characters)", self._max_message_size,
+                        len(message.content),
+                    )
+
+    async def add_message(
+        self, session_id: SessionId, role: str, content: str, *, data: Any = None
+    ) -> Session:
+        """Append one message (O(1)) and return the session.
+
+        ``role`` is one of ``user``, ``assistant``, ``system``, ``tool``; ``data`` is
+        optional JSON. The returned snapshot's ``messages`` holds at least the new
+        message (durable stores may return only a window of the history).
+        """
+        return await self.add_messages(session_id, [(role, content, data)])
+
+    async def add_messages(
+        self, session_id: SessionId, messages: Iterable[tuple[str, str, Any]]
+    ) -> Session:
+        """Append several ``(role, content, data)`` messages atomically."""
+        self._check_running()
+        sid = _parse_id(session_id)
+        now = self._clock.now()
+        batch = [Message(role, content, now, data) for role, content, data in messages]
+        self._check_messages(batch, 0)
+        session = await self._repository.append(
+            sid, batch, at=now, policy=self._policy, max_messages=self._max_messages
+        )
+        self._events.publish(EventKind.MESSAGE_ADDED, sid, session, now)
+        return session
+
+    async def set_state(self, session_id: SessionId, **changes: Any) -> Session:
+        """Merge keyword ``changes`` into the session's state."""
+        return await self.update(session_id, lambda s: s.with_state(changes))
+
+    async def close(
+        self, session_id: SessionId, *, status: SessionStatus = SessionStatus.EXITED
+    ) -> Session:
+        """Make a session terminal (EXITED by default; or CRASHED, ABNORMAL).
+
+        A closed session rejects updates with :class:`SessionClosed` and stays readable
+        until ``retention`` passes.
+        """
+        status = SessionStatus(status)
+        if not status.is_terminal:
+            raise InvalidConfiguration(
+                f"close() takes a terminal status (exited, crashed, abnormal, expired), got "
+                f"{status.value!r}; use archive() to park a session."
+            )
+        self._check_running()
+        return await self._update(
+            _parse_id(session_id), lambda s: attrs.evolve(s, status=status)
+        )
+
+    async def archive(self, session_id: SessionId) -> Session:
+        """Park an open session (ARCHIVED: no idle timeout, ``max_age`` still applies)."""
+        return await self.update(
+            session_id, lambda s: attrs.evolve(s, status=SessionStatus.ARCHIVED)
+        )
+
+    async def activate(self, session_id: SessionId) -> Session:
+        """Make an archived session ACTIVE again."""
+        return await self.update(
+            session_id, lambda s: attrs.evolve(s, status=SessionStatus.ACTIVE)
+        )
+
+    async def delete(self, session_id: SessionId, *, missing_ok: bool = False) -> bool:
+        """Delete a session now; raise :class:`SessionNotFound` unless ``missing_ok``."""
+        self._check_running()
+        sid = _parse_id(session_id)
+        deleted = await self._repository.delete(sid)
+        if not deleted:
+            if missing_ok:
+                return False
+            raise SessionNotFound(sid)
+        self._events.publish(EventKind.DELETED, sid, None, self._clock.now())
+        return True
+
+    # -- events -------------------------------------------------------------------------
+
+    def subscribe(self, *, buffer: int | None = None) -> Subscription:
+        """Receive lifecycle events: ``async with sessions.subscribe() as events:``.
+
+        A slow subscriber never stalls the manager: beyond ``buffer`` (default the
+        manager's ``event_buffer``) undelivered events, new ones are dropped for it and
+        counted in ``Subscription.dropped``.
+        """
+        self._check_running()
+        return Subscription(self._events, buffer if buffer is not None else self._event_buffer)
+
+    # -- expiry ---------------------------------------------------------------------------
+
+    async def purge_expired(self) -> int:
+        """Remove every session whose deadline has passed; return how many.
+
+        Reads the store's deadline index, so the cost follows what expired, not how
+        many sessions exist. Safe to run from several managers on one store: each
+        expired session is removed (and reported) by exactly one of them.
+        """
+        self._check_running()
+        now = self._clock.now()
+        removed_total = 0
+        while True:
+            ids = await self._repository.expired(now, limit=self._cleanup_batch)
+            removed = 0
+            for sid in ids:
+                session = await self._repository.remove_expired(sid, now=now)
+                if session is None:
+                    continue
+                removed += 1
+                if not session.status.is_terminal:
+                    session = attrs.evolve(
+                        session, status=SessionStatus.EXPIRED, closed_at=session.expires_at
+                    )
+                self._events.publish(EventKind.EXPIRED, sid, session, now)
+            removed_total += removed
+            if len(ids) < self._cleanup_batch or removed == 0:
+                break
+        self._expired_total += removed_total
+        if removed_total:
+            logger.info("expired %s sessions", removed_total)
+        return removed_total
+
+    async def wait_for_cleanup(self) -> None:
+        """Wait until the cleanup loop finishes its next pass.
+
+        With a :class:`~asyncsession.testing.ManualClock`, advance the clock past
+        ``cleanup_interval`` and await this to see expired sessions collected.
+        """
+        self._check_running()
+        if self._cleanup_interval is None:
+            raise InvalidConfiguration(
+                "This manager has no cleanup loop (cleanup_interval=None); call "
+                "purge_expired() instead."
+            )
+        assert self._cleanup_done is not None
+        await self._cleanup_done.wait()
+
+    async def _cleanup_loop(self) -> None:
+        assert self._cleanup_interval is not None
+        interval = self._cleanup_interval.total_seconds()
+        while True:
+            await self._clock.sleep(interval)
+            try:
+                await self.purge_expired()
+            except ManagerNotRunning:
+                return
+            except Exception:
+                logger.exception("session cleanup pass failed; retrying next interval")
+            self._cleanup_passes += 1
+            done, self._cleanup_done = self._cleanup_done, anyio.Event()
+            assert done is not None
+            done.set()
+
+
+def _parse_id(session_id: SessionId) -> uuid.UUID:
+    if type(session_id) is uuid.UUID:
+        return session_id
+    if isinstance(session_id, str):
+        try:
+            return uuid.UUID(session_id)
+        except ValueError:
+            raise SessionNotFound(session_id) from None
+    if isinstance(session_id, uuid.UUID):
+        return session_id
+    raise SessionNotFound(session_id)

@@ -1,0 +1,76 @@
+"""Schema migrations of the stored session document: one ``dict -> dict`` per step."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from ._exceptions import CorruptSessionError, SchemaVersionError
+
+__all__ = ["CURRENT_VERSION", "MIGRATIONS", "LEGACY_NAMESPACE", "migrate"]
+
+#: The schema version this release writes.
+CURRENT_VERSION = 1
+
+#: Namespace for turning the string ids of version-0 documents into stable UUIDs.
+LEGACY_NAMESPACE = uuid.UUID("6f1c3a52-2b8e-4d0e-9a57-6a7a3c1d9e10")
+
+Migration = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
+    """Seed 002's ``SessionMetadata`` (string id, ``created``, ``first_message``)."""
+    old_id = doc.get("id")
+    if not isinstance(old_id, str) or not old_id:
+        raise CorruptSessionError("version-0 document has no string id")
+    try:
+        new_id = str(uuid.UUID(old_id))
+    except ValueError:
+        new_id = str(uuid.uuid5(LEGACY_NAMESPACE, old_id))
+    created = doc.get("created", doc.get("created_at"))
+    last_active = doc.get("last_active", created)
+    messages = []
+    first = doc.get("first_message")
+    if isinstance(first, str) and first:
+        messages.append({"role": "user", "content": first, "timestamp": created, "data": None})
+    legacy = {
+        "id": old_id,
+        "message_count": doc.get("message_count", 0),
+        "file_count": doc.get("file_count", 0),
+    }
+    state = dict(doc.get("custom_fields") or {})
+    state["legacy"] = legacy
+    return {
+        "version": 1,
+        "id": new_id,
+        "owner": doc.get("owner"),
+        "name": doc.get("name"),
+        "status": doc.get("status", "active"),
+        "created_at": created,
+        "last_active": last_active,
+        "closed_at": None,
+        "expires_at": None,
+        "revision": 0,
+        "errors": 0,
+        "state": state,
+        "messages": messages,
+    }
+
+
+#: MIGRATIONS[n] turns a version-n document into a version-(n+1) document.
+MIGRATIONS: dict[int, Migration] = {0: _v0_to_v1}
+
+
+def migrate(doc: dict[str, Any]) -> dict[str, Any]:
+    """Bring ``doc`` to :data:`CURRENT_VERSION`, one step at a time."""
+    version = doc.get("version")
+    if type(version) is not int or version < 0:
+        raise CorruptSessionError(f"document has no valid 'version' field ({version!r})")
+    if version > CURRENT_VERSION:
+        raise SchemaVersionError(version, CURRENT_VERSION)
+    while version < CURRENT_VERSION:
+        doc = MIGRATIONS[version](doc)
+        version += 1
+        doc["version"] = version
+    return doc

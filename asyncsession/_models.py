@@ -1,0 +1,395 @@
+"""Immutable session models: :class:`Session`, :class:`Message`, :class:`SessionStatus`."""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from itertools import islice
+from typing import Any, overload
+
+import attrs
+
+from ._clock import utc
+from ._exceptions import InvalidOwner, InvalidRole, InvalidSessionName
+from ._json import EMPTY, FrozenDict, freeze_json, freeze_state
+
+__all__ = [
+    "ROLES",
+    "ExpiryPolicy",
+    "Message",
+    "MessageLog",
+    "Session",
+    "SessionStatus",
+    "validate_name",
+    "validate_owner",
+]
+
+#: The message roles a session accepts.
+ROLES: tuple[str, ...] = ("user", "assistant", "system", "tool")
+_ROLES = frozenset(ROLES)
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+
+class SessionStatus(str, enum.Enum):
+    """Lifecycle status. ACTIVE and ARCHIVED are open; the others are terminal."""
+
+    ACTIVE = "active"
+    ARCHIVED = "archived"
+    EXITED = "exited"
+    CRASHED = "crashed"
+    ABNORMAL = "abnormal"
+    EXPIRED = "expired"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for EXITED, CRASHED, ABNORMAL and EXPIRED."""
+        return self not in _OPEN
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_OPEN = frozenset({SessionStatus.ACTIVE, SessionStatus.ARCHIVED})
+
+
+def validate_name(name: object) -> str | None:
+    """Return ``name`` if it is None or 1–100 characters of ``[A-Za-z0-9_-]``."""
+    if name is None:
+        return None
+    if type(name) is not str or _NAME_RE.fullmatch(name) is None:
+        raise InvalidSessionName(name)
+    return name
+
+
+def validate_owner(owner: object) -> str | None:
+    """Return ``owner`` if it is None or a non-empty printable string of ≤ 256 chars."""
+    if owner is None:
+        return None
+    if (
+        type(owner) is not str
+        or not 0 < len(owner) <= 256
+        or not owner.isprintable()
+    ):
+        raise InvalidOwner(owner)
+    return owner
+
+
+def _utc(value: datetime) -> datetime:
+    return utc(value, "timestamp")
+
+
+def _utc_or_none(value: datetime | None) -> datetime | None:
+    return None if value is None else utc(value, "timestamp")
+
+
+def _validate_role(instance: object, attribute: object, role: str) -> None:
+    if role not in _ROLES:
+        raise InvalidRole(role, ROLES)
+
+
+def _freeze_data(value: object) -> Any:
+    return None if value is None else freeze_json(value, "data")
+
+
+def _check_content(instance: object, attribute: object, content: object) -> None:
+    if type(content) is not str:
+        raise TypeError(f"Message content must be a str, got {type(content).__name__}.")
+    freeze_json(content, "content")
+
+
+@attrs.frozen(slots=True)
+class Message:
+    """One message of a conversation."""
+
+    role: str = attrs.field(validator=_validate_role)
+    content: str = attrs.field(validator=_check_content)
+    timestamp: datetime = attrs.field(converter=_utc)
+    data: Any = attrs.field(default=None, converter=_freeze_data)
+
+
+class MessageLog(Sequence[Message]):
+    """An immutable, append-only sequence of messages that shares structure.
+
+    Appending returns a new log in O(1) and leaves this one unchanged; snapshots of one
+    session share the underlying storage, so no history is copied per read. A log may
+    be a *window* of a longer history (``offset`` earlier messages not loaded); ``total``
+    is the full count.
+    """
+
+    __slots__ = ("_items", "_start", "_stop", "_offset")
+
+    _items: list[Message]
+    _start: int
+    _stop: int
+    _offset: int
+
+    def __init__(self, messages: Iterable[Message] = (), *, offset: int = 0) -> None:
+        items = list(messages)
+        for item in items:
+            if not isinstance(item, Message):
+                raise TypeError(f"MessageLog holds Message objects, got {item!r:.60}")
+        if offset < 0:
+            raise ValueError("offset must be >= 0")
+        self._items = items
+        self._start = 0
+        self._stop = len(items)
+        self._offset = offset
+
+    @classmethod
+    def _view(cls, items: list[Message], start: int, stop: int, offset: int) -> MessageLog:
+        log = cls.__new__(cls)
+        log._items = items
+        log._start = start
+        log._stop = stop
+        log._offset = offset
+        return log
+
+    @property
+    def offset(self) -> int:
+        """How many earlier messages of the history this window does not hold."""
+        return self._offset
+
+    @property
+    def total(self) -> int:
+        """The number of messages in the whole history."""
+        return self._offset + self._stop - self._start
+
+    @property
+    def is_complete(self) -> bool:
+        """True when this log holds the whole history."""
+        return self._offset == 0
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> Message: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Message, ...]: ...
+    def __getitem__(self, index: int | slice) -> Message | tuple[Message, ...]:
+        if isinstance(index, slice):
+            return tuple(self._items[self._start : self._stop][index])
+        n = self._stop - self._start
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("message index out of range")
+        return self._items[self._start + index]
+
+    def __iter__(self) -> Iterator[Message]:
+        return islice(self._items, self._start, self._stop)
+
+    def __reversed__(self) -> Iterator[Message]:
+        items = self._items
+        for i in range(self._stop - 1, self._start - 1, -1):
+            yield items[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MessageLog):
+            if self._offset != other._offset or len(self) != len(other):
+                return False
+            if self._items is other._items and self._start == other._start:
+                return True
+            return all(a == b for a, b in zip(self, other))
+        if isinstance(other, (tuple, list)):
+            return self._offset == 0 and len(self) == len(other) and all(
+                a == b for a, b in zip(self, other)
+            )
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self._offset, tuple(self)))
+
+    def __repr__(self) -> str:
+        extra = f", offset={self._offset}" if self._offset else ""
+        return f"MessageLog({len(self)} messages{extra})"
+
+    def append(self, message: Message) -> MessageLog:
+        """Return a new log with ``message`` at the end (O(1) amortized)."""
+        if not isinstance(message, Message):
+            raise TypeError(f"append() takes a Message, got {message!r:.60}")
+        items = self._items
+        if self._stop == len(items):
+            items.append(message)
+            return self._view(items, self._start, self._stop + 1, self._offset)
+        fork = items[self._start : self._stop]
+        fork.append(message)
+        return self._view(fork, 0, len(fork), self._offset)
+
+    def extend(self, messages: Iterable[Message]) -> MessageLog:
+        """Return a new log with ``messages`` appended."""
+        log = self
+        for message in messages:
+            log = log.append(message)
+        return log
+
+    def tail(self, count: int) -> MessageLog:
+        """Return a window of the last ``count`` messages, sharing storage."""
+        count = max(0, min(count, len(self)))
+        start = self._stop - count
+        return self._view(self._items, start, self._stop, self._offset + start - self._start)
+
+    def added_since(self, older: MessageLog) -> tuple[Message, ...] | None:
+        """Messages appended to ``older`` to make this log, or None if it is no extension.
+
+        O(appended) when both logs share storage (the common case in update callbacks).
+        """
+        if (
+            self._items is older._items
+            and self._start == older._start
+            and self._offset == older._offset
+            and self._stop >= older._stop
+        ):
+            return tuple(self._items[older._stop : self._stop])
+        if self._offset != older._offset or len(self) < len(older):
+            return None
+        if any(a != b for a, b in zip(self, older)):
+            return None
+        return tuple(self._items[self._start + len(older) : self._stop])
+
+
+EMPTY_LOG = MessageLog()
+
+
+def _to_log(value: Iterable[Message] | None) -> MessageLog:
+    if value is None:
+        return EMPTY_LOG
+    if type(value) is MessageLog:
+        return value
+    return MessageLog(value)
+
+
+def _id(value: uuid.UUID | str) -> uuid.UUID:
+    if type(value) is uuid.UUID:
+        return value
+    return uuid.UUID(str(value))
+
+
+def _validate_name(instance: object, attribute: object, value: object) -> None:
+    validate_name(value)
+
+
+def _validate_owner(instance: object, attribute: object, value: object) -> None:
+    validate_owner(value)
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"Session.{attribute.name} must be an int >= 0, got {value!r}")
+
+
+@attrs.frozen(slots=True, repr=False)
+class Session:
+    """An immutable snapshot of one session.
+
+    Change it with :func:`attrs.evolve` or the ``with_*`` helpers, inside
+    :meth:`SessionManager.update`; a snapshot never changes after it is returned.
+    """
+
+    id: uuid.UUID = attrs.field(converter=_id)
+    created_at: datetime = attrs.field(converter=_utc)
+    last_active: datetime = attrs.field(converter=_utc)
+    owner: str | None = attrs.field(default=None, validator=_validate_owner)
+    name: str | None = attrs.field(default=None, validator=_validate_name)
+    status: SessionStatus = attrs.field(default=SessionStatus.ACTIVE, converter=SessionStatus)
+    closed_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    expires_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    messages: MessageLog = attrs.field(default=EMPTY_LOG, converter=_to_log)
+    state: Mapping[str, Any] = attrs.field(default=EMPTY, converter=freeze_state)
+    errors: int = attrs.field(default=0, validator=_non_negative)
+    revision: int = attrs.field(default=0, validator=_non_negative)
+
+    def __repr__(self) -> str:
+        return (
+            f"Session(id={self.id}, owner={self.owner!r}, name={self.name!r}, "
+            f"status={self.status.value}, messages={self.messages.total}, "
+            f"revision={self.revision})"
+        )
+
+    @property
+    def is_closed(self) -> bool:
+        """True when the status is terminal."""
+        return self.status.is_terminal
+
+    @property
+    def duration(self) -> timedelta:
+        """Time from creation to close (or to the last activity while open)."""
+        end = self.closed_at if self.closed_at is not None else self.last_active
+        return end - self.created_at
+
+    def is_expired(self, now: datetime) -> bool:
+        """True when ``expires_at`` has passed at ``now``."""
+        return self.expires_at is not None and self.expires_at <= now
+
+    def with_state(self, changes: Mapping[str, Any] | None = None, /, **kw: Any) -> Session:
+        """Return a copy whose state has ``changes`` (and keyword changes) merged in."""
+        merged = dict(self.state)
+        if changes:
+            merged.update(changes)
+        merged.update(kw)
+        return attrs.evolve(self, state=merged)
+
+    def without_state(self, *keys: str) -> Session:
+        """Return a copy whose state lacks ``keys`` (missing keys are ignored)."""
+        return attrs.evolve(self, state={k: v for k, v in self.state.items() if k not in keys})
+
+    def with_message(
+        self,
+        role: str,
+        content: str,
+        *,
+        data: Any = None,
+        timestamp: datetime | None = None,
+    ) -> Session:
+        """Return a copy with one more message (timestamp defaults to now, UTC)."""
+        message = Message(
+            role, content, timestamp if timestamp is not None else datetime.now(timezone.utc), data
+        )
+        return attrs.evolve(self, messages=self.messages.append(message))
+
+    def with_name(self, name: str | None) -> Session:
+        """Return a copy with another (validated) name."""
+        return attrs.evolve(self, name=name)
+
+
+@attrs.frozen(slots=True)
+class ExpiryPolicy:
+    """When sessions expire: the manager's policy, evaluated by stores on touch.
+
+    * ACTIVE: ``min(last_active + idle_timeout, created_at + max_age)``.
+    * ARCHIVED: ``created_at + max_age`` (parked sessions do not idle out).
+    * terminal: ``closed_at + retention``.
+
+    A ``None`` limit is no limit.
+    """
+
+    idle_timeout: timedelta | None = None
+    max_age: timedelta | None = None
+    retention: timedelta | None = None
+
+    def deadline(
+        self,
+        status: SessionStatus,
+        created_at: datetime,
+        last_active: datetime,
+        closed_at: datetime | None,
+    ) -> datetime | None:
+        """Return when a session with these fields expires, or None."""
+        if status.is_terminal:
+            if self.retention is None or closed_at is None:
+                return None
+            return closed_at + self.retention
+        hard = None if self.max_age is None else created_at + self.max_age
+        if status is SessionStatus.ARCHIVED or self.idle_timeout is None:
+            return hard
+        soft = last_active + self.idle_timeout
+        return soft if hard is None or soft < hard else hard
+
+    def deadline_of(self, session: Session) -> datetime | None:
+        """Return the deadline of ``session`` under this policy."""
+        return self.deadline(
+            session.status, session.created_at, session.last_active, session.closed_at
+        )

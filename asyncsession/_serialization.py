@@ -1,0 +1,182 @@
+"""The versioned JSON format of a session, built on one private cattrs converter."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import cattrs
+import orjson
+from cattrs.preconf.orjson import make_converter
+
+from ._exceptions import CorruptSessionError, SerializationError, SessionError
+from ._json import FrozenDict
+from ._migrations import CURRENT_VERSION, migrate
+from ._models import Message, MessageLog, Session, SessionStatus
+
+__all__ = [
+    "dump_message",
+    "dumps",
+    "load_message",
+    "loads",
+    "session_from_document",
+    "session_to_document",
+]
+
+_converter = make_converter()
+
+
+def _parse_datetime(value: Any, _: Any) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an ISO 8601 string, got {value!r:.40}")
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    return datetime.fromisoformat(value)
+
+
+def _parse_optional_datetime(value: Any, _: Any) -> datetime | None:
+    return None if value is None else _parse_datetime(value, None)
+
+
+def _unstructure_message(message: Message) -> dict[str, Any]:
+    return {
+        "role": message.role,
+        "content": message.content,
+        "timestamp": message.timestamp.isoformat(),
+        "data": message.data,
+    }
+
+
+def _structure_message(value: Any, _: Any) -> Message:
+    if not isinstance(value, dict):
+        raise ValueError(f"message must be an object, got {value!r:.40}")
+    return Message(
+        value["role"],
+        value["content"],
+        _parse_datetime(value["timestamp"], None),
+        value.get("data"),
+    )
+
+
+_converter.register_structure_hook(datetime, _parse_datetime)
+_converter.register_structure_hook_func(
+    lambda t: t == (datetime | None), _parse_optional_datetime
+)
+_converter.register_unstructure_hook(datetime, lambda d: d.isoformat())
+_converter.register_structure_hook(uuid.UUID, lambda v, _: uuid.UUID(v))
+_converter.register_unstructure_hook(uuid.UUID, str)
+_converter.register_unstructure_hook(Message, _unstructure_message)
+_converter.register_structure_hook(Message, _structure_message)
+_converter.register_unstructure_hook(
+    MessageLog, lambda log: [_unstructure_message(m) for m in log]
+)
+_converter.register_structure_hook(
+    MessageLog, lambda v, _: MessageLog(_structure_message(m, None) for m in v)
+)
+_converter.register_unstructure_hook(FrozenDict, lambda d: d)
+_converter.register_structure_hook_func(lambda t: t == Mapping[str, Any], lambda v, _: v)
+_converter.register_structure_hook(SessionStatus, lambda v, _: SessionStatus(v))
+_converter.register_unstructure_hook(SessionStatus, lambda s: s.value)
+
+_base_unstructure = _converter.get_unstructure_hook(Session)
+_base_structure = _converter.get_structure_hook(Session)
+
+
+def session_to_document(session: Session, *, messages: bool = True) -> dict[str, Any]:
+    """Return the current-version document of ``session`` as a dict.
+
+    With ``messages=False`` the ``messages`` key is left out (stores that keep messages
+    apart, such as SQLite, store the rest as the document).
+    """
+    if messages and not session.messages.is_complete:
+        raise SerializationError(
+            f"Session {session.id} holds a window of its messages (offset "
+            f"{session.messages.offset}); load the whole history before serializing it."
+        )
+    doc: dict[str, Any] = {"version": CURRENT_VERSION}
+    doc.update(_base_unstructure(session))
+    if not messages:
+        del doc["messages"]
+    return doc
+
+
+def session_from_document(
+    doc: Any, *, messages: MessageLog | None = None, session_id: Any = None
+) -> Session:
+    """Build a Session from a stored document of any known version.
+
+    ``messages`` supplies the history when the document was stored without it.
+    Raises :class:`SchemaVersionError` or :class:`CorruptSessionError`.
+    """
+    if not isinstance(doc, dict):
+        raise CorruptSessionError(
+            f"expected a JSON object, got {type(doc).__name__}", session_id=session_id
+        )
+    doc = migrate(dict(doc))
+    if messages is not None:
+        doc["messages"] = ()
+    try:
+        session = _base_structure(doc, Session)
+    except SessionError as exc:
+        raise CorruptSessionError(exc.message, session_id=session_id) from exc
+    except (cattrs.BaseValidationError, KeyError, TypeError, ValueError) as exc:
+        detail = "; ".join(_describe(exc)) or str(exc)
+        raise CorruptSessionError(
+            f"invalid document ({detail})", session_id=session_id or doc.get("id")
+        ) from exc
+    if messages is not None:
+        session = _replace_messages(session, messages)
+    return session
+
+
+def _replace_messages(session: Session, messages: MessageLog) -> Session:
+    object.__setattr__(session, "messages", messages)
+    return session
+
+
+def _describe(exc: BaseException) -> list[str]:
+    inner_exceptions = getattr(exc, "exceptions", None)
+    if inner_exceptions is not None:
+        out: list[str] = []
+        for inner in inner_exceptions:
+            out.extend(_describe(inner))
+        return out
+    return [f"{type(exc).__name__}: {exc}"]
+
+
+def dumps(session: Session) -> bytes:
+    """Encode ``session`` (with its whole history) as a versioned JSON document."""
+    try:
+        return orjson.dumps(session_to_document(session))
+    except orjson.JSONEncodeError as exc:
+        raise SerializationError(f"Session {session.id} cannot be encoded: {exc}") from exc
+
+
+def loads(data: bytes | bytearray | memoryview | str) -> Session:
+    """Decode a JSON document made by :func:`dumps` (or an older version of it).
+
+    Raises :class:`SchemaVersionError` for documents from a newer release and
+    :class:`CorruptSessionError` for anything that is not a session document.
+    """
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptSessionError(f"not valid JSON ({exc})") from exc
+    return session_from_document(doc)
+
+
+def dump_message(message: Message) -> bytes:
+    """Encode one message as JSON (stores that keep messages apart use this)."""
+    return orjson.dumps(_unstructure_message(message))
+
+
+def load_message(data: bytes | str, *, session_id: Any = None) -> Message:
+    """Decode one message made by :func:`dump_message`."""
+    try:
+        return _structure_message(orjson.loads(data), None)
+    except SessionError as exc:
+        raise CorruptSessionError(exc.message, session_id=session_id) from exc
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptSessionError(f"invalid message ({exc})", session_id=session_id) from exc

@@ -1,0 +1,259 @@
+"""The storage contract every session store implements, and its query/page types.
+
+A repository stores snapshots; it knows storage, not policy. The manager passes it the
+policy values it needs (the time, an :class:`~asyncsession.ExpiryPolicy`, a message cap),
+and the repository applies them atomically. Every operation is one round trip to the
+backing store, so SQLite, a directory of files and Redis can all implement it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+import attrs
+import orjson
+
+from ._exceptions import InvalidConfiguration, InvalidCursor
+from ._models import ExpiryPolicy, Message, Session, SessionStatus
+
+__all__ = ["Page", "SessionQuery", "SessionRepository", "decode_cursor", "encode_cursor"]
+
+
+def _statuses(value: object) -> frozenset[SessionStatus] | None:
+    if value is None:
+        return None
+    if isinstance(value, (SessionStatus, str)):
+        return frozenset({SessionStatus(value)})
+    return frozenset(SessionStatus(v) for v in value)  # type: ignore[attr-defined]
+
+
+def _limit(instance: object, attribute: object, value: int) -> None:
+    if type(value) is not int or not 1 <= value <= 10_000:
+        raise InvalidConfiguration(f"limit must be an int from 1 to 10000, got {value!r}.")
+
+
+@attrs.frozen(slots=True)
+class SessionQuery:
+    """What :meth:`SessionRepository.list` returns: filters, order, page.
+
+    Sessions come newest ``last_active`` first (ties by id). ``search`` matches the name
+    or the first message, case-insensitively. ``visible_at`` hides sessions whose
+    ``expires_at`` has passed at that time.
+    """
+
+    owner: str | None = None
+    status: frozenset[SessionStatus] | None = attrs.field(default=None, converter=_statuses)
+    search: str | None = None
+    limit: int = attrs.field(default=50, validator=_limit)
+    cursor: str | None = None
+    visible_at: datetime | None = None
+
+    def fingerprint(self) -> str:
+        """A short digest of the filters, so a cursor cannot move to another query."""
+        status = sorted(s.value for s in self.status) if self.status else None
+        raw = orjson.dumps([self.owner, status, self.search])
+        return hashlib.blake2s(raw, digest_size=6).hexdigest()
+
+    def matches(self, session: Session) -> bool:
+        """True when ``session`` passes the filters (not the cursor)."""
+        if self.owner is not None and session.owner != self.owner:
+            return False
+        if self.status is not None and session.status not in self.status:
+            return False
+        if self.visible_at is not None and session.is_expired(self.visible_at):
+            return False
+        if self.search:
+            needle = self.search.casefold()
+            if session.name is not None and needle in session.name.casefold():
+                return True
+            first = session.messages[0].content if len(session.messages) and (
+                session.messages.offset == 0
+            ) else None
+            return first is not None and needle in first.casefold()
+        return True
+
+
+@attrs.frozen(slots=True)
+class Page:
+    """One page of a listing; pass ``next_cursor`` back for the next one (None: done)."""
+
+    items: tuple[Session, ...]
+    next_cursor: str | None = None
+
+    def __iter__(self) -> Any:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def encode_cursor(last_active: datetime, session_id: uuid.UUID, query: SessionQuery) -> str:
+    """Make an opaque cursor that resumes after ``(last_active, session_id)``."""
+    raw = orjson.dumps([last_active.isoformat(), str(session_id), query.fingerprint()])
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(query: SessionQuery) -> tuple[datetime, uuid.UUID] | None:
+    """Return the position ``query.cursor`` resumes after, or None for the first page."""
+    cursor = query.cursor
+    if cursor is None:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        stamp, sid, fingerprint = orjson.loads(base64.urlsafe_b64decode(padded))
+        position = (datetime.fromisoformat(stamp), uuid.UUID(sid))
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise InvalidCursor(cursor) from None
+    if fingerprint != query.fingerprint() or position[0].tzinfo is None:
+        raise InvalidCursor(cursor)
+    return position
+
+
+class SessionRepository(ABC):
+    """Abstract session store.
+
+    Semantics every implementation keeps (checked by
+    :class:`asyncsession.testing.RepositoryContract`):
+
+    * Returned sessions are immutable snapshots; later writes never change them.
+    * ``save`` is compare-and-set on ``revision``; ``append`` bumps ``revision`` by one.
+    * ``touch`` moves ``last_active``/``expires_at`` without bumping ``revision`` and never
+      revives an expired or closed session.
+    * ``expired`` reads a deadline index: its cost follows the number of expired sessions.
+    * A store is opened by ``async with store`` (or by the manager that uses it); nested
+      opens are counted and only the last close releases resources.
+    """
+
+    _open_count: int = 0
+
+    async def __aenter__(self) -> SessionRepository:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Open the store (idempotent; counted, see :meth:`aclose`)."""
+        if self._open_count == 0:
+            await self._open()
+        self._open_count += 1
+
+    async def aclose(self) -> None:
+        """Close the store once every :meth:`open` has been matched."""
+        if self._open_count == 0:
+            return
+        self._open_count -= 1
+        if self._open_count == 0:
+            await self._close()
+
+    async def _open(self) -> None:
+        """Acquire resources (connections, threads). Override in stores that need it."""
+
+    async def _close(self) -> None:
+        """Release what :meth:`_open` acquired."""
+
+    @abstractmethod
+    async def get(self, session_id: uuid.UUID, *, last_messages: int | None = None) -> (
+        Session | None
+    ):
+        """Return the stored session, or None.
+
+        With ``last_messages=n`` only the last ``n`` messages are loaded (the returned
+        ``messages`` is a window; ``messages.total`` stays exact).
+        """
+
+    @abstractmethod
+    async def add(self, session: Session) -> None:
+        """Store a new session; raise :class:`SessionConflict` if the id exists."""
+
+    @abstractmethod
+    async def save(
+        self,
+        session: Session,
+        *,
+        expected_revision: int,
+        new_messages: Sequence[Message] | None = None,
+    ) -> None:
+        """Replace a session if its stored revision is ``expected_revision``.
+
+        ``session.revision`` must be ``expected_revision + 1`` and ``session.messages``
+        the whole history. ``new_messages``, when given, promises that the stored history
+        plus these messages equals ``session.messages``, so a store may just append
+        them (O(appended)); when None the store rewrites the history. Raises
+        :class:`SessionNotFound` or :class:`SessionConflict`; nothing is written then.
+        """
+
+    @abstractmethod
+    async def append(
+        self,
+        session_id: uuid.UUID,
+        messages: Sequence[Message],
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        max_messages: int | None = None,
+    ) -> Session:
+        """Atomically append messages, bump revision, set ``last_active`` to ``at``.
+
+        ``expires_at`` is recomputed with ``policy``. Raises :class:`SessionNotFound`
+        (missing, or expired at ``at``), :class:`SessionClosed` (terminal status) or
+        :class:`LimitExceeded` (the total would exceed ``max_messages``); nothing is
+        written then. The returned snapshot's ``messages`` holds at least the appended
+        messages (a window is allowed; ``total`` is exact).
+        """
+
+    @abstractmethod
+    async def touch(
+        self,
+        session_id: uuid.UUID,
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        last_messages: int | None = None,
+    ) -> Session | None:
+        """Record activity at ``at`` and return the session (None if missing).
+
+        Open, unexpired sessions get ``last_active = max(last_active, at)`` and a new
+        ``expires_at`` from ``policy``; ``revision`` does not change. Expired or closed
+        sessions are returned unchanged.
+        """
+
+    @abstractmethod
+    async def delete(self, session_id: uuid.UUID) -> bool:
+        """Delete a session; return whether it existed."""
+
+    @abstractmethod
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
+        """Delete the session only if ``expires_at <= now``; return what was removed.
+
+        Atomic, so when several managers clean up one store, exactly one of them gets
+        the session back. The returned snapshot may hold a window of its messages.
+        """
+
+    @abstractmethod
+    async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
+        """Ids whose ``expires_at <= now``, earliest first, from a deadline index."""
+
+    @abstractmethod
+    async def list(self, query: SessionQuery) -> Page:
+        """Return one page of sessions matching ``query``.
+
+        Items may hold a window of their messages (``messages.total`` is exact).
+        """
+
+    @abstractmethod
+    async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
+        """Stored sessions per status (including expired ones awaiting cleanup)."""

@@ -1,0 +1,243 @@
+"""In-memory session store: the reference implementation of the repository contract."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+import anyio
+import attrs
+
+from .._exceptions import LimitExceeded, SessionClosed, SessionConflict, SessionNotFound
+from .._models import ExpiryPolicy, Message, Session, SessionStatus
+from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
+
+__all__ = ["MemoryRepository"]
+
+
+class MemoryRepository(SessionRepository):
+    """Sessions in a dict, guarded by an :class:`anyio.Lock`.
+
+    Snapshots are stored as they are (they are immutable and share message storage),
+    so reads copy nothing and appends are O(1). A heap of deadlines makes
+    :meth:`expired` cost O(expired · log n); listings by owner use an owner index.
+    Nothing survives the process: use :class:`SQLiteRepository` for durability.
+
+    No operation awaits while holding the lock, and ``fast_acquire`` skips the event-loop
+    checkpoint when the lock is free, so uncontended operations never yield.
+    """
+
+    def __init__(self) -> None:
+        self._lock = anyio.Lock(fast_acquire=True)
+        self._sessions: dict[uuid.UUID, Session] = {}
+        self._by_owner: dict[str | None, set[uuid.UUID]] = {}
+        self._counts: Counter[SessionStatus] = Counter()
+        self._deadlines: list[tuple[datetime, int, uuid.UUID]] = []
+        self._seq = itertools.count()
+
+    def __repr__(self) -> str:
+        return f"MemoryRepository({len(self._sessions)} sessions)"
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    # -- index maintenance (call with the lock held) --------------------------------------
+
+    def _index(self, session: Session) -> None:
+        if session.expires_at is not None:
+            heapq.heappush(self._deadlines, (session.expires_at, next(self._seq), session.id))
+            if len(self._deadlines) > 2 * len(self._sessions) + 64:
+                self._rebuild_deadlines()
+
+    def _rebuild_deadlines(self) -> None:
+        self._deadlines = [
+            (s.expires_at, next(self._seq), s.id)
+            for s in self._sessions.values()
+            if s.expires_at is not None
+        ]
+        heapq.heapify(self._deadlines)
+
+    def _put(self, session: Session, old: Session | None) -> None:
+        self._sessions[session.id] = session
+        if old is None or old.owner != session.owner:
+            if old is not None:
+                self._unown(old)
+            self._by_owner.setdefault(session.owner, set()).add(session.id)
+        if old is None or old.status is not session.status:
+            if old is not None:
+                self._counts[old.status] -= 1
+            self._counts[session.status] += 1
+        if old is None or old.expires_at != session.expires_at:
+            self._index(session)
+
+    def _unown(self, session: Session) -> None:
+        owned = self._by_owner.get(session.owner)
+        if owned is not None:
+            owned.discard(session.id)
+            if not owned:
+                del self._by_owner[session.owner]
+
+    def _drop(self, session: Session) -> None:
+        del self._sessions[session.id]
+        self._unown(session)
+        self._counts[session.status] -= 1
+
+    # -- the contract -----------------------------------------------------------------
+
+    async def get(
+        self, session_id: uuid.UUID, *, last_messages: int | None = None
+    ) -> Session | None:
+        async with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None or last_messages is None:
+            return session
+        return attrs.evolve(session, messages=session.messages.tail(last_messages))
+
+    async def add(self, session: Session) -> None:
+        async with self._lock:
+            if session.id in self._sessions:
+                raise SessionConflict(session.id, expected_revision=None)
+            self._put(session, None)
+
+    async def save(
+        self,
+        session: Session,
+        *,
+        expected_revision: int,
+        new_messages: Sequence[Message] | None = None,
+    ) -> None:
+        if session.revision != expected_revision + 1:
+            raise ValueError(
+                f"save() needs session.revision == expected_revision + 1, got "
+                f"{session.revision} and {expected_revision}"
+            )
+        async with self._lock:
+            old = self._sessions.get(session.id)
+            if old is None:
+                raise SessionNotFound(session.id)
+            if old.revision != expected_revision:
+                raise SessionConflict(
+                    session.id, expected_revision=expected_revision, actual_revision=old.revision
+                )
+            self._put(session, old)
+
+    async def append(
+        self,
+        session_id: uuid.UUID,
+        messages: Sequence[Message],
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        max_messages: int | None = None,
+    ) -> Session:
+        async with self._lock:
+            old = self._sessions.get(session_id)
+            if old is None or old.is_expired(at):
+                raise SessionNotFound(session_id)
+            if old.status.is_terminal:
+                raise SessionClosed(session_id, old.status)
+            total = old.messages.total + len(messages)
+            if max_messages is not None and total > max_messages:
+                raise LimitExceeded("Messages in this session", max_messages, total)
+            last_active = max(old.last_active, at)
+            new = attrs.evolve(
+                old,
+                messages=old.messages.extend(messages),
+                last_active=last_active,
+                expires_at=policy.deadline(old.status, old.created_at, last_active, None),
+                revision=old.revision + 1,
+            )
+            self._put(new, old)
+            return new
+
+    async def touch(
+        self,
+        session_id: uuid.UUID,
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        last_messages: int | None = None,
+    ) -> Session | None:
+        async with self._lock:
+            old = self._sessions.get(session_id)
+            if old is None:
+                return None
+            session = old
+            if not old.status.is_terminal and not old.is_expired(at) and at > old.last_active:
+                session = attrs.evolve(
+                    old,
+                    last_active=at,
+                    expires_at=policy.deadline(old.status, old.created_at, at, None),
+                )
+                self._put(session, old)
+        if last_messages is not None:
+            session = attrs.evolve(session, messages=session.messages.tail(last_messages))
+        return session
+
+    async def delete(self, session_id: uuid.UUID) -> bool:
+        async with self._lock:
+            old = self._sessions.get(session_id)
+            if old is None:
+                return False
+            self._drop(old)
+            return True
+
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
+        async with self._lock:
+            old = self._sessions.get(session_id)
+            if old is None or not old.is_expired(now):
+                return None
+            self._drop(old)
+            return old
+
+    async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
+        found: list[tuple[datetime, int, uuid.UUID]] = []
+        async with self._lock:
+            heap = self._deadlines
+            while heap and len(found) < limit and heap[0][0] <= now:
+                entry = heapq.heappop(heap)
+                session = self._sessions.get(entry[2])
+                if session is not None and session.expires_at == entry[0]:
+                    found.append(entry)
+            for entry in found:  # still indexed until remove_expired() takes them
+                heapq.heappush(heap, entry)
+        return [entry[2] for entry in found]
+
+    async def list(self, query: SessionQuery) -> Page:
+        after = decode_cursor(query)
+        async with self._lock:
+            if query.owner is not None:
+                ids = self._by_owner.get(query.owner, ())
+                candidates = [self._sessions[i] for i in ids]
+            else:
+                candidates = list(self._sessions.values())
+        if after is not None:
+            stamp, sid = after
+            candidates = [
+                s
+                for s in candidates
+                if s.last_active < stamp or (s.last_active == stamp and s.id.int < sid.int)
+            ]
+        matching = (s for s in candidates if query.matches(s))
+        top = heapq.nlargest(
+            query.limit + 1, matching, key=lambda s: (s.last_active, s.id.int)
+        )
+        items = tuple(top[: query.limit])
+        next_cursor = None
+        if len(top) > query.limit:
+            last = items[-1]
+            next_cursor = encode_cursor(last.last_active, last.id, query)
+        return Page(items, next_cursor)
+
+    async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
+        async with self._lock:
+            if owner is None:
+                return {status: n for status, n in self._counts.items() if n}
+            counts: Counter[SessionStatus] = Counter(
+                self._sessions[i].status for i in self._by_owner.get(owner, ())
+            )
+            return dict(counts)

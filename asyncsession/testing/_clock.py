@@ -1,0 +1,72 @@
+"""A clock that only moves when a test moves it."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from datetime import datetime, timedelta, timezone
+
+import anyio
+import anyio.lowlevel
+
+from .._exceptions import InvalidConfiguration
+
+__all__ = ["ManualClock"]
+
+_DEFAULT_START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+class ManualClock:
+    """A deterministic clock for tests: time moves only by :meth:`advance`.
+
+    ``sleep()`` waits until the clock has been advanced far enough, so a manager's
+    cleanup loop runs exactly when a test moves time past its interval. No real time
+    passes and nothing sleeps.
+    """
+
+    def __init__(self, start: datetime | None = None) -> None:
+        start = start if start is not None else _DEFAULT_START
+        if start.tzinfo is None:
+            raise InvalidConfiguration("ManualClock(start=...) must be timezone-aware.")
+        self._now = start.astimezone(timezone.utc)
+        self._sleepers: list[tuple[datetime, int, anyio.Event]] = []
+        self._seq = itertools.count()
+
+    def __repr__(self) -> str:
+        return f"ManualClock({self._now.isoformat()})"
+
+    def now(self) -> datetime:
+        """The current manual time (UTC)."""
+        return self._now
+
+    def advance(self, seconds: float | timedelta) -> datetime:
+        """Move time forward and wake the sleepers whose time has come."""
+        delta = seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds)
+        if delta < timedelta(0):
+            raise InvalidConfiguration(
+                f"ManualClock cannot go backwards (advance({seconds!r}))."
+            )
+        self._now += delta
+        while self._sleepers and self._sleepers[0][0] <= self._now:
+            heapq.heappop(self._sleepers)[2].set()
+        return self._now
+
+    def jump_to(self, when: datetime) -> datetime:
+        """Advance to the absolute time ``when`` (not earlier than now)."""
+        return self.advance(when.astimezone(timezone.utc) - self._now)
+
+    @property
+    def sleepers(self) -> int:
+        """How many sleeps are waiting for time to move."""
+        return len(self._sleepers)
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait until the clock is advanced by at least ``seconds``."""
+        if seconds <= 0:
+            await anyio.lowlevel.checkpoint()
+            return
+        event = anyio.Event()
+        heapq.heappush(
+            self._sleepers, (self._now + timedelta(seconds=seconds), next(self._seq), event)
+        )
+        await event.wait()

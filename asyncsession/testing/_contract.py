@@ -1,0 +1,458 @@
+"""The repository contract: one suite every store must pass.
+
+Subclass :class:`RepositoryContract` in a pytest module and provide a ``repository``
+fixture that yields an open, empty store; anyio's pytest plugin runs each test on the
+backends your ``anyio_backend`` fixture selects::
+
+    class TestMyStore(RepositoryContract):
+        @pytest.fixture
+        async def repository(self, anyio_backend):
+            async with MyStore() as store:
+                yield store
+
+This module does not import pytest.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import anyio
+import attrs
+
+from .._exceptions import (
+    InvalidCursor,
+    LimitExceeded,
+    SessionClosed,
+    SessionConflict,
+    SessionNotFound,
+)
+from .._models import ExpiryPolicy, Message, Session, SessionStatus
+from ..abc import SessionQuery, SessionRepository
+
+__all__ = ["RepositoryContract"]
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+POLICY = ExpiryPolicy(
+    idle_timeout=timedelta(seconds=60), max_age=None, retention=timedelta(seconds=10)
+)
+
+
+def at(seconds: float) -> datetime:
+    """The contract's time axis: ``T0 + seconds``."""
+    return T0 + timedelta(seconds=seconds)
+
+
+def make_session(
+    *,
+    owner: str | None = "alice",
+    name: str | None = "my-feature",
+    created: float = 0,
+    state: dict[str, Any] | None = None,
+    messages: tuple[str, ...] = (),
+    status: SessionStatus = SessionStatus.ACTIVE,
+) -> Session:
+    """A new session under :data:`POLICY`, created at ``at(created)``."""
+    when = at(created)
+    closed_at = when if status.is_terminal else None
+    return Session(
+        uuid.uuid4(),
+        when,
+        when,
+        owner=owner,
+        name=name,
+        status=status,
+        closed_at=closed_at,
+        expires_at=POLICY.deadline(status, when, when, closed_at),
+        state=state if state is not None else {"k": 1, "nested": {"list": [1, 2, {"x": None}]}},
+        messages=[Message("user", text, when) for text in messages],
+    )
+
+
+def msg(text: str, seconds: float = 0, role: str = "user") -> Message:
+    """A message at ``at(seconds)``."""
+    return Message(role, text, at(seconds), None)
+
+
+def changed(session: Session, **changes: Any) -> Session:
+    """``session`` with ``changes`` and the next revision."""
+    return attrs.evolve(session, revision=session.revision + 1, **changes)
+
+
+class RepositoryContract:
+    """Contract tests for a :class:`SessionRepository` (needs a ``repository`` fixture)."""
+
+    # -- basic storage --------------------------------------------------------------
+
+    async def test_get_missing_returns_none(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        assert await repository.get(uuid.uuid4()) is None
+        assert await repository.touch(uuid.uuid4(), at=at(0), policy=POLICY) is None
+
+    async def test_add_then_get_round_trips(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session(messages=("hello", "world"))
+        await repository.add(session)
+        loaded = await repository.get(session.id)
+        assert loaded == session
+        assert loaded is not None and loaded.state["nested"]["list"][2] == {"x": None}
+        assert [m.content for m in loaded.messages] == ["hello", "world"]
+
+    async def test_add_existing_id_conflicts(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session()
+        await repository.add(session)
+        try:
+            await repository.add(attrs.evolve(session, name="other"))
+        except SessionConflict:
+            pass
+        else:
+            raise AssertionError("add() of an existing id must raise SessionConflict")
+        assert await repository.get(session.id) == session
+
+    async def test_save_replaces_with_next_revision(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session()
+        await repository.add(session)
+        new = changed(session, state={"k": 2}, last_active=at(5), expires_at=at(65))
+        await repository.save(new, expected_revision=0)
+        loaded = await repository.get(session.id)
+        assert loaded == new and loaded is not None and loaded.revision == 1
+
+    async def test_stale_save_conflicts_and_stores_nothing(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session()
+        await repository.add(session)
+        first = changed(session, state={"k": 2})
+        await repository.save(first, expected_revision=0)
+        try:
+            await repository.save(changed(session, state={"k": 3}), expected_revision=0)
+        except SessionConflict as exc:
+            assert exc.recoverable
+        else:
+            raise AssertionError("a stale save must raise SessionConflict")
+        assert await repository.get(session.id) == first
+
+    async def test_save_missing_raises_not_found(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session()
+        try:
+            await repository.save(changed(session), expected_revision=0)
+        except SessionNotFound:
+            pass
+        else:
+            raise AssertionError("save() of an unknown id must raise SessionNotFound")
+        assert await repository.get(session.id) is None
+
+    async def test_snapshots_never_change(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session(messages=("one",))
+        await repository.add(session)
+        snapshot = await repository.get(session.id)
+        assert snapshot is not None
+        await repository.save(
+            changed(snapshot, messages=snapshot.messages.append(msg("two")), state={"k": 9}),
+            expected_revision=0,
+            new_messages=[msg("two")],
+        )
+        await repository.append(session.id, [msg("three", 1)], at=at(1), policy=POLICY)
+        assert [m.content for m in snapshot.messages] == ["one"]
+        assert snapshot.state["k"] == 1 and snapshot.revision == 0
+        latest = await repository.get(session.id)
+        assert latest is not None
+        assert [m.content for m in latest.messages] == ["one", "two", "three"]
+
+    async def test_save_can_rewrite_history(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session(messages=("a", "b", "c"))
+        await repository.add(session)
+        new = changed(session, messages=[msg("z")])
+        await repository.save(new, expected_revision=0)
+        loaded = await repository.get(session.id)
+        assert loaded is not None and [m.content for m in loaded.messages] == ["z"]
+        assert loaded.messages.total == 1
+
+    # -- append and windows ---------------------------------------------------------
+
+    async def test_append_bumps_revision_and_activity(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session(messages=("first",))
+        await repository.add(session)
+        result = await repository.append(
+            session.id, [msg("second", 10), msg("third", 10, "assistant")],
+            at=at(10), policy=POLICY,
+        )
+        assert result.revision == 1
+        assert result.last_active == at(10) and result.expires_at == at(70)
+        assert result.messages.total == 3
+        assert [m.content for m in result.messages][-2:] == ["second", "third"]
+        loaded = await repository.get(session.id)
+        assert loaded is not None and loaded.revision == 1
+        assert [m.content for m in loaded.messages] == ["first", "second", "third"]
+        assert loaded.messages[2].role == "assistant"
+
+    async def test_append_refusals_store_nothing(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        closed = make_session(status=SessionStatus.EXITED)
+        live = make_session(messages=("a", "b"))
+        await repository.add(closed)
+        await repository.add(live)
+        refusals: list[tuple[uuid.UUID, datetime, int | None, type[Exception]]] = [
+            (uuid.uuid4(), at(1), None, SessionNotFound),
+            (closed.id, at(1), None, SessionClosed),
+            (live.id, at(61), None, SessionNotFound),  # idle deadline passed
+            (live.id, at(1), 3, LimitExceeded),
+        ]
+        for sid, when, cap, error in refusals:
+            try:
+                await repository.append(
+                    sid, [msg("x"), msg("y")], at=when, policy=POLICY, max_messages=cap
+                )
+            except error:
+                pass
+            else:
+                raise AssertionError(f"append must raise {error.__name__}")
+        assert await repository.get(live.id) == live
+        assert await repository.get(closed.id) == closed
+        ok = await repository.append(live.id, [msg("c")], at=at(1), policy=POLICY,
+                                     max_messages=3)
+        assert ok.messages.total == 3
+
+    async def test_last_messages_window(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session(messages=tuple(f"m{i}" for i in range(30)))
+        await repository.add(session)
+        window = await repository.get(session.id, last_messages=5)
+        assert window is not None
+        assert [m.content for m in window.messages] == [f"m{i}" for i in range(25, 30)]
+        assert window.messages.offset == 25 and window.messages.total == 30
+        none = await repository.get(session.id, last_messages=0)
+        assert none is not None and len(none.messages) == 0 and none.messages.total == 30
+        touched = await repository.touch(session.id, at=at(1), policy=POLICY, last_messages=2)
+        assert touched is not None and [m.content for m in touched.messages] == ["m28", "m29"]
+
+    # -- activity, deletion, expiry ---------------------------------------------------
+
+    async def test_touch_moves_activity_not_revision(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session()
+        await repository.add(session)
+        touched = await repository.touch(session.id, at=at(30), policy=POLICY)
+        assert touched is not None
+        assert touched.last_active == at(30) and touched.expires_at == at(90)
+        assert touched.revision == 0
+        assert await repository.get(session.id) == touched
+        assert list(await repository.expired(at(89))) == []
+        assert list(await repository.expired(at(90))) == [session.id]
+
+    async def test_touch_never_revives(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        idle = make_session()
+        closed = make_session(status=SessionStatus.CRASHED)
+        await repository.add(idle)
+        await repository.add(closed)
+        late = await repository.touch(idle.id, at=at(61), policy=POLICY)
+        assert late == idle
+        assert await repository.touch(closed.id, at=at(1), policy=POLICY) == closed
+        assert await repository.get(closed.id) == closed
+
+    async def test_delete(self, repository: SessionRepository, anyio_backend: Any) -> None:
+        session = make_session(messages=("x",))
+        await repository.add(session)
+        assert await repository.delete(session.id) is True
+        assert await repository.get(session.id) is None
+        assert await repository.delete(session.id) is False
+        assert list(await repository.expired(at(1000))) == []
+
+    async def test_deadline_index(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        sessions = [make_session(created=float(i)) for i in range(5)]
+        for session in reversed(sessions):
+            await repository.add(session)
+        forever = attrs.evolve(make_session(), expires_at=None)
+        await repository.add(forever)
+        assert list(await repository.expired(at(59))) == []
+        assert list(await repository.expired(at(62))) == [s.id for s in sessions[:3]]
+        assert list(await repository.expired(at(1000), limit=2)) == [
+            s.id for s in sessions[:2]
+        ]
+        # the index follows saves
+        moved = changed(sessions[0], last_active=at(100), expires_at=at(160))
+        await repository.save(moved, expected_revision=0)
+        assert list(await repository.expired(at(62))) == [s.id for s in sessions[1:3]]
+
+    async def test_remove_expired_exactly_once(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session(messages=("bye",))
+        await repository.add(session)
+        assert await repository.remove_expired(session.id, now=at(59)) is None
+        assert await repository.get(session.id) == session
+
+        async def remove() -> None:
+            results.append(await repository.remove_expired(session.id, now=at(60)))
+
+        results: list[Session | None] = []
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(remove)
+        removed = [r for r in results if r is not None]
+        assert len(removed) == 1 and removed[0].id == session.id
+        assert await repository.get(session.id) is None
+        assert list(await repository.expired(at(1000))) == []
+
+    # -- listing --------------------------------------------------------------------
+
+    async def test_list_filters(self, repository: SessionRepository, anyio_backend: Any) -> None:
+        a = make_session(owner="alice", name="Feature-X", created=1)
+        b = make_session(owner="alice", name=None, created=2, messages=("Fix the FEATURE",))
+        c = make_session(owner="bob", name="other", created=3)
+        d = attrs.evolve(make_session(owner="alice", name="zzz", created=4),
+                         status=SessionStatus.ARCHIVED, expires_at=None)
+        for s in (a, b, c, d):
+            await repository.add(s)
+
+        async def ids(**kw: Any) -> list[uuid.UUID]:
+            return [s.id for s in (await repository.list(SessionQuery(**kw))).items]
+
+        assert await ids() == [d.id, c.id, b.id, a.id]
+        assert await ids(owner="alice") == [d.id, b.id, a.id]
+        assert await ids(owner="nobody") == []
+        assert await ids(status=SessionStatus.ARCHIVED) == [d.id]
+        assert await ids(owner="alice", status=[SessionStatus.ACTIVE]) == [b.id, a.id]
+        assert await ids(search="feature") == [b.id, a.id]
+        assert await ids(search="FIX") == [b.id]
+        assert await ids(visible_at=at(62)) == [d.id, c.id]
+        page = await repository.list(SessionQuery(owner="alice", limit=1))
+        assert page.items[0].messages.total == 0
+
+    async def test_list_pages_stay_correct_during_creates(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        originals = [make_session(created=float(i) / 10) for i in range(25)]
+        for s in originals:
+            await repository.add(s)
+        seen: list[uuid.UUID] = []
+        cursor = None
+        newer = 0
+        while True:
+            page = await repository.list(SessionQuery(limit=7, cursor=cursor))
+            seen.extend(s.id for s in page.items)
+            await repository.add(make_session(created=100.0 + newer))  # created mid-listing
+            newer += 1
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        expected = [s.id for s in reversed(originals)]
+        assert seen[: len(expected)] == expected
+        assert len(seen) == len(set(seen)) == len(expected)
+
+    async def test_list_rejects_foreign_cursors(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        for i in range(3):
+            await repository.add(make_session(created=float(i)))
+        page = await repository.list(SessionQuery(limit=1))
+        assert page.next_cursor is not None
+        for bad in ("garbage", "", page.next_cursor + "x"):
+            try:
+                await repository.list(SessionQuery(cursor=bad))
+            except InvalidCursor:
+                pass
+            else:
+                raise AssertionError(f"cursor {bad!r} must raise InvalidCursor")
+        try:
+            await repository.list(SessionQuery(owner="bob", cursor=page.next_cursor))
+        except InvalidCursor:
+            pass
+        else:
+            raise AssertionError("a cursor of another query must raise InvalidCursor")
+
+    async def test_count_by_status(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        for status, n in ((SessionStatus.ACTIVE, 3), (SessionStatus.CRASHED, 2)):
+            for _ in range(n):
+                await repository.add(make_session(status=status, owner="o"))
+        await repository.add(make_session(owner="p"))
+        counts = await repository.count_by_status()
+        assert dict(counts) == {SessionStatus.ACTIVE: 4, SessionStatus.CRASHED: 2}
+        assert dict(await repository.count_by_status("p")) == {SessionStatus.ACTIVE: 1}
+
+    # -- concurrency ----------------------------------------------------------------
+
+    async def test_concurrent_appends_lose_nothing(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session()
+        await repository.add(session)
+
+        async def writer(n: int) -> None:
+            for i in range(10):
+                await repository.append(session.id, [msg(f"{n}-{i}", 1)], at=at(1),
+                                        policy=POLICY)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(10):
+                tg.start_soon(writer, n)
+        loaded = await repository.get(session.id)
+        assert loaded is not None
+        assert loaded.revision == 100 and loaded.messages.total == 100
+        assert len({m.content for m in loaded.messages}) == 100
+
+    async def test_concurrent_compare_and_set_has_one_winner(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session()
+        await repository.add(session)
+        wins: list[int] = []
+
+        async def writer(n: int) -> None:
+            try:
+                await repository.save(changed(session, state={"winner": n}),
+                                      expected_revision=0)
+            except SessionConflict:
+                return
+            wins.append(n)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(8):
+                tg.start_soon(writer, n)
+        loaded = await repository.get(session.id)
+        assert len(wins) == 1
+        assert loaded is not None and loaded.state == {"winner": wins[0]} and loaded.revision == 1
+
+    async def test_cancelled_operations_leave_whole_states(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session()
+        await repository.add(session)
+        for i in range(20):
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await repository.append(session.id, [msg(f"c{i}", 1)], at=at(1),
+                                        policy=POLICY)
+        loaded = await repository.get(session.id)
+        assert loaded is not None
+        assert loaded.revision == loaded.messages.total
+        contents = [m.content for m in loaded.messages]
+        present = set(contents)
+        assert contents == [f"c{i}" for i in range(20) if f"c{i}" in present]
+        after = await repository.append(session.id, [msg("next", 2)], at=at(2), policy=POLICY)
+        assert after.revision == loaded.revision + 1

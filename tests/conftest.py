@@ -1,0 +1,35 @@
+"""Shared fixtures.
+
+Every async test runs on asyncio and trio (``anyio_backend``). Store-parametrized tests
+use ``any_repository``: one parameter per ``tests/_store_<name>.py`` module, each of
+which defines ``open_store(request, tmp_path)`` returning an async context manager that
+yields an open, empty :class:`asyncsession.SessionRepository`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from asyncsession import SessionRepository
+
+STORES = sorted(p.stem.removeprefix("_store_") for p in Path(__file__).parent.glob("_store_*.py"))
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Every async test runs on asyncio and on trio."""
+    return str(request.param)
+
+
+@pytest.fixture(params=STORES)
+async def any_repository(
+    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
+) -> AsyncIterator[SessionRepository]:
+    """An open, empty store of each kind under tests/_store_*.py."""
+    module = importlib.import_module(f"_store_{request.param}")
+    async with module.open_store(request, tmp_path) as repository:
+        yield repository
