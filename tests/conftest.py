@@ -33,3 +33,8 @@ async def any_repository(
     module = importlib.import_module(f"_store_{request.param}")
     async with module.open_store(request, tmp_path) as repository:
         yield repository
+
+
+# --- Redis store fixtures (appended block; owned by the RedisRepository work) -------------
+from redis_support import redis_server as redis_server  # noqa: E402, F401
+# --- end of Redis block ---------------------------------------------------------------------

@@ -1,0 +1,868 @@
+"""Redis session store: sessions shared by many processes and machines.
+
+Layout (``P`` is the key prefix, ``ID`` the canonical lowercase UUID):
+
+* ``P s:ID``: hash with the session document without messages (``d``) and the fields
+  scripts read or change: revision ``r``, status ``st``, owner ``o``, and the times
+  ``ca`` (created), ``la`` (last active), ``ex`` (expires), ``cl`` (closed) as integer
+  microseconds since the Unix epoch. ``r``, ``la`` and ``ex`` override the document.
+* ``P m:ID``: append-only list of message JSON (``RPUSH``; last *n* by ``LRANGE -n -1``).
+* ``P i:la`` and ``P o:OWNER``: sorted sets of ids by ``last_active`` (all / per owner).
+* ``P i:exp``: sorted set of ids by deadline. ``P i:cnt`` and ``P oc:OWNER``: counts per
+  status. ``P i:meta``: ``status[:owner]`` per id, to unindex sessions whose data Redis
+  expired on its own.
+
+Every operation is one round trip: a Lua script (``EVALSHA``) or a single command, so
+compare-and-set, append-and-bump and multi-key index changes are atomic on the server.
+Data keys also get a Redis expiry (the deadline plus ``key_expiry_grace``), so expired
+data disappears even when no manager runs; indexes drop such ids lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import orjson
+
+from .._exceptions import (
+    CorruptSessionError,
+    InvalidConfiguration,
+    LimitExceeded,
+    SessionClosed,
+    SessionConflict,
+    SessionNotFound,
+    StorageError,
+)
+from .._models import ExpiryPolicy, Message, MessageLog, Session, SessionStatus
+from .._serialization import (
+    dump_message,
+    load_message,
+    session_from_document,
+    session_to_document,
+)
+from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
+
+if TYPE_CHECKING:
+    import coredis
+    from coredis.commands.script import Script
+
+__all__ = ["RedisEvent", "RedisRepository"]
+
+logger = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+_CHUNK = 1000  # RPUSH arguments per call inside scripts (Lua's unpack() stack limit)
+_LIST_BUDGET = 1000  # members a listing script examines per round trip
+
+# -- Lua ---------------------------------------------------------------------------------
+
+_PRELUDE = """
+local P = ARGV[1]
+local function num(x) return string.format('%.0f', x) end
+local function terminal(st) return st ~= 'active' and st ~= 'archived' end
+local function count(owner, st, delta)
+  local k = P .. 'i:cnt'
+  if redis.call('HINCRBY', k, st, delta) <= 0 then redis.call('HDEL', k, st) end
+  if owner then
+    k = P .. 'oc:' .. owner
+    if redis.call('HINCRBY', k, st, delta) <= 0 then redis.call('HDEL', k, st) end
+  end
+end
+local function unindex(id, owner, st)
+  redis.call('ZREM', P .. 'i:la', id)
+  redis.call('ZREM', P .. 'i:exp', id)
+  if owner then redis.call('ZREM', P .. 'o:' .. owner, id) end
+  redis.call('HDEL', P .. 'i:meta', id)
+  count(owner, st, -1)
+end
+local function set_meta(id, owner, st)
+  if owner then st = st .. ':' .. owner end
+  redis.call('HSET', P .. 'i:meta', id, st)
+end
+local function forget(id)
+  local meta = redis.call('HGET', P .. 'i:meta', id)
+  if not meta then
+    redis.call('ZREM', P .. 'i:la', id)
+    redis.call('ZREM', P .. 'i:exp', id)
+    return
+  end
+  local colon = string.find(meta, ':', 1, true)
+  local st, owner = meta, false
+  if colon then
+    st = string.sub(meta, 1, colon - 1)
+    owner = string.sub(meta, colon + 1)
+  end
+  unindex(id, owner, st)
+end
+local function forget_if_known(id)
+  if redis.call('HEXISTS', P .. 'i:meta', id) == 1 then forget(id) end
+end
+local function index_times(id, owner, la, ex)
+  redis.call('ZADD', P .. 'i:la', num(la), id)
+  if owner then redis.call('ZADD', P .. 'o:' .. owner, num(la), id) end
+  if ex then
+    redis.call('ZADD', P .. 'i:exp', num(ex), id)
+  else
+    redis.call('ZREM', P .. 'i:exp', id)
+  end
+end
+local function keep_until(s, m, id, owner, st, ex, grace)
+  if ex and grace >= 0 then
+    local at = math.floor((ex + grace) / 1000)
+    local now = redis.call('TIME')
+    if at <= tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) then
+      redis.call('DEL', s, m)
+      unindex(id, owner, st)
+      return
+    end
+    redis.call('PEXPIREAT', s, num(at))
+    redis.call('PEXPIREAT', m, num(at))
+  else
+    redis.call('PERSIST', s)
+    redis.call('PERSIST', m)
+  end
+end
+local function push(m, first)
+  for i = first, #ARGV, 1000 do
+    redis.call('RPUSH', m, unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  end
+end
+local function deadline(st, ca, la, idle, maxage)
+  local hard = false
+  if maxage >= 0 then hard = ca + maxage end
+  if st == 'archived' or idle < 0 then return hard end
+  local soft = la + idle
+  if hard and hard < soft then return hard end
+  return soft
+end
+local function reply(h, m, lastn)
+  local total = redis.call('LLEN', m)
+  local out = {h[1], h[2], h[3], h[4] or false, total}
+  local msgs = {}
+  if lastn == '' then
+    msgs = redis.call('LRANGE', m, 0, -1)
+  elseif tonumber(lastn) > 0 then
+    msgs = redis.call('LRANGE', m, -tonumber(lastn), -1)
+  end
+  for i = 1, #msgs do out[5 + i] = msgs[i] end
+  return out
+end
+local function opt(x) if x == '' then return false end return x end
+"""
+
+# KEYS s m; ARGV P id doc rev st owner ca la ex cl grace msgs...
+_ADD = """
+local s, m, id = KEYS[1], KEYS[2], ARGV[2]
+if redis.call('EXISTS', s) == 1 then return 0 end
+forget_if_known(id)
+local st, owner, ex, cl = ARGV[5], opt(ARGV[6]), opt(ARGV[9]), opt(ARGV[10])
+redis.call('HSET', s, 'd', ARGV[3], 'r', ARGV[4], 'st', st, 'ca', ARGV[7], 'la', ARGV[8])
+if owner then redis.call('HSET', s, 'o', owner) end
+if ex then redis.call('HSET', s, 'ex', ex) end
+if cl then redis.call('HSET', s, 'cl', cl) end
+redis.call('DEL', m)
+push(m, 12)
+set_meta(id, owner, st)
+count(owner, st, 1)
+index_times(id, owner, tonumber(ARGV[8]), ex and tonumber(ex))
+keep_until(s, m, id, owner, st, ex and tonumber(ex), tonumber(ARGV[11]))
+return 1
+"""
+
+# KEYS s m; ARGV P id expected doc rev st owner ca la ex cl grace mode msgs...
+_SAVE = """
+local s, m, id = KEYS[1], KEYS[2], ARGV[2]
+local cur = redis.call('HMGET', s, 'r', 'st', 'o')
+if not cur[1] then
+  forget_if_known(id)
+  return {-1}
+end
+if cur[1] ~= ARGV[3] then return {-2, cur[1]} end
+local st, owner, ex, cl = ARGV[6], opt(ARGV[7]), opt(ARGV[10]), opt(ARGV[11])
+redis.call('HSET', s, 'd', ARGV[4], 'r', ARGV[5], 'st', st, 'ca', ARGV[8], 'la', ARGV[9])
+if owner then redis.call('HSET', s, 'o', owner) else redis.call('HDEL', s, 'o') end
+if ex then redis.call('HSET', s, 'ex', ex) else redis.call('HDEL', s, 'ex') end
+if cl then redis.call('HSET', s, 'cl', cl) else redis.call('HDEL', s, 'cl') end
+if ARGV[13] == 'r' then redis.call('DEL', m) end
+push(m, 14)
+if cur[2] ~= st or cur[3] ~= owner then
+  count(cur[3], cur[2], -1)
+  count(owner, st, 1)
+  if cur[3] and cur[3] ~= owner then redis.call('ZREM', P .. 'o:' .. cur[3], id) end
+  set_meta(id, owner, st)
+end
+index_times(id, owner, tonumber(ARGV[9]), ex and tonumber(ex))
+keep_until(s, m, id, owner, st, ex and tonumber(ex), tonumber(ARGV[12]))
+return {1}
+"""
+
+# KEYS s m; ARGV P id at idle maxage maxmsgs grace msgs...
+_APPEND = """
+local s, m, id = KEYS[1], KEYS[2], ARGV[2]
+local h = redis.call('HMGET', s, 'd', 'r', 'st', 'ca', 'la', 'ex', 'o')
+if not h[1] then
+  forget_if_known(id)
+  return {-1}
+end
+local at = tonumber(ARGV[3])
+if h[6] and tonumber(h[6]) <= at then return {-1} end
+if terminal(h[3]) then return {-3, h[3]} end
+local total = redis.call('LLEN', m) + #ARGV - 7
+if ARGV[6] ~= '' and total > tonumber(ARGV[6]) then return {-4, total} end
+local la = math.max(tonumber(h[5]), at)
+local ex = deadline(h[3], tonumber(h[4]), la, tonumber(ARGV[4]), tonumber(ARGV[5]))
+local rev = num(tonumber(h[2]) + 1)
+push(m, 8)
+redis.call('HSET', s, 'r', rev, 'la', num(la))
+if ex then redis.call('HSET', s, 'ex', num(ex)) else redis.call('HDEL', s, 'ex') end
+index_times(id, h[7], la, ex)
+keep_until(s, m, id, h[7], h[3], ex, tonumber(ARGV[7]))
+return {1, h[1], rev, num(la), ex and num(ex) or false, total}
+"""
+
+# KEYS s m; ARGV P id at idle maxage grace lastn
+_TOUCH = """
+local s, m, id = KEYS[1], KEYS[2], ARGV[2]
+local h = redis.call('HMGET', s, 'd', 'r', 'la', 'ex', 'st', 'ca', 'o')
+if not h[1] then
+  forget_if_known(id)
+  return false
+end
+local at = tonumber(ARGV[3])
+if not terminal(h[5]) and not (h[4] and tonumber(h[4]) <= at) and at > tonumber(h[3]) then
+  local ex = deadline(h[5], tonumber(h[6]), at, tonumber(ARGV[4]), tonumber(ARGV[5]))
+  h[3] = num(at)
+  redis.call('HSET', s, 'la', h[3])
+  if ex then
+    h[4] = num(ex)
+    redis.call('HSET', s, 'ex', h[4])
+  else
+    h[4] = false
+    redis.call('HDEL', s, 'ex')
+  end
+  index_times(id, h[7], at, ex)
+  keep_until(s, m, id, h[7], h[5], ex, tonumber(ARGV[6]))
+  if redis.call('EXISTS', s) == 0 then return false end
+end
+return reply(h, m, ARGV[7])
+"""
+
+# KEYS s m; ARGV P lastn
+_GET = """
+local h = redis.call('HMGET', KEYS[1], 'd', 'r', 'la', 'ex')
+if not h[1] then return false end
+return reply(h, KEYS[2], ARGV[2])
+"""
+
+# KEYS s m; ARGV P id
+_DELETE = """
+local s, m, id = KEYS[1], KEYS[2], ARGV[2]
+local h = redis.call('HMGET', s, 'st', 'o')
+if not h[1] then
+  forget_if_known(id)
+  redis.call('DEL', m)
+  return 0
+end
+unindex(id, h[2], h[1])
+redis.call('DEL', s, m)
+return 1
+"""
+
+# KEYS s m; ARGV P id now
+_REMOVE_EXPIRED = """
+local s, m, id = KEYS[1], KEYS[2], ARGV[2]
+local h = redis.call('HMGET', s, 'd', 'r', 'la', 'ex', 'st', 'o')
+if not h[1] then
+  forget_if_known(id)
+  return false
+end
+if not h[4] or tonumber(h[4]) > tonumber(ARGV[3]) then return false end
+local out = reply(h, m, '0')
+unindex(id, h[6], h[5])
+redis.call('DEL', s, m)
+return out
+"""
+
+# ARGV P now limit
+_EXPIRED = """
+local limit, now = tonumber(ARGV[3]), ARGV[2]
+local out, offset = {}, 0
+while #out < limit do
+  local batch = redis.call('ZRANGE', P .. 'i:exp', '-inf', now, 'BYSCORE', 'LIMIT', offset,
+                           limit - #out)
+  if #batch == 0 then break end
+  for _, id in ipairs(batch) do
+    if redis.call('EXISTS', P .. 's:' .. id) == 1 then
+      out[#out + 1] = id
+      offset = offset + 1
+    else
+      forget(id)
+    end
+  end
+end
+return out
+"""
+
+# KEYS zset; ARGV P max after want statuses visible_at first budget
+_LIST = """
+local zkey, max, after = KEYS[1], ARGV[2], ARGV[3]
+local want, budget = tonumber(ARGV[4]), tonumber(ARGV[8])
+local statuses = false
+if ARGV[5] ~= '' then
+  statuses = {}
+  for st in string.gmatch(ARGV[5], '%S+') do statuses[st] = true end
+end
+local visible = ARGV[6] ~= '' and tonumber(ARGV[6])
+local maxnum = tonumber(max)
+local found, scanned, offset, done = 0, 0, 0, 1
+local last_score, last_id = false, false
+local out, stale = {}, {}
+while true do
+  if found >= want or scanned >= budget then done = 0 break end
+  local batch = redis.call('ZRANGE', zkey, max, '-inf', 'BYSCORE', 'REV', 'LIMIT', offset, 100,
+                           'WITHSCORES')
+  if #batch == 0 then break end
+  offset = offset + #batch / 2
+  for i = 1, #batch, 2 do
+    local id, score = batch[i], batch[i + 1]
+    if not (after ~= '' and tonumber(score) == maxnum and id >= after) then
+      if found >= want or scanned >= budget then done = 0 break end
+      scanned = scanned + 1
+      last_score, last_id = score, id
+      local h = redis.call('HMGET', P .. 's:' .. id, 'd', 'r', 'la', 'ex', 'st')
+      if not h[1] then
+        stale[#stale + 1] = id
+      elseif (not statuses or statuses[h[5]])
+          and not (visible and h[4] and tonumber(h[4]) <= visible) then
+        found = found + 1
+        local first = false
+        if ARGV[7] == '1' then
+          first = redis.call('LINDEX', P .. 'm:' .. id, 0)
+        end
+        local total = redis.call('LLEN', P .. 'm:' .. id)
+        out[#out + 1] = {id, h[1], h[2], h[3], h[4] or false, total, first}
+      end
+    end
+  end
+end
+for _, id in ipairs(stale) do
+  redis.call('ZREM', zkey, id)
+  forget(id)
+end
+return {done, last_score, last_id, out}
+"""
+
+
+def _import_coredis() -> ModuleType:
+    try:
+        return importlib.import_module("coredis")
+    except ImportError as exc:
+        raise ImportError(
+            "RedisRepository needs the coredis client (6.x); install it with "
+            "`pip install asyncsession[redis]`."
+        ) from exc
+
+
+def _us(value: datetime) -> int:
+    return (value - _EPOCH) // _US
+
+
+def _iso(us: Any) -> str:
+    return (_EPOCH + timedelta(microseconds=int(us))).isoformat()
+
+
+def _opt_us(value: datetime | None) -> str:
+    return "" if value is None else str(_us(value))
+
+
+def _delta_us(value: timedelta | None) -> str:
+    return "-1" if value is None else str(value // _US)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _search_matches(needle: str, name: str | None, first: Any) -> bool:
+    folded = needle.casefold()
+    if name is not None and folded in name.casefold():
+        return True
+    if first is None:
+        return False
+    try:
+        content = load_message(first).content
+    except CorruptSessionError:
+        return False
+    return folded in content.casefold()
+
+
+class RedisRepository(SessionRepository):
+    """Sessions in Redis, shared by every process and machine using the same server.
+
+    ``client_or_url`` is a ``redis://`` URL (the store makes, enters and closes its own
+    :class:`coredis.Redis`) or a ``coredis.Redis`` client that the caller owns and has
+    entered (``async with client:``); the store never closes a caller's client.
+
+    Keys start with ``prefix``, so several applications can share one database.
+    ``key_expiry_grace`` is how long after a session's deadline Redis deletes its data
+    by itself (``None``: never); it runs on the Redis server's clock, so keep it well
+    above the cleanup interval. ``timeout`` (seconds) bounds connecting and each reply
+    for a store-made client. Failures raise :class:`~asyncsession.StorageError` naming
+    the server; the store works again once the server is back.
+
+    The store's own client does not retry writes: a write whose reply was lost may have
+    been applied, and the error says so. Use a standalone Redis (or a single primary);
+    Redis Cluster is not supported.
+    """
+
+    def __init__(
+        self,
+        client_or_url: str | coredis.Redis[Any],
+        *,
+        prefix: str = "asyncsession:",
+        key_expiry_grace: timedelta | None = timedelta(hours=1),
+        timeout: float | None = 10.0,
+        max_connections: int | None = None,
+    ) -> None:
+        module = _import_coredis()
+        if not isinstance(prefix, str) or not prefix:
+            raise InvalidConfiguration(f"prefix must be a non-empty string, got {prefix!r}.")
+        if key_expiry_grace is not None and (
+            not isinstance(key_expiry_grace, timedelta) or key_expiry_grace < timedelta(0)
+        ):
+            raise InvalidConfiguration(
+                f"key_expiry_grace must be a timedelta >= 0 or None, got {key_expiry_grace!r}."
+            )
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            raise InvalidConfiguration(
+                f"timeout must be positive seconds or None, got {timeout!r}."
+            )
+        self._prefix = prefix
+        self._grace = _delta_us(key_expiry_grace)
+        self._owns_client = isinstance(client_or_url, str)
+        if isinstance(client_or_url, str):
+            if not client_or_url.startswith(("redis://", "rediss://", "unix://")):
+                raise InvalidConfiguration(
+                    f"Redis URL must start with redis://, rediss:// or unix://, got "
+                    f"{client_or_url!r}."
+                )
+            retry = importlib.import_module("coredis.retry")
+            client: coredis.Redis[Any] = module.Redis.from_url(
+                client_or_url,
+                retry_policy=retry.NoRetryPolicy(),
+                stream_timeout=timeout,
+                connect_timeout=timeout,
+                max_connections=max_connections,
+            )
+        elif isinstance(client_or_url, module.Redis):
+            client = client_or_url
+        else:
+            raise InvalidConfiguration(
+                f"RedisRepository takes a redis:// URL or a coredis.Redis client, got "
+                f"{client_or_url!r}."
+            )
+        self._client = client
+        location = client.connection_pool.location
+        self._address = repr(location) if location is not None else "(unknown address)"
+        self._errors_module = importlib.import_module("coredis.exceptions")
+        register = client.register_script
+        self._add = register(_PRELUDE + _ADD)
+        self._save = register(_PRELUDE + _SAVE)
+        self._append = register(_PRELUDE + _APPEND)
+        self._touch = register(_PRELUDE + _TOUCH)
+        self._get = register(_PRELUDE + _GET)
+        self._delete = register(_PRELUDE + _DELETE)
+        self._remove_expired = register(_PRELUDE + _REMOVE_EXPIRED)
+        self._expired = register(_PRELUDE + _EXPIRED)
+        self._list = register(_PRELUDE + _LIST)
+        self._entered: contextlib.AsyncExitStack | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisRepository({self._address!r}, prefix={self._prefix!r})"
+
+    @property
+    def client(self) -> coredis.Redis[Any]:
+        """The coredis client this store uses."""
+        return self._client
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of every key this store writes."""
+        return self._prefix
+
+    @property
+    def address(self) -> str:
+        """The Redis server address, as shown in error messages."""
+        return self._address
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        if not self._owns_client:
+            return
+        stack = contextlib.AsyncExitStack()
+        with self._errors("connect"):
+            await stack.enter_async_context(self._client)
+        self._entered = stack
+        logger.debug("opened Redis store at %s (prefix %s)", self._address, self._prefix)
+
+    async def _close(self) -> None:
+        stack, self._entered = self._entered, None
+        if stack is not None:
+            await stack.aclose()
+            logger.debug("closed Redis store at %s", self._address)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, *, write: bool = False) -> Iterator[None]:
+        errors = self._errors_module
+        try:
+            yield
+        except (errors.ConnectionError, TimeoutError, OSError) as exc:
+            unsure = (
+                " The write may or may not have been applied; read the session before repeating it."
+                if write
+                else ""
+            )
+            raise StorageError(
+                f"Redis at {self._address} did not answer {action} ({type(exc).__name__}: "
+                f"{exc}).{unsure} Check that the server is running and reachable; the "
+                "store reconnects by itself.",
+                recoverable=True,
+            ) from exc
+        except errors.RedisError as exc:
+            text = str(exc)
+            recoverable = text.startswith(("OOM", "BUSY", "LOADING", "READONLY", "TRYAGAIN"))
+            raise StorageError(
+                f"Redis at {self._address} refused {action}: {type(exc).__name__}: {text}",
+                recoverable=recoverable,
+            ) from exc
+        except RuntimeError as exc:
+            if "not initialized" not in str(exc):
+                raise
+            raise StorageError(
+                f"The coredis client for {self._address} is not open: open the store "
+                "(`async with store:`) and, for a client you passed in, enter it first "
+                "(`async with client:`).",
+            ) from exc
+
+    def _keys(self, session_id: uuid.UUID) -> list[str]:
+        sid = str(session_id)
+        return [f"{self._prefix}s:{sid}", f"{self._prefix}m:{sid}"]
+
+    async def _run(
+        self,
+        script: Script[Any],
+        action: str,
+        keys: Sequence[str],
+        args: Sequence[str | bytes],
+        *,
+        write: bool = True,
+    ) -> Any:
+        with self._errors(action, write=write):
+            return await script(keys=keys, args=[self._prefix, *args])
+
+    def _build(
+        self,
+        session_id: uuid.UUID,
+        doc: Any,
+        revision: Any,
+        last_active: Any,
+        expires_at: Any,
+        messages: MessageLog,
+    ) -> Session:
+        try:
+            data = orjson.loads(doc)
+        except orjson.JSONDecodeError as exc:
+            raise CorruptSessionError(f"not valid JSON ({exc})", session_id=session_id) from exc
+        if not isinstance(data, dict):
+            raise CorruptSessionError("expected a JSON object", session_id=session_id)
+        data["revision"] = int(revision)
+        data["last_active"] = _iso(last_active)
+        data["expires_at"] = None if expires_at is None else _iso(expires_at)
+        return session_from_document(data, messages=messages, session_id=session_id)
+
+    def _from_reply(self, session_id: uuid.UUID, reply: Any) -> Session | None:
+        if reply is None:
+            return None
+        doc, revision, last_active, expires_at, total, *raw = reply
+        loaded = [load_message(item, session_id=session_id) for item in raw]
+        log = MessageLog(loaded, offset=int(total) - len(loaded))
+        return self._build(session_id, doc, revision, last_active, expires_at, log)
+
+    def _fields(self, session: Session) -> list[str | bytes]:
+        doc = orjson.dumps(session_to_document(session, messages=False))
+        return [
+            doc,
+            str(session.revision),
+            session.status.value,
+            session.owner or "",
+            str(_us(session.created_at)),
+            str(_us(session.last_active)),
+            _opt_us(session.expires_at),
+            _opt_us(session.closed_at),
+            self._grace,
+        ]
+
+    # -- the contract ---------------------------------------------------------------------
+
+    async def get(
+        self, session_id: uuid.UUID, *, last_messages: int | None = None
+    ) -> Session | None:
+        lastn = "" if last_messages is None else str(max(0, last_messages))
+        reply = await self._run(self._get, "a read", self._keys(session_id), [lastn], write=False)
+        return self._from_reply(session_id, reply)
+
+    async def add(self, session: Session) -> None:
+        args = [str(session.id), *self._fields(session)]
+        args.extend(dump_message(m) for m in session.messages)
+        added = await self._run(self._add, "an add", self._keys(session.id), args)
+        if not added:
+            raise SessionConflict(session.id, expected_revision=None)
+
+    async def save(
+        self,
+        session: Session,
+        *,
+        expected_revision: int,
+        new_messages: Sequence[Message] | None = None,
+    ) -> None:
+        if session.revision != expected_revision + 1:
+            raise ValueError(
+                f"save() needs session.revision == expected_revision + 1, got "
+                f"{session.revision} and {expected_revision}"
+            )
+        if new_messages is None:
+            mode, messages = "r", session.messages
+            if not messages.is_complete:
+                raise ValueError(
+                    f"save() without new_messages needs the whole history of session "
+                    f"{session.id}, got a window (offset {messages.offset})."
+                )
+        else:
+            mode, messages = "a", new_messages  # type: ignore[assignment]
+        args: list[str | bytes] = [str(session.id), str(expected_revision)]
+        args.extend(self._fields(session))
+        args.append(mode)
+        args.extend(dump_message(m) for m in messages)
+        reply = await self._run(self._save, "a save", self._keys(session.id), args)
+        code = int(reply[0])
+        if code == -1:
+            raise SessionNotFound(session.id)
+        if code == -2:
+            raise SessionConflict(
+                session.id,
+                expected_revision=expected_revision,
+                actual_revision=int(reply[1]),
+            )
+
+    async def append(
+        self,
+        session_id: uuid.UUID,
+        messages: Sequence[Message],
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        max_messages: int | None = None,
+    ) -> Session:
+        args: list[str | bytes] = [
+            str(session_id),
+            str(_us(at)),
+            _delta_us(policy.idle_timeout),
+            _delta_us(policy.max_age),
+            "" if max_messages is None else str(max_messages),
+            self._grace,
+        ]
+        args.extend(dump_message(m) for m in messages)
+        reply = await self._run(self._append, "an append", self._keys(session_id), args)
+        code = int(reply[0])
+        if code == -1:
+            raise SessionNotFound(session_id)
+        if code == -3:
+            raise SessionClosed(session_id, SessionStatus(_text(reply[1])))
+        if code == -4:
+            assert max_messages is not None
+            raise LimitExceeded("Messages in this session", max_messages, int(reply[1]))
+        _, doc, revision, last_active, expires_at, total = reply
+        log = MessageLog(messages, offset=int(total) - len(messages))
+        return self._build(session_id, doc, revision, last_active, expires_at, log)
+
+    async def touch(
+        self,
+        session_id: uuid.UUID,
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        last_messages: int | None = None,
+    ) -> Session | None:
+        args = [
+            str(session_id),
+            str(_us(at)),
+            _delta_us(policy.idle_timeout),
+            _delta_us(policy.max_age),
+            self._grace,
+            "" if last_messages is None else str(max(0, last_messages)),
+        ]
+        reply = await self._run(self._touch, "a touch", self._keys(session_id), args)
+        return self._from_reply(session_id, reply)
+
+    async def delete(self, session_id: uuid.UUID) -> bool:
+        reply = await self._run(self._delete, "a delete", self._keys(session_id), [str(session_id)])
+        return bool(reply)
+
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
+        reply = await self._run(
+            self._remove_expired,
+            "an expiry removal",
+            self._keys(session_id),
+            [str(session_id), str(_us(now))],
+        )
+        return self._from_reply(session_id, reply)
+
+    async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
+        if type(limit) is not int or limit < 1:
+            raise InvalidConfiguration(f"limit must be an int >= 1, got {limit!r}.")
+        reply = await self._run(self._expired, "an expiry scan", [], [str(_us(now)), str(limit)])
+        return [uuid.UUID(_text(member)) for member in reply]
+
+    async def list(self, query: SessionQuery) -> Page:
+        after = decode_cursor(query)
+        zset = f"{self._prefix}i:la" if query.owner is None else f"{self._prefix}o:{query.owner}"
+        max_score, after_id = (
+            ("+inf", "")
+            if after is None
+            else (
+                str(_us(after[0])),
+                str(after[1]),
+            )
+        )
+        statuses = " ".join(sorted(s.value for s in query.status)) if query.status else ""
+        visible = _opt_us(query.visible_at)
+        want = query.limit + 1
+        items: list[Session] = []
+        while len(items) < want:
+            reply = await self._run(
+                self._list,
+                "a listing",
+                [zset],
+                [
+                    max_score,
+                    after_id,
+                    str(want - len(items)),
+                    statuses,
+                    visible,
+                    "1" if query.search else "0",
+                    str(_LIST_BUDGET),
+                ],
+            )
+            done, last_score, last_id, rows = reply
+            for sid_raw, doc, revision, last_active, expires_at, total, first in rows:
+                sid = uuid.UUID(_text(sid_raw))
+                window = MessageLog((), offset=int(total))
+                session = self._build(sid, doc, revision, last_active, expires_at, window)
+                if query.search and not _search_matches(query.search, session.name, first):
+                    continue
+                items.append(session)
+            if int(done) or last_score is None:
+                break
+            max_score, after_id = _text(last_score), _text(last_id)
+        page = tuple(items[: query.limit])
+        next_cursor = None
+        if len(items) > query.limit:
+            last = page[-1]
+            next_cursor = encode_cursor(last.last_active, last.id, query)
+        return Page(page, next_cursor)
+
+    async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
+        key = f"{self._prefix}i:cnt" if owner is None else f"{self._prefix}oc:{owner}"
+        with self._errors("a count"):
+            raw = await self._client.hgetall(key)
+        counts = {SessionStatus(_text(k)): int(v) for k, v in raw.items()}
+        return {status: n for status, n in counts.items() if n > 0}
+
+    # -- cross-process events ---------------------------------------------------------
+
+    @property
+    def events_channel(self) -> str:
+        """The pub/sub channel of :meth:`publish_event` / :meth:`subscribe_events`."""
+        return f"{self._prefix}events"
+
+    async def publish_event(
+        self,
+        kind: str,
+        session_id: uuid.UUID,
+        *,
+        at: datetime,
+        revision: int | None = None,
+        origin: str = "",
+    ) -> int:
+        """Announce a lifecycle event to other processes; return how many heard it.
+
+        Only ids and metadata travel (never session contents): subscribers re-read the
+        session if they need it. ``origin`` lets a process ignore its own events.
+        """
+        payload = orjson.dumps(
+            {
+                "kind": str(kind),
+                "session_id": str(session_id),
+                "at": at.isoformat(),
+                "revision": revision,
+                "origin": origin,
+            }
+        )
+        with self._errors("a publish"):
+            return await self._client.publish(self.events_channel, payload)
+
+    @contextlib.asynccontextmanager
+    async def subscribe_events(self) -> AsyncIterator[AsyncIterator[RedisEvent]]:
+        """Receive events published by any process: ``async with store.subscribe_events()``.
+
+        Yields an async iterator of :class:`RedisEvent`. Pub/sub is fire-and-forget:
+        events published while this subscriber is disconnected are lost.
+        """
+        with self._errors("a subscription"):
+            pubsub = self._client.pubsub(channels=[self.events_channel])
+            async with pubsub:
+                yield self._events(pubsub)
+
+    async def _events(self, pubsub: Any) -> AsyncIterator[RedisEvent]:
+        with self._errors("an event subscription"):
+            async for message in pubsub:
+                if message is None or message.get("type") != "message":
+                    continue
+                try:
+                    data = orjson.loads(message["data"])
+                    event = RedisEvent(
+                        kind=str(data["kind"]),
+                        session_id=uuid.UUID(data["session_id"]),
+                        at=datetime.fromisoformat(data["at"]),
+                        revision=data.get("revision"),
+                        origin=str(data.get("origin", "")),
+                    )
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    logger.warning("ignoring a malformed event on %s", self.events_channel)
+                    continue
+                yield event
+
+
+@attrs.frozen(slots=True)
+class RedisEvent:
+    """A lifecycle event received from another process (ids and metadata only)."""
+
+    kind: str
+    session_id: uuid.UUID
+    at: datetime
+    revision: int | None
+    origin: str
