@@ -1,0 +1,1112 @@
+"""SQLite session store: the durable embedded default (stdlib :mod:`sqlite3`, WAL mode).
+
+Layout of the database (``PRAGMA user_version`` versions it; older files are upgraded
+in place when opened):
+
+* ``sessions``: one row per session. ``doc`` is the versioned session document without
+  its messages; the other columns are derived from it for the indexes (owner, status,
+  ``last_active``, ``expires_at``) and for search (casefolded name and first message).
+  Timestamps are integer microseconds since the Unix epoch, so they sort correctly.
+* ``messages``: ``(session_pk, seq, body)``, one JSON message per row, so appending
+  is O(appended) and the last ``n`` messages are read without the rest of the history.
+
+Threading: one dedicated worker thread owns the connection. Every store operation is
+one request to it (one thread hop); the worker drains its queue and runs what it found
+in one transaction (group commit), each operation inside its own SAVEPOINT so a failing
+operation (a compare-and-set conflict, say) does not undo the others. Callers are
+answered only after the commit, through :func:`anyio.from_thread.run_sync`, so the
+store works on asyncio and trio alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import attrs
+import orjson
+
+from .._exceptions import (
+    CorruptSessionError,
+    InvalidConfiguration,
+    InvalidUpdate,
+    LimitExceeded,
+    SessionClosed,
+    SessionConflict,
+    SessionError,
+    SessionNotFound,
+    StorageError,
+)
+from .._json import freeze_json
+from .._models import ROLES, ExpiryPolicy, Message, MessageLog, Session, SessionStatus
+from .._serialization import (
+    dump_message,
+    load_message,
+    session_from_document,
+    session_to_document,
+)
+from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
+
+__all__ = ["SCHEMA_VERSION", "SQLiteRepository"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The layout version this release writes (``PRAGMA user_version``).
+SCHEMA_VERSION: Final = 2
+#: ``PRAGMA application_id`` of asyncsession databases ("asss").
+APPLICATION_ID: Final = 0x61737373
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_PRAGMA_NAME = re.compile(r"[a-z_]{1,40}")
+_PRAGMA_VALUE = re.compile(r"-?[0-9]{1,19}|[A-Za-z_]{1,20}")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+_ROLE_SET = frozenset(ROLES)
+# SQLite primary result codes (the sqlite3 module exports them only from Python 3.11).
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 10, 13, 14, 26
+# The fast message decoder below builds Messages field by field; it is only used while
+# Message has exactly these fields.
+_FAST_MESSAGES = tuple(f.name for f in attrs.fields(Message)) == (
+    "role",
+    "content",
+    "timestamp",
+    "data",
+)
+
+# -- schema ---------------------------------------------------------------------------
+
+#: Version 1: the first layout (no search columns, no status index).
+_SCHEMA_V1 = """
+CREATE TABLE sessions (
+    pk INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    owner TEXT,
+    name TEXT,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_active INTEGER NOT NULL,
+    closed_at INTEGER,
+    expires_at INTEGER,
+    revision INTEGER NOT NULL,
+    message_count INTEGER NOT NULL,
+    doc BLOB NOT NULL
+);
+CREATE INDEX sessions_activity ON sessions (last_active, id);
+CREATE INDEX sessions_owner ON sessions (owner, last_active, id);
+CREATE INDEX sessions_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE messages (
+    session_pk INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (session_pk, seq)
+);
+"""
+
+
+def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
+    """Add casefolded search columns (backfilled) and a status index."""
+    conn.execute("ALTER TABLE sessions ADD COLUMN name_cf TEXT")
+    conn.execute("ALTER TABLE sessions ADD COLUMN first_cf TEXT")
+    conn.execute("CREATE INDEX sessions_status ON sessions (status, last_active, id)")
+    rows = conn.execute(
+        "SELECT s.pk, s.name, m.body FROM sessions s "
+        "LEFT JOIN messages m ON m.session_pk = s.pk AND m.seq = 0"
+    ).fetchall()
+    for pk, name, body in rows:
+        first = None
+        if body is not None:
+            try:
+                first = load_message(body).content.casefold()
+            except SessionError:
+                logger.warning("session row %s has an unreadable first message", pk)
+        name_cf = name.casefold() if name is not None else None
+        conn.execute(
+            "UPDATE sessions SET name_cf = ?, first_cf = ? WHERE pk = ?", (name_cf, first, pk)
+        )
+
+
+#: ``_UPGRADES[v]`` turns a version-``v`` database into version ``v + 1``.
+_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {1: _upgrade_1_to_2}
+
+
+def _us(value: datetime) -> int:
+    return (value - _EPOCH) // _US
+
+
+def _us_or_none(value: datetime | None) -> int | None:
+    return None if value is None else (value - _EPOCH) // _US
+
+
+def _casefold(value: str | None) -> str | None:
+    return None if value is None else value.casefold()
+
+
+# -- message decoding -----------------------------------------------------------------
+
+_new = object.__new__
+_set = object.__setattr__
+_fromisoformat = datetime.fromisoformat
+
+
+def _message(item: Any) -> Message:
+    """Build a Message from a decoded row; the fast path skips re-validating our own rows."""
+    if (
+        _FAST_MESSAGES
+        and type(item) is dict
+        and item.get("role") in _ROLE_SET
+        and type(item.get("content")) is str
+        and type(item.get("timestamp")) is str
+    ):
+        try:
+            stamp = _fromisoformat(item["timestamp"])
+        except ValueError:
+            stamp = None
+        if stamp is not None and stamp.tzinfo is timezone.utc:
+            data = item.get("data")
+            message: Message = _new(Message)
+            _set(message, "role", item["role"])
+            _set(message, "content", item["content"])
+            _set(message, "timestamp", stamp)
+            _set(message, "data", None if data is None else freeze_json(data, "data"))
+            return message
+    return load_message(orjson.dumps(item))
+
+
+def _decode_messages(bodies: Sequence[bytes], session_id: uuid.UUID) -> list[Message]:
+    try:
+        items = orjson.loads(b"[" + b",".join(bodies) + b"]")
+    except orjson.JSONDecodeError:
+        for body in bodies:  # find the bad row for the error message
+            load_message(body, session_id=session_id)
+        raise CorruptSessionError("unreadable message rows", session_id=session_id) from None
+    try:
+        return [_message(item) for item in items]
+    except CorruptSessionError as exc:
+        raise CorruptSessionError(exc.detail, session_id=session_id) from exc
+    except SessionError as exc:
+        raise CorruptSessionError(exc.message, session_id=session_id) from exc
+
+
+@attrs.frozen(slots=True)
+class _Row:
+    """What the worker read for one session; decoded on the caller's thread."""
+
+    session_id: uuid.UUID
+    doc: bytes
+    start: int
+    bodies: Sequence[bytes]
+
+    def decode(self) -> Session:
+        try:
+            doc = orjson.loads(self.doc)
+        except orjson.JSONDecodeError as exc:
+            raise CorruptSessionError(
+                f"stored document is not valid JSON ({exc})", session_id=self.session_id
+            ) from exc
+        log = MessageLog(_decode_messages(self.bodies, self.session_id), offset=self.start)
+        session = session_from_document(doc, messages=log, session_id=self.session_id)
+        if session.id != self.session_id:
+            raise CorruptSessionError(
+                f"stored document has id {session.id}", session_id=self.session_id
+            )
+        return session
+
+
+def _encode(session: Session) -> bytes:
+    return orjson.dumps(session_to_document(session, messages=False))
+
+
+def _encode_messages(messages: Iterable[Message]) -> list[bytes]:
+    return [dump_message(m) for m in messages]
+
+
+# -- requests to the worker -----------------------------------------------------------
+
+_QUEUED, _RUNNING, _CANCELLED, _DONE = range(4)
+
+
+class _Request:
+    """One operation handed to the worker thread and the way back to its caller."""
+
+    __slots__ = ("error", "event", "fn", "result", "state", "token", "write")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any] | None, write: bool) -> None:
+        self.fn = fn
+        self.write = write
+        self.event = anyio.Event()
+        self.token = anyio.lowlevel.current_token()
+        self.state = _QUEUED
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _wake(requests: Sequence[_Request]) -> None:
+    for request in requests:
+        request.event.set()
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+class _Aborted(Exception):
+    """The batch transaction was rolled back by SQLite; rerun its operations one by one."""
+
+
+class SQLiteRepository(SessionRepository):
+    """Sessions in a SQLite database file (WAL mode), served by one worker thread.
+
+    ``async with SQLiteRepository("sessions.db") as repo:`` opens the file (creating it
+    and its tables if needed, upgrading an older layout in place) and starts the thread;
+    leaving the block finishes queued operations and stops it. Several processes may
+    share one file: writes are serialized by SQLite's lock and checked by revision.
+
+    Options:
+
+    * ``synchronous`` — what a commit waits for (SQLite's ``PRAGMA synchronous``, WAL).
+      Every mode keeps every acknowledged write across a crash or ``kill -9`` of the
+      process. Across power loss or an OS crash: ``"FULL"`` / ``"EXTRA"`` keep every
+      acknowledged write (one fsync per commit batch); ``"NORMAL"`` (default) keeps the
+      database consistent but may lose the writes of the last moments before the
+      failure (fsync at checkpoints only); ``"OFF"`` may corrupt the database.
+    * ``busy_timeout`` — seconds to wait for another connection's write lock before
+      the operation fails with a recoverable :class:`StorageError`.
+    * ``max_batch`` — most operations committed together in one group commit.
+    * ``pragmas`` — extra ``PRAGMA name = value`` settings for the connection (for
+      example ``{"cache_size": -65536}``); names and values are checked, not trusted.
+
+    Cancellation: an operation still waiting in the queue is withdrawn and never runs;
+    one the worker has started completes (a write is awaited, shielded, for at most
+    ``2 * busy_timeout + 5`` seconds) before ``Cancelled`` propagates. Either way the
+    database holds the old or the new state of the session, never a mix: each operation
+    is one transaction (or savepoint).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "NORMAL",
+        busy_timeout: float = 5.0,
+        max_batch: int = 256,
+        pragmas: Mapping[str, int | str] | None = None,
+    ) -> None:
+        if isinstance(synchronous, str):
+            synchronous = synchronous.upper()
+        if synchronous not in _SYNCHRONOUS:
+            raise InvalidConfiguration(
+                f"synchronous must be one of {', '.join(_SYNCHRONOUS)}; got {synchronous!r}."
+            )
+        if (
+            isinstance(busy_timeout, bool)
+            or not isinstance(busy_timeout, (int, float))
+            or not (0 < busy_timeout <= 3600)
+        ):
+            raise InvalidConfiguration(
+                f"busy_timeout must be seconds between 0 and 3600; got {busy_timeout!r}."
+            )
+        if type(max_batch) is not int or not 1 <= max_batch <= 10_000:
+            raise InvalidConfiguration(
+                f"max_batch must be an int from 1 to 10000; got {max_batch!r}."
+            )
+        extra = dict(pragmas or {})
+        for name, value in extra.items():
+            if (
+                not isinstance(name, str)
+                or _PRAGMA_NAME.fullmatch(name) is None
+                or (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, str))
+                    or _PRAGMA_VALUE.fullmatch(str(value)) is None
+                )
+            ):
+                raise InvalidConfiguration(
+                    f"Invalid pragma {name!r} = {value!r}: use a lowercase pragma name and "
+                    "an integer or a single word as its value."
+                )
+        self._path = Path(path)
+        self._synchronous = synchronous
+        self._busy_timeout = float(busy_timeout)
+        self._max_batch = max_batch
+        self._pragmas = extra
+        self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._state_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None  # used by the worker thread only
+        self._accepting = False
+
+    def __repr__(self) -> str:
+        return f"SQLiteRepository({str(self._path)!r}, synchronous={self._synchronous!r})"
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        request = _Request(None, write=True)
+        thread = threading.Thread(
+            target=self._serve,
+            args=(request,),
+            name=f"asyncsession-sqlite:{self._path.name}",
+            daemon=True,
+        )
+        self._queue = queue.SimpleQueue()
+        thread.start()
+        try:
+            await request.event.wait()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await request.event.wait()
+                if request.error is None:
+                    self._thread = thread
+                    await self._shutdown()
+                else:
+                    await anyio.to_thread.run_sync(thread.join)
+            raise
+        if request.error is not None:
+            await anyio.to_thread.run_sync(thread.join)
+            raise request.error
+        self._thread = thread
+        self._accepting = True
+        logger.debug("opened %s", self._path)
+
+    async def _close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._shutdown()
+        logger.debug("closed %s", self._path)
+
+    async def _shutdown(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._accepting = False
+        stop = _Request(None, write=False)
+        self._queue.put(stop)
+        await stop.event.wait()
+        await anyio.to_thread.run_sync(thread.join)
+        self._thread = None
+
+    # -- the caller's side of a request -------------------------------------------------
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+        if not self._accepting:
+            raise StorageError(
+                f"{self!r} is not open. Use `async with SQLiteRepository(path) as repo:` "
+                "or pass it to `async with SessionManager(repo)`."
+            )
+        request = _Request(fn, write)
+        self._queue.put(request)
+        try:
+            await request.event.wait()
+        except anyio.get_cancelled_exc_class():
+            with self._state_lock:
+                if request.state == _QUEUED:
+                    request.state = _CANCELLED
+                    raise
+            if write:
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(2 * self._busy_timeout + 5),
+                ):
+                    await request.event.wait()
+            raise
+        if request.error is not None:
+            error, request.error = request.error, None
+            raise error
+        result: T = request.result
+        return result
+
+    # -- the worker thread --------------------------------------------------------------
+
+    def _serve(self, opening: _Request) -> None:
+        try:
+            self._conn = self._connect()
+        except BaseException as exc:  # handed back to _open()
+            opening.error = exc
+            self._answer([opening])
+            return
+        self._answer([opening])
+        conn = self._conn
+        stopping: _Request | None = None
+        while stopping is None:
+            batch = [self._queue.get()]
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            live: list[_Request] = []
+            with self._state_lock:
+                for request in batch:
+                    if request.fn is None:
+                        stopping = request
+                    elif request.state == _QUEUED:
+                        request.state = _RUNNING
+                        live.append(request)
+            if live:
+                self._execute(conn, live)
+                self._answer(live)
+        try:
+            conn.close()
+        except sqlite3.Error:
+            logger.exception("closing %s failed", self._path)
+        self._conn = None
+        leftovers: list[_Request] = [stopping]
+        while True:  # requests raced with close: refuse them, never leave them waiting
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            request.error = StorageError(f"{self!r} was closed before this operation ran.")
+            leftovers.append(request)
+        self._answer(leftovers)
+
+    def _answer(self, requests: Sequence[_Request]) -> None:
+        """Wake the callers, one hop per event loop for the whole batch."""
+        by_loop: dict[int, tuple[Any, list[_Request]]] = {}
+        for request in requests:
+            request.state = _DONE
+            key = id(request.token.native_token)
+            by_loop.setdefault(key, (request.token, []))[1].append(request)
+        for token, waiting in by_loop.values():
+            try:
+                anyio.from_thread.run_sync(_wake, waiting, token=token)
+            except anyio.RunFinishedError:
+                logger.debug("event loop gone; %d answers dropped", len(waiting))
+
+    def _execute(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
+        if len(batch) > 1:
+            try:
+                self._run_batch(conn, batch)
+                return
+            except (_Aborted, sqlite3.Error) as exc:
+                logger.warning(
+                    "group commit of %d operations on %s failed (%s); running them one by one",
+                    len(batch),
+                    self._path,
+                    exc,
+                )
+                self._rollback(conn)
+        for request in batch:
+            self._run_alone(conn, request)
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
+        self._begin(conn, any(r.write for r in batch))
+        results: list[tuple[Any, BaseException | None]] = []
+        for request in batch:
+            assert request.fn is not None
+            conn.execute("SAVEPOINT op")
+            try:
+                value = request.fn(conn)
+            except Exception as exc:
+                if not conn.in_transaction:
+                    raise _Aborted(str(exc)) from exc
+                try:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                except sqlite3.Error as inner:
+                    raise _Aborted(str(inner)) from inner
+                if isinstance(exc, sqlite3.Error):
+                    raise _Aborted(str(exc)) from exc  # rerun alone for a precise error
+                results.append((None, exc))
+            else:
+                conn.execute("RELEASE op")
+                results.append((value, None))
+        conn.execute("COMMIT")
+        for request, (value, error) in zip(batch, results, strict=True):
+            request.result, request.error = value, error
+
+    def _run_alone(self, conn: sqlite3.Connection, request: _Request) -> None:
+        assert request.fn is not None
+        deadline = time.monotonic() + self._busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                self._begin(conn, request.write)
+                try:
+                    request.result = request.fn(conn)
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+                conn.execute("COMMIT")
+                return
+            except sqlite3.Error as exc:
+                self._rollback(conn)
+                if _is_busy(exc) and time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+                    continue
+                request.error = self._storage_error(exc)
+                request.error.__cause__ = exc
+                return
+            except Exception as exc:
+                request.error = exc
+                return
+
+    def _begin(self, conn: sqlite3.Connection, write: bool) -> None:
+        deadline = time.monotonic() + self._busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() + delay >= deadline:
+                    raise
+                logger.debug("%s is locked; retrying in %.3fs", self._path, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.exception("rollback on %s failed", self._path)
+
+    def _storage_error(self, exc: sqlite3.Error) -> StorageError:
+        name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+        if _is_busy(exc):
+            return StorageError(
+                f"SQLite database {self._path} stayed locked by another connection for "
+                f"{self._busy_timeout:g}s ({exc}). Another process holds a long write "
+                "transaction: retry later, or raise SQLiteRepository(busy_timeout=...).",
+                recoverable=True,
+            )
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code == _SQLITE_FULL:
+            return StorageError(
+                f"SQLite database {self._path} is full ({exc}). Free disk space (or raise "
+                "the max_page_count pragma) and retry; nothing was written.",
+                recoverable=True,
+            )
+        if code == _SQLITE_IOERR:
+            return StorageError(
+                f"I/O error on SQLite database {self._path} ({name}: {exc}). Check the "
+                "disk; nothing was written.",
+                recoverable=True,
+            )
+        return StorageError(f"SQLite database {self._path} failed: {name}: {exc}.")
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        path = self._path
+        if str(path) != ":memory:":
+            parent = path.parent
+            if not parent.exists():
+                raise StorageError(
+                    f"Cannot open SQLite database {path}: directory {parent} does not "
+                    "exist. Create it first."
+                )
+            if not parent.is_dir():
+                raise StorageError(
+                    f"Cannot open SQLite database {path}: {parent} is not a directory."
+                )
+            if path.is_dir():
+                raise StorageError(
+                    f"Cannot open SQLite database {path}: it is a directory; pass a file path."
+                )
+        try:
+            conn = sqlite3.connect(
+                path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=True,
+                cached_statements=128,
+            )
+        except sqlite3.Error as exc:
+            raise self._open_error(exc) from exc
+        try:
+            self._configure(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._open_error(exc) from exc
+            raise
+        return conn
+
+    def _open_error(self, exc: sqlite3.Error) -> StorageError:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code == _SQLITE_NOTADB:
+            cause = "the file is not a SQLite database"
+        elif code in (_SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_PERM):
+            cause = "the location is read-only or not accessible"
+        else:
+            cause = "SQLite error"
+        error = self._storage_error(exc)
+        return StorageError(
+            f"Cannot open SQLite database {self._path}: {cause} ({exc}). Pass a writable "
+            "path to a new or existing asyncsession database.",
+            recoverable=error.recoverable,
+        )
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal" and str(self._path) != ":memory:":
+            raise StorageError(
+                f"Cannot open SQLite database {self._path}: WAL mode is not available there "
+                f"(journal mode {mode!r}); use a local file system."
+            )
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        for name, value in self._pragmas.items():
+            conn.execute(f"PRAGMA {name} = {value}")
+        self._upgrade(conn)
+
+    def _upgrade(self, conn: sqlite3.Connection) -> None:
+        """Create the tables, or bring an older layout up to :data:`SCHEMA_VERSION`."""
+        self._begin(conn, True)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            app = conn.execute("PRAGMA application_id").fetchone()[0]
+            if version == 0:
+                tables = conn.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+                ).fetchone()[0]
+                if tables:
+                    raise StorageError(
+                        f"Cannot open SQLite database {self._path}: it holds other tables, "
+                        "not an asyncsession store. Use a separate file."
+                    )
+                for statement in _SCHEMA_V1.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                version = 1
+            elif app != APPLICATION_ID:
+                raise StorageError(
+                    f"Cannot open SQLite database {self._path}: it is not an asyncsession "
+                    f"store (application_id {app:#x}). Use a separate file."
+                )
+            if version > SCHEMA_VERSION:
+                raise StorageError(
+                    f"Cannot open SQLite database {self._path}: its layout version {version} "
+                    f"is newer than this asyncsession supports ({SCHEMA_VERSION}). Upgrade "
+                    "asyncsession."
+                )
+            while version < SCHEMA_VERSION:
+                logger.info("upgrading %s from layout %d", self._path, version)
+                _UPGRADES[version](conn)
+                version += 1
+                conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(conn)
+            raise
+
+    # -- worker-side operations (run inside a transaction or savepoint) ---------------
+
+    @staticmethod
+    def _read(
+        conn: sqlite3.Connection, session_id: uuid.UUID, last_messages: int | None
+    ) -> _Row | None:
+        row = conn.execute(
+            "SELECT pk, doc, message_count FROM sessions WHERE id = ?", (str(session_id),)
+        ).fetchone()
+        if row is None:
+            return None
+        pk, doc, count = row
+        return SQLiteRepository._row(conn, session_id, pk, doc, count, last_messages)
+
+    @staticmethod
+    def _row(
+        conn: sqlite3.Connection,
+        session_id: uuid.UUID,
+        pk: int,
+        doc: bytes,
+        count: int,
+        last_messages: int | None,
+    ) -> _Row:
+        start = 0 if last_messages is None else max(0, count - max(0, last_messages))
+        bodies: list[bytes] = []
+        if start < count:
+            bodies = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT body FROM messages WHERE session_pk = ? AND seq >= ? ORDER BY seq",
+                    (pk, start),
+                )
+            ]
+            if len(bodies) != count - start:
+                raise CorruptSessionError(
+                    f"expected {count - start} message rows, found {len(bodies)}",
+                    session_id=session_id,
+                )
+        return _Row(session_id, doc, start, bodies)
+
+    @staticmethod
+    def _insert_messages(
+        conn: sqlite3.Connection, pk: int, first_seq: int, bodies: Sequence[bytes]
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO messages (session_pk, seq, body) VALUES (?, ?, ?)",
+            [(pk, first_seq + i, body) for i, body in enumerate(bodies)],
+        )
+
+    @staticmethod
+    def _columns(session: Session, doc: bytes) -> tuple[Any, ...]:
+        return (
+            session.owner,
+            session.name,
+            session.status.value,
+            _us(session.created_at),
+            _us(session.last_active),
+            _us_or_none(session.closed_at),
+            _us_or_none(session.expires_at),
+            session.revision,
+            session.messages.total,
+            _casefold(session.name),
+            doc,
+        )
+
+    def _op_add(
+        self, session: Session, doc: bytes, bodies: list[bytes]
+    ) -> Callable[[sqlite3.Connection], None]:
+        first = _casefold(session.messages[0].content) if bodies else None
+
+        def op(conn: sqlite3.Connection) -> None:
+            try:
+                cursor = conn.execute(
+                    "INSERT INTO sessions (owner, name, status, created_at, last_active, "
+                    "closed_at, expires_at, revision, message_count, name_cf, doc, id, "
+                    "first_cf) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*self._columns(session, doc), str(session.id), first),
+                )
+            except sqlite3.IntegrityError:
+                raise SessionConflict(session.id, expected_revision=None) from None
+            assert cursor.lastrowid is not None
+            self._insert_messages(conn, cursor.lastrowid, 0, bodies)
+
+        return op
+
+    def _op_save(
+        self,
+        session: Session,
+        expected_revision: int,
+        doc: bytes,
+        added: list[bytes] | None,
+        everything: list[bytes] | None,
+    ) -> Callable[[sqlite3.Connection], None]:
+        sid = str(session.id)
+
+        def op(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT pk, revision, message_count FROM sessions WHERE id = ?", (sid,)
+            ).fetchone()
+            if row is None:
+                raise SessionNotFound(session.id)
+            pk, revision, count = row
+            if revision != expected_revision:
+                raise SessionConflict(
+                    session.id, expected_revision=expected_revision, actual_revision=revision
+                )
+            columns = self._columns(session, doc)
+            update = (
+                "UPDATE sessions SET owner = ?, name = ?, status = ?, created_at = ?, "
+                "last_active = ?, closed_at = ?, expires_at = ?, revision = ?, "
+                "message_count = ?, name_cf = ?, doc = ?"
+            )
+            if added is not None and count + len(added) == session.messages.total:
+                if count == 0 and added:
+                    first = _casefold(load_message(added[0]).content)
+                    conn.execute(update + ", first_cf = ? WHERE pk = ?", (*columns, first, pk))
+                else:
+                    conn.execute(update + " WHERE pk = ?", (*columns, pk))
+                self._insert_messages(conn, pk, count, added)
+                return
+            rows = everything
+            if rows is None and session.messages.is_complete:
+                rows = _encode_messages(session.messages)  # the promise did not hold
+            if rows is None:
+                raise InvalidUpdate(
+                    f"save() of session {session.id}: new_messages do not extend the stored "
+                    f"history ({count} stored + {len(added or ())} new != "
+                    f"{session.messages.total}); pass the whole history instead."
+                )
+            first = _casefold(session.messages[0].content) if rows else None
+            conn.execute(update + ", first_cf = ? WHERE pk = ?", (*columns, first, pk))
+            conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
+            self._insert_messages(conn, pk, 0, rows)
+
+        return op
+
+    @staticmethod
+    def _decode_doc(session_id: uuid.UUID, doc: bytes) -> Session:
+        return _Row(session_id, doc, 0, ()).decode()
+
+    # -- the contract -------------------------------------------------------------------
+
+    async def get(
+        self, session_id: uuid.UUID, *, last_messages: int | None = None
+    ) -> Session | None:
+        sid = _check_id(session_id)
+
+        def op(conn: sqlite3.Connection) -> _Row | None:
+            return self._read(conn, sid, last_messages)
+
+        row = await self._call(op, write=False)
+        return None if row is None else row.decode()
+
+    async def add(self, session: Session) -> None:
+        if not session.messages.is_complete:
+            raise InvalidUpdate(
+                f"add() of session {session.id} got a window of its messages; store the "
+                "whole history."
+            )
+        await self._call(
+            self._op_add(session, _encode(session), _encode_messages(session.messages)),
+            write=True,
+        )
+
+    async def save(
+        self,
+        session: Session,
+        *,
+        expected_revision: int,
+        new_messages: Sequence[Message] | None = None,
+    ) -> None:
+        if session.revision != expected_revision + 1:
+            raise ValueError(
+                f"save() needs session.revision == expected_revision + 1, got "
+                f"{session.revision} and {expected_revision}"
+            )
+        added = None if new_messages is None else _encode_messages(new_messages)
+        everything = None
+        if new_messages is None:
+            if not session.messages.is_complete:
+                raise InvalidUpdate(
+                    f"save() of session {session.id} got a window of its messages and no "
+                    "new_messages; pass the whole history."
+                )
+            everything = _encode_messages(session.messages)
+        await self._call(
+            self._op_save(session, expected_revision, _encode(session), added, everything),
+            write=True,
+        )
+
+    async def append(
+        self,
+        session_id: uuid.UUID,
+        messages: Sequence[Message],
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        max_messages: int | None = None,
+    ) -> Session:
+        sid = _check_id(session_id)
+        batch = list(messages)
+        bodies = _encode_messages(batch)
+        at_us = _us(at)
+
+        def op(conn: sqlite3.Connection) -> Session:
+            row = conn.execute(
+                "SELECT pk, doc, message_count, status, expires_at FROM sessions WHERE id = ?",
+                (str(sid),),
+            ).fetchone()
+            if row is None:
+                raise SessionNotFound(sid)
+            pk, doc, count, _status, expires_at = row
+            if expires_at is not None and expires_at <= at_us:
+                raise SessionNotFound(sid)
+            old = self._decode_doc(sid, doc)
+            if old.status.is_terminal:
+                raise SessionClosed(sid, old.status)
+            total = count + len(batch)
+            if max_messages is not None and total > max_messages:
+                raise LimitExceeded("Messages in this session", max_messages, total)
+            last_active = max(old.last_active, at)
+            new = attrs.evolve(
+                old,
+                messages=MessageLog(batch, offset=count),
+                last_active=last_active,
+                expires_at=policy.deadline(old.status, old.created_at, last_active, None),
+                revision=old.revision + 1,
+            )
+            first = ", first_cf = ?" if count == 0 and batch else ""
+            params: tuple[Any, ...] = (
+                _us(last_active),
+                _us_or_none(new.expires_at),
+                new.revision,
+                total,
+                _encode(new),
+            )
+            if first:
+                params += (_casefold(batch[0].content),)
+            conn.execute(
+                "UPDATE sessions SET last_active = ?, expires_at = ?, revision = ?, "
+                f"message_count = ?, doc = ?{first} WHERE pk = ?",
+                (*params, pk),
+            )
+            self._insert_messages(conn, pk, count, bodies)
+            return new
+
+        return await self._call(op, write=True)
+
+    async def touch(
+        self,
+        session_id: uuid.UUID,
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        last_messages: int | None = None,
+    ) -> Session | None:
+        sid = _check_id(session_id)
+
+        def op(conn: sqlite3.Connection) -> _Row | None:
+            row = self._read(conn, sid, last_messages)
+            if row is None:
+                return None
+            old = self._decode_doc(sid, row.doc)
+            if old.status.is_terminal or old.is_expired(at) or at <= old.last_active:
+                return row
+            new = attrs.evolve(
+                old,
+                last_active=at,
+                expires_at=policy.deadline(old.status, old.created_at, at, None),
+            )
+            doc = _encode(new)
+            conn.execute(
+                "UPDATE sessions SET last_active = ?, expires_at = ?, doc = ? WHERE id = ?",
+                (_us(at), _us_or_none(new.expires_at), doc, str(sid)),
+            )
+            return attrs.evolve(row, doc=doc)
+
+        found = await self._call(op, write=True)
+        return None if found is None else found.decode()
+
+    async def delete(self, session_id: uuid.UUID) -> bool:
+        sid = str(_check_id(session_id))
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT pk FROM sessions WHERE id = ?", (sid,)).fetchone()
+            if row is None:
+                return False
+            conn.execute("DELETE FROM messages WHERE session_pk = ?", row)
+            conn.execute("DELETE FROM sessions WHERE pk = ?", row)
+            return True
+
+        return await self._call(op, write=True)
+
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
+        sid = _check_id(session_id)
+        now_us = _us(now)
+
+        def op(conn: sqlite3.Connection) -> _Row | None:
+            row = conn.execute(
+                "SELECT pk, doc, message_count FROM sessions WHERE id = ? AND expires_at <= ?",
+                (str(sid), now_us),
+            ).fetchone()
+            if row is None:
+                return None
+            pk, doc, count = row
+            conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
+            conn.execute("DELETE FROM sessions WHERE pk = ?", (pk,))
+            return _Row(sid, doc, count, ())
+
+        found = await self._call(op, write=True)
+        return None if found is None else found.decode()
+
+    async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
+        now_us = _us(now)
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            return [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM sessions WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
+                    (now_us, limit),
+                )
+            ]
+
+        return [uuid.UUID(i) for i in await self._call(op, write=False)]
+
+    async def list(self, query: SessionQuery) -> Page:
+        after = decode_cursor(query)
+        where: list[str] = []
+        params: list[Any] = []
+        if query.owner is not None:
+            where.append("owner = ?")
+            params.append(query.owner)
+        if query.status is not None:
+            statuses = sorted(s.value for s in query.status)
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            params.extend(statuses)
+        if query.visible_at is not None:
+            where.append("(expires_at IS NULL OR expires_at > ?)")
+            params.append(_us(query.visible_at))
+        if query.search:
+            needle = query.search.casefold()
+            where.append("(instr(name_cf, ?) > 0 OR instr(first_cf, ?) > 0)")
+            params.extend((needle, needle))
+        if after is not None:
+            after_us = _us(after[0])
+            where.append("(last_active < ? OR (last_active = ? AND id < ?))")
+            params.extend((after_us, after_us, str(after[1])))
+        sql = "SELECT id, doc, message_count, last_active FROM sessions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY last_active DESC, id DESC LIMIT ?"
+        params.append(query.limit + 1)
+
+        def op(conn: sqlite3.Connection) -> list[tuple[str, bytes, int, int]]:
+            return conn.execute(sql, params).fetchall()
+
+        rows = await self._call(op, write=False)
+        items: list[Session] = []
+        for sid, doc, count, _ in rows[: query.limit]:
+            try:
+                items.append(_Row(uuid.UUID(sid), doc, count, ()).decode())
+            except SessionError as exc:
+                logger.warning("listing skips unreadable session %s: %s", sid, exc)
+        next_cursor = None
+        if len(rows) > query.limit:
+            last_id, _, _, last_us = rows[query.limit - 1]
+            next_cursor = encode_cursor(
+                _EPOCH + timedelta(microseconds=last_us), uuid.UUID(last_id), query
+            )
+        return Page(tuple(items), next_cursor)
+
+    async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
+        def op(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+            if owner is None:
+                sql = "SELECT status, count(*) FROM sessions GROUP BY status"
+                return conn.execute(sql).fetchall()
+            sql = "SELECT status, count(*) FROM sessions WHERE owner = ? GROUP BY status"
+            return conn.execute(sql, (owner,)).fetchall()
+
+        counts: dict[SessionStatus, int] = {}
+        for status, n in await self._call(op, write=False):
+            try:
+                counts[SessionStatus(status)] = n
+            except ValueError:
+                logger.warning("unknown status %r in %s", status, self._path)
+        return counts
+
+
+def _check_id(session_id: uuid.UUID) -> uuid.UUID:
+    if type(session_id) is not uuid.UUID:
+        raise TypeError(f"session ids are uuid.UUID, got {type(session_id).__name__}")
+    return session_id
