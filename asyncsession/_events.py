@@ -105,6 +105,7 @@ class Subscription:
         try:
             return await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._receive.close()
             raise StopAsyncIteration from None
 
     def receive_nowait(self) -> SessionEvent:

@@ -66,7 +66,11 @@ class ManualClock:
             await anyio.lowlevel.checkpoint()
             return
         event = anyio.Event()
-        heapq.heappush(
-            self._sleepers, (self._now + timedelta(seconds=seconds), next(self._seq), event)
-        )
-        await event.wait()
+        entry = (self._now + timedelta(seconds=seconds), next(self._seq), event)
+        heapq.heappush(self._sleepers, entry)
+        try:
+            await event.wait()
+        finally:
+            if not event.is_set():  # cancelled: forget this sleeper
+                self._sleepers.remove(entry)
+                heapq.heapify(self._sleepers)

@@ -1,0 +1,635 @@
+"""SessionManager behaviour, over every store in tests/_store_*.py, on asyncio and trio."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+import asyncsession as s
+from asyncsession.testing import ManualClock
+
+pytestmark = pytest.mark.anyio
+
+IDLE = 1800
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def sessions(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> AsyncIterator[s.SessionManager]:
+    async with s.SessionManager(
+        any_repository, idle_timeout=IDLE, retention=600, cleanup_interval=300, clock=clock
+    ) as manager:
+        yield manager
+
+
+async def count(sessions: s.SessionManager) -> int:
+    return (await sessions.stats()).total
+
+
+# -- get ------------------------------------------------------------------------------
+
+
+async def test_get_unknown_raises_and_creates_nothing(sessions: s.SessionManager) -> None:
+    for bad in (uuid.uuid4(), str(uuid.uuid4()), "not-a-uuid", "../../etc/passwd", ""):
+        with pytest.raises(s.SessionNotFound):
+            await sessions.get(bad)
+        assert not await sessions.exists(bad)
+    assert await count(sessions) == 0
+
+
+async def test_get_returns_isolated_snapshot(sessions: s.SessionManager) -> None:
+    created = await sessions.create(owner="alice", state={"k": 1, "deep": {"xs": [1, 2]}})
+    snap = await sessions.get(created.id)
+    with pytest.raises(TypeError):
+        snap.state["k"] = 2  # type: ignore[index]
+    with pytest.raises(TypeError):
+        snap.state["deep"]["new"] = 1
+    with pytest.raises(AttributeError):
+        snap.state["deep"]["xs"].append(3)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        snap.name = "x"  # type: ignore[misc]
+    await sessions.update(created.id, lambda x: x.with_state(k=5).with_message("user", "hi"))
+    assert snap.state == {"k": 1, "deep": {"xs": (1, 2)}}
+    assert len(snap.messages) == 0 and snap.revision == 0
+    fresh = await sessions.get(created.id)
+    assert fresh.state["k"] == 5 and fresh.messages.total == 1
+
+
+async def test_get_touches_unless_asked_not_to(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    created = await sessions.create()
+    clock.advance(100)
+    looked = await sessions.get(created.id, touch=False)
+    assert looked.last_active == created.last_active
+    touched = await sessions.get(created.id)
+    assert touched.last_active == clock.now()
+    assert touched.expires_at == clock.now() + timedelta(seconds=IDLE)
+    assert touched.revision == 0
+
+
+# -- update ---------------------------------------------------------------------------
+
+
+async def test_concurrent_updates_lose_nothing(sessions: s.SessionManager) -> None:
+    durable = not isinstance(sessions.repository, s.MemoryRepository)
+    tasks, per_task = (10, 10) if durable else (100, 100)
+    session = await sessions.create(state={"n": 0})
+
+    def bump(x: s.Session) -> s.Session:
+        return x.with_state(n=x.state["n"] + 1)
+
+    async def worker() -> None:
+        for _ in range(per_task):
+            await sessions.update(session.id, bump)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(worker)
+    final = await sessions.get(session.id)
+    assert final.state["n"] == tasks * per_task
+    assert final.revision == tasks * per_task
+
+
+async def test_async_callbacks_and_revision_bumps(sessions: s.SessionManager) -> None:
+    session = await sessions.create()
+
+    async def fn(x: s.Session) -> s.Session:
+        await anyio.lowlevel.checkpoint()
+        return x.with_state(async_ok=True)
+
+    first = await sessions.update(session.id, fn)
+    second = await sessions.update(session.id, lambda x: x)
+    assert (first.revision, second.revision) == (1, 2)
+    assert second.state == {"async_ok": True}
+
+
+async def test_updates_of_different_sessions_do_not_wait(sessions: s.SessionManager) -> None:
+    a = await sessions.create()
+    b = await sessions.create()
+    b_done = anyio.Event()
+
+    async def slow(x: s.Session) -> s.Session:
+        await b_done.wait()  # would deadlock if b's update waited for a's callback
+        return x.with_state(done=True)
+
+    async def update_b() -> None:
+        await sessions.update(b.id, lambda x: x.with_state(done=True))
+        b_done.set()
+
+    with anyio.fail_after(30):  # deadlock guard, not a speed assertion
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sessions.update, a.id, slow)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(update_b)
+    assert (await sessions.get(a.id)).state == {"done": True}
+
+
+async def test_raising_callback_saves_nothing(sessions: s.SessionManager) -> None:
+    session = await sessions.create(state={"v": 1})
+    boom = ValueError("boom")
+
+    def fn(x: s.Session) -> s.Session:
+        x.with_state(v=2)
+        raise boom
+
+    with pytest.raises(ValueError) as info:
+        await sessions.update(session.id, fn)
+    assert info.value is boom
+    after = await sessions.get(session.id, touch=False)
+    assert after.state == {"v": 1} and after.revision == 0
+
+
+async def test_cancelled_update_leaves_old_state_and_frees_the_session(
+    sessions: s.SessionManager,
+) -> None:
+    session = await sessions.create(state={"v": 1})
+    entered = anyio.Event()
+
+    async def stuck(x: s.Session) -> s.Session:
+        entered.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sessions.update, session.id, stuck)
+        await entered.wait()
+        tg.cancel_scope.cancel()
+    after = await sessions.get(session.id, touch=False)
+    assert after.state == {"v": 1} and after.revision == 0
+    with anyio.fail_after(30):  # the per-session lock was released
+        done = await sessions.update(session.id, lambda x: x.with_state(v=2))
+    assert done.state == {"v": 2} and done.revision == 1
+
+
+async def test_callback_cannot_change_managed_fields(sessions: s.SessionManager) -> None:
+    session = await sessions.create()
+    bad_changes: list[dict[str, Any]] = [
+        {"id": uuid.uuid4()},
+        {"created_at": session.created_at - timedelta(days=1)},
+        {"revision": 7},
+    ]
+    for change in bad_changes:
+        with pytest.raises(s.InvalidUpdate):
+            await sessions.update(session.id, lambda x, c=change: attrs.evolve(x, **c))
+    with pytest.raises(s.InvalidUpdate):
+        await sessions.update(session.id, lambda x: {"not": "a session"})  # type: ignore[arg-type,return-value]
+    after = await sessions.get(session.id, touch=False)
+    assert after.revision == 0 and after == session
+
+
+async def test_conflicting_writer_is_retried_then_bounded(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    async with s.SessionManager(any_repository, clock=clock, max_retries=3) as sessions:
+        session = await sessions.create(state={"n": 0})
+        calls = 0
+
+        async def interfering(x: s.Session) -> s.Session:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # another writer commits between our read and our save
+                await sessions.add_message(session.id, "user", "sneaky")
+            return x.with_state(n=x.state["n"] + 1)
+
+        result = await sessions.update(session.id, interfering)
+        assert calls == 2
+        assert result.state == {"n": 1} and result.messages.total == 1
+        assert result.revision == 2
+
+        async def always_conflicting(x: s.Session) -> s.Session:
+            await sessions.add_message(session.id, "user", "again")
+            return x.with_state(n=-1)
+
+        with pytest.raises(s.SessionConflict) as info:
+            await sessions.update(session.id, always_conflicting)
+        assert info.value.attempts == 3 and info.value.recoverable
+        assert (await sessions.get(session.id)).state == {"n": 1}
+
+
+# -- close, archive, delete -----------------------------------------------------------
+
+
+async def test_close_is_terminal_and_readable_until_retention(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    session = await sessions.create()
+    clock.advance(5)
+    closed = await sessions.close(session.id, status=s.SessionStatus.CRASHED)
+    assert closed.status is s.SessionStatus.CRASHED and closed.closed_at == clock.now()
+    assert closed.duration == timedelta(seconds=5)
+    with pytest.raises(s.SessionClosed):
+        await sessions.update(session.id, lambda x: x.with_state(a=1))
+    with pytest.raises(s.SessionClosed):
+        await sessions.add_message(session.id, "user", "late")
+    with pytest.raises(s.SessionClosed):
+        await sessions.close(session.id)
+    clock.advance(599)
+    assert (await sessions.get(session.id)).status is s.SessionStatus.CRASHED
+    clock.advance(1)
+    with pytest.raises(s.SessionNotFound):
+        await sessions.get(session.id)
+    with pytest.raises(s.InvalidConfiguration):
+        await sessions.close(uuid.uuid4(), status=s.SessionStatus.ARCHIVED)
+
+
+async def test_update_to_terminal_status_closes(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    session = await sessions.create()
+    done = await sessions.update(
+        session.id,
+        lambda x: attrs.evolve(x.with_message("assistant", "bye"), status=s.SessionStatus.EXITED),
+    )
+    assert done.closed_at == clock.now() and done.messages.total == 1
+    assert done.expires_at == clock.now() + timedelta(seconds=600)
+
+
+async def test_archive_parks_without_idle_expiry(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    session = await sessions.create()
+    archived = await sessions.archive(session.id)
+    assert archived.status is s.SessionStatus.ARCHIVED and archived.expires_at is None
+    clock.advance(IDLE * 10)
+    assert (await sessions.get(session.id)).status is s.SessionStatus.ARCHIVED
+    active = await sessions.activate(session.id)
+    assert active.status is s.SessionStatus.ACTIVE
+    assert active.expires_at == clock.now() + timedelta(seconds=IDLE)
+
+
+async def test_delete(sessions: s.SessionManager) -> None:
+    session = await sessions.create()
+    assert await sessions.delete(session.id)
+    with pytest.raises(s.SessionNotFound):
+        await sessions.get(session.id)
+    with pytest.raises(s.SessionNotFound):
+        await sessions.delete(session.id)
+    assert await sessions.delete(session.id, missing_ok=True) is False
+
+
+# -- messages -------------------------------------------------------------------------
+
+
+async def test_messages_append_in_order(sessions: s.SessionManager, clock: ManualClock) -> None:
+    session = await sessions.create()
+    await sessions.add_message(session.id, "user", "hello")
+    clock.advance(1)
+    last = await sessions.add_message(session.id, "assistant", "hi!", data={"tokens": 3})
+    assert last.revision == 2 and last.messages.total == 2
+    assert last.messages[-1].data == {"tokens": 3}
+    full = await sessions.get(session.id)
+    assert [(m.role, m.content) for m in full.messages] == [
+        ("user", "hello"),
+        ("assistant", "hi!"),
+    ]
+    assert full.messages[1].timestamp == clock.now()
+    tail = await sessions.get(session.id, last_messages=1)
+    assert [m.content for m in tail.messages] == ["hi!"] and tail.messages.total == 2
+
+
+# -- expiry ---------------------------------------------------------------------------
+
+
+async def test_idle_expiry_is_enforced_at_read_time(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    session = await sessions.create(owner="alice")
+    clock.advance(IDLE - 1)
+    await sessions.get(session.id, touch=False)
+    clock.advance(1)
+    with pytest.raises(s.SessionNotFound):
+        await sessions.get(session.id)
+    with pytest.raises(s.SessionNotFound):
+        await sessions.update(session.id, lambda x: x)
+    with pytest.raises(s.SessionNotFound):
+        await sessions.add_message(session.id, "user", "too late")
+    assert (await sessions.list(owner="alice")).items == ()
+    assert await sessions.purge_expired() == 1
+    assert await count(sessions) == 0
+
+
+async def test_activity_extends_idle_but_not_max_age(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    async with s.SessionManager(
+        any_repository, idle_timeout=timedelta(minutes=10), max_age=3600, clock=clock
+    ) as sessions:
+        session = await sessions.create()
+        for _ in range(5):
+            clock.advance(590)
+            await sessions.get(session.id)  # activity keeps it alive
+        assert clock.now() - session.created_at == timedelta(seconds=2950)
+        clock.advance(590)  # 3540 s: still alive
+        await sessions.add_message(session.id, "user", "still here")
+        clock.advance(60)  # 3600 s: max age reached despite activity
+        with pytest.raises(s.SessionNotFound):
+            await sessions.get(session.id)
+
+
+async def test_no_limits_means_no_expiry(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    async with s.SessionManager(
+        any_repository, idle_timeout=None, max_age=None, retention=None, clock=clock
+    ) as sessions:
+        session = await sessions.create()
+        await sessions.close(session.id)
+        clock.advance(timedelta(days=3650))
+        assert (await sessions.get(session.id)).expires_at is None
+        assert await sessions.purge_expired() == 0
+
+
+async def test_cleanup_loop_collects_expired_sessions(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    keep = await sessions.create()
+    gone = [await sessions.create() for _ in range(3)]
+    async with sessions.subscribe() as events:
+        clock.advance(IDLE - 300)
+        await sessions.get(keep.id)
+        clock.advance(300)  # idle deadline of `gone`, and a cleanup interval
+        await sessions.wait_for_cleanup()
+        expired = [events.receive_nowait() for _ in range(3)]
+    assert {e.session_id for e in expired} == {x.id for x in gone}
+    assert all(e.kind is s.EventKind.EXPIRED for e in expired)
+    assert all(e.session is not None and e.session.status is s.SessionStatus.EXPIRED
+               for e in expired)
+    stats = await sessions.stats()
+    assert stats.total == 1 and stats.expired_total == 3 and stats.cleanup_passes >= 1
+    await sessions.get(keep.id)
+
+
+async def test_leaving_the_manager_cancels_cleanup_promptly(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    manager = s.SessionManager(any_repository, clock=clock, cleanup_interval=60)
+    async with manager:
+        await anyio.wait_all_tasks_blocked()
+        assert clock.sleepers == 1  # the cleanup loop is waiting for time to pass
+    assert clock.sleepers == 0
+    assert not manager.running
+    with pytest.raises(s.ManagerNotRunning):
+        await manager.get(uuid.uuid4())
+
+
+async def test_cleanup_only_visits_what_expired(clock: ManualClock) -> None:
+    class Counting(s.MemoryRepository):
+        visited = 0
+
+        async def remove_expired(self, session_id: uuid.UUID, *, now: Any) -> Any:
+            Counting.visited += 1
+            return await super().remove_expired(session_id, now=now)
+
+    repo = Counting()
+    async with s.SessionManager(repo, idle_timeout=60, clock=clock, cleanup_batch=7) as sessions:
+        doomed = [await sessions.create() for _ in range(25)]
+        clock.advance(30)
+        for _ in range(500):
+            await sessions.create()
+        clock.advance(30)
+        assert await sessions.purge_expired() == len(doomed)
+        assert Counting.visited == len(doomed)
+        assert (await sessions.stats()).total == 500
+
+
+# -- listing --------------------------------------------------------------------------
+
+
+async def test_list_filters_orders_and_pages(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    made = []
+    for i in range(12):
+        clock.advance(1)
+        owner = "alice" if i % 3 else "bob"
+        made.append(await sessions.create(owner=owner, name=f"task-{i}"))
+    feature = await sessions.create(owner="alice", name="my-feature")
+    clock.advance(1)
+    chat = await sessions.create(owner="alice")
+    await sessions.add_message(chat.id, "user", "About the FEATURE flag")
+    await sessions.close(made[1].id)
+
+    page = await sessions.list(owner="alice", search="feat")
+    assert [x.id for x in page.items] == [chat.id, feature.id]
+    active = await sessions.list(owner="alice", status=s.SessionStatus.ACTIVE, limit=100)
+    assert made[1].id not in {x.id for x in active.items}
+    closed = await sessions.list(status=[s.SessionStatus.EXITED])
+    assert [x.id for x in closed.items] == [made[1].id]
+
+    seen = []
+    cursor = None
+    while True:
+        page = await sessions.list(owner="alice", limit=3, cursor=cursor)
+        seen.extend(x.id for x in page.items)
+        await sessions.create(owner="alice")  # concurrent creations do not disturb paging
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    stamps = [made[i] for i in range(12) if i % 3]
+    assert len(seen) == len(set(seen))
+    assert set(seen) >= {x.id for x in stamps} | {feature.id, chat.id}
+    with pytest.raises(s.InvalidCursor):
+        await sessions.list(cursor="nonsense")
+
+
+# -- validation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["my-feature", "feature_123", "ABC-def_123", "a" * 100])
+async def test_valid_names(sessions: s.SessionManager, name: str) -> None:
+    assert (await sessions.create(name=name)).name == name
+
+
+BAD_NAMES = ["", "a" * 101, "my feature", "my/feature", "my.feature", "é", "../x", 5]
+BAD_STATES: list[Any] = [
+    {"s": {1, 2}},
+    {"b": b"bytes"},
+    {"o": object()},
+    {"nan": math.nan},
+    {"inf": [math.inf]},
+    {"surrogate": "\ud800"},
+    {1: "int key"},
+    {"big": 2**70},
+    {"nested": {"deep": [{"x": {"y"}}]}},
+]
+
+
+async def test_bad_input_is_rejected_and_nothing_is_stored(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    async with s.SessionManager(
+        any_repository, clock=clock, max_messages=2, max_message_size=10
+    ) as sessions:
+        for name in BAD_NAMES:
+            with pytest.raises(s.InvalidSessionName):
+                await sessions.create(name=name)  # type: ignore[arg-type]
+        for state in BAD_STATES:
+            with pytest.raises(s.InvalidJSONValue):
+                await sessions.create(state=state)
+        for owner in ("", "x" * 257, "tab\there", 3):
+            with pytest.raises(s.InvalidOwner):
+                await sessions.create(owner=owner)  # type: ignore[arg-type]
+        assert await count(sessions) == 0
+
+        session = await sessions.create(name="ok")
+        with pytest.raises(s.InvalidRole):
+            await sessions.add_message(session.id, "wizard", "hi")
+        with pytest.raises(s.InvalidJSONValue):
+            await sessions.add_message(session.id, "user", "hi", data={"x": math.nan})
+        with pytest.raises(s.LimitExceeded):
+            await sessions.add_message(session.id, "user", "x" * 11)
+        for state in BAD_STATES:
+            with pytest.raises(s.InvalidJSONValue):
+                await sessions.update(session.id, lambda x, st=state: x.with_state(st))
+        with pytest.raises(s.InvalidSessionName):
+            await sessions.update(session.id, lambda x: x.with_name("bad name"))
+        await sessions.add_message(session.id, "user", "one")
+        await sessions.add_message(session.id, "user", "two")
+        with pytest.raises(s.LimitExceeded):
+            await sessions.add_message(session.id, "user", "three")
+        with pytest.raises(s.LimitExceeded):
+            await sessions.update(session.id, lambda x: x.with_message("user", "three"))
+        after = await sessions.get(session.id)
+        assert [m.content for m in after.messages] == ["one", "two"]
+        assert after.revision == 2 and after.name == "ok" and after.state == {}
+        assert await count(sessions) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"idle_timeout": -1},
+        {"idle_timeout": 0},
+        {"max_age": "1h"},
+        {"cleanup_interval": True},
+        {"retention": timedelta(seconds=-5)},
+        {"max_retries": 0},
+        {"max_messages": 1.5},
+        {"clock": "not a clock"},
+    ],
+)
+def test_bad_configuration(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(s.InvalidConfiguration):
+        s.SessionManager(s.MemoryRepository(), **kwargs)
+
+
+def test_durations_accept_seconds_and_timedelta() -> None:
+    manager = s.SessionManager(
+        s.MemoryRepository(), idle_timeout=90.5, max_age=timedelta(hours=1), retention=None
+    )
+    assert manager.policy == s.ExpiryPolicy(
+        idle_timeout=timedelta(seconds=90.5), max_age=timedelta(hours=1), retention=None
+    )
+    with pytest.raises(s.InvalidConfiguration):
+        s.SessionManager("not a repository")  # type: ignore[arg-type]
+
+
+# -- events and stats -----------------------------------------------------------------
+
+
+async def test_events_cover_the_lifecycle(sessions: s.SessionManager, clock: ManualClock) -> None:
+    async with sessions.subscribe() as events:
+        a = await sessions.create()
+        await sessions.update(a.id, lambda x: x.with_state(k=1))
+        await sessions.add_message(a.id, "user", "hi")
+        await sessions.close(a.id)
+        b = await sessions.create()
+        await sessions.delete(b.id)
+        c = await sessions.create()
+        clock.advance(IDLE)
+        await sessions.purge_expired()
+        got = []
+        while True:
+            try:
+                got.append(events.receive_nowait())
+            except anyio.WouldBlock:
+                break
+    assert [(e.kind, e.session_id) for e in got] == [
+        (s.EventKind.CREATED, a.id),
+        (s.EventKind.UPDATED, a.id),
+        (s.EventKind.MESSAGE_ADDED, a.id),
+        (s.EventKind.CLOSED, a.id),
+        (s.EventKind.CREATED, b.id),
+        (s.EventKind.DELETED, b.id),
+        (s.EventKind.CREATED, c.id),
+        (s.EventKind.EXPIRED, a.id),  # closed: its retention (600 s) ran out first
+        (s.EventKind.EXPIRED, c.id),  # idle timeout
+    ]
+    assert got[-2].session is not None and got[-2].session.status is s.SessionStatus.EXITED
+    assert [e.seq for e in got] == sorted(e.seq for e in got)
+    assert got[3].session is not None and got[3].session.status is s.SessionStatus.EXITED
+
+
+async def test_slow_subscriber_never_stalls_the_manager(sessions: s.SessionManager) -> None:
+    async with sessions.subscribe(buffer=2) as slow, sessions.subscribe() as fast:
+        session = await sessions.create()
+        for i in range(10):
+            await sessions.add_message(session.id, "user", f"m{i}")
+        assert slow.dropped == 9
+        kept = [slow.receive_nowait(), slow.receive_nowait()]
+        assert [e.kind for e in kept] == [s.EventKind.CREATED, s.EventKind.MESSAGE_ADDED]
+        received = 0
+        while True:
+            try:
+                fast.receive_nowait()
+            except anyio.WouldBlock:
+                break
+            received += 1
+        assert received == 11 and fast.dropped == 0
+
+
+async def test_subscriptions_end_when_the_manager_exits(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    received: list[s.SessionEvent] = []
+    with anyio.fail_after(30):  # guard: the consumer must finish on its own
+        async with anyio.create_task_group() as tg:
+            async with s.SessionManager(any_repository, clock=clock) as sessions:
+                subscription = sessions.subscribe()
+
+                async def consume() -> None:
+                    async for event in subscription:
+                        received.append(event)
+
+                tg.start_soon(consume)
+                await sessions.create()
+                await anyio.wait_all_tasks_blocked()
+    assert [e.kind for e in received] == [s.EventKind.CREATED]
+
+
+async def test_stats_count_by_status(sessions: s.SessionManager) -> None:
+    ids = [(await sessions.create()).id for _ in range(4)]
+    await sessions.close(ids[0], status=s.SessionStatus.CRASHED)
+    await sessions.close(ids[1])
+    await sessions.archive(ids[2])
+    stats = await sessions.stats()
+    assert dict(stats.by_status) == {
+        s.SessionStatus.CRASHED: 1,
+        s.SessionStatus.EXITED: 1,
+        s.SessionStatus.ARCHIVED: 1,
+        s.SessionStatus.ACTIVE: 1,
+    }
+    assert stats.total == 4
+
+
+async def test_manager_requires_async_with() -> None:
+    manager = s.SessionManager(s.MemoryRepository())
+    with pytest.raises(s.ManagerNotRunning):
+        await manager.create()
+    async with manager:
+        with pytest.raises(s.InvalidConfiguration):
+            await manager.__aenter__()
