@@ -72,9 +72,15 @@ _converter.register_structure_hook(Message, _structure_message)
 _converter.register_unstructure_hook(
     MessageLog, lambda log: [_unstructure_message(m) for m in log]
 )
-_converter.register_structure_hook(
-    MessageLog, lambda v, _: MessageLog(_structure_message(m, None) for m in v)
-)
+
+
+def _structure_log(value: Any, _: Any) -> MessageLog:
+    if not isinstance(value, list):
+        raise ValueError(f"messages must be an array, got {type(value).__name__}")
+    return MessageLog(_structure_message(m, None) for m in value)
+
+
+_converter.register_structure_hook(MessageLog, _structure_log)
 _converter.register_unstructure_hook(FrozenDict, lambda d: d)
 _converter.register_structure_hook_func(lambda t: t == Mapping[str, Any], lambda v, _: v)
 _converter.register_structure_hook(SessionStatus, lambda v, _: SessionStatus(v))
@@ -116,7 +122,7 @@ def session_from_document(
         )
     doc = migrate(dict(doc))
     if messages is not None:
-        doc["messages"] = ()
+        doc["messages"] = []
     try:
         session = _base_structure(doc, Session)
     except SessionError as exc:

@@ -1,0 +1,268 @@
+"""Models, JSON freezing, serialization and migration (no event loop needed)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import attrs
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import json_values, sessions
+
+import asyncsession as s
+from asyncsession._migrations import LEGACY_NAMESPACE
+from asyncsession.testing import ManualClock
+
+NOW = datetime(2026, 5, 1, tzinfo=timezone.utc)
+
+
+def make(**kw: object) -> s.Session:
+    return s.Session(uuid.uuid4(), NOW, NOW, **kw)  # type: ignore[arg-type]
+
+
+def test_public_api_is_pinned() -> None:
+    public = sorted(n for n in dir(s) if not n.startswith("_"))
+    expected = sorted(
+        set(s.__all__) | {"abc", "stores", "testing"} & set(public)
+        | {m for m in public if m.startswith("_")}
+    )
+    assert sorted(s.__all__) == sorted(
+        [
+            "CURRENT_VERSION", "ROLES", "Clock", "CorruptSessionError", "Duration", "EventKind",
+            "ExpiryPolicy", "FrozenDict", "InvalidConfiguration", "InvalidCursor",
+            "InvalidJSONValue", "InvalidOwner", "InvalidRole", "InvalidSessionName",
+            "InvalidUpdate", "LimitExceeded", "ManagerNotRunning", "MemoryRepository",
+            "Message", "MessageLog", "Page", "SchemaVersionError", "SerializationError",
+            "Session", "SessionClosed", "SessionConflict", "SessionError", "SessionEvent",
+            "SessionManager", "SessionNotFound", "SessionQuery", "SessionRepository",
+            "SessionStats", "SessionStatus", "StorageError", "Subscription", "SystemClock",
+            "ValidationError", "dumps", "loads",
+        ]
+        + [n for n in s.__all__ if n in {"FileRepository", "RedisRepository",
+                                         "SQLiteRepository"}]
+    )
+    assert public == expected
+    for name in s.__all__:
+        assert getattr(s, name) is not None
+
+
+def test_error_tree_and_recoverable_flags() -> None:
+    sid = uuid.uuid4()
+    for exc in (
+        s.SessionNotFound(sid),
+        s.SessionClosed(sid, s.SessionStatus.EXITED),
+        s.SessionConflict(sid, expected_revision=1, actual_revision=2),
+        s.InvalidSessionName("a b"),
+        s.InvalidJSONValue("state", "bad"),
+        s.SchemaVersionError(9, 1),
+        s.CorruptSessionError("truncated"),
+        s.StorageError("disk full", recoverable=True),
+    ):
+        assert isinstance(exc, s.SessionError)
+        assert exc.message and str(exc) == exc.message
+    assert s.SessionConflict(sid).recoverable
+    assert not s.SessionNotFound(sid).recoverable
+    assert s.StorageError("x", recoverable=True).recoverable
+    assert not s.StorageError("x").recoverable
+    assert isinstance(s.InvalidSessionName("x y"), ValueError)
+    assert isinstance(s.SchemaVersionError(2, 1), s.SerializationError)
+    assert "Upgrade asyncsession" in str(s.SchemaVersionError(2, 1))
+
+
+# -- immutability and structure sharing -------------------------------------------------
+
+
+def test_state_is_deeply_read_only_and_copied_on_the_way_in() -> None:
+    source = {"a": [1, {"b": 2}]}
+    session = make(state=source)
+    source["a"].append(3)  # type: ignore[attr-defined]
+    assert session.state == {"a": (1, {"b": 2})}
+    with pytest.raises(TypeError):
+        session.state["a"] = 1  # type: ignore[index]
+    with pytest.raises(TypeError):
+        session.state["a"][1]["b"] = 3
+    for method in ("clear", "popitem", "update", "setdefault", "pop"):
+        with pytest.raises(TypeError):
+            getattr(session.state, method)("a")
+    assert copy.deepcopy(session.state) is session.state
+    assert s.FrozenDict({"x": 1}) == {"x": 1}
+    assert hash(s.FrozenDict({"x": 1})) == hash(s.FrozenDict({"x": 1}))
+
+
+def test_message_log_appends_share_storage_and_never_change_old_views() -> None:
+    base = make()
+    one = base.with_message("user", "one", timestamp=NOW)
+    two = one.with_message("assistant", "two", timestamp=NOW)
+    fork = one.with_message("user", "fork", timestamp=NOW)  # appending to an older view
+    assert [m.content for m in one.messages] == ["one"]
+    assert [m.content for m in two.messages] == ["one", "two"]
+    assert [m.content for m in fork.messages] == ["one", "fork"]
+    assert two.messages._items is one.messages._items  # shared, not copied
+    assert two.messages.added_since(one.messages) == (two.messages[1],)
+    assert fork.messages.added_since(two.messages) is None
+    tail = two.messages.tail(1)
+    assert list(tail) == [two.messages[1]] and tail.offset == 1 and tail.total == 2
+    assert not tail.is_complete
+    assert list(reversed(two.messages)) == [two.messages[1], two.messages[0]]
+    assert two.messages[-1].content == "two" and two.messages[0:1] == (two.messages[0],)
+    with pytest.raises(IndexError):
+        two.messages[2]
+
+
+def test_session_helpers() -> None:
+    session = make(state={"a": 1, "b": 2})
+    assert session.with_state(c=3).state == {"a": 1, "b": 2, "c": 3}
+    assert session.with_state({"a": 9}).state["a"] == 9
+    assert session.without_state("a", "zz").state == {"b": 2}
+    assert session.with_name("new-name").name == "new-name"
+    with pytest.raises(s.InvalidSessionName):
+        session.with_name("no spaces")
+    assert not session.is_closed and session.duration == timedelta(0)
+    with pytest.raises(s.InvalidRole):
+        session.with_message("robot", "beep")
+    with pytest.raises(s.InvalidConfiguration):
+        s.Message("user", "naive", datetime(2026, 1, 1))
+    eastern = datetime(2026, 1, 1, 5, tzinfo=timezone(timedelta(hours=5)))
+    assert s.Message("user", "x", eastern).timestamp == datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def test_expiry_policy() -> None:
+    policy = s.ExpiryPolicy(
+        idle_timeout=timedelta(minutes=30), max_age=timedelta(hours=1),
+        retention=timedelta(days=1),
+    )
+    active = s.SessionStatus.ACTIVE
+    assert policy.deadline(active, NOW, NOW, None) == NOW + timedelta(minutes=30)
+    late = NOW + timedelta(minutes=50)
+    assert policy.deadline(active, NOW, late, None) == NOW + timedelta(hours=1)
+    assert policy.deadline(s.SessionStatus.ARCHIVED, NOW, late, None) == NOW + timedelta(hours=1)
+    assert policy.deadline(s.SessionStatus.EXITED, NOW, NOW, late) == late + timedelta(days=1)
+    assert s.ExpiryPolicy().deadline(active, NOW, NOW, None) is None
+
+
+def test_manual_clock() -> None:
+    clock = ManualClock(NOW)
+    assert clock.now() == NOW
+    clock.advance(timedelta(seconds=5))
+    clock.advance(2.5)
+    assert clock.now() == NOW + timedelta(seconds=7.5)
+    with pytest.raises(s.InvalidConfiguration):
+        clock.advance(-1)
+    clock.jump_to(NOW + timedelta(hours=1))
+    assert clock.now() == NOW + timedelta(hours=1)
+    with pytest.raises(s.InvalidConfiguration):
+        ManualClock(datetime(2026, 1, 1))
+
+
+# -- serialization ------------------------------------------------------------------
+
+
+@given(sessions())
+def test_round_trip(session: s.Session) -> None:
+    data = s.dumps(session)
+    assert isinstance(data, bytes)
+    assert s.loads(data) == session
+    assert orjson.loads(data)["version"] == s.CURRENT_VERSION
+
+
+@given(json_values)
+def test_any_json_value_is_accepted_frozen_and_round_trips(value: object) -> None:
+    session = make(state={"v": value})
+    assert s.loads(s.dumps(session)).state == session.state
+
+
+def test_document_is_plain_json_and_never_pickle() -> None:
+    session = make(owner="alice", name="n", state={"k": [1]}).with_message(
+        "user", "hi", timestamp=NOW
+    )
+    doc = orjson.loads(s.dumps(session))
+    assert doc["id"] == str(session.id) and doc["status"] == "active"
+    assert doc["created_at"] == "2026-05-01T00:00:00+00:00"
+    assert doc["messages"] == [
+        {"role": "user", "content": "hi", "timestamp": "2026-05-01T00:00:00+00:00", "data": None}
+    ]
+    with pytest.raises(s.CorruptSessionError):
+        s.loads(pickle.dumps(session.state))
+
+
+def test_version_zero_document_migrates() -> None:
+    legacy = b"""{
+        "version": 0,
+        "id": "test",
+        "status": "active",
+        "created": "2025-01-01T00:00:00Z",
+        "last_active": "2025-01-02T00:00:00Z",
+        "first_message": "Test",
+        "name": null,
+        "file_count": 2,
+        "message_count": 1
+    }"""
+    session = s.loads(legacy)
+    assert session.id == uuid.uuid5(LEGACY_NAMESPACE, "test")
+    assert session.created_at == datetime(2025, 1, 1, tzinfo=timezone.utc)
+    assert session.last_active == datetime(2025, 1, 2, tzinfo=timezone.utc)
+    assert [(m.role, m.content) for m in session.messages] == [("user", "Test")]
+    assert session.state == {"legacy": {"id": "test", "message_count": 1, "file_count": 2}}
+    assert session.status is s.SessionStatus.ACTIVE and session.revision == 0
+    assert s.loads(s.dumps(session)) == session  # re-saved at the current version
+    archived = orjson.loads(legacy)
+    archived.update(status="archived", name="my-feature", custom_fields={"team": "x"})
+    migrated = s.loads(orjson.dumps(archived))
+    assert migrated.status is s.SessionStatus.ARCHIVED and migrated.name == "my-feature"
+    assert migrated.state["team"] == "x"
+
+
+def test_newer_version_is_refused() -> None:
+    doc = orjson.loads(s.dumps(make()))
+    doc["version"] = s.CURRENT_VERSION + 1
+    with pytest.raises(s.SchemaVersionError) as info:
+        s.loads(orjson.dumps(doc))
+    assert info.value.version == s.CURRENT_VERSION + 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x00\xff", b"null", b"[1, 2]", b'"text"', b"{}", b'{"version": "1"}',
+     b'{"version": 1, "id": "x"}', b'{"version": -1}'],
+)
+def test_garbage_is_corrupt(data: bytes) -> None:
+    with pytest.raises(s.CorruptSessionError):
+        s.loads(data)
+
+
+@given(sessions(), st.data())
+def test_truncated_or_flipped_documents_are_corrupt_or_equal(
+    session: s.Session, data: st.DataObject
+) -> None:
+    raw = s.dumps(session)
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    with pytest.raises(s.CorruptSessionError):
+        s.loads(raw[:cut])
+    index = data.draw(st.integers(0, len(raw) - 1))
+    flipped = bytearray(raw)
+    flipped[index] ^= data.draw(st.integers(1, 255))
+    try:
+        loaded = s.loads(bytes(flipped))
+    except s.SerializationError:
+        return
+    assert isinstance(loaded, s.Session)  # a flip may still be valid data; never a crash
+
+
+def test_bad_field_values_are_corrupt() -> None:
+    doc = orjson.loads(s.dumps(make()))
+    for field, value in [("name", "bad name"), ("status", "zombie"), ("revision", -1),
+                         ("created_at", "yesterday"), ("state", [1]), ("messages", {})]:
+        broken = dict(doc, **{field: value})
+        with pytest.raises(s.CorruptSessionError):
+            s.loads(orjson.dumps(broken))
+
+
+def test_evolve_revalidates() -> None:
+    session = make()
+    with pytest.raises(s.InvalidJSONValue):
+        attrs.evolve(session, state={"x": {1, 2}})
