@@ -1,14 +1,39 @@
-"""SQLiteRepository: the contract suite plus SQLite-specific, fault and crash tests."""
+"""SQLiteRepository: the contract suite plus layout, fault, cancellation and crash tests."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.to_thread
+import attrs
+import orjson
 import pytest
 
-from asyncsession.stores.sqlite import SQLiteRepository
+from asyncsession import (
+    CorruptSessionError,
+    InvalidConfiguration,
+    Session,
+    SessionConflict,
+    SessionQuery,
+    StorageError,
+)
+from asyncsession._serialization import dump_message, session_to_document
+from asyncsession.stores.sqlite import SCHEMA_VERSION, SQLiteRepository, _message
 from asyncsession.testing import RepositoryContract
+from asyncsession.testing._contract import POLICY, at, changed, make_session, msg
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = Path(__file__).resolve().parent / "sqlite_child.py"
 
 
 class TestSQLiteContract(RepositoryContract):
@@ -18,3 +43,568 @@ class TestSQLiteContract(RepositoryContract):
     ) -> AsyncIterator[SQLiteRepository]:
         async with SQLiteRepository(tmp_path / "contract.db") as repo:
             yield repo
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "sessions.db"
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    """A second, independent connection to the store's file."""
+    return sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll a condition about the worker thread (bounded; no assertion on time)."""
+    with anyio.fail_after(20):
+        while not condition():  # noqa: ASYNC110 - the state lives in the worker thread
+            await anyio.sleep(0.002)
+
+
+# -- layout and upgrades ----------------------------------------------------------------
+
+
+async def test_fresh_file_layout(db: Path, anyio_backend: str) -> None:
+    async with SQLiteRepository(db) as repo:
+        await repo.add(make_session(messages=("hi",)))
+    conn = raw(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"sessions_owner", "sessions_status", "sessions_expiry", "sessions_activity"} <= (
+        indexes
+    )
+    plan = " ".join(
+        str(r[-1])
+        for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM sessions WHERE expires_at <= 5 "
+            "ORDER BY expires_at LIMIT 10"
+        )
+    )
+    assert "sessions_expiry" in plan
+    conn.close()
+
+
+def make_v1_file(path: Path, sessions: list[Session]) -> None:
+    """Write a layout-1 database (as the first release did) holding ``sessions``."""
+    conn = raw(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(
+        """
+        CREATE TABLE sessions (pk INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, owner TEXT,
+            name TEXT, status TEXT NOT NULL, created_at INTEGER NOT NULL,
+            last_active INTEGER NOT NULL, closed_at INTEGER, expires_at INTEGER,
+            revision INTEGER NOT NULL, message_count INTEGER NOT NULL, doc BLOB NOT NULL);
+        CREATE INDEX sessions_activity ON sessions (last_active, id);
+        CREATE INDEX sessions_owner ON sessions (owner, last_active, id);
+        CREATE INDEX sessions_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
+        CREATE TABLE messages (session_pk INTEGER NOT NULL, seq INTEGER NOT NULL,
+            body BLOB NOT NULL, PRIMARY KEY (session_pk, seq));
+        PRAGMA application_id = 1634956147;
+        PRAGMA user_version = 1;
+        """
+    )
+    us = 1_000_000
+    for s in sessions:
+        cur = conn.execute(
+            "INSERT INTO sessions (id, owner, name, status, created_at, last_active, "
+            "closed_at, expires_at, revision, message_count, doc) "
+            "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+            (
+                str(s.id),
+                s.owner,
+                s.name,
+                s.status.value,
+                int(s.created_at.timestamp()) * us,
+                int(s.last_active.timestamp()) * us,
+                int(s.expires_at.timestamp()) * us if s.expires_at else None,
+                s.revision,
+                s.messages.total,
+                orjson.dumps(session_to_document(s, messages=False)),
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO messages VALUES (?, ?, ?)",
+            [(cur.lastrowid, i, dump_message(m)) for i, m in enumerate(s.messages)],
+        )
+    conn.close()
+
+
+async def test_upgrade_from_layout_1_in_place(db: Path, anyio_backend: str) -> None:
+    old = [
+        make_session(name="Alpha", messages=("Find the NEEDLE",)),
+        make_session(name="beta", created=1),
+    ]
+    make_v1_file(db, old)
+    async with SQLiteRepository(db) as repo:
+        for s in old:
+            assert await repo.get(s.id) == s
+        found = await repo.list(SessionQuery(search="needle"))
+        assert [s.id for s in found] == [old[0].id]
+        assert [s.id for s in await repo.list(SessionQuery(search="ALPHA"))] == [old[0].id]
+        await repo.append(old[1].id, [msg("more", 1)], at=at(1), policy=POLICY)
+    conn = raw(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+async def test_newer_layout_is_refused(db: Path, anyio_backend: str) -> None:
+    async with SQLiteRepository(db):
+        pass
+    conn = raw(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StorageError, match="newer"):
+        async with SQLiteRepository(db):
+            pass
+
+
+async def test_foreign_database_is_refused(db: Path, anyio_backend: str) -> None:
+    conn = raw(db)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.close()
+    with pytest.raises(StorageError, match="not an asyncsession store") as info:
+        async with SQLiteRepository(db):
+            pass
+    assert str(db) in str(info.value)
+
+
+# -- open errors ------------------------------------------------------------------------
+
+
+async def test_missing_directory(tmp_path: Path, anyio_backend: str) -> None:
+    path = tmp_path / "nowhere" / "s.db"
+    with pytest.raises(StorageError, match="does not exist") as info:
+        async with SQLiteRepository(path):
+            pass
+    assert str(path) in str(info.value)
+    assert not path.parent.exists()
+
+
+async def test_path_under_a_regular_file(tmp_path: Path, anyio_backend: str) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="not a directory"):
+        async with SQLiteRepository(blocker / "s.db"):
+            pass
+
+
+async def test_read_only_location(tmp_path: Path, anyio_backend: str) -> None:
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        probe = locked / "probe"
+        try:
+            probe.write_text("x")
+        except OSError:
+            pass
+        else:  # root ignores permissions: use a location nobody may write instead
+            probe.unlink()
+            locked = Path("/proc")
+        path = locked / "sessions.db"
+        with pytest.raises(StorageError, match="Cannot open SQLite database") as info:
+            async with SQLiteRepository(path):
+                pass
+        assert str(path) in str(info.value)
+        assert isinstance(info.value.__cause__, sqlite3.Error)
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
+async def test_not_a_database(db: Path, anyio_backend: str) -> None:
+    junk = b"this is not a database, " * 100
+    await anyio.Path(db).write_bytes(junk)
+    with pytest.raises(StorageError, match="not a SQLite database") as info:
+        async with SQLiteRepository(db):
+            pass
+    assert str(db) in str(info.value)
+    assert await anyio.Path(db).read_bytes() == junk  # never overwritten
+
+
+def test_bad_options() -> None:
+    for kwargs in (
+        {"synchronous": "SOMETIMES"},
+        {"busy_timeout": 0},
+        {"max_batch": 0},
+        {"pragmas": {"cache_size; DROP TABLE sessions": 1}},
+        {"pragmas": {"cache_size": "1; DROP"}},
+    ):
+        with pytest.raises(InvalidConfiguration):
+            SQLiteRepository("x.db", **kwargs)
+
+
+async def test_closed_store_refuses_work(db: Path, anyio_backend: str) -> None:
+    repo = SQLiteRepository(db)
+    with pytest.raises(StorageError, match="not open"):
+        await repo.get(uuid.uuid4())
+    async with repo:
+        async with repo:  # nested opens are counted
+            pass
+        assert await repo.get(uuid.uuid4()) is None
+    with pytest.raises(StorageError, match="not open"):
+        await repo.get(uuid.uuid4())
+
+
+# -- corruption -------------------------------------------------------------------------
+
+
+async def test_corrupt_document_only_affects_its_session(db: Path, anyio_backend: str) -> None:
+    async with SQLiteRepository(db) as repo:
+        bad, bad_msg, good = (make_session(messages=("a", "b")) for _ in range(3))
+        for s in (bad, bad_msg, good):
+            await repo.add(s)
+        conn = raw(db)
+        conn.execute(
+            "UPDATE sessions SET doc = ? WHERE id = ?", (b'{"version": 1, "id', str(bad.id))
+        )
+        conn.execute(
+            "UPDATE messages SET body = ? WHERE seq = 1 AND session_pk = "
+            "(SELECT pk FROM sessions WHERE id = ?)",
+            (b'{"role": "wizard"}', str(bad_msg.id)),
+        )
+        conn.close()
+        for broken in (bad, bad_msg):
+            with pytest.raises(CorruptSessionError) as info:
+                await repo.get(broken.id)
+            assert info.value.session_id == broken.id
+        assert await repo.get(good.id) == good
+        window = await repo.get(bad_msg.id, last_messages=0)  # the document itself is fine
+        assert window is not None and window.messages.total == 2
+        listed = await repo.list(SessionQuery())
+        assert bad.id not in {s.id for s in listed} and good.id in {s.id for s in listed}
+        assert await repo.delete(bad.id) is True
+        await repo.append(good.id, [msg("c", 1)], at=at(1), policy=POLICY)
+
+
+def test_fast_message_decoder_matches_the_reference() -> None:
+    from asyncsession import Message
+    from asyncsession._serialization import load_message
+
+    samples = [
+        msg("plain"),
+        Message("tool", "x", at(3), {"a": [1, {"b": None}], "c": "d"}),
+        Message("assistant", "üñï €", at(4), [1, 2.5, True]),
+    ]
+    for m in samples:
+        body = dump_message(m)
+        decoded = _message(orjson.loads(body))
+        assert decoded == load_message(body) == m
+        assert type(decoded.data) is type(m.data)
+    with pytest.raises(CorruptSessionError):
+        _message({"role": "user", "content": 3, "timestamp": "x"})
+
+
+# -- locking, faults ----------------------------------------------------------------------
+
+
+async def test_locked_database_gives_recoverable_storage_error(
+    db: Path, anyio_backend: str
+) -> None:
+    async with SQLiteRepository(db, busy_timeout=0.2) as repo:
+        session = make_session()
+        await repo.add(session)
+        other = raw(db)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            with pytest.raises(StorageError, match="locked") as info:
+                await repo.append(session.id, [msg("x")], at=at(1), policy=POLICY)
+            assert info.value.recoverable
+            assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+            assert await repo.get(session.id) == session  # WAL: reads go on
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        done = await repo.append(session.id, [msg("x")], at=at(1), policy=POLICY)
+        assert done.revision == 1
+
+
+async def test_disk_full_is_a_storage_error_and_keeps_the_old_version(
+    db: Path, anyio_backend: str
+) -> None:
+    async with SQLiteRepository(db) as repo:
+        session = make_session(messages=("a",))
+        await repo.add(session)
+    conn = raw(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.close()
+    # A real SQLITE_FULL: the file may not grow by more than a few pages.
+    async with SQLiteRepository(db, pragmas={"max_page_count": pages + 4}) as repo:
+        huge = msg("x" * 200_000, 1)
+        with pytest.raises(StorageError, match="full") as info:
+            await repo.append(session.id, [huge], at=at(1), policy=POLICY)
+        assert info.value.recoverable
+        assert isinstance(info.value.__cause__, sqlite3.Error)
+        assert await repo.get(session.id) == session
+        # in a group commit, only the operation that hit the limit fails
+        results: dict[str, Any] = {}
+
+        async def write(name: str, text: str) -> None:
+            try:
+                results[name] = await repo.append(
+                    session.id, [msg(text, 2)], at=at(2), policy=POLICY
+                )
+            except StorageError as exc:
+                results[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write, "small1", "s1")
+            tg.start_soon(write, "huge", "y" * 200_000)
+            tg.start_soon(write, "small2", "s2")
+        assert isinstance(results["huge"], StorageError)
+        loaded = await repo.get(session.id)
+        assert loaded is not None
+        assert [m.content for m in loaded.messages][1:] in (["s1", "s2"], ["s2", "s1"])
+        assert loaded.revision == 2
+    conn = raw(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+# -- group commit -----------------------------------------------------------------------
+
+
+async def test_group_commit_batches_and_isolates_failures(db: Path, anyio_backend: str) -> None:
+    async with SQLiteRepository(db, busy_timeout=20) as repo:
+        target = make_session()
+        await repo.add(target)
+        sessions = [make_session(owner=f"o{i}") for i in range(100)]
+        for s in sessions:
+            await repo.add(s)
+        before = repo.statistics()
+        wins: list[int] = []
+        appended: dict[uuid.UUID, Session] = {}
+
+        async def append(s: Session) -> None:
+            appended[s.id] = await repo.append(
+                s.id, [msg(f"to {s.id}", 1)], at=at(1), policy=POLICY
+            )
+
+        async def cas(n: int) -> None:
+            try:
+                await repo.save(changed(target, state={"winner": n}), expected_revision=0)
+            except SessionConflict:
+                return
+            wins.append(n)
+
+        other = raw(db)
+        other.execute("BEGIN IMMEDIATE")  # stall the worker so every request queues up
+        async with anyio.create_task_group() as tg:
+            for i, s in enumerate(sessions):
+                tg.start_soon(append, s)
+                if i % 10 == 0:
+                    tg.start_soon(cas, i)
+            await wait_until(lambda: repo.statistics().operations > before.operations)
+            other.execute("ROLLBACK")
+        other.close()
+        stats = repo.statistics()
+        assert stats.operations - before.operations == 110
+        assert stats.commits - before.commits < 110
+        assert stats.largest_batch > 1
+        assert len(wins) == 1
+        for s in sessions:
+            loaded = await repo.get(s.id)
+            assert (
+                loaded is not None
+                and loaded.revision == 1
+                and loaded == attrs.evolve(appended[s.id], messages=loaded.messages)
+            )
+            assert [m.content for m in loaded.messages] == [f"to {s.id}"]
+        final = await repo.get(target.id)
+        assert final is not None and final.state == {"winner": wins[0]}
+
+
+# -- cancellation -----------------------------------------------------------------------
+
+
+async def test_cancel_while_queued_withdraws_the_operation(db: Path, anyio_backend: str) -> None:
+    async with SQLiteRepository(db, busy_timeout=20) as repo:
+        session = make_session()
+        await repo.add(session)
+        base = repo.statistics()
+        other = raw(db)
+        other.execute("BEGIN IMMEDIATE")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                partial(repo.append, session.id, [msg("first", 1)], at=at(1), policy=POLICY)
+            )
+            await wait_until(lambda: repo.statistics().operations == base.operations + 1)
+            with anyio.CancelScope() as scope:
+                tg.start_soon(cancel, scope)
+                await repo.append(session.id, [msg("withdrawn", 1)], at=at(1), policy=POLICY)
+            assert scope.cancelled_caught
+            other.execute("ROLLBACK")
+        other.close()
+        loaded = await repo.get(session.id)
+        assert loaded is not None
+        assert [m.content for m in loaded.messages] == ["first"] and loaded.revision == 1
+        assert repo.statistics().withdrawn == base.withdrawn + 1
+
+
+async def test_cancel_while_running_waits_for_the_outcome(db: Path, anyio_backend: str) -> None:
+    async with SQLiteRepository(db, busy_timeout=20) as repo:
+        session = make_session()
+        await repo.add(session)
+        base = repo.statistics()
+        other = raw(db)
+        other.execute("BEGIN IMMEDIATE")
+        outcome: list[str] = []
+
+        async def cancelled_writer(scope: anyio.CancelScope) -> None:
+            with scope:
+                await repo.append(session.id, [msg("running", 1)], at=at(1), policy=POLICY)
+                outcome.append("returned")
+            outcome.append("cancelled" if scope.cancelled_caught else "not cancelled")
+
+        scope = anyio.CancelScope()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancelled_writer, scope)
+            await wait_until(lambda: repo.statistics().operations == base.operations + 1)
+            scope.cancel()  # the worker is inside the operation (waiting for the lock)
+            await anyio.wait_all_tasks_blocked()
+            assert outcome == []  # the caller waits, shielded, for the outcome
+            other.execute("ROLLBACK")
+        other.close()
+        assert outcome == ["cancelled"]
+        loaded = await repo.get(session.id)
+        assert loaded is not None and [m.content for m in loaded.messages] == ["running"]
+
+
+async def test_cancellation_at_every_point_leaves_whole_states(
+    db: Path, anyio_backend: str
+) -> None:
+    async with SQLiteRepository(db) as repo:
+        session = make_session()
+        await repo.add(session)
+        for delay in range(40):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(
+                    partial(
+                        repo.append, session.id, [msg(f"bg{delay}", 1)], at=at(1), policy=POLICY
+                    )
+                )
+                with anyio.CancelScope() as scope:
+
+                    async def cancel_later(n: int = delay, s: anyio.CancelScope = scope) -> None:
+                        for _ in range(n):
+                            await anyio.lowlevel.checkpoint()
+                        s.cancel()
+
+                    tg.start_soon(cancel_later)
+                    await repo.append(session.id, [msg(f"c{delay}", 1)], at=at(1), policy=POLICY)
+        loaded = await repo.get(session.id)
+        assert loaded is not None
+        assert loaded.revision == loaded.messages.total >= 40
+        contents = [m.content for m in loaded.messages]
+        assert len(contents) == len(set(contents))
+        assert {f"bg{i}" for i in range(40)} <= set(contents)
+        stats = repo.statistics()
+        # add + 40 background + 40 cancellable appends + get: each ran or was withdrawn
+        assert stats.operations + stats.withdrawn == 82
+    assert not any(t.name.startswith("asyncsession-sqlite") for t in _threads())
+
+
+async def cancel(scope: anyio.CancelScope) -> None:
+    scope.cancel()
+
+
+def _threads() -> list[Any]:
+    import threading
+
+    return threading.enumerate()
+
+
+async def test_file_descriptors_stay_constant(db: Path, anyio_backend: str) -> None:
+    fd_dir = "/proc/self/fd"
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs /proc")
+    async with SQLiteRepository(db) as repo:
+        await repo.add(make_session())
+        before = len(os.listdir(fd_dir))
+        for i in range(300):
+            await repo.add(make_session(messages=(f"m{i}",)))
+        assert len(os.listdir(fd_dir)) == before
+
+
+# -- real processes ---------------------------------------------------------------------
+
+
+def _child(*args: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(
+        [sys.executable, str(CHILD), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def _kill_after_acknowledgements(db: Path, backend: str, wanted: int) -> list[uuid.UUID]:
+    proc = _child("crash", str(db), backend)
+    assert proc.stdout is not None
+    acknowledged: list[uuid.UUID] = []
+    try:
+        while len(acknowledged) < wanted:
+            line = proc.stdout.readline()
+            if not line:
+                err = proc.stderr.read() if proc.stderr else b""
+                raise AssertionError(f"child ended early: {err!r:.2000}")
+            acknowledged.append(uuid.UUID(line.decode().strip()))
+        os.kill(proc.pid, signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    for line in rest.splitlines(keepends=True):
+        if line.endswith(b"\n"):  # a complete line was an acknowledged write
+            acknowledged.append(uuid.UUID(line.decode().strip()))
+    return acknowledged
+
+
+async def test_kill_9_loses_no_acknowledged_write(db: Path, anyio_backend: str) -> None:
+    acknowledged = await anyio.to_thread.run_sync(
+        _kill_after_acknowledgements, db, anyio_backend, 300
+    )
+    conn = raw(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    async with SQLiteRepository(db) as repo:
+        for sid in acknowledged:
+            loaded = await repo.get(sid)
+            assert loaded is not None and loaded.messages.total == 1, sid
+        counts = await repo.count_by_status()
+        assert sum(counts.values()) >= len(acknowledged)
+
+
+async def test_two_processes_append_to_one_session(db: Path, anyio_backend: str) -> None:
+    session = make_session(owner="shared")
+    async with SQLiteRepository(db) as repo:
+        await repo.add(session)
+
+    def run_both() -> list[tuple[int, bytes, bytes]]:
+        procs = [
+            _child("append", str(db), anyio_backend, str(session.id), tag) for tag in ("p", "q")
+        ]
+        return [(p.wait(timeout=120), *p.communicate()) for p in procs]
+
+    for code, out, err in await anyio.to_thread.run_sync(run_both):
+        assert code == 0, err.decode()[-2000:]
+        assert out == b"done\n"
+        assert b"Traceback" not in err
+    async with SQLiteRepository(db) as repo:
+        loaded = await repo.get(session.id)
+    assert loaded is not None
+    contents = [m.content for m in loaded.messages]
+    assert len(contents) == loaded.messages.total == 1000
+    assert sorted(contents) == sorted(f"{t}-{i}" for t in "pq" for i in range(500))
+    assert loaded.revision == 1000
+    for tag in "pq":  # each process's own appends keep their order
+        mine = [int(c[2:]) for c in contents if c[0] == tag]
+        assert len(mine) == 500

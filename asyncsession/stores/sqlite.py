@@ -60,7 +60,7 @@ from .._serialization import (
 )
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
 
-__all__ = ["SCHEMA_VERSION", "SQLiteRepository"]
+__all__ = ["SCHEMA_VERSION", "SQLiteRepository", "SQLiteStatistics"]
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +269,20 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+@attrs.frozen(slots=True)
+class SQLiteStatistics:
+    """Counters of a :class:`SQLiteRepository` since it was created."""
+
+    #: Operations the worker ran (whatever their outcome).
+    operations: int
+    #: Operations withdrawn because their caller was cancelled before they ran.
+    withdrawn: int
+    #: Transactions committed (a group commit counts once).
+    commits: int
+    #: The most operations committed in one transaction.
+    largest_batch: int
+
+
 class _Aborted(Exception):
     """The batch transaction was rolled back by SQLite; rerun its operations one by one."""
 
@@ -354,6 +368,10 @@ class SQLiteRepository(SessionRepository):
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None  # used by the worker thread only
         self._accepting = False
+        self._operations = 0
+        self._withdrawn = 0
+        self._commits = 0
+        self._largest_batch = 0
 
     def __repr__(self) -> str:
         return f"SQLiteRepository({str(self._path)!r}, synchronous={self._synchronous!r})"
@@ -362,6 +380,12 @@ class SQLiteRepository(SessionRepository):
     def path(self) -> Path:
         """The database file."""
         return self._path
+
+    def statistics(self) -> SQLiteStatistics:
+        """Return the operation and commit counters (group commit shows as few commits)."""
+        return SQLiteStatistics(
+            self._operations, self._withdrawn, self._commits, self._largest_batch
+        )
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -466,6 +490,9 @@ class SQLiteRepository(SessionRepository):
                     elif request.state == _QUEUED:
                         request.state = _RUNNING
                         live.append(request)
+                    else:
+                        self._withdrawn += 1
+                self._operations += len(live)
             if live:
                 self._execute(conn, live)
                 self._answer(live)
@@ -536,6 +563,8 @@ class SQLiteRepository(SessionRepository):
                 conn.execute("RELEASE op")
                 results.append((value, None))
         conn.execute("COMMIT")
+        self._commits += 1
+        self._largest_batch = max(self._largest_batch, len(batch))
         for request, (value, error) in zip(batch, results, strict=True):
             request.result, request.error = value, error
 
@@ -552,6 +581,8 @@ class SQLiteRepository(SessionRepository):
                     self._rollback(conn)
                     raise
                 conn.execute("COMMIT")
+                self._commits += 1
+                self._largest_batch = max(self._largest_batch, 1)
                 return
             except sqlite3.Error as exc:
                 self._rollback(conn)
