@@ -545,22 +545,21 @@ def _child(*args: str) -> subprocess.Popen[bytes]:
 
 
 def _kill_after_acknowledgements(db: Path, backend: str, wanted: int) -> list[uuid.UUID]:
-    proc = _child("crash", str(db), backend)
-    assert proc.stdout is not None
     acknowledged: list[uuid.UUID] = []
-    try:
-        while len(acknowledged) < wanted:
-            line = proc.stdout.readline()
-            if not line:
-                err = proc.stderr.read() if proc.stderr else b""
-                raise AssertionError(f"child ended early: {err!r:.2000}")
-            acknowledged.append(uuid.UUID(line.decode().strip()))
-        os.kill(proc.pid, signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with _child("crash", str(db), backend) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            while len(acknowledged) < wanted:
+                line = proc.stdout.readline()
+                if not line:
+                    raise AssertionError(f"child ended early: {proc.stderr.read()!r:.2000}")
+                acknowledged.append(uuid.UUID(line.decode().strip()))
+            os.kill(proc.pid, signal.SIGKILL)
+            rest = proc.stdout.read()  # through the same buffer readline() used
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     for line in rest.splitlines(keepends=True):
         if line.endswith(b"\n"):  # a complete line was an acknowledged write
@@ -592,7 +591,8 @@ async def test_two_processes_append_to_one_session(db: Path, anyio_backend: str)
         procs = [
             _child("append", str(db), anyio_backend, str(session.id), tag) for tag in ("p", "q")
         ]
-        return [(p.wait(timeout=120), *p.communicate()) for p in procs]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
 
     for code, out, err in await anyio.to_thread.run_sync(run_both):
         assert code == 0, err.decode()[-2000:]
