@@ -1,0 +1,1062 @@
+"""Directory store: one human-readable JSON document per session.
+
+Layout of ``directory``::
+
+    sessions/<uuid>.json        the session, pretty-printed versioned JSON
+    sessions/.tmp-<uuid>-*.json a write in progress (never read as data)
+    locks/<uuid>.lock           the session's lock file (``fcntl.flock``)
+    quarantine/<uuid>[.n].json  documents that could not be read (never deleted)
+
+Every write goes to a temporary file in ``sessions/``, is fsynced, renamed over the
+document with :func:`os.replace` and the directory is fsynced: a reader sees the old or
+the new document, never a mix, and a crash leaves at most a stale temporary file (removed
+at the next open). Each operation holds the session's lock file (taken with non-blocking
+attempts and backoff, so waiting never blocks a thread or the event loop) and checks the
+stored revision under it, so several processes can share one directory.
+
+Only this module knows the layout; documents are exactly what :func:`asyncsession.loads`
+reads, plus a ``checksum`` field (BLAKE2b of the compact document) that detects damage a
+JSON parser cannot, such as a flipped byte inside a message. A document without
+``checksum`` (written by hand or by an old release) is accepted as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import fcntl
+import hashlib
+import heapq
+import hmac
+import itertools
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import anyio
+import anyio.to_thread
+import attrs
+import orjson
+
+from .._exceptions import (
+    CorruptSessionError,
+    InvalidConfiguration,
+    LimitExceeded,
+    SchemaVersionError,
+    SerializationError,
+    SessionClosed,
+    SessionConflict,
+    SessionNotFound,
+    StorageError,
+)
+from .._models import ExpiryPolicy, Message, MessageLog, Session, SessionStatus
+from .._serialization import session_from_document, session_to_document
+from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
+
+__all__ = ["FileRepository", "LockTimeout"]
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+# Indirections used for every write, so tests can inject faults into this module only.
+_write = os.write
+_fsync = os.fsync
+_replace = os.replace
+
+_TMP_PREFIX = ".tmp-"
+_SUFFIX = ".json"
+_CHECKSUM = "checksum"
+_DUMP_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+#: A directory mtime this close to "now" may hide a change made in the same clock tick.
+_RACY_NS = 2_000_000_000
+
+Stamp = tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of a document
+
+
+class LockTimeout(StorageError):
+    """A session's lock file stayed locked by another process or task for too long."""
+
+    recoverable = True
+
+    def __init__(self, session_id: uuid.UUID, path: str, timeout: float) -> None:
+        self.session_id = session_id
+        self.path = path
+        self.timeout = timeout
+        super().__init__(
+            f"Session {session_id} is locked by another process (lock file {path}); gave "
+            f"up after {timeout:g} s. Retry later, or raise FileRepository(lock_timeout=...) "
+            "if writers legitimately hold sessions that long."
+        )
+
+
+class _Busy(enum.Enum):
+    BUSY = 0
+
+
+_BUSY = _Busy.BUSY
+
+
+class _Delete(enum.Enum):
+    DELETE = 0
+
+
+_DELETE = _Delete.DELETE
+
+#: What a read-modify-write step asks for: keep the document, replace it, or delete it.
+_Action = Union[Session, _Delete, None]
+
+
+def _digest(body: bytes) -> str:
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+def encode_document(session: Session) -> bytes:
+    """Return the pretty-printed, checksummed document this store writes for ``session``."""
+    doc = session_to_document(session)
+    try:
+        doc[_CHECKSUM] = _digest(orjson.dumps(doc))
+        return orjson.dumps(doc, option=_DUMP_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        raise SerializationError(f"Session {session.id} cannot be encoded: {exc}") from exc
+
+
+def decode_document(data: bytes, session_id: uuid.UUID | None = None) -> Session:
+    """Decode a document made by :func:`encode_document` (or any versioned document).
+
+    Raises :class:`CorruptSessionError` for damaged or foreign bytes (including a
+    checksum mismatch or, with ``session_id``, a document of another session) and
+    :class:`SchemaVersionError` for documents of a newer release.
+    """
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptSessionError(f"not valid JSON ({exc})", session_id=session_id) from exc
+    if not isinstance(doc, dict):
+        raise CorruptSessionError(
+            f"expected a JSON object, got {type(doc).__name__}", session_id=session_id
+        )
+    checksum = doc.pop(_CHECKSUM, None)
+    if checksum is not None and not (
+        isinstance(checksum, str) and hmac.compare_digest(checksum, _digest(orjson.dumps(doc)))
+    ):
+        raise CorruptSessionError("checksum mismatch (damaged bytes)", session_id=session_id)
+    try:
+        session = session_from_document(doc, session_id=session_id)
+    except (CorruptSessionError, SchemaVersionError):
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptSessionError(
+            f"invalid document ({type(exc).__name__}: {exc})", session_id=session_id
+        ) from exc
+    if session_id is not None and session.id != session_id:
+        raise CorruptSessionError(
+            f"the document holds session {session.id}, not the id in its file name",
+            session_id=session_id,
+        )
+    return session
+
+
+def _canonical_id(session_id: object) -> uuid.UUID | None:
+    """The id as a plain UUID, or None: only UUIDs ever become file names."""
+    if isinstance(session_id, uuid.UUID):
+        return session_id if type(session_id) is uuid.UUID else uuid.UUID(int=session_id.int)
+    return None
+
+
+def _id_from_name(name: str) -> uuid.UUID | None:
+    if not name.endswith(_SUFFIX) or len(name) != 36 + len(_SUFFIX):
+        return None
+    stem = name[:36]
+    try:
+        sid = uuid.UUID(stem)
+    except ValueError:
+        return None
+    return sid if str(sid) == stem else None
+
+
+def _stamp(st: os.stat_result) -> Stamp:
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _storage_error(action: str, path: str | Path, exc: OSError) -> StorageError:
+    reason = exc.strerror or str(exc)
+    recoverable = exc.errno in (errno.ENOSPC, errno.EAGAIN, errno.EINTR, errno.EDQUOT)
+    hint = {
+        errno.ENOSPC: "free disk space and retry",
+        errno.EDQUOT: "free disk space and retry",
+        errno.EACCES: "check the permissions of the store directory",
+        errno.EPERM: "check the permissions of the store directory",
+        errno.EROFS: "the file system is read-only; use a writable directory",
+        errno.EIO: "the disk reported an I/O error; check the device",
+    }.get(exc.errno or 0, "check the store directory and retry")
+    return StorageError(
+        f"Could not {action} {os.fspath(path)}: {reason} [errno {exc.errno}]; {hint}.",
+        recoverable=recoverable,
+    )
+
+
+@attrs.frozen(slots=True)
+class _Entry:
+    """What the in-process index knows of one session."""
+
+    skeleton: Session  # the session with an empty message window (``total`` exact)
+    first: str | None  # content of the first message, for ``search``
+    stamp: Stamp
+
+
+def _entry(session: Session, stamp: Stamp) -> _Entry:
+    messages = session.messages
+    first = messages[0].content if len(messages) and messages.offset == 0 else None
+    skeleton = attrs.evolve(session, messages=MessageLog((), offset=messages.total))
+    return _Entry(skeleton, first, stamp)
+
+
+def _matches(entry: _Entry, query: SessionQuery) -> bool:
+    """:meth:`SessionQuery.matches` on an index entry (the first message is cached)."""
+    session = entry.skeleton
+    if query.owner is not None and session.owner != query.owner:
+        return False
+    if query.status is not None and session.status not in query.status:
+        return False
+    if query.visible_at is not None and session.is_expired(query.visible_at):
+        return False
+    if query.search:
+        needle = query.search.casefold()
+        if session.name is not None and needle in session.name.casefold():
+            return True
+        return entry.first is not None and needle in entry.first.casefold()
+    return True
+
+
+class _Index:
+    """Metadata of every session: owners, status counts, a deadline heap. Thread-safe."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entries: dict[uuid.UUID, _Entry] = {}
+        self.by_owner: dict[str | None, set[uuid.UUID]] = {}
+        self.counts: Counter[SessionStatus] = Counter()
+        self.deadlines: list[tuple[datetime, int, uuid.UUID]] = []
+        self.seq = itertools.count()
+
+    def put(self, entry: _Entry, *, only_if: Stamp | bool | None = True) -> None:
+        """Index ``entry``; with a stamp (or None for "absent") only if it is unchanged."""
+        session = entry.skeleton
+        with self.lock:
+            old = self.entries.get(session.id)
+            if only_if is not True and (None if old is None else old.stamp) != only_if:
+                return
+            self.entries[session.id] = entry
+            old_s = None if old is None else old.skeleton
+            if old_s is None or old_s.owner != session.owner:
+                if old_s is not None:
+                    self._unown(old_s)
+                self.by_owner.setdefault(session.owner, set()).add(session.id)
+            if old_s is None or old_s.status is not session.status:
+                if old_s is not None:
+                    self.counts[old_s.status] -= 1
+                self.counts[session.status] += 1
+            if session.expires_at is not None and (
+                old_s is None or old_s.expires_at != session.expires_at
+            ):
+                heapq.heappush(self.deadlines, (session.expires_at, next(self.seq), session.id))
+                if len(self.deadlines) > 2 * len(self.entries) + 64:
+                    self._rebuild_deadlines()
+
+    def drop(self, session_id: uuid.UUID, *, only_if: Stamp | bool = True) -> None:
+        """Forget a session; with a stamp only if its entry still has that stamp."""
+        with self.lock:
+            old = self.entries.get(session_id)
+            if old is None or (only_if is not True and old.stamp != only_if):
+                return
+            del self.entries[session_id]
+            self._unown(old.skeleton)
+            self.counts[old.skeleton.status] -= 1
+
+    def stamps(self) -> dict[uuid.UUID, Stamp]:
+        with self.lock:
+            return {sid: e.stamp for sid, e in self.entries.items()}
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.by_owner.clear()
+            self.counts.clear()
+            self.deadlines.clear()
+
+    def _unown(self, session: Session) -> None:
+        owned = self.by_owner.get(session.owner)
+        if owned is not None:
+            owned.discard(session.id)
+            if not owned:
+                del self.by_owner[session.owner]
+
+    def _rebuild_deadlines(self) -> None:
+        self.deadlines = [
+            (e.skeleton.expires_at, next(self.seq), sid)
+            for sid, e in self.entries.items()
+            if e.skeleton.expires_at is not None
+        ]
+        heapq.heapify(self.deadlines)
+
+    def expired(self, now: datetime, limit: int) -> list[uuid.UUID]:
+        found: list[tuple[datetime, int, uuid.UUID]] = []
+        seen: set[uuid.UUID] = set()
+        with self.lock:
+            heap = self.deadlines
+            while heap and len(found) < limit and heap[0][0] <= now:
+                item = heapq.heappop(heap)
+                entry = self.entries.get(item[2])
+                if (
+                    entry is not None
+                    and entry.skeleton.expires_at == item[0]
+                    and item[2] not in seen
+                ):
+                    seen.add(item[2])
+                    found.append(item)
+            for item in found:  # stays indexed until remove_expired() takes it
+                heapq.heappush(heap, item)
+        return [item[2] for item in found]
+
+    def candidates(self, owner: str | None) -> list[_Entry]:
+        with self.lock:
+            if owner is None:
+                return list(self.entries.values())
+            return [self.entries[i] for i in self.by_owner.get(owner, ())]
+
+    def count_by_status(self, owner: str | None) -> dict[SessionStatus, int]:
+        with self.lock:
+            if owner is None:
+                return {status: n for status, n in self.counts.items() if n}
+            counts = Counter(self.entries[i].skeleton.status for i in self.by_owner.get(owner, ()))
+        return dict(counts)
+
+
+class _LockEntry:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = anyio.Lock(fast_acquire=True)
+        self.users = 0
+
+
+class _SessionLock:
+    """The in-process lock of one session (tasks queue here, not on the lock file)."""
+
+    __slots__ = ("_entry", "_id", "_locks")
+
+    def __init__(self, locks: dict[uuid.UUID, _LockEntry], session_id: uuid.UUID) -> None:
+        self._locks = locks
+        self._id = session_id
+
+    async def __aenter__(self) -> None:
+        entry = self._locks.get(self._id)
+        if entry is None:
+            entry = self._locks[self._id] = _LockEntry()
+        entry.users += 1
+        self._entry = entry
+        try:
+            await entry.lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._entry.lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self._entry.users -= 1
+        if self._entry.users == 0:
+            del self._locks[self._id]
+
+
+class FileRepository(SessionRepository):
+    """Sessions as JSON files in ``directory``, safe to share between processes.
+
+    * ``lock_timeout``: seconds to wait for a session locked by another process before
+      raising :class:`LockTimeout` (a recoverable :class:`StorageError`).
+    * ``fsync``: fsync documents and the directory on every write (durable across power
+      loss). With False a write survives a crash of the process but not of the machine.
+    * ``shared``: other processes may write the directory. Listing, ``count_by_status``
+      and ``expired`` then re-read documents changed on disk since their last call;
+      with False the in-process index is trusted (the directory belongs to this process).
+    * ``max_threads``: worker threads this store may use at once.
+
+    Each operation is one hop to a worker thread. Reads, compare-and-set saves, appends,
+    touches and ``remove_expired`` always read the document under its lock, so they are
+    exact even when another process wrote it a moment ago. Listings come from an
+    in-process index (refreshed as described under ``shared``); ``expired()`` candidates
+    are re-checked against the file by ``remove_expired``. Appending rewrites the whole
+    document: this store suits modest histories; prefer SQLite for long ones.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        lock_timeout: float = 10.0,
+        fsync: bool = True,
+        shared: bool = True,
+        max_threads: int = 8,
+    ) -> None:
+        if isinstance(lock_timeout, bool) or not (
+            isinstance(lock_timeout, (int, float)) and 0 < lock_timeout < float("inf")
+        ):
+            raise InvalidConfiguration(
+                f"lock_timeout must be a positive number of seconds, got {lock_timeout!r}."
+            )
+        if type(max_threads) is not int or max_threads < 1:
+            raise InvalidConfiguration(f"max_threads must be an int >= 1, got {max_threads!r}.")
+        self._root = Path(directory)
+        self._sessions_dir = str(self._root / "sessions")
+        self._locks_dir = str(self._root / "locks")
+        self._quarantine_dir = str(self._root / "quarantine")
+        self._lock_timeout = float(lock_timeout)
+        self._fsync = fsync
+        self._shared = shared
+        self._max_threads = max_threads
+        self._index = _Index()
+        self._session_locks: dict[uuid.UUID, _LockEntry] = {}
+        self._sync_lock = threading.Lock()
+        self._synced_mtime: int | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    def __repr__(self) -> str:
+        return f"FileRepository({os.fspath(self._root)!r})"
+
+    @property
+    def directory(self) -> Path:
+        """The store's root directory."""
+        return self._root
+
+    # -- paths ------------------------------------------------------------------------
+
+    def _doc_path(self, sid: uuid.UUID) -> str:
+        return os.path.join(self._sessions_dir, f"{sid}{_SUFFIX}")
+
+    def _lock_path(self, sid: uuid.UUID) -> str:
+        return os.path.join(self._locks_dir, f"{sid}.lock")
+
+    # -- opening ----------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        self._limiter = anyio.CapacityLimiter(self._max_threads)
+        try:
+            await self._call(self._open_sync)
+        except BaseException:
+            self._limiter = None
+            self._index.clear()
+            raise
+
+    async def _close(self) -> None:
+        self._limiter = None
+        self._index.clear()
+        self._synced_mtime = None
+
+    def _open_sync(self) -> None:
+        root = self._root
+        if root.exists() and not root.is_dir():
+            raise StorageError(
+                f"Cannot open a FileRepository at {root}: it exists and is not a directory. "
+                "Pass a directory path."
+            )
+        if not root.parent.is_dir():
+            raise StorageError(
+                f"Cannot open a FileRepository at {root}: the parent directory "
+                f"{root.parent} does not exist. Create it first."
+            )
+        for path in (str(root), self._sessions_dir, self._locks_dir, self._quarantine_dir):
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as exc:
+                raise _storage_error("create the store directory", path, exc) from exc
+        probe = os.path.join(self._sessions_dir, f"{_TMP_PREFIX}probe-{secrets.token_hex(6)}")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except FileNotFoundError:
+            pass  # another process opening the store removed it
+        except OSError as exc:
+            raise _storage_error("write to the store directory", self._sessions_dir, exc) from exc
+        self._sync(initial=True)
+
+    # -- running operations -----------------------------------------------------------
+
+    def _check_open(self) -> anyio.CapacityLimiter:
+        if self._limiter is None:
+            raise StorageError(
+                f"{self!r} is not open. Use `async with FileRepository(...) as repo:` or "
+                "pass it to a SessionManager, which opens it."
+            )
+        return self._limiter
+
+    async def _call(self, fn: Callable[..., R], *args: Any) -> R:
+        limiter = self._check_open()
+        result: R = await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+        return result
+
+    async def _locked(
+        self, sid: uuid.UUID, fn: Callable[[], R], if_missing: Callable[[], R] | None = None
+    ) -> R:
+        """Run ``fn`` in a worker thread holding the session's lock file.
+
+        With ``if_missing``, a session without a document is answered by it without
+        creating a lock file. Waiting for another process's lock sleeps on the event
+        loop between non-blocking attempts.
+        """
+        async with _SessionLock(self._session_locks, sid):
+            deadline: float | None = None
+            delay = 0.001
+            while True:
+                result: R | Literal[_Busy.BUSY] = await self._call(
+                    self._attempt, sid, fn, if_missing
+                )
+                if result is not _BUSY:
+                    return result
+                now = anyio.current_time()
+                if deadline is None:
+                    deadline = now + self._lock_timeout
+                if now >= deadline:
+                    raise LockTimeout(sid, self._lock_path(sid), self._lock_timeout)
+                await anyio.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 0.05)
+
+    def _attempt(
+        self, sid: uuid.UUID, fn: Callable[[], R], if_missing: Callable[[], R] | None
+    ) -> R | Literal[_Busy.BUSY]:
+        """One try at the lock file (worker thread); ``_BUSY`` if another holder has it."""
+        doc_path = self._doc_path(sid)
+        if if_missing is not None and not os.path.exists(doc_path):
+            return if_missing()
+        lock_path = self._lock_path(sid)
+        for _ in range(100):
+            fd = self._acquire_nowait(lock_path)
+            if fd is None:
+                return _BUSY
+            if fd < 0:
+                continue  # the lock file was replaced while we opened it
+            try:
+                return fn()
+            finally:
+                self._release(sid, fd)
+        raise StorageError(
+            f"The lock file {lock_path} keeps being replaced; another process may be "
+            "misusing the store directory. Retry later.",
+            recoverable=True,
+        )
+
+    def _acquire_nowait(self, lock_path: str) -> int | None:
+        """A locked fd, None when held elsewhere, or -1 when the file was just replaced."""
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _storage_error("open the lock file", lock_path, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            os.close(fd)
+            raise _storage_error("lock", lock_path, exc) from exc
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return -1
+        return fd
+
+    # -- document I/O (worker thread, under the session lock) -------------------------
+
+    def _read(self, sid: uuid.UUID) -> tuple[Session, Stamp] | None:
+        """Read and decode a document; quarantine it if it is damaged (lock held)."""
+        path = self._doc_path(sid)
+        try:
+            data, stamp = self._read_bytes(path)
+        except FileNotFoundError:
+            self._index.drop(sid)
+            return None
+        try:
+            session = decode_document(data, sid)
+        except CorruptSessionError as exc:
+            moved = self._quarantine(sid, exc.detail)
+            self._index.drop(sid)
+            where = f"moved to {moved}" if moved else "it could not be moved to quarantine"
+            raise CorruptSessionError(f"{exc.detail}; {where}", session_id=sid) from exc
+        return session, stamp
+
+    @staticmethod
+    def _read_bytes(path: str) -> tuple[bytes, Stamp]:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise _storage_error("open", path, exc) from exc
+        try:
+            st = os.fstat(fd)
+            chunks = []
+            while True:
+                chunk = os.read(fd, max(st.st_size + 1, 65536))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks), _stamp(st)
+        except OSError as exc:
+            raise _storage_error("read", path, exc) from exc
+        finally:
+            os.close(fd)
+
+    def _write(self, session: Session) -> Stamp:
+        """Atomically replace the session's document; return the new file's stamp."""
+        data = encode_document(session)
+        final = self._doc_path(session.id)
+        tmp = os.path.join(
+            self._sessions_dir, f"{_TMP_PREFIX}{session.id}-{secrets.token_hex(4)}{_SUFFIX}"
+        )
+        fd = -1
+        action = "create"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            action = "write"
+            view = memoryview(data)
+            while view:
+                view = view[_write(fd, view) :]
+            if self._fsync:
+                action = "fsync"
+                _fsync(fd)
+            stamp = _stamp(os.fstat(fd))
+            os.close(fd)
+            fd = -1
+            action = "replace the document with"
+            _replace(tmp, final)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise _storage_error(action, tmp, exc) from exc
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._sync_dir(self._sessions_dir, written=final)
+        return stamp
+
+    def _unlink(self, sid: uuid.UUID) -> None:
+        path = self._doc_path(sid)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _storage_error("delete", path, exc) from exc
+        self._sync_dir(self._sessions_dir, written=path)
+
+    def _sync_dir(self, directory: str, *, written: str) -> None:
+        if not self._fsync:
+            return
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StorageError(
+                f"{written} was changed but fsync of its directory {directory} failed: "
+                f"{exc.strerror or exc} [errno {exc.errno}]. The change is visible but may "
+                "not survive a power loss; check the device.",
+                recoverable=False,
+            ) from exc
+
+    def _quarantine(self, sid: uuid.UUID, reason: str) -> str | None:
+        """Move a damaged document aside, never overwriting an earlier one (lock held)."""
+        src = self._doc_path(sid)
+        for n in itertools.count():
+            name = f"{sid}{_SUFFIX}" if n == 0 else f"{sid}.{n}{_SUFFIX}"
+            dst = os.path.join(self._quarantine_dir, name)
+            try:
+                os.link(src, dst)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                return None
+            except OSError:
+                # No hard links here: the lock serializes quarantines of this id.
+                if os.path.lexists(dst):
+                    continue
+                try:
+                    os.rename(src, dst)
+                except OSError:
+                    logger.exception("could not quarantine %s", src)
+                    return None
+            else:
+                try:
+                    os.unlink(src)
+                except OSError:
+                    logger.exception("could not remove quarantined %s", src)
+                    return None
+            break
+        logger.warning("session document %s is corrupt (%s); moved to %s", src, reason, dst)
+        try:
+            self._sync_dir(self._quarantine_dir, written=dst)
+            self._sync_dir(self._sessions_dir, written=src)
+        except StorageError as exc:
+            logger.warning("%s", exc)
+        return dst
+
+    # -- the index ------------------------------------------------------------------------
+
+    def _sync(self, *, initial: bool = False) -> None:
+        """Bring the index up to date with the directory (worker thread).
+
+        Reads only documents whose (inode, mtime, size) changed. Updates are conditional
+        on the entry being unchanged since the scan began, so a concurrent locked write
+        of this process always wins over what the scan read.
+        """
+        with self._sync_lock:
+            try:
+                before = os.stat(self._sessions_dir).st_mtime_ns
+            except OSError as exc:
+                raise _storage_error("read", self._sessions_dir, exc) from exc
+            if not initial and before == self._synced_mtime:
+                return
+            known = self._index.stamps()
+            seen: set[uuid.UUID] = set()
+            try:
+                with os.scandir(self._sessions_dir) as entries:
+                    for item in entries:
+                        self._sync_entry(item, known, seen, initial)
+            except OSError as exc:
+                raise _storage_error("list", self._sessions_dir, exc) from exc
+            for sid, stamp in known.items():
+                if sid not in seen:
+                    self._index.drop(sid, only_if=stamp)
+            racy = time.time_ns() - before < _RACY_NS
+            self._synced_mtime = None if racy else before
+
+    def _sync_entry(
+        self,
+        item: os.DirEntry[str],
+        known: dict[uuid.UUID, Stamp],
+        seen: set[uuid.UUID],
+        initial: bool,
+    ) -> None:
+        name = item.name
+        if name.startswith(_TMP_PREFIX):
+            if initial:
+                self._remove_stale_temp(item.path, name)
+            return
+        sid = _id_from_name(name)
+        if sid is None:
+            if initial:
+                logger.warning("ignoring %s: not a session document name", item.path)
+            return
+        try:
+            stamp = _stamp(item.stat(follow_symlinks=False))
+        except FileNotFoundError:
+            return
+        seen.add(sid)
+        old = known.get(sid)
+        if old == stamp:
+            return
+        try:
+            data, stamp = self._read_bytes(item.path)
+        except FileNotFoundError:
+            return
+        try:
+            session = decode_document(data, sid)
+        except CorruptSessionError:
+            self._quarantine_nowait(sid)
+            seen.discard(sid)
+            return
+        except SchemaVersionError as exc:
+            logger.warning("skipping %s: %s", item.path, exc)
+            return
+        self._index.put(_entry(session, stamp), only_if=old)
+
+    def _quarantine_nowait(self, sid: uuid.UUID) -> None:
+        """Quarantine a document found damaged by a scan, if its lock is free."""
+        lock_path = self._lock_path(sid)
+        fd = self._acquire_nowait(lock_path)
+        if fd is None or fd < 0:
+            logger.warning("session %s looks corrupt but is being written; skipped", sid)
+            return
+        try:
+            try:
+                data, _ = self._read_bytes(self._doc_path(sid))
+            except FileNotFoundError:
+                return
+            try:
+                decode_document(data, sid)
+            except CorruptSessionError as exc:
+                self._quarantine(sid, exc.detail)
+                self._index.drop(sid)
+            except SchemaVersionError:
+                return
+        finally:
+            self._release(sid, fd)
+
+    def _remove_stale_temp(self, path: str, name: str) -> None:
+        """Delete a temporary file left by a crash (a live writer holds the lock)."""
+        sid = _id_from_temp_name(name)
+        fd: int | None = -1
+        if sid is not None:
+            fd = self._acquire_nowait(self._lock_path(sid))
+            if fd is None or fd < 0:
+                return  # a writer of this session is active
+        try:
+            os.unlink(path)
+            logger.info("removed stale temporary file %s", path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("could not remove stale temporary file %s: %s", path, exc)
+        finally:
+            if sid is not None and fd is not None and fd >= 0:
+                self._release(sid, fd)
+
+    def _release(self, sid: uuid.UUID, fd: int) -> None:
+        """Unlock; drop the lock file when the session has no document (lock held)."""
+        if not os.path.exists(self._doc_path(sid)):
+            # Unlinking under the lock is safe: lockers re-check the inode.
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_path(sid))
+        os.close(fd)
+
+    # -- read-modify-write ------------------------------------------------------------
+
+    def _rmw(self, sid: uuid.UUID, step: Callable[[Session | None], tuple[R, _Action]]) -> R:
+        """Read the document, let ``step`` decide, apply its action, update the index."""
+        current = self._read(sid)
+        result, action = step(None if current is None else current[0])
+        if action is None:
+            if current is not None:
+                self._index.put(_entry(*current))
+        elif action is _DELETE:
+            self._unlink(sid)
+            self._index.drop(sid)
+        else:
+            stamp = self._write(action)
+            self._index.put(_entry(action, stamp))
+        return result
+
+    async def _run(self, sid: uuid.UUID, step: Callable[[Session | None], tuple[R, _Action]]) -> R:
+        def missing() -> R:
+            self._index.drop(sid)
+            result, action = step(None)
+            assert action is None, "a step must not write a missing session"
+            return result
+
+        return await self._locked(sid, lambda: self._rmw(sid, step), missing)
+
+    # -- the contract -----------------------------------------------------------------
+
+    async def get(
+        self, session_id: uuid.UUID, *, last_messages: int | None = None
+    ) -> Session | None:
+        sid = _canonical_id(session_id)
+        if sid is None:
+            return None
+
+        def step(current: Session | None) -> tuple[Session | None, _Action]:
+            return current, None
+
+        session = await self._run(sid, step)
+        if session is None or last_messages is None:
+            return session
+        return attrs.evolve(session, messages=session.messages.tail(last_messages))
+
+    async def add(self, session: Session) -> None:
+        sid = session.id
+
+        def create() -> None:
+            if os.path.lexists(self._doc_path(sid)):
+                raise SessionConflict(sid, expected_revision=None)
+            stamp = self._write(session)
+            self._index.put(_entry(session, stamp))
+
+        await self._locked(sid, create)
+
+    async def save(
+        self,
+        session: Session,
+        *,
+        expected_revision: int,
+        new_messages: Sequence[Message] | None = None,
+    ) -> None:
+        if session.revision != expected_revision + 1:
+            raise ValueError(
+                f"save() needs session.revision == expected_revision + 1, got "
+                f"{session.revision} and {expected_revision}"
+            )
+        sid = session.id
+
+        def step(current: Session | None) -> tuple[None, _Action]:
+            if current is None:
+                raise SessionNotFound(sid)
+            if current.revision != expected_revision:
+                raise SessionConflict(
+                    sid, expected_revision=expected_revision, actual_revision=current.revision
+                )
+            return None, session
+
+        await self._run(sid, step)
+
+    async def append(
+        self,
+        session_id: uuid.UUID,
+        messages: Sequence[Message],
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        max_messages: int | None = None,
+    ) -> Session:
+        sid = _canonical_id(session_id)
+        if sid is None:
+            raise SessionNotFound(session_id)
+        messages = tuple(messages)
+
+        def step(old: Session | None) -> tuple[Session, _Action]:
+            if old is None or old.is_expired(at):
+                raise SessionNotFound(sid)
+            if old.status.is_terminal:
+                raise SessionClosed(sid, old.status)
+            total = old.messages.total + len(messages)
+            if max_messages is not None and total > max_messages:
+                raise LimitExceeded("Messages in this session", max_messages, total)
+            last_active = max(old.last_active, at)
+            new = attrs.evolve(
+                old,
+                messages=old.messages.extend(messages),
+                last_active=last_active,
+                expires_at=policy.deadline(old.status, old.created_at, last_active, None),
+                revision=old.revision + 1,
+            )
+            return new, new
+
+        return await self._run(sid, step)
+
+    async def touch(
+        self,
+        session_id: uuid.UUID,
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        last_messages: int | None = None,
+    ) -> Session | None:
+        sid = _canonical_id(session_id)
+        if sid is None:
+            return None
+
+        def step(old: Session | None) -> tuple[Session | None, _Action]:
+            if old is None:
+                return None, None
+            if old.status.is_terminal or old.is_expired(at) or at <= old.last_active:
+                return old, None
+            new = attrs.evolve(
+                old,
+                last_active=at,
+                expires_at=policy.deadline(old.status, old.created_at, at, None),
+            )
+            return new, new
+
+        session = await self._run(sid, step)
+        if session is not None and last_messages is not None:
+            session = attrs.evolve(session, messages=session.messages.tail(last_messages))
+        return session
+
+    async def delete(self, session_id: uuid.UUID) -> bool:
+        sid = _canonical_id(session_id)
+        if sid is None:
+            return False
+
+        def remove() -> bool:
+            existed = os.path.lexists(self._doc_path(sid))
+            self._unlink(sid)
+            self._index.drop(sid)
+            return existed
+
+        return await self._locked(sid, remove, lambda: False)
+
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
+        sid = _canonical_id(session_id)
+        if sid is None:
+            return None
+
+        def step(old: Session | None) -> tuple[Session | None, _Action]:
+            if old is None or not old.is_expired(now):
+                return None, None
+            return old, _DELETE
+
+        try:
+            return await self._run(sid, step)
+        except CorruptSessionError as exc:
+            # Already quarantined and out of the index; cleanup carries on.
+            logger.warning("expiry skipped session %s: %s", sid, exc.detail)
+            return None
+
+    async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
+        self._check_open()
+        if self._shared:
+            await self._call(self._sync)
+        return self._index.expired(now, limit)
+
+    async def list(self, query: SessionQuery) -> Page:
+        after = decode_cursor(query)
+        self._check_open()
+        if self._shared:
+            await self._call(self._sync)
+        candidates = self._index.candidates(query.owner)
+        if after is not None:
+            stamp, after_id = after
+            candidates = [
+                e
+                for e in candidates
+                if e.skeleton.last_active < stamp
+                or (e.skeleton.last_active == stamp and e.skeleton.id.int < after_id.int)
+            ]
+        matching = (e for e in candidates if _matches(e, query))
+        top = heapq.nlargest(
+            query.limit + 1,
+            matching,
+            key=lambda e: (e.skeleton.last_active, e.skeleton.id.int),
+        )
+        items = tuple(e.skeleton for e in top[: query.limit])
+        next_cursor = None
+        if len(top) > query.limit:
+            last = items[-1]
+            next_cursor = encode_cursor(last.last_active, last.id, query)
+        return Page(items, next_cursor)
+
+    async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
+        self._check_open()
+        if self._shared:
+            await self._call(self._sync)
+        return self._index.count_by_status(owner)
+
+
+def _id_from_temp_name(name: str) -> uuid.UUID | None:
+    stem = name[len(_TMP_PREFIX) : len(_TMP_PREFIX) + 36]
+    try:
+        sid = uuid.UUID(stem)
+    except ValueError:
+        return None
+    return sid if str(sid) == stem else None
