@@ -26,9 +26,7 @@ def open_store(
 @asynccontextmanager
 async def _store(url: str) -> AsyncIterator[RedisRepository]:
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
-    async with RedisRepository(
-        url, prefix=prefix, key_expiry_grace=timedelta(days=3650)
-    ) as store:
+    async with RedisRepository(url, prefix=prefix, key_expiry_grace=timedelta(days=3650)) as store:
         try:
             yield store
         finally:

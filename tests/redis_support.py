@@ -103,14 +103,20 @@ class RedisServer:
         self.start()
 
     def command(self, *args: str) -> bytes:
-        """Run one command with a raw socket (RESP2 inline); return the raw reply."""
+        """Run one command over a raw socket; return a bulk reply's payload (or the line)."""
         with socket.create_connection((HOST, self.port), timeout=5) as sock:
             parts = [f"${len(a.encode())}\r\n{a}\r\n" for a in args]
             sock.sendall(f"*{len(args)}\r\n{''.join(parts)}".encode())
             data = b""
-            while not data.endswith(b"\r\n"):
+            while b"\r\n" not in data:
                 data += sock.recv(65536)
-            return data
+            header, _, rest = data.partition(b"\r\n")
+            if not header.startswith(b"$") or header == b"$-1":
+                return header
+            size = int(header[1:])
+            while len(rest) < size + 2:
+                rest += sock.recv(65536)
+            return rest[:size]
 
 
 def redis_binary() -> str | None:

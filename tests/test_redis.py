@@ -1,18 +1,415 @@
+"""RedisRepository against a real, private redis-server (never a fake).
+
+The contract and manager suites also run against Redis (tests/_store_redis.py); this
+module adds what only a shared server can show: several processes, cleanup claimed
+once, cancellation, a server restart, refused connections and the optional import.
+"""
+
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+import os
+import random
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
+import anyio
+import attrs
 import pytest
-
 from _store_redis import open_store
+from redis_support import HOST, RedisServer, free_port, require_redis, start_redis
+
+from asyncsession import (
+    ExpiryPolicy,
+    Message,
+    Session,
+    SessionManager,
+    SessionQuery,
+    SessionStatus,
+    StorageError,
+)
 from asyncsession.stores.redis import RedisRepository
 from asyncsession.testing import RepositoryContract
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "redis_worker.py"
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+POLICY = ExpiryPolicy(idle_timeout=timedelta(seconds=60), retention=timedelta(seconds=10))
+FAR = timedelta(days=3650)
 
 
 class TestRedisContract(RepositoryContract):
     @pytest.fixture
     async def repository(
-        self, request: pytest.FixtureRequest, anyio_backend: str
+        self, request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
     ) -> AsyncIterator[RedisRepository]:
-        async with open_store(request, None) as store:  # type: ignore[arg-type]
+        async with open_store(request, tmp_path) as store:
             yield store
+
+
+@pytest.fixture
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
+) -> AsyncIterator[RedisRepository]:
+    async with open_store(request, tmp_path) as repository:
+        yield repository
+
+
+def new_session(*, created: datetime = T0, owner: str | None = "alice", **kw: Any) -> Session:
+    return Session(
+        uuid.uuid4(),
+        created,
+        created,
+        owner=owner,
+        expires_at=POLICY.deadline(SessionStatus.ACTIVE, created, created, None),
+        **kw,
+    )
+
+
+def msg(text: str, when: datetime = T0) -> Message:
+    return Message("user", text, when, None)
+
+
+def prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+# -- layout and Redis key expiry -------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_hot_paths_are_single_scripts_and_keys_are_prefixed(
+    store: RedisRepository,
+) -> None:
+    session = new_session(messages=[msg("a"), msg("b")])
+    await store.add(session)
+    keys = {k.decode() async for k in store.client.scan_iter(match=f"{store.prefix}*")}
+    sid = str(session.id)
+    assert {f"{store.prefix}s:{sid}", f"{store.prefix}m:{sid}"} <= keys
+    assert all(k.startswith(store.prefix) for k in keys)
+    assert await store.client.lrange(f"{store.prefix}m:{sid}", 0, -1) != []
+    # Redis key expiry follows the deadline (plus the grace) on both data keys
+    ttl = await store.client.pttl(f"{store.prefix}s:{sid}")
+    assert ttl > 0
+    touched = await store.touch(session.id, at=T0 + timedelta(seconds=30), policy=POLICY)
+    assert touched is not None
+    assert touched.expires_at is not None
+    for key in (f"{store.prefix}s:{sid}", f"{store.prefix}m:{sid}"):
+        assert await store.client.pexpiretime(key) == touched.expires_at + FAR
+    # no deadline: no key expiry
+    forever = attrs.evolve(touched, expires_at=None, revision=1, status=SessionStatus.ARCHIVED)
+    await store.save(forever, expected_revision=0, new_messages=())
+    assert await store.client.pttl(f"{store.prefix}s:{sid}") == -1
+
+
+@pytest.mark.anyio
+async def test_data_expired_by_redis_vanishes_and_indexes_heal(
+    store: RedisRepository,
+) -> None:
+    keep = new_session(owner="o")
+    vanish = new_session(owner="o", messages=[msg("bye")])
+    for s in (keep, vanish):
+        await store.add(s)
+    # what Redis's own key expiry does when no manager ran cleanup in time
+    await store.client.delete([f"{store.prefix}s:{vanish.id}", f"{store.prefix}m:{vanish.id}"])
+    assert await store.get(vanish.id) is None
+    page = await store.list(SessionQuery(owner="o"))
+    assert [s.id for s in page] == [keep.id]
+    assert list(await store.expired(T0 + timedelta(days=1))) == [keep.id]
+    assert dict(await store.count_by_status()) == {SessionStatus.ACTIVE: 1}
+    assert dict(await store.count_by_status("o")) == {SessionStatus.ACTIVE: 1}
+    assert await store.delete(vanish.id) is False
+
+
+@pytest.mark.anyio
+async def test_past_key_deadline_drops_the_data_at_once(redis_server: RedisServer) -> None:
+    now = datetime.now(timezone.utc)  # only to place the deadline far in the server's past
+    async with RedisRepository(
+        redis_server.url, prefix=prefix(), key_expiry_grace=timedelta(0)
+    ) as store:
+        old = new_session(created=now - timedelta(days=30))
+        await store.add(old)
+        assert await store.get(old.id) is None
+        assert dict(await store.count_by_status()) == {}
+        assert list(await store.expired(now)) == []
+
+
+# -- several processes ---------------------------------------------------------------
+
+
+def run_workers(commands: list[list[str]]) -> list[dict[str, Any]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        for args in commands
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, out
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def shared(redis_server: RedisServer) -> tuple[str, str]:
+    return redis_server.url, prefix()
+
+
+def test_four_processes_update_one_session_exactly(shared: tuple[str, str]) -> None:
+    url, key_prefix = shared
+
+    async def create() -> uuid.UUID:
+        async with SessionManager(
+            RedisRepository(url, prefix=key_prefix, key_expiry_grace=FAR), cleanup_interval=None
+        ) as manager:
+            return (await manager.create(state={"n": 0})).id
+
+    async def load(sid: uuid.UUID) -> Session | None:
+        async with RedisRepository(url, prefix=key_prefix) as repo:
+            return await repo.get(sid)
+
+    sid = anyio.run(create)
+    backends = ["asyncio", "trio", "asyncio", "trio"]
+    results = run_workers([["update", url, key_prefix, b, str(sid), "250"] for b in backends])
+    assert sum(r["updates"] for r in results) == 1000
+    final = anyio.run(load, sid)
+    assert final is not None
+    assert final.state["n"] == 1000 and final.revision == 1000
+
+
+def test_two_processes_purge_each_expiry_once(shared: tuple[str, str]) -> None:
+    url, key_prefix = shared
+    count = 300
+
+    async def create() -> set[str]:
+        async with RedisRepository(url, prefix=key_prefix, key_expiry_grace=FAR) as repo:
+            ids = set()
+            for i in range(count):
+                session = new_session(created=T0 + timedelta(milliseconds=i))
+                await repo.add(session)
+                ids.add(str(session.id))
+            await repo.add(new_session(created=T0 + timedelta(days=1)))  # not expired
+            return ids
+
+    async def remaining() -> int:
+        async with RedisRepository(url, prefix=key_prefix) as repo:
+            return sum((await repo.count_by_status()).values())
+
+    expected = anyio.run(create)
+    later = (T0 + timedelta(hours=1)).isoformat()
+    results = run_workers([["purge", url, key_prefix, b, later] for b in ("asyncio", "trio")])
+    reported = [sid for r in results for sid in r["ids"]]
+    assert sum(r["removed"] for r in results) == count
+    assert len(reported) == count and set(reported) == expected
+    assert anyio.run(remaining) == 1
+
+
+# -- cancellation ----------------------------------------------------------------------
+
+
+def connected_clients(server: RedisServer) -> int:
+    info = server.command("INFO", "clients").decode()
+    for line in info.splitlines():
+        if line.startswith("connected_clients:"):
+            return int(line.split(":")[1])
+    raise AssertionError(info)
+
+
+@pytest.mark.anyio
+async def test_cancelled_calls_leak_nothing_and_never_cross_replies(
+    redis_server: RedisServer,
+) -> None:
+    rng = random.Random(1234)
+    before = connected_clients(redis_server)
+    async with RedisRepository(
+        redis_server.url, prefix=prefix(), key_expiry_grace=FAR, max_connections=4
+    ) as store:
+        mine = [new_session(owner=f"owner-{i}", state={"who": i}) for i in range(8)]
+        for s in mine:
+            await store.add(s)
+        cancelled = 0
+
+        async def worker(index: int, rounds: int) -> None:
+            nonlocal cancelled
+            session = mine[index]
+            for n in range(rounds):
+                op = rng.randrange(4)
+                with anyio.move_on_after(rng.uniform(0, 0.004)) as scope:
+                    if op == 0:
+                        got = await store.get(session.id, last_messages=1)
+                        assert got is not None and got.id == session.id
+                        assert got.state["who"] == index
+                    elif op == 1:
+                        got = await store.append(
+                            session.id, [msg(f"{index}:{n}")], at=T0, policy=POLICY
+                        )
+                        assert got.id == session.id and got.messages[-1].content == f"{index}:{n}"
+                    elif op == 2:
+                        got = await store.touch(session.id, at=T0, policy=POLICY)
+                        assert got is not None and got.state["who"] == index
+                    else:
+                        page = await store.list(SessionQuery(owner=f"owner-{index}"))
+                        assert [s.id for s in page] == [session.id]
+                if scope.cancelled_caught:
+                    cancelled += 1
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(worker, i, 125)  # 8 x 125 = 1,000 calls
+        assert cancelled > 50  # the deadlines really interrupted calls
+        with anyio.fail_after(10):  # a leaked pool slot (max 4) would hang here
+            async with anyio.create_task_group() as tg:
+                for s in mine:
+                    for _ in range(10):
+                        tg.start_soon(store.get, s.id)
+        for i, s in enumerate(mine):
+            got = await store.get(s.id)
+            assert got is not None and got.state["who"] == i
+            contents = [m.content for m in got.messages]
+            assert all(c.startswith(f"{i}:") for c in contents)
+            assert got.revision == len(contents)
+        during = connected_clients(redis_server)
+        assert during - before <= 4
+    assert connected_clients(redis_server) <= before + 1
+
+
+# -- outages -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aof_server(tmp_path: Path) -> Iterator[RedisServer]:
+    require_redis()
+    server = start_redis(appendonly=True, directory=tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.anyio
+async def test_restart_raises_storage_error_then_recovers(aof_server: RedisServer) -> None:
+    async with SessionManager(
+        RedisRepository(aof_server.url, prefix=prefix(), timeout=5),
+        cleanup_interval=None,
+    ) as manager:
+        acknowledged = []
+        for i in range(20):
+            s = await manager.create(owner="o", state={"i": i})
+            await manager.add_message(s.id, "user", f"hello {i}")
+            acknowledged.append(s.id)
+        await anyio.to_thread.run_sync(aof_server.stop)
+        for call in (
+            lambda: manager.get(acknowledged[0]),
+            lambda: manager.add_message(acknowledged[0], "user", "lost?"),
+            lambda: manager.create(),
+            lambda: manager.list(owner="o"),
+        ):
+            with pytest.raises(StorageError) as info:
+                await call()
+            assert info.value.recoverable
+            assert f"{HOST}:{aof_server.port}" in str(info.value)
+        await anyio.to_thread.run_sync(aof_server.start)
+        for attempt in range(3):  # the first call may still meet the dead connection
+            try:
+                await manager.get(acknowledged[0])
+                break
+            except StorageError:
+                assert attempt < 2
+        for i, sid in enumerate(acknowledged):
+            s = await manager.get(sid)
+            assert s.state["i"] == i and [m.content for m in s.messages] == [f"hello {i}"]
+        fresh = await manager.create(owner="o")
+        await manager.update(fresh.id, lambda x: x.with_state(ok=True))
+        assert (await manager.stats()).total == 21
+
+
+@pytest.mark.anyio
+async def test_connection_refused_names_the_address() -> None:
+    port = free_port()
+    async with RedisRepository(f"redis://{HOST}:{port}/0", timeout=2) as store:
+        with pytest.raises(StorageError) as info:
+            await store.get(uuid.uuid4())
+    assert info.value.recoverable
+    assert f"{HOST}:{port}" in str(info.value)
+
+
+def test_missing_coredis_gives_a_helpful_import_error() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['coredis'] = None\n"
+        "import asyncsession.stores.redis as r\n"
+        "try:\n"
+        "    r.RedisRepository('redis://127.0.0.1:6379')\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout
+    assert "pip install asyncsession[redis]" in out
+
+
+def test_bad_arguments_are_rejected() -> None:
+    for kwargs in ({"prefix": ""}, {"timeout": 0}, {"key_expiry_grace": timedelta(-1)}):
+        with pytest.raises(ValueError):
+            RedisRepository(f"redis://{HOST}:6379", **kwargs)
+    with pytest.raises(ValueError):
+        RedisRepository("http://example.invalid")
+    with pytest.raises(ValueError):
+        RedisRepository(42)  # type: ignore[arg-type]
+
+
+# -- cross-process events --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_events_travel_between_stores(redis_server: RedisServer) -> None:
+    key_prefix = prefix()
+    sid = uuid.uuid4()
+    async with (
+        RedisRepository(redis_server.url, prefix=key_prefix) as a,
+        RedisRepository(redis_server.url, prefix=key_prefix) as b,
+        b.subscribe_events() as events,
+    ):
+        with anyio.fail_after(10):
+            for _attempt in range(1000):  # the subscription may need a moment to register
+                if await a.publish_event("updated", sid, at=T0, revision=3, origin="a"):
+                    break
+                await anyio.sleep(0.01)
+            event = await events.__anext__()
+    assert (event.kind, event.session_id, event.revision, event.origin) == (
+        "updated",
+        sid,
+        3,
+        "a",
+    )
+    assert event.at == T0

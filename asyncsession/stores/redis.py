@@ -24,7 +24,7 @@ import contextlib
 import importlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -372,6 +372,38 @@ def _import_coredis() -> ModuleType:
         ) from exc
 
 
+_CONNECTION_STREAMS = (
+    "_write_buffer_in",
+    "_write_buffer_out",
+    "_push_message_buffer_in",
+    "_push_message_buffer_out",
+    "_streamed_message_buffer_in",
+    "_streamed_message_buffer_out",
+)
+
+
+def _closing_connections(pool: Any) -> None:
+    """Make a pool's connections close their buffers when connecting fails.
+
+    coredis 6.9 leaves them open then (a ResourceWarning at garbage collection for every
+    failed connect while Redis is down); only store-made clients are adjusted.
+    """
+    base = pool.connection_class
+
+    class ClosingConnection(base):  # type: ignore[misc,valid-type]
+        async def run(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                await super().run(*args, **kwargs)
+            finally:
+                for name in _CONNECTION_STREAMS:
+                    stream = getattr(self, name, None)
+                    if stream is not None:
+                        stream.close()
+
+    ClosingConnection.__name__ = ClosingConnection.__qualname__ = base.__name__
+    pool.connection_class = ClosingConnection
+
+
 def _us(value: datetime) -> int:
     return (value - _EPOCH) // _US
 
@@ -465,6 +497,7 @@ class RedisRepository(SessionRepository):
                 connect_timeout=timeout,
                 max_connections=max_connections,
             )
+            _closing_connections(client.connection_pool)
         elif isinstance(client_or_url, module.Redis):
             client = client_or_url
         else:
@@ -835,9 +868,13 @@ class RedisRepository(SessionRepository):
         with self._errors("a subscription"):
             pubsub = self._client.pubsub(channels=[self.events_channel])
             async with pubsub:
-                yield self._events(pubsub)
+                events = self._events(pubsub)
+                try:
+                    yield events
+                finally:
+                    await events.aclose()
 
-    async def _events(self, pubsub: Any) -> AsyncIterator[RedisEvent]:
+    async def _events(self, pubsub: Any) -> AsyncGenerator[RedisEvent, None]:
         with self._errors("an event subscription"):
             async for message in pubsub:
                 if message is None or message.get("type") != "message":
