@@ -51,7 +51,16 @@ from .._exceptions import (
     StorageError,
 )
 from .._json import freeze_json
-from .._models import ROLES, ExpiryPolicy, Message, MessageLog, Session, SessionStatus
+from .._migrations import CURRENT_VERSION
+from .._models import (
+    EMPTY_LOG,
+    ROLES,
+    ExpiryPolicy,
+    Message,
+    MessageLog,
+    Session,
+    SessionStatus,
+)
 from .._serialization import (
     dump_message,
     load_message,
@@ -211,6 +220,7 @@ class _Row:
     doc: bytes
     start: int
     bodies: Sequence[bytes]
+    messages: Sequence[Message] | None = None  # already decoded (append's own messages)
 
     def decode(self) -> Session:
         try:
@@ -219,7 +229,10 @@ class _Row:
             raise CorruptSessionError(
                 f"stored document is not valid JSON ({exc})", session_id=self.session_id
             ) from exc
-        log = MessageLog(_decode_messages(self.bodies, self.session_id), offset=self.start)
+        if self.messages is not None:
+            log = MessageLog(self.messages, offset=self.start)
+        else:
+            log = MessageLog(_decode_messages(self.bodies, self.session_id), offset=self.start)
         session = session_from_document(doc, messages=log, session_id=self.session_id)
         if session.id != self.session_id:
             raise CorruptSessionError(
@@ -229,7 +242,32 @@ class _Row:
 
 
 def _encode(session: Session) -> bytes:
-    return orjson.dumps(session_to_document(session, messages=False))
+    # Drop the messages first: session_to_document() would unstructure them all.
+    bare = attrs.evolve(session, messages=EMPTY_LOG) if len(session.messages) else session
+    return orjson.dumps(session_to_document(bare, messages=False))
+
+
+def _time(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _patch(session_id: uuid.UUID, doc: bytes, changes: Mapping[str, Any]) -> bytes:
+    """Return ``doc`` with ``changes`` (datetimes, revision) applied, without a full decode.
+
+    Only current-version documents are patched; older ones are migrated and re-encoded.
+    """
+    try:
+        data = orjson.loads(doc)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptSessionError(
+            f"stored document is not valid JSON ({exc})", session_id=session_id
+        ) from exc
+    if type(data) is not dict or data.get("version") != CURRENT_VERSION:
+        session = _Row(session_id, doc, 0, (), ()).decode()
+        return _encode(attrs.evolve(session, **changes))
+    for key, value in changes.items():
+        data[key] = value.isoformat() if isinstance(value, datetime) else value
+    return orjson.dumps(data)
 
 
 def _encode_messages(messages: Iterable[Message]) -> list[bytes]:
@@ -884,10 +922,6 @@ class SQLiteRepository(SessionRepository):
 
         return op
 
-    @staticmethod
-    def _decode_doc(session_id: uuid.UUID, doc: bytes) -> Session:
-        return _Row(session_id, doc, 0, ()).decode()
-
     # -- the contract -------------------------------------------------------------------
 
     async def get(
@@ -952,37 +986,37 @@ class SQLiteRepository(SessionRepository):
         bodies = _encode_messages(batch)
         at_us = _us(at)
 
-        def op(conn: sqlite3.Connection) -> Session:
+        def op(conn: sqlite3.Connection) -> _Row:
             row = conn.execute(
-                "SELECT pk, doc, message_count, status, expires_at FROM sessions WHERE id = ?",
+                "SELECT pk, doc, message_count, status, created_at, last_active, expires_at, "
+                "revision FROM sessions WHERE id = ?",
                 (str(sid),),
             ).fetchone()
             if row is None:
                 raise SessionNotFound(sid)
-            pk, doc, count, _status, expires_at = row
-            if expires_at is not None and expires_at <= at_us:
+            pk, doc, count, status_name, created_us, last_us, expires_us, revision = row
+            if expires_us is not None and expires_us <= at_us:
                 raise SessionNotFound(sid)
-            old = self._decode_doc(sid, doc)
-            if old.status.is_terminal:
-                raise SessionClosed(sid, old.status)
+            status = _status(sid, status_name)
+            if status.is_terminal:
+                raise SessionClosed(sid, status)
             total = count + len(batch)
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
-            last_active = max(old.last_active, at)
-            new = attrs.evolve(
-                old,
-                messages=MessageLog(batch, offset=count),
-                last_active=last_active,
-                expires_at=policy.deadline(old.status, old.created_at, last_active, None),
-                revision=old.revision + 1,
+            last_active = max(_time(last_us), at)
+            expires_at = policy.deadline(status, _time(created_us), last_active, None)
+            new_doc = _patch(
+                sid,
+                doc,
+                {"last_active": last_active, "expires_at": expires_at, "revision": revision + 1},
             )
             first = ", first_cf = ?" if count == 0 and batch else ""
             params: tuple[Any, ...] = (
                 _us(last_active),
-                _us_or_none(new.expires_at),
-                new.revision,
+                _us_or_none(expires_at),
+                revision + 1,
                 total,
-                _encode(new),
+                new_doc,
             )
             if first:
                 params += (_casefold(batch[0].content),)
@@ -992,9 +1026,10 @@ class SQLiteRepository(SessionRepository):
                 (*params, pk),
             )
             self._insert_messages(conn, pk, count, bodies)
-            return new
+            return _Row(sid, new_doc, count, (), batch)
 
-        return await self._call(op, write=True)
+        row = await self._call(op, write=True)
+        return row.decode()
 
     async def touch(
         self,
@@ -1005,28 +1040,30 @@ class SQLiteRepository(SessionRepository):
         last_messages: int | None = None,
     ) -> Session | None:
         sid = _check_id(session_id)
+        at_us = _us(at)
 
         def op(conn: sqlite3.Connection) -> _Row | None:
-            row = self._read(conn, sid, last_messages)
-            if row is None:
+            found = conn.execute(
+                "SELECT pk, doc, message_count, status, created_at, last_active, expires_at "
+                "FROM sessions WHERE id = ?",
+                (str(sid),),
+            ).fetchone()
+            if found is None:
                 return None
-            old = self._decode_doc(sid, row.doc)
-            if old.status.is_terminal or old.is_expired(at) or at <= old.last_active:
-                return row
-            new = attrs.evolve(
-                old,
-                last_active=at,
-                expires_at=policy.deadline(old.status, old.created_at, at, None),
-            )
-            doc = _encode(new)
-            conn.execute(
-                "UPDATE sessions SET last_active = ?, expires_at = ?, doc = ? WHERE id = ?",
-                (_us(at), _us_or_none(new.expires_at), doc, str(sid)),
-            )
-            return attrs.evolve(row, doc=doc)
+            pk, doc, count, status_name, created_us, last_us, expires_us = found
+            status = _status(sid, status_name)
+            expired = expires_us is not None and expires_us <= at_us
+            if not (status.is_terminal or expired or at_us <= last_us):
+                expires_at = policy.deadline(status, _time(created_us), at, None)
+                doc = _patch(sid, doc, {"last_active": at, "expires_at": expires_at})
+                conn.execute(
+                    "UPDATE sessions SET last_active = ?, expires_at = ?, doc = ? WHERE pk = ?",
+                    (at_us, _us_or_none(expires_at), doc, pk),
+                )
+            return self._row(conn, sid, pk, doc, count, last_messages)
 
-        found = await self._call(op, write=True)
-        return None if found is None else found.decode()
+        row = await self._call(op, write=True)
+        return None if row is None else row.decode()
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         sid = str(_check_id(session_id))
@@ -1135,6 +1172,13 @@ class SQLiteRepository(SessionRepository):
             except ValueError:
                 logger.warning("unknown status %r in %s", status, self._path)
         return counts
+
+
+def _status(session_id: uuid.UUID, value: str) -> SessionStatus:
+    try:
+        return SessionStatus(value)
+    except ValueError:
+        raise CorruptSessionError(f"unknown status {value!r}", session_id=session_id) from None
 
 
 def _check_id(session_id: uuid.UUID) -> uuid.UUID:
