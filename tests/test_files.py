@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import signal
+import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import anyio
+import attrs
 import pytest
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 
-from asyncsession.stores.files import FileRepository
+import asyncsession
+from asyncsession import (
+    CorruptSessionError,
+    SessionManager,
+    SessionNotFound,
+    SessionQuery,
+    StorageError,
+)
+from asyncsession.stores import files
+from asyncsession.stores.files import FileRepository, LockTimeout
 from asyncsession.testing import RepositoryContract
+from asyncsession.testing._contract import POLICY, at, changed, make_session, msg
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = Path(__file__).with_name("files_child.py")
 
 
 class TestFileContract(RepositoryContract):
@@ -16,3 +42,405 @@ class TestFileContract(RepositoryContract):
     async def repository(self, anyio_backend: str, tmp_path: Path) -> AsyncIterator[FileRepository]:
         async with FileRepository(tmp_path / "store") as repo:
             yield repo
+
+
+@pytest.fixture
+async def repo(anyio_backend: str, tmp_path: Path) -> AsyncIterator[FileRepository]:
+    async with FileRepository(tmp_path / "store") as store:
+        yield store
+
+
+def doc_path(repo: FileRepository, sid: uuid.UUID) -> Path:
+    return repo.directory / "sessions" / f"{sid}.json"
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def temp_files(repo: FileRepository) -> list[str]:
+    return [p.name for p in (repo.directory / "sessions").iterdir() if p.name.startswith(".")]
+
+
+def quarantined(repo: FileRepository) -> list[Path]:
+    return sorted((repo.directory / "quarantine").iterdir())
+
+
+# -- layout and format ----------------------------------------------------------------
+
+
+async def test_document_is_readable_json_that_loads_reads(repo: FileRepository) -> None:
+    session = make_session(messages=("hello", "wörld"))
+    await repo.add(session)
+    path = doc_path(repo, session.id)
+    text = path.read_text("utf-8")
+    assert text.startswith('{\n  "version": 1,\n') and text.endswith("}\n")
+    assert '"content": "wörld"' in text  # not escaped: readable by people
+    assert asyncsession.loads(path.read_bytes()) == session
+    assert files.decode_document(path.read_bytes(), session.id) == session
+    assert sorted(p.name for p in repo.directory.iterdir()) == ["locks", "quarantine", "sessions"]
+
+
+async def test_legacy_document_without_checksum_is_read(repo: FileRepository) -> None:
+    session = make_session(messages=("a",))
+    doc_path(repo, session.id).write_bytes(asyncsession.dumps(session))
+    assert await repo.get(session.id) == session
+
+
+async def test_open_errors_name_the_path(tmp_path: Path, anyio_backend: str) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for bad in (tmp_path / "missing" / "store", a_file, a_file / "store"):
+        with pytest.raises(StorageError, match=str(bad)):
+            async with FileRepository(bad):
+                pass
+    if os.geteuid() != 0:  # root ignores permissions
+        locked = tmp_path / "ro"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(StorageError, match="ro"):
+            async with FileRepository(locked / "store"):
+                pass
+
+
+async def test_closed_store_refuses_work(tmp_path: Path, anyio_backend: str) -> None:
+    repo = FileRepository(tmp_path / "store")
+    with pytest.raises(StorageError, match="not open"):
+        await repo.get(uuid.uuid4())
+    with pytest.raises(asyncsession.InvalidConfiguration):
+        FileRepository(tmp_path, lock_timeout=0)
+
+
+async def test_data_survives_reopen(tmp_path: Path, anyio_backend: str) -> None:
+    session = make_session(owner="bob", messages=("x",))
+    async with FileRepository(tmp_path / "store") as repo:
+        await repo.add(session)
+        await repo.append(session.id, [msg("y", 1)], at=at(1), policy=POLICY)
+    async with FileRepository(tmp_path / "store", shared=False) as repo:
+        page = await repo.list(SessionQuery(owner="bob"))
+        assert [s.id for s in page] == [session.id] and page.items[0].messages.total == 2
+        assert list(await repo.expired(at(61))) == [session.id]
+        loaded = await repo.get(session.id, last_messages=1)
+        assert loaded is not None and [m.content for m in loaded.messages] == ["y"]
+
+
+async def test_listing_sees_other_writers(tmp_path: Path, anyio_backend: str) -> None:
+    async with FileRepository(tmp_path / "s") as one, FileRepository(tmp_path / "s") as two:
+        a = make_session(owner="o")
+        await one.add(a)
+        assert [s.id for s in await two.list(SessionQuery())] == [a.id]
+        await two.save(changed(a, owner="p"), expected_revision=0)
+        assert [s.id for s in await one.list(SessionQuery(owner="p"))] == [a.id]
+        assert dict(await one.count_by_status("o")) == {}
+        await two.delete(a.id)
+        assert len(await one.list(SessionQuery())) == 0
+        assert list(await one.expired(at(1000))) == []
+
+
+# -- ids never become arbitrary paths ----------------------------------------------
+
+
+async def test_bad_ids_never_touch_the_filesystem(tmp_path: Path, anyio_backend: str) -> None:
+    bad_ids: list[Any] = [
+        "../x",
+        "../../etc/passwd",
+        "a/b",
+        "/etc/passwd",
+        "..",
+        "",
+        "x\x00y",
+        str(uuid.uuid4()),
+        42,
+        None,
+    ]
+    async with FileRepository(tmp_path / "store") as repo:
+        before = tree(tmp_path)
+        for bad in bad_ids:
+            assert await repo.get(bad) is None
+            assert await repo.touch(bad, at=at(1), policy=POLICY) is None
+            assert await repo.delete(bad) is False
+            assert await repo.remove_expired(bad, now=at(1000)) is None
+            with pytest.raises(SessionNotFound):
+                await repo.append(bad, [msg("x")], at=at(1), policy=POLICY)
+        # unknown but valid ids leave no lock files behind either
+        assert await repo.get(uuid.uuid4()) is None
+        assert await repo.touch(uuid.uuid4(), at=at(1), policy=POLICY) is None
+        assert tree(tmp_path) == before
+        async with SessionManager(repo) as sessions:
+            for bad in ("../../etc/passwd", "../x", "a/b", "/etc/passwd"):
+                with pytest.raises(SessionNotFound):
+                    await sessions.get(bad)
+                with pytest.raises(SessionNotFound):
+                    await sessions.update(bad, lambda s: s)
+                with pytest.raises(SessionNotFound):
+                    await sessions.delete(bad)
+        assert tree(tmp_path) == before
+
+
+# -- corruption and quarantine --------------------------------------------------------
+
+
+async def test_truncated_documents_are_quarantined(repo: FileRepository) -> None:
+    victim = make_session(messages=("one", "two"))
+    other = make_session(messages=("safe",))
+    await repo.add(victim)
+    await repo.add(other)
+    path = doc_path(repo, victim.id)
+    good = path.read_bytes()
+    offsets = sorted({*range(0, len(good) - 1, max(1, len(good) // 40)), len(good) - 2})
+    for n, offset in enumerate(offsets):
+        path.write_bytes(good[:offset])
+        with pytest.raises(CorruptSessionError) as info:
+            await repo.get(victim.id)
+        assert info.value.session_id == victim.id and "quarantine" in str(info.value)
+        assert not path.exists()
+        kept = quarantined(repo)
+        assert len(kept) == n + 1  # moved, never deleted, never overwritten
+        assert {p.read_bytes() for p in kept} == {good[:o] for o in offsets[: n + 1]}
+        assert await repo.get(other.id) == other
+        assert await repo.get(victim.id) is None
+    assert [s.id for s in await repo.list(SessionQuery())] == [other.id]
+    assert (repo.directory / "quarantine" / f"{victim.id}.json").exists()
+    assert (repo.directory / "quarantine" / f"{victim.id}.1.json").exists()
+
+
+async def test_flipped_bytes_are_detected(repo: FileRepository) -> None:
+    victim = make_session(messages=("some text", "more"), state={"n": 12345})
+    other = make_session()
+    await repo.add(victim)
+    await repo.add(other)
+    path = doc_path(repo, victim.id)
+    good = path.read_bytes()
+    detected = 0
+    positions = range(0, len(good), max(1, len(good) // 60))
+    for position in positions:
+        damaged = bytearray(good)
+        damaged[position] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        try:
+            loaded = await repo.get(victim.id)
+        except CorruptSessionError:
+            detected += 1
+            assert not path.exists()
+        else:  # only harmless flips (e.g. in the name of the checksum key) may pass
+            assert loaded == victim
+    assert detected >= len(positions) - 2
+    assert len(quarantined(repo)) == detected
+    assert await repo.get(other.id) == other
+
+
+async def test_foreign_documents_are_quarantined(repo: FileRepository) -> None:
+    a, b = make_session(), make_session()
+    await repo.add(a)
+    await repo.add(b)
+    foreign = [
+        b'{"hello": "world"}',
+        b"[1, 2, 3]",
+        b"\xff\xfe\x00",
+        b"",
+        asyncsession.dumps(b),
+    ]  # a valid document of another session
+    for data in foreign:
+        doc_path(repo, a.id).write_bytes(data)
+        with pytest.raises(CorruptSessionError):
+            await repo.get(a.id)
+    assert len(quarantined(repo)) == len(foreign)
+    assert await repo.get(b.id) == b
+
+
+async def test_listing_skips_and_quarantines_corrupt_files(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    good, bad, late = make_session(created=1), make_session(created=2), make_session(created=3)
+    async with FileRepository(tmp_path / "store") as repo:
+        for s in (good, bad, late):
+            await repo.add(s)
+        doc_path(repo, bad.id).write_bytes(b'{"version": 1, "id": ')
+        with caplog.at_level(logging.WARNING, logger="asyncsession.stores.files"):
+            assert [s.id for s in await repo.list(SessionQuery())] == [late.id, good.id]
+        assert any("corrupt" in r.getMessage() for r in caplog.records)
+        assert len(quarantined(repo)) == 1
+        # at open, too
+        doc_path(repo, late.id).write_bytes(b"garbage")
+    async with FileRepository(tmp_path / "store", shared=False) as repo:
+        assert [s.id for s in await repo.list(SessionQuery())] == [good.id]
+        assert dict(await repo.count_by_status()) == {asyncsession.SessionStatus.ACTIVE: 1}
+        assert len(quarantined(repo)) == 2
+
+
+async def test_stale_temp_files_are_ignored_and_cleaned(tmp_path: Path, anyio_backend: str) -> None:
+    session = make_session()
+    async with FileRepository(tmp_path / "store") as repo:
+        await repo.add(session)
+        sessions_dir = repo.directory / "sessions"
+        # what a crash between write and rename leaves: a complete-looking document
+        fake = make_session()
+        (sessions_dir / f".tmp-{fake.id}-dead.json").write_bytes(files.encode_document(fake))
+        (sessions_dir / f".tmp-{session.id}-dead.json").write_bytes(b"{half")
+        assert [s.id for s in await repo.list(SessionQuery())] == [session.id]
+        assert await repo.get(fake.id) is None
+    async with FileRepository(tmp_path / "store") as repo:
+        assert temp_files(repo) == []
+        assert await repo.get(session.id) == session
+
+
+# -- locks ------------------------------------------------------------------------------
+
+
+async def spawn(*args: str) -> tuple[Process, BufferedByteReceiveStream]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = await anyio.open_process([sys.executable, str(CHILD), *args], env=env, stderr=None)
+    assert process.stdout is not None
+    return process, BufferedByteReceiveStream(process.stdout)
+
+
+async def test_lock_held_by_another_process_times_out(tmp_path: Path, anyio_backend: str) -> None:
+    session = make_session()
+    async with FileRepository(tmp_path / "store", lock_timeout=0.2) as repo:
+        await repo.add(session)
+        lock_file = repo.directory / "locks" / f"{session.id}.lock"
+        process, out = await spawn("hold-lock", str(lock_file))
+        async with process:
+            assert await out.receive_until(b"\n", 100) == b"locked"
+            with pytest.raises(LockTimeout) as info:
+                await repo.append(session.id, [msg("x")], at=at(1), policy=POLICY)
+            error = info.value
+            assert isinstance(error, StorageError) and error.recoverable
+            assert str(lock_file) in str(error) and "lock_timeout" in str(error)
+            with pytest.raises(LockTimeout):
+                await repo.get(session.id)
+            assert process.stdin is not None
+            await process.stdin.aclose()
+            assert await process.wait() == 0
+        result = await repo.append(session.id, [msg("x")], at=at(1), policy=POLICY)
+        assert result.revision == 1
+
+
+# -- injected I/O faults ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "code"),
+    [
+        ("_write", errno.ENOSPC),
+        ("_write", errno.EIO),
+        ("_fsync", errno.ENOSPC),
+        ("_fsync", errno.EIO),
+        ("_replace", errno.EIO),
+    ],
+)
+async def test_io_faults_keep_the_previous_version(
+    repo: FileRepository, monkeypatch: pytest.MonkeyPatch, target: str, code: int
+) -> None:
+    session = make_session(messages=("kept",))
+    await repo.add(session)
+    before = doc_path(repo, session.id).read_bytes()
+
+    def fail(*args: Any) -> Any:
+        raise OSError(code, os.strerror(code))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files, target, fail)
+        with pytest.raises(StorageError) as info:
+            await repo.append(session.id, [msg("lost", 1)], at=at(1), policy=POLICY)
+        with pytest.raises(StorageError):
+            await repo.save(changed(session, state={"x": 1}), expected_revision=0)
+    assert isinstance(info.value.__cause__, OSError)
+    assert os.strerror(code) in str(info.value) and ".tmp-" in str(info.value)
+    assert info.value.recoverable == (code == errno.ENOSPC)
+    assert doc_path(repo, session.id).read_bytes() == before
+    assert temp_files(repo) == []
+    assert await repo.get(session.id) == session
+    after = await repo.append(session.id, [msg("next", 1)], at=at(1), policy=POLICY)
+    assert after.revision == 1 and [m.content for m in after.messages] == ["kept", "next"]
+
+
+async def test_fault_on_first_write_leaves_nothing(
+    repo: FileRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = make_session()
+
+    def fail(*args: Any) -> Any:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "_fsync", fail)
+        with pytest.raises(StorageError):
+            await repo.add(session)
+    assert await repo.get(session.id) is None
+    assert len(await repo.list(SessionQuery())) == 0
+    assert list((repo.directory / "sessions").iterdir()) == []
+    assert list((repo.directory / "locks").iterdir()) == []
+    await repo.add(session)
+    assert await repo.get(session.id) == session
+
+
+# -- real processes -----------------------------------------------------------------------
+
+
+async def test_kill_9_during_concurrent_writes_loses_no_acknowledged_write(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    store = tmp_path / "store"
+    process, out = await spawn("crash", str(store), "20", "1000", "20")
+    created: set[uuid.UUID] = set()
+    acked: dict[uuid.UUID, int] = {}
+    async with process:
+        while len(acked) < 20 or sum(acked.values()) < 300:
+            kind, _, rest = (await out.receive_until(b"\n", 200)).decode().partition(" ")
+            if kind == "add":
+                created.add(uuid.UUID(rest))
+            else:
+                assert kind == "ack", kind
+                sid, revision = rest.split()
+                acked[uuid.UUID(sid)] = max(acked.get(uuid.UUID(sid), 0), int(revision))
+        process.send_signal(signal.SIGKILL)
+        assert await process.wait() == -signal.SIGKILL
+    assert len(created) == 20
+    async with FileRepository(store) as repo:
+        assert temp_files(repo) == []  # stale temporary files were removed at open
+        assert quarantined(repo) == []  # no half-written document
+        listed = {s.id for s in await repo.list(SessionQuery(limit=100))}
+        assert listed == created
+        total = 0
+        for sid in created:
+            session = await repo.get(sid)
+            assert session is not None
+            assert session.revision >= acked.get(sid, 0)
+            assert session.messages.total == session.revision
+            total += session.revision
+        assert sum(acked.values()) <= total < 1000
+
+
+async def test_two_processes_append_to_one_session(tmp_path: Path, anyio_backend: str) -> None:
+    store = tmp_path / "store"
+    session = attrs.evolve(make_session(), expires_at=None)  # children use the real time
+    async with FileRepository(store) as repo:
+        await repo.add(session)
+    first, first_out = await spawn("append", str(store), str(session.id), "a", "500")
+    second, second_out = await spawn("append", str(store), str(session.id), "b", "500")
+    async with first, second:
+        assert await first_out.receive_until(b"\n", 100) == b"done"
+        assert await second_out.receive_until(b"\n", 100) == b"done"
+        assert await first.wait() == 0 and await second.wait() == 0
+    async with FileRepository(store) as repo:
+        loaded = await repo.get(session.id)
+    assert loaded is not None
+    assert loaded.revision == 1000 and loaded.messages.total == 1000
+    contents = [m.content for m in loaded.messages]
+    assert len(set(contents)) == 1000
+    for tag in ("a", "b"):  # each process's messages arrive once, in its order
+        assert [c for c in contents if c.startswith(f"{tag}-")] == [
+            f"{tag}-{i}" for i in range(500)
+        ]
+
+
+async def test_deleted_session_lock_files_do_not_accumulate(repo: FileRepository) -> None:
+    sessions = [make_session() for _ in range(5)]
+    for s in sessions:
+        await repo.add(s)
+    assert len(list((repo.directory / "locks").iterdir())) == 5
+    for s in sessions[:3]:
+        assert await repo.delete(s.id)
+    expired = attrs.evolve(sessions[3])
+    assert await repo.remove_expired(expired.id, now=at(61)) is not None
+    assert len(list((repo.directory / "locks").iterdir())) == 1
