@@ -583,6 +583,14 @@ class SQLiteRepository(SessionRepository):
         results: list[tuple[Any, BaseException | None]] = []
         for request in batch:
             assert request.fn is not None
+            if not request.write:  # reads change nothing: no savepoint needed
+                try:
+                    results.append((request.fn(conn), None))
+                except sqlite3.Error as exc:
+                    raise _Aborted(str(exc)) from exc
+                except Exception as exc:
+                    results.append((None, exc))
+                continue
             conn.execute("SAVEPOINT op")
             try:
                 value = request.fn(conn)
