@@ -24,10 +24,11 @@ import contextlib
 import importlib
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 import orjson
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 __all__ = ["RedisEvent", "RedisRepository"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
@@ -408,8 +411,8 @@ def _us(value: datetime) -> int:
     return (value - _EPOCH) // _US
 
 
-def _iso(us: Any) -> str:
-    return (_EPOCH + timedelta(microseconds=int(us))).isoformat()
+def _datetime(us: Any) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(us))
 
 
 def _opt_us(value: datetime | None) -> str:
@@ -435,6 +438,29 @@ def _search_matches(needle: str, name: str | None, first: Any) -> bool:
     except CorruptSessionError:
         return False
     return folded in content.casefold()
+
+
+class _Decoded(Generic[T]):
+    """A bounded LRU of decoded immutable objects keyed by their stored bytes.
+
+    Stored documents and messages are immutable values, so equal bytes decode to equal
+    objects; sharing them between snapshots is safe and skips repeated validation.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[Any, T] = OrderedDict()
+
+    def get(self, key: Any) -> T | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: Any, item: T) -> None:
+        self._items[key] = item
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
 
 
 class RedisRepository(SessionRepository):
@@ -520,6 +546,8 @@ class RedisRepository(SessionRepository):
         self._expired = register(_PRELUDE + _EXPIRED)
         self._list = register(_PRELUDE + _LIST)
         self._entered: contextlib.AsyncExitStack | None = None
+        self._docs: _Decoded[Session] = _Decoded(2_000)
+        self._messages: _Decoded[Message] = _Decoded(20_000)
 
     def __repr__(self) -> str:
         return f"RedisRepository({self._address!r}, prefix={self._prefix!r})"
@@ -616,22 +644,40 @@ class RedisRepository(SessionRepository):
         expires_at: Any,
         messages: MessageLog,
     ) -> Session:
-        try:
-            data = orjson.loads(doc)
-        except orjson.JSONDecodeError as exc:
-            raise CorruptSessionError(f"not valid JSON ({exc})", session_id=session_id) from exc
-        if not isinstance(data, dict):
-            raise CorruptSessionError("expected a JSON object", session_id=session_id)
-        data["revision"] = int(revision)
-        data["last_active"] = _iso(last_active)
-        data["expires_at"] = None if expires_at is None else _iso(expires_at)
-        return session_from_document(data, messages=messages, session_id=session_id)
+        base = self._docs.get(doc)
+        if base is None:
+            try:
+                data = orjson.loads(doc)
+            except orjson.JSONDecodeError as exc:
+                raise CorruptSessionError(f"not valid JSON ({exc})", session_id=session_id) from exc
+            if not isinstance(data, dict):
+                raise CorruptSessionError("expected a JSON object", session_id=session_id)
+            base = session_from_document(data, messages=MessageLog(), session_id=session_id)
+            if base.id != session_id:
+                raise CorruptSessionError(
+                    f"the document holds session {base.id}", session_id=session_id
+                )
+            self._docs.put(doc, base)
+        return attrs.evolve(
+            base,
+            revision=int(revision),
+            last_active=_datetime(last_active),
+            expires_at=None if expires_at is None else _datetime(expires_at),
+            messages=messages,
+        )
+
+    def _message(self, raw: Any, session_id: uuid.UUID) -> Message:
+        message = self._messages.get(raw)
+        if message is None:
+            message = load_message(raw, session_id=session_id)
+            self._messages.put(raw, message)
+        return message
 
     def _from_reply(self, session_id: uuid.UUID, reply: Any) -> Session | None:
         if reply is None:
             return None
         doc, revision, last_active, expires_at, total, *raw = reply
-        loaded = [load_message(item, session_id=session_id) for item in raw]
+        loaded = [self._message(item, session_id) for item in raw]
         log = MessageLog(loaded, offset=int(total) - len(loaded))
         return self._build(session_id, doc, revision, last_active, expires_at, log)
 

@@ -1,0 +1,232 @@
+"""RedisRepository against raw coredis round trips to the same private redis-server.
+
+    python benchmarks/bench_redis.py [--backend asyncio|trio] [--n 3000]
+
+Starts its own redis-server (127.0.0.1, temp dir, no persistence), then prints:
+latency p50/p99 of store and manager calls next to one raw GET/SET round trip, the
+throughput of 100 concurrent tasks next to raw pipelined GETs, and the throughput of
+1, 2 and 4 worker processes (each with 50 concurrent tasks doing add_message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import coredis  # noqa: E402
+from redis_support import start_redis  # noqa: E402
+
+from asyncsession import SessionManager  # noqa: E402
+from asyncsession.stores.redis import RedisRepository  # noqa: E402
+
+GRACE = timedelta(days=1)
+
+
+async def timed(fn: Callable[[], Awaitable[Any]], n: int) -> list[float]:
+    for _ in range(min(200, n)):  # warm up (scripts loaded, connection open)
+        await fn()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter_ns()
+        await fn()
+        samples.append((time.perf_counter_ns() - start) / 1000)
+    return samples
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def concurrent_rate(fn: Callable[[], Awaitable[Any]], tasks: int, per_task: int) -> float:
+    async def worker() -> None:
+        for _ in range(per_task):
+            await fn()
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(worker)
+    return tasks * per_task / (time.perf_counter() - start)
+
+
+async def latency_and_concurrency(url: str, n: int) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+    raw = coredis.Redis.from_url(url)
+    async with raw:
+        await raw.set("bench:raw", b"x" * 200)
+        raw_get = await timed(lambda: raw.get("bench:raw"), n)
+        raw_set = await timed(lambda: raw.set("bench:raw", b"x" * 200), n)
+        base = statistics.median(raw_get)
+        rows.append(("raw GET (1 round trip)", f"{base:.0f}", f"{pct(raw_get, 0.99):.0f}", "1.00"))
+        med = statistics.median(raw_set)
+        rows.append(("raw SET", f"{med:.0f}", f"{pct(raw_set, 0.99):.0f}", f"{med / base:.2f}"))
+
+        store = RedisRepository(
+            url, prefix=f"bench:{uuid.uuid4().hex[:8]}:", key_expiry_grace=GRACE
+        )
+        async with SessionManager(store, cleanup_interval=None) as sessions:
+            s = await sessions.create(owner="bench", state={"user": "alice", "n": 0})
+            for i in range(10):
+                await sessions.add_message(s.id, "user", f"message {i} " * 5)
+            sid = s.id
+            u = await sessions.create(owner="bench", state={"user": "alice", "n": 0})
+            for i in range(10):
+                await sessions.add_message(u.id, "user", f"message {i} " * 5)
+            a = await sessions.create(owner="bench")
+            c = await sessions.create(owner="bench", state={"n": 0})
+            current = {"s": await store.get(c.id)}
+
+            def bump(x: Any) -> Any:
+                return x.with_state(n=x.state["n"] + 1)
+
+            async def cas() -> None:
+                old = current["s"]
+                assert old is not None
+                new = attrs.evolve(old, revision=old.revision + 1, state={"n": old.revision})
+                await store.save(new, expected_revision=old.revision, new_messages=())
+                current["s"] = new
+
+            cases: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+                ("store.get (10 messages)", lambda: store.get(sid)),
+                ("store.get last_messages=1", lambda: store.get(sid, last_messages=1)),
+                ("manager.get touch=False", lambda: sessions.get(sid, touch=False)),
+                ("manager.get (touch script)", lambda: sessions.get(sid, last_messages=5)),
+                ("manager.add_message", lambda: sessions.add_message(a.id, "user", "hi")),
+                ("store.save (CAS script)", cas),
+                ("manager.update (get + CAS, 10 msgs)", lambda: sessions.update(u.id, bump)),
+            ]
+            for name, fn in cases:
+                samples = await timed(fn, n)
+                med = statistics.median(samples)
+                rows.append((name, f"{med:.0f}", f"{pct(samples, 0.99):.0f}", f"{med / base:.2f}"))
+
+            rows.append(("", "", "", ""))
+            rate = await concurrent_rate(lambda: raw.get("bench:raw"), 100, 200)
+            rows.append(("100 tasks raw GET (auto-pipelined)", f"{rate:,.0f} ops/s", "", ""))
+            pipe_ops = 0
+            start = time.perf_counter()
+            for _ in range(200):
+                async with raw.pipeline(transaction=False) as pipe:
+                    for _ in range(100):
+                        pipe.get("bench:raw")
+                pipe_ops += 100
+            rate = pipe_ops / (time.perf_counter() - start)
+            rows.append(("raw pipeline of 100 GETs", f"{rate:,.0f} ops/s", "", ""))
+            ids = [(await sessions.create(owner="bench")).id for _ in range(100)]
+            for label, op in (
+                ("100 tasks manager.get", lambda i: sessions.get(i, touch=False)),
+                ("100 tasks manager.add_message", lambda i: sessions.add_message(i, "user", "x")),
+            ):
+
+                async def each(i: uuid.UUID = ids[0], op: Any = op) -> None:
+                    for _ in range(100):
+                        await op(i)
+
+                start = time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    for i in ids:
+                        tg.start_soon(each, i)
+                rate = 100 * 100 / (time.perf_counter() - start)
+                rows.append((label, f"{rate:,.0f} ops/s", "", ""))
+    return rows
+
+
+async def worker(url: str, prefix: str, ops: int, tasks: int) -> None:
+    store = RedisRepository(url, prefix=prefix, key_expiry_grace=GRACE)
+    async with SessionManager(store, cleanup_interval=None) as sessions:
+        ids = [(await sessions.create(owner="w")).id for _ in range(tasks)]
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        await anyio.to_thread.run_sync(sys.stdin.readline)
+        start = time.perf_counter()
+
+        async def run(sid: uuid.UUID) -> None:
+            for _ in range(ops // tasks):
+                await sessions.add_message(sid, "user", "x")
+
+        async with anyio.create_task_group() as tg:
+            for sid in ids:
+                tg.start_soon(run, sid)
+        elapsed = time.perf_counter() - start
+    sys.stdout.write(json.dumps({"ops": ops // tasks * tasks, "elapsed": elapsed}) + "\n")
+
+
+def processes(url: str, count: int, ops: int, backend: str) -> float:
+    prefix = f"bench:{uuid.uuid4().hex[:8]}:"
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        url,
+        "--prefix",
+        prefix,
+        "--ops",
+        str(ops),
+        "--backend",
+        backend,
+    ]
+    procs = [
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    for p in procs:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "ready"
+    start = time.perf_counter()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    total = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        total += json.loads(out.strip().splitlines()[-1])["ops"]
+    return total / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
+    parser.add_argument("--n", type=int, default=3000, help="samples per latency row")
+    parser.add_argument("--ops", type=int, default=20000, help="ops per worker process")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        anyio.run(worker, args.worker, args.prefix, args.ops, 50, backend=args.backend)
+        return
+    server = start_redis()
+    try:
+        rows = anyio.run(latency_and_concurrency, server.url, args.n, backend=args.backend)
+        for count in (1, 2, 4):
+            rate = processes(server.url, count, args.ops, args.backend)
+            rows.append(
+                (f"{count} process(es) x 50 tasks add_message", f"{rate:,.0f} ops/s", "", "")
+            )
+    finally:
+        server.stop()
+    print(f"backend: {args.backend}, Python {sys.version.split()[0]}, cores: {os.cpu_count()}")
+    print(f"{'operation':44} {'p50 us':>14} {'p99 us':>8} {'x raw GET':>9}")
+    for name, p50, p99, ratio in rows:
+        print(f"{name:44} {p50:>14} {p99:>8} {ratio:>9}")
+
+
+if __name__ == "__main__":
+    main()
