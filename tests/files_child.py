@@ -10,7 +10,8 @@ Usage::
 concurrent tasks, printing ``add <id>`` / ``ack <id> <revision>`` as soon as each write
 is acknowledged (the parent kills it with SIGKILL part way). ``append`` appends COUNT
 messages ``TAG-<i>`` to one session. ``hold-lock`` takes the flock of a lock file, prints
-``locked`` and holds it until stdin closes.
+``locked`` and holds it until stdin closes. The event loop is the one named by the
+``FILES_CHILD_BACKEND`` environment variable (asyncio or trio).
 """
 
 from __future__ import annotations
@@ -80,10 +81,11 @@ def hold_lock(path: str) -> None:
 
 def main(argv: list[str]) -> None:
     mode = argv[1]
+    backend = os.environ.get("FILES_CHILD_BACKEND", "asyncio")
     if mode == "crash":
-        anyio.run(crash, argv[2], int(argv[3]), int(argv[4]), int(argv[5]))
+        anyio.run(crash, argv[2], int(argv[3]), int(argv[4]), int(argv[5]), backend=backend)
     elif mode == "append":
-        anyio.run(append, argv[2], argv[3], argv[4], int(argv[5]))
+        anyio.run(append, argv[2], argv[3], argv[4], int(argv[5]), backend=backend)
     elif mode == "hold-lock":
         hold_lock(argv[2])
     else:

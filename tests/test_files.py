@@ -286,8 +286,9 @@ async def test_stale_temp_files_are_ignored_and_cleaned(tmp_path: Path, anyio_ba
 # -- locks ------------------------------------------------------------------------------
 
 
-async def spawn(*args: str) -> tuple[Process, BufferedByteReceiveStream]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+async def spawn(*args: str, backend: str = "asyncio") -> tuple[Process, BufferedByteReceiveStream]:
+    """Start tests/files_child.py; its store runs on ``backend``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FILES_CHILD_BACKEND=backend)
     process = await anyio.open_process([sys.executable, str(CHILD), *args], env=env, stderr=None)
     assert process.stdout is not None
     return process, BufferedByteReceiveStream(process.stdout)
@@ -351,7 +352,9 @@ async def test_io_faults_keep_the_previous_version(
     assert temp_files(repo) == []
     assert await repo.get(session.id) == session
     after = await repo.append(session.id, [msg("next", 1)], at=at(1), policy=POLICY)
-    assert after.revision == 1 and [m.content for m in after.messages] == ["kept", "next"]
+    assert after.revision == 1 and after.messages.total == 2
+    latest = await repo.get(session.id)
+    assert latest is not None and [m.content for m in latest.messages] == ["kept", "next"]
 
 
 async def test_fault_on_first_write_leaves_nothing(
@@ -381,7 +384,7 @@ async def test_kill_9_during_concurrent_writes_loses_no_acknowledged_write(
     tmp_path: Path, anyio_backend: str
 ) -> None:
     store = tmp_path / "store"
-    process, out = await spawn("crash", str(store), "20", "1000", "20")
+    process, out = await spawn("crash", str(store), "20", "1000", "20", backend=anyio_backend)
     created: set[uuid.UUID] = set()
     acked: dict[uuid.UUID, int] = {}
     async with process:
@@ -416,8 +419,9 @@ async def test_two_processes_append_to_one_session(tmp_path: Path, anyio_backend
     session = attrs.evolve(make_session(), expires_at=None)  # children use the real time
     async with FileRepository(store) as repo:
         await repo.add(session)
-    first, first_out = await spawn("append", str(store), str(session.id), "a", "500")
-    second, second_out = await spawn("append", str(store), str(session.id), "b", "500")
+    args = ("append", str(store), str(session.id))
+    first, first_out = await spawn(*args, "a", "500", backend=anyio_backend)
+    second, second_out = await spawn(*args, "b", "500", backend=anyio_backend)
     async with first, second:
         assert await first_out.receive_until(b"\n", 100) == b"done"
         assert await second_out.receive_until(b"\n", 100) == b"done"

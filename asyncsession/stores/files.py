@@ -58,6 +58,7 @@ from .._exceptions import (
     SessionNotFound,
     StorageError,
 )
+from .._migrations import CURRENT_VERSION
 from .._models import ExpiryPolicy, Message, MessageLog, Session, SessionStatus
 from .._serialization import session_from_document, session_to_document
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
@@ -106,6 +107,118 @@ class _Busy(enum.Enum):
 _BUSY = _Busy.BUSY
 
 
+def _digest(body: bytes) -> str:
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+class _Damaged(Exception):
+    """A stored document cannot be used (becomes :class:`CorruptSessionError`)."""
+
+
+@attrs.frozen(slots=True)
+class _Doc:
+    """A parsed current-version document: the raw dict and a message-free snapshot.
+
+    Messages stay raw JSON until a caller asks for them, so appends and touches never
+    build Message objects for the history they carry over.
+    """
+
+    raw: dict[str, Any]
+    skeleton: Session  # every field; ``messages`` is an empty window, ``total`` exact
+    stamp: Stamp
+
+    def session(self, last: int | None = None) -> Session:
+        """The snapshot with all messages, or a window of the ``last`` ones."""
+        messages = self.raw["messages"]
+        total = len(messages)
+        keep = total if last is None else max(0, min(last, total))
+        part = _structure({**self.raw, "messages": messages[total - keep :]}, self.skeleton.id)
+        if keep == total:
+            return part
+        return attrs.evolve(part, messages=MessageLog(part.messages, offset=total - keep))
+
+
+def _structure(doc: dict[str, Any], sid: uuid.UUID) -> Session:
+    try:
+        session = session_from_document(doc, session_id=sid)
+    except CorruptSessionError as exc:
+        raise _Damaged(exc.detail) from exc
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise _Damaged(f"invalid document ({type(exc).__name__}: {exc})") from exc
+    if session.id != sid:
+        raise _Damaged(f"the document holds session {session.id}, not the id in its file name")
+    return session
+
+
+def _parse(data: bytes, sid: uuid.UUID, stamp: Stamp) -> _Doc:
+    """Parse stored bytes; raise :class:`_Damaged` or :class:`SchemaVersionError`."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise _Damaged(f"not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise _Damaged(f"expected a JSON object, got {type(doc).__name__}")
+    checksum = doc.pop(_CHECKSUM, None)
+    if checksum is None or doc.get("version") != CURRENT_VERSION:
+        # Hand-written or older documents: validate (and migrate) them in full.
+        full = _structure(doc, sid)
+        return _Doc(session_to_document(full), _skeleton(full), stamp)
+    if not (
+        isinstance(checksum, str) and hmac.compare_digest(checksum, _digest(orjson.dumps(doc)))
+    ):
+        raise _Damaged("checksum mismatch (damaged bytes)")
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise _Damaged("'messages' is not a list of objects")
+    skeleton = _structure({**doc, "messages": []}, sid)
+    return _Doc(doc, attrs.evolve(skeleton, messages=MessageLog((), offset=len(messages))), stamp)
+
+
+def _skeleton(session: Session) -> Session:
+    return attrs.evolve(session, messages=MessageLog((), offset=session.messages.total))
+
+
+def _document(skeleton: Session, history: list[Any], new: Sequence[Message] = ()) -> dict[str, Any]:
+    """The document of ``skeleton`` whose messages are raw ``history`` plus ``new``."""
+    doc = session_to_document(attrs.evolve(skeleton, messages=MessageLog(new)))
+    doc["messages"] = history + doc["messages"]
+    return doc
+
+
+def _encode(doc: dict[str, Any], sid: uuid.UUID) -> bytes:
+    try:
+        body = orjson.dumps(doc)
+        return orjson.dumps({**doc, _CHECKSUM: _digest(body)}, option=_DUMP_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        raise SerializationError(f"Session {sid} cannot be encoded: {exc}") from exc
+
+
+def encode_document(session: Session) -> bytes:
+    """Return the pretty-printed, checksummed document this store writes for ``session``."""
+    return _encode(session_to_document(session), session.id)
+
+
+def decode_document(data: bytes, session_id: uuid.UUID) -> Session:
+    """Decode a stored document of session ``session_id`` (any known version).
+
+    Raises :class:`CorruptSessionError` for damaged or foreign bytes (including a
+    checksum mismatch or a document of another session) and :class:`SchemaVersionError`
+    for documents of a newer release.
+    """
+    try:
+        return _parse(data, session_id, (0, 0, 0)).session()
+    except _Damaged as exc:
+        raise CorruptSessionError(str(exc), session_id=session_id) from exc
+
+
+@attrs.frozen(slots=True)
+class _Write:
+    """A step's request to store ``doc`` (whose snapshot, minus messages, is ``skeleton``)."""
+
+    doc: dict[str, Any]
+    skeleton: Session
+
+
 class _Delete(enum.Enum):
     DELETE = 0
 
@@ -113,57 +226,7 @@ class _Delete(enum.Enum):
 _DELETE = _Delete.DELETE
 
 #: What a read-modify-write step asks for: keep the document, replace it, or delete it.
-_Action = Union[Session, _Delete, None]
-
-
-def _digest(body: bytes) -> str:
-    return hashlib.blake2b(body, digest_size=16).hexdigest()
-
-
-def encode_document(session: Session) -> bytes:
-    """Return the pretty-printed, checksummed document this store writes for ``session``."""
-    doc = session_to_document(session)
-    try:
-        doc[_CHECKSUM] = _digest(orjson.dumps(doc))
-        return orjson.dumps(doc, option=_DUMP_OPTIONS)
-    except orjson.JSONEncodeError as exc:
-        raise SerializationError(f"Session {session.id} cannot be encoded: {exc}") from exc
-
-
-def decode_document(data: bytes, session_id: uuid.UUID | None = None) -> Session:
-    """Decode a document made by :func:`encode_document` (or any versioned document).
-
-    Raises :class:`CorruptSessionError` for damaged or foreign bytes (including a
-    checksum mismatch or, with ``session_id``, a document of another session) and
-    :class:`SchemaVersionError` for documents of a newer release.
-    """
-    try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise CorruptSessionError(f"not valid JSON ({exc})", session_id=session_id) from exc
-    if not isinstance(doc, dict):
-        raise CorruptSessionError(
-            f"expected a JSON object, got {type(doc).__name__}", session_id=session_id
-        )
-    checksum = doc.pop(_CHECKSUM, None)
-    if checksum is not None and not (
-        isinstance(checksum, str) and hmac.compare_digest(checksum, _digest(orjson.dumps(doc)))
-    ):
-        raise CorruptSessionError("checksum mismatch (damaged bytes)", session_id=session_id)
-    try:
-        session = session_from_document(doc, session_id=session_id)
-    except (CorruptSessionError, SchemaVersionError):
-        raise
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise CorruptSessionError(
-            f"invalid document ({type(exc).__name__}: {exc})", session_id=session_id
-        ) from exc
-    if session_id is not None and session.id != session_id:
-        raise CorruptSessionError(
-            f"the document holds session {session.id}, not the id in its file name",
-            session_id=session_id,
-        )
-    return session
+_Action = Union[_Write, _Delete, None]
 
 
 def _canonical_id(session_id: object) -> uuid.UUID | None:
@@ -214,11 +277,8 @@ class _Entry:
     stamp: Stamp
 
 
-def _entry(session: Session, stamp: Stamp) -> _Entry:
-    messages = session.messages
-    first = messages[0].content if len(messages) and messages.offset == 0 else None
-    skeleton = attrs.evolve(session, messages=MessageLog((), offset=messages.total))
-    return _Entry(skeleton, first, stamp)
+def _entry(doc: _Doc) -> _Entry:
+    return _Entry(doc.skeleton, _first(doc.raw), doc.stamp)
 
 
 def _matches(entry: _Entry, query: SessionQuery) -> bool:
@@ -582,8 +642,8 @@ class FileRepository(SessionRepository):
 
     # -- document I/O (worker thread, under the session lock) -------------------------
 
-    def _read(self, sid: uuid.UUID) -> tuple[Session, Stamp] | None:
-        """Read and decode a document; quarantine it if it is damaged (lock held)."""
+    def _read(self, sid: uuid.UUID) -> _Doc | None:
+        """Read and parse a document; quarantine it if it is damaged (lock held)."""
         path = self._doc_path(sid)
         try:
             data, stamp = self._read_bytes(path)
@@ -591,13 +651,16 @@ class FileRepository(SessionRepository):
             self._index.drop(sid)
             return None
         try:
-            session = decode_document(data, sid)
-        except CorruptSessionError as exc:
-            moved = self._quarantine(sid, exc.detail)
-            self._index.drop(sid)
-            where = f"moved to {moved}" if moved else "it could not be moved to quarantine"
-            raise CorruptSessionError(f"{exc.detail}; {where}", session_id=sid) from exc
-        return session, stamp
+            return _parse(data, sid, stamp)
+        except _Damaged as exc:
+            raise self._corrupt(sid, str(exc)) from exc
+
+    def _corrupt(self, sid: uuid.UUID, detail: str) -> CorruptSessionError:
+        """Quarantine a damaged document and return the error to raise (lock held)."""
+        moved = self._quarantine(sid, detail)
+        self._index.drop(sid)
+        where = f"moved to quarantine as {moved}" if moved else "quarantine failed"
+        return CorruptSessionError(f"{detail}; {where}", session_id=sid)
 
     @staticmethod
     def _read_bytes(path: str) -> tuple[bytes, Stamp]:
@@ -621,12 +684,12 @@ class FileRepository(SessionRepository):
         finally:
             os.close(fd)
 
-    def _write(self, session: Session) -> Stamp:
+    def _write(self, sid: uuid.UUID, doc: dict[str, Any]) -> Stamp:
         """Atomically replace the session's document; return the new file's stamp."""
-        data = encode_document(session)
-        final = self._doc_path(session.id)
+        data = _encode(doc, sid)
+        final = self._doc_path(sid)
         tmp = os.path.join(
-            self._sessions_dir, f"{_TMP_PREFIX}{session.id}-{secrets.token_hex(4)}{_SUFFIX}"
+            self._sessions_dir, f"{_TMP_PREFIX}{sid}-{secrets.token_hex(4)}{_SUFFIX}"
         )
         fd = -1
         action = "create"
@@ -782,15 +845,15 @@ class FileRepository(SessionRepository):
         except FileNotFoundError:
             return
         try:
-            session = decode_document(data, sid)
-        except CorruptSessionError:
+            doc = _parse(data, sid, stamp)
+        except _Damaged:
             self._quarantine_nowait(sid)
             seen.discard(sid)
             return
         except SchemaVersionError as exc:
             logger.warning("skipping %s: %s", item.path, exc)
             return
-        self._index.put(_entry(session, stamp), only_if=old)
+        self._index.put(_entry(doc), only_if=old)
 
     def _quarantine_nowait(self, sid: uuid.UUID) -> None:
         """Quarantine a document found damaged by a scan, if its lock is free."""
@@ -805,9 +868,9 @@ class FileRepository(SessionRepository):
             except FileNotFoundError:
                 return
             try:
-                decode_document(data, sid)
-            except CorruptSessionError as exc:
-                self._quarantine(sid, exc.detail)
+                _parse(data, sid, (0, 0, 0))
+            except _Damaged as exc:
+                self._quarantine(sid, str(exc))
                 self._index.drop(sid)
             except SchemaVersionError:
                 return
@@ -843,22 +906,25 @@ class FileRepository(SessionRepository):
 
     # -- read-modify-write ------------------------------------------------------------
 
-    def _rmw(self, sid: uuid.UUID, step: Callable[[Session | None], tuple[R, _Action]]) -> R:
+    def _rmw(self, sid: uuid.UUID, step: Callable[[_Doc | None], tuple[R, _Action]]) -> R:
         """Read the document, let ``step`` decide, apply its action, update the index."""
         current = self._read(sid)
-        result, action = step(None if current is None else current[0])
+        try:
+            result, action = step(current)
+        except _Damaged as exc:
+            raise self._corrupt(sid, str(exc)) from exc
         if action is None:
             if current is not None:
-                self._index.put(_entry(*current))
+                self._index.put(_entry(current))
         elif action is _DELETE:
             self._unlink(sid)
             self._index.drop(sid)
         else:
-            stamp = self._write(action)
-            self._index.put(_entry(action, stamp))
+            stamp = self._write(sid, action.doc)
+            self._index.put(_Entry(action.skeleton, _first(action.doc), stamp))
         return result
 
-    async def _run(self, sid: uuid.UUID, step: Callable[[Session | None], tuple[R, _Action]]) -> R:
+    async def _run(self, sid: uuid.UUID, step: Callable[[_Doc | None], tuple[R, _Action]]) -> R:
         def missing() -> R:
             self._index.drop(sid)
             result, action = step(None)
@@ -876,22 +942,20 @@ class FileRepository(SessionRepository):
         if sid is None:
             return None
 
-        def step(current: Session | None) -> tuple[Session | None, _Action]:
-            return current, None
+        def step(current: _Doc | None) -> tuple[Session | None, _Action]:
+            return (None if current is None else current.session(last_messages)), None
 
-        session = await self._run(sid, step)
-        if session is None or last_messages is None:
-            return session
-        return attrs.evolve(session, messages=session.messages.tail(last_messages))
+        return await self._run(sid, step)
 
     async def add(self, session: Session) -> None:
         sid = session.id
+        doc = session_to_document(session)
 
         def create() -> None:
             if os.path.lexists(self._doc_path(sid)):
                 raise SessionConflict(sid, expected_revision=None)
-            stamp = self._write(session)
-            self._index.put(_entry(session, stamp))
+            stamp = self._write(sid, doc)
+            self._index.put(_Entry(_skeleton(session), _first(doc), stamp))
 
         await self._locked(sid, create)
 
@@ -908,15 +972,17 @@ class FileRepository(SessionRepository):
                 f"{session.revision} and {expected_revision}"
             )
         sid = session.id
+        doc = session_to_document(session)
 
-        def step(current: Session | None) -> tuple[None, _Action]:
+        def step(current: _Doc | None) -> tuple[None, _Action]:
             if current is None:
                 raise SessionNotFound(sid)
-            if current.revision != expected_revision:
+            revision = current.skeleton.revision
+            if revision != expected_revision:
                 raise SessionConflict(
-                    sid, expected_revision=expected_revision, actual_revision=current.revision
+                    sid, expected_revision=expected_revision, actual_revision=revision
                 )
-            return None, session
+            return None, _Write(doc, _skeleton(session))
 
         await self._run(sid, step)
 
@@ -934,8 +1000,9 @@ class FileRepository(SessionRepository):
             raise SessionNotFound(session_id)
         messages = tuple(messages)
 
-        def step(old: Session | None) -> tuple[Session, _Action]:
-            if old is None or old.is_expired(at):
+        def step(current: _Doc | None) -> tuple[Session, _Action]:
+            old = None if current is None else current.skeleton
+            if current is None or old is None or old.is_expired(at):
                 raise SessionNotFound(sid)
             if old.status.is_terminal:
                 raise SessionClosed(sid, old.status)
@@ -943,14 +1010,16 @@ class FileRepository(SessionRepository):
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
             last_active = max(old.last_active, at)
-            new = attrs.evolve(
+            skeleton = attrs.evolve(
                 old,
-                messages=old.messages.extend(messages),
+                messages=MessageLog((), offset=total),
                 last_active=last_active,
                 expires_at=policy.deadline(old.status, old.created_at, last_active, None),
                 revision=old.revision + 1,
             )
-            return new, new
+            doc = _document(skeleton, current.raw["messages"], messages)
+            window = MessageLog(messages, offset=old.messages.total)
+            return attrs.evolve(skeleton, messages=window), _Write(doc, skeleton)
 
         return await self._run(sid, step)
 
@@ -966,22 +1035,22 @@ class FileRepository(SessionRepository):
         if sid is None:
             return None
 
-        def step(old: Session | None) -> tuple[Session | None, _Action]:
-            if old is None:
+        def step(current: _Doc | None) -> tuple[Session | None, _Action]:
+            if current is None:
                 return None, None
+            old = current.skeleton
             if old.status.is_terminal or old.is_expired(at) or at <= old.last_active:
-                return old, None
-            new = attrs.evolve(
+                return current.session(last_messages), None
+            skeleton = attrs.evolve(
                 old,
                 last_active=at,
                 expires_at=policy.deadline(old.status, old.created_at, at, None),
             )
-            return new, new
+            history = current.raw["messages"]
+            touched = _Doc(_document(skeleton, history), skeleton, current.stamp)
+            return touched.session(last_messages), _Write(touched.raw, skeleton)
 
-        session = await self._run(sid, step)
-        if session is not None and last_messages is not None:
-            session = attrs.evolve(session, messages=session.messages.tail(last_messages))
-        return session
+        return await self._run(sid, step)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         sid = _canonical_id(session_id)
@@ -1001,10 +1070,10 @@ class FileRepository(SessionRepository):
         if sid is None:
             return None
 
-        def step(old: Session | None) -> tuple[Session | None, _Action]:
-            if old is None or not old.is_expired(now):
+        def step(current: _Doc | None) -> tuple[Session | None, _Action]:
+            if current is None or not current.skeleton.is_expired(now):
                 return None, None
-            return old, _DELETE
+            return current.skeleton, _DELETE
 
         try:
             return await self._run(sid, step)
@@ -1051,6 +1120,12 @@ class FileRepository(SessionRepository):
         if self._shared:
             await self._call(self._sync)
         return self._index.count_by_status(owner)
+
+
+def _first(doc: dict[str, Any]) -> str | None:
+    messages = doc["messages"]
+    first = messages[0].get("content") if messages else None
+    return first if isinstance(first, str) else None
 
 
 def _id_from_temp_name(name: str) -> uuid.UUID | None:
