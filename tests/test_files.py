@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import signal
+import stat
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from typing import Any
 
 import anyio
 import attrs
+import orjson
 import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -375,6 +377,45 @@ async def test_fault_on_first_write_leaves_nothing(
     assert list((repo.directory / "locks").iterdir()) == []
     await repo.add(session)
     assert await repo.get(session.id) == session
+
+
+async def test_directory_fsync_failure_reports_a_visible_change(
+    repo: FileRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = make_session()
+    await repo.add(session)
+    real_fsync = os.fsync
+
+    def fail_on_directories(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    new = changed(session, owner="carol")
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "_fsync", fail_on_directories)
+        with pytest.raises(StorageError, match="visible but may not survive"):
+            await repo.save(new, expected_revision=0)
+        # the error says the change happened, and the store agrees
+        assert await repo.get(session.id) == new
+        assert [s.id for s in await repo.list(SessionQuery(owner="carol"))] == [session.id]
+        with pytest.raises(StorageError, match="visible but may not survive"):
+            await repo.delete(session.id)
+    assert await repo.get(session.id) is None
+    assert len(await repo.list(SessionQuery(owner="carol"))) == 0
+
+
+async def test_newer_schema_is_refused_not_quarantined(repo: FileRepository) -> None:
+    session = make_session()
+    await repo.add(session)
+    path = doc_path(repo, session.id)
+    future = orjson.loads(path.read_bytes())
+    future.pop("checksum")
+    future["version"] = 99
+    path.write_bytes(orjson.dumps(future))
+    with pytest.raises(asyncsession.SchemaVersionError):
+        await repo.get(session.id)
+    assert path.exists() and quarantined(repo) == []
 
 
 # -- real processes -----------------------------------------------------------------------

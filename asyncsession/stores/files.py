@@ -100,6 +100,12 @@ class LockTimeout(StorageError):
         )
 
 
+class _NotDurable(StorageError):
+    """The change is in place, but fsync of its directory failed."""
+
+    stamp: Stamp | None = None
+
+
 class _Busy(enum.Enum):
     BUSY = 0
 
@@ -719,8 +725,30 @@ class FileRepository(SessionRepository):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self._sync_dir(self._sessions_dir, written=final)
+        try:
+            self._sync_dir(self._sessions_dir, written=final)
+        except _NotDurable as exc:
+            exc.stamp = stamp
+            raise
         return stamp
+
+    def _store(self, sid: uuid.UUID, doc: dict[str, Any], skeleton: Session) -> None:
+        """Write ``doc`` and index it (also when only the directory fsync failed)."""
+        try:
+            stamp = self._write(sid, doc)
+        except _NotDurable as exc:
+            if exc.stamp is not None:
+                self._index.put(_Entry(skeleton, _first(doc), exc.stamp))
+            raise
+        self._index.put(_Entry(skeleton, _first(doc), stamp))
+
+    def _remove(self, sid: uuid.UUID) -> None:
+        """Delete the document and forget it (also when only the directory fsync failed)."""
+        try:
+            self._unlink(sid)
+        finally:
+            if not os.path.lexists(self._doc_path(sid)):
+                self._index.drop(sid)
 
     def _unlink(self, sid: uuid.UUID) -> None:
         path = self._doc_path(sid)
@@ -742,7 +770,7 @@ class FileRepository(SessionRepository):
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise StorageError(
+            raise _NotDurable(
                 f"{written} was changed but fsync of its directory {directory} failed: "
                 f"{exc.strerror or exc} [errno {exc.errno}]. The change is visible but may "
                 "not survive a power loss; check the device.",
@@ -917,11 +945,9 @@ class FileRepository(SessionRepository):
             if current is not None:
                 self._index.put(_entry(current))
         elif action is _DELETE:
-            self._unlink(sid)
-            self._index.drop(sid)
+            self._remove(sid)
         else:
-            stamp = self._write(sid, action.doc)
-            self._index.put(_Entry(action.skeleton, _first(action.doc), stamp))
+            self._store(sid, action.doc, action.skeleton)
         return result
 
     async def _run(self, sid: uuid.UUID, step: Callable[[_Doc | None], tuple[R, _Action]]) -> R:
@@ -954,8 +980,7 @@ class FileRepository(SessionRepository):
         def create() -> None:
             if os.path.lexists(self._doc_path(sid)):
                 raise SessionConflict(sid, expected_revision=None)
-            stamp = self._write(sid, doc)
-            self._index.put(_Entry(_skeleton(session), _first(doc), stamp))
+            self._store(sid, doc, _skeleton(session))
 
         await self._locked(sid, create)
 
@@ -1059,8 +1084,7 @@ class FileRepository(SessionRepository):
 
         def remove() -> bool:
             existed = os.path.lexists(self._doc_path(sid))
-            self._unlink(sid)
-            self._index.drop(sid)
+            self._remove(sid)
             return existed
 
         return await self._locked(sid, remove, lambda: False)
