@@ -96,6 +96,10 @@ async def test_open_errors_name_the_path(tmp_path: Path, anyio_backend: str) -> 
         with pytest.raises(StorageError, match=str(bad)):
             async with FileRepository(bad):
                 pass
+    if Path("/proc/self").is_dir():  # procfs refuses new directories, even to root
+        with pytest.raises(StorageError, match="/proc/asyncsession"):
+            async with FileRepository("/proc/asyncsession-test-store"):
+                pass
     if os.geteuid() != 0:  # root ignores permissions
         locked = tmp_path / "ro"
         locked.mkdir(mode=0o500)

@@ -17,7 +17,10 @@ stored revision under it, so several processes can share one directory.
 Only this module knows the layout; documents are exactly what :func:`asyncsession.loads`
 reads, plus a ``checksum`` field (BLAKE2b of the compact document) that detects damage a
 JSON parser cannot, such as a flipped byte inside a message. A document without
-``checksum`` (written by hand or by an old release) is accepted as it is.
+``checksum`` (written by hand, or an older schema version) is validated in full and
+migrated; its next write adds the checksum. A document that cannot be read is moved to
+``quarantine/`` and reported as :class:`CorruptSessionError`; other sessions keep working.
+Ids become file names only as canonical UUIDs, so no input can name another path.
 """
 
 from __future__ import annotations
@@ -461,10 +464,20 @@ class FileRepository(SessionRepository):
 
     Each operation is one hop to a worker thread. Reads, compare-and-set saves, appends,
     touches and ``remove_expired`` always read the document under its lock, so they are
-    exact even when another process wrote it a moment ago. Listings come from an
-    in-process index (refreshed as described under ``shared``); ``expired()`` candidates
-    are re-checked against the file by ``remove_expired``. Appending rewrites the whole
-    document: this store suits modest histories; prefer SQLite for long ones.
+    exact even when another process wrote it a moment ago.
+
+    Listing, ``count_by_status`` and ``expired`` use an in-process index (owner, status,
+    times, deadline heap, name and first message) built at open by reading every
+    document and kept current by this process's writes. With ``shared=True`` they first
+    rescan the directory when its mtime changed since the last scan (or was too recent to
+    trust), re-reading only documents whose (inode, mtime, size) changed, so they see
+    every write completed before the call. ``expired()`` candidates are re-checked
+    against the file under its lock by ``remove_expired``, so expiry stays exact anyway.
+
+    Appending rewrites the whole document (inherent to one file per session; the history
+    is carried over as raw JSON, so the cost is bytes, not objects). ``append`` returns a
+    window holding the appended messages and ``get(last_messages=n)`` builds only the
+    last ``n`` messages. This store suits modest histories; prefer SQLite for long ones.
     """
 
     def __init__(
