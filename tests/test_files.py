@@ -37,6 +37,7 @@ pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).with_name("files_child.py")
+HAVE_PROCFS = Path("/proc/self").is_dir()
 
 
 class TestFileContract(RepositoryContract):
@@ -96,7 +97,7 @@ async def test_open_errors_name_the_path(tmp_path: Path, anyio_backend: str) -> 
         with pytest.raises(StorageError, match=str(bad)):
             async with FileRepository(bad):
                 pass
-    if Path("/proc/self").is_dir():  # procfs refuses new directories, even to root
+    if HAVE_PROCFS:  # procfs refuses new directories, even to root
         with pytest.raises(StorageError, match="/proc/asyncsession"):
             async with FileRepository("/proc/asyncsession-test-store"):
                 pass
