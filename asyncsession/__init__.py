@@ -44,7 +44,10 @@ from ._serialization import loads as loads
 from .abc import Page as Page
 from .abc import SessionQuery as SessionQuery
 from .abc import SessionRepository as SessionRepository
+from .stores.files import FileRepository as FileRepository
 from .stores.memory import MemoryRepository as MemoryRepository
+from .stores.redis import RedisRepository as RedisRepository
+from .stores.sqlite import SQLiteRepository as SQLiteRepository
 
 __version__ = "0.1.0"
 
@@ -56,6 +59,7 @@ __all__ = [
     "Duration",
     "EventKind",
     "ExpiryPolicy",
+    "FileRepository",
     "FrozenDict",
     "InvalidConfiguration",
     "InvalidCursor",
@@ -70,6 +74,8 @@ __all__ = [
     "Message",
     "MessageLog",
     "Page",
+    "RedisRepository",
+    "SQLiteRepository",
     "SchemaVersionError",
     "SerializationError",
     "Session",

@@ -63,8 +63,7 @@ def utc(value: datetime, name: str = "datetime") -> datetime:
     """Return ``value`` in UTC; reject naive datetimes."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidConfiguration(
-            f"{name} must be timezone-aware; got naive {value!r}. Use "
-            "datetime.now(timezone.utc)."
+            f"{name} must be timezone-aware; got naive {value!r}. Use datetime.now(timezone.utc)."
         )
     if value.tzinfo is timezone.utc:
         return value

@@ -137,7 +137,7 @@ class ValidationError(SessionError, ValueError):
 
 
 class InvalidSessionName(ValidationError):
-    """A session name is not 1–100 characters of ``[A-Za-z0-9_-]``."""
+    """A session name is not 1-100 characters of ``[A-Za-z0-9_-]``."""
 
     def __init__(self, name: object) -> None:
         self.name = name
@@ -175,9 +175,7 @@ class InvalidRole(ValidationError):
 
     def __init__(self, role: object, allowed: tuple[str, ...]) -> None:
         self.role = role
-        super().__init__(
-            f"Invalid message role {role!r}: use one of {', '.join(allowed)}."
-        )
+        super().__init__(f"Invalid message role {role!r}: use one of {', '.join(allowed)}.")
 
 
 class LimitExceeded(ValidationError):

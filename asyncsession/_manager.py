@@ -64,7 +64,7 @@ class _LockEntry:
 class _SessionLock:
     """Holds the in-process lock of one session; entries vanish when unused."""
 
-    __slots__ = ("_locks", "_id", "_entry")
+    __slots__ = ("_entry", "_id", "_locks")
 
     def __init__(self, locks: dict[uuid.UUID, _LockEntry], session_id: uuid.UUID) -> None:
         self._locks = locks
@@ -135,9 +135,7 @@ class SessionManager:
                 f"{repository!r}."
             )
         if clock is not None and not isinstance(clock, Clock):
-            raise InvalidConfiguration(
-                f"clock must have now() and async sleep(); got {clock!r}."
-            )
+            raise InvalidConfiguration(f"clock must have now() and async sleep(); got {clock!r}.")
         self._repository = repository
         self._policy = ExpiryPolicy(
             idle_timeout=to_timedelta(idle_timeout, "idle_timeout"),
@@ -200,7 +198,8 @@ class SessionManager:
             stack.callback(task_group.cancel_scope.cancel)
             self._cleanup_done = anyio.Event()
             if self._cleanup_interval is not None:
-                task_group.start_soon(self._cleanup_loop, name="asyncsession cleanup")
+                first_pass = self._clock.now() + self._cleanup_interval
+                task_group.start_soon(self._cleanup_loop, first_pass, name="asyncsession cleanup")
         except BaseException:
             await stack.aclose()
             raise
@@ -274,7 +273,7 @@ class SessionManager:
         self._check_running()
         query = SessionQuery(
             owner=owner,
-            status=status,  # type: ignore[arg-type]
+            status=status,
             search=search,
             limit=limit,
             cursor=cursor,
@@ -311,7 +310,7 @@ class SessionManager:
             now,
             owner=owner,
             name=name,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             expires_at=self._policy.deadline(SessionStatus.ACTIVE, now, now, None),
         )
         await self._repository.add(session)
@@ -398,7 +397,8 @@ class SessionManager:
             for message in messages:
                 if len(message.content) > self._max_message_size:
                     raise LimitExceeded(
-                        "Message length (characters)", self._max_message_size,
+                        "Message length (characters)",
+                        self._max_message_size,
                         len(message.content),
                     )
 
@@ -447,9 +447,7 @@ class SessionManager:
                 f"{status.value!r}; use archive() to park a session."
             )
         self._check_running()
-        return await self._update(
-            _parse_id(session_id), lambda s: attrs.evolve(s, status=status)
-        )
+        return await self._update(_parse_id(session_id), lambda s: attrs.evolve(s, status=status))
 
     async def archive(self, session_id: SessionId) -> Session:
         """Park an open session (ARCHIVED: no idle timeout, ``max_age`` still applies)."""
@@ -459,9 +457,7 @@ class SessionManager:
 
     async def activate(self, session_id: SessionId) -> Session:
         """Make an archived session ACTIVE again."""
-        return await self.update(
-            session_id, lambda s: attrs.evolve(s, status=SessionStatus.ACTIVE)
-        )
+        return await self.update(session_id, lambda s: attrs.evolve(s, status=SessionStatus.ACTIVE))
 
     async def delete(self, session_id: SessionId, *, missing_ok: bool = False) -> bool:
         """Delete a session now; raise :class:`SessionNotFound` unless ``missing_ok``."""
@@ -521,10 +517,11 @@ class SessionManager:
         return removed_total
 
     async def wait_for_cleanup(self) -> None:
-        """Wait until the cleanup loop finishes its next pass.
+        """Wait until the cleanup pass that is running or due next has finished.
 
-        With a :class:`~asyncsession.testing.ManualClock`, advance the clock past
-        ``cleanup_interval`` and await this to see expired sessions collected.
+        Passes are due ``cleanup_interval`` after entry, then after each pass. With a
+        :class:`~asyncsession.testing.ManualClock`: advance the clock to a due time and
+        await this right away, before other awaits, to see what expired collected.
         """
         self._check_running()
         if self._cleanup_interval is None:
@@ -535,11 +532,12 @@ class SessionManager:
         assert self._cleanup_done is not None
         await self._cleanup_done.wait()
 
-    async def _cleanup_loop(self) -> None:
+    async def _cleanup_loop(self, due: datetime) -> None:
+        # Passes are due at absolute clock times (entry + interval, then interval after
+        # each pass), so a pass is never skipped because the task started late.
         assert self._cleanup_interval is not None
-        interval = self._cleanup_interval.total_seconds()
         while True:
-            await self._clock.sleep(interval)
+            await self._clock.sleep(max(0.0, (due - self._clock.now()).total_seconds()))
             try:
                 await self.purge_expired()
             except ManagerNotRunning:
@@ -547,6 +545,7 @@ class SessionManager:
             except Exception:
                 logger.exception("session cleanup pass failed; retrying next interval")
             self._cleanup_passes += 1
+            due = self._clock.now() + self._cleanup_interval
             done, self._cleanup_done = self._cleanup_done, anyio.Event()
             assert done is not None
             done.set()

@@ -14,7 +14,7 @@ import attrs
 
 from ._clock import utc
 from ._exceptions import InvalidOwner, InvalidRole, InvalidSessionName
-from ._json import EMPTY, FrozenDict, freeze_json, freeze_state
+from ._json import EMPTY, freeze_json, freeze_state
 
 __all__ = [
     "ROLES",
@@ -56,7 +56,7 @@ _OPEN = frozenset({SessionStatus.ACTIVE, SessionStatus.ARCHIVED})
 
 
 def validate_name(name: object) -> str | None:
-    """Return ``name`` if it is None or 1–100 characters of ``[A-Za-z0-9_-]``."""
+    """Return ``name`` if it is None or 1-100 characters of ``[A-Za-z0-9_-]``."""
     if name is None:
         return None
     if type(name) is not str or _NAME_RE.fullmatch(name) is None:
@@ -68,11 +68,7 @@ def validate_owner(owner: object) -> str | None:
     """Return ``owner`` if it is None or a non-empty printable string of ≤ 256 chars."""
     if owner is None:
         return None
-    if (
-        type(owner) is not str
-        or not 0 < len(owner) <= 256
-        or not owner.isprintable()
-    ):
+    if type(owner) is not str or not 0 < len(owner) <= 256 or not owner.isprintable():
         raise InvalidOwner(owner)
     return owner
 
@@ -94,7 +90,7 @@ def _freeze_data(value: object) -> Any:
     return None if value is None else freeze_json(value, "data")
 
 
-def _check_content(instance: object, attribute: object, content: object) -> None:
+def _check_content(instance: object, attribute: object, content: Any) -> None:
     if type(content) is not str:
         raise TypeError(f"Message content must be a str, got {type(content).__name__}.")
     freeze_json(content, "content")
@@ -119,7 +115,7 @@ class MessageLog(Sequence[Message]):
     is the full count.
     """
 
-    __slots__ = ("_items", "_start", "_stop", "_offset")
+    __slots__ = ("_items", "_offset", "_start", "_stop")
 
     _items: list[Message]
     _start: int
@@ -193,10 +189,12 @@ class MessageLog(Sequence[Message]):
                 return False
             if self._items is other._items and self._start == other._start:
                 return True
-            return all(a == b for a, b in zip(self, other))
+            return all(a == b for a, b in zip(self, other, strict=True))
         if isinstance(other, (tuple, list)):
-            return self._offset == 0 and len(self) == len(other) and all(
-                a == b for a, b in zip(self, other)
+            return (
+                self._offset == 0
+                and len(self) == len(other)
+                and all(a == b for a, b in zip(self, other, strict=True))
             )
         return NotImplemented
 
@@ -246,7 +244,7 @@ class MessageLog(Sequence[Message]):
             return tuple(self._items[older._stop : self._stop])
         if self._offset != older._offset or len(self) < len(older):
             return None
-        if any(a != b for a, b in zip(self, older)):
+        if any(a != b for a, b in zip(self, older, strict=False)):
             return None
         return tuple(self._items[self._start + len(older) : self._stop])
 
@@ -268,11 +266,11 @@ def _id(value: uuid.UUID | str) -> uuid.UUID:
     return uuid.UUID(str(value))
 
 
-def _validate_name(instance: object, attribute: object, value: object) -> None:
+def _validate_name(instance: object, attribute: object, value: Any) -> None:
     validate_name(value)
 
 
-def _validate_owner(instance: object, attribute: object, value: object) -> None:
+def _validate_owner(instance: object, attribute: object, value: Any) -> None:
     validate_owner(value)
 
 

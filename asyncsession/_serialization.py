@@ -61,17 +61,13 @@ def _structure_message(value: Any, _: Any) -> Message:
 
 
 _converter.register_structure_hook(datetime, _parse_datetime)
-_converter.register_structure_hook_func(
-    lambda t: t == (datetime | None), _parse_optional_datetime
-)
+_converter.register_structure_hook_func(lambda t: t == (datetime | None), _parse_optional_datetime)
 _converter.register_unstructure_hook(datetime, lambda d: d.isoformat())
 _converter.register_structure_hook(uuid.UUID, lambda v, _: uuid.UUID(v))
 _converter.register_unstructure_hook(uuid.UUID, str)
 _converter.register_unstructure_hook(Message, _unstructure_message)
 _converter.register_structure_hook(Message, _structure_message)
-_converter.register_unstructure_hook(
-    MessageLog, lambda log: [_unstructure_message(m) for m in log]
-)
+_converter.register_unstructure_hook(MessageLog, lambda log: [_unstructure_message(m) for m in log])
 
 
 def _structure_log(value: Any, _: Any) -> MessageLog:
@@ -124,7 +120,7 @@ def session_from_document(
     if messages is not None:
         doc["messages"] = []
     try:
-        session = _base_structure(doc, Session)
+        session: Session = _base_structure(doc, Session)
     except SessionError as exc:
         raise CorruptSessionError(exc.message, session_id=session_id) from exc
     except (cattrs.BaseValidationError, KeyError, TypeError, ValueError) as exc:

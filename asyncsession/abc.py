@@ -73,9 +73,11 @@ class SessionQuery:
             needle = self.search.casefold()
             if session.name is not None and needle in session.name.casefold():
                 return True
-            first = session.messages[0].content if len(session.messages) and (
-                session.messages.offset == 0
-            ) else None
+            first = (
+                session.messages[0].content
+                if len(session.messages) and (session.messages.offset == 0)
+                else None
+            )
             return first is not None and needle in first.casefold()
         return True
 
@@ -159,16 +161,16 @@ class SessionRepository(ABC):
         if self._open_count == 0:
             await self._close()
 
-    async def _open(self) -> None:
+    async def _open(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (connections, threads). Override in stores that need it."""
 
-    async def _close(self) -> None:
+    async def _close(self) -> None:  # noqa: B027 - optional hook
         """Release what :meth:`_open` acquired."""
 
     @abstractmethod
-    async def get(self, session_id: uuid.UUID, *, last_messages: int | None = None) -> (
-        Session | None
-    ):
+    async def get(
+        self, session_id: uuid.UUID, *, last_messages: int | None = None
+    ) -> Session | None:
         """Return the stored session, or None.
 
         With ``last_messages=n`` only the last ``n`` messages are loaded (the returned

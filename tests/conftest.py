@@ -36,5 +36,5 @@ async def any_repository(
 
 
 # --- Redis store fixtures (appended block; owned by the RedisRepository work) -------------
-from redis_support import redis_server as redis_server  # noqa: E402, F401
+from redis_support import redis_server as redis_server  # noqa: E402
 # --- end of Redis block ---------------------------------------------------------------------

@@ -359,15 +359,17 @@ async def test_cleanup_loop_collects_expired_sessions(
     keep = await sessions.create()
     gone = [await sessions.create() for _ in range(3)]
     async with sessions.subscribe() as events:
-        clock.advance(IDLE - 300)
+        clock.advance(IDLE - 300)  # a cleanup pass is due: nothing has expired yet
+        await sessions.wait_for_cleanup()
         await sessions.get(keep.id)
-        clock.advance(300)  # idle deadline of `gone`, and a cleanup interval
+        clock.advance(300)  # idle deadline of `gone`, and the next pass
         await sessions.wait_for_cleanup()
         expired = [events.receive_nowait() for _ in range(3)]
     assert {e.session_id for e in expired} == {x.id for x in gone}
     assert all(e.kind is s.EventKind.EXPIRED for e in expired)
-    assert all(e.session is not None and e.session.status is s.SessionStatus.EXPIRED
-               for e in expired)
+    assert all(
+        e.session is not None and e.session.status is s.SessionStatus.EXPIRED for e in expired
+    )
     stats = await sessions.stats()
     assert stats.total == 1 and stats.expired_total == 3 and stats.cleanup_passes >= 1
     await sessions.get(keep.id)
@@ -633,3 +635,14 @@ async def test_manager_requires_async_with() -> None:
     async with manager:
         with pytest.raises(s.InvalidConfiguration):
             await manager.__aenter__()
+
+
+async def test_cleanup_runs_even_if_time_moves_before_the_loop_starts(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    async with s.SessionManager(
+        any_repository, idle_timeout=60, cleanup_interval=30, clock=clock
+    ) as sessions:
+        clock.advance(120)  # before the cleanup task has had a chance to run at all
+        await sessions.wait_for_cleanup()
+        assert (await sessions.stats()).cleanup_passes == 1

@@ -223,9 +223,7 @@ class MemoryRepository(SessionRepository):
                 if s.last_active < stamp or (s.last_active == stamp and s.id.int < sid.int)
             ]
         matching = (s for s in candidates if query.matches(s))
-        top = heapq.nlargest(
-            query.limit + 1, matching, key=lambda s: (s.last_active, s.id.int)
-        )
+        top = heapq.nlargest(query.limit + 1, matching, key=lambda s: (s.last_active, s.id.int))
         items = tuple(top[: query.limit])
         next_cursor = None
         if len(top) > query.limit:

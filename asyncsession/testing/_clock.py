@@ -43,9 +43,7 @@ class ManualClock:
         """Move time forward and wake the sleepers whose time has come."""
         delta = seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds)
         if delta < timedelta(0):
-            raise InvalidConfiguration(
-                f"ManualClock cannot go backwards (advance({seconds!r}))."
-            )
+            raise InvalidConfiguration(f"ManualClock cannot go backwards (advance({seconds!r})).")
         self._now += delta
         while self._sleepers and self._sleepers[0][0] <= self._now:
             heapq.heappop(self._sleepers)[2].set()

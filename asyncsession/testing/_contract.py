@@ -190,8 +190,10 @@ class RepositoryContract:
         session = make_session(messages=("first",))
         await repository.add(session)
         result = await repository.append(
-            session.id, [msg("second", 10), msg("third", 10, "assistant")],
-            at=at(10), policy=POLICY,
+            session.id,
+            [msg("second", 10), msg("third", 10, "assistant")],
+            at=at(10),
+            policy=POLICY,
         )
         assert result.revision == 1
         assert result.last_active == at(10) and result.expires_at == at(70)
@@ -226,8 +228,7 @@ class RepositoryContract:
                 raise AssertionError(f"append must raise {error.__name__}")
         assert await repository.get(live.id) == live
         assert await repository.get(closed.id) == closed
-        ok = await repository.append(live.id, [msg("c")], at=at(1), policy=POLICY,
-                                     max_messages=3)
+        ok = await repository.append(live.id, [msg("c")], at=at(1), policy=POLICY, max_messages=3)
         assert ok.messages.total == 3
 
     async def test_last_messages_window(
@@ -279,9 +280,7 @@ class RepositoryContract:
         assert await repository.delete(session.id) is False
         assert list(await repository.expired(at(1000))) == []
 
-    async def test_deadline_index(
-        self, repository: SessionRepository, anyio_backend: Any
-    ) -> None:
+    async def test_deadline_index(self, repository: SessionRepository, anyio_backend: Any) -> None:
         sessions = [make_session(created=float(i)) for i in range(5)]
         for session in reversed(sessions):
             await repository.add(session)
@@ -289,9 +288,7 @@ class RepositoryContract:
         await repository.add(forever)
         assert list(await repository.expired(at(59))) == []
         assert list(await repository.expired(at(62))) == [s.id for s in sessions[:3]]
-        assert list(await repository.expired(at(1000), limit=2)) == [
-            s.id for s in sessions[:2]
-        ]
+        assert list(await repository.expired(at(1000), limit=2)) == [s.id for s in sessions[:2]]
         # the index follows saves
         moved = changed(sessions[0], last_active=at(100), expires_at=at(160))
         await repository.save(moved, expected_revision=0)
@@ -323,8 +320,11 @@ class RepositoryContract:
         a = make_session(owner="alice", name="Feature-X", created=1)
         b = make_session(owner="alice", name=None, created=2, messages=("Fix the FEATURE",))
         c = make_session(owner="bob", name="other", created=3)
-        d = attrs.evolve(make_session(owner="alice", name="zzz", created=4),
-                         status=SessionStatus.ARCHIVED, expires_at=None)
+        d = attrs.evolve(
+            make_session(owner="alice", name="zzz", created=4),
+            status=SessionStatus.ARCHIVED,
+            expires_at=None,
+        )
         for s in (a, b, c, d):
             await repository.add(s)
 
@@ -384,9 +384,7 @@ class RepositoryContract:
         else:
             raise AssertionError("a cursor of another query must raise InvalidCursor")
 
-    async def test_count_by_status(
-        self, repository: SessionRepository, anyio_backend: Any
-    ) -> None:
+    async def test_count_by_status(self, repository: SessionRepository, anyio_backend: Any) -> None:
         for status, n in ((SessionStatus.ACTIVE, 3), (SessionStatus.CRASHED, 2)):
             for _ in range(n):
                 await repository.add(make_session(status=status, owner="o"))
@@ -405,8 +403,7 @@ class RepositoryContract:
 
         async def writer(n: int) -> None:
             for i in range(10):
-                await repository.append(session.id, [msg(f"{n}-{i}", 1)], at=at(1),
-                                        policy=POLICY)
+                await repository.append(session.id, [msg(f"{n}-{i}", 1)], at=at(1), policy=POLICY)
 
         async with anyio.create_task_group() as tg:
             for n in range(10):
@@ -425,8 +422,7 @@ class RepositoryContract:
 
         async def writer(n: int) -> None:
             try:
-                await repository.save(changed(session, state={"winner": n}),
-                                      expected_revision=0)
+                await repository.save(changed(session, state={"winner": n}), expected_revision=0)
             except SessionConflict:
                 return
             wins.append(n)
@@ -446,8 +442,7 @@ class RepositoryContract:
         for i in range(20):
             with anyio.CancelScope() as scope:
                 scope.cancel()
-                await repository.append(session.id, [msg(f"c{i}", 1)], at=at(1),
-                                        policy=POLICY)
+                await repository.append(session.id, [msg(f"c{i}", 1)], at=at(1), policy=POLICY)
         loaded = await repository.get(session.id)
         assert loaded is not None
         assert loaded.revision == loaded.messages.total
