@@ -1,0 +1,46 @@
+"""Development sessions: `nox` runs tests (every Python found), lint and typecheck."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.error_on_missing_interpreters = False
+nox.options.reuse_existing_virtualenvs = True
+
+PYPROJECT = Path(__file__).parent / "pyproject.toml"
+PYTHONS = re.findall(
+    r'"Programming Language :: Python :: (3\.\d+)"', PYPROJECT.read_text(encoding="utf-8")
+)
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """The full test suite, asyncio and trio, every store."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install("-e", ".[typecheck]")
+    session.run("mypy", "--strict", "asyncsession")
+
+
+@nox.session(default=False)
+def benchmarks(session: nox.Session) -> None:
+    """Performance figures (minutes; prints tables, see benchmarks/README.md)."""
+    session.install("-e", ".[test]", "matplotlib")
+    session.run("python", "benchmarks/bench_core.py", *session.posargs)
