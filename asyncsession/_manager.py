@@ -459,6 +459,39 @@ class SessionManager:
         """Make an archived session ACTIVE again."""
         return await self.update(session_id, lambda s: attrs.evolve(s, status=SessionStatus.ACTIVE))
 
+    async def rotate(self, session_id: SessionId) -> Session:
+        """Move a live session to a fresh id (e.g. at login) and return it.
+
+        The new session keeps owner, name, state, messages, status and creation time;
+        the old id is deleted before this returns, so it is dead at once. In-process
+        updates of the old id wait for the rotation and then fail with
+        :class:`SessionNotFound`.
+        """
+        self._check_running()
+        sid = _parse_id(session_id)
+        async with _SessionLock(self._locks, sid):
+            old = await self._repository.get(sid)
+            now = self._clock.now()
+            if old is None or old.is_expired(now):
+                raise SessionNotFound(sid)
+            if old.status.is_terminal:
+                raise SessionClosed(sid, old.status)
+            new = attrs.evolve(
+                old,
+                id=uuid.uuid4(),
+                revision=0,
+                last_active=max(old.last_active, now),
+                expires_at=self._policy.deadline(
+                    old.status, old.created_at, max(old.last_active, now), None
+                ),
+            )
+            await self._repository.add(new)
+            with anyio.CancelScope(shield=True):  # never leave both ids alive
+                await self._repository.delete(sid)
+        self._events.publish(EventKind.CREATED, new.id, new, now)
+        self._events.publish(EventKind.DELETED, sid, None, now)
+        return new
+
     async def delete(self, session_id: SessionId, *, missing_ok: bool = False) -> bool:
         """Delete a session now; raise :class:`SessionNotFound` unless ``missing_ok``."""
         self._check_running()

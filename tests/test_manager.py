@@ -646,3 +646,27 @@ async def test_cleanup_runs_even_if_time_moves_before_the_loop_starts(
         clock.advance(120)  # before the cleanup task has had a chance to run at all
         await sessions.wait_for_cleanup()
         assert (await sessions.stats()).cleanup_passes == 1
+
+
+async def test_rotate_moves_the_session_to_a_new_id(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    old = await sessions.create(owner="alice", name="cart", state={"items": [1, 2]})
+    await sessions.add_message(old.id, "user", "hi")
+    clock.advance(10)
+    new = await sessions.rotate(old.id)
+    assert new.id != old.id and new.revision == 0
+    assert (new.owner, new.name, new.state, new.created_at) == (
+        old.owner,
+        old.name,
+        old.state,
+        old.created_at,
+    )
+    assert [m.content for m in (await sessions.get(new.id)).messages] == ["hi"]
+    with pytest.raises(s.SessionNotFound):
+        await sessions.get(old.id)
+    with pytest.raises(s.SessionNotFound):
+        await sessions.update(old.id, lambda x: x.with_state(stolen=True))
+    await sessions.close(new.id)
+    with pytest.raises(s.SessionClosed):
+        await sessions.rotate(new.id)
