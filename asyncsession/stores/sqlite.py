@@ -532,7 +532,17 @@ class SQLiteRepository(SessionRepository):
                         self._withdrawn += 1
                 self._operations += len(live)
             if live:
-                self._execute(conn, live)
+                try:
+                    self._execute(conn, live)
+                except BaseException as exc:  # a bug here must not leave callers waiting
+                    logger.exception("SQLite worker of %s failed", self._path)
+                    self._rollback(conn)
+                    for request in live:
+                        request.result = None
+                        request.error = StorageError(
+                            f"Internal error in the SQLite worker of {self._path}: {exc!r}; "
+                            "the operation was rolled back. Please report this."
+                        )
                 self._answer(live)
         try:
             conn.close()
@@ -561,6 +571,8 @@ class SQLiteRepository(SessionRepository):
                 anyio.from_thread.run_sync(_wake, waiting, token=token)
             except anyio.RunFinishedError:
                 logger.debug("event loop gone; %d answers dropped", len(waiting))
+            except Exception:
+                logger.exception("could not answer %d callers of %s", len(waiting), self._path)
 
     def _execute(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
         if len(batch) > 1:
