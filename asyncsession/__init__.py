@@ -8,6 +8,8 @@ contract in :mod:`asyncsession.abc`, test helpers in :mod:`asyncsession.testing`
 from ._clock import Clock as Clock
 from ._clock import Duration as Duration
 from ._clock import SystemClock as SystemClock
+from ._context import SessionIdLogFilter as SessionIdLogFilter
+from ._context import current_session_id as current_session_id
 from ._events import EventKind as EventKind
 from ._events import SessionEvent as SessionEvent
 from ._events import Subscription as Subscription
@@ -82,6 +84,7 @@ __all__ = [
     "SessionClosed",
     "SessionConflict",
     "SessionError",
+    "SessionIdLogFilter",
     "SessionEvent",
     "SessionManager",
     "SessionNotFound",
@@ -93,6 +96,7 @@ __all__ = [
     "Subscription",
     "SystemClock",
     "ValidationError",
+    "current_session_id",
     "dumps",
     "loads",
 ]

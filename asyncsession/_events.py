@@ -39,7 +39,8 @@ class SessionEvent:
     """One lifecycle event. ``seq`` numbers a manager's events, so gaps show drops.
 
     ``session`` is the snapshot after the change (for EXPIRED, the session as it was
-    removed, with status EXPIRED if it was still open; None for DELETED).
+    removed, with status EXPIRED if it was still open; None for DELETED and for remote
+    events, which carry the announcing manager's ``origin``).
     """
 
     kind: EventKind
@@ -47,6 +48,12 @@ class SessionEvent:
     session: Session | None
     at: datetime
     seq: int
+    origin: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        """True for an event another manager announced (``session`` is then None)."""
+        return self.origin is not None
 
 
 class Subscription:
@@ -125,12 +132,17 @@ class EventHub:
         return len(self._subscribers)
 
     def publish(
-        self, kind: EventKind, session_id: uuid.UUID, session: Session | None, at: datetime
+        self,
+        kind: EventKind,
+        session_id: uuid.UUID,
+        session: Session | None,
+        at: datetime,
+        origin: str | None = None,
     ) -> None:
         if not self._subscribers:
             return
         self._seq += 1
-        event = SessionEvent(kind, session_id, session, at, self._seq)
+        event = SessionEvent(kind, session_id, session, at, self._seq, origin)
         for subscription in tuple(self._subscribers):
             subscription._offer(event)
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Union
 
 import anyio
 import attrs
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
 
 from ._clock import Clock, Duration, SystemClock, to_timedelta
+from ._context import _current
 from ._events import EventHub, EventKind, Subscription
 from ._exceptions import (
     InvalidConfiguration,
@@ -25,8 +28,10 @@ from ._exceptions import (
     SessionConflict,
     SessionNotFound,
 )
+from ._json import freeze_state
 from ._models import ExpiryPolicy, Message, Session, SessionStatus
-from .abc import Page, SessionQuery, SessionRepository
+from .abc import EventTransport, Page, SessionQuery, SessionRepository
+from .reporting import Reporter, SessionReport
 
 __all__ = ["SessionManager", "SessionStats", "UpdateFn"]
 
@@ -46,6 +51,7 @@ class SessionStats:
     subscribers: int
     cleanup_passes: int
     expired_total: int
+    reports_dropped: int = 0
 
     @property
     def total(self) -> int:
@@ -128,6 +134,10 @@ class SessionManager:
         max_message_size: int | None = None,
         event_buffer: int = 1000,
         cleanup_batch: int = 1000,
+        reporters: Sequence[Reporter] = (),
+        report_attributes: Mapping[str, Any] | None = None,
+        reporter_timeout: Duration = 5,
+        share_events: bool = False,
     ) -> None:
         if not isinstance(repository, SessionRepository):
             raise InvalidConfiguration(
@@ -150,6 +160,26 @@ class SessionManager:
         self._max_message_size = _positive_int_or_none(max_message_size, "max_message_size")
         self._event_buffer = _positive_int_or_none(event_buffer, "event_buffer") or 1000
         self._cleanup_batch = _positive_int_or_none(cleanup_batch, "cleanup_batch") or 1000
+        for reporter in reporters:
+            if not isinstance(reporter, Reporter):
+                raise InvalidConfiguration(
+                    f"reporters must have an async report(report) method; got {reporter!r}."
+                )
+        if share_events and not isinstance(repository, EventTransport):
+            raise InvalidConfiguration(
+                f"share_events=True needs a store that can share events between processes "
+                f"(e.g. RedisRepository); {type(repository).__name__} cannot."
+            )
+        self._reporters = tuple(reporters)
+        self._report_attributes = freeze_state(report_attributes)
+        self._reporter_timeout = to_timedelta(reporter_timeout, "reporter_timeout")
+        self._share_events = share_events
+        self._origin = uuid.uuid4().hex
+        self._reports: MemoryObjectSendStream[SessionReport] | None = None
+        self._reports_done = anyio.Event()
+        self._reports_dropped = 0
+        self._outbox: MemoryObjectSendStream[tuple[str, uuid.UUID, datetime, int | None]] | None
+        self._outbox = None
         self._locks: dict[uuid.UUID, _LockEntry] = {}
         self._events = EventHub()
         self._running = False
@@ -197,6 +227,13 @@ class SessionManager:
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
             self._cleanup_done = anyio.Event()
+            if self._reporters:
+                send, receive = anyio.create_memory_object_stream[SessionReport](self._event_buffer)
+                self._reports = send
+                self._reports_done = anyio.Event()
+                task_group.start_soon(self._report_loop, receive, name="asyncsession reports")
+            if self._share_events:
+                await task_group.start(self._share_events_loop, name="asyncsession events")
             if self._cleanup_interval is not None:
                 first_pass = self._clock.now() + self._cleanup_interval
                 task_group.start_soon(self._cleanup_loop, first_pass, name="asyncsession cleanup")
@@ -215,10 +252,24 @@ class SessionManager:
     ) -> bool | None:
         self._running = False
         self._events.close()
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
+        if self._reports is not None:  # let queued reports out, within a bound
+            self._reports.close()
+            self._reports = None
+            # time for the report in progress to pass every reporter, and one more
+            bound = self._report_call_seconds() * (len(self._reporters) + 1)
+            with anyio.move_on_after(bound, shield=True):
+                await self._reports_done.wait()
         stack, self._stack = self._stack, None
         if stack is None:
             return None
         return await stack.__aexit__(exc_type, exc, tb)
+
+    def _report_call_seconds(self) -> float:
+        timeout = self._reporter_timeout
+        return 5.0 if timeout is None else timeout.total_seconds()
 
     def _check_running(self) -> None:
         if not self._running:
@@ -290,6 +341,7 @@ class SessionManager:
             subscribers=self._events.subscriber_count,
             cleanup_passes=self._cleanup_passes,
             expired_total=self._expired_total,
+            reports_dropped=self._reports_dropped,
         )
 
     # -- writing ----------------------------------------------------------------------
@@ -314,7 +366,7 @@ class SessionManager:
             expires_at=self._policy.deadline(SessionStatus.ACTIVE, now, now, None),
         )
         await self._repository.add(session)
-        self._events.publish(EventKind.CREATED, session.id, session, now)
+        self._emit(EventKind.CREATED, session.id, session, now)
         return session
 
     async def update(self, session_id: SessionId, fn: UpdateFn) -> Session:
@@ -350,7 +402,7 @@ class SessionManager:
                     logger.debug("session %s changed concurrently; retrying update", sid)
                     continue
                 kind = EventKind.CLOSED if new.status.is_terminal else EventKind.UPDATED
-                self._events.publish(kind, sid, new, now)
+                self._emit(kind, sid, new, now)
                 return new
         raise SessionConflict(sid, attempts=self._max_retries)
 
@@ -425,7 +477,7 @@ class SessionManager:
         session = await self._repository.append(
             sid, batch, at=now, policy=self._policy, max_messages=self._max_messages
         )
-        self._events.publish(EventKind.MESSAGE_ADDED, sid, session, now)
+        self._emit(EventKind.MESSAGE_ADDED, sid, session, now)
         return session
 
     async def set_state(self, session_id: SessionId, **changes: Any) -> Session:
@@ -488,8 +540,8 @@ class SessionManager:
             await self._repository.add(new)
             with anyio.CancelScope(shield=True):  # never leave both ids alive
                 await self._repository.delete(sid)
-        self._events.publish(EventKind.CREATED, new.id, new, now)
-        self._events.publish(EventKind.DELETED, sid, None, now)
+        self._emit(EventKind.CREATED, new.id, new, now)
+        self._emit(EventKind.DELETED, sid, None, now)
         return new
 
     async def delete(self, session_id: SessionId, *, missing_ok: bool = False) -> bool:
@@ -501,10 +553,107 @@ class SessionManager:
             if missing_ok:
                 return False
             raise SessionNotFound(sid)
-        self._events.publish(EventKind.DELETED, sid, None, self._clock.now())
+        self._emit(EventKind.DELETED, sid, None, self._clock.now())
         return True
 
+    async def record_error(self, session_id: SessionId) -> Session:
+        """Count one error against an open session (release health)."""
+        return await self.update(session_id, lambda s: attrs.evolve(s, errors=s.errors + 1))
+
+    @asynccontextmanager
+    async def bind(self, session_id: SessionId) -> AsyncIterator[Session]:
+        """Make a live session current for this task and the tasks it starts.
+
+        ``asyncsession.current_session_id()`` returns its id inside the block (concurrent
+        tasks never see each other's); :class:`asyncsession.SessionIdLogFilter` adds it
+        to log records. Yields the (touched) session.
+        """
+        session = await self.get(session_id)
+        token = _current.set(session.id)
+        try:
+            yield session
+        finally:
+            _current.reset(token)
+
     # -- events -------------------------------------------------------------------------
+
+    def _emit(self, kind: EventKind, sid: uuid.UUID, session: Session | None, at: datetime) -> None:
+        self._events.publish(kind, sid, session, at)
+        if (
+            session is not None
+            and self._reports is not None
+            and (kind is EventKind.CLOSED or kind is EventKind.EXPIRED)
+        ):
+            report = SessionReport.from_session(session, self._report_attributes)
+            try:
+                self._reports.send_nowait(report)
+            except anyio.WouldBlock:
+                self._reports_dropped += 1
+                logger.warning("reporters are too slow; dropped the report of %s", sid)
+        if self._outbox is not None:
+            revision = session.revision if session is not None else None
+            try:
+                self._outbox.send_nowait((kind.value, sid, at, revision))
+            except anyio.WouldBlock:
+                logger.warning("event sharing is too slow; %s of %s not shared", kind, sid)
+
+    async def _report_loop(self, receive: Any) -> None:
+        try:
+            async with receive:
+                async for report in receive:
+                    for reporter in self._reporters:
+                        with anyio.move_on_after(self._report_call_seconds()) as scope:
+                            try:
+                                await reporter.report(report)
+                            except Exception:
+                                logger.exception("reporter %r failed", reporter)
+                        if scope.cancelled_caught:
+                            logger.warning("reporter %r timed out", reporter)
+        finally:
+            self._reports_done.set()
+
+    async def _share_events_loop(self, *, task_status: TaskStatus[None]) -> None:
+        transport = self._repository
+        assert isinstance(transport, EventTransport)
+        send, receive = anyio.create_memory_object_stream[
+            tuple[str, uuid.UUID, datetime, int | None]
+        ](self._event_buffer)
+        self._outbox = send
+
+        async def publish() -> None:
+            async with receive:
+                async for kind, sid, at, revision in receive:
+                    try:
+                        await transport.publish_event(
+                            kind, sid, at=at, revision=revision, origin=self._origin
+                        )
+                    except Exception:
+                        logger.exception("could not share event %s of %s", kind, sid)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publish)
+            started = False
+            while True:
+                try:
+                    async with transport.subscribe_events() as remote:
+                        if not started:
+                            started = True
+                            task_status.started()
+                        async for event in remote:
+                            if event.origin == self._origin:
+                                continue
+                            try:
+                                kind = EventKind(event.kind)
+                            except ValueError:
+                                continue
+                            self._events.publish(
+                                kind, event.session_id, None, event.at, origin=event.origin
+                            )
+                except Exception:
+                    logger.exception("event subscription failed; resubscribing")
+                    if not started:
+                        raise
+                await anyio.sleep(1)
 
     def subscribe(self, *, buffer: int | None = None) -> Subscription:
         """Receive lifecycle events: ``async with sessions.subscribe() as events:``.
@@ -540,7 +689,7 @@ class SessionManager:
                     session = attrs.evolve(
                         session, status=SessionStatus.EXPIRED, closed_at=session.expires_at
                     )
-                self._events.publish(EventKind.EXPIRED, sid, session, now)
+                self._emit(EventKind.EXPIRED, sid, session, now)
             removed_total += removed
             if len(ids) < self._cleanup_batch or removed == 0:
                 break

@@ -12,10 +12,11 @@ import base64
 import hashlib
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import orjson
@@ -23,7 +24,15 @@ import orjson
 from ._exceptions import InvalidConfiguration, InvalidCursor
 from ._models import ExpiryPolicy, Message, Session, SessionStatus
 
-__all__ = ["Page", "SessionQuery", "SessionRepository", "decode_cursor", "encode_cursor"]
+__all__ = [
+    "EventTransport",
+    "Page",
+    "RemoteEvent",
+    "SessionQuery",
+    "SessionRepository",
+    "decode_cursor",
+    "encode_cursor",
+]
 
 
 def _statuses(value: object) -> frozenset[SessionStatus] | None:
@@ -259,3 +268,43 @@ class SessionRepository(ABC):
     @abstractmethod
     async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
         """Stored sessions per status (including expired ones awaiting cleanup)."""
+
+
+class RemoteEvent(Protocol):
+    """A lifecycle event announced by another manager (ids and metadata only)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def session_id(self) -> uuid.UUID: ...
+    @property
+    def at(self) -> datetime: ...
+    @property
+    def revision(self) -> int | None: ...
+    @property
+    def origin(self) -> str: ...
+
+
+class EventTransport(ABC):
+    """Optional store capability: lifecycle events shared between processes.
+
+    A manager created with ``share_events=True`` over a store that implements this
+    publishes its events through it and delivers other managers' events to its own
+    subscribers (with ``session=None`` and ``origin`` set).
+    """
+
+    @abstractmethod
+    async def publish_event(
+        self,
+        kind: str,
+        session_id: uuid.UUID,
+        *,
+        at: datetime,
+        revision: int | None = None,
+        origin: str = "",
+    ) -> int:
+        """Announce an event to other processes; return how many received it."""
+
+    @abstractmethod
+    def subscribe_events(self) -> AbstractAsyncContextManager[AsyncIterator[RemoteEvent]]:
+        """``async with store.subscribe_events() as events: async for e in events: ...``"""

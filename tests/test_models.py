@@ -28,23 +28,56 @@ def make(**kw: object) -> s.Session:
 def test_public_api_is_pinned() -> None:
     public = sorted(n for n in dir(s) if not n.startswith("_"))
     expected = sorted(
-        set(s.__all__) | {"abc", "stores", "testing"} & set(public)
+        set(s.__all__)
+        | {"abc", "stores", "testing"} & set(public)
         | {m for m in public if m.startswith("_")}
     )
     assert sorted(s.__all__) == sorted(
         [
-            "CURRENT_VERSION", "ROLES", "Clock", "CorruptSessionError", "Duration", "EventKind",
-            "ExpiryPolicy", "FrozenDict", "InvalidConfiguration", "InvalidCursor",
-            "InvalidJSONValue", "InvalidOwner", "InvalidRole", "InvalidSessionName",
-            "InvalidUpdate", "LimitExceeded", "ManagerNotRunning", "MemoryRepository",
-            "Message", "MessageLog", "Page", "SchemaVersionError", "SerializationError",
-            "Session", "SessionClosed", "SessionConflict", "SessionError", "SessionEvent",
-            "SessionManager", "SessionNotFound", "SessionQuery", "SessionRepository",
-            "SessionStats", "SessionStatus", "StorageError", "Subscription", "SystemClock",
-            "ValidationError", "dumps", "loads",
+            "CURRENT_VERSION",
+            "ROLES",
+            "Clock",
+            "CorruptSessionError",
+            "Duration",
+            "EventKind",
+            "ExpiryPolicy",
+            "FrozenDict",
+            "InvalidConfiguration",
+            "InvalidCursor",
+            "InvalidJSONValue",
+            "InvalidOwner",
+            "InvalidRole",
+            "InvalidSessionName",
+            "InvalidUpdate",
+            "LimitExceeded",
+            "ManagerNotRunning",
+            "MemoryRepository",
+            "Message",
+            "MessageLog",
+            "Page",
+            "SchemaVersionError",
+            "SerializationError",
+            "Session",
+            "SessionClosed",
+            "SessionConflict",
+            "SessionError",
+            "SessionEvent",
+            "SessionManager",
+            "SessionNotFound",
+            "SessionQuery",
+            "SessionRepository",
+            "SessionStats",
+            "SessionStatus",
+            "StorageError",
+            "Subscription",
+            "SystemClock",
+            "ValidationError",
+            "dumps",
+            "loads",
+            "SessionIdLogFilter",
+            "current_session_id",
         ]
-        + [n for n in s.__all__ if n in {"FileRepository", "RedisRepository",
-                                         "SQLiteRepository"}]
+        + [n for n in s.__all__ if n in {"FileRepository", "RedisRepository", "SQLiteRepository"}]
     )
     assert public == expected
     for name in s.__all__:
@@ -133,7 +166,8 @@ def test_session_helpers() -> None:
 
 def test_expiry_policy() -> None:
     policy = s.ExpiryPolicy(
-        idle_timeout=timedelta(minutes=30), max_age=timedelta(hours=1),
+        idle_timeout=timedelta(minutes=30),
+        max_age=timedelta(hours=1),
         retention=timedelta(days=1),
     )
     active = s.SessionStatus.ACTIVE
@@ -227,8 +261,17 @@ def test_newer_version_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x00\xff", b"null", b"[1, 2]", b'"text"', b"{}", b'{"version": "1"}',
-     b'{"version": 1, "id": "x"}', b'{"version": -1}'],
+    [
+        b"",
+        b"\x00\xff",
+        b"null",
+        b"[1, 2]",
+        b'"text"',
+        b"{}",
+        b'{"version": "1"}',
+        b'{"version": 1, "id": "x"}',
+        b'{"version": -1}',
+    ],
 )
 def test_garbage_is_corrupt(data: bytes) -> None:
     with pytest.raises(s.CorruptSessionError):
@@ -255,8 +298,14 @@ def test_truncated_or_flipped_documents_are_corrupt_or_equal(
 
 def test_bad_field_values_are_corrupt() -> None:
     doc = orjson.loads(s.dumps(make()))
-    for field, value in [("name", "bad name"), ("status", "zombie"), ("revision", -1),
-                         ("created_at", "yesterday"), ("state", [1]), ("messages", {})]:
+    for field, value in [
+        ("name", "bad name"),
+        ("status", "zombie"),
+        ("revision", -1),
+        ("created_at", "yesterday"),
+        ("state", [1]),
+        ("messages", {}),
+    ]:
         broken = dict(doc, **{field: value})
         with pytest.raises(s.CorruptSessionError):
             s.loads(orjson.dumps(broken))

@@ -49,7 +49,14 @@ from .._serialization import (
     session_from_document,
     session_to_document,
 )
-from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
+from ..abc import (
+    EventTransport,
+    Page,
+    SessionQuery,
+    SessionRepository,
+    decode_cursor,
+    encode_cursor,
+)
 
 if TYPE_CHECKING:
     import coredis
@@ -463,7 +470,7 @@ class _Decoded(Generic[T]):
             self._items.popitem(last=False)
 
 
-class RedisRepository(SessionRepository):
+class RedisRepository(SessionRepository, EventTransport):
     """Sessions in Redis, shared by every process and machine using the same server.
 
     ``client_or_url`` is a ``redis://`` URL (the store makes, enters and closes its own

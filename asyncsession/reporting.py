@@ -1,0 +1,234 @@
+"""Release-health reporting: what happened to each session when it ended.
+
+A *reporter* receives a :class:`SessionReport` for every session that ends (closed with a
+status, or expired). Pass reporters to ``SessionManager(..., reporters=[...])``; they run
+in the manager's task group, so a reporter that raises or is slow never delays or breaks
+the manager (errors are logged; each call is bounded by ``reporter_timeout``).
+
+:func:`aggregate` turns reports (or stored sessions) into per-period release-health
+figures like crash-reporting SDKs show: sessions started, ended per status, with errors,
+and the crash-free rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+import attrs
+import orjson
+
+from ._exceptions import CorruptSessionError, InvalidConfiguration
+from ._json import freeze_state
+from ._models import Session, SessionStatus
+
+__all__ = [
+    "HealthBucket",
+    "JsonLinesReporter",
+    "LoggingReporter",
+    "Reporter",
+    "SessionReport",
+    "aggregate",
+    "read_reports",
+]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@attrs.frozen(slots=True)
+class SessionReport:
+    """One ended session: status, duration, errors, owner and user-chosen attributes."""
+
+    session_id: uuid.UUID
+    owner: str | None
+    status: SessionStatus
+    started_at: datetime
+    ended_at: datetime
+    errors: int
+    attributes: Mapping[str, Any] = attrs.field(factory=dict, converter=freeze_state)
+
+    @property
+    def duration(self) -> timedelta:
+        """How long the session lived."""
+        return self.ended_at - self.started_at
+
+    @classmethod
+    def from_session(
+        cls, session: Session, attributes: Mapping[str, Any] | None = None
+    ) -> SessionReport:
+        """Report a session that ended (its ``closed_at`` is the end)."""
+        ended = session.closed_at or session.expires_at or session.last_active
+        return cls(
+            session.id,
+            session.owner,
+            session.status,
+            session.created_at,
+            ended,
+            session.errors,
+            attributes or {},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``duration`` in seconds)."""
+        return {
+            "session_id": str(self.session_id),
+            "owner": self.owner,
+            "status": self.status.value,
+            "started_at": self.started_at.isoformat(),
+            "ended_at": self.ended_at.isoformat(),
+            "duration": self.duration.total_seconds(),
+            "errors": self.errors,
+            "attributes": self.attributes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SessionReport:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            return cls(
+                uuid.UUID(data["session_id"]),
+                data.get("owner"),
+                SessionStatus(data["status"]),
+                datetime.fromisoformat(data["started_at"]),
+                datetime.fromisoformat(data["ended_at"]),
+                int(data["errors"]),
+                data.get("attributes") or {},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptSessionError(f"invalid session report ({exc})") from exc
+
+
+@runtime_checkable
+class Reporter(Protocol):
+    """Receives a report for each session as it ends."""
+
+    async def report(self, report: SessionReport) -> None:
+        """Handle one report (may do I/O)."""
+        ...
+
+
+class JsonLinesReporter:
+    """Appends each report as one JSON line to ``path`` (off the event loop)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return f"JsonLinesReporter({self.path!r})"
+
+    def _append(self, line: bytes) -> None:
+        with open(self.path, "ab") as handle:
+            handle.write(line)
+
+    async def report(self, report: SessionReport) -> None:
+        """Append ``report`` as a JSON line."""
+        line = orjson.dumps(report.to_dict()) + b"\n"
+        async with self._lock:
+            await anyio.to_thread.run_sync(self._append, line)
+
+
+class LoggingReporter:
+    """Logs each report (logger ``asyncsession.reporting`` at INFO by default)."""
+
+    def __init__(self, logger: logging.Logger | None = None, level: int = logging.INFO) -> None:
+        self.logger = logger if logger is not None else logging.getLogger(__name__)
+        self.level = level
+
+    async def report(self, report: SessionReport) -> None:
+        """Log one line: id, status, duration, errors, owner, attributes."""
+        self.logger.log(
+            self.level,
+            "session %s ended %s after %.3fs with %s errors (owner=%s %s)",
+            report.session_id,
+            report.status.value,
+            report.duration.total_seconds(),
+            report.errors,
+            report.owner,
+            dict(report.attributes),
+        )
+
+
+def read_reports(path: str | os.PathLike[str]) -> Iterator[SessionReport]:
+    """Read the reports a :class:`JsonLinesReporter` wrote (blank lines skipped)."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                data = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise CorruptSessionError(f"{os.fspath(path)} line {number}: {exc}") from exc
+            yield SessionReport.from_dict(data)
+
+
+@attrs.frozen(slots=True)
+class HealthBucket:
+    """Release health of one period starting at ``start``.
+
+    ``started``: sessions created in the period; ``ended``: sessions that ended in it, per
+    status; ``errored``: ended sessions that recorded at least one error;
+    ``crash_free_rate``: share of ended sessions that did not crash (None if none ended).
+    """
+
+    start: datetime
+    started: int
+    ended: Mapping[SessionStatus, int]
+    errored: int
+
+    @property
+    def ended_total(self) -> int:
+        """All sessions that ended in the period."""
+        return sum(self.ended.values())
+
+    @property
+    def crash_free_rate(self) -> float | None:
+        """1 - crashed / ended, or None when nothing ended."""
+        total = self.ended_total
+        if total == 0:
+            return None
+        return 1 - self.ended.get(SessionStatus.CRASHED, 0) / total
+
+
+def _floor(when: datetime, bucket: timedelta) -> datetime:
+    steps = (when - _EPOCH) // bucket
+    return _EPOCH + steps * bucket
+
+
+def aggregate(
+    items: Iterable[Session | SessionReport], *, bucket: timedelta = timedelta(hours=1)
+) -> list[HealthBucket]:
+    """Per-period release health from reports or stored sessions, oldest period first.
+
+    Open sessions count as started only; terminal ones also as ended at ``closed_at``.
+    """
+    if bucket <= timedelta(0):
+        raise InvalidConfiguration(f"bucket must be a positive timedelta, got {bucket!r}.")
+    started: dict[datetime, int] = {}
+    ended: dict[datetime, dict[SessionStatus, int]] = {}
+    errored: dict[datetime, int] = {}
+    for item in items:
+        report: SessionReport | None
+        if isinstance(item, SessionReport):
+            report = item
+            created = item.started_at
+        else:
+            created = item.created_at
+            report = SessionReport.from_session(item) if item.status.is_terminal else None
+        key = _floor(created, bucket)
+        started[key] = started.get(key, 0) + 1
+        if report is not None:
+            end_key = _floor(report.ended_at, bucket)
+            per_status = ended.setdefault(end_key, {})
+            per_status[report.status] = per_status.get(report.status, 0) + 1
+            if report.errors:
+                errored[end_key] = errored.get(end_key, 0) + 1
+    keys = sorted(set(started) | set(ended))
+    return [
+        HealthBucket(k, started.get(k, 0), dict(ended.get(k, {})), errored.get(k, 0)) for k in keys
+    ]

@@ -1,0 +1,215 @@
+"""Release-health reporting, record_error, and the current-session context."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import anyio
+import pytest
+
+import asyncsession as s
+from asyncsession.reporting import (
+    JsonLinesReporter,
+    LoggingReporter,
+    SessionReport,
+    aggregate,
+    read_reports,
+)
+from asyncsession.testing import ManualClock
+
+pytestmark = pytest.mark.anyio
+
+
+class Collecting:
+    def __init__(self) -> None:
+        self.reports: list[SessionReport] = []
+
+    async def report(self, report: SessionReport) -> None:
+        self.reports.append(report)
+
+
+class Broken:
+    calls = 0
+
+    async def report(self, report: SessionReport) -> None:
+        Broken.calls += 1
+        raise RuntimeError("reporter bug")
+
+
+class Stuck:
+    async def report(self, report: SessionReport) -> None:
+        await anyio.sleep_forever()
+
+
+async def test_ended_sessions_are_reported_with_duration_errors_and_attributes(
+    any_repository: s.SessionRepository, tmp_path: Path
+) -> None:
+    clock = ManualClock()
+    collected = Collecting()
+    lines = tmp_path / "health.jsonl"
+    async with s.SessionManager(
+        any_repository,
+        idle_timeout=600,
+        cleanup_interval=None,
+        clock=clock,
+        reporters=[collected, JsonLinesReporter(lines), LoggingReporter()],
+        report_attributes={"release": "1.2.3", "environment": "test"},
+    ) as sessions:
+        ok = await sessions.create(owner="alice")
+        crashy = await sessions.create(owner="bob")
+        idle = await sessions.create(owner="carol")
+        clock.advance(30)
+        await sessions.record_error(crashy.id)
+        errored = await sessions.record_error(crashy.id)
+        assert errored.errors == 2
+        await sessions.close(ok.id)
+        await sessions.close(crashy.id, status=s.SessionStatus.CRASHED)
+        with pytest.raises(s.SessionClosed):
+            await sessions.record_error(crashy.id)
+        clock.advance(600)
+        assert await sessions.purge_expired() == 1
+    by_id = {r.session_id: r for r in collected.reports}
+    assert set(by_id) == {ok.id, crashy.id, idle.id}
+    assert by_id[ok.id].status is s.SessionStatus.EXITED
+    assert by_id[ok.id].duration == timedelta(seconds=30)
+    assert (by_id[crashy.id].status, by_id[crashy.id].errors) == (s.SessionStatus.CRASHED, 2)
+    assert by_id[idle.id].status is s.SessionStatus.EXPIRED
+    assert by_id[idle.id].duration == timedelta(seconds=600)
+    assert by_id[ok.id].attributes == {"release": "1.2.3", "environment": "test"}
+    assert by_id[ok.id].owner == "alice"
+    assert sorted(read_reports(lines), key=lambda r: str(r.session_id)) == sorted(
+        collected.reports, key=lambda r: str(r.session_id)
+    )
+
+
+async def test_failing_or_slow_reporters_never_break_the_manager(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    collected = Collecting()
+    async with s.SessionManager(
+        s.MemoryRepository(), reporters=[Broken(), Stuck(), collected], reporter_timeout=0.05
+    ) as sessions:
+        for _ in range(3):
+            session = await sessions.create()
+            await sessions.close(session.id)  # never waits for the reporters
+        assert (await sessions.stats()).total == 3
+    assert Broken.calls >= 1
+    assert "reporter bug" in caplog.text or "failed" in caplog.text
+    assert "timed out" in caplog.text
+    assert len(collected.reports) >= 1  # later reporters still run
+
+
+async def test_reports_beyond_the_buffer_are_dropped_and_counted() -> None:
+    async with s.SessionManager(
+        s.MemoryRepository(), reporters=[Stuck()], reporter_timeout=0.01, event_buffer=2
+    ) as sessions:
+        for _ in range(6):
+            await sessions.close((await sessions.create()).id)
+        stats = await sessions.stats()
+    assert stats.reports_dropped >= 3
+
+
+def test_aggregate_release_health() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def report(
+        start_min: int, end_min: int, status: s.SessionStatus, errors: int = 0
+    ) -> SessionReport:
+        return SessionReport(
+            uuid.uuid4(),
+            "u",
+            status,
+            t0 + timedelta(minutes=start_min),
+            t0 + timedelta(minutes=end_min),
+            errors,
+        )
+
+    buckets = aggregate(
+        [
+            report(0, 10, s.SessionStatus.EXITED),
+            report(5, 20, s.SessionStatus.CRASHED, errors=1),
+            report(30, 70, s.SessionStatus.EXITED, errors=2),
+            report(50, 65, s.SessionStatus.ABNORMAL),
+        ],
+        bucket=timedelta(hours=1),
+    )
+    assert [b.start for b in buckets] == [t0, t0 + timedelta(hours=1)]
+    first, second = buckets
+    assert (first.started, first.ended_total, first.errored) == (4, 2, 1)
+    assert first.ended == {s.SessionStatus.EXITED: 1, s.SessionStatus.CRASHED: 1}
+    assert first.crash_free_rate == 0.5
+    assert (second.started, second.ended_total, second.errored) == (0, 2, 1)
+    assert second.crash_free_rate == 1.0
+    assert aggregate([]) == []
+    open_session = s.Session(uuid.uuid4(), t0, t0)
+    only_open = aggregate([open_session], bucket=timedelta(minutes=5))
+    assert only_open[0].started == 1 and only_open[0].crash_free_rate is None
+    with pytest.raises(s.InvalidConfiguration):
+        aggregate([], bucket=timedelta(0))
+
+
+def test_reports_round_trip_and_bad_lines(tmp_path: Path) -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    report = SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 0, {"k": [1]})
+    assert SessionReport.from_dict(report.to_dict()) == report
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"session_id": "x"}\n')
+    with pytest.raises(s.CorruptSessionError):
+        list(read_reports(bad))
+    with pytest.raises(s.InvalidConfiguration):
+        s.SessionManager(s.MemoryRepository(), reporters=[object()])  # type: ignore[list-item]
+
+
+# -- current session ------------------------------------------------------------------
+
+
+async def test_bind_sets_the_current_session_for_the_task_and_its_children() -> None:
+    seen: dict[str, uuid.UUID | None] = {}
+    async with s.SessionManager(s.MemoryRepository()) as sessions:
+        a = await sessions.create()
+        b = await sessions.create()
+
+        async def child(label: str) -> None:
+            await anyio.lowlevel.checkpoint()
+            seen[label] = s.current_session_id()
+
+        async def handler(session_id: uuid.UUID, label: str) -> None:
+            async with sessions.bind(session_id) as bound:
+                assert bound.id == session_id
+                await anyio.lowlevel.checkpoint()
+                seen[label] = s.current_session_id()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(child, label + "-child")
+            seen[label + "-after"] = s.current_session_id()
+
+        assert s.current_session_id() is None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler, a.id, "a")
+            tg.start_soon(handler, b.id, "b")
+        with pytest.raises(s.SessionNotFound):
+            async with sessions.bind(uuid.uuid4()):
+                pass
+    assert seen == {
+        "a": a.id,
+        "a-child": a.id,
+        "a-after": None,
+        "b": b.id,
+        "b-child": b.id,
+        "b-after": None,
+    }
+
+
+async def test_log_filter_adds_the_current_session_id(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("asyncsession.tests.context")
+    caplog.handler.addFilter(s.SessionIdLogFilter())
+    with caplog.at_level(logging.INFO, logger=log.name):
+        async with s.SessionManager(s.MemoryRepository()) as sessions:
+            session = await sessions.create()
+            log.info("outside")
+            async with sessions.bind(session.id):
+                log.info("inside")
+    ids = {r.getMessage(): r.session_id for r in caplog.records if r.name == log.name}  # type: ignore[attr-defined]
+    assert ids == {"outside": "-", "inside": str(session.id)}
