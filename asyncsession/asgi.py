@@ -1,0 +1,490 @@
+"""Web sessions for ASGI applications (Starlette, FastAPI, any ASGI framework).
+
+:class:`SessionMiddleware` keeps each browser's session in a :class:`SessionManager`;
+the browser holds only a cookie with the session id signed by HMAC-SHA256::
+
+    app = SessionMiddleware(app, manager, secret_key=os.environ["SESSION_KEY"])
+
+Inside the app, ``scope["session"]`` (Starlette's ``request.session``) is a
+:class:`SessionDict`: a mutable mapping of JSON values that records which keys a request
+set or deleted. Properties:
+
+* Cookies are verified in constant time against every configured key (the first key
+  signs; the others only verify, for key rotation). Unknown, expired, forged or
+  malformed cookies never select a session, and a client-chosen id is never adopted:
+  a new session (with a fresh server id from :meth:`SessionManager.create`) is created
+  only when a request writes to the session.
+* A request's changes are saved with :meth:`SessionManager.update` as the keys it set
+  and deleted, applied to the current stored state, so concurrent requests of one user
+  that change different keys all survive.
+* Saving happens before ``http.response.start`` is sent; if saving fails the client
+  gets a 500 response and the error is logged.
+* :meth:`SessionDict.rotate` moves the session to a fresh id (call it at login);
+  :meth:`SessionDict.clear` deletes it server-side and expires the cookie. A slow
+  request that finishes after a logout cannot bring the session back: its changes
+  are dropped with a logged warning.
+* ``websocket`` connections see the session read-only; ``lifespan`` passes through.
+
+Only the ASGI protocol is used here; no web framework is imported.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
+from datetime import timedelta
+from typing import Any, Literal, Union
+
+from ._exceptions import InvalidConfiguration, InvalidUpdate, SessionClosed, SessionNotFound
+from ._manager import SessionManager
+from ._models import Session
+
+__all__ = ["SessionDict", "SessionMiddleware", "get_session"]
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+ASGIMessage = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[ASGIMessage]]
+Send = Callable[[ASGIMessage], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+SecretKey = Union[str, bytes]
+
+_SIGNATURE_CONTEXT = b"asyncsession.asgi.v1\x00"
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_MISSING = object()
+
+
+def _thaw(value: Any) -> Any:
+    """A mutable deep copy of a stored JSON value (read-only dicts and tuples thawed)."""
+    if isinstance(value, Mapping):
+        return {key: _thaw(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_thaw(item) for item in value]
+    return value
+
+
+class SessionDict(MutableMapping[str, Any]):
+    """The session of one request: a mapping of JSON values that tracks its changes.
+
+    Reads and writes are plain dict operations; nested values are mutable copies (a
+    change inside a nested list or dict counts as setting its top-level key). The
+    middleware saves the changes before the response starts. :meth:`rotate` and
+    :meth:`clear` take effect then too; :meth:`ensure_created` creates the session at
+    once when a handler needs its id.
+    """
+
+    def __init__(
+        self,
+        manager: SessionManager,
+        session: Session | None,
+        *,
+        read_only: bool = False,
+    ) -> None:
+        self._manager = manager
+        self._id: uuid.UUID | None = session.id if session is not None else None
+        state = session.state if session is not None else {}
+        self._data: dict[str, Any] = _thaw(state)
+        self._baseline: dict[str, Any] = _thaw(state)
+        self._set: set[str] = set()
+        self._deleted: set[str] = set()
+        self._read_only = read_only
+        self._rotate = False
+        self._cleared: uuid.UUID | None = None
+        self._new_cookie = False
+        self._expire_cookie = False
+        self._accessed = False
+
+    def __repr__(self) -> str:
+        return f"SessionDict(id={self._id}, keys={sorted(self._data)!r})"
+
+    # -- mapping ------------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        self._accessed = True
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._check_writable()
+        if not isinstance(key, str):
+            raise InvalidUpdate(f"Session keys must be strings, got {key!r}.")
+        self._data[key] = value
+        self._set.add(key)
+        self._deleted.discard(key)
+
+    def __delitem__(self, key: str) -> None:
+        self._check_writable()
+        del self._data[key]
+        self._set.discard(key)
+        self._deleted.add(key)
+
+    def __iter__(self) -> Iterator[str]:
+        self._accessed = True
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        self._accessed = True
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        self._accessed = True
+        return key in self._data
+
+    def mark_accessed(self) -> None:
+        """Note that the response depends on the session (adds ``Vary: Cookie``)."""
+        self._accessed = True
+
+    # -- session operations ----------------------------------------------------------
+
+    @property
+    def id(self) -> uuid.UUID | None:
+        """The session id, or None while this visitor has no stored session."""
+        return self._id
+
+    @property
+    def read_only(self) -> bool:
+        """True on websocket connections, where the session cannot be changed."""
+        return self._read_only
+
+    def rotate(self) -> None:
+        """Give the session a fresh id when the response starts (call it at login).
+
+        The data is kept and the old id stops working. Without a stored session this
+        does nothing (a session created by this request gets a fresh id anyway).
+        """
+        self._check_writable()
+        self._rotate = True
+
+    def clear(self) -> None:
+        """Log out: delete the session server-side and expire the cookie.
+
+        Keys set after ``clear()`` start a new session with a fresh id.
+        """
+        self._check_writable()
+        if self._id is not None:
+            self._cleared = self._id
+        self._id = None
+        self._expire_cookie = True
+        self._new_cookie = False
+        self._rotate = False
+        self._data = {}
+        self._baseline = {}
+        self._set.clear()
+        self._deleted.clear()
+
+    async def ensure_created(self) -> uuid.UUID:
+        """Return the session id, creating the session now (fresh id) if there is none.
+
+        Pending changes are stored with it. Use it when a handler needs the id, e.g. to
+        append messages with :meth:`SessionManager.add_message`.
+        """
+        self._check_writable()
+        if self._id is None:
+            changes, _deleted = self._changes()
+            session = await self._manager.create(state=changes)
+            self._id = session.id
+            self._new_cookie = True
+            self._mark_saved()
+        return self._id
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise InvalidUpdate(
+                "The session is read-only on websocket connections; change it in an HTTP "
+                "request, or keep per-connection data in a session of its own."
+            )
+
+    def _changes(self) -> tuple[dict[str, Any], set[str]]:
+        changed = set(self._set)
+        for key, value in self._data.items():
+            if self._baseline.get(key, _MISSING) != value:
+                changed.add(key)
+        deleted = (self._deleted | set(self._baseline)) - set(self._data)
+        return {key: self._data[key] for key in changed}, deleted
+
+    def _mark_saved(self) -> None:
+        self._baseline = _thaw(self._data)
+        self._set.clear()
+        self._deleted.clear()
+
+    @property
+    def _dirty(self) -> bool:
+        changes, deleted = self._changes()
+        return bool(changes or deleted or self._rotate or self._cleared)
+
+
+def get_session(scope: Mapping[str, Any]) -> SessionDict:
+    """The :class:`SessionDict` that :class:`SessionMiddleware` put into ``scope``."""
+    session = scope.get("session")
+    if not isinstance(session, SessionDict):
+        raise InvalidConfiguration(
+            "No asyncsession session in this scope: wrap the application in "
+            "asyncsession.asgi.SessionMiddleware."
+        )
+    return session
+
+
+def _as_keys(
+    secret_key: SecretKey | Iterable[SecretKey], fallback_keys: Iterable[SecretKey]
+) -> tuple[bytes, ...]:
+    given = [secret_key] if isinstance(secret_key, (str, bytes)) else list(secret_key)
+    given.extend(fallback_keys)
+    keys: list[bytes] = []
+    for key in given:
+        if isinstance(key, str):
+            key = key.encode("utf-8")
+        if not isinstance(key, bytes) or not key:
+            raise InvalidConfiguration(
+                "secret_key and fallback_keys must be non-empty str or bytes (use e.g. "
+                "secrets.token_urlsafe(32)); got an empty or non-text key."
+            )
+        keys.append(key)
+    if not keys:
+        raise InvalidConfiguration("SessionMiddleware needs at least one secret key.")
+    return tuple(keys)
+
+
+def _seconds(value: float | timedelta | None) -> int | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise InvalidConfiguration(
+            f"max_age must be a positive number of seconds, a timedelta or None; got {value!r}."
+        )
+    return int(seconds)
+
+
+class SessionMiddleware:
+    """ASGI middleware that gives each visitor a server-side session (see module doc).
+
+    ``secret_key`` signs cookies (a list: the first signs, all verify); ``fallback_keys``
+    only verify. ``max_age`` (seconds, timedelta or None for a browser-session cookie)
+    is the cookie's lifetime; the server-side lifetime is the manager's expiry policy.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        manager: SessionManager,
+        *,
+        secret_key: SecretKey | Iterable[SecretKey],
+        fallback_keys: Iterable[SecretKey] = (),
+        cookie_name: str = "session",
+        max_age: float | timedelta | None = timedelta(days=14),
+        secure: bool = True,
+        same_site: Literal["lax", "strict", "none"] = "lax",
+        path: str = "/",
+        domain: str | None = None,
+        http_only: bool = True,
+    ) -> None:
+        if not isinstance(manager, SessionManager):
+            raise InvalidConfiguration(f"manager must be a SessionManager, got {manager!r}.")
+        if not isinstance(cookie_name, str) or not _COOKIE_NAME.fullmatch(cookie_name):
+            raise InvalidConfiguration(f"Invalid cookie name {cookie_name!r}.")
+        if same_site not in ("lax", "strict", "none"):
+            raise InvalidConfiguration(
+                f"same_site must be 'lax', 'strict' or 'none', got {same_site!r}."
+            )
+        if same_site == "none" and not secure:
+            raise InvalidConfiguration("same_site='none' requires secure=True.")
+        for name, value in (("path", path), ("domain", domain)):
+            if value is not None and (not isinstance(value, str) or re.search(r"[;\s]", value)):
+                raise InvalidConfiguration(f"Invalid cookie {name} {value!r}.")
+        self.app = app
+        self.manager = manager
+        self._keys = _as_keys(secret_key, fallback_keys)
+        self.cookie_name = cookie_name
+        self.max_age = _seconds(max_age)
+        attributes = [f"Path={path}"]
+        if domain is not None:
+            attributes.append(f"Domain={domain}")
+        if http_only:
+            attributes.append("HttpOnly")
+        if secure:
+            attributes.append("Secure")
+        attributes.append(f"SameSite={same_site.capitalize()}")
+        self._attributes = "; ".join(attributes)
+
+    # -- cookies -------------------------------------------------------------------------
+
+    def _signature(self, key: bytes, session_id: str) -> bytes:
+        digest = hmac.new(key, _SIGNATURE_CONTEXT + session_id.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=")
+
+    def sign(self, session_id: uuid.UUID) -> str:
+        """The cookie value for a session id: ``<uuid>.<base64url HMAC-SHA256>``."""
+        text = str(session_id)
+        return f"{text}.{self._signature(self._keys[0], text).decode()}"
+
+    def unsign(self, value: str) -> uuid.UUID | None:
+        """The session id in a cookie value, or None unless some key signed it."""
+        text, dot, signature = value.rpartition(".")
+        if not dot or not _CANONICAL_UUID.fullmatch(text) or not signature.isascii():
+            return None
+        given = signature.encode()
+        valid = False
+        for key in self._keys:
+            valid |= hmac.compare_digest(self._signature(key, text), given)
+        return uuid.UUID(text) if valid else None
+
+    def _cookie_ids(self, scope: Scope) -> list[uuid.UUID]:
+        found: list[uuid.UUID] = []
+        for name, raw in scope.get("headers") or ():
+            if name.lower() != b"cookie":
+                continue
+            for part in raw.decode("latin-1").split(";"):
+                key, eq, value = part.partition("=")
+                if eq and key.strip() == self.cookie_name:
+                    session_id = self.unsign(value.strip().strip('"'))
+                    if session_id is not None and session_id not in found:
+                        found.append(session_id)
+        return found
+
+    def _set_cookie(self, session_id: uuid.UUID) -> tuple[bytes, bytes]:
+        value = f"{self.cookie_name}={self.sign(session_id)}; {self._attributes}"
+        if self.max_age is not None:
+            value += f"; Max-Age={self.max_age}"
+        return (b"set-cookie", value.encode("latin-1"))
+
+    def _expire_cookie(self) -> tuple[bytes, bytes]:
+        value = (
+            f"{self.cookie_name}=; {self._attributes}; Max-Age=0; "
+            "Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+        )
+        return (b"set-cookie", value.encode("latin-1"))
+
+    # -- ASGI ------------------------------------------------------------------------------
+
+    async def _load(self, scope: Scope) -> Session | None:
+        for session_id in self._cookie_ids(scope):
+            try:
+                session = await self.manager.get(session_id, last_messages=0)
+            except SessionNotFound:
+                continue
+            if not session.is_closed:
+                return session
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        try:
+            loaded = await self._load(scope)
+        except Exception:
+            logger.exception("could not load the session for %s %s", kind, scope.get("path"))
+            if kind == "http":
+                await _send_500(send)
+            else:
+                await send({"type": "websocket.close", "code": 1011})
+            return
+        session = SessionDict(self.manager, loaded, read_only=kind == "websocket")
+        scope["session"] = session
+        if kind == "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        failed = False
+
+        async def send_wrapper(message: ASGIMessage) -> None:
+            nonlocal failed
+            if failed:
+                return
+            if message["type"] == "http.response.start":
+                try:
+                    headers = await self._save(session, scope)
+                except Exception:
+                    logger.exception(
+                        "could not save the session for %s %s; answering 500",
+                        scope.get("method"),
+                        scope.get("path"),
+                    )
+                    failed = True
+                    await _send_500(send)
+                    return
+                if session._accessed or headers:
+                    headers.append((b"vary", b"Cookie"))
+                if headers:
+                    message = dict(message)
+                    message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+        if session._dirty and not failed:
+            logger.warning(
+                "session changes made after the response started were not saved (%s %s)",
+                scope.get("method"),
+                scope.get("path"),
+            )
+
+    async def _save(self, session: SessionDict, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """Store the request's changes; return the Set-Cookie headers to add."""
+        cleared, session._cleared = session._cleared, None
+        if cleared is not None:
+            await self.manager.delete(cleared, missing_ok=True)
+        changes, deleted = session._changes()
+        if session._id is None:
+            if changes:
+                created = await self.manager.create(state=changes)
+                session._id = created.id
+                session._new_cookie = True
+        else:
+            sid = session._id
+            try:
+                if changes or deleted:
+
+                    def apply(current: Session) -> Session:
+                        if deleted:
+                            current = current.without_state(*deleted)
+                        return current.with_state(changes) if changes else current
+
+                    await self.manager.update(sid, apply)
+                    session._new_cookie = True  # refresh the cookie's Max-Age
+                if session._rotate:
+                    session._id = (await self.manager.rotate(sid)).id
+                    session._new_cookie = True
+            except (SessionNotFound, SessionClosed):
+                logger.warning(
+                    "session %s was logged out, rotated or expired while %s %s ran; "
+                    "dropping its changes to keys %s",
+                    sid,
+                    scope.get("method"),
+                    scope.get("path"),
+                    sorted(set(changes) | deleted),
+                )
+                session._id = None
+                session._data = {}
+                session._new_cookie = session._expire_cookie = False
+        headers: list[tuple[bytes, bytes]] = []
+        if session._id is not None and session._new_cookie:
+            headers.append(self._set_cookie(session._id))
+        elif session._id is None and session._expire_cookie:
+            headers.append(self._expire_cookie())
+        session._rotate = session._new_cookie = session._expire_cookie = False
+        session._mark_saved()
+        return headers
+
+
+async def _send_500(send: Send) -> None:
+    body = b"Internal Server Error"
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

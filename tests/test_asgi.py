@@ -1,0 +1,558 @@
+"""SessionMiddleware driven in-process through httpx's ASGI transport, on asyncio and trio."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import asyncsession as s
+from asyncsession.asgi import SessionDict, SessionMiddleware, get_session
+from asyncsession.testing import ManualClock
+
+pytestmark = pytest.mark.anyio
+
+KEY = "test-secret-key-0123456789abcdef"
+OLD_KEY = "old-secret-key-fedcba9876543210"
+BASE = "https://testserver"
+
+Scope = MutableMapping[str, Any]
+
+
+class Gates:
+    """Lets a test hold a request inside its handler: ``entered`` then wait ``release``."""
+
+    def __init__(self) -> None:
+        self.entered: dict[str, anyio.Event] = {}
+        self.release: dict[str, anyio.Event] = {}
+
+    def add(self, name: str) -> tuple[anyio.Event, anyio.Event]:
+        self.entered[name] = anyio.Event()
+        self.release[name] = anyio.Event()
+        return self.entered[name], self.release[name]
+
+
+def make_app(manager: s.SessionManager, gates: Gates | None = None, **options: Any) -> Starlette:
+    """A Starlette app exercising request.session."""
+    gates = gates or Gates()
+    options.setdefault("secret_key", KEY)
+
+    async def read(request: Request) -> JSONResponse:
+        session = request.session
+        return JSONResponse({"data": dict(session), "id": str(get_session(request.scope).id)})
+
+    async def write(request: Request) -> JSONResponse:
+        request.session.update(await request.json())
+        return JSONResponse({"ok": True})
+
+    async def remove(request: Request) -> JSONResponse:
+        del request.session[request.path_params["key"]]
+        return JSONResponse({"ok": True})
+
+    async def login(request: Request) -> JSONResponse:
+        request.session["user"] = "alice"
+        request.session.rotate()  # type: ignore[attr-defined]
+        return JSONResponse({"ok": True})
+
+    async def logout(request: Request) -> JSONResponse:
+        request.session.clear()
+        return JSONResponse({"ok": True})
+
+    async def gated(request: Request) -> JSONResponse:
+        name = request.path_params["name"]
+        request.session.update(await request.json())
+        gates.entered[name].set()
+        with anyio.fail_after(10):
+            await gates.release[name].wait()
+        return JSONResponse({"ok": True})
+
+    async def ensure(request: Request) -> JSONResponse:
+        request.session["made"] = True
+        sid = await get_session(request.scope).ensure_created()
+        await manager.add_message(sid, "user", "hello")
+        return JSONResponse({"id": str(sid)})
+
+    routes = [
+        Route("/read", read),
+        Route("/write", write, methods=["POST"]),
+        Route("/remove/{key}", remove, methods=["POST"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/gated/{name}", gated, methods=["POST"]),
+        Route("/ensure", ensure, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(SessionMiddleware, manager, **options)])
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE)
+
+
+async def count(manager: s.SessionManager) -> int:
+    return (await manager.stats()).total
+
+
+def cookie_id(response: httpx.Response) -> uuid.UUID:
+    value = response.cookies["session"]
+    return uuid.UUID(value.partition(".")[0])
+
+
+@asynccontextmanager
+async def running(
+    repository: s.SessionRepository, **options: Any
+) -> AsyncIterator[s.SessionManager]:
+    async with s.SessionManager(repository, cleanup_interval=None, **options) as manager:
+        yield manager
+
+
+@pytest.fixture
+async def manager(any_repository: s.SessionRepository) -> AsyncIterator[s.SessionManager]:
+    async with running(any_repository) as manager:
+        yield manager
+
+
+@pytest.fixture
+async def memory_manager(anyio_backend: str) -> AsyncIterator[s.SessionManager]:
+    async with running(s.MemoryRepository()) as manager:
+        yield manager
+
+
+# --- every store -----------------------------------------------------------------------
+
+
+async def test_lazy_creation_and_round_trip(manager: s.SessionManager) -> None:
+    async with client(make_app(manager)) as http:
+        response = await http.get("/read")
+        assert response.json()["data"] == {}
+        assert "set-cookie" not in response.headers
+        assert await count(manager) == 0
+
+        response = await http.post("/write", json={"a": 1, "nested": {"x": [1, 2]}})
+        assert response.status_code == 200
+        sid = cookie_id(response)
+        assert await count(manager) == 1
+        stored = await manager.get(sid)
+        assert stored.state == {"a": 1, "nested": {"x": (1, 2)}}
+
+        response = await http.get("/read")
+        assert response.json() == {"data": {"a": 1, "nested": {"x": [1, 2]}}, "id": str(sid)}
+        assert "set-cookie" not in response.headers  # read-only: no new cookie
+        assert response.headers["vary"] == "Cookie"
+
+
+async def test_two_concurrent_requests_changing_different_keys_both_survive(
+    manager: s.SessionManager,
+) -> None:
+    gates = Gates()
+    async with client(make_app(manager, gates)) as http:
+        sid = cookie_id(await http.post("/write", json={"base": 0}))
+        a_in, a_go = gates.add("a")
+        b_in, b_go = gates.add("b")
+        results: dict[str, httpx.Response] = {}
+
+        async def call(name: str, body: dict[str, Any]) -> None:
+            results[name] = await http.post(f"/gated/{name}", json=body)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, "a", {"a": 1})
+                tg.start_soon(call, "b", {"b": 2})
+                await a_in.wait()
+                await b_in.wait()  # both loaded the same snapshot
+                a_go.set()
+                b_go.set()
+        assert results["a"].status_code == results["b"].status_code == 200
+        assert (await manager.get(sid)).state == {"base": 0, "a": 1, "b": 2}
+
+
+async def test_delete_key_keeps_concurrent_changes(manager: s.SessionManager) -> None:
+    async with client(make_app(manager)) as http:
+        sid = cookie_id(await http.post("/write", json={"a": 1, "b": 2}))
+        await http.post("/remove/a")
+        assert (await manager.get(sid)).state == {"b": 2}
+
+
+async def test_rotate_keeps_data_and_kills_old_id(manager: s.SessionManager) -> None:
+    async with client(make_app(manager)) as http:
+        old = await http.post("/write", json={"cart": [1]})
+        old_cookie = old.cookies["session"]
+        old_id = cookie_id(old)
+        response = await http.post("/login")
+        new_id = cookie_id(response)
+        assert new_id != old_id
+        with pytest.raises(s.SessionNotFound):
+            await manager.get(old_id)
+        assert (await manager.get(new_id)).state == {"cart": (1,), "user": "alice"}
+        assert (await http.get("/read")).json()["data"] == {"cart": [1], "user": "alice"}
+    async with client(make_app(manager)) as stale:
+        response = await stale.get("/read", headers={"cookie": f"session={old_cookie}"})
+        assert response.json()["data"] == {}
+
+
+async def test_logout_wins_over_slow_concurrent_request(
+    manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    gates = Gates()
+    async with client(make_app(manager, gates)) as http:
+        sid = cookie_id(await http.post("/write", json={"user": "alice"}))
+        entered, release = gates.add("slow")
+        slow: list[httpx.Response] = []
+
+        async def slow_request() -> None:
+            slow.append(await http.post("/gated/slow", json={"draft": "x"}))
+
+        with anyio.fail_after(20), caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(slow_request)
+                await entered.wait()
+                out = await http.post("/logout")
+                assert "Max-Age=0" in out.headers["set-cookie"]
+                release.set()
+        assert slow[0].status_code == 200
+        assert "set-cookie" not in slow[0].headers
+        assert await count(manager) == 0
+        with pytest.raises(s.SessionNotFound):
+            await manager.get(sid)
+        assert any("dropping its changes" in r.getMessage() for r in caplog.records)
+        response = await http.get("/read")
+        assert response.json()["data"] == {}
+
+
+async def test_clear_then_write_starts_fresh_session(manager: s.SessionManager) -> None:
+    app = make_app(manager)
+
+    async def clear_and_set(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        session.clear()
+        session["flash"] = "bye"
+        await app.router(scope, receive, send)  # answers 404; the session still saves
+
+    wrapped = SessionMiddleware(clear_and_set, manager, secret_key=KEY)
+    async with client(make_app(manager)) as http:
+        old_cookie = (await http.post("/write", json={"user": "alice"})).cookies["session"]
+        old_id = uuid.UUID(old_cookie.partition(".")[0])
+    async with client(wrapped) as http:
+        response = await http.get("/nowhere", headers={"cookie": f"session={old_cookie}"})
+        new_id = cookie_id(response)
+    assert new_id != old_id
+    assert not await manager.exists(old_id)
+    assert (await manager.get(new_id)).state == {"flash": "bye"}
+
+
+async def test_ensure_created_gives_handler_an_id(manager: s.SessionManager) -> None:
+    async with client(make_app(manager)) as http:
+        response = await http.post("/ensure")
+        sid = uuid.UUID(response.json()["id"])
+        assert cookie_id(response) == sid
+        stored = await manager.get(sid)
+        assert stored.state == {"made": True}
+        assert [m.content for m in stored.messages] == ["hello"]
+
+
+# --- cookies ---------------------------------------------------------------------------
+
+
+async def test_cookie_attributes(memory_manager: s.SessionManager) -> None:
+    async with client(make_app(memory_manager, max_age=600, domain="example.org")) as http:
+        header = (await http.post("/write", json={"a": 1})).headers["set-cookie"]
+    value, *attributes = [part.strip() for part in header.split(";")]
+    name, _, signed = value.partition("=")
+    assert name == "session"
+    text, _, signature = signed.partition(".")
+    assert str(uuid.UUID(text)) == text
+    assert len(signature) == 43  # base64url of 32 bytes, unpadded
+    assert set(attributes) == {
+        "Path=/",
+        "Domain=example.org",
+        "HttpOnly",
+        "Secure",
+        "SameSite=Lax",
+        "Max-Age=600",
+    }
+
+
+def _forgeries(middleware: SessionMiddleware, victim: uuid.UUID) -> dict[str, str]:
+    good = middleware.sign(victim)
+    text, _, signature = good.partition(".")
+    wrong_key = SessionMiddleware(_noop, middleware.manager, secret_key="another-key").sign(victim)
+    flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
+    return {
+        "forged signature": f"{text}.{flipped}",
+        "wrong key": wrong_key,
+        "truncated signature": good[:-3],
+        "no signature": text,
+        "empty": "",
+        "garbage": "not-a-session-value",
+        "uppercase id": f"{text.upper()}.{signature}",
+        "padded signature": f"{good}==",
+        "non-ascii signature": f"{text}.{signature[:-1]}é",
+        "two dots": f"{text}.{signature}.{signature}",
+        "unknown id, valid signature": middleware.sign(uuid.uuid4()),
+    }
+
+
+async def _noop(scope: Scope, receive: Any, send: Any) -> None:
+    raise AssertionError("not called")
+
+
+async def test_tampered_cookies_never_select_or_adopt(memory_manager: s.SessionManager) -> None:
+    manager = memory_manager
+    app = make_app(manager)
+    middleware = SessionMiddleware(_noop, manager, secret_key=KEY)
+    async with client(app) as http:
+        victim = cookie_id(await http.post("/write", json={"secret": "victim"}))
+    for label, value in _forgeries(middleware, victim).items():
+        claimed = value.partition(".")[0]
+        async with client(app) as attacker:
+            headers = {"cookie": f"session={value}".encode("latin-1")}
+            response = await attacker.get("/read", headers=headers)
+            assert response.json()["data"] == {}, label
+            assert "set-cookie" not in response.headers, label
+            response = await attacker.post("/write", json={"x": 1}, headers=headers)
+            new_id = cookie_id(response)
+            assert str(new_id) != claimed.lower(), label
+            assert new_id != victim, label
+    assert (await manager.get(victim)).state == {"secret": "victim"}
+
+
+async def test_unsign_accepts_only_canonical_signed_ids(memory_manager: s.SessionManager) -> None:
+    middleware = SessionMiddleware(_noop, memory_manager, secret_key=KEY)
+    sid = uuid.uuid4()
+    assert middleware.unsign(middleware.sign(sid)) == sid
+    for label, value in _forgeries(middleware, sid).items():
+        if label == "unknown id, valid signature":
+            assert middleware.unsign(value) == uuid.UUID(value.partition(".")[0]) != sid
+        else:
+            assert middleware.unsign(value) is None, label
+
+
+async def test_key_rotation(memory_manager: s.SessionManager) -> None:
+    manager = memory_manager
+    async with client(make_app(manager, secret_key=OLD_KEY)) as http:
+        old_cookie = (await http.post("/write", json={"a": 1})).cookies["session"]
+    for options in (
+        {"secret_key": [KEY, OLD_KEY]},
+        {"secret_key": KEY, "fallback_keys": [OLD_KEY]},
+    ):
+        async with client(make_app(manager, **options)) as http:
+            headers = {"cookie": f"session={old_cookie}"}
+            response = await http.get("/read", headers=headers)
+            assert response.json()["data"]["a"] == 1  # old key verifies
+            response = await http.post("/write", json={"b": 2}, headers=headers)
+            new_cookie = response.cookies["session"]  # new key signs
+            only_new = SessionMiddleware(_noop, manager, secret_key=KEY)
+            only_old = SessionMiddleware(_noop, manager, secret_key=OLD_KEY)
+            assert only_new.unsign(new_cookie) == cookie_id(response)
+            assert only_old.unsign(new_cookie) is None
+    async with client(make_app(manager, secret_key=KEY)) as http:
+        response = await http.get("/read", headers={"cookie": f"session={old_cookie}"})
+        assert response.json()["data"] == {}  # retired key no longer verifies
+
+
+async def test_several_session_cookies_pick_the_valid_one(memory_manager: s.SessionManager) -> None:
+    middleware = SessionMiddleware(_noop, memory_manager, secret_key=KEY)
+    async with client(make_app(memory_manager)) as http:
+        good = (await http.post("/write", json={"a": 1})).cookies["session"]
+    fake = middleware.sign(uuid.uuid4())
+    async with client(make_app(memory_manager)) as http:
+        cookie = f"other=1; session=garbage; session={fake}; session={good}"
+        response = await http.get("/read", headers={"cookie": cookie})
+        assert response.json()["data"] == {"a": 1}
+
+
+def test_configuration_errors() -> None:
+    manager = s.SessionManager(s.MemoryRepository())
+    for options in (
+        {"secret_key": ""},
+        {"secret_key": []},
+        {"secret_key": KEY, "fallback_keys": [b""]},
+        {"secret_key": KEY, "cookie_name": "bad name"},
+        {"secret_key": KEY, "same_site": "none", "secure": False},
+        {"secret_key": KEY, "max_age": 0},
+        {"secret_key": KEY, "path": "/; evil"},
+    ):
+        with pytest.raises(s.InvalidConfiguration):
+            SessionMiddleware(_noop, manager, **options)
+    with pytest.raises(s.InvalidConfiguration):
+        SessionMiddleware(_noop, object(), secret_key=KEY)  # type: ignore[arg-type]
+
+
+# --- expiry, errors --------------------------------------------------------------------
+
+
+async def test_expired_session_is_not_revived(anyio_backend: str) -> None:
+    clock = ManualClock()
+    async with running(s.MemoryRepository(), idle_timeout=60, clock=clock) as manager:
+        async with client(make_app(manager)) as http:
+            old = cookie_id(await http.post("/write", json={"a": 1}))
+            clock.advance(30)
+            assert (await http.get("/read")).json()["data"] == {"a": 1}  # activity
+            clock.advance(59)
+            assert (await http.get("/read")).json()["data"] == {"a": 1}
+            clock.advance(61)
+            assert (await http.get("/read")).json()["data"] == {}
+            new = cookie_id(await http.post("/write", json={"b": 2}))
+            assert new != old
+            assert (await manager.get(new)).state == {"b": 2}
+
+
+class FailingRepository(s.MemoryRepository):
+    """A memory store whose writes fail while ``failing`` is set."""
+
+    failing = False
+
+    async def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.failing:
+            raise s.StorageError("disk on fire", recoverable=True)
+        await super().save(*args, **kwargs)
+
+    async def add(self, session: s.Session) -> None:
+        if self.failing:
+            raise s.StorageError("disk on fire", recoverable=True)
+        await super().add(session)
+
+
+async def test_storage_error_becomes_500_and_is_logged(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FailingRepository()
+    async with running(store) as manager, client(make_app(manager)) as http:
+        await http.post("/write", json={"a": 1})
+        store.failing = True
+        with caplog.at_level(logging.ERROR, "asyncsession.asgi"):
+            response = await http.post("/write", json={"a": 2})
+            assert response.status_code == 500
+            assert "set-cookie" not in response.headers
+            async with client(make_app(manager)) as fresh:
+                assert (await fresh.post("/write", json={"z": 1})).status_code == 500
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 2
+        assert all(isinstance(r.exc_info[1], s.StorageError) for r in errors if r.exc_info)
+        store.failing = False
+        assert (await http.get("/read")).json()["data"] == {"a": 1}
+
+
+async def test_non_json_value_becomes_500(
+    memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        scope["session"]["bad"] = {1, 2}
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    wrapped = SessionMiddleware(app, memory_manager, secret_key=KEY)
+    with caplog.at_level(logging.ERROR, "asyncsession.asgi"):
+        async with client(wrapped) as http:
+            response = await http.get("/")
+    assert response.status_code == 500
+    assert response.text == "Internal Server Error"
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], s.InvalidJSONValue)
+    assert await count(memory_manager) == 0
+
+
+# --- bare ASGI, websocket, lifespan ---------------------------------------------------
+
+
+def counter_app() -> Callable[[Scope, Any, Any], Awaitable[None]]:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        session = scope["session"]
+        assert isinstance(session, SessionDict)
+        if scope["path"] == "/hit":
+            session["hits"] = session.get("hits", 0) + 1
+        body = str(session.get("hits", 0)).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+async def test_bare_asgi_app(memory_manager: s.SessionManager) -> None:
+    wrapped = SessionMiddleware(counter_app(), memory_manager, secret_key=KEY, cookie_name="sid")
+    async with client(wrapped) as http:
+        assert (await http.get("/look")).text == "0"
+        assert await count(memory_manager) == 0
+        for expected in ("1", "2", "3"):
+            assert (await http.get("/hit")).text == expected
+        assert (await http.get("/look")).text == "3"
+        assert "sid" in http.cookies
+        assert await count(memory_manager) == 1
+
+
+async def test_changes_after_response_start_are_reported(
+    memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        scope["session"]["late"] = 1
+        await send({"type": "http.response.body", "body": b""})
+
+    with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+        async with client(SessionMiddleware(app, memory_manager, secret_key=KEY)) as http:
+            await http.get("/")
+    assert any("after the response started" in r.getMessage() for r in caplog.records)
+
+
+async def test_websocket_sees_session_read_only(memory_manager: s.SessionManager) -> None:
+    async with client(make_app(memory_manager)) as http:
+        cookie = (await http.post("/write", json={"user": "alice"})).cookies["session"]
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        seen["data"] = dict(session)
+        seen["read_only"] = session.read_only
+        with pytest.raises(s.InvalidUpdate):
+            session["x"] = 1
+        with pytest.raises(s.InvalidUpdate):
+            session.clear()
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "path": "/ws",
+        "headers": [(b"cookie", f"session={cookie}".encode())],
+    }
+    await SessionMiddleware(app, memory_manager, secret_key=KEY)(scope, receive, send)
+    assert seen == {"data": {"user": "alice"}, "read_only": True}
+    assert sent == [{"type": "websocket.accept"}]
+
+
+async def test_lifespan_passes_through(memory_manager: s.SessionManager) -> None:
+    scopes: list[Scope] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        scopes.append(scope)
+
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("not called")
+
+    async def send(message: dict[str, Any]) -> None:
+        raise AssertionError("not called")
+
+    await SessionMiddleware(app, memory_manager, secret_key=KEY)(
+        {"type": "lifespan"}, receive, send
+    )
+    assert scopes == [{"type": "lifespan"}]
