@@ -29,7 +29,7 @@ from ._exceptions import (
     SessionNotFound,
 )
 from ._json import freeze_state
-from ._models import ExpiryPolicy, Message, Session, SessionStatus
+from ._models import ExpiryPolicy, Message, Session, SessionStatus, replace_trusted
 from .abc import EventTransport, Page, SessionQuery, SessionRepository
 from .reporting import Reporter, SessionReport
 
@@ -433,7 +433,7 @@ class SessionManager:
         elif closed_at is not None:
             closed_at = None
         last_active = max(old.last_active, now)
-        prepared = attrs.evolve(
+        prepared = replace_trusted(  # new was validated when fn built it
             new,
             last_active=last_active,
             closed_at=closed_at,

@@ -353,6 +353,38 @@ class Session:
         return attrs.evolve(self, name=name)
 
 
+def _make_replace_trusted() -> Any:
+    # Straight-line code generated once: ~4x faster than a loop over the fields.
+    names = [a.name for a in attrs.fields(Session)]
+    lines = ["def replace_trusted(session, **changes):", "    new = _new(_Session)"]
+    for name in names:
+        lines.append(
+            f"    _set(new, {name!r}, changes[{name!r}] if {name!r} in changes else session.{name})"
+        )
+    lines.append("    return new")
+    namespace: dict[str, Any] = {
+        "_new": object.__new__,
+        "_set": object.__setattr__,
+        "_Session": Session,
+    }
+    exec("\n".join(lines), namespace)
+    return namespace["replace_trusted"]
+
+
+_replace_trusted = _make_replace_trusted()
+
+
+def replace_trusted(session: Session, **changes: Any) -> Session:
+    """Copy ``session`` with ``changes`` *without* re-validating anything.
+
+    For stores and the manager only, with values they computed themselves (times,
+    deadlines, revisions, appended logs); user input always goes through the
+    validating constructor or :func:`attrs.evolve`.
+    """
+    result: Session = _replace_trusted(session, **changes)
+    return result
+
+
 @attrs.frozen(slots=True)
 class ExpiryPolicy:
     """When sessions expire: the manager's policy, evaluated by stores on touch.

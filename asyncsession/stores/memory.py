@@ -10,10 +10,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import anyio
-import attrs
 
 from .._exceptions import LimitExceeded, SessionClosed, SessionConflict, SessionNotFound
-from .._models import ExpiryPolicy, Message, Session, SessionStatus
+from .._models import ExpiryPolicy, Message, Session, SessionStatus, replace_trusted
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
 
 __all__ = ["MemoryRepository"]
@@ -71,7 +70,13 @@ class MemoryRepository(SessionRepository):
             if old is not None:
                 self._counts[old.status] -= 1
             self._counts[session.status] += 1
-        if old is None or old.expires_at != session.expires_at:
+        # The deadline heap is lazy: an entry may be earlier than the session's current
+        # deadline (re-filed when popped), never later. So only a deadline that moves
+        # earlier (or appears) needs a push; touches, which move it later, need none.
+        new_deadline = session.expires_at
+        if new_deadline is not None and (
+            old is None or old.expires_at is None or new_deadline < old.expires_at
+        ):
             self._index(session)
 
     def _unown(self, session: Session) -> None:
@@ -95,7 +100,7 @@ class MemoryRepository(SessionRepository):
             session = self._sessions.get(session_id)
         if session is None or last_messages is None:
             return session
-        return attrs.evolve(session, messages=session.messages.tail(last_messages))
+        return replace_trusted(session, messages=session.messages.tail(last_messages))
 
     async def add(self, session: Session) -> None:
         async with self._lock:
@@ -143,8 +148,11 @@ class MemoryRepository(SessionRepository):
             total = old.messages.total + len(messages)
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
+            for message in messages:
+                if not isinstance(message, Message):
+                    raise TypeError(f"append() takes Message objects, got {message!r:.60}")
             last_active = max(old.last_active, at)
-            new = attrs.evolve(
+            new = replace_trusted(
                 old,
                 messages=old.messages.extend(messages),
                 last_active=last_active,
@@ -168,14 +176,20 @@ class MemoryRepository(SessionRepository):
                 return None
             session = old
             if not old.status.is_terminal and not old.is_expired(at) and at > old.last_active:
-                session = attrs.evolve(
+                session = replace_trusted(
                     old,
                     last_active=at,
                     expires_at=policy.deadline(old.status, old.created_at, at, None),
                 )
-                self._put(session, old)
+                # owner and status are unchanged; the deadline index needs an entry only
+                # if the deadline moved earlier (another manager's shorter policy)
+                self._sessions[session_id] = session
+                if session.expires_at is not None and (
+                    old.expires_at is None or session.expires_at < old.expires_at
+                ):
+                    self._index(session)
         if last_messages is not None:
-            session = attrs.evolve(session, messages=session.messages.tail(last_messages))
+            session = replace_trusted(session, messages=session.messages.tail(last_messages))
         return session
 
     async def delete(self, session_id: uuid.UUID) -> bool:
@@ -196,13 +210,20 @@ class MemoryRepository(SessionRepository):
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
         found: list[tuple[datetime, int, uuid.UUID]] = []
+        seen: set[uuid.UUID] = set()
         async with self._lock:
             heap = self._deadlines
             while heap and len(found) < limit and heap[0][0] <= now:
                 entry = heapq.heappop(heap)
-                session = self._sessions.get(entry[2])
-                if session is not None and session.expires_at == entry[0]:
+                deadline, _, sid = entry
+                session = self._sessions.get(sid)
+                if session is None or session.expires_at is None or sid in seen:
+                    continue  # deleted, no deadline any more, or a duplicate entry
+                if session.expires_at == deadline:
                     found.append(entry)
+                    seen.add(sid)
+                elif session.expires_at > deadline:  # moved later: re-file it
+                    heapq.heappush(heap, (session.expires_at, next(self._seq), sid))
             for entry in found:  # still indexed until remove_expired() takes them
                 heapq.heappush(heap, entry)
         return [entry[2] for entry in found]

@@ -451,3 +451,14 @@ class RepositoryContract:
         assert contents == [f"c{i}" for i in range(20) if f"c{i}" in present]
         after = await repository.append(session.id, [msg("next", 2)], at=at(2), policy=POLICY)
         assert after.revision == loaded.revision + 1
+
+    async def test_touch_under_a_shorter_policy_is_indexed(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session()  # idle deadline at(60) under POLICY
+        await repository.add(session)
+        short = ExpiryPolicy(idle_timeout=timedelta(seconds=5))
+        touched = await repository.touch(session.id, at=at(1), policy=short)
+        assert touched is not None and touched.expires_at == at(6)
+        assert list(await repository.expired(at(7))) == [session.id]
+        assert (await repository.remove_expired(session.id, now=at(7))) is not None
