@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import platform
-import statistics
 import time
 import tracemalloc
 import uuid
@@ -28,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 import asyncsession as s
 from asyncsession.testing import ManualClock
@@ -121,7 +121,7 @@ async def bench_concurrency(rows: list[Row], ops: int) -> None:
             latencies: list[int] = []
 
             async def slow_bump(x: s.Session) -> s.Session:
-                await anyio.sleep(0)  # a callback that awaits
+                await anyio.lowlevel.checkpoint()  # a callback that awaits
                 return x.with_state(n=x.state["n"] + 1)
 
             def bump(x: s.Session) -> s.Session:
