@@ -1,0 +1,1044 @@
+"""The ``asyncsession`` command line: demo, inspection and maintenance of a store.
+
+Built on click (commands, options) and rich (tables, progress); both come with the
+``cli`` extra. Uses only the public API of :mod:`asyncsession`. Expected failures
+(unknown id, bad store URL, unreachable server, corrupt document) print one line to
+stderr and exit with status 1 (or 2 for usage errors), without a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import os
+import random
+import re
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import anyio
+import attrs
+import click
+import orjson
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from . import (
+    CURRENT_VERSION,
+    MemoryRepository,
+    Session,
+    SessionConflict,
+    SessionError,
+    SessionManager,
+    SessionNotFound,
+    SessionQuery,
+    SessionRepository,
+    SessionStatus,
+    SQLiteRepository,
+    ValidationError,
+    dumps,
+    loads,
+)
+from .reporting import JsonLinesReporter, Reporter, aggregate, read_reports
+from .stores.files import FileRepository
+
+__all__ = ["CLIError", "cli", "open_store", "run"]
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_STORE = "sqlite:///asyncsession.db"
+STORE_FORMS = (
+    "sqlite:///relative.db, sqlite:////absolute.db, file:///absolute/dir, file://./relative/dir, "
+    "redis://host:port/0, memory://"
+)
+STATUSES = [s.value for s in SessionStatus]
+CLOSE_STATUSES = ["exited", "crashed", "abnormal"]
+PAGE = 500
+
+
+def _width(stream: IO[str]) -> int | None:
+    """Let tables be wide when the output is a file or pipe (rich assumes 80 columns)."""
+    if stream.isatty() or "COLUMNS" in os.environ:
+        return None
+    return 200
+
+
+out = Console(highlight=False, width=_width(sys.stdout))
+err = Console(stderr=True, highlight=False, width=_width(sys.stderr))
+
+
+class CLIError(Exception):
+    """An expected failure: one line on stderr, then exit with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+# -- stores -------------------------------------------------------------------------------
+
+
+def open_store(url: str) -> SessionRepository:
+    """Build the (unopened) repository a store URL names; :class:`CLIError` if invalid."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    bad = CLIError(f"invalid store URL {url!r}; use one of: {STORE_FORMS}.", exit_code=2)
+    if not sep:
+        raise bad
+    if scheme == "sqlite":
+        # SQLAlchemy style: three slashes then a relative path, four for an absolute one.
+        if not rest.startswith("/") or len(rest) < 2:
+            raise bad
+        return SQLiteRepository(rest[1:])
+    if scheme == "file":
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost") :]
+        if not rest.startswith(("/", "./", "../")) or rest in ("/", "./", "../"):
+            raise bad
+        return FileRepository(rest)
+    if scheme == "memory":
+        if rest not in ("", "/"):
+            raise bad
+        return MemoryRepository()
+    if scheme in ("redis", "rediss", "unix"):
+        from .stores.redis import RedisRepository
+
+        try:
+            return RedisRepository(url)
+        except ImportError as exc:
+            raise CLIError(
+                "Redis stores need the coredis client; install it with "
+                "`pip install asyncsession[redis]`.",
+                exit_code=2,
+            ) from exc
+        except SessionError as exc:
+            raise CLIError(f"invalid store URL {url!r}: {exc}", exit_code=2) from exc
+    raise bad
+
+
+def _check_backend(backend: str) -> None:
+    if backend == "trio" and importlib.util.find_spec("trio") is None:
+        raise CLIError(
+            "--backend trio needs trio; install it with `pip install asyncsession[trio]`.",
+            exit_code=2,
+        )
+
+
+def _with_store(url: str, backend: str, fn: Callable[[SessionRepository], Awaitable[T]]) -> T:
+    """Open the store at ``url`` on ``backend``, run ``fn(store)``, close the store."""
+    _check_backend(backend)
+    repository = open_store(url)
+
+    async def main() -> T:
+        async with repository:
+            return await fn(repository)
+
+    return anyio.run(main, backend=backend)
+
+
+def _parse_id(value: str, url: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise CLIError(f"no session {value!r} in {url} (ids are UUIDs).") from None
+
+
+def _missing(value: object, url: str) -> CLIError:
+    return CLIError(f"no session {value} in {url}.")
+
+
+async def _all_ids(repository: SessionRepository) -> list[uuid.UUID]:
+    """Every stored session id (expired and closed ones included), newest first."""
+    ids: list[uuid.UUID] = []
+    async for session in _all_sessions(repository):
+        ids.append(session.id)
+    return ids
+
+
+async def _all_sessions(repository: SessionRepository) -> AsyncIterator[Session]:
+    cursor: str | None = None
+    while True:
+        page = await repository.list(SessionQuery(limit=PAGE, cursor=cursor))
+        for session in page.items:
+            yield session
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat()
+
+
+def _when(when: datetime | None) -> str:
+    if when is None:
+        return "-"
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _summary(session: Session, now: datetime) -> dict[str, Any]:
+    return {
+        "id": str(session.id),
+        "owner": session.owner,
+        "name": session.name,
+        "status": session.status.value,
+        "expired": session.is_expired(now),
+        "created_at": _iso(session.created_at),
+        "last_active": _iso(session.last_active),
+        "closed_at": _iso(session.closed_at),
+        "expires_at": _iso(session.expires_at),
+        "messages": session.messages.total,
+        "errors": session.errors,
+        "revision": session.revision,
+    }
+
+
+def _status_text(session: Session, now: datetime) -> str:
+    if session.is_expired(now) and not session.status.is_terminal:
+        return f"{session.status.value} (expired)"
+    return session.status.value
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.flush()
+
+
+def _progress(enabled: bool = True) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not enabled,
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# -- options ------------------------------------------------------------------------------
+
+
+def _store_option(fn: F) -> F:
+    option = click.option(
+        "--store",
+        "store_url",
+        default=DEFAULT_STORE,
+        envvar="ASYNCSESSION_STORE",
+        show_default=True,
+        metavar="URL",
+        help=f"Where sessions live (env ASYNCSESSION_STORE): {STORE_FORMS}.",
+    )
+    return option(fn)
+
+
+def _backend_option(fn: F) -> F:
+    option = click.option(
+        "--backend",
+        type=click.Choice(["asyncio", "trio"]),
+        default="asyncio",
+        envvar="ASYNCSESSION_BACKEND",
+        show_default=True,
+        help="Event loop to run on.",
+    )
+    return option(fn)
+
+
+def _json_option(fn: F) -> F:
+    option = click.option(
+        "--json", "as_json", is_flag=True, help="Print stable JSON for scripts instead of tables."
+    )
+    return option(fn)
+
+
+def _common(fn: F) -> F:
+    return _store_option(_backend_option(_json_option(fn)))
+
+
+def _parse_period(value: str) -> timedelta:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+    if match is None or float(match.group(1)) <= 0:
+        raise CLIError(f"invalid period {value!r}; use e.g. 30m, 1h, 1d or seconds.", 2)
+    unit = {"": "seconds", "s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    return timedelta(**{unit[match.group(2)]: float(match.group(1))})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="asyncsession", message="asyncsession %(version)s")
+def cli() -> None:
+    """Inspect and maintain asyncsession stores, and run the demo.
+
+    Every command takes --store URL (default sqlite:///asyncsession.db, or env
+    ASYNCSESSION_STORE) and --backend asyncio|trio; most take --json.
+    """
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+
+class _Fate(enum.Enum):
+    CHAT = "active"
+    ARCHIVE = "archived"
+    EXIT = "exited"
+    CRASH = "crashed"
+    ABNORMAL = "abnormal"
+    IDLE = "expired"
+
+
+#: Fates of every 20 users (shuffled): most keep chatting, some end in each way.
+_FATE_PATTERN = (
+    [_Fate.CHAT] * 8
+    + [_Fate.EXIT] * 4
+    + [_Fate.IDLE] * 3
+    + [_Fate.CRASH] * 2
+    + [_Fate.ARCHIVE] * 2
+    + [_Fate.ABNORMAL]
+)
+_TOPICS = ("billing", "travel", "recipes", "homework", "garden", "music", "fitness", "python")
+_QUESTIONS = (
+    "Can you help me with {topic}?",
+    "What would you suggest next for {topic}?",
+    "Thanks! One more question about {topic}.",
+    "Could you explain that in simpler words?",
+    "Is there a faster way to do this?",
+)
+_ANSWERS = (
+    "Sure, here is a short plan for {topic}.",
+    "Good question; the usual answer for {topic} is to start small.",
+    "Here are three options, from simplest to most thorough.",
+    "In short: measure first, then change one thing at a time.",
+)
+
+#: Simulated time: one chat round per two minutes; idle sessions expire after 30 minutes.
+DEMO_STEP = timedelta(minutes=2)
+DEMO_IDLE_TIMEOUT = timedelta(minutes=30)
+DEMO_CLEANUP_INTERVAL = 2 * DEMO_STEP
+
+
+@attrs.define
+class _User:
+    owner: str
+    topic: str
+    fate: _Fate
+    fate_round: int
+    session_id: uuid.UUID | None = None
+    done: bool = False
+
+
+@attrs.define
+class _Tally:
+    operations: int = 0
+    messages: int = 0
+
+
+def _plan_users(users: int, rounds: int, rng: random.Random) -> list[_User]:
+    fates = [_FATE_PATTERN[i % len(_FATE_PATTERN)] for i in range(users)]
+    rng.shuffle(fates)
+    idle_rounds = DEMO_IDLE_TIMEOUT // DEMO_STEP
+    # An idle user stops early enough to expire and be collected before the end.
+    latest_idle = rounds - idle_rounds - 3
+    planned = []
+    for index, fate in enumerate(fates):
+        if fate is _Fate.IDLE and latest_idle < 1:
+            fate = _Fate.CHAT
+        last = latest_idle if fate is _Fate.IDLE else rounds - 1
+        planned.append(
+            _User(
+                owner=f"user-{index + 1:03d}",
+                topic=rng.choice(_TOPICS),
+                fate=fate,
+                fate_round=rng.randint(min(1, last), last) if last > 0 else 0,
+            )
+        )
+    return planned
+
+
+async def _turn(manager: SessionManager, user: _User, turn: int, tally: _Tally) -> None:
+    """One simulated round of one user: chat, update state, maybe end the session."""
+    if user.session_id is None:
+        created = await manager.create(
+            owner=user.owner, name=f"chat-{user.topic}", state={"topic": user.topic, "turns": 0}
+        )
+        user.session_id = created.id
+        tally.operations += 1
+    if user.fate is _Fate.IDLE and turn >= user.fate_round:
+        user.done = True  # walks away: the session idles out
+        return
+    sid = user.session_id
+    async with manager.bind(sid):
+        question = _QUESTIONS[turn % len(_QUESTIONS)].format(topic=user.topic)
+        answer = _ANSWERS[turn % len(_ANSWERS)].format(topic=user.topic)
+        await manager.add_messages(sid, [("user", question, None), ("assistant", answer, None)])
+        await manager.set_state(sid, turns=turn + 1)
+        tally.operations += 3  # bind reads (touches) the session
+        tally.messages += 2
+        if turn % 5 == 4:
+            await manager.list(owner=user.owner, limit=5)
+            tally.operations += 1
+        if turn != user.fate_round or user.fate in (_Fate.CHAT, _Fate.IDLE):
+            return
+        user.done = True
+        if user.fate is _Fate.ARCHIVE:
+            await manager.archive(sid)
+        elif user.fate is _Fate.EXIT:
+            await manager.close(sid, status=SessionStatus.EXITED)
+        elif user.fate is _Fate.ABNORMAL:
+            await manager.close(sid, status=SessionStatus.ABNORMAL)
+        else:
+            await manager.add_message(sid, "tool", "error: the tool call failed (simulated)")
+            await manager.record_error(sid)
+            await manager.close(sid, status=SessionStatus.CRASHED)
+            tally.operations += 2
+            tally.messages += 1
+        tally.operations += 1
+
+
+async def _run_demo(
+    repository: SessionRepository,
+    *,
+    users: int,
+    rounds: int,
+    seed: int | None,
+    reporters: Sequence[Reporter],
+    show_progress: bool,
+) -> dict[str, Any]:
+    from .testing import ManualClock
+
+    rng = random.Random(seed)
+    planned = _plan_users(users, rounds, rng)
+    # Simulated time ends at the real "now", so the sessions look recent afterwards.
+    clock = ManualClock(start=_now() - DEMO_STEP * rounds)
+    tally = _Tally()
+    async with SessionManager(
+        repository,
+        idle_timeout=DEMO_IDLE_TIMEOUT,
+        retention=timedelta(days=1),
+        cleanup_interval=DEMO_CLEANUP_INTERVAL,
+        clock=clock,
+        reporters=reporters,
+    ) as manager:
+        next_pass = clock.now() + DEMO_CLEANUP_INTERVAL
+        started = time.perf_counter()
+        with _progress(show_progress) as progress:
+            task = progress.add_task(f"{users} users chatting", total=rounds)
+            for turn in range(rounds):
+                async with anyio.create_task_group() as tg:
+                    for user in planned:
+                        if not user.done:
+                            tg.start_soon(_turn, manager, user, turn, tally)
+                clock.advance(DEMO_STEP)
+                if clock.now() >= next_pass:
+                    await manager.wait_for_cleanup()
+                    next_pass = clock.now() + DEMO_CLEANUP_INTERVAL
+                progress.advance(task)
+        elapsed = time.perf_counter() - started
+        stats = await manager.stats()
+        outcome: Counter[str] = Counter()
+        for user in planned:
+            assert user.session_id is not None
+            session = await repository.get(user.session_id, last_messages=0)
+            if session is None:
+                outcome[SessionStatus.EXPIRED.value] += 1
+            else:
+                outcome[_status_text(session, clock.now())] += 1
+    return {
+        "users": users,
+        "rounds": rounds,
+        "simulated_minutes": (DEMO_STEP * rounds).total_seconds() / 60,
+        "sessions": dict(sorted(outcome.items())),
+        "messages": tally.messages,
+        "operations": tally.operations,
+        "expired_collected": stats.expired_total,
+        "cleanup_passes": stats.cleanup_passes,
+        "seconds": round(elapsed, 3),
+        "operations_per_second": round(tally.operations / elapsed, 1) if elapsed else None,
+    }
+
+
+@cli.command()
+@click.option("--users", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1, 1_000),
+    default=40,
+    show_default=True,
+    help="Chat rounds per user (two simulated minutes each).",
+)
+@click.option("--seed", type=int, default=None, help="Random seed, for a repeatable run.")
+@click.option(
+    "--reports",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also append a release-health report per ended session to this JSON Lines file.",
+)
+@_common
+def demo(
+    users: int,
+    rounds: int,
+    seed: int | None,
+    reports: Path | None,
+    store_url: str,
+    backend: str,
+    as_json: bool,
+) -> None:
+    """Simulate many users chatting concurrently, then summarize.
+
+    Users create sessions, exchange messages and update state at once; some close
+    normally, some crash, some are archived and some walk away and expire. Time is
+    simulated (a ManualClock), so an hour of chat takes seconds.
+    """
+    reporters: list[Reporter] = [JsonLinesReporter(reports)] if reports is not None else []
+    result = _with_store(
+        store_url,
+        backend,
+        lambda repo: _run_demo(
+            repo,
+            users=users,
+            rounds=rounds,
+            seed=seed,
+            reporters=reporters,
+            show_progress=not as_json,
+        ),
+    )
+    result["backend"] = backend
+    result["store"] = store_url
+    if as_json:
+        _print_json(result)
+        return
+    by_status = Table(title="Demo sessions by status")
+    by_status.add_column("status")
+    by_status.add_column("sessions", justify="right")
+    for status, count in result["sessions"].items():
+        by_status.add_row(status, str(count))
+    by_status.add_row(Text("total", style="bold"), str(users))
+    out.print(by_status)
+    run_table = Table(title="Run", show_header=False)
+    run_table.add_column("what")
+    run_table.add_column("value", justify="right")
+    rows = [
+        ("store", store_url),
+        ("backend", backend),
+        ("users x rounds", f"{users} x {rounds}"),
+        ("simulated time", f"{result['simulated_minutes']:g} min"),
+        ("messages", str(result["messages"])),
+        ("operations", str(result["operations"])),
+        ("expired and collected", str(result["expired_collected"])),
+        ("wall time", f"{result['seconds']:.2f} s"),
+        ("operations per second", f"{result['operations_per_second']:,.0f}"),
+    ]
+    for what, value in rows:
+        run_table.add_row(what, value)
+    out.print(run_table)
+    store_arg = "" if store_url == DEFAULT_STORE else f" --store {store_url}"
+    out.print(f"Next: [bold]asyncsession list{store_arg}[/bold], then show, stats, export...")
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+@cli.command("list")
+@click.option("--owner", help="Only this owner's sessions.")
+@click.option(
+    "--status",
+    type=click.Choice(STATUSES),
+    multiple=True,
+    help="Only these statuses (repeatable).",
+)
+@click.option("--search", help="Case-insensitive text in the name or first message.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--cursor", help="Resume after a previous page (its next cursor).")
+@click.option(
+    "--all", "include_expired", is_flag=True, help="Include expired sessions not yet purged."
+)
+@_common
+def list_sessions(
+    owner: str | None,
+    status: tuple[str, ...],
+    search: str | None,
+    limit: int,
+    cursor: str | None,
+    include_expired: bool,
+    store_url: str,
+    backend: str,
+    as_json: bool,
+) -> None:
+    """List sessions, most recently active first (one page)."""
+    now = _now()
+    query = SessionQuery(
+        owner=owner,
+        status=[SessionStatus(s) for s in status] or None,
+        search=search,
+        limit=limit,
+        cursor=cursor,
+        visible_at=None if include_expired else now,
+    )
+
+    async def fetch(repository: SessionRepository) -> tuple[list[Session], str | None]:
+        page = await repository.list(query)
+        return list(page.items), page.next_cursor
+
+    items, next_cursor = _with_store(store_url, backend, fetch)
+    if as_json:
+        _print_json({"items": [_summary(s, now) for s in items], "next_cursor": next_cursor})
+        return
+    table = Table(title=f"Sessions in {store_url}")
+    table.add_column("id", no_wrap=True)
+    table.add_column("owner")
+    table.add_column("name")
+    table.add_column("status")
+    table.add_column("msgs", justify="right")
+    table.add_column("last active (UTC)")
+    for session in items:
+        table.add_row(
+            str(session.id),
+            session.owner or "-",
+            session.name or "-",
+            _status_text(session, now),
+            str(session.messages.total),
+            _when(session.last_active),
+        )
+    out.print(table)
+    if not items:
+        out.print("No sessions match.")
+    if next_cursor is not None:
+        out.print(f"More: --cursor {next_cursor}")
+
+
+@cli.command()
+@click.argument("session_id", metavar="ID")
+@click.option(
+    "--messages",
+    "last",
+    type=click.IntRange(0),
+    default=10,
+    show_default=True,
+    help="How many of the last messages to show.",
+)
+@_common
+def show(session_id: str, last: int, store_url: str, backend: str, as_json: bool) -> None:
+    """Show one session with its last messages."""
+    sid = _parse_id(session_id, store_url)
+
+    async def fetch(repository: SessionRepository) -> Session | None:
+        return await repository.get(sid, last_messages=last)
+
+    session = _with_store(store_url, backend, fetch)
+    if session is None:
+        raise _missing(sid, store_url)
+    now = _now()
+    messages = list(session.messages)[-last:] if last else []
+    first_number = session.messages.total - len(messages) + 1
+    if as_json:
+        data = _summary(session, now)
+        data["state"] = _thaw(session.state)
+        data["last_messages"] = [
+            {
+                "index": first_number + i,
+                "role": m.role,
+                "content": m.content,
+                "timestamp": _iso(m.timestamp),
+                "data": _thaw(m.data),
+            }
+            for i, m in enumerate(messages)
+        ]
+        _print_json(data)
+        return
+    info = Table(show_header=False, title=f"Session {session.id}")
+    info.add_column("field", style="bold")
+    info.add_column("value")
+    for field, value in (
+        ("owner", session.owner or "-"),
+        ("name", session.name or "-"),
+        ("status", _status_text(session, now)),
+        ("created", _when(session.created_at)),
+        ("last active", _when(session.last_active)),
+        ("closed", _when(session.closed_at)),
+        ("expires", _when(session.expires_at)),
+        ("messages", str(session.messages.total)),
+        ("errors", str(session.errors)),
+        ("revision", str(session.revision)),
+        ("state", orjson.dumps(_thaw(session.state)).decode()),
+    ):
+        info.add_row(field, Text(value))
+    out.print(info)
+    if messages:
+        table = Table(title=f"Last {len(messages)} of {session.messages.total} messages")
+        table.add_column("#", justify="right")
+        table.add_column("time (UTC)", no_wrap=True)
+        table.add_column("role")
+        table.add_column("content")
+        for i, message in enumerate(messages):
+            table.add_row(
+                str(first_number + i),
+                _when(message.timestamp),
+                message.role,
+                Text(message.content),
+            )
+        out.print(table)
+
+
+@cli.command()
+@click.option(
+    "--bucket", default="1h", show_default=True, help="Release-health period: 30m, 1h, 1d..."
+)
+@click.option(
+    "--reports",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Aggregate this JSON Lines report file (JsonLinesReporter, demo --reports) "
+    "instead of the stored sessions (reports also cover purged sessions).",
+)
+@_common
+def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_json: bool) -> None:
+    """Sessions by status, and release health per period (crash-free rate)."""
+    period = _parse_period(bucket)
+    now = _now()
+
+    async def fetch(
+        repository: SessionRepository,
+    ) -> tuple[Mapping[SessionStatus, int], int, list[Any]]:
+        counts = await repository.count_by_status()
+        awaiting = len(await repository.expired(now, limit=10_000))
+        if reports is not None:
+            path = reports
+            items: Iterable[Any] = await anyio.to_thread.run_sync(lambda: list(read_reports(path)))
+        else:
+            items = [s async for s in _all_sessions(repository)]
+        return counts, awaiting, aggregate(items, bucket=period)
+
+    counts, awaiting, buckets = _with_store(store_url, backend, fetch)
+    by_status = {s.value: counts.get(s, 0) for s in SessionStatus}
+    health = [
+        {
+            "start": _iso(b.start),
+            "started": b.started,
+            "ended": {s.value: b.ended.get(s, 0) for s in SessionStatus if s.is_terminal},
+            "errored": b.errored,
+            "crash_free_rate": b.crash_free_rate,
+        }
+        for b in buckets
+    ]
+    if as_json:
+        _print_json(
+            {
+                "by_status": by_status,
+                "total": sum(by_status.values()),
+                "expired_awaiting_purge": awaiting,
+                "bucket_seconds": period.total_seconds(),
+                "health": health,
+            }
+        )
+        return
+    out.print(f"Store: {store_url}")
+    table = Table(title="Sessions by status")
+    table.add_column("status")
+    table.add_column("sessions", justify="right")
+    for status, count in by_status.items():
+        table.add_row(status, str(count))
+    table.add_row(Text("total", style="bold"), str(sum(by_status.values())))
+    out.print(table)
+    if awaiting:
+        out.print(f"{awaiting} expired sessions await purging (asyncsession purge).")
+    source = f"reports in {reports}" if reports is not None else "stored sessions"
+    health_table = Table(title=f"Release health per {bucket} ({source})")
+    health_table.add_column("period start (UTC)")
+    for column in ("started", "exited", "crashed", "abnormal", "expired", "errored"):
+        health_table.add_column(column, justify="right")
+    health_table.add_column("crash-free", justify="right")
+    for b, row in zip(buckets, health, strict=True):
+        rate = row["crash_free_rate"]
+        health_table.add_row(
+            _when(b.start),
+            str(b.started),
+            *(str(row["ended"][s]) for s in ("exited", "crashed", "abnormal", "expired")),
+            str(b.errored),
+            "-" if rate is None else f"{rate:.1%}",
+        )
+    out.print(health_table)
+
+
+# -- changing -----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("session_id", metavar="ID")
+@click.option("--status", type=click.Choice(CLOSE_STATUSES), default="exited", show_default=True)
+@_common
+def close(session_id: str, status: str, store_url: str, backend: str, as_json: bool) -> None:
+    """Close a live session (exited, crashed or abnormal)."""
+    sid = _parse_id(session_id, store_url)
+
+    async def act(repository: SessionRepository) -> Session:
+        async with SessionManager(repository, cleanup_interval=None) as manager:
+            try:
+                return await manager.close(sid, status=SessionStatus(status))
+            except SessionNotFound:
+                raise _missing(sid, store_url) from None
+
+    session = _with_store(store_url, backend, act)
+    if as_json:
+        _print_json(_summary(session, _now()))
+    else:
+        out.print(f"Closed {session.id} as {session.status.value}.")
+
+
+@cli.command()
+@click.argument("session_id", metavar="ID")
+@_common
+def delete(session_id: str, store_url: str, backend: str, as_json: bool) -> None:
+    """Delete a session now (whatever its status)."""
+    sid = _parse_id(session_id, store_url)
+
+    async def act(repository: SessionRepository) -> bool:
+        return await repository.delete(sid)
+
+    if not _with_store(store_url, backend, act):
+        raise _missing(sid, store_url)
+    if as_json:
+        _print_json({"deleted": str(sid)})
+    else:
+        out.print(f"Deleted {sid}.")
+
+
+@cli.command()
+@_common
+def purge(store_url: str, backend: str, as_json: bool) -> None:
+    """Remove every expired session; print how many."""
+
+    async def act(repository: SessionRepository) -> int:
+        async with SessionManager(repository, cleanup_interval=None) as manager:
+            return await manager.purge_expired()
+
+    count = _with_store(store_url, backend, act)
+    if as_json:
+        _print_json({"purged": count})
+    else:
+        out.print(f"Purged {count} expired session{'s' if count != 1 else ''}.")
+
+
+async def _rewrite(repository: SessionRepository, sid: uuid.UUID) -> bool:
+    """Save a session unchanged but for its revision, so the store re-encodes it."""
+    for _attempt in range(5):
+        session = await repository.get(sid)
+        if session is None:
+            return False
+        try:
+            await repository.save(
+                attrs.evolve(session, revision=session.revision + 1),
+                expected_revision=session.revision,
+            )
+        except SessionConflict:
+            continue
+        except SessionNotFound:
+            return False
+        return True
+    raise CLIError(f"session {sid} kept changing while migrating it; run migrate again.")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Count the documents, write nothing.")
+@_common
+def migrate(dry_run: bool, store_url: str, backend: str, as_json: bool) -> None:
+    """Rewrite every stored document at the current schema version."""
+
+    async def act(repository: SessionRepository) -> tuple[int, int]:
+        with _progress(not as_json) as progress:
+            task = progress.add_task("Reading the store", total=None)
+            ids = await _all_ids(repository)
+            progress.update(task, total=len(ids), completed=0)
+            if dry_run:
+                progress.update(task, completed=len(ids), description="Counted")
+                return len(ids), 0
+            progress.update(task, description=f"Rewriting at version {CURRENT_VERSION}")
+            rewritten = 0
+            for sid in ids:
+                rewritten += await _rewrite(repository, sid)
+                progress.advance(task)
+            return len(ids), rewritten
+
+    total, rewritten = _with_store(store_url, backend, act)
+    if as_json:
+        _print_json(
+            {
+                "documents": total,
+                "rewritten": rewritten,
+                "dry_run": dry_run,
+                "version": CURRENT_VERSION,
+            }
+        )
+    elif dry_run:
+        out.print(f"Would rewrite {total} documents at schema version {CURRENT_VERSION}.")
+    else:
+        out.print(f"Rewrote {rewritten} of {total} documents at schema version {CURRENT_VERSION}.")
+
+
+# -- export / import ----------------------------------------------------------------------
+
+
+@cli.command("export")
+@click.option(
+    "--output",
+    "-o",
+    type=click.File("wb"),
+    default="-",
+    show_default=True,
+    help="JSON Lines file to write (- for stdout).",
+)
+@_store_option
+@_backend_option
+def export_sessions(output: IO[bytes], store_url: str, backend: str) -> None:
+    """Write every stored session as JSON Lines (asyncsession.dumps documents)."""
+
+    async def act(repository: SessionRepository) -> int:
+        count = 0
+        with _progress(output is not sys.stdout.buffer) as progress:
+            task = progress.add_task("Reading the store", total=None)
+            ids = await _all_ids(repository)
+            progress.update(task, total=len(ids), completed=0, description="Exporting")
+            for sid in ids:
+                session = await repository.get(sid)
+                if session is not None:
+                    output.write(dumps(session) + b"\n")
+                    count += 1
+                progress.advance(task)
+        output.flush()
+        return count
+
+    count = _with_store(store_url, backend, act)
+    err.print(f"Exported {count} session{'s' if count != 1 else ''}.")
+
+
+def _read_lines(source: IO[bytes]) -> list[Session]:
+    sessions: list[Session] = []
+    seen: set[uuid.UUID] = set()
+    for number, line in enumerate(source, 1):
+        if not line.strip():
+            continue
+        try:
+            session = loads(line)
+        except SessionError as exc:
+            raise CLIError(f"line {number}: {exc}") from exc
+        if session.id in seen:
+            raise CLIError(f"line {number}: session {session.id} appears twice in the input.")
+        seen.add(session.id)
+        sessions.append(session)
+    return sessions
+
+
+@cli.command("import")
+@click.argument("source", type=click.File("rb"), default="-")
+@click.option("--replace", is_flag=True, help="Overwrite sessions that already exist.")
+@_store_option
+@_backend_option
+def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: str) -> None:
+    """Add the sessions of a JSON Lines export (ids and revisions kept)."""
+    sessions = _read_lines(source)
+
+    async def act(repository: SessionRepository) -> tuple[int, int]:
+        existing = [s.id for s in sessions if await repository.get(s.id, last_messages=0)]
+        if existing and not replace:
+            raise CLIError(
+                f"{len(existing)} of the {len(sessions)} sessions already exist in "
+                f"{store_url} (first: {existing[0]}); nothing was imported. Pass --replace "
+                "to overwrite them."
+            )
+        with _progress() as progress:
+            task = progress.add_task("Importing", total=len(sessions))
+            for session in sessions:
+                if session.id in existing:
+                    await repository.delete(session.id)
+                await repository.add(session)
+                progress.advance(task)
+        return len(sessions), len(existing)
+
+    added, replaced = _with_store(store_url, backend, act)
+    note = f" ({replaced} replaced)" if replaced else ""
+    err.print(f"Imported {added} session{'s' if added != 1 else ''}{note}.")
+
+
+# -- entry point --------------------------------------------------------------------------
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, tuple):
+        return [leaf for e in inner for leaf in _leaves(e)]
+    return [exc]
+
+
+def _expected(exc: BaseException) -> tuple[str, int] | None:
+    """The one-line message and exit status of an expected failure, else None."""
+    for leaf in _leaves(exc):
+        if isinstance(leaf, CLIError):
+            return leaf.message, leaf.exit_code
+        if isinstance(leaf, ValidationError):
+            return str(leaf), 2
+        if isinstance(leaf, SessionError):
+            return str(leaf), 1
+        if isinstance(leaf, OSError):
+            return f"{leaf.strerror or leaf}: {leaf.filename or ''}".rstrip(": "), 1
+    return None
+
+
+def _fail(message: str) -> None:
+    line = " ".join(message.split())
+    sys.stderr.write(f"asyncsession: error: {line}\n")
+    sys.stderr.flush()
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the status."""
+    try:
+        result = cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="asyncsession",
+            standalone_mode=False,
+        )
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        _fail("aborted.")
+        return 1
+    except KeyboardInterrupt:
+        _fail("interrupted.")
+        return 130
+    except Exception as exc:
+        expected = _expected(exc)
+        if expected is None:
+            raise
+        _fail(expected[0])
+        return expected[1]
+    return result if isinstance(result, int) else 0
