@@ -29,6 +29,7 @@ from ._exceptions import (
     SessionNotFound,
 )
 from ._json import freeze_state
+from ._locks import KeyedLocks
 from ._models import ExpiryPolicy, Message, Session, SessionStatus, replace_trusted
 from .abc import EventTransport, Page, SessionQuery, SessionRepository
 from .reporting import Reporter, SessionReport
@@ -57,45 +58,6 @@ class SessionStats:
     def total(self) -> int:
         """All stored sessions."""
         return sum(self.by_status.values())
-
-
-class _LockEntry:
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = anyio.Lock(fast_acquire=True)
-        self.users = 0
-
-
-class _SessionLock:
-    """Holds the in-process lock of one session; entries vanish when unused."""
-
-    __slots__ = ("_entry", "_id", "_locks")
-
-    def __init__(self, locks: dict[uuid.UUID, _LockEntry], session_id: uuid.UUID) -> None:
-        self._locks = locks
-        self._id = session_id
-
-    async def __aenter__(self) -> None:
-        entry = self._locks.get(self._id)
-        if entry is None:
-            entry = self._locks[self._id] = _LockEntry()
-        entry.users += 1
-        self._entry = entry
-        try:
-            await entry.lock.acquire()
-        except BaseException:
-            self._leave()
-            raise
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._entry.lock.release()
-        self._leave()
-
-    def _leave(self) -> None:
-        self._entry.users -= 1
-        if self._entry.users == 0:
-            del self._locks[self._id]
 
 
 def _positive_int_or_none(value: int | None, name: str) -> int | None:
@@ -180,7 +142,7 @@ class SessionManager:
         self._reports_dropped = 0
         self._outbox: MemoryObjectSendStream[tuple[str, uuid.UUID, datetime, int | None]] | None
         self._outbox = None
-        self._locks: dict[uuid.UUID, _LockEntry] = {}
+        self._locks = KeyedLocks()
         self._events = EventHub()
         self._running = False
         self._stack: AsyncExitStack | None = None
@@ -382,14 +344,9 @@ class SessionManager:
         return await self._update(sid, fn)
 
     async def _update(self, sid: uuid.UUID, fn: UpdateFn) -> Session:
-        async with _SessionLock(self._locks, sid):
+        async with self._locks(sid):
             for _attempt in range(self._max_retries):
-                old = await self._repository.get(sid)
-                now = self._clock.now()
-                if old is None or old.is_expired(now):
-                    raise SessionNotFound(sid)
-                if old.status.is_terminal:
-                    raise SessionClosed(sid, old.status)
+                old, now = await self._read_open(sid)
                 result = fn(old)
                 if inspect.isawaitable(result):
                     result = await result
@@ -405,6 +362,16 @@ class SessionManager:
                 self._emit(kind, sid, new, now)
                 return new
         raise SessionConflict(sid, attempts=self._max_retries)
+
+    async def _read_open(self, sid: uuid.UUID) -> tuple[Session, datetime]:
+        """The whole session and the time, if it is live and open; else raise."""
+        old = await self._repository.get(sid)
+        now = self._clock.now()
+        if old is None or old.is_expired(now):
+            raise SessionNotFound(sid)
+        if old.status.is_terminal:
+            raise SessionClosed(sid, old.status)
+        return old, now
 
     def _prepare(
         self, old: Session, new: object, now: datetime
@@ -521,13 +488,8 @@ class SessionManager:
         """
         self._check_running()
         sid = _parse_id(session_id)
-        async with _SessionLock(self._locks, sid):
-            old = await self._repository.get(sid)
-            now = self._clock.now()
-            if old is None or old.is_expired(now):
-                raise SessionNotFound(sid)
-            if old.status.is_terminal:
-                raise SessionClosed(sid, old.status)
+        async with self._locks(sid):
+            old, now = await self._read_open(sid)
             new = attrs.evolve(
                 old,
                 id=uuid.uuid4(),

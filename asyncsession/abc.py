@@ -72,6 +72,12 @@ class SessionQuery:
 
     def matches(self, session: Session) -> bool:
         """True when ``session`` passes the filters (not the cursor)."""
+        messages = session.messages
+        first = messages[0].content if len(messages) and messages.offset == 0 else None
+        return self.matches_fields(session, first)
+
+    def matches_fields(self, session: Session, first_message: str | None) -> bool:
+        """:meth:`matches` for a store that keeps the first message's text apart."""
         if self.owner is not None and session.owner != self.owner:
             return False
         if self.status is not None and session.status not in self.status:
@@ -82,12 +88,7 @@ class SessionQuery:
             needle = self.search.casefold()
             if session.name is not None and needle in session.name.casefold():
                 return True
-            first = (
-                session.messages[0].content
-                if len(session.messages) and (session.messages.offset == 0)
-                else None
-            )
-            return first is not None and needle in first.casefold()
+            return first_message is not None and needle in first_message.casefold()
         return True
 
 
@@ -169,6 +170,15 @@ class SessionRepository(ABC):
         self._open_count -= 1
         if self._open_count == 0:
             await self._close()
+
+    @staticmethod
+    def _check_revision_step(session: Session, expected_revision: int) -> None:
+        """The precondition of :meth:`save`: one revision past the expected one."""
+        if session.revision != expected_revision + 1:
+            raise ValueError(
+                f"save() needs session.revision == expected_revision + 1, got "
+                f"{session.revision} and {expected_revision}"
+            )
 
     async def _open(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (connections, threads). Override in stores that need it."""

@@ -35,7 +35,9 @@ async def main(store: str) -> None:
             print(f"created   {alice}")
 
             # Atomic read-modify-write: the callback gets a snapshot, returns a new one.
-            alice = await sessions.update(alice.id, lambda x: x.with_state(step=x.state["step"] + 1))
+            alice = await sessions.update(
+                alice.id, lambda x: x.with_state(step=x.state["step"] + 1)
+            )
             print(f"updated   state={dict(alice.state)} revision={alice.revision}")
 
             await sessions.add_message(alice.id, "user", "Help me ship my-feature")

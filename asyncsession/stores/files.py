@@ -61,6 +61,7 @@ from .._exceptions import (
     SessionNotFound,
     StorageError,
 )
+from .._locks import KeyedLocks
 from .._migrations import CURRENT_VERSION
 from .._models import ExpiryPolicy, Message, MessageLog, Session, SessionStatus
 from .._serialization import session_from_document, session_to_document
@@ -292,19 +293,7 @@ def _entry(doc: _Doc) -> _Entry:
 
 def _matches(entry: _Entry, query: SessionQuery) -> bool:
     """:meth:`SessionQuery.matches` on an index entry (the first message is cached)."""
-    session = entry.skeleton
-    if query.owner is not None and session.owner != query.owner:
-        return False
-    if query.status is not None and session.status not in query.status:
-        return False
-    if query.visible_at is not None and session.is_expired(query.visible_at):
-        return False
-    if query.search:
-        needle = query.search.casefold()
-        if session.name is not None and needle in session.name.casefold():
-            return True
-        return entry.first is not None and needle in entry.first.casefold()
-    return True
+    return query.matches_fields(entry.skeleton, entry.first)
 
 
 class _Index:
@@ -411,45 +400,6 @@ class _Index:
         return dict(counts)
 
 
-class _LockEntry:
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = anyio.Lock(fast_acquire=True)
-        self.users = 0
-
-
-class _SessionLock:
-    """The in-process lock of one session (tasks queue here, not on the lock file)."""
-
-    __slots__ = ("_entry", "_id", "_locks")
-
-    def __init__(self, locks: dict[uuid.UUID, _LockEntry], session_id: uuid.UUID) -> None:
-        self._locks = locks
-        self._id = session_id
-
-    async def __aenter__(self) -> None:
-        entry = self._locks.get(self._id)
-        if entry is None:
-            entry = self._locks[self._id] = _LockEntry()
-        entry.users += 1
-        self._entry = entry
-        try:
-            await entry.lock.acquire()
-        except BaseException:
-            self._leave()
-            raise
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._entry.lock.release()
-        self._leave()
-
-    def _leave(self) -> None:
-        self._entry.users -= 1
-        if self._entry.users == 0:
-            del self._locks[self._id]
-
-
 class FileRepository(SessionRepository):
     """Sessions as JSON files in ``directory``, safe to share between processes.
 
@@ -506,7 +456,7 @@ class FileRepository(SessionRepository):
         self._shared = shared
         self._max_threads = max_threads
         self._index = _Index()
-        self._session_locks: dict[uuid.UUID, _LockEntry] = {}
+        self._session_locks = KeyedLocks()
         self._sync_lock = threading.Lock()
         self._synced_mtime: int | None = None
         self._limiter: anyio.CapacityLimiter | None = None
@@ -595,7 +545,7 @@ class FileRepository(SessionRepository):
         creating a lock file. Waiting for another process's lock sleeps on the event
         loop between non-blocking attempts.
         """
-        async with _SessionLock(self._session_locks, sid):
+        async with self._session_locks(sid):
             deadline: float | None = None
             delay = 0.001
             while True:
@@ -1004,11 +954,7 @@ class FileRepository(SessionRepository):
         expected_revision: int,
         new_messages: Sequence[Message] | None = None,
     ) -> None:
-        if session.revision != expected_revision + 1:
-            raise ValueError(
-                f"save() needs session.revision == expected_revision + 1, got "
-                f"{session.revision} and {expected_revision}"
-            )
+        self._check_revision_step(session, expected_revision)
         sid = session.id
         doc = session_to_document(session)
 

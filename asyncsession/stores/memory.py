@@ -115,11 +115,7 @@ class MemoryRepository(SessionRepository):
         expected_revision: int,
         new_messages: Sequence[Message] | None = None,
     ) -> None:
-        if session.revision != expected_revision + 1:
-            raise ValueError(
-                f"save() needs session.revision == expected_revision + 1, got "
-                f"{session.revision} and {expected_revision}"
-            )
+        self._check_revision_step(session, expected_revision)
         async with self._lock:
             old = self._sessions.get(session.id)
             if old is None:

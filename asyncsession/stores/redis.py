@@ -725,11 +725,7 @@ class RedisRepository(SessionRepository, EventTransport):
         expected_revision: int,
         new_messages: Sequence[Message] | None = None,
     ) -> None:
-        if session.revision != expected_revision + 1:
-            raise ValueError(
-                f"save() needs session.revision == expected_revision + 1, got "
-                f"{session.revision} and {expected_revision}"
-            )
+        self._check_revision_step(session, expected_revision)
         if new_messages is None:
             mode, messages = "r", session.messages
             if not messages.is_complete:
