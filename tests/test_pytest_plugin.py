@@ -1,0 +1,160 @@
+"""The pytest plugin's fixtures in real user suites (examples/), run with pytester."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def plugin_args() -> list[str]:
+    """Load the plugin by name unless its pytest11 entry point is installed (it loads then)."""
+    installed = any(
+        ep.value == "asyncsession.pytest_plugin" for ep in entry_points(group="pytest11")
+    )
+    return [] if installed else ["-p", "asyncsession.pytest_plugin"]
+
+
+def run_example(pytester: pytest.Pytester, name: str, *args: str) -> pytest.RunResult:
+    shutil.copytree(
+        EXAMPLES / name,
+        pytester.path,
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache"),
+    )
+    return pytester.runpytest_subprocess(*plugin_args(), "-p", "no:randomly", *args)
+
+
+def test_anyio_suite_on_asyncio_and_trio(pytester: pytest.Pytester) -> None:
+    result = run_example(pytester, "pytest_anyio_suite", "-v")
+    result.assert_outcomes(passed=10)
+    result.stdout.fnmatch_lines(["*test_idle_session_expires_and_is_collected?asyncio? PASSED*"])
+    result.stdout.fnmatch_lines(["*test_idle_session_expires_and_is_collected?trio? PASSED*"])
+
+
+def test_pytest_asyncio_strict_suite(pytester: pytest.Pytester) -> None:
+    result = run_example(pytester, "pytest_asyncio_suite")
+    result.assert_outcomes(passed=5)
+
+
+def test_custom_store_passes_the_contract(pytester: pytest.Pytester) -> None:
+    result = run_example(pytester, "custom_store")
+    result.assert_outcomes(passed=50)
+
+
+def test_pytest_asyncio_auto_mode(pytester: pytest.Pytester) -> None:
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makepyfile(
+        """
+        async def test_expiry(session_manager, session_clock):
+            session = await session_manager.create()
+            session_clock.advance(1800)
+            await session_manager.wait_for_cleanup()
+            assert (await session_manager.stats()).expired_total == 1
+            assert not await session_manager.exists(session.id)
+        """
+    )
+    result = pytester.runpytest_subprocess(*plugin_args(), "-W", "error")
+    result.assert_outcomes(passed=1)
+
+
+def test_overriding_the_repository_and_options(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+        import pytest
+        from asyncsession import SQLiteRepository
+
+        @pytest.fixture
+        def anyio_backend():
+            return "trio"
+
+        @pytest.fixture
+        def session_repository(tmp_path):
+            return SQLiteRepository(tmp_path / "sessions.db")
+
+        @pytest.fixture
+        def session_manager_options():
+            return {"idle_timeout": None, "max_messages": 2}
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+        from asyncsession import LimitExceeded, SQLiteRepository
+
+        @pytest.mark.anyio
+        async def test_sqlite(session_manager, session_repository):
+            assert isinstance(session_manager.repository, SQLiteRepository)
+            assert session_manager.repository is session_repository
+            session = await session_manager.create()
+            await session_manager.add_messages(session.id, [("user", "a", None)] * 2)
+            with pytest.raises(LimitExceeded):
+                await session_manager.add_message(session.id, "user", "c")
+        """
+    )
+    result = pytester.runpytest_subprocess(*plugin_args(), "-W", "error")
+    result.assert_outcomes(passed=1)
+
+
+def test_sync_test_gets_a_clear_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_sync(session_manager):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(*plugin_args())
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*session_manager needs an async test*@pytest.mark.anyio*"])
+
+
+def test_manager_errors_on_entry_surface_in_setup(pytester: pytest.Pytester) -> None:
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makeconftest(
+        """
+        import pytest
+        from asyncsession import FileRepository
+
+        @pytest.fixture
+        def session_repository(tmp_path):
+            return FileRepository(tmp_path / "missing-parent" / "store")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.asyncio
+        async def test_never_runs(session_manager):
+            pass
+
+        @pytest.mark.anyio
+        async def test_never_runs_either(session_manager):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(*plugin_args())
+    result.assert_outcomes(errors=3)  # anyio runs the second on asyncio and trio
+    result.stdout.fnmatch_lines(["*StorageError*parent directory*"])
+
+
+def test_importing_the_plugin_is_cheap() -> None:
+    code = (
+        "import sys, asyncsession.pytest_plugin as p; "
+        "heavy = {'trio', 'coredis', 'pytest_asyncio', 'hypothesis', 'click', 'rich'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
