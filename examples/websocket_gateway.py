@@ -1,0 +1,211 @@
+"""A websocket gateway (seed 003): one asyncsession session per connection.
+
+Protocol (JSON text frames)::
+
+    server → {"type": "session_created", "session_id": "<uuid>"}
+    client → {"type": "message", "session_id": "<uuid>", "text": "hi"}
+    server → {"type": "reply", "session_id": "<uuid>", "text": "echo: hi", "count": 1}
+    client → {"type": "bye", "session_id": "<uuid>"}
+    server → {"type": "bye", "session_id": "<uuid>"}  then closes with code 1000
+    server → {"type": "error", "error": "..."}   then closes with code 4401 (bad session)
+                                                  or 1008 (malformed message)
+
+A message must carry this connection's live session id: an unknown, foreign, malformed
+or expired id gets an error and the socket is closed. When the connection ends its
+session is closed: EXITED after a clean end (a "bye" message, or a close frame with code
+1000/1001), ABNORMAL after an abrupt disconnect, a protocol error or a server error.
+Hypercorn reports every client-initiated close as code 1006 (pgjones/hypercorn#127), so
+there only "bye" ends a session cleanly; uvicorn passes the client's close code on.
+``GET /sessions/{id}`` shows a session's status (an admin view for demos and tests).
+
+Run it::
+
+    python examples/websocket_gateway.py --port 8001 --store sqlite:///tmp/gateway.db
+    python examples/websocket_gateway.py --worker-class trio --store memory://
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+import asyncsession as s
+
+logger = logging.getLogger("websocket_gateway")
+
+DEFAULT_STORE = "sqlite://gateway.db"
+CLEAN_CLOSE_CODES = frozenset({1000, 1001})
+BAD_SESSION = 4401
+POLICY_VIOLATION = 1008
+
+
+def store_from_url(url: str) -> s.SessionRepository:
+    """A store for ``sqlite://PATH``, ``memory://``, ``file://DIR`` or ``redis://...``."""
+    scheme, sep, rest = url.partition("://")
+    if scheme == "sqlite" and sep and rest:
+        return s.SQLiteRepository(rest)
+    if scheme == "memory" and sep:
+        return s.MemoryRepository()
+    if scheme == "file" and sep and rest:
+        return s.FileRepository(rest)
+    if scheme in ("redis", "rediss", "unix") and sep:
+        return s.RedisRepository(url)
+    raise ValueError(f"Unsupported store URL {url!r}: use sqlite://, memory://, file://, redis://")
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol; ``code`` is the websocket close code to use."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> Starlette:
+    """The gateway app; ``manager`` is a store URL or a factory of an unentered manager."""
+    if manager is None or isinstance(manager, str):
+        url = manager or os.environ.get("GATEWAY_STORE", DEFAULT_STORE)
+        sessions = s.SessionManager(store_from_url(url), idle_timeout=900)
+    else:
+        sessions = manager()
+
+    async def handle(session: s.Session, frame: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate one client message and answer it."""
+        try:
+            data = json.loads(frame.get("text") or "")
+        except ValueError:
+            raise ProtocolError("messages must be JSON text", POLICY_VIOLATION) from None
+        if not isinstance(data, dict) or data.get("type") not in ("message", "bye"):
+            raise ProtocolError('expected {"type": "message" or "bye", ...}', POLICY_VIOLATION)
+        if data.get("session_id") != str(session.id):
+            raise ProtocolError("invalid or expired session", BAD_SESSION)
+        if data["type"] == "bye":
+            return {"type": "bye", "session_id": str(session.id)}
+        text = data.get("text")
+        if not isinstance(text, str):
+            raise ProtocolError("text must be a string", POLICY_VIOLATION)
+        try:
+            await sessions.get(session.id, last_messages=0)  # live? (counts as activity)
+        except s.SessionNotFound:
+            raise ProtocolError("invalid or expired session", BAD_SESSION) from None
+        reply = f"echo: {text}"
+        stored = await sessions.add_messages(
+            session.id, [("user", text, None), ("assistant", reply, None)]
+        )
+        count = stored.messages.total // 2
+        return {"type": "reply", "session_id": str(session.id), "text": reply, "count": count}
+
+    async def gateway(websocket: WebSocket) -> None:
+        await websocket.accept()
+        session = await sessions.create(name="websocket")
+        status = s.SessionStatus.ABNORMAL
+        try:
+            await websocket.send_json({"type": "session_created", "session_id": str(session.id)})
+            while True:
+                frame = await websocket.receive()
+                if frame["type"] == "websocket.disconnect":
+                    code = frame.get("code", 1005)
+                    if code in CLEAN_CLOSE_CODES:
+                        status = s.SessionStatus.EXITED
+                    logger.info("session %s disconnected with code %s", session.id, code)
+                    return
+                try:
+                    answer = await handle(session, frame)
+                except ProtocolError as exc:
+                    await websocket.send_json({"type": "error", "error": str(exc)})
+                    await websocket.close(code=exc.code)
+                    return
+                await websocket.send_json(answer)
+                if answer["type"] == "bye":
+                    status = s.SessionStatus.EXITED
+                    await websocket.close(code=1000)
+                    return
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                try:
+                    await sessions.close(session.id, status=status)
+                except (s.SessionNotFound, s.SessionClosed):
+                    logger.info("session %s had already ended", session.id)
+
+    async def show(request: Request) -> JSONResponse:
+        try:
+            session = await sessions.get(request.path_params["session_id"], touch=False)
+        except s.SessionNotFound:
+            return JSONResponse({"error": "not found"}, 404)
+        return JSONResponse(
+            {
+                "session_id": str(session.id),
+                "status": session.status.value,
+                "messages": [{"role": m.role, "content": m.content} for m in session.messages],
+            }
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with sessions:
+            yield
+
+    app = Starlette(
+        routes=[WebSocketRoute("/ws", gateway), Route("/sessions/{session_id}", show)],
+        lifespan=lifespan,
+    )
+    app.state.sessions = sessions
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--store", default=os.environ.get("GATEWAY_STORE", DEFAULT_STORE))
+    parser.add_argument("--server", choices=["hypercorn", "uvicorn"], default="hypercorn")
+    parser.add_argument("--worker-class", choices=["asyncio", "trio"], default="asyncio")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app = create_app(args.store)
+    if args.server == "uvicorn":
+        import uvicorn
+
+        if args.worker_class != "asyncio":
+            parser.error("uvicorn runs on asyncio only")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"{args.host}:{args.port}"]
+    config.graceful_timeout = 2
+    if args.worker_class == "trio":
+        import trio
+        from hypercorn.trio import serve as trio_serve
+
+        async def until_signalled() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    return
+
+        trio.run(functools.partial(trio_serve, app, config, shutdown_trigger=until_signalled))  # type: ignore[arg-type]
+    else:
+        import asyncio
+
+        from hypercorn.asyncio import serve as asyncio_serve
+
+        asyncio.run(asyncio_serve(app, config))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,477 @@
+"""The web examples as real applications.
+
+The chat server (examples/chat_server.py) runs as a real process on a free 127.0.0.1
+port under hypercorn (asyncio and trio workers) and uvicorn, driven by httpx from
+asyncio and trio. The websocket gateway (examples/websocket_gateway.py) is driven
+in-process through a small ASGI websocket harness (both loops, a ManualClock for
+expiry) and as a real process with the ``websockets`` client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import IO, Any
+
+import anyio
+import httpx
+import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+import asyncsession as s
+from asyncsession.testing import ManualClock
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = ROOT / "examples" / "chat_server.py"
+GATEWAY = ROOT / "examples" / "websocket_gateway.py"
+SECRET = "web-examples-test-secret-key"
+SERVERS = {
+    "hypercorn-asyncio": ["--server", "hypercorn", "--worker-class", "asyncio"],
+    "hypercorn-trio": ["--server", "hypercorn", "--worker-class", "trio"],
+    "uvicorn": ["--server", "uvicorn"],
+}
+STARTUP_LIMIT = 60  # seconds; a deadlock guard, not a timing assertion
+
+
+def load_example(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def command(script: Path, kind: str, port: int, store: str) -> list[str]:
+    return [sys.executable, str(script), *SERVERS[kind], "--port", str(port), "--store", store]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "CHAT_SECRET_KEY": SECRET, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def server_log(tmp_path: Path) -> Iterator[IO[bytes]]:
+    with (tmp_path / "server.log").open("wb") as log:
+        yield log
+
+
+@contextlib.asynccontextmanager
+async def serve(script: Path, kind: str, store: str, log: IO[bytes]) -> AsyncIterator[str]:
+    """Run an example server as a child process; yield its base URL."""
+    port = free_port()
+    process = await anyio.open_process(
+        command(script, kind, port, store), stdout=log, stderr=subprocess.STDOUT, env=environment()
+    )
+    try:
+        with anyio.fail_after(STARTUP_LIMIT):
+            while True:
+                if process.returncode is not None:
+                    raise AssertionError(f"{kind} server exited early; see {log.name}")
+                try:
+                    stream = await anyio.connect_tcp("127.0.0.1", port)
+                except OSError:
+                    await anyio.sleep(0.05)
+                    continue
+                await stream.aclose()
+                break
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        with anyio.move_on_after(15):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await process.aclose()
+
+
+class EventStream:
+    """Reads server-sent events from a streaming httpx response."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._lines = response.aiter_lines()
+
+    async def next(self) -> tuple[str, dict[str, Any]]:
+        event, data = "message", ""
+        while True:
+            line = await self._lines.__anext__()
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data += line[5:].strip()
+            elif line == "" and data:
+                return event, json.loads(data)
+
+    async def drain(self) -> list[str]:
+        """Read to the end of the stream (so httpx's generators finish); return the kinds."""
+        kinds: list[str] = []
+        with contextlib.suppress(StopAsyncIteration):
+            while True:
+                kinds.append((await self.next())[0])
+        return kinds
+
+
+async def contents_until(events: EventStream, last: str) -> list[str]:
+    """Message contents from the stream until one equals ``last``."""
+    seen: list[str] = []
+    while last not in seen:
+        kind, data = await events.next()
+        assert kind in ("updated", "message_added"), (kind, data)
+        seen.extend(m["content"] for m in data["messages"])
+    return seen
+
+
+# --- chat server, real process ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", sorted(SERVERS))
+async def test_chat_users_are_isolated_and_sse_is_per_session(
+    kind: str, tmp_path: Path, server_log: IO[bytes]
+) -> None:
+    store = f"sqlite://{tmp_path / 'chat.db'}"
+    with anyio.fail_after(120):
+        async with (
+            serve(CHAT, kind, store, server_log) as url,
+            httpx.AsyncClient(base_url=url) as alice,
+            httpx.AsyncClient(base_url=url) as bob,
+        ):
+            page = await alice.get("/")
+            assert page.status_code == 200 and "EventSource" in page.text
+            assert (await alice.get("/api/state")).json()["session_id"] is None
+            assert "chat_session" not in alice.cookies  # reading created nothing
+            a_id = (await alice.post("/api/session")).json()["session_id"]
+            b_id = (await bob.post("/api/session")).json()["session_id"]
+            assert a_id != b_id
+            async with (
+                alice.stream("GET", "/api/events") as a_response,
+                bob.stream("GET", "/api/events") as b_response,
+            ):
+                a_events, b_events = EventStream(a_response), EventStream(b_response)
+                assert await a_events.next() == ("ready", {"session_id": a_id})
+                assert await b_events.next() == ("ready", {"session_id": b_id})
+                for text in ("alice one", "bob one", "alice two", "bob two"):
+                    user = alice if text.startswith("alice") else bob
+                    answer = await user.post("/api/messages", json={"text": text})
+                    assert answer.status_code == 200
+                # Events are published in order, so a leak of bob's messages would reach
+                # alice before her own last reply (and the other way round).
+                a_seen = await contents_until(a_events, "#2 owt ecila")
+                b_seen = await contents_until(b_events, "#2 owt bob")
+                assert a_seen == ["alice one", "#1 eno ecila", "alice two", "#2 owt ecila"]
+                assert b_seen == ["bob one", "#1 eno bob", "bob two", "#2 owt bob"]
+                a_state = (await alice.get("/api/state")).json()
+                assert a_state["session_id"] == a_id
+                assert [m["content"] for m in a_state["messages"]] == a_seen
+                interrupted = (await bob.post("/api/interrupt")).json()
+                assert interrupted["interrupts"] == 1
+                assert interrupted["messages"][-1]["role"] == "system"
+                assert len((await alice.get("/api/state")).json()["messages"]) == 4
+                # Logging out deletes the session; its stream says so and ends.
+                await alice.post("/api/logout")
+                assert await a_events.drain() == ["ended"]
+                assert "chat_session" not in alice.cookies
+                assert (await alice.get("/api/state")).json()["session_id"] is None
+                await bob.post("/api/logout")
+                assert await b_events.drain() == ["updated", "ended"]  # the interrupt
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("hypercorn-trio", "hypercorn-asyncio"), ("hypercorn-asyncio", "uvicorn")],
+)
+async def test_chat_sessions_survive_a_restart(
+    first: str, second: str, tmp_path: Path, server_log: IO[bytes]
+) -> None:
+    store = f"sqlite://{tmp_path / 'chat.db'}"
+    with anyio.fail_after(120):
+        async with (
+            serve(CHAT, first, store, server_log) as url,
+            httpx.AsyncClient(base_url=url) as alice,
+        ):
+            await alice.post("/api/messages", json={"text": "before restart"})
+            state = (await alice.get("/api/state")).json()
+            cookie = alice.cookies["chat_session"]
+        async with (
+            serve(CHAT, second, store, server_log) as url,
+            httpx.AsyncClient(base_url=url, headers={"cookie": f"chat_session={cookie}"}) as again,
+        ):
+            assert (await again.get("/api/state")).json() == state
+            answer = await again.post("/api/messages", json={"text": "after"})
+            assert [m["content"] for m in answer.json()["messages"]] == ["after", "#2 retfa"]
+            assert answer.json()["session_id"] == state["session_id"]
+
+
+# --- websocket gateway, in process -----------------------------------------------------
+
+
+class WebSocketHarness:
+    """Drives one ASGI websocket connection to an app, as a server would."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.to_app: MemoryObjectSendStream[dict[str, Any]]
+        self.app_in: MemoryObjectReceiveStream[dict[str, Any]]
+        self.to_app, self.app_in = anyio.create_memory_object_stream[dict[str, Any]](100)
+        self.app_out: MemoryObjectSendStream[dict[str, Any]]
+        self.from_app: MemoryObjectReceiveStream[dict[str, Any]]
+        self.app_out, self.from_app = anyio.create_memory_object_stream[dict[str, Any]](100)
+        self.done = anyio.Event()
+
+    async def run(self) -> None:
+        scope = {
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "path": "/ws",
+            "raw_path": b"/ws",
+            "query_string": b"",
+            "headers": [],
+            "scheme": "ws",
+            "server": ("127.0.0.1", 80),
+            "client": ("127.0.0.1", 5000),
+            "subprotocols": [],
+            "state": {},
+        }
+        try:
+            async with self.app_out:
+                await self.app(scope, self.app_in.receive, self.app_out.send)
+        finally:
+            self.done.set()
+
+    async def receive(self) -> dict[str, Any]:
+        return await self.from_app.receive()
+
+    def close(self) -> None:
+        for stream in (self.to_app, self.app_in, self.app_out, self.from_app):
+            stream.close()
+
+    async def receive_json(self) -> dict[str, Any]:
+        message = await self.receive()
+        assert message["type"] == "websocket.send", message
+        return dict(json.loads(message["text"]))
+
+    async def send_json(self, data: Any) -> None:
+        await self.to_app.send({"type": "websocket.receive", "text": json.dumps(data)})
+
+
+@contextlib.asynccontextmanager
+async def gateway(clock: ManualClock | None = None) -> AsyncIterator[tuple[Any, s.SessionManager]]:
+    module = load_example(GATEWAY)
+    app = module.create_app(
+        lambda: s.SessionManager(s.MemoryRepository(), idle_timeout=60, clock=clock)
+    )
+    async with app.state.sessions as sessions:
+        yield app, sessions
+
+
+@contextlib.asynccontextmanager
+async def connection(app: Any) -> AsyncIterator[tuple[WebSocketHarness, uuid.UUID]]:
+    ws = WebSocketHarness(app)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ws.run)
+            await ws.to_app.send({"type": "websocket.connect"})
+            assert (await ws.receive())["type"] == "websocket.accept"
+            created = await ws.receive_json()
+            assert created["type"] == "session_created"
+            yield ws, uuid.UUID(created["session_id"])
+            with anyio.fail_after(10):
+                await ws.done.wait()
+    finally:
+        ws.close()
+
+
+async def status_of(sessions: s.SessionManager, sid: uuid.UUID) -> s.SessionStatus:
+    return (await sessions.get(sid, touch=False)).status
+
+
+@pytest.mark.anyio
+async def test_gateway_round_trip_and_clean_disconnect() -> None:
+    async with gateway() as (app, sessions):
+        async with connection(app) as (ws, sid):
+            assert await status_of(sessions, sid) == s.SessionStatus.ACTIVE
+            for n, text in enumerate(["hi", "there"], start=1):
+                await ws.send_json({"type": "message", "session_id": str(sid), "text": text})
+                assert await ws.receive_json() == {
+                    "type": "reply",
+                    "session_id": str(sid),
+                    "text": f"echo: {text}",
+                    "count": n,
+                }
+            await ws.send_json({"type": "bye", "session_id": str(sid)})
+            assert await ws.receive_json() == {"type": "bye", "session_id": str(sid)}
+            assert await ws.receive() == {"type": "websocket.close", "code": 1000, "reason": ""}
+        assert await status_of(sessions, sid) == s.SessionStatus.EXITED
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("code", "expected"), [(1000, "exited"), (1001, "exited"), (1006, "abnormal")]
+)
+async def test_gateway_disconnect_status(code: int, expected: str) -> None:
+    async with gateway() as (app, sessions):
+        async with connection(app) as (ws, sid):
+            await ws.send_json({"type": "message", "session_id": str(sid), "text": "x"})
+            await ws.receive_json()
+            await ws.to_app.send({"type": "websocket.disconnect", "code": code})
+        session = await sessions.get(sid, touch=False)
+        assert session.status.value == expected
+        assert [m.content for m in session.messages] == ["x", "echo: x"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "bad_id", ["", "not-a-uuid", str(uuid.uuid4()), "00000000-0000-0000-0000-000000000000"]
+)
+async def test_gateway_invalid_id_gets_error_and_close(bad_id: str) -> None:
+    async with gateway() as (app, sessions):
+        async with connection(app) as (ws, sid):
+            await ws.send_json({"type": "message", "session_id": bad_id, "text": "x"})
+            error = await ws.receive_json()
+            assert error == {"type": "error", "error": "invalid or expired session"}
+            assert await ws.receive() == {"type": "websocket.close", "code": 4401, "reason": ""}
+        assert await status_of(sessions, sid) == s.SessionStatus.ABNORMAL
+
+
+@pytest.mark.anyio
+async def test_gateway_foreign_session_id_is_rejected() -> None:
+    async with gateway() as (app, sessions):
+        async with connection(app) as (ws_a, a_id), connection(app) as (ws_b, _b_id):
+            await ws_b.send_json({"type": "message", "session_id": str(a_id), "text": "x"})
+            assert (await ws_b.receive_json())["type"] == "error"
+            assert (await ws_b.receive())["code"] == 4401
+            await ws_a.to_app.send({"type": "websocket.disconnect", "code": 1000})
+        assert await status_of(sessions, a_id) == s.SessionStatus.EXITED
+        assert (await sessions.get(a_id, touch=False)).messages.total == 0
+
+
+@pytest.mark.anyio
+async def test_gateway_malformed_message_is_a_policy_violation() -> None:
+    async with gateway() as (app, _sessions), connection(app) as (ws, _sid):
+        await ws.to_app.send({"type": "websocket.receive", "text": "{not json"})
+        assert (await ws.receive_json())["type"] == "error"
+        assert (await ws.receive())["code"] == 1008
+
+
+@pytest.mark.anyio
+async def test_gateway_expired_session_gets_error_and_close() -> None:
+    clock = ManualClock()
+    async with gateway(clock) as (app, sessions):
+        async with connection(app) as (ws, sid):
+            await ws.send_json({"type": "message", "session_id": str(sid), "text": "x"})
+            assert (await ws.receive_json())["type"] == "reply"
+            clock.advance(61)
+            await ws.send_json({"type": "message", "session_id": str(sid), "text": "late"})
+            error = await ws.receive_json()
+            assert error == {"type": "error", "error": "invalid or expired session"}
+            assert (await ws.receive())["code"] == 4401
+        assert not await sessions.exists(sid)
+
+
+# --- websocket gateway, real process ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve_sync(script: Path, kind: str, store: str, log: IO[bytes]) -> Iterator[str]:
+    """Like :func:`serve`, for synchronous tests."""
+    port = free_port()
+    process = subprocess.Popen(
+        command(script, kind, port, store), stdout=log, stderr=subprocess.STDOUT, env=environment()
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_LIMIT
+        while True:
+            assert process.poll() is None, f"{kind} server exited early; see {log.name}"
+            assert time.monotonic() < deadline, f"{kind} server did not start; see {log.name}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_for_status(address: str, sid: str, expected: str) -> dict[str, Any]:
+    """Poll the gateway's admin view until the session's status is ``expected``."""
+    deadline = time.monotonic() + 30
+    with httpx.Client(base_url=f"http://{address}") as http:
+        while True:
+            data: dict[str, Any] = http.get(f"/sessions/{sid}").json()
+            if data.get("status") == expected or time.monotonic() > deadline:
+                return data
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("kind", sorted(SERVERS))
+def test_gateway_real_process(kind: str, tmp_path: Path, server_log: IO[bytes]) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    store = f"sqlite://{tmp_path / 'gateway.db'}"
+    with serve_sync(GATEWAY, kind, store, server_log) as address:
+        url = f"ws://{address}/ws"
+        with connect(url, open_timeout=10, close_timeout=5) as ws:
+            created = json.loads(ws.recv(timeout=10))
+            assert created["type"] == "session_created"
+            clean = created["session_id"]
+            ws.send(json.dumps({"type": "message", "session_id": clean, "text": "hello"}))
+            reply = json.loads(ws.recv(timeout=10))
+            assert reply == {
+                "type": "reply",
+                "session_id": clean,
+                "text": "echo: hello",
+                "count": 1,
+            }
+            ws.send(json.dumps({"type": "bye", "session_id": clean}))
+            assert json.loads(ws.recv(timeout=10)) == {"type": "bye", "session_id": clean}
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+        assert wait_for_status(address, clean, "exited")["status"] == "exited"
+
+        if kind == "uvicorn":  # hypercorn reports a client's close frame as 1006
+            with connect(url, open_timeout=10, close_timeout=5) as ws:
+                closing = json.loads(ws.recv(timeout=10))["session_id"]
+            assert wait_for_status(address, closing, "exited")["status"] == "exited"
+
+        broken_ids: list[str] = []
+        with contextlib.suppress(OSError, ConnectionClosed):  # closing a dead socket fails
+            with connect(url, open_timeout=10, close_timeout=5) as ws:
+                broken_ids.append(json.loads(ws.recv(timeout=10))["session_id"])
+                ws.socket.shutdown(socket.SHUT_RDWR)  # vanish without a close frame
+                ws.socket.close()
+        (broken,) = broken_ids
+        assert wait_for_status(address, broken, "abnormal")["status"] == "abnormal"
+
+        with connect(url, open_timeout=10, close_timeout=5) as ws:
+            sid = json.loads(ws.recv(timeout=10))["session_id"]
+            ws.send(json.dumps({"type": "message", "session_id": str(uuid.uuid4()), "text": "x"}))
+            assert json.loads(ws.recv(timeout=10))["type"] == "error"
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        assert wait_for_status(address, sid, "abnormal")["status"] == "abnormal"
