@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import pickle
 import uuid
-from types import ModuleType
 from datetime import datetime, timedelta, timezone
+from types import ModuleType
 
 import attrs
 import orjson
@@ -75,8 +75,10 @@ def test_public_api_is_pinned() -> None:
             "loads",
             "SessionIdLogFilter",
             "current_session_id",
+            "FileRepository",
+            "RedisRepository",
+            "SQLiteRepository",
         ]
-        + ["FileRepository", "RedisRepository", "SQLiteRepository"]
     )
     for name in s.__all__:
         assert getattr(s, name) is not None
