@@ -86,13 +86,20 @@ def test_store_matches_model(
         def start(self) -> None:
             assert self.call(self.repo.count_by_status) == {}
 
-        @rule(target=ids, owner=st.sampled_from([None, "alice", "bob"]),
-              name=st.sampled_from([None, "alpha", "Beta-2"]),
-              first=st.sampled_from([None, "Hello", "beta test"]))
+        @rule(
+            target=ids,
+            owner=st.sampled_from([None, "alice", "bob"]),
+            name=st.sampled_from([None, "alpha", "Beta-2"]),
+            first=st.sampled_from([None, "Hello", "beta test"]),
+        )
         def create(self, owner: str | None, name: str | None, first: str | None) -> uuid.UUID:
             now = self.now
             session = s.Session(
-                uuid.uuid4(), now, now, owner=owner, name=name,
+                uuid.uuid4(),
+                now,
+                now,
+                owner=owner,
+                name=name,
                 expires_at=POLICY.deadline(s.SessionStatus.ACTIVE, now, now, None),
                 messages=[s.Message("user", first, now)] if first else [],
                 state={"v": 0},
@@ -101,10 +108,16 @@ def test_store_matches_model(
             self.model[session.id] = session
             return session.id
 
-        @rule(sid=ids, value=st.integers(0, 9), close=st.booleans(),
-              extra=st.lists(st.sampled_from(["x", "y"]), max_size=2), rewrite=st.booleans())
-        def save(self, sid: uuid.UUID, value: int, close: bool, extra: list[str],
-                 rewrite: bool) -> None:
+        @rule(
+            sid=ids,
+            value=st.integers(0, 9),
+            close=st.booleans(),
+            extra=st.lists(st.sampled_from(["x", "y"]), max_size=2),
+            rewrite=st.booleans(),
+        )
+        def save(
+            self, sid: uuid.UUID, value: int, close: bool, extra: list[str], rewrite: bool
+        ) -> None:
             old = self.model.get(sid)
             if old is None:
                 return
@@ -112,18 +125,25 @@ def test_store_matches_model(
             status = s.SessionStatus.EXITED if close else old.status
             closed_at = old.closed_at or (now if status.is_terminal else None)
             added = tuple(s.Message("assistant", text, now) for text in extra)
-            messages = (
-                s.MessageLog(added) if rewrite else old.messages.extend(added)
-            )
+            messages = s.MessageLog(added) if rewrite else old.messages.extend(added)
             new = attrs.evolve(
-                old, state={"v": value}, status=status, closed_at=closed_at,
-                last_active=max(old.last_active, now), messages=messages,
-                expires_at=POLICY.deadline(status, old.created_at,
-                                           max(old.last_active, now), closed_at),
+                old,
+                state={"v": value},
+                status=status,
+                closed_at=closed_at,
+                last_active=max(old.last_active, now),
+                messages=messages,
+                expires_at=POLICY.deadline(
+                    status, old.created_at, max(old.last_active, now), closed_at
+                ),
                 revision=old.revision + 1,
             )
-            self.call(self.repo.save, new, expected_revision=old.revision,
-                      new_messages=None if rewrite else added)
+            self.call(
+                self.repo.save,
+                new,
+                expected_revision=old.revision,
+                new_messages=None if rewrite else added,
+            )
             self.model[sid] = new
 
         @rule(sid=ids, offset=st.sampled_from([-1, 1]))
@@ -132,11 +152,15 @@ def test_store_matches_model(
             if old is None or old.revision + offset < 0:
                 return
             bad = attrs.evolve(old, state={"v": -1}, revision=old.revision + offset + 1)
-            self.expect(s.SessionConflict, self.repo.save, bad,
-                        expected_revision=old.revision + offset)
+            self.expect(
+                s.SessionConflict, self.repo.save, bad, expected_revision=old.revision + offset
+            )
 
-        @rule(sid=ids, texts=st.lists(st.sampled_from(["a", "b"]), min_size=1, max_size=3),
-              cap=st.none() | st.integers(1, 6))
+        @rule(
+            sid=ids,
+            texts=st.lists(st.sampled_from(["a", "b"]), min_size=1, max_size=3),
+            cap=st.none() | st.integers(1, 6),
+        )
         def append(self, sid: uuid.UUID, texts: list[str], cap: int | None) -> None:
             old = self.model.get(sid)
             now = self.now
@@ -152,13 +176,15 @@ def test_store_matches_model(
                 result = self.call(self.repo.append, sid, batch, **kwargs)
                 last_active = max(old.last_active, now)
                 new = attrs.evolve(
-                    old, messages=old.messages.extend(batch), last_active=last_active,
+                    old,
+                    messages=old.messages.extend(batch),
+                    last_active=last_active,
                     expires_at=POLICY.deadline(old.status, old.created_at, last_active, None),
                     revision=old.revision + 1,
                 )
                 assert result.revision == new.revision
                 assert result.messages.total == new.messages.total
-                assert list(result.messages)[-len(batch):] == batch
+                assert list(result.messages)[-len(batch) :] == batch
                 self.model[sid] = new
 
         @rule(sid=ids)
@@ -172,7 +198,8 @@ def test_store_matches_model(
             if not old.status.is_terminal and not old.is_expired(now):
                 last_active = max(old.last_active, now)
                 old = attrs.evolve(
-                    old, last_active=last_active,
+                    old,
+                    last_active=last_active,
                     expires_at=POLICY.deadline(old.status, old.created_at, last_active, None),
                 )
                 self.model[sid] = old
@@ -204,16 +231,19 @@ def test_store_matches_model(
                 assert got is None
                 return
             assert got is not None and got.messages.total == old.messages.total
-            assert list(got.messages) == list(old.messages)[max(0, len(old.messages) - last):]
+            assert list(got.messages) == list(old.messages)[max(0, len(old.messages) - last) :]
 
-        @rule(owner=st.sampled_from([None, "alice"]), search=st.sampled_from([None, "BETA"]),
-              limit=st.integers(1, 4))
+        @rule(
+            owner=st.sampled_from([None, "alice"]),
+            search=st.sampled_from([None, "BETA"]),
+            limit=st.integers(1, 4),
+        )
         def listing(self, owner: str | None, search: str | None, limit: int) -> None:
-            query = s.SessionQuery(owner=owner, search=search, limit=limit,
-                                   visible_at=self.now)
+            query = s.SessionQuery(owner=owner, search=search, limit=limit, visible_at=self.now)
             expected = sorted(
                 (x for x in self.model.values() if query.matches(x)),
-                key=model_sort_key, reverse=True,
+                key=model_sort_key,
+                reverse=True,
             )
             seen: list[uuid.UUID] = []
             while True:
@@ -247,4 +277,3 @@ def test_store_matches_model(
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
         ),
     )
-
