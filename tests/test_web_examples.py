@@ -12,10 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,20 +24,10 @@ import anyio
 import httpx
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from web_support import CHAT, GATEWAY, SERVERS, serve, serve_sync
 
 import asyncsession as s
 from asyncsession.testing import ManualClock
-
-ROOT = Path(__file__).resolve().parent.parent
-CHAT = ROOT / "examples" / "chat_server.py"
-GATEWAY = ROOT / "examples" / "websocket_gateway.py"
-SECRET = "web-examples-test-secret-key"
-SERVERS = {
-    "hypercorn-asyncio": ["--server", "hypercorn", "--worker-class", "asyncio"],
-    "hypercorn-trio": ["--server", "hypercorn", "--worker-class", "trio"],
-    "uvicorn": ["--server", "uvicorn"],
-}
-STARTUP_LIMIT = 60  # seconds; a deadlock guard, not a timing assertion
 
 
 def load_example(path: Path) -> ModuleType:
@@ -51,54 +38,10 @@ def load_example(path: Path) -> ModuleType:
     return module
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def command(script: Path, kind: str, port: int, store: str) -> list[str]:
-    return [sys.executable, str(script), *SERVERS[kind], "--port", str(port), "--store", store]
-
-
-def environment() -> dict[str, str]:
-    return {**os.environ, "CHAT_SECRET_KEY": SECRET, "PYTHONUNBUFFERED": "1"}
-
-
 @pytest.fixture
 def server_log(tmp_path: Path) -> Iterator[IO[bytes]]:
     with (tmp_path / "server.log").open("wb") as log:
         yield log
-
-
-@contextlib.asynccontextmanager
-async def serve(script: Path, kind: str, store: str, log: IO[bytes]) -> AsyncIterator[str]:
-    """Run an example server as a child process; yield its base URL."""
-    port = free_port()
-    process = await anyio.open_process(
-        command(script, kind, port, store), stdout=log, stderr=subprocess.STDOUT, env=environment()
-    )
-    try:
-        with anyio.fail_after(STARTUP_LIMIT):
-            while True:
-                if process.returncode is not None:
-                    raise AssertionError(f"{kind} server exited early; see {log.name}")
-                try:
-                    stream = await anyio.connect_tcp("127.0.0.1", port)
-                except OSError:
-                    await anyio.sleep(0.05)
-                    continue
-                await stream.aclose()
-                break
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        with anyio.move_on_after(15):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        await process.aclose()
 
 
 class EventStream:
@@ -386,33 +329,6 @@ async def test_gateway_expired_session_gets_error_and_close() -> None:
 
 
 # --- websocket gateway, real process ------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serve_sync(script: Path, kind: str, store: str, log: IO[bytes]) -> Iterator[str]:
-    """Like :func:`serve`, for synchronous tests."""
-    port = free_port()
-    process = subprocess.Popen(
-        command(script, kind, port, store), stdout=log, stderr=subprocess.STDOUT, env=environment()
-    )
-    try:
-        deadline = time.monotonic() + STARTUP_LIMIT
-        while True:
-            assert process.poll() is None, f"{kind} server exited early; see {log.name}"
-            assert time.monotonic() < deadline, f"{kind} server did not start; see {log.name}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def wait_for_status(address: str, sid: str, expected: str) -> dict[str, Any]:
