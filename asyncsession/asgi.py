@@ -34,6 +34,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import math
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
@@ -260,7 +261,7 @@ def _seconds(value: float | timedelta | None) -> int | None:
         raise InvalidConfiguration(
             f"max_age must be a positive number of seconds, a timedelta or None; got {value!r}."
         )
-    return int(seconds)
+    return math.ceil(seconds)
 
 
 class SessionMiddleware:

@@ -386,6 +386,18 @@ def test_configuration_errors() -> None:
             SessionMiddleware(_noop, manager, **options)
     with pytest.raises(s.InvalidConfiguration):
         SessionMiddleware(_noop, object(), secret_key=KEY)  # type: ignore[arg-type]
+    assert SessionMiddleware(_noop, manager, secret_key=KEY, max_age=0.5).max_age == 1
+
+
+async def test_closed_session_is_not_selected(memory_manager: s.SessionManager) -> None:
+    middleware = SessionMiddleware(_noop, memory_manager, secret_key=KEY)
+    closed = await memory_manager.create(state={"a": 1})
+    await memory_manager.close(closed.id)
+    async with client(make_app(memory_manager)) as http:
+        headers = {"cookie": f"session={middleware.sign(closed.id)}"}
+        assert (await http.get("/read", headers=headers)).json()["data"] == {}
+        response = await http.post("/write", json={"b": 2}, headers=headers)
+        assert cookie_id(response) != closed.id
 
 
 # --- expiry, errors --------------------------------------------------------------------
