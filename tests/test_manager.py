@@ -29,8 +29,10 @@ def clock() -> ManualClock:
 async def sessions(
     any_repository: s.SessionRepository, clock: ManualClock
 ) -> AsyncIterator[s.SessionManager]:
+    # No cleanup loop here: tests that advance the clock then purge explicitly would race
+    # a background pass. Tests of the loop make their own manager.
     async with s.SessionManager(
-        any_repository, idle_timeout=IDLE, retention=600, cleanup_interval=300, clock=clock
+        any_repository, idle_timeout=IDLE, retention=600, cleanup_interval=None, clock=clock
     ) as manager:
         yield manager
 
@@ -354,8 +356,15 @@ async def test_no_limits_means_no_expiry(
 
 
 async def test_cleanup_loop_collects_expired_sessions(
-    sessions: s.SessionManager, clock: ManualClock
+    any_repository: s.SessionRepository, clock: ManualClock
 ) -> None:
+    async with s.SessionManager(
+        any_repository, idle_timeout=IDLE, cleanup_interval=300, clock=clock
+    ) as sessions:
+        await _collects_expired(sessions, clock)
+
+
+async def _collects_expired(sessions: s.SessionManager, clock: ManualClock) -> None:
     keep = await sessions.create()
     gone = [await sessions.create() for _ in range(3)]
     async with sessions.subscribe() as events:
