@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import logging
 import os
 import random
 import re
 import sys
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -65,7 +67,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_STORE = "sqlite:///asyncsession.db"
 STORE_FORMS = (
     "sqlite:///relative.db, sqlite:////absolute.db, file:///absolute/dir, file://./relative/dir, "
-    "redis://host:port/0, memory://"
+    "redis://host:port/0[?prefix=app:], memory://"
 )
 STATUSES = [s.value for s in SessionStatus]
 CLOSE_STATUSES = ["exited", "crashed", "abnormal"]
@@ -120,8 +122,12 @@ def open_store(url: str) -> SessionRepository:
     if scheme in ("redis", "rediss", "unix"):
         from .stores.redis import RedisRepository
 
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qs(parts.query)
+        prefix = query.pop("prefix", ["asyncsession:"])[-1]
+        plain = parts._replace(query=urllib.parse.urlencode(query, doseq=True)).geturl()
         try:
-            return RedisRepository(url)
+            return RedisRepository(plain, prefix=prefix)
         except ImportError as exc:
             raise CLIError(
                 "Redis stores need the coredis client; install it with "
@@ -537,14 +543,16 @@ def demo(
     if as_json:
         _print_json(result)
         return
-    by_status = Table(title="Demo sessions by status")
+    out.print("[bold]Demo sessions by status[/bold]")
+    by_status = Table()
     by_status.add_column("status")
     by_status.add_column("sessions", justify="right")
     for status, count in result["sessions"].items():
         by_status.add_row(status, str(count))
     by_status.add_row(Text("total", style="bold"), str(users))
     out.print(by_status)
-    run_table = Table(title="Run", show_header=False)
+    out.print("[bold]Run[/bold]")
+    run_table = Table(show_header=False)
     run_table.add_column("what")
     run_table.add_column("value", justify="right")
     rows = [
@@ -675,7 +683,8 @@ def show(session_id: str, last: int, store_url: str, backend: str, as_json: bool
         ]
         _print_json(data)
         return
-    info = Table(show_header=False, title=f"Session {session.id}")
+    out.print(f"[bold]Session {session.id}[/bold]")
+    info = Table(show_header=False)
     info.add_column("field", style="bold")
     info.add_column("value")
     for field, value in (
@@ -761,8 +770,8 @@ def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_js
             }
         )
         return
-    out.print(f"Store: {store_url}")
-    table = Table(title="Sessions by status")
+    out.print(f"[bold]Sessions by status[/bold] in {store_url}")
+    table = Table()
     table.add_column("status")
     table.add_column("sessions", justify="right")
     for status, count in by_status.items():
@@ -1018,8 +1027,28 @@ def _fail(message: str) -> None:
     sys.stderr.flush()
 
 
+class _LogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f" ({record.exc_info[1]})"
+        return f"asyncsession: {record.levelname.lower()}: {' '.join(text.split())}"
+
+
+def _log_to_stderr() -> None:
+    """Show the library's warnings (e.g. a quarantined document) as one line each."""
+    logger = logging.getLogger("asyncsession")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LogFormatter())
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the status."""
+    _log_to_stderr()
     try:
         result = cli.main(
             args=list(argv) if argv is not None else None,

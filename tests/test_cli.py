@@ -1,0 +1,382 @@
+"""The ``asyncsession`` command line, run for real in subprocesses against real stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from redis_support import RedisServer, free_port
+
+import asyncsession as s
+from asyncsession.testing import ManualClock
+
+pytest.importorskip("click")
+pytest.importorskip("rich")
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCSESSION_")}
+    env["COLUMNS"] = "200"
+    return env
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    """``run(*args, ok=True)``: ``python -m asyncsession *args`` in tmp_path."""
+
+    def run(
+        *args: str, ok: bool | None = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "asyncsession", *args],
+            cwd=tmp_path,
+            env=_env(),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if ok is True:
+            assert result.returncode == 0, result.stderr
+        elif ok is False:
+            assert_one_line_error(result)
+        return result
+
+    return run
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int | None = None) -> str:
+    assert result.returncode in ((1, 2) if code is None else (code,)), result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("asyncsession: error: ")
+    return lines[0]
+
+
+def as_json(result: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(result.stdout)
+
+
+def populate(repository: s.SessionRepository, *, expired: int = 0, live: int = 2) -> list[str]:
+    """Store ``live`` sessions and ``expired`` already-expired ones; return the live ids."""
+
+    async def main() -> list[str]:
+        now = datetime.now(timezone.utc)
+        ids = []
+        async with s.SessionManager(repository, idle_timeout=3600, cleanup_interval=None) as m:
+            for i in range(live):
+                session = await m.create(owner="alice", name=f"chat-{i}", state={"i": i})
+                for n in range(3):
+                    await m.add_message(session.id, "user", f"message {n} of {i}")
+                ids.append(str(session.id))
+        clock = ManualClock(start=now - timedelta(hours=2))
+        async with s.SessionManager(
+            repository, idle_timeout=60, cleanup_interval=None, clock=clock
+        ) as m:
+            for _ in range(expired):
+                await m.create(owner="bob")
+        return ids
+
+    return anyio.run(main)
+
+
+# -- the main job: demo, then list / show / stats on the default SQLite store ---------------
+
+
+def test_demo_then_list_show_stats_on_default_sqlite(run: Run, tmp_path: Path) -> None:
+    demo = as_json(run("demo", "--users", "20", "--rounds", "24", "--seed", "7", "--json"))
+    assert (tmp_path / "asyncsession.db").exists()
+    assert sum(demo["sessions"].values()) == 20
+    assert demo["sessions"]["expired"] == demo["expired_collected"] > 0
+    assert {"active", "exited", "crashed"} <= set(demo["sessions"])
+    assert demo["messages"] > 20 * 2 and demo["operations_per_second"] > 0
+    live = 20 - demo["sessions"]["expired"]
+
+    listing = as_json(run("list", "--json", "--limit", "100"))
+    assert len(listing["items"]) == live and listing["next_cursor"] is None
+    assert {item["owner"] for item in listing["items"]} <= {f"user-{i:03d}" for i in range(1, 21)}
+
+    first = as_json(run("list", "--json", "--limit", "5"))
+    second = as_json(run("list", "--json", "--limit", "100", "--cursor", first["next_cursor"]))
+    paged = [i["id"] for i in first["items"] + second["items"]]
+    assert paged == [i["id"] for i in listing["items"]]
+    crashed = as_json(run("list", "--json", "--status", "crashed"))["items"]
+    assert len(crashed) == demo["sessions"]["crashed"]
+    assert all(item["errors"] == 1 for item in crashed)
+
+    table = run("list").stdout
+    assert "user-0" in table and "chat-" in table
+
+    sid = listing["items"][0]["id"]
+    shown = as_json(run("show", sid, "--messages", "2", "--json"))
+    assert shown["id"] == sid and len(shown["last_messages"]) == 2
+    assert shown["last_messages"][-1]["index"] == shown["messages"]
+    assert "topic" in shown["state"]
+    human = run("show", sid, "--messages", "2").stdout
+    assert sid in human and "assistant" in human
+
+    stats = as_json(run("stats", "--json"))
+    assert stats["total"] == live
+    assert stats["by_status"]["crashed"] == demo["sessions"]["crashed"]
+    assert sum(b["started"] for b in stats["health"]) == live
+    assert any(b["crash_free_rate"] is not None for b in stats["health"])
+    assert "crash-free" in run("stats").stdout
+
+
+def test_demo_on_trio_with_file_store_and_reports(run: Run, tmp_path: Path) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    reports = tmp_path / "reports.jsonl"
+    args = ["--users", "10", "--rounds", "22", "--seed", "1", "--reports", str(reports)]
+    result = run("demo", "--backend", "trio", "--store", store, *args)
+    assert "Demo sessions by status" in result.stdout and "operations per second" in result.stdout
+    assert "users chatting" in result.stderr  # the progress bar
+    assert len(as_json(run("list", "--json", "--store", store))["items"]) > 0
+    health = as_json(run("stats", "--json", "--store", store, "--reports", str(reports)))
+    ended = sum(sum(b["ended"].values()) for b in health["health"])
+    assert ended == len(reports.read_text().splitlines()) > 0
+
+
+# -- changing sessions ------------------------------------------------------------------------
+
+
+def test_close_delete_purge(run: Run, tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    store = f"sqlite:///{db.name}"
+    first, second = populate(s.SQLiteRepository(db), expired=3)
+    closed = as_json(run("close", first, "--status", "crashed", "--json", "--store", store))
+    assert closed["status"] == "crashed" and closed["closed_at"] is not None
+    assert "as exited" in run("close", second, "--store", store).stdout
+    line = assert_one_line_error(run("close", second, "--store", store, ok=None), 1)
+    assert "closed" in line
+
+    counts = as_json(run("stats", "--json", "--store", store))
+    assert counts["expired_awaiting_purge"] == 3
+    assert as_json(run("purge", "--json", "--store", store)) == {"purged": 3}
+    assert "Purged 0 expired sessions" in run("purge", "--store", store).stdout
+
+    assert "Deleted" in run("delete", first, "--store", store).stdout
+    assert_one_line_error(run("show", first, "--store", store, ok=None), 1)
+    assert [i["id"] for i in as_json(run("list", "--json", "--store", store))["items"]] == [second]
+
+
+# -- migrate ----------------------------------------------------------------------------------
+
+
+def write_v0(directory: Path) -> str:
+    sid = str(uuid.uuid4())
+    sessions = directory / "sessions"
+    sessions.mkdir(parents=True, exist_ok=True)
+    created = datetime.now(timezone.utc).isoformat()
+    doc = {
+        "version": 0,
+        "id": sid,
+        "created": created,
+        "last_active": created,
+        "owner": "legacy-user",
+        "name": "old-chat",
+        "first_message": "hello from version 0",
+        "message_count": 4,
+        "file_count": 1,
+    }
+    (sessions / f"{sid}.json").write_text(json.dumps(doc))
+    return sid
+
+
+def test_migrate_rewrites_old_documents(run: Run, tmp_path: Path) -> None:
+    directory = tmp_path / "files"
+    store = f"file://{directory}"
+    (live,) = populate(s.FileRepository(directory), live=1)
+    old = write_v0(directory)
+    path = directory / "sessions" / f"{old}.json"
+    before = path.read_bytes()
+
+    dry = as_json(run("migrate", "--dry-run", "--json", "--store", store))
+    assert dry == {"documents": 2, "rewritten": 0, "dry_run": True, "version": s.CURRENT_VERSION}
+    assert path.read_bytes() == before
+    assert "Would rewrite 2 documents" in run("migrate", "--dry-run", "--store", store).stdout
+
+    result = run("migrate", "--store", store)
+    assert "Rewrote 2 of 2 documents" in result.stdout
+    assert "Rewriting" in result.stderr  # the progress bar
+    doc = json.loads(path.read_bytes())
+    assert doc["version"] == s.CURRENT_VERSION and doc["id"] == old
+    shown = as_json(run("show", old, "--json", "--store", store))
+    assert shown["owner"] == "legacy-user"
+    assert shown["last_messages"][0]["content"] == "hello from version 0"
+    assert shown["state"]["legacy"]["message_count"] == 4
+    assert as_json(run("show", live, "--json", "--store", store))["messages"] == 3
+
+
+# -- export / import ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "file", "redis"])
+def two_stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """URLs of two empty stores of one kind; the first holds a demo run's sessions."""
+    if request.param == "sqlite":
+        yield "sqlite:///a.db", "sqlite:///b.db"
+    elif request.param == "file":
+        yield f"file://{tmp_path / 'a'}", f"file://{tmp_path / 'b'}"
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        prefix = f"cli-{uuid.uuid4().hex[:8]}:"
+        base = f"redis://127.0.0.1:{server.port}/0?prefix="
+        yield base + "a" + prefix, base + "b" + prefix
+
+
+def test_export_import_round_trip_is_exact(
+    run: Run, two_stores: tuple[str, str], tmp_path: Path
+) -> None:
+    source, target = two_stores
+    run("demo", "--users", "6", "--rounds", "20", "--seed", "2", "--json", "--store", source)
+    result = run("export", "--store", source)
+    exported = result.stdout
+    lines = exported.splitlines()
+    assert len(lines) >= 4 and f"Exported {len(lines)} sessions" in result.stderr
+    originals = [s.loads(line) for line in lines]
+    assert all(session.messages.total > 0 for session in originals)
+
+    imported = run("import", "--store", target, stdin=exported)
+    assert f"Imported {len(lines)} sessions" in imported.stderr
+    run("export", "--store", target, "--output", "again.jsonl")
+    assert (tmp_path / "again.jsonl").read_text() == exported
+    listing = as_json(run("list", "--json", "--all", "--limit", "100", "--store", target))
+    assert {i["id"]: i["revision"] for i in listing["items"]} == {
+        str(x.id): x.revision for x in originals
+    }
+
+    line = assert_one_line_error(run("import", "--store", target, stdin=exported, ok=None), 1)
+    assert "already exist" in line and "--replace" in line
+    replaced = run("import", "--replace", "--store", target, stdin=exported)
+    assert f"({len(lines)} replaced)" in replaced.stderr
+    assert run("export", "--store", target).stdout == exported
+
+
+def test_import_rejects_a_bad_line(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"version": 1, "id": "x"}\n')
+    line = assert_one_line_error(run("import", "bad.jsonl", "--store", "memory://", ok=None), 1)
+    assert "line 1" in line and "corrupt" in line
+
+
+# -- errors: one line, non-zero, no traceback ---------------------------------------------------
+
+
+def test_unknown_and_malformed_ids(run: Run) -> None:
+    unknown = str(uuid.uuid4())
+    for command in ("show", "close", "delete"):
+        line = assert_one_line_error(run(command, unknown, ok=None), 1)
+        assert f"no session {unknown}" in line
+    assert "ids are UUIDs" in assert_one_line_error(run("show", "nope", ok=None), 1)
+
+
+@pytest.mark.parametrize(
+    "url", ["nowhere", "sqlite://relative.db", "file:relative", "memory://x", "ftp://host/x"]
+)
+def test_bad_store_url(run: Run, url: str) -> None:
+    line = assert_one_line_error(run("list", "--store", url, ok=None), 2)
+    assert "invalid store URL" in line and "sqlite:///" in line
+
+
+def test_bad_store_url_from_environment(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncsession", "stats"],
+        cwd=tmp_path,
+        env={**_env(), "ASYNCSESSION_STORE": "bogus://"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "bogus://" in assert_one_line_error(result, 2)
+
+
+def test_unreachable_redis(run: Run) -> None:
+    line = assert_one_line_error(
+        run("list", "--store", f"redis://127.0.0.1:{free_port()}/0", ok=None), 1
+    )
+    assert "Redis at 127.0.0.1" in line
+
+
+def test_corrupt_sqlite_document(run: Run, tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    (sid,) = populate(s.SQLiteRepository(db), live=1)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE sessions SET doc = ? WHERE id = ?", (b'{"version": 1, "id', sid))
+    conn.close()
+    line = assert_one_line_error(run("show", sid, "--store", "sqlite:///s.db", ok=None), 1)
+    assert f"Session {sid} is corrupt" in line
+
+
+def test_corrupt_file_document_is_quarantined(run: Run, tmp_path: Path) -> None:
+    directory = tmp_path / "files"
+    (sid,) = populate(s.FileRepository(directory), live=1)
+    path = directory / "sessions" / f"{sid}.json"
+    path.write_bytes(path.read_bytes()[:40])
+    result = run("show", sid, "--store", f"file://{directory}", ok=None)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    warning, error = result.stderr.strip().splitlines()
+    assert warning.startswith("asyncsession: warning: session document")
+    assert "is corrupt" in warning and "quarantine" in warning
+    assert error.startswith(f"asyncsession: error: no session {sid}")
+
+
+def test_unwritable_sqlite_path(run: Run, tmp_path: Path) -> None:
+    assert_one_line_error(run("list", "--store", f"sqlite:///{tmp_path}/missing/x.db", ok=None))
+
+
+def test_usage_errors_exit_2(run: Run) -> None:
+    result = run("list", "--limit", "0", ok=None)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = run("close", str(uuid.uuid4()), "--status", "active", ok=None)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_missing_cli_extra(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['rich'] = None; "
+        "from asyncsession.__main__ import main; sys.exit(main(['list']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "asyncsession: the command line needs the 'rich' package; install it with "
+        "`pip install asyncsession[cli]`."
+    )
+
+
+def test_console_script(tmp_path: Path) -> None:
+    script = shutil.which("asyncsession")
+    if script is None:
+        pytest.skip("the asyncsession console script is not installed")
+    result = subprocess.run(
+        [script, "list", "--json", "--store", "memory://"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"items": [], "next_cursor": None}
+
+
+def test_help_lists_every_command(run: Run) -> None:
+    text = run("--help").stdout
+    for command in ("demo", "list", "show", "stats", "close", "delete", "purge", "migrate"):
+        assert command in text
+    assert "export" in text and "import" in text
