@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from typing import Protocol, Union, runtime_checkable
 
@@ -9,7 +10,7 @@ import anyio
 
 from ._exceptions import InvalidConfiguration
 
-__all__ = ["Clock", "Duration", "SystemClock", "to_timedelta"]
+__all__ = ["Clock", "Duration", "SystemClock", "current_time", "to_timedelta"]
 
 #: A duration argument: seconds as int/float, a timedelta, or None for "no limit".
 Duration = Union[int, float, timedelta, None]
@@ -68,3 +69,13 @@ def utc(value: datetime, name: str = "datetime") -> datetime:
     if value.tzinfo is timezone.utc:
         return value
     return value.astimezone(timezone.utc)
+
+
+#: The clock of the manager whose update callback is running (see ``current_time``).
+active_clock: ContextVar[Clock | None] = ContextVar("asyncsession_clock", default=None)
+
+
+def current_time() -> datetime:
+    """Now, on the clock of the manager running the current update callback, else UTC."""
+    clock = active_clock.get()
+    return clock.now() if clock is not None else datetime.now(timezone.utc)

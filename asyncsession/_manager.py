@@ -16,7 +16,7 @@ import attrs
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ._clock import Clock, Duration, SystemClock, to_timedelta
+from ._clock import Clock, Duration, SystemClock, active_clock, to_timedelta
 from ._context import _current
 from ._events import EventHub, EventKind, Subscription
 from ._exceptions import (
@@ -347,9 +347,13 @@ class SessionManager:
         async with self._locks(sid):
             for _attempt in range(self._max_retries):
                 old, now = await self._read_open(sid)
-                result = fn(old)
-                if inspect.isawaitable(result):
-                    result = await result
+                token = active_clock.set(self._clock)
+                try:
+                    result = fn(old)
+                    if inspect.isawaitable(result):
+                        result = await result
+                finally:
+                    active_clock.reset(token)
                 new, added = self._prepare(old, result, now)
                 try:
                     await self._repository.save(

@@ -6,13 +6,13 @@ import enum
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any, overload
 
 import attrs
 
-from ._clock import utc
+from ._clock import current_time, utc
 from ._exceptions import InvalidOwner, InvalidRole, InvalidSessionName
 from ._json import EMPTY, freeze_json, freeze_state
 
@@ -342,9 +342,13 @@ class Session:
         data: Any = None,
         timestamp: datetime | None = None,
     ) -> Session:
-        """Return a copy with one more message (timestamp defaults to now, UTC)."""
+        """Return a copy with one more message.
+
+        The timestamp defaults to now on the manager's clock inside
+        :meth:`SessionManager.update` (so a ``ManualClock`` stamps it), else UTC now.
+        """
         message = Message(
-            role, content, timestamp if timestamp is not None else datetime.now(timezone.utc), data
+            role, content, timestamp if timestamp is not None else current_time(), data
         )
         return attrs.evolve(self, messages=self.messages.append(message))
 

@@ -679,3 +679,12 @@ async def test_rotate_moves_the_session_to_a_new_id(
     await sessions.close(new.id)
     with pytest.raises(s.SessionClosed):
         await sessions.rotate(new.id)
+
+
+async def test_messages_added_in_callbacks_use_the_manager_clock(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    session = await sessions.create()
+    clock.advance(42)
+    updated = await sessions.update(session.id, lambda x: x.with_message("user", "hi"))
+    assert updated.messages[0].timestamp == clock.now()
