@@ -434,17 +434,14 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _search_matches(needle: str, name: str | None, first: Any) -> bool:
-    folded = needle.casefold()
-    if name is not None and folded in name.casefold():
-        return True
+def _first_content(first: Any) -> str | None:
+    """The text of a stored first message (None if absent or unreadable)."""
     if first is None:
-        return False
+        return None
     try:
-        content = load_message(first).content
+        return load_message(first).content
     except CorruptSessionError:
-        return False
-    return folded in content.casefold()
+        return None
 
 
 class _Decoded(Generic[T]):
@@ -816,7 +813,9 @@ class RedisRepository(SessionRepository, EventTransport):
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
         if type(limit) is not int or limit < 1:
             raise InvalidConfiguration(f"limit must be an int >= 1, got {limit!r}.")
-        reply = await self._run(self._expired, "an expiry scan", [], [str(_us(now)), str(limit)])
+        reply = await self._run(
+            self._expired, "an expiry scan", [], [str(_us(now)), str(limit)], write=False
+        )
         return [uuid.UUID(_text(member)) for member in reply]
 
     async def list(self, query: SessionQuery) -> Page:
@@ -848,13 +847,14 @@ class RedisRepository(SessionRepository, EventTransport):
                     "1" if query.search else "0",
                     str(_LIST_BUDGET),
                 ],
+                write=False,  # it only prunes index entries whose data Redis expired
             )
             done, last_score, last_id, rows = reply
             for sid_raw, doc, revision, last_active, expires_at, total, first in rows:
                 sid = uuid.UUID(_text(sid_raw))
                 window = MessageLog((), offset=int(total))
                 session = self._build(sid, doc, revision, last_active, expires_at, window)
-                if query.search and not _search_matches(query.search, session.name, first):
+                if query.search and not query.matches_fields(session, _first_content(first)):
                     continue
                 items.append(session)
             if int(done) or last_score is None:
