@@ -43,6 +43,7 @@ from ._models import Session as Session
 from ._models import SessionStatus as SessionStatus
 from ._serialization import dumps as dumps
 from ._serialization import loads as loads
+from ._urls import repository_from_url as repository_from_url
 from .abc import Page as Page
 from .abc import SessionQuery as SessionQuery
 from .abc import SessionRepository as SessionRepository
@@ -99,4 +100,5 @@ __all__ = [
     "current_session_id",
     "dumps",
     "loads",
+    "repository_from_url",
 ]

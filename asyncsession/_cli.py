@@ -16,7 +16,6 @@ import random
 import re
 import sys
 import time
-import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -42,7 +41,6 @@ from rich.text import Text
 
 from . import (
     CURRENT_VERSION,
-    MemoryRepository,
     Session,
     SessionConflict,
     SessionError,
@@ -51,13 +49,12 @@ from . import (
     SessionQuery,
     SessionRepository,
     SessionStatus,
-    SQLiteRepository,
     ValidationError,
     dumps,
     loads,
 )
+from ._urls import STORE_URL_FORMS, repository_from_url
 from .reporting import JsonLinesReporter, Reporter, aggregate, read_reports
-from .stores.files import FileRepository
 
 __all__ = ["CLIError", "cli", "open_store", "run"]
 
@@ -65,10 +62,7 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_STORE = "sqlite:///asyncsession.db"
-STORE_FORMS = (
-    "sqlite:///relative.db, sqlite:////absolute.db, file:///absolute/dir, file://./relative/dir, "
-    "redis://host:port/0[?prefix=app:], memory://"
-)
+STORE_FORMS = STORE_URL_FORMS
 STATUSES = [s.value for s in SessionStatus]
 CLOSE_STATUSES = ["exited", "crashed", "abnormal"]
 PAGE = 500
@@ -99,44 +93,16 @@ class CLIError(Exception):
 
 def open_store(url: str) -> SessionRepository:
     """Build the (unopened) repository a store URL names; :class:`CLIError` if invalid."""
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    bad = CLIError(f"invalid store URL {url!r}; use one of: {STORE_FORMS}.", exit_code=2)
-    if not sep:
-        raise bad
-    if scheme == "sqlite":
-        # SQLAlchemy style: three slashes then a relative path, four for an absolute one.
-        if not rest.startswith("/") or len(rest) < 2:
-            raise bad
-        return SQLiteRepository(rest[1:])
-    if scheme == "file":
-        if rest.startswith("localhost/"):
-            rest = rest[len("localhost") :]
-        if not rest.startswith(("/", "./", "../")) or rest in ("/", "./", "../"):
-            raise bad
-        return FileRepository(rest)
-    if scheme == "memory":
-        if rest not in ("", "/"):
-            raise bad
-        return MemoryRepository()
-    if scheme in ("redis", "rediss", "unix"):
-        from .stores.redis import RedisRepository
-
-        parts = urllib.parse.urlsplit(url)
-        query = urllib.parse.parse_qs(parts.query)
-        prefix = query.pop("prefix", ["asyncsession:"])[-1]
-        plain = parts._replace(query=urllib.parse.urlencode(query, doseq=True)).geturl()
-        try:
-            return RedisRepository(plain, prefix=prefix)
-        except ImportError as exc:
-            raise CLIError(
-                "Redis stores need the coredis client; install it with "
-                "`pip install asyncsession[redis]`.",
-                exit_code=2,
-            ) from exc
-        except SessionError as exc:
-            raise CLIError(f"invalid store URL {url!r}: {exc}", exit_code=2) from exc
-    raise bad
+    try:
+        return repository_from_url(url)
+    except ImportError as exc:
+        raise CLIError(
+            "Redis stores need the coredis client; install it with "
+            "`pip install asyncsession[redis]`.",
+            exit_code=2,
+        ) from exc
+    except SessionError as exc:
+        raise CLIError(exc.message, exit_code=2) from exc
 
 
 def _check_backend(backend: str) -> None:

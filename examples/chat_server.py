@@ -16,11 +16,12 @@ Endpoints::
 
 Run it (the default store is SQLite; any store by URL)::
 
-    python examples/chat_server.py --port 8000 --store sqlite:///tmp/chat.db
+    python examples/chat_server.py --port 8000 --store sqlite:////tmp/chat.db
     python examples/chat_server.py --server hypercorn --worker-class trio --store memory://
     python examples/chat_server.py --server uvicorn --store redis://localhost:6379/0
 
-Store URLs: ``sqlite://relative.db`` or ``sqlite:///abs/path.db``, ``memory://``,
+Store URLs (``asyncsession.repository_from_url``): ``sqlite:///relative.db`` or
+``sqlite:////abs/path.db``, ``memory://``,
 ``file:///abs/dir``, ``redis://...``. Set ``CHAT_SECRET_KEY`` so cookies outlive a restart.
 With hypercorn directly: ``hypercorn --worker-class trio 'chat_server:create_app()'`` (from
 ``examples/``; the store comes from ``CHAT_STORE``).
@@ -51,24 +52,8 @@ from asyncsession.asgi import SessionMiddleware, get_session
 
 logger = logging.getLogger("chat_server")
 
-DEFAULT_STORE = "sqlite://chat.db"
+DEFAULT_STORE = "sqlite:///chat.db"
 MAX_TEXT = 2000
-
-
-def store_from_url(url: str) -> s.SessionRepository:
-    """A store for ``sqlite://PATH``, ``memory://``, ``file://DIR`` or ``redis://...``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ValueError(f"Not a store URL: {url!r} (try sqlite://chat.db or memory://)")
-    if scheme == "sqlite" and rest:
-        return s.SQLiteRepository(rest)
-    if scheme == "memory":
-        return s.MemoryRepository()
-    if scheme == "file" and rest:
-        return s.FileRepository(rest)
-    if scheme in ("redis", "rediss", "unix"):
-        return s.RedisRepository(url)
-    raise ValueError(f"Unsupported store URL {url!r}: use sqlite://, memory://, file://, redis://")
 
 
 def assistant_reply(number: int, text: str) -> str:
@@ -108,7 +93,7 @@ def create_app(
     """
     if manager is None or isinstance(manager, str):
         url = manager or os.environ.get("CHAT_STORE", DEFAULT_STORE)
-        sessions = s.SessionManager(store_from_url(url), idle_timeout=3600)
+        sessions = s.SessionManager(s.repository_from_url(url), idle_timeout=3600)
     else:
         sessions = manager()
     key = secret_key or os.environ.get("CHAT_SECRET_KEY")

@@ -20,7 +20,7 @@ there only "bye" ends a session cleanly; uvicorn passes the client's close code 
 
 Run it::
 
-    python examples/websocket_gateway.py --port 8001 --store sqlite:///tmp/gateway.db
+    python examples/websocket_gateway.py --port 8001 --store sqlite:////tmp/gateway.db
     python examples/websocket_gateway.py --worker-class trio --store memory://
 """
 
@@ -47,24 +47,10 @@ import asyncsession as s
 
 logger = logging.getLogger("websocket_gateway")
 
-DEFAULT_STORE = "sqlite://gateway.db"
+DEFAULT_STORE = "sqlite:///gateway.db"
 CLEAN_CLOSE_CODES = frozenset({1000, 1001})
 BAD_SESSION = 4401
 POLICY_VIOLATION = 1008
-
-
-def store_from_url(url: str) -> s.SessionRepository:
-    """A store for ``sqlite://PATH``, ``memory://``, ``file://DIR`` or ``redis://...``."""
-    scheme, sep, rest = url.partition("://")
-    if scheme == "sqlite" and sep and rest:
-        return s.SQLiteRepository(rest)
-    if scheme == "memory" and sep:
-        return s.MemoryRepository()
-    if scheme == "file" and sep and rest:
-        return s.FileRepository(rest)
-    if scheme in ("redis", "rediss", "unix") and sep:
-        return s.RedisRepository(url)
-    raise ValueError(f"Unsupported store URL {url!r}: use sqlite://, memory://, file://, redis://")
 
 
 class ProtocolError(Exception):
@@ -79,7 +65,7 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
     """The gateway app; ``manager`` is a store URL or a factory of an unentered manager."""
     if manager is None or isinstance(manager, str):
         url = manager or os.environ.get("GATEWAY_STORE", DEFAULT_STORE)
-        sessions = s.SessionManager(store_from_url(url), idle_timeout=900)
+        sessions = s.SessionManager(s.repository_from_url(url), idle_timeout=900)
     else:
         sessions = manager()
 

@@ -56,7 +56,7 @@ def test_two_browsers_chat_at_once_and_see_only_their_own(
     tmp_path: Path, server_log: IO[bytes]
 ) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
-    store = f"sqlite://{tmp_path / 'chat.db'}"
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
     with (
         serve_sync(CHAT, "hypercorn-trio", store, server_log) as address,
         sync_api.sync_playwright() as playwright,

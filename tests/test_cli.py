@@ -288,7 +288,7 @@ def test_unknown_and_malformed_ids(run: Run) -> None:
 )
 def test_bad_store_url(run: Run, url: str) -> None:
     line = assert_one_line_error(run("list", "--store", url, ok=None), 2)
-    assert "invalid store URL" in line and "sqlite:///" in line
+    assert "invalid store url" in line.lower() and "sqlite:///" in line
 
 
 def test_bad_store_url_from_environment(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import copy
 import pickle
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from types import ModuleType
 
 import attrs
@@ -75,6 +76,7 @@ def test_public_api_is_pinned() -> None:
             "loads",
             "SessionIdLogFilter",
             "current_session_id",
+            "repository_from_url",
             "FileRepository",
             "RedisRepository",
             "SQLiteRepository",
@@ -315,3 +317,27 @@ def test_evolve_revalidates() -> None:
     session = make()
     with pytest.raises(s.InvalidJSONValue):
         attrs.evolve(session, state={"x": {1, 2}})
+
+
+def test_repository_from_url(tmp_path: Path) -> None:
+    relative = s.repository_from_url("sqlite:///rel.db")
+    assert isinstance(relative, s.SQLiteRepository) and str(relative.path).endswith("rel.db")
+    absolute = s.repository_from_url(f"sqlite:///{tmp_path / 'x.db'}")
+    assert isinstance(absolute, s.SQLiteRepository)
+    assert str(absolute.path) == str(tmp_path / "x.db")
+    assert isinstance(s.repository_from_url(f"file://{tmp_path}"), s.FileRepository)
+    assert isinstance(s.repository_from_url("memory://"), s.MemoryRepository)
+    redis = s.repository_from_url("redis://127.0.0.1:1/0?prefix=app:")
+    assert isinstance(redis, s.RedisRepository) and redis.prefix == "app:"
+    for bad in (
+        "",
+        "chat.db",
+        "sqlite://",
+        "sqlite://rel.db",
+        "file://dir",
+        "memory://x",
+        "ftp://host/x",
+        "file:///",
+    ):
+        with pytest.raises(s.InvalidConfiguration, match="store URL"):
+            s.repository_from_url(bad)

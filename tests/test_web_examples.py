@@ -88,7 +88,7 @@ async def contents_until(events: EventStream, last: str) -> list[str]:
 async def test_chat_users_are_isolated_and_sse_is_per_session(
     kind: str, tmp_path: Path, server_log: IO[bytes]
 ) -> None:
-    store = f"sqlite://{tmp_path / 'chat.db'}"
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
     with anyio.fail_after(120):
         async with (
             serve(CHAT, kind, store, server_log) as url,
@@ -143,7 +143,7 @@ async def test_chat_users_are_isolated_and_sse_is_per_session(
 async def test_chat_sessions_survive_a_restart(
     first: str, second: str, tmp_path: Path, server_log: IO[bytes]
 ) -> None:
-    store = f"sqlite://{tmp_path / 'chat.db'}"
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
     with anyio.fail_after(120):
         async with (
             serve(CHAT, first, store, server_log) as url,
@@ -347,7 +347,7 @@ def test_gateway_real_process(kind: str, tmp_path: Path, server_log: IO[bytes]) 
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
-    store = f"sqlite://{tmp_path / 'gateway.db'}"
+    store = f"sqlite:///{tmp_path / 'gateway.db'}"
     with serve_sync(GATEWAY, kind, store, server_log) as address:
         url = f"ws://{address}/ws"
         with connect(url, open_timeout=10, close_timeout=5) as ws:
