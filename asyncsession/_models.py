@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any, overload
@@ -13,7 +13,13 @@ from typing import Any, overload
 import attrs
 
 from ._clock import current_time, utc
-from ._exceptions import InvalidOwner, InvalidRole, InvalidSessionName
+from ._exceptions import (
+    CorruptSessionError,
+    InvalidOwner,
+    InvalidRole,
+    InvalidSessionName,
+    SessionError,
+)
 from ._json import EMPTY, freeze_json, freeze_state
 
 __all__ = [
@@ -106,6 +112,19 @@ class Message:
     data: Any = attrs.field(default=None, converter=_freeze_data)
 
 
+_new_log = object.__new__
+
+
+class _Decoder:
+    """How a lazy :class:`MessageLog` turns its raw stored items into messages."""
+
+    __slots__ = ("decode", "session_id")
+
+    def __init__(self, decode: Callable[[Any], Message], session_id: Any) -> None:
+        self.decode = decode
+        self.session_id = session_id
+
+
 class MessageLog(Sequence[Message]):
     """An immutable, append-only sequence of messages that shares structure.
 
@@ -113,14 +132,20 @@ class MessageLog(Sequence[Message]):
     session share the underlying storage, so no history is copied per read. A log may
     be a *window* of a longer history (``offset`` earlier messages not loaded); ``total``
     is the full count.
+
+    Stores may build a *lazy* log (:meth:`_lazy`) over raw stored items: each item is
+    decoded on first access and the message replaces it in the shared storage, so a
+    damaged item raises :class:`CorruptSessionError` only when it is read.
     """
 
-    __slots__ = ("_items", "_offset", "_start", "_stop")
+    __slots__ = ("_decoder", "_items", "_offset", "_start", "_stop")
 
-    _items: list[Message]
+    # Messages; raw items too while _decoder is set (None: the window is all decoded).
+    _items: list[Any]
     _start: int
     _stop: int
     _offset: int
+    _decoder: _Decoder | None
 
     def __init__(self, messages: Iterable[Message] = (), *, offset: int = 0) -> None:
         items = list(messages)
@@ -133,15 +158,80 @@ class MessageLog(Sequence[Message]):
         self._start = 0
         self._stop = len(items)
         self._offset = offset
+        self._decoder = None
 
     @classmethod
-    def _view(cls, items: list[Message], start: int, stop: int, offset: int) -> MessageLog:
+    def _view(
+        cls,
+        items: list[Any],
+        start: int,
+        stop: int,
+        offset: int,
+        decoder: _Decoder | None = None,
+    ) -> MessageLog:
         log = cls.__new__(cls)
         log._items = items
         log._start = start
         log._stop = stop
         log._offset = offset
+        log._decoder = decoder
         return log
+
+    @classmethod
+    def _lazy(
+        cls,
+        raw_items: list[Any],
+        decode: Callable[[Any], Message],
+        offset: int = 0,
+        *,
+        session_id: Any = None,
+    ) -> MessageLog:
+        """A log over ``raw_items`` (owned by the log from now on), decoded on access.
+
+        ``decode`` must be deterministic: concurrent readers may both decode an item and
+        keep either result. Its ``ValueError``/``TypeError``/``KeyError``/``SessionError``
+        become :class:`CorruptSessionError` naming ``session_id``.
+        """
+        if offset < 0:
+            raise ValueError("offset must be >= 0")
+        decoder = _Decoder(decode, session_id) if raw_items else None
+        return cls._view(raw_items, 0, len(raw_items), offset, decoder)
+
+    def _load(self, position: int) -> Message:
+        """The message at ``position`` of the storage, decoding a raw item once."""
+        decoder = self._decoder  # read first: once it is None, the window is decoded
+        items = self._items
+        item = items[position]
+        if type(item) is Message or decoder is None or isinstance(item, Message):
+            return item  # type: ignore[no-any-return]
+        try:
+            message = decoder.decode(item)
+        except CorruptSessionError as exc:
+            if exc.session_id is not None or decoder.session_id is None:
+                raise
+            raise CorruptSessionError(exc.detail, session_id=decoder.session_id) from exc
+        except SessionError as exc:
+            raise CorruptSessionError(exc.message, session_id=decoder.session_id) from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptSessionError(
+                f"invalid message ({type(exc).__name__}: {exc})", session_id=decoder.session_id
+            ) from exc
+        if not isinstance(message, Message):
+            raise TypeError(f"the message decoder returned {message!r:.60}")
+        items[position] = message
+        return message
+
+    def _iter_lazy(self) -> Iterator[Message]:
+        load = self._load
+        for position in range(self._start, self._stop):
+            yield load(position)
+        self._decoder = None  # every item of the window is a Message now
+
+    def _range(self, start: int, stop: int) -> tuple[Message, ...]:
+        if self._decoder is None:
+            return tuple(self._items[start:stop])
+        load = self._load
+        return tuple([load(position) for position in range(start, stop)])
 
     @property
     def offset(self) -> int:
@@ -166,19 +256,38 @@ class MessageLog(Sequence[Message]):
     @overload
     def __getitem__(self, index: slice) -> tuple[Message, ...]: ...
     def __getitem__(self, index: int | slice) -> Message | tuple[Message, ...]:
+        start = self._start
         if isinstance(index, slice):
-            return tuple(self._items[self._start : self._stop][index])
-        n = self._stop - self._start
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError("message index out of range")
-        return self._items[self._start + index]
+            first, last, step = index.indices(self._stop - start)
+            if step == 1:
+                if self._decoder is None:
+                    return tuple(self._items[start + first : start + last])
+                return self._range(start + first, start + last)
+            get = self._items.__getitem__ if self._decoder is None else self._load
+            return tuple([get(position) for position in range(start + first, start + last, step)])
+        if index < 0:  # index becomes a position in self._items
+            index += self._stop
+            if index < start:
+                raise IndexError("message index out of range")
+        else:
+            index += start
+            if index >= self._stop:
+                raise IndexError("message index out of range")
+        if self._decoder is None:
+            return self._items[index]  # type: ignore[no-any-return]
+        return self._load(index)
 
     def __iter__(self) -> Iterator[Message]:
-        return islice(self._items, self._start, self._stop)
+        if self._decoder is None:
+            return islice(self._items, self._start, self._stop)
+        return self._iter_lazy()
 
     def __reversed__(self) -> Iterator[Message]:
+        if self._decoder is not None:
+            load = self._load
+            for i in range(self._stop - 1, self._start - 1, -1):
+                yield load(i)
+            return
         items = self._items
         for i in range(self._stop - 1, self._start - 1, -1):
             yield items[i]
@@ -210,12 +319,22 @@ class MessageLog(Sequence[Message]):
         if not isinstance(message, Message):
             raise TypeError(f"append() takes a Message, got {message!r:.60}")
         items = self._items
-        if self._stop == len(items):
+        stop = self._stop
+        log = _new_log(type(self))
+        if stop == len(items):
             items.append(message)
-            return self._view(items, self._start, self._stop + 1, self._offset)
-        fork = items[self._start : self._stop]
-        fork.append(message)
-        return self._view(fork, 0, len(fork), self._offset)
+            log._items = items
+            log._start = self._start
+            log._stop = stop + 1
+        else:
+            fork = items[self._start : stop]
+            fork.append(message)
+            log._items = fork
+            log._start = 0
+            log._stop = len(fork)
+        log._offset = self._offset
+        log._decoder = self._decoder
+        return log
 
     def extend(self, messages: Iterable[Message]) -> MessageLog:
         """Return a new log with ``messages`` appended."""
@@ -227,8 +346,13 @@ class MessageLog(Sequence[Message]):
     def tail(self, count: int) -> MessageLog:
         """Return a window of the last ``count`` messages, sharing storage."""
         count = max(0, min(count, len(self)))
-        start = self._stop - count
-        return self._view(self._items, start, self._stop, self._offset + start - self._start)
+        log = _new_log(type(self))
+        log._items = self._items
+        log._start = start = self._stop - count
+        log._stop = self._stop
+        log._offset = self._offset + start - self._start
+        log._decoder = self._decoder
+        return log
 
     def added_since(self, older: MessageLog) -> tuple[Message, ...] | None:
         """Messages appended to ``older`` to make this log, or None if it is no extension.
@@ -241,12 +365,12 @@ class MessageLog(Sequence[Message]):
             and self._offset == older._offset
             and self._stop >= older._stop
         ):
-            return tuple(self._items[older._stop : self._stop])
+            return self._range(older._stop, self._stop)
         if self._offset != older._offset or len(self) < len(older):
             return None
         if any(a != b for a, b in zip(self, older, strict=False)):
             return None
-        return tuple(self._items[self._start + len(older) : self._stop])
+        return self._range(self._start + len(older), self._stop)
 
 
 EMPTY_LOG = MessageLog()
@@ -350,6 +474,7 @@ class Session:
         message = Message(
             role, content, timestamp if timestamp is not None else current_time(), data
         )
+
         return attrs.evolve(self, messages=self.messages.append(message))
 
     def with_name(self, name: str | None) -> Session:
@@ -358,23 +483,26 @@ class Session:
 
 
 def _make_replace_trusted() -> Any:
-    # Straight-line code generated once: ~4x faster than a loop over the fields.
+    # Straight-line code generated once, with keyword parameters (no **kwargs dict) and
+    # the slots' own descriptors bound as defaults: several times faster than evolve().
     names = [a.name for a in attrs.fields(Session)]
-    lines = ["def replace_trusted(session, **changes):", "    new = _new(_Session)"]
-    for name in names:
-        lines.append(
-            f"    _set(new, {name!r}, changes[{name!r}] if {name!r} in changes else session.{name})"
-        )
+    params = ", ".join(f"{n}=_MISSING" for n in names)
+    binds = ", ".join(f"_set_{n}=_slots[{n!r}].__set__" for n in names)
+    lines = [f"def replace_trusted(session, *, {params}, _new=object.__new__, {binds}):"]
+    lines.append("    new = _new(_Session)")
+    for n in names:
+        lines.append(f"    _set_{n}(new, session.{n} if {n} is _MISSING else {n})")
     lines.append("    return new")
     namespace: dict[str, Any] = {
-        "_new": object.__new__,
-        "_set": object.__setattr__,
+        "_MISSING": _MISSING,
         "_Session": Session,
+        "_slots": {n: Session.__dict__[n] for n in names},
     }
     exec("\n".join(lines), namespace)
     return namespace["replace_trusted"]
 
 
+_MISSING: Any = object()
 _replace_trusted = _make_replace_trusted()
 
 

@@ -267,10 +267,16 @@ async def test_corrupt_document_only_affects_its_session(db: Path, anyio_backend
             (b'{"role": "wizard"}', str(bad_msg.id)),
         )
         conn.close()
-        for broken in (bad, bad_msg):
+        with pytest.raises(CorruptSessionError) as info:
+            await repo.get(bad.id)
+        assert info.value.session_id == bad.id
+        # Message rows are decoded lazily: a damaged one raises when it is accessed.
+        loaded = await repo.get(bad_msg.id)
+        assert loaded is not None and loaded.messages[0].content == "a"
+        for access in (lambda log: log[1], list, lambda log: log[-1:], hash):
             with pytest.raises(CorruptSessionError) as info:
-                await repo.get(broken.id)
-            assert info.value.session_id == broken.id
+                access(loaded.messages)
+            assert info.value.session_id == bad_msg.id
         assert await repo.get(good.id) == good
         window = await repo.get(bad_msg.id, last_messages=0)  # the document itself is fine
         assert window is not None and window.messages.total == 2

@@ -9,6 +9,9 @@ in place when opened):
   Timestamps are integer microseconds since the Unix epoch, so they sort correctly.
 * ``messages``: ``(session_pk, seq, body)``, one JSON message per row, so appending
   is O(appended) and the last ``n`` messages are read without the rest of the history.
+  Loaded rows are decoded lazily, when a message is first accessed: a damaged row
+  raises :class:`CorruptSessionError` (naming the session) at that access, and other
+  messages and sessions stay readable.
 
 Threading: one dedicated worker thread owns the connection. Every store operation is
 one request to it (one thread hop); the worker drains its queue and runs what it found
@@ -197,24 +200,19 @@ def _message(item: Any) -> Message:
     return load_message(orjson.dumps(item))
 
 
-def _decode_messages(bodies: Sequence[bytes], session_id: uuid.UUID) -> list[Message]:
-    try:
-        items = orjson.loads(b"[" + b",".join(bodies) + b"]")
-    except orjson.JSONDecodeError:
-        for body in bodies:  # find the bad row for the error message
-            load_message(body, session_id=session_id)
-        raise CorruptSessionError("unreadable message rows", session_id=session_id) from None
-    try:
-        return [_message(item) for item in items]
-    except CorruptSessionError as exc:
-        raise CorruptSessionError(exc.detail, session_id=session_id) from exc
-    except SessionError as exc:
-        raise CorruptSessionError(exc.message, session_id=session_id) from exc
+def _message_row(body: bytes) -> Message:
+    """Decode one ``messages.body``; the lazy log adds the session id to errors."""
+    return _message(orjson.loads(body))
 
 
 @attrs.frozen(slots=True)
 class _Row:
-    """What the worker read for one session; decoded on the caller's thread."""
+    """What the worker read for one session; decoded on the caller's thread.
+
+    Message rows are not decoded here: the session gets a lazy log that decodes each
+    row when it is first read, so a damaged row raises :class:`CorruptSessionError`
+    when that message is accessed, not when the session is loaded.
+    """
 
     session_id: uuid.UUID
     doc: bytes
@@ -232,7 +230,13 @@ class _Row:
         if self.messages is not None:
             log = MessageLog(self.messages, offset=self.start)
         else:
-            log = MessageLog(_decode_messages(self.bodies, self.session_id), offset=self.start)
+            bodies = self.bodies
+            log = MessageLog._lazy(
+                bodies if type(bodies) is list else list(bodies),
+                _message_row,
+                self.start,
+                session_id=self.session_id,
+            )
         session = session_from_document(doc, messages=log, session_id=self.session_id)
         if session.id != self.session_id:
             raise CorruptSessionError(
