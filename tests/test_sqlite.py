@@ -18,6 +18,8 @@ import anyio.to_thread
 import attrs
 import orjson
 import pytest
+from hypothesis import given, settings
+from strategies import sessions
 
 from asyncsession import (
     CorruptSessionError,
@@ -27,8 +29,18 @@ from asyncsession import (
     SessionQuery,
     StorageError,
 )
-from asyncsession._serialization import dump_message, session_to_document
-from asyncsession.stores.sqlite import SCHEMA_VERSION, SQLiteRepository, _message
+from asyncsession._serialization import (
+    dump_message,
+    session_from_document,
+    session_to_document,
+)
+from asyncsession.stores.sqlite import (
+    SCHEMA_VERSION,
+    SQLiteRepository,
+    _encode,
+    _fast_session,
+    _message,
+)
 from asyncsession.testing import RepositoryContract
 from asyncsession.testing._contract import POLICY, at, changed, make_session, msg
 
@@ -614,3 +626,23 @@ async def test_two_processes_append_to_one_session(db: Path, anyio_backend: str)
     for tag in "pq":  # each process's own appends keep their order
         mine = [int(c[2:]) for c in contents if c[0] == tag]
         assert len(mine) == 500
+
+
+@settings(max_examples=100, deadline=None)
+@given(sessions())
+def test_fast_session_decoder_matches_the_reference(session: Any) -> None:
+    doc = orjson.loads(_encode(session))
+    fast = _fast_session(doc, session.messages, session.id)
+    assert fast is not None
+    assert fast == session == session_from_document(doc, messages=session.messages)
+    assert type(fast.state) is type(session.state)
+    for key, bad in (("owner", ""), ("name", "a b"), ("status", "x"), ("revision", -1)):
+        assert _fast_session({**doc, key: bad}, session.messages, session.id) is None
+    assert (
+        _fast_session(
+            {**doc, "created_at": "2026-01-01T00:00:00+01:00"}, session.messages, session.id
+        )
+        is None
+    )
+    assert _fast_session({**doc, "extra": 1}, session.messages, session.id) is None
+    assert _fast_session(doc, session.messages, uuid.uuid4()) is None

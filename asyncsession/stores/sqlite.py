@@ -53,7 +53,7 @@ from .._exceptions import (
     SessionNotFound,
     StorageError,
 )
-from .._json import freeze_json
+from .._json import freeze_json, freeze_state
 from .._migrations import CURRENT_VERSION
 from .._models import (
     EMPTY_LOG,
@@ -63,6 +63,8 @@ from .._models import (
     MessageLog,
     Session,
     SessionStatus,
+    validate_name,
+    validate_owner,
 )
 from .._serialization import (
     dump_message,
@@ -200,6 +202,73 @@ def _message(item: Any) -> Message:
     return load_message(orjson.dumps(item))
 
 
+# The fast session decoder below builds Sessions field by field from current-version
+# documents; it is only used while Session has exactly these fields.
+_SESSION_FIELDS = (
+    "id",
+    "created_at",
+    "last_active",
+    "owner",
+    "name",
+    "status",
+    "closed_at",
+    "expires_at",
+    "messages",
+    "state",
+    "errors",
+    "revision",
+)
+_FAST_SESSIONS = tuple(f.name for f in attrs.fields(Session)) == _SESSION_FIELDS
+_DOC_KEYS = {"version", *_SESSION_FIELDS} - {"messages"}
+
+
+def _stamp(value: Any) -> datetime:
+    stamp = _fromisoformat(value)  # a non-str raises TypeError
+    if stamp.tzinfo is not timezone.utc:
+        raise ValueError("not a UTC timestamp")
+    return stamp
+
+
+def _fast_session(doc: Any, messages: MessageLog, session_id: uuid.UUID) -> Session | None:
+    """Build a Session from our own current-version document, or None to take the slow path.
+
+    Every field is still checked (types, UTC times, owner and name rules) and the state
+    is frozen; only the converter machinery is skipped.
+    """
+    if (
+        not _FAST_SESSIONS
+        or type(doc) is not dict
+        or doc.keys() != _DOC_KEYS
+        or doc["version"] != CURRENT_VERSION
+        or doc["id"] != str(session_id)
+    ):
+        return None
+    try:
+        closed, expires = doc["closed_at"], doc["expires_at"]
+        values = (
+            session_id,
+            _stamp(doc["created_at"]),
+            _stamp(doc["last_active"]),
+            validate_owner(doc["owner"]),
+            validate_name(doc["name"]),
+            SessionStatus(doc["status"]),
+            None if closed is None else _stamp(closed),
+            None if expires is None else _stamp(expires),
+            messages,
+            freeze_state(doc["state"]),
+            doc["errors"],
+            doc["revision"],
+        )
+    except (SessionError, TypeError, ValueError):
+        return None
+    if not all(type(n) is int and n >= 0 for n in values[10:]):
+        return None
+    session: Session = _new(Session)
+    for name, value in zip(_SESSION_FIELDS, values, strict=True):
+        _set(session, name, value)
+    return session
+
+
 def _message_row(body: bytes) -> Message:
     """Decode one ``messages.body``; the lazy log adds the session id to errors."""
     return _message(orjson.loads(body))
@@ -237,7 +306,9 @@ class _Row:
                 self.start,
                 session_id=self.session_id,
             )
-        session = session_from_document(doc, messages=log, session_id=self.session_id)
+        session = _fast_session(doc, log, self.session_id)
+        if session is None:
+            session = session_from_document(doc, messages=log, session_id=self.session_id)
         if session.id != self.session_id:
             raise CorruptSessionError(
                 f"stored document has id {session.id}", session_id=self.session_id
