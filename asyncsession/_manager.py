@@ -79,7 +79,10 @@ class SessionManager:
             s = await sessions.create(owner="alice")
 
     Durations are seconds or :class:`~datetime.timedelta`; ``None`` disables a limit.
-    ``retention`` is how long closed sessions stay readable.
+    ``retention`` is how long closed sessions stay readable. ``touch_interval``
+    coalesces activity: a read moves ``last_active`` (a store write) only if that moves
+    it by at least this much, so idle deadlines are exact to within it (``None``: every
+    touching read writes).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class SessionManager:
         idle_timeout: Duration = 1800,
         max_age: Duration = None,
         retention: Duration = timedelta(days=1),
+        touch_interval: Duration = 1,
         cleanup_interval: Duration = 300,
         clock: Clock | None = None,
         max_retries: int = 16,
@@ -113,6 +117,7 @@ class SessionManager:
             idle_timeout=to_timedelta(idle_timeout, "idle_timeout"),
             max_age=to_timedelta(max_age, "max_age"),
             retention=to_timedelta(retention, "retention"),
+            touch_interval=to_timedelta(touch_interval, "touch_interval") or timedelta(0),
         )
         self._cleanup_interval = to_timedelta(cleanup_interval, "cleanup_interval")
         self._clock: Clock = clock if clock is not None else SystemClock()

@@ -525,12 +525,19 @@ class ExpiryPolicy:
     * ARCHIVED: ``created_at + max_age`` (parked sessions do not idle out).
     * terminal: ``closed_at + retention``.
 
-    A ``None`` limit is no limit.
+    A ``None`` limit is no limit. A touch (activity without a change) moves
+    ``last_active`` only when it moves it by at least ``touch_interval``, so frequent
+    reads do not each become a write.
     """
 
     idle_timeout: timedelta | None = None
     max_age: timedelta | None = None
     retention: timedelta | None = None
+    touch_interval: timedelta = timedelta(0)
+
+    def should_touch(self, last_active: datetime, at: datetime) -> bool:
+        """Whether activity at ``at`` moves ``last_active`` (coalesced by ``touch_interval``)."""
+        return at > last_active and at - last_active >= self.touch_interval
 
     def deadline(
         self,

@@ -543,7 +543,10 @@ def test_durations_accept_seconds_and_timedelta() -> None:
         s.MemoryRepository(), idle_timeout=90.5, max_age=timedelta(hours=1), retention=None
     )
     assert manager.policy == s.ExpiryPolicy(
-        idle_timeout=timedelta(seconds=90.5), max_age=timedelta(hours=1), retention=None
+        idle_timeout=timedelta(seconds=90.5),
+        max_age=timedelta(hours=1),
+        retention=None,
+        touch_interval=timedelta(seconds=1),
     )
     with pytest.raises(s.InvalidConfiguration):
         s.SessionManager("not a repository")  # type: ignore[arg-type]
@@ -688,3 +691,17 @@ async def test_messages_added_in_callbacks_use_the_manager_clock(
     clock.advance(42)
     updated = await sessions.update(session.id, lambda x: x.with_message("user", "hi"))
     assert updated.messages[0].timestamp == clock.now()
+
+
+async def test_reads_within_the_touch_interval_do_not_write(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    async with s.SessionManager(any_repository, touch_interval=10, clock=clock) as sessions:
+        session = await sessions.create()
+        clock.advance(9)
+        assert (await sessions.get(session.id)).last_active == session.last_active
+        clock.advance(1)
+        assert (await sessions.get(session.id)).last_active == clock.now()
+    async with s.SessionManager(any_repository, touch_interval=None, clock=clock) as sessions:
+        clock.advance(0.001)
+        assert (await sessions.get(session.id)).last_active == clock.now()

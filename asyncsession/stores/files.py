@@ -1023,7 +1023,11 @@ class FileRepository(SessionRepository):
             if current is None:
                 return None, None
             old = current.skeleton
-            if old.status.is_terminal or old.is_expired(at) or at <= old.last_active:
+            if (
+                old.status.is_terminal
+                or old.is_expired(at)
+                or not policy.should_touch(old.last_active, at)
+            ):
                 return current.session(last_messages), None
             skeleton = attrs.evolve(
                 old,

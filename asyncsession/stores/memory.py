@@ -171,7 +171,11 @@ class MemoryRepository(SessionRepository):
             if old is None:
                 return None
             session = old
-            if not old.status.is_terminal and not old.is_expired(at) and at > old.last_active:
+            if (
+                not old.status.is_terminal
+                and not old.is_expired(at)
+                and policy.should_touch(old.last_active, at)
+            ):
                 session = replace_trusted(
                     old,
                     last_active=at,

@@ -239,7 +239,7 @@ keep_until(s, m, id, h[7], h[3], ex, tonumber(ARGV[7]))
 return {1, h[1], rev, num(la), ex and num(ex) or false, total}
 """
 
-# KEYS s m; ARGV P id at idle maxage grace lastn
+# KEYS s m; ARGV P id at idle maxage grace lastn interval
 _TOUCH = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
 local h = redis.call('HMGET', s, 'd', 'r', 'la', 'ex', 'st', 'ca', 'o')
@@ -248,7 +248,9 @@ if not h[1] then
   return false
 end
 local at = tonumber(ARGV[3])
-if not terminal(h[5]) and not (h[4] and tonumber(h[4]) <= at) and at > tonumber(h[3]) then
+local la = tonumber(h[3])
+if not terminal(h[5]) and not (h[4] and tonumber(h[4]) <= at)
+    and at > la and at - la >= tonumber(ARGV[8]) then
   local ex = deadline(h[5], tonumber(h[6]), at, tonumber(ARGV[4]), tonumber(ARGV[5]))
   h[3] = num(at)
   redis.call('HSET', s, 'la', h[3])
@@ -793,6 +795,7 @@ class RedisRepository(SessionRepository, EventTransport):
             _delta_us(policy.max_age),
             self._grace,
             "" if last_messages is None else str(max(0, last_messages)),
+            str(policy.touch_interval // timedelta(microseconds=1)),
         ]
         reply = await self._run(self._touch, "a touch", self._keys(session_id), args)
         return self._from_reply(session_id, reply)

@@ -1137,6 +1137,8 @@ class SQLiteRepository(SessionRepository):
         sid = _check_id(session_id)
         at_us = _us(at)
 
+        interval_us = policy.touch_interval // timedelta(microseconds=1)
+
         def op(conn: sqlite3.Connection) -> _Row | None:
             found = conn.execute(
                 "SELECT pk, doc, message_count, status, created_at, last_active, expires_at "
@@ -1148,7 +1150,9 @@ class SQLiteRepository(SessionRepository):
             pk, doc, count, status_name, created_us, last_us, expires_us = found
             status = _status(sid, status_name)
             expired = expires_us is not None and expires_us <= at_us
-            if not (status.is_terminal or expired or at_us <= last_us):
+            if not (
+                status.is_terminal or expired or at_us - last_us < interval_us or at_us <= last_us
+            ):
                 expires_at = policy.deadline(status, _time(created_us), at, None)
                 doc = _patch(sid, doc, {"last_active": at, "expires_at": expires_at})
                 conn.execute(

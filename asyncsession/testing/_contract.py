@@ -16,8 +16,9 @@ This module does not import pytest.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import attrs
@@ -33,6 +34,8 @@ from .._models import ExpiryPolicy, Message, Session, SessionStatus
 from ..abc import SessionQuery, SessionRepository
 
 __all__ = ["RepositoryContract"]
+
+E = TypeVar("E", bound=BaseException)
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 POLICY = ExpiryPolicy(
@@ -76,6 +79,15 @@ def msg(text: str, seconds: float = 0, role: str = "user") -> Message:
     return Message(role, text, at(seconds), None)
 
 
+async def raises(error: type[E], awaitable: Awaitable[object], what: str) -> E:
+    """Await ``awaitable`` and return the ``error`` it must raise (pytest-free)."""
+    try:
+        await awaitable
+    except error as exc:
+        return exc
+    raise AssertionError(f"{what} must raise {error.__name__}")
+
+
 def changed(session: Session, **changes: Any) -> Session:
     """``session`` with ``changes`` and the next revision."""
     return attrs.evolve(session, revision=session.revision + 1, **changes)
@@ -107,12 +119,11 @@ class RepositoryContract:
     ) -> None:
         session = make_session()
         await repository.add(session)
-        try:
-            await repository.add(attrs.evolve(session, name="other"))
-        except SessionConflict:
-            pass
-        else:
-            raise AssertionError("add() of an existing id must raise SessionConflict")
+        await raises(
+            SessionConflict,
+            repository.add(attrs.evolve(session, name="other")),
+            "add() of an existing id",
+        )
         assert await repository.get(session.id) == session
 
     async def test_save_replaces_with_next_revision(
@@ -132,24 +143,19 @@ class RepositoryContract:
         await repository.add(session)
         first = changed(session, state={"k": 2})
         await repository.save(first, expected_revision=0)
-        try:
-            await repository.save(changed(session, state={"k": 3}), expected_revision=0)
-        except SessionConflict as exc:
-            assert exc.recoverable
-        else:
-            raise AssertionError("a stale save must raise SessionConflict")
+        stale = repository.save(changed(session, state={"k": 3}), expected_revision=0)
+        assert (await raises(SessionConflict, stale, "a stale save")).recoverable
         assert await repository.get(session.id) == first
 
     async def test_save_missing_raises_not_found(
         self, repository: SessionRepository, anyio_backend: Any
     ) -> None:
         session = make_session()
-        try:
-            await repository.save(changed(session), expected_revision=0)
-        except SessionNotFound:
-            pass
-        else:
-            raise AssertionError("save() of an unknown id must raise SessionNotFound")
+        await raises(
+            SessionNotFound,
+            repository.save(changed(session), expected_revision=0),
+            "save() of an unknown id",
+        )
         assert await repository.get(session.id) is None
 
     async def test_snapshots_never_change(
@@ -218,14 +224,13 @@ class RepositoryContract:
             (live.id, at(1), 3, LimitExceeded),
         ]
         for sid, when, cap, error in refusals:
-            try:
-                await repository.append(
+            await raises(
+                error,
+                repository.append(
                     sid, [msg("x"), msg("y")], at=when, policy=POLICY, max_messages=cap
-                )
-            except error:
-                pass
-            else:
-                raise AssertionError(f"append must raise {error.__name__}")
+                ),
+                "this append",
+            )
         assert await repository.get(live.id) == live
         assert await repository.get(closed.id) == closed
         ok = await repository.append(live.id, [msg("c")], at=at(1), policy=POLICY, max_messages=3)
@@ -371,18 +376,14 @@ class RepositoryContract:
         page = await repository.list(SessionQuery(limit=1))
         assert page.next_cursor is not None
         for bad in ("garbage", "", page.next_cursor + "x"):
-            try:
-                await repository.list(SessionQuery(cursor=bad))
-            except InvalidCursor:
-                pass
-            else:
-                raise AssertionError(f"cursor {bad!r} must raise InvalidCursor")
-        try:
-            await repository.list(SessionQuery(owner="bob", cursor=page.next_cursor))
-        except InvalidCursor:
-            pass
-        else:
-            raise AssertionError("a cursor of another query must raise InvalidCursor")
+            await raises(
+                InvalidCursor, repository.list(SessionQuery(cursor=bad)), f"cursor {bad!r}"
+            )
+        await raises(
+            InvalidCursor,
+            repository.list(SessionQuery(owner="bob", cursor=page.next_cursor)),
+            "a cursor of another query",
+        )
 
     async def test_count_by_status(self, repository: SessionRepository, anyio_backend: Any) -> None:
         for status, n in ((SessionStatus.ACTIVE, 3), (SessionStatus.CRASHED, 2)):
@@ -462,3 +463,16 @@ class RepositoryContract:
         assert touched is not None and touched.expires_at == at(6)
         assert list(await repository.expired(at(7))) == [session.id]
         assert (await repository.remove_expired(session.id, now=at(7))) is not None
+
+    async def test_touch_interval_coalesces_activity(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session()
+        await repository.add(session)
+        coarse = attrs.evolve(POLICY, touch_interval=timedelta(seconds=1))
+        early = await repository.touch(session.id, at=at(0.5), policy=coarse)
+        assert early == session  # moved by less than the interval: nothing written
+        assert await repository.get(session.id) == session
+        moved = await repository.touch(session.id, at=at(1), policy=coarse)
+        assert moved is not None and moved.last_active == at(1)
+        assert moved.expires_at == at(61) and moved.revision == 0

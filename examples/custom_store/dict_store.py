@@ -114,12 +114,15 @@ class DictRepository(SessionRepository):
         current = self._sessions.get(session_id)
         if current is None:
             return None
-        if not current.status.is_terminal and not current.is_expired(at):
-            last_active = max(current.last_active, at)
+        if (
+            not current.status.is_terminal
+            and not current.is_expired(at)
+            and policy.should_touch(current.last_active, at)  # honours touch_interval
+        ):
             current = attrs.evolve(
                 current,
-                last_active=last_active,
-                expires_at=policy.deadline(current.status, current.created_at, last_active, None),
+                last_active=at,
+                expires_at=policy.deadline(current.status, current.created_at, at, None),
             )
             self._sessions[session_id] = current
         return _window(current, last_messages)
