@@ -374,12 +374,34 @@ def _wake(requests: Sequence[_Request]) -> None:
         request.event.set()
 
 
-def _is_busy(exc: sqlite3.Error) -> bool:
+# sqlite3_errstr() texts of the primary codes we act on: Python 3.10's exceptions carry
+# no sqlite_errorcode (added in 3.11), only this message.
+_CODE_BY_MESSAGE = {
+    "database is locked": _SQLITE_BUSY,
+    "database table is locked": _SQLITE_LOCKED,
+    "database or disk is full": _SQLITE_FULL,
+    "disk I/O error": _SQLITE_IOERR,
+    "file is not a database": _SQLITE_NOTADB,
+    "attempt to write a readonly database": _SQLITE_READONLY,
+    "unable to open database file": _SQLITE_CANTOPEN,
+    "access permission denied": _SQLITE_PERM,
+}
+
+
+def _primary_code(exc: sqlite3.Error) -> int:
+    """The primary SQLite result code of ``exc`` (0 if unknown), on every Python."""
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
-        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+        return int(code) & 0xFF
     text = str(exc)
-    return "locked" in text or "busy" in text
+    for message, known in _CODE_BY_MESSAGE.items():
+        if text.startswith(message):
+            return known
+    return 0
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return _primary_code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
 @attrs.frozen(slots=True)
@@ -760,7 +782,7 @@ class SQLiteRepository(SessionRepository):
                 "transaction: retry later, or raise SQLiteRepository(busy_timeout=...).",
                 recoverable=True,
             )
-        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        code = _primary_code(exc)
         if code == _SQLITE_FULL:
             return StorageError(
                 f"SQLite database {self._path} is full ({exc}). Free disk space (or raise "
@@ -814,7 +836,7 @@ class SQLiteRepository(SessionRepository):
         return conn
 
     def _open_error(self, exc: sqlite3.Error) -> StorageError:
-        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        code = _primary_code(exc)
         if code == _SQLITE_NOTADB:
             cause = "the file is not a SQLite database"
         elif code in (_SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_PERM):
