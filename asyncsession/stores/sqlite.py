@@ -1070,11 +1070,7 @@ class SQLiteRepository(SessionRepository):
         expected_revision: int,
         new_messages: Sequence[Message] | None = None,
     ) -> None:
-        if session.revision != expected_revision + 1:
-            raise ValueError(
-                f"save() needs session.revision == expected_revision + 1, got "
-                f"{session.revision} and {expected_revision}"
-            )
+        self._check_revision_step(session, expected_revision)
         added = None if new_messages is None else _encode_messages(new_messages)
         everything = None
         if new_messages is None:
