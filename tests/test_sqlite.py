@@ -35,11 +35,13 @@ from asyncsession._serialization import (
     session_to_document,
 )
 from asyncsession.stores.sqlite import (
+    CHUNK_MESSAGES,
     SCHEMA_VERSION,
     SQLiteRepository,
     _encode,
     _fast_session,
     _message,
+    _upgrade_1_to_2,
 )
 from asyncsession.testing import RepositoryContract
 from asyncsession.testing._contract import POLICY, at, changed, make_session, msg
@@ -163,6 +165,59 @@ async def test_upgrade_from_layout_1_in_place(db: Path, anyio_backend: str) -> N
     conn.close()
 
 
+def make_v2_file(path: Path, sessions: list[Session]) -> None:
+    """Write a layout-2 database: layout 1 upgraded by the release that introduced 2.
+
+    Its documents still hold ``last_active``, ``expires_at`` and ``revision``, and each
+    message row holds one message.
+    """
+    make_v1_file(path, sessions)
+    conn = raw(path)
+    conn.execute("BEGIN IMMEDIATE")
+    _upgrade_1_to_2(conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("COMMIT")
+    conn.close()
+
+
+async def test_upgrade_from_layout_2_in_place(db: Path, anyio_backend: str) -> None:
+    long = make_session(name="long", messages=tuple(f"m{i}" for i in range(CHUNK_MESSAGES + 5)))
+    old = [make_session(name="Alpha", messages=("Find the NEEDLE",)), long]
+    make_v2_file(db, old)
+    async with SQLiteRepository(db) as repo:
+        for s in old:
+            assert await repo.get(s.id) == s
+        window = await repo.get(long.id, last_messages=3)
+        assert window is not None and [m.content for m in window.messages] == [
+            f"m{i}" for i in range(CHUNK_MESSAGES + 2, CHUNK_MESSAGES + 5)
+        ]
+        assert [s.id for s in await repo.list(SessionQuery(search="needle"))] == [old[0].id]
+        # Appends go on from the one-message rows (and merge them into chunks).
+        contents = [m.content for m in long.messages]
+        for i in range(2 * CHUNK_MESSAGES):
+            appended = await repo.append(long.id, [msg(f"n{i}", 1)], at=at(1), policy=POLICY)
+            contents.append(f"n{i}")
+            assert appended.revision == long.revision + i + 1
+            assert appended.messages.total == len(contents)
+        loaded = await repo.get(long.id)
+        assert loaded is not None and [m.content for m in loaded.messages] == contents
+        assert loaded.last_active == at(1) and loaded.expires_at == at(61)
+        # A layout-2 document is rewritten without its hot fields on the next save.
+        touched = await repo.touch(old[0].id, at=at(5), policy=POLICY)
+        assert touched is not None and touched.last_active == at(5)
+        saved = attrs.evolve(touched, name="renamed", revision=touched.revision + 1)
+        await repo.save(saved, expected_revision=touched.revision, new_messages=())
+        assert await repo.get(old[0].id) == saved
+    conn = raw(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    doc = orjson.loads(
+        conn.execute("SELECT doc FROM sessions WHERE id = ?", (str(old[0].id),)).fetchone()[0]
+    )
+    assert doc["name"] == "renamed" and not {"last_active", "expires_at", "revision"} & set(doc)
+    conn.close()
+
+
 async def test_newer_layout_is_refused(db: Path, anyio_backend: str) -> None:
     async with SQLiteRepository(db):
         pass
@@ -273,10 +328,16 @@ async def test_corrupt_document_only_affects_its_session(db: Path, anyio_backend
         conn.execute(
             "UPDATE sessions SET doc = ? WHERE id = ?", (b'{"version": 1, "id', str(bad.id))
         )
-        conn.execute(
-            "UPDATE messages SET body = ? WHERE seq = 1 AND session_pk = "
+        # Both messages share one row (a chunk): damage the second one only.
+        pk, body = conn.execute(
+            "SELECT session_pk, body FROM messages WHERE seq = 0 AND session_pk = "
             "(SELECT pk FROM sessions WHERE id = ?)",
-            (b'{"role": "wizard"}', str(bad_msg.id)),
+            (str(bad_msg.id),),
+        ).fetchone()
+        first, _ = body.split(b"\n")
+        conn.execute(
+            "UPDATE messages SET body = ? WHERE session_pk = ? AND seq = 0",
+            (first + b'\n{"role": "wizard"}', pk),
         )
         conn.close()
         with pytest.raises(CorruptSessionError) as info:
@@ -632,17 +693,29 @@ async def test_two_processes_append_to_one_session(db: Path, anyio_backend: str)
 @given(sessions())
 def test_fast_session_decoder_matches_the_reference(session: Any) -> None:
     doc = orjson.loads(_encode(session))
-    fast = _fast_session(doc, session.messages, session.id)
+    assert not {"last_active", "expires_at", "revision"} & doc.keys()  # columns only
+    hot = (session.last_active, session.expires_at, session.revision)
+    fast = _fast_session(doc, session.messages, session.id, *hot)
     assert fast is not None
-    assert fast == session == session_from_document(doc, messages=session.messages)
+    whole = {
+        **doc,
+        "last_active": session.last_active.isoformat(),
+        "expires_at": None if session.expires_at is None else session.expires_at.isoformat(),
+        "revision": session.revision,
+    }
+    assert fast == session == session_from_document(whole, messages=session.messages)
     assert type(fast.state) is type(session.state)
-    for key, bad in (("owner", ""), ("name", "a b"), ("status", "x"), ("revision", -1)):
-        assert _fast_session({**doc, key: bad}, session.messages, session.id) is None
+    # A layout-2 document still carries the hot fields: the columns win.
+    assert _fast_session(whole, session.messages, session.id, *hot) == session
+    stale = {**whole, "revision": session.revision + 7}
+    assert _fast_session(stale, session.messages, session.id, *hot) == session
+    for key, bad in (("owner", ""), ("name", "a b"), ("status", "x"), ("errors", -1)):
+        assert _fast_session({**doc, key: bad}, session.messages, session.id, *hot) is None
     assert (
         _fast_session(
-            {**doc, "created_at": "2026-01-01T00:00:00+01:00"}, session.messages, session.id
+            {**doc, "created_at": "2026-01-01T00:00:00+01:00"}, session.messages, session.id, *hot
         )
         is None
     )
-    assert _fast_session({**doc, "extra": 1}, session.messages, session.id) is None
-    assert _fast_session(doc, session.messages, uuid.uuid4()) is None
+    assert _fast_session({**doc, "extra": 1}, session.messages, session.id, *hot) is None
+    assert _fast_session(doc, session.messages, uuid.uuid4(), *hot) is None

@@ -4,25 +4,35 @@ Layout of the database (``PRAGMA user_version`` versions it; older files are upg
 in place when opened):
 
 * ``sessions``: one row per session. ``doc`` is the versioned session document without
-  its messages; the other columns are derived from it for the indexes (owner, status,
-  ``last_active``, ``expires_at``) and for search (casefolded name and first message).
-  Timestamps are integer microseconds since the Unix epoch, so they sort correctly.
-* ``messages``: ``(session_pk, seq, body)``, one JSON message per row, so appending
-  is O(appended) and the last ``n`` messages are read without the rest of the history.
-  Loaded rows are decoded lazily, when a message is first accessed: a damaged row
-  raises :class:`CorruptSessionError` (naming the session) at that access, and other
-  messages and sessions stay readable.
+  its messages and without the fields every append or touch changes (``last_active``,
+  ``expires_at``, ``revision``): those live only in their columns, so appending never
+  decodes or rewrites the document; reading puts them back. The other columns are
+  derived from the document for the indexes (owner, status, ``last_active``,
+  ``expires_at``) and for search (casefolded name and first message). Timestamps are
+  integer microseconds since the Unix epoch, so they sort correctly.
+* ``messages``: ``(session_pk, seq, body)``; a row holds the messages from number
+  ``seq`` on, as compact JSON joined by newlines (compact JSON never contains one).
+  Each append adds one row; when the history crosses a multiple of
+  :data:`CHUNK_MESSAGES`, the rows since the previous multiple are merged into one
+  chunk row. So appending is O(appended) (amortized), the whole history is a few rows
+  (SQLite pays per row, not per byte), and the last ``n`` messages are read from the
+  row holding message ``total - n`` on, without the rest of the history. Loaded messages
+  are decoded lazily, when first accessed: a damaged message raises
+  :class:`CorruptSessionError` (naming the session) at that access, and other messages
+  and sessions stay readable.
 
 Threading: one dedicated worker thread owns the connection. Every store operation is
 one request to it (one thread hop); the worker drains its queue and runs what it found
 in one transaction (group commit), each operation inside its own SAVEPOINT so a failing
 operation (a compare-and-set conflict, say) does not undo the others. Callers are
-answered only after the commit, through :func:`anyio.from_thread.run_sync`, so the
-store works on asyncio and trio alike.
+answered only after the commit: the worker schedules one wake-up per event loop and
+batch (``run_sync_soon`` of the loop's anyio token, asyncio and trio alike) and goes on
+with the next batch at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -63,6 +73,7 @@ from .._models import (
     MessageLog,
     Session,
     SessionStatus,
+    replace_trusted,
     validate_name,
     validate_owner,
 )
@@ -81,7 +92,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: The layout version this release writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
+#: Messages per chunk row (see the module docstring).
+CHUNK_MESSAGES: Final = 32
 #: ``PRAGMA application_id`` of asyncsession databases ("asss").
 APPLICATION_ID: Final = 0x61737373
 
@@ -155,8 +168,22 @@ def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
         )
 
 
+def _upgrade_2_to_3(conn: sqlite3.Connection) -> None:
+    """Nothing to rewrite: every version-2 row is a valid version-3 row.
+
+    Version-2 message rows hold one message each (a one-message chunk) and version-2
+    documents still carry ``last_active``, ``expires_at`` and ``revision``, which equal
+    their columns (the columns win from now on). Rows written from now on hold several
+    messages or documents without those fields, which a version-2 reader would
+    misread: the version bump makes older releases refuse the file instead.
+    """
+
+
 #: ``_UPGRADES[v]`` turns a version-``v`` database into version ``v + 1``.
-_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {1: _upgrade_1_to_2}
+_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _upgrade_1_to_2,
+    2: _upgrade_2_to_3,
+}
 
 
 def _us(value: datetime) -> int:
@@ -219,7 +246,11 @@ _SESSION_FIELDS = (
     "revision",
 )
 _FAST_SESSIONS = tuple(f.name for f in attrs.fields(Session)) == _SESSION_FIELDS
-_DOC_KEYS = {"version", *_SESSION_FIELDS} - {"messages"}
+#: Fields kept only in their columns (layout 3); a document never stores them.
+_HOT_FIELDS = ("last_active", "expires_at", "revision")
+#: Keys of our own current-version documents: layout 3, and layout 2 (with hot fields).
+_DOC_KEYS = {"version", *_SESSION_FIELDS} - {"messages", *_HOT_FIELDS}
+_V2_DOC_KEYS = _DOC_KEYS | set(_HOT_FIELDS)
 
 
 def _stamp(value: Any) -> datetime:
@@ -229,35 +260,44 @@ def _stamp(value: Any) -> datetime:
     return stamp
 
 
-def _fast_session(doc: Any, messages: MessageLog, session_id: uuid.UUID) -> Session | None:
+def _fast_session(
+    doc: Any,
+    messages: MessageLog,
+    session_id: uuid.UUID,
+    last_active: datetime,
+    expires_at: datetime | None,
+    revision: int,
+) -> Session | None:
     """Build a Session from our own current-version document, or None to take the slow path.
 
-    Every field is still checked (types, UTC times, owner and name rules) and the state
-    is frozen; only the converter machinery is skipped.
+    ``last_active``, ``expires_at`` and ``revision`` come from their columns (a layout-2
+    document's copies of them are ignored). Every document field is still checked
+    (types, UTC times, owner and name rules) and the state is frozen; only the
+    converter machinery is skipped.
     """
     if (
         not _FAST_SESSIONS
         or type(doc) is not dict
-        or doc.keys() != _DOC_KEYS
+        or (doc.keys() != _DOC_KEYS and doc.keys() != _V2_DOC_KEYS)
         or doc["version"] != CURRENT_VERSION
         or doc["id"] != str(session_id)
     ):
         return None
     try:
-        closed, expires = doc["closed_at"], doc["expires_at"]
+        closed = doc["closed_at"]
         values = (
             session_id,
             _stamp(doc["created_at"]),
-            _stamp(doc["last_active"]),
+            last_active,
             validate_owner(doc["owner"]),
             validate_name(doc["name"]),
             SessionStatus(doc["status"]),
             None if closed is None else _stamp(closed),
-            None if expires is None else _stamp(expires),
+            expires_at,
             messages,
             freeze_state(doc["state"]),
             doc["errors"],
-            doc["revision"],
+            revision,
         )
     except (SessionError, TypeError, ValueError):
         return None
@@ -270,32 +310,63 @@ def _fast_session(doc: Any, messages: MessageLog, session_id: uuid.UUID) -> Sess
 
 
 def _message_row(body: bytes) -> Message:
-    """Decode one ``messages.body``; the lazy log adds the session id to errors."""
+    """Decode one stored message; the lazy log adds the session id to errors."""
     return _message(orjson.loads(body))
+
+
+class _Documents:
+    """Sessions decoded from stored documents, by the documents' exact bytes.
+
+    A document holds no hot fields and no messages (see the layout), so appends and
+    touches leave it unchanged and the next read of that session finds its decoded
+    fields here: a hit skips JSON parsing, timestamp parsing, validation and freezing
+    of the state. Entries are immutable sessions without messages (templates); bounded,
+    oldest dropped first. Decoding runs on the callers' threads: every operation here
+    is a single dict operation, and a lost race only costs a decode.
+    """
+
+    __slots__ = ("_entries", "_limit")
+
+    #: Documents larger than this are not kept (the cache stays small).
+    MAX_SIZE: Final = 16_384
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._entries: dict[bytes, Session] = {}
+        self._limit = limit
+
+    def get(self, doc: bytes) -> Session | None:
+        return self._entries.get(doc)
+
+    def put(self, doc: bytes, session: Session) -> None:
+        if len(doc) > self.MAX_SIZE:
+            return
+        entries = self._entries
+        if len(entries) >= self._limit:
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del entries[next(iter(entries))]  # unless another thread got there first
+        entries[doc] = replace_trusted(session, messages=EMPTY_LOG)
 
 
 @attrs.frozen(slots=True)
 class _Row:
     """What the worker read for one session; decoded on the caller's thread.
 
-    Message rows are not decoded here: the session gets a lazy log that decodes each
-    row when it is first read, so a damaged row raises :class:`CorruptSessionError`
+    Messages are not decoded here: the session gets a lazy log that decodes each
+    message when it is first read, so a damaged one raises :class:`CorruptSessionError`
     when that message is accessed, not when the session is loaded.
     """
 
     session_id: uuid.UUID
     doc: bytes
+    last_active: int  # the hot fields, from their columns (microseconds)
+    expires_at: int | None
+    revision: int
     start: int
     bodies: Sequence[bytes]
     messages: Sequence[Message] | None = None  # already decoded (append's own messages)
 
-    def decode(self) -> Session:
-        try:
-            doc = orjson.loads(self.doc)
-        except orjson.JSONDecodeError as exc:
-            raise CorruptSessionError(
-                f"stored document is not valid JSON ({exc})", session_id=self.session_id
-            ) from exc
+    def decode(self, documents: _Documents | None = None) -> Session:
+        template = None if documents is None else documents.get(self.doc)
         if self.messages is not None:
             log = MessageLog(self.messages, offset=self.start)
         else:
@@ -306,47 +377,160 @@ class _Row:
                 self.start,
                 session_id=self.session_id,
             )
-        session = _fast_session(doc, log, self.session_id)
+        last_active = _time(self.last_active)
+        expires_at = None if self.expires_at is None else _time(self.expires_at)
+        if template is not None and template.id == self.session_id:
+            return replace_trusted(
+                template,
+                last_active=last_active,
+                expires_at=expires_at,
+                revision=self.revision,
+                messages=log,
+            )
+        try:
+            doc = orjson.loads(self.doc)
+        except orjson.JSONDecodeError as exc:
+            raise CorruptSessionError(
+                f"stored document is not valid JSON ({exc})", session_id=self.session_id
+            ) from exc
+        session = _fast_session(doc, log, self.session_id, last_active, expires_at, self.revision)
         if session is None:
-            session = session_from_document(doc, messages=log, session_id=self.session_id)
+            session = self._decode_slowly(doc, log, last_active, expires_at)
+        elif documents is not None:
+            documents.put(self.doc, session)
         if session.id != self.session_id:
             raise CorruptSessionError(
                 f"stored document has id {session.id}", session_id=self.session_id
             )
         return session
 
+    def _decode_slowly(
+        self, doc: Any, log: MessageLog, last_active: datetime, expires_at: datetime | None
+    ) -> Session:
+        """Older document versions and anything unusual: the converter, then the columns."""
+        if type(doc) is dict:  # give migrations and the converter a whole document
+            doc = dict(doc)
+            doc.setdefault("last_active", last_active.isoformat())
+            doc.setdefault("expires_at", None if expires_at is None else expires_at.isoformat())
+            doc.setdefault("revision", self.revision)
+        session = session_from_document(doc, messages=log, session_id=self.session_id)
+        if (session.last_active, session.expires_at, session.revision) != (
+            last_active,
+            expires_at,
+            self.revision,
+        ):
+            session = replace_trusted(
+                session, last_active=last_active, expires_at=expires_at, revision=self.revision
+            )
+        return session
+
 
 def _encode(session: Session) -> bytes:
+    """The stored document of ``session``: no messages, no hot fields (see the layout)."""
     # Drop the messages first: session_to_document() would unstructure them all.
     bare = attrs.evolve(session, messages=EMPTY_LOG) if len(session.messages) else session
-    return orjson.dumps(session_to_document(bare, messages=False))
+    doc = session_to_document(bare, messages=False)
+    for name in _HOT_FIELDS:
+        del doc[name]
+    return orjson.dumps(doc)
 
 
 def _time(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-def _patch(session_id: uuid.UUID, doc: bytes, changes: Mapping[str, Any]) -> bytes:
-    """Return ``doc`` with ``changes`` (datetimes, revision) applied, without a full decode.
-
-    Only current-version documents are patched; older ones are migrated and re-encoded.
-    """
-    try:
-        data = orjson.loads(doc)
-    except orjson.JSONDecodeError as exc:
-        raise CorruptSessionError(
-            f"stored document is not valid JSON ({exc})", session_id=session_id
-        ) from exc
-    if type(data) is not dict or data.get("version") != CURRENT_VERSION:
-        session = _Row(session_id, doc, 0, (), ()).decode()
-        return _encode(attrs.evolve(session, **changes))
-    for key, value in changes.items():
-        data[key] = value.isoformat() if isinstance(value, datetime) else value
-    return orjson.dumps(data)
-
-
 def _encode_messages(messages: Iterable[Message]) -> list[bytes]:
     return [dump_message(m) for m in messages]
+
+
+# -- message rows (worker side) ------------------------------------------------------
+
+_SEP: Final = b"\n"  # compact JSON never contains a raw newline
+_INSERT_MESSAGES = "INSERT INTO messages (session_pk, seq, body) VALUES (?, ?, ?)"
+
+
+def _window_start(count: int, last_messages: int | None) -> int:
+    return 0 if last_messages is None else max(0, count - max(0, last_messages))
+
+
+def _read_messages(
+    conn: sqlite3.Connection, session_id: uuid.UUID, pk: int, start: int, count: int
+) -> list[bytes]:
+    """Messages ``start`` to ``count - 1`` of a session, one JSON text each, in order.
+
+    Reads the row holding message ``start`` and the rows after it, nothing earlier.
+    """
+    if start >= count:
+        return []
+    if start == 0:
+        rows = conn.execute(
+            "SELECT seq, body FROM messages WHERE session_pk = ? ORDER BY seq", (pk,)
+        )
+    else:
+        rows = conn.execute(
+            "SELECT seq, body FROM messages WHERE session_pk = ? AND seq >= "
+            "(SELECT max(seq) FROM messages WHERE session_pk = ? AND seq <= ?) ORDER BY seq",
+            (pk, pk, start),
+        )
+    bodies: list[bytes] = []
+    first = position = -1
+    for seq, body in rows:
+        if position < 0:
+            first = position = seq
+        elif seq != position:
+            break
+        if type(body) is not bytes:
+            body = body.encode() if type(body) is str else b""
+        parts = body.split(_SEP)
+        bodies += parts
+        position += len(parts)
+    if position != count or not 0 <= first <= start:
+        found = "no rows" if first < 0 else f"rows for messages {first} to {position - 1}"
+        raise CorruptSessionError(
+            f"expected message rows for messages {start} to {count - 1}, found {found}",
+            session_id=session_id,
+        )
+    return bodies[start - first :] if first < start else bodies
+
+
+def _store_messages(conn: sqlite3.Connection, pk: int, count: int, bodies: list[bytes]) -> None:
+    """Store ``bodies`` as messages ``count`` on of a session that has ``count`` messages.
+
+    One new row, unless the history crosses a multiple of :data:`CHUNK_MESSAGES`: then
+    the rows since the previous multiple and the new messages become full chunks
+    (``CHUNK_MESSAGES`` each, starting at multiples of it) and one row for the rest.
+    """
+    if not bodies:
+        return
+    base = count - count % CHUNK_MESSAGES
+    if count + len(bodies) - base < CHUNK_MESSAGES:
+        conn.execute(_INSERT_MESSAGES, (pk, count, _SEP.join(bodies)))
+        return
+    if count > base:
+        tail: list[bytes] = []
+        position = base
+        for seq, body in conn.execute(
+            "SELECT seq, body FROM messages WHERE session_pk = ? AND seq >= ? ORDER BY seq",
+            (pk, base),
+        ):
+            if seq != position or type(body) is not bytes:
+                break
+            parts = body.split(_SEP)
+            tail += parts
+            position += len(parts)
+        if position != count:
+            # Damaged rows (reads report them): leave them alone, just add ours.
+            conn.execute(_INSERT_MESSAGES, (pk, count, _SEP.join(bodies)))
+            return
+        conn.execute("DELETE FROM messages WHERE session_pk = ? AND seq >= ?", (pk, base))
+        bodies = tail + bodies
+    conn.executemany(
+        _INSERT_MESSAGES,
+        [
+            (pk, base + i, _SEP.join(bodies[i : i + CHUNK_MESSAGES]))
+            for i in range(0, len(bodies), CHUNK_MESSAGES)
+        ],
+    )
 
 
 # -- requests to the worker -----------------------------------------------------------
@@ -507,6 +691,7 @@ class SQLiteRepository(SessionRepository):
         self._withdrawn = 0
         self._commits = 0
         self._largest_batch = 0
+        self._documents = _Documents()
 
     def __repr__(self) -> str:
         return f"SQLiteRepository({str(self._path)!r}, synchronous={self._synchronous!r})"
@@ -664,8 +849,8 @@ class SQLiteRepository(SessionRepository):
             key = id(request.token.native_token)
             by_loop.setdefault(key, (request.token, []))[1].append(request)
         for token, waiting in by_loop.values():
-            try:
-                anyio.from_thread.run_sync(_wake, waiting, token=token)
+            try:  # fire and forget: the worker does not wait for the loop to run _wake
+                token.backend_class.run_sync_soon(_wake, (waiting,), token.native_token)
             except anyio.RunFinishedError:
                 logger.debug("event loop gone; %d answers dropped", len(waiting))
             except Exception:
@@ -910,47 +1095,16 @@ class SQLiteRepository(SessionRepository):
         conn: sqlite3.Connection, session_id: uuid.UUID, last_messages: int | None
     ) -> _Row | None:
         row = conn.execute(
-            "SELECT pk, doc, message_count FROM sessions WHERE id = ?", (str(session_id),)
+            "SELECT pk, doc, message_count, last_active, expires_at, revision FROM sessions "
+            "WHERE id = ?",
+            (str(session_id),),
         ).fetchone()
         if row is None:
             return None
-        pk, doc, count = row
-        return SQLiteRepository._row(conn, session_id, pk, doc, count, last_messages)
-
-    @staticmethod
-    def _row(
-        conn: sqlite3.Connection,
-        session_id: uuid.UUID,
-        pk: int,
-        doc: bytes,
-        count: int,
-        last_messages: int | None,
-    ) -> _Row:
-        start = 0 if last_messages is None else max(0, count - max(0, last_messages))
-        bodies: list[bytes] = []
-        if start < count:
-            bodies = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT body FROM messages WHERE session_pk = ? AND seq >= ? ORDER BY seq",
-                    (pk, start),
-                )
-            ]
-            if len(bodies) != count - start:
-                raise CorruptSessionError(
-                    f"expected {count - start} message rows, found {len(bodies)}",
-                    session_id=session_id,
-                )
-        return _Row(session_id, doc, start, bodies)
-
-    @staticmethod
-    def _insert_messages(
-        conn: sqlite3.Connection, pk: int, first_seq: int, bodies: Sequence[bytes]
-    ) -> None:
-        conn.executemany(
-            "INSERT INTO messages (session_pk, seq, body) VALUES (?, ?, ?)",
-            [(pk, first_seq + i, body) for i, body in enumerate(bodies)],
-        )
+        pk, doc, count, last_us, expires_us, revision = row
+        start = _window_start(count, last_messages)
+        bodies = _read_messages(conn, session_id, pk, start, count)
+        return _Row(session_id, doc, last_us, expires_us, revision, start, bodies)
 
     @staticmethod
     def _columns(session: Session, doc: bytes) -> tuple[Any, ...]:
@@ -984,7 +1138,7 @@ class SQLiteRepository(SessionRepository):
             except sqlite3.IntegrityError:
                 raise SessionConflict(session.id, expected_revision=None) from None
             assert cursor.lastrowid is not None
-            self._insert_messages(conn, cursor.lastrowid, 0, bodies)
+            _store_messages(conn, cursor.lastrowid, 0, bodies)
 
         return op
 
@@ -1021,7 +1175,7 @@ class SQLiteRepository(SessionRepository):
                     conn.execute(update + ", first_cf = ? WHERE pk = ?", (*columns, first, pk))
                 else:
                     conn.execute(update + " WHERE pk = ?", (*columns, pk))
-                self._insert_messages(conn, pk, count, added)
+                _store_messages(conn, pk, count, added)
                 return
             rows = everything
             if rows is None and session.messages.is_complete:
@@ -1035,7 +1189,7 @@ class SQLiteRepository(SessionRepository):
             first = _casefold(session.messages[0].content) if rows else None
             conn.execute(update + ", first_cf = ? WHERE pk = ?", (*columns, first, pk))
             conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
-            self._insert_messages(conn, pk, 0, rows)
+            _store_messages(conn, pk, 0, rows)
 
         return op
 
@@ -1050,7 +1204,7 @@ class SQLiteRepository(SessionRepository):
             return self._read(conn, sid, last_messages)
 
         row = await self._call(op, write=False)
-        return None if row is None else row.decode()
+        return None if row is None else row.decode(self._documents)
 
     async def add(self, session: Session) -> None:
         if not session.messages.is_complete:
@@ -1116,33 +1270,28 @@ class SQLiteRepository(SessionRepository):
             total = count + len(batch)
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
-            last_active = max(_time(last_us), at)
-            expires_at = policy.deadline(status, _time(created_us), last_active, None)
-            new_doc = _patch(
-                sid,
-                doc,
-                {"last_active": last_active, "expires_at": expires_at, "revision": revision + 1},
-            )
-            first = ", first_cf = ?" if count == 0 and batch else ""
-            params: tuple[Any, ...] = (
-                _us(last_active),
-                _us_or_none(expires_at),
-                revision + 1,
-                total,
-                new_doc,
-            )
-            if first:
-                params += (_casefold(batch[0].content),)
-            conn.execute(
-                "UPDATE sessions SET last_active = ?, expires_at = ?, revision = ?, "
-                f"message_count = ?, doc = ?{first} WHERE pk = ?",
-                (*params, pk),
-            )
-            self._insert_messages(conn, pk, count, bodies)
-            return _Row(sid, new_doc, count, (), batch)
+            if at_us > last_us:
+                last_us = at_us
+            expires_at = policy.deadline(status, _time(created_us), _time(last_us), None)
+            expires_us = None if expires_at is None else _us(expires_at)
+            revision += 1
+            if count or not batch:
+                conn.execute(
+                    "UPDATE sessions SET last_active = ?, expires_at = ?, revision = ?, "
+                    "message_count = ? WHERE pk = ?",
+                    (last_us, expires_us, revision, total, pk),
+                )
+            else:
+                conn.execute(
+                    "UPDATE sessions SET last_active = ?, expires_at = ?, revision = ?, "
+                    "message_count = ?, first_cf = ? WHERE pk = ?",
+                    (last_us, expires_us, revision, total, _casefold(batch[0].content), pk),
+                )
+            _store_messages(conn, pk, count, bodies)
+            return _Row(sid, doc, last_us, expires_us, revision, count, (), batch)
 
         row = await self._call(op, write=True)
-        return row.decode()
+        return row.decode(self._documents)
 
     async def touch(
         self,
@@ -1159,28 +1308,30 @@ class SQLiteRepository(SessionRepository):
 
         def op(conn: sqlite3.Connection) -> _Row | None:
             found = conn.execute(
-                "SELECT pk, doc, message_count, status, created_at, last_active, expires_at "
-                "FROM sessions WHERE id = ?",
+                "SELECT pk, doc, message_count, status, created_at, last_active, expires_at, "
+                "revision FROM sessions WHERE id = ?",
                 (str(sid),),
             ).fetchone()
             if found is None:
                 return None
-            pk, doc, count, status_name, created_us, last_us, expires_us = found
+            pk, doc, count, status_name, created_us, last_us, expires_us, revision = found
             status = _status(sid, status_name)
             expired = expires_us is not None and expires_us <= at_us
             if not (
                 status.is_terminal or expired or at_us - last_us < interval_us or at_us <= last_us
             ):
                 expires_at = policy.deadline(status, _time(created_us), at, None)
-                doc = _patch(sid, doc, {"last_active": at, "expires_at": expires_at})
+                last_us, expires_us = at_us, _us_or_none(expires_at)
                 conn.execute(
-                    "UPDATE sessions SET last_active = ?, expires_at = ?, doc = ? WHERE pk = ?",
-                    (at_us, _us_or_none(expires_at), doc, pk),
+                    "UPDATE sessions SET last_active = ?, expires_at = ? WHERE pk = ?",
+                    (last_us, expires_us, pk),
                 )
-            return self._row(conn, sid, pk, doc, count, last_messages)
+            start = _window_start(count, last_messages)
+            bodies = _read_messages(conn, sid, pk, start, count)
+            return _Row(sid, doc, last_us, expires_us, revision, start, bodies)
 
         row = await self._call(op, write=True)
-        return None if row is None else row.decode()
+        return None if row is None else row.decode(self._documents)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         sid = str(_check_id(session_id))
@@ -1201,15 +1352,16 @@ class SQLiteRepository(SessionRepository):
 
         def op(conn: sqlite3.Connection) -> _Row | None:
             row = conn.execute(
-                "SELECT pk, doc, message_count FROM sessions WHERE id = ? AND expires_at <= ?",
+                "SELECT pk, doc, message_count, last_active, expires_at, revision "
+                "FROM sessions WHERE id = ? AND expires_at <= ?",
                 (str(sid), now_us),
             ).fetchone()
             if row is None:
                 return None
-            pk, doc, count = row
+            pk, doc, count, last_us, expires_us, revision = row
             conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
             conn.execute("DELETE FROM sessions WHERE pk = ?", (pk,))
-            return _Row(sid, doc, count, ())
+            return _Row(sid, doc, last_us, expires_us, revision, count, ())
 
         found = await self._call(op, write=True)
         return None if found is None else found.decode()
@@ -1250,25 +1402,26 @@ class SQLiteRepository(SessionRepository):
             after_us = _us(after[0])
             where.append("(last_active < ? OR (last_active = ? AND id < ?))")
             params.extend((after_us, after_us, str(after[1])))
-        sql = "SELECT id, doc, message_count, last_active FROM sessions"
+        sql = "SELECT id, doc, message_count, last_active, expires_at, revision FROM sessions"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY last_active DESC, id DESC LIMIT ?"
         params.append(query.limit + 1)
 
-        def op(conn: sqlite3.Connection) -> list[tuple[str, bytes, int, int]]:
+        def op(conn: sqlite3.Connection) -> list[tuple[str, bytes, int, int, int | None, int]]:
             return conn.execute(sql, params).fetchall()
 
         rows = await self._call(op, write=False)
         items: list[Session] = []
-        for sid, doc, count, _ in rows[: query.limit]:
+        for sid, doc, count, last_us, expires_us, revision in rows[: query.limit]:
             try:
-                items.append(_Row(uuid.UUID(sid), doc, count, ()).decode())
+                row = _Row(uuid.UUID(sid), doc, last_us, expires_us, revision, count, ())
+                items.append(row.decode(self._documents))
             except SessionError as exc:
                 logger.warning("listing skips unreadable session %s: %s", sid, exc)
         next_cursor = None
         if len(rows) > query.limit:
-            last_id, _, _, last_us = rows[query.limit - 1]
+            last_id, _, _, last_us, _, _ = rows[query.limit - 1]
             next_cursor = encode_cursor(
                 _EPOCH + timedelta(microseconds=last_us), uuid.UUID(last_id), query
             )
