@@ -113,6 +113,11 @@ class SessionManager:
         if clock is not None and not isinstance(clock, Clock):
             raise InvalidConfiguration(f"clock must have now() and async sleep(); got {clock!r}.")
         self._repository = repository
+        # Does get_for_update() answer from snapshots the store holds? Then refusals
+        # (missing, expired, closed) are confirmed by a fresh read first.
+        self._held_snapshots = (
+            type(repository).get_for_update is not SessionRepository.get_for_update
+        )
         self._policy = ExpiryPolicy(
             idle_timeout=to_timedelta(idle_timeout, "idle_timeout"),
             max_age=to_timedelta(max_age, "max_age"),
@@ -374,8 +379,11 @@ class SessionManager:
 
     async def _read_open(self, sid: uuid.UUID) -> tuple[Session, datetime]:
         """The whole session and the time, if it is live and open; else raise."""
-        old = await self._repository.get(sid)
+        old = await self._repository.get_for_update(sid)
         now = self._clock.now()
+        if self._held_snapshots and (old is None or old.is_expired(now) or old.status.is_terminal):
+            # A held snapshot may lag behind other processes: refuse only what a read shows.
+            old = await self._repository.get(sid)
         if old is None or old.is_expired(now):
             raise SessionNotFound(sid)
         if old.status.is_terminal:

@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -110,12 +111,24 @@ async def latency_and_concurrency(url: str, n: int) -> list[tuple[str, str, str,
                 ("manager.get (touch script)", lambda: sessions.get(sid, last_messages=5)),
                 ("manager.add_message", lambda: sessions.add_message(a.id, "user", "hi")),
                 ("store.save (CAS script)", cas),
-                ("manager.update (get + CAS, 10 msgs)", lambda: sessions.update(u.id, bump)),
+                ("manager.update (held snapshot: 1 CAS)", lambda: sessions.update(u.id, bump)),
             ]
             for name, fn in cases:
                 samples = await timed(fn, n)
                 med = statistics.median(samples)
                 rows.append((name, f"{med:.0f}", f"{pct(samples, 0.99):.0f}", f"{med / base:.2f}"))
+            cold = RedisRepository(store.client, prefix=store.prefix, snapshot_cache=0)
+            async with SessionManager(cold, cleanup_interval=None) as reading:
+                samples = await timed(lambda: reading.update(u.id, bump), n)
+                med = statistics.median(samples)
+                rows.append(
+                    (
+                        "manager.update, snapshot_cache=0 (get+CAS)",
+                        f"{med:.0f}",
+                        f"{pct(samples, 0.99):.0f}",
+                        f"{med / base:.2f}",
+                    )
+                )
 
             rows.append(("", "", "", ""))
             rate = await concurrent_rate(lambda: raw.get("bench:raw"), 100, 200)
@@ -155,7 +168,7 @@ async def worker(url: str, prefix: str, ops: int, tasks: int) -> None:
         sys.stdout.write("ready\n")
         sys.stdout.flush()
         await anyio.to_thread.run_sync(sys.stdin.readline)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
 
         async def run(sid: uuid.UUID) -> None:
             for _ in range(ops // tasks):
@@ -164,11 +177,20 @@ async def worker(url: str, prefix: str, ops: int, tasks: int) -> None:
         async with anyio.create_task_group() as tg:
             for sid in ids:
                 tg.start_soon(run, sid)
-        elapsed = time.perf_counter() - start
-    sys.stdout.write(json.dumps({"ops": ops // tasks * tasks, "elapsed": elapsed}) + "\n")
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    result = {"ops": ops // tasks * tasks, "elapsed": elapsed, "cpu": cpu}
+    sys.stdout.write(json.dumps(result) + "\n")
 
 
-def processes(url: str, count: int, ops: int, backend: str) -> float:
+async def server_cpu(url: str) -> float:
+    """CPU seconds the redis-server has used so far (user + system)."""
+    async with coredis.Redis.from_url(url, decode_responses=True) as probe:
+        info = await probe.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def processes(url: str, count: int, ops: int, backend: str) -> dict[str, float]:
+    """Run ``count`` worker processes at once: ops/s, and where the CPU went."""
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
     cmd = [
         sys.executable,
@@ -189,16 +211,46 @@ def processes(url: str, count: int, ops: int, backend: str) -> float:
     for p in procs:
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "ready"
+    server_before = anyio.run(server_cpu, url)
     start = time.perf_counter()
     for p in procs:
         assert p.stdin is not None
         p.stdin.write("go\n")
         p.stdin.flush()
-    total = 0
+    total, worker_cpu = 0, 0.0
     for p in procs:
         out, _ = p.communicate(timeout=300)
-        total += json.loads(out.strip().splitlines()[-1])["ops"]
-    return total / (time.perf_counter() - start)
+        result = json.loads(out.strip().splitlines()[-1])
+        total += result["ops"]
+        worker_cpu += result["cpu"]
+    wall = time.perf_counter() - start
+    server = anyio.run(server_cpu, url) - server_before
+    return {
+        "rate": total / wall,
+        "server_busy": server / wall,
+        "workers_busy": worker_cpu / wall,
+        "server_us_per_op": server / total * 1e6,
+        "worker_us_per_op": worker_cpu / total * 1e6,
+    }
+
+
+def _burn(seconds: float) -> int:
+    end, n = time.process_time() + seconds, 0
+    while time.process_time() < end:
+        n += 1
+    return n
+
+
+def cpu_ceiling(count: int) -> float:
+    """Pure-Python loops per second of ``count`` processes running at once.
+
+    Shows how much parallel CPU this machine really gives to several processes.
+    """
+    with ProcessPoolExecutor(count) as pool:
+        list(pool.map(_burn, [0.05] * count))  # start the processes first
+        start = time.perf_counter()
+        loops = sum(pool.map(_burn, [1.0] * count))
+        return loops / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -215,17 +267,33 @@ def main() -> None:
     server = start_redis()
     try:
         rows = anyio.run(latency_and_concurrency, server.url, args.n, backend=args.backend)
-        for count in (1, 2, 4):
-            rate = processes(server.url, count, args.ops, args.backend)
-            rows.append(
-                (f"{count} process(es) x 50 tasks add_message", f"{rate:,.0f} ops/s", "", "")
-            )
+        scaling = [
+            (count, processes(server.url, count, args.ops, args.backend)) for count in (1, 2, 4)
+        ]
     finally:
         server.stop()
+    ceiling = [cpu_ceiling(count) for count in (1, 2, 4)]
     print(f"backend: {args.backend}, Python {sys.version.split()[0]}, cores: {os.cpu_count()}")
     print(f"{'operation':44} {'p50 us':>14} {'p99 us':>8} {'x raw GET':>9}")
     for name, p50, p99, ratio in rows:
         print(f"{name:44} {p50:>14} {p99:>8} {ratio:>9}")
+    print()
+    print("worker processes x 50 tasks doing add_message (CPU: busy cores; us of CPU per op)")
+    header = ("procs", "ops/s", "x 1 proc", "server CPU", "workers CPU", "server us/op")
+    print("{:>5} {:>9} {:>8} {:>11} {:>12} {:>13} {:>13}".format(*header, "worker us/op"))
+    first = scaling[0][1]["rate"]
+    for count, r in scaling:
+        print(
+            f"{count:>5} {r['rate']:>9,.0f} {r['rate'] / first:>8.2f} "
+            f"{r['server_busy']:>11.2f} {r['workers_busy']:>12.2f} "
+            f"{r['server_us_per_op']:>13.0f} {r['worker_us_per_op']:>13.0f}"
+        )
+    saturation = 1e6 / min(r["server_us_per_op"] for _, r in scaling)
+    print(f"the server saturates near {saturation:,.0f} add_message/s (1 core / its CPU per op)")
+    print(
+        "machine ceiling, pure-Python loops of 1 / 2 / 4 processes at once: "
+        + " / ".join(f"{c / ceiling[0]:.2f}x" for c in ceiling)
+    )
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from ..abc import (
     decode_cursor,
     encode_cursor,
 )
+from ._held import HeldSnapshots
 
 if TYPE_CHECKING:
     import coredis
@@ -189,20 +190,30 @@ return 1
 """
 
 # KEYS s m; ARGV P id expected doc rev st owner ca la ex cl grace mode msgs...
+# mode: 'r' rewrites the history, 'a' appends msgs; a trailing 'c' asks for the current
+# session (as _GET replies) when the revision does not match. A refused save marks the
+# session contended ('cf'); the next successful save clears the mark and says so, and
+# that writer then reads before its next update, so it cannot starve the others.
 _SAVE = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
-local cur = redis.call('HMGET', s, 'r', 'st', 'o')
+local cur = redis.call('HMGET', s, 'r', 'st', 'o', 'cf')
 if not cur[1] then
   forget_if_known(id)
   return {-1}
 end
-if cur[1] ~= ARGV[3] then return {-2, cur[1]} end
+if cur[1] ~= ARGV[3] then
+  redis.call('HSET', s, 'cf', '1')
+  if string.sub(ARGV[13], 2, 2) == 'c' then
+    return {-2, cur[1], reply(redis.call('HMGET', s, 'd', 'r', 'la', 'ex'), m, '')}
+  end
+  return {-2, cur[1]}
+end
 local st, owner, ex, cl = ARGV[6], opt(ARGV[7]), opt(ARGV[10]), opt(ARGV[11])
 redis.call('HSET', s, 'd', ARGV[4], 'r', ARGV[5], 'st', st, 'ca', ARGV[8], 'la', ARGV[9])
 if owner then redis.call('HSET', s, 'o', owner) else redis.call('HDEL', s, 'o') end
 if ex then redis.call('HSET', s, 'ex', ex) else redis.call('HDEL', s, 'ex') end
 if cl then redis.call('HSET', s, 'cl', cl) else redis.call('HDEL', s, 'cl') end
-if ARGV[13] == 'r' then redis.call('DEL', m) end
+if string.sub(ARGV[13], 1, 1) == 'r' then redis.call('DEL', m) end
 push(m, 14)
 if cur[2] ~= st or cur[3] ~= owner then
   count(cur[3], cur[2], -1)
@@ -212,6 +223,10 @@ if cur[2] ~= st or cur[3] ~= owner then
 end
 index_times(id, owner, tonumber(ARGV[9]), ex and tonumber(ex))
 keep_until(s, m, id, owner, st, ex and tonumber(ex), tonumber(ARGV[12]))
+if cur[4] then
+  redis.call('HDEL', s, 'cf')
+  return {1, 1}
+end
 return {1}
 """
 
@@ -486,6 +501,12 @@ class RedisRepository(SessionRepository, EventTransport):
     The store's own client does not retry writes: a write whose reply was lost may have
     been applied, and the error says so. Use a standalone Redis (or a single primary);
     Redis Cluster is not supported.
+
+    ``snapshot_cache`` is how many sessions this store remembers as it last wrote or
+    read them, so that the manager's ``update()`` is one round trip (the compare-and-set
+    script) instead of a read plus a compare-and-set. The server's revision check stays
+    the authority: when another process changed the session, the script refuses the
+    stale snapshot and the manager reads again. ``0`` turns it off.
     """
 
     def __init__(
@@ -496,6 +517,7 @@ class RedisRepository(SessionRepository, EventTransport):
         key_expiry_grace: timedelta | None = timedelta(hours=1),
         timeout: float | None = 10.0,
         max_connections: int | None = None,
+        snapshot_cache: int = 1_000,
     ) -> None:
         module = _import_coredis()
         if not isinstance(prefix, str) or not prefix:
@@ -552,6 +574,7 @@ class RedisRepository(SessionRepository, EventTransport):
         self._expired = register(_PRELUDE + _EXPIRED)
         self._list = register(_PRELUDE + _LIST)
         self._entered: contextlib.AsyncExitStack | None = None
+        self._held = HeldSnapshots(snapshot_cache)
         self._docs: _Decoded[Session] = _Decoded(2_000)
         self._messages: _Decoded[Message] = _Decoded(20_000)
 
@@ -585,6 +608,7 @@ class RedisRepository(SessionRepository, EventTransport):
         logger.debug("opened Redis store at %s (prefix %s)", self._address, self._prefix)
 
     async def _close(self) -> None:
+        self._held.clear()
         stack, self._entered = self._entered, None
         if stack is not None:
             await stack.aclose()
@@ -708,7 +732,18 @@ class RedisRepository(SessionRepository, EventTransport):
     ) -> Session | None:
         lastn = "" if last_messages is None else str(max(0, last_messages))
         reply = await self._run(self._get, "a read", self._keys(session_id), [lastn], write=False)
-        return self._from_reply(session_id, reply)
+        session = self._from_reply(session_id, reply)
+        if session is None:
+            self._held.drop(session_id)
+        else:
+            self._held.keep(session)
+        return session
+
+    async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
+        held = self._held.get(session_id)
+        if held is not None:
+            return held
+        return await self.get(session_id)
 
     async def add(self, session: Session) -> None:
         args = [str(session.id), *self._fields(session)]
@@ -716,6 +751,7 @@ class RedisRepository(SessionRepository, EventTransport):
         added = await self._run(self._add, "an add", self._keys(session.id), args)
         if not added:
             raise SessionConflict(session.id, expected_revision=None)
+        self._held.keep(session)
 
     async def save(
         self,
@@ -736,18 +772,23 @@ class RedisRepository(SessionRepository, EventTransport):
             mode, messages = "a", new_messages  # type: ignore[assignment]
         args: list[str | bytes] = [str(session.id), str(expected_revision)]
         args.extend(self._fields(session))
-        args.append(mode)
+        args.append(mode + ("c" if self._held.enabled else ""))
         args.extend(dump_message(m) for m in messages)
+        self._held.drop(session.id)  # until the server confirms (errors, cancellation)
         reply = await self._run(self._save, "a save", self._keys(session.id), args)
         code = int(reply[0])
         if code == -1:
             raise SessionNotFound(session.id)
         if code == -2:
+            if len(reply) > 2:  # the current session: the caller's retry needs no read
+                self._held.keep(self._from_reply(session.id, reply[2]))
             raise SessionConflict(
                 session.id,
                 expected_revision=expected_revision,
                 actual_revision=int(reply[1]),
             )
+        if len(reply) == 1:  # else others lost races for it: read before the next update
+            self._held.keep(session)
 
     async def append(
         self,
@@ -767,6 +808,7 @@ class RedisRepository(SessionRepository, EventTransport):
             self._grace,
         ]
         args.extend(dump_message(m) for m in messages)
+        before = self._held.take(session_id)
         reply = await self._run(self._append, "an append", self._keys(session_id), args)
         code = int(reply[0])
         if code == -1:
@@ -778,7 +820,15 @@ class RedisRepository(SessionRepository, EventTransport):
             raise LimitExceeded("Messages in this session", max_messages, int(reply[1]))
         _, doc, revision, last_active, expires_at, total = reply
         log = MessageLog(messages, offset=int(total) - len(messages))
-        return self._build(session_id, doc, revision, last_active, expires_at, log)
+        session = self._build(session_id, doc, revision, last_active, expires_at, log)
+        self._held.appended(
+            before,
+            messages,
+            revision=session.revision,
+            last_active=session.last_active,
+            expires_at=session.expires_at,
+        )
+        return session
 
     async def touch(
         self,
@@ -798,13 +848,20 @@ class RedisRepository(SessionRepository, EventTransport):
             str(policy.touch_interval // timedelta(microseconds=1)),
         ]
         reply = await self._run(self._touch, "a touch", self._keys(session_id), args)
-        return self._from_reply(session_id, reply)
+        session = self._from_reply(session_id, reply)
+        if session is None:
+            self._held.drop(session_id)
+        else:
+            self._held.keep(session)
+        return session
 
     async def delete(self, session_id: uuid.UUID) -> bool:
+        self._held.drop(session_id)
         reply = await self._run(self._delete, "a delete", self._keys(session_id), [str(session_id)])
         return bool(reply)
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
+        self._held.drop(session_id)
         reply = await self._run(
             self._remove_expired,
             "an expiry removal",

@@ -147,6 +147,28 @@ class RepositoryContract:
         assert (await raises(SessionConflict, stale, "a stale save")).recoverable
         assert await repository.get(session.id) == first
 
+    async def test_get_for_update_follows_this_stores_writes(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        session = make_session(messages=("one",))
+        assert await repository.get_for_update(session.id) is None
+        await repository.add(session)
+        base = await repository.get_for_update(session.id)
+        assert base == session and base is not None and base.messages.is_complete
+        first = changed(base, messages=base.messages.append(msg("two")), state={"k": 2})
+        await repository.save(first, expected_revision=0, new_messages=[msg("two")])
+        assert await repository.get_for_update(session.id) == first
+        await repository.append(session.id, [msg("three", 1)], at=at(1), policy=POLICY)
+        latest = await repository.get_for_update(session.id)
+        assert latest == await repository.get(session.id)
+        assert latest is not None and latest.revision == 2
+        assert [m.content for m in latest.messages] == ["one", "two", "three"]
+        stale = repository.save(changed(first, state={"k": 3}), expected_revision=1)
+        await raises(SessionConflict, stale, "a save based on an older snapshot")
+        assert await repository.get_for_update(session.id) == latest
+        await repository.delete(session.id)
+        assert await repository.get_for_update(session.id) is None
+
     async def test_save_missing_raises_not_found(
         self, repository: SessionRepository, anyio_backend: Any
     ) -> None:

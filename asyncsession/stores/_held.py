@@ -1,0 +1,96 @@
+"""Recently written snapshots a store keeps to base the next update on (no round trip)."""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import datetime
+
+from .._exceptions import InvalidConfiguration
+from .._models import Message, Session, replace_trusted
+
+__all__ = ["HeldSnapshots"]
+
+
+class HeldSnapshots:
+    """A bounded LRU of whole-history snapshots, newest revision wins.
+
+    Only an optimisation for :meth:`SessionRepository.get_for_update`: the store's
+    compare-and-set stays the authority, so a stale entry costs a retry, never a lost
+    write. Callers :meth:`drop` an entry before any write whose outcome they may not
+    learn (errors, cancellation) and :meth:`keep` what the store confirmed.
+    """
+
+    __slots__ = ("_items", "_size")
+
+    def __init__(self, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidConfiguration(
+                f"snapshot_cache must be an int >= 0 (0 turns it off), got {size!r}."
+            )
+        self._size = size
+        self._items: OrderedDict[uuid.UUID, Session] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether snapshots are kept at all (size > 0)."""
+        return self._size > 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, session_id: uuid.UUID) -> Session | None:
+        """The held snapshot of a session (marked recently used), or None."""
+        session = self._items.get(session_id)
+        if session is not None:
+            self._items.move_to_end(session_id)
+        return session
+
+    def keep(self, session: Session | None) -> None:
+        """Hold ``session`` if it has its whole history and is not older than the entry."""
+        if session is None or self._size == 0 or not session.messages.is_complete:
+            return
+        held = self._items.get(session.id)
+        if held is not None and (
+            held.revision > session.revision
+            or (held.revision == session.revision and held.last_active > session.last_active)
+        ):
+            return  # a reply that raced with a newer local write
+        self._items[session.id] = session
+        self._items.move_to_end(session.id)
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def take(self, session_id: uuid.UUID) -> Session | None:
+        """Remove and return the held snapshot (before a write that may not report back)."""
+        return self._items.pop(session_id, None)
+
+    def appended(
+        self,
+        before: Session | None,
+        messages: Sequence[Message],
+        *,
+        revision: int,
+        last_active: datetime,
+        expires_at: datetime | None,
+    ) -> None:
+        """Follow a confirmed append to ``before`` (what :meth:`take` returned)."""
+        if before is not None and before.revision == revision - 1:
+            self.keep(
+                replace_trusted(
+                    before,
+                    messages=before.messages.extend(messages),
+                    revision=revision,
+                    last_active=last_active,
+                    expires_at=expires_at,
+                )
+            )
+
+    def drop(self, session_id: uuid.UUID) -> None:
+        """Forget a session (its next update reads it again)."""
+        self._items.pop(session_id, None)
+
+    def clear(self) -> None:
+        """Forget everything (e.g. when the store closes)."""
+        self._items.clear()

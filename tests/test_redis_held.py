@@ -1,0 +1,182 @@
+"""Held snapshots: `update()` is one round trip, and stays correct across processes.
+
+Two RedisRepository objects on one server and prefix stand for two processes (each has
+its own held snapshots). The server's compare-and-set is the authority; these tests show
+that a stale held snapshot never loses a write nor refuses a live session.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+import coredis
+import pytest
+from redis_support import RedisServer
+
+from asyncsession import (
+    InvalidConfiguration,
+    Session,
+    SessionClosed,
+    SessionManager,
+    SessionNotFound,
+    SessionStatus,
+)
+from asyncsession.stores.redis import RedisRepository
+from asyncsession.testing import ManualClock
+
+pytestmark = pytest.mark.anyio
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def bump(key: str) -> Any:
+    def fn(session: Session) -> Session:
+        return session.with_state({key: session.state.get(key, 0) + 1})
+
+    return fn
+
+
+@pytest.fixture
+async def pair(
+    redis_server: RedisServer, anyio_backend: str
+) -> AsyncIterator[tuple[SessionManager, SessionManager, ManualClock]]:
+    """Two managers, as two processes would have, sharing one clock."""
+    clock = ManualClock(T0)
+    key_prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    async with AsyncExitStack() as stack:
+        managers = [
+            await stack.enter_async_context(
+                SessionManager(
+                    # the manual clock is far from the server's: no key expiry
+                    RedisRepository(redis_server.url, prefix=key_prefix, key_expiry_grace=None),
+                    clock=clock,
+                    idle_timeout=60,
+                    cleanup_interval=None,
+                )
+            )
+            for _ in range(2)
+        ]
+        yield managers[0], managers[1], clock
+
+
+async def scripts_during(server: RedisServer, action: Any) -> int:
+    """How many scripts (the store's round trips) the server ran for ``action()``."""
+    async with coredis.Redis(host="127.0.0.1", port=server.port, decode_responses=True) as probe:
+
+        async def calls() -> int:
+            stats = await probe.info("commandstats")
+            return sum(  # NOSCRIPT answers (a script's first use) are failed calls
+                int(value["calls"]) - int(value.get("failed_calls", 0))
+                for key, value in stats.items()
+                if key.startswith(("cmdstat_eval", "cmdstat_fcall"))
+            )
+
+        before = await calls()
+        await action()
+        return await calls() - before
+
+
+async def test_warm_update_is_one_round_trip(
+    pair: tuple[SessionManager, SessionManager, ManualClock], redis_server: RedisServer
+) -> None:
+    a, _, _ = pair
+    session = await a.create(state={"n": 0})
+    assert await scripts_during(redis_server, lambda: a.update(session.id, bump("n"))) == 1
+    await a.add_message(session.id, "user", "hi")  # the held snapshot follows appends
+    assert await scripts_during(redis_server, lambda: a.update(session.id, bump("n"))) == 1
+    final = await a.get(session.id, touch=False)
+    assert final.state["n"] == 2 and final.revision == 3
+    assert [m.content for m in final.messages] == ["hi"]
+
+
+async def test_without_the_cache_update_reads_first(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    store = RedisRepository(redis_server.url, prefix=f"test:{uuid.uuid4().hex}:", snapshot_cache=0)
+    async with SessionManager(store, cleanup_interval=None) as manager:
+        session = await manager.create()
+        assert (
+            await scripts_during(redis_server, lambda: manager.update(session.id, bump("n"))) == 2
+        )
+
+
+@pytest.mark.parametrize("size", [-1, 1.5, True, "10"])
+def test_snapshot_cache_size_is_checked(redis_server: RedisServer, size: Any) -> None:
+    with pytest.raises(InvalidConfiguration, match="snapshot_cache"):
+        RedisRepository(redis_server.url, snapshot_cache=size)
+
+
+async def test_other_process_writes_are_never_lost(
+    pair: tuple[SessionManager, SessionManager, ManualClock],
+) -> None:
+    a, b, _ = pair
+    session = await a.create(state={"a": 0, "b": 0})
+    await a.update(session.id, bump("a"))  # a now holds revision 1
+    await b.update(session.id, bump("b"))  # revision 2, unknown to a
+    await b.add_message(session.id, "user", "from b")  # revision 3
+    result = await a.update(session.id, bump("a"))  # stale snapshot refused, re-read
+    assert result.state == {"a": 2, "b": 1} and result.revision == 4
+    assert [m.content for m in result.messages] == ["from b"]
+    assert await b.get(session.id, touch=False) == result
+
+
+async def test_many_tasks_in_two_managers_apply_every_update(
+    pair: tuple[SessionManager, SessionManager, ManualClock],
+) -> None:
+    a, b, _ = pair
+    session = await a.create(state={"n": 0})
+
+    async def worker(manager: SessionManager) -> None:
+        for _ in range(25):
+            await manager.update(session.id, bump("n"))
+
+    async with anyio.create_task_group() as tg:
+        for manager in (a, b, a, b):
+            tg.start_soon(worker, manager)
+    final = await a.get(session.id, touch=False)
+    assert final.state["n"] == 100 and final.revision == 100
+
+
+async def test_stale_idle_deadline_does_not_refuse_a_touched_session(
+    pair: tuple[SessionManager, SessionManager, ManualClock],
+) -> None:
+    a, b, clock = pair
+    session = await a.create()
+    await a.update(session.id, bump("n"))  # a holds last_active T0
+    clock.advance(50)
+    await b.get(session.id)  # b's read moves the idle deadline (no new revision)
+    clock.advance(50)  # past a's held deadline (T0 + 60 s), not the stored one
+    result = await a.update(session.id, bump("n"))
+    assert result.state["n"] == 2 and result.last_active == clock.now()
+
+
+async def test_close_and_delete_elsewhere_are_seen(
+    pair: tuple[SessionManager, SessionManager, ManualClock],
+) -> None:
+    a, b, _ = pair
+    closed, deleted = await a.create(), await a.create()
+    for sid in (closed.id, deleted.id):
+        await a.update(sid, bump("n"))
+    await b.close(closed.id)
+    await b.delete(deleted.id)
+    with pytest.raises(SessionClosed):
+        await a.update(closed.id, bump("n"))
+    with pytest.raises(SessionNotFound):
+        await a.update(deleted.id, bump("n"))
+    assert (await b.get(closed.id, touch=False)).status is SessionStatus.EXITED
+
+
+async def test_archive_elsewhere_then_reactivate_is_seen(
+    pair: tuple[SessionManager, SessionManager, ManualClock],
+) -> None:
+    a, b, _ = pair
+    session = await a.create()
+    await a.archive(session.id)  # a holds the archived snapshot
+    await b.activate(session.id)
+    result = await a.update(session.id, bump("n"))
+    assert result.status is SessionStatus.ACTIVE and result.state["n"] == 1
