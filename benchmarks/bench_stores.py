@@ -61,8 +61,12 @@ class LoopThreadSQLite(SQLiteRepository):
         self._accepting = False
         self._floor.close()
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+    async def _call(
+        self, fn: Callable[[sqlite3.Connection], T], *, write: bool, transaction: bool = True
+    ) -> T:
         conn = self._floor
+        if not (transaction or write):  # one read statement: no BEGIN/COMMIT (as the worker)
+            return fn(conn)
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             result = fn(conn)

@@ -33,6 +33,7 @@ with the next batch at once.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import queue
@@ -77,6 +78,7 @@ from .._models import (
     validate_name,
     validate_owner,
 )
+from .._models import _replace_trusted as _replace_any
 from .._serialization import (
     dump_message,
     load_message,
@@ -200,6 +202,9 @@ def _casefold(value: str | None) -> str | None:
 
 # -- message decoding -----------------------------------------------------------------
 
+#: :func:`replace_trusted` without its keyword-dict wrapper (stores' hot path).
+_replace_trusted: Callable[..., Session] = _replace_any
+
 _new = object.__new__
 _set = object.__setattr__
 _fromisoformat = datetime.fromisoformat
@@ -320,9 +325,11 @@ class _Documents:
     A document holds no hot fields and no messages (see the layout), so appends and
     touches leave it unchanged and the next read of that session finds its decoded
     fields here: a hit skips JSON parsing, timestamp parsing, validation and freezing
-    of the state. Entries are immutable sessions without messages (templates); bounded,
-    oldest dropped first. Decoding runs on the callers' threads: every operation here
-    is a single dict operation, and a lost race only costs a decode.
+    of the state. Entries are immutable sessions without messages (templates) with the
+    column values their times were made from, so an unchanged ``last_active`` is not
+    converted again either. Bounded, oldest dropped first. Decoding runs on the callers'
+    threads: every operation here is a single dict operation, and a lost race only
+    costs a decode.
     """
 
     __slots__ = ("_entries", "_limit")
@@ -331,20 +338,25 @@ class _Documents:
     MAX_SIZE: Final = 16_384
 
     def __init__(self, limit: int = 1024) -> None:
-        self._entries: dict[bytes, Session] = {}
+        self._entries: dict[bytes, _Template] = {}
         self._limit = limit
 
-    def get(self, doc: bytes) -> Session | None:
+    def get(self, doc: bytes) -> _Template | None:
         return self._entries.get(doc)
 
-    def put(self, doc: bytes, session: Session) -> None:
+    def put(self, doc: bytes, template: _Template) -> None:
         if len(doc) > self.MAX_SIZE:
             return
         entries = self._entries
-        if len(entries) >= self._limit:
+        if len(entries) >= self._limit and doc not in entries:
             with contextlib.suppress(KeyError, RuntimeError, StopIteration):
                 del entries[next(iter(entries))]  # unless another thread got there first
-        entries[doc] = replace_trusted(session, messages=EMPTY_LOG)
+        entries[doc] = template
+
+
+#: A cached document: the session without messages, and the ``last_active`` and
+#: ``expires_at`` columns (microseconds) its times were made from.
+_Template = tuple[Session, int, int | None]
 
 
 @attrs.frozen(slots=True)
@@ -366,7 +378,7 @@ class _Row:
     messages: Sequence[Message] | None = None  # already decoded (append's own messages)
 
     def decode(self, documents: _Documents | None = None) -> Session:
-        template = None if documents is None else documents.get(self.doc)
+        cached = None if documents is None else documents.get(self.doc)
         if self.messages is not None:
             log = MessageLog(self.messages, offset=self.start)
         else:
@@ -377,16 +389,27 @@ class _Row:
                 self.start,
                 session_id=self.session_id,
             )
-        last_active = _time(self.last_active)
-        expires_at = None if self.expires_at is None else _time(self.expires_at)
-        if template is not None and template.id == self.session_id:
-            return replace_trusted(
+        last_us, expires_us = self.last_active, self.expires_at
+        if cached is not None and cached[0].id == self.session_id:
+            template, cached_last, cached_expires = cached
+            if last_us == cached_last and expires_us == cached_expires:
+                return _replace_trusted(template, revision=self.revision, messages=log)
+            template = _replace_trusted(
                 template,
-                last_active=last_active,
-                expires_at=expires_at,
-                revision=self.revision,
-                messages=log,
+                last_active=template.last_active if last_us == cached_last else _time(last_us),
+                expires_at=(
+                    template.expires_at
+                    if expires_us == cached_expires
+                    else None
+                    if expires_us is None
+                    else _time(expires_us)
+                ),
             )
+            if documents is not None:
+                documents.put(self.doc, (template, last_us, expires_us))
+            return _replace_trusted(template, revision=self.revision, messages=log)
+        last_active = _time(last_us)
+        expires_at = None if expires_us is None else _time(expires_us)
         try:
             doc = orjson.loads(self.doc)
         except orjson.JSONDecodeError as exc:
@@ -397,7 +420,8 @@ class _Row:
         if session is None:
             session = self._decode_slowly(doc, log, last_active, expires_at)
         elif documents is not None:
-            documents.put(self.doc, session)
+            template = _replace_trusted(session, messages=EMPTY_LOG)
+            documents.put(self.doc, (template, last_us, expires_us))
         if session.id != self.session_id:
             raise CorruptSessionError(
                 f"stored document has id {session.id}", session_id=self.session_id
@@ -449,6 +473,18 @@ _SEP: Final = b"\n"  # compact JSON never contains a raw newline
 _INSERT_MESSAGES = "INSERT INTO messages (session_pk, seq, body) VALUES (?, ?, ?)"
 
 
+_ALL_MESSAGES: Final = 1 << 62
+#: A session and the rows of its last ``?`` messages (from the row holding message
+#: ``message_count - ?`` on): one statement, so it needs no explicit transaction.
+_READ_SESSION = (
+    "SELECT s.doc, s.message_count, s.last_active, s.expires_at, s.revision, m.seq, m.body "
+    "FROM sessions AS s LEFT JOIN messages AS m ON m.session_pk = s.pk AND m.seq >= "
+    "(SELECT max(seq) FROM messages WHERE session_pk = s.pk "
+    "AND seq <= max(0, s.message_count - ?)) "
+    "WHERE s.id = ? ORDER BY m.seq"
+)
+
+
 def _window_start(count: int, last_messages: int | None) -> int:
     return 0 if last_messages is None else max(0, count - max(0, last_messages))
 
@@ -472,10 +508,22 @@ def _read_messages(
             "(SELECT max(seq) FROM messages WHERE session_pk = ? AND seq <= ?) ORDER BY seq",
             (pk, pk, start),
         )
+    return _assemble(session_id, rows, 0, start, count)
+
+
+def _assemble(
+    session_id: uuid.UUID, rows: Iterable[Sequence[Any]], column: int, start: int, count: int
+) -> list[bytes]:
+    """Messages ``start`` to ``count - 1`` from ``rows`` (``seq, body`` at ``column``)."""
+    if start >= count:
+        return []
     bodies: list[bytes] = []
     first = position = -1
-    for seq, body in rows:
+    for row in rows:
+        seq, body = row[column], row[column + 1]
         if position < 0:
+            if seq is None:  # a LEFT JOIN found no message rows
+                break
             first = position = seq
         elif seq != position:
             break
@@ -541,13 +589,19 @@ _QUEUED, _RUNNING, _CANCELLED, _DONE = range(4)
 class _Request:
     """One operation handed to the worker thread and the way back to its caller."""
 
-    __slots__ = ("error", "event", "fn", "result", "state", "token", "write")
+    __slots__ = ("error", "event", "fn", "result", "state", "token", "transaction", "write")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any] | None, write: bool) -> None:
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], Any] | None,
+        write: bool,
+        transaction: bool = True,
+    ) -> None:
         self.fn = fn
         self.write = write
-        self.event = anyio.Event()
-        self.token = anyio.lowlevel.current_token()
+        self.transaction = transaction  # False: one read statement, a snapshot by itself
+        self.token = token = anyio.lowlevel.current_token()
+        self.event = token.backend_class.create_event()
         self.state = _QUEUED
         self.result: Any = None
         self.error: BaseException | None = None
@@ -755,13 +809,17 @@ class SQLiteRepository(SessionRepository):
 
     # -- the caller's side of a request -------------------------------------------------
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+    async def _call(
+        self, fn: Callable[[sqlite3.Connection], T], *, write: bool, transaction: bool = True
+    ) -> T:
+        """Run ``fn`` on the worker in a transaction (``transaction=False``: a read that
+        runs a single statement, which SQLite already runs as one snapshot)."""
         if not self._accepting:
             raise StorageError(
                 f"{self!r} is not open. Use `async with SQLiteRepository(path) as repo:` "
                 "or pass it to `async with SessionManager(repo)`."
             )
-        request = _Request(fn, write)
+        request = _Request(fn, write, transaction or write)
         self._queue.put(request)
         try:
             await request.event.wait()
@@ -914,6 +972,9 @@ class SQLiteRepository(SessionRepository):
         delay = 0.001
         while True:
             try:
+                if not request.transaction:
+                    request.result = request.fn(conn)
+                    return
                 self._begin(conn, request.write)
                 try:
                     request.result = request.fn(conn)
@@ -1094,16 +1155,16 @@ class SQLiteRepository(SessionRepository):
     def _read(
         conn: sqlite3.Connection, session_id: uuid.UUID, last_messages: int | None
     ) -> _Row | None:
-        row = conn.execute(
-            "SELECT pk, doc, message_count, last_active, expires_at, revision FROM sessions "
-            "WHERE id = ?",
-            (str(session_id),),
-        ).fetchone()
-        if row is None:
+        """The session and its last messages in one statement (a snapshot by itself)."""
+        wanted = _ALL_MESSAGES if last_messages is None else max(0, last_messages)
+        rows = conn.execute(_READ_SESSION, (wanted, str(session_id)))
+        first = rows.fetchone()
+        if first is None:
             return None
-        pk, doc, count, last_us, expires_us, revision = row
+        doc, count, last_us, expires_us, revision = first[:5]
         start = _window_start(count, last_messages)
-        bodies = _read_messages(conn, session_id, pk, start, count)
+        # Streamed, not fetchall(): each chunk is split and dropped while reading.
+        bodies = _assemble(session_id, itertools.chain((first,), rows), 5, start, count)
         return _Row(session_id, doc, last_us, expires_us, revision, start, bodies)
 
     @staticmethod
@@ -1203,7 +1264,7 @@ class SQLiteRepository(SessionRepository):
         def op(conn: sqlite3.Connection) -> _Row | None:
             return self._read(conn, sid, last_messages)
 
-        row = await self._call(op, write=False)
+        row = await self._call(op, write=False, transaction=False)
         return None if row is None else row.decode(self._documents)
 
     async def add(self, session: Session) -> None:
@@ -1378,7 +1439,7 @@ class SQLiteRepository(SessionRepository):
                 )
             ]
 
-        return [uuid.UUID(i) for i in await self._call(op, write=False)]
+        return [uuid.UUID(i) for i in await self._call(op, write=False, transaction=False)]
 
     async def list(self, query: SessionQuery) -> Page:
         after = decode_cursor(query)
@@ -1411,7 +1472,7 @@ class SQLiteRepository(SessionRepository):
         def op(conn: sqlite3.Connection) -> list[tuple[str, bytes, int, int, int | None, int]]:
             return conn.execute(sql, params).fetchall()
 
-        rows = await self._call(op, write=False)
+        rows = await self._call(op, write=False, transaction=False)
         items: list[Session] = []
         for sid, doc, count, last_us, expires_us, revision in rows[: query.limit]:
             try:
@@ -1436,7 +1497,7 @@ class SQLiteRepository(SessionRepository):
             return conn.execute(sql, (owner,)).fetchall()
 
         counts: dict[SessionStatus, int] = {}
-        for status, n in await self._call(op, write=False):
+        for status, n in await self._call(op, write=False, transaction=False):
             try:
                 counts[SessionStatus(status)] = n
             except ValueError:
