@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import anyio
-import anyio.from_thread
 import anyio.lowlevel
+import anyio.to_thread
 import attrs
 import orjson
 
@@ -359,23 +359,45 @@ class _Documents:
 _Template = tuple[Session, int, int | None]
 
 
-@attrs.frozen(slots=True)
 class _Row:
     """What the worker read for one session; decoded on the caller's thread.
 
     Messages are not decoded here: the session gets a lazy log that decodes each
     message when it is first read, so a damaged one raises :class:`CorruptSessionError`
-    when that message is accessed, not when the session is loaded.
+    when that message is accessed, not when the session is loaded. (A plain slotted
+    class: built on the worker for every operation, never changed afterwards.)
     """
 
-    session_id: uuid.UUID
-    doc: bytes
-    last_active: int  # the hot fields, from their columns (microseconds)
-    expires_at: int | None
-    revision: int
-    start: int
-    bodies: Sequence[bytes]
-    messages: Sequence[Message] | None = None  # already decoded (append's own messages)
+    __slots__ = (
+        "bodies",
+        "doc",
+        "expires_at",
+        "last_active",
+        "messages",
+        "revision",
+        "session_id",
+        "start",
+    )
+
+    def __init__(
+        self,
+        session_id: uuid.UUID,
+        doc: bytes,
+        last_active: int,  # the hot fields, from their columns (microseconds)
+        expires_at: int | None,
+        revision: int,
+        start: int,
+        bodies: Sequence[bytes],
+        messages: Sequence[Message] | None = None,  # already decoded (append's own)
+    ) -> None:
+        self.session_id = session_id
+        self.doc = doc
+        self.last_active = last_active
+        self.expires_at = expires_at
+        self.revision = revision
+        self.start = start
+        self.bodies = bodies
+        self.messages = messages
 
     def decode(self, documents: _Documents | None = None) -> Session:
         cached = None if documents is None else documents.get(self.doc)
@@ -610,6 +632,25 @@ class _Request:
 def _wake(requests: Sequence[_Request]) -> None:
     for request in requests:
         request.event.set()
+
+
+def _run_soon(token: anyio.lowlevel.EventLoopToken, requests: Sequence[_Request]) -> None:
+    """Schedule ``_wake(requests)`` in the token's event loop, without waiting for it.
+
+    The native tokens' own thread-safe schedulers (an asyncio loop's
+    ``call_soon_threadsafe``, a ``TrioToken``'s ``run_sync_soon``) are called directly:
+    anyio's ``run_sync_soon`` wraps them in a copied context that ``_wake`` does not
+    need. Raises :class:`anyio.RunFinishedError` when the loop is gone.
+    """
+    native = token.native_token
+    soon = getattr(native, "call_soon_threadsafe", None) or getattr(native, "run_sync_soon", None)
+    if soon is None:  # another backend: its documented way
+        token.backend_class.run_sync_soon(_wake, (requests,), native)
+        return
+    try:
+        soon(_wake, requests)
+    except RuntimeError as exc:  # asyncio: loop closed; trio.RunFinishedError subclasses it
+        raise anyio.RunFinishedError from exc
 
 
 # sqlite3_errstr() texts of the primary codes we act on: Python 3.10's exceptions carry
@@ -854,12 +895,10 @@ class SQLiteRepository(SessionRepository):
         conn = self._conn
         stopping: _Request | None = None
         while stopping is None:
-            batch = [self._queue.get()]
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            requests = self._queue
+            batch = [requests.get()]
+            while len(batch) < self._max_batch and not requests.empty():
+                batch.append(requests.get_nowait())  # the worker is the only consumer
             live: list[_Request] = []
             with self._state_lock:
                 for request in batch:
@@ -900,15 +939,29 @@ class SQLiteRepository(SessionRepository):
         self._answer(leftovers)
 
     def _answer(self, requests: Sequence[_Request]) -> None:
-        """Wake the callers, one hop per event loop for the whole batch."""
-        by_loop: dict[int, tuple[Any, list[_Request]]] = {}
+        """Wake the callers: one wake-up per event loop for the whole batch.
+
+        Fire and forget: the worker does not wait for the loop to run it.
+        """
+        native = requests[0].token.native_token
+        one_loop = True
         for request in requests:
             request.state = _DONE
-            key = id(request.token.native_token)
-            by_loop.setdefault(key, (request.token, []))[1].append(request)
-        for token, waiting in by_loop.values():
-            try:  # fire and forget: the worker does not wait for the loop to run _wake
-                token.backend_class.run_sync_soon(_wake, (waiting,), token.native_token)
+            if request.token.native_token is not native:
+                one_loop = False
+        if one_loop:
+            groups: Iterable[tuple[anyio.lowlevel.EventLoopToken, Sequence[_Request]]] = (
+                (requests[0].token, requests),
+            )
+        else:
+            by_loop: dict[int, tuple[anyio.lowlevel.EventLoopToken, list[_Request]]] = {}
+            for request in requests:
+                key = id(request.token.native_token)
+                by_loop.setdefault(key, (request.token, []))[1].append(request)
+            groups = by_loop.values()
+        for token, waiting in groups:
+            try:
+                _run_soon(token, waiting)
             except anyio.RunFinishedError:
                 logger.debug("event loop gone; %d answers dropped", len(waiting))
             except Exception:
