@@ -37,6 +37,7 @@ from asyncsession._serialization import (
 from asyncsession.stores.sqlite import (
     CHUNK_MESSAGES,
     SCHEMA_VERSION,
+    WAL_AUTOCHECKPOINT,
     SQLiteRepository,
     _encode,
     _fast_session,
@@ -99,6 +100,16 @@ async def test_fresh_file_layout(db: Path, anyio_backend: str) -> None:
     )
     assert "sessions_expiry" in plan
     conn.close()
+
+
+async def test_wal_autocheckpoint_default_and_override(db: Path, anyio_backend: str) -> None:
+    def setting(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+    async with SQLiteRepository(db) as repo:
+        assert await repo._call(setting, write=False) == WAL_AUTOCHECKPOINT
+    async with SQLiteRepository(db, pragmas={"wal_autocheckpoint": 100}) as repo:
+        assert await repo._call(setting, write=False) == 100
 
 
 def make_v1_file(path: Path, sessions: list[Session]) -> None:

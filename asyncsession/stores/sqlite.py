@@ -87,7 +87,13 @@ from .._serialization import (
 )
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
 
-__all__ = ["SCHEMA_VERSION", "SQLiteRepository", "SQLiteStatistics"]
+__all__ = [
+    "CHUNK_MESSAGES",
+    "SCHEMA_VERSION",
+    "WAL_AUTOCHECKPOINT",
+    "SQLiteRepository",
+    "SQLiteStatistics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +103,10 @@ T = TypeVar("T")
 SCHEMA_VERSION: Final = 3
 #: Messages per chunk row (see the module docstring).
 CHUNK_MESSAGES: Final = 32
+#: Default ``PRAGMA wal_autocheckpoint`` (pages; SQLite's own default is 1000): the WAL
+#: grows to about 16 MB between checkpoints. ``pragmas={"wal_autocheckpoint": n}``
+#: overrides it.
+WAL_AUTOCHECKPOINT: Final = 4000
 #: ``PRAGMA application_id`` of asyncsession databases ("asss").
 APPLICATION_ID: Final = 0x61737373
 
@@ -722,6 +732,8 @@ class SQLiteRepository(SessionRepository):
     * ``max_batch`` — most operations committed together in one group commit.
     * ``pragmas`` — extra ``PRAGMA name = value`` settings for the connection (for
       example ``{"cache_size": -65536}``); names and values are checked, not trusted.
+      They are applied after the store's own (``wal_autocheckpoint`` is
+      :data:`WAL_AUTOCHECKPOINT` pages unless set here).
 
     Cancellation: an operation still waiting in the queue is withdrawn and never runs;
     one the worker has started completes (a write is awaited, shielded, for at most
@@ -1157,6 +1169,9 @@ class SQLiteRepository(SessionRepository):
                 f"(journal mode {mode!r}); use a local file system."
             )
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        # Checkpoints (two fsyncs each) run on the committing thread: with SQLite's
+        # default of 1000 pages they took about a fifth of the write time here.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
         for name, value in self._pragmas.items():
             conn.execute(f"PRAGMA {name} = {value}")
         self._upgrade(conn)
