@@ -136,3 +136,30 @@ async def test_cached_documents_give_fresh_hot_fields(tmp_path: Path, anyio_back
         await repo.save(renamed, expected_revision=second.revision, new_messages=())
         assert await repo.get(session.id) == renamed
         assert first == session  # earlier snapshots never change
+
+
+async def test_a_row_with_the_wrong_message_count_fails_on_access(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    db = tmp_path / "s.db"
+    session = make_session(messages=tuple(f"m{i}" for i in range(2 * K)))
+    async with SQLiteRepository(db) as repo:
+        await repo.add(session)
+        conn = sqlite3.connect(db)
+        pk, body = conn.execute(
+            "SELECT session_pk, body FROM messages WHERE seq = 0 AND session_pk = "
+            "(SELECT pk FROM sessions WHERE id = ?)",
+            (str(session.id),),
+        ).fetchone()
+        conn.execute(  # the first chunk loses its last message
+            "UPDATE messages SET body = ? WHERE session_pk = ? AND seq = 0",
+            (body.rsplit(b"\n", 1)[0], pk),
+        )
+        conn.commit()
+        conn.close()
+        loaded = await repo.get(session.id)
+        assert loaded is not None and loaded.messages.total == 2 * K
+        assert loaded.messages[K].content == f"m{K}"  # other rows stay readable
+        with pytest.raises(CorruptSessionError, match=f"holds {K - 1} messages") as info:
+            loaded.messages[0]
+        assert info.value.session_id == session.id

@@ -32,6 +32,7 @@ with the next batch at once.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import logging
@@ -324,9 +325,44 @@ def _fast_session(
     return session
 
 
-def _message_row(body: bytes) -> Message:
-    """Decode one stored message; the lazy log adds the session id to errors."""
-    return _message(orjson.loads(body))
+class _Rows:
+    """The message rows one read loaded; messages are decoded from them on demand.
+
+    The lazy log over them holds message numbers (ints, cheap to make and not tracked
+    by the garbage collector), not one bytes object per message: a row holding
+    several messages is split only when one of its messages is first read.
+    Concurrent readers may both split a row; either result is the same.
+    """
+
+    __slots__ = ("_bodies", "_firsts", "_parts")
+
+    def __init__(self) -> None:
+        # Number of the first message of each row, then the message count: row i
+        # holds messages _firsts[i] to _firsts[i + 1] - 1.
+        self._firsts: list[int] = []
+        self._bodies: list[bytes] = []
+        self._parts: dict[int, list[bytes]] = {}
+
+    def message(self, number: int) -> Message:
+        """Decode message ``number`` (the lazy log adds the session id to errors).
+
+        A row that does not hold as many messages as its place says is damaged.
+        """
+        firsts = self._firsts
+        row = bisect.bisect_right(firsts, number) - 1
+        parts = self._parts.get(row)
+        if parts is None:
+            parts = self._bodies[row].split(_SEP)
+            if len(parts) != firsts[row + 1] - firsts[row]:
+                raise CorruptSessionError(
+                    f"message row {firsts[row]} holds {len(parts)} messages, expected "
+                    f"{firsts[row + 1] - firsts[row]}"
+                )
+            self._parts[row] = parts
+        return _message(orjson.loads(parts[number - firsts[row]]))
+
+
+_NO_ROWS = _Rows()
 
 
 class _Documents:
@@ -379,14 +415,15 @@ class _Row:
     """
 
     __slots__ = (
-        "bodies",
         "doc",
         "expires_at",
         "last_active",
         "messages",
         "revision",
+        "rows",
         "session_id",
         "start",
+        "stop",
     )
 
     def __init__(
@@ -397,7 +434,8 @@ class _Row:
         expires_at: int | None,
         revision: int,
         start: int,
-        bodies: Sequence[bytes],
+        stop: int,
+        rows: _Rows,  # messages start to message_count - 1
         messages: Sequence[Message] | None = None,  # already decoded (append's own)
     ) -> None:
         self.session_id = session_id
@@ -406,7 +444,8 @@ class _Row:
         self.expires_at = expires_at
         self.revision = revision
         self.start = start
-        self.bodies = bodies
+        self.stop = stop
+        self.rows = rows
         self.messages = messages
 
     def decode(self, documents: _Documents | None = None) -> Session:
@@ -414,10 +453,9 @@ class _Row:
         if self.messages is not None:
             log = MessageLog(self.messages, offset=self.start)
         else:
-            bodies = self.bodies
             log = MessageLog._lazy(
-                bodies if type(bodies) is list else list(bodies),
-                _message_row,
+                list(range(self.start, self.stop)),
+                self.rows.message,
                 self.start,
                 session_id=self.session_id,
             )
@@ -523,13 +561,13 @@ def _window_start(count: int, last_messages: int | None) -> int:
 
 def _read_messages(
     conn: sqlite3.Connection, session_id: uuid.UUID, pk: int, start: int, count: int
-) -> list[bytes]:
-    """Messages ``start`` to ``count - 1`` of a session, one JSON text each, in order.
+) -> _Rows:
+    """The rows holding messages ``start`` to ``count - 1`` of a session.
 
     Reads the row holding message ``start`` and the rows after it, nothing earlier.
     """
     if start >= count:
-        return []
+        return _NO_ROWS
     if start == 0:
         rows = conn.execute(
             "SELECT seq, body FROM messages WHERE session_pk = ? ORDER BY seq", (pk,)
@@ -545,32 +583,37 @@ def _read_messages(
 
 def _assemble(
     session_id: uuid.UUID, rows: Iterable[Sequence[Any]], column: int, start: int, count: int
-) -> list[bytes]:
-    """Messages ``start`` to ``count - 1`` from ``rows`` (``seq, body`` at ``column``)."""
+) -> _Rows:
+    """The rows holding messages ``start`` to ``count - 1`` (``seq, body`` at ``column``).
+
+    Rows are not scanned here (that would cost as much as reading them): each row's
+    message count follows from the next row's ``seq``, and :meth:`_Rows.message`
+    checks it when the row is first split.
+    """
     if start >= count:
-        return []
-    bodies: list[bytes] = []
-    first = position = -1
+        return _NO_ROWS
+    found = _Rows()
+    firsts, bodies = found._firsts, found._bodies
+    last = -1
     for row in rows:
         seq, body = row[column], row[column + 1]
-        if position < 0:
-            if seq is None:  # a LEFT JOIN found no message rows
-                break
-            first = position = seq
-        elif seq != position:
+        if type(seq) is not int or not last < seq < count:  # None: LEFT JOIN, no rows
             break
-        if type(body) is not bytes:
-            body = body.encode() if type(body) is str else b""
-        parts = body.split(_SEP)
-        bodies += parts
-        position += len(parts)
-    if position != count or not 0 <= first <= start:
-        found = "no rows" if first < 0 else f"rows for messages {first} to {position - 1}"
+        firsts.append(seq)
+        bodies.append(body if type(body) is bytes else _as_bytes(body))
+        last = seq
+    if not firsts or firsts[0] > start:
+        held = "no rows" if not firsts else f"rows from message {firsts[0]} on"
         raise CorruptSessionError(
-            f"expected message rows for messages {start} to {count - 1}, found {found}",
+            f"expected message rows for messages {start} to {count - 1}, found {held}",
             session_id=session_id,
         )
-    return bodies[start - first :] if first < start else bodies
+    firsts.append(count)
+    return found
+
+
+def _as_bytes(body: object) -> bytes:
+    return body.encode() if type(body) is str else b""
 
 
 def _store_messages(conn: sqlite3.Connection, pk: int, count: int, bodies: list[bytes]) -> None:
@@ -1225,15 +1268,15 @@ class SQLiteRepository(SessionRepository):
     ) -> _Row | None:
         """The session and its last messages in one statement (a snapshot by itself)."""
         wanted = _ALL_MESSAGES if last_messages is None else max(0, last_messages)
-        rows = conn.execute(_READ_SESSION, (wanted, str(session_id)))
-        first = rows.fetchone()
+        cursor = conn.execute(_READ_SESSION, (wanted, str(session_id)))
+        first = cursor.fetchone()
         if first is None:
             return None
         doc, count, last_us, expires_us, revision = first[:5]
         start = _window_start(count, last_messages)
         # Streamed, not fetchall(): each chunk is split and dropped while reading.
-        bodies = _assemble(session_id, itertools.chain((first,), rows), 5, start, count)
-        return _Row(session_id, doc, last_us, expires_us, revision, start, bodies)
+        rows = _assemble(session_id, itertools.chain((first,), cursor), 5, start, count)
+        return _Row(session_id, doc, last_us, expires_us, revision, start, count, rows)
 
     @staticmethod
     def _columns(session: Session, doc: bytes) -> tuple[Any, ...]:
@@ -1417,7 +1460,7 @@ class SQLiteRepository(SessionRepository):
                     (last_us, expires_us, revision, total, _casefold(batch[0].content), pk),
                 )
             _store_messages(conn, pk, count, bodies)
-            return _Row(sid, doc, last_us, expires_us, revision, count, (), batch)
+            return _Row(sid, doc, last_us, expires_us, revision, count, total, _NO_ROWS, batch)
 
         row = await self._call(op, write=True)
         return row.decode(self._documents)
@@ -1456,8 +1499,8 @@ class SQLiteRepository(SessionRepository):
                     (last_us, expires_us, pk),
                 )
             start = _window_start(count, last_messages)
-            bodies = _read_messages(conn, sid, pk, start, count)
-            return _Row(sid, doc, last_us, expires_us, revision, start, bodies)
+            rows = _read_messages(conn, sid, pk, start, count)
+            return _Row(sid, doc, last_us, expires_us, revision, start, count, rows)
 
         row = await self._call(op, write=True)
         return None if row is None else row.decode(self._documents)
@@ -1490,7 +1533,7 @@ class SQLiteRepository(SessionRepository):
             pk, doc, count, last_us, expires_us, revision = row
             conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
             conn.execute("DELETE FROM sessions WHERE pk = ?", (pk,))
-            return _Row(sid, doc, last_us, expires_us, revision, count, ())
+            return _Row(sid, doc, last_us, expires_us, revision, count, count, _NO_ROWS)
 
         found = await self._call(op, write=True)
         return None if found is None else found.decode()
@@ -1544,7 +1587,9 @@ class SQLiteRepository(SessionRepository):
         items: list[Session] = []
         for sid, doc, count, last_us, expires_us, revision in rows[: query.limit]:
             try:
-                row = _Row(uuid.UUID(sid), doc, last_us, expires_us, revision, count, ())
+                row = _Row(
+                    uuid.UUID(sid), doc, last_us, expires_us, revision, count, count, _NO_ROWS
+                )
                 items.append(row.decode(self._documents))
             except SessionError as exc:
                 logger.warning("listing skips unreadable session %s: %s", sid, exc)
