@@ -26,8 +26,9 @@ one request to it (one thread hop); the worker drains its queue and runs what it
 in one transaction (group commit), each operation inside its own SAVEPOINT so a failing
 operation (a compare-and-set conflict, say) does not undo the others. Callers are
 answered only after the commit: the worker schedules one wake-up per event loop and
-batch (``run_sync_soon`` of the loop's anyio token, asyncio and trio alike) and goes on
-with the next batch at once.
+batch with the loop's own thread-safe scheduler (found through its anyio token, so
+asyncio and trio alike) and goes on with the next batch at once, without waiting for
+the loop to run it.
 """
 
 from __future__ import annotations
