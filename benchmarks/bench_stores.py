@@ -10,7 +10,9 @@ markdown tables and writes two charts next to this file:
 
 "sqlite (loop thread)" is the floor: the very same SQLiteRepository statements run
 directly on the event-loop thread (no worker thread, no group commit). matplotlib is a
-benchmark-only dependency (``pip install matplotlib``).
+benchmark-only dependency (``pip install matplotlib``). ``--stores`` runs a subset,
+``--cpu N`` pins the process to one CPU (see SQLITE_RESULTS.md for why that matters on a
+VM), ``--no-charts`` leaves the charts alone.
 """
 
 from __future__ import annotations
@@ -271,7 +273,7 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, only: list[str] | None, draw: bool) -> None:
     reps = 300 if quick else 2000
     lengths = [10, 100, 1000, 10_000]
     task_counts = [1, 2, 5, 10, 20, 50, 100]
@@ -287,6 +289,11 @@ async def main(quick: bool) -> None:
     )
     with tempfile.TemporaryDirectory(prefix="asyncsession-bench-") as tmp:
         factories = stores(Path(tmp))
+        if only:
+            unknown = set(only) - set(factories)
+            if unknown:
+                raise SystemExit(f"unknown stores {sorted(unknown)}; known: {list(factories)}")
+            factories = {k: v for k, v in factories.items() if k in only}
         lat: dict[str, dict[str, float]] = {}
         hist: dict[str, dict[int, tuple[float, float]]] = {}
         conc: dict[str, dict[int, tuple[float, float]]] = {}
@@ -339,11 +346,27 @@ async def main(quick: bool) -> None:
         ["store", "sessions", "fds", "sessions", "fds"],
         [[k, f"{a:,}", str(b), f"{c:,}", str(d)] for k, (a, b, c, d) in fds.items()],
     )
-    for path in charts(hist, conc):
+    for path in charts(hist, conc) if draw else ():
         print(f"\nchart: {path.relative_to(HERE.parent)}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (< 1 minute)")
-    anyio.run(main, parser.parse_args().quick)
+    parser.add_argument(
+        "--stores",
+        help="comma-separated store labels to run (default: all), e.g. 'sqlite,files'",
+    )
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        help="pin the process (and the store threads it starts) to this CPU (Linux): shows "
+        "what cross-CPU thread wake-ups cost on this machine",
+    )
+    parser.add_argument("--no-charts", action="store_true", help="do not rewrite the charts")
+    args = parser.parse_args()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+        print(f"(pinned to CPU {args.cpu})")
+    selected = [label.strip() for label in args.stores.split(",")] if args.stores else None
+    anyio.run(main, args.quick, selected, not args.no_charts)
