@@ -19,11 +19,12 @@ import attrs
 import orjson
 import pytest
 from hypothesis import given, settings
-from strategies import sessions
+from strategies import messages, sessions
 
 from asyncsession import (
     CorruptSessionError,
     InvalidConfiguration,
+    Message,
     Session,
     SessionConflict,
     SessionQuery,
@@ -39,6 +40,7 @@ from asyncsession.stores.sqlite import (
     SCHEMA_VERSION,
     WAL_AUTOCHECKPOINT,
     SQLiteRepository,
+    _dump_message,
     _encode,
     _fast_session,
     _message,
@@ -698,6 +700,12 @@ async def test_two_processes_append_to_one_session(db: Path, anyio_backend: str)
     for tag in "pq":  # each process's own appends keep their order
         mine = [int(c[2:]) for c in contents if c[0] == tag]
         assert len(mine) == 500
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages)
+def test_fast_message_encoder_matches_the_reference(message: Message) -> None:
+    assert _dump_message(message) == dump_message(message)
 
 
 @settings(max_examples=100, deadline=None)

@@ -115,7 +115,8 @@ APPLICATION_ID: Final = 0x61737373
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _PRAGMA_NAME = re.compile(r"[a-z_]{1,40}")
 _PRAGMA_VALUE = re.compile(r"-?[0-9]{1,19}|[A-Za-z_]{1,20}")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_UTC = timezone.utc
+_EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
 _US = timedelta(microseconds=1)
 _ROLE_SET = frozenset(ROLES)
 # SQLite primary result codes (the sqlite3 module exports them only from Python 3.11).
@@ -220,6 +221,7 @@ _replace_trusted: Callable[..., Session] = _replace_any
 _new = object.__new__
 _set = object.__setattr__
 _fromisoformat = datetime.fromisoformat
+_dumps = orjson.dumps
 
 
 def _message(item: Any) -> Message:
@@ -534,8 +536,22 @@ def _time(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
+def _dump_message(message: Message) -> bytes:
+    """:func:`dump_message`'s bytes, with orjson formatting the UTC timestamp itself."""
+    if _FAST_MESSAGES and type(message) is Message and message.timestamp.tzinfo is _UTC:
+        return _dumps(
+            {
+                "role": message.role,
+                "content": message.content,
+                "timestamp": message.timestamp,
+                "data": message.data,
+            }
+        )
+    return dump_message(message)
+
+
 def _encode_messages(messages: Iterable[Message]) -> list[bytes]:
-    return [dump_message(m) for m in messages]
+    return [_dump_message(m) for m in messages]
 
 
 # -- message rows (worker side) ------------------------------------------------------
