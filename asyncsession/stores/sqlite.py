@@ -1441,8 +1441,24 @@ class SQLiteRepository(SessionRepository):
         batch = list(messages)
         bodies = _encode_messages(batch)
         at_us = _us(at)
+        one_statement = _append_parameters(sid, batch, at_us, policy, max_messages)
 
         def op(conn: sqlite3.Connection) -> _Row:
+            if one_statement is not None:
+                done = conn.execute(_APPEND, one_statement).fetchone()
+                if done is not None:
+                    pk, doc, total, last_us, expires_us, revision = done
+                    if total == len(batch) and batch:  # the first messages: searchable
+                        conn.execute(
+                            "UPDATE sessions SET first_cf = ? WHERE pk = ?",
+                            (_casefold(batch[0].content), pk),
+                        )
+                    _store_messages(conn, pk, total - len(batch), bodies)
+                    return _Row(
+                        sid, doc, last_us, expires_us, revision, total - len(batch), total,
+                        _NO_ROWS, batch,
+                    )  # fmt: skip
+            # Nothing changed: find out why. (Also the path for ExpiryPolicy subclasses.)
             row = conn.execute(
                 "SELECT pk, doc, message_count, status, created_at, last_active, expires_at, "
                 "revision FROM sessions WHERE id = ?",
@@ -1633,6 +1649,42 @@ class SQLiteRepository(SessionRepository):
             except ValueError:
                 logger.warning("unknown status %r in %s", status, self._path)
         return counts
+
+
+#: append() in one statement, for the plain ExpiryPolicy: checks (open, unexpired, within
+#: the limit), new deadline (ExpiryPolicy.deadline of an open session, in microseconds)
+#: and the counters. No row back means one of the checks failed (or no such session).
+_APPEND = (
+    "UPDATE sessions SET last_active = max(last_active, :at), expires_at = CASE "
+    "WHEN status = 'archived' OR :idle IS NULL THEN created_at + :max_age "
+    "WHEN :max_age IS NULL THEN max(last_active, :at) + :idle "
+    "ELSE min(max(last_active, :at) + :idle, created_at + :max_age) END, "
+    "revision = revision + 1, message_count = message_count + :n "
+    "WHERE id = :id AND status IN ('active', 'archived') "
+    "AND (expires_at IS NULL OR expires_at > :at) AND message_count + :n <= :limit "
+    "RETURNING pk, doc, message_count, last_active, expires_at, revision"
+)
+
+
+def _append_parameters(
+    session_id: uuid.UUID,
+    batch: Sequence[Message],
+    at_us: int,
+    policy: ExpiryPolicy,
+    max_messages: int | None,
+) -> dict[str, Any] | None:
+    """Parameters of :data:`_APPEND`, or None when ``policy`` is not a plain ExpiryPolicy."""
+    if type(policy) is not ExpiryPolicy:
+        return None
+    idle, max_age = policy.idle_timeout, policy.max_age
+    return {
+        "id": str(session_id),
+        "at": at_us,
+        "idle": None if idle is None else idle // _US,
+        "max_age": None if max_age is None else max_age // _US,
+        "n": len(batch),
+        "limit": _ALL_MESSAGES if max_messages is None else max_messages,
+    }
 
 
 def _status(session_id: uuid.UUID, value: str) -> SessionStatus:
