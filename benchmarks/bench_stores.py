@@ -18,6 +18,7 @@ VM), ``--no-charts`` leaves the charts alone.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sqlite3
 import statistics
@@ -118,6 +119,7 @@ def message(i: int) -> Message:
 
 async def p50(fn: Callable[[], Awaitable[object]], reps: int) -> float:
     """Median latency of ``fn`` in microseconds."""
+    gc.collect()  # start every series without garbage left by the previous one
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -148,7 +150,7 @@ async def history(repo: SessionRepository, lengths: list[int]) -> dict[int, tupl
     for length in lengths:
         s = session(length)
         await repo.add(s)
-        reps = max(5, min(200, 20_000 // max(length, 1)))
+        reps = max(25, min(200, 20_000 // max(length, 1)))
         sid = s.id
         full = await p50(lambda: repo.get(sid), reps)  # noqa: B023 - awaited right here
         last = await p50(lambda: repo.get(sid, last_messages=20), 100)  # noqa: B023
