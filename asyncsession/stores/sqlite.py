@@ -222,6 +222,7 @@ _new = object.__new__
 _set = object.__setattr__
 _fromisoformat = datetime.fromisoformat
 _dumps = orjson.dumps
+_loads = orjson.loads
 
 
 def _message(item: Any) -> Message:
@@ -337,32 +338,38 @@ class _Rows:
     Concurrent readers may both split a row; either result is the same.
     """
 
-    __slots__ = ("_bodies", "_firsts", "_parts")
+    __slots__ = ("_bodies", "_firsts", "_last", "_parts")
 
     def __init__(self) -> None:
         # Number of the first message of each row, then the message count: row i
         # holds messages _firsts[i] to _firsts[i + 1] - 1.
         self._firsts: list[int] = []
         self._bodies: list[bytes] = []
-        self._parts: dict[int, list[bytes]] = {}
+        self._parts: list[list[bytes] | None] = []
+        # The row used last (first, end, messages): reading in order needs no search.
+        self._last: tuple[int, int, list[bytes]] = (0, 0, [])
 
     def message(self, number: int) -> Message:
         """Decode message ``number`` (the lazy log adds the session id to errors).
 
         A row that does not hold as many messages as its place says is damaged.
         """
-        firsts = self._firsts
-        row = bisect.bisect_right(firsts, number) - 1
-        parts = self._parts.get(row)
-        if parts is None:
-            parts = self._bodies[row].split(_SEP)
-            if len(parts) != firsts[row + 1] - firsts[row]:
-                raise CorruptSessionError(
-                    f"message row {firsts[row]} holds {len(parts)} messages, expected "
-                    f"{firsts[row + 1] - firsts[row]}"
-                )
-            self._parts[row] = parts
-        return _message(orjson.loads(parts[number - firsts[row]]))
+        first, end, parts = self._last  # one read: other threads replace it whole
+        if not first <= number < end:
+            firsts = self._firsts
+            row = bisect.bisect_right(firsts, number) - 1
+            first, end = firsts[row], firsts[row + 1]
+            split = self._parts[row]
+            if split is None:
+                split = self._bodies[row].split(_SEP)
+                if len(split) != end - first:
+                    raise CorruptSessionError(
+                        f"message row {first} holds {len(split)} messages, expected {end - first}"
+                    )
+                self._parts[row] = split
+            parts = split
+            self._last = (first, end, parts)
+        return _message(_loads(parts[number - first]))
 
 
 _NO_ROWS = _Rows()
@@ -619,6 +626,7 @@ def _assemble(
         firsts.append(seq)
         bodies.append(body if type(body) is bytes else _as_bytes(body))
         last = seq
+    found._parts = [None] * len(bodies)
     if not firsts or firsts[0] > start:
         held = "no rows" if not firsts else f"rows from message {firsts[0]} on"
         raise CorruptSessionError(
