@@ -20,16 +20,21 @@ class HeldSnapshots:
     compare-and-set stays the authority, so a stale entry costs a retry, never a lost
     write. Callers :meth:`drop` an entry before any write whose outcome they may not
     learn (errors, cancellation) and :meth:`keep` what the store confirmed.
+
+    Bounded twice: at most ``size`` sessions and at most ``max_messages`` messages in
+    all (a longer history is not held), oldest use dropped first.
     """
 
-    __slots__ = ("_items", "_size")
+    __slots__ = ("_items", "_max_messages", "_messages", "_size")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, max_messages: int = 100_000) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise InvalidConfiguration(
                 f"snapshot_cache must be an int >= 0 (0 turns it off), got {size!r}."
             )
         self._size = size
+        self._max_messages = max_messages
+        self._messages = 0
         self._items: OrderedDict[uuid.UUID, Session] = OrderedDict()
 
     @property
@@ -57,14 +62,21 @@ class HeldSnapshots:
             or (held.revision == session.revision and held.last_active > session.last_active)
         ):
             return  # a reply that raced with a newer local write
+        self.take(session.id)
+        if session.messages.total > self._max_messages:
+            return
         self._items[session.id] = session
-        self._items.move_to_end(session.id)
-        if len(self._items) > self._size:
-            self._items.popitem(last=False)
+        self._messages += session.messages.total
+        while len(self._items) > self._size or self._messages > self._max_messages:
+            _, oldest = self._items.popitem(last=False)
+            self._messages -= oldest.messages.total
 
     def take(self, session_id: uuid.UUID) -> Session | None:
         """Remove and return the held snapshot (before a write that may not report back)."""
-        return self._items.pop(session_id, None)
+        session = self._items.pop(session_id, None)
+        if session is not None:
+            self._messages -= session.messages.total
+        return session
 
     def appended(
         self,
@@ -89,8 +101,9 @@ class HeldSnapshots:
 
     def drop(self, session_id: uuid.UUID) -> None:
         """Forget a session (its next update reads it again)."""
-        self._items.pop(session_id, None)
+        self.take(session_id)
 
     def clear(self) -> None:
         """Forget everything (e.g. when the store closes)."""
         self._items.clear()
+        self._messages = 0

@@ -88,6 +88,7 @@ from .._serialization import (
     session_to_document,
 )
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
+from ._held import HeldSnapshots
 
 __all__ = [
     "CHUNK_MESSAGES",
@@ -184,7 +185,11 @@ def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
 
 
 def _upgrade_2_to_3(conn: sqlite3.Connection) -> None:
-    """Nothing to rewrite: every version-2 row is a valid version-3 row.
+    """Add the ``contended`` table; nothing to rewrite: every version-2 row is valid.
+
+    ``contended`` lists sessions whose last compare-and-set was refused; the next
+    successful save of such a session removes the mark and learns that others lost races
+    for it (so that writer reads before its next update instead of racing ahead).
 
     Version-2 message rows hold one message each (a one-message chunk) and version-2
     documents still carry ``last_active``, ``expires_at`` and ``revision``, which equal
@@ -192,6 +197,7 @@ def _upgrade_2_to_3(conn: sqlite3.Connection) -> None:
     messages or documents without those fields, which a version-2 reader would
     misread: the version bump makes older releases refuse the file instead.
     """
+    conn.execute("CREATE TABLE contended (session_pk INTEGER PRIMARY KEY)")
 
 
 #: ``_UPGRADES[v]`` turns a version-``v`` database into version ``v + 1``.
@@ -775,6 +781,16 @@ class SQLiteStatistics:
     largest_batch: int
 
 
+@attrs.frozen
+class _Saved:
+    """The outcome of a compare-and-set on the worker (a refusal is returned, not raised,
+    so that its ``contended`` mark commits)."""
+
+    revision: int  # the stored revision it was checked against
+    current: _Row | None  # on a refusal: the stored session, for the caller's retry
+    contested: bool  # refused now, or a refusal was marked since the last save
+
+
 class _Aborted(Exception):
     """The batch transaction was rolled back by SQLite; rerun its operations one by one."""
 
@@ -802,6 +818,11 @@ class SQLiteRepository(SessionRepository):
       example ``{"cache_size": -65536}``); names and values are checked, not trusted.
       They are applied after the store's own (``wal_autocheckpoint`` is
       :data:`WAL_AUTOCHECKPOINT` pages unless set here).
+    * ``snapshot_cache`` — how many sessions (100,000 messages at most in all) the store
+      remembers as it last wrote or read them, so the manager's ``update()`` is one hop
+      to the worker (the compare-and-set) instead of a read plus a compare-and-set.
+      Another process's change makes the compare-and-set refuse the remembered
+      snapshot and the manager reads again. ``0`` turns it off.
 
     Cancellation: an operation still waiting in the queue is withdrawn and never runs;
     one the worker has started completes (a write is awaited, shielded, for at most
@@ -818,6 +839,7 @@ class SQLiteRepository(SessionRepository):
         busy_timeout: float = 5.0,
         max_batch: int = 256,
         pragmas: Mapping[str, int | str] | None = None,
+        snapshot_cache: int = 1_000,
     ) -> None:
         if isinstance(synchronous, str):
             synchronous = synchronous.upper()
@@ -867,6 +889,7 @@ class SQLiteRepository(SessionRepository):
         self._commits = 0
         self._largest_batch = 0
         self._documents = _Documents()
+        self._held = HeldSnapshots(snapshot_cache)
 
     def __repr__(self) -> str:
         return f"SQLiteRepository({str(self._path)!r}, synchronous={self._synchronous!r})"
@@ -913,6 +936,7 @@ class SQLiteRepository(SessionRepository):
         logger.debug("opened %s", self._path)
 
     async def _close(self) -> None:
+        self._held.clear()
         with anyio.CancelScope(shield=True):
             await self._shutdown()
         logger.debug("closed %s", self._path)
@@ -1346,20 +1370,26 @@ class SQLiteRepository(SessionRepository):
         doc: bytes,
         added: list[bytes] | None,
         everything: list[bytes] | None,
-    ) -> Callable[[sqlite3.Connection], None]:
+    ) -> Callable[[sqlite3.Connection], _Saved]:
         sid = str(session.id)
 
-        def op(conn: sqlite3.Connection) -> None:
+        def op(conn: sqlite3.Connection) -> _Saved:
             row = conn.execute(
                 "SELECT pk, revision, message_count FROM sessions WHERE id = ?", (sid,)
             ).fetchone()
             if row is None:
                 raise SessionNotFound(session.id)
             pk, revision, count = row
-            if revision != expected_revision:
-                raise SessionConflict(
-                    session.id, expected_revision=expected_revision, actual_revision=revision
-                )
+            if revision != expected_revision:  # returned, not raised: the mark must commit
+                conn.execute("INSERT OR IGNORE INTO contended (session_pk) VALUES (?)", (pk,))
+                current = None
+                if self._held.enabled:  # the caller's retry then needs no read
+                    with contextlib.suppress(CorruptSessionError):  # (it will read)
+                        current = self._read(conn, session.id, None)
+                return _Saved(revision, current, contested=True)
+            contested = (
+                conn.execute("DELETE FROM contended WHERE session_pk = ?", (pk,)).rowcount > 0
+            )
             columns = self._columns(session, doc)
             update = (
                 "UPDATE sessions SET owner = ?, name = ?, status = ?, created_at = ?, "
@@ -1373,7 +1403,7 @@ class SQLiteRepository(SessionRepository):
                 else:
                     conn.execute(update + " WHERE pk = ?", (*columns, pk))
                 _store_messages(conn, pk, count, added)
-                return
+                return _Saved(expected_revision, None, contested)
             rows = everything
             if rows is None and session.messages.is_complete:
                 rows = _encode_messages(session.messages)  # the promise did not hold
@@ -1387,6 +1417,7 @@ class SQLiteRepository(SessionRepository):
             conn.execute(update + ", first_cf = ? WHERE pk = ?", (*columns, first, pk))
             conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
             _store_messages(conn, pk, 0, rows)
+            return _Saved(expected_revision, None, contested)
 
         return op
 
@@ -1401,7 +1432,16 @@ class SQLiteRepository(SessionRepository):
             return self._read(conn, sid, last_messages)
 
         row = await self._call(op, write=False, transaction=False)
-        return None if row is None else row.decode(self._documents)
+        if row is None:
+            self._held.drop(sid)
+            return None
+        session = row.decode(self._documents)
+        self._held.keep(session)
+        return session
+
+    async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
+        held = self._held.get(session_id)
+        return held if held is not None else await self.get(session_id)
 
     async def add(self, session: Session) -> None:
         if not session.messages.is_complete:
@@ -1413,6 +1453,7 @@ class SQLiteRepository(SessionRepository):
             self._op_add(session, _encode(session), _encode_messages(session.messages)),
             write=True,
         )
+        self._held.keep(session)
 
     async def save(
         self,
@@ -1431,10 +1472,20 @@ class SQLiteRepository(SessionRepository):
                     "new_messages; pass the whole history."
                 )
             everything = _encode_messages(session.messages)
-        await self._call(
+        self._held.drop(session.id)  # until the save is confirmed (errors, cancellation)
+        saved = await self._call(
             self._op_save(session, expected_revision, _encode(session), added, everything),
             write=True,
         )
+        if saved.revision != expected_revision:
+            if saved.current is not None:
+                with contextlib.suppress(CorruptSessionError):  # the retry's read reports it
+                    self._held.keep(saved.current.decode(self._documents))
+            raise SessionConflict(
+                session.id, expected_revision=expected_revision, actual_revision=saved.revision
+            )
+        if not saved.contested:  # else others lost races for it: read before the next update
+            self._held.keep(session)
 
     async def append(
         self,
@@ -1503,8 +1554,17 @@ class SQLiteRepository(SessionRepository):
             _store_messages(conn, pk, count, bodies)
             return _Row(sid, doc, last_us, expires_us, revision, count, total, _NO_ROWS, batch)
 
+        before = self._held.take(sid)
         row = await self._call(op, write=True)
-        return row.decode(self._documents)
+        session = row.decode(self._documents)
+        self._held.appended(
+            before,
+            batch,
+            revision=session.revision,
+            last_active=session.last_active,
+            expires_at=session.expires_at,
+        )
+        return session
 
     async def touch(
         self,
@@ -1544,10 +1604,17 @@ class SQLiteRepository(SessionRepository):
             return _Row(sid, doc, last_us, expires_us, revision, start, count, rows)
 
         row = await self._call(op, write=True)
-        return None if row is None else row.decode(self._documents)
+        if row is None:
+            self._held.drop(sid)
+            return None
+        session = row.decode(self._documents)
+        self._held.keep(session)
+        return session
 
     async def delete(self, session_id: uuid.UUID) -> bool:
-        sid = str(_check_id(session_id))
+        checked = _check_id(session_id)
+        self._held.drop(checked)
+        sid = str(checked)
 
         def op(conn: sqlite3.Connection) -> bool:
             row = conn.execute("SELECT pk FROM sessions WHERE id = ?", (sid,)).fetchone()
@@ -1561,6 +1628,7 @@ class SQLiteRepository(SessionRepository):
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
         sid = _check_id(session_id)
+        self._held.drop(sid)
         now_us = _us(now)
 
         def op(conn: sqlite3.Connection) -> _Row | None:

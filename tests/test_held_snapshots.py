@@ -1,19 +1,22 @@
-"""Held snapshots: `update()` is one round trip, and stays correct across processes.
+"""Held snapshots: `update()` is one store round trip, and stays correct across processes.
 
-Two RedisRepository objects on one server and prefix stand for two processes (each has
-its own held snapshots). The server's compare-and-set is the authority; these tests show
-that a stale held snapshot never loses a write nor refuses a live session.
+Two store objects on one SQLite file, or on one Redis server and prefix, stand for two
+processes (each has its own held snapshots). The store's compare-and-set is the
+authority; these tests show that a stale held snapshot never loses a write nor refuses a
+live session.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import coredis
 import pytest
 from redis_support import RedisServer
@@ -26,7 +29,9 @@ from asyncsession import (
     SessionNotFound,
     SessionStatus,
 )
+from asyncsession.abc import SessionRepository
 from asyncsession.stores.redis import RedisRepository
+from asyncsession.stores.sqlite import SQLiteRepository
 from asyncsession.testing import ManualClock
 
 pytestmark = pytest.mark.anyio
@@ -41,74 +46,97 @@ def bump(key: str) -> Any:
     return fn
 
 
+@attrs.define
+class Place:
+    """Where two 'processes' keep their sessions, and how to count store round trips."""
+
+    open: Callable[..., SessionRepository]
+    round_trips: Callable[[Callable[[], Awaitable[Any]]], Awaitable[int]]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> Place:
+    if request.param == "sqlite":
+        path = tmp_path / "shared.db"
+        stores: list[SQLiteRepository] = []
+
+        def open_sqlite(**options: Any) -> SessionRepository:
+            stores.append(SQLiteRepository(path, **options))
+            return stores[-1]
+
+        async def hops(action: Callable[[], Awaitable[Any]]) -> int:
+            before = sum(store.statistics().operations for store in stores)
+            await action()
+            return sum(store.statistics().operations for store in stores) - before
+
+        return Place(open_sqlite, hops)
+    server: RedisServer = request.getfixturevalue("redis_server")
+    key_prefix = f"test:{uuid.uuid4().hex[:12]}:"
+
+    def open_redis(**options: Any) -> SessionRepository:
+        # the manual clock is far from the server's: no key expiry
+        return RedisRepository(server.url, prefix=key_prefix, key_expiry_grace=None, **options)
+
+    async def scripts(action: Callable[[], Awaitable[Any]]) -> int:
+        """Scripts the server ran for ``action()`` (the store's only commands)."""
+        async with coredis.Redis(
+            host="127.0.0.1", port=server.port, decode_responses=True
+        ) as probe:
+
+            async def calls() -> int:
+                stats = await probe.info("commandstats")
+                return sum(  # NOSCRIPT answers (a script's first use) are failed calls
+                    int(value["calls"]) - int(value.get("failed_calls", 0))
+                    for key, value in stats.items()
+                    if key.startswith(("cmdstat_eval", "cmdstat_fcall"))
+                )
+
+            before = await calls()
+            await action()
+            return await calls() - before
+
+    return Place(open_redis, scripts)
+
+
 @pytest.fixture
 async def pair(
-    redis_server: RedisServer, anyio_backend: str
+    place: Place, anyio_backend: str
 ) -> AsyncIterator[tuple[SessionManager, SessionManager, ManualClock]]:
     """Two managers, as two processes would have, sharing one clock."""
     clock = ManualClock(T0)
-    key_prefix = f"test:{uuid.uuid4().hex[:12]}:"
     async with AsyncExitStack() as stack:
         managers = [
             await stack.enter_async_context(
-                SessionManager(
-                    # the manual clock is far from the server's: no key expiry
-                    RedisRepository(redis_server.url, prefix=key_prefix, key_expiry_grace=None),
-                    clock=clock,
-                    idle_timeout=60,
-                    cleanup_interval=None,
-                )
+                SessionManager(place.open(), clock=clock, idle_timeout=60, cleanup_interval=None)
             )
             for _ in range(2)
         ]
         yield managers[0], managers[1], clock
 
 
-async def scripts_during(server: RedisServer, action: Any) -> int:
-    """How many scripts (the store's round trips) the server ran for ``action()``."""
-    async with coredis.Redis(host="127.0.0.1", port=server.port, decode_responses=True) as probe:
-
-        async def calls() -> int:
-            stats = await probe.info("commandstats")
-            return sum(  # NOSCRIPT answers (a script's first use) are failed calls
-                int(value["calls"]) - int(value.get("failed_calls", 0))
-                for key, value in stats.items()
-                if key.startswith(("cmdstat_eval", "cmdstat_fcall"))
-            )
-
-        before = await calls()
-        await action()
-        return await calls() - before
-
-
 async def test_warm_update_is_one_round_trip(
-    pair: tuple[SessionManager, SessionManager, ManualClock], redis_server: RedisServer
+    pair: tuple[SessionManager, SessionManager, ManualClock], place: Place
 ) -> None:
     a, _, _ = pair
     session = await a.create(state={"n": 0})
-    assert await scripts_during(redis_server, lambda: a.update(session.id, bump("n"))) == 1
+    assert await place.round_trips(lambda: a.update(session.id, bump("n"))) == 1
     await a.add_message(session.id, "user", "hi")  # the held snapshot follows appends
-    assert await scripts_during(redis_server, lambda: a.update(session.id, bump("n"))) == 1
+    assert await place.round_trips(lambda: a.update(session.id, bump("n"))) == 1
     final = await a.get(session.id, touch=False)
     assert final.state["n"] == 2 and final.revision == 3
     assert [m.content for m in final.messages] == ["hi"]
 
 
-async def test_without_the_cache_update_reads_first(
-    redis_server: RedisServer, anyio_backend: str
-) -> None:
-    store = RedisRepository(redis_server.url, prefix=f"test:{uuid.uuid4().hex}:", snapshot_cache=0)
-    async with SessionManager(store, cleanup_interval=None) as manager:
+async def test_without_the_cache_update_reads_first(place: Place, anyio_backend: str) -> None:
+    async with SessionManager(place.open(snapshot_cache=0), cleanup_interval=None) as manager:
         session = await manager.create()
-        assert (
-            await scripts_during(redis_server, lambda: manager.update(session.id, bump("n"))) == 2
-        )
+        assert await place.round_trips(lambda: manager.update(session.id, bump("n"))) == 2
 
 
 @pytest.mark.parametrize("size", [-1, 1.5, True, "10"])
-def test_snapshot_cache_size_is_checked(redis_server: RedisServer, size: Any) -> None:
+def test_snapshot_cache_size_is_checked(place: Place, size: Any) -> None:
     with pytest.raises(InvalidConfiguration, match="snapshot_cache"):
-        RedisRepository(redis_server.url, snapshot_cache=size)
+        place.open(snapshot_cache=size)
 
 
 async def test_other_process_writes_are_never_lost(
@@ -123,6 +151,19 @@ async def test_other_process_writes_are_never_lost(
     assert result.state == {"a": 2, "b": 1} and result.revision == 4
     assert [m.content for m in result.messages] == ["from b"]
     assert await b.get(session.id, touch=False) == result
+
+
+async def test_a_refused_save_brings_the_current_session(
+    pair: tuple[SessionManager, SessionManager, ManualClock], place: Place
+) -> None:
+    a, b, _ = pair
+    session = await a.create(state={"a": 0, "b": 0})
+    await a.update(session.id, bump("a"))
+    await b.update(session.id, bump("b"))
+    # a's held snapshot is refused and the refusal carries revision 2: no separate read
+    assert await place.round_trips(lambda: a.update(session.id, bump("a"))) == 2
+    final = await b.get(session.id, touch=False)
+    assert final.state == {"a": 2, "b": 1} and final.revision == 3
 
 
 async def test_many_tasks_in_two_managers_apply_every_update(
