@@ -563,6 +563,7 @@ class RedisRepository(SessionRepository, EventTransport):
         location = client.connection_pool.location
         self._address = repr(location) if location is not None else "(unknown address)"
         self._errors_module = importlib.import_module("coredis.exceptions")
+        self._no_script: type[Exception] = self._errors_module.NoScriptError
         register = client.register_script
         self._add = register(_PRELUDE + _ADD)
         self._save = register(_PRELUDE + _SAVE)
@@ -662,8 +663,14 @@ class RedisRepository(SessionRepository, EventTransport):
         *,
         write: bool = True,
     ) -> Any:
+        arguments = [self._prefix, *args]
         with self._errors(action, write=write):
-            return await script(keys=keys, args=[self._prefix, *args])
+            # EVALSHA directly: coredis's Script wrapper costs ~0.1 ms per call here.
+            try:
+                return await self._client.evalsha(script.sha, keys=keys, args=arguments)
+            except self._no_script:  # first use on this server, or after SCRIPT FLUSH
+                await self._client.script_load(script.script)
+                return await self._client.evalsha(script.sha, keys=keys, args=arguments)
 
     def _build(
         self,
