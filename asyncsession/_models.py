@@ -452,11 +452,13 @@ class Session:
         if changes:
             merged.update(changes)
         merged.update(kw)
-        return attrs.evolve(self, state=merged)
+        return replace_trusted(self, state=freeze_state(merged))  # only state is new
 
     def without_state(self, *keys: str) -> Session:
         """Return a copy whose state lacks ``keys`` (missing keys are ignored)."""
-        return attrs.evolve(self, state={k: v for k, v in self.state.items() if k not in keys})
+        return replace_trusted(
+            self, state=freeze_state({k: v for k, v in self.state.items() if k not in keys})
+        )
 
     def with_message(
         self,
@@ -475,11 +477,11 @@ class Session:
             role, content, timestamp if timestamp is not None else current_time(), data
         )
 
-        return attrs.evolve(self, messages=self.messages.append(message))
+        return replace_trusted(self, messages=self.messages.append(message))
 
     def with_name(self, name: str | None) -> Session:
         """Return a copy with another (validated) name."""
-        return attrs.evolve(self, name=name)
+        return replace_trusted(self, name=validate_name(name))
 
 
 def _make_replace_trusted() -> Any:

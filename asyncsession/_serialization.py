@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-import attrs
 import cattrs
 import orjson
 from cattrs.preconf.orjson import make_converter
@@ -15,7 +14,7 @@ from cattrs.preconf.orjson import make_converter
 from ._exceptions import CorruptSessionError, SerializationError, SessionError
 from ._json import FrozenDict
 from ._migrations import CURRENT_VERSION, migrate
-from ._models import EMPTY_LOG, Message, MessageLog, Session, SessionStatus
+from ._models import EMPTY_LOG, Message, MessageLog, Session, SessionStatus, replace_trusted
 
 __all__ = [
     "dump_message",
@@ -102,7 +101,7 @@ def session_to_document(session: Session, *, messages: bool = True) -> dict[str,
     if messages:
         doc.update(_base_unstructure(session))
     else:  # O(1) in the history: unstructure a copy without it
-        doc.update(_base_unstructure(_replace_messages(attrs.evolve(session), EMPTY_LOG)))
+        doc.update(_base_unstructure(replace_trusted(session, messages=EMPTY_LOG)))
         del doc["messages"]
     return doc
 
