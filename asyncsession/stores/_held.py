@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from datetime import datetime
 
 from .._exceptions import InvalidConfiguration
 from .._models import Message, Session, replace_trusted
@@ -78,26 +77,27 @@ class HeldSnapshots:
             self._messages -= session.messages.total
         return session
 
-    def appended(
-        self,
-        before: Session | None,
-        messages: Sequence[Message],
-        *,
-        revision: int,
-        last_active: datetime,
-        expires_at: datetime | None,
-    ) -> None:
-        """Follow a confirmed append to ``before`` (what :meth:`take` returned)."""
-        if before is not None and before.revision == revision - 1:
+    def appended(self, before: Session | None, messages: Sequence[Message], after: Session) -> None:
+        """Follow a confirmed append: ``before`` (what :meth:`take` returned) plus
+        ``messages`` with the times and revision of ``after`` (the store's answer)."""
+        if before is not None and before.revision == after.revision - 1:
             self.keep(
                 replace_trusted(
                     before,
                     messages=before.messages.extend(messages),
-                    revision=revision,
-                    last_active=last_active,
-                    expires_at=expires_at,
+                    revision=after.revision,
+                    last_active=after.last_active,
+                    expires_at=after.expires_at,
                 )
             )
+
+    def seen(self, session_id: uuid.UUID, session: Session | None) -> Session | None:
+        """Follow a read of ``session_id``: hold what it returned, forget a missing one."""
+        if session is None:
+            self.drop(session_id)
+        else:
+            self.keep(session)
+        return session
 
     def drop(self, session_id: uuid.UUID) -> None:
         """Forget a session (its next update reads it again)."""

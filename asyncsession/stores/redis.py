@@ -595,6 +595,7 @@ class RedisRepository(SessionRepository, EventTransport):
         self._address = repr(location) if location is not None else "(unknown address)"
         self._errors_module = importlib.import_module("coredis.exceptions")
         self._no_script: type[Exception] = self._errors_module.NoScriptError
+
         def register(body: str) -> Script[Any]:
             return client.register_script(_with_helpers(body))
 
@@ -772,12 +773,7 @@ class RedisRepository(SessionRepository, EventTransport):
     ) -> Session | None:
         lastn = "" if last_messages is None else str(max(0, last_messages))
         reply = await self._run(self._get, "a read", self._keys(session_id), [lastn], write=False)
-        session = self._from_reply(session_id, reply)
-        if session is None:
-            self._held.drop(session_id)
-        else:
-            self._held.keep(session)
-        return session
+        return self._held.seen(session_id, self._from_reply(session_id, reply))
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
         held = self._held.get(session_id)
@@ -861,13 +857,7 @@ class RedisRepository(SessionRepository, EventTransport):
         _, doc, revision, last_active, expires_at, total = reply
         log = MessageLog(messages, offset=int(total) - len(messages))
         session = self._build(session_id, doc, revision, last_active, expires_at, log)
-        self._held.appended(
-            before,
-            messages,
-            revision=session.revision,
-            last_active=session.last_active,
-            expires_at=session.expires_at,
-        )
+        self._held.appended(before, messages, session)
         return session
 
     async def touch(
@@ -888,12 +878,7 @@ class RedisRepository(SessionRepository, EventTransport):
             str(policy.touch_interval // timedelta(microseconds=1)),
         ]
         reply = await self._run(self._touch, "a touch", self._keys(session_id), args)
-        session = self._from_reply(session_id, reply)
-        if session is None:
-            self._held.drop(session_id)
-        else:
-            self._held.keep(session)
-        return session
+        return self._held.seen(session_id, self._from_reply(session_id, reply))
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         self._held.drop(session_id)

@@ -1432,12 +1432,7 @@ class SQLiteRepository(SessionRepository):
             return self._read(conn, sid, last_messages)
 
         row = await self._call(op, write=False, transaction=False)
-        if row is None:
-            self._held.drop(sid)
-            return None
-        session = row.decode(self._documents)
-        self._held.keep(session)
-        return session
+        return self._held.seen(sid, None if row is None else row.decode(self._documents))
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
         held = self._held.get(session_id)
@@ -1557,13 +1552,7 @@ class SQLiteRepository(SessionRepository):
         before = self._held.take(sid)
         row = await self._call(op, write=True)
         session = row.decode(self._documents)
-        self._held.appended(
-            before,
-            batch,
-            revision=session.revision,
-            last_active=session.last_active,
-            expires_at=session.expires_at,
-        )
+        self._held.appended(before, batch, session)
         return session
 
     async def touch(
@@ -1604,12 +1593,7 @@ class SQLiteRepository(SessionRepository):
             return _Row(sid, doc, last_us, expires_us, revision, start, count, rows)
 
         row = await self._call(op, write=True)
-        if row is None:
-            self._held.drop(sid)
-            return None
-        session = row.decode(self._documents)
-        self._held.keep(session)
-        return session
+        return self._held.seen(sid, None if row is None else row.decode(self._documents))
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         checked = _check_id(session_id)
