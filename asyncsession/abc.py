@@ -202,11 +202,12 @@ class SessionRepository(ABC):
         Unlike :meth:`get` this may return a snapshot the store already holds (the one
         it last saved, appended or read in this process) without a round trip. Such a
         snapshot can be stale, which is safe: :meth:`save` rejects a stale revision with
-        :class:`SessionConflict`, and after a failed or interrupted save of a session the
-        next call reads it again. ``last_active``/``expires_at`` may lag behind
-        :meth:`touch` calls of other processes, so a caller that would refuse the
-        snapshot (missing, expired, closed) confirms with :meth:`get` first. The default
-        just calls :meth:`get`; stores whose reads cost a round trip override it.
+        :class:`SessionConflict`; after that the store holds the current session (if the
+        refusal brought it) or reads again, as it does after a failed or interrupted save.
+        ``last_active``/``expires_at`` may lag behind :meth:`touch` calls of other
+        processes, so a caller that would refuse the snapshot (missing, expired, closed)
+        confirms with :meth:`get` first. The default just calls :meth:`get`; stores whose
+        reads cost a round trip override it.
         """
         return await self.get(session_id)
 
