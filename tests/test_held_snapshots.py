@@ -23,6 +23,7 @@ from redis_support import RedisServer
 
 from asyncsession import (
     InvalidConfiguration,
+    Message,
     Session,
     SessionClosed,
     SessionManager,
@@ -30,6 +31,7 @@ from asyncsession import (
     SessionStatus,
 )
 from asyncsession.abc import SessionRepository
+from asyncsession.stores._held import HeldSnapshots
 from asyncsession.stores.redis import RedisRepository
 from asyncsession.stores.sqlite import SQLiteRepository
 from asyncsession.testing import ManualClock
@@ -221,3 +223,46 @@ async def test_archive_elsewhere_then_reactivate_is_seen(
     await b.activate(session.id)
     result = await a.update(session.id, bump("n"))
     assert result.status is SessionStatus.ACTIVE and result.state["n"] == 1
+
+
+# -- the bounded holder itself ----------------------------------------------------------
+
+
+def snapshot(messages: int = 0, revision: int = 0) -> Session:
+    return Session(
+        uuid.uuid4(),
+        T0,
+        T0,
+        messages=[Message("user", str(i), T0) for i in range(messages)],
+        revision=revision,
+    )
+
+
+def test_holder_is_bounded_by_sessions_and_by_messages() -> None:
+    held = HeldSnapshots(3, max_messages=10)
+    first, second, third, fourth = (snapshot(2) for _ in range(4))
+    for s in (first, second, third):
+        held.keep(s)
+    assert held.get(first.id) is first  # now the most recently used
+    held.keep(fourth)
+    assert len(held) == 3 and held.get(second.id) is None  # least recently used went
+    held.keep(snapshot(6))  # 2 + 2 + 2 + 6 messages > 10: the oldest use goes
+    assert len(held) == 3 and held.get(third.id) is None
+    too_long = snapshot(11)
+    held.keep(too_long)
+    assert held.get(too_long.id) is None  # never held, and nothing evicted for it
+    assert len(held) == 3
+
+
+def test_holder_keeps_the_newest_revision_and_whole_histories_only() -> None:
+    held = HeldSnapshots(10)
+    newer = snapshot(3, revision=5)
+    held.keep(newer)
+    held.keep(attrs.evolve(newer, revision=4))  # a late reply of an older read
+    assert held.get(newer.id) is newer
+    window = attrs.evolve(newer, revision=6, messages=newer.messages.tail(1))
+    held.keep(window)
+    assert held.get(newer.id) is newer
+    off = HeldSnapshots(0)
+    off.keep(newer)
+    assert not off.enabled and off.get(newer.id) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -21,10 +22,11 @@ class HeldSnapshots:
     learn (errors, cancellation) and :meth:`keep` what the store confirmed.
 
     Bounded twice: at most ``size`` sessions and at most ``max_messages`` messages in
-    all (a longer history is not held), oldest use dropped first.
+    all (a longer history is not held), oldest use dropped first. Thread-safe: a SQLite
+    store may serve callers on several event loops.
     """
 
-    __slots__ = ("_items", "_max_messages", "_messages", "_size")
+    __slots__ = ("_items", "_lock", "_max_messages", "_messages", "_size")
 
     def __init__(self, size: int, *, max_messages: int = 100_000) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -35,6 +37,7 @@ class HeldSnapshots:
         self._max_messages = max_messages
         self._messages = 0
         self._items: OrderedDict[uuid.UUID, Session] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -46,32 +49,38 @@ class HeldSnapshots:
 
     def get(self, session_id: uuid.UUID) -> Session | None:
         """The held snapshot of a session (marked recently used), or None."""
-        session = self._items.get(session_id)
-        if session is not None:
-            self._items.move_to_end(session_id)
-        return session
+        with self._lock:
+            session = self._items.get(session_id)
+            if session is not None:
+                self._items.move_to_end(session_id)
+            return session
 
     def keep(self, session: Session | None) -> None:
         """Hold ``session`` if it has its whole history and is not older than the entry."""
         if session is None or self._size == 0 or not session.messages.is_complete:
             return
-        held = self._items.get(session.id)
-        if held is not None and (
-            held.revision > session.revision
-            or (held.revision == session.revision and held.last_active > session.last_active)
-        ):
-            return  # a reply that raced with a newer local write
-        self.take(session.id)
-        if session.messages.total > self._max_messages:
-            return
-        self._items[session.id] = session
-        self._messages += session.messages.total
-        while len(self._items) > self._size or self._messages > self._max_messages:
-            _, oldest = self._items.popitem(last=False)
-            self._messages -= oldest.messages.total
+        with self._lock:
+            held = self._items.get(session.id)
+            if held is not None and (
+                held.revision > session.revision
+                or (held.revision == session.revision and held.last_active > session.last_active)
+            ):
+                return  # a reply that raced with a newer local write
+            self._pop(session.id)
+            if session.messages.total > self._max_messages:
+                return
+            self._items[session.id] = session
+            self._messages += session.messages.total
+            while len(self._items) > self._size or self._messages > self._max_messages:
+                _, oldest = self._items.popitem(last=False)
+                self._messages -= oldest.messages.total
 
     def take(self, session_id: uuid.UUID) -> Session | None:
         """Remove and return the held snapshot (before a write that may not report back)."""
+        with self._lock:
+            return self._pop(session_id)
+
+    def _pop(self, session_id: uuid.UUID) -> Session | None:
         session = self._items.pop(session_id, None)
         if session is not None:
             self._messages -= session.messages.total
@@ -105,5 +114,6 @@ class HeldSnapshots:
 
     def clear(self) -> None:
         """Forget everything (e.g. when the store closes)."""
-        self._items.clear()
-        self._messages = 0
+        with self._lock:
+            self._items.clear()
+            self._messages = 0
