@@ -20,7 +20,7 @@ from ._exceptions import (
     InvalidSessionName,
     SessionError,
 )
-from ._json import EMPTY, freeze_json, freeze_state
+from ._json import EMPTY, FrozenDict, freeze_json, freeze_state
 
 __all__ = [
     "ROLES",
@@ -448,11 +448,11 @@ class Session:
 
     def with_state(self, changes: Mapping[str, Any] | None = None, /, **kw: Any) -> Session:
         """Return a copy whose state has ``changes`` (and keyword changes) merged in."""
-        merged = dict(self.state)
-        if changes:
-            merged.update(changes)
-        merged.update(kw)
-        return replace_trusted(self, state=freeze_state(merged))  # only state is new
+        updates = dict(changes) if changes else {}
+        updates.update(kw)
+        merged = dict(self.state)  # frozen and validated already: only updates are checked
+        merged.update(freeze_state(updates))
+        return replace_trusted(self, state=FrozenDict(merged))
 
     def without_state(self, *keys: str) -> Session:
         """Return a copy whose state lacks ``keys`` (missing keys are ignored)."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
+import attrs
 import cattrs
 import orjson
 from cattrs.preconf.orjson import make_converter
@@ -169,6 +170,79 @@ def loads(data: bytes | bytearray | memoryview | str) -> Session:
     except orjson.JSONDecodeError as exc:
         raise CorruptSessionError(f"not valid JSON ({exc})") from exc
     return session_from_document(doc)
+
+
+#: The document fields, in the converter's order; the fast encoder below relies on it.
+_DOCUMENT_FIELDS = (
+    "id",
+    "created_at",
+    "last_active",
+    "owner",
+    "name",
+    "status",
+    "closed_at",
+    "expires_at",
+    "messages",
+    "state",
+    "errors",
+    "revision",
+)
+_FAST_DOCUMENTS = tuple(f.name for f in attrs.fields(Session)) == _DOCUMENT_FIELDS
+_HOT_FIELDS = ("last_active", "expires_at", "revision")
+
+
+def dump_document(session: Session, *, hot: bool = True) -> bytes:
+    """``orjson.dumps(session_to_document(session, messages=False))``, made faster.
+
+    The same bytes, with orjson formatting the (UTC) times itself instead of the
+    converter's ``isoformat()`` calls. ``hot=False`` leaves out ``last_active``,
+    ``expires_at`` and ``revision`` (stores that keep those in columns of their own).
+    """
+    utc = timezone.utc
+    closed, expires = session.closed_at, session.expires_at
+    if not (
+        _FAST_DOCUMENTS
+        and type(session) is Session
+        and session.created_at.tzinfo is utc
+        and session.last_active.tzinfo is utc
+        and (closed is None or closed.tzinfo is utc)
+        and (expires is None or expires.tzinfo is utc)
+    ):
+        doc = session_to_document(session, messages=False)
+        if not hot:
+            for name in _HOT_FIELDS:
+                del doc[name]
+        return orjson.dumps(doc)
+    if hot:
+        return orjson.dumps(
+            {
+                "version": CURRENT_VERSION,
+                "id": str(session.id),
+                "created_at": session.created_at,
+                "last_active": session.last_active,
+                "owner": session.owner,
+                "name": session.name,
+                "status": session.status.value,
+                "closed_at": closed,
+                "expires_at": expires,
+                "state": session.state,
+                "errors": session.errors,
+                "revision": session.revision,
+            }
+        )
+    return orjson.dumps(
+        {
+            "version": CURRENT_VERSION,
+            "id": str(session.id),
+            "created_at": session.created_at,
+            "owner": session.owner,
+            "name": session.name,
+            "status": session.status.value,
+            "closed_at": closed,
+            "state": session.state,
+            "errors": session.errors,
+        }
+    )
 
 
 def dump_message(message: Message) -> bytes:

@@ -206,6 +206,17 @@ def test_round_trip(session: s.Session) -> None:
     assert orjson.loads(data)["version"] == s.CURRENT_VERSION
 
 
+@given(sessions())
+def test_fast_document_encoding_matches_the_converter(session: s.Session) -> None:
+    from asyncsession._serialization import dump_document, session_to_document
+
+    doc = session_to_document(session, messages=False)
+    assert dump_document(session) == orjson.dumps(doc)
+    for hot in ("last_active", "expires_at", "revision"):
+        del doc[hot]
+    assert dump_document(session, hot=False) == orjson.dumps(doc)
+
+
 @given(json_values)
 def test_any_json_value_is_accepted_frozen_and_round_trips(value: object) -> None:
     session = make(state={"v": value})

@@ -52,10 +52,10 @@ from .._models import (
     replace_trusted,
 )
 from .._serialization import (
+    dump_document,
     dump_message,
     load_message,
     session_from_document,
-    session_to_document,
 )
 from ..abc import (
     EventTransport,
@@ -753,7 +753,7 @@ class RedisRepository(SessionRepository, EventTransport):
         return self._build(session_id, doc, revision, last_active, expires_at, log)
 
     def _fields(self, session: Session) -> list[str | bytes]:
-        doc = orjson.dumps(session_to_document(session, messages=False))
+        doc = dump_document(session)
         return [
             doc,
             str(session.revision),

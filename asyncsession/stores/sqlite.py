@@ -82,10 +82,10 @@ from .._models import (
 )
 from .._models import _replace_trusted as _replace_any
 from .._serialization import (
+    dump_document,
     dump_message,
     load_message,
     session_from_document,
-    session_to_document,
 )
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
 from ._held import HeldSnapshots
@@ -537,12 +537,7 @@ class _Row:
 
 def _encode(session: Session) -> bytes:
     """The stored document of ``session``: no messages, no hot fields (see the layout)."""
-    # Drop the messages first: session_to_document() would unstructure them all.
-    bare = attrs.evolve(session, messages=EMPTY_LOG) if len(session.messages) else session
-    doc = session_to_document(bare, messages=False)
-    for name in _HOT_FIELDS:
-        del doc[name]
-    return orjson.dumps(doc)
+    return dump_document(session, hot=False)
 
 
 def _time(us: int) -> datetime:
