@@ -354,9 +354,12 @@ class SessionManager:
         return await self._update(sid, fn)
 
     async def _update(self, sid: uuid.UUID, fn: UpdateFn) -> Session:
+        # A refusal of a held snapshot (see _read_open) is not another writer's doing:
+        # it does not use up one of the caller's retries.
+        attempts = self._max_retries + self._held_snapshots
         async with self._locks(sid):
-            for _attempt in range(self._max_retries):
-                old, now = await self._read_open(sid)
+            for _attempt in range(attempts):
+                old, now = await self._read_open(sid, held=True)
                 token = active_clock.set(self._clock)
                 try:
                     result = fn(old)
@@ -377,11 +380,22 @@ class SessionManager:
                 return new
         raise SessionConflict(sid, attempts=self._max_retries)
 
-    async def _read_open(self, sid: uuid.UUID) -> tuple[Session, datetime]:
-        """The whole session and the time, if it is live and open; else raise."""
-        old = await self._repository.get_for_update(sid)
+    async def _read_open(self, sid: uuid.UUID, *, held: bool = False) -> tuple[Session, datetime]:
+        """The whole session and the time, if it is live and open; else raise.
+
+        ``held=True`` accepts a snapshot the store holds (``get_for_update``): only for a
+        compare-and-set save, which refuses it if it is stale.
+        """
+        if held:
+            old = await self._repository.get_for_update(sid)
+        else:
+            old = await self._repository.get(sid)
         now = self._clock.now()
-        if self._held_snapshots and (old is None or old.is_expired(now) or old.status.is_terminal):
+        if (
+            held
+            and self._held_snapshots
+            and (old is None or old.is_expired(now) or old.status.is_terminal)
+        ):
             # A held snapshot may lag behind other processes: refuse only what a read shows.
             old = await self._repository.get(sid)
         if old is None or old.is_expired(now):
