@@ -191,6 +191,14 @@ _FAST_DOCUMENTS = tuple(f.name for f in attrs.fields(Session)) == _DOCUMENT_FIEL
 _HOT_FIELDS = ("last_active", "expires_at", "revision")
 
 
+def _orjson_time(value: datetime) -> bool:
+    """Whether orjson writes ``value`` as ``isoformat()`` does: a plain UTC datetime.
+
+    (orjson refuses datetime subclasses, such as freezegun's or pendulum's.)
+    """
+    return type(value) is datetime and value.tzinfo is timezone.utc
+
+
 def dump_document(session: Session, *, hot: bool = True) -> bytes:
     """``orjson.dumps(session_to_document(session, messages=False))``, made faster.
 
@@ -198,15 +206,14 @@ def dump_document(session: Session, *, hot: bool = True) -> bytes:
     converter's ``isoformat()`` calls. ``hot=False`` leaves out ``last_active``,
     ``expires_at`` and ``revision`` (stores that keep those in columns of their own).
     """
-    utc = timezone.utc
     closed, expires = session.closed_at, session.expires_at
     if not (
         _FAST_DOCUMENTS
         and type(session) is Session
-        and session.created_at.tzinfo is utc
-        and session.last_active.tzinfo is utc
-        and (closed is None or closed.tzinfo is utc)
-        and (expires is None or expires.tzinfo is utc)
+        and _orjson_time(session.created_at)
+        and _orjson_time(session.last_active)
+        and (closed is None or _orjson_time(closed))
+        and (expires is None or _orjson_time(expires))
     ):
         doc = session_to_document(session, messages=False)
         if not hot:

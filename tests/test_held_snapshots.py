@@ -8,9 +8,10 @@ live session.
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, closing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from asyncsession import (
     Message,
     Session,
     SessionClosed,
+    SessionConflict,
     SessionManager,
     SessionNotFound,
     SessionStatus,
@@ -223,6 +225,114 @@ async def test_archive_elsewhere_then_reactivate_is_seen(
     await b.activate(session.id)
     result = await a.update(session.id, bump("n"))
     assert result.status is SessionStatus.ACTIVE and result.state["n"] == 1
+
+
+async def test_own_touches_keep_the_held_snapshot_current(
+    pair: tuple[SessionManager, SessionManager, ManualClock], place: Place
+) -> None:
+    a, _, clock = pair
+    session = await a.create(state={"n": 0})
+    await a.update(session.id, bump("n"))
+    clock.advance(5)
+    await a.get(session.id, last_messages=1)  # a touch that returns a window
+    assert await place.round_trips(lambda: a.update(session.id, bump("n"))) == 1
+
+
+async def test_rotate_reads_the_session_afresh(
+    pair: tuple[SessionManager, SessionManager, ManualClock],
+) -> None:
+    a, b, _ = pair
+    changed, closed, deleted = await a.create(), await a.create(), await a.create()
+    for sid in (changed.id, closed.id, deleted.id):
+        await a.update(sid, bump("n"))  # a holds revision 1 of each
+    await b.set_state(changed.id, paid=True)
+    await b.close(closed.id)
+    await b.delete(deleted.id)
+    rotated = await a.rotate(changed.id)
+    assert rotated.state == {"n": 1, "paid": True}
+    with pytest.raises(SessionClosed):
+        await a.rotate(closed.id)
+    with pytest.raises(SessionNotFound):
+        await a.rotate(deleted.id)
+
+
+async def test_a_stale_held_snapshot_does_not_use_up_a_retry(
+    place: Place, anyio_backend: str
+) -> None:
+    async with AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                SessionManager(place.open(), max_retries=1, cleanup_interval=None)
+            )
+            for _ in range(2)
+        ]
+        session = await a.create(state={"n": 0})
+        await a.update(session.id, bump("n"))
+        await b.update(session.id, bump("n"))  # a's held snapshot is now stale
+        assert (await a.update(session.id, bump("n"))).state["n"] == 3
+
+
+async def test_a_touch_under_another_policy_is_not_overruled(
+    place: Place, anyio_backend: str
+) -> None:
+    """A shorter idle timeout elsewhere expires the session: a's held copy cannot revive it."""
+    clock = ManualClock(T0)
+    async with AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                SessionManager(place.open(), clock=clock, idle_timeout=idle, cleanup_interval=None)
+            )
+            for idle in (3600, 60)
+        ]
+        session = await a.create()
+        await a.update(session.id, bump("n"))  # held by a: deadline T0 + 1 h
+        clock.advance(10)
+        await b.get(session.id)  # b's touch stores b's deadline: T0 + 70 s
+        clock.advance(190)
+        with pytest.raises(SessionNotFound):
+            await a.update(session.id, bump("n"))
+
+
+class TickingDatetime(datetime):
+    """A datetime subclass, as freezegun's and pendulum's clocks return."""
+
+
+class SubclassClock(ManualClock):
+    def now(self) -> datetime:
+        t = super().now()
+        return TickingDatetime(*t.timetuple()[:6], t.microsecond, tzinfo=timezone.utc)
+
+
+async def test_datetime_subclasses_are_stored(place: Place, anyio_backend: str) -> None:
+    async with SessionManager(
+        place.open(), clock=SubclassClock(T0), cleanup_interval=None
+    ) as manager:
+        session = await manager.create(state={"n": 0})
+        await manager.add_message(session.id, "user", "hi")
+        await manager.update(session.id, bump("n"))
+        final = await manager.get(session.id, touch=False)
+        assert final.state["n"] == 1 and final.messages[0].timestamp == T0
+
+
+def test_sqlite_leaves_no_contention_mark_behind(tmp_path: Path) -> None:
+    path = tmp_path / "marks.db"
+
+    async def main() -> None:
+        async with SQLiteRepository(path) as repo:
+            session = snapshot(1)
+            await repo.add(session)
+            await repo.save(attrs.evolve(session, revision=1), expected_revision=0)
+            with pytest.raises(SessionConflict):  # a refused save marks the session
+                await repo.save(attrs.evolve(session, revision=1), expected_revision=0)
+            assert marks() == 1
+            await repo.delete(session.id)  # its rowid may be reused: the mark goes too
+
+    def marks() -> int:
+        with closing(sqlite3.connect(path)) as conn:
+            return int(conn.execute("SELECT count(*) FROM contended").fetchone()[0])
+
+    anyio.run(main)
+    assert marks() == 0
 
 
 # -- the bounded holder itself ----------------------------------------------------------

@@ -26,7 +26,7 @@ class HeldSnapshots:
     store may serve callers on several event loops.
     """
 
-    __slots__ = ("_items", "_lock", "_max_messages", "_messages", "_size")
+    __slots__ = ("_items", "_lent", "_lock", "_max_messages", "_messages", "_size")
 
     def __init__(self, size: int, *, max_messages: int = 100_000) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -37,6 +37,7 @@ class HeldSnapshots:
         self._max_messages = max_messages
         self._messages = 0
         self._items: OrderedDict[uuid.UUID, Session] = OrderedDict()
+        self._lent: set[uuid.UUID] = set()  # handed out by lend(): the next save checks it
         self._lock = threading.Lock()
 
     @property
@@ -55,6 +56,23 @@ class HeldSnapshots:
                 self._items.move_to_end(session_id)
             return session
 
+    def lend(self, session_id: uuid.UUID) -> Session | None:
+        """The held snapshot, for an update to be based on; :meth:`take_lent` tells the
+        save whether it was (so the save can also check it was not touched since)."""
+        with self._lock:
+            session = self._items.get(session_id)
+            if session is not None:
+                self._items.move_to_end(session_id)
+                self._lent.add(session_id)
+            return session
+
+    def take_lent(self, session_id: uuid.UUID) -> Session | None:
+        """Remove the held snapshot; return it if :meth:`lend` handed it out, else None."""
+        with self._lock:
+            lent = session_id in self._lent
+            session = self._pop(session_id)
+            return session if lent else None
+
     def keep(self, session: Session | None) -> None:
         """Hold ``session`` if it has its whole history and is not older than the entry."""
         if session is None or self._size == 0 or not session.messages.is_complete:
@@ -72,8 +90,9 @@ class HeldSnapshots:
             self._items[session.id] = session
             self._messages += session.messages.total
             while len(self._items) > self._size or self._messages > self._max_messages:
-                _, oldest = self._items.popitem(last=False)
+                oldest_id, oldest = self._items.popitem(last=False)
                 self._messages -= oldest.messages.total
+                self._lent.discard(oldest_id)
 
     def take(self, session_id: uuid.UUID) -> Session | None:
         """Remove and return the held snapshot (before a write that may not report back)."""
@@ -81,6 +100,7 @@ class HeldSnapshots:
             return self._pop(session_id)
 
     def _pop(self, session_id: uuid.UUID) -> Session | None:
+        self._lent.discard(session_id)
         session = self._items.pop(session_id, None)
         if session is not None:
             self._messages -= session.messages.total
@@ -101,11 +121,26 @@ class HeldSnapshots:
             )
 
     def seen(self, session_id: uuid.UUID, session: Session | None) -> Session | None:
-        """Follow a read of ``session_id``: hold what it returned, forget a missing one."""
+        """Follow a read of ``session_id``: hold what it returned, forget a missing one.
+
+        A window of the messages is not held, but it still tells the held snapshot's
+        times (a touch moves them without a new revision) or that it is outdated.
+        """
         if session is None:
             self.drop(session_id)
-        else:
+        elif session.messages.is_complete:
             self.keep(session)
+        else:
+            with self._lock:
+                held = self._items.get(session_id)
+                if held is None or held.revision > session.revision:
+                    return session
+                if held.revision < session.revision:
+                    self._pop(session_id)
+                elif held.last_active < session.last_active:  # same history, touched
+                    self._items[session_id] = replace_trusted(
+                        held, last_active=session.last_active, expires_at=session.expires_at
+                    )
         return session
 
     def drop(self, session_id: uuid.UUID) -> None:
@@ -116,4 +151,5 @@ class HeldSnapshots:
         """Forget everything (e.g. when the store closes)."""
         with self._lock:
             self._items.clear()
+            self._lent.clear()
             self._messages = 0

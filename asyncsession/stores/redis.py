@@ -198,19 +198,21 @@ return 1
 """
 
 # KEYS s m; ARGV P id expected doc rev st owner ca la ex cl grace mode msgs...
+# expected: the revision, or "revision@last_active" to also refuse a session touched since.
 # mode: 'r' rewrites the history, 'a' appends msgs; a trailing 'c' asks for the current
 # session (as _GET replies) when the revision does not match. A refused save marks the
 # session contended ('cf'); the next successful save clears the mark and says so, and
 # that writer then reads before its next update, so it cannot starve the others.
 _SAVE = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
-local cur = redis.call('HMGET', s, 'r', 'st', 'o', 'cf')
+local cur = redis.call('HMGET', s, 'r', 'st', 'o', 'cf', 'la')
 if not cur[1] then
   forget_if_known(id)
   return {-1}
 end
-if cur[1] ~= ARGV[3] then
-  redis.call('HSET', s, 'cf', '1')
+local rev, la = string.match(ARGV[3], '^([^@]*)@?(.*)$')
+if cur[1] ~= rev or (la ~= '' and tonumber(cur[5]) ~= tonumber(la)) then
+  if cur[1] ~= rev then redis.call('HSET', s, 'cf', '1') end
   if string.sub(ARGV[13], 2, 2) == 'c' then
     return {-2, cur[1], reply(redis.call('HMGET', s, 'd', 'r', 'la', 'ex'), m, '')}
   end
@@ -776,7 +778,7 @@ class RedisRepository(SessionRepository, EventTransport):
         return self._held.seen(session_id, self._from_reply(session_id, reply))
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
-        held = self._held.get(session_id)
+        held = self._held.lend(session_id)
         if held is not None:
             return held
         return await self.get(session_id)
@@ -806,18 +808,24 @@ class RedisRepository(SessionRepository, EventTransport):
                 )
         else:
             mode, messages = "a", new_messages  # type: ignore[assignment]
-        args: list[str | bytes] = [str(session.id), str(expected_revision)]
+        # Dropped until the server confirms (errors, cancellation). A save based on a
+        # lent held snapshot also checks that no touch moved the session since.
+        base = self._held.take_lent(session.id)
+        expected = str(expected_revision)
+        if base is not None and base.revision == expected_revision:
+            expected += f"@{_us(base.last_active)}"
+        args: list[str | bytes] = [str(session.id), expected]
         args.extend(self._fields(session))
         args.append(mode + ("c" if self._held.enabled else ""))
         args.extend(dump_message(m) for m in messages)
-        self._held.drop(session.id)  # until the server confirms (errors, cancellation)
         reply = await self._run(self._save, "a save", self._keys(session.id), args)
         code = int(reply[0])
         if code == -1:
             raise SessionNotFound(session.id)
         if code == -2:
             if len(reply) > 2:  # the current session: the caller's retry needs no read
-                self._held.keep(self._from_reply(session.id, reply[2]))
+                with contextlib.suppress(CorruptSessionError):  # the retry's read reports it
+                    self._held.keep(self._from_reply(session.id, reply[2]))
             raise SessionConflict(
                 session.id,
                 expected_revision=expected_revision,

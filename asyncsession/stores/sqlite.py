@@ -82,6 +82,7 @@ from .._models import (
 )
 from .._models import _replace_trusted as _replace_any
 from .._serialization import (
+    _orjson_time,
     dump_document,
     dump_message,
     load_message,
@@ -546,7 +547,7 @@ def _time(us: int) -> datetime:
 
 def _dump_message(message: Message) -> bytes:
     """:func:`dump_message`'s bytes, with orjson formatting the UTC timestamp itself."""
-    if _FAST_MESSAGES and type(message) is Message and message.timestamp.tzinfo is _UTC:
+    if _FAST_MESSAGES and type(message) is Message and _orjson_time(message.timestamp):
         return _dumps(
             {
                 "role": message.role,
@@ -640,6 +641,13 @@ def _assemble(
 
 def _as_bytes(body: object) -> bytes:
     return body.encode() if type(body) is str else b""
+
+
+def _remove_rows(conn: sqlite3.Connection, pk: int) -> None:
+    """Delete a session's rows (its rowid may be reused: leave no mark behind)."""
+    conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
+    conn.execute("DELETE FROM contended WHERE session_pk = ?", (pk,))
+    conn.execute("DELETE FROM sessions WHERE pk = ?", (pk,))
 
 
 def _store_messages(conn: sqlite3.Connection, pk: int, count: int, bodies: list[bytes]) -> None:
@@ -781,9 +789,10 @@ class _Saved:
     """The outcome of a compare-and-set on the worker (a refusal is returned, not raised,
     so that its ``contended`` mark commits)."""
 
+    refused: bool
     revision: int  # the stored revision it was checked against
     current: _Row | None  # on a refusal: the stored session, for the caller's retry
-    contested: bool  # refused now, or a refusal was marked since the last save
+    contested: bool  # another writer's revision now, or a refusal marked since the last save
 
 
 class _Aborted(Exception):
@@ -1365,23 +1374,27 @@ class SQLiteRepository(SessionRepository):
         doc: bytes,
         added: list[bytes] | None,
         everything: list[bytes] | None,
+        expected_last_us: int | None,
     ) -> Callable[[sqlite3.Connection], _Saved]:
         sid = str(session.id)
 
         def op(conn: sqlite3.Connection) -> _Saved:
             row = conn.execute(
-                "SELECT pk, revision, message_count FROM sessions WHERE id = ?", (sid,)
+                "SELECT pk, revision, message_count, last_active FROM sessions WHERE id = ?",
+                (sid,),
             ).fetchone()
             if row is None:
                 raise SessionNotFound(session.id)
-            pk, revision, count = row
-            if revision != expected_revision:  # returned, not raised: the mark must commit
-                conn.execute("INSERT OR IGNORE INTO contended (session_pk) VALUES (?)", (pk,))
+            pk, revision, count, last_us = row
+            other_writer = revision != expected_revision
+            if other_writer or (expected_last_us is not None and last_us != expected_last_us):
+                if other_writer:  # returned, not raised: the mark must commit
+                    conn.execute("INSERT OR IGNORE INTO contended (session_pk) VALUES (?)", (pk,))
                 current = None
                 if self._held.enabled:  # the caller's retry then needs no read
                     with contextlib.suppress(CorruptSessionError):  # (it will read)
                         current = self._read(conn, session.id, None)
-                return _Saved(revision, current, contested=True)
+                return _Saved(True, revision, current, contested=other_writer)
             contested = (
                 conn.execute("DELETE FROM contended WHERE session_pk = ?", (pk,)).rowcount > 0
             )
@@ -1398,7 +1411,7 @@ class SQLiteRepository(SessionRepository):
                 else:
                     conn.execute(update + " WHERE pk = ?", (*columns, pk))
                 _store_messages(conn, pk, count, added)
-                return _Saved(expected_revision, None, contested)
+                return _Saved(False, expected_revision, None, contested)
             rows = everything
             if rows is None and session.messages.is_complete:
                 rows = _encode_messages(session.messages)  # the promise did not hold
@@ -1412,7 +1425,7 @@ class SQLiteRepository(SessionRepository):
             conn.execute(update + ", first_cf = ? WHERE pk = ?", (*columns, first, pk))
             conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
             _store_messages(conn, pk, 0, rows)
-            return _Saved(expected_revision, None, contested)
+            return _Saved(False, expected_revision, None, contested)
 
         return op
 
@@ -1430,7 +1443,7 @@ class SQLiteRepository(SessionRepository):
         return self._held.seen(sid, None if row is None else row.decode(self._documents))
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
-        held = self._held.get(session_id)
+        held = self._held.lend(session_id)
         return held if held is not None else await self.get(session_id)
 
     async def add(self, session: Session) -> None:
@@ -1462,12 +1475,21 @@ class SQLiteRepository(SessionRepository):
                     "new_messages; pass the whole history."
                 )
             everything = _encode_messages(session.messages)
-        self._held.drop(session.id)  # until the save is confirmed (errors, cancellation)
+        # Dropped until the save is confirmed (errors, cancellation). A save based on a
+        # lent held snapshot also checks that no touch moved the session since.
+        base = self._held.take_lent(session.id)
+        expected_last_us = (
+            _us(base.last_active)
+            if base is not None and base.revision == expected_revision
+            else None
+        )
         saved = await self._call(
-            self._op_save(session, expected_revision, _encode(session), added, everything),
+            self._op_save(
+                session, expected_revision, _encode(session), added, everything, expected_last_us
+            ),
             write=True,
         )
-        if saved.revision != expected_revision:
+        if saved.refused:
             if saved.current is not None:
                 with contextlib.suppress(CorruptSessionError):  # the retry's read reports it
                     self._held.keep(saved.current.decode(self._documents))
@@ -1599,8 +1621,7 @@ class SQLiteRepository(SessionRepository):
             row = conn.execute("SELECT pk FROM sessions WHERE id = ?", (sid,)).fetchone()
             if row is None:
                 return False
-            conn.execute("DELETE FROM messages WHERE session_pk = ?", row)
-            conn.execute("DELETE FROM sessions WHERE pk = ?", row)
+            _remove_rows(conn, row[0])
             return True
 
         return await self._call(op, write=True)
@@ -1619,8 +1640,7 @@ class SQLiteRepository(SessionRepository):
             if row is None:
                 return None
             pk, doc, count, last_us, expires_us, revision = row
-            conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
-            conn.execute("DELETE FROM sessions WHERE pk = ?", (pk,))
+            _remove_rows(conn, pk)
             return _Row(sid, doc, last_us, expires_us, revision, count, count, _NO_ROWS)
 
         found = await self._call(op, write=True)
@@ -1721,6 +1741,9 @@ _APPEND = (
 )
 
 
+_HAS_RETURNING: Final = sqlite3.sqlite_version_info >= (3, 35, 0)
+
+
 def _append_parameters(
     session_id: uuid.UUID,
     batch: Sequence[Message],
@@ -1728,8 +1751,9 @@ def _append_parameters(
     policy: ExpiryPolicy,
     max_messages: int | None,
 ) -> dict[str, Any] | None:
-    """Parameters of :data:`_APPEND`, or None when ``policy`` is not a plain ExpiryPolicy."""
-    if type(policy) is not ExpiryPolicy:
+    """Parameters of :data:`_APPEND`, or None when ``policy`` is not a plain ExpiryPolicy
+    (or SQLite is older than 3.35, which has no ``UPDATE ... RETURNING``)."""
+    if type(policy) is not ExpiryPolicy or not _HAS_RETURNING:
         return None
     idle, max_age = policy.idle_timeout, policy.max_age
     return {
