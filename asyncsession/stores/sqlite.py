@@ -82,6 +82,9 @@ from .._models import (
 )
 from .._models import _replace_trusted as _replace_any
 from .._serialization import (
+    _DOCUMENT_FIELDS,
+    _FAST_DOCUMENTS,
+    _HOT_FIELDS,
     _orjson_time,
     dump_document,
     dump_message,
@@ -258,23 +261,9 @@ def _message(item: Any) -> Message:
 
 # The fast session decoder below builds Sessions field by field from current-version
 # documents; it is only used while Session has exactly these fields.
-_SESSION_FIELDS = (
-    "id",
-    "created_at",
-    "last_active",
-    "owner",
-    "name",
-    "status",
-    "closed_at",
-    "expires_at",
-    "messages",
-    "state",
-    "errors",
-    "revision",
-)
-_FAST_SESSIONS = tuple(f.name for f in attrs.fields(Session)) == _SESSION_FIELDS
-#: Fields kept only in their columns (layout 3); a document never stores them.
-_HOT_FIELDS = ("last_active", "expires_at", "revision")
+_SESSION_FIELDS = _DOCUMENT_FIELDS
+_FAST_SESSIONS = _FAST_DOCUMENTS
+# _HOT_FIELDS: kept only in their columns (layout 3); a document never stores them.
 #: Keys of our own current-version documents: layout 3, and layout 2 (with hot fields).
 _DOC_KEYS = {"version", *_SESSION_FIELDS} - {"messages", *_HOT_FIELDS}
 _V2_DOC_KEYS = _DOC_KEYS | set(_HOT_FIELDS)
