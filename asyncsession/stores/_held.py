@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
+from datetime import datetime
 
 from .._exceptions import InvalidConfiguration
 from .._models import Message, Session, replace_trusted
@@ -57,8 +58,7 @@ class HeldSnapshots:
             return session
 
     def lend(self, session_id: uuid.UUID) -> Session | None:
-        """The held snapshot, for an update to be based on; :meth:`take_lent` tells the
-        save whether it was (so the save can also check it was not touched since)."""
+        """The held snapshot, for an update to be based on (see :meth:`before_save`)."""
         with self._lock:
             session = self._items.get(session_id)
             if session is not None:
@@ -66,12 +66,19 @@ class HeldSnapshots:
                 self._lent.add(session_id)
             return session
 
-    def take_lent(self, session_id: uuid.UUID) -> Session | None:
-        """Remove the held snapshot; return it if :meth:`lend` handed it out, else None."""
+    def before_save(self, session_id: uuid.UUID, expected_revision: int) -> datetime | None:
+        """Forget the held snapshot until the save is confirmed (errors, cancellation).
+
+        Returns the ``last_active`` the save must also find stored when the update was
+        based on a snapshot :meth:`lend` handed out (so a touch since is not overruled),
+        else None.
+        """
         with self._lock:
             lent = session_id in self._lent
             session = self._pop(session_id)
-            return session if lent else None
+        if lent and session is not None and session.revision == expected_revision:
+            return session.last_active
+        return None
 
     def keep(self, session: Session | None) -> None:
         """Hold ``session`` if it has its whole history and is not older than the entry."""

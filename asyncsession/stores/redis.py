@@ -808,12 +808,10 @@ class RedisRepository(SessionRepository, EventTransport):
                 )
         else:
             mode, messages = "a", new_messages  # type: ignore[assignment]
-        # Dropped until the server confirms (errors, cancellation). A save based on a
-        # lent held snapshot also checks that no touch moved the session since.
-        base = self._held.take_lent(session.id)
+        lent_last_active = self._held.before_save(session.id, expected_revision)
         expected = str(expected_revision)
-        if base is not None and base.revision == expected_revision:
-            expected += f"@{_us(base.last_active)}"
+        if lent_last_active is not None:
+            expected += f"@{_us(lent_last_active)}"
         args: list[str | bytes] = [str(session.id), expected]
         args.extend(self._fields(session))
         args.append(mode + ("c" if self._held.enabled else ""))

@@ -1464,14 +1464,8 @@ class SQLiteRepository(SessionRepository):
                     "new_messages; pass the whole history."
                 )
             everything = _encode_messages(session.messages)
-        # Dropped until the save is confirmed (errors, cancellation). A save based on a
-        # lent held snapshot also checks that no touch moved the session since.
-        base = self._held.take_lent(session.id)
-        expected_last_us = (
-            _us(base.last_active)
-            if base is not None and base.revision == expected_revision
-            else None
-        )
+        lent_last_active = self._held.before_save(session.id, expected_revision)
+        expected_last_us = None if lent_last_active is None else _us(lent_last_active)
         saved = await self._call(
             self._op_save(
                 session, expected_revision, _encode(session), added, everything, expected_last_us
