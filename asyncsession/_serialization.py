@@ -207,7 +207,8 @@ def dump_document(session: Session, *, hot: bool = True) -> bytes:
     ``expires_at`` and ``revision`` (stores that keep those in columns of their own).
     """
     closed, expires = session.closed_at, session.expires_at
-    if not (
+    doc: dict[str, Any]
+    if (
         _FAST_DOCUMENTS
         and type(session) is Session
         and _orjson_time(session.created_at)
@@ -215,41 +216,26 @@ def dump_document(session: Session, *, hot: bool = True) -> bytes:
         and (closed is None or _orjson_time(closed))
         and (expires is None or _orjson_time(expires))
     ):
-        doc = session_to_document(session, messages=False)
-        if not hot:
-            for name in _HOT_FIELDS:
-                del doc[name]
-        return orjson.dumps(doc)
-    if hot:
-        return orjson.dumps(
-            {
-                "version": CURRENT_VERSION,
-                "id": str(session.id),
-                "created_at": session.created_at,
-                "last_active": session.last_active,
-                "owner": session.owner,
-                "name": session.name,
-                "status": session.status.value,
-                "closed_at": closed,
-                "expires_at": expires,
-                "state": session.state,
-                "errors": session.errors,
-                "revision": session.revision,
-            }
-        )
-    return orjson.dumps(
-        {
+        doc = {
             "version": CURRENT_VERSION,
             "id": str(session.id),
             "created_at": session.created_at,
+            "last_active": session.last_active,
             "owner": session.owner,
             "name": session.name,
             "status": session.status.value,
             "closed_at": closed,
+            "expires_at": expires,
             "state": session.state,
             "errors": session.errors,
+            "revision": session.revision,
         }
-    )
+    else:
+        doc = session_to_document(session, messages=False)
+    if not hot:
+        for name in _HOT_FIELDS:
+            del doc[name]
+    return orjson.dumps(doc)
 
 
 def dump_message(message: Message) -> bytes:
