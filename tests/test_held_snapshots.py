@@ -12,7 +12,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, closing
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -376,3 +376,100 @@ def test_holder_keeps_the_newest_revision_and_whole_histories_only() -> None:
     off = HeldSnapshots(0)
     off.keep(newer)
     assert not off.enabled and off.get(newer.id) is None
+
+
+# -- Redis: a read of a current held snapshot sends no history -----------------------------
+
+
+@pytest.fixture
+async def redis_pair(
+    redis_server: RedisServer, anyio_backend: str
+) -> AsyncIterator[tuple[SessionManager, SessionManager, ManualClock, Callable[[], Awaitable[int]]]]:
+    """Two managers on one Redis prefix, a shared clock, and a count of history reads."""
+    clock = ManualClock(T0)
+    prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    async with AsyncExitStack() as stack:
+        managers = [
+            await stack.enter_async_context(
+                SessionManager(
+                    RedisRepository(redis_server.url, prefix=prefix, key_expiry_grace=None),
+                    clock=clock,
+                    idle_timeout=60,
+                    cleanup_interval=None,
+                )
+            )
+            for _ in range(2)
+        ]
+        probe = await stack.enter_async_context(
+            coredis.Redis(host="127.0.0.1", port=redis_server.port, decode_responses=True)
+        )
+
+        async def history_reads() -> int:
+            """LRANGE commands the server has run so far (inside scripts too)."""
+            stats = await probe.info("commandstats")
+            return int(stats.get("cmdstat_lrange", {}).get("calls", 0))
+
+        yield managers[0], managers[1], clock, history_reads
+
+
+RedisPair = tuple[SessionManager, SessionManager, ManualClock, Callable[[], Awaitable[int]]]
+
+
+async def fresh(manager: SessionManager, session_id: uuid.UUID, **options: Any) -> Session:
+    """The session as a store holding nothing reads it."""
+    store = manager.repository
+    assert isinstance(store, RedisRepository)
+    async with RedisRepository(store.client, prefix=store.prefix, snapshot_cache=0) as cold:
+        session = await cold.get(session_id, **options)
+    assert session is not None
+    return session
+
+
+async def test_redis_read_of_a_current_snapshot_sends_no_history(redis_pair: RedisPair) -> None:
+    a, _, _, history_reads = redis_pair
+    session = await a.create(state={"n": 1})
+    for text in ("one", "two", "three"):
+        await a.add_message(session.id, "user", text)
+    before = await history_reads()
+    whole = await a.repository.get(session.id)
+    window = await a.repository.get(session.id, last_messages=2)
+    empty = await a.repository.get(session.id, last_messages=0)
+    assert await history_reads() == before  # answered from the held snapshot
+    assert whole == await fresh(a, session.id)
+    assert window == await fresh(a, session.id, last_messages=2)
+    assert window is not None and window.messages.offset == 1
+    assert [m.content for m in window.messages] == ["two", "three"]
+    assert empty == await fresh(a, session.id, last_messages=0)
+
+
+async def test_redis_read_sees_writes_and_touches_made_elsewhere(redis_pair: RedisPair) -> None:
+    a, b, clock, history_reads = redis_pair
+    session = await a.create()
+    await a.add_message(session.id, "user", "from a")
+    await b.add_message(session.id, "user", "from b")  # unknown to a's held snapshot
+    before = await history_reads()
+    seen = await a.get(session.id, touch=False)
+    assert await history_reads() > before
+    assert [m.content for m in seen.messages] == ["from a", "from b"]
+    clock.advance(30)
+    touched = await b.get(session.id)  # moves last_active without a new revision
+    assert touched.last_active == clock.now()
+    assert (await a.get(session.id, touch=False)).last_active == clock.now()
+    await b.update(session.id, bump("n"))
+    assert (await a.get(session.id, touch=False)).state == {"n": 1}
+
+
+async def test_redis_touch_of_a_current_snapshot_sends_no_history(redis_pair: RedisPair) -> None:
+    a, _, clock, history_reads = redis_pair
+    session = await a.create()
+    await a.add_message(session.id, "user", "hi")
+    clock.advance(10)
+    before = await history_reads()
+    touched = await a.get(session.id, last_messages=5)  # a touch script answering briefly
+    assert await history_reads() == before
+    assert touched.last_active == clock.now()
+    assert touched.expires_at == clock.now() + timedelta(seconds=60)
+    assert touched == await fresh(a, session.id, last_messages=5)
+    # the held snapshot follows the touch: the next update is based on it and is accepted
+    result = await a.update(session.id, bump("n"))
+    assert result.revision == touched.revision + 1 and result.last_active == clock.now()

@@ -176,6 +176,9 @@ local function reply(h, m, lastn)
   return out
 end
 local function opt(x) if x == '' then return false end return x end
+local function known(v, h)
+  return v ~= '' and v == h[2] .. '@' .. h[3] .. '@' .. (h[4] or '')
+end
 """
 
 # KEYS s m; ARGV P id doc rev st owner ca la ex cl grace msgs...
@@ -264,7 +267,7 @@ keep_until(s, m, id, h[7], h[3], ex, tonumber(ARGV[7]))
 return {1, h[1], rev, num(la), ex and num(ex) or false, total}
 """
 
-# KEYS s m; ARGV P id at idle maxage grace lastn interval
+# KEYS s m; ARGV P id at idle maxage grace lastn interval known
 _TOUCH = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
 local h = redis.call('HMGET', s, 'd', 'r', 'la', 'ex', 'st', 'ca', 'o')
@@ -272,6 +275,7 @@ if not h[1] then
   forget_if_known(id)
   return false
 end
+local same = known(ARGV[9], h)
 local at = tonumber(ARGV[3])
 local la = tonumber(h[3])
 if not terminal(h[5]) and not (h[4] and tonumber(h[4]) <= at)
@@ -290,13 +294,15 @@ if not terminal(h[5]) and not (h[4] and tonumber(h[4]) <= at)
   keep_until(s, m, id, h[7], h[5], ex, tonumber(ARGV[6]))
   if redis.call('EXISTS', s) == 0 then return false end
 end
+if same then return {h[3], h[4] or false} end
 return reply(h, m, ARGV[7])
 """
 
-# KEYS s m; ARGV P lastn
+# KEYS s m; ARGV P lastn known
 _GET = """
 local h = redis.call('HMGET', KEYS[1], 'd', 'r', 'la', 'ex')
 if not h[1] then return false end
+if known(ARGV[3], h) then return 1 end
 return reply(h, KEYS[2], ARGV[2])
 """
 
@@ -482,6 +488,25 @@ def _delta_us(value: timedelta | None) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _version(held: Session | None) -> str:
+    """What a read script compares with the stored session ('' when nothing is held).
+
+    Every write bumps the revision and a touch moves ``last_active``: when revision,
+    ``last_active`` and deadline all match, the held snapshot is the stored session and
+    the script answers without sending the document and the history again.
+    """
+    if held is None:
+        return ""
+    return f"{held.revision}@{_us(held.last_active)}@{_opt_us(held.expires_at)}"
+
+
+def _window(session: Session, last_messages: int | None) -> Session:
+    """``session`` as a read with ``last_messages`` returns it."""
+    if last_messages is None:
+        return session
+    return replace_trusted(session, messages=session.messages.tail(max(0, last_messages)))
 
 
 def _first_content(first: Any) -> str | None:
@@ -774,7 +799,11 @@ class RedisRepository(SessionRepository, EventTransport):
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
         lastn = "" if last_messages is None else str(max(0, last_messages))
-        reply = await self._run(self._get, "a read", self._keys(session_id), [lastn], write=False)
+        held = self._held.get(session_id)
+        args = [lastn, _version(held)]
+        reply = await self._run(self._get, "a read", self._keys(session_id), args, write=False)
+        if reply == 1 and held is not None:  # the held snapshot is current: no history sent
+            return _window(held, last_messages)
         return self._held.seen(session_id, self._from_reply(session_id, reply))
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
@@ -874,6 +903,7 @@ class RedisRepository(SessionRepository, EventTransport):
         policy: ExpiryPolicy,
         last_messages: int | None = None,
     ) -> Session | None:
+        held = self._held.get(session_id)
         args = [
             str(session_id),
             str(_us(at)),
@@ -882,8 +912,18 @@ class RedisRepository(SessionRepository, EventTransport):
             self._grace,
             "" if last_messages is None else str(max(0, last_messages)),
             str(policy.touch_interval // timedelta(microseconds=1)),
+            _version(held),
         ]
         reply = await self._run(self._touch, "a touch", self._keys(session_id), args)
+        if held is not None and reply is not None and len(reply) == 2:  # held is current
+            last_active, expires_at = reply
+            session = replace_trusted(
+                held,
+                last_active=_datetime(last_active),
+                expires_at=None if expires_at is None else _datetime(expires_at),
+            )
+            self._held.keep(session)
+            return _window(session, last_messages)
         return self._held.seen(session_id, self._from_reply(session_id, reply))
 
     async def delete(self, session_id: uuid.UUID) -> bool:
