@@ -20,7 +20,7 @@ class _Entry:
 class _Held:
     __slots__ = ("_entry", "_id", "_locks")
 
-    def __init__(self, locks: dict[uuid.UUID, _Entry], key: uuid.UUID) -> None:
+    def __init__(self, locks: dict[int, _Entry], key: int) -> None:
         self._locks = locks
         self._id = key
 
@@ -47,15 +47,18 @@ class _Held:
 
 
 class KeyedLocks:
-    """``async with locks(key):`` serializes tasks per key; unused keys cost nothing."""
+    """``async with locks(key):`` serializes tasks per key; unused keys cost nothing.
+
+    Keyed by the id's integer: ``uuid.UUID`` hashes in Python code.
+    """
 
     __slots__ = ("_locks",)
 
     def __init__(self) -> None:
-        self._locks: dict[uuid.UUID, _Entry] = {}
+        self._locks: dict[int, _Entry] = {}
 
     def __call__(self, key: uuid.UUID) -> _Held:
-        return _Held(self._locks, key)
+        return _Held(self._locks, key.int)
 
     def __len__(self) -> int:
         return len(self._locks)

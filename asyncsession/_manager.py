@@ -412,12 +412,16 @@ class SessionManager:
                 f"The update function returned {type(new).__name__}, not a Session. Return "
                 "a changed copy, e.g. `lambda s: s.with_state(count=1)`."
             )
-        for field in ("id", "created_at", "revision"):
-            if getattr(new, field) != getattr(old, field):
-                raise InvalidUpdate(
-                    f"The update function changed Session.{field}, which is managed by "
-                    "asyncsession. Change owner, name, state, messages or status instead."
-                )
+        if new.id != old.id or new.created_at != old.created_at or new.revision != old.revision:
+            field = next(
+                name
+                for name in ("id", "created_at", "revision")
+                if getattr(new, name) != getattr(old, name)
+            )
+            raise InvalidUpdate(
+                f"The update function changed Session.{field}, which is managed by "
+                "asyncsession. Change owner, name, state, messages or status instead."
+            )
         if not new.messages.is_complete:
             raise InvalidUpdate(
                 "The update function returned a window of the message history; append to "
