@@ -151,9 +151,23 @@ local function keep_until(s, m, id, owner, st, ex, grace)
   end
 end
 local function push(m, first)
+  local n = false
   for i = first, #ARGV, 1000 do
-    redis.call('RPUSH', m, unpack(ARGV, i, math.min(i + 999, #ARGV)))
+    n = redis.call('RPUSH', m, unpack(ARGV, i, math.min(i + 999, #ARGV)))
   end
+  return n
+end
+local function field(set, gone, name, value, had)
+  if value then
+    set[#set + 1] = name
+    set[#set + 1] = value
+  elseif had then
+    gone[#gone + 1] = name
+  end
+end
+local function write_fields(s, set, gone)
+  redis.call('HSET', s, unpack(set))
+  if #gone > 0 then redis.call('HDEL', s, unpack(gone)) end
 end
 local function deadline(st, ca, la, idle, maxage)
   local hard = false
@@ -187,10 +201,11 @@ local s, m, id = KEYS[1], KEYS[2], ARGV[2]
 if redis.call('EXISTS', s) == 1 then return 0 end
 forget_if_known(id)
 local st, owner, ex, cl = ARGV[5], opt(ARGV[6]), opt(ARGV[9]), opt(ARGV[10])
-redis.call('HSET', s, 'd', ARGV[3], 'r', ARGV[4], 'st', st, 'ca', ARGV[7], 'la', ARGV[8])
-if owner then redis.call('HSET', s, 'o', owner) end
-if ex then redis.call('HSET', s, 'ex', ex) end
-if cl then redis.call('HSET', s, 'cl', cl) end
+local set = {'d', ARGV[3], 'r', ARGV[4], 'st', st, 'ca', ARGV[7], 'la', ARGV[8]}
+field(set, nil, 'o', owner, false)
+field(set, nil, 'ex', ex, false)
+field(set, nil, 'cl', cl, false)
+redis.call('HSET', s, unpack(set))
 redis.call('DEL', m)
 push(m, 12)
 set_meta(id, owner, st)
@@ -208,7 +223,7 @@ return 1
 # that writer then reads before its next update, so it cannot starve the others.
 _SAVE = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
-local cur = redis.call('HMGET', s, 'r', 'st', 'o', 'cf', 'la')
+local cur = redis.call('HMGET', s, 'r', 'st', 'o', 'cf', 'la', 'ex', 'cl')
 if not cur[1] then
   forget_if_known(id)
   return {-1}
@@ -222,10 +237,12 @@ if cur[1] ~= rev or (la ~= '' and tonumber(cur[5]) ~= tonumber(la)) then
   return {-2, cur[1]}
 end
 local st, owner, ex, cl = ARGV[6], opt(ARGV[7]), opt(ARGV[10]), opt(ARGV[11])
-redis.call('HSET', s, 'd', ARGV[4], 'r', ARGV[5], 'st', st, 'ca', ARGV[8], 'la', ARGV[9])
-if owner then redis.call('HSET', s, 'o', owner) else redis.call('HDEL', s, 'o') end
-if ex then redis.call('HSET', s, 'ex', ex) else redis.call('HDEL', s, 'ex') end
-if cl then redis.call('HSET', s, 'cl', cl) else redis.call('HDEL', s, 'cl') end
+local set, gone = {'d', ARGV[4], 'r', ARGV[5], 'st', st, 'ca', ARGV[8], 'la', ARGV[9]}, {}
+field(set, gone, 'o', owner, cur[3])
+field(set, gone, 'ex', ex, cur[6])
+field(set, gone, 'cl', cl, cur[7])
+if cur[4] then gone[#gone + 1] = 'cf' end
+write_fields(s, set, gone)
 if string.sub(ARGV[13], 1, 1) == 'r' then redis.call('DEL', m) end
 push(m, 14)
 if cur[2] ~= st or cur[3] ~= owner then
@@ -236,10 +253,7 @@ if cur[2] ~= st or cur[3] ~= owner then
 end
 index_times(id, owner, tonumber(ARGV[9]), ex and tonumber(ex))
 keep_until(s, m, id, owner, st, ex and tonumber(ex), tonumber(ARGV[12]))
-if cur[4] then
-  redis.call('HDEL', s, 'cf')
-  return {1, 1}
-end
+if cur[4] then return {1, 1} end
 return {1}
 """
 
@@ -254,14 +268,17 @@ end
 local at = tonumber(ARGV[3])
 if h[6] and tonumber(h[6]) <= at then return {-1} end
 if terminal(h[3]) then return {-3, h[3]} end
-local total = redis.call('LLEN', m) + #ARGV - 7
-if ARGV[6] ~= '' and total > tonumber(ARGV[6]) then return {-4, total} end
+if ARGV[6] ~= '' then
+  local total = redis.call('LLEN', m) + #ARGV - 7
+  if total > tonumber(ARGV[6]) then return {-4, total} end
+end
 local la = math.max(tonumber(h[5]), at)
 local ex = deadline(h[3], tonumber(h[4]), la, tonumber(ARGV[4]), tonumber(ARGV[5]))
 local rev = num(tonumber(h[2]) + 1)
-push(m, 8)
-redis.call('HSET', s, 'r', rev, 'la', num(la))
-if ex then redis.call('HSET', s, 'ex', num(ex)) else redis.call('HDEL', s, 'ex') end
+local total = push(m, 8) or redis.call('LLEN', m)
+local set, gone = {'r', rev, 'la', num(la)}, {}
+field(set, gone, 'ex', ex and num(ex), h[6])
+write_fields(s, set, gone)
 index_times(id, h[7], la, ex)
 keep_until(s, m, id, h[7], h[3], ex, tonumber(ARGV[7]))
 return {1, h[1], rev, num(la), ex and num(ex) or false, total}
@@ -281,15 +298,10 @@ local la = tonumber(h[3])
 if not terminal(h[5]) and not (h[4] and tonumber(h[4]) <= at)
     and at > la and at - la >= tonumber(ARGV[8]) then
   local ex = deadline(h[5], tonumber(h[6]), at, tonumber(ARGV[4]), tonumber(ARGV[5]))
-  h[3] = num(at)
-  redis.call('HSET', s, 'la', h[3])
-  if ex then
-    h[4] = num(ex)
-    redis.call('HSET', s, 'ex', h[4])
-  else
-    h[4] = false
-    redis.call('HDEL', s, 'ex')
-  end
+  local set, gone = {'la', num(at)}, {}
+  field(set, gone, 'ex', ex and num(ex), h[4])
+  write_fields(s, set, gone)
+  h[3], h[4] = num(at), ex and num(ex)
   index_times(id, h[7], at, ex)
   keep_until(s, m, id, h[7], h[5], ex, tonumber(ARGV[6]))
   if redis.call('EXISTS', s) == 0 then return false end
@@ -717,8 +729,8 @@ class RedisRepository(SessionRepository, EventTransport):
                 "(`async with client:`).",
             ) from exc
 
-    def _keys(self, session_id: uuid.UUID) -> list[str]:
-        sid = str(session_id)
+    def _keys(self, sid: str) -> list[str]:
+        """The data keys of the session whose id is ``sid`` (its string form)."""
         return [f"{self._prefix}s:{sid}", f"{self._prefix}m:{sid}"]
 
     async def _run(
@@ -810,7 +822,7 @@ class RedisRepository(SessionRepository, EventTransport):
         lastn = "" if last_messages is None else str(max(0, last_messages))
         held = self._held.get(session_id)
         args = [lastn, _version(held)]
-        reply = await self._run(self._get, "a read", self._keys(session_id), args, write=False)
+        reply = await self._run(self._get, "a read", self._keys(str(session_id)), args, write=False)
         if reply == 1 and held is not None:  # the held snapshot is current: no history sent
             return _window(held, last_messages)
         return self._held.seen(session_id, self._from_reply(session_id, reply))
@@ -822,9 +834,10 @@ class RedisRepository(SessionRepository, EventTransport):
         return await self.get(session_id)
 
     async def add(self, session: Session) -> None:
-        args = [str(session.id), *self._fields(session)]
+        sid = str(session.id)
+        args = [sid, *self._fields(session)]
         args.extend(dump_message(m) for m in session.messages)
-        added = await self._run(self._add, "an add", self._keys(session.id), args)
+        added = await self._run(self._add, "an add", self._keys(sid), args)
         if not added:
             raise SessionConflict(session.id, expected_revision=None)
         self._held.keep(session)
@@ -850,11 +863,12 @@ class RedisRepository(SessionRepository, EventTransport):
         expected = str(expected_revision)
         if lent_last_active is not None:
             expected += f"@{_us(lent_last_active)}"
-        args: list[str | bytes] = [str(session.id), expected]
+        sid = str(session.id)
+        args: list[str | bytes] = [sid, expected]
         args.extend(self._fields(session))
         args.append(mode + ("c" if self._held.enabled else ""))
         args.extend(dump_message(m) for m in messages)
-        reply = await self._run(self._save, "a save", self._keys(session.id), args)
+        reply = await self._run(self._save, "a save", self._keys(sid), args)
         code = int(reply[0])
         if code == -1:
             raise SessionNotFound(session.id)
@@ -879,8 +893,9 @@ class RedisRepository(SessionRepository, EventTransport):
         policy: ExpiryPolicy,
         max_messages: int | None = None,
     ) -> Session:
+        sid = str(session_id)
         args: list[str | bytes] = [
-            str(session_id),
+            sid,
             str(_us(at)),
             _delta_us(policy.idle_timeout),
             _delta_us(policy.max_age),
@@ -889,7 +904,7 @@ class RedisRepository(SessionRepository, EventTransport):
         ]
         args.extend(dump_message(m) for m in messages)
         before = self._held.take(session_id)
-        reply = await self._run(self._append, "an append", self._keys(session_id), args)
+        reply = await self._run(self._append, "an append", self._keys(sid), args)
         code = int(reply[0])
         if code == -1:
             raise SessionNotFound(session_id)
@@ -913,8 +928,9 @@ class RedisRepository(SessionRepository, EventTransport):
         last_messages: int | None = None,
     ) -> Session | None:
         held = self._held.get(session_id)
+        sid = str(session_id)
         args = [
-            str(session_id),
+            sid,
             str(_us(at)),
             _delta_us(policy.idle_timeout),
             _delta_us(policy.max_age),
@@ -923,7 +939,7 @@ class RedisRepository(SessionRepository, EventTransport):
             str(policy.touch_interval // timedelta(microseconds=1)),
             _version(held),
         ]
-        reply = await self._run(self._touch, "a touch", self._keys(session_id), args)
+        reply = await self._run(self._touch, "a touch", self._keys(sid), args)
         if held is not None and reply is not None and len(reply) == 2:  # held is current
             last_active, expires_at = reply
             session = replace_trusted(
@@ -937,16 +953,15 @@ class RedisRepository(SessionRepository, EventTransport):
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         self._held.drop(session_id)
-        reply = await self._run(self._delete, "a delete", self._keys(session_id), [str(session_id)])
+        sid = str(session_id)
+        reply = await self._run(self._delete, "a delete", self._keys(sid), [sid])
         return bool(reply)
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
         self._held.drop(session_id)
+        sid = str(session_id)
         reply = await self._run(
-            self._remove_expired,
-            "an expiry removal",
-            self._keys(session_id),
-            [str(session_id), str(_us(now))],
+            self._remove_expired, "an expiry removal", self._keys(sid), [sid, str(_us(now))]
         )
         return self._from_reply(session_id, reply)
 
