@@ -1,0 +1,96 @@
+"""KeyedLocks: per-session serialization inside one manager (no store involved)."""
+
+from __future__ import annotations
+
+import uuid
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from asyncsession._locks import KeyedLocks
+
+pytestmark = pytest.mark.anyio
+
+A, B = uuid.uuid4(), uuid.uuid4()
+
+
+async def test_one_holder_per_key_in_arrival_order(anyio_backend: str) -> None:
+    locks = KeyedLocks()
+    order: list[int] = []
+    inside = 0
+
+    async def task(n: int) -> None:
+        nonlocal inside
+        async with locks(A):
+            inside += 1
+            assert inside == 1
+            order.append(n)
+            await anyio.lowlevel.checkpoint()
+            await anyio.lowlevel.checkpoint()
+            inside -= 1
+
+    async with anyio.create_task_group() as tg:
+        for n in range(5):
+            tg.start_soon(task, n)
+            await anyio.lowlevel.checkpoint()  # each task queues before the next starts
+    assert order == [0, 1, 2, 3, 4]
+    assert len(locks) == 0  # nothing left behind
+
+
+async def test_keys_do_not_block_each_other(anyio_backend: str) -> None:
+    locks = KeyedLocks()
+    async with locks(A):
+        with anyio.fail_after(1):
+            async with locks(B):
+                assert len(locks) == 2
+    assert len(locks) == 0
+
+
+async def test_a_cancelled_waiter_leaves_the_queue(anyio_backend: str) -> None:
+    locks = KeyedLocks()
+    got: list[str] = []
+
+    async def waiter(name: str) -> None:
+        async with locks(A):
+            got.append(name)
+
+    async with anyio.create_task_group() as tg:
+        async with locks(A):
+            with anyio.CancelScope() as scope:
+                tg.start_soon(waiter, "second")
+                await anyio.lowlevel.checkpoint()
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(waiter, "cancelled")
+                await anyio.lowlevel.checkpoint()
+                inner.cancel_scope.cancel()
+            tg.start_soon(waiter, "third")
+            await anyio.lowlevel.checkpoint()
+            assert not scope.cancel_called
+    assert got == ["second", "third"]
+    assert len(locks) == 0
+
+
+async def test_a_waiter_cancelled_as_its_turn_comes_passes_the_key_on(
+    anyio_backend: str,
+) -> None:
+    locks = KeyedLocks()
+    got: list[str] = []
+    first = anyio.CancelScope()
+
+    async def waiter(name: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            async with locks(A):
+                got.append(name)
+                await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(5):  # a lost hand-over would leave "next" waiting forever
+        async with anyio.create_task_group() as tg:
+            async with locks(A):
+                tg.start_soon(waiter, "first", first)
+                await anyio.lowlevel.checkpoint()
+                tg.start_soon(waiter, "next", anyio.CancelScope())
+                await anyio.lowlevel.checkpoint()
+                first.cancel()  # cancelled, and then handed the key before it runs again
+    assert got[-1:] == ["next"]  # "first" may or may not have run its body
+    assert len(locks) == 0
