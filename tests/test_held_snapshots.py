@@ -381,10 +381,11 @@ def test_holder_keeps_the_newest_revision_and_whole_histories_only() -> None:
 # -- Redis: a read of a current held snapshot sends no history -----------------------------
 
 
+RedisPair = tuple[SessionManager, SessionManager, ManualClock, Callable[[], Awaitable[int]]]
+
+
 @pytest.fixture
-async def redis_pair(
-    redis_server: RedisServer, anyio_backend: str
-) -> AsyncIterator[tuple[SessionManager, SessionManager, ManualClock, Callable[[], Awaitable[int]]]]:
+async def redis_pair(redis_server: RedisServer, anyio_backend: str) -> AsyncIterator[RedisPair]:
     """Two managers on one Redis prefix, a shared clock, and a count of history reads."""
     clock = ManualClock(T0)
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
@@ -410,9 +411,6 @@ async def redis_pair(
             return int(stats.get("cmdstat_lrange", {}).get("calls", 0))
 
         yield managers[0], managers[1], clock, history_reads
-
-
-RedisPair = tuple[SessionManager, SessionManager, ManualClock, Callable[[], Awaitable[int]]]
 
 
 async def fresh(manager: SessionManager, session_id: uuid.UUID, **options: Any) -> Session:
