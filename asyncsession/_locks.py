@@ -2,63 +2,108 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import deque
+from collections.abc import Callable
 
 import anyio
 
 __all__ = ["KeyedLocks"]
 
 
-class _Held:
-    __slots__ = ("_id", "_locks")
+def _task_function() -> Callable[[], object]:
+    """The running backend's own current-task function (anyio's costs ~3 µs a call)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        import trio  # not asyncio: anyio's other backend
 
-    def __init__(self, locks: dict[int, deque[anyio.Event]], key: int) -> None:
+        return trio.lowlevel.current_task
+    return asyncio.current_task
+
+
+class _Entry:
+    __slots__ = ("owner", "waiters")
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        # the tasks waiting for the key, in arrival order
+        self.waiters: deque[tuple[anyio.Event, object]] = deque()
+
+
+class _Held:
+    __slots__ = ("_id", "_key", "_locks")
+
+    def __init__(self, locks: KeyedLocks, key: uuid.UUID) -> None:
         self._locks = locks
-        self._id = key
+        self._key = key
+        self._id = key.int
 
     async def __aenter__(self) -> None:
-        waiters = self._locks.get(self._id)
-        if waiters is None:  # free: taken without a checkpoint (like fast_acquire)
-            self._locks[self._id] = deque()
+        me = self._locks._current_task()
+        entries = self._locks._entries
+        entry = entries.get(self._id)
+        if entry is None:  # free: taken without a checkpoint (like fast_acquire)
+            entries[self._id] = _Entry(me)
             return
+        if entry.owner is me:
+            raise RuntimeError(
+                f"This task already holds session {self._key}'s lock: an update function "
+                "must not update, close or rotate its own session through the manager "
+                "(return the changed snapshot instead)."
+            )
         turn = anyio.Event()
-        waiters.append(turn)
+        entry.waiters.append((turn, me))
         try:
             await turn.wait()
         except BaseException:
             if turn.is_set():  # handed over just as we were cancelled: pass it on
                 self._release()
             else:
-                waiters.remove(turn)
+                entry.waiters.remove((turn, me))
             raise
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._release()
 
     def _release(self) -> None:
-        waiters = self._locks[self._id]
-        if waiters:
-            waiters.popleft().set()  # the next waiter owns the key now (FIFO)
+        entries = self._locks._entries
+        entry = entries[self._id]
+        if entry.waiters:
+            turn, entry.owner = entry.waiters.popleft()  # the next waiter owns it (FIFO)
+            turn.set()
         else:
-            del self._locks[self._id]
+            del entries[self._id]
 
 
 class KeyedLocks:
     """``async with locks(key):`` serializes tasks per key; unused keys cost nothing.
 
-    An uncontended key costs a dict entry and no event-loop primitive at all (updates
-    take one per call). Keyed by the id's integer: ``uuid.UUID`` hashes in Python code.
+    An uncontended key costs a dict entry and no event-loop primitive (updates take one
+    per call). Not reentrant: a task acquiring a key it holds gets ``RuntimeError``
+    instead of waiting for itself. Keyed by the id's integer (``uuid.UUID`` hashes in
+    Python code).
     """
 
-    __slots__ = ("_locks",)
+    __slots__ = ("_entries", "_task")
 
     def __init__(self) -> None:
-        # key -> the tasks waiting for it, in arrival order; present while held
-        self._locks: dict[int, deque[anyio.Event]] = {}
+        self._entries: dict[int, _Entry] = {}
+        self._task: Callable[[], object] | None = None
+
+    def _current_task(self) -> object:
+        task = self._task
+        if task is not None:
+            try:
+                return task()
+            except RuntimeError:  # now used under the other backend
+                pass
+        self._task = task = _task_function()
+        return task()
 
     def __call__(self, key: uuid.UUID) -> _Held:
-        return _Held(self._locks, key.int)
+        return _Held(self, key)
 
     def __len__(self) -> int:
-        return len(self._locks)
+        return len(self._entries)

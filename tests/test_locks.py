@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -94,3 +95,28 @@ async def test_a_waiter_cancelled_as_its_turn_comes_passes_the_key_on(
                 first.cancel()  # cancelled, and then handed the key before it runs again
     assert got[-1:] == ["next"]  # "first" may or may not have run its body
     assert len(locks) == 0
+
+
+async def test_a_task_taking_a_key_it_holds_gets_an_error_not_a_hang(anyio_backend: str) -> None:
+    locks = KeyedLocks()
+    with anyio.fail_after(5):
+        async with locks(A):
+            with pytest.raises(RuntimeError, match="already holds session"):
+                async with locks(A):
+                    pass
+    assert len(locks) == 0
+
+
+async def test_a_nested_update_of_the_same_session_raises(anyio_backend: str) -> None:
+    from asyncsession import MemoryRepository, SessionManager
+
+    async with SessionManager(MemoryRepository(), cleanup_interval=None) as sessions:
+        session = await sessions.create()
+
+        async def nested(snapshot: Any) -> Any:
+            await sessions.update(session.id, lambda s: s.with_state(inner=1))
+            return snapshot
+
+        with anyio.fail_after(5), pytest.raises(RuntimeError, match="own session"):
+            await sessions.update(session.id, nested)
+        assert (await sessions.update(session.id, lambda s: s.with_state(n=1))).state == {"n": 1}
