@@ -471,3 +471,24 @@ async def test_redis_touch_of_a_current_snapshot_sends_no_history(redis_pair: Re
     # the held snapshot follows the touch: the next update is based on it and is accepted
     result = await a.update(session.id, bump("n"))
     assert result.revision == touched.revision + 1 and result.last_active == clock.now()
+
+
+async def test_redis_a_short_touch_reply_keeps_a_lent_snapshot_checked(
+    redis_pair: RedisPair,
+) -> None:
+    a, b, clock, _ = redis_pair
+    session = await a.create()
+    await a.add_message(session.id, "user", "hi")
+    store = a.repository
+    lent = await store.get_for_update(session.id)  # what an update's callback is based on
+    assert lent is not None
+    clock.advance(10)
+    await a.get(session.id, last_messages=0)  # this process touches: a short reply
+    clock.advance(20)
+    await b.get(session.id)  # then another process touches
+    stale = attrs.evolve(
+        lent.with_state(n=1), revision=lent.revision + 1, last_active=T0 + timedelta(seconds=10)
+    )
+    with pytest.raises(SessionConflict):  # saving it would move last_active back 20 s
+        await store.save(stale, expected_revision=lent.revision, new_messages=())
+    assert (await b.get(session.id, touch=False)).last_active == clock.now()

@@ -150,11 +150,27 @@ class HeldSnapshots:
                     return session
                 if held.revision < session.revision:
                     self._pop(key)
-                elif held.last_active < session.last_active:  # same history, touched
-                    self._items[key] = replace_trusted(
-                        held, last_active=session.last_active, expires_at=session.expires_at
-                    )
+                    return session
+            self.touched(session)  # same history, perhaps touched
         return session
+
+    def touched(self, session: Session) -> None:
+        """Follow a touch that found the held snapshot current: new times, same history.
+
+        Unlike :meth:`keep`, a snapshot lent to an update stays lent: its save must still
+        find the ``last_active`` the update was based on.
+        """
+        key = session.id.int
+        with self._lock:
+            held = self._items.get(key)
+            if (
+                held is not None
+                and held.revision == session.revision
+                and held.last_active < session.last_active
+            ):
+                self._items[key] = replace_trusted(
+                    held, last_active=session.last_active, expires_at=session.expires_at
+                )
 
     def drop(self, session_id: uuid.UUID) -> None:
         """Forget a session (its next update reads it again)."""

@@ -947,7 +947,7 @@ class RedisRepository(SessionRepository, EventTransport):
                 last_active=_datetime(last_active),
                 expires_at=None if expires_at is None else _datetime(expires_at),
             )
-            self._held.keep(session)
+            self._held.touched(session)
             return _window(session, last_messages)
         return self._held.seen(session_id, self._from_reply(session_id, reply))
 
