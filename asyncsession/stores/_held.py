@@ -52,21 +52,19 @@ class HeldSnapshots:
 
     def get(self, session_id: uuid.UUID) -> Session | None:
         """The held snapshot of a session (marked recently used), or None."""
-        key = session_id.int
-        with self._lock:
-            session = self._items.get(key)
-            if session is not None:
-                self._items.move_to_end(key)
-            return session
+        return self._use(session_id.int, lend=False)
 
     def lend(self, session_id: uuid.UUID) -> Session | None:
         """The held snapshot, for an update to be based on (see :meth:`before_save`)."""
-        key = session_id.int
+        return self._use(session_id.int, lend=True)
+
+    def _use(self, key: int, *, lend: bool) -> Session | None:
         with self._lock:
             session = self._items.get(key)
             if session is not None:
                 self._items.move_to_end(key)
-                self._lent.add(key)
+                if lend:
+                    self._lent.add(key)
             return session
 
     def before_save(self, session_id: uuid.UUID, expected_revision: int) -> datetime | None:
