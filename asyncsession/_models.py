@@ -519,6 +519,13 @@ def replace_trusted(session: Session, **changes: Any) -> Session:
     return result
 
 
+def last_window(session: Session, last_messages: int | None) -> Session:
+    """``session`` as a read with ``last_messages`` returns it (all of it for None)."""
+    if last_messages is None:
+        return session
+    return replace_trusted(session, messages=session.messages.tail(last_messages))
+
+
 @attrs.frozen(slots=True)
 class ExpiryPolicy:
     """When sessions expire: the manager's policy, evaluated by stores on touch.

@@ -12,7 +12,7 @@ from datetime import datetime
 import anyio
 
 from .._exceptions import LimitExceeded, SessionClosed, SessionConflict, SessionNotFound
-from .._models import ExpiryPolicy, Message, Session, SessionStatus, replace_trusted
+from .._models import ExpiryPolicy, Message, Session, SessionStatus, last_window, replace_trusted
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
 
 __all__ = ["MemoryRepository"]
@@ -98,9 +98,9 @@ class MemoryRepository(SessionRepository):
     ) -> Session | None:
         async with self._lock:
             session = self._sessions.get(session_id)
-        if session is None or last_messages is None:
-            return session
-        return replace_trusted(session, messages=session.messages.tail(last_messages))
+        if session is None:
+            return None
+        return last_window(session, last_messages)
 
     async def add(self, session: Session) -> None:
         async with self._lock:
@@ -188,9 +188,7 @@ class MemoryRepository(SessionRepository):
                     old.expires_at is None or session.expires_at < old.expires_at
                 ):
                     self._index(session)
-        if last_messages is not None:
-            session = replace_trusted(session, messages=session.messages.tail(last_messages))
-        return session
+        return last_window(session, last_messages)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         async with self._lock:

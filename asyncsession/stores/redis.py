@@ -49,6 +49,7 @@ from .._models import (
     MessageLog,
     Session,
     SessionStatus,
+    last_window,
     replace_trusted,
 )
 from .._serialization import (
@@ -519,13 +520,6 @@ def _version(held: Session | None) -> str:
     return f"{held.revision}@{_us(held.last_active)}@{_opt_us(held.expires_at)}"
 
 
-def _window(session: Session, last_messages: int | None) -> Session:
-    """``session`` as a read with ``last_messages`` returns it."""
-    if last_messages is None:
-        return session
-    return replace_trusted(session, messages=session.messages.tail(max(0, last_messages)))
-
-
 def _first_content(first: Any) -> str | None:
     """The text of a stored first message (None if absent or unreadable)."""
     if first is None:
@@ -824,7 +818,7 @@ class RedisRepository(SessionRepository, EventTransport):
         args = [lastn, _version(held)]
         reply = await self._run(self._get, "a read", self._keys(str(session_id)), args, write=False)
         if reply == 1 and held is not None:  # the held snapshot is current: no history sent
-            return _window(held, last_messages)
+            return last_window(held, last_messages)
         return self._held.seen(session_id, self._from_reply(session_id, reply))
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
@@ -948,7 +942,7 @@ class RedisRepository(SessionRepository, EventTransport):
                 expires_at=None if expires_at is None else _datetime(expires_at),
             )
             self._held.touched(session)
-            return _window(session, last_messages)
+            return last_window(session, last_messages)
         return self._held.seen(session_id, self._from_reply(session_id, reply))
 
     async def delete(self, session_id: uuid.UUID) -> bool:
