@@ -13,20 +13,27 @@ directly on the event-loop thread (no worker thread, no group commit). matplotli
 benchmark-only dependency (``pip install matplotlib``). ``--stores`` runs a subset,
 ``--cpu N`` pins the process to one CPU (see SQLITE_RESULTS.md for why that matters on a
 VM), ``--no-charts`` leaves the charts alone.
+
+Two diagnostics explain the SQLite figures: the single-task row "sqlite, CPUs kept
+awake" repeats the measurement while another process busy-loops (so no vCPU halts
+between a request and its answer), and "where a mixed-load operation's time goes"
+splits the time of one and of 100 tasks between the event-loop thread and the worker.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -78,6 +85,108 @@ class LoopThreadSQLite(SQLiteRepository):
             raise
         conn.execute("COMMIT")
         return result
+
+
+class TimedSQLite(SQLiteRepository):
+    """SQLiteRepository that clocks its worker: CPU and wall time spent in batches."""
+
+    worker_cpu = 0.0
+    worker_busy = 0.0
+
+    def _execute(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        cpu, wall = time.thread_time(), time.perf_counter()
+        super()._execute(conn, batch)
+        self.worker_busy += time.perf_counter() - wall
+        self.worker_cpu += time.thread_time() - cpu
+
+
+async def threads(path: Path, tasks: int, total_ops: int) -> dict[str, float]:
+    """Where a mixed-load operation's time goes: per-operation wall time, CPU of the
+    event-loop thread, CPU and busy time of the worker, operations per commit (µs)."""
+    async with TimedSQLite(path) as repo:
+        await concurrency(repo, tasks, total_ops // 4)  # warm up
+        repo.worker_cpu = repo.worker_busy = 0.0
+        before = repo.statistics()
+        cpu, wall = time.thread_time(), time.perf_counter()
+        await concurrency(repo, tasks, total_ops)
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+        after = repo.statistics()
+        ops = after.operations - before.operations
+        return {
+            "wall": wall / ops * 1e6,
+            "loop cpu": cpu / ops * 1e6,
+            "worker cpu": repo.worker_cpu / ops * 1e6,
+            "worker busy": repo.worker_busy / ops * 1e6,
+            "ops/commit": ops / max(1, after.commits - before.commits),
+        }
+
+
+async def statements_only(path: Path, batch_size: int, rounds: int) -> float:
+    """µs per operation of the mixed load's own worker-side operations, run in batches
+    of ``batch_size`` per commit on the calling thread: no hop, no event loop, no
+    waiting for the GIL. What the statements cost when nothing else runs."""
+
+    class Capture(SQLiteRepository):
+        captured: list[Any] | None = None
+
+        async def _call(
+            self, fn: Callable[[sqlite3.Connection], T], *, write: bool, transaction: bool = True
+        ) -> T:
+            if self.captured is None:
+                return await super()._call(fn, write=write, transaction=transaction)
+            self.captured.append(fn)
+            raise LookupError  # captured, not run
+
+    from asyncsession.stores.sqlite import _RUNNING, _Request
+
+    async with Capture(path) as repo:
+        own = [session(5) for _ in range(batch_size)]
+        for s in own:
+            await repo.add(s)
+        conn = repo._connect()
+        at = T0 + timedelta(seconds=1)
+        times = []
+        try:
+            for r in range(rounds):
+                repo.captured = []
+                for i, s in enumerate(own):
+                    kind = (i + r) % 10
+                    try:
+                        if kind < 5:
+                            await repo.append(s.id, [message(i)], at=at, policy=POLICY)
+                        elif kind < 8:
+                            await repo.get(s.id, last_messages=20)
+                        else:
+                            await repo.touch(s.id, at=at, policy=POLICY, last_messages=20)
+                    except LookupError:
+                        pass
+                batch = [_Request(fn, write=True) for fn in repo.captured]
+                repo.captured = None
+                for request in batch:
+                    request.state = _RUNNING
+                start = time.perf_counter()
+                repo._execute(conn, batch)
+                times.append((time.perf_counter() - start) / len(batch))
+                assert all(request.error is None for request in batch)
+        finally:
+            conn.close()
+        return statistics.median(times) * 1e6
+
+
+@contextlib.contextmanager
+def cpus_kept_awake() -> Iterator[None]:
+    """Run a busy-looping process meanwhile (a diagnostic, not a way to run a store).
+
+    On a VM an idle vCPU halts, and waking a halted vCPU (a thread hop's two wake-ups)
+    costs far more than waking a running one: this shows how much of a hop that is.
+    """
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def stores(workdir: Path) -> dict[str, Callable[[str], AbstractAsyncContextManager[Any]]]:
@@ -300,10 +409,16 @@ async def main(quick: bool, only: list[str] | None, draw: bool) -> None:
         hist: dict[str, dict[int, tuple[float, float]]] = {}
         conc: dict[str, dict[int, tuple[float, float]]] = {}
         fds: dict[str, tuple[int, int, int, int]] = {}
+        split: dict[int, dict[str, float]] = {}
+        alone = 0.0
         for label, factory in factories.items():
             print(f"... {label}", file=sys.stderr)
             async with factory("single") as repo:
                 lat[label] = await single(repo, reps)
+            if label == "sqlite":
+                async with factory("single-awake") as repo:
+                    with cpus_kept_awake():
+                        lat["sqlite, CPUs kept awake"] = await single(repo, reps)
             async with factory("history") as repo:
                 hist[label] = await history(repo, lengths)
             conc[label] = {}
@@ -314,6 +429,10 @@ async def main(quick: bool, only: list[str] | None, draw: bool) -> None:
                 small, large = fd_sizes["files" if label == "files" else "default"]
                 a, b = await descriptors(factory, small, large)
                 fds[label] = (small, a, large, b)
+            if label == "sqlite":
+                for n in (1, 100):
+                    split[n] = await threads(Path(tmp) / f"threads{n}.db", n, total_ops)
+                alone = await statements_only(Path(tmp) / "alone.db", 100, 10 if quick else 40)
 
     table(
         "Single task, p50 latency (µs)",
@@ -348,6 +467,19 @@ async def main(quick: bool, only: list[str] | None, draw: bool) -> None:
         ["store", "sessions", "fds", "sessions", "fds"],
         [[k, f"{a:,}", str(b), f"{c:,}", str(d)] for k, (a, b, c, d) in fds.items()],
     )
+    if split:
+        names = ["wall", "loop cpu", "worker cpu", "worker busy", "ops/commit"]
+        table(
+            "Where a mixed-load operation's time goes (sqlite, µs per operation)",
+            ["tasks", "wall", "event-loop thread CPU", "worker CPU", "worker busy", "ops/commit"],
+            [[str(n), *(f"{v[k]:.1f}" for k in names)] for n, v in split.items()],
+        )
+        one = split[1]["wall"]
+        print(
+            f"\nThe same worker operations in batches of 100 on one thread, nothing else "
+            f"running: {alone:.1f} µs per operation ({1e6 / alone:,.0f} ops/s). Five times "
+            f"one task's throughput needs {one / 5:.1f} µs per operation in all."
+        )
     for path in charts(hist, conc) if draw else ():
         print(f"\nchart: {path.relative_to(HERE.parent)}")
 
