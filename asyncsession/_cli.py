@@ -932,16 +932,62 @@ def _read_lines(source: IO[bytes]) -> list[Session]:
     return sessions
 
 
+#: How often ``import --replace`` reads a session again after another writer beat it.
+REPLACE_ATTEMPTS = 5
+
+
+async def _replace(repository: SessionRepository, session: Session) -> bool:
+    """Store an imported session over the one stored under its id, in one compare-and-set.
+
+    The stored session is replaced by ``session`` with the next revision, so running
+    applications see a new revision (their held snapshots and conditional reads no longer
+    match) and an update they based on the old contents is refused. A session that is
+    not stored (any more) is added with its exported revision. Returns True when a stored
+    session was replaced; raises :class:`SessionConflict` (with ``attempts``) when other
+    writers beat every attempt, in which case the stored session was left as it was.
+    """
+    stored = await repository.get(session.id, last_messages=0)
+    for _attempt in range(REPLACE_ATTEMPTS):
+        try:
+            if stored is None:
+                await repository.add(session)
+                return False
+            await repository.save(
+                attrs.evolve(session, revision=stored.revision + 1),
+                expected_revision=stored.revision,
+            )
+            return True
+        except SessionConflict:  # written (or created) in between: read it again
+            stored = await repository.get(session.id, last_messages=0)
+        except SessionNotFound:  # deleted in between
+            stored = None
+    raise SessionConflict(session.id, attempts=REPLACE_ATTEMPTS)
+
+
 @cli.command("import")
 @click.argument("source", type=click.File("rb"), default="-")
-@click.option("--replace", is_flag=True, help="Overwrite sessions that already exist.")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Overwrite sessions that already exist; each gets the next revision of the "
+    "stored one (one compare-and-set), so running applications see the change.",
+)
 @_store_option
 @_backend_option
 def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: str) -> None:
-    """Add the sessions of a JSON Lines export (ids and revisions kept)."""
+    """Add the sessions of a JSON Lines export (ids, times and revisions kept).
+
+    Without --replace nothing is imported if any of the sessions already exists. With
+    --replace an existing session is overwritten by the imported one in a single
+    compare-and-set (never deleted first) and gets the stored revision plus one, so
+    applications running on the store see a new revision and stop using what they
+    remembered of it; sessions that do not exist yet keep their exported revision.
+    """
     sessions = _read_lines(source)
 
     async def act(repository: SessionRepository) -> tuple[int, int]:
+        # Read every target first (also with --replace): a store that fails to read
+        # fails before anything is written.
         existing = [s.id for s in sessions if await repository.get(s.id, last_messages=0)]
         if existing and not replace:
             raise CLIError(
@@ -949,14 +995,31 @@ def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: s
                 f"{store_url} (first: {existing[0]}); nothing was imported. Pass --replace "
                 "to overwrite them."
             )
+        replaced = 0
         with _progress() as progress:
             task = progress.add_task("Importing", total=len(sessions))
-            for session in sessions:
-                if session.id in existing:
-                    await repository.delete(session.id)
-                await repository.add(session)
+            for done, session in enumerate(sessions):
+                try:
+                    if replace:
+                        replaced += await _replace(repository, session)
+                    else:
+                        await repository.add(session)
+                except SessionConflict as exc:
+                    if exc.attempts is not None:
+                        what = (
+                            f"kept changing while importing it ({exc.attempts} attempts) "
+                            "and was left as it was"
+                        )
+                        hint = "Run the import again with --replace to finish."
+                    else:
+                        what = "was added by someone else during the import"
+                        hint = "Pass --replace to overwrite it."
+                    raise CLIError(
+                        f"session {session.id} {what}; {done} of the {len(sessions)} sessions "
+                        f"were imported before it. {hint}"
+                    ) from exc
                 progress.advance(task)
-        return len(sessions), len(existing)
+        return len(sessions), replaced
 
     added, replaced = _with_store(store_url, backend, act)
     note = f" ({replaced} replaced)" if replaced else ""

@@ -9,12 +9,14 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
+import attrs
 import pytest
 from redis_support import RedisServer, free_port
 
@@ -263,7 +265,146 @@ def test_export_import_round_trip_is_exact(
     assert "already exist" in line and "--replace" in line
     replaced = run("import", "--replace", "--store", target, stdin=exported)
     assert f"({len(lines)} replaced)" in replaced.stderr
-    assert run("export", "--store", target).stdout == exported
+    # Replaced in one compare-and-set each: the next revision, the same contents otherwise.
+    again = [s.loads(line) for line in run("export", "--store", target).stdout.splitlines()]
+    assert [x.id for x in again] == [x.id for x in originals]
+    for session, original in zip(again, originals, strict=True):
+        assert session.revision == original.revision + 1
+        assert s.dumps(attrs.evolve(session, revision=original.revision)) == s.dumps(original)
+
+
+@pytest.fixture(params=["sqlite", "file", "redis"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of one empty store that the test process and the CLI both open."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    if request.param == "file":
+        return f"file://{tmp_path / 'shared'}"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return f"redis://127.0.0.1:{server.port}/0?prefix=cli-{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.mark.anyio
+async def test_import_replace_reaches_running_applications(
+    run: Run, shared_store: str, anyio_backend: str
+) -> None:
+    """An application's store remembers the sessions it wrote (SQLite and Redis hold
+    snapshots; Redis reads skip the history when the stored revision and times still
+    match them). A session replaced by ``import --replace`` with the same id, revision and
+    times but other contents must not be served or updated from that memory."""
+    url = shared_store
+
+    def cli(*args: str, stdin: str | None = None) -> Awaitable[subprocess.CompletedProcess[str]]:
+        return anyio.to_thread.run_sync(lambda: run(*args, "--store", url, stdin=stdin))
+
+    async with s.SessionManager(
+        s.repository_from_url(url), idle_timeout=3600, cleanup_interval=None
+    ) as app:
+        read_first, update_first = [(await app.create(owner="alice")).id for _ in range(2)]
+        for sid in (read_first, update_first):
+            await app.update(sid, lambda x: x.with_state(v="app").with_message("user", "app"))
+        stored = {sid: await app.get(sid, touch=False) for sid in (read_first, update_first)}
+
+        # Hand-edited export: same ids, revisions and times, other state and messages.
+        edited = []
+        for line in (await cli("export")).stdout.splitlines():
+            session = s.loads(line)
+            assert session.revision == stored[session.id].revision
+            message = s.Message("user", "imported", session.last_active)
+            edited.append(s.dumps(attrs.evolve(session, state={"v": "cli"}, messages=[message])))
+        result = await cli("import", "--replace", stdin=b"\n".join(edited).decode() + "\n")
+        assert "(2 replaced)" in result.stderr
+
+        def contents(session: s.Session) -> tuple[object, list[str]]:
+            return session.state.get("v"), [m.content for m in session.messages]
+
+        # A read, then an update: the read shows the imported session.
+        got = await app.get(read_first)
+        assert contents(got) == ("cli", ["imported"])
+        assert got.revision == stored[read_first].revision + 1
+
+        # An update first, then a read: the update is based on the imported session.
+        for sid in (read_first, update_first):
+            bases: list[s.Session] = []
+
+            def reply(session: s.Session, bases: list[s.Session] = bases) -> s.Session:
+                bases.append(session)
+                return session.with_message("assistant", "reply")
+
+            updated = await app.update(sid, reply)
+            assert contents(bases[-1]) == ("cli", ["imported"])
+            assert contents(updated) == ("cli", ["imported", "reply"])
+            assert updated.revision == stored[sid].revision + 2
+            assert contents(await app.get(sid)) == ("cli", ["imported", "reply"])
+
+    for sid in (read_first, update_first):
+        shown = as_json(await cli("show", str(sid), "--json"))
+        assert shown["state"] == {"v": "cli"} and shown["messages"] == 2
+
+
+class RacingStore(s.MemoryRepository):
+    """A memory store where another writer saves ("write") or deletes ("delete") a
+    session just before this store's next saves of it, as ``races[id]`` lists."""
+
+    def __init__(self, races: dict[uuid.UUID, list[str]]) -> None:
+        super().__init__()
+        self.races = races
+
+    async def save(
+        self,
+        session: s.Session,
+        *,
+        expected_revision: int,
+        new_messages: Sequence[s.Message] | None = None,
+    ) -> None:
+        plan = self.races.get(session.id)
+        current = await self.get(session.id)
+        if plan and current is not None:
+            if plan.pop(0) == "delete":
+                await self.delete(session.id)
+            else:
+                other = attrs.evolve(current, state={"v": "other"}, revision=current.revision + 1)
+                await super().save(other, expected_revision=current.revision)
+        await super().save(session, expected_revision=expected_revision, new_messages=new_messages)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_import_replace_retries_racing_writers(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncsession import _cli
+
+    now = datetime.now(timezone.utc)
+    retried, deleted, busy = (
+        s.Session(uuid.uuid4(), now, now, state={"v": "old"}, revision=3) for _ in range(3)
+    )
+    store = RacingStore(
+        {retried.id: ["write", "write"], deleted.id: ["delete"], busy.id: ["write"] * 5}
+    )
+
+    async def add_and_read(*sessions: s.Session) -> list[s.Session | None]:
+        async with store:
+            for session in sessions:
+                await store.add(session)
+            return [await store.get(x.id) for x in (retried, deleted, busy)]
+
+    anyio.run(add_and_read, retried, deleted, busy, backend=backend)
+    monkeypatch.setattr(_cli, "open_store", lambda url: store)
+    imported = [
+        attrs.evolve(x, state={"v": "imported"}, revision=7) for x in (retried, deleted, busy)
+    ]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(s.dumps(x) + b"\n" for x in imported))
+    args = ["import", "--replace", str(tmp_path / "in.jsonl"), "--backend", backend]
+    with pytest.raises(_cli.CLIError) as caught:
+        _cli.cli.main(args, prog_name="asyncsession", standalone_mode=False)
+    assert f"session {busy.id} kept changing while importing it (5 attempts)" in str(caught.value)
+    assert "2 of the 3 sessions were imported before it" in str(caught.value)
+
+    got_retried, got_deleted, got_busy = anyio.run(add_and_read, backend=backend)
+    assert got_retried is not None and got_retried.state == {"v": "imported"}
+    assert got_retried.revision == 3 + 2 + 1  # after the two racing writes
+    assert got_deleted == imported[1]  # added as exported
+    assert got_busy is not None and got_busy.state == {"v": "other"}  # left as it was
 
 
 def test_import_rejects_a_bad_line(run: Run, tmp_path: Path) -> None:
