@@ -8,7 +8,7 @@ from typing import Any
 
 from ._exceptions import CorruptSessionError, SchemaVersionError
 
-__all__ = ["CURRENT_VERSION", "MIGRATIONS", "LEGACY_NAMESPACE", "migrate"]
+__all__ = ["CURRENT_VERSION", "MIGRATIONS", "LEGACY_NAMESPACE", "document_version", "migrate"]
 
 #: The schema version this release writes.
 CURRENT_VERSION = 1
@@ -62,11 +62,27 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
 MIGRATIONS: dict[int, Migration] = {0: _v0_to_v1}
 
 
-def migrate(doc: dict[str, Any]) -> dict[str, Any]:
-    """Bring ``doc`` to :data:`CURRENT_VERSION`, one step at a time."""
+def document_version(doc: Any, *, session_id: Any = None) -> int:
+    """The schema version ``doc`` (a parsed document) declares; nothing else is checked.
+
+    Raises :class:`CorruptSessionError` (naming ``session_id``) unless ``doc`` is an
+    object with a non-negative int ``version``.
+    """
+    if not isinstance(doc, dict):
+        raise CorruptSessionError(
+            f"expected a JSON object, got {type(doc).__name__}", session_id=session_id
+        )
     version = doc.get("version")
     if type(version) is not int or version < 0:
-        raise CorruptSessionError(f"document has no valid 'version' field ({version!r})")
+        raise CorruptSessionError(
+            f"document has no valid 'version' field ({version!r:.40})", session_id=session_id
+        )
+    return version
+
+
+def migrate(doc: dict[str, Any]) -> dict[str, Any]:
+    """Bring ``doc`` to :data:`CURRENT_VERSION`, one step at a time."""
+    version = document_version(doc)
     if version > CURRENT_VERSION:
         raise SchemaVersionError(version, CURRENT_VERSION)
     while version < CURRENT_VERSION:

@@ -14,13 +14,14 @@ from cattrs.preconf.orjson import make_converter
 
 from ._exceptions import CorruptSessionError, SerializationError, SessionError
 from ._json import FrozenDict
-from ._migrations import CURRENT_VERSION, migrate
+from ._migrations import CURRENT_VERSION, document_version, migrate
 from ._models import EMPTY_LOG, Message, MessageLog, Session, SessionStatus, replace_trusted
 
 __all__ = [
     "dump_message",
     "dumps",
     "load_message",
+    "load_version",
     "loads",
     "session_from_document",
     "session_to_document",
@@ -170,6 +171,20 @@ def loads(data: bytes | bytearray | memoryview | str) -> Session:
     except orjson.JSONDecodeError as exc:
         raise CorruptSessionError(f"not valid JSON ({exc})") from exc
     return session_from_document(doc)
+
+
+def load_version(data: bytes | bytearray | memoryview | str, *, session_id: Any = None) -> int:
+    """The schema version a stored document declares, as stored (no migration).
+
+    Only the JSON and its ``version`` field are checked. Raises
+    :class:`CorruptSessionError` (naming ``session_id``) for bytes that are not a JSON
+    object with a non-negative int ``version``.
+    """
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptSessionError(f"not valid JSON ({exc})", session_id=session_id) from exc
+    return document_version(doc, session_id=session_id)
 
 
 #: The document fields, in the converter's order; the fast encoder below relies on it.

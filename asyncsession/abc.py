@@ -12,7 +12,7 @@ import base64
 import hashlib
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from types import TracebackType
@@ -293,6 +293,32 @@ class SessionRepository(ABC):
     @abstractmethod
     async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
         """Stored sessions per status (including expired ones awaiting cleanup)."""
+
+    async def document_versions(
+        self, session_ids: Iterable[uuid.UUID]
+    ) -> Mapping[uuid.UUID, int] | None:
+        """The schema version of each stored document, as it sits in the store.
+
+        Returns ``{id: version}`` for the ids that are stored (missing ids are left out;
+        repeated ids are answered once). A version below
+        :data:`~asyncsession.CURRENT_VERSION` marks a document that is migrated each time
+        it is loaded until a save rewrites it; one above it was written by a newer
+        release. Expiry is not applied: an expired session awaiting cleanup is still
+        reported. Stores answer a batch in one operation (one round trip or one worker
+        hop), so callers pass many ids at once.
+
+        A stored document whose version cannot be read (not JSON, no non-negative int
+        ``version``) raises :class:`CorruptSessionError` naming that session, as
+        :meth:`get` does for it.
+
+        The default returns None, meaning "unknown", without reading anything: loading a
+        session migrates it, so the public operations cannot show the version a document
+        was stored at. Callers must then treat every document as possibly outdated
+        (``asyncsession migrate`` rewrites them all). Stores that keep documents override
+        this; a store that never holds an old document answers
+        :data:`~asyncsession.CURRENT_VERSION` for each stored id.
+        """
+        return None
 
 
 class RemoteEvent(Protocol):

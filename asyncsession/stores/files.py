@@ -29,6 +29,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import functools
 import hashlib
 import heapq
 import hmac
@@ -40,7 +41,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -62,7 +63,7 @@ from .._exceptions import (
     StorageError,
 )
 from .._locks import KeyedLocks
-from .._migrations import CURRENT_VERSION
+from .._migrations import CURRENT_VERSION, document_version
 from .._models import ExpiryPolicy, Message, MessageLog, Session, SessionStatus
 from .._serialization import session_from_document, session_to_document
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
@@ -162,12 +163,40 @@ def _structure(doc: dict[str, Any], sid: uuid.UUID) -> Session:
 
 def _parse(data: bytes, sid: uuid.UUID, stamp: Stamp) -> _Doc:
     """Parse stored bytes; raise :class:`_Damaged` or :class:`SchemaVersionError`."""
+    return _check(_object(data), sid, stamp)
+
+
+def _object(data: bytes) -> dict[str, Any]:
+    """The JSON object in stored bytes; raise :class:`_Damaged` for anything else."""
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise _Damaged(f"not valid JSON ({exc})") from exc
     if not isinstance(doc, dict):
         raise _Damaged(f"expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _version(data: bytes, sid: uuid.UUID) -> int:
+    """The schema version of a stored document, as stored.
+
+    Raises :class:`_Damaged` for a document that :meth:`FileRepository.get` would
+    quarantine: it is validated as a read validates it (checksum, or in full for a
+    document without one). A document of a newer release is not checked (a read
+    refuses it with :class:`SchemaVersionError` and leaves it in place).
+    """
+    doc = _object(data)
+    try:
+        version = document_version(doc, session_id=sid)
+    except CorruptSessionError as exc:
+        raise _Damaged(exc.detail) from exc
+    if version <= CURRENT_VERSION:
+        _check(doc, sid, (0, 0, 0))
+    return version
+
+
+def _check(doc: dict[str, Any], sid: uuid.UUID, stamp: Stamp) -> _Doc:
+    """Validate a parsed document (consumes it); raise like :func:`_parse`."""
     checksum = doc.pop(_CHECKSUM, None)
     if checksum is None or doc.get("version") != CURRENT_VERSION:
         # Hand-written or older documents: validate (and migrate) them in full.
@@ -1107,6 +1136,59 @@ class FileRepository(SessionRepository):
         if self._shared:
             await self._call(self._sync)
         return self._index.count_by_status(owner)
+
+    async def document_versions(self, session_ids: Iterable[uuid.UUID]) -> Mapping[uuid.UUID, int]:
+        """The ``version`` of each stored document file, in one worker hop.
+
+        The worker reads the documents without their locks (writes replace a document
+        atomically, so it sees a whole old or new one) and validates each as :meth:`get`
+        does (checksum, or in full for a document without one). A document that looks
+        damaged is read again under its lock, as :meth:`get` reads it: if it still is, it
+        is moved to ``quarantine/`` and :class:`CorruptSessionError` is raised for it
+        (the first such session in ``session_ids`` order; the rest are checked by the
+        next call). Ids that are not UUIDs name no document and are left out.
+        """
+        wanted = [sid for sid in dict.fromkeys(map(_canonical_id, session_ids)) if sid is not None]
+        found = await self._call(self._read_versions, wanted)
+        versions: dict[uuid.UUID, int] = {}
+        for sid in wanted:
+            if sid not in found:
+                continue
+            version = found[sid]
+            if version is None:  # looked damaged: decide under the lock, as get() does
+                version = await self._locked(
+                    sid, functools.partial(self._locked_version, sid), lambda: None
+                )
+                if version is None:
+                    continue
+            versions[sid] = version
+        return versions
+
+    def _read_versions(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int | None]:
+        """Each existing document's version, None for a damaged one (worker, no locks)."""
+        found: dict[uuid.UUID, int | None] = {}
+        for sid in ids:
+            try:
+                data, _ = self._read_bytes(self._doc_path(sid))
+            except FileNotFoundError:
+                continue
+            try:
+                found[sid] = _version(data, sid)
+            except _Damaged:
+                found[sid] = None
+        return found
+
+    def _locked_version(self, sid: uuid.UUID) -> int | None:
+        """A document's version read under its lock; quarantine it if damaged."""
+        try:
+            data, _ = self._read_bytes(self._doc_path(sid))
+        except FileNotFoundError:
+            self._index.drop(sid)
+            return None
+        try:
+            return _version(data, sid)
+        except _Damaged as exc:
+            raise self._corrupt(sid, str(exc)) from exc
 
 
 def _first(doc: dict[str, Any]) -> str | None:

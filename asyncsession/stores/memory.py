@@ -6,12 +6,13 @@ import heapq
 import itertools
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
 import anyio
 
 from .._exceptions import LimitExceeded, SessionClosed, SessionConflict, SessionNotFound
+from .._migrations import CURRENT_VERSION
 from .._models import ExpiryPolicy, Message, Session, SessionStatus, last_window, replace_trusted
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
 
@@ -258,3 +259,12 @@ class MemoryRepository(SessionRepository):
                 self._sessions[i].status for i in self._by_owner.get(owner, ())
             )
             return dict(counts)
+
+    async def document_versions(self, session_ids: Iterable[uuid.UUID]) -> Mapping[uuid.UUID, int]:
+        """Every stored id at :data:`~asyncsession.CURRENT_VERSION`.
+
+        This store holds :class:`Session` objects, never documents, so nothing in it is
+        ever at an older schema version.
+        """
+        async with self._lock:
+            return {sid: CURRENT_VERSION for sid in session_ids if sid in self._sessions}

@@ -26,7 +26,15 @@ import logging
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime, timedelta, timezone
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -56,6 +64,7 @@ from .._serialization import (
     dump_document,
     dump_message,
     load_message,
+    load_version,
     session_from_document,
 )
 from ..abc import (
@@ -368,6 +377,15 @@ end
 return out
 """
 
+# KEYS s...; ARGV P
+_DOCUMENTS = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('HGET', key, 'd')
+end
+return out
+"""
+
 # KEYS zset; ARGV P max after want statuses visible_at first budget
 _LIST = """
 local zkey, max, after = KEYS[1], ARGV[2], ARGV[3]
@@ -647,6 +665,7 @@ class RedisRepository(SessionRepository, EventTransport):
         self._remove_expired = register(_REMOVE_EXPIRED)
         self._expired = register(_EXPIRED)
         self._list = register(_LIST)
+        self._documents = register(_DOCUMENTS)
         self._entered: contextlib.AsyncExitStack | None = None
         self._held = HeldSnapshots(snapshot_cache)
         self._docs: _Decoded[Session] = _Decoded(2_000)
@@ -1022,6 +1041,27 @@ class RedisRepository(SessionRepository, EventTransport):
             raw = await self._client.hgetall(key)
         counts = {SessionStatus(_text(k)): int(v) for k, v in raw.items()}
         return {status: n for status, n in counts.items() if n > 0}
+
+    async def document_versions(self, session_ids: Iterable[uuid.UUID]) -> Mapping[uuid.UUID, int]:
+        """The ``version`` of each stored document (field ``d`` of ``P s:ID``).
+
+        One round trip: a script reads the document field of every id's hash (no
+        messages: they live in their own list). Only the JSON and its ``version`` are
+        parsed. A document that is not JSON or has no non-negative int ``version``
+        raises :class:`CorruptSessionError` naming the first such session in
+        ``session_ids`` order, as :meth:`get` of it would. Sessions whose data Redis
+        already expired by itself are not stored any more, so they are left out.
+        """
+        wanted = list(dict.fromkeys(session_ids))
+        if not wanted:
+            return {}
+        keys = [f"{self._prefix}s:{sid}" for sid in wanted]
+        docs = await self._run(self._documents, "a version read", keys, [], write=False)
+        return {
+            sid: load_version(doc, session_id=sid)
+            for sid, doc in zip(wanted, docs, strict=True)
+            if doc is not None
+        }
 
     # -- cross-process events ---------------------------------------------------------
 

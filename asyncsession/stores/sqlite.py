@@ -89,6 +89,7 @@ from .._serialization import (
     dump_document,
     dump_message,
     load_message,
+    load_version,
     session_from_document,
 )
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
@@ -1707,6 +1708,43 @@ class SQLiteRepository(SessionRepository):
             except ValueError:
                 logger.warning("unknown status %r in %s", status, self._path)
         return counts
+
+    async def document_versions(self, session_ids: Iterable[uuid.UUID]) -> Mapping[uuid.UUID, int]:
+        """The ``version`` of each stored document (its ``doc`` column), in one worker hop.
+
+        The worker only fetches the documents (statements of up to
+        :data:`_IDS_PER_STATEMENT` ids, in one read transaction when there are several);
+        the caller's thread parses each one's JSON for its ``version`` (documents hold
+        neither messages nor hot fields, so they are small). A document that is not JSON
+        or has no non-negative int ``version`` raises :class:`CorruptSessionError` naming
+        the first such session in ``session_ids`` order, as :meth:`get` of it would.
+        """
+        wanted = list(dict.fromkeys(_check_id(sid) for sid in session_ids))
+        keys = [str(sid) for sid in wanted]
+        if not keys:
+            return {}
+
+        def op(conn: sqlite3.Connection) -> dict[str, bytes]:
+            found: dict[str, bytes] = {}
+            for start in range(0, len(keys), _IDS_PER_STATEMENT):
+                part = keys[start : start + _IDS_PER_STATEMENT]
+                sql = f"SELECT id, doc FROM sessions WHERE id IN ({', '.join('?' * len(part))})"
+                found.update(conn.execute(sql, part).fetchall())
+            return found
+
+        several = len(keys) > _IDS_PER_STATEMENT
+        docs = await self._call(op, write=False, transaction=several)
+        versions: dict[uuid.UUID, int] = {}
+        for sid, key in zip(wanted, keys, strict=True):
+            doc = docs.get(key)
+            if doc is not None:
+                versions[sid] = load_version(doc, session_id=sid)
+        return versions
+
+
+#: Ids per ``SELECT ... WHERE id IN (...)`` of :meth:`SQLiteRepository.document_versions`
+#: (SQLite before 3.32 allows at most 999 parameters per statement).
+_IDS_PER_STATEMENT: Final = 500
 
 
 #: append() in one statement, for the plain ExpiryPolicy: checks (open, unexpired, within
