@@ -22,16 +22,25 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import asyncsession
 from asyncsession import (
+    CURRENT_VERSION,
     CorruptSessionError,
     SessionManager,
     SessionNotFound,
     SessionQuery,
+    SessionRepository,
     StorageError,
 )
 from asyncsession.stores import files
 from asyncsession.stores.files import FileRepository, LockTimeout
 from asyncsession.testing import RepositoryContract
-from asyncsession.testing._contract import POLICY, at, changed, make_session, msg
+from asyncsession.testing._contract import (
+    POLICY,
+    at,
+    changed,
+    make_session,
+    msg,
+    version_0_document,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -45,6 +54,12 @@ class TestFileContract(RepositoryContract):
     async def repository(self, anyio_backend: str, tmp_path: Path) -> AsyncIterator[FileRepository]:
         async with FileRepository(tmp_path / "store") as repo:
             yield repo
+
+    async def replace_document(
+        self, repository: SessionRepository, session_id: uuid.UUID, document: bytes
+    ) -> None:
+        assert isinstance(repository, FileRepository)
+        await anyio.Path(doc_path(repository, session_id)).write_bytes(document)
 
 
 @pytest.fixture
@@ -421,6 +436,36 @@ async def test_newer_schema_is_refused_not_quarantined(repo: FileRepository) -> 
     with pytest.raises(asyncsession.SchemaVersionError):
         await repo.get(session.id)
     assert path.exists() and quarantined(repo) == []
+
+
+async def test_document_versions_quarantine_what_get_would(
+    repo: FileRepository, caplog: pytest.LogCaptureFixture
+) -> None:
+    other, legacy, newer = make_session(), make_session(), make_session()
+    flipped, broken_legacy = make_session(state={"n": 12345}), make_session()
+    for session in (other, legacy, newer, flipped, broken_legacy):
+        await repo.add(session)
+    doc_path(repo, legacy.id).write_bytes(version_0_document(legacy))
+    future = {**orjson.loads(version_0_document(newer)), "version": 99}
+    doc_path(repo, newer.id).write_bytes(orjson.dumps(future))
+    path = doc_path(repo, flipped.id)  # valid JSON, but not what the checksum covers
+    path.write_bytes(path.read_bytes().replace(b'"n": 12345', b'"n": 12346'))
+    no_id = {**orjson.loads(version_0_document(broken_legacy)), "id": None}
+    doc_path(repo, broken_legacy.id).write_bytes(orjson.dumps(no_id))
+    ids = [other.id, legacy.id, newer.id, flipped.id, broken_legacy.id]
+
+    with caplog.at_level(logging.WARNING, logger="asyncsession.stores.files"):
+        for damaged in (flipped, broken_legacy):  # one per call, in the order asked
+            with pytest.raises(CorruptSessionError) as info:
+                await repo.document_versions(ids)
+            assert info.value.session_id == damaged.id and "quarantine" in str(info.value)
+            assert not doc_path(repo, damaged.id).exists()
+    assert sum("is corrupt" in r.getMessage() for r in caplog.records) == 2
+    assert len(quarantined(repo)) == 2
+    versions = await repo.document_versions(ids)
+    assert versions == {other.id: CURRENT_VERSION, legacy.id: 0, newer.id: 99}
+    assert doc_path(repo, newer.id).exists()  # a newer release's document is left alone
+    assert await repo.get(flipped.id) is None
 
 
 # -- real processes -----------------------------------------------------------------------

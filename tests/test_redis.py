@@ -30,6 +30,7 @@ from asyncsession import (
     Session,
     SessionManager,
     SessionQuery,
+    SessionRepository,
     SessionStatus,
     StorageError,
 )
@@ -50,6 +51,14 @@ class TestRedisContract(RepositoryContract):
     ) -> AsyncIterator[RedisRepository]:
         async with open_store(request, tmp_path) as store:
             yield store
+
+    async def replace_document(
+        self, repository: SessionRepository, session_id: uuid.UUID, document: bytes
+    ) -> None:
+        assert isinstance(repository, RedisRepository)
+        key = f"{repository.prefix}s:{session_id}"
+        assert await repository.client.exists([key]) == 1, f"no session {session_id}"
+        await repository.client.hset(key, {"d": document})
 
 
 @pytest.fixture

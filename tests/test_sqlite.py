@@ -22,12 +22,14 @@ from hypothesis import given, settings
 from strategies import messages, sessions
 
 from asyncsession import (
+    CURRENT_VERSION,
     CorruptSessionError,
     InvalidConfiguration,
     Message,
     Session,
     SessionConflict,
     SessionQuery,
+    SessionRepository,
     StorageError,
 )
 from asyncsession._serialization import (
@@ -35,6 +37,7 @@ from asyncsession._serialization import (
     session_from_document,
     session_to_document,
 )
+from asyncsession.stores import sqlite as sqlite_store
 from asyncsession.stores.sqlite import (
     CHUNK_MESSAGES,
     SCHEMA_VERSION,
@@ -47,7 +50,14 @@ from asyncsession.stores.sqlite import (
     _upgrade_1_to_2,
 )
 from asyncsession.testing import RepositoryContract
-from asyncsession.testing._contract import POLICY, at, changed, make_session, msg
+from asyncsession.testing._contract import (
+    POLICY,
+    at,
+    changed,
+    make_session,
+    msg,
+    version_0_document,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "sqlite_child.py"
@@ -61,6 +71,12 @@ class TestSQLiteContract(RepositoryContract):
         async with SQLiteRepository(tmp_path / "contract.db") as repo:
             yield repo
 
+    async def replace_document(
+        self, repository: SessionRepository, session_id: uuid.UUID, document: bytes
+    ) -> None:
+        assert isinstance(repository, SQLiteRepository)
+        await anyio.to_thread.run_sync(set_doc, repository.path, session_id, document)
+
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
@@ -70,6 +86,18 @@ def db(tmp_path: Path) -> Path:
 def raw(path: Path) -> sqlite3.Connection:
     """A second, independent connection to the store's file."""
     return sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
+
+
+def set_doc(path: Path, session_id: uuid.UUID, document: bytes) -> None:
+    """Overwrite a stored session's ``doc`` column through a second connection."""
+    conn = raw(path)
+    try:
+        changed = conn.execute(
+            "UPDATE sessions SET doc = ? WHERE id = ?", (document, str(session_id))
+        ).rowcount
+    finally:
+        conn.close()
+    assert changed == 1, f"no session {session_id} in {path}"
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
@@ -370,6 +398,30 @@ async def test_corrupt_document_only_affects_its_session(db: Path, anyio_backend
         assert bad.id not in {s.id for s in listed} and good.id in {s.id for s in listed}
         assert await repo.delete(bad.id) is True
         await repo.append(good.id, [msg("c", 1)], at=at(1), policy=POLICY)
+
+
+async def test_document_versions_in_one_worker_hop(
+    db: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_IDS_PER_STATEMENT", 3)  # several statements
+    async with SQLiteRepository(db) as repo:
+        sessions = [make_session(messages=("m",)) for _ in range(8)]
+        for session in sessions:
+            await repo.add(session)
+        old, layout_2 = sessions[6], sessions[1]
+        set_doc(db, old.id, version_0_document(old))
+        # a layout-2 document still carries the hot fields; only its version matters here
+        full = orjson.loads(_encode(layout_2))
+        full.update(last_active=layout_2.last_active.isoformat(), expires_at=None, revision=0)
+        set_doc(db, layout_2.id, orjson.dumps(full))
+        ids = [uuid.uuid4(), *(s.id for s in reversed(sessions))]
+        before = repo.statistics().operations
+        versions = await repo.document_versions(ids)
+        assert repo.statistics().operations == before + 1
+        assert list(versions) == [s.id for s in reversed(sessions)]  # in the order asked
+        assert {sid: v for sid, v in versions.items() if v != CURRENT_VERSION} == {old.id: 0}
+        with pytest.raises(TypeError):
+            await repo.document_versions([str(old.id)])  # type: ignore[list-item]
 
 
 def test_fast_message_decoder_matches_the_reference() -> None:

@@ -6,6 +6,8 @@ Not imported by ``import asyncsession``; importing it does not import pytest.
   ``clock.advance(seconds)`` to expire sessions without sleeping.
 * :class:`RepositoryContract` — subclass it in a pytest module, provide a ``repository``
   fixture yielding an open store, and every contract test runs against your store.
+  Override its ``replace_document()`` hook to run the tests of old and damaged stored
+  documents too (they are skipped otherwise).
 """
 
 from ._clock import ManualClock as ManualClock

@@ -15,21 +15,25 @@ This module does not import pytest.
 
 from __future__ import annotations
 
+import unittest
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import anyio
 import attrs
+import orjson
 
 from .._exceptions import (
+    CorruptSessionError,
     InvalidCursor,
     LimitExceeded,
     SessionClosed,
     SessionConflict,
     SessionNotFound,
 )
+from .._migrations import CURRENT_VERSION
 from .._models import ExpiryPolicy, Message, Session, SessionStatus
 from ..abc import SessionQuery, SessionRepository
 
@@ -88,13 +92,63 @@ async def raises(error: type[E], awaitable: Awaitable[object], what: str) -> E:
     raise AssertionError(f"{what} must raise {error.__name__}")
 
 
+async def known_versions(
+    repository: SessionRepository, session_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, int]:
+    """``document_versions(session_ids)`` of a store that must be able to tell them."""
+    versions = await repository.document_versions(session_ids)
+    if versions is None:
+        raise AssertionError(
+            f"{type(repository).__name__}.document_versions() answered None (unknown), but "
+            "it told versions before or holds documents the contract replaced"
+        )
+    return dict(versions)
+
+
 def changed(session: Session, **changes: Any) -> Session:
     """``session`` with ``changes`` and the next revision."""
     return attrs.evolve(session, revision=session.revision + 1, **changes)
 
 
+def version_0_document(session: Session) -> bytes:
+    """A schema-version-0 document of ``session`` (seed 002's format), as stored bytes."""
+    doc = {
+        "version": 0,
+        "id": str(session.id),
+        "created": session.created_at.isoformat(),
+        "last_active": session.last_active.isoformat(),
+        "owner": session.owner,
+        "name": session.name,
+        "status": session.status.value,
+        "custom_fields": dict(session.state),
+        "message_count": session.messages.total,
+        "file_count": 0,
+    }
+    return orjson.dumps(doc)
+
+
 class RepositoryContract:
-    """Contract tests for a :class:`SessionRepository` (needs a ``repository`` fixture)."""
+    """Contract tests for a :class:`SessionRepository` (needs a ``repository`` fixture).
+
+    Stores that keep documents may also override :meth:`replace_document`, so the tests
+    of old and unreadable documents run against them too (they are skipped otherwise).
+    """
+
+    async def replace_document(
+        self, repository: SessionRepository, session_id: uuid.UUID, document: bytes
+    ) -> None:
+        """Overwrite the stored document of the stored session ``session_id`` with
+        ``document``, behind the store's back (as an older release or a damaged disk
+        would), keeping whatever else the store keeps for the session.
+
+        The default raises :class:`unittest.SkipTest`, which pytest reports as a skip:
+        a store of :class:`Session` objects (such as the memory store) holds no document
+        to replace.
+        """
+        raise unittest.SkipTest(
+            f"{type(self).__name__} does not override replace_document(), so the "
+            "contract cannot store old or damaged documents in it"
+        )
 
     # -- basic storage --------------------------------------------------------------
 
@@ -498,3 +552,75 @@ class RepositoryContract:
         moved = await repository.touch(session.id, at=at(1), policy=coarse)
         assert moved is not None and moved.last_active == at(1)
         assert moved.expires_at == at(61) and moved.revision == 0
+
+    # -- stored document versions -----------------------------------------------------
+
+    async def test_document_versions_of_current_documents(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        a = make_session(messages=("hello",))
+        b = make_session(owner=None, name=None)
+        c = make_session(status=SessionStatus.EXITED)
+        for session in (a, b, c):
+            await repository.add(session)
+        await repository.save(changed(b, state={"k": 2}), expected_revision=0)
+        await repository.append(a.id, [msg("more", 1)], at=at(1), policy=POLICY)
+        await repository.touch(c.id, at=at(2), policy=POLICY)
+        missing = uuid.uuid4()
+        if await repository.document_versions([a.id]) is None:
+            return  # the default: this store cannot tell (every caller must cope with it)
+        versions = await known_versions(repository, [a.id, missing, b.id, a.id, c.id])
+        assert versions == dict.fromkeys([a.id, b.id, c.id], CURRENT_VERSION)
+        assert await known_versions(repository, []) == {}
+        assert await known_versions(repository, iter([missing])) == {}
+        await repository.delete(c.id)
+        assert await known_versions(repository, [c.id, a.id]) == {a.id: CURRENT_VERSION}
+        # expiry is not applied: an expired session awaiting cleanup still has a document
+        assert list(await repository.expired(at(1000))) == [b.id, a.id]
+        assert await known_versions(repository, [b.id]) == {b.id: CURRENT_VERSION}
+
+    async def test_document_versions_report_old_documents(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        old = make_session(state={"k": 1})
+        newer = make_session()
+        current = make_session(messages=("hi",))
+        for session in (old, newer, current):
+            await repository.add(session)
+        await self.replace_document(repository, old.id, version_0_document(old))
+        future = {**orjson.loads(version_0_document(newer)), "version": CURRENT_VERSION + 1}
+        await self.replace_document(repository, newer.id, orjson.dumps(future))
+        ids = [old.id, newer.id, current.id]
+        assert await known_versions(repository, ids) == {
+            old.id: 0,
+            newer.id: CURRENT_VERSION + 1,
+            current.id: CURRENT_VERSION,
+        }
+
+        # The old document is migrated when loaded; a save stores it at the current version.
+        loaded = await repository.get(old.id)
+        assert loaded is not None and loaded.id == old.id and loaded.owner == old.owner
+        await repository.save(changed(loaded), expected_revision=loaded.revision)
+        assert await known_versions(repository, ids) == {
+            old.id: CURRENT_VERSION,
+            newer.id: CURRENT_VERSION + 1,
+            current.id: CURRENT_VERSION,
+        }
+
+    async def test_document_versions_refuse_unreadable_documents(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        bad = make_session()
+        good = make_session()
+        await repository.add(bad)
+        await repository.add(good)
+        damaged = [b'{"version": 1, "id', b"[1, 2]", b'{"version": "1"}', b'{"version": -1}']
+        for document in damaged:
+            await self.replace_document(repository, bad.id, document)
+            error = await raises(
+                CorruptSessionError,
+                repository.document_versions([good.id, bad.id]),
+                f"document_versions() of the stored bytes {document!r}",
+            )
+            assert error.session_id == bad.id
+        assert await known_versions(repository, [good.id]) == {good.id: CURRENT_VERSION}
