@@ -842,41 +842,112 @@ async def _rewrite(repository: SessionRepository, sid: uuid.UUID) -> bool:
     raise CLIError(f"session {sid} kept changing while migrating it; run migrate again.")
 
 
+@attrs.frozen
+class _Plan:
+    """What ``migrate`` found: the listed documents, the ones it rewrites, their versions."""
+
+    documents: int
+    outdated: list[uuid.UUID]  # every listed id when the versions are unknown
+    by_version: dict[int, int] | None  # documents per stored version; None: unknown
+
+
+async def _plan_migration(repository: SessionRepository, ids: Sequence[uuid.UUID]) -> _Plan:
+    """Ask the store for stored schema versions, :data:`PAGE` ids per call."""
+    by_version: Counter[int] = Counter()
+    outdated: list[uuid.UUID] = []
+    for start in range(0, len(ids) or 1, PAGE):  # an empty store is asked too
+        batch = ids[start : start + PAGE]
+        versions = await repository.document_versions(batch)
+        if versions is None:  # unknown: rewrite everything, as before the stores could tell
+            return _Plan(len(ids), list(ids), None)
+        for sid in batch:  # in listing order (a store's mapping may be in any order)
+            version = versions.get(sid)
+            if version is None:  # deleted since the listing
+                continue
+            by_version[version] += 1
+            if version < CURRENT_VERSION:
+                outdated.append(sid)
+    return _Plan(len(ids), outdated, dict(sorted(by_version.items())))
+
+
+def _versions_text(by_version: Mapping[int, int]) -> str:
+    return ", ".join(f"{n} at version {v}" for v, n in by_version.items()) or "no documents"
+
+
 @cli.command()
-@click.option("--dry-run", is_flag=True, help="Count the documents, write nothing.")
+@click.option(
+    "--dry-run", is_flag=True, help="Count the documents per stored schema version; write nothing."
+)
 @_common
 def migrate(dry_run: bool, store_url: str, backend: str, as_json: bool) -> None:
-    """Rewrite every stored document at the current schema version."""
+    """Rewrite the stored documents that are below the current schema version.
 
-    async def act(repository: SessionRepository) -> tuple[int, int]:
+    Each one is saved unchanged but for its revision (a compare-and-set, retried if the
+    session changes meanwhile), so the store writes it at the current version. Documents
+    already current keep their revision. A store that cannot tell which schema version
+    its documents are stored at (SessionRepository.document_versions returns None) gets
+    every document rewritten.
+    """
+
+    async def act(repository: SessionRepository) -> tuple[_Plan, int]:
         with _progress(not as_json) as progress:
             task = progress.add_task("Reading the store", total=None)
             ids = await _all_ids(repository)
-            progress.update(task, total=len(ids), completed=0)
+            progress.update(task, description="Reading schema versions")
+            plan = await _plan_migration(repository, ids)
+            progress.update(task, total=len(plan.outdated), completed=0)
             if dry_run:
-                progress.update(task, completed=len(ids), description="Counted")
-                return len(ids), 0
+                progress.update(task, completed=len(plan.outdated), description="Counted")
+                return plan, 0
             progress.update(task, description=f"Rewriting at version {CURRENT_VERSION}")
             rewritten = 0
-            for sid in ids:
+            for sid in plan.outdated:
                 rewritten += await _rewrite(repository, sid)
                 progress.advance(task)
-            return len(ids), rewritten
+            return plan, rewritten
 
-    total, rewritten = _with_store(store_url, backend, act)
+    plan, rewritten = _with_store(store_url, backend, act)
+    known = plan.by_version is not None
     if as_json:
         _print_json(
             {
-                "documents": total,
+                "documents": plan.documents,
                 "rewritten": rewritten,
                 "dry_run": dry_run,
                 "version": CURRENT_VERSION,
+                "to_rewrite": len(plan.outdated),
+                "outdated": len(plan.outdated) if known else None,
+                "by_version": (
+                    None
+                    if plan.by_version is None
+                    else {str(v): n for v, n in plan.by_version.items()}
+                ),
             }
         )
-    elif dry_run:
-        out.print(f"Would rewrite {total} documents at schema version {CURRENT_VERSION}.")
+        return
+    if plan.by_version is None:
+        note = (
+            " This store cannot tell which schema version its documents are stored at, "
+            "so every document is rewritten."
+        )
     else:
-        out.print(f"Rewrote {rewritten} of {total} documents at schema version {CURRENT_VERSION}.")
+        note = f" Found {_versions_text(plan.by_version)}."
+        newer = sum(n for v, n in plan.by_version.items() if v > CURRENT_VERSION)
+        if newer:
+            note += (
+                f" {newer} of them come from a newer release of asyncsession and are left "
+                "as they are (upgrade asyncsession to read them)."
+            )
+    if dry_run:
+        out.print(
+            f"Would rewrite {len(plan.outdated)} of {plan.documents} documents at schema "
+            f"version {CURRENT_VERSION}.{note}"
+        )
+    else:
+        out.print(
+            f"Rewrote {rewritten} of {plan.documents} documents at schema version "
+            f"{CURRENT_VERSION}.{note}"
+        )
 
 
 # -- export / import ----------------------------------------------------------------------

@@ -9,10 +9,10 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -22,11 +22,13 @@ from redis_support import RedisServer, free_port
 
 import asyncsession as s
 from asyncsession.testing import ManualClock
+from asyncsession.testing._contract import version_0_document
 
 pytest.importorskip("click")
 pytest.importorskip("rich")
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
+T = TypeVar("T")
 
 
 def _env() -> dict[str, str]:
@@ -207,12 +209,22 @@ def test_migrate_rewrites_old_documents(run: Run, tmp_path: Path) -> None:
     before = path.read_bytes()
 
     dry = as_json(run("migrate", "--dry-run", "--json", "--store", store))
-    assert dry == {"documents": 2, "rewritten": 0, "dry_run": True, "version": s.CURRENT_VERSION}
+    assert dry == {
+        "documents": 2,
+        "rewritten": 0,
+        "dry_run": True,
+        "version": s.CURRENT_VERSION,
+        "to_rewrite": 1,
+        "outdated": 1,
+        "by_version": {"0": 1, str(s.CURRENT_VERSION): 1},
+    }
     assert path.read_bytes() == before
-    assert "Would rewrite 2 documents" in run("migrate", "--dry-run", "--store", store).stdout
+    text = run("migrate", "--dry-run", "--store", store).stdout
+    assert "Would rewrite 1 of 2 documents" in text
+    assert f"1 at version 0, 1 at version {s.CURRENT_VERSION}" in text
 
     result = run("migrate", "--store", store)
-    assert "Rewrote 2 of 2 documents" in result.stdout
+    assert "Rewrote 1 of 2 documents" in result.stdout
     assert "Rewriting" in result.stderr  # the progress bar
     doc = json.loads(path.read_bytes())
     assert doc["version"] == s.CURRENT_VERSION and doc["id"] == old
@@ -221,6 +233,193 @@ def test_migrate_rewrites_old_documents(run: Run, tmp_path: Path) -> None:
     assert shown["last_messages"][0]["content"] == "hello from version 0"
     assert shown["state"]["legacy"]["message_count"] == 4
     assert as_json(run("show", live, "--json", "--store", store))["messages"] == 3
+
+
+def _open(url: str, fn: Callable[[s.SessionRepository], Awaitable[T]]) -> T:
+    repository = s.repository_from_url(url)
+
+    async def main() -> T:
+        async with repository:
+            return await fn(repository)
+
+    return anyio.run(main)
+
+
+def read_sessions(url: str, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, s.Session | None]:
+    async def read(repository: s.SessionRepository) -> dict[uuid.UUID, s.Session | None]:
+        return {sid: await repository.get(sid) for sid in ids}
+
+    return _open(url, read)
+
+
+def document_versions(url: str, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
+    async def read(repository: s.SessionRepository) -> dict[uuid.UUID, int]:
+        versions = await repository.document_versions(ids)
+        assert versions is not None
+        return dict(versions)
+
+    return _open(url, read)
+
+
+def replace_document(url: str, sid: uuid.UUID, document: bytes) -> None:
+    """Overwrite a stored session's document behind the store's back (an older release)."""
+
+    async def replace(repository: s.SessionRepository) -> None:
+        if isinstance(repository, s.SQLiteRepository):
+            with sqlite3.connect(repository.path) as conn:
+                conn.execute("UPDATE sessions SET doc = ? WHERE id = ?", (document, str(sid)))
+            conn.close()
+        elif isinstance(repository, s.FileRepository):
+            await anyio.Path(repository.directory / "sessions" / f"{sid}.json").write_bytes(
+                document
+            )
+        else:
+            from asyncsession.stores.redis import RedisRepository
+
+            assert isinstance(repository, RedisRepository)
+            await repository.client.hset(f"{repository.prefix}s:{sid}", {"d": document})
+
+    _open(url, replace)
+
+
+def test_migrate_rewrites_only_outdated_documents(run: Run, shared_store: str) -> None:
+    url = shared_store
+    ids = [uuid.UUID(sid) for sid in populate(s.repository_from_url(url), live=4)]
+    old, current = ids[:2], ids[2:]
+    for sid, session in read_sessions(url, old).items():
+        assert session is not None
+        replace_document(url, sid, version_0_document(session))
+    before = read_sessions(url, ids)  # the old ones as loaded: migrated on the way
+    versions_before = {**dict.fromkeys(old, 0), **dict.fromkeys(current, s.CURRENT_VERSION)}
+    assert document_versions(url, ids) == versions_before
+
+    dry = as_json(run("migrate", "--dry-run", "--json", "--store", url))
+    assert dry == {
+        "documents": 4,
+        "rewritten": 0,
+        "dry_run": True,
+        "version": s.CURRENT_VERSION,
+        "to_rewrite": 2,
+        "outdated": 2,
+        "by_version": {"0": 2, str(s.CURRENT_VERSION): 2},
+    }
+    assert "Would rewrite 2 of 4 documents" in run("migrate", "--dry-run", "--store", url).stdout
+    assert document_versions(url, ids) == versions_before and read_sessions(url, ids) == before
+
+    done = as_json(run("migrate", "--json", "--store", url))
+    assert (done["rewritten"], done["to_rewrite"], done["dry_run"]) == (2, 2, False)
+    assert document_versions(url, ids) == dict.fromkeys(ids, s.CURRENT_VERSION)
+    after = read_sessions(url, ids)
+    for sid in old:
+        was, now = before[sid], after[sid]
+        assert was is not None and now is not None
+        assert now.revision == was.revision + 1
+        assert s.dumps(attrs.evolve(now, revision=was.revision)) == s.dumps(was)
+    assert {sid: after[sid] for sid in current} == {sid: before[sid] for sid in current}
+
+    again = run("migrate", "--store", url).stdout
+    assert "Rewrote 0 of 4 documents" in again
+    assert f"4 at version {s.CURRENT_VERSION}" in again
+    assert read_sessions(url, ids) == after
+
+
+class ReportedVersionsStore(s.MemoryRepository):
+    """A memory store reporting the stored versions it is given; with None, the ABC's
+    default ("unknown"), as a third-party store that does not override it."""
+
+    def __init__(self, versions: dict[uuid.UUID, int] | None) -> None:
+        super().__init__()
+        self.versions = versions
+
+    async def document_versions(
+        self, session_ids: Iterable[uuid.UUID]
+    ) -> Mapping[uuid.UUID, int] | None:
+        if self.versions is None:
+            return await s.SessionRepository.document_versions(self, session_ids)
+        stored = await super().document_versions(session_ids)
+        return {sid: self.versions.get(sid, version) for sid, version in stored.items()}
+
+
+def migrate_in_process(
+    store: s.SessionRepository,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Callable[..., str]:
+    """``migrate(*args)``: the migrate command on ``store``; returns its stdout."""
+    from asyncsession import _cli
+
+    monkeypatch.setattr(_cli, "open_store", lambda url: store)
+
+    def migrate(*args: str) -> str:
+        argv = ["migrate", "--backend", backend, *args]
+        _cli.cli.main(argv, prog_name="asyncsession", standalone_mode=False)
+        return capsys.readouterr().out
+
+    return migrate
+
+
+def add_sessions(store: s.SessionRepository, backend: str, count: int) -> list[uuid.UUID]:
+    now = datetime.now(timezone.utc)
+    sessions = [s.Session(uuid.uuid4(), now, now) for _ in range(count)]
+
+    async def add() -> None:
+        async with store:
+            for session in sessions:
+                await store.add(session)
+
+    anyio.run(add, backend=backend)
+    return [x.id for x in sessions]
+
+
+def revisions(store: s.SessionRepository, backend: str, ids: list[uuid.UUID]) -> list[int]:
+    async def read() -> list[int]:
+        async with store:
+            return [x.revision for x in [await store.get(sid) for sid in ids] if x]
+
+    return anyio.run(read, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_migrate_rewrites_everything_when_versions_are_unknown(
+    backend: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = ReportedVersionsStore(None)
+    ids = add_sessions(store, backend, 3)
+    migrate = migrate_in_process(store, backend, monkeypatch, capsys)
+
+    dry = json.loads(migrate("--dry-run", "--json"))
+    assert dry["to_rewrite"] == dry["documents"] == 3 and dry["rewritten"] == 0
+    assert dry["outdated"] is None and dry["by_version"] is None
+    text = migrate("--dry-run")
+    assert "Would rewrite 3 of 3 documents" in text and "cannot tell" in text
+    assert "Rewrote 3 of 3 documents" in migrate()
+    again = json.loads(migrate("--json"))
+    assert (again["rewritten"], again["outdated"]) == (3, None)
+    assert revisions(store, backend, ids) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_migrate_leaves_documents_of_a_newer_release(
+    backend: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = ReportedVersionsStore({})
+    ids = add_sessions(store, backend, 3)
+    old, newer, _current = ids
+    store.versions = {old: s.CURRENT_VERSION - 1, newer: s.CURRENT_VERSION + 1}
+    migrate = migrate_in_process(store, backend, monkeypatch, capsys)
+
+    dry = json.loads(migrate("--dry-run", "--json"))
+    assert (dry["to_rewrite"], dry["outdated"]) == (1, 1)
+    assert dry["by_version"] == {
+        str(s.CURRENT_VERSION - 1): 1,
+        str(s.CURRENT_VERSION): 1,
+        str(s.CURRENT_VERSION + 1): 1,
+    }
+    text = migrate()
+    assert "Rewrote 1 of 3 documents" in text
+    assert "1 of them come from a newer release" in text
+    assert revisions(store, backend, ids) == [1, 0, 0]
 
 
 # -- export / import ----------------------------------------------------------------------------
