@@ -12,7 +12,7 @@ markdown tables and writes two charts next to this file:
 directly on the event-loop thread (no worker thread, no group commit). matplotlib is a
 benchmark-only dependency (``pip install matplotlib``). ``--stores`` runs a subset,
 ``--cpu N`` pins the process to one CPU (see SQLITE_RESULTS.md for why that matters on a
-VM), ``--no-charts`` leaves the charts alone.
+VM), ``--no-charts`` leaves the charts alone, ``--backend trio`` runs on trio.
 
 Two diagnostics explain the SQLite figures: the single-task row "sqlite, CPUs kept
 awake" repeats the measurement while another process busy-loops (so no vCPU halts
@@ -384,7 +384,7 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
-async def main(quick: bool, only: list[str] | None, draw: bool) -> None:
+async def main(quick: bool, only: list[str] | None, draw: bool, backend: str) -> None:
     reps = 300 if quick else 2000
     lengths = [10, 100, 1000, 10_000]
     task_counts = [1, 2, 5, 10, 20, 50, 100]
@@ -396,7 +396,7 @@ async def main(quick: bool, only: list[str] | None, draw: bool) -> None:
     print(f"# asyncsession store benchmark ({'quick' if quick else 'full'} run)")
     print(
         f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, "
-        f"{os.cpu_count()} CPUs, asyncio backend"
+        f"{os.cpu_count()} CPUs, {backend} backend"
     )
     with tempfile.TemporaryDirectory(prefix="asyncsession-bench-") as tmp:
         factories = stores(Path(tmp))
@@ -498,9 +498,12 @@ if __name__ == "__main__":
         "what cross-CPU thread wake-ups cost on this machine",
     )
     parser.add_argument("--no-charts", action="store_true", help="do not rewrite the charts")
+    parser.add_argument(
+        "--backend", choices=("asyncio", "trio"), default="asyncio", help="event loop to run on"
+    )
     args = parser.parse_args()
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
         print(f"(pinned to CPU {args.cpu})")
     selected = [label.strip() for label in args.stores.split(",")] if args.stores else None
-    anyio.run(main, args.quick, selected, not args.no_charts)
+    anyio.run(main, args.quick, selected, not args.no_charts, args.backend, backend=args.backend)
