@@ -46,6 +46,7 @@ from .._exceptions import (
     CorruptSessionError,
     InvalidConfiguration,
     LimitExceeded,
+    SerializationError,
     SessionClosed,
     SessionConflict,
     SessionNotFound,
@@ -1021,7 +1022,11 @@ class RedisRepository(SessionRepository, EventTransport):
             for sid_raw, doc, revision, last_active, expires_at, total, first in rows:
                 sid = uuid.UUID(_text(sid_raw))
                 window = MessageLog((), offset=int(total))
-                session = self._build(sid, doc, revision, last_active, expires_at, window)
+                try:
+                    session = self._build(sid, doc, revision, last_active, expires_at, window)
+                except SerializationError as exc:  # as the other stores: list the rest
+                    logger.warning("listing skips unreadable session %s: %s", sid, exc)
+                    continue
                 if query.search and not query.matches_fields(session, _first_content(first)):
                     continue
                 items.append(session)
@@ -1050,9 +1055,10 @@ class RedisRepository(SessionRepository, EventTransport):
         parsed. A document that is not JSON or has no non-negative int ``version``
         raises :class:`CorruptSessionError` naming the first such session in
         ``session_ids`` order, as :meth:`get` of it would. Sessions whose data Redis
-        already expired by itself are not stored any more, so they are left out.
+        already expired by itself are not stored any more, so they are left out, as are
+        ids that are not UUIDs (they name no session).
         """
-        wanted = list(dict.fromkeys(session_ids))
+        wanted = [sid for sid in dict.fromkeys(session_ids) if isinstance(sid, uuid.UUID)]
         if not wanted:
             return {}
         keys = [f"{self._prefix}s:{sid}" for sid in wanted]

@@ -139,7 +139,9 @@ class RepositoryContract:
     ) -> None:
         """Overwrite the stored document of the stored session ``session_id`` with
         ``document``, behind the store's back (as an older release or a damaged disk
-        would), keeping whatever else the store keeps for the session.
+        would), keeping whatever else the store keeps for the session. A store that
+        answers reads from snapshots it remembers must forget that session's (as a
+        restart would): the write changes neither its revision nor its times.
 
         The default raises :class:`unittest.SkipTest`, which pytest reports as a skip:
         a store of :class:`Session` objects (such as the memory store) holds no document
@@ -587,7 +589,10 @@ class RepositoryContract:
         current = make_session(messages=("hi",))
         for session in (old, newer, current):
             await repository.add(session)
-        await self.replace_document(repository, old.id, version_0_document(old))
+        # Another owner in the old document: a read that did not load it would show.
+        await self.replace_document(
+            repository, old.id, version_0_document(attrs.evolve(old, owner="legacy"))
+        )
         future = {**orjson.loads(version_0_document(newer)), "version": CURRENT_VERSION + 1}
         await self.replace_document(repository, newer.id, orjson.dumps(future))
         ids = [old.id, newer.id, current.id]
@@ -599,7 +604,8 @@ class RepositoryContract:
 
         # The old document is migrated when loaded; a save stores it at the current version.
         loaded = await repository.get(old.id)
-        assert loaded is not None and loaded.id == old.id and loaded.owner == old.owner
+        assert loaded is not None and loaded.id == old.id and loaded.owner == "legacy"
+        assert loaded.state["k"] == 1  # custom_fields became the state
         await repository.save(changed(loaded), expected_revision=loaded.revision)
         assert await known_versions(repository, ids) == {
             old.id: CURRENT_VERSION,
@@ -624,3 +630,18 @@ class RepositoryContract:
             )
             assert error.session_id == bad.id
         assert await known_versions(repository, [good.id]) == {good.id: CURRENT_VERSION}
+
+    async def test_list_skips_unreadable_documents(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        sessions = [make_session(created=i) for i in range(4)]
+        for session in sessions:
+            await repository.add(session)
+        for bad in sessions[1:3]:
+            await self.replace_document(repository, bad.id, b'{"version": 1, "id')
+        readable = [sessions[3].id, sessions[0].id]  # newest first
+        assert [s.id for s in (await repository.list(SessionQuery(limit=10))).items] == readable
+        first = await repository.list(SessionQuery(limit=1))  # pages past the skipped ones
+        assert [s.id for s in first.items] == readable[:1] and first.next_cursor is not None
+        rest = await repository.list(SessionQuery(limit=10, cursor=first.next_cursor))
+        assert [s.id for s in rest.items] == readable[1:]
