@@ -823,23 +823,54 @@ def purge(store_url: str, backend: str, as_json: bool) -> None:
         out.print(f"Purged {count} expired session{'s' if count != 1 else ''}.")
 
 
+#: How often the CLI reads a session again after another writer beat its compare-and-set.
+CAS_ATTEMPTS = 5
+
+
+async def _until_saved(session_id: uuid.UUID, step: Callable[[int], Awaitable[T]]) -> T:
+    """Run ``step(attempt)`` until it neither hits a conflict nor finds the session gone.
+
+    ``step`` reads the session and writes it with a compare-and-set;
+    :class:`SessionConflict` or :class:`SessionNotFound` from it means someone changed
+    the session in between, so it runs again (reading again). After
+    :data:`CAS_ATTEMPTS` attempts raises :class:`SessionConflict` with ``attempts``.
+    """
+    for attempt in range(CAS_ATTEMPTS):
+        try:
+            return await step(attempt)
+        except (SessionConflict, SessionNotFound):
+            continue
+    raise SessionConflict(session_id, attempts=CAS_ATTEMPTS)
+
+
 async def _rewrite(repository: SessionRepository, sid: uuid.UUID) -> bool:
-    """Save a session unchanged but for its revision, so the store re-encodes it."""
-    for _attempt in range(5):
+    """Save a session unchanged but for its revision, so the store re-encodes it.
+
+    Returns False when there was nothing to do: the session is gone, or another writer
+    saved it meanwhile (which writes the current version too).
+    """
+
+    async def step(attempt: int) -> bool:
+        if attempt:  # someone saved it since: perhaps there is nothing left to do
+            versions = await repository.document_versions([sid])
+            if versions is not None and versions.get(sid, CURRENT_VERSION) >= CURRENT_VERSION:
+                return False
         session = await repository.get(sid)
         if session is None:
             return False
-        try:
-            await repository.save(
-                attrs.evolve(session, revision=session.revision + 1),
-                expected_revision=session.revision,
-            )
-        except SessionConflict:
-            continue
-        except SessionNotFound:
-            return False
+        await repository.save(
+            attrs.evolve(session, revision=session.revision + 1),
+            expected_revision=session.revision,
+        )
         return True
-    raise CLIError(f"session {sid} kept changing while migrating it; run migrate again.")
+
+    try:
+        return await _until_saved(sid, step)
+    except SessionConflict as exc:
+        raise CLIError(
+            f"session {sid} kept changing while migrating it ({exc.attempts} attempts); "
+            "run migrate again."
+        ) from exc
 
 
 @attrs.frozen
@@ -847,7 +878,7 @@ class _Plan:
     """What ``migrate`` found: the listed documents, the ones it rewrites, their versions."""
 
     documents: int
-    outdated: list[uuid.UUID]  # every listed id when the versions are unknown
+    outdated: tuple[uuid.UUID, ...]  # every listed id when the versions are unknown
     by_version: dict[int, int] | None  # documents per stored version; None: unknown
 
 
@@ -859,7 +890,7 @@ async def _plan_migration(repository: SessionRepository, ids: Sequence[uuid.UUID
         batch = ids[start : start + PAGE]
         versions = await repository.document_versions(batch)
         if versions is None:  # unknown: rewrite everything, as before the stores could tell
-            return _Plan(len(ids), list(ids), None)
+            return _Plan(len(ids), tuple(ids), None)
         for sid in batch:  # in listing order (a store's mapping may be in any order)
             version = versions.get(sid)
             if version is None:  # deleted since the listing
@@ -867,7 +898,7 @@ async def _plan_migration(repository: SessionRepository, ids: Sequence[uuid.UUID
             by_version[version] += 1
             if version < CURRENT_VERSION:
                 outdated.append(sid)
-    return _Plan(len(ids), outdated, dict(sorted(by_version.items())))
+    return _Plan(len(ids), tuple(outdated), dict(sorted(by_version.items())))
 
 
 def _versions_text(by_version: Mapping[int, int]) -> str:
@@ -1003,36 +1034,35 @@ def _read_lines(source: IO[bytes]) -> list[Session]:
     return sessions
 
 
-#: How often ``import --replace`` reads a session again after another writer beat it.
-REPLACE_ATTEMPTS = 5
-
-
 async def _replace(repository: SessionRepository, session: Session) -> bool:
     """Store an imported session over the one stored under its id, in one compare-and-set.
 
     The stored session is replaced by ``session`` with the next revision, so running
     applications see a new revision (their held snapshots and conditional reads no longer
     match) and an update they based on the old contents is refused. A session that is
-    not stored (any more) is added with its exported revision. Returns True when a stored
-    session was replaced; raises :class:`SessionConflict` (with ``attempts``) when other
-    writers beat every attempt, in which case the stored session was left as it was.
+    not stored is added with its exported revision, or, when it was stored a moment ago
+    (deleted in between), with a revision above the one it had. Returns True when a
+    stored session was replaced; raises :class:`SessionConflict` (with ``attempts``) when
+    other writers beat every attempt, in which case the stored session was left as it was.
     """
-    stored = await repository.get(session.id, last_messages=0)
-    for _attempt in range(REPLACE_ATTEMPTS):
-        try:
-            if stored is None:
+    seen: int | None = None  # the stored revision last read
+
+    async def step(attempt: int) -> bool:
+        nonlocal seen
+        stored = await repository.get(session.id, last_messages=0)
+        if stored is None:
+            if seen is None or session.revision > seen:
                 await repository.add(session)
-                return False
-            await repository.save(
-                attrs.evolve(session, revision=stored.revision + 1),
-                expected_revision=stored.revision,
-            )
-            return True
-        except SessionConflict:  # written (or created) in between: read it again
-            stored = await repository.get(session.id, last_messages=0)
-        except SessionNotFound:  # deleted in between
-            stored = None
-    raise SessionConflict(session.id, attempts=REPLACE_ATTEMPTS)
+            else:
+                await repository.add(attrs.evolve(session, revision=seen + 1))
+            return False
+        seen = stored.revision
+        await repository.save(
+            attrs.evolve(session, revision=stored.revision + 1), expected_revision=stored.revision
+        )
+        return True
+
+    return await _until_saved(session.id, step)
 
 
 @cli.command("import")
@@ -1088,6 +1118,12 @@ def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: s
                     raise CLIError(
                         f"session {session.id} {what}; {done} of the {len(sessions)} sessions "
                         f"were imported before it. {hint}"
+                    ) from exc
+                except SessionError as exc:  # storage errors, lock timeouts, ...
+                    raise CLIError(
+                        f"session {session.id}: {exc} {done} of the {len(sessions)} sessions "
+                        "were imported before it; run the import again with --replace to "
+                        "finish."
                     ) from exc
                 progress.advance(task)
         return len(sessions), replaced

@@ -399,6 +399,44 @@ def test_migrate_rewrites_everything_when_versions_are_unknown(
     assert revisions(store, backend, ids) == [2, 2, 2]
 
 
+class SavedMeanwhileStore(ReportedVersionsStore):
+    """Another writer saves an outdated session (at the current version, as every save
+    writes) just before this store's save of it."""
+
+    async def save(
+        self,
+        session: s.Session,
+        *,
+        expected_revision: int,
+        new_messages: Sequence[s.Message] | None = None,
+    ) -> None:
+        assert self.versions is not None
+        if self.versions.pop(session.id, s.CURRENT_VERSION) < s.CURRENT_VERSION:
+            current = await self.get(session.id)
+            assert current is not None
+            await super().save(changed(current), expected_revision=current.revision)
+        await super().save(session, expected_revision=expected_revision, new_messages=new_messages)
+
+
+def changed(session: s.Session) -> s.Session:
+    return attrs.evolve(session, state={"by": "other"}, revision=session.revision + 1)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_migrate_does_not_rewrite_what_another_writer_saved_meanwhile(
+    backend: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = SavedMeanwhileStore({})
+    ids = add_sessions(store, backend, 2)
+    assert store.versions is not None
+    store.versions[ids[0]] = s.CURRENT_VERSION - 1
+    migrate = migrate_in_process(store, backend, monkeypatch, capsys)
+
+    done = json.loads(migrate("--json"))
+    assert (done["to_rewrite"], done["rewritten"]) == (1, 0)
+    assert revisions(store, backend, ids) == [1, 0]  # the other writer's save, nothing more
+
+
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_migrate_leaves_documents_of_a_newer_release(
     backend: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -574,35 +612,44 @@ def test_import_replace_retries_racing_writers(
     from asyncsession import _cli
 
     now = datetime.now(timezone.utc)
-    retried, deleted, busy = (
-        s.Session(uuid.uuid4(), now, now, state={"v": "old"}, revision=3) for _ in range(3)
+    retried, deleted, deleted_low, busy = (
+        s.Session(uuid.uuid4(), now, now, state={"v": "old"}, revision=3) for _ in range(4)
     )
     store = RacingStore(
-        {retried.id: ["write", "write"], deleted.id: ["delete"], busy.id: ["write"] * 5}
+        {
+            retried.id: ["write", "write"],
+            deleted.id: ["delete"],
+            deleted_low.id: ["delete"],
+            busy.id: ["write"] * 5,
+        }
     )
+    everything = (retried, deleted, deleted_low, busy)
 
     async def add_and_read(*sessions: s.Session) -> list[s.Session | None]:
         async with store:
             for session in sessions:
                 await store.add(session)
-            return [await store.get(x.id) for x in (retried, deleted, busy)]
+            return [await store.get(x.id) for x in everything]
 
-    anyio.run(add_and_read, retried, deleted, busy, backend=backend)
+    anyio.run(add_and_read, *everything, backend=backend)
     monkeypatch.setattr(_cli, "open_store", lambda url: store)
     imported = [
-        attrs.evolve(x, state={"v": "imported"}, revision=7) for x in (retried, deleted, busy)
+        attrs.evolve(x, state={"v": "imported"}, revision=7 if x is not deleted_low else 2)
+        for x in everything
     ]
     (tmp_path / "in.jsonl").write_bytes(b"".join(s.dumps(x) + b"\n" for x in imported))
     args = ["import", "--replace", str(tmp_path / "in.jsonl"), "--backend", backend]
     with pytest.raises(_cli.CLIError) as caught:
         _cli.cli.main(args, prog_name="asyncsession", standalone_mode=False)
     assert f"session {busy.id} kept changing while importing it (5 attempts)" in str(caught.value)
-    assert "2 of the 3 sessions were imported before it" in str(caught.value)
+    assert "3 of the 4 sessions were imported before it" in str(caught.value)
 
-    got_retried, got_deleted, got_busy = anyio.run(add_and_read, backend=backend)
+    got_retried, got_deleted, got_low, got_busy = anyio.run(add_and_read, backend=backend)
     assert got_retried is not None and got_retried.state == {"v": "imported"}
     assert got_retried.revision == 3 + 2 + 1  # after the two racing writes
     assert got_deleted == imported[1]  # added as exported
+    # Exported at revision 2, deleted while stored at 3: a revision it never had.
+    assert got_low == attrs.evolve(imported[2], revision=4)
     assert got_busy is not None and got_busy.state == {"v": "other"}  # left as it was
 
 
