@@ -870,8 +870,10 @@ class FileRepository(SessionRepository):
             self._quarantine_nowait(sid)
             seen.discard(sid)
             return
-        except SchemaVersionError as exc:
+        except SchemaVersionError as exc:  # rewritten by a newer release: not listable
             logger.warning("skipping %s: %s", item.path, exc)
+            if old is not None:
+                self._index.drop(sid, only_if=old)
             return
         self._index.put(_entry(doc), only_if=old)
 

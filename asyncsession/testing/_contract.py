@@ -637,8 +637,10 @@ class RepositoryContract:
         sessions = [make_session(created=i) for i in range(4)]
         for session in sessions:
             await repository.add(session)
-        for bad in sessions[1:3]:
-            await self.replace_document(repository, bad.id, b'{"version": 1, "id')
+        bad, newer = sessions[1], sessions[2]
+        await self.replace_document(repository, bad.id, b'{"version": 1, "id')
+        future = {**orjson.loads(version_0_document(newer)), "version": CURRENT_VERSION + 1}
+        await self.replace_document(repository, newer.id, orjson.dumps(future))
         readable = [sessions[3].id, sessions[0].id]  # newest first
         assert [s.id for s in (await repository.list(SessionQuery(limit=10))).items] == readable
         first = await repository.list(SessionQuery(limit=1))  # pages past the skipped ones
