@@ -150,16 +150,8 @@ async def statements_only(path: Path, batch_size: int, rounds: int) -> float:
             for r in range(rounds):
                 repo.captured = []
                 for i, s in enumerate(own):
-                    kind = (i + r) % 10
-                    try:
-                        if kind < 5:
-                            await repo.append(s.id, [message(i)], at=at, policy=POLICY)
-                        elif kind < 8:
-                            await repo.get(s.id, last_messages=20)
-                        else:
-                            await repo.touch(s.id, at=at, policy=POLICY, last_messages=20)
-                    except LookupError:
-                        pass
+                    with contextlib.suppress(LookupError):
+                        await mixed(repo, s.id, i + r, at)
                 batch = [_Request(fn, write=True) for fn in repo.captured]
                 repo.captured = None
                 for request in batch:
@@ -267,6 +259,17 @@ async def history(repo: SessionRepository, lengths: list[int]) -> dict[int, tupl
     return out
 
 
+async def mixed(repo: SessionRepository, session_id: uuid.UUID, i: int, at: datetime) -> None:
+    """Operation ``i`` of the mixed load: 50% append, 30% get last 20, 20% touch."""
+    kind = i % 10
+    if kind < 5:
+        await repo.append(session_id, [message(i)], at=at, policy=POLICY)
+    elif kind < 8:
+        await repo.get(session_id, last_messages=20)
+    else:
+        await repo.touch(session_id, at=at, policy=POLICY, last_messages=20)
+
+
 async def concurrency(repo: SessionRepository, tasks: int, total_ops: int) -> tuple[float, float]:
     """Mixed load (50% append, 30% get last 20, 20% touch): (ops/s, p50 µs)."""
     own = [session(5) for _ in range(tasks)]
@@ -279,13 +282,7 @@ async def concurrency(repo: SessionRepository, tasks: int, total_ops: int) -> tu
     async def worker(s: Session) -> None:
         for i in range(per_task):
             start = time.perf_counter()
-            kind = i % 10
-            if kind < 5:
-                await repo.append(s.id, [message(i)], at=at, policy=POLICY)
-            elif kind < 8:
-                await repo.get(s.id, last_messages=20)
-            else:
-                await repo.touch(s.id, at=at, policy=POLICY, last_messages=20)
+            await mixed(repo, s.id, i, at)
             latencies.append(time.perf_counter() - start)
 
     start = time.perf_counter()
