@@ -113,8 +113,8 @@ class SessionManager:
         if clock is not None and not isinstance(clock, Clock):
             raise InvalidConfiguration(f"clock must have now() and async sleep(); got {clock!r}.")
         self._repository = repository
-        # Does get_for_update() answer from snapshots the store holds? Then refusals
-        # (missing, expired, closed) are confirmed by a fresh read first.
+        # Does get_for_update() answer from snapshots the store holds? Then refusals of a
+        # snapshot (expired, closed) are confirmed by a fresh read first.
         self._held_snapshots = (
             type(repository).get_for_update is not SessionRepository.get_for_update
         )
@@ -394,7 +394,8 @@ class SessionManager:
         if (
             held
             and self._held_snapshots
-            and (old is None or old.is_expired(now) or old.status.is_terminal)
+            and old is not None  # None is what a read found, never a held answer
+            and (old.is_expired(now) or old.status.is_terminal)
         ):
             # A held snapshot may lag behind other processes: refuse only what a read shows.
             old = await self._repository.get(sid)

@@ -205,9 +205,10 @@ class SessionRepository(ABC):
         :class:`SessionConflict`; after that the store holds the current session (if the
         refusal brought it) or reads again, as it does after a failed or interrupted save.
         ``last_active``/``expires_at`` may lag behind :meth:`touch` calls of other
-        processes, so a caller that would refuse the snapshot (missing, expired, closed)
-        confirms with :meth:`get` first. The default just calls :meth:`get`; stores whose
-        reads cost a round trip override it.
+        processes, so a caller that would refuse the snapshot (expired, closed) confirms
+        with :meth:`get` first. None is never a held answer: return it only when a read
+        found no session. The default just calls :meth:`get`; stores whose reads cost a
+        round trip override it.
         """
         return await self.get(session_id)
 

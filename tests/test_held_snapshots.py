@@ -137,6 +137,22 @@ async def test_without_the_cache_update_reads_first(place: Place, anyio_backend:
         assert await place.round_trips(lambda: manager.update(session.id, bump("n"))) == 2
 
 
+async def test_updating_a_missing_session_reads_once(
+    pair: tuple[SessionManager, SessionManager, ManualClock], place: Place
+) -> None:
+    a, b, _ = pair
+    session = await a.create()
+    await b.delete(session.id)  # elsewhere: a still holds its snapshot
+
+    async def missing(sid: uuid.UUID) -> None:
+        with pytest.raises(SessionNotFound):
+            await a.update(sid, bump("n"))
+
+    # the held snapshot is refused by the store's compare-and-set, which brings no session
+    assert await place.round_trips(lambda: missing(session.id)) == 1
+    assert await place.round_trips(lambda: missing(uuid.uuid4())) == 1  # never held: one read
+
+
 @pytest.mark.parametrize("size", [-1, 1.5, True, "10"])
 def test_snapshot_cache_size_is_checked(place: Place, size: Any) -> None:
     with pytest.raises(InvalidConfiguration, match="snapshot_cache"):
