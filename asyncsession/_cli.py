@@ -1041,14 +1041,19 @@ async def _replace(repository: SessionRepository, session: Session) -> bool:
     applications see a new revision (their held snapshots and conditional reads no longer
     match) and an update they based on the old contents is refused. A session that is
     not stored is added with its exported revision, or, when it was stored a moment ago
-    (deleted in between), with a revision above the one it had. Returns True when a
+    (deleted in between), with a revision above every one this import saw it at (read,
+    or reported by a refused save). Returns True when a
     stored session was replaced; raises :class:`SessionConflict` (with ``attempts``) when
     other writers beat every attempt, in which case the stored session was left as it was.
     """
-    seen: int | None = None  # the stored revision last read
+    seen: int | None = None  # the highest stored revision this import learnt of
+
+    def saw(revision: int | None) -> None:
+        nonlocal seen
+        if revision is not None and (seen is None or revision > seen):
+            seen = revision
 
     async def step(attempt: int) -> bool:
-        nonlocal seen
         stored = await repository.get(session.id, last_messages=0)
         if stored is None:
             if seen is None or session.revision > seen:
@@ -1056,10 +1061,15 @@ async def _replace(repository: SessionRepository, session: Session) -> bool:
             else:
                 await repository.add(attrs.evolve(session, revision=seen + 1))
             return False
-        seen = stored.revision
-        await repository.save(
-            attrs.evolve(session, revision=stored.revision + 1), expected_revision=stored.revision
-        )
+        saw(stored.revision)
+        try:
+            await repository.save(
+                attrs.evolve(session, revision=stored.revision + 1),
+                expected_revision=stored.revision,
+            )
+        except SessionConflict as exc:  # the revision another writer saved counts too
+            saw(exc.actual_revision)
+            raise
         return True
 
     return await _until_saved(session.id, step)
@@ -1119,11 +1129,15 @@ def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: s
                         f"session {session.id} {what}; {done} of the {len(sessions)} sessions "
                         f"were imported before it. {hint}"
                     ) from exc
-                except SessionError as exc:  # storage errors, lock timeouts, ...
+                except SessionError as exc:  # storage errors, lock timeouts, limits, ...
+                    hint = (
+                        "; run the import again with --replace to finish."
+                        if exc.recoverable
+                        else "."
+                    )
                     raise CLIError(
                         f"session {session.id}: {exc} {done} of the {len(sessions)} sessions "
-                        "were imported before it; run the import again with --replace to "
-                        "finish."
+                        f"were imported before it{hint}"
                     ) from exc
                 progress.advance(task)
         return len(sessions), replaced

@@ -581,7 +581,8 @@ async def test_import_replace_reaches_running_applications(
 
 class RacingStore(s.MemoryRepository):
     """A memory store where another writer saves ("write") or deletes ("delete") a
-    session just before this store's next saves of it, as ``races[id]`` lists."""
+    session just before this store's next saves of it, or saves it just before and
+    deletes it just after ("write, delete"), as ``races[id]`` lists."""
 
     def __init__(self, races: dict[uuid.UUID, list[str]]) -> None:
         super().__init__()
@@ -596,13 +597,20 @@ class RacingStore(s.MemoryRepository):
     ) -> None:
         plan = self.races.get(session.id)
         current = await self.get(session.id)
-        if plan and current is not None:
-            if plan.pop(0) == "delete":
+        action = plan.pop(0) if plan and current is not None else None
+        if action == "delete":
+            await self.delete(session.id)
+        elif action is not None:
+            assert current is not None
+            other = attrs.evolve(current, state={"v": "other"}, revision=current.revision + 1)
+            await super().save(other, expected_revision=current.revision)
+        try:
+            await super().save(
+                session, expected_revision=expected_revision, new_messages=new_messages
+            )
+        finally:
+            if action == "write, delete":
                 await self.delete(session.id)
-            else:
-                other = attrs.evolve(current, state={"v": "other"}, revision=current.revision + 1)
-                await super().save(other, expected_revision=current.revision)
-        await super().save(session, expected_revision=expected_revision, new_messages=new_messages)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -612,18 +620,19 @@ def test_import_replace_retries_racing_writers(
     from asyncsession import _cli
 
     now = datetime.now(timezone.utc)
-    retried, deleted, deleted_low, busy = (
-        s.Session(uuid.uuid4(), now, now, state={"v": "old"}, revision=3) for _ in range(4)
+    retried, deleted, deleted_low, vanished, busy = (
+        s.Session(uuid.uuid4(), now, now, state={"v": "old"}, revision=3) for _ in range(5)
     )
     store = RacingStore(
         {
             retried.id: ["write", "write"],
             deleted.id: ["delete"],
             deleted_low.id: ["delete"],
+            vanished.id: ["write, delete"],
             busy.id: ["write"] * 5,
         }
     )
-    everything = (retried, deleted, deleted_low, busy)
+    everything = (retried, deleted, deleted_low, vanished, busy)
 
     async def add_and_read(*sessions: s.Session) -> list[s.Session | None]:
         async with store:
@@ -633,23 +642,26 @@ def test_import_replace_retries_racing_writers(
 
     anyio.run(add_and_read, *everything, backend=backend)
     monkeypatch.setattr(_cli, "open_store", lambda url: store)
+    low = (deleted_low, vanished)
     imported = [
-        attrs.evolve(x, state={"v": "imported"}, revision=7 if x is not deleted_low else 2)
-        for x in everything
+        attrs.evolve(x, state={"v": "imported"}, revision=2 if x in low else 7) for x in everything
     ]
     (tmp_path / "in.jsonl").write_bytes(b"".join(s.dumps(x) + b"\n" for x in imported))
     args = ["import", "--replace", str(tmp_path / "in.jsonl"), "--backend", backend]
     with pytest.raises(_cli.CLIError) as caught:
         _cli.cli.main(args, prog_name="asyncsession", standalone_mode=False)
     assert f"session {busy.id} kept changing while importing it (5 attempts)" in str(caught.value)
-    assert "3 of the 4 sessions were imported before it" in str(caught.value)
+    assert "4 of the 5 sessions were imported before it" in str(caught.value)
 
-    got_retried, got_deleted, got_low, got_busy = anyio.run(add_and_read, backend=backend)
+    got = anyio.run(add_and_read, backend=backend)
+    got_retried, got_deleted, got_low, got_vanished, got_busy = got
     assert got_retried is not None and got_retried.state == {"v": "imported"}
     assert got_retried.revision == 3 + 2 + 1  # after the two racing writes
     assert got_deleted == imported[1]  # added as exported
     # Exported at revision 2, deleted while stored at 3: a revision it never had.
     assert got_low == attrs.evolve(imported[2], revision=4)
+    # Read at 3, refused by another writer's 4, then deleted: above 4 as well.
+    assert got_vanished == attrs.evolve(imported[3], revision=5)
     assert got_busy is not None and got_busy.state == {"v": "other"}  # left as it was
 
 
