@@ -216,6 +216,26 @@ async def test_stale_idle_deadline_does_not_refuse_a_touched_session(
     assert result.state["n"] == 2 and result.last_active == clock.now()
 
 
+async def test_a_session_deleted_and_added_again_elsewhere_is_not_overwritten(
+    pair: tuple[SessionManager, SessionManager, ManualClock],
+) -> None:
+    """The same id, revision and times in a new life (an export imported again after a
+    delete): a snapshot held from the earlier life must be neither served nor updated."""
+    a, b, _ = pair
+    session = await a.create(state={"v": "app"})
+    held = await a.update(session.id, bump("n"))  # a holds this snapshot
+    await b.delete(session.id)
+    await b.repository.add(held.with_state({"v": "imported"}))  # same revision and times
+    updated = await a.update(session.id, bump("n"))  # based on a's held snapshot first
+    assert updated.state == {"v": "imported", "n": 2}
+    stored = await b.get(session.id, touch=False)
+    assert stored.state == {"v": "imported", "n": 2} and stored.revision == held.revision + 1
+
+    await b.delete(session.id)  # and once more, now for a read
+    await b.repository.add(stored.with_state({"v": "again"}))
+    assert (await a.get(session.id, touch=False)).state == {"v": "again", "n": 2}
+
+
 async def test_close_and_delete_elsewhere_are_seen(
     pair: tuple[SessionManager, SessionManager, ManualClock],
 ) -> None:
@@ -392,6 +412,32 @@ def test_holder_keeps_the_newest_revision_and_whole_histories_only() -> None:
     off = HeldSnapshots(0)
     off.keep(newer)
     assert not off.enabled and off.get(newer.id) is None
+
+
+def test_holder_never_mixes_incarnations() -> None:
+    """Replies about another life of a session (deleted and added again) drop the entry."""
+    held = HeldSnapshots(10)
+    life = snapshot(2, revision=3)
+    held.keep(life, "first")
+    assert held.entry(life.id) == (life, "first")
+    held.keep(attrs.evolve(life, revision=4), "second")  # newer or older? cannot be told
+    assert held.get(life.id) is None
+    held.keep(life, "second")
+    assert held.get(life.id) is life  # from now on the second life is held
+
+    held.seen(life.id, attrs.evolve(life, messages=life.messages.tail(1)), "third")
+    assert held.get(life.id) is None  # a window of a third life
+    held.keep(life, "third")
+    before = held.take(life.id)
+    appended = attrs.evolve(life, revision=4, messages=life.messages.tail(1))
+    held.appended(before, [Message("user", "x", T0)], appended, "fourth")
+    assert held.get(life.id) is None  # the append went to another life
+    held.keep(life, "fourth")
+    held.touched(attrs.evolve(life, last_active=T0 + timedelta(seconds=5)), "fifth")
+    assert held.get(life.id) is life
+
+    held.lend(life.id)
+    assert held.before_save(life.id, life.revision) == (life.last_active, "fourth")
 
 
 # -- Redis: a read of a current held snapshot sends no history -----------------------------

@@ -11,7 +11,15 @@ from datetime import datetime
 from .._exceptions import InvalidConfiguration
 from .._models import Message, Session, replace_trusted
 
-__all__ = ["HeldSnapshots"]
+__all__ = ["Held", "HeldSnapshots", "Incarnation"]
+
+#: What a store tells one life of a session from the next by: a session deleted and
+#: added again under the same id (an import, say) may come back with a revision and
+#: times a held snapshot of its earlier life also has. SQLite uses the row's key, which
+#: is never reused; None means the store cannot tell (then revisions alone decide).
+Incarnation = object
+#: A held snapshot and the incarnation of the session it was taken from.
+Held = tuple[Session, Incarnation]
 
 
 class HeldSnapshots:
@@ -26,6 +34,11 @@ class HeldSnapshots:
     all (a longer history is not held), oldest use dropped first. Thread-safe: a SQLite
     store may serve callers on several event loops. Entries are keyed by the id's
     integer (``uuid.UUID`` hashes in Python code, and an update looks an id up ~10 times).
+
+    Every entry records the :data:`Incarnation` of the session it came from. A store
+    reply about another incarnation than the held one drops the entry (which of the two
+    is newer cannot be told), and :meth:`before_save` hands the incarnation to the
+    compare-and-set of an update based on a lent snapshot.
     """
 
     __slots__ = ("_items", "_lent", "_lock", "_max_messages", "_messages", "_size")
@@ -38,7 +51,7 @@ class HeldSnapshots:
         self._size = size
         self._max_messages = max_messages
         self._messages = 0
-        self._items: OrderedDict[int, Session] = OrderedDict()
+        self._items: OrderedDict[int, Held] = OrderedDict()
         self._lent: set[int] = set()  # handed out by lend(): the next save checks it
         self._lock = threading.Lock()
 
@@ -54,83 +67,114 @@ class HeldSnapshots:
         """The held snapshot of a session (marked recently used), or None."""
         return self._use(session_id.int, lend=False)
 
+    def entry(self, session_id: uuid.UUID) -> Held | None:
+        """The held snapshot and its incarnation (marked recently used), or None."""
+        key = session_id.int
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is not None:
+                self._items.move_to_end(key)
+            return entry
+
     def lend(self, session_id: uuid.UUID) -> Session | None:
         """The held snapshot, for an update to be based on (see :meth:`before_save`)."""
         return self._use(session_id.int, lend=True)
 
     def _use(self, key: int, *, lend: bool) -> Session | None:
         with self._lock:
-            session = self._items.get(key)
-            if session is not None:
-                self._items.move_to_end(key)
-                if lend:
-                    self._lent.add(key)
-            return session
+            entry = self._items.get(key)
+            if entry is None:
+                return None
+            self._items.move_to_end(key)
+            if lend:
+                self._lent.add(key)
+            return entry[0]
 
-    def before_save(self, session_id: uuid.UUID, expected_revision: int) -> datetime | None:
+    def before_save(
+        self, session_id: uuid.UUID, expected_revision: int
+    ) -> tuple[datetime, Incarnation] | None:
         """Forget the held snapshot until the save is confirmed (errors, cancellation).
 
-        Returns the ``last_active`` the save must also find stored when the update was
-        based on a snapshot :meth:`lend` handed out (so a touch since is not overruled),
-        else None.
+        When the update was based on a snapshot :meth:`lend` handed out, returns the
+        ``last_active`` (so a touch since is not overruled) and the incarnation (so a
+        session deleted and added again since is not overwritten) the save must also
+        find stored; else None.
         """
         key = session_id.int
         with self._lock:
             lent = key in self._lent
-            session = self._pop(key)
-        if lent and session is not None and session.revision == expected_revision:
-            return session.last_active
+            entry = self._pop(key)
+        if lent and entry is not None and entry[0].revision == expected_revision:
+            return entry[0].last_active, entry[1]
         return None
 
-    def keep(self, session: Session | None) -> None:
-        """Hold ``session`` if it has its whole history and is not older than the entry."""
+    def keep(self, session: Session | None, incarnation: Incarnation = None) -> None:
+        """Hold ``session`` (of ``incarnation``) if it has its whole history and is not
+        older than the entry; a reply about another incarnation drops the entry."""
         if session is None or self._size == 0 or not session.messages.is_complete:
             return
         key = session.id.int
         with self._lock:
-            held = self._items.get(key)
-            if held is not None and (
-                held.revision > session.revision
-                or (held.revision == session.revision and held.last_active > session.last_active)
-            ):
-                return  # a reply that raced with a newer local write
-            self._pop(key)
+            entry = self._items.get(key)
+            if entry is not None:
+                held = entry[0]
+                if entry[1] != incarnation:
+                    self._pop(key)  # which life is the current one cannot be told
+                    return
+                if held.revision > session.revision or (
+                    held.revision == session.revision and held.last_active > session.last_active
+                ):
+                    return  # a reply that raced with a newer local write
+                self._pop(key)
             if session.messages.total > self._max_messages:
                 return
-            self._items[key] = session
+            self._items[key] = (session, incarnation)
             self._messages += session.messages.total
             while len(self._items) > self._size or self._messages > self._max_messages:
-                oldest_id, oldest = self._items.popitem(last=False)
+                oldest_id, (oldest, _) = self._items.popitem(last=False)
                 self._messages -= oldest.messages.total
                 self._lent.discard(oldest_id)
 
-    def take(self, session_id: uuid.UUID) -> Session | None:
-        """Remove and return the held snapshot (before a write that may not report back)."""
+    def take(self, session_id: uuid.UUID) -> Held | None:
+        """Remove and return the held entry (before a write that may not report back)."""
         with self._lock:
             return self._pop(session_id.int)
 
-    def _pop(self, key: int) -> Session | None:
+    def _pop(self, key: int) -> Held | None:
         self._lent.discard(key)
-        session = self._items.pop(key, None)
-        if session is not None:
-            self._messages -= session.messages.total
-        return session
+        entry = self._items.pop(key, None)
+        if entry is not None:
+            self._messages -= entry[0].messages.total
+        return entry
 
-    def appended(self, before: Session | None, messages: Sequence[Message], after: Session) -> None:
+    def appended(
+        self,
+        before: Held | None,
+        messages: Sequence[Message],
+        after: Session,
+        incarnation: Incarnation = None,
+    ) -> None:
         """Follow a confirmed append: ``before`` (what :meth:`take` returned) plus
-        ``messages`` with the times and revision of ``after`` (the store's answer)."""
-        if before is not None and before.revision == after.revision - 1:
+        ``messages`` with the times and revision of ``after`` (the store's answer, about
+        the session of ``incarnation``)."""
+        if before is None or before[1] != incarnation:
+            return
+        held = before[0]
+        if held.revision == after.revision - 1:
             self.keep(
                 replace_trusted(
-                    before,
-                    messages=before.messages.extend(messages),
+                    held,
+                    messages=held.messages.extend(messages),
                     revision=after.revision,
                     last_active=after.last_active,
                     expires_at=after.expires_at,
-                )
+                ),
+                incarnation,
             )
 
-    def seen(self, session_id: uuid.UUID, session: Session | None) -> Session | None:
+    def seen(
+        self, session_id: uuid.UUID, session: Session | None, incarnation: Incarnation = None
+    ) -> Session | None:
         """Follow a read of ``session_id``: hold what it returned, forget a missing one.
 
         A window of the messages is not held, but it still tells the held snapshot's
@@ -139,20 +183,22 @@ class HeldSnapshots:
         if session is None:
             self.drop(session_id)
         elif session.messages.is_complete:
-            self.keep(session)
+            self.keep(session, incarnation)
         else:
             key = session_id.int
             with self._lock:
-                held = self._items.get(key)
-                if held is None or held.revision > session.revision:
+                entry = self._items.get(key)
+                if entry is None or (
+                    entry[1] == incarnation and entry[0].revision > session.revision
+                ):
                     return session
-                if held.revision < session.revision:
+                if entry[1] != incarnation or entry[0].revision < session.revision:
                     self._pop(key)
                     return session
-            self.touched(session)  # same history, perhaps touched
+            self.touched(session, incarnation)  # same history, perhaps touched
         return session
 
-    def touched(self, session: Session) -> None:
+    def touched(self, session: Session, incarnation: Incarnation = None) -> None:
         """Follow a touch that found the held snapshot current: new times, same history.
 
         Unlike :meth:`keep`, a snapshot lent to an update stays lent: its save must still
@@ -160,14 +206,16 @@ class HeldSnapshots:
         """
         key = session.id.int
         with self._lock:
-            held = self._items.get(key)
-            if (
-                held is not None
-                and held.revision == session.revision
-                and held.last_active < session.last_active
-            ):
-                self._items[key] = replace_trusted(
-                    held, last_active=session.last_active, expires_at=session.expires_at
+            entry = self._items.get(key)
+            if entry is None or entry[1] != incarnation:
+                return
+            held = entry[0]
+            if held.revision == session.revision and held.last_active < session.last_active:
+                self._items[key] = (
+                    replace_trusted(
+                        held, last_active=session.last_active, expires_at=session.expires_at
+                    ),
+                    incarnation,
                 )
 
     def drop(self, session_id: uuid.UUID) -> None:

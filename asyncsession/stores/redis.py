@@ -6,6 +6,9 @@ Layout (``P`` is the key prefix, ``ID`` the canonical lowercase UUID):
   scripts read or change: revision ``r``, status ``st``, owner ``o``, and the times
   ``ca`` (created), ``la`` (last active), ``ex`` (expires), ``cl`` (closed) as integer
   microseconds since the Unix epoch. ``r``, ``la`` and ``ex`` override the document.
+  ``g`` is a random token each add stores (the session's incarnation): a session
+  deleted and added again under its id is not taken for its earlier life by a store
+  that holds a snapshot of that (sessions added before it existed have none).
 * ``P m:ID``: append-only list of message JSON (``RPUSH``; last *n* by ``LRANGE -n -1``).
 * ``P i:la`` and ``P o:OWNER``: sorted sets of ids by ``last_active`` (all / per owner).
 * ``P i:exp``: sorted set of ids by deadline. ``P i:cnt`` and ``P oc:OWNER``: counts per
@@ -24,6 +27,7 @@ import contextlib
 import importlib
 import logging
 import re
+import secrets
 import uuid
 from collections import OrderedDict
 from collections.abc import (
@@ -76,7 +80,7 @@ from ..abc import (
     decode_cursor,
     encode_cursor,
 )
-from ._held import HeldSnapshots
+from ._held import Held, HeldSnapshots
 
 if TYPE_CHECKING:
     import coredis
@@ -188,37 +192,39 @@ local function deadline(st, ca, la, idle, maxage)
   if hard and hard < soft then return hard end
   return soft
 end
-local function reply(h, m, lastn)
+local function reply(h, m, lastn, g)
   local total = redis.call('LLEN', m)
-  local out = {h[1], h[2], h[3], h[4] or false, total}
+  local out = {h[1], h[2], h[3], h[4] or false, g or '', total}
   local msgs = {}
   if lastn == '' then
     msgs = redis.call('LRANGE', m, 0, -1)
   elseif tonumber(lastn) > 0 then
     msgs = redis.call('LRANGE', m, -tonumber(lastn), -1)
   end
-  for i = 1, #msgs do out[5 + i] = msgs[i] end
+  for i = 1, #msgs do out[6 + i] = msgs[i] end
   return out
 end
 local function opt(x) if x == '' then return false end return x end
-local function known(v, h)
-  return v ~= '' and v == h[2] .. '@' .. h[3] .. '@' .. (h[4] or '')
+local function known(v, h, g)
+  return v ~= '' and v == h[2] .. '@' .. h[3] .. '@' .. (h[4] or '') .. '@' .. (g or '')
 end
 """
 
-# KEYS s m; ARGV P id doc rev st owner ca la ex cl grace msgs...
+# KEYS s m; ARGV P id doc rev st owner ca la ex cl grace g msgs...
+# g: the new session's incarnation ('g'), so that a session deleted and added again is
+# never taken for its earlier life by a store that holds a snapshot of that.
 _ADD = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
 if redis.call('EXISTS', s) == 1 then return 0 end
 forget_if_known(id)
 local st, owner, ex, cl = ARGV[5], opt(ARGV[6]), opt(ARGV[9]), opt(ARGV[10])
-local set = {'d', ARGV[3], 'r', ARGV[4], 'st', st, 'ca', ARGV[7], 'la', ARGV[8]}
+local set = {'d', ARGV[3], 'r', ARGV[4], 'st', st, 'ca', ARGV[7], 'la', ARGV[8], 'g', ARGV[12]}
 field(set, nil, 'o', owner, false)
 field(set, nil, 'ex', ex, false)
 field(set, nil, 'cl', cl, false)
 redis.call('HSET', s, unpack(set))
 redis.call('DEL', m)
-push(m, 12)
+push(m, 13)
 set_meta(id, owner, st)
 count(owner, st, 1)
 index_times(id, owner, tonumber(ARGV[8]), ex and tonumber(ex))
@@ -227,23 +233,26 @@ return 1
 """
 
 # KEYS s m; ARGV P id expected doc rev st owner ca la ex cl grace mode msgs...
-# expected: the revision, or "revision@last_active" to also refuse a session touched since.
+# expected: the revision, or "revision@last_active@g" to also refuse a session touched since
+# or deleted and added again since (another incarnation). Replies {1, g} ({1, g, 1} when
+# others lost races for it since the last save).
 # mode: 'r' rewrites the history, 'a' appends msgs; a trailing 'c' asks for the current
 # session (as _GET replies) when the revision does not match. A refused save marks the
 # session contended ('cf'); the next successful save clears the mark and says so, and
 # that writer then reads before its next update, so it cannot starve the others.
 _SAVE = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
-local cur = redis.call('HMGET', s, 'r', 'st', 'o', 'cf', 'la', 'ex', 'cl')
+local cur = redis.call('HMGET', s, 'r', 'st', 'o', 'cf', 'la', 'ex', 'cl', 'g')
 if not cur[1] then
   forget_if_known(id)
   return {-1}
 end
-local rev, la = string.match(ARGV[3], '^([^@]*)@?(.*)$')
-if cur[1] ~= rev or (la ~= '' and tonumber(cur[5]) ~= tonumber(la)) then
-  if cur[1] ~= rev then redis.call('HSET', s, 'cf', '1') end
+local rev, la, g = string.match(ARGV[3], '^([^@]*)@?([^@]*)@?(.*)$')
+local other = cur[1] ~= rev or (la ~= '' and (cur[8] or '') ~= g)
+if other or (la ~= '' and tonumber(cur[5]) ~= tonumber(la)) then
+  if other then redis.call('HSET', s, 'cf', '1') end
   if string.sub(ARGV[13], 2, 2) == 'c' then
-    return {-2, cur[1], reply(redis.call('HMGET', s, 'd', 'r', 'la', 'ex'), m, '')}
+    return {-2, cur[1], reply(redis.call('HMGET', s, 'd', 'r', 'la', 'ex'), m, '', cur[8])}
   end
   return {-2, cur[1]}
 end
@@ -264,14 +273,14 @@ if cur[2] ~= st or cur[3] ~= owner then
 end
 index_times(id, owner, tonumber(ARGV[9]), ex and tonumber(ex))
 keep_until(s, m, id, owner, st, ex and tonumber(ex), tonumber(ARGV[12]))
-if cur[4] then return {1, 1} end
-return {1}
+if cur[4] then return {1, cur[8] or '', 1} end
+return {1, cur[8] or ''}
 """
 
 # KEYS s m; ARGV P id at idle maxage maxmsgs grace msgs...
 _APPEND = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
-local h = redis.call('HMGET', s, 'd', 'r', 'st', 'ca', 'la', 'ex', 'o')
+local h = redis.call('HMGET', s, 'd', 'r', 'st', 'ca', 'la', 'ex', 'o', 'g')
 if not h[1] then
   forget_if_known(id)
   return {-1}
@@ -292,18 +301,18 @@ field(set, gone, 'ex', ex and num(ex), h[6])
 write_fields(s, set, gone)
 index_times(id, h[7], la, ex)
 keep_until(s, m, id, h[7], h[3], ex, tonumber(ARGV[7]))
-return {1, h[1], rev, num(la), ex and num(ex) or false, total}
+return {1, h[1], rev, num(la), ex and num(ex) or false, total, h[8] or ''}
 """
 
 # KEYS s m; ARGV P id at idle maxage grace lastn interval known
 _TOUCH = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
-local h = redis.call('HMGET', s, 'd', 'r', 'la', 'ex', 'st', 'ca', 'o')
+local h = redis.call('HMGET', s, 'd', 'r', 'la', 'ex', 'st', 'ca', 'o', 'g')
 if not h[1] then
   forget_if_known(id)
   return false
 end
-local same = known(ARGV[9], h)
+local same = known(ARGV[9], h, h[8])
 local at = tonumber(ARGV[3])
 local la = tonumber(h[3])
 if not terminal(h[5]) and not (h[4] and tonumber(h[4]) <= at)
@@ -318,15 +327,15 @@ if not terminal(h[5]) and not (h[4] and tonumber(h[4]) <= at)
   if redis.call('EXISTS', s) == 0 then return false end
 end
 if same then return {h[3], h[4] or false} end
-return reply(h, m, ARGV[7])
+return reply(h, m, ARGV[7], h[8])
 """
 
 # KEYS s m; ARGV P lastn known
 _GET = """
-local h = redis.call('HMGET', KEYS[1], 'd', 'r', 'la', 'ex')
+local h = redis.call('HMGET', KEYS[1], 'd', 'r', 'la', 'ex', 'g')
 if not h[1] then return false end
-if known(ARGV[3], h) then return 1 end
-return reply(h, KEYS[2], ARGV[2])
+if known(ARGV[3], h, h[5]) then return 1 end
+return reply(h, KEYS[2], ARGV[2], h[5])
 """
 
 # KEYS s m; ARGV P id
@@ -352,7 +361,7 @@ if not h[1] then
   return false
 end
 if not h[4] or tonumber(h[4]) > tonumber(ARGV[3]) then return false end
-local out = reply(h, m, '0')
+local out = reply(h, m, '0', false)
 unindex(id, h[6], h[5])
 redis.call('DEL', s, m)
 return out
@@ -527,16 +536,24 @@ def _same(reply: T) -> T:
     return reply
 
 
-def _version(held: Session | None) -> str:
+def _version(entry: Held | None) -> str:
     """What a read script compares with the stored session ('' when nothing is held).
 
-    Every write bumps the revision and a touch moves ``last_active``: when revision,
-    ``last_active`` and deadline all match, the held snapshot is the stored session and
-    the script answers without sending the document and the history again.
+    Every write bumps the revision, a touch moves ``last_active`` and a session deleted
+    and added again has another incarnation: when revision, ``last_active``, deadline
+    and incarnation all match, the held snapshot is the stored session and the script
+    answers without sending the document and the history again.
     """
-    if held is None:
+    if entry is None:
         return ""
-    return f"{held.revision}@{_us(held.last_active)}@{_opt_us(held.expires_at)}"
+    held, incarnation = entry
+    return f"{held.revision}@{_us(held.last_active)}@{_opt_us(held.expires_at)}@{incarnation or ''}"
+
+
+def _incarnation(reply: Any) -> str:
+    """The incarnation in a session reply of the scripts ('' for sessions stored before
+    incarnations were recorded)."""
+    return "" if reply is None else _text(reply[4])
 
 
 def _first_content(first: Any) -> str | None:
@@ -809,7 +826,7 @@ class RedisRepository(SessionRepository, EventTransport):
     def _from_reply(self, session_id: uuid.UUID, reply: Any) -> Session | None:
         if reply is None:
             return None
-        doc, revision, last_active, expires_at, total, *raw = reply
+        doc, revision, last_active, expires_at, _, total, *raw = reply
         loaded = [self._message(item, session_id) for item in raw]
         log = MessageLog(loaded, offset=int(total) - len(loaded))
         return self._build(session_id, doc, revision, last_active, expires_at, log)
@@ -834,12 +851,12 @@ class RedisRepository(SessionRepository, EventTransport):
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
         lastn = "" if last_messages is None else str(max(0, last_messages))
-        held = self._held.get(session_id)
-        args = [lastn, _version(held)]
+        entry = self._held.entry(session_id)
+        args = [lastn, _version(entry)]
         reply = await self._run(self._get, "a read", self._keys(str(session_id)), args, write=False)
-        if reply == 1 and held is not None:  # the held snapshot is current: no history sent
-            return last_window(held, last_messages)
-        return self._held.seen(session_id, self._from_reply(session_id, reply))
+        if reply == 1 and entry is not None:  # the held snapshot is current: no history sent
+            return last_window(entry[0], last_messages)
+        return self._held.seen(session_id, self._from_reply(session_id, reply), _incarnation(reply))
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
         held = self._held.lend(session_id)
@@ -849,12 +866,13 @@ class RedisRepository(SessionRepository, EventTransport):
 
     async def add(self, session: Session) -> None:
         sid = str(session.id)
-        args = [sid, *self._fields(session)]
+        incarnation = secrets.token_hex(8)
+        args = [sid, *self._fields(session), incarnation]
         args.extend(dump_message(m) for m in session.messages)
         added = await self._run(self._add, "an add", self._keys(sid), args)
         if not added:
             raise SessionConflict(session.id, expected_revision=None)
-        self._held.keep(session)
+        self._held.keep(session, incarnation)
 
     async def save(
         self,
@@ -873,10 +891,10 @@ class RedisRepository(SessionRepository, EventTransport):
                 )
         else:
             mode, messages = "a", new_messages  # type: ignore[assignment]
-        lent_last_active = self._held.before_save(session.id, expected_revision)
+        lent = self._held.before_save(session.id, expected_revision)
         expected = str(expected_revision)
-        if lent_last_active is not None:
-            expected += f"@{_us(lent_last_active)}"
+        if lent is not None:
+            expected += f"@{_us(lent[0])}@{lent[1] or ''}"
         sid = str(session.id)
         args: list[str | bytes] = [sid, expected]
         args.extend(self._fields(session))
@@ -889,14 +907,15 @@ class RedisRepository(SessionRepository, EventTransport):
         if code == -2:
             if len(reply) > 2:  # the current session: the caller's retry needs no read
                 with contextlib.suppress(CorruptSessionError):  # the retry's read reports it
-                    self._held.keep(self._from_reply(session.id, reply[2]))
+                    current = self._from_reply(session.id, reply[2])
+                    self._held.keep(current, _incarnation(reply[2]))
             raise SessionConflict(
                 session.id,
                 expected_revision=expected_revision,
                 actual_revision=int(reply[1]),
             )
-        if len(reply) == 1:  # else others lost races for it: read before the next update
-            self._held.keep(session)
+        if len(reply) == 2:  # else others lost races for it: read before the next update
+            self._held.keep(session, _text(reply[1]))
 
     async def append(
         self,
@@ -927,10 +946,10 @@ class RedisRepository(SessionRepository, EventTransport):
         if code == -4:
             assert max_messages is not None
             raise LimitExceeded("Messages in this session", max_messages, int(reply[1]))
-        _, doc, revision, last_active, expires_at, total = reply
+        _, doc, revision, last_active, expires_at, total, incarnation = reply
         log = MessageLog(messages, offset=int(total) - len(messages))
         session = self._build(session_id, doc, revision, last_active, expires_at, log)
-        self._held.appended(before, messages, session)
+        self._held.appended(before, messages, session, _text(incarnation))
         return session
 
     async def touch(
@@ -941,7 +960,7 @@ class RedisRepository(SessionRepository, EventTransport):
         policy: ExpiryPolicy,
         last_messages: int | None = None,
     ) -> Session | None:
-        held = self._held.get(session_id)
+        entry = self._held.entry(session_id)
         sid = str(session_id)
         args = [
             sid,
@@ -951,19 +970,19 @@ class RedisRepository(SessionRepository, EventTransport):
             self._grace,
             "" if last_messages is None else str(max(0, last_messages)),
             str(policy.touch_interval // timedelta(microseconds=1)),
-            _version(held),
+            _version(entry),
         ]
         reply = await self._run(self._touch, "a touch", self._keys(sid), args)
-        if held is not None and reply is not None and len(reply) == 2:  # held is current
+        if entry is not None and reply is not None and len(reply) == 2:  # held is current
             last_active, expires_at = reply
             session = replace_trusted(
-                held,
+                entry[0],
                 last_active=_datetime(last_active),
                 expires_at=None if expires_at is None else _datetime(expires_at),
             )
-            self._held.touched(session)
+            self._held.touched(session, entry[1])
             return last_window(session, last_messages)
-        return self._held.seen(session_id, self._from_reply(session_id, reply))
+        return self._held.seen(session_id, self._from_reply(session_id, reply), _incarnation(reply))
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         self._held.drop(session_id)

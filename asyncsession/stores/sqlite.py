@@ -9,7 +9,9 @@ in place when opened):
   decodes or rewrites the document; reading puts them back. The other columns are
   derived from the document for the indexes (owner, status, ``last_active``,
   ``expires_at``) and for search (casefolded name and first message). Timestamps are
-  integer microseconds since the Unix epoch, so they sort correctly.
+  integer microseconds since the Unix epoch, so they sort correctly. The row key ``pk``
+  is never reused (see :data:`_INSERT_SESSION`): it tells a session deleted and added
+  again under its id from its earlier life (held snapshots record it).
 * ``messages``: ``(session_pk, seq, body)``; a row holds the messages from number
   ``seq`` on, as compact JSON joined by newlines (compact JSON never contains one).
   Each append adds one row; when the history crosses a multiple of
@@ -426,6 +428,7 @@ class _Row:
         "expires_at",
         "last_active",
         "messages",
+        "pk",
         "revision",
         "rows",
         "session_id",
@@ -444,7 +447,9 @@ class _Row:
         stop: int,
         rows: _Rows,  # messages start to message_count - 1
         messages: Sequence[Message] | None = None,  # already decoded (append's own)
+        pk: int | None = None,  # the row's key: the session's incarnation (held snapshots)
     ) -> None:
+        self.pk = pk
         self.session_id = session_id
         self.doc = doc
         self.last_active = last_active
@@ -559,11 +564,23 @@ _SEP: Final = b"\n"  # compact JSON never contains a raw newline
 _INSERT_MESSAGES = "INSERT INTO messages (session_pk, seq, body) VALUES (?, ?, ?)"
 
 
+#: A new session's row key (``pk``, also the session's incarnation for held snapshots)
+#: is the time in microseconds, or the largest key plus one if that is larger: keys only
+#: grow, so a session deleted and added again never gets its old key back (SQLite's own
+#: choice, the largest key plus one, would reuse the key of the newest session).
+_INSERT_SESSION = (
+    "INSERT INTO sessions (pk, owner, name, status, created_at, last_active, closed_at, "
+    "expires_at, revision, message_count, name_cf, doc, id, first_cf) VALUES "
+    "(max(?, coalesce((SELECT max(pk) FROM sessions), 0) + 1), "
+    "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
 _ALL_MESSAGES: Final = 1 << 62
 #: A session and the rows of its last ``?`` messages (from the row holding message
 #: ``message_count - ?`` on): one statement, so it needs no explicit transaction.
 _READ_SESSION = (
-    "SELECT s.doc, s.message_count, s.last_active, s.expires_at, s.revision, m.seq, m.body "
+    "SELECT s.doc, s.message_count, s.last_active, s.expires_at, s.revision, s.pk, m.seq, "
+    "m.body "
     "FROM sessions AS s LEFT JOIN messages AS m ON m.session_pk = s.pk AND m.seq >= "
     "(SELECT max(seq) FROM messages WHERE session_pk = s.pk "
     "AND seq <= max(0, s.message_count - ?)) "
@@ -783,6 +800,7 @@ class _Saved:
     revision: int  # the stored revision it was checked against
     current: _Row | None  # on a refusal: the stored session, for the caller's retry
     contested: bool  # another writer's revision now, or a refusal marked since the last save
+    pk: int  # the row's key (the session's incarnation)
 
 
 class _Aborted(Exception):
@@ -1315,11 +1333,11 @@ class SQLiteRepository(SessionRepository):
         first = cursor.fetchone()
         if first is None:
             return None
-        doc, count, last_us, expires_us, revision = first[:5]
+        doc, count, last_us, expires_us, revision, pk = first[:6]
         start = _window_start(count, last_messages)
         # Streamed, not fetchall(): each chunk is split and dropped while reading.
-        rows = _assemble(session_id, itertools.chain((first,), cursor), 5, start, count)
-        return _Row(session_id, doc, last_us, expires_us, revision, start, count, rows)
+        rows = _assemble(session_id, itertools.chain((first,), cursor), 6, start, count)
+        return _Row(session_id, doc, last_us, expires_us, revision, start, count, rows, pk=pk)
 
     @staticmethod
     def _columns(session: Session, doc: bytes) -> tuple[Any, ...]:
@@ -1339,21 +1357,19 @@ class SQLiteRepository(SessionRepository):
 
     def _op_add(
         self, session: Session, doc: bytes, bodies: list[bytes]
-    ) -> Callable[[sqlite3.Connection], None]:
+    ) -> Callable[[sqlite3.Connection], int]:
         first = _casefold(session.messages[0].content) if bodies else None
 
-        def op(conn: sqlite3.Connection) -> None:
+        def op(conn: sqlite3.Connection) -> int:
             try:
-                cursor = conn.execute(
-                    "INSERT INTO sessions (owner, name, status, created_at, last_active, "
-                    "closed_at, expires_at, revision, message_count, name_cf, doc, id, "
-                    "first_cf) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*self._columns(session, doc), str(session.id), first),
-                )
+                cursor = conn.execute(_INSERT_SESSION, (
+                    _us(datetime.now(_UTC)), *self._columns(session, doc), str(session.id), first
+                ))  # fmt: skip
             except sqlite3.IntegrityError:
                 raise SessionConflict(session.id, expected_revision=None) from None
             assert cursor.lastrowid is not None
             _store_messages(conn, cursor.lastrowid, 0, bodies)
+            return cursor.lastrowid
 
         return op
 
@@ -1365,6 +1381,7 @@ class SQLiteRepository(SessionRepository):
         added: list[bytes] | None,
         everything: list[bytes] | None,
         expected_last_us: int | None,
+        expected_pk: int | None,
     ) -> Callable[[sqlite3.Connection], _Saved]:
         sid = str(session.id)
 
@@ -1376,7 +1393,11 @@ class SQLiteRepository(SessionRepository):
             if row is None:
                 raise SessionNotFound(session.id)
             pk, revision, count, last_us = row
-            other_writer = revision != expected_revision
+            # Another revision, or another life of the session (deleted and added again
+            # since the lent snapshot was taken): someone else's doing either way.
+            other_writer = revision != expected_revision or (
+                expected_pk is not None and pk != expected_pk
+            )
             if other_writer or (expected_last_us is not None and last_us != expected_last_us):
                 if other_writer:  # returned, not raised: the mark must commit
                     conn.execute("INSERT OR IGNORE INTO contended (session_pk) VALUES (?)", (pk,))
@@ -1384,7 +1405,7 @@ class SQLiteRepository(SessionRepository):
                 if self._held.enabled:  # the caller's retry then needs no read
                     with contextlib.suppress(CorruptSessionError):  # (it will read)
                         current = self._read(conn, session.id, None)
-                return _Saved(True, revision, current, contested=other_writer)
+                return _Saved(True, revision, current, contested=other_writer, pk=pk)
             contested = (
                 conn.execute("DELETE FROM contended WHERE session_pk = ?", (pk,)).rowcount > 0
             )
@@ -1401,7 +1422,7 @@ class SQLiteRepository(SessionRepository):
                 else:
                     conn.execute(update + " WHERE pk = ?", (*columns, pk))
                 _store_messages(conn, pk, count, added)
-                return _Saved(False, expected_revision, None, contested)
+                return _Saved(False, expected_revision, None, contested, pk)
             rows = everything
             if rows is None and session.messages.is_complete:
                 rows = _encode_messages(session.messages)  # the promise did not hold
@@ -1415,7 +1436,7 @@ class SQLiteRepository(SessionRepository):
             conn.execute(update + ", first_cf = ? WHERE pk = ?", (*columns, first, pk))
             conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
             _store_messages(conn, pk, 0, rows)
-            return _Saved(False, expected_revision, None, contested)
+            return _Saved(False, expected_revision, None, contested, pk)
 
         return op
 
@@ -1430,7 +1451,9 @@ class SQLiteRepository(SessionRepository):
             return self._read(conn, sid, last_messages)
 
         row = await self._call(op, write=False, transaction=False)
-        return self._held.seen(sid, None if row is None else row.decode(self._documents))
+        if row is None:
+            return self._held.seen(sid, None)
+        return self._held.seen(sid, row.decode(self._documents), row.pk)
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
         held = self._held.lend(session_id)
@@ -1442,11 +1465,11 @@ class SQLiteRepository(SessionRepository):
                 f"add() of session {session.id} got a window of its messages; store the "
                 "whole history."
             )
-        await self._call(
+        pk = await self._call(
             self._op_add(session, _encode(session), _encode_messages(session.messages)),
             write=True,
         )
-        self._held.keep(session)
+        self._held.keep(session, pk)
 
     async def save(
         self,
@@ -1465,23 +1488,33 @@ class SQLiteRepository(SessionRepository):
                     "new_messages; pass the whole history."
                 )
             everything = _encode_messages(session.messages)
-        lent_last_active = self._held.before_save(session.id, expected_revision)
-        expected_last_us = None if lent_last_active is None else _us(lent_last_active)
+        lent = self._held.before_save(session.id, expected_revision)
+        expected_last_us = expected_pk = None
+        if lent is not None:
+            expected_last_us = _us(lent[0])
+            expected_pk = lent[1] if type(lent[1]) is int else None
         saved = await self._call(
             self._op_save(
-                session, expected_revision, _encode(session), added, everything, expected_last_us
+                session,
+                expected_revision,
+                _encode(session),
+                added,
+                everything,
+                expected_last_us,
+                expected_pk,
             ),
             write=True,
         )
         if saved.refused:
-            if saved.current is not None:
+            current = saved.current
+            if current is not None:
                 with contextlib.suppress(CorruptSessionError):  # the retry's read reports it
-                    self._held.keep(saved.current.decode(self._documents))
+                    self._held.keep(current.decode(self._documents), current.pk)
             raise SessionConflict(
                 session.id, expected_revision=expected_revision, actual_revision=saved.revision
             )
         if not saved.contested:  # else others lost races for it: read before the next update
-            self._held.keep(session)
+            self._held.keep(session, saved.pk)
 
     async def append(
         self,
@@ -1511,7 +1544,7 @@ class SQLiteRepository(SessionRepository):
                     _store_messages(conn, pk, total - len(batch), bodies)
                     return _Row(
                         sid, doc, last_us, expires_us, revision, total - len(batch), total,
-                        _NO_ROWS, batch,
+                        _NO_ROWS, batch, pk,
                     )  # fmt: skip
             # Nothing changed: find out why. (Also the path for ExpiryPolicy subclasses.)
             row = conn.execute(
@@ -1548,12 +1581,12 @@ class SQLiteRepository(SessionRepository):
                     (last_us, expires_us, revision, total, _casefold(batch[0].content), pk),
                 )
             _store_messages(conn, pk, count, bodies)
-            return _Row(sid, doc, last_us, expires_us, revision, count, total, _NO_ROWS, batch)
+            return _Row(sid, doc, last_us, expires_us, revision, count, total, _NO_ROWS, batch, pk)
 
         before = self._held.take(sid)
         row = await self._call(op, write=True)
         session = row.decode(self._documents)
-        self._held.appended(before, batch, session)
+        self._held.appended(before, batch, session, row.pk)
         return session
 
     async def touch(
@@ -1591,10 +1624,12 @@ class SQLiteRepository(SessionRepository):
                 )
             start = _window_start(count, last_messages)
             rows = _read_messages(conn, sid, pk, start, count)
-            return _Row(sid, doc, last_us, expires_us, revision, start, count, rows)
+            return _Row(sid, doc, last_us, expires_us, revision, start, count, rows, pk=pk)
 
         row = await self._call(op, write=True)
-        return self._held.seen(sid, None if row is None else row.decode(self._documents))
+        if row is None:
+            return self._held.seen(sid, None)
+        return self._held.seen(sid, row.decode(self._documents), row.pk)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         checked = _check_id(session_id)
