@@ -231,9 +231,22 @@ async def test_a_session_deleted_and_added_again_elsewhere_is_not_overwritten(
     stored = await b.get(session.id, touch=False)
     assert stored.state == {"v": "imported", "n": 2} and stored.revision == held.revision + 1
 
-    await b.delete(session.id)  # and once more, now for a read
-    await b.repository.add(stored.with_state({"v": "again"}))
-    assert (await a.get(session.id, touch=False)).state == {"v": "again", "n": 2}
+
+async def test_reads_of_a_session_deleted_and_added_again_elsewhere_are_fresh(
+    pair: tuple[SessionManager, SessionManager, ManualClock],
+) -> None:
+    """Reads too: a Redis store answers a read from its held snapshot when the stored
+    session matches it, which another life of the session must never do."""
+    a, b, _ = pair
+    session = await a.create(state={"v": "one"})
+    first = await a.get(session.id, touch=False)  # a holds it
+    await b.delete(session.id)
+    await b.repository.add(first.with_state({"v": "two"}))  # same revision and times
+    assert (await a.get(session.id, touch=False)).state == {"v": "two"}
+    again = await a.get(session.id, touch=False)  # a holds the second life now
+    await b.delete(session.id)
+    await b.repository.add(again.with_state({"v": "three"}))
+    assert (await a.get(session.id)).state == {"v": "three"}  # a touch within the interval
 
 
 async def test_close_and_delete_elsewhere_are_seen(

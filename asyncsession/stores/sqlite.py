@@ -9,9 +9,10 @@ in place when opened):
   decodes or rewrites the document; reading puts them back. The other columns are
   derived from the document for the indexes (owner, status, ``last_active``,
   ``expires_at``) and for search (casefolded name and first message). Timestamps are
-  integer microseconds since the Unix epoch, so they sort correctly. The row key ``pk``
-  is never reused (see :data:`_INSERT_SESSION`): it tells a session deleted and added
-  again under its id from its earlier life (held snapshots record it).
+  integer microseconds since the Unix epoch, so they sort correctly. ``incarnation`` is
+  a random number each add stores: it tells a session deleted and added again under its
+  id from its earlier life (held snapshots record it; rows from before layout 4 have
+  NULL).
 * ``messages``: ``(session_pk, seq, body)``; a row holds the messages from number
   ``seq`` on, as compact JSON joined by newlines (compact JSON never contains one).
   Each append adds one row; when the history crosses a multiple of
@@ -42,6 +43,7 @@ import logging
 import os
 import queue
 import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -110,7 +112,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: The layout version this release writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 #: Messages per chunk row (see the module docstring).
 CHUNK_MESSAGES: Final = 32
 #: Default ``PRAGMA wal_autocheckpoint`` (pages; SQLite's own default is 1000): the WAL
@@ -207,10 +209,22 @@ def _upgrade_2_to_3(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE contended (session_pk INTEGER PRIMARY KEY)")
 
 
+def _upgrade_3_to_4(conn: sqlite3.Connection) -> None:
+    """Add the ``incarnation`` column (NULL for the rows already there).
+
+    Each add stores a random incarnation, so a session deleted and added again under its
+    id (an import of a deleted session) is not taken for its earlier life by a store
+    holding a snapshot of that. The version bump makes older releases, which would add
+    sessions without one, refuse the file.
+    """
+    conn.execute("ALTER TABLE sessions ADD COLUMN incarnation INTEGER")
+
+
 #: ``_UPGRADES[v]`` turns a version-``v`` database into version ``v + 1``.
 _UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _upgrade_1_to_2,
     2: _upgrade_2_to_3,
+    3: _upgrade_3_to_4,
 }
 
 
@@ -426,9 +440,9 @@ class _Row:
     __slots__ = (
         "doc",
         "expires_at",
+        "incarnation",
         "last_active",
         "messages",
-        "pk",
         "revision",
         "rows",
         "session_id",
@@ -447,9 +461,9 @@ class _Row:
         stop: int,
         rows: _Rows,  # messages start to message_count - 1
         messages: Sequence[Message] | None = None,  # already decoded (append's own)
-        pk: int | None = None,  # the row's key: the session's incarnation (held snapshots)
+        incarnation: int | None = None,  # the incarnation column (held snapshots)
     ) -> None:
-        self.pk = pk
+        self.incarnation = incarnation
         self.session_id = session_id
         self.doc = doc
         self.last_active = last_active
@@ -564,22 +578,18 @@ _SEP: Final = b"\n"  # compact JSON never contains a raw newline
 _INSERT_MESSAGES = "INSERT INTO messages (session_pk, seq, body) VALUES (?, ?, ?)"
 
 
-#: A new session's row key (``pk``, also the session's incarnation for held snapshots)
-#: is the time in microseconds, or the largest key plus one if that is larger: keys only
-#: grow, so a session deleted and added again never gets its old key back (SQLite's own
-#: choice, the largest key plus one, would reuse the key of the newest session).
 _INSERT_SESSION = (
-    "INSERT INTO sessions (pk, owner, name, status, created_at, last_active, closed_at, "
-    "expires_at, revision, message_count, name_cf, doc, id, first_cf) VALUES "
-    "(max(?, coalesce((SELECT max(pk) FROM sessions), 0) + 1), "
-    "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO sessions (incarnation, owner, name, status, created_at, last_active, "
+    "closed_at, expires_at, revision, message_count, name_cf, doc, id, first_cf) VALUES "
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 _ALL_MESSAGES: Final = 1 << 62
 #: A session and the rows of its last ``?`` messages (from the row holding message
 #: ``message_count - ?`` on): one statement, so it needs no explicit transaction.
 _READ_SESSION = (
-    "SELECT s.doc, s.message_count, s.last_active, s.expires_at, s.revision, s.pk, m.seq, "
+    "SELECT s.doc, s.message_count, s.last_active, s.expires_at, s.revision, s.incarnation, "
+    "m.seq, "
     "m.body "
     "FROM sessions AS s LEFT JOIN messages AS m ON m.session_pk = s.pk AND m.seq >= "
     "(SELECT max(seq) FROM messages WHERE session_pk = s.pk "
@@ -800,7 +810,7 @@ class _Saved:
     revision: int  # the stored revision it was checked against
     current: _Row | None  # on a refusal: the stored session, for the caller's retry
     contested: bool  # another writer's revision now, or a refusal marked since the last save
-    pk: int  # the row's key (the session's incarnation)
+    incarnation: int | None  # the session's incarnation column
 
 
 class _Aborted(Exception):
@@ -1333,11 +1343,14 @@ class SQLiteRepository(SessionRepository):
         first = cursor.fetchone()
         if first is None:
             return None
-        doc, count, last_us, expires_us, revision, pk = first[:6]
+        doc, count, last_us, expires_us, revision, incarnation = first[:6]
         start = _window_start(count, last_messages)
         # Streamed, not fetchall(): each chunk is split and dropped while reading.
         rows = _assemble(session_id, itertools.chain((first,), cursor), 6, start, count)
-        return _Row(session_id, doc, last_us, expires_us, revision, start, count, rows, pk=pk)
+        return _Row(
+            session_id, doc, last_us, expires_us, revision, start, count, rows,
+            incarnation=incarnation,
+        )  # fmt: skip
 
     @staticmethod
     def _columns(session: Session, doc: bytes) -> tuple[Any, ...]:
@@ -1359,17 +1372,18 @@ class SQLiteRepository(SessionRepository):
         self, session: Session, doc: bytes, bodies: list[bytes]
     ) -> Callable[[sqlite3.Connection], int]:
         first = _casefold(session.messages[0].content) if bodies else None
+        incarnation = secrets.randbits(63)
 
         def op(conn: sqlite3.Connection) -> int:
             try:
                 cursor = conn.execute(_INSERT_SESSION, (
-                    _us(datetime.now(_UTC)), *self._columns(session, doc), str(session.id), first
+                    incarnation, *self._columns(session, doc), str(session.id), first
                 ))  # fmt: skip
             except sqlite3.IntegrityError:
                 raise SessionConflict(session.id, expected_revision=None) from None
             assert cursor.lastrowid is not None
             _store_messages(conn, cursor.lastrowid, 0, bodies)
-            return cursor.lastrowid
+            return incarnation
 
         return op
 
@@ -1381,22 +1395,24 @@ class SQLiteRepository(SessionRepository):
         added: list[bytes] | None,
         everything: list[bytes] | None,
         expected_last_us: int | None,
-        expected_pk: int | None,
+        lent: bool,
+        expected_incarnation: int | None,
     ) -> Callable[[sqlite3.Connection], _Saved]:
         sid = str(session.id)
 
         def op(conn: sqlite3.Connection) -> _Saved:
             row = conn.execute(
-                "SELECT pk, revision, message_count, last_active FROM sessions WHERE id = ?",
+                "SELECT pk, revision, message_count, last_active, incarnation FROM sessions "
+                "WHERE id = ?",
                 (sid,),
             ).fetchone()
             if row is None:
                 raise SessionNotFound(session.id)
-            pk, revision, count, last_us = row
+            pk, revision, count, last_us, incarnation = row
             # Another revision, or another life of the session (deleted and added again
             # since the lent snapshot was taken): someone else's doing either way.
             other_writer = revision != expected_revision or (
-                expected_pk is not None and pk != expected_pk
+                lent and incarnation != expected_incarnation
             )
             if other_writer or (expected_last_us is not None and last_us != expected_last_us):
                 if other_writer:  # returned, not raised: the mark must commit
@@ -1405,7 +1421,7 @@ class SQLiteRepository(SessionRepository):
                 if self._held.enabled:  # the caller's retry then needs no read
                     with contextlib.suppress(CorruptSessionError):  # (it will read)
                         current = self._read(conn, session.id, None)
-                return _Saved(True, revision, current, contested=other_writer, pk=pk)
+                return _Saved(True, revision, current, other_writer, incarnation)
             contested = (
                 conn.execute("DELETE FROM contended WHERE session_pk = ?", (pk,)).rowcount > 0
             )
@@ -1422,7 +1438,7 @@ class SQLiteRepository(SessionRepository):
                 else:
                     conn.execute(update + " WHERE pk = ?", (*columns, pk))
                 _store_messages(conn, pk, count, added)
-                return _Saved(False, expected_revision, None, contested, pk)
+                return _Saved(False, expected_revision, None, contested, incarnation)
             rows = everything
             if rows is None and session.messages.is_complete:
                 rows = _encode_messages(session.messages)  # the promise did not hold
@@ -1436,7 +1452,7 @@ class SQLiteRepository(SessionRepository):
             conn.execute(update + ", first_cf = ? WHERE pk = ?", (*columns, first, pk))
             conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
             _store_messages(conn, pk, 0, rows)
-            return _Saved(False, expected_revision, None, contested, pk)
+            return _Saved(False, expected_revision, None, contested, incarnation)
 
         return op
 
@@ -1453,7 +1469,7 @@ class SQLiteRepository(SessionRepository):
         row = await self._call(op, write=False, transaction=False)
         if row is None:
             return self._held.seen(sid, None)
-        return self._held.seen(sid, row.decode(self._documents), row.pk)
+        return self._held.seen(sid, row.decode(self._documents), row.incarnation)
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
         held = self._held.lend(session_id)
@@ -1465,11 +1481,11 @@ class SQLiteRepository(SessionRepository):
                 f"add() of session {session.id} got a window of its messages; store the "
                 "whole history."
             )
-        pk = await self._call(
+        incarnation = await self._call(
             self._op_add(session, _encode(session), _encode_messages(session.messages)),
             write=True,
         )
-        self._held.keep(session, pk)
+        self._held.keep(session, incarnation)
 
     async def save(
         self,
@@ -1489,10 +1505,10 @@ class SQLiteRepository(SessionRepository):
                 )
             everything = _encode_messages(session.messages)
         lent = self._held.before_save(session.id, expected_revision)
-        expected_last_us = expected_pk = None
+        expected_last_us = expected_incarnation = None
         if lent is not None:
             expected_last_us = _us(lent[0])
-            expected_pk = lent[1] if type(lent[1]) is int else None
+            expected_incarnation = lent[1] if type(lent[1]) is int else None
         saved = await self._call(
             self._op_save(
                 session,
@@ -1501,7 +1517,8 @@ class SQLiteRepository(SessionRepository):
                 added,
                 everything,
                 expected_last_us,
-                expected_pk,
+                lent is not None,
+                expected_incarnation,
             ),
             write=True,
         )
@@ -1509,12 +1526,12 @@ class SQLiteRepository(SessionRepository):
             current = saved.current
             if current is not None:
                 with contextlib.suppress(CorruptSessionError):  # the retry's read reports it
-                    self._held.keep(current.decode(self._documents), current.pk)
+                    self._held.keep(current.decode(self._documents), current.incarnation)
             raise SessionConflict(
                 session.id, expected_revision=expected_revision, actual_revision=saved.revision
             )
         if not saved.contested:  # else others lost races for it: read before the next update
-            self._held.keep(session, saved.pk)
+            self._held.keep(session, saved.incarnation)
 
     async def append(
         self,
@@ -1535,7 +1552,7 @@ class SQLiteRepository(SessionRepository):
             if one_statement is not None:
                 done = conn.execute(_APPEND, one_statement).fetchone()
                 if done is not None:
-                    pk, doc, total, last_us, expires_us, revision = done
+                    pk, doc, total, last_us, expires_us, revision, life = done
                     if total == len(batch) and batch:  # the first messages: searchable
                         conn.execute(
                             "UPDATE sessions SET first_cf = ? WHERE pk = ?",
@@ -1544,17 +1561,17 @@ class SQLiteRepository(SessionRepository):
                     _store_messages(conn, pk, total - len(batch), bodies)
                     return _Row(
                         sid, doc, last_us, expires_us, revision, total - len(batch), total,
-                        _NO_ROWS, batch, pk,
+                        _NO_ROWS, batch, life,
                     )  # fmt: skip
             # Nothing changed: find out why. (Also the path for ExpiryPolicy subclasses.)
             row = conn.execute(
                 "SELECT pk, doc, message_count, status, created_at, last_active, expires_at, "
-                "revision FROM sessions WHERE id = ?",
+                "revision, incarnation FROM sessions WHERE id = ?",
                 (str(sid),),
             ).fetchone()
             if row is None:
                 raise SessionNotFound(sid)
-            pk, doc, count, status_name, created_us, last_us, expires_us, revision = row
+            pk, doc, count, status_name, created_us, last_us, expires_us, revision, life = row
             if expires_us is not None and expires_us <= at_us:
                 raise SessionNotFound(sid)
             status = _status(sid, status_name)
@@ -1581,12 +1598,14 @@ class SQLiteRepository(SessionRepository):
                     (last_us, expires_us, revision, total, _casefold(batch[0].content), pk),
                 )
             _store_messages(conn, pk, count, bodies)
-            return _Row(sid, doc, last_us, expires_us, revision, count, total, _NO_ROWS, batch, pk)
+            return _Row(
+                sid, doc, last_us, expires_us, revision, count, total, _NO_ROWS, batch, life
+            )
 
         before = self._held.take(sid)
         row = await self._call(op, write=True)
         session = row.decode(self._documents)
-        self._held.appended(before, batch, session, row.pk)
+        self._held.appended(before, batch, session, row.incarnation)
         return session
 
     async def touch(
@@ -1605,12 +1624,12 @@ class SQLiteRepository(SessionRepository):
         def op(conn: sqlite3.Connection) -> _Row | None:
             found = conn.execute(
                 "SELECT pk, doc, message_count, status, created_at, last_active, expires_at, "
-                "revision FROM sessions WHERE id = ?",
+                "revision, incarnation FROM sessions WHERE id = ?",
                 (str(sid),),
             ).fetchone()
             if found is None:
                 return None
-            pk, doc, count, status_name, created_us, last_us, expires_us, revision = found
+            pk, doc, count, status_name, created_us, last_us, expires_us, revision, life = found
             status = _status(sid, status_name)
             expired = expires_us is not None and expires_us <= at_us
             if not (
@@ -1624,12 +1643,14 @@ class SQLiteRepository(SessionRepository):
                 )
             start = _window_start(count, last_messages)
             rows = _read_messages(conn, sid, pk, start, count)
-            return _Row(sid, doc, last_us, expires_us, revision, start, count, rows, pk=pk)
+            return _Row(
+                sid, doc, last_us, expires_us, revision, start, count, rows, incarnation=life
+            )
 
         row = await self._call(op, write=True)
         if row is None:
             return self._held.seen(sid, None)
-        return self._held.seen(sid, row.decode(self._documents), row.pk)
+        return self._held.seen(sid, row.decode(self._documents), row.incarnation)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         checked = _check_id(session_id)
@@ -1793,7 +1814,7 @@ _APPEND = (
     "revision = revision + 1, message_count = message_count + :n "
     "WHERE id = :id AND status IN ('active', 'archived') "
     "AND (expires_at IS NULL OR expires_at > :at) AND message_count + :n <= :limit "
-    "RETURNING pk, doc, message_count, last_active, expires_at, revision"
+    "RETURNING pk, doc, message_count, last_active, expires_at, revision, incarnation"
 )
 
 
