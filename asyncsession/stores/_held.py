@@ -15,8 +15,8 @@ __all__ = ["Held", "HeldSnapshots", "Incarnation"]
 
 #: What a store tells one life of a session from the next by: a session deleted and
 #: added again under the same id (an import, say) may come back with a revision and
-#: times a held snapshot of its earlier life also has. SQLite uses the row's key, which
-#: is never reused; None means the store cannot tell (then revisions alone decide).
+#: times a held snapshot of its earlier life also has. SQLite and Redis store a random
+#: value at each add; None means the store cannot tell (then revisions alone decide).
 Incarnation = object
 #: A held snapshot and the incarnation of the session it was taken from.
 Held = tuple[Session, Incarnation]
@@ -65,30 +65,26 @@ class HeldSnapshots:
 
     def get(self, session_id: uuid.UUID) -> Session | None:
         """The held snapshot of a session (marked recently used), or None."""
-        return self._use(session_id.int, lend=False)
+        entry = self._use(session_id.int, lend=False)
+        return None if entry is None else entry[0]
 
     def entry(self, session_id: uuid.UUID) -> Held | None:
         """The held snapshot and its incarnation (marked recently used), or None."""
-        key = session_id.int
+        return self._use(session_id.int, lend=False)
+
+    def lend(self, session_id: uuid.UUID) -> Session | None:
+        """The held snapshot, for an update to be based on (see :meth:`before_save`)."""
+        entry = self._use(session_id.int, lend=True)
+        return None if entry is None else entry[0]
+
+    def _use(self, key: int, *, lend: bool) -> Held | None:
         with self._lock:
             entry = self._items.get(key)
             if entry is not None:
                 self._items.move_to_end(key)
+                if lend:
+                    self._lent.add(key)
             return entry
-
-    def lend(self, session_id: uuid.UUID) -> Session | None:
-        """The held snapshot, for an update to be based on (see :meth:`before_save`)."""
-        return self._use(session_id.int, lend=True)
-
-    def _use(self, key: int, *, lend: bool) -> Session | None:
-        with self._lock:
-            entry = self._items.get(key)
-            if entry is None:
-                return None
-            self._items.move_to_end(key)
-            if lend:
-                self._lent.add(key)
-            return entry[0]
 
     def before_save(
         self, session_id: uuid.UUID, expected_revision: int
