@@ -1143,7 +1143,15 @@ def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: s
         return len(sessions), replaced
 
     added, replaced = _with_store(store_url, backend, act)
-    note = f" ({replaced} replaced)" if replaced else ""
+    now = datetime.now(timezone.utc)
+    expired = sum(1 for s in sessions if s.expires_at is not None and s.expires_at <= now)
+    notes = [f"{replaced} replaced"] if replaced else []
+    if expired:
+        notes.append(
+            f"{expired} already past their deadline: stores treat them as gone, and Redis "
+            "may delete them at once"
+        )
+    note = f" ({'; '.join(notes)})" if notes else ""
     err.print(f"Imported {added} session{'s' if added != 1 else ''}{note}.")
 
 

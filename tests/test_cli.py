@@ -665,6 +665,18 @@ def test_import_replace_retries_racing_writers(
     assert got_busy is not None and got_busy.state == {"v": "other"}  # left as it was
 
 
+def test_import_says_which_sessions_are_already_expired(run: Run, tmp_path: Path) -> None:
+    now = datetime.now(timezone.utc)
+    long_ago = now - timedelta(days=30)
+    live = s.Session(uuid.uuid4(), now, now, expires_at=now + timedelta(hours=1))
+    gone = s.Session(uuid.uuid4(), long_ago, long_ago, expires_at=long_ago + timedelta(hours=1))
+    (tmp_path / "in.jsonl").write_bytes(s.dumps(live) + b"\n" + s.dumps(gone) + b"\n")
+    result = run("import", "in.jsonl", "--store", "sqlite:///imported.db")
+    assert "Imported 2 sessions (1 already past their deadline" in result.stderr
+    again = run("import", "in.jsonl", "--replace", "--store", "sqlite:///imported.db")
+    assert "(2 replaced; 1 already past their deadline" in again.stderr
+
+
 def test_import_rejects_a_bad_line(run: Run, tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"version": 1, "id": "x"}\n')
     line = assert_one_line_error(run("import", "bad.jsonl", "--store", "memory://", ok=None), 1)
