@@ -289,6 +289,26 @@ async def test_listing_skips_and_quarantines_corrupt_files(
         assert len(quarantined(repo)) == 2
 
 
+async def test_a_newer_release_document_is_reported_once_per_change(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    older, newer = make_session(created=1), make_session(created=2)
+    async with FileRepository(tmp_path / "store") as repo:
+        for s in (older, newer):
+            await repo.add(s)
+        future = {**orjson.loads(version_0_document(newer)), "version": CURRENT_VERSION + 1}
+        doc_path(repo, newer.id).write_bytes(orjson.dumps(future))
+        with caplog.at_level(logging.WARNING, logger="asyncsession.stores.files"):
+            assert [s.id for s in (await repo.list(SessionQuery())).items] == [older.id]
+            await repo.add(make_session(created=3))  # the directory changes: rescans
+            await repo.list(SessionQuery())
+            await repo.delete(older.id)
+            await repo.list(SessionQuery())
+        skipped = [r for r in caplog.records if "skipping" in r.getMessage()]
+        assert len(skipped) == 1 and str(newer.id) in skipped[0].getMessage()
+        assert len(quarantined(repo)) == 0  # left in place for the newer release
+
+
 async def test_stale_temp_files_are_ignored_and_cleaned(tmp_path: Path, anyio_backend: str) -> None:
     session = make_session()
     async with FileRepository(tmp_path / "store") as repo:

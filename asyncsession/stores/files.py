@@ -488,6 +488,9 @@ class FileRepository(SessionRepository):
         self._session_locks = KeyedLocks()
         self._sync_lock = threading.Lock()
         self._synced_mtime: int | None = None
+        # Documents of a newer release a scan skipped, by the stamp it saw (under
+        # _sync_lock): unchanged, they are neither read nor reported again.
+        self._newer: dict[uuid.UUID, Stamp] = {}
         self._limiter: anyio.CapacityLimiter | None = None
 
     def __repr__(self) -> str:
@@ -832,6 +835,8 @@ class FileRepository(SessionRepository):
             for sid, stamp in known.items():
                 if sid not in seen:
                     self._index.drop(sid, only_if=stamp)
+            for sid in [sid for sid in self._newer if sid not in seen]:
+                del self._newer[sid]
             racy = time.time_ns() - before < _RACY_NS
             self._synced_mtime = None if racy else before
 
@@ -858,8 +863,9 @@ class FileRepository(SessionRepository):
             return
         seen.add(sid)
         old = known.get(sid)
-        if old == stamp:
+        if old == stamp or self._newer.get(sid) == stamp:
             return
+        self._newer.pop(sid, None)
         try:
             data, stamp = self._read_bytes(item.path)
         except FileNotFoundError:
@@ -872,6 +878,7 @@ class FileRepository(SessionRepository):
             return
         except SchemaVersionError as exc:  # rewritten by a newer release: not listable
             logger.warning("skipping %s: %s", item.path, exc)
+            self._newer[sid] = stamp
             if old is not None:
                 self._index.drop(sid, only_if=old)
             return
