@@ -1394,8 +1394,7 @@ class SQLiteRepository(SessionRepository):
         doc: bytes,
         added: list[bytes] | None,
         everything: list[bytes] | None,
-        expected_last_us: int | None,
-        lent: bool,
+        expected_last_us: int | None,  # set when the update was based on a lent snapshot
         expected_incarnation: int | None,
     ) -> Callable[[sqlite3.Connection], _Saved]:
         sid = str(session.id)
@@ -1412,7 +1411,7 @@ class SQLiteRepository(SessionRepository):
             # Another revision, or another life of the session (deleted and added again
             # since the lent snapshot was taken): someone else's doing either way.
             other_writer = revision != expected_revision or (
-                lent and incarnation != expected_incarnation
+                expected_last_us is not None and incarnation != expected_incarnation
             )
             if other_writer or (expected_last_us is not None and last_us != expected_last_us):
                 if other_writer:  # returned, not raised: the mark must commit
@@ -1517,7 +1516,6 @@ class SQLiteRepository(SessionRepository):
                 added,
                 everything,
                 expected_last_us,
-                lent is not None,
                 expected_incarnation,
             ),
             write=True,
