@@ -129,7 +129,8 @@ class MessageLog(Sequence[Message]):
     """An immutable, append-only sequence of messages that shares structure.
 
     Appending returns a new log in O(1) and leaves this one unchanged; snapshots of one
-    session share the underlying storage, so no history is copied per read. A log may
+    session share the underlying storage, so no history is copied per read (also across
+    threads: an append that finds the storage already extended copies it). A log may
     be a *window* of a longer history (``offset`` earlier messages not loaded); ``total``
     is the full count.
 
@@ -323,6 +324,10 @@ class MessageLog(Sequence[Message]):
         log = _new_log(type(self))
         if stop == len(items):
             items.append(message)
+        # Storage never shrinks, so ``stop < len(items)`` here. Another thread may have
+        # extended it between the length check and our append: it is ours to share only
+        # if our message sits at ``stop`` (list.append is atomic; the first one wins).
+        if items[stop] is message:
             log._items = items
             log._start = self._start
             log._stop = stop + 1

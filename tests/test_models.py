@@ -149,6 +149,32 @@ def test_message_log_appends_share_storage_and_never_change_old_views() -> None:
         two.messages[2]
 
 
+class _RacingList(list):  # type: ignore[type-arg]
+    """Storage whose next append lets another thread's append land first."""
+
+    def __init__(self, items: list[s.Message], intruder: s.Message) -> None:
+        super().__init__(items)
+        self.intruder: s.Message | None = intruder
+
+    def append(self, item: object) -> None:
+        if self.intruder is not None:
+            intruder, self.intruder = self.intruder, None
+            super().append(intruder)
+        super().append(item)
+
+
+def test_message_log_append_forks_when_another_append_won_the_position() -> None:
+    first = s.Message("user", "one", NOW)
+    theirs = s.Message("assistant", "theirs", NOW)
+    ours = s.Message("assistant", "ours", NOW)
+    storage = _RacingList([first], intruder=theirs)
+    log = s.MessageLog._view(storage, 0, 1, 0)
+    appended = log.append(ours)  # passes the length check, then loses position 1
+    assert list(appended) == [first, ours]
+    assert appended._items is not storage  # forked instead of sharing the wrong slot
+    assert list(log) == [first]
+
+
 def test_session_helpers() -> None:
     session = make(state={"a": 1, "b": 2})
     assert session.with_state(c=3).state == {"a": 1, "b": 2, "c": 3}
