@@ -360,14 +360,7 @@ class SessionManager:
         async with self._locks(sid):
             for _attempt in range(attempts):
                 old, now = await self._read_open(sid, held=True)
-                token = active_clock.set(self._clock)
-                try:
-                    result = fn(old)
-                    if inspect.isawaitable(result):
-                        result = await result
-                finally:
-                    active_clock.reset(token)
-                new, added = self._prepare(old, result, now)
+                new, added = self._prepare(old, await self._apply(fn, old), now)
                 try:
                     await self._repository.save(
                         new, expected_revision=old.revision, new_messages=added
@@ -379,6 +372,17 @@ class SessionManager:
                 self._emit(kind, sid, new, now)
                 return new
         raise SessionConflict(sid, attempts=self._max_retries)
+
+    async def _apply(self, fn: UpdateFn, old: Session) -> object:
+        """``fn(old)``, awaited if it is async, with this manager's clock active."""
+        token = active_clock.set(self._clock)
+        try:
+            result = fn(old)
+            if inspect.isawaitable(result):
+                result = await result
+        finally:
+            active_clock.reset(token)
+        return result
 
     async def _read_open(self, sid: uuid.UUID, *, held: bool = False) -> tuple[Session, datetime]:
         """The whole session and the time, if it is live and open; else raise.
@@ -514,25 +518,31 @@ class SessionManager:
         """Make an archived session ACTIVE again."""
         return await self.update(session_id, lambda s: attrs.evolve(s, status=SessionStatus.ACTIVE))
 
-    async def rotate(self, session_id: SessionId) -> Session:
+    async def rotate(self, session_id: SessionId, fn: UpdateFn | None = None) -> Session:
         """Move a live session to a fresh id (e.g. at login) and return it.
 
         The new session keeps owner, name, state, messages, status and creation time;
-        the old id is deleted before this returns, so it is dead at once. In-process
-        updates of the old id wait for the rotation and then fail with
-        :class:`SessionNotFound`.
+        the old id is deleted before this returns, so it is dead at once. ``fn``, like
+        :meth:`update`'s, changes the session on its way to the new id (e.g. records
+        the logged-in user): the change is never visible under the old id, and if
+        ``fn`` raises, nothing changes. In-process updates of the old id wait for the
+        rotation and then fail with :class:`SessionNotFound`.
         """
         self._check_running()
         sid = _parse_id(session_id)
         async with self._locks(sid):
             old, now = await self._read_open(sid)
+            base = old
+            if fn is not None:
+                base, _added = self._prepare(old, await self._apply(fn, old), now)
+            last_active = max(base.last_active, now)
             new = attrs.evolve(
-                old,
+                base,
                 id=uuid.uuid4(),
                 revision=0,
-                last_active=max(old.last_active, now),
+                last_active=last_active,
                 expires_at=self._policy.deadline(
-                    old.status, old.created_at, max(old.last_active, now), None
+                    base.status, base.created_at, last_active, base.closed_at
                 ),
             )
             await self._repository.add(new)

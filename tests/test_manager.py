@@ -684,6 +684,35 @@ async def test_rotate_moves_the_session_to_a_new_id(
         await sessions.rotate(new.id)
 
 
+async def test_rotate_with_a_change_applies_it_to_the_new_id_only(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    old = await sessions.create(state={"cart": [1]})
+    await sessions.add_message(old.id, "user", "hi")
+
+    def boom(session: s.Session) -> s.Session:
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        await sessions.rotate(old.id, boom)
+    with pytest.raises(s.InvalidUpdate):
+        await sessions.rotate(old.id, lambda x: attrs.evolve(x, revision=7))
+    unchanged = await sessions.get(old.id, touch=False)
+    assert unchanged.state == {"cart": (1,)} and unchanged.revision == old.revision + 1
+    assert (await sessions.stats()).total == 1  # nothing added by the failed rotations
+
+    async def login(session: s.Session) -> s.Session:
+        return session.with_state(user="alice").with_message("system", "logged in")
+
+    clock.advance(5)
+    new = await sessions.rotate(old.id, login)
+    assert new.state == {"cart": (1,), "user": "alice"} and new.revision == 0
+    assert new.last_active == clock.now()
+    stored = await sessions.get(new.id)
+    assert [m.content for m in stored.messages] == ["hi", "logged in"]
+    assert not await sessions.exists(old.id)
+
+
 async def test_messages_added_in_callbacks_use_the_manager_clock(
     sessions: s.SessionManager, clock: ManualClock
 ) -> None:
