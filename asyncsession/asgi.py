@@ -19,7 +19,8 @@ set or deleted. Properties:
   that change different keys all survive.
 * Saving happens before ``http.response.start`` is sent; if saving fails the client
   gets a 500 response and the error is logged.
-* :meth:`SessionDict.rotate` moves the session to a fresh id (call it at login);
+* :meth:`SessionDict.rotate` moves the session to a fresh id (call it at login), in
+  one step with the request's changes, which never exist under the old id;
   :meth:`SessionDict.clear` deletes it server-side and expires the cookie. A slow
   request that finishes after a logout cannot bring the session back: its changes
   are dropped with a logged warning.
@@ -59,6 +60,7 @@ SecretKey = Union[str, bytes]
 _SIGNATURE_CONTEXT = b"asyncsession.asgi.v1\x00"
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_COOKIE_ATTRIBUTE = re.compile(r"[!-:<-~]*")  # printable ASCII but ';' (RFC 6265)
 _MISSING = object()
 
 
@@ -69,6 +71,28 @@ def _thaw(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_thaw(item) for item in value]
     return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON: ``1``, ``1.0`` and ``True`` differ (Python's ``==`` says equal)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(item, b[key]) for key, item in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _applying(changes: dict[str, Any], deleted: set[str]) -> Callable[[Session], Session]:
+    """An update function that applies a request's changed and deleted keys."""
+
+    def apply(current: Session) -> Session:
+        if deleted:
+            current = current.without_state(*deleted)
+        return current.with_state(changes) if changes else current
+
+    return apply
 
 
 class SessionDict(MutableMapping[str, Any]):
@@ -146,6 +170,7 @@ class SessionDict(MutableMapping[str, Any]):
     @property
     def id(self) -> uuid.UUID | None:
         """The session id, or None while this visitor has no stored session."""
+        self._accessed = True
         return self._id
 
     @property
@@ -156,11 +181,13 @@ class SessionDict(MutableMapping[str, Any]):
     def rotate(self) -> None:
         """Give the session a fresh id when the response starts (call it at login).
 
-        The data is kept and the old id stops working. Without a stored session this
+        The data is kept and the old id stops working; the request's changes are saved
+        under the new id only, never under the old one. Without a stored session this
         does nothing (a session created by this request gets a fresh id anyway).
         """
         self._check_writable()
-        self._rotate = True
+        if self._id is not None:
+            self._rotate = True
 
     def clear(self) -> None:
         """Log out: delete the session server-side and expire the cookie.
@@ -183,10 +210,18 @@ class SessionDict(MutableMapping[str, Any]):
         """Return the session id, creating the session now (fresh id) if there is none.
 
         Pending changes are stored with it. Use it when a handler needs the id, e.g. to
-        append messages with :meth:`SessionManager.add_message`.
+        append messages with :meth:`SessionManager.add_message`. After :meth:`rotate`
+        on an existing session it rotates at once, so the id it returns stays valid.
         """
         self._check_writable()
-        if self._id is None:
+        self._accessed = True
+        if self._rotate and self._id is not None:
+            changes, deleted = self._changes()
+            self._id = (await self._manager.rotate(self._id, _applying(changes, deleted))).id
+            self._rotate = False
+            self._new_cookie = True
+            self._mark_saved()
+        elif self._id is None:
             changes, _deleted = self._changes()
             session = await self._manager.create(state=changes)
             self._id = session.id
@@ -206,7 +241,7 @@ class SessionDict(MutableMapping[str, Any]):
     def _changes(self) -> tuple[dict[str, Any], set[str]]:
         changed = set(self._set)
         for key, value in self._data.items():
-            if self._baseline.get(key, _MISSING) != value:
+            if not _same(self._baseline.get(key, _MISSING), value):
                 changed.add(key)
         deleted = (self._deleted | set(self._baseline)) - set(self._data)
         return {key: self._data[key] for key in changed}, deleted
@@ -236,8 +271,16 @@ def get_session(scope: Mapping[str, Any]) -> SessionDict:
 def _as_keys(
     secret_key: SecretKey | Iterable[SecretKey], fallback_keys: Iterable[SecretKey]
 ) -> tuple[bytes, ...]:
-    given = [secret_key] if isinstance(secret_key, (str, bytes)) else list(secret_key)
-    given.extend(fallback_keys)
+    given: list[Any] = []
+    for name, value in (("secret_key", secret_key), ("fallback_keys", fallback_keys)):
+        if isinstance(value, (str, bytes)):  # one key, not a sequence of characters
+            given.append(value)
+        elif isinstance(value, Iterable):
+            given.extend(value)
+        else:
+            raise InvalidConfiguration(
+                f"{name} must be a key (str or bytes) or a list of keys; got {value!r:.40}."
+            )
     keys: list[bytes] = []
     for key in given:
         if isinstance(key, str):
@@ -257,7 +300,12 @@ def _seconds(value: float | timedelta | None) -> int | None:
     if value is None:
         return None
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not math.isfinite(seconds)
+        or seconds <= 0
+    ):
         raise InvalidConfiguration(
             f"max_age must be a positive number of seconds, a timedelta or None; got {value!r}."
         )
@@ -298,8 +346,13 @@ class SessionMiddleware:
         if same_site == "none" and not secure:
             raise InvalidConfiguration("same_site='none' requires secure=True.")
         for name, value in (("path", path), ("domain", domain)):
-            if value is not None and (not isinstance(value, str) or re.search(r"[;\s]", value)):
-                raise InvalidConfiguration(f"Invalid cookie {name} {value!r}.")
+            if value is not None and (
+                not isinstance(value, str) or not _COOKIE_ATTRIBUTE.fullmatch(value)
+            ):
+                raise InvalidConfiguration(
+                    f"Invalid cookie {name} {value!r}: use printable ASCII without ';' or "
+                    "spaces (encode international domain names as punycode)."
+                )
         self.app = app
         self.manager = manager
         self._keys = _as_keys(secret_key, fallback_keys)
@@ -442,18 +495,13 @@ class SessionMiddleware:
         else:
             sid = session._id
             try:
-                if changes or deleted:
-
-                    def apply(current: Session) -> Session:
-                        if deleted:
-                            current = current.without_state(*deleted)
-                        return current.with_state(changes) if changes else current
-
-                    await self.manager.update(sid, apply)
-                    session._new_cookie = True  # refresh the cookie's Max-Age
-                if session._rotate:
-                    session._id = (await self.manager.rotate(sid)).id
+                if session._rotate:  # one step: the changes never exist under the old id
+                    apply = _applying(changes, deleted) if changes or deleted else None
+                    session._id = (await self.manager.rotate(sid, apply)).id
                     session._new_cookie = True
+                elif changes or deleted:
+                    await self.manager.update(sid, _applying(changes, deleted))
+                    session._new_cookie = True  # refresh the cookie's Max-Age
             except (SessionNotFound, SessionClosed):
                 logger.warning(
                     "session %s was logged out, rotated or expired while %s %s ran; "

@@ -200,6 +200,108 @@ async def test_rotate_keeps_data_and_kills_old_id(manager: s.SessionManager) -> 
         assert response.json()["data"] == {}
 
 
+class PausingRepository(s.MemoryRepository):
+    """A memory store whose next ``add`` waits for ``release`` (after setting ``entered``),
+    or fails while ``failing_adds`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = anyio.Event()
+        self.release: anyio.Event | None = None
+        self.failing_adds = False
+
+    async def add(self, session: s.Session) -> None:
+        if self.failing_adds:
+            raise s.StorageError("disk on fire", recoverable=True)
+        if self.release is not None:
+            release, self.release = self.release, None
+            self.entered.set()
+            await release.wait()
+        await super().add(session)
+
+
+async def test_login_changes_never_exist_under_the_old_id(anyio_backend: str) -> None:
+    # Session fixation: whoever knows the pre-login cookie must never see the login.
+    store = PausingRepository()
+    async with running(store) as manager, client(make_app(manager)) as http:
+        fixated = (await http.post("/write", json={"cart": [1]})).cookies["session"]
+        old = {"cookie": f"session={fixated}"}
+        release = store.release = anyio.Event()
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(http.post, "/login")
+                await store.entered.wait()  # the login is storing the new id
+                async with client(make_app(manager)) as attacker:
+                    during = await attacker.get("/read", headers=old)
+                release.set()
+        assert during.json()["data"] == {"cart": [1]}
+        async with client(make_app(manager)) as attacker:
+            assert (await attacker.get("/read", headers=old)).json()["data"] == {}
+
+        # A login whose rotation fails answers 500 and leaves the old session unchanged.
+    async with running(store) as manager, client(make_app(manager)) as http:
+        fixated = (await http.post("/write", json={"cart": [2]})).cookies["session"]
+        store.failing_adds = True
+        assert (
+            await http.post("/login", headers={"cookie": f"session={fixated}"})
+        ).status_code == 500
+        store.failing_adds = False
+        async with client(make_app(manager)) as attacker:
+            response = await attacker.get("/read", headers={"cookie": f"session={fixated}"})
+            assert response.json()["data"] == {"cart": [2]}
+
+
+async def test_rotate_then_ensure_created_gives_an_id_that_stays_valid(
+    manager: s.SessionManager,
+) -> None:
+    seen: list[uuid.UUID] = []
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        session["step"] = len(seen)
+        session.rotate()
+        seen.append(await session.ensure_created())
+        await JSONResponse({})(scope, receive, send)
+
+    async with client(SessionMiddleware(handler, manager, secret_key=KEY)) as http:
+        first = await http.get("/")  # no stored session: rotate() is a no-op
+        second = await http.get("/")  # existing session: ensure_created() rotates now
+    assert cookie_id(first) == seen[0] and cookie_id(second) == seen[1] != seen[0]
+    assert not await manager.exists(seen[0])
+    assert (await manager.get(seen[1])).state == {"step": 1}
+
+
+async def test_reading_the_id_varies_on_cookie(memory_manager: s.SessionManager) -> None:
+    async def whoami(scope: Scope, receive: Any, send: Any) -> None:
+        await JSONResponse({"id": str(get_session(scope).id)})(scope, receive, send)
+
+    async with client(make_app(memory_manager)) as http:
+        await http.post("/write", json={"a": 1})
+        async with client(SessionMiddleware(whoami, memory_manager, secret_key=KEY)) as other:
+            cookie = {"cookie": f"session={http.cookies['session']}"}
+            response = await other.get("/", headers=cookie)
+    assert response.headers["vary"] == "Cookie"
+    assert "set-cookie" not in response.headers
+
+
+async def test_nested_changes_that_python_calls_equal_are_saved(
+    memory_manager: s.SessionManager,
+) -> None:
+    async def toggle(scope: Scope, receive: Any, send: Any) -> None:
+        flags = get_session(scope)["flags"]
+        flags["beta"] = True  # was 1: equal in Python, not in JSON
+        flags["ratio"][0] = 0.0  # was 0
+        await JSONResponse({})(scope, receive, send)
+
+    async with client(make_app(memory_manager)) as http:
+        sid = cookie_id(await http.post("/write", json={"flags": {"beta": 1, "ratio": [0]}}))
+        middleware = SessionMiddleware(toggle, memory_manager, secret_key=KEY)
+        async with client(middleware) as other:
+            await other.post("/", headers={"cookie": f"session={http.cookies['session']}"})
+    flags = (await memory_manager.get(sid)).state["flags"]
+    assert flags["beta"] is True and type(flags["ratio"][0]) is float
+
+
 async def test_logout_wins_over_slow_concurrent_request(
     manager: s.SessionManager, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -360,6 +462,15 @@ async def test_key_rotation(memory_manager: s.SessionManager) -> None:
         assert response.json()["data"] == {}  # retired key no longer verifies
 
 
+def test_a_single_fallback_key_string_is_one_key() -> None:
+    manager = s.SessionManager(s.MemoryRepository())
+    middleware = SessionMiddleware(_noop, manager, secret_key=KEY, fallback_keys=OLD_KEY)
+    sid = uuid.uuid4()
+    assert middleware.unsign(SessionMiddleware(_noop, manager, secret_key=OLD_KEY).sign(sid)) == sid
+    one_letter = SessionMiddleware(_noop, manager, secret_key=OLD_KEY[0]).sign(sid)
+    assert middleware.unsign(one_letter) is None
+
+
 async def test_several_session_cookies_pick_the_valid_one(memory_manager: s.SessionManager) -> None:
     middleware = SessionMiddleware(_noop, memory_manager, secret_key=KEY)
     async with client(make_app(memory_manager)) as http:
@@ -381,6 +492,11 @@ def test_configuration_errors() -> None:
         {"secret_key": KEY, "same_site": "none", "secure": False},
         {"secret_key": KEY, "max_age": 0},
         {"secret_key": KEY, "path": "/; evil"},
+        {"secret_key": KEY, "path": "/日本"},  # not ASCII: could never be sent
+        {"secret_key": KEY, "domain": "example.com\x00"},
+        {"secret_key": KEY, "max_age": float("nan")},
+        {"secret_key": KEY, "max_age": float("inf")},
+        {"secret_key": KEY, "fallback_keys": None},
     ):
         with pytest.raises(s.InvalidConfiguration):
             SessionMiddleware(_noop, manager, **options)
