@@ -42,7 +42,13 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Mu
 from datetime import timedelta
 from typing import Any, Literal, Union
 
-from ._exceptions import InvalidConfiguration, InvalidUpdate, SessionClosed, SessionNotFound
+from ._exceptions import (
+    CorruptSessionError,
+    InvalidConfiguration,
+    InvalidUpdate,
+    SessionClosed,
+    SessionNotFound,
+)
 from ._manager import SessionManager
 from ._models import Session
 
@@ -424,6 +430,9 @@ class SessionMiddleware:
                 session = await self.manager.get(session_id, last_messages=0)
             except SessionNotFound:
                 continue
+            except CorruptSessionError:  # the visitor starts afresh; the data stays for you
+                logger.exception("the session in a cookie (%s) cannot be read", session_id)
+                continue
             if not session.is_closed:
                 return session
         return None
@@ -448,13 +457,14 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
 
-        failed = False
+        failed = started = False
 
         async def send_wrapper(message: ASGIMessage) -> None:
-            nonlocal failed
+            nonlocal failed, started
             if failed:
                 return
             if message["type"] == "http.response.start":
+                started = True
                 try:
                     headers = await self._save(session, scope)
                 except Exception:
@@ -476,7 +486,10 @@ class SessionMiddleware:
         await self.app(scope, receive, send_wrapper)
         if session._dirty and not failed:
             logger.warning(
-                "session changes made after the response started were not saved (%s %s)",
+                "session changes were not saved: %s (%s %s)",
+                "they were made after the response started"
+                if started
+                else "the application sent no response",
                 scope.get("method"),
                 scope.get("path"),
             )

@@ -634,6 +634,45 @@ async def test_changes_after_response_start_are_reported(
     assert any("after the response started" in r.getMessage() for r in caplog.records)
 
 
+async def test_changes_without_any_response_are_reported(
+    memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        scope["session"]["lost"] = 1
+
+    middleware = SessionMiddleware(app, memory_manager, secret_key=KEY)
+    with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+        await middleware({"type": "http", "method": "GET", "path": "/"}, _noop, _noop)
+    assert any("sent no response" in r.getMessage() for r in caplog.records)
+    assert await count(memory_manager) == 0
+
+
+class CorruptOne(s.MemoryRepository):
+    """A memory store whose session ``broken`` cannot be read."""
+
+    broken: uuid.UUID | None = None
+
+    async def touch(self, session_id: uuid.UUID, **kwargs: Any) -> s.Session | None:
+        if session_id == self.broken:
+            raise s.CorruptSessionError("truncated document", session_id=session_id)
+        return await super().touch(session_id, **kwargs)
+
+
+async def test_unreadable_session_starts_the_visitor_afresh(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CorruptOne()
+    async with running(store) as manager, client(make_app(manager)) as http:
+        store.broken = cookie_id(await http.post("/write", json={"a": 1}))
+        with caplog.at_level(logging.ERROR, "asyncsession.asgi"):
+            response = await http.get("/read")
+        assert response.status_code == 200 and response.json()["data"] == {}
+        assert any("cannot be read" in r.getMessage() for r in caplog.records)
+        fresh = await http.post("/write", json={"b": 2})
+        assert cookie_id(fresh) != store.broken
+        assert (await http.get("/read")).json()["data"] == {"b": 2}
+
+
 async def test_websocket_sees_session_read_only(memory_manager: s.SessionManager) -> None:
     async with client(make_app(memory_manager)) as http:
         cookie = (await http.post("/write", json={"user": "alice"})).cookies["session"]
