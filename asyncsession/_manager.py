@@ -24,6 +24,7 @@ from ._exceptions import (
     InvalidUpdate,
     LimitExceeded,
     ManagerNotRunning,
+    SerializationError,
     SessionClosed,
     SessionConflict,
     SessionNotFound,
@@ -359,8 +360,12 @@ class SessionManager:
         attempts = self._max_retries + self._held_snapshots
         async with self._locks(sid):
             for _attempt in range(attempts):
-                old, now = await self._read_open(sid, held=True)
-                new, added = self._prepare(old, await self._apply(fn, old), now)
+                old, _now = await self._read_open(sid, held=True)
+                result = await self._apply(fn, old)
+                # The change happens now, after fn: a touch while fn ran (e.g. a read of
+                # this session) is not moved back by this save.
+                now = self._clock.now()
+                new, added = self._prepare(old, result, now)
                 try:
                     await self._repository.save(
                         new, expected_revision=old.revision, new_messages=added
@@ -534,7 +539,9 @@ class SessionManager:
             old, now = await self._read_open(sid)
             base = old
             if fn is not None:
-                base, _added = self._prepare(old, await self._apply(fn, old), now)
+                result = await self._apply(fn, old)
+                now = self._clock.now()
+                base, _added = self._prepare(old, result, now)
             last_active = max(base.last_active, now)
             new = attrs.evolve(
                 base,
@@ -689,7 +696,11 @@ class SessionManager:
             ids = await self._repository.expired(now, limit=self._cleanup_batch)
             removed = 0
             for sid in ids:
-                session = await self._repository.remove_expired(sid, now=now)
+                try:
+                    session = await self._repository.remove_expired(sid, now=now)
+                except SerializationError as exc:  # one unreadable session stops no others
+                    logger.warning("cannot remove expired session %s: %s", sid, exc)
+                    continue
                 if session is None:
                     continue
                 removed += 1

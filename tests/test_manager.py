@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -711,6 +712,52 @@ async def test_rotate_with_a_change_applies_it_to_the_new_id_only(
     stored = await sessions.get(new.id)
     assert [m.content for m in stored.messages] == ["hi", "logged in"]
     assert not await sessions.exists(old.id)
+
+
+async def test_a_touch_while_the_update_function_runs_is_not_moved_back(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    session = await sessions.create()
+
+    async def slow(current: s.Session) -> s.Session:
+        clock.advance(40)
+        await sessions.get(session.id)  # another task reads (touches) meanwhile
+        clock.advance(1)
+        return current.with_state(done=True)
+
+    updated = await sessions.update(session.id, slow)
+    stored = await sessions.get(session.id, touch=False)
+    assert updated.last_active == stored.last_active == clock.now()
+    assert stored.expires_at == clock.now() + timedelta(seconds=IDLE)
+
+
+class OneUnreadable(s.MemoryRepository):
+    """A memory store that cannot read back one session when removing it."""
+
+    unreadable: uuid.UUID | None = None
+
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> s.Session | None:
+        if session_id == self.unreadable:
+            raise s.CorruptSessionError("truncated document", session_id=session_id)
+        return await super().remove_expired(session_id, now=now)
+
+
+async def test_an_unreadable_expired_session_does_not_stop_the_purge(
+    anyio_backend: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = OneUnreadable()
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=None, clock=clock
+    ) as sessions:
+        first = await sessions.create()
+        clock.advance(1)
+        others = [await sessions.create() for _ in range(3)]
+        store.unreadable = first.id  # the earliest deadline: met first in every pass
+        clock.advance(IDLE + 1)
+        with caplog.at_level(logging.WARNING, "asyncsession"):
+            assert await sessions.purge_expired() == 3
+        assert any(str(first.id) in r.getMessage() for r in caplog.records)
+        assert not any([await store.get(o.id) for o in others])
 
 
 async def test_messages_added_in_callbacks_use_the_manager_clock(
