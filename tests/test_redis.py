@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import attrs
+import coredis
 import pytest
 from _store_redis import open_store
 from redis_support import HOST, RedisServer, free_port, require_redis, start_redis
@@ -423,3 +424,54 @@ async def test_events_travel_between_stores(redis_server: RedisServer) -> None:
         "a",
     )
     assert event.at == T0
+
+
+# -- reads of a huge window and expiry scans of many stale entries -------------------
+
+
+@pytest.mark.anyio
+async def test_a_huge_last_messages_reads_the_whole_history(store: RedisRepository) -> None:
+    session = new_session(messages=[msg("a"), msg("b"), msg("c")])
+    await store.add(session)
+    async with RedisRepository(store.client, prefix=store.prefix, snapshot_cache=0) as cold:
+        whole = await cold.get(session.id)
+        assert whole is not None and whole.messages.total == 3
+        for n in (10**17, 2**53 + 1, sys.maxsize):
+            assert await cold.get(session.id, last_messages=n) == whole
+        touched = await cold.touch(session.id, at=T0, policy=POLICY, last_messages=sys.maxsize)
+        assert touched is not None
+        assert [m.content for m in touched.messages] == ["a", "b", "c"]
+        assert touched.messages.is_complete
+
+
+async def script_calls(server: RedisServer) -> int:
+    """Scripts the server has run so far (EVALSHA answers other than NOSCRIPT)."""
+    async with coredis.Redis(host=HOST, port=server.port, decode_responses=True) as probe:
+        stats = await probe.info("commandstats")
+    evalsha = stats.get("cmdstat_evalsha", {})
+    return int(evalsha.get("calls", 0)) - int(evalsha.get("failed_calls", 0))
+
+
+@pytest.mark.anyio
+async def test_expiry_scan_examines_a_bounded_number_of_entries_per_script(
+    store: RedisRepository, redis_server: RedisServer
+) -> None:
+    sessions = [new_session(created=T0 + timedelta(seconds=i), owner="o") for i in range(30)]
+    for s in sessions:
+        await store.add(s)
+    live = sessions[::6]  # the other 25 lost their data to Redis key expiry
+    for s in sessions:
+        if s not in live:
+            await store.client.delete([f"{store.prefix}s:{s.id}", f"{store.prefix}m:{s.id}"])
+    store.scan_budget = 10
+    later = T0 + timedelta(days=1)
+    before = await script_calls(redis_server)
+    assert list(await store.expired(later, limit=3)) == [s.id for s in live[:3]]
+    # 3 live + 10 stale entries lie before the third live one: two calls of 10 at most
+    assert await script_calls(redis_server) - before == 2
+    before = await script_calls(redis_server)
+    assert list(await store.expired(later)) == [s.id for s in live]
+    assert await script_calls(redis_server) - before >= 2  # 5 live + 15 stale entries left
+    assert dict(await store.count_by_status("o")) == {SessionStatus.ACTIVE: len(live)}
+    page = await store.list(SessionQuery(owner="o"))
+    assert {s.id for s in page} == {s.id for s in live}

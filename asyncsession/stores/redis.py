@@ -95,7 +95,7 @@ T = TypeVar("T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
 _CHUNK = 1000  # RPUSH arguments per call inside scripts (Lua's unpack() stack limit)
-_LIST_BUDGET = 1000  # members a listing script examines per round trip
+_ALL_MESSAGES = 2**53  # a longer last_messages means all (Lua numbers are doubles)
 
 # -- Lua ---------------------------------------------------------------------------------
 
@@ -367,15 +367,22 @@ redis.call('DEL', s, m)
 return out
 """
 
-# ARGV P now limit
+# ARGV P now limit offset budget
+# Examines at most ``budget`` index entries (sessions found plus stale entries forgotten),
+# so one call never blocks the server for long; {1, ids} when the index has no more
+# entries due, {0, ids} when the budget ran out first (the caller calls again with the
+# offset moved past the ids found: those stay in the index, stale ones are gone).
 _EXPIRED = """
-local limit, now = tonumber(ARGV[3]), ARGV[2]
-local out, offset = {}, 0
+local now, limit = ARGV[2], tonumber(ARGV[3])
+local offset, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
+local out, examined = {}, 0
 while #out < limit do
+  if examined >= budget then return {0, out} end
   local batch = redis.call('ZRANGE', P .. 'i:exp', '-inf', now, 'BYSCORE', 'LIMIT', offset,
-                           limit - #out)
-  if #batch == 0 then break end
+                           math.min(limit - #out, budget - examined))
+  if #batch == 0 then return {1, out} end
   for _, id in ipairs(batch) do
+    examined = examined + 1
     if redis.call('EXISTS', P .. 's:' .. id) == 1 then
       out[#out + 1] = id
       offset = offset + 1
@@ -384,7 +391,7 @@ while #out < limit do
     end
   end
 end
-return out
+return {1, out}
 """
 
 # KEYS s...; ARGV P
@@ -527,6 +534,15 @@ def _delta_us(value: timedelta | None) -> str:
     return "-1" if value is None else str(value // _US)
 
 
+def _last_n(last_messages: int | None) -> str:
+    """``last_messages`` as the read scripts take it ('' for the whole history).
+
+    Capped: Lua numbers are doubles, and one of 1e17 or more would reach ``LRANGE`` in
+    exponent notation (``-1e+17``), which Redis refuses.
+    """
+    return "" if last_messages is None else str(min(max(0, last_messages), _ALL_MESSAGES))
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -612,7 +628,14 @@ class RedisRepository(SessionRepository, EventTransport):
     script) instead of a read plus a compare-and-set. The server's revision check stays
     the authority: when another process changed the session, the script refuses the
     stale snapshot and the manager reads again. ``0`` turns it off.
+
+    :meth:`list` and :meth:`expired` run a script per :attr:`scan_budget` index entries
+    they examine (entries of sessions whose data Redis expired by itself are pruned on
+    the way), so no single call keeps the server busy for long.
     """
+
+    #: Index entries one listing or expiry script examines at most before it answers.
+    scan_budget: int = 1000
 
     def __init__(
         self,
@@ -850,7 +873,7 @@ class RedisRepository(SessionRepository, EventTransport):
     async def get(
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
-        lastn = "" if last_messages is None else str(max(0, last_messages))
+        lastn = _last_n(last_messages)
         entry = self._held.entry(session_id)
         args = [lastn, _version(entry)]
         reply = await self._run(self._get, "a read", self._keys(str(session_id)), args, write=False)
@@ -968,7 +991,7 @@ class RedisRepository(SessionRepository, EventTransport):
             _delta_us(policy.idle_timeout),
             _delta_us(policy.max_age),
             self._grace,
-            "" if last_messages is None else str(max(0, last_messages)),
+            _last_n(last_messages),
             str(policy.touch_interval // timedelta(microseconds=1)),
             _version(entry),
         ]
@@ -1001,10 +1024,19 @@ class RedisRepository(SessionRepository, EventTransport):
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
         if type(limit) is not int or limit < 1:
             raise InvalidConfiguration(f"limit must be an int >= 1, got {limit!r}.")
-        reply = await self._run(
-            self._expired, "an expiry scan", [], [str(_us(now)), str(limit)], write=False
-        )
-        return [uuid.UUID(_text(member)) for member in reply]
+        found: dict[str, None] = {}  # in deadline order; an id is reported once
+        while len(found) < limit:
+            done, ids = await self._run(
+                self._expired,
+                "an expiry scan",
+                [],
+                [str(_us(now)), str(limit - len(found)), str(len(found)), str(self.scan_budget)],
+                write=False,  # it only prunes index entries whose data Redis expired
+            )
+            found.update((_text(member), None) for member in ids)
+            if int(done):
+                break
+        return [uuid.UUID(sid) for sid in found]
 
     async def list(self, query: SessionQuery) -> Page:
         after = decode_cursor(query)
@@ -1033,7 +1065,7 @@ class RedisRepository(SessionRepository, EventTransport):
                     statuses,
                     visible,
                     "1" if query.search else "0",
-                    str(_LIST_BUDGET),
+                    str(self.scan_budget),
                 ],
                 write=False,  # it only prunes index entries whose data Redis expired
             )
