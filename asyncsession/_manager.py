@@ -154,6 +154,7 @@ class SessionManager:
         self._outbox: MemoryObjectSendStream[tuple[str, uuid.UUID, datetime, int | None]] | None
         self._outbox = None
         self._locks = KeyedLocks()
+        self._rotating: set[uuid.UUID] = set()  # ids whose rotation holds their lock
         self._events = EventHub()
         self._running = False
         self._stack: AsyncExitStack | None = None
@@ -483,6 +484,7 @@ class SessionManager:
         """Append several ``(role, content, data)`` messages atomically."""
         self._check_running()
         sid = _parse_id(session_id)
+        await self._after_rotation(sid)
         now = self._clock.now()
         batch = [Message(role, content, now, data) for role, content, data in messages]
         self._check_messages(batch, 0)
@@ -527,15 +529,34 @@ class SessionManager:
         """Move a live session to a fresh id (e.g. at login) and return it.
 
         The new session keeps owner, name, state, messages, status and creation time;
-        the old id is deleted before this returns, so it is dead at once. ``fn``, like
-        :meth:`update`'s, changes the session on its way to the new id (e.g. records
-        the logged-in user): the change is never visible under the old id, and if
-        ``fn`` raises, nothing changes. In-process updates of the old id wait for the
-        rotation and then fail with :class:`SessionNotFound`.
+        the old id is dead before this returns. ``fn``, like :meth:`update`'s, changes
+        the session on its way to the new id (e.g. records the logged-in user): the
+        change never exists under the old id, and if ``fn`` raises, nothing changes.
+
+        The old id is retired by a compare-and-set, so a message appended or a delete
+        made meanwhile (by any process) is never lost: the rotation starts again from
+        a fresh read, and a deleted session stays deleted (:class:`SessionNotFound`).
         """
         self._check_running()
         sid = _parse_id(session_id)
         async with self._locks(sid):
+            self._rotating.add(sid)
+            try:
+                new, now = await self._rotate(sid, fn)
+            finally:
+                self._rotating.discard(sid)
+        self._emit(EventKind.CREATED, new.id, new, now)
+        self._emit(EventKind.DELETED, sid, None, now)
+        return new
+
+    async def _after_rotation(self, sid: uuid.UUID) -> None:
+        """Wait while this manager rotates ``sid`` (appends and deletes take no lock)."""
+        if sid in self._rotating:
+            async with self._locks(sid):
+                pass
+
+    async def _rotate(self, sid: uuid.UUID, fn: UpdateFn | None) -> tuple[Session, datetime]:
+        for _attempt in range(self._max_retries):
             old, now = await self._read_open(sid)
             base = old
             if fn is not None:
@@ -552,18 +573,56 @@ class SessionManager:
                     base.status, base.created_at, last_active, base.closed_at
                 ),
             )
-            await self._repository.add(new)
-            with anyio.CancelScope(shield=True):  # never leave both ids alive
-                await self._repository.delete(sid)
-        self._emit(EventKind.CREATED, new.id, new, now)
-        self._emit(EventKind.DELETED, sid, None, now)
-        return new
+            # The old id ends closed and already expired: invisible to reads, and
+            # appends and updates refuse it. Cleanup removes it if the delete
+            # below never runs (a crash).
+            retired = replace_trusted(
+                old,
+                status=SessionStatus.EXITED,
+                closed_at=now,
+                last_active=max(old.last_active, now),
+                expires_at=now,
+                revision=old.revision + 1,
+            )
+            with anyio.CancelScope(shield=True):  # all or nothing, even if cancelled
+                if await self._swap(new, retired, old.revision):
+                    return new, now
+            logger.debug("session %s changed while it was rotated; retrying", sid)
+        raise SessionConflict(sid, attempts=self._max_retries)
+
+    async def _swap(self, new: Session, retired: Session, expected_revision: int) -> bool:
+        """Add ``new``, retire the old id by compare-and-set, then delete it.
+
+        False (and ``new`` removed again) if the old session changed since it was read.
+        """
+        await self._repository.add(new)
+        try:
+            await self._repository.save(
+                retired, expected_revision=expected_revision, new_messages=()
+            )
+        except BaseException as exc:
+            try:
+                await self._repository.delete(new.id)
+            except Exception:
+                logger.exception("could not remove %s after a failed rotation", new.id)
+            if isinstance(exc, SessionConflict):
+                return False
+            raise
+        await self._repository.delete(retired.id)
+        return True
 
     async def delete(self, session_id: SessionId, *, missing_ok: bool = False) -> bool:
         """Delete a session now; raise :class:`SessionNotFound` unless ``missing_ok``."""
         self._check_running()
         sid = _parse_id(session_id)
-        deleted = await self._repository.delete(sid)
+        await self._after_rotation(sid)
+        now = self._clock.now()
+        # An expired session is already gone for every reader: it is removed as expired
+        # (and reported so), not deleted.
+        if await self._expire(sid, now):
+            deleted = False
+        else:
+            deleted = await self._repository.delete(sid)
         if not deleted:
             if missing_ok:
                 return False
@@ -592,16 +651,26 @@ class SessionManager:
 
     # -- events -------------------------------------------------------------------------
 
-    def _emit(self, kind: EventKind, sid: uuid.UUID, session: Session | None, at: datetime) -> None:
+    def _emit(
+        self,
+        kind: EventKind,
+        sid: uuid.UUID,
+        session: Session | None,
+        at: datetime,
+        *,
+        report: bool = True,
+    ) -> None:
         self._events.publish(kind, sid, session, at)
         if (
-            session is not None
+            report
+            and session is not None
             and self._reports is not None
             and (kind is EventKind.CLOSED or kind is EventKind.EXPIRED)
         ):
-            report = SessionReport.from_session(session, self._report_attributes)
             try:
-                self._reports.send_nowait(report)
+                self._reports.send_nowait(
+                    SessionReport.from_session(session, self._report_attributes)
+                )
             except anyio.WouldBlock:
                 self._reports_dropped += 1
                 logger.warning("reporters are too slow; dropped the report of %s", sid)
@@ -697,25 +766,34 @@ class SessionManager:
             removed = 0
             for sid in ids:
                 try:
-                    session = await self._repository.remove_expired(sid, now=now)
+                    removed += await self._expire(sid, now)
                 except SerializationError as exc:  # one unreadable session stops no others
                     logger.warning("cannot remove expired session %s: %s", sid, exc)
-                    continue
-                if session is None:
-                    continue
-                removed += 1
-                if not session.status.is_terminal:
-                    session = attrs.evolve(
-                        session, status=SessionStatus.EXPIRED, closed_at=session.expires_at
-                    )
-                self._emit(EventKind.EXPIRED, sid, session, now)
             removed_total += removed
             if len(ids) < self._cleanup_batch or removed == 0:
                 break
-        self._expired_total += removed_total
         if removed_total:
             logger.info("expired %s sessions", removed_total)
         return removed_total
+
+    async def _expire(self, sid: uuid.UUID, now: datetime) -> bool:
+        """Remove ``sid`` if it has expired at ``now`` and announce it; True if removed.
+
+        A session that was still open is reported as EXPIRED; one closed earlier was
+        reported when it closed, so only the event is sent.
+        """
+        session = await self._repository.remove_expired(sid, now=now)
+        if session is None:
+            return False
+        self._expired_total += 1
+        if session.status.is_terminal:
+            self._emit(EventKind.EXPIRED, sid, session, now, report=False)
+        else:
+            session = attrs.evolve(
+                session, status=SessionStatus.EXPIRED, closed_at=session.expires_at
+            )
+            self._emit(EventKind.EXPIRED, sid, session, now)
+        return True
 
     async def wait_for_cleanup(self) -> None:
         """Wait until the cleanup pass that is running or due next has finished.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -758,6 +759,131 @@ async def test_an_unreadable_expired_session_does_not_stop_the_purge(
             assert await sessions.purge_expired() == 3
         assert any(str(first.id) in r.getMessage() for r in caplog.records)
         assert not any([await store.get(o.id) for o in others])
+
+
+class PausingAdds(s.MemoryRepository):
+    """A memory store whose next ``add`` sets ``entered`` and waits for ``release``
+    (before storing; after, with ``pause_after``, like a commit whose answer is late)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = anyio.Event()
+        self.release: anyio.Event | None = None
+        self.pause_after = False
+
+    async def add(self, session: s.Session) -> None:
+        if self.pause_after:
+            await super().add(session)
+        if self.release is not None:
+            release, self.release = self.release, None
+            self.entered.set()
+            await release.wait()
+        if not self.pause_after:
+            await super().add(session)
+
+
+@asynccontextmanager
+async def paused_rotation(
+    clock: ManualClock,
+) -> AsyncIterator[tuple[PausingAdds, s.SessionManager, s.Session, anyio.Event]]:
+    """A manager whose first rotation of the yielded session waits inside its ``add``."""
+    store = PausingAdds()
+    async with s.SessionManager(store, idle_timeout=IDLE, cleanup_interval=None, clock=clock) as m:
+        session = await m.create(state={"cart": [1]})
+        release = store.release = anyio.Event()
+        yield store, m, session, release
+
+
+async def test_rotate_keeps_a_message_another_process_appended_meanwhile(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    async with paused_rotation(clock) as (store, sessions, old, release):
+        result: list[s.Session] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: _collect(result, sessions.rotate(old.id)))
+            await store.entered.wait()
+            message = s.Message("user", "from elsewhere", clock.now())
+            await store.append(old.id, [message], at=clock.now(), policy=sessions.policy)
+            release.set()
+        new = await sessions.get(result[0].id)
+        assert [m.content for m in new.messages] == ["from elsewhere"]
+        assert not await sessions.exists(old.id)
+        assert (await sessions.stats()).total == 1
+
+
+async def test_rotate_never_revives_a_session_deleted_meanwhile(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    async with paused_rotation(clock) as (store, sessions, old, release):
+        async with anyio.create_task_group() as tg:
+
+            async def rotate() -> None:
+                with pytest.raises(s.SessionNotFound):
+                    await sessions.rotate(old.id)
+
+            tg.start_soon(rotate)
+            await store.entered.wait()
+            assert await store.delete(old.id)  # a logout in another process
+            release.set()
+        assert (await sessions.stats()).total == 0
+
+
+async def test_appends_and_deletes_wait_for_a_rotation_in_this_process(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    async with paused_rotation(clock) as (store, sessions, old, release):
+        result: list[s.Session] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: _collect(result, sessions.rotate(old.id)))
+            await store.entered.wait()
+
+            async def append() -> None:
+                with pytest.raises(s.SessionNotFound):  # the old id is gone by then
+                    await sessions.add_message(old.id, "user", "late")
+
+            async def delete() -> None:
+                assert not await sessions.delete(old.id, missing_ok=True)
+
+            tg.start_soon(append)
+            tg.start_soon(delete)
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+        new = await sessions.get(result[0].id)
+        assert len(new.messages) == 0 and new.state == {"cart": (1,)}
+
+
+async def test_a_cancelled_rotation_leaves_exactly_one_live_copy(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    async with paused_rotation(clock) as (store, sessions, old, release):
+        store.pause_after = True
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sessions.rotate, old.id)
+                await store.entered.wait()
+                scope.cancel()  # the new copy is stored; its add has not returned yet
+                release.set()
+        page = await sessions.list()
+        assert len(page.items) == 1 and page.items[0].state == {"cart": (1,)}
+        assert (await sessions.stats()).total == 1
+
+
+async def _collect(into: list[s.Session], call: Awaitable[s.Session]) -> None:
+    into.append(await call)
+
+
+async def test_deleting_an_expired_session_is_not_found_and_reports_it_expired(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    session = await sessions.create()
+    clock.advance(IDLE + 1)
+    async with sessions.subscribe() as events:
+        with pytest.raises(s.SessionNotFound):
+            await sessions.delete(session.id)
+        assert not await sessions.delete(session.id, missing_ok=True)
+        event = events.receive_nowait()
+    assert event.kind is s.EventKind.EXPIRED and event.session_id == session.id
+    assert (await sessions.stats()).total == 0
 
 
 async def test_messages_added_in_callbacks_use_the_manager_clock(

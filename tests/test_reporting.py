@@ -85,6 +85,29 @@ async def test_ended_sessions_are_reported_with_duration_errors_and_attributes(
     )
 
 
+async def test_a_closed_session_is_reported_once_even_when_its_retention_ends(
+    any_repository: s.SessionRepository,
+) -> None:
+    clock = ManualClock()
+    collected = Collecting()
+    async with s.SessionManager(
+        any_repository,
+        idle_timeout=600,
+        retention=60,
+        cleanup_interval=None,
+        clock=clock,
+        reporters=[collected],
+    ) as sessions:
+        closed = await sessions.create()
+        await sessions.close(closed.id, status=s.SessionStatus.CRASHED)
+        left_open = await sessions.create()
+        clock.advance(601)  # past the retention of one and the idle timeout of the other
+        assert await sessions.purge_expired() == 2
+    statuses = {r.session_id: r.status for r in collected.reports}
+    assert len(collected.reports) == 2
+    assert statuses == {closed.id: s.SessionStatus.CRASHED, left_open.id: s.SessionStatus.EXPIRED}
+
+
 async def test_failing_or_slow_reporters_never_break_the_manager(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
