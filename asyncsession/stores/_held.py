@@ -13,6 +13,10 @@ from .._models import Message, Session, replace_trusted
 
 __all__ = ["Held", "HeldSnapshots", "Incarnation"]
 
+#: Reads that updates are based on, remembered for the save when the snapshot is not
+#: held (the cache is off or the history too long): far more than updates in flight.
+_MAX_BASES = 10_000
+
 #: What a store tells one life of a session from the next by: a session deleted and
 #: added again under the same id (an import, say) may come back with a revision and
 #: times a held snapshot of its earlier life also has. SQLite and Redis store a random
@@ -38,10 +42,11 @@ class HeldSnapshots:
     Every entry records the :data:`Incarnation` of the session it came from. A store
     reply about another incarnation than the held one drops the entry (which of the two
     is newer cannot be told), and :meth:`before_save` hands the incarnation to the
-    compare-and-set of an update based on a lent snapshot.
+    compare-and-set of an update based on a lent snapshot, or on a read that
+    :meth:`lend_read` recorded when nothing was held.
     """
 
-    __slots__ = ("_items", "_lent", "_lock", "_max_messages", "_messages", "_size")
+    __slots__ = ("_bases", "_items", "_lent", "_lock", "_max_messages", "_messages", "_size")
 
     def __init__(self, size: int, *, max_messages: int = 100_000) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -53,6 +58,9 @@ class HeldSnapshots:
         self._messages = 0
         self._items: OrderedDict[int, Held] = OrderedDict()
         self._lent: set[int] = set()  # handed out by lend(): the next save checks it
+        # read by get_for_update() when nothing was held and not held since: the revision,
+        # last_active and incarnation the next save checks (see lend_read())
+        self._bases: OrderedDict[int, tuple[int, datetime, Incarnation]] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -73,9 +81,35 @@ class HeldSnapshots:
         return self._use(session_id.int, lend=False)
 
     def lend(self, session_id: uuid.UUID) -> Session | None:
-        """The held snapshot, for an update to be based on (see :meth:`before_save`)."""
+        """The held snapshot, for an update to be based on (see :meth:`before_save`).
+
+        When None, the store reads the session and hands the read to :meth:`lend_read`.
+        """
         entry = self._use(session_id.int, lend=True)
         return None if entry is None else entry[0]
+
+    def lend_read(self, session: Session | None, incarnation: Incarnation = None) -> None:
+        """Follow the read that an update is based on because :meth:`lend` had nothing.
+
+        The save then checks that read's revision, ``last_active`` and incarnation as
+        it checks a lent snapshot's: a session deleted and added again in between (same
+        revision, another incarnation) is not overwritten. The read is lent if it is
+        held now; else (the cache is off, the history too long) just what the save
+        checks is remembered, for at most the latest ``_MAX_BASES`` such reads.
+        """
+        if session is None:
+            return
+        key = session.id.int
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is not None and entry[0] is session and entry[1] == incarnation:
+                self._lent.add(key)
+                self._bases.pop(key, None)
+                return
+            self._bases[key] = (session.revision, session.last_active, incarnation)
+            self._bases.move_to_end(key)
+            while len(self._bases) > _MAX_BASES:
+                self._bases.popitem(last=False)
 
     def _use(self, key: int, *, lend: bool) -> Held | None:
         with self._lock:
@@ -84,6 +118,7 @@ class HeldSnapshots:
                 self._items.move_to_end(key)
                 if lend:
                     self._lent.add(key)
+                    self._bases.pop(key, None)
             return entry
 
     def before_save(
@@ -91,17 +126,23 @@ class HeldSnapshots:
     ) -> tuple[datetime, Incarnation] | None:
         """Forget the held snapshot until the save is confirmed (errors, cancellation).
 
-        When the update was based on a snapshot :meth:`lend` handed out, returns the
-        ``last_active`` (so a touch since is not overruled) and the incarnation (so a
-        session deleted and added again since is not overwritten) the save must also
-        find stored; else None.
+        When the update was based on a snapshot :meth:`lend` handed out (or a read
+        :meth:`lend_read` recorded), returns the ``last_active`` and the incarnation the
+        save must also find stored, else None. The ``last_active`` is the lent
+        snapshot's as this store last saw it (its own touches since move it, see
+        :meth:`touched`), so a touch by another process since is not overruled; the
+        incarnation keeps a session deleted and added again since from being
+        overwritten.
         """
         key = session_id.int
         with self._lock:
             lent = key in self._lent
             entry = self._pop(key)
+            base = self._bases.pop(key, None)
         if lent and entry is not None and entry[0].revision == expected_revision:
             return entry[0].last_active, entry[1]
+        if base is not None and base[0] == expected_revision:
+            return base[1], base[2]
         return None
 
     def keep(self, session: Session | None, incarnation: Incarnation = None) -> None:
@@ -134,6 +175,7 @@ class HeldSnapshots:
     def take(self, session_id: uuid.UUID) -> Held | None:
         """Remove and return the held entry (before a write that may not report back)."""
         with self._lock:
+            self._bases.pop(session_id.int, None)
             return self._pop(session_id.int)
 
     def _pop(self, key: int) -> Held | None:
@@ -197,8 +239,9 @@ class HeldSnapshots:
     def touched(self, session: Session, incarnation: Incarnation = None) -> None:
         """Follow a touch that found the held snapshot current: new times, same history.
 
-        Unlike :meth:`keep`, a snapshot lent to an update stays lent: its save must still
-        find the ``last_active`` the update was based on.
+        Unlike :meth:`keep`, a snapshot lent to an update stays lent, now with this
+        touch's ``last_active``: its save still checks the incarnation and that no other
+        process touched the session since.
         """
         key = session.id.int
         with self._lock:
@@ -223,4 +266,5 @@ class HeldSnapshots:
         with self._lock:
             self._items.clear()
             self._lent.clear()
+            self._bases.clear()
             self._messages = 0

@@ -873,19 +873,28 @@ class RedisRepository(SessionRepository, EventTransport):
     async def get(
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
-        lastn = _last_n(last_messages)
+        return (await self._read(session_id, last_messages))[0]
+
+    async def _read(
+        self, session_id: uuid.UUID, last_messages: int | None = None
+    ) -> tuple[Session | None, object]:
+        """The stored session (or None) and its incarnation."""
         entry = self._held.entry(session_id)
-        args = [lastn, _version(entry)]
+        args = [_last_n(last_messages), _version(entry)]
         reply = await self._run(self._get, "a read", self._keys(str(session_id)), args, write=False)
         if reply == 1 and entry is not None:  # the held snapshot is current: no history sent
-            return last_window(entry[0], last_messages)
-        return self._held.seen(session_id, self._from_reply(session_id, reply), _incarnation(reply))
+            return last_window(entry[0], last_messages), entry[1]
+        incarnation = _incarnation(reply)
+        session = self._from_reply(session_id, reply)
+        return self._held.seen(session_id, session, incarnation), incarnation
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
         held = self._held.lend(session_id)
         if held is not None:
             return held
-        return await self.get(session_id)
+        session, incarnation = await self._read(session_id)
+        self._held.lend_read(session, incarnation)  # the save checks this read's life
+        return session
 
     async def add(self, session: Session) -> None:
         sid = str(session.id)
