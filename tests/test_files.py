@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -559,3 +560,79 @@ async def test_deleted_session_lock_files_do_not_accumulate(repo: FileRepository
     expired = attrs.evolve(sessions[3])
     assert await repo.remove_expired(expired.id, now=at(61)) is not None
     assert len(list((repo.directory / "locks").iterdir())) == 1
+
+
+# -- lock waits, expiry under a held lock, leftovers of crashes ---------------------------
+
+
+def hold_flock(path: Path) -> int:
+    """Lock ``path`` through a new open file description (flock treats it as another
+    process); close the returned fd to unlock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def lock_path(repo: FileRepository, sid: uuid.UUID) -> Path:
+    return repo.directory / "locks" / f"{sid}.lock"
+
+
+async def test_lock_timeout_bounds_the_wait_of_queued_tasks(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    timeout, waiters = 0.2, 6
+    async with FileRepository(tmp_path / "store", lock_timeout=timeout, fsync=False) as repo:
+        session = make_session()
+        await repo.add(session)
+        outcomes: list[str] = []
+        all_done = anyio.Event()
+
+        async def wait_for_the_lock() -> None:
+            try:
+                await repo.get(session.id)
+            except LockTimeout:
+                outcomes.append("timed out")
+            else:
+                outcomes.append("got the lock")
+            if len(outcomes) == waiters:
+                all_done.set()
+
+        fd = hold_flock(lock_path(repo, session.id))
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(waiters):
+                    tg.start_soon(wait_for_the_lock)
+                # Hold the lock until every waiter gave up, or 4 x lock_timeout. Had each
+                # waiter started its clock only when its turn in the queue came, the later
+                # ones would still be waiting then, and would get the lock.
+                with anyio.move_on_after(4 * timeout):
+                    await all_done.wait()
+                os.close(fd)
+                fd = -1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        assert outcomes == ["timed out"] * waiters
+        assert await repo.get(session.id) == session
+
+
+async def test_remove_expired_skips_a_session_locked_elsewhere(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FileRepository(tmp_path / "store", lock_timeout=0.05, fsync=False) as repo:
+        stuck, other = make_session(), make_session()
+        for s in (stuck, other):
+            await repo.add(s)
+        fd = hold_flock(lock_path(repo, stuck.id))
+        try:
+            with caplog.at_level(logging.WARNING, logger="asyncsession.stores.files"):
+                assert await repo.remove_expired(stuck.id, now=at(61)) is None
+            removed = await repo.remove_expired(other.id, now=at(61))
+            assert removed is not None and removed.id == other.id
+        finally:
+            os.close(fd)
+        assert any(str(stuck.id) in r.getMessage() for r in caplog.records)
+        assert list(await repo.expired(at(61))) == [stuck.id]  # found again by the next pass
+        removed = await repo.remove_expired(stuck.id, now=at(61))
+        assert removed is not None and removed.id == stuck.id
+        assert list(await repo.expired(at(61))) == []

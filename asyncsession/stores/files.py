@@ -432,7 +432,8 @@ class _Index:
 class FileRepository(SessionRepository):
     """Sessions as JSON files in ``directory``, safe to share between processes.
 
-    * ``lock_timeout``: seconds to wait for a session locked by another process before
+    * ``lock_timeout``: the longest an operation waits for a session's lock, queued
+      behind this process's tasks and then polling another process's lock file, before
       raising :class:`LockTimeout` (a recoverable :class:`StorageError`).
     * ``fsync``: fsync documents and the directory on every write (durable across power
       loss). With False a write survives a crash of the process but not of the machine.
@@ -577,8 +578,15 @@ class FileRepository(SessionRepository):
         creating a lock file. Waiting for another process's lock sleeps on the event
         loop between non-blocking attempts.
         """
-        async with self._session_locks(sid):
-            deadline: float | None = None
+        # lock_timeout bounds the whole wait: queued behind this process's tasks, then
+        # polling the lock file of another process.
+        deadline = anyio.current_time() + self._lock_timeout
+        held = self._session_locks(sid)
+        with anyio.CancelScope(deadline=deadline) as waiting:
+            await held.__aenter__()
+        if waiting.cancelled_caught:
+            raise LockTimeout(sid, self._lock_path(sid), self._lock_timeout)
+        try:
             delay = 0.001
             while True:
                 result: R | Literal[_Busy.BUSY] = await self._call(
@@ -587,12 +595,12 @@ class FileRepository(SessionRepository):
                 if result is not _BUSY:
                     return result
                 now = anyio.current_time()
-                if deadline is None:
-                    deadline = now + self._lock_timeout
                 if now >= deadline:
                     raise LockTimeout(sid, self._lock_path(sid), self._lock_timeout)
                 await anyio.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 0.05)
+        finally:
+            await held.__aexit__(None, None, None)
 
     def _attempt(
         self, sid: uuid.UUID, fn: Callable[[], R], if_missing: Callable[[], R] | None
@@ -1105,6 +1113,10 @@ class FileRepository(SessionRepository):
         except CorruptSessionError as exc:
             # Already quarantined and out of the index; cleanup carries on.
             logger.warning("expiry skipped session %s: %s", sid, exc.detail)
+            return None
+        except LockTimeout as exc:
+            # Held elsewhere: the session stays indexed, so the next pass tries it again.
+            logger.warning("expiry skipped session %s for now: %s", sid, exc)
             return None
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
