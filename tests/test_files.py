@@ -636,3 +636,56 @@ async def test_remove_expired_skips_a_session_locked_elsewhere(
         removed = await repo.remove_expired(stuck.id, now=at(61))
         assert removed is not None and removed.id == stuck.id
         assert list(await repo.expired(at(61))) == []
+
+
+# -- unreadable entries, failing system calls, platforms ---------------------------------
+
+
+async def test_a_failed_lock_file_check_leaves_the_lock_free(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with FileRepository(tmp_path / "store", lock_timeout=0.05) as repo:
+        session = make_session()
+        await repo.add(session)
+        lock = os.fspath(lock_path(repo, session.id))
+        real_stat = os.stat
+
+        def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            if os.fspath(path) == lock:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return real_stat(path, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "stat", stat)
+            with pytest.raises(StorageError, match=f"Could not check the lock file {lock}"):
+                await repo.get(session.id)
+        os.close(hold_flock(Path(lock)))  # the failed attempt did not keep the flock
+        assert await repo.get(session.id) == session
+
+
+async def test_a_failed_document_lookup_is_an_error_and_keeps_the_lock_file(
+    repo: FileRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = make_session()
+    await repo.add(session)
+    path = os.fspath(doc_path(repo, session.id))
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def failing(real: Any) -> Any:
+        def stat(name: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            if os.fspath(name) == path:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            result: os.stat_result = real(name, *args, **kwargs)
+            return result
+
+        return stat
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "stat", failing(real_stat))
+        patch.setattr(os, "lstat", failing(real_lstat))
+        with pytest.raises(StorageError, match=path):  # not "no such session"
+            await repo.get(session.id)
+        with pytest.raises(StorageError, match=path):  # not written over the document
+            await repo.add(changed(session, owner="carol"))
+    assert lock_path(repo, session.id).exists()  # a live session's lock file stays
+    assert await repo.get(session.id) == session

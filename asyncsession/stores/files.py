@@ -606,8 +606,7 @@ class FileRepository(SessionRepository):
         self, sid: uuid.UUID, fn: Callable[[], R], if_missing: Callable[[], R] | None
     ) -> R | Literal[_Busy.BUSY]:
         """One try at the lock file (worker thread); ``_BUSY`` if another holder has it."""
-        doc_path = self._doc_path(sid)
-        if if_missing is not None and not os.path.exists(doc_path):
+        if if_missing is not None and not self._exists(self._doc_path(sid)):
             return if_missing()
         lock_path = self._lock_path(sid)
         for _ in range(100):
@@ -644,10 +643,24 @@ class FileRepository(SessionRepository):
             same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
         except FileNotFoundError:
             same = False
+        except OSError as exc:
+            os.close(fd)
+            raise _storage_error("check the lock file", lock_path, exc) from exc
         if not same:
             os.close(fd)
             return -1
         return fd
+
+    @staticmethod
+    def _exists(path: str) -> bool:
+        """Whether ``path`` exists; StorageError when the file system cannot tell."""
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _storage_error("look up", path, exc) from exc
+        return True
 
     # -- document I/O (worker thread, under the session lock) -------------------------
 
@@ -935,11 +948,16 @@ class FileRepository(SessionRepository):
 
     def _release(self, sid: uuid.UUID, fd: int) -> None:
         """Unlock; drop the lock file when the session has no document (lock held)."""
-        if not os.path.exists(self._doc_path(sid)):
+        try:
+            os.lstat(self._doc_path(sid))
+        except FileNotFoundError:
             # Unlinking under the lock is safe: lockers re-check the inode.
             with contextlib.suppress(OSError):
                 os.unlink(self._lock_path(sid))
-        os.close(fd)
+        except OSError:
+            pass  # cannot tell whether the document exists: keep its lock file
+        finally:
+            os.close(fd)
 
     # -- read-modify-write ------------------------------------------------------------
 
@@ -987,7 +1005,7 @@ class FileRepository(SessionRepository):
         doc = session_to_document(session)
 
         def create() -> None:
-            if os.path.lexists(self._doc_path(sid)):
+            if self._exists(self._doc_path(sid)):
                 raise SessionConflict(sid, expected_revision=None)
             self._store(sid, doc, _skeleton(session))
 
@@ -1092,7 +1110,7 @@ class FileRepository(SessionRepository):
             return False
 
         def remove() -> bool:
-            existed = os.path.lexists(self._doc_path(sid))
+            existed = self._exists(self._doc_path(sid))
             self._remove(sid)
             return existed
 
