@@ -5,12 +5,16 @@ Usage::
     python files_child.py crash DIRECTORY SESSIONS WRITES TASKS
     python files_child.py append DIRECTORY SESSION_ID TAG COUNT
     python files_child.py hold-lock LOCK_FILE
+    python files_child.py stall-in add|delete DIRECTORY
 
 ``crash`` creates SESSIONS sessions, then appends WRITES messages over them from TASKS
 concurrent tasks, printing ``add <id>`` / ``ack <id> <revision>`` as soon as each write
 is acknowledged (the parent kills it with SIGKILL part way). ``append`` appends COUNT
 messages ``TAG-<i>`` to one session. ``hold-lock`` takes the flock of a lock file, prints
-``locked`` and holds it until stdin closes. The event loop is the one named by the
+``locked`` and holds it until stdin closes. ``stall-in`` stops a worker thread for good
+inside ``add`` (after the temporary file is created) or ``delete`` (after the document is
+unlinked, before its directory is fsynced and the lock released), printing ``stalled
+<id>``, so the parent can kill the process at that point. The event loop is the one named by the
 ``FILES_CHILD_BACKEND`` environment variable (asyncio or trio).
 """
 
@@ -19,12 +23,14 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+import threading
 import uuid
 from datetime import datetime, timezone
 
 import anyio
 
 from asyncsession import ExpiryPolicy, Message, Session
+from asyncsession.stores import files
 from asyncsession.stores.files import FileRepository
 
 POLICY = ExpiryPolicy()
@@ -71,6 +77,24 @@ async def append(directory: str, session_id: str, tag: str, count: int) -> None:
     say("done")
 
 
+async def stall_in(step: str, directory: str) -> None:
+    async with FileRepository(directory) as repo:
+        session = Session(uuid.uuid4(), now(), now())
+
+        def stall(*args: object) -> int:
+            say(f"stalled {session.id}")
+            threading.Event().wait()  # never set: the parent kills this process here
+            raise AssertionError("unreachable")
+
+        if step == "add":
+            files._write = stall
+            await repo.add(session)
+        else:
+            await repo.add(session)
+            files._fsync = stall
+            await repo.delete(session.id)
+
+
 def hold_lock(path: str) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -86,6 +110,8 @@ def main(argv: list[str]) -> None:
         anyio.run(crash, argv[2], int(argv[3]), int(argv[4]), int(argv[5]), backend=backend)
     elif mode == "append":
         anyio.run(append, argv[2], argv[3], argv[4], int(argv[5]), backend=backend)
+    elif mode == "stall-in":
+        anyio.run(stall_in, argv[2], argv[3], backend=backend)
     elif mode == "hold-lock":
         hold_lock(argv[2])
     else:

@@ -562,6 +562,25 @@ async def test_deleted_session_lock_files_do_not_accumulate(repo: FileRepository
     assert len(list((repo.directory / "locks").iterdir())) == 1
 
 
+async def test_kill_9_leaves_no_lock_file_without_a_document(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    store = tmp_path / "store"
+    for step in ("add", "delete"):
+        process, out = await spawn("stall-in", step, str(store), backend=anyio_backend)
+        async with process:
+            line = (await out.receive_until(b"\n", 100)).decode()
+            sid = uuid.UUID(line.removeprefix("stalled "))
+            # the crash point: the lock file exists, the document does not
+            assert (store / "locks" / f"{sid}.lock").exists()
+            assert not (store / "sessions" / f"{sid}.json").exists()
+            process.send_signal(signal.SIGKILL)
+            assert await process.wait() == -signal.SIGKILL
+        async with FileRepository(store):
+            assert list((store / "locks").iterdir()) == []
+            assert list((store / "sessions").iterdir()) == []
+
+
 # -- lock waits, expiry under a held lock, leftovers of crashes ---------------------------
 
 
@@ -636,6 +655,28 @@ async def test_remove_expired_skips_a_session_locked_elsewhere(
         removed = await repo.remove_expired(stuck.id, now=at(61))
         assert removed is not None and removed.id == stuck.id
         assert list(await repo.expired(at(61))) == []
+
+
+async def test_orphan_lock_files_are_removed_at_open(tmp_path: Path, anyio_backend: str) -> None:
+    root = tmp_path / "store"
+    kept = make_session()
+    async with FileRepository(root) as repo:
+        await repo.add(kept)
+    locks = root / "locks"
+    orphan, busy = uuid.uuid4(), uuid.uuid4()
+    (locks / f"{orphan}.lock").touch()  # what a kill after deleting a document leaves
+    (locks / "notes.txt").write_text("not a lock file")
+    fd = hold_flock(locks / f"{busy}.lock")  # another process is adding this session
+    try:
+        async with FileRepository(root) as repo:
+            assert sorted(p.name for p in locks.iterdir()) == sorted(
+                [f"{kept.id}.lock", f"{busy}.lock", "notes.txt"]
+            )
+            assert await repo.get(kept.id) == kept
+    finally:
+        os.close(fd)
+    async with FileRepository(root):
+        assert sorted(p.name for p in locks.iterdir()) == sorted([f"{kept.id}.lock", "notes.txt"])
 
 
 # -- unreadable entries, failing system calls, platforms ---------------------------------

@@ -9,10 +9,11 @@ Layout of ``directory``::
 
 Every write goes to a temporary file in ``sessions/``, is fsynced, renamed over the
 document with :func:`os.replace` and the directory is fsynced: a reader sees the old or
-the new document, never a mix, and a crash leaves at most a stale temporary file (removed
-at the next open). Each operation holds the session's lock file (taken with non-blocking
-attempts and backoff, so waiting never blocks a thread or the event loop) and checks the
-stored revision under it, so several processes can share one directory.
+the new document, never a mix, and a crash leaves at most a stale temporary file and a
+lock file without a document (both removed at the next open). Each operation holds the
+session's lock file (taken with non-blocking attempts and backoff, so waiting never blocks
+a thread or the event loop) and checks the stored revision under it, so several processes
+can share one directory.
 
 Only this module knows the layout; documents are exactly what :func:`asyncsession.loads`
 reads, plus a ``checksum`` field (BLAKE2b of the compact document) that detects damage a
@@ -553,6 +554,33 @@ class FileRepository(SessionRepository):
         except OSError as exc:
             raise _storage_error("write to the store directory", self._sessions_dir, exc) from exc
         self._sync(initial=True)
+        self._remove_orphan_locks()
+
+    def _remove_orphan_locks(self) -> None:
+        """Delete lock files of sessions without a document, which a crash can leave.
+
+        A kill between deleting a document and unlocking, or during ``add`` before the
+        document exists, leaves ``locks/<id>.lock`` behind. Each is taken without waiting
+        (a live holder keeps its file) and removed only if the document is still absent.
+        """
+        try:
+            with os.scandir(self._locks_dir) as items:
+                names = [item.name for item in items]
+        except OSError as exc:
+            raise _storage_error("list", self._locks_dir, exc) from exc
+        for name in names:
+            sid = _id_from_lock_name(name)
+            if sid is None:
+                continue
+            try:
+                if self._exists(self._doc_path(sid)):
+                    continue
+                fd = self._acquire_nowait(self._lock_path(sid))
+            except StorageError as exc:
+                logger.warning("could not check lock file %s: %s", name, exc)
+                continue
+            if fd is not None and fd >= 0:
+                self._release(sid, fd)  # removes the lock file if there is still no document
 
     # -- running operations -----------------------------------------------------------
 
@@ -1234,6 +1262,17 @@ def _first(doc: dict[str, Any]) -> str | None:
     messages = doc["messages"]
     first = messages[0].get("content") if messages else None
     return first if isinstance(first, str) else None
+
+
+def _id_from_lock_name(name: str) -> uuid.UUID | None:
+    stem, dot, suffix = name.partition(".")
+    if dot != "." or suffix != "lock":
+        return None
+    try:
+        sid = uuid.UUID(stem)
+    except ValueError:
+        return None
+    return sid if str(sid) == stem else None
 
 
 def _id_from_temp_name(name: str) -> uuid.UUID | None:
