@@ -682,6 +682,34 @@ async def test_orphan_lock_files_are_removed_at_open(tmp_path: Path, anyio_backe
 # -- unreadable entries, failing system calls, platforms ---------------------------------
 
 
+async def test_a_failed_close_of_the_temporary_file_closes_it_once(
+    tmp_path: Path, repo: FileRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = make_session()
+    await repo.add(session)
+    before = doc_path(repo, session.id).read_bytes()
+    closed: list[int] = []
+    others: list[int] = []
+
+    def close(fd: int) -> None:  # EIO at close (NFS): the fd is released all the same
+        closed.append(fd)
+        os.close(fd)
+        if len(closed) == 1:
+            # another thread opens a file now and may get the freed number
+            others.append(os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT))
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "_close", close)
+        with pytest.raises(StorageError, match="Could not close"):
+            await repo.append(session.id, [msg("lost", 1)], at=at(1), policy=POLICY)
+    assert len(closed) == 1
+    os.fstat(others[0])  # still open: nobody closed it behind its owner's back
+    os.close(others[0])
+    assert doc_path(repo, session.id).read_bytes() == before
+    assert temp_files(repo) == []
+
+
 async def test_a_failed_lock_file_check_leaves_the_lock_free(
     tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -79,6 +79,7 @@ R = TypeVar("R")
 _write = os.write
 _fsync = os.fsync
 _replace = os.replace
+_close = os.close
 
 _TMP_PREFIX = ".tmp-"
 _SUFFIX = ".json"
@@ -753,19 +754,20 @@ class FileRepository(SessionRepository):
                 action = "fsync"
                 _fsync(fd)
             stamp = _stamp(os.fstat(fd))
-            os.close(fd)
-            fd = -1
+            action = "close"
+            closing, fd = fd, -1  # closed once even if close fails: the number is reused
+            _close(closing)
             action = "replace the document with"
             _replace(tmp, final)
         except OSError as exc:
             if fd >= 0:
-                os.close(fd)
+                _close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise _storage_error(action, tmp, exc) from exc
         except BaseException:
             if fd >= 0:
-                os.close(fd)
+                _close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
