@@ -682,6 +682,30 @@ async def test_orphan_lock_files_are_removed_at_open(tmp_path: Path, anyio_backe
 # -- unreadable entries, failing system calls, platforms ---------------------------------
 
 
+async def test_an_unreadable_entry_is_skipped_and_reported_once(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    good, bad_id = make_session(created=1), uuid.uuid4()
+    with caplog.at_level(logging.WARNING, logger="asyncsession.stores.files"):
+        async with FileRepository(tmp_path / "store") as repo:
+            await repo.add(good)
+            bad = doc_path(repo, bad_id)
+            bad.mkdir()  # read fails (EISDIR), as EACCES or EIO would on one file
+            assert [s.id for s in await repo.list(SessionQuery())] == [good.id]
+            late = make_session(created=2)
+            await repo.add(late)  # the directory changes: rescans
+            assert [s.id for s in await repo.list(SessionQuery())] == [late.id, good.id]
+            assert dict(await repo.count_by_status()) == {asyncsession.SessionStatus.ACTIVE: 2}
+            assert set(await repo.expired(at(1000))) == {good.id, late.id}
+            with pytest.raises(StorageError, match=str(bad)):
+                await repo.get(bad_id)
+            assert len(quarantined(repo)) == 0  # not damaged, just unreadable: left alone
+        reported = [r for r in caplog.records if str(bad) in r.getMessage()]
+        assert len(reported) == 1 and reported[0].getMessage().startswith("skipping")
+        async with FileRepository(tmp_path / "store", shared=False) as repo:  # at open, too
+            assert [s.id for s in await repo.list(SessionQuery())] == [late.id, good.id]
+
+
 async def test_a_failed_close_of_the_temporary_file_closes_it_once(
     tmp_path: Path, repo: FileRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:

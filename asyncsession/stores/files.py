@@ -21,7 +21,10 @@ JSON parser cannot, such as a flipped byte inside a message. A document without
 ``checksum`` (written by hand, or an older schema version) is validated in full and
 migrated; its next write adds the checksum. A document that cannot be read is moved to
 ``quarantine/`` and reported as :class:`CorruptSessionError`; other sessions keep working.
-Ids become file names only as canonical UUIDs, so no input can name another path.
+An entry that cannot be read at all (permissions, I/O error, a directory with a document's
+name) is logged once and left out of listings; reading that session raises
+:class:`StorageError` naming the file. Ids become file names only as canonical UUIDs, so
+no input can name another path.
 """
 
 from __future__ import annotations
@@ -491,9 +494,10 @@ class FileRepository(SessionRepository):
         self._session_locks = KeyedLocks()
         self._sync_lock = threading.Lock()
         self._synced_mtime: int | None = None
-        # Documents of a newer release a scan skipped, by the stamp it saw (under
-        # _sync_lock): unchanged, they are neither read nor reported again.
-        self._newer: dict[uuid.UUID, Stamp] = {}
+        # Documents a scan left out of the index (of a newer release, or unreadable), by
+        # the stamp it saw (under _sync_lock): unchanged, they are neither read nor
+        # reported again.
+        self._skipped: dict[uuid.UUID, Stamp] = {}
         self._limiter: anyio.CapacityLimiter | None = None
 
     def __repr__(self) -> str:
@@ -886,8 +890,8 @@ class FileRepository(SessionRepository):
             for sid, stamp in known.items():
                 if sid not in seen:
                     self._index.drop(sid, only_if=stamp)
-            for sid in [sid for sid in self._newer if sid not in seen]:
-                del self._newer[sid]
+            for sid in [sid for sid in self._skipped if sid not in seen]:
+                del self._skipped[sid]
             racy = time.time_ns() - before < _RACY_NS
             self._synced_mtime = None if racy else before
 
@@ -908,18 +912,26 @@ class FileRepository(SessionRepository):
             if initial:
                 logger.warning("ignoring %s: not a session document name", item.path)
             return
+        seen.add(sid)
+        old = known.get(sid)
         try:
             stamp = _stamp(item.stat(follow_symlinks=False))
         except FileNotFoundError:
+            seen.discard(sid)
             return
-        seen.add(sid)
-        old = known.get(sid)
-        if old == stamp or self._newer.get(sid) == stamp:
+        except OSError as exc:  # one bad entry must not break the listing of the others
+            self._skip(sid, (-1, -1, exc.errno or 0), old, _storage_error("stat", item.path, exc))
             return
-        self._newer.pop(sid, None)
+        if old == stamp or self._skipped.get(sid) == stamp:
+            return
+        self._skipped.pop(sid, None)
         try:
             data, stamp = self._read_bytes(item.path)
         except FileNotFoundError:
+            seen.discard(sid)
+            return
+        except StorageError as exc:  # e.g. a directory with a document's name, EACCES, EIO
+            self._skip(sid, stamp, old, exc)
             return
         try:
             doc = _parse(data, sid, stamp)
@@ -928,17 +940,28 @@ class FileRepository(SessionRepository):
             seen.discard(sid)
             return
         except SchemaVersionError as exc:  # rewritten by a newer release: not listable
-            logger.warning("skipping %s: %s", item.path, exc)
-            self._newer[sid] = stamp
-            if old is not None:
-                self._index.drop(sid, only_if=old)
+            self._skip(sid, stamp, old, exc)
             return
         self._index.put(_entry(doc), only_if=old)
 
+    def _skip(self, sid: uuid.UUID, stamp: Stamp, old: Stamp | None, why: Exception) -> None:
+        """Leave a document out of the index until it changes; report it once per change.
+
+        A direct read of the session still raises the error (:meth:`get` says which).
+        """
+        if self._skipped.get(sid) != stamp:
+            logger.warning("skipping %s: %s", self._doc_path(sid), why)
+        self._skipped[sid] = stamp
+        if old is not None:
+            self._index.drop(sid, only_if=old)
+
     def _quarantine_nowait(self, sid: uuid.UUID) -> None:
         """Quarantine a document found damaged by a scan, if its lock is free."""
-        lock_path = self._lock_path(sid)
-        fd = self._acquire_nowait(lock_path)
+        try:
+            fd = self._acquire_nowait(self._lock_path(sid))
+        except StorageError as exc:
+            logger.warning("session %s looks corrupt but cannot be locked: %s", sid, exc)
+            return
         if fd is None or fd < 0:
             logger.warning("session %s looks corrupt but is being written; skipped", sid)
             return
@@ -946,6 +969,9 @@ class FileRepository(SessionRepository):
             try:
                 data, _ = self._read_bytes(self._doc_path(sid))
             except FileNotFoundError:
+                return
+            except StorageError as exc:
+                logger.warning("session %s looks corrupt but cannot be read again: %s", sid, exc)
                 return
             try:
                 _parse(data, sid, (0, 0, 0))
@@ -962,7 +988,11 @@ class FileRepository(SessionRepository):
         sid = _id_from_temp_name(name)
         fd: int | None = -1
         if sid is not None:
-            fd = self._acquire_nowait(self._lock_path(sid))
+            try:
+                fd = self._acquire_nowait(self._lock_path(sid))
+            except StorageError as exc:
+                logger.warning("left stale temporary file %s: %s", path, exc)
+                return
             if fd is None or fd < 0:
                 return  # a writer of this session is active
         try:
