@@ -782,3 +782,14 @@ async def test_a_failed_document_lookup_is_an_error_and_keeps_the_lock_file(
             await repo.add(changed(session, owner="carol"))
     assert lock_path(repo, session.id).exists()  # a live session's lock file stays
     assert await repo.get(session.id) == session
+
+
+async def test_a_removed_quarantine_directory_is_recreated(repo: FileRepository) -> None:
+    session = make_session()
+    await repo.add(session)
+    (repo.directory / "quarantine").rmdir()
+    doc_path(repo, session.id).write_bytes(b"garbage")
+    with pytest.raises(CorruptSessionError, match="moved to quarantine"):
+        await repo.get(session.id)
+    assert [p.name for p in quarantined(repo)] == [f"{session.id}.json"]
+    assert not doc_path(repo, session.id).exists()

@@ -830,15 +830,29 @@ class FileRepository(SessionRepository):
     def _quarantine(self, sid: uuid.UUID, reason: str) -> str | None:
         """Move a damaged document aside, never overwriting an earlier one (lock held)."""
         src = self._doc_path(sid)
-        for n in itertools.count():
+        recreated = False
+        n = 0
+        while True:
             name = f"{sid}{_SUFFIX}" if n == 0 else f"{sid}.{n}{_SUFFIX}"
             dst = os.path.join(self._quarantine_dir, name)
+            n += 1
             try:
                 os.link(src, dst)
             except FileExistsError:
                 continue
             except FileNotFoundError:
-                return None
+                # The document vanished, or quarantine/ was removed while the store was
+                # open: then recreate it once and retry this name.
+                if recreated or not os.path.lexists(src):
+                    return None
+                recreated, n = True, n - 1
+                try:
+                    os.makedirs(self._quarantine_dir, exist_ok=True)
+                except OSError:
+                    logger.exception("could not recreate %s", self._quarantine_dir)
+                    return None
+                logger.warning("recreated %s, which was removed", self._quarantine_dir)
+                continue
             except OSError:
                 # No hard links here: the lock serializes quarantines of this id.
                 if os.path.lexists(dst):
