@@ -793,3 +793,29 @@ async def test_a_removed_quarantine_directory_is_recreated(repo: FileRepository)
         await repo.get(session.id)
     assert [p.name for p in quarantined(repo)] == [f"{session.id}.json"]
     assert not doc_path(repo, session.id).exists()
+
+
+async def test_first_open_makes_the_new_directories_durable(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: set[tuple[int, int]] = set()
+    real_fsync = os.fsync
+
+    def record(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    def key(path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return (st.st_dev, st.st_ino)
+
+    monkeypatch.setattr(files, "_fsync", record)
+    root = tmp_path / "store"
+    async with FileRepository(root):
+        pass
+    assert {key(tmp_path), key(root)} <= synced  # the entries of root and of sessions/ etc.
+    synced.clear()
+    async with FileRepository(root):
+        pass
+    assert synced == set()  # nothing new to make durable

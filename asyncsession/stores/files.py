@@ -544,11 +544,18 @@ class FileRepository(SessionRepository):
                 f"Cannot open a FileRepository at {root}: the parent directory "
                 f"{root.parent} does not exist. Create it first."
             )
+        created = False
         for path in (str(root), self._sessions_dir, self._locks_dir, self._quarantine_dir):
             try:
-                os.makedirs(path, exist_ok=True)
+                os.mkdir(path)
+                created = True
+            except FileExistsError:
+                pass
             except OSError as exc:
                 raise _storage_error("create the store directory", path, exc) from exc
+        if created:  # make the new directories themselves survive a power loss
+            self._sync_dir(os.fspath(root.parent), written=os.fspath(root))
+            self._sync_dir(os.fspath(root), written=self._sessions_dir)
         probe = os.path.join(self._sessions_dir, f"{_TMP_PREFIX}probe-{secrets.token_hex(6)}")
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
