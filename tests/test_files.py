@@ -819,3 +819,21 @@ async def test_first_open_makes_the_new_directories_durable(
     async with FileRepository(root):
         pass
     assert synced == set()  # nothing new to make durable
+
+
+async def test_import_works_without_fcntl(anyio_backend: str) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['fcntl'] = None  # as on Windows\n"
+        "import asyncsession\n"
+        "try:\n"
+        "    asyncsession.FileRepository('store')\n"
+        "except asyncsession.InvalidConfiguration as exc:\n"
+        "    print(exc)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = await anyio.run_process([sys.executable, "-c", code], env=env, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().strip() == (
+        "FileRepository needs POSIX file locks (fcntl); use SQLiteRepository on this platform."
+    )

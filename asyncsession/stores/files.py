@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-import fcntl
 import functools
 import hashlib
 import heapq
@@ -71,6 +70,11 @@ from .._migrations import CURRENT_VERSION, document_version
 from .._models import ExpiryPolicy, Message, MessageLog, Session, SessionStatus
 from .._serialization import session_from_document, session_to_document
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
+
+try:
+    import fcntl
+except ImportError:  # no POSIX file locks (Windows): FileRepository() refuses to be built
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["FileRepository", "LockTimeout"]
 
@@ -463,6 +467,9 @@ class FileRepository(SessionRepository):
     is carried over as raw JSON, so the cost is bytes, not objects). ``append`` returns a
     window holding the appended messages and ``get(last_messages=n)`` builds only the
     last ``n`` messages. This store suits modest histories; prefer SQLite for long ones.
+
+    POSIX only (it locks with ``fcntl.flock``): on other platforms the constructor raises
+    :class:`InvalidConfiguration`; use ``SQLiteRepository`` there.
     """
 
     def __init__(
@@ -482,6 +489,11 @@ class FileRepository(SessionRepository):
             )
         if type(max_threads) is not int or max_threads < 1:
             raise InvalidConfiguration(f"max_threads must be an int >= 1, got {max_threads!r}.")
+        if fcntl is None:
+            raise InvalidConfiguration(
+                "FileRepository needs POSIX file locks (fcntl); use SQLiteRepository on "
+                "this platform."
+            )
         self._root = Path(directory)
         self._sessions_dir = str(self._root / "sessions")
         self._locks_dir = str(self._root / "locks")
