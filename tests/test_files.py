@@ -6,6 +6,7 @@ import errno
 import fcntl
 import logging
 import os
+import pickle
 import signal
 import stat
 import sys
@@ -819,6 +820,14 @@ async def test_first_open_makes_the_new_directories_durable(
     async with FileRepository(root):
         pass
     assert synced == set()  # nothing new to make durable
+
+
+def test_lock_timeout_survives_pickling() -> None:
+    error = LockTimeout(uuid.uuid4(), "/store/locks/x.lock", 0.5)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is LockTimeout and str(copy) == str(error)
+    assert (copy.session_id, copy.path, copy.timeout) == (error.session_id, error.path, 0.5)
+    assert copy.recoverable
 
 
 async def test_import_works_without_fcntl(anyio_backend: str) -> None:

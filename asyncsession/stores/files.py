@@ -113,6 +113,10 @@ class LockTimeout(StorageError):
             "if writers legitimately hold sessions that long."
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # BaseException pickles ``args`` (the message alone); rebuild from the data.
+        return (type(self), (self.session_id, self.path, self.timeout), self.__dict__)
+
 
 class _NotDurable(StorageError):
     """The change is in place, but fsync of its directory failed."""
