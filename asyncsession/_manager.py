@@ -83,7 +83,10 @@ class SessionManager:
     ``retention`` is how long closed sessions stay readable. ``touch_interval``
     coalesces activity: a read moves ``last_active`` (a store write) only if that moves
     it by at least this much, so idle deadlines are exact to within it (``None``: every
-    touching read writes).
+    touching read writes); it is capped at half of ``idle_timeout``, so reads always keep
+    a session alive. ``max_retries`` is how many times an update may be tried in all.
+    ``reporter_timeout`` bounds each reporter call (``None``: no bound while running;
+    at exit, queued reports get 5 s per call).
     """
 
     def __init__(
@@ -119,11 +122,15 @@ class SessionManager:
         self._held_snapshots = (
             type(repository).get_for_update is not SessionRepository.get_for_update
         )
+        idle = to_timedelta(idle_timeout, "idle_timeout")
+        touch = to_timedelta(touch_interval, "touch_interval") or timedelta(0)
+        if idle is not None:  # a read must always move the idle deadline
+            touch = min(touch, idle / 2)
         self._policy = ExpiryPolicy(
-            idle_timeout=to_timedelta(idle_timeout, "idle_timeout"),
+            idle_timeout=idle,
             max_age=to_timedelta(max_age, "max_age"),
             retention=to_timedelta(retention, "retention"),
-            touch_interval=to_timedelta(touch_interval, "touch_interval") or timedelta(0),
+            touch_interval=touch,
         )
         self._cleanup_interval = to_timedelta(cleanup_interval, "cleanup_interval")
         self._clock: Clock = clock if clock is not None else SystemClock()
@@ -157,6 +164,7 @@ class SessionManager:
         self._rotating: set[uuid.UUID] = set()  # ids whose rotation holds their lock
         self._events = EventHub()
         self._running = False
+        self._starting = False
         self._stack: AsyncExitStack | None = None
         self._cleanup_passes = 0
         self._expired_total = 0
@@ -193,8 +201,9 @@ class SessionManager:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def __aenter__(self) -> SessionManager:
-        if self._running or self._stack is not None:
+        if self._running or self._stack is not None or self._starting:
             raise InvalidConfiguration("This SessionManager is already running.")
+        self._starting = True  # until entry ends: a second entry meanwhile is refused
         stack = AsyncExitStack()
         try:
             await stack.enter_async_context(self._repository)
@@ -214,6 +223,8 @@ class SessionManager:
         except BaseException:
             await stack.aclose()
             raise
+        finally:
+            self._starting = False
         self._stack = stack
         self._running = True
         return self
@@ -225,6 +236,8 @@ class SessionManager:
         tb: TracebackType | None,
     ) -> bool | None:
         self._running = False
+        if self._cleanup_done is not None:  # wake wait_for_cleanup(): no pass will come
+            self._cleanup_done.set()
         self._events.close()
         if self._outbox is not None:
             self._outbox.close()
@@ -242,6 +255,7 @@ class SessionManager:
         return await stack.__aexit__(exc_type, exc, tb)
 
     def _report_call_seconds(self) -> float:
+        """The bound used at exit: ``reporter_timeout``, or 5 s if it is None."""
         timeout = self._reporter_timeout
         return 5.0 if timeout is None else timeout.total_seconds()
 
@@ -339,7 +353,8 @@ class SessionManager:
             state=state,
             expires_at=self._policy.deadline(SessionStatus.ACTIVE, now, now, None),
         )
-        await self._repository.add(session)
+        with anyio.CancelScope(shield=True):  # a stored write is always announced
+            await self._repository.add(session)
         self._emit(EventKind.CREATED, session.id, session, now)
         return session
 
@@ -368,9 +383,10 @@ class SessionManager:
                 now = self._clock.now()
                 new, added = self._prepare(old, result, now)
                 try:
-                    await self._repository.save(
-                        new, expected_revision=old.revision, new_messages=added
-                    )
+                    with anyio.CancelScope(shield=True):  # a stored write is always announced
+                        await self._repository.save(
+                            new, expected_revision=old.revision, new_messages=added
+                        )
                 except SessionConflict:
                     logger.debug("session %s changed concurrently; retrying update", sid)
                     continue
@@ -488,9 +504,10 @@ class SessionManager:
         now = self._clock.now()
         batch = [Message(role, content, now, data) for role, content, data in messages]
         self._check_messages(batch, 0)
-        session = await self._repository.append(
-            sid, batch, at=now, policy=self._policy, max_messages=self._max_messages
-        )
+        with anyio.CancelScope(shield=True):  # a stored write is always announced
+            session = await self._repository.append(
+                sid, batch, at=now, policy=self._policy, max_messages=self._max_messages
+            )
         self._emit(EventKind.MESSAGE_ADDED, sid, session, now)
         return session
 
@@ -622,7 +639,8 @@ class SessionManager:
         if await self._expire(sid, now):
             deleted = False
         else:
-            deleted = await self._repository.delete(sid)
+            with anyio.CancelScope(shield=True):  # a stored write is always announced
+                deleted = await self._repository.delete(sid)
         if not deleted:
             if missing_ok:
                 return False
@@ -686,7 +704,9 @@ class SessionManager:
             async with receive:
                 async for report in receive:
                     for reporter in self._reporters:
-                        with anyio.move_on_after(self._report_call_seconds()) as scope:
+                        timeout = self._reporter_timeout
+                        limit = None if timeout is None else timeout.total_seconds()
+                        with anyio.move_on_after(limit) as scope:
                             try:
                                 await reporter.report(report)
                             except Exception:
@@ -810,6 +830,8 @@ class SessionManager:
             )
         assert self._cleanup_done is not None
         await self._cleanup_done.wait()
+        if not self._running:  # woken by the exit, not by a finished pass
+            raise ManagerNotRunning()
 
     async def _cleanup_loop(self, due: datetime) -> None:
         # Passes are due at absolute clock times (entry + interval, then interval after

@@ -868,6 +868,80 @@ async def test_a_cancelled_rotation_leaves_exactly_one_live_copy(
         assert (await sessions.stats()).total == 1
 
 
+async def test_a_write_whose_caller_is_cancelled_is_still_announced(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    async with paused_rotation(clock) as (store, sessions, _old, release):
+        store.pause_after = True
+        async with sessions.subscribe() as events:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(sessions.create)
+                    await store.entered.wait()
+                    scope.cancel()  # the session is stored; add() has not returned yet
+                    release.set()
+            event = events.receive_nowait()
+        assert event.kind is s.EventKind.CREATED
+        assert await sessions.exists(event.session_id)
+
+
+async def test_wait_for_cleanup_ends_when_the_manager_exits(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    outcome: list[str] = []
+
+    async def wait(sessions: s.SessionManager) -> None:
+        try:
+            await sessions.wait_for_cleanup()
+        except s.ManagerNotRunning:
+            outcome.append("not running")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            async with s.SessionManager(
+                s.MemoryRepository(), cleanup_interval=30, clock=clock
+            ) as sessions:
+                tg.start_soon(wait, sessions)
+                await anyio.wait_all_tasks_blocked()
+    assert outcome == ["not running"]
+
+
+class SlowOpen(s.MemoryRepository):
+    def __init__(self) -> None:
+        super().__init__()
+        self.opening = anyio.Event()
+        self.proceed = anyio.Event()
+
+    async def _open(self) -> None:
+        self.opening.set()
+        await self.proceed.wait()
+
+
+async def test_entering_a_manager_twice_at_once_is_refused(anyio_backend: str) -> None:
+    store = SlowOpen()
+    sessions = s.SessionManager(store, cleanup_interval=None)
+
+    async def first() -> None:
+        async with sessions:
+            await sessions.create()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await store.opening.wait()
+            with pytest.raises(s.InvalidConfiguration, match="already running"):
+                await sessions.__aenter__()
+            store.proceed.set()
+    assert not sessions.running
+
+
+def test_touch_interval_is_capped_at_half_the_idle_timeout() -> None:
+    policy = s.SessionManager(s.MemoryRepository(), idle_timeout=10, touch_interval=60).policy
+    assert policy.touch_interval == timedelta(seconds=5)
+    policy = s.SessionManager(s.MemoryRepository(), idle_timeout=None, touch_interval=60).policy
+    assert policy.touch_interval == timedelta(seconds=60)
+
+
 async def _collect(into: list[s.Session], call: Awaitable[s.Session]) -> None:
     into.append(await call)
 
