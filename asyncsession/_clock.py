@@ -44,6 +44,9 @@ class SystemClock:
         return "SystemClock()"
 
 
+_LONGEST = timedelta(days=36500)  # deadlines stay far inside datetime's range
+
+
 def to_timedelta(value: Duration, name: str) -> timedelta | None:
     """Convert a duration argument to a positive timedelta, or None."""
     if value is None:
@@ -52,10 +55,17 @@ def to_timedelta(value: Duration, name: str) -> timedelta | None:
         raise InvalidConfiguration(
             f"{name} must be seconds (int or float), a timedelta, or None; got {value!r}."
         )
-    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
+    try:
+        delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
+    except (OverflowError, ValueError):  # inf, nan, or beyond timedelta's range
+        delta = _LONGEST * 2 if value == value else timedelta(0)
     if delta <= timedelta(0):
         raise InvalidConfiguration(
             f"{name} must be positive; got {value!r}. Use None to disable it."
+        )
+    if delta > _LONGEST:
+        raise InvalidConfiguration(
+            f"{name} must be at most {_LONGEST.days} days; got {value!r}. Use None for no limit."
         )
     return delta
 

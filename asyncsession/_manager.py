@@ -31,7 +31,14 @@ from ._exceptions import (
 )
 from ._json import freeze_state
 from ._locks import KeyedLocks
-from ._models import ExpiryPolicy, Message, Session, SessionStatus, replace_trusted
+from ._models import (
+    ExpiryPolicy,
+    Message,
+    Session,
+    SessionStatus,
+    parse_status,
+    replace_trusted,
+)
 from .abc import EventTransport, Page, SessionQuery, SessionRepository
 from .reporting import Reporter, SessionReport
 
@@ -275,6 +282,7 @@ class SessionManager:
         last ``n`` messages (``messages.total`` stays exact).
         """
         self._check_running()
+        _check_last_messages(last_messages)
         sid = _parse_id(session_id)
         now = self._clock.now()
         if touch:
@@ -367,6 +375,7 @@ class SessionManager:
         ``created_at`` or ``revision``; setting a terminal status closes the session.
         """
         self._check_running()
+        _check_callable(fn)
         sid = _parse_id(session_id)
         return await self._update(sid, fn)
 
@@ -495,14 +504,23 @@ class SessionManager:
         return await self.add_messages(session_id, [(role, content, data)])
 
     async def add_messages(
-        self, session_id: SessionId, messages: Iterable[tuple[str, str, Any]]
+        self,
+        session_id: SessionId,
+        messages: Iterable[tuple[str, str] | tuple[str, str, Any]],
     ) -> Session:
-        """Append several ``(role, content, data)`` messages atomically."""
+        """Append several ``(role, content)`` or ``(role, content, data)`` messages atomically.
+
+        An empty list stores nothing and returns the session as it is.
+        """
         self._check_running()
         sid = _parse_id(session_id)
         await self._after_rotation(sid)
         now = self._clock.now()
-        batch = [Message(role, content, now, data) for role, content, data in messages]
+        batch = [
+            Message(role, content, now, data) for role, content, data in map(_fields, messages)
+        ]
+        if not batch:  # nothing to store: no write, no event
+            return await self.get(sid, touch=False)
         self._check_messages(batch, 0)
         with anyio.CancelScope(shield=True):  # a stored write is always announced
             session = await self._repository.append(
@@ -523,7 +541,7 @@ class SessionManager:
         A closed session rejects updates with :class:`SessionClosed` and stays readable
         until ``retention`` passes.
         """
-        status = SessionStatus(status)
+        status = parse_status(status)
         if not status.is_terminal:
             raise InvalidConfiguration(
                 f"close() takes a terminal status (exited, crashed, abnormal, expired), got "
@@ -555,6 +573,8 @@ class SessionManager:
         a fresh read, and a deleted session stays deleted (:class:`SessionNotFound`).
         """
         self._check_running()
+        if fn is not None:
+            _check_callable(fn)
         sid = _parse_id(session_id)
         async with self._locks(sid):
             self._rotating.add(sid)
@@ -850,6 +870,31 @@ class SessionManager:
             done, self._cleanup_done = self._cleanup_done, anyio.Event()
             assert done is not None
             done.set()
+
+
+def _check_last_messages(value: object) -> None:
+    if value is not None and (type(value) is not int or value < 0):
+        raise InvalidConfiguration(
+            f"last_messages must be an int >= 0 or None (the whole history); got {value!r}."
+        )
+
+
+def _check_callable(fn: object) -> None:
+    if not callable(fn):
+        raise InvalidUpdate(
+            f"The update function must be callable (snapshot -> new snapshot); got {fn!r:.60}. "
+            "For example `lambda s: s.with_state(count=1)`."
+        )
+
+
+def _fields(item: object) -> tuple[str, str, Any]:
+    """``(role, content, data)`` from an ``add_messages`` item; data is optional."""
+    if isinstance(item, tuple) and len(item) in (2, 3):
+        role, content, *rest = item
+        return role, content, rest[0] if rest else None
+    raise InvalidUpdate(
+        f"add_messages() takes (role, content) or (role, content, data) tuples; got {item!r:.60}."
+    )
 
 
 def _parse_id(session_id: SessionId) -> uuid.UUID:

@@ -15,10 +15,12 @@ import attrs
 from ._clock import current_time, utc
 from ._exceptions import (
     CorruptSessionError,
+    InvalidConfiguration,
     InvalidOwner,
     InvalidRole,
     InvalidSessionName,
     SessionError,
+    ValidationError,
 )
 from ._json import EMPTY, FrozenDict, freeze_json, freeze_state
 
@@ -61,6 +63,17 @@ class SessionStatus(str, enum.Enum):
 _OPEN = frozenset({SessionStatus.ACTIVE, SessionStatus.ARCHIVED})
 
 
+def parse_status(value: object) -> SessionStatus:
+    """``value`` as a :class:`SessionStatus` (or its string value); else a typed error."""
+    try:
+        return SessionStatus(value)
+    except ValueError:
+        raise InvalidConfiguration(
+            f"Unknown session status {value!r}: use one of "
+            f"{', '.join(status.value for status in SessionStatus)}."
+        ) from None
+
+
 def validate_name(name: object) -> str | None:
     """Return ``name`` if it is None or 1-100 characters of ``[A-Za-z0-9_-]``."""
     if name is None:
@@ -98,7 +111,10 @@ def _freeze_data(value: object) -> Any:
 
 def _check_content(instance: object, attribute: object, content: Any) -> None:
     if type(content) is not str:
-        raise TypeError(f"Message content must be a str, got {type(content).__name__}.")
+        raise ValidationError(
+            f"Message content must be a str, got {type(content).__name__}; put structured "
+            "values in the message's data (any JSON value)."
+        )
     freeze_json(content, "content")
 
 

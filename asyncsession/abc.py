@@ -22,7 +22,7 @@ import attrs
 import orjson
 
 from ._exceptions import InvalidConfiguration, InvalidCursor
-from ._models import ExpiryPolicy, Message, Session, SessionStatus
+from ._models import ExpiryPolicy, Message, Session, SessionStatus, parse_status
 
 __all__ = [
     "EventTransport",
@@ -39,8 +39,15 @@ def _statuses(value: object) -> frozenset[SessionStatus] | None:
     if value is None:
         return None
     if isinstance(value, (SessionStatus, str)):
-        return frozenset({SessionStatus(value)})
-    return frozenset(SessionStatus(v) for v in value)  # type: ignore[attr-defined]
+        return frozenset({parse_status(value)})
+    if not isinstance(value, Iterable):
+        raise InvalidConfiguration(f"status must be a status or a list of them; got {value!r}.")
+    return frozenset(parse_status(v) for v in value)
+
+
+def _search(instance: object, attribute: object, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise InvalidConfiguration(f"search must be a str or None; got {value!r}.")
 
 
 def _limit(instance: object, attribute: object, value: int) -> None:
@@ -59,7 +66,7 @@ class SessionQuery:
 
     owner: str | None = None
     status: frozenset[SessionStatus] | None = attrs.field(default=None, converter=_statuses)
-    search: str | None = None
+    search: str | None = attrs.field(default=None, validator=_search)
     limit: int = attrs.field(default=50, validator=_limit)
     cursor: str | None = None
     visible_at: datetime | None = None

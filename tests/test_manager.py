@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -940,6 +940,47 @@ def test_touch_interval_is_capped_at_half_the_idle_timeout() -> None:
     assert policy.touch_interval == timedelta(seconds=5)
     policy = s.SessionManager(s.MemoryRepository(), idle_timeout=None, touch_interval=60).policy
     assert policy.touch_interval == timedelta(seconds=60)
+
+
+async def test_bad_arguments_get_typed_errors_and_store_nothing(
+    sessions: s.SessionManager,
+) -> None:
+    session = await sessions.create()
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: sessions.add_message(session.id, "user", 123),  # type: ignore[arg-type]
+        lambda: sessions.add_messages(session.id, [("user",)]),  # type: ignore[list-item]
+        lambda: sessions.add_messages(session.id, ["user: hi"]),  # type: ignore[list-item]
+        lambda: sessions.list(status="bogus"),  # type: ignore[arg-type]
+        lambda: sessions.list(search=5),  # type: ignore[arg-type]
+        lambda: sessions.close(session.id, status="bogus"),  # type: ignore[arg-type]
+        lambda: sessions.get(session.id, last_messages="3"),  # type: ignore[arg-type]
+        lambda: sessions.get(session.id, last_messages=-1),
+        lambda: sessions.update(session.id, 5),  # type: ignore[arg-type]
+        lambda: sessions.rotate(session.id, "not callable"),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        with pytest.raises(s.ValidationError):
+            await call()
+    stored = await sessions.get(session.id, touch=False)
+    assert stored.revision == session.revision and stored.messages.total == 0
+    same = await sessions.add_messages(session.id, [])  # nothing to add: no write
+    assert same.revision == session.revision
+    two = await sessions.add_messages(session.id, [("user", "hi"), ("tool", "42", {"x": 1})])
+    assert [(m.content, m.data) for m in two.messages[-2:]] == [("hi", None), ("42", {"x": 1})]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"idle_timeout": math.inf},
+        {"idle_timeout": 1e300},
+        {"max_age": timedelta.max},
+        {"retention": math.nan},
+    ],
+)
+def test_durations_out_of_range_are_configuration_errors(options: dict[str, Any]) -> None:
+    with pytest.raises(s.InvalidConfiguration):
+        s.SessionManager(s.MemoryRepository(), **options)
 
 
 async def _collect(into: list[s.Session], call: Awaitable[s.Session]) -> None:
