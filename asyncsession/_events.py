@@ -116,7 +116,8 @@ class Subscription:
             raise StopAsyncIteration from None
 
     def receive_nowait(self) -> SessionEvent:
-        """Return a buffered event or raise :class:`anyio.WouldBlock`."""
+        """Return a buffered event; raise :class:`anyio.WouldBlock` if none is buffered,
+        or :class:`anyio.EndOfStream` once the subscription has ended and is drained."""
         return self._receive.receive_nowait()
 
 
