@@ -27,6 +27,7 @@ from redis_support import HOST, RedisServer, free_port, require_redis, start_red
 
 from asyncsession import (
     ExpiryPolicy,
+    InvalidConfiguration,
     Message,
     Session,
     SessionManager,
@@ -475,3 +476,75 @@ async def test_expiry_scan_examines_a_bounded_number_of_entries_per_script(
     assert dict(await store.count_by_status("o")) == {SessionStatus.ACTIVE: len(live)}
     page = await store.list(SessionQuery(owner="o"))
     assert {s.id for s in page} == {s.id for s in live}
+
+
+@pytest.mark.anyio
+async def test_subscribing_to_an_unreachable_server_raises_storage_error() -> None:
+    port = free_port()
+    async with RedisRepository(f"redis://{HOST}:{port}/0", timeout=2) as store:
+        with anyio.fail_after(60):  # only so that a regression fails instead of hanging
+            with pytest.raises(StorageError) as info:
+                async with store.subscribe_events():
+                    pytest.fail("subscribed to a server that does not exist")
+    assert info.value.recoverable
+    assert f"{HOST}:{port}" in str(info.value)
+    assert "Unable to establish a connection" in str(info.value)  # the cause
+
+
+@pytest.mark.anyio
+async def test_what_the_subscribers_block_raises_comes_out_as_it_is(
+    redis_server: RedisServer,
+) -> None:
+    async with RedisRepository(redis_server.url, prefix=prefix()) as store:
+        for mine in (TimeoutError("mine"), FileNotFoundError("mine"), KeyError("mine")):
+            with pytest.raises(type(mine)) as info:
+                async with store.subscribe_events():
+                    raise mine
+            assert info.value is mine
+        with anyio.CancelScope() as scope:
+            async with store.subscribe_events() as events:
+                scope.cancel()
+                await events.__anext__()
+        assert scope.cancelled_caught
+        # the store still subscribes and publishes
+        async with store.subscribe_events() as events:  # confirmed by the server
+            assert await store.publish_event("updated", uuid.uuid4(), at=T0) == 1
+            with anyio.fail_after(10):
+                assert (await events.__anext__()).kind == "updated"
+
+
+@pytest.mark.anyio
+async def test_a_subscription_needs_a_second_connection(redis_server: RedisServer) -> None:
+    async with RedisRepository(redis_server.url, prefix=prefix(), max_connections=1) as store:
+        with pytest.raises(InvalidConfiguration, match="max_connections=2 or more"):
+            async with store.subscribe_events():
+                pytest.fail("subscribed with the only connection")
+        assert await store.get(uuid.uuid4()) is None  # the store still works
+    url, key_prefix = redis_server.url, prefix()
+    async with SessionManager(
+        RedisRepository(url, prefix=key_prefix, max_connections=2),
+        share_events=True,
+        cleanup_interval=None,
+    ) as manager:
+        with anyio.fail_after(10):  # a regression would wait for a connection forever
+            created = await manager.create()
+            assert (await manager.get(created.id)).id == created.id
+
+
+@pytest.mark.anyio
+async def test_waiting_for_a_pool_connection_is_bounded_by_timeout(
+    redis_server: RedisServer,
+) -> None:
+    async with RedisRepository(
+        redis_server.url, prefix=prefix(), max_connections=2, timeout=1
+    ) as store:
+        with anyio.fail_after(60):  # only so that a regression fails instead of hanging
+            async with store.subscribe_events(), store.subscribe_events():
+                # both connections are held by subscriptions: nothing is ever sent
+                with pytest.raises(StorageError) as info:
+                    await store.add(new_session())
+        message = str(info.value)
+        assert info.value.recoverable
+        assert "nothing was sent" in message and "max_connections" in message
+        assert "may or may not have been applied" not in message
+        assert dict(await store.count_by_status()) == {}

@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import re
 import secrets
+import sys
 import uuid
 from collections import OrderedDict
 from collections.abc import (
@@ -41,8 +43,9 @@ from collections.abc import (
 )
 from datetime import datetime, timedelta, timezone
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
+import anyio
 import attrs
 import orjson
 
@@ -81,6 +84,9 @@ from ..abc import (
     encode_cursor,
 )
 from ._held import Held, HeldSnapshots
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
     import coredis
@@ -518,6 +524,56 @@ def _closing_connections(pool: Any) -> None:
     pool.connection_class = ClosingConnection
 
 
+class _NotSent(Exception):
+    """A request got no connection (none free in time, or connecting failed): the server
+    never saw it. ``__cause__`` says why."""
+
+
+def _marking_unsent(pool: Any, errors: tuple[type[BaseException], ...]) -> None:
+    """Make a store-made pool's failures to hand out a connection raise :class:`_NotSent`,
+    so that an error does not claim a write may have been applied when it was never sent."""
+    get_connection = pool.get_connection
+
+    async def marked(**kwargs: Any) -> Any:
+        try:
+            return await get_connection(**kwargs)
+        except errors as exc:
+            raise _NotSent(str(exc)) from exc
+
+    pool.get_connection = marked
+
+
+def _subscription_policy(retry: ModuleType, errors: tuple[type[BaseException], ...]) -> Any:
+    """A coredis retry policy for a subscription: its first connect is not retried (the
+    caller hears at once that Redis is unreachable); once it is ``live``, a lost connection
+    is made again with backoff, as coredis does by default."""
+
+    class Resubscribe(retry.ExponentialBackoffRetryPolicy):  # type: ignore[misc,name-defined]
+        live = False
+
+        def will_retry(self, exc: BaseException) -> bool:
+            return self.live and bool(super().will_retry(exc))
+
+    return Resubscribe(errors, retries=None, base_delay=0.1, max_delay=16, jitter=True)
+
+
+def _sole(exc: BaseException, keep: BaseException | None) -> BaseException:
+    """``exc`` without the exception groups of one exception around it (task groups wrap
+    what crosses them); ``keep`` (the caller's own exception) is never unwrapped."""
+    while exc is not keep and isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` again as it was (not chained to the group it came out of)."""
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+
+
 def _us(value: datetime) -> int:
     return (value - _EPOCH) // _US
 
@@ -664,22 +720,31 @@ class RedisRepository(SessionRepository, EventTransport):
             )
         self._prefix = prefix
         self._grace = _delta_us(key_expiry_grace)
+        self._timeout = timeout
         self._owns_client = isinstance(client_or_url, str)
+        self._errors_module = importlib.import_module("coredis.exceptions")
+        self._retry = importlib.import_module("coredis.retry")
+        self._connection_errors: tuple[type[BaseException], ...] = (
+            self._errors_module.ConnectionError,
+            TimeoutError,
+            OSError,
+        )
         if isinstance(client_or_url, str):
             if not client_or_url.startswith(("redis://", "rediss://", "unix://")):
                 raise InvalidConfiguration(
                     f"Redis URL must start with redis://, rediss:// or unix://, got "
                     f"{client_or_url!r}."
                 )
-            retry = importlib.import_module("coredis.retry")
             client: coredis.Redis[Any] = module.Redis.from_url(
                 client_or_url,
-                retry_policy=retry.NoRetryPolicy(),
+                retry_policy=self._retry.NoRetryPolicy(),
                 stream_timeout=timeout,
                 connect_timeout=timeout,
+                pool_timeout=timeout,  # waiting for a free connection is bounded too
                 max_connections=max_connections,
             )
             _closing_connections(client.connection_pool)
+            _marking_unsent(client.connection_pool, self._connection_errors)
         elif isinstance(client_or_url, module.Redis):
             client = client_or_url
         else:
@@ -690,7 +755,6 @@ class RedisRepository(SessionRepository, EventTransport):
         self._client = client
         location = client.connection_pool.location
         self._address = repr(location) if location is not None else "(unknown address)"
-        self._errors_module = importlib.import_module("coredis.exceptions")
         self._no_script: type[Exception] = self._errors_module.NoScriptError
         self._key: Callable[[str], Any] = importlib.import_module("coredis.typing").Key
 
@@ -755,7 +819,22 @@ class RedisRepository(SessionRepository, EventTransport):
         errors = self._errors_module
         try:
             yield
-        except (errors.ConnectionError, TimeoutError, OSError) as exc:
+        except _NotSent as exc:
+            cause = exc.__cause__
+            busy = (
+                f" within {self._timeout} s (all {self._client.connection_pool.max_connections} "
+                "connections busy, or connecting took too long; raise max_connections or "
+                "timeout)"
+                if isinstance(cause, TimeoutError)
+                else f" ({type(cause).__name__}: {cause})"
+            )
+            raise StorageError(
+                f"No connection to Redis at {self._address} for {action}{busy}; nothing was "
+                "sent. Check that the server is running and reachable; the store reconnects "
+                "by itself.",
+                recoverable=True,
+            ) from cause
+        except self._connection_errors as exc:
             unsure = (
                 " The write may or may not have been applied; read the session before repeating it."
                 if write
@@ -1166,17 +1245,60 @@ class RedisRepository(SessionRepository, EventTransport):
     async def subscribe_events(self) -> AsyncIterator[AsyncIterator[RedisEvent]]:
         """Receive events published by any process: ``async with store.subscribe_events()``.
 
-        Yields an async iterator of :class:`RedisEvent`. Pub/sub is fire-and-forget:
-        events published while this subscriber is disconnected are lost.
+        Yields an async iterator of :class:`RedisEvent`. Subscribing takes at most the
+        store's ``timeout``; an unreachable server raises
+        :class:`~asyncsession.StorageError` at once. Once subscribed, a lost connection
+        is made again by itself (with backoff); if that fails, iterating raises
+        :class:`~asyncsession.StorageError`. Pub/sub is fire-and-forget: events
+        published while this subscriber is disconnected are lost. What the ``async
+        with`` block raises comes out as it is (not in an exception group).
+
+        The subscription holds one of the client's connections for as long as it lasts,
+        so the client needs ``max_connections`` of at least 2.
         """
-        with self._errors("a subscription"):
-            pubsub = self._client.pubsub(channels=[self.events_channel])
-            async with pubsub:
-                events = self._events(pubsub)
-                try:
-                    yield events
-                finally:
-                    await events.aclose()
+        pool = self._client.connection_pool
+        if pool.max_connections < 2:
+            raise InvalidConfiguration(
+                f"A subscription to Redis at {self._address} holds one of the client's "
+                f"connections while it lasts; with max_connections={pool.max_connections} "
+                "nothing else could run. Use max_connections=2 or more."
+            )
+        policy = _subscription_policy(self._retry, (*self._connection_errors, _NotSent))
+        pubsub = self._client.pubsub(
+            channels=[self.events_channel],
+            retry_policy=policy,
+            subscription_timeout=math.inf if self._timeout is None else self._timeout,
+        )
+        start = anyio.current_time()
+        raised: BaseException | None = None  # what the caller's block raised
+        try:
+            with anyio.CancelScope(
+                deadline=math.inf if self._timeout is None else start + self._timeout
+            ) as scope:
+                async with pubsub:
+                    scope.deadline = math.inf  # only subscribing is bounded
+                    policy.live = True
+                    events = self._events(pubsub)
+                    try:
+                        yield events
+                    except BaseException as exc:
+                        raised = exc
+                        raise
+                    finally:
+                        await events.aclose()
+        except BaseException as exc:
+            inner = _sole(exc, raised)
+            if inner is raised or not isinstance(inner, Exception):
+                _reraise(inner)
+            with self._errors("a subscription"):
+                _reraise(inner)
+        if scope.cancelled_caught:
+            raise StorageError(
+                f"Redis at {self._address} did not confirm a subscription to "
+                f"{self.events_channel!r} within {self._timeout} s. Check that the server "
+                "is running and reachable.",
+                recoverable=True,
+            )
 
     async def _events(self, pubsub: Any) -> AsyncGenerator[RedisEvent, None]:
         with self._errors("an event subscription"):
@@ -1196,6 +1318,12 @@ class RedisRepository(SessionRepository, EventTransport):
                     logger.warning("ignoring a malformed event on %s", self.events_channel)
                     continue
                 yield event
+        # coredis ends the iteration when it lost the subscription without making it again
+        raise StorageError(
+            f"The subscription to {self.events_channel!r} at Redis {self._address} ended "
+            "(its connection was lost); events published since are lost. Subscribe again.",
+            recoverable=True,
+        )
 
 
 @attrs.frozen(slots=True)
