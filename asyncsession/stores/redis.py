@@ -668,7 +668,11 @@ class RedisRepository(SessionRepository, EventTransport):
     :class:`coredis.Redis`) or a ``coredis.Redis`` client that the caller owns and has
     entered (``async with client:``); the store never closes a caller's client.
 
-    Keys start with ``prefix``, so several applications can share one database.
+    Keys start with ``prefix``, so several applications can share one database. The
+    prefixes of stores sharing a database must not nest (neither may start with the
+    other, e.g. ``app:`` and ``app:o:``): an owner name containing ``:`` would then name
+    an index key of the other store, and each store's listings and counts would corrupt
+    the other's.
     ``key_expiry_grace`` is how long after a session's deadline Redis deletes its data
     by itself (``None``: never); it runs on the Redis server's clock, so keep it well
     above the cleanup interval. ``timeout`` (seconds) bounds connecting and each reply
