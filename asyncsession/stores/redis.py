@@ -15,8 +15,9 @@ Layout (``P`` is the key prefix, ``ID`` the canonical lowercase UUID):
   status. ``P i:meta``: ``status[:owner]`` per id, to unindex sessions whose data Redis
   expired on its own.
 
-Every operation is one round trip: a Lua script (``EVALSHA``) or a single command, so
-compare-and-set, append-and-bump and multi-key index changes are atomic on the server.
+Every operation is one round trip, a Lua script (``EVALSHA``) or a single command, so
+compare-and-set, append-and-bump and multi-key index changes are atomic on the server;
+``list()`` and ``expired()`` run one script per ``scan_budget`` index entries examined.
 Data keys also get a Redis expiry (the deadline plus ``key_expiry_grace``), so expired
 data disappears even when no manager runs; indexes drop such ids lazily.
 """
