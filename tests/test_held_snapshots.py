@@ -234,18 +234,10 @@ async def test_a_session_deleted_and_added_again_elsewhere_is_not_overwritten(
 
 @pytest.mark.parametrize("cache", [1000, 0])
 async def test_an_update_based_on_a_fresh_read_is_not_applied_to_another_life(
-    place: Place, cache: int, request: pytest.FixtureRequest, anyio_backend: str
+    place: Place, cache: int, anyio_backend: str
 ) -> None:
     """Nothing held: the update reads the session. Deleted and added again elsewhere
     while the callback runs (same revision and times), it must not be overwritten."""
-    if "sqlite" in request.node.callspec.id:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="SQLiteRepository.get_for_update does not hand its read to "
-                "HeldSnapshots.lend_read (sqlite.py; reported to the lead)",
-            )
-        )
     clock = ManualClock(T0)
     async with AsyncExitStack() as stack:
         a, b = [

@@ -97,7 +97,7 @@ from .._serialization import (
     session_from_document,
 )
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
-from ._held import HeldSnapshots
+from ._held import HeldSnapshots, Incarnation
 
 __all__ = [
     "CHUNK_MESSAGES",
@@ -1460,19 +1460,29 @@ class SQLiteRepository(SessionRepository):
     async def get(
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
-        sid = _check_id(session_id)
+        return (await self._get(_check_id(session_id), last_messages))[0]
+
+    async def _get(
+        self, sid: uuid.UUID, last_messages: int | None = None
+    ) -> tuple[Session | None, Incarnation]:
+        """The stored session (or None) and its incarnation."""
 
         def op(conn: sqlite3.Connection) -> _Row | None:
             return self._read(conn, sid, last_messages)
 
         row = await self._call(op, write=False, transaction=False)
         if row is None:
-            return self._held.seen(sid, None)
-        return self._held.seen(sid, row.decode(self._documents), row.incarnation)
+            return self._held.seen(sid, None), None
+        session = self._held.seen(sid, row.decode(self._documents), row.incarnation)
+        return session, row.incarnation
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
         held = self._held.lend(session_id)
-        return held if held is not None else await self.get(session_id)
+        if held is not None:
+            return held
+        session, incarnation = await self._get(_check_id(session_id))
+        self._held.lend_read(session, incarnation)  # the save checks this read's life
+        return session
 
     async def add(self, session: Session) -> None:
         if not session.messages.is_complete:
