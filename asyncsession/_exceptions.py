@@ -65,6 +65,18 @@ class SessionError(Exception):
         """The human-readable message."""
         return str(self.args[0]) if self.args else ""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses build their message in __init__ from other arguments: rebuild
+        # without calling it, so errors cross process boundaries (multiprocessing) intact.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[SessionError], args: tuple[Any, ...], state: dict[str, Any]) -> SessionError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class SessionNotFound(SessionError, LookupError):
     """No live session has this id (never existed, expired, or deleted)."""

@@ -249,6 +249,32 @@ def test_any_json_value_is_accepted_frozen_and_round_trips(value: object) -> Non
     assert s.loads(s.dumps(session)).state == session.state
 
 
+def test_every_error_survives_pickling() -> None:
+    sid = uuid.uuid4()
+    errors: list[s.SessionError] = [
+        s.SessionError("plain", recoverable=True),
+        s.SessionNotFound(sid),
+        s.SessionClosed(sid, s.SessionStatus.EXITED),
+        s.SessionConflict(sid, attempts=3),
+        s.ManagerNotRunning(),
+        s.InvalidSessionName("bad name"),
+        s.InvalidOwner(""),
+        s.InvalidJSONValue("state.x", "not JSON"),
+        s.InvalidRole("robot", s.ROLES),
+        s.LimitExceeded("Messages", 10, 11),
+        s.InvalidCursor("zz"),
+        s.InvalidConfiguration("bad option"),
+        s.SchemaVersionError(99, 2),
+        s.CorruptSessionError("truncated", session_id=sid),
+        s.StorageError("disk full", recoverable=True),
+    ]
+    for error in errors:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error)
+        assert copy.message == error.message and copy.args == error.args
+        assert copy.__dict__ == error.__dict__ and copy.recoverable == error.recoverable
+
+
 def test_document_is_plain_json_and_never_pickle() -> None:
     session = make(owner="alice", name="n", state={"k": [1]}).with_message(
         "user", "hi", timestamp=NOW
