@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -15,6 +24,9 @@ import anyio
 import attrs
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 from ._clock import Clock, Duration, SystemClock, active_clock, to_timedelta
 from ._context import _current
@@ -227,8 +239,11 @@ class SessionManager:
             if self._cleanup_interval is not None:
                 first_pass = self._clock.now() + self._cleanup_interval
                 task_group.start_soon(self._cleanup_loop, first_pass, name="asyncsession cleanup")
-        except BaseException:
+        except BaseException as exc:
             await stack.aclose()
+            single = _single(exc)
+            if single is not exc:  # a task group's wrapping says nothing to the caller
+                raise single from None
             raise
         finally:
             self._starting = False
@@ -754,6 +769,20 @@ class SessionManager:
                     except Exception:
                         logger.exception("could not share event %s of %s", kind, sid)
 
+        try:
+            await self._subscribed(transport, publish, task_status)
+        finally:  # also when the first subscription fails and the manager does not start
+            if self._outbox is send:
+                self._outbox = None
+            send.close()
+            receive.close()
+
+    async def _subscribed(
+        self,
+        transport: EventTransport,
+        publish: Callable[[], Coroutine[Any, Any, None]],
+        task_status: TaskStatus[None],
+    ) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(publish)
             started = False
@@ -774,9 +803,9 @@ class SessionManager:
                                 kind, event.session_id, None, event.at, origin=event.origin
                             )
                 except Exception:
-                    logger.exception("event subscription failed; resubscribing")
-                    if not started:
+                    if not started:  # entering the manager fails with this error
                         raise
+                    logger.exception("event subscription failed; resubscribing")
                 await anyio.sleep(1)
 
     def subscribe(self, *, buffer: int | None = None) -> Subscription:
@@ -870,6 +899,13 @@ class SessionManager:
             done, self._cleanup_done = self._cleanup_done, anyio.Event()
             assert done is not None
             done.set()
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one error inside (nested) one-error exception groups, else ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _check_last_messages(value: object) -> None:

@@ -50,3 +50,19 @@ async def test_a_manager_receives_other_managers_events(
 async def test_share_events_needs_a_capable_store() -> None:
     with pytest.raises(s.InvalidConfiguration):
         s.SessionManager(s.MemoryRepository(), share_events=True)
+
+
+async def test_a_manager_that_cannot_subscribe_fails_to_start_with_storage_error(
+    anyio_backend: str,
+) -> None:
+    import socket
+
+    with socket.socket() as free:  # a loopback port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    store = s.RedisRepository(f"redis://127.0.0.1:{port}/0", timeout=2)
+    manager = s.SessionManager(store, share_events=True)
+    with anyio.fail_after(20), pytest.raises(s.StorageError, match=str(port)):
+        async with manager:
+            pass
+    assert not manager.running
