@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -47,7 +47,9 @@ __all__ = [
 ]
 
 _ANYIO_FIXTURE = "_asyncsession_manager_anyio"
-_ASYNCIO_FIXTURE = "_asyncsession_manager_asyncio"
+_ASYNCIO_FIXTURE = "_asyncsession_manager_asyncio_{}"  # one per pytest-asyncio loop scope
+_LoopScope = Literal["function", "class", "module", "package", "session"]
+_LOOP_SCOPES: tuple[_LoopScope, ...] = ("function", "class", "module", "package", "session")
 
 
 @pytest.fixture
@@ -77,13 +79,30 @@ def session_manager(request: pytest.FixtureRequest) -> SessionManager:
     if request.node.get_closest_marker("asyncio") is not None:
         if not request.config.pluginmanager.has_plugin("asyncio"):
             pytest.fail("session_manager: the test is marked asyncio but pytest-asyncio is off.")
-        manager = request.getfixturevalue(_ASYNCIO_FIXTURE)
+        # The manager must live on the loop the test runs on, or its tasks never run.
+        manager = request.getfixturevalue(_ASYNCIO_FIXTURE.format(_test_loop_scope(request)))
         return manager
     pytest.fail(
         "session_manager needs an async test run by anyio's pytest plugin "
         "(@pytest.mark.anyio) or by pytest-asyncio (@pytest.mark.asyncio).",
         pytrace=False,
     )
+
+
+def _test_loop_scope(request: pytest.FixtureRequest) -> str:
+    """The scope of the pytest-asyncio event loop that runs this test."""
+    marker = request.node.get_closest_marker("asyncio")
+    kwargs = marker.kwargs if marker is not None else {}
+    scope = kwargs.get("loop_scope") or kwargs.get("scope")
+    if scope is None:
+        try:
+            scope = request.config.getini("asyncio_default_test_loop_scope")
+        except ValueError:  # an older pytest-asyncio without that option
+            scope = None
+    scope = scope or "function"
+    if scope not in _LOOP_SCOPES:
+        pytest.fail(f"session_manager: unknown pytest-asyncio loop scope {scope!r}.")
+    return str(scope)
 
 
 def _build(
@@ -143,7 +162,9 @@ def pytest_configure(config: pytest.Config) -> None:
     import pytest_asyncio
 
     fixtures = types.ModuleType("asyncsession.pytest_plugin.asyncio_fixtures")
-    fixtures.__dict__[_ASYNCIO_FIXTURE] = pytest_asyncio.fixture(name=_ASYNCIO_FIXTURE)(
-        _manager_asyncio
-    )
+    for scope in _LOOP_SCOPES:
+        name = _ASYNCIO_FIXTURE.format(scope)
+        # A fresh function per scope: pytest-asyncio keeps the loop scope on the function.
+        function = types.FunctionType(_manager_asyncio.__code__, _manager_asyncio.__globals__, name)
+        fixtures.__dict__[name] = pytest_asyncio.fixture(name=name, loop_scope=scope)(function)
     config.pluginmanager.register(fixtures, "asyncsession-asyncio-fixtures")

@@ -88,6 +88,40 @@ def test_pytest_asyncio_auto_mode(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
 
 
+def test_pytest_asyncio_tests_on_wider_loop_scopes(pytester: pytest.Pytester) -> None:
+    # The manager must run on the loop the test runs on, whatever its loop scope.
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        async def expiry(session_manager, session_clock):
+            session = await session_manager.create()
+            session_clock.advance(1800)
+            await session_manager.wait_for_cleanup()
+            assert not await session_manager.exists(session.id)
+
+        @pytest.mark.asyncio(loop_scope="module")
+        async def test_module_loop(session_manager, session_clock):
+            await expiry(session_manager, session_clock)
+
+        @pytest.mark.asyncio(loop_scope="session")
+        async def test_session_loop(session_manager, session_clock):
+            await expiry(session_manager, session_clock)
+
+        @pytest.mark.asyncio
+        async def test_function_loop(session_manager, session_clock):
+            await expiry(session_manager, session_clock)
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        *plugin_args(), "-W", "error", "-o", "faulthandler_timeout=60"
+    )
+    result.assert_outcomes(passed=3)
+
+
 def test_overriding_the_repository_and_options(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(
         """
