@@ -58,7 +58,8 @@ def to_timedelta(value: Duration, name: str) -> timedelta | None:
     try:
         delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
     except (OverflowError, ValueError):  # inf, nan, or beyond timedelta's range
-        delta = _LONGEST * 2 if value == value else timedelta(0)
+        too_long = not isinstance(value, timedelta) and value > 0  # nan > 0 is False
+        delta = _LONGEST * 2 if too_long else timedelta(0)
     if delta <= timedelta(0):
         raise InvalidConfiguration(
             f"{name} must be positive; got {value!r}. Use None to disable it."

@@ -528,6 +528,12 @@ class SessionManager:
         An empty list stores nothing and returns the session as it is.
         """
         self._check_running()
+        given: object = messages  # checked at run time, whatever the annotation says
+        if isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
+            raise InvalidUpdate(
+                "add_messages() takes a list of (role, content[, data]) items; "
+                f"got {messages!r:.60}."
+            )
         sid = _parse_id(session_id)
         await self._after_rotation(sid)
         now = self._clock.now()
@@ -535,7 +541,10 @@ class SessionManager:
             Message(role, content, now, data) for role, content, data in map(_fields, messages)
         ]
         if not batch:  # nothing to store: no write, no event
-            return await self.get(sid, touch=False)
+            session = await self.get(sid, touch=False)
+            if session.status.is_terminal:
+                raise SessionClosed(sid, session.status)
+            return session
         self._check_messages(batch, 0)
         with anyio.CancelScope(shield=True):  # a stored write is always announced
             session = await self._repository.append(
@@ -615,6 +624,11 @@ class SessionManager:
                 result = await self._apply(fn, old)
                 now = self._clock.now()
                 base, _added = self._prepare(old, result, now)
+                if base.status.is_terminal:
+                    raise InvalidUpdate(
+                        "rotate() moves a live session; its function may not close it. "
+                        "Close the session with close() instead."
+                    )
             last_active = max(base.last_active, now)
             new = attrs.evolve(
                 base,
@@ -660,7 +674,10 @@ class SessionManager:
             if isinstance(exc, SessionConflict):
                 return False
             raise
-        await self._repository.delete(retired.id)
+        try:  # the rotation is done: the old id is closed and already expired
+            await self._repository.delete(retired.id)
+        except Exception:
+            logger.exception("rotated %s; its retired document stays until cleanup", retired.id)
         return True
 
     async def delete(self, session_id: SessionId, *, missing_ok: bool = False) -> bool:
@@ -671,7 +688,9 @@ class SessionManager:
         now = self._clock.now()
         # An expired session is already gone for every reader: it is removed as expired
         # (and reported so), not deleted.
-        if await self._expire(sid, now):
+        with anyio.CancelScope(shield=True):  # a removal is always announced
+            expired = await self._expire(sid, now)
+        if expired:
             deleted = False
         else:
             with anyio.CancelScope(shield=True):  # a stored write is always announced
@@ -830,16 +849,23 @@ class SessionManager:
         self._check_running()
         now = self._clock.now()
         removed_total = 0
+        unreadable: set[uuid.UUID] = set()  # still in the index: asked past them below
         while True:
-            ids = await self._repository.expired(now, limit=self._cleanup_batch)
-            removed = 0
+            limit = self._cleanup_batch + len(unreadable)
+            ids = await self._repository.expired(now, limit=limit)
+            removed = skipped = 0
             for sid in ids:
+                if sid in unreadable:
+                    continue
                 try:
-                    removed += await self._expire(sid, now)
+                    with anyio.CancelScope(shield=True):  # a removal is always announced
+                        removed += await self._expire(sid, now)
                 except SerializationError as exc:  # one unreadable session stops no others
                     logger.warning("cannot remove expired session %s: %s", sid, exc)
+                    unreadable.add(sid)
+                    skipped += 1
             removed_total += removed
-            if len(ids) < self._cleanup_batch or removed == 0:
+            if len(ids) < limit or removed + skipped == 0:
                 break
         if removed_total:
             logger.info("expired %s sessions", removed_total)
@@ -925,11 +951,11 @@ def _check_callable(fn: object) -> None:
 
 def _fields(item: object) -> tuple[str, str, Any]:
     """``(role, content, data)`` from an ``add_messages`` item; data is optional."""
-    if isinstance(item, tuple) and len(item) in (2, 3):
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3):
         role, content, *rest = item
         return role, content, rest[0] if rest else None
     raise InvalidUpdate(
-        f"add_messages() takes (role, content) or (role, content, data) tuples; got {item!r:.60}."
+        f"add_messages() takes (role, content) or (role, content, data) items; got {item!r:.60}."
     )
 
 

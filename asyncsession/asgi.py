@@ -223,11 +223,18 @@ class SessionDict(MutableMapping[str, Any]):
         self._accessed = True
         if self._rotate and self._id is not None:
             changes, deleted = self._changes()
-            self._id = (await self._manager.rotate(self._id, _applying(changes, deleted))).id
+            try:
+                rotated = await self._manager.rotate(self._id, _applying(changes, deleted))
+            except (SessionNotFound, SessionClosed):  # logged out meanwhile: start afresh
+                self._id = None
+                self._data = {key: self._data[key] for key in changes}
+                self._baseline = {}
+            else:
+                self._id = rotated.id
+                self._new_cookie = True
+                self._mark_saved()
             self._rotate = False
-            self._new_cookie = True
-            self._mark_saved()
-        elif self._id is None:
+        if self._id is None:
             changes, _deleted = self._changes()
             session = await self._manager.create(state=changes)
             self._id = session.id

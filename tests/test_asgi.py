@@ -271,6 +271,19 @@ async def test_rotate_then_ensure_created_gives_an_id_that_stays_valid(
     assert (await manager.get(seen[1])).state == {"step": 1}
 
 
+async def test_ensure_created_after_a_logout_meanwhile_starts_a_fresh_session(
+    memory_manager: s.SessionManager,
+) -> None:
+    stored = await memory_manager.create(state={"cart": [1]})
+    session = SessionDict(memory_manager, await memory_manager.get(stored.id))
+    await memory_manager.delete(stored.id)  # another request logged out meanwhile
+    session["user"] = "alice"
+    session.rotate()
+    sid = await session.ensure_created()
+    assert sid != stored.id
+    assert (await memory_manager.get(sid)).state == {"user": "alice"}  # not the old cart
+
+
 async def test_reading_the_id_varies_on_cookie(memory_manager: s.SessionManager) -> None:
     async def whoami(scope: Scope, receive: Any, send: Any) -> None:
         await JSONResponse({"id": str(get_session(scope).id)})(scope, receive, send)

@@ -736,9 +736,10 @@ class OneUnreadable(s.MemoryRepository):
     """A memory store that cannot read back one session when removing it."""
 
     unreadable: uuid.UUID | None = None
+    also_unreadable: uuid.UUID | None = None
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> s.Session | None:
-        if session_id == self.unreadable:
+        if session_id in (self.unreadable, self.also_unreadable):
             raise s.CorruptSessionError("truncated document", session_id=session_id)
         return await super().remove_expired(session_id, now=now)
 
@@ -976,6 +977,7 @@ async def test_bad_arguments_get_typed_errors_and_store_nothing(
         {"idle_timeout": 1e300},
         {"max_age": timedelta.max},
         {"retention": math.nan},
+        {"touch_interval": -math.inf},
     ],
 )
 def test_durations_out_of_range_are_configuration_errors(options: dict[str, Any]) -> None:
@@ -999,6 +1001,73 @@ async def test_deleting_an_expired_session_is_not_found_and_reports_it_expired(
         event = events.receive_nowait()
     assert event.kind is s.EventKind.EXPIRED and event.session_id == session.id
     assert (await sessions.stats()).total == 0
+
+
+async def test_a_full_batch_of_unreadable_expired_sessions_does_not_stall_the_purge(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    store = OneUnreadable()
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=None, cleanup_batch=2, clock=clock
+    ) as sessions:
+        bad = await sessions.create()
+        clock.advance(1)
+        worse = await sessions.create()
+        clock.advance(1)
+        good = [await sessions.create() for _ in range(5)]
+        store.unreadable = bad.id
+        store.also_unreadable = worse.id
+        clock.advance(IDLE + 1)
+        assert await sessions.purge_expired() == 5
+        assert not any([await store.get(g.id) for g in good])
+
+
+class DeleteFails(s.MemoryRepository):
+    """A memory store whose deletes fail while ``failing`` is set."""
+
+    failing = False
+
+    async def delete(self, session_id: uuid.UUID) -> bool:
+        if self.failing:
+            raise s.StorageError("disk on fire", recoverable=True)
+        return await super().delete(session_id)
+
+
+async def test_a_rotation_whose_last_cleanup_step_fails_still_succeeds(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    store = DeleteFails()
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=None, clock=clock
+    ) as sessions:
+        old = await sessions.create(state={"a": 1})
+        store.failing = True
+        new = await sessions.rotate(old.id)
+        store.failing = False
+        assert (await sessions.get(new.id)).state == {"a": 1}
+        assert not await sessions.exists(old.id)  # retired: closed and already expired
+        assert await sessions.purge_expired() == 1  # cleanup removes its document
+
+
+async def test_rotate_may_not_close_the_session(sessions: s.SessionManager) -> None:
+    old = await sessions.create()
+    with pytest.raises(s.InvalidUpdate, match="close"):
+        await sessions.rotate(old.id, lambda x: attrs.evolve(x, status=s.SessionStatus.EXITED))
+    assert await sessions.exists(old.id) and (await sessions.stats()).total == 1
+
+
+async def test_add_messages_takes_lists_too_and_refuses_closed_sessions(
+    sessions: s.SessionManager,
+) -> None:
+    session = await sessions.create()
+    added = await sessions.add_messages(session.id, [["user", "hi"], ["tool", "42", {"x": 1}]])
+    assert [(m.content, m.data) for m in added.messages[-2:]] == [("hi", None), ("42", {"x": 1})]
+    for bad in (None, 5, "user: hi"):
+        with pytest.raises(s.InvalidUpdate):
+            await sessions.add_messages(session.id, bad)  # type: ignore[arg-type]
+    await sessions.close(session.id)
+    with pytest.raises(s.SessionClosed):
+        await sessions.add_messages(session.id, [])
 
 
 async def test_messages_added_in_callbacks_use_the_manager_clock(
