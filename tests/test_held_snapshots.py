@@ -233,6 +233,33 @@ async def test_a_session_deleted_and_added_again_elsewhere_is_not_overwritten(
 
 
 @pytest.mark.parametrize("cache", [1000, 0])
+async def test_this_stores_own_read_while_fn_runs_does_not_refuse_the_save(
+    place: Place, cache: int, anyio_backend: str
+) -> None:
+    clock = ManualClock(T0)
+    async with SessionManager(
+        place.open(snapshot_cache=cache),
+        clock=clock,
+        idle_timeout=60,
+        cleanup_interval=None,
+        max_retries=3,
+    ) as sessions:
+        created = await sessions.create(state={"n": 0})
+        sessions.repository._held.drop(created.id)  # type: ignore[attr-defined]
+        calls = 0
+
+        async def fn(old: Session) -> Session:
+            nonlocal calls
+            calls += 1
+            clock.advance(5)
+            await sessions.get(created.id)  # e.g. the same handler reads (touches) it
+            return old.with_state({"n": old.state["n"] + 1})
+
+        updated = await sessions.update(created.id, fn)
+    assert calls == 1 and updated.state == {"n": 1}
+
+
+@pytest.mark.parametrize("cache", [1000, 0])
 async def test_an_update_based_on_a_fresh_read_is_not_applied_to_another_life(
     place: Place, cache: int, anyio_backend: str
 ) -> None:

@@ -129,8 +129,9 @@ class HeldSnapshots:
         When the update was based on a snapshot :meth:`lend` handed out (or a read
         :meth:`lend_read` recorded), returns the ``last_active`` and the incarnation the
         save must also find stored, else None. The ``last_active`` is the lent
-        snapshot's as this store last saw it (its own touches since move it, see
-        :meth:`touched`), so a touch by another process since is not overruled; the
+        snapshot's (or recorded read's) as this store last saw it (its own reads and
+        touches since move it, see :meth:`touched`), so a touch by another process since
+        is not overruled; the
         incarnation keeps a session deleted and added again since from being
         overwritten.
         """
@@ -220,7 +221,10 @@ class HeldSnapshots:
         """
         if session is None:
             self.drop(session_id)
-        elif session.messages.is_complete:
+            return session
+        with self._lock:
+            self._follow_base(session_id.int, session, incarnation)
+        if session.messages.is_complete:
             self.keep(session, incarnation)
         else:
             key = session_id.int
@@ -245,6 +249,7 @@ class HeldSnapshots:
         """
         key = session.id.int
         with self._lock:
+            self._follow_base(key, session, incarnation)
             entry = self._items.get(key)
             if entry is None or entry[1] != incarnation:
                 return
@@ -256,6 +261,18 @@ class HeldSnapshots:
                     ),
                     incarnation,
                 )
+
+    def _follow_base(self, key: int, session: Session, incarnation: Incarnation) -> None:
+        """A recorded read (:meth:`lend_read`) follows this store's later reads and
+        touches of the same revision and life, as a lent snapshot does (lock held)."""
+        base = self._bases.get(key)
+        if (
+            base is not None
+            and base[0] == session.revision
+            and base[2] == incarnation
+            and base[1] < session.last_active
+        ):
+            self._bases[key] = (base[0], session.last_active, incarnation)
 
     def drop(self, session_id: uuid.UUID) -> None:
         """Forget a session (its next update reads it again)."""
