@@ -707,6 +707,31 @@ async def test_an_unreadable_entry_is_skipped_and_reported_once(
             assert [s.id for s in await repo.list(SessionQuery())] == [late.id, good.id]
 
 
+async def test_an_entry_whose_read_failed_once_is_read_again(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "store"
+    async with FileRepository(root, fsync=False) as a, FileRepository(root, fsync=False) as b:
+        session = make_session()
+        await b.add(session)  # another process adds a session
+        real = FileRepository._read_bytes
+        failed: list[str] = []
+
+        def flaky(path: str) -> tuple[bytes, Any]:
+            if not failed and str(session.id) in path:  # the fd limit is hit once
+                failed.append(path)
+                error = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+                raise files._storage_error("open", path, error) from error
+            return real(path)
+
+        monkeypatch.setattr(a, "_read_bytes", flaky)
+        assert [s.id for s in await a.list(SessionQuery())] == []  # left out this time
+        monkeypatch.undo()
+        assert failed
+        assert [s.id for s in await a.list(SessionQuery())] == [session.id]  # read again
+        assert list(await a.expired(at(10**6))) == [session.id]
+
+
 async def test_a_failed_close_of_the_temporary_file_closes_it_once(
     tmp_path: Path, repo: FileRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:

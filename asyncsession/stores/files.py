@@ -22,7 +22,8 @@ JSON parser cannot, such as a flipped byte inside a message. A document without
 migrated; its next write adds the checksum. A document that cannot be read is moved to
 ``quarantine/`` and reported as :class:`CorruptSessionError`; other sessions keep working.
 An entry that cannot be read at all (permissions, I/O error, a directory with a document's
-name) is logged once and left out of listings; reading that session raises
+name) is logged once and left out of listings (an error that may pass, such as EIO or
+EMFILE, is tried again at the next scan); reading that session raises
 :class:`StorageError` naming the file. Ids become file names only as canonical UUIDs, so
 no input can name another path.
 """
@@ -108,7 +109,7 @@ class LockTimeout(StorageError):
         self.path = path
         self.timeout = timeout
         super().__init__(
-            f"Session {session_id} is locked by another process (lock file {path}); gave "
+            f"Session {session_id} is locked by another process or task (lock file {path}); gave "
             f"up after {timeout:g} s. Retry later, or raise FileRepository(lock_timeout=...) "
             "if writers legitimately hold sessions that long."
         )
@@ -514,6 +515,10 @@ class FileRepository(SessionRepository):
         # the stamp it saw (under _sync_lock): unchanged, they are neither read nor
         # reported again.
         self._skipped: dict[uuid.UUID, Stamp] = {}
+        # entries whose read failed in a way that may pass (EIO, EMFILE, EACCES...): read
+        # again at every scan, reported once per change
+        self._failing: dict[uuid.UUID, Stamp] = {}
+        self._rescan = False
         self._limiter: anyio.CapacityLimiter | None = None
 
     def __repr__(self) -> str:
@@ -918,6 +923,7 @@ class FileRepository(SessionRepository):
                 return
             known = self._index.stamps()
             seen: set[uuid.UUID] = set()
+            self._rescan = False
             try:
                 with os.scandir(self._sessions_dir) as entries:
                     for item in entries:
@@ -927,10 +933,11 @@ class FileRepository(SessionRepository):
             for sid, stamp in known.items():
                 if sid not in seen:
                     self._index.drop(sid, only_if=stamp)
-            for sid in [sid for sid in self._skipped if sid not in seen]:
-                del self._skipped[sid]
+            for skipped in (self._skipped, self._failing):
+                for sid in [sid for sid in skipped if sid not in seen]:
+                    del skipped[sid]
             racy = time.time_ns() - before < _RACY_NS
-            self._synced_mtime = None if racy else before
+            self._synced_mtime = None if racy or self._rescan else before
 
     def _sync_entry(
         self,
@@ -962,6 +969,7 @@ class FileRepository(SessionRepository):
         if old == stamp or self._skipped.get(sid) == stamp:
             return
         self._skipped.pop(sid, None)
+        self._failing.pop(sid, None)
         try:
             data, stamp = self._read_bytes(item.path)
         except FileNotFoundError:
@@ -982,13 +990,23 @@ class FileRepository(SessionRepository):
         self._index.put(_entry(doc), only_if=old)
 
     def _skip(self, sid: uuid.UUID, stamp: Stamp, old: Stamp | None, why: Exception) -> None:
-        """Leave a document out of the index until it changes; report it once per change.
+        """Leave a document out of the index; report it once per change.
 
-        A direct read of the session still raises the error (:meth:`get` says which).
+        What its content decides (a newer release's document, a directory with a
+        document's name) stays out until the entry changes; an error that may pass
+        (EIO, EMFILE, EACCES, ...) is tried again at the next scan. A direct read of the
+        session still raises the error (:meth:`get` says which).
         """
-        if self._skipped.get(sid) != stamp:
+        cause = why.__cause__
+        lasting = isinstance(why, SchemaVersionError) or (
+            isinstance(cause, OSError) and cause.errno == errno.EISDIR
+        )
+        remembered = self._skipped if lasting else self._failing
+        if self._skipped.get(sid) != stamp and self._failing.get(sid) != stamp:
             logger.warning("skipping %s: %s", self._doc_path(sid), why)
-        self._skipped[sid] = stamp
+        remembered[sid] = stamp
+        if not lasting:
+            self._rescan = True
         if old is not None:
             self._index.drop(sid, only_if=old)
 
