@@ -548,3 +548,31 @@ async def test_waiting_for_a_pool_connection_is_bounded_by_timeout(
         assert "nothing was sent" in message and "max_connections" in message
         assert "may or may not have been applied" not in message
         assert dict(await store.count_by_status()) == {}
+
+
+# -- scan budget -----------------------------------------------------------------------
+
+
+def test_scan_budget_must_be_a_positive_int() -> None:
+    url = f"redis://{HOST}:6379"
+    bad: Any
+    for bad in (0, -1, 1.5, True, "10", None):
+        with pytest.raises(InvalidConfiguration, match="scan_budget must be an int >= 1"):
+            RedisRepository(url, scan_budget=bad)
+    store = RedisRepository(url, scan_budget=7)
+    assert store.scan_budget == 7
+    with pytest.raises(InvalidConfiguration, match="scan_budget must be an int >= 1"):
+        store.scan_budget = 0
+    assert store.scan_budget == 7
+
+
+@pytest.mark.anyio
+async def test_an_expiry_scan_whose_script_examines_nothing_stops(store: RedisRepository) -> None:
+    session = new_session()
+    await store.add(session)
+    later = T0 + timedelta(days=1)
+    store._scan_budget = 0  # past the validation: no script examines anything
+    with anyio.fail_after(10):  # a regression called the script again for ever
+        assert list(await store.expired(later)) == []
+    store.scan_budget = 1
+    assert list(await store.expired(later)) == [session.id]

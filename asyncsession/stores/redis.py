@@ -376,18 +376,19 @@ return out
 
 # ARGV P now limit offset budget
 # Examines at most ``budget`` index entries (sessions found plus stale entries forgotten),
-# so one call never blocks the server for long; {1, ids} when the index has no more
-# entries due, {0, ids} when the budget ran out first (the caller calls again with the
-# offset moved past the ids found: those stay in the index, stale ones are gone).
+# so one call never blocks the server for long; {1, ids, examined} when the index has no
+# more entries due, {0, ids, examined} when the budget ran out first (the caller calls
+# again with the offset moved past the ids found: those stay in the index, stale ones are
+# gone).
 _EXPIRED = """
 local now, limit = ARGV[2], tonumber(ARGV[3])
 local offset, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
 local out, examined = {}, 0
 while #out < limit do
-  if examined >= budget then return {0, out} end
+  if examined >= budget then return {0, out, examined} end
   local batch = redis.call('ZRANGE', P .. 'i:exp', '-inf', now, 'BYSCORE', 'LIMIT', offset,
                            math.min(limit - #out, budget - examined))
-  if #batch == 0 then return {1, out} end
+  if #batch == 0 then return {1, out, examined} end
   for _, id in ipairs(batch) do
     examined = examined + 1
     if redis.call('EXISTS', P .. 's:' .. id) == 1 then
@@ -398,7 +399,7 @@ while #out < limit do
     end
   end
 end
-return {1, out}
+return {1, out, examined}
 """
 
 # KEYS s...; ARGV P
@@ -690,13 +691,11 @@ class RedisRepository(SessionRepository, EventTransport):
     the authority: when another process changed the session, the script refuses the
     stale snapshot and the manager reads again. ``0`` turns it off.
 
-    :meth:`list` and :meth:`expired` run a script per :attr:`scan_budget` index entries
-    they examine (entries of sessions whose data Redis expired by itself are pruned on
-    the way), so no single call keeps the server busy for long.
+    :meth:`list` and :meth:`expired` run a script per ``scan_budget`` (an int >= 1, also
+    settable as :attr:`scan_budget`) index entries they examine (entries of sessions whose
+    data Redis expired by itself are pruned on the way), so no single call keeps the
+    server busy for long.
     """
-
-    #: Index entries one listing or expiry script examines at most before it answers.
-    scan_budget: int = 1000
 
     def __init__(
         self,
@@ -707,8 +706,10 @@ class RedisRepository(SessionRepository, EventTransport):
         timeout: float | None = 10.0,
         max_connections: int | None = None,
         snapshot_cache: int = 1_000,
+        scan_budget: int = 1000,
     ) -> None:
         module = _import_coredis()
+        self.scan_budget = scan_budget
         if not isinstance(prefix, str) or not prefix:
             raise InvalidConfiguration(f"prefix must be a non-empty string, got {prefix!r}.")
         if key_expiry_grace is not None and (
@@ -798,6 +799,19 @@ class RedisRepository(SessionRepository, EventTransport):
     def address(self) -> str:
         """The Redis server address, as shown in error messages."""
         return self._address
+
+    @property
+    def scan_budget(self) -> int:
+        """Index entries one listing or expiry script examines at most before it answers."""
+        return self._scan_budget
+
+    @scan_budget.setter
+    def scan_budget(self, value: int) -> None:
+        if type(value) is not int or value < 1:
+            raise InvalidConfiguration(
+                f"scan_budget must be an int >= 1 (index entries per script), got {value!r}."
+            )
+        self._scan_budget = value
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -1119,7 +1133,7 @@ class RedisRepository(SessionRepository, EventTransport):
             raise InvalidConfiguration(f"limit must be an int >= 1, got {limit!r}.")
         found: dict[str, None] = {}  # in deadline order; an id is reported once
         while len(found) < limit:
-            done, ids = await self._run(
+            done, ids, examined = await self._run(
                 self._expired,
                 "an expiry scan",
                 [],
@@ -1127,7 +1141,7 @@ class RedisRepository(SessionRepository, EventTransport):
                 write=False,  # it only prunes index entries whose data Redis expired
             )
             found.update((_text(member), None) for member in ids)
-            if int(done):
+            if int(done) or not int(examined):  # no progress: calling again would loop
                 break
         return [uuid.UUID(sid) for sid in found]
 
