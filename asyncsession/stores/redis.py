@@ -527,8 +527,8 @@ def _closing_connections(pool: Any) -> None:
 
 
 class _NotSent(Exception):
-    """A request got no connection (none free in time, or connecting failed): the server
-    never saw it. ``__cause__`` says why."""
+    """A request got no connection (connecting failed): the server never saw it.
+    ``__cause__`` says why."""
 
 
 def _marking_unsent(pool: Any, errors: tuple[type[BaseException], ...]) -> None:
@@ -746,7 +746,10 @@ class RedisRepository(SessionRepository, EventTransport):
                 retry_policy=self._retry.NoRetryPolicy(),
                 stream_timeout=timeout,
                 connect_timeout=timeout,
-                pool_timeout=timeout,  # waiting for a free connection is bounded too
+                # No pool_timeout: coredis's also bounds connection setup, and a setup
+                # it cancels never gives its pool slot back (a few slow connects would
+                # use up the pool for good). Setup is bounded by connect_timeout and
+                # stream_timeout, every request by stream_timeout, so slots free up.
                 max_connections=max_connections,
             )
             _closing_connections(client.connection_pool)
@@ -840,15 +843,16 @@ class RedisRepository(SessionRepository, EventTransport):
             yield
         except _NotSent as exc:
             cause = exc.__cause__
-            busy = (
-                f" within {self._timeout} s (all {self._client.connection_pool.max_connections} "
-                "connections busy, or connecting took too long; raise max_connections or "
-                "timeout)"
-                if isinstance(cause, TimeoutError)
+            timed_out = any(
+                isinstance(e, TimeoutError) for e in (cause, getattr(cause, "__cause__", None))
+            )
+            why = (
+                f" within {self._timeout} s (connecting or its handshake took too long)"
+                if timed_out
                 else f" ({type(cause).__name__}: {cause})"
             )
             raise StorageError(
-                f"No connection to Redis at {self._address} for {action}{busy}; nothing was "
+                f"No connection to Redis at {self._address} for {action}{why}; nothing was "
                 "sent. Check that the server is running and reachable; the store reconnects "
                 "by itself.",
                 recoverable=True,
