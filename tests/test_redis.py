@@ -533,6 +533,24 @@ async def test_a_subscription_needs_a_second_connection(redis_server: RedisServe
             assert (await manager.get(created.id)).id == created.id
 
 
+@pytest.mark.anyio
+async def test_subscriptions_leave_a_connection_for_everything_else(
+    redis_server: RedisServer,
+) -> None:
+    async with RedisRepository(
+        redis_server.url, prefix=prefix(), max_connections=2, timeout=1, key_expiry_grace=FAR
+    ) as store:
+        for _round in range(2):  # a subscription that ended gives its connection back
+            async with store.subscribe_events():
+                with pytest.raises(InvalidConfiguration, match="max_connections=3 or more"):
+                    async with store.subscribe_events():
+                        pytest.fail("the second subscription took the last connection")
+                with anyio.fail_after(10):  # a regression would wait for a connection forever
+                    session = new_session()
+                    await store.add(session)
+                    assert await store.get(session.id) is not None
+
+
 @asynccontextmanager
 async def tcp_proxy(target_port: int) -> AsyncIterator[tuple[int, dict[str, bool]]]:
     """A TCP proxy to 127.0.0.1:``target_port``: its port and a switch. While
@@ -589,6 +607,37 @@ async def test_slow_connects_during_a_network_blip_do_not_use_up_the_pool(
             session = new_session()
             await store.add(session)
             assert await store.get(session.id) is not None
+
+
+@pytest.fixture
+def lone_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private server that a test may stop (the session's server must keep running)."""
+    require_redis()
+    server = start_redis(directory=tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.anyio
+async def test_leaving_a_subscription_after_the_server_went_away_is_prompt(
+    lone_server: RedisServer,
+) -> None:
+    async with RedisRepository(lone_server.url, prefix=prefix(), timeout=1) as store:
+        with anyio.fail_after(30):  # a regression kept reconnecting and never left
+            async with store.subscribe_events() as events:
+                await anyio.to_thread.run_sync(lone_server.stop)
+                with pytest.raises(StorageError) as info:  # no publisher: no event comes
+                    await events.__anext__()
+                assert info.value.recoverable
+                assert "Subscribe again" in str(info.value)
+            # leaving normally raised nothing: the lost connection is no news any more
+        await anyio.to_thread.run_sync(lone_server.start)
+        with anyio.fail_after(30):
+            async with store.subscribe_events() as events:  # confirmed by the server
+                assert await store.publish_event("updated", uuid.uuid4(), at=T0) == 1
+                assert (await events.__anext__()).kind == "updated"
 
 
 # -- scan budget -----------------------------------------------------------------------

@@ -781,6 +781,7 @@ class RedisRepository(SessionRepository, EventTransport):
         self._list = register(_LIST)
         self._documents = register(_DOCUMENTS)
         self._entered: contextlib.AsyncExitStack | None = None
+        self._subscriptions = 0  # open subscribe_events() blocks (each holds a connection)
         self._held = HeldSnapshots(snapshot_cache)
         self._docs: _Decoded[Session] = _Decoded(2_000)
         self._messages: _Decoded[Message] = _Decoded(20_000)
@@ -1270,22 +1271,40 @@ class RedisRepository(SessionRepository, EventTransport):
 
         Yields an async iterator of :class:`RedisEvent`. Subscribing takes at most the
         store's ``timeout``; an unreachable server raises
-        :class:`~asyncsession.StorageError` at once. Once subscribed, a lost connection
-        is made again by itself (with backoff); if that fails, iterating raises
-        :class:`~asyncsession.StorageError`. Pub/sub is fire-and-forget: events
-        published while this subscriber is disconnected are lost. What the ``async
-        with`` block raises comes out as it is (not in an exception group).
+        :class:`~asyncsession.StorageError` at once. Pub/sub is fire-and-forget: events
+        published while this subscriber is disconnected are lost. When the connection is
+        lost, coredis makes it again in the background (with backoff), but asking for
+        the next event while it is down raises :class:`~asyncsession.StorageError`, often
+        as soon as the connection is lost; the iterator then ends for good: leave the
+        block and subscribe again. Leaving the block stops the reconnecting and takes at
+        most the store's ``timeout`` even when the server is gone (that lost connection
+        is not an error then). What the ``async with`` block raises comes out as it is
+        (not in an exception group).
 
-        The subscription holds one of the client's connections for as long as it lasts,
-        so the client needs ``max_connections`` of at least 2.
+        Each subscription holds one of the client's connections for as long as it lasts,
+        and one must stay free for everything else: with ``n`` subscriptions of this
+        store open at once the client needs ``max_connections`` of at least ``n + 1``
+        (operations do not time out waiting for a free connection).
         """
         pool = self._client.connection_pool
-        if pool.max_connections < 2:
+        if self._subscriptions + 2 > pool.max_connections:
+            open_ = self._subscriptions
             raise InvalidConfiguration(
                 f"A subscription to Redis at {self._address} holds one of the client's "
                 f"connections while it lasts; with max_connections={pool.max_connections} "
-                "nothing else could run. Use max_connections=2 or more."
+                f"and {open_} other subscription(s) of this store open, nothing else could "
+                f"run. Use max_connections={open_ + 2} or more."
             )
+        self._subscriptions += 1
+        try:
+            async with self._subscription() as events:
+                yield events
+        finally:
+            self._subscriptions -= 1
+
+    @contextlib.asynccontextmanager
+    async def _subscription(self) -> AsyncIterator[AsyncIterator[RedisEvent]]:
+        """:meth:`subscribe_events` once its connection is counted."""
         policy = _subscription_policy(self._retry, (*self._connection_errors, _NotSent))
         pubsub = self._client.pubsub(
             channels=[self.events_channel],
@@ -1294,12 +1313,13 @@ class RedisRepository(SessionRepository, EventTransport):
         )
         start = anyio.current_time()
         raised: BaseException | None = None  # what the caller's block raised
+        leaving = False  # the caller's block has ended: only unsubscribing is left
         try:
             with anyio.CancelScope(
                 deadline=math.inf if self._timeout is None else start + self._timeout
             ) as scope:
                 async with pubsub:
-                    scope.deadline = math.inf  # only subscribing is bounded
+                    scope.deadline = math.inf  # only subscribing and leaving are bounded
                     policy.live = True
                     events = self._events(pubsub)
                     try:
@@ -1308,14 +1328,24 @@ class RedisRepository(SessionRepository, EventTransport):
                         raised = exc
                         raise
                     finally:
+                        leaving = True
+                        # A lost connection is not made again any more: coredis would
+                        # otherwise retry for ever, and leaving the block would wait.
+                        policy.live = False
+                        if self._timeout is not None:
+                            scope.deadline = anyio.current_time() + self._timeout
                         await events.aclose()
         except BaseException as exc:
             inner = _sole(exc, raised)
             if inner is raised or not isinstance(inner, Exception):
                 _reraise(inner)
+            if leaving and isinstance(inner, (*self._connection_errors, _NotSent)):
+                # the block ended normally; the subscription it no longer needs was lost
+                logger.debug("subscription to %s ended with %r", self.events_channel, inner)
+                return
             with self._errors("a subscription"):
                 _reraise(inner)
-        if scope.cancelled_caught:
+        if scope.cancelled_caught and not leaving:
             raise StorageError(
                 f"Redis at {self._address} did not confirm a subscription to "
                 f"{self.events_channel!r} within {self._timeout} s. Check that the server "
