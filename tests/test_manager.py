@@ -799,10 +799,8 @@ async def test_rotate_keeps_a_message_another_process_appended_meanwhile(
     anyio_backend: str, clock: ManualClock
 ) -> None:
     async with paused_rotation(clock) as (store, sessions, old, release):
-        result: list[s.Session] = []
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: _collect(result, sessions.rotate(old.id)))
-            await store.entered.wait()
+            result = await start_rotation(tg, store, sessions, old.id)
             message = s.Message("user", "from elsewhere", clock.now())
             await store.append(old.id, [message], at=clock.now(), policy=sessions.policy)
             release.set()
@@ -833,10 +831,8 @@ async def test_appends_and_deletes_wait_for_a_rotation_in_this_process(
     anyio_backend: str, clock: ManualClock
 ) -> None:
     async with paused_rotation(clock) as (store, sessions, old, release):
-        result: list[s.Session] = []
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: _collect(result, sessions.rotate(old.id)))
-            await store.entered.wait()
+            result = await start_rotation(tg, store, sessions, old.id)
 
             async def append() -> None:
                 with pytest.raises(s.SessionNotFound):  # the old id is gone by then
@@ -985,8 +981,19 @@ def test_durations_out_of_range_are_configuration_errors(options: dict[str, Any]
         s.SessionManager(s.MemoryRepository(), **options)
 
 
-async def _collect(into: list[s.Session], call: Awaitable[s.Session]) -> None:
-    into.append(await call)
+async def start_rotation(
+    tg: anyio.abc.TaskGroup, store: PausingAdds, sessions: s.SessionManager, sid: uuid.UUID
+) -> list[s.Session]:
+    """Start rotating ``sid`` in ``tg``; return once it waits in ``add`` (the list gets
+    the rotated session when it is done)."""
+    result: list[s.Session] = []
+
+    async def rotate() -> None:
+        result.append(await sessions.rotate(sid))
+
+    tg.start_soon(rotate)
+    await store.entered.wait()
+    return result
 
 
 async def test_deleting_an_expired_session_is_not_found_and_reports_it_expired(
