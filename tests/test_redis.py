@@ -657,6 +657,35 @@ def test_scan_budget_must_be_a_positive_int() -> None:
 
 
 @pytest.mark.anyio
+async def test_an_expiry_scan_stops_when_entries_due_earlier_arrive_between_scripts(
+    store: RedisRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    due = [
+        attrs.evolve(new_session(), expires_at=T0 + timedelta(seconds=100 + i)) for i in range(3)
+    ]
+    for session in due:
+        await store.add(session)
+    early = attrs.evolve(new_session(), expires_at=T0 + timedelta(seconds=50))
+    store.scan_budget = 1
+    run = store._run
+    calls = 0
+
+    async def run_then_add(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        reply = await run(*args, **kwargs)
+        if calls == 1:  # another process adds a session due before all found so far
+            await store.add(early)
+        return reply
+
+    monkeypatch.setattr(store, "_run", run_then_add)
+    with anyio.fail_after(10):  # a regression called the script again for ever
+        found = await store.expired(T0 + timedelta(days=1), limit=10)
+    assert calls < 10 and len(found) == len(set(found))
+    assert set(found) <= {s.id for s in [*due, early]} and due[0].id in found
+
+
+@pytest.mark.anyio
 async def test_an_expiry_scan_whose_script_examines_nothing_stops(store: RedisRepository) -> None:
     session = new_session()
     await store.add(session)

@@ -1145,8 +1145,12 @@ class RedisRepository(SessionRepository, EventTransport):
                 [str(_us(now)), str(limit - len(found)), str(len(found)), str(self.scan_budget)],
                 write=False,  # it only prunes index entries whose data Redis expired
             )
+            before = len(found)
             found.update((_text(member), None) for member in ids)
-            if int(done) or not int(examined):  # no progress: calling again would loop
+            pruned = int(examined) - len(ids)
+            # No progress (nothing new found, nothing stale forgotten; e.g. entries due
+            # earlier were added meanwhile and shifted the offset): calling again would loop.
+            if int(done) or (len(found) == before and pruned == 0):
                 break
         return [uuid.UUID(sid) for sid in found]
 
