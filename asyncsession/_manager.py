@@ -844,28 +844,33 @@ class SessionManager:
 
         Reads the store's deadline index, so the cost follows what expired, not how
         many sessions exist. Safe to run from several managers on one store: each
-        expired session is removed (and reported) by exactly one of them.
+        expired session is removed (and reported) by exactly one of them. A session
+        that cannot be removed now (unreadable, locked by another process) is passed
+        over and tried again at the next pass.
         """
         self._check_running()
         now = self._clock.now()
         removed_total = 0
-        unreadable: set[uuid.UUID] = set()  # still in the index: asked past them below
+        # Ids tried and not removed (unreadable, locked elsewhere, taken by another
+        # manager): a store may list them again, so each scan asks past them.
+        passed: set[uuid.UUID] = set()
         while True:
-            limit = self._cleanup_batch + len(unreadable)
+            limit = self._cleanup_batch + len(passed)
             ids = await self._repository.expired(now, limit=limit)
-            removed = skipped = 0
+            tried = 0
             for sid in ids:
-                if sid in unreadable:
+                if sid in passed:
                     continue
+                tried += 1
                 try:
                     with anyio.CancelScope(shield=True):  # a removal is always announced
-                        removed += await self._expire(sid, now)
+                        if await self._expire(sid, now):
+                            removed_total += 1
+                            continue
                 except SerializationError as exc:  # one unreadable session stops no others
                     logger.warning("cannot remove expired session %s: %s", sid, exc)
-                    unreadable.add(sid)
-                    skipped += 1
-            removed_total += removed
-            if len(ids) < limit or removed + skipped == 0:
+                passed.add(sid)
+            if len(ids) < limit or tried == 0:
                 break
         if removed_total:
             logger.info("expired %s sessions", removed_total)

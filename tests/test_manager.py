@@ -1029,6 +1029,35 @@ async def test_a_full_batch_of_unreadable_expired_sessions_does_not_stall_the_pu
         assert not any([await store.get(g.id) for g in good])
 
 
+class Sticky(s.MemoryRepository):
+    """A memory store that leaves some expired sessions in place (held by another
+    process, say): remove_expired answers None and expired() keeps listing them."""
+
+    stuck: frozenset[uuid.UUID] = frozenset()
+
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> s.Session | None:
+        if session_id in self.stuck:
+            return None
+        return await super().remove_expired(session_id, now=now)
+
+
+async def test_sessions_that_stay_listed_do_not_stall_the_purge(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    store = Sticky()
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=None, cleanup_batch=3, clock=clock
+    ) as sessions:
+        first = [await sessions.create() for _ in range(3)]
+        clock.advance(1)
+        rest = [await sessions.create() for _ in range(5)]
+        store.stuck = frozenset(f.id for f in first)
+        clock.advance(IDLE + 1)
+        with anyio.fail_after(10):
+            assert await sessions.purge_expired() == 5
+        assert not any([await store.get(r.id) for r in rest])
+
+
 class DeleteFails(s.MemoryRepository):
     """A memory store whose deletes fail while ``failing`` is set."""
 
