@@ -10,6 +10,7 @@ import pickle
 import signal
 import stat
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -724,12 +725,56 @@ async def test_an_entry_whose_read_failed_once_is_read_again(
                 raise files._storage_error("open", path, error) from error
             return real(path)
 
+        monkeypatch.setattr(files, "_RETRY_FAILING_S", 0.0)  # read it again at once
         monkeypatch.setattr(a, "_read_bytes", flaky)
         assert [s.id for s in await a.list(SessionQuery())] == []  # left out this time
-        monkeypatch.undo()
+        monkeypatch.setattr(a, "_read_bytes", real)
         assert failed
         assert [s.id for s in await a.list(SessionQuery())] == [session.id]  # read again
         assert list(await a.expired(at(10**6))) == [session.id]
+
+
+async def test_an_entry_that_keeps_failing_is_reported_once_and_costs_no_rescan_per_call(
+    tmp_path: Path,
+    anyio_backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root = tmp_path / "store"
+    async with FileRepository(root, fsync=False) as a, FileRepository(root, fsync=False) as b:
+        bad = make_session()
+        await b.add(bad)
+        await b.add(make_session())
+        real = FileRepository._read_bytes
+
+        def denied(path: str) -> tuple[bytes, Any]:  # another user's file, mode 0600
+            if str(bad.id) in path:
+                error = OSError(errno.EACCES, os.strerror(errno.EACCES))
+                raise files._storage_error("open", path, error) from error
+            return real(path)
+
+        monkeypatch.setattr(a, "_read_bytes", denied)
+        scans: list[object] = []
+        scandir = os.scandir
+
+        def counting(path: Any) -> Any:
+            scans.append(path)
+            return scandir(path)
+
+        past = time.time_ns() - 10 * 10**9  # the directory's last change is not recent
+        os.utime(root / "sessions", ns=(past, past))
+        with caplog.at_level(logging.WARNING, logger="asyncsession.stores.files"):
+            assert len(await a.list(SessionQuery())) == 1
+            monkeypatch.setattr(files.os, "scandir", counting)
+            for _ in range(5):  # nothing changes in the directory meanwhile
+                await a.list(SessionQuery())
+                await a.expired(at(10**6))
+            assert scans == []  # the retry waits _RETRY_FAILING_S, not the next call
+            monkeypatch.setattr(files, "_RETRY_FAILING_S", 0.0)
+            a._retry_at = 0.0  # the retry is due
+            assert len(await a.list(SessionQuery())) == 1 and len(scans) == 1
+        reported = [r for r in caplog.records if "skipping" in r.getMessage()]
+        assert len(reported) == 1
 
 
 async def test_a_failed_close_of_the_temporary_file_closes_it_once(

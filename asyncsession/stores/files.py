@@ -23,7 +23,7 @@ migrated; its next write adds the checksum. A document that cannot be read is mo
 ``quarantine/`` and reported as :class:`CorruptSessionError`; other sessions keep working.
 An entry that cannot be read at all (permissions, I/O error, a directory with a document's
 name) is logged once and left out of listings (an error that may pass, such as EIO or
-EMFILE, is tried again at the next scan); reading that session raises
+EMFILE, is read again by a scan every 30 s); reading that session raises
 :class:`StorageError` naming the file. Ids become file names only as canonical UUIDs, so
 no input can name another path.
 """
@@ -95,6 +95,8 @@ _CHECKSUM = "checksum"
 _DUMP_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
 #: A directory mtime this close to "now" may hide a change made in the same clock tick.
 _RACY_NS = 2_000_000_000
+#: How often a scan reads again an entry whose read failed in a way that may pass.
+_RETRY_FAILING_S = 30.0
 
 Stamp = tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of a document
 
@@ -516,9 +518,9 @@ class FileRepository(SessionRepository):
         # reported again.
         self._skipped: dict[uuid.UUID, Stamp] = {}
         # entries whose read failed in a way that may pass (EIO, EMFILE, EACCES...): read
-        # again at every scan, reported once per change
+        # again by a scan at most every _RETRY_FAILING_S, reported once per change
         self._failing: dict[uuid.UUID, Stamp] = {}
-        self._rescan = False
+        self._retry_at = 0.0  # time.monotonic() after which a scan reads them again
         self._limiter: anyio.CapacityLimiter | None = None
 
     def __repr__(self) -> str:
@@ -919,11 +921,11 @@ class FileRepository(SessionRepository):
                 before = os.stat(self._sessions_dir).st_mtime_ns
             except OSError as exc:
                 raise _storage_error("read", self._sessions_dir, exc) from exc
-            if not initial and before == self._synced_mtime:
+            retry = bool(self._failing) and time.monotonic() >= self._retry_at
+            if not initial and before == self._synced_mtime and not retry:
                 return
             known = self._index.stamps()
             seen: set[uuid.UUID] = set()
-            self._rescan = False
             try:
                 with os.scandir(self._sessions_dir) as entries:
                     for item in entries:
@@ -937,7 +939,7 @@ class FileRepository(SessionRepository):
                 for sid in [sid for sid in skipped if sid not in seen]:
                     del skipped[sid]
             racy = time.time_ns() - before < _RACY_NS
-            self._synced_mtime = None if racy or self._rescan else before
+            self._synced_mtime = None if racy else before
 
     def _sync_entry(
         self,
@@ -968,8 +970,9 @@ class FileRepository(SessionRepository):
             return
         if old == stamp or self._skipped.get(sid) == stamp:
             return
+        if self._failing.get(sid) == stamp and time.monotonic() < self._retry_at:
+            return
         self._skipped.pop(sid, None)
-        self._failing.pop(sid, None)
         try:
             data, stamp = self._read_bytes(item.path)
         except FileNotFoundError:
@@ -978,6 +981,7 @@ class FileRepository(SessionRepository):
         except StorageError as exc:  # e.g. a directory with a document's name, EACCES, EIO
             self._skip(sid, stamp, old, exc)
             return
+        self._failing.pop(sid, None)
         try:
             doc = _parse(data, sid, stamp)
         except _Damaged:
@@ -994,7 +998,8 @@ class FileRepository(SessionRepository):
 
         What its content decides (a newer release's document, a directory with a
         document's name) stays out until the entry changes; an error that may pass
-        (EIO, EMFILE, EACCES, ...) is tried again at the next scan. A direct read of the
+        (EIO, EMFILE, EACCES, ...) is read again by a scan at most every
+        ``_RETRY_FAILING_S`` (so it costs no full rescan per call). A direct read of the
         session still raises the error (:meth:`get` says which).
         """
         cause = why.__cause__
@@ -1006,7 +1011,7 @@ class FileRepository(SessionRepository):
             logger.warning("skipping %s: %s", self._doc_path(sid), why)
         remembered[sid] = stamp
         if not lasting:
-            self._rescan = True
+            self._retry_at = time.monotonic() + _RETRY_FAILING_S
         if old is not None:
             self._index.drop(sid, only_if=old)
 
