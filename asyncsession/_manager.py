@@ -656,6 +656,25 @@ class SessionManager:
             logger.debug("session %s changed while it was rotated; retrying", sid)
         raise SessionConflict(sid, attempts=self._max_retries)
 
+    async def _retire_applied(self, retired: Session, new_id: uuid.UUID) -> bool | None:
+        """After a failed retiring save: did it apply after all? None if unknown."""
+        try:
+            stored = await self._repository.get(retired.id, last_messages=0)
+        except Exception:
+            logger.exception(
+                "rotating %s: cannot tell whether its old id was retired; both %s and the "
+                "old id may be live now",
+                retired.id,
+                new_id,
+            )
+            return None
+        return (
+            stored is not None
+            and stored.revision == retired.revision
+            and stored.status is retired.status
+            and stored.expires_at == retired.expires_at
+        )
+
     async def _swap(self, new: Session, retired: Session, expected_revision: int) -> bool:
         """Add ``new``, retire the old id by compare-and-set, then delete it.
 
@@ -667,13 +686,19 @@ class SessionManager:
                 retired, expected_revision=expected_revision, new_messages=()
             )
         except BaseException as exc:
-            try:
-                await self._repository.delete(new.id)
-            except Exception:
-                logger.exception("could not remove %s after a failed rotation", new.id)
-            if isinstance(exc, SessionConflict):
-                return False
-            raise
+            retire_applied: bool | None = False
+            if not isinstance(exc, SessionConflict):  # the save may have been applied
+                retire_applied = await self._retire_applied(retired, new.id)
+                if retire_applied is None:
+                    raise  # unknown: keep both copies rather than risk losing the session
+            if not retire_applied:
+                try:
+                    await self._repository.delete(new.id)
+                except Exception:
+                    logger.exception("could not remove %s after a failed rotation", new.id)
+                if isinstance(exc, SessionConflict):
+                    return False
+                raise
         try:  # the rotation is done: the old id is closed and already expired
             await self._repository.delete(retired.id)
         except Exception:

@@ -1085,6 +1085,40 @@ async def test_a_rotation_whose_last_cleanup_step_fails_still_succeeds(
         assert await sessions.purge_expired() == 1  # cleanup removes its document
 
 
+class LostReplies(s.MemoryRepository):
+    """A memory store whose saves apply and then fail (the reply was lost), or fail
+    without applying, while the flags are set."""
+
+    lose_reply = False
+    refuse = False
+
+    async def save(self, session: s.Session, **kwargs: Any) -> None:
+        if self.refuse:
+            raise s.StorageError("connection lost before sending", recoverable=True)
+        await super().save(session, **kwargs)
+        if self.lose_reply:
+            raise s.StorageError("connection lost after sending", recoverable=True)
+
+
+async def test_a_rotation_whose_retiring_reply_is_lost_keeps_one_live_copy(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    store = LostReplies()
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=None, clock=clock
+    ) as sessions:
+        old = await sessions.create(state={"a": 1})
+        store.lose_reply = True  # the old id was retired; the reply never came
+        new = await sessions.rotate(old.id)
+        store.lose_reply = False
+        assert not await sessions.exists(old.id) and await sessions.exists(new.id)
+        store.refuse = True  # nothing was retired: the old id stays, the copy goes
+        with pytest.raises(s.StorageError):
+            await sessions.rotate(new.id)
+        store.refuse = False
+        assert await sessions.exists(new.id) and (await sessions.stats()).total == 1
+
+
 async def test_rotate_may_not_close_the_session(sessions: s.SessionManager) -> None:
     old = await sessions.create()
     with pytest.raises(s.InvalidUpdate, match="close"):
