@@ -12,9 +12,9 @@ Fixtures:
 
 ``session_manager`` works with anyio's pytest plugin (asyncio and trio: tests marked
 ``@pytest.mark.anyio``) and with pytest-asyncio on asyncio (tests marked
-``@pytest.mark.asyncio``, strict or auto mode, any ``loop_scope``; anyio-marked tests
-need pytest-asyncio's strict mode, since in auto mode both plugins would run them). It is
-a plain fixture that picks the
+``@pytest.mark.asyncio``, strict or auto mode, any ``loop_scope``; auto mode takes over
+anyio-marked tests too, so a suite with anyio tests uses strict mode). It is a plain
+fixture that picks the
 async fixture of the plugin running the test:
 
 * with anyio (the test requests ``anyio_backend``), an async generator fixture that anyio
