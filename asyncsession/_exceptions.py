@@ -26,7 +26,11 @@ what happened and what to do about it::
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = [
     "CorruptSessionError",
@@ -253,3 +257,11 @@ class CorruptSessionError(SerializationError):
 
 class StorageError(SessionError):
     """The backing store failed; ``recoverable`` says whether a retry may help."""
+
+
+def sole_error(exc: BaseException, keep: BaseException | None = None) -> BaseException:
+    """``exc`` without the exception groups of one exception around it (task groups wrap
+    what crosses them); ``keep`` (e.g. a caller's own exception) is never unwrapped."""
+    while exc is not keep and isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

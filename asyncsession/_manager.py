@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
 import uuid
 from collections.abc import (
     AsyncIterator,
@@ -25,9 +24,6 @@ import attrs
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
-
 from ._clock import Clock, Duration, SystemClock, active_clock, to_timedelta
 from ._context import _current
 from ._events import EventHub, EventKind, Subscription
@@ -40,6 +36,7 @@ from ._exceptions import (
     SessionClosed,
     SessionConflict,
     SessionNotFound,
+    sole_error,
 )
 from ._json import freeze_state
 from ._locks import KeyedLocks
@@ -241,7 +238,7 @@ class SessionManager:
                 task_group.start_soon(self._cleanup_loop, first_pass, name="asyncsession cleanup")
         except BaseException as exc:
             await stack.aclose()
-            single = _single(exc)
+            single = sole_error(exc)
             if single is not exc:  # a task group's wrapping says nothing to the caller
                 raise single from None
             raise
@@ -955,13 +952,6 @@ class SessionManager:
             done, self._cleanup_done = self._cleanup_done, anyio.Event()
             assert done is not None
             done.set()
-
-
-def _single(exc: BaseException) -> BaseException:
-    """The one error inside (nested) one-error exception groups, else ``exc``."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _check_last_messages(value: object) -> None:

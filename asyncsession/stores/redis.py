@@ -30,7 +30,6 @@ import logging
 import math
 import re
 import secrets
-import sys
 import uuid
 from collections import OrderedDict
 from collections.abc import (
@@ -59,6 +58,7 @@ from .._exceptions import (
     SessionConflict,
     SessionNotFound,
     StorageError,
+    sole_error,
 )
 from .._models import (
     ExpiryPolicy,
@@ -85,9 +85,6 @@ from ..abc import (
     encode_cursor,
 )
 from ._held import Held, HeldSnapshots
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
     import coredis
@@ -557,14 +554,6 @@ def _subscription_policy(retry: ModuleType, errors: tuple[type[BaseException], .
             return self.live and bool(super().will_retry(exc))
 
     return Resubscribe(errors, retries=None, base_delay=0.1, max_delay=16, jitter=True)
-
-
-def _sole(exc: BaseException, keep: BaseException | None) -> BaseException:
-    """``exc`` without the exception groups of one exception around it (task groups wrap
-    what crosses them); ``keep`` (the caller's own exception) is never unwrapped."""
-    while exc is not keep and isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _reraise(exc: BaseException) -> NoReturn:
@@ -1340,7 +1329,7 @@ class RedisRepository(SessionRepository, EventTransport):
                             scope.deadline = anyio.current_time() + self._timeout
                         await events.aclose()
         except BaseException as exc:
-            inner = _sole(exc, raised)
+            inner = sole_error(exc, raised)
             if inner is raised or not isinstance(inner, Exception):
                 _reraise(inner)
             if leaving and isinstance(inner, (*self._connection_errors, _NotSent)):
