@@ -222,8 +222,9 @@ class HeldSnapshots:
         if session is None:
             self.drop(session_id)
             return session
-        with self._lock:
-            self._follow_base(session_id.int, session, incarnation)
+        if self._bases:  # only while an update based on a read is in flight
+            with self._lock:
+                self._follow_base(session_id.int, session, incarnation)
         if session.messages.is_complete:
             self.keep(session, incarnation)
         else:
