@@ -267,4 +267,8 @@ class MemoryRepository(SessionRepository):
         ever at an older schema version.
         """
         async with self._lock:
-            return {sid: CURRENT_VERSION for sid in session_ids if sid in self._sessions}
+            return {
+                sid: CURRENT_VERSION
+                for sid in session_ids
+                if isinstance(sid, uuid.UUID) and sid in self._sessions
+            }

@@ -1214,7 +1214,7 @@ class RedisRepository(SessionRepository, EventTransport):
         already expired by itself are not stored any more, so they are left out, as are
         ids that are not UUIDs (they name no session).
         """
-        wanted = [sid for sid in dict.fromkeys(session_ids) if isinstance(sid, uuid.UUID)]
+        wanted = list(dict.fromkeys(sid for sid in session_ids if isinstance(sid, uuid.UUID)))
         if not wanted:
             return {}
         keys = [f"{self._prefix}s:{sid}" for sid in wanted]

@@ -1783,7 +1783,8 @@ class SQLiteRepository(SessionRepository):
         or has no non-negative int ``version`` raises :class:`CorruptSessionError` naming
         the first such session in ``session_ids`` order, as :meth:`get` of it would.
         """
-        wanted = list(dict.fromkeys(_check_id(sid) for sid in session_ids))
+        # Ids that are not UUIDs name no session: left out, as in the other stores.
+        wanted = list(dict.fromkeys(sid for sid in session_ids if isinstance(sid, uuid.UUID)))
         keys = [str(sid) for sid in wanted]
         if not keys:
             return {}

@@ -575,6 +575,9 @@ class RepositoryContract:
         assert versions == dict.fromkeys([a.id, b.id, c.id], CURRENT_VERSION)
         assert await known_versions(repository, []) == {}
         assert await known_versions(repository, iter([missing])) == {}
+        # ids that are not UUIDs name no document: left out, as missing ids are
+        not_ids: list[Any] = [str(a.id), a.id.int, ["x"], None]
+        assert await known_versions(repository, [*not_ids, a.id]) == {a.id: CURRENT_VERSION}
         await repository.delete(c.id)
         assert await known_versions(repository, [c.id, a.id]) == {a.id: CURRENT_VERSION}
         # expiry is not applied: an expired session awaiting cleanup still has a document
