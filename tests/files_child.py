@@ -12,7 +12,7 @@ concurrent tasks, printing ``add <id>`` / ``ack <id> <revision>`` as soon as eac
 is acknowledged (the parent kills it with SIGKILL part way). ``append`` appends COUNT
 messages ``TAG-<i>`` to one session. ``hold-lock`` takes the flock of a lock file, prints
 ``locked`` and holds it until stdin closes. ``stall-in`` stops a worker thread for good
-inside ``add`` (after the temporary file is created) or ``delete`` (after the document is
+inside ``add`` (after its lock file is created, before the temporary file) or ``delete`` (after the document is
 unlinked, before its directory is fsynced and the lock released), printing ``stalled
 <id>``, so the parent can kill the process at that point. The event loop is the one named by the
 ``FILES_CHILD_BACKEND`` environment variable (asyncio or trio).
@@ -87,7 +87,7 @@ async def stall_in(step: str, directory: str) -> None:
             raise AssertionError("unreachable")
 
         if step == "add":
-            files._write = stall
+            files._encode = stall  # before the temporary file: only the lock file exists
             await repo.add(session)
         else:
             await repo.add(session)
