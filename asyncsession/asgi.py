@@ -45,10 +45,12 @@ from typing import Any, Literal, Union
 from ._exceptions import (
     CorruptSessionError,
     InvalidConfiguration,
+    InvalidJSONValue,
     InvalidUpdate,
     SessionClosed,
     SessionNotFound,
 )
+from ._json import freeze_state
 from ._manager import SessionManager
 from ._models import Session
 
@@ -145,6 +147,7 @@ class SessionDict(MutableMapping[str, Any]):
         self._check_writable()
         if not isinstance(key, str):
             raise InvalidUpdate(f"Session keys must be strings, got {key!r}.")
+        freeze_state({key: value})  # a value that is not JSON is refused here, not at save
         self._data[key] = value
         self._set.add(key)
         self._deleted.discard(key)
@@ -474,11 +477,13 @@ class SessionMiddleware:
                 started = True
                 try:
                     headers = await self._save(session, scope)
-                except Exception:
+                except Exception as exc:
+                    not_json = isinstance(exc, InvalidJSONValue)
                     logger.exception(
-                        "could not save the session for %s %s; answering 500",
+                        "could not save the session for %s %s; answering 500%s",
                         scope.get("method"),
                         scope.get("path"),
+                        " (a value changed inside the session is not JSON)" if not_json else "",
                     )
                     failed = True
                     await _send_500(send)

@@ -584,11 +584,34 @@ async def test_storage_error_becomes_500_and_is_logged(
         assert (await http.get("/read")).json()["data"] == {"a": 1}
 
 
-async def test_non_json_value_becomes_500(
+async def test_non_json_value_is_refused_at_assignment(memory_manager: s.SessionManager) -> None:
+    refused: list[BaseException] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        session = scope["session"]
+        session["ok"] = {"n": [1]}
+        for bad in ({1, 2}, {"x": float("nan")}, [b"bytes"]):
+            with pytest.raises(s.InvalidJSONValue) as info:
+                session["bad"] = bad
+            refused.append(info.value)
+        assert "bad" not in session and session["ok"] == {"n": [1]}
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    wrapped = SessionMiddleware(app, memory_manager, secret_key=KEY)
+    async with client(wrapped) as http:
+        response = await http.get("/")
+    assert response.status_code == 200 and len(refused) == 3
+    (stored,) = await memory_manager.list(limit=10)
+    assert stored.state == {"ok": {"n": (1,)}}  # the refused values were never stored
+
+
+async def test_non_json_value_set_inside_a_nested_value_becomes_500(
     memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def app(scope: Scope, receive: Any, send: Any) -> None:
-        scope["session"]["bad"] = {1, 2}
+        scope["session"]["cart"] = {"items": []}
+        scope["session"]["cart"]["items"].append({1, 2})  # only the save can see this
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -601,6 +624,7 @@ async def test_non_json_value_becomes_500(
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert record.exc_info is not None
     assert isinstance(record.exc_info[1], s.InvalidJSONValue)
+    assert "is not JSON" in record.getMessage()
     assert await count(memory_manager) == 0
 
 
