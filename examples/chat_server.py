@@ -37,6 +37,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -329,4 +330,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("hypercorn", "trio", "uvicorn"):
+            raise
+        sys.exit(
+            f"{exc.name} is not installed: `pip install hypercorn trio` (for --worker-class "
+            "trio), or `pip install 'uvicorn[standard]'` and pass --server uvicorn"
+        )

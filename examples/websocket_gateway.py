@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -194,4 +195,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("hypercorn", "trio", "uvicorn"):
+            raise
+        sys.exit(
+            f"{exc.name} is not installed: `pip install hypercorn trio` (for --worker-class "
+            "trio), or `pip install 'uvicorn[standard]'` and pass --server uvicorn"
+        )
