@@ -41,6 +41,7 @@ from rich.text import Text
 
 from . import (
     CURRENT_VERSION,
+    CorruptSessionError,
     Session,
     SessionConflict,
     SessionError,
@@ -684,6 +685,17 @@ def show(session_id: str, last: int, store_url: str, backend: str, as_json: bool
         out.print(table)
 
 
+def _read_report_file(path: Path) -> list[Any]:
+    """Every report in ``path``; :class:`CLIError` naming the first bad line."""
+    try:
+        return list(read_reports(path))
+    except CorruptSessionError as exc:
+        raise CLIError(
+            f"cannot read the reports: {exc.detail}. Fix or delete that line "
+            "(each line must be one JSON report as JsonLinesReporter writes it)."
+        ) from exc
+
+
 @cli.command()
 @click.option(
     "--bucket", default="1h", show_default=True, help="Release-health period: 30m, 1h, 1d..."
@@ -707,8 +719,7 @@ def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_js
         counts = await repository.count_by_status()
         awaiting = len(await repository.expired(now, limit=10_000))
         if reports is not None:
-            path = reports
-            items: Iterable[Any] = await anyio.to_thread.run_sync(lambda: list(read_reports(path)))
+            items: Iterable[Any] = await anyio.to_thread.run_sync(_read_report_file, reports)
         else:
             items = [s async for s in _all_sessions(repository)]
         return counts, awaiting, aggregate(items, bucket=period)

@@ -23,9 +23,10 @@ import anyio
 import attrs
 import orjson
 
-from ._exceptions import CorruptSessionError, InvalidConfiguration
+from ._clock import Duration, to_timedelta, utc
+from ._exceptions import CorruptSessionError, InvalidConfiguration, SessionError
 from ._json import freeze_state
-from ._models import Session, SessionStatus
+from ._models import Session, SessionStatus, parse_status, validate_owner
 
 __all__ = [
     "HealthBucket",
@@ -40,16 +41,43 @@ __all__ = [
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
+def _report_id(value: object) -> uuid.UUID:
+    if not isinstance(value, uuid.UUID):
+        raise InvalidConfiguration(f"session_id must be a uuid.UUID; got {value!r:.60}.")
+    return value
+
+
+def _report_time(value: object) -> datetime:
+    if not isinstance(value, datetime):
+        raise InvalidConfiguration(
+            f"report times must be timezone-aware datetimes; got {value!r:.60}."
+        )
+    try:
+        return utc(value, "a report time")
+    except OverflowError:  # a time at the very edge of datetime's range, off UTC
+        raise InvalidConfiguration(f"report time {value!r:.60} is out of range.") from None
+
+
+def _report_errors(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise InvalidConfiguration(f"errors must be an int >= 0; got {value!r:.60}.")
+    return value
+
+
 @attrs.frozen(slots=True)
 class SessionReport:
-    """One ended session: status, duration, errors, owner and user-chosen attributes."""
+    """One ended session: status, duration, errors, owner and user-chosen attributes.
 
-    session_id: uuid.UUID
-    owner: str | None
-    status: SessionStatus
-    started_at: datetime
-    ended_at: datetime
-    errors: int
+    Bad field values raise :class:`~asyncsession.InvalidConfiguration` (times must be
+    timezone-aware; they are kept in UTC).
+    """
+
+    session_id: uuid.UUID = attrs.field(converter=_report_id)
+    owner: str | None = attrs.field(converter=validate_owner)
+    status: SessionStatus = attrs.field(converter=parse_status)
+    started_at: datetime = attrs.field(converter=_report_time)
+    ended_at: datetime = attrs.field(converter=_report_time)
+    errors: int = attrs.field(converter=_report_errors)
     attributes: Mapping[str, Any] = attrs.field(factory=dict, converter=freeze_state)
 
     @property
@@ -88,19 +116,37 @@ class SessionReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SessionReport:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; :class:`CorruptSessionError` if ``data`` is not one."""
         try:
+            if not isinstance(data, Mapping):
+                raise InvalidConfiguration(f"expected a JSON object, got {data!r:.60}")
+            session_id = data["session_id"]
+            if not isinstance(session_id, str):
+                raise InvalidConfiguration(f"session_id must be a string, got {session_id!r:.60}")
             return cls(
-                uuid.UUID(data["session_id"]),
+                uuid.UUID(session_id),
                 data.get("owner"),
-                SessionStatus(data["status"]),
-                datetime.fromisoformat(data["started_at"]),
-                datetime.fromisoformat(data["ended_at"]),
-                int(data["errors"]),
+                data["status"],
+                _parse_report_time(data["started_at"]),
+                _parse_report_time(data["ended_at"]),
+                data["errors"],
                 data.get("attributes") or {},
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
+            raise CorruptSessionError(f"invalid session report (missing {exc})") from exc
+        except (SessionError, TypeError, ValueError) as exc:
             raise CorruptSessionError(f"invalid session report ({exc})") from exc
+
+
+def _parse_report_time(value: object) -> datetime:
+    if not isinstance(value, str):
+        raise InvalidConfiguration(f"report times must be ISO 8601 strings, got {value!r:.60}")
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise InvalidConfiguration(f"report time {value!r:.60} has no UTC offset")
+    return parsed
 
 
 @runtime_checkable
@@ -155,7 +201,12 @@ class LoggingReporter:
 
 
 def read_reports(path: str | os.PathLike[str]) -> Iterator[SessionReport]:
-    """Read the reports a :class:`JsonLinesReporter` wrote (blank lines skipped)."""
+    """Read the reports a :class:`JsonLinesReporter` wrote (blank lines skipped).
+
+    A line that is not a valid report raises :class:`CorruptSessionError` naming the file
+    and the line number.
+    """
+    name = os.fspath(path)
     with open(path, "rb") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -163,8 +214,11 @@ def read_reports(path: str | os.PathLike[str]) -> Iterator[SessionReport]:
             try:
                 data = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                raise CorruptSessionError(f"{os.fspath(path)} line {number}: {exc}") from exc
-            yield SessionReport.from_dict(data)
+                raise CorruptSessionError(f"{name} line {number}: not JSON ({exc})") from exc
+            try:
+                yield SessionReport.from_dict(data)
+            except CorruptSessionError as exc:
+                raise CorruptSessionError(f"{name} line {number}: {exc.detail}") from exc
 
 
 @attrs.frozen(slots=True)
@@ -197,18 +251,26 @@ class HealthBucket:
 
 def _floor(when: datetime, bucket: timedelta) -> datetime:
     steps = (when - _EPOCH) // bucket
-    return _EPOCH + steps * bucket
+    try:
+        return _EPOCH + steps * bucket
+    except OverflowError:  # the period would start before year 1
+        raise InvalidConfiguration(
+            f"{when.isoformat()} is too close to the limits of datetime for a bucket of "
+            f"{bucket}; use a shorter bucket."
+        ) from None
 
 
 def aggregate(
-    items: Iterable[Session | SessionReport], *, bucket: timedelta = timedelta(hours=1)
+    items: Iterable[Session | SessionReport], *, bucket: Duration = timedelta(hours=1)
 ) -> list[HealthBucket]:
     """Per-period release health from reports or stored sessions, oldest period first.
 
-    Open sessions count as started only; terminal ones also as ended at ``closed_at``.
+    ``bucket`` is the period: seconds or a :class:`~datetime.timedelta`. Open sessions
+    count as started only; terminal ones also as ended at ``closed_at``.
     """
-    if bucket <= timedelta(0):
-        raise InvalidConfiguration(f"bucket must be a positive timedelta, got {bucket!r}.")
+    period = to_timedelta(bucket, "bucket")
+    if period is None:
+        raise InvalidConfiguration("bucket must be seconds or a positive timedelta, not None.")
     started: dict[datetime, int] = {}
     ended: dict[datetime, dict[SessionStatus, int]] = {}
     errored: dict[datetime, int] = {}
@@ -217,13 +279,17 @@ def aggregate(
         if isinstance(item, SessionReport):
             report = item
             created = item.started_at
-        else:
+        elif isinstance(item, Session):
             created = item.created_at
             report = SessionReport.from_session(item) if item.status.is_terminal else None
-        key = _floor(created, bucket)
+        else:
+            raise InvalidConfiguration(
+                f"aggregate() takes Session and SessionReport objects; got {item!r:.60}."
+            )
+        key = _floor(created, period)
         started[key] = started.get(key, 0) + 1
         if report is not None:
-            end_key = _floor(report.ended_at, bucket)
+            end_key = _floor(report.ended_at, period)
             per_status = ended.setdefault(end_key, {})
             per_status[report.status] = per_status.get(report.status, 0) + 1
             if report.errors:

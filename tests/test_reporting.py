@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import anyio
+import orjson
 import pytest
 
 import asyncsession as s
@@ -184,6 +187,92 @@ def test_reports_round_trip_and_bad_lines(tmp_path: Path) -> None:
         list(read_reports(bad))
     with pytest.raises(s.InvalidConfiguration):
         s.SessionManager(s.MemoryRepository(), reporters=[object()])  # type: ignore[list-item]
+
+
+def _report_line(**changes: object) -> bytes:
+    good: dict[str, object] = {
+        "session_id": str(uuid.uuid4()),
+        "owner": None,
+        "status": "exited",
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "ended_at": "2026-01-01T00:10:00+00:00",
+        "duration": 600.0,
+        "errors": 0,
+        "attributes": {},
+    }
+    return orjson.dumps({**good, **changes}) + b"\n"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"session_id": 5},
+        {"session_id": ["x"]},
+        {"started_at": "2026-01-01T00:00:00"},
+        {"ended_at": 1767225600},
+        {"errors": 2.7},
+        {"errors": "3"},
+        {"errors": True},
+        {"errors": -1},
+        {"owner": 7},
+        {"status": "bogus"},
+        {"attributes": [1, 2]},
+    ],
+    ids=repr,
+)
+def test_a_malformed_report_line_raises_a_typed_error_naming_the_line(
+    tmp_path: Path, changes: dict[str, object]
+) -> None:
+    path = tmp_path / "reports.jsonl"
+    path.write_bytes(_report_line() + b"\n" + _report_line(**changes))
+    with pytest.raises(s.CorruptSessionError, match=r"reports\.jsonl line 3"):
+        list(read_reports(path))
+
+
+def test_report_times_are_kept_in_utc_and_naive_ones_refused() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    plus_two = timezone(timedelta(hours=2))
+    report = SessionReport(uuid.uuid4(), None, "crashed", t0.astimezone(plus_two), t0, 0)
+    assert report.started_at.tzinfo is timezone.utc and report.started_at == t0
+    assert report.status is s.SessionStatus.CRASHED
+    with pytest.raises(s.InvalidConfiguration, match="timezone-aware"):
+        SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, datetime(2026, 1, 1), t0, 0)
+    with pytest.raises(s.InvalidConfiguration, match="errors"):
+        SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 1.5)
+    from_z = SessionReport.from_dict({**report.to_dict(), "ended_at": "2026-01-01T00:00:00Z"})
+    assert from_z.ended_at == t0
+
+
+def test_aggregate_takes_the_bucket_in_seconds_and_refuses_anything_else() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    report = SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 0)
+    assert aggregate([report], bucket=3600) == aggregate([report], bucket=timedelta(hours=1))
+    for bad in ("1h", None, -5, float("nan")):
+        with pytest.raises(s.InvalidConfiguration, match="bucket"):
+            aggregate([report], bucket=bad)  # type: ignore[arg-type]
+    with pytest.raises(s.InvalidConfiguration, match="Session and SessionReport"):
+        aggregate([report.to_dict()])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("changes", [{"session_id": 5}, {"started_at": "2026-01-01T00:00:00"}])
+def test_cli_stats_reports_a_bad_report_line_without_a_traceback(
+    tmp_path: Path, changes: dict[str, object]
+) -> None:
+    path = tmp_path / "reports.jsonl"
+    path.write_bytes(_report_line() + _report_line(**changes))
+    command = ["stats", "--store", "memory://", "--reports", str(path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncsession", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asyncsession: error: "), result.stderr
+    assert "reports.jsonl line 2" in lines[0]
 
 
 # -- current session ------------------------------------------------------------------
