@@ -528,13 +528,82 @@ def test_holder_checks_the_read_an_update_is_based_on() -> None:
     assert held.before_save(long.id, 2) == (long.last_active, "other")
     assert held.before_save(long.id, 2) is None  # once
     held.lend_read(long, "other")
-    held.drop(long.id)  # e.g. a delete: the next save is not based on that read
-    assert held.before_save(long.id, 2) is None
+    held.drop(long.id)  # e.g. a read found it deleted: it may come back in another life
+    assert held.before_save(long.id, 2) == (long.last_active, "other")
 
     off = HeldSnapshots(0)
     off.lend_read(read, "life")
     assert off.before_save(read.id, 3) == (read.last_active, "life")
     off.lend_read(None)  # nothing was read: nothing to check
+
+
+def test_holder_keeps_the_check_of_a_lent_snapshot_whatever_removes_it() -> None:
+    """Reads, deletes, appends and evictions while an update runs never drop what its
+    save checks (review finding of helper-25: a read of another life dropped the lent
+    mark, and the save then overwrote that life)."""
+    life = snapshot(2, revision=3)
+    later = T0 + timedelta(seconds=5)
+
+    def lent() -> HeldSnapshots:
+        held = HeldSnapshots(2)
+        held.keep(life, "one")
+        assert held.lend(life.id) is life
+        return held
+
+    held = lent()  # a read of another life with the same revision and times
+    held.seen(life.id, life, "two")
+    assert held.before_save(life.id, 3) == (life.last_active, "one")
+    held = lent()  # the same: a window of it
+    held.seen(life.id, attrs.evolve(life, messages=life.messages.tail(1)), "two")
+    assert held.before_save(life.id, 3) == (life.last_active, "one")
+    held = lent()  # a read of a newer revision of this life
+    held.seen(life.id, attrs.evolve(life, revision=4, last_active=later), "one")
+    assert held.before_save(life.id, 3) == (life.last_active, "one")
+    held = lent()  # a read finding it touched elsewhere: the lend follows it
+    touched = attrs.evolve(life, last_active=later)
+    held.seen(life.id, touched, "one")
+    assert held.get(life.id) is touched
+    assert held.before_save(life.id, 3) == (later, "one")
+    held = lent()  # a read finding no session (deleted: it may come back)
+    held.seen(life.id, None)
+    assert held.before_save(life.id, 3) == (life.last_active, "one")
+    held = lent()  # an append's take()
+    held.take(life.id)
+    assert held.before_save(life.id, 3) == (life.last_active, "one")
+    held = lent()  # evicted by reads of other sessions
+    held.keep(snapshot(1))
+    held.keep(snapshot(1))
+    assert held.get(life.id) is None
+    assert held.before_save(life.id, 3) == (life.last_active, "one")
+    assert held.before_save(life.id, 3) is None  # checked once
+
+
+@pytest.mark.parametrize("read", ["repository", "manager"])
+async def test_a_read_while_fn_runs_does_not_let_the_save_overwrite_another_life(
+    pair: tuple[SessionManager, SessionManager, ManualClock], read: str
+) -> None:
+    """Deleted and added again elsewhere (same revision and times) while fn runs, then
+    read here: the save based on the held snapshot must still be refused."""
+    a, b, _ = pair
+    session = await a.create(state={"life": 1})
+    held = await a.update(session.id, bump("n"))  # a holds this snapshot
+    calls = 0
+
+    async def fn(old: Session) -> Session:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await b.delete(session.id)
+            await b.repository.add(held.with_state({"life": 2}))  # same revision and times
+            if read == "repository":
+                await a.repository.get(session.id)
+            else:
+                await a.get(session.id)
+        return old.with_state({**old.state, "by_a": True})
+
+    updated = await a.update(session.id, fn)
+    assert calls == 2 and updated.state == {"life": 2, "n": 1, "by_a": True}
+    assert (await b.get(session.id, touch=False)).state == updated.state
 
 
 # -- Redis: a read of a current held snapshot sends no history -----------------------------

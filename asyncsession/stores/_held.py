@@ -106,10 +106,7 @@ class HeldSnapshots:
                 self._lent.add(key)
                 self._bases.pop(key, None)
                 return
-            self._bases[key] = (session.revision, session.last_active, incarnation)
-            self._bases.move_to_end(key)
-            while len(self._bases) > _MAX_BASES:
-                self._bases.popitem(last=False)
+            self._remember(key, (session.revision, session.last_active, incarnation))
 
     def _use(self, key: int, *, lend: bool) -> Held | None:
         with self._lock:
@@ -137,11 +134,8 @@ class HeldSnapshots:
         """
         key = session_id.int
         with self._lock:
-            lent = key in self._lent
-            entry = self._pop(key)
+            self._pop(key)  # a lent snapshot becomes what the save checks (see _pop)
             base = self._bases.pop(key, None)
-        if lent and entry is not None and entry[0].revision == expected_revision:
-            return entry[0].last_active, entry[1]
         if base is not None and base[0] == expected_revision:
             return base[1], base[2]
         return None
@@ -154,6 +148,7 @@ class HeldSnapshots:
         key = session.id.int
         with self._lock:
             entry = self._items.get(key)
+            relend = False
             if entry is not None:
                 held = entry[0]
                 if entry[1] != incarnation:
@@ -163,28 +158,57 @@ class HeldSnapshots:
                     held.revision == session.revision and held.last_active > session.last_active
                 ):
                     return  # a reply that raced with a newer local write
+                # The same revision of the same life (a read, perhaps seeing a touch): a
+                # lent snapshot stays lent, with these times, as touched() keeps it.
+                relend = held.revision == session.revision and key in self._lent
+                if relend and session.messages.total <= self._max_messages:
+                    self._lent.discard(key)
+                else:
+                    relend = False
                 self._pop(key)
             if session.messages.total > self._max_messages:
                 return
             self._items[key] = (session, incarnation)
             self._messages += session.messages.total
+            if relend:
+                self._lent.add(key)
             while len(self._items) > self._size or self._messages > self._max_messages:
-                oldest_id, (oldest, _) = self._items.popitem(last=False)
-                self._messages -= oldest.messages.total
-                self._lent.discard(oldest_id)
+                oldest_id, oldest = self._items.popitem(last=False)
+                self._messages -= oldest[0].messages.total
+                self._unlend(oldest_id, oldest)
 
     def take(self, session_id: uuid.UUID) -> Held | None:
         """Remove and return the held entry (before a write that may not report back)."""
         with self._lock:
-            self._bases.pop(session_id.int, None)
             return self._pop(session_id.int)
 
     def _pop(self, key: int) -> Held | None:
-        self._lent.discard(key)
+        """Remove the entry (lock held). An update it was lent to keeps its check."""
         entry = self._items.pop(key, None)
         if entry is not None:
             self._messages -= entry[0].messages.total
+            self._unlend(key, entry)
         return entry
+
+    def _unlend(self, key: int, entry: Held) -> None:
+        """An entry leaves (lock held): if it was lent, what the save of the update based
+        on it must check moves to the recorded reads (:meth:`before_save` finds it there).
+
+        Whatever removes the entry meanwhile (a read of this or another life, a delete,
+        an append, an eviction), the update's save still checks the revision,
+        ``last_active`` and incarnation it was based on, so a session deleted and added
+        again elsewhere is never overwritten by it.
+        """
+        if key in self._lent:
+            self._lent.discard(key)
+            self._remember(key, (entry[0].revision, entry[0].last_active, entry[1]))
+
+    def _remember(self, key: int, base: tuple[int, datetime, Incarnation]) -> None:
+        """Record what the save of an update must check (lock held), newest last."""
+        self._bases[key] = base
+        self._bases.move_to_end(key)
+        while len(self._bases) > _MAX_BASES:
+            self._bases.popitem(last=False)
 
     def appended(
         self,
@@ -276,7 +300,8 @@ class HeldSnapshots:
             self._bases[key] = (base[0], session.last_active, incarnation)
 
     def drop(self, session_id: uuid.UUID) -> None:
-        """Forget a session (its next update reads it again)."""
+        """Forget a session (its next update reads it again; one in flight keeps its
+        check, see :meth:`_unlend`)."""
         self.take(session_id)
 
     def clear(self) -> None:
