@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
+import anyio.from_thread
+import anyio.to_thread
 import attrs
 import orjson
 
@@ -39,6 +42,7 @@ __all__ = [
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_WRITE_POLL_SECONDS = 0.05  # how soon a blocked write notices that its caller gave up
 
 
 def _report_id(value: object) -> uuid.UUID:
@@ -159,18 +163,53 @@ class Reporter(Protocol):
 
 
 class JsonLinesReporter:
-    """Appends each report as one JSON line to ``path`` (off the event loop)."""
+    """Appends each report as one JSON line to ``path`` (off the event loop).
+
+    A write that is cancelled or cut off by ``reporter_timeout`` is abandoned: the call
+    returns at once, and the write goes on in a daemon thread that may still add the
+    line later (whole). Writes never interleave: a later report waits until an abandoned
+    write has finished, and that wait is bounded by its caller's timeout too. So a write
+    blocked for good (a hung network file system, a FIFO nobody reads) never hangs the
+    manager's exit or the end of the process; the reports after it time out.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock()  # reports are written in the order they come
+        self._writing = threading.Lock()  # held while a line is being written
 
     def __repr__(self) -> str:
         return f"JsonLinesReporter({self.path!r})"
 
+    def _write(self, line: bytes, failure: list[BaseException]) -> None:
+        """Runs in a daemon thread that owns ``_writing`` and releases it when done."""
+        try:
+            with open(self.path, "ab") as handle:
+                handle.write(line)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            self._writing.release()
+
     def _append(self, line: bytes) -> None:
-        with open(self.path, "ab") as handle:
-            handle.write(line)
+        """Runs in an anyio worker thread; returns early (cancelled) if the caller is."""
+        while not self._writing.acquire(timeout=_WRITE_POLL_SECONDS):
+            anyio.from_thread.check_cancelled()  # an abandoned write is still going on
+        failure: list[BaseException] = []
+        try:
+            writer = threading.Thread(
+                target=self._write, args=(line, failure), name=repr(self), daemon=True
+            )
+            writer.start()
+        except BaseException:
+            self._writing.release()
+            raise
+        writer.join(_WRITE_POLL_SECONDS)
+        while writer.is_alive():
+            anyio.from_thread.check_cancelled()  # leaves the write to its daemon thread
+            writer.join(_WRITE_POLL_SECONDS)
+        if failure:
+            raise failure[0]
 
     async def report(self, report: SessionReport) -> None:
         """Append ``report`` as a JSON line."""

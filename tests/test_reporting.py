@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
+import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -136,6 +138,60 @@ async def test_reports_beyond_the_buffer_are_dropped_and_counted() -> None:
             await sessions.close((await sessions.create()).id)
         stats = await sessions.stats()
     assert stats.reports_dropped >= 3
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+async def test_a_blocked_json_lines_write_is_abandoned_and_never_hangs_the_exit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A FIFO nobody reads blocks open() for good, like a hung network file system.
+    fifo = tmp_path / "health.jsonl"
+    os.mkfifo(fifo)
+    unblocked = threading.Event()
+
+    def unblock() -> None:  # last resort, so that a regression fails instead of hanging
+        unblocked.set()
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+
+    guard = threading.Timer(30, unblock)
+    guard.start()
+    try:
+        async with s.SessionManager(
+            s.MemoryRepository(),
+            reporters=[JsonLinesReporter(fifo)],
+            reporter_timeout=0.05,
+            cleanup_interval=None,
+        ) as sessions:
+            first = await sessions.close((await sessions.create()).id)
+            await sessions.close((await sessions.create()).id)
+        assert not unblocked.is_set()  # the exit did not wait for the blocked write
+    finally:
+        guard.cancel()
+    assert "timed out" in caplog.text
+
+    def read_fifo() -> bytes:  # the abandoned write is still waiting for a reader
+        with open(fifo, "rb") as handle:
+            return handle.read()
+
+    with anyio.fail_after(30):
+        written = await anyio.to_thread.run_sync(read_fifo, abandon_on_cancel=True)
+    # it lands late and whole; the next report waited for it and was never written
+    assert [r.session_id for r in read_reports_from(written)] == [first.id]
+
+
+def read_reports_from(data: bytes) -> list[SessionReport]:
+    return [SessionReport.from_dict(orjson.loads(line)) for line in data.splitlines()]
+
+
+async def test_json_lines_write_errors_reach_the_caller(tmp_path: Path) -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    report = SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 0)
+    reporter = JsonLinesReporter(tmp_path / "missing-dir" / "health.jsonl")
+    with pytest.raises(FileNotFoundError):
+        await reporter.report(report)
+    reporter.path = os.fspath(tmp_path / "health.jsonl")
+    await reporter.report(report)  # the failed write left nothing locked
+    assert list(read_reports(reporter.path)) == [report]
 
 
 def test_aggregate_release_health() -> None:
