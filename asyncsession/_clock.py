@@ -72,14 +72,40 @@ def to_timedelta(value: Duration, name: str) -> timedelta | None:
 
 
 def utc(value: datetime, name: str = "datetime") -> datetime:
-    """Return ``value`` in UTC; reject naive datetimes."""
-    if value.tzinfo is None or value.utcoffset() is None:
+    """Return ``value`` in UTC; reject non-datetimes, naive datetimes and times that
+    fall outside datetime's range once converted to UTC (near year 1 or 9999)."""
+    if type(value) is datetime and value.tzinfo is timezone.utc:
+        return value  # the common case, first
+    if not isinstance(value, datetime):
+        raise InvalidConfiguration(
+            f"{name} must be a timezone-aware datetime; got {type(value).__name__} "
+            f"{value!r:.60}. Use datetime.now(timezone.utc)."
+        )
+    try:
+        offset = value.utcoffset()
+    except (TypeError, ValueError) as exc:  # a tzinfo that returns no valid offset
+        raise InvalidConfiguration(
+            f"{name} has a time zone without a valid UTC offset ({exc}); got {value!r:.80}. "
+            "Use a datetime with tzinfo=timezone.utc."
+        ) from None
+    if offset is None:
         raise InvalidConfiguration(
             f"{name} must be timezone-aware; got naive {value!r}. Use datetime.now(timezone.utc)."
         )
     if value.tzinfo is timezone.utc:
         return value
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise InvalidConfiguration(
+            f"{name} {value.isoformat()} is out of range: converted to UTC it falls outside "
+            f"{_FIRST.isoformat()} to {_LAST.isoformat()}, the times a datetime can hold. "
+            "Use a time within that range."
+        ) from None
+
+
+_FIRST = datetime.min.replace(tzinfo=timezone.utc)
+_LAST = datetime.max.replace(tzinfo=timezone.utc)
 
 
 #: The clock of the manager whose update callback is running (see ``current_time``).

@@ -12,10 +12,11 @@ from typing import Any, overload
 
 import attrs
 
-from ._clock import current_time, utc
+from ._clock import _LONGEST, current_time, utc
 from ._exceptions import (
     CorruptSessionError,
     InvalidConfiguration,
+    InvalidJSONValue,
     InvalidOwner,
     InvalidRole,
     InvalidSessionName,
@@ -67,7 +68,7 @@ def parse_status(value: object) -> SessionStatus:
     """``value`` as a :class:`SessionStatus` (or its string value); else a typed error."""
     try:
         return SessionStatus(value)
-    except ValueError:
+    except (TypeError, ValueError):  # TypeError: an unhashable value
         raise InvalidConfiguration(
             f"Unknown session status {value!r}: use one of "
             f"{', '.join(status.value for status in SessionStatus)}."
@@ -92,16 +93,29 @@ def validate_owner(owner: object) -> str | None:
     return owner
 
 
-def _utc(value: datetime) -> datetime:
-    return utc(value, "timestamp")
+# Converters to UTC, one per field, so that a typed error names the field.
+def _timestamp(value: datetime) -> datetime:
+    return utc(value, "Message.timestamp")
 
 
-def _utc_or_none(value: datetime | None) -> datetime | None:
-    return None if value is None else utc(value, "timestamp")
+def _created_at(value: datetime) -> datetime:
+    return utc(value, "Session.created_at")
+
+
+def _last_active(value: datetime) -> datetime:
+    return utc(value, "Session.last_active")
+
+
+def _closed_at(value: datetime | None) -> datetime | None:
+    return None if value is None else utc(value, "Session.closed_at")
+
+
+def _expires_at(value: datetime | None) -> datetime | None:
+    return None if value is None else utc(value, "Session.expires_at")
 
 
 def _validate_role(instance: object, attribute: object, role: str) -> None:
-    if role not in _ROLES:
+    if type(role) is not str or role not in _ROLES:  # type first: a list is unhashable
         raise InvalidRole(role, ROLES)
 
 
@@ -124,7 +138,7 @@ class Message:
 
     role: str = attrs.field(validator=_validate_role)
     content: str = attrs.field(validator=_check_content)
-    timestamp: datetime = attrs.field(converter=_utc)
+    timestamp: datetime = attrs.field(converter=_timestamp)
     data: Any = attrs.field(default=None, converter=_freeze_data)
 
 
@@ -402,13 +416,35 @@ def _to_log(value: Iterable[Message] | None) -> MessageLog:
         return EMPTY_LOG
     if type(value) is MessageLog:
         return value
-    return MessageLog(value)
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidConfiguration(
+            f"Session.messages must be a MessageLog or an iterable of Message objects; got "
+            f"{type(value).__name__}. Add messages with Session.with_message()."
+        )
+    items = list(value)
+    for item in items:
+        if not isinstance(item, Message):
+            raise InvalidConfiguration(
+                f"Session.messages holds Message objects, got {type(item).__name__} "
+                f"{item!r:.60}. Add messages with Session.with_message()."
+            )
+    return MessageLog(items)
 
 
 def _id(value: uuid.UUID | str) -> uuid.UUID:
     if type(value) is uuid.UUID:
         return value
-    return uuid.UUID(str(value))
+    if isinstance(value, uuid.UUID):
+        return uuid.UUID(int=value.int)
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise InvalidConfiguration(
+        f"Session.id must be a UUID or its string form; got {type(value).__name__} "
+        f"{value!r:.60}. Ids come from SessionManager.create(); keep the one you were given."
+    )
 
 
 def _validate_name(instance: object, attribute: object, value: Any) -> None:
@@ -419,9 +455,18 @@ def _validate_owner(instance: object, attribute: object, value: Any) -> None:
     validate_owner(value)
 
 
+_COUNT_HINTS = {
+    "errors": "count errors with attrs.evolve(session, errors=session.errors + 1)",
+    "revision": "the revision is managed by asyncsession: leave it as the snapshot has it",
+}
+
+
 def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
     if type(value) is not int or value < 0:
-        raise ValueError(f"Session.{attribute.name} must be an int >= 0, got {value!r}")
+        raise InvalidConfiguration(
+            f"Session.{attribute.name} must be an int >= 0, got {type(value).__name__} "
+            f"{value!r:.60}; {_COUNT_HINTS.get(attribute.name, 'pass a count')}."
+        )
 
 
 @attrs.frozen(slots=True, repr=False)
@@ -433,13 +478,13 @@ class Session:
     """
 
     id: uuid.UUID = attrs.field(converter=_id)
-    created_at: datetime = attrs.field(converter=_utc)
-    last_active: datetime = attrs.field(converter=_utc)
+    created_at: datetime = attrs.field(converter=_created_at)
+    last_active: datetime = attrs.field(converter=_last_active)
     owner: str | None = attrs.field(default=None, validator=_validate_owner)
     name: str | None = attrs.field(default=None, validator=_validate_name)
-    status: SessionStatus = attrs.field(default=SessionStatus.ACTIVE, converter=SessionStatus)
-    closed_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
-    expires_at: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    status: SessionStatus = attrs.field(default=SessionStatus.ACTIVE, converter=parse_status)
+    closed_at: datetime | None = attrs.field(default=None, converter=_closed_at)
+    expires_at: datetime | None = attrs.field(default=None, converter=_expires_at)
     messages: MessageLog = attrs.field(default=EMPTY_LOG, converter=_to_log)
     state: Mapping[str, Any] = attrs.field(default=EMPTY, converter=freeze_state)
     errors: int = attrs.field(default=0, validator=_non_negative)
@@ -469,6 +514,12 @@ class Session:
 
     def with_state(self, changes: Mapping[str, Any] | None = None, /, **kw: Any) -> Session:
         """Return a copy whose state has ``changes`` (and keyword changes) merged in."""
+        if changes is not None and not isinstance(changes, Mapping):
+            raise InvalidJSONValue(
+                "state",
+                f"with_state() takes a mapping of changes or keywords, not "
+                f"{type(changes).__name__}; e.g. with_state({{'cart': 1}}) or with_state(cart=1)",
+            )
         updates = dict(changes) if changes else {}
         updates.update(kw)
         merged = dict(self.state)  # frozen and validated already: only updates are checked
@@ -547,6 +598,32 @@ def last_window(session: Session, last_messages: int | None) -> Session:
     return replace_trusted(session, messages=session.messages.tail(last_messages))
 
 
+def _limit(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, timedelta) or not timedelta(0) < value <= _LONGEST:
+        raise InvalidConfiguration(
+            f"ExpiryPolicy.{attribute.name} must be a timedelta above 0 and at most "
+            f"{_LONGEST.days} days, or None for no limit; got {value!r:.60}."
+        )
+
+
+def _interval(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, timedelta) or not timedelta(0) <= value <= _LONGEST:
+        raise InvalidConfiguration(
+            f"ExpiryPolicy.{attribute.name} must be a timedelta of 0 to {_LONGEST.days} "
+            f"days (0: every touch moves last_active); got {value!r:.60}."
+        )
+
+
+def _after(start: datetime, delta: timedelta) -> datetime | None:
+    """``start + delta``, or None (never) when that is past the last datetime."""
+    try:
+        return start + delta
+    except OverflowError:
+        return None
+
+
 @attrs.frozen(slots=True)
 class ExpiryPolicy:
     """When sessions expire: the manager's policy, evaluated by stores on touch.
@@ -555,15 +632,16 @@ class ExpiryPolicy:
     * ARCHIVED: ``created_at + max_age`` (parked sessions do not idle out).
     * terminal: ``closed_at + retention``.
 
-    A ``None`` limit is no limit. A touch (activity without a change) moves
-    ``last_active`` only when it moves it by at least ``touch_interval``, so frequent
-    reads do not each become a write.
+    A ``None`` limit is no limit (limits are positive, at most 36500 days). A deadline
+    later than a datetime can hold (after 9999-12-31 UTC) is no deadline either: no clock
+    reaches it. A touch (activity without a change) moves ``last_active`` only when it
+    moves it by at least ``touch_interval``, so frequent reads do not each become a write.
     """
 
-    idle_timeout: timedelta | None = None
-    max_age: timedelta | None = None
-    retention: timedelta | None = None
-    touch_interval: timedelta = timedelta(0)
+    idle_timeout: timedelta | None = attrs.field(default=None, validator=_limit)
+    max_age: timedelta | None = attrs.field(default=None, validator=_limit)
+    retention: timedelta | None = attrs.field(default=None, validator=_limit)
+    touch_interval: timedelta = attrs.field(default=timedelta(0), validator=_interval)
 
     def should_touch(self, last_active: datetime, at: datetime) -> bool:
         """Whether activity at ``at`` moves ``last_active`` (coalesced by ``touch_interval``)."""
@@ -576,15 +654,17 @@ class ExpiryPolicy:
         last_active: datetime,
         closed_at: datetime | None,
     ) -> datetime | None:
-        """Return when a session with these fields expires, or None."""
+        """Return when a session with these fields expires, or None (never)."""
         if status.is_terminal:
             if self.retention is None or closed_at is None:
                 return None
-            return closed_at + self.retention
-        hard = None if self.max_age is None else created_at + self.max_age
+            return _after(closed_at, self.retention)
+        hard = None if self.max_age is None else _after(created_at, self.max_age)
         if status is SessionStatus.ARCHIVED or self.idle_timeout is None:
             return hard
-        soft = last_active + self.idle_timeout
+        soft = _after(last_active, self.idle_timeout)
+        if soft is None:
+            return hard
         return soft if hard is None or soft < hard else hard
 
     def deadline_of(self, session: Session) -> datetime | None:

@@ -1,0 +1,332 @@
+"""Bad arguments to the models and the manager raise typed errors; deadlines past the
+last datetime are "never" (review findings of helper-26)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta, timezone, tzinfo
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+import asyncsession as s
+from asyncsession._clock import utc
+from asyncsession.stores.sqlite import SQLiteRepository
+from asyncsession.testing import ManualClock
+
+NOW = datetime(2024, 1, 2, tzinfo=timezone.utc)
+MINUS_5 = timezone(timedelta(hours=-5))
+PLUS_5 = timezone(timedelta(hours=5))
+#: Late enough that a deadline 100 days on is past datetime.max, early enough for one now.
+LATE = datetime(9999, 9, 1, tzinfo=timezone.utc)
+
+
+def base() -> s.Session:
+    return s.Session(uuid.uuid4(), NOW, NOW)
+
+
+class _BadOffset(tzinfo):
+    def utcoffset(self, dt: datetime | None) -> timedelta:
+        return timedelta(hours=48)  # outside (-24 h, 24 h): datetime raises ValueError
+
+    def dst(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+    def tzname(self, dt: datetime | None) -> str:
+        return "bad"
+
+
+# -- the models -------------------------------------------------------------------------
+
+BAD_MODEL_CALLS: list[tuple[str, Callable[[], object], type[s.ValidationError], str]] = [
+    ("list role", lambda: s.Message(["user"], "x", NOW), s.InvalidRole, "use one of"),  # type: ignore[arg-type]
+    ("dict role", lambda: s.Message({}, "x", NOW), s.InvalidRole, "use one of"),  # type: ignore[arg-type]
+    ("int role", lambda: s.Message(1, "x", NOW), s.InvalidRole, "use one of"),  # type: ignore[arg-type]
+    (
+        "with_message list role",
+        lambda: base().with_message(["user"], "x"),  # type: ignore[arg-type]
+        s.InvalidRole,
+        "use one of",
+    ),
+    (
+        "str timestamp",
+        lambda: s.Message("user", "x", "2024-01-01"),  # type: ignore[arg-type]
+        s.InvalidConfiguration,
+        "Message.timestamp must be a timezone-aware datetime",
+    ),
+    (
+        "timestamp past 9999 in UTC",
+        lambda: base().with_message(
+            "user", "x", timestamp=datetime(9999, 12, 31, 23, tzinfo=MINUS_5)
+        ),
+        s.InvalidConfiguration,
+        "9999-12-31T23:59:59.999999+00:00",
+    ),
+    (
+        "timestamp before year 1 in UTC",
+        lambda: s.Message("user", "x", datetime(1, 1, 1, 2, tzinfo=PLUS_5)),
+        s.InvalidConfiguration,
+        "0001-01-01T00:00:00+00:00",
+    ),
+    (
+        "created_at past 9999 in UTC",
+        lambda: s.Session(uuid.uuid4(), datetime(9999, 12, 31, 23, tzinfo=MINUS_5), NOW),
+        s.InvalidConfiguration,
+        "Session.created_at",
+    ),
+    (
+        "closed_at not a datetime",
+        lambda: attrs.evolve(base(), closed_at=1.5),  # type: ignore[arg-type]
+        s.InvalidConfiguration,
+        "Session.closed_at must be a timezone-aware datetime",
+    ),
+    (
+        "tzinfo without a valid offset",
+        lambda: s.Message("user", "x", datetime(2024, 1, 1, tzinfo=_BadOffset())),
+        s.InvalidConfiguration,
+        "tzinfo=timezone.utc",
+    ),
+    (
+        "errors=-1",
+        lambda: s.Session(uuid.uuid4(), NOW, NOW, errors=-1),
+        s.InvalidConfiguration,
+        "errors=session.errors + 1",
+    ),
+    (
+        "evolve errors=-1",
+        lambda: attrs.evolve(base(), errors=-1),
+        s.InvalidConfiguration,
+        "Session.errors must be an int >= 0",
+    ),
+    (
+        "errors=1.5",
+        lambda: attrs.evolve(base(), errors=1.5),  # type: ignore[arg-type]
+        s.InvalidConfiguration,
+        "Session.errors must be an int >= 0",
+    ),
+    (
+        "revision=-1",
+        lambda: s.Session(uuid.uuid4(), NOW, NOW, revision=-1),
+        s.InvalidConfiguration,
+        "managed by asyncsession",
+    ),
+    (
+        "status bogus",
+        lambda: s.Session(uuid.uuid4(), NOW, NOW, status="bogus"),
+        s.InvalidConfiguration,
+        "use one of active, archived",
+    ),
+    (
+        "status unhashable",
+        lambda: attrs.evolve(base(), status=["active"]),
+        s.InvalidConfiguration,
+        "use one of active, archived",
+    ),
+    (
+        "id not a uuid",
+        lambda: s.Session("not-a-uuid", NOW, NOW),
+        s.InvalidConfiguration,
+        "Session.id must be a UUID",
+    ),
+    (
+        "id an int",
+        lambda: s.Session(5, NOW, NOW),  # type: ignore[arg-type]
+        s.InvalidConfiguration,
+        "Session.id must be a UUID",
+    ),
+    (
+        "messages of ints",
+        lambda: attrs.evolve(base(), messages=[1]),  # type: ignore[list-item]
+        s.InvalidConfiguration,
+        "with_message()",
+    ),
+    (
+        "messages not iterable",
+        lambda: attrs.evolve(base(), messages=5),  # type: ignore[arg-type]
+        s.InvalidConfiguration,
+        "with_message()",
+    ),
+    (
+        "with_state(str)",
+        lambda: base().with_state("ab"),  # type: ignore[arg-type]
+        s.InvalidJSONValue,
+        "with_state(cart=1)",
+    ),
+    (
+        "with_state(list of pairs)",
+        lambda: base().with_state([("a", 1)]),  # type: ignore[arg-type]
+        s.InvalidJSONValue,
+        "takes a mapping",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "hint"),
+    [case[1:] for case in BAD_MODEL_CALLS],
+    ids=[case[0] for case in BAD_MODEL_CALLS],
+)
+def test_bad_model_arguments_raise_typed_errors(
+    call: Callable[[], object], error: type[s.ValidationError], hint: str
+) -> None:
+    with pytest.raises(error) as info:
+        call()
+    assert hint in str(info.value)
+
+
+def test_good_model_arguments_still_work() -> None:
+    sid = uuid.uuid4()
+    session = s.Session(str(sid), NOW.astimezone(PLUS_5), NOW, status="archived")
+    assert session.id == sid and session.created_at == NOW
+    assert session.created_at.tzinfo is timezone.utc
+    assert session.status is s.SessionStatus.ARCHIVED
+    assert session.with_state(None, a=1).state == {"a": 1}
+    assert session.with_state({}, a=1).state == {"a": 1}
+    last = datetime(9999, 12, 31, 23, tzinfo=timezone.utc)  # in range: accepted
+    assert session.with_message("user", "x", timestamp=last).messages[0].timestamp == last
+    assert attrs.evolve(session, messages=(s.Message("user", "x", NOW),)).messages.total == 1
+
+
+def test_utc_rejects_what_is_not_a_datetime() -> None:
+    for value in ("2024-01-01", 1700000000, None, NOW.date()):
+        with pytest.raises(s.InvalidConfiguration, match="must be a timezone-aware datetime"):
+            utc(value, "when")  # type: ignore[arg-type]
+    assert utc(NOW.astimezone(MINUS_5)) == NOW
+
+
+# -- deadlines at the end of datetime's range ---------------------------------------------
+
+DAY = timedelta(days=1)
+
+
+def test_a_deadline_past_the_last_datetime_is_never() -> None:
+    active, archived = s.SessionStatus.ACTIVE, s.SessionStatus.ARCHIVED
+    end = datetime.max.replace(tzinfo=timezone.utc)
+    long = timedelta(days=36500)
+    assert s.ExpiryPolicy(max_age=long).deadline(active, end, end, None) is None
+    assert s.ExpiryPolicy(idle_timeout=long).deadline(active, end, end, None) is None
+    assert s.ExpiryPolicy(retention=DAY).deadline(s.SessionStatus.EXITED, NOW, NOW, end) is None
+    both = s.ExpiryPolicy(idle_timeout=100 * DAY, max_age=200 * DAY)
+    # the idle deadline is past the end, the age deadline is not: the age one holds
+    assert both.deadline(active, LATE - 100 * DAY, LATE, None) == LATE + 100 * DAY
+    # the age deadline is past the end: the idle one holds, archived has none
+    assert both.deadline(active, LATE, LATE - 50 * DAY, None) == LATE + 50 * DAY
+    assert both.deadline(archived, LATE, LATE, None) is None
+    # in range: unchanged
+    assert both.deadline(active, NOW, NOW, None) == NOW + 100 * DAY
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"idle_timeout": 60},
+        {"max_age": timedelta(0)},
+        {"retention": -DAY},
+        {"max_age": timedelta(days=36501)},
+        {"touch_interval": None},
+        {"touch_interval": -DAY},
+    ],
+    ids=repr,
+)
+def test_bad_expiry_policy_arguments_raise_typed_errors(changes: dict[str, Any]) -> None:
+    with pytest.raises(s.InvalidConfiguration, match=f"ExpiryPolicy.{next(iter(changes))}"):
+        s.ExpiryPolicy(**changes)
+
+
+# -- through the manager, on the memory and SQLite stores, asyncio and trio --------------
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def repository(
+    store_kind: str, tmp_path: Path, anyio_backend: str
+) -> AsyncIterator[s.SessionRepository]:
+    store: s.SessionRepository = (
+        s.MemoryRepository() if store_kind == "memory" else SQLiteRepository(tmp_path / "s.db")
+    )
+    async with store:
+        yield store
+
+
+BAD_UPDATES: list[tuple[str, Callable[[s.Session], s.Session], type[s.ValidationError]]] = [
+    ("errors=-1", lambda x: attrs.evolve(x, errors=-1), s.InvalidConfiguration),
+    ("status bogus", lambda x: attrs.evolve(x, status="bogus"), s.InvalidConfiguration),
+    ("with_state(str)", lambda x: x.with_state("ab"), s.InvalidJSONValue),  # type: ignore[arg-type]
+    ("list role", lambda x: x.with_message(["user"], "x"), s.InvalidRole),  # type: ignore[arg-type]
+    (
+        "closed_at not a datetime",
+        lambda x: attrs.evolve(x, status=s.SessionStatus.EXITED, closed_at="soon"),  # type: ignore[arg-type]
+        s.InvalidConfiguration,
+    ),
+]
+
+
+@pytest.mark.anyio
+async def test_bad_input_through_the_manager_is_typed_and_stores_nothing(
+    repository: s.SessionRepository,
+) -> None:
+    async with s.SessionManager(repository, cleanup_interval=None, clock=ManualClock()) as m:
+        session = await m.create(state={"v": 1})
+        with pytest.raises(s.InvalidRole):
+            await m.add_message(session.id, ["user"], "x")  # type: ignore[arg-type]
+        with pytest.raises(s.InvalidRole):
+            await m.add_messages(session.id, [("user", "ok"), ({"r": 1}, "x")])  # type: ignore[list-item]
+        for _label, fn, error in BAD_UPDATES:
+            with pytest.raises(error):
+                await m.update(session.id, fn)
+        with pytest.raises(s.InvalidConfiguration):
+            await m.close(session.id, status="bogus")  # type: ignore[arg-type]
+        after = await m.get(session.id, touch=False)
+        assert after.revision == 0 and after.messages.total == 0
+        assert after.state == {"v": 1} and after.errors == 0
+        assert after.status is s.SessionStatus.ACTIVE
+
+
+@pytest.mark.anyio
+async def test_sessions_near_the_end_of_time_never_expire_and_stay_readable(
+    repository: s.SessionRepository,
+) -> None:
+    clock = ManualClock(LATE)
+    async with s.SessionManager(
+        repository, idle_timeout=100 * DAY, retention=100 * DAY, cleanup_interval=None, clock=clock
+    ) as m:
+        touched, updated, closed = [await m.create() for _ in range(3)]
+        assert touched.expires_at == LATE + 100 * DAY  # still in range
+        clock.advance(30 * DAY)  # now + 100 days is past datetime.max
+        assert (await m.get(touched.id)).expires_at is None
+        assert (await m.update(updated.id, lambda x: x.with_state(a=1))).expires_at is None
+        assert (await m.close(closed.id)).expires_at is None
+        assert (await m.create()).expires_at is None
+        assert await m.purge_expired() == 0
+        for session in (touched, updated, closed):
+            assert (await m.get(session.id, touch=False)).expires_at is None
+
+
+@pytest.mark.anyio
+async def test_appending_near_the_end_of_time_never_expires(
+    repository: s.SessionRepository, store_kind: str, request: pytest.FixtureRequest
+) -> None:
+    if store_kind == "sqlite":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="SQLiteRepository's one-statement append stores a deadline past "
+                "datetime.max (sqlite.py _APPEND); reported by helper-31",
+            )
+        )
+    clock = ManualClock(LATE)
+    async with s.SessionManager(
+        repository, idle_timeout=100 * DAY, cleanup_interval=None, clock=clock
+    ) as m:
+        session = await m.create()
+        clock.advance(30 * DAY)
+        assert (await m.add_message(session.id, "user", "late")).expires_at is None
+        stored = await m.get(session.id, touch=False)
+        assert stored.expires_at is None and stored.messages.total == 1
