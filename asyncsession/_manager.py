@@ -12,7 +12,6 @@ from collections.abc import (
     Coroutine,
     Iterable,
     Mapping,
-    Sequence,
 )
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta
@@ -85,6 +84,35 @@ def _positive_int_or_none(value: int | None, name: str) -> int | None:
     return value
 
 
+def _is_async_callable(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object whose __call__ is async
+    )
+
+
+def _check_reporters(reporters: object) -> tuple[Reporter, ...]:
+    """``reporters`` as a tuple (an iterator is read once); refuse a non-reporter."""
+    if isinstance(reporters, (str, bytes)) or not isinstance(reporters, Iterable):
+        raise InvalidConfiguration(
+            f"reporters must be a list of reporters (e.g. [LoggingReporter()]); got "
+            f"{reporters!r:.80}."
+        )
+    found = tuple(reporters)
+    for reporter in found:
+        report = getattr(reporter, "report", None)
+        if not callable(report):
+            raise InvalidConfiguration(
+                f"reporters must have an async report(report) method; got {reporter!r:.80}."
+            )
+        if not _is_async_callable(report):
+            raise InvalidConfiguration(
+                f"{reporter!r:.80} has a synchronous report(); reporters run in the "
+                "manager's task group, so define it as `async def report(self, report)` "
+                "(run blocking work in it with `await anyio.to_thread.run_sync(...)`)."
+            )
+    return found
+
+
 class SessionManager:
     """Create, read, update, close, list and expire sessions stored in a repository.
 
@@ -120,7 +148,7 @@ class SessionManager:
         max_message_size: int | None = None,
         event_buffer: int = 1000,
         cleanup_batch: int = 1000,
-        reporters: Sequence[Reporter] = (),
+        reporters: Iterable[Reporter] = (),
         report_attributes: Mapping[str, Any] | None = None,
         reporter_timeout: Duration = 5,
         share_events: bool = False,
@@ -156,17 +184,13 @@ class SessionManager:
         self._max_message_size = _positive_int_or_none(max_message_size, "max_message_size")
         self._event_buffer = _positive_int_or_none(event_buffer, "event_buffer") or 1000
         self._cleanup_batch = _positive_int_or_none(cleanup_batch, "cleanup_batch") or 1000
-        for reporter in reporters:
-            if not isinstance(reporter, Reporter):
-                raise InvalidConfiguration(
-                    f"reporters must have an async report(report) method; got {reporter!r}."
-                )
+        checked_reporters = _check_reporters(reporters)
         if share_events and not isinstance(repository, EventTransport):
             raise InvalidConfiguration(
                 f"share_events=True needs a store that can share events between processes "
                 f"(e.g. RedisRepository); {type(repository).__name__} cannot."
             )
-        self._reporters = tuple(reporters)
+        self._reporters = checked_reporters
         self._report_attributes = freeze_state(report_attributes)
         self._reporter_timeout = to_timedelta(reporter_timeout, "reporter_timeout")
         self._share_events = share_events

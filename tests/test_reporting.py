@@ -194,6 +194,25 @@ async def test_json_lines_write_errors_reach_the_caller(tmp_path: Path) -> None:
     assert list(read_reports(reporter.path)) == [report]
 
 
+async def test_reporters_may_be_any_iterable_and_must_be_async() -> None:
+    collected = Collecting()
+    async with s.SessionManager(
+        s.MemoryRepository(), reporters=(r for r in [collected]), cleanup_interval=None
+    ) as sessions:
+        closed = await sessions.close((await sessions.create()).id)
+    assert [r.session_id for r in collected.reports] == [closed.id]
+
+    class SyncReport:
+        def report(self, report: SessionReport) -> None:
+            pass
+
+    with pytest.raises(s.InvalidConfiguration, match="async def report"):
+        s.SessionManager(s.MemoryRepository(), reporters=[SyncReport()])  # type: ignore[list-item]
+    for not_a_list in (collected, "reporter"):
+        with pytest.raises(s.InvalidConfiguration, match="list of reporters"):
+            s.SessionManager(s.MemoryRepository(), reporters=not_a_list)  # type: ignore[arg-type]
+
+
 def test_aggregate_release_health() -> None:
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
