@@ -8,10 +8,24 @@ from typing import Any, NoReturn, Union
 
 from ._exceptions import InvalidJSONValue
 
-__all__ = ["FrozenDict", "JSONValue", "freeze_json", "freeze_state", "thaw_json"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "FrozenDict",
+    "JSONValue",
+    "freeze_json",
+    "freeze_state",
+    "merge_state",
+    "thaw_json",
+]
 
 #: A JSON value as stored: dicts are :class:`FrozenDict`, arrays are tuples.
 JSONValue = Union[None, bool, int, float, str, "FrozenDict", tuple[Any, ...]]
+
+#: The deepest nesting of arrays and objects a state or message-data value may have
+#: (``[[1]]`` is nested 2 levels deep; a state mapping is itself the first level).
+#: It is well under the 254 levels orjson encodes, so whatever one store accepts, every
+#: store, :func:`asyncsession.dumps` and the JSON Lines reports can write and read back.
+MAX_JSON_DEPTH = 128
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -22,9 +36,22 @@ class FrozenDict(dict[str, Any]):
 
     It is a real ``dict`` subclass, so it compares equal to plain dicts and serializes
     natively, but every mutating method raises :class:`TypeError`.
+
+    The library marks the ones it validated and froze itself, and passes those on as
+    they are. One you construct yourself is read-only too, but it is checked and frozen
+    (copied) like any other mapping when you hand it to the library: its values may
+    still be lists or anything else.
     """
 
-    __slots__ = ()
+    # The nesting height of a dict that freeze_json validated and froze; unset on one
+    # constructed by other code, whose values were never checked.
+    __slots__ = ("_height",)
+    _height: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(self) or _height_of(self) is not None:
+            self._readonly()
+        dict.__init__(self, *args, **kwargs)
 
     def _readonly(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError(
@@ -57,7 +84,24 @@ class FrozenDict(dict[str, Any]):
         return (FrozenDict, (dict(self),))
 
 
-EMPTY = FrozenDict()
+def _height_of(value: FrozenDict) -> int | None:
+    """The nesting height of a FrozenDict the library froze, or None for any other."""
+    try:
+        height: int = value._height
+    except AttributeError:
+        return None
+    return height
+
+
+def _validated(items: dict[str, Any], height: int) -> FrozenDict:
+    """A FrozenDict of already frozen ``items``, marked as validated."""
+    frozen = dict.__new__(FrozenDict)
+    dict.update(frozen, items)
+    frozen._height = height
+    return frozen
+
+
+EMPTY = _validated({}, 1)
 
 
 def _check_str(value: str, path: str) -> None:
@@ -69,47 +113,85 @@ def _check_str(value: str, path: str) -> None:
         ) from None
 
 
+def _too_deep(path: str) -> InvalidJSONValue:
+    return InvalidJSONValue(
+        path,
+        f"arrays and objects are nested deeper than the limit of {MAX_JSON_DEPTH} levels; "
+        "flatten the value or store the deep part as a JSON string",
+    )
+
+
 def freeze_json(value: object, path: str = "value") -> Any:
     """Validate ``value`` as JSON and return a deeply immutable copy.
 
-    Already frozen dicts are returned as they are (they were validated when made), so
+    Dicts become :class:`FrozenDict`, lists and tuples become tuples. Arrays and objects
+    may be nested at most :data:`MAX_JSON_DEPTH` levels deep (the value itself is the
+    first level); deeper values, like any other non-JSON value, raise
+    :class:`InvalidJSONValue` naming the path. Dicts this function froze earlier are
+    returned as they are (only their recorded nesting height is checked), so
     re-freezing a snapshot's state costs nothing.
     """
+    return _freeze(value, path, MAX_JSON_DEPTH)[0]
+
+
+def _freeze(value: object, path: str, room: int) -> tuple[Any, int]:
+    """``value`` frozen, and its nesting height; ``room`` is how many levels may follow.
+
+    The recursion stops at :data:`MAX_JSON_DEPTH` levels, whatever the input.
+    """
     if value is None or value is True or value is False:
-        return value
+        return value, 0
     cls = type(value)
     if cls is str:
         _check_str(value, path)  # type: ignore[arg-type]
-        return value
+        return value, 0
     if cls is int:
         if not _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]
             raise InvalidJSONValue(path, f"integer {value} does not fit in 64 bits")
-        return value
+        return value, 0
     if cls is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
             raise InvalidJSONValue(path, f"float {value!r} is not a JSON number")
-        return value
+        return value, 0
     if cls is FrozenDict:
-        return value
+        height = _height_of(value)  # type: ignore[arg-type]
+        if height is not None and height <= room:
+            return value, height
+        # Constructed outside the library (its values were never checked), or its
+        # recorded height is an upper bound that does not fit here: walk it.
     if isinstance(value, Mapping):
+        if room <= 0:
+            raise _too_deep(path)
         out = {}
+        below = 0
         for key, item in value.items():
             if type(key) is not str:
                 raise InvalidJSONValue(path, f"key {key!r} is not a string")
             _check_str(key, path)
-            out[key] = freeze_json(item, f"{path}[{key!r}]")
-        return FrozenDict(out)
+            out[key], height = _freeze(item, f"{path}[{key!r}]", room - 1)
+            if height > below:
+                below = height
+        return _validated(out, below + 1), below + 1
     if isinstance(value, (list, tuple)):
-        return tuple(freeze_json(item, f"{path}[{i}]") for i, item in enumerate(value))
+        if room <= 0:
+            raise _too_deep(path)
+        items = []
+        below = 0
+        for i, item in enumerate(value):
+            frozen, height = _freeze(item, f"{path}[{i}]", room - 1)
+            items.append(frozen)
+            if height > below:
+                below = height
+        return tuple(items), below + 1
     if isinstance(value, bool):
-        return bool(value)
+        return bool(value), 0
     if isinstance(value, str):
         _check_str(value, path)
-        return str(value)
+        return str(value), 0
     if isinstance(value, int):
-        return freeze_json(int(value), path)
+        return _freeze(int(value), path, room)
     if isinstance(value, float):
-        return freeze_json(float(value), path)
+        return _freeze(float(value), path, room)
     raise InvalidJSONValue(path, f"{type(value).__name__} {value!r:.60} is not a JSON value")
 
 
@@ -117,13 +199,27 @@ def freeze_state(value: object) -> FrozenDict:
     """Validate and freeze a session's state mapping."""
     if value is None:
         return EMPTY
-    if type(value) is FrozenDict:
+    if type(value) is FrozenDict and _height_of(value) is not None:
         return value
     if not isinstance(value, Mapping):
         raise InvalidJSONValue("state", f"{type(value).__name__} is not a mapping")
     frozen = freeze_json(value, "state")
     assert isinstance(frozen, FrozenDict)
     return frozen
+
+
+def merge_state(state: Mapping[str, Any], updates: Mapping[str, Any]) -> FrozenDict:
+    """``state`` (already frozen) with ``updates`` validated, frozen and merged in.
+
+    Only ``updates`` is checked, so the cost does not grow with the rest of the state.
+    """
+    frozen = freeze_state(updates)
+    old = _height_of(state) if type(state) is FrozenDict else None
+    if old is None:  # not frozen by the library: check all of it
+        return freeze_state({**state, **frozen})
+    # An upper bound of the merged height; freeze_json walks a dict whose bound is
+    # too high for where it is put, so it never refuses a value that fits.
+    return _validated({**state, **frozen}, max(old, _height_of(frozen) or 1))
 
 
 def thaw_json(value: Any) -> Any:

@@ -218,9 +218,11 @@ def _check(doc: dict[str, Any], sid: uuid.UUID, stamp: Stamp) -> _Doc:
         # Hand-written or older documents: validate (and migrate) them in full.
         full = _structure(doc, sid)
         return _Doc(session_to_document(full), _skeleton(full), stamp)
-    if not (
-        isinstance(checksum, str) and hmac.compare_digest(checksum, _digest(orjson.dumps(doc)))
-    ):
+    try:
+        body = orjson.dumps(doc)
+    except TypeError as exc:  # orjson.JSONEncodeError, e.g. nested past orjson's limit
+        raise _Damaged(f"the document cannot be encoded again ({exc})") from exc
+    if not (isinstance(checksum, str) and hmac.compare_digest(checksum, _digest(body))):
         raise _Damaged("checksum mismatch (damaged bytes)")
     messages = doc.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
