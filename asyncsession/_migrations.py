@@ -19,8 +19,24 @@ LEGACY_NAMESPACE = uuid.UUID("6f1c3a52-2b8e-4d0e-9a57-6a7a3c1d9e10")
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def _legacy_key(custom_fields: dict[str, Any]) -> str:
+    """``"legacy"``, or when the user's fields hold that key, the first free ``"_legacy"``,
+    ``"__legacy"``, ... so that no value of theirs is overwritten."""
+    key = "legacy"
+    while key in custom_fields:
+        key = "_" + key
+    return key
+
+
 def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
-    """Seed 002's ``SessionMetadata`` (string id, ``created``, ``first_message``)."""
+    """Seed 002's ``SessionMetadata`` (string id, ``created``, ``first_message``).
+
+    The string id becomes a stable UUID5 (a UUID string is kept), ``first_message`` a
+    user message, and ``custom_fields`` (an object, or absent) the state. The old id
+    and counters go into the state under ``"legacy"``; when ``custom_fields`` already
+    has a ``"legacy"`` key it is kept as it is, and the counters go under the first of
+    ``"_legacy"``, ``"__legacy"``, ... that it does not use.
+    """
     old_id = doc.get("id")
     if not isinstance(old_id, str) or not old_id:
         raise CorruptSessionError("version-0 document has no string id")
@@ -34,13 +50,19 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
     first = doc.get("first_message")
     if isinstance(first, str) and first:
         messages.append({"role": "user", "content": first, "timestamp": created, "data": None})
-    legacy = {
+    custom_fields = doc.get("custom_fields")
+    if custom_fields is None:
+        custom_fields = {}
+    if not isinstance(custom_fields, dict):
+        raise CorruptSessionError(
+            f"version-0 document's 'custom_fields' is {type(custom_fields).__name__}, not an object"
+        )
+    state = dict(custom_fields)
+    state[_legacy_key(custom_fields)] = {
         "id": old_id,
         "message_count": doc.get("message_count", 0),
         "file_count": doc.get("file_count", 0),
     }
-    state = dict(doc.get("custom_fields") or {})
-    state["legacy"] = legacy
     return {
         "version": 1,
         "id": new_id,
@@ -80,9 +102,16 @@ def document_version(doc: Any, *, session_id: Any = None) -> int:
     return version
 
 
-def migrate(doc: dict[str, Any]) -> dict[str, Any]:
-    """Bring ``doc`` to :data:`CURRENT_VERSION`, one step at a time."""
-    version = document_version(doc)
+def migrate(doc: dict[str, Any], *, session_id: Any = None) -> dict[str, Any]:
+    """Bring ``doc`` to :data:`CURRENT_VERSION`, one step at a time.
+
+    Raises :class:`SchemaVersionError` for a newer version and
+    :class:`CorruptSessionError` (naming ``session_id``) for a document without a valid
+    version. A step may raise anything on a malformed document:
+    :func:`asyncsession._serialization.session_from_document` turns that into
+    :class:`CorruptSessionError`.
+    """
+    version = document_version(doc, session_id=session_id)
     if version > CURRENT_VERSION:
         raise SchemaVersionError(version, CURRENT_VERSION)
     while version < CURRENT_VERSION:

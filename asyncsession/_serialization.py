@@ -12,7 +12,12 @@ import cattrs
 import orjson
 from cattrs.preconf.orjson import make_converter
 
-from ._exceptions import CorruptSessionError, SerializationError, SessionError
+from ._exceptions import (
+    CorruptSessionError,
+    SchemaVersionError,
+    SerializationError,
+    SessionError,
+)
 from ._json import FrozenDict
 from ._migrations import CURRENT_VERSION, document_version, migrate
 from ._models import EMPTY_LOG, Message, MessageLog, Session, SessionStatus, replace_trusted
@@ -62,10 +67,37 @@ def _structure_message(value: Any, _: Any) -> Message:
     )
 
 
+def _strict_int(value: Any, _: Any) -> int:
+    # cattrs' default hook calls int(), which takes 1.7, True and "3"
+    if type(value) is not int:
+        raise ValueError(f"expected an integer, got {value!r:.40}")
+    return value
+
+
+def _strict_str(value: Any, _: Any) -> str:
+    # cattrs' default hook calls str(), which takes 42 and ["x"]
+    if type(value) is not str:
+        raise ValueError(f"expected a string, got {value!r:.40}")
+    return value
+
+
+def _strict_optional_str(value: Any, _: Any) -> str | None:
+    return None if value is None else _strict_str(value, None)
+
+
+def _parse_uuid(value: Any, _: Any) -> uuid.UUID:
+    if type(value) is not str:
+        raise ValueError(f"expected a UUID string, got {value!r:.40}")
+    return uuid.UUID(value)
+
+
+_converter.register_structure_hook(int, _strict_int)
+_converter.register_structure_hook(str, _strict_str)
+_converter.register_structure_hook_func(lambda t: t == (str | None), _strict_optional_str)
 _converter.register_structure_hook(datetime, _parse_datetime)
 _converter.register_structure_hook_func(lambda t: t == (datetime | None), _parse_optional_datetime)
 _converter.register_unstructure_hook(datetime, lambda d: d.isoformat())
-_converter.register_structure_hook(uuid.UUID, lambda v, _: uuid.UUID(v))
+_converter.register_structure_hook(uuid.UUID, _parse_uuid)
 _converter.register_unstructure_hook(uuid.UUID, str)
 _converter.register_unstructure_hook(Message, _unstructure_message)
 _converter.register_structure_hook(Message, _structure_message)
@@ -108,33 +140,56 @@ def session_to_document(session: Session, *, messages: bool = True) -> dict[str,
     return doc
 
 
+#: The keys of a current-version document (besides ``version``), all required.
+_REQUIRED_KEYS = tuple(f.name for f in attrs.fields(Session))
+
+
 def session_from_document(
     doc: Any, *, messages: MessageLog | None = None, session_id: Any = None
 ) -> Session:
     """Build a Session from a stored document of any known version.
 
     ``messages`` supplies the history when the document was stored without it.
-    Raises :class:`SchemaVersionError` or :class:`CorruptSessionError`.
+    Migrations run first; every field of the (migrated) document must be present and
+    of its exact JSON type (no coercion: ``1.7`` is not a revision, ``42`` not a name).
+    Raises :class:`SchemaVersionError` for a newer version and
+    :class:`CorruptSessionError` (naming ``session_id``, or else the document's id) for
+    anything else, including a migration that fails on a malformed older document.
     """
     if not isinstance(doc, dict):
         raise CorruptSessionError(
             f"expected a JSON object, got {type(doc).__name__}", session_id=session_id
         )
-    doc = migrate(dict(doc))
-    if messages is not None:
-        doc["messages"] = []
     try:
+        doc = migrate(dict(doc), session_id=session_id)
+        if messages is not None:
+            doc["messages"] = []
+        missing = [key for key in _REQUIRED_KEYS if key not in doc]
+        if missing:
+            raise CorruptSessionError(f"the document has no {', '.join(map(repr, missing))}")
         session: Session = _base_structure(doc, Session)
+    except SchemaVersionError:
+        raise
+    except CorruptSessionError as exc:
+        if exc.session_id is not None or session_id is None:
+            raise
+        raise CorruptSessionError(exc.detail, session_id=session_id) from exc
     except SessionError as exc:
         raise CorruptSessionError(exc.message, session_id=session_id) from exc
-    except (cattrs.BaseValidationError, KeyError, TypeError, ValueError) as exc:
+    except (cattrs.BaseValidationError, AttributeError, KeyError, TypeError, ValueError) as exc:
         detail = "; ".join(_describe(exc)) or str(exc)
         raise CorruptSessionError(
-            f"invalid document ({detail})", session_id=session_id or doc.get("id")
+            f"invalid document ({detail})", session_id=session_id or _id_of(doc)
         ) from exc
     if messages is not None:
         session = _replace_messages(session, messages)
     return session
+
+
+def _id_of(doc: dict[str, Any]) -> Any:
+    """The id a document declares, for error messages (None when it has no usable one)."""
+    value = doc.get("id")
+    return value if isinstance(value, str) and len(value) <= 64 else None
 
 
 def _replace_messages(session: Session, messages: MessageLog) -> Session:
@@ -250,12 +305,18 @@ def dump_document(session: Session, *, hot: bool = True) -> bytes:
     if not hot:
         for name in _HOT_FIELDS:
             del doc[name]
-    return orjson.dumps(doc)
+    try:
+        return orjson.dumps(doc)
+    except orjson.JSONEncodeError as exc:
+        raise SerializationError(f"Session {session.id} cannot be encoded: {exc}") from exc
 
 
 def dump_message(message: Message) -> bytes:
     """Encode one message as JSON (stores that keep messages apart use this)."""
-    return orjson.dumps(_unstructure_message(message))
+    try:
+        return orjson.dumps(_unstructure_message(message))
+    except orjson.JSONEncodeError as exc:
+        raise SerializationError(f"A message cannot be encoded: {exc}") from exc
 
 
 def load_message(data: bytes | str, *, session_id: Any = None) -> Message:

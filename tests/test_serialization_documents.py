@@ -1,0 +1,202 @@
+"""Stored documents: migrations, exact types, required keys, encoder errors.
+
+Review findings 6, 7 (encoders), 8, 11 and 12 of helper-26: a failing migration is a
+CorruptSessionError naming the session, fields are not coerced, a missing key is not
+filled with a default, and the version-0 migration keeps a user's own
+``custom_fields["legacy"]``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+import asyncsession as s
+from asyncsession import _migrations
+from asyncsession._models import replace_trusted
+from asyncsession._serialization import dump_document, dump_message, session_from_document
+from asyncsession.testing._contract import make_session
+
+
+def document(**changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = orjson.loads(s.dumps(make_session(messages=("hi",))))
+    doc.update(changes)
+    return doc
+
+
+def v0(sid: str = "old-id", **changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "version": 0,
+        "id": sid,
+        "status": "active",
+        "created": "2025-01-01T00:00:00Z",
+        "last_active": "2025-01-02T00:00:00Z",
+        "first_message": "Test",
+        "name": None,
+        "file_count": 2,
+        "message_count": 1,
+    }
+    doc.update(changes)
+    return doc
+
+
+def test_encoders_wrap_orjson_errors() -> None:
+    # replace_trusted skips validation (stores and the manager only): if a value that
+    # cannot be encoded ever gets in, the encoders still raise a SerializationError
+    session = replace_trusted(make_session(), state=s.FrozenDict({"y": {1, 2}}))
+    for hot in (True, False):
+        with pytest.raises(s.SerializationError, match=str(session.id)):
+            dump_document(session, hot=hot)
+    message = s.Message("user", "x", session.created_at)
+    object.__setattr__(message, "data", {1, 2})
+    with pytest.raises(s.SerializationError):
+        dump_message(message)
+
+
+# -- migrations (findings 6, 11, 12) --------------------------------------------------
+
+
+@pytest.mark.parametrize("custom", ["ab", 5, [["a", 1]], True])
+def test_version_zero_custom_fields_must_be_an_object(custom: object) -> None:
+    raw = orjson.dumps(v0(custom_fields=custom))
+    with pytest.raises(s.CorruptSessionError, match="custom_fields"):
+        s.loads(raw)
+    sid = uuid.uuid4()
+    with pytest.raises(s.CorruptSessionError) as info:
+        session_from_document(orjson.loads(raw), session_id=sid)
+    assert info.value.session_id == sid and str(sid) in str(info.value)
+
+
+def test_version_zero_without_custom_fields_or_with_null() -> None:
+    for doc in (v0(), v0(custom_fields=None), v0(custom_fields={})):
+        assert s.loads(orjson.dumps(doc)).state == {
+            "legacy": {"id": "old-id", "message_count": 1, "file_count": 2}
+        }
+
+
+@pytest.fixture
+def failing_migration() -> Iterator[None]:
+    def broken(doc: dict[str, Any]) -> dict[str, Any]:
+        return {"version": 1, "id": doc["no such key"]}
+
+    original = _migrations.MIGRATIONS[0]
+    _migrations.MIGRATIONS[0] = broken
+    try:
+        yield
+    finally:
+        _migrations.MIGRATIONS[0] = original
+
+
+@pytest.mark.usefixtures("failing_migration")
+def test_any_error_of_a_migration_is_corrupt_and_names_the_session() -> None:
+    sid = uuid.uuid4()
+    with pytest.raises(s.CorruptSessionError) as info:
+        session_from_document(v0(), session_id=sid)
+    assert info.value.session_id == sid and "KeyError" in str(info.value)
+    with pytest.raises(s.CorruptSessionError):
+        s.loads(orjson.dumps(v0()))
+
+
+def test_migration_errors_name_the_session_the_caller_knows() -> None:
+    sid = uuid.uuid4()
+    for doc in (v0(sid=""), document(version="1"), document(version=-1)):
+        with pytest.raises(s.CorruptSessionError) as info:
+            session_from_document(doc, session_id=sid)
+        assert info.value.session_id == sid and str(sid) in str(info.value)
+    with pytest.raises(s.SchemaVersionError):  # passes through unchanged
+        session_from_document(document(version=s.CURRENT_VERSION + 1), session_id=sid)
+
+
+def test_version_zero_keeps_a_users_own_legacy_field() -> None:
+    counters = {"id": "old-id", "message_count": 1, "file_count": 2}
+    one = s.loads(orjson.dumps(v0(custom_fields={"legacy": "user value", "other": 1})))
+    assert one.state == {"legacy": "user value", "other": 1, "_legacy": counters}
+    two = s.loads(orjson.dumps(v0(custom_fields={"legacy": 1, "_legacy": 2})))
+    assert two.state == {"legacy": 1, "_legacy": 2, "__legacy": counters}
+
+
+# -- no coercion, no silent defaults (finding 8) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("revision", 1.7),
+        ("revision", True),
+        ("revision", "3"),
+        ("errors", "3"),
+        ("errors", 2.0),
+        ("owner", 123),
+        ("owner", ["x"]),
+        ("name", 42),
+        ("name", False),
+        ("id", 5),
+        ("id", ["x"]),
+        ("status", 1),
+    ],
+)
+def test_ill_typed_fields_are_corrupt_not_coerced(field: str, value: object) -> None:
+    with pytest.raises(s.CorruptSessionError):
+        s.loads(orjson.dumps(document(**{field: value})))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "id",
+        "created_at",
+        "last_active",
+        "owner",
+        "name",
+        "status",
+        "closed_at",
+        "expires_at",
+        "messages",
+        "state",
+        "errors",
+        "revision",
+    ],
+)
+def test_a_current_document_without_a_key_is_corrupt(key: str) -> None:
+    doc = document()
+    del doc[key]
+    with pytest.raises(s.CorruptSessionError, match=repr(key)):
+        s.loads(orjson.dumps(doc))
+    if key != "messages":  # stores that keep the messages apart supply them
+        sid = uuid.UUID(document()["id"]) if key != "id" else uuid.uuid4()
+        with pytest.raises(s.CorruptSessionError) as info:
+            session_from_document(doc, messages=s.MessageLog(), session_id=sid)
+        assert info.value.session_id == sid
+
+
+def test_well_typed_documents_still_load() -> None:
+    session = make_session(messages=("hi",)).with_state(a=[1, {"b": None}])
+    session = replace_trusted(session, owner="alice", name="n-1", revision=3, errors=2)
+    assert s.loads(s.dumps(session)) == session
+    doc = orjson.loads(s.dumps(session))
+    del doc["messages"]
+    assert session_from_document(doc, messages=session.messages) == session
+
+
+@pytest.mark.anyio
+async def test_sqlite_skips_a_row_whose_migration_fails(anyio_backend: str, tmp_path: Path) -> None:
+    path = os.fspath(tmp_path / "x.db")
+    async with s.SessionManager(s.SQLiteRepository(path), cleanup_interval=None) as manager:
+        bad = await manager.create()
+        good = await manager.create()
+    with sqlite3.connect(path) as conn:
+        raw = orjson.dumps(v0(sid=str(bad.id), custom_fields="ab"))
+        conn.execute("UPDATE sessions SET doc = ? WHERE id = ?", (raw, str(bad.id)))
+    conn.close()
+    async with s.SessionManager(s.SQLiteRepository(path), cleanup_interval=None) as manager:
+        with pytest.raises(s.CorruptSessionError) as info:
+            await manager.get(bad.id)
+        assert info.value.session_id == bad.id
+        assert [x.id for x in (await manager.list()).items] == [good.id]
