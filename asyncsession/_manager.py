@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import uuid
 from collections.abc import (
     AsyncIterator,
@@ -21,7 +22,7 @@ from typing import Any, Union
 import anyio
 import attrs
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._clock import Clock, Duration, SystemClock, active_clock, to_timedelta
 from ._context import _current
@@ -53,6 +54,9 @@ from .reporting import Reporter, SessionReport
 __all__ = ["SessionManager", "SessionStats", "UpdateFn"]
 
 logger = logging.getLogger(__name__)
+
+#: Bound of each reporter call at exit when ``reporter_timeout`` is None.
+_EXIT_REPORT_CALL_SECONDS = 5.0
 
 #: An update callback: takes the current snapshot, returns the new one (sync or async).
 UpdateFn = Callable[[Session], Union[Session, Awaitable[Session]]]
@@ -129,8 +133,11 @@ class SessionManager:
     it by at least this much, so idle deadlines are exact to within it (``None``: every
     touching read writes); it is capped at half of ``idle_timeout``, so reads always keep
     a session alive. ``max_retries`` is how many times an update may be tried in all.
-    ``reporter_timeout`` bounds each reporter call (``None``: no bound while running;
-    at exit, queued reports get 5 s per call).
+    ``reporter_timeout`` bounds each reporter call (``None``: no bound while running,
+    5 s at exit). At exit, queued reports get ``reporter_timeout`` (or 5 s) times the
+    number of reporters plus one in all; reports still queued then are dropped, counted
+    in ``stats().reports_dropped`` and logged once with their number. A reporter that
+    raises (even a cancellation of its own) is logged and the manager carries on.
     """
 
     def __init__(
@@ -198,6 +205,10 @@ class SessionManager:
         self._reports: MemoryObjectSendStream[SessionReport] | None = None
         self._reports_done = anyio.Event()
         self._reports_dropped = 0
+        self._reports_draining = False  # exit began: reporter_timeout=None gets a bound
+        self._report_queue: MemoryObjectReceiveStream[SessionReport] | None = None
+        self._report_current: SessionReport | None = None  # not yet passed to every reporter
+        self._report_call: anyio.CancelScope | None = None  # the reporter call under way
         self._outbox: MemoryObjectSendStream[tuple[str, uuid.UUID, datetime, int | None]] | None
         self._outbox = None
         self._locks = KeyedLocks()
@@ -253,7 +264,9 @@ class SessionManager:
             if self._reporters:
                 send, receive = anyio.create_memory_object_stream[SessionReport](self._event_buffer)
                 self._reports = send
+                self._report_queue = receive
                 self._reports_done = anyio.Event()
+                self._reports_draining = False
                 task_group.start_soon(self._report_loop, receive, name="asyncsession reports")
             if self._share_events:
                 await task_group.start(self._share_events_loop, name="asyncsession events")
@@ -288,10 +301,17 @@ class SessionManager:
         if self._reports is not None:  # let queued reports out, within a bound
             self._reports.close()
             self._reports = None
+            self._reports_draining = True
+            per_call = self._report_call_seconds()
+            call = self._report_call
+            if call is not None and self._reporter_timeout is None:  # bound it now too
+                call.deadline = min(call.deadline, anyio.current_time() + per_call)
             # time for the report in progress to pass every reporter, and one more
-            bound = self._report_call_seconds() * (len(self._reporters) + 1)
-            with anyio.move_on_after(bound, shield=True):
+            with anyio.move_on_after(per_call * (len(self._reporters) + 1), shield=True):
                 await self._reports_done.wait()
+            # Count what is cut off now: nothing takes reports from the queue any more,
+            # because leaving the task group (below) first cancels the report loop.
+            self._drop_cut_off_reports()
         stack, self._stack = self._stack, None
         if stack is None:
             return None
@@ -300,7 +320,27 @@ class SessionManager:
     def _report_call_seconds(self) -> float:
         """The bound used at exit: ``reporter_timeout``, or 5 s if it is None."""
         timeout = self._reporter_timeout
-        return 5.0 if timeout is None else timeout.total_seconds()
+        return _EXIT_REPORT_CALL_SECONDS if timeout is None else timeout.total_seconds()
+
+    def _drop_cut_off_reports(self) -> None:
+        """Count (and log once) the reports exit cut off before every reporter had them."""
+        queue, self._report_queue = self._report_queue, None
+        cut_off = 0 if self._report_current is None else 1
+        while queue is not None:
+            try:
+                queue.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                queue.close()
+                break
+            cut_off += 1
+        self._report_current = None
+        if cut_off:
+            self._reports_dropped += cut_off
+            logger.warning(
+                "the manager exited before %d queued session reports reached every reporter; "
+                "they were dropped (see reporter_timeout)",
+                cut_off,
+            )
 
     def _check_running(self) -> None:
         if not self._running:
@@ -799,22 +839,45 @@ class SessionManager:
             except anyio.WouldBlock:
                 logger.warning("event sharing is too slow; %s of %s not shared", kind, sid)
 
-    async def _report_loop(self, receive: Any) -> None:
+    async def _report_loop(self, receive: MemoryObjectReceiveStream[SessionReport]) -> None:
+        """Pass each report to every reporter in turn (``__aexit__`` closes ``receive``)."""
         try:
-            async with receive:
-                async for report in receive:
-                    for reporter in self._reporters:
-                        timeout = self._reporter_timeout
-                        limit = None if timeout is None else timeout.total_seconds()
-                        with anyio.move_on_after(limit) as scope:
-                            try:
-                                await reporter.report(report)
-                            except Exception:
-                                logger.exception("reporter %r failed", reporter)
-                        if scope.cancelled_caught:
-                            logger.warning("reporter %r timed out", reporter)
+            async for report in receive:
+                self._report_current = report
+                for reporter in self._reporters:
+                    await self._report_to(reporter, report)
+                self._report_current = None
+        except anyio.ClosedResourceError:  # exit counted what was left
+            pass
         finally:
             self._reports_done.set()
+
+    async def _report_to(self, reporter: Reporter, report: SessionReport) -> None:
+        """One bounded reporter call; whatever the reporter raises is logged, except a
+        cancellation of the manager itself (its exit, or a scope around it)."""
+        cancelled = anyio.get_cancelled_exc_class()
+        with anyio.CancelScope() as scope:
+            timeout = self._reporter_timeout
+            if timeout is not None:
+                scope.deadline = anyio.current_time() + timeout.total_seconds()
+            elif self._reports_draining:
+                scope.deadline = anyio.current_time() + _EXIT_REPORT_CALL_SECONDS
+            self._report_call = scope
+            try:
+                await reporter.report(report)
+            except cancelled:
+                # Ours (the timeout) or the manager's: let it end the call or the loop.
+                if scope.cancel_called or anyio.current_effective_deadline() == -math.inf:
+                    raise
+                # Nothing cancelled us: the reporter raised a cancellation of its own,
+                # e.g. from awaiting a future someone else cancelled. It is a failure.
+                logger.exception("reporter %r failed (it raised a cancellation)", reporter)
+            except Exception:
+                logger.exception("reporter %r failed", reporter)
+            finally:
+                self._report_call = None
+        if scope.cancelled_caught:
+            logger.warning("reporter %r timed out", reporter)
 
     async def _share_events_loop(self, *, task_status: TaskStatus[None]) -> None:
         transport = self._repository

@@ -12,8 +12,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import orjson
 import pytest
+import sniffio
 
 import asyncsession as s
 from asyncsession.reporting import (
@@ -130,6 +132,91 @@ async def test_failing_or_slow_reporters_never_break_the_manager(
     assert len(collected.reports) >= 1  # later reporters still run
 
 
+class RaisesStrayCancellation:
+    """Raises the backend's cancellation exception although nothing cancelled it (as a
+    reporter does that awaits a future another task cancelled)."""
+
+    calls = 0
+
+    async def report(self, report: SessionReport) -> None:
+        self.calls += 1
+        await anyio.lowlevel.checkpoint()
+        if sniffio.current_async_library() == "trio":
+            import trio
+
+            raise trio.Cancelled._create()
+        raise anyio.get_cancelled_exc_class()()
+
+
+async def test_a_cancellation_raised_by_a_reporter_is_a_reporter_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stray, collected = RaisesStrayCancellation(), Collecting()
+    steps = []
+    async with s.SessionManager(
+        s.MemoryRepository(), reporters=[stray, collected], cleanup_interval=None
+    ) as sessions:
+        closed = [await sessions.close((await sessions.create()).id) for _ in range(3)]
+        while len(collected.reports) < 3:  # the block goes on while the reports pass
+            await anyio.sleep(0.01)
+            steps.append("waited")
+        steps.append("end of block")
+    assert steps[-1] == "end of block"
+    assert stray.calls == 3
+    assert [r.session_id for r in collected.reports] == [c.id for c in closed]
+    assert caplog.text.count("(it raised a cancellation)") == 3
+
+
+async def test_cancelling_the_manager_while_a_reporter_runs_still_cancels(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Blocks:
+        def __init__(self) -> None:
+            self.started = anyio.Event()
+
+        async def report(self, report: SessionReport) -> None:
+            self.started.set()
+            await anyio.sleep_forever()
+
+    blocking = Blocks()
+    steps = []
+    with anyio.CancelScope() as outer:
+        async with s.SessionManager(
+            s.MemoryRepository(), reporters=[blocking], reporter_timeout=None
+        ) as sessions:
+            await sessions.close((await sessions.create()).id)
+            await blocking.started.wait()
+            outer.cancel()
+            await anyio.lowlevel.checkpoint()
+            steps.append("ran on after the cancel")
+    assert outer.cancelled_caught
+    assert steps == []
+    assert "failed" not in caplog.text  # the manager's own cancellation is no failure
+
+
+async def test_reports_cut_off_at_exit_are_counted_and_logged(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # reporter_timeout=None: calls are unbounded while the manager runs, bounded at exit
+    monkeypatch.setattr("asyncsession._manager._EXIT_REPORT_CALL_SECONDS", 0.05, raising=False)
+    stuck = Stuck()
+    sessions = s.SessionManager(
+        s.MemoryRepository(), reporters=[stuck], reporter_timeout=None, cleanup_interval=None
+    )
+    async with sessions:
+        for _ in range(5):
+            await sessions.close((await sessions.create()).id)
+    timed_out = caplog.text.count("timed out")
+    async with sessions:  # the count stays with the manager
+        dropped = (await sessions.stats()).reports_dropped
+    assert timed_out >= 1  # the call stuck at exit got the exit bound
+    assert dropped >= 1 and dropped + timed_out == 5  # every report is accounted for
+    warnings = [
+        r.getMessage() for r in caplog.records if "queued session reports" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and f"before {dropped} queued" in warnings[0]
+
+
 async def test_reports_beyond_the_buffer_are_dropped_and_counted() -> None:
     async with s.SessionManager(
         s.MemoryRepository(), reporters=[Stuck()], reporter_timeout=0.01, event_buffer=2
@@ -167,7 +254,7 @@ async def test_a_blocked_json_lines_write_is_abandoned_and_never_hangs_the_exit(
         assert not unblocked.is_set()  # the exit did not wait for the blocked write
     finally:
         guard.cancel()
-    assert "timed out" in caplog.text
+    assert "timed out" in caplog.text or "were dropped" in caplog.text
 
     def read_fifo() -> bytes:  # the abandoned write is still waiting for a reader
         with open(fifo, "rb") as handle:
