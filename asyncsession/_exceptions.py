@@ -233,11 +233,13 @@ class SerializationError(SessionError):
 class SchemaVersionError(SerializationError):
     """A stored document was written by a newer asyncsession."""
 
-    def __init__(self, version: object, supported: int) -> None:
+    def __init__(self, version: object, supported: int, *, session_id: Any = None) -> None:
         self.version = version
         self.supported = supported
+        self.session_id = session_id
+        what = f"Session {session_id}'s stored" if session_id is not None else "Stored session"
         super().__init__(
-            f"Stored session document has schema version {version!r}, but this "
+            f"{what} document has schema version {version!r}, but this "
             f"asyncsession reads versions up to {supported}. Upgrade asyncsession."
         )
 

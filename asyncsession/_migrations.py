@@ -113,7 +113,7 @@ def migrate(doc: dict[str, Any], *, session_id: Any = None) -> dict[str, Any]:
     """
     version = document_version(doc, session_id=session_id)
     if version > CURRENT_VERSION:
-        raise SchemaVersionError(version, CURRENT_VERSION)
+        raise SchemaVersionError(version, CURRENT_VERSION, session_id=session_id)
     while version < CURRENT_VERSION:
         doc = MIGRATIONS[version](doc)
         version += 1

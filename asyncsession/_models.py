@@ -23,7 +23,7 @@ from ._exceptions import (
     SessionError,
     ValidationError,
 )
-from ._json import EMPTY, FrozenDict, freeze_json, freeze_state
+from ._json import EMPTY, freeze_json, freeze_state, merge_state
 
 __all__ = [
     "ROLES",
@@ -522,9 +522,7 @@ class Session:
             )
         updates = dict(changes) if changes else {}
         updates.update(kw)
-        merged = dict(self.state)  # frozen and validated already: only updates are checked
-        merged.update(freeze_state(updates))
-        return replace_trusted(self, state=FrozenDict(merged))
+        return replace_trusted(self, state=merge_state(self.state, updates))
 
     def without_state(self, *keys: str) -> Session:
         """Return a copy whose state lacks ``keys`` (missing keys are ignored)."""

@@ -322,6 +322,15 @@ def test_newer_version_is_refused() -> None:
     with pytest.raises(s.SchemaVersionError) as info:
         s.loads(orjson.dumps(doc))
     assert info.value.version == s.CURRENT_VERSION + 1
+    assert info.value.session_id is None
+    # a store reading a known session names it, so the operator can find the document
+    from asyncsession._serialization import session_from_document
+
+    sid = uuid.uuid4()
+    with pytest.raises(s.SchemaVersionError) as info:
+        session_from_document(doc, session_id=sid)
+    assert info.value.session_id == sid and str(sid) in str(info.value)
+    assert pickle.loads(pickle.dumps(info.value)).session_id == sid
 
 
 @pytest.mark.parametrize(
