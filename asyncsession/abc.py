@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
 import uuid
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol
 
+import anyio
+import anyio.lowlevel
 import attrs
 import orjson
 
@@ -135,6 +139,73 @@ def decode_cursor(query: SessionQuery) -> tuple[datetime, uuid.UUID] | None:
     return position
 
 
+class _Waiter:
+    """A task waiting for a :class:`_TransitionLock`, and how to wake it."""
+
+    __slots__ = ("event", "granted", "token")
+
+    def __init__(self) -> None:
+        self.token = anyio.lowlevel.current_token()
+        self.event = anyio.Event()
+        self.granted = False
+
+
+#: Guards the lazy creation of each store's transition lock.
+_CREATING = threading.Lock()
+
+
+class _TransitionLock:
+    """Serializes the opening and closing of one store, for tasks of any event loop.
+
+    A store (SQLite's, say) may be opened in one event loop and closed in another, or
+    used by several loops at once, so an anyio lock, which belongs to one loop, will not
+    do. Waiters queue in order and are woken through their own loop's thread-safe
+    scheduler. The lock is only held during one :meth:`SessionRepository.open` or
+    :meth:`SessionRepository.aclose`, never between them.
+    """
+
+    __slots__ = ("_locked", "_mutex", "_waiters")
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locked = False
+        self._waiters: deque[_Waiter] = deque()
+
+    async def acquire(self) -> None:
+        with self._mutex:
+            if not self._locked:
+                self._locked = True
+                return
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            with self._mutex:
+                if waiter.granted:  # handed over as the wait ended: pass it on
+                    self._hand_over()
+                else:
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        with self._mutex:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give the lock to the longest waiter whose loop still runs (mutex held)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+            token = waiter.token
+            try:
+                token.backend_class.run_sync_soon(waiter.event.set, (), token.native_token)
+            except anyio.RunFinishedError:
+                continue  # its event loop is gone, and the task with it
+            return
+        self._locked = False
+
+
 class SessionRepository(ABC):
     """Abstract session store.
 
@@ -151,6 +222,7 @@ class SessionRepository(ABC):
     """
 
     _open_count: int = 0
+    _transitions: _TransitionLock | None = None
 
     async def __aenter__(self) -> SessionRepository:
         await self.open()
@@ -165,18 +237,46 @@ class SessionRepository(ABC):
         await self.aclose()
 
     async def open(self) -> None:
-        """Open the store (idempotent; counted, see :meth:`aclose`)."""
-        if self._open_count == 0:
-            await self._open()
-        self._open_count += 1
+        """Open the store (idempotent; counted, see :meth:`aclose`).
+
+        Opens and closes of one store run one at a time, whichever tasks and event
+        loops call them: two tasks opening it at once acquire its resources once, and
+        an open while the last close is under way waits for it, then opens again.
+        """
+        transitions = self._transition_lock()
+        await transitions.acquire()
+        try:
+            if self._open_count == 0:
+                await self._open()
+            self._open_count += 1
+        finally:
+            transitions.release()
 
     async def aclose(self) -> None:
-        """Close the store once every :meth:`open` has been matched."""
-        if self._open_count == 0:
-            return
-        self._open_count -= 1
-        if self._open_count == 0:
-            await self._close()
+        """Close the store once every :meth:`open` has been matched.
+
+        Waits (even when cancelled) for an open or close under way in another task.
+        """
+        transitions = self._transition_lock()
+        with anyio.CancelScope(shield=True):
+            await transitions.acquire()
+        try:
+            if self._open_count == 0:
+                return
+            self._open_count -= 1
+            if self._open_count == 0:
+                await self._close()
+        finally:
+            transitions.release()
+
+    def _transition_lock(self) -> _TransitionLock:
+        transitions = self._transitions
+        if transitions is None:
+            with _CREATING:
+                transitions = self._transitions
+                if transitions is None:
+                    transitions = self._transitions = _TransitionLock()
+        return transitions
 
     @staticmethod
     def _check_revision_step(session: Session, expected_revision: int) -> None:

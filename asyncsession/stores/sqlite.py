@@ -733,6 +733,15 @@ class _Request:
         self.error: BaseException | None = None
 
 
+async def _join(thread: threading.Thread) -> None:
+    """Wait for a worker that was told to stop to exit (it answered the stop already).
+
+    With a limiter of its own: closing must not wait for the default thread limiter,
+    which the application's other blocking work may be holding.
+    """
+    await anyio.to_thread.run_sync(thread.join, limiter=anyio.CapacityLimiter(1))
+
+
 def _wake(requests: Sequence[_Request]) -> None:
     for request in requests:
         request.event.set()
@@ -904,7 +913,6 @@ class SQLiteRepository(SessionRepository):
         self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._state_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._conn: sqlite3.Connection | None = None  # used by the worker thread only
         self._accepting = False
         self._operations = 0
         self._withdrawn = 0
@@ -930,31 +938,35 @@ class SQLiteRepository(SessionRepository):
     # -- lifecycle ------------------------------------------------------------------
 
     async def _open(self) -> None:
-        request = _Request(None, write=True)
+        # The base class runs opens and closes one at a time. Each worker has its own
+        # queue and connection: a worker that is still exiting never touches the next.
+        opening = _Request(None, write=True)
+        requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         thread = threading.Thread(
             target=self._serve,
-            args=(request,),
+            args=(opening, requests),
             name=f"asyncsession-sqlite:{self._path.name}",
             daemon=True,
         )
-        self._queue = queue.SimpleQueue()
         thread.start()
         try:
-            await request.event.wait()
+            await opening.event.wait()
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await request.event.wait()
-                if request.error is None:
-                    self._thread = thread
-                    await self._shutdown()
-                else:
-                    await anyio.to_thread.run_sync(thread.join)
+                await opening.event.wait()
+                if opening.error is None:
+                    stop = _Request(None, write=False)
+                    requests.put(stop)
+                    await stop.event.wait()
+                await _join(thread)
             raise
-        if request.error is not None:
-            await anyio.to_thread.run_sync(thread.join)
-            raise request.error
-        self._thread = thread
-        self._accepting = True
+        if opening.error is not None:
+            await _join(thread)
+            raise opening.error
+        with self._state_lock:
+            self._queue = requests
+            self._thread = thread
+            self._accepting = True
         logger.debug("opened %s", self._path)
 
     async def _close(self) -> None:
@@ -964,15 +976,20 @@ class SQLiteRepository(SessionRepository):
         logger.debug("closed %s", self._path)
 
     async def _shutdown(self) -> None:
-        thread = self._thread
-        if thread is None:
-            return
-        self._accepting = False
-        stop = _Request(None, write=False)
-        self._queue.put(stop)
+        # Refusing new requests and queueing the stop are one step under the state lock
+        # (as checking and queueing are in _call), so no request lands behind the stop.
+        with self._state_lock:
+            thread = self._thread
+            if thread is None:
+                return
+            self._accepting = False
+            stop = _Request(None, write=False)
+            self._queue.put(stop)
         await stop.event.wait()
-        await anyio.to_thread.run_sync(thread.join)
-        self._thread = None
+        await _join(thread)
+        with self._state_lock:
+            if self._thread is thread:
+                self._thread = None
 
     # -- the caller's side of a request -------------------------------------------------
 
@@ -981,13 +998,14 @@ class SQLiteRepository(SessionRepository):
     ) -> T:
         """Run ``fn`` on the worker in a transaction (``transaction=False``: a read that
         runs a single statement, which SQLite already runs as one snapshot)."""
-        if not self._accepting:
-            raise StorageError(
-                f"{self!r} is not open. Use `async with SQLiteRepository(path) as repo:` "
-                "or pass it to `async with SessionManager(repo)`."
-            )
         request = _Request(fn, write, transaction or write)
-        self._queue.put(request)
+        with self._state_lock:  # atomic with _shutdown(): queued before its stop, or refused
+            if not self._accepting:
+                raise StorageError(
+                    f"{self!r} is not open. Use `async with SQLiteRepository(path) as repo:` "
+                    "or pass it to `async with SessionManager(repo)`."
+                )
+            self._queue.put(request)
         try:
             await request.event.wait()
         except anyio.get_cancelled_exc_class():
@@ -1010,18 +1028,17 @@ class SQLiteRepository(SessionRepository):
 
     # -- the worker thread --------------------------------------------------------------
 
-    def _serve(self, opening: _Request) -> None:
+    def _serve(self, opening: _Request, requests: queue.SimpleQueue[_Request]) -> None:
+        """The worker: its own connection, serving its own queue until a stop request."""
         try:
-            self._conn = self._connect()
+            conn = self._connect()
         except BaseException as exc:  # handed back to _open()
             opening.error = exc
             self._answer([opening])
             return
         self._answer([opening])
-        conn = self._conn
         stopping: _Request | None = None
         while stopping is None:
-            requests = self._queue
             batch = [requests.get()]
             while len(batch) < self._max_batch and not requests.empty():
                 batch.append(requests.get_nowait())  # the worker is the only consumer
@@ -1053,11 +1070,10 @@ class SQLiteRepository(SessionRepository):
             conn.close()
         except sqlite3.Error:
             logger.exception("closing %s failed", self._path)
-        self._conn = None
         leftovers: list[_Request] = [stopping]
-        while True:  # requests raced with close: refuse them, never leave them waiting
+        while True:  # none can follow the stop (see _call); refuse any, never leave one waiting
             try:
-                request = self._queue.get_nowait()
+                request = requests.get_nowait()
             except queue.Empty:
                 break
             request.error = StorageError(f"{self!r} was closed before this operation ran.")
