@@ -307,7 +307,12 @@ def aggregate(
     ``bucket`` is the period: seconds or a :class:`~datetime.timedelta`. Open sessions
     count as started only; terminal ones also as ended at ``closed_at``.
     """
-    period = to_timedelta(bucket, "bucket")
+    if isinstance(bucket, timedelta):  # any length: a period past datetime's range is refused
+        period: timedelta | None = bucket  # in _floor, with the dates that overflow
+        if bucket <= timedelta(0):
+            raise InvalidConfiguration(f"bucket must be a positive timedelta, got {bucket!r}.")
+    else:
+        period = to_timedelta(bucket, "bucket")
     if period is None:
         raise InvalidConfiguration("bucket must be seconds or a positive timedelta, not None.")
     started: dict[datetime, int] = {}

@@ -414,6 +414,11 @@ def test_aggregate_takes_the_bucket_in_seconds_and_refuses_anything_else() -> No
             aggregate([report], bucket=bad)  # type: ignore[arg-type]
     with pytest.raises(s.InvalidConfiguration, match="Session and SessionReport"):
         aggregate([report.to_dict()])  # type: ignore[list-item]
+    long_ago = datetime(1, 1, 1, tzinfo=timezone.utc)
+    ancient = SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, long_ago, long_ago, 0)
+    assert aggregate([report], bucket=timedelta(days=40_000))[0].started == 1
+    with pytest.raises(s.InvalidConfiguration, match="shorter bucket"):
+        aggregate([ancient], bucket=timedelta(days=7))
 
 
 @pytest.mark.parametrize("changes", [{"session_id": 5}, {"started_at": "2026-01-01T00:00:00"}])
