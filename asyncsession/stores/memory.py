@@ -11,7 +11,13 @@ from datetime import datetime
 
 import anyio
 
-from .._exceptions import LimitExceeded, SessionClosed, SessionConflict, SessionNotFound
+from .._exceptions import (
+    InvalidUpdate,
+    LimitExceeded,
+    SessionClosed,
+    SessionConflict,
+    SessionNotFound,
+)
 from .._migrations import CURRENT_VERSION
 from .._models import ExpiryPolicy, Message, Session, SessionStatus, last_window, replace_trusted
 from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
@@ -104,6 +110,11 @@ class MemoryRepository(SessionRepository):
         return last_window(session, last_messages)
 
     async def add(self, session: Session) -> None:
+        if not session.messages.is_complete:
+            raise InvalidUpdate(
+                f"add() of session {session.id} got a window of its messages; store the "
+                "whole history."
+            )
         async with self._lock:
             if session.id in self._sessions:
                 raise SessionConflict(session.id, expected_revision=None)
@@ -117,6 +128,11 @@ class MemoryRepository(SessionRepository):
         new_messages: Sequence[Message] | None = None,
     ) -> None:
         self._check_revision_step(session, expected_revision)
+        if new_messages is None and not session.messages.is_complete:
+            raise InvalidUpdate(
+                f"save() of session {session.id} got a window of its messages and no "
+                "new_messages; pass the whole history."
+            )
         async with self._lock:
             old = self._sessions.get(session.id)
             if old is None:
@@ -125,6 +141,18 @@ class MemoryRepository(SessionRepository):
                 raise SessionConflict(
                     session.id, expected_revision=expected_revision, actual_revision=old.revision
                 )
+            if not session.messages.is_complete:
+                # A window (a read with last_messages): the stored history, grown by
+                # new_messages, is the history, if they bring it to the window's total.
+                added = () if new_messages is None else new_messages  # (None: refused above)
+                stored = old.messages.total
+                if stored + len(added) != session.messages.total:
+                    raise InvalidUpdate(
+                        f"save() of session {session.id}: new_messages do not extend the "
+                        f"stored history ({stored} stored + {len(added)} new != "
+                        f"{session.messages.total}); pass the whole history instead."
+                    )
+                session = replace_trusted(session, messages=old.messages.extend(added))
             self._put(session, old)
 
     async def append(

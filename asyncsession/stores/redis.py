@@ -52,6 +52,7 @@ import orjson
 from .._exceptions import (
     CorruptSessionError,
     InvalidConfiguration,
+    InvalidUpdate,
     LimitExceeded,
     SerializationError,
     SessionClosed,
@@ -240,10 +241,12 @@ return 1
 # expected: the revision, or "revision@last_active@g" to also refuse a session touched since
 # or deleted and added again since (another incarnation). Replies {1, g} ({1, g, 1} when
 # others lost races for it since the last save).
-# mode: 'r' rewrites the history, 'a' appends msgs; a trailing 'c' asks for the current
-# session (as _GET replies) when the revision does not match. A refused save marks the
-# session contended ('cf'); the next successful save clears the mark and says so, and
-# that writer then reads before its next update, so it cannot starve the others.
+# mode: 'r' rewrites the history, 'a' appends msgs; a second letter 'c' asks for the
+# current session (as _GET replies) when the revision does not match. A refused save marks
+# the session contended ('cf'); the next successful save clears the mark and says so, and
+# that writer then reads before its next update, so it cannot starve the others. An 'a'
+# mode ends with ':total', the session's message total: msgs must bring the stored
+# history to it, else the save is refused with {-5, stored} and writes nothing.
 _SAVE = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
 local cur = redis.call('HMGET', s, 'r', 'st', 'o', 'cf', 'la', 'ex', 'cl', 'g')
@@ -259,6 +262,11 @@ if other or (la ~= '' and tonumber(cur[5]) ~= tonumber(la)) then
     return {-2, cur[1], reply(redis.call('HMGET', s, 'd', 'r', 'la', 'ex'), m, '', cur[8])}
   end
   return {-2, cur[1]}
+end
+local want = string.match(ARGV[13], ':(%d+)$')
+if want then
+  local stored = redis.call('LLEN', m)
+  if stored + #ARGV - 13 ~= tonumber(want) then return {-5, stored} end
 end
 local st, owner, ex, cl = ARGV[6], opt(ARGV[7]), opt(ARGV[10]), opt(ARGV[11])
 local set, gone = {'d', ARGV[4], 'r', ARGV[5], 'st', st, 'ca', ARGV[8], 'la', ARGV[9]}, {}
@@ -989,6 +997,11 @@ class RedisRepository(SessionRepository, EventTransport):
         return session
 
     async def add(self, session: Session) -> None:
+        if not session.messages.is_complete:
+            raise InvalidUpdate(
+                f"add() of session {session.id} got a window of its messages; store the "
+                "whole history."
+            )
         sid = str(session.id)
         incarnation = secrets.token_hex(8)
         args = [sid, *self._fields(session), incarnation]
@@ -1006,25 +1019,39 @@ class RedisRepository(SessionRepository, EventTransport):
         new_messages: Sequence[Message] | None = None,
     ) -> None:
         self._check_revision_step(session, expected_revision)
-        if new_messages is None:
-            mode, messages = "r", session.messages
-            if not messages.is_complete:
-                raise ValueError(
-                    f"save() without new_messages needs the whole history of session "
-                    f"{session.id}, got a window (offset {messages.offset})."
-                )
-        else:
-            mode, messages = "a", new_messages  # type: ignore[assignment]
+        if new_messages is None and not session.messages.is_complete:
+            raise InvalidUpdate(
+                f"save() of session {session.id} got a window of its messages and no "
+                "new_messages; pass the whole history."
+            )
         lent = self._held.before_save(session.id, expected_revision)
         expected = str(expected_revision)
         if lent is not None:
             expected += f"@{_us(lent[0])}@{lent[1] or ''}"
         sid = str(session.id)
-        args: list[str | bytes] = [sid, expected]
-        args.extend(self._fields(session))
-        args.append(mode + ("c" if self._held.enabled else ""))
-        args.extend(dump_message(m) for m in messages)
-        reply = await self._run(self._save, "a save", self._keys(sid), args)
+        current_too = "c" if self._held.enabled else ""
+        fields = [sid, expected, *self._fields(session)]
+
+        def arguments(added: Sequence[Message] | None) -> list[str | bytes]:
+            if added is None:  # rewrite the history
+                args: list[str | bytes] = [*fields, "r" + current_too]
+                args.extend(dump_message(m) for m in session.messages)
+            else:  # append, if that makes the session's total
+                args = [*fields, f"a{current_too}:{session.messages.total}"]
+                args.extend(dump_message(m) for m in added)
+            return args
+
+        reply = await self._run(self._save, "a save", self._keys(sid), arguments(new_messages))
+        if int(reply[0]) == -5:  # new_messages do not extend the stored history
+            if not session.messages.is_complete:
+                raise InvalidUpdate(
+                    f"save() of session {session.id}: new_messages do not extend the stored "
+                    f"history ({int(reply[1])} stored + {len(new_messages or ())} new != "
+                    f"{session.messages.total}); pass the whole history instead."
+                )
+            # the promise did not hold, but the snapshot has the whole history: store it
+            # (nothing was written, and the revision is checked again)
+            reply = await self._run(self._save, "a save", self._keys(sid), arguments(None))
         code = int(reply[0])
         if code == -1:
             raise SessionNotFound(session.id)

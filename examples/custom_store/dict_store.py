@@ -19,6 +19,7 @@ import attrs
 
 from asyncsession import (
     ExpiryPolicy,
+    InvalidUpdate,
     LimitExceeded,
     Message,
     Page,
@@ -54,6 +55,8 @@ class DictRepository(SessionRepository):
 
     async def add(self, session: Session) -> None:
         await anyio.lowlevel.checkpoint()
+        if not session.messages.is_complete:  # read with last_messages: a window
+            raise InvalidUpdate("add() needs the whole history, not a window of it.")
         if session.id in self._sessions:
             raise SessionConflict(session.id)
         self._sessions[session.id] = session
@@ -71,6 +74,13 @@ class DictRepository(SessionRepository):
             raise SessionNotFound(session.id)
         if current.revision != expected_revision:
             raise SessionConflict(session.id)
+        if not session.messages.is_complete:
+            # A window of the history (read with last_messages): the stored history
+            # grown by new_messages is the history, if they make the window's total.
+            total = current.messages.total + len(new_messages or ())
+            if new_messages is None or total != session.messages.total:
+                raise InvalidUpdate("save() of a window needs the new_messages it added.")
+            session = attrs.evolve(session, messages=current.messages.extend(new_messages))
         self._sessions[session.id] = session
 
     async def append(
