@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import anyio
 import attrs
@@ -42,6 +42,7 @@ from rich.text import Text
 from . import (
     CURRENT_VERSION,
     CorruptSessionError,
+    InvalidCursor,
     Session,
     SessionConflict,
     SessionError,
@@ -265,7 +266,16 @@ def _parse_period(value: str) -> timedelta:
     if match is None or float(match.group(1)) <= 0:
         raise CLIError(f"invalid period {value!r}; use e.g. 30m, 1h, 1d or seconds.", 2)
     unit = {"": "seconds", "s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-    return timedelta(**{unit[match.group(2)]: float(match.group(1))})
+    try:
+        period = timedelta(**{unit[match.group(2)]: float(match.group(1))})
+    except OverflowError:
+        period = timedelta.max
+    if period > _MAX_PERIOD:
+        raise CLIError(f"period {value!r} is too long; use at most 36500d (100 years).", 2)
+    return period
+
+
+_MAX_PERIOD: Final = timedelta(days=36500)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -581,7 +591,14 @@ def list_sessions(
     )
 
     async def fetch(repository: SessionRepository) -> tuple[list[Session], str | None]:
-        page = await repository.list(query)
+        try:
+            page = await repository.list(query)
+        except InvalidCursor as exc:
+            raise CLIError(
+                f"invalid --cursor {cursor!r}: pass the next cursor a previous `list` with the "
+                "same filters printed, or omit --cursor for the first page.",
+                2,
+            ) from exc
         return list(page.items), page.next_cursor
 
     items, next_cursor = _with_store(store_url, backend, fetch)
@@ -939,7 +956,8 @@ def migrate(dry_run: bool, store_url: str, backend: str, as_json: bool) -> None:
             plan = await _plan_migration(repository, ids)
             progress.update(task, total=len(plan.outdated), completed=0)
             if dry_run:
-                progress.update(task, completed=len(plan.outdated), description="Counted")
+                counted = plan.documents
+                progress.update(task, total=counted, completed=counted, description="Counted")
                 return plan, 0
             progress.update(task, description=f"Rewriting at version {CURRENT_VERSION}")
             rewritten = 0
@@ -1028,6 +1046,11 @@ def export_sessions(output: IO[bytes], store_url: str, backend: str) -> None:
     err.print(f"Exported {count} session{'s' if count != 1 else ''}.")
 
 
+def _source_name(source: IO[bytes]) -> str:
+    name = getattr(source, "name", None)
+    return name if isinstance(name, str) and not name.startswith("<") else "the input"
+
+
 def _read_lines(source: IO[bytes]) -> list[Session]:
     sessions: list[Session] = []
     seen: set[uuid.UUID] = set()
@@ -1036,8 +1059,15 @@ def _read_lines(source: IO[bytes]) -> list[Session]:
             continue
         try:
             session = loads(line)
+        except CorruptSessionError as exc:
+            raise CLIError(
+                f"line {number} of {_source_name(source)} is not a session document "
+                f"({exc.detail}); nothing was imported."
+            ) from exc
         except SessionError as exc:
-            raise CLIError(f"line {number}: {exc}") from exc
+            raise CLIError(
+                f"line {number} of {_source_name(source)}: {exc} Nothing was imported."
+            ) from exc
         if session.id in seen:
             raise CLIError(f"line {number}: session {session.id} appears twice in the input.")
         seen.add(session.id)

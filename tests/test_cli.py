@@ -678,9 +678,16 @@ def test_import_says_which_sessions_are_already_expired(run: Run, tmp_path: Path
 
 
 def test_import_rejects_a_bad_line(run: Run, tmp_path: Path) -> None:
-    (tmp_path / "bad.jsonl").write_text('{"version": 1, "id": "x"}\n')
-    line = assert_one_line_error(run("import", "bad.jsonl", "--store", "memory://", ok=None), 1)
-    assert "line 1" in line and "corrupt" in line
+    now = datetime.now(timezone.utc)
+    good = s.dumps(s.Session(uuid.uuid4(), now, now))
+    (tmp_path / "bad.jsonl").write_bytes(good + b'\n{"version": 1, "id": "x"}\n')
+    line = assert_one_line_error(
+        run("import", "bad.jsonl", "--store", "sqlite:///in.db", ok=None), 1
+    )
+    # the input is at fault, not a store: nothing was imported
+    assert "line 2 of bad.jsonl is not a session document" in line
+    assert "nothing was imported" in line and "Restore it" not in line
+    assert "No sessions match." in run("list", "--store", "sqlite:///in.db").stdout
 
 
 # -- errors: one line, non-zero, no traceback ---------------------------------------------------
@@ -751,6 +758,10 @@ def test_unwritable_sqlite_path(run: Run, tmp_path: Path) -> None:
 def test_usage_errors_exit_2(run: Run) -> None:
     result = run("list", "--limit", "0", ok=None)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = assert_one_line_error(run("list", "--cursor", "xyz", ok=None), 2)
+    assert "invalid --cursor 'xyz'" in line and "omit --cursor" in line and "None" not in line
+    line = assert_one_line_error(run("stats", "--bucket", "99999999999d", ok=None), 2)
+    assert "too long" in line
     result = run("close", str(uuid.uuid4()), "--status", "active", ok=None)
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
