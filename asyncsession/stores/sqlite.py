@@ -826,6 +826,15 @@ class _Aborted(Exception):
     """The batch transaction was rolled back by SQLite; rerun its operations one by one."""
 
 
+class _Locked(Exception):
+    """The batch transaction could not begin: another connection kept its lock for the
+    whole ``busy_timeout``."""
+
+    def __init__(self, error: sqlite3.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class SQLiteRepository(SessionRepository):
     """Sessions in a SQLite database file (WAL mode), served by one worker thread.
 
@@ -1059,13 +1068,15 @@ class SQLiteRepository(SessionRepository):
                 except BaseException as exc:  # a bug here must not leave callers waiting
                     logger.exception("SQLite worker of %s failed", self._path)
                     self._rollback(conn)
-                    for request in live:
+                    unanswered = [r for r in live if r.state != _DONE]
+                    for request in unanswered:
                         request.result = None
                         request.error = StorageError(
                             f"Internal error in the SQLite worker of {self._path}: {exc!r}; "
                             "the operation was rolled back. Please report this."
                         )
-                self._answer(live)
+                    if unanswered:
+                        self._answer(unanswered)
         try:
             conn.close()
         except sqlite3.Error:
@@ -1110,23 +1121,71 @@ class SQLiteRepository(SessionRepository):
                 logger.exception("could not answer %d callers of %s", len(waiting), self._path)
 
     def _execute(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
-        if len(batch) > 1:
+        """Run a batch and answer each request as soon as its outcome is known.
+
+        The batch has one ``busy_timeout`` deadline: however many of its operations have
+        to be rerun one by one, none waits for another connection's write lock past it.
+        Its reads run first, outside the write transaction (WAL readers never wait for
+        the write lock).
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        writes = [r for r in batch if r.write]
+        if writes and len(writes) < len(batch):
+            self._run_group(conn, [r for r in batch if not r.write], deadline)
+            batch = writes
+        self._run_group(conn, batch, deadline)
+
+    def _run_group(self, conn: sqlite3.Connection, group: list[_Request], deadline: float) -> None:
+        """Run ``group`` (all reads, or all writes) in one transaction if it can, else one
+        by one before ``deadline``; answer each request as soon as its outcome is known."""
+        if len(group) > 1:
             try:
-                self._run_batch(conn, batch)
+                self._run_batch(conn, group, deadline)
+            except _Locked as exc:
+                # The transaction waited busy_timeout for another connection's lock:
+                # every operation of the group has, so none waits once more.
+                self._rollback(conn)
+                for request in group:
+                    request.result = None
+                    request.error = self._storage_error(exc.error)
+                    request.error.__cause__ = exc.error
+                self._answer(group)
                 return
             except (_Aborted, sqlite3.Error) as exc:
                 logger.warning(
                     "group commit of %d operations on %s failed (%s); running them one by one",
-                    len(batch),
+                    len(group),
                     self._path,
                     exc,
                 )
                 self._rollback(conn)
-        for request in batch:
-            self._run_alone(conn, request)
+            else:
+                self._answer(group)
+                return
+        if len(group) == 1:
+            self._run_alone(conn, group[0], deadline)
+            self._answer(group)
+            return
+        try:
+            for request in group:  # SQLite's own wait for a lock ends at the deadline too
+                self._set_lock_wait(conn, deadline - time.monotonic())
+                self._run_alone(conn, request, deadline)
+                self._answer([request])
+        finally:
+            self._set_lock_wait(conn, self._busy_timeout)
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
-        self._begin(conn, any(r.write for r in batch))
+    @staticmethod
+    def _set_lock_wait(conn: sqlite3.Connection, seconds: float) -> None:
+        """How long SQLite's busy handler waits for another connection's lock."""
+        conn.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Request], deadline: float) -> None:
+        try:
+            self._begin(conn, any(r.write for r in batch), deadline)
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise _Locked(exc) from exc
+            raise
         results: list[tuple[Any, BaseException | None]] = []
         for request in batch:
             assert request.fn is not None
@@ -1161,16 +1220,15 @@ class SQLiteRepository(SessionRepository):
         for request, (value, error) in zip(batch, results, strict=True):
             request.result, request.error = value, error
 
-    def _run_alone(self, conn: sqlite3.Connection, request: _Request) -> None:
+    def _run_alone(self, conn: sqlite3.Connection, request: _Request, deadline: float) -> None:
         assert request.fn is not None
-        deadline = time.monotonic() + self._busy_timeout
         delay = 0.001
         while True:
             try:
                 if not request.transaction:
                     request.result = request.fn(conn)
                     return
-                self._begin(conn, request.write)
+                self._begin(conn, request.write, deadline)
                 try:
                     request.result = request.fn(conn)
                 except BaseException:
@@ -1193,8 +1251,9 @@ class SQLiteRepository(SessionRepository):
                 request.error = exc
                 return
 
-    def _begin(self, conn: sqlite3.Connection, write: bool) -> None:
-        deadline = time.monotonic() + self._busy_timeout
+    def _begin(self, conn: sqlite3.Connection, write: bool, deadline: float | None = None) -> None:
+        if deadline is None:
+            deadline = time.monotonic() + self._busy_timeout
         delay = 0.001
         while True:
             try:

@@ -1,0 +1,178 @@
+"""SQLiteRepository: how one group commit waits for another connection's lock, and when
+its callers are answered (review finding 5 of helper-25).
+
+The worker is held at chosen points by operations handed to it directly (``_call``) and
+by another connection's write lock; no test sleeps or measures time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from asyncsession import Session, StorageError
+from asyncsession.stores.sqlite import SQLiteRepository
+from asyncsession.testing._contract import make_session
+
+pytestmark = pytest.mark.anyio
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll a condition about the worker thread (bounded; no assertion on time)."""
+    with anyio.fail_after(20):
+        while not condition():  # noqa: ASYNC110 - the state lives in the worker thread
+            await anyio.sleep(0.002)
+
+
+async def test_a_locked_batch_waits_once_and_answers_its_reads_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """Another connection holds the write lock: a batch of writes fails after one
+    busy_timeout (each write used to wait once more, alone), and the batch's read runs
+    before the batch waits for the lock at all."""
+    statements: list[str] = []
+    connect = SQLiteRepository._connect
+
+    def traced(store: SQLiteRepository) -> sqlite3.Connection:
+        conn = connect(store)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(SQLiteRepository, "_connect", traced)
+    path = tmp_path / "s.db"
+    async with SQLiteRepository(path, busy_timeout=0.2) as repo:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process's long write
+        outcomes: dict[str, Any] = {}
+        base = repo.statistics().operations
+
+        async def add(name: str) -> None:
+            try:
+                await repo.add(make_session())
+                outcomes[name] = "added"
+            except StorageError as exc:
+                outcomes[name] = exc
+
+        async def read() -> None:
+            outcomes["read"] = await repo.get(uuid.uuid4())
+
+        stall = threading.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                # a read holds the worker (it needs no lock) while the rest queue up
+                tg.start_soon(partial(repo._call, lambda conn: stall.wait(30), write=False))
+                await wait_until(lambda: repo.statistics().operations == base + 1)
+                for i in range(4):
+                    tg.start_soon(add, f"w{i}")
+                tg.start_soon(read)
+                await anyio.wait_all_tasks_blocked()  # all five are queued
+                del statements[:]
+                stall.set()
+        finally:
+            stall.set()
+            other.execute("ROLLBACK")
+            other.close()
+    writes = [outcomes[f"w{i}"] for i in range(4)]
+    assert all(isinstance(e, StorageError) and e.recoverable for e in writes), outcomes
+    assert outcomes["read"] is None
+    begins = [i for i, sql in enumerate(statements) if sql == "BEGIN IMMEDIATE"]
+    assert len(begins) == 1  # the batch's: no write waits once more alone
+    reads = [i for i, sql in enumerate(statements) if sql.lstrip().startswith("SELECT")]
+    assert reads and reads[0] < begins[0]  # the read ran before the wait for the lock
+
+
+async def test_each_operation_rerun_alone_is_answered_when_it_is_done(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """When a group commit fails and its operations are rerun one by one, the first is
+    answered while the second still runs (all used to wait for the last)."""
+    stall, second_may_finish = threading.Event(), threading.Event()
+    first_answered = anyio.Event()
+    runs = {"second": 0}
+
+    def stalled(conn: sqlite3.Connection) -> None:
+        stall.wait(30)
+
+    def first(conn: sqlite3.Connection) -> str:
+        conn.execute("CREATE TABLE IF NOT EXISTS probe (x)")
+        return "first"
+
+    def second(conn: sqlite3.Connection) -> str:
+        runs["second"] += 1
+        if runs["second"] == 1:  # in the group commit: abort it
+            raise sqlite3.OperationalError("forced failure")
+        second_may_finish.wait(30)  # rerun alone: hold the worker
+        return "second"
+
+    results: dict[str, Any] = {}
+    async with SQLiteRepository(tmp_path / "s.db") as repo:
+
+        async def call(name: str, fn: Callable[[sqlite3.Connection], Any]) -> None:
+            results[name] = await repo._call(fn, write=True)
+            if name == "first":
+                first_answered.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, "stalled", stalled)
+                base = repo.statistics().operations
+                await wait_until(lambda: repo.statistics().operations == base + 1)
+                tg.start_soon(call, "first", first)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(call, "second", second)
+                await anyio.wait_all_tasks_blocked()
+                stall.set()  # the worker takes [first, second] as one batch
+                with anyio.fail_after(20):  # guards against the wait the fix removes
+                    await first_answered.wait()
+                await wait_until(lambda: runs["second"] == 2)  # rerun, held by the gate
+                assert "second" not in results
+                second_may_finish.set()
+        finally:
+            stall.set()
+            second_may_finish.set()
+    assert results == {"stalled": None, "first": "first", "second": "second"}
+
+
+async def test_a_batch_rerun_alone_keeps_its_results(tmp_path: Path, anyio_backend: str) -> None:
+    """Sanity of the one-by-one path: each operation's own outcome, nothing lost."""
+    stall = threading.Event()
+    async with SQLiteRepository(tmp_path / "s.db") as repo:
+        sessions: list[Session] = [make_session() for _ in range(3)]
+        results: dict[int, Any] = {}
+
+        def fail(conn: sqlite3.Connection) -> None:
+            raise sqlite3.OperationalError("forced failure")
+
+        async def add(i: int) -> None:
+            await repo.add(sessions[i])
+            results[i] = "added"
+
+        async def failing() -> None:
+            try:
+                await repo._call(fail, write=True)
+            except StorageError as exc:
+                results[-1] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(repo._call, lambda conn: stall.wait(30), write=True))
+            base = repo.statistics().operations
+            await wait_until(lambda: repo.statistics().operations == base + 1)
+            tg.start_soon(add, 0)
+            tg.start_soon(failing)
+            tg.start_soon(add, 1)
+            tg.start_soon(add, 2)
+            await anyio.wait_all_tasks_blocked()
+            stall.set()
+        assert [results[i] for i in range(3)] == ["added"] * 3
+        assert isinstance(results[-1], StorageError) and "forced failure" in str(results[-1])
+        for s in sessions:
+            assert await repo.get(s.id) == s
