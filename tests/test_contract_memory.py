@@ -1,11 +1,26 @@
 from __future__ import annotations
 
+import heapq
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
 
+import anyio.lowlevel
+import attrs
 import pytest
 
-from asyncsession import CURRENT_VERSION, MemoryRepository
+from asyncsession import (
+    CURRENT_VERSION,
+    ExpiryPolicy,
+    MemoryRepository,
+    Message,
+    Page,
+    Session,
+    SessionNotFound,
+    SessionQuery,
+)
+from asyncsession._models import replace_trusted
+from asyncsession.abc import decode_cursor, encode_cursor
 from asyncsession.testing import RepositoryContract
 from asyncsession.testing._contract import make_session
 
@@ -25,3 +40,111 @@ async def test_memory_store_knows_every_document_is_current(anyio_backend: str) 
         await repo.add(session)
         versions = await repo.document_versions([session.id, uuid.uuid4()])
         assert versions == {session.id: CURRENT_VERSION}
+
+
+# -- the contract catches broken stores (review finding 3 of helper-27) -------------------
+# Each store below is the memory store with one defect a real store could have; each
+# passed the whole contract once. Now the contract test named with it must fail.
+
+
+class NoTieBreakCursor(MemoryRepository):
+    """Resumes a listing after ``last_active`` only, skipping sessions that share it."""
+
+    async def list(self, query: SessionQuery) -> Page:
+        after = decode_cursor(query)
+        async with self._lock:
+            candidates = list(self._sessions.values())
+        if after is not None:
+            candidates = [s for s in candidates if s.last_active < after[0]]
+        matching = [s for s in candidates if query.matches(s)]
+        top = heapq.nlargest(query.limit + 1, matching, key=lambda s: (s.last_active, s.id.int))
+        items = tuple(top[: query.limit])
+        cursor = None
+        if len(top) > query.limit:
+            cursor = encode_cursor(items[-1].last_active, items[-1].id, query)
+        return Page(items, cursor)
+
+
+class SaveNeverReindexes(MemoryRepository):
+    """Files a deadline when a session is added, never when a save moves it earlier."""
+
+    def _put(self, session: Session, old: Session | None) -> None:
+        if old is not None:
+            session = replace_trusted(session, expires_at=old.expires_at)
+            super()._put(session, old)
+            self._sessions[session.id] = session
+        else:
+            super()._put(session, old)
+
+
+class CountsNeverDecrease(MemoryRepository):
+    """count_by_status() forgets deletes, removals and status changes."""
+
+    def _put(self, session: Session, old: Session | None) -> None:
+        super()._put(session, old)
+        if old is not None and old.status is not session.status:
+            self._counts[old.status] += 1
+
+    def _drop(self, session: Session) -> None:
+        super()._drop(session)
+        self._counts[session.status] += 1
+
+
+class OwnerIndexIgnoresSaves(MemoryRepository):
+    """list(owner=...) lists a session under the owner it was added with."""
+
+    def _put(self, session: Session, old: Session | None) -> None:
+        if old is not None and old.owner != session.owner:
+            super()._put(attrs.evolve(session, owner=old.owner), old)
+            self._sessions[session.id] = session
+        else:
+            super()._put(session, old)
+
+
+class TornAppend(MemoryRepository):
+    """append() stores the messages, awaits (a second round trip), then the revision."""
+
+    async def append(
+        self,
+        session_id: uuid.UUID,
+        messages: Sequence[Message],
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        max_messages: int | None = None,
+    ) -> Session:
+        await anyio.lowlevel.checkpoint()
+        async with self._lock:
+            old = self._sessions.get(session_id)
+            if old is None:
+                raise SessionNotFound(session_id)
+            half = replace_trusted(old, messages=old.messages.extend(messages))
+            self._sessions[session_id] = half
+        await anyio.lowlevel.checkpoint()
+        async with self._lock:
+            current = self._sessions[session_id]
+            new = replace_trusted(current, revision=current.revision + 1, last_active=at)
+            self._put(new, current)
+            return new
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("store", "contract_test"),
+    [
+        (NoTieBreakCursor, RepositoryContract.test_list_pages_through_equal_activity),
+        (SaveNeverReindexes, RepositoryContract.test_saves_move_deadlines_either_way),
+        (CountsNeverDecrease, RepositoryContract.test_counts_follow_changes_and_removals),
+        (OwnerIndexIgnoresSaves, RepositoryContract.test_owner_filter_follows_saves),
+        (TornAppend, RepositoryContract.test_appends_cancelled_at_each_await_leave_whole_states),
+    ],
+    ids=lambda value: getattr(value, "__name__", ""),
+)
+async def test_the_contract_fails_a_broken_store(
+    store: type[MemoryRepository],
+    contract_test: Callable[[RepositoryContract, MemoryRepository, str], Awaitable[None]],
+    anyio_backend: str,
+) -> None:
+    async with store() as repo:
+        with pytest.raises(AssertionError):
+            await contract_test(RepositoryContract(), repo, anyio_backend)

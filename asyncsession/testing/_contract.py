@@ -129,6 +129,16 @@ def version_0_document(session: Session) -> bytes:
     return orjson.dumps(doc)
 
 
+#: How often cancellation tests try each number of checkpoints.
+TRIES = 8
+#: They stop once an operation finished before its cancellation this many times in a
+#: row (it has no later await point left to cancel) ...
+FINISHED_RUNS = 2 * TRIES
+#: ... or after this many attempts (a store waiting on a thread or a socket can take
+#: many scheduling rounds; every attempt still checks the state it left).
+MAX_ATTEMPTS = 100 * TRIES
+
+
 async def cancelled_after(steps: int, operation: Callable[[], Awaitable[object]]) -> bool:
     """Run ``operation()`` in a task and cancel it once the calling task has passed
     ``steps`` checkpoints (0: before it starts). Each checkpoint lets the operation run
@@ -157,23 +167,17 @@ async def cancel_at_each_await(
     operation: Callable[[int], Callable[[], Awaitable[object]]],
     check: Callable[[int, bool], Awaitable[None]],
 ) -> None:
-    """For attempt ``i`` = 0, 1, 2, ...: run ``operation(i)()`` cancelled after ``i``
-    checkpoints (see :func:`cancelled_after`), then ``await check(i, finished)``."""
+    """For attempt ``i`` = 0, 1, 2, ...: run ``operation(i)()`` cancelled after
+    ``i // TRIES`` checkpoints (see :func:`cancelled_after`), then
+    ``await check(i, finished)``. Each number of checkpoints is tried :data:`TRIES`
+    times, since trio runs the tasks woken together in a random order."""
     finished_runs = 0
     for attempt in range(MAX_ATTEMPTS):
-        finished = await cancelled_after(attempt, operation(attempt))
+        finished = await cancelled_after(attempt // TRIES, operation(attempt))
         await check(attempt, finished)
         finished_runs = finished_runs + 1 if finished else 0
         if finished_runs == FINISHED_RUNS:
             return
-
-
-#: Cancellation tests stop once an operation finished before its cancellation this many
-#: times in a row (it has no later await point left to cancel) ...
-FINISHED_RUNS = 3
-#: ... or after this many attempts (a store waiting on a thread or a socket can take
-#: many scheduling rounds; every attempt still checks the state it left).
-MAX_ATTEMPTS = 120
 
 
 class RepositoryContract:
