@@ -28,6 +28,7 @@ from asyncsession import (
     Message,
     Session,
     SessionConflict,
+    SessionManager,
     SessionQuery,
     SessionRepository,
     StorageError,
@@ -358,6 +359,31 @@ async def test_closed_store_refuses_work(db: Path, anyio_backend: str) -> None:
 
 
 # -- corruption -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("huge", [2**63, 2**64 + 5, 10**30])
+async def test_limits_beyond_64_bits_mean_no_limit(db: Path, huge: int, anyio_backend: str) -> None:
+    """Counts and limits SQLite cannot bind (the manager accepts any positive int) used
+    to fail with a raw OverflowError (review finding 6 of helper-25)."""
+    async with SQLiteRepository(db) as repo:
+        session = make_session(messages=("a",))
+        await repo.add(session)
+        appended = await repo.append(
+            session.id, [msg("b", 1)], at=at(1), policy=POLICY, max_messages=huge
+        )
+        assert appended.messages.total == 2
+        loaded = await repo.get(session.id, last_messages=huge)
+        assert loaded is not None and [m.content for m in loaded.messages] == ["a", "b"]
+        assert await repo.expired(at(10_000), limit=huge) == [session.id]
+    async with SessionManager(
+        SQLiteRepository(db.with_name("managed.db")),
+        max_messages=huge,
+        cleanup_batch=huge,
+        cleanup_interval=None,
+    ) as sessions:
+        created = await sessions.create()
+        assert (await sessions.add_message(created.id, "user", "hi")).messages.total == 1
+        assert await sessions.purge_expired() == 0
 
 
 async def test_corrupt_document_only_affects_its_session(db: Path, anyio_backend: str) -> None:

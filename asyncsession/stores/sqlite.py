@@ -598,6 +598,12 @@ _READ_SESSION = (
 )
 
 
+def _sql_int(value: int) -> int:
+    """A count or limit for a SQL parameter: beyond what SQLite's 64-bit integers hold, a
+    huge value means no limit (``_ALL_MESSAGES`` is more than any store holds)."""
+    return max(-1, min(value, _ALL_MESSAGES))
+
+
 def _window_start(count: int, last_messages: int | None) -> int:
     return 0 if last_messages is None else max(0, count - max(0, last_messages))
 
@@ -1413,7 +1419,7 @@ class SQLiteRepository(SessionRepository):
         conn: sqlite3.Connection, session_id: uuid.UUID, last_messages: int | None
     ) -> _Row | None:
         """The session and its last messages in one statement (a snapshot by itself)."""
-        wanted = _ALL_MESSAGES if last_messages is None else max(0, last_messages)
+        wanted = _ALL_MESSAGES if last_messages is None else max(0, _sql_int(last_messages))
         cursor = conn.execute(_READ_SESSION, (wanted, str(session_id)))
         first = cursor.fetchone()
         if first is None:
@@ -1771,13 +1777,14 @@ class SQLiteRepository(SessionRepository):
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
         now_us = _us(now)
+        most = _sql_int(limit)
 
         def op(conn: sqlite3.Connection) -> list[str]:
             return [
                 r[0]
                 for r in conn.execute(
                     "SELECT id FROM sessions WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
-                    (now_us, limit),
+                    (now_us, most),
                 )
             ]
 
@@ -1923,7 +1930,7 @@ def _append_parameters(
         "idle": None if idle is None else idle // _US,
         "max_age": None if max_age is None else max_age // _US,
         "n": len(batch),
-        "limit": _ALL_MESSAGES if max_messages is None else max_messages,
+        "limit": _ALL_MESSAGES if max_messages is None else _sql_int(max_messages),
     }
 
 
