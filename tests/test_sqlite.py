@@ -346,6 +346,30 @@ def test_bad_options() -> None:
             SQLiteRepository("x.db", **kwargs)
 
 
+@pytest.mark.parametrize(
+    "pragma",
+    [
+        {"user_version": 2},
+        {"journal_mode": "delete"},
+        {"application_id": 7},
+        {"locking_mode": "exclusive"},
+        {"writable_schema": 1},
+        {"synchronous": "off"},
+        {"busy_timeout": 1},
+        {"cache_size": -2000, "schema_version": 1},
+    ],
+)
+def test_pragmas_the_store_owns_are_refused(db: Path, pragma: dict[str, Any]) -> None:
+    """pragmas={"user_version": 2} made an open rerun old upgrades and fail, for good (the
+    version stayed on disk); journal_mode=delete turned WAL off unnoticed (review
+    finding 7 of helper-25)."""
+    with pytest.raises(InvalidConfiguration, match="store sets these pragmas itself") as info:
+        SQLiteRepository(db, pragmas=pragma)
+    assert "user_version" in str(info.value) and "journal_mode" in str(info.value)
+    assert not db.exists()
+    SQLiteRepository(db, pragmas={"cache_size": -2000, "wal_autocheckpoint": 100})
+
+
 async def test_closed_store_refuses_work(db: Path, anyio_backend: str) -> None:
     repo = SQLiteRepository(db)
     with pytest.raises(StorageError, match="not open"):

@@ -125,6 +125,21 @@ APPLICATION_ID: Final = 0x61737373
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _PRAGMA_NAME = re.compile(r"[a-z_]{1,40}")
 _PRAGMA_VALUE = re.compile(r"-?[0-9]{1,19}|[A-Za-z_]{1,20}")
+#: Pragmas the store sets or relies on, refused in ``pragmas=``: the layout's identity
+#: (a wrong ``user_version`` reruns upgrades and stays on disk), WAL mode, the lock and
+#: durability settings it has options for, and the schema's integrity.
+_STORE_PRAGMAS: Final = {
+    "application_id": "it marks the file as an asyncsession store",
+    "schema_version": "it versions the tables the store created",
+    "user_version": "it records the layout version the store upgrades from",
+    "journal_mode": "the store runs in WAL mode",
+    "locking_mode": "other connections and processes must be able to share the file",
+    "synchronous": "use SQLiteRepository(synchronous=...)",
+    "busy_timeout": "use SQLiteRepository(busy_timeout=...)",
+    "query_only": "the store writes",
+    "writable_schema": "the store's tables must stay intact",
+    "ignore_check_constraints": "the store's tables must stay intact",
+}
 _UTC = timezone.utc
 _EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
 _US = timedelta(microseconds=1)
@@ -862,6 +877,9 @@ class SQLiteRepository(SessionRepository):
     * ``max_batch`` — most operations committed together in one group commit.
     * ``pragmas`` — extra ``PRAGMA name = value`` settings for the connection (for
       example ``{"cache_size": -65536}``); names and values are checked, not trusted.
+      Pragmas the store owns (``user_version``, ``application_id``, ``journal_mode``,
+      ``synchronous``, ``busy_timeout``, ``locking_mode``, ...) are refused with
+      :class:`InvalidConfiguration`.
       They are applied after the store's own (``wal_autocheckpoint`` is
       :data:`WAL_AUTOCHECKPOINT` pages unless set here).
     * ``snapshot_cache`` — how many sessions (100,000 messages at most in all) the store
@@ -919,6 +937,11 @@ class SQLiteRepository(SessionRepository):
                 raise InvalidConfiguration(
                     f"Invalid pragma {name!r} = {value!r}: use a lowercase pragma name and "
                     "an integer or a single word as its value."
+                )
+            if name in _STORE_PRAGMAS:
+                raise InvalidConfiguration(
+                    f"pragmas= may not set {name!r} ({_STORE_PRAGMAS[name]}). The store "
+                    f"sets these pragmas itself: {', '.join(sorted(_STORE_PRAGMAS))}."
                 )
         self._path = Path(path)
         self._synchronous = synchronous
