@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from datetime import datetime, timedelta, timezone
 
 import anyio
 import anyio.lowlevel
 
+from .._clock import utc
 from .._exceptions import InvalidConfiguration
 
 __all__ = ["ManualClock"]
@@ -30,6 +32,7 @@ class ManualClock:
             raise InvalidConfiguration("ManualClock(start=...) must be timezone-aware.")
         self._now = start.astimezone(timezone.utc)
         self._sleepers: list[tuple[datetime, int, anyio.Event]] = []
+        self._forever = 0  # sleeps longer than any time a datetime can hold
         self._seq = itertools.count()
 
     def __repr__(self) -> str:
@@ -41,30 +44,63 @@ class ManualClock:
 
     def advance(self, seconds: float | timedelta) -> datetime:
         """Move time forward and wake the sleepers whose time has come."""
-        delta = seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds)
+        if isinstance(seconds, timedelta):
+            delta = seconds
+        else:
+            try:
+                delta = timedelta(seconds=seconds)
+            except ValueError:  # nan
+                raise InvalidConfiguration(
+                    f"ManualClock.advance() needs seconds or a timedelta, got {seconds!r}."
+                ) from None
+            except OverflowError:  # +-inf, or beyond timedelta's range
+                delta = timedelta.max if seconds > 0 else timedelta.min
         if delta < timedelta(0):
             raise InvalidConfiguration(f"ManualClock cannot go backwards (advance({seconds!r})).")
-        self._now += delta
+        try:
+            self._now += delta
+        except OverflowError:
+            raise InvalidConfiguration(
+                f"ManualClock cannot advance({seconds!r}) from {self._now.isoformat()}: "
+                "that is past the last time a datetime can hold."
+            ) from None
         while self._sleepers and self._sleepers[0][0] <= self._now:
             heapq.heappop(self._sleepers)[2].set()
         return self._now
 
     def jump_to(self, when: datetime) -> datetime:
-        """Advance to the absolute time ``when`` (not earlier than now)."""
-        return self.advance(when.astimezone(timezone.utc) - self._now)
+        """Advance to the absolute time ``when`` (timezone-aware, not earlier than now)."""
+        return self.advance(utc(when, "ManualClock.jump_to(when)") - self._now)
 
     @property
     def sleepers(self) -> int:
         """How many sleeps are waiting for time to move."""
-        return len(self._sleepers)
+        return len(self._sleepers) + self._forever
 
     async def sleep(self, seconds: float) -> None:
-        """Wait until the clock is advanced by at least ``seconds``."""
+        """Wait until the clock is advanced by at least ``seconds``.
+
+        Like :func:`anyio.sleep`, ``math.inf`` (or any time past the last one a datetime
+        can hold) waits until cancelled.
+        """
+        if math.isnan(seconds):
+            raise InvalidConfiguration("ManualClock.sleep() needs a number of seconds, got nan.")
         if seconds <= 0:
             await anyio.lowlevel.checkpoint()
             return
+        try:
+            deadline: datetime | None = self._now + timedelta(seconds=seconds)
+        except OverflowError:  # inf, or past datetime's range: time never gets there
+            deadline = None
+        if deadline is None:
+            self._forever += 1
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._forever -= 1
+            return
         event = anyio.Event()
-        entry = (self._now + timedelta(seconds=seconds), next(self._seq), event)
+        entry = (deadline, next(self._seq), event)
         heapq.heappush(self._sleepers, entry)
         try:
             await event.wait()
