@@ -363,7 +363,7 @@ def test_pragmas_the_store_owns_are_refused(db: Path, pragma: dict[str, Any]) ->
     """pragmas={"user_version": 2} made an open rerun old upgrades and fail, for good (the
     version stayed on disk); journal_mode=delete turned WAL off unnoticed (review
     finding 7 of helper-25)."""
-    with pytest.raises(InvalidConfiguration, match="store sets these pragmas itself") as info:
+    with pytest.raises(InvalidConfiguration, match="store owns these pragmas") as info:
         SQLiteRepository(db, pragmas=pragma)
     assert "user_version" in str(info.value) and "journal_mode" in str(info.value)
     assert not db.exists()

@@ -941,7 +941,7 @@ class SQLiteRepository(SessionRepository):
             if name in _STORE_PRAGMAS:
                 raise InvalidConfiguration(
                     f"pragmas= may not set {name!r} ({_STORE_PRAGMAS[name]}). The store "
-                    f"sets these pragmas itself: {', '.join(sorted(_STORE_PRAGMAS))}."
+                    f"owns these pragmas: {', '.join(sorted(_STORE_PRAGMAS))}."
                 )
         self._path = Path(path)
         self._synchronous = synchronous
