@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import uuid
+import weakref
 from datetime import datetime
 from types import TracebackType
 
@@ -63,6 +64,10 @@ class Subscription:
     subscriber's buffer is full, new events *for that subscriber* are dropped (counted
     in :attr:`dropped`, visible as gaps in ``seq``) so the manager and other
     subscribers never wait. Iteration ends when the subscription or manager closes.
+
+    It receives events from its creation on. The manager holds it weakly: one that is
+    used without ``async with`` (or abandoned) stops receiving once nothing refers to
+    it any more, e.g. when the task iterating it returns or is cancelled.
     """
 
     def __init__(self, hub: EventHub, buffer: int) -> None:
@@ -74,6 +79,14 @@ class Subscription:
         self._send, self._receive = anyio.create_memory_object_stream[SessionEvent](buffer)
         self.dropped = 0
         hub._subscribers.add(self)
+
+    def __del__(self) -> None:
+        # Dropped without aclose(): the hub let go of it too (it holds it weakly). Close
+        # the streams quietly; nobody can be waiting on them any more.
+        for name in ("_send", "_receive"):
+            stream = self.__dict__.get(name)  # absent if __init__ refused the buffer
+            if stream is not None:
+                stream.close()
 
     def _offer(self, event: SessionEvent) -> None:
         try:
@@ -125,7 +138,10 @@ class EventHub:
     """Fans events out to subscriptions without ever blocking the publisher."""
 
     def __init__(self) -> None:
-        self._subscribers: set[Subscription] = set()
+        # Weakly: a subscription its user dropped without closing it (iterated without
+        # ``async with``, its task cancelled) leaves with its last reference, instead
+        # of buffering events for no one for ever.
+        self._subscribers: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._seq = 0
 
     @property

@@ -1,0 +1,68 @@
+"""Subscriptions used without ``async with`` do not stay registered (review finding 4 of
+helper-27)."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+
+import asyncsession as s
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_subscription_nobody_holds_stops_receiving(anyio_backend: str) -> None:
+    async with s.SessionManager(s.MemoryRepository()) as manager:
+        kinds: list[s.EventKind] = []
+
+        async def handler(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            events = manager.subscribe()  # no async with: returns after one event
+            task_status.started()
+            async for event in events:
+                kinds.append(event.kind)
+                return
+
+        async def stuck(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            task_status.started()
+            async for _ in manager.subscribe():  # cancelled while it waits
+                pass
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(10):
+                async with anyio.create_task_group() as tg:
+                    await tg.start(handler)
+                    await manager.create()
+            async with anyio.create_task_group() as tg:
+                await tg.start(stuck)
+                assert (await manager.stats()).subscribers == 1
+                tg.cancel_scope.cancel()
+            gc.collect()
+        assert kinds == [s.EventKind.CREATED] * 10
+        assert (await manager.stats()).subscribers == 0
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+        # one that is still referred to keeps receiving, with or without async with
+        kept = manager.subscribe()
+        async with manager.subscribe() as scoped:
+            session = await manager.create()
+            assert kept.receive_nowait().session_id == session.id
+            assert scoped.receive_nowait().session_id == session.id
+            assert (await manager.stats()).subscribers == 2
+        assert (await manager.stats()).subscribers == 1
+        await kept.aclose()
+        assert (await manager.stats()).subscribers == 0
+
+
+async def test_a_refused_buffer_leaves_nothing_behind(anyio_backend: str) -> None:
+    async with s.SessionManager(s.MemoryRepository()) as manager:
+        bad: Any = 0
+        with pytest.raises(s.InvalidConfiguration):
+            manager.subscribe(buffer=bad)
+        gc.collect()
+        assert (await manager.stats()).subscribers == 0
