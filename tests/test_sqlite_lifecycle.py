@@ -6,9 +6,12 @@ waits for one), never with sleeps.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +189,30 @@ async def test_a_call_racing_a_close_from_another_loop_is_refused(
         with pytest.raises(StorageError, match="not open"):
             await repo.get(uuid.uuid4())
     assert closed and workers() == []
+
+
+async def test_switching_a_new_file_to_wal_is_retried_while_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """Connections switching a new file to WAL at the same time: SQLite answers one of
+    them busy at once, without waiting (seen with several processes starting on a new
+    file; suspected item S1 of helper-25's review). The open retries until busy_timeout."""
+    switches: list[str] = []
+
+    class BusyOnce(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql == "PRAGMA journal_mode = WAL":
+                switches.append(sql)
+                if len(switches) == 1:
+                    raise sqlite3.OperationalError("database is locked")
+            return super().execute(sql, *args)
+
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite_store.sqlite3, "connect", partial(connect, factory=BusyOnce))
+    path = tmp_path / "s.db"
+    async with SQLiteRepository(path) as repo:
+        assert await repo.get(uuid.uuid4()) is None
+    monkeypatch.setattr(sqlite_store.sqlite3, "connect", connect)
+    assert len(switches) == 2
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

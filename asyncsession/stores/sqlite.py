@@ -25,13 +25,16 @@ in place when opened):
   and sessions stay readable.
 
 Threading: one dedicated worker thread owns the connection. Every store operation is
-one request to it (one thread hop); the worker drains its queue and runs what it found
-in one transaction (group commit), each operation inside its own SAVEPOINT so a failing
-operation (a compare-and-set conflict, say) does not undo the others. Callers are
-answered only after the commit: the worker schedules one wake-up per event loop and
-batch with the loop's own thread-safe scheduler (found through its anyio token, so
-asyncio and trio alike) and goes on with the next batch at once, without waiting for
-the loop to run it.
+one request to it (one thread hop); the worker drains its queue and runs what it found:
+the reads first (WAL readers never wait for the write lock), then the writes in one
+transaction (group commit), each operation inside its own SAVEPOINT so a failing
+operation (a compare-and-set conflict, say) does not undo the others. A batch waits at
+most ``busy_timeout`` in all for another connection's write lock. Callers are answered
+only after the commit: the worker schedules one wake-up per event loop and batch with
+the loop's own thread-safe scheduler (found through its anyio token, so asyncio and trio
+alike) and goes on with the next batch at once, without waiting for the loop to run it.
+Each open starts a worker with its own queue and connection; the base class runs opens
+and closes one at a time.
 """
 
 from __future__ import annotations
@@ -1281,13 +1284,21 @@ class SQLiteRepository(SessionRepository):
                 return
 
     def _begin(self, conn: sqlite3.Connection, write: bool, deadline: float | None = None) -> None:
+        self._while_busy(conn, "BEGIN IMMEDIATE" if write else "BEGIN", deadline)
+
+    def _while_busy(
+        self, conn: sqlite3.Connection, statement: str, deadline: float | None = None
+    ) -> sqlite3.Cursor:
+        """Execute ``statement``, again while SQLite answers busy, until ``deadline``
+        (``busy_timeout`` from now by default). SQLite answers busy at once, without its
+        own wait, when waiting could deadlock (e.g. two connections switching a new file
+        to WAL at the same time)."""
         if deadline is None:
             deadline = time.monotonic() + self._busy_timeout
         delay = 0.001
         while True:
             try:
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                return
+                return conn.execute(statement)
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc) or time.monotonic() + delay >= deadline:
                     raise
@@ -1380,7 +1391,7 @@ class SQLiteRepository(SessionRepository):
         )
 
     def _configure(self, conn: sqlite3.Connection) -> None:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = self._while_busy(conn, "PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal" and str(self._path) != ":memory:":
             raise StorageError(
                 f"Cannot open SQLite database {self._path}: WAL mode is not available there "
