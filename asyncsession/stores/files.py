@@ -58,6 +58,7 @@ import orjson
 from .._exceptions import (
     CorruptSessionError,
     InvalidConfiguration,
+    InvalidUpdate,
     LimitExceeded,
     SchemaVersionError,
     SerializationError,
@@ -1123,6 +1124,11 @@ class FileRepository(SessionRepository):
         return await self._run(sid, step)
 
     async def add(self, session: Session) -> None:
+        if not session.messages.is_complete:
+            raise InvalidUpdate(
+                f"add() of session {session.id} got a window of its messages; store the "
+                "whole history."
+            )
         sid = session.id
         doc = session_to_document(session)
 
@@ -1142,7 +1148,14 @@ class FileRepository(SessionRepository):
     ) -> None:
         self._check_revision_step(session, expected_revision)
         sid = session.id
-        doc = session_to_document(session)
+        window = not session.messages.is_complete
+        if window and new_messages is None:
+            raise InvalidUpdate(
+                f"save() of session {sid} got a window of its messages and no "
+                "new_messages; pass the whole history."
+            )
+        added = tuple(new_messages or ())
+        doc = None if window else session_to_document(session)
 
         def step(current: _Doc | None) -> tuple[None, _Action]:
             if current is None:
@@ -1152,7 +1165,19 @@ class FileRepository(SessionRepository):
                 raise SessionConflict(
                     sid, expected_revision=expected_revision, actual_revision=revision
                 )
-            return None, _Write(doc, _skeleton(session))
+            if doc is not None:
+                return None, _Write(doc, _skeleton(session))
+            # A window (a read with last_messages): the stored history, grown by
+            # new_messages, is the history, if they bring it to the window's total.
+            stored = current.skeleton.messages.total
+            if stored + len(added) != session.messages.total:
+                raise InvalidUpdate(
+                    f"save() of session {sid}: new_messages do not extend the stored "
+                    f"history ({stored} stored + {len(added)} new != "
+                    f"{session.messages.total}); pass the whole history instead."
+                )
+            skeleton = _skeleton(session)
+            return None, _Write(_document(skeleton, current.raw["messages"], added), skeleton)
 
         await self._run(sid, step)
 

@@ -320,9 +320,7 @@ class RepositoryContract:
         assert loaded.messages.total == 1
 
     # Windows (reads with last_messages) given back to a store: it refuses what it cannot
-    # store whole, as SQLiteRepository does. (Known failure at the time of writing:
-    # FileRepository raises SerializationError instead of InvalidUpdate and refuses a
-    # window that new_messages extend; stores/files.py is to follow, not this test.)
+    # store whole, as SQLiteRepository does.
 
     async def test_add_of_a_window_is_refused(
         self, repository: SessionRepository, anyio_backend: Any
