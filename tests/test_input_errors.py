@@ -4,9 +4,8 @@ last datetime are "never" (review findings of helper-26)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone, tzinfo
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -14,7 +13,6 @@ import pytest
 
 import asyncsession as s
 from asyncsession._clock import utc
-from asyncsession.stores.sqlite import SQLiteRepository
 from asyncsession.testing import ManualClock
 
 NOW = datetime(2024, 1, 2, tzinfo=timezone.utc)
@@ -236,23 +234,12 @@ def test_bad_expiry_policy_arguments_raise_typed_errors(changes: dict[str, Any])
         s.ExpiryPolicy(**changes)
 
 
-# -- through the manager, on the memory and SQLite stores, asyncio and trio --------------
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+# -- through the manager, on every store, asyncio and trio --------------------------------
 
 
 @pytest.fixture
-async def repository(
-    store_kind: str, tmp_path: Path, anyio_backend: str
-) -> AsyncIterator[s.SessionRepository]:
-    store: s.SessionRepository = (
-        s.MemoryRepository() if store_kind == "memory" else SQLiteRepository(tmp_path / "s.db")
-    )
-    async with store:
-        yield store
+def repository(any_repository: s.SessionRepository) -> s.SessionRepository:
+    return any_repository
 
 
 BAD_UPDATES: list[tuple[str, Callable[[s.Session], s.Session], type[s.ValidationError]]] = [
@@ -311,16 +298,8 @@ async def test_sessions_near_the_end_of_time_never_expire_and_stay_readable(
 
 @pytest.mark.anyio
 async def test_appending_near_the_end_of_time_never_expires(
-    repository: s.SessionRepository, store_kind: str, request: pytest.FixtureRequest
+    repository: s.SessionRepository,
 ) -> None:
-    if store_kind == "sqlite":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="SQLiteRepository's one-statement append stores a deadline past "
-                "datetime.max (sqlite.py _APPEND); reported by helper-31",
-            )
-        )
     clock = ManualClock(LATE)
     async with s.SessionManager(
         repository, idle_timeout=100 * DAY, cleanup_interval=None, clock=clock

@@ -192,9 +192,11 @@ end
 local function deadline(st, ca, la, idle, maxage)
   local hard = false
   if maxage >= 0 then hard = ca + maxage end
+  if hard and hard > 253402300799999999 then hard = false end  -- past datetime.max: none
   if st == 'archived' or idle < 0 then return hard end
   local soft = la + idle
   if hard and hard < soft then return hard end
+  if soft > 253402300799999999 then return false end
   return soft
 end
 local function reply(h, m, lastn, g)

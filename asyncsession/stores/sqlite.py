@@ -250,6 +250,10 @@ def _us(value: datetime) -> int:
     return (value - _EPOCH) // _US
 
 
+#: ``datetime.max`` in microseconds: the latest deadline a datetime can hold.
+_LAST_US: Final = _us(datetime.max.replace(tzinfo=_UTC))
+
+
 def _us_or_none(value: datetime | None) -> int | None:
     return None if value is None else (value - _EPOCH) // _US
 
@@ -1931,11 +1935,13 @@ _IDS_PER_STATEMENT: Final = 500
 #: append() in one statement, for the plain ExpiryPolicy: checks (open, unexpired, within
 #: the limit), new deadline (ExpiryPolicy.deadline of an open session, in microseconds)
 #: and the counters. No row back means one of the checks failed (or no such session).
+#: A deadline past ``datetime.max`` is stored as none, as ExpiryPolicy.deadline answers.
 _APPEND = (
-    "UPDATE sessions SET last_active = max(last_active, :at), expires_at = CASE "
+    "UPDATE sessions SET last_active = max(last_active, :at), expires_at = ("
+    "SELECT CASE WHEN d > :last THEN NULL ELSE d END FROM (SELECT CASE "
     "WHEN status = 'archived' OR :idle IS NULL THEN created_at + :max_age "
     "WHEN :max_age IS NULL THEN max(last_active, :at) + :idle "
-    "ELSE min(max(last_active, :at) + :idle, created_at + :max_age) END, "
+    "ELSE min(max(last_active, :at) + :idle, created_at + :max_age) END AS d)), "
     "revision = revision + 1, message_count = message_count + :n "
     "WHERE id = :id AND status IN ('active', 'archived') "
     "AND (expires_at IS NULL OR expires_at > :at) AND message_count + :n <= :limit "
@@ -1965,6 +1971,7 @@ def _append_parameters(
         "max_age": None if max_age is None else max_age // _US,
         "n": len(batch),
         "limit": _ALL_MESSAGES if max_messages is None else _sql_int(max_messages),
+        "last": _LAST_US,  # a later deadline is none (ExpiryPolicy.deadline: never)
     }
 
 
