@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sqlite3
@@ -111,9 +112,13 @@ async def wait_until(condition: Callable[[], bool]) -> None:
 # -- layout and upgrades ----------------------------------------------------------------
 
 
-async def test_fresh_file_layout(db: Path, anyio_backend: str) -> None:
-    async with SQLiteRepository(db) as repo:
-        await repo.add(make_session(messages=("hi",)))
+async def test_fresh_file_layout(
+    db: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, "asyncsession.stores.sqlite"):
+        async with SQLiteRepository(db) as repo:
+            await repo.add(make_session(messages=("hi",)))
+    assert not [r for r in caplog.records if "upgrading" in r.getMessage()]  # new, not old
     conn = raw(db)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -188,12 +193,19 @@ def make_v1_file(path: Path, sessions: list[Session]) -> None:
     conn.close()
 
 
-async def test_upgrade_from_layout_1_in_place(db: Path, anyio_backend: str) -> None:
+async def test_upgrade_from_layout_1_in_place(
+    db: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
     old = [
         make_session(name="Alpha", messages=("Find the NEEDLE",)),
         make_session(name="beta", created=1),
     ]
     make_v1_file(db, old)
+    with caplog.at_level(logging.INFO, "asyncsession.stores.sqlite"):
+        async with SQLiteRepository(db) as repo:
+            pass
+    (upgraded,) = [r.getMessage() for r in caplog.records if "upgrading" in r.getMessage()]
+    assert upgraded.endswith(f"from layout 1 to {SCHEMA_VERSION}")
     async with SQLiteRepository(db) as repo:
         for s in old:
             assert await repo.get(s.id) == s

@@ -1415,6 +1415,7 @@ class SQLiteRepository(SessionRepository):
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             app = conn.execute("PRAGMA application_id").fetchone()[0]
+            created = version == 0  # a new file: built up silently, not "upgraded"
             if version == 0:
                 tables = conn.execute(
                     "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
@@ -1440,8 +1441,11 @@ class SQLiteRepository(SessionRepository):
                     f"is newer than this asyncsession supports ({SCHEMA_VERSION}). Upgrade "
                     "asyncsession."
                 )
+            if not created and version < SCHEMA_VERSION:
+                logger.info(
+                    "upgrading %s from layout %d to %d", self._path, version, SCHEMA_VERSION
+                )
             while version < SCHEMA_VERSION:
-                logger.info("upgrading %s from layout %d", self._path, version)
                 _UPGRADES[version](conn)
                 version += 1
                 conn.execute(f"PRAGMA user_version = {version}")
