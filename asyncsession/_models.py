@@ -462,10 +462,12 @@ _COUNT_HINTS = {
 
 
 def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if type(value) is not int or value < 0:
+    # below 2**63: every store keeps counts as signed 64-bit integers (SQLite, JSON readers)
+    if type(value) is not int or not 0 <= value < 2**63:
         raise InvalidConfiguration(
-            f"Session.{attribute.name} must be an int >= 0, got {type(value).__name__} "
-            f"{value!r:.60}; {_COUNT_HINTS.get(attribute.name, 'pass a count')}."
+            f"Session.{attribute.name} must be an int from 0 to 2**63 - 1, got "
+            f"{type(value).__name__} {value!r:.60}; "
+            f"{_COUNT_HINTS.get(attribute.name, 'pass a count')}."
         )
 
 

@@ -97,13 +97,25 @@ BAD_MODEL_CALLS: list[tuple[str, Callable[[], object], type[s.ValidationError], 
         "evolve errors=-1",
         lambda: attrs.evolve(base(), errors=-1),
         s.InvalidConfiguration,
-        "Session.errors must be an int >= 0",
+        "Session.errors must be an int from 0 to 2**63 - 1",
     ),
     (
         "errors=1.5",
         lambda: attrs.evolve(base(), errors=1.5),  # type: ignore[arg-type]
         s.InvalidConfiguration,
-        "Session.errors must be an int >= 0",
+        "Session.errors must be an int from 0 to 2**63 - 1",
+    ),
+    (
+        "errors=2**64",
+        lambda: attrs.evolve(base(), errors=2**64),
+        s.InvalidConfiguration,
+        "Session.errors must be an int from 0 to 2**63 - 1",
+    ),
+    (
+        "revision=2**63",
+        lambda: s.Session(uuid.uuid4(), NOW, NOW, revision=2**63),
+        s.InvalidConfiguration,
+        "managed by asyncsession",
     ),
     (
         "revision=-1",
