@@ -267,3 +267,11 @@ def sole_error(exc: BaseException, keep: BaseException | None = None) -> BaseExc
     while exc is not keep and isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def leaf_ids(exc: BaseException) -> set[int]:
+    """The ids of the exceptions in ``exc`` that are not groups (``exc`` itself if it is
+    not a group)."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return {id(exc)}
+    return set().union(*(leaf_ids(inner) for inner in exc.exceptions))

@@ -36,6 +36,7 @@ from ._exceptions import (
     SessionClosed,
     SessionConflict,
     SessionNotFound,
+    leaf_ids,
     sole_error,
 )
 from ._json import freeze_state
@@ -277,7 +278,7 @@ class SessionManager:
             await stack.aclose()
             single = sole_error(exc)
             if single is not exc:  # a task group's wrapping says nothing to the caller
-                raise single from None
+                raise single from single.__cause__
             raise
         finally:
             self._starting = False
@@ -315,7 +316,18 @@ class SessionManager:
         stack, self._stack = self._stack, None
         if stack is None:
             return None
-        return await stack.__aexit__(exc_type, exc, tb)
+        try:
+            return await stack.__aexit__(exc_type, exc, tb)
+        except BaseException as error:
+            # The task group wraps what leaves the block (the caller's own exception, a
+            # Ctrl-C) in an exception group (trio may also regroup the caller's own
+            # group's members): give the caller their exception itself.
+            if exc is not None and error is not exc and leaf_ids(error) <= leaf_ids(exc):
+                raise exc from exc.__cause__
+            single = sole_error(error, keep=exc)
+            if single is error:
+                raise
+            raise single from single.__cause__
 
     def _report_call_seconds(self) -> float:
         """The bound used at exit: ``reporter_timeout``, or 5 s if it is None."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +17,9 @@ import pytest
 
 import asyncsession as s
 from asyncsession.testing import ManualClock
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
 
 pytestmark = pytest.mark.anyio
 
@@ -1161,3 +1165,37 @@ async def test_reads_within_the_touch_interval_do_not_write(
     async with s.SessionManager(any_repository, touch_interval=None, clock=clock) as sessions:
         clock.advance(0.001)
         assert (await sessions.get(session.id)).last_active == clock.now()
+
+
+class _Interrupt(BaseException):
+    """Stands in for KeyboardInterrupt: a BaseException that is not an Exception."""
+
+
+@pytest.mark.parametrize("error", [ValueError("boom"), _Interrupt("stop")])
+async def test_an_exception_leaving_the_block_comes_out_as_itself(
+    anyio_backend: str, error: BaseException
+) -> None:
+    cause = KeyError("why")
+    error.__cause__ = cause
+
+    async def leave_with_it() -> None:
+        async with s.SessionManager(s.MemoryRepository(), cleanup_interval=1):
+            await anyio.lowlevel.checkpoint()
+            raise error
+
+    with pytest.raises(type(error)) as info:
+        await leave_with_it()
+    # not an exception group around it (a task group wraps what crosses it)
+    assert info.value is error and error.__cause__ is cause
+
+
+async def test_an_exception_group_leaving_the_block_is_kept(anyio_backend: str) -> None:
+    group = ExceptionGroup("mine", [ValueError("a")])
+
+    async def leave_with_it() -> None:
+        async with s.SessionManager(s.MemoryRepository()):
+            raise group
+
+    with pytest.raises(ExceptionGroup) as info:
+        await leave_with_it()
+    assert info.value is group
