@@ -65,9 +65,11 @@ class Subscription:
     in :attr:`dropped`, visible as gaps in ``seq``) so the manager and other
     subscribers never wait. Iteration ends when the subscription or manager closes.
 
-    It receives events from its creation on. The manager holds it weakly: one that is
-    used without ``async with`` (or abandoned) stops receiving once nothing refers to
-    it any more, e.g. when the task iterating it returns or is cancelled.
+    It receives events from its creation on. The manager holds it inside ``async with``
+    and while a task waits for its next event; otherwise weakly: one used without
+    ``async with`` (or abandoned) stops receiving once nothing refers to it any more,
+    e.g. when the task iterating it returns or is cancelled. A task that only iterates
+    it (even one nobody keeps a handle of) keeps it while it waits.
     """
 
     def __init__(self, hub: EventHub, buffer: int) -> None:
@@ -78,6 +80,7 @@ class Subscription:
         self._receive: MemoryObjectReceiveStream[SessionEvent]
         self._send, self._receive = anyio.create_memory_object_stream[SessionEvent](buffer)
         self.dropped = 0
+        self._entered = False
         hub._subscribers.add(self)
 
     def __del__(self) -> None:
@@ -97,9 +100,11 @@ class Subscription:
             self.dropped += 1
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._hub._subscribers.discard(self)
+            self._hub._held.discard(self)
 
     def _end(self) -> None:
         self._hub._subscribers.discard(self)
+        self._hub._held.discard(self)
         self._send.close()
 
     async def aclose(self) -> None:
@@ -108,6 +113,9 @@ class Subscription:
         self._receive.close()
 
     async def __aenter__(self) -> Subscription:
+        self._entered = True
+        if self in self._hub._subscribers:
+            self._hub._held.add(self)
         return self
 
     async def __aexit__(
@@ -122,11 +130,17 @@ class Subscription:
         return self
 
     async def __anext__(self) -> SessionEvent:
+        held = self._hub._held
+        if not self._entered and self in self._hub._subscribers:
+            held.add(self)  # a task waiting here keeps it (asyncio keeps no task alive)
         try:
             return await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             self._receive.close()
             raise StopAsyncIteration from None
+        finally:
+            if not self._entered:
+                held.discard(self)
 
     def receive_nowait(self) -> SessionEvent:
         """Return a buffered event; raise :class:`anyio.WouldBlock` if none is buffered,
@@ -142,6 +156,8 @@ class EventHub:
         # ``async with``, its task cancelled) leaves with its last reference, instead
         # of buffering events for no one for ever.
         self._subscribers: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        # Strongly: the ones inside ``async with`` or waited on by a task.
+        self._held: set[Subscription] = set()
         self._seq = 0
 
     @property

@@ -66,3 +66,36 @@ async def test_a_refused_buffer_leaves_nothing_behind(anyio_backend: str) -> Non
             manager.subscribe(buffer=bad)
         gc.collect()
         assert (await manager.stats()).subscribers == 0
+
+
+async def test_a_consumer_task_nobody_holds_keeps_its_subscription(anyio_backend: str) -> None:
+    """asyncio keeps no task alive by itself: a consumer started with create_task and no
+    handle kept lives only through what it waits on (helper-35)."""
+    got: list[s.EventKind] = []
+    done = anyio.Event()
+
+    async def consume(manager: s.SessionManager) -> None:
+        async for event in manager.subscribe():  # the only reference: the waiting task
+            got.append(event.kind)
+            if len(got) == 5:
+                done.set()
+                return
+
+    async with s.SessionManager(s.MemoryRepository()) as manager:
+        if anyio_backend == "asyncio":
+            import asyncio
+
+            asyncio.get_running_loop().create_task(consume(manager))
+        else:
+            import trio
+
+            trio.lowlevel.spawn_system_task(consume, manager)
+        for _ in range(5):
+            await anyio.wait_all_tasks_blocked()
+            gc.collect()  # would collect the task with its subscription if held weakly
+            await manager.create()
+        with anyio.fail_after(10):
+            await done.wait()
+        await anyio.wait_all_tasks_blocked()
+        assert got == [s.EventKind.CREATED] * 5
+        assert (await manager.stats()).subscribers == 0  # it left with its task
