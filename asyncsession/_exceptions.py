@@ -180,8 +180,10 @@ class InvalidJSONValue(ValidationError):
     def __init__(self, path: str, problem: str) -> None:
         self.path = path
         self.problem = problem
+        # a deep path can be very long: the message shows its two ends (.path has it all)
+        shown = path if len(path) <= 120 else f"{path[:60]}...{path[-50:]}"
         super().__init__(
-            f"{path}: {problem}. State and message data must be JSON values: dicts with "
+            f"{shown}: {problem}. State and message data must be JSON values: dicts with "
             "string keys, lists, strings, finite numbers, booleans and None."
         )
 

@@ -23,9 +23,11 @@ JSONValue = Union[None, bool, int, float, str, "FrozenDict", tuple[Any, ...]]
 
 #: The deepest nesting of arrays and objects a state or message-data value may have
 #: (``[[1]]`` is nested 2 levels deep; a state mapping is itself the first level).
-#: It is well under the 254 levels orjson encodes, so whatever one store accepts, every
-#: store, :func:`asyncsession.dumps` and the JSON Lines reports can write and read back.
-MAX_JSON_DEPTH = 128
+#: With the at most 3 levels a stored document puts around message data it stays under
+#: the 254 levels orjson encodes, so whatever one store accepts, every store and
+#: :func:`asyncsession.dumps` can write and read back; and it is as deep as every store
+#: of earlier releases could write, so their documents still load.
+MAX_JSON_DEPTH = 250
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1

@@ -219,3 +219,13 @@ async def test_file_store_quarantines_a_too_deep_document_and_still_opens(
         assert await repo.get(other.id) == other
     async with files.FileRepository(tmp_path / "store") as repo:
         assert [x.id for x in await repo.list(s.SessionQuery())] == [other.id]
+
+
+def test_a_too_deep_path_is_shortened_in_the_message() -> None:
+    value: object = 1
+    for _ in range(MAX_JSON_DEPTH + 1):
+        value = {"k" * 50: value}
+    with pytest.raises(s.InvalidJSONValue) as info:
+        freeze_json(value, "state")
+    assert len(info.value.path) > 10_000  # all of it, for code
+    assert len(str(info.value)) < 400 and "limit of" in str(info.value)  # readable
