@@ -321,3 +321,21 @@ async def test_appending_near_the_end_of_time_never_expires(
         assert (await m.add_message(session.id, "user", "late")).expires_at is None
         stored = await m.get(session.id, touch=False)
         assert stored.expires_at is None and stored.messages.total == 1
+
+
+@pytest.mark.anyio
+async def test_a_deadline_one_microsecond_past_the_end_of_time_is_none(
+    repository: s.SessionRepository,
+) -> None:
+    end = datetime.max.replace(tzinfo=timezone.utc)
+    at = end - 100 * DAY + timedelta(microseconds=1)  # at + idle: one past datetime.max
+    clock = ManualClock(at - timedelta(seconds=5))
+    async with s.SessionManager(
+        repository, idle_timeout=100 * DAY, cleanup_interval=None, clock=clock
+    ) as m:
+        session = await m.create()
+        clock.jump_to(at)
+        assert (await m.add_message(session.id, "user", "hi")).expires_at is None
+        assert (await m.get(session.id, touch=False)).expires_at is None
+        updated = await m.update(session.id, lambda x: x.with_state(a=1))
+        assert updated.expires_at is None

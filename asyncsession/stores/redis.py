@@ -189,14 +189,17 @@ local function write_fields(s, set, gone)
   redis.call('HSET', s, unpack(set))
   if #gone > 0 then redis.call('HDEL', s, unpack(gone)) end
 end
+-- The last double below datetime.max in microseconds (253402300799999999 itself rounds
+-- up to one past it): a later deadline is none, as ExpiryPolicy.deadline answers.
+local LAST = 253402300799999968
 local function deadline(st, ca, la, idle, maxage)
   local hard = false
   if maxage >= 0 then hard = ca + maxage end
-  if hard and hard > 253402300799999999 then hard = false end  -- past datetime.max: none
+  if hard and hard > LAST then hard = false end
   if st == 'archived' or idle < 0 then return hard end
   local soft = la + idle
   if hard and hard < soft then return hard end
-  if soft > 253402300799999999 then return false end
+  if soft > LAST then return false end
   return soft
 end
 local function reply(h, m, lastn, g)
