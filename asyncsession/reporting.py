@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -43,6 +44,9 @@ __all__ = [
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _WRITE_POLL_SECONDS = 0.05  # how soon a blocked write notices that its caller gave up
+_WRITER_IDLE_SECONDS = 10.0  # a JsonLinesReporter's writer thread ends after this long idle
+
+logger = logging.getLogger(__name__)
 
 
 def _report_id(value: object) -> uuid.UUID:
@@ -162,54 +166,111 @@ class Reporter(Protocol):
         ...
 
 
+class _Write:
+    """One line handed to a :class:`JsonLinesReporter`'s writer thread, and its outcome."""
+
+    __slots__ = ("abandoned", "done", "failure", "finished", "line")
+
+    def __init__(self, line: bytes) -> None:
+        self.line = line
+        self.done = threading.Event()
+        self.finished = False  # set with the reporter's _state lock held
+        self.abandoned = False  # its caller gave up (same lock)
+        self.failure: Exception | None = None
+
+
 class JsonLinesReporter:
     """Appends each report as one JSON line to ``path`` (off the event loop).
 
-    A write that is cancelled or cut off by ``reporter_timeout`` is abandoned: the call
-    returns at once, and the write goes on in a daemon thread that may still add the
-    line later (whole). Writes never interleave: a later report waits until an abandoned
-    write has finished, and that wait is bounded by its caller's timeout too. So a write
-    blocked for good (a hung network file system, a FIFO nobody reads) never hangs the
-    manager's exit or the end of the process; the reports after it time out.
+    The lines are written, in order, by one daemon thread per reporter (started when
+    needed, ended after a while without reports). A write that is cancelled or cut off
+    by ``reporter_timeout`` is abandoned: the call returns within a few hundredths of a
+    second, and the line may still be added later (whole); if that late write fails, the
+    failure is logged as a warning naming the file. Writes never interleave: a later
+    report waits until an abandoned write has finished, and that wait is bounded by its
+    caller's timeout too (a report that gave up while waiting is not written). So a
+    write blocked for good (a hung network file system, a FIFO nobody reads) never hangs
+    the manager's exit or the end of the process, and it holds only the writer thread;
+    the reports after it time out.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self._lock = anyio.Lock()  # reports are written in the order they come
-        self._writing = threading.Lock()  # held while a line is being written
+        self._writing = threading.Lock()  # held from handing a line over until it is written
+        self._state = threading.Lock()  # guards _writer and each _Write's flags
+        self._writer: threading.Thread | None = None
+        self._lines: queue.SimpleQueue[_Write] = queue.SimpleQueue()
 
     def __repr__(self) -> str:
         return f"JsonLinesReporter({self.path!r})"
 
-    def _write(self, line: bytes, failure: list[BaseException]) -> None:
-        """Runs in a daemon thread that owns ``_writing`` and releases it when done."""
-        try:
-            with open(self.path, "ab") as handle:
-                handle.write(line)
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            self._writing.release()
+    def _write_lines(self) -> None:
+        """The writer thread: writes the lines handed over, one at a time."""
+        while True:
+            try:
+                write = self._lines.get(timeout=_WRITER_IDLE_SECONDS)
+            except queue.Empty:
+                with self._state:
+                    if self._lines.empty():  # a line is only put with _state held
+                        self._writer = None
+                        return
+                continue
+            failure: Exception | None = None
+            try:
+                with open(self.path, "ab") as handle:
+                    handle.write(write.line)
+            except Exception as exc:
+                failure = exc
+            finally:
+                with self._state:
+                    write.failure = failure
+                    write.finished = True
+                    abandoned = write.abandoned
+                try:
+                    if abandoned and failure is not None:  # nobody else will hear of it
+                        logger.warning(
+                            "an abandoned report write to %s failed; that report is lost",
+                            self.path,
+                            exc_info=failure,
+                        )
+                finally:
+                    self._writing.release()
+                    write.done.set()
+            del write, failure
+
+    def _hand_over(self, write: _Write) -> None:
+        """Give ``write`` to the writer thread (started if there is none); holds _writing."""
+        with self._state:
+            if self._writer is None:
+                writer = threading.Thread(
+                    target=self._write_lines, name=f"{self!r} writer", daemon=True
+                )
+                writer.start()
+                self._writer = writer
+            self._lines.put(write)
 
     def _append(self, line: bytes) -> None:
         """Runs in an anyio worker thread; returns early (cancelled) if the caller is."""
         while not self._writing.acquire(timeout=_WRITE_POLL_SECONDS):
             anyio.from_thread.check_cancelled()  # an abandoned write is still going on
-        failure: list[BaseException] = []
+        write = _Write(line)
         try:
-            writer = threading.Thread(
-                target=self._write, args=(line, failure), name=repr(self), daemon=True
-            )
-            writer.start()
+            self._hand_over(write)
         except BaseException:
             self._writing.release()
             raise
-        writer.join(_WRITE_POLL_SECONDS)
-        while writer.is_alive():
-            anyio.from_thread.check_cancelled()  # leaves the write to its daemon thread
-            writer.join(_WRITE_POLL_SECONDS)
-        if failure:
-            raise failure[0]
+        while not write.done.wait(_WRITE_POLL_SECONDS):
+            try:
+                anyio.from_thread.check_cancelled()
+            except BaseException:
+                with self._state:
+                    if not write.finished:
+                        write.abandoned = True  # left to the writer thread
+                        raise
+                break  # it finished meanwhile: its outcome still reaches the caller
+        if write.failure is not None:
+            raise write.failure
 
     async def report(self, report: SessionReport) -> None:
         """Append ``report`` as a JSON line."""
