@@ -89,14 +89,12 @@ def _positive_int_or_none(value: int | None, name: str) -> int | None:
     return value
 
 
-def _is_async_callable(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - an object whose __call__ is async
-    )
-
-
 def _check_reporters(reporters: object) -> tuple[Reporter, ...]:
-    """``reporters`` as a tuple (an iterator is read once); refuse a non-reporter."""
+    """``reporters`` as a tuple (an iterator is read once); refuse a non-reporter.
+
+    Any callable ``report`` is accepted, as a decorated ``async def`` or one that returns
+    an awaitable may be; a call that returns no awaitable is logged as a failure.
+    """
     if isinstance(reporters, (str, bytes)) or not isinstance(reporters, Iterable):
         raise InvalidConfiguration(
             f"reporters must be a list of reporters (e.g. [LoggingReporter()]); got "
@@ -108,12 +106,6 @@ def _check_reporters(reporters: object) -> tuple[Reporter, ...]:
         if not callable(report):
             raise InvalidConfiguration(
                 f"reporters must have an async report(report) method; got {reporter!r:.80}."
-            )
-        if not _is_async_callable(report):
-            raise InvalidConfiguration(
-                f"{reporter!r:.80} has a synchronous report(); reporters run in the "
-                "manager's task group, so define it as `async def report(self, report)` "
-                "(run blocking work in it with `await anyio.to_thread.run_sync(...)`)."
             )
     return found
 
@@ -868,28 +860,48 @@ class SessionManager:
         """One bounded reporter call; whatever the reporter raises is logged, except a
         cancellation of the manager itself (its exit, or a scope around it)."""
         cancelled = anyio.get_cancelled_exc_class()
-        with anyio.CancelScope() as scope:
-            timeout = self._reporter_timeout
-            if timeout is not None:
-                scope.deadline = anyio.current_time() + timeout.total_seconds()
-            elif self._reports_draining:
-                scope.deadline = anyio.current_time() + _EXIT_REPORT_CALL_SECONDS
-            self._report_call = scope
-            try:
-                await reporter.report(report)
-            except cancelled:
-                # Ours (the timeout) or the manager's: let it end the call or the loop.
-                if scope.cancel_called or anyio.current_effective_deadline() == -math.inf:
-                    raise
-                # Nothing cancelled us: the reporter raised a cancellation of its own,
-                # e.g. from awaiting a future someone else cancelled. It is a failure.
-                logger.exception("reporter %r failed (it raised a cancellation)", reporter)
-            except Exception:
-                logger.exception("reporter %r failed", reporter)
-            finally:
-                self._report_call = None
-        if scope.cancelled_caught:
-            logger.warning("reporter %r timed out", reporter)
+        try:
+            with anyio.CancelScope() as scope:
+                timeout = self._reporter_timeout
+                if timeout is not None:
+                    scope.deadline = anyio.current_time() + timeout.total_seconds()
+                elif self._reports_draining:
+                    scope.deadline = anyio.current_time() + _EXIT_REPORT_CALL_SECONDS
+                self._report_call = scope
+                try:
+                    result: object = reporter.report(report)
+                    if inspect.isawaitable(result):
+                        await result
+                    else:
+                        logger.error(
+                            "reporter %r failed: its report() returned %r, not an awaitable; "
+                            "report() must be async (`async def report(self, report)`, with "
+                            "blocking work in `await anyio.to_thread.run_sync(...)`)",
+                            reporter,
+                            result,
+                        )
+                except cancelled:
+                    # Ours (the timeout) or the manager's: let it end the call or the loop.
+                    if scope.cancel_called or anyio.current_effective_deadline() == -math.inf:
+                        raise
+                    # Nothing cancelled us: the reporter raised a cancellation of its own,
+                    # e.g. from awaiting a future someone else cancelled. It is a failure.
+                    logger.exception("reporter %r failed (it raised a cancellation)", reporter)
+                except Exception:
+                    logger.exception("reporter %r failed", reporter)
+                finally:
+                    self._report_call = None
+        except cancelled:
+            # Our scope timed out but the cancellation that left it is not the one it
+            # swallows (asyncio: the reporter swallowed its timeout, then raised a
+            # cancellation of its own). Unless the manager is cancelled too, that is the
+            # timeout: it must not end the manager's task group and the user's block.
+            if not scope.cancel_called or anyio.current_effective_deadline() == -math.inf:
+                raise
+        else:
+            if not scope.cancelled_caught:
+                return
+        logger.warning("reporter %r timed out", reporter)
 
     async def _share_events_loop(self, *, task_status: TaskStatus[None]) -> None:
         transport = self._repository

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, ParamSpec, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -30,6 +32,9 @@ from asyncsession.reporting import (
 from asyncsession.testing import ManualClock
 
 pytestmark = pytest.mark.anyio
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Collecting:
@@ -339,7 +344,7 @@ async def test_an_abandoned_json_lines_write_that_fails_later_is_logged(
     assert record.exc_info is not None and "Input/output error" in str(record.exc_info[1])
 
 
-async def test_reporters_may_be_any_iterable_and_must_be_async() -> None:
+async def test_reporters_may_be_any_iterable_of_objects_with_a_report_method() -> None:
     collected = Collecting()
     async with s.SessionManager(
         s.MemoryRepository(), reporters=(r for r in [collected]), cleanup_interval=None
@@ -347,15 +352,152 @@ async def test_reporters_may_be_any_iterable_and_must_be_async() -> None:
         closed = await sessions.close((await sessions.create()).id)
     assert [r.session_id for r in collected.reports] == [closed.id]
 
-    class SyncReport:
-        def report(self, report: SessionReport) -> None:
-            pass
+    class NoReport:
+        report = "not callable"
 
-    with pytest.raises(s.InvalidConfiguration, match="async def report"):
-        s.SessionManager(s.MemoryRepository(), reporters=[SyncReport()])  # type: ignore[list-item]
+    with pytest.raises(s.InvalidConfiguration, match="async report"):
+        s.SessionManager(s.MemoryRepository(), reporters=[NoReport()])  # type: ignore[list-item]
     for not_a_list in (collected, "reporter"):
         with pytest.raises(s.InvalidConfiguration, match="list of reporters"):
             s.SessionManager(s.MemoryRepository(), reporters=not_a_list)  # type: ignore[arg-type]
+
+
+def traced(fn: Callable[P, R]) -> Callable[P, R]:
+    """An ordinary (synchronous) decorator, as tracing and metrics libraries write them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class Decorated:
+    def __init__(self) -> None:
+        self.reports: list[SessionReport] = []
+
+    @traced
+    async def report(self, report: SessionReport) -> None:
+        self.reports.append(report)
+
+
+class Delegating:
+    """Returns its inner reporter's awaitable without being ``async def`` itself."""
+
+    def __init__(self, inner: Collecting) -> None:
+        self.inner = inner
+
+    def report(self, report: SessionReport) -> Awaitable[None]:
+        return self.inner.report(report)
+
+
+class SyncReport:
+    calls = 0
+
+    def report(self, report: SessionReport) -> None:
+        self.calls += 1
+
+
+async def test_decorated_and_delegating_reporters_work_and_a_sync_one_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # review finding 5 of helper-35: these were refused since the sync check was added
+    decorated, inner, sync, last = Decorated(), Collecting(), SyncReport(), Collecting()
+    async with s.SessionManager(
+        s.MemoryRepository(),
+        reporters=[decorated, Delegating(inner), sync, last],  # type: ignore[list-item]
+        cleanup_interval=None,
+    ) as sessions:
+        closed = [await sessions.close((await sessions.create()).id) for _ in range(2)]
+    ids = [c.id for c in closed]
+    assert [r.session_id for r in decorated.reports] == ids
+    assert [r.session_id for r in inner.reports] == ids
+    assert [r.session_id for r in last.reports] == ids  # the sync one broke nothing
+    assert sync.calls == 2
+    errors = [r for r in caplog.records if "must be async" in r.getMessage()]
+    assert len(errors) == 2 and all(r.levelno == logging.ERROR for r in errors)
+    assert "SyncReport" in errors[0].getMessage() and "failed" in errors[0].getMessage()
+
+
+class SwallowsItsTimeoutThenRaisesACancellation:
+    """Swallows the cancellation of its own timeout (as an ``except BaseException`` in
+    some helper does), then raises one of its own making."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.timed_out = anyio.Event()
+
+    async def report(self, report: SessionReport) -> None:
+        self.calls += 1
+        try:
+            await anyio.sleep_forever()
+        except BaseException:
+            self.timed_out.set()
+        if sniffio.current_async_library() == "trio":
+            import trio
+
+            raise trio.Cancelled._create()
+        raise anyio.get_cancelled_exc_class()()
+
+
+async def test_a_cancellation_a_reporter_raises_after_its_timeout_is_the_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # review finding 3 of helper-35: on asyncio it ended the user's block silently
+    reporter = SwallowsItsTimeoutThenRaisesACancellation()
+    send, passed = anyio.create_memory_object_stream[SessionReport](3)
+
+    class Passing:
+        async def report(self, report: SessionReport) -> None:
+            send.send_nowait(report)
+
+    steps = []
+    async with (
+        send,
+        passed,
+        s.SessionManager(
+            s.MemoryRepository(),
+            reporters=[reporter, Passing()],
+            reporter_timeout=0.01,
+            cleanup_interval=None,
+        ) as sessions,
+    ):
+        for number in range(3):
+            closed = await sessions.close((await sessions.create()).id)
+            assert (await passed.receive()).session_id == closed.id  # passed both reporters
+            steps.append(f"closed {number}")
+        steps.append("end of block")
+    assert steps == ["closed 0", "closed 1", "closed 2", "end of block"]
+    assert reporter.calls == 3
+    assert caplog.text.count("timed out") == 3
+    assert "failed" not in caplog.text
+
+
+async def test_cancelling_the_manager_after_a_reporter_swallowed_its_timeout_cancels() -> None:
+    class SwallowsThenBlocks:
+        def __init__(self) -> None:
+            self.swallowed = anyio.Event()
+
+        async def report(self, report: SessionReport) -> None:
+            try:
+                await anyio.sleep_forever()
+            except BaseException:
+                self.swallowed.set()
+            await anyio.sleep_forever()
+
+    reporter = SwallowsThenBlocks()
+    steps = []
+    with anyio.CancelScope() as outer:
+        async with s.SessionManager(
+            s.MemoryRepository(), reporters=[reporter], reporter_timeout=0.01
+        ) as sessions:
+            await sessions.close((await sessions.create()).id)
+            await reporter.swallowed.wait()
+            outer.cancel()
+            await anyio.lowlevel.checkpoint()
+            steps.append("ran on after the cancel")
+    assert outer.cancelled_caught
+    assert steps == []
 
 
 def test_aggregate_release_health() -> None:
