@@ -12,10 +12,11 @@ concurrent tasks, printing ``add <id>`` / ``ack <id> <revision>`` as soon as eac
 is acknowledged (the parent kills it with SIGKILL part way). ``append`` appends COUNT
 messages ``TAG-<i>`` to one session. ``hold-lock`` takes the flock of a lock file, prints
 ``locked`` and holds it until stdin closes. ``stall-in`` stops a worker thread for good
-inside ``add`` (after its lock file is created, before the temporary file) or ``delete`` (after the document is
-unlinked, before its directory is fsynced and the lock released), printing ``stalled
-<id>``, so the parent can kill the process at that point. The event loop is the one named by the
-``FILES_CHILD_BACKEND`` environment variable (asyncio or trio).
+inside ``add`` (after its lock file is created, before the temporary file) or
+``delete`` (after the document is unlinked, before its directory is fsynced and the lock
+released), printing ``stalled <id>``, so the parent can kill the process at that point.
+The event loop is the one named by the ``FILES_CHILD_BACKEND`` environment variable
+(asyncio or trio).
 """
 
 from __future__ import annotations
