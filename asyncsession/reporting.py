@@ -196,6 +196,12 @@ class JsonLinesReporter:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
+        self._start_fresh()
+
+    def _start_fresh(self) -> None:
+        """New locks, queue and no writer thread: at creation, and in a forked child
+        (which has none of the parent's threads, and maybe a lock one of them held)."""
+        self._pid = os.getpid()
         self._lock = anyio.Lock()  # reports are written in the order they come
         self._writing = threading.Lock()  # held from handing a line over until it is written
         self._state = threading.Lock()  # guards _writer and each _Write's flags
@@ -275,6 +281,8 @@ class JsonLinesReporter:
     async def report(self, report: SessionReport) -> None:
         """Append ``report`` as a JSON line."""
         line = orjson.dumps(report.to_dict()) + b"\n"
+        if self._pid != os.getpid():  # forked (e.g. gunicorn --preload) since last used
+            self._start_fresh()
         async with self._lock:
             await anyio.to_thread.run_sync(self._append, line)
 

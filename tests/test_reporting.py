@@ -692,3 +692,50 @@ async def test_log_filter_adds_the_current_session_id(caplog: pytest.LogCaptureF
                 log.info("inside")
     ids = {r.getMessage(): r.session_id for r in caplog.records if r.name == log.name}  # type: ignore[attr-defined]
     assert ids == {"outside": "-", "inside": str(session.id)}
+
+
+_FORK_SCRIPT = """
+import os, sys, uuid
+from datetime import datetime, timezone
+import anyio
+import asyncsession as s
+from asyncsession.reporting import JsonLinesReporter, SessionReport
+
+backend, path = sys.argv[1], sys.argv[2]
+now = datetime.now(timezone.utc)
+reporter = JsonLinesReporter(path)
+
+async def report(n):
+    for _ in range(n):
+        with anyio.fail_after(5):
+            await reporter.report(
+                SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, now, now, 0)
+            )
+
+anyio.run(report, 1, backend=backend)  # the parent's writer thread is running now
+pid = os.fork()
+if pid == 0:
+    try:
+        anyio.run(report, 3, backend=backend)
+    except BaseException as exc:
+        print("child failed:", repr(exc), flush=True)
+        os._exit(1)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_json_lines_reporter_works_in_a_forked_child(anyio_backend: str, tmp_path: Path) -> None:
+    """gunicorn --preload, multiprocessing 'fork': the child has none of the parent's
+    threads, so the reporter starts afresh there (helper-38)."""
+    path = tmp_path / "reports.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT, anyio_backend, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(path.read_bytes().splitlines()) == 4  # 1 from the parent, 3 from the child
