@@ -81,6 +81,7 @@ class Subscription:
         self._send, self._receive = anyio.create_memory_object_stream[SessionEvent](buffer)
         self.dropped = 0
         self._entered = False
+        self._waiting = 0  # tasks waiting in __anext__ (several may share it)
         hub._subscribers.add(self)
 
     def __del__(self) -> None:
@@ -131,6 +132,7 @@ class Subscription:
 
     async def __anext__(self) -> SessionEvent:
         held = self._hub._held
+        self._waiting += 1
         if not self._entered and self in self._hub._subscribers:
             held.add(self)  # a task waiting here keeps it (asyncio keeps no task alive)
         try:
@@ -139,7 +141,8 @@ class Subscription:
             self._receive.close()
             raise StopAsyncIteration from None
         finally:
-            if not self._entered:
+            self._waiting -= 1
+            if not self._entered and not self._waiting:
                 held.discard(self)
 
     def receive_nowait(self) -> SessionEvent:

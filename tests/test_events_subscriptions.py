@@ -99,3 +99,42 @@ async def test_a_consumer_task_nobody_holds_keeps_its_subscription(anyio_backend
         await anyio.wait_all_tasks_blocked()
         assert got == [s.EventKind.CREATED] * 5
         assert (await manager.stats()).subscribers == 0  # it left with its task
+
+
+async def test_tasks_sharing_a_subscription_keep_it_while_any_waits(anyio_backend: str) -> None:
+    """Two consumer tasks nobody holds iterate one subscription; the first leaves after
+    one event: the other still gets the rest (helper-38)."""
+    got = {"once": 0, "rest": 0}
+    done = anyio.Event()
+
+    async def once(events: s.Subscription) -> None:
+        async for _ in events:
+            got["once"] += 1
+            return
+
+    async def rest(events: s.Subscription) -> None:
+        async for _ in events:
+            got["rest"] += 1
+            if sum(got.values()) == 6:
+                done.set()
+                return
+
+    async with s.SessionManager(s.MemoryRepository()) as manager:
+        events = manager.subscribe()
+        for consumer in (once, rest):
+            if anyio_backend == "asyncio":
+                import asyncio
+
+                asyncio.get_running_loop().create_task(consumer(events))
+            else:
+                import trio
+
+                trio.lowlevel.spawn_system_task(consumer, events)
+        del events
+        for _ in range(6):
+            await anyio.wait_all_tasks_blocked()
+            gc.collect()
+            await manager.create()
+        with anyio.fail_after(10):
+            await done.wait()
+    assert got == {"once": 1, "rest": 5}
