@@ -27,7 +27,7 @@ what happened and what to do about it::
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -277,3 +277,15 @@ def leaf_ids(exc: BaseException) -> set[int]:
     if not isinstance(exc, BaseExceptionGroup):
         return {id(exc)}
     return set().union(*(leaf_ids(inner) for inner in exc.exceptions))
+
+
+def reraise(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` again, from inside an ``except`` block, as it was: its
+    ``__context__``, ``__cause__`` and ``__suppress_context__`` are kept (a plain
+    ``raise`` there would chain it to the exception being handled)."""
+    context, cause, suppress = exc.__context__, exc.__cause__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        exc.__context__, exc.__cause__ = context, cause
+        exc.__suppress_context__ = suppress

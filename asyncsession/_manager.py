@@ -37,6 +37,7 @@ from ._exceptions import (
     SessionConflict,
     SessionNotFound,
     leaf_ids,
+    reraise,
     sole_error,
 )
 from ._json import freeze_state
@@ -270,7 +271,7 @@ class SessionManager:
             await stack.aclose()
             single = sole_error(exc)
             if single is not exc:  # a task group's wrapping says nothing to the caller
-                raise single from single.__cause__
+                reraise(single)
             raise
         finally:
             self._starting = False
@@ -315,11 +316,11 @@ class SessionManager:
             # Ctrl-C) in an exception group (trio may also regroup the caller's own
             # group's members): give the caller their exception itself.
             if exc is not None and error is not exc and leaf_ids(error) <= leaf_ids(exc):
-                raise exc from exc.__cause__
+                reraise(exc)
             single = sole_error(error, keep=exc)
             if single is error:
                 raise
-            raise single from single.__cause__
+            reraise(single)
 
     def _report_call_seconds(self) -> float:
         """The bound used at exit: ``reporter_timeout``, or 5 s if it is None."""

@@ -1171,22 +1171,29 @@ class _Interrupt(BaseException):
     """Stands in for KeyboardInterrupt: a BaseException that is not an Exception."""
 
 
-@pytest.mark.parametrize("error", [ValueError("boom"), _Interrupt("stop")])
+@pytest.mark.parametrize("kind", [ValueError, _Interrupt])
 async def test_an_exception_leaving_the_block_comes_out_as_itself(
-    anyio_backend: str, error: BaseException
+    anyio_backend: str, kind: type[BaseException]
 ) -> None:
+    error = kind("boom")
     cause = KeyError("why")
     error.__cause__ = cause
 
     async def leave_with_it() -> None:
         async with s.SessionManager(s.MemoryRepository(), cleanup_interval=1):
             await anyio.lowlevel.checkpoint()
-            raise error
+            try:
+                {}["missing"]
+            except KeyError:
+                raise error  # noqa: B904 - its context is what is checked
 
     with pytest.raises(type(error)) as info:
         await leave_with_it()
-    # not an exception group around it (a task group wraps what crosses it)
+    # not an exception group around it (a task group wraps what crosses it), and its
+    # chaining as the block left it
     assert info.value is error and error.__cause__ is cause
+    assert isinstance(error.__context__, KeyError)
+    assert error.__suppress_context__  # as setting __cause__ made it
 
 
 async def test_an_exception_group_leaving_the_block_is_kept(anyio_backend: str) -> None:

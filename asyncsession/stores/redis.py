@@ -43,7 +43,7 @@ from collections.abc import (
 )
 from datetime import datetime, timedelta, timezone
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 import attrs
@@ -59,6 +59,7 @@ from .._exceptions import (
     SessionConflict,
     SessionNotFound,
     StorageError,
+    reraise,
     sole_error,
 )
 from .._models import (
@@ -567,15 +568,6 @@ def _subscription_policy(retry: ModuleType, errors: tuple[type[BaseException], .
             return self.live and bool(super().will_retry(exc))
 
     return Resubscribe(errors, retries=None, base_delay=0.1, max_delay=16, jitter=True)
-
-
-def _reraise(exc: BaseException) -> NoReturn:
-    """Raise ``exc`` again as it was (not chained to the group it came out of)."""
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context
 
 
 def _us(value: datetime) -> int:
@@ -1363,13 +1355,13 @@ class RedisRepository(SessionRepository, EventTransport):
         except BaseException as exc:
             inner = sole_error(exc, raised)
             if inner is raised or not isinstance(inner, Exception):
-                _reraise(inner)
+                reraise(inner)
             if leaving and isinstance(inner, (*self._connection_errors, _NotSent)):
                 # the block ended normally; the subscription it no longer needs was lost
                 logger.debug("subscription to %s ended with %r", self.events_channel, inner)
                 return
             with self._errors("a subscription"):
-                _reraise(inner)
+                reraise(inner)
         if scope.cancelled_caught and not leaving:
             raise StorageError(
                 f"Redis at {self._address} did not confirm a subscription to "
