@@ -1292,8 +1292,9 @@ class RedisRepository(SessionRepository, EventTransport):
         published while this subscriber is disconnected are lost. When the connection is
         lost, coredis makes it again in the background (with backoff), but asking for
         the next event while it is down raises :class:`~asyncsession.StorageError`, often
-        as soon as the connection is lost; the iterator then ends for good: leave the
-        block and subscribe again. Leaving the block stops the reconnecting and takes at
+        as soon as the connection is lost (or, when the reconnect got there first, waits
+        until the server is back); after the error the iterator has ended for good: leave
+        the block and subscribe again. Leaving the block stops the reconnecting and takes at
         most the store's ``timeout`` even when the server is gone (that lost connection
         is not an error then). What the ``async with`` block raises comes out as it is
         (not in an exception group).
