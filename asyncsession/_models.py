@@ -461,11 +461,17 @@ _COUNT_HINTS = {
 }
 
 
+#: The largest value of each count every store can keep: revisions are SQLite integers
+#: (signed 64 bits); errors live in the JSON document, whose ints reach 2**64 - 1.
+_COUNT_LIMITS = {"errors": 2**64 - 1, "revision": 2**63 - 1}
+
+
 def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    # below 2**63: every store keeps counts as signed 64-bit integers (SQLite, JSON readers)
-    if type(value) is not int or not 0 <= value < 2**63:
+    limit = _COUNT_LIMITS[attribute.name]
+    if type(value) is not int or not 0 <= value <= limit:
+        bound = "2**64 - 1" if limit == 2**64 - 1 else "2**63 - 1"
         raise InvalidConfiguration(
-            f"Session.{attribute.name} must be an int from 0 to 2**63 - 1, got "
+            f"Session.{attribute.name} must be an int from 0 to {bound}, got "
             f"{type(value).__name__} {value!r:.60}; "
             f"{_COUNT_HINTS.get(attribute.name, 'pass a count')}."
         )

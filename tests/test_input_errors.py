@@ -97,19 +97,19 @@ BAD_MODEL_CALLS: list[tuple[str, Callable[[], object], type[s.ValidationError], 
         "evolve errors=-1",
         lambda: attrs.evolve(base(), errors=-1),
         s.InvalidConfiguration,
-        "Session.errors must be an int from 0 to 2**63 - 1",
+        "Session.errors must be an int from 0 to 2**64 - 1",
     ),
     (
         "errors=1.5",
         lambda: attrs.evolve(base(), errors=1.5),  # type: ignore[arg-type]
         s.InvalidConfiguration,
-        "Session.errors must be an int from 0 to 2**63 - 1",
+        "Session.errors must be an int from 0 to 2**64 - 1",
     ),
     (
         "errors=2**64",
-        lambda: attrs.evolve(base(), errors=2**64),
+        lambda: attrs.evolve(base(), errors=2**64),  # (2**64 - 1 is a JSON document's limit)
         s.InvalidConfiguration,
-        "Session.errors must be an int from 0 to 2**63 - 1",
+        "Session.errors must be an int from 0 to 2**64 - 1",
     ),
     (
         "revision=2**63",
