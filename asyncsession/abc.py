@@ -25,7 +25,7 @@ import anyio.lowlevel
 import attrs
 import orjson
 
-from ._exceptions import InvalidConfiguration, InvalidCursor
+from ._exceptions import InvalidConfiguration, InvalidCursor, InvalidUpdate
 from ._models import ExpiryPolicy, Message, Session, SessionStatus, parse_status
 
 __all__ = [
@@ -286,6 +286,35 @@ class SessionRepository(ABC):
                 f"save() needs session.revision == expected_revision + 1, got "
                 f"{session.revision} and {expected_revision}"
             )
+
+    @staticmethod
+    def _check_whole(session: Session) -> None:
+        """The precondition of :meth:`add`: the whole history, not a window of it (a read
+        with ``last_messages``)."""
+        if not session.messages.is_complete:
+            raise InvalidUpdate(
+                f"add() of session {session.id} got a window of its messages; store the "
+                "whole history."
+            )
+
+    @staticmethod
+    def _check_window_save(session: Session, new_messages: object | None) -> None:
+        """A :meth:`save` of a window needs ``new_messages`` to extend the stored history."""
+        if new_messages is None and not session.messages.is_complete:
+            raise InvalidUpdate(
+                f"save() of session {session.id} got a window of its messages and no "
+                "new_messages; pass the whole history."
+            )
+
+    @staticmethod
+    def _not_extending(session: Session, stored: int, added: int) -> InvalidUpdate:
+        """The refusal of a save whose ``new_messages`` (``added`` of them) do not bring
+        the ``stored`` history to the window's total."""
+        return InvalidUpdate(
+            f"save() of session {session.id}: new_messages do not extend the stored "
+            f"history ({stored} stored + {added} new != {session.messages.total}); pass "
+            "the whole history instead."
+        )
 
     async def _open(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (connections, threads). Override in stores that need it."""

@@ -58,7 +58,6 @@ import orjson
 from .._exceptions import (
     CorruptSessionError,
     InvalidConfiguration,
-    InvalidUpdate,
     LimitExceeded,
     SchemaVersionError,
     SerializationError,
@@ -1124,11 +1123,7 @@ class FileRepository(SessionRepository):
         return await self._run(sid, step)
 
     async def add(self, session: Session) -> None:
-        if not session.messages.is_complete:
-            raise InvalidUpdate(
-                f"add() of session {session.id} got a window of its messages; store the "
-                "whole history."
-            )
+        self._check_whole(session)
         sid = session.id
         doc = session_to_document(session)
 
@@ -1148,12 +1143,8 @@ class FileRepository(SessionRepository):
     ) -> None:
         self._check_revision_step(session, expected_revision)
         sid = session.id
+        self._check_window_save(session, new_messages)
         window = not session.messages.is_complete
-        if window and new_messages is None:
-            raise InvalidUpdate(
-                f"save() of session {sid} got a window of its messages and no "
-                "new_messages; pass the whole history."
-            )
         added = tuple(new_messages or ())
         doc = None if window else session_to_document(session)
 
@@ -1171,11 +1162,7 @@ class FileRepository(SessionRepository):
             # new_messages, is the history, if they bring it to the window's total.
             stored = current.skeleton.messages.total
             if stored + len(added) != session.messages.total:
-                raise InvalidUpdate(
-                    f"save() of session {sid}: new_messages do not extend the stored "
-                    f"history ({stored} stored + {len(added)} new != "
-                    f"{session.messages.total}); pass the whole history instead."
-                )
+                raise self._not_extending(session, stored, len(added))
             skeleton = _skeleton(session)
             return None, _Write(_document(skeleton, current.raw["messages"], added), skeleton)
 

@@ -12,7 +12,6 @@ from datetime import datetime
 import anyio
 
 from .._exceptions import (
-    InvalidUpdate,
     LimitExceeded,
     SessionClosed,
     SessionConflict,
@@ -110,11 +109,7 @@ class MemoryRepository(SessionRepository):
         return last_window(session, last_messages)
 
     async def add(self, session: Session) -> None:
-        if not session.messages.is_complete:
-            raise InvalidUpdate(
-                f"add() of session {session.id} got a window of its messages; store the "
-                "whole history."
-            )
+        self._check_whole(session)
         async with self._lock:
             if session.id in self._sessions:
                 raise SessionConflict(session.id, expected_revision=None)
@@ -128,11 +123,7 @@ class MemoryRepository(SessionRepository):
         new_messages: Sequence[Message] | None = None,
     ) -> None:
         self._check_revision_step(session, expected_revision)
-        if new_messages is None and not session.messages.is_complete:
-            raise InvalidUpdate(
-                f"save() of session {session.id} got a window of its messages and no "
-                "new_messages; pass the whole history."
-            )
+        self._check_window_save(session, new_messages)
         async with self._lock:
             old = self._sessions.get(session.id)
             if old is None:
@@ -147,11 +138,7 @@ class MemoryRepository(SessionRepository):
                 added = () if new_messages is None else new_messages  # (None: refused above)
                 stored = old.messages.total
                 if stored + len(added) != session.messages.total:
-                    raise InvalidUpdate(
-                        f"save() of session {session.id}: new_messages do not extend the "
-                        f"stored history ({stored} stored + {len(added)} new != "
-                        f"{session.messages.total}); pass the whole history instead."
-                    )
+                    raise self._not_extending(session, stored, len(added))
                 session = replace_trusted(session, messages=old.messages.extend(added))
             self._put(session, old)
 

@@ -52,7 +52,6 @@ import orjson
 from .._exceptions import (
     CorruptSessionError,
     InvalidConfiguration,
-    InvalidUpdate,
     LimitExceeded,
     SerializationError,
     SessionClosed,
@@ -994,11 +993,7 @@ class RedisRepository(SessionRepository, EventTransport):
         return session
 
     async def add(self, session: Session) -> None:
-        if not session.messages.is_complete:
-            raise InvalidUpdate(
-                f"add() of session {session.id} got a window of its messages; store the "
-                "whole history."
-            )
+        self._check_whole(session)
         sid = str(session.id)
         incarnation = secrets.token_hex(8)
         args = [sid, *self._fields(session), incarnation]
@@ -1016,11 +1011,7 @@ class RedisRepository(SessionRepository, EventTransport):
         new_messages: Sequence[Message] | None = None,
     ) -> None:
         self._check_revision_step(session, expected_revision)
-        if new_messages is None and not session.messages.is_complete:
-            raise InvalidUpdate(
-                f"save() of session {session.id} got a window of its messages and no "
-                "new_messages; pass the whole history."
-            )
+        self._check_window_save(session, new_messages)
         lent = self._held.before_save(session.id, expected_revision)
         expected = str(expected_revision)
         if lent is not None:
@@ -1041,11 +1032,7 @@ class RedisRepository(SessionRepository, EventTransport):
         reply = await self._run(self._save, "a save", self._keys(sid), arguments(new_messages))
         if int(reply[0]) == -5:  # new_messages do not extend the stored history
             if not session.messages.is_complete:
-                raise InvalidUpdate(
-                    f"save() of session {session.id}: new_messages do not extend the stored "
-                    f"history ({int(reply[1])} stored + {len(new_messages or ())} new != "
-                    f"{session.messages.total}); pass the whole history instead."
-                )
+                raise self._not_extending(session, int(reply[1]), len(new_messages or ()))
             # the promise did not hold, but the snapshot has the whole history: store it
             # (nothing was written, and the revision is checked again)
             reply = await self._run(self._save, "a save", self._keys(sid), arguments(None))

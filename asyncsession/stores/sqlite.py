@@ -65,7 +65,6 @@ import orjson
 from .._exceptions import (
     CorruptSessionError,
     InvalidConfiguration,
-    InvalidUpdate,
     LimitExceeded,
     SessionClosed,
     SessionConflict,
@@ -1565,11 +1564,7 @@ class SQLiteRepository(SessionRepository):
             if rows is None and session.messages.is_complete:
                 rows = _encode_messages(session.messages)  # the promise did not hold
             if rows is None:
-                raise InvalidUpdate(
-                    f"save() of session {session.id}: new_messages do not extend the stored "
-                    f"history ({count} stored + {len(added or ())} new != "
-                    f"{session.messages.total}); pass the whole history instead."
-                )
+                raise self._not_extending(session, count, len(added or ()))
             first = _casefold(session.messages[0].content) if rows else None
             conn.execute(update + ", first_cf = ? WHERE pk = ?", (*columns, first, pk))
             conn.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
@@ -1608,11 +1603,7 @@ class SQLiteRepository(SessionRepository):
         return session
 
     async def add(self, session: Session) -> None:
-        if not session.messages.is_complete:
-            raise InvalidUpdate(
-                f"add() of session {session.id} got a window of its messages; store the "
-                "whole history."
-            )
+        self._check_whole(session)
         incarnation = await self._call(
             self._op_add(session, _encode(session), _encode_messages(session.messages)),
             write=True,
@@ -1629,12 +1620,8 @@ class SQLiteRepository(SessionRepository):
         self._check_revision_step(session, expected_revision)
         added = None if new_messages is None else _encode_messages(new_messages)
         everything = None
+        self._check_window_save(session, new_messages)
         if new_messages is None:
-            if not session.messages.is_complete:
-                raise InvalidUpdate(
-                    f"save() of session {session.id} got a window of its messages and no "
-                    "new_messages; pass the whole history."
-                )
             everything = _encode_messages(session.messages)
         lent = self._held.before_save(session.id, expected_revision)
         expected_last_us = expected_incarnation = None
