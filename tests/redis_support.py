@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -31,11 +31,20 @@ def free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process bound to 127.0.0.1 with its own directory."""
 
-    def __init__(self, binary: str, directory: Path, port: int, *, appendonly: bool) -> None:
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        port: int,
+        *,
+        appendonly: bool,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.binary = binary
         self.directory = directory
         self.port = port
         self.appendonly = appendonly
+        self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,6 +75,7 @@ class RedisServer:
             "warning",
             "--logfile",
             str(self.directory / "redis.log"),
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -76,7 +86,8 @@ class RedisServer:
             try:
                 with socket.create_connection((HOST, self.port), timeout=0.5) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
+                    # -NOAUTH: up, but started with --requirepass
+                    if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 pass
@@ -123,14 +134,25 @@ def redis_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def start_redis(*, appendonly: bool = False, directory: Path | None = None) -> RedisServer:
-    """Start a private server on a free port; raise RuntimeError if there is no binary."""
+def start_redis(
+    *,
+    appendonly: bool = False,
+    directory: Path | None = None,
+    extra_args: Sequence[str] = (),
+) -> RedisServer:
+    """Start a private server on a free port; raise RuntimeError if there is no binary.
+
+    ``extra_args`` are passed to ``redis-server`` after this module's own options (a
+    later option wins), e.g. ``["--requirepass", "pw"]``.
+    """
     binary = redis_binary()
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
     if directory is None:
         directory = Path(tempfile.mkdtemp(prefix="asyncsession-redis-"))
-    server = RedisServer(binary, directory, free_port(), appendonly=appendonly)
+    server = RedisServer(
+        binary, directory, free_port(), appendonly=appendonly, extra_args=extra_args
+    )
     server.start()
     return server
 

@@ -128,6 +128,33 @@ class TornAppend(MemoryRepository):
             return new
 
 
+class DoubleRevisions(MemoryRepository):
+    """append() computes the next revision in doubles, as a Lua script would: past 2**53
+    it stops counting by one (helper-40's finding on the Redis store)."""
+
+    async def append(
+        self,
+        session_id: uuid.UUID,
+        messages: Sequence[Message],
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        max_messages: int | None = None,
+    ) -> Session:
+        async with self._lock:
+            before = self._sessions.get(session_id)
+        new = await super().append(
+            session_id, messages, at=at, policy=policy, max_messages=max_messages
+        )
+        if before is None:
+            return new
+        async with self._lock:
+            current = self._sessions[session_id]
+            lossy = replace_trusted(current, revision=int(float(before.revision) + 1))
+            self._put(lossy, current)
+            return lossy
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("store", "contract_test"),
@@ -137,6 +164,7 @@ class TornAppend(MemoryRepository):
         (CountsNeverDecrease, RepositoryContract.test_counts_follow_changes_and_removals),
         (OwnerIndexIgnoresSaves, RepositoryContract.test_owner_filter_follows_saves),
         (TornAppend, RepositoryContract.test_appends_cancelled_at_each_await_leave_whole_states),
+        (DoubleRevisions, RepositoryContract.test_revisions_stay_exact_up_to_2_to_the_63),
     ],
     ids=lambda value: getattr(value, "__name__", ""),
 )

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import attrs
@@ -28,6 +29,7 @@ from _store_redis import open_store
 from redis_support import HOST, RedisServer, free_port, require_redis, start_redis
 
 from asyncsession import (
+    CorruptSessionError,
     ExpiryPolicy,
     InvalidConfiguration,
     Message,
@@ -396,6 +398,13 @@ def test_bad_arguments_are_rejected() -> None:
     for kwargs in ({"prefix": ""}, {"timeout": 0}, {"key_expiry_grace": timedelta(-1)}):
         with pytest.raises(ValueError):
             RedisRepository(f"redis://{HOST}:6379", **kwargs)
+    # coredis raised ValueError/TypeError for some, and took 0 (its default) and True
+    for bad in (0, -1, "4", 1.5, True, False):
+        with pytest.raises(InvalidConfiguration, match=r"max_connections must be an int >= 1"):
+            RedisRepository(f"redis://{HOST}:6379", max_connections=bad)  # type: ignore[arg-type]
+    for good in (None, 1, 64):
+        store = RedisRepository(f"redis://{HOST}:6379", max_connections=good)
+        assert store.client.connection_pool.max_connections == (good or 64)
     with pytest.raises(ValueError):
         RedisRepository("http://example.invalid")
     with pytest.raises(ValueError):
@@ -427,6 +436,55 @@ async def test_events_travel_between_stores(redis_server: RedisServer) -> None:
         "a",
     )
     assert event.at == T0
+
+
+@pytest.mark.anyio
+async def test_events_stay_in_their_database(redis_server: RedisServer) -> None:
+    """Redis pub/sub is server-wide: stores with one prefix on databases 0 and 1 of one
+    server heard each other's events (found by helper-40)."""
+    key_prefix = prefix()
+    url0 = redis_server.url
+    url1 = url0.removesuffix("/0") + "/1"
+    sid = uuid.uuid4()
+    async with (
+        RedisRepository(url0, prefix=key_prefix) as a,
+        RedisRepository(url1, prefix=key_prefix) as b,
+        RedisRepository(url1, prefix=key_prefix) as c,
+        b.subscribe_events() as events,
+    ):
+        assert a.events_channel == f"{key_prefix}events:0"
+        assert b.events_channel == c.events_channel == f"{key_prefix}events:1"
+        with anyio.fail_after(10):
+            for _attempt in range(1000):  # the subscription may need a moment to register
+                if await c.publish_event("updated", sid, at=T0, origin="c"):
+                    break
+                await anyio.sleep(0.01)
+            # b is subscribed now: nobody on database 0 hears this, and b never gets it
+            assert await a.publish_event("created", sid, at=T0, origin="a") == 0
+            assert await c.publish_event("deleted", sid, at=T0, origin="c") == 1
+            first, second = await events.__anext__(), await events.__anext__()
+    assert [(e.kind, e.origin) for e in (first, second)] == [("updated", "c"), ("deleted", "c")]
+
+
+def test_the_events_channel_names_the_database_of_any_client() -> None:
+    p = prefix()
+    channels = {
+        f"redis://{HOST}:6379": 0,
+        f"redis://{HOST}:6379/0": 0,
+        f"redis://{HOST}:6379/5": 5,
+        f"redis://{HOST}:6379/0?db=7": 7,
+        f"rediss://{HOST}:6379/2": 2,
+        "unix:///tmp/redis.sock": 0,
+        "unix:///tmp/redis.sock?db=3": 3,
+    }
+    for url, db in channels.items():
+        assert RedisRepository(url, prefix=p).events_channel == f"{p}events:{db}", url
+    for client, db in ((coredis.Redis(host=HOST, port=6379), 0), (coredis.Redis(db=4), 4)):
+        assert RedisRepository(client, prefix=p).events_channel == f"{p}events:{db}"
+    pool = coredis.ConnectionPool.from_url(f"redis://{HOST}:6379/6")
+    assert RedisRepository(coredis.Redis(connection_pool=pool), prefix=p).events_channel == (
+        f"{p}events:6"
+    )
 
 
 # -- reads of a huge window and expiry scans of many stale entries -------------------
@@ -703,3 +761,63 @@ async def test_an_expiry_scan_whose_script_examines_nothing_stops(store: RedisRe
         assert list(await store.expired(later)) == []
     store.scan_budget = 1
     assert list(await store.expired(later)) == [session.id]
+
+
+# -- a document decoded before, stored under another session's id --------------------------
+
+
+@pytest.mark.anyio
+async def test_a_document_holding_another_session_is_corrupt_even_when_decoded_before(
+    store: RedisRepository,
+) -> None:
+    """The decoded-document cache (keyed by the document's bytes) answered get(B) with
+    session A when B's hash held A's document and A had been read (found by helper-40)."""
+    a, b = new_session(name="alice"), new_session(name="bob")
+    await store.add(a)
+    await store.add(b)
+    doc = await store.client.hget(f"{store.prefix}s:{a.id}", "d")
+    assert doc is not None
+    await store.client.hset(f"{store.prefix}s:{b.id}", {"d": doc})
+    async with RedisRepository(store.client, prefix=store.prefix, snapshot_cache=0) as cold:
+        assert await cold.get(a.id) == a  # A's document is decoded and remembered
+        with pytest.raises(CorruptSessionError, match=f"the document holds session {a.id}"):
+            await cold.get(b.id)
+        with pytest.raises(CorruptSessionError, match=f"the document holds session {a.id}"):
+            await cold.touch(b.id, at=T0, policy=POLICY)
+        listed = (await cold.list(SessionQuery())).items
+        assert [s.id for s in listed] == [a.id]  # B is skipped as unreadable, not listed as A
+
+
+# -- a URL's percent-encoded password -------------------------------------------------------
+
+PASSWORD = "s3cr/t@x:%41"  # '/', '@' and ':' must be percent-encoded in a URL; so must '%'
+
+
+@pytest.fixture
+def password_server(tmp_path: Path) -> Iterator[RedisServer]:
+    require_redis()
+    server = start_redis(directory=tmp_path, extra_args=["--requirepass", PASSWORD])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.anyio
+async def test_a_percent_encoded_password_in_the_url_is_decoded(
+    password_server: RedisServer,
+) -> None:
+    """coredis sent the password in the URL to the server still percent-encoded, so no
+    password with such characters could be given in the URL (found by helper-42)."""
+    encoded = quote(PASSWORD, safe="")
+    assert encoded == "s3cr%2Ft%40x%3A%2541"
+    for userinfo in (f":{encoded}", f"default:{encoded}"):
+        url = f"redis://{userinfo}@{HOST}:{password_server.port}/0"
+        async with RedisRepository(url, prefix=prefix(), key_expiry_grace=FAR) as store:
+            session = new_session()
+            await store.add(session)
+            assert await store.get(session.id) == session
+    wrong = f"redis://:{quote('s3cr/t@x:A', safe='')}@{HOST}:{password_server.port}/0"
+    with pytest.raises(StorageError):
+        async with RedisRepository(wrong, prefix=prefix()) as store:
+            await store.get(uuid.uuid4())

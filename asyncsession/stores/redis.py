@@ -311,9 +311,12 @@ if ARGV[6] ~= '' then
 end
 local la = math.max(tonumber(h[5]), at)
 local ex = deadline(h[3], tonumber(h[4]), la, tonumber(ARGV[4]), tonumber(ARGV[5]))
-local rev = num(tonumber(h[2]) + 1)
+-- HINCRBY: 64-bit integer arithmetic on the server (Lua numbers are doubles, exact only
+-- up to 2**53); the new revision is read back as its decimal string for the same reason.
+redis.call('HINCRBY', s, 'r', 1)
+local rev = redis.call('HGET', s, 'r')
 local total = push(m, 8) or redis.call('LLEN', m)
-local set, gone = {'r', rev, 'la', num(la)}, {}
+local set, gone = {'la', num(la)}, {}
 field(set, gone, 'ex', ex and num(ex), h[6])
 write_fields(s, set, gone)
 index_times(id, h[7], la, ex)
@@ -661,7 +664,14 @@ class RedisRepository(SessionRepository, EventTransport):
 
     ``client_or_url`` is a ``redis://`` URL (the store makes, enters and closes its own
     :class:`coredis.Redis`) or a ``coredis.Redis`` client that the caller owns and has
-    entered (``async with client:``); the store never closes a caller's client.
+    entered (``async with client:``); the store never closes a caller's client. In a
+    URL, a user name or password with characters such as ``/``, ``@`` or ``:`` is
+    percent-encoded (``redis://:s3cr%2Ft@host:6379/0`` for the password ``s3cr/t``);
+    the store decodes it before sending it to the server.
+    ``max_connections`` (an int >= 1, or ``None`` for coredis's default) caps the
+    connections of a store-made client; each :meth:`subscribe_events` block holds one
+    and one must stay free, so subscribing needs at least 2. A client you pass keeps
+    its own pool.
 
     Keys start with ``prefix``, so several applications can share one database. The
     prefixes of stores sharing a database must not nest (neither may start with the
@@ -717,6 +727,14 @@ class RedisRepository(SessionRepository, EventTransport):
             raise InvalidConfiguration(
                 f"timeout must be positive seconds or None, got {timeout!r}."
             )
+        if max_connections is not None and (
+            type(max_connections) is not int or max_connections < 1
+        ):
+            raise InvalidConfiguration(
+                f"max_connections must be an int >= 1 (connections of the store's client; "
+                f"at least 2 to subscribe to events) or None for coredis's default, got "
+                f"{max_connections!r}."
+            )
         self._prefix = prefix
         self._grace = _delta_us(key_expiry_grace)
         self._timeout = timeout
@@ -736,6 +754,9 @@ class RedisRepository(SessionRepository, EventTransport):
                 )
             client: coredis.Redis[Any] = module.Redis.from_url(
                 client_or_url,
+                # a user name or password with '/', '@', ':' ... is percent-encoded in
+                # the URL: without this coredis would send it to the server still encoded
+                decode_components=True,
                 retry_policy=self._retry.NoRetryPolicy(),
                 stream_timeout=timeout,
                 connect_timeout=timeout,
@@ -755,6 +776,11 @@ class RedisRepository(SessionRepository, EventTransport):
                 f"{client_or_url!r}."
             )
         self._client = client
+        # Pub/sub channels are server-wide, not per database: the channel names the
+        # database, so stores on different databases of one server never hear each other.
+        # (coredis leaves db None for URLs that name none, or name database 0.)
+        db = getattr(client.connection_pool, "connection_kwargs", {}).get("db") or 0
+        self._events_channel = f"{prefix}events:{int(db)}"
         location = client.connection_pool.location
         self._address = repr(location) if location is not None else "(unknown address)"
         self._no_script: type[Exception] = self._errors_module.NoScriptError
@@ -922,11 +948,13 @@ class RedisRepository(SessionRepository, EventTransport):
             if not isinstance(data, dict):
                 raise CorruptSessionError("expected a JSON object", session_id=session_id)
             base = session_from_document(data, messages=MessageLog(), session_id=session_id)
-            if base.id != session_id:
-                raise CorruptSessionError(
-                    f"the document holds session {base.id}", session_id=session_id
-                )
             self._docs.put(doc, base)
+        # On every build, cached or not: the cache is keyed by the document's bytes, and
+        # another session's hash may hold the very document decoded earlier for its owner.
+        if base.id != session_id:
+            raise CorruptSessionError(
+                f"the document holds session {base.id}", session_id=session_id
+            )
         return replace_trusted(  # the stored fields were validated when they were written
             base,
             revision=int(revision),
@@ -1240,8 +1268,15 @@ class RedisRepository(SessionRepository, EventTransport):
 
     @property
     def events_channel(self) -> str:
-        """The pub/sub channel of :meth:`publish_event` / :meth:`subscribe_events`."""
-        return f"{self._prefix}events"
+        """The pub/sub channel of :meth:`publish_event` / :meth:`subscribe_events`:
+        ``{prefix}events:{db}``, where ``db`` is the client's database number.
+
+        Redis pub/sub is server-wide (channels are not per database), so the database
+        number is part of the name: stores on different databases of one server never
+        hear each other's events, while stores with the same prefix on the same database
+        do.
+        """
+        return self._events_channel
 
     async def publish_event(
         self,

@@ -260,6 +260,39 @@ class RepositoryContract:
         assert (await raises(SessionConflict, stale, "a stale save")).recoverable
         assert await repository.get(session.id) == first
 
+    async def test_revisions_stay_exact_up_to_2_to_the_63(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """Revisions go up to ``2**63 - 1`` and every write bumps them by exactly one,
+        also past ``2**53``, where doubles (e.g. Lua numbers) stop counting by one: a
+        store computing them so keeps the revision on an append, and a stale save then
+        overwrites the appended messages."""
+        starts = (2**53 - 1, 2**53, 2**53 + 1, 2**63 - 3)
+        for start in starts:
+            session = attrs.evolve(make_session(messages=("a",)), revision=start)
+            await repository.add(session)
+            assert await repository.get(session.id) == session
+            base = await repository.get_for_update(session.id)
+            assert base is not None and base.revision == start
+            appended = await repository.append(session.id, [msg("b", 1)], at=at(1), policy=POLICY)
+            assert appended.revision == start + 1, (start, appended.revision)
+            stale = repository.save(changed(base, state={"k": 2}), expected_revision=start)
+            await raises(
+                SessionConflict, stale, f"a save based on revision {start} after an append"
+            )
+            touched = await repository.touch(session.id, at=at(2), policy=POLICY)
+            assert touched is not None and touched.revision == start + 1
+            current = await repository.get_for_update(session.id)
+            assert current is not None and current.revision == start + 1
+            assert [m.content for m in current.messages] == ["a", "b"]
+            saved = changed(current, state={"k": 3})
+            await repository.save(saved, expected_revision=start + 1)
+            loaded = await repository.get(session.id)
+            assert loaded == saved and loaded.revision == start + 2
+            assert [m.content for m in loaded.messages] == ["a", "b"]
+        listed = (await repository.list(SessionQuery())).items
+        assert sorted(s.revision for s in listed) == [start + 2 for start in starts]
+
     async def test_get_for_update_follows_this_stores_writes(
         self, repository: SessionRepository, anyio_backend: Any
     ) -> None:
