@@ -93,9 +93,14 @@ class TimedSQLite(SQLiteRepository):
     worker_cpu = 0.0
     worker_busy = 0.0
 
-    def _execute(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+    def _execute(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[Any],
+        meanwhile: Callable[[], None] | None = None,
+    ) -> None:
         cpu, wall = time.thread_time(), time.perf_counter()
-        super()._execute(conn, batch)
+        super()._execute(conn, batch, meanwhile)
         self.worker_busy += time.perf_counter() - wall
         self.worker_cpu += time.thread_time() - cpu
 

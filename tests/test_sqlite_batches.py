@@ -7,6 +7,7 @@ by another connection's write lock; no test sleeps or measures time.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import uuid
@@ -48,6 +49,14 @@ async def test_a_locked_batch_waits_once_and_answers_its_reads_first(
         return conn
 
     monkeypatch.setattr(SQLiteRepository, "_connect", traced)
+    waits: list[str] = []  # one entry per wait for the lock (SQLite retries within it)
+    while_busy = SQLiteRepository._while_busy
+
+    def counted(store: SQLiteRepository, conn: sqlite3.Connection, statement: str, *a: Any) -> Any:
+        waits.append(statement)
+        return while_busy(store, conn, statement, *a)
+
+    monkeypatch.setattr(SQLiteRepository, "_while_busy", counted)
     path = tmp_path / "s.db"
     async with SQLiteRepository(path, busy_timeout=0.2) as repo:
         other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -75,7 +84,7 @@ async def test_a_locked_batch_waits_once_and_answers_its_reads_first(
                     tg.start_soon(add, f"w{i}")
                 tg.start_soon(read)
                 await anyio.wait_all_tasks_blocked()  # all five are queued
-                del statements[:]
+                del statements[:], waits[:]
                 stall.set()
         finally:
             stall.set()
@@ -84,8 +93,8 @@ async def test_a_locked_batch_waits_once_and_answers_its_reads_first(
     writes = [outcomes[f"w{i}"] for i in range(4)]
     assert all(isinstance(e, StorageError) and e.recoverable for e in writes), outcomes
     assert outcomes["read"] is None
+    assert waits.count("BEGIN IMMEDIATE") == 1  # the batch's: no write waits once more alone
     begins = [i for i, sql in enumerate(statements) if sql == "BEGIN IMMEDIATE"]
-    assert len(begins) == 1  # the batch's: no write waits once more alone
     reads = [i for i, sql in enumerate(statements) if sql.lstrip().startswith("SELECT")]
     assert reads and reads[0] < begins[0]  # the read ran before the wait for the lock
 
@@ -176,3 +185,46 @@ async def test_a_batch_rerun_alone_keeps_its_results(tmp_path: Path, anyio_backe
         assert isinstance(results[-1], StorageError) and "forced failure" in str(results[-1])
         for s in sessions:
             assert await repo.get(s.id) == s
+
+
+async def test_reads_are_answered_while_a_write_waits_for_another_connections_lock(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """WAL readers never wait for the write lock, and neither do the store's: a read
+    queued while a write waits for another process's lock is answered during that wait
+    (it used to wait behind the write, up to busy_timeout). Writes queued meanwhile
+    still run after the waiting one, in order."""
+    path = tmp_path / "s.db"
+    async with SQLiteRepository(path, busy_timeout=10) as repo:
+        kept = make_session()
+        await repo.add(kept)
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process's long write
+        order: list[str] = []
+        ids = {"first write": make_session(), "second write": make_session()}
+
+        async def add(name: str) -> None:
+            await repo.add(ids[name])
+            order.append(name)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                base = repo.statistics().operations
+                tg.start_soon(add, "first write")
+                await wait_until(lambda: repo.statistics().operations == base + 1)
+                tg.start_soon(add, "second write")  # queued behind the waiting one
+                await anyio.wait_all_tasks_blocked()
+                # Each read is answered while the other connection still holds its lock.
+                assert await repo.get(kept.id) == kept
+                assert await repo.get(kept.id, last_messages=1) == kept
+                assert sum((await repo.count_by_status()).values()) == 1
+                assert order == []  # both writes still wait for the lock
+                other.execute("ROLLBACK")
+        finally:
+            if other.in_transaction:
+                other.execute("ROLLBACK")
+            other.close()
+    assert sorted(order) == ["first write", "second write"]
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # committed in the queue's order
+        stored = [row[0] for row in conn.execute("SELECT id FROM sessions ORDER BY pk")]
+    assert stored == [str(kept.id), str(ids["first write"].id), str(ids["second write"].id)]

@@ -29,7 +29,9 @@ one request to it (one thread hop); the worker drains its queue and runs what it
 the reads first (WAL readers never wait for the write lock), then the writes in one
 transaction (group commit), each operation inside its own SAVEPOINT so a failing
 operation (a compare-and-set conflict, say) does not undo the others. A batch waits at
-most ``busy_timeout`` in all for another connection's write lock. Callers are answered
+most ``busy_timeout`` in all for another connection's write lock, and while it waits the
+worker answers the reads queued meanwhile (writes queued meanwhile run after it, in
+order). Callers are answered
 only after the commit: the worker schedules one wake-up per event loop and batch with
 the loop's own thread-safe scheduler (found through its anyio token, so asyncio and trio
 alike) and goes on with the next batch at once, without waiting for the loop to run it.
@@ -40,6 +42,7 @@ and closes one at a time.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import itertools
 import logging
@@ -123,6 +126,10 @@ CHUNK_MESSAGES: Final = 32
 WAL_AUTOCHECKPOINT: Final = 4000
 #: ``PRAGMA application_id`` of asyncsession databases ("asss").
 APPLICATION_ID: Final = 0x61737373
+#: Longest single wait (seconds) inside SQLite for another connection's lock. A write
+#: waits for the lock in slices like this until its ``busy_timeout`` deadline, and the
+#: worker answers the reads queued meanwhile between two slices.
+_LOCK_SLICE: Final = 0.025
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _PRAGMA_NAME = re.compile(r"[a-z_]{1,40}")
@@ -952,6 +959,7 @@ class SQLiteRepository(SessionRepository):
         self._path = Path(path)
         self._synchronous = synchronous
         self._busy_timeout = float(busy_timeout)
+        self._lock_slice = min(self._busy_timeout, _LOCK_SLICE)
         self._max_batch = max_batch
         self._pragmas = extra
         self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
@@ -1081,50 +1089,92 @@ class SQLiteRepository(SessionRepository):
             self._answer([opening])
             return
         self._answer([opening])
-        stopping: _Request | None = None
-        while stopping is None:
-            batch = [requests.get()]
-            while len(batch) < self._max_batch and not requests.empty():
-                batch.append(requests.get_nowait())  # the worker is the only consumer
-            live: list[_Request] = []
-            with self._state_lock:
-                for request in batch:
-                    if request.fn is None:
-                        stopping = request
-                    elif request.state == _QUEUED:
-                        request.state = _RUNNING
-                        live.append(request)
-                    else:
-                        self._withdrawn += 1
-                self._operations += len(live)
+        # Requests taken from the queue while a write waited for another connection's
+        # lock, other than the reads answered meanwhile: they run next, in order.
+        later: collections.deque[_Request] = collections.deque()
+
+        def reads_meanwhile() -> None:
+            """Answer the reads queued while a write waits for another connection's
+            lock (WAL readers need no lock); keep the rest for after the write."""
+            reads: list[_Request] = []
+            while len(reads) < self._max_batch:
+                try:
+                    request = requests.get_nowait()
+                except queue.Empty:
+                    break
+                if request.fn is None or request.write:
+                    later.append(request)
+                else:
+                    reads.append(request)
+            live, _ = self._take(reads)
             if live:
                 try:
-                    self._execute(conn, live)
+                    self._run_group(conn, live, time.monotonic() + self._busy_timeout)
+                except BaseException as exc:
+                    self._fail(live, exc)
+                    raise
+
+        stopping: _Request | None = None
+        while stopping is None:
+            batch = [later.popleft() if later else requests.get()]
+            while len(batch) < self._max_batch:  # the worker is the only consumer
+                if later:
+                    batch.append(later.popleft())
+                elif not requests.empty():
+                    batch.append(requests.get_nowait())
+                else:
+                    break
+            live, stopping = self._take(batch)
+            if live:
+                try:
+                    self._execute(conn, live, reads_meanwhile)
                 except BaseException as exc:  # a bug here must not leave callers waiting
                     logger.exception("SQLite worker of %s failed", self._path)
                     self._rollback(conn)
-                    unanswered = [r for r in live if r.state != _DONE]
-                    for request in unanswered:
-                        request.result = None
-                        request.error = StorageError(
-                            f"Internal error in the SQLite worker of {self._path}: {exc!r}; "
-                            "the operation was rolled back. Please report this."
-                        )
-                    if unanswered:
-                        self._answer(unanswered)
+                    self._fail(live, exc)
         try:
             conn.close()
         except sqlite3.Error:
             logger.exception("closing %s failed", self._path)
+        assert stopping is not None
         leftovers: list[_Request] = [stopping]
         while True:  # none can follow the stop (see _call); refuse any, never leave one waiting
             try:
-                request = requests.get_nowait()
+                request = later.popleft() if later else requests.get_nowait()
             except queue.Empty:
                 break
             request.error = StorageError(f"{self!r} was closed before this operation ran.")
             leftovers.append(request)
         self._answer(leftovers)
+
+    def _take(self, batch: list[_Request]) -> tuple[list[_Request], _Request | None]:
+        """Mark the requests of ``batch`` the worker will run (withdrawn ones are
+        skipped); return them and the stop request, if ``batch`` holds it."""
+        live: list[_Request] = []
+        stopping: _Request | None = None
+        with self._state_lock:
+            for request in batch:
+                if request.fn is None:
+                    stopping = request
+                elif request.state == _QUEUED:
+                    request.state = _RUNNING
+                    live.append(request)
+                else:
+                    self._withdrawn += 1
+            self._operations += len(live)
+        return live, stopping
+
+    def _fail(self, requests: list[_Request], exc: BaseException) -> None:
+        """Answer the requests not answered yet after a bug in the worker."""
+        unanswered = [r for r in requests if r.state != _DONE]
+        for request in unanswered:
+            request.result = None
+            request.error = StorageError(
+                f"Internal error in the SQLite worker of {self._path}: {exc!r}; "
+                "the operation was rolled back. Please report this."
+            )
+        if unanswered:
+            self._answer(unanswered)
 
     def _answer(self, requests: Sequence[_Request]) -> None:
         """Wake the callers: one wake-up per event loop for the whole batch.
@@ -1155,27 +1205,39 @@ class SQLiteRepository(SessionRepository):
             except Exception:
                 logger.exception("could not answer %d callers of %s", len(waiting), self._path)
 
-    def _execute(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
+    def _execute(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[_Request],
+        meanwhile: Callable[[], None] | None = None,
+    ) -> None:
         """Run a batch and answer each request as soon as its outcome is known.
 
         The batch has one ``busy_timeout`` deadline: however many of its operations have
         to be rerun one by one, none waits for another connection's write lock past it.
         Its reads run first, outside the write transaction (WAL readers never wait for
-        the write lock).
+        the write lock). While its writes wait for that lock, ``meanwhile()`` is called
+        between two waits (outside any transaction) to answer the reads queued since.
         """
         deadline = time.monotonic() + self._busy_timeout
         writes = [r for r in batch if r.write]
         if writes and len(writes) < len(batch):
             self._run_group(conn, [r for r in batch if not r.write], deadline)
             batch = writes
-        self._run_group(conn, batch, deadline)
+        self._run_group(conn, batch, deadline, meanwhile if writes else None)
 
-    def _run_group(self, conn: sqlite3.Connection, group: list[_Request], deadline: float) -> None:
+    def _run_group(
+        self,
+        conn: sqlite3.Connection,
+        group: list[_Request],
+        deadline: float,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> None:
         """Run ``group`` (all reads, or all writes) in one transaction if it can, else one
         by one before ``deadline``; answer each request as soon as its outcome is known."""
         if len(group) > 1:
             try:
-                self._run_batch(conn, group, deadline)
+                self._run_batch(conn, group, deadline, meanwhile)
             except _Locked as exc:
                 # The transaction waited busy_timeout for another connection's lock:
                 # every operation of the group has, so none waits once more.
@@ -1197,26 +1259,19 @@ class SQLiteRepository(SessionRepository):
             else:
                 self._answer(group)
                 return
-        if len(group) == 1:
-            self._run_alone(conn, group[0], deadline)
-            self._answer(group)
-            return
-        try:
-            for request in group:  # SQLite's own wait for a lock ends at the deadline too
-                self._set_lock_wait(conn, deadline - time.monotonic())
-                self._run_alone(conn, request, deadline)
-                self._answer([request])
-        finally:
-            self._set_lock_wait(conn, self._busy_timeout)
+        for request in group:  # SQLite's own waits for a lock are slices of the deadline
+            self._run_alone(conn, request, deadline, meanwhile)
+            self._answer([request])
 
-    @staticmethod
-    def _set_lock_wait(conn: sqlite3.Connection, seconds: float) -> None:
-        """How long SQLite's busy handler waits for another connection's lock."""
-        conn.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
-
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Request], deadline: float) -> None:
+    def _run_batch(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[_Request],
+        deadline: float,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> None:
         try:
-            self._begin(conn, any(r.write for r in batch), deadline)
+            self._begin(conn, any(r.write for r in batch), deadline, meanwhile)
         except sqlite3.OperationalError as exc:
             if _is_busy(exc):
                 raise _Locked(exc) from exc
@@ -1255,7 +1310,13 @@ class SQLiteRepository(SessionRepository):
         for request, (value, error) in zip(batch, results, strict=True):
             request.result, request.error = value, error
 
-    def _run_alone(self, conn: sqlite3.Connection, request: _Request, deadline: float) -> None:
+    def _run_alone(
+        self,
+        conn: sqlite3.Connection,
+        request: _Request,
+        deadline: float,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> None:
         assert request.fn is not None
         delay = 0.001
         while True:
@@ -1263,7 +1324,7 @@ class SQLiteRepository(SessionRepository):
                 if not request.transaction:
                     request.result = request.fn(conn)
                     return
-                self._begin(conn, request.write, deadline)
+                self._begin(conn, request.write, deadline, meanwhile)
                 try:
                     request.result = request.fn(conn)
                 except BaseException:
@@ -1286,28 +1347,52 @@ class SQLiteRepository(SessionRepository):
                 request.error = exc
                 return
 
-    def _begin(self, conn: sqlite3.Connection, write: bool, deadline: float | None = None) -> None:
-        self._while_busy(conn, "BEGIN IMMEDIATE" if write else "BEGIN", deadline)
+    def _begin(
+        self,
+        conn: sqlite3.Connection,
+        write: bool,
+        deadline: float | None = None,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> None:
+        if write:
+            self._while_busy(conn, "BEGIN IMMEDIATE", deadline, meanwhile)
+        else:
+            self._while_busy(conn, "BEGIN", deadline)
 
     def _while_busy(
-        self, conn: sqlite3.Connection, statement: str, deadline: float | None = None
+        self,
+        conn: sqlite3.Connection,
+        statement: str,
+        deadline: float | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> sqlite3.Cursor:
         """Execute ``statement``, again while SQLite answers busy, until ``deadline``
-        (``busy_timeout`` from now by default). SQLite answers busy at once, without its
+        (``busy_timeout`` from now by default), calling ``meanwhile()`` between tries.
+
+        SQLite's own wait for the lock lasts at most :data:`_LOCK_SLICE`, so the caller
+        gets control back at least that often. SQLite answers busy at once, without its
         own wait, when waiting could deadlock (e.g. two connections switching a new file
-        to WAL at the same time)."""
+        to WAL at the same time): then this waits a little before trying again.
+        """
         if deadline is None:
             deadline = time.monotonic() + self._busy_timeout
         delay = 0.001
         while True:
+            start = time.monotonic()
             try:
                 return conn.execute(statement)
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() + delay >= deadline:
+                now = time.monotonic()
+                if not _is_busy(exc) or now >= deadline:
                     raise
-                logger.debug("%s is locked; retrying in %.3fs", self._path, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+                if meanwhile is not None and not conn.in_transaction:
+                    meanwhile()
+                if now - start < self._lock_slice / 2:  # busy at once: SQLite did not wait
+                    if time.monotonic() + delay >= deadline:
+                        raise
+                    logger.debug("%s is locked; retrying in %.3fs", self._path, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
 
     def _rollback(self, conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
@@ -1362,7 +1447,7 @@ class SQLiteRepository(SessionRepository):
         try:
             conn = sqlite3.connect(
                 path,
-                timeout=self._busy_timeout,
+                timeout=self._lock_slice,
                 isolation_level=None,
                 check_same_thread=True,
                 cached_statements=128,
