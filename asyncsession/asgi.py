@@ -18,7 +18,15 @@ set or deleted. Properties:
   and deleted, applied to the current stored state, so concurrent requests of one user
   that change different keys all survive.
 * Saving happens before ``http.response.start`` is sent; if saving fails the client
-  gets a 500 response and the error is logged.
+  gets a 500 response and the error is logged, and the application's later ``send()``
+  calls raise :class:`OSError` (its response is over, as when a client goes away), so a
+  streaming response stops.
+* Every response for a request with a live session carries its cookie again, so the
+  cookie's ``Max-Age`` counts from the visitor's last request (and the cookie is signed
+  with the current first key).
+* :meth:`SessionDict.ensure_created`, :meth:`SessionDict.rotate` and
+  :meth:`SessionDict.clear` need a cookie to go out, so after the response started they
+  raise :class:`InvalidUpdate` and change nothing.
 * :meth:`SessionDict.rotate` moves the session to a fresh id (call it at login), in
   one step with the request's changes, which never exist under the old id;
   :meth:`SessionDict.clear` deletes it server-side and expires the cookie. A slow
@@ -37,6 +45,7 @@ import hmac
 import logging
 import math
 import re
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from datetime import timedelta
@@ -54,6 +63,9 @@ from ._json import freeze_state
 from ._manager import SessionManager
 from ._models import Session
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 __all__ = ["SessionDict", "SessionMiddleware", "get_session"]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +82,21 @@ _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _COOKIE_ATTRIBUTE = re.compile(r"[!-:<-~]*")  # printable ASCII but ';' (RFC 6265)
 _MISSING = object()
+_MAX_AGE_LIMIT = int(timedelta.max.total_seconds())  # the largest a timedelta can say
+
+
+class _ResponseEnded(OSError):
+    """Raised to the application by ``send()`` once its response was answered with 500."""
+
+    def __init__(self) -> None:
+        super().__init__("the response already ended: the session could not be saved")
+
+
+def _only_response_ended(exc: BaseException) -> bool:
+    """True if ``exc`` is :class:`_ResponseEnded`, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_response_ended(inner) for inner in exc.exceptions)
+    return isinstance(exc, _ResponseEnded)
 
 
 def _thaw(value: Any) -> Any:
@@ -110,7 +137,8 @@ class SessionDict(MutableMapping[str, Any]):
     change inside a nested list or dict counts as setting its top-level key). The
     middleware saves the changes before the response starts. :meth:`rotate` and
     :meth:`clear` take effect then too; :meth:`ensure_created` creates the session at
-    once when a handler needs its id.
+    once when a handler needs its id. All three must be called before the response
+    starts (they raise :class:`InvalidUpdate` after that).
     """
 
     def __init__(
@@ -129,10 +157,11 @@ class SessionDict(MutableMapping[str, Any]):
         self._deleted: set[str] = set()
         self._read_only = read_only
         self._rotate = False
-        self._cleared: uuid.UUID | None = None
+        self._cleared: list[uuid.UUID] = []  # stored sessions logged out by this request
         self._new_cookie = False
         self._expire_cookie = False
         self._accessed = False
+        self._started = False  # http.response.start was sent: no cookie can go out now
 
     def __repr__(self) -> str:
         return f"SessionDict(id={self._id}, keys={sorted(self._data)!r})"
@@ -193,19 +222,23 @@ class SessionDict(MutableMapping[str, Any]):
         The data is kept and the old id stops working; the request's changes are saved
         under the new id only, never under the old one. Without a stored session this
         does nothing (a session created by this request gets a fresh id anyway).
+        Raises :class:`InvalidUpdate` after the response started.
         """
         self._check_writable()
+        self._check_not_started("rotate")
         if self._id is not None:
             self._rotate = True
 
     def clear(self) -> None:
         """Log out: delete the session server-side and expire the cookie.
 
-        Keys set after ``clear()`` start a new session with a fresh id.
+        Keys set after ``clear()`` start a new session with a fresh id. Raises
+        :class:`InvalidUpdate` after the response started.
         """
         self._check_writable()
+        self._check_not_started("clear")
         if self._id is not None:
-            self._cleared = self._id
+            self._cleared.append(self._id)
         self._id = None
         self._expire_cookie = True
         self._new_cookie = False
@@ -221,8 +254,11 @@ class SessionDict(MutableMapping[str, Any]):
         Pending changes are stored with it. Use it when a handler needs the id, e.g. to
         append messages with :meth:`SessionManager.add_message`. After :meth:`rotate`
         on an existing session it rotates at once, so the id it returns stays valid.
+        Raises :class:`InvalidUpdate` after the response started, when the new session's
+        cookie could no longer be sent.
         """
         self._check_writable()
+        self._check_not_started("ensure_created")
         self._accessed = True
         if self._rotate and self._id is not None:
             changes, deleted = self._changes()
@@ -252,6 +288,15 @@ class SessionDict(MutableMapping[str, Any]):
             raise InvalidUpdate(
                 "The session is read-only on websocket connections; change it in an HTTP "
                 "request, or keep per-connection data in a session of its own."
+            )
+
+    def _check_not_started(self, method: str) -> None:
+        if self._started:
+            raise InvalidUpdate(
+                f"SessionDict.{method}() was called after the response started, when the "
+                "session's cookie can no longer be sent; call it in the handler before the "
+                "response starts (e.g. before returning a StreamingResponse, and pass the "
+                "id into the stream)."
             )
 
     def _changes(self) -> tuple[dict[str, Any], set[str]]:
@@ -312,18 +357,28 @@ def _as_keys(
     return tuple(keys)
 
 
+def _short(value: object) -> str:
+    """A repr for an error message, cut short (a huge int has no repr on 3.11+)."""
+    try:
+        text = repr(value)
+    except ValueError:  # int longer than sys.get_int_max_str_digits()
+        return f"an int of {value.bit_length()} bits" if isinstance(value, int) else "?"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _seconds(value: float | timedelta | None) -> int | None:
     if value is None:
         return None
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    # Compared, not converted: NaN and infinities fail, and a huge int never becomes a float.
     if (
         isinstance(seconds, bool)
         or not isinstance(seconds, (int, float))
-        or not math.isfinite(seconds)
-        or seconds <= 0
+        or not 0 < seconds <= _MAX_AGE_LIMIT
     ):
         raise InvalidConfiguration(
-            f"max_age must be a positive number of seconds, a timedelta or None; got {value!r}."
+            "max_age must be a positive number of seconds (at most "
+            f"{_MAX_AGE_LIMIT}, timedelta.max), a timedelta or None; got {_short(value)}."
         )
     return math.ceil(seconds)
 
@@ -467,14 +522,14 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
 
-        failed = started = False
+        failed = False
 
         async def send_wrapper(message: ASGIMessage) -> None:
-            nonlocal failed, started
-            if failed:
-                return
+            nonlocal failed
+            if failed:  # we answered 500: the response is over, as if the client left
+                raise _ResponseEnded()
             if message["type"] == "http.response.start":
-                started = True
+                session._started = True
                 try:
                     headers = await self._save(session, scope)
                 except Exception as exc:
@@ -487,7 +542,7 @@ class SessionMiddleware:
                     )
                     failed = True
                     await _send_500(send)
-                    return
+                    return  # the app's later sends raise _ResponseEnded
                 if session._accessed or headers:
                     headers.append((b"vary", b"Cookie"))
                 if headers:
@@ -495,22 +550,34 @@ class SessionMiddleware:
                     message["headers"] = [*message.get("headers", ()), *headers]
             await send(message)
 
-        await self.app(scope, receive, send_wrapper)
-        if session._dirty and not failed:
-            logger.warning(
-                "session changes were not saved: %s (%s %s)",
-                "they were made after the response started"
-                if started
-                else "the application sent no response",
-                scope.get("method"),
-                scope.get("path"),
-            )
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            if not (failed and _only_response_ended(exc)):
+                raise
+            return  # the app stopped because we ended its response; the error is logged
+        if failed or not (session._dirty or session._new_cookie):
+            return
+        lost = []
+        if session._dirty:
+            lost.append("session changes were not saved")
+        if session._new_cookie:  # ensure_created() made a session nobody will hear of
+            lost.append(f"the cookie of the new session {session._id} was never sent")
+        logger.warning(
+            "%s: %s (%s %s)",
+            " and ".join(lost),
+            "they were made after the response started"
+            if session._started
+            else "the application sent no response",
+            scope.get("method"),
+            scope.get("path"),
+        )
 
     async def _save(self, session: SessionDict, scope: Scope) -> list[tuple[bytes, bytes]]:
         """Store the request's changes; return the Set-Cookie headers to add."""
-        cleared, session._cleared = session._cleared, None
-        if cleared is not None:
-            await self.manager.delete(cleared, missing_ok=True)
+        cleared, session._cleared = session._cleared, []
+        for old_id in cleared:  # every session this request logged out
+            await self.manager.delete(old_id, missing_ok=True)
         changes, deleted = session._changes()
         if session._id is None:
             if changes:
@@ -526,7 +593,6 @@ class SessionMiddleware:
                     session._new_cookie = True
                 elif changes or deleted:
                     await self.manager.update(sid, _applying(changes, deleted))
-                    session._new_cookie = True  # refresh the cookie's Max-Age
             except (SessionNotFound, SessionClosed):
                 logger.warning(
                     "session %s was logged out, rotated or expired while %s %s ran; "
@@ -540,7 +606,9 @@ class SessionMiddleware:
                 session._data = {}
                 session._new_cookie = session._expire_cookie = False
         headers: list[tuple[bytes, bytes]] = []
-        if session._id is not None and session._new_cookie:
+        if session._id is not None:
+            # New, or the same value again (as Starlette's middleware does): Max-Age
+            # counts from the last request, and the current first key signs it.
             headers.append(self._set_cookie(session._id))
         elif session._id is None and session._expire_cookie:
             headers.append(self._expire_cookie())

@@ -6,15 +6,17 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 import asyncsession as s
@@ -147,7 +149,7 @@ async def test_lazy_creation_and_round_trip(manager: s.SessionManager) -> None:
 
         response = await http.get("/read")
         assert response.json() == {"data": {"a": 1, "nested": {"x": [1, 2]}}, "id": str(sid)}
-        assert "set-cookie" not in response.headers  # read-only: no new cookie
+        assert cookie_id(response) == sid  # the same cookie again: Max-Age slides
         assert response.headers["vary"] == "Cookie"
 
 
@@ -293,8 +295,9 @@ async def test_reading_the_id_varies_on_cookie(memory_manager: s.SessionManager)
         async with client(SessionMiddleware(whoami, memory_manager, secret_key=KEY)) as other:
             cookie = {"cookie": f"session={http.cookies['session']}"}
             response = await other.get("/", headers=cookie)
-    assert response.headers["vary"] == "Cookie"
-    assert "set-cookie" not in response.headers
+            anonymous = await other.get("/", headers={"cookie": ""})
+    assert response.headers["vary"] == anonymous.headers["vary"] == "Cookie"
+    assert "set-cookie" not in anonymous.headers  # no session: no cookie
 
 
 async def test_nested_changes_that_python_calls_equal_are_saved(
@@ -373,6 +376,113 @@ async def test_ensure_created_gives_handler_an_id(manager: s.SessionManager) -> 
         stored = await manager.get(sid)
         assert stored.state == {"made": True}
         assert [m.content for m in stored.messages] == ["hello"]
+
+
+async def test_clear_create_clear_deletes_every_session_it_logged_out(
+    manager: s.SessionManager,
+) -> None:
+    made: list[uuid.UUID] = []
+
+    async def change_of_mind(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        session.clear()  # log out the visitor's session
+        session["guest"] = True
+        made.append(await session.ensure_created())  # a guest session, stored now
+        session.clear()  # and log that out too
+        await JSONResponse({})(scope, receive, send)
+
+    async with client(make_app(manager)) as http:
+        cookie = (await http.post("/write", json={"user": "alice"})).cookies["session"]
+    async with client(SessionMiddleware(change_of_mind, manager, secret_key=KEY)) as http:
+        response = await http.get("/", headers={"cookie": f"session={cookie}"})
+    assert "Max-Age=0" in response.headers["set-cookie"]
+    assert len(made) == 1 and await count(manager) == 0  # the first session is gone too
+    async with client(make_app(manager)) as http:
+        response = await http.get("/read", headers={"cookie": f"session={cookie}"})
+        assert response.json()["data"] == {}
+
+
+async def test_every_response_of_a_live_session_refreshes_its_cookie(
+    memory_manager: s.SessionManager,
+) -> None:
+    # Like Starlette's SessionMiddleware: the same cookie with a fresh Max-Age on every
+    # response, so a visitor who keeps using the site (reading, or writing through the
+    # manager as the chat example does) is not logged out max_age after the last write.
+    async def append(scope: Scope, receive: Any, send: Any) -> None:
+        sid = await get_session(scope).ensure_created()
+        await memory_manager.add_message(sid, "user", "hi")
+        await JSONResponse({})(scope, receive, send)
+
+    async with client(make_app(memory_manager, max_age=600)) as http:
+        first = await http.post("/write", json={"a": 1})
+        cookie = first.headers["set-cookie"]
+        middleware = SessionMiddleware(append, memory_manager, secret_key=KEY, max_age=600)
+        async with client(middleware) as other:
+            cookie_header = {"cookie": f"session={http.cookies['session']}"}
+            appended = await other.post("/", headers=cookie_header)
+        for response in (await http.get("/read"), appended):
+            assert response.headers["set-cookie"] == cookie
+            assert "Max-Age=600" in cookie
+            assert response.headers["vary"] == "Cookie"
+        assert (await memory_manager.get(cookie_id(first))).messages.total == 1
+        await http.post("/logout")
+        assert "set-cookie" not in (await http.get("/read")).headers
+
+
+async def test_session_operations_after_the_response_started_are_refused(
+    memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused: list[str] = []
+    advice = "before the response starts"
+
+    async def late(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        with pytest.raises(s.InvalidUpdate, match=advice) as rotating:
+            session.rotate()
+        with pytest.raises(s.InvalidUpdate, match=advice) as clearing:
+            session.clear()
+        with pytest.raises(s.InvalidUpdate, match=advice) as creating:
+            await session.ensure_created()
+        refused.extend(str(info.value) for info in (rotating, clearing, creating))
+        await send({"type": "http.response.body", "body": b""})
+
+    async with client(make_app(memory_manager)) as http:
+        sid = cookie_id(await http.post("/write", json={"user": "alice"}))
+        cookie = {"cookie": f"session={http.cookies['session']}"}
+    with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+        async with client(SessionMiddleware(late, memory_manager, secret_key=KEY)) as http:
+            await http.get("/", headers=cookie)  # a visitor with a session
+            await http.get("/")  # and one without
+    assert len(refused) == 6
+    assert [x.id for x in await memory_manager.list(limit=10)] == [sid]  # nothing changed
+    assert (await memory_manager.get(sid)).state == {"user": "alice"}
+    assert not caplog.records
+
+
+async def _unused_receive() -> Scope:
+    raise AssertionError("not called")
+
+
+async def _unused_send(message: Scope) -> None:
+    raise AssertionError("not called")
+
+
+async def test_a_new_session_whose_cookie_never_went_out_is_reported(
+    memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await get_session(scope).ensure_created()  # and then no response at all
+
+    middleware = SessionMiddleware(app, memory_manager, secret_key=KEY)
+    with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+        await middleware(
+            {"type": "http", "method": "GET", "path": "/"}, _unused_receive, _unused_send
+        )
+    (stored,) = await memory_manager.list(limit=10)
+    (record,) = caplog.records
+    assert f"cookie of the new session {stored.id} was never sent" in record.getMessage()
+    assert "sent no response" in record.getMessage()
 
 
 # --- cookies ---------------------------------------------------------------------------
@@ -464,6 +574,8 @@ async def test_key_rotation(memory_manager: s.SessionManager) -> None:
             headers = {"cookie": f"session={old_cookie}"}
             response = await http.get("/read", headers=headers)
             assert response.json()["data"]["a"] == 1  # old key verifies
+            resigned = response.cookies["session"]  # and the first key signs it again
+            assert SessionMiddleware(_noop, manager, secret_key=KEY).unsign(resigned)
             response = await http.post("/write", json={"b": 2}, headers=headers)
             new_cookie = response.cookies["session"]  # new key signs
             only_new = SessionMiddleware(_noop, manager, secret_key=KEY)
@@ -509,6 +621,9 @@ def test_configuration_errors() -> None:
         {"secret_key": KEY, "domain": "example.com\x00"},
         {"secret_key": KEY, "max_age": float("nan")},
         {"secret_key": KEY, "max_age": float("inf")},
+        {"secret_key": KEY, "max_age": 10**400},  # too large for a float
+        {"secret_key": KEY, "max_age": 10**5000},  # too long for repr() on 3.11+
+        {"secret_key": KEY, "max_age": 87_000_000_000_000},  # beyond timedelta.max
         {"secret_key": KEY, "fallback_keys": None},
     ):
         with pytest.raises(s.InvalidConfiguration):
@@ -516,6 +631,8 @@ def test_configuration_errors() -> None:
     with pytest.raises(s.InvalidConfiguration):
         SessionMiddleware(_noop, object(), secret_key=KEY)  # type: ignore[arg-type]
     assert SessionMiddleware(_noop, manager, secret_key=KEY, max_age=0.5).max_age == 1
+    longest = SessionMiddleware(_noop, manager, secret_key=KEY, max_age=timedelta.max)
+    assert longest.max_age == 86_400_000_000_000
 
 
 async def test_closed_session_is_not_selected(memory_manager: s.SessionManager) -> None:
@@ -582,6 +699,70 @@ async def test_storage_error_becomes_500_and_is_logged(
         assert all(isinstance(r.exc_info[1], s.StorageError) for r in errors if r.exc_info)
         store.failing = False
         assert (await http.get("/read")).json()["data"] == {"a": 1}
+
+
+async def test_sends_after_a_failed_save_raise_so_a_stream_stops(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FailingRepository()
+    store.failing = True
+    raised: list[OSError] = []
+
+    class Ticks:
+        """An endless event stream: it stops only when send() raises. (Not an async
+        generator, which Starlette would leave unclosed: a ResourceWarning on trio.)"""
+
+        chunks = 0
+
+        def __aiter__(self) -> Ticks:
+            return self
+
+        async def __anext__(self) -> str:
+            await anyio.lowlevel.checkpoint()
+            Ticks.chunks += 1
+            return "data: tick\n\n"
+
+    async def starlette_stream(scope: Scope, receive: Any, send: Any) -> None:
+        scope["session"]["visits"] = 1
+        await StreamingResponse(Ticks(), media_type="text/event-stream")(scope, receive, send)
+
+    async def raw_stream(scope: Scope, receive: Any, send: Any) -> None:
+        scope["session"]["visits"] = 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:
+                await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        except OSError as exc:
+            raised.append(exc)
+            raise
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep_forever()  # the client stays: only send() can end the stream
+        raise AssertionError("unreachable")
+
+    sent: list[Scope] = []
+
+    async def send(message: Scope) -> None:
+        sent.append(message)
+
+    async with running(store) as manager:
+        for app in (starlette_stream, raw_stream):
+            sent.clear()
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0", "spec_version": "2.3"},
+                "method": "GET",
+                "path": "/events",
+                "headers": [],
+            }
+            with caplog.at_level(logging.ERROR, "asyncsession.asgi"), anyio.fail_after(10):
+                await SessionMiddleware(app, manager, secret_key=KEY)(scope, receive, send)
+            assert [m.get("status") for m in sent] == [500, None]
+            assert sent[1]["body"] == b"Internal Server Error"
+    assert Ticks.chunks == 1
+    (exc,) = raised
+    assert "the session could not be saved" in str(exc)
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 2  # one each
 
 
 async def test_non_json_value_is_refused_at_assignment(memory_manager: s.SessionManager) -> None:
