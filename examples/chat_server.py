@@ -119,7 +119,10 @@ def create_app(
         return JSONResponse(_state(await sessions.get(sid, touch=False)))
 
     async def send_message(request: Request) -> JSONResponse:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError:  # not JSON, not UTF-8, or empty
+            return JSONResponse({"error": 'the body must be JSON: {"text": "..."}'}, 400)
         text = body.get("text") if isinstance(body, dict) else None
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
             return JSONResponse({"error": f"text must be 1-{MAX_TEXT} characters"}, 400)

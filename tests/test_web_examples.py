@@ -162,6 +162,45 @@ async def test_chat_sessions_survive_a_restart(
             assert answer.json()["session_id"] == state["session_id"]
 
 
+# --- chat server, in process ------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_chat_bad_message_bodies_get_400() -> None:
+    app = load_example(CHAT).create_app("memory://", secret_key="in-process-test-key")
+    async with app.state.sessions as sessions:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            await http.post("/api/session")
+            json_type = {"content-type": "application/json"}
+            for body in (b"{not json", b"", b"\xff\xfe", b"[]", b'{"text": 5}', b'{"text": ""}'):
+                response = await http.post("/api/messages", content=body, headers=json_type)
+                assert response.status_code == 400, body
+                assert "error" in response.json(), body
+            assert (await http.get("/api/state")).json()["messages"] == []
+            (stored,) = await sessions.list(limit=10)
+            assert stored.messages.total == 0
+
+
+@pytest.mark.anyio
+async def test_chat_activity_keeps_the_cookie_fresh() -> None:
+    # The chat stores messages through the manager, not request.session: every answer
+    # must still carry the cookie with a fresh Max-Age, or the visitor is logged out
+    # max_age after starting the conversation however active they are.
+    app = load_example(CHAT).create_app("memory://", secret_key="in-process-test-key")
+    async with app.state.sessions:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            cookie = (await http.post("/api/session")).headers["set-cookie"]
+            assert "Max-Age=" in cookie
+            for response in (
+                await http.post("/api/messages", json={"text": "hello"}),
+                await http.get("/api/state"),
+            ):
+                assert response.status_code == 200
+                assert response.headers["set-cookie"] == cookie
+
+
 # --- websocket gateway, in process -----------------------------------------------------
 
 
