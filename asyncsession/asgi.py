@@ -424,6 +424,16 @@ class SessionMiddleware:
                     f"Invalid cookie {name} {value!r}: use printable ASCII without ';' or "
                     "spaces (encode international domain names as punycode)."
                 )
+        if path is None or not path.startswith("/"):
+            raise InvalidConfiguration(
+                f"Invalid cookie path {path!r}: use a path starting with '/' ('/' for the "
+                "whole site)."
+            )
+        if domain == "":
+            raise InvalidConfiguration(
+                "Invalid cookie domain '': pass domain=None for a cookie sent back to this "
+                "host only."
+            )
         self.app = app
         self.manager = manager
         self._keys = _as_keys(secret_key, fallback_keys)

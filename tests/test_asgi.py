@@ -619,6 +619,9 @@ def test_configuration_errors() -> None:
         {"secret_key": KEY, "path": "/; evil"},
         {"secret_key": KEY, "path": "/日本"},  # not ASCII: could never be sent
         {"secret_key": KEY, "domain": "example.com\x00"},
+        {"secret_key": KEY, "path": ""},  # would send "Path=": browsers use the default
+        {"secret_key": KEY, "path": "api"},  # a cookie path starts with "/"
+        {"secret_key": KEY, "domain": ""},  # would send "Domain="
         {"secret_key": KEY, "max_age": float("nan")},
         {"secret_key": KEY, "max_age": float("inf")},
         {"secret_key": KEY, "max_age": 10**400},  # too large for a float
