@@ -8,17 +8,28 @@ stderr and exit with status 1 (or 2 for usage errors), without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.util
 import logging
 import os
 import random
 import re
+import stat
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any, Final, TypeVar
@@ -43,6 +54,7 @@ from . import (
     CURRENT_VERSION,
     CorruptSessionError,
     InvalidCursor,
+    SerializationError,
     Session,
     SessionConflict,
     SessionError,
@@ -59,6 +71,8 @@ from ._urls import STORE_URL_FORMS, repository_from_url
 from .reporting import JsonLinesReporter, Reporter, aggregate, read_reports
 
 __all__ = ["CLIError", "cli", "open_store", "run"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,6 +93,17 @@ def _width(stream: IO[str]) -> int | None:
 
 out = Console(highlight=False, width=_width(sys.stdout))
 err = Console(stderr=True, highlight=False, width=_width(sys.stderr))
+
+#: Control characters but tab and newline (C0, DEL, C1): shown as escapes, not sent.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _plain(value: object, style: str = "") -> Text:
+    """``value`` as literal text for rich: never markup (``[red]``, ``[/]``) or emoji
+    codes (``:smile:``), and control characters shown as escapes (``\\x1b``), so a stored
+    owner, name or message, or a store URL, is printed as it is and cannot restyle the
+    output, crash it (rich's MarkupError) or drive the terminal."""
+    return Text(_CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value)), style=style)
 
 
 class CLIError(Exception):
@@ -220,6 +245,74 @@ def _progress(enabled: bool = True) -> Progress:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# -- output files -------------------------------------------------------------------------
+
+
+def _check_output_file(path: str, option: str, *, replaced: bool) -> None:
+    """Refuse (usage error, exit 2) an output file that cannot be written, before any work.
+
+    Its directory must exist; a file that exists must be writable. A file that is
+    ``replaced`` (a new one is written beside it, then renamed over it) also needs a
+    writable directory; one that is appended to needs that only to be created.
+    """
+    target = os.path.realpath(path)
+    directory = os.path.dirname(target)
+    exists = os.path.lexists(target)
+    if os.path.isdir(target):
+        problem = "is a directory; name a file"
+    elif not os.path.isdir(directory):
+        problem = f"is in a directory that does not exist ({directory}); create it first"
+    elif exists and not os.access(target, os.W_OK):
+        problem = "is not writable; make it writable or name another file"
+    elif (replaced or not exists) and not os.access(directory, os.W_OK | os.X_OK):
+        problem = f"cannot be written: the directory {directory} is not writable"
+    else:
+        return
+    raise CLIError(f"{option} {path} {problem}.", exit_code=2)
+
+
+def _new_file_mode(path: str) -> int:
+    """The permissions a replacement of ``path`` gets: the file's own if it exists, else
+    what ``open()`` would create (0o666 less the umask). Call it before any threads run:
+    reading the umask sets it for a moment."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0o077)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def _replacing(path: str, mode: int) -> Iterator[IO[bytes]]:
+    """A new file that replaces ``path`` only if the block succeeds.
+
+    It is written beside ``path`` (the target of ``path`` if that is a symbolic link),
+    flushed to disk and renamed over it; if the block raises, it is deleted and ``path``
+    is left as it was.
+    """
+    target = os.path.realpath(path)
+    directory, name = os.path.split(target)
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        os.chmod(temporary, mode)
+        with open(fd, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    if os.name == "posix":  # make the rename durable too
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 # -- options ------------------------------------------------------------------------------
@@ -502,6 +595,8 @@ def demo(
     normally, some crash, some are archived and some walk away and expire. Time is
     simulated (a ManualClock), so an hour of chat takes seconds.
     """
+    if reports is not None:
+        _check_output_file(str(reports), "--reports", replaced=False)
     reporters: list[Reporter] = [JsonLinesReporter(reports)] if reports is not None else []
     result = _with_store(
         store_url,
@@ -544,10 +639,16 @@ def demo(
         ("operations per second", f"{result['operations_per_second']:,.0f}"),
     ]
     for what, value in rows:
-        run_table.add_row(what, value)
+        run_table.add_row(what, _plain(value))
     out.print(run_table)
     store_arg = "" if store_url == DEFAULT_STORE else f" --store {store_url}"
-    out.print(f"Next: [bold]asyncsession list{store_arg}[/bold], then show, stats, export...")
+    out.print(
+        Text.assemble(
+            "Next: ",
+            _plain(f"asyncsession list{store_arg}", "bold"),
+            ", then show, stats, export...",
+        )
+    )
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -605,7 +706,7 @@ def list_sessions(
     if as_json:
         _print_json({"items": [_summary(s, now) for s in items], "next_cursor": next_cursor})
         return
-    table = Table(title=f"Sessions in {store_url}")
+    table = Table(title=_plain(f"Sessions in {store_url}"))
     table.add_column("id", no_wrap=True)
     table.add_column("owner")
     table.add_column("name")
@@ -615,8 +716,8 @@ def list_sessions(
     for session in items:
         table.add_row(
             str(session.id),
-            session.owner or "-",
-            session.name or "-",
+            _plain(session.owner or "-"),
+            _plain(session.name or "-"),
             _status_text(session, now),
             str(session.messages.total),
             _when(session.last_active),
@@ -625,7 +726,7 @@ def list_sessions(
     if not items:
         out.print("No sessions match.")
     if next_cursor is not None:
-        out.print(f"More: --cursor {next_cursor}")
+        out.print(_plain(f"More: --cursor {next_cursor}"))
 
 
 @cli.command()
@@ -684,7 +785,7 @@ def show(session_id: str, last: int, store_url: str, backend: str, as_json: bool
         ("revision", str(session.revision)),
         ("state", orjson.dumps(_thaw(session.state)).decode()),
     ):
-        info.add_row(field, Text(value))
+        info.add_row(field, _plain(value))
     out.print(info)
     if messages:
         table = Table(title=f"Last {len(messages)} of {session.messages.total} messages")
@@ -696,8 +797,8 @@ def show(session_id: str, last: int, store_url: str, backend: str, as_json: bool
             table.add_row(
                 str(first_number + i),
                 _when(message.timestamp),
-                message.role,
-                Text(message.content),
+                _plain(message.role),
+                _plain(message.content),
             )
         out.print(table)
 
@@ -764,7 +865,7 @@ def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_js
             }
         )
         return
-    out.print(f"[bold]Sessions by status[/bold] in {store_url}")
+    out.print(Text.assemble(("Sessions by status", "bold"), " in ", _plain(store_url)))
     table = Table()
     table.add_column("status")
     table.add_column("sessions", justify="right")
@@ -775,7 +876,7 @@ def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_js
     if awaiting:
         out.print(f"{awaiting} expired sessions await purging (asyncsession purge).")
     source = f"reports in {reports}" if reports is not None else "stored sessions"
-    health_table = Table(title=f"Release health per {bucket} ({source})")
+    health_table = Table(title=_plain(f"Release health per {bucket} ({source})"))
     health_table.add_column("period start (UTC)")
     for column in ("started", "exited", "crashed", "abnormal", "expired", "errored"):
         health_table.add_column(column, justify="right")
@@ -1013,36 +1114,116 @@ def migrate(dry_run: bool, store_url: str, backend: str, as_json: bool) -> None:
 # -- export / import ----------------------------------------------------------------------
 
 
+@attrs.frozen
+class _Exported:
+    """What ``export`` wrote, and what it had to leave out."""
+
+    exported: int
+    stored: int  # the store's own count, taken after listing it
+    listed: int
+    unreadable: int  # listed, but reading it failed
+
+    @property
+    def not_listed(self) -> int:
+        return max(0, self.stored - self.listed)
+
+    @property
+    def left_out(self) -> int:
+        return self.not_listed + self.unreadable
+
+
+async def _export(
+    repository: SessionRepository, output: IO[bytes], show_progress: bool
+) -> _Exported:
+    """Write every session the store lists to ``output``; count those it could not.
+
+    Listings skip sessions the store cannot read (with a warning) and count_by_status()
+    does not, so the store's count, taken once the listing is done, says how many were
+    left out. A listed session whose read fails (damaged messages, say) is skipped with
+    a warning and counted too; other errors (the store is unreachable...) stop the export.
+    """
+    exported = unreadable = 0
+    with _progress(show_progress) as progress:
+        task = progress.add_task("Reading the store", total=None)
+        ids = await _all_ids(repository)
+        stored = sum((await repository.count_by_status()).values())
+        progress.update(task, total=len(ids), completed=0, description="Exporting")
+        for sid in ids:
+            try:
+                session = await repository.get(sid)
+                # messages may be decoded lazily, so a damaged one can fail dumps() too
+                line = None if session is None else dumps(session) + b"\n"
+            except SerializationError as exc:
+                logger.warning("cannot export session %s: %s", sid, exc)
+                unreadable += 1
+                line = None
+            if line is not None:
+                output.write(line)
+                exported += 1
+            progress.advance(task)
+    output.flush()
+    return _Exported(exported, stored, len(ids), unreadable)
+
+
+def _incomplete(result: _Exported) -> str:
+    """What an export that left sessions out says about them."""
+    total = max(result.stored, result.listed)
+    parts = []
+    if result.unreadable:
+        parts.append(f"{result.unreadable} could not be read (see the warnings above)")
+    if result.not_listed:
+        parts.append(
+            f"{result.not_listed} were missing from the store's listing (unreadable, see "
+            "the warnings above; or written while the export ran: then export again)"
+        )
+    return (
+        f"{result.left_out} of the {total} stored sessions were not exported: {'; '.join(parts)}."
+    )
+
+
 @cli.command("export")
 @click.option(
     "--output",
     "-o",
-    type=click.File("wb"),
+    type=click.Path(dir_okay=False, allow_dash=True),
     default="-",
     show_default=True,
-    help="JSON Lines file to write (- for stdout).",
+    help="JSON Lines file to write (- for stdout). It is replaced only by a complete "
+    "export: a failed one leaves it as it was.",
 )
 @_store_option
 @_backend_option
-def export_sessions(output: IO[bytes], store_url: str, backend: str) -> None:
-    """Write every stored session as JSON Lines (asyncsession.dumps documents)."""
+def export_sessions(output: str, store_url: str, backend: str) -> None:
+    """Write every stored session as JSON Lines (asyncsession.dumps documents).
 
-    async def act(repository: SessionRepository) -> int:
-        count = 0
-        with _progress(output is not sys.stdout.buffer) as progress:
-            task = progress.add_task("Reading the store", total=None)
-            ids = await _all_ids(repository)
-            progress.update(task, total=len(ids), completed=0, description="Exporting")
-            for sid in ids:
-                session = await repository.get(sid)
-                if session is not None:
-                    output.write(dumps(session) + b"\n")
-                    count += 1
-                progress.advance(task)
-        output.flush()
-        return count
-
-    count = _with_store(store_url, backend, act)
+    Fails (status 1) if any session could not be read (the store's warnings say which),
+    leaving the --output file as it was; on stdout, what was written is then incomplete.
+    """
+    if output == "-":
+        result = _with_store(
+            store_url, backend, lambda repo: _export(repo, sys.stdout.buffer, False)
+        )
+        if result.left_out:
+            raise CLIError(
+                f"{_incomplete(result)} The output is incomplete: the {result.exported} "
+                "sessions written are not a complete export."
+            )
+    else:
+        _check_output_file(output, "--output", replaced=True)
+        kept = "was left as it was" if os.path.lexists(output) else "was not written"
+        mode = _new_file_mode(output)
+        try:
+            with _replacing(output, mode) as stream:
+                result = _with_store(store_url, backend, lambda repo: _export(repo, stream, True))
+                if result.left_out:
+                    raise CLIError(_incomplete(result))
+        except Exception as exc:
+            expected = _expected(exc)
+            if expected is None:
+                raise
+            message, exit_code = expected
+            raise CLIError(f"{message} The export failed: {output} {kept}.", exit_code) from exc
+    count = result.exported
     err.print(f"Exported {count} session{'s' if count != 1 else ''}.")
 
 

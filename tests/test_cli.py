@@ -802,3 +802,224 @@ def test_help_lists_every_command(run: Run) -> None:
     for command in ("demo", "list", "show", "stats", "close", "delete", "purge", "migrate"):
         assert command in text
     assert "export" in text and "import" in text
+
+
+# -- what users stored is printed as it is (found by helper-42) -------------------------------
+
+
+def store_odd_values(url: str, backend: str) -> str:
+    """Sessions whose owners and message look like rich markup; return one id."""
+
+    async def main() -> str:
+        async with s.SessionManager(s.repository_from_url(url), cleanup_interval=None) as m:
+            await m.create(owner="ops[/]")
+            session = await m.create(owner="[red]bob :smile:")
+            await m.add_message(session.id, "user", "[bold]hi[/] :smile: \x1b[31mred\x07")
+            return str(session.id)
+
+    return anyio.run(main, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_user_values_are_printed_as_they_are(run: Run, tmp_path: Path, backend: str) -> None:
+    """Owners, messages and store URLs are text, not rich markup: '[/]' crashed the
+    table (MarkupError), '[red]' and ':smile:' were eaten or replaced, and a terminal
+    escape sequence went to the terminal."""
+    directory = tmp_path / "x[" / "]store"  # the URL holds "x[/]store"
+    directory.parent.mkdir()
+    url = f"file://{directory}"
+    sid = store_odd_values(url, backend)
+    common = ("--store", url, "--backend", backend)
+
+    listing = run("list", *common).stdout
+    assert f"Sessions in {url}" in listing
+    assert "ops[/]" in listing and "[red]bob :smile:" in listing
+
+    shown = run("show", sid, *common).stdout
+    assert "[red]bob :smile:" in shown
+    assert "[bold]hi[/] :smile: \\x1b[31mred\\x07" in shown and "\x1b" not in shown
+
+    assert f"Sessions by status in {url}" in run("stats", *common).stdout
+    demo = run("demo", "--users", "2", "--rounds", "2", *common).stdout
+    assert f"Next: asyncsession list --store {url}, then" in demo
+    assert url in demo  # the run table's store row
+
+    reports = directory.parent / "]reports.jsonl"  # ".../x[/]reports.jsonl"
+    reports.write_text("")
+    stats = run("stats", "--reports", str(reports), *common).stdout
+    title = f"Release health per 1h (reports in {reports})"
+    assert "".join(title.split()) in "".join(stats.split())  # the title wraps
+
+
+# -- export: all or nothing (found by helper-42) ----------------------------------------------
+
+
+def damage(db: Path, sid: str, what: str) -> None:
+    """Damage a SQLite session's document or its message rows behind the store's back."""
+    with sqlite3.connect(db) as conn:
+        if what == "document":
+            conn.execute("UPDATE sessions SET doc = ? WHERE id = ?", (b'{"version": 1, "id', sid))
+        else:
+            conn.execute(
+                "UPDATE messages SET body = ? "
+                "WHERE session_pk = (SELECT pk FROM sessions WHERE id = ?)",
+                (b'[{"role": "us', sid),
+            )
+    conn.close()
+
+
+def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """stderr of a failed command: warnings, then one error line; no traceback."""
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("asyncsession: error: ")
+    # the rest: warnings, and the progress bar when writing a file
+    return [line for line in result.stderr.splitlines() if line.startswith("asyncsession: ")]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("what", ["document", "message"])
+def test_export_of_unreadable_sessions_fails_and_keeps_the_previous_file(
+    run: Run, tmp_path: Path, backend: str, what: str
+) -> None:
+    """A damaged document was left out of the listing with a warning, yet the export
+    said "Exported 2 sessions" and exited 0; a damaged message stopped the export half
+    way, after -o had already truncated the previous, complete backup."""
+    db = tmp_path / "s.db"
+    ids = populate(s.SQLiteRepository(db), live=3)
+    store = ("--store", "sqlite:///s.db", "--backend", backend)
+    run("export", "-o", "backup.jsonl", *store)
+    backup = (tmp_path / "backup.jsonl").read_bytes()
+    assert len(backup.splitlines()) == 3
+    damage(db, ids[1], what)
+
+    lines = error_lines(run("export", "-o", "backup.jsonl", *store, ok=None))
+    assert any(ids[1] in line for line in lines[:-1])  # the store's or the export's warning
+    error = lines[-1]
+    assert "1 of the 3 stored sessions were not exported" in error
+    assert error.endswith(". The export failed: backup.jsonl was left as it was.")
+    assert (tmp_path / "backup.jsonl").read_bytes() == backup
+    assert sorted(p.name for p in tmp_path.iterdir() if "backup" in p.name) == ["backup.jsonl"]
+
+    result = run("export", *store, ok=None)
+    error = error_lines(result)[-1]
+    assert "the 2 sessions written are not a complete export" in error
+    assert [x.id for x in map(s.loads, result.stdout.splitlines())] == [
+        uuid.UUID(x)
+        for x in (ids[2], ids[0])  # newest first, without the damaged one
+    ]
+
+
+class BrokenStore(s.MemoryRepository):
+    """A memory store whose reads fail from the ``fail_at``-th on (the disk went away)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.reads_left = fail_at
+
+    async def get(self, session_id: uuid.UUID, *, last_messages: int | None = None) -> Any:
+        self.reads_left -= 1
+        if self.reads_left < 0:
+            raise s.StorageError("the store went away (simulated).")
+        return await super().get(session_id, last_messages=last_messages)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_export_that_stops_half_way_keeps_the_previous_file(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncsession import _cli
+
+    store = BrokenStore(fail_at=10)
+    add_sessions(store, backend, 3)
+    monkeypatch.setattr(_cli, "open_store", lambda url: store)
+    output = tmp_path / "backup.jsonl"
+    args = ["export", "--backend", backend, "-o", str(output)]
+    _cli.cli.main(args, prog_name="asyncsession", standalone_mode=False)
+    backup = output.read_bytes()
+    assert len(backup.splitlines()) == 3
+
+    store.reads_left = 2  # the third read fails, after two sessions were written
+    with pytest.raises(_cli.CLIError) as caught:
+        _cli.cli.main(args, prog_name="asyncsession", standalone_mode=False)
+    assert caught.value.exit_code == 1
+    assert caught.value.message == (
+        f"the store went away (simulated). The export failed: {output} was left as it was."
+    )
+    assert output.read_bytes() == backup and os.listdir(tmp_path) == ["backup.jsonl"]
+
+
+def current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_export_replaces_the_output_file_whole(run: Run, tmp_path: Path, backend: str) -> None:
+    populate(s.SQLiteRepository(tmp_path / "s.db"), live=2)
+    store = ("--store", "sqlite:///s.db", "--backend", backend)
+    output = tmp_path / "all.jsonl"
+
+    run("export", "-o", "all.jsonl", *store)
+    assert len(output.read_bytes().splitlines()) == 2
+    assert output.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # as open() makes it
+    output.chmod(0o640)
+    output.write_bytes(b"previous\n")
+    run("export", "-o", "all.jsonl", *store)
+    assert len(output.read_bytes().splitlines()) == 2 and output.stat().st_mode & 0o777 == 0o640
+
+    # Through a symbolic link: the file it points to is replaced, the link stays.
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(tmp_path / "real" / "target.jsonl")
+    run("export", "-o", "link.jsonl", *store)
+    assert link.is_symlink() and len(link.read_bytes().splitlines()) == 2
+
+    # Failing before reading anything leaves the file alone too (-o used to truncate it
+    # as soon as the option was parsed).
+    output.write_bytes(b"previous\n")
+    line = assert_one_line_error(run("export", "-o", "all.jsonl", "--store", "x://", ok=None), 2)
+    assert "Invalid store URL" in line and output.read_bytes() == b"previous\n"
+    assert line.endswith("The export failed: all.jsonl was left as it was.")
+    line = assert_one_line_error(run("export", "-o", "new.jsonl", "--store", "x://", ok=None), 2)
+    assert line.endswith("The export failed: new.jsonl was not written.")
+    line = assert_one_line_error(run("export", "-o", "missing/all.jsonl", *store, ok=None), 2)
+    assert "--output missing/all.jsonl is in a directory that does not exist" in line
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".tmp", ".jsonl")) == [
+        "all.jsonl",
+        "link.jsonl",
+    ]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_demo_refuses_a_reports_file_it_cannot_write(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """--reports in a missing directory: every report failed (a logged error each), and
+    the demo still exited 0 without a report file."""
+    args = ("demo", "--users", "3", "--rounds", "2", "--backend", backend, "--reports")
+    line = assert_one_line_error(run(*args, "missing/r.jsonl", ok=None), 2)
+    assert "--reports missing/r.jsonl is in a directory that does not exist" in line
+    assert not (tmp_path / "asyncsession.db").exists()  # checked before anything ran
+    (tmp_path / "dir.jsonl").mkdir()
+    result = run(*args, "dir.jsonl", ok=None)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    run(*args, "r.jsonl", "--json")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost:abc/0",
+        "redis://[::1/0",
+        "redis://localhost:6379/five",
+        "redis://localhost:6379/0?db=x",
+        "redis://:hunter2@localhost:port/0",
+        "unix://relative.sock",
+    ],
+)
+def test_malformed_redis_url_is_a_usage_error(run: Run, url: str) -> None:
+    """These gave a ValueError traceback (exit 1), or silently meant database 0."""
+    line = assert_one_line_error(run("list", "--store", url, ok=None), 2)
+    assert "Invalid Redis URL" in line and "hunter2" not in line
