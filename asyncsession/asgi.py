@@ -46,6 +46,7 @@ import logging
 import math
 import re
 import sys
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from datetime import timedelta
@@ -520,7 +521,9 @@ class SessionMiddleware:
         try:
             loaded = await self._load(scope)
         except Exception:
-            logger.exception("could not load the session for %s %s", kind, scope.get("path"))
+            logger.exception(
+                "could not load the session for %s %s", kind, _where(scope, path_only=True)
+            )
             if kind == "http":
                 await _send_500(send)
             else:
@@ -545,9 +548,8 @@ class SessionMiddleware:
                 except Exception as exc:
                     not_json = isinstance(exc, InvalidJSONValue)
                     logger.exception(
-                        "could not save the session for %s %s; answering 500%s",
-                        scope.get("method"),
-                        scope.get("path"),
+                        "could not save the session for %s; answering 500%s",
+                        _where(scope),
                         " (a value changed inside the session is not JSON)" if not_json else "",
                     )
                     failed = True
@@ -574,13 +576,12 @@ class SessionMiddleware:
         if session._new_cookie:  # ensure_created() made a session nobody will hear of
             lost.append(f"the cookie of the new session {session._id} was never sent")
         logger.warning(
-            "%s: %s (%s %s)",
+            "%s: %s (%s)",
             " and ".join(lost),
             "they were made after the response started"
             if session._started
             else "the application sent no response",
-            scope.get("method"),
-            scope.get("path"),
+            _where(scope),
         )
 
     async def _save(self, session: SessionDict, scope: Scope) -> list[tuple[bytes, bytes]]:
@@ -605,11 +606,10 @@ class SessionMiddleware:
                     await self.manager.update(sid, _applying(changes, deleted))
             except (SessionNotFound, SessionClosed):
                 logger.warning(
-                    "session %s was logged out, rotated or expired while %s %s ran; "
+                    "session %s was logged out, rotated or expired while %s ran; "
                     "dropping its changes to keys %s",
                     sid,
-                    scope.get("method"),
-                    scope.get("path"),
+                    _where(scope),
                     sorted(set(changes) | deleted),
                 )
                 session._id = None
@@ -625,6 +625,15 @@ class SessionMiddleware:
         session._rotate = session._new_cookie = session._expire_cookie = False
         session._mark_saved()
         return headers
+
+
+def _where(scope: Scope, *, path_only: bool = False) -> str:
+    """The request's method and path for a log line, percent-encoded as an access log
+    would show them: a client's ``%0A`` in the path cannot start a forged log line."""
+    path = urllib.parse.quote(str(scope.get("path", "")), safe="/:@!$&'()*+,;=-._~")
+    if path_only:
+        return path
+    return f"{urllib.parse.quote(str(scope.get('method', '')), safe='')} {path}"
 
 
 async def _send_500(send: Send) -> None:

@@ -485,6 +485,25 @@ async def test_a_new_session_whose_cookie_never_went_out_is_reported(
     assert "sent no response" in record.getMessage()
 
 
+async def test_a_clients_path_cannot_forge_log_lines(
+    memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ASGI path is percent-decoded client input: logged as is, a ``%0A`` in it
+    started a line of the client's choosing (found by helper-51)."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await get_session(scope).ensure_created()
+
+    middleware = SessionMiddleware(app, memory_manager, secret_key=KEY)
+    scope = {"type": "http", "method": "GET\n", "path": "/x\nCRITICAL admin logged in"}
+    with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+        await middleware(scope, _unused_receive, _unused_send)
+    (record,) = caplog.records
+    line = record.getMessage()
+    assert "\n" not in line
+    assert "(GET%0A /x%0ACRITICAL%20admin%20logged%20in)" in line
+
+
 # --- cookies ---------------------------------------------------------------------------
 
 
