@@ -87,3 +87,40 @@ async def test_sleep_refuses_nan(anyio_backend: str) -> None:
     with pytest.raises(InvalidConfiguration, match="nan"):
         await clock.sleep(math.nan)
     assert clock.sleepers == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seconds", [1e-9, 4e-7, 0.4999e-6])
+async def test_sleeps_below_a_microsecond_return_without_an_advance(
+    seconds: float, anyio_backend: str
+) -> None:
+    """A datetime holds no time below a microsecond: the deadline is now, so the sleep
+    is over (after a checkpoint), like ``sleep(0)``; it does not wait for an advance."""
+    clock = ManualClock(START)
+    with anyio.fail_after(10):
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(anyio.get_cancelled_exc_class()):
+                await clock.sleep(seconds)  # a checkpoint: cancellation is seen
+        await clock.sleep(seconds)
+    assert clock.sleepers == 0 and clock.now() == START
+
+
+@pytest.mark.anyio
+async def test_a_microsecond_sleep_still_waits_for_the_clock(anyio_backend: str) -> None:
+    clock = ManualClock(START)
+    woke = anyio.Event()
+
+    async def sleeper() -> None:
+        await clock.sleep(1e-6)
+        woke.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sleeper)
+        while clock.sleepers == 0:
+            await anyio.lowlevel.checkpoint()
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+        assert not woke.is_set()
+        clock.advance(timedelta(microseconds=1))
+        await woke.wait()

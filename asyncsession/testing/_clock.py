@@ -92,6 +92,9 @@ class ManualClock:
             deadline: datetime | None = self._now + timedelta(seconds=seconds)
         except OverflowError:  # inf, or past datetime's range: time never gets there
             deadline = None
+        if deadline is not None and deadline <= self._now:  # below datetime's microsecond
+            await anyio.lowlevel.checkpoint()
+            return
         if deadline is None:
             self._forever += 1
             try:
