@@ -5,6 +5,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 
+import anyio
 import anyio.lowlevel
 import attrs
 import pytest
@@ -16,6 +17,7 @@ from asyncsession import (
     Message,
     Page,
     Session,
+    SessionManager,
     SessionNotFound,
     SessionQuery,
 )
@@ -176,3 +178,71 @@ async def test_the_contract_fails_a_broken_store(
     async with store() as repo:
         with pytest.raises(AssertionError):
             await contract_test(RepositoryContract(), repo, anyio_backend)
+
+
+# -- one store, both event loops (review finding 4 of helper-41) --------------------------
+
+
+@pytest.mark.parametrize("order", [("asyncio", "trio"), ("trio", "asyncio")])
+def test_one_store_serves_asyncio_then_trio(order: tuple[str, str]) -> None:
+    """Its lock belonged to the first backend that used it: the other one then failed
+    with RuntimeError ("no running event loop")."""
+    repo = MemoryRepository()
+    sessions = SessionManager(repo, cleanup_interval=None)
+    ids: list[uuid.UUID] = []
+
+    async def use() -> None:
+        async with sessions:
+            for known in ids:
+                await sessions.update(known, lambda s: s.with_state(seen=True))
+            created = await sessions.create()
+            await sessions.add_message(created.id, "user", "hi")
+            ids.append(created.id)
+
+    for backend in order * 2:
+        anyio.run(use, backend=backend)
+    assert len(repo) == 4
+
+
+class AwaitsUnderItsLock(MemoryRepository):
+    """add() holds the store's lock across an await, so other operations queue for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = anyio.Event()
+        self.release = anyio.Event()
+
+    async def add(self, session: Session) -> None:
+        async with self._lock:
+            self.holding.set()
+            await self.release.wait()
+        await super().add(session)
+
+
+@pytest.mark.anyio
+async def test_operations_queue_for_a_held_lock_in_order_and_may_be_cancelled(
+    anyio_backend: str,
+) -> None:
+    async with AwaitsUnderItsLock() as repo:
+        done: list[str] = []
+        session = make_session()
+
+        async def count(name: str) -> None:
+            await repo.count_by_status()
+            done.append(name)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(repo.add, session)
+            await repo.holding.wait()
+            with anyio.CancelScope() as gone:
+                async with anyio.create_task_group() as waiting:
+                    waiting.start_soon(count, "cancelled")
+                    await anyio.wait_all_tasks_blocked()
+                    gone.cancel()  # a waiter leaves the queue
+            for name in ("first", "second", "third"):
+                tg.start_soon(count, name)
+                await anyio.wait_all_tasks_blocked()
+            assert done == []
+            repo.release.set()
+        assert done == ["first", "second", "third"]
+        assert await repo.get(session.id) == session

@@ -9,8 +9,6 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
-import anyio
-
 from .._exceptions import (
     LimitExceeded,
     SessionClosed,
@@ -19,25 +17,51 @@ from .._exceptions import (
 )
 from .._migrations import CURRENT_VERSION
 from .._models import ExpiryPolicy, Message, Session, SessionStatus, last_window, replace_trusted
-from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
+from ..abc import (
+    Page,
+    SessionQuery,
+    SessionRepository,
+    _TransitionLock,
+    decode_cursor,
+    encode_cursor,
+)
 
 __all__ = ["MemoryRepository"]
 
 
+class _Lock(_TransitionLock):
+    """The store's lock, for tasks of any event loop: ``async with lock:``.
+
+    An :class:`anyio.Lock` belongs to the backend that first uses it, so a store used
+    under asyncio and then under trio (or the reverse) would fail. This one is taken with
+    no checkpoint when free (like ``fast_acquire``); waiters queue in order and are
+    woken through their own loop.
+    """
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 class MemoryRepository(SessionRepository):
-    """Sessions in a dict, guarded by an :class:`anyio.Lock`.
+    """Sessions in a dict, guarded by a lock.
 
     Snapshots are stored as they are (they are immutable and share message storage),
     so reads copy nothing and appends are O(1). A heap of deadlines makes
     :meth:`expired` cost O(expired · log n); listings by owner use an owner index.
     Nothing survives the process: use :class:`SQLiteRepository` for durability.
 
-    No operation awaits while holding the lock, and ``fast_acquire`` skips the event-loop
-    checkpoint when the lock is free, so uncontended operations never yield.
+    No operation awaits while holding the lock, and the lock is taken without an
+    event-loop checkpoint when it is free, so uncontended operations never yield. The
+    lock belongs to no event loop: one store may serve asyncio, then trio (or the reverse).
     """
 
     def __init__(self) -> None:
-        self._lock = anyio.Lock(fast_acquire=True)
+        self._lock = _Lock()
         self._sessions: dict[uuid.UUID, Session] = {}
         self._by_owner: dict[str | None, set[uuid.UUID]] = {}
         self._counts: Counter[SessionStatus] = Counter()
