@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any, Union
 
 import anyio
+import anyio.lowlevel
 import attrs
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -36,6 +37,7 @@ from ._exceptions import (
     SessionClosed,
     SessionConflict,
     SessionNotFound,
+    StorageError,
     leaf_ids,
     reraise,
     sole_error,
@@ -75,6 +77,7 @@ class SessionStats:
     cleanup_passes: int
     expired_total: int
     reports_dropped: int = 0
+    removals_failed: int = 0
 
     @property
     def total(self) -> int:
@@ -213,7 +216,10 @@ class SessionManager:
         self._stack: AsyncExitStack | None = None
         self._cleanup_passes = 0
         self._expired_total = 0
+        self._removals_failed = 0
         self._cleanup_done: anyio.Event | None = None
+        self._cleanup_scope: anyio.CancelScope | None = None  # the cleanup loop's own
+        self._cleanup_ended = anyio.Event()
 
     def __repr__(self) -> str:
         return (
@@ -266,7 +272,11 @@ class SessionManager:
                 await task_group.start(self._share_events_loop, name="asyncsession events")
             if self._cleanup_interval is not None:
                 first_pass = self._clock.now() + self._cleanup_interval
-                task_group.start_soon(self._cleanup_loop, first_pass, name="asyncsession cleanup")
+                scope = self._cleanup_scope = anyio.CancelScope()
+                ended = self._cleanup_ended = anyio.Event()
+                task_group.start_soon(
+                    self._cleanup_loop, first_pass, scope, ended, name="asyncsession cleanup"
+                )
         except BaseException as exc:
             await stack.aclose()
             single = sole_error(exc)
@@ -288,6 +298,14 @@ class SessionManager:
         self._running = False
         if self._cleanup_done is not None:  # wake wait_for_cleanup(): no pass will come
             self._cleanup_done.set()
+        scope, self._cleanup_scope = self._cleanup_scope, None
+        if scope is not None:
+            # Stop the cleanup loop before the events and reports close: a removal under
+            # way finishes (it is shielded) and is announced and reported like the others;
+            # the pass stops before the next one.
+            scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await self._cleanup_ended.wait()
         self._events.close()
         if self._outbox is not None:
             self._outbox.close()
@@ -419,6 +437,7 @@ class SessionManager:
             cleanup_passes=self._cleanup_passes,
             expired_total=self._expired_total,
             reports_dropped=self._reports_dropped,
+            removals_failed=self._removals_failed,
         )
 
     # -- writing ----------------------------------------------------------------------
@@ -450,10 +469,14 @@ class SessionManager:
     async def update(self, session_id: SessionId, fn: UpdateFn) -> Session:
         """Atomically replace a session by ``fn(snapshot)`` and return the saved result.
 
-        ``fn`` may be sync or async and may run more than once (on a fresh snapshot each
-        time) if another process writes the session concurrently. If it raises, nothing
-        is saved and the exception propagates. It may not change ``id``,
-        ``created_at`` or ``revision``; setting a terminal status closes the session.
+        ``fn`` may be sync or async. It runs again, on a fresh snapshot, if the session
+        is written while it runs by anything but this manager's updates, closes and
+        rotations (which wait for each other): a message appended, even by another task
+        of this process, or a write by another manager or process. So keep side effects
+        out of ``fn``. If it raises, nothing is saved and the exception propagates. If
+        the session expires while ``fn`` runs, nothing is saved and
+        :class:`SessionNotFound` is raised. ``fn`` may not change ``id``, ``created_at``
+        or ``revision``; setting a terminal status closes the session.
         """
         self._check_running()
         _check_callable(fn)
@@ -471,6 +494,7 @@ class SessionManager:
                 # The change happens now, after fn: a touch while fn ran (e.g. a read of
                 # this session) is not moved back by this save.
                 now = self._clock.now()
+                await self._check_still_live(old, now)
                 new, added = self._prepare(old, result, now)
                 try:
                     with anyio.CancelScope(shield=True):  # a stored write is always announced
@@ -520,6 +544,17 @@ class SessionManager:
         if old.status.is_terminal:
             raise SessionClosed(sid, old.status)
         return old, now
+
+    async def _check_still_live(self, old: Session, now: datetime) -> None:
+        """Raise :class:`SessionNotFound` if ``old`` expired before ``now`` (while an
+        update function ran): saving it would bring back a session every reader already
+        sees as gone. A touch meanwhile may have moved its deadline: read it again.
+        """
+        if not old.is_expired(now):
+            return
+        current = await self._repository.get(old.id, last_messages=0)
+        if current is None or current.is_expired(now):
+            raise SessionNotFound(old.id)
 
     def _prepare(
         self, old: Session, new: object, now: datetime
@@ -689,6 +724,7 @@ class SessionManager:
             if fn is not None:
                 result = await self._apply(fn, old)
                 now = self._clock.now()
+                await self._check_still_live(old, now)
                 base, _added = self._prepare(old, result, now)
                 if base.status.is_terminal:
                     raise InvalidUpdate(
@@ -979,8 +1015,10 @@ class SessionManager:
         Reads the store's deadline index, so the cost follows what expired, not how
         many sessions exist. Safe to run from several managers on one store: each
         expired session is removed (and reported) by exactly one of them. A session
-        that cannot be removed now (unreadable, locked by another process) is passed
-        over and tried again at the next pass.
+        that cannot be removed now (unreadable, locked by another process, a storage
+        error) is logged, counted in ``stats().removals_failed`` and passed over; it is
+        tried again at the next pass. Cancelling a pass stops it before the next
+        removal; a removal under way finishes and is announced.
         """
         self._check_running()
         now = self._clock.now()
@@ -988,26 +1026,32 @@ class SessionManager:
         # Ids tried and not removed (unreadable, locked elsewhere, taken by another
         # manager): a store may list them again, so each scan asks past them.
         passed: set[uuid.UUID] = set()
-        while True:
-            limit = self._cleanup_batch + len(passed)
-            ids = await self._repository.expired(now, limit=limit)
-            tried = 0
-            for sid in ids:
-                if sid in passed:
-                    continue
-                tried += 1
-                try:
-                    with anyio.CancelScope(shield=True):  # a removal is always announced
-                        if await self._expire(sid, now):
-                            removed_total += 1
-                            continue
-                except SerializationError as exc:  # one unreadable session stops no others
-                    logger.warning("cannot remove expired session %s: %s", sid, exc)
-                passed.add(sid)
-            if len(ids) < limit or tried == 0:
-                break
-        if removed_total:
-            logger.info("expired %s sessions", removed_total)
+        try:
+            while True:
+                limit = self._cleanup_batch + len(passed)
+                ids = await self._repository.expired(now, limit=limit)
+                tried = 0
+                for sid in ids:
+                    if sid in passed:
+                        continue
+                    tried += 1
+                    # Each removal is shielded: stop between them when cancelled.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    try:
+                        with anyio.CancelScope(shield=True):  # a removal is always announced
+                            if await self._expire(sid, now):
+                                removed_total += 1
+                                continue
+                    except (SerializationError, StorageError) as exc:
+                        # One session that cannot be removed stops no others.
+                        self._removals_failed += 1
+                        logger.warning("cannot remove expired session %s: %s", sid, exc)
+                    passed.add(sid)
+                if len(ids) < limit or tried == 0:
+                    break
+        finally:
+            if removed_total:
+                logger.info("expired %s sessions", removed_total)
         return removed_total
 
     async def _expire(self, sid: uuid.UUID, now: datetime) -> bool:
@@ -1047,7 +1091,20 @@ class SessionManager:
         if not self._running:  # woken by the exit, not by a finished pass
             raise ManagerNotRunning()
 
-    async def _cleanup_loop(self, due: datetime) -> None:
+    async def _cleanup_loop(
+        self, due: datetime, scope: anyio.CancelScope, ended: anyio.Event
+    ) -> None:
+        """Run cleanup passes until ``__aexit__`` cancels ``scope``; then set ``ended``.
+
+        (Both are arguments: the exit may cancel the scope before this task starts.)
+        """
+        try:
+            with scope:
+                await self._cleanup_passes_from(due)
+        finally:
+            ended.set()
+
+    async def _cleanup_passes_from(self, due: datetime) -> None:
         # Passes are due at absolute clock times (entry + interval, then interval after
         # each pass), so a pass is never skipped because the task started late.
         assert self._cleanup_interval is not None

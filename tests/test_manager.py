@@ -1206,3 +1206,224 @@ async def test_an_exception_group_leaving_the_block_is_kept(anyio_backend: str) 
     with pytest.raises(ExceptionGroup) as info:
         await leave_with_it()
     assert info.value is group
+
+
+# -- review findings of helper-41 ------------------------------------------------------
+
+
+class AwaitingRemovals(s.MemoryRepository):
+    """A memory store whose removals await, like a real store's I/O. Removal number
+    ``pause_at`` sets ``reached``, then waits for ``proceed`` before it removes."""
+
+    def __init__(self, pause_at: int) -> None:
+        super().__init__()
+        self.calls = 0
+        self.removed = 0
+        self.pause_at = pause_at
+        self.reached = anyio.Event()
+        self.proceed = anyio.Event()
+
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> s.Session | None:
+        await anyio.lowlevel.checkpoint()
+        self.calls += 1
+        if self.calls == self.pause_at:
+            self.reached.set()
+            await self.proceed.wait()
+        session = await super().remove_expired(session_id, now=now)
+        self.removed += session is not None
+        return session
+
+
+class Collected:
+    """A reporter that keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.reports: list[s.SessionReport] = []
+
+    async def report(self, report: s.SessionReport) -> None:
+        self.reports.append(report)
+
+
+def drained(events: s.Subscription) -> list[s.SessionEvent]:
+    """The events an ended subscription still holds."""
+    got = []
+    while True:
+        try:
+            got.append(events.receive_nowait())
+        except anyio.EndOfStream:
+            return got
+
+
+async def test_leaving_during_a_cleanup_pass_stops_it_and_announces_every_removal(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    store = AwaitingRemovals(pause_at=3)
+    collected = Collected()
+    manager = s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=60, clock=clock, reporters=[collected]
+    )
+
+    async def let_the_removal_finish_once_the_exit_waits() -> None:
+        await store.reached.wait()
+        await anyio.wait_all_tasks_blocked()
+        store.proceed.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(let_the_removal_finish_once_the_exit_waits)
+            async with manager:
+                created = {(await manager.create()).id for _ in range(20)}
+                events = manager.subscribe()
+                clock.advance(IDLE + 60)  # every session expired, and a pass is due
+                await store.reached.wait()  # leave during the pass's third removal
+    # The pass stopped after the removal under way (not at the end of its batch)...
+    assert store.removed == 3
+    removed = {sid for sid in created if await store.get(sid) is None}
+    assert len(removed) == 3
+    # ... and each removal it made was announced and reported before they closed.
+    expired = [e.session_id for e in drained(events) if e.kind is s.EventKind.EXPIRED]
+    assert sorted(expired) == sorted(removed)
+    assert sorted(r.session_id for r in collected.reports) == sorted(removed)
+    assert manager._reports_dropped == 0
+
+
+async def test_cancelling_a_purge_stops_it_before_the_next_removal(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    store = AwaitingRemovals(pause_at=3)
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=None, clock=clock
+    ) as sessions:
+        for _ in range(20):
+            await sessions.create()
+        clock.advance(IDLE + 1)
+        async with sessions.subscribe() as events:
+            with anyio.fail_after(10), anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+
+                    async def cancel_during_the_third_removal() -> None:
+                        await store.reached.wait()
+                        scope.cancel()
+                        store.proceed.set()
+
+                    tg.start_soon(cancel_during_the_third_removal)
+                    await sessions.purge_expired()
+            assert scope.cancelled_caught
+            announced = [events.receive_nowait() for _ in range(store.removed)]
+            with pytest.raises(anyio.WouldBlock):
+                events.receive_nowait()
+        # the removal under way finished (and was announced); no other one started
+        assert store.removed == store.calls == 3
+        assert all(e.kind is s.EventKind.EXPIRED for e in announced)
+        stats = await sessions.stats()
+        assert stats.total == 17 and stats.expired_total == 3
+
+
+async def test_an_update_whose_function_outlives_the_session_saves_nothing(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    session = await sessions.create()
+    seen: list[bool] = []
+
+    async def slow(current: s.Session) -> s.Session:
+        clock.advance(IDLE + 1)  # the session expires while the function runs
+        seen.append(await sessions.exists(session.id))
+        return current.with_state(late=True)
+
+    async with sessions.subscribe() as events:
+        with pytest.raises(s.SessionNotFound):
+            await sessions.update(session.id, slow)
+        with pytest.raises(s.SessionNotFound):
+            await sessions.close(session.id)
+        with pytest.raises(anyio.WouldBlock):
+            events.receive_nowait()  # nothing saved, nothing announced
+    assert seen == [False]
+    assert not await sessions.exists(session.id)
+    stored = await sessions.repository.get(session.id)
+    assert stored is None or (stored.revision == 0 and "late" not in stored.state)
+
+
+async def test_a_rotation_whose_function_outlives_the_session_creates_nothing(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    session = await sessions.create()
+
+    def slow(current: s.Session) -> s.Session:
+        clock.advance(IDLE + 1)
+        return current.with_state(user="alice")
+
+    with pytest.raises(s.SessionNotFound):
+        await sessions.rotate(session.id, slow)
+    assert not await sessions.exists(session.id)
+    assert (await sessions.list()).items == ()
+    assert (await sessions.stats()).total <= 1  # at most the expired original
+
+
+async def test_a_session_touched_while_the_update_function_runs_is_still_updated(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    """Past the deadline the update read, but a read meanwhile moved it: still live."""
+    session = await sessions.create()
+
+    async def slow(current: s.Session) -> s.Session:
+        clock.advance(IDLE - 10)
+        await sessions.get(session.id)  # another task reads (touches) meanwhile
+        clock.advance(20)
+        return current.with_state(done=True)
+
+    updated = await sessions.update(session.id, slow)
+    assert updated.state == {"done": True} and updated.revision == 1
+    rotated = await sessions.rotate(session.id, slow)
+    assert rotated.state == {"done": True}
+    assert (await sessions.get(rotated.id)).last_active == clock.now()
+
+
+class OneFailing(s.MemoryRepository):
+    """A memory store that cannot remove one session (an I/O error each time)."""
+
+    failing: uuid.UUID | None = None
+    attempts = 0
+
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> s.Session | None:
+        if session_id == self.failing:
+            self.attempts += 1
+            raise s.StorageError(f"cannot remove {session_id}: I/O error", recoverable=True)
+        return await super().remove_expired(session_id, now=now)
+
+
+@pytest.mark.parametrize("batch", [1, 1000])
+async def test_a_storage_error_on_one_session_does_not_stop_the_purge(
+    anyio_backend: str, clock: ManualClock, caplog: pytest.LogCaptureFixture, batch: int
+) -> None:
+    store = OneFailing()
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=60, cleanup_batch=batch, clock=clock
+    ) as sessions:
+        first = await sessions.create()
+        store.failing = first.id  # the earliest deadline: met first in every pass
+        clock.advance(1)
+        others = [await sessions.create() for _ in range(4)]
+        clock.advance(IDLE + 1)
+        with anyio.fail_after(10), caplog.at_level(logging.WARNING, "asyncsession"):
+            assert await sessions.purge_expired() == 4
+            assert store.attempts == 1  # passed over once, not retried in the pass
+            assert not any([await store.get(o.id) for o in others])
+            assert any(str(first.id) in r.getMessage() for r in caplog.records)
+            # later sessions are removed by the cleanup loop too, pass after pass
+            later = await sessions.create()
+            clock.advance(IDLE + 60)
+            await sessions.wait_for_cleanup()
+        assert await store.get(later.id) is None
+        assert store.attempts == 2
+        stats = await sessions.stats()
+        assert stats.total == 1 and stats.expired_total == 5 and stats.removals_failed == 2
+
+
+async def test_leaving_before_the_cleanup_loop_has_started(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    with anyio.fail_after(10):
+        for _ in range(3):
+            async with s.SessionManager(s.MemoryRepository(), cleanup_interval=60, clock=clock):
+                pass  # no checkpoint: the cleanup task has not run yet
+    assert clock.sleepers == 0
