@@ -22,6 +22,7 @@ from typing import Any, Union
 import anyio
 import anyio.lowlevel
 import attrs
+import orjson
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -130,6 +131,8 @@ class SessionManager:
     it by at least this much, so idle deadlines are exact to within it (``None``: every
     touching read writes); it is capped at half of ``idle_timeout``, so reads always keep
     a session alive. ``max_retries`` is how many times an update may be tried in all.
+    ``max_message_size`` caps each message's content (characters) plus its ``data``
+    (bytes of its compact JSON).
     ``reporter_timeout`` bounds each reporter call (``None``: no bound while running,
     5 s at exit). At exit, queued reports get ``reporter_timeout`` (or 5 s) times the
     number of reporters plus one in all; reports still queued then are dropped, counted
@@ -599,13 +602,15 @@ class SessionManager:
     def _check_messages(self, messages: Iterable[Message], total: int) -> None:
         if self._max_messages is not None and total > self._max_messages:
             raise LimitExceeded("Messages in this session", self._max_messages, total)
-        if self._max_message_size is not None:
+        limit = self._max_message_size
+        if limit is not None:
             for message in messages:
-                if len(message.content) > self._max_message_size:
+                size = len(message.content)
+                if message.data is not None and size <= limit:
+                    size += len(orjson.dumps(message.data))
+                if size > limit:
                     raise LimitExceeded(
-                        "Message length (characters)",
-                        self._max_message_size,
-                        len(message.content),
+                        "Message size (content characters + data as JSON bytes)", limit, size
                     )
 
     async def add_message(

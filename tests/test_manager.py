@@ -509,6 +509,10 @@ async def test_bad_input_is_rejected_and_nothing_is_stored(
             await sessions.add_message(session.id, "user", "hi", data={"x": math.nan})
         with pytest.raises(s.LimitExceeded):
             await sessions.add_message(session.id, "user", "x" * 11)
+        with pytest.raises(s.LimitExceeded, match="data as JSON"):  # data counts too
+            await sessions.add_message(session.id, "user", "hi", data={"blob": "y" * 100})
+        with pytest.raises(s.LimitExceeded):
+            await sessions.add_messages(session.id, [("user", "hi", ["z" * 8])])
         for state in BAD_STATES:
             with pytest.raises(s.InvalidJSONValue):
                 await sessions.update(session.id, lambda x, st=state: x.with_state(st))
