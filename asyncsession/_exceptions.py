@@ -197,16 +197,39 @@ class InvalidRole(ValidationError):
 
 
 class LimitExceeded(ValidationError):
-    """A configured cap (messages per session, message size) would be exceeded."""
+    """A cap would be exceeded: a configured one (messages per session, message size)
+    or the last revision a session can have (:data:`MAX_REVISION`)."""
 
-    def __init__(self, what: str, limit: int, actual: int) -> None:
+    def __init__(self, what: str, limit: int, actual: int, *, hint: str | None = None) -> None:
         self.what = what
         self.limit = limit
         self.actual = actual
-        super().__init__(
-            f"{what} would be {actual}, over the limit of {limit}. Start a new session, "
-            "trim the content, or configure a higher limit on the SessionManager."
-        )
+        if hint is None:
+            hint = (
+                "Start a new session, trim the content, or configure a higher limit on "
+                "the SessionManager."
+            )
+        super().__init__(f"{what} would be {actual}, over the limit of {limit}. {hint}")
+
+
+#: The last revision a session can have: revisions are signed 64-bit integers in the
+#: stores (SQLite's INTEGER, Redis's HINCRBY). Every write bumps the revision by one.
+MAX_REVISION = 2**63 - 1
+
+
+def revision_exhausted(session_id: Any) -> LimitExceeded:
+    """The error of a write that would take session ``session_id`` past
+    :data:`MAX_REVISION`; the store raises it before writing anything."""
+    return LimitExceeded(
+        f"The revision of session {session_id}",
+        MAX_REVISION,
+        MAX_REVISION + 1,
+        hint=(
+            "Nothing was written: 2**63 - 1 is the last revision a session can have, so "
+            "it cannot change any more (it can still be read and deleted). Copy what you "
+            "need into a new session (SessionManager.create())."
+        ),
+    )
 
 
 class InvalidUpdate(ValidationError):

@@ -25,7 +25,9 @@ from strategies import messages, sessions
 from asyncsession import (
     CURRENT_VERSION,
     CorruptSessionError,
+    ExpiryPolicy,
     InvalidConfiguration,
+    LimitExceeded,
     Message,
     Session,
     SessionConflict,
@@ -34,6 +36,7 @@ from asyncsession import (
     SessionRepository,
     StorageError,
 )
+from asyncsession._models import replace_trusted
 from asyncsession._serialization import (
     dump_message,
     session_from_document,
@@ -420,6 +423,62 @@ async def test_limits_beyond_64_bits_mean_no_limit(db: Path, huge: int, anyio_ba
         created = await sessions.create()
         assert (await sessions.add_message(created.id, "user", "hi")).messages.total == 1
         assert await sessions.purge_expired() == 0
+
+
+@attrs.frozen(slots=True)
+class _SubclassPolicy(ExpiryPolicy):
+    """An ExpiryPolicy subclass: append() takes its general path (not one statement)."""
+
+
+def _stored_rows(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Every column of every row of ``sessions`` (with ``typeof(revision)``) and of
+    ``messages``, through a second connection."""
+    conn = raw(path)
+    try:
+        sessions_rows = conn.execute(
+            "SELECT *, typeof(revision) FROM sessions ORDER BY pk"
+        ).fetchall()
+        message_rows = conn.execute("SELECT * FROM messages ORDER BY rowid").fetchall()
+    finally:
+        conn.close()
+    return sessions_rows, message_rows
+
+
+@pytest.mark.parametrize("path", ["one statement", "no RETURNING", "policy subclass"])
+async def test_append_at_the_last_revision_leaves_the_row_untouched(
+    db: Path, path: str, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At revision 2**63 - 1, ``revision = revision + 1`` made SQLite store the REAL
+    9.223372036854776e+18 and commit it with the messages: the session was unreadable
+    (CorruptSessionError) for good. Now the append, on every path, and a save raise
+    LimitExceeded and the row stays as it was (review finding of helper-48)."""
+    top = 2**63 - 1
+    policy = POLICY
+    if path == "no RETURNING":  # SQLite before 3.35: the general path
+        monkeypatch.setattr(sqlite_store, "_HAS_RETURNING", False)
+    elif path == "policy subclass":
+        policy = _SubclassPolicy(
+            idle_timeout=POLICY.idle_timeout, max_age=None, retention=POLICY.retention
+        )
+    session = attrs.evolve(make_session(messages=("a",)), revision=top)
+    async with SQLiteRepository(db) as repo:
+        await repo.add(session)
+        before = await anyio.to_thread.run_sync(_stored_rows, db)
+        assert [row[-1] for row in before[0]] == ["integer"]
+        with pytest.raises(LimitExceeded, match=r"revision of session .* Nothing was written"):
+            await repo.append(session.id, [msg("b", 1)], at=at(1), policy=policy)
+        assert await anyio.to_thread.run_sync(_stored_rows, db) == before
+        past = replace_trusted(
+            session, messages=session.messages.append(msg("b", 1)), revision=top + 1
+        )
+        with pytest.raises(LimitExceeded):
+            await repo.save(past, expected_revision=top, new_messages=[msg("b", 1)])
+        with pytest.raises(LimitExceeded):
+            await repo.save(past, expected_revision=top)
+        assert await anyio.to_thread.run_sync(_stored_rows, db) == before
+        assert await repo.get(session.id) == session
+    async with SQLiteRepository(db) as reopened:  # nothing held: read from the file
+        assert await reopened.get(session.id) == session
 
 
 async def test_corrupt_document_only_affects_its_session(db: Path, anyio_backend: str) -> None:

@@ -56,6 +56,7 @@ import attrs
 import orjson
 
 from .._exceptions import (
+    MAX_REVISION,
     CorruptSessionError,
     InvalidConfiguration,
     LimitExceeded,
@@ -65,6 +66,7 @@ from .._exceptions import (
     SessionConflict,
     SessionNotFound,
     StorageError,
+    revision_exhausted,
 )
 from .._locks import KeyedLocks
 from .._migrations import CURRENT_VERSION, document_version
@@ -1143,6 +1145,8 @@ class FileRepository(SessionRepository):
     ) -> None:
         self._check_revision_step(session, expected_revision)
         sid = session.id
+        if session.revision > MAX_REVISION:  # no session can have it: refuse it whole
+            raise revision_exhausted(sid)
         self._check_window_save(session, new_messages)
         window = not session.messages.is_complete
         added = tuple(new_messages or ())
@@ -1191,6 +1195,8 @@ class FileRepository(SessionRepository):
             total = old.messages.total + len(messages)
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
+            if old.revision >= MAX_REVISION:
+                raise revision_exhausted(sid)
             last_active = max(old.last_active, at)
             skeleton = attrs.evolve(
                 old,

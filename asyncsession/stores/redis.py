@@ -50,6 +50,7 @@ import attrs
 import orjson
 
 from .._exceptions import (
+    MAX_REVISION,
     CorruptSessionError,
     InvalidConfiguration,
     LimitExceeded,
@@ -59,6 +60,7 @@ from .._exceptions import (
     SessionNotFound,
     StorageError,
     reraise,
+    revision_exhausted,
     sole_error,
 )
 from .._models import (
@@ -295,6 +297,8 @@ return {1, cur[8] or ''}
 """
 
 # KEYS s m; ARGV P id at idle maxage maxmsgs grace msgs...
+# {-6} when the revision is already the last one (MAX_REVISION, 2**63 - 1): HINCRBY would
+# fail, so the script stops before its first write.
 _APPEND = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
 local h = redis.call('HMGET', s, 'd', 'r', 'st', 'ca', 'la', 'ex', 'o', 'g')
@@ -309,6 +313,9 @@ if ARGV[6] ~= '' then
   local total = redis.call('LLEN', m) + #ARGV - 7
   if total > tonumber(ARGV[6]) then return {-4, total} end
 end
+-- revisions are canonical decimals: compare them as strings, not as (double) numbers
+local last = '9223372036854775807'
+if #h[2] > #last or (#h[2] == #last and h[2] >= last) then return {-6} end
 local la = math.max(tonumber(h[5]), at)
 local ex = deadline(h[3], tonumber(h[4]), la, tonumber(ARGV[4]), tonumber(ARGV[5]))
 -- HINCRBY: 64-bit integer arithmetic on the server (Lua numbers are doubles, exact only
@@ -667,7 +674,9 @@ class RedisRepository(SessionRepository, EventTransport):
     entered (``async with client:``); the store never closes a caller's client. In a
     URL, a user name or password with characters such as ``/``, ``@`` or ``:`` is
     percent-encoded (``redis://:s3cr%2Ft@host:6379/0`` for the password ``s3cr/t``);
-    the store decodes it before sending it to the server.
+    the store decodes it before sending it to the server. So a literal ``%`` must be
+    written ``%25`` too (``redis://:100%25@host:6379/0`` for the password ``100%``):
+    ``%2F`` in a URL is the password's ``/``, never the three characters ``%2F``.
     ``max_connections`` (an int >= 1, or ``None`` for coredis's default) caps the
     connections of a store-made client; each :meth:`subscribe_events` block holds one
     and one must stay free, so subscribing needs at least 2. A client you pass keeps
@@ -1039,6 +1048,8 @@ class RedisRepository(SessionRepository, EventTransport):
         new_messages: Sequence[Message] | None = None,
     ) -> None:
         self._check_revision_step(session, expected_revision)
+        if session.revision > MAX_REVISION:  # HINCRBY could not go on from it: refuse it
+            raise revision_exhausted(session.id)
         self._check_window_save(session, new_messages)
         lent = self._held.before_save(session.id, expected_revision)
         expected = str(expected_revision)
@@ -1109,6 +1120,8 @@ class RedisRepository(SessionRepository, EventTransport):
         if code == -4:
             assert max_messages is not None
             raise LimitExceeded("Messages in this session", max_messages, int(reply[1]))
+        if code == -6:
+            raise revision_exhausted(session_id)
         _, doc, revision, last_active, expires_at, total, incarnation = reply
         log = MessageLog(messages, offset=int(total) - len(messages))
         session = self._build(session_id, doc, revision, last_active, expires_at, log)

@@ -66,6 +66,7 @@ import attrs
 import orjson
 
 from .._exceptions import (
+    MAX_REVISION,
     CorruptSessionError,
     InvalidConfiguration,
     LimitExceeded,
@@ -74,6 +75,7 @@ from .._exceptions import (
     SessionError,
     SessionNotFound,
     StorageError,
+    revision_exhausted,
 )
 from .._json import freeze_json, freeze_state
 from .._migrations import CURRENT_VERSION
@@ -1703,6 +1705,8 @@ class SQLiteRepository(SessionRepository):
         new_messages: Sequence[Message] | None = None,
     ) -> None:
         self._check_revision_step(session, expected_revision)
+        if session.revision > MAX_REVISION:  # SQLite cannot bind it: refuse it whole
+            raise revision_exhausted(session.id)
         added = None if new_messages is None else _encode_messages(new_messages)
         everything = None
         self._check_window_save(session, new_messages)
@@ -1783,6 +1787,8 @@ class SQLiteRepository(SessionRepository):
             total = count + len(batch)
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
+            if revision >= MAX_REVISION:  # SQLite's revision + 1 would store a REAL
+                raise revision_exhausted(sid)
             if at_us > last_us:
                 last_us = at_us
             expires_at = policy.deadline(status, _time(created_us), _time(last_us), None)
@@ -2009,9 +2015,11 @@ _IDS_PER_STATEMENT: Final = 500
 
 
 #: append() in one statement, for the plain ExpiryPolicy: checks (open, unexpired, within
-#: the limit), new deadline (ExpiryPolicy.deadline of an open session, in microseconds)
-#: and the counters. No row back means one of the checks failed (or no such session).
-#: A deadline past ``datetime.max`` is stored as none, as ExpiryPolicy.deadline answers.
+#: the limit, below the last revision), new deadline (ExpiryPolicy.deadline of an open
+#: session, in microseconds) and the counters. No row back means one of the checks failed
+#: (or no such session). A deadline past ``datetime.max`` is stored as none, as
+#: ExpiryPolicy.deadline answers. ``revision + 1`` past 2**63 - 1 would make SQLite store a
+#: REAL (the session unreadable from then on): ``:top`` keeps it an INTEGER.
 _APPEND = (
     "UPDATE sessions SET last_active = max(last_active, :at), expires_at = ("
     "SELECT CASE WHEN d > :last THEN NULL ELSE d END FROM (SELECT CASE "
@@ -2021,6 +2029,7 @@ _APPEND = (
     "revision = revision + 1, message_count = message_count + :n "
     "WHERE id = :id AND status IN ('active', 'archived') "
     "AND (expires_at IS NULL OR expires_at > :at) AND message_count + :n <= :limit "
+    "AND revision < :top "
     "RETURNING pk, doc, message_count, last_active, expires_at, revision, incarnation"
 )
 
@@ -2048,6 +2057,7 @@ def _append_parameters(
         "n": len(batch),
         "limit": _ALL_MESSAGES if max_messages is None else _sql_int(max_messages),
         "last": _LAST_US,  # a later deadline is none (ExpiryPolicy.deadline: never)
+        "top": MAX_REVISION,  # the last revision: the fallback path explains the refusal
     }
 
 

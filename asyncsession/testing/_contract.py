@@ -35,9 +35,11 @@ from .._exceptions import (
     SessionConflict,
     SessionNotFound,
 )
+from .._manager import SessionManager
 from .._migrations import CURRENT_VERSION
-from .._models import ExpiryPolicy, Message, Session, SessionStatus
+from .._models import ExpiryPolicy, Message, Session, SessionStatus, replace_trusted
 from ..abc import SessionQuery, SessionRepository
+from ._clock import ManualClock
 
 __all__ = ["RepositoryContract"]
 
@@ -292,6 +294,119 @@ class RepositoryContract:
             assert [m.content for m in loaded.messages] == ["a", "b"]
         listed = (await repository.list(SessionQuery())).items
         assert sorted(s.revision for s in listed) == [start + 2 for start in starts]
+
+    async def test_writes_past_the_last_revision_are_refused(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """At revision ``2**63 - 1`` a session takes no more writes: appends and saves
+        (the next revision, ``2**63``, as the manager computes it) raise
+        :class:`LimitExceeded` and store nothing. (SQLite's ``revision + 1`` stored a
+        REAL that left the session unreadable for good, other stores kept ``2**63`` or
+        failed with a raw server error.) It can still be read, touched and deleted."""
+        top = 2**63 - 1
+        session = attrs.evolve(make_session(messages=("a",)), revision=top)
+        await repository.add(session)
+        base = await repository.get_for_update(session.id)
+        assert base == session and base is not None
+        new = msg("b", 1)
+        with_new = base.messages.append(new)
+        attempts: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            (
+                "an append",
+                lambda: repository.append(session.id, [new], at=at(1), policy=POLICY),
+            ),
+            (
+                "an append under a message limit",
+                lambda: repository.append(
+                    session.id, [new], at=at(1), policy=POLICY, max_messages=10
+                ),
+            ),
+            ("an empty append", lambda: repository.append(session.id, [], at=at(1), policy=POLICY)),
+            (
+                "a save of the state",
+                lambda: repository.save(
+                    replace_trusted(base, state={"k": 2}, last_active=at(1), revision=top + 1),
+                    expected_revision=top,
+                    new_messages=(),
+                ),
+            ),
+            (
+                "a save appending a message",
+                lambda: repository.save(
+                    replace_trusted(base, messages=with_new, last_active=at(1), revision=top + 1),
+                    expected_revision=top,
+                    new_messages=[new],
+                ),
+            ),
+            (
+                "a save rewriting the history",
+                lambda: repository.save(
+                    replace_trusted(base, messages=with_new, revision=top + 1),
+                    expected_revision=top,
+                ),
+            ),
+            (
+                "a save closing it",
+                lambda: repository.save(
+                    replace_trusted(
+                        base, status=SessionStatus.EXITED, closed_at=at(1), revision=top + 1
+                    ),
+                    expected_revision=top,
+                    new_messages=(),
+                ),
+            ),
+        ]
+        for what, attempt in attempts:
+            error = await raises(LimitExceeded, attempt(), f"{what} at revision 2**63 - 1")
+            assert (error.limit, error.actual, error.recoverable) == (top, top + 1, False), what
+            assert await repository.get(session.id) == session, f"{what} stored something"
+            assert await repository.get_for_update(session.id) == session, what
+        listed = (await repository.list(SessionQuery())).items
+        assert [(s.id, s.revision, s.last_active) for s in listed] == [
+            (session.id, top, session.last_active)
+        ]
+        touched = await repository.touch(session.id, at=at(2), policy=POLICY)
+        assert touched is not None and touched.revision == top
+        assert touched.last_active == at(2)
+        assert [m.content for m in touched.messages] == ["a"]
+        assert await repository.get(session.id) == touched
+        assert await repository.delete(session.id)
+        assert await repository.get(session.id) is None
+
+    async def test_manager_writes_past_the_last_revision_are_refused(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """Through a :class:`SessionManager`, every change of a session at revision
+        ``2**63 - 1`` raises :class:`LimitExceeded` and leaves it as it was; a rotation
+        leaves no second session behind."""
+        top = 2**63 - 1
+        session = attrs.evolve(make_session(messages=("a",)), revision=top)
+        await repository.add(session)
+        changes: list[tuple[str, Callable[[SessionManager], Awaitable[object]]]] = [
+            ("update", lambda m: m.update(session.id, lambda s: s.with_state(k=2))),
+            ("set_state", lambda m: m.set_state(session.id, k=2)),
+            ("add_message", lambda m: m.add_message(session.id, "user", "b")),
+            ("add_messages", lambda m: m.add_messages(session.id, [("user", "b")])),
+            ("record_error", lambda m: m.record_error(session.id)),
+            ("archive", lambda m: m.archive(session.id)),
+            ("close", lambda m: m.close(session.id)),
+            ("rotate", lambda m: m.rotate(session.id)),
+        ]
+        clock = ManualClock(at(1))
+        async with SessionManager(
+            repository, clock=clock, idle_timeout=POLICY.idle_timeout, cleanup_interval=None
+        ) as sessions:
+            for what, change in changes:
+                error = await raises(
+                    LimitExceeded, change(sessions), f"{what}() at revision 2**63 - 1"
+                )
+                assert (error.limit, error.actual) == (top, top + 1), what
+                assert await repository.get(session.id) == session, f"{what}() stored something"
+                listed = (await repository.list(SessionQuery())).items
+                assert [s.id for s in listed] == [session.id], f"{what}() left {listed}"
+            read = await sessions.get(session.id)
+            assert read.revision == top and [m.content for m in read.messages] == ["a"]
+            assert await sessions.delete(session.id)
 
     async def test_get_for_update_follows_this_stores_writes(
         self, repository: SessionRepository, anyio_backend: Any
