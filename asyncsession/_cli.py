@@ -67,6 +67,7 @@ from . import (
     dumps,
     loads,
 )
+from ._exceptions import MAX_REVISION, revision_exhausted
 from ._urls import STORE_URL_FORMS, repository_from_url
 from .reporting import JsonLinesReporter, Reporter, aggregate, read_reports
 
@@ -96,6 +97,14 @@ err = Console(stderr=True, highlight=False, width=_width(sys.stderr))
 
 #: Control characters but tab and newline (C0, DEL, C1): shown as escapes, not sent.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _bumped(session: Session, revision: int) -> Session:
+    """``session`` at the revision after ``revision`` (a save's next revision):
+    :class:`LimitExceeded` past the last revision a session can have."""
+    if revision >= MAX_REVISION:
+        raise revision_exhausted(session.id)
+    return attrs.evolve(session, revision=revision + 1)
 
 
 def _plain(value: object, style: str = "") -> Text:
@@ -988,7 +997,7 @@ async def _rewrite(repository: SessionRepository, sid: uuid.UUID) -> bool:
         if session is None:
             return False
         await repository.save(
-            attrs.evolve(session, revision=session.revision + 1),
+            _bumped(session, session.revision),
             expected_revision=session.revision,
         )
         return True
@@ -1281,12 +1290,12 @@ async def _replace(repository: SessionRepository, session: Session) -> bool:
             if seen is None or session.revision > seen:
                 await repository.add(session)
             else:
-                await repository.add(attrs.evolve(session, revision=seen + 1))
+                await repository.add(_bumped(session, seen))
             return False
         saw(stored.revision)
         try:
             await repository.save(
-                attrs.evolve(session, revision=stored.revision + 1),
+                _bumped(session, stored.revision),
                 expected_revision=stored.revision,
             )
         except SessionConflict as exc:  # the revision another writer saved counts too

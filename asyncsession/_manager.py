@@ -30,6 +30,7 @@ from ._clock import Clock, Duration, SystemClock, active_clock, to_timedelta
 from ._context import _current
 from ._events import EventHub, EventKind, Subscription
 from ._exceptions import (
+    MAX_REVISION,
     InvalidConfiguration,
     InvalidUpdate,
     LimitExceeded,
@@ -41,6 +42,7 @@ from ._exceptions import (
     StorageError,
     leaf_ids,
     reraise,
+    revision_exhausted,
     sole_error,
 )
 from ._json import freeze_state
@@ -582,6 +584,8 @@ class SessionManager:
                 "The update function returned a window of the message history; append to "
                 "the snapshot's messages instead of replacing them with a partial view."
             )
+        if old.revision >= MAX_REVISION:  # whatever the store (a third party's too)
+            raise revision_exhausted(old.id)
         added = new.messages.added_since(old.messages)
         self._check_messages(new.messages if added is None else added, new.messages.total)
         closed_at = new.closed_at
@@ -725,6 +729,8 @@ class SessionManager:
     async def _rotate(self, sid: uuid.UUID, fn: UpdateFn | None) -> tuple[Session, datetime]:
         for _attempt in range(self._max_retries):
             old, now = await self._read_open(sid)
+            if old.revision >= MAX_REVISION:  # the old id could not be retired
+                raise revision_exhausted(sid)
             base = old
             if fn is not None:
                 result = await self._apply(fn, old)

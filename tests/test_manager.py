@@ -1431,3 +1431,35 @@ async def test_leaving_before_the_cleanup_loop_has_started(
             async with s.SessionManager(s.MemoryRepository(), cleanup_interval=60, clock=clock):
                 pass  # no checkpoint: the cleanup task has not run yet
     assert clock.sleepers == 0
+
+
+async def test_the_manager_refuses_writes_past_the_last_revision_whatever_the_store(
+    clock: ManualClock,
+) -> None:
+    """A session at revision 2**63 - 1 cannot change: the manager raises LimitExceeded
+    itself and never hands the store a save, so a third-party store that does not check
+    the bound cannot store 2**63 (found by helper-49)."""
+    saves: list[int] = []
+
+    class Recording(s.MemoryRepository):
+        async def save(self, session: s.Session, **kwargs: Any) -> None:
+            saves.append(session.revision)
+            await super().save(session, **kwargs)
+
+    store = Recording()
+    async with store:
+        top = attrs.evolve(s.Session(uuid.uuid4(), clock.now(), clock.now()), revision=2**63 - 1)
+        await store.add(top)
+    async with s.SessionManager(store, clock=clock) as sessions:
+        for write in (
+            lambda: sessions.update(top.id, lambda x: x.with_state({"a": 1})),
+            lambda: sessions.close(top.id),
+            lambda: sessions.rotate(top.id),
+            lambda: sessions.rotate(top.id, lambda x: x.with_state({"a": 1})),
+        ):
+            with pytest.raises(s.LimitExceeded, match="Nothing was written"):
+                await write()
+        assert saves == []
+        after = await sessions.get(top.id, touch=False)
+        assert after.revision == 2**63 - 1 and after.state == {}
+        assert [x.id for x in (await sessions.list(limit=10)).items] == [top.id]
