@@ -1197,6 +1197,8 @@ class RedisRepository(SessionRepository, EventTransport):
 
     async def list(self, query: SessionQuery) -> Page:
         after = decode_cursor(query)
+        if query.status is not None and not query.status:
+            return Page(())  # an empty set of statuses matches nothing, as in every store
         zset = f"{self._prefix}i:la" if query.owner is None else f"{self._prefix}o:{query.owner}"
         max_score, after_id = (
             ("+inf", "")
@@ -1206,7 +1208,9 @@ class RedisRepository(SessionRepository, EventTransport):
                 str(after[1]),
             )
         )
-        statuses = " ".join(sorted(s.value for s in query.status)) if query.status else ""
+        statuses = (
+            " ".join(sorted(s.value for s in query.status)) if query.status is not None else ""
+        )
         visible = _opt_us(query.visible_at)
         want = query.limit + 1
         items: list[Session] = []

@@ -720,6 +720,8 @@ class RepositoryContract:
         assert await ids(owner="nobody") == []
         assert await ids(status=SessionStatus.ARCHIVED) == [d.id]
         assert await ids(owner="alice", status=[SessionStatus.ACTIVE]) == [b.id, a.id]
+        assert await ids(status=[]) == []  # no status asked for: nothing matches
+        assert await ids(owner="alice", status=[]) == []
         assert await ids(search="feature") == [b.id, a.id]
         assert await ids(search="FIX") == [b.id]
         assert await ids(visible_at=at(62)) == [d.id, c.id]
