@@ -27,6 +27,7 @@ what happened and what to do about it::
 from __future__ import annotations
 
 import sys
+import uuid
 from typing import Any, NoReturn
 
 if sys.version_info < (3, 11):
@@ -87,8 +88,10 @@ class SessionNotFound(SessionError, LookupError):
 
     def __init__(self, session_id: Any) -> None:
         self.session_id = session_id
+        # Not an id (a client's string, say): quoted and cut short, never a new log line.
+        shown = session_id if isinstance(session_id, uuid.UUID) else f"{session_id!r:.80}"
         super().__init__(
-            f"Session {session_id} was not found: it does not exist, has expired or was "
+            f"Session {shown} was not found: it does not exist, has expired or was "
             "deleted. Create a new session with SessionManager.create()."
         )
 
@@ -125,9 +128,9 @@ class SessionConflict(SessionError):
         self.attempts = attempts
         if attempts is not None:
             text = (
-                f"Session {session_id} kept changing under {attempts} attempts of this "
-                "update; another writer is updating it heavily. Retry later, or raise "
-                "SessionManager(max_retries=...)."
+                f"Session {session_id} kept changing during {attempts} attempts of this "
+                "update (appends or writes from this process or another). Retry later, or "
+                "raise SessionManager(max_retries=...)."
             )
         else:
             text = (
