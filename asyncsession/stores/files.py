@@ -461,6 +461,10 @@ class FileRepository(SessionRepository):
       and ``expired`` then re-read documents changed on disk since their last call;
       with False the in-process index is trusted (the directory belongs to this process).
     * ``max_threads``: worker threads this store may use at once.
+    * ``file_mode``: permissions of the documents and lock files this store creates
+      (default ``0o600``: session data is readable by its owner only); the directories
+      it creates get the matching ``x`` bits (``0o700``). The process umask applies on
+      top. A document keeps ``file_mode`` when rewritten.
 
     Each operation is one hop to a worker thread. Reads, compare-and-set saves, appends,
     touches and ``remove_expired`` always read the document under its lock, so they are
@@ -491,7 +495,13 @@ class FileRepository(SessionRepository):
         fsync: bool = True,
         shared: bool = True,
         max_threads: int = 8,
+        file_mode: int = 0o600,
     ) -> None:
+        if type(file_mode) is not int or not 0 <= file_mode <= 0o777 or file_mode & 0o600 != 0o600:
+            raise InvalidConfiguration(
+                f"file_mode must be permission bits from 0o600 to 0o777 that let the owner "
+                f"read and write (e.g. 0o600 or 0o640), got {file_mode!r}."
+            )
         if isinstance(lock_timeout, bool) or not (
             isinstance(lock_timeout, (int, float)) and 0 < lock_timeout < float("inf")
         ):
@@ -513,6 +523,9 @@ class FileRepository(SessionRepository):
         self._fsync = fsync
         self._shared = shared
         self._max_threads = max_threads
+        self._file_mode = file_mode
+        # the directories: searchable wherever readable (0o600 -> 0o700, 0o640 -> 0o750)
+        self._dir_mode = file_mode | ((file_mode & 0o444) >> 2)
         self._index = _Index()
         self._session_locks = KeyedLocks()
         self._sync_lock = threading.Lock()
@@ -574,7 +587,7 @@ class FileRepository(SessionRepository):
         created = False
         for path in (str(root), self._sessions_dir, self._locks_dir, self._quarantine_dir):
             try:
-                os.mkdir(path)
+                os.mkdir(path, self._dir_mode)
                 created = True
             except FileExistsError:
                 pass
@@ -695,7 +708,7 @@ class FileRepository(SessionRepository):
     def _acquire_nowait(self, lock_path: str) -> int | None:
         """A locked fd, None when held elsewhere, or -1 when the file was just replaced."""
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._file_mode)
         except OSError as exc:
             raise _storage_error("open the lock file", lock_path, exc) from exc
         try:
@@ -783,7 +796,8 @@ class FileRepository(SessionRepository):
         fd = -1
         action = "create"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = os.open(tmp, flags, self._file_mode)
             action = "write"
             view = memoryview(data)
             while view:

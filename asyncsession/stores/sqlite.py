@@ -902,6 +902,10 @@ class SQLiteRepository(SessionRepository):
       to the worker (the compare-and-set) instead of a read plus a compare-and-set.
       Another process's change makes the compare-and-set refuse the remembered
       snapshot and the manager reads again. ``0`` turns it off.
+    * ``file_mode`` — permissions of a database file this store creates (default
+      ``0o600``: session data is readable by its owner only; the umask applies on top).
+      SQLite gives the ``-wal`` and ``-shm`` files the database's mode; an existing
+      file keeps its own.
 
     Cancellation: an operation still waiting in the queue is withdrawn and never runs;
     one the worker has started completes (a write is awaited, shielded, for at most
@@ -919,7 +923,13 @@ class SQLiteRepository(SessionRepository):
         max_batch: int = 256,
         pragmas: Mapping[str, int | str] | None = None,
         snapshot_cache: int = 1_000,
+        file_mode: int = 0o600,
     ) -> None:
+        if type(file_mode) is not int or not 0 <= file_mode <= 0o777 or file_mode & 0o600 != 0o600:
+            raise InvalidConfiguration(
+                f"file_mode must be permission bits from 0o600 to 0o777 that let the owner "
+                f"read and write (e.g. 0o600 or 0o640), got {file_mode!r}."
+            )
         if isinstance(synchronous, str):
             synchronous = synchronous.upper()
         if synchronous not in _SYNCHRONOUS:
@@ -959,6 +969,7 @@ class SQLiteRepository(SessionRepository):
                     f"owns these pragmas: {', '.join(sorted(_STORE_PRAGMAS))}."
                 )
         self._path = Path(path)
+        self._file_mode = file_mode
         self._synchronous = synchronous
         self._busy_timeout = float(busy_timeout)
         self._lock_slice = min(self._busy_timeout, _LOCK_SLICE)
@@ -1446,6 +1457,11 @@ class SQLiteRepository(SessionRepository):
                 raise StorageError(
                     f"Cannot open SQLite database {path}: it is a directory; pass a file path."
                 )
+            # A new file gets file_mode (SQLite gives its -wal and -shm files the same).
+            # An existing one keeps its own; one that cannot be created here is reported
+            # by sqlite3.connect below, with the path.
+            with contextlib.suppress(OSError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode))
         try:
             conn = sqlite3.connect(
                 path,
