@@ -117,6 +117,16 @@ class Page:
         return len(self.items)
 
 
+def _check_file_mode(file_mode: object) -> None:
+    """Refuse a store's ``file_mode`` unless it is permission bits letting the owner
+    read and write what the store creates."""
+    if type(file_mode) is not int or not 0 <= file_mode <= 0o777 or file_mode & 0o600 != 0o600:
+        raise InvalidConfiguration(
+            "file_mode must be permission bits from 0o600 to 0o777 that let the owner "
+            f"read and write (e.g. 0o600 or 0o640), got {file_mode!r}."
+        )
+
+
 def encode_cursor(last_active: datetime, session_id: uuid.UUID, query: SessionQuery) -> str:
     """Make an opaque cursor that resumes after ``(last_active, session_id)``."""
     raw = orjson.dumps([last_active.isoformat(), str(session_id), query.fingerprint()])

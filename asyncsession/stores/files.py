@@ -72,7 +72,14 @@ from .._locks import KeyedLocks
 from .._migrations import CURRENT_VERSION, document_version
 from .._models import ExpiryPolicy, Message, MessageLog, Session, SessionStatus
 from .._serialization import session_from_document, session_to_document
-from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
+from ..abc import (
+    Page,
+    SessionQuery,
+    SessionRepository,
+    _check_file_mode,
+    decode_cursor,
+    encode_cursor,
+)
 
 try:
     import fcntl
@@ -497,11 +504,7 @@ class FileRepository(SessionRepository):
         max_threads: int = 8,
         file_mode: int = 0o600,
     ) -> None:
-        if type(file_mode) is not int or not 0 <= file_mode <= 0o777 or file_mode & 0o600 != 0o600:
-            raise InvalidConfiguration(
-                f"file_mode must be permission bits from 0o600 to 0o777 that let the owner "
-                f"read and write (e.g. 0o600 or 0o640), got {file_mode!r}."
-            )
+        _check_file_mode(file_mode)
         if isinstance(lock_timeout, bool) or not (
             isinstance(lock_timeout, (int, float)) and 0 < lock_timeout < float("inf")
         ):

@@ -103,7 +103,14 @@ from .._serialization import (
     load_version,
     session_from_document,
 )
-from ..abc import Page, SessionQuery, SessionRepository, decode_cursor, encode_cursor
+from ..abc import (
+    Page,
+    SessionQuery,
+    SessionRepository,
+    _check_file_mode,
+    decode_cursor,
+    encode_cursor,
+)
 from ._held import HeldSnapshots, Incarnation
 
 __all__ = [
@@ -925,11 +932,7 @@ class SQLiteRepository(SessionRepository):
         snapshot_cache: int = 1_000,
         file_mode: int = 0o600,
     ) -> None:
-        if type(file_mode) is not int or not 0 <= file_mode <= 0o777 or file_mode & 0o600 != 0o600:
-            raise InvalidConfiguration(
-                f"file_mode must be permission bits from 0o600 to 0o777 that let the owner "
-                f"read and write (e.g. 0o600 or 0o640), got {file_mode!r}."
-            )
+        _check_file_mode(file_mode)
         if isinstance(synchronous, str):
             synchronous = synchronous.upper()
         if synchronous not in _SYNCHRONOUS:
