@@ -13,8 +13,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from asyncsession import SessionRepository
+
+# No per-example deadline: hypothesis's default (200 ms of wall-clock time per example)
+# fails correct code on a loaded machine. A test that must be fast says so itself.
+settings.register_profile("asyncsession", deadline=None)
+settings.load_profile("asyncsession")
 
 STORES = sorted(p.stem.removeprefix("_store_") for p in Path(__file__).parent.glob("_store_*.py"))
 
