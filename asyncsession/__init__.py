@@ -56,7 +56,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CURRENT_VERSION",
-    "ROLES",
     "Clock",
     "CorruptSessionError",
     "Duration",
@@ -77,6 +76,7 @@ __all__ = [
     "Message",
     "MessageLog",
     "Page",
+    "ROLES",
     "RedisRepository",
     "SQLiteRepository",
     "SchemaVersionError",
@@ -85,8 +85,8 @@ __all__ = [
     "SessionClosed",
     "SessionConflict",
     "SessionError",
-    "SessionIdLogFilter",
     "SessionEvent",
+    "SessionIdLogFilter",
     "SessionManager",
     "SessionNotFound",
     "SessionQuery",

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import pickle
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import attrs
 import orjson
@@ -27,63 +30,106 @@ def make(**kw: object) -> s.Session:
     return s.Session(uuid.uuid4(), NOW, NOW, **kw)  # type: ignore[arg-type]
 
 
+PUBLIC_API = {
+    "asyncsession": [
+        "CURRENT_VERSION",
+        "Clock",
+        "CorruptSessionError",
+        "Duration",
+        "EventKind",
+        "ExpiryPolicy",
+        "FileRepository",
+        "FrozenDict",
+        "InvalidConfiguration",
+        "InvalidCursor",
+        "InvalidJSONValue",
+        "InvalidOwner",
+        "InvalidRole",
+        "InvalidSessionName",
+        "InvalidUpdate",
+        "LimitExceeded",
+        "ManagerNotRunning",
+        "MemoryRepository",
+        "Message",
+        "MessageLog",
+        "Page",
+        "ROLES",
+        "RedisRepository",
+        "SQLiteRepository",
+        "SchemaVersionError",
+        "SerializationError",
+        "Session",
+        "SessionClosed",
+        "SessionConflict",
+        "SessionError",
+        "SessionEvent",
+        "SessionIdLogFilter",
+        "SessionManager",
+        "SessionNotFound",
+        "SessionQuery",
+        "SessionRepository",
+        "SessionStats",
+        "SessionStatus",
+        "StorageError",
+        "Subscription",
+        "SystemClock",
+        "ValidationError",
+        "current_session_id",
+        "dumps",
+        "loads",
+        "repository_from_url",
+    ],
+    "asyncsession.abc": [
+        "EventTransport",
+        "Page",
+        "RemoteEvent",
+        "SessionQuery",
+        "SessionRepository",
+        "decode_cursor",
+        "encode_cursor",
+    ],
+    "asyncsession.asgi": ["SessionDict", "SessionMiddleware", "get_session"],
+    "asyncsession.pytest_plugin": [
+        "session_clock",
+        "session_manager",
+        "session_manager_options",
+        "session_repository",
+    ],
+    "asyncsession.reporting": [
+        "HealthBucket",
+        "JsonLinesReporter",
+        "LoggingReporter",
+        "Reporter",
+        "SessionReport",
+        "aggregate",
+        "read_reports",
+    ],
+    "asyncsession.testing": ["ManualClock", "RepositoryContract"],
+    "asyncsession.stores.files": ["FileRepository", "LockTimeout"],
+    "asyncsession.stores.memory": ["MemoryRepository"],
+    "asyncsession.stores.redis": ["RedisEvent", "RedisRepository"],
+    "asyncsession.stores.sqlite": [
+        "CHUNK_MESSAGES",
+        "SCHEMA_VERSION",
+        "SQLiteRepository",
+        "SQLiteStatistics",
+        "WAL_AUTOCHECKPOINT",
+    ],
+}
+
+
 def test_public_api_is_pinned() -> None:
+    """The package exports exactly its public names, in sorted order; every public
+    module's ``__all__`` is pinned and names only what the module defines."""
     public = sorted(
         n for n, v in vars(s).items() if not n.startswith("_") and not isinstance(v, ModuleType)
     )
     assert public == sorted(s.__all__)
-    assert sorted(s.__all__) == sorted(
-        [
-            "CURRENT_VERSION",
-            "ROLES",
-            "Clock",
-            "CorruptSessionError",
-            "Duration",
-            "EventKind",
-            "ExpiryPolicy",
-            "FrozenDict",
-            "InvalidConfiguration",
-            "InvalidCursor",
-            "InvalidJSONValue",
-            "InvalidOwner",
-            "InvalidRole",
-            "InvalidSessionName",
-            "InvalidUpdate",
-            "LimitExceeded",
-            "ManagerNotRunning",
-            "MemoryRepository",
-            "Message",
-            "MessageLog",
-            "Page",
-            "SchemaVersionError",
-            "SerializationError",
-            "Session",
-            "SessionClosed",
-            "SessionConflict",
-            "SessionError",
-            "SessionEvent",
-            "SessionManager",
-            "SessionNotFound",
-            "SessionQuery",
-            "SessionRepository",
-            "SessionStats",
-            "SessionStatus",
-            "StorageError",
-            "Subscription",
-            "SystemClock",
-            "ValidationError",
-            "dumps",
-            "loads",
-            "SessionIdLogFilter",
-            "current_session_id",
-            "repository_from_url",
-            "FileRepository",
-            "RedisRepository",
-            "SQLiteRepository",
-        ]
-    )
-    for name in s.__all__:
-        assert getattr(s, name) is not None
+    assert s.__all__ == sorted(s.__all__)
+    for name, expected in PUBLIC_API.items():
+        module = importlib.import_module(name)
+        assert sorted(module.__all__) == expected, name
+        assert set(module.__all__) <= set(vars(module)), name
 
 
 def test_error_tree_and_recoverable_flags() -> None:
@@ -112,18 +158,60 @@ def test_error_tree_and_recoverable_flags() -> None:
 # -- immutability and structure sharing -------------------------------------------------
 
 
+def _set_existing(d: dict[str, Any]) -> None:
+    d["a"] = 1
+
+
+def _set_new(d: dict[str, Any]) -> None:
+    d["new"] = 1
+
+
+def _delete(d: dict[str, Any]) -> None:
+    del d["a"]
+
+
+def _merge_in_place(d: dict[str, Any]) -> None:
+    d |= {"new": 1}
+
+
+# Every way to change a dict, each called as a plain dict accepts it (checked below), so
+# that the TypeError can only come from the state being read-only.
+DICT_MUTATIONS: list[Callable[[dict[str, Any]], object]] = [
+    _set_existing,
+    _set_new,
+    _delete,
+    _merge_in_place,
+    lambda d: d.clear(),
+    lambda d: d.pop("a"),
+    lambda d: d.pop("missing", None),
+    lambda d: d.popitem(),
+    lambda d: d.setdefault("a", 1),
+    lambda d: d.setdefault("new", 1),
+    lambda d: d.update(a=1),
+    lambda d: d.update({"new": 1}),
+    lambda d: d.__init__({"new": 1}),  # type: ignore[misc]
+]
+
+
 def test_state_is_deeply_read_only_and_copied_on_the_way_in() -> None:
-    source = {"a": [1, {"b": 2}]}
+    source = {"a": [1, {"a": 2}]}
     session = make(state=source)
     source["a"].append(3)  # type: ignore[attr-defined]
-    assert session.state == {"a": (1, {"b": 2})}
+    expected = {"a": (1, {"a": 2})}
+    assert session.state == expected
+    nested = session.state["a"][1]
+    assert isinstance(nested, s.FrozenDict)
+    for mutate in DICT_MUTATIONS:
+        for frozen in (session.state, nested):
+            plain = dict(frozen)
+            mutate(plain)  # a valid call: a plain dict takes it
+            with pytest.raises(TypeError, match="Session state is read-only"):
+                mutate(frozen)
+        assert session.state == expected
+        assert session.state["a"][1] is nested and nested == {"a": 2}
+    assert isinstance(session.state["a"], tuple)  # lists are frozen to tuples
     with pytest.raises(TypeError):
-        session.state["a"] = 1  # type: ignore[index]
-    with pytest.raises(TypeError):
-        session.state["a"][1]["b"] = 3
-    for method in ("clear", "popitem", "update", "setdefault", "pop"):
-        with pytest.raises(TypeError):
-            getattr(session.state, method)("a")
+        session.state["a"][0] = 2
     assert copy.deepcopy(session.state) is session.state
     assert s.FrozenDict({"x": 1}) == {"x": 1}
     assert hash(s.FrozenDict({"x": 1})) == hash(s.FrozenDict({"x": 1}))
