@@ -1026,10 +1026,14 @@ class SessionManager:
         Reads the store's deadline index, so the cost follows what expired, not how
         many sessions exist. Safe to run from several managers on one store: each
         expired session is removed (and reported) by exactly one of them. A session
-        that cannot be removed now (unreadable, locked by another process, a storage
-        error) is logged, counted in ``stats().removals_failed`` and passed over; it is
-        tried again at the next pass. Cancelling a pass stops it before the next
-        removal; a removal under way finishes and is announced.
+        that cannot be removed (unreadable, a storage error) is logged, counted in
+        ``stats().removals_failed`` and passed over; it is tried again at the next pass.
+        After a storage error the store is asked for its expired sessions again: if that
+        fails too, the store itself is failing (unreachable, say) and the pass ends with
+        that error rather than wait out every removal's timeout. Cancelling
+        a pass, or leaving the manager, stops it before the next removal
+        (:class:`ManagerNotRunning` after the exit); a removal under way finishes and
+        is announced.
         """
         self._check_running()
         now = self._clock.now()
@@ -1048,6 +1052,7 @@ class SessionManager:
                     tried += 1
                     # Each removal is shielded: stop between them when cancelled.
                     await anyio.lowlevel.checkpoint_if_cancelled()
+                    self._check_running()  # the manager left meanwhile: stop here
                     try:
                         with anyio.CancelScope(shield=True):  # a removal is always announced
                             if await self._expire(sid, now):
@@ -1057,6 +1062,10 @@ class SessionManager:
                         # One session that cannot be removed stops no others.
                         self._removals_failed += 1
                         logger.warning("cannot remove expired session %s: %s", sid, exc)
+                        if isinstance(exc, StorageError):
+                            # This session, or the whole store? A store that fails this
+                            # too ends the pass here (the next pass tries again).
+                            await self._repository.expired(now, limit=1)
                     passed.add(sid)
                 if len(ids) < limit or tried == 0:
                     break

@@ -1423,6 +1423,81 @@ async def test_a_storage_error_on_one_session_does_not_stop_the_purge(
         assert stats.total == 1 and stats.expired_total == 5 and stats.removals_failed == 2
 
 
+class GoneMidPass(s.MemoryRepository):
+    """A memory store that stops answering after its first removal (a server gone)."""
+
+    going = True  # goes away after its next removal
+    gone = False
+    removals = 0
+    scans = 0
+
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> s.Session | None:
+        self.removals += 1
+        if self.gone:
+            raise s.StorageError("the server went away", recoverable=True)
+        self.gone, self.going = self.going, False
+        return await super().remove_expired(session_id, now=now)
+
+    async def expired(self, now: datetime, *, limit: int = 1000) -> Any:
+        self.scans += 1
+        if self.gone:
+            raise s.StorageError("the server went away", recoverable=True)
+        return await super().expired(now, limit=limit)
+
+
+async def test_a_store_failing_mid_pass_ends_the_pass(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    """Passing over each failing removal must not ask a failed store once per expired
+    session (each waiting out its timeout): the store is checked after a failure, and
+    the pass ends with its error (found by helper-54)."""
+    store = GoneMidPass()
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=None, clock=clock
+    ) as sessions:
+        for _ in range(20):
+            await sessions.create()
+        clock.advance(IDLE + 1)
+        with pytest.raises(s.StorageError, match="went away"):
+            await sessions.purge_expired()
+        assert store.removals == 2  # one removed, one failed: then the check failed too
+        assert store.scans == 2
+        store.gone = False
+        assert await sessions.purge_expired() == 19  # the next pass tries again
+
+
+async def test_a_purge_that_outlives_its_manager_stops_at_the_exit(
+    anyio_backend: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A purge the application started outside the manager's block stops before its
+    next removal once the manager has left (ManagerNotRunning): it used to go on
+    against the closed store, logging each remaining session as a failed removal and
+    returning as if it had worked (found by helper-54)."""
+    store = AwaitingRemovals(pause_at=3)
+    manager = s.SessionManager(store, idle_timeout=IDLE, cleanup_interval=None, clock=clock)
+    outcome: list[BaseException] = []
+
+    async def purge() -> None:
+        try:
+            await manager.purge_expired()
+        except s.ManagerNotRunning as exc:
+            outcome.append(exc)
+
+    with anyio.fail_after(10), caplog.at_level(logging.WARNING, "asyncsession"):
+        async with anyio.create_task_group() as tg:
+            async with manager:
+                for _ in range(20):
+                    await manager.create()
+                clock.advance(IDLE + 1)
+                tg.start_soon(purge)
+                await store.reached.wait()  # leave during the third removal
+            store.proceed.set()
+    assert len(outcome) == 1
+    assert store.calls == store.removed == 3
+    assert manager._removals_failed == 0
+    assert not [r for r in caplog.records if "cannot remove" in r.getMessage()]
+
+
 async def test_leaving_before_the_cleanup_loop_has_started(
     anyio_backend: str, clock: ManualClock
 ) -> None:
