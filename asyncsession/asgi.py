@@ -23,15 +23,18 @@ set or deleted. Properties:
   streaming response stops.
 * Every response for a request with a live session carries its cookie again, so the
   cookie's ``Max-Age`` counts from the visitor's last request (and the cookie is signed
-  with the current first key).
+  with the current first key). A request that changed nothing first checks (without
+  touching it) that its session is still live: one rotated, logged out, deleted or
+  closed meanwhile, by a concurrent request or by the handler, gets no cookie, so a
+  slow read cannot overwrite the cookie a concurrent login just sent.
 * :meth:`SessionDict.ensure_created`, :meth:`SessionDict.rotate` and
   :meth:`SessionDict.clear` need a cookie to go out, so after the response started they
   raise :class:`InvalidUpdate` and change nothing.
 * :meth:`SessionDict.rotate` moves the session to a fresh id (call it at login), in
   one step with the request's changes, which never exist under the old id;
   :meth:`SessionDict.clear` deletes it server-side and expires the cookie. A slow
-  request that finishes after a logout cannot bring the session back: its changes
-  are dropped with a logged warning.
+  request that finishes after a logout or login cannot bring the old session back:
+  its changes are dropped with a logged warning, and it sends no cookie.
 * ``websocket`` connections see the session read-only; ``lifespan`` passes through.
 
 Only the ASGI protocol is used here; no web framework is imported.
@@ -59,6 +62,7 @@ from ._exceptions import (
     InvalidUpdate,
     SessionClosed,
     SessionNotFound,
+    StorageError,
 )
 from ._json import freeze_state
 from ._manager import SessionManager
@@ -94,10 +98,11 @@ class _ResponseEnded(OSError):
 
 
 def _only_response_ended(exc: BaseException) -> bool:
-    """True if ``exc`` is :class:`_ResponseEnded`, or a group of nothing else."""
+    """True if ``exc`` is :class:`_ResponseEnded` (or raised because of it, as
+    Starlette's ``ClientDisconnect`` on ASGI >= 2.4), or a group of nothing else."""
     if isinstance(exc, BaseExceptionGroup):
         return all(_only_response_ended(inner) for inner in exc.exceptions)
-    return isinstance(exc, _ResponseEnded)
+    return _chain_has_response_ended(exc)
 
 
 def _thaw(value: Any) -> Any:
@@ -584,6 +589,22 @@ class SessionMiddleware:
             _where(scope),
         )
 
+    async def _still_live(self, session_id: uuid.UUID, scope: Scope) -> bool:
+        """True if the session is still stored and open (looked at, not touched)."""
+        try:
+            stored = await self.manager.get(session_id, touch=False, last_messages=0)
+        except SessionNotFound:
+            return False
+        except StorageError:  # the browser keeps its cookie; only its Max-Age is not renewed
+            logger.warning(
+                "could not check session %s for %s; its cookie is not refreshed",
+                session_id,
+                _where(scope),
+                exc_info=True,
+            )
+            return False
+        return not stored.is_closed
+
     async def _save(self, session: SessionDict, scope: Scope) -> list[tuple[bytes, bytes]]:
         """Store the request's changes; return the Set-Cookie headers to add."""
         cleared, session._cleared = session._cleared, []
@@ -615,6 +636,17 @@ class SessionMiddleware:
                 session._id = None
                 session._data = {}
                 session._new_cookie = session._expire_cookie = False
+        # When nothing of this request went to the store, a concurrent login (rotate),
+        # logout or a handler's delete/close may have ended the session meanwhile: its
+        # cookie again would overwrite the one that request sent, so it is only refreshed
+        # while the session is still live.
+        if (
+            session._id is not None
+            and not session._new_cookie
+            and not (changes or deleted)
+            and not await self._still_live(session._id, scope)
+        ):
+            session._id = None
         headers: list[tuple[bytes, bytes]] = []
         if session._id is not None:
             # New, or the same value again (as Starlette's middleware does): Max-Age
@@ -625,6 +657,19 @@ class SessionMiddleware:
         session._rotate = session._new_cookie = session._expire_cookie = False
         session._mark_saved()
         return headers
+
+
+def _chain_has_response_ended(exc: BaseException) -> bool:
+    """True if ``exc`` was raised while handling, or because of, :class:`_ResponseEnded`
+    (as Starlette turns a failed ``send()`` into ``ClientDisconnect`` on ASGI >= 2.4)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, _ResponseEnded):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _where(scope: Scope, *, path_only: bool = False) -> str:

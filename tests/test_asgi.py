@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -345,6 +346,87 @@ async def test_logout_wins_over_slow_concurrent_request(
         assert any("dropping its changes" in r.getMessage() for r in caplog.records)
         response = await http.get("/read")
         assert response.json()["data"] == {}
+
+
+@pytest.mark.parametrize("action", ["/login", "/logout"])
+async def test_a_slow_read_finishing_after_a_login_or_logout_keeps_the_new_cookie(
+    manager: s.SessionManager, action: str
+) -> None:
+    # The slow request changes nothing: it must not send the cookie it loaded once that
+    # session was rotated away or logged out, or the browser would lose its new cookie.
+    gates = Gates()
+    async with client(make_app(manager, gates)) as http:
+        old_id = cookie_id(await http.post("/write", json={"user": "alice"}))
+        entered, release = gates.add("slow")
+        slow: list[httpx.Response] = []
+
+        async def slow_request() -> None:
+            slow.append(await http.post("/gated/slow", json={}))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(slow_request)
+                await entered.wait()
+                out = await http.post(action)
+                release.set()
+        assert slow[0].status_code == 200
+        assert "set-cookie" not in slow[0].headers
+        assert not await manager.exists(old_id)
+        data = (await http.get("/read")).json()["data"]  # with the cookie the browser kept
+        if action == "/login":
+            assert cookie_id(out) != old_id
+            assert data == {"user": "alice"}
+            assert await count(manager) == 1
+        else:
+            assert "Max-Age=0" in out.headers["set-cookie"]
+            assert data == {}
+            assert await count(manager) == 0
+
+
+@pytest.mark.parametrize("end", ["delete", "close"])
+async def test_a_session_ended_by_the_handler_gets_no_cookie_again(
+    manager: s.SessionManager, end: str
+) -> None:
+    async def ender(scope: Scope, receive: Any, send: Any) -> None:
+        sid = get_session(scope).id
+        assert sid is not None
+        if end == "delete":
+            await manager.delete(sid)
+        else:
+            await manager.close(sid)
+        await JSONResponse({})(scope, receive, send)
+
+    async with client(make_app(manager)) as http:
+        cookie = (await http.post("/write", json={"user": "alice"})).cookies["session"]
+    async with client(SessionMiddleware(ender, manager, secret_key=KEY)) as http:
+        response = await http.get("/", headers={"cookie": f"session={cookie}"})
+    assert response.status_code == 200
+    assert "set-cookie" not in response.headers
+
+
+async def test_a_store_failing_the_liveness_check_only_skips_the_cookie_refresh(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class UnreadableRepository(s.MemoryRepository):
+        failing = False
+
+        async def get(self, *args: Any, **kwargs: Any) -> s.Session | None:
+            if self.failing:
+                raise s.StorageError("disk on fire", recoverable=True)
+            return await super().get(*args, **kwargs)
+
+    store = UnreadableRepository()
+    async with running(store) as manager, client(make_app(manager)) as http:
+        await http.post("/write", json={"a": 1})
+        store.failing = True  # loading a session touches it; only the check reads
+        with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+            response = await http.get("/read")
+        assert response.status_code == 200
+        assert response.json()["data"] == {"a": 1}
+        assert "set-cookie" not in response.headers
+        assert any("is not refreshed" in r.getMessage() for r in caplog.records)
+        store.failing = False
+        assert "set-cookie" in (await http.get("/read")).headers
 
 
 async def test_clear_then_write_starts_fresh_session(manager: s.SessionManager) -> None:
@@ -768,11 +850,13 @@ async def test_sends_after_a_failed_save_raise_so_a_stream_stops(
         sent.append(message)
 
     async with running(store) as manager:
-        for app in (starlette_stream, raw_stream):
+        # Starlette reads receive() for a disconnect before ASGI 2.4; from 2.4 on it
+        # turns send()'s OSError into ClientDisconnect, which must not reach the server.
+        for spec, app in itertools.product(("2.3", "2.4"), (starlette_stream, raw_stream)):
             sent.clear()
             scope = {
                 "type": "http",
-                "asgi": {"version": "3.0", "spec_version": "2.3"},
+                "asgi": {"version": "3.0", "spec_version": spec},
                 "method": "GET",
                 "path": "/events",
                 "headers": [],
@@ -781,10 +865,10 @@ async def test_sends_after_a_failed_save_raise_so_a_stream_stops(
                 await SessionMiddleware(app, manager, secret_key=KEY)(scope, receive, send)
             assert [m.get("status") for m in sent] == [500, None]
             assert sent[1]["body"] == b"Internal Server Error"
-    assert Ticks.chunks == 1
-    (exc,) = raised
-    assert "the session could not be saved" in str(exc)
-    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 2  # one each
+    assert Ticks.chunks == 2  # one per spec version
+    assert len(raised) == 2
+    assert all("the session could not be saved" in str(exc) for exc in raised)
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 4  # one each
 
 
 async def test_non_json_value_is_refused_at_assignment(memory_manager: s.SessionManager) -> None:
