@@ -68,7 +68,7 @@ from . import (
     loads,
 )
 from ._exceptions import MAX_REVISION, revision_exhausted
-from ._urls import STORE_URL_FORMS, repository_from_url
+from ._urls import STORE_URL_FORMS, repository_from_url, shown_url
 from .reporting import JsonLinesReporter, Reporter, aggregate, read_reports
 
 __all__ = ["CLIError", "cli", "open_store", "run"]
@@ -165,11 +165,11 @@ def _parse_id(value: str, url: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise CLIError(f"no session {value!r} in {url} (ids are UUIDs).") from None
+        raise CLIError(f"no session {value!r} in {shown_url(url)} (ids are UUIDs).") from None
 
 
 def _missing(value: object, url: str) -> CLIError:
-    return CLIError(f"no session {value} in {url}.")
+    return CLIError(f"no session {value} in {shown_url(url)}.")
 
 
 async def _all_ids(repository: SessionRepository) -> list[uuid.UUID]:
@@ -280,6 +280,25 @@ def _check_output_file(path: str, option: str, *, replaced: bool) -> None:
     else:
         return
     raise CLIError(f"{option} {path} {problem}.", exit_code=2)
+
+
+_FD_ALIAS = re.compile(r"/dev/(stdout|stderr|fd/[0-9]+)|/proc/(self|[0-9]+)/fd/[0-9]+")
+
+
+def _written_in_place(path: str) -> bool:
+    """Whether ``path`` is written directly instead of replaced by a renamed new file.
+
+    A FIFO, a device or a socket (a reader waits on it; renaming a file over it would
+    break it), and the names of open file descriptors (``/dev/stdout``, ``/dev/fd/3``,
+    ``/proc/self/fd/1``: the shell's redirection, maybe an append) are written in place.
+    """
+    if _FD_ALIAS.fullmatch(os.path.abspath(path)):
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
 def _new_file_mode(path: str) -> int:
@@ -620,7 +639,7 @@ def demo(
         ),
     )
     result["backend"] = backend
-    result["store"] = store_url
+    result["store"] = shown_url(store_url)
     if as_json:
         _print_json(result)
         return
@@ -637,7 +656,7 @@ def demo(
     run_table.add_column("what")
     run_table.add_column("value", justify="right")
     rows = [
-        ("store", store_url),
+        ("store", shown_url(store_url)),
         ("backend", backend),
         ("users x rounds", f"{users} x {rounds}"),
         ("simulated time", f"{result['simulated_minutes']:g} min"),
@@ -650,7 +669,7 @@ def demo(
     for what, value in rows:
         run_table.add_row(what, _plain(value))
     out.print(run_table)
-    store_arg = "" if store_url == DEFAULT_STORE else f" --store {store_url}"
+    store_arg = "" if store_url == DEFAULT_STORE else f" --store {shown_url(store_url)}"
     out.print(
         Text.assemble(
             "Next: ",
@@ -715,7 +734,7 @@ def list_sessions(
     if as_json:
         _print_json({"items": [_summary(s, now) for s in items], "next_cursor": next_cursor})
         return
-    table = Table(title=_plain(f"Sessions in {store_url}"))
+    table = Table(title=_plain(f"Sessions in {shown_url(store_url)}"))
     table.add_column("id", no_wrap=True)
     table.add_column("owner")
     table.add_column("name")
@@ -874,7 +893,7 @@ def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_js
             }
         )
         return
-    out.print(Text.assemble(("Sessions by status", "bold"), " in ", _plain(store_url)))
+    out.print(Text.assemble(("Sessions by status", "bold"), " in ", _plain(shown_url(store_url))))
     table = Table()
     table.add_column("status")
     table.add_column("sessions", justify="right")
@@ -1128,13 +1147,14 @@ class _Exported:
     """What ``export`` wrote, and what it had to leave out."""
 
     exported: int
-    stored: int  # the store's own count, taken after listing it
+    stored: int  # the store's own count: the lower of those before and after listing it
     listed: int
     unreadable: int  # listed, but reading it failed
+    vanished: int  # listed, but deleted before it was read
 
     @property
     def not_listed(self) -> int:
-        return max(0, self.stored - self.listed)
+        return max(0, self.stored - (self.listed - self.vanished))
 
     @property
     def left_out(self) -> int:
@@ -1147,15 +1167,21 @@ async def _export(
     """Write every session the store lists to ``output``; count those it could not.
 
     Listings skip sessions the store cannot read (with a warning) and count_by_status()
-    does not, so the store's count, taken once the listing is done, says how many were
-    left out. A listed session whose read fails (damaged messages, say) is skipped with
-    a warning and counted too; other errors (the store is unreachable...) stop the export.
+    does not, so the store's count says how many were left out. The count is taken before
+    and after the listing and the lower one is used, and listed sessions deleted before
+    they were read are not counted as exported: a session written while the export runs
+    does not fail it, and one the listing missed (touched while the listing ran, so moved
+    to pages already read) is not hidden by a listed one deleted meanwhile. A listed
+    session whose read fails (damaged messages, say) is skipped with a warning and counted
+    too; other errors (the store is unreachable...) stop the export.
     """
-    exported = unreadable = 0
+    exported = unreadable = vanished = 0
     with _progress(show_progress) as progress:
         task = progress.add_task("Reading the store", total=None)
+        before = sum((await repository.count_by_status()).values())
         ids = await _all_ids(repository)
-        stored = sum((await repository.count_by_status()).values())
+        after = sum((await repository.count_by_status()).values())
+        stored = min(before, after)
         progress.update(task, total=len(ids), completed=0, description="Exporting")
         for sid in ids:
             try:
@@ -1166,24 +1192,27 @@ async def _export(
                 logger.warning("cannot export session %s: %s", sid, exc)
                 unreadable += 1
                 line = None
+            else:
+                if session is None:
+                    vanished += 1
             if line is not None:
                 output.write(line)
                 exported += 1
             progress.advance(task)
     output.flush()
-    return _Exported(exported, stored, len(ids), unreadable)
+    return _Exported(exported, stored, len(ids), unreadable, vanished)
 
 
 def _incomplete(result: _Exported) -> str:
     """What an export that left sessions out says about them."""
-    total = max(result.stored, result.listed)
+    total = max(result.stored, result.listed - result.vanished)
     parts = []
     if result.unreadable:
         parts.append(f"{result.unreadable} could not be read (see the warnings above)")
     if result.not_listed:
         parts.append(
             f"{result.not_listed} were missing from the store's listing (unreadable, see "
-            "the warnings above; or written while the export ran: then export again)"
+            "the warnings above; or updated while the export ran: then export again)"
         )
     return (
         f"{result.left_out} of the {total} stored sessions were not exported: {'; '.join(parts)}."
@@ -1198,7 +1227,8 @@ def _incomplete(result: _Exported) -> str:
     default="-",
     show_default=True,
     help="JSON Lines file to write (- for stdout). It is replaced only by a complete "
-    "export: a failed one leaves it as it was.",
+    "export: a failed one leaves it as it was. A FIFO, a device or /dev/stdout is "
+    "written in place, like stdout.",
 )
 @_store_option
 @_backend_option
@@ -1208,10 +1238,24 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
     Fails (status 1) if any session could not be read (the store's warnings say which),
     leaving the --output file as it was; on stdout, what was written is then incomplete.
     """
-    if output == "-":
-        result = _with_store(
-            store_url, backend, lambda repo: _export(repo, sys.stdout.buffer, False)
-        )
+    if output == "-" or _written_in_place(output):
+        if output == "-":
+            result = _with_store(
+                store_url, backend, lambda repo: _export(repo, sys.stdout.buffer, False)
+            )
+        else:
+            _check_backend(backend)
+            open_store(store_url)  # a bad URL is refused before a FIFO's reader is woken
+            try:
+                # append: an fd alias may stand for a redirection with >> (the shell has
+                # already emptied a > one); a FIFO or a device takes either
+                stream: IO[bytes] = open(output, "ab")  # noqa: SIM115 (closed below)
+            except OSError as exc:
+                raise CLIError(
+                    f"--output {output} cannot be written: {exc.strerror}.", exit_code=2
+                ) from exc
+            with stream:
+                result = _with_store(store_url, backend, lambda repo: _export(repo, stream, False))
         if result.left_out:
             raise CLIError(
                 f"{_incomplete(result)} The output is incomplete: the {result.exported} "
@@ -1334,8 +1378,8 @@ def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: s
         if existing and not replace:
             raise CLIError(
                 f"{len(existing)} of the {len(sessions)} sessions already exist in "
-                f"{store_url} (first: {existing[0]}); nothing was imported. Pass --replace "
-                "to overwrite them."
+                f"{shown_url(store_url)} (first: {existing[0]}); nothing was imported. "
+                "Pass --replace to overwrite them."
             )
         replaced = 0
         with _progress() as progress:

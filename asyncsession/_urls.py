@@ -33,17 +33,28 @@ _ENCODING_HINT = (
 )
 
 
-def _shown(url: str) -> str:
-    """``url`` for a message: quoted, with the password (if any) masked."""
+def shown_url(url: str) -> str:
+    """``url`` for a message, with the user information's password masked.
+
+    Everything between ``://`` and the last ``@`` is user information here, whatever its
+    characters: an unencoded password may hold ``/``, ``?``, ``#`` or ``@``. The user name
+    (up to the first ``:``) is kept when it holds none of those.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return repr(url)
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    userinfo, at, hostport = rest[:end].rpartition("@")
-    if at and ":" in userinfo:
-        user = userinfo.partition(":")[0]
-        return repr(f"{scheme}{sep}{user}:***@{hostport}{rest[end:]}")
-    return repr(url)
+        return url
+    userinfo, at, hostport = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    if not colon or any(c in user for c in "/?#"):
+        return f"{scheme}{sep}***@{hostport}"
+    return f"{scheme}{sep}{user}:***@{hostport}"
+
+
+def _shown(url: str) -> str:
+    """``url`` for a message: quoted, with the password (if any) masked."""
+    return repr(shown_url(url))
 
 
 def _local_path(url: str, path: str) -> str:
@@ -101,9 +112,16 @@ def _check_redis_url(url: str, scheme: str) -> None:
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
-    except ValueError as exc:  # a non-numeric port, an unclosed '[' of an IPv6 address
+    except ValueError:  # a non-numeric port, an unclosed '[' of an IPv6 address
+        # urllib's message is left out: it quotes parts of the URL, the password too
+        netloc = url.partition("://")[2].partition("/")[0]
+        problem = (
+            "the '[' of its IPv6 address is not closed"
+            if "[" in netloc.rpartition("@")[2] and "]" not in netloc
+            else "its port is not a number from 1 to 65535"
+        )
         raise InvalidConfiguration(
-            f"Invalid Redis URL {shown}: {exc}. Write it as redis://host:6379/0 (IPv6 as "
+            f"Invalid Redis URL {shown}: {problem}. Write it as redis://host:6379/0 (IPv6 as "
             f"redis://[::1]:6379/0); {_ENCODING_HINT}."
         ) from None
     for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
@@ -185,7 +203,8 @@ def repository_from_url(url: str) -> SessionRepository:
     if scheme in ("redis", "rediss", "unix"):
         from .stores.redis import RedisRepository
 
-        plain, prefix = _split_prefix(url)
+        # the Redis client only knows lowercase schemes (REDIS:// is redis://)
+        plain, prefix = _split_prefix(scheme + url[len(scheme) :])
         _check_redis_url(plain, scheme)
         try:
             return RedisRepository(plain, prefix=prefix)

@@ -59,10 +59,10 @@ def test_redis_url_parts() -> None:
 @pytest.mark.parametrize(
     ("url", "says"),
     [
-        ("redis://localhost:abc/0", "Port could not be cast"),
-        ("redis://localhost:70000/0", "Port out of range"),
+        ("redis://localhost:abc/0", "its port is not a number from 1 to 65535"),
+        ("redis://localhost:70000/0", "its port is not a number from 1 to 65535"),
         ("redis://localhost:0/0", "port 0"),
-        ("redis://[::1/0", "Invalid IPv6 URL"),
+        ("redis://[::1/0", "the '[' of its IPv6 address is not closed"),
         ("redis://localhost:6379/five", "the path '/five' is not a database number"),
         ("redis://localhost:6379/0/1", "the path '/0/1' is not a database number"),
         ("redis://localhost/0?db=x", "db='x' is not a database number"),
@@ -96,6 +96,74 @@ def test_errors_do_not_show_the_password() -> None:
         with pytest.raises(s.InvalidConfiguration) as caught:
             s.repository_from_url(url)
         assert "hunter2" not in str(caught.value) and ":***@" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:S3cr#tPass@db.example:6379/0",
+        "redis://app:S3cr/tPass@db.example:6379/0",
+        "redis://app:S3cr?tPass@db.example:6379/0",
+        "redis://app:S3cr@tPass@db.example:6379/x",
+        "redis://app:S3cr/t#P?ss@db.example:abc/0",
+        "REDIS://app:S3cretPass@db.example:6379/x",
+        "unix://app:S3cr/tPass@/run/r.sock?db=x",
+    ],
+)
+def test_errors_do_not_show_a_password_with_url_delimiters(url: str) -> None:
+    """An unencoded password holding '#', '/' or '?' was printed: the mask stopped at the
+    first of those, and urllib's message quoted the text before it (found by helper-55)."""
+    pytest.importorskip("coredis")
+    with pytest.raises(s.InvalidConfiguration, match="Invalid Redis URL") as caught:
+        s.repository_from_url(url)
+    assert "S3cr" not in str(caught.value) and "***@" in str(caught.value)
+
+
+def test_the_redis_stores_own_url_error_does_not_show_the_password() -> None:
+    pytest.importorskip("coredis")
+    with pytest.raises(s.InvalidConfiguration, match="must start with redis://") as caught:
+        s.RedisRepository("http://app:S3cr/t@db.example:6379/0")
+    assert "S3cr" not in str(caught.value) and "app:***@db.example" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["REDIS://127.0.0.1:6379/0", "Redis://127.0.0.1:6379/0?prefix=app:", "Rediss://h:6379/0"],
+)
+def test_redis_schemes_are_case_insensitive(url: str) -> None:
+    """REDIS://, Redis:// and Rediss:// URLs were refused ("must start with redis://")
+    after the URL checks were added, though they had worked (found by helper-55)."""
+    store = redis_store(url)
+    assert store.prefix == ("app:" if "prefix" in url else "asyncsession:")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["show", "00000000-0000-4000-8000-000000000000"],
+        ["show", "not-an-id"],
+        ["delete", "00000000-0000-4000-8000-000000000000"],
+        ["close", "00000000-0000-4000-8000-000000000000"],
+    ],
+)
+def test_cli_messages_do_not_show_the_stores_password(
+    args: list[str], backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI printed the --store URL as given, password and all (found by helper-55)."""
+    pytest.importorskip("click")
+    from asyncsession import _cli
+
+    monkeypatch.setattr(_cli, "open_store", lambda url: s.MemoryRepository())
+    url = "redis://app:S3cr/tPass@db.example:6379/0"
+    with pytest.raises(_cli.CLIError) as caught:
+        _cli.cli.main(
+            [*args, "--store", url, "--backend", backend],
+            prog_name="asyncsession",
+            standalone_mode=False,
+        )
+    assert "S3cr" not in caught.value.message
+    assert "redis://app:***@db.example:6379/0" in caught.value.message
 
 
 # -- sqlite: and file: URLs: percent-decoded paths, no query -------------------------------------

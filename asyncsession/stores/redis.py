@@ -79,6 +79,7 @@ from .._serialization import (
     load_version,
     session_from_document,
 )
+from .._urls import shown_url
 from ..abc import (
     EventTransport,
     Page,
@@ -759,7 +760,7 @@ class RedisRepository(SessionRepository, EventTransport):
             if not client_or_url.startswith(("redis://", "rediss://", "unix://")):
                 raise InvalidConfiguration(
                     f"Redis URL must start with redis://, rediss:// or unix://, got "
-                    f"{client_or_url!r}."
+                    f"{shown_url(client_or_url)!r}."
                 )
             client: coredis.Redis[Any] = module.Redis.from_url(
                 client_or_url,
