@@ -25,7 +25,13 @@ import anyio.lowlevel
 import attrs
 import orjson
 
-from ._exceptions import InvalidConfiguration, InvalidCursor, InvalidUpdate
+from ._exceptions import (
+    MAX_REVISION,
+    InvalidConfiguration,
+    InvalidCursor,
+    InvalidUpdate,
+    revision_exhausted,
+)
 from ._models import ExpiryPolicy, Message, Session, SessionStatus, parse_status
 
 __all__ = [
@@ -290,12 +296,23 @@ class SessionRepository(ABC):
 
     @staticmethod
     def _check_revision_step(session: Session, expected_revision: int) -> None:
-        """The precondition of :meth:`save`: one revision past the expected one."""
+        """The precondition of :meth:`save`: one revision past the expected one, and not
+        past the last revision a session can have (:class:`LimitExceeded`)."""
         if session.revision != expected_revision + 1:
             raise ValueError(
                 f"save() needs session.revision == expected_revision + 1, got "
                 f"{session.revision} and {expected_revision}"
             )
+        if session.revision > MAX_REVISION:
+            raise revision_exhausted(session.id)
+
+    @staticmethod
+    def _next_revision(session_id: uuid.UUID, revision: int) -> int:
+        """The revision after ``revision`` (an append's); :class:`LimitExceeded`, with
+        nothing written, past the last revision a session can have (2**63 - 1)."""
+        if revision >= MAX_REVISION:
+            raise revision_exhausted(session_id)
+        return revision + 1
 
     @staticmethod
     def _check_whole(session: Session) -> None:

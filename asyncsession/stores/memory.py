@@ -10,12 +10,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
 from .._exceptions import (
-    MAX_REVISION,
     LimitExceeded,
     SessionClosed,
     SessionConflict,
     SessionNotFound,
-    revision_exhausted,
 )
 from .._migrations import CURRENT_VERSION
 from .._models import ExpiryPolicy, Message, Session, SessionStatus, last_window, replace_trusted
@@ -149,8 +147,6 @@ class MemoryRepository(SessionRepository):
         new_messages: Sequence[Message] | None = None,
     ) -> None:
         self._check_revision_step(session, expected_revision)
-        if session.revision > MAX_REVISION:
-            raise revision_exhausted(session.id)
         self._check_window_save(session, new_messages)
         async with self._lock:
             old = self._sessions.get(session.id)
@@ -188,8 +184,7 @@ class MemoryRepository(SessionRepository):
             total = old.messages.total + len(messages)
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
-            if old.revision >= MAX_REVISION:
-                raise revision_exhausted(session_id)
+            revision = self._next_revision(session_id, old.revision)
             for message in messages:
                 if not isinstance(message, Message):
                     raise TypeError(f"append() takes Message objects, got {message!r:.60}")
@@ -199,7 +194,7 @@ class MemoryRepository(SessionRepository):
                 messages=old.messages.extend(messages),
                 last_active=last_active,
                 expires_at=policy.deadline(old.status, old.created_at, last_active, None),
-                revision=old.revision + 1,
+                revision=revision,
             )
             self._put(new, old)
             return new

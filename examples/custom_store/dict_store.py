@@ -68,6 +68,7 @@ class DictRepository(SessionRepository):
         expected_revision: int,
         new_messages: Sequence[Message] | None = None,
     ) -> None:
+        self._check_revision_step(session, expected_revision)  # +1, within the limit
         await anyio.lowlevel.checkpoint()
         current = self._sessions.get(session.id)
         if current is None:
@@ -107,7 +108,7 @@ class DictRepository(SessionRepository):
             messages=current.messages.extend(messages),
             last_active=last_active,
             expires_at=policy.deadline(current.status, current.created_at, last_active, None),
-            revision=current.revision + 1,
+            revision=self._next_revision(session_id, current.revision),
         )
         self._sessions[session_id] = new
         return new
