@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 import asyncsession as s
@@ -20,23 +19,12 @@ import asyncsession as s
 pytest.importorskip("click")
 pytest.importorskip("rich")
 
+from test_cli import add_sessions
+
 from asyncsession import _cli
 
 EXPORT_TO_STDOUT = [sys.executable, "-m", "asyncsession", "export", "-o", "/dev/stdout"]
 BACKENDS = pytest.mark.parametrize("backend", ["asyncio", "trio"])
-
-
-def add_sessions(store: s.SessionRepository, backend: str, count: int) -> list[uuid.UUID]:
-    now = datetime.now(timezone.utc)
-    sessions = [s.Session(uuid.uuid4(), now, now) for _ in range(count)]
-
-    async def add() -> None:
-        async with store:
-            for session in sessions:
-                await store.add(session)
-
-    anyio.run(add, backend=backend)
-    return [x.id for x in sessions]
 
 
 class BusyStore(s.MemoryRepository):
@@ -70,7 +58,7 @@ class BusyStore(s.MemoryRepository):
                 listed = {x.id for x in page.items}
                 self.hidden = next(x.id for x in everything.items if x.id not in listed)
         elif self.hidden is not None:
-            page = type(page)([x for x in page.items if x.id != self.hidden], page.next_cursor)
+            page = type(page)(tuple(x for x in page.items if x.id != self.hidden), page.next_cursor)
         return page
 
 
