@@ -67,7 +67,6 @@ from . import (
     dumps,
     loads,
 )
-from ._exceptions import MAX_REVISION, revision_exhausted
 from ._urls import STORE_URL_FORMS, repository_from_url, shown_url
 from .reporting import JsonLinesReporter, Reporter, aggregate, read_reports
 
@@ -102,9 +101,7 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 def _bumped(session: Session, revision: int) -> Session:
     """``session`` at the revision after ``revision`` (a save's next revision):
     :class:`LimitExceeded` past the last revision a session can have."""
-    if revision >= MAX_REVISION:
-        raise revision_exhausted(session.id)
-    return attrs.evolve(session, revision=revision + 1)
+    return attrs.evolve(session, revision=SessionRepository._next_revision(session.id, revision))
 
 
 def _plain(value: object, style: str = "") -> Text:

@@ -30,7 +30,6 @@ from ._clock import Clock, Duration, SystemClock, active_clock, to_timedelta
 from ._context import _current
 from ._events import EventHub, EventKind, Subscription
 from ._exceptions import (
-    MAX_REVISION,
     InvalidConfiguration,
     InvalidUpdate,
     LimitExceeded,
@@ -42,7 +41,6 @@ from ._exceptions import (
     StorageError,
     leaf_ids,
     reraise,
-    revision_exhausted,
     sole_error,
 )
 from ._json import freeze_state
@@ -584,8 +582,8 @@ class SessionManager:
                 "The update function returned a window of the message history; append to "
                 "the snapshot's messages instead of replacing them with a partial view."
             )
-        if old.revision >= MAX_REVISION:  # whatever the store (a third party's too)
-            raise revision_exhausted(old.id)
+        # Checked here whatever the store (a third party's too): LimitExceeded at 2**63 - 1.
+        revision = SessionRepository._next_revision(old.id, old.revision)
         added = new.messages.added_since(old.messages)
         self._check_messages(new.messages if added is None else added, new.messages.total)
         closed_at = new.closed_at
@@ -599,7 +597,7 @@ class SessionManager:
             last_active=last_active,
             closed_at=closed_at,
             expires_at=self._policy.deadline(new.status, new.created_at, last_active, closed_at),
-            revision=old.revision + 1,
+            revision=revision,
         )
         return prepared, added
 
@@ -729,8 +727,7 @@ class SessionManager:
     async def _rotate(self, sid: uuid.UUID, fn: UpdateFn | None) -> tuple[Session, datetime]:
         for _attempt in range(self._max_retries):
             old, now = await self._read_open(sid)
-            if old.revision >= MAX_REVISION:  # the old id could not be retired
-                raise revision_exhausted(sid)
+            retired_revision = SessionRepository._next_revision(sid, old.revision)
             base = old
             if fn is not None:
                 result = await self._apply(fn, old)
@@ -761,7 +758,7 @@ class SessionManager:
                 closed_at=now,
                 last_active=max(old.last_active, now),
                 expires_at=now,
-                revision=old.revision + 1,
+                revision=retired_revision,
             )
             with anyio.CancelScope(shield=True):  # all or nothing, even if cancelled
                 if await self._swap(new, retired, old.revision):
