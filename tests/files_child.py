@@ -15,8 +15,8 @@ messages ``TAG-<i>`` to one session. ``hold-lock`` takes the flock of a lock fil
 inside ``add`` (after its lock file is created, before the temporary file) or
 ``delete`` (after the document is unlinked, before its directory is fsynced and the lock
 released), printing ``stalled <id>``, so the parent can kill the process at that point.
-The event loop is the one named by the ``FILES_CHILD_BACKEND`` environment variable
-(asyncio or trio).
+The event loop is the one named by the ``FILES_CHILD_BACKEND`` environment variable,
+asyncio or trio, which must be set (the tests run every child on both).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def hold_lock(path: str) -> None:
 
 def main(argv: list[str]) -> None:
     mode = argv[1]
-    backend = os.environ.get("FILES_CHILD_BACKEND", "asyncio")
+    backend = os.environ["FILES_CHILD_BACKEND"]  # set by the test: asyncio or trio
     if mode == "crash":
         anyio.run(crash, argv[2], int(argv[3]), int(argv[4]), int(argv[5]), backend=backend)
     elif mode == "append":

@@ -160,11 +160,13 @@ def test_demo_then_list_show_stats_on_default_sqlite(
     assert "crash-free" in run("stats").stdout
 
 
-def test_demo_on_trio_with_file_store_and_reports(run: Run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_demo_with_file_store_and_reports(run: Run, tmp_path: Path, backend: str) -> None:
+    run = on_backend(run, backend)
     store = f"file://{tmp_path / 'store'}"
     reports = tmp_path / "reports.jsonl"
     args = ["--users", "10", "--rounds", "22", "--seed", "1", "--reports", str(reports)]
-    result = run("demo", "--backend", "trio", "--store", store, *args)
+    result = run("demo", "--store", store, *args)
     assert "Demo sessions by status" in result.stdout and "operations per second" in result.stdout
     assert "users chatting" in result.stderr  # the progress bar
     assert len(as_json(run("list", "--json", "--store", store))["items"]) > 0
@@ -221,10 +223,12 @@ def write_v0(directory: Path) -> str:
     return sid
 
 
-def test_migrate_rewrites_old_documents(run: Run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_migrate_rewrites_old_documents(run: Run, tmp_path: Path, backend: str) -> None:
+    run = on_backend(run, backend)
     directory = tmp_path / "files"
     store = f"file://{directory}"
-    (live,) = populate(s.FileRepository(directory), backend="asyncio", live=1)
+    (live,) = populate(s.FileRepository(directory), backend=backend, live=1)
     old = write_v0(directory)
     path = directory / "sessions" / f"{old}.json"
     before = path.read_bytes()
@@ -565,7 +569,8 @@ async def test_import_replace_reaches_running_applications(
     url = shared_store
 
     def cli(*args: str, stdin: str | None = None) -> Awaitable[subprocess.CompletedProcess[str]]:
-        return anyio.to_thread.run_sync(lambda: run(*args, "--store", url, stdin=stdin))
+        command = (*args, "--store", url, "--backend", anyio_backend)
+        return anyio.to_thread.run_sync(lambda: run(*command, stdin=stdin))
 
     async with s.SessionManager(
         s.repository_from_url(url), idle_timeout=3600, cleanup_interval=None
@@ -698,7 +703,11 @@ def test_import_replace_retries_racing_writers(
     assert got_busy is not None and got_busy.state == {"v": "other"}  # left as it was
 
 
-def test_import_says_which_sessions_are_already_expired(run: Run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_import_says_which_sessions_are_already_expired(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    run = on_backend(run, backend)
     now = datetime.now(timezone.utc)
     long_ago = now - timedelta(days=30)
     live = s.Session(uuid.uuid4(), now, now, expires_at=now + timedelta(hours=1))
@@ -710,7 +719,9 @@ def test_import_says_which_sessions_are_already_expired(run: Run, tmp_path: Path
     assert "(2 replaced; 1 already past their deadline" in again.stderr
 
 
-def test_import_rejects_a_bad_line(run: Run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_import_rejects_a_bad_line(run: Run, tmp_path: Path, backend: str) -> None:
+    run = on_backend(run, backend)
     now = datetime.now(timezone.utc)
     good = s.dumps(s.Session(uuid.uuid4(), now, now))
     (tmp_path / "bad.jsonl").write_bytes(good + b'\n{"version": 1, "id": "x"}\n')
@@ -726,7 +737,9 @@ def test_import_rejects_a_bad_line(run: Run, tmp_path: Path) -> None:
 # -- errors: one line, non-zero, no traceback ---------------------------------------------------
 
 
-def test_unknown_and_malformed_ids(run: Run) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unknown_and_malformed_ids(run: Run, backend: str) -> None:
+    run = on_backend(run, backend)
     unknown = str(uuid.uuid4())
     for command in ("show", "close", "delete"):
         line = assert_one_line_error(run(command, unknown, ok=None), 1)
@@ -754,16 +767,20 @@ def test_bad_store_url_from_environment(tmp_path: Path) -> None:
     assert "bogus://" in assert_one_line_error(result, 2)
 
 
-def test_unreachable_redis(run: Run) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unreachable_redis(run: Run, backend: str) -> None:
+    run = on_backend(run, backend)
     line = assert_one_line_error(
         run("list", "--store", f"redis://127.0.0.1:{free_port()}/0", ok=None), 1
     )
     assert "Redis at 127.0.0.1" in line
 
 
-def test_corrupt_sqlite_document(run: Run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_sqlite_document(run: Run, tmp_path: Path, backend: str) -> None:
+    run = on_backend(run, backend)
     db = tmp_path / "s.db"
-    (sid,) = populate(s.SQLiteRepository(db), backend="asyncio", live=1)
+    (sid,) = populate(s.SQLiteRepository(db), backend=backend, live=1)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE sessions SET doc = ? WHERE id = ?", (b'{"version": 1, "id', sid))
     conn.close()
@@ -771,9 +788,11 @@ def test_corrupt_sqlite_document(run: Run, tmp_path: Path) -> None:
     assert f"Session {sid} is corrupt" in line
 
 
-def test_corrupt_file_document_is_quarantined(run: Run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_file_document_is_quarantined(run: Run, tmp_path: Path, backend: str) -> None:
+    run = on_backend(run, backend)
     directory = tmp_path / "files"
-    (sid,) = populate(s.FileRepository(directory), backend="asyncio", live=1)
+    (sid,) = populate(s.FileRepository(directory), backend=backend, live=1)
     path = directory / "sessions" / f"{sid}.json"
     path.write_bytes(path.read_bytes()[:40])
     result = run("show", sid, "--store", f"file://{directory}", ok=None)
@@ -784,11 +803,15 @@ def test_corrupt_file_document_is_quarantined(run: Run, tmp_path: Path) -> None:
     assert error.startswith(f"asyncsession: error: no session {sid}")
 
 
-def test_unwritable_sqlite_path(run: Run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unwritable_sqlite_path(run: Run, tmp_path: Path, backend: str) -> None:
+    run = on_backend(run, backend)
     assert_one_line_error(run("list", "--store", f"sqlite:///{tmp_path}/missing/x.db", ok=None))
 
 
-def test_usage_errors_exit_2(run: Run) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_usage_errors_exit_2(run: Run, backend: str) -> None:
+    run = on_backend(run, backend)  # an invalid --cursor is found by the store, on the loop
     result = run("list", "--limit", "0", ok=None)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     line = assert_one_line_error(run("list", "--cursor", "xyz", ok=None), 2)
@@ -814,12 +837,13 @@ def test_missing_cli_extra(tmp_path: Path) -> None:
     )
 
 
-def test_console_script(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_console_script(tmp_path: Path, backend: str) -> None:
     script = shutil.which("asyncsession")
     if script is None:
         pytest.skip("the asyncsession console script is not installed")
     result = subprocess.run(
-        [script, "list", "--json", "--store", "memory://"],
+        [script, "list", "--json", "--store", "memory://", "--backend", backend],
         cwd=tmp_path,
         env=_env(),
         capture_output=True,

@@ -331,8 +331,9 @@ async def test_stale_temp_files_are_ignored_and_cleaned(tmp_path: Path, anyio_ba
 # -- locks ------------------------------------------------------------------------------
 
 
-async def spawn(*args: str, backend: str = "asyncio") -> tuple[Process, BufferedByteReceiveStream]:
-    """Start tests/files_child.py; its store runs on ``backend``."""
+async def spawn(*args: str, backend: str) -> tuple[Process, BufferedByteReceiveStream]:
+    """Start tests/files_child.py; its store runs on ``backend`` (the test's own: every
+    child runs on asyncio and on trio)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), FILES_CHILD_BACKEND=backend)
     process = await anyio.open_process([sys.executable, str(CHILD), *args], env=env, stderr=None)
     assert process.stdout is not None
@@ -344,7 +345,7 @@ async def test_lock_held_by_another_process_times_out(tmp_path: Path, anyio_back
     async with FileRepository(tmp_path / "store", lock_timeout=0.2) as repo:
         await repo.add(session)
         lock_file = repo.directory / "locks" / f"{session.id}.lock"
-        process, out = await spawn("hold-lock", str(lock_file))
+        process, out = await spawn("hold-lock", str(lock_file), backend=anyio_backend)
         async with process:
             assert await out.receive_until(b"\n", 100) == b"locked"
             with pytest.raises(LockTimeout) as info:
