@@ -298,16 +298,21 @@ def _written_in_place(path: str) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
+#: Permissions of a new export file (less the umask): owner only, as the stores' own
+#: files (``file_mode``), since an export holds every session's data.
+EXPORT_FILE_MODE: Final = 0o600
+
+
 def _new_file_mode(path: str) -> int:
-    """The permissions a replacement of ``path`` gets: the file's own if it exists, else
-    what ``open()`` would create (0o666 less the umask). Call it before any threads run:
-    reading the umask sets it for a moment."""
+    """The permissions a replacement of ``path`` gets: the file's own if it exists (the
+    user chose them), else :data:`EXPORT_FILE_MODE` less the umask. Call it before any
+    threads run: reading the umask sets it for a moment."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
         umask = os.umask(0o077)
         os.umask(umask)
-        return 0o666 & ~umask
+        return EXPORT_FILE_MODE & ~umask
 
 
 @contextlib.contextmanager
@@ -1224,8 +1229,9 @@ def _incomplete(result: _Exported) -> str:
     default="-",
     show_default=True,
     help="JSON Lines file to write (- for stdout). It is replaced only by a complete "
-    "export: a failed one leaves it as it was. A FIFO, a device or /dev/stdout is "
-    "written in place, like stdout.",
+    "export: a failed one leaves it as it was. A new file is readable by you only (0600, "
+    "less the umask); a replaced one keeps its permissions. A FIFO, a device or "
+    "/dev/stdout is written in place, like stdout.",
 )
 @_store_option
 @_backend_option

@@ -1040,7 +1040,7 @@ def test_export_replaces_the_output_file_whole(run: Run, tmp_path: Path, backend
 
     run("export", "-o", "all.jsonl", *store)
     assert len(output.read_bytes().splitlines()) == 2
-    assert output.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # as open() makes it
+    assert output.stat().st_mode & 0o777 == 0o600 & ~current_umask()  # owner only
     output.chmod(0o640)
     output.write_bytes(b"previous\n")
     run("export", "-o", "all.jsonl", *store)

@@ -115,6 +115,52 @@ def test_a_session_created_during_the_export_does_not_fail_it(
     assert exported_ids(output) >= set(ids)
 
 
+# -- permissions of the output file ------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@BACKENDS
+def test_a_new_export_file_is_readable_by_its_owner_only(backend: str, tmp_path: Path) -> None:
+    """A new -o file followed the umask (0644 with umask 022, 0664 with 002): every
+    session's data readable by every user, while the stores keep theirs owner-only."""
+    url, ids = sqlite_store(tmp_path, backend, 2)
+    common = ["--store", url, "--backend", backend]
+
+    def run_export(output: str, umask: int) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "asyncsession", "export", "-o", output, *common],
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=120,
+            umask=umask,
+        )
+        assert result.returncode == 0, result.stderr
+        assert exported_ids(tmp_path / output) == set(ids)
+
+    run_export("new.jsonl", 0o002)
+    assert mode(tmp_path / "new.jsonl") == 0o600
+    run_export("strict.jsonl", 0o277)  # the umask still applies on top
+    assert mode(tmp_path / "strict.jsonl") == 0o400
+
+    # A file that exists keeps the permissions its user gave it, whatever the umask.
+    for chosen in (0o644, 0o640, 0o660):
+        (tmp_path / "new.jsonl").chmod(chosen)
+        run_export("new.jsonl", 0o077)
+        assert mode(tmp_path / "new.jsonl") == chosen
+
+    # Through a symbolic link: the file it points to is created owner-only, or keeps its mode.
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(tmp_path / "target.jsonl")
+    run_export("link.jsonl", 0o002)
+    assert link.is_symlink() and mode(tmp_path / "target.jsonl") == 0o600
+    (tmp_path / "target.jsonl").chmod(0o664)
+    run_export("link.jsonl", 0o002)
+    assert link.is_symlink() and mode(tmp_path / "target.jsonl") == 0o664
+
+
 # -- outputs that are not regular files ------------------------------------------------------
 
 
@@ -127,10 +173,11 @@ def test_export_to_a_fifo_writes_into_it(
     ids = add_sessions(store, backend, 3)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
+    fifo.chmod(0o644)  # written in place: its permissions are not touched
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the reader is there first
     try:
         export(store, fifo, backend, monkeypatch)
-        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode) and mode(fifo) == 0o644
         received = b""
         while chunk := os.read(reader, 65536):
             received += chunk
