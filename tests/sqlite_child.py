@@ -5,6 +5,9 @@ once its add() has returned, then keep writing until killed.
 
 ``append DB BACKEND SESSION_ID TAG``: append 500 messages ``TAG-0`` ... ``TAG-499`` to
 one session from 5 concurrent tasks, then print ``done``.
+
+``read DB BACKEND SESSION_ID``: open the store (upgrading an older layout) and print the
+session's revision.
 """
 
 from __future__ import annotations
@@ -64,12 +67,20 @@ async def append(path: str, session_id: str, tag: str) -> None:
     _say("done")
 
 
+async def read(path: str, session_id: str) -> None:
+    async with SQLiteRepository(path) as repo:
+        session = await repo.get(uuid.UUID(session_id))
+    _say("missing" if session is None else str(session.revision))
+
+
 def main(argv: list[str]) -> None:
     mode, path, backend = argv[:3]
     if mode == "crash":
         anyio.run(crash, path, backend=backend)
     elif mode == "append":
         anyio.run(append, path, argv[3], argv[4], backend=backend)
+    elif mode == "read":
+        anyio.run(read, path, argv[3], backend=backend)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -266,7 +266,7 @@ async def test_upgrade_from_layout_2_in_place(db: Path, anyio_backend: str) -> N
         await repo.save(saved, expected_revision=touched.revision, new_messages=())
         assert await repo.get(old[0].id) == saved
     conn = raw(db)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     doc = orjson.loads(
         conn.execute("SELECT doc FROM sessions WHERE id = ?", (str(old[0].id),)).fetchone()[0]

@@ -12,7 +12,8 @@ in place when opened):
   integer microseconds since the Unix epoch, so they sort correctly. ``incarnation`` is
   a random number each add stores: it tells a session deleted and added again under its
   id from its earlier life (held snapshots record it; rows from before layout 4 have
-  NULL).
+  NULL). Layout 5 only repairs values older releases' appends stored out of range
+  (a REAL revision, a deadline past ``datetime.max``; see :func:`_upgrade_4_to_5`).
 * ``messages``: ``(session_pk, seq, body)``; a row holds the messages from number
   ``seq`` on, as compact JSON joined by newlines (compact JSON never contains one).
   Each append adds one row; when the history crosses a multiple of
@@ -126,7 +127,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: The layout version this release writes (``PRAGMA user_version``).
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 #: Messages per chunk row (see the module docstring).
 CHUNK_MESSAGES: Final = 32
 #: Default ``PRAGMA wal_autocheckpoint`` (pages; SQLite's own default is 1000): the WAL
@@ -253,20 +254,56 @@ def _upgrade_3_to_4(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE sessions ADD COLUMN incarnation INTEGER")
 
 
-#: ``_UPGRADES[v]`` turns a version-``v`` database into version ``v + 1``.
-_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {
-    1: _upgrade_1_to_2,
-    2: _upgrade_2_to_3,
-    3: _upgrade_3_to_4,
-}
-
-
 def _us(value: datetime) -> int:
     return (value - _EPOCH) // _US
 
 
 #: ``datetime.max`` in microseconds: the latest deadline a datetime can hold.
 _LAST_US: Final = _us(datetime.max.replace(tzinfo=_UTC))
+
+
+def _upgrade_4_to_5(conn: sqlite3.Connection) -> None:
+    """Repair the rows older releases' one-statement append left unreadable (layout 5
+    promises none); the tables do not change.
+
+    * An append at revision ``2**63 - 1`` computed ``revision + 1`` in SQL, which SQLite
+      stores as the REAL ``9.223372036854776e+18``: the session raised
+      :class:`CorruptSessionError` on every read (the append's messages were stored). The
+      revision becomes :data:`MAX_REVISION`: the session reads again, with those
+      messages, and its next write raises :class:`LimitExceeded`.
+    * A deadline past ``datetime.max`` (a huge ``idle_timeout`` or ``max_age``) was
+      stored as an out-of-range integer, or as a REAL when the sum overflowed: every read
+      raised ``OverflowError``. It becomes NULL (never), as ``ExpiryPolicy.deadline``
+      answers for it.
+
+    No other column was computed in SQL by those releases (``message_count + n`` was
+    bounded by the message limit). Checking the revisions scans the table once, here;
+    the version bump makes older releases, which could store such values again, refuse
+    the file.
+    """
+    repaired = conn.execute(
+        "UPDATE sessions SET revision = ? WHERE typeof(revision) = 'real' AND revision >= ?",
+        (MAX_REVISION, MAX_REVISION),
+    ).rowcount
+    endless = conn.execute(
+        "UPDATE sessions SET expires_at = NULL WHERE expires_at > ?", (_LAST_US,)
+    ).rowcount
+    if repaired or endless:
+        logger.warning(
+            "repaired %d session(s) with a REAL revision and %d with a deadline past "
+            "datetime.max, written by an older release's append",
+            repaired,
+            endless,
+        )
+
+
+#: ``_UPGRADES[v]`` turns a version-``v`` database into version ``v + 1``.
+_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _upgrade_1_to_2,
+    2: _upgrade_2_to_3,
+    3: _upgrade_3_to_4,
+    4: _upgrade_4_to_5,
+}
 
 
 def _us_or_none(value: datetime | None) -> int | None:
