@@ -112,6 +112,12 @@ async def wait_until(condition: Callable[[], bool]) -> None:
             await anyio.sleep(0.002)
 
 
+def test_exported_names_are_sorted() -> None:
+    """``__all__`` listed WAL_AUTOCHECKPOINT before the SQLite classes (an isort-style
+    order); the package's public names are kept in plain sorted order."""
+    assert sqlite_store.__all__ == sorted(sqlite_store.__all__)
+
+
 # -- layout and upgrades ----------------------------------------------------------------
 
 

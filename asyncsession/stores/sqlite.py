@@ -117,9 +117,9 @@ from ._held import HeldSnapshots, Incarnation
 __all__ = [
     "CHUNK_MESSAGES",
     "SCHEMA_VERSION",
-    "WAL_AUTOCHECKPOINT",
     "SQLiteRepository",
     "SQLiteStatistics",
+    "WAL_AUTOCHECKPOINT",
 ]
 
 logger = logging.getLogger(__name__)
