@@ -6,10 +6,10 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
-import anyio
 import attrs
 import pytest
-from hypothesis import given, settings
+import sniffio
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncsession import (
@@ -32,7 +32,11 @@ class CustomPolicy(ExpiryPolicy):
 limits = st.none() | st.integers(1, 10**6).map(lambda s: timedelta(seconds=s))
 
 
-@settings(max_examples=60, deadline=None)
+# anyio_backend is function-scoped but only names the event loop: sharing it between
+# examples is what the test wants.
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     idle=limits,
     max_age=limits,
@@ -42,7 +46,7 @@ limits = st.none() | st.integers(1, 10**6).map(lambda s: timedelta(seconds=s))
     when=st.integers(0, 400),
     count=st.integers(0, 3),
 )
-def test_one_statement_append_matches_the_policy(
+async def test_one_statement_append_matches_the_policy(
     idle: timedelta | None,
     max_age: timedelta | None,
     archived: bool,
@@ -50,7 +54,11 @@ def test_one_statement_append_matches_the_policy(
     last: int,
     when: int,
     count: int,
+    anyio_backend: str,
 ) -> None:
+    """Each example runs on the test's event loop (asyncio and trio): it ran on
+    asyncio only (``anyio.run`` without a backend)."""
+    assert sniffio.current_async_library() == anyio_backend
     plain = ExpiryPolicy(idle_timeout=idle, max_age=max_age)
     custom = CustomPolicy(idle_timeout=idle, max_age=max_age)
     status = SessionStatus.ARCHIVED if archived else SessionStatus.ACTIVE
@@ -69,14 +77,10 @@ def test_one_statement_append_matches_the_policy(
             except (SessionNotFound, SessionClosed) as exc:
                 return type(exc)
 
-    async def both() -> tuple[object, object]:
-        with tempfile.TemporaryDirectory() as tmp:
-            return (
-                await outcome(plain, Path(tmp) / "plain.db"),
-                await outcome(custom, Path(tmp) / "custom.db"),
-            )
-
-    fast, general = anyio.run(both)
+    # One directory per example (tmp_path is the test's, shared by its examples).
+    with tempfile.TemporaryDirectory() as tmp:
+        fast = await outcome(plain, Path(tmp) / "plain.db")
+        general = await outcome(custom, Path(tmp) / "custom.db")
     assert fast == general
     if not isinstance(fast, type):
         assert fast.expires_at == plain.deadline(status, base.created_at, fast.last_active, None)

@@ -166,11 +166,13 @@ def test_opens_and_closes_from_several_event_loops(tmp_path: Path, connects: Gat
     assert errors == [] and workers() == []
 
 
+@pytest.mark.parametrize("closer_backend", ["asyncio", "trio"])
 async def test_a_call_racing_a_close_from_another_loop_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str, closer_backend: str
 ) -> None:
     """A caller that began just before another event loop closed the store was never
-    answered: its request landed behind the stop (review finding 4 of helper-25)."""
+    answered: its request landed behind the stop (review finding 4 of helper-25). The
+    closing loop runs on each backend too (it ran on asyncio only)."""
     repo = SQLiteRepository(tmp_path / "s.db")
     await repo.open()
     original_init = sqlite_store._Request.__init__
@@ -180,7 +182,9 @@ async def test_a_call_racing_a_close_from_another_loop_is_refused(
         original_init(request, *args, **kwargs)
         if args[0] is not None and not closed:  # the caller's request, the first time
             closed.append(True)
-            closer = threading.Thread(target=anyio.run, args=(repo.aclose,))
+            closer = threading.Thread(
+                target=anyio.run, args=(repo.aclose,), kwargs={"backend": closer_backend}
+            )
             closer.start()
             closer.join(30)  # another event loop closes the store meanwhile
 
