@@ -1144,23 +1144,102 @@ def migrate(dry_run: bool, store_url: str, backend: str, as_json: bool) -> None:
 # -- export / import ----------------------------------------------------------------------
 
 
+#: How many times export lists and counts the store again when its count holds more
+#: sessions than its listings show (which sessions created or deleted meanwhile can cause).
+CHECK_ATTEMPTS: Final = 3
+
+
 @attrs.frozen
 class _Exported:
     """What ``export`` wrote, and what it had to leave out."""
 
     exported: int
-    stored: int  # the store's own count: the lower of those before and after listing it
-    listed: int
+    stored: int  # the store's count when the export checked it
     unreadable: int  # listed, but reading it failed
-    vanished: int  # listed, but deleted before it was read
-
-    @property
-    def not_listed(self) -> int:
-        return max(0, self.stored - (self.listed - self.vanished))
+    unlisted: int  # counted by the store, but in none of its listings (at least this many)
 
     @property
     def left_out(self) -> int:
-        return self.not_listed + self.unreadable
+        return self.unreadable + self.unlisted
+
+
+@attrs.define
+class _Export:
+    """One export: the sessions written to ``output``, and those that could not be read."""
+
+    repository: SessionRepository
+    output: IO[bytes]
+    written: set[uuid.UUID] = attrs.field(factory=set)
+    unreadable: set[uuid.UUID] = attrs.field(factory=set)
+
+    def done(self, sid: uuid.UUID) -> bool:
+        return sid in self.written or sid in self.unreadable
+
+    async def write(self, sid: uuid.UUID) -> bool:
+        """Read session ``sid`` and write it out; return whether it is stored (a session
+        that cannot be read is stored, and counted as unreadable)."""
+        try:
+            session = await self.repository.get(sid)
+            # messages may be decoded lazily, so a damaged one can fail dumps() too
+            line = None if session is None else dumps(session) + b"\n"
+        except SerializationError as exc:
+            logger.warning("cannot export session %s: %s", sid, exc)
+            self.unreadable.add(sid)
+            return True
+        if line is None:
+            return False
+        self.output.write(line)
+        self.written.add(sid)
+        return True
+
+    async def exists(self, sid: uuid.UUID) -> bool:
+        """Whether session ``sid`` is stored now (readable or not)."""
+        try:
+            return await self.repository.get(sid, last_messages=0) is not None
+        except SerializationError:
+            return True
+
+    async def check(self) -> tuple[int, int]:
+        """Write what the first listing missed; return the store's count and how many
+        sessions it counts that no listing shows (0 when every one was accounted for).
+
+        The store is listed (``before``), counted and listed again (``after``). A session
+        in both listings was stored when it was counted, and so was one in ``before``
+        that is still stored afterwards: those are ``known``, and any of them not written
+        yet (one touched while the first listing ran moved to the pages already read) is
+        written now. The count holding more sessions than ``known`` means the listings
+        leave sessions out (listings skip unreadable ones), or sessions were created
+        between the two listings: the check runs again, up to :data:`CHECK_ATTEMPTS`
+        times, and the smallest excess counts as left out. A session created or deleted
+        at any other time during the export changes neither side, so it cannot fail it.
+        """
+        fewest: tuple[int, int] | None = None
+        for _ in range(CHECK_ATTEMPTS):
+            unreadable = set(self.unreadable)  # read (and stored) before the count
+            before = await _all_ids(self.repository)
+            stored = sum((await self.repository.count_by_status()).values())
+            after = await _all_ids(self.repository)
+            still = set(after)
+            known = {sid for sid in before if sid in still}
+            for sid in dict.fromkeys([*before, *after]):
+                if not self.done(sid):
+                    stored_now = await self.write(sid)
+                elif sid in still:
+                    continue
+                else:
+                    stored_now = await self.exists(sid)
+                if stored_now and sid not in still:
+                    known.add(sid)
+            for sid in unreadable - known:  # listings may skip it now; counted if still stored
+                if await self.exists(sid):
+                    known.add(sid)
+            unlisted = max(0, stored - len(known))
+            if fewest is None or unlisted < fewest[1]:
+                fewest = (stored, unlisted)
+            if not unlisted:
+                break
+        assert fewest is not None
+        return fewest
 
 
 async def _export(
@@ -1168,53 +1247,39 @@ async def _export(
 ) -> _Exported:
     """Write every session the store lists to ``output``; count those it could not.
 
-    Listings skip sessions the store cannot read (with a warning) and count_by_status()
-    does not, so the store's count says how many were left out. The count is taken before
-    and after the listing and the lower one is used, and listed sessions deleted before
-    they were read are not counted as exported: a session written while the export runs
-    does not fail it, and one the listing missed (touched while the listing ran, so moved
-    to pages already read) is not hidden by a listed one deleted meanwhile. A listed
-    session whose read fails (damaged messages, say) is skipped with a warning and counted
-    too; other errors (the store is unreachable...) stop the export.
+    Every listed session is read and written. Then :meth:`_Export.check` lists the store
+    again: sessions the first listing missed are written too, and sessions the store
+    counts but no listing shows (listings skip sessions they cannot read, with a warning)
+    are counted as left out. A listed session whose read fails (damaged messages, say)
+    is skipped with a warning and counted too; other errors (the store is
+    unreachable...) stop the export. Sessions created or deleted while the export runs
+    do not fail it; those created may be exported too.
     """
-    exported = unreadable = vanished = 0
+    export = _Export(repository, output)
     with _progress(show_progress) as progress:
         task = progress.add_task("Reading the store", total=None)
-        before = sum((await repository.count_by_status()).values())
         ids = await _all_ids(repository)
-        after = sum((await repository.count_by_status()).values())
-        stored = min(before, after)
         progress.update(task, total=len(ids), completed=0, description="Exporting")
         for sid in ids:
-            try:
-                session = await repository.get(sid)
-                # messages may be decoded lazily, so a damaged one can fail dumps() too
-                line = None if session is None else dumps(session) + b"\n"
-            except SerializationError as exc:
-                logger.warning("cannot export session %s: %s", sid, exc)
-                unreadable += 1
-                line = None
-            else:
-                if session is None:
-                    vanished += 1
-            if line is not None:
-                output.write(line)
-                exported += 1
+            await export.write(sid)
             progress.advance(task)
+        progress.update(task, description="Checking")
+        stored, unlisted = await export.check()
     output.flush()
-    return _Exported(exported, stored, len(ids), unreadable, vanished)
+    return _Exported(len(export.written), stored, len(export.unreadable), unlisted)
 
 
 def _incomplete(result: _Exported) -> str:
     """What an export that left sessions out says about them."""
-    total = max(result.stored, result.listed - result.vanished)
+    total = max(result.stored, result.exported + result.left_out)
     parts = []
     if result.unreadable:
         parts.append(f"{result.unreadable} could not be read (see the warnings above)")
-    if result.not_listed:
+    if result.unlisted:
         parts.append(
-            f"{result.not_listed} were missing from the store's listing (unreadable, see "
-            "the warnings above; or updated while the export ran: then export again)"
+            f"{result.unlisted} were counted by the store but are in none of its listings "
+            "(listings skip unreadable sessions: see the warnings above; if the store kept "
+            "changing while the export checked it, export again)"
         )
     return (
         f"{result.left_out} of the {total} stored sessions were not exported: {'; '.join(parts)}."
@@ -1240,6 +1305,8 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
 
     Fails (status 1) if any session could not be read (the store's warnings say which),
     leaving the --output file as it was; on stdout, what was written is then incomplete.
+    Sessions created or deleted while it runs do not fail it; one its listing missed
+    (touched meanwhile) is found by listing the store again, and written too.
     """
     if output == "-" or _written_in_place(output):
         if output == "-":
@@ -1471,12 +1538,29 @@ class _LogFormatter(logging.Formatter):
         return f"asyncsession: {record.levelname.lower()}: {' '.join(text.split())}"
 
 
+class _Once(logging.Filter):
+    """Let each message through once: ``export`` lists the store several times, and a
+    store warns of an unreadable session at every listing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text in self._seen:
+            return False
+        self._seen.add(text)
+        return True
+
+
 def _log_to_stderr() -> None:
-    """Show the library's warnings (e.g. a quarantined document) as one line each."""
+    """Show the library's warnings (e.g. a quarantined document) as one line each, once."""
     logger = logging.getLogger("asyncsession")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_LogFormatter())
+        handler.addFilter(_Once())
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING)
         logger.propagate = False
