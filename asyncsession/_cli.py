@@ -53,6 +53,7 @@ from rich.text import Text
 from . import (
     CURRENT_VERSION,
     CorruptSessionError,
+    FileRepository,
     InvalidCursor,
     SerializationError,
     Session,
@@ -63,6 +64,7 @@ from . import (
     SessionQuery,
     SessionRepository,
     SessionStatus,
+    StorageError,
     ValidationError,
     dumps,
     loads,
@@ -1169,8 +1171,14 @@ class _Export:
 
     repository: SessionRepository
     output: IO[bytes]
+    listed: set[uuid.UUID] = attrs.field(factory=set)  # by any of its listings
     written: set[uuid.UUID] = attrs.field(factory=set)
     unreadable: set[uuid.UUID] = attrs.field(factory=set)
+
+    async def list_ids(self) -> list[uuid.UUID]:
+        ids = await _all_ids(self.repository)
+        self.listed.update(ids)
+        return ids
 
     def done(self, sid: uuid.UUID) -> bool:
         return sid in self.written or sid in self.unreadable
@@ -1216,9 +1224,9 @@ class _Export:
         fewest: tuple[int, int] | None = None
         for _ in range(CHECK_ATTEMPTS):
             unreadable = set(self.unreadable)  # read (and stored) before the count
-            before = await _all_ids(self.repository)
+            before = await self.list_ids()
             stored = sum((await self.repository.count_by_status()).values())
-            after = await _all_ids(self.repository)
+            after = await self.list_ids()
             still = set(after)
             known = {sid for sid in before if sid in still}
             for sid in dict.fromkeys([*before, *after]):
@@ -1241,6 +1249,45 @@ class _Export:
         assert fewest is not None
         return fewest
 
+    async def set_aside(self, repository: FileRepository) -> None:
+        """Account for the file store's documents that none of its listings or counts hold.
+
+        Those it cannot read (a newer release's, permissions, I/O errors) are read here:
+        they fail the export. A quarantined document of a session the export listed but
+        did not write was found damaged while the export ran (by a rescan of the store,
+        or by another process's read), after which its session reads as deleted: it is
+        unreadable too. The other documents in quarantine are only a warning.
+        """
+        for sid, _ in await repository.unreadable():
+            if self.done(sid):
+                continue
+            try:
+                await self.write(sid)
+            except StorageError as exc:  # this entry only: its read failed before
+                logger.warning("cannot export session %s: %s", sid, exc)
+                self.unreadable.add(sid)
+        kept: list[Path] = []
+        for sid, path in await repository.quarantined():
+            if sid in self.listed and not self.done(sid):
+                logger.warning(
+                    "cannot export session %s: its document was found damaged and moved "
+                    "to %s while the export ran",
+                    sid,
+                    path,
+                )
+                self.unreadable.add(sid)
+            else:
+                kept.append(path)
+        if kept:
+            logger.warning(
+                "%s holds %d quarantined session document%s, not exported: the store moves "
+                "the documents it finds damaged there and never deletes them. Repair one "
+                "and move it back into sessions/ (without its checksum field), or delete it.",
+                kept[0].parent,
+                len(kept),
+                "" if len(kept) == 1 else "s",
+            )
+
 
 async def _export(
     repository: SessionRepository, output: IO[bytes], show_progress: bool
@@ -1253,18 +1300,21 @@ async def _export(
     are counted as left out. A listed session whose read fails (damaged messages, say)
     is skipped with a warning and counted too; other errors (the store is
     unreachable...) stop the export. Sessions created or deleted while the export runs
-    do not fail it; those created may be exported too.
+    do not fail it; those created may be exported too. A file store is also asked for
+    the documents it leaves out of listings and counts (:meth:`_Export.set_aside`).
     """
     export = _Export(repository, output)
     with _progress(show_progress) as progress:
         task = progress.add_task("Reading the store", total=None)
-        ids = await _all_ids(repository)
+        ids = await export.list_ids()
         progress.update(task, total=len(ids), completed=0, description="Exporting")
         for sid in ids:
             await export.write(sid)
             progress.advance(task)
         progress.update(task, description="Checking")
         stored, unlisted = await export.check()
+        if isinstance(repository, FileRepository):
+            await export.set_aside(repository)
     output.flush()
     return _Exported(len(export.written), stored, len(export.unreadable), unlisted)
 

@@ -14,6 +14,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import anyio
+import orjson
 import pytest
 
 import asyncsession as s
@@ -26,7 +28,8 @@ from test_cli import add_sessions, overwrite_document
 
 from asyncsession import _cli
 
-EXPORT_TO_STDOUT = [sys.executable, "-m", "asyncsession", "export", "-o", "/dev/stdout"]
+EXPORT = [sys.executable, "-m", "asyncsession", "export"]
+EXPORT_TO_STDOUT = [*EXPORT, "-o", "/dev/stdout"]
 BACKENDS = pytest.mark.parametrize("backend", ["asyncio", "trio"])
 
 
@@ -179,6 +182,122 @@ def test_a_session_damaged_while_the_export_runs_fails_it(
         f"warnings above). The export failed: {output} was left as it was."
     )
     assert output.read_bytes() == b"previous\n"
+
+
+# -- what the file store leaves out of its listings and counts (found by helper-62) ------------
+
+
+def file_store(
+    tmp_path: Path, backend: str, count: int
+) -> tuple[s.FileRepository, list[uuid.UUID]]:
+    ids = add_sessions(s.FileRepository(tmp_path / "files"), backend, count)
+    return s.FileRepository(tmp_path / "files"), ids
+
+
+def run_export(tmp_path: Path, backend: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            *EXPORT,
+            "-o",
+            "backup.jsonl",
+            "--store",
+            f"file://{tmp_path / 'files'}",
+            "--backend",
+            backend,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def quarantine(store: s.FileRepository, backend: str, sid: uuid.UUID) -> None:
+    """Damage a session's document; the read that finds it moves it to quarantine/."""
+    (store.directory / "sessions" / f"{sid}.json").write_bytes(b"garbage")
+
+    async def read() -> None:
+        async with store:  # its open scan finds it
+            assert await store.get(sid) is None
+
+    anyio.run(read, backend=backend)
+    assert (store.directory / "quarantine" / f"{sid}.json").exists()
+
+
+@BACKENDS
+def test_export_warns_of_quarantined_documents(backend: str, tmp_path: Path) -> None:
+    """Documents the file store quarantined are in none of its counts: the export said
+    "Exported 2 sessions" with no word of the third, set aside in quarantine/."""
+    store, ids = file_store(tmp_path, backend, 3)
+    quarantine(store, backend, ids[1])
+    result = run_export(tmp_path, backend)
+    assert result.returncode == 0, result.stderr
+    assert exported_ids(tmp_path / "backup.jsonl") == {ids[0], ids[2]}
+    warnings = [x for x in result.stderr.splitlines() if x.startswith("asyncsession: warning")]
+    assert warnings == [
+        f"asyncsession: warning: {tmp_path / 'files' / 'quarantine'} holds 1 quarantined "
+        "session document, not exported: the store moves the documents it finds damaged "
+        "there and never deletes them. Repair one and move it back into sessions/ (without "
+        "its checksum field), or delete it."
+    ]
+    assert "Exported 2 sessions." in result.stderr
+
+
+@BACKENDS
+def test_export_of_a_file_store_with_an_unreadable_document_fails(
+    backend: str, tmp_path: Path
+) -> None:
+    """A document only a newer release reads, or an entry that cannot be read, is in
+    none of the file store's listings and counts: the export exited 0 without it (the
+    SQLite store counts it, so there the export failed)."""
+    store, ids = file_store(tmp_path, backend, 3)
+    path = store.directory / "sessions" / f"{ids[1]}.json"
+    newer = orjson.loads(path.read_bytes())
+    newer["version"] = s.CURRENT_VERSION + 1
+    del newer["checksum"]
+    path.write_bytes(orjson.dumps(newer))
+    unreadable = store.directory / "sessions" / f"{uuid.uuid4()}.json"
+    unreadable.mkdir()  # reading it fails (EISDIR), as EACCES or EIO would
+    (tmp_path / "backup.jsonl").write_bytes(b"previous\n")
+    result = run_export(tmp_path, backend)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (
+        "asyncsession: error: 2 of the 4 stored sessions were not exported: 2 could not be "
+        "read (see the warnings above). The export failed: backup.jsonl was left as it was."
+    )
+    assert any(
+        f"cannot export session {ids[1]}" in x and "Upgrade asyncsession" in x for x in lines
+    )
+    assert any(str(unreadable) in x for x in lines)
+    assert (tmp_path / "backup.jsonl").read_bytes() == b"previous\n"
+
+
+@BACKENDS
+def test_a_document_quarantined_while_the_export_runs_fails_it(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's read found a listed session's document damaged and moved it to
+    quarantine/ before the export read it: the session then read as deleted, and the
+    export exited 0 without it."""
+    damaged: list[uuid.UUID] = []
+
+    async def hook(store: s.SessionRepository, listing: int, page: s.Page) -> None:
+        if listing == 1 and page.next_cursor is None:
+            damaged.append(page.items[-1].id)
+            await overwrite_document(store, damaged[0], b"garbage")
+            async with s.FileRepository(tmp_path / "files") as other:  # its open scan finds it
+                assert await other.get(damaged[0]) is None
+            assert (tmp_path / "files" / "quarantine" / f"{damaged[0]}.json").exists()
+
+    store, _ = busy(f"file://{tmp_path / 'files'}", backend, monkeypatch, hook)
+    output = tmp_path / "backup.jsonl"
+    with pytest.raises(_cli.CLIError) as caught:
+        export(store, output, backend, monkeypatch)
+    assert caught.value.message == (
+        "1 of the 6 stored sessions were not exported: 1 could not be read (see the "
+        f"warnings above). The export failed: {output} was not written."
+    )
 
 
 # -- permissions of the output file ------------------------------------------------------------

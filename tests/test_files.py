@@ -312,6 +312,62 @@ async def test_a_newer_release_document_is_reported_once_per_change(
         assert len(quarantined(repo)) == 0  # left in place for the newer release
 
 
+async def test_quarantined_lists_the_quarantined_documents_by_session(
+    repo: FileRepository,
+) -> None:
+    """What ``asyncsession export`` warns about: the store's counts leave these out."""
+    twice, once, kept = make_session(created=1), make_session(created=2), make_session(created=3)
+    for s in (twice, once, kept):
+        await repo.add(s)
+    assert await repo.quarantined() == []
+    for victim in (twice, twice, once):
+        if not doc_path(repo, victim.id).exists():  # quarantined before: added again
+            await repo.add(victim)
+        doc_path(repo, victim.id).write_bytes(b"garbage")
+        with pytest.raises(CorruptSessionError):
+            await repo.get(victim.id)
+    folder = repo.directory / "quarantine"
+    for junk in ("notes.txt", "x.json", f"{kept.id}.a.json", f"{str(kept.id).upper()}.json"):
+        (folder / junk).write_bytes(b"not a quarantined document")
+    expected = [
+        (twice.id, folder / f"{twice.id}.json"),
+        (twice.id, folder / f"{twice.id}.1.json"),
+        (once.id, folder / f"{once.id}.json"),
+    ]
+    assert await repo.quarantined() == sorted(expected, key=lambda x: x[1])
+    assert dict(await repo.count_by_status()) == {asyncsession.SessionStatus.ACTIVE: 1}
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()  # removed by hand: nothing quarantined
+    assert await repo.quarantined() == []
+
+
+async def test_unreadable_lists_the_documents_left_out_of_listings(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """A newer release's document and an entry that cannot be read are in no listing or
+    count, so ``asyncsession export`` asks for them."""
+    older, newer = make_session(created=1), make_session(created=2)
+    async with FileRepository(tmp_path / "store") as repo:
+        for s in (older, newer):
+            await repo.add(s)
+        assert await repo.unreadable() == []
+        future = {**orjson.loads(version_0_document(newer)), "version": CURRENT_VERSION + 1}
+        doc_path(repo, newer.id).write_bytes(orjson.dumps(future))
+        directory_id = uuid.uuid4()
+        doc_path(repo, directory_id).mkdir()  # read fails (EISDIR), as EACCES or EIO would
+        expected = sorted(
+            [(newer.id, doc_path(repo, newer.id)), (directory_id, doc_path(repo, directory_id))],
+            key=lambda x: x[1],
+        )
+        assert await repo.unreadable() == expected  # the directory is scanned first
+        assert [s.id for s in await repo.list(SessionQuery())] == [older.id]
+        doc_path(repo, directory_id).rmdir()
+        assert await repo.unreadable() == [(newer.id, doc_path(repo, newer.id))]
+    async with FileRepository(tmp_path / "store", shared=False) as repo:  # found at open
+        assert await repo.unreadable() == [(newer.id, doc_path(repo, newer.id))]
+
+
 async def test_stale_temp_files_are_ignored_and_cleaned(tmp_path: Path, anyio_backend: str) -> None:
     session = make_session()
     async with FileRepository(tmp_path / "store") as repo:

@@ -313,6 +313,16 @@ def _id_from_name(name: str) -> uuid.UUID | None:
     return sid if str(sid) == stem else None
 
 
+def _id_from_quarantine_name(name: str) -> uuid.UUID | None:
+    """The id of a quarantined document's name, ``<uuid>.json`` or ``<uuid>.<n>.json``."""
+    if not name.endswith(_SUFFIX):
+        return None
+    stem, dot, n = name[: -len(_SUFFIX)].partition(".")
+    if dot and not (n.isascii() and n.isdigit()):
+        return None
+    return _id_from_name(stem + _SUFFIX)
+
+
 def _stamp(st: os.stat_result) -> Stamp:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
@@ -1359,6 +1369,45 @@ class FileRepository(SessionRepository):
                     continue
             versions[sid] = version
         return versions
+
+    async def quarantined(self) -> Sequence[tuple[uuid.UUID, Path]]:
+        """The documents moved to ``quarantine/`` because they were damaged, as
+        ``(session id, path)`` pairs in path order (an id quarantined more than once has
+        a path for each time). The store never deletes them; their sessions read as not
+        found and are in no listing or count. Repair one and move it back into
+        ``sessions/`` (without its ``checksum`` field), or delete it.
+        """
+        return await self._call(self._list_quarantine)
+
+    def _list_quarantine(self) -> Sequence[tuple[uuid.UUID, Path]]:
+        found: list[tuple[uuid.UUID, Path]] = []
+        try:
+            with os.scandir(self._quarantine_dir) as entries:
+                for item in entries:
+                    sid = _id_from_quarantine_name(item.name)
+                    if sid is not None:
+                        found.append((sid, Path(item.path)))
+        except FileNotFoundError:  # removed by hand: recreated at the next quarantine
+            return []
+        except OSError as exc:
+            raise _storage_error("list", self._quarantine_dir, exc) from exc
+        return sorted(found, key=lambda pair: pair[1])
+
+    async def unreadable(self) -> Sequence[tuple[uuid.UUID, Path]]:
+        """The documents in ``sessions/`` that listings, counts and expiry leave out
+        because they could not be read (a newer release's document, permissions, an I/O
+        error, a directory with a document's name), as ``(session id, path)`` pairs in
+        path order. Reading such a session raises the error. With ``shared=True`` the
+        directory is scanned first, as for a listing.
+        """
+        return await self._call(self._list_unreadable)
+
+    def _list_unreadable(self) -> Sequence[tuple[uuid.UUID, Path]]:
+        if self._shared:
+            self._sync()
+        with self._sync_lock:
+            ids = {*self._skipped, *self._failing}
+        return sorted(((sid, Path(self._doc_path(sid))) for sid in ids), key=lambda x: x[1])
 
     def _read_versions(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int | None]:
         """Each existing document's version, None for a damaged one (worker, no locks)."""
