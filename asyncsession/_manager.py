@@ -6,6 +6,7 @@ import inspect
 import logging
 import math
 import uuid
+from collections import OrderedDict
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -62,6 +63,11 @@ logger = logging.getLogger(__name__)
 
 #: Bound of each reporter call at exit when ``reporter_timeout`` is None.
 _EXIT_REPORT_CALL_SECONDS = 5.0
+
+#: How many expired sessions that could not be removed a manager remembers, so as to warn
+#: about each once (and again only when its failure changes), not at every cleanup pass.
+#: Beyond this many at once, the others are warned about at each pass.
+_UNREMOVABLE_REMEMBERED = 10_000
 
 #: An update callback: takes the current snapshot, returns the new one (sync or async).
 UpdateFn = Callable[[Session], Union[Session, Awaitable[Session]]]
@@ -220,6 +226,8 @@ class SessionManager:
         self._cleanup_passes = 0
         self._expired_total = 0
         self._removals_failed = 0
+        # Expired sessions whose removal failed, and how (see _note_unremovable).
+        self._unremovable: OrderedDict[uuid.UUID, str] = OrderedDict()
         self._cleanup_done: anyio.Event | None = None
         self._cleanup_scope: anyio.CancelScope | None = None  # the cleanup loop's own
         self._cleanup_ended = anyio.Event()
@@ -1023,8 +1031,10 @@ class SessionManager:
         Reads the store's deadline index, so the cost follows what expired, not how
         many sessions exist. Safe to run from several managers on one store: each
         expired session is removed (and reported) by exactly one of them. A session
-        that cannot be removed (unreadable, a storage error) is logged, counted in
-        ``stats().removals_failed`` and passed over; it is tried again at the next pass.
+        that cannot be removed (unreadable, a storage error) is counted in
+        ``stats().removals_failed`` and passed over; it is tried again at each pass, and
+        removed once it can be. It is logged as a warning once, and again only if its
+        failure changes (later attempts that fail alike are logged at debug level).
         After a storage error the store is asked for its expired sessions again: if that
         fails too, the store itself is failing (unreachable, say) and the pass ends with
         that error rather than wait out every removal's timeout. Cancelling
@@ -1052,24 +1062,50 @@ class SessionManager:
                     self._check_running()  # the manager left meanwhile: stop here
                     try:
                         with anyio.CancelScope(shield=True):  # a removal is always announced
-                            if await self._expire(sid, now):
-                                removed_total += 1
-                                continue
+                            removed = await self._expire(sid, now)
                     except (SerializationError, StorageError) as exc:
                         # One session that cannot be removed stops no others.
                         self._removals_failed += 1
-                        logger.warning("cannot remove expired session %s: %s", sid, exc)
+                        self._note_unremovable(sid, exc)
                         if isinstance(exc, StorageError):
                             # This session, or the whole store? A store that fails this
                             # too ends the pass here (the next pass tries again).
                             await self._repository.expired(now, limit=1)
+                    else:
+                        if self._unremovable.pop(sid, None) is not None and removed:
+                            logger.info("removed expired session %s at last", sid)
+                        if removed:
+                            removed_total += 1
+                            continue
                     passed.add(sid)
                 if len(ids) < limit or tried == 0:
                     break
+            # Every expired session was listed: forget failures of sessions that are no
+            # longer there (removed or revived elsewhere), so that memory follows what is
+            # stuck now.
+            for sid in [sid for sid in self._unremovable if sid not in passed]:
+                del self._unremovable[sid]
         finally:
             if removed_total:
                 logger.info("expired %s sessions", removed_total)
         return removed_total
+
+    def _note_unremovable(self, sid: uuid.UUID, exc: Exception) -> None:
+        """Log a failed removal of ``sid``: a warning the first time, and when the failure
+        changes; debug when it fails as it did at an earlier pass."""
+        failure = f"{type(exc).__name__}: {exc}"
+        known = self._unremovable.get(sid)
+        if known == failure:
+            logger.debug("still cannot remove expired session %s: %s", sid, exc)
+            return
+        if known is not None or len(self._unremovable) < _UNREMOVABLE_REMEMBERED:
+            self._unremovable[sid] = failure
+        logger.warning(
+            "cannot remove expired session %s: %s (passed over; cleanup tries again at each "
+            "pass and warns again only if this failure changes)",
+            sid,
+            exc,
+        )
 
     async def _expire(self, sid: uuid.UUID, now: datetime) -> bool:
         """Remove ``sid`` if it has expired at ``now`` and announce it; True if removed.

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,6 +18,7 @@ import attrs
 import pytest
 
 import asyncsession as s
+import asyncsession._manager
 from asyncsession.testing import ManualClock
 
 if sys.version_info < (3, 11):
@@ -1093,6 +1096,17 @@ async def test_a_rotation_whose_last_cleanup_step_fails_still_succeeds(
         assert await sessions.purge_expired() == 1  # cleanup removes its document
 
 
+def drain(events: s.Subscription) -> list[tuple[s.EventKind, uuid.UUID]]:
+    """The events buffered so far."""
+    found = []
+    while True:
+        try:
+            event = events.receive_nowait()
+        except anyio.WouldBlock:
+            return found
+        found.append((event.kind, event.session_id))
+
+
 class LostReplies(s.MemoryRepository):
     """A memory store whose saves apply and then fail (the reply was lost), or fail
     without applying, while the flags are set."""
@@ -1464,6 +1478,110 @@ async def test_a_store_failing_mid_pass_ends_the_pass(
         assert store.scans == 2
         store.gone = False
         assert await sessions.purge_expired() == 19  # the next pass tries again
+
+
+def sql(db: Path, *statements: str) -> None:
+    """Run ``statements`` on the SQLite file ``db``, behind the store's back."""
+    with closing(sqlite3.connect(db)) as conn, conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def hold(db: Path, ids: list[uuid.UUID], reason: str) -> None:
+    """Make SQLite refuse to delete these sessions' rows (like a lock held elsewhere)."""
+    listed = ", ".join(f"'{sid}'" for sid in ids)
+    sql(
+        db,
+        "DROP TRIGGER IF EXISTS hold",
+        f"CREATE TRIGGER hold BEFORE DELETE ON sessions WHEN old.id IN ({listed}) "
+        f"BEGIN SELECT RAISE(ABORT, '{reason}'); END",
+    )
+
+
+def corrupt(db: Path, sid: uuid.UUID) -> None:
+    sql(db, f"UPDATE sessions SET doc = X'7b2276657273696f6e223a20312c2022' WHERE id = '{sid}'")
+
+
+def warnings_about(caplog: pytest.LogCaptureFixture, sid: uuid.UUID) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "asyncsession._manager"
+        and r.levelno == logging.WARNING
+        and str(sid) in r.getMessage()
+    ]
+
+
+async def test_an_expired_session_that_cannot_be_removed_is_warned_about_once_per_failure(
+    anyio_backend: str, clock: ManualClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session cleanup cannot remove was warned about at every pass, for ever (and
+    read again each time). Now: once, and again when its failure changes; it is still
+    tried at each pass and removed once it can be, and the manager forgets it then."""
+    db = tmp_path / "sessions.db"
+    caplog.set_level(logging.DEBUG, "asyncsession._manager")
+    async with s.SessionManager(
+        s.SQLiteRepository(db), idle_timeout=IDLE, cleanup_interval=60, clock=clock
+    ) as sessions:
+        stuck, damaged, _fine = [await sessions.create() for _ in range(3)]
+        await anyio.to_thread.run_sync(hold, db, [stuck.id], "held for an audit")
+        await anyio.to_thread.run_sync(corrupt, db, damaged.id)  # unreadable
+        clock.advance(IDLE + 60)
+        await sessions.wait_for_cleanup()  # the store drops the damaged row as it fails
+        for _ in range(3):
+            clock.advance(60)
+            await sessions.wait_for_cleanup()
+        [warning] = warnings_about(caplog, stuck.id)
+        assert "held for an audit" in warning and "passed over" in warning
+        assert len(warnings_about(caplog, damaged.id)) == 1
+        stats = await sessions.stats()
+        assert stats.cleanup_passes == 4 and stats.removals_failed == 5  # 4 + 1
+        assert stats.expired_total == 1 and stats.total == 1  # fine expired; stuck stays
+        await anyio.to_thread.run_sync(hold, db, [stuck.id], "held for a lawsuit")
+        for _ in range(2):
+            clock.advance(60)
+            await sessions.wait_for_cleanup()
+        assert ["held for a lawsuit" in w for w in warnings_about(caplog, stuck.id)] == [
+            False,
+            True,
+        ]
+        await anyio.to_thread.run_sync(sql, db, "DROP TRIGGER hold")
+        async with sessions.subscribe() as events:
+            clock.advance(60)
+            await sessions.wait_for_cleanup()  # removable now: removed and announced
+            assert drain(events) == [(s.EventKind.EXPIRED, stuck.id)]
+        assert (await sessions.stats()).total == 0
+        assert sessions._unremovable == {}  # nothing remembered once it is gone
+        assert len(warnings_about(caplog, stuck.id)) == 2
+        assert any(
+            r.getMessage() == f"removed expired session {stuck.id} at last" for r in caplog.records
+        )
+
+
+async def test_the_sessions_remembered_as_unremovable_are_bounded(
+    anyio_backend: str,
+    clock: ManualClock,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Beyond the bound, failures are not remembered: warned about at each pass."""
+    monkeypatch.setattr(asyncsession._manager, "_UNREMOVABLE_REMEMBERED", 2)
+    db = tmp_path / "sessions.db"
+    async with s.SessionManager(
+        s.SQLiteRepository(db), idle_timeout=IDLE, cleanup_interval=None, clock=clock
+    ) as sessions:
+        stuck = []
+        for _ in range(3):
+            stuck.append((await sessions.create()).id)
+            clock.advance(1)  # expired in this order, so tried in this order
+        await anyio.to_thread.run_sync(hold, db, stuck, "held for an audit")
+        clock.advance(IDLE)
+        with caplog.at_level(logging.WARNING, "asyncsession._manager"):
+            for _ in range(3):
+                assert await sessions.purge_expired() == 0
+        assert [len(warnings_about(caplog, sid)) for sid in stuck] == [1, 1, 3]
+        assert list(sessions._unremovable) == stuck[:2]
 
 
 async def test_a_purge_that_outlives_its_manager_stops_at_the_exit(
