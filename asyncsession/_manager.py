@@ -758,8 +758,8 @@ class SessionManager:
                 ),
             )
             # The old id ends closed and already expired: invisible to reads, and
-            # appends and updates refuse it. Cleanup removes it if the delete
-            # below never runs (a crash).
+            # appends and updates refuse it. Cleanup removes it silently (see
+            # _is_retired) if the delete below never runs (a crash) or fails.
             retired = replace_trusted(
                 old,
                 status=SessionStatus.EXITED,
@@ -1111,10 +1111,15 @@ class SessionManager:
         """Remove ``sid`` if it has expired at ``now`` and announce it; True if removed.
 
         A session that was still open is reported as EXPIRED; one closed earlier was
-        reported when it closed, so only the event is sent.
+        reported when it closed, so only the event is sent. The document a rotation
+        retired (see :func:`_is_retired`) is removed silently: False, no event, not
+        counted; the rotation already announced the old id's end.
         """
         session = await self._repository.remove_expired(sid, now=now)
         if session is None:
+            return False
+        if _is_retired(session):
+            logger.debug("removed the document %s that a rotation retired", sid)
             return False
         self._expired_total += 1
         if session.status.is_terminal:
@@ -1174,6 +1179,17 @@ class SessionManager:
             done, self._cleanup_done = self._cleanup_done, anyio.Event()
             assert done is not None
             done.set()
+
+
+def _is_retired(session: Session) -> bool:
+    """True for the document a rotation left under the old id: EXITED and expired the
+    moment it closed. A session closed by a manager is kept for ``retention`` (at least
+    a microsecond) or for ever, so it never has ``expires_at == closed_at``."""
+    return (
+        session.status is SessionStatus.EXITED
+        and session.closed_at is not None
+        and session.expires_at == session.closed_at
+    )
 
 
 def _check_last_messages(value: object) -> None:

@@ -1093,7 +1093,29 @@ async def test_a_rotation_whose_last_cleanup_step_fails_still_succeeds(
         store.failing = False
         assert (await sessions.get(new.id)).state == {"a": 1}
         assert not await sessions.exists(old.id)  # retired: closed and already expired
-        assert await sessions.purge_expired() == 1  # cleanup removes its document
+        assert await store.get(old.id) is not None  # its document stays until cleanup
+        assert await sessions.purge_expired() == 0  # which removes it: rotated, not expired
+        assert await store.get(old.id) is None
+        assert (await sessions.stats()).expired_total == 0
+
+
+class FailingDeletes:
+    """Mixed into a real store: its delete() raises StorageError while ``failing``."""
+
+    failing = False
+
+    async def delete(self, session_id: uuid.UUID) -> bool:
+        if self.failing:
+            raise s.StorageError("disk on fire", recoverable=True)
+        return await super().delete(session_id)  # type: ignore[misc, no-any-return]
+
+
+class SQLiteFailingDeletes(FailingDeletes, s.SQLiteRepository):
+    pass
+
+
+class FileFailingDeletes(FailingDeletes, s.FileRepository):
+    pass
 
 
 def drain(events: s.Subscription) -> list[tuple[s.EventKind, uuid.UUID]]:
@@ -1105,6 +1127,56 @@ def drain(events: s.Subscription) -> list[tuple[s.EventKind, uuid.UUID]]:
         except anyio.WouldBlock:
             return found
         found.append((event.kind, event.session_id))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "file"])
+async def test_cleanup_removes_a_document_a_rotation_retired_without_calling_it_expired(
+    anyio_backend: str,
+    clock: ManualClock,
+    tmp_path: Path,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When rotate()'s last step (deleting the old id's retired document) failed, the
+    cleanup that later removed that document announced an EXPIRED event for the old id
+    and counted it in expired_total, although the session was rotated, not expired."""
+    store: SQLiteFailingDeletes | FileFailingDeletes = (
+        SQLiteFailingDeletes(tmp_path / "sessions.db")
+        if kind == "sqlite"
+        else FileFailingDeletes(tmp_path / "files", fsync=False, shared=False)
+    )
+    caplog.set_level(logging.INFO, "asyncsession")
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, retention=600, cleanup_interval=60, clock=clock
+    ) as sessions:
+        async with sessions.subscribe() as events:
+            old = await sessions.create(state={"a": 1})
+            closed = await sessions.create()
+            await sessions.close(closed.id)
+            store.failing = True
+            new = await sessions.rotate(old.id)
+            store.failing = False
+            retired = await store.get(old.id)
+            assert retired is not None and retired.status is s.SessionStatus.EXITED
+            assert drain(events) == [
+                (s.EventKind.CREATED, old.id),
+                (s.EventKind.CREATED, closed.id),
+                (s.EventKind.CLOSED, closed.id),
+                (s.EventKind.CREATED, new.id),
+                (s.EventKind.DELETED, old.id),
+            ]
+            clock.advance(600)  # the closed session's retention ends too
+            await sessions.wait_for_cleanup()
+            assert await store.get(old.id) is None
+            # the closed session expires as before: the rotated one does not
+            assert drain(events) == [(s.EventKind.EXPIRED, closed.id)]
+        stats = await sessions.stats()
+        assert stats.expired_total == 1 and stats.total == 1
+        assert (await sessions.get(new.id)).state == {"a": 1}
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncsession._manager"] == [
+        f"rotated {old.id}; its retired document stays until cleanup",
+        "expired 1 sessions",
+    ]
 
 
 class LostReplies(s.MemoryRepository):
