@@ -8,10 +8,19 @@ one session from 5 concurrent tasks, then print ``done``.
 
 ``read DB BACKEND SESSION_ID``: open the store (upgrading an older layout) and print the
 session's revision.
+
+``recovering DB``: stand for a process recovering DB's WAL (as the first opener after a
+crash does): hold the write and recover locks of the ``-shm`` file (bytes 120 and 122,
+SQLite's unix locking) and make the two copies of the wal-index header differ, print
+``recovering``, and keep that until a line arrives on stdin. Meanwhile every other
+connection's reads and writes get SQLITE_BUSY (BUSY_RECOVERY); once it exits, the next
+reader recovers the index from the WAL file, which was never touched.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -73,7 +82,24 @@ async def read(path: str, session_id: str) -> None:
     _say("missing" if session is None else str(session.revision))
 
 
+def recovering(path: str) -> None:
+    fd = os.open(path + "-shm", os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 120)  # WAL_WRITE_LOCK
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 122)  # WAL_RECOVER_LOCK
+        # Header copies at 0 and 48 (48 bytes each): change mxFrame in the second one.
+        changed = os.pread(fd, 1, 48 + 16)[0] ^ 0xFF
+        os.pwrite(fd, bytes([changed]), 48 + 16)
+        _say("recovering")
+        sys.stdin.readline()
+    finally:
+        os.close(fd)  # releases the locks
+
+
 def main(argv: list[str]) -> None:
+    if argv[0] == "recovering":
+        recovering(argv[1])
+        return
     mode, path, backend = argv[:3]
     if mode == "crash":
         anyio.run(crash, path, backend=backend)

@@ -8,8 +8,12 @@ by another connection's write lock; no test sleeps or measures time.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from functools import partial
@@ -21,10 +25,14 @@ import anyio.to_thread
 import pytest
 
 from asyncsession import Session, StorageError
+from asyncsession.stores import sqlite as sqlite_store
 from asyncsession.stores.sqlite import SQLiteRepository
 from asyncsession.testing._contract import make_session
 
 pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = Path(__file__).resolve().parent / "sqlite_child.py"
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
@@ -228,3 +236,169 @@ async def test_reads_are_answered_while_a_write_waits_for_another_connections_lo
     with contextlib.closing(sqlite3.connect(path)) as conn:  # committed in the queue's order
         stored = [row[0] for row in conn.execute("SELECT id FROM sessions ORDER BY pk")]
     assert stored == [str(kept.id), str(ids["first write"].id), str(ids["second write"].id)]
+
+
+class ShiftedClock:
+    """The store module's ``time``: real time plus the jumps a test makes (with deadlines
+    far away in real time, only the jumps reach them)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.mark.skipif(not hasattr(os, "pread"), reason="needs POSIX locks on the -shm file")
+async def test_reads_answered_meanwhile_keep_the_waiting_writes_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """While another process recovers the WAL, reads get SQLITE_BUSY too. A read queued
+    while a write waited for the lock was retried until a deadline of its own, counted
+    from when it was answered meanwhile, so the waiting write went on waiting up to one
+    more busy_timeout past its own (seen: 1.56 s for busy_timeout=1). The read now waits
+    within the write's deadline, and both fail with a recoverable StorageError once it
+    has passed; the write queued behind them still runs, after the lock is free."""
+    clock = ShiftedClock()
+    monkeypatch.setattr(sqlite_store, "time", clock)
+    path = tmp_path / "s.db"
+    outcomes: dict[str, Any] = {}
+    answered = {name: anyio.Event() for name in ("write", "read", "later write")}
+    lost, later = make_session(), make_session()
+
+    async def run(name: str, operation: Callable[[], Any]) -> None:
+        try:
+            outcomes[name] = await operation()
+        except StorageError as exc:
+            outcomes[name] = exc
+        answered[name].set()
+
+    async with SQLiteRepository(path, busy_timeout=600) as repo:
+        kept = make_session()
+        await repo.add(kept)
+        async with await anyio.open_process(
+            [sys.executable, str(CHILD), "recovering", str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        ) as recovering:
+            assert recovering.stdin is not None and recovering.stdout is not None
+            said = b""
+            with anyio.fail_after(30):
+                while not said.endswith(b"\n"):
+                    said += await recovering.stdout.receive()
+            assert said == b"recovering\n"
+            async with anyio.create_task_group() as tg:
+                try:
+                    base = repo.statistics().operations
+                    tg.start_soon(run, "write", partial(repo.add, lost))
+                    await wait_until(lambda: repo.statistics().operations == base + 1)
+                    clock.offset += 300  # half the write's busy_timeout
+                    tg.start_soon(run, "read", partial(repo.get, kept.id))
+                    await wait_until(lambda: repo.statistics().operations == base + 2)
+                    tg.start_soon(run, "later write", partial(repo.add, later))
+                    await anyio.wait_all_tasks_blocked()
+                    # Past the write's deadline; a deadline counted from the read's start
+                    # (the bug) is 200 s of real time away.
+                    clock.offset += 400
+                    with anyio.fail_after(20):  # guards against the wait the fix removes
+                        await answered["read"].wait()
+                        await answered["write"].wait()
+                    assert not answered["later write"].is_set()  # its own deadline: waits
+                finally:
+                    with anyio.CancelScope(shield=True):  # the lock is free again
+                        await recovering.stdin.aclose()
+            with anyio.fail_after(30):
+                assert await recovering.wait() == 0
+        for name in ("write", "read"):
+            error = outcomes[name]
+            assert isinstance(error, StorageError) and error.recoverable, outcomes
+            assert "stayed locked by another connection" in str(error)
+        assert outcomes["later write"] is None  # added once the lock was free
+        assert await repo.get(kept.id) == kept
+        assert await repo.get(later.id) == later
+        assert await repo.get(lost.id) is None  # the failed write wrote nothing
+
+
+@pytest.mark.skipif(not hasattr(os, "pread"), reason="needs POSIX locks on the -shm file")
+async def test_operations_rerun_one_by_one_stop_waiting_at_the_groups_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """A group rerun one by one (its reads found the database busy while another process
+    recovered the WAL): once one operation gave up at the group's deadline, each of the
+    others still waited one more slice of SQLite's busy wait (25 ms each: a batch of 256
+    overran its busy_timeout by 6 s). Now the rest fail at once with the same
+    recoverable StorageError, as when the group's transaction could not begin."""
+    clock = ShiftedClock()
+    monkeypatch.setattr(sqlite_store, "time", clock)
+    statements: list[tuple[float, str]] = []  # (clock offset, SQL) as the worker ran them
+    connect = SQLiteRepository._connect
+
+    def traced(store: SQLiteRepository) -> sqlite3.Connection:
+        conn = connect(store)
+        conn.set_trace_callback(lambda sql: statements.append((clock.offset, sql)))
+        return conn
+
+    monkeypatch.setattr(SQLiteRepository, "_connect", traced)
+    path = tmp_path / "s.db"
+    outcomes: dict[str, Any] = {}
+    reads = [f"read {i}" for i in range(5)]
+
+    async with SQLiteRepository(path, busy_timeout=600) as repo:
+        kept, lost = make_session(), make_session()
+        await repo.add(kept)
+
+        async def run(name: str, operation: Callable[[], Any]) -> None:
+            try:
+                outcomes[name] = await operation()
+            except StorageError as exc:
+                outcomes[name] = exc
+
+        async with await anyio.open_process(
+            [sys.executable, str(CHILD), "recovering", str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        ) as recovering:
+            assert recovering.stdin is not None and recovering.stdout is not None
+            said = b""
+            with anyio.fail_after(30):
+                while not said.endswith(b"\n"):
+                    said += await recovering.stdout.receive()
+            assert said == b"recovering\n"
+            stall = threading.Event()
+            try:
+                async with anyio.create_task_group() as tg:
+                    # a call holds the worker while the group queues up behind it
+                    tg.start_soon(partial(repo._call, lambda conn: stall.wait(30), write=False))
+                    base = repo.statistics().operations
+                    await wait_until(lambda: repo.statistics().operations == base + 1)
+                    for name in reads:
+                        tg.start_soon(run, name, partial(repo.get, kept.id))
+                    tg.start_soon(run, "write", partial(repo.add, lost))
+                    await anyio.wait_all_tasks_blocked()
+                    stall.set()  # one batch: the five reads, then the write
+                    await wait_until(lambda: repo.statistics().operations == base + 7)
+                    clock.offset += 700  # past the batch's deadline
+                    with anyio.fail_after(20):
+                        await wait_until(lambda: len(outcomes) == 6)
+            finally:
+                stall.set()
+                with anyio.CancelScope(shield=True):  # the lock is free again
+                    await recovering.stdin.aclose()
+            with anyio.fail_after(30):
+                assert await recovering.wait() == 0
+        for name in [*reads, "write"]:
+            error = outcomes[name]
+            assert isinstance(error, StorageError) and error.recoverable, outcomes
+        late = [sql for offset, sql in statements if offset and sql.lstrip().startswith("SELECT")]
+        # At most the read waiting at the jump tries once more (and the group's first
+        # try, if the jump came before it); the other four do not try at all.
+        assert len(late) <= 2, late
+        assert await repo.get(kept.id) == kept
+        assert await repo.get(lost.id) is None

@@ -30,10 +30,11 @@ one request to it (one thread hop); the worker drains its queue and runs what it
 the reads first (WAL readers never wait for the write lock), then the writes in one
 transaction (group commit), each operation inside its own SAVEPOINT so a failing
 operation (a compare-and-set conflict, say) does not undo the others. A batch waits at
-most ``busy_timeout`` in all for another connection's write lock, and while it waits the
-worker answers the reads queued meanwhile (writes queued meanwhile run after it, in
-order). Callers are answered
-only after the commit: the worker schedules one wake-up per event loop and batch with
+most ``busy_timeout`` in all for another connection's lock (once one of its operations
+gives up at that deadline, the others do not wait again), and while it waits the worker
+answers the reads queued meanwhile, within the same deadline (writes queued meanwhile
+run after it, in order). Callers are answered only after the commit: the worker
+schedules one wake-up per event loop and batch with
 the loop's own thread-safe scheduler (found through its anyio token, so asyncio and trio
 alike) and goes on with the next batch at once, without waiting for the loop to run it.
 Each open starts a worker with its own queue and connection; the base class runs opens
@@ -1146,9 +1147,13 @@ class SQLiteRepository(SessionRepository):
         # lock, other than the reads answered meanwhile: they run next, in order.
         later: collections.deque[_Request] = collections.deque()
 
-        def reads_meanwhile() -> None:
+        def reads_meanwhile(deadline: float) -> None:
             """Answer the reads queued while a write waits for another connection's
-            lock (WAL readers need no lock); keep the rest for after the write."""
+            lock (WAL readers need no lock); keep the rest for after the write.
+
+            ``deadline`` is the waiting write's: a read that finds the database busy
+            too (another process recovering the WAL, say) waits no longer than the
+            write does, so the write's wait stays bounded by its own busy_timeout."""
             reads: list[_Request] = []
             while len(reads) < self._max_batch:
                 try:
@@ -1162,7 +1167,7 @@ class SQLiteRepository(SessionRepository):
             live, _ = self._take(reads)
             if live:
                 try:
-                    self._run_group(conn, live, time.monotonic() + self._busy_timeout)
+                    self._run_group(conn, live, deadline)
                 except BaseException as exc:
                     self._fail(live, exc)
                     raise
@@ -1262,15 +1267,16 @@ class SQLiteRepository(SessionRepository):
         self,
         conn: sqlite3.Connection,
         batch: list[_Request],
-        meanwhile: Callable[[], None] | None = None,
+        meanwhile: Callable[[float], None] | None = None,
     ) -> None:
         """Run a batch and answer each request as soon as its outcome is known.
 
         The batch has one ``busy_timeout`` deadline: however many of its operations have
         to be rerun one by one, none waits for another connection's write lock past it.
         Its reads run first, outside the write transaction (WAL readers never wait for
-        the write lock). While its writes wait for that lock, ``meanwhile()`` is called
-        between two waits (outside any transaction) to answer the reads queued since.
+        the write lock). While its writes wait for that lock, ``meanwhile(deadline)`` is
+        called between two waits (outside any transaction) to answer the reads queued
+        since, within the same deadline.
         """
         deadline = time.monotonic() + self._busy_timeout
         writes = [r for r in batch if r.write]
@@ -1284,7 +1290,7 @@ class SQLiteRepository(SessionRepository):
         conn: sqlite3.Connection,
         group: list[_Request],
         deadline: float,
-        meanwhile: Callable[[], None] | None = None,
+        meanwhile: Callable[[float], None] | None = None,
     ) -> None:
         """Run ``group`` (all reads, or all writes) in one transaction if it can, else one
         by one before ``deadline``; answer each request as soon as its outcome is known."""
@@ -1296,9 +1302,7 @@ class SQLiteRepository(SessionRepository):
                 # every operation of the group has, so none waits once more.
                 self._rollback(conn)
                 for request in group:
-                    request.result = None
-                    request.error = self._storage_error(exc.error)
-                    request.error.__cause__ = exc.error
+                    self._still_locked(request, exc.error)
                 self._answer(group)
                 return
             except (_Aborted, sqlite3.Error) as exc:
@@ -1312,16 +1316,27 @@ class SQLiteRepository(SessionRepository):
             else:
                 self._answer(group)
                 return
+        locked: sqlite3.Error | None = None
         for request in group:  # SQLite's own waits for a lock are slices of the deadline
-            self._run_alone(conn, request, deadline, meanwhile)
+            if locked is None:
+                locked = self._run_alone(conn, request, deadline, meanwhile)
+            else:  # one gave up at the deadline, still locked: none waits once more
+                self._still_locked(request, locked)
             self._answer([request])
+
+    def _still_locked(self, request: _Request, error: sqlite3.Error) -> None:
+        """Fail ``request`` with the busy ``error`` another operation of its group got
+        at the group's deadline."""
+        request.result = None
+        request.error = self._storage_error(error)
+        request.error.__cause__ = error
 
     def _run_batch(
         self,
         conn: sqlite3.Connection,
         batch: list[_Request],
         deadline: float,
-        meanwhile: Callable[[], None] | None = None,
+        meanwhile: Callable[[float], None] | None = None,
     ) -> None:
         try:
             self._begin(conn, any(r.write for r in batch), deadline, meanwhile)
@@ -1368,15 +1383,18 @@ class SQLiteRepository(SessionRepository):
         conn: sqlite3.Connection,
         request: _Request,
         deadline: float,
-        meanwhile: Callable[[], None] | None = None,
-    ) -> None:
+        meanwhile: Callable[[float], None] | None = None,
+    ) -> sqlite3.Error | None:
+        """Run ``request`` in its own transaction, again while the database is busy,
+        until ``deadline``. Returns the busy error it gave up on at the deadline (the
+        request fails with it), else None."""
         assert request.fn is not None
         delay = 0.001
         while True:
             try:
                 if not request.transaction:
                     request.result = request.fn(conn)
-                    return
+                    return None
                 self._begin(conn, request.write, deadline, meanwhile)
                 try:
                     request.result = request.fn(conn)
@@ -1386,26 +1404,27 @@ class SQLiteRepository(SessionRepository):
                 conn.execute("COMMIT")
                 self._commits += 1
                 self._largest_batch = max(self._largest_batch, 1)
-                return
+                return None
             except sqlite3.Error as exc:
                 self._rollback(conn)
-                if _is_busy(exc) and time.monotonic() + delay < deadline:
+                busy = _is_busy(exc)
+                if busy and time.monotonic() + delay < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 0.05)
                     continue
                 request.error = self._storage_error(exc)
                 request.error.__cause__ = exc
-                return
+                return exc if busy else None
             except Exception as exc:
                 request.error = exc
-                return
+                return None
 
     def _begin(
         self,
         conn: sqlite3.Connection,
         write: bool,
         deadline: float | None = None,
-        meanwhile: Callable[[], None] | None = None,
+        meanwhile: Callable[[float], None] | None = None,
     ) -> None:
         if write:
             self._while_busy(conn, "BEGIN IMMEDIATE", deadline, meanwhile)
@@ -1417,10 +1436,11 @@ class SQLiteRepository(SessionRepository):
         conn: sqlite3.Connection,
         statement: str,
         deadline: float | None = None,
-        meanwhile: Callable[[], None] | None = None,
+        meanwhile: Callable[[float], None] | None = None,
     ) -> sqlite3.Cursor:
         """Execute ``statement``, again while SQLite answers busy, until ``deadline``
-        (``busy_timeout`` from now by default), calling ``meanwhile()`` between tries.
+        (``busy_timeout`` from now by default), calling ``meanwhile(deadline)`` between
+        tries.
 
         SQLite's own wait for the lock lasts at most :data:`_LOCK_SLICE`, so the caller
         gets control back at least that often. SQLite answers busy at once, without its
@@ -1439,7 +1459,7 @@ class SQLiteRepository(SessionRepository):
                 if not _is_busy(exc) or now >= deadline:
                     raise
                 if meanwhile is not None and not conn.in_transaction:
-                    meanwhile()
+                    meanwhile(deadline)
                 if now - start < self._lock_slice / 2:  # busy at once: SQLite did not wait
                     if time.monotonic() + delay >= deadline:
                         raise
