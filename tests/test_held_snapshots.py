@@ -420,25 +420,22 @@ async def test_datetime_subclasses_are_stored(place: Place, anyio_backend: str) 
         assert final.state["n"] == 1 and final.messages[0].timestamp == T0
 
 
-def test_sqlite_leaves_no_contention_mark_behind(tmp_path: Path) -> None:
+async def test_sqlite_leaves_no_contention_mark_behind(tmp_path: Path, anyio_backend: str) -> None:
     path = tmp_path / "marks.db"
-
-    async def main() -> None:
-        async with SQLiteRepository(path) as repo:
-            session = snapshot(1)
-            await repo.add(session)
-            await repo.save(attrs.evolve(session, revision=1), expected_revision=0)
-            with pytest.raises(SessionConflict):  # a refused save marks the session
-                await repo.save(attrs.evolve(session, revision=1), expected_revision=0)
-            assert marks() == 1
-            await repo.delete(session.id)  # its rowid may be reused: the mark goes too
 
     def marks() -> int:
         with closing(sqlite3.connect(path)) as conn:
             return int(conn.execute("SELECT count(*) FROM contended").fetchone()[0])
 
-    anyio.run(main)
-    assert marks() == 0
+    async with SQLiteRepository(path) as repo:
+        session = snapshot(1)
+        await repo.add(session)
+        await repo.save(attrs.evolve(session, revision=1), expected_revision=0)
+        with pytest.raises(SessionConflict):  # a refused save marks the session
+            await repo.save(attrs.evolve(session, revision=1), expected_revision=0)
+        assert await anyio.to_thread.run_sync(marks) == 1
+        await repo.delete(session.id)  # its rowid may be reused: the mark goes too
+    assert await anyio.to_thread.run_sync(marks) == 0
 
 
 # -- the bounded holder itself ----------------------------------------------------------
