@@ -12,11 +12,14 @@ and the crash-free rate.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
 import threading
+import time
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, runtime_checkable
@@ -45,6 +48,7 @@ __all__ = [
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _WRITE_POLL_SECONDS = 0.05  # how soon a blocked write notices that its caller gave up
 _WRITER_IDLE_SECONDS = 10.0  # a JsonLinesReporter's writer thread ends after this long idle
+_EXIT_WRITE_SECONDS = 5.0  # how long the interpreter's exit waits for abandoned lines
 
 logger = logging.getLogger(__name__)
 
@@ -167,44 +171,62 @@ class Reporter(Protocol):
 
 
 class _Write:
-    """One line handed to a :class:`JsonLinesReporter`'s writer thread, and its outcome."""
+    """One report line for a :class:`JsonLinesReporter`'s writer thread, and its outcome.
 
-    __slots__ = ("abandoned", "done", "failure", "finished", "line")
+    Every field but ``line`` and ``ticket`` is guarded by the reporter's ``_state``.
+    """
 
-    def __init__(self, line: bytes) -> None:
+    __slots__ = ("abandoned", "done", "failure", "finished", "line", "ticket")
+
+    def __init__(self, line: bytes, ticket: int) -> None:
         self.line = line
+        self.ticket = ticket  # its place in the order of report() calls
         self.done = threading.Event()
-        self.finished = False  # set with the reporter's _state lock held
-        self.abandoned = False  # its caller gave up (same lock)
+        self.finished = False  # the writer thread is done with it
+        self.abandoned = False  # its caller gave up after handing it over
         self.failure: Exception | None = None
 
 
 class JsonLinesReporter:
     """Appends each report as one JSON line to ``path`` (off the event loop).
 
-    The lines are written, in order, by one daemon thread per reporter (started when
-    needed, ended after a while without reports). A write that is cancelled or cut off
-    by ``reporter_timeout`` is abandoned: the call returns within a few hundredths of a
-    second, and the line may still be added later (whole); if that late write fails, the
-    failure is logged as a warning naming the file. Writes never interleave: a later
-    report waits until an abandoned write has finished, and that wait is bounded by its
-    caller's timeout too (a report that gave up while waiting is not written). So a
-    write blocked for good (a hung network file system, a FIFO nobody reads) never hangs
-    the manager's exit or the end of the process, and it holds only the writer thread;
-    the reports after it time out.
+    The lines are written, in the order of the ``report()`` calls, by one daemon thread
+    per reporter (started when needed, ended after a while without reports). One reporter
+    may serve managers on several event loops at once, in several threads, asyncio and
+    trio alike: it holds nothing bound to an event loop.
+
+    A write that is cancelled or cut off by ``reporter_timeout`` is abandoned: the call
+    returns within a few hundredths of a second, and the line may still be added later
+    (whole); if that late write fails, the failure is logged as a warning naming the
+    file. Writes never interleave: a later report waits until an abandoned write has
+    finished, and that wait is bounded by its caller's timeout too (a report that gave up
+    while waiting is not written). So a write blocked for good (a hung network file
+    system) never hangs the manager's exit, and it holds only the writer thread; the
+    reports after it time out.
+
+    At interpreter exit, an abandoned line still being written is waited for, up to
+    5 seconds in all for every reporter (an INFO log says so); one still unwritten then is
+    logged as lost and the process ends anyway. A process ended by :func:`os._exit` or a
+    signal does not wait: lines abandoned just before are lost.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self._start_fresh()
+        _live_reporters.add(self)
 
     def _start_fresh(self) -> None:
-        """New locks, queue and no writer thread: at creation, and in a forked child
-        (which has none of the parent's threads, and maybe a lock one of them held)."""
+        """New state and no writer thread: at creation, and in a forked child (which has
+        none of the parent's threads, and maybe a lock one of them held)."""
         self._pid = os.getpid()
-        self._lock = anyio.Lock()  # reports are written in the order they come
-        self._writing = threading.Lock()  # held from handing a line over until it is written
-        self._state = threading.Lock()  # guards _writer and each _Write's flags
+        # Guards everything below (and each _Write's flags); waited on for turns and at
+        # exit. A threading lock, not an event loop's: callers may be on several loops.
+        self._state = threading.Condition()
+        self._issued = 0  # tickets handed out, one per report() call, in call order
+        # Tickets of the lines waiting for their turn (as many as callers waiting): the
+        # lowest goes to the writer thread once the line in flight is written.
+        self._waiting: set[int] = set()
+        self._in_flight: _Write | None = None  # handed over, not yet written
         self._writer: threading.Thread | None = None
         self._lines: queue.SimpleQueue[_Write] = queue.SimpleQueue()
 
@@ -233,6 +255,9 @@ class JsonLinesReporter:
                     write.failure = failure
                     write.finished = True
                     abandoned = write.abandoned
+                    if self._in_flight is write:
+                        self._in_flight = None
+                    self._state.notify_all()  # the next line's turn
                 try:
                     if abandoned and failure is not None:  # nobody else will hear of it
                         logger.warning(
@@ -241,31 +266,36 @@ class JsonLinesReporter:
                             exc_info=failure,
                         )
                 finally:
-                    self._writing.release()
                     write.done.set()
             del write, failure
 
     def _hand_over(self, write: _Write) -> None:
-        """Give ``write`` to the writer thread (started if there is none); holds _writing."""
-        with self._state:
-            if self._writer is None:
-                writer = threading.Thread(
-                    target=self._write_lines, name=f"{self!r} writer", daemon=True
-                )
-                writer.start()
-                self._writer = writer
-            self._lines.put(write)
+        """Give ``write`` to the writer thread (started if there is none); holds _state."""
+        if self._writer is None:
+            writer = threading.Thread(
+                target=self._write_lines, name=f"{self!r} writer", daemon=True
+            )
+            writer.start()
+            self._writer = writer
+        self._waiting.discard(write.ticket)
+        self._in_flight = write
+        self._lines.put(write)
 
-    def _append(self, line: bytes) -> None:
+    def _has_turn(self, write: _Write) -> bool:
+        """Is ``write`` next for the writer thread? Holds ``_state``."""
+        return self._in_flight is None and write.ticket == min(self._waiting)
+
+    def _append(self, write: _Write) -> None:
         """Runs in an anyio worker thread; returns early (cancelled) if the caller is."""
-        while not self._writing.acquire(timeout=_WRITE_POLL_SECONDS):
-            anyio.from_thread.check_cancelled()  # an abandoned write is still going on
-        write = _Write(line)
-        try:
-            self._hand_over(write)
-        except BaseException:
-            self._writing.release()
-            raise
+        while True:  # wait for its turn: until the lines before it are written
+            with self._state:
+                if not self._has_turn(write):
+                    self._state.wait(_WRITE_POLL_SECONDS)
+                if self._has_turn(write):
+                    self._hand_over(write)
+                    break
+            # Not holding _state: this call waits for the caller's event loop.
+            anyio.from_thread.check_cancelled()  # report() gives up its turn then
         while not write.done.wait(_WRITE_POLL_SECONDS):
             try:
                 anyio.from_thread.check_cancelled()
@@ -283,8 +313,54 @@ class JsonLinesReporter:
         line = orjson.dumps(report.to_dict()) + b"\n"
         if self._pid != os.getpid():  # forked (e.g. gunicorn --preload) since last used
             self._start_fresh()
-        async with self._lock:
-            await anyio.to_thread.run_sync(self._append, line)
+        with self._state:  # the ticket fixes the order: that of the calls
+            write = _Write(line, self._issued)
+            self._issued += 1
+            self._waiting.add(write.ticket)
+        try:
+            await anyio.to_thread.run_sync(self._append, write)
+        finally:
+            with self._state:
+                if write.ticket in self._waiting:  # gave up before its turn: not written
+                    self._waiting.discard(write.ticket)
+                    self._state.notify_all()
+
+    def _finish_writes(self, deadline: float) -> None:
+        """At exit: wait until ``deadline`` (``time.monotonic()``) for the line in flight."""
+        if self._pid != os.getpid():  # a forked child's copy: those lines are the parent's
+            return
+        with self._state:
+            if self._in_flight is None:
+                return
+        logger.info(
+            "waiting up to %.1fs for a report line still being written to %s",
+            max(0.0, deadline - time.monotonic()),
+            self.path,
+        )
+        with self._state:
+            while self._in_flight is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._state.wait(left)
+            lost = self._in_flight is not None
+        if lost:
+            logger.warning(
+                "a report line to %s was still being written at exit; that report is lost",
+                self.path,
+            )
+
+
+#: Reporters whose abandoned lines the interpreter's exit waits for (weakly held).
+_live_reporters: weakref.WeakSet[JsonLinesReporter] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_writes_at_exit() -> None:
+    """Let abandoned lines still being written reach their files, within a bound."""
+    deadline = time.monotonic() + _EXIT_WRITE_SECONDS
+    for reporter in list(_live_reporters):
+        reporter._finish_writes(deadline)
 
 
 class LoggingReporter:

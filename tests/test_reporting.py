@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -10,7 +11,8 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO, ParamSpec, TypeVar
@@ -20,6 +22,7 @@ import anyio.lowlevel
 import orjson
 import pytest
 import sniffio
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 import asyncsession as s
 from asyncsession.reporting import (
@@ -265,43 +268,77 @@ async def test_reports_beyond_the_buffer_are_dropped_and_counted() -> None:
     assert stats.reports_dropped >= 3
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+# Holds a read lease on a file: another process's open() of it for writing blocks until
+# the lease is released (a write stuck on a slow file system, deterministically).
+_LEASE_HOLDER = """
+import fcntl, os, signal, sys
+path = sys.argv[1]
+open(path, "ab").close()
+fd = os.open(path, os.O_RDONLY)
+signal.signal(signal.SIGIO, signal.SIG_IGN)  # the kernel's notice that an open() waits
+try:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+except OSError as exc:
+    print("unsupported:", exc, flush=True)
+    sys.exit(0)
+print("held", flush=True)
+sys.stdin.readline()
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+print("released", flush=True)
+"""
+
+
+@asynccontextmanager
+async def leased(path: Path) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Another process holds a read lease on ``path`` (created empty): opening it for
+    writing blocks until the function yielded releases the lease, as on a stuck file
+    system. Skips the test where Linux file leases are not available."""
+    async with await anyio.open_process([sys.executable, "-c", _LEASE_HOLDER, str(path)]) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
+        lines = BufferedByteReceiveStream(holder.stdout)
+        with anyio.fail_after(HANG_GUARD):
+            state = (await lines.receive_until(b"\n", 1000)).decode()
+        if state != "held":
+            pytest.skip(f"no file lease here ({state})")
+
+        async def release() -> None:
+            assert holder.stdin is not None
+            await holder.stdin.send(b"\n")
+            with anyio.fail_after(HANG_GUARD):
+                assert await lines.receive_until(b"\n", 1000) == b"released"
+
+        try:
+            yield release
+        finally:  # a lease left held would block writes to the file for 45 s
+            if holder.returncode is None:
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    holder.kill()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs Linux file leases")
 async def test_a_blocked_json_lines_write_is_abandoned_and_never_hangs_the_exit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A FIFO nobody reads blocks open() for good, like a hung network file system.
-    fifo = tmp_path / "health.jsonl"
-    os.mkfifo(fifo)
-    unblocked = threading.Event()
-
-    def unblock() -> None:  # last resort, so that a regression fails instead of hanging
-        unblocked.set()
-        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
-
-    guard = threading.Timer(30, unblock)
-    guard.start()
-    try:
-        async with s.SessionManager(
-            s.MemoryRepository(),
-            reporters=[JsonLinesReporter(fifo)],
-            reporter_timeout=0.05,
-            cleanup_interval=None,
-        ) as sessions:
-            first = await sessions.close((await sessions.create()).id)
-            await sessions.close((await sessions.create()).id)
-        assert not unblocked.is_set()  # the exit did not wait for the blocked write
-    finally:
-        guard.cancel()
-    assert "timed out" in caplog.text or "were dropped" in caplog.text
-
-    def read_fifo() -> bytes:  # the abandoned write is still waiting for a reader
-        with open(fifo, "rb") as handle:
-            return handle.read()
-
-    with anyio.fail_after(30):
-        written = await anyio.to_thread.run_sync(read_fifo, abandon_on_cancel=True)
+    path = tmp_path / "health.jsonl"
+    reporter = JsonLinesReporter(path)
+    async with leased(path) as release:
+        with anyio.fail_after(HANG_GUARD):  # the exit does not wait for the blocked write
+            async with s.SessionManager(
+                s.MemoryRepository(),
+                reporters=[reporter],
+                reporter_timeout=0.05,
+                cleanup_interval=None,
+            ) as sessions:
+                first = await sessions.close((await sessions.create()).id)
+                await sessions.close((await sessions.create()).id)
+        assert "timed out" in caplog.text or "were dropped" in caplog.text
+        await release()  # the file system is back
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    third = SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 0)
+    with anyio.fail_after(HANG_GUARD):
+        await reporter.report(third)  # written after the abandoned line
     # it lands late and whole; the next report waited for it and was never written
-    assert [r.session_id for r in read_reports_from(written)] == [first.id]
+    assert [r.session_id for r in read_reports(path)] == [first.id, third.session_id]
 
 
 def read_reports_from(data: bytes) -> list[SessionReport]:
@@ -770,3 +807,123 @@ def test_json_lines_reporter_works_in_a_forked_child(anyio_backend: str, tmp_pat
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(path.read_bytes().splitlines()) == 4  # 1 from the parent, 3 from the child
+
+
+async def test_one_json_lines_reporter_serves_event_loops_in_several_threads(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """One reporter shared by managers on two event loops in two threads hung (asyncio,
+    trio) or failed with "no running event loop" (asyncio and trio): its ordering lock
+    belonged to one event loop. Now every line is written, whole, each loop's in order."""
+    reporter = JsonLinesReporter(tmp_path / "health.jsonl")
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    per_task = 25
+
+    async def reports_from(loop: str) -> None:
+        async def task(number: int) -> None:
+            for n in range(per_task):
+                await reporter.report(
+                    SessionReport(
+                        uuid.uuid4(),
+                        None,
+                        s.SessionStatus.EXITED,
+                        t0,
+                        t0,
+                        0,
+                        {"loop": loop, "task": number, "n": n},
+                    )
+                )
+
+        with anyio.fail_after(HANG_GUARD):
+            async with anyio.create_task_group() as tg:
+                for number in range(3):
+                    tg.start_soon(task, number)
+
+    other = "trio" if anyio_backend == "asyncio" else "asyncio"
+    with anyio.fail_after(3 * HANG_GUARD):  # a hang becomes a failure (threads leak then)
+        async with anyio.create_task_group() as tg:
+            for loop, backend in (("same", anyio_backend), ("other", other)):
+                tg.start_soon(
+                    functools.partial(
+                        anyio.to_thread.run_sync,
+                        functools.partial(anyio.run, reports_from, loop, backend=backend),
+                        abandon_on_cancel=True,
+                    )
+                )
+            await reports_from("this")
+    written = [dict(r.attributes) for r in read_reports(reporter.path)]
+    assert len(written) == 3 * 3 * per_task
+    for loop in ("this", "same", "other"):
+        for number in range(3):
+            mine = [w["n"] for w in written if w["loop"] == loop and w["task"] == number]
+            assert mine == list(range(per_task))
+
+
+_EXIT_SCRIPT = """
+import logging, sys, uuid
+from datetime import datetime, timezone
+import anyio
+import asyncsession as s
+from asyncsession.reporting import JsonLinesReporter, SessionReport
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+backend, path = sys.argv[1], sys.argv[2]
+now = datetime.now(timezone.utc)
+reporter = JsonLinesReporter(path)
+
+async def main():
+    with anyio.move_on_after(0.2) as scope:  # the write waits for the lease
+        await reporter.report(
+            SessionReport(uuid.UUID(int=7), None, s.SessionStatus.EXITED, now, now, 0)
+        )
+    assert scope.cancelled_caught
+    print("abandoned", file=sys.stderr, flush=True)
+
+anyio.run(main, backend=backend)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs Linux file leases")
+def test_a_json_lines_line_still_being_written_at_exit_reaches_the_file(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """A report line abandoned while its write was slow (here: blocked by another
+    process's file lease) was lost when the process ended: the writer thread is a
+    daemon. Now the interpreter's exit waits for it (bounded), saying so."""
+    path = tmp_path / "reports.jsonl"
+    with contextlib.ExitStack() as stack:
+        holder = stack.enter_context(
+            subprocess.Popen(
+                [sys.executable, "-c", _LEASE_HOLDER, str(path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+        stack.callback(holder.kill)  # runs first: nothing waits for a stuck process
+        assert holder.stdout is not None and holder.stdin is not None
+        state = holder.stdout.readline().strip()
+        if state != "held":
+            pytest.skip(f"no file lease here ({state})")
+        child = stack.enter_context(
+            subprocess.Popen(
+                [sys.executable, "-c", _EXIT_SCRIPT, anyio_backend, str(path)],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+        stack.callback(child.kill)
+        assert child.stderr is not None
+        seen = []
+        for line in child.stderr:  # until the exit waits for the line (or the child ends)
+            seen.append(line)
+            if "waiting up to" in line:
+                break
+        holder.stdin.write("\n")  # the file system is back
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "released"
+        output = "".join(seen) + child.communicate(timeout=60)[1]
+        assert child.returncode == 0, output
+    assert "abandoned" in output and "lost" not in output
+    assert [r.session_id for r in read_reports(path)] == [uuid.UUID(int=7)]
+    assert "INFO waiting up to" in output and str(path) in output
