@@ -821,3 +821,191 @@ async def test_a_percent_encoded_password_in_the_url_is_decoded(
     with pytest.raises(StorageError):
         async with RedisRepository(wrong, prefix=prefix()) as store:
             await store.get(uuid.uuid4())
+
+
+# -- the connection pool: bounded waits, no lost slots ---------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_request_waits_for_a_free_connection_at_most_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """A request waited for ever when every connection of the pool was held (e.g. by
+    blocking commands or subscriptions on store.client)."""
+    async with RedisRepository(
+        redis_server.url, prefix=prefix(), max_connections=2, timeout=1, key_expiry_grace=FAR
+    ) as store:
+        pool = store.client.connection_pool
+        session = new_session()
+        with anyio.fail_after(30):  # a regression waited for ever
+            async with pool.acquire(), pool.acquire():  # every connection is held
+                for call in (lambda: store.add(session), lambda: store.get(session.id)):
+                    with pytest.raises(StorageError) as info:
+                        await call()
+                    assert info.value.recoverable
+                    text = str(info.value)
+                    assert "All 2 connections" in text and "nothing was sent" in text
+                    assert "raise max_connections" in text and f"{HOST}:" in text
+            # nothing of the add reached the server; the pool works again
+            assert await store.get(session.id) is None
+            assert dict(await store.count_by_status()) == {}
+            async with anyio.create_task_group() as tg:
+                for _ in range(20):
+                    tg.start_soon(store.get, uuid.uuid4())
+            await store.add(session)
+            assert await store.get(session.id) == session
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_wait_for_a_connection_leaves_nothing_behind(
+    redis_server: RedisServer,
+) -> None:
+    """coredis's wait for a free connection, once cancelled, left its wake-up behind: the
+    next connection given back woke nobody and the next waiter waited on although a
+    connection was free."""
+    async with RedisRepository(
+        redis_server.url, prefix=prefix(), max_connections=2, timeout=30, key_expiry_grace=FAR
+    ) as store:
+        pool = store.client.connection_pool
+        session = new_session()
+        await store.add(session)
+        with anyio.fail_after(20):  # a regression waited for another connection to come back
+            async with pool.acquire():
+                async with pool.acquire() as second:
+                    async with anyio.create_task_group() as waiters:
+                        for _ in range(3):
+                            waiters.start_soon(store.get, session.id)
+                        await anyio.wait_all_tasks_blocked()  # all three are waiting
+                        waiters.cancel_scope.cancel()
+                    got: list[Session | None] = []
+
+                    async def read() -> None:
+                        got.append(await store.get(session.id))
+
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(read)
+                        await anyio.wait_all_tasks_blocked()  # it waits for a connection
+                        pool.release(second)  # one comes back: the waiter gets it
+                    # (leaving the block gives `second` back again: take it first)
+                    second = await pool.get_connection()
+                assert got == [session]
+            async with anyio.create_task_group() as tg:  # every slot is still there
+                async with pool.acquire(), pool.acquire():
+                    pass
+                for _ in range(10):
+                    tg.start_soon(store.get, session.id)
+
+
+@pytest.mark.anyio
+async def test_cancelled_blocking_commands_on_the_client_do_not_use_up_the_pool(
+    redis_server: RedisServer,
+) -> None:
+    """A cancelled blocking command closes its connection, and coredis dropped the
+    connection's pool slot with it: after max_connections of them every request of the
+    store waited for ever."""
+    async with RedisRepository(
+        redis_server.url, prefix=prefix(), max_connections=2, timeout=5, key_expiry_grace=FAR
+    ) as store:
+        assert await store.get(uuid.uuid4()) is None
+
+        async def wait_for_ever() -> None:
+            await store.client.blpop([f"{store.prefix}never"], 0)
+
+        for _ in range(3):  # more than the pool has connections
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait_for_ever)
+                await anyio.wait_all_tasks_blocked()
+                tg.cancel_scope.cancel()
+        with anyio.fail_after(20):
+            session = new_session()
+            await store.add(session)
+            assert await store.get(session.id) == session
+
+
+@pytest.mark.anyio
+async def test_a_subscription_whose_connection_was_lost_gives_its_slot_back(
+    lone_server: RedisServer,
+) -> None:
+    """coredis dropped the pool slot of a subscription's connection lost while subscribed:
+    with max_connections=2, the next subscription took the last one and every request
+    of the store waited for ever."""
+    async with (
+        RedisRepository(
+            lone_server.url, prefix=prefix(), max_connections=2, timeout=5, key_expiry_grace=FAR
+        ) as store,
+        RedisRepository(lone_server.url, prefix=store.prefix) as publisher,
+    ):
+        for _round in range(2):
+            async with store.subscribe_events() as events:
+                with anyio.fail_after(20):
+                    for _attempt in range(1000):  # until the subscription is registered
+                        if await publisher.publish_event("updated", uuid.uuid4(), at=T0):
+                            break
+                        await anyio.sleep(0.01)
+                    await events.__anext__()
+                    await anyio.to_thread.run_sync(
+                        lone_server.command, "CLIENT", "KILL", "TYPE", "pubsub"
+                    )
+
+                    async def publish() -> None:
+                        while True:
+                            await publisher.publish_event("updated", uuid.uuid4(), at=T0)
+                            await anyio.sleep(0.01)
+
+                    # until the store noticed: an event after resubscribing, or the error
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(publish)
+                        with contextlib.suppress(StorageError):
+                            await events.__anext__()
+                        tg.cancel_scope.cancel()
+        async with store.subscribe_events():
+            with anyio.fail_after(20):  # a regression waited for ever
+                session = new_session()
+                await store.add(session)
+                assert await store.get(session.id) == session
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_while_its_connection_is_set_up_gives_its_slot_back(
+    redis_server: RedisServer,
+) -> None:
+    """coredis lost the pool slot of a connection whose setup was cancelled (asyncio; after
+    max_connections of them every request waited for ever); on trio the cancellation
+    came out of the cancelled scope as a StorageError."""
+    async with (
+        tcp_proxy(redis_server.port) as (port, switch),
+        RedisRepository(
+            f"redis://{HOST}:{port}/0",
+            prefix=prefix(),
+            timeout=30,
+            max_connections=2,
+            key_expiry_grace=FAR,
+        ) as store,
+    ):
+        for _ in range(3):  # more than the pool has connections
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(store.get, uuid.uuid4())
+                    await anyio.wait_all_tasks_blocked()  # the handshake is never answered
+                    scope.cancel()
+            assert scope.cancelled_caught
+        switch["stall"] = False  # the network is back
+        with anyio.fail_after(20):
+            session = new_session()
+            await store.add(session)
+            assert await store.get(session.id) == session
+
+
+@pytest.mark.anyio
+async def test_requests_before_the_store_is_open_do_not_use_up_the_pool(
+    redis_server: RedisServer,
+) -> None:
+    """coredis took a pool slot for a request before the client was open and never gave
+    it back: with max_connections=1 the store, once open, waited for ever."""
+    store = RedisRepository(redis_server.url, prefix=prefix(), max_connections=1, timeout=5)
+    with anyio.fail_after(20):  # a regression waited for ever
+        for _ in range(2):
+            with pytest.raises(StorageError, match="is not open"):
+                await store.get(uuid.uuid4())
+        async with store:
+            assert await store.get(uuid.uuid4()) is None

@@ -25,13 +25,14 @@ data disappears even when no manager runs; indexes drop such ids lazily.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import logging
 import math
 import re
 import secrets
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -552,6 +553,176 @@ class _NotSent(Exception):
     ``__cause__`` says why."""
 
 
+class _PoolBusy(_NotSent):
+    """Every connection of a store-made client's pool stayed in use for the store's
+    ``timeout``: the request got none and sent nothing."""
+
+
+class _Waiter:
+    """A request waiting in :class:`_PoolSlots` for a slot to be handed to it."""
+
+    __slots__ = ("handed", "item", "ready")
+
+    def __init__(self) -> None:
+        self.ready = anyio.Event()
+        self.handed = False
+        self.item: Any = None
+
+
+class _Lease:
+    """One call of a store-made pool's ``get_connection``: whether it took a slot, and
+    whether coredis gave the slot back (it does when setting up a connection failed)."""
+
+    __slots__ = ("gave_back", "slots", "took")
+
+    def __init__(self, slots: _PoolSlots) -> None:
+        self.slots = slots
+        self.took = False
+        self.gave_back = False
+
+
+_LEASE: contextvars.ContextVar[_Lease | None] = contextvars.ContextVar(
+    "asyncsession_redis_lease", default=None
+)
+
+
+class _PoolSlots:
+    """The slots of a store-made client's connection pool, in place of coredis's own stack.
+
+    coredis 6 keeps ``max_connections`` slots, each an idle connection or ``None`` (a
+    connection not made yet), and a request takes one only while it sends (a blocking
+    command, a pipeline or a subscription holds it longer). Its stack has no bound on
+    the wait for a slot (its pool ``timeout`` also bounds setting up the connection, and
+    a setup it cancels never gives the slot back), and a wait that is cancelled leaves
+    its wake-up behind: the next slot given back wakes nobody, so the next waiter waits
+    on although a connection is free. Here a wait takes at most ``timeout`` seconds
+    (then :class:`_PoolBusy`), waiters are served in order, a slot given back goes
+    straight to the first waiter, and a cancelled or timed-out waiter leaves nothing
+    behind (a slot handed to it as it gave up goes to the next one).
+    """
+
+    def __init__(self, size: int, timeout: float | None) -> None:
+        self._size = size
+        self._timeout = timeout
+        self._items: deque[Any] = deque([None] * size)  # the top of the stack is the right
+        self._waiters: deque[_Waiter] = deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+    def remove(self, item: Any) -> None:
+        """Take an idle connection out (it died; coredis then gives its slot back)."""
+        self._items.remove(item)
+
+    def put_nowait(self, item: Any) -> None:
+        """An idle connection given back: it is used next (top of the stack)."""
+        self._give(item, top=True)
+
+    def append_nowait(self, item: Any) -> None:
+        """A free slot given back by coredis (``None``)."""
+        lease = _LEASE.get()
+        if lease is not None and lease.slots is self:
+            lease.gave_back = True
+        self.free(item)
+
+    def free(self, item: Any = None) -> None:
+        """A free slot given back (``None``): idle connections are used before it."""
+        self._give(item, top=False)
+
+    def _give(self, item: Any, *, top: bool) -> None:
+        if self._waiters:  # then nothing is idle: the first waiter gets it
+            waiter = self._waiters.popleft()
+            waiter.item, waiter.handed = item, True
+            waiter.ready.set()
+            return
+        if len(self._items) >= self._size:
+            raise RuntimeError(f"a Redis connection pool got more than its {self._size} slots back")
+        if top:
+            self._items.append(item)
+        else:
+            self._items.appendleft(item)
+
+    def _took(self, item: Any) -> Any:
+        lease = _LEASE.get()
+        if lease is not None and lease.slots is self:
+            lease.took = True
+        return item
+
+    async def get(self) -> Any:
+        """The top slot; waits for one at most ``timeout`` seconds, then :class:`_PoolBusy`."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._items and not self._waiters:
+            return self._took(self._items.pop())
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            with anyio.move_on_after(self._timeout):
+                await waiter.ready.wait()
+        except BaseException:
+            if waiter.handed:  # it came as the wait was cancelled: the next waiter's now
+                self._give(waiter.item, top=waiter.item is not None)
+            else:
+                self._waiters.remove(waiter)
+            raise
+        if waiter.handed:  # even if the timeout came at the same time: it is ours
+            return self._took(waiter.item)
+        self._waiters.remove(waiter)
+        raise _PoolBusy(f"no free connection within {self._timeout} s")
+
+
+def _bounding_waits(pool: Any, timeout: float | None) -> None:
+    """Give a store-made pool :class:`_PoolSlots` (a wait for a free connection takes
+    at most ``timeout``; a cancelled one leaves nothing behind) and keep its slots.
+
+    coredis 6.9 loses a slot for good (``max_connections`` such losses and every
+    request waits for ever) when a request is cancelled while its connection is being
+    set up (asyncio; on trio the cancellation came out as a connection error instead),
+    when a connection dies while it is lent out (a subscription's, when the server or
+    the network drops it; a blocking command's, when it is cancelled) and when a
+    request comes before the client is open. Here such a slot is given back (and a
+    request before the client is open takes none).
+    """
+    current = getattr(pool, "_available_connections", None)
+    if current is None or len(current) != pool.max_connections:
+        raise RuntimeError(
+            f"coredis {importlib.import_module('coredis').__version__} has a connection "
+            "pool this store does not know; install coredis 6.x "
+            "(`pip install asyncsession[redis]`)."
+        )
+    slots = _PoolSlots(pool.max_connections, timeout)
+    pool._available_connections = slots
+    get_connection, release = pool.get_connection, pool.release
+
+    async def leasing(**kwargs: Any) -> Any:
+        pool.task_group  # noqa: B018  (RuntimeError before the pool is open: take no slot)
+        lease = _Lease(slots)
+        token = _LEASE.set(lease)
+        try:
+            return await get_connection(**kwargs)
+        except BaseException as exc:
+            if lease.took and not lease.gave_back:  # no connection came of the slot
+                slots.free()
+            if isinstance(exc, Exception):
+                # on trio coredis turns a cancellation during the setup into a
+                # connection error: the caller's cancellation wins
+                await anyio.lowlevel.checkpoint_if_cancelled()
+            raise
+        finally:
+            _LEASE.reset(token)
+
+    def releasing(connection: Any) -> None:
+        usable = connection.usable
+        release(connection)
+        if not usable:  # coredis drops a dead connection and its slot with it
+            slots.free()
+
+    pool.get_connection = leasing
+    pool.release = releasing
+
+
 def _marking_unsent(pool: Any, errors: tuple[type[BaseException], ...]) -> None:
     """Make a store-made pool's failures to hand out a connection raise :class:`_NotSent`,
     so that an error does not claim a write may have been applied when it was never sent."""
@@ -690,9 +861,12 @@ class RedisRepository(SessionRepository, EventTransport):
     the other's.
     ``key_expiry_grace`` is how long after a session's deadline Redis deletes its data
     by itself (``None``: never); it runs on the Redis server's clock, so keep it well
-    above the cleanup interval. ``timeout`` (seconds) bounds connecting and each reply
-    for a store-made client. Failures raise :class:`~asyncsession.StorageError` naming
-    the server; the store works again once the server is back.
+    above the cleanup interval. ``timeout`` (seconds) bounds connecting, each reply and
+    the wait for a free connection for a store-made client (a request that waited longer
+    raises :class:`~asyncsession.StorageError` and sent nothing; a client you pass waits
+    as its own pool's ``timeout`` says). Failures raise
+    :class:`~asyncsession.StorageError` naming the server; the store works again once
+    the server is back.
 
     The store's own client does not retry writes: a write whose reply was lost may have
     been applied, and the error says so. Use a standalone Redis (or a single primary);
@@ -773,10 +947,12 @@ class RedisRepository(SessionRepository, EventTransport):
                 # No pool_timeout: coredis's also bounds connection setup, and a setup
                 # it cancels never gives its pool slot back (a few slow connects would
                 # use up the pool for good). Setup is bounded by connect_timeout and
-                # stream_timeout, every request by stream_timeout, so slots free up.
+                # stream_timeout, every request by stream_timeout, and the wait for a
+                # free connection by _bounding_waits.
                 max_connections=max_connections,
             )
             _closing_connections(client.connection_pool)
+            _bounding_waits(client.connection_pool, timeout)
             _marking_unsent(client.connection_pool, self._connection_errors)
         elif isinstance(client_or_url, module.Redis):
             client = client_or_url
@@ -871,6 +1047,16 @@ class RedisRepository(SessionRepository, EventTransport):
         errors = self._errors_module
         try:
             yield
+        except _PoolBusy as exc:
+            pool = self._client.connection_pool
+            raise StorageError(
+                f"All {pool.max_connections} connections of the client for Redis at "
+                f"{self._address} stayed in use for {self._timeout} s, so {action} got "
+                "none; nothing was sent. Connections are held by subscribe_events() blocks "
+                "and by blocking commands, pipelines and subscriptions on store.client: "
+                "raise max_connections, or hold fewer at once.",
+                recoverable=True,
+            ) from exc
         except _NotSent as exc:
             cause = exc.__cause__
             timed_out = any(
@@ -1342,7 +1528,8 @@ class RedisRepository(SessionRepository, EventTransport):
         Each subscription holds one of the client's connections for as long as it lasts,
         and one must stay free for everything else: with ``n`` subscriptions of this
         store open at once the client needs ``max_connections`` of at least ``n + 1``
-        (operations do not time out waiting for a free connection).
+        (an operation that waits longer than ``timeout`` for a free connection raises
+        :class:`~asyncsession.StorageError`).
         """
         pool = self._client.connection_pool
         if self._subscriptions + 2 > pool.max_connections:
