@@ -111,6 +111,37 @@ _ALL_MESSAGES = 2**53  # a longer last_messages means all (Lua numbers are doubl
 _PRELUDE = """
 local P = ARGV[1]
 local function num(x) return string.format('%.0f', x) end
+-- Times and durations are whole microseconds, passed and stored as decimal strings.
+-- Lua numbers are doubles, exact only up to 2**53 (about the year 2255), so scripts
+-- add and compare them as pairs {high, low} = high * 1e9 + low (0 <= low < 1e9), each
+-- part exact. us() reads a decimal, us_text() writes one.
+local function us(text)
+  local neg = string.sub(text, 1, 1) == '-'
+  if neg then text = string.sub(text, 2) end
+  local high, low = tonumber(string.sub(text, 1, -10)) or 0, tonumber(string.sub(text, -9))
+  if not neg then return {high, low} end
+  if low == 0 then return {-high, 0} end
+  return {-high - 1, 1e9 - low}
+end
+local function us_text(t)
+  local high, low, sign = t[1], t[2], ''
+  if high < 0 then
+    sign = '-'
+    if low > 0 then high, low = -high - 1, 1e9 - low else high = -high end
+  end
+  if high == 0 then return sign .. string.format('%d', low) end
+  return sign .. string.format('%.0f%09d', high, low)
+end
+local function us_add(a, b)
+  local low = a[2] + b[2]
+  if low >= 1e9 then return {a[1] + b[1] + 1, low - 1e9} end
+  return {a[1] + b[1], low}
+end
+local function us_less(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end
+local function us_limit(text)
+  if text == '-1' then return false end
+  return us(text)
+end
 local function terminal(st) return st ~= 'active' and st ~= 'archived' end
 local function count(owner, st, delta)
   local k = P .. 'i:cnt'
@@ -149,11 +180,12 @@ end
 local function forget_if_known(id)
   if redis.call('HEXISTS', P .. 'i:meta', id) == 1 then forget(id) end
 end
+-- la and ex: decimal strings (index scores are doubles: Redis rounds them)
 local function index_times(id, owner, la, ex)
-  redis.call('ZADD', P .. 'i:la', num(la), id)
-  if owner then redis.call('ZADD', P .. 'o:' .. owner, num(la), id) end
+  redis.call('ZADD', P .. 'i:la', la, id)
+  if owner then redis.call('ZADD', P .. 'o:' .. owner, la, id) end
   if ex then
-    redis.call('ZADD', P .. 'i:exp', num(ex), id)
+    redis.call('ZADD', P .. 'i:exp', ex, id)
   else
     redis.call('ZREM', P .. 'i:exp', id)
   end
@@ -193,17 +225,15 @@ local function write_fields(s, set, gone)
   redis.call('HSET', s, unpack(set))
   if #gone > 0 then redis.call('HDEL', s, unpack(gone)) end
 end
--- The last double below datetime.max in microseconds (253402300799999999 itself rounds
--- up to one past it): a later deadline is none, as ExpiryPolicy.deadline answers.
-local LAST = 253402300799999968
+-- Times and limits as us() pairs (a limit false: none). A deadline past datetime.max
+-- (253402300799999999 us) is none, as ExpiryPolicy.deadline answers.
 local function deadline(st, ca, la, idle, maxage)
-  local hard = false
-  if maxage >= 0 then hard = ca + maxage end
-  if hard and hard > LAST then hard = false end
-  if st == 'archived' or idle < 0 then return hard end
-  local soft = la + idle
-  if hard and hard < soft then return hard end
-  if soft > LAST then return false end
+  local last = us('253402300799999999')
+  local hard = maxage and us_add(ca, maxage)
+  if hard and us_less(last, hard) then hard = false end
+  if st == 'archived' or not idle then return hard end
+  local soft = us_add(la, idle)
+  if us_less(last, soft) or (hard and us_less(hard, soft)) then return hard end
   return soft
 end
 local function reply(h, m, lastn, g)
@@ -241,7 +271,7 @@ redis.call('DEL', m)
 push(m, 13)
 set_meta(id, owner, st)
 count(owner, st, 1)
-index_times(id, owner, tonumber(ARGV[8]), ex and tonumber(ex))
+index_times(id, owner, ARGV[8], ex)
 keep_until(s, m, id, owner, st, ex and tonumber(ex), tonumber(ARGV[11]))
 return 1
 """
@@ -265,7 +295,7 @@ if not cur[1] then
 end
 local rev, la, g = string.match(ARGV[3], '^([^@]*)@?([^@]*)@?(.*)$')
 local other = cur[1] ~= rev or (la ~= '' and (cur[8] or '') ~= g)
-if other or (la ~= '' and tonumber(cur[5]) ~= tonumber(la)) then
+if other or (la ~= '' and cur[5] ~= la) then
   if other then redis.call('HSET', s, 'cf', '1') end
   if string.sub(ARGV[13], 2, 2) == 'c' then
     return {-2, cur[1], reply(redis.call('HMGET', s, 'd', 'r', 'la', 'ex'), m, '', cur[8])}
@@ -292,7 +322,7 @@ if cur[2] ~= st or cur[3] ~= owner then
   if cur[3] and cur[3] ~= owner then redis.call('ZREM', P .. 'o:' .. cur[3], id) end
   set_meta(id, owner, st)
 end
-index_times(id, owner, tonumber(ARGV[9]), ex and tonumber(ex))
+index_times(id, owner, ARGV[9], ex)
 keep_until(s, m, id, owner, st, ex and tonumber(ex), tonumber(ARGV[12]))
 if cur[4] then return {1, cur[8] or '', 1} end
 return {1, cur[8] or ''}
@@ -308,8 +338,8 @@ if not h[1] then
   forget_if_known(id)
   return {-1}
 end
-local at = tonumber(ARGV[3])
-if h[6] and tonumber(h[6]) <= at then return {-1} end
+local at = us(ARGV[3])
+if h[6] and not us_less(at, us(h[6])) then return {-1} end
 if terminal(h[3]) then return {-3, h[3]} end
 if ARGV[6] ~= '' then
   local total = redis.call('LLEN', m) + #ARGV - 7
@@ -318,19 +348,21 @@ end
 -- revisions are canonical decimals: compare them as strings, not as (double) numbers
 local last = '9223372036854775807'
 if #h[2] > #last or (#h[2] == #last and h[2] >= last) then return {-6} end
-local la = math.max(tonumber(h[5]), at)
-local ex = deadline(h[3], tonumber(h[4]), la, tonumber(ARGV[4]), tonumber(ARGV[5]))
+local la = us(h[5])
+if us_less(la, at) then la = at end
+local ex = deadline(h[3], us(h[4]), la, us_limit(ARGV[4]), us_limit(ARGV[5]))
+la, ex = us_text(la), ex and us_text(ex)
 -- HINCRBY: 64-bit integer arithmetic on the server (Lua numbers are doubles, exact only
 -- up to 2**53); the new revision is read back as its decimal string for the same reason.
 redis.call('HINCRBY', s, 'r', 1)
 local rev = redis.call('HGET', s, 'r')
 local total = push(m, 8) or redis.call('LLEN', m)
-local set, gone = {'la', num(la)}, {}
-field(set, gone, 'ex', ex and num(ex), h[6])
+local set, gone = {'la', la}, {}
+field(set, gone, 'ex', ex, h[6])
 write_fields(s, set, gone)
 index_times(id, h[7], la, ex)
-keep_until(s, m, id, h[7], h[3], ex, tonumber(ARGV[7]))
-return {1, h[1], rev, num(la), ex and num(ex) or false, total, h[8] or ''}
+keep_until(s, m, id, h[7], h[3], ex and tonumber(ex), tonumber(ARGV[7]))
+return {1, h[1], rev, la, ex or false, total, h[8] or ''}
 """
 
 # KEYS s m; ARGV P id at idle maxage grace lastn interval known
@@ -342,17 +374,18 @@ if not h[1] then
   return false
 end
 local same = known(ARGV[9], h, h[8])
-local at = tonumber(ARGV[3])
-local la = tonumber(h[3])
-if not terminal(h[5]) and not (h[4] and tonumber(h[4]) <= at)
-    and at > la and at - la >= tonumber(ARGV[8]) then
-  local ex = deadline(h[5], tonumber(h[6]), at, tonumber(ARGV[4]), tonumber(ARGV[5]))
-  local set, gone = {'la', num(at)}, {}
-  field(set, gone, 'ex', ex and num(ex), h[4])
+local at = us(ARGV[3])
+local la = us(h[3])
+if not terminal(h[5]) and not (h[4] and not us_less(at, us(h[4])))
+    and us_less(la, at) and not us_less(at, us_add(la, us(ARGV[8]))) then
+  local ex = deadline(h[5], us(h[6]), at, us_limit(ARGV[4]), us_limit(ARGV[5]))
+  ex = ex and us_text(ex)
+  local set, gone = {'la', ARGV[3]}, {}
+  field(set, gone, 'ex', ex, h[4])
   write_fields(s, set, gone)
-  h[3], h[4] = num(at), ex and num(ex)
-  index_times(id, h[7], at, ex)
-  keep_until(s, m, id, h[7], h[5], ex, tonumber(ARGV[6]))
+  h[3], h[4] = ARGV[3], ex
+  index_times(id, h[7], ARGV[3], ex)
+  keep_until(s, m, id, h[7], h[5], ex and tonumber(ex), tonumber(ARGV[6]))
   if redis.call('EXISTS', s) == 0 then return false end
 end
 if same then return {h[3], h[4] or false} end
@@ -389,7 +422,7 @@ if not h[1] then
   forget_if_known(id)
   return false
 end
-if not h[4] or tonumber(h[4]) > tonumber(ARGV[3]) then return false end
+if not h[4] or us_less(us(ARGV[3]), us(h[4])) then return false end
 local out = reply(h, m, '0', false)
 unindex(id, h[6], h[5])
 redis.call('DEL', s, m)
@@ -397,31 +430,37 @@ return out
 """
 
 # ARGV P now limit offset budget
-# Examines at most ``budget`` index entries (sessions found plus stale entries forgotten),
-# so one call never blocks the server for long; {1, ids, examined} when the index has no
-# more entries due, {0, ids, examined} when the budget ran out first (the caller calls
-# again with the offset moved past the ids found: those stay in the index, stale ones are
-# gone).
+# Examines at most ``budget`` index entries (sessions found, stale entries forgotten and
+# entries not due), so one call never blocks the server for long; {1, ids, examined,
+# skipped} when the index has no more entries due, {0, ids, examined, skipped} when the
+# budget ran out first (the caller calls again with the offset moved past the ids found
+# and the entries skipped: those stay in the index, stale ones are gone). Index scores are
+# doubles, so past 2**53 us an entry a few microseconds from now may be in the range
+# either way: the session's own deadline decides, and an entry not due is skipped.
 _EXPIRED = """
-local now, limit = ARGV[2], tonumber(ARGV[3])
+local now, limit = us(ARGV[2]), tonumber(ARGV[3])
 local offset, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
-local out, examined = {}, 0
+local out, examined, skipped = {}, 0, 0
 while #out < limit do
-  if examined >= budget then return {0, out, examined} end
-  local batch = redis.call('ZRANGE', P .. 'i:exp', '-inf', now, 'BYSCORE', 'LIMIT', offset,
-                           math.min(limit - #out, budget - examined))
-  if #batch == 0 then return {1, out, examined} end
+  if examined >= budget then return {0, out, examined, skipped} end
+  local batch = redis.call('ZRANGE', P .. 'i:exp', '-inf', ARGV[2], 'BYSCORE', 'LIMIT',
+                           offset, math.min(limit - #out, budget - examined))
+  if #batch == 0 then return {1, out, examined, skipped} end
   for _, id in ipairs(batch) do
     examined = examined + 1
-    if redis.call('EXISTS', P .. 's:' .. id) == 1 then
-      out[#out + 1] = id
+    local h = redis.call('HMGET', P .. 's:' .. id, 'r', 'ex')
+    if not h[1] then
+      forget(id)
+    elseif h[2] and us_less(now, us(h[2])) then
+      skipped = skipped + 1
       offset = offset + 1
     else
-      forget(id)
+      out[#out + 1] = id
+      offset = offset + 1
     end
   end
 end
-return {1, out, examined}
+return {1, out, examined, skipped}
 """
 
 # KEYS s...; ARGV P
@@ -442,7 +481,7 @@ if ARGV[5] ~= '' then
   statuses = {}
   for st in string.gmatch(ARGV[5], '%S+') do statuses[st] = true end
 end
-local visible = ARGV[6] ~= '' and tonumber(ARGV[6])
+local visible = ARGV[6] ~= '' and us(ARGV[6])
 local maxnum = tonumber(max)
 local found, scanned, offset, done = 0, 0, 0, 1
 local last_score, last_id = false, false
@@ -463,7 +502,7 @@ while true do
       if not h[1] then
         stale[#stale + 1] = id
       elseif (not statuses or statuses[h[5]])
-          and not (visible and h[4] and tonumber(h[4]) <= visible) then
+          and not (visible and h[4] and not us_less(visible, us(h[4]))) then
         found = found + 1
         local first = false
         if ARGV[7] == '1' then
@@ -1365,20 +1404,27 @@ class RedisRepository(SessionRepository, EventTransport):
         if type(limit) is not int or limit < 1:
             raise InvalidConfiguration(f"limit must be an int >= 1, got {limit!r}.")
         found: dict[str, None] = {}  # in deadline order; an id is reported once
+        skipped = 0  # entries in the index's range but not due (see _EXPIRED)
         while len(found) < limit:
-            done, ids, examined = await self._run(
+            done, ids, examined, passed = await self._run(
                 self._expired,
                 "an expiry scan",
                 [],
-                [str(_us(now)), str(limit - len(found)), str(len(found)), str(self.scan_budget)],
+                [
+                    str(_us(now)),
+                    str(limit - len(found)),
+                    str(len(found) + skipped),
+                    str(self.scan_budget),
+                ],
                 write=False,  # it only prunes index entries whose data Redis expired
             )
             before = len(found)
             found.update((_text(member), None) for member in ids)
-            pruned = int(examined) - len(ids)
-            # No progress (nothing new found, nothing stale forgotten; e.g. entries due
+            skipped += int(passed)
+            pruned = int(examined) - len(ids) - int(passed)
+            # No progress (nothing new found, skipped or stale forgotten; e.g. entries due
             # earlier were added meanwhile and shifted the offset): calling again would loop.
-            if int(done) or (len(found) == before and pruned == 0):
+            if int(done) or (len(found) == before and pruned == 0 and not int(passed)):
                 break
         return [uuid.UUID(sid) for sid in found]
 
