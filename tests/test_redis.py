@@ -196,53 +196,42 @@ def shared(redis_server: RedisServer) -> tuple[str, str]:
     return redis_server.url, prefix()
 
 
-def test_four_processes_update_one_session_exactly(shared: tuple[str, str]) -> None:
+@pytest.mark.anyio
+async def test_four_processes_update_one_session_exactly(shared: tuple[str, str]) -> None:
     url, key_prefix = shared
-
-    async def create() -> uuid.UUID:
-        async with SessionManager(
-            RedisRepository(url, prefix=key_prefix, key_expiry_grace=FAR), cleanup_interval=None
-        ) as manager:
-            return (await manager.create(state={"n": 0})).id
-
-    async def load(sid: uuid.UUID) -> Session | None:
-        async with RedisRepository(url, prefix=key_prefix) as repo:
-            return await repo.get(sid)
-
-    sid = anyio.run(create)
+    async with SessionManager(
+        RedisRepository(url, prefix=key_prefix, key_expiry_grace=FAR), cleanup_interval=None
+    ) as manager:
+        sid = (await manager.create(state={"n": 0})).id
     backends = ["asyncio", "trio", "asyncio", "trio"]
-    results = run_workers([["update", url, key_prefix, b, str(sid), "250"] for b in backends])
+    commands = [["update", url, key_prefix, b, str(sid), "250"] for b in backends]
+    results = await anyio.to_thread.run_sync(run_workers, commands)
     assert sum(r["updates"] for r in results) == 1000
-    final = anyio.run(load, sid)
+    async with RedisRepository(url, prefix=key_prefix) as repo:
+        final = await repo.get(sid)
     assert final is not None
     assert final.state["n"] == 1000 and final.revision == 1000
 
 
-def test_two_processes_purge_each_expiry_once(shared: tuple[str, str]) -> None:
+@pytest.mark.anyio
+async def test_two_processes_purge_each_expiry_once(shared: tuple[str, str]) -> None:
     url, key_prefix = shared
     count = 300
-
-    async def create() -> set[str]:
-        async with RedisRepository(url, prefix=key_prefix, key_expiry_grace=FAR) as repo:
-            ids = set()
-            for i in range(count):
-                session = new_session(created=T0 + timedelta(milliseconds=i))
-                await repo.add(session)
-                ids.add(str(session.id))
-            await repo.add(new_session(created=T0 + timedelta(days=1)))  # not expired
-            return ids
-
-    async def remaining() -> int:
-        async with RedisRepository(url, prefix=key_prefix) as repo:
-            return sum((await repo.count_by_status()).values())
-
-    expected = anyio.run(create)
+    async with RedisRepository(url, prefix=key_prefix, key_expiry_grace=FAR) as repo:
+        expected = set()
+        for i in range(count):
+            session = new_session(created=T0 + timedelta(milliseconds=i))
+            await repo.add(session)
+            expected.add(str(session.id))
+        await repo.add(new_session(created=T0 + timedelta(days=1)))  # not expired
     later = (T0 + timedelta(hours=1)).isoformat()
-    results = run_workers([["purge", url, key_prefix, b, later] for b in ("asyncio", "trio")])
+    commands = [["purge", url, key_prefix, b, later] for b in ("asyncio", "trio")]
+    results = await anyio.to_thread.run_sync(run_workers, commands)
     reported = [sid for r in results for sid in r["ids"]]
     assert sum(r["removed"] for r in results) == count
     assert len(reported) == count and set(reported) == expected
-    assert anyio.run(remaining) == 1
+    async with RedisRepository(url, prefix=key_prefix) as repo:
+        assert sum((await repo.count_by_status()).values()) == 1
 
 
 # -- cancellation ----------------------------------------------------------------------
