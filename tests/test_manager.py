@@ -1630,30 +1630,73 @@ async def test_an_expired_session_that_cannot_be_removed_is_warned_about_once_pe
         )
 
 
-async def test_the_sessions_remembered_as_unremovable_are_bounded(
+async def test_beyond_the_sessions_remembered_as_unremovable_one_warning_says_so(
     anyio_backend: str,
     clock: ManualClock,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Beyond the bound, failures are not remembered: warned about at each pass."""
+    """Beyond the bound, stuck sessions were warned about at every pass, each time
+    saying it would warn again only if the failure changed. Now one warning says that
+    more are stuck than remembered, the others are logged at debug level, and the
+    warning is given again only after a pass that found no more than the bound."""
     monkeypatch.setattr(asyncsession._manager, "_UNREMOVABLE_REMEMBERED", 2)
+    caplog.set_level(logging.DEBUG, "asyncsession._manager")
     db = tmp_path / "sessions.db"
+
+    def overflow_warnings() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "more than 2 expired" in r.getMessage()
+        ]
+
     async with s.SessionManager(
         s.SQLiteRepository(db), idle_timeout=IDLE, cleanup_interval=None, clock=clock
     ) as sessions:
         stuck = []
-        for _ in range(3):
+        for _ in range(4):
             stuck.append((await sessions.create()).id)
             clock.advance(1)  # expired in this order, so tried in this order
         await anyio.to_thread.run_sync(hold, db, stuck, "held for an audit")
         clock.advance(IDLE)
-        with caplog.at_level(logging.WARNING, "asyncsession._manager"):
-            for _ in range(3):
-                assert await sessions.purge_expired() == 0
-        assert [len(warnings_about(caplog, sid)) for sid in stuck] == [1, 1, 3]
-        assert list(sessions._unremovable) == stuck[:2]
+        for _ in range(3):
+            assert await sessions.purge_expired() == 0
+        assert [len(warnings_about(caplog, sid)) for sid in stuck] == [1, 1, 1, 0]
+        [overflow] = overflow_warnings()
+        assert str(stuck[2]) in overflow and "held for an audit" in overflow
+        assert "warns again" not in overflow
+        beyond = [
+            r
+            for r in caplog.records
+            if r.levelno == logging.DEBUG and "beyond the 2 remembered" in r.getMessage()
+        ]
+        # Each pass tries both again; the one warned about fails alike at later passes.
+        assert [[str(sid) in r.getMessage() for sid in stuck[2:]] for r in beyond] == [
+            [False, True],
+            [True, False],
+            [False, True],
+            [True, False],
+            [False, True],
+        ]
+        assert list(sessions._unremovable) == stuck[:2]  # memory stays bounded
+        assert (await sessions.stats()).removals_failed == 12
+
+        # Two are released: the other two are remembered now, each warned about once.
+        await anyio.to_thread.run_sync(hold, db, stuck[2:], "held for an audit")
+        assert await sessions.purge_expired() == 2
+        assert [len(warnings_about(caplog, sid)) for sid in stuck] == [1, 1, 2, 1]
+        assert "warns again only if" in warnings_about(caplog, stuck[3])[0]
+        assert sorted(sessions._unremovable) == sorted(stuck[2:])
+
+        # That pass found no more than the bound: a new overflow is warned about again.
+        late = (await sessions.create()).id
+        clock.advance(IDLE + 1)
+        await anyio.to_thread.run_sync(hold, db, [*stuck[2:], late], "held for an audit")
+        assert await sessions.purge_expired() == 0
+        assert len(overflow_warnings()) == 2 and str(late) in overflow_warnings()[1]
+        assert sorted(sessions._unremovable) == sorted(stuck[2:])
 
 
 async def test_a_purge_that_outlives_its_manager_stops_at_the_exit(
