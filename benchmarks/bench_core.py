@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import platform
 import time
 import tracemalloc
@@ -291,7 +292,7 @@ if __name__ == "__main__":
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"{now} · Python {platform.python_version()} · {platform.machine()} · "
-        f"anyio {anyio.__version__ if hasattr(anyio, '__version__') else ''}"
+        f"anyio {importlib.metadata.version('anyio')}"
     )
     for backend in ["asyncio", "trio"] if args.backend == "both" else [args.backend]:
         anyio.run(main, backend, big, args.quick, backend=backend)
