@@ -15,11 +15,11 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, runtime_checkable
@@ -173,17 +173,16 @@ class Reporter(Protocol):
 class _Write:
     """One report line for a :class:`JsonLinesReporter`'s writer thread, and its outcome.
 
-    Every field but ``line`` and ``ticket`` is guarded by the reporter's ``_state``.
+    Every field but ``line`` and ``done`` is guarded by the reporter's ``_state``.
     """
 
-    __slots__ = ("abandoned", "done", "failure", "finished", "line", "ticket")
+    __slots__ = ("abandoned", "done", "failure", "finished", "line")
 
-    def __init__(self, line: bytes, ticket: int) -> None:
+    def __init__(self, line: bytes) -> None:
         self.line = line
-        self.ticket = ticket  # its place in the order of report() calls
         self.done = threading.Event()
         self.finished = False  # the writer thread is done with it
-        self.abandoned = False  # its caller gave up after handing it over
+        self.abandoned = False  # its caller gave up after the writer thread took it
         self.failure: Exception | None = None
 
 
@@ -193,7 +192,9 @@ class JsonLinesReporter:
     The lines are written, in the order of the ``report()`` calls, by one daemon thread
     per reporter (started when needed, ended after a while without reports). One reporter
     may serve managers on several event loops at once, in several threads, asyncio and
-    trio alike: it holds nothing bound to an event loop.
+    trio alike: it holds nothing bound to an event loop, and each line is queued for the
+    writer thread when ``report()`` is called, so an event loop that is busy or blocked
+    holds up only its own reports.
 
     A write that is cancelled or cut off by ``reporter_timeout`` is abandoned: the call
     returns within a few hundredths of a second, and the line may still be added later
@@ -204,7 +205,7 @@ class JsonLinesReporter:
     system) never hangs the manager's exit, and it holds only the writer thread; the
     reports after it time out.
 
-    At interpreter exit, an abandoned line still being written is waited for, up to
+    At interpreter exit, lines still queued or being written are waited for, up to
     5 seconds in all for every reporter (an INFO log says so); one still unwritten then is
     logged as lost and the process ends anyway. A process ended by :func:`os._exit` or a
     signal does not wait: lines abandoned just before are lost.
@@ -219,31 +220,38 @@ class JsonLinesReporter:
         """New state and no writer thread: at creation, and in a forked child (which has
         none of the parent's threads, and maybe a lock one of them held)."""
         self._pid = os.getpid()
-        # Guards everything below (and each _Write's flags); waited on for turns and at
-        # exit. A threading lock, not an event loop's: callers may be on several loops.
+        # Guards everything below (and each _Write's flags); notified when a line is
+        # queued or written. A threading lock, not an event loop's: callers may be on
+        # several loops.
         self._state = threading.Condition()
-        self._issued = 0  # tickets handed out, one per report() call, in call order
-        # Tickets of the lines waiting for their turn (as many as callers waiting): the
-        # lowest goes to the writer thread once the line in flight is written.
-        self._waiting: set[int] = set()
-        self._in_flight: _Write | None = None  # handed over, not yet written
+        # Lines queued for the writer thread, in the order of the report() calls; a
+        # caller that gives up takes its line out, so there are never more than callers
+        # waiting.
+        self._queued: OrderedDict[_Write, None] = OrderedDict()
+        self._in_flight: _Write | None = None  # taken by the writer thread, not yet written
         self._writer: threading.Thread | None = None
-        self._lines: queue.SimpleQueue[_Write] = queue.SimpleQueue()
 
     def __repr__(self) -> str:
         return f"JsonLinesReporter({self.path!r})"
 
+    def _next_line(self) -> _Write | None:
+        """The writer thread's next line, or None after a while without one (the thread
+        ends then)."""
+        idle_until = time.monotonic() + _WRITER_IDLE_SECONDS
+        with self._state:
+            while not self._queued:
+                left = idle_until - time.monotonic()
+                if left <= 0:
+                    self._writer = None
+                    return None
+                self._state.wait(left)
+            write, _ = self._queued.popitem(last=False)
+            self._in_flight = write
+            return write
+
     def _write_lines(self) -> None:
-        """The writer thread: writes the lines handed over, one at a time."""
-        while True:
-            try:
-                write = self._lines.get(timeout=_WRITER_IDLE_SECONDS)
-            except queue.Empty:
-                with self._state:
-                    if self._lines.empty():  # a line is only put with _state held
-                        self._writer = None
-                        return
-                continue
+        """The writer thread: writes the queued lines, one at a time."""
+        while (write := self._next_line()) is not None:
             failure: Exception | None = None
             try:
                 with open(self.path, "ab") as handle:
@@ -255,9 +263,8 @@ class JsonLinesReporter:
                     write.failure = failure
                     write.finished = True
                     abandoned = write.abandoned
-                    if self._in_flight is write:
-                        self._in_flight = None
-                    self._state.notify_all()  # the next line's turn
+                    self._in_flight = None
+                    self._state.notify_all()  # for the exit's wait
                 try:
                     if abandoned and failure is not None:  # nobody else will hear of it
                         logger.warning(
@@ -269,84 +276,79 @@ class JsonLinesReporter:
                     write.done.set()
             del write, failure
 
-    def _hand_over(self, write: _Write) -> None:
-        """Give ``write`` to the writer thread (started if there is none); holds _state."""
-        if self._writer is None:
-            writer = threading.Thread(
-                target=self._write_lines, name=f"{self!r} writer", daemon=True
-            )
-            writer.start()
-            self._writer = writer
-        self._waiting.discard(write.ticket)
-        self._in_flight = write
-        self._lines.put(write)
+    def _queue(self, write: _Write) -> None:
+        """Queue ``write`` for the writer thread (started if there is none)."""
+        with self._state:
+            if self._writer is None:
+                writer = threading.Thread(
+                    target=self._write_lines, name=f"{self!r} writer", daemon=True
+                )
+                writer.start()
+                self._writer = writer
+            self._queued[write] = None
+            self._state.notify_all()
 
-    def _has_turn(self, write: _Write) -> bool:
-        """Is ``write`` next for the writer thread? Holds ``_state``."""
-        return self._in_flight is None and write.ticket == min(self._waiting)
+    def _give_up(self, write: _Write) -> bool:
+        """Its caller gives up: a line still queued is taken out (not written), one being
+        written is abandoned to the writer thread. False if it was written meanwhile."""
+        with self._state:
+            if write in self._queued:
+                del self._queued[write]
+                self._state.notify_all()  # for the exit's wait
+                return True
+            if not write.finished:
+                write.abandoned = True
+                return True
+            return False
 
-    def _append(self, write: _Write) -> None:
+    def _wait_for(self, write: _Write) -> None:
         """Runs in an anyio worker thread; returns early (cancelled) if the caller is."""
-        while True:  # wait for its turn: until the lines before it are written
-            with self._state:
-                if not self._has_turn(write):
-                    self._state.wait(_WRITE_POLL_SECONDS)
-                if self._has_turn(write):
-                    self._hand_over(write)
-                    break
-            # Not holding _state: this call waits for the caller's event loop.
-            anyio.from_thread.check_cancelled()  # report() gives up its turn then
         while not write.done.wait(_WRITE_POLL_SECONDS):
             try:
                 anyio.from_thread.check_cancelled()
             except BaseException:
-                with self._state:
-                    if not write.finished:
-                        write.abandoned = True  # left to the writer thread
-                        raise
+                if self._give_up(write):
+                    raise
                 break  # it finished meanwhile: its outcome still reaches the caller
         if write.failure is not None:
             raise write.failure
 
     async def report(self, report: SessionReport) -> None:
         """Append ``report`` as a JSON line."""
-        line = orjson.dumps(report.to_dict()) + b"\n"
+        write = _Write(orjson.dumps(report.to_dict()) + b"\n")
         if self._pid != os.getpid():  # forked (e.g. gunicorn --preload) since last used
             self._start_fresh()
-        with self._state:  # the ticket fixes the order: that of the calls
-            write = _Write(line, self._issued)
-            self._issued += 1
-            self._waiting.add(write.ticket)
+        self._queue(write)  # now, not when this event loop runs again: the order of calls
         try:
-            await anyio.to_thread.run_sync(self._append, write)
-        finally:
-            with self._state:
-                if write.ticket in self._waiting:  # gave up before its turn: not written
-                    self._waiting.discard(write.ticket)
-                    self._state.notify_all()
+            await anyio.to_thread.run_sync(self._wait_for, write)
+        except BaseException:
+            self._give_up(write)  # in case it gave up before its worker thread ran
+            raise
 
     def _finish_writes(self, deadline: float) -> None:
-        """At exit: wait until ``deadline`` (``time.monotonic()``) for the line in flight."""
+        """At exit: wait until ``deadline`` (``time.monotonic()``) for the lines queued or
+        being written."""
         if self._pid != os.getpid():  # a forked child's copy: those lines are the parent's
             return
         with self._state:
-            if self._in_flight is None:
+            if self._in_flight is None and not self._queued:
                 return
         logger.info(
-            "waiting up to %.1fs for a report line still being written to %s",
+            "waiting up to %.1fs for report lines still being written to %s",
             max(0.0, deadline - time.monotonic()),
             self.path,
         )
         with self._state:
-            while self._in_flight is not None:
+            while self._in_flight is not None or self._queued:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._state.wait(left)
-            lost = self._in_flight is not None
+            lost = (self._in_flight is not None) + len(self._queued)
         if lost:
             logger.warning(
-                "a report line to %s was still being written at exit; that report is lost",
+                "%d report line(s) to %s were still unwritten at exit; those reports are lost",
+                lost,
                 self.path,
             )
 

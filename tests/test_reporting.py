@@ -859,6 +859,49 @@ async def test_one_json_lines_reporter_serves_event_loops_in_several_threads(
             assert mine == list(range(per_task))
 
 
+async def test_an_event_loop_that_cannot_go_on_holds_up_no_other_loops_reports(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """A report took its place in the order on its caller's event loop but its line
+    reached the writer thread only when that loop went on: a loop that could not (busy,
+    blocked, its worker threads all taken) held up every other loop's report, which timed
+    out and was never written. Now the line is queued at the call; here loop A's only
+    worker thread is taken until loop B's report has been written."""
+    reporter = JsonLinesReporter(tmp_path / "health.jsonl")
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    first, second = (
+        SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 0) for _ in range(2)
+    )
+    a_reported, b_done = threading.Event(), threading.Event()
+
+    async def loop_a() -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, b_done.wait, 2 * HANG_GUARD)
+            await anyio.wait_all_tasks_blocked()  # it holds this loop's only worker thread
+            tg.start_soon(reporter.report, first)
+            await anyio.wait_all_tasks_blocked()  # called; waits for a worker thread
+            a_reported.set()
+
+    with anyio.fail_after(3 * HANG_GUARD):  # a hang becomes a failure (threads leak then)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                functools.partial(
+                    anyio.to_thread.run_sync,
+                    functools.partial(anyio.run, loop_a, backend=anyio_backend),
+                    abandon_on_cancel=True,
+                )
+            )
+            try:
+                assert await anyio.to_thread.run_sync(a_reported.wait, HANG_GUARD)
+                with anyio.move_on_after(HANG_GUARD) as b_gave_up:  # a reporter_timeout
+                    await reporter.report(second)
+            finally:
+                b_done.set()
+    assert not b_gave_up.cancelled_caught
+    assert list(read_reports(reporter.path)) == [first, second]  # in the order of the calls
+
+
 _EXIT_SCRIPT = """
 import logging, sys, uuid
 from datetime import datetime, timezone
