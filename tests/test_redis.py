@@ -998,3 +998,126 @@ async def test_requests_before_the_store_is_open_do_not_use_up_the_pool(
                 await store.get(uuid.uuid4())
         async with store:
             assert await store.get(uuid.uuid4()) is None
+
+
+@pytest.mark.anyio
+async def test_subscribing_while_every_connection_is_held_says_the_pool_is_busy(
+    redis_server: RedisServer,
+) -> None:
+    """The subscription's own deadline (the store's timeout from the start) always came
+    before the wait for a connection gave up: the error blamed an unreachable server."""
+    async with RedisRepository(
+        redis_server.url, prefix=prefix(), max_connections=2, timeout=1, key_expiry_grace=FAR
+    ) as store:
+        pool = store.client.connection_pool
+        with anyio.fail_after(30):  # a regression waited for ever
+            async with pool.acquire(), pool.acquire():  # every connection is held
+                with pytest.raises(StorageError) as info:
+                    async with store.subscribe_events():
+                        pytest.fail("subscribed without a connection")
+            assert info.value.recoverable
+            text = str(info.value)
+            assert "All 2 connections" in text and "a subscription got none" in text
+            assert "nothing was sent" in text and "raise max_connections" in text
+            async with store.subscribe_events() as events:  # the pool works again
+                assert await store.publish_event("updated", uuid.uuid4(), at=T0) == 1
+                assert (await events.__anext__()).kind == "updated"
+
+
+@pytest.mark.anyio
+async def test_requests_queued_behind_stalled_connects_blame_the_server_not_the_pool(
+    redis_server: RedisServer,
+) -> None:
+    """During an outage where the server accepts connections and never answers, the
+    requests waiting for a connection were told to raise max_connections."""
+    async with (
+        tcp_proxy(redis_server.port) as (port, switch),
+        RedisRepository(
+            f"redis://{HOST}:{port}/0",
+            prefix=prefix(),
+            timeout=1,
+            max_connections=2,
+            key_expiry_grace=FAR,
+        ) as store,
+    ):
+        errors: list[StorageError] = []
+
+        async def read() -> None:
+            try:
+                await store.get(uuid.uuid4())
+            except StorageError as exc:
+                errors.append(exc)
+
+        with anyio.fail_after(30):
+            # two connect and stall; the others wait for a slot, and some of them give up
+            # while both slots are still connecting (the rest then connect and stall)
+            async with anyio.create_task_group() as tg:
+                for _ in range(6):
+                    tg.start_soon(read)
+        assert len(errors) == 6
+        texts = [str(exc) for exc in errors]
+        assert all(exc.recoverable and "nothing was sent" in str(exc) for exc in errors), texts
+        assert not any("max_connections" in text for text in texts), texts
+        assert any("connections were still connecting" in text for text in texts), texts
+        switch["stall"] = False  # the network is back
+        with anyio.fail_after(20):
+            session = new_session()
+            await store.add(session)
+            assert await store.get(session.id) == session
+
+
+@pytest.mark.anyio
+async def test_store_client_raises_what_coredis_raises_when_it_gets_no_connection(
+    redis_server: RedisServer,
+) -> None:
+    """The store-made pool's private exceptions reached code using store.client: neither
+    a wait for a free connection that timed out nor a failed connect was a coredis error."""
+    async with RedisRepository(
+        redis_server.url, prefix=prefix(), max_connections=2, timeout=1, key_expiry_grace=FAR
+    ) as store:
+        pool = store.client.connection_pool
+        with anyio.fail_after(30):
+            async with pool.acquire(), pool.acquire():
+                # coredis's own pool raises TimeoutError when its wait times out
+                with pytest.raises(TimeoutError, match="no free connection within 1 s"):
+                    await store.client.get(f"{store.prefix}x")
+            assert await store.client.get(f"{store.prefix}x") is None
+    port = free_port()
+    async with RedisRepository(f"redis://{HOST}:{port}/0", timeout=2) as store:
+        with anyio.fail_after(30):
+            with pytest.raises(coredis.exceptions.ConnectionError):
+                await store.client.get("x")
+            # the store still knows the request was never sent
+            with pytest.raises(StorageError, match="nothing was sent"):
+                await store.add(new_session())
+
+
+@pytest.mark.anyio
+async def test_a_passed_clients_pool_timeout_is_named_as_a_possible_cause(
+    redis_server: RedisServer,
+) -> None:
+    """With a client of the caller's whose pool has a timeout, a wait for a free
+    connection that timed out was reported only as a reply that never came; a
+    subscription waiting for a connection was reported as unconfirmed."""
+    client: coredis.Redis[Any] = coredis.Redis.from_url(
+        redis_server.url, max_connections=2, pool_timeout=0.5
+    )
+    store = RedisRepository(client, prefix=prefix(), timeout=1, key_expiry_grace=FAR)
+    async with client, store:
+        pool = client.connection_pool
+        with anyio.fail_after(30):
+            async with pool.acquire(), pool.acquire():
+                with pytest.raises(StorageError) as info:
+                    await store.add(new_session())
+                text = str(info.value)
+                assert "had no free connection within its timeout" in text, text
+                assert "may or may not have been applied" in text  # coredis may have retried
+    waiting: coredis.Redis[Any] = coredis.Redis.from_url(redis_server.url, max_connections=2)
+    store = RedisRepository(waiting, prefix=prefix(), timeout=1, key_expiry_grace=FAR)
+    async with waiting, store:
+        pool = waiting.connection_pool
+        with anyio.fail_after(30):
+            async with pool.acquire(), pool.acquire():
+                with pytest.raises(StorageError, match="got no connection from the client's pool"):
+                    async with store.subscribe_events():
+                        pytest.fail("subscribed without a connection")

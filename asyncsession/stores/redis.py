@@ -587,14 +587,37 @@ def _closing_connections(pool: Any) -> None:
     pool.connection_class = ClosingConnection
 
 
-class _NotSent(Exception):
-    """A request got no connection (connecting failed): the server never saw it.
-    ``__cause__`` says why."""
+_UNSENT = "_asyncsession_unsent"
 
 
-class _PoolBusy(_NotSent):
-    """Every connection of a store-made client's pool stayed in use for the store's
-    ``timeout``: the request got none and sent nothing."""
+def _mark_unsent(exc: BaseException) -> None:
+    """Mark a failure to hand out a connection: the request was never sent.
+
+    The exception itself goes on as coredis raised it (code using ``store.client``
+    catches what it would catch from any coredis client); the mark only tells the store
+    that an error must not claim a write may have been applied.
+    """
+    setattr(exc, _UNSENT, True)
+
+
+def _unsent(exc: BaseException) -> bool:
+    return getattr(exc, _UNSENT, False) is True
+
+
+class _PoolBusy(TimeoutError):
+    """No slot of a store-made client's pool came free within the store's ``timeout``:
+    the request got no connection and sent nothing. A :class:`TimeoutError`, as
+    coredis's own pool raises when its wait for a connection times out.
+
+    ``connecting`` is how many slots were lent to requests still setting up their
+    connection when the wait ended (a server that accepts connections but is slow to
+    answer, or does not answer at all, keeps them).
+    """
+
+    def __init__(self, timeout: float | None, size: int, connecting: int) -> None:
+        stuck = f" ({connecting} of {size} still connecting)" if connecting else ""
+        super().__init__(f"no free connection within {timeout} s{stuck}")
+        self.connecting = connecting
 
 
 class _Waiter:
@@ -609,8 +632,9 @@ class _Waiter:
 
 
 class _Lease:
-    """One call of a store-made pool's ``get_connection``: whether it took a slot, and
-    whether coredis gave the slot back (it does when setting up a connection failed)."""
+    """One call of a store-made pool's ``get_connection``: whether it took a slot (and
+    so counts in :attr:`_PoolSlots.connecting` until the call returns), and whether
+    coredis gave the slot back (it does when setting up a connection failed)."""
 
     __slots__ = ("gave_back", "slots", "took")
 
@@ -638,6 +662,11 @@ class _PoolSlots:
     (then :class:`_PoolBusy`), waiters are served in order, a slot given back goes
     straight to the first waiter, and a cancelled or timed-out waiter leaves nothing
     behind (a slot handed to it as it gave up goes to the next one).
+
+    :attr:`connecting` counts the slots lent to requests whose ``get_connection`` has not
+    returned yet, i.e. that are still setting up a connection (taking an idle one does
+    not wait): a wait that times out while some are says so, as the server then is slow
+    or unreachable rather than the pool too small.
     """
 
     def __init__(self, size: int, timeout: float | None) -> None:
@@ -645,6 +674,7 @@ class _PoolSlots:
         self._timeout = timeout
         self._items: deque[Any] = deque([None] * size)  # the top of the stack is the right
         self._waiters: deque[_Waiter] = deque()
+        self.connecting = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -686,8 +716,9 @@ class _PoolSlots:
 
     def _took(self, item: Any) -> Any:
         lease = _LEASE.get()
-        if lease is not None and lease.slots is self:
+        if lease is not None and lease.slots is self and not lease.took:
             lease.took = True
+            self.connecting += 1
         return item
 
     async def get(self) -> Any:
@@ -709,7 +740,7 @@ class _PoolSlots:
         if waiter.handed:  # even if the timeout came at the same time: it is ours
             return self._took(waiter.item)
         self._waiters.remove(waiter)
-        raise _PoolBusy(f"no free connection within {self._timeout} s")
+        raise _PoolBusy(self._timeout, self._size, self.connecting)
 
 
 def _bounding_waits(pool: Any, timeout: float | None) -> None:
@@ -751,6 +782,8 @@ def _bounding_waits(pool: Any, timeout: float | None) -> None:
             raise
         finally:
             _LEASE.reset(token)
+            if lease.took:
+                slots.connecting -= 1
 
     def releasing(connection: Any) -> None:
         usable = connection.usable
@@ -763,7 +796,7 @@ def _bounding_waits(pool: Any, timeout: float | None) -> None:
 
 
 def _marking_unsent(pool: Any, errors: tuple[type[BaseException], ...]) -> None:
-    """Make a store-made pool's failures to hand out a connection raise :class:`_NotSent`,
+    """Mark a store-made pool's failures to hand out a connection (:func:`_mark_unsent`),
     so that an error does not claim a write may have been applied when it was never sent."""
     get_connection = pool.get_connection
 
@@ -771,7 +804,8 @@ def _marking_unsent(pool: Any, errors: tuple[type[BaseException], ...]) -> None:
         try:
             return await get_connection(**kwargs)
         except errors as exc:
-            raise _NotSent(str(exc)) from exc
+            _mark_unsent(exc)
+            raise
 
     pool.get_connection = marked
 
@@ -902,10 +936,16 @@ class RedisRepository(SessionRepository, EventTransport):
     by itself (``None``: never); it runs on the Redis server's clock, so keep it well
     above the cleanup interval. ``timeout`` (seconds) bounds connecting, each reply and
     the wait for a free connection for a store-made client (a request that waited longer
-    raises :class:`~asyncsession.StorageError` and sent nothing; a client you pass waits
-    as its own pool's ``timeout`` says). Failures raise
-    :class:`~asyncsession.StorageError` naming the server; the store works again once
-    the server is back.
+    raises :class:`~asyncsession.StorageError` and sent nothing; the error blames the
+    server, not ``max_connections``, when connections were still being set up meanwhile).
+    A client you pass waits as its own pool's ``timeout`` says; coredis raises
+    :class:`TimeoutError` both for that and for a late reply (and by default retries
+    either), so the store's error names both causes and, for a write, says it may or may
+    not have been applied. Failures raise :class:`~asyncsession.StorageError` naming the
+    server; the store works again once the server is back. A store-made client's own
+    failures to hand out a connection (for code using :attr:`client`) are coredis's:
+    :class:`TimeoutError` for a wait that took longer than ``timeout``,
+    ``coredis.exceptions.ConnectionError`` for a failed connect.
 
     The store's own client does not retry writes: a write whose reply was lost may have
     been applied, and the error says so. Use a standalone Redis (or a single primary);
@@ -1088,6 +1128,19 @@ class RedisRepository(SessionRepository, EventTransport):
             yield
         except _PoolBusy as exc:
             pool = self._client.connection_pool
+            if exc.connecting:
+                others = (
+                    " (the others were in use)" if exc.connecting < pool.max_connections else ""
+                )
+                raise StorageError(
+                    f"No connection to Redis at {self._address} for {action} within "
+                    f"{self._timeout} s: {exc.connecting} of the client's "
+                    f"{pool.max_connections} connections were still connecting{others}: "
+                    "the server, or the network to it, is slow or not answering; nothing "
+                    "was sent. Check that the server is running, reachable and not "
+                    "overloaded; the store reconnects by itself.",
+                    recoverable=True,
+                ) from exc
             raise StorageError(
                 f"All {pool.max_connections} connections of the client for Redis at "
                 f"{self._address} stayed in use for {self._timeout} s, so {action} got "
@@ -1096,23 +1149,37 @@ class RedisRepository(SessionRepository, EventTransport):
                 "raise max_connections, or hold fewer at once.",
                 recoverable=True,
             ) from exc
-        except _NotSent as exc:
-            cause = exc.__cause__
-            timed_out = any(
-                isinstance(e, TimeoutError) for e in (cause, getattr(cause, "__cause__", None))
-            )
-            why = (
-                f" within {self._timeout} s (connecting or its handshake took too long)"
-                if timed_out
-                else f" ({type(cause).__name__}: {cause})"
-            )
-            raise StorageError(
-                f"No connection to Redis at {self._address} for {action}{why}; nothing was "
-                "sent. Check that the server is running and reachable; the store reconnects "
-                "by itself.",
-                recoverable=True,
-            ) from cause
         except self._connection_errors as exc:
+            if _unsent(exc):  # the store-made pool handed out no connection
+                timed_out = any(isinstance(e, TimeoutError) for e in (exc, exc.__cause__))
+                why = (
+                    f" within {self._timeout} s (connecting or its handshake took too long)"
+                    if timed_out
+                    else f" ({type(exc).__name__}: {exc})"
+                )
+                raise StorageError(
+                    f"No connection to Redis at {self._address} for {action}{why}; nothing "
+                    "was sent. Check that the server is running and reachable; the store "
+                    "reconnects by itself.",
+                    recoverable=True,
+                ) from exc
+            if isinstance(exc, TimeoutError) and not self._owns_client:
+                # coredis raises TimeoutError both for a reply that came too late and for
+                # a wait for a free connection longer than the client's pool timeout
+                raise StorageError(
+                    f"Redis at {self._address} did not answer {action} in time, or the "
+                    "client's connection pool had no free connection within its timeout "
+                    f"(TimeoutError{': ' if str(exc) else ''}{exc})."
+                    + (
+                        " The write may or may not have been applied; read the session "
+                        "before repeating it."
+                        if write
+                        else ""
+                    )
+                    + " Check that the server is running and reachable, and that the "
+                    "client's max_connections suits its load.",
+                    recoverable=True,
+                ) from exc
             unsure = (
                 " The write may or may not have been applied; read the session before repeating it."
                 if write
@@ -1558,8 +1625,11 @@ class RedisRepository(SessionRepository, EventTransport):
     async def subscribe_events(self) -> AsyncIterator[AsyncIterator[RedisEvent]]:
         """Receive events published by any process: ``async with store.subscribe_events()``.
 
-        Yields an async iterator of :class:`RedisEvent`. Subscribing takes at most the
-        store's ``timeout``; an unreachable server raises
+        Yields an async iterator of :class:`RedisEvent`. Subscribing waits at most the
+        store's ``timeout`` for a free connection of a store-made client (then
+        :class:`~asyncsession.StorageError`; nothing was sent), and once connected
+        at most ``timeout`` for the server to confirm; with a client you pass, the wait
+        for its connection counts in that one ``timeout``. An unreachable server raises
         :class:`~asyncsession.StorageError` at once. Pub/sub is fire-and-forget: events
         published while this subscriber is disconnected are lost. When the connection is
         lost, coredis makes it again in the background (with backoff), but asking for
@@ -1596,19 +1666,38 @@ class RedisRepository(SessionRepository, EventTransport):
     @contextlib.asynccontextmanager
     async def _subscription(self) -> AsyncIterator[AsyncIterator[RedisEvent]]:
         """:meth:`subscribe_events` once its connection is counted."""
-        policy = _subscription_policy(self._retry, (*self._connection_errors, _NotSent))
+        policy = _subscription_policy(self._retry, self._connection_errors)
         pubsub = self._client.pubsub(
             channels=[self.events_channel],
             retry_policy=policy,
             subscription_timeout=math.inf if self._timeout is None else self._timeout,
         )
-        start = anyio.current_time()
+        timeout = math.inf if self._timeout is None else self._timeout
+        # A store-made pool bounds the wait for a connection itself (then _PoolBusy, which
+        # says so): the subscription's own deadline starts once it has its connection.
+        # A client's own pool may wait for ever: its wait counts, and if the deadline
+        # comes first the error says the subscription had no connection yet.
+        scope = anyio.CancelScope(
+            deadline=math.inf if self._owns_client else anyio.current_time() + timeout
+        )
+        connected = False
+        acquire = pubsub.acquire_connection
+
+        @contextlib.asynccontextmanager
+        async def acquiring() -> AsyncIterator[Any]:
+            nonlocal connected
+            async with acquire() as connection:
+                if not connected:
+                    connected = True
+                    if self._owns_client:
+                        scope.deadline = anyio.current_time() + timeout
+                yield connection
+
+        pubsub.acquire_connection = acquiring  # type: ignore[method-assign]
         raised: BaseException | None = None  # what the caller's block raised
         leaving = False  # the caller's block has ended: only unsubscribing is left
         try:
-            with anyio.CancelScope(
-                deadline=math.inf if self._timeout is None else start + self._timeout
-            ) as scope:
+            with scope:
                 async with pubsub:
                     scope.deadline = math.inf  # only subscribing and leaving are bounded
                     policy.live = True
@@ -1630,12 +1719,21 @@ class RedisRepository(SessionRepository, EventTransport):
             inner = sole_error(exc, raised)
             if inner is raised or not isinstance(inner, Exception):
                 reraise(inner)
-            if leaving and isinstance(inner, (*self._connection_errors, _NotSent)):
+            if leaving and isinstance(inner, self._connection_errors):
                 # the block ended normally; the subscription it no longer needs was lost
                 logger.debug("subscription to %s ended with %r", self.events_channel, inner)
                 return
             with self._errors("a subscription"):
                 reraise(inner)
+        if scope.cancelled_caught and not leaving and not connected:
+            raise StorageError(
+                f"The subscription to {self.events_channel!r} at Redis {self._address} got "
+                f"no connection from the client's pool within {self._timeout} s (every "
+                "connection in use, or connecting took that long); nothing was sent. Check "
+                "that the server is reachable and that the client's max_connections leaves "
+                "one free for each subscription.",
+                recoverable=True,
+            )
         if scope.cancelled_caught and not leaving:
             raise StorageError(
                 f"Redis at {self._address} did not confirm a subscription to "
