@@ -445,7 +445,15 @@ class SessionRepository(ABC):
 
     @abstractmethod
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
-        """Ids whose ``expires_at <= now``, earliest first, from a deadline index."""
+        """Ids whose ``expires_at <= now``, earliest first, from a deadline index.
+
+        Among deadlines the index cannot tell apart (equal ones; in the Redis store also
+        ones that round to one value) the order is the store's own. The Redis store's
+        index keeps each deadline as a double of microseconds since the epoch: exact
+        until 2**53 µs (June 2255), then rounded to the nearest multiple of 2 µs, growing
+        to 32 µs near ``datetime.max``; deadlines that round to one value come in id
+        order, so there a deadline up to 32 µs later may come first.
+        """
 
     @abstractmethod
     async def list(self, query: SessionQuery) -> Page:

@@ -1470,7 +1470,9 @@ class RedisRepository(SessionRepository, EventTransport):
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
         if type(limit) is not int or limit < 1:
             raise InvalidConfiguration(f"limit must be an int >= 1, got {limit!r}.")
-        found: dict[str, None] = {}  # in deadline order; an id is reported once
+        # in index order: by deadline rounded to a double (exact up to 2**53 us, in 2255),
+        # then by id among those that round to one score; an id is reported once
+        found: dict[str, None] = {}
         skipped = 0  # entries in the index's range but not due (see _EXPIRED)
         while len(found) < limit:
             done, ids, examined, passed = await self._run(
