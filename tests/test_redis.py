@@ -95,6 +95,15 @@ def prefix() -> str:
     return f"test:{uuid.uuid4().hex[:12]}:"
 
 
+async def assert_store_works(store: RedisRepository) -> None:
+    """Add a session and read it back; a regression that lost the pool's connections
+    waited for ever, so this gives up after 20 s."""
+    with anyio.fail_after(20):
+        session = new_session()
+        await store.add(session)
+        assert await store.get(session.id) == session
+
+
 # -- layout and Redis key expiry -------------------------------------------------------
 
 
@@ -905,10 +914,7 @@ async def test_cancelled_blocking_commands_on_the_client_do_not_use_up_the_pool(
                 tg.start_soon(wait_for_ever)
                 await anyio.wait_all_tasks_blocked()
                 tg.cancel_scope.cancel()
-        with anyio.fail_after(20):
-            session = new_session()
-            await store.add(session)
-            assert await store.get(session.id) == session
+        await assert_store_works(store)
 
 
 @pytest.mark.anyio
@@ -948,10 +954,7 @@ async def test_a_subscription_whose_connection_was_lost_gives_its_slot_back(
                             await events.__anext__()
                         tg.cancel_scope.cancel()
         async with store.subscribe_events():
-            with anyio.fail_after(20):  # a regression waited for ever
-                session = new_session()
-                await store.add(session)
-                assert await store.get(session.id) == session
+            await assert_store_works(store)
 
 
 @pytest.mark.anyio
@@ -979,10 +982,7 @@ async def test_a_request_cancelled_while_its_connection_is_set_up_gives_its_slot
                     scope.cancel()
             assert scope.cancelled_caught
         switch["stall"] = False  # the network is back
-        with anyio.fail_after(20):
-            session = new_session()
-            await store.add(session)
-            assert await store.get(session.id) == session
+        await assert_store_works(store)
 
 
 @pytest.mark.anyio
@@ -1060,10 +1060,7 @@ async def test_requests_queued_behind_stalled_connects_blame_the_server_not_the_
         assert not any("max_connections" in text for text in texts), texts
         assert any("connections were still connecting" in text for text in texts), texts
         switch["stall"] = False  # the network is back
-        with anyio.fail_after(20):
-            session = new_session()
-            await store.add(session)
-            assert await store.get(session.id) == session
+        await assert_store_works(store)
 
 
 @pytest.mark.anyio
