@@ -1,13 +1,15 @@
 """The ``asyncsession`` command line: demo, inspection and maintenance of a store.
 
 Built on click (commands, options) and rich (tables, progress); both come with the
-``cli`` extra. Uses only the public API of :mod:`asyncsession`. Expected failures
-(unknown id, bad store URL, unreachable server, corrupt document) print one line to
-stderr and exit with status 1 (or 2 for usage errors), without a traceback.
+``cli`` extra. Uses the public API of :mod:`asyncsession`, and the manager's test for
+a rotation's retired document. Expected failures (unknown id, bad store URL,
+unreachable server, corrupt document) print one line to stderr and exit with status 1
+(or 2 for usage errors and values the library refuses), without a traceback.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import enum
 import importlib.util
@@ -69,6 +71,7 @@ from . import (
     dumps,
     loads,
 )
+from ._manager import _is_retired
 from ._urls import STORE_URL_FORMS, repository_from_url, shown_url
 from .reporting import JsonLinesReporter, Reporter, aggregate, read_reports
 
@@ -302,35 +305,54 @@ def _written_in_place(path: str) -> bool:
 
 #: Permissions of a new export file (less the umask): owner only, as the stores' own
 #: files (``file_mode``), since an export holds every session's data.
+#: :func:`tempfile.mkstemp` creates its file so.
 EXPORT_FILE_MODE: Final = 0o600
 
 
-def _new_file_mode(path: str) -> int:
-    """The permissions a replacement of ``path`` gets: the file's own if it exists (the
-    user chose them), else :data:`EXPORT_FILE_MODE` less the umask. Call it before any
-    threads run: reading the umask sets it for a moment."""
+def _existing(path: str) -> os.stat_result | None:
+    """The status of the file ``path`` names (through symbolic links), or None if none."""
     try:
-        return stat.S_IMODE(os.stat(path).st_mode)
+        return os.stat(path)
     except FileNotFoundError:
-        umask = os.umask(0o077)
-        os.umask(umask)
-        return EXPORT_FILE_MODE & ~umask
+        return None
+
+
+def _keep_owner_and_mode(fd: int, previous: os.stat_result) -> None:
+    """Give the new file ``fd`` the owner, group and permissions of the file it replaces.
+
+    The owner is kept where the process may set it (as root); otherwise the group, if the
+    process belongs to it; otherwise the new file is the process's own. The permissions
+    are always kept.
+    """
+    for uid in (previous.st_uid, -1):
+        try:
+            os.fchown(fd, uid, previous.st_gid)
+            break
+        except PermissionError:
+            continue
+    os.fchmod(fd, stat.S_IMODE(previous.st_mode))
 
 
 @contextlib.contextmanager
-def _replacing(path: str, mode: int) -> Iterator[IO[bytes]]:
+def _replacing(path: str) -> Iterator[IO[bytes]]:
     """A new file that replaces ``path`` only if the block succeeds.
 
     It is written beside ``path`` (the target of ``path`` if that is a symbolic link),
     flushed to disk and renamed over it; if the block raises, it is deleted and ``path``
-    is left as it was.
+    is left as it was. A new file is readable by its owner only
+    (:data:`EXPORT_FILE_MODE` less the umask); one that replaces a file gets that file's
+    permissions, and its owner and group as far as :func:`_keep_owner_and_mode` can.
+    Making the rename durable (syncing the directory) is best effort once it is done:
+    a directory that cannot be read (mode 0333, say) only gets a warning.
     """
     target = os.path.realpath(path)
     directory, name = os.path.split(target)
+    previous = _existing(target)
     fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
-        os.chmod(temporary, mode)
         with open(fd, "wb") as stream:
+            if previous is not None:
+                _keep_owner_and_mode(stream.fileno(), previous)
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
@@ -340,11 +362,19 @@ def _replacing(path: str, mode: int) -> Iterator[IO[bytes]]:
             os.unlink(temporary)
         raise
     if os.name == "posix":  # make the rename durable too
-        dir_fd = os.open(directory, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            logger.warning(
+                "%s was written, but its directory could not be synced to disk (%s): "
+                "a system crash soon after may undo the replacement",
+                path,
+                exc.strerror or exc,
+            )
 
 
 # -- options ------------------------------------------------------------------------------
@@ -835,6 +865,21 @@ def show(session_id: str, last: int, store_url: str, backend: str, as_json: bool
         out.print(table)
 
 
+async def _awaiting_purge(repository: SessionRepository, now: datetime) -> int:
+    """How many expired sessions ``purge`` would remove and count (up to 10000): not the
+    documents a rotation retired (a failed delete leaves them; purge removes them
+    silently)."""
+    awaiting = 0
+    for sid in await repository.expired(now, limit=10_000):
+        try:
+            session = await repository.get(sid, last_messages=0)
+        except SerializationError:  # expired; purge fails on it until it is repaired
+            awaiting += 1
+            continue
+        awaiting += session is not None and not _is_retired(session)
+    return awaiting
+
+
 def _read_report_file(path: Path) -> list[Any]:
     """Every report in ``path``; :class:`CLIError` naming the first bad line."""
     try:
@@ -867,7 +912,7 @@ def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_js
         repository: SessionRepository,
     ) -> tuple[Mapping[SessionStatus, int], int, list[Any]]:
         counts = await repository.count_by_status()
-        awaiting = len(await repository.expired(now, limit=10_000))
+        awaiting = await _awaiting_purge(repository, now)
         if reports is not None:
             items: Iterable[Any] = await anyio.to_thread.run_sync(_read_report_file, reports)
         else:
@@ -1146,23 +1191,46 @@ def migrate(dry_run: bool, store_url: str, backend: str, as_json: bool) -> None:
 # -- export / import ----------------------------------------------------------------------
 
 
-#: How many times export lists and counts the store again when its count holds more
-#: sessions than its listings show (which sessions created or deleted meanwhile can cause).
+#: How many times export lists the whole store again to confirm that every session the
+#: store counts was listed, before it gives up.
 CHECK_ATTEMPTS: Final = 3
+
+#: How many times it counts the store (each right after listing its newest sessions)
+#: before each of those listings.
+COUNTS_PER_ATTEMPT: Final = 5
+
+#: The size of the first page of :meth:`_Export.list_front`.
+FRONT_PAGE: Final = 20
+
+
+@attrs.frozen
+class _Check:
+    """What the completeness check of one export found."""
+
+    stored: int  # the store's count
+    unlisted: int  # counted, but in none of the listings (at least this many)
+    unconfirmed: int  # counted, not matched to a listing, maybe created or deleted meanwhile
 
 
 @attrs.frozen
 class _Exported:
-    """What ``export`` wrote, and what it had to leave out."""
+    """What ``export`` wrote, and what it had to leave out or could not confirm."""
 
     exported: int
     stored: int  # the store's count when the export checked it
     unreadable: int  # listed, but reading it failed
     unlisted: int  # counted by the store, but in none of its listings (at least this many)
+    unconfirmed: int = 0  # counted; maybe sessions created or deleted while it checked
 
     @property
     def left_out(self) -> int:
+        """Sessions known to be stored and not written."""
         return self.unreadable + self.unlisted
+
+    @property
+    def complete(self) -> bool:
+        """Whether every session stored throughout the export was written."""
+        return not self.left_out and not self.unconfirmed
 
 
 @attrs.define
@@ -1171,16 +1239,40 @@ class _Export:
 
     repository: SessionRepository
     output: IO[bytes]
-    listed: set[uuid.UUID] = attrs.field(factory=set)  # by any of its listings
+    # every session any listing showed, and the order in which they were first listed
+    listed: dict[uuid.UUID, int] = attrs.field(factory=dict)
     written: set[uuid.UUID] = attrs.field(factory=set)
     unreadable: set[uuid.UUID] = attrs.field(factory=set)
+    gone: set[uuid.UUID] = attrs.field(factory=set)  # listed, then found deleted
 
     async def list_ids(self) -> list[uuid.UUID]:
-        ids = await _all_ids(self.repository)
-        self.listed.update(ids)
+        """List the whole store: the ids it holds, each once (a session whose
+        ``last_active`` moved back while it was listed can be on two pages)."""
+        ids = list(dict.fromkeys(await _all_ids(self.repository)))
+        self._note(ids)
         return ids
 
+    def _note(self, ids: Iterable[uuid.UUID]) -> None:
+        for sid in ids:
+            self.listed.setdefault(sid, len(self.listed))
+
+    async def list_front(self) -> None:
+        """List the store's newest sessions, up to the first page holding one listed
+        before: sessions stored since the last listing (new or touched ones sort first)."""
+        cursor: str | None = None
+        limit = min(PAGE, FRONT_PAGE)  # quick to read: the count follows at once
+        while True:
+            page = await self.repository.list(SessionQuery(limit=limit, cursor=cursor))
+            limit = PAGE
+            ids = [session.id for session in page.items]
+            reached = any(sid in self.listed for sid in ids)
+            self._note(ids)
+            if reached or page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
     def done(self, sid: uuid.UUID) -> bool:
+        """Whether session ``sid`` was written, or found unreadable, already."""
         return sid in self.written or sid in self.unreadable
 
     async def write(self, sid: uuid.UUID) -> bool:
@@ -1207,47 +1299,68 @@ class _Export:
         except SerializationError:
             return True
 
-    async def check(self) -> tuple[int, int]:
-        """Write what the first listing missed; return the store's count and how many
-        sessions it counts that no listing shows (0 when every one was accounted for).
+    async def check(self) -> _Check:
+        """Write what the earlier listings missed; confirm that the store holds no
+        session that no listing shows (listings skip the sessions they cannot read).
 
-        The store is listed (``before``), counted and listed again (``after``). A session
-        in both listings was stored when it was counted, and so was one in ``before``
-        that is still stored afterwards: those are ``known``, and any of them not written
-        yet (one touched while the first listing ran moved to the pages already read) is
-        written now. The count holding more sessions than ``known`` means the listings
-        leave sessions out (listings skip unreadable ones), or sessions were created
-        between the two listings: the check runs again, up to :data:`CHECK_ATTEMPTS`
-        times, and the smallest excess counts as left out. A session created or deleted
-        at any other time during the export changes neither side, so it cannot fail it.
+        The store's newest sessions are listed (:meth:`list_front`) and the store is
+        counted at once, :data:`COUNTS_PER_ATTEMPT` times; then the whole store is
+        listed. A session listed before a count and still stored after the whole
+        listing (listed again, or read) was stored when it was counted: it is ``known``
+        to that count. A count holding no more sessions than are known to it proves that
+        every session stored then was listed, and so written or counted as unreadable.
+        Otherwise the ``excess`` sessions it counted are either in no listing, or
+        sessions whose place in the count is unknown: first listed after it (created
+        just before it, or just after), or listed before it and deleted since (before
+        it, or after). A count is only a number, so no listing can tell which: only an
+        excess larger than those ``uncertain`` sessions proves that sessions were left
+        out (``unlisted``); a smaller one is ``unconfirmed``, the store having changed.
+        This runs up to :data:`CHECK_ATTEMPTS` times, until a count proves the export
+        complete. Listing the newest sessions right before each count keeps the time in
+        which a session stored is uncertain short, so a store under steady traffic
+        usually gets a count with none.
         """
-        fewest: tuple[int, int] | None = None
+        counts: list[tuple[int, int, int]] = []  # (stored, excess, uncertain)
         for _ in range(CHECK_ATTEMPTS):
-            unreadable = set(self.unreadable)  # read (and stored) before the count
-            before = await self.list_ids()
-            stored = sum((await self.repository.count_by_status()).values())
+            attempt: list[tuple[int, int]] = []
+            for _ in range(COUNTS_PER_ATTEMPT):
+                await self.list_front()
+                stored = sum((await self.repository.count_by_status()).values())
+                attempt.append((stored, len(self.listed)))
+            listed_before = attempt[-1][1]
             after = await self.list_ids()
             still = set(after)
-            known = {sid for sid in before if sid in still}
-            for sid in dict.fromkeys([*before, *after]):
+            for sid in after:
                 if not self.done(sid):
-                    stored_now = await self.write(sid)
-                elif sid in still:
+                    await self.write(sid)
+            known: list[int] = []  # when each session known to a count was first listed
+            gone: list[int] = []  # ... each one listed before the counts and deleted since
+            for sid, order in self.listed.items():
+                if order >= listed_before:
+                    break
+                if sid in still:
+                    known.append(order)
+                elif sid in self.gone:
                     continue
+                elif await (self.exists(sid) if self.done(sid) else self.write(sid)):
+                    known.append(order)  # stored before and after the counts
                 else:
-                    stored_now = await self.exists(sid)
-                if stored_now and sid not in still:
-                    known.add(sid)
-            for sid in unreadable - known:  # listings may skip it now; counted if still stored
-                if await self.exists(sid):
-                    known.add(sid)
-            unlisted = max(0, stored - len(known))
-            if fewest is None or unlisted < fewest[1]:
-                fewest = (stored, unlisted)
-            if not unlisted:
-                break
-        assert fewest is not None
-        return fewest
+                    self.gone.add(sid)
+                    gone.append(order)
+            firsts = sorted(self.listed[sid] for sid in still)
+            for stored, listed in attempt:
+                excess = max(0, stored - bisect.bisect_left(known, listed))
+                if not excess:
+                    return _Check(stored, 0, 0)
+                uncertain = len(firsts) - bisect.bisect_left(firsts, listed)
+                uncertain += bisect.bisect_left(gone, listed)
+                counts.append((stored, excess, uncertain))
+        proven = [(excess - uncertain, stored) for stored, excess, uncertain in counts]
+        if any(unlisted > 0 for unlisted, _ in proven):
+            unlisted, stored = min(x for x in proven if x[0] > 0)
+            return _Check(stored, unlisted, 0)
+        excess, stored = min((excess, stored) for stored, excess, _ in counts)
+        return _Check(stored, 0, excess)
 
     async def set_aside(self, repository: FileRepository) -> None:
         """Account for the file store's documents that none of its listings or counts hold.
@@ -1294,14 +1407,16 @@ async def _export(
 ) -> _Exported:
     """Write every session the store lists to ``output``; count those it could not.
 
-    Every listed session is read and written. Then :meth:`_Export.check` lists the store
-    again: sessions the first listing missed are written too, and sessions the store
-    counts but no listing shows (listings skip sessions they cannot read, with a warning)
-    are counted as left out. A listed session whose read fails (damaged messages, say)
-    is skipped with a warning and counted too; other errors (the store is
+    Every listed session is read and written, once. Then :meth:`_Export.check` lists the
+    store again: sessions the first listing missed are written too, and sessions the
+    store counts but no listing shows (listings skip sessions they cannot read, with a
+    warning) are counted as left out, or as unconfirmed when sessions created or deleted
+    meanwhile may account for them. A listed session whose read fails (damaged messages,
+    say) is skipped with a warning and counted too; other errors (the store is
     unreachable...) stop the export. Sessions created or deleted while the export runs
-    do not fail it; those created may be exported too. A file store is also asked for
-    the documents it leaves out of listings and counts (:meth:`_Export.set_aside`).
+    fail it only when they keep the check from confirming it; those created may be
+    exported too. A file store is also asked for the documents it leaves out of listings
+    and counts (:meth:`_Export.set_aside`).
     """
     export = _Export(repository, output)
     with _progress(show_progress) as progress:
@@ -1309,31 +1424,47 @@ async def _export(
         ids = await export.list_ids()
         progress.update(task, total=len(ids), completed=0, description="Exporting")
         for sid in ids:
-            await export.write(sid)
+            if not export.done(sid):
+                await export.write(sid)
             progress.advance(task)
         progress.update(task, description="Checking")
-        stored, unlisted = await export.check()
+        check = await export.check()
         if isinstance(repository, FileRepository):
             await export.set_aside(repository)
     output.flush()
-    return _Exported(len(export.written), stored, len(export.unreadable), unlisted)
+    return _Exported(
+        len(export.written),
+        check.stored,
+        len(export.unreadable),
+        check.unlisted,
+        check.unconfirmed,
+    )
 
 
 def _incomplete(result: _Exported) -> str:
-    """What an export that left sessions out says about them."""
-    total = max(result.stored, result.exported + result.left_out)
-    parts = []
-    if result.unreadable:
-        parts.append(f"{result.unreadable} could not be read (see the warnings above)")
-    if result.unlisted:
-        parts.append(
-            f"{result.unlisted} were counted by the store but are in none of its listings "
-            "(listings skip unreadable sessions: see the warnings above; if the store kept "
-            "changing while the export checked it, export again)"
+    """What an export that is not complete says about the sessions it may have missed."""
+    text = ""
+    if result.left_out:
+        total = max(result.stored, result.exported + result.left_out)
+        parts = []
+        if result.unreadable:
+            parts.append(f"{result.unreadable} could not be read (see the warnings above)")
+        if result.unlisted:
+            parts.append(
+                f"{result.unlisted} were counted by the store but are in none of its "
+                "listings (listings skip unreadable sessions: see the warnings above; if the "
+                "store kept changing while the export checked it, export again)"
+            )
+        text = f"{result.left_out} of the {total} stored sessions were not exported: "
+        text += "; ".join(parts) + "."
+    if result.unconfirmed:
+        changing = (
+            "the store kept changing while the export checked it (sessions were created or "
+            "deleted meanwhile), so it could not confirm that every stored session was "
+            "exported; export again."
         )
-    return (
-        f"{result.left_out} of the {total} stored sessions were not exported: {'; '.join(parts)}."
-    )
+        text = f"{text} Also, {changing}" if text else changing
+    return text
 
 
 @cli.command("export")
@@ -1345,8 +1476,8 @@ def _incomplete(result: _Exported) -> str:
     show_default=True,
     help="JSON Lines file to write (- for stdout). It is replaced only by a complete "
     "export: a failed one leaves it as it was. A new file is readable by you only (0600, "
-    "less the umask); a replaced one keeps its permissions. A FIFO, a device or "
-    "/dev/stdout is written in place, like stdout.",
+    "less the umask); a replaced one keeps its permissions, and its owner and group as far "
+    "as you may set them. A FIFO, a device or /dev/stdout is written in place, like stdout.",
 )
 @_store_option
 @_backend_option
@@ -1354,9 +1485,10 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
     """Write every stored session as JSON Lines (asyncsession.dumps documents).
 
     Fails (status 1) if any session could not be read (the store's warnings say which),
-    leaving the --output file as it was; on stdout, what was written is then incomplete.
-    Sessions created or deleted while it runs do not fail it; one its listing missed
-    (touched meanwhile) is found by listing the store again, and written too.
+    or if sessions were created or deleted around every one of its counts of the store
+    so that it could not confirm it missed none, leaving the --output file as it was; on
+    stdout, what was written is then incomplete. A session its listing missed (touched
+    meanwhile) is found by listing the store again, and written too.
     """
     if output == "-" or _written_in_place(output):
         if output == "-":
@@ -1381,14 +1513,18 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
                 f"{_incomplete(result)} The output is incomplete: the {result.exported} "
                 "sessions written are not a complete export."
             )
+        if not result.complete:
+            raise CLIError(
+                f"{_incomplete(result)} The output may be incomplete: the "
+                f"{result.exported} sessions written may not be a complete export."
+            )
     else:
         _check_output_file(output, "--output", replaced=True)
         kept = "was left as it was" if os.path.lexists(output) else "was not written"
-        mode = _new_file_mode(output)
         try:
-            with _replacing(output, mode) as stream:
+            with _replacing(output) as stream:
                 result = _with_store(store_url, backend, lambda repo: _export(repo, stream, True))
-                if result.left_out:
+                if not result.complete:
                     raise CLIError(_incomplete(result))
         except Exception as exc:
             expected = _expected(exc)
@@ -1532,7 +1668,8 @@ def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: s
                     )
                     raise CLIError(
                         f"session {session.id}: {exc} {done} of the {len(sessions)} sessions "
-                        f"were imported before it{hint}"
+                        f"were imported before it{hint}",
+                        exit_code=2 if isinstance(exc, ValidationError) else 1,
                     ) from exc
                 progress.advance(task)
         return len(sessions), replaced
@@ -1597,6 +1734,7 @@ class _Once(logging.Filter):
         self._seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Whether ``record``'s message is new (it is remembered if so)."""
         text = record.getMessage()
         if text in self._seen:
             return False
@@ -1604,21 +1742,38 @@ class _Once(logging.Filter):
         return True
 
 
-def _log_to_stderr() -> None:
-    """Show the library's warnings (e.g. a quarantined document) as one line each, once."""
-    logger = logging.getLogger("asyncsession")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_LogFormatter())
-        handler.addFilter(_Once())
-        logger.addHandler(handler)
-        logger.setLevel(logging.WARNING)
-        logger.propagate = False
+@contextlib.contextmanager
+def _log_to_stderr() -> Iterator[None]:
+    """Show the library's warnings (e.g. a quarantined document) on the current stderr,
+    as one line each, once, for one run of the command line; then put the library's
+    logger back as it was. A logger that already has handlers (a program embedding the
+    command line configured it) is left alone."""
+    library = logging.getLogger("asyncsession")
+    if library.handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter())
+    handler.addFilter(_Once())
+    level, propagate = library.level, library.propagate
+    library.addHandler(handler)
+    library.setLevel(logging.WARNING)
+    library.propagate = False
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+        library.propagate = propagate
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the status."""
-    _log_to_stderr()
+    with _log_to_stderr():
+        return _run(argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         result = cli.main(
             args=list(argv) if argv is not None else None,

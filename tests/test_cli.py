@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -1106,3 +1108,94 @@ def test_malformed_redis_url_is_a_usage_error(run: Run, url: str) -> None:
     """These gave a ValueError traceback (exit 1), or silently meant database 0."""
     line = assert_one_line_error(run("list", "--store", url, ok=None), 2)
     assert "Invalid Redis URL" in line and "hunter2" not in line
+
+
+# -- exit statuses, stats, and the command line run twice in one process (found by rev-cli) --
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_value_the_library_refuses_exits_2_from_every_command(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """LimitExceeded (a ValidationError) at a session's last revision exited 2 from
+    ``close`` but 1 from ``import --replace``; a line whose owner is invalid is a corrupt
+    input line: status 1, naming the line."""
+    from asyncsession._exceptions import MAX_REVISION
+
+    run = on_backend(run, backend)
+    now = datetime.now(timezone.utc)
+    last = attrs.evolve(s.Session(uuid.uuid4(), now, now), revision=MAX_REVISION)
+    _open(f"sqlite:///{tmp_path / 's.db'}", backend, lambda repository: repository.add(last))
+    (tmp_path / "last.jsonl").write_bytes(s.dumps(last) + b"\n")
+    for args in (["close", str(last.id)], ["import", "--replace", "last.jsonl"]):
+        result = run(*args, "--store", "sqlite:///s.db", ok=None)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        line = result.stderr.strip().splitlines()[-1]  # after import's progress bar
+        assert line.startswith("asyncsession: error: ") and "over the limit" in line
+
+    document = json.loads(s.dumps(s.Session(uuid.uuid4(), now, now)))
+    document["owner"] = "x" * 100_000
+    document.pop("checksum", None)
+    (tmp_path / "owner.jsonl").write_bytes(b"\n" + json.dumps(document).encode() + b"\n")
+    line = assert_one_line_error(
+        run("import", "owner.jsonl", "--store", "sqlite:///o.db", ok=None), 1
+    )
+    assert "line 2 of owner.jsonl is not a session document" in line and "owner" in line
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_leaves_a_rotations_retired_document_out_of_those_awaiting_purge(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """The document a rotation leaves under the old id when its last delete fails
+    (EXITED, expiring when it closed) was counted as an expired session awaiting purge;
+    ``purge`` then removed it silently and said "Purged 0"."""
+    run = on_backend(run, backend)
+    long_ago = datetime.now(timezone.utc) - timedelta(days=1)
+    retired = s.Session(
+        uuid.uuid4(),
+        long_ago,
+        long_ago,
+        status=s.SessionStatus.EXITED,
+        closed_at=long_ago,
+        expires_at=long_ago,
+    )
+    expired = s.Session(uuid.uuid4(), long_ago, long_ago, expires_at=long_ago)
+
+    async def add(repository: s.SessionRepository) -> None:
+        await repository.add(retired)
+        await repository.add(expired)
+
+    _open(f"sqlite:///{tmp_path / 's.db'}", backend, add)
+    stats = as_json(run("stats", "--json", "--store", "sqlite:///s.db"))
+    assert stats["expired_awaiting_purge"] == 1
+    assert "Purged 1 expired session." in run("purge", "--store", "sqlite:///s.db").stdout
+    stats = as_json(run("stats", "--json", "--store", "sqlite:///s.db"))
+    assert stats["expired_awaiting_purge"] == 0 and stats["total"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_run_in_one_process_shows_its_own_warnings(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An embedding program calling ``run`` twice: the second call's warning went to the
+    first call's stderr, or nowhere (each message was shown once per process), and the
+    library's logger kept the command line's handler for good."""
+    from asyncsession._cli import run as run_cli
+
+    directory = tmp_path / "files"
+    sid, _ = populate(s.FileRepository(directory), backend=backend, live=2)
+    (directory / "sessions" / f"{sid}.json").write_bytes(b"garbage")
+    _open(f"file://{directory}", backend, lambda repository: repository.get(uuid.UUID(sid)))
+    assert (directory / "quarantine" / f"{sid}.json").exists()
+    library = logging.getLogger("asyncsession")
+    before = (list(library.handlers), library.level, library.propagate)
+    args = ["export", "-o", str(tmp_path / "out.jsonl"), "--store", f"file://{directory}"]
+    for _ in range(2):
+        stderr = io.StringIO()
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "stderr", stderr)
+            assert run_cli([*args, "--backend", backend]) == 0
+        warnings = [x for x in stderr.getvalue().splitlines() if x.startswith("asyncsession")]
+        assert len(warnings) == 1 and "holds 1 quarantined session document" in warnings[0]
+        assert (list(library.handlers), library.level, library.propagate) == before

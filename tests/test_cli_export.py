@@ -5,9 +5,12 @@ that are not regular files."""
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import orjson
 import pytest
 
@@ -41,7 +45,10 @@ def export(store: s.SessionRepository, output: Path, backend: str, monkeypatch: 
 
 
 def exported_ids(output: Path) -> set[uuid.UUID]:
-    return {s.loads(line).id for line in output.read_bytes().splitlines()}
+    """The ids of the sessions in an export file, which holds each session once."""
+    ids = [s.loads(line).id for line in output.read_bytes().splitlines()]
+    assert len(ids) == len(set(ids)), "a session was written twice"
+    return set(ids)
 
 
 # -- the completeness check while an application changes the store --------------------------
@@ -59,16 +66,17 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 #: ``await hook(store, listing, page)`` after each page the export lists (``listing``
-#: counts the listings begun: 1 is the export's own, 2 and 3 its check's first attempt).
+#: counts the listings begun: 1 is the export's own, 2 its check's first listing of the
+#: newest sessions, right before the check's first count).
 Hook = Callable[[s.SessionRepository, int, s.Page], Awaitable[None]]
 
 
 def busy(
-    url: str, backend: str, monkeypatch: pytest.MonkeyPatch, hook: Hook
+    url: str, backend: str, monkeypatch: pytest.MonkeyPatch, hook: Hook, count: int = 6
 ) -> tuple[s.SessionRepository, list[uuid.UUID]]:
-    """A real store holding six sessions, in which an application runs ``hook`` while
-    the export lists it; and the ids of the sessions."""
-    ids = add_sessions(s.repository_from_url(url), backend, 6)
+    """A real store holding ``count`` sessions, in which an application runs ``hook``
+    while the export lists it; and the ids of the sessions."""
+    ids = add_sessions(s.repository_from_url(url), backend, count)
     store = s.repository_from_url(url)
     listed = store.list
     listings = 0
@@ -144,18 +152,144 @@ def test_a_session_the_listing_missed_is_exported_after_it(
 def test_a_session_created_while_the_export_checks_the_store_does_not_fail_it(
     backend: str, store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A session created between the check's two listings is counted but not in the
-    first one: the check runs again and then finds it in both."""
+    """A session created right before the check's first count is counted but was not
+    listed before it: the check counts again and then finds it listed."""
     created = s.Session(uuid.uuid4(), later(), later())
 
     async def hook(store: s.SessionRepository, listing: int, page: s.Page) -> None:
-        if listing == 2 and page.next_cursor is None:
+        if listing == 2 and await store.get(created.id) is None:
             await store.add(created)
 
     store, ids = busy(store_url, backend, monkeypatch, hook)
     output = tmp_path / "backup.jsonl"
     export(store, output, backend, monkeypatch)
     assert exported_ids(output) == {*ids, created.id}
+
+
+@BACKENDS
+def test_a_session_listed_twice_is_written_once(
+    backend: str, store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session whose ``last_active`` moved back while the export listed the store (an
+    import --replace of an older backup, a writer whose clock lags) was on two pages of
+    the listing and written twice; importing that file then failed ("appears twice")."""
+
+    moved: list[uuid.UUID] = []
+
+    async def hook(store: s.SessionRepository, listing: int, page: s.Page) -> None:
+        if listing == 1 and not moved:  # after the listing's first page
+            moved.append(page.items[0].id)
+            stored = await store.get(moved[0])
+            assert stored is not None
+            older = attrs.evolve(
+                stored,
+                last_active=stored.last_active - timedelta(hours=1),
+                revision=stored.revision + 1,
+            )
+            await store.save(older, expected_revision=stored.revision)
+
+    store, ids = busy(store_url, backend, monkeypatch, hook)
+    output = tmp_path / "backup.jsonl"
+    export(store, output, backend, monkeypatch)
+    assert exported_ids(output) == set(ids)
+    target = tmp_path / "imported.db"
+    monkeypatch.setattr(_cli, "open_store", s.repository_from_url)
+    args = ["import", str(output), "--backend", backend, "--store", f"sqlite:///{target}"]
+    _cli.cli.main(args, prog_name="asyncsession", standalone_mode=False)
+
+
+def while_listing(act: Callable[[s.SessionRepository], Awaitable[None]]) -> Hook:
+    """A hook that runs ``act`` after every page of a listing but its first and last:
+    an application at work while each long listing is under way."""
+    first_seen = 0
+
+    async def hook(store: s.SessionRepository, listing: int, page: s.Page) -> None:
+        nonlocal first_seen
+        if listing != first_seen:  # the listing's first page
+            first_seen = listing
+        elif page.next_cursor is not None:
+            await act(store)
+
+    return hook
+
+
+async def create(store: s.SessionRepository) -> None:
+    await store.add(s.Session(uuid.uuid4(), later(), later()))
+
+
+@BACKENDS
+def test_sessions_created_during_every_listing_do_not_fail_the_export(
+    backend: str, store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steady traffic: a session created while each listing ran was counted but not
+    listed before the count, at every attempt, and the export failed ("... were counted
+    by the store but are in none of its listings (listings skip unreadable sessions:
+    see the warnings above ...") though no session was unreadable."""
+    store, ids = busy(store_url, backend, monkeypatch, while_listing(create))
+    output = tmp_path / "backup.jsonl"
+    export(store, output, backend, monkeypatch)
+    written = exported_ids(output)
+    assert set(ids) < written  # and some of the sessions created meanwhile
+
+
+@BACKENDS
+@pytest.mark.parametrize("change", ["create", "delete"])
+def test_a_store_that_changes_around_every_count_fails_the_export_saying_so(
+    backend: str, change: str, store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session created (or one listed deleted) after every listing call, so around
+    every count of the check: the export cannot tell those sessions from ones no listing
+    shows, so it fails, and says why; it blamed unreadable sessions and pointed at
+    warnings that were not there."""
+    deleted: set[uuid.UUID] = set()
+    reached: dict[int, set[uuid.UUID]] = {}  # by each listing
+
+    async def hook(store: s.SessionRepository, listing: int, page: s.Page) -> None:
+        if change == "create":
+            await create(store)
+            return
+        reached.setdefault(listing, set()).update(x.id for x in page.items)
+        ahead = [sid for sid in ids if sid not in deleted and sid not in reached[listing]]
+        if ahead:  # a session the running listing has not reached yet
+            deleted.add(ahead[0])
+            assert await store.delete(ahead[0])
+
+    store, ids = busy(store_url, backend, monkeypatch, hook, 200 if change == "delete" else 6)
+    output = tmp_path / "backup.jsonl"
+    output.write_bytes(b"previous\n")
+    with pytest.raises(_cli.CLIError) as caught:
+        export(store, output, backend, monkeypatch)
+    assert caught.value.exit_code == 1
+    assert caught.value.message == (
+        "the store kept changing while the export checked it (sessions were created or "
+        "deleted meanwhile), so it could not confirm that every stored session was "
+        f"exported; export again. The export failed: {output} was left as it was."
+    )
+    assert output.read_bytes() == b"previous\n"
+
+
+@BACKENDS
+def test_sessions_created_meanwhile_do_not_hide_an_unreadable_one(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Errs safe while the store changes: a SQLite session whose document is damaged is
+    skipped by every listing, and still fails the export while sessions are created."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store, ids = busy(url, backend, monkeypatch, while_listing(create))
+
+    async def damage() -> None:
+        await overwrite_document(store, ids[2], b'{"version": 1, "id')
+
+    anyio.run(damage, backend=backend)
+    output = tmp_path / "backup.jsonl"
+    with pytest.raises(_cli.CLIError) as caught:
+        export(store, output, backend, monkeypatch)
+    message = caught.value.message
+    assert message.startswith("1 of the ") and (
+        " stored sessions were not exported: 1 were counted by the store but are in none "
+        "of its listings (listings skip unreadable sessions: see the warnings above" in message
+    )
+    assert not output.exists()
 
 
 @BACKENDS
@@ -307,6 +441,10 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+current_umask = os.umask(0o022)  # read once, at import, before any test's threads
+os.umask(current_umask)
+
+
 @BACKENDS
 def test_a_new_export_file_is_readable_by_its_owner_only(backend: str, tmp_path: Path) -> None:
     """A new -o file followed the umask (0644 with umask 022, 0664 with 002): every
@@ -344,6 +482,104 @@ def test_a_new_export_file_is_readable_by_its_owner_only(backend: str, tmp_path:
     (tmp_path / "target.jsonl").chmod(0o664)
     run_export("link.jsonl", 0o002)
     assert link.is_symlink() and mode(tmp_path / "target.jsonl") == 0o664
+
+
+@BACKENDS
+def test_export_never_changes_the_umask(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the umask set it to 077 for a moment: a thread of a program embedding the
+    command line that created a file then got the wrong permissions."""
+    store = s.MemoryRepository()
+    add_sessions(store, backend, 2)
+
+    def umask(mask: int) -> int:
+        raise AssertionError("the umask is the process's, for every thread")
+
+    monkeypatch.setattr(os, "umask", umask)
+    output = tmp_path / "new.jsonl"
+    export(store, output, backend, monkeypatch)
+    assert mode(output) == 0o600 & ~current_umask
+    export(store, output, backend, monkeypatch)
+
+
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="changing owners needs root"
+)
+
+
+@needs_root
+@BACKENDS
+def test_a_replaced_export_file_keeps_its_owner_and_group(backend: str, tmp_path: Path) -> None:
+    """The new file replacing a 0640 backup owned by nobody:nogroup became root:root:
+    readable by root's group, no longer by the group the user chose."""
+    url, ids = sqlite_store(tmp_path, backend, 2)
+    nobody = pwd.getpwnam("nobody")
+    output = tmp_path / "backup.jsonl"
+    output.write_bytes(b"previous\n")
+    os.chown(output, nobody.pw_uid, nobody.pw_gid)
+    output.chmod(0o640)
+    result = subprocess.run(
+        [*EXPORT, "-o", "backup.jsonl", "--store", url, "--backend", backend],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert exported_ids(output) == set(ids)
+    status = os.stat(output)
+    assert (status.st_uid, status.st_gid, mode(output)) == (nobody.pw_uid, nobody.pw_gid, 0o640)
+
+
+#: Exports as root once (so every module it needs is loaded: the interpreter may be where
+#: nobody can read), then as nobody; the store and the output are in argv[1] (cwd).
+AS_NOBODY = """
+import os, pwd, sys
+from asyncsession.__main__ import main
+store, backend = sys.argv[1:]
+args = ["--store", store, "--backend", backend]
+assert main(["export", "-o", "warm-up.jsonl", *args]) == 0
+nobody = pwd.getpwnam("nobody")
+os.setgroups([])
+os.setgid(nobody.pw_gid)
+os.setuid(nobody.pw_uid)
+sys.exit(main(["export", "-o", "box/backup.jsonl", *args]))
+"""
+
+
+@needs_root
+@BACKENDS
+def test_export_into_a_directory_it_cannot_read(backend: str) -> None:
+    """-o in a write-and-search-only directory (0333, a drop box): the file was written
+    and renamed into place, then syncing the directory failed (EACCES) and the export
+    said "The export failed: ... was not written", status 1."""
+    directory = Path(tempfile.mkdtemp(prefix="asyncsession-dropbox-"))  # nobody reaches it
+    try:
+        ids = add_sessions(s.SQLiteRepository(directory / "s.db"), backend, 2)
+        (directory / "box").mkdir()
+        for path in (directory, directory / "box", *directory.glob("s.db*")):
+            os.chown(path, pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+        directory.chmod(0o755)
+        (directory / "box").chmod(0o333)
+        result = subprocess.run(
+            [sys.executable, "-c", AS_NOBODY, "sqlite:///s.db", backend],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        warnings = [x for x in result.stderr.splitlines() if x.startswith("asyncsession:")]
+        assert warnings == [
+            "asyncsession: warning: box/backup.jsonl was written, but its directory could "
+            "not be synced to disk (Permission denied): a system crash soon after may undo "
+            "the replacement"
+        ]
+        assert "Exported 2 sessions." in result.stderr
+        (directory / "box").chmod(0o755)
+        assert exported_ids(directory / "box" / "backup.jsonl") == set(ids)
+    finally:
+        shutil.rmtree(directory)
 
 
 # -- outputs that are not regular files ------------------------------------------------------
