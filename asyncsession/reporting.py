@@ -25,8 +25,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
-import anyio.from_thread
-import anyio.to_thread
+import anyio.lowlevel
 import attrs
 import orjson
 
@@ -46,9 +45,8 @@ __all__ = [
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_WRITE_POLL_SECONDS = 0.05  # how soon a blocked write notices that its caller gave up
 _WRITER_IDLE_SECONDS = 10.0  # a JsonLinesReporter's writer thread ends after this long idle
-_EXIT_WRITE_SECONDS = 5.0  # how long the interpreter's exit waits for abandoned lines
+_EXIT_WRITE_SECONDS = 5.0  # how long the interpreter's exit waits for lines queued or being written
 
 logger = logging.getLogger(__name__)
 
@@ -171,16 +169,18 @@ class Reporter(Protocol):
 
 
 class _Write:
-    """One report line for a :class:`JsonLinesReporter`'s writer thread, and its outcome.
+    """One report line for a :class:`JsonLinesReporter`'s writer thread, its outcome, and
+    the way back to its caller (made in the caller's event loop).
 
-    Every field but ``line`` and ``done`` is guarded by the reporter's ``_state``.
+    ``abandoned``, ``failure`` and ``finished`` are guarded by the reporter's ``_state``.
     """
 
-    __slots__ = ("abandoned", "done", "failure", "finished", "line")
+    __slots__ = ("abandoned", "ended", "failure", "finished", "line", "token")
 
     def __init__(self, line: bytes) -> None:
         self.line = line
-        self.done = threading.Event()
+        self.token = anyio.lowlevel.current_token()  # the caller's event loop
+        self.ended = anyio.Event()  # set in that loop once the writer thread is done with it
         self.finished = False  # the writer thread is done with it
         self.abandoned = False  # its caller gave up after the writer thread took it
         self.failure: Exception | None = None
@@ -192,23 +192,24 @@ class JsonLinesReporter:
     The lines are written, in the order of the ``report()`` calls, by one daemon thread
     per reporter (started when needed, ended after a while without reports). One reporter
     may serve managers on several event loops at once, in several threads, asyncio and
-    trio alike: it holds nothing bound to an event loop, and each line is queued for the
+    trio alike: it holds nothing bound to one event loop, and each line is queued for the
     writer thread when ``report()`` is called, so an event loop that is busy or blocked
-    holds up only its own reports.
+    holds up only its own reports. Waiting takes no worker thread: the writer thread
+    wakes each caller through the caller's own event loop.
 
-    A write that is cancelled or cut off by ``reporter_timeout`` is abandoned: the call
-    returns within a few hundredths of a second, and the line may still be added later
-    (whole); if that late write fails, the failure is logged as a warning naming the
-    file. Writes never interleave: a later report waits until an abandoned write has
-    finished, and that wait is bounded by its caller's timeout too (a report that gave up
-    while waiting is not written). So a write blocked for good (a hung network file
-    system) never hangs the manager's exit, and it holds only the writer thread; the
-    reports after it time out.
+    A write whose caller is cancelled (by ``reporter_timeout`` or any cancellation,
+    asyncio's own included) is abandoned: the call returns at once, and the line may
+    still be added later (whole); if that write fails, the failure is logged as a warning
+    naming the file. Writes never interleave: a later report waits until an abandoned
+    write has finished, and that wait is bounded by its caller's timeout too (a report
+    that gave up while waiting is not written). So a write blocked for good (a hung
+    network file system) never hangs the manager's exit, and it holds only the writer
+    thread; the reports after it time out.
 
     At interpreter exit, lines still queued or being written are waited for, up to
     5 seconds in all for every reporter (an INFO log says so); one still unwritten then is
     logged as lost and the process ends anyway. A process ended by :func:`os._exit` or a
-    signal does not wait: lines abandoned just before are lost.
+    signal does not wait: its lines still queued or being written are lost.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -219,10 +220,9 @@ class JsonLinesReporter:
     def _start_fresh(self) -> None:
         """New state and no writer thread: at creation, and in a forked child (which has
         none of the parent's threads, and maybe a lock one of them held)."""
-        self._pid = os.getpid()
-        # Guards everything below (and each _Write's flags); notified when a line is
-        # queued or written. A threading lock, not an event loop's: callers may be on
-        # several loops.
+        # Guards the queue, _in_flight and _writer (and each _Write's flags); notified
+        # when a line is queued or written. A threading lock, not an event loop's: callers
+        # may be on several loops.
         self._state = threading.Condition()
         # Lines queued for the writer thread, in the order of the report() calls; a
         # caller that gives up takes its line out, so there are never more than callers
@@ -230,6 +230,8 @@ class JsonLinesReporter:
         self._queued: OrderedDict[_Write, None] = OrderedDict()
         self._in_flight: _Write | None = None  # taken by the writer thread, not yet written
         self._writer: threading.Thread | None = None
+        # Last: a thread that sees this pid (unlocked, in report()) sees the state above.
+        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         return f"JsonLinesReporter({self.path!r})"
@@ -265,16 +267,18 @@ class JsonLinesReporter:
                     abandoned = write.abandoned
                     self._in_flight = None
                     self._state.notify_all()  # for the exit's wait
-                try:
-                    if abandoned and failure is not None:  # nobody else will hear of it
-                        logger.warning(
-                            "an abandoned report write to %s failed; that report is lost",
-                            self.path,
-                            exc_info=failure,
-                        )
-                finally:
-                    write.done.set()
+                if abandoned or not _wake(write):
+                    self._lost(failure)  # nobody else will hear of it
             del write, failure
+
+    def _lost(self, failure: Exception | None) -> None:
+        """Log the failure of a write whose caller left."""
+        if failure is not None:
+            logger.warning(
+                "an abandoned report write to %s failed; that report is lost",
+                self.path,
+                exc_info=failure,
+            )
 
     def _queue(self, write: _Write) -> None:
         """Queue ``write`` for the writer thread (started if there is none)."""
@@ -288,42 +292,36 @@ class JsonLinesReporter:
             self._queued[write] = None
             self._state.notify_all()
 
-    def _give_up(self, write: _Write) -> bool:
-        """Its caller gives up: a line still queued is taken out (not written), one being
-        written is abandoned to the writer thread. False if it was written meanwhile."""
+    def _give_up(self, write: _Write) -> None:
+        """Its caller leaves without its outcome (cancelled, by whatever): a line still
+        queued is taken out (not written), one being written is abandoned to the writer
+        thread, and the failure of one that ended meanwhile is logged."""
         with self._state:
             if write in self._queued:
                 del self._queued[write]
                 self._state.notify_all()  # for the exit's wait
-                return True
+                return
             if not write.finished:
-                write.abandoned = True
-                return True
-            return False
-
-    def _wait_for(self, write: _Write) -> None:
-        """Runs in an anyio worker thread; returns early (cancelled) if the caller is."""
-        while not write.done.wait(_WRITE_POLL_SECONDS):
-            try:
-                anyio.from_thread.check_cancelled()
-            except BaseException:
-                if self._give_up(write):
-                    raise
-                break  # it finished meanwhile: its outcome still reaches the caller
-        if write.failure is not None:
-            raise write.failure
+                write.abandoned = True  # the writer thread logs its failure
+                return
+            failure = write.failure
+        self._lost(failure)
 
     async def report(self, report: SessionReport) -> None:
         """Append ``report`` as a JSON line."""
         write = _Write(orjson.dumps(report.to_dict()) + b"\n")
         if self._pid != os.getpid():  # forked (e.g. gunicorn --preload) since last used
-            self._start_fresh()
+            with _fork_lock:  # two threads' first reports there start afresh once
+                if self._pid != os.getpid():
+                    self._start_fresh()
         self._queue(write)  # now, not when this event loop runs again: the order of calls
         try:
-            await anyio.to_thread.run_sync(self._wait_for, write)
+            await write.ended.wait()
         except BaseException:
-            self._give_up(write)  # in case it gave up before its worker thread ran
+            self._give_up(write)
             raise
+        if write.failure is not None:
+            raise write.failure
 
     def _finish_writes(self, deadline: float) -> None:
         """At exit: wait until ``deadline`` (``time.monotonic()``) for the lines queued or
@@ -334,7 +332,7 @@ class JsonLinesReporter:
             if self._in_flight is None and not self._queued:
                 return
         logger.info(
-            "waiting up to %.1fs for report lines still being written to %s",
+            "waiting up to %.1fs for report lines still queued or being written to %s",
             max(0.0, deadline - time.monotonic()),
             self.path,
         )
@@ -353,13 +351,37 @@ class JsonLinesReporter:
             )
 
 
-#: Reporters whose abandoned lines the interpreter's exit waits for (weakly held).
+def _wake(write: _Write) -> bool:
+    """From the writer thread: wake the caller of ``write`` in its event loop, without
+    waiting for that loop. False if that loop has ended (its caller with it)."""
+    try:
+        write.token.backend_class.run_sync_soon(write.ended.set, (), write.token.native_token)
+    except RuntimeError:  # anyio.RunFinishedError, or an asyncio loop stopped and closed
+        return False
+    return True
+
+
+#: Reporters whose lines still queued or being written the interpreter's exit waits for
+#: (weakly held).
 _live_reporters: weakref.WeakSet[JsonLinesReporter] = weakref.WeakSet()
+
+#: Held by a report() that starts its reporter afresh in a forked child.
+_fork_lock = threading.Lock()
+
+
+def _new_fork_lock() -> None:
+    """In a forked child: a new lock (another thread of the parent may have held it)."""
+    global _fork_lock
+    _fork_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_new_fork_lock)
 
 
 @atexit.register
 def _finish_writes_at_exit() -> None:
-    """Let abandoned lines still being written reach their files, within a bound."""
+    """Let the lines still queued or being written reach their files, within a bound."""
     deadline = time.monotonic() + _EXIT_WRITE_SECONDS
     for reporter in list(_live_reporters):
         reporter._finish_writes(deadline)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -970,3 +971,255 @@ def test_a_json_lines_line_still_being_written_at_exit_reaches_the_file(
     assert "abandoned" in output and "lost" not in output
     assert [r.session_id for r in read_reports(path)] == [uuid.UUID(int=7)]
     assert "INFO waiting up to" in output and str(path) in output
+
+
+def report_in_thread(reporter: JsonLinesReporter, report: SessionReport, backend: str) -> None:
+    """``reporter.report(report)`` on an event loop of its own in another thread, waited
+    for (blocking this thread: if that is an event loop's, the loop stands still)."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            anyio.run(reporter.report, report, backend=backend)
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(HANG_GUARD)
+    assert not thread.is_alive(), "the report in the other thread hung"
+    assert not failures, failures
+
+
+async def test_a_json_lines_write_that_failed_before_its_caller_left_is_logged(
+    anyio_backend: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of 22e9a9e: a write failed (disk full) and ended while its caller still
+    waited for a worker thread (the loop's only one was taken); the caller's timeout then
+    fired, and the failure was lost: no exception, no warning. Here this loop stands
+    still until a report queued after the failing one is written, then the caller is
+    cancelled before it can hear of the failure: the failure is logged."""
+    opened: list[str] = []
+    real_open, loop_stands_still = open, threading.Event()
+
+    def full_once(path: str, mode: str) -> BinaryIO:  # the disk is full for one write
+        opened.append(path)
+        if len(opened) == 1:
+            loop_stands_still.wait(HANG_GUARD)  # so its caller is not woken before
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode)  # type: ignore[return-value]
+
+    monkeypatch.setattr("asyncsession.reporting.open", full_once, raising=False)
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    first, second = (
+        SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 0) for _ in range(2)
+    )
+    reporter = JsonLinesReporter(tmp_path / "health.jsonl")
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens, release = limiter.total_tokens, threading.Event()
+    caller = anyio.CancelScope()
+
+    async def report_first() -> None:
+        with caller:
+            await reporter.report(first)
+
+    try:
+        limiter.total_tokens = 1
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, release.wait, 2 * HANG_GUARD)
+            await anyio.wait_all_tasks_blocked()  # it holds this loop's only worker thread
+            tg.start_soon(report_first)
+            await anyio.wait_all_tasks_blocked()  # queued; its caller waits
+            loop_stands_still.set()  # until this step ends:
+            report_in_thread(reporter, second, anyio_backend)  # so the first one failed
+            caller.cancel()  # in the same step: the caller leaves before it can hear
+            release.set()
+    finally:
+        release.set()
+        limiter.total_tokens = tokens
+    assert caller.cancelled_caught  # no exception reached the caller that left
+    assert list(read_reports(reporter.path)) == [second]
+    [record] = [r for r in caplog.records if "abandoned report write" in r.getMessage()]
+    assert record.levelno == logging.WARNING and reporter.path in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[1] is not None
+    assert "No space left on device" in str(record.exc_info[1])
+
+
+async def test_json_lines_reports_take_no_worker_thread(anyio_backend: str, tmp_path: Path) -> None:
+    """Each waiting report held a worker thread of the event loop's default limiter, so
+    reports waiting behind a slow write could take them all and stall the stores' own
+    worker-thread calls. Now waiting takes none: with the loop's only worker thread
+    taken, a report still completes."""
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    report = SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 0)
+    reporter = JsonLinesReporter(tmp_path / "health.jsonl")
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens, release = limiter.total_tokens, threading.Event()
+    try:
+        limiter.total_tokens = 1
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, release.wait, 2 * HANG_GUARD)
+            await anyio.wait_all_tasks_blocked()  # it holds this loop's only worker thread
+            with anyio.fail_after(HANG_GUARD):  # a hang becomes a failure
+                await reporter.report(report)
+            release.set()
+    finally:
+        release.set()
+        limiter.total_tokens = tokens
+    assert list(read_reports(reporter.path)) == [report]
+
+
+def threads_in_reporting() -> list[str]:
+    """The threads running code of asyncsession.reporting now, but reporters' writers."""
+    module = s.reporting.__file__
+    names = {t.ident: t.name for t in threading.enumerate()}
+    busy = []
+    for ident, frame in sys._current_frames().items():
+        name = names.get(ident, str(ident))
+        if name.startswith("JsonLinesReporter(") and name.endswith(" writer"):
+            continue
+        current: types.FrameType | None = frame
+        while current is not None:
+            if current.f_code.co_filename == module:
+                busy.append(name)
+                break
+            current = current.f_back
+    return busy
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_json_lines_report_cancelled_by_asyncio_leaves_no_thread_waiting(
+    anyio_backend: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """asyncio only: this is about asyncio's own cancellation (``task.cancel()``,
+    ``asyncio.timeout``, ``asyncio.wait_for``), which no anyio scope sees. A worker
+    thread waited for each write and heard only of anyio scopes' cancellation: cancelled
+    natively, it went on waiting until the write ended (for ever on a hung file system),
+    one thread per report. Now no thread waits on a caller's behalf."""
+    import asyncio
+
+    hung, file_system_back = threading.Event(), threading.Event()
+
+    def hung_open(path: str, mode: str) -> BinaryIO:  # a hung network file system
+        hung.set()
+        file_system_back.wait(3 * HANG_GUARD)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("asyncsession.reporting.open", hung_open, raising=False)
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    first, second = (
+        SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 0) for _ in range(2)
+    )
+    reporter = JsonLinesReporter(tmp_path / "health.jsonl")
+    try:
+        task = asyncio.ensure_future(reporter.report(first))
+        await anyio.wait_all_tasks_blocked()  # it waits for its write
+        assert await anyio.to_thread.run_sync(hung.wait, HANG_GUARD)  # which hangs
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert threads_in_reporting() == []
+    finally:
+        monkeypatch.undo()
+        file_system_back.set()  # the abandoned write fails now
+    with anyio.fail_after(HANG_GUARD):
+        await reporter.report(second)  # waits for the abandoned write to end
+    assert list(read_reports(reporter.path)) == [second]
+    assert "abandoned report write" in caplog.text
+
+
+_FORK_RACE_SCRIPT = """
+import os, sys, threading, uuid
+from datetime import datetime, timezone
+import anyio
+import asyncsession as s
+from asyncsession.reporting import JsonLinesReporter, SessionReport
+
+backend, path = sys.argv[1], sys.argv[2]
+now = datetime.now(timezone.utc)
+in_child = False
+first_fresh = threading.Event()  # a thread of the child is starting the reporter afresh
+other_found_it_stale = threading.Event()
+
+
+class Watched(JsonLinesReporter):
+    fresh_starts = 0
+
+    @property
+    def _pid(self):
+        pid = self.__dict__["watched_pid"]
+        if in_child and first_fresh.is_set() and pid != os.getpid():
+            other_found_it_stale.set()
+        return pid
+
+    @_pid.setter
+    def _pid(self, value):
+        self.__dict__["watched_pid"] = value
+
+    def _start_fresh(self):
+        if in_child:
+            Watched.fresh_starts += 1
+            if not first_fresh.is_set():
+                first_fresh.set()
+                other_found_it_stale.wait(10)  # the other thread's report comes meanwhile
+        super()._start_fresh()
+
+
+reporter = Watched(path)
+
+
+async def report():
+    with anyio.fail_after(5):
+        await reporter.report(
+            SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, now, now, 0)
+        )
+
+anyio.run(report, backend=backend)  # the parent's writer thread is running now
+pid = os.fork()
+if pid == 0:
+    in_child = True
+    failures = []
+
+    def report_in_thread():
+        try:
+            anyio.run(report, backend=backend)
+        except BaseException as exc:
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=report_in_thread, daemon=True) for _ in range(2)]
+    threads[0].start()
+    first_fresh.wait(10)
+    threads[1].start()
+    for thread in threads:
+        thread.join(20)
+    hung = sum(thread.is_alive() for thread in threads)
+    print("fresh starts:", Watched.fresh_starts, "failures:", failures, "hung:", hung, flush=True)
+    os._exit(0 if (Watched.fresh_starts, failures, hung) == (1, [], 0) else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_two_first_reports_in_a_forked_child_start_the_reporter_afresh_once(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """Two threads of a forked child making their first reports at once could both find
+    the reporter the parent's and both start it afresh, the second dropping the line the
+    first had queued. Here the second report comes while the first starts it afresh:
+    it is started afresh once, and both lines are written."""
+    path = tmp_path / "reports.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-c", _FORK_RACE_SCRIPT, anyio_backend, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(path.read_bytes().splitlines()) == 3  # 1 from the parent, 2 from the child
