@@ -321,16 +321,27 @@ def _keep_owner_and_mode(fd: int, previous: os.stat_result) -> None:
     """Give the new file ``fd`` the owner, group and permissions of the file it replaces.
 
     The owner is kept where the process may set it (as root); otherwise the group, if the
-    process belongs to it; otherwise the new file is the process's own. The permissions
-    are always kept.
+    process belongs to it; otherwise the new file is the process's own. An owner or group
+    that cannot be set (not permitted; an id the process's user namespace does not map)
+    is not kept. The read, write and execute permissions are kept, but for the group's
+    when the group is not: they would let the process's own group in. An export is data:
+    set-user-ID, set-group-ID and sticky are dropped (writing clears set-user-ID anyway).
     """
     for uid in (previous.st_uid, -1):
         try:
             os.fchown(fd, uid, previous.st_gid)
             break
-        except PermissionError:
+        except OSError:  # EPERM; EINVAL for an unmapped id (shown as 65534)
             continue
-    os.fchmod(fd, stat.S_IMODE(previous.st_mode))
+    mode = previous.st_mode & 0o777
+    if os.fstat(fd).st_gid != previous.st_gid:
+        mode &= ~0o070
+    os.fchmod(fd, mode)
+
+
+def _os_failure(operation: str, exc: OSError) -> CLIError:
+    """The failure of ``operation`` (what could not be done, naming the file) on ``exc``."""
+    return CLIError(f"cannot {operation}: {exc.strerror or exc}.")
 
 
 @contextlib.contextmanager
@@ -348,15 +359,29 @@ def _replacing(path: str) -> Iterator[IO[bytes]]:
     target = os.path.realpath(path)
     directory, name = os.path.split(target)
     previous = _existing(target)
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise _os_failure(f"create a new file in {directory}", exc) from exc
     try:
         with open(fd, "wb") as stream:
             if previous is not None:
-                _keep_owner_and_mode(stream.fileno(), previous)
+                try:
+                    _keep_owner_and_mode(stream.fileno(), previous)
+                except OSError as exc:
+                    raise _os_failure(
+                        f"give the new file {temporary} the permissions of {path}", exc
+                    ) from exc
             yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
+            try:
+                stream.flush()
+                os.fsync(stream.fileno())
+            except OSError as exc:
+                raise _os_failure(f"write the new file {temporary}", exc) from exc
+        try:
+            os.replace(temporary, target)
+        except OSError as exc:
+            raise _os_failure(f"rename {temporary} to {target}", exc) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
@@ -1239,6 +1264,7 @@ class _Export:
 
     repository: SessionRepository
     output: IO[bytes]
+    name: str  # the output's, for errors
     # every session any listing showed, and the order in which they were first listed
     listed: dict[uuid.UUID, int] = attrs.field(factory=dict)
     written: set[uuid.UUID] = attrs.field(factory=set)
@@ -1288,7 +1314,10 @@ class _Export:
             return True
         if line is None:
             return False
-        self.output.write(line)
+        try:
+            self.output.write(line)
+        except OSError as exc:
+            raise _os_failure(f"write {self.name}", exc) from exc
         self.written.add(sid)
         return True
 
@@ -1311,10 +1340,11 @@ class _Export:
         every session stored then was listed, and so written or counted as unreadable.
         Otherwise the ``excess`` sessions it counted are either in no listing, or
         sessions whose place in the count is unknown: first listed after it (created
-        just before it, or just after), or listed before it and deleted since (before
-        it, or after). A count is only a number, so no listing can tell which: only an
-        excess larger than those ``uncertain`` sessions proves that sessions were left
-        out (``unlisted``); a smaller one is ``unconfirmed``, the store having changed.
+        just before it, or just after; stored still or deleted since), or listed before
+        it and deleted since (before it, or after). A count is only a number, so no
+        listing can tell which: only an excess larger than those ``uncertain`` sessions
+        proves that sessions were left out (``unlisted``); a smaller one is
+        ``unconfirmed``, the store having changed.
         This runs up to :data:`CHECK_ATTEMPTS` times, until a count proves the export
         complete. Listing the newest sessions right before each count keeps the time in
         which a session stored is uncertain short, so a store under steady traffic
@@ -1347,13 +1377,12 @@ class _Export:
                 else:
                     self.gone.add(sid)
                     gone.append(order)
-            firsts = sorted(self.listed[sid] for sid in still)
             for stored, listed in attempt:
                 excess = max(0, stored - bisect.bisect_left(known, listed))
                 if not excess:
                     return _Check(stored, 0, 0)
-                uncertain = len(firsts) - bisect.bisect_left(firsts, listed)
-                uncertain += bisect.bisect_left(gone, listed)
+                # first listed after this count (stored still or not), or deleted since
+                uncertain = len(self.listed) - listed + bisect.bisect_left(gone, listed)
                 counts.append((stored, excess, uncertain))
         proven = [(excess - uncertain, stored) for stored, excess, uncertain in counts]
         if any(unlisted > 0 for unlisted, _ in proven):
@@ -1403,7 +1432,7 @@ class _Export:
 
 
 async def _export(
-    repository: SessionRepository, output: IO[bytes], show_progress: bool
+    repository: SessionRepository, output: IO[bytes], name: str, show_progress: bool
 ) -> _Exported:
     """Write every session the store lists to ``output``; count those it could not.
 
@@ -1418,7 +1447,7 @@ async def _export(
     exported too. A file store is also asked for the documents it leaves out of listings
     and counts (:meth:`_Export.set_aside`).
     """
-    export = _Export(repository, output)
+    export = _Export(repository, output, name)
     with _progress(show_progress) as progress:
         task = progress.add_task("Reading the store", total=None)
         ids = await export.list_ids()
@@ -1431,7 +1460,10 @@ async def _export(
         check = await export.check()
         if isinstance(repository, FileRepository):
             await export.set_aside(repository)
-    output.flush()
+    try:
+        output.flush()
+    except OSError as exc:
+        raise _os_failure(f"write {name}", exc) from exc
     return _Exported(
         len(export.written),
         check.stored,
@@ -1493,7 +1525,7 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
     if output == "-" or _written_in_place(output):
         if output == "-":
             result = _with_store(
-                store_url, backend, lambda repo: _export(repo, sys.stdout.buffer, False)
+                store_url, backend, lambda repo: _export(repo, sys.stdout.buffer, "stdout", False)
             )
         else:
             _check_backend(backend)
@@ -1506,8 +1538,13 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
                 raise CLIError(
                     f"--output {output} cannot be written: {exc.strerror}.", exit_code=2
                 ) from exc
-            with stream:
-                result = _with_store(store_url, backend, lambda repo: _export(repo, stream, False))
+            try:
+                result = _with_store(
+                    store_url, backend, lambda repo: _export(repo, stream, output, False)
+                )
+            finally:
+                with contextlib.suppress(OSError):  # what failed the export (it flushed)
+                    stream.close()
         if result.left_out:
             raise CLIError(
                 f"{_incomplete(result)} The output is incomplete: the {result.exported} "
@@ -1523,7 +1560,9 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
         kept = "was left as it was" if os.path.lexists(output) else "was not written"
         try:
             with _replacing(output) as stream:
-                result = _with_store(store_url, backend, lambda repo: _export(repo, stream, True))
+                result = _with_store(
+                    store_url, backend, lambda repo: _export(repo, stream, output, True)
+                )
                 if not result.complete:
                     raise CLIError(_incomplete(result))
         except Exception as exc:
@@ -1707,7 +1746,7 @@ def _expected(exc: BaseException) -> tuple[str, int] | None:
         if isinstance(leaf, SessionError):
             return str(leaf), 1
         if isinstance(leaf, OSError):
-            return f"{leaf.strerror or leaf}: {leaf.filename or ''}".rstrip(": "), 1
+            return f"{leaf.strerror or leaf}: {leaf.filename or ''}".rstrip(": ") + ".", 1
     return None
 
 
