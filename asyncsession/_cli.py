@@ -1508,8 +1508,9 @@ def _incomplete(result: _Exported) -> str:
     show_default=True,
     help="JSON Lines file to write (- for stdout). It is replaced only by a complete "
     "export: a failed one leaves it as it was. A new file is readable by you only (0600, "
-    "less the umask); a replaced one keeps its permissions, and its owner and group as far "
-    "as you may set them. A FIFO, a device or /dev/stdout is written in place, like stdout.",
+    "less the umask); a replaced one keeps its read/write/execute permissions, and its "
+    "owner and group as far as you may set them (if the group cannot be kept, the new file "
+    "gives its group no access). A FIFO, a device or /dev/stdout is written in place, like stdout.",
 )
 @_store_option
 @_backend_option
