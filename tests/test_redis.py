@@ -8,8 +8,10 @@ once, cancellation, a server restart, refused connections and the optional impor
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -1109,12 +1111,66 @@ async def test_a_passed_clients_pool_timeout_is_named_as_a_possible_cause(
                 text = str(info.value)
                 assert "had no free connection within its timeout" in text, text
                 assert "may or may not have been applied" in text  # coredis may have retried
-    waiting: coredis.Redis[Any] = coredis.Redis.from_url(redis_server.url, max_connections=2)
-    store = RedisRepository(waiting, prefix=prefix(), timeout=1, key_expiry_grace=FAR)
-    async with waiting, store:
-        pool = waiting.connection_pool
         with anyio.fail_after(30):
             async with pool.acquire(), pool.acquire():
-                with pytest.raises(StorageError, match="got no connection from the client's pool"):
+                with pytest.raises(StorageError) as info:
                     async with store.subscribe_events():
                         pytest.fail("subscribed without a connection")
+                text = str(info.value)
+                assert "within the client's own timeouts" in text and "pool timeout" in text
+                assert "nothing was sent" in text, text
+
+
+@pytest.mark.anyio
+async def test_subscriptions_never_cancel_a_passed_clients_connection_setup(
+    redis_server: RedisServer,
+) -> None:
+    """The subscription's deadline cancelled a passed client's connection setup, and
+    coredis on asyncio never gave that pool slot back: after max_connections timed-out
+    subscriptions every request on the caller's client waited for ever. On trio the
+    cancellation came out as "did not answer a subscription (ConnectionError ...)"."""
+    async with tcp_proxy(redis_server.port) as (port, switch):
+        # the client's own timeouts are longer than the store's: only they may end a setup
+        client: coredis.Redis[Any] = coredis.Redis.from_url(
+            f"redis://{HOST}:{port}/0", max_connections=2, connect_timeout=1, stream_timeout=1
+        )
+        store = RedisRepository(client, prefix=prefix(), timeout=0.2, key_expiry_grace=FAR)
+        async with client, store:
+            with anyio.fail_after(30):  # a regression waited for ever
+                for _ in range(3):  # more than the pool has connections
+                    with pytest.raises(StorageError) as info:
+                        async with store.subscribe_events():
+                            pytest.fail("subscribed through a stalled network")
+                    assert info.value.recoverable
+                    text = str(info.value)
+                    assert "No connection to Redis" in text and "nothing was sent" in text
+                    assert "within the client's own timeouts" in text, text
+            switch["stall"] = False  # the network is back
+            await assert_store_works(store)
+            with anyio.fail_after(20):
+                async with store.subscribe_events() as events:
+                    assert await store.publish_event("updated", uuid.uuid4(), at=T0) == 1
+                    assert (await events.__anext__()).kind == "updated"
+
+
+@pytest.mark.anyio
+async def test_the_pool_busy_error_of_store_client_survives_pickle_and_copy(
+    redis_server: RedisServer,
+) -> None:
+    """The TimeoutError a store-made pool raises when no connection came free could not
+    be pickled or copied (its constructor did not take its own args)."""
+    async with RedisRepository(
+        redis_server.url, prefix=prefix(), max_connections=2, timeout=0.5, key_expiry_grace=FAR
+    ) as store:
+        pool = store.client.connection_pool
+        with anyio.fail_after(30):
+            async with pool.acquire(), pool.acquire():
+                with pytest.raises(TimeoutError) as info:
+                    await store.client.get(f"{store.prefix}x")
+        error = info.value
+        error.add_note("seen by the caller")
+        for twin in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
+            assert type(twin) is type(error) and isinstance(twin, TimeoutError)
+            assert str(twin) == str(error) == "no free connection within 0.5 s"
+            assert twin.__notes__ == ["seen by the caller"]
+            assert vars(twin) == vars(error)

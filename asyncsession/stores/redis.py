@@ -614,10 +614,16 @@ class _PoolBusy(TimeoutError):
     answer, or does not answer at all, keeps them).
     """
 
-    def __init__(self, timeout: float | None, size: int, connecting: int) -> None:
-        stuck = f" ({connecting} of {size} still connecting)" if connecting else ""
-        super().__init__(f"no free connection within {timeout} s{stuck}")
+    def __init__(self, message: str, *, connecting: int = 0) -> None:
+        super().__init__(message)
         self.connecting = connecting
+
+    @classmethod
+    def waited(cls, timeout: float | None, size: int, connecting: int) -> _PoolBusy:
+        """The error of a wait that took ``timeout`` with ``connecting`` of ``size`` slots
+        lent to requests still setting up their connection."""
+        stuck = f" ({connecting} of {size} still connecting)" if connecting else ""
+        return cls(f"no free connection within {timeout} s{stuck}", connecting=connecting)
 
 
 class _Waiter:
@@ -634,18 +640,25 @@ class _Waiter:
 class _Lease:
     """One call of a store-made pool's ``get_connection``: whether it took a slot (and
     so counts in :attr:`_PoolSlots.connecting` until the call returns), and whether
-    coredis gave the slot back (it does when setting up a connection failed)."""
+    coredis gave the slot back (it does when setting up a connection failed).
+    ``on_take`` is called when it takes its slot."""
 
-    __slots__ = ("gave_back", "slots", "took")
+    __slots__ = ("gave_back", "on_take", "slots", "took")
 
-    def __init__(self, slots: _PoolSlots) -> None:
+    def __init__(self, slots: _PoolSlots, on_take: Callable[[], None] | None = None) -> None:
         self.slots = slots
+        self.on_take = on_take
         self.took = False
         self.gave_back = False
 
 
 _LEASE: contextvars.ContextVar[_Lease | None] = contextvars.ContextVar(
     "asyncsession_redis_lease", default=None
+)
+# What a store-made pool's next ``get_connection`` in this context calls when it takes
+# its slot (a subscription starts its deadline then).
+_ON_TAKE: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "asyncsession_redis_on_take", default=None
 )
 
 
@@ -719,6 +732,8 @@ class _PoolSlots:
         if lease is not None and lease.slots is self and not lease.took:
             lease.took = True
             self.connecting += 1
+            if lease.on_take is not None:
+                lease.on_take()
         return item
 
     async def get(self) -> Any:
@@ -740,7 +755,7 @@ class _PoolSlots:
         if waiter.handed:  # even if the timeout came at the same time: it is ours
             return self._took(waiter.item)
         self._waiters.remove(waiter)
-        raise _PoolBusy(self._timeout, self._size, self.connecting)
+        raise _PoolBusy.waited(self._timeout, self._size, self.connecting)
 
 
 def _bounding_waits(pool: Any, timeout: float | None) -> None:
@@ -768,7 +783,7 @@ def _bounding_waits(pool: Any, timeout: float | None) -> None:
 
     async def leasing(**kwargs: Any) -> Any:
         pool.task_group  # noqa: B018  (RuntimeError before the pool is open: take no slot)
-        lease = _Lease(slots)
+        lease = _Lease(slots, _ON_TAKE.get())
         token = _LEASE.set(lease)
         try:
             return await get_connection(**kwargs)
@@ -938,9 +953,12 @@ class RedisRepository(SessionRepository, EventTransport):
     the wait for a free connection for a store-made client (a request that waited longer
     raises :class:`~asyncsession.StorageError` and sent nothing; the error blames the
     server, not ``max_connections``, when connections were still being set up meanwhile).
-    A client you pass waits as its own pool's ``timeout`` says; coredis raises
-    :class:`TimeoutError` both for that and for a late reply (and by default retries
-    either), so the store's error names both causes and, for a write, says it may or may
+    A client you pass waits for a free connection as its own pool's ``timeout`` says
+    and sets up connections within its own ``connect_timeout`` and ``stream_timeout``
+    (the store never cancels that work, even for a subscription: a cancelled setup can
+    lose one of coredis's pool slots for good); coredis raises :class:`TimeoutError`
+    both for a wait longer than its pool timeout and for a late reply (and by default
+    retries either), so the store's error names both causes and, for a write, says it may or may
     not have been applied. Failures raise :class:`~asyncsession.StorageError` naming the
     server; the store works again once the server is back. A store-made client's own
     failures to hand out a connection (for code using :attr:`client`) are coredis's:
@@ -1150,13 +1168,17 @@ class RedisRepository(SessionRepository, EventTransport):
                 recoverable=True,
             ) from exc
         except self._connection_errors as exc:
-            if _unsent(exc):  # the store-made pool handed out no connection
+            if _unsent(exc):  # no connection was handed out (store-made pool, or a subscription)
                 timed_out = any(isinstance(e, TimeoutError) for e in (exc, exc.__cause__))
-                why = (
-                    f" within {self._timeout} s (connecting or its handshake took too long)"
-                    if timed_out
-                    else f" ({type(exc).__name__}: {exc})"
-                )
+                if timed_out and self._owns_client:
+                    why = f" within {self._timeout} s (connecting or its handshake took too long)"
+                elif timed_out:
+                    why = (
+                        " within the client's own timeouts (its connect_timeout, "
+                        "stream_timeout or pool timeout)"
+                    )
+                else:
+                    why = f" ({type(exc).__name__}: {exc})"
                 raise StorageError(
                     f"No connection to Redis at {self._address} for {action}{why}; nothing "
                     "was sent. Check that the server is running and reachable; the store "
@@ -1627,12 +1649,17 @@ class RedisRepository(SessionRepository, EventTransport):
     async def subscribe_events(self) -> AsyncIterator[AsyncIterator[RedisEvent]]:
         """Receive events published by any process: ``async with store.subscribe_events()``.
 
-        Yields an async iterator of :class:`RedisEvent`. Subscribing waits at most the
-        store's ``timeout`` for a free connection of a store-made client (then
-        :class:`~asyncsession.StorageError`; nothing was sent), and once connected
-        at most ``timeout`` for the server to confirm; with a client you pass, the wait
-        for its connection counts in that one ``timeout``. An unreachable server raises
-        :class:`~asyncsession.StorageError` at once. Pub/sub is fire-and-forget: events
+        Yields an async iterator of :class:`RedisEvent`. With a store-made client,
+        subscribing waits at most the store's ``timeout`` for a free connection, and from
+        then on at most ``timeout`` more to connect and have the server confirm (so at
+        most about twice ``timeout`` in all). With a client you pass, getting its
+        connection takes as long as that client's own timeouts allow (its pool
+        ``timeout``, ``connect_timeout`` and ``stream_timeout``; without a pool timeout
+        it waits for a free connection): the store never cancels its pool's work, as a
+        cancelled connection setup can lose a pool slot for good; ``timeout`` bounds only
+        the server's confirmation. Not getting a connection raises
+        :class:`~asyncsession.StorageError` saying nothing was sent; an unreachable
+        server raises it at once. Pub/sub is fire-and-forget: events
         published while this subscriber is disconnected are lost. When the connection is
         lost, coredis makes it again in the background (with backoff), but asking for
         the next event while it is down raises :class:`~asyncsession.StorageError`, often
@@ -1675,24 +1702,42 @@ class RedisRepository(SessionRepository, EventTransport):
             subscription_timeout=math.inf if self._timeout is None else self._timeout,
         )
         timeout = math.inf if self._timeout is None else self._timeout
-        # A store-made pool bounds the wait for a connection itself (then _PoolBusy, which
-        # says so): the subscription's own deadline starts once it has its connection.
-        # A client's own pool may wait for ever: its wait counts, and if the deadline
-        # comes first the error says the subscription had no connection yet.
-        scope = anyio.CancelScope(
-            deadline=math.inf if self._owns_client else anyio.current_time() + timeout
-        )
-        connected = False
+        # The deadline never covers the wait for a pool slot: a store-made pool bounds
+        # that itself (then _PoolBusy, which says so), and with a client of the caller's
+        # the store must not cancel its pool's work (a cancelled wait for a slot leaves
+        # its wake-up behind; a cancelled connection setup, on asyncio, loses the slot
+        # for good): that client's own timeouts bound it. For a store-made client the
+        # deadline starts when the pool lends the subscription its slot (setting up the
+        # connection counts; cancelling it is safe there), for a passed one once the
+        # connection exists.
+        scope = anyio.CancelScope()
+        started = connected = False
+
+        def start() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                scope.deadline = anyio.current_time() + timeout
+
         acquire = pubsub.acquire_connection
 
         @contextlib.asynccontextmanager
         async def acquiring() -> AsyncIterator[Any]:
             nonlocal connected
-            async with acquire() as connection:
+            async with contextlib.AsyncExitStack() as stack:
+                # (coredis making a lost connection again starts no deadline)
+                token = _ON_TAKE.set(start if self._owns_client and not connected else None)
+                try:
+                    connection = await stack.enter_async_context(acquire())
+                except self._connection_errors as exc:
+                    if not connected:
+                        _mark_unsent(exc)  # the subscription sent nothing yet
+                    raise
+                finally:
+                    _ON_TAKE.reset(token)
                 if not connected:
                     connected = True
-                    if self._owns_client:
-                        scope.deadline = anyio.current_time() + timeout
+                    start()
                 yield connection
 
         pubsub.acquire_connection = acquiring  # type: ignore[method-assign]
@@ -1727,13 +1772,13 @@ class RedisRepository(SessionRepository, EventTransport):
                 return
             with self._errors("a subscription"):
                 reraise(inner)
-        if scope.cancelled_caught and not leaving and not connected:
+        if scope.cancelled_caught and not leaving and not connected:  # a store-made client
             raise StorageError(
-                f"The subscription to {self.events_channel!r} at Redis {self._address} got "
-                f"no connection from the client's pool within {self._timeout} s (every "
-                "connection in use, or connecting took that long); nothing was sent. Check "
-                "that the server is reachable and that the client's max_connections leaves "
-                "one free for each subscription.",
+                f"No connection to Redis at {self._address} for the subscription to "
+                f"{self.events_channel!r} within {self._timeout} s of its turn in the pool "
+                "(connecting or its handshake took that long: the server, or the network to "
+                "it, is slow or not answering); nothing was sent. Check that the server is "
+                "running and reachable; the store reconnects by itself.",
                 recoverable=True,
             )
         if scope.cancelled_caught and not leaving:
