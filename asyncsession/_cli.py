@@ -893,16 +893,29 @@ def show(session_id: str, last: int, store_url: str, backend: str, as_json: bool
 async def _awaiting_purge(repository: SessionRepository, now: datetime) -> int:
     """How many expired sessions ``purge`` would remove and count (up to 10000): not the
     documents a rotation retired (a failed delete leaves them; purge removes them
-    silently)."""
+    silently). The sessions are read :data:`_AWAITING_READS` at a time, so a remote store
+    answers in a few round trips' time, not one per session in turn."""
     awaiting = 0
-    for sid in await repository.expired(now, limit=10_000):
-        try:
-            session = await repository.get(sid, last_messages=0)
-        except SerializationError:  # expired; purge fails on it until it is repaired
-            awaiting += 1
-            continue
-        awaiting += session is not None and not _is_retired(session)
+    ids = iter(await repository.expired(now, limit=10_000))
+
+    async def read_some() -> None:
+        nonlocal awaiting
+        for sid in ids:  # shared: each id is read once, by whichever reader is free
+            try:
+                session = await repository.get(sid, last_messages=0)
+            except SerializationError:  # expired; purge fails on it until it is repaired
+                awaiting += 1
+                continue
+            awaiting += session is not None and not _is_retired(session)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(_AWAITING_READS):
+            tg.start_soon(read_some)
     return awaiting
+
+
+_AWAITING_READS = 8
+"""How many reads ``stats`` keeps in flight while it checks the expired sessions."""
 
 
 def _read_report_file(path: Path) -> list[Any]:

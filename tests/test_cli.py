@@ -185,7 +185,8 @@ def test_close_delete_purge(run: Run, tmp_path: Path, backend: str) -> None:
     run = on_backend(run, backend)
     db = tmp_path / "s.db"
     store = f"sqlite:///{db.name}"
-    first, second = populate(s.SQLiteRepository(db), backend=backend, expired=3)
+    # more expired sessions than stats reads at once (_AWAITING_READS)
+    first, second = populate(s.SQLiteRepository(db), backend=backend, expired=20)
     closed = as_json(run("close", first, "--status", "crashed", "--json", "--store", store))
     assert closed["status"] == "crashed" and closed["closed_at"] is not None
     assert "as exited" in run("close", second, "--store", store).stdout
@@ -193,8 +194,8 @@ def test_close_delete_purge(run: Run, tmp_path: Path, backend: str) -> None:
     assert "closed" in line
 
     counts = as_json(run("stats", "--json", "--store", store))
-    assert counts["expired_awaiting_purge"] == 3
-    assert as_json(run("purge", "--json", "--store", store)) == {"purged": 3}
+    assert counts["expired_awaiting_purge"] == 20
+    assert as_json(run("purge", "--json", "--store", store)) == {"purged": 20}
     assert "Purged 0 expired sessions" in run("purge", "--store", store).stdout
 
     assert "Deleted" in run("delete", first, "--store", store).stdout
