@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,48 @@ class ShiftedClock:
         time.sleep(seconds)
 
 
+@contextlib.asynccontextmanager
+async def recovering_process(path: Path) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """A second process standing for one recovering ``path``'s WAL (sqlite_child.py
+    ``recovering``): every connection's reads and writes get SQLITE_BUSY until the
+    ``release()`` it yields is awaited, or the block ends (then it exits)."""
+    async with await anyio.open_process(
+        [sys.executable, str(CHILD), "recovering", str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=None,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    ) as recovering:
+        assert recovering.stdin is not None and recovering.stdout is not None
+        said = b""
+        with anyio.fail_after(30):
+            while not said.endswith(b"\n"):
+                said += await recovering.stdout.receive()
+        assert said == b"recovering\n"
+        stdin = recovering.stdin
+
+        async def release() -> None:
+            with anyio.CancelScope(shield=True):  # the lock is free again
+                await stdin.aclose()
+
+        try:
+            yield release
+        finally:
+            await release()
+        with anyio.fail_after(30):
+            assert await recovering.wait() == 0
+
+
+def waited(error: object) -> float:
+    """The seconds a busy StorageError says its operation waited."""
+    assert isinstance(error, StorageError) and error.recoverable, error
+    found = re.search(
+        r"stayed locked by another connection for ([0-9.]+)s \(busy_timeout ", str(error)
+    )
+    assert found is not None, str(error)
+    return float(found[1])
+
+
 @pytest.mark.skipif(not hasattr(os, "pread"), reason="needs POSIX locks on the -shm file")
 async def test_reads_answered_meanwhile_keep_the_waiting_writes_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
@@ -260,8 +303,11 @@ async def test_reads_answered_meanwhile_keep_the_waiting_writes_deadline(
     while a write waited for the lock was retried until a deadline of its own, counted
     from when it was answered meanwhile, so the waiting write went on waiting up to one
     more busy_timeout past its own (seen: 1.56 s for busy_timeout=1). The read now waits
-    within the write's deadline, and both fail with a recoverable StorageError once it
-    has passed; the write queued behind them still runs, after the lock is free."""
+    within the write's deadline, and the write fails with a recoverable StorageError once
+    it has passed. The read, still busy then, is not failed with the write (it was, after
+    as little as 0.1 s, by an error claiming it had waited busy_timeout): it runs again
+    after the write with a busy_timeout of its own and succeeds once the lock is free, as
+    the write queued behind them does."""
     clock = ShiftedClock()
     monkeypatch.setattr(sqlite_store, "time", clock)
     path = tmp_path / "s.db"
@@ -279,49 +325,98 @@ async def test_reads_answered_meanwhile_keep_the_waiting_writes_deadline(
     async with SQLiteRepository(path, busy_timeout=600) as repo:
         kept = make_session()
         await repo.add(kept)
-        async with await anyio.open_process(
-            [sys.executable, str(CHILD), "recovering", str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        ) as recovering:
-            assert recovering.stdin is not None and recovering.stdout is not None
-            said = b""
+        # The lock is freed (the process exits) before the task group waits for its tasks.
+        async with anyio.create_task_group() as tg, recovering_process(path) as release:
+            base = repo.statistics().operations
+            tg.start_soon(run, "write", partial(repo.add, lost))
+            await wait_until(lambda: repo.statistics().operations == base + 1)
+            clock.offset += 300  # half the write's busy_timeout
+            tg.start_soon(run, "read", partial(repo.get, kept.id))
+            await wait_until(lambda: repo.statistics().operations == base + 2)
+            tg.start_soon(run, "later write", partial(repo.add, later))
+            await anyio.wait_all_tasks_blocked()
+            # Past the write's deadline; a deadline counted from the read's start
+            # (the first bug) is 200 s of real time away.
+            clock.offset += 400
+            with anyio.fail_after(20):  # guards against the wait 125f4b5 removed
+                await answered["write"].wait()
+            # Both run after the write, each with a deadline 600 s away: they wait.
+            assert not answered["read"].is_set(), outcomes
+            assert not answered["later write"].is_set()
+            await release()
             with anyio.fail_after(30):
-                while not said.endswith(b"\n"):
-                    said += await recovering.stdout.receive()
-            assert said == b"recovering\n"
-            async with anyio.create_task_group() as tg:
-                try:
-                    base = repo.statistics().operations
-                    tg.start_soon(run, "write", partial(repo.add, lost))
-                    await wait_until(lambda: repo.statistics().operations == base + 1)
-                    clock.offset += 300  # half the write's busy_timeout
-                    tg.start_soon(run, "read", partial(repo.get, kept.id))
-                    await wait_until(lambda: repo.statistics().operations == base + 2)
-                    tg.start_soon(run, "later write", partial(repo.add, later))
-                    await anyio.wait_all_tasks_blocked()
-                    # Past the write's deadline; a deadline counted from the read's start
-                    # (the bug) is 200 s of real time away.
-                    clock.offset += 400
-                    with anyio.fail_after(20):  # guards against the wait the fix removes
-                        await answered["read"].wait()
-                        await answered["write"].wait()
-                    assert not answered["later write"].is_set()  # its own deadline: waits
-                finally:
-                    with anyio.CancelScope(shield=True):  # the lock is free again
-                        await recovering.stdin.aclose()
-            with anyio.fail_after(30):
-                assert await recovering.wait() == 0
-        for name in ("write", "read"):
-            error = outcomes[name]
-            assert isinstance(error, StorageError) and error.recoverable, outcomes
-            assert "stayed locked by another connection" in str(error)
+                await answered["read"].wait()
+                await answered["later write"].wait()
+        assert waited(outcomes["write"]) >= 600
+        assert outcomes["read"] == kept  # answered once the lock was free
         assert outcomes["later write"] is None  # added once the lock was free
         assert await repo.get(kept.id) == kept
         assert await repo.get(later.id) == later
         assert await repo.get(lost.id) is None  # the failed write wrote nothing
+
+
+@pytest.mark.skipif(not hasattr(os, "pread"), reason="needs POSIX locks on the -shm file")
+async def test_a_read_put_off_after_the_write_gets_its_own_deadline_and_an_honest_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """A read answered meanwhile and still busy at the waiting write's deadline runs
+    again after the write, with a whole busy_timeout of its own; if the database stays
+    busy past that too, it fails, and each busy error states how long its operation
+    waited (the read's used to claim busy_timeout after a fraction of it)."""
+    clock = ShiftedClock()
+    monkeypatch.setattr(sqlite_store, "time", clock)
+    statements: list[str] = []
+    connect = SQLiteRepository._connect
+
+    def traced(store: SQLiteRepository) -> sqlite3.Connection:
+        conn = connect(store)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(SQLiteRepository, "_connect", traced)
+    path = tmp_path / "s.db"
+    outcomes: dict[str, Any] = {}
+    answered = {name: anyio.Event() for name in ("write", "read")}
+
+    async def run(name: str, operation: Callable[[], Any]) -> None:
+        try:
+            outcomes[name] = await operation()
+        except StorageError as exc:
+            outcomes[name] = exc
+        answered[name].set()
+
+    def read_runs_again() -> bool:
+        """A try of the read follows the write's last try for the lock: the read's own
+        batch (and its deadline) has begun."""
+        last_write = max(i for i, sql in enumerate(statements) if sql == "BEGIN IMMEDIATE")
+        return any(sql.lstrip().startswith("SELECT") for sql in statements[last_write:])
+
+    async with SQLiteRepository(path, busy_timeout=600) as repo:
+        kept, lost = make_session(), make_session()
+        await repo.add(kept)
+        # The lock is freed (the process exits) before the task group waits for its tasks.
+        async with anyio.create_task_group() as tg, recovering_process(path) as release:
+            base = repo.statistics().operations
+            tg.start_soon(run, "write", partial(repo.add, lost))
+            await wait_until(lambda: repo.statistics().operations == base + 1)
+            clock.offset += 300  # the write waits; the read is answered meanwhile
+            tg.start_soon(run, "read", partial(repo.get, kept.id))
+            await wait_until(lambda: repo.statistics().operations == base + 2)
+            clock.offset += 400  # past the write's deadline (600)
+            with anyio.fail_after(20):
+                await answered["write"].wait()
+            await wait_until(lambda: answered["read"].is_set() or read_runs_again())
+            assert not answered["read"].is_set(), outcomes  # not failed with the write
+            clock.offset += 700  # past the read's own deadline (700 + 600)
+            with anyio.fail_after(20):
+                await answered["read"].wait()
+            await release()
+        # The write waited from 0 to 700; the read from 300 (taken) to 1400. The upper
+        # bounds leave hundreds of seconds for the real time the test takes.
+        assert 700 <= waited(outcomes["write"]) < 1100
+        assert 1100 <= waited(outcomes["read"]) < 1400
+        assert await repo.get(kept.id) == kept
+        assert await repo.get(lost.id) is None
 
 
 @pytest.mark.skipif(not hasattr(os, "pread"), reason="needs POSIX locks on the -shm file")

@@ -31,12 +31,16 @@ the reads first (WAL readers never wait for the write lock), then the writes in 
 transaction (group commit), each operation inside its own SAVEPOINT so a failing
 operation (a compare-and-set conflict, say) does not undo the others. A batch waits at
 most ``busy_timeout`` in all for another connection's lock (once one of its operations
-gives up at that deadline, the others do not wait again), and while it waits the worker
-answers the reads queued meanwhile, within the same deadline (writes queued meanwhile
-run after it, in order). Callers are answered only after the commit: the worker
-schedules one wake-up per event loop and batch with
-the loop's own thread-safe scheduler (found through its anyio token, so asyncio and trio
-alike) and goes on with the next batch at once, without waiting for the loop to run it.
+gives up at that deadline, the others do not wait again). While its writes wait, the
+worker answers the reads queued meanwhile (WAL readers need no write lock), within the
+write's deadline; a read that finds the database busy too (another process recovering
+the WAL, say) is not failed at that deadline but runs again after the write, with a
+``busy_timeout`` of its own (so it waits at most about twice ``busy_timeout`` in all).
+Writes queued meanwhile run after the waiting one, in order. A busy error states how
+long its operation waited. Callers are answered only after the commit: the worker
+schedules one wake-up per event loop and batch with the loop's own thread-safe scheduler
+(found through its anyio token, so asyncio and trio alike) and goes on with the next
+batch at once, without waiting for the loop to run it.
 Each open starts a worker with its own queue and connection; the base class runs opens
 and closes one at a time.
 """
@@ -796,7 +800,17 @@ _QUEUED, _RUNNING, _CANCELLED, _DONE = range(4)
 class _Request:
     """One operation handed to the worker thread and the way back to its caller."""
 
-    __slots__ = ("error", "event", "fn", "result", "state", "token", "transaction", "write")
+    __slots__ = (
+        "error",
+        "event",
+        "fn",
+        "result",
+        "started",
+        "state",
+        "token",
+        "transaction",
+        "write",
+    )
 
     def __init__(
         self,
@@ -812,6 +826,7 @@ class _Request:
         self.state = _QUEUED
         self.result: Any = None
         self.error: BaseException | None = None
+        self.started: float | None = None  # when the worker first took it (time.monotonic)
 
 
 async def _join(thread: threading.Thread) -> None:
@@ -933,7 +948,9 @@ class SQLiteRepository(SessionRepository):
       database consistent but may lose the writes of the last moments before the
       failure (fsync at checkpoints only); ``"OFF"`` may corrupt the database.
     * ``busy_timeout`` — seconds to wait for another connection's write lock before
-      the operation fails with a recoverable :class:`StorageError`.
+      the operation fails with a recoverable :class:`StorageError`. A read answered
+      while a write waits for that lock, and finding the database busy too, runs again
+      after the write with a ``busy_timeout`` of its own (see the module docstring).
     * ``max_batch`` — most operations committed together in one group commit.
     * ``pragmas`` — extra ``PRAGMA name = value`` settings for the connection (for
       example ``{"cache_size": -65536}``); names and values are checked, not trusted.
@@ -1144,8 +1161,12 @@ class SQLiteRepository(SessionRepository):
             return
         self._answer([opening])
         # Requests taken from the queue while a write waited for another connection's
-        # lock, other than the reads answered meanwhile: they run next, in order.
+        # lock, other than the reads answered meanwhile, and the reads put off until
+        # after the write: they run next, the reads first, then the rest in order.
         later: collections.deque[_Request] = collections.deque()
+
+        def put_off(reads: list[_Request]) -> None:
+            later.extendleft(reversed(reads))
 
         def reads_meanwhile(deadline: float) -> None:
             """Answer the reads queued while a write waits for another connection's
@@ -1153,7 +1174,9 @@ class SQLiteRepository(SessionRepository):
 
             ``deadline`` is the waiting write's: a read that finds the database busy
             too (another process recovering the WAL, say) waits no longer than the
-            write does, so the write's wait stays bounded by its own busy_timeout."""
+            write does, so the write's wait stays bounded by its own busy_timeout.
+            Still busy at that deadline, it is put off: it runs again after the
+            write, in the next batch, with that batch's own busy_timeout deadline."""
             reads: list[_Request] = []
             while len(reads) < self._max_batch:
                 try:
@@ -1167,9 +1190,9 @@ class SQLiteRepository(SessionRepository):
             live, _ = self._take(reads)
             if live:
                 try:
-                    self._run_group(conn, live, deadline)
+                    self._run_group(conn, live, deadline, put_off=put_off)
                 except BaseException as exc:
-                    self._fail(live, exc)
+                    self._fail([r for r in live if r not in later], exc)
                     raise
 
         stopping: _Request | None = None
@@ -1207,19 +1230,24 @@ class SQLiteRepository(SessionRepository):
 
     def _take(self, batch: list[_Request]) -> tuple[list[_Request], _Request | None]:
         """Mark the requests of ``batch`` the worker will run (withdrawn ones are
-        skipped); return them and the stop request, if ``batch`` holds it."""
+        skipped); return them and the stop request, if ``batch`` holds it. A read put
+        off until after a write (already running) is returned and not counted again."""
         live: list[_Request] = []
         stopping: _Request | None = None
+        now = time.monotonic()
         with self._state_lock:
             for request in batch:
                 if request.fn is None:
                     stopping = request
                 elif request.state == _QUEUED:
                     request.state = _RUNNING
+                    request.started = now
+                    live.append(request)
+                    self._operations += 1
+                elif request.state == _RUNNING:
                     live.append(request)
                 else:
                     self._withdrawn += 1
-            self._operations += len(live)
         return live, stopping
 
     def _fail(self, requests: list[_Request], exc: BaseException) -> None:
@@ -1276,7 +1304,7 @@ class SQLiteRepository(SessionRepository):
         Its reads run first, outside the write transaction (WAL readers never wait for
         the write lock). While its writes wait for that lock, ``meanwhile(deadline)`` is
         called between two waits (outside any transaction) to answer the reads queued
-        since, within the same deadline.
+        since, within the same deadline (it puts off those still busy at the deadline).
         """
         deadline = time.monotonic() + self._busy_timeout
         writes = [r for r in batch if r.write]
@@ -1291,9 +1319,14 @@ class SQLiteRepository(SessionRepository):
         group: list[_Request],
         deadline: float,
         meanwhile: Callable[[float], None] | None = None,
+        *,
+        put_off: Callable[[list[_Request]], None] | None = None,
     ) -> None:
         """Run ``group`` (all reads, or all writes) in one transaction if it can, else one
-        by one before ``deadline``; answer each request as soon as its outcome is known."""
+        by one before ``deadline``; answer each request as soon as its outcome is known.
+
+        With ``put_off``, the requests still busy at the deadline are handed to it,
+        unanswered, instead of failing."""
         if len(group) > 1:
             try:
                 self._run_batch(conn, group, deadline, meanwhile)
@@ -1301,6 +1334,9 @@ class SQLiteRepository(SessionRepository):
                 # The transaction waited busy_timeout for another connection's lock:
                 # every operation of the group has, so none waits once more.
                 self._rollback(conn)
+                if put_off is not None:
+                    put_off(group)
+                    return
                 for request in group:
                     self._still_locked(request, exc.error)
                 self._answer(group)
@@ -1317,18 +1353,27 @@ class SQLiteRepository(SessionRepository):
                 self._answer(group)
                 return
         locked: sqlite3.Error | None = None
+        still_busy: list[_Request] = []
         for request in group:  # SQLite's own waits for a lock are slices of the deadline
-            if locked is None:
+            if locked is None:  # once one gave up at the deadline, none waits once more
                 locked = self._run_alone(conn, request, deadline, meanwhile)
-            else:  # one gave up at the deadline, still locked: none waits once more
+            if locked is None:
+                self._answer([request])
+            elif put_off is not None:
+                still_busy.append(request)
+            else:
                 self._still_locked(request, locked)
-            self._answer([request])
+                self._answer([request])
+        if still_busy:
+            assert put_off is not None
+            put_off(still_busy)
 
     def _still_locked(self, request: _Request, error: sqlite3.Error) -> None:
-        """Fail ``request`` with the busy ``error`` another operation of its group got
-        at the group's deadline."""
+        """Fail ``request`` with the busy ``error`` it (or another operation of its
+        group) got at the group's deadline, saying how long it waited."""
+        assert request.started is not None
         request.result = None
-        request.error = self._storage_error(error)
+        request.error = self._storage_error(error, time.monotonic() - request.started)
         request.error.__cause__ = error
 
     def _run_batch(
@@ -1386,8 +1431,8 @@ class SQLiteRepository(SessionRepository):
         meanwhile: Callable[[float], None] | None = None,
     ) -> sqlite3.Error | None:
         """Run ``request`` in its own transaction, again while the database is busy,
-        until ``deadline``. Returns the busy error it gave up on at the deadline (the
-        request fails with it), else None."""
+        until ``deadline``. Returns the busy error it gave up on at the deadline, leaving
+        the request unanswered for the caller to fail or put off; else None."""
         assert request.fn is not None
         delay = 0.001
         while True:
@@ -1412,9 +1457,11 @@ class SQLiteRepository(SessionRepository):
                     time.sleep(delay)
                     delay = min(delay * 2, 0.05)
                     continue
+                if busy:
+                    return exc
                 request.error = self._storage_error(exc)
                 request.error.__cause__ = exc
-                return exc if busy else None
+                return None
             except Exception as exc:
                 request.error = exc
                 return None
@@ -1474,13 +1521,17 @@ class SQLiteRepository(SessionRepository):
             except sqlite3.Error:
                 logger.exception("rollback on %s failed", self._path)
 
-    def _storage_error(self, exc: sqlite3.Error) -> StorageError:
+    def _storage_error(self, exc: sqlite3.Error, waited: float | None = None) -> StorageError:
+        """The StorageError for ``exc``; a busy one says it waited ``waited`` seconds
+        (``busy_timeout`` if not given)."""
         name = getattr(exc, "sqlite_errorname", type(exc).__name__)
         if _is_busy(exc):
+            waited_text = f"{self._busy_timeout:g}s" if waited is None else f"{waited:.2f}s"
             return StorageError(
                 f"SQLite database {self._path} stayed locked by another connection for "
-                f"{self._busy_timeout:g}s ({exc}). Another process holds a long write "
-                "transaction: retry later, or raise SQLiteRepository(busy_timeout=...).",
+                f"{waited_text} (busy_timeout {self._busy_timeout:g}s; {exc}). Another "
+                "process holds a long write transaction: retry later, or raise "
+                "SQLiteRepository(busy_timeout=...).",
                 recoverable=True,
             )
         code = _primary_code(exc)
