@@ -123,7 +123,14 @@ async def test_opening_repairs_real_revisions_and_deadlines_past_the_last_date(
     assert upgrade_logs(caplog) == [f"upgrading {path} from layout 4 to {SCHEMA_VERSION}"]
     (repaired,) = [r for r in caplog.records if "repaired" in r.getMessage()]
     assert repaired.levelno == logging.WARNING
-    assert "repaired 1 session(s) with a REAL revision and 2 " in repaired.getMessage()
+    # The warning alone (INFO may be off) names the file and the sessions repaired.
+    far, overflow = stored["far"].id, stored["overflow"].id  # in the order stored
+    assert repaired.getMessage() == (
+        f"{path}: an older release's append stored values out of range; repaired "
+        "1 session(s) with a REAL revision, now the highest allowed: their next write raises "
+        f"LimitExceeded ({stored['real'].id}) and 2 session(s) with a deadline past "
+        f"datetime.max, now none: they never expire ({far}, {overflow})"
+    )
     after = await anyio.to_thread.run_sync(rows, path)
     assert {(r[-2], r[-1]) for r in after} <= {("integer", "integer"), ("integer", "null")}
     assert [r for r in after if r[1] == intact] == intact_before
@@ -141,6 +148,41 @@ async def test_opening_repairs_real_revisions_and_deadlines_past_the_last_date(
             )
             assert appended.expires_at == at(2) + timedelta(seconds=60)
     assert not [r for r in caplog.records if "upgrading" in r.getMessage()]
+
+
+def damage_deadlines(path: Path) -> None:
+    """Every session's deadline past datetime.max, as an older release stored it; the
+    file marked layout 4."""
+    with contextlib.closing(raw(path)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE sessions SET expires_at = last_active + 1000000000000000000")
+        conn.execute("PRAGMA user_version = 4")
+        conn.execute("COMMIT")
+
+
+async def test_the_repair_warning_names_a_few_sessions_and_counts_the_rest(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seven sessions repaired: the warning names five of them and says how many more
+    (and leaves out the kind of repair no session needed)."""
+    path = tmp_path / "s.db"
+    sessions = [make_session(messages=(f"m{i}",)) for i in range(7)]
+    async with SQLiteRepository(path) as repo:
+        for session in sessions:
+            await repo.add(session)
+    await anyio.to_thread.run_sync(damage_deadlines, path)
+    with caplog.at_level(logging.WARNING, "asyncsession.stores.sqlite"):
+        async with SQLiteRepository(path) as repo:
+            assert [await repo.get(s.id) for s in sessions] == [
+                attrs.evolve(s, expires_at=None) for s in sessions
+            ]
+    (repaired,) = [r.getMessage() for r in caplog.records if "repaired" in r.getMessage()]
+    named = ", ".join(str(s.id) for s in sessions[:5])  # the first ones stored
+    assert repaired == (
+        f"{path}: an older release's append stored values out of range; repaired "
+        "7 session(s) with a deadline past datetime.max, now none: they never expire "
+        f"({named} and 2 more)"
+    )
 
 
 async def test_two_stores_opening_a_damaged_file_at_once_upgrade_it_once(

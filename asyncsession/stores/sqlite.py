@@ -267,9 +267,20 @@ def _us(value: datetime) -> int:
 _LAST_US: Final = _us(datetime.max.replace(tzinfo=_UTC))
 
 
-def _upgrade_4_to_5(conn: sqlite3.Connection) -> None:
+#: Most session ids a log line names (the rest are counted).
+_IDS_LOGGED: Final = 5
+
+
+def _some(ids: list[str], total: int) -> str:
+    """Up to :data:`_IDS_LOGGED` of ``total`` ids for a log line: "a, b and 3 more"."""
+    more = total - len(ids)
+    return ", ".join(ids) + (f" and {more} more" if more > 0 else "")
+
+
+def _upgrade_4_to_5(conn: sqlite3.Connection, path: Path | str) -> None:
     """Repair the rows older releases' one-statement append left unreadable (layout 5
-    promises none); the tables do not change.
+    promises none); the tables do not change. A warning names the file ``path`` and up
+    to :data:`_IDS_LOGGED` repaired sessions of each kind.
 
     * An append at revision ``2**63 - 1`` computed ``revision + 1`` in SQL, which SQLite
       stores as the REAL ``9.223372036854776e+18``: the session raised
@@ -286,27 +297,52 @@ def _upgrade_4_to_5(conn: sqlite3.Connection) -> None:
     the version bump makes older releases, which could store such values again, refuse
     the file.
     """
+    real = "typeof(revision) = 'real' AND revision >= ?"
+    real_ids = [
+        row[0]
+        for row in conn.execute(
+            f"SELECT id FROM sessions WHERE {real} ORDER BY pk LIMIT {_IDS_LOGGED}",
+            (MAX_REVISION,),
+        )
+    ]
     repaired = conn.execute(
-        "UPDATE sessions SET revision = ? WHERE typeof(revision) = 'real' AND revision >= ?",
-        (MAX_REVISION, MAX_REVISION),
+        f"UPDATE sessions SET revision = ? WHERE {real}", (MAX_REVISION, MAX_REVISION)
     ).rowcount
+    endless_ids = [
+        row[0]
+        for row in conn.execute(
+            f"SELECT id FROM sessions WHERE expires_at > ? ORDER BY pk LIMIT {_IDS_LOGGED}",
+            (_LAST_US,),
+        )
+    ]
     endless = conn.execute(
         "UPDATE sessions SET expires_at = NULL WHERE expires_at > ?", (_LAST_US,)
     ).rowcount
-    if repaired or endless:
+    parts = []
+    if repaired:
+        parts.append(
+            f"{repaired} session(s) with a REAL revision, now the highest allowed: their "
+            f"next write raises LimitExceeded ({_some(real_ids, repaired)})"
+        )
+    if endless:
+        parts.append(
+            f"{endless} session(s) with a deadline past datetime.max, now none: they "
+            f"never expire ({_some(endless_ids, endless)})"
+        )
+    if parts:
         logger.warning(
-            "repaired %d session(s) with a REAL revision and %d with a deadline past "
-            "datetime.max, written by an older release's append",
-            repaired,
-            endless,
+            "%s: an older release's append stored values out of range; repaired %s",
+            path,
+            " and ".join(parts),
         )
 
 
-#: ``_UPGRADES[v]`` turns a version-``v`` database into version ``v + 1``.
-_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {
-    1: _upgrade_1_to_2,
-    2: _upgrade_2_to_3,
-    3: _upgrade_3_to_4,
+#: ``_UPGRADES[v](conn, path)`` turns the version-``v`` database ``path`` into version
+#: ``v + 1`` (the path is for log lines).
+_UPGRADES: dict[int, Callable[[sqlite3.Connection, Path], None]] = {
+    1: lambda conn, path: _upgrade_1_to_2(conn),
+    2: lambda conn, path: _upgrade_2_to_3(conn),
+    3: lambda conn, path: _upgrade_3_to_4(conn),
     4: _upgrade_4_to_5,
 }
 
@@ -1659,7 +1695,7 @@ class SQLiteRepository(SessionRepository):
                     "upgrading %s from layout %d to %d", self._path, version, SCHEMA_VERSION
                 )
             while version < SCHEMA_VERSION:
-                _UPGRADES[version](conn)
+                _UPGRADES[version](conn, self._path)
                 version += 1
                 conn.execute(f"PRAGMA user_version = {version}")
             conn.execute("COMMIT")
