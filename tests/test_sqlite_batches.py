@@ -453,19 +453,7 @@ async def test_operations_rerun_one_by_one_stop_waiting_at_the_groups_deadline(
             except StorageError as exc:
                 outcomes[name] = exc
 
-        async with await anyio.open_process(
-            [sys.executable, str(CHILD), "recovering", str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        ) as recovering:
-            assert recovering.stdin is not None and recovering.stdout is not None
-            said = b""
-            with anyio.fail_after(30):
-                while not said.endswith(b"\n"):
-                    said += await recovering.stdout.receive()
-            assert said == b"recovering\n"
+        async with recovering_process(path):
             stall = threading.Event()
             try:
                 async with anyio.create_task_group() as tg:
@@ -484,10 +472,6 @@ async def test_operations_rerun_one_by_one_stop_waiting_at_the_groups_deadline(
                         await wait_until(lambda: len(outcomes) == 6)
             finally:
                 stall.set()
-                with anyio.CancelScope(shield=True):  # the lock is free again
-                    await recovering.stdin.aclose()
-            with anyio.fail_after(30):
-                assert await recovering.wait() == 0
         for name in [*reads, "write"]:
             error = outcomes[name]
             assert isinstance(error, StorageError) and error.recoverable, outcomes
