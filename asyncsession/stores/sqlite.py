@@ -297,27 +297,25 @@ def _upgrade_4_to_5(conn: sqlite3.Connection, path: Path | str) -> None:
     the version bump makes older releases, which could store such values again, refuse
     the file.
     """
-    real = "typeof(revision) = 'real' AND revision >= ?"
-    real_ids = [
-        row[0]
-        for row in conn.execute(
-            f"SELECT id FROM sessions WHERE {real} ORDER BY pk LIMIT {_IDS_LOGGED}",
-            (MAX_REVISION,),
-        )
-    ]
-    repaired = conn.execute(
-        f"UPDATE sessions SET revision = ? WHERE {real}", (MAX_REVISION, MAX_REVISION)
-    ).rowcount
-    endless_ids = [
-        row[0]
-        for row in conn.execute(
-            f"SELECT id FROM sessions WHERE expires_at > ? ORDER BY pk LIMIT {_IDS_LOGGED}",
-            (_LAST_US,),
-        )
-    ]
-    endless = conn.execute(
-        "UPDATE sessions SET expires_at = NULL WHERE expires_at > ?", (_LAST_US,)
-    ).rowcount
+
+    def repair(where: str, assignment: str, value: object, bound: object) -> tuple[int, list[str]]:
+        """Set ``assignment`` on the rows ``where`` picks: how many, and the first few ids."""
+        ids = [
+            row[0]
+            for row in conn.execute(
+                f"SELECT id FROM sessions WHERE {where} ORDER BY pk LIMIT {_IDS_LOGGED}",
+                (bound,),
+            )
+        ]
+        count = conn.execute(
+            f"UPDATE sessions SET {assignment} WHERE {where}", (value, bound)
+        ).rowcount
+        return count, ids
+
+    repaired, real_ids = repair(
+        "typeof(revision) = 'real' AND revision >= ?", "revision = ?", MAX_REVISION, MAX_REVISION
+    )
+    endless, endless_ids = repair("expires_at > ?", "expires_at = ?", None, _LAST_US)
     parts = []
     if repaired:
         parts.append(
