@@ -51,6 +51,24 @@ def exported_ids(output: Path) -> set[uuid.UUID]:
     return set(ids)
 
 
+def assert_export_fails_for_a_changing_store(
+    store: s.SessionRepository, tmp_path: Path, backend: str, monkeypatch: Any
+) -> None:
+    """Export over an existing file fails with the "kept changing" message (exit 1) and
+    leaves the file as it was."""
+    output = tmp_path / "backup.jsonl"
+    output.write_bytes(b"previous\n")
+    with pytest.raises(_cli.CLIError) as caught:
+        export(store, output, backend, monkeypatch)
+    assert caught.value.exit_code == 1
+    assert caught.value.message == (
+        "the store kept changing while the export checked it (sessions were created or "
+        "deleted meanwhile), so it could not confirm that every stored session was "
+        f"exported; export again. The export failed: {output} was left as it was."
+    )
+    assert output.read_bytes() == b"previous\n"
+
+
 # -- the completeness check while an application changes the store --------------------------
 
 
@@ -255,17 +273,7 @@ def test_a_store_that_changes_around_every_count_fails_the_export_saying_so(
             assert await store.delete(ahead[0])
 
     store, ids = busy(store_url, backend, monkeypatch, hook, 200 if change == "delete" else 6)
-    output = tmp_path / "backup.jsonl"
-    output.write_bytes(b"previous\n")
-    with pytest.raises(_cli.CLIError) as caught:
-        export(store, output, backend, monkeypatch)
-    assert caught.value.exit_code == 1
-    assert caught.value.message == (
-        "the store kept changing while the export checked it (sessions were created or "
-        "deleted meanwhile), so it could not confirm that every stored session was "
-        f"exported; export again. The export failed: {output} was left as it was."
-    )
-    assert output.read_bytes() == b"previous\n"
+    assert_export_fails_for_a_changing_store(store, tmp_path, backend, monkeypatch)
 
 
 @BACKENDS
@@ -303,17 +311,7 @@ def test_sessions_listed_then_deleted_are_not_called_unlisted(
         return await counted(owner)
 
     monkeypatch.setattr(store, "count_by_status", create_and_count)
-    output = tmp_path / "backup.jsonl"
-    output.write_bytes(b"previous\n")
-    with pytest.raises(_cli.CLIError) as caught:
-        export(store, output, backend, monkeypatch)
-    assert caught.value.exit_code == 1
-    assert caught.value.message == (
-        "the store kept changing while the export checked it (sessions were created or "
-        "deleted meanwhile), so it could not confirm that every stored session was "
-        f"exported; export again. The export failed: {output} was left as it was."
-    )
-    assert output.read_bytes() == b"previous\n"
+    assert_export_fails_for_a_changing_store(store, tmp_path, backend, monkeypatch)
     assert not pending and len(shown) == _cli.CHECK_ATTEMPTS * _cli.COUNTS_PER_ATTEMPT
 
 
