@@ -9,6 +9,7 @@ yields an open, empty :class:`asyncsession.SessionRepository`.
 from __future__ import annotations
 
 import importlib
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -39,6 +40,18 @@ async def any_repository(
     module = importlib.import_module(f"_store_{request.param}")
     async with module.open_store(request, tmp_path) as repository:
         yield repository
+
+
+@pytest.fixture(params=["sqlite", "file", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty durable store of each kind, for the CLI and the test process
+    alike (Redis: the test server, under a fresh prefix)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 's.db'}"
+    if request.param == "file":
+        return f"file://{tmp_path / 'files'}"
+    server = request.getfixturevalue("redis_server")
+    return f"redis://127.0.0.1:{server.port}/0?prefix=cli-{uuid.uuid4().hex[:8]}:"
 
 
 # --- Redis store fixtures (appended block; owned by the RedisRepository work) -------------

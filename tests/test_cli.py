@@ -318,11 +318,9 @@ def replace_document(url: str, backend: str, sid: uuid.UUID, document: bytes) ->
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_migrate_rewrites_only_outdated_documents(
-    run: Run, shared_store: str, backend: str
-) -> None:
+def test_migrate_rewrites_only_outdated_documents(run: Run, store_url: str, backend: str) -> None:
     run = on_backend(run, backend)
-    url = shared_store
+    url = store_url
     populated = populate(s.repository_from_url(url), backend=backend, live=4)
     ids = [uuid.UUID(sid) for sid in populated]
     old, current = ids[:2], ids[2:]
@@ -555,26 +553,15 @@ def test_export_import_round_trip_is_exact(
         assert s.dumps(attrs.evolve(session, revision=original.revision)) == s.dumps(original)
 
 
-@pytest.fixture(params=["sqlite", "file", "redis"])
-def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of one empty store that the test process and the CLI both open."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'shared.db'}"
-    if request.param == "file":
-        return f"file://{tmp_path / 'shared'}"
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return f"redis://127.0.0.1:{server.port}/0?prefix=cli-{uuid.uuid4().hex[:8]}:"
-
-
 @pytest.mark.anyio
 async def test_import_replace_reaches_running_applications(
-    run: Run, shared_store: str, anyio_backend: str
+    run: Run, store_url: str, anyio_backend: str
 ) -> None:
     """An application's store remembers the sessions it wrote (SQLite and Redis hold
     snapshots; Redis reads skip the history when the stored revision and times still
     match them). A session replaced by ``import --replace`` with the same id, revision and
     times but other contents must not be served or updated from that memory."""
-    url = shared_store
+    url = store_url
 
     def cli(*args: str, stdin: str | None = None) -> Awaitable[subprocess.CompletedProcess[str]]:
         command = (*args, "--store", url, "--backend", anyio_backend)

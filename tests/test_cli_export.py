@@ -27,7 +27,6 @@ import asyncsession as s
 pytest.importorskip("click")
 pytest.importorskip("rich")
 
-from redis_support import RedisServer
 from test_cli import add_sessions, overwrite_document
 
 from asyncsession import _cli
@@ -70,17 +69,6 @@ def assert_export_fails_for_a_changing_store(
 
 
 # -- the completeness check while an application changes the store --------------------------
-
-
-@pytest.fixture(params=["sqlite", "file", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of an empty store of each kind."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 's.db'}"
-    if request.param == "file":
-        return f"file://{tmp_path / 'files'}"
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return f"redis://127.0.0.1:{server.port}/0?prefix=export-{uuid.uuid4().hex[:8]}:"
 
 
 #: ``await hook(store, listing, page)`` after each page the export lists (``listing``
