@@ -795,19 +795,26 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_json_lines_reporter_works_in_a_forked_child(anyio_backend: str, tmp_path: Path) -> None:
-    """gunicorn --preload, multiprocessing 'fork': the child has none of the parent's
-    threads, so the reporter starts afresh there (helper-38)."""
+def lines_of_forked_child(script: str, anyio_backend: str, tmp_path: Path) -> int:
+    """Run ``script`` (it forks, and parent and child report to one file) in a new
+    process; it must succeed. How many lines the file holds then."""
     path = tmp_path / "reports.jsonl"
     result = subprocess.run(
-        [sys.executable, "-c", _FORK_SCRIPT, anyio_backend, str(path)],
+        [sys.executable, "-c", script, anyio_backend, str(path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert len(path.read_bytes().splitlines()) == 4  # 1 from the parent, 3 from the child
+    return len(path.read_bytes().splitlines())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_json_lines_reporter_works_in_a_forked_child(anyio_backend: str, tmp_path: Path) -> None:
+    """gunicorn --preload, multiprocessing 'fork': the child has none of the parent's
+    threads, so the reporter starts afresh there (helper-38)."""
+    # 1 line from the parent, 3 from the child
+    assert lines_of_forked_child(_FORK_SCRIPT, anyio_backend, tmp_path) == 4
 
 
 async def test_one_json_lines_reporter_serves_event_loops_in_several_threads(
@@ -1214,12 +1221,5 @@ def test_two_first_reports_in_a_forked_child_start_the_reporter_afresh_once(
     the reporter the parent's and both start it afresh, the second dropping the line the
     first had queued. Here the second report comes while the first starts it afresh:
     it is started afresh once, and both lines are written."""
-    path = tmp_path / "reports.jsonl"
-    result = subprocess.run(
-        [sys.executable, "-c", _FORK_RACE_SCRIPT, anyio_backend, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert len(path.read_bytes().splitlines()) == 3  # 1 from the parent, 2 from the child
+    # 1 line from the parent, 2 from the child
+    assert lines_of_forked_child(_FORK_RACE_SCRIPT, anyio_backend, tmp_path) == 3
