@@ -2,14 +2,19 @@
 
 The path of a ``sqlite:`` or ``file:`` URL is percent-decoded (``my%20store.db`` names
 ``my store.db``), and those URLs take no query string or fragment: a ``?`` or ``#`` in a
-file name is written ``%3F`` or ``%23``. A Redis URL goes to the Redis client as written,
-less its ``prefix`` parameter; its port and database are checked here, so a malformed one
-is refused with :class:`InvalidConfiguration` instead of failing later or meaning
-something else.
+file name is written ``%3F`` or ``%23``. A Redis URL goes to the Redis client less its
+``prefix`` parameter, after :func:`check_redis_url` (run by :class:`RedisRepository` too)
+checked its host, port and database and refused every query parameter but ``db``,
+``prefix``, ``client_name``, ``max_idle_time``, ``noevict``, ``notouch`` and, for
+``rediss://``, coredis's ``ssl_*`` ones: coredis ignores the names it does not know (a
+typo such as ``prefx`` would quietly change nothing) and lets its own win over the
+store's options. Each refusal is an :class:`InvalidConfiguration` raised before anything
+connects.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 import urllib.parse
 
@@ -28,18 +33,52 @@ STORE_URL_FORMS = (
 _DEFAULT_PREFIX = "asyncsession:"
 _DB_PATH = re.compile(r"/?|/[0-9]+/?")
 _DIGITS = re.compile(r"[0-9]+")
+_BOOLEANS = ("0", "1", "false", "true", "no", "yes", "n", "y", "f", "t")
+_CERT_REQS = ("none", "optional", "required")
+#: The Redis URL query parameters accepted, besides ``prefix`` (``repository_from_url``'s).
+_REDIS_PARAMETERS = ("db", "client_name", "max_idle_time", "noevict", "notouch")
+#: Those coredis reads from a ``rediss://`` URL (and ignores in any other).
+_TLS_PARAMETERS = (
+    "ssl_ca_certs",
+    "ssl_cert_reqs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_check_hostname",
+)
+_TIMEOUT_INSTEAD = (
+    "the store's timeout bounds connecting, each reply and the wait for a free "
+    "connection; pass RedisRepository(url, timeout=seconds) instead (the CLI uses "
+    "10 seconds)"
+)
+#: Parameters coredis would take from a URL, over the store's own options or needs.
+_REFUSED = {
+    "max_connections": "pass RedisRepository(url, max_connections=N) instead (the CLI "
+    "uses coredis's default, 64)",
+    "timeout": _TIMEOUT_INSTEAD,
+    "stream_timeout": _TIMEOUT_INSTEAD,
+    "connect_timeout": _TIMEOUT_INSTEAD,
+    "noreply": "the store needs every reply of the server; leave it out",
+    "decode_responses": "the store decodes what it reads itself; leave it out",
+    "encoding": "the store decodes what it reads itself; leave it out",
+    "username": "write the user name before the host, percent-encoded, as in "
+    "redis://user:password@host:6379/0",
+    "password": "write the password before the host, percent-encoded, as in "
+    "redis://user:password@host:6379/0",
+}
 _ENCODING_HINT = (
     "percent-encode '@', ':', '/', '?' and '#' in a user name or password (%40, %3A, %2F, %3F, %23)"
 )
 
 
 def shown_url(url: str) -> str:
-    """``url`` for a message, with the user information's password masked.
+    """``url`` for a message, with the user information's password masked (and the value
+    of a ``password`` query parameter).
 
     Everything between ``://`` and the last ``@`` is user information here, whatever its
     characters: an unencoded password may hold ``/``, ``?``, ``#`` or ``@``. The user name
     (up to the first ``:``) is kept when it holds none of those.
     """
+    url = _masked_query(url)
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
@@ -50,6 +89,20 @@ def shown_url(url: str) -> str:
     if not colon or any(c in user for c in "/?#"):
         return f"{scheme}{sep}***@{hostport}"
     return f"{scheme}{sep}{user}:***@{hostport}"
+
+
+def _masked_query(url: str) -> str:
+    """``url`` with the value of each ``password`` query parameter masked."""
+    head, question_mark, query = url.partition("?")
+    if not question_mark:
+        return url
+    query, hash_sign, fragment = query.partition("#")
+    items = [
+        f"{name}=***" if urllib.parse.unquote_plus(name) == "password" else item
+        for item in query.split("&")
+        for name in [item.partition("=")[0]]
+    ]
+    return head + question_mark + "&".join(items) + hash_sign + fragment
 
 
 def _shown(url: str) -> str:
@@ -81,10 +134,11 @@ def _local_path(url: str, path: str) -> str:
 def _split_prefix(url: str) -> tuple[str, str]:
     """``url`` without its ``prefix`` query parameter, and the prefix.
 
-    Only the ``prefix=...`` items of the raw query string are removed; everything else
-    stays exactly as written (``urlunsplit`` would, for one, drop the empty authority of
-    ``unix:///path``). The prefix is percent-decoded as a query value (``+`` is a space);
-    a blank one is kept, so the store refuses it.
+    Only the ``prefix=...`` item of the raw query string (:func:`check_redis_url` made
+    sure there is at most one) is removed; everything else stays exactly as written
+    (``urlunsplit`` would, for one, drop the empty authority of ``unix:///path``). The
+    prefix is percent-decoded as a query value (``+`` is a space); a blank one is kept, so
+    the store refuses it.
     """
     head, hash_sign, fragment = url.partition("#")
     base, question_mark, query = head.partition("?")
@@ -96,18 +150,95 @@ def _split_prefix(url: str) -> tuple[str, str]:
             prefixes.append(urllib.parse.unquote_plus(value))
         else:
             kept.append(item)
-    if len(prefixes) > 1:
-        raise InvalidConfiguration(
-            f"Invalid Redis URL {_shown(url)}: it gives prefix {len(prefixes)} times; "
-            "give ?prefix= once."
-        )
     rest = "&".join(kept)
     plain = base + (question_mark + rest if rest else "") + hash_sign + fragment
     return plain, prefixes[0] if prefixes else _DEFAULT_PREFIX
 
 
-def _check_redis_url(url: str, scheme: str) -> None:
-    """Refuse a Redis URL whose host, port or database the client would misread."""
+def _check_redis_query(shown: str, scheme: str, query: str, *, takes_prefix: bool) -> None:
+    """Refuse a query parameter coredis would ignore, misread, or take over the store's."""
+    items = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    for name, count in collections.Counter(name for name, _ in items).items():
+        if count > 1:
+            raise InvalidConfiguration(
+                f"Invalid Redis URL {shown}: it gives {name} {count} times; give ?{name}= once."
+            )
+    names = {name for name, _ in items}
+    for name, value in items:
+        problem = _redis_parameter_problem(name, value, scheme, takes_prefix=takes_prefix)
+        if problem is not None:
+            raise InvalidConfiguration(f"Invalid Redis URL {shown}: {problem}.")
+    if scheme == "rediss" and ("ssl_certfile" in names) != ("ssl_keyfile" in names):
+        raise InvalidConfiguration(
+            f"Invalid Redis URL {shown}: ssl_certfile and ssl_keyfile (a client certificate "
+            "and its key) go together; give both or neither."
+        )
+
+
+def _redis_parameter_problem(
+    name: str, value: str, scheme: str, *, takes_prefix: bool
+) -> str | None:
+    """What is wrong with the query parameter ``name=value`` of a Redis URL, if anything."""
+    if name == "prefix":
+        if takes_prefix:
+            return None  # a blank one is the store's error
+        return (
+            "RedisRepository reads no prefix from its URL; pass "
+            f"RedisRepository(url, prefix={value!r}) (asyncsession.repository_from_url and "
+            "the CLI read ?prefix=)"
+        )
+    if name == "db":
+        if _DIGITS.fullmatch(value):
+            return None
+        return f"db={value!r} is not a database number; use e.g. ?db=0"
+    if name == "client_name":
+        if value and all("!" <= c <= "~" for c in value):
+            return None
+        return (
+            f"client_name={value!r} is not a Redis client name; use printable ASCII "
+            "without spaces, e.g. ?client_name=app-web"
+        )
+    if name == "max_idle_time":
+        if _DIGITS.fullmatch(value) and int(value) >= 1:
+            return None
+        return (
+            f"max_idle_time={value!r} is not whole seconds >= 1 (how long a connection may "
+            "stay idle before it is closed)"
+        )
+    if name in ("noevict", "notouch") or (scheme == "rediss" and name == "ssl_check_hostname"):
+        if value.lower() in _BOOLEANS:
+            return None
+        return f"{name}={value!r} is not true or false"
+    if name in _TLS_PARAMETERS:
+        if scheme != "rediss":
+            return f"{name} is for TLS; use a rediss:// URL, or leave it out"
+        if name == "ssl_cert_reqs":
+            if value in _CERT_REQS:
+                return None
+            return f"ssl_cert_reqs={value!r}; use none, optional or required"
+        if value:
+            return None
+        return f"{name}= gives no file; name one or leave it out"
+    accepted = ", ".join(
+        [
+            *(["prefix"] if takes_prefix else []),
+            *_REDIS_PARAMETERS,
+            *(_TLS_PARAMETERS if scheme == "rediss" else []),
+        ]
+    )
+    if name in _REFUSED:
+        return f"{name} is not accepted: {_REFUSED[name]}; a {scheme}:// URL takes {accepted}"
+    return f"unknown query parameter {name!r}; a {scheme}:// URL takes {accepted}"
+
+
+def check_redis_url(url: str, *, takes_prefix: bool) -> None:
+    """Refuse a Redis URL the client would misread, or whose query it would not honour.
+
+    ``url``'s scheme is ``redis``, ``rediss`` or ``unix``, in lowercase.
+    ``takes_prefix``: whether ``?prefix=`` is accepted (by :func:`repository_from_url`;
+    :class:`RedisRepository` takes its ``prefix=`` argument instead).
+    """
+    scheme = url.partition("://")[0]
     shown = _shown(url)
     try:
         parts = urllib.parse.urlsplit(url)
@@ -124,11 +255,13 @@ def _check_redis_url(url: str, scheme: str) -> None:
             f"Invalid Redis URL {shown}: {problem}. Write it as redis://host:6379/0 (IPv6 as "
             f"redis://[::1]:6379/0); {_ENCODING_HINT}."
         ) from None
-    for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        if name == "db" and not _DIGITS.fullmatch(value):
-            raise InvalidConfiguration(
-                f"Invalid Redis URL {shown}: db={value!r} is not a database number; use e.g. ?db=0."
-            )
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if "?" in userinfo or "#" in userinfo:  # the query would hold part of the password
+        raise InvalidConfiguration(
+            f"Invalid Redis URL {shown}: a '?' or '#' comes before its last '@'; "
+            f"{_ENCODING_HINT}, and an '@' in the query as %40."
+        )
+    _check_redis_query(shown, scheme, parts.query, takes_prefix=takes_prefix)
     if scheme == "unix":
         if parts.hostname or port is not None or not parts.path.startswith("/"):
             raise InvalidConfiguration(
@@ -167,15 +300,17 @@ def repository_from_url(url: str) -> SessionRepository:
     * ``file:///absolute/dir`` or ``file://./relative/dir``,
     * ``redis://host:port/db`` (also ``rediss://``), or ``unix:///path/to/redis.sock``
       with an optional ``?db=N``, each with an optional ``?prefix=app:`` for the key
-      prefix,
+      prefix and the query parameters :class:`RedisRepository` accepts (``client_name``,
+      ``max_idle_time``, ``noevict``, ``notouch``; ``ssl_*`` for ``rediss://``),
     * ``memory://``.
 
     The paths of ``sqlite:`` and ``file:`` URLs are percent-decoded (``%20`` is a space);
     they take no query string or fragment (write ``?`` as ``%3F`` and ``#`` as ``%23``).
 
     Raises :class:`InvalidConfiguration` for anything else (a malformed port, a Redis
-    path that is not a database number, an empty prefix...), and ImportError (saying
-    what to install) for a Redis URL without the ``redis`` extra.
+    path that is not a database number, an empty prefix, an unknown or refused query
+    parameter...), and ImportError (saying what to install) for a Redis URL without the
+    ``redis`` extra.
     """
     from .stores.files import FileRepository
     from .stores.memory import MemoryRepository
@@ -204,12 +339,13 @@ def repository_from_url(url: str) -> SessionRepository:
         from .stores.redis import RedisRepository
 
         # the Redis client only knows lowercase schemes (REDIS:// is redis://)
-        plain, prefix = _split_prefix(scheme + url[len(scheme) :])
-        _check_redis_url(plain, scheme)
+        url = scheme + url[len(scheme) :]
+        check_redis_url(url, takes_prefix=True)
+        plain, prefix = _split_prefix(url)
         try:
             return RedisRepository(plain, prefix=prefix)
         except SessionError:
             raise
-        except ValueError as exc:  # a query parameter the Redis client cannot parse
+        except ValueError as exc:  # anything else the Redis client cannot parse
             raise InvalidConfiguration(f"Invalid Redis URL {_shown(url)}: {exc}.") from None
     raise bad

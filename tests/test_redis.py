@@ -41,6 +41,7 @@ from asyncsession import (
     SessionRepository,
     SessionStatus,
     StorageError,
+    repository_from_url,
 )
 from asyncsession.stores.redis import RedisRepository
 from asyncsession.testing import RepositoryContract
@@ -411,6 +412,28 @@ def test_bad_arguments_are_rejected() -> None:
         RedisRepository(42)  # type: ignore[arg-type]
 
 
+@pytest.mark.anyio
+async def test_url_query_parameters_reach_the_server(redis_server: RedisServer) -> None:
+    """The query parameters the URL checks accept still work: the server sees the
+    client names, the database and the no-evict flag the URLs give."""
+    name = f"as-{uuid.uuid4().hex[:8]}"
+    key_prefix = prefix()
+    base = redis_server.url.removesuffix("/0")
+    # now, not T0: the URL-made store lets Redis expire keys an hour after the deadline
+    session = new_session(created=datetime.now(timezone.utc))
+    async with (
+        repository_from_url(f"{base}/2?client_name={name}-a&noevict=yes&prefix={key_prefix}") as a,
+        RedisRepository(
+            f"{base}?db=2&client_name={name}-b&max_idle_time=60", prefix=key_prefix
+        ) as b,
+    ):
+        await a.add(session)
+        assert await b.get(session.id) == session
+        clients = {c["name"]: c for c in await a.client.client_list()}
+    assert clients[f"{name}-a"]["db"] == clients[f"{name}-b"]["db"] == 2
+    assert "e" in clients[f"{name}-a"]["flags"] and "e" not in clients[f"{name}-b"]["flags"]
+
+
 # -- cross-process events --------------------------------------------------------------
 
 
@@ -472,7 +495,7 @@ def test_the_events_channel_names_the_database_of_any_client() -> None:
         f"redis://{HOST}:6379": 0,
         f"redis://{HOST}:6379/0": 0,
         f"redis://{HOST}:6379/5": 5,
-        f"redis://{HOST}:6379/0?db=7": 7,
+        f"redis://{HOST}:6379?db=7": 7,
         f"rediss://{HOST}:6379/2": 2,
         "unix:///tmp/redis.sock": 0,
         "unix:///tmp/redis.sock?db=3": 3,

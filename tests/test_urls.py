@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -108,15 +109,19 @@ def test_errors_do_not_show_the_password() -> None:
         "redis://app:S3cr/t#P?ss@db.example:abc/0",
         "REDIS://app:S3cretPass@db.example:6379/x",
         "unix://app:S3cr/tPass@/run/r.sock?db=x",
+        "redis://app@S3cr?tPass@db.example:6379/0",
+        "unix://app@S3cr#tPass@/run/r.sock",
     ],
 )
 def test_errors_do_not_show_a_password_with_url_delimiters(url: str) -> None:
     """An unencoded password holding '#', '/' or '?' was printed: the mask stopped at the
-    first of those, and urllib's message quoted the text before it (found by helper-55)."""
+    first of those, and urllib's message quoted the text before it (found by helper-55);
+    the part after a '?' was named as an unknown query parameter."""
     pytest.importorskip("coredis")
     with pytest.raises(s.InvalidConfiguration, match="Invalid Redis URL") as caught:
         s.repository_from_url(url)
     assert "S3cr" not in str(caught.value) and "***@" in str(caught.value)
+    assert "Pass" not in str(caught.value)
 
 
 def test_the_redis_stores_own_url_error_does_not_show_the_password() -> None:
@@ -164,6 +169,159 @@ def test_cli_messages_do_not_show_the_stores_password(
         )
     assert "S3cr" not in caught.value.message
     assert "redis://app:***@db.example:6379/0" in caught.value.message
+
+
+# -- Redis URL query parameters: the ones the store honours, refusals of the rest ----------------
+
+ENTRY_POINTS = {
+    "repository_from_url": lambda url: s.repository_from_url(url),
+    "RedisRepository": lambda url: s.RedisRepository(url),
+}
+
+
+def refusal(entry: str, url: str) -> str:
+    pytest.importorskip("coredis")
+    with pytest.raises(s.InvalidConfiguration, match="Invalid Redis URL") as caught:
+        ENTRY_POINTS[entry](url)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?prefx=app:",
+        "?client-name=web",
+        "?ssl_context=x",
+        "?connection_class=x",
+        "?credential_provider=x",
+    ],
+)
+def test_unknown_redis_query_parameters_are_refused(entry: str, query: str) -> None:
+    """coredis ignored query parameters it does not know: with the typo ?prefx=app: the
+    store silently used the default prefix, writing where the application never looks
+    (and coredis would take ?ssl_context=x as a string)."""
+    name = query[1:].partition("=")[0]
+    message = refusal(entry, f"redis://localhost:6379/0{query}")
+    assert f"unknown query parameter {name!r}" in message
+    assert "db, client_name, max_idle_time, noevict, notouch" in message
+    assert ("prefix, db" in message) == (entry == "repository_from_url")
+    assert message.endswith("noevict, notouch.")  # TLS parameters are for rediss:// URLs
+    message = refusal(entry, f"rediss://localhost:6379/0{query}")
+    assert "notouch, ssl_ca_certs, ssl_cert_reqs, ssl_certfile, ssl_keyfile" in message
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("?noreply=true", "the store needs every reply"),
+        ("?noreply=false", "the store needs every reply"),
+        ("?max_connections=3", "pass RedisRepository(url, max_connections=N) instead"),
+        ("?timeout=1", "pass RedisRepository(url, timeout=seconds) instead"),
+        ("?stream_timeout=1", "pass RedisRepository(url, timeout=seconds) instead"),
+        ("?connect_timeout=1", "pass RedisRepository(url, timeout=seconds) instead"),
+        ("?decode_responses=false", "the store decodes what it reads itself"),
+        ("?encoding=latin-1", "the store decodes what it reads itself"),
+        ("?username=app", "redis://user:password@host:6379/0"),
+    ],
+)
+def test_redis_query_parameters_the_store_owns_are_refused(
+    entry: str, query: str, says: str
+) -> None:
+    """The query won over the store's options in coredis: ?max_connections= and the
+    timeouts replaced the store's own (?timeout= even set the pool timeout the store
+    avoids), ?noreply=true made coredis stop waiting for the scripts' replies, and
+    ?decode_responses=false decoded replies (any non-empty string was true)."""
+    name = query[1:].partition("=")[0]
+    message = refusal(entry, f"redis://localhost:6379/0{query}")
+    assert f"{name} is not accepted: " in message and says in message
+    assert "a redis:// URL takes" in message
+
+
+def test_redis_repository_refuses_a_prefix_in_its_url() -> None:
+    """RedisRepository(url) gave ?prefix= to coredis, which ignored it: the store wrote
+    under the default prefix."""
+    message = refusal("RedisRepository", "redis://localhost:6379/0?prefix=app:")
+    assert "pass RedisRepository(url, prefix='app:')" in message
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://localhost/0?client_name=a&client_name=b", "it gives client_name 2 times"),
+        ("redis://localhost/0?db=0&db=0", "it gives db 2 times"),
+        ("unix:///run/r.sock?db=1&db=2", "it gives db 2 times"),
+        ("redis://localhost/0?client_name=my+app", "client_name='my app' is not a Redis"),
+        ("redis://localhost/0?client_name=", "client_name='' is not a Redis client name"),
+        ("redis://localhost/0?max_idle_time=0", "max_idle_time='0' is not whole seconds"),
+        ("redis://localhost/0?max_idle_time=1.5", "max_idle_time='1.5' is not whole seconds"),
+        ("redis://localhost/0?noevict=maybe", "noevict='maybe' is not true or false"),
+        ("redis://localhost/0?notouch", "notouch='' is not true or false"),
+        ("redis://localhost/0?ssl_ca_certs=/ca.pem", "ssl_ca_certs is for TLS; use a rediss://"),
+        ("unix:///run/r.sock?ssl_cert_reqs=none", "ssl_cert_reqs is for TLS"),
+        ("rediss://localhost/0?ssl_cert_reqs=REQUIRED", "use none, optional or required"),
+        ("rediss://localhost/0?ssl_check_hostname=on", "ssl_check_hostname='on' is not true"),
+        ("rediss://localhost/0?ssl_ca_certs=", "ssl_ca_certs= gives no file"),
+        ("rediss://localhost/0?ssl_certfile=/c.pem", "ssl_certfile and ssl_keyfile"),
+        ("rediss://localhost/0?ssl_keyfile=/k.pem", "give both or neither"),
+    ],
+)
+def test_bad_redis_query_values_are_refused(entry: str, url: str, says: str) -> None:
+    """coredis took the first of a repeated parameter, dropped blank ones, read any
+    unknown word as true (?noevict=maybe), ignored ssl_* outside rediss:// and a client
+    certificate without its key; a bad name or idle time failed at connect, or at once
+    with a bare ValueError or KeyError."""
+    assert says in refusal(entry, url)
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_an_unreadable_tls_file_is_a_configuration_error(entry: str, tmp_path: Path) -> None:
+    """coredis loads rediss:// certificate files at once: a missing one raised
+    FileNotFoundError."""
+    message = refusal(entry, f"rediss://:hunter2@localhost/0?ssl_ca_certs={tmp_path}/no.pem")
+    assert "its TLS files could not be loaded" in message and "hunter2" not in message
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_accepted_redis_query_parameters_reach_the_client(entry: str) -> None:
+    pytest.importorskip("coredis")
+    query = "client_name=web-1&max_idle_time=30&noevict=yes&notouch=0&db=3"
+    store = ENTRY_POINTS[entry](f"unix:///run/r.sock?{query}")
+    options = pool(store).connection_kwargs
+    assert (options["client_name"], options["max_idle_time"], options["db"]) == ("web-1", 30, 3)
+    assert (options["noevict"], options["notouch"], options["noreply"]) == (True, False, False)
+    tls = "ssl_cert_reqs=required&ssl_check_hostname=true"
+    context = pool(ENTRY_POINTS[entry](f"rediss://localhost:6380/0?{tls}")).connection_kwargs[
+        "ssl_context"
+    ]
+    assert (context.check_hostname, context.verify_mode) == (True, ssl.CERT_REQUIRED)
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_a_password_in_the_query_is_masked(entry: str) -> None:
+    message = refusal(entry, "redis://localhost/0?password=hunter2&x=1")
+    assert "hunter2" not in message and "?password=***&x=1" in message
+    assert "write the password before the host" in message
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_cli_refuses_an_unknown_redis_query_parameter(backend: str, tmp_path: Path) -> None:
+    """The CLI's --store path: exit 2, one line, before connecting anywhere."""
+    pytest.importorskip("click")
+    pytest.importorskip("coredis")
+    url = "redis://:hunter2@127.0.0.1:1/0?prefx=app:"
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncsession", "list", "--store", url, "--backend", backend],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "unknown query parameter 'prefx'" in result.stderr
+    assert "hunter2" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 # -- sqlite: and file: URLs: percent-decoded paths, no query -------------------------------------

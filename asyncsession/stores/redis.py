@@ -80,7 +80,7 @@ from .._serialization import (
     load_version,
     session_from_document,
 )
-from .._urls import shown_url
+from .._urls import check_redis_url, shown_url
 from ..abc import (
     EventTransport,
     Page,
@@ -937,6 +937,14 @@ class RedisRepository(SessionRepository, EventTransport):
     the store decodes it before sending it to the server. So a literal ``%`` must be
     written ``%25`` too (``redis://:100%25@host:6379/0`` for the password ``100%``):
     ``%2F`` in a URL is the password's ``/``, never the three characters ``%2F``.
+    A URL's query may give ``db``, ``client_name``, ``max_idle_time`` (seconds),
+    ``noevict`` and ``notouch`` and, in a ``rediss://`` URL, coredis's TLS parameters
+    (``ssl_certfile`` with ``ssl_keyfile``, ``ssl_ca_certs``, ``ssl_cert_reqs``,
+    ``ssl_check_hostname``). Any other raises :class:`InvalidConfiguration` before
+    anything connects: coredis would ignore an unknown name (a typo), let
+    ``max_connections`` and its timeouts override this store's options, and stop
+    waiting for the replies the store needs with ``noreply``. The key prefix is the
+    ``prefix`` argument here (``?prefix=`` is :func:`asyncsession.repository_from_url`'s).
     ``max_connections`` (an int >= 1, or ``None`` for coredis's default) caps the
     connections of a store-made client; each :meth:`subscribe_events` block holds one
     and one must stay free, so subscribing needs at least 2. A client you pass keeps
@@ -1033,21 +1041,29 @@ class RedisRepository(SessionRepository, EventTransport):
                     f"Redis URL must start with redis://, rediss:// or unix://, got "
                     f"{shown_url(client_or_url)!r}."
                 )
-            client: coredis.Redis[Any] = module.Redis.from_url(
-                client_or_url,
-                # a user name or password with '/', '@', ':' ... is percent-encoded in
-                # the URL: without this coredis would send it to the server still encoded
-                decode_components=True,
-                retry_policy=self._retry.NoRetryPolicy(),
-                stream_timeout=timeout,
-                connect_timeout=timeout,
-                # No pool_timeout: coredis's also bounds connection setup, and a setup
-                # it cancels never gives its pool slot back (a few slow connects would
-                # use up the pool for good). Setup is bounded by connect_timeout and
-                # stream_timeout, every request by stream_timeout, and the wait for a
-                # free connection by _bounding_waits.
-                max_connections=max_connections,
-            )
+            check_redis_url(client_or_url, takes_prefix=False)
+            try:
+                client: coredis.Redis[Any] = module.Redis.from_url(
+                    client_or_url,
+                    # a user name or password with '/', '@', ':' ... is percent-encoded in
+                    # the URL: without this coredis would send it to the server still encoded
+                    decode_components=True,
+                    retry_policy=self._retry.NoRetryPolicy(),
+                    # the URL cannot override these (check_redis_url refuses its timeouts)
+                    stream_timeout=timeout,
+                    connect_timeout=timeout,
+                    # No pool_timeout: coredis's also bounds connection setup, and a setup
+                    # it cancels never gives its pool slot back (a few slow connects would
+                    # use up the pool for good). Setup is bounded by connect_timeout and
+                    # stream_timeout, every request by stream_timeout, and the wait for a
+                    # free connection by _bounding_waits.
+                    max_connections=max_connections,
+                )
+            except OSError as exc:  # a TLS file of a rediss:// URL that cannot be loaded
+                raise InvalidConfiguration(
+                    f"Invalid Redis URL {shown_url(client_or_url)!r}: its TLS files could not "
+                    f"be loaded ({exc}); check ssl_certfile, ssl_keyfile and ssl_ca_certs."
+                ) from None
             _closing_connections(client.connection_pool)
             _bounding_waits(client.connection_pool, timeout)
             _marking_unsent(client.connection_pool, self._connection_errors)
