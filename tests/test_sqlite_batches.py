@@ -43,6 +43,18 @@ async def wait_until(condition: Callable[[], bool]) -> None:
             await anyio.sleep(0.002)
 
 
+def trace_statements(monkeypatch: pytest.MonkeyPatch, record: Callable[[str], object]) -> None:
+    """Hand every SQL statement of the stores opened from now on to ``record``."""
+    connect = SQLiteRepository._connect
+
+    def traced(store: SQLiteRepository) -> sqlite3.Connection:
+        conn = connect(store)
+        conn.set_trace_callback(record)
+        return conn
+
+    monkeypatch.setattr(SQLiteRepository, "_connect", traced)
+
+
 async def test_a_locked_batch_waits_once_and_answers_its_reads_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
 ) -> None:
@@ -50,14 +62,7 @@ async def test_a_locked_batch_waits_once_and_answers_its_reads_first(
     busy_timeout (each write used to wait once more, alone), and the batch's read runs
     before the batch waits for the lock at all."""
     statements: list[str] = []
-    connect = SQLiteRepository._connect
-
-    def traced(store: SQLiteRepository) -> sqlite3.Connection:
-        conn = connect(store)
-        conn.set_trace_callback(statements.append)
-        return conn
-
-    monkeypatch.setattr(SQLiteRepository, "_connect", traced)
+    trace_statements(monkeypatch, statements.append)
     waits: list[str] = []  # one entry per wait for the lock (SQLite retries within it)
     while_busy = SQLiteRepository._while_busy
 
@@ -366,14 +371,7 @@ async def test_a_read_put_off_after_the_write_gets_its_own_deadline_and_an_hones
     clock = ShiftedClock()
     monkeypatch.setattr(sqlite_store, "time", clock)
     statements: list[str] = []
-    connect = SQLiteRepository._connect
-
-    def traced(store: SQLiteRepository) -> sqlite3.Connection:
-        conn = connect(store)
-        conn.set_trace_callback(statements.append)
-        return conn
-
-    monkeypatch.setattr(SQLiteRepository, "_connect", traced)
+    trace_statements(monkeypatch, statements.append)
     path = tmp_path / "s.db"
     outcomes: dict[str, Any] = {}
     answered = {name: anyio.Event() for name in ("write", "read")}
