@@ -35,7 +35,7 @@ from asyncsession import (
 )
 from asyncsession.stores import files
 from asyncsession.stores.files import FileRepository, LockTimeout
-from asyncsession.testing import RepositoryContract
+from asyncsession.testing import ManualClock, RepositoryContract
 from asyncsession.testing._contract import (
     POLICY,
     at,
@@ -720,6 +720,106 @@ async def test_remove_expired_skips_a_session_locked_elsewhere(
         removed = await repo.remove_expired(stuck.id, now=at(61))
         assert removed is not None and removed.id == stuck.id
         assert list(await repo.expired(at(61))) == []
+
+
+def records_about(
+    caplog: pytest.LogCaptureFixture, sid: uuid.UUID, level: int
+) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == level and str(sid) in r.getMessage()]
+
+
+async def test_an_expired_session_locked_by_another_process_is_warned_about_once(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cleanup passes over a session another process keeps locked, and tries it again
+    at each pass. The store used to warn "expiry skipped" at every pass, so a
+    long-running app's log filled with one line per cleanup_interval; now it warns
+    once, and says at info level when the session is removed at last."""
+    clock = ManualClock()
+    caplog.set_level(logging.DEBUG, logger="asyncsession")
+    repo = FileRepository(tmp_path / "store", lock_timeout=0.05, fsync=False)
+    async with SessionManager(repo, idle_timeout=60, cleanup_interval=None, clock=clock) as mgr:
+        sid = (await mgr.create()).id
+        process, out = await spawn("hold-lock", str(lock_path(repo, sid)), backend=anyio_backend)
+        async with process:
+            assert await out.receive_until(b"\n", 100) == b"locked"
+            clock.advance(61)
+            for _ in range(3):
+                assert await mgr.purge_expired() == 0
+            assert process.stdin is not None
+            await process.stdin.aclose()
+            assert await process.wait() == 0
+        [warning] = records_about(caplog, sid, logging.WARNING)
+        assert "locked by another process" in warning.getMessage()
+        assert len(records_about(caplog, sid, logging.DEBUG)) == 2  # the later passes
+        assert await mgr.purge_expired() == 1
+        [info] = records_about(caplog, sid, logging.INFO)
+        assert "at last" in info.getMessage()
+        assert len(records_about(caplog, sid, logging.WARNING)) == 1
+
+
+async def test_a_damaged_document_locked_by_another_process_is_warned_about_once(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scan (each cleanup pass lists expired sessions) finds a damaged document whose
+    lock another process holds, so it cannot quarantine it and reads it again at the
+    next scan. It used to warn at each scan; now once, and at info level when the
+    document is quarantined at last."""
+    clock = ManualClock()
+    caplog.set_level(logging.DEBUG, logger="asyncsession")
+    repo = FileRepository(tmp_path / "store", lock_timeout=0.05, fsync=False)
+    async with SessionManager(repo, idle_timeout=60, cleanup_interval=None, clock=clock) as mgr:
+        sid = (await mgr.create()).id
+        process, out = await spawn("hold-lock", str(lock_path(repo, sid)), backend=anyio_backend)
+        async with process:
+            assert await out.receive_until(b"\n", 100) == b"locked"
+            path = doc_path(repo, sid)
+            path.write_bytes(path.read_bytes().replace(b'"revision": 0', b'"revision": 7'))
+            clock.advance(61)
+            for _ in range(3):
+                await mgr.create()  # the directory changed: the pass scans it again
+                assert await mgr.purge_expired() == 0
+            assert process.stdin is not None
+            await process.stdin.aclose()
+            assert await process.wait() == 0
+        [warning] = records_about(caplog, sid, logging.WARNING)
+        assert "looks corrupt but its lock is held" in warning.getMessage()
+        assert len(records_about(caplog, sid, logging.DEBUG)) == 2
+        await mgr.create()
+        assert await mgr.purge_expired() == 0
+        [info] = records_about(caplog, sid, logging.INFO)
+        assert "is quarantined" in info.getMessage()
+        assert [p.name for p in quarantined(repo)] == [f"{sid}.json"]
+
+
+async def test_beyond_the_sessions_remembered_one_warning_says_so(
+    tmp_path: Path,
+    anyio_backend: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The memory of sessions passed over is bounded: beyond it, one warning says so and
+    the others are logged at debug level, at every pass."""
+    monkeypatch.setattr(files, "_NOTES_REMEMBERED", 2)
+    caplog.set_level(logging.DEBUG, logger="asyncsession.stores.files")
+    async with FileRepository(tmp_path / "store", lock_timeout=0.05, fsync=False) as repo:
+        stuck = [make_session() for _ in range(4)]
+        for session in stuck:
+            await repo.add(session)
+        fds = [hold_flock(lock_path(repo, session.id)) for session in stuck]
+        try:
+            for _ in range(3):
+                for session in stuck:
+                    assert await repo.remove_expired(session.id, now=at(61)) is None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        warnings = [len(records_about(caplog, s.id, logging.WARNING)) for s in stuck]
+        assert warnings == [1, 1, 1, 0]
+        overflow = records_about(caplog, stuck[2].id, logging.WARNING)[0].getMessage()
+        assert "more than 2 sessions" in overflow
+        assert sorted(repo._expiry_notes.noted()) == sorted(s.id for s in stuck[:2])
+        assert [len(records_about(caplog, s.id, logging.DEBUG)) for s in stuck] == [2, 2, 2, 3]
 
 
 async def test_orphan_lock_files_are_removed_at_open(tmp_path: Path, anyio_backend: str) -> None:

@@ -24,8 +24,11 @@ migrated; its next write adds the checksum. A document that cannot be read is mo
 An entry that cannot be read at all (permissions, I/O error, a directory with a document's
 name) is logged once and left out of listings (an error that may pass, such as EIO or
 EMFILE, is read again by a scan every 30 s); reading that session raises
-:class:`StorageError` naming the file. Ids become file names only as canonical UUIDs, so
-no input can name another path.
+:class:`StorageError` naming the file. A session that expiry or a scan must pass over for
+now (locked by another process, a damaged document that cannot be quarantined yet) is
+tried again each time but warned about once per cause, and logged at info level when it
+is dealt with at last. Ids become file names only as canonical UUIDs, so no input can
+name another path.
 """
 
 from __future__ import annotations
@@ -106,6 +109,10 @@ _DUMP_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
 _RACY_NS = 2_000_000_000
 #: How often a scan reads again an entry whose read failed in a way that may pass.
 _RETRY_FAILING_S = 30.0
+#: How many sessions skipped for now (see :class:`_Notes`) a store remembers, so as to
+#: warn about each once, not at every pass. Beyond, one warning says so and the others
+#: are logged at debug level.
+_NOTES_REMEMBERED = 10_000
 
 Stamp = tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of a document
 
@@ -362,6 +369,76 @@ def _matches(entry: _Entry, query: SessionQuery) -> bool:
     return query.matches_fields(entry.skeleton, entry.first)
 
 
+class _Notes:
+    """Warnings about sessions passed over for now, given once per session and cause.
+
+    :meth:`note` warns the first time a session is passed over and again when its cause
+    changes; passing it over alike again is logged at debug level. :meth:`resolved` logs
+    at info level that a noted session was dealt with at last. Beyond
+    ``_NOTES_REMEMBERED`` sessions at once, one warning says so and the others are logged
+    at debug level, until fewer than half that many are remembered. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._causes: dict[uuid.UUID, str] = {}
+        self._overflow = False
+
+    def note(self, sid: uuid.UUID, cause: str, message: str, *args: object) -> None:
+        """Log ``message % args`` about ``sid``, passed over because of ``cause``."""
+        with self._lock:
+            known = self._causes.get(sid)
+            if known == cause:
+                level, tail = logging.DEBUG, " (still)"
+            elif known is None and len(self._causes) >= _NOTES_REMEMBERED:
+                level, tail = logging.DEBUG, f" (beyond the {_NOTES_REMEMBERED} remembered)"
+                if not self._overflow:
+                    self._overflow = True
+                    level, tail = (
+                        logging.WARNING,
+                        (
+                            f"; more than {_NOTES_REMEMBERED} sessions are passed over at once, "
+                            f"so this one and the others beyond the first {_NOTES_REMEMBERED} "
+                            "are logged at debug level only while that lasts (each is still "
+                            "tried again)"
+                        ),
+                    )
+            else:
+                self._causes[sid] = cause
+                level, tail = (
+                    logging.WARNING,
+                    " (tried again later; warned again only if this changes)",
+                )
+        fmt = message + tail
+        logger.log(level, fmt, *args)
+
+    def resolved(self, sid: uuid.UUID, message: str, *args: object) -> None:
+        """Log ``message % args`` at info level if ``sid`` was noted, and forget it."""
+        if self._forget(sid):
+            logger.info(message, *args)
+
+    def forget(self, ids: Iterable[uuid.UUID]) -> None:
+        """Forget ``ids`` without a word (their sessions are gone)."""
+        for sid in ids:
+            self._forget(sid)
+
+    def _forget(self, sid: uuid.UUID) -> bool:
+        with self._lock:
+            known = self._causes.pop(sid, None)
+            if len(self._causes) < _NOTES_REMEMBERED // 2:
+                self._overflow = False
+        return known is not None
+
+    def noted(self) -> list[uuid.UUID]:
+        with self._lock:
+            return list(self._causes)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._causes.clear()
+            self._overflow = False
+
+
 class _Index:
     """Metadata of every session: owners, status counts, a deadline heap. Thread-safe."""
 
@@ -551,6 +628,10 @@ class FileRepository(SessionRepository):
         # again by a scan at most every _RETRY_FAILING_S, reported once per change
         self._failing: dict[uuid.UUID, Stamp] = {}
         self._retry_at = 0.0  # time.monotonic() after which a scan reads them again
+        # Sessions that expiry, or a scan's quarantine, passed over for now: each is
+        # warned about once per cause, not at every cleanup pass or listing.
+        self._expiry_notes = _Notes()
+        self._scan_notes = _Notes()
         self._limiter: anyio.CapacityLimiter | None = None
 
     def __repr__(self) -> str:
@@ -583,6 +664,8 @@ class FileRepository(SessionRepository):
     async def _close(self) -> None:
         self._limiter = None
         self._index.clear()
+        self._expiry_notes.clear()
+        self._scan_notes.clear()
         self._synced_mtime = None
 
     def _open_sync(self) -> None:
@@ -888,8 +971,12 @@ class FileRepository(SessionRepository):
                 recoverable=False,
             ) from exc
 
-    def _quarantine(self, sid: uuid.UUID, reason: str) -> str | None:
-        """Move a damaged document aside, never overwriting an earlier one (lock held)."""
+    def _quarantine(self, sid: uuid.UUID, reason: str, *, scanning: bool = False) -> str | None:
+        """Move a damaged document aside, never overwriting an earlier one (lock held).
+
+        A failure is logged (once per cause when ``scanning``: the next scan tries again)
+        and None returned.
+        """
         src = self._doc_path(sid)
         recreated = False
         n = 0
@@ -909,8 +996,10 @@ class FileRepository(SessionRepository):
                 recreated, n = True, n - 1
                 try:
                     os.makedirs(self._quarantine_dir, exist_ok=True)
-                except OSError:
-                    logger.exception("could not recreate %s", self._quarantine_dir)
+                except OSError as exc:
+                    self._quarantine_failed(
+                        sid, f"could not recreate {self._quarantine_dir}", exc, scanning
+                    )
                     return None
                 logger.warning("recreated %s, which was removed", self._quarantine_dir)
                 continue
@@ -920,14 +1009,16 @@ class FileRepository(SessionRepository):
                     continue
                 try:
                     os.rename(src, dst)
-                except OSError:
-                    logger.exception("could not quarantine %s", src)
+                except OSError as exc:
+                    self._quarantine_failed(sid, f"could not quarantine {src}", exc, scanning)
                     return None
             else:
                 try:
                     os.unlink(src)
-                except OSError:
-                    logger.exception("could not remove quarantined %s", src)
+                except OSError as exc:
+                    self._quarantine_failed(
+                        sid, f"could not remove quarantined {src}", exc, scanning
+                    )
                     return None
             break
         logger.warning("session document %s is corrupt (%s); moved to %s", src, reason, dst)
@@ -936,7 +1027,18 @@ class FileRepository(SessionRepository):
             self._sync_dir(self._sessions_dir, written=src)
         except StorageError as exc:
             logger.warning("%s", exc)
+        self._scan_notes.resolved(
+            sid, "session %s, left in place by earlier scans, is quarantined", sid
+        )
         return dst
+
+    def _quarantine_failed(self, sid: uuid.UUID, what: str, exc: OSError, scanning: bool) -> None:
+        if scanning:
+            self._scan_notes.note(
+                sid, f"{what}: {exc}", "session %s looks corrupt but %s: %s", sid, what, exc
+            )
+        else:
+            logger.error("%s", what, exc_info=exc)
 
     # -- the index ------------------------------------------------------------------------
 
@@ -969,6 +1071,12 @@ class FileRepository(SessionRepository):
             for skipped in (self._skipped, self._failing):
                 for sid in [sid for sid in skipped if sid not in seen]:
                     del skipped[sid]
+            for notes in (self._expiry_notes, self._scan_notes):  # forget what is gone
+                notes.forget(
+                    sid
+                    for sid in notes.noted()
+                    if sid not in seen and not os.path.lexists(self._doc_path(sid))
+                )
             racy = time.time_ns() - before < _RACY_NS
             self._synced_mtime = None if racy else before
 
@@ -1022,6 +1130,7 @@ class FileRepository(SessionRepository):
         except SchemaVersionError as exc:  # rewritten by a newer release: not listable
             self._skip(sid, stamp, old, exc)
             return
+        self._scan_notes.resolved(sid, "session %s can be read again", sid)
         self._index.put(_entry(doc), only_if=old)
 
     def _skip(self, sid: uuid.UUID, stamp: Stamp, old: Stamp | None, why: Exception) -> None:
@@ -1047,14 +1156,25 @@ class FileRepository(SessionRepository):
             self._index.drop(sid, only_if=old)
 
     def _quarantine_nowait(self, sid: uuid.UUID) -> None:
-        """Quarantine a document found damaged by a scan, if its lock is free."""
+        """Quarantine a document found damaged by a scan, if its lock is free.
+
+        A document left in place is read again by the next scan: why it was left is
+        warned about once per cause (see :class:`_Notes`).
+        """
+        notes = self._scan_notes
         try:
             fd = self._acquire_nowait(self._lock_path(sid))
         except StorageError as exc:
-            logger.warning("session %s looks corrupt but cannot be locked: %s", sid, exc)
+            notes.note(sid, str(exc), "session %s looks corrupt but cannot be locked: %s", sid, exc)
             return
         if fd is None or fd < 0:
-            logger.warning("session %s looks corrupt but is being written; skipped", sid)
+            notes.note(
+                sid,
+                "locked",
+                "session %s looks corrupt but its lock is held (it may be being written); "
+                "left in place",
+                sid,
+            )
             return
         try:
             try:
@@ -1062,12 +1182,18 @@ class FileRepository(SessionRepository):
             except FileNotFoundError:
                 return
             except StorageError as exc:
-                logger.warning("session %s looks corrupt but cannot be read again: %s", sid, exc)
+                notes.note(
+                    sid,
+                    str(exc),
+                    "session %s looks corrupt but cannot be read again: %s",
+                    sid,
+                    exc,
+                )
                 return
             try:
                 _parse(data, sid, (0, 0, 0))
             except _Damaged as exc:
-                self._quarantine(sid, str(exc))
+                self._quarantine(sid, str(exc), scanning=True)
                 self._index.drop(sid)
             except SchemaVersionError:
                 return
@@ -1281,7 +1407,9 @@ class FileRepository(SessionRepository):
             self._remove(sid)
             return existed
 
-        return await self._locked(sid, remove, lambda: False)
+        existed = await self._locked(sid, remove, lambda: False)
+        self._expiry_notes.forget((sid,))
+        return existed
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
         sid = _canonical_id(session_id)
@@ -1294,15 +1422,31 @@ class FileRepository(SessionRepository):
             return current.skeleton, _DELETE
 
         try:
-            return await self._run(sid, step)
+            removed = await self._run(sid, step)
         except CorruptSessionError as exc:
             # Already quarantined and out of the index; cleanup carries on.
+            self._expiry_notes.forget((sid,))
             logger.warning("expiry skipped session %s: %s", sid, exc.detail)
             return None
         except LockTimeout as exc:
-            # Held elsewhere: the session stays indexed, so the next pass tries it again.
-            logger.warning("expiry skipped session %s for now: %s", sid, exc)
+            # Held elsewhere: the session stays indexed, so the next pass tries it again
+            # (warned about once, not at every pass).
+            self._expiry_notes.note(
+                sid, str(exc), "expiry skipped session %s for now: %s", sid, exc
+            )
             return None
+        if removed is not None:
+            self._expiry_notes.resolved(
+                sid, "removed expired session %s at last (it was locked elsewhere)", sid
+            )
+        else:
+            self._expiry_notes.resolved(
+                sid,
+                "expired session %s is no longer locked elsewhere; it was revived or "
+                "removed meanwhile",
+                sid,
+            )
+        return removed
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
         self._check_open()
