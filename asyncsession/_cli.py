@@ -918,6 +918,15 @@ _AWAITING_READS = 8
 """How many reads ``stats`` keeps in flight while it checks the expired sessions."""
 
 
+@attrs.frozen
+class _SetAside:
+    """A file store's documents that its listings and counts leave out."""
+
+    quarantined: int  # documents in quarantine/
+    unreadable: int  # entries in sessions/ that cannot be read
+    folder: Path  # quarantine/
+
+
 def _read_report_file(path: Path) -> list[Any]:
     """Every report in ``path``; :class:`CLIError` naming the first bad line."""
     try:
@@ -942,22 +951,33 @@ def _read_report_file(path: Path) -> list[Any]:
 )
 @_common
 def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_json: bool) -> None:
-    """Sessions by status, and release health per period (crash-free rate)."""
+    """Sessions by status, and release health per period (crash-free rate).
+
+    For a file store, also the documents it set aside: quarantined (found damaged) and
+    unreadable (left out of listings and counts).
+    """
     period = _parse_period(bucket)
     now = _now()
 
     async def fetch(
         repository: SessionRepository,
-    ) -> tuple[Mapping[SessionStatus, int], int, list[Any]]:
+    ) -> tuple[Mapping[SessionStatus, int], int, list[Any], _SetAside | None]:
         counts = await repository.count_by_status()
         awaiting = await _awaiting_purge(repository, now)
         if reports is not None:
             items: Iterable[Any] = await anyio.to_thread.run_sync(_read_report_file, reports)
         else:
             items = [s async for s in _all_sessions(repository)]
-        return counts, awaiting, aggregate(items, bucket=period)
+        aside = None
+        if isinstance(repository, FileRepository):
+            aside = _SetAside(
+                len(await repository.quarantined()),
+                len(await repository.unreadable()),
+                repository.directory / "quarantine",
+            )
+        return counts, awaiting, aggregate(items, bucket=period), aside
 
-    counts, awaiting, buckets = _with_store(store_url, backend, fetch)
+    counts, awaiting, buckets, aside = _with_store(store_url, backend, fetch)
     by_status = {s.value: counts.get(s, 0) for s in SessionStatus}
     health = [
         {
@@ -975,6 +995,9 @@ def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_js
                 "by_status": by_status,
                 "total": sum(by_status.values()),
                 "expired_awaiting_purge": awaiting,
+                # a file store's set-aside documents; null for stores without them
+                "quarantined": None if aside is None else aside.quarantined,
+                "unreadable": None if aside is None else aside.unreadable,
                 "bucket_seconds": period.total_seconds(),
                 "health": health,
             }
@@ -990,6 +1013,15 @@ def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_js
     out.print(table)
     if awaiting:
         out.print(f"{awaiting} expired sessions await purging (asyncsession purge).")
+    if aside is not None:
+        out.print(
+            Text.assemble(
+                f"Quarantined documents (found damaged, not counted above): {aside.quarantined}"
+                " in ",
+                _plain(aside.folder),
+            )
+        )
+        out.print(f"Unreadable entries (left out of listings and counts): {aside.unreadable}")
     source = f"reports in {reports}" if reports is not None else "stored sessions"
     health_table = Table(title=_plain(f"Release health per {bucket} ({source})"))
     health_table.add_column("period start (UTC)")

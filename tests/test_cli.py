@@ -799,6 +799,35 @@ def test_corrupt_file_document_is_quarantined(run: Run, tmp_path: Path, backend:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_counts_a_file_stores_quarantined_and_unreadable_documents(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """stats said nothing of the documents a file store leaves out of its counts: those
+    it quarantined as damaged and the entries it cannot read. It counts them now, and
+    names the quarantine folder; other stores show no such lines and null in JSON."""
+    run = on_backend(run, backend)
+    directory = tmp_path / "files"
+    damaged, _ = populate(s.FileRepository(directory), backend=backend, live=2)
+    (directory / "sessions" / f"{damaged}.json").write_bytes(b"garbage")
+    (directory / "sessions" / f"{uuid.uuid4()}.json").mkdir()  # an entry no read can use
+    url = f"file://{directory}"
+    stats = as_json(run("stats", "--json", "--store", url))
+    assert stats["total"] == 1
+    assert stats["quarantined"] == 1 and stats["unreadable"] == 1
+    assert [p.name for p in (directory / "quarantine").iterdir()] == [f"{damaged}.json"]
+    table = run("stats", "--store", url).stdout
+    quarantine = directory / "quarantine"
+    assert f"Quarantined documents (found damaged, not counted above): 1 in {quarantine}" in table
+    assert "Unreadable entries (left out of listings and counts): 1" in table
+
+    populate(s.SQLiteRepository(tmp_path / "s.db"), backend=backend, live=1)
+    stats = as_json(run("stats", "--json", "--store", "sqlite:///s.db"))
+    assert stats["total"] == 1 and stats["quarantined"] is stats["unreadable"] is None
+    table = run("stats", "--store", "sqlite:///s.db").stdout
+    assert "Quarantined" not in table and "Unreadable" not in table
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unwritable_sqlite_path(run: Run, tmp_path: Path, backend: str) -> None:
     run = on_backend(run, backend)
     assert_one_line_error(run("list", "--store", f"sqlite:///{tmp_path}/missing/x.db", ok=None))
