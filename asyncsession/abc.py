@@ -441,6 +441,11 @@ class SessionRepository(ABC):
 
         Atomic, so when several managers clean up one store, exactly one of them gets
         the session back. The returned snapshot may hold a window of its messages.
+        An expired session whose document cannot be read is not deleted: this raises
+        :class:`CorruptSessionError` (:class:`SchemaVersionError` for a newer version)
+        naming it, and it stays stored as it was, for a repair or :meth:`delete`. (A
+        store that sets unreadable documents aside instead, as the file store's
+        quarantine does, returns None: the session has left the store.)
         """
 
     @abstractmethod

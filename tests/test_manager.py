@@ -16,9 +16,11 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from _store_redis import open_store as open_redis_store
 
 import asyncsession as s
 import asyncsession._manager
+from asyncsession.stores.redis import RedisRepository
 from asyncsession.testing import ManualClock
 
 if sys.version_info < (3, 11):
@@ -1599,7 +1601,7 @@ async def test_an_expired_session_that_cannot_be_removed_is_warned_about_once_pe
         await anyio.to_thread.run_sync(hold, db, [stuck.id], "held for an audit")
         await anyio.to_thread.run_sync(corrupt, db, damaged.id)  # unreadable
         clock.advance(IDLE + 60)
-        await sessions.wait_for_cleanup()  # the store drops the damaged row as it fails
+        await sessions.wait_for_cleanup()
         for _ in range(3):
             clock.advance(60)
             await sessions.wait_for_cleanup()
@@ -1607,8 +1609,8 @@ async def test_an_expired_session_that_cannot_be_removed_is_warned_about_once_pe
         assert "held for an audit" in warning and "passed over" in warning
         assert len(warnings_about(caplog, damaged.id)) == 1
         stats = await sessions.stats()
-        assert stats.cleanup_passes == 4 and stats.removals_failed == 5  # 4 + 1
-        assert stats.expired_total == 1 and stats.total == 1  # fine expired; stuck stays
+        assert stats.cleanup_passes == 4 and stats.removals_failed == 8  # both, each pass
+        assert stats.expired_total == 1 and stats.total == 2  # fine expired; the others stay
         await anyio.to_thread.run_sync(hold, db, [stuck.id], "held for a lawsuit")
         for _ in range(2):
             clock.advance(60)
@@ -1622,12 +1624,73 @@ async def test_an_expired_session_that_cannot_be_removed_is_warned_about_once_pe
             clock.advance(60)
             await sessions.wait_for_cleanup()  # removable now: removed and announced
             assert drain(events) == [(s.EventKind.EXPIRED, stuck.id)]
-        assert (await sessions.stats()).total == 0
-        assert sessions._unremovable == {}  # nothing remembered once it is gone
+        assert (await sessions.stats()).total == 1  # the damaged one, kept for a repair
+        assert list(sessions._unremovable) == [damaged.id]  # stuck: forgotten once gone
         assert len(warnings_about(caplog, stuck.id)) == 2
         assert any(
             r.getMessage() == f"removed expired session {stuck.id} at last" for r in caplog.records
         )
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def durable(
+    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
+) -> AsyncIterator[s.SessionRepository]:
+    """An empty SQLite or Redis store (a real file, the tests' real redis-server)."""
+    if request.param == "sqlite":
+        async with s.SQLiteRepository(tmp_path / "sessions.db") as repository:
+            yield repository
+    else:
+        async with open_redis_store(request, tmp_path) as redis:
+            yield redis
+
+
+async def damage(repository: s.SessionRepository, sid: uuid.UUID) -> None:
+    """Make a stored session's document unreadable, behind the store's back."""
+    if isinstance(repository, s.SQLiteRepository):
+        await anyio.to_thread.run_sync(corrupt, repository.path, sid)
+    else:
+        assert isinstance(repository, RedisRepository)
+        await repository.client.hset(f"{repository.prefix}s:{sid}", {"d": b'{"version": 1, "'})
+        repository._held.drop(sid)  # as a restart would: its snapshot is not the document
+
+
+async def test_an_unreadable_expired_session_stays_stored_until_deleted(
+    durable: s.SessionRepository, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Removing an unreadable expired session deleted it, then raised: cleanup warned
+    that it could not remove a session that was gone, counted a failure and announced
+    nothing. Now the store keeps it (for a repair): warned about once, failing at each
+    pass, and delete() removes it."""
+    caplog.set_level(logging.DEBUG, "asyncsession._manager")
+    async with s.SessionManager(
+        durable, idle_timeout=IDLE, cleanup_interval=60, clock=clock
+    ) as sessions:
+        damaged = await sessions.create(owner="alice")
+        await sessions.update(damaged.id, lambda x: x.with_message("user", "keep me"))
+        fine = await sessions.create(owner="alice")
+        await damage(durable, damaged.id)
+        async with sessions.subscribe() as events:
+            clock.advance(IDLE + 60)
+            await sessions.wait_for_cleanup()
+            for _ in range(2):
+                clock.advance(60)
+                await sessions.wait_for_cleanup()
+            assert drain(events) == [(s.EventKind.EXPIRED, fine.id)]
+            [warning] = warnings_about(caplog, damaged.id)
+            assert "is corrupt" in warning and "passed over" in warning
+            stats = await sessions.stats()
+            assert stats.removals_failed == 3 and stats.expired_total == 1
+            assert stats.total == 1  # still stored, and still due at each pass
+            assert list(await durable.expired(clock.now())) == [damaged.id]
+            assert await sessions.delete(damaged.id) is True
+            assert drain(events) == [(s.EventKind.DELETED, damaged.id)]
+        assert (await sessions.stats()).total == 0
+        assert list(await durable.expired(clock.now())) == []
+        clock.advance(60)
+        await sessions.wait_for_cleanup()
+        assert sessions._unremovable == {}  # forgotten once gone
+        assert len(warnings_about(caplog, damaged.id)) == 1
 
 
 async def test_beyond_the_sessions_remembered_as_unremovable_one_warning_says_so(

@@ -562,6 +562,34 @@ async def test_expiry_scan_examines_a_bounded_number_of_entries_per_script(
 
 
 @pytest.mark.anyio
+async def test_an_expiry_removal_removes_only_the_session_it_decoded(
+    store: RedisRepository, redis_server: RedisServer
+) -> None:
+    """The script cannot decode, so it removes an expired session only when told the
+    version the caller decoded (an unreadable one is kept, see the contract): one call
+    with a current held snapshot, else it answers the session and a second call removes
+    it, if it is still that version."""
+    held, other = new_session(messages=[msg("a")]), new_session(messages=[msg("b")])
+    for session in (held, other):
+        await store.add(session)
+    later = T0 + timedelta(days=1)
+    before = await script_calls(redis_server)
+    assert await store.remove_expired(held.id, now=later) == held
+    assert await script_calls(redis_server) - before == 1
+    async with RedisRepository(
+        redis_server.url, prefix=store.prefix, key_expiry_grace=FAR
+    ) as elsewhere:  # changed elsewhere: this store's snapshot is outdated
+        await elsewhere.save(attrs.evolve(other, revision=1, state={"k": 2}), expected_revision=0)
+    before = await script_calls(redis_server)
+    removed = await store.remove_expired(other.id, now=later)
+    assert await script_calls(redis_server) - before == 2
+    assert removed is not None and removed.id == other.id
+    assert removed.revision == 1 and removed.state == {"k": 2} and removed.messages.total == 1
+    assert await store.get(other.id) is None
+    assert await store.remove_expired(other.id, now=later) is None
+
+
+@pytest.mark.anyio
 async def test_subscribing_to_an_unreachable_server_raises_storage_error() -> None:
     port = free_port()
     async with RedisRepository(f"redis://{HOST}:{port}/0", timeout=2) as store:

@@ -25,10 +25,10 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from asyncsession import Session, StorageError
+from asyncsession import CorruptSessionError, Session, StorageError
 from asyncsession.stores import sqlite as sqlite_store
 from asyncsession.stores.sqlite import SQLiteRepository
-from asyncsession.testing._contract import make_session
+from asyncsession.testing._contract import at, make_session
 
 pytestmark = pytest.mark.anyio
 
@@ -199,6 +199,53 @@ async def test_a_batch_rerun_alone_keeps_its_results(tmp_path: Path, anyio_backe
         assert isinstance(results[-1], StorageError) and "forced failure" in str(results[-1])
         for s in sessions:
             assert await repo.get(s.id) == s
+
+
+async def test_an_unreadable_expired_session_in_a_group_commit_is_kept_alone(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """A removal deleted the rows, then decoded the document: an unreadable expired
+    session was gone when its error came. It is decoded first now, so its operation
+    writes nothing, and the removals committed with it in one group are unaffected."""
+    stall = threading.Event()
+    path = tmp_path / "s.db"
+    async with SQLiteRepository(path) as repo:
+        good, bad, other = (make_session(messages=("hi",)) for _ in range(3))
+        for session in (good, bad, other):
+            await repo.add(session)
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("UPDATE sessions SET doc = ? WHERE id = ?", (b"{", str(bad.id)))
+        results: dict[uuid.UUID, Any] = {}
+
+        async def remove(session: Session) -> None:
+            try:
+                results[session.id] = await repo.remove_expired(session.id, now=at(60))
+            except CorruptSessionError as exc:
+                results[session.id] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(repo._call, lambda conn: stall.wait(30), write=True))
+            base = repo.statistics().operations
+            await wait_until(lambda: repo.statistics().operations == base + 1)
+            commits = repo.statistics().commits
+            for session in (good, bad, other):
+                tg.start_soon(remove, session)
+            await anyio.wait_all_tasks_blocked()
+            stall.set()
+        # the stalled operation's commit, then one for the three removals
+        assert repo.statistics().commits == commits + 2
+        for session in (good, other):
+            removed = results[session.id]
+            assert isinstance(removed, Session) and removed.id == session.id
+        error = results[bad.id]
+        assert isinstance(error, CorruptSessionError) and error.session_id == bad.id
+        assert list(await repo.expired(at(60))) == [bad.id]
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            rows = conn.execute(
+                "SELECT count(*) FROM messages JOIN sessions ON session_pk = pk WHERE id = ?",
+                (str(bad.id),),
+            ).fetchone()
+        assert rows == (1,)  # its history too
 
 
 async def test_reads_are_answered_while_a_write_waits_for_another_connections_lock(

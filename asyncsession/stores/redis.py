@@ -414,19 +414,24 @@ redis.call('DEL', s, m)
 return 1
 """
 
-# KEYS s m; ARGV P id now
+# KEYS s m; ARGV P id now known
+# Removes the session only if it has expired and is the one the caller read and decoded
+# (known: "revision@last_active@deadline@incarnation", as _GET compares): then 1. An
+# expired session the caller has not read (known '' or outdated) is not removed: the
+# reply is the session (as _GET's, without messages) for the caller to decode and ask
+# again with, so a document this asyncsession cannot read is never removed here.
 _REMOVE_EXPIRED = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
-local h = redis.call('HMGET', s, 'd', 'r', 'la', 'ex', 'st', 'o')
+local h = redis.call('HMGET', s, 'd', 'r', 'la', 'ex', 'st', 'o', 'g')
 if not h[1] then
   forget_if_known(id)
   return false
 end
 if not h[4] or us_less(us(ARGV[3]), us(h[4])) then return false end
-local out = reply(h, m, '0', false)
+if not known(ARGV[4], h, h[7]) then return reply(h, m, '0', h[7]) end
 unindex(id, h[6], h[5])
 redis.call('DEL', s, m)
-return out
+return 1
 """
 
 # ARGV P now limit offset budget
@@ -1498,12 +1503,27 @@ class RedisRepository(SessionRepository, EventTransport):
         return bool(reply)
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
-        self._held.drop(session_id)
+        # The session is decoded before the script removes it, so an unreadable one stays
+        # stored: one round trip with a current held snapshot (already decoded), else a
+        # read and then the removal of what was read, unless it changed meanwhile.
+        entry = self._held.take(session_id)
+        session = None if entry is None else entry[0]
+        known = _version(entry)
         sid = str(session_id)
-        reply = await self._run(
-            self._remove_expired, "an expiry removal", self._keys(sid), [sid, str(_us(now))]
-        )
-        return self._from_reply(session_id, reply)
+        keys, now_us = self._keys(sid), str(_us(now))
+        while True:
+            reply = await self._run(
+                self._remove_expired, "an expiry removal", keys, [sid, now_us, known]
+            )
+            if reply is None:  # gone, or not expired
+                return None
+            if reply == 1:
+                return session
+            session = self._from_reply(session_id, reply)  # CorruptSessionError: kept
+            _, revision, last_active, expires_at, incarnation, *_ = reply
+            known = "@".join(
+                _text(field) for field in (revision, last_active, expires_at or "", incarnation)
+            )
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
         if type(limit) is not int or limit < 1:

@@ -542,7 +542,8 @@ _Template = tuple[Session, int, int | None]
 
 
 class _Row:
-    """What the worker read for one session; decoded on the caller's thread.
+    """What the worker read for one session; decoded on the caller's thread (a removal's
+    on the worker, before it deletes anything).
 
     Messages are not decoded here: the session gets a lazy log that decodes each
     message when it is first read, so a damaged one raises :class:`CorruptSessionError`
@@ -2041,7 +2042,7 @@ class SQLiteRepository(SessionRepository):
         self._held.drop(sid)
         now_us = _us(now)
 
-        def op(conn: sqlite3.Connection) -> _Row | None:
+        def op(conn: sqlite3.Connection) -> Session | None:
             row = conn.execute(
                 "SELECT pk, doc, message_count, last_active, expires_at, revision "
                 "FROM sessions WHERE id = ? AND expires_at <= ?",
@@ -2050,11 +2051,15 @@ class SQLiteRepository(SessionRepository):
             if row is None:
                 return None
             pk, doc, count, last_us, expires_us, revision = row
+            # Decoded before anything is deleted: an unreadable document raises here and
+            # stays stored (for a repair or delete()), with nothing of this op written.
+            # Its messages are not returned, so not read: the document is all to check.
+            found = _Row(sid, doc, last_us, expires_us, revision, count, count, _NO_ROWS)
+            session = found.decode()  # not cached: a removed document is not read again
             _remove_rows(conn, pk)
-            return _Row(sid, doc, last_us, expires_us, revision, count, count, _NO_ROWS)
+            return session
 
-        found = await self._call(op, write=True)
-        return None if found is None else found.decode()
+        return await self._call(op, write=True)
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
         now_us = _us(now)

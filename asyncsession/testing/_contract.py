@@ -31,6 +31,7 @@ from .._exceptions import (
     InvalidCursor,
     InvalidUpdate,
     LimitExceeded,
+    SchemaVersionError,
     SessionClosed,
     SessionConflict,
     SessionNotFound,
@@ -696,6 +697,42 @@ class RepositoryContract:
         removed = [r for r in results if r is not None]
         assert len(removed) == 1 and removed[0].id == session.id
         assert await repository.get(session.id) is None
+        assert list(await repository.expired(at(1000))) == []
+
+    async def test_remove_expired_keeps_unreadable_documents(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        bad = make_session(messages=("kept",))
+        newer = make_session(messages=("kept",))
+        for session in (bad, newer):
+            await repository.add(session)
+        await self.replace_document(repository, bad.id, b'{"version": 1, "id')
+        future = {**orjson.loads(version_0_document(newer)), "version": CURRENT_VERSION + 1}
+        await self.replace_document(repository, newer.id, orjson.dumps(future))
+        assert await repository.remove_expired(bad.id, now=at(59)) is None  # not due: not read
+        for session, error_type in ((bad, CorruptSessionError), (newer, SchemaVersionError)):
+            what = f"remove_expired() of {session.id}'s unreadable document"
+            try:
+                removed = await repository.remove_expired(session.id, now=at(60))
+            except error_type as exc:
+                # Not removed: it stays as it was, for a repair or an explicit delete().
+                assert exc.session_id == session.id, what
+                await raises(error_type, repository.get(session.id), f"get() after {what}")
+                await raises(error_type, repository.remove_expired(session.id, now=at(60)), what)
+            else:
+                # Or set aside (quarantined) by a store that does so: gone from the store,
+                # never handed out as removed.
+                assert removed is None, f"{what} returned a session"
+                assert session.id not in await repository.expired(at(60)), what
+                continue
+            if session is bad:  # repaired: removed with its history
+                await self.replace_document(repository, bad.id, version_0_document(bad))
+                repaired = await repository.remove_expired(bad.id, now=at(60))
+                assert repaired is not None and repaired.id == bad.id
+                assert repaired.messages.total == 1
+            else:
+                assert await repository.delete(newer.id) is True
+            assert session.id not in await repository.expired(at(60))
         assert list(await repository.expired(at(1000))) == []
 
     # -- listing --------------------------------------------------------------------
