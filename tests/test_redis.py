@@ -691,20 +691,31 @@ async def tcp_proxy(target_port: int) -> AsyncIterator[tuple[int, dict[str, bool
         tg.cancel_scope.cancel()
 
 
-@pytest.mark.anyio
-async def test_slow_connects_during_a_network_blip_do_not_use_up_the_pool(
-    redis_server: RedisServer,
-) -> None:
+@asynccontextmanager
+async def proxied_store(
+    server: RedisServer, *, store_timeout: float
+) -> AsyncIterator[tuple[RedisRepository, dict[str, bool]]]:
+    """A store (``timeout=store_timeout``) with two connections reaching ``server``
+    through :func:`tcp_proxy`, and the proxy's switch (stalling new connections until
+    ``switch["stall"] = False``)."""
     async with (
-        tcp_proxy(redis_server.port) as (port, switch),
+        tcp_proxy(server.port) as (port, switch),
         RedisRepository(
             f"redis://{HOST}:{port}/0",
             prefix=prefix(),
-            timeout=0.5,
+            timeout=store_timeout,
             max_connections=2,
             key_expiry_grace=FAR,
         ) as store,
     ):
+        yield store, switch
+
+
+@pytest.mark.anyio
+async def test_slow_connects_during_a_network_blip_do_not_use_up_the_pool(
+    redis_server: RedisServer,
+) -> None:
+    async with proxied_store(redis_server, store_timeout=0.5) as (store, switch):
         for _ in range(3):  # more slow connects than the pool has connections
             with pytest.raises(StorageError) as info:
                 await store.get(uuid.uuid4())
@@ -1017,16 +1028,7 @@ async def test_a_request_cancelled_while_its_connection_is_set_up_gives_its_slot
     """coredis lost the pool slot of a connection whose setup was cancelled (asyncio; after
     max_connections of them every request waited for ever); on trio the cancellation
     came out of the cancelled scope as a StorageError."""
-    async with (
-        tcp_proxy(redis_server.port) as (port, switch),
-        RedisRepository(
-            f"redis://{HOST}:{port}/0",
-            prefix=prefix(),
-            timeout=30,
-            max_connections=2,
-            key_expiry_grace=FAR,
-        ) as store,
-    ):
+    async with proxied_store(redis_server, store_timeout=30) as (store, switch):
         for _ in range(3):  # more than the pool has connections
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
@@ -1083,16 +1085,7 @@ async def test_requests_queued_behind_stalled_connects_blame_the_server_not_the_
 ) -> None:
     """During an outage where the server accepts connections and never answers, the
     requests waiting for a connection were told to raise max_connections."""
-    async with (
-        tcp_proxy(redis_server.port) as (port, switch),
-        RedisRepository(
-            f"redis://{HOST}:{port}/0",
-            prefix=prefix(),
-            timeout=1,
-            max_connections=2,
-            key_expiry_grace=FAR,
-        ) as store,
-    ):
+    async with proxied_store(redis_server, store_timeout=1) as (store, switch):
         errors: list[StorageError] = []
 
         async def read() -> None:
