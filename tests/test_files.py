@@ -1018,6 +1018,58 @@ async def test_a_failed_document_lookup_is_an_error_and_keeps_the_lock_file(
     assert await repo.get(session.id) == session
 
 
+async def test_a_document_that_cannot_be_removed_is_quarantined_once(
+    repo: FileRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quarantine links a damaged document into quarantine/, then removes it from
+    sessions/. When the removal failed (EACCES, EBUSY, EIO), each later read or scan
+    linked the same file again, as <id>.1.json, <id>.2.json, ... without bound; now it
+    finds its earlier link and only tries the removal again. A different damaged version
+    of the session still gets a copy of its own."""
+    session = make_session()
+    await repo.add(session)
+    path = doc_path(repo, session.id)
+    real_unlink = os.unlink
+
+    def unlink(name: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fspath(name) == os.fspath(path):  # e.g. sessions/ not writable by this user
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        real_unlink(name, *args, **kwargs)
+
+    def replace_with(data: bytes) -> None:  # a new file, as every write of a store makes
+        tmp = path.with_name(".tmp-by-hand")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    async def listed() -> list[uuid.UUID]:
+        await repo.add(make_session())  # the directory changed: the listing scans it
+        return [s.id for s in await repo.list(SessionQuery())]
+
+    replace_with(b"garbage")
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "unlink", unlink)
+        for _ in range(3):
+            with pytest.raises(CorruptSessionError, match="quarantine failed"):
+                await repo.get(session.id)
+            assert session.id not in await listed()
+        assert [p.name for p in quarantined(repo)] == [f"{session.id}.json"]
+        replace_with(b"other garbage")
+        for _ in range(3):
+            with pytest.raises(CorruptSessionError, match="quarantine failed"):
+                await repo.get(session.id)
+            assert session.id not in await listed()
+    assert path.exists()
+    kept = quarantined(repo)
+    assert {p.name: p.read_bytes() for p in kept} == {
+        f"{session.id}.json": b"garbage",
+        f"{session.id}.1.json": b"other garbage",
+    }
+    assert session.id not in await listed()  # the removal works now
+    assert not path.exists()
+    assert quarantined(repo) == kept
+    assert await repo.get(session.id) is None
+
+
 async def test_a_removed_quarantine_directory_is_recreated(repo: FileRepository) -> None:
     session = make_session()
     await repo.add(session)

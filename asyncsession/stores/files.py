@@ -334,6 +334,11 @@ def _stamp(st: os.stat_result) -> Stamp:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def _file_key(st: os.stat_result) -> tuple[int, int]:
+    """What makes two names one file: (device, inode)."""
+    return st.st_dev, st.st_ino
+
+
 def _storage_error(action: str, path: str | Path, exc: OSError) -> StorageError:
     reason = exc.strerror or str(exc)
     recoverable = exc.errno in (errno.ENOSPC, errno.EAGAIN, errno.EINTR, errno.EDQUOT)
@@ -974,10 +979,13 @@ class FileRepository(SessionRepository):
     def _quarantine(self, sid: uuid.UUID, reason: str, *, scanning: bool = False) -> str | None:
         """Move a damaged document aside, never overwriting an earlier one (lock held).
 
-        A failure is logged (once per cause when ``scanning``: the next scan tries again)
-        and None returned.
+        The document is hard-linked into ``quarantine/`` and then removed. If the removal
+        failed before, the earlier link is found among this id's names (same inode) and
+        only the removal is tried again, so copies do not pile up. A failure is logged
+        (once per cause when ``scanning``: the next scan tries again) and None returned.
         """
         src = self._doc_path(sid)
+        src_key: tuple[int, int] | None = None
         recreated = False
         n = 0
         while True:
@@ -987,7 +995,17 @@ class FileRepository(SessionRepository):
             try:
                 os.link(src, dst)
             except FileExistsError:
-                continue
+                try:
+                    if src_key is None:
+                        src_key = _file_key(os.lstat(src))
+                    if _file_key(os.lstat(dst)) != src_key:
+                        continue  # another damaged version of this session
+                except FileNotFoundError:
+                    continue  # the document vanished (the next link says so), or dst did
+                except OSError as exc:
+                    self._quarantine_failed(sid, f"could not look up {dst}", exc, scanning)
+                    return None
+                # linked by an earlier attempt whose removal failed: remove it now
             except FileNotFoundError:
                 # The document vanished, or quarantine/ was removed while the store was
                 # open: then recreate it once and retry this name.
@@ -1012,14 +1030,12 @@ class FileRepository(SessionRepository):
                 except OSError as exc:
                     self._quarantine_failed(sid, f"could not quarantine {src}", exc, scanning)
                     return None
-            else:
-                try:
-                    os.unlink(src)
-                except OSError as exc:
-                    self._quarantine_failed(
-                        sid, f"could not remove quarantined {src}", exc, scanning
-                    )
-                    return None
+                break
+            try:
+                os.unlink(src)
+            except OSError as exc:
+                self._quarantine_failed(sid, f"could not remove quarantined {src}", exc, scanning)
+                return None
             break
         logger.warning("session document %s is corrupt (%s); moved to %s", src, reason, dst)
         try:
