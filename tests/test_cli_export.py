@@ -50,22 +50,29 @@ def exported_ids(output: Path) -> set[uuid.UUID]:
     return set(ids)
 
 
-def assert_export_fails_for_a_changing_store(
+def failed_export(
     store: s.SessionRepository, tmp_path: Path, backend: str, monkeypatch: Any
-) -> None:
-    """Export over an existing file fails with the "kept changing" message (exit 1) and
-    leaves the file as it was."""
+) -> str:
+    """Export over an existing file: it must fail (exit 1) and leave the file as it was.
+    The failure's message, with ``{output}`` standing for the file's path."""
     output = tmp_path / "backup.jsonl"
     output.write_bytes(b"previous\n")
     with pytest.raises(_cli.CLIError) as caught:
         export(store, output, backend, monkeypatch)
     assert caught.value.exit_code == 1
-    assert caught.value.message == (
+    assert output.read_bytes() == b"previous\n"
+    return caught.value.message.replace(str(output), "{output}")
+
+
+def assert_export_fails_for_a_changing_store(
+    store: s.SessionRepository, tmp_path: Path, backend: str, monkeypatch: Any
+) -> None:
+    """Export over an existing file fails with the "kept changing" message."""
+    assert failed_export(store, tmp_path, backend, monkeypatch) == (
         "the store kept changing while the export checked it (sessions were created or "
         "deleted meanwhile), so it could not confirm that every stored session was "
-        f"exported; export again. The export failed: {output} was left as it was."
+        "exported; export again. The export failed: {output} was left as it was."
     )
-    assert output.read_bytes() == b"previous\n"
 
 
 # -- the completeness check while an application changes the store --------------------------
@@ -341,16 +348,10 @@ def test_a_session_damaged_while_the_export_runs_fails_it(
             await overwrite_document(store, damaged[0], b'{"version": 1, "id')
 
     store, _ = busy(store_url, backend, monkeypatch, hook)
-    output = tmp_path / "backup.jsonl"
-    output.write_bytes(b"previous\n")
-    with pytest.raises(_cli.CLIError) as caught:
-        export(store, output, backend, monkeypatch)
-    assert caught.value.exit_code == 1
-    assert caught.value.message == (
+    assert failed_export(store, tmp_path, backend, monkeypatch) == (
         "1 of the 6 stored sessions were not exported: 1 could not be read (see the "
-        f"warnings above). The export failed: {output} was left as it was."
+        "warnings above). The export failed: {output} was left as it was."
     )
-    assert output.read_bytes() == b"previous\n"
 
 
 # -- what the file store leaves out of its listings and counts (found by helper-62) ------------
