@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -396,14 +397,25 @@ async def spawn(*args: str, backend: str) -> tuple[Process, BufferedByteReceiveS
     return process, BufferedByteReceiveStream(process.stdout)
 
 
+@asynccontextmanager
+async def locked_by_another_process(lock_file: Path, backend: str) -> AsyncIterator[None]:
+    """Hold ``lock_file``'s flock in a child process (on ``backend``) for the block; the
+    child then exits cleanly."""
+    process, out = await spawn("hold-lock", str(lock_file), backend=backend)
+    async with process:
+        assert await out.receive_until(b"\n", 100) == b"locked"
+        yield
+        assert process.stdin is not None
+        await process.stdin.aclose()
+        assert await process.wait() == 0
+
+
 async def test_lock_held_by_another_process_times_out(tmp_path: Path, anyio_backend: str) -> None:
     session = make_session()
     async with FileRepository(tmp_path / "store", lock_timeout=0.2) as repo:
         await repo.add(session)
         lock_file = repo.directory / "locks" / f"{session.id}.lock"
-        process, out = await spawn("hold-lock", str(lock_file), backend=anyio_backend)
-        async with process:
-            assert await out.receive_until(b"\n", 100) == b"locked"
+        async with locked_by_another_process(lock_file, anyio_backend):
             with pytest.raises(LockTimeout) as info:
                 await repo.append(session.id, [msg("x")], at=at(1), policy=POLICY)
             error = info.value
@@ -411,9 +423,6 @@ async def test_lock_held_by_another_process_times_out(tmp_path: Path, anyio_back
             assert str(lock_file) in str(error) and "lock_timeout" in str(error)
             with pytest.raises(LockTimeout):
                 await repo.get(session.id)
-            assert process.stdin is not None
-            await process.stdin.aclose()
-            assert await process.wait() == 0
         result = await repo.append(session.id, [msg("x")], at=at(1), policy=POLICY)
         assert result.revision == 1
 
@@ -740,15 +749,10 @@ async def test_an_expired_session_locked_by_another_process_is_warned_about_once
     repo = FileRepository(tmp_path / "store", lock_timeout=0.05, fsync=False)
     async with SessionManager(repo, idle_timeout=60, cleanup_interval=None, clock=clock) as mgr:
         sid = (await mgr.create()).id
-        process, out = await spawn("hold-lock", str(lock_path(repo, sid)), backend=anyio_backend)
-        async with process:
-            assert await out.receive_until(b"\n", 100) == b"locked"
+        async with locked_by_another_process(lock_path(repo, sid), anyio_backend):
             clock.advance(61)
             for _ in range(3):
                 assert await mgr.purge_expired() == 0
-            assert process.stdin is not None
-            await process.stdin.aclose()
-            assert await process.wait() == 0
         [warning] = records_about(caplog, sid, logging.WARNING)
         assert "locked by another process" in warning.getMessage()
         assert len(records_about(caplog, sid, logging.DEBUG)) == 2  # the later passes
@@ -770,18 +774,13 @@ async def test_a_damaged_document_locked_by_another_process_is_warned_about_once
     repo = FileRepository(tmp_path / "store", lock_timeout=0.05, fsync=False)
     async with SessionManager(repo, idle_timeout=60, cleanup_interval=None, clock=clock) as mgr:
         sid = (await mgr.create()).id
-        process, out = await spawn("hold-lock", str(lock_path(repo, sid)), backend=anyio_backend)
-        async with process:
-            assert await out.receive_until(b"\n", 100) == b"locked"
+        async with locked_by_another_process(lock_path(repo, sid), anyio_backend):
             path = doc_path(repo, sid)
             path.write_bytes(path.read_bytes().replace(b'"revision": 0', b'"revision": 7'))
             clock.advance(61)
             for _ in range(3):
                 await mgr.create()  # the directory changed: the pass scans it again
                 assert await mgr.purge_expired() == 0
-            assert process.stdin is not None
-            await process.stdin.aclose()
-            assert await process.wait() == 0
         [warning] = records_about(caplog, sid, logging.WARNING)
         assert "looks corrupt but its lock is held" in warning.getMessage()
         assert len(records_about(caplog, sid, logging.DEBUG)) == 2
