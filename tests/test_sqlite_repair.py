@@ -20,7 +20,7 @@ import anyio.to_thread
 import attrs
 import pytest
 
-from asyncsession import LimitExceeded, Session, SessionQuery
+from asyncsession import LimitExceeded, Session, SessionQuery, StorageError
 from asyncsession._exceptions import MAX_REVISION
 from asyncsession.stores.sqlite import SCHEMA_VERSION, SQLiteRepository
 from asyncsession.testing._contract import POLICY, at, make_session, msg
@@ -204,6 +204,50 @@ async def test_two_stores_opening_a_damaged_file_at_once_upgrade_it_once(
                 tg.start_soon(open_and_read)
     assert loaded == [stored["real"]] * 4
     assert len(upgrade_logs(caplog)) == 1
+
+
+def add_a_failing_commit(path: Path) -> None:
+    """Make the next commit that changes a session row fail: a trigger records the row
+    under a deferred foreign key no parent satisfies, which SQLite checks at COMMIT
+    (with ``PRAGMA foreign_keys = 1``)."""
+    with contextlib.closing(raw(path)) as conn:
+        conn.execute("CREATE TABLE audit_parent (id TEXT PRIMARY KEY)")
+        conn.execute(
+            "CREATE TABLE audit (session_id TEXT REFERENCES audit_parent (id) "
+            "DEFERRABLE INITIALLY DEFERRED)"
+        )
+        conn.execute(
+            "CREATE TRIGGER audit_updates AFTER UPDATE ON sessions "
+            "BEGIN INSERT INTO audit VALUES (new.id); END"
+        )
+
+
+async def test_no_repair_warning_when_the_upgrade_does_not_commit(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The repair warning was logged inside the upgrade's transaction, before COMMIT: a
+    COMMIT that failed left a warning claiming repairs that were rolled back. It is
+    logged once the upgrade has committed: here COMMIT fails (a deferred foreign key
+    the file's own trigger breaks), opening fails, nothing is repaired, no warning."""
+    path = tmp_path / "s.db"
+    stored = await make_damaged_file(path)
+    await anyio.to_thread.run_sync(add_a_failing_commit, path)
+    before = await anyio.to_thread.run_sync(rows, path)
+    with caplog.at_level(logging.INFO, "asyncsession.stores.sqlite"):
+        with pytest.raises(StorageError, match="FOREIGN KEY constraint failed"):
+            async with SQLiteRepository(path, pragmas={"foreign_keys": 1}):
+                pass
+    assert upgrade_logs(caplog)  # the upgrade ran and repaired, in its transaction
+    assert not [r for r in caplog.records if "repaired" in r.getMessage()]
+    assert await anyio.to_thread.run_sync(rows, path) == before  # rolled back
+    with contextlib.closing(raw(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "asyncsession.stores.sqlite"):
+        async with SQLiteRepository(path) as repo:  # foreign keys off: it commits
+            assert await repo.get(stored["real"].id) == stored["real"]
+    (repaired,) = [r.getMessage() for r in caplog.records if "repaired" in r.getMessage()]
+    assert repaired.startswith(f"{path}: an older release's append stored values out of range")
 
 
 def _read_in_children(path: Path, session_id: uuid.UUID, backend: str) -> list[str]:

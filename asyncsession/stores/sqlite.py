@@ -277,10 +277,11 @@ def _some(ids: list[str], total: int) -> str:
     return ", ".join(ids) + (f" and {more} more" if more > 0 else "")
 
 
-def _upgrade_4_to_5(conn: sqlite3.Connection, path: Path | str) -> None:
+def _upgrade_4_to_5(conn: sqlite3.Connection, path: Path | str) -> str | None:
     """Repair the rows older releases' one-statement append left unreadable (layout 5
-    promises none); the tables do not change. A warning names the file ``path`` and up
-    to :data:`_IDS_LOGGED` repaired sessions of each kind.
+    promises none); the tables do not change. Returns the warning to log once the
+    upgrade has committed (None if nothing needed repair): it names the file ``path``
+    and up to :data:`_IDS_LOGGED` repaired sessions of each kind.
 
     * An append at revision ``2**63 - 1`` computed ``revision + 1`` in SQL, which SQLite
       stores as the REAL ``9.223372036854776e+18``: the session raised
@@ -327,17 +328,17 @@ def _upgrade_4_to_5(conn: sqlite3.Connection, path: Path | str) -> None:
             f"{endless} session(s) with a deadline past datetime.max, now none: they "
             f"never expire ({_some(endless_ids, endless)})"
         )
-    if parts:
-        logger.warning(
-            "%s: an older release's append stored values out of range; repaired %s",
-            path,
-            " and ".join(parts),
-        )
+    if not parts:
+        return None
+    return (
+        f"{path}: an older release's append stored values out of range; repaired "
+        + " and ".join(parts)
+    )
 
 
 #: ``_UPGRADES[v](conn, path)`` turns the version-``v`` database ``path`` into version
-#: ``v + 1`` (the path is for log lines).
-_UPGRADES: dict[int, Callable[[sqlite3.Connection, Path], None]] = {
+#: ``v + 1`` and returns a warning to log once the upgrade has committed, or None.
+_UPGRADES: dict[int, Callable[[sqlite3.Connection, Path], str | None]] = {
     1: lambda conn, path: _upgrade_1_to_2(conn),
     2: lambda conn, path: _upgrade_2_to_3(conn),
     3: lambda conn, path: _upgrade_3_to_4(conn),
@@ -1693,14 +1694,19 @@ class SQLiteRepository(SessionRepository):
                 logger.info(
                     "upgrading %s from layout %d to %d", self._path, version, SCHEMA_VERSION
                 )
+            warnings: list[str] = []
             while version < SCHEMA_VERSION:
-                _UPGRADES[version](conn, self._path)
+                warning = _UPGRADES[version](conn, self._path)
+                if warning is not None:
+                    warnings.append(warning)
                 version += 1
                 conn.execute(f"PRAGMA user_version = {version}")
             conn.execute("COMMIT")
         except BaseException:
             self._rollback(conn)
             raise
+        for warning in warnings:  # only now: a failed COMMIT repaired nothing
+            logger.warning("%s", warning)
 
     # -- worker-side operations (run inside a transaction or savepoint) ---------------
 
