@@ -830,7 +830,9 @@ def _store_messages(conn: sqlite3.Connection, pk: int, count: int, bodies: list[
 
 # -- requests to the worker -----------------------------------------------------------
 
-_QUEUED, _RUNNING, _CANCELLED, _DONE = range(4)
+#: A request's states. ``_ABANDONED``: a read the worker had started when its caller was
+#: cancelled; if it is put off until after a write (see ``_serve``), it is dropped.
+_QUEUED, _RUNNING, _CANCELLED, _DONE, _ABANDONED = range(5)
 
 
 class _Request:
@@ -862,7 +864,9 @@ class _Request:
         self.state = _QUEUED
         self.result: Any = None
         self.error: BaseException | None = None
-        self.started: float | None = None  # when the worker first took it (time.monotonic)
+        # When the worker first took it from the queue (time.monotonic): its busy error
+        # counts the wait from there, even if it ran in a later batch.
+        self.started: float | None = None
 
 
 async def _join(thread: threading.Thread) -> None:
@@ -1007,9 +1011,10 @@ class SQLiteRepository(SessionRepository):
 
     Cancellation: an operation still waiting in the queue is withdrawn and never runs;
     one the worker has started completes (a write is awaited, shielded, for at most
-    ``2 * busy_timeout + 5`` seconds) before ``Cancelled`` propagates. Either way the
-    database holds the old or the new state of the session, never a mix: each operation
-    is one transaction (or savepoint).
+    ``2 * busy_timeout + 5`` seconds) before ``Cancelled`` propagates, except a read
+    the database kept busy and put off until after a waiting write: it is dropped.
+    Either way the database holds the old or the new state of the session, never a mix:
+    each operation is one transaction (or savepoint).
     """
 
     def __init__(
@@ -1172,6 +1177,8 @@ class SQLiteRepository(SessionRepository):
                 if request.state == _QUEUED:
                     request.state = _CANCELLED
                     raise
+                if request.state == _RUNNING and not write:
+                    request.state = _ABANDONED  # no one to answer: dropped if put off
             if write:
                 with (
                     anyio.CancelScope(shield=True),
@@ -1198,7 +1205,8 @@ class SQLiteRepository(SessionRepository):
         self._answer([opening])
         # Requests taken from the queue while a write waited for another connection's
         # lock, other than the reads answered meanwhile, and the reads put off until
-        # after the write: they run next, the reads first, then the rest in order.
+        # after the write: they run next, the reads first, then the rest in order (a
+        # put-off read whose caller was cancelled meanwhile is dropped, see _take).
         later: collections.deque[_Request] = collections.deque()
 
         def put_off(reads: list[_Request]) -> None:
@@ -1220,6 +1228,7 @@ class SQLiteRepository(SessionRepository):
                 except queue.Empty:
                     break
                 if request.fn is None or request.write:
+                    request.started = time.monotonic()  # its wait begins now
                     later.append(request)
                 else:
                     reads.append(request)
@@ -1260,6 +1269,8 @@ class SQLiteRepository(SessionRepository):
                 request = later.popleft() if later else requests.get_nowait()
             except queue.Empty:
                 break
+            if request.state == _ABANDONED:  # a put-off read no one waits for
+                continue
             request.error = StorageError(f"{self!r} was closed before this operation ran.")
             leftovers.append(request)
         self._answer(leftovers)
@@ -1267,7 +1278,8 @@ class SQLiteRepository(SessionRepository):
     def _take(self, batch: list[_Request]) -> tuple[list[_Request], _Request | None]:
         """Mark the requests of ``batch`` the worker will run (withdrawn ones are
         skipped); return them and the stop request, if ``batch`` holds it. A read put
-        off until after a write (already running) is returned and not counted again."""
+        off until after a write (already running) is returned and not counted again;
+        dropped, uncounted, if its caller was cancelled meanwhile."""
         live: list[_Request] = []
         stopping: _Request | None = None
         now = time.monotonic()
@@ -1277,12 +1289,13 @@ class SQLiteRepository(SessionRepository):
                     stopping = request
                 elif request.state == _QUEUED:
                     request.state = _RUNNING
-                    request.started = now
+                    if request.started is None:  # not taken out of the queue before
+                        request.started = now
                     live.append(request)
                     self._operations += 1
                 elif request.state == _RUNNING:
                     live.append(request)
-                else:
+                elif request.state == _CANCELLED:
                     self._withdrawn += 1
         return live, stopping
 
