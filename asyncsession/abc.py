@@ -441,11 +441,15 @@ class SessionRepository(ABC):
 
         Atomic, so when several managers clean up one store, exactly one of them gets
         the session back. The returned snapshot may hold a window of its messages.
-        An expired session whose document cannot be read is not deleted: this raises
-        :class:`CorruptSessionError` (:class:`SchemaVersionError` for a newer version)
-        naming it, and it stays stored as it was, for a repair or :meth:`delete`. (A
-        store that sets unreadable documents aside instead, as the file store's
-        quarantine does, returns None: the session has left the store.)
+        An expired session whose document cannot be read, as far as this store knows,
+        is not deleted (a snapshot the store holds of that very version counts as
+        read): this raises :class:`CorruptSessionError` (:class:`SchemaVersionError`
+        for a newer version) naming it, and it stays stored as it was, for a repair or
+        :meth:`delete` (the Redis store removes its keys' expiry until a write sets it
+        again). (A store that sets unreadable documents aside instead, as the file
+        store's quarantine does, returns None: the session has left the store.) A store
+        may also return None for a session that kept changing while it tried to remove
+        it: it is still listed by :meth:`expired`, for the next cleanup pass.
         """
 
     @abstractmethod

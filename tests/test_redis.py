@@ -16,7 +16,7 @@ import random
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -43,7 +43,7 @@ from asyncsession import (
     StorageError,
     repository_from_url,
 )
-from asyncsession.stores.redis import RedisRepository
+from asyncsession.stores.redis import REMOVE_ATTEMPTS, RedisRepository
 from asyncsession.testing import RepositoryContract
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -587,6 +587,111 @@ async def test_an_expiry_removal_removes_only_the_session_it_decoded(
     assert removed.revision == 1 and removed.state == {"k": 2} and removed.messages.total == 1
     assert await store.get(other.id) is None
     assert await store.remove_expired(other.id, now=later) is None
+
+
+async def key_expiries(store: RedisRepository, sid: uuid.UUID) -> list[datetime | None]:
+    """When Redis drops the session's data keys (None: never)."""
+    found: list[datetime | None] = []
+    for key in (f"{store.prefix}s:{sid}", f"{store.prefix}m:{sid}"):
+        if await store.client.pttl(key) == -1:
+            found.append(None)
+        else:
+            found.append(await store.client.pexpiretime(key))
+    return found
+
+
+@pytest.mark.anyio
+async def test_an_unreadable_expired_session_keeps_its_keys_until_written_again(
+    store: RedisRepository,
+) -> None:
+    """Cleanup keeps an unreadable expired session for a repair or a delete(), so Redis
+    key expiry must not drop it ``key_expiry_grace`` later: its keys lose their expiry,
+    and the write that repairs it sets the expiry again."""
+    kept = new_session(messages=[msg("a")])
+    await store.add(kept)
+    assert kept.expires_at is not None
+    assert await key_expiries(store, kept.id) == [kept.expires_at + FAR] * 2
+    await store.client.hset(f"{store.prefix}s:{kept.id}", {"d": b'{"version": 1, "'})
+    store._held.drop(kept.id)
+    later = T0 + timedelta(days=1)
+    for _ in range(2):  # kept at every pass
+        with pytest.raises(CorruptSessionError):
+            await store.remove_expired(kept.id, now=later)
+        assert await key_expiries(store, kept.id) == [None, None]
+    repaired = attrs.evolve(kept, revision=1)
+    await store.save(repaired, expected_revision=0)
+    assert await key_expiries(store, kept.id) == [kept.expires_at + FAR] * 2
+    assert await store.remove_expired(kept.id, now=later) == repaired
+
+
+class OutpacedStore(RedisRepository):
+    """A store whose expiry removals another writer outpaces: ``meddle`` runs after each
+    expiry-removal script that answered the session (for the caller to decode), i.e.
+    between the store's read and its removal of what it read."""
+
+    meddle: Callable[[], Awaitable[None]] | None = None
+
+    async def _run(self, script: Any, action: str, *args: Any, **kwargs: Any) -> Any:
+        reply = await super()._run(script, action, *args, **kwargs)
+        if script is self._remove_expired and isinstance(reply, list) and self.meddle:
+            await self.meddle()
+        return reply
+
+
+@pytest.mark.anyio
+async def test_an_expiry_removal_keeps_only_the_unreadable_version_it_read(
+    store: RedisRepository, redis_server: RedisServer
+) -> None:
+    """A session repaired between the read that found it unreadable and the script that
+    would keep it is not kept: the new version is read and removed."""
+    session = new_session(messages=[msg("a")])
+    await store.add(session)
+    await store.client.hset(f"{store.prefix}s:{session.id}", {"d": b'{"version": 1, "'})
+    repaired = attrs.evolve(session, revision=1)
+    async with OutpacedStore(
+        redis_server.url, prefix=store.prefix, key_expiry_grace=FAR
+    ) as outpaced:
+
+        async def repair() -> None:
+            outpaced.meddle = None
+            await store.save(repaired, expected_revision=0)
+
+        outpaced.meddle = repair
+        removed = await outpaced.remove_expired(session.id, now=T0 + timedelta(days=1))
+    assert removed is not None and (removed.id, removed.revision) == (session.id, 1)
+    assert removed.messages.total == 1
+    assert await store.client.exists([f"{store.prefix}s:{session.id}"]) == 0
+
+
+@pytest.mark.anyio
+async def test_an_expiry_removal_outpaced_at_every_attempt_leaves_it_to_the_next_pass(
+    store: RedisRepository, redis_server: RedisServer
+) -> None:
+    """A writer that saves the expired session between each read and removal does not
+    keep remove_expired() looping: after REMOVE_ATTEMPTS reads it answers None, and the
+    session stays listed for the next pass, which removes it once left alone."""
+    current = new_session(messages=[msg("a")])
+    await store.add(current)
+    later = T0 + timedelta(days=1)
+    saves = 0
+
+    async def save_again() -> None:
+        nonlocal current, saves
+        changed = attrs.evolve(current, revision=current.revision + 1)
+        await store.save(changed, expected_revision=current.revision)
+        current, saves = changed, saves + 1
+
+    async with OutpacedStore(
+        redis_server.url, prefix=store.prefix, key_expiry_grace=FAR
+    ) as outpaced:
+        outpaced.meddle = save_again
+        with anyio.fail_after(20):  # without a bound it would loop for ever
+            assert await outpaced.remove_expired(current.id, now=later) is None
+        assert saves == REMOVE_ATTEMPTS
+        assert list(await outpaced.expired(later)) == [current.id]
+        outpaced.meddle = None
+        removed = await outpaced.remove_expired(current.id, now=later)
+    assert removed is not None and (removed.id, removed.revision) == (current.id, saves)
 
 
 @pytest.mark.anyio

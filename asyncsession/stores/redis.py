@@ -19,7 +19,9 @@ Every operation is one round trip, a Lua script (``EVALSHA``) or a single comman
 compare-and-set, append-and-bump and multi-key index changes are atomic on the server;
 ``list()`` and ``expired()`` run one script per ``scan_budget`` index entries examined.
 Data keys also get a Redis expiry (the deadline plus ``key_expiry_grace``), so expired
-data disappears even when no manager runs; indexes drop such ids lazily.
+data disappears even when no manager runs; indexes drop such ids lazily. A session that
+cleanup found expired but unreadable loses that expiry (it stays for a repair or a
+delete) until a write sets it again.
 """
 
 from __future__ import annotations
@@ -105,6 +107,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
 _CHUNK = 1000  # RPUSH arguments per call inside scripts (Lua's unpack() stack limit)
 _ALL_MESSAGES = 2**53  # a longer last_messages means all (Lua numbers are doubles)
+#: How often :meth:`RedisRepository.remove_expired` reads an expired session again that
+#: changed between its read and its removal, before it leaves it to the next cleanup pass.
+REMOVE_ATTEMPTS = 5
 
 # -- Lua ---------------------------------------------------------------------------------
 
@@ -414,12 +419,14 @@ redis.call('DEL', s, m)
 return 1
 """
 
-# KEYS s m; ARGV P id now known
+# KEYS s m; ARGV P id now known keep
 # Removes the session only if it has expired and is the one the caller read and decoded
 # (known: "revision@last_active@deadline@incarnation", as _GET compares): then 1. An
 # expired session the caller has not read (known '' or outdated) is not removed: the
 # reply is the session (as _GET's, without messages) for the caller to decode and ask
 # again with, so a document this asyncsession cannot read is never removed here.
+# keep '1': the caller could not decode the version it names: its keys lose their Redis
+# expiry (until a write sets it again), so it stays for a repair or a delete; then 0.
 _REMOVE_EXPIRED = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
 local h = redis.call('HMGET', s, 'd', 'r', 'la', 'ex', 'st', 'o', 'g')
@@ -429,6 +436,11 @@ if not h[1] then
 end
 if not h[4] or us_less(us(ARGV[3]), us(h[4])) then return false end
 if not known(ARGV[4], h, h[7]) then return reply(h, m, '0', h[7]) end
+if ARGV[5] == '1' then
+  redis.call('PERSIST', s)
+  redis.call('PERSIST', m)
+  return 0
+end
 unindex(id, h[6], h[5])
 redis.call('DEL', s, m)
 return 1
@@ -1503,27 +1515,48 @@ class RedisRepository(SessionRepository, EventTransport):
         return bool(reply)
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
-        # The session is decoded before the script removes it, so an unreadable one stays
-        # stored: one round trip with a current held snapshot (already decoded), else a
-        # read and then the removal of what was read, unless it changed meanwhile.
+        """See :meth:`SessionRepository.remove_expired`.
+
+        The session is decoded before the script removes it: one round trip with a
+        current held snapshot (already decoded: its stored document is not read again),
+        else a read and then the removal of what was read, unless it changed meanwhile.
+        An unreadable one stays, and its keys lose their Redis expiry (``key_expiry_grace``
+        would drop it otherwise) until a write sets it again. A session that changes
+        between each read and its removal :data:`REMOVE_ATTEMPTS` times in a row is left
+        for the next cleanup pass: None.
+        """
         entry = self._held.take(session_id)
         session = None if entry is None else entry[0]
-        known = _version(entry)
+        known, keep = _version(entry), ""
+        failure: SerializationError | None = None
         sid = str(session_id)
         keys, now_us = self._keys(sid), str(_us(now))
-        while True:
+        for _ in range(REMOVE_ATTEMPTS):
             reply = await self._run(
-                self._remove_expired, "an expiry removal", keys, [sid, now_us, known]
+                self._remove_expired, "an expiry removal", keys, [sid, now_us, known, keep]
             )
             if reply is None:  # gone, or not expired
                 return None
             if reply == 1:
                 return session
-            session = self._from_reply(session_id, reply)  # CorruptSessionError: kept
+            if reply == 0:  # unreadable, and kept without a Redis expiry
+                assert failure is not None
+                raise failure
             _, revision, last_active, expires_at, incarnation, *_ = reply
             known = "@".join(
                 _text(field) for field in (revision, last_active, expires_at or "", incarnation)
             )
+            try:
+                session, keep, failure = self._from_reply(session_id, reply), "", None
+            except SerializationError as exc:  # keep this very version, then raise
+                keep, failure = "1", exc
+        logger.debug(
+            "expired session %s changed at each of %s attempts to remove it; the next "
+            "cleanup pass tries again",
+            session_id,
+            REMOVE_ATTEMPTS,
+        )
+        return None
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
         if type(limit) is not int or limit < 1:
