@@ -829,6 +829,8 @@ class SessionManager:
 
         An expired session counts as gone already: it is removed as expired, unless its
         document cannot be read (cleanup leaves it for this): then it is deleted unread.
+        A store that sets damaged documents aside (the file store's quarantine) does so
+        as this reads the session, which is then not found.
         """
         self._check_running()
         sid = _parse_id(session_id)
@@ -840,8 +842,9 @@ class SessionManager:
             try:
                 expired = await self._expire(sid, now)
             except SerializationError:
-                # Expired, but unreadable: the store kept it, and deleting it unread is
-                # how it goes (the error's own advice).
+                # Unreadable (expired or not: a store may read before it checks the
+                # deadline) and kept by the store: deleting it unread is how it goes
+                # (the error's own advice).
                 expired = False
         if expired:
             deleted = False

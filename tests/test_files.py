@@ -54,6 +54,11 @@ HAVE_PROCFS = Path("/proc/self").is_dir()
 
 
 class TestFileContract(RepositoryContract):
+    # The deadline index is read from the documents: a newer release's document has a
+    # deadline this release cannot read, so the scan leaves it out of expired() (and
+    # lists it by unreadable(), warned about once per change) instead of guessing one.
+    lists_newer_documents_as_expired = False
+
     @pytest.fixture
     async def repository(self, anyio_backend: str, tmp_path: Path) -> AsyncIterator[FileRepository]:
         async with FileRepository(tmp_path / "store") as repo:
