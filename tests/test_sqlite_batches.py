@@ -305,6 +305,29 @@ class ShiftedClock:
         time.sleep(seconds)
 
 
+def shift_clock(monkeypatch: pytest.MonkeyPatch) -> ShiftedClock:
+    """Give the store module a :class:`ShiftedClock` for the test's time jumps."""
+    clock = ShiftedClock()
+    monkeypatch.setattr(sqlite_store, "time", clock)
+    return clock
+
+
+class Outcomes(dict[str, Any]):
+    """What each named operation returned, or the StorageError it raised; ``answered``
+    holds an event per name, set once the operation has ended."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__()
+        self.answered = {name: anyio.Event() for name in names}
+
+    async def run(self, name: str, operation: Callable[[], Any]) -> None:
+        try:
+            self[name] = await operation()
+        except StorageError as exc:
+            self[name] = exc
+        self.answered[name].set()
+
+
 @contextlib.asynccontextmanager
 async def recovering_process(path: Path) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     """A second process standing for one recovering ``path``'s WAL (sqlite_child.py
@@ -360,19 +383,11 @@ async def test_reads_answered_meanwhile_keep_the_waiting_writes_deadline(
     as little as 0.1 s, by an error claiming it had waited busy_timeout): it runs again
     after the write with a busy_timeout of its own and succeeds once the lock is free, as
     the write queued behind them does."""
-    clock = ShiftedClock()
-    monkeypatch.setattr(sqlite_store, "time", clock)
+    clock = shift_clock(monkeypatch)
     path = tmp_path / "s.db"
-    outcomes: dict[str, Any] = {}
-    answered = {name: anyio.Event() for name in ("write", "read", "later write")}
+    outcomes = Outcomes("write", "read", "later write")
+    answered, run = outcomes.answered, outcomes.run
     lost, later = make_session(), make_session()
-
-    async def run(name: str, operation: Callable[[], Any]) -> None:
-        try:
-            outcomes[name] = await operation()
-        except StorageError as exc:
-            outcomes[name] = exc
-        answered[name].set()
 
     async with SQLiteRepository(path, busy_timeout=600) as repo:
         kept = make_session()
@@ -418,20 +433,12 @@ async def test_a_read_put_off_after_the_write_gets_its_own_deadline_and_an_hones
     again after the write, with a whole busy_timeout of its own; if the database stays
     busy past that too, it fails, and each busy error states how long its operation
     waited (the read's used to claim busy_timeout after a fraction of it)."""
-    clock = ShiftedClock()
-    monkeypatch.setattr(sqlite_store, "time", clock)
+    clock = shift_clock(monkeypatch)
     statements: list[str] = []
     trace_statements(monkeypatch, statements.append)
     path = tmp_path / "s.db"
-    outcomes: dict[str, Any] = {}
-    answered = {name: anyio.Event() for name in ("write", "read")}
-
-    async def run(name: str, operation: Callable[[], Any]) -> None:
-        try:
-            outcomes[name] = await operation()
-        except StorageError as exc:
-            outcomes[name] = exc
-        answered[name].set()
+    outcomes = Outcomes("write", "read")
+    answered, run = outcomes.answered, outcomes.run
 
     def read_runs_again() -> bool:
         """A try of the read follows the write's last try for the lock: the read's own
@@ -479,8 +486,7 @@ async def test_operations_rerun_one_by_one_stop_waiting_at_the_groups_deadline(
     others still waited one more slice of SQLite's busy wait (25 ms each: a batch of 256
     overran its busy_timeout by 6 s). Now the rest fail at once with the same
     recoverable StorageError, as when the group's transaction could not begin."""
-    clock = ShiftedClock()
-    monkeypatch.setattr(sqlite_store, "time", clock)
+    clock = shift_clock(monkeypatch)
     statements: list[tuple[float, str]] = []  # (clock offset, SQL) as the worker ran them
     connect = SQLiteRepository._connect
 
@@ -491,18 +497,13 @@ async def test_operations_rerun_one_by_one_stop_waiting_at_the_groups_deadline(
 
     monkeypatch.setattr(SQLiteRepository, "_connect", traced)
     path = tmp_path / "s.db"
-    outcomes: dict[str, Any] = {}
     reads = [f"read {i}" for i in range(5)]
+    outcomes = Outcomes(*reads, "write")
+    run = outcomes.run
 
     async with SQLiteRepository(path, busy_timeout=600) as repo:
         kept, lost = make_session(), make_session()
         await repo.add(kept)
-
-        async def run(name: str, operation: Callable[[], Any]) -> None:
-            try:
-                outcomes[name] = await operation()
-            except StorageError as exc:
-                outcomes[name] = exc
 
         async with recovering_process(path):
             stall = threading.Event()
@@ -549,20 +550,12 @@ async def test_a_put_off_read_runs_first_in_the_next_batch(
     next: with one operation per batch, it runs before a write that was queued ahead of
     it while the first write waited (behind that write, it would wait up to one more
     busy_timeout before running at all)."""
-    clock = ShiftedClock()
-    monkeypatch.setattr(sqlite_store, "time", clock)
+    clock = shift_clock(monkeypatch)
     statements: list[str] = []
     trace_statements(monkeypatch, statements.append)
     path = tmp_path / "s.db"
-    outcomes: dict[str, Any] = {}
-    answered = {name: anyio.Event() for name in ("write", "later write", "read")}
-
-    async def run(name: str, operation: Callable[[], Any]) -> None:
-        try:
-            outcomes[name] = await operation()
-        except StorageError as exc:
-            outcomes[name] = exc
-        answered[name].set()
+    outcomes = Outcomes("write", "later write", "read")
+    answered, run = outcomes.answered, outcomes.run
 
     async with SQLiteRepository(path, busy_timeout=600, max_batch=1) as repo:
         kept, lost, later = make_session(), make_session(), make_session()
@@ -605,8 +598,7 @@ async def test_a_put_off_read_whose_caller_was_cancelled_is_dropped(
     """A read tried while a write waited, whose caller was cancelled, and still busy at
     the write's deadline, is not run again after the write: it used to, with a whole
     busy_timeout of its own, holding up the operations behind it for no one."""
-    clock = ShiftedClock()
-    monkeypatch.setattr(sqlite_store, "time", clock)
+    clock = shift_clock(monkeypatch)
     statements: list[str] = []
     trace_statements(monkeypatch, statements.append)
     path = tmp_path / "s.db"
@@ -668,20 +660,12 @@ async def test_a_write_set_aside_while_another_waits_is_timed_from_when_it_was_t
     """A write taken from the queue while another write waited for the lock runs in the
     next batch; its busy error counted its wait from that batch's start, understating
     it (1.05 s said, 1.3 s waited). It counts from when the worker took it now."""
-    clock = ShiftedClock()
-    monkeypatch.setattr(sqlite_store, "time", clock)
+    clock = shift_clock(monkeypatch)
     statements: list[str] = []
     trace_statements(monkeypatch, statements.append)
     path = tmp_path / "s.db"
-    outcomes: dict[str, Any] = {}
-    answered = {name: anyio.Event() for name in ("write", "later write", "read")}
-
-    async def run(name: str, operation: Callable[[], Any]) -> None:
-        try:
-            outcomes[name] = await operation()
-        except StorageError as exc:
-            outcomes[name] = exc
-        answered[name].set()
+    outcomes = Outcomes("write", "later write", "read")
+    answered, run = outcomes.answered, outcomes.run
 
     async with SQLiteRepository(path, busy_timeout=600) as repo:
         kept, lost, later = make_session(), make_session(), make_session()
