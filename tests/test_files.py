@@ -796,6 +796,73 @@ async def test_a_damaged_document_locked_by_another_process_is_warned_about_once
         assert [p.name for p in quarantined(repo)] == [f"{sid}.json"]
 
 
+async def test_an_expired_session_revived_elsewhere_and_stuck_again_is_warned_again(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Expiry skips a session another process keeps locked; another writer then revives
+    it, so expired() stops listing it and remove_expired() never says it was dealt
+    with. Its note used to stay for as long as the session lived: when it expired
+    again while locked, that new episode was logged at debug level only."""
+    clock, other_clock = ManualClock(), ManualClock()
+    caplog.set_level(logging.DEBUG, logger="asyncsession")
+    root = tmp_path / "store"
+    repo = FileRepository(root, lock_timeout=0.05, fsync=False)
+    async with (
+        SessionManager(repo, idle_timeout=60, cleanup_interval=None, clock=clock) as mgr,
+        SessionManager(
+            FileRepository(root, fsync=False),
+            idle_timeout=60,
+            cleanup_interval=None,
+            clock=other_clock,
+        ) as other,
+    ):
+        sid = (await mgr.create()).id
+        clock.advance(61)
+        async with locked_by_another_process(lock_path(repo, sid), anyio_backend):
+            assert await mgr.purge_expired() == 0
+        assert len(records_about(caplog, sid, logging.WARNING)) == 1
+        other_clock.advance(50)
+        await other.add_message(sid, "user", "still here")  # revived: expires at 110
+        assert await mgr.purge_expired() == 0
+        [info] = records_about(caplog, sid, logging.INFO)
+        assert "no longer expired" in info.getMessage()
+        assert repo._expiry_notes.noted() == []
+        clock.advance(1000)
+        async with locked_by_another_process(lock_path(repo, sid), anyio_backend):
+            assert await mgr.purge_expired() == 0
+        assert len(records_about(caplog, sid, logging.WARNING)) == 2
+        assert await mgr.purge_expired() == 1
+
+
+async def test_a_damaged_document_read_fine_before_the_next_scan_is_warned_again(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scan leaves a damaged document in place (its lock is held elsewhere); the
+    writer then repairs it, and a get() of this process reads it before any scan does,
+    so no scan reads it again to say so. Its note used to stay: when the document was
+    damaged again under a held lock, the scan only logged at debug level."""
+    clock = ManualClock()
+    caplog.set_level(logging.DEBUG, logger="asyncsession")
+    repo = FileRepository(tmp_path / "store", lock_timeout=0.05, fsync=False)
+    async with SessionManager(repo, idle_timeout=60, cleanup_interval=None, clock=clock) as mgr:
+        sid = (await mgr.create()).id
+        path = doc_path(repo, sid)
+        good = path.read_bytes()
+        damaged = good.replace(b'"revision": 0', b'"revision": 7')
+        for episode in (1, 2):
+            async with locked_by_another_process(lock_path(repo, sid), anyio_backend):
+                path.write_bytes(damaged)
+                await mgr.create()  # the directory changed: the pass scans it again
+                assert await mgr.purge_expired() == 0
+                path.write_bytes(good)  # repaired by the lock's holder
+            assert len(records_about(caplog, sid, logging.WARNING)) == episode
+            assert await repo.get(sid) is not None
+            [*_, info] = records_about(caplog, sid, logging.INFO)
+            assert "can be read again" in info.getMessage()
+            assert repo._scan_notes.noted() == []
+        assert quarantined(repo) == []
+
+
 async def test_beyond_the_sessions_remembered_one_warning_says_so(
     tmp_path: Path,
     anyio_backend: str,
@@ -1072,6 +1139,50 @@ async def test_a_document_that_cannot_be_removed_is_quarantined_once(
     assert not path.exists()
     assert quarantined(repo) == kept
     assert await repo.get(session.id) is None
+
+
+async def test_a_failed_lookup_of_the_document_in_quarantine_names_both_files(
+    repo: FileRepository, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding an earlier quarantine link compares the document with it; an I/O error
+    on the document itself was logged as "could not look up <the quarantine copy>"."""
+    session = make_session()
+    await repo.add(session)
+    path = doc_path(repo, session.id)
+    path.write_bytes(b"garbage")
+    real_unlink, real_link, real_lstat = os.unlink, os.link, os.lstat
+    linked_before = False
+
+    def unlink(name: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fspath(name) == os.fspath(path):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        real_unlink(name, *args, **kwargs)
+
+    def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal linked_before
+        try:
+            real_link(src, dst, *args, **kwargs)
+        except FileExistsError:
+            linked_before = True  # quarantine now compares the document with dst
+            raise
+
+    def lstat(name: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if linked_before and os.fspath(name) == os.fspath(path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_lstat(name, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "unlink", unlink)
+        with pytest.raises(CorruptSessionError, match="quarantine failed"):
+            await repo.get(session.id)  # linked into quarantine/, not removed
+        caplog.clear()
+        patch.setattr(os, "link", link)
+        patch.setattr(os, "lstat", lstat)
+        with pytest.raises(CorruptSessionError, match="quarantine failed"):
+            await repo.get(session.id)
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    copy = repo.directory / "quarantine" / f"{session.id}.json"
+    assert record.getMessage() == f"could not compare {path} with {copy}"
 
 
 async def test_a_removed_quarantine_directory_is_recreated(repo: FileRepository) -> None:

@@ -419,7 +419,7 @@ class _Notes:
 
     def resolved(self, sid: uuid.UUID, message: str, *args: object) -> None:
         """Log ``message % args`` at info level if ``sid`` was noted, and forget it."""
-        if self._forget(sid):
+        if self._causes and self._forget(sid):  # nothing noted: no lock taken
             logger.info(message, *args)
 
     def forget(self, ids: Iterable[uuid.UUID]) -> None:
@@ -533,6 +533,12 @@ class _Index:
             for item in found:  # stays indexed until remove_expired() takes it
                 heapq.heappush(heap, item)
         return [item[2] for item in found]
+
+    def not_expired(self, ids: Iterable[uuid.UUID], now: datetime) -> list[uuid.UUID]:
+        """Those of ``ids`` that are indexed and not expired at ``now``."""
+        with self.lock:
+            entries = [(sid, self.entries.get(sid)) for sid in ids]
+        return [sid for sid, e in entries if e is not None and not e.skeleton.is_expired(now)]
 
     def candidates(self, owner: str | None) -> list[_Entry]:
         with self.lock:
@@ -1003,7 +1009,8 @@ class FileRepository(SessionRepository):
                 except FileNotFoundError:
                     continue  # the document vanished (the next link says so), or dst did
                 except OSError as exc:
-                    self._quarantine_failed(sid, f"could not look up {dst}", exc, scanning)
+                    what = f"could not compare {src} with {dst}"
+                    self._quarantine_failed(sid, what, exc, scanning)
                     return None
                 # linked by an earlier attempt whose removal failed: remove it now
             except FileNotFoundError:
@@ -1257,6 +1264,8 @@ class FileRepository(SessionRepository):
     def _rmw(self, sid: uuid.UUID, step: Callable[[_Doc | None], tuple[R, _Action]]) -> R:
         """Read the document, let ``step`` decide, apply its action, update the index."""
         current = self._read(sid)
+        if current is not None:  # readable now: a scan's note about it is out of date
+            self._scan_notes.resolved(sid, "session %s can be read again", sid)
         try:
             result, action = step(current)
         except _Damaged as exc:
@@ -1468,6 +1477,18 @@ class FileRepository(SessionRepository):
         self._check_open()
         if self._shared:
             await self._call(self._sync)
+        noted = self._expiry_notes.noted()
+        if noted:
+            # A session skipped while locked elsewhere and revived meanwhile is no longer
+            # listed, so remove_expired() would never resolve its note: forget it here,
+            # so that getting stuck again later is warned about again.
+            for sid in self._index.not_expired(noted, now):
+                self._expiry_notes.resolved(
+                    sid,
+                    "session %s, which expiry skipped while it was locked elsewhere, is no "
+                    "longer expired (revived meanwhile)",
+                    sid,
+                )
         return self._index.expired(now, limit)
 
     async def list(self, query: SessionQuery) -> Page:
