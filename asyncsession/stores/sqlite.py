@@ -830,15 +830,17 @@ def _store_messages(conn: sqlite3.Connection, pk: int, count: int, bodies: list[
 
 # -- requests to the worker -----------------------------------------------------------
 
-#: A request's states. ``_ABANDONED``: a read the worker had started when its caller was
-#: cancelled; if it is put off until after a write (see ``_serve``), it is dropped.
-_QUEUED, _RUNNING, _CANCELLED, _DONE, _ABANDONED = range(5)
+#: A request's states. Only the worker moves a request on from ``_RUNNING`` (to
+#: ``_DONE``); a caller cancelled meanwhile sets ``abandoned`` instead, so it can never
+#: undo an answer given at that very moment.
+_QUEUED, _RUNNING, _CANCELLED, _DONE = range(4)
 
 
 class _Request:
     """One operation handed to the worker thread and the way back to its caller."""
 
     __slots__ = (
+        "abandoned",
         "error",
         "event",
         "fn",
@@ -862,6 +864,9 @@ class _Request:
         self.token = token = anyio.lowlevel.current_token()
         self.event = token.backend_class.create_event()
         self.state = _QUEUED
+        # A read the worker had started when its caller was cancelled (set under the
+        # state lock): if it is put off until after a write (see _serve), it is dropped.
+        self.abandoned = False
         self.result: Any = None
         self.error: BaseException | None = None
         # When the worker first took it from the queue (time.monotonic): its busy error
@@ -1177,8 +1182,8 @@ class SQLiteRepository(SessionRepository):
                 if request.state == _QUEUED:
                     request.state = _CANCELLED
                     raise
-                if request.state == _RUNNING and not write:
-                    request.state = _ABANDONED  # no one to answer: dropped if put off
+                if not write:
+                    request.abandoned = True  # no one to answer: dropped if put off
             if write:
                 with (
                     anyio.CancelScope(shield=True),
@@ -1269,7 +1274,7 @@ class SQLiteRepository(SessionRepository):
                 request = later.popleft() if later else requests.get_nowait()
             except queue.Empty:
                 break
-            if request.state == _ABANDONED:  # a put-off read no one waits for
+            if request.abandoned:  # a put-off read no one waits for
                 continue
             request.error = StorageError(f"{self!r} was closed before this operation ran.")
             leftovers.append(request)
@@ -1294,7 +1299,8 @@ class SQLiteRepository(SessionRepository):
                     live.append(request)
                     self._operations += 1
                 elif request.state == _RUNNING:
-                    live.append(request)
+                    if not request.abandoned:
+                        live.append(request)
                 elif request.state == _CANCELLED:
                     self._withdrawn += 1
         return live, stopping
