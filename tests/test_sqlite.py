@@ -21,6 +21,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from strategies import messages, sessions
+from test_sqlite_repair import add_a_failing_commit
 
 from asyncsession import (
     CURRENT_VERSION,
@@ -228,6 +229,43 @@ async def test_upgrade_from_layout_1_in_place(
     conn.close()
 
 
+async def test_unreadable_first_messages_found_by_the_upgrade_are_warned_about_after_commit(
+    db: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upgrading layout 1 warned "session row <pk> has an unreadable first message"
+    inside its transaction, one line per row, without the file's name: a COMMIT that
+    failed left the warnings of an upgrade that never happened, and each retry logged
+    them again. Now one warning names the file, a few sessions and how many more, once
+    the upgrade has committed: here the first COMMIT fails (a deferred foreign key the
+    file's own trigger breaks) and logs nothing; the next open commits and warns."""
+    damaged = [make_session(messages=(f"m{i}",)) for i in range(7)]
+    make_v1_file(db, [*damaged, make_session(messages=("fine",))])
+    conn = raw(db)
+    conn.executemany(
+        "UPDATE messages SET body = x'00ff00' WHERE seq = 0 AND session_pk = "
+        "(SELECT pk FROM sessions WHERE id = ?)",
+        [(str(s.id),) for s in damaged],
+    )
+    conn.close()
+    await anyio.to_thread.run_sync(add_a_failing_commit, db)
+
+    def unreadable_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "unreadable first" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, "asyncsession.stores.sqlite"):
+        with pytest.raises(StorageError, match="FOREIGN KEY constraint failed"):
+            async with SQLiteRepository(db, pragmas={"foreign_keys": 1}):
+                pass
+        assert unreadable_warnings() == []
+        async with SQLiteRepository(db):  # foreign keys off: it commits
+            pass
+    named = ", ".join(str(s.id) for s in damaged[:5])  # the first ones stored
+    assert unreadable_warnings() == [
+        f"{db}: 7 session(s) have an unreadable first message, which searches will not "
+        f"find them by ({named} and 2 more)"
+    ]
+
+
 def make_v2_file(path: Path, sessions: list[Session]) -> None:
     """Write a layout-2 database: layout 1 upgraded by the release that introduced 2.
 
@@ -237,7 +275,7 @@ def make_v2_file(path: Path, sessions: list[Session]) -> None:
     make_v1_file(path, sessions)
     conn = raw(path)
     conn.execute("BEGIN IMMEDIATE")
-    _upgrade_1_to_2(conn)
+    assert _upgrade_1_to_2(conn, path) is None
     conn.execute("PRAGMA user_version = 2")
     conn.execute("COMMIT")
     conn.close()

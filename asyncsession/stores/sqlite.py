@@ -210,26 +210,39 @@ CREATE TABLE messages (
 """
 
 
-def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
-    """Add casefolded search columns (backfilled) and a status index."""
+def _upgrade_1_to_2(conn: sqlite3.Connection, path: Path | str) -> str | None:
+    """Add casefolded search columns (backfilled) and a status index. Returns the
+    warning to log once the upgrade has committed (None if every row was read): it
+    names the file ``path`` and up to :data:`_IDS_LOGGED` sessions whose first message
+    could not be read (a search never finds them by it)."""
     conn.execute("ALTER TABLE sessions ADD COLUMN name_cf TEXT")
     conn.execute("ALTER TABLE sessions ADD COLUMN first_cf TEXT")
     conn.execute("CREATE INDEX sessions_status ON sessions (status, last_active, id)")
     rows = conn.execute(
-        "SELECT s.pk, s.name, m.body FROM sessions s "
-        "LEFT JOIN messages m ON m.session_pk = s.pk AND m.seq = 0"
+        "SELECT s.pk, s.id, s.name, m.body FROM sessions s "
+        "LEFT JOIN messages m ON m.session_pk = s.pk AND m.seq = 0 ORDER BY s.pk"
     ).fetchall()
-    for pk, name, body in rows:
+    unreadable = 0
+    unreadable_ids: list[str] = []
+    for pk, sid, name, body in rows:
         first = None
         if body is not None:
             try:
                 first = load_message(body).content.casefold()
             except SessionError:
-                logger.warning("session row %s has an unreadable first message", pk)
+                unreadable += 1
+                if len(unreadable_ids) < _IDS_LOGGED:
+                    unreadable_ids.append(sid)
         name_cf = name.casefold() if name is not None else None
         conn.execute(
             "UPDATE sessions SET name_cf = ?, first_cf = ? WHERE pk = ?", (name_cf, first, pk)
         )
+    if not unreadable:
+        return None
+    return (
+        f"{path}: {unreadable} session(s) have an unreadable first message, which "
+        f"searches will not find them by ({_some(unreadable_ids, unreadable)})"
+    )
 
 
 def _upgrade_2_to_3(conn: sqlite3.Connection) -> None:
@@ -339,7 +352,7 @@ def _upgrade_4_to_5(conn: sqlite3.Connection, path: Path | str) -> str | None:
 #: ``_UPGRADES[v](conn, path)`` turns the version-``v`` database ``path`` into version
 #: ``v + 1`` and returns a warning to log once the upgrade has committed, or None.
 _UPGRADES: dict[int, Callable[[sqlite3.Connection, Path], str | None]] = {
-    1: lambda conn, path: _upgrade_1_to_2(conn),
+    1: _upgrade_1_to_2,
     2: lambda conn, path: _upgrade_2_to_3(conn),
     3: lambda conn, path: _upgrade_3_to_4(conn),
     4: _upgrade_4_to_5,
