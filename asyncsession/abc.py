@@ -446,7 +446,8 @@ class SessionRepository(ABC):
         read): this raises :class:`CorruptSessionError` (:class:`SchemaVersionError`
         for a newer version) naming it, and it stays stored as it was, for a repair or
         :meth:`delete` (the Redis store removes its keys' expiry until a write sets it
-        again). (A store that sets unreadable documents aside instead, as the file
+        again: one whose deadline plus ``key_expiry_grace`` has passed removes it at
+        once). (A store that sets unreadable documents aside instead, as the file
         store's quarantine does, returns None: the session has left the store.) A store
         may also return None for a session that kept changing while it tried to remove
         it: it is still listed by :meth:`expired`, for the next cleanup pass.

@@ -624,6 +624,37 @@ async def test_an_unreadable_expired_session_keeps_its_keys_until_written_again(
     assert await store.remove_expired(kept.id, now=later) == repaired
 
 
+@pytest.mark.anyio
+async def test_a_kept_unreadable_session_written_past_its_key_deadline_goes_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """A write to a kept unreadable session sets its key expiry again from the deadline
+    it writes: one whose deadline plus ``key_expiry_grace`` has passed removes it at once,
+    as such a write removes any session; a later deadline keeps it."""
+    now = datetime.now(timezone.utc).replace(microsecond=0)  # deadlines in the server's past
+    grace = timedelta(hours=1)
+    async with RedisRepository(redis_server.url, prefix=prefix(), key_expiry_grace=grace) as store:
+        created = now - timedelta(minutes=50)
+        gone = new_session(created=created, messages=[msg("a", created)])
+        kept = new_session(created=created, messages=[msg("b", created)])
+        for session in (gone, kept):
+            await store.add(session)
+            await store.client.hset(f"{store.prefix}s:{session.id}", {"d": b'{"version": 1, "'})
+            store._held.drop(session.id)
+            with pytest.raises(CorruptSessionError):
+                await store.remove_expired(session.id, now=now)
+            assert await key_expiries(store, session.id) == [None, None]
+        assert gone.expires_at is not None
+        past = attrs.evolve(gone, revision=1, expires_at=gone.expires_at - grace)
+        await store.save(past, expected_revision=0)
+        assert await store.get(gone.id) is None
+        assert await store.client.exists([f"{store.prefix}s:{gone.id}"]) == 0
+        later = attrs.evolve(kept, revision=1, expires_at=now + timedelta(days=1))
+        await store.save(later, expected_revision=0)
+        assert await key_expiries(store, kept.id) == [now + timedelta(days=1) + grace] * 2
+        assert list(await store.expired(now)) == []
+
+
 class OutpacedStore(RedisRepository):
     """A store whose expiry removals another writer outpaces: ``meddle`` runs after each
     expiry-removal script that answered the session (for the caller to decode), i.e.
@@ -664,12 +695,73 @@ async def test_an_expiry_removal_keeps_only_the_unreadable_version_it_read(
 
 
 @pytest.mark.anyio
+async def test_an_expiry_removal_does_not_keep_a_document_repaired_in_place(
+    store: RedisRepository, redis_server: RedisServer
+) -> None:
+    """A repair that rewrites only the document (revision and times as they were) between
+    the read that found it unreadable and the script that would keep it: the session is
+    read again and removed, not kept without a Redis expiry and reported unreadable."""
+    session = new_session(messages=[msg("a")])
+    await store.add(session)
+    key = f"{store.prefix}s:{session.id}"
+    good = await store.client.hget(key, "d")
+    assert good is not None
+    await store.client.hset(key, {"d": b'{"version": 1, "'})
+    async with OutpacedStore(
+        redis_server.url, prefix=store.prefix, key_expiry_grace=FAR
+    ) as outpaced:
+
+        async def repair() -> None:
+            outpaced.meddle = None
+            await store.client.hset(key, {"d": good})
+
+        outpaced.meddle = repair
+        removed = await outpaced.remove_expired(session.id, now=T0 + timedelta(days=1))
+    assert removed is not None and (removed.id, removed.revision) == (session.id, 0)
+    assert removed.messages.total == 1
+    assert await store.client.exists([key, f"{store.prefix}m:{session.id}"]) == 0
+
+
+@pytest.mark.anyio
+async def test_an_expiry_removal_keeps_an_unreadable_version_found_at_its_last_read(
+    store: RedisRepository, redis_server: RedisServer
+) -> None:
+    """Outpaced by a writer until the last read the attempt bound allows, which finds the
+    session unreadable: that version is still kept (no Redis expiry) and reported."""
+    current = new_session(messages=[msg("a")])
+    await store.add(current)
+    key = f"{store.prefix}s:{current.id}"
+    reads = 0
+
+    async def save_again() -> None:
+        nonlocal current, reads
+        reads += 1
+        if reads == REMOVE_ATTEMPTS:  # the last read: leave it alone from here on
+            return
+        changed = attrs.evolve(current, revision=current.revision + 1)
+        await store.save(changed, expected_revision=current.revision)
+        current = changed
+        if reads == REMOVE_ATTEMPTS - 1:  # the next read, the last, finds it unreadable
+            await store.client.hset(key, {"d": b'{"version": 1, "'})
+
+    async with OutpacedStore(
+        redis_server.url, prefix=store.prefix, key_expiry_grace=FAR
+    ) as outpaced:
+        outpaced.meddle = save_again
+        with pytest.raises(CorruptSessionError):
+            await outpaced.remove_expired(current.id, now=T0 + timedelta(days=1))
+    assert reads == REMOVE_ATTEMPTS
+    assert await key_expiries(store, current.id) == [None, None]
+
+
+@pytest.mark.anyio
 async def test_an_expiry_removal_outpaced_at_every_attempt_leaves_it_to_the_next_pass(
     store: RedisRepository, redis_server: RedisServer
 ) -> None:
     """A writer that saves the expired session between each read and removal does not
-    keep remove_expired() looping: after REMOVE_ATTEMPTS reads it answers None, and the
-    session stays listed for the next pass, which removes it once left alone."""
+    keep remove_expired() looping: after the first read and REMOVE_ATTEMPTS attempts to
+    remove what it read it answers None, and the session stays listed for the next
+    pass, which removes it once left alone."""
     current = new_session(messages=[msg("a")])
     await store.add(current)
     later = T0 + timedelta(days=1)
@@ -687,7 +779,7 @@ async def test_an_expiry_removal_outpaced_at_every_attempt_leaves_it_to_the_next
         outpaced.meddle = save_again
         with anyio.fail_after(20):  # without a bound it would loop for ever
             assert await outpaced.remove_expired(current.id, now=later) is None
-        assert saves == REMOVE_ATTEMPTS
+        assert saves == 1 + REMOVE_ATTEMPTS
         assert list(await outpaced.expired(later)) == [current.id]
         outpaced.meddle = None
         removed = await outpaced.remove_expired(current.id, now=later)

@@ -20,14 +20,17 @@ compare-and-set, append-and-bump and multi-key index changes are atomic on the s
 ``list()`` and ``expired()`` run one script per ``scan_budget`` index entries examined.
 Data keys also get a Redis expiry (the deadline plus ``key_expiry_grace``), so expired
 data disappears even when no manager runs; indexes drop such ids lazily. A session that
-cleanup found expired but unreadable loses that expiry (it stays for a repair or a
-delete) until a write sets it again.
+cleanup found expired but unreadable loses that expiry, so it stays for a repair or a
+delete: repaired in place, it waits for the next cleanup pass; a write sets the expiry
+again from its deadline, and one whose deadline plus ``key_expiry_grace`` has passed
+removes it at once (as any such write does: give it a later deadline to keep it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import importlib
 import logging
 import math
@@ -107,8 +110,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
 _CHUNK = 1000  # RPUSH arguments per call inside scripts (Lua's unpack() stack limit)
 _ALL_MESSAGES = 2**53  # a longer last_messages means all (Lua numbers are doubles)
-#: How often :meth:`RedisRepository.remove_expired` reads an expired session again that
-#: changed between its read and its removal, before it leaves it to the next cleanup pass.
+#: How many times :meth:`RedisRepository.remove_expired` tries to remove (or, unreadable,
+#: keep) the version of an expired session it read, reading it again whenever it changed
+#: meanwhile, before it leaves the session to the next cleanup pass.
 REMOVE_ATTEMPTS = 5
 
 # -- Lua ---------------------------------------------------------------------------------
@@ -425,8 +429,11 @@ return 1
 # expired session the caller has not read (known '' or outdated) is not removed: the
 # reply is the session (as _GET's, without messages) for the caller to decode and ask
 # again with, so a document this asyncsession cannot read is never removed here.
-# keep '1': the caller could not decode the version it names: its keys lose their Redis
-# expiry (until a write sets it again), so it stays for a repair or a delete; then 0.
+# keep: '' to remove; else the SHA-1 (hex) of the document the caller could not decode
+# in the version it names. If the document is still that one, its keys lose their Redis
+# expiry (until a write sets it again), so it stays for a repair or a delete; then 0. A
+# document rewritten in place since (a repair that left the version as it was) is
+# answered as a changed session is, for the caller to decode.
 _REMOVE_EXPIRED = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
 local h = redis.call('HMGET', s, 'd', 'r', 'la', 'ex', 'st', 'o', 'g')
@@ -436,7 +443,8 @@ if not h[1] then
 end
 if not h[4] or us_less(us(ARGV[3]), us(h[4])) then return false end
 if not known(ARGV[4], h, h[7]) then return reply(h, m, '0', h[7]) end
-if ARGV[5] == '1' then
+if ARGV[5] ~= '' then
+  if redis.sha1hex(h[1]) ~= ARGV[5] then return reply(h, m, '0', h[7]) end
   redis.call('PERSIST', s)
   redis.call('PERSIST', m)
   return 0
@@ -883,6 +891,12 @@ def _last_n(last_messages: int | None) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _sha1(doc: Any) -> str:
+    """The SHA-1 (hex) of a stored document, as ``redis.sha1hex`` in a script gives it."""
+    data = doc.encode() if isinstance(doc, str) else bytes(doc)
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest()
 
 
 def _same(reply: T) -> T:
@@ -1520,10 +1534,12 @@ class RedisRepository(SessionRepository, EventTransport):
         The session is decoded before the script removes it: one round trip with a
         current held snapshot (already decoded: its stored document is not read again),
         else a read and then the removal of what was read, unless it changed meanwhile.
-        An unreadable one stays, and its keys lose their Redis expiry (``key_expiry_grace``
-        would drop it otherwise) until a write sets it again. A session that changes
-        between each read and its removal :data:`REMOVE_ATTEMPTS` times in a row is left
-        for the next cleanup pass: None.
+        An unreadable one is kept if its version and document are still the ones read:
+        its keys lose their Redis expiry (``key_expiry_grace`` would drop it otherwise)
+        until a write sets it again (a write whose deadline plus ``key_expiry_grace``
+        has passed removes the session). A session that changed before each of
+        :data:`REMOVE_ATTEMPTS` attempts to remove or keep what was read is left for the
+        next cleanup pass: None.
         """
         entry = self._held.take(session_id)
         session = None if entry is None else entry[0]
@@ -1531,7 +1547,8 @@ class RedisRepository(SessionRepository, EventTransport):
         failure: SerializationError | None = None
         sid = str(session_id)
         keys, now_us = self._keys(sid), str(_us(now))
-        for _ in range(REMOVE_ATTEMPTS):
+        attempts = 0  # calls that removed or kept a version read (not the first read)
+        while True:
             reply = await self._run(
                 self._remove_expired, "an expiry removal", keys, [sid, now_us, known, keep]
             )
@@ -1542,17 +1559,21 @@ class RedisRepository(SessionRepository, EventTransport):
             if reply == 0:  # unreadable, and kept without a Redis expiry
                 assert failure is not None
                 raise failure
-            _, revision, last_active, expires_at, incarnation, *_ = reply
+            if known:  # an attempt: what it named changed meanwhile
+                attempts += 1
+                if attempts == REMOVE_ATTEMPTS:
+                    break
+            doc, revision, last_active, expires_at, incarnation, *_ = reply
             known = "@".join(
                 _text(field) for field in (revision, last_active, expires_at or "", incarnation)
             )
             try:
                 session, keep, failure = self._from_reply(session_id, reply), "", None
-            except SerializationError as exc:  # keep this very version, then raise
-                keep, failure = "1", exc
+            except SerializationError as exc:  # keep this very document, then raise
+                keep, failure = _sha1(doc), exc
         logger.debug(
-            "expired session %s changed at each of %s attempts to remove it; the next "
-            "cleanup pass tries again",
+            "expired session %s changed before each of %s attempts to remove (or keep) "
+            "what was read of it; the next cleanup pass tries again",
             session_id,
             REMOVE_ATTEMPTS,
         )
