@@ -1409,7 +1409,7 @@ async def test_the_pool_busy_error_of_store_client_survives_pickle_and_copy(
                 with pytest.raises(TimeoutError) as info:
                     await store.client.get(f"{store.prefix}x")
         error = info.value
-        error.add_note("seen by the caller")
+        error.__notes__ = ["seen by the caller"]  # as add_note() does (Python 3.11+)
         for twin in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
             assert type(twin) is type(error) and isinstance(twin, TimeoutError)
             assert str(twin) == str(error) == "no free connection within 0.5 s"
