@@ -625,6 +625,27 @@ async def test_an_unreadable_expired_session_keeps_its_keys_until_written_again(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+async def test_a_client_that_decodes_replies_keeps_an_unreadable_session_too(
+    redis_server: RedisServer, encoding: str
+) -> None:
+    """The keep call compares a hash of the document read with the stored bytes; a
+    passed client that decodes replies in latin-1 handed non-ASCII documents over as
+    text the store hashed as UTF-8, so the session was never kept (None after every
+    attempt, its key expiry left to drop it)."""
+    client = coredis.Redis.from_url(redis_server.url, decode_responses=True, encoding=encoding)
+    async with client, RedisRepository(client, prefix=prefix(), key_expiry_grace=FAR) as store:
+        for damaged in (b'{"version": 1, "\xc3\xa9', b"\xff\xfe{", b'{"version": 1, "'):
+            kept = new_session(messages=[msg("a")])
+            await store.add(kept)
+            await store.client.hset(f"{store.prefix}s:{kept.id}", {"d": damaged})
+            store._held.drop(kept.id)
+            with pytest.raises(CorruptSessionError):
+                await store.remove_expired(kept.id, now=T0 + timedelta(days=1))
+            assert await key_expiries(store, kept.id) == [None, None]
+
+
+@pytest.mark.anyio
 async def test_a_kept_unreadable_session_written_past_its_key_deadline_goes_at_once(
     redis_server: RedisServer,
 ) -> None:

@@ -893,9 +893,12 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _sha1(doc: Any) -> str:
-    """The SHA-1 (hex) of a stored document, as ``redis.sha1hex`` in a script gives it."""
-    data = doc.encode() if isinstance(doc, str) else bytes(doc)
+def _sha1(doc: Any, encoding: str) -> str:
+    """The SHA-1 (hex) of a stored document, as ``redis.sha1hex`` in a script gives it.
+
+    A client that decodes replies hands the document over as ``str`` (in its own
+    ``encoding``; coredis leaves bytes that do not decode as ``bytes``)."""
+    data = doc.encode(encoding) if isinstance(doc, str) else bytes(doc)
     return hashlib.sha1(data, usedforsecurity=False).hexdigest()
 
 
@@ -1570,7 +1573,8 @@ class RedisRepository(SessionRepository, EventTransport):
             try:
                 session, keep, failure = self._from_reply(session_id, reply), "", None
             except SerializationError as exc:  # keep this very document, then raise
-                keep, failure = _sha1(doc), exc
+                encoding = self._client.connection_pool.connection_kwargs.get("encoding")
+                keep, failure = _sha1(doc, encoding or "utf-8"), exc
         logger.debug(
             "expired session %s changed before each of %s attempts to remove (or keep) "
             "what was read of it; the next cleanup pass tries again",

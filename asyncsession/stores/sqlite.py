@@ -878,7 +878,9 @@ class _Request:
         self.event = token.backend_class.create_event()
         self.state = _QUEUED
         # A read the worker had started when its caller was cancelled (set under the
-        # state lock): if it is put off until after a write (see _serve), it is dropped.
+        # state lock, read under it by _take): if it is put off until after a write (see
+        # _serve), it is dropped. The close-time drain reads it without the lock: a read
+        # abandoned at that moment may get a "closed" error no one waits for, harmlessly.
         self.abandoned = False
         self.result: Any = None
         self.error: BaseException | None = None
