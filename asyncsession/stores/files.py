@@ -1451,7 +1451,7 @@ class FileRepository(SessionRepository):
         except CorruptSessionError as exc:
             # Already quarantined and out of the index; cleanup carries on.
             self._expiry_notes.forget((sid,))
-            logger.warning("expiry skipped session %s: %s", sid, exc.detail)
+            logger.warning("session %s was quarantined, not removed: %s", sid, exc.detail)
             return None
         except LockTimeout as exc:
             # Held elsewhere: the session stays indexed, so the next pass tries it again

@@ -1030,11 +1030,11 @@ class SQLiteRepository(SessionRepository):
       file keeps its own.
 
     Cancellation: an operation still waiting in the queue is withdrawn and never runs;
-    one the worker has started completes (a write is awaited, shielded, for at most
-    ``2 * busy_timeout + 5`` seconds) before ``Cancelled`` propagates, except a read
-    the database kept busy and put off until after a waiting write: it is dropped.
-    Either way the database holds the old or the new state of the session, never a mix:
-    each operation is one transaction (or savepoint).
+    a write the worker has started completes (awaited, shielded, for at most
+    ``2 * busy_timeout + 5`` seconds) before ``Cancelled`` propagates; a started read's
+    caller returns at once and its answer is dropped (put off until after a waiting
+    write, it is not run again). Either way the database holds the old or the new state
+    of the session, never a mix: each operation is one transaction (or savepoint).
     """
 
     def __init__(
