@@ -1290,7 +1290,7 @@ class _Exported:
     stored: int  # the store's count when the export checked it
     unreadable: int  # listed, but reading it failed
     unlisted: int  # counted by the store, but in none of its listings (at least this many)
-    unconfirmed: int = 0  # counted; maybe sessions created or deleted while it checked
+    unconfirmed: int  # counted; maybe sessions created or deleted while it checked
 
     @property
     def left_out(self) -> int:
@@ -1497,9 +1497,8 @@ async def _export(
         task = progress.add_task("Reading the store", total=None)
         ids = await export.list_ids()
         progress.update(task, total=len(ids), completed=0, description="Exporting")
-        for sid in ids:
-            if not export.done(sid):
-                await export.write(sid)
+        for sid in ids:  # once each: list_ids() drops repeats
+            await export.write(sid)
             progress.advance(task)
         progress.update(task, description="Checking")
         check = await export.check()

@@ -424,6 +424,8 @@ class _Notes:
 
     def forget(self, ids: Iterable[uuid.UUID]) -> None:
         """Forget ``ids`` without a word (their sessions are gone)."""
+        if not self._causes:  # nothing noted: no lock taken (every delete comes here)
+            return
         for sid in ids:
             self._forget(sid)
 

@@ -1790,12 +1790,10 @@ class RedisRepository(SessionRepository, EventTransport):
     async def _subscription(self) -> AsyncIterator[AsyncIterator[RedisEvent]]:
         """:meth:`subscribe_events` once its connection is counted."""
         policy = _subscription_policy(self._retry, self._connection_errors)
-        pubsub = self._client.pubsub(
-            channels=[self.events_channel],
-            retry_policy=policy,
-            subscription_timeout=math.inf if self._timeout is None else self._timeout,
-        )
         timeout = math.inf if self._timeout is None else self._timeout
+        pubsub = self._client.pubsub(
+            channels=[self.events_channel], retry_policy=policy, subscription_timeout=timeout
+        )
         # The deadline never covers the wait for a pool slot: a store-made pool bounds
         # that itself (then _PoolBusy, which says so), and with a client of the caller's
         # the store must not cancel its pool's work (a cancelled wait for a slot leaves
