@@ -32,6 +32,7 @@ from ._exceptions import (
     InvalidUpdate,
     revision_exhausted,
 )
+from ._loops import set_soon
 from ._models import ExpiryPolicy, Message, Session, SessionStatus, parse_status
 
 __all__ = [
@@ -213,12 +214,9 @@ class _TransitionLock:
         while self._waiters:
             waiter = self._waiters.popleft()
             waiter.granted = True
-            token = waiter.token
-            try:
-                token.backend_class.run_sync_soon(waiter.event.set, (), token.native_token)
-            except anyio.RunFinishedError:
-                continue  # its event loop is gone, and the task with it
-            return
+            if set_soon(waiter.token, waiter.event):
+                return
+            # its event loop is gone, and the task with it: the next waiter
         self._locked = False
 
 

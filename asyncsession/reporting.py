@@ -32,6 +32,7 @@ import orjson
 from ._clock import Duration, to_timedelta, utc
 from ._exceptions import CorruptSessionError, InvalidConfiguration, SessionError
 from ._json import freeze_state
+from ._loops import set_soon
 from ._models import Session, SessionStatus, parse_status, validate_owner
 
 __all__ = [
@@ -267,7 +268,7 @@ class JsonLinesReporter:
                     abandoned = write.abandoned
                     self._in_flight = None
                     self._state.notify_all()  # for the exit's wait
-                if abandoned or not _wake(write):
+                if abandoned or not set_soon(write.token, write.ended):
                     self._lost(failure)  # nobody else will hear of it
             del write, failure
 
@@ -349,16 +350,6 @@ class JsonLinesReporter:
                 lost,
                 self.path,
             )
-
-
-def _wake(write: _Write) -> bool:
-    """From the writer thread: wake the caller of ``write`` in its event loop, without
-    waiting for that loop. False if that loop has ended (its caller with it)."""
-    try:
-        write.token.backend_class.run_sync_soon(write.ended.set, (), write.token.native_token)
-    except RuntimeError:  # anyio.RunFinishedError, or an asyncio loop stopped and closed
-        return False
-    return True
 
 
 #: Reporters whose lines still queued or being written the interpreter's exit waits for
