@@ -53,6 +53,7 @@ from ._models import (
     parse_status,
     replace_trusted,
 )
+from ._notes import Notes
 from .abc import EventTransport, Page, SessionQuery, SessionRepository
 from .reporting import Reporter, SessionReport
 
@@ -65,7 +66,8 @@ _EXIT_REPORT_CALL_SECONDS = 5.0
 
 #: How many expired sessions that could not be removed a manager remembers, so as to warn
 #: about each once (and again only when its failure changes), not at every cleanup pass.
-#: Beyond this many at once, one warning says so and the others are logged at debug level.
+#: Beyond this many at once, one warning says so and the others are logged at debug level
+#: until fewer than half that many are stuck.
 _UNREMOVABLE_REMEMBERED = 10_000
 
 #: An update callback: takes the current snapshot, returns the new one (sync or async).
@@ -225,10 +227,20 @@ class SessionManager:
         self._cleanup_passes = 0
         self._expired_total = 0
         self._removals_failed = 0
-        # Expired sessions whose removal failed, and how (see _note_unremovable); and
-        # whether the warning that more are stuck than that memory holds has been given.
-        self._unremovable: dict[uuid.UUID, str] = {}
-        self._unremovable_overflow = False
+        # Expired sessions whose removal failed, and how: each is warned about once.
+        self._unremovable = Notes(
+            logger,
+            remembered=_UNREMOVABLE_REMEMBERED,
+            again=(
+                " (passed over; cleanup tries again at each pass and warns again only if "
+                "this failure changes)"
+            ),
+            crowded=(
+                " (passed over); more than {n} expired sessions cannot be removed, so the "
+                "failures of this one and of the others beyond the first {n} are logged at "
+                "debug level only while that lasts (cleanup still tries each at each pass)"
+            ),
+        )
         self._cleanup_done: anyio.Event | None = None
         self._cleanup_scope: anyio.CancelScope | None = None  # the cleanup loop's own
         self._cleanup_ended = anyio.Event()
@@ -1049,8 +1061,8 @@ class SessionManager:
         removed once it can be. It is logged as a warning once, and again only if its
         failure changes (later attempts that fail alike are logged at debug level). A
         manager remembers up to 10 000 such sessions at once; beyond, one warning says
-        so and the others' failures are logged at debug level only, until a pass finds
-        no more stuck than that.
+        so and the others' failures are logged at debug level only, until fewer than
+        5 000 are stuck.
         After a storage error the store is asked for its expired sessions again: if that
         fails too, the store itself is failing (unreachable, say) and the pass ends with
         that error rather than wait out every removal's timeout. Cancelling
@@ -1064,7 +1076,6 @@ class SessionManager:
         # Ids tried and not removed (unreadable, locked elsewhere, taken by another
         # manager): a store may list them again, so each scan asks past them.
         passed: set[uuid.UUID] = set()
-        overflow = False  # a failed session found no room in self._unremovable
         try:
             while True:
                 limit = self._cleanup_batch + len(passed)
@@ -1083,74 +1094,37 @@ class SessionManager:
                     except (SerializationError, StorageError) as exc:
                         # One session that cannot be removed stops no others.
                         self._removals_failed += 1
-                        overflow |= self._note_unremovable(sid, exc)
+                        self._unremovable.note(
+                            sid,
+                            f"{type(exc).__name__}: {exc}",
+                            "cannot remove expired session %s: %s",
+                            sid,
+                            exc,
+                        )
                         if isinstance(exc, StorageError):
                             # This session, or the whole store? A store that fails this
                             # too ends the pass here (the next pass tries again).
                             await self._repository.expired(now, limit=1)
                     else:
-                        if self._unremovable.pop(sid, None) is not None and removed:
-                            logger.info("removed expired session %s at last", sid)
                         if removed:
+                            self._unremovable.resolved(
+                                sid, "removed expired session %s at last", sid
+                            )
                             removed_total += 1
                             continue
+                        self._unremovable.forget((sid,))
                     passed.add(sid)
                 if len(ids) < limit or tried == 0:
                     break
             # Every expired session was listed: forget failures of sessions that are no
             # longer there (removed or revived elsewhere), so that memory follows what is
             # stuck now.
-            for sid in [sid for sid in self._unremovable if sid not in passed]:
-                del self._unremovable[sid]
-            if not overflow:  # a later overflow is warned about again
-                self._unremovable_overflow = False
+            noted = self._unremovable.noted()
+            self._unremovable.forget(sid for sid in noted if sid not in passed)
         finally:
             if removed_total:
                 logger.info("expired %s sessions", removed_total)
         return removed_total
-
-    def _note_unremovable(self, sid: uuid.UUID, exc: Exception) -> bool:
-        """Log a failed removal of ``sid``: a warning the first time, and when the failure
-        changes; debug when it fails as it did at an earlier pass.
-
-        Beyond ``_UNREMOVABLE_REMEMBERED`` sessions, ``sid`` is not remembered (True is
-        returned): the first such failure is a warning that says so, later ones are
-        logged at debug level until a complete pass has none (see purge_expired).
-        """
-        failure = f"{type(exc).__name__}: {exc}"
-        known = self._unremovable.get(sid)
-        if known == failure:
-            logger.debug("still cannot remove expired session %s: %s", sid, exc)
-            return False
-        if known is None and len(self._unremovable) >= _UNREMOVABLE_REMEMBERED:
-            if self._unremovable_overflow:
-                logger.debug(
-                    "cannot remove expired session %s: %s (beyond the %s remembered)",
-                    sid,
-                    exc,
-                    _UNREMOVABLE_REMEMBERED,
-                )
-            else:
-                self._unremovable_overflow = True
-                logger.warning(
-                    "cannot remove expired session %s: %s (passed over); more than %s "
-                    "expired sessions cannot be removed, so the failures of this one and "
-                    "of the others beyond the first %s are logged at debug level only "
-                    "while that lasts (cleanup still tries each at each pass)",
-                    sid,
-                    exc,
-                    _UNREMOVABLE_REMEMBERED,
-                    _UNREMOVABLE_REMEMBERED,
-                )
-            return True
-        self._unremovable[sid] = failure
-        logger.warning(
-            "cannot remove expired session %s: %s (passed over; cleanup tries again at each "
-            "pass and warns again only if this failure changes)",
-            sid,
-            exc,
-        )
-        return False
 
     async def _expire(self, sid: uuid.UUID, now: datetime) -> bool:
         """Remove ``sid`` if it has expired at ``now`` and announce it; True if removed.

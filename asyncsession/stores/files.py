@@ -74,6 +74,7 @@ from .._exceptions import (
 from .._locks import KeyedLocks
 from .._migrations import CURRENT_VERSION, document_version
 from .._models import ExpiryPolicy, Message, MessageLog, Session, SessionStatus
+from .._notes import Notes
 from .._serialization import session_from_document, session_to_document
 from ..abc import (
     Page,
@@ -109,9 +110,9 @@ _DUMP_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
 _RACY_NS = 2_000_000_000
 #: How often a scan reads again an entry whose read failed in a way that may pass.
 _RETRY_FAILING_S = 30.0
-#: How many sessions skipped for now (see :class:`_Notes`) a store remembers, so as to
-#: warn about each once, not at every pass. Beyond, one warning says so and the others
-#: are logged at debug level.
+#: How many sessions skipped for now (see :class:`~asyncsession._notes.Notes`) a store
+#: remembers, so as to warn about each once, not at every pass. Beyond, one warning says
+#: so and the others are logged at debug level until fewer than half that many are left.
 _NOTES_REMEMBERED = 10_000
 
 Stamp = tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of a document
@@ -374,78 +375,6 @@ def _matches(entry: _Entry, query: SessionQuery) -> bool:
     return query.matches_fields(entry.skeleton, entry.first)
 
 
-class _Notes:
-    """Warnings about sessions passed over for now, given once per session and cause.
-
-    :meth:`note` warns the first time a session is passed over and again when its cause
-    changes; passing it over alike again is logged at debug level. :meth:`resolved` logs
-    at info level that a noted session was dealt with at last. Beyond
-    ``_NOTES_REMEMBERED`` sessions at once, one warning says so and the others are logged
-    at debug level, until fewer than half that many are remembered. Thread-safe.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._causes: dict[uuid.UUID, str] = {}
-        self._overflow = False
-
-    def note(self, sid: uuid.UUID, cause: str, message: str, *args: object) -> None:
-        """Log ``message % args`` about ``sid``, passed over because of ``cause``."""
-        with self._lock:
-            known = self._causes.get(sid)
-            if known == cause:
-                level, tail = logging.DEBUG, " (still)"
-            elif known is None and len(self._causes) >= _NOTES_REMEMBERED:
-                level, tail = logging.DEBUG, f" (beyond the {_NOTES_REMEMBERED} remembered)"
-                if not self._overflow:
-                    self._overflow = True
-                    level, tail = (
-                        logging.WARNING,
-                        (
-                            f"; more than {_NOTES_REMEMBERED} sessions are passed over at once, "
-                            f"so this one and the others beyond the first {_NOTES_REMEMBERED} "
-                            "are logged at debug level only while that lasts (each is still "
-                            "tried again)"
-                        ),
-                    )
-            else:
-                self._causes[sid] = cause
-                level, tail = (
-                    logging.WARNING,
-                    " (tried again later; warned again only if this changes)",
-                )
-        fmt = message + tail
-        logger.log(level, fmt, *args)
-
-    def resolved(self, sid: uuid.UUID, message: str, *args: object) -> None:
-        """Log ``message % args`` at info level if ``sid`` was noted, and forget it."""
-        if self._causes and self._forget(sid):  # nothing noted: no lock taken
-            logger.info(message, *args)
-
-    def forget(self, ids: Iterable[uuid.UUID]) -> None:
-        """Forget ``ids`` without a word (their sessions are gone)."""
-        if not self._causes:  # nothing noted: no lock taken (every delete comes here)
-            return
-        for sid in ids:
-            self._forget(sid)
-
-    def _forget(self, sid: uuid.UUID) -> bool:
-        with self._lock:
-            known = self._causes.pop(sid, None)
-            if len(self._causes) < _NOTES_REMEMBERED // 2:
-                self._overflow = False
-        return known is not None
-
-    def noted(self) -> list[uuid.UUID]:
-        with self._lock:
-            return list(self._causes)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._causes.clear()
-            self._overflow = False
-
-
 class _Index:
     """Metadata of every session: owners, status counts, a deadline heap. Thread-safe."""
 
@@ -643,8 +572,8 @@ class FileRepository(SessionRepository):
         self._retry_at = 0.0  # time.monotonic() after which a scan reads them again
         # Sessions that expiry, or a scan's quarantine, passed over for now: each is
         # warned about once per cause, not at every cleanup pass or listing.
-        self._expiry_notes = _Notes()
-        self._scan_notes = _Notes()
+        self._expiry_notes = Notes(logger, remembered=_NOTES_REMEMBERED)
+        self._scan_notes = Notes(logger, remembered=_NOTES_REMEMBERED)
         self._limiter: anyio.CapacityLimiter | None = None
 
     def __repr__(self) -> str:
@@ -1184,7 +1113,7 @@ class FileRepository(SessionRepository):
         """Quarantine a document found damaged by a scan, if its lock is free.
 
         A document left in place is read again by the next scan: why it was left is
-        warned about once per cause (see :class:`_Notes`).
+        warned about once per cause (see :class:`~asyncsession._notes.Notes`).
         """
         notes = self._scan_notes
         try:
