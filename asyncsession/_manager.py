@@ -485,9 +485,9 @@ class SessionManager:
             state=state,
             expires_at=self._policy.deadline(SessionStatus.ACTIVE, now, now, None),
         )
-        with anyio.CancelScope(shield=True):  # a stored write is always announced
+        async with _whole_write():
             await self._repository.add(session)
-        self._emit(EventKind.CREATED, session.id, session, now)
+            self._emit(EventKind.CREATED, session.id, session, now)
         return session
 
     async def update(self, session_id: SessionId, fn: UpdateFn) -> Session:
@@ -521,16 +521,15 @@ class SessionManager:
                 await self._check_still_live(old, now)
                 new, added = self._prepare(old, result, now)
                 try:
-                    with anyio.CancelScope(shield=True):  # a stored write is always announced
+                    async with _whole_write():
                         await self._repository.save(
                             new, expected_revision=old.revision, new_messages=added
                         )
+                        kind = EventKind.CLOSED if new.status.is_terminal else EventKind.UPDATED
+                        self._emit(kind, sid, new, now)
+                        return new
                 except SessionConflict:
                     logger.debug("session %s changed concurrently; retrying update", sid)
-                    continue
-                kind = EventKind.CLOSED if new.status.is_terminal else EventKind.UPDATED
-                self._emit(kind, sid, new, now)
-                return new
         raise SessionConflict(sid, attempts=self._max_retries)
 
     async def _apply(self, fn: UpdateFn, old: Session) -> object:
@@ -675,11 +674,11 @@ class SessionManager:
                 raise SessionClosed(sid, session.status)
             return session
         self._check_messages(batch, 0)
-        with anyio.CancelScope(shield=True):  # a stored write is always announced
+        async with _whole_write():
             session = await self._repository.append(
                 sid, batch, at=now, policy=self._policy, max_messages=self._max_messages
             )
-        self._emit(EventKind.MESSAGE_ADDED, sid, session, now)
+            self._emit(EventKind.MESSAGE_ADDED, sid, session, now)
         return session
 
     async def set_state(self, session_id: SessionId, **changes: Any) -> Session:
@@ -737,6 +736,7 @@ class SessionManager:
                 self._rotating.discard(sid)
         self._emit(EventKind.CREATED, new.id, new, now)
         self._emit(EventKind.DELETED, sid, None, now)
+        await anyio.lowlevel.checkpoint_if_cancelled()  # see _whole_write
         return new
 
     async def _after_rotation(self, sid: uuid.UUID) -> None:
@@ -781,6 +781,7 @@ class SessionManager:
                 expires_at=now,
                 revision=retired_revision,
             )
+            await anyio.lowlevel.checkpoint_if_cancelled()  # see _whole_write
             with anyio.CancelScope(shield=True):  # all or nothing, even if cancelled
                 if await self._swap(new, retired, old.revision):
                     return new, now
@@ -850,7 +851,7 @@ class SessionManager:
         now = self._clock.now()
         # An expired session is already gone for every reader: it is removed as expired
         # (and reported so), not deleted.
-        with anyio.CancelScope(shield=True):  # a removal is always announced
+        async with _whole_write():
             try:
                 expired = await self._expire(sid, now)
             except SerializationError:
@@ -858,16 +859,13 @@ class SessionManager:
                 # deadline) and kept by the store: deleting it unread is how it goes
                 # (the error's own advice).
                 expired = False
-        if expired:
-            deleted = False
-        else:
-            with anyio.CancelScope(shield=True):  # a stored write is always announced
-                deleted = await self._repository.delete(sid)
+            deleted = False if expired else await self._repository.delete(sid)
+            if deleted:
+                self._emit(EventKind.DELETED, sid, None, self._clock.now())
         if not deleted:
             if missing_ok:
                 return False
             raise SessionNotFound(sid)
-        self._emit(EventKind.DELETED, sid, None, self._clock.now())
         return True
 
     async def record_error(self, session_id: SessionId) -> Session:
@@ -1198,6 +1196,20 @@ class SessionManager:
             done, self._cleanup_done = self._cleanup_done, anyio.Event()
             assert done is not None
             done.set()
+
+
+@asynccontextmanager
+async def _whole_write() -> AsyncIterator[None]:
+    """Run a store write and its announcement to the end, whatever cancels the caller.
+
+    A cancellation that came first withdraws the write (raised before it starts); one
+    that comes while it runs is raised once the write is stored and announced, so the
+    caller still sees it (``fail_after`` raises, ``cancelled_caught`` is set).
+    """
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    with anyio.CancelScope(shield=True):
+        yield
+    await anyio.lowlevel.checkpoint_if_cancelled()
 
 
 def _is_retired(session: Session) -> bool:

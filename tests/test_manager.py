@@ -7,7 +7,7 @@ import math
 import sqlite3
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -893,6 +893,136 @@ async def test_a_write_whose_caller_is_cancelled_is_still_announced(
             event = events.receive_nowait()
         assert event.kind is s.EventKind.CREATED
         assert await sessions.exists(event.session_id)
+
+
+class PausingWrites(s.MemoryRepository):
+    """A memory store whose writes, once ``armed``, wait for ``release`` after storing
+    (a commit whose answer is late)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.entered = anyio.Event()
+        self.release = anyio.Event()
+
+    async def _late_answer(self) -> None:
+        if self.armed:
+            self.entered.set()
+            await self.release.wait()
+
+    async def add(self, session: s.Session) -> None:
+        await super().add(session)
+        await self._late_answer()
+
+    async def save(
+        self,
+        session: s.Session,
+        *,
+        expected_revision: int,
+        new_messages: Sequence[s.Message] | None = None,
+    ) -> None:
+        await super().save(session, expected_revision=expected_revision, new_messages=new_messages)
+        await self._late_answer()
+
+    async def append(
+        self,
+        session_id: uuid.UUID,
+        messages: Sequence[s.Message],
+        *,
+        at: datetime,
+        policy: s.ExpiryPolicy,
+        max_messages: int | None = None,
+    ) -> s.Session:
+        session = await super().append(
+            session_id, messages, at=at, policy=policy, max_messages=max_messages
+        )
+        await self._late_answer()
+        return session
+
+    async def delete(self, session_id: uuid.UUID) -> bool:
+        deleted = await super().delete(session_id)
+        await self._late_answer()
+        return deleted
+
+
+WRITES: dict[str, Callable[[s.SessionManager, uuid.UUID], Awaitable[object]]] = {
+    "create": lambda m, sid: m.create(),
+    "update": lambda m, sid: m.update(sid, lambda x: x.with_state(v=2)),
+    "add_message": lambda m, sid: m.add_message(sid, "user", "hi"),
+    "close": lambda m, sid: m.close(sid),
+    "rotate": lambda m, sid: m.rotate(sid),
+    "delete": lambda m, sid: m.delete(sid),
+}
+
+
+async def stored(sessions: s.SessionManager) -> list[tuple[uuid.UUID, int, str, int]]:
+    page = await sessions.list()
+    return sorted((x.id, x.revision, x.status.value, len(x.messages)) for x in page.items)
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+async def test_a_write_cancelled_before_it_starts_is_withdrawn(
+    write: str, sessions: s.SessionManager
+) -> None:
+    session = await sessions.create(state={"v": 1})
+    before = await stored(sessions)
+    async with sessions.subscribe() as events:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await WRITES[write](sessions, session.id)
+            raise AssertionError("the cancellation was not raised")
+        assert scope.cancelled_caught
+        with pytest.raises(anyio.WouldBlock):
+            events.receive_nowait()
+    assert await stored(sessions) == before
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+async def test_a_write_cancelled_while_it_runs_is_stored_announced_then_cancelled(
+    write: str, anyio_backend: str, clock: ManualClock
+) -> None:
+    store = PausingWrites()
+    async with s.SessionManager(store, cleanup_interval=None, clock=clock) as sessions:
+        session = await sessions.create(state={"v": 1})
+        before = await stored(sessions)
+        store.armed = True
+        async with sessions.subscribe() as events, anyio.create_task_group() as tg:
+
+            async def cancel_once_stored() -> None:
+                await store.entered.wait()
+                scope.cancel()
+                store.release.set()
+
+            tg.start_soon(cancel_once_stored)
+            with anyio.fail_after(10):  # a timeout, as users write it
+                with anyio.CancelScope() as scope:
+                    await WRITES[write](sessions, session.id)
+                    raise AssertionError("the cancellation was not raised")
+            assert scope.cancelled_caught
+            assert events.receive_nowait().kind is not None  # announced
+        store.armed = False
+        assert await stored(sessions) != before  # stored
+
+
+async def test_a_timeout_around_a_write_raises_once_the_write_is_done(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    store = PausingWrites()
+    async with s.SessionManager(store, cleanup_interval=None, clock=clock) as sessions:
+        session = await sessions.create()
+        store.armed = True
+        async with anyio.create_task_group() as tg:
+
+            async def answer_late() -> None:
+                await store.entered.wait()
+                await anyio.sleep(0.05)  # past the caller's deadline
+                store.release.set()
+
+            tg.start_soon(answer_late)
+            with pytest.raises(TimeoutError), anyio.fail_after(0.01):
+                await sessions.add_message(session.id, "user", "hi")
+        store.armed = False
+        assert [m.content for m in (await sessions.get(session.id)).messages] == ["hi"]
 
 
 async def test_wait_for_cleanup_ends_when_the_manager_exits(
