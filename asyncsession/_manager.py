@@ -1122,6 +1122,7 @@ class SessionManager:
         finally:
             if removed_total:
                 logger.info("expired %s sessions", removed_total)
+        await anyio.lowlevel.checkpoint_if_cancelled()  # see _whole_write
         return removed_total
 
     async def _expire(self, sid: uuid.UUID, now: datetime) -> bool:

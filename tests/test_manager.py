@@ -944,6 +944,11 @@ class PausingWrites(s.MemoryRepository):
         await self._late_answer()
         return deleted
 
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> s.Session | None:
+        removed = await super().remove_expired(session_id, now=now)
+        await self._late_answer()
+        return removed
+
 
 WRITES: dict[str, Callable[[s.SessionManager, uuid.UUID], Awaitable[object]]] = {
     "create": lambda m, sid: m.create(),
@@ -1002,6 +1007,34 @@ async def test_a_write_cancelled_while_it_runs_is_stored_announced_then_cancelle
             assert events.receive_nowait().kind is not None  # announced
         store.armed = False
         assert await stored(sessions) != before  # stored
+
+
+async def test_a_purge_cancelled_during_its_last_removal_is_cancelled(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    store = PausingWrites()
+    async with s.SessionManager(
+        store, idle_timeout=60, cleanup_interval=None, clock=clock
+    ) as sessions:
+        session = await sessions.create()
+        clock.advance(61)
+        store.armed = True
+        async with sessions.subscribe() as events, anyio.create_task_group() as tg:
+
+            async def cancel_once_removed() -> None:
+                await store.entered.wait()
+                scope.cancel()
+                store.release.set()
+
+            tg.start_soon(cancel_once_removed)
+            with anyio.CancelScope() as scope:
+                await sessions.purge_expired()
+                raise AssertionError("the cancellation was not raised")
+            assert scope.cancelled_caught
+            event = events.receive_nowait()
+        assert (event.kind, event.session_id) == (s.EventKind.EXPIRED, session.id)
+        store.armed = False
+        assert not await sessions.exists(session.id)
 
 
 async def test_a_timeout_around_a_write_raises_once_the_write_is_done(
