@@ -39,7 +39,12 @@ from typing import Any, Literal
 import pytest
 
 from . import MemoryRepository, SessionManager, SessionRepository
-from .testing import ManualClock
+
+# The contract suite's asserts show their values, as a test module's do. This plugin
+# loads before any test module could register the package, and imports it below.
+pytest.register_assert_rewrite("asyncsession.testing")
+
+from .testing import ManualClock  # noqa: E402
 
 __all__ = [
     "session_clock",

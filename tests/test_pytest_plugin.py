@@ -70,6 +70,23 @@ def test_custom_store_passes_the_contract(pytester: pytest.Pytester) -> None:
     )
 
 
+def test_a_failing_contract_test_shows_the_values_it_compared(pytester: pytest.Pytester) -> None:
+    shutil.copytree(EXAMPLES / "custom_store", pytester.path, dirs_exist_ok=True)
+    store = pytester.path / "dict_store.py"
+    # a common mistake: expired sessions in no particular order
+    store.write_text(
+        store.read_text().replace(
+            "due.sort(key=lambda s: (s.expires_at, s.id.int))",
+            "due.sort(key=lambda s: s.id.int, reverse=True)",
+        )
+    )
+    result = pytester.runpytest_subprocess(
+        *plugin_args(), "-p", "no:randomly", "-k", "test_deadline_index and trio"
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*assert [[]UUID(*[]] == [[]UUID(*"])
+
+
 def test_pytest_asyncio_auto_mode(pytester: pytest.Pytester) -> None:
     pytester.makeini(
         "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
