@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 import uuid
 from collections.abc import (
     AsyncIterator,
@@ -242,6 +243,10 @@ class SessionManager:
             ),
         )
         self._cleanup_done: anyio.Event | None = None
+        # The next pass's due time (None while a pass runs) and the clock's time when the
+        # last one ended: wait_for_cleanup() with a ManualClock reads them.
+        self._cleanup_due: datetime | None = None
+        self._cleanup_ended_at: datetime | None = None
         self._cleanup_scope: anyio.CancelScope | None = None  # the cleanup loop's own
         self._cleanup_ended = anyio.Event()
 
@@ -296,6 +301,7 @@ class SessionManager:
                 await task_group.start(self._share_events_loop, name="asyncsession events")
             if self._cleanup_interval is not None:
                 first_pass = self._clock.now() + self._cleanup_interval
+                self._cleanup_due, self._cleanup_ended_at = first_pass, None
                 scope = self._cleanup_scope = anyio.CancelScope()
                 ended = self._cleanup_ended = anyio.Event()
                 task_group.start_soon(
@@ -1153,15 +1159,32 @@ class SessionManager:
         """Wait until the cleanup pass that is running or due next has finished.
 
         Passes are due ``cleanup_interval`` after entry, then after each pass. With a
-        :class:`~asyncsession.testing.ManualClock`: advance the clock to a due time and
-        await this right away, before other awaits, to see what expired collected.
+        :class:`~asyncsession.testing.ManualClock`, whose time moves only when advanced:
+        advance it to a due time, then await this to see what expired collected. It
+        returns at once if that pass already ran (the clock has not moved since), and
+        raises :class:`InvalidConfiguration` instead of waiting forever if no pass is
+        due at the clock's time.
         """
         self._check_running()
-        if self._cleanup_interval is None:
+        interval = self._cleanup_interval
+        if interval is None:
             raise InvalidConfiguration(
                 "This manager has no cleanup loop (cleanup_interval=None); call "
                 "purge_expired() instead."
             )
+        due = self._cleanup_due
+        if due is not None and _is_manual(self._clock):
+            now = self._clock.now()
+            if self._cleanup_ended_at == now:  # the pass due by now has run already
+                return
+            if due > now:
+                ahead = (due - now).total_seconds()
+                raise InvalidConfiguration(
+                    f"No cleanup pass is due at the ManualClock's time: the next one is "
+                    f"due {ahead:g} s later (cleanup_interval={interval.total_seconds():g} "
+                    f"s), and a manual clock does not move by itself. Advance the clock by "
+                    f"at least {ahead:g} s before waiting, or call purge_expired()."
+                )
         assert self._cleanup_done is not None
         await self._cleanup_done.wait()
         if not self._running:  # woken by the exit, not by a finished pass
@@ -1186,6 +1209,7 @@ class SessionManager:
         assert self._cleanup_interval is not None
         while True:
             await self._clock.sleep(max(0.0, (due - self._clock.now()).total_seconds()))
+            self._cleanup_due = None  # running
             try:
                 await self.purge_expired()
             except ManagerNotRunning:
@@ -1193,7 +1217,8 @@ class SessionManager:
             except Exception:
                 logger.exception("session cleanup pass failed; retrying next interval")
             self._cleanup_passes += 1
-            due = self._clock.now() + self._cleanup_interval
+            self._cleanup_ended_at = self._clock.now()
+            due = self._cleanup_due = self._cleanup_ended_at + self._cleanup_interval
             done, self._cleanup_done = self._cleanup_done, anyio.Event()
             assert done is not None
             done.set()
@@ -1211,6 +1236,12 @@ async def _whole_write() -> AsyncIterator[None]:
     with anyio.CancelScope(shield=True):
         yield
     await anyio.lowlevel.checkpoint_if_cancelled()
+
+
+def _is_manual(clock: Clock) -> bool:
+    """Whether ``clock`` is a :class:`~asyncsession.testing.ManualClock` (not imported)."""
+    testing = sys.modules.get("asyncsession.testing._clock")
+    return testing is not None and isinstance(clock, testing.ManualClock)
 
 
 def _is_retired(session: Session) -> bool:

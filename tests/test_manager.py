@@ -1058,9 +1058,7 @@ async def test_a_timeout_around_a_write_raises_once_the_write_is_done(
         assert [m.content for m in (await sessions.get(session.id)).messages] == ["hi"]
 
 
-async def test_wait_for_cleanup_ends_when_the_manager_exits(
-    anyio_backend: str, clock: ManualClock
-) -> None:
+async def test_wait_for_cleanup_ends_when_the_manager_exits(anyio_backend: str) -> None:
     outcome: list[str] = []
 
     async def wait(sessions: s.SessionManager) -> None:
@@ -1071,12 +1069,42 @@ async def test_wait_for_cleanup_ends_when_the_manager_exits(
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            async with s.SessionManager(
-                s.MemoryRepository(), cleanup_interval=30, clock=clock
-            ) as sessions:
+            # the system clock: the first pass is an hour away
+            async with s.SessionManager(s.MemoryRepository(), cleanup_interval=3600) as sessions:
                 tg.start_soon(wait, sessions)
                 await anyio.wait_all_tasks_blocked()
     assert outcome == ["not running"]
+
+
+async def test_wait_for_cleanup_on_a_manual_clock_with_no_pass_due_says_what_to_do(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    async with s.SessionManager(s.MemoryRepository(), clock=clock) as sessions:  # every 300 s
+        clock.advance(60)
+        with anyio.fail_after(10), pytest.raises(s.InvalidConfiguration) as info:
+            await sessions.wait_for_cleanup()  # used to wait forever
+        assert "due 240 s later" in str(info.value)
+        assert "Advance the clock by at least 240 s" in str(info.value)
+        clock.advance(240)
+        with anyio.fail_after(10):
+            await sessions.wait_for_cleanup()
+        assert (await sessions.stats()).cleanup_passes == 1
+
+
+async def test_wait_for_cleanup_after_the_pass_already_ran_returns_at_once(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    async with s.SessionManager(
+        s.MemoryRepository(), idle_timeout=60, cleanup_interval=60, clock=clock
+    ) as sessions:
+        session = await sessions.create()
+        clock.advance(60)
+        await anyio.wait_all_tasks_blocked()  # other awaits first: the pass runs meanwhile
+        assert (await sessions.stats()).cleanup_passes == 1
+        with anyio.fail_after(10):
+            await sessions.wait_for_cleanup()  # used to wait for the next pass, forever
+        assert not await sessions.exists(session.id)
+        assert (await sessions.stats()).cleanup_passes == 1
 
 
 class SlowOpen(s.MemoryRepository):
