@@ -23,9 +23,9 @@ async fixture of the plugin running the test:
   a fixture that enters the manager inside one background task on the test's event loop
   and stops that task after the test.
 
-Deterministic expiry: ``session_clock.advance(seconds)`` then, before any other await,
+Deterministic expiry: ``session_clock.advance(seconds)`` to a due pass, then
 ``await session_manager.wait_for_cleanup()``; passes are due ``cleanup_interval`` after
-entry and then after each pass.
+entry and then after each pass (advancing too little raises ``InvalidConfiguration``).
 
 Importing this module imports only pytest and asyncsession's core.
 """
