@@ -994,14 +994,17 @@ class SessionManager:
         self._outbox = send
 
         async def publish() -> None:
+            trouble = _Outage("sharing events")
             async with receive:
                 async for kind, sid, at, revision in receive:
                     try:
                         await transport.publish_event(
                             kind, sid, at=at, revision=revision, origin=self._origin
                         )
-                    except Exception:
-                        logger.exception("could not share event %s of %s", kind, sid)
+                    except Exception as exc:
+                        trouble.failed(exc, f"could not share event {kind} of {sid}")
+                    else:
+                        trouble.worked()
 
         try:
             await self._subscribed(transport, publish, task_status)
@@ -1020,9 +1023,11 @@ class SessionManager:
         async with anyio.create_task_group() as tg:
             tg.start_soon(publish)
             started = False
+            trouble = _Outage("the event subscription")
             while True:
                 try:
                     async with transport.subscribe_events() as remote:
+                        trouble.worked()
                         if not started:
                             started = True
                             task_status.started()
@@ -1036,10 +1041,16 @@ class SessionManager:
                             self._events.publish(
                                 kind, event.session_id, None, event.at, origin=event.origin
                             )
-                except Exception:
-                    if not started:  # entering the manager fails with this error
+                except Exception as exc:
+                    # A store that cannot subscribe now (its server is down or not up yet:
+                    # StorageError) does not keep the manager from starting, as it keeps
+                    # no other operation from starting; any other error does.
+                    if not started and not isinstance(exc, StorageError):
                         raise
-                    logger.exception("event subscription failed; resubscribing")
+                    trouble.failed(exc, "event subscription failed; subscribing again")
+                    if not started:
+                        started = True
+                        task_status.started()
                 await anyio.sleep(1)
 
     def subscribe(self, *, buffer: int | None = None) -> Subscription:
@@ -1207,6 +1218,7 @@ class SessionManager:
         # Passes are due at absolute clock times (entry + interval, then interval after
         # each pass), so a pass is never skipped because the task started late.
         assert self._cleanup_interval is not None
+        cleanup = _Outage("session cleanup")
         while True:
             await self._clock.sleep(max(0.0, (due - self._clock.now()).total_seconds()))
             self._cleanup_due = None  # running
@@ -1214,8 +1226,10 @@ class SessionManager:
                 await self.purge_expired()
             except ManagerNotRunning:
                 return
-            except Exception:
-                logger.exception("session cleanup pass failed; retrying next interval")
+            except Exception as exc:
+                cleanup.failed(exc, "session cleanup pass failed; retrying next interval")
+            else:
+                cleanup.worked()
             self._cleanup_passes += 1
             self._cleanup_ended_at = self._clock.now()
             due = self._cleanup_due = self._cleanup_ended_at + self._cleanup_interval
@@ -1236,6 +1250,39 @@ async def _whole_write() -> AsyncIterator[None]:
     with anyio.CancelScope(shield=True):
         yield
     await anyio.lowlevel.checkpoint_if_cancelled()
+
+
+class _Outage:
+    """Logs the failures of one recurring job: a store's :class:`StorageError` (its
+    server down, a network blip) once, in one line, until the job works again (then at
+    info level); tracebacks at debug level. Other errors, likely bugs, every time."""
+
+    __slots__ = ("_failing", "_job")
+
+    def __init__(self, job: str) -> None:
+        self._job = job
+        self._failing = False
+
+    def failed(self, exc: Exception, message: str) -> None:
+        if not isinstance(exc, StorageError):
+            logger.error("%s", message, exc_info=exc)
+            return
+        if self._failing:
+            logger.debug("%s (still): %s", message, exc, exc_info=exc)
+            return
+        self._failing = True
+        logger.warning(
+            "%s: %s (further failures at debug level until %s works again)",
+            message,
+            exc,
+            self._job,
+        )
+        logger.debug("%s", message, exc_info=exc)
+
+    def worked(self) -> None:
+        if self._failing:
+            self._failing = False
+            logger.info("%s works again", self._job)
 
 
 def _is_manual(clock: Clock) -> bool:

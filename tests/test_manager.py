@@ -1107,6 +1107,44 @@ async def test_wait_for_cleanup_after_the_pass_already_ran_returns_at_once(
         assert (await sessions.stats()).cleanup_passes == 1
 
 
+class FailingScans(s.MemoryRepository):
+    """A memory store whose deadline scans fail while ``down`` (its server unreachable)."""
+
+    down = False
+
+    async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
+        if self.down:
+            raise s.StorageError("the server is down (test)")
+        return await super().expired(now, limit=limit)
+
+
+async def test_an_outage_is_logged_once_by_the_cleanup_loop_and_its_end_too(
+    anyio_backend: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="asyncsession")
+    store = FailingScans()
+    async with s.SessionManager(store, cleanup_interval=60, clock=clock) as sessions:
+        store.down = True
+        for _ in range(3):
+            clock.advance(60)
+            await sessions.wait_for_cleanup()
+        store.down = False
+        clock.advance(60)
+        await sessions.wait_for_cleanup()
+    logged = [
+        (r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("asyncsession")
+    ]
+    assert logged == [
+        (
+            "WARNING",
+            "session cleanup pass failed; retrying next interval: the server is down (test) "
+            "(further failures at debug level until session cleanup works again)",
+        ),
+        ("INFO", "session cleanup works again"),
+    ]
+    assert all(r.exc_info is None for r in caplog.records if r.levelno > logging.DEBUG)
+
+
 class SlowOpen(s.MemoryRepository):
     def __init__(self) -> None:
         super().__init__()

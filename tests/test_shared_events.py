@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from redis_support import RedisServer, free_port, redis_binary, require_redis
 
 import asyncsession as s
 
@@ -52,17 +55,38 @@ async def test_share_events_needs_a_capable_store() -> None:
         s.SessionManager(s.MemoryRepository(), share_events=True)
 
 
-async def test_a_manager_that_cannot_subscribe_fails_to_start_with_storage_error(
-    anyio_backend: str,
+async def test_a_manager_starts_before_its_redis_and_hears_events_once_it_is_up(
+    anyio_backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import socket
-
-    with socket.socket() as free:  # a loopback port nothing listens on
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    store = s.RedisRepository(f"redis://127.0.0.1:{port}/0", timeout=2)
-    manager = s.SessionManager(store, share_events=True)
-    with anyio.fail_after(20), pytest.raises(s.StorageError, match=str(port)):
-        async with manager:
-            pass
-    assert not manager.running
+    require_redis()
+    binary = redis_binary()
+    assert binary is not None
+    server = RedisServer(binary, tmp_path, free_port(), appendonly=False)  # not started yet
+    caplog.set_level(logging.INFO, logger="asyncsession")
+    try:
+        store = s.RedisRepository(server.url, prefix="early:", timeout=2)
+        with anyio.fail_after(20):  # entering waits for one subscription attempt only
+            async with s.SessionManager(store, share_events=True) as early:
+                assert early.running
+                with pytest.raises(s.StorageError, match=str(server.port)):
+                    await early.create()  # the store itself fails until the server is up
+                [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+                assert "event subscription failed; subscribing again" in warning.getMessage()
+                assert str(server.port) in warning.getMessage()
+                await anyio.to_thread.run_sync(server.start)
+                async with early.subscribe() as events:
+                    other = s.RedisRepository(server.url, prefix="early:")
+                    async with s.SessionManager(other, share_events=True) as late:
+                        created = set()
+                        with anyio.fail_after(30):  # resubscribing, then pub/sub delivery
+                            while True:  # events published before it resubscribed are lost
+                                created.add((await late.create()).id)
+                                with anyio.move_on_after(1.5):
+                                    event = await events.__anext__()
+                                    assert event.session_id in created and event.remote
+                                    break
+                assert any(
+                    r.getMessage() == "the event subscription works again" for r in caplog.records
+                )
+    finally:
+        server.stop()
