@@ -26,8 +26,8 @@ def plugin_args() -> list[str]:
     return [] if installed else ["-p", "asyncsession.pytest_plugin"]
 
 
-# Suites that use anyio's plugin only run without pytest-asyncio (0.24-0.26, merely
-# installed, warn at startup about their unset loop scope; these suites make warnings errors).
+# Suites that use anyio's plugin only run without pytest-asyncio (0.24 and later, merely
+# installed, warns at startup about its unset loop scope; these suites make warnings errors).
 # The example suites say so in their pytest.ini; the suites written here pass it.
 ANYIO_ONLY = ("-p", "no:asyncio")
 
