@@ -29,7 +29,7 @@ import anyio.lowlevel
 import attrs
 import orjson
 
-from ._clock import Duration, to_timedelta, utc
+from ._clock import utc
 from ._exceptions import CorruptSessionError, InvalidConfiguration, SessionError
 from ._json import freeze_state
 from ._loops import set_soon
@@ -459,22 +459,35 @@ def _floor(when: datetime, bucket: timedelta) -> datetime:
         ) from None
 
 
+def _bucket(value: object) -> timedelta:
+    """``aggregate()``'s ``bucket`` as a positive timedelta."""
+    period = None
+    if isinstance(value, timedelta):
+        period = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            period = timedelta(seconds=value)
+        except (OverflowError, ValueError):  # inf, nan, beyond timedelta's range
+            period = None
+    if period is None or period <= timedelta(0):
+        raise InvalidConfiguration(
+            f"bucket is the length of each period: a positive number of seconds or a "
+            f"positive timedelta (e.g. 3600 or timedelta(hours=1)); got {value!r}."
+        )
+    return period
+
+
 def aggregate(
-    items: Iterable[Session | SessionReport], *, bucket: Duration = timedelta(hours=1)
+    items: Iterable[Session | SessionReport], *, bucket: float | timedelta = timedelta(hours=1)
 ) -> list[HealthBucket]:
     """Per-period release health from reports or stored sessions, oldest period first.
 
     ``bucket`` is the period: seconds or a :class:`~datetime.timedelta`. Open sessions
     count as started only; terminal ones also as ended at ``closed_at``.
     """
-    if isinstance(bucket, timedelta):  # any length: a period past datetime's range is refused
-        period: timedelta | None = bucket  # in _floor, with the dates that overflow
-        if bucket <= timedelta(0):
-            raise InvalidConfiguration(f"bucket must be a positive timedelta, got {bucket!r}.")
-    else:
-        period = to_timedelta(bucket, "bucket")
-    if period is None:
-        raise InvalidConfiguration("bucket must be seconds or a positive timedelta, not None.")
+    # Any length: a period past datetime's range is refused in _floor, with the dates
+    # that overflow.
+    period = _bucket(bucket)
     started: dict[datetime, int] = {}
     ended: dict[datetime, dict[SessionStatus, int]] = {}
     errored: dict[datetime, int] = {}

@@ -678,9 +678,13 @@ def test_aggregate_takes_the_bucket_in_seconds_and_refuses_anything_else() -> No
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     report = SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 0)
     assert aggregate([report], bucket=3600) == aggregate([report], bucket=timedelta(hours=1))
-    for bad in ("1h", None, -5, float("nan")):
-        with pytest.raises(s.InvalidConfiguration, match="bucket"):
+    for bad in ("1h", None, 0, -5, float("nan"), float("inf"), True, timedelta(0)):
+        with pytest.raises(s.InvalidConfiguration, match="bucket") as info:
             aggregate([report], bucket=bad)  # type: ignore[arg-type]
+        # one message for every mistake, with advice that works (not "use None")
+        assert "a positive number of seconds or a positive timedelta" in str(info.value)
+        assert "None to" not in str(info.value)
+    assert aggregate([report], bucket=40_000 * 86400)[0].started == 1  # any length, as a timedelta
     with pytest.raises(s.InvalidConfiguration, match="Session and SessionReport"):
         aggregate([report.to_dict()])  # type: ignore[list-item]
     long_ago = datetime(1, 1, 1, tzinfo=timezone.utc)
