@@ -1,4 +1,4 @@
-"""A multi-user chat backend (seed 004) on Starlette with asyncsession web sessions.
+"""A multi-user chat backend on Starlette with asyncsession web sessions.
 
 Each browser gets its own session (a signed cookie, see :mod:`asyncsession.asgi`) and its
 own conversation, stored as the session's messages. The "assistant" answers

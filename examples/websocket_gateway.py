@@ -1,4 +1,4 @@
-"""A websocket gateway (seed 003): one asyncsession session per connection.
+"""A websocket gateway: one asyncsession session per connection.
 
 Protocol (JSON text frames)::
 
