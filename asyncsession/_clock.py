@@ -47,8 +47,13 @@ class SystemClock:
 _LONGEST = timedelta(days=36500)  # deadlines stay far inside datetime's range
 
 
-def to_timedelta(value: Duration, name: str) -> timedelta | None:
-    """Convert a duration argument to a positive timedelta, or None."""
+def to_timedelta(
+    value: Duration, name: str, none: str = "Use None to disable it."
+) -> timedelta | None:
+    """Convert a duration argument to a positive timedelta, or None.
+
+    ``none`` ends the refusal of a zero or negative value: what ``None`` would do.
+    """
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, timedelta)):
@@ -61,9 +66,7 @@ def to_timedelta(value: Duration, name: str) -> timedelta | None:
         too_long = not isinstance(value, timedelta) and value > 0  # nan > 0 is False
         delta = _LONGEST * 2 if too_long else timedelta(0)
     if delta <= timedelta(0):
-        raise InvalidConfiguration(
-            f"{name} must be positive; got {value!r}. Use None to disable it."
-        )
+        raise InvalidConfiguration(f"{name} must be positive; got {value!r}. {none}")
     if delta > _LONGEST:
         raise InvalidConfiguration(
             f"{name} must be at most {_LONGEST.days} days; got {value!r}. Use None for no limit."

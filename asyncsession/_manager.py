@@ -95,10 +95,24 @@ class SessionStats:
 
 
 def _positive_int_or_none(value: int | None, name: str) -> int | None:
+    """A cap: an int >= 1, or None for none."""
     if value is None:
         return None
     if type(value) is not int or value < 1:
-        raise InvalidConfiguration(f"{name} must be an int >= 1 or None, got {value!r}.")
+        raise InvalidConfiguration(
+            f"{name} must be an int >= 1, or None for no cap; got {value!r}."
+        )
+    return value
+
+
+def _positive_int(value: int | None, name: str, default: int) -> int:
+    """A count: an int >= 1 (None, which the annotation leaves out, means ``default``)."""
+    if value is None:
+        return default
+    if type(value) is not int or value < 1:
+        raise InvalidConfiguration(
+            f"{name} must be an int >= 1 (default {default}); got {value!r}."
+        )
     return value
 
 
@@ -181,24 +195,34 @@ class SessionManager:
         self._held_snapshots = (
             type(repository).get_for_update is not SessionRepository.get_for_update
         )
-        idle = to_timedelta(idle_timeout, "idle_timeout")
-        touch = to_timedelta(touch_interval, "touch_interval") or timedelta(0)
+        idle = to_timedelta(idle_timeout, "idle_timeout", "Use None for no idle timeout.")
+        touch = to_timedelta(
+            touch_interval, "touch_interval", "Use None to record every touching read."
+        ) or timedelta(0)
         if idle is not None:  # a read must always move the idle deadline
             touch = min(touch, idle / 2)
         self._policy = ExpiryPolicy(
             idle_timeout=idle,
-            max_age=to_timedelta(max_age, "max_age"),
-            retention=to_timedelta(retention, "retention"),
+            max_age=to_timedelta(max_age, "max_age", "Use None for no absolute limit."),
+            retention=to_timedelta(
+                retention,
+                "retention",
+                "None keeps closed sessions until they are deleted; to drop them soon "
+                "after close, give a short retention (e.g. 1), or delete() them.",
+            ),
             touch_interval=touch,
         )
-        self._cleanup_interval = to_timedelta(cleanup_interval, "cleanup_interval")
+        self._cleanup_interval = to_timedelta(
+            cleanup_interval,
+            "cleanup_interval",
+            "Use None for no cleanup loop (then call purge_expired() yourself).",
+        )
         self._clock: Clock = clock if clock is not None else SystemClock()
-        retries = _positive_int_or_none(max_retries, "max_retries")
-        self._max_retries = retries if retries is not None else 16
+        self._max_retries = _positive_int(max_retries, "max_retries", 16)
         self._max_messages = _positive_int_or_none(max_messages, "max_messages")
         self._max_message_size = _positive_int_or_none(max_message_size, "max_message_size")
-        self._event_buffer = _positive_int_or_none(event_buffer, "event_buffer") or 1000
-        self._cleanup_batch = _positive_int_or_none(cleanup_batch, "cleanup_batch") or 1000
+        self._event_buffer = _positive_int(event_buffer, "event_buffer", 1000)
+        self._cleanup_batch = _positive_int(cleanup_batch, "cleanup_batch", 1000)
         checked_reporters = _check_reporters(reporters)
         if share_events and not isinstance(repository, EventTransport):
             raise InvalidConfiguration(
@@ -207,7 +231,9 @@ class SessionManager:
             )
         self._reporters = checked_reporters
         self._report_attributes = freeze_state(report_attributes)
-        self._reporter_timeout = to_timedelta(reporter_timeout, "reporter_timeout")
+        self._reporter_timeout = to_timedelta(
+            reporter_timeout, "reporter_timeout", "Use None for no bound while running."
+        )
         self._share_events = share_events
         self._origin = uuid.uuid4().hex
         self._reports: MemoryObjectSendStream[SessionReport] | None = None
@@ -694,7 +720,7 @@ class SessionManager:
     async def close(
         self, session_id: SessionId, *, status: SessionStatus = SessionStatus.EXITED
     ) -> Session:
-        """Make a session terminal (EXITED by default; or CRASHED, ABNORMAL).
+        """Make a session terminal (EXITED by default; or CRASHED, ABNORMAL, EXPIRED).
 
         A closed session rejects updates with :class:`SessionClosed` and stays readable
         until ``retention`` passes.

@@ -553,6 +553,27 @@ def test_bad_configuration(kwargs: dict[str, Any]) -> None:
         s.SessionManager(s.MemoryRepository(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "advice"),
+    [
+        ({"retention": 0}, "None keeps closed sessions until they are deleted"),
+        ({"idle_timeout": 0}, "Use None for no idle timeout."),
+        ({"max_age": -1}, "Use None for no absolute limit."),
+        ({"touch_interval": 0}, "Use None to record every touching read."),
+        ({"cleanup_interval": 0}, "Use None for no cleanup loop"),
+        ({"reporter_timeout": 0}, "Use None for no bound while running."),
+        ({"max_retries": 0}, "max_retries must be an int >= 1 (default 16); got 0."),
+        ({"event_buffer": -1}, "event_buffer must be an int >= 1 (default 1000)"),
+        ({"cleanup_batch": 0}, "cleanup_batch must be an int >= 1 (default 1000)"),
+        ({"max_messages": 0}, "max_messages must be an int >= 1, or None for no cap"),
+    ],
+)
+def test_bad_configuration_says_what_none_would_do(kwargs: dict[str, Any], advice: str) -> None:
+    with pytest.raises(s.InvalidConfiguration) as info:
+        s.SessionManager(s.MemoryRepository(), **kwargs)
+    assert advice in str(info.value)
+
+
 def test_durations_accept_seconds_and_timedelta() -> None:
     manager = s.SessionManager(
         s.MemoryRepository(), idle_timeout=90.5, max_age=timedelta(hours=1), retention=None
