@@ -19,6 +19,7 @@ from ._exceptions import InvalidCursor as InvalidCursor
 from ._exceptions import InvalidJSONValue as InvalidJSONValue
 from ._exceptions import InvalidOwner as InvalidOwner
 from ._exceptions import InvalidRole as InvalidRole
+from ._exceptions import InvalidSessionId as InvalidSessionId
 from ._exceptions import InvalidSessionName as InvalidSessionName
 from ._exceptions import InvalidUpdate as InvalidUpdate
 from ._exceptions import LimitExceeded as LimitExceeded
@@ -68,6 +69,7 @@ __all__ = [
     "InvalidJSONValue",
     "InvalidOwner",
     "InvalidRole",
+    "InvalidSessionId",
     "InvalidSessionName",
     "InvalidUpdate",
     "LimitExceeded",

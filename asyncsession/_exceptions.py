@@ -11,6 +11,7 @@ what happened and what to do about it::
     ├── ManagerNotRunning        the manager is used outside ``async with``
     ├── ValidationError          bad input; nothing was stored (also a ValueError)
     │   ├── InvalidSessionName
+    │   ├── InvalidSessionId     a store got an id that is not a uuid.UUID (also a TypeError)
     │   ├── InvalidOwner
     │   ├── InvalidJSONValue
     │   ├── InvalidRole
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidJSONValue",
     "InvalidOwner",
     "InvalidRole",
+    "InvalidSessionId",
     "InvalidSessionName",
     "InvalidUpdate",
     "LimitExceeded",
@@ -163,6 +165,22 @@ class InvalidSessionName(ValidationError):
         super().__init__(
             f"Invalid session name {name!r}: use 1 to 100 characters from letters, digits, "
             "'-' and '_' (for example 'my-feature')."
+        )
+
+
+class InvalidSessionId(ValidationError, TypeError):
+    """A store was given a session id that is not a :class:`uuid.UUID`.
+
+    Stores take ``uuid.UUID`` ids only (the manager also takes their text). Also a
+    :class:`TypeError`, as the SQLite store raised before.
+    """
+
+    def __init__(self, session_id: object) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"Session ids are uuid.UUID objects, got {type(session_id).__name__} "
+            f"{session_id!r:.60}; nothing was read or written. Convert text with "
+            "uuid.UUID(text) (SessionManager methods take either form)."
         )
 
 

@@ -29,6 +29,7 @@ from ._exceptions import (
     MAX_REVISION,
     InvalidConfiguration,
     InvalidCursor,
+    InvalidSessionId,
     InvalidUpdate,
     revision_exhausted,
 )
@@ -68,11 +69,14 @@ def _limit(instance: object, attribute: object, value: int) -> None:
 
 @attrs.frozen(slots=True)
 class SessionQuery:
-    """What :meth:`SessionRepository.list` returns: filters, order, page.
+    """What :meth:`SessionRepository.list` takes: filters, and which page of at most
+    ``limit`` sessions (default 50, at most 10000) to return.
 
     Sessions come newest ``last_active`` first (ties by id). ``search`` matches the name
     or the first message, case-insensitively. ``visible_at`` hides sessions whose
-    ``expires_at`` has passed at that time.
+    ``expires_at`` has passed at that time. ``cursor`` is None for the first page, then
+    the previous :class:`Page`'s ``next_cursor``; it only fits a query with the same
+    filters (see :meth:`fingerprint`).
     """
 
     owner: str | None = None
@@ -135,13 +139,23 @@ def _check_file_mode(file_mode: object) -> None:
 
 
 def encode_cursor(last_active: datetime, session_id: uuid.UUID, query: SessionQuery) -> str:
-    """Make an opaque cursor that resumes after ``(last_active, session_id)``."""
+    """Make an opaque cursor that resumes a listing after ``(last_active, session_id)``,
+    the last item of a page (a store's ``list()`` returns it as ``next_cursor``).
+
+    ``query`` is the query the page answered: the cursor carries its
+    :meth:`~SessionQuery.fingerprint` (owner, status and search, not limit or cursor),
+    so :func:`decode_cursor` refuses it for a query with other filters.
+    """
     raw = orjson.dumps([last_active.isoformat(), str(session_id), query.fingerprint()])
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 
 def decode_cursor(query: SessionQuery) -> tuple[datetime, uuid.UUID] | None:
-    """Return the position ``query.cursor`` resumes after, or None for the first page."""
+    """Return the position ``query.cursor`` resumes after, or None for the first page.
+
+    Raises :class:`InvalidCursor` for a cursor that is malformed or was made for a
+    query with other filters (another owner, status or search: its fingerprint differs).
+    """
     cursor = query.cursor
     if cursor is None:
         return None
@@ -233,6 +247,9 @@ class SessionRepository(ABC):
     * ``expired`` reads a deadline index: its cost follows the number of expired sessions.
     * A store is opened by ``async with store`` (or by the manager that uses it); nested
       opens are counted and only the last close releases resources.
+    * Ids are :class:`uuid.UUID`: every operation taking one raises
+      :class:`InvalidSessionId` for anything else (see :meth:`_check_id`), before it
+      reads or writes anything.
     """
 
     _open_count: int = 0
@@ -293,13 +310,41 @@ class SessionRepository(ABC):
         return transitions
 
     @staticmethod
+    def _check_id(session_id: object) -> uuid.UUID:
+        """The precondition of every operation that takes an id: return it as a plain
+        :class:`uuid.UUID` (a subclass's too, so its ``str()`` is the UUID's), or raise
+        :class:`InvalidSessionId` for anything else (its text, its int, None). Stores
+        call it before they read or write anything; custom stores should too."""
+        if type(session_id) is uuid.UUID:
+            return session_id
+        if isinstance(session_id, uuid.UUID):
+            return uuid.UUID(int=session_id.int)
+        raise InvalidSessionId(session_id)
+
+    @staticmethod
+    def _check_ids(session_ids: Iterable[object]) -> list[uuid.UUID]:
+        """:meth:`_check_id` of each id, in order, each id once (for
+        :meth:`document_versions`)."""
+        return list(dict.fromkeys(map(SessionRepository._check_id, session_ids)))
+
+    @staticmethod
     def _check_revision_step(session: Session, expected_revision: int) -> None:
-        """The precondition of :meth:`save`: one revision past the expected one, and not
-        past the last revision a session can have (:class:`LimitExceeded`)."""
+        """The precondition of :meth:`save`: one revision past the expected one
+        (:class:`InvalidUpdate` otherwise), and not past the last revision a session can
+        have (:class:`LimitExceeded`)."""
+        if type(expected_revision) is not int:
+            raise InvalidUpdate(
+                f"save() of session {session.id}: expected_revision must be an int (the "
+                f"revision of the snapshot the change is based on), got {expected_revision!r:.60}."
+            )
         if session.revision != expected_revision + 1:
-            raise ValueError(
-                f"save() needs session.revision == expected_revision + 1, got "
-                f"{session.revision} and {expected_revision}"
+            raise InvalidUpdate(
+                f"save() of session {session.id} needs session.revision == "
+                f"expected_revision + 1, got revision {session.revision} and "
+                f"expected_revision {expected_revision}; nothing was written. Save "
+                "attrs.evolve(snapshot, revision=snapshot.revision + 1, ...) with "
+                "expected_revision=snapshot.revision, or use SessionManager.update(), "
+                "which does this (and retries on a conflict)."
             )
         if session.revision > MAX_REVISION:
             raise revision_exhausted(session.id)
@@ -497,7 +542,11 @@ class SessionRepository(ABC):
         (``asyncsession migrate`` rewrites them all). Stores that keep documents override
         this; a store that never holds an old document answers
         :data:`~asyncsession.CURRENT_VERSION` for each stored id.
+
+        An id that is not a :class:`uuid.UUID` raises :class:`InvalidSessionId` (the
+        default checks them too).
         """
+        self._check_ids(session_ids)
         return None
 
 

@@ -28,6 +28,7 @@ import asyncsession
 from asyncsession import (
     CURRENT_VERSION,
     CorruptSessionError,
+    InvalidSessionId,
     SessionManager,
     SessionNotFound,
     SessionQuery,
@@ -185,13 +186,19 @@ async def test_bad_ids_never_touch_the_filesystem(tmp_path: Path, anyio_backend:
     ]
     async with FileRepository(tmp_path / "store") as repo:
         before = tree(tmp_path)
-        for bad in bad_ids:
-            assert await repo.get(bad) is None
-            assert await repo.touch(bad, at=at(1), policy=POLICY) is None
-            assert await repo.delete(bad) is False
-            assert await repo.remove_expired(bad, now=at(1000)) is None
-            with pytest.raises(SessionNotFound):
+        for bad in bad_ids:  # refused (InvalidSessionId) before any path is made
+            with pytest.raises(InvalidSessionId):
+                await repo.get(bad)
+            with pytest.raises(InvalidSessionId):
+                await repo.touch(bad, at=at(1), policy=POLICY)
+            with pytest.raises(InvalidSessionId):
+                await repo.delete(bad)
+            with pytest.raises(InvalidSessionId):
+                await repo.remove_expired(bad, now=at(1000))
+            with pytest.raises(InvalidSessionId):
                 await repo.append(bad, [msg("x")], at=at(1), policy=POLICY)
+            with pytest.raises(InvalidSessionId):
+                await repo.document_versions([bad])
         # unknown but valid ids leave no lock files behind either
         assert await repo.get(uuid.uuid4()) is None
         assert await repo.touch(uuid.uuid4(), at=at(1), policy=POLICY) is None

@@ -45,6 +45,7 @@ PUBLIC_API = {
         "InvalidJSONValue",
         "InvalidOwner",
         "InvalidRole",
+        "InvalidSessionId",
         "InvalidSessionName",
         "InvalidUpdate",
         "LimitExceeded",

@@ -34,6 +34,7 @@ from asyncsession import (
     CorruptSessionError,
     ExpiryPolicy,
     InvalidConfiguration,
+    InvalidSessionId,
     Message,
     Session,
     SessionManager,
@@ -459,6 +460,37 @@ async def test_events_travel_between_stores(redis_server: RedisServer) -> None:
         "a",
     )
     assert event.at == T0
+
+
+@pytest.mark.anyio
+async def test_events_of_ids_that_are_not_uuids_are_refused(redis_server: RedisServer) -> None:
+    """publish_event() takes a uuid.UUID id, as every store operation does: other ids
+    raise InvalidSessionId and publish nothing (subscribers dropped them as malformed,
+    with a warning); a UUID subclass travels as its plain UUID."""
+
+    class Shouting(uuid.UUID):
+        def __str__(self) -> str:
+            return "NOT-A-UUID"
+
+    key_prefix = prefix()
+    sid = uuid.uuid4()
+    async with (
+        RedisRepository(redis_server.url, prefix=key_prefix) as a,
+        RedisRepository(redis_server.url, prefix=key_prefix) as b,
+        b.subscribe_events() as events,
+    ):
+        with anyio.fail_after(10):
+            for _attempt in range(1000):  # the subscription may need a moment to register
+                if await a.publish_event("created", sid, at=T0, origin="a"):
+                    break
+                await anyio.sleep(0.01)
+            assert (await events.__anext__()).kind == "created"
+            for bad in ("not-a-uuid", str(sid), sid.int, None):
+                with pytest.raises(InvalidSessionId):
+                    await a.publish_event("updated", bad, at=T0, origin="a")  # type: ignore[arg-type]
+            assert await a.publish_event("deleted", Shouting(int=sid.int), at=T0) == 1
+            event = await events.__anext__()  # the refused ones never went out
+    assert (event.kind, event.session_id, type(event.session_id)) == ("deleted", sid, uuid.UUID)
 
 
 @pytest.mark.anyio

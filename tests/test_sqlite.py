@@ -28,6 +28,7 @@ from asyncsession import (
     CorruptSessionError,
     ExpiryPolicy,
     InvalidConfiguration,
+    InvalidSessionId,
     LimitExceeded,
     Message,
     Session,
@@ -585,8 +586,11 @@ async def test_document_versions_in_one_worker_hop(
         assert repo.statistics().operations == before + 1
         assert list(versions) == [s.id for s in reversed(sessions)]  # in the order asked
         assert {sid: v for sid, v in versions.items() if v != CURRENT_VERSION} == {old.id: 0}
-        # ids that are not UUIDs name no session, as in the other stores
-        assert await repo.document_versions([str(old.id)]) == {}  # type: ignore[list-item]
+        # an id that is not a UUID is refused before any worker hop, as in the other stores
+        before = repo.statistics().operations
+        with pytest.raises(InvalidSessionId):
+            await repo.document_versions([old.id, str(old.id)])  # type: ignore[list-item]
+        assert repo.statistics().operations == before
 
 
 def test_fast_message_decoder_matches_the_reference() -> None:

@@ -303,13 +303,6 @@ _DELETE = _Delete.DELETE
 _Action = Union[_Write, _Delete, None]
 
 
-def _canonical_id(session_id: object) -> uuid.UUID | None:
-    """The id as a plain UUID, or None: only UUIDs ever become file names."""
-    if isinstance(session_id, uuid.UUID):
-        return session_id if type(session_id) is uuid.UUID else uuid.UUID(int=session_id.int)
-    return None
-
-
 def _id_from_name(name: str) -> uuid.UUID | None:
     if not name.endswith(_SUFFIX) or len(name) != 36 + len(_SUFFIX):
         return None
@@ -1224,9 +1217,7 @@ class FileRepository(SessionRepository):
     async def get(
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
-        sid = _canonical_id(session_id)
-        if sid is None:
-            return None
+        sid = self._check_id(session_id)  # only plain UUIDs ever become file names
 
         def step(current: _Doc | None) -> tuple[Session | None, _Action]:
             return (None if current is None else current.session(last_messages)), None
@@ -1290,9 +1281,7 @@ class FileRepository(SessionRepository):
         policy: ExpiryPolicy,
         max_messages: int | None = None,
     ) -> Session:
-        sid = _canonical_id(session_id)
-        if sid is None:
-            raise SessionNotFound(session_id)
+        sid = self._check_id(session_id)  # only plain UUIDs ever become file names
         messages = tuple(messages)
 
         def step(current: _Doc | None) -> tuple[Session, _Action]:
@@ -1328,9 +1317,7 @@ class FileRepository(SessionRepository):
         policy: ExpiryPolicy,
         last_messages: int | None = None,
     ) -> Session | None:
-        sid = _canonical_id(session_id)
-        if sid is None:
-            return None
+        sid = self._check_id(session_id)  # only plain UUIDs ever become file names
 
         def step(current: _Doc | None) -> tuple[Session | None, _Action]:
             if current is None:
@@ -1354,9 +1341,7 @@ class FileRepository(SessionRepository):
         return await self._run(sid, step)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
-        sid = _canonical_id(session_id)
-        if sid is None:
-            return False
+        sid = self._check_id(session_id)  # only plain UUIDs ever become file names
 
         def remove() -> bool:
             existed = self._exists(self._doc_path(sid))
@@ -1368,9 +1353,7 @@ class FileRepository(SessionRepository):
         return existed
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
-        sid = _canonical_id(session_id)
-        if sid is None:
-            return None
+        sid = self._check_id(session_id)  # only plain UUIDs ever become file names
 
         def step(current: _Doc | None) -> tuple[Session | None, _Action]:
             if current is None or not current.skeleton.is_expired(now):
@@ -1464,9 +1447,9 @@ class FileRepository(SessionRepository):
         damaged is read again under its lock, as :meth:`get` reads it: if it still is, it
         is moved to ``quarantine/`` and :class:`CorruptSessionError` is raised for it
         (the first such session in ``session_ids`` order; the rest are checked by the
-        next call). Ids that are not UUIDs name no document and are left out.
+        next call).
         """
-        wanted = [sid for sid in dict.fromkeys(map(_canonical_id, session_ids)) if sid is not None]
+        wanted = self._check_ids(session_ids)
         found = await self._call(self._read_versions, wanted)
         versions: dict[uuid.UUID, int] = {}
         for sid in wanted:

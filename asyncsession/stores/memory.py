@@ -126,6 +126,7 @@ class MemoryRepository(SessionRepository):
     async def get(
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
+        session_id = self._check_id(session_id)
         async with self._lock:
             session = self._sessions.get(session_id)
         if session is None:
@@ -175,6 +176,7 @@ class MemoryRepository(SessionRepository):
         policy: ExpiryPolicy,
         max_messages: int | None = None,
     ) -> Session:
+        session_id = self._check_id(session_id)
         async with self._lock:
             old = self._sessions.get(session_id)
             if old is None or old.is_expired(at):
@@ -207,6 +209,7 @@ class MemoryRepository(SessionRepository):
         policy: ExpiryPolicy,
         last_messages: int | None = None,
     ) -> Session | None:
+        session_id = self._check_id(session_id)
         async with self._lock:
             old = self._sessions.get(session_id)
             if old is None:
@@ -232,6 +235,7 @@ class MemoryRepository(SessionRepository):
         return last_window(session, last_messages)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
+        session_id = self._check_id(session_id)
         async with self._lock:
             old = self._sessions.get(session_id)
             if old is None:
@@ -240,6 +244,7 @@ class MemoryRepository(SessionRepository):
             return True
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
+        session_id = self._check_id(session_id)
         async with self._lock:
             old = self._sessions.get(session_id)
             if old is None or not old.is_expired(now):
@@ -306,9 +311,6 @@ class MemoryRepository(SessionRepository):
         This store holds :class:`Session` objects, never documents, so nothing in it is
         ever at an older schema version.
         """
+        wanted = self._check_ids(session_ids)
         async with self._lock:
-            return {
-                sid: CURRENT_VERSION
-                for sid in session_ids
-                if isinstance(sid, uuid.UUID) and sid in self._sessions
-            }
+            return {sid: CURRENT_VERSION for sid in wanted if sid in self._sessions}

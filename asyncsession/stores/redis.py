@@ -1371,7 +1371,7 @@ class RedisRepository(SessionRepository, EventTransport):
     async def get(
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
-        return (await self._read(session_id, last_messages))[0]
+        return (await self._read(self._check_id(session_id), last_messages))[0]
 
     async def _read(
         self, session_id: uuid.UUID, last_messages: int | None = None
@@ -1387,6 +1387,7 @@ class RedisRepository(SessionRepository, EventTransport):
         return self._held.seen(session_id, session, incarnation), incarnation
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
+        session_id = self._check_id(session_id)
         held = self._held.lend(session_id)
         if held is not None:
             return held
@@ -1465,6 +1466,7 @@ class RedisRepository(SessionRepository, EventTransport):
         policy: ExpiryPolicy,
         max_messages: int | None = None,
     ) -> Session:
+        session_id = self._check_id(session_id)
         sid = str(session_id)
         args: list[str | bytes] = [
             sid,
@@ -1501,6 +1503,7 @@ class RedisRepository(SessionRepository, EventTransport):
         policy: ExpiryPolicy,
         last_messages: int | None = None,
     ) -> Session | None:
+        session_id = self._check_id(session_id)
         entry = self._held.entry(session_id)
         sid = str(session_id)
         args = [
@@ -1526,6 +1529,7 @@ class RedisRepository(SessionRepository, EventTransport):
         return self._held.seen(session_id, self._from_reply(session_id, reply), _incarnation(reply))
 
     async def delete(self, session_id: uuid.UUID) -> bool:
+        session_id = self._check_id(session_id)
         self._held.drop(session_id)
         sid = str(session_id)
         reply = await self._run(self._delete, "a delete", self._keys(sid), [sid])
@@ -1544,6 +1548,7 @@ class RedisRepository(SessionRepository, EventTransport):
         :data:`REMOVE_ATTEMPTS` attempts to remove or keep what was read is left for the
         next cleanup pass: None.
         """
+        session_id = self._check_id(session_id)
         entry = self._held.take(session_id)
         session = None if entry is None else entry[0]
         known, keep = _version(entry), ""
@@ -1685,10 +1690,9 @@ class RedisRepository(SessionRepository, EventTransport):
         parsed. A document that is not JSON or has no non-negative int ``version``
         raises :class:`CorruptSessionError` naming the first such session in
         ``session_ids`` order, as :meth:`get` of it would. Sessions whose data Redis
-        already expired by itself are not stored any more, so they are left out, as are
-        ids that are not UUIDs (they name no session).
+        already expired by itself are not stored any more, so they are left out.
         """
-        wanted = list(dict.fromkeys(sid for sid in session_ids if isinstance(sid, uuid.UUID)))
+        wanted = self._check_ids(session_ids)
         if not wanted:
             return {}
         keys = [f"{self._prefix}s:{sid}" for sid in wanted]
@@ -1730,7 +1734,7 @@ class RedisRepository(SessionRepository, EventTransport):
         payload = orjson.dumps(
             {
                 "kind": str(kind),
-                "session_id": str(session_id),
+                "session_id": str(self._check_id(session_id)),
                 "at": at.isoformat(),
                 "revision": revision,
                 "origin": origin,

@@ -1867,7 +1867,7 @@ class SQLiteRepository(SessionRepository):
     async def get(
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
-        return (await self._get(_check_id(session_id), last_messages))[0]
+        return (await self._get(self._check_id(session_id), last_messages))[0]
 
     async def _get(
         self, sid: uuid.UUID, last_messages: int | None = None
@@ -1884,10 +1884,11 @@ class SQLiteRepository(SessionRepository):
         return session, row.incarnation
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
-        held = self._held.lend(session_id)
+        sid = self._check_id(session_id)
+        held = self._held.lend(sid)
         if held is not None:
             return held
-        session, incarnation = await self._get(_check_id(session_id))
+        session, incarnation = await self._get(sid)
         self._held.lend_read(session, incarnation)  # the save checks this read's life
         return session
 
@@ -1951,7 +1952,7 @@ class SQLiteRepository(SessionRepository):
         policy: ExpiryPolicy,
         max_messages: int | None = None,
     ) -> Session:
-        sid = _check_id(session_id)
+        sid = self._check_id(session_id)
         batch = list(messages)
         bodies = _encode_messages(batch)
         at_us = _us(at)
@@ -2027,7 +2028,7 @@ class SQLiteRepository(SessionRepository):
         policy: ExpiryPolicy,
         last_messages: int | None = None,
     ) -> Session | None:
-        sid = _check_id(session_id)
+        sid = self._check_id(session_id)
         at_us = _us(at)
 
         interval_us = policy.touch_interval // timedelta(microseconds=1)
@@ -2064,7 +2065,7 @@ class SQLiteRepository(SessionRepository):
         return self._held.seen(sid, row.decode(self._documents), row.incarnation)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
-        checked = _check_id(session_id)
+        checked = self._check_id(session_id)
         self._held.drop(checked)
         sid = str(checked)
 
@@ -2078,7 +2079,7 @@ class SQLiteRepository(SessionRepository):
         return await self._call(op, write=True)
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
-        sid = _check_id(session_id)
+        sid = self._check_id(session_id)
         self._held.drop(sid)
         now_us = _us(now)
 
@@ -2191,8 +2192,7 @@ class SQLiteRepository(SessionRepository):
         or has no non-negative int ``version`` raises :class:`CorruptSessionError` naming
         the first such session in ``session_ids`` order, as :meth:`get` of it would.
         """
-        # Ids that are not UUIDs name no session: left out, as in the other stores.
-        wanted = list(dict.fromkeys(sid for sid in session_ids if isinstance(sid, uuid.UUID)))
+        wanted = self._check_ids(session_ids)
         keys = [str(sid) for sid in wanted]
         if not keys:
             return {}
@@ -2272,9 +2272,3 @@ def _status(session_id: uuid.UUID, value: str) -> SessionStatus:
         return SessionStatus(value)
     except ValueError:
         raise CorruptSessionError(f"unknown status {value!r}", session_id=session_id) from None
-
-
-def _check_id(session_id: uuid.UUID) -> uuid.UUID:
-    if type(session_id) is not uuid.UUID:
-        raise TypeError(f"session ids are uuid.UUID, got {type(session_id).__name__}")
-    return session_id

@@ -29,6 +29,7 @@ import orjson
 from .._exceptions import (
     CorruptSessionError,
     InvalidCursor,
+    InvalidSessionId,
     InvalidUpdate,
     LimitExceeded,
     SchemaVersionError,
@@ -108,6 +109,20 @@ async def known_versions(
             "it told versions before or holds documents the contract replaced"
         )
     return dict(versions)
+
+
+class ShoutingUUID(uuid.UUID):
+    """A :class:`uuid.UUID` subclass whose text is not a UUID's (a store that writes
+    ``str(id)`` into a key, a file name or SQL must use the plain UUID instead)."""
+
+    def __str__(self) -> str:
+        return "../NOT-A-UUID"
+
+
+def not_ids(session: Session) -> list[Any]:
+    """Values a caller might pass for ``session``'s id that are not UUIDs."""
+    sid = session.id
+    return [str(sid), sid.hex, sid.int, sid.bytes, None, [sid]]
 
 
 def changed(session: Session, **changes: Any) -> Session:
@@ -436,6 +451,94 @@ class RepositoryContract:
         assert await repository.get_for_update(session.id) == latest
         await repository.delete(session.id)
         assert await repository.get_for_update(session.id) is None
+
+    async def test_save_needs_exactly_the_next_revision(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """``save()`` of a session whose revision is not ``expected_revision + 1`` (the
+        snapshot as read, say) is bad input: :class:`InvalidUpdate` (a ValueError), and
+        nothing is written, whether the session exists or not."""
+        session = make_session(messages=("a",))
+        await repository.add(session)
+        missing = make_session()
+        new = msg("b", 1)
+        attempts: list[tuple[str, Session, Any, list[Message] | None]] = [
+            ("the revision read", session, 0, None),
+            ("the revision read, with new_messages", session, 0, []),
+            ("two revisions on", attrs.evolve(session, revision=2), 0, None),
+            (
+                "a message, the revision read",
+                attrs.evolve(session, messages=session.messages.append(new)),
+                0,
+                [new],
+            ),
+            ("one below the expected", session, 1, None),
+            ("an unknown session, the revision read", missing, 0, None),
+            ("an expected_revision that is not an int", changed(session), "0", None),
+        ]
+        for what, snapshot, expected, added in attempts:
+            error = await raises(
+                InvalidUpdate,
+                repository.save(snapshot, expected_revision=expected, new_messages=added),
+                f"save() of {what}",
+            )
+            assert isinstance(error, ValueError) and not error.recoverable, what
+            assert "expected_revision" in str(error), (what, str(error))
+            assert await repository.get(session.id) == session, f"save() of {what} wrote"
+            assert await repository.get_for_update(session.id) == session, what
+            assert await repository.get(missing.id) is None, f"save() of {what} wrote"
+        await repository.save(changed(session, state={"k": 2}), expected_revision=0)
+
+    async def test_ids_are_uuids(self, repository: SessionRepository, anyio_backend: Any) -> None:
+        """Every operation that takes an id refuses one that is not a :class:`uuid.UUID`
+        (its text, its int, ...) with :class:`InvalidSessionId` (a ValidationError and a
+        TypeError), reading and writing nothing; answering None would hide the mistake
+        (the session is there). A :class:`uuid.UUID` subclass is the same id."""
+        session = make_session(messages=("a",))
+        await repository.add(session)
+        late = at(1000)  # past its deadline, so a remove_expired() would remove it
+        operations: list[tuple[str, Callable[[Any], Awaitable[object]]]] = [
+            ("get", lambda bad: repository.get(bad)),
+            ("get(last_messages=1)", lambda bad: repository.get(bad, last_messages=1)),
+            ("get_for_update", lambda bad: repository.get_for_update(bad)),
+            (
+                "append",
+                lambda bad: repository.append(bad, [msg("b", 1)], at=at(1), policy=POLICY),
+            ),
+            ("touch", lambda bad: repository.touch(bad, at=at(1), policy=POLICY)),
+            ("delete", lambda bad: repository.delete(bad)),
+            ("remove_expired", lambda bad: repository.remove_expired(bad, now=late)),
+            ("document_versions", lambda bad: repository.document_versions([session.id, bad])),
+        ]
+        for bad in not_ids(session):
+            for what, operation in operations:
+                error = await raises(
+                    InvalidSessionId, operation(bad), f"{what}() of the id {bad!r}"
+                )
+                assert isinstance(error, TypeError) and isinstance(error, ValueError), what
+                assert error.session_id == bad and "uuid.UUID(" in str(error), what
+                assert await repository.get(session.id) == session, f"{what}({bad!r}) wrote"
+        assert list(await repository.expired(late)) == [session.id]
+
+        # a subclass of uuid.UUID names the same session (and never its str())
+        same = ShoutingUUID(int=session.id.int)
+        assert await repository.get(same) == session
+        assert await repository.get_for_update(same) == session
+        appended = await repository.append(same, [msg("b", 1)], at=at(1), policy=POLICY)
+        assert appended.id == session.id and appended.revision == 1
+        touched = await repository.touch(same, at=at(2), policy=POLICY)
+        assert touched is not None and touched.last_active == at(2)
+        versions = await repository.document_versions([same])
+        assert versions is None or dict(versions) == {session.id: CURRENT_VERSION}
+        assert await repository.get(session.id) == await repository.get(same) == touched
+        removed = await repository.remove_expired(same, now=late)
+        assert removed is not None and removed.id == session.id
+        assert await repository.get(session.id) is None
+        other = make_session()
+        await repository.add(other)
+        assert await repository.delete(ShoutingUUID(int=other.id.int))
+        assert await repository.get(other.id) is None
+        assert await repository.get(ShoutingUUID(int=uuid.uuid4().int)) is None
 
     async def test_save_missing_raises_not_found(
         self, repository: SessionRepository, anyio_backend: Any
@@ -1066,9 +1169,6 @@ class RepositoryContract:
         assert versions == dict.fromkeys([a.id, b.id, c.id], CURRENT_VERSION)
         assert await known_versions(repository, []) == {}
         assert await known_versions(repository, iter([missing])) == {}
-        # ids that are not UUIDs name no document: left out, as missing ids are
-        not_ids: list[Any] = [str(a.id), a.id.int, ["x"], None]
-        assert await known_versions(repository, [*not_ids, a.id]) == {a.id: CURRENT_VERSION}
         await repository.delete(c.id)
         assert await known_versions(repository, [c.id, a.id]) == {a.id: CURRENT_VERSION}
         # expiry is not applied: an expired session awaiting cleanup still has a document

@@ -49,6 +49,7 @@ class DictRepository(SessionRepository):
     async def get(
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
+        session_id = self._check_id(session_id)  # a uuid.UUID, else InvalidSessionId
         await anyio.lowlevel.checkpoint()
         session = self._sessions.get(session_id)
         return None if session is None else _window(session, last_messages)
@@ -93,6 +94,7 @@ class DictRepository(SessionRepository):
         policy: ExpiryPolicy,
         max_messages: int | None = None,
     ) -> Session:
+        session_id = self._check_id(session_id)
         await anyio.lowlevel.checkpoint()
         current = self._sessions.get(session_id)
         if current is None or current.is_expired(at):
@@ -121,6 +123,7 @@ class DictRepository(SessionRepository):
         policy: ExpiryPolicy,
         last_messages: int | None = None,
     ) -> Session | None:
+        session_id = self._check_id(session_id)
         await anyio.lowlevel.checkpoint()
         current = self._sessions.get(session_id)
         if current is None:
@@ -139,10 +142,12 @@ class DictRepository(SessionRepository):
         return _window(current, last_messages)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
+        session_id = self._check_id(session_id)
         await anyio.lowlevel.checkpoint()
         return self._sessions.pop(session_id, None) is not None
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
+        session_id = self._check_id(session_id)
         await anyio.lowlevel.checkpoint()
         current = self._sessions.get(session_id)
         if current is None or not current.is_expired(now):
