@@ -3,8 +3,10 @@
 Built on click (commands, options) and rich (tables, progress); both come with the
 ``cli`` extra. Uses the public API of :mod:`asyncsession`, and the manager's test for
 a rotation's retired document. Expected failures (unknown id, bad store URL,
-unreachable server, corrupt document) print one line to stderr and exit with status 1
-(or 2 for usage errors and values the library refuses), without a traceback.
+unreachable server, corrupt document, a SQLite file or file store that does not exist
+where a command would only read or change sessions) print one line to stderr and exit
+with status 1 (or 2 for usage errors and values the library refuses), without a
+traceback. Ctrl-C exits 130; a closed output (``| head``) ends a command quietly with 141.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import stat
 import sys
 import tempfile
@@ -34,7 +37,7 @@ from collections.abc import (
 )
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, Any, Final, TypeVar
+from typing import IO, Any, Final, TypeVar, cast
 
 import anyio
 import attrs
@@ -55,6 +58,7 @@ from rich.text import Text
 from . import (
     CURRENT_VERSION,
     CorruptSessionError,
+    EventKind,
     FileRepository,
     InvalidCursor,
     SerializationError,
@@ -66,13 +70,16 @@ from . import (
     SessionQuery,
     SessionRepository,
     SessionStatus,
+    SQLiteRepository,
     StorageError,
+    Subscription,
     ValidationError,
     dumps,
     loads,
 )
 from ._manager import _is_retired
 from ._urls import STORE_URL_FORMS, repository_from_url, shown_url
+from .abc import EventTransport
 from .reporting import JsonLinesReporter, Reporter, aggregate, read_reports
 
 __all__ = ["CLIError", "cli", "open_store", "run"]
@@ -96,8 +103,66 @@ def _width(stream: IO[str]) -> int | None:
     return 200
 
 
-out = Console(highlight=False, width=_width(sys.stdout))
-err = Console(stderr=True, highlight=False, width=_width(sys.stderr))
+#: The exit status of a command whose output's reader went away (``| head``): 128 +
+#: SIGPIPE, as shells report for the programs the signal ends.
+OUTPUT_CLOSED: Final = 141
+
+
+class _OutputClosed(Exception):
+    """The reader of the command's output went away (``| head``): end quietly."""
+
+
+class _Console(Console):
+    """A console whose closed output ends the command with :class:`_OutputClosed`
+    (rich's own handler exits with status 1)."""
+
+    def on_broken_pipe(self) -> None:
+        """Print nothing more; end the command (:func:`run` returns OUTPUT_CLOSED)."""
+        self.quiet = True
+        raise _OutputClosed
+
+
+def _write_all(output: IO[bytes], data: bytes) -> None:
+    """Write all of ``data`` to ``output``.
+
+    A large write into a pipe whose reader goes away (``| head``) is interrupted by
+    SIGPIPE after part of it: BufferedWriter.write returns how much it wrote, and
+    TextIOWrapper drops the rest without an error (the command would end with status 0,
+    its output cut short). Written again, the rest raises BrokenPipeError.
+    """
+    view = memoryview(data)
+    while view:
+        view = view[output.write(view) :]
+
+
+class _WholeWrites:
+    """``sys.stdout`` or ``sys.stderr`` (looked up at each write, as rich does), each
+    write made whole (:func:`_write_all`), for a rich console."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(getattr(sys, self._name), name)
+
+    def write(self, text: str) -> int:
+        """Write ``text`` whole; BrokenPipeError if the reader went away."""
+        stream = getattr(sys, self._name)
+        buffer = getattr(stream, "buffer", None)
+        if buffer is None or os.linesep != "\n":  # an embedding program's text stream
+            return int(stream.write(text))
+        stream.flush()  # what was written through the text layer goes first
+        _write_all(buffer, text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
+        return len(text)
+
+
+def _console(name: str) -> _Console:
+    stream = getattr(sys, name)
+    return _Console(file=cast(IO[str], _WholeWrites(name)), highlight=False, width=_width(stream))
+
+
+out = _console("stdout")
+err = _console("stderr")
 
 #: Control characters but tab and newline (C0, DEL, C1): shown as escapes, not sent.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -151,10 +216,87 @@ def _check_backend(backend: str) -> None:
         )
 
 
-def _with_store(url: str, backend: str, fn: Callable[[SessionRepository], Awaitable[T]]) -> T:
-    """Open the store at ``url`` on ``backend``, run ``fn(store)``, close the store."""
-    _check_backend(backend)
+_CREATE_ONE = (
+    "check --store / ASYNCSESSION_STORE, or create one with `asyncsession demo` or "
+    "`asyncsession import`."
+)
+
+
+def _absent(path: Path) -> bool:
+    """Whether nothing is at ``path`` (a path that cannot be checked, for want of
+    permission say, is left to the store, which says what is wrong)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _check_exists(repository: SessionRepository) -> None:
+    """Refuse a SQLite file or a file store's directory that does not exist: opening it
+    would create an empty store (a typo in the path would list, export or purge nothing,
+    and leave a stray database or directory behind)."""
+    if isinstance(repository, SQLiteRepository):
+        if _absent(repository.path):
+            raise CLIError(f"no SQLite store at {os.path.abspath(repository.path)}; {_CREATE_ONE}")
+    elif isinstance(repository, FileRepository):
+        root = repository.directory
+        if _absent(root):
+            problem = "the directory does not exist"
+        elif root.is_dir() and _absent(root / "sessions"):
+            problem = "the directory holds no sessions/ folder"
+        else:
+            return
+        raise CLIError(f"no file store at {os.path.abspath(root)} ({problem}); {_CREATE_ONE}")
+
+
+def _store(url: str, *, creates: bool = False, memory: bool = False) -> SessionRepository:
+    """The unopened store ``url`` names, for this command; :class:`CLIError` if refused.
+
+    Only the commands that create sessions (``creates``: demo, import) may create a
+    store; the others refuse a SQLite file or file store that does not exist, before
+    anything is created (:func:`_check_exists`). ``memory://`` is refused (a usage
+    error) unless ``memory``: each command runs in a process of its own, so any other
+    command would only see a new, empty store that vanishes with it.
+    """
     repository = open_store(url)
+    if not memory and url.partition("://")[0].lower() == "memory":
+        context = click.get_current_context(silent=True)
+        command = f"`{context.info_name}`" if context is not None else "this command"
+        raise CLIError(
+            f"--store memory:// lives in one process only: {command} would see a new, "
+            "empty store that vanishes when it ends. Name the store your application "
+            "uses (sqlite:///..., file://..., redis://...); memory:// suits only "
+            "`asyncsession demo`.",
+            exit_code=2,
+        )
+    if not creates:
+        _check_exists(repository)
+    return repository
+
+
+def _with_store(
+    url: str,
+    backend: str,
+    fn: Callable[[SessionRepository], Awaitable[T]],
+    *,
+    creates: bool = False,
+    memory: bool = False,
+) -> T:
+    """Open the store at ``url`` on ``backend``, run ``fn(store)``, close the store.
+
+    ``creates`` and ``memory``: see :func:`_store`.
+    """
+    _check_backend(backend)
+    return _on_store(_store(url, creates=creates, memory=memory), backend, fn)
+
+
+def _on_store(
+    repository: SessionRepository, backend: str, fn: Callable[[SessionRepository], Awaitable[T]]
+) -> T:
+    """Open ``repository`` on ``backend``, run ``fn(repository)``, close it."""
 
     async def main() -> T:
         async with repository:
@@ -191,6 +333,76 @@ async def _all_sessions(repository: SessionRepository) -> AsyncIterator[Session]
         if page.next_cursor is None:
             return
         cursor = page.next_cursor
+
+
+#: How many of its events a command that changes sessions keeps for announcing (one
+#: per session changed; beyond, the subscription drops them with a warning).
+_ANNOUNCED_EVENTS: Final = 100_000
+
+
+class _Announcer:
+    """Tells the applications on a store that shares events between processes (Redis)
+    what a command did, as their managers with ``share_events=True`` tell each other:
+    they hear each closed, expired or deleted session as a remote event.
+
+    The command publishes the events itself, each before it ends, instead of sharing
+    its manager's (``share_events=True``): such a manager subscribes first, and drops
+    the events still waiting to be published when it exits, as a command does at once.
+    Publishing to a channel nobody listens on costs one round trip. A failure is a
+    warning: the change is made; only the announcement is lost.
+    """
+
+    def __init__(self, store: EventTransport) -> None:
+        self._store = store
+        self._origin = f"asyncsession-cli-{uuid.uuid4().hex}"
+        self._failed = False
+
+    async def announce(
+        self, kind: EventKind, session_id: uuid.UUID, at: datetime, revision: int | None
+    ) -> None:
+        """Publish one event (nothing more after a failure)."""
+        if self._failed:
+            return
+        try:
+            await self._store.publish_event(
+                kind.value, session_id, at=at, revision=revision, origin=self._origin
+            )
+        except StorageError as exc:
+            self._failed = True
+            logger.warning(
+                "the change is made, but running applications could not be told of it "
+                "(their managers with share_events=True): %s",
+                exc,
+            )
+
+    async def announce_all(self, events: Subscription) -> None:
+        """Publish each event of ``events`` until it ends (its manager exits)."""
+        async for event in events:
+            if not event.remote:
+                revision = None if event.session is None else event.session.revision
+                await self.announce(event.kind, event.session_id, event.at, revision)
+
+
+async def _with_manager(
+    repository: SessionRepository, act: Callable[[SessionManager], Awaitable[T]]
+) -> T:
+    """Run ``act`` with a manager on ``repository`` (no cleanup task); on a store that
+    shares events between processes, announce what it closed, expired or deleted
+    (:class:`_Announcer`)."""
+    if not isinstance(repository, EventTransport):
+        async with SessionManager(repository, cleanup_interval=None) as manager:
+            return await act(manager)
+    announcer = _Announcer(repository)
+    async with (
+        anyio.create_task_group() as tg,
+        SessionManager(repository, cleanup_interval=None) as manager,
+    ):
+        # the subscription ends when the manager exits (first), after the events it
+        # holds: the task group then waits until every one is published
+        events = manager.subscribe(buffer=_ANNOUNCED_EVENTS)
+        tg.start_soon(announcer.announce_all, events)
+        result = await act(manager)
+    return result
 
 
 # -- output -------------------------------------------------------------------------------
@@ -238,8 +450,11 @@ def _status_text(session: Session, now: datetime) -> str:
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
-    sys.stdout.flush()
+    try:
+        out.file.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+        out.file.flush()
+    except BrokenPipeError:
+        raise _OutputClosed from None
 
 
 def _progress(enabled: bool = True) -> Progress:
@@ -339,6 +554,10 @@ def _keep_owner_and_mode(fd: int, previous: os.stat_result) -> None:
     os.fchmod(fd, mode)
 
 
+class _WriteFailed(CLIError):
+    """The export's output could not be written."""
+
+
 def _os_failure(operation: str, exc: OSError) -> CLIError:
     """The failure of ``operation`` (what could not be done, naming the file) on ``exc``."""
     return CLIError(f"cannot {operation}: {exc.strerror or exc}.")
@@ -418,6 +637,19 @@ def _store_option(fn: F) -> F:
     return option(fn)
 
 
+def _demo_store_option(fn: F) -> F:
+    option = click.option(
+        "--store",
+        "store_url",
+        default=DEFAULT_STORE,
+        show_default=True,
+        metavar="URL",
+        help="Where the demo's made-up users' sessions go: this option only (not "
+        f"ASYNCSESSION_STORE, which may name an application's store): {STORE_FORMS}.",
+    )
+    return option(fn)
+
+
 def _backend_option(fn: F) -> F:
     option = click.option(
         "--backend",
@@ -464,7 +696,8 @@ def cli() -> None:
     """Inspect and maintain asyncsession stores, and run the demo.
 
     Every command takes --store URL (default sqlite:///asyncsession.db, or env
-    ASYNCSESSION_STORE) and --backend asyncio|trio; most take --json.
+    ASYNCSESSION_STORE, which demo ignores) and --backend asyncio|trio; most take --json.
+    Only demo and import create a store; the others refuse one that does not exist.
     """
 
 
@@ -666,7 +899,9 @@ async def _run_demo(
     default=None,
     help="Also append a release-health report per ended session to this JSON Lines file.",
 )
-@_common
+@_demo_store_option
+@_backend_option
+@_json_option
 def demo(
     users: int,
     rounds: int,
@@ -680,7 +915,8 @@ def demo(
 
     Users create sessions, exchange messages and update state at once; some close
     normally, some crash, some are archived and some walk away and expire. Time is
-    simulated (a ManualClock), so an hour of chat takes seconds.
+    simulated (a ManualClock), so an hour of chat takes seconds. Runs on --store only,
+    never on the store ASYNCSESSION_STORE names.
     """
     if reports is not None:
         _check_output_file(str(reports), "--reports", replaced=False)
@@ -696,6 +932,8 @@ def demo(
             reporters=reporters,
             show_progress=not as_json,
         ),
+        creates=True,
+        memory=True,
     )
     result["backend"] = backend
     result["store"] = shown_url(store_url)
@@ -728,14 +966,24 @@ def demo(
     for what, value in rows:
         run_table.add_row(what, _plain(value))
     out.print(run_table)
-    store_arg = "" if store_url == DEFAULT_STORE else f" --store {shown_url(store_url)}"
-    out.print(
-        Text.assemble(
-            "Next: ",
-            _plain(f"asyncsession list{store_arg}", "bold"),
-            ", then show, stats, export...",
+    _print_next(store_url)
+
+
+def _print_next(store_url: str) -> None:
+    """Suggest looking at the demo's sessions: a command alone on its line, the store
+    quoted for a POSIX shell (``&`` or ``;`` in a URL), so it can be pasted as it is."""
+    if store_url.partition("://")[0].lower() == "memory":
+        out.print(
+            "The memory:// store ended with the demo. To look at the sessions afterwards "
+            "(list, show, stats, export), run it on the default ./asyncsession.db or "
+            "another --store."
         )
-    )
+        return
+    environment = os.environ.get("ASYNCSESSION_STORE")
+    plain = store_url == DEFAULT_STORE and environment in (None, "", DEFAULT_STORE)
+    store_arg = "" if plain else f" --store {shlex.quote(shown_url(store_url))}"
+    out.print("Next, look at the sessions (also with show, stats, export):")
+    out.print(_plain(f"asyncsession list{store_arg}", "bold"), soft_wrap=True)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -977,7 +1225,10 @@ def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_js
             )
         return counts, awaiting, aggregate(items, bucket=period), aside
 
-    counts, awaiting, buckets, aside = _with_store(store_url, backend, fetch)
+    # with --reports, memory:// stands for "no store": its counts are all zero
+    counts, awaiting, buckets, aside = _with_store(
+        store_url, backend, fetch, memory=reports is not None
+    )
     by_status = {s.value: counts.get(s, 0) for s in SessionStatus}
     health = [
         {
@@ -1051,12 +1302,14 @@ def close(session_id: str, status: str, store_url: str, backend: str, as_json: b
     """Close a live session (exited, crashed or abnormal)."""
     sid = _parse_id(session_id, store_url)
 
+    async def close_it(manager: SessionManager) -> Session:
+        try:
+            return await manager.close(sid, status=SessionStatus(status))
+        except SessionNotFound:
+            raise _missing(sid, store_url) from None
+
     async def act(repository: SessionRepository) -> Session:
-        async with SessionManager(repository, cleanup_interval=None) as manager:
-            try:
-                return await manager.close(sid, status=SessionStatus(status))
-            except SessionNotFound:
-                raise _missing(sid, store_url) from None
+        return await _with_manager(repository, close_it)
 
     session = _with_store(store_url, backend, act)
     if as_json:
@@ -1073,7 +1326,12 @@ def delete(session_id: str, store_url: str, backend: str, as_json: bool) -> None
     sid = _parse_id(session_id, store_url)
 
     async def act(repository: SessionRepository) -> bool:
-        return await repository.delete(sid)
+        # The store's delete, not the manager's: that one removes an expired session as
+        # expired (so not found), where this deletes whatever is stored.
+        deleted = await repository.delete(sid)
+        if deleted and isinstance(repository, EventTransport):
+            await _Announcer(repository).announce(EventKind.DELETED, sid, _now(), None)
+        return deleted
 
     if not _with_store(store_url, backend, act):
         raise _missing(sid, store_url)
@@ -1088,9 +1346,11 @@ def delete(session_id: str, store_url: str, backend: str, as_json: bool) -> None
 def purge(store_url: str, backend: str, as_json: bool) -> None:
     """Remove every expired session; print how many."""
 
+    async def purge_all(manager: SessionManager) -> int:
+        return await manager.purge_expired()
+
     async def act(repository: SessionRepository) -> int:
-        async with SessionManager(repository, cleanup_interval=None) as manager:
-            return await manager.purge_expired()
+        return await _with_manager(repository, purge_all)
 
     count = _with_store(store_url, backend, act)
     if as_json:
@@ -1360,9 +1620,9 @@ class _Export:
         if line is None:
             return False
         try:
-            self.output.write(line)
+            _write_all(self.output, line)
         except OSError as exc:
-            raise _os_failure(f"write {self.name}", exc) from exc
+            raise _WriteFailed(_os_failure(f"write {self.name}", exc).message) from exc
         self.written.add(sid)
         return True
 
@@ -1507,7 +1767,7 @@ async def _export(
     try:
         output.flush()
     except OSError as exc:
-        raise _os_failure(f"write {name}", exc) from exc
+        raise _WriteFailed(_os_failure(f"write {name}", exc).message) from exc
     return _Exported(
         len(export.written),
         check.stored,
@@ -1567,29 +1827,34 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
     stdout, what was written is then incomplete. A session its listing missed (touched
     meanwhile) is found by listing the store again, and written too.
     """
+    _check_backend(backend)
     if output == "-" or _written_in_place(output):
-        if output == "-":
-            result = _with_store(
-                store_url, backend, lambda repo: _export(repo, sys.stdout.buffer, "stdout", False)
-            )
-        else:
-            _check_backend(backend)
-            open_store(store_url)  # a bad URL is refused before a FIFO's reader is woken
-            try:
-                # append: an fd alias may stand for a redirection with >> (the shell has
-                # already emptied a > one); a FIFO or a device takes either
-                stream: IO[bytes] = open(output, "ab")  # noqa: SIM115 (closed below)
-            except OSError as exc:
-                raise CLIError(
-                    f"--output {output} cannot be written: {exc.strerror}.", exit_code=2
-                ) from exc
-            try:
-                result = _with_store(
-                    store_url, backend, lambda repo: _export(repo, stream, output, False)
+        store = _store(store_url)  # refused before a FIFO's reader is woken
+        try:
+            if output == "-":
+                result = _on_store(
+                    store, backend, lambda repo: _export(repo, sys.stdout.buffer, "stdout", False)
                 )
-            finally:
-                with contextlib.suppress(OSError):  # what failed the export (it flushed)
-                    stream.close()
+            else:
+                try:
+                    # append: an fd alias may stand for a redirection with >> (the shell
+                    # has already emptied a > one); a FIFO or a device takes either
+                    stream: IO[bytes] = open(output, "ab")  # noqa: SIM115 (closed below)
+                except OSError as exc:
+                    raise CLIError(
+                        f"--output {output} cannot be written: {exc.strerror}.", exit_code=2
+                    ) from exc
+                try:
+                    result = _on_store(
+                        store, backend, lambda repo: _export(repo, stream, output, False)
+                    )
+                finally:
+                    with contextlib.suppress(OSError):  # what failed the export (it flushed)
+                        stream.close()
+        except _WriteFailed as exc:  # a closed pipe (| head), a full disk...
+            raise CLIError(
+                f"{exc.message} The output is incomplete: the export stopped there."
+            ) from exc
         if result.left_out:
             raise CLIError(
                 f"{_incomplete(result)} The output is incomplete: the {result.exported} "
@@ -1604,10 +1869,9 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
         _check_output_file(output, "--output", replaced=True)
         kept = "was left as it was" if os.path.lexists(output) else "was not written"
         try:
+            store = _store(store_url)  # refused before a new file is made beside the output
             with _replacing(output) as stream:
-                result = _with_store(
-                    store_url, backend, lambda repo: _export(repo, stream, output, True)
-                )
+                result = _on_store(store, backend, lambda repo: _export(repo, stream, output, True))
                 if not result.complete:
                     raise CLIError(_incomplete(result))
         except Exception as exc:
@@ -1709,6 +1973,8 @@ def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: s
     applications running on the store see a new revision and stop using what they
     remembered of it; sessions that do not exist yet keep their exported revision.
     """
+    _check_backend(backend)
+    store = _store(store_url, creates=True)  # refused before the input is read
     sessions = _read_lines(source)
 
     async def act(repository: SessionRepository) -> tuple[int, int]:
@@ -1758,7 +2024,7 @@ def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: s
                 progress.advance(task)
         return len(sessions), replaced
 
-    added, replaced = _with_store(store_url, backend, act)
+    added, replaced = _on_store(store, backend, act)
     now = datetime.now(timezone.utc)
     expired = sum(1 for s in sessions if s.expires_at is not None and s.expires_at <= now)
     notes = [f"{replaced} replaced"] if replaced else []
@@ -1852,9 +2118,43 @@ def _log_to_stderr() -> Iterator[None]:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the status."""
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the status.
+
+    Ctrl-C ends it with status 130 (128 + SIGINT); a closed output (``| head``) quietly
+    with :data:`OUTPUT_CLOSED` (141, 128 + SIGPIPE), but for ``export``, which then says
+    that its output is incomplete (status 1).
+    """
     with _log_to_stderr():
-        return _run(argv)
+        status = _run(argv)
+    if not _flushed(sys.stdout) and status == 0:
+        status = OUTPUT_CLOSED
+    _flushed(sys.stderr)
+    return status
+
+
+def _flushed(stream: IO[str]) -> bool:
+    """Flush ``stream``; if its reader went away, send it to os.devnull (as the Python
+    documentation's note on SIGPIPE does), so what is left in it is discarded instead of
+    failing again at exit ("Exception ignored ... BrokenPipeError"). Whether it was
+    flushed."""
+    try:
+        stream.flush()
+        return True
+    except BrokenPipeError:
+        pass
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # not a file (an embedding program's capture)
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    return False
+
+
+_INTERRUPTED: Final = 130  # 128 + SIGINT, as shells report for a program Ctrl-C ended
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -1867,16 +2167,33 @@ def _run(argv: Sequence[str] | None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except click.Abort:
+    except click.Abort as exc:  # click's stand-in for a KeyboardInterrupt or an EOFError
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            return _interrupted()
         _fail("aborted.")
         return 1
-    except KeyboardInterrupt:
-        _fail("interrupted.")
-        return 130
-    except Exception as exc:
-        expected = _expected(exc)
+    except SystemExit:
+        # click's own answer to a closed stdout (writing --help, say): exit 1, after it
+        # made sys.stdout ignore the failure of its last flush
+        if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
+            return OUTPUT_CLOSED
+        raise
+    except BaseException as exc:
+        leaves = _leaves(exc)
+        # on trio, Ctrl-C may come out of a task group, wrapped in an exception group
+        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return _interrupted()
+        if any(isinstance(leaf, _OutputClosed) for leaf in leaves):
+            return OUTPUT_CLOSED
+        expected = _expected(exc) if isinstance(exc, Exception) else None
         if expected is None:
             raise
         _fail(expected[0])
         return expected[1]
     return result if isinstance(result, int) else 0
+
+
+def _interrupted() -> int:
+    sys.stderr.write("asyncsession: interrupted.\n")
+    sys.stderr.flush()
+    return _INTERRUPTED

@@ -6,7 +6,10 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -726,15 +729,17 @@ def test_import_rejects_a_bad_line(run: Run, tmp_path: Path, backend: str) -> No
     # the input is at fault, not a store: nothing was imported
     assert "line 2 of bad.jsonl is not a session document" in line
     assert "nothing was imported" in line and "Restore it" not in line
-    assert "No sessions match." in run("list", "--store", "sqlite:///in.db").stdout
+    line = assert_one_line_error(run("list", "--store", "sqlite:///in.db", ok=None), 1)
+    assert "no SQLite store at" in line  # not even created
 
 
 # -- errors: one line, non-zero, no traceback ---------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unknown_and_malformed_ids(run: Run, backend: str) -> None:
+def test_unknown_and_malformed_ids(run: Run, tmp_path: Path, backend: str) -> None:
     run = on_backend(run, backend)
+    populate(s.SQLiteRepository(tmp_path / "asyncsession.db"), backend=backend, live=1)
     unknown = str(uuid.uuid4())
     for command in ("show", "close", "delete"):
         line = assert_one_line_error(run(command, unknown, ok=None), 1)
@@ -834,8 +839,9 @@ def test_unwritable_sqlite_path(run: Run, tmp_path: Path, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_usage_errors_exit_2(run: Run, backend: str) -> None:
+def test_usage_errors_exit_2(run: Run, tmp_path: Path, backend: str) -> None:
     run = on_backend(run, backend)  # an invalid --cursor is found by the store, on the loop
+    populate(s.SQLiteRepository(tmp_path / "asyncsession.db"), backend=backend, live=1)
     result = run("list", "--limit", "0", ok=None)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     line = assert_one_line_error(run("list", "--cursor", "xyz", ok=None), 2)
@@ -866,8 +872,9 @@ def test_console_script(tmp_path: Path, backend: str) -> None:
     script = shutil.which("asyncsession")
     if script is None:
         pytest.skip("the asyncsession console script is not installed")
+    populate(s.SQLiteRepository(tmp_path / "s.db"), backend=backend, live=1)
     result = subprocess.run(
-        [script, "list", "--json", "--store", "memory://", "--backend", backend],
+        [script, "list", "--json", "--store", "sqlite:///s.db", "--backend", backend],
         cwd=tmp_path,
         env=_env(),
         capture_output=True,
@@ -875,7 +882,7 @@ def test_console_script(tmp_path: Path, backend: str) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"items": [], "next_cursor": None}
+    assert len(json.loads(result.stdout)["items"]) == 1
 
 
 COMMANDS = [
@@ -942,7 +949,7 @@ def test_user_values_are_printed_as_they_are(run: Run, tmp_path: Path, backend: 
 
     assert f"Sessions by status in {url}" in run("stats", *common).stdout
     demo = run("demo", "--users", "2", "--rounds", "2", *common).stdout
-    assert f"Next: asyncsession list --store {url}, then" in demo
+    assert f"asyncsession list --store {shlex.quote(url)}\n" in demo
     assert url in demo  # the run table's store row
 
     reports = directory.parent / "]reports.jsonl"  # ".../x[/]reports.jsonl"
@@ -1216,3 +1223,311 @@ def test_each_run_in_one_process_shows_its_own_warnings(
         warnings = [x for x in stderr.getvalue().splitlines() if x.startswith("asyncsession")]
         assert len(warnings) == 1 and "holds 1 quarantined session document" in warnings[0]
         assert (list(library.handlers), library.level, library.propagate) == before
+
+
+# -- operator review: missing stores, demo's store, Ctrl-C, closed stdout, events -----------
+
+#: Every command but those that create sessions (demo, import), with its arguments.
+READING: list[tuple[str, ...]] = [
+    ("list",),
+    ("show", "00000000-0000-4000-8000-000000000000"),
+    ("stats",),
+    ("export",),
+    ("export", "-o", "backup.jsonl"),
+    ("purge",),
+    ("close", "00000000-0000-4000-8000-000000000000"),
+    ("delete", "00000000-0000-4000-8000-000000000000"),
+    ("migrate",),
+    ("migrate", "--dry-run"),
+]
+
+
+def test_every_command_but_demo_and_import_is_a_reading_one() -> None:
+    assert {command for command, *_ in READING} == set(COMMANDS) - {"demo", "import"}
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with the contents of its files (None for directories)."""
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(
+    ("store", "missing"),
+    [
+        (None, "no SQLite store at {tmp}/asyncsession.db"),
+        ("sqlite:///sesions2.db", "no SQLite store at {tmp}/sesions2.db"),
+        ("file://./typo-dir", "no file store at {tmp}/typo-dir"),
+        ("file://./empty-dir", "no file store at {tmp}/empty-dir"),
+    ],
+)
+def test_commands_that_only_read_or_change_sessions_refuse_a_store_that_does_not_exist(
+    run: Run, tmp_path: Path, store: str | None, missing: str
+) -> None:
+    """A typo in a SQLite path or a file store's directory (or no --store, in a directory
+    without ./asyncsession.db) created an empty store: ``export`` replaced a good backup
+    with an empty file and said "Exported 0 sessions", exit 0, and the others reported
+    nothing and left stray databases and directories. Now they refuse, before creating
+    anything. (The refusal comes before any event loop runs.)"""
+    (tmp_path / "empty-dir").mkdir()  # an existing directory that holds no file store
+    (tmp_path / "backup.jsonl").write_bytes(b"a good backup\n")
+    before = tree(tmp_path)
+    expected = missing.format(tmp=tmp_path.resolve())
+    for number, command in enumerate(READING):
+        args = [*command, "--backend", BACKENDS[number % 2]]
+        if store is not None:
+            args += ["--store", store]
+        line = assert_one_line_error(run(*args, ok=None), 1)
+        assert expected in line, (command, line)
+        assert "ASYNCSESSION_STORE" in line and "asyncsession demo" in line
+        assert tree(tmp_path) == before, command
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_store_url_from_the_environment_that_names_no_store_is_refused(
+    tmp_path: Path, backend: str
+) -> None:
+    env = {**_env(), "ASYNCSESSION_STORE": "sqlite:///typo.db"}
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncsession", "list", "--backend", backend],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert f"no SQLite store at {tmp_path.resolve()}/typo.db" in assert_one_line_error(result, 1)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_store_is_refused_by_every_command_but_demo(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """Every command but demo ran on a new, empty memory:// store that vanished with it."""
+    run = on_backend(run, backend)
+    (tmp_path / "in.jsonl").write_bytes(b"")
+    for command in [*READING, ("import", "in.jsonl")]:
+        line = assert_one_line_error(run(*command, "--store", "memory://", ok=None), 2)
+        assert "memory://" in line and "demo" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    demo = run("demo", "--store", "memory://", "--users", "4", "--rounds", "2")
+    assert "Demo sessions by status" in demo.stdout
+    assert "asyncsession list" not in demo.stdout  # it would find nothing
+    assert "memory://" in demo.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def next_command(demo_output: str) -> str:
+    """The command the demo's "Next:" hint suggests, alone on its line."""
+    (line,) = [x.strip() for x in demo_output.splitlines() if x.strip().startswith("asyncsession ")]
+    return line
+
+
+def in_shell(command: str, cwd: Path, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """``command`` pasted into bash, with ``asyncsession`` run as this Python's module."""
+    assert command.startswith("asyncsession ")
+    script = f"{shlex.quote(sys.executable)} -m {command}"
+    return subprocess.run(
+        ["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_demo_hint_can_be_pasted_into_a_shell(run: Run, tmp_path: Path, backend: str) -> None:
+    """The hint printed ``list --store unix:///…?db=2&prefix=app:, then show…``: bash ran
+    the command in the background at ``&``, with the comma in the prefix."""
+    run = on_backend(run, backend)
+    url = "sqlite:///demo&more;(x).db"
+    demo = run("demo", "--store", url, "--users", "4", "--rounds", "2", "--seed", "1")
+    command = next_command(demo.stdout)
+    assert command == f"asyncsession list --store {shlex.quote(url)}"
+    listed = in_shell(command, tmp_path, _env())
+    assert listed.returncode == 0, listed.stderr
+    assert "user-00" in listed.stdout and listed.stderr == ""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_demo_ignores_ASYNCSESSION_STORE(tmp_path: Path, backend: str) -> None:
+    """demo wrote its fake users into the store ASYNCSESSION_STORE names (a production
+    Redis, say). It runs on --store only, else ./asyncsession.db; its hint then names
+    that store, since a plain ``list`` would read the environment's."""
+    (kept,) = populate(s.SQLiteRepository(tmp_path / "prod.db"), backend=backend, live=1)
+    env = {**_env(), "ASYNCSESSION_STORE": "sqlite:///prod.db"}
+    demo = subprocess.run(
+        [sys.executable, "-m", "asyncsession", "demo", "--users", "4", "--rounds", "2"],
+        cwd=tmp_path,
+        env={**env, "ASYNCSESSION_BACKEND": backend},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert demo.returncode == 0, demo.stderr
+    assert (tmp_path / "asyncsession.db").exists()
+    prod = _open("sqlite:///" + str(tmp_path / "prod.db"), backend, read_ids)
+    assert prod == [uuid.UUID(kept)]
+    command = next_command(demo.stdout)
+    assert command == "asyncsession list --store sqlite:///asyncsession.db"
+    listed = in_shell(command, tmp_path, env)
+    assert listed.returncode == 0 and "user-00" in listed.stdout, listed.stderr
+
+
+async def read_ids(repository: s.SessionRepository) -> list[uuid.UUID]:
+    page = await repository.list(s.SessionQuery(limit=100))
+    return [x.id for x in page.items]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ctrl_c_exits_130(tmp_path: Path, backend: str) -> None:
+    """Ctrl-C exited 1 with "aborted." (click turned KeyboardInterrupt into Abort);
+    the README promises 130. The command waits on a server that accepts connections
+    and never answers; SIGINT comes once it has connected."""
+    pytest.importorskip("coredis")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(60)
+        port = server.getsockname()[1]
+        command = ["list", "--store", f"redis://127.0.0.1:{port}/0", "--backend", backend]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "asyncsession", *command],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            connection, _ = server.accept()  # connected: now waiting for a reply
+            with connection:
+                process.send_signal(signal.SIGINT)
+                stdout, stderr = process.communicate(timeout=60)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "aborted" not in stderr
+    assert stderr.strip() == "asyncsession: interrupted.", stderr
+    assert stdout == ""
+
+
+def into_closed_pipe(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m asyncsession *args`` writing into a pipe whose reader has gone."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "asyncsession", *args],
+            cwd=cwd,
+            env=_env(),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_closed_stdout_ends_a_command_quietly_with_141(tmp_path: Path, backend: str) -> None:
+    """``stats | head -1`` exited 1 (rich's broken-pipe handler), ``list | head -1`` 1,
+    ``list --json | head -1`` 0, with or without a message. A closed stdout now ends
+    every command quietly, with 141 (128 + SIGPIPE) as shells report for other tools."""
+    sid, _ = populate(s.SQLiteRepository(tmp_path / "s.db"), backend=backend, live=2)
+    store = ("--store", "sqlite:///s.db", "--backend", backend)
+    for command in [
+        ("list",),
+        ("list", "--json"),
+        ("stats",),
+        ("stats", "--json"),
+        ("show", sid),
+        ("show", sid, "--json"),
+        ("migrate", "--dry-run", "--json"),  # (without --json, a progress bar on stderr)
+        ("purge", "--json"),
+        ("purge",),
+        ("--help",),
+    ]:
+        args = command if command == ("--help",) else (*command, *store)
+        result = into_closed_pipe(*args, cwd=tmp_path)
+        assert (result.returncode, result.stderr) == (141, ""), command
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_to_a_closed_stdout_says_the_output_is_incomplete(
+    tmp_path: Path, backend: str
+) -> None:
+    populate(s.SQLiteRepository(tmp_path / "s.db"), backend=backend, live=2)
+    result = into_closed_pipe(
+        "export", "--store", "sqlite:///s.db", "--backend", backend, cwd=tmp_path
+    )
+    assert result.returncode == 1
+    line = assert_one_line_error(result, 1)
+    assert "stdout" in line and "incomplete" in line and "Exception ignored" not in result.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("as_json", [False, True])
+def test_listing_into_head(tmp_path: Path, backend: str, as_json: bool) -> None:
+    """``list | head -1`` with more output than a pipe holds: the command is still writing
+    when head exits (a real pipe, as the shell makes it)."""
+    add_sessions(s.SQLiteRepository(tmp_path / "s.db"), backend, 1500)
+    command = f"list --limit 1500 --store sqlite:///s.db --backend {backend}"
+    if as_json:
+        command += " --json"
+    script = (
+        f"{shlex.quote(sys.executable)} -m asyncsession {command} | head -1 >/dev/null; "
+        'echo "${PIPESTATUS[0]}"'
+    )
+    result = subprocess.run(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.stdout.strip(), result.stderr) == ("141", "")
+
+
+@pytest.mark.anyio
+async def test_cli_removals_reach_applications_that_share_events(
+    run: Run, redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """``close``, ``delete`` and ``purge`` built a bare manager: on Redis, applications
+    listening with share_events=True never heard of those closes, deletes and expiries."""
+    url = f"redis://127.0.0.1:{redis_server.port}/0?prefix=cli-{uuid.uuid4().hex[:8]}:"
+
+    def cli(*args: str) -> Awaitable[subprocess.CompletedProcess[str]]:
+        return anyio.to_thread.run_sync(
+            lambda: run(*args, "--store", url, "--backend", anyio_backend)
+        )
+
+    past = ManualClock(start=datetime.now(timezone.utc) - timedelta(minutes=2))
+    async with s.SessionManager(
+        s.repository_from_url(url), idle_timeout=60, cleanup_interval=None, clock=past
+    ) as old:
+        expired = (await old.create(owner="expired")).id
+    async with s.SessionManager(
+        s.repository_from_url(url), cleanup_interval=None, share_events=True
+    ) as app:
+        closed, deleted = [(await app.create()).id for _ in range(2)]
+        async with app.subscribe() as events:
+            await cli("close", str(closed), "--status", "crashed")
+            await cli("delete", str(deleted))
+            assert "Purged 1 expired session." in (await cli("purge")).stdout
+            heard: set[tuple[s.EventKind, uuid.UUID]] = set()
+            expected = {
+                (s.EventKind.CLOSED, closed),
+                (s.EventKind.DELETED, deleted),
+                (s.EventKind.EXPIRED, expired),
+            }
+            with anyio.fail_after(60):  # a bound, not a timing assertion
+                async for event in events:
+                    if event.remote:
+                        heard.add((event.kind, event.session_id))
+                    if heard >= expected:
+                        break
+    assert heard == expected

@@ -762,7 +762,10 @@ def test_export_that_cannot_write_says_what_it_could_not_write(
     add_sessions(store, backend, 3)
     with pytest.raises(_cli.CLIError) as caught:
         export(store, Path("/dev/full"), backend, monkeypatch)
-    assert caught.value.message == "cannot write /dev/full: No space left on device."
+    assert caught.value.message == (
+        "cannot write /dev/full: No space left on device. The output is incomplete: the "
+        "export stopped there."
+    )
 
 
 def sqlite_store(tmp_path: Path, backend: str, count: int) -> tuple[str, list[uuid.UUID]]:
