@@ -245,6 +245,7 @@ class SessionManager:
         self._report_call: anyio.CancelScope | None = None  # the reporter call under way
         self._outbox: MemoryObjectSendStream[tuple[str, uuid.UUID, datetime, int | None]] | None
         self._outbox = None
+        self._published = anyio.Event()  # set once the outbox is closed and emptied
         self._locks = KeyedLocks()
         self._rotating: set[uuid.UUID] = set()  # ids whose rotation holds their lock
         self._events = EventHub()
@@ -364,8 +365,19 @@ class SessionManager:
                 await self._cleanup_ended.wait()
         self._events.close()
         if self._outbox is not None:
-            self._outbox.close()
-            self._outbox = None
+            # Let the events still queued out, within a bound (a short script's last
+            # ones would be lost otherwise: leaving the task group cancels the sender).
+            outbox, self._outbox = self._outbox, None
+            outbox.close()
+            with anyio.move_on_after(_SHARE_AT_EXIT_SECONDS, shield=True):
+                await self._published.wait()
+            left = outbox.statistics().current_buffer_used
+            if left:
+                logger.warning(
+                    "%s events were not shared: publishing them took more than %g s at exit",
+                    left,
+                    _SHARE_AT_EXIT_SECONDS,
+                )
         if self._reports is not None:  # let queued reports out, within a bound
             self._reports.close()
             self._reports = None
@@ -1018,6 +1030,7 @@ class SessionManager:
             tuple[str, uuid.UUID, datetime, int | None]
         ](self._event_buffer)
         self._outbox = send
+        published = self._published = anyio.Event()
 
         async def publish() -> None:
             trouble = _Outage("sharing events")
@@ -1031,6 +1044,7 @@ class SessionManager:
                         trouble.failed(exc, f"could not share event {kind} of {sid}")
                     else:
                         trouble.worked()
+            published.set()  # the outbox was closed (the manager is leaving) and emptied
 
         try:
             await self._subscribed(transport, publish, task_status)
@@ -1309,6 +1323,10 @@ class _Outage:
         if self._failing:
             self._failing = False
             logger.info("%s works again", self._job)
+
+
+#: How long a leaving manager waits for its queued events to be shared (share_events).
+_SHARE_AT_EXIT_SECONDS = 5.0
 
 
 def _is_manual(clock: Clock) -> bool:

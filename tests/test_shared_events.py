@@ -50,6 +50,30 @@ async def test_a_manager_receives_other_managers_events(
         assert mine.session_id == local.id and not mine.remote  # own events once, local
 
 
+async def test_a_short_lived_manager_shares_its_last_events_before_it_leaves(
+    redis_server: Any, anyio_backend: str, request: pytest.FixtureRequest
+) -> None:
+    prefix = f"shared-events-{request.node.name}:"
+    listener = s.RedisRepository(redis_server.url, prefix=prefix)
+    async with s.SessionManager(listener, share_events=True) as app, app.subscribe() as events:
+        # a script: it writes and leaves at once, its events still queued
+        script = s.RedisRepository(redis_server.url, prefix=prefix)
+        async with s.SessionManager(script, share_events=True) as sessions:
+            created = await sessions.create()
+            await sessions.add_message(created.id, "user", "hi")
+            await sessions.delete(created.id)
+        heard = []
+        with anyio.fail_after(30):  # guard only: pub/sub delivery is asynchronous
+            while len(heard) < 3:
+                event = await events.__anext__()
+                heard.append((event.kind, event.session_id, event.remote))
+    assert heard == [
+        (s.EventKind.CREATED, created.id, True),
+        (s.EventKind.MESSAGE_ADDED, created.id, True),
+        (s.EventKind.DELETED, created.id, True),
+    ]
+
+
 async def test_share_events_needs_a_capable_store() -> None:
     with pytest.raises(s.InvalidConfiguration):
         s.SessionManager(s.MemoryRepository(), share_events=True)
