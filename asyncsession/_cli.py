@@ -657,7 +657,7 @@ def _backend_option(fn: F) -> F:
         default="asyncio",
         envvar="ASYNCSESSION_BACKEND",
         show_default=True,
-        help="Event loop to run on.",
+        help="Event loop to run on (env ASYNCSESSION_BACKEND).",
     )
     return option(fn)
 

@@ -912,6 +912,12 @@ def test_help_lists_every_command(run: Run) -> None:
     assert sorted(_cli.cli.commands) == COMMANDS  # none hidden from the help
 
 
+def test_help_names_the_environment_variables(run: Run) -> None:
+    help_text = " ".join(run("list", "--help").stdout.split())
+    assert "(env ASYNCSESSION_STORE)" in help_text
+    assert "(env ASYNCSESSION_BACKEND)" in help_text
+
+
 # -- what users stored is printed as it is (found by helper-42) -------------------------------
 
 
