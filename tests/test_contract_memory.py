@@ -15,6 +15,7 @@ from asyncsession import (
     ExpiryPolicy,
     MemoryRepository,
     Message,
+    MessageLog,
     Page,
     Session,
     SessionManager,
@@ -157,6 +158,25 @@ class DoubleRevisions(MemoryRepository):
             return lossy
 
 
+class AppendAnswersANewLog(MemoryRepository):
+    """append() answers with a log of just the appended messages that claims to be the
+    whole history (no offset, so its total is wrong)."""
+
+    async def append(
+        self,
+        session_id: uuid.UUID,
+        messages: Sequence[Message],
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        max_messages: int | None = None,
+    ) -> Session:
+        new = await super().append(
+            session_id, messages, at=at, policy=policy, max_messages=max_messages
+        )
+        return replace_trusted(new, messages=MessageLog(messages))
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("store", "contract_test"),
@@ -167,6 +187,10 @@ class DoubleRevisions(MemoryRepository):
         (OwnerIndexIgnoresSaves, RepositoryContract.test_owner_filter_follows_saves),
         (TornAppend, RepositoryContract.test_appends_cancelled_at_each_await_leave_whole_states),
         (DoubleRevisions, RepositoryContract.test_revisions_stay_exact_up_to_2_to_the_63),
+        (
+            AppendAnswersANewLog,
+            RepositoryContract.test_append_results_and_list_items_hold_the_end_of_the_history,
+        ),
     ],
     ids=lambda value: getattr(value, "__name__", ""),
 )

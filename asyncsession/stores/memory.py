@@ -53,6 +53,9 @@ class MemoryRepository(SessionRepository):
     Snapshots are stored as they are (they are immutable and share message storage),
     so reads copy nothing and appends are O(1). A heap of deadlines makes
     :meth:`expired` cost O(expired · log n); listings by owner use an owner index.
+    What it returns has the durable stores' shape, so code tested on it behaves alike
+    in production: :meth:`list` items hold no messages (an empty window with an exact
+    ``messages.total``) and :meth:`append` returns a window of the appended messages.
     Nothing survives the process: use :class:`SQLiteRepository` for durability.
 
     No operation awaits while holding the lock, and the lock is taken without an
@@ -199,7 +202,8 @@ class MemoryRepository(SessionRepository):
                 revision=revision,
             )
             self._put(new, old)
-            return new
+        # as the durable stores answer: a window of the appended messages (no copy)
+        return replace_trusted(new, messages=new.messages.tail(len(messages)))
 
     async def touch(
         self,
@@ -289,7 +293,8 @@ class MemoryRepository(SessionRepository):
             ]
         matching = (s for s in candidates if query.matches(s))
         top = heapq.nlargest(query.limit + 1, matching, key=lambda s: (s.last_active, s.id.int))
-        items = tuple(top[: query.limit])
+        # as the durable stores list them: no messages, an exact total (no copy)
+        items = tuple([last_window(s, 0) for s in top[: query.limit]])
         next_cursor = None
         if len(top) > query.limit:
             last = items[-1]

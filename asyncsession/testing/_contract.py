@@ -674,6 +674,34 @@ class RepositoryContract:
         assert [m.content for m in loaded.messages] == ["first", "second", "third"]
         assert loaded.messages[2].role == "assistant"
 
+    async def test_append_results_and_list_items_hold_the_end_of_the_history(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """An append's result and a listing's items may hold a window of the messages
+        (the built-in stores return the appended messages, and no messages): whatever
+        they hold is the end of the history with ``offset`` earlier messages left out,
+        ``total`` is exact, and an append's holds at least the appended messages."""
+        session = make_session(messages=("a", "b"))
+        await repository.add(session)
+        history = ["a", "b"]
+
+        def check(log: Any, what: str) -> None:
+            contents = [m.content for m in log]
+            assert log.total == len(history), (what, log.total, len(history))
+            assert log.offset + len(log) == log.total, (what, log.offset, len(log))
+            assert log.is_complete == (log.offset == 0), what
+            assert contents == history[log.offset :], (what, contents, history)
+
+        for batch in (["c"], ["d", "e"], []):
+            result = await repository.append(
+                session.id, [msg(text, 1) for text in batch], at=at(1), policy=POLICY
+            )
+            history += batch
+            check(result.messages, f"append of {batch}")
+            assert len(result.messages) >= len(batch)
+        for item in (await repository.list(SessionQuery())).items:
+            check(item.messages, "a listed session")
+
     async def test_append_refusals_store_nothing(
         self, repository: SessionRepository, anyio_backend: Any
     ) -> None:
