@@ -482,7 +482,9 @@ class SessionManager:
         """One page of live sessions, most recently active first.
 
         Filters by owner, status (one or several) and a case-insensitive ``search`` over
-        the name and first message. Pass ``page.next_cursor`` to get the next page.
+        the name and first message. Pass ``page.next_cursor`` to get the next page. Items
+        carry no messages, only the exact ``messages.total`` (every built-in store): use
+        ``get(id, last_messages=n)`` for a preview.
         """
         self._check_running()
         query = SessionQuery(
@@ -685,8 +687,9 @@ class SessionManager:
         """Append one message (O(1)) and return the session.
 
         ``role`` is one of ``user``, ``assistant``, ``system``, ``tool``; ``data`` is
-        optional JSON. The returned snapshot's ``messages`` holds at least the new
-        message (durable stores may return only a window of the history).
+        optional JSON. The returned snapshot's ``messages`` is a window holding the new
+        message (``messages.total`` exact; every built-in store): :meth:`get` reads the
+        history.
         """
         return await self.add_messages(session_id, [(role, content, data)])
 
@@ -697,6 +700,7 @@ class SessionManager:
     ) -> Session:
         """Append several ``(role, content)`` or ``(role, content, data)`` messages atomically.
 
+        Returns the session with a window of the new messages, as :meth:`add_message`.
         An empty list stores nothing and returns the session as it is.
         """
         self._check_running()
