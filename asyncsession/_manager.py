@@ -352,6 +352,33 @@ class SessionManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        try:
+            await self._wind_down()
+        except BaseException as error:
+            # Interrupted (asyncio's own cancellation passes through shields): still
+            # close the store and stop the manager's tasks, then raise the interruption.
+            stack, self._stack = self._stack, None
+            if stack is not None:
+                await stack.__aexit__(type(error), error, error.__traceback__)
+            raise
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        try:
+            return await stack.__aexit__(exc_type, exc, tb)
+        except BaseException as error:
+            # The task group wraps what leaves the block (the caller's own exception, a
+            # Ctrl-C) in an exception group (trio may also regroup the caller's own
+            # group's members): give the caller their exception itself.
+            if exc is not None and error is not exc and leaf_ids(error) <= leaf_ids(exc):
+                reraise(exc)
+            single = sole_error(error, keep=exc)
+            if single is error:
+                raise
+            reraise(single)
+
+    async def _wind_down(self) -> None:
+        """Stop cleanup, then let queued events and reports out, each within a bound."""
         self._running = False
         if self._cleanup_done is not None:  # wake wait_for_cleanup(): no pass will come
             self._cleanup_done.set()
@@ -374,7 +401,8 @@ class SessionManager:
             left = outbox.statistics().current_buffer_used
             if left:
                 logger.warning(
-                    "%s events were not shared: publishing them took more than %g s at exit",
+                    "%s events were not shared at exit (publishing stopped, or took more "
+                    "than %g s)",
                     left,
                     _SHARE_AT_EXIT_SECONDS,
                 )
@@ -390,23 +418,8 @@ class SessionManager:
             with anyio.move_on_after(per_call * (len(self._reporters) + 1), shield=True):
                 await self._reports_done.wait()
             # Count what is cut off now: nothing takes reports from the queue any more,
-            # because leaving the task group (below) first cancels the report loop.
+            # because leaving the task group (after this) first cancels the report loop.
             self._drop_cut_off_reports()
-        stack, self._stack = self._stack, None
-        if stack is None:
-            return None
-        try:
-            return await stack.__aexit__(exc_type, exc, tb)
-        except BaseException as error:
-            # The task group wraps what leaves the block (the caller's own exception, a
-            # Ctrl-C) in an exception group (trio may also regroup the caller's own
-            # group's members): give the caller their exception itself.
-            if exc is not None and error is not exc and leaf_ids(error) <= leaf_ids(exc):
-                reraise(exc)
-            single = sole_error(error, keep=exc)
-            if single is error:
-                raise
-            reraise(single)
 
     def _report_call_seconds(self) -> float:
         """The bound used at exit: ``reporter_timeout``, or 5 s if it is None."""
@@ -1038,17 +1051,19 @@ class SessionManager:
 
         async def publish() -> None:
             trouble = _Outage("sharing events")
-            async with receive:
-                async for kind, sid, at, revision in receive:
-                    try:
-                        await transport.publish_event(
-                            kind, sid, at=at, revision=revision, origin=self._origin
-                        )
-                    except Exception as exc:
-                        trouble.failed(exc, f"could not share event {kind} of {sid}")
-                    else:
-                        trouble.worked()
-            published.set()  # the outbox was closed (the manager is leaving) and emptied
+            try:
+                async with receive:
+                    async for kind, sid, at, revision in receive:
+                        try:
+                            await transport.publish_event(
+                                kind, sid, at=at, revision=revision, origin=self._origin
+                            )
+                        except Exception as exc:
+                            trouble.failed(exc, f"could not share event {kind} of {sid}")
+                        else:
+                            trouble.worked()
+            finally:  # emptied after the manager closed the outbox, or cancelled
+                published.set()
 
         try:
             await self._subscribed(transport, publish, task_status)

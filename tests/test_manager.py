@@ -8,7 +8,7 @@ import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, closing
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from _store_redis import open_store as open_redis_store
 
 import asyncsession as s
 import asyncsession._manager
+from asyncsession.abc import EventTransport, RemoteEvent
 from asyncsession.stores.redis import RedisRepository
 from asyncsession.testing import ManualClock
 
@@ -1164,6 +1165,93 @@ async def test_an_outage_is_logged_once_by_the_cleanup_loop_and_its_end_too(
         ("INFO", "session cleanup works again"),
     ]
     assert all(r.exc_info is None for r in caplog.records if r.levelno > logging.DEBUG)
+
+
+class QuietTransport(s.MemoryRepository, EventTransport):
+    """A memory store with an event transport that hears nothing, whose publishing hangs
+    while ``stuck`` (a server that stopped answering), and that records its close."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck = False
+        self.closed = False
+
+    async def _close(self) -> None:
+        self.closed = True
+
+    async def publish_event(
+        self,
+        kind: str,
+        session_id: uuid.UUID,
+        *,
+        at: datetime,
+        revision: int | None = None,
+        origin: str = "",
+    ) -> int:
+        if self.stuck:
+            await anyio.sleep_forever()
+        return 0
+
+    @asynccontextmanager
+    async def _events(self) -> AsyncIterator[AsyncIterator[RemoteEvent]]:
+        async def nothing() -> AsyncIterator[RemoteEvent]:
+            await anyio.sleep_forever()
+            yield  # type: ignore[misc]  # unreachable: makes this an async generator
+
+        yield nothing()
+
+    def subscribe_events(self) -> AbstractAsyncContextManager[AsyncIterator[RemoteEvent]]:
+        return self._events()
+
+
+async def test_a_sharing_manager_cancelled_from_outside_leaves_without_waiting(
+    anyio_backend: str,
+) -> None:
+    store = QuietTransport()
+    with anyio.fail_after(4):  # a regression waits the whole 5 s for events to be shared
+        with anyio.CancelScope() as scope:
+            async with s.SessionManager(store, share_events=True, cleanup_interval=None) as m:
+                await m.create()
+                scope.cancel()
+                await anyio.sleep_forever()
+    assert store.closed
+
+
+async def test_a_manager_interrupted_while_it_shares_its_last_events_still_closes(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(asyncsession._manager, "_SHARE_AT_EXIT_SECONDS", 1.0)
+    store = QuietTransport()
+    leaving = anyio.Event()
+    outcome: list[str] = []
+    tasks: list[Any] = []
+
+    async def host() -> None:
+        if anyio_backend == "asyncio":
+            import asyncio
+
+            tasks.append(asyncio.current_task())
+        try:
+            async with s.SessionManager(store, share_events=True, cleanup_interval=None) as m:
+                store.stuck = True
+                await m.create()  # its event cannot be shared
+                leaving.set()
+        except BaseException as exc:  # asyncio's own cancellation of this task
+            outcome.append(type(exc).__name__)
+            raise
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(host)
+            await leaving.wait()
+            await anyio.wait_all_tasks_blocked()  # the exit waits for the event to go out
+            if anyio_backend == "asyncio":
+                tasks[0].cancel()  # asyncio's own cancellation passes through anyio's shield
+            else:  # trio has no such cancellation: the exit waits out its bound
+                tg.cancel_scope.cancel()
+    assert store.closed
+    if anyio_backend == "asyncio":
+        assert outcome == ["CancelledError"]
 
 
 class SlowOpen(s.MemoryRepository):
