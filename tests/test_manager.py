@@ -932,6 +932,24 @@ class PausingWrites(s.MemoryRepository):
             self.entered.set()
             await self.release.wait()
 
+    async def cancel_once_stored(self, call: Callable[[], Awaitable[object]]) -> None:
+        """Run ``call``, cancel it once its write is stored, and check that the caller
+        got the cancellation."""
+        self.armed = True
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def cancel() -> None:
+                    await self.entered.wait()
+                    scope.cancel()
+                    self.release.set()
+
+                tg.start_soon(cancel)
+                await call()
+                raise AssertionError("the cancellation was not raised")
+        self.armed = False
+        assert scope.cancelled_caught
+
     async def add(self, session: s.Session) -> None:
         await super().add(session)
         await self._late_answer()
@@ -1012,22 +1030,10 @@ async def test_a_write_cancelled_while_it_runs_is_stored_announced_then_cancelle
     async with s.SessionManager(store, cleanup_interval=None, clock=clock) as sessions:
         session = await sessions.create(state={"v": 1})
         before = await stored(sessions)
-        store.armed = True
-        async with sessions.subscribe() as events, anyio.create_task_group() as tg:
-
-            async def cancel_once_stored() -> None:
-                await store.entered.wait()
-                scope.cancel()
-                store.release.set()
-
-            tg.start_soon(cancel_once_stored)
+        async with sessions.subscribe() as events:
             with anyio.fail_after(10):  # a timeout, as users write it
-                with anyio.CancelScope() as scope:
-                    await WRITES[write](sessions, session.id)
-                    raise AssertionError("the cancellation was not raised")
-            assert scope.cancelled_caught
+                await store.cancel_once_stored(lambda: WRITES[write](sessions, session.id))
             assert events.receive_nowait().kind is not None  # announced
-        store.armed = False
         assert await stored(sessions) != before  # stored
 
 
@@ -1040,22 +1046,10 @@ async def test_a_purge_cancelled_during_its_last_removal_is_cancelled(
     ) as sessions:
         session = await sessions.create()
         clock.advance(61)
-        store.armed = True
-        async with sessions.subscribe() as events, anyio.create_task_group() as tg:
-
-            async def cancel_once_removed() -> None:
-                await store.entered.wait()
-                scope.cancel()
-                store.release.set()
-
-            tg.start_soon(cancel_once_removed)
-            with anyio.CancelScope() as scope:
-                await sessions.purge_expired()
-                raise AssertionError("the cancellation was not raised")
-            assert scope.cancelled_caught
+        async with sessions.subscribe() as events:
+            await store.cancel_once_stored(sessions.purge_expired)
             event = events.receive_nowait()
         assert (event.kind, event.session_id) == (s.EventKind.EXPIRED, session.id)
-        store.armed = False
         assert not await sessions.exists(session.id)
 
 
