@@ -14,16 +14,19 @@ from __future__ import annotations
 import bisect
 import contextlib
 import enum
+import errno
 import importlib.util
 import logging
 import os
 import random
 import re
+import select
 import shlex
 import stat
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import (
@@ -129,15 +132,51 @@ def _write_all(output: IO[bytes], data: bytes) -> None:
     SIGPIPE after part of it: BufferedWriter.write returns how much it wrote, and
     TextIOWrapper drops the rest without an error (the command would end with status 0,
     its output cut short). Written again, the rest raises BrokenPipeError.
+
+    An output in non-blocking mode (a pipe another program set O_NONBLOCK on) that is
+    full takes none of it (a raw file returns None) or part of it (BlockingIOError): this
+    waits until it can be written (:func:`_wait_writable`), then goes on.
     """
     view = memoryview(data)
     while view:
-        view = view[output.write(view) :]
+        try:
+            # IO.write is typed int, but a raw file in non-blocking mode returns None
+            written: int | None = output.write(view)
+        except BlockingIOError as exc:  # a buffered output took (buffered) this much
+            view = view[exc.characters_written :]
+            _wait_writable(output)
+            continue
+        if written is None:  # a raw output in non-blocking mode took nothing
+            _wait_writable(output)
+        elif written == 0:
+            raise OSError(errno.EIO, "the output took none of the data written to it")
+        else:
+            view = view[written:]
+
+
+def _flush(stream: IO[Any]) -> None:
+    """Flush ``stream``, waiting while an output in non-blocking mode is full."""
+    while True:
+        try:
+            stream.flush()
+            return
+        except BlockingIOError:  # what was not written stays in the buffer, for the next
+            _wait_writable(stream)
+
+
+def _wait_writable(stream: IO[Any]) -> None:
+    """Wait until ``stream``'s file descriptor can be written (a short pause if it has
+    none, or the platform cannot wait on it)."""
+    try:
+        select.select([], [stream.fileno()], [])
+    except (OSError, ValueError):
+        time.sleep(0.01)
 
 
 class _WholeWrites:
     """``sys.stdout`` or ``sys.stderr`` (looked up at each write, as rich does), each
-    write made whole (:func:`_write_all`), for a rich console."""
+    write made whole (:func:`_write_all`), for a rich console. A failure but a closed
+    pipe is a :class:`CLIError` (``cannot write stdout: No space left on device.``)."""
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -149,11 +188,26 @@ class _WholeWrites:
         """Write ``text`` whole; BrokenPipeError if the reader went away."""
         stream = getattr(sys, self._name)
         buffer = getattr(stream, "buffer", None)
-        if buffer is None or os.linesep != "\n":  # an embedding program's text stream
-            return int(stream.write(text))
-        stream.flush()  # what was written through the text layer goes first
-        _write_all(buffer, text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
+        try:
+            if buffer is None or os.linesep != "\n":  # an embedding program's text stream
+                return int(stream.write(text))
+            _flush(stream)  # what was written through the text layer goes first
+            data = text.encode(stream.encoding or "utf-8", stream.errors or "strict")
+            _write_all(buffer, data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _os_failure(f"write {self._name}", exc) from exc
         return len(text)
+
+    def flush(self) -> None:
+        """Flush the stream; BrokenPipeError if the reader went away."""
+        try:
+            _flush(getattr(sys, self._name))
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _os_failure(f"write {self._name}", exc) from exc
 
 
 def _console(name: str) -> _Console:
@@ -161,6 +215,8 @@ def _console(name: str) -> _Console:
     return _Console(file=cast(IO[str], _WholeWrites(name)), highlight=False, width=_width(stream))
 
 
+#: The consoles of stdout and stderr, new for each :func:`run` (one that found its
+#: output closed stays quiet).
 out = _console("stdout")
 err = _console("stderr")
 
@@ -234,13 +290,29 @@ def _absent(path: Path) -> bool:
     return False
 
 
-def _check_exists(repository: SessionRepository) -> None:
+#: What ``stats --reports FILE`` says of a store that does not exist.
+_REPORTS_ALONE = (
+    "to aggregate the reports without a store, add `--store memory://`; else check "
+    "--store / ASYNCSESSION_STORE."
+)
+
+
+def _in_one_process(url: str) -> bool:
+    """Whether the store ``url`` names lives in this process only: ``memory://``, or an
+    in-memory SQLite database (``sqlite:///:memory:``, also percent-encoded, which
+    :func:`repository_from_url` hands to sqlite3 as the path ``:memory:``)."""
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    return scheme == "memory" or (scheme == "sqlite" and urllib.parse.unquote(rest) == "/:memory:")
+
+
+def _check_exists(repository: SessionRepository, advice: str = _CREATE_ONE) -> None:
     """Refuse a SQLite file or a file store's directory that does not exist: opening it
     would create an empty store (a typo in the path would list, export or purge nothing,
-    and leave a stray database or directory behind)."""
+    and leave a stray database or directory behind). ``advice`` ends the message."""
     if isinstance(repository, SQLiteRepository):
         if _absent(repository.path):
-            raise CLIError(f"no SQLite store at {os.path.abspath(repository.path)}; {_CREATE_ONE}")
+            raise CLIError(f"no SQLite store at {os.path.abspath(repository.path)}; {advice}")
     elif isinstance(repository, FileRepository):
         root = repository.directory
         if _absent(root):
@@ -249,31 +321,34 @@ def _check_exists(repository: SessionRepository) -> None:
             problem = "the directory holds no sessions/ folder"
         else:
             return
-        raise CLIError(f"no file store at {os.path.abspath(root)} ({problem}); {_CREATE_ONE}")
+        raise CLIError(f"no file store at {os.path.abspath(root)} ({problem}); {advice}")
 
 
-def _store(url: str, *, creates: bool = False, memory: bool = False) -> SessionRepository:
+def _store(
+    url: str, *, creates: bool = False, memory: bool = False, advice: str = _CREATE_ONE
+) -> SessionRepository:
     """The unopened store ``url`` names, for this command; :class:`CLIError` if refused.
 
     Only the commands that create sessions (``creates``: demo, import) may create a
     store; the others refuse a SQLite file or file store that does not exist, before
-    anything is created (:func:`_check_exists`). ``memory://`` is refused (a usage
-    error) unless ``memory``: each command runs in a process of its own, so any other
-    command would only see a new, empty store that vanishes with it.
+    anything is created (:func:`_check_exists`, whose message ends with ``advice``).
+    ``memory://`` and ``sqlite:///:memory:`` are refused (a usage error) unless
+    ``memory``: each command runs in a process of its own, so any other command would
+    only see a new, empty store that vanishes with it.
     """
     repository = open_store(url)
-    if not memory and url.partition("://")[0].lower() == "memory":
+    if not memory and _in_one_process(url):
         context = click.get_current_context(silent=True)
         command = f"`{context.info_name}`" if context is not None else "this command"
         raise CLIError(
-            f"--store memory:// lives in one process only: {command} would see a new, "
-            "empty store that vanishes when it ends. Name the store your application "
-            "uses (sqlite:///..., file://..., redis://...); memory:// suits only "
-            "`asyncsession demo`.",
+            f"--store {shown_url(url)} lives in one process only: {command} would see a "
+            "new, empty store that vanishes when it ends. Name the store your application "
+            "uses (sqlite:///..., file://..., redis://...); memory:// and "
+            "sqlite:///:memory: suit only `asyncsession demo`.",
             exit_code=2,
         )
     if not creates:
-        _check_exists(repository)
+        _check_exists(repository, advice)
     return repository
 
 
@@ -284,13 +359,14 @@ def _with_store(
     *,
     creates: bool = False,
     memory: bool = False,
+    advice: str = _CREATE_ONE,
 ) -> T:
     """Open the store at ``url`` on ``backend``, run ``fn(store)``, close the store.
 
-    ``creates`` and ``memory``: see :func:`_store`.
+    ``creates``, ``memory`` and ``advice``: see :func:`_store`.
     """
     _check_backend(backend)
-    return _on_store(_store(url, creates=creates, memory=memory), backend, fn)
+    return _on_store(_store(url, creates=creates, memory=memory, advice=advice), backend, fn)
 
 
 def _on_store(
@@ -345,11 +421,13 @@ class _Announcer:
     what a command did, as their managers with ``share_events=True`` tell each other:
     they hear each closed, expired or deleted session as a remote event.
 
-    The command publishes the events itself, each before it ends, instead of sharing
-    its manager's (``share_events=True``): such a manager subscribes first, and drops
-    the events still waiting to be published when it exits, as a command does at once.
-    Publishing to a channel nobody listens on costs one round trip. A failure is a
-    warning: the change is made; only the announcement is lost.
+    The command publishes the events itself, each before it ends, instead of giving
+    its manager ``share_events=True``: such a manager first subscribes to the store's
+    events (a connection of its own, and the other processes' events, which a command
+    has no use for), and when it leaves it waits at most 5 s for its queued events to
+    go out, dropping the rest (a purge of many sessions may take longer); ``delete``
+    uses no manager at all. Publishing to a channel nobody listens on costs one round
+    trip. A failure is a warning: the change is made; only the announcement is lost.
     """
 
     def __init__(self, store: EventTransport) -> None:
@@ -971,19 +1049,31 @@ def demo(
 
 def _print_next(store_url: str) -> None:
     """Suggest looking at the demo's sessions: a command alone on its line, the store
-    quoted for a POSIX shell (``&`` or ``;`` in a URL), so it can be pasted as it is."""
-    if store_url.partition("://")[0].lower() == "memory":
+    quoted for a POSIX shell (``&`` or ``;`` in a URL), so it can be pasted as it is.
+
+    Its password is masked, and the hint says so; ``--store`` is left out where
+    ASYNCSESSION_STORE names the demo's store (or neither names one)."""
+    shown = shown_url(store_url)
+    if _in_one_process(store_url):
         out.print(
-            "The memory:// store ended with the demo. To look at the sessions afterwards "
-            "(list, show, stats, export), run it on the default ./asyncsession.db or "
-            "another --store."
+            _plain(
+                f"The {shown} store ended with the demo. To look at the sessions afterwards "
+                "(list, show, stats, export), run it on the default ./asyncsession.db or "
+                "another --store."
+            ),
+            soft_wrap=True,
         )
         return
-    environment = os.environ.get("ASYNCSESSION_STORE")
-    plain = store_url == DEFAULT_STORE and environment in (None, "", DEFAULT_STORE)
-    store_arg = "" if plain else f" --store {shlex.quote(shown_url(store_url))}"
+    environment = os.environ.get("ASYNCSESSION_STORE") or DEFAULT_STORE
+    store_arg = "" if environment == store_url else f" --store {shlex.quote(shown)}"
     out.print("Next, look at the sessions (also with show, stats, export):")
     out.print(_plain(f"asyncsession list{store_arg}", "bold"), soft_wrap=True)
+    if store_arg and shown != store_url:
+        out.print(
+            "The password is masked (***) above: type it in its place, or set "
+            "ASYNCSESSION_STORE to the store's URL and leave --store out.",
+            soft_wrap=True,
+        )
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -1227,7 +1317,11 @@ def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_js
 
     # with --reports, memory:// stands for "no store": its counts are all zero
     counts, awaiting, buckets, aside = _with_store(
-        store_url, backend, fetch, memory=reports is not None
+        store_url,
+        backend,
+        fetch,
+        memory=reports is not None,
+        advice=_CREATE_ONE if reports is None else _REPORTS_ALONE,
     )
     by_status = {s.value: counts.get(s, 0) for s in SessionStatus}
     health = [
@@ -1326,8 +1420,19 @@ def delete(session_id: str, store_url: str, backend: str, as_json: bool) -> None
     sid = _parse_id(session_id, store_url)
 
     async def act(repository: SessionRepository) -> bool:
-        # The store's delete, not the manager's: that one removes an expired session as
-        # expired (so not found), where this deletes whatever is stored.
+        # Not the manager's delete: that one removes an expired session as expired and
+        # says it was not found, where this deletes whatever is stored. It announces
+        # what the manager's would, though: EXPIRED for an expired session (nothing for
+        # the document a rotation retired: the rotation announced its end), else DELETED.
+        now = _now()
+        try:
+            removed = await repository.remove_expired(sid, now=now)
+        except SerializationError:  # unreadable, and kept by the store: deleted unread
+            removed = None
+        if removed is not None:
+            if isinstance(repository, EventTransport) and not _is_retired(removed):
+                await _Announcer(repository).announce(EventKind.EXPIRED, sid, now, removed.revision)
+            return True
         deleted = await repository.delete(sid)
         if deleted and isinstance(repository, EventTransport):
             await _Announcer(repository).announce(EventKind.DELETED, sid, _now(), None)
@@ -1765,7 +1870,7 @@ async def _export(
         if isinstance(repository, FileRepository):
             await export.set_aside(repository)
     try:
-        output.flush()
+        _flush(output)
     except OSError as exc:
         raise _WriteFailed(_os_failure(f"write {name}", exc).message) from exc
     return _Exported(
@@ -2063,8 +2168,9 @@ def _expected(exc: BaseException) -> tuple[str, int] | None:
 
 def _fail(message: str) -> None:
     line = " ".join(message.split())
-    sys.stderr.write(f"asyncsession: error: {line}\n")
-    sys.stderr.flush()
+    with contextlib.suppress(OSError):  # a stderr that cannot be written: the status says it
+        sys.stderr.write(f"asyncsession: error: {line}\n")
+        _flush(sys.stderr)
 
 
 class _LogFormatter(logging.Formatter):
@@ -2122,36 +2228,71 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     Ctrl-C ends it with status 130 (128 + SIGINT); a closed output (``| head``) quietly
     with :data:`OUTPUT_CLOSED` (141, 128 + SIGPIPE), but for ``export``, which then says
-    that its output is incomplete (status 1).
+    that its output is incomplete (status 1). An output that cannot be written otherwise
+    (a full disk) ends it with one line and status 1. Each call starts with new consoles,
+    so a program may call it again after a run whose output was closed.
     """
+    global out, err
+    out, err = _console("stdout"), _console("stderr")
     with _log_to_stderr():
         status = _run(argv)
-    if not _flushed(sys.stdout) and status == 0:
-        status = OUTPUT_CLOSED
+    failure = _flushed(sys.stdout)
+    if failure is not None and status == 0:
+        if failure.errno == errno.EPIPE:
+            status = OUTPUT_CLOSED
+        else:
+            _fail(_os_failure("write stdout", failure).message)
+            status = 1
     _flushed(sys.stderr)
     return status
 
 
-def _flushed(stream: IO[str]) -> bool:
-    """Flush ``stream``; if its reader went away, send it to os.devnull (as the Python
-    documentation's note on SIGPIPE does), so what is left in it is discarded instead of
-    failing again at exit ("Exception ignored ... BrokenPipeError"). Whether it was
-    flushed."""
+def _flushed(stream: IO[str]) -> OSError | None:
+    """Flush ``stream``; return the error if it cannot be written (its reader went away,
+    the disk is full...). What it still holds is then discarded, written to os.devnull
+    (as the Python documentation's note on SIGPIPE does), instead of failing again at
+    exit ("Exception ignored ... BrokenPipeError") or coming out at a later flush. Its
+    file descriptor is left on os.devnull only when the process ends after this run
+    (:func:`_process_ends`); an embedding program keeps its own."""
     try:
-        stream.flush()
-        return True
-    except BrokenPipeError:
-        pass
+        _flush(stream)
+        return None
+    except OSError as exc:
+        failure = exc
     try:
         fd = stream.fileno()
     except (OSError, ValueError):  # not a file (an embedding program's capture)
-        return False
+        return failure
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, fd)
+        if _process_ends():
+            os.dup2(devnull, fd)
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+            return failure
+        kept = os.dup(fd)
+        try:
+            os.dup2(devnull, fd)
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        finally:
+            os.dup2(kept, fd)
+            os.close(kept)
     finally:
         os.close(devnull)
-    return False
+    return failure
+
+
+def _process_ends() -> bool:
+    """Whether the process ends when :func:`run` returns: it runs as ``python -m
+    asyncsession`` or as the ``asyncsession`` console script (whose ``__main__`` module
+    imported :func:`asyncsession.__main__.main`), not in a program that embeds it."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if getattr(spec, "name", None) == f"{__package__}.__main__":
+        return True
+    entry = getattr(sys.modules.get(f"{__package__}.__main__"), "main", None)
+    return entry is not None and getattr(main, "main", None) is entry
 
 
 _INTERRUPTED: Final = 130  # 128 + SIGINT, as shells report for a program Ctrl-C ended
@@ -2194,6 +2335,7 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 def _interrupted() -> int:
-    sys.stderr.write("asyncsession: interrupted.\n")
-    sys.stderr.flush()
+    with contextlib.suppress(OSError):
+        sys.stderr.write("asyncsession: interrupted.\n")
+        _flush(sys.stderr)
     return _INTERRUPTED

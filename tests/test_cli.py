@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -1537,3 +1538,280 @@ async def test_cli_removals_reach_applications_that_share_events(
                     if heard >= expected:
                         break
     assert heard == expected
+
+
+# -- second review of a3d337c: write errors, non-blocking stdout, reuse, hints, events -----
+
+UNBUFFERED = pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+
+
+def _env_with(unbuffered: bool) -> dict[str, str]:
+    env = {k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("backend", BACKENDS)
+@UNBUFFERED
+def test_a_stdout_that_cannot_be_written_fails_with_one_line(
+    tmp_path: Path, backend: str, unbuffered: bool
+) -> None:
+    """``list > /dev/full`` printed its one-line error, then a traceback at the final
+    flush (only a closed pipe was caught there) and "Exception ignored", status 120."""
+    sid, other = populate(s.SQLiteRepository(tmp_path / "s.db"), backend=backend, live=2)
+    store = ("--store", "sqlite:///s.db", "--backend", backend)
+    for command in [
+        ("list", "--limit", "1"),
+        ("list", "--json"),
+        ("stats",),
+        ("show", sid),
+        ("delete", other),  # one short line: it fails only at the final flush
+    ]:
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                [sys.executable, "-m", "asyncsession", *command, *store],
+                cwd=tmp_path,
+                env=_env_with(unbuffered),
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+            )
+        line = assert_one_line_error(result, 1)
+        assert "No space left on device" in line, (command, line)
+        assert "Exception ignored" not in result.stderr
+
+
+def _cpu_seconds(usage: Any) -> float:
+    return float(usage.ru_utime + usage.ru_stime)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@UNBUFFERED
+def test_a_non_blocking_stdout_waits_for_a_slow_reader(
+    tmp_path: Path, backend: str, unbuffered: bool
+) -> None:
+    """A stdout in O_NONBLOCK mode (a pipe shared with a program that set it) whose reader
+    reads late: unbuffered, each write returned None and the command rewrote the whole
+    rest at once, over and over (100% CPU until the reader came); buffered, the command
+    failed with "write could not complete without blocking" and a traceback."""
+    import fcntl
+
+    add_sessions(s.SQLiteRepository(tmp_path / "s.db"), backend, 600)  # ~200 KB: > a pipe
+    store = ("--store", "sqlite:///s.db", "--backend", backend)
+    commands = [("list", "--json", "--limit", "600"), ("export",)]
+    children = []
+    for number, command in enumerate(commands):
+        read, write = os.pipe()
+        flags = fcntl.fcntl(write, fcntl.F_GETFL)
+        fcntl.fcntl(write, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        errors = open(tmp_path / f"stderr-{number}", "w+")  # noqa: SIM115 (closed below)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "asyncsession", *command, *store],
+            cwd=tmp_path,
+            env=_env_with(unbuffered),
+            stdout=write,
+            stderr=errors,
+        )
+        os.close(write)
+        children.append((process, read, errors))
+    try:
+        waited = 3.0
+        time.sleep(waited)  # the readers are slow: they read nothing for 3 s
+        for process, read, errors in children:
+            data = bytearray()
+            while chunk := os.read(read, 1 << 16):
+                data += chunk
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            errors.seek(0)
+            stderr = errors.read()
+            assert process.returncode == 0, stderr
+            assert "Traceback" not in stderr and "Exception ignored" not in stderr
+            if process.args[3] == "list":
+                assert len(json.loads(data)["items"]) == 600
+            else:
+                assert len(data.splitlines()) == 600 and "Exported 600 sessions." in stderr
+            # waiting for the reader takes no CPU time: the command's own work takes
+            # about 0.3 s; a busy loop burnt about the 3 s it waited
+            assert _cpu_seconds(usage) < waited / 2, _cpu_seconds(usage)
+    finally:
+        for process, read, errors in children:
+            os.close(read)
+            errors.close()
+            if process.returncode is None:
+                process.kill()
+                process.wait()
+
+
+_TWO_RUNS = """
+import json, os, sys
+from asyncsession._cli import run
+
+store = ["--store", "sqlite:///s.db", "--backend", sys.argv[1]]
+read, write = os.pipe()
+os.close(read)
+saved = os.dup(1)
+os.dup2(write, 1)  # stdout: a pipe whose reader is gone
+first = run(["list", "--limit", "1500", *store])
+os.dup2(saved, 1)  # a working stdout again
+second = run(["list", "--json", "--limit", "1500", *store])
+third = run(["stats", *store])
+sys.stdout.flush()
+print(json.dumps([first, second, third]), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@UNBUFFERED
+def test_run_works_again_after_a_run_whose_stdout_was_closed(
+    tmp_path: Path, backend: str, unbuffered: bool
+) -> None:
+    """A program calling ``run`` in-process: after one run into a closed pipe, every later
+    run printed nothing and returned 0 (the consoles stayed quiet, and stdout's file
+    descriptor had been pointed at /dev/null for good)."""
+    add_sessions(s.SQLiteRepository(tmp_path / "s.db"), backend, 1500)
+    result = subprocess.run(
+        [sys.executable, "-c", _TWO_RUNS, backend],
+        cwd=tmp_path,
+        env=_env_with(unbuffered),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    *warnings, statuses = result.stderr.strip().splitlines()
+    assert json.loads(statuses) == [141, 0, 0] and warnings == [], result.stderr
+    # nothing of the first run's output comes out later, before or after the others'
+    listing, _, rest = result.stdout.partition("\n}\n")
+    assert len(json.loads(listing + "\n}")["items"]) == 1500
+    assert rest.startswith("Sessions by status in sqlite:///s.db"), rest[:200]
+    assert "1500" in rest
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_of_reports_without_a_store_suggests_memory(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """``stats --reports FILE`` in a directory without ./asyncsession.db said to create a
+    store with demo or import; the way to read reports alone is ``--store memory://``."""
+    run = on_backend(run, backend)
+    demo = ("demo", "--users", "10", "--rounds", "22", "--seed", "1", "--reports", "r.jsonl")
+    run(*demo, "--store", "memory://")
+    line = assert_one_line_error(run("stats", "--reports", "r.jsonl", ok=None), 1)
+    assert f"no SQLite store at {tmp_path.resolve()}/asyncsession.db" in line
+    assert "--store memory://" in line and "reports" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
+    stats = as_json(run("stats", "--reports", "r.jsonl", "--store", "memory://", "--json"))
+    ended = sum(sum(b["ended"].values()) for b in stats["health"])
+    assert stats["total"] == 0 and ended == len((tmp_path / "r.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite:///%3Amemory%3A"])
+def test_an_in_memory_sqlite_store_is_treated_like_memory(
+    run: Run, tmp_path: Path, backend: str, url: str
+) -> None:
+    """``demo --store sqlite:///:memory:`` suggested ``list --store sqlite:///:memory:``, a
+    store gone with the demo, which then said "no SQLite store at <cwd>/:memory:"."""
+    run = on_backend(run, backend)
+    demo = run("demo", "--store", url, "--users", "4", "--rounds", "2")
+    assert "Demo sessions by status" in demo.stdout
+    assert "asyncsession list" not in demo.stdout  # it would find nothing
+    assert "ended with the demo" in demo.stdout and url in demo.stdout
+    for command in READING:
+        line = assert_one_line_error(run(*command, "--store", url, ok=None), 2)
+        assert url in line and "one process" in line and "demo" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_demo_hint_on_a_store_with_a_password(tmp_path: Path, backend: str) -> None:
+    """The hint printed the URL with its password masked (``redis://default:***@…``),
+    which cannot log in if pasted, without a word of it."""
+    pytest.importorskip("coredis")
+    from redis_support import require_redis, start_redis
+
+    require_redis()
+    password = "s3cret-" + uuid.uuid4().hex[:6]
+    server = start_redis(directory=tmp_path, extra_args=["--requirepass", password])
+    try:
+        url = f"redis://default:{password}@127.0.0.1:{server.port}/0?prefix=demo:"
+        demo_args = ["demo", "--users", "4", "--rounds", "2", "--backend", backend]
+        demo = subprocess.run(
+            [sys.executable, "-m", "asyncsession", *demo_args, "--store", url],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert demo.returncode == 0, demo.stderr
+        assert password not in demo.stdout + demo.stderr
+        command = next_command(demo.stdout)
+        assert "***" in command
+        assert "masked" in demo.stdout and "ASYNCSESSION_STORE" in demo.stdout
+        typed = in_shell(command.replace("***", password), tmp_path, _env())  # typed in
+        assert typed.returncode == 0 and "user-00" in typed.stdout, typed.stderr
+        # with ASYNCSESSION_STORE naming the same store, `asyncsession list` is the hint
+        env = {**_env(), "ASYNCSESSION_STORE": url}
+        demo = subprocess.run(
+            [sys.executable, "-m", "asyncsession", *demo_args, "--store", url],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert demo.returncode == 0, demo.stderr
+        assert password not in demo.stdout + demo.stderr
+        command = next_command(demo.stdout)
+        assert command == "asyncsession list"
+        listed = in_shell(command, tmp_path, env)
+        assert listed.returncode == 0 and "user-00" in listed.stdout, listed.stderr
+    finally:
+        server.stop()
+
+
+@pytest.mark.anyio
+async def test_cli_delete_of_an_expired_session_announces_it_expired(
+    run: Run, redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """``delete`` of a session that had expired (not purged yet) published DELETED, where
+    ``SessionManager.delete`` removes it as expired and announces EXPIRED."""
+    url = f"redis://127.0.0.1:{redis_server.port}/0?prefix=cli-{uuid.uuid4().hex[:8]}:"
+
+    def cli(*args: str) -> Awaitable[subprocess.CompletedProcess[str]]:
+        return anyio.to_thread.run_sync(
+            lambda: run(*args, "--store", url, "--backend", anyio_backend)
+        )
+
+    past = ManualClock(start=datetime.now(timezone.utc) - timedelta(minutes=2))
+    async with s.SessionManager(
+        s.repository_from_url(url), idle_timeout=60, cleanup_interval=None, clock=past
+    ) as old:
+        expired = (await old.create(owner="expired")).id
+    async with s.SessionManager(
+        s.repository_from_url(url), cleanup_interval=None, share_events=True
+    ) as app:
+        live = (await app.create()).id
+        async with app.subscribe() as events:
+            assert f"Deleted {expired}." in (await cli("delete", str(expired))).stdout
+            assert f"Deleted {live}." in (await cli("delete", str(live))).stdout
+            heard: list[tuple[s.EventKind, uuid.UUID]] = []
+            with anyio.fail_after(60):  # a bound, not a timing assertion
+                async for event in events:
+                    if event.remote:
+                        heard.append((event.kind, event.session_id))
+                    if (s.EventKind.DELETED, live) in heard:
+                        break
+    # one process publishes in order: the first delete's event came first
+    assert heard == [(s.EventKind.EXPIRED, expired), (s.EventKind.DELETED, live)]
+    assert await _gone(url, expired)
+
+
+async def _gone(url: str, sid: uuid.UUID) -> bool:
+    async with s.repository_from_url(url) as repository:
+        return await repository.get(sid) is None and (await repository.count_by_status()) == {}
