@@ -15,7 +15,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1499,45 +1508,72 @@ def test_listing_into_head(tmp_path: Path, backend: str, as_json: bool) -> None:
     assert (result.stdout.strip(), result.stderr) == ("141", "")
 
 
-@pytest.mark.anyio
-async def test_cli_removals_reach_applications_that_share_events(
-    run: Run, redis_server: RedisServer, anyio_backend: str
-) -> None:
-    """``close``, ``delete`` and ``purge`` built a bare manager: on Redis, applications
-    listening with share_events=True never heard of those closes, deletes and expiries."""
+Cli = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
+
+
+@asynccontextmanager
+async def app_sharing_events(
+    run: Run, redis_server: RedisServer, backend: str
+) -> AsyncIterator[tuple[Cli, s.SessionManager, s.Subscription, uuid.UUID, str]]:
+    """A Redis store holding one expired session (not purged yet) and an application's
+    manager listening with share_events=True; yields ``cli(*args)`` (the CLI on that
+    store, run in a thread), the manager, its subscription, the expired id and the URL."""
     url = f"redis://127.0.0.1:{redis_server.port}/0?prefix=cli-{uuid.uuid4().hex[:8]}:"
 
     def cli(*args: str) -> Awaitable[subprocess.CompletedProcess[str]]:
-        return anyio.to_thread.run_sync(
-            lambda: run(*args, "--store", url, "--backend", anyio_backend)
-        )
+        return anyio.to_thread.run_sync(lambda: run(*args, "--store", url, "--backend", backend))
 
     past = ManualClock(start=datetime.now(timezone.utc) - timedelta(minutes=2))
     async with s.SessionManager(
         s.repository_from_url(url), idle_timeout=60, cleanup_interval=None, clock=past
     ) as old:
         expired = (await old.create(owner="expired")).id
-    async with s.SessionManager(
-        s.repository_from_url(url), cleanup_interval=None, share_events=True
-    ) as app:
+    async with (
+        s.SessionManager(
+            s.repository_from_url(url), cleanup_interval=None, share_events=True
+        ) as app,
+        app.subscribe() as events,
+    ):
+        yield cli, app, events, expired, url
+
+
+async def heard_until(
+    events: s.Subscription, last: tuple[s.EventKind, uuid.UUID]
+) -> list[tuple[s.EventKind, uuid.UUID]]:
+    """The remote events received, in order, up to ``last``."""
+    heard: list[tuple[s.EventKind, uuid.UUID]] = []
+    with anyio.fail_after(60):  # a bound, not a timing assertion
+        async for event in events:
+            if event.remote:
+                heard.append((event.kind, event.session_id))
+            if last in heard:
+                return heard
+    raise AssertionError(f"the subscription ended; heard {heard}")
+
+
+@pytest.mark.anyio
+async def test_cli_removals_reach_applications_that_share_events(
+    run: Run, redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """``close``, ``delete`` and ``purge`` built a bare manager: on Redis, applications
+    listening with share_events=True never heard of those closes, deletes and expiries."""
+    async with app_sharing_events(run, redis_server, anyio_backend) as (
+        cli,
+        app,
+        events,
+        expired,
+        _,
+    ):
         closed, deleted = [(await app.create()).id for _ in range(2)]
-        async with app.subscribe() as events:
-            await cli("close", str(closed), "--status", "crashed")
-            await cli("delete", str(deleted))
-            assert "Purged 1 expired session." in (await cli("purge")).stdout
-            heard: set[tuple[s.EventKind, uuid.UUID]] = set()
-            expected = {
-                (s.EventKind.CLOSED, closed),
-                (s.EventKind.DELETED, deleted),
-                (s.EventKind.EXPIRED, expired),
-            }
-            with anyio.fail_after(60):  # a bound, not a timing assertion
-                async for event in events:
-                    if event.remote:
-                        heard.add((event.kind, event.session_id))
-                    if heard >= expected:
-                        break
-    assert heard == expected
+        await cli("close", str(closed), "--status", "crashed")
+        await cli("delete", str(deleted))
+        assert "Purged 1 expired session." in (await cli("purge")).stdout
+        # one process publishes in order
+        assert await heard_until(events, (s.EventKind.EXPIRED, expired)) == [
+            (s.EventKind.CLOSED, closed),
+            (s.EventKind.DELETED, deleted),
+            (s.EventKind.EXPIRED, expired),
+        ]
 
 
 # -- second review of a3d337c: write errors, non-blocking stdout, reuse, hints, events -----
@@ -1781,34 +1817,21 @@ async def test_cli_delete_of_an_expired_session_announces_it_expired(
 ) -> None:
     """``delete`` of a session that had expired (not purged yet) published DELETED, where
     ``SessionManager.delete`` removes it as expired and announces EXPIRED."""
-    url = f"redis://127.0.0.1:{redis_server.port}/0?prefix=cli-{uuid.uuid4().hex[:8]}:"
-
-    def cli(*args: str) -> Awaitable[subprocess.CompletedProcess[str]]:
-        return anyio.to_thread.run_sync(
-            lambda: run(*args, "--store", url, "--backend", anyio_backend)
-        )
-
-    past = ManualClock(start=datetime.now(timezone.utc) - timedelta(minutes=2))
-    async with s.SessionManager(
-        s.repository_from_url(url), idle_timeout=60, cleanup_interval=None, clock=past
-    ) as old:
-        expired = (await old.create(owner="expired")).id
-    async with s.SessionManager(
-        s.repository_from_url(url), cleanup_interval=None, share_events=True
-    ) as app:
+    async with app_sharing_events(run, redis_server, anyio_backend) as (
+        cli,
+        app,
+        events,
+        expired,
+        url,
+    ):
         live = (await app.create()).id
-        async with app.subscribe() as events:
-            assert f"Deleted {expired}." in (await cli("delete", str(expired))).stdout
-            assert f"Deleted {live}." in (await cli("delete", str(live))).stdout
-            heard: list[tuple[s.EventKind, uuid.UUID]] = []
-            with anyio.fail_after(60):  # a bound, not a timing assertion
-                async for event in events:
-                    if event.remote:
-                        heard.append((event.kind, event.session_id))
-                    if (s.EventKind.DELETED, live) in heard:
-                        break
-    # one process publishes in order: the first delete's event came first
-    assert heard == [(s.EventKind.EXPIRED, expired), (s.EventKind.DELETED, live)]
+        assert f"Deleted {expired}." in (await cli("delete", str(expired))).stdout
+        assert f"Deleted {live}." in (await cli("delete", str(live))).stdout
+        # one process publishes in order: the first delete's event came first
+        assert await heard_until(events, (s.EventKind.DELETED, live)) == [
+            (s.EventKind.EXPIRED, expired),
+            (s.EventKind.DELETED, live),
+        ]
     assert await _gone(url, expired)
 
 
