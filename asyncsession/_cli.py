@@ -347,7 +347,7 @@ def _store(
             "sqlite:///:memory: suit only `asyncsession demo`.",
             exit_code=2,
         )
-    if not creates:
+    if not creates and not _in_one_process(url):  # nothing on disk to look for
         _check_exists(repository, advice)
     return repository
 

@@ -1740,9 +1740,12 @@ def test_stats_of_reports_without_a_store_suggests_memory(
     assert f"no SQLite store at {tmp_path.resolve()}/asyncsession.db" in line
     assert "--store memory://" in line and "reports" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
-    stats = as_json(run("stats", "--reports", "r.jsonl", "--store", "memory://", "--json"))
-    ended = sum(sum(b["ended"].values()) for b in stats["health"])
-    assert stats["total"] == 0 and ended == len((tmp_path / "r.jsonl").read_text().splitlines())
+    for no_store in ("memory://", "sqlite:///:memory:"):  # the README names both
+        stats = as_json(run("stats", "--reports", "r.jsonl", "--store", no_store, "--json"))
+        ended = sum(sum(b["ended"].values()) for b in stats["health"])
+        assert stats["total"] == 0
+        assert ended == len((tmp_path / "r.jsonl").read_text().splitlines())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
