@@ -1398,6 +1398,6 @@ def _parse_id(session_id: SessionId) -> uuid.UUID:
             return uuid.UUID(session_id)
         except ValueError:
             raise SessionNotFound(session_id) from None
-    if isinstance(session_id, uuid.UUID):
-        return session_id
+    if isinstance(session_id, uuid.UUID):  # a subclass: its plain UUID, as stores keep it
+        return uuid.UUID(int=session_id.int)
     raise SessionNotFound(session_id)

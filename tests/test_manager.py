@@ -56,6 +56,19 @@ async def count(sessions: s.SessionManager) -> int:
 # -- get ------------------------------------------------------------------------------
 
 
+async def test_a_uuid_subclass_id_is_its_plain_uuid_everywhere(sessions: s.SessionManager) -> None:
+    class Shouting(uuid.UUID):
+        def __str__(self) -> str:
+            return "../NOT-A-UUID"
+
+    session = await sessions.create()
+    async with sessions.subscribe() as events:
+        done = await sessions.add_message(Shouting(int=session.id.int), "user", "hi")
+        event = events.receive_nowait()
+    assert type(done.id) is uuid.UUID and type(event.session_id) is uuid.UUID
+    assert str(event.session_id) == str(session.id)  # subscribers log and send this text
+
+
 async def test_get_unknown_raises_and_creates_nothing(sessions: s.SessionManager) -> None:
     for bad in (uuid.uuid4(), str(uuid.uuid4()), "not-a-uuid", "../../etc/passwd", ""):
         with pytest.raises(s.SessionNotFound):
