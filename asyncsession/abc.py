@@ -250,6 +250,7 @@ class SessionRepository(ABC):
     * Ids are :class:`uuid.UUID`: every operation taking one raises
       :class:`InvalidSessionId` for anything else (see :meth:`_check_id`), before it
       reads or writes anything.
+      (The methods below do not each repeat this.)
     """
 
     _open_count: int = 0
@@ -432,10 +433,12 @@ class SessionRepository(ABC):
     ) -> None:
         """Replace a session if its stored revision is ``expected_revision``.
 
-        ``session.revision`` must be ``expected_revision + 1`` and ``session.messages``
-        the whole history. ``new_messages``, when given, promises that the stored history
-        plus these messages equals ``session.messages``, so a store may just append
-        them (O(appended)); when None the store rewrites the history. Raises
+        ``session.revision`` must be ``expected_revision + 1`` (:class:`InvalidUpdate`
+        otherwise, see :meth:`_check_revision_step`) and ``session.messages`` the whole
+        history, or a window whose ``new_messages`` bring the stored history to its
+        total. ``new_messages``, when given, promises that the stored history plus these
+        messages equals ``session.messages``, so a store may just append them
+        (O(appended)); when None the store rewrites the history. Raises
         :class:`SessionNotFound` or :class:`SessionConflict`; nothing is written then.
         """
 
