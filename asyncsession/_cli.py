@@ -2316,13 +2316,17 @@ def _run(argv: Sequence[str] | None) -> int:
     except SystemExit:
         # click's own answer to a closed stdout (writing --help, say): exit 1, after it
         # made sys.stdout ignore the failure of its last flush
-        if isinstance(sys.stdout, click.utils.PacifyFlushWrapper):
+        # (by its name: click 8.5 renamed the class _PacifyFlushWrapper)
+        if type(sys.stdout).__name__.lstrip("_") == "PacifyFlushWrapper":
             return OUTPUT_CLOSED
         raise
     except BaseException as exc:
         leaves = _leaves(exc)
-        # on trio, Ctrl-C may come out of a task group, wrapped in an exception group
-        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        # on trio, Ctrl-C may come out of a task group, wrapped in an exception group;
+        # on Python 3.10, anyio's asyncio runner turns it into the cancellation of the
+        # main task, which nothing else cancels: an asyncio CancelledError gets out
+        cancelled = getattr(sys.modules.get("asyncio"), "CancelledError", KeyboardInterrupt)
+        if any(isinstance(leaf, (KeyboardInterrupt, cancelled)) for leaf in leaves):
             return _interrupted()
         if any(isinstance(leaf, _OutputClosed) for leaf in leaves):
             return OUTPUT_CLOSED
