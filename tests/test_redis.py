@@ -438,6 +438,18 @@ async def test_url_query_parameters_reach_the_server(redis_server: RedisServer) 
 # -- cross-process events --------------------------------------------------------------
 
 
+async def publish_until_heard(
+    store: RedisRepository, kind: str, sid: uuid.UUID, **options: Any
+) -> None:
+    """Publish until a subscriber hears it (a new subscription may need a moment to
+    register on the server); the caller bounds the wait."""
+    for _attempt in range(1000):
+        if await store.publish_event(kind, sid, at=T0, **options):
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"nobody heard {kind} of {sid} after 1,000 attempts")
+
+
 @pytest.mark.anyio
 async def test_events_travel_between_stores(redis_server: RedisServer) -> None:
     key_prefix = prefix()
@@ -448,10 +460,7 @@ async def test_events_travel_between_stores(redis_server: RedisServer) -> None:
         b.subscribe_events() as events,
     ):
         with anyio.fail_after(10):
-            for _attempt in range(1000):  # the subscription may need a moment to register
-                if await a.publish_event("updated", sid, at=T0, revision=3, origin="a"):
-                    break
-                await anyio.sleep(0.01)
+            await publish_until_heard(a, "updated", sid, revision=3, origin="a")
             event = await events.__anext__()
     assert (event.kind, event.session_id, event.revision, event.origin) == (
         "updated",
@@ -480,10 +489,7 @@ async def test_events_of_ids_that_are_not_uuids_are_refused(redis_server: RedisS
         b.subscribe_events() as events,
     ):
         with anyio.fail_after(10):
-            for _attempt in range(1000):  # the subscription may need a moment to register
-                if await a.publish_event("created", sid, at=T0, origin="a"):
-                    break
-                await anyio.sleep(0.01)
+            await publish_until_heard(a, "created", sid, origin="a")
             assert (await events.__anext__()).kind == "created"
             for bad in ("not-a-uuid", str(sid), sid.int, None):
                 with pytest.raises(InvalidSessionId):
@@ -510,10 +516,7 @@ async def test_events_stay_in_their_database(redis_server: RedisServer) -> None:
         assert a.events_channel == f"{key_prefix}events:0"
         assert b.events_channel == c.events_channel == f"{key_prefix}events:1"
         with anyio.fail_after(10):
-            for _attempt in range(1000):  # the subscription may need a moment to register
-                if await c.publish_event("updated", sid, at=T0, origin="c"):
-                    break
-                await anyio.sleep(0.01)
+            await publish_until_heard(c, "updated", sid, origin="c")
             # b is subscribed now: nobody on database 0 hears this, and b never gets it
             assert await a.publish_event("created", sid, at=T0, origin="a") == 0
             assert await c.publish_event("deleted", sid, at=T0, origin="c") == 1
@@ -1247,10 +1250,7 @@ async def test_a_subscription_whose_connection_was_lost_gives_its_slot_back(
         for _round in range(2):
             async with store.subscribe_events() as events:
                 with anyio.fail_after(20):
-                    for _attempt in range(1000):  # until the subscription is registered
-                        if await publisher.publish_event("updated", uuid.uuid4(), at=T0):
-                            break
-                        await anyio.sleep(0.01)
+                    await publish_until_heard(publisher, "updated", uuid.uuid4())
                     await events.__anext__()
                     await anyio.to_thread.run_sync(
                         lone_server.command, "CLIENT", "KILL", "TYPE", "pubsub"
