@@ -22,9 +22,11 @@ import random
 import re
 import select
 import shlex
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import uuid
@@ -372,13 +374,73 @@ def _with_store(
 def _on_store(
     repository: SessionRepository, backend: str, fn: Callable[[SessionRepository], Awaitable[T]]
 ) -> T:
-    """Open ``repository`` on ``backend``, run ``fn(repository)``, close it."""
+    """Open ``repository`` on ``backend``, run ``fn(repository)``, close it.
+
+    Ctrl-C cancels the command (see :class:`_CtrlC`) and then raises KeyboardInterrupt.
+    """
 
     async def main() -> T:
         async with repository:
             return await fn(repository)
 
-    return anyio.run(main, backend=backend)
+    ctrl_c = _CtrlC()
+    result = anyio.run(ctrl_c.cancels, main, backend=backend)
+    if ctrl_c.pressed:
+        raise KeyboardInterrupt
+    return cast(T, result)
+
+
+class _CtrlC:
+    """Ctrl-C as a cancellation: :meth:`cancels` runs a command that a SIGINT cancels.
+
+    Left to the event loop, Ctrl-C raises KeyboardInterrupt wherever the program
+    happens to be (trio) or cancels the main task (asyncio): raised inside the Redis
+    client's connection setup it broke the client's task group ("Nursery stack
+    corrupted") or came out as a connection error. A cancellation unwinds every
+    library cleanly, lets a write the manager already sent finish, and closes the
+    store; the caller raises KeyboardInterrupt after the event loop has ended (raised
+    from the main task, asyncio would log it as never retrieved). A second Ctrl-C
+    meanwhile interrupts at once, as usual. Outside the main thread, and on Windows
+    (no signal handlers on asyncio there), the event loop's own handling stays.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    async def cancels(self, main: Callable[[], Awaitable[T]]) -> T | None:
+        """``main()``'s result, or None once Ctrl-C was pressed (:attr:`pressed`)."""
+        if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
+            return await main()
+        with anyio.CancelScope() as scope:
+
+            async def watch(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                with anyio.open_signal_receiver(signal.SIGINT) as signals:
+                    task_status.started()
+                    async for _ in signals:
+                        self.pressed = True
+                        scope.cancel()
+                        return  # the default handler is back: a second Ctrl-C interrupts
+
+            error: Exception | None = None
+            try:
+                async with anyio.create_task_group() as tasks:
+                    await tasks.start(watch)
+                    try:
+                        result = await main()
+                    except Exception as exc:  # raised as it is, not in a group
+                        error = exc
+                    tasks.cancel_scope.cancel()
+            except BaseException:  # whatever the cancellation came out as
+                if self.pressed:
+                    return None
+                raise
+            if self.pressed and error is not None:
+                return None
+            if error is not None:
+                raise error
+            self.pressed = False  # main() finished: its output is complete
+            return result
+        return None  # the scope ended main()'s cancellation
 
 
 def _parse_id(value: str, url: str) -> uuid.UUID:
