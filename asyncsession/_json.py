@@ -168,7 +168,9 @@ def _freeze(value: object, path: str, room: int) -> tuple[Any, int]:
         below = 0
         for key, item in value.items():
             if type(key) is not str:
-                raise InvalidJSONValue(path, f"key {key!r} is not a string")
+                if not isinstance(key, str):
+                    raise InvalidJSONValue(path, f"key {key!r} is not a string")
+                key = str.__str__(key)  # a str enum member's value, not its name
             _check_str(key, path)
             out[key], height = _freeze(item, f"{path}[{key!r}]", room - 1)
             if height > below:
@@ -189,7 +191,7 @@ def _freeze(value: object, path: str, room: int) -> tuple[Any, int]:
         return bool(value), 0
     if isinstance(value, str):
         _check_str(value, path)
-        return str(value), 0
+        return str.__str__(value), 0  # a str enum member's value (str() gives its name)
     if isinstance(value, int):
         return _freeze(int(value), path, room)
     if isinstance(value, float):

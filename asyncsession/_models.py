@@ -114,6 +114,14 @@ def _expires_at(value: datetime | None) -> datetime | None:
     return None if value is None else utc(value, "Session.expires_at")
 
 
+def _role(role: str) -> str:
+    """``role`` as a plain str: a str enum member (``class Role(str, Enum)``,
+    ``StrEnum``) stands for its value."""
+    if type(role) is not str and isinstance(role, str):
+        return str.__str__(role)
+    return role
+
+
 def _validate_role(instance: object, attribute: object, role: str) -> None:
     if type(role) is not str or role not in _ROLES:  # type first: a list is unhashable
         raise InvalidRole(role, ROLES)
@@ -136,7 +144,7 @@ def _check_content(instance: object, attribute: object, content: Any) -> None:
 class Message:
     """One message of a conversation."""
 
-    role: str = attrs.field(validator=_validate_role)
+    role: str = attrs.field(converter=_role, validator=_validate_role)
     content: str = attrs.field(validator=_check_content)
     timestamp: datetime = attrs.field(converter=_timestamp)
     data: Any = attrs.field(default=None, converter=_freeze_data)

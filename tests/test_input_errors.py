@@ -3,6 +3,7 @@ last datetime are "never" (review findings of helper-26)."""
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone, tzinfo
@@ -286,6 +287,39 @@ async def test_bad_input_through_the_manager_is_typed_and_stores_nothing(
         assert after.revision == 0 and after.messages.total == 0
         assert after.state == {"v": 1} and after.errors == 0
         assert after.status is s.SessionStatus.ACTIVE
+
+
+class Role(str, enum.Enum):
+    USER = "user"
+    TOOL = "tool"
+
+
+class Kind(str, enum.Enum):
+    SEARCH = "search"
+
+
+@pytest.mark.anyio
+async def test_str_enum_members_are_stored_as_their_values(
+    repository: s.SessionRepository,
+) -> None:
+    """A ``class Kind(str, Enum)`` member in state or message data was stored as
+    ``'Kind.SEARCH'`` (``str()`` of the member, its name), a member as a key was
+    refused, and a str enum role raised InvalidRole. Each now stands for its value,
+    as orjson writes it."""
+    async with s.SessionManager(repository, cleanup_interval=None, clock=ManualClock()) as m:
+        session = await m.create(state={"kind": Kind.SEARCH, Kind.SEARCH: [Kind.SEARCH]})
+        await m.add_message(session.id, Role.USER, "find it", data={"kind": Kind.SEARCH})
+        await m.add_messages(session.id, [(Role.TOOL, "found", {Kind.SEARCH: 1})])
+        got = await m.get(session.id, touch=False)
+    assert got.state == {"kind": "search", "search": ("search",)}
+    assert [type(key) for key in got.state] == [str, str]
+    assert type(got.state["kind"]) is str
+    assert [(x.role, x.data) for x in got.messages] == [
+        ("user", {"kind": "search"}),
+        ("tool", {"search": 1}),
+    ]
+    assert all(type(x.role) is str for x in got.messages)
+    assert b'"Kind.' not in s.dumps(got)
 
 
 @pytest.mark.anyio
