@@ -27,11 +27,20 @@ set or deleted. Properties:
   touching it) that its session is still live: one rotated, logged out, deleted or
   closed meanwhile, by a concurrent request or by the handler, gets no cookie, so a
   slow read cannot overwrite the cookie a concurrent login just sent.
-* :meth:`SessionDict.ensure_created`, :meth:`SessionDict.rotate` and
-  :meth:`SessionDict.clear` need a cookie to go out, so after the response started they
-  raise :class:`InvalidUpdate` and change nothing.
+* Every change must be made before the response starts: after that, setting or
+  deleting keys (``update``, ``pop``... too), :meth:`SessionDict.ensure_created`,
+  :meth:`SessionDict.rotate` and :meth:`SessionDict.clear` raise :class:`InvalidUpdate`
+  and change nothing (a change inside a nested value cannot be caught when made: it is
+  logged as lost at the end of the request).
+* If the store cannot be reached to load the session of a request that carries a
+  cookie, the request runs anyway with an unavailable session: any use of it raises
+  :class:`StorageError` (the load's error as ``__cause__``), nothing is saved and the
+  cookie is left alone; routes that never use the session keep working, on HTTP and
+  websockets. The outage is logged once (a warning) until loading works again.
 * :meth:`SessionDict.rotate` moves the session to a fresh id (call it at login), in
-  one step with the request's changes, which never exist under the old id;
+  one step with the request's changes, which never exist under the old id; until then
+  :attr:`SessionDict.id` is None (``await ensure_created()`` rotates at once and gives
+  the new id);
   :meth:`SessionDict.clear` deletes it server-side and expires the cookie. A slow
   request that finishes after a logout or login cannot bring the old session back:
   its changes are dropped with a logged warning, and it sends no cookie.
@@ -51,7 +60,15 @@ import re
 import sys
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
+import weakref
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+)
 from datetime import timedelta
 from typing import Any, Literal, Union
 
@@ -65,7 +82,7 @@ from ._exceptions import (
     StorageError,
 )
 from ._json import freeze_state
-from ._manager import SessionManager
+from ._manager import SessionManager, _Outage
 from ._models import Session
 
 if sys.version_info < (3, 11):
@@ -81,6 +98,7 @@ Receive = Callable[[], Awaitable[ASGIMessage]]
 Send = Callable[[ASGIMessage], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 SecretKey = Union[str, bytes]
+SecretKeys = Union[SecretKey, list[SecretKey], tuple[SecretKey, ...]]
 
 _SIGNATURE_CONTEXT = b"asyncsession.asgi.v1\x00"
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
@@ -88,6 +106,9 @@ _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _COOKIE_ATTRIBUTE = re.compile(r"[!-:<-~]*")  # printable ASCII but ';' (RFC 6265)
 _MISSING = object()
 _MAX_AGE_LIMIT = int(timedelta.max.total_seconds())  # the largest a timedelta can say
+#: The load failures of each manager's store, logged once per outage however many
+#: middleware instances (sub-applications) share the manager.
+_OUTAGES: weakref.WeakKeyDictionary[SessionManager, _Outage] = weakref.WeakKeyDictionary()
 
 
 class _ResponseEnded(OSError):
@@ -140,11 +161,19 @@ class SessionDict(MutableMapping[str, Any]):
     """The session of one request: a mapping of JSON values that tracks its changes.
 
     Reads and writes are plain dict operations; nested values are mutable copies (a
-    change inside a nested list or dict counts as setting its top-level key). The
-    middleware saves the changes before the response starts. :meth:`rotate` and
-    :meth:`clear` take effect then too; :meth:`ensure_created` creates the session at
-    once when a handler needs its id. All three must be called before the response
-    starts (they raise :class:`InvalidUpdate` after that).
+    change inside a nested list or dict counts as setting its top-level key). It is not
+    a ``dict``: :meth:`copy` (or ``dict(session)``) gives one, e.g. to serialise it, and
+    ``session | other`` gives a merged one. The middleware saves the changes before the
+    response starts. :meth:`rotate` and :meth:`clear` take effect then too;
+    :meth:`ensure_created` creates the session at once when a handler needs its id.
+    Every change (setting or deleting keys, :meth:`rotate`, :meth:`clear`,
+    :meth:`ensure_created`) must be made before the response starts: after that it
+    raises :class:`InvalidUpdate`.
+
+    When the store could not be reached to load the session, the request still runs,
+    with an *unavailable* session: any use of it raises :class:`StorageError` (the
+    load's error is its ``__cause__``), nothing is saved, and the cookie is left as it
+    is. Routes that never use the session are unaffected.
     """
 
     def __init__(
@@ -153,8 +182,10 @@ class SessionDict(MutableMapping[str, Any]):
         session: Session | None,
         *,
         read_only: bool = False,
+        unavailable: StorageError | None = None,
     ) -> None:
         self._manager = manager
+        self._unavailable = unavailable  # the error that kept the session from loading
         self._id: uuid.UUID | None = session.id if session is not None else None
         state = session.state if session is not None else {}
         self._data: dict[str, Any] = _thaw(state)
@@ -170,16 +201,20 @@ class SessionDict(MutableMapping[str, Any]):
         self._started = False  # http.response.start was sent: no cookie can go out now
 
     def __repr__(self) -> str:
-        return f"SessionDict(id={self._id}, keys={sorted(self._data)!r})"
+        if self._unavailable is not None:
+            return "SessionDict(unavailable: the session store could not be reached)"
+        sid = "None (rotating)" if self._rotate else self._id
+        return f"SessionDict(id={sid}, keys={sorted(self._data)!r})"
 
     # -- mapping ------------------------------------------------------------------------
 
     def __getitem__(self, key: str) -> Any:
+        self._check_available()
         self._accessed = True
         return self._data[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._check_writable()
+        self._check_change()
         if not isinstance(key, str):
             raise InvalidUpdate(f"Session keys must be strings, got {key!r}.")
         freeze_state({key: value})  # a value that is not JSON is refused here, not at save
@@ -188,34 +223,76 @@ class SessionDict(MutableMapping[str, Any]):
         self._deleted.discard(key)
 
     def __delitem__(self, key: str) -> None:
-        self._check_writable()
+        self._check_change()
         del self._data[key]
         self._set.discard(key)
         self._deleted.add(key)
 
     def __iter__(self) -> Iterator[str]:
+        self._check_available()
         self._accessed = True
         return iter(self._data)
 
     def __len__(self) -> int:
+        self._check_available()
         self._accessed = True
         return len(self._data)
 
     def __contains__(self, key: object) -> bool:
+        self._check_available()
         self._accessed = True
         return key in self._data
 
+    def copy(self) -> dict[str, Any]:
+        """A plain ``dict`` of the current values (a deep copy: changing it leaves the
+        session alone), e.g. ``JSONResponse(request.session.copy())``."""
+        self._check_available()
+        self._accessed = True
+        copied: dict[str, Any] = _thaw(self._data)
+        return copied
+
+    def __or__(self, other: object) -> dict[str, Any]:
+        """``session | {...}``: a plain ``dict`` of the values merged with ``other``'s."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return {**self.copy(), **other}
+
+    def __ror__(self, other: object) -> dict[str, Any]:
+        """``{...} | session``: a plain ``dict``; the session's values win."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return {**other, **self.copy()}
+
+    # Returns the session itself, as dict's |= does (mypy wants it to be a dict like
+    # __or__'s result); without it, ``session |= {...}`` would rebind the name to a new
+    # plain dict and the changes would never reach the session.
+    def __ior__(  # type: ignore[misc]
+        self, other: Mapping[str, Any] | Iterable[tuple[str, Any]]
+    ) -> SessionDict:
+        """``session |= {...}`` sets the keys in the session (as ``update``)."""
+        self.update(other)
+        return self
+
     def mark_accessed(self) -> None:
         """Note that the response depends on the session (adds ``Vary: Cookie``)."""
+        self._check_available()
         self._accessed = True
 
     # -- session operations ----------------------------------------------------------
 
     @property
     def id(self) -> uuid.UUID | None:
-        """The session id, or None while this visitor has no stored session."""
+        """The session id, or None while this visitor has no stored session.
+
+        Also None after :meth:`rotate` on a stored session until the rotation is done
+        (when the response starts): the old id stops working then, so it is never
+        handed out. A handler that needs the new id at once (e.g. to record it at
+        login) calls ``await session.ensure_created()``, which rotates now and returns
+        it.
+        """
+        self._check_available()
         self._accessed = True
-        return self._id
+        return None if self._rotate else self._id
 
     @property
     def read_only(self) -> bool:
@@ -228,8 +305,11 @@ class SessionDict(MutableMapping[str, Any]):
         The data is kept and the old id stops working; the request's changes are saved
         under the new id only, never under the old one. Without a stored session this
         does nothing (a session created by this request gets a fresh id anyway).
-        Raises :class:`InvalidUpdate` after the response started.
+        Until the rotation is done :attr:`id` is None; ``await ensure_created()``
+        rotates at once and returns the new id. Raises :class:`InvalidUpdate` after the
+        response started.
         """
+        self._check_available()
         self._check_writable()
         self._check_not_started("rotate")
         if self._id is not None:
@@ -241,6 +321,7 @@ class SessionDict(MutableMapping[str, Any]):
         Keys set after ``clear()`` start a new session with a fresh id. Raises
         :class:`InvalidUpdate` after the response started.
         """
+        self._check_available()
         self._check_writable()
         self._check_not_started("clear")
         if self._id is not None:
@@ -263,6 +344,7 @@ class SessionDict(MutableMapping[str, Any]):
         Raises :class:`InvalidUpdate` after the response started, when the new session's
         cookie could no longer be sent.
         """
+        self._check_available()
         self._check_writable()
         self._check_not_started("ensure_created")
         self._accessed = True
@@ -288,6 +370,37 @@ class SessionDict(MutableMapping[str, Any]):
         return self._id
 
     # -- internals ------------------------------------------------------------------------
+
+    def _check_available(self) -> None:
+        cause = self._unavailable
+        if cause is None:
+            return
+        self._accessed = True  # a response about the outage depends on the cookie too
+        if cause.recoverable:
+            what = "The session store is unreachable"
+            advice = "retry the request shortly"
+        else:
+            what = "The session store failed"
+            advice = "the cause says what is wrong; retry once that is fixed"
+        error = StorageError(
+            f"{what}, so this request's session could not be loaded and cannot be used: "
+            f"{advice}. The stored session is not changed; routes that do not use the "
+            "session keep working.",
+            recoverable=cause.recoverable,
+        )
+        raise error from cause
+
+    def _check_change(self) -> None:
+        """Refuse a change of keys on a read-only, unavailable or already answered session."""
+        self._check_available()
+        self._check_writable()
+        if self._started:
+            raise InvalidUpdate(
+                "The session was changed after the response started, when its changes "
+                "can no longer be saved: make session changes before the response starts "
+                "(e.g. not in a streaming response body or a background task; return "
+                "the response after changing the session)."
+            )
 
     def _check_writable(self) -> None:
         if self._read_only:
@@ -335,18 +448,33 @@ def get_session(scope: Mapping[str, Any]) -> SessionDict:
     return session
 
 
-def _as_keys(
-    secret_key: SecretKey | Iterable[SecretKey], fallback_keys: Iterable[SecretKey]
-) -> tuple[bytes, ...]:
+def _as_keys(secret_key: object, fallback_keys: object) -> tuple[bytes, ...]:
+    """The keys as bytes, the signing key first (arguments checked: any type may come)."""
     given: list[Any] = []
     for name, value in (("secret_key", secret_key), ("fallback_keys", fallback_keys)):
         if isinstance(value, (str, bytes)):  # one key, not a sequence of characters
             given.append(value)
-        elif isinstance(value, Iterable):
+        elif isinstance(value, (list, tuple)):
             given.extend(value)
         else:
+            # A set or a dict has no order of its own: which key signs could differ
+            # between processes, and each would refuse the others' cookies.
+            unordered = isinstance(value, (Mapping, set, frozenset))
             raise InvalidConfiguration(
-                f"{name} must be a key (str or bytes) or a list of keys; got {value!r:.40}."
+                f"{name} must be a key (str or bytes) or a list or tuple of keys"
+                + (", the first of which signs" if name == "secret_key" else "")
+                + f"; got {type(value).__name__}"  # not its repr: it may hold keys
+                + (
+                    " (a set or dict has no fixed order: which key signs could differ "
+                    "between processes)."
+                    if unordered
+                    else "."
+                )
+            )
+        if name == "secret_key" and not given:
+            raise InvalidConfiguration(
+                "secret_key must hold at least one key (the first signs cookies); got an "
+                "empty list. Generate one with secrets.token_urlsafe(32)."
             )
     keys: list[bytes] = []
     for key in given:
@@ -358,9 +486,27 @@ def _as_keys(
                 "secrets.token_urlsafe(32)); got an empty or non-text key."
             )
         keys.append(key)
-    if not keys:
-        raise InvalidConfiguration("SessionMiddleware needs at least one secret key.")
     return tuple(keys)
+
+
+def _check_prefix(cookie_name: str, *, secure: bool, path: str, domain: str | None) -> None:
+    """Browsers drop a ``__Host-`` or ``__Secure-`` cookie set without the attributes its
+    prefix demands (RFC 6265bis; matched without regard to case): refuse it here."""
+    folded = cookie_name.lower()
+    if folded.startswith("__host-"):
+        prefix, needs = cookie_name[:7], "secure=True, domain=None and path='/'"
+        wrong = not secure or domain is not None or path != "/"
+    elif folded.startswith("__secure-"):
+        prefix, needs = cookie_name[:9], "secure=True"
+        wrong = not secure
+    else:
+        return
+    if wrong:
+        raise InvalidConfiguration(
+            f"A cookie named {prefix}... needs {needs}: browsers silently refuse it "
+            "otherwise, so visitors would never keep a session. Pass those settings, or "
+            "use a cookie name without the prefix."
+        )
 
 
 def _short(value: object) -> str:
@@ -395,6 +541,12 @@ class SessionMiddleware:
     ``secret_key`` signs cookies (a list: the first signs, all verify); ``fallback_keys``
     only verify. ``max_age`` (seconds, timedelta or None for a browser-session cookie)
     is the cookie's lifetime; the server-side lifetime is the manager's expiry policy.
+    ``secret_key`` and ``fallback_keys`` take one key or a list or tuple of keys (not a
+    set or dict: the signing key must be the same in every process); ``secure`` and
+    ``http_only`` must be bools. A ``cookie_name`` starting with ``__Secure-`` needs
+    ``secure=True``, one starting with ``__Host-`` also ``domain=None`` and ``path="/"``
+    (browsers drop such cookies otherwise). Each mistake raises
+    :class:`InvalidConfiguration`.
     """
 
     def __init__(
@@ -402,8 +554,8 @@ class SessionMiddleware:
         app: ASGIApp,
         manager: SessionManager,
         *,
-        secret_key: SecretKey | Iterable[SecretKey],
-        fallback_keys: Iterable[SecretKey] = (),
+        secret_key: SecretKeys,
+        fallback_keys: SecretKeys = (),
         cookie_name: str = "session",
         max_age: float | timedelta | None = timedelta(days=14),
         secure: bool = True,
@@ -420,6 +572,12 @@ class SessionMiddleware:
             raise InvalidConfiguration(
                 f"same_site must be 'lax', 'strict' or 'none', got {same_site!r}."
             )
+        for name, flag in (("secure", secure), ("http_only", http_only)):
+            if not isinstance(flag, bool):  # the string "false" would count as true
+                raise InvalidConfiguration(
+                    f"{name} must be True or False, got {_short(flag)}; convert settings "
+                    "read from the environment or a file to a bool first."
+                )
         if same_site == "none" and not secure:
             raise InvalidConfiguration("same_site='none' requires secure=True.")
         for name, value in (("path", path), ("domain", domain)):
@@ -440,9 +598,13 @@ class SessionMiddleware:
                 "Invalid cookie domain '': pass domain=None for a cookie sent back to this "
                 "host only."
             )
+        _check_prefix(cookie_name, secure=secure, path=path, domain=domain)
         self.app = app
         self.manager = manager
         self._keys = _as_keys(secret_key, fallback_keys)
+        if manager not in _OUTAGES:  # shared: one warning per outage of this manager's store
+            _OUTAGES[manager] = _Outage("loading sessions")  # logs as asyncsession._manager
+        self._outage = _OUTAGES[manager]
         self.cookie_name = cookie_name
         self.max_age = _seconds(max_age)
         attributes = [f"Path={path}"]
@@ -505,8 +667,8 @@ class SessionMiddleware:
 
     # -- ASGI ------------------------------------------------------------------------------
 
-    async def _load(self, scope: Scope) -> Session | None:
-        for session_id in self._cookie_ids(scope):
+    async def _load(self, ids: list[uuid.UUID]) -> Session | None:
+        for session_id in ids:
             try:
                 session = await self.manager.get(session_id, last_messages=0)
             except SessionNotFound:
@@ -523,8 +685,19 @@ class SessionMiddleware:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        ids = self._cookie_ids(scope)
         try:
-            loaded = await self._load(scope)
+            loaded = await self._load(ids)
+        except StorageError as exc:
+            # The store is down: the request runs anyway, with a session that raises
+            # when used, so routes that never use it keep working. Nothing is saved.
+            self._outage.failed(
+                exc,
+                f"could not load the session for {kind} {_where(scope, path_only=True)}; "
+                "requests with a session cookie run with the session unavailable",
+            )
+            await self._run_unavailable(exc, scope, receive, send)
+            return
         except Exception:
             logger.exception(
                 "could not load the session for %s %s", kind, _where(scope, path_only=True)
@@ -534,6 +707,8 @@ class SessionMiddleware:
             else:
                 await send({"type": "websocket.close", "code": 1011})
             return
+        if ids:  # the store answered
+            self._outage.worked()
         session = SessionDict(self.manager, loaded, read_only=kind == "websocket")
         scope["session"] = session
         if kind == "websocket":
@@ -588,6 +763,28 @@ class SessionMiddleware:
             else "the application sent no response",
             _where(scope),
         )
+
+    async def _run_unavailable(
+        self, error: StorageError, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Run the app with a session that raises when used; save nothing, leave the
+        cookie alone (only ``Vary: Cookie`` is added once the app tried the session)."""
+        kind = scope["type"]
+        session = SessionDict(self.manager, None, read_only=kind == "websocket", unavailable=error)
+        scope["session"] = session
+        if kind == "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: ASGIMessage) -> None:
+            if message["type"] == "http.response.start":
+                session._started = True
+                if session._accessed:
+                    message = dict(message)
+                    message["headers"] = [*message.get("headers", ()), (b"vary", b"Cookie")]
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
 
     async def _still_live(self, session_id: uuid.UUID, scope: Scope) -> bool:
         """True if the session is still stored and open (looked at, not touched)."""

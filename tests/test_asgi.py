@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
+import types
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import httpx
 import pytest
+from redis_support import RedisServer, require_redis, start_redis
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -944,18 +949,25 @@ async def test_bare_asgi_app(memory_manager: s.SessionManager) -> None:
         assert await count(memory_manager) == 1
 
 
-async def test_changes_after_response_start_are_reported(
+async def test_nested_changes_after_response_start_are_reported(
     memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # A change inside a nested value cannot be refused when it is made (the session
+    # sees it only when comparing): it is reported at the end of the request.
     async def app(scope: Scope, receive: Any, send: Any) -> None:
+        cart = scope["session"].get("cart")
         await send({"type": "http.response.start", "status": 200, "headers": []})
-        scope["session"]["late"] = 1
+        cart.append(2)
         await send({"type": "http.response.body", "body": b""})
 
+    async with client(make_app(memory_manager)) as http:
+        sid = cookie_id(await http.post("/write", json={"cart": [1]}))
+        cookie = {"cookie": f"session={http.cookies['session']}"}
     with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
         async with client(SessionMiddleware(app, memory_manager, secret_key=KEY)) as http:
-            await http.get("/")
+            await http.get("/", headers=cookie)
     assert any("after the response started" in r.getMessage() for r in caplog.records)
+    assert (await memory_manager.get(sid)).state == {"cart": (1,)}
 
 
 async def test_changes_without_any_response_are_reported(
@@ -1047,3 +1059,380 @@ async def test_lifespan_passes_through(memory_manager: s.SessionManager) -> None
         {"type": "lifespan"}, receive, send
     )
     assert scopes == [{"type": "lifespan"}]
+
+
+# --- a store outage --------------------------------------------------------------------
+
+
+@pytest.fixture
+def lone_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server that a test may stop (the session's server keeps running)."""
+    require_redis()
+    server = start_redis(directory=tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def outage_app(manager: s.SessionManager, seen: list[BaseException]) -> Starlette:
+    """/health never touches the session; /read answers 503 when the session is
+    unavailable; /crash does not catch that error."""
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    async def read(request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(request.session.copy())  # type: ignore[attr-defined]
+        except s.StorageError as exc:
+            seen.append(exc)
+            return JSONResponse({"error": str(exc)}, status_code=503)
+
+    async def crash(request: Request) -> JSONResponse:
+        return JSONResponse(dict(request.session))
+
+    routes = [Route("/health", health), Route("/read", read), Route("/crash", crash)]
+    middleware = [Middleware(SessionMiddleware, manager, secret_key=KEY)]
+    return Starlette(routes=[*routes, *make_app(manager).routes], middleware=middleware)
+
+
+def unavailable_accesses(session: SessionDict) -> dict[str, Callable[[], Any]]:
+    """Every way of using a session, each a call that must raise on an unavailable one."""
+
+    def set_item() -> None:
+        session["a"] = 1
+
+    def del_item() -> None:
+        del session["a"]
+
+    def merge_into() -> None:
+        session.__ior__({"a": 1})
+
+    return {
+        "get": lambda: session.get("user"),
+        "getitem": lambda: session["user"],
+        "contains": lambda: "user" in session,
+        "iter": lambda: list(session),
+        "len": lambda: len(session),
+        "bool": lambda: bool(session),
+        "items": lambda: dict(session.items()),
+        "eq": lambda: session == {},
+        "id": lambda: session.id,
+        "copy": session.copy,
+        "or": lambda: session | {"a": 1},
+        "ror": lambda: {"a": 1} | session,
+        "ior": merge_into,
+        "setitem": set_item,
+        "delitem": del_item,
+        "update": lambda: session.update(a=1),
+        "pop": lambda: session.pop("user", None),
+        "setdefault": lambda: session.setdefault("a", 1),
+        "rotate": session.rotate,
+        "clear": session.clear,
+        "mark_accessed": session.mark_accessed,
+    }
+
+
+async def test_a_store_outage_leaves_routes_without_the_session_working(
+    anyio_backend: str, lone_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from asyncsession.stores.redis import RedisRepository
+
+    seen: list[BaseException] = []
+    refused: dict[str, BaseException] = {}
+    store = RedisRepository(lone_redis.url, prefix=f"asgi:{uuid.uuid4().hex[:8]}:", timeout=2)
+    async with running(store) as manager:
+        app = outage_app(manager, seen)
+
+        async def probe(scope: Scope, receive: Any, send: Any) -> None:
+            session = get_session(scope)
+            for name, access in unavailable_accesses(session).items():
+                with pytest.raises(s.StorageError) as info:
+                    access()
+                refused[name] = info.value
+            with pytest.raises(s.StorageError):
+                await session.ensure_created()
+            assert "unavailable" in repr(session)
+            await JSONResponse({"probed": True})(scope, receive, send)
+
+        async with client(app) as http:
+            cookie = (await http.post("/write", json={"user": "alice"})).cookies["session"]
+        headers = {"cookie": f"session={cookie}"}
+        await anyio.to_thread.run_sync(lone_redis.stop)
+
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        with caplog.at_level(logging.DEBUG, "asyncsession"):
+            async with httpx.AsyncClient(transport=transport, base_url=BASE) as http:
+                health = await http.get("/health", headers=headers)
+                read = await http.get("/read", headers=headers)
+                crash = await http.get("/crash", headers=headers)  # the app's own 500
+                anonymous = await http.get("/read")  # no cookie: no store read
+            probe_app = SessionMiddleware(probe, manager, secret_key=KEY)
+            async with client(probe_app) as http:
+                probed = await http.get("/", headers=headers)
+
+            # A websocket with a cookie is accepted; its session raises the same way.
+            ws_sent: list[dict[str, Any]] = []
+            ws_errors: list[BaseException] = []
+
+            async def ws_app(scope: Scope, receive: Any, send: Any) -> None:
+                assert (await receive())["type"] == "websocket.connect"
+                await send({"type": "websocket.accept"})
+                try:
+                    get_session(scope).get("user")
+                except s.StorageError as exc:
+                    ws_errors.append(exc)
+                await send({"type": "websocket.close", "code": 1000})
+
+            async def ws_receive() -> dict[str, Any]:
+                return {"type": "websocket.connect"}
+
+            async def ws_send(message: dict[str, Any]) -> None:
+                ws_sent.append(message)
+
+            scope = {
+                "type": "websocket",
+                "path": "/ws",
+                "headers": [(b"cookie", headers["cookie"].encode())],
+            }
+            await SessionMiddleware(ws_app, manager, secret_key=KEY)(scope, ws_receive, ws_send)
+        outage_logs = [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+        assert health.status_code == 200 and "set-cookie" not in health.headers
+        assert read.status_code == 503 and "set-cookie" not in read.headers
+        assert read.headers["vary"] == "Cookie"
+        assert crash.status_code == 500 and "set-cookie" not in crash.headers
+        assert anonymous.status_code == 200 and anonymous.json() == {}
+        assert probed.status_code == 200 and "set-cookie" not in probed.headers
+        assert sorted(refused) == sorted(unavailable_accesses(SessionDict(manager, None)))
+        for error in [*seen, *refused.values(), *ws_errors]:
+            assert type(error) is s.StorageError and error.recoverable
+            assert "session store is unreachable" in str(error) and "retry" in str(error)
+            assert isinstance(error.__cause__, s.StorageError)
+        assert len(seen) == 1 and len(ws_errors) == 1
+        assert [m["type"] for m in ws_sent] == ["websocket.accept", "websocket.close"]
+        # One warning for the outage, not one per request (the rest at debug level).
+        (warning,) = outage_logs
+        assert "could not load the session" in warning.getMessage()
+
+        await anyio.to_thread.run_sync(lone_redis.start)  # empty: the data was in memory
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "asyncsession"):
+            async with client(app) as http:
+                for attempt in range(3):  # the first call may still meet a dead connection
+                    response = await http.get("/read", headers=headers)
+                    if response.status_code == 200:
+                        break
+                    assert attempt < 2
+        assert response.json() == {}
+        assert any("works again" in r.getMessage() for r in caplog.records)
+
+
+# --- rotate() and id -------------------------------------------------------------------
+
+
+async def test_id_is_none_while_a_rotation_is_pending(manager: s.SessionManager) -> None:
+    seen: dict[str, Any] = {}
+
+    async def login(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        seen["before"] = session.id
+        session["user"] = "alice"
+        session.rotate()
+        seen["pending"] = session.id  # the old id dies when the response starts
+        seen["created"] = await session.ensure_created()
+        seen["after"] = session.id
+        await JSONResponse({})(scope, receive, send)
+
+    async def deferred(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        session.rotate()
+        seen["deferred"] = session.id
+        await JSONResponse({})(scope, receive, send)
+
+    async with client(make_app(manager)) as http:
+        old = cookie_id(await http.post("/write", json={"cart": [1]}))
+        cookie = {"cookie": f"session={http.cookies['session']}"}
+    async with client(SessionMiddleware(login, manager, secret_key=KEY)) as http:
+        response = await http.get("/", headers=cookie)
+    assert seen["before"] == old and seen["pending"] is None
+    assert seen["created"] == seen["after"] == cookie_id(response) != old
+    async with client(SessionMiddleware(deferred, manager, secret_key=KEY)) as http:
+        response = await http.get("/", headers={"cookie": f"session={response.cookies['session']}"})
+    assert seen["deferred"] is None and cookie_id(response) != seen["created"]
+    assert (await manager.get(cookie_id(response))).state == {"cart": (1,), "user": "alice"}
+
+
+# --- changes after the response started ------------------------------------------------
+
+
+async def test_every_change_after_the_response_started_is_refused(
+    manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused: dict[str, str] = {}
+
+    def changes(session: SessionDict) -> dict[str, Callable[[], Any]]:
+        def set_item() -> None:
+            session["late"] = 1
+
+        def del_item() -> None:
+            del session["user"]
+
+        def merge_into() -> None:
+            session.__ior__({"late": 1})
+
+        return {
+            "setitem": set_item,
+            "delitem": del_item,
+            "update": lambda: session.update(late=1),
+            "pop": lambda: session.pop("user"),
+            "popitem": session.popitem,
+            "setdefault": lambda: session.setdefault("late", 1),
+            "ior": merge_into,
+            "clear": session.clear,
+            "rotate": session.rotate,
+        }
+
+    async def late(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for name, change in changes(session).items():
+            with pytest.raises(s.InvalidUpdate, match="before the response starts") as info:
+                change()
+            refused[name] = str(info.value)
+        assert dict(session) == {"user": "alice"}  # reading still works
+        assert session.setdefault("user", "bob") == "alice"  # not a change
+        await send({"type": "http.response.body", "body": b""})
+
+    async with client(make_app(manager)) as http:
+        sid = cookie_id(await http.post("/write", json={"user": "alice"}))
+        cookie = {"cookie": f"session={http.cookies['session']}"}
+    with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+        async with client(SessionMiddleware(late, manager, secret_key=KEY)) as http:
+            response = await http.get("/", headers=cookie)
+    assert response.status_code == 200
+    assert sorted(refused) == sorted(changes(SessionDict(manager, None)))
+    assert "streaming" in refused["setitem"] and "background task" in refused["setitem"]
+    assert (await manager.get(sid)).state == {"user": "alice"}
+    assert not caplog.records
+
+
+async def test_a_write_in_a_streaming_body_or_background_task_raises(
+    memory_manager: s.SessionManager,
+) -> None:
+    errors: list[BaseException] = []
+
+    async def stream(request: Request) -> StreamingResponse:
+        session = request.session
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"a"
+            try:
+                session["in_stream"] = 1
+            except s.InvalidUpdate as exc:
+                errors.append(exc)
+            yield b"b"
+
+        return StreamingResponse(body())
+
+    async def later(request: Request) -> JSONResponse:
+        async def task() -> None:
+            try:
+                request.session["in_task"] = 1
+            except s.InvalidUpdate as exc:
+                errors.append(exc)
+
+        return JSONResponse({}, background=BackgroundTask(task))
+
+    app = Starlette(
+        routes=[Route("/stream", stream), Route("/later", later)],
+        middleware=[Middleware(SessionMiddleware, memory_manager, secret_key=KEY)],
+    )
+    async with client(app) as http:
+        assert (await http.get("/stream")).text == "ab"
+        assert (await http.get("/later")).status_code == 200
+    assert len(errors) == 2
+    assert await count(memory_manager) == 0
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def test_cookie_settings_that_would_fail_silently_are_refused() -> None:
+    manager = s.SessionManager(s.MemoryRepository())
+    for options, advice in (
+        ({"cookie_name": "__Host-session", "secure": False}, "secure=True"),
+        ({"cookie_name": "__host-session", "secure": False}, "secure=True"),
+        ({"cookie_name": "__Host-session", "domain": "example.com"}, "domain=None"),
+        ({"cookie_name": "__Host-session", "path": "/app"}, "path='/'"),
+        ({"cookie_name": "__Secure-session", "secure": False}, "secure=True"),
+        ({"secure": "false"}, "True or False"),
+        ({"secure": 0}, "True or False"),
+        ({"http_only": "false"}, "True or False"),
+        ({"http_only": None}, "True or False"),
+        ({"secret_key": {"a": 1}}, "list or tuple"),
+        ({"secret_key": {"key-one", "key-two"}}, "list or tuple"),
+        ({"secret_key": frozenset({"key-one"})}, "list or tuple"),
+        ({"secret_key": iter(["key-one"])}, "list or tuple"),
+        ({"secret_key": None}, "list or tuple"),
+        ({"secret_key": 123}, "list or tuple"),
+        ({"secret_key": [None]}, "non-empty str or bytes"),
+        ({"secret_key": ["key", ""]}, "non-empty str or bytes"),
+        ({"secret_key": [], "fallback_keys": [OLD_KEY]}, "at least one"),
+        ({"fallback_keys": {"old": OLD_KEY}}, "list or tuple"),
+    ):
+        options.setdefault("secret_key", KEY)
+        with pytest.raises(s.InvalidConfiguration, match=re.escape(advice)):
+            SessionMiddleware(_noop, manager, **options)
+    # What is allowed: the prefixes used right, short keys, a tuple of keys.
+    for options in (
+        {"cookie_name": "__Host-session"},
+        {"cookie_name": "__Secure-session", "domain": "example.com", "path": "/app"},
+        {"secret_key": "k"},
+        {"secret_key": (KEY, b"old"), "fallback_keys": ["older"]},
+        {"secure": False, "http_only": False},
+    ):
+        options.setdefault("secret_key", KEY)
+        SessionMiddleware(_noop, manager, **options)
+
+
+# --- dict-like use ---------------------------------------------------------------------
+
+
+async def test_copy_and_merge_give_plain_dicts(manager: s.SessionManager) -> None:
+    results: dict[str, Any] = {}
+
+    async def show(request: Request) -> JSONResponse:
+        session = get_session(request.scope)
+        copied = session.copy()
+        results.update(
+            copy=copied,
+            merged=session | {"extra": 1},
+            reflected={"extra": 1, "user": "bob"} | session,
+            proxy=session | types.MappingProxyType({"m": 1}),
+        )
+        copied["cart"].append(99)  # a copy: the session does not change
+        session |= {"visits": 2}
+        results["same_object"] = session is get_session(request.scope)
+        return JSONResponse(request.session.copy())  # type: ignore[attr-defined]
+
+    app = Starlette(
+        routes=[Route("/show", show), *make_app(manager).routes],
+        middleware=[Middleware(SessionMiddleware, manager, secret_key=KEY)],
+    )
+    async with client(app) as http:
+        sid = cookie_id(await http.post("/write", json={"user": "alice", "cart": [1]}))
+        response = await http.get("/show")
+    assert response.json() == {"user": "alice", "cart": [1], "visits": 2}
+    assert results["proxy"] == {"user": "alice", "cart": [1], "m": 1}
+    for name in ("copy", "merged", "reflected", "proxy"):
+        assert type(results[name]) is dict, name
+    assert results["copy"] == {"user": "alice", "cart": [1, 99]}
+    assert results["merged"] == {"user": "alice", "cart": [1], "extra": 1}
+    assert results["reflected"] == {"extra": 1, "user": "alice", "cart": [1]}
+    assert results["same_object"]
+    assert (await manager.get(sid)).state == {"user": "alice", "cart": (1,), "visits": 2}
+    assert isinstance(SessionDict(manager, None), MutableMapping)
+    with pytest.raises(TypeError):
+        SessionDict(manager, None) | [("a", 1)]  # type: ignore[operator]
