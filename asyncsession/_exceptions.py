@@ -112,7 +112,14 @@ class SessionClosed(SessionError):
 
 
 class SessionConflict(SessionError):
-    """A concurrent writer changed the session first (compare-and-set failed)."""
+    """A concurrent writer changed the session first (compare-and-set failed).
+
+    ``stale_snapshot`` is True when a store refused an update based on a snapshot it
+    remembered rather than read for it (see ``SessionRepository.get_for_update``), and
+    that nothing in this process had changed since: another process had written the
+    session. :class:`SessionManager` does not count the first such refusal of an
+    update against ``max_retries``.
+    """
 
     recoverable = True
 
@@ -123,11 +130,13 @@ class SessionConflict(SessionError):
         expected_revision: int | None = None,
         actual_revision: int | None = None,
         attempts: int | None = None,
+        stale_snapshot: bool = False,
     ) -> None:
         self.session_id = session_id
         self.expected_revision = expected_revision
         self.actual_revision = actual_revision
         self.attempts = attempts
+        self.stale_snapshot = stale_snapshot
         if attempts is not None:
             text = (
                 f"Session {session_id} kept changing during {attempts} attempts of this "

@@ -152,7 +152,18 @@ class SessionManager:
     coalesces activity: a read moves ``last_active`` (a store write) only if that moves
     it by at least this much, so idle deadlines are exact to within it (``None``: every
     touching read writes); it is capped at half of ``idle_timeout``, so reads always keep
-    a session alive. ``max_retries`` is how many times an update may be tried in all.
+    a session alive. ``max_retries`` is how many times an update may be tried in all
+    (once more when the first try was based on a snapshot the SQLite or Redis store
+    remembered and another process had changed: see :class:`SessionConflict`).
+
+    A session written under another policy (a ``max_age`` added or shortened since)
+    whose deadline under this one has passed is expired for this manager's writes and
+    touching reads: they raise :class:`SessionNotFound`, store and announce nothing,
+    and have the store record that deadline, so that reads, listings and cleanup see
+    the session expired from then on (cleanup announces it EXPIRED). Until then, reads
+    that do not touch (``get(touch=False)``, ``exists``, ``list``) go by the stored
+    deadline.
+
     ``max_message_size`` caps each message's content (characters) plus its ``data``
     (bytes of its compact JSON).
     ``reporter_timeout`` bounds each reporter call (``None``: no bound while running,
@@ -567,18 +578,20 @@ class SessionManager:
         return await self._update(sid, fn)
 
     async def _update(self, sid: uuid.UUID, fn: UpdateFn) -> Session:
-        # A refusal of a held snapshot (see _read_open) is not another writer's doing:
-        # it does not use up one of the caller's retries.
-        attempts = self._max_retries + self._held_snapshots
+        allowed = self._max_retries
+        attempts = 0
         async with self._locks(sid):
-            for _attempt in range(attempts):
-                old, _now = await self._read_open(sid, held=True)
+            while attempts < allowed:
+                attempts += 1
+                old, before = await self._read_open(sid, held=True)
+                await self._check_deadline(old, before)
                 result = await self._apply(fn, old)
                 # The change happens now, after fn: a touch while fn ran (e.g. a read of
                 # this session) is not moved back by this save.
                 now = self._clock.now()
                 await self._check_still_live(old, now)
                 new, added = self._prepare(old, result, now)
+                await self._check_deadline(new, now)
                 try:
                     async with _whole_write():
                         await self._repository.save(
@@ -587,9 +600,14 @@ class SessionManager:
                         kind = EventKind.CLOSED if new.status.is_terminal else EventKind.UPDATED
                         self._emit(kind, sid, new, now)
                         return new
-                except SessionConflict:
+                except SessionConflict as exc:
+                    if attempts == 1 and exc.stale_snapshot:
+                        # The store's remembered snapshot was out of date before this
+                        # update began (another process wrote): not a conflict with fn,
+                        # so it does not use up one of the caller's attempts.
+                        allowed += 1
                     logger.debug("session %s changed concurrently; retrying update", sid)
-        raise SessionConflict(sid, attempts=self._max_retries)
+        raise SessionConflict(sid, attempts=attempts)
 
     async def _apply(self, fn: UpdateFn, old: Session) -> object:
         """``fn(old)``, awaited if it is async, with this manager's clock active."""
@@ -637,6 +655,35 @@ class SessionManager:
         current = await self._repository.get(old.id, last_messages=0)
         if current is None or current.is_expired(now):
             raise SessionNotFound(old.id)
+
+    async def _check_deadline(self, session: Session, now: datetime) -> None:
+        """Raise :class:`SessionNotFound` if this manager's policy gives the open
+        ``session`` a deadline at or before ``now``, as a write or touch at ``now``
+        would (a ``max_age`` added or shortened since the session was written): it
+        has expired. The store records that deadline first (a touch does), so that
+        reads, listings and cleanup see the session expired from then on, as if it
+        had been written under this policy.
+        """
+        if not self._past_deadline(session, now):
+            return
+        found = await self._repository.touch(
+            session.id, at=now, policy=self._policy, last_messages=0
+        )
+        if found is None or found.is_expired(now) or self._past_deadline(found, now):
+            raise SessionNotFound(session.id)
+        if found.status.is_terminal:
+            raise SessionClosed(session.id, found.status)
+        # A held snapshot of an earlier life of the session (deleted and added again
+        # elsewhere): the stored one is live, and the save refuses the snapshot.
+
+    def _past_deadline(self, session: Session, now: datetime) -> bool:
+        """Whether a write or touch of the open ``session`` at ``now`` would give it a
+        deadline at or before ``now`` under this manager's policy."""
+        if session.status.is_terminal:
+            return False
+        last_active = max(session.last_active, now)
+        deadline = self._policy.deadline(session.status, session.created_at, last_active, None)
+        return deadline is not None and deadline <= now
 
     def _prepare(
         self, old: Session, new: object, now: datetime
@@ -809,6 +856,7 @@ class SessionManager:
     async def _rotate(self, sid: uuid.UUID, fn: UpdateFn | None) -> tuple[Session, datetime]:
         for _attempt in range(self._max_retries):
             old, now = await self._read_open(sid)
+            await self._check_deadline(old, now)
             retired_revision = SessionRepository._next_revision(sid, old.revision)
             base = old
             if fn is not None:
@@ -821,6 +869,7 @@ class SessionManager:
                         "rotate() moves a live session; its function may not close it. "
                         "Close the session with close() instead."
                     )
+                await self._check_deadline(base, now)
             last_active = max(base.last_active, now)
             new = attrs.evolve(
                 base,

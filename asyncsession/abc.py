@@ -415,7 +415,11 @@ class SessionRepository(ABC):
         processes, so a caller that would refuse the snapshot (expired, closed) confirms
         with :meth:`get` first. None is never a held answer: return it only when a read
         found no session. The default just calls :meth:`get`; stores whose reads cost a
-        round trip override it.
+        round trip override it. Such a store raises :class:`SessionConflict` with
+        ``stale_snapshot=True`` when it refuses an update based on a snapshot it handed
+        out without a read and that nothing in this process changed since (another
+        process did): the manager does not count the first such refusal of an update
+        against ``max_retries``.
         """
         return await self.get(session_id)
 
@@ -457,8 +461,12 @@ class SessionRepository(ABC):
         ``expires_at`` is recomputed with ``policy``. Raises :class:`SessionNotFound`
         (missing, or expired at ``at``), :class:`SessionClosed` (terminal status) or
         :class:`LimitExceeded` (the total would exceed ``max_messages``); nothing is
-        written then. The returned snapshot's ``messages`` holds at least the appended
-        messages (a window is allowed; ``total`` is exact).
+        written then. A session whose new deadline would be at or before ``at`` (a
+        ``max_age`` added or shortened since it was written) has expired: its
+        ``expires_at`` becomes that deadline, nothing else changes (not the revision
+        either), and :class:`SessionNotFound` is raised. The returned snapshot's
+        ``messages`` holds at least the appended messages (a window is allowed;
+        ``total`` is exact).
         """
 
     @abstractmethod
@@ -474,7 +482,10 @@ class SessionRepository(ABC):
 
         Open, unexpired sessions get ``last_active = max(last_active, at)`` and a new
         ``expires_at`` from ``policy``; ``revision`` does not change. Expired or closed
-        sessions are returned unchanged.
+        sessions are returned unchanged. An open session whose new deadline would be at
+        or before ``at`` (a ``max_age`` added or shortened since it was written) has
+        expired: only its ``expires_at`` becomes that deadline, whatever
+        ``touch_interval`` says, and it is returned so (expired at ``at``).
         """
 
     @abstractmethod

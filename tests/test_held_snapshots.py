@@ -378,6 +378,49 @@ async def test_a_stale_held_snapshot_does_not_use_up_a_retry(
         assert (await a.update(session.id, bump("n"))).state["n"] == 3
 
 
+async def test_only_a_stale_held_snapshot_gets_an_attempt_more_and_the_error_counts_it(
+    place: Place, anyio_backend: str
+) -> None:
+    """The extra attempt is for a remembered snapshot another process had outdated
+    before the update began, once; conflicts with writes of this process while fn runs
+    each count (fn ran max_retries + 1 times, review finding), and the error tells how
+    many times fn ran."""
+    async with AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                SessionManager(place.open(), max_retries=2, cleanup_interval=None)
+            )
+            for _ in range(2)
+        ]
+        session = await a.create(state={"n": 0})
+        await a.update(session.id, bump("n"))  # a holds it
+        calls = 0
+
+        async def appending_here(x: Session) -> Session:
+            nonlocal calls
+            calls += 1
+            await a.add_message(session.id, "user", "again")
+            return x.with_state(n=-1)
+
+        with pytest.raises(SessionConflict, match="during 2 attempts") as info:
+            await a.update(session.id, appending_here)
+        assert calls == 2 and info.value.attempts == 2
+
+        await b.update(session.id, bump("n"))  # a's held snapshot is now stale
+        calls = 0
+
+        async def written_elsewhere(x: Session) -> Session:
+            nonlocal calls
+            calls += 1
+            await b.add_message(session.id, "user", "elsewhere")
+            return x.with_state(n=-1)
+
+        with pytest.raises(SessionConflict, match="during 3 attempts") as info:
+            await a.update(session.id, written_elsewhere)
+        assert calls == 3 and info.value.attempts == 3
+        assert (await a.get(session.id, touch=False)).state == {"n": 2}
+
+
 async def test_a_touch_under_another_policy_is_not_overruled(
     place: Place, anyio_backend: str
 ) -> None:

@@ -2193,3 +2193,167 @@ async def test_the_manager_refuses_writes_past_the_last_revision_whatever_the_st
         after = await sessions.get(top.id, touch=False)
         assert after.revision == 2**63 - 1 and after.state == {}
         assert [x.id for x in (await sessions.list(limit=10)).items] == [top.id]
+
+
+# -- a max_age added or shortened since sessions were written ---------------------------
+
+
+def buffered(events: s.Subscription) -> list[s.SessionEvent]:
+    """The events buffered so far, whole."""
+    got = []
+    while True:
+        try:
+            got.append(events.receive_nowait())
+        except anyio.WouldBlock:
+            return got
+
+
+async def test_writes_past_a_new_max_age_find_the_session_expired(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    """Sessions written with no max_age, then written by a manager with max_age=1 day two
+    days later: each write or touch finds them expired (SessionNotFound), stores nothing
+    it was asked to, announces nothing, and leaves the past deadline recorded, so they are
+    gone for every read from then on and cleanup removes them as EXPIRED (review finding:
+    every write 'succeeded' and the session vanished right after)."""
+    async with s.SessionManager(
+        any_repository, idle_timeout=None, cleanup_interval=None, clock=clock
+    ) as old:
+        ids = []
+        for _ in range(8):
+            created = await old.create(owner="alice", state={"k": 0})
+            await old.add_message(created.id, "user", "hi")
+            ids.append(created.id)
+    created_at = clock.now()
+    clock.advance(timedelta(days=2))
+    deadline = created_at + timedelta(days=1)
+    one_day = timedelta(days=1)
+    async with s.SessionManager(
+        any_repository, idle_timeout=None, max_age=one_day, cleanup_interval=None, clock=clock
+    ) as sessions:
+        writes: list[Callable[[uuid.UUID], Awaitable[object]]] = [
+            lambda sid: sessions.update(sid, lambda x: x.with_state(k=1)),
+            lambda sid: sessions.add_message(sid, "user", "important user turn"),
+            lambda sid: sessions.archive(sid),
+            lambda sid: sessions.rotate(sid),
+            lambda sid: sessions.rotate(sid, lambda x: x.with_state(k=2)),
+            lambda sid: sessions.get(sid),  # a touch
+            lambda sid: sessions.close(sid),
+            lambda sid: sessions.record_error(sid),
+        ]
+        async with sessions.subscribe() as events:
+            for sid, write in zip(ids, writes, strict=True):
+                assert await sessions.exists(sid)  # reads see the stored deadline
+                with pytest.raises(s.SessionNotFound, match=str(sid)):
+                    await write(sid)
+                assert not await sessions.exists(sid)
+                with pytest.raises(s.SessionNotFound):
+                    await sessions.get(sid, touch=False)
+                with pytest.raises(s.SessionNotFound):  # and again: it stays expired
+                    await write(sid)
+                stored = await any_repository.get(sid)
+                assert stored is not None
+                assert stored.expires_at == deadline  # recorded
+                assert stored.status is s.SessionStatus.ACTIVE
+                assert stored.revision == 1 and stored.state == {"k": 0}
+                assert [m.content for m in stored.messages] == ["hi"]
+                assert stored.last_active == created_at
+            assert buffered(events) == []
+            assert (await sessions.list(owner="alice")).items == ()
+            assert (await sessions.stats()).total == 8  # rotate created and deleted nothing
+            assert await sessions.purge_expired() == 8
+            expired = buffered(events)
+        assert sorted(e.session_id for e in expired) == sorted(ids)
+        assert {e.kind for e in expired} == {s.EventKind.EXPIRED}
+        assert {e.session.closed_at for e in expired if e.session} == {deadline}
+        assert (await sessions.stats()).total == 0
+
+
+async def test_a_write_reaching_max_age_exactly_finds_the_session_expired(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    """'At or before now': a deadline equal to the write's time has passed, as reads have it."""
+    async with s.SessionManager(
+        any_repository, idle_timeout=None, cleanup_interval=None, clock=clock
+    ) as old:
+        a, b = await old.create(), await old.create()
+    clock.advance(3600)
+    async with s.SessionManager(
+        any_repository, idle_timeout=60, max_age=3600, cleanup_interval=None, clock=clock
+    ) as sessions:
+        with pytest.raises(s.SessionNotFound):
+            await sessions.add_message(a.id, "user", "x")
+        with pytest.raises(s.SessionNotFound):
+            await sessions.get(b.id)
+        assert await sessions.purge_expired() == 2
+
+
+async def test_a_session_reaching_max_age_while_the_update_function_runs_is_not_saved(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    async with s.SessionManager(
+        any_repository, idle_timeout=None, cleanup_interval=None, clock=clock
+    ) as old:
+        a = await old.create()
+        b = await old.create()
+    clock.advance(50)
+    async with s.SessionManager(
+        any_repository, idle_timeout=None, max_age=60, cleanup_interval=None, clock=clock
+    ) as sessions:
+
+        async def slow(x: s.Session) -> s.Session:
+            clock.advance(20)  # past created_at + 60 s while it runs
+            return x.with_state(k=1)
+
+        async with sessions.subscribe() as events:
+            with pytest.raises(s.SessionNotFound):
+                await sessions.update(a.id, slow)
+            with pytest.raises(s.SessionNotFound):
+                await sessions.rotate(b.id, slow)
+            assert buffered(events) == []
+        for sid in (a.id, b.id):
+            stored = await any_repository.get(sid)
+            assert stored is not None and stored.state == {} and stored.revision == 0
+        assert (await sessions.stats()).total == 2
+        assert await sessions.purge_expired() == 2
+
+
+async def test_writes_before_a_new_max_age_still_work(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    """The new deadline in the future: writes succeed and store it."""
+    async with s.SessionManager(
+        any_repository, idle_timeout=None, cleanup_interval=None, clock=clock
+    ) as old:
+        a = await old.create()
+    clock.advance(30)
+    async with s.SessionManager(
+        any_repository, idle_timeout=None, max_age=60, cleanup_interval=None, clock=clock
+    ) as sessions:
+        added = await sessions.add_message(a.id, "user", "x")
+        assert added.expires_at == a.created_at + timedelta(seconds=60)
+        rotated = await sessions.rotate(a.id)
+        assert rotated.expires_at == a.created_at + timedelta(seconds=60)
+        clock.advance(30)
+        with pytest.raises(s.SessionNotFound):
+            await sessions.get(rotated.id)
+
+
+async def test_update_runs_the_function_max_retries_times_on_every_store(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    """A callback that keeps conflicting runs max_retries times, and the error says so;
+    the SQLite and Redis stores ran it once more (review finding)."""
+    async with s.SessionManager(any_repository, clock=clock, max_retries=4) as sessions:
+        session = await sessions.create()
+        calls = 0
+
+        async def always_conflicting(x: s.Session) -> s.Session:
+            nonlocal calls
+            calls += 1
+            await sessions.add_message(session.id, "user", "again")
+            return x.with_state(n=-1)
+
+        with pytest.raises(s.SessionConflict, match="during 4 attempts") as info:
+            await sessions.update(session.id, always_conflicting)
+        assert calls == 4 and info.value.attempts == 4

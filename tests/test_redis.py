@@ -32,12 +32,14 @@ from redis_support import HOST, RedisServer, free_port, require_redis, start_red
 
 from asyncsession import (
     CorruptSessionError,
+    EventKind,
     ExpiryPolicy,
     InvalidConfiguration,
     InvalidSessionId,
     Message,
     Session,
     SessionManager,
+    SessionNotFound,
     SessionQuery,
     SessionRepository,
     SessionStatus,
@@ -709,6 +711,45 @@ async def test_a_kept_unreadable_session_written_past_its_key_deadline_goes_at_o
         await store.save(later, expected_revision=0)
         assert await key_expiries(store, kept.id) == [now + timedelta(days=1) + grace] * 2
         assert list(await store.expired(now)) == []
+
+
+@pytest.mark.anyio
+async def test_a_past_deadline_a_write_finds_keeps_the_keys_for_cleanup(
+    redis_server: RedisServer, anyio_backend: str
+) -> None:
+    """An append or touch whose policy's deadline has passed (a max_age added since)
+    records it; the keys then stay ``key_expiry_grace`` from the server's time, not
+    from that deadline (already more than the grace ago), so that cleanup still finds
+    the session and announces it EXPIRED instead of Redis dropping it unannounced."""
+    now = datetime.now(timezone.utc)  # the deadlines are in the server's past
+    grace = timedelta(hours=1)
+    shorter = ExpiryPolicy(max_age=timedelta(days=1))
+    async with RedisRepository(redis_server.url, prefix=prefix(), key_expiry_grace=grace) as store:
+        created = now - timedelta(days=2)
+        appended, touched = (
+            attrs.evolve(new_session(created=created, messages=[msg("a")]), expires_at=None)
+            for _ in range(2)
+        )
+        for session in (appended, touched):
+            await store.add(session)
+            assert await key_expiries(store, session.id) == [None, None]
+        with pytest.raises(SessionNotFound):
+            await store.append(appended.id, [msg("b", now)], at=now, policy=shorter)
+        reply = await store.touch(touched.id, at=now, policy=shorter)
+        assert reply is not None and reply.expires_at == touched.created_at + timedelta(days=1)
+        for session in (appended, touched):
+            stored = await store.get(session.id)
+            assert stored == attrs.evolve(session, expires_at=session.created_at + timedelta(1))
+            for when in await key_expiries(store, session.id):
+                assert when is not None
+                assert (
+                    now + grace - timedelta(minutes=5) < when < now + grace + timedelta(minutes=5)
+                )
+        async with SessionManager(store, cleanup_interval=None) as sessions:
+            async with sessions.subscribe() as events:
+                assert await sessions.purge_expired() == 2
+                kinds = [events.receive_nowait().kind for _ in range(2)]
+        assert kinds == [EventKind.EXPIRED] * 2
 
 
 class OutpacedStore(RedisRepository):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from asyncsession import (
     ExpiryPolicy,
     LimitExceeded,
+    Session,
     SessionClosed,
     SessionNotFound,
     SessionQuery,
@@ -45,6 +46,7 @@ limits = st.none() | st.integers(1, 10**6).map(lambda s: timedelta(seconds=s))
     last=st.integers(0, 200),
     when=st.integers(0, 400),
     count=st.integers(0, 3),
+    written_max_age=limits,
 )
 async def test_one_statement_append_matches_the_policy(
     idle: timedelta | None,
@@ -54,36 +56,53 @@ async def test_one_statement_append_matches_the_policy(
     last: int,
     when: int,
     count: int,
+    written_max_age: timedelta | None,
     anyio_backend: str,
 ) -> None:
     """Each example runs on the test's event loop (asyncio and trio): it ran on
-    asyncio only (``anyio.run`` without a backend)."""
+    asyncio only (``anyio.run`` without a backend). The session was written under a
+    ``max_age`` that may differ from the append's (added or shortened since): an append
+    whose new deadline is at or before its time records that deadline and raises
+    SessionNotFound, on both paths alike."""
     assert sniffio.current_async_library() == anyio_backend
     plain = ExpiryPolicy(idle_timeout=idle, max_age=max_age)
     custom = CustomPolicy(idle_timeout=idle, max_age=max_age)
+    written = ExpiryPolicy(idle_timeout=idle, max_age=written_max_age)
     status = SessionStatus.ARCHIVED if archived else SessionStatus.ACTIVE
     base = attrs.evolve(
         make_session(created=created, messages=tuple(f"m{i}" for i in range(count))),
         status=status,
         last_active=at(created + last),
     )
-    base = attrs.evolve(base, expires_at=plain.deadline_of(base))  # may be past at `when`
+    base = attrs.evolve(base, expires_at=written.deadline_of(base))  # may be past at `when`
 
-    async def outcome(policy: ExpiryPolicy, path: Path) -> object:
+    async def outcome(policy: ExpiryPolicy, path: Path) -> tuple[object, Session | None]:
         async with SQLiteRepository(path) as repo:
             await repo.add(base)
             try:
-                return await repo.append(base.id, [msg("new", when)], at=at(when), policy=policy)
+                result: object = await repo.append(
+                    base.id, [msg("new", when)], at=at(when), policy=policy
+                )
             except (SessionNotFound, SessionClosed) as exc:
-                return type(exc)
+                result = type(exc)
+            return result, await repo.get(base.id)
 
     # One directory per example (tmp_path is the test's, shared by its examples).
     with tempfile.TemporaryDirectory() as tmp:
-        fast = await outcome(plain, Path(tmp) / "plain.db")
-        general = await outcome(custom, Path(tmp) / "custom.db")
-    assert fast == general
+        fast, fast_stored = await outcome(plain, Path(tmp) / "plain.db")
+        general, general_stored = await outcome(custom, Path(tmp) / "custom.db")
+    assert fast == general and fast_stored == general_stored
+    assert fast_stored is not None
+    new_deadline = plain.deadline(status, base.created_at, max(base.last_active, at(when)), None)
     if not isinstance(fast, type):
         assert fast.expires_at == plain.deadline(status, base.created_at, fast.last_active, None)
+        assert new_deadline is None or new_deadline > at(when)
+    elif base.is_expired(at(when)):
+        assert fast is SessionNotFound and fast_stored == base  # nothing written
+    else:  # the new deadline has passed: recorded, nothing else
+        assert fast is SessionNotFound and new_deadline is not None
+        assert new_deadline <= at(when)
+        assert fast_stored == attrs.evolve(base, expires_at=new_deadline)
 
 
 async def test_one_statement_append_errors_and_search(tmp_path: Path, anyio_backend: str) -> None:

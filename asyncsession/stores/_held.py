@@ -46,7 +46,16 @@ class HeldSnapshots:
     :meth:`lend_read` recorded when nothing was held.
     """
 
-    __slots__ = ("_bases", "_items", "_lent", "_lock", "_max_messages", "_messages", "_size")
+    __slots__ = (
+        "_bases",
+        "_items",
+        "_lent",
+        "_lock",
+        "_max_messages",
+        "_messages",
+        "_size",
+        "_unread",
+    )
 
     def __init__(self, size: int, *, max_messages: int = 100_000) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -58,6 +67,8 @@ class HeldSnapshots:
         self._messages = 0
         self._items: OrderedDict[int, Held] = OrderedDict()
         self._lent: set[int] = set()  # handed out by lend(): the next save checks it
+        # lent by lend() from memory (no read for the update), and not changed since
+        self._unread: set[int] = set()
         # read by get_for_update() when nothing was held and not held since: the revision,
         # last_active and incarnation the next save checks (see lend_read())
         self._bases: OrderedDict[int, tuple[int, datetime, Incarnation]] = OrderedDict()
@@ -104,6 +115,7 @@ class HeldSnapshots:
             entry = self._items.get(key)
             if entry is not None and entry[0] is session and entry[1] == incarnation:
                 self._lent.add(key)
+                self._unread.discard(key)  # read for this update
                 self._bases.pop(key, None)
                 return
             self._remember(key, (session.revision, session.last_active, incarnation))
@@ -115,8 +127,21 @@ class HeldSnapshots:
                 self._items.move_to_end(key)
                 if lend:
                     self._lent.add(key)
+                    self._unread.add(key)
                     self._bases.pop(key, None)
             return entry
+
+    def lent_unchanged(self, session_id: uuid.UUID) -> bool:
+        """Whether the update about to be saved is based on a snapshot :meth:`lend`
+        handed out from memory (not read for it) that this store has not seen change
+        since. Call it before :meth:`before_save`. If the save is refused then, the
+        snapshot was outdated by another process (before or while the update ran), not
+        by a write of this store: the store says so in its :class:`SessionConflict`
+        (``stale_snapshot``).
+        """
+        key = session_id.int
+        with self._lock:
+            return key in self._unread and key in self._lent
 
     def before_save(
         self, session_id: uuid.UUID, expected_revision: int
@@ -161,6 +186,7 @@ class HeldSnapshots:
                 # The same revision of the same life (a read, perhaps seeing a touch): a
                 # lent snapshot stays lent, with these times, as touched() keeps it.
                 relend = held.revision == session.revision and key in self._lent
+                unread = key in self._unread
                 if relend and session.messages.total <= self._max_messages:
                     self._lent.discard(key)
                 else:
@@ -172,6 +198,8 @@ class HeldSnapshots:
             self._messages += session.messages.total
             if relend:
                 self._lent.add(key)
+                if unread:
+                    self._unread.add(key)
             while len(self._items) > self._size or self._messages > self._max_messages:
                 oldest_id, oldest = self._items.popitem(last=False)
                 self._messages -= oldest[0].messages.total
@@ -199,6 +227,7 @@ class HeldSnapshots:
         ``last_active`` and incarnation it was based on, so a session deleted and added
         again elsewhere is never overwritten by it.
         """
+        self._unread.discard(key)
         if key in self._lent:
             self._lent.discard(key)
             self._remember(key, (entry[0].revision, entry[0].last_active, entry[1]))
@@ -309,5 +338,6 @@ class HeldSnapshots:
         with self._lock:
             self._items.clear()
             self._lent.clear()
+            self._unread.clear()
             self._bases.clear()
             self._messages = 0

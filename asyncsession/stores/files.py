@@ -293,6 +293,13 @@ class _Write:
     skeleton: Session
 
 
+def _expiry_recorded(current: _Doc, deadline: datetime) -> _Write:
+    """``current`` with ``deadline``, already past, as its deadline and nothing else
+    changed: what a write or touch records when the session expired under its policy."""
+    skeleton = attrs.evolve(current.skeleton, expires_at=deadline)
+    return _Write(_document(skeleton, current.raw["messages"]), skeleton)
+
+
 class _Delete(enum.Enum):
     DELETE = 0
 
@@ -1284,30 +1291,38 @@ class FileRepository(SessionRepository):
         sid = self._check_id(session_id)  # only plain UUIDs ever become file names
         messages = tuple(messages)
 
-        def step(current: _Doc | None) -> tuple[Session, _Action]:
+        def step(current: _Doc | None) -> tuple[Session | None, _Action]:
             old = None if current is None else current.skeleton
             if current is None or old is None or old.is_expired(at):
                 raise SessionNotFound(sid)
             if old.status.is_terminal:
                 raise SessionClosed(sid, old.status)
+            last_active = max(old.last_active, at)
+            deadline = policy.deadline(old.status, old.created_at, last_active, None)
+            if deadline is not None and deadline <= at:
+                # Expired under this policy (a max_age added or shortened since): record
+                # that deadline, store nothing else (None: not found).
+                return None, _expiry_recorded(current, deadline)
             total = old.messages.total + len(messages)
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
             if old.revision >= MAX_REVISION:
                 raise revision_exhausted(sid)
-            last_active = max(old.last_active, at)
             skeleton = attrs.evolve(
                 old,
                 messages=MessageLog((), offset=total),
                 last_active=last_active,
-                expires_at=policy.deadline(old.status, old.created_at, last_active, None),
+                expires_at=deadline,
                 revision=old.revision + 1,
             )
             doc = _document(skeleton, current.raw["messages"], messages)
             window = MessageLog(messages, offset=old.messages.total)
             return attrs.evolve(skeleton, messages=window), _Write(doc, skeleton)
 
-        return await self._run(sid, step)
+        appended = await self._run(sid, step)
+        if appended is None:
+            raise SessionNotFound(sid)
+        return appended
 
     async def touch(
         self,
@@ -1323,17 +1338,18 @@ class FileRepository(SessionRepository):
             if current is None:
                 return None, None
             old = current.skeleton
-            if (
-                old.status.is_terminal
-                or old.is_expired(at)
-                or not policy.should_touch(old.last_active, at)
-            ):
+            if old.status.is_terminal or old.is_expired(at):
                 return current.session(last_messages), None
-            skeleton = attrs.evolve(
-                old,
-                last_active=at,
-                expires_at=policy.deadline(old.status, old.created_at, at, None),
-            )
+            deadline = policy.deadline(old.status, old.created_at, max(old.last_active, at), None)
+            if deadline is not None and deadline <= at:
+                # Expired under this policy (a max_age added or shortened since), however
+                # recent the last touch: record that deadline only.
+                write = _expiry_recorded(current, deadline)
+                touched = _Doc(write.doc, write.skeleton, current.stamp)
+                return touched.session(last_messages), write
+            if not policy.should_touch(old.last_active, at):
+                return current.session(last_messages), None
+            skeleton = attrs.evolve(old, last_active=at, expires_at=deadline)
             history = current.raw["messages"]
             touched = _Doc(_document(skeleton, history), skeleton, current.stamp)
             return touched.session(last_messages), _Write(touched.raw, skeleton)

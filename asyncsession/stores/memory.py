@@ -186,6 +186,13 @@ class MemoryRepository(SessionRepository):
                 raise SessionNotFound(session_id)
             if old.status.is_terminal:
                 raise SessionClosed(session_id, old.status)
+            last_active = max(old.last_active, at)
+            deadline = policy.deadline(old.status, old.created_at, last_active, None)
+            if deadline is not None and deadline <= at:
+                # Expired under this policy (a max_age added or shortened since): record
+                # that deadline, store nothing else.
+                self._put(replace_trusted(old, expires_at=deadline), old)
+                raise SessionNotFound(session_id)
             total = old.messages.total + len(messages)
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
@@ -193,12 +200,11 @@ class MemoryRepository(SessionRepository):
             for message in messages:
                 if not isinstance(message, Message):
                     raise TypeError(f"append() takes Message objects, got {message!r:.60}")
-            last_active = max(old.last_active, at)
             new = replace_trusted(
                 old,
                 messages=old.messages.extend(messages),
                 last_active=last_active,
-                expires_at=policy.deadline(old.status, old.created_at, last_active, None),
+                expires_at=deadline,
                 revision=revision,
             )
             self._put(new, old)
@@ -219,16 +225,16 @@ class MemoryRepository(SessionRepository):
             if old is None:
                 return None
             session = old
-            if (
-                not old.status.is_terminal
-                and not old.is_expired(at)
-                and policy.should_touch(old.last_active, at)
-            ):
-                session = replace_trusted(
-                    old,
-                    last_active=at,
-                    expires_at=policy.deadline(old.status, old.created_at, at, None),
-                )
+            if not old.status.is_terminal and not old.is_expired(at):
+                last_active = max(old.last_active, at)
+                deadline = policy.deadline(old.status, old.created_at, last_active, None)
+                if deadline is not None and deadline <= at:
+                    # Expired under this policy (a max_age added or shortened since),
+                    # however recent the last touch: record that deadline only.
+                    session = replace_trusted(old, expires_at=deadline)
+                elif policy.should_touch(old.last_active, at):
+                    session = replace_trusted(old, last_active=at, expires_at=deadline)
+            if session is not old:
                 # owner and status are unchanged; the deadline index needs an entry only
                 # if the deadline moved earlier (another manager's shorter policy)
                 self._sessions[session_id] = session

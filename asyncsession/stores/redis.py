@@ -24,6 +24,10 @@ cleanup found expired but unreadable loses that expiry, so it stays for a repair
 delete: repaired in place, it waits for the next cleanup pass; a write sets the expiry
 again from its deadline, and one whose deadline plus ``key_expiry_grace`` has passed
 removes it at once (as any such write does: give it a later deadline to keep it).
+An append or touch whose policy puts the deadline at or before its time (a ``max_age``
+added or shortened since the session was written) records that past deadline alone,
+and keeps the keys ``key_expiry_grace`` from the server's time rather than from that
+deadline, so that cleanup still finds the session and announces it expired.
 """
 
 from __future__ import annotations
@@ -245,6 +249,21 @@ local function deadline(st, ca, la, idle, maxage)
   if us_less(last, soft) or (hard and us_less(hard, soft)) then return hard end
   return soft
 end
+-- A deadline a write or touch finds already past (a max_age added or shortened since
+-- the session was written) is recorded, and nothing else: reads, listings and cleanup
+-- then see the session expired. Its keys are kept key_expiry_grace from now rather than
+-- from that deadline, so that cleanup can still find the session and announce it.
+local function record_past(s, m, id, ex, grace)
+  redis.call('HSET', s, 'ex', ex)
+  redis.call('ZADD', P .. 'i:exp', ex, id)
+  if grace >= 0 then
+    local now = redis.call('TIME')
+    local at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    at = math.max(at, math.floor(tonumber(ex) / 1000)) + math.floor(grace / 1000)
+    redis.call('PEXPIREAT', s, num(at))
+    redis.call('PEXPIREAT', m, num(at))
+  end
+end
 local function reply(h, m, lastn, g)
   local total = redis.call('LLEN', m)
   local out = {h[1], h[2], h[3], h[4] or false, g or '', total}
@@ -350,6 +369,13 @@ end
 local at = us(ARGV[3])
 if h[6] and not us_less(at, us(h[6])) then return {-1} end
 if terminal(h[3]) then return {-3, h[3]} end
+local la = us(h[5])
+if us_less(la, at) then la = at end
+local ex = deadline(h[3], us(h[4]), la, us_limit(ARGV[4]), us_limit(ARGV[5]))
+if ex and not us_less(at, ex) then
+  record_past(s, m, id, us_text(ex), tonumber(ARGV[7]))
+  return {-1}
+end
 if ARGV[6] ~= '' then
   local total = redis.call('LLEN', m) + #ARGV - 7
   if total > tonumber(ARGV[6]) then return {-4, total} end
@@ -357,9 +383,6 @@ end
 -- revisions are canonical decimals: compare them as strings, not as (double) numbers
 local last = '9223372036854775807'
 if #h[2] > #last or (#h[2] == #last and h[2] >= last) then return {-6} end
-local la = us(h[5])
-if us_less(la, at) then la = at end
-local ex = deadline(h[3], us(h[4]), la, us_limit(ARGV[4]), us_limit(ARGV[5]))
 la, ex = us_text(la), ex and us_text(ex)
 -- HINCRBY: 64-bit integer arithmetic on the server (Lua numbers are doubles, exact only
 -- up to 2**53); the new revision is read back as its decimal string for the same reason.
@@ -385,8 +408,13 @@ end
 local same = known(ARGV[9], h, h[8])
 local at = us(ARGV[3])
 local la = us(h[3])
-if not terminal(h[5]) and not (h[4] and not us_less(at, us(h[4])))
-    and us_less(la, at) and not us_less(at, us_add(la, us(ARGV[8]))) then
+local open = not terminal(h[5]) and not (h[4] and not us_less(at, us(h[4])))
+local due = open and deadline(h[5], us(h[6]), us_less(la, at) and at or la,
+    us_limit(ARGV[4]), us_limit(ARGV[5]))
+if due and not us_less(at, due) then
+  h[4] = us_text(due)
+  record_past(s, m, id, h[4], tonumber(ARGV[6]))
+elseif open and us_less(la, at) and not us_less(at, us_add(la, us(ARGV[8]))) then
   local ex = deadline(h[5], us(h[6]), at, us_limit(ARGV[4]), us_limit(ARGV[5]))
   ex = ex and us_text(ex)
   local set, gone = {'la', ARGV[3]}, {}
@@ -1417,6 +1445,7 @@ class RedisRepository(SessionRepository, EventTransport):
         if session.revision > MAX_REVISION:  # HINCRBY could not go on from it: refuse it
             raise revision_exhausted(session.id)
         self._check_window_save(session, new_messages)
+        unchanged = self._held.lent_unchanged(session.id)
         lent = self._held.before_save(session.id, expected_revision)
         expected = str(expected_revision)
         if lent is not None:
@@ -1453,6 +1482,7 @@ class RedisRepository(SessionRepository, EventTransport):
                 session.id,
                 expected_revision=expected_revision,
                 actual_revision=int(reply[1]),
+                stale_snapshot=unchanged,
             )
         if len(reply) == 2:  # else others lost races for it: read before the next update
             self._held.keep(session, _text(reply[1]))
@@ -1524,9 +1554,16 @@ class RedisRepository(SessionRepository, EventTransport):
                 last_active=_datetime(last_active),
                 expires_at=None if expires_at is None else _datetime(expires_at),
             )
-            self._held.touched(session, entry[1])
+            if session.is_expired(at):  # no update will be based on it
+                self._held.drop(session_id)
+            else:
+                self._held.touched(session, entry[1])
             return last_window(session, last_messages)
-        return self._held.seen(session_id, self._from_reply(session_id, reply), _incarnation(reply))
+        found = self._from_reply(session_id, reply)
+        if found is not None and found.is_expired(at):  # no update will be based on it
+            self._held.drop(session_id)
+            return found
+        return self._held.seen(session_id, found, _incarnation(reply))
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         session_id = self._check_id(session_id)

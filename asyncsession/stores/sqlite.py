@@ -1915,6 +1915,7 @@ class SQLiteRepository(SessionRepository):
         self._check_window_save(session, new_messages)
         if new_messages is None:
             everything = _encode_messages(session.messages)
+        unchanged = self._held.lent_unchanged(session.id)
         lent = self._held.before_save(session.id, expected_revision)
         expected_last_us = expected_incarnation = None
         if lent is not None:
@@ -1938,7 +1939,10 @@ class SQLiteRepository(SessionRepository):
                 with contextlib.suppress(CorruptSessionError):  # the retry's read reports it
                     self._held.keep(current.decode(self._documents), current.incarnation)
             raise SessionConflict(
-                session.id, expected_revision=expected_revision, actual_revision=saved.revision
+                session.id,
+                expected_revision=expected_revision,
+                actual_revision=saved.revision,
+                stale_snapshot=unchanged,
             )
         if not saved.contested:  # else others lost races for it: read before the next update
             self._held.keep(session, saved.incarnation)
@@ -1958,7 +1962,7 @@ class SQLiteRepository(SessionRepository):
         at_us = _us(at)
         one_statement = _append_parameters(sid, batch, at_us, policy, max_messages)
 
-        def op(conn: sqlite3.Connection) -> _Row:
+        def op(conn: sqlite3.Connection) -> _Row | None:
             if one_statement is not None:
                 done = conn.execute(_APPEND, one_statement).fetchone()
                 if done is not None:
@@ -1974,6 +1978,7 @@ class SQLiteRepository(SessionRepository):
                         _NO_ROWS, batch, life,
                     )  # fmt: skip
             # Nothing changed: find out why. (Also the path for ExpiryPolicy subclasses.)
+            # None: the session expired under this policy (its deadline was recorded).
             row = conn.execute(
                 "SELECT pk, doc, message_count, status, created_at, last_active, expires_at, "
                 "revision, incarnation FROM sessions WHERE id = ?",
@@ -1987,6 +1992,15 @@ class SQLiteRepository(SessionRepository):
             status = _status(sid, status_name)
             if status.is_terminal:
                 raise SessionClosed(sid, status)
+            expires_at = policy.deadline(
+                status, _time(created_us), _time(max(last_us, at_us)), None
+            )
+            expires_us = None if expires_at is None else _us(expires_at)
+            if expires_us is not None and expires_us <= at_us:
+                # Expired under this policy (a max_age added or shortened since): record
+                # that deadline, store nothing else.
+                conn.execute("UPDATE sessions SET expires_at = ? WHERE pk = ?", (expires_us, pk))
+                return None
             total = count + len(batch)
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
@@ -1994,8 +2008,6 @@ class SQLiteRepository(SessionRepository):
                 raise revision_exhausted(sid)
             if at_us > last_us:
                 last_us = at_us
-            expires_at = policy.deadline(status, _time(created_us), _time(last_us), None)
-            expires_us = None if expires_at is None else _us(expires_at)
             revision += 1
             if count or not batch:
                 conn.execute(
@@ -2016,6 +2028,8 @@ class SQLiteRepository(SessionRepository):
 
         before = self._held.take(sid)
         row = await self._call(op, write=True)
+        if row is None:
+            raise SessionNotFound(sid)
         session = row.decode(self._documents)
         self._held.appended(before, batch, session, row.incarnation)
         return session
@@ -2044,15 +2058,22 @@ class SQLiteRepository(SessionRepository):
             pk, doc, count, status_name, created_us, last_us, expires_us, revision, life = found
             status = _status(sid, status_name)
             expired = expires_us is not None and expires_us <= at_us
-            if not (
-                status.is_terminal or expired or at_us - last_us < interval_us or at_us <= last_us
-            ):
-                expires_at = policy.deadline(status, _time(created_us), at, None)
-                last_us, expires_us = at_us, _us_or_none(expires_at)
-                conn.execute(
-                    "UPDATE sessions SET last_active = ?, expires_at = ? WHERE pk = ?",
-                    (last_us, expires_us, pk),
-                )
+            if not (status.is_terminal or expired):
+                latest = _time(max(last_us, at_us))
+                new_us = _us_or_none(policy.deadline(status, _time(created_us), latest, None))
+                if new_us is not None and new_us <= at_us:
+                    # Expired under this policy (a max_age added or shortened since),
+                    # however recent the last touch: record that deadline only.
+                    expires_us = new_us
+                    conn.execute(
+                        "UPDATE sessions SET expires_at = ? WHERE pk = ?", (expires_us, pk)
+                    )
+                elif not (at_us - last_us < interval_us or at_us <= last_us):
+                    last_us, expires_us = at_us, new_us
+                    conn.execute(
+                        "UPDATE sessions SET last_active = ?, expires_at = ? WHERE pk = ?",
+                        (last_us, expires_us, pk),
+                    )
             start = _window_start(count, last_messages)
             rows = _read_messages(conn, sid, pk, start, count)
             return _Row(
@@ -2062,7 +2083,11 @@ class SQLiteRepository(SessionRepository):
         row = await self._call(op, write=True)
         if row is None:
             return self._held.seen(sid, None)
-        return self._held.seen(sid, row.decode(self._documents), row.incarnation)
+        session = row.decode(self._documents)
+        if session.is_expired(at):  # no update will be based on it
+            self._held.drop(sid)
+            return session
+        return self._held.seen(sid, session, row.incarnation)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         checked = self._check_id(session_id)
@@ -2220,10 +2245,12 @@ class SQLiteRepository(SessionRepository):
 _IDS_PER_STATEMENT: Final = 500
 
 
-#: append() in one statement, for the plain ExpiryPolicy: checks (open, unexpired, within
-#: the limit, below the last revision), new deadline (ExpiryPolicy.deadline of an open
-#: session, in microseconds) and the counters. No row back means one of the checks failed
-#: (or no such session). A deadline past ``datetime.max`` is stored as none, as
+#: append() in one statement, for the plain ExpiryPolicy: checks (open, unexpired, not
+#: past ``created_at + max_age`` at ``:at``, within the limit, below the last revision),
+#: new deadline (ExpiryPolicy.deadline of an open session, in microseconds) and the
+#: counters. No row back means one of the checks failed (or no such session). (The new
+#: deadline is at or before ``:at`` only through ``max_age``: ``max(last_active, :at) +
+#: :idle`` is later, limits being positive.) A deadline past ``datetime.max`` is stored as none, as
 #: ExpiryPolicy.deadline answers. ``revision + 1`` past 2**63 - 1 would make SQLite store a
 #: REAL (the session unreadable from then on): ``:top`` keeps it an INTEGER.
 _APPEND = (
@@ -2234,7 +2261,8 @@ _APPEND = (
     "ELSE min(max(last_active, :at) + :idle, created_at + :max_age) END AS d)), "
     "revision = revision + 1, message_count = message_count + :n "
     "WHERE id = :id AND status IN ('active', 'archived') "
-    "AND (expires_at IS NULL OR expires_at > :at) AND message_count + :n <= :limit "
+    "AND (expires_at IS NULL OR expires_at > :at) "
+    "AND (:max_age IS NULL OR created_at + :max_age > :at) AND message_count + :n <= :limit "
     "AND revision < :top "
     "RETURNING pk, doc, message_count, last_active, expires_at, revision, incarnation"
 )

@@ -1164,6 +1164,48 @@ class RepositoryContract:
         assert list(await repository.expired(at(7))) == [session.id]
         assert (await repository.remove_expired(session.id, now=at(7))) is not None
 
+    async def test_appends_and_touches_past_a_new_deadline_record_it(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """A policy whose deadline for the session is at or before ``at`` (a ``max_age``
+        added or shortened since it was written): the append raises SessionNotFound and
+        the touch returns it expired; either records that deadline and nothing else."""
+        forever = ExpiryPolicy(idle_timeout=None, max_age=None)
+        short = ExpiryPolicy(
+            idle_timeout=timedelta(seconds=60),
+            max_age=timedelta(seconds=10),
+            touch_interval=timedelta(seconds=1000),  # the deadline is checked all the same
+        )
+        appended, touched, exact = (
+            attrs.evolve(make_session(messages=("a",)), expires_at=None) for _ in range(3)
+        )
+        for session in (appended, touched, exact):
+            await repository.add(session)
+        kept = await repository.touch(appended.id, at=at(5), policy=forever)
+        assert kept is not None and kept.expires_at is None
+        await raises(
+            SessionNotFound,
+            repository.append(appended.id, [msg("late", 20)], at=at(20), policy=short),
+            "an append past the policy's deadline",
+        )
+        stored = await repository.get(appended.id)
+        assert stored == attrs.evolve(kept, expires_at=at(10))
+        reply = await repository.touch(touched.id, at=at(20), policy=short, last_messages=0)
+        assert reply is not None and reply.is_expired(at(20))
+        assert reply.expires_at == at(10) and reply.last_active == at(0)
+        assert await repository.get(touched.id) == attrs.evolve(touched, expires_at=at(10))
+        await raises(  # a deadline equal to the time has passed
+            SessionNotFound,
+            repository.append(exact.id, [msg("late", 10)], at=at(10), policy=short),
+            "an append at the policy's deadline",
+        )
+        assert await repository.get(exact.id) == attrs.evolve(exact, expires_at=at(10))
+        ids = {appended.id, touched.id, exact.id}
+        assert set(await repository.expired(at(20))) == ids
+        assert (await repository.list(SessionQuery(visible_at=at(20)))).items == ()
+        for sid in ids:
+            assert await repository.remove_expired(sid, now=at(20)) is not None
+
     async def test_touch_interval_coalesces_activity(
         self, repository: SessionRepository, anyio_backend: Any
     ) -> None:

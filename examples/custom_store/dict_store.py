@@ -101,15 +101,21 @@ class DictRepository(SessionRepository):
             raise SessionNotFound(session_id)
         if current.status.is_terminal:
             raise SessionClosed(session_id, current.status)
+        last_active = max(current.last_active, at)
+        deadline = policy.deadline(current.status, current.created_at, last_active, None)
+        if deadline is not None and deadline <= at:
+            # Expired under this policy (a max_age added or shortened since the session
+            # was written): record that deadline and nothing else.
+            self._sessions[session_id] = attrs.evolve(current, expires_at=deadline)
+            raise SessionNotFound(session_id)
         total = current.messages.total + len(messages)
         if max_messages is not None and total > max_messages:
             raise LimitExceeded("Messages in this session", max_messages, total)
-        last_active = max(current.last_active, at)
         new = attrs.evolve(
             current,
             messages=current.messages.extend(messages),
             last_active=last_active,
-            expires_at=policy.deadline(current.status, current.created_at, last_active, None),
+            expires_at=deadline,
             revision=self._next_revision(session_id, current.revision),
         )
         self._sessions[session_id] = new
@@ -128,17 +134,16 @@ class DictRepository(SessionRepository):
         current = self._sessions.get(session_id)
         if current is None:
             return None
-        if (
-            not current.status.is_terminal
-            and not current.is_expired(at)
-            and policy.should_touch(current.last_active, at)  # honours touch_interval
-        ):
-            current = attrs.evolve(
-                current,
-                last_active=at,
-                expires_at=policy.deadline(current.status, current.created_at, at, None),
-            )
-            self._sessions[session_id] = current
+        if not current.status.is_terminal and not current.is_expired(at):
+            last_active = max(current.last_active, at)
+            deadline = policy.deadline(current.status, current.created_at, last_active, None)
+            if deadline is not None and deadline <= at:
+                # Expired under this policy (see append()): record that deadline only.
+                current = attrs.evolve(current, expires_at=deadline)
+                self._sessions[session_id] = current
+            elif policy.should_touch(current.last_active, at):  # honours touch_interval
+                current = attrs.evolve(current, last_active=at, expires_at=deadline)
+                self._sessions[session_id] = current
         return _window(current, last_messages)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
