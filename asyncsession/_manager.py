@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -18,7 +19,7 @@ from collections.abc import (
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Union
+from typing import Any, Concatenate, ParamSpec, TypeVar, Union
 
 import anyio
 import anyio.lowlevel
@@ -64,6 +65,34 @@ logger = logging.getLogger(__name__)
 
 #: Bound of each reporter call at exit when ``reporter_timeout`` is None.
 _EXIT_REPORT_CALL_SECONDS = 5.0
+
+#: How long leaving the manager waits for the calls under way to finish before it closes
+#: the store under them.
+_CALLS_AT_EXIT_SECONDS = 5.0
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _call(
+    method: Callable[Concatenate[SessionManager, _P], Awaitable[_R]],
+) -> Callable[Concatenate[SessionManager, _P], Coroutine[Any, Any, _R]]:
+    """A public operation: refused unless the manager runs (:class:`ManagerNotRunning`),
+    and counted while under way, so that leaving the manager waits for it to finish
+    before the store is closed."""
+
+    @functools.wraps(method)
+    async def call(self: SessionManager, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not self._running:
+            raise ManagerNotRunning()
+        self._calls += 1
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self._call_ended()
+
+    return call
+
 
 #: How many expired sessions that could not be removed a manager remembers, so as to warn
 #: about each once (and again only when its failure changes), not at every cleanup pass.
@@ -262,6 +291,8 @@ class SessionManager:
         self._events = EventHub()
         self._running = False
         self._starting = False
+        self._calls = 0  # public operations under way (see _call)
+        self._calls_done: anyio.Event | None = None  # set when they end, once exit began
         self._stack: AsyncExitStack | None = None
         self._cleanup_passes = 0
         self._expired_total = 0
@@ -389,10 +420,25 @@ class SessionManager:
             reraise(single)
 
     async def _wind_down(self) -> None:
-        """Stop cleanup, then let queued events and reports out, each within a bound."""
+        """Refuse new calls and let those under way finish, stop cleanup, then let
+        queued events and reports out, each within a bound."""
         self._running = False
         if self._cleanup_done is not None:  # wake wait_for_cleanup(): no pass will come
             self._cleanup_done.set()
+        if self._calls:  # closing the store under them would fail them, or worse
+            done = self._calls_done = anyio.Event()
+            with anyio.move_on_after(_CALLS_AT_EXIT_SECONDS, shield=True):
+                await done.wait()
+            self._calls_done = None
+            if self._calls:
+                logger.warning(
+                    "%d call%s still under way when the manager exited (after %g s); the "
+                    "store is closed under %s",
+                    self._calls,
+                    " was" if self._calls == 1 else "s were",
+                    _CALLS_AT_EXIT_SECONDS,
+                    "it" if self._calls == 1 else "them",
+                )
         scope, self._cleanup_scope = self._cleanup_scope, None
         if scope is not None:
             # Stop the cleanup loop before the events and reports close: a removal under
@@ -461,6 +507,12 @@ class SessionManager:
         if not self._running:
             raise ManagerNotRunning()
 
+    def _call_ended(self) -> None:
+        """A public operation ended (see :func:`_call`)."""
+        self._calls -= 1
+        if not self._calls and self._calls_done is not None:
+            self._calls_done.set()
+
     # -- reading ----------------------------------------------------------------------
 
     async def get(
@@ -472,16 +524,20 @@ class SessionManager:
         deadline); pass ``touch=False`` to just look. ``last_messages=n`` loads only the
         last ``n`` messages (``messages.total`` stays exact).
         """
-        self._check_running()
+        self._check_running()  # and counted as _call does, inline: the hottest path
         _check_last_messages(last_messages)
         sid = _parse_id(session_id)
         now = self._clock.now()
-        if touch:
-            session = await self._repository.touch(
-                sid, at=now, policy=self._policy, last_messages=last_messages
-            )
-        else:
-            session = await self._repository.get(sid, last_messages=last_messages)
+        self._calls += 1
+        try:
+            if touch:
+                session = await self._repository.touch(
+                    sid, at=now, policy=self._policy, last_messages=last_messages
+                )
+            else:
+                session = await self._repository.get(sid, last_messages=last_messages)
+        finally:
+            self._call_ended()
         if session is None or session.is_expired(now):
             raise SessionNotFound(sid)
         return session
@@ -494,6 +550,7 @@ class SessionManager:
             return False
         return True
 
+    @_call
     async def list(
         self,
         *,
@@ -510,7 +567,6 @@ class SessionManager:
         carry no messages, only the exact ``messages.total`` (every built-in store): use
         ``get(id, last_messages=n)`` for a preview.
         """
-        self._check_running()
         query = SessionQuery(
             owner=owner,
             status=status,
@@ -521,9 +577,9 @@ class SessionManager:
         )
         return await self._repository.list(query)
 
+    @_call
     async def stats(self) -> SessionStats:
         """Stored sessions by status, plus manager counters."""
-        self._check_running()
         counts = await self._repository.count_by_status()
         return SessionStats(
             by_status=dict(counts),
@@ -536,6 +592,7 @@ class SessionManager:
 
     # -- writing ----------------------------------------------------------------------
 
+    @_call
     async def create(
         self,
         *,
@@ -544,7 +601,6 @@ class SessionManager:
         state: Mapping[str, Any] | None = None,
     ) -> Session:
         """Create a session with a fresh random id (UUID4 from the OS CSPRNG)."""
-        self._check_running()
         now = self._clock.now()
         session = Session(
             uuid.uuid4(),
@@ -560,6 +616,7 @@ class SessionManager:
             self._emit(EventKind.CREATED, session.id, session, now)
         return session
 
+    @_call
     async def update(self, session_id: SessionId, fn: UpdateFn) -> Session:
         """Atomically replace a session by ``fn(snapshot)`` and return the saved result.
 
@@ -572,7 +629,6 @@ class SessionManager:
         :class:`SessionNotFound` is raised. ``fn`` may not change ``id``, ``created_at``
         or ``revision``; setting a terminal status closes the session.
         """
-        self._check_running()
         _check_callable(fn)
         sid = _parse_id(session_id)
         return await self._update(sid, fn)
@@ -753,6 +809,7 @@ class SessionManager:
         """
         return await self.add_messages(session_id, [(role, content, data)])
 
+    @_call
     async def add_messages(
         self,
         session_id: SessionId,
@@ -763,7 +820,6 @@ class SessionManager:
         Returns the session with a window of the new messages, as :meth:`add_message`.
         An empty list stores nothing and returns the session as it is.
         """
-        self._check_running()
         given: object = messages  # checked at run time, whatever the annotation says
         if isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
             raise InvalidUpdate(
@@ -793,6 +849,7 @@ class SessionManager:
         """Merge keyword ``changes`` into the session's state."""
         return await self.update(session_id, lambda s: s.with_state(changes))
 
+    @_call
     async def close(
         self, session_id: SessionId, *, status: SessionStatus = SessionStatus.EXITED
     ) -> Session:
@@ -807,7 +864,6 @@ class SessionManager:
                 f"close() takes a terminal status (exited, crashed, abnormal, expired), got "
                 f"{status.value!r}; use archive() to park a session."
             )
-        self._check_running()
         return await self._update(_parse_id(session_id), lambda s: attrs.evolve(s, status=status))
 
     async def archive(self, session_id: SessionId) -> Session:
@@ -820,6 +876,7 @@ class SessionManager:
         """Make an archived session ACTIVE again."""
         return await self.update(session_id, lambda s: attrs.evolve(s, status=SessionStatus.ACTIVE))
 
+    @_call
     async def rotate(self, session_id: SessionId, fn: UpdateFn | None = None) -> Session:
         """Move a live session to a fresh id (e.g. at login) and return it.
 
@@ -832,7 +889,6 @@ class SessionManager:
         made meanwhile (by any process) is never lost: the rotation starts again from
         a fresh read, and a deleted session stays deleted (:class:`SessionNotFound`).
         """
-        self._check_running()
         if fn is not None:
             _check_callable(fn)
         sid = _parse_id(session_id)
@@ -947,6 +1003,7 @@ class SessionManager:
             logger.exception("rotated %s; its retired document stays until cleanup", retired.id)
         return True
 
+    @_call
     async def delete(self, session_id: SessionId, *, missing_ok: bool = False) -> bool:
         """Delete a session now; raise :class:`SessionNotFound` unless ``missing_ok``.
 
@@ -955,7 +1012,6 @@ class SessionManager:
         A store that sets damaged documents aside (the file store's quarantine) does so
         as this reads the session, which is then not found.
         """
-        self._check_running()
         sid = _parse_id(session_id)
         await self._after_rotation(sid)
         now = self._clock.now()
@@ -1173,6 +1229,7 @@ class SessionManager:
 
     # -- expiry ---------------------------------------------------------------------------
 
+    @_call
     async def purge_expired(self) -> int:
         """Remove every session whose deadline has passed; return how many.
 
@@ -1193,7 +1250,6 @@ class SessionManager:
         (:class:`ManagerNotRunning` after the exit); a removal under way finishes and
         is announced.
         """
-        self._check_running()
         now = self._clock.now()
         removed_total = 0
         # Ids tried and not removed (unreadable, locked elsewhere, taken by another
