@@ -27,16 +27,26 @@ set or deleted. Properties:
   touching it) that its session is still live: one rotated, logged out, deleted or
   closed meanwhile, by a concurrent request or by the handler, gets no cookie, so a
   slow read cannot overwrite the cookie a concurrent login just sent.
-* Every change must be made before the response starts: after that, setting or
-  deleting keys (``update``, ``pop``... too), :meth:`SessionDict.ensure_created`,
+* Every change must be made before the response starts. While the response is
+  streaming (started, final body not sent yet), setting or deleting keys (``update``,
+  ``pop``... too) raises :class:`InvalidUpdate` and changes nothing. Once the response
+  is complete (e.g. in a Starlette ``BackgroundTask``) such a change is only logged as
+  not saved at the end of the request, as a change inside a nested value is, which
+  cannot be caught when made. :meth:`SessionDict.ensure_created`,
   :meth:`SessionDict.rotate` and :meth:`SessionDict.clear` raise :class:`InvalidUpdate`
-  and change nothing (a change inside a nested value cannot be caught when made: it is
-  logged as lost at the end of the request).
+  at any time after the response started (a login or logout that cannot happen must
+  not pass silently).
 * If the store cannot be reached to load the session of a request that carries a
-  cookie, the request runs anyway with an unavailable session: any use of it raises
-  :class:`StorageError` (the load's error as ``__cause__``), nothing is saved and the
-  cookie is left alone; routes that never use the session keep working, on HTTP and
-  websockets. The outage is logged once (a warning) until loading works again.
+  cookie (a recoverable :class:`StorageError`), the request runs anyway with an
+  unavailable session: any use of it raises :class:`StorageError` (the load's error as
+  ``__cause__``), nothing is saved and the cookie is left alone; routes that never use
+  the session keep working, on HTTP and websockets. The outage is logged once (a
+  warning) until loading works again. :meth:`SessionDict.clear` still logs the visitor
+  out: it expires the cookie (the stored session, not reachable, is left to expire).
+* A session that cannot be read (corrupt, written by a newer asyncsession, or refused
+  by the store with a non-recoverable :class:`StorageError`) selects nothing, as an
+  unknown cookie: the error is logged naming the session, whose data stays in the
+  store; writing to the session starts a new one.
 * :meth:`SessionDict.rotate` moves the session to a fresh id (call it at login), in
   one step with the request's changes, which never exist under the old id; until then
   :attr:`SessionDict.id` is None (``await ensure_created()`` rotates at once and gives
@@ -73,10 +83,10 @@ from datetime import timedelta
 from typing import Any, Literal, Union
 
 from ._exceptions import (
-    CorruptSessionError,
     InvalidConfiguration,
     InvalidJSONValue,
     InvalidUpdate,
+    SerializationError,
     SessionClosed,
     SessionNotFound,
     StorageError,
@@ -162,18 +172,26 @@ class SessionDict(MutableMapping[str, Any]):
 
     Reads and writes are plain dict operations; nested values are mutable copies (a
     change inside a nested list or dict counts as setting its top-level key). It is not
-    a ``dict``: :meth:`copy` (or ``dict(session)``) gives one, e.g. to serialise it, and
-    ``session | other`` gives a merged one. The middleware saves the changes before the
-    response starts. :meth:`rotate` and :meth:`clear` take effect then too;
-    :meth:`ensure_created` creates the session at once when a handler needs its id.
-    Every change (setting or deleting keys, :meth:`rotate`, :meth:`clear`,
-    :meth:`ensure_created`) must be made before the response starts: after that it
-    raises :class:`InvalidUpdate`.
+    a ``dict``: :meth:`copy` gives one, a deep copy (changing it leaves the session
+    alone), e.g. to serialise it or build a response from it; ``session | other`` gives
+    a merged one (deep too). ``dict(session)`` is only a shallow copy: its nested lists
+    and dicts are the session's own, so changing them changes the session (and is
+    saved). ``session |= other`` and :meth:`update` set all the keys or, if a key or
+    value is refused, none. The middleware saves the changes before the response starts.
+    :meth:`rotate` and :meth:`clear` take effect then too; :meth:`ensure_created`
+    creates the session at once when a handler needs its id.
+
+    Every change must be made before the response starts. Setting or deleting keys
+    while the response is streaming raises :class:`InvalidUpdate`; once the response is
+    complete (e.g. in a background task) the change is not saved and is logged as lost
+    at the end of the request. :meth:`rotate`, :meth:`clear` and :meth:`ensure_created`
+    raise :class:`InvalidUpdate` at any time after the response started.
 
     When the store could not be reached to load the session, the request still runs,
     with an *unavailable* session: any use of it raises :class:`StorageError` (the
     load's error is its ``__cause__``), nothing is saved, and the cookie is left as it
-    is. Routes that never use the session are unaffected.
+    is; only :meth:`clear` works, expiring the cookie (a logout) without touching the
+    store. Routes that never use the session are unaffected.
     """
 
     def __init__(
@@ -199,6 +217,9 @@ class SessionDict(MutableMapping[str, Any]):
         self._expire_cookie = False
         self._accessed = False
         self._started = False  # http.response.start was sent: no cookie can go out now
+        self._complete = False  # the final body was sent: a change now is only logged
+        self._changed_when_complete = False
+        self._abandoned = False  # clear() on an unavailable session: cookie expired only
 
     def __repr__(self) -> str:
         if self._unavailable is not None:
@@ -263,19 +284,39 @@ class SessionDict(MutableMapping[str, Any]):
             return NotImplemented
         return {**other, **self.copy()}
 
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Set several keys, as ``dict.update``: all of them, or none if a key is not a
+        string or a value is not JSON (the error says which)."""
+        items: dict[Any, Any] = dict(other, **kwargs)
+        if not items:
+            return  # not a change
+        self._check_change()
+        for key in items:
+            if not isinstance(key, str):
+                raise InvalidUpdate(f"Session keys must be strings, got {_short(key)}.")
+        freeze_state(items)  # every value checked before any is set
+        for key, value in items.items():
+            self._data[key] = value
+            self._set.add(key)
+            self._deleted.discard(key)
+
     # Returns the session itself, as dict's |= does (mypy wants it to be a dict like
     # __or__'s result); without it, ``session |= {...}`` would rebind the name to a new
     # plain dict and the changes would never reach the session.
     def __ior__(  # type: ignore[misc]
         self, other: Mapping[str, Any] | Iterable[tuple[str, Any]]
     ) -> SessionDict:
-        """``session |= {...}`` sets the keys in the session (as ``update``)."""
+        """``session |= {...}`` sets the keys in the session (as :meth:`update`: all
+        or none)."""
         self.update(other)
         return self
 
     def mark_accessed(self) -> None:
-        """Note that the response depends on the session (adds ``Vary: Cookie``)."""
-        self._check_available()
+        """Note that the response depends on the session (adds ``Vary: Cookie``).
+
+        It never raises, not even on an unavailable session: Starlette calls it on
+        every ``request.session``, which must reach :meth:`clear` (a logout) then too.
+        """
         self._accessed = True
 
     # -- session operations ----------------------------------------------------------
@@ -319,11 +360,16 @@ class SessionDict(MutableMapping[str, Any]):
         """Log out: delete the session server-side and expire the cookie.
 
         Keys set after ``clear()`` start a new session with a fresh id. Raises
-        :class:`InvalidUpdate` after the response started.
+        :class:`InvalidUpdate` after the response started. On an unavailable session
+        (the store could not be reached to load it) it expires the cookie all the same
+        and leaves the store alone: the stored session stays until it expires (a
+        warning names it); the session is then an empty one like any other.
         """
-        self._check_available()
         self._check_writable()
         self._check_not_started("clear")
+        if self._unavailable is not None:
+            self._unavailable = None
+            self._abandoned = True
         if self._id is not None:
             self._cleared.append(self._id)
         self._id = None
@@ -391,15 +437,21 @@ class SessionDict(MutableMapping[str, Any]):
         raise error from cause
 
     def _check_change(self) -> None:
-        """Refuse a change of keys on a read-only, unavailable or already answered session."""
+        """Refuse a change of keys on a read-only or unavailable session, or while the
+        response is streaming; once it is complete the change is let through, to be
+        logged as not saved at the end of the request (a background task goes on)."""
         self._check_available()
         self._check_writable()
-        if self._started:
+        if self._complete:
+            self._changed_when_complete = True
+        elif self._started:
             raise InvalidUpdate(
-                "The session was changed after the response started, when its changes "
-                "can no longer be saved: make session changes before the response starts "
-                "(e.g. not in a streaming response body or a background task; return "
-                "the response after changing the session)."
+                "The session was changed while the response was being sent (after it "
+                "started, before it was complete), when its changes can no longer be "
+                "saved: make session changes before the response starts (e.g. not in a "
+                "streaming response body: change the session, then return the response). "
+                "A change made once the response is complete, as in a background task, "
+                "is not saved either; it is logged instead."
             )
 
     def _check_writable(self) -> None:
@@ -668,13 +720,28 @@ class SessionMiddleware:
     # -- ASGI ------------------------------------------------------------------------------
 
     async def _load(self, ids: list[uuid.UUID]) -> Session | None:
+        """The first live session of ``ids``; raises only a recoverable StorageError
+        (the store is unreachable: an outage, not something about one session)."""
         for session_id in ids:
             try:
                 session = await self.manager.get(session_id, last_messages=0)
             except SessionNotFound:
                 continue
-            except CorruptSessionError:  # the visitor starts afresh; the data stays for you
+            except SerializationError:  # corrupt, or from a newer asyncsession
+                # The visitor starts afresh; the data stays in the store for you.
                 logger.exception("the session in a cookie (%s) cannot be read", session_id)
+                continue
+            except StorageError as exc:
+                if exc.recoverable:
+                    raise
+                # The store refused this session (e.g. Redis WRONGTYPE): retrying will
+                # not help, and other sessions load fine, so it is not an outage.
+                logger.exception(
+                    "the session in a cookie (%s) cannot be read: the store refused it "
+                    "(not recoverable); the visitor starts without a session, the stored "
+                    "data is left as it is",
+                    session_id,
+                )
                 continue
             if not session.is_closed:
                 return session
@@ -686,18 +753,19 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
         ids = self._cookie_ids(scope)
+        unavailable: StorageError | None = None
         try:
             loaded = await self._load(ids)
         except StorageError as exc:
             # The store is down: the request runs anyway, with a session that raises
-            # when used, so routes that never use it keep working. Nothing is saved.
+            # when used, so routes that never use it keep working. Nothing is saved
+            # (_save finds no change to make; only clear() expires the cookie).
             self._outage.failed(
                 exc,
                 f"could not load the session for {kind} {_where(scope, path_only=True)}; "
                 "requests with a session cookie run with the session unavailable",
             )
-            await self._run_unavailable(exc, scope, receive, send)
-            return
+            loaded, unavailable = None, exc
         except Exception:
             logger.exception(
                 "could not load the session for %s %s", kind, _where(scope, path_only=True)
@@ -707,9 +775,12 @@ class SessionMiddleware:
             else:
                 await send({"type": "websocket.close", "code": 1011})
             return
-        if ids:  # the store answered
-            self._outage.worked()
-        session = SessionDict(self.manager, loaded, read_only=kind == "websocket")
+        else:
+            if ids:  # the store answered
+                self._outage.worked()
+        session = SessionDict(
+            self.manager, loaded, read_only=kind == "websocket", unavailable=unavailable
+        )
         scope["session"] = session
         if kind == "websocket":
             await self.app(scope, receive, send)
@@ -723,6 +794,14 @@ class SessionMiddleware:
                 raise _ResponseEnded()
             if message["type"] == "http.response.start":
                 session._started = True
+                if session._abandoned:
+                    logger.warning(
+                        "logout in %s while the store was unreachable: the cookie is "
+                        "expired, but the stored session %s was not deleted; it stays "
+                        "until it expires, or delete it with SessionManager.delete()",
+                        _where(scope),
+                        ", ".join(map(str, ids)),
+                    )
                 try:
                     headers = await self._save(session, scope)
                 except Exception as exc:
@@ -740,6 +819,8 @@ class SessionMiddleware:
                 if headers:
                     message = dict(message)
                     message["headers"] = [*message.get("headers", ()), *headers]
+            elif _is_final(message):
+                session._complete = True  # from now on a change is logged, not raised
             await send(message)
 
         try:
@@ -752,39 +833,21 @@ class SessionMiddleware:
             return
         lost = []
         if session._dirty:
-            lost.append("session changes were not saved")
+            changes, deleted = session._changes()
+            keys = sorted(set(changes) | deleted)
+            lost.append(f"session changes{f' to keys {keys}' if keys else ''} were not saved")
         if session._new_cookie:  # ensure_created() made a session nobody will hear of
             lost.append(f"the cookie of the new session {session._id} was never sent")
-        logger.warning(
-            "%s: %s (%s)",
-            " and ".join(lost),
-            "they were made after the response started"
-            if session._started
-            else "the application sent no response",
-            _where(scope),
-        )
-
-    async def _run_unavailable(
-        self, error: StorageError, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """Run the app with a session that raises when used; save nothing, leave the
-        cookie alone (only ``Vary: Cookie`` is added once the app tried the session)."""
-        kind = scope["type"]
-        session = SessionDict(self.manager, None, read_only=kind == "websocket", unavailable=error)
-        scope["session"] = session
-        if kind == "websocket":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_wrapper(message: ASGIMessage) -> None:
-            if message["type"] == "http.response.start":
-                session._started = True
-                if session._accessed:
-                    message = dict(message)
-                    message["headers"] = [*message.get("headers", ()), (b"vary", b"Cookie")]
-            await send(message)
-
-        await self.app(scope, receive, send_wrapper)
+        if not session._started:
+            why = "the application sent no response"
+        elif session._changed_when_complete:
+            why = (
+                "they were made after the response was complete (e.g. in a background "
+                "task); make session changes before the response starts"
+            )
+        else:
+            why = "they were made after the response started"
+        logger.warning("%s: %s (%s)", " and ".join(lost), why, _where(scope))
 
     async def _still_live(self, session_id: uuid.UUID, scope: Scope) -> bool:
         """True if the session is still stored and open (looked at, not touched)."""
@@ -867,6 +930,15 @@ def _chain_has_response_ended(exc: BaseException) -> bool:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False
+
+
+def _is_final(message: ASGIMessage) -> bool:
+    """True for the message that completes an HTTP response: the last body (also
+    the zero-copy extension's) or a path send (the pathsend extension)."""
+    kind = message["type"]
+    if kind in ("http.response.body", "http.response.zerocopysend"):
+        return not message.get("more_body", False)
+    return bool(kind == "http.response.pathsend")
 
 
 def _where(scope: Scope, *, path_only: bool = False) -> str:

@@ -16,10 +16,11 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import httpx
+import orjson
 import pytest
 from redis_support import RedisServer, require_redis, start_redis
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
+from starlette.background import BackgroundTasks
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -1009,6 +1010,94 @@ async def test_unreadable_session_starts_the_visitor_afresh(
         assert (await http.get("/read")).json()["data"] == {"b": 2}
 
 
+async def test_a_session_from_a_newer_asyncsession_selects_nothing(
+    anyio_backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from asyncsession.stores.files import FileRepository
+
+    store = FileRepository(tmp_path / "store")
+    async with store, running(store) as manager:
+        app = outage_app(manager, [])
+        async with client(app) as http:
+            sid = cookie_id(await http.post("/write", json={"user": "alice"}))
+            path = store.directory / "sessions" / f"{sid}.json"
+            future = orjson.loads(path.read_bytes())
+            future.pop("checksum")
+            future["version"] = 99  # as a newer asyncsession would write it
+            path.write_bytes(orjson.dumps(future))
+            with caplog.at_level(logging.ERROR, "asyncsession.asgi"):
+                health = await http.get("/health")
+                read = await http.get("/read")
+            logout = await http.post("/logout")
+            fresh = await http.post("/write", json={"b": 2})
+        assert health.status_code == 200 and read.status_code == 200 and read.json() == {}
+        errors = [r for r in caplog.records if r.name == "asyncsession.asgi"]
+        assert len(errors) == 3  # /health, /read and /logout each met it
+        for error in errors:
+            assert error.levelno == logging.ERROR and "cannot be read" in error.getMessage()
+            assert str(sid) in error.getMessage() and error.exc_info is not None
+            assert isinstance(error.exc_info[1], s.SchemaVersionError)
+        assert logout.status_code == 200 and "Max-Age=0" in logout.headers["set-cookie"]
+        assert cookie_id(fresh) != sid
+        assert orjson.loads(path.read_bytes())["version"] == 99  # left for a newer release
+
+
+async def test_a_session_the_store_refuses_selects_nothing_and_is_no_outage(
+    anyio_backend: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from asyncsession.stores.redis import RedisRepository
+
+    prefix = f"asgi:{uuid.uuid4().hex[:8]}:"
+    store = RedisRepository(redis_server.url, prefix=prefix)
+    async with store, running(store) as manager:
+        app = outage_app(manager, [])
+        async with client(app) as a, client(app) as b:
+            broken = cookie_id(await a.post("/write", json={"user": "alice"}))
+            await b.post("/write", json={"user": "bob"})
+            key = f"{prefix}s:{broken}"
+            await store.client.delete([key])
+            await store.client.rpush(key, ["not a session"])  # Redis: WRONGTYPE
+            with caplog.at_level(logging.INFO, "asyncsession"):
+                for _ in range(3):
+                    read_a, read_b = await a.get("/read"), await b.get("/read")
+                    assert read_a.status_code == 200 and read_a.json() == {}
+                    assert read_b.json() == {"user": "bob"}
+                logout = await a.post("/logout")
+            assert await store.client.type(key) == b"list"  # the data is left as it is
+    assert logout.status_code == 200 and "Max-Age=0" in logout.headers["set-cookie"]
+    logged = [r for r in caplog.records if r.name.startswith("asyncsession")]
+    assert len(logged) == 4  # one error per request of that visitor, no outage
+    for record in logged:
+        assert record.levelno == logging.ERROR and str(broken) in record.getMessage()
+        assert record.exc_info is not None
+        error = record.exc_info[1]
+        assert isinstance(error, s.StorageError) and not error.recoverable
+
+
+async def test_logout_works_while_the_store_is_unreachable(
+    anyio_backend: str, lone_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from asyncsession.stores.redis import RedisRepository
+
+    store = RedisRepository(lone_redis.url, prefix=f"asgi:{uuid.uuid4().hex[:8]}:", timeout=2)
+    async with running(store) as manager:
+        app = outage_app(manager, [])
+        async with client(app) as http:
+            sid = cookie_id(await http.post("/write", json={"user": "alice"}))
+            headers = {"cookie": f"session={http.cookies['session']}"}
+        await anyio.to_thread.run_sync(lone_redis.stop)
+        with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+            async with client(app) as http:
+                read = await http.get("/read", headers=headers)
+                logout = await http.post("/logout", headers=headers)  # request.session.clear()
+    assert read.status_code == 503 and "set-cookie" not in read.headers
+    assert logout.status_code == 200
+    assert logout.headers["set-cookie"].startswith("session=;")
+    assert "Max-Age=0" in logout.headers["set-cookie"] and logout.headers["vary"] == "Cookie"
+    (warning,) = [r for r in caplog.records if r.name == "asyncsession.asgi"]
+    assert str(sid) in warning.getMessage() and "was not deleted" in warning.getMessage()
+
+
 async def test_websocket_sees_session_read_only(memory_manager: s.SessionManager) -> None:
     async with client(make_app(memory_manager)) as http:
         cookie = (await http.post("/write", json={"user": "alice"})).cookies["session"]
@@ -1098,7 +1187,8 @@ def outage_app(manager: s.SessionManager, seen: list[BaseException]) -> Starlett
 
 
 def unavailable_accesses(session: SessionDict) -> dict[str, Callable[[], Any]]:
-    """Every way of using a session, each a call that must raise on an unavailable one."""
+    """Every way of using a session, each a call that must raise on an unavailable one
+    (but clear(), a logout, and mark_accessed(), which Starlette's request.session calls)."""
 
     def set_item() -> None:
         session["a"] = 1
@@ -1129,8 +1219,6 @@ def unavailable_accesses(session: SessionDict) -> dict[str, Callable[[], Any]]:
         "pop": lambda: session.pop("user", None),
         "setdefault": lambda: session.setdefault("a", 1),
         "rotate": session.rotate,
-        "clear": session.clear,
-        "mark_accessed": session.mark_accessed,
     }
 
 
@@ -1318,9 +1406,7 @@ async def test_every_change_after_the_response_started_is_refused(
     assert not caplog.records
 
 
-async def test_a_write_in_a_streaming_body_or_background_task_raises(
-    memory_manager: s.SessionManager,
-) -> None:
+async def test_a_write_in_a_streaming_body_raises(memory_manager: s.SessionManager) -> None:
     errors: list[BaseException] = []
 
     async def stream(request: Request) -> StreamingResponse:
@@ -1336,24 +1422,147 @@ async def test_a_write_in_a_streaming_body_or_background_task_raises(
 
         return StreamingResponse(body())
 
-    async def later(request: Request) -> JSONResponse:
-        async def task() -> None:
-            try:
-                request.session["in_task"] = 1
-            except s.InvalidUpdate as exc:
-                errors.append(exc)
-
-        return JSONResponse({}, background=BackgroundTask(task))
-
     app = Starlette(
-        routes=[Route("/stream", stream), Route("/later", later)],
+        routes=[Route("/stream", stream)],
         middleware=[Middleware(SessionMiddleware, memory_manager, secret_key=KEY)],
     )
     async with client(app) as http:
         assert (await http.get("/stream")).text == "ab"
-        assert (await http.get("/later")).status_code == 200
-    assert len(errors) == 2
+    (error,) = errors
+    assert "streaming response body" in str(error)
     assert await count(memory_manager) == 0
+
+
+async def test_a_change_once_the_response_is_complete_is_logged_and_later_tasks_run(
+    manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Starlette runs background tasks after the last body: an exception there reaches
+    # the server ("Exception in ASGI application") and the remaining tasks never run.
+    ran: list[str] = []
+    refused: dict[str, BaseException] = {}
+
+    async def later(request: Request) -> JSONResponse:
+        session = get_session(request.scope)
+
+        async def touch_session() -> None:
+            request.session["last_seen"] = 1
+            session = get_session(request.scope)
+            session.update(visits=2)
+            session |= {"theme": "dark"}
+            del session["user"]
+            assert session.pop("cart") == [1]
+            ran.append("touch")
+
+        async def log_in_or_out() -> None:
+            # A login or logout that cannot happen must not pass silently: these raise.
+            for name, call in (("rotate", session.rotate), ("clear", session.clear)):
+                with pytest.raises(s.InvalidUpdate, match="after the response started"):
+                    call()
+                refused[name] = s.InvalidUpdate(name)
+            with pytest.raises(s.InvalidUpdate, match="after the response started"):
+                await session.ensure_created()
+            refused["ensure_created"] = s.InvalidUpdate("ensure_created")
+
+        async def send_email() -> None:
+            ran.append("email")
+
+        tasks = BackgroundTasks()
+        for task in (touch_session, log_in_or_out, send_email):
+            tasks.add_task(task)
+        return JSONResponse({}, background=tasks)
+
+    app = Starlette(
+        routes=[Route("/later", later), *make_app(manager).routes],
+        middleware=[Middleware(SessionMiddleware, manager, secret_key=KEY)],
+    )
+    async with client(app) as http:
+        sid = cookie_id(await http.post("/write", json={"user": "alice", "cart": [1]}))
+        with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+            response = await http.get("/later")
+    assert response.status_code == 200 and cookie_id(response) == sid
+    assert ran == ["touch", "email"]
+    assert sorted(refused) == ["clear", "ensure_created", "rotate"]
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "after the response was complete" in warning.getMessage()
+    assert "['cart', 'last_seen', 'theme', 'user', 'visits']" in warning.getMessage()
+    assert "GET /later" in warning.getMessage()
+    assert (await manager.get(sid)).state == {"user": "alice", "cart": (1,)}
+
+
+async def test_the_last_body_or_a_path_send_completes_the_response(
+    memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    outcomes: list[str] = []
+
+    def try_change(session: SessionDict) -> None:
+        try:
+            session["late"] = len(outcomes)
+        except s.InvalidUpdate:
+            outcomes.append("raised")
+        else:
+            outcomes.append("let through")
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try_change(session)
+        if scope["path"] == "/pathsend":
+            await send({"type": "http.response.pathsend", "path": "/dev/null"})
+        else:
+            await send({"type": "http.response.body", "body": b"a", "more_body": True})
+            try_change(session)
+            await send({"type": "http.response.body", "body": b"b"})  # more_body False
+        try_change(session)
+
+    sent: list[Scope] = []
+
+    async def send(message: Scope) -> None:
+        sent.append(message)
+
+    middleware = SessionMiddleware(app, memory_manager, secret_key=KEY)
+    with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+        for path in ("/body", "/pathsend"):
+            scope: Scope = {"type": "http", "method": "GET", "path": path, "headers": []}
+            await middleware(scope, _unused_receive, send)
+    assert outcomes == ["raised", "raised", "let through", "raised", "let through"]
+    assert len([r for r in caplog.records if "was complete" in r.getMessage()]) == 2
+    assert await count(memory_manager) == 0
+
+
+async def test_update_and_ior_set_every_key_or_none(manager: s.SessionManager) -> None:
+    refused: list[BaseException] = []
+
+    async def merge(request: Request) -> JSONResponse:
+        session = get_session(request.scope)
+        for bad in (
+            {"c": 1, "bad": object()},
+            [("c", 1), ("bad", {1, 2})],
+            {"c": 1, 5: "not a str key"},
+        ):
+            with pytest.raises((s.InvalidJSONValue, s.InvalidUpdate)) as info:
+                session |= bad  # type: ignore[arg-type]
+            refused.append(info.value)
+        with pytest.raises(s.InvalidJSONValue) as info:
+            session.update({"c": 1}, bad=float("nan"))
+        refused.append(info.value)
+        assert session.copy() == {"user": "alice"}
+        session |= [("d", 4)]
+        return JSONResponse({})
+
+    app = Starlette(
+        routes=[Route("/merge", merge), *make_app(manager).routes],
+        middleware=[Middleware(SessionMiddleware, manager, secret_key=KEY)],
+    )
+    async with client(app) as http:
+        sid = cookie_id(await http.post("/write", json={"user": "alice"}))
+        assert (await http.get("/merge")).status_code == 200
+    assert [type(error) for error in refused] == [
+        s.InvalidJSONValue,
+        s.InvalidJSONValue,
+        s.InvalidUpdate,
+        s.InvalidJSONValue,
+    ]
+    assert (await manager.get(sid)).state == {"user": "alice", "d": 4}
 
 
 # --- configuration ---------------------------------------------------------------------
@@ -1434,5 +1643,8 @@ async def test_copy_and_merge_give_plain_dicts(manager: s.SessionManager) -> Non
     assert results["same_object"]
     assert (await manager.get(sid)).state == {"user": "alice", "cart": (1,), "visits": 2}
     assert isinstance(SessionDict(manager, None), MutableMapping)
+    # dict(session) is a shallow copy, unlike copy(): the docstring must not equate them.
+    doc = " ".join((SessionDict.__doc__ or "").split())
+    assert "``dict(session)`` is only a shallow copy" in doc and "deep copy" in doc
     with pytest.raises(TypeError):
         SessionDict(manager, None) | [("a", 1)]  # type: ignore[operator]
