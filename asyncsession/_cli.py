@@ -42,9 +42,11 @@ from collections.abc import (
 )
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any, Final, TypeVar, cast
 
 import anyio
+import anyio.lowlevel
 import attrs
 import click
 import orjson
@@ -66,6 +68,7 @@ from . import (
     EventKind,
     FileRepository,
     InvalidCursor,
+    InvalidUpdate,
     SerializationError,
     Session,
     SessionConflict,
@@ -400,8 +403,9 @@ class _CtrlC:
     library cleanly, lets a write the manager already sent finish, and closes the
     store; the caller raises KeyboardInterrupt after the event loop has ended (raised
     from the main task, asyncio would log it as never retrieved). A second Ctrl-C
-    meanwhile interrupts at once, as usual. Outside the main thread, and on Windows
-    (no signal handlers on asyncio there), the event loop's own handling stays.
+    raises KeyboardInterrupt at once, wherever the program is: it stops a command the
+    cancellation cannot reach (blocked writing to a pipe nobody reads, say). Outside
+    the main thread, and on Windows, the event loop's own handling stays.
     """
 
     def __init__(self) -> None:
@@ -411,33 +415,34 @@ class _CtrlC:
         """``main()``'s result, or None once Ctrl-C was pressed (:attr:`pressed`)."""
         if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
             return await main()
+        token = anyio.lowlevel.current_token()
         with anyio.CancelScope() as scope:
 
-            async def watch(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-                with anyio.open_signal_receiver(signal.SIGINT) as signals:
-                    task_status.started()
-                    async for _ in signals:
-                        self.pressed = True
-                        scope.cancel()
-                        return  # the default handler is back: a second Ctrl-C interrupts
+            def on_sigint(signum: int, frame: FrameType | None) -> None:
+                # A Python-level handler runs even while the event-loop thread is blocked
+                # in a system call (the call is interrupted, the handler runs, the call
+                # resumes): the second Ctrl-C can always stop the program.
+                if self.pressed:
+                    if callable(trio_handler):  # raises it where trio can unwind from it
+                        trio_handler(signum, frame)
+                        return
+                    raise KeyboardInterrupt
+                self.pressed = True
+                token.backend_class.run_sync_soon(scope.cancel, (), token.native_token)
 
-            error: Exception | None = None
+            previous = signal.signal(signal.SIGINT, on_sigint)
+            # trio's own handler (installed by trio.run) raises KeyboardInterrupt at once
+            # in the program's code, and defers it while trio's scheduler runs, which a
+            # KeyboardInterrupt raised there would break
+            trio_handler = previous if hasattr(token.native_token, "run_sync_soon") else None
             try:
-                async with anyio.create_task_group() as tasks:
-                    await tasks.start(watch)
-                    try:
-                        result = await main()
-                    except Exception as exc:  # raised as it is, not in a group
-                        error = exc
-                    tasks.cancel_scope.cancel()
-            except BaseException:  # whatever the cancellation came out as
+                result = await main()
+            except BaseException:  # whatever the cancellation (or Ctrl-C) came out as
                 if self.pressed:
                     return None
                 raise
-            if self.pressed and error is not None:
-                return None
-            if error is not None:
-                raise error
+            finally:
+                signal.signal(signal.SIGINT, previous)
             self.pressed = False  # main() finished: its output is complete
             return result
         return None  # the scope ended main()'s cancellation
@@ -1486,15 +1491,11 @@ def delete(session_id: str, store_url: str, backend: str, as_json: bool) -> None
         # says it was not found, where this deletes whatever is stored. It announces
         # what the manager's would, though: EXPIRED for an expired session (nothing for
         # the document a rotation retired: the rotation announced its end), else DELETED.
-        now = _now()
         try:
-            removed = await repository.remove_expired(sid, now=now)
+            if await _remove_if_expired(repository, sid):
+                return True
         except SerializationError:  # unreadable, and kept by the store: deleted unread
-            removed = None
-        if removed is not None:
-            if isinstance(repository, EventTransport) and not _is_retired(removed):
-                await _Announcer(repository).announce(EventKind.EXPIRED, sid, now, removed.revision)
-            return True
+            pass
         deleted = await repository.delete(sid)
         if deleted and isinstance(repository, EventTransport):
             await _Announcer(repository).announce(EventKind.DELETED, sid, _now(), None)
@@ -1506,6 +1507,19 @@ def delete(session_id: str, store_url: str, backend: str, as_json: bool) -> None
         _print_json({"deleted": str(sid)})
     else:
         out.print(f"Deleted {sid}.")
+
+
+async def _remove_if_expired(repository: SessionRepository, sid: uuid.UUID) -> bool:
+    """Remove ``sid`` if it has expired by now, announcing it EXPIRED as the manager
+    would (nothing for the document a rotation retired: the rotation announced its end);
+    True if it was removed."""
+    now = _now()
+    removed = await repository.remove_expired(sid, now=now)
+    if removed is None:
+        return False
+    if isinstance(repository, EventTransport) and not _is_retired(removed):
+        await _Announcer(repository).announce(EventKind.EXPIRED, sid, now, removed.revision)
+    return True
 
 
 @cli.command()
@@ -2088,11 +2102,16 @@ async def _replace(repository: SessionRepository, session: Session) -> bool:
     match) and an update they based on the old contents is refused. A session that is
     not stored is added with its exported revision, or, when it was stored a moment ago
     (deleted in between), with a revision above every one this import saw it at (read,
-    or reported by a refused save). Returns True when a
-    stored session was replaced; raises :class:`SessionConflict` (with ``attempts``) when
-    other writers beat every attempt, in which case the stored session was left as it was.
+    or reported by a refused save). A stored session that had expired by the imported
+    one's last activity cannot be saved over (see ``SessionRepository.save``): if it has
+    expired by now, it is removed as expired (as ``delete`` does) and ``session`` added
+    in its place; if not, :class:`InvalidUpdate` says to delete it first. Returns True
+    when a stored session was replaced; raises :class:`SessionConflict` (with
+    ``attempts``) when other writers beat every attempt, in which case the stored session
+    was left as it was.
     """
     seen: int | None = None  # the highest stored revision this import learnt of
+    expired_replaced = False
 
     def saw(revision: int | None) -> None:
         nonlocal seen
@@ -2100,14 +2119,25 @@ async def _replace(repository: SessionRepository, session: Session) -> bool:
             seen = revision
 
     async def step(attempt: int) -> bool:
+        nonlocal expired_replaced
         stored = await repository.get(session.id, last_messages=0)
         if stored is None:
             if seen is None or session.revision > seen:
                 await repository.add(session)
             else:
                 await repository.add(_bumped(session, seen))
-            return False
+            return expired_replaced
         saw(stored.revision)
+        if SessionRepository._save_finds_expired(session, stored.expires_at, stored.status):
+            if await _remove_if_expired(repository, session.id):
+                expired_replaced = True
+                raise SessionNotFound(session.id)  # gone: the next attempt adds it
+            raise InvalidUpdate(
+                f"it is stored with a deadline ({stored.expires_at}) at or before the "
+                f"imported copy's last activity ({session.last_active}), which is still "
+                "ahead: a save finds it expired then, and it is live until then. Delete it "
+                f"first (asyncsession delete {session.id}), then import again with --replace."
+            )
         try:
             await repository.save(
                 _bumped(session, stored.revision),

@@ -727,6 +727,46 @@ def test_import_says_which_sessions_are_already_expired(
     assert "(2 replaced; 1 already past their deadline" in again.stderr
 
 
+@pytest.mark.anyio
+async def test_import_replace_over_a_session_that_expired_before_the_imported_copy(
+    run: Run, store_url: str, anyio_backend: str
+) -> None:
+    """A save finds a stored session expired once its deadline is at or before the saved
+    copy's last_active (it must not bring it back), so ``import --replace`` of a copy
+    active after the stored one expired retried as if others kept writing and failed.
+    The expired one is removed as expired (as ``delete`` does) and the copy added in its
+    place, with a revision above it. A stored one still live now, whose deadline the
+    copy's later activity passed, is left as it was, with what to do."""
+    now = datetime.now(timezone.utc)
+    hours = timedelta(hours=1)
+    # expired half an hour ago: Redis keeps its keys for an hour (key_expiry_grace)
+    gone = s.Session(uuid.uuid4(), now - 3 * hours, now - 3 * hours, expires_at=now - hours / 2)
+    later = s.Session(uuid.uuid4(), now, now, expires_at=now + hours)
+    async with s.repository_from_url(store_url) as store:
+        await store.add(attrs.evolve(gone, revision=7))
+        await store.add(later)
+
+    def cli(*args: str, stdin: str) -> Awaitable[subprocess.CompletedProcess[str]]:
+        command = ("import", "--replace", "--store", store_url, "--backend", anyio_backend)
+        return anyio.to_thread.run_sync(lambda: run(*command, *args, stdin=stdin, ok=None))
+
+    copy = attrs.evolve(gone, last_active=now - hours / 4, expires_at=now + hours, state={"v": 1})
+    result = await cli(stdin=s.dumps(copy).decode() + "\n")
+    assert result.returncode == 0, result.stderr
+    assert "(1 replaced)" in result.stderr
+    async with s.repository_from_url(store_url) as store:
+        assert await store.get(gone.id) == attrs.evolve(copy, revision=8)
+
+    ahead = attrs.evolve(later, last_active=now + 2 * hours, expires_at=now + 3 * hours)
+    refused = await cli(stdin=s.dumps(ahead).decode() + "\n")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]  # after the progress bar's line
+    assert f"session {later.id}" in line and "asyncsession delete" in line
+    assert "0 of the 1 sessions were imported before it" in line
+    async with s.repository_from_url(store_url) as store:
+        assert await store.get(later.id) == later
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_import_rejects_a_bad_line(run: Run, tmp_path: Path, backend: str) -> None:
     run = on_backend(run, backend)
@@ -1482,6 +1522,75 @@ def test_a_second_ctrl_c_interrupts_a_command_stuck_after_the_first(backend: str
         process.wait()
     assert stdout == "interrupted\n", stderr
     assert stderr == ""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ctrl_c_stops_an_export_blocked_on_a_pipe_nobody_reads(
+    tmp_path: Path, backend: str
+) -> None:
+    """``export | less`` with less not reading: the export blocks writing on the event
+    loop's thread, where a cancellation cannot reach it. Ctrl-C did nothing, the second
+    one neither (the event loop's signal handler only wakes the loop, and the write is
+    resumed); now a second Ctrl-C interrupts it."""
+    import fcntl
+    import termios
+
+    async def fill() -> None:
+        async with s.SessionManager(s.SQLiteRepository(tmp_path / "s.db")) as m:
+            for i in range(150):
+                await m.create(state={"i": i, "pad": "x" * 2000})
+
+    anyio.run(fill, backend=backend)
+    read, write = os.pipe()
+    try:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "asyncsession",
+                *("export", "--store", "sqlite:///s.db"),
+                "--backend",
+                backend,
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.close(write)
+        try:
+            waiting, seen, same = bytearray(4), -1, 0
+            for _ in range(600):  # until the pipe is full: the export waits to write
+                fcntl.ioctl(read, termios.FIONREAD, waiting)
+                unread = int.from_bytes(waiting, sys.byteorder)
+                same = same + 1 if unread == seen and unread > 0 else 0
+                if same == 10:  # no more output for 0.5 s
+                    break
+                seen = unread
+                assert process.poll() is None
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the export never filled the pipe")
+            for _ in range(100):  # Ctrl-C, again, until it stops (a second one must)
+                process.send_signal(signal.SIGINT)
+                try:
+                    _, stderr = process.communicate(timeout=0.3)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            else:
+                raise AssertionError("Ctrl-C never stopped the export")
+        finally:
+            process.kill()
+            process.wait()
+            assert process.stderr is not None
+            process.stderr.close()
+    finally:
+        os.close(read)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().endswith("asyncsession: interrupted."), stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
 
 
 def into_closed_pipe(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
