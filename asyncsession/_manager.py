@@ -17,6 +17,7 @@ from collections.abc import (
     Mapping,
 )
 from contextlib import AsyncExitStack, asynccontextmanager
+from contextvars import ContextVar
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar, Union
@@ -73,6 +74,10 @@ _CALLS_AT_EXIT_SECONDS = 5.0
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
+#: The manager whose public call the current task is in (an update function calling the
+#: manager, say): such nested calls still run while the manager waits for calls at exit.
+_calling: ContextVar[SessionManager | None] = ContextVar("asyncsession_calling", default=None)
+
 
 def _call(
     method: Callable[Concatenate[SessionManager, _P], Awaitable[_R]],
@@ -83,12 +88,14 @@ def _call(
 
     @functools.wraps(method)
     async def call(self: SessionManager, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if not self._running:
+        if not self._running and _calling.get() is not self:
             raise ManagerNotRunning()
         self._calls += 1
+        outer = _calling.set(self)
         try:
             return await method(self, *args, **kwargs)
         finally:
+            _calling.reset(outer)
             self._call_ended()
 
     return call
@@ -398,7 +405,9 @@ class SessionManager:
             await self._wind_down()
         except BaseException as error:
             # Interrupted (asyncio's own cancellation passes through shields): still
-            # close the store and stop the manager's tasks, then raise the interruption.
+            # end the subscriptions and the event and report queues, close the store and
+            # stop the manager's tasks, then raise the interruption.
+            self._close_queues()
             stack, self._stack = self._stack, None
             if stack is not None:
                 await stack.__aexit__(type(error), error, error.__traceback__)
@@ -420,11 +429,19 @@ class SessionManager:
             reraise(single)
 
     async def _wind_down(self) -> None:
-        """Refuse new calls and let those under way finish, stop cleanup, then let
+        """Refuse new calls, stop cleanup, let the calls under way finish, then let
         queued events and reports out, each within a bound."""
         self._running = False
         if self._cleanup_done is not None:  # wake wait_for_cleanup(): no pass will come
             self._cleanup_done.set()
+        scope, self._cleanup_scope = self._cleanup_scope, None
+        if scope is not None:
+            # Stop the cleanup loop before the events and reports close: a removal under
+            # way finishes (it is shielded) and is announced and reported like the others;
+            # the pass stops before the next one.
+            scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await self._cleanup_ended.wait()
         if self._calls:  # closing the store under them would fail them, or worse
             done = self._calls_done = anyio.Event()
             with anyio.move_on_after(_CALLS_AT_EXIT_SECONDS, shield=True):
@@ -439,14 +456,6 @@ class SessionManager:
                     _CALLS_AT_EXIT_SECONDS,
                     "it" if self._calls == 1 else "them",
                 )
-        scope, self._cleanup_scope = self._cleanup_scope, None
-        if scope is not None:
-            # Stop the cleanup loop before the events and reports close: a removal under
-            # way finishes (it is shielded) and is announced and reported like the others;
-            # the pass stops before the next one.
-            scope.cancel()
-            with anyio.CancelScope(shield=True):
-                await self._cleanup_ended.wait()
         self._events.close()
         if self._outbox is not None:
             # Let the events still queued out, within a bound (a short script's last
@@ -476,6 +485,18 @@ class SessionManager:
                 await self._reports_done.wait()
             # Count what is cut off now: nothing takes reports from the queue any more,
             # because leaving the task group (after this) first cancels the report loop.
+            self._drop_cut_off_reports()
+
+    def _close_queues(self) -> None:
+        """End the subscriptions and close the event and report queues, without waiting
+        for what they hold (an exit that was interrupted)."""
+        self._events.close()
+        outbox, self._outbox = self._outbox, None
+        if outbox is not None:
+            outbox.close()
+        if self._reports is not None:
+            self._reports.close()
+            self._reports = None
             self._drop_cut_off_reports()
 
     def _report_call_seconds(self) -> float:
@@ -524,7 +545,8 @@ class SessionManager:
         deadline); pass ``touch=False`` to just look. ``last_messages=n`` loads only the
         last ``n`` messages (``messages.total`` stays exact).
         """
-        self._check_running()  # and counted as _call does, inline: the hottest path
+        if not self._running and _calling.get() is not self:  # as _call does, inline:
+            raise ManagerNotRunning()  # the hottest path
         _check_last_messages(last_messages)
         sid = _parse_id(session_id)
         now = self._clock.now()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sqlite3
@@ -2410,3 +2411,119 @@ async def test_leaving_waits_a_bounded_time_for_a_call_that_never_ends(
             await stuck.wait()
         tasks.cancel_scope.cancel()
     assert "1 call was still under way when the manager exited" in caplog.text
+
+
+class HangingScan(s.MemoryRepository):
+    """A store whose expiry scan never answers (an outage), once ``scanning`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scanning = anyio.Event()
+
+    async def expired(self, now: datetime, *, limit: int | None = None) -> list[uuid.UUID]:
+        self.scanning.set()
+        await anyio.sleep_forever()
+        return []  # pragma: no cover
+
+
+async def test_leaving_does_not_wait_for_its_own_cleanup_pass(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cleanup loop's pass counted as a call under way: leaving a manager whose pass
+    waited on the store took the whole bound (5 s) and warned about a call nobody made
+    (second-read finding). Cleanup stops first, then the calls under way are awaited."""
+    monkeypatch.setattr(asyncsession._manager, "_CALLS_AT_EXIT_SECONDS", 30.0)
+    clock = ManualClock()
+    store = HangingScan()
+    with anyio.fail_after(10):
+        async with s.SessionManager(store, cleanup_interval=1, clock=clock) as sessions:
+            await sessions.create()
+            clock.advance(1)
+            await store.scanning.wait()
+    assert "under way" not in caplog.text
+
+
+async def test_calls_made_by_a_call_under_way_still_run_while_the_manager_exits(
+    any_repository: s.SessionRepository,
+) -> None:
+    """An update function that calls the manager (a get of another session) failed with
+    ManagerNotRunning when the exit began meanwhile, although its update was one of the
+    calls the exit waits for (second-read finding)."""
+    release = anyio.Event()
+    outcome: list[object] = []
+    async with anyio.create_task_group() as tasks:
+        async with s.SessionManager(any_repository, cleanup_interval=None) as sessions:
+            a = await sessions.create()
+            b = await sessions.create(state={"n": 7})
+
+            async def from_b(x: s.Session) -> s.Session:
+                await release.wait()
+                other = await sessions.get(b.id, touch=False)
+                await sessions.add_message(b.id, "user", "nested")
+                return x.with_state(n=other.state["n"])
+
+            async def update() -> None:
+                outcome.append(await sessions.update(a.id, from_b))
+
+            tasks.start_soon(update)
+            await anyio.wait_all_tasks_blocked()
+            tasks.start_soon(_set_after_exit_began, sessions, release)
+        with pytest.raises(s.ManagerNotRunning):  # new calls stay refused
+            await sessions.get(a.id)
+    (updated,) = outcome
+    assert isinstance(updated, s.Session) and updated.state == {"n": 7}
+
+
+async def _set_after_exit_began(sessions: s.SessionManager, event: anyio.Event) -> None:
+    while sessions.running:
+        await anyio.lowlevel.checkpoint()
+    event.set()
+
+
+async def test_an_interrupted_exit_still_ends_the_subscriptions(
+    any_repository: s.SessionRepository, anyio_backend: str
+) -> None:
+    """asyncio's own cancellation (asyncio.timeout around the shutdown) passes through
+    the shielded wait for calls under way; the exit then closed the store but left the
+    subscriptions open: a subscriber never ended (second-read finding). On trio nothing
+    passes through the shield: the exit waits and ends them as usual."""
+    manager = s.SessionManager(any_repository, cleanup_interval=None)
+    release = anyio.Event()
+    ended = anyio.Event()
+    async with anyio.create_task_group() as tasks:
+        await manager.__aenter__()
+        session = await manager.create()
+
+        async def subscriber() -> None:
+            async with manager.subscribe() as events:
+                async for _ in events:
+                    pass
+            ended.set()
+
+        async def slow(x: s.Session) -> s.Session:
+            await release.wait()
+            return x.with_state(a=1)
+
+        async def update() -> None:
+            with contextlib.suppress(Exception):
+                await manager.update(session.id, slow)
+
+        tasks.start_soon(subscriber)
+        tasks.start_soon(update)
+        await anyio.wait_all_tasks_blocked()
+        if anyio_backend == "asyncio":
+            import asyncio
+
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().call_later(0.2, task.cancel)  # asyncio.timeout's way
+            with pytest.raises(asyncio.CancelledError):
+                await manager.__aexit__(None, None, None)
+            if sys.version_info >= (3, 11):
+                task.uncancel()
+            release.set()
+        else:
+            tasks.start_soon(_set_after_exit_began, manager, release)
+            await manager.__aexit__(None, None, None)
+        with anyio.fail_after(10):
+            await ended.wait()
