@@ -357,6 +357,25 @@ def _storage_error(action: str, path: str | Path, exc: OSError) -> StorageError:
     )
 
 
+def _blocked_at(path: str) -> str | None:
+    """The first directory on the way to ``path`` (``path`` included) that this process
+    may not enter (search), or None: a missing one, or none, is not a matter of access."""
+    full = os.path.abspath(path)
+    chain = [full]
+    while (parent := os.path.dirname(chain[-1])) != chain[-1]:
+        chain.append(parent)
+    effective = os.access in os.supports_effective_ids
+    for directory in reversed(chain):
+        try:
+            if not os.path.isdir(directory):
+                return None
+        except OSError:
+            return None
+        if not os.access(directory, os.X_OK, effective_ids=effective):
+            return directory
+    return None
+
+
 @attrs.frozen(slots=True)
 class _Entry:
     """What the in-process index knows of one session."""
@@ -612,25 +631,33 @@ class FileRepository(SessionRepository):
 
     def _open_sync(self) -> None:
         root = self._root
-        if root.exists() and not root.is_dir():
+        try:
+            root_is_file = root.exists() and not root.is_dir()
+            parent_is_dir = root.parent.is_dir()
+        except OSError as exc:  # a directory above it may not be entered
+            raise self._open_error("access", os.fspath(root), exc) from exc
+        if root_is_file:
             raise StorageError(
                 f"Cannot open a FileRepository at {root}: it exists and is not a directory. "
                 "Pass a directory path."
             )
-        if not root.parent.is_dir():
+        if not parent_is_dir:
             raise StorageError(
                 f"Cannot open a FileRepository at {root}: the parent directory "
                 f"{root.parent} does not exist. Create it first."
             )
         created = False
-        for path in (str(root), self._sessions_dir, self._locks_dir, self._quarantine_dir):
+        # The root through its symbolic link, if it is one: os.mkdir does not follow a
+        # dangling link (it fails with EEXIST), so the target is created, with its mode.
+        top = os.path.realpath(root)
+        for path in (top, self._sessions_dir, self._locks_dir, self._quarantine_dir):
             try:
                 os.mkdir(path, self._dir_mode)
                 created = True
             except FileExistsError:
                 pass
             except OSError as exc:
-                raise _storage_error("create the store directory", path, exc) from exc
+                raise self._open_error("create the store directory", path, exc) from exc
         if created:  # make the new directories themselves survive a power loss
             self._sync_dir(os.fspath(root.parent), written=os.fspath(root))
             self._sync_dir(os.fspath(root), written=self._sessions_dir)
@@ -642,9 +669,27 @@ class FileRepository(SessionRepository):
         except FileNotFoundError:
             pass  # another process opening the store removed it
         except OSError as exc:
-            raise _storage_error("write to the store directory", self._sessions_dir, exc) from exc
+            raise self._open_error("write to the store directory", self._sessions_dir, exc) from exc
         self._sync(initial=True)
         self._remove_orphan_locks()
+
+    def _open_error(self, action: str, path: str, exc: OSError) -> StorageError:
+        """The error for ``exc`` from ``action`` on ``path`` while opening: one that
+        permissions caused names the directory this process may not enter, if there is
+        one on the way (the store's directories may exist: they cannot be reached)."""
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            blocked = _blocked_at(path)
+            if blocked is not None:
+                user = f" (uid {os.geteuid()})" if hasattr(os, "geteuid") else ""
+                return StorageError(
+                    f"Cannot access the store directory {os.fspath(self._root)}: this "
+                    f"process{user} may not enter {blocked} ({exc.strerror}). Give the user "
+                    "running it search (x) permission on every directory above the store, "
+                    "and read, write and search permission on the store directory and its "
+                    "sessions, locks and quarantine directories (or run it as their "
+                    "owner); or pass another directory."
+                )
+        return _storage_error(action, path, exc)
 
     def _remove_orphan_locks(self) -> None:
         """Delete lock files of sessions without a document, which a crash can leave.

@@ -164,6 +164,29 @@ _STORE_PRAGMAS: Final = {
     "writable_schema": "the store's tables must stay intact",
     "ignore_check_constraints": "the store's tables must stay intact",
 }
+#: Pragmas refused in ``pragmas=`` because they reach beyond the store's connection: a
+#: heap limit holds for every SQLite connection of the process (a tiny one made every
+#: store in it fail with MemoryError, including stores opened without pragmas).
+_PROCESS_PRAGMAS: Final = {
+    "hard_heap_limit": "it limits SQLite's memory for the whole process, every store in it",
+    "soft_heap_limit": "it limits SQLite's memory for the whole process, every store in it",
+    "threads": "it lets SQLite start helper threads beside the store's one worker thread",
+    "temp_store_directory": "it sets the temporary directory of the whole process",
+    "data_store_directory": "it sets a directory for the whole process",
+}
+_MEMORY_ADVICE: Final = (
+    "A heap limit set for the whole process (PRAGMA hard_heap_limit or soft_heap_limit "
+    "on any SQLite connection in it) or the process's own memory ran out: raise or "
+    "remove the limit, or free memory"
+)
+#: The numbers SQLite stores for the words a pragma accepts as its value, to check that a
+#: pragma set from ``pragmas=`` took (see ``SQLiteRepository._check_pragma``).
+_BOOLEAN_WORDS: Final = {"on": 1, "yes": 1, "true": 1, "off": 0, "no": 0, "false": 0}
+_PRAGMA_WORDS: Final = {
+    "temp_store": {"default": 0, "file": 1, "memory": 2},
+    "auto_vacuum": {"none": 0, "full": 1, "incremental": 2},
+    "secure_delete": {**_BOOLEAN_WORDS, "fast": 2},
+}
 _UTC = timezone.utc
 _EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
 _US = timedelta(microseconds=1)
@@ -982,6 +1005,11 @@ class _Aborted(Exception):
     """The batch transaction was rolled back by SQLite; rerun its operations one by one."""
 
 
+class _Replaced(Exception):
+    """The database file was deleted or replaced while open: the write batch is rolled
+    back and each of its operations fails with this message."""
+
+
 class _Locked(Exception):
     """The batch transaction could not begin: another connection kept its lock for the
     whole ``busy_timeout``."""
@@ -1016,9 +1044,12 @@ class SQLiteRepository(SessionRepository):
       example ``{"cache_size": -65536}``); names and values are checked, not trusted.
       Pragmas the store owns (``user_version``, ``application_id``, ``journal_mode``,
       ``synchronous``, ``busy_timeout``, ``locking_mode``, ...) are refused with
-      :class:`InvalidConfiguration`.
+      :class:`InvalidConfiguration`, and so are those that reach beyond this
+      connection (``hard_heap_limit``, ``soft_heap_limit``, ``threads``, ...).
       They are applied after the store's own (``wal_autocheckpoint`` is
-      :data:`WAL_AUTOCHECKPOINT` pages unless set here).
+      :data:`WAL_AUTOCHECKPOINT` pages unless set here), and each is read back: opening
+      fails with :class:`InvalidConfiguration` if one did not take (an unknown name, a
+      value SQLite turned into another, such as a word where it wants a number).
     * ``snapshot_cache`` — how many sessions (100,000 messages at most in all) the store
       remembers as it last wrote or read them, so the manager's ``update()`` is one hop
       to the worker (the compare-and-set) instead of a read plus a compare-and-set.
@@ -1027,7 +1058,15 @@ class SQLiteRepository(SessionRepository):
     * ``file_mode`` — permissions of a database file this store creates (default
       ``0o600``: session data is readable by its owner only; the umask applies on top).
       SQLite gives the ``-wal`` and ``-shm`` files the database's mode; an existing
-      file keeps its own.
+      file keeps its own. A path through a symbolic link creates the link's target.
+
+    Opening checks that the process may write the file (SQLite would open a file it may
+    only read without a word, and fail every write): a file, ``-wal``, ``-shm`` or
+    directory it may not write fails the open with :class:`StorageError`. The file must
+    stay in place while open: once it is deleted, moved or replaced, every write fails
+    (nothing of it committed) with a :class:`StorageError` saying so, and at close the
+    old file's ``-wal`` is moved aside (``<path>-wal.replaced-<time>-<pid>``, logged) so
+    that it is not read as part of the file at the path now.
 
     Cancellation: an operation still waiting in the queue is withdrawn and never runs;
     a write the worker has started completes (awaited, shielded, for at most
@@ -1087,7 +1126,16 @@ class SQLiteRepository(SessionRepository):
                     f"pragmas= may not set {name!r} ({_STORE_PRAGMAS[name]}). The store "
                     f"owns these pragmas: {', '.join(sorted(_STORE_PRAGMAS))}."
                 )
+            if name in _PROCESS_PRAGMAS:
+                raise InvalidConfiguration(
+                    f"pragmas= may not set {name!r}: {_PROCESS_PRAGMAS[name]}, not just "
+                    "this store's connection. Refused: "
+                    f"{', '.join(sorted(_PROCESS_PRAGMAS))}."
+                )
         self._path = Path(path)
+        self._file = os.fspath(self._path)
+        self._identity: tuple[int, int] | None = None  # the open file's (st_dev, st_ino)
+        self._wal_identity: tuple[int, int] | None = None  # and its -wal's
         self._file_mode = file_mode
         self._synchronous = synchronous
         self._busy_timeout = float(busy_timeout)
@@ -1278,10 +1326,7 @@ class SQLiteRepository(SessionRepository):
                     logger.exception("SQLite worker of %s failed", self._path)
                     self._rollback(conn)
                     self._fail(live, exc)
-        try:
-            conn.close()
-        except sqlite3.Error:
-            logger.exception("closing %s failed", self._path)
+        self._disconnect(conn)
         assert stopping is not None
         leftovers: list[_Request] = [stopping]
         while True:  # none can follow the stop (see _call); refuse any, never leave one waiting
@@ -1411,6 +1456,12 @@ class SQLiteRepository(SessionRepository):
                     self._still_locked(request, exc.error)
                 self._answer(group)
                 return
+            except _Replaced as exc:
+                self._rollback(conn)
+                for request in group:  # one exception each: raised in different tasks
+                    request.result, request.error = None, StorageError(str(exc))
+                self._answer(group)
+                return
             except (_Aborted, sqlite3.Error) as exc:
                 logger.warning(
                     "group commit of %d operations on %s failed (%s); running them one by one",
@@ -1453,8 +1504,9 @@ class SQLiteRepository(SessionRepository):
         deadline: float,
         meanwhile: Callable[[float], None] | None = None,
     ) -> None:
+        writes = any(r.write for r in batch)
         try:
-            self._begin(conn, any(r.write for r in batch), deadline, meanwhile)
+            self._begin(conn, writes, deadline, meanwhile)
         except sqlite3.OperationalError as exc:
             if _is_busy(exc):
                 raise _Locked(exc) from exc
@@ -1468,6 +1520,8 @@ class SQLiteRepository(SessionRepository):
                 except sqlite3.Error as exc:
                     raise _Aborted(str(exc)) from exc
                 except Exception as exc:
+                    if isinstance(exc, MemoryError):
+                        exc = self._memory_error(exc)
                     results.append((None, exc))
                 continue
             conn.execute("SAVEPOINT op")
@@ -1483,10 +1537,17 @@ class SQLiteRepository(SessionRepository):
                     raise _Aborted(str(inner)) from inner
                 if isinstance(exc, sqlite3.Error):
                     raise _Aborted(str(exc)) from exc  # rerun alone for a precise error
+                if isinstance(exc, MemoryError):
+                    exc = self._memory_error(exc)
                 results.append((None, exc))
             else:
                 conn.execute("RELEASE op")
                 results.append((value, None))
+        if writes:
+            try:
+                self._check_file()
+            except StorageError as exc:
+                raise _Replaced(str(exc)) from None
         conn.execute("COMMIT")
         self._commits += 1
         self._largest_batch = max(self._largest_batch, len(batch))
@@ -1513,7 +1574,10 @@ class SQLiteRepository(SessionRepository):
                 self._begin(conn, request.write, deadline, meanwhile)
                 try:
                     request.result = request.fn(conn)
+                    if request.write:
+                        self._check_file()
                 except BaseException:
+                    request.result = None
                     self._rollback(conn)
                     raise
                 conn.execute("COMMIT")
@@ -1530,6 +1594,11 @@ class SQLiteRepository(SessionRepository):
                 if busy:
                     return exc
                 request.error = self._storage_error(exc)
+                request.error.__cause__ = exc
+                return None
+            except MemoryError as exc:
+                self._rollback(conn)
+                request.error = self._memory_error(exc)
                 request.error.__cause__ = exc
                 return None
             except Exception as exc:
@@ -1614,35 +1683,153 @@ class SQLiteRepository(SessionRepository):
         if code == _SQLITE_IOERR:
             return StorageError(
                 f"I/O error on SQLite database {self._path} ({name}: {exc}). Check the "
-                "disk; nothing was written.",
+                "disk; nothing was written. Another cause: the database file was deleted "
+                "or replaced while a process had it open (its -wal and -shm files stayed): "
+                "then restart every process using it.",
                 recoverable=True,
             )
+        if code == _SQLITE_READONLY:
+            return StorageError(
+                f"SQLite database {self._path} cannot be written ({name}: {exc}); nothing "
+                f"was written. {self._writable_advice()}"
+            )
         return StorageError(f"SQLite database {self._path} failed: {name}: {exc}.")
+
+    def _memory_error(self, exc: MemoryError) -> StorageError:
+        return StorageError(
+            f"SQLite ran out of memory on database {self._path} ({exc!r}); nothing was "
+            f"written. {_MEMORY_ADVICE}, and retry.",
+            recoverable=True,
+        )
+
+    def _writable_advice(self) -> str:
+        user = f" (uid {os.geteuid()})" if hasattr(os, "geteuid") else ""
+        path = self._path
+        return (
+            f"Give the user running this process{user} read and write permission on "
+            f"{path}, on its {path.name}-wal and {path.name}-shm files if they exist, and on "
+            f"the directory {path.parent} (SQLite creates and removes the -wal and -shm "
+            "files there), on a file system mounted read-write; or pass a path it may write."
+        )
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        """The device and inode of the database file (None for ``:memory:``)."""
+        if self._file == ":memory:":
+            return None
+        try:
+            status = os.stat(self._file)
+        except OSError as exc:
+            raise StorageError(
+                f"Cannot open SQLite database {self._path}: it vanished while it was being "
+                f"opened ({exc.strerror}). Open it again."
+            ) from exc
+        return status.st_dev, status.st_ino
+
+    def _check_file(self) -> None:
+        """Fail a write batch, before its commit, if the database file at the path is no
+        longer the one this connection has open (deleted, renamed or replaced): SQLite
+        would commit to the unlinked file, and the write would be lost without a word.
+        One ``stat`` per batch (about a microsecond)."""
+        identity = self._identity
+        if identity is None:
+            return
+        try:
+            status = os.stat(self._file)
+        except OSError as exc:
+            now = f"no file can be found at that path now: {exc.strerror}"
+        else:
+            if status.st_ino == identity[1] and status.st_dev == identity[0]:
+                return
+            now = "another file is at that path now"
+        raise StorageError(
+            f"SQLite database {self._path} was deleted or replaced while this store had it "
+            f"open ({now}); nothing of this write was committed. Writes to the old file "
+            "would be lost: restart every process using this database (close and reopen "
+            "its stores), after putting the right file back in place if it was moved."
+        )
+
+    def _disconnect(self, conn: sqlite3.Connection) -> None:
+        """Close the connection. If the database file was deleted or replaced while it
+        was open, SQLite leaves the file's -wal at the path at close (no checkpoint into
+        a moved file), and the next opener would read its pages over the file now there:
+        a backup moved into place showed the old data. So such a -wal, still this
+        store's, is moved aside first (and logged), for whoever wants that data back."""
+        try:
+            self._check_file()
+        except StorageError:
+            self._set_wal_aside()
+        try:
+            conn.close()
+        except sqlite3.Error:
+            logger.exception("closing %s failed", self._path)
+
+    def _set_wal_aside(self) -> None:
+        wal = f"{self._file}-wal"
+        aside = f"{wal}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        try:
+            status = os.stat(wal)
+            if (status.st_dev, status.st_ino) != self._wal_identity:
+                return  # not this store's: another opener's since, or none
+            os.rename(wal, aside)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            failed = exc
+        else:
+            logger.warning(
+                "SQLite database %s was deleted or replaced while this store had it open: "
+                "its write-ahead log, holding the last writes to the old file, was moved "
+                "to %s, so that it is not read as part of the file at that path now",
+                self._path,
+                aside,
+            )
+            return
+        logger.warning(
+            "SQLite database %s was deleted or replaced while this store had it open, and "
+            "its write-ahead log could not be moved aside (%s): remove %s before opening "
+            "the file at that path now",
+            self._path,
+            failed,
+            wal,
+        )
 
     # -- opening -------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
         path = self._path
-        if str(path) != ":memory:":
+        if self._file != ":memory:":
             parent = path.parent
-            if not parent.exists():
+            try:
+                parent_found = parent.exists()
+                parent_is_dir = parent.is_dir()
+                path_is_dir = path.is_dir()
+            except OSError as exc:
+                raise StorageError(
+                    f"Cannot open SQLite database {path}: it cannot be accessed "
+                    f"({exc.strerror}). {self._writable_advice()} The user also needs "
+                    "search (x) permission on every directory above it."
+                ) from exc
+            if not parent_found:
                 raise StorageError(
                     f"Cannot open SQLite database {path}: directory {parent} does not "
                     "exist. Create it first."
                 )
-            if not parent.is_dir():
+            if not parent_is_dir:
                 raise StorageError(
                     f"Cannot open SQLite database {path}: {parent} is not a directory."
                 )
-            if path.is_dir():
+            if path_is_dir:
                 raise StorageError(
                     f"Cannot open SQLite database {path}: it is a directory; pass a file path."
                 )
             # A new file gets file_mode (SQLite gives its -wal and -shm files the same).
             # An existing one keeps its own; one that cannot be created here is reported
-            # by sqlite3.connect below, with the path.
+            # by sqlite3.connect below, with the path. A symbolic link is followed first:
+            # O_EXCL does not follow one, and SQLite would then create the target of a
+            # dangling link with the umask's mode.
             with contextlib.suppress(OSError):
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode))
+                target = os.path.realpath(path)
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode))
         try:
             conn = sqlite3.connect(
                 path,
@@ -1651,29 +1838,62 @@ class SQLiteRepository(SessionRepository):
                 check_same_thread=True,
                 cached_statements=128,
             )
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, MemoryError) as exc:
             raise self._open_error(exc) from exc
         try:
+            # The file the connection has open: _check_file compares with it before each
+            # commit. Taken right after SQLite opened it.
+            self._identity = self._file_identity()
             self._configure(conn)
+            # Its -wal (the write probe made one): moved aside at close if the file was
+            # replaced meanwhile (see _disconnect).
+            self._wal_identity = None
+            with contextlib.suppress(OSError):
+                status = os.stat(f"{self._file}-wal")
+                self._wal_identity = status.st_dev, status.st_ino
         except BaseException as exc:
             conn.close()
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, (sqlite3.Error, MemoryError)):
                 raise self._open_error(exc) from exc
             raise
         return conn
 
-    def _open_error(self, exc: sqlite3.Error) -> StorageError:
+    def _open_error(self, exc: sqlite3.Error | MemoryError) -> StorageError:
+        if isinstance(exc, MemoryError):
+            return StorageError(
+                f"Cannot open SQLite database {self._path}: SQLite ran out of memory "
+                f"({exc!r}). {_MEMORY_ADVICE}.",
+                recoverable=True,
+            )
         code = _primary_code(exc)
         if code == _SQLITE_NOTADB:
             cause = "the file is not a SQLite database"
-        elif code in (_SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_PERM):
+            advice = "Pass a path to a new or existing asyncsession database."
+        elif code == _SQLITE_READONLY:
+            cause = "SQLite could open it for reading only"
+            advice = self._writable_advice()
+        elif code in (_SQLITE_CANTOPEN, _SQLITE_PERM):
             cause = "the location is read-only or not accessible"
+            advice = self._writable_advice()
+        elif code == _SQLITE_FULL:
+            cause = "the database or disk is full"
+            advice = (
+                "Free disk space, or raise the max_page_count pragma (or leave it unset): "
+                "the store needs room for its tables."
+            )
+        elif code == _SQLITE_IOERR:
+            cause = "I/O error"
+            advice = (
+                "Check the disk. Another cause: the database file was deleted or replaced "
+                "while a process had it open, and its old -wal and -shm files stayed: "
+                "restart every process using it."
+            )
         else:
             cause = "SQLite error"
+            advice = "Pass a writable path to a new or existing asyncsession database."
         error = self._storage_error(exc)
         return StorageError(
-            f"Cannot open SQLite database {self._path}: {cause} ({exc}). Pass a writable "
-            "path to a new or existing asyncsession database.",
+            f"Cannot open SQLite database {self._path}: {cause} ({exc}). {advice}",
             recoverable=error.recoverable,
         )
 
@@ -1690,7 +1910,44 @@ class SQLiteRepository(SessionRepository):
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
         for name, value in self._pragmas.items():
             conn.execute(f"PRAGMA {name} = {value}")
+            self._check_pragma(conn, name, value)
         self._upgrade(conn)
+
+    def _check_pragma(self, conn: sqlite3.Connection, name: str, value: int | str) -> None:
+        """Read back a pragma set from ``pragmas=``: SQLite ignores an unknown name and
+        turns a value it cannot use into another (a word where it wants a number into
+        0: ``wal_autocheckpoint = lots`` turned checkpoints off) without an error."""
+        rows = conn.execute(f"PRAGMA {name}").fetchall()
+        if not rows:
+            raise InvalidConfiguration(
+                f"pragmas={{{name!r}: {value!r}}} did not take: reading PRAGMA {name} back "
+                "returned nothing. SQLite ignores pragmas it does not know: check the name "
+                "(a pragma that cannot be read back is not accepted either)."
+            )
+        read = rows[0][0] if len(rows) == 1 and len(rows[0]) == 1 else rows[:3]
+        text = str(value)
+        if text.lstrip("-").isdigit():  # the construction checked it: -?[0-9]{1,19}
+            if type(read) is int and read == int(text):
+                return
+            why = (
+                "SQLite keeps a pragma within its limits and ignores some changes once "
+                "the file exists (page_size, auto_vacuum), without an error"
+            )
+        else:
+            word = text.lower()
+            number = _PRAGMA_WORDS.get(name, _BOOLEAN_WORDS).get(word)
+            if (type(read) is int and read == number) or (
+                isinstance(read, str) and read.lower().replace("-", "") == word
+            ):
+                return
+            why = (
+                "SQLite turns a word it does not take for this pragma into a number, "
+                "often 0, without an error; most pragmas want a number"
+            )
+        raise InvalidConfiguration(
+            f"pragmas={{{name!r}: {value!r}}} did not take: PRAGMA {name} reads back "
+            f"{read!r} ({why}). Pass a value this pragma accepts, or leave it out."
+        )
 
     def _upgrade(self, conn: sqlite3.Connection) -> None:
         """Create the tables, or bring an older layout up to :data:`SCHEMA_VERSION`."""
@@ -1735,6 +1992,11 @@ class SQLiteRepository(SessionRepository):
                     warnings.append(warning)
                 version += 1
                 conn.execute(f"PRAGMA user_version = {version}")
+            # Written even when unchanged: a write probe. SQLite opens a file this
+            # process may not write (its mode, its owner, its -wal or -shm file, a
+            # read-only mount) for reading only, without a word, and every write would
+            # fail later: opening fails here instead, with SQLITE_READONLY.
+            conn.execute(f"PRAGMA user_version = {version}")
             conn.execute("COMMIT")
         except BaseException:
             self._rollback(conn)
