@@ -754,6 +754,18 @@ class SessionManager:
         # A held snapshot of an earlier life of the session (deleted and added again
         # elsewhere): the stored one is live, and the save refuses the snapshot.
 
+    async def _record_if_overdue(self, sid: uuid.UUID, now: datetime) -> None:
+        """Have the store record the deadline of a session that is open and live by its
+        stored deadline but past this manager's (see :meth:`_past_deadline`), as a write
+        or touch at ``now`` would: from then on it is expired for every reader. Only a
+        ``max_age`` can put that deadline in the past (a touch moves the idle one on).
+        """
+        if self._policy.max_age is None:
+            return
+        stored = await self._repository.get(sid, last_messages=0)
+        if stored is not None and not stored.is_expired(now) and self._past_deadline(stored, now):
+            await self._repository.touch(sid, at=now, policy=self._policy, last_messages=0)
+
     def _past_deadline(self, session: Session, now: datetime) -> bool:
         """Whether a write or touch of the open ``session`` at ``now`` would give it a
         deadline at or before ``now`` under this manager's policy."""
@@ -1029,8 +1041,10 @@ class SessionManager:
     async def delete(self, session_id: SessionId, *, missing_ok: bool = False) -> bool:
         """Delete a session now; raise :class:`SessionNotFound` unless ``missing_ok``.
 
-        An expired session counts as gone already: it is removed as expired, unless its
-        document cannot be read (cleanup leaves it for this): then it is deleted unread.
+        An expired session counts as gone already: it is removed as expired (EXPIRED,
+        reported), unless its document cannot be read (cleanup leaves it for this): then
+        it is deleted unread. So is a session past this manager's deadline (a ``max_age``
+        added or shortened since it was written), recorded or not.
         A store that sets damaged documents aside (the file store's quarantine) does so
         as this reads the session, which is then not found.
         """
@@ -1038,9 +1052,11 @@ class SessionManager:
         await self._after_rotation(sid)
         now = self._clock.now()
         # An expired session is already gone for every reader: it is removed as expired
-        # (and reported so), not deleted.
+        # (and reported so), not deleted. So is one past this manager's deadline that no
+        # write or touch has recorded yet (a max_age added or shortened since).
         async with _whole_write():
             try:
+                await self._record_if_overdue(sid, now)
                 expired = await self._expire(sid, now)
             except SerializationError:
                 # Unreadable (expired or not: a store may read before it checks the

@@ -378,6 +378,19 @@ class SessionRepository(ABC):
             )
 
     @staticmethod
+    def _save_finds_expired(
+        session: Session, stored_expires_at: datetime | None, stored_status: SessionStatus
+    ) -> bool:
+        """Whether a :meth:`save` of ``session`` finds the stored session (with this
+        ``expires_at`` and status) expired: its deadline is at or before the save's time,
+        ``session.last_active``, and the save would change that deadline or the status."""
+        return (
+            stored_expires_at is not None
+            and stored_expires_at <= session.last_active
+            and (session.expires_at != stored_expires_at or session.status is not stored_status)
+        )
+
+    @staticmethod
     def _not_extending(session: Session, stored: int, added: int) -> InvalidUpdate:
         """The refusal of a save whose ``new_messages`` (``added`` of them) do not bring
         the ``stored`` history to the window's total."""
@@ -444,6 +457,15 @@ class SessionRepository(ABC):
         messages equals ``session.messages``, so a store may just append them
         (O(appended)); when None the store rewrites the history. Raises
         :class:`SessionNotFound` or :class:`SessionConflict`; nothing is written then.
+
+        A save is a write at ``session.last_active`` (the manager sets it to the time of
+        the write). A stored session whose ``expires_at`` is at or before that has
+        expired, even if its revision is ``expected_revision`` (a touch that recorded a
+        past deadline, or moved it earlier, leaves the revision): the save raises
+        :class:`SessionNotFound` and writes nothing, as :meth:`append` would, rather than
+        bring the session back. A save that keeps the stored ``expires_at`` and status
+        (a rewrite of the document) brings nothing back and is allowed. See
+        :meth:`_save_finds_expired`.
         """
 
     @abstractmethod

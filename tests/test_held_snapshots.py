@@ -442,6 +442,51 @@ async def test_a_touch_under_another_policy_is_not_overruled(
             await a.update(session.id, bump("n"))
 
 
+async def test_a_save_elsewhere_does_not_revive_a_session_a_new_max_age_expired(
+    place: Place, anyio_backend: str
+) -> None:
+    """Review finding (two processes, a rolling deploy): b (no max_age) updates with a
+    slow function, holding the session; meanwhile a (max_age 10 s) finds the 20 s old
+    session expired and records its deadline, which leaves the revision. b's save then
+    passed the compare-and-set and stored a deadline 30 minutes on: live again, left out
+    of cleanup. It now raises SessionNotFound, and the session stays expired."""
+    clock = ManualClock(T0)
+    async with AsyncExitStack() as stack:
+        b, a = [
+            await stack.enter_async_context(
+                SessionManager(
+                    place.open(),
+                    clock=clock,
+                    idle_timeout=1800,
+                    max_age=max_age,
+                    cleanup_interval=None,
+                )
+            )
+            for max_age in (None, 10)
+        ]
+        session = await b.create(state={"n": 0})
+        await b.update(session.id, bump("n"))  # held by b
+        clock.advance(20)
+
+        async def expired_elsewhere(x: Session) -> Session:
+            with pytest.raises(SessionNotFound):
+                await a.get(x.id)
+            clock.advance(1)
+            return x.with_state(n=5)
+
+        with pytest.raises(SessionNotFound):
+            await b.update(session.id, expired_elsewhere)
+        for manager in (a, b):
+            assert not await manager.exists(session.id)
+            assert (await manager.list()).items == ()
+        with pytest.raises(SessionNotFound):  # b's next update knows it too
+            await b.update(session.id, bump("n"))
+        stored = await b.repository.get(session.id)
+        assert stored is not None and stored.state == {"n": 1}
+        assert stored.expires_at == T0 + timedelta(seconds=10)
+        assert await a.purge_expired() == 1
+
+
 class TickingDatetime(datetime):
     """A datetime subclass, as freezegun's and pendulum's clocks return."""
 

@@ -2361,6 +2361,147 @@ async def test_update_runs_the_function_max_retries_times_on_every_store(
         assert calls == 4 and info.value.attempts == 4
 
 
+async def test_a_save_under_the_old_policy_does_not_bring_back_a_session_found_expired(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    """Review finding: manager B (no max_age) updates with a slow function; meanwhile
+    manager A (max_age 10 s) finds the 20 s old session expired and records its deadline.
+    B's compare-and-set save passed (the record leaves the revision) and stored a
+    deadline 30 minutes on: the session was live again. B's update, closing update and
+    rotation now raise SessionNotFound, store and announce nothing, and the session
+    stays expired for every reader until cleanup announces it EXPIRED."""
+    thirty_minutes = timedelta(minutes=30)
+    async with (
+        s.SessionManager(
+            any_repository, idle_timeout=thirty_minutes, cleanup_interval=None, clock=clock
+        ) as b,
+        s.SessionManager(
+            any_repository,
+            idle_timeout=thirty_minutes,
+            max_age=10,
+            cleanup_interval=None,
+            clock=clock,
+        ) as a,
+    ):
+        updated, closed, rotated = [await b.create(state={"n": 0}) for _ in range(3)]
+        clock.advance(20)
+
+        async def found_expired_meanwhile(x: s.Session) -> s.Session:
+            with pytest.raises(s.SessionNotFound):
+                await a.get(x.id)
+            clock.advance(1)
+            return x.with_state(n=1)
+
+        async def closing(x: s.Session) -> s.Session:
+            return attrs.evolve(await found_expired_meanwhile(x), status=s.SessionStatus.EXITED)
+
+        async with b.subscribe() as events:
+            with pytest.raises(s.SessionNotFound):
+                await b.update(updated.id, found_expired_meanwhile)
+            with pytest.raises(s.SessionNotFound):
+                await b.update(closed.id, closing)
+            with pytest.raises(s.SessionNotFound):
+                await b.rotate(rotated.id, found_expired_meanwhile)
+            assert buffered(events) == []
+        deadline = updated.created_at + timedelta(seconds=10)
+        for sid in (updated.id, closed.id, rotated.id):
+            stored = await any_repository.get(sid)
+            assert stored is not None and stored.expires_at == deadline
+            assert stored.state == {"n": 0} and stored.revision == 0
+            assert stored.status is s.SessionStatus.ACTIVE
+            assert not await b.exists(sid)
+            with pytest.raises(s.SessionNotFound):  # and again, from a fresh read
+                await b.update(sid, lambda x: x.with_state(n=2))
+        assert (await b.list()).items == ()
+        assert (await b.stats()).total == 3  # the rotation left no new session
+        async with a.subscribe() as events:
+            assert await a.purge_expired() == 3
+            assert {e.kind for e in buffered(events)} == {s.EventKind.EXPIRED}
+
+
+async def test_a_save_does_not_bring_back_a_session_that_expired_while_the_function_ran(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    """A manager with a shorter idle_timeout touches the session while another's update
+    function runs (its deadline moves earlier, the revision stays), and the session idles
+    out before the save: the save found the revision unchanged and brought it back."""
+    async with (
+        s.SessionManager(
+            any_repository, idle_timeout=timedelta(hours=1), cleanup_interval=None, clock=clock
+        ) as slow,
+        s.SessionManager(
+            any_repository, idle_timeout=10, cleanup_interval=None, clock=clock
+        ) as fast,
+    ):
+        session = await slow.create(state={"n": 0})
+
+        async def outlived(x: s.Session) -> s.Session:
+            clock.advance(1)
+            await fast.get(x.id)  # deadline 10 s on, the earlier one
+            clock.advance(20)
+            assert not await fast.exists(x.id)
+            return x.with_state(n=1)
+
+        with pytest.raises(s.SessionNotFound):
+            await slow.update(session.id, outlived)
+        assert not await slow.exists(session.id)
+        stored = await any_repository.get(session.id)
+        assert stored is not None and stored.state == {"n": 0}
+        assert stored.expires_at == session.created_at + timedelta(seconds=11)
+        assert await slow.purge_expired() == 1
+
+
+async def test_delete_of_a_session_past_this_managers_deadline_announces_it_expired(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    """Review finding: delete() of a session past a max_age added since it was written
+    was announced DELETED with no report when no write or touch had recorded that
+    deadline yet, and EXPIRED with a report when one had. Both now go as expired, as if
+    the deadline had been recorded: EXPIRED, reported, and not found (missing_ok: False)."""
+    async with s.SessionManager(
+        any_repository, idle_timeout=None, cleanup_interval=None, clock=clock
+    ) as old:
+        overdue, recorded, raised, live = [await old.create(owner="o") for _ in range(4)]
+    clock.advance(20)
+    collected = Collected()
+    async with s.SessionManager(
+        any_repository,
+        idle_timeout=None,
+        max_age=10,
+        cleanup_interval=None,
+        clock=clock,
+        reporters=[collected],
+    ) as sessions:
+        assert await sessions.exists(overdue.id)  # the stored deadline: none
+        with pytest.raises(s.SessionNotFound):
+            await sessions.get(recorded.id)  # records the deadline
+        async with sessions.subscribe() as events:
+            assert await sessions.delete(overdue.id, missing_ok=True) is False
+            assert await sessions.delete(recorded.id, missing_ok=True) is False
+            with pytest.raises(s.SessionNotFound):
+                await sessions.delete(raised.id)
+            got = buffered(events)
+        assert [(e.kind, e.session_id) for e in got] == [
+            (s.EventKind.EXPIRED, sid) for sid in (overdue.id, recorded.id, raised.id)
+        ]
+        deadline = overdue.created_at + timedelta(seconds=10)
+        assert {(e.session.status, e.session.closed_at) for e in got if e.session} == {
+            (s.SessionStatus.EXPIRED, deadline)
+        }
+        for sid in (overdue.id, recorded.id, raised.id):
+            assert await any_repository.get(sid) is None
+    assert sorted(r.session_id for r in collected.reports) == sorted(
+        [overdue.id, recorded.id, raised.id]
+    )
+    assert {r.status for r in collected.reports} == {s.SessionStatus.EXPIRED}
+    async with s.SessionManager(
+        any_repository, idle_timeout=None, max_age=60, cleanup_interval=None, clock=clock
+    ) as sessions:
+        async with sessions.subscribe() as events:  # within this policy's deadline
+            assert await sessions.delete(live.id) is True
+            assert [e.kind for e in buffered(events)] == [s.EventKind.DELETED]
+
+
 async def test_leaving_the_manager_lets_the_calls_under_way_finish(store_url: str) -> None:
     """Leaving the manager closed the store under calls already running: on Redis each
     failed with "did not answer … may or may not have been applied", on the file store

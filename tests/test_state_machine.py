@@ -138,6 +138,20 @@ def test_store_matches_model(
                 ),
                 revision=old.revision + 1,
             )
+            if (
+                old.expires_at is not None
+                and old.expires_at <= new.last_active
+                and (new.expires_at != old.expires_at or new.status is not old.status)
+            ):
+                # expired by the save's time: it must not come back
+                self.expect(
+                    s.SessionNotFound,
+                    self.repo.save,
+                    new,
+                    expected_revision=old.revision,
+                    new_messages=None if rewrite else added,
+                )
+                return
             self.call(
                 self.repo.save,
                 new,

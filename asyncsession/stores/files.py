@@ -1312,6 +1312,9 @@ class FileRepository(SessionRepository):
                 raise SessionConflict(
                     sid, expected_revision=expected_revision, actual_revision=revision
                 )
+            prior = current.skeleton
+            if self._save_finds_expired(session, prior.expires_at, prior.status):
+                raise SessionNotFound(sid)  # expired by the save's time: stays so
             if doc is not None:
                 return None, _Write(doc, _skeleton(session))
             # A window (a read with last_messages): the stored history, grown by

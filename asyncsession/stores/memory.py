@@ -160,6 +160,8 @@ class MemoryRepository(SessionRepository):
                 raise SessionConflict(
                     session.id, expected_revision=expected_revision, actual_revision=old.revision
                 )
+            if self._save_finds_expired(session, old.expires_at, old.status):
+                raise SessionNotFound(session.id)  # expired by the save's time: stays so
             if not session.messages.is_complete:
                 # A window (a read with last_messages): the stored history, grown by
                 # new_messages, is the history, if they bring it to the window's total.

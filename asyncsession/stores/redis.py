@@ -313,7 +313,8 @@ return 1
 # the session contended ('cf'); the next successful save clears the mark and says so, and
 # that writer then reads before its next update, so it cannot starve the others. An 'a'
 # mode ends with ':total', the session's message total: msgs must bring the stored
-# history to it, else the save is refused with {-5, stored} and writes nothing.
+# history to it, else the save is refused with {-5, stored} and writes nothing. {-7}: the
+# stored deadline is at or before the new last_active (the session has expired).
 _SAVE = """
 local s, m, id = KEYS[1], KEYS[2], ARGV[2]
 local cur = redis.call('HMGET', s, 'r', 'st', 'o', 'cf', 'la', 'ex', 'cl', 'g')
@@ -329,6 +330,14 @@ if other or (la ~= '' and cur[5] ~= la) then
     return {-2, cur[1], reply(redis.call('HMGET', s, 'd', 'r', 'la', 'ex'), m, '', cur[8])}
   end
   return {-2, cur[1]}
+end
+-- A stored deadline at or before the save's time (its last_active) has passed, whatever
+-- the revision (a touch that recorded or moved it earlier leaves that): {-7}, nothing
+-- written, unless the save keeps that deadline and the status (a rewrite brings nothing
+-- back). Deadlines are canonical decimals: compared as strings for equality.
+if cur[6] and not us_less(us(ARGV[9]), us(cur[6]))
+    and (ARGV[10] ~= cur[6] or ARGV[6] ~= cur[2]) then
+  return {-7}
 end
 local want = string.match(ARGV[13], ':(%d+)$')
 if want then
@@ -1471,7 +1480,8 @@ class RedisRepository(SessionRepository, EventTransport):
             # (nothing was written, and the revision is checked again)
             reply = await self._run(self._save, "a save", self._keys(sid), arguments(None))
         code = int(reply[0])
-        if code == -1:
+        if code in (-1, -7):  # gone, or expired by the save's time (see _SAVE)
+            self._held.drop(session.id)
             raise SessionNotFound(session.id)
         if code == -2:
             if len(reply) > 2:  # the current session: the caller's retry needs no read

@@ -2071,16 +2071,18 @@ class SQLiteRepository(SessionRepository):
         expected_incarnation: int | None,
     ) -> Callable[[sqlite3.Connection], _Saved]:
         sid = str(session.id)
+        # The save's time and what it would store: see SessionRepository._save_finds_expired.
+        at_us, new_expires_us = _us(session.last_active), _us_or_none(session.expires_at)
 
         def op(conn: sqlite3.Connection) -> _Saved:
             row = conn.execute(
-                "SELECT pk, revision, message_count, last_active, incarnation FROM sessions "
-                "WHERE id = ?",
+                "SELECT pk, revision, message_count, last_active, incarnation, expires_at, "
+                "status FROM sessions WHERE id = ?",
                 (sid,),
             ).fetchone()
             if row is None:
                 raise SessionNotFound(session.id)
-            pk, revision, count, last_us, incarnation = row
+            pk, revision, count, last_us, incarnation, expires_us, status_name = row
             # Another revision, or another life of the session (deleted and added again
             # since the lent snapshot was taken): someone else's doing either way.
             other_writer = revision != expected_revision or (
@@ -2094,6 +2096,12 @@ class SQLiteRepository(SessionRepository):
                     with contextlib.suppress(CorruptSessionError):  # (it will read)
                         current = self._read(conn, session.id, None)
                 return _Saved(True, revision, current, other_writer, incarnation)
+            if (
+                expires_us is not None
+                and expires_us <= at_us
+                and (expires_us != new_expires_us or status_name != session.status.value)
+            ):
+                raise SessionNotFound(session.id)  # expired by the save's time: stays so
             contested = (
                 conn.execute("DELETE FROM contended WHERE session_pk = ?", (pk,)).rowcount > 0
             )
@@ -2183,18 +2191,22 @@ class SQLiteRepository(SessionRepository):
         if lent is not None:
             expected_last_us = _us(lent[0])
             expected_incarnation = lent[1] if type(lent[1]) is int else None
-        saved = await self._call(
-            self._op_save(
-                session,
-                expected_revision,
-                _encode(session),
-                added,
-                everything,
-                expected_last_us,
-                expected_incarnation,
-            ),
-            write=True,
-        )
+        try:
+            saved = await self._call(
+                self._op_save(
+                    session,
+                    expected_revision,
+                    _encode(session),
+                    added,
+                    everything,
+                    expected_last_us,
+                    expected_incarnation,
+                ),
+                write=True,
+            )
+        except SessionNotFound:
+            self._held.drop(session.id)  # gone, or expired by the save's time
+            raise
         if saved.refused:
             current = saved.current
             if current is not None:

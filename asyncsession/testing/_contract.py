@@ -786,8 +786,9 @@ class RepositoryContract:
         assert list(await repository.expired(at(59))) == []
         assert list(await repository.expired(at(62))) == [s.id for s in sessions[:3]]
         assert list(await repository.expired(at(1000), limit=2)) == [s.id for s in sessions[:2]]
-        # the index follows saves
-        moved = changed(sessions[0], last_active=at(100), expires_at=at(160))
+        # the index follows saves (made before the deadline: see
+        # test_a_save_finds_a_session_expired_at_its_time)
+        moved = changed(sessions[0], last_active=at(50), expires_at=at(110))
         await repository.save(moved, expected_revision=0)
         assert list(await repository.expired(at(62))) == [s.id for s in sessions[1:3]]
 
@@ -1205,6 +1206,69 @@ class RepositoryContract:
         assert (await repository.list(SessionQuery(visible_at=at(20)))).items == ()
         for sid in ids:
             assert await repository.remove_expired(sid, now=at(20)) is not None
+
+    async def test_a_save_finds_a_session_expired_at_its_time(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """A save is a write at the saved session's ``last_active``: a stored session
+        whose ``expires_at`` is at or before it has expired, so the save raises
+        SessionNotFound and writes nothing, as an append would. That holds for a deadline
+        a touch under a shorter policy recorded (which leaves the revision, so the
+        compare-and-set alone let such a save bring the session back) as for one stored
+        with the session. A save that keeps the stored ``expires_at`` and status (a
+        rewrite of the document) brings nothing back and is allowed."""
+        short = ExpiryPolicy(idle_timeout=timedelta(seconds=60), max_age=timedelta(seconds=10))
+        recorded, closing, stored, early, rewritten = (
+            attrs.evolve(make_session(messages=("a",)), expires_at=None) for _ in range(5)
+        )
+        stored = attrs.evolve(stored, expires_at=at(30))
+        early = attrs.evolve(early, expires_at=at(30))
+        rewritten = attrs.evolve(rewritten, expires_at=at(30))
+        for session in (recorded, closing, stored, early, rewritten):
+            await repository.add(session)
+        for session in (recorded, closing):  # the deadline at(10) recorded at(20)
+            reply = await repository.touch(session.id, at=at(20), policy=short)
+            assert reply is not None and reply.expires_at == at(10)
+        forever = changed(recorded, last_active=at(21), state={"k": 2}, expires_at=None)
+        await raises(
+            SessionNotFound,
+            repository.save(forever, expected_revision=0, new_messages=()),
+            "a save over a deadline a touch recorded",
+        )
+        closed = changed(
+            closing,
+            last_active=at(21),
+            status=SessionStatus.EXITED,
+            closed_at=at(21),
+            expires_at=at(31),
+        )
+        await raises(
+            SessionNotFound,
+            repository.save(closed, expected_revision=0),
+            "a save closing a session whose recorded deadline passed",
+        )
+        later = changed(stored, last_active=at(30), expires_at=at(90))  # exactly at it
+        await raises(
+            SessionNotFound,
+            repository.save(later, expected_revision=0, new_messages=()),
+            "a save at the stored deadline",
+        )
+        for session in (recorded, closing):
+            assert await repository.get(session.id) == attrs.evolve(session, expires_at=at(10))
+        assert await repository.get(stored.id) == stored
+        # Before the stored deadline, a save moves it as always.
+        moved = changed(early, last_active=at(29), expires_at=at(89))
+        await repository.save(moved, expected_revision=0, new_messages=())
+        assert await repository.get(early.id) == moved
+        # A rewrite that keeps the passed deadline and the status brings nothing back.
+        kept = changed(rewritten, last_active=at(40), state={"k": 3})
+        await repository.save(kept, expected_revision=0)
+        assert await repository.get(rewritten.id) == kept
+        expired = {recorded.id, closing.id, stored.id, rewritten.id}
+        assert set(await repository.expired(at(40))) == expired
+        assert [x.id for x in (await repository.list(SessionQuery(visible_at=at(40)))).items] == [
+            early.id
+        ]
 
     async def test_touch_interval_coalesces_activity(
         self, repository: SessionRepository, anyio_backend: Any

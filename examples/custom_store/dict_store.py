@@ -76,6 +76,9 @@ class DictRepository(SessionRepository):
             raise SessionNotFound(session.id)
         if current.revision != expected_revision:
             raise SessionConflict(session.id)
+        if self._save_finds_expired(session, current.expires_at, current.status):
+            # Expired by the save's time (session.last_active): it must not come back.
+            raise SessionNotFound(session.id)
         if not session.messages.is_complete:
             # A window of the history (read with last_messages): the stored history
             # grown by new_messages is the history, if they make the window's total.
