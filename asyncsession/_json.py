@@ -15,6 +15,7 @@ __all__ = [
     "freeze_json",
     "freeze_state",
     "merge_state",
+    "plain_str",
     "thaw_json",
 ]
 
@@ -28,6 +29,18 @@ JSONValue = Union[None, bool, int, float, str, "FrozenDict", tuple[Any, ...]]
 #: :func:`asyncsession.dumps` can write and read back; and it is as deep as every store
 #: of earlier releases could write, so their documents still load.
 MAX_JSON_DEPTH = 250
+
+
+def plain_str(value: Any) -> Any:
+    """``value`` as it is, unless it is an instance of a str subclass (a str enum member:
+    ``class Kind(str, Enum)``, ``StrEnum``): then the plain str it holds, its value.
+    (``str()`` of a ``(str, Enum)`` member gives its name, ``'Kind.SEARCH'``.) Everything
+    the library stores as text goes through it: state and data keys and values, roles,
+    message content, owners, names and a listing's owner and search."""
+    if type(value) is not str and isinstance(value, str):
+        return str.__str__(value)
+    return value
+
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -170,7 +183,7 @@ def _freeze(value: object, path: str, room: int) -> tuple[Any, int]:
             if type(key) is not str:
                 if not isinstance(key, str):
                     raise InvalidJSONValue(path, f"key {key!r} is not a string")
-                key = str.__str__(key)  # a str enum member's value, not its name
+                key = plain_str(key)  # a str enum member's value, not its name
             _check_str(key, path)
             out[key], height = _freeze(item, f"{path}[{key!r}]", room - 1)
             if height > below:
@@ -191,7 +204,7 @@ def _freeze(value: object, path: str, room: int) -> tuple[Any, int]:
         return bool(value), 0
     if isinstance(value, str):
         _check_str(value, path)
-        return str.__str__(value), 0  # a str enum member's value (str() gives its name)
+        return plain_str(value), 0  # a str enum member's value (str() gives its name)
     if isinstance(value, int):
         return _freeze(int(value), path, room)
     if isinstance(value, float):

@@ -23,7 +23,7 @@ from ._exceptions import (
     SessionError,
     ValidationError,
 )
-from ._json import EMPTY, freeze_json, freeze_state, merge_state
+from ._json import EMPTY, freeze_json, freeze_state, merge_state, plain_str
 
 __all__ = [
     "ROLES",
@@ -76,7 +76,9 @@ def parse_status(value: object) -> SessionStatus:
 
 
 def validate_name(name: object) -> str | None:
-    """Return ``name`` if it is None or 1-100 characters of ``[A-Za-z0-9_-]``."""
+    """Return ``name`` if it is None or 1-100 characters of ``[A-Za-z0-9_-]`` (a str
+    enum member: its value)."""
+    name = plain_str(name)
     if name is None:
         return None
     if type(name) is not str or _NAME_RE.fullmatch(name) is None:
@@ -85,7 +87,9 @@ def validate_name(name: object) -> str | None:
 
 
 def validate_owner(owner: object) -> str | None:
-    """Return ``owner`` if it is None or a non-empty printable string of ≤ 256 chars."""
+    """Return ``owner`` if it is None or a non-empty printable string of ≤ 256 chars (a
+    str enum member: its value)."""
+    owner = plain_str(owner)
     if owner is None:
         return None
     if type(owner) is not str or not 0 < len(owner) <= 256 or not owner.isprintable():
@@ -114,14 +118,6 @@ def _expires_at(value: datetime | None) -> datetime | None:
     return None if value is None else utc(value, "Session.expires_at")
 
 
-def _role(role: str) -> str:
-    """``role`` as a plain str: a str enum member (``class Role(str, Enum)``,
-    ``StrEnum``) stands for its value."""
-    if type(role) is not str and isinstance(role, str):
-        return str.__str__(role)
-    return role
-
-
 def _validate_role(instance: object, attribute: object, role: str) -> None:
     if type(role) is not str or role not in _ROLES:  # type first: a list is unhashable
         raise InvalidRole(role, ROLES)
@@ -144,8 +140,9 @@ def _check_content(instance: object, attribute: object, content: Any) -> None:
 class Message:
     """One message of a conversation."""
 
-    role: str = attrs.field(converter=_role, validator=_validate_role)
-    content: str = attrs.field(validator=_check_content)
+    # A str enum member (class Role(str, Enum), StrEnum) stands for its value.
+    role: str = attrs.field(converter=plain_str, validator=_validate_role)
+    content: str = attrs.field(converter=plain_str, validator=_check_content)
     timestamp: datetime = attrs.field(converter=_timestamp)
     data: Any = attrs.field(default=None, converter=_freeze_data)
 
@@ -496,8 +493,9 @@ class Session:
     id: uuid.UUID = attrs.field(converter=_id)
     created_at: datetime = attrs.field(converter=_created_at)
     last_active: datetime = attrs.field(converter=_last_active)
-    owner: str | None = attrs.field(default=None, validator=_validate_owner)
-    name: str | None = attrs.field(default=None, validator=_validate_name)
+    # A str enum member stands for its value, as in state (see plain_str).
+    owner: str | None = attrs.field(default=None, converter=plain_str, validator=_validate_owner)
+    name: str | None = attrs.field(default=None, converter=plain_str, validator=_validate_name)
     status: SessionStatus = attrs.field(default=SessionStatus.ACTIVE, converter=parse_status)
     closed_at: datetime | None = attrs.field(default=None, converter=_closed_at)
     expires_at: datetime | None = attrs.field(default=None, converter=_expires_at)

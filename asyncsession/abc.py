@@ -33,6 +33,7 @@ from ._exceptions import (
     InvalidUpdate,
     revision_exhausted,
 )
+from ._json import plain_str
 from ._loops import set_soon
 from ._models import ExpiryPolicy, Message, Session, SessionStatus, parse_status
 
@@ -79,9 +80,10 @@ class SessionQuery:
     filters (see :meth:`fingerprint`).
     """
 
-    owner: str | None = None
+    # A str enum member stands for its value, as stored (see plain_str).
+    owner: str | None = attrs.field(default=None, converter=plain_str)
     status: frozenset[SessionStatus] | None = attrs.field(default=None, converter=_statuses)
-    search: str | None = attrs.field(default=None, validator=_search)
+    search: str | None = attrs.field(default=None, converter=plain_str, validator=_search)
     limit: int = attrs.field(default=50, validator=_limit)
     cursor: str | None = None
     visible_at: datetime | None = None

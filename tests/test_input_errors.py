@@ -322,6 +322,51 @@ async def test_str_enum_members_are_stored_as_their_values(
     assert b'"Kind.' not in s.dumps(got)
 
 
+class Who(str, enum.Enum):
+    ALICE = "alice"
+    CART = "Cart-1"
+    HELLO = "Hello there"
+
+
+@pytest.mark.anyio
+async def test_str_enum_members_stand_for_their_values_as_content_owner_name_and_filters(
+    repository: s.SessionRepository,
+) -> None:
+    """A str enum member as message content raised ValidationError, as owner or name
+    InvalidOwner / InvalidSessionName, and as list()'s owner it matched nothing on
+    Redis (its key used the member's name, 'o:Who.ALICE'). Each now stands for its
+    value, stored as a plain str, on every store (review finding)."""
+    async with s.SessionManager(repository, cleanup_interval=None, clock=ManualClock()) as m:
+        session = await m.create(owner=Who.ALICE, name=Who.CART)
+        assert (session.owner, session.name) == ("alice", "Cart-1")
+        assert type(session.owner) is str and type(session.name) is str
+        added = await m.add_message(session.id, Role.USER, Who.HELLO)
+        assert type(added.messages[-1].content) is str
+        await m.add_messages(session.id, [(Role.TOOL, Kind.SEARCH)])
+        renamed = await m.update(session.id, lambda x: x.with_name(Kind.SEARCH))
+        assert type(renamed.name) is str
+        await m.update(session.id, lambda x: attrs.evolve(x, owner=Who.ALICE, name=Who.CART))
+        other = await m.create(owner="bob")
+        await m.add_message(other.id, "user", "nothing to see")
+        got = await m.get(session.id, touch=False)
+        assert (got.owner, got.name) == ("alice", "Cart-1")
+        assert type(got.owner) is str and type(got.name) is str
+        assert [x.content for x in got.messages] == ["Hello there", "search"]
+        assert all(type(x.content) is str for x in got.messages)
+        for page in (
+            await m.list(owner=Who.ALICE),
+            await m.list(search=Who.HELLO),
+            await m.list(search=Who.CART),
+            await m.list(owner=Who.ALICE, search=Who.HELLO),
+        ):
+            assert [x.id for x in page.items] == [session.id]
+        query = s.SessionQuery(owner=Who.ALICE, search=Who.CART)
+        assert (type(query.owner), type(query.search)) == (str, str)
+        assert query.fingerprint() == s.SessionQuery(owner="alice", search="Cart-1").fingerprint()
+        assert [x.id for x in (await repository.list(query)).items] == [session.id]
+    assert b"Who." not in s.dumps(got) and b"Kind." not in s.dumps(got)
+
+
 @pytest.mark.anyio
 async def test_sessions_near_the_end_of_time_never_expire_and_stay_readable(
     repository: s.SessionRepository,
