@@ -180,12 +180,45 @@ _MEMORY_ADVICE: Final = (
     "remove the limit, or free memory"
 )
 #: The numbers SQLite stores for the words a pragma accepts as its value, to check that a
-#: pragma set from ``pragmas=`` took (see ``SQLiteRepository._check_pragma``).
-_BOOLEAN_WORDS: Final = {"on": 1, "yes": 1, "true": 1, "off": 0, "no": 0, "false": 0}
-_PRAGMA_WORDS: Final = {
+#: pragma set from ``pragmas=`` took (see ``SQLiteRepository._check_pragma``). The
+#: boolean words are 0 or 1 for the switches only: a pragma that wants a number takes
+#: them as 0 (``cache_size = off``), the very change the read-back is there to catch.
+_BOOLEAN_WORDS: Final = {"on": 1, "off": 0, "yes": 1, "no": 0, "true": 1, "false": 0}
+_SWITCH_PRAGMAS: Final = (
+    "automatic_index",
+    "cell_size_check",
+    "checkpoint_fullfsync",
+    "count_changes",
+    "defer_foreign_keys",
+    "empty_result_callbacks",
+    "foreign_keys",
+    "full_column_names",
+    "fullfsync",
+    "legacy_alter_table",
+    "read_uncommitted",
+    "recursive_triggers",
+    "reverse_unordered_selects",
+    "short_column_names",
+    "trusted_schema",
+)
+_PRAGMA_WORDS: Final[dict[str, dict[str, int]]] = {
+    **dict.fromkeys(_SWITCH_PRAGMAS, _BOOLEAN_WORDS),
     "temp_store": {"default": 0, "file": 1, "memory": 2},
     "auto_vacuum": {"none": 0, "full": 1, "incremental": 2},
     "secure_delete": {**_BOOLEAN_WORDS, "fast": 2},
+}
+#: Pragmas set from ``pragmas=`` but not read back: actions, which have no setting to
+#: read (reading one back runs it again, and returns nothing), and case_sensitive_like,
+#: which SQLite cannot report.
+_UNREAD_PRAGMAS: Final = ("optimize", "incremental_vacuum", "case_sensitive_like")
+#: The only words these pragmas take besides a number (none: a number only), checked
+#: when the store is made: SQLite takes any other word for them without an error, in a
+#: way reading them back cannot show (cache_spill: as on).
+_PRAGMA_ONLY_WORDS: Final[dict[str, tuple[str, ...]]] = {
+    "optimize": (),
+    "incremental_vacuum": (),
+    "case_sensitive_like": tuple(_BOOLEAN_WORDS),
+    "cache_spill": tuple(_BOOLEAN_WORDS),
 }
 _UTC = timezone.utc
 _EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
@@ -1064,9 +1097,10 @@ class SQLiteRepository(SessionRepository):
     only read without a word, and fail every write): a file, ``-wal``, ``-shm`` or
     directory it may not write fails the open with :class:`StorageError`. The file must
     stay in place while open: once it is deleted, moved or replaced, every write fails
-    (nothing of it committed) with a :class:`StorageError` saying so, and at close the
-    old file's ``-wal`` is moved aside (``<path>-wal.replaced-<time>-<pid>``, logged) so
-    that it is not read as part of the file at the path now.
+    (nothing of it committed) with a :class:`StorageError` saying so. The file is the one
+    SQLite opened: the path resolved once at the open (a relative path from the working
+    directory then, a symbolic link to its target then), so a later ``os.chdir`` or a
+    link pointed elsewhere does not move the store to another file.
 
     Cancellation: an operation still waiting in the queue is withdrawn and never runs;
     a write the worker has started completes (awaited, shielded, for at most
@@ -1132,10 +1166,25 @@ class SQLiteRepository(SessionRepository):
                     "this store's connection. Refused: "
                     f"{', '.join(sorted(_PROCESS_PRAGMAS))}."
                 )
+            words = _PRAGMA_ONLY_WORDS.get(name)
+            if (
+                words is not None
+                and not isinstance(value, int)
+                and not value.lstrip("-").isdigit()
+                and value.lower() not in words
+            ):
+                wanted = f"a number or {'/'.join(words)}" if words else "a number"
+                raise InvalidConfiguration(
+                    f"Invalid pragma {name!r} = {value!r}: this pragma wants {wanted}. "
+                    "SQLite would take another word for it without an error, in a way "
+                    "reading it back cannot show."
+                )
         self._path = Path(path)
+        self._memory = os.fspath(self._path) == ":memory:"
+        # The file SQLite opened, resolved at the open (see _connect), and its
+        # (st_dev, st_ino) then: _check_file compares with them before each commit.
         self._file = os.fspath(self._path)
-        self._identity: tuple[int, int] | None = None  # the open file's (st_dev, st_ino)
-        self._wal_identity: tuple[int, int] | None = None  # and its -wal's
+        self._identity: tuple[int, int] | None = None
         self._file_mode = file_mode
         self._synchronous = synchronous
         self._busy_timeout = float(busy_timeout)
@@ -1326,7 +1375,10 @@ class SQLiteRepository(SessionRepository):
                     logger.exception("SQLite worker of %s failed", self._path)
                     self._rollback(conn)
                     self._fail(live, exc)
-        self._disconnect(conn)
+        try:
+            conn.close()
+        except sqlite3.Error:
+            logger.exception("closing %s failed", self._path)
         assert stopping is not None
         leftovers: list[_Request] = [stopping]
         while True:  # none can follow the stop (see _call); refuse any, never leave one waiting
@@ -1714,7 +1766,7 @@ class SQLiteRepository(SessionRepository):
 
     def _file_identity(self) -> tuple[int, int] | None:
         """The device and inode of the database file (None for ``:memory:``)."""
-        if self._file == ":memory:":
+        if self._memory:
             return None
         try:
             status = os.stat(self._file)
@@ -1729,7 +1781,9 @@ class SQLiteRepository(SessionRepository):
         """Fail a write batch, before its commit, if the database file at the path is no
         longer the one this connection has open (deleted, renamed or replaced): SQLite
         would commit to the unlinked file, and the write would be lost without a word.
-        One ``stat`` per batch (about a microsecond)."""
+        One ``stat`` per batch (about a microsecond), of the path resolved at the open.
+        (At close SQLite leaves such a file's ``-wal`` at the path; it is left alone: it
+        may be the ``-wal`` of another process that opened the file at the path since.)"""
         identity = self._identity
         if identity is None:
             return
@@ -1741,63 +1795,21 @@ class SQLiteRepository(SessionRepository):
             if status.st_ino == identity[1] and status.st_dev == identity[0]:
                 return
             now = "another file is at that path now"
+        shown = f"{self._path}"
+        if self._file != os.fspath(self._path):
+            shown += f" (the file {self._file})"
         raise StorageError(
-            f"SQLite database {self._path} was deleted or replaced while this store had it "
+            f"SQLite database {shown} was deleted or replaced while this store had it "
             f"open ({now}); nothing of this write was committed. Writes to the old file "
             "would be lost: restart every process using this database (close and reopen "
             "its stores), after putting the right file back in place if it was moved."
-        )
-
-    def _disconnect(self, conn: sqlite3.Connection) -> None:
-        """Close the connection. If the database file was deleted or replaced while it
-        was open, SQLite leaves the file's -wal at the path at close (no checkpoint into
-        a moved file), and the next opener would read its pages over the file now there:
-        a backup moved into place showed the old data. So such a -wal, still this
-        store's, is moved aside first (and logged), for whoever wants that data back."""
-        try:
-            self._check_file()
-        except StorageError:
-            self._set_wal_aside()
-        try:
-            conn.close()
-        except sqlite3.Error:
-            logger.exception("closing %s failed", self._path)
-
-    def _set_wal_aside(self) -> None:
-        wal = f"{self._file}-wal"
-        aside = f"{wal}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-        try:
-            status = os.stat(wal)
-            if (status.st_dev, status.st_ino) != self._wal_identity:
-                return  # not this store's: another opener's since, or none
-            os.rename(wal, aside)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            failed = exc
-        else:
-            logger.warning(
-                "SQLite database %s was deleted or replaced while this store had it open: "
-                "its write-ahead log, holding the last writes to the old file, was moved "
-                "to %s, so that it is not read as part of the file at that path now",
-                self._path,
-                aside,
-            )
-            return
-        logger.warning(
-            "SQLite database %s was deleted or replaced while this store had it open, and "
-            "its write-ahead log could not be moved aside (%s): remove %s before opening "
-            "the file at that path now",
-            self._path,
-            failed,
-            wal,
         )
 
     # -- opening -------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
         path = self._path
-        if self._file != ":memory:":
+        if not self._memory:
             parent = path.parent
             try:
                 parent_found = parent.exists()
@@ -1822,17 +1834,24 @@ class SQLiteRepository(SessionRepository):
                 raise StorageError(
                     f"Cannot open SQLite database {path}: it is a directory; pass a file path."
                 )
+            # The file SQLite opens, resolved once: a relative path from the working
+            # directory now, symbolic links to their targets now (as SQLite follows
+            # them). The connection opens it and _check_file watches it, whatever the
+            # working directory or a link at the path becomes later.
+            try:
+                self._file = os.path.realpath(path)
+            except OSError:  # a link loop: SQLite reports it below, with the path
+                self._file = os.path.abspath(path)
             # A new file gets file_mode (SQLite gives its -wal and -shm files the same).
             # An existing one keeps its own; one that cannot be created here is reported
-            # by sqlite3.connect below, with the path. A symbolic link is followed first:
+            # by sqlite3.connect below, with the path. (The link was followed above:
             # O_EXCL does not follow one, and SQLite would then create the target of a
-            # dangling link with the umask's mode.
+            # dangling link with the umask's mode.)
             with contextlib.suppress(OSError):
-                target = os.path.realpath(path)
-                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode))
+                os.close(os.open(self._file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode))
         try:
             conn = sqlite3.connect(
-                path,
+                self._file,
                 timeout=self._lock_slice,
                 isolation_level=None,
                 check_same_thread=True,
@@ -1845,12 +1864,6 @@ class SQLiteRepository(SessionRepository):
             # commit. Taken right after SQLite opened it.
             self._identity = self._file_identity()
             self._configure(conn)
-            # Its -wal (the write probe made one): moved aside at close if the file was
-            # replaced meanwhile (see _disconnect).
-            self._wal_identity = None
-            with contextlib.suppress(OSError):
-                status = os.stat(f"{self._file}-wal")
-                self._wal_identity = status.st_dev, status.st_ino
         except BaseException as exc:
             conn.close()
             if isinstance(exc, (sqlite3.Error, MemoryError)):
@@ -1899,7 +1912,7 @@ class SQLiteRepository(SessionRepository):
 
     def _configure(self, conn: sqlite3.Connection) -> None:
         mode = self._while_busy(conn, "PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal" and str(self._path) != ":memory:":
+        if mode != "wal" and not self._memory:
             raise StorageError(
                 f"Cannot open SQLite database {self._path}: WAL mode is not available there "
                 f"(journal mode {mode!r}); use a local file system."
@@ -1909,8 +1922,10 @@ class SQLiteRepository(SessionRepository):
         # default of 1000 pages they took about a fifth of the write time here.
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
         for name, value in self._pragmas.items():
-            conn.execute(f"PRAGMA {name} = {value}")
-            self._check_pragma(conn, name, value)
+            # An action (optimize, incremental_vacuum) may wait for the write lock.
+            self._while_busy(conn, f"PRAGMA {name} = {value}").fetchall()
+            if name not in _UNREAD_PRAGMAS:
+                self._check_pragma(conn, name, value)
         self._upgrade(conn)
 
     def _check_pragma(self, conn: sqlite3.Connection, name: str, value: int | str) -> None:
@@ -1922,10 +1937,23 @@ class SQLiteRepository(SessionRepository):
             raise InvalidConfiguration(
                 f"pragmas={{{name!r}: {value!r}}} did not take: reading PRAGMA {name} back "
                 "returned nothing. SQLite ignores pragmas it does not know: check the name "
-                "(a pragma that cannot be read back is not accepted either)."
+                "(pragmas that cannot be read back are refused too, except "
+                f"{', '.join(_UNREAD_PRAGMAS)})."
             )
         read = rows[0][0] if len(rows) == 1 and len(rows[0]) == 1 else rows[:3]
         text = str(value)
+        if name == "cache_spill":  # its words were checked when the store was made
+            # Reads back 0 when off, else the size at which the cache spills: at least
+            # the cache's size, and at least N for N pages.
+            switch = _BOOLEAN_WORDS.get(text.lower())
+            pages = int(text) if switch is None else switch
+            if type(read) is int and (read == 0 if pages == 0 else read >= max(pages, 1)):
+                return
+            raise InvalidConfiguration(
+                f"pragmas={{{name!r}: {value!r}}} did not take: PRAGMA {name} reads back "
+                f"{read!r} (SQLite keeps a pragma within its limits, without an error). "
+                "Pass on, off or a number of pages it accepts, or leave it out."
+            )
         if text.lstrip("-").isdigit():  # the construction checked it: -?[0-9]{1,19}
             if type(read) is int and read == int(text):
                 return
@@ -1935,7 +1963,7 @@ class SQLiteRepository(SessionRepository):
             )
         else:
             word = text.lower()
-            number = _PRAGMA_WORDS.get(name, _BOOLEAN_WORDS).get(word)
+            number = _PRAGMA_WORDS.get(name, {}).get(word)
             if (type(read) is int and read == number) or (
                 isinstance(read, str) and read.lower().replace("-", "") == word
             ):
