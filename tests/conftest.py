@@ -55,5 +55,6 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 # --- Redis store fixtures (appended block; owned by the RedisRepository work) -------------
+from redis_support import lone_redis as lone_redis  # noqa: E402
 from redis_support import redis_server as redis_server  # noqa: E402
 # --- end of Redis block ---------------------------------------------------------------------

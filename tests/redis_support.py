@@ -167,6 +167,17 @@ def require_redis() -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture
+def lone_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server that a test may stop (the shared one must keep running)."""
+    require_redis()
+    server = start_redis(directory=tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A private redis-server shared by the test session (each test uses its own prefix)."""

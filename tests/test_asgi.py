@@ -7,7 +7,7 @@ import logging
 import re
 import types
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +18,7 @@ import anyio.lowlevel
 import httpx
 import orjson
 import pytest
-from redis_support import RedisServer, require_redis, start_redis
+from redis_support import RedisServer
 from starlette.applications import Starlette
 from starlette.background import BackgroundTasks
 from starlette.middleware import Middleware
@@ -1151,17 +1151,6 @@ async def test_lifespan_passes_through(memory_manager: s.SessionManager) -> None
 
 
 # --- a store outage --------------------------------------------------------------------
-
-
-@pytest.fixture
-def lone_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private redis-server that a test may stop (the session's server keeps running)."""
-    require_redis()
-    server = start_redis(directory=tmp_path)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def outage_app(manager: s.SessionManager, seen: list[BaseException]) -> Starlette:

@@ -1684,12 +1684,12 @@ class Collected:
 
 
 def drained(events: s.Subscription) -> list[s.SessionEvent]:
-    """The events an ended subscription still holds."""
+    """The events a subscription holds now (buffered so far, or left when it ended)."""
     got = []
     while True:
         try:
             got.append(events.receive_nowait())
-        except anyio.EndOfStream:
+        except (anyio.WouldBlock, anyio.EndOfStream):
             return got
 
 
@@ -2200,16 +2200,6 @@ async def test_the_manager_refuses_writes_past_the_last_revision_whatever_the_st
 # -- a max_age added or shortened since sessions were written ---------------------------
 
 
-def buffered(events: s.Subscription) -> list[s.SessionEvent]:
-    """The events buffered so far, whole."""
-    got = []
-    while True:
-        try:
-            got.append(events.receive_nowait())
-        except anyio.WouldBlock:
-            return got
-
-
 async def test_writes_past_a_new_max_age_find_the_session_expired(
     any_repository: s.SessionRepository, clock: ManualClock
 ) -> None:
@@ -2260,11 +2250,11 @@ async def test_writes_past_a_new_max_age_find_the_session_expired(
                 assert stored.revision == 1 and stored.state == {"k": 0}
                 assert [m.content for m in stored.messages] == ["hi"]
                 assert stored.last_active == created_at
-            assert buffered(events) == []
+            assert drained(events) == []
             assert (await sessions.list(owner="alice")).items == ()
             assert (await sessions.stats()).total == 8  # rotate created and deleted nothing
             assert await sessions.purge_expired() == 8
-            expired = buffered(events)
+            expired = drained(events)
         assert sorted(e.session_id for e in expired) == sorted(ids)
         assert {e.kind for e in expired} == {s.EventKind.EXPIRED}
         assert {e.session.closed_at for e in expired if e.session} == {deadline}
@@ -2312,7 +2302,7 @@ async def test_a_session_reaching_max_age_while_the_update_function_runs_is_not_
                 await sessions.update(a.id, slow)
             with pytest.raises(s.SessionNotFound):
                 await sessions.rotate(b.id, slow)
-            assert buffered(events) == []
+            assert drained(events) == []
         for sid in (a.id, b.id):
             stored = await any_repository.get(sid)
             assert stored is not None and stored.state == {} and stored.revision == 0
@@ -2402,7 +2392,7 @@ async def test_a_save_under_the_old_policy_does_not_bring_back_a_session_found_e
                 await b.update(closed.id, closing)
             with pytest.raises(s.SessionNotFound):
                 await b.rotate(rotated.id, found_expired_meanwhile)
-            assert buffered(events) == []
+            assert drained(events) == []
         deadline = updated.created_at + timedelta(seconds=10)
         for sid in (updated.id, closed.id, rotated.id):
             stored = await any_repository.get(sid)
@@ -2416,7 +2406,7 @@ async def test_a_save_under_the_old_policy_does_not_bring_back_a_session_found_e
         assert (await b.stats()).total == 3  # the rotation left no new session
         async with a.subscribe() as events:
             assert await a.purge_expired() == 3
-            assert {e.kind for e in buffered(events)} == {s.EventKind.EXPIRED}
+            assert {e.kind for e in drained(events)} == {s.EventKind.EXPIRED}
 
 
 async def test_a_save_does_not_bring_back_a_session_that_expired_while_the_function_ran(
@@ -2480,7 +2470,7 @@ async def test_delete_of_a_session_past_this_managers_deadline_announces_it_expi
             assert await sessions.delete(recorded.id, missing_ok=True) is False
             with pytest.raises(s.SessionNotFound):
                 await sessions.delete(raised.id)
-            got = buffered(events)
+            got = drained(events)
         assert [(e.kind, e.session_id) for e in got] == [
             (s.EventKind.EXPIRED, sid) for sid in (overdue.id, recorded.id, raised.id)
         ]
@@ -2499,7 +2489,7 @@ async def test_delete_of_a_session_past_this_managers_deadline_announces_it_expi
     ) as sessions:
         async with sessions.subscribe() as events:  # within this policy's deadline
             assert await sessions.delete(live.id) is True
-            assert [e.kind for e in buffered(events)] == [s.EventKind.DELETED]
+            assert [e.kind for e in drained(events)] == [s.EventKind.DELETED]
 
 
 async def test_leaving_the_manager_lets_the_calls_under_way_finish(store_url: str) -> None:

@@ -1023,25 +1023,14 @@ async def test_slow_connects_during_a_network_blip_do_not_use_up_the_pool(
             assert await store.get(session.id) is not None
 
 
-@pytest.fixture
-def lone_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private server that a test may stop (the session's server must keep running)."""
-    require_redis()
-    server = start_redis(directory=tmp_path)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.anyio
 async def test_leaving_a_subscription_after_the_server_went_away_is_prompt(
-    lone_server: RedisServer,
+    lone_redis: RedisServer,
 ) -> None:
-    async with RedisRepository(lone_server.url, prefix=prefix(), timeout=1) as store:
+    async with RedisRepository(lone_redis.url, prefix=prefix(), timeout=1) as store:
         with anyio.fail_after(30):  # a regression kept reconnecting and never left
             async with store.subscribe_events() as events:
-                await anyio.to_thread.run_sync(lone_server.stop)
+                await anyio.to_thread.run_sync(lone_redis.stop)
                 # No publisher, so no event comes. Asking raises StorageError, unless
                 # coredis's background reconnect got there first: then it waits for the
                 # server (a race; both happen here).
@@ -1055,7 +1044,7 @@ async def test_leaving_a_subscription_after_the_server_went_away_is_prompt(
                     assert error.recoverable and "Subscribe again" in str(error)
             # leaving normally raised nothing: the lost connection is no news any more,
             # and leaving did not wait for the server (the fail_after above)
-        await anyio.to_thread.run_sync(lone_server.start)
+        await anyio.to_thread.run_sync(lone_redis.start)
         with anyio.fail_after(30):
             async with store.subscribe_events() as events:  # confirmed by the server
                 assert await store.publish_event("updated", uuid.uuid4(), at=T0) == 1
@@ -1277,16 +1266,16 @@ async def test_cancelled_blocking_commands_on_the_client_do_not_use_up_the_pool(
 
 @pytest.mark.anyio
 async def test_a_subscription_whose_connection_was_lost_gives_its_slot_back(
-    lone_server: RedisServer,
+    lone_redis: RedisServer,
 ) -> None:
     """coredis dropped the pool slot of a subscription's connection lost while subscribed:
     with max_connections=2, the next subscription took the last one and every request
     of the store waited for ever."""
     async with (
         RedisRepository(
-            lone_server.url, prefix=prefix(), max_connections=2, timeout=5, key_expiry_grace=FAR
+            lone_redis.url, prefix=prefix(), max_connections=2, timeout=5, key_expiry_grace=FAR
         ) as store,
-        RedisRepository(lone_server.url, prefix=store.prefix) as publisher,
+        RedisRepository(lone_redis.url, prefix=store.prefix) as publisher,
     ):
         for _round in range(2):
             async with store.subscribe_events() as events:
@@ -1294,7 +1283,7 @@ async def test_a_subscription_whose_connection_was_lost_gives_its_slot_back(
                     await publish_until_heard(publisher, "updated", uuid.uuid4())
                     await events.__anext__()
                     await anyio.to_thread.run_sync(
-                        lone_server.command, "CLIENT", "KILL", "TYPE", "pubsub"
+                        lone_redis.command, "CLIENT", "KILL", "TYPE", "pubsub"
                     )
 
                     async def publish() -> None:
