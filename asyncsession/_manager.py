@@ -74,9 +74,45 @@ _CALLS_AT_EXIT_SECONDS = 5.0
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
-#: The manager whose public call the current task is in (an update function calling the
-#: manager, say): such nested calls still run while the manager waits for calls at exit.
-_calling: ContextVar[SessionManager | None] = ContextVar("asyncsession_calling", default=None)
+
+class _Calls:
+    """The public calls under way that one run of a manager (one ``async with``) let in:
+    its exit waits for them. A call still under way from an earlier run is not counted
+    against a later one."""
+
+    __slots__ = ("count", "done")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.done: anyio.Event | None = None  # set when the count reaches 0, once exit began
+
+    def ended(self) -> None:
+        self.count -= 1
+        if not self.count and self.done is not None:
+            self.done.set()
+
+
+class _Call:
+    """A public call under way (in :data:`_calling` while it runs)."""
+
+    __slots__ = ("live", "manager")
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.manager = manager
+        self.live = True
+
+
+#: The outermost public call the current task is in. Calls made inside it (an update
+#: function calling the manager, say) run even while the exit waits for it, and are not
+#: counted again. Tasks started inside it inherit the value, hence ``live``: once that
+#: call has ended, they are refused like any other after the exit.
+_calling: ContextVar[_Call | None] = ContextVar("asyncsession_calling", default=None)
+
+
+def _nested_in(manager: SessionManager) -> bool:
+    """True inside one of ``manager``'s public calls, while it is under way."""
+    outer = _calling.get()
+    return outer is not None and outer.live and outer.manager is manager
 
 
 def _call(
@@ -88,15 +124,20 @@ def _call(
 
     @functools.wraps(method)
     async def call(self: SessionManager, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if not self._running and _calling.get() is not self:
+        if _nested_in(self):
+            return await method(self, *args, **kwargs)
+        if not self._running:
             raise ManagerNotRunning()
-        self._calls += 1
-        outer = _calling.set(self)
+        calls = self._calls
+        calls.count += 1
+        this = _Call(self)
+        token = _calling.set(this)
         try:
             return await method(self, *args, **kwargs)
         finally:
-            _calling.reset(outer)
-            self._call_ended()
+            this.live = False
+            _calling.reset(token)
+            calls.ended()
 
     return call
 
@@ -298,8 +339,7 @@ class SessionManager:
         self._events = EventHub()
         self._running = False
         self._starting = False
-        self._calls = 0  # public operations under way (see _call)
-        self._calls_done: anyio.Event | None = None  # set when they end, once exit began
+        self._calls = _Calls()  # public operations under way (see _call)
         self._stack: AsyncExitStack | None = None
         self._cleanup_passes = 0
         self._expired_total = 0
@@ -392,6 +432,7 @@ class SessionManager:
         finally:
             self._starting = False
         self._stack = stack
+        self._calls = _Calls()
         self._running = True
         return self
 
@@ -442,19 +483,20 @@ class SessionManager:
             scope.cancel()
             with anyio.CancelScope(shield=True):
                 await self._cleanup_ended.wait()
-        if self._calls:  # closing the store under them would fail them, or worse
-            done = self._calls_done = anyio.Event()
+        calls = self._calls
+        if calls.count:  # closing the store under them would fail them, or worse
+            done = calls.done = anyio.Event()
             with anyio.move_on_after(_CALLS_AT_EXIT_SECONDS, shield=True):
                 await done.wait()
-            self._calls_done = None
-            if self._calls:
+            if calls.count:
                 logger.warning(
-                    "%d call%s still under way when the manager exited (after %g s); the "
-                    "store is closed under %s",
-                    self._calls,
-                    " was" if self._calls == 1 else "s were",
+                    "%d call%s made while the manager ran %s still under way when it "
+                    "exited (after %g s); the store is closed under %s",
+                    calls.count,
+                    "" if calls.count == 1 else "s",
+                    "was" if calls.count == 1 else "were",
                     _CALLS_AT_EXIT_SECONDS,
-                    "it" if self._calls == 1 else "them",
+                    "it" if calls.count == 1 else "them",
                 )
         self._events.close()
         if self._outbox is not None:
@@ -497,6 +539,7 @@ class SessionManager:
         if self._reports is not None:
             self._reports.close()
             self._reports = None
+        if self._report_queue is not None:  # also when interrupted while draining it
             self._drop_cut_off_reports()
 
     def _report_call_seconds(self) -> float:
@@ -528,12 +571,6 @@ class SessionManager:
         if not self._running:
             raise ManagerNotRunning()
 
-    def _call_ended(self) -> None:
-        """A public operation ended (see :func:`_call`)."""
-        self._calls -= 1
-        if not self._calls and self._calls_done is not None:
-            self._calls_done.set()
-
     # -- reading ----------------------------------------------------------------------
 
     async def get(
@@ -545,12 +582,13 @@ class SessionManager:
         deadline); pass ``touch=False`` to just look. ``last_messages=n`` loads only the
         last ``n`` messages (``messages.total`` stays exact).
         """
-        if not self._running and _calling.get() is not self:  # as _call does, inline:
-            raise ManagerNotRunning()  # the hottest path
+        if not self._running and not _nested_in(self):  # as _call does, inline: the
+            raise ManagerNotRunning()  # hottest path (a nested read is counted too)
         _check_last_messages(last_messages)
         sid = _parse_id(session_id)
         now = self._clock.now()
-        self._calls += 1
+        calls = self._calls
+        calls.count += 1
         try:
             if touch:
                 session = await self._repository.touch(
@@ -559,7 +597,7 @@ class SessionManager:
             else:
                 session = await self._repository.get(sid, last_messages=last_messages)
         finally:
-            self._call_ended()
+            calls.ended()
         if session is None or session.is_expired(now):
             raise SessionNotFound(sid)
         return session

@@ -2541,7 +2541,7 @@ async def test_leaving_waits_a_bounded_time_for_a_call_that_never_ends(
             tasks.start_soon(sessions.update, session.id, forever)
             await stuck.wait()
         tasks.cancel_scope.cancel()
-    assert "1 call was still under way when the manager exited" in caplog.text
+    assert "1 call made while the manager ran was still under way when it exited" in caplog.text
 
 
 class HangingScan(s.MemoryRepository):
@@ -2658,3 +2658,119 @@ async def test_an_interrupted_exit_still_ends_the_subscriptions(
             await manager.__aexit__(None, None, None)
         with anyio.fail_after(10):
             await ended.wait()
+
+
+async def test_a_task_started_inside_a_call_is_refused_once_the_manager_exited(
+    any_repository: s.SessionRepository,
+) -> None:
+    """Calls made inside a call under way run during the exit; a task an update function
+    started inherited that permission and could use the manager after its exit, for
+    ever (MemoryRepository answered, SQLite said "not open"). It is refused now."""
+    outcome: list[str] = []
+    async with anyio.create_task_group() as tasks:
+        exited = anyio.Event()
+
+        async def later(session_id: uuid.UUID) -> None:
+            await exited.wait()
+            try:
+                await sessions.get(session_id)
+            except s.ManagerNotRunning:
+                outcome.append("refused")
+            try:
+                await sessions.create()
+            except s.ManagerNotRunning:
+                outcome.append("refused")
+
+        async with s.SessionManager(any_repository, cleanup_interval=None) as sessions:
+            session = await sessions.create()
+
+            def start_later(x: s.Session) -> s.Session:
+                tasks.start_soon(later, x.id)
+                return x.with_state(started=True)
+
+            await sessions.update(session.id, start_later)
+        exited.set()
+    assert outcome == ["refused", "refused"]
+
+
+async def test_only_the_calls_of_this_run_are_awaited_and_counted_once(
+    any_repository: s.SessionRepository,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stuck update whose function made a nested update counted twice ("2 calls were
+    still under way" for one call), and it was counted again against the next run of the
+    same manager, whose exit waited the whole bound for it once more."""
+    monkeypatch.setattr(asyncsession._manager, "_CALLS_AT_EXIT_SECONDS", 0.2)
+    manager = s.SessionManager(any_repository, cleanup_interval=None)
+    stuck = anyio.Event()
+    async with anyio.create_task_group() as tasks:
+        async with manager:
+            x = await manager.create()
+            y = await manager.create()
+
+            async def never(z: s.Session) -> s.Session:
+                stuck.set()
+                await anyio.sleep_forever()
+                return z  # pragma: no cover
+
+            async def nested(z: s.Session) -> s.Session:
+                await manager.update(y.id, never)
+                return z  # pragma: no cover
+
+            tasks.start_soon(manager.update, x.id, nested)
+            await stuck.wait()
+        assert caplog.text.count("under way") == 1
+        assert "1 call made while the manager ran was still under way" in caplog.text
+        caplog.clear()
+        async with manager:
+            assert await manager.exists(x.id)
+        assert "under way" not in caplog.text
+        tasks.cancel_scope.cancel()
+
+
+class SlowReporter:
+    """A reporter that takes its time (longer than any test waits)."""
+
+    async def report(self, report: s.SessionReport) -> None:
+        await anyio.sleep(3600)
+
+
+async def test_an_exit_interrupted_while_reports_drain_counts_them_dropped(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncio's own cancellation interrupting the exit while it let queued reports out
+    left them uncounted (stats().reports_dropped 0, no warning) and the queue open. On
+    trio nothing interrupts the exit: the drain ends at its bound, with the same count."""
+    manager = s.SessionManager(
+        s.MemoryRepository(),
+        cleanup_interval=None,
+        reporters=[SlowReporter()],
+        reporter_timeout=0.5,
+    )
+    async with anyio.create_task_group() as tasks:
+        await manager.__aenter__()
+        for _ in range(3):
+            session = await manager.create()
+            await manager.close(session.id)
+        await anyio.wait_all_tasks_blocked()
+        if anyio_backend == "asyncio":
+            import asyncio
+
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().call_later(0.1, task.cancel)
+            with pytest.raises(asyncio.CancelledError):
+                await manager.__aexit__(None, None, None)
+            if sys.version_info >= (3, 11):
+                task.uncancel()
+        else:
+            await manager.__aexit__(None, None, None)
+        tasks.cancel_scope.cancel()
+    assert manager._report_queue is None  # closed, nothing left in it
+    if anyio_backend == "asyncio":  # cut off at once: the one under way and two queued
+        assert manager._reports_dropped == 3
+        assert "the manager exited before 3 queued session reports" in caplog.text
+    else:  # the bound let one or two reach the reporter (and time out there)
+        assert manager._reports_dropped in (1, 2)
+        assert "queued session reports reached every reporter" in caplog.text
