@@ -15,6 +15,7 @@ import bisect
 import contextlib
 import enum
 import errno
+import functools
 import importlib.util
 import logging
 import os
@@ -43,7 +44,7 @@ from collections.abc import (
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, Final, TypeVar, cast
+from typing import IO, Any, Final, NoReturn, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -386,15 +387,23 @@ def _on_store(
         async with repository:
             return await fn(repository)
 
-    ctrl_c = _CtrlC()
+    ctrl_c = _ctrl_c or _CtrlC()  # run() installs one; a direct cli.main() call does not
     result = anyio.run(ctrl_c.cancels, main, backend=backend)
-    if ctrl_c.pressed:
+    if result is _CUT_SHORT:
         raise KeyboardInterrupt
     return cast(T, result)
 
 
+class _CutShort:
+    """What :meth:`_CtrlC.cancels` returns for a command Ctrl-C cancelled."""
+
+
+_CUT_SHORT: Final = _CutShort()
+
+
 class _CtrlC:
-    """Ctrl-C as a cancellation: :meth:`cancels` runs a command that a SIGINT cancels.
+    """Ctrl-C for a run of the command line (:func:`run` installs it): the first one
+    cancels the command under way, a second one ends the process at once.
 
     Left to the event loop, Ctrl-C raises KeyboardInterrupt wherever the program
     happens to be (trio) or cancels the main task (asyncio): raised inside the Redis
@@ -402,50 +411,74 @@ class _CtrlC:
     corrupted") or came out as a connection error. A cancellation unwinds every
     library cleanly, lets a write the manager already sent finish, and closes the
     store; the caller raises KeyboardInterrupt after the event loop has ended (raised
-    from the main task, asyncio would log it as never retrieved). A second Ctrl-C
-    raises KeyboardInterrupt at once, wherever the program is: it stops a command the
-    cancellation cannot reach (blocked writing to a pipe nobody reads, say). Outside
-    the main thread, and on Windows, the event loop's own handling stays.
+    from the main task, asyncio would log it as never retrieved). Between commands (no
+    event loop running) the first Ctrl-C raises KeyboardInterrupt, as Python's own
+    handler does.
+
+    The handler is a Python-level one: it runs even while the event-loop thread is
+    blocked in a system call (the call is interrupted, the handler runs, the call
+    resumes), so the second Ctrl-C stops a command the cancellation cannot reach
+    (blocked writing to a pipe nobody reads, say). It ends the process there and then:
+    a KeyboardInterrupt raised at a random point of an event loop or a library left
+    tracebacks, "never awaited" warnings, a TrioInternalError or a hang. Nothing is
+    lost that a crash would not lose: every store's acknowledged writes are durable.
+    Outside the main thread, on Windows, and when SIGINT is ignored (``cmd &`` in a
+    script), nothing is installed.
     """
 
     def __init__(self) -> None:
         self.pressed = False
+        self._cancel: Callable[[], object] | None = None  # the command under way's
+        self._previous: Any = None
+        self._installed = False
 
-    async def cancels(self, main: Callable[[], Awaitable[T]]) -> T | None:
-        """``main()``'s result, or None once Ctrl-C was pressed (:attr:`pressed`)."""
+    def install(self) -> None:
+        """Take SIGINT for this run."""
         if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
-            return await main()
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.SIG_IGN:
+            return
+        self._previous = previous
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self._installed = True
+
+    def uninstall(self) -> None:
+        """Give SIGINT back, unless Ctrl-C was pressed: the program is then on its way
+        out, and another Ctrl-C on that way still ends it with one line."""
+        if self._installed and not self.pressed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.pressed:
+            _exit_interrupted()
+        self.pressed = True
+        cancel = self._cancel
+        if cancel is None:  # no command under way
+            raise KeyboardInterrupt
+        with contextlib.suppress(RuntimeError):  # its event loop has just ended
+            cancel()
+
+    async def cancels(self, main: Callable[[], Awaitable[T]]) -> T | _CutShort:
+        """``main()``'s result, or :data:`_CUT_SHORT` if Ctrl-C cancelled it."""
         token = anyio.lowlevel.current_token()
         with anyio.CancelScope() as scope:
-
-            def on_sigint(signum: int, frame: FrameType | None) -> None:
-                # A Python-level handler runs even while the event-loop thread is blocked
-                # in a system call (the call is interrupted, the handler runs, the call
-                # resumes): the second Ctrl-C can always stop the program.
-                if self.pressed:
-                    if callable(trio_handler):  # raises it where trio can unwind from it
-                        trio_handler(signum, frame)
-                        return
-                    raise KeyboardInterrupt
-                self.pressed = True
-                token.backend_class.run_sync_soon(scope.cancel, (), token.native_token)
-
-            previous = signal.signal(signal.SIGINT, on_sigint)
-            # trio's own handler (installed by trio.run) raises KeyboardInterrupt at once
-            # in the program's code, and defers it while trio's scheduler runs, which a
-            # KeyboardInterrupt raised there would break
-            trio_handler = previous if hasattr(token.native_token, "run_sync_soon") else None
+            self._cancel = functools.partial(
+                token.backend_class.run_sync_soon, scope.cancel, (), token.native_token
+            )
             try:
-                result = await main()
-            except BaseException:  # whatever the cancellation (or Ctrl-C) came out as
+                return await main()
+            except BaseException:  # whatever the cancellation came out as
                 if self.pressed:
-                    return None
+                    return _CUT_SHORT
                 raise
             finally:
-                signal.signal(signal.SIGINT, previous)
-            self.pressed = False  # main() finished: its output is complete
-            return result
-        return None  # the scope ended main()'s cancellation
+                self._cancel = None
+        return _CUT_SHORT  # the scope ended main()'s cancellation
+
+
+_ctrl_c: _CtrlC | None = None  # the one run() installed
 
 
 def _parse_id(value: str, url: str) -> uuid.UUID:
@@ -2324,10 +2357,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     (a full disk) ends it with one line and status 1. Each call starts with new consoles,
     so a program may call it again after a run whose output was closed.
     """
-    global out, err
+    global out, err, _ctrl_c
     out, err = _console("stdout"), _console("stderr")
-    with _log_to_stderr():
-        status = _run(argv)
+    ctrl_c = _ctrl_c = _CtrlC()
+    ctrl_c.install()
+    try:
+        with _log_to_stderr():
+            status = _run(argv)
+    finally:
+        _ctrl_c = None
+        ctrl_c.uninstall()
     failure = _flushed(sys.stdout)
     if failure is not None and status == 0:
         if failure.errno == errno.EPIPE:
@@ -2430,8 +2469,22 @@ def _run(argv: Sequence[str] | None) -> int:
     return result if isinstance(result, int) else 0
 
 
+_said_interrupted = False  # "asyncsession: interrupted." is on stderr
+
+
+def _exit_interrupted() -> NoReturn:
+    """End the process at once, as interrupted (a second Ctrl-C; see :class:`_CtrlC`)."""
+    if not _said_interrupted:
+        with contextlib.suppress(OSError):
+            os.write(2, b"\nasyncsession: interrupted.\n")
+    os._exit(_INTERRUPTED)
+
+
 def _interrupted() -> int:
+    """Say the command was interrupted; return its exit status."""
+    global _said_interrupted
     with contextlib.suppress(OSError):
         sys.stderr.write("asyncsession: interrupted.\n")
         _flush(sys.stderr)
+    _said_interrupted = True
     return _INTERRUPTED
