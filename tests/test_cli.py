@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -1435,6 +1436,37 @@ async def read_ids(repository: s.SessionRepository) -> list[uuid.UUID]:
     return [x.id for x in page.items]
 
 
+@contextlib.contextmanager
+def listing_from_a_mute_redis(
+    tmp_path: Path, backend: str
+) -> Iterator[tuple[subprocess.Popen[str], socket.socket]]:
+    """``asyncsession list`` on a "Redis server" that accepts its connection and never
+    answers: yields the process once it has connected, and the server's end of that
+    connection. The process is killed on the way out if it is still running."""
+    pytest.importorskip("coredis")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(60)
+        port = server.getsockname()[1]
+        command = ["list", "--store", f"redis://127.0.0.1:{port}/0", "--backend", backend]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "asyncsession", *command],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            connection, _ = server.accept()  # connected: now waiting for a reply
+            with connection:
+                yield process, connection
+        finally:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ctrl_c_exits_130(tmp_path: Path, backend: str) -> None:
     """Ctrl-C exited 1 with "aborted." (click turned KeyboardInterrupt into Abort);
@@ -1443,33 +1475,13 @@ def test_ctrl_c_exits_130(tmp_path: Path, backend: str) -> None:
     client is still setting the connection up (on trio, a KeyboardInterrupt raised
     there broke the client's task group in about one run in five: exit 1 with
     "Nursery stack corrupted"), or once its first command has arrived."""
-    pytest.importorskip("coredis")
     for round in range(12):
-        with socket.socket() as server:
-            server.bind(("127.0.0.1", 0))
-            server.listen()
-            server.settimeout(60)
-            port = server.getsockname()[1]
-            command = ["list", "--store", f"redis://127.0.0.1:{port}/0", "--backend", backend]
-            process = subprocess.Popen(
-                [sys.executable, "-m", "asyncsession", *command],
-                cwd=tmp_path,
-                env=_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            try:
-                connection, _ = server.accept()  # connected: now waiting for a reply
-                with connection:
-                    if round % 3 == 2:
-                        connection.settimeout(60)
-                        assert connection.recv(1)  # its first command has arrived
-                    process.send_signal(signal.SIGINT)
-                    stdout, stderr = process.communicate(timeout=60)
-            finally:
-                process.kill()
-                process.wait()
+        with listing_from_a_mute_redis(tmp_path, backend) as (process, connection):
+            if round % 3 == 2:
+                connection.settimeout(60)
+                assert connection.recv(1)  # its first command has arrived
+            process.send_signal(signal.SIGINT)
+            stdout, stderr = process.communicate(timeout=60)
         assert process.returncode == 130, stderr
         assert "Traceback" not in stderr and "aborted" not in stderr
         assert stderr.strip() == "asyncsession: interrupted.", stderr
@@ -1534,40 +1546,12 @@ def test_a_second_ctrl_c_wherever_it_lands_ends_the_command_cleanly(
     printing, exiting): always 130 and one line (5-7 % of such runs printed tracebacks,
     "never awaited" warnings or a TrioInternalError, or hung; and a second one just
     after the command ended killed the process by SIGINT)."""
-    pytest.importorskip("coredis")
     for delay in (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.03, 0.06, 0.1):
-        with socket.socket() as server:
-            server.bind(("127.0.0.1", 0))
-            server.listen()
-            server.settimeout(60)
-            port = server.getsockname()[1]
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "asyncsession",
-                    "list",
-                    "--backend",
-                    backend,
-                    "--store",
-                    f"redis://127.0.0.1:{port}/0",
-                ],
-                cwd=tmp_path,
-                env=_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            try:
-                connection, _ = server.accept()  # the command waits on its store
-                with connection:
-                    process.send_signal(signal.SIGINT)
-                    time.sleep(delay)
-                    process.send_signal(signal.SIGINT)
-                    stdout, stderr = process.communicate(timeout=60)
-            finally:
-                process.kill()
-                process.wait()
+        with listing_from_a_mute_redis(tmp_path, backend) as (process, _):
+            process.send_signal(signal.SIGINT)
+            time.sleep(delay)
+            process.send_signal(signal.SIGINT)
+            stdout, stderr = process.communicate(timeout=60)
         # -SIGINT: the second one landed while the interpreter shut down (its handlers
         # are gone then); a shell reports that as 130 too
         assert process.returncode in (130, -signal.SIGINT), (delay, stderr)
