@@ -1968,10 +1968,16 @@ class SQLiteRepository(SessionRepository):
                 isinstance(read, str) and read.lower().replace("-", "") == word
             ):
                 return
-            why = (
-                "SQLite turns a word it does not take for this pragma into a number, "
-                "often 0, without an error; most pragmas want a number"
-            )
+            if number is not None:  # a word it takes, and the change was ignored
+                why = (
+                    "SQLite ignores some changes once the file exists or is in WAL mode "
+                    "(page_size, auto_vacuum), without an error"
+                )
+            else:
+                why = (
+                    "SQLite turns a word it does not take for this pragma into a number, "
+                    "often 0, without an error; most pragmas want a number"
+                )
         raise InvalidConfiguration(
             f"pragmas={{{name!r}: {value!r}}} did not take: PRAGMA {name} reads back "
             f"{read!r} ({why}). Pass a value this pragma accepts, or leave it out."
