@@ -53,6 +53,7 @@ from ._models import (
     Message,
     Session,
     SessionStatus,
+    activity_deadline,
     parse_status,
     replace_trusted,
 )
@@ -807,11 +808,10 @@ class SessionManager:
     def _past_deadline(self, session: Session, now: datetime) -> bool:
         """Whether a write or touch of the open ``session`` at ``now`` would give it a
         deadline at or before ``now`` under this manager's policy."""
-        if session.status.is_terminal:
-            return False
-        last_active = max(session.last_active, now)
-        deadline = self._policy.deadline(session.status, session.created_at, last_active, None)
-        return deadline is not None and deadline <= now
+        return (
+            not session.status.is_terminal
+            and activity_deadline(self._policy, session, now)[1] is not None
+        )
 
     def _prepare(
         self, old: Session, new: object, now: datetime

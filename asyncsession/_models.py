@@ -684,3 +684,17 @@ class ExpiryPolicy:
         return self.deadline(
             session.status, session.created_at, session.last_active, session.closed_at
         )
+
+
+def activity_deadline(
+    policy: ExpiryPolicy, session: Session, at: datetime
+) -> tuple[datetime | None, datetime | None]:
+    """The deadline activity at ``at`` (a write or a touch) gives the open ``session``
+    under ``policy``, and that same deadline again if it has already passed (else None).
+
+    A ``max_age`` added or shortened since the session's last write can leave it expired
+    however recent its last activity; the store then records that deadline, nothing else.
+    """
+    last_active = session.last_active if session.last_active >= at else at
+    deadline = policy.deadline(session.status, session.created_at, last_active, None)
+    return deadline, deadline if deadline is not None and deadline <= at else None

@@ -73,7 +73,14 @@ from .._exceptions import (
 )
 from .._locks import KeyedLocks
 from .._migrations import CURRENT_VERSION, document_version
-from .._models import ExpiryPolicy, Message, MessageLog, Session, SessionStatus
+from .._models import (
+    ExpiryPolicy,
+    Message,
+    MessageLog,
+    Session,
+    SessionStatus,
+    activity_deadline,
+)
 from .._notes import Notes
 from .._serialization import session_from_document, session_to_document
 from ..abc import (
@@ -1345,12 +1352,9 @@ class FileRepository(SessionRepository):
                 raise SessionNotFound(sid)
             if old.status.is_terminal:
                 raise SessionClosed(sid, old.status)
-            last_active = max(old.last_active, at)
-            deadline = policy.deadline(old.status, old.created_at, last_active, None)
-            if deadline is not None and deadline <= at:
-                # Expired under this policy (a max_age added or shortened since): record
-                # that deadline, store nothing else (None: not found).
-                return None, _expiry_recorded(current, deadline)
+            deadline, overdue = activity_deadline(policy, old, at)
+            if overdue is not None:  # record that deadline, store nothing else (None: not found)
+                return None, _expiry_recorded(current, overdue)
             total = old.messages.total + len(messages)
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
@@ -1359,7 +1363,7 @@ class FileRepository(SessionRepository):
             skeleton = attrs.evolve(
                 old,
                 messages=MessageLog((), offset=total),
-                last_active=last_active,
+                last_active=max(old.last_active, at),
                 expires_at=deadline,
                 revision=old.revision + 1,
             )
@@ -1388,11 +1392,9 @@ class FileRepository(SessionRepository):
             old = current.skeleton
             if old.status.is_terminal or old.is_expired(at):
                 return current.session(last_messages), None
-            deadline = policy.deadline(old.status, old.created_at, max(old.last_active, at), None)
-            if deadline is not None and deadline <= at:
-                # Expired under this policy (a max_age added or shortened since), however
-                # recent the last touch: record that deadline only.
-                write = _expiry_recorded(current, deadline)
+            deadline, overdue = activity_deadline(policy, old, at)
+            if overdue is not None:  # record that deadline only
+                write = _expiry_recorded(current, overdue)
                 touched = _Doc(write.doc, write.skeleton, current.stamp)
                 return touched.session(last_messages), write
             if not policy.should_touch(old.last_active, at):

@@ -16,7 +16,15 @@ from .._exceptions import (
     SessionNotFound,
 )
 from .._migrations import CURRENT_VERSION
-from .._models import ExpiryPolicy, Message, Session, SessionStatus, last_window, replace_trusted
+from .._models import (
+    ExpiryPolicy,
+    Message,
+    Session,
+    SessionStatus,
+    activity_deadline,
+    last_window,
+    replace_trusted,
+)
 from ..abc import (
     Page,
     SessionQuery,
@@ -188,12 +196,9 @@ class MemoryRepository(SessionRepository):
                 raise SessionNotFound(session_id)
             if old.status.is_terminal:
                 raise SessionClosed(session_id, old.status)
-            last_active = max(old.last_active, at)
-            deadline = policy.deadline(old.status, old.created_at, last_active, None)
-            if deadline is not None and deadline <= at:
-                # Expired under this policy (a max_age added or shortened since): record
-                # that deadline, store nothing else.
-                self._put(replace_trusted(old, expires_at=deadline), old)
+            deadline, overdue = activity_deadline(policy, old, at)
+            if overdue is not None:
+                self._put(replace_trusted(old, expires_at=overdue), old)
                 raise SessionNotFound(session_id)
             total = old.messages.total + len(messages)
             if max_messages is not None and total > max_messages:
@@ -205,7 +210,7 @@ class MemoryRepository(SessionRepository):
             new = replace_trusted(
                 old,
                 messages=old.messages.extend(messages),
-                last_active=last_active,
+                last_active=max(old.last_active, at),
                 expires_at=deadline,
                 revision=revision,
             )
@@ -228,12 +233,9 @@ class MemoryRepository(SessionRepository):
                 return None
             session = old
             if not old.status.is_terminal and not old.is_expired(at):
-                last_active = max(old.last_active, at)
-                deadline = policy.deadline(old.status, old.created_at, last_active, None)
-                if deadline is not None and deadline <= at:
-                    # Expired under this policy (a max_age added or shortened since),
-                    # however recent the last touch: record that deadline only.
-                    session = replace_trusted(old, expires_at=deadline)
+                deadline, overdue = activity_deadline(policy, old, at)
+                if overdue is not None:
+                    session = replace_trusted(old, expires_at=overdue)
                 elif policy.should_touch(old.last_active, at):
                     session = replace_trusted(old, last_active=at, expires_at=deadline)
             if session is not old:
