@@ -43,6 +43,9 @@ set or deleted. Properties:
   the session keep working, on HTTP and websockets. The outage is logged once (a
   warning) until loading works again. :meth:`SessionDict.clear` still logs the visitor
   out: it expires the cookie (the stored session, not reachable, is left to expire).
+  A file-store session locked by another writer past its ``lock_timeout``
+  (:class:`~asyncsession.stores.files.LockTimeout`) is unavailable the same way for that
+  request, logged as a warning about that session, not as an outage.
 * A session that cannot be read (corrupt, written by a newer asyncsession, or refused
   by the store with a non-recoverable :class:`StorageError`) selects nothing, as an
   unknown cookie: the error is logged naming the session, whose data stays in the
@@ -94,6 +97,7 @@ from ._exceptions import (
 from ._json import freeze_state
 from ._manager import SessionManager, _Outage
 from ._models import Session
+from .stores.files import LockTimeout
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -223,7 +227,8 @@ class SessionDict(MutableMapping[str, Any]):
 
     def __repr__(self) -> str:
         if self._unavailable is not None:
-            return "SessionDict(unavailable: the session store could not be reached)"
+            why = "locked" if isinstance(self._unavailable, LockTimeout) else "could not be reached"
+            return f"SessionDict(unavailable: the session store {why})"
         sid = "None (rotating)" if self._rotate else self._id
         return f"SessionDict(id={sid}, keys={sorted(self._data)!r})"
 
@@ -422,7 +427,10 @@ class SessionDict(MutableMapping[str, Any]):
         if cause is None:
             return
         self._accessed = True  # a response about the outage depends on the cookie too
-        if cause.recoverable:
+        if isinstance(cause, LockTimeout):
+            what = "This session is locked by another writer"
+            advice = "retry the request shortly"
+        elif cause.recoverable:
             what = "The session store is unreachable"
             advice = "retry the request shortly"
         else:
@@ -756,6 +764,17 @@ class SessionMiddleware:
         unavailable: StorageError | None = None
         try:
             loaded = await self._load(ids)
+        except LockTimeout as exc:
+            # Another writer holds this one session (file store): the store works, so
+            # this is no outage; the request runs with the session unavailable.
+            logger.warning(
+                "the session in a cookie is locked by another writer; %s %s runs with "
+                "the session unavailable: %s",
+                kind,
+                _where(scope, path_only=True),
+                exc,
+            )
+            loaded, unavailable = None, exc
         except StorageError as exc:
             # The store is down: the request runs anyway, with a session that raises
             # when used, so routes that never use it keep working. Nothing is saved

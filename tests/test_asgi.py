@@ -1074,6 +1074,47 @@ async def test_a_session_the_store_refuses_selects_nothing_and_is_no_outage(
         assert isinstance(error, s.StorageError) and not error.recoverable
 
 
+async def test_a_session_locked_by_another_writer_is_unavailable_and_no_outage(
+    anyio_backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A file store session whose lock another writer holds past lock_timeout: that
+    # visitor's request runs with the session unavailable (LockTimeout, recoverable),
+    # logged as about that session; the store is not down, so no outage warning and no
+    # "works again" for the next visitor to flip.
+    import fcntl
+
+    from asyncsession.stores.files import FileRepository, LockTimeout
+
+    seen: list[BaseException] = []
+    store = FileRepository(tmp_path / "store", lock_timeout=0.2)
+    async with store, running(store) as manager:
+        app = outage_app(manager, seen)
+        async with client(app) as a, client(app) as b:
+            locked = cookie_id(await a.post("/write", json={"user": "alice"}))
+            await b.post("/write", json={"user": "bob"})
+            with caplog.at_level(logging.INFO, "asyncsession"):
+                lock_file = store.directory / "locks" / f"{locked}.lock"
+                with open(lock_file, "a+b") as holder:  # noqa: ASYNC230 - a local lock file
+                    fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: it conflicts
+                    read_a, read_b = await a.get("/read"), await b.get("/read")
+                    again_a = await a.get("/read")
+                    fcntl.flock(holder, fcntl.LOCK_UN)
+                after_a, after_b = await a.get("/read"), await b.get("/read")
+    assert read_a.status_code == again_a.status_code == 503
+    assert read_b.json() == after_b.json() == {"user": "bob"}
+    assert after_a.json() == {"user": "alice"}
+    assert len(seen) == 2 and all(isinstance(e.__cause__, LockTimeout) for e in seen)
+    for error in seen:
+        assert type(error) is s.StorageError and error.recoverable
+        assert "locked by another writer" in str(error) and "retry" in str(error)
+    logged = [r for r in caplog.records if r.name.startswith("asyncsession")]
+    assert [r.levelno for r in logged] == [logging.WARNING, logging.WARNING]
+    for record in logged:
+        message = record.getMessage()
+        assert str(locked) in message and "locked" in message, message
+        assert "could not load the session" not in message
+
+
 async def test_logout_works_while_the_store_is_unreachable(
     anyio_backend: str, lone_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
