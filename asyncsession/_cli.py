@@ -659,9 +659,11 @@ def _check_output_file(path: str, option: str, *, replaced: bool) -> None:
 
     Its directory must exist; a file that exists must be writable. A file that is
     ``replaced`` (a new one is written beside it, then renamed over it) also needs a
-    writable directory; one that is appended to needs that only to be created.
+    writable directory; one that is appended to needs that only to be created. Another
+    user's symbolic link or file in a sticky world-writable directory is refused
+    (:func:`_output_target`).
     """
-    target = os.path.realpath(path)
+    target, _ = _output_target(path, option)
     directory = os.path.dirname(target)
     exists = os.path.lexists(target)
     if os.path.isdir(target):
@@ -678,6 +680,97 @@ def _check_output_file(path: str, option: str, *, replaced: bool) -> None:
 
 
 _FD_ALIAS = re.compile(r"/dev/(stdout|stderr|fd/[0-9]+)|/proc/(self|[0-9]+)/fd/[0-9]+")
+
+
+#: Symbolic links followed in one output path at most, as Linux (``ELOOP`` after that).
+_MAX_LINKS: Final = 40
+
+
+def _in_sticky_directory_of_another(directory: str, owner: int) -> bool:
+    """Whether a link or file of user ``owner`` in ``directory`` is another user's in a
+    sticky world-writable directory (``/tmp``): ``owner`` is neither this process's
+    effective user nor the directory's owner. Linux follows such a link only if
+    fs.protected_symlinks is on, and refuses to open such a file for writing if
+    fs.protected_regular (fs.protected_fifos for a FIFO) is; these rules are applied here
+    whatever those settings, as a file renamed over such a file would evade them."""
+    if not hasattr(os, "geteuid"):  # no sticky directories to share
+        return False
+    try:
+        status = os.stat(directory)
+    except OSError:
+        return False
+    shared = stat.S_ISVTX | stat.S_IWOTH
+    return status.st_mode & shared == shared and owner not in (os.geteuid(), status.st_uid)
+
+
+def _output_target(path: str, option: str) -> tuple[str, os.stat_result | None]:
+    """The file that writing to ``path`` writes (:func:`os.path.realpath`), and its
+    status (None if there is none yet); :class:`CLIError` (exit 2) for another user's
+    symbolic link or file in a sticky world-writable directory.
+
+    Such a link, at any step of the path, may have been planted to make the output
+    replace a file of this process's user (``/tmp/out.jsonl -> ~/.bashrc``), and such a
+    file, kept with its owner, would hand that user the output. The names of open file
+    descriptors (``/dev/stdout``) are the shell's redirections, not followed here.
+    """
+    if os.name != "posix":  # no sticky directories; paths in another syntax
+        resolved = os.path.realpath(path)
+        return resolved, (os.lstat(resolved) if os.path.lexists(resolved) else None)
+    resolved = "/" if os.path.isabs(path) else os.getcwd()
+    remaining = [part for part in path.split("/") if part]
+    links = 0
+    while remaining:
+        part = remaining.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            resolved = os.path.dirname(resolved)
+            continue
+        candidate = os.path.join(resolved, part)
+        if _FD_ALIAS.fullmatch(candidate):
+            return os.path.join(candidate, *remaining), None
+        try:
+            status = os.lstat(candidate)
+        except OSError:  # missing, or not to be examined: taken as it is, as realpath does
+            status = None
+        if status is None or not stat.S_ISLNK(status.st_mode):
+            resolved = candidate
+            continue
+        if _in_sticky_directory_of_another(resolved, status.st_uid):
+            raise CLIError(
+                f"{option} {path} is a symbolic link that user {status.st_uid} made in the "
+                f"sticky world-writable directory {resolved}: it may lead to a file of "
+                "yours; remove the link, or name the file itself.",
+                exit_code=2,
+            )
+        links += 1
+        if links > _MAX_LINKS:
+            raise CLIError(
+                f"{option} {path} cannot be written: too many levels of symbolic links.",
+                exit_code=2,
+            )
+        try:
+            destination = os.readlink(candidate)
+        except OSError:  # gone meanwhile: taken as it is
+            resolved = candidate
+            continue
+        if os.path.isabs(destination):
+            resolved = "/"
+        remaining[:0] = [part for part in destination.split("/") if part]
+    try:
+        status = os.lstat(resolved)
+    except OSError:
+        return resolved, None
+    if not stat.S_ISDIR(status.st_mode) and _in_sticky_directory_of_another(
+        os.path.dirname(resolved), status.st_uid
+    ):
+        raise CLIError(
+            f"{option} {path} is a file of user {status.st_uid} in the sticky "
+            f"world-writable directory {os.path.dirname(resolved)}: that user could read "
+            "what is written to it; remove it, or name another file.",
+            exit_code=2,
+        )
+    return resolved, status
 
 
 def _written_in_place(path: str) -> bool:
@@ -700,14 +793,6 @@ def _written_in_place(path: str) -> bool:
 #: files (``file_mode``), since an export holds every session's data.
 #: :func:`tempfile.mkstemp` creates its file so.
 EXPORT_FILE_MODE: Final = 0o600
-
-
-def _existing(path: str) -> os.stat_result | None:
-    """The status of the file ``path`` names (through symbolic links), or None if none."""
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        return None
 
 
 def _keep_owner_and_mode(fd: int, previous: os.stat_result) -> None:
@@ -742,20 +827,21 @@ def _os_failure(operation: str, exc: OSError) -> CLIError:
 
 
 @contextlib.contextmanager
-def _replacing(path: str) -> Iterator[IO[bytes]]:
+def _replacing(path: str, option: str) -> Iterator[IO[bytes]]:
     """A new file that replaces ``path`` only if the block succeeds.
 
-    It is written beside ``path`` (the target of ``path`` if that is a symbolic link),
-    flushed to disk and renamed over it; if the block raises, it is deleted and ``path``
-    is left as it was. A new file is readable by its owner only
-    (:data:`EXPORT_FILE_MODE` less the umask); one that replaces a file gets that file's
-    permissions, and its owner and group as far as :func:`_keep_owner_and_mode` can.
+    It is written beside ``path`` (the target of ``path`` if that is a symbolic link; not
+    through another user's link in a sticky world-writable directory, nor over another
+    user's file there: :func:`_output_target`), flushed to disk and renamed over it; if
+    the block raises, it is deleted and ``path`` is left as it was. A new file is readable
+    by its owner only (:data:`EXPORT_FILE_MODE` less the umask); one that replaces a file
+    gets that file's permissions, and its owner and group as far as
+    :func:`_keep_owner_and_mode` can.
     Making the rename durable (syncing the directory) is best effort once it is done:
     a directory that cannot be read (mode 0333, say) only gets a warning.
     """
-    target = os.path.realpath(path)
+    target, previous = _output_target(path, option)  # checked again, just before use
     directory, name = os.path.split(target)
-    previous = _existing(target)
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
@@ -2043,6 +2129,8 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
     """
     _check_backend(backend)
     if output == "-" or _written_in_place(output):
+        if output != "-":
+            _output_target(output, "--output")  # not another user's FIFO or link in /tmp
         store = _store(store_url)  # refused before a FIFO's reader is woken
         try:
             if output == "-":
@@ -2084,7 +2172,7 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
         kept = "was left as it was" if os.path.lexists(output) else "was not written"
         try:
             store = _store(store_url)  # refused before a new file is made beside the output
-            with _replacing(output) as stream:
+            with _replacing(output, "--output") as stream:
                 result = _on_store(store, backend, lambda repo: _export(repo, stream, output, True))
                 if not result.complete:
                     raise CLIError(_incomplete(result))

@@ -27,7 +27,7 @@ import asyncsession as s
 pytest.importorskip("click")
 pytest.importorskip("rich")
 
-from test_cli import add_sessions, overwrite_document
+from test_cli import add_sessions, assert_one_line_error, overwrite_document
 
 from asyncsession import _cli
 
@@ -806,3 +806,199 @@ def test_export_to_dev_stdout_appended_to_a_log(backend: str, tmp_path: Path) ->
     first, *rest = log.read_bytes().splitlines()
     assert first == b"previous line"
     assert {s.loads(line).id for line in rest} == set(ids)
+
+
+# -- outputs in sticky world-writable directories (/tmp): another user's links and files ------
+
+#: The other user of these tests: a uid no account has, as a local attacker's may be.
+ATTACKER = 4321
+
+
+def sticky_directory(tmp_path: Path, name: str = "sticky", mode: int = 0o1777) -> Path:
+    """A directory like /tmp: sticky and world-writable, owned by the test's user."""
+    directory = tmp_path / name
+    directory.mkdir()
+    directory.chmod(mode)
+    return directory
+
+
+def planted_link(link: Path, target: Path, owner: int = ATTACKER) -> Path:
+    link.symlink_to(target)
+    os.lchown(link, owner, owner)
+    return link
+
+
+def victim(tmp_path: Path) -> Path:
+    """The operator's own file, which a planted link points to."""
+    (tmp_path / "home").mkdir()
+    bashrc = tmp_path / "home" / ".bashrc"
+    bashrc.write_bytes(b"alias ls='ls --color'\n")
+    return bashrc
+
+
+def refused_export(store: s.SessionRepository, output: Path, backend: str, monkeypatch: Any) -> str:
+    """An export to ``output`` refused up front (exit 2): its message."""
+    with pytest.raises(_cli.CLIError) as caught:
+        export(store, output, backend, monkeypatch)
+    assert caught.value.exit_code == 2
+    return caught.value.message
+
+
+@needs_root
+@BACKENDS
+def test_export_refuses_a_link_another_user_planted_in_a_sticky_directory(
+    backend: str, tmp_path: Path
+) -> None:
+    """Security review: ``ln -s /root/.bashrc /tmp/sessions.jsonl`` by another user made
+    root's ``export -o /tmp/sessions.jsonl`` replace .bashrc with the sessions (a shell's
+    ``>`` is refused there by the kernel's fs.protected_symlinks, when it is on). The
+    export now refuses such a link itself: exit 2, one line, nothing written, no new file
+    left beside the link's target."""
+    url, _ = sqlite_store(tmp_path, backend, 2)
+    bashrc = victim(tmp_path)
+    sticky = sticky_directory(tmp_path)
+    link = planted_link(sticky / "sessions.jsonl", bashrc)
+    result = subprocess.run(
+        [*EXPORT, "-o", str(link), "--store", url, "--backend", backend],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = assert_one_line_error(result, 2)
+    assert line == (
+        f"asyncsession: error: --output {link} is a symbolic link that user {ATTACKER} "
+        f"made in the sticky world-writable directory {sticky}: it may lead to a file of "
+        "yours; remove the link, or name the file itself."
+    )
+    assert bashrc.read_bytes() == b"alias ls='ls --color'\n"
+    assert link.is_symlink() and os.listdir(sticky) == ["sessions.jsonl"]
+    assert os.listdir(bashrc.parent) == [".bashrc"]
+
+
+@needs_root
+@BACKENDS
+def test_export_refuses_another_users_link_anywhere_on_its_path(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A planted link to a directory (``/tmp/d -> /root``) as a step of the path, or a link
+    in a sticky directory that one of the operator's own links leads to, is refused too."""
+    store = s.MemoryRepository()
+    add_sessions(store, backend, 2)
+    bashrc = victim(tmp_path)
+    sticky = sticky_directory(tmp_path)
+    planted_link(sticky / "d", bashrc.parent)
+    assert refused_export(store, sticky / "d" / ".bashrc", backend, monkeypatch) == (
+        f"--output {sticky / 'd' / '.bashrc'} is a symbolic link that user {ATTACKER} made "
+        f"in the sticky world-writable directory {sticky}: it may lead to a file of yours; "
+        "remove the link, or name the file itself."
+    )
+    planted_link(sticky / "x.jsonl", bashrc)
+    own = planted_link(tmp_path / "mine.jsonl", sticky / "x.jsonl", os.geteuid())
+    assert "user 4321 made in the sticky" in refused_export(store, own, backend, monkeypatch)
+    relative = planted_link(tmp_path / "relative", Path("sticky") / "d", os.geteuid())
+    assert "user 4321 made in the sticky" in refused_export(
+        store, relative / ".bashrc", backend, monkeypatch
+    )
+    assert bashrc.read_bytes() == b"alias ls='ls --color'\n"
+    assert sorted(os.listdir(bashrc.parent)) == [".bashrc"]
+
+
+@needs_root
+@BACKENDS
+def test_export_refuses_to_replace_another_users_file_in_a_sticky_directory(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Security review: another user's 0666 ``/tmp/out.jsonl``, replaced by root's export,
+    kept that user as its owner: every session's data in their hands (the kernel's
+    fs.protected_regular refuses a shell's ``>`` there). A FIFO of theirs, written in
+    place, would hand them the data as it is written (fs.protected_fifos)."""
+    store = s.MemoryRepository()
+    add_sessions(store, backend, 2)
+    sticky = sticky_directory(tmp_path)
+    theirs = sticky / "out.jsonl"
+    theirs.write_bytes(b"theirs\n")
+    os.chown(theirs, ATTACKER, ATTACKER)
+    theirs.chmod(0o666)
+    assert refused_export(store, theirs, backend, monkeypatch) == (
+        f"--output {theirs} is a file of user {ATTACKER} in the sticky world-writable "
+        f"directory {sticky}: that user could read what is written to it; remove it, or "
+        "name another file."
+    )
+    fifo = sticky / "fifo"
+    os.mkfifo(fifo)
+    os.chown(fifo, ATTACKER, ATTACKER)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # an export would not block
+    try:
+        assert refused_export(store, fifo, backend, monkeypatch).startswith(
+            f"--output {fifo} is a file of user {ATTACKER} in the sticky world-writable"
+        )
+        assert os.read(reader, 65536) == b""
+    finally:
+        os.close(reader)
+    assert theirs.read_bytes() == b"theirs\n" and os.stat(theirs).st_uid == ATTACKER
+    assert sorted(os.listdir(sticky)) == ["fifo", "out.jsonl"]
+
+
+@needs_root
+@BACKENDS
+def test_export_refuses_another_users_reports_file_or_link_in_a_sticky_directory(
+    backend: str, tmp_path: Path
+) -> None:
+    """``demo --reports FILE`` appends to FILE (through a link): the same rules."""
+    sticky = sticky_directory(tmp_path)
+    theirs = sticky / "r.jsonl"
+    theirs.write_bytes(b"")
+    os.chown(theirs, ATTACKER, ATTACKER)
+    bashrc = victim(tmp_path)
+    link = planted_link(sticky / "link.jsonl", bashrc)
+    demo = [sys.executable, "-m", "asyncsession", "demo", "--users", "2", "--rounds", "1"]
+    for reports, problem in ((theirs, "is a file of user"), (link, "is a symbolic link")):
+        result = subprocess.run(
+            [*demo, "--backend", backend, "--reports", str(reports)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        line = assert_one_line_error(result, 2)
+        assert line.startswith(f"asyncsession: error: --reports {reports} {problem} ")
+    assert not (tmp_path / "asyncsession.db").exists()  # checked before anything ran
+    assert theirs.read_bytes() == b"" and bashrc.read_bytes() == b"alias ls='ls --color'\n"
+
+
+@needs_root
+@BACKENDS
+def test_links_and_files_the_kernel_would_follow_and_replace_still_are(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What fs.protected_symlinks and fs.protected_regular allow, the export does as
+    before: a link's target is replaced (the link is one's own, or the directory owner's,
+    or its directory is not both sticky and world-writable), and so is a file of one's own
+    or of the directory's owner."""
+    store = s.MemoryRepository()
+    ids = add_sessions(store, backend, 2)
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def replaced_through(link: Path) -> None:
+        target = home / f"{link.parent.name}-{link.name}"
+        target.write_bytes(b"previous\n")
+        export(store, link, backend, monkeypatch)
+        assert link.is_symlink() and exported_ids(target) == set(ids)
+
+    sticky = sticky_directory(tmp_path)
+    replaced_through(planted_link(sticky / "mine.jsonl", home / "sticky-mine.jsonl", 0))
+    theirs = sticky_directory(tmp_path, "theirs")
+    os.chown(theirs, ATTACKER, ATTACKER)  # a user's own sticky directory: their links count
+    replaced_through(planted_link(theirs / "link.jsonl", home / "theirs-link.jsonl"))
+    for name, directory_mode in (("open", 0o777), ("group", 0o1770), ("plain", 0o755)):
+        directory = sticky_directory(tmp_path, name, directory_mode)
+        replaced_through(planted_link(directory / "link.jsonl", home / f"{name}-link.jsonl"))
+
+    for directory, owner in ((sticky, 0), (theirs, ATTACKER)):
+        output = directory / "out.jsonl"
+        output.write_bytes(b"previous\n")
+        os.chown(output, owner, owner)
+        export(store, output, backend, monkeypatch)
+        assert exported_ids(output) == set(ids) and os.stat(output).st_uid == owner
