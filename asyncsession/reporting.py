@@ -48,6 +48,11 @@ __all__ = [
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _WRITER_IDLE_SECONDS = 10.0  # a JsonLinesReporter's writer thread ends after this long idle
 _EXIT_WRITE_SECONDS = 5.0  # how long the interpreter's exit waits for lines queued or being written
+#: Permissions of a new report file (less the umask): owner only, as the stores' files,
+#: since its lines hold owners and session ids. A file that exists keeps its own.
+_REPORT_FILE_MODE = 0o600
+#: How a report file is opened: appended to, created if need be; O_BINARY on Windows.
+_REPORT_FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +195,9 @@ class _Write:
 class JsonLinesReporter:
     """Appends each report as one JSON line to ``path`` (off the event loop).
 
+    A file it creates is its owner's only (``0o600``, the umask on top), as the stores'
+    files: the lines hold owners and session ids. A file that exists keeps its mode.
+
     The lines are written, in the order of the ``report()`` calls, by one daemon thread
     per reporter (started when needed, ended after a while without reports). One reporter
     may serve managers on several event loops at once, in several threads, asyncio and
@@ -257,7 +265,13 @@ class JsonLinesReporter:
         while (write := self._next_line()) is not None:
             failure: Exception | None = None
             try:
-                with open(self.path, "ab") as handle:
+                fd = os.open(self.path, _REPORT_FILE_FLAGS, _REPORT_FILE_MODE)
+                try:
+                    handle = open(fd, "ab")  # noqa: SIM115 (closed below)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                with handle:
                     handle.write(write.line)
             except Exception as exc:
                 failure = exc

@@ -357,6 +357,55 @@ async def test_json_lines_write_errors_reach_the_caller(tmp_path: Path) -> None:
     assert list(read_reports(reporter.path)) == [report]
 
 
+_REPORT_TO_SCRIPT = """
+import sys, uuid
+from datetime import datetime, timezone
+import anyio
+import asyncsession as s
+from asyncsession.reporting import JsonLinesReporter, SessionReport
+
+backend, *paths = sys.argv[1:]
+now = datetime.now(timezone.utc)
+
+async def report():
+    for path in paths:
+        await JsonLinesReporter(path).report(
+            SessionReport(uuid.uuid4(), "alice@example.com", s.SessionStatus.EXITED, now, now, 0)
+        )
+
+anyio.run(report, backend=backend)
+"""
+
+
+def test_a_json_lines_reporter_creates_its_file_for_its_owner_only(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """Security review: the report file was created 0644 under umask 022 (0664 under 002),
+    while every other file the library creates is owner-only; its lines hold owners (often
+    e-mail addresses) and session ids. It is created 0600 now (the umask on top); a file
+    that exists keeps the permissions its user gave it."""
+    new, strict, shared = (tmp_path / name for name in ("new", "strict", "shared.jsonl"))
+    shared.write_bytes(b"")
+    shared.chmod(0o644)
+
+    def report_to(umask: int, *paths: Path) -> None:
+        result = subprocess.run(
+            [sys.executable, "-c", _REPORT_TO_SCRIPT, anyio_backend, *map(str, paths)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            umask=umask,
+        )
+        assert result.returncode == 0, result.stderr
+
+    report_to(0o002, new, shared)
+    report_to(0o277, strict)
+    modes = {p.name: os.stat(p).st_mode & 0o7777 for p in (new, strict, shared)}
+    assert modes == {"new": 0o600, "strict": 0o400, "shared.jsonl": 0o644}
+    report_to(0o002, new)  # appended to, as before
+    assert [r.owner for r in read_reports(new)] == ["alice@example.com"] * 2
+
+
 async def test_a_json_lines_reporter_writes_through_one_thread_not_one_per_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
