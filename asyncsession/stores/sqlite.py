@@ -1,7 +1,7 @@
 """SQLite session store: the durable embedded default (stdlib :mod:`sqlite3`, WAL mode).
 
 Layout of the database (``PRAGMA user_version`` versions it; older files are upgraded
-in place when opened):
+in place when opened, unless the store is made with ``upgrade=False``):
 
 * ``sessions``: one row per session. ``doc`` is the versioned session document without
   its messages and without the fields every append or touch changes (``last_active``,
@@ -59,6 +59,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -1052,11 +1053,31 @@ class _Locked(Exception):
         self.error = error
 
 
+class _OlderLayout(StorageError):
+    """The file's layout is older than :data:`SCHEMA_VERSION` and the store was made with
+    ``upgrade=False``: nothing was written. ``layout`` is the file's layout version,
+    ``supported`` this release's."""
+
+    def __init__(self, path: Path, layout: int) -> None:
+        self.layout = layout
+        self.supported = SCHEMA_VERSION
+        url = "sqlite:///" + urllib.parse.quote(os.fspath(path), safe="/")
+        super().__init__(
+            f"Cannot open SQLite database {path}: it has layout version {layout}, older "
+            f"than this asyncsession's ({SCHEMA_VERSION}), and this store does not "
+            "upgrade it (upgrade=False); nothing was written. To upgrade it, run "
+            f"`asyncsession migrate --store {url}` or open it with upgrade=True: releases "
+            f"that know layout {layout} at most refuse the file from then on, so stop "
+            "the processes running one first. Or read it with the release that wrote it."
+        )
+
+
 class SQLiteRepository(SessionRepository):
     """Sessions in a SQLite database file (WAL mode), served by one worker thread.
 
     ``async with SQLiteRepository("sessions.db") as repo:`` opens the file (creating it
-    and its tables if needed, upgrading an older layout in place) and starts the thread;
+    and its tables if needed, upgrading an older layout in place unless
+    ``upgrade=False``) and starts the thread;
     leaving the block finishes queued operations and stops it. Several processes may
     share one file: writes are serialized by SQLite's lock and checked by revision.
 
@@ -1072,6 +1093,12 @@ class SQLiteRepository(SessionRepository):
       the operation fails with a recoverable :class:`StorageError`. A read answered
       while a write waits for that lock, and finding the database busy too, runs again
       after the write with a ``busy_timeout`` of its own (see the module docstring).
+    * ``upgrade`` — whether opening brings a file of an older layout up to
+      :data:`SCHEMA_VERSION` in place (default ``True``); releases that know only the
+      older layout refuse the file from then on. With ``False`` such a file fails the
+      open with :class:`StorageError` (nothing written) saying what to do: for tools
+      that only look at a file an older release may still be serving. A new file is
+      created at this release's layout either way, and the store is not read-only.
     * ``max_batch`` — most operations committed together in one group commit.
     * ``pragmas`` — extra ``PRAGMA name = value`` settings for the connection (for
       example ``{"cache_size": -65536}``); names and values are checked, not trusted.
@@ -1116,6 +1143,7 @@ class SQLiteRepository(SessionRepository):
         *,
         synchronous: str = "NORMAL",
         busy_timeout: float = 5.0,
+        upgrade: bool = True,
         max_batch: int = 256,
         pragmas: Mapping[str, int | str] | None = None,
         snapshot_cache: int = 1_000,
@@ -1136,6 +1164,8 @@ class SQLiteRepository(SessionRepository):
             raise InvalidConfiguration(
                 f"busy_timeout must be seconds between 0 and 3600; got {busy_timeout!r}."
             )
+        if type(upgrade) is not bool:
+            raise InvalidConfiguration(f"upgrade must be True or False; got {upgrade!r}.")
         if type(max_batch) is not int or not 1 <= max_batch <= 10_000:
             raise InvalidConfiguration(
                 f"max_batch must be an int from 1 to 10000; got {max_batch!r}."
@@ -1188,6 +1218,7 @@ class SQLiteRepository(SessionRepository):
         self._file_mode = file_mode
         self._synchronous = synchronous
         self._busy_timeout = float(busy_timeout)
+        self._upgrades = upgrade
         self._lock_slice = min(self._busy_timeout, _LOCK_SLICE)
         self._max_batch = max_batch
         self._pragmas = extra
@@ -1901,6 +1932,16 @@ class SQLiteRepository(SessionRepository):
                 "while a process had it open, and its old -wal and -shm files stayed: "
                 "restart every process using it."
             )
+        elif _is_busy(exc):
+            cause = (
+                "another connection held its write lock for the whole busy_timeout "
+                f"({self._busy_timeout:g}s)"
+            )
+            advice = (
+                "Another process is writing it in a long transaction (a release that "
+                "upgrades an older layout of a big file takes seconds): retry when it is "
+                "done, or raise SQLiteRepository(busy_timeout=...)."
+            )
         else:
             cause = "SQLite error"
             advice = "Pass a writable path to a new or existing asyncsession database."
@@ -2015,6 +2056,8 @@ class SQLiteRepository(SessionRepository):
                     f"is newer than this asyncsession supports ({SCHEMA_VERSION}). Upgrade "
                     "asyncsession."
                 )
+            if not created and version < SCHEMA_VERSION and not self._upgrades:
+                raise _OlderLayout(self._path, version)
             if not created and version < SCHEMA_VERSION:
                 logger.info(
                     "upgrading %s from layout %d to %d", self._path, version, SCHEMA_VERSION
