@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._exceptions import CorruptSessionError, SchemaVersionError
+from ._models import SessionStatus
 
 __all__ = ["CURRENT_VERSION", "MIGRATIONS", "LEGACY_NAMESPACE", "document_version", "migrate"]
 
@@ -17,6 +18,9 @@ CURRENT_VERSION = 1
 LEGACY_NAMESPACE = uuid.UUID("6f1c3a52-2b8e-4d0e-9a57-6a7a3c1d9e10")
 
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
+
+#: The terminal statuses as version-0 documents spell them (the values of SessionStatus).
+_TERMINAL = frozenset(status.value for status in SessionStatus if status.is_terminal)
 
 
 def _legacy_key(custom_fields: dict[str, Any]) -> str:
@@ -36,6 +40,10 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
     and counters go into the state under ``"legacy"``; when ``custom_fields`` already
     has a ``"legacy"`` key it is kept as it is, and the counters go under the first of
     ``"_legacy"``, ``"__legacy"``, ... that it does not use.
+
+    Version 0 has no close time: a session with a terminal status closed at its last
+    activity (``closed_at = last_active``), so that its duration and reports have an
+    end. ``expires_at`` stays None: the migration knows no policy (no retention).
     """
     old_id = doc.get("id")
     if not isinstance(old_id, str) or not old_id:
@@ -46,6 +54,8 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
         new_id = str(uuid.uuid5(LEGACY_NAMESPACE, old_id))
     created = doc.get("created", doc.get("created_at"))
     last_active = doc.get("last_active", created)
+    status = doc.get("status", "active")
+    closed = last_active if isinstance(status, str) and status in _TERMINAL else None
     messages = []
     first = doc.get("first_message")
     if isinstance(first, str) and first:
@@ -68,10 +78,10 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
         "id": new_id,
         "owner": doc.get("owner"),
         "name": doc.get("name"),
-        "status": doc.get("status", "active"),
+        "status": status,
         "created_at": created,
         "last_active": last_active,
-        "closed_at": None,
+        "closed_at": closed,
         "expires_at": None,
         "revision": 0,
         "errors": 0,

@@ -12,6 +12,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import asyncsession as s
 from asyncsession import _migrations
 from asyncsession._models import replace_trusted
 from asyncsession._serialization import dump_document, dump_message, session_from_document
+from asyncsession.testing import ManualClock
 from asyncsession.testing._contract import make_session
 
 
@@ -120,6 +122,51 @@ def test_version_zero_keeps_a_users_own_legacy_field() -> None:
     assert one.state == {"legacy": "user value", "other": 1, "_legacy": counters}
     two = s.loads(orjson.dumps(v0(custom_fields={"legacy": 1, "_legacy": 2})))
     assert two.state == {"legacy": 1, "_legacy": 2, "__legacy": counters}
+
+
+@pytest.mark.parametrize("status", list(s.SessionStatus), ids=str)
+def test_version_zero_terminal_sessions_closed_at_their_last_activity(
+    status: s.SessionStatus,
+) -> None:
+    """Upgrade review (B): a version-0 document has no close time, and the migration left
+    ``closed_at`` None for a terminal session, whose retention deadline then never came.
+    Its last activity is when it closed (``created`` if it has none); open sessions stay
+    open. ``expires_at`` stays None: the migration knows no policy."""
+    session = s.loads(orjson.dumps(v0(status=status.value)))
+    assert session.status is status and session.expires_at is None
+    assert session.closed_at == (session.last_active if status.is_terminal else None)
+    assert session.last_active == datetime(2025, 1, 2, tzinfo=timezone.utc)
+    undated = v0(status=status.value)
+    del undated["last_active"]
+    session = s.loads(orjson.dumps(undated))
+    assert session.closed_at == (session.created_at if status.is_terminal else None)
+
+
+@pytest.mark.anyio
+async def test_a_version_zero_terminal_session_is_kept_until_deleted(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """A version-0 document of a closed session, read from a store as an older tool left
+    it: closed at its last activity and without a deadline, so cleanup never removes it
+    (the migration knows no retention); reads return it and ``delete()`` removes it."""
+    directory = tmp_path / "files"
+    (directory / "sessions").mkdir(parents=True)
+    sid = uuid.uuid4()
+    doc = v0(sid=str(sid), status="exited")
+    (directory / "sessions" / f"{sid}.json").write_bytes(orjson.dumps(doc))
+    clock = ManualClock(datetime(2030, 1, 1, tzinfo=timezone.utc))
+    async with s.SessionManager(
+        s.FileRepository(directory), retention=60, cleanup_interval=None, clock=clock
+    ) as manager:
+        session = await manager.get(sid)
+        assert session.status is s.SessionStatus.EXITED and session.expires_at is None
+        assert session.closed_at == session.last_active == datetime(2025, 1, 2, tzinfo=timezone.utc)
+        assert session.duration == timedelta(days=1)
+        assert await manager.purge_expired() == 0
+        with pytest.raises(s.SessionClosed):
+            await manager.add_message(sid, "user", "x")
+        assert await manager.delete(sid) is True
+        assert not await manager.exists(sid)
 
 
 # -- no coercion, no silent defaults (finding 8) --------------------------------------
