@@ -10,6 +10,7 @@ import pickle
 import signal
 import stat
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -922,6 +923,181 @@ async def test_orphan_lock_files_are_removed_at_open(tmp_path: Path, anyio_backe
         assert sorted(p.name for p in locks.iterdir()) == sorted([f"{kept.id}.lock", "notes.txt"])
 
 
+# -- entries that are not files: symbolic links, FIFOs -------------------------------------
+# In a store shared by a group (file_mode=0o660, directories 0o770), any member may
+# replace an entry of sessions/ or locks/. The store runs with its own privileges (maybe
+# root), so it never follows such an entry out of its directory, nor waits on it.
+
+
+def lexists(path: Path) -> bool:
+    """Whether anything, a dangling symbolic link included, has the name ``path``."""
+    return os.path.lexists(path)
+
+
+def outside_files(tmp_path: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Content, mode and link count of every file in ``tmp_path / "outside"``."""
+    return {
+        p.name: (p.read_bytes(), stat.S_IMODE(p.stat().st_mode), p.stat().st_nlink)
+        for p in sorted((tmp_path / "outside").iterdir())
+    }
+
+
+async def test_a_lock_file_replaced_by_a_symlink_is_refused_and_never_followed(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    missing = outside / "nologin"  # what the store process would create, as root
+    existing = outside / "passwd"
+    existing.write_bytes(b"root:x:0:0::/root:/bin/sh\n")
+    existing.chmod(0o644)
+    before = outside_files(tmp_path)
+    root = tmp_path / "store"
+    async with FileRepository(root, file_mode=0o660, lock_timeout=1) as repo:
+        session, other = make_session(created=1), make_session(created=2)
+        await repo.add(session)
+        await repo.add(other)
+        lock = lock_path(repo, session.id)
+        for target in (missing, existing):
+            lock.unlink(missing_ok=True)
+            lock.symlink_to(target)  # a group member swaps the lock file for a link
+            for attempt in (
+                lambda: repo.get(session.id),
+                lambda: repo.append(session.id, [msg("x", 1)], at=at(1), policy=POLICY),
+                lambda: repo.delete(session.id),
+            ):
+                with pytest.raises(StorageError, match="symbolic link") as info:
+                    await attempt()
+                assert str(lock) in str(info.value) and not info.value.recoverable
+                assert not isinstance(info.value, LockTimeout)
+            assert not lexists(missing)
+            assert outside_files(tmp_path) == before
+            assert lock.is_symlink()  # left for the administrator to look at
+            assert await repo.get(other.id) == other  # other sessions keep working
+        lock.unlink()
+        assert await repo.get(session.id) == session
+    # at open: the lock file of a session without a document is checked, not followed
+    orphan = root / "locks" / f"{uuid.uuid4()}.lock"
+    orphan.symlink_to(missing)
+    with caplog.at_level(logging.WARNING, logger="asyncsession.stores.files"):
+        async with FileRepository(root, file_mode=0o660) as repo:
+            assert await repo.get(session.id) == session
+    assert not lexists(missing)
+    assert outside_files(tmp_path) == before
+    assert any(str(orphan) in r.getMessage() for r in caplog.records)
+
+
+async def test_a_document_replaced_by_a_symlink_is_quarantined_never_followed(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_link = os.link
+
+    def link(src: Any, dst: Any, **kwargs: Any) -> None:
+        # os.link as on macOS and Python >= 3.14 on Linux: follows a link unless told not to
+        if kwargs.pop("follow_symlinks", True):
+            src = os.path.realpath(src)
+        real_link(src, dst, follow_symlinks=False, **kwargs)
+
+    monkeypatch.setattr(os, "link", link)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "store"
+    read, listed, versioned, kept, at_open = (make_session(created=n) for n in range(1, 6))
+    async with FileRepository(root, file_mode=0o660) as repo:
+        for s in (read, listed, versioned, kept, at_open):
+            await repo.add(s)
+        links: dict[uuid.UUID, Path] = {}
+        for s in (read, listed, versioned):
+            # a valid document of the session, elsewhere: the store must not take it
+            target = outside / f"{s.id}.json"
+            target.write_bytes(files.encode_document(changed(s, state={"planted": True})))
+            path = doc_path(repo, s.id)
+            path.unlink()
+            path.symlink_to(target)
+            links[s.id] = target
+        before = outside_files(tmp_path)
+        with pytest.raises(CorruptSessionError, match="symbolic link"):
+            await repo.document_versions([versioned.id])
+        with pytest.raises(CorruptSessionError, match="symbolic link") as info:
+            await repo.get(read.id)
+        assert info.value.session_id == read.id and "quarantine" in str(info.value)
+        assert [s.id for s in await repo.list(SessionQuery())] == [at_open.id, kept.id]
+        for s in (read, listed, versioned):
+            assert await repo.get(s.id) is None
+            assert not lexists(doc_path(repo, s.id))
+        assert await repo.get(kept.id) == kept
+        # quarantine holds the links themselves, never a hard link to their targets
+        aside = await repo.quarantined()
+        assert sorted(sid for sid, _ in aside) == sorted(links)
+        for sid, path in aside:
+            assert path.is_symlink() and Path(os.readlink(path)) == links[sid]
+        assert outside_files(tmp_path) == before  # targets untouched, link count 1
+        path = doc_path(repo, at_open.id)
+    target = outside / "at-open.json"
+    target.write_bytes(files.encode_document(at_open))
+    path.unlink()
+    path.symlink_to(target)
+    async with FileRepository(root, file_mode=0o660, shared=False) as repo:  # found at open
+        assert [s.id for s in await repo.list(SessionQuery())] == [kept.id]
+        assert await repo.get(at_open.id) is None
+        assert (root / "quarantine" / f"{at_open.id}.json").is_symlink()
+        assert await repo.unreadable() == []
+    assert target.read_bytes() == files.encode_document(at_open)
+    assert target.stat().st_nlink == 1
+
+
+async def test_a_fifo_with_a_document_name_is_quarantined_not_waited_on(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    root = tmp_path / "store"
+    read, listed, kept = make_session(created=1), make_session(created=2), make_session(created=3)
+    fifos: list[Path] = []
+    unblocked: list[Path] = []
+    done = threading.Event()
+
+    def unblock() -> None:
+        """After 5 s, open each FIFO for writing whenever a reader waits on it (a reader
+        blocked in open() then reads end-of-file): a store that waits fails, not hangs."""
+        if done.wait(5):
+            return
+        while not done.wait(0.2):
+            for fifo in fifos:
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    continue  # no reader waiting (ENXIO), or moved away
+                unblocked.append(fifo)
+
+    watcher = threading.Thread(target=unblock, daemon=True)
+    watcher.start()
+    try:
+        async with FileRepository(root, file_mode=0o660) as repo:
+            for s in (read, listed, kept):
+                await repo.add(s)
+            for s in (read, listed):
+                doc_path(repo, s.id).unlink()
+                os.mkfifo(doc_path(repo, s.id))
+                fifos.append(doc_path(repo, s.id))
+            with pytest.raises(CorruptSessionError, match="FIFO"):
+                await repo.get(read.id)
+            assert [s.id for s in await repo.list(SessionQuery())] == [kept.id]
+            aside = await repo.quarantined()
+            assert sorted(sid for sid, _ in aside) == sorted([read.id, listed.id])
+            assert all(stat.S_ISFIFO(p.lstat().st_mode) for _, p in aside)
+            assert await repo.get(kept.id) == kept
+        late = root / "sessions" / f"{uuid.uuid4()}.json"
+        os.mkfifo(late)
+        fifos.append(late)
+        async with FileRepository(root, file_mode=0o660, shared=False) as repo:  # at open
+            assert [s.id for s in await repo.list(SessionQuery())] == [kept.id]
+        assert not lexists(late)
+        assert len(list((root / "quarantine").iterdir())) == 3
+    finally:
+        done.set()
+        watcher.join()
+    assert unblocked == []
+
+
 # -- unreadable entries, failing system calls, platforms ---------------------------------
 
 
@@ -1053,15 +1229,15 @@ async def test_a_failed_lock_file_check_leaves_the_lock_free(
         session = make_session()
         await repo.add(session)
         lock = os.fspath(lock_path(repo, session.id))
-        real_stat = os.stat
+        real_lstat = os.lstat
 
-        def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
             if os.fspath(path) == lock:
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
-            return real_stat(path, *args, **kwargs)
+            return real_lstat(path, *args, **kwargs)
 
         with monkeypatch.context() as patch:
-            patch.setattr(os, "stat", stat)
+            patch.setattr(os, "lstat", lstat)
             with pytest.raises(StorageError, match=f"Could not check the lock file {lock}"):
                 await repo.get(session.id)
         os.close(hold_flock(Path(lock)))  # the failed attempt did not keep the flock

@@ -28,7 +28,11 @@ EMFILE, is read again by a scan every 30 s); reading that session raises
 now (locked by another process, a damaged document that cannot be quarantined yet) is
 tried again each time but warned about once per cause, and logged at info level when it
 is dealt with at last. Ids become file names only as canonical UUIDs, so no input can
-name another path.
+name another path; and no entry of ``sessions/`` or ``locks/`` is followed out of the
+store (whoever shares the directory may replace one): a document that is a symbolic link,
+a FIFO, a socket or a device is neither followed nor read, and is quarantined as it is
+(a link itself, never its target); a lock file that is a symbolic link raises
+:class:`StorageError`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import itertools
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 import uuid
@@ -345,6 +350,48 @@ def _stamp(st: os.stat_result) -> Stamp:
 def _file_key(st: os.stat_result) -> tuple[int, int]:
     """What makes two names one file: (device, inode)."""
     return st.st_dev, st.st_ino
+
+
+#: Whether os.link can hard-link a symbolic link itself (linkat() without
+#: AT_SYMLINK_FOLLOW): link() alone follows one on macOS, and os.link() follows by
+#: default on Linux too from Python 3.14 (gh-81793).
+_LINK_NOFOLLOW = os.link in os.supports_follow_symlinks
+
+#: What an entry that is neither a regular file nor a directory is, by file type.
+_ODD_KINDS = {
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+def _odd_kind(mode: int) -> str | None:
+    """What an entry the store never opens as a file is ("symbolic link", "FIFO", ...);
+    None for a regular file or a directory (a directory reads as unreadable: EISDIR)."""
+    return _ODD_KINDS.get(stat.S_IFMT(mode))
+
+
+def _odd_entry(path: str) -> str | None:
+    """What ``path`` is when an open of it failed and it is no file (see :func:`_odd_kind`):
+    an ``O_NOFOLLOW`` open fails on a symbolic link (ELOOP, EMLINK on FreeBSD), and an
+    open of a socket with ENXIO."""
+    try:
+        return _odd_kind(os.lstat(path).st_mode)
+    except OSError:
+        return None
+
+
+def _not_a_document(kind: str) -> _Damaged:
+    return _Damaged(f"a {kind} where a document belongs (neither followed nor read)")
+
+
+def _link_entry(src: str, dst: str) -> None:
+    """Hard-link the entry ``src`` itself as ``dst``: a symbolic link, never its target."""
+    if not _LINK_NOFOLLOW:  # no linkat(): the caller moves the entry instead
+        raise OSError(errno.ENOTSUP, "cannot hard-link a symbolic link itself here")
+    os.link(src, dst, follow_symlinks=False)
 
 
 def _storage_error(action: str, path: str | Path, exc: OSError) -> StorageError:
@@ -797,9 +844,19 @@ class FileRepository(SessionRepository):
 
     def _acquire_nowait(self, lock_path: str) -> int | None:
         """A locked fd, None when held elsewhere, or -1 when the file was just replaced."""
+        # O_NOFOLLOW: whoever may write to locks/ (a group sharing the store) must not
+        # make this process create or lock a file elsewhere through a symbolic link.
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._file_mode)
+            fd = os.open(lock_path, flags, self._file_mode)
         except OSError as exc:
+            if _odd_entry(lock_path) == "symbolic link":
+                raise StorageError(
+                    f"The lock file {lock_path} is a symbolic link, which is not allowed "
+                    "there: the store never follows one out of its directory. Remove it "
+                    f"and check who may write to {self._locks_dir}.",
+                    recoverable=False,
+                ) from exc
             raise _storage_error("open the lock file", lock_path, exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -810,7 +867,7 @@ class FileRepository(SessionRepository):
             os.close(fd)
             raise _storage_error("lock", lock_path, exc) from exc
         try:
-            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+            same = _file_key(os.fstat(fd)) == _file_key(os.lstat(lock_path))
         except FileNotFoundError:
             same = False
         except OSError as exc:
@@ -839,11 +896,10 @@ class FileRepository(SessionRepository):
         path = self._doc_path(sid)
         try:
             data, stamp = self._read_bytes(path)
+            return _parse(data, sid, stamp)
         except FileNotFoundError:
             self._index.drop(sid)
             return None
-        try:
-            return _parse(data, sid, stamp)
         except _Damaged as exc:
             raise self._corrupt(sid, str(exc)) from exc
 
@@ -856,14 +912,24 @@ class FileRepository(SessionRepository):
 
     @staticmethod
     def _read_bytes(path: str) -> tuple[bytes, Stamp]:
+        """A document's bytes and stamp; :class:`_Damaged` for an entry that is no file
+        (a symbolic link, a FIFO, ...: never followed, never waited on)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NOFOLLOW: never read a file outside the store through a symbolic link;
+            # O_NONBLOCK: never wait for a writer of a FIFO (no effect on a regular file).
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise
         except OSError as exc:
+            kind = _odd_entry(path)
+            if kind is not None:
+                raise _not_a_document(kind) from exc
             raise _storage_error("open", path, exc) from exc
         try:
             st = os.fstat(fd)
+            kind = _odd_kind(st.st_mode)
+            if kind is not None:
+                raise _not_a_document(kind)
             chunks = []
             while True:
                 chunk = os.read(fd, max(st.st_size + 1, 65536))
@@ -982,7 +1048,7 @@ class FileRepository(SessionRepository):
             dst = os.path.join(self._quarantine_dir, name)
             n += 1
             try:
-                os.link(src, dst)
+                _link_entry(src, dst)  # a symbolic link itself, never its target
             except FileExistsError:
                 try:
                     if src_key is None:
@@ -1126,6 +1192,11 @@ class FileRepository(SessionRepository):
         except StorageError as exc:  # e.g. a directory with a document's name, EACCES, EIO
             self._skip(sid, stamp, old, exc)
             return
+        except _Damaged:  # a symbolic link, a FIFO...
+            self._failing.pop(sid, None)
+            self._quarantine_nowait(sid)
+            seen.discard(sid)
+            return
         self._failing.pop(sid, None)
         try:
             doc = _parse(data, sid, stamp)
@@ -1185,7 +1256,13 @@ class FileRepository(SessionRepository):
         try:
             try:
                 data, _ = self._read_bytes(self._doc_path(sid))
+                _parse(data, sid, (0, 0, 0))
             except FileNotFoundError:
+                return
+            except _Damaged as exc:
+                self._quarantine(sid, str(exc), scanning=True)
+                self._index.drop(sid)
+            except SchemaVersionError:
                 return
             except StorageError as exc:
                 notes.note(
@@ -1195,13 +1272,6 @@ class FileRepository(SessionRepository):
                     sid,
                     exc,
                 )
-                return
-            try:
-                _parse(data, sid, (0, 0, 0))
-            except _Damaged as exc:
-                self._quarantine(sid, str(exc), scanning=True)
-                self._index.drop(sid)
-            except SchemaVersionError:
                 return
         finally:
             self._release(sid, fd)
@@ -1576,10 +1646,9 @@ class FileRepository(SessionRepository):
         for sid in ids:
             try:
                 data, _ = self._read_bytes(self._doc_path(sid))
+                found[sid] = _version(data, sid)
             except FileNotFoundError:
                 continue
-            try:
-                found[sid] = _version(data, sid)
             except _Damaged:
                 found[sid] = None
         return found
@@ -1588,11 +1657,10 @@ class FileRepository(SessionRepository):
         """A document's version read under its lock; quarantine it if damaged."""
         try:
             data, _ = self._read_bytes(self._doc_path(sid))
+            return _version(data, sid)
         except FileNotFoundError:
             self._index.drop(sid)
             return None
-        try:
-            return _version(data, sid)
         except _Damaged as exc:
             raise self._corrupt(sid, str(exc)) from exc
 
