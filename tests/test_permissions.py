@@ -67,6 +67,23 @@ async def test_file_store_mode_is_configurable_and_kept_on_rewrite(
         assert mode(document) == 0o640
 
 
+async def test_a_group_shared_file_store_keeps_its_top_directory_unwritable_to_the_group(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    # Whoever may rename sessions/ or locks/ could point them outside the store: the
+    # group gets write access to those three directories only, not to the one above.
+    old = os.umask(0o002)
+    try:
+        root = tmp_path / "store"
+        async with s.FileRepository(root, file_mode=0o660) as repo:
+            await repo.add(make_session())
+    finally:
+        os.umask(old)
+    assert mode(root) == 0o750
+    assert [mode(root / d) for d in ("sessions", "locks", "quarantine")] == [0o770] * 3
+    assert {mode(p) for p in (root / "sessions").iterdir()} == {0o660}
+
+
 async def test_sqlite_creates_an_owner_only_database_by_default(
     tmp_path: Path, umask_022: None, anyio_backend: str
 ) -> None:

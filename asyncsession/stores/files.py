@@ -704,9 +704,16 @@ class FileRepository(SessionRepository):
         # The root through its symbolic link, if it is one: os.mkdir does not follow a
         # dangling link (it fails with EEXIST), so the target is created, with its mode.
         top = os.path.realpath(root)
-        for path in (top, self._sessions_dir, self._locks_dir, self._quarantine_dir):
+        # The group or others may write in the three directories below (file_mode says),
+        # never in the top one: whoever may rename those could point them out of the store.
+        for path, dir_mode in (
+            (top, self._dir_mode & ~0o022),
+            (self._sessions_dir, self._dir_mode),
+            (self._locks_dir, self._dir_mode),
+            (self._quarantine_dir, self._dir_mode),
+        ):
             try:
-                os.mkdir(path, self._dir_mode)
+                os.mkdir(path, dir_mode)
                 created = True
             except FileExistsError:
                 pass
