@@ -90,6 +90,7 @@ from ._manager import _is_retired
 from ._urls import STORE_URL_FORMS, repository_from_url, shown_url
 from .abc import EventTransport
 from .reporting import JsonLinesReporter, Reporter, aggregate, read_reports
+from .stores.sqlite import SCHEMA_VERSION, _OlderLayout
 
 __all__ = ["CLIError", "cli", "open_store", "run"]
 
@@ -331,9 +332,19 @@ def _check_exists(repository: SessionRepository, advice: str = _CREATE_ONE) -> N
 
 
 def _store(
-    url: str, *, creates: bool = False, memory: bool = False, advice: str = _CREATE_ONE
+    url: str,
+    *,
+    creates: bool = False,
+    writes: bool = False,
+    memory: bool = False,
+    advice: str = _CREATE_ONE,
 ) -> SessionRepository:
     """The unopened store ``url`` names, for this command; :class:`CLIError` if refused.
+
+    A SQLite store is opened without upgrading an older layout unless the command
+    ``creates`` or ``writes`` sessions: the release that wrote the file refuses it once
+    upgraded, and it may still be serving it (the open fails with ``_OlderLayout``,
+    which :func:`_expected` reports).
 
     Only the commands that create sessions (``creates``: demo, import) may create a
     store; the others refuse a SQLite file or file store that does not exist, before
@@ -355,6 +366,8 @@ def _store(
         )
     if not creates and not _in_one_process(url):  # nothing on disk to look for
         _check_exists(repository, advice)
+    if isinstance(repository, SQLiteRepository) and not (creates or writes):
+        repository._upgrades = False  # unopened, and this command's own
     return repository
 
 
@@ -364,15 +377,17 @@ def _with_store(
     fn: Callable[[SessionRepository], Awaitable[T]],
     *,
     creates: bool = False,
+    writes: bool = False,
     memory: bool = False,
     advice: str = _CREATE_ONE,
 ) -> T:
     """Open the store at ``url`` on ``backend``, run ``fn(store)``, close the store.
 
-    ``creates``, ``memory`` and ``advice``: see :func:`_store`.
+    ``creates``, ``writes``, ``memory`` and ``advice``: see :func:`_store`.
     """
     _check_backend(backend)
-    return _on_store(_store(url, creates=creates, memory=memory, advice=advice), backend, fn)
+    store = _store(url, creates=creates, writes=writes, memory=memory, advice=advice)
+    return _on_store(store, backend, fn)
 
 
 def _on_store(
@@ -962,6 +977,8 @@ def cli() -> None:
     Every command takes --store URL (default sqlite:///asyncsession.db, or env
     ASYNCSESSION_STORE, which demo ignores) and --backend asyncio|trio; most take --json.
     Only demo and import create a store; the others refuse one that does not exist.
+    Commands that only read (list, show, stats, export, migrate --dry-run) never upgrade
+    an older SQLite layout: the release that wrote it may still be using the file.
     """
 
 
@@ -1591,7 +1608,7 @@ def close(session_id: str, status: str, store_url: str, backend: str, as_json: b
     async def act(repository: SessionRepository) -> Session:
         return await _with_manager(repository, close_it)
 
-    session = _with_store(store_url, backend, act)
+    session = _with_store(store_url, backend, act, writes=True)
     if as_json:
         _print_json(_summary(session, _now()))
     else:
@@ -1620,7 +1637,7 @@ def delete(session_id: str, store_url: str, backend: str, as_json: bool) -> None
             await _Announcer(repository).announce(EventKind.DELETED, sid, _now(), None)
         return deleted
 
-    if not _with_store(store_url, backend, act):
+    if not _with_store(store_url, backend, act, writes=True):
         raise _missing(sid, store_url)
     if as_json:
         _print_json({"deleted": str(sid)})
@@ -1652,7 +1669,7 @@ def purge(store_url: str, backend: str, as_json: bool) -> None:
     async def act(repository: SessionRepository) -> int:
         return await _with_manager(repository, purge_all)
 
-    count = _with_store(store_url, backend, act)
+    count = _with_store(store_url, backend, act, writes=True)
     if as_json:
         _print_json({"purged": count})
     else:
@@ -1741,6 +1758,16 @@ def _versions_text(by_version: Mapping[int, int]) -> str:
     return ", ".join(f"{n} at version {v}" for v, n in by_version.items()) or "no documents"
 
 
+def _older_layout(exc: BaseException) -> _OlderLayout | None:
+    """The :class:`_OlderLayout` error ``exc`` is (alone in its groups, if any), or None."""
+    leaves = _leaves(exc)
+    return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], _OlderLayout) else None
+
+
+def _layout_upgrade_text(path: Path, layout: int) -> str:
+    return f"the layout of SQLite store {path} from version {layout} to {SCHEMA_VERSION}"
+
+
 @cli.command()
 @click.option(
     "--dry-run", is_flag=True, help="Count the documents per stored schema version; write nothing."
@@ -1753,7 +1780,8 @@ def migrate(dry_run: bool, store_url: str, backend: str, as_json: bool) -> None:
     session changes meanwhile), so the store writes it at the current version. Documents
     already current keep their revision. A store that cannot tell which schema version
     its documents are stored at (SessionRepository.document_versions returns None) gets
-    every document rewritten.
+    every document rewritten. A SQLite file of an older layout is upgraded first (with
+    --dry-run: reported, and its documents counted only once it is upgraded).
     """
 
     async def act(repository: SessionRepository) -> tuple[_Plan, int]:
@@ -1774,7 +1802,46 @@ def migrate(dry_run: bool, store_url: str, backend: str, as_json: bool) -> None:
                 progress.advance(task)
             return plan, rewritten
 
-    plan, rewritten = _with_store(store_url, backend, act)
+    _check_backend(backend)
+    store = _store(store_url)  # a SQLite file of an older layout fails the open, untouched
+    upgraded: int | None = None  # the older layout upgraded (or, dry run, to upgrade)
+    try:
+        plan: _Plan | None
+        plan, rewritten = _on_store(store, backend, act)
+    except Exception as exc:
+        older = _older_layout(exc)
+        if older is None:
+            raise
+        upgraded = older.layout
+        plan, rewritten = None, 0
+        if not dry_run:  # migrate upgrades it: opened again, upgrading
+            plan, rewritten = _on_store(_store(store_url, writes=True), backend, act)
+    upgrade = None if upgraded is None else {"from": upgraded, "to": SCHEMA_VERSION}
+    if plan is None:  # a dry run on an older layout: the documents are counted once upgraded
+        assert isinstance(store, SQLiteRepository)
+        assert upgraded is not None
+        if as_json:
+            _print_json(
+                {
+                    "documents": None,
+                    "rewritten": 0,
+                    "dry_run": True,
+                    "version": CURRENT_VERSION,
+                    "to_rewrite": None,
+                    "outdated": None,
+                    "by_version": None,
+                    "layout_upgrade": upgrade,
+                }
+            )
+            return
+        out.print(
+            f"Would upgrade {_layout_upgrade_text(store.path, upgraded)} first: releases "
+            f"that know layout {upgraded} at most refuse the file from then on, so stop "
+            "the processes running one before you run migrate. Its documents can be "
+            f"counted at layout {SCHEMA_VERSION} only, once it is upgraded; nothing was "
+            "written."
+        )
+        return
     known = plan.by_version is not None
     if as_json:
         _print_json(
@@ -1790,9 +1857,13 @@ def migrate(dry_run: bool, store_url: str, backend: str, as_json: bool) -> None:
                     if plan.by_version is None
                     else {str(v): n for v, n in plan.by_version.items()}
                 ),
+                "layout_upgrade": upgrade,
             }
         )
         return
+    if upgraded is not None:
+        assert isinstance(store, SQLiteRepository)
+        out.print(f"Upgraded {_layout_upgrade_text(store.path, upgraded)}.")
     if plan.by_version is None:
         note = (
             " This store cannot tell which schema version its documents are stored at, "
@@ -2372,6 +2443,15 @@ def _expected(exc: BaseException) -> tuple[str, int] | None:
             return leaf.message, leaf.exit_code
         if isinstance(leaf, ValidationError):
             return str(leaf), 2
+        if isinstance(leaf, _OlderLayout):  # a command that only reads: see _store
+            url = "sqlite:///" + urllib.parse.quote(os.fspath(leaf.path), safe="/")
+            return (
+                f"the SQLite store {leaf.path} has layout version {leaf.layout}, older than "
+                f"this asyncsession's ({leaf.supported}); commands that only read leave it "
+                f"as it is. Run `asyncsession migrate --store {url}` to upgrade it "
+                f"(releases that know layout {leaf.layout} at most then refuse the file: "
+                "stop the processes running one first), or use the release that wrote it."
+            ), 1
         if isinstance(leaf, SessionError):
             return str(leaf), 1
         if isinstance(leaf, OSError):

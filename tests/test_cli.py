@@ -259,6 +259,7 @@ def test_migrate_rewrites_old_documents(run: Run, tmp_path: Path, backend: str) 
         "to_rewrite": 1,
         "outdated": 1,
         "by_version": {"0": 1, str(s.CURRENT_VERSION): 1},
+        "layout_upgrade": None,
     }
     assert path.read_bytes() == before
     text = run("migrate", "--dry-run", "--store", store).stdout
@@ -354,6 +355,7 @@ def test_migrate_rewrites_only_outdated_documents(run: Run, store_url: str, back
         "to_rewrite": 2,
         "outdated": 2,
         "by_version": {"0": 2, str(s.CURRENT_VERSION): 2},
+        "layout_upgrade": None,
     }
     assert "Would rewrite 2 of 4 documents" in run("migrate", "--dry-run", "--store", url).stdout
     assert (

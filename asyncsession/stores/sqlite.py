@@ -1056,9 +1056,10 @@ class _Locked(Exception):
 class _OlderLayout(StorageError):
     """The file's layout is older than :data:`SCHEMA_VERSION` and the store was made with
     ``upgrade=False``: nothing was written. ``layout`` is the file's layout version,
-    ``supported`` this release's."""
+    ``supported`` this release's, ``path`` the store's."""
 
     def __init__(self, path: Path, layout: int) -> None:
+        self.path = path
         self.layout = layout
         self.supported = SCHEMA_VERSION
         url = "sqlite:///" + urllib.parse.quote(os.fspath(path), safe="/")
