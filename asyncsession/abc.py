@@ -73,11 +73,13 @@ class SessionQuery:
     """What :meth:`SessionRepository.list` takes: filters, and which page of at most
     ``limit`` sessions (default 50, at most 10000) to return.
 
-    Sessions come newest ``last_active`` first (ties by id). ``search`` matches the name
-    or the first message, case-insensitively. ``visible_at`` hides sessions whose
-    ``expires_at`` has passed at that time. ``cursor`` is None for the first page, then
-    the previous :class:`Page`'s ``next_cursor``; it only fits a query with the same
-    filters (see :meth:`fingerprint`).
+    Sessions come newest ``last_active`` first; sessions with equal ``last_active`` by
+    id descending (larger ``id.int`` first, which is also the descending order of the
+    ids' text), so that a cursor, the ``(last_active, id)`` of a page's last item, says
+    where the next page starts. ``search`` matches the name or the first message,
+    case-insensitively. ``visible_at`` hides sessions whose ``expires_at`` has passed at
+    that time. ``cursor`` is None for the first page, then the previous :class:`Page`'s
+    ``next_cursor``; it only fits a query with the same filters (see :meth:`fingerprint`).
     """
 
     # A str enum member stands for its value, as stored (see plain_str).
@@ -247,8 +249,20 @@ class SessionRepository(ABC):
     * ``touch`` moves ``last_active``/``expires_at`` without bumping ``revision`` and never
       revives an expired or closed session.
     * ``expired`` reads a deadline index: its cost follows the number of expired sessions.
+    * Each write (``add``, ``save``, ``append``, ``touch``, ``delete``,
+      ``remove_expired``) is all or nothing, also when it is cancelled at any of its
+      awaits: the document and every index kept beside it (deadlines, listing order,
+      owners, counts) change together, and what ``append`` and ``touch`` return is
+      what they stored.
     * A store is opened by ``async with store`` (or by the manager that uses it); nested
-      opens are counted and only the last close releases resources.
+      opens are counted and only the last close releases resources. After the last
+      close it opens again (a second manager over it, say); a close with nothing open
+      does nothing. A store acquires its connections, threads or files in
+      :meth:`_open` (called at the first open, and again at the first open after the
+      last close), not in ``__init__``, and releases them in :meth:`_close` (called at
+      the last close); it overrides neither :meth:`open` nor :meth:`aclose`, which do
+      the counting. (A store overriding them is closed by the first close: a manager's
+      exit closes the store its application still holds open.)
     * Ids are :class:`uuid.UUID`: every operation taking one raises
       :class:`InvalidSessionId` for anything else (see :meth:`_check_id`), before it
       reads or writes anything.
@@ -271,7 +285,8 @@ class SessionRepository(ABC):
         await self.aclose()
 
     async def open(self) -> None:
-        """Open the store (idempotent; counted, see :meth:`aclose`).
+        """Open the store (counted: only the first open calls :meth:`_open`; see
+        :meth:`aclose`). Stores override :meth:`_open`, not this.
 
         Opens and closes of one store run one at a time, whichever tasks and event
         loops call them: two tasks opening it at once acquire its resources once, and
@@ -287,7 +302,9 @@ class SessionRepository(ABC):
             transitions.release()
 
     async def aclose(self) -> None:
-        """Close the store once every :meth:`open` has been matched.
+        """Close the store once every :meth:`open` has been matched: only the last close
+        calls :meth:`_close`, and a close with nothing open does nothing. Stores override
+        :meth:`_close`, not this.
 
         Waits (even when cancelled) for an open or close under way in another task.
         """
@@ -403,10 +420,12 @@ class SessionRepository(ABC):
         )
 
     async def _open(self) -> None:  # noqa: B027 - optional hook
-        """Acquire resources (connections, threads). Override in stores that need it."""
+        """Acquire resources (connections, threads, files). Override in stores that need
+        it. Called at the first :meth:`open`, and again at the first open after the last
+        close: a store opens again after :meth:`_close`."""
 
     async def _close(self) -> None:  # noqa: B027 - optional hook
-        """Release what :meth:`_open` acquired."""
+        """Release what :meth:`_open` acquired. Called at the last :meth:`aclose`."""
 
     @abstractmethod
     async def get(
@@ -548,14 +567,20 @@ class SessionRepository(ABC):
 
     @abstractmethod
     async def list(self, query: SessionQuery) -> Page:
-        """Return one page of sessions matching ``query``.
+        """Return one page of sessions matching ``query``, in the order
+        :class:`SessionQuery` describes (newest ``last_active`` first, ties by id
+        descending), by the sessions' stored ``last_active``: appends and touches move
+        sessions up, as saves do.
 
         Items may hold a window of their messages (``messages.total`` is exact).
         """
 
     @abstractmethod
     async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
-        """Stored sessions per status (including expired ones awaiting cleanup)."""
+        """Stored sessions per status (including expired ones awaiting cleanup).
+
+        Statuses with no sessions are left out (no zero counts): ``{}`` for none.
+        """
 
     async def document_versions(
         self, session_ids: Iterable[uuid.UUID]

@@ -202,6 +202,98 @@ async def cancel_at_each_await(
     await check(MAX_ATTEMPTS, True)
 
 
+#: How the contract names the listing order in its failures.
+LISTING_ORDER = (
+    "newest last_active first; sessions with equal last_active by id descending "
+    "(larger uuid.UUID.int first)"
+)
+
+
+async def page_through(
+    repository: SessionRepository,
+    query: SessionQuery,
+    expected: int,
+    between: Callable[[], Awaitable[object]] | None = None,
+) -> list[uuid.UUID]:
+    """The ids ``list()`` gives on every page of ``query``, first page to last, awaiting
+    ``between()`` after each page. ``expected`` is how many sessions the listing should
+    hold: a page that repeats a session already listed, or a listing still going after
+    ``expected + 2`` pages, fails at once (a cursor that does not move past its page
+    would otherwise page for ever)."""
+    seen: list[uuid.UUID] = []
+    listed: set[uuid.UUID] = set()
+    for number in range(1, expected + 3):
+        page = await repository.list(query)
+        ids = [s.id for s in page.items]
+        repeated = [i for n, i in enumerate(ids) if i in listed or i in ids[:n]]
+        if repeated:
+            raise AssertionError(
+                f"page {number} of a listing by {query.limit} (owner={query.owner!r}) "
+                f"repeats {len(repeated)} session(s) already listed: {repeated}; a page "
+                "resumes strictly after the (last_active, id) of the previous page's "
+                f"last item, in the listing's order ({LISTING_ORDER}). Pages so far: "
+                f"{seen}, then {ids}"
+            )
+        seen.extend(ids)
+        listed.update(ids)
+        if between is not None:
+            await between()
+        if page.next_cursor is None:
+            return seen
+        query = attrs.evolve(query, cursor=page.next_cursor)
+    raise AssertionError(
+        f"a listing by {query.limit} (owner={query.owner!r}) of {expected} sessions "
+        f"still had a next_cursor after {expected + 2} pages; listed: {seen}"
+    )
+
+
+async def status_counts(
+    repository: SessionRepository, owner: str | None = None
+) -> dict[SessionStatus, int]:
+    """``count_by_status(owner)`` as a dict, refusing zero counts."""
+    counts = dict(await repository.count_by_status(owner))
+    zeros = sorted(status.value for status, n in counts.items() if n == 0)
+    if zeros:
+        raise AssertionError(
+            f"count_by_status({owner!r}) answered 0 for {zeros}: leave out statuses with "
+            "no sessions, as the built-in stores do (SessionManager.stats().by_status "
+            f"shows the mapping as it is); got {counts}"
+        )
+    return counts
+
+
+async def stored_whole(
+    repository: SessionRepository, session: Session, *, now: datetime, what: str
+) -> bool:
+    """Whether ``session``, the only session ``repository`` may hold, is stored, as every
+    view of the store must agree: :meth:`get` (returning it as it was added), the
+    deadline index (``expired(now)``, ``now`` at or after its deadline), a listing and
+    the counts. A store that writes a session's pieces apart (document, indexes) and
+    was interrupted between them fails, naming ``what``."""
+    loaded = await repository.get(session.id)
+    views = {
+        "get()": loaded is not None,
+        "expired()": session.id in await repository.expired(now),
+        "list()": session.id in [s.id for s in (await repository.list(SessionQuery())).items],
+    }
+    counts = await status_counts(repository)
+    if counts in ({}, {session.status: 1}):
+        views["count_by_status()"] = bool(counts)
+    else:
+        raise AssertionError(f"{what}: count_by_status() is {counts} with one session or none")
+    if len(set(views.values())) != 1:
+        raise AssertionError(
+            f"{what} left the session half-written: {views} (stored by some views of the "
+            "store, not by others); write a session's document and its indexes in one "
+            "atomic step (one transaction, one script), or in an order that an "
+            "interruption at any await cannot leave half done"
+        )
+    assert loaded is None or loaded == session, (
+        f"{what} changed the stored session: {loaded!r:.300}"
+    )
+    return loaded is not None
+
+
 class RepositoryContract:
     """Contract tests for a :class:`SessionRepository` (needs a ``repository`` fixture).
 
@@ -596,7 +688,7 @@ class RepositoryContract:
             await raises(InvalidUpdate, repository.add(copy), "add() of a window of messages")
             assert await repository.get(copy.id) is None
         assert list(await repository.expired(at(1000))) == [session.id]
-        assert dict(await repository.count_by_status()) == {SessionStatus.ACTIVE: 1}
+        assert await status_counts(repository) == {SessionStatus.ACTIVE: 1}
         ids = [s.id for s in (await repository.list(SessionQuery())).items]
         assert ids == [session.id]
 
@@ -673,6 +765,18 @@ class RepositoryContract:
         assert loaded is not None and loaded.revision == 1
         assert [m.content for m in loaded.messages] == ["first", "second", "third"]
         assert loaded.messages[2].role == "assistant"
+        # What the append returned is what it stored, deadline index included: an
+        # append that kept the old last_active or expires_at lets an active chat expire.
+        stored = (loaded.last_active, loaded.expires_at)
+        assert stored == (at(10), at(70)), (
+            f"append() returned last_active {at(10)} and expires_at {at(70)} but stored "
+            f"{stored}: store both with the messages and the revision"
+        )
+        assert list(await repository.expired(at(69))) == [], (
+            "after an append moved the deadline to at(70), expired(at(69)) still lists "
+            "the session: the deadline index keeps the deadline from before the append"
+        )
+        assert list(await repository.expired(at(70))) == [session.id]
 
     async def test_append_results_and_list_items_hold_the_end_of_the_history(
         self, repository: SessionRepository, anyio_backend: Any
@@ -912,20 +1016,16 @@ class RepositoryContract:
         originals = [make_session(created=float(i) / 10) for i in range(25)]
         for s in originals:
             await repository.add(s)
-        seen: list[uuid.UUID] = []
-        cursor = None
         newer = 0
-        while True:
-            page = await repository.list(SessionQuery(limit=7, cursor=cursor))
-            seen.extend(s.id for s in page.items)
+
+        async def create() -> None:
+            nonlocal newer
             await repository.add(make_session(created=100.0 + newer))  # created mid-listing
             newer += 1
-            cursor = page.next_cursor
-            if cursor is None:
-                break
+
         expected = [s.id for s in reversed(originals)]
-        assert seen[: len(expected)] == expected
-        assert len(seen) == len(set(seen)) == len(expected)
+        seen = await page_through(repository, SessionQuery(limit=7), len(expected), create)
+        assert seen == expected, f"pages of 7 skip or reorder sessions ({LISTING_ORDER})"
 
     async def test_list_pages_through_equal_activity(
         self, repository: SessionRepository, anyio_backend: Any
@@ -940,16 +1040,51 @@ class RepositoryContract:
         expected = [newer.id, *ties, older.id]  # newest first, ties by id descending
         for owner in (None, "alice"):
             for limit in (1, 2, 3, 7):
-                seen: list[uuid.UUID] = []
-                cursor = None
-                while True:
-                    query = SessionQuery(owner=owner, limit=limit, cursor=cursor)
-                    page = await repository.list(query)
-                    seen.extend(s.id for s in page.items)
-                    cursor = page.next_cursor
-                    if cursor is None:
-                        break
-                assert seen == expected, f"pages of {limit} (owner={owner!r}) skip or repeat"
+                query = SessionQuery(owner=owner, limit=limit)
+                seen = await page_through(repository, query, len(expected))
+                what = f"pages of {limit} (owner={owner!r})"
+                assert set(seen) == set(expected), f"{what} skip sessions: {seen}"
+                assert seen == expected, (
+                    f"{what} list sessions in another order; the order is {LISTING_ORDER}: "
+                    f"expected {expected}, got {seen}"
+                )
+
+    async def test_listings_follow_appends_and_touches(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """An append and a touch move a session's ``last_active``, so its place in a
+        listing, and its ``expires_at``, so what ``visible_at`` hides: a store that
+        lists by a ``last_active`` column or index must move it on every write and
+        touch, not only on add and save."""
+        a, b, c = (make_session(created=float(i), messages=("x",)) for i in range(3))
+        for session in (a, b, c):
+            await repository.add(session)
+
+        async def listed(what: str, expected: list[tuple[Session, float]]) -> None:
+            want = [(s.id, at(t)) for s, t in expected]
+            for owner in (None, "alice"):
+                query = SessionQuery(owner=owner)
+                got = [(s.id, s.last_active) for s in (await repository.list(query)).items]
+                assert got == want, (
+                    f"list(owner={owner!r}) {what}: expected (id, last_active) {want}, got "
+                    f"{got}; the order is {LISTING_ORDER}, by the stored last_active"
+                )
+                for limit in (1, 2):
+                    paged = await page_through(repository, attrs.evolve(query, limit=limit), 3)
+                    assert paged == [i for i, _ in want], f"pages of {limit} {what}: {paged}"
+
+        await listed("after the adds", [(c, 2), (b, 1), (a, 0)])
+        await repository.append(a.id, [msg("y", 5)], at=at(5), policy=POLICY)
+        await listed("after an append to the oldest at(5)", [(a, 5), (c, 2), (b, 1)])
+        touched = await repository.touch(b.id, at=at(6), policy=POLICY)
+        assert touched is not None and touched.last_active == at(6)
+        await listed("after a touch of the oldest at(6)", [(b, 6), (a, 5), (c, 2)])
+        # deadlines: c's at(62) has passed at(63), a's (at(65)) and b's (at(66)) have not
+        visible = await repository.list(SessionQuery(visible_at=at(63)))
+        assert [s.id for s in visible.items] == [b.id, a.id], (
+            "list(visible_at=at(63)) must follow the deadlines the append and the touch "
+            f"moved: {[(s.id, s.expires_at) for s in visible.items]}"
+        )
 
     async def test_owner_filter_follows_saves(
         self, repository: SessionRepository, anyio_backend: Any
@@ -966,17 +1101,17 @@ class RepositoryContract:
         await repository.save(to_bob, expected_revision=0)
         assert await ids("bob") == [moved.id]
         assert await ids("alice") == [stays.id]
-        assert dict(await repository.count_by_status("bob")) == {SessionStatus.ACTIVE: 1}
-        assert dict(await repository.count_by_status("alice")) == {SessionStatus.ACTIVE: 1}
+        assert await status_counts(repository, "bob") == {SessionStatus.ACTIVE: 1}
+        assert await status_counts(repository, "alice") == {SessionStatus.ACTIVE: 1}
         to_nobody = changed(to_bob, owner=None)
         await repository.save(to_nobody, expected_revision=1)
         assert await ids("bob") == []
-        assert dict(await repository.count_by_status("bob")) == {}
+        assert await status_counts(repository, "bob") == {}
         all_ids = [s.id for s in (await repository.list(SessionQuery())).items]
         assert all_ids == [stays.id, moved.id]
         await repository.save(changed(to_nobody, owner="alice"), expected_revision=2)
         assert await ids("alice") == [stays.id, moved.id]
-        assert dict(await repository.count_by_status("alice")) == {SessionStatus.ACTIVE: 2}
+        assert await status_counts(repository, "alice") == {SessionStatus.ACTIVE: 2}
 
     async def test_list_rejects_foreign_cursors(
         self, repository: SessionRepository, anyio_backend: Any
@@ -1000,9 +1135,10 @@ class RepositoryContract:
             for _ in range(n):
                 await repository.add(make_session(status=status, owner="o"))
         await repository.add(make_session(owner="p"))
-        counts = await repository.count_by_status()
-        assert dict(counts) == {SessionStatus.ACTIVE: 4, SessionStatus.CRASHED: 2}
-        assert dict(await repository.count_by_status("p")) == {SessionStatus.ACTIVE: 1}
+        counts = await status_counts(repository)
+        assert counts == {SessionStatus.ACTIVE: 4, SessionStatus.CRASHED: 2}
+        assert await status_counts(repository, "p") == {SessionStatus.ACTIVE: 1}
+        assert await status_counts(repository, "nobody") == {}
 
     async def test_counts_follow_changes_and_removals(
         self, repository: SessionRepository, anyio_backend: Any
@@ -1014,7 +1150,7 @@ class RepositoryContract:
             await repository.add(s)
 
         async def counts(owner: str | None = None) -> dict[SessionStatus, int]:
-            return dict(await repository.count_by_status(owner))
+            return await status_counts(repository, owner)
 
         archived = changed(a, status=SessionStatus.ARCHIVED, expires_at=None)
         await repository.save(archived, expected_revision=0)
@@ -1154,6 +1290,113 @@ class RepositoryContract:
         await repository.save(last, expected_revision=current.revision)
         assert await repository.get(session.id) == last
 
+    async def test_touches_cancelled_at_each_await_leave_whole_states(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """A touch (every read through a manager) moves ``last_active`` and
+        ``expires_at`` together or not at all, deadline index included: a read its
+        client gave up on must not leave a session active now whose deadline is the old
+        one (it expires while in use) or the reverse."""
+        idle = timedelta(days=30)
+        policy = ExpiryPolicy(idle_timeout=idle)
+        session = attrs.evolve(make_session(messages=("a",)), expires_at=at(0) + idle)
+        await repository.add(session)
+        current = session
+
+        def operation(i: int) -> Callable[[], Awaitable[object]]:
+            return lambda: repository.touch(session.id, at=at(1 + i), policy=policy)
+
+        async def check(i: int, finished: bool) -> None:
+            nonlocal current
+            what = f"a touch at({1 + i}) cancelled after {i // TRIES} checkpoints"
+            loaded = await repository.get(session.id)
+            assert loaded is not None, f"{what} lost the session"
+            active, deadline = loaded.last_active, loaded.expires_at
+            assert deadline == active + idle, (
+                f"{what} left last_active {active} with expires_at {deadline}, half of it; "
+                "write both in one atomic step"
+            )
+            assert active in (current.last_active, at(1 + i)), f"{what} left {active}"
+            assert active == at(1 + i) or not finished, f"{what}: a finished touch was lost"
+            assert loaded == attrs.evolve(session, last_active=active, expires_at=deadline)
+            assert session.id not in await repository.expired(deadline - timedelta(seconds=1))
+            assert list(await repository.expired(deadline)) == [session.id], (
+                f"{what} left the deadline index apart from the stored expires_at {deadline}"
+            )
+            (item,) = (await repository.list(SessionQuery())).items
+            assert item.last_active == active, f"{what}: listed at {item.last_active}"
+            current = loaded
+
+        await cancel_at_each_await(operation, check)
+
+    async def test_adds_cancelled_at_each_await_leave_whole_states(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """An add (a create) cancelled at any await stores the whole session, every
+        index included, or nothing: a half-written one would never be cleaned up, or
+        be cleaned up unseen."""
+        sessions: dict[int, Session] = {}
+
+        def operation(i: int) -> Callable[[], Awaitable[object]]:
+            session = sessions[i] = make_session(messages=("a",))
+            return lambda: repository.add(session)
+
+        async def check(i: int, finished: bool) -> None:
+            what = f"an add cancelled after {i // TRIES} checkpoints"
+            session = sessions.pop(i)
+            stored = await stored_whole(repository, session, now=at(60), what=what)
+            assert stored or not finished, f"{what}: a finished add was lost"
+            if stored:
+                assert await repository.delete(session.id)
+
+        await cancel_at_each_await(operation, check)
+
+    async def test_deletes_cancelled_at_each_await_leave_whole_states(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """A delete cancelled at any await removes the whole session, every index
+        included, or nothing."""
+        await self._removals_cancelled_at_each_await(
+            repository, "a delete", lambda session: repository.delete(session.id)
+        )
+
+    async def test_removals_cancelled_at_each_await_leave_whole_states(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """A ``remove_expired`` (a cleanup pass) cancelled at any await removes the whole
+        session, every index included, or nothing: an expired session left out of the
+        deadline index is never cleaned up."""
+        await self._removals_cancelled_at_each_await(
+            repository,
+            "a remove_expired",
+            lambda session: repository.remove_expired(session.id, now=at(60)),
+        )
+
+    @staticmethod
+    async def _removals_cancelled_at_each_await(
+        repository: SessionRepository,
+        name: str,
+        remove: Callable[[Session], Awaitable[object]],
+    ) -> None:
+        current = make_session(messages=("a",))  # expired at(60)
+        await repository.add(current)
+
+        def operation(i: int) -> Callable[[], Awaitable[object]]:
+            session = current
+            return lambda: remove(session)
+
+        async def check(i: int, finished: bool) -> None:
+            nonlocal current
+            what = f"{name} cancelled after {i // TRIES} checkpoints"
+            stored = await stored_whole(repository, current, now=at(60), what=what)
+            assert not (stored and finished), f"{what}: a finished removal left the session"
+            if stored:
+                assert await repository.delete(current.id)
+            current = make_session(messages=("a",))
+            await repository.add(current)
+
+        await cancel_at_each_await(operation, check)
+
     async def test_touch_under_a_shorter_policy_is_indexed(
         self, repository: SessionRepository, anyio_backend: Any
     ) -> None:
@@ -1282,6 +1525,83 @@ class RepositoryContract:
         moved = await repository.touch(session.id, at=at(1), policy=coarse)
         assert moved is not None and moved.last_active == at(1)
         assert moved.expires_at == at(61) and moved.revision == 0
+
+    # -- opening and closing ----------------------------------------------------------
+    # The base class counts opens: the first open() calls _open(), the last aclose()
+    # calls _close(). A store acquires its resources in _open() and releases them in
+    # _close(), and overrides neither open() nor aclose().
+
+    async def test_nested_opens_are_counted(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """The fixture's open holds the store open through a nested ``async with
+        store`` and through a manager's (which opens and closes the store it is given):
+        an application that keeps its store open can still use it after either ends."""
+        session = make_session(messages=("a",))
+        await repository.add(session)
+
+        async def still_open(after: str) -> None:
+            try:
+                loaded = await repository.get(session.id)
+            except Exception as exc:
+                raise AssertionError(
+                    f"after {after} ended, get() raised {exc!r}, yet the store was opened "
+                    "before it and not closed: nested opens are counted and only the last "
+                    "close releases resources. Override _open() and _close(), which the "
+                    "base class calls at the first open and the last close, not open() "
+                    "and aclose()"
+                ) from exc
+            assert loaded is not None and loaded.id == session.id, f"after {after}: {loaded}"
+
+        async with repository as opened:
+            assert opened is repository
+            assert await repository.get(session.id) == session
+        await still_open("a nested `async with store:`")
+        async with SessionManager(
+            repository,
+            clock=ManualClock(at(1)),
+            idle_timeout=POLICY.idle_timeout,
+            cleanup_interval=None,
+        ) as sessions:
+            assert (await sessions.get(session.id)).id == session.id
+        await still_open("`async with SessionManager(store):`")
+
+    async def test_a_closed_store_opens_again(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """After its last close a store opens again (a second ``async with
+        SessionManager(store)``, say), and a close with nothing open does nothing. (What
+        it stored before may be gone by then, as in a store kept in memory.)"""
+        await repository.aclose()  # the fixture's open: the last close
+        try:
+            await repository.aclose()  # nothing open: does nothing
+            for round_ in ("first", "second"):
+                what = f"the {round_} open after the store's last close"
+                session = make_session(messages=("a",))
+                try:
+                    async with repository:
+                        await repository.add(session)
+                        loaded = await repository.get(session.id)
+                        async with SessionManager(
+                            repository,
+                            clock=ManualClock(at(1)),
+                            idle_timeout=POLICY.idle_timeout,
+                            cleanup_interval=None,
+                        ) as sessions:
+                            created = await sessions.create(owner="alice")
+                            assert (await sessions.get(created.id)).id == created.id
+                except AssertionError:
+                    raise
+                except Exception as exc:
+                    raise AssertionError(
+                        f"{what} failed with {exc!r}: acquire connections, threads and "
+                        "files in _open() (called at each first open), not in __init__, "
+                        "and release them in _close()"
+                    ) from exc
+                assert loaded == session, f"{what}: {loaded!r:.300}"
+                await repository.aclose()  # closed already: does nothing
+        finally:
+            await repository.open()  # for the fixture, which closes it
 
     # -- stored document versions -----------------------------------------------------
 
