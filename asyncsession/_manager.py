@@ -234,13 +234,15 @@ class SessionManager:
     (once more when the first try was based on a snapshot the SQLite or Redis store
     remembered and another process had changed: see :class:`SessionConflict`).
 
-    A session written under another policy (a ``max_age`` added or shortened since)
-    whose deadline under this one has passed is expired for this manager's writes and
-    touching reads: they raise :class:`SessionNotFound`, store and announce nothing,
+    A session written under another policy (an ``idle_timeout`` or ``max_age`` added or
+    shortened since) whose deadline under this one, computed from its stored
+    ``last_active``, has passed is expired for this manager's writes and touching
+    reads: they raise :class:`SessionNotFound`, store and announce nothing,
     and have the store record that deadline, so that reads, listings and cleanup see
     the session expired from then on (cleanup announces it EXPIRED). Until then, reads
     that do not touch (``get(touch=False)``, ``exists``, ``list``) go by the stored
-    deadline.
+    deadline. A closed session keeps the deadline recorded when it closed
+    (``closed_at + retention`` under the closing manager's ``retention``).
 
     ``max_message_size`` caps each message's content (characters) plus its ``data``
     (bytes of its compact JSON).
@@ -775,11 +777,11 @@ class SessionManager:
 
     async def _check_deadline(self, session: Session, now: datetime) -> None:
         """Raise :class:`SessionNotFound` if this manager's policy gives the open
-        ``session`` a deadline at or before ``now``, as a write or touch at ``now``
-        would (a ``max_age`` added or shortened since the session was written): it
-        has expired. The store records that deadline first (a touch does), so that
-        reads, listings and cleanup see the session expired from then on, as if it
-        had been written under this policy.
+        ``session`` a deadline at or before ``now`` from its stored ``last_active``, as
+        a write or touch at ``now`` finds (an ``idle_timeout`` or ``max_age`` added or
+        shortened since the session was written): it has expired. The store records
+        that deadline first (a touch does), so that reads, listings and cleanup see the
+        session expired from then on, as if it had been written under this policy.
         """
         if not self._past_deadline(session, now):
             return
@@ -793,25 +795,41 @@ class SessionManager:
         # A held snapshot of an earlier life of the session (deleted and added again
         # elsewhere): the stored one is live, and the save refuses the snapshot.
 
-    async def _record_if_overdue(self, sid: uuid.UUID, now: datetime) -> None:
+    async def _record_if_overdue(self, sid: uuid.UUID, now: datetime) -> bool:
         """Have the store record the deadline of a session that is open and live by its
         stored deadline but past this manager's (see :meth:`_past_deadline`), as a write
-        or touch at ``now`` would: from then on it is expired for every reader. Only a
-        ``max_age`` can put that deadline in the past (a touch moves the idle one on).
+        or touch at ``now`` would: from then on it is expired for every reader. Without
+        an ``idle_timeout`` or a ``max_age`` no deadline of an open session ever passes.
+
+        Returns whether the session may have expired at ``now`` (False: the read found
+        it missing or live, so there is nothing to remove as expired).
         """
-        if self._policy.max_age is None:
-            return
+        if self._policy.max_age is None and self._policy.idle_timeout is None:
+            return True  # not read
         stored = await self._repository.get(sid, last_messages=0)
-        if stored is not None and not stored.is_expired(now) and self._past_deadline(stored, now):
+        if stored is None:
+            return False
+        if stored.is_expired(now):
+            return True
+        if self._past_deadline(stored, now):
             await self._repository.touch(sid, at=now, policy=self._policy, last_messages=0)
+            return True
+        return False
 
     def _past_deadline(self, session: Session, now: datetime) -> bool:
-        """Whether a write or touch of the open ``session`` at ``now`` would give it a
-        deadline at or before ``now`` under this manager's policy."""
-        return (
-            not session.status.is_terminal
-            and activity_deadline(self._policy, session, now)[1] is not None
+        """Whether a write or touch of the open ``session`` at ``now`` finds it expired
+        under this manager's policy (see :func:`activity_deadline`)."""
+        if session.status.is_terminal:
+            return False
+        _, overdue = activity_deadline(
+            self._policy,
+            session.status,
+            session.created_at,
+            session.last_active,
+            now,
+            moves=False,
         )
+        return overdue is not None
 
     def _prepare(
         self, old: Session, new: object, now: datetime
@@ -1081,8 +1099,9 @@ class SessionManager:
 
         An expired session counts as gone already: it is removed as expired (EXPIRED,
         reported), unless its document cannot be read (cleanup leaves it for this): then
-        it is deleted unread. So is a session past this manager's deadline (a ``max_age``
-        added or shortened since it was written), recorded or not.
+        it is deleted unread. So is a session past this manager's deadline (an
+        ``idle_timeout`` or ``max_age`` added or shortened since it was written),
+        recorded or not.
         A store that sets damaged documents aside (the file store's quarantine) does so
         as this reads the session, which is then not found.
         """
@@ -1091,11 +1110,11 @@ class SessionManager:
         now = self._clock.now()
         # An expired session is already gone for every reader: it is removed as expired
         # (and reported so), not deleted. So is one past this manager's deadline that no
-        # write or touch has recorded yet (a max_age added or shortened since).
+        # write or touch has recorded yet (an idle_timeout or max_age shortened since).
         async with _whole_write():
             try:
-                await self._record_if_overdue(sid, now)
-                expired = await self._expire(sid, now)
+                may_have_expired = await self._record_if_overdue(sid, now)
+                expired = may_have_expired and await self._expire(sid, now)
             except SerializationError:
                 # Unreadable (expired or not: a store may read before it checks the
                 # deadline) and kept by the store: deleting it unread is how it goes

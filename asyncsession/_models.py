@@ -62,6 +62,7 @@ class SessionStatus(str, enum.Enum):
 
 
 _OPEN = frozenset({SessionStatus.ACTIVE, SessionStatus.ARCHIVED})
+_ACTIVE, _ARCHIVED = SessionStatus.ACTIVE, SessionStatus.ARCHIVED
 
 
 def parse_status(value: object) -> SessionStatus:
@@ -644,6 +645,11 @@ class ExpiryPolicy:
     * ARCHIVED: ``created_at + max_age`` (parked sessions do not idle out).
     * terminal: ``closed_at + retention``.
 
+    Stores record the deadline with each write. A write or touch of an open session
+    applies this policy from its stored ``last_active`` (see :func:`activity_deadline`),
+    so a limit shortened since it was written can find it expired; a closed session
+    keeps the deadline recorded when it closed, whatever a later policy's ``retention``.
+
     A ``None`` limit is no limit (limits are positive, at most 36500 days). A deadline
     later than a datetime can hold (after 9999-12-31 UTC) is no deadline either: no clock
     reaches it. A touch (activity without a change) moves ``last_active`` only when it
@@ -667,15 +673,22 @@ class ExpiryPolicy:
         closed_at: datetime | None,
     ) -> datetime | None:
         """Return when a session with these fields expires, or None (never)."""
-        if status.is_terminal:
+        # (identity first: a store computes this on every write and touch)
+        if status is not _ACTIVE and status is not _ARCHIVED and status.is_terminal:
             if self.retention is None or closed_at is None:
                 return None
             return _after(closed_at, self.retention)
-        hard = None if self.max_age is None else _after(created_at, self.max_age)
-        if status is SessionStatus.ARCHIVED or self.idle_timeout is None:
+        max_age = self.max_age
+        try:
+            hard = None if max_age is None else created_at + max_age
+        except OverflowError:  # past the last datetime: never
+            hard = None
+        idle = self.idle_timeout
+        if idle is None or status is _ARCHIVED:
             return hard
-        soft = _after(last_active, self.idle_timeout)
-        if soft is None:
+        try:
+            soft = last_active + idle
+        except OverflowError:
             return hard
         return soft if hard is None or soft < hard else hard
 
@@ -687,14 +700,30 @@ class ExpiryPolicy:
 
 
 def activity_deadline(
-    policy: ExpiryPolicy, session: Session, at: datetime
+    policy: ExpiryPolicy,
+    status: SessionStatus,
+    created_at: datetime,
+    last_active: datetime,
+    at: datetime,
+    *,
+    moves: bool = True,
 ) -> tuple[datetime | None, datetime | None]:
-    """The deadline activity at ``at`` (a write or a touch) gives the open ``session``
-    under ``policy``, and that same deadline again if it has already passed (else None).
+    """The deadline activity at ``at`` (a write or a touch) gives an open session with
+    these fields under ``policy``, and the deadline it has already passed (else None).
 
-    A ``max_age`` added or shortened since the session's last write can leave it expired
-    however recent its last activity; the store then records that deadline, nothing else.
+    The session has expired for that activity when the policy's deadline computed from
+    its *stored* ``last_active`` (and ``created_at``) is at or before ``at``: an
+    ``idle_timeout`` or ``max_age`` added or shortened since its last write can leave it
+    so. That deadline is then returned twice; the store records it, nothing else.
+    Otherwise the deadline is computed from ``max(last_active, at)``, the new
+    ``last_active`` (``moves=False``: from the stored one, for a touch that
+    ``touch_interval`` coalesced, or when only the check is wanted). Under the policy
+    the session was written with, the stored deadline is the one from its stored
+    ``last_active``, so this never finds expired what the stored deadline had not.
     """
-    last_active = session.last_active if session.last_active >= at else at
-    deadline = policy.deadline(session.status, session.created_at, last_active, None)
-    return deadline, deadline if deadline is not None and deadline <= at else None
+    deadline = policy.deadline(status, created_at, last_active, None)
+    if deadline is not None and deadline <= at:
+        return deadline, deadline
+    if moves and last_active < at:
+        deadline = policy.deadline(status, created_at, at, None)
+    return deadline, None

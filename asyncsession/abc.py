@@ -504,12 +504,16 @@ class SessionRepository(ABC):
         ``expires_at`` is recomputed with ``policy``. Raises :class:`SessionNotFound`
         (missing, or expired at ``at``), :class:`SessionClosed` (terminal status) or
         :class:`LimitExceeded` (the total would exceed ``max_messages``); nothing is
-        written then. A session whose new deadline would be at or before ``at`` (a
-        ``max_age`` added or shortened since it was written) has expired: its
-        ``expires_at`` becomes that deadline, nothing else changes (not the revision
-        either), and :class:`SessionNotFound` is raised. The returned snapshot's
-        ``messages`` holds at least the appended messages (a window is allowed;
-        ``total`` is exact).
+        written then. An open session whose deadline under ``policy``, computed from
+        its stored ``last_active`` and ``created_at``, is at or before ``at`` (an
+        ``idle_timeout`` or ``max_age`` added or shortened since it was written) has
+        expired: its ``expires_at`` becomes that deadline, nothing else changes (not
+        the revision either), and :class:`SessionNotFound` is raised. Otherwise the new
+        deadline is computed from ``max(last_active, at)``. (Under the policy the
+        session was written with, that deadline from the stored ``last_active`` is
+        the stored ``expires_at``: nothing expires earlier than it said.) The returned
+        snapshot's ``messages`` holds at least the appended messages (a window is
+        allowed; ``total`` is exact).
         """
 
     @abstractmethod
@@ -525,10 +529,14 @@ class SessionRepository(ABC):
 
         Open, unexpired sessions get ``last_active = max(last_active, at)`` and a new
         ``expires_at`` from ``policy``; ``revision`` does not change. Expired or closed
-        sessions are returned unchanged. An open session whose new deadline would be at
-        or before ``at`` (a ``max_age`` added or shortened since it was written) has
-        expired: only its ``expires_at`` becomes that deadline, whatever
-        ``touch_interval`` says, and it is returned so (expired at ``at``).
+        sessions are returned unchanged: a closed session keeps the deadline recorded
+        when it closed (``closed_at + retention`` under the closing policy), whatever
+        this ``policy``'s ``retention``. An open session whose deadline under
+        ``policy``, computed from its stored ``last_active`` and ``created_at``, is at or
+        before ``at`` (an ``idle_timeout`` or ``max_age`` added or shortened since it
+        was written) has expired: only its ``expires_at`` becomes that deadline,
+        whatever ``touch_interval`` says, and it is returned so (expired at ``at``), as
+        :meth:`append` does.
         """
 
     @abstractmethod

@@ -21,6 +21,7 @@ from asyncsession import (
     SessionManager,
     SessionNotFound,
     SessionQuery,
+    SessionStatus,
 )
 from asyncsession._models import replace_trusted
 from asyncsession.abc import decode_cursor, encode_cursor
@@ -177,6 +178,61 @@ class AppendAnswersANewLog(MemoryRepository):
         return replace_trusted(new, messages=MessageLog(messages))
 
 
+@attrs.frozen(slots=True)
+class _DeadlineFromTheActivityTime(ExpiryPolicy):
+    """The policy with every deadline computed from ``max(last_active, at)``."""
+
+    at: datetime | None = None
+
+    def deadline(
+        self,
+        status: SessionStatus,
+        created_at: datetime,
+        last_active: datetime,
+        closed_at: datetime | None,
+    ) -> datetime | None:
+        latest = last_active if self.at is None or self.at <= last_active else self.at
+        return super().deadline(status, created_at, latest, closed_at)
+
+
+class IdleFromTheActivityTime(MemoryRepository):
+    """append() and touch() judge a session by the deadline the policy gives it from
+    the activity's time, ``max(last_active, at)``, not from the stored ``last_active``
+    (as every store did before the upgrade review): an idle_timeout shortened since the
+    session was written never finds it expired, however long it was idle."""
+
+    @staticmethod
+    def _from(policy: ExpiryPolicy, at: datetime) -> ExpiryPolicy:
+        return _DeadlineFromTheActivityTime(
+            policy.idle_timeout, policy.max_age, policy.retention, policy.touch_interval, at
+        )
+
+    async def append(
+        self,
+        session_id: uuid.UUID,
+        messages: Sequence[Message],
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        max_messages: int | None = None,
+    ) -> Session:
+        return await super().append(
+            session_id, messages, at=at, policy=self._from(policy, at), max_messages=max_messages
+        )
+
+    async def touch(
+        self,
+        session_id: uuid.UUID,
+        *,
+        at: datetime,
+        policy: ExpiryPolicy,
+        last_messages: int | None = None,
+    ) -> Session | None:
+        return await super().touch(
+            session_id, at=at, policy=self._from(policy, at), last_messages=last_messages
+        )
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("store", "contract_test"),
@@ -190,6 +246,10 @@ class AppendAnswersANewLog(MemoryRepository):
         (
             AppendAnswersANewLog,
             RepositoryContract.test_append_results_and_list_items_hold_the_end_of_the_history,
+        ),
+        (
+            IdleFromTheActivityTime,
+            RepositoryContract.test_appends_and_touches_past_a_shorter_idle_timeout_record_it,
         ),
     ],
     ids=lambda value: getattr(value, "__name__", ""),

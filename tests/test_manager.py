@@ -19,6 +19,8 @@ import anyio.lowlevel
 import attrs
 import pytest
 from _store_redis import open_store as open_redis_store
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import asyncsession as s
 import asyncsession._manager
@@ -2329,6 +2331,157 @@ async def test_writes_before_a_new_max_age_still_work(
         clock.advance(30)
         with pytest.raises(s.SessionNotFound):
             await sessions.get(rotated.id)
+
+
+# -- an idle_timeout shortened since sessions were written ------------------------------
+
+
+async def test_writes_past_a_shorter_idle_timeout_find_the_session_expired(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    """Upgrade review (A): deployment A (idle_timeout 7 days) wrote sessions; two days
+    later deployment B (idle_timeout 30 minutes) read them with get(), which returned them
+    live with a new 30-minute deadline after two days idle. The deadline is now computed
+    from the stored last_active: each write or touch finds them expired (SessionNotFound),
+    stores and announces nothing, and records last_active + 30 minutes, so cleanup
+    removes them as EXPIRED then. delete() removes one as expired too, recorded or not.
+    A session idle for less than 30 minutes, and an archived one, stay live."""
+    week, half_hour = timedelta(days=7), timedelta(minutes=30)
+    async with s.SessionManager(
+        any_repository, idle_timeout=week, cleanup_interval=None, clock=clock
+    ) as old:
+        ids = []
+        for _ in range(9):
+            created = await old.create(owner="alice", state={"k": 0})
+            await old.add_message(created.id, "user", "hi")
+            ids.append(created.id)
+        parked = await old.archive((await old.create(owner="bob")).id)
+        last_active = clock.now()
+        clock.advance(timedelta(days=2) - timedelta(minutes=10))
+        recent = await old.add_message((await old.create(owner="bob")).id, "user", "hi")
+    clock.advance(timedelta(minutes=10))
+    collected = Collected()
+    async with s.SessionManager(
+        any_repository,
+        idle_timeout=half_hour,
+        cleanup_interval=None,
+        clock=clock,
+        reporters=[collected],
+    ) as sessions:
+        writes: list[Callable[[uuid.UUID], Awaitable[object]]] = [
+            lambda sid: sessions.update(sid, lambda x: x.with_state(k=1)),
+            lambda sid: sessions.add_message(sid, "user", "important user turn"),
+            lambda sid: sessions.archive(sid),
+            lambda sid: sessions.rotate(sid),
+            lambda sid: sessions.rotate(sid, lambda x: x.with_state(k=2)),
+            lambda sid: sessions.get(sid),  # a touch
+            lambda sid: sessions.close(sid),
+            lambda sid: sessions.record_error(sid),
+        ]
+        async with sessions.subscribe() as events:
+            for sid, write in zip(ids[:-1], writes, strict=True):
+                assert await sessions.exists(sid)  # reads see the stored deadline
+                with pytest.raises(s.SessionNotFound, match=str(sid)):
+                    await write(sid)
+                assert not await sessions.exists(sid)
+                with pytest.raises(s.SessionNotFound):  # and again: it stays expired
+                    await write(sid)
+                stored = await any_repository.get(sid)
+                assert stored is not None
+                assert stored.expires_at == last_active + half_hour  # recorded
+                assert stored.status is s.SessionStatus.ACTIVE
+                assert stored.revision == 1 and stored.state == {"k": 0}
+                assert [m.content for m in stored.messages] == ["hi"]
+                assert stored.last_active == last_active
+            assert drained(events) == []
+            live = await sessions.get(recent.id)  # idle 10 minutes: a new deadline
+            assert live.expires_at == clock.now() + half_hour
+            still = await sessions.get(parked.id)  # archived sessions do not idle out
+            assert still.status is s.SessionStatus.ARCHIVED and still.expires_at is None
+            assert [x.id for x in (await sessions.list(owner="alice")).items] == [ids[-1]]
+            with pytest.raises(s.SessionNotFound):  # not recorded yet: removed as expired
+                await sessions.delete(ids[-1])
+            assert await sessions.purge_expired() == len(writes)
+            expired = drained(events)
+        assert sorted(e.session_id for e in expired) == sorted(ids)
+        assert {e.kind for e in expired} == {s.EventKind.EXPIRED}
+        assert {e.session.closed_at for e in expired if e.session} == {last_active + half_hour}
+        assert (await sessions.stats()).total == 2
+    assert sorted(r.session_id for r in collected.reports) == sorted(ids)
+
+
+async def test_a_closed_session_keeps_the_deadline_recorded_when_it_closed(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    """Retention counts from closed_at with the deadline recorded at the close: a later
+    manager with a shorter retention (or a shorter idle_timeout) neither expires nor
+    moves it, on reads, touching reads or cleanup; it goes when that deadline comes."""
+    async with s.SessionManager(
+        any_repository, retention=timedelta(days=30), cleanup_interval=None, clock=clock
+    ) as old:
+        closed = await old.close((await old.create()).id)
+    assert closed.closed_at is not None
+    clock.advance(timedelta(days=2))
+    async with s.SessionManager(
+        any_repository,
+        idle_timeout=timedelta(minutes=30),
+        retention=timedelta(days=1),
+        cleanup_interval=None,
+        clock=clock,
+    ) as sessions:
+        assert await sessions.purge_expired() == 0
+        for touch in (True, False):
+            got = await sessions.get(closed.id, touch=touch)
+            assert got.expires_at == closed.expires_at == closed.closed_at + timedelta(days=30)
+        assert await sessions.exists(closed.id)
+        clock.advance(timedelta(days=28))
+        assert not await sessions.exists(closed.id)
+        assert await sessions.purge_expired() == 1
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    idle=st.integers(2, 600),
+    interval=st.none() | st.floats(0.01, 1),
+    steps=st.lists(
+        st.tuples(st.sampled_from(["get", "add", "update", "peek"]), st.integers(0, 700)),
+        min_size=1,
+        max_size=12,
+    ),
+)
+async def test_an_unchanged_policy_expires_nothing_before_its_stored_deadline(
+    idle: int, interval: float | None, steps: list[tuple[str, int]], anyio_backend: str
+) -> None:
+    """The deadline from the stored last_active is the stored deadline when the policy
+    is the one the session was written under, touches coalesced by touch_interval
+    included: a write or touch finds the session expired exactly when its stored
+    deadline is at or before the clock, never earlier."""
+    clock = ManualClock()
+    async with s.SessionManager(
+        s.MemoryRepository(),
+        idle_timeout=idle,
+        touch_interval=None if interval is None else interval * idle / 2,
+        cleanup_interval=None,
+        clock=clock,
+    ) as sessions:
+        sid = (await sessions.create()).id
+        for op, seconds in steps:
+            clock.advance(seconds)
+            stored = await sessions.get(sid, touch=False) if await sessions.exists(sid) else None
+            try:
+                if op == "get":
+                    await sessions.get(sid)
+                elif op == "add":
+                    await sessions.add_message(sid, "user", "x")
+                elif op == "update":
+                    await sessions.update(sid, lambda x: x.with_state(k=x.revision))
+                else:
+                    await sessions.get(sid, touch=False)
+            except s.SessionNotFound:
+                assert stored is None, f"{op} at {clock.now()} found {stored!r} expired"
+                return
+            assert stored is not None and stored.expires_at is not None
+            assert stored.expires_at > clock.now()
 
 
 async def test_update_runs_the_function_max_retries_times_on_every_store(

@@ -30,7 +30,10 @@ class CustomPolicy(ExpiryPolicy):
     """A subclass: the store takes its general path and calls deadline() itself."""
 
 
-limits = st.none() | st.integers(1, 10**6).map(lambda s: timedelta(seconds=s))
+# small limits too: the session's times are at most 300 s apart, the append's at 400 s
+limits = st.none() | st.one_of(st.integers(1, 500), st.integers(1, 10**6)).map(
+    lambda s: timedelta(seconds=s)
+)
 
 
 # anyio_backend is function-scoped but only names the event loop: sharing it between
@@ -46,6 +49,7 @@ limits = st.none() | st.integers(1, 10**6).map(lambda s: timedelta(seconds=s))
     last=st.integers(0, 200),
     when=st.integers(0, 400),
     count=st.integers(0, 3),
+    written_idle=limits,
     written_max_age=limits,
 )
 async def test_one_statement_append_matches_the_policy(
@@ -56,18 +60,20 @@ async def test_one_statement_append_matches_the_policy(
     last: int,
     when: int,
     count: int,
+    written_idle: timedelta | None,
     written_max_age: timedelta | None,
     anyio_backend: str,
 ) -> None:
     """Each example runs on the test's event loop (asyncio and trio): it ran on
-    asyncio only (``anyio.run`` without a backend). The session was written under a
-    ``max_age`` that may differ from the append's (added or shortened since): an append
-    whose new deadline is at or before its time records that deadline and raises
-    SessionNotFound, on both paths alike."""
+    asyncio only (``anyio.run`` without a backend). The session was written under an
+    ``idle_timeout`` and a ``max_age`` that may differ from the append's (added or
+    shortened since): an append at or after the policy's deadline from the stored
+    ``last_active`` records that deadline and raises SessionNotFound, on both paths
+    alike (a shorter idle_timeout used to be measured from the append's time)."""
     assert sniffio.current_async_library() == anyio_backend
     plain = ExpiryPolicy(idle_timeout=idle, max_age=max_age)
     custom = CustomPolicy(idle_timeout=idle, max_age=max_age)
-    written = ExpiryPolicy(idle_timeout=idle, max_age=written_max_age)
+    written = ExpiryPolicy(idle_timeout=written_idle, max_age=written_max_age)
     status = SessionStatus.ARCHIVED if archived else SessionStatus.ACTIVE
     base = attrs.evolve(
         make_session(created=created, messages=tuple(f"m{i}" for i in range(count))),
@@ -93,16 +99,17 @@ async def test_one_statement_append_matches_the_policy(
         general, general_stored = await outcome(custom, Path(tmp) / "custom.db")
     assert fast == general and fast_stored == general_stored
     assert fast_stored is not None
-    new_deadline = plain.deadline(status, base.created_at, max(base.last_active, at(when)), None)
+    past = plain.deadline(status, base.created_at, base.last_active, None)
     if not isinstance(fast, type):
         assert fast.expires_at == plain.deadline(status, base.created_at, fast.last_active, None)
-        assert new_deadline is None or new_deadline > at(when)
+        assert fast.last_active == max(base.last_active, at(when))
+        assert past is None or past > at(when)
     elif base.is_expired(at(when)):
         assert fast is SessionNotFound and fast_stored == base  # nothing written
-    else:  # the new deadline has passed: recorded, nothing else
-        assert fast is SessionNotFound and new_deadline is not None
-        assert new_deadline <= at(when)
-        assert fast_stored == attrs.evolve(base, expires_at=new_deadline)
+    else:  # the deadline from the stored last_active has passed: recorded, nothing else
+        assert fast is SessionNotFound and past is not None
+        assert past <= at(when)
+        assert fast_stored == attrs.evolve(base, expires_at=past)
 
 
 async def test_one_statement_append_errors_and_search(tmp_path: Path, anyio_backend: str) -> None:

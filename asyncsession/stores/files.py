@@ -1429,7 +1429,9 @@ class FileRepository(SessionRepository):
                 raise SessionNotFound(sid)
             if old.status.is_terminal:
                 raise SessionClosed(sid, old.status)
-            deadline, overdue = activity_deadline(policy, old, at)
+            deadline, overdue = activity_deadline(
+                policy, old.status, old.created_at, old.last_active, at
+            )
             if overdue is not None:  # record that deadline, store nothing else (None: not found)
                 return None, _expiry_recorded(current, overdue)
             total = old.messages.total + len(messages)
@@ -1469,12 +1471,15 @@ class FileRepository(SessionRepository):
             old = current.skeleton
             if old.status.is_terminal or old.is_expired(at):
                 return current.session(last_messages), None
-            deadline, overdue = activity_deadline(policy, old, at)
+            moves = policy.should_touch(old.last_active, at)
+            deadline, overdue = activity_deadline(
+                policy, old.status, old.created_at, old.last_active, at, moves=moves
+            )
             if overdue is not None:  # record that deadline only
                 write = _expiry_recorded(current, overdue)
                 touched = _Doc(write.doc, write.skeleton, current.stamp)
                 return touched.session(last_messages), write
-            if not policy.should_touch(old.last_active, at):
+            if not moves:
                 return current.session(last_messages), None
             skeleton = attrs.evolve(old, last_active=at, expires_at=deadline)
             history = current.raw["messages"]

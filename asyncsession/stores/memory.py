@@ -196,7 +196,9 @@ class MemoryRepository(SessionRepository):
                 raise SessionNotFound(session_id)
             if old.status.is_terminal:
                 raise SessionClosed(session_id, old.status)
-            deadline, overdue = activity_deadline(policy, old, at)
+            deadline, overdue = activity_deadline(
+                policy, old.status, old.created_at, old.last_active, at
+            )
             if overdue is not None:
                 self._put(replace_trusted(old, expires_at=overdue), old)
                 raise SessionNotFound(session_id)
@@ -233,10 +235,13 @@ class MemoryRepository(SessionRepository):
                 return None
             session = old
             if not old.status.is_terminal and not old.is_expired(at):
-                deadline, overdue = activity_deadline(policy, old, at)
+                moves = policy.should_touch(old.last_active, at)
+                deadline, overdue = activity_deadline(
+                    policy, old.status, old.created_at, old.last_active, at, moves=moves
+                )
                 if overdue is not None:
                     session = replace_trusted(old, expires_at=overdue)
-                elif policy.should_touch(old.last_active, at):
+                elif moves:
                     session = replace_trusted(old, last_active=at, expires_at=deadline)
             if session is not old:
                 # owner and status are unchanged; the deadline index needs an entry only

@@ -24,8 +24,9 @@ cleanup found expired but unreadable loses that expiry, so it stays for a repair
 delete: repaired in place, it waits for the next cleanup pass; a write sets the expiry
 again from its deadline, and one whose deadline plus ``key_expiry_grace`` has passed
 removes it at once (as any such write does: give it a later deadline to keep it).
-An append or touch whose policy puts the deadline at or before its time (a ``max_age``
-added or shortened since the session was written) records that past deadline alone,
+An append or touch whose policy puts the deadline, computed from the stored
+``last_active``, at or before its time (an ``idle_timeout`` or ``max_age`` added or
+shortened since the session was written) records that past deadline alone,
 and keeps the keys ``key_expiry_grace`` from the server's time rather than from that
 deadline, so that cleanup still finds the session and announces it expired.
 """
@@ -249,10 +250,12 @@ local function deadline(st, ca, la, idle, maxage)
   if us_less(last, soft) or (hard and us_less(hard, soft)) then return hard end
   return soft
 end
--- A deadline a write or touch finds already past (a max_age added or shortened since
--- the session was written) is recorded, and nothing else: reads, listings and cleanup
--- then see the session expired. Its keys are kept key_expiry_grace from now rather than
--- from that deadline, so that cleanup can still find the session and announce it.
+-- A deadline a write or touch finds already past (computed from the stored last_active:
+-- an idle_timeout or max_age added or shortened since the session was written; see
+-- activity_deadline in _models.py) is recorded, and nothing else: reads, listings and
+-- cleanup then see the session expired. Its keys are kept key_expiry_grace from now
+-- rather than from that deadline, so that cleanup can still find the session and
+-- announce it.
 local function record_past(s, m, id, ex, grace)
   redis.call('HSET', s, 'ex', ex)
   redis.call('ZADD', P .. 'i:exp', ex, id)
@@ -378,12 +381,15 @@ end
 local at = us(ARGV[3])
 if h[6] and not us_less(at, us(h[6])) then return {-1} end
 if terminal(h[3]) then return {-3, h[3]} end
-local la = us(h[5])
-if us_less(la, at) then la = at end
-local ex = deadline(h[3], us(h[4]), la, us_limit(ARGV[4]), us_limit(ARGV[5]))
+local la, ca, idle, maxage = us(h[5]), us(h[4]), us_limit(ARGV[4]), us_limit(ARGV[5])
+local ex = deadline(h[3], ca, la, idle, maxage)
 if ex and not us_less(at, ex) then
   record_past(s, m, id, us_text(ex), tonumber(ARGV[7]))
   return {-1}
+end
+if us_less(la, at) then
+  la = at
+  ex = deadline(h[3], ca, la, idle, maxage)
 end
 if ARGV[6] ~= '' then
   local total = redis.call('LLEN', m) + #ARGV - 7
@@ -418,8 +424,7 @@ local same = known(ARGV[9], h, h[8])
 local at = us(ARGV[3])
 local la = us(h[3])
 local open = not terminal(h[5]) and not (h[4] and not us_less(at, us(h[4])))
-local due = open and deadline(h[5], us(h[6]), us_less(la, at) and at or la,
-    us_limit(ARGV[4]), us_limit(ARGV[5]))
+local due = open and deadline(h[5], us(h[6]), la, us_limit(ARGV[4]), us_limit(ARGV[5]))
 if due and not us_less(at, due) then
   h[4] = us_text(due)
   record_past(s, m, id, h[4], tonumber(ARGV[6]))

@@ -94,6 +94,7 @@ from .._models import (
     MessageLog,
     Session,
     SessionStatus,
+    activity_deadline,
     replace_trusted,
     validate_name,
     validate_owner,
@@ -2344,13 +2345,13 @@ class SQLiteRepository(SessionRepository):
             status = _status(sid, status_name)
             if status.is_terminal:
                 raise SessionClosed(sid, status)
-            expires_at = policy.deadline(
-                status, _time(created_us), _time(max(last_us, at_us)), None
+            expires_at, overdue = activity_deadline(
+                policy, status, _time(created_us), _time(last_us), at
             )
             expires_us = None if expires_at is None else _us(expires_at)
-            if expires_us is not None and expires_us <= at_us:
-                # Expired under this policy (a max_age added or shortened since): record
-                # that deadline, store nothing else.
+            if overdue is not None:
+                # Expired under this policy (an idle_timeout or max_age added or shortened
+                # since): record that deadline, store nothing else.
                 conn.execute("UPDATE sessions SET expires_at = ? WHERE pk = ?", (expires_us, pk))
                 return None
             total = count + len(batch)
@@ -2411,17 +2412,19 @@ class SQLiteRepository(SessionRepository):
             status = _status(sid, status_name)
             expired = expires_us is not None and expires_us <= at_us
             if not (status.is_terminal or expired):
-                latest = _time(max(last_us, at_us))
-                new_us = _us_or_none(policy.deadline(status, _time(created_us), latest, None))
-                if new_us is not None and new_us <= at_us:
-                    # Expired under this policy (a max_age added or shortened since),
-                    # however recent the last touch: record that deadline only.
-                    expires_us = new_us
+                moves = not (at_us - last_us < interval_us or at_us <= last_us)
+                deadline, overdue = activity_deadline(
+                    policy, status, _time(created_us), _time(last_us), at, moves=moves
+                )
+                if overdue is not None:
+                    # Expired under this policy (an idle_timeout or max_age added or
+                    # shortened since): record that deadline only.
+                    expires_us = _us(overdue)
                     conn.execute(
                         "UPDATE sessions SET expires_at = ? WHERE pk = ?", (expires_us, pk)
                     )
-                elif not (at_us - last_us < interval_us or at_us <= last_us):
-                    last_us, expires_us = at_us, new_us
+                elif moves:
+                    last_us, expires_us = at_us, _us_or_none(deadline)
                     conn.execute(
                         "UPDATE sessions SET last_active = ?, expires_at = ? WHERE pk = ?",
                         (last_us, expires_us, pk),
@@ -2598,13 +2601,14 @@ _IDS_PER_STATEMENT: Final = 500
 
 
 #: append() in one statement, for the plain ExpiryPolicy: checks (open, unexpired, not
-#: past ``created_at + max_age`` at ``:at``, within the limit, below the last revision),
-#: new deadline (ExpiryPolicy.deadline of an open session, in microseconds) and the
-#: counters. No row back means one of the checks failed (or no such session). (The new
-#: deadline is at or before ``:at`` only through ``max_age``: ``max(last_active, :at) +
-#: :idle`` is later, limits being positive.) A deadline past ``datetime.max`` is stored as none, as
-#: ExpiryPolicy.deadline answers. ``revision + 1`` past 2**63 - 1 would make SQLite store a
-#: REAL (the session unreadable from then on): ``:top`` keeps it an INTEGER.
+#: past the policy's deadline from the stored ``last_active`` at ``:at`` (neither
+#: ``created_at + max_age`` nor, if active, ``last_active + idle``), within the limit,
+#: below the last revision; see activity_deadline), new deadline (ExpiryPolicy.deadline
+#: of an open session from ``max(last_active, :at)``, in microseconds) and the counters.
+#: No row back means one of the checks failed (or no such session). A deadline past
+#: ``datetime.max`` is stored as none, as ExpiryPolicy.deadline answers. ``revision + 1``
+#: past 2**63 - 1 would make SQLite store a REAL (the session unreadable from then on):
+#: ``:top`` keeps it an INTEGER.
 _APPEND = (
     "UPDATE sessions SET last_active = max(last_active, :at), expires_at = ("
     "SELECT CASE WHEN d > :last THEN NULL ELSE d END FROM (SELECT CASE "
@@ -2614,7 +2618,9 @@ _APPEND = (
     "revision = revision + 1, message_count = message_count + :n "
     "WHERE id = :id AND status IN ('active', 'archived') "
     "AND (expires_at IS NULL OR expires_at > :at) "
-    "AND (:max_age IS NULL OR created_at + :max_age > :at) AND message_count + :n <= :limit "
+    "AND (:max_age IS NULL OR created_at + :max_age > :at) "
+    "AND (:idle IS NULL OR status = 'archived' OR last_active + :idle > :at) "
+    "AND message_count + :n <= :limit "
     "AND revision < :top "
     "RETURNING pk, doc, message_count, last_active, expires_at, revision, incarnation"
 )

@@ -1450,6 +1450,54 @@ class RepositoryContract:
         for sid in ids:
             assert await repository.remove_expired(sid, now=at(20)) is not None
 
+    async def test_appends_and_touches_past_a_shorter_idle_timeout_record_it(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """The policy's deadline is computed from the *stored* ``last_active``: a session
+        idle for longer than an ``idle_timeout`` shortened (or added) since it was
+        written has expired for a write or touch, however recent ``at`` (a deadline
+        computed from ``at`` would never be past). The append raises SessionNotFound and
+        the touch returns it expired; either records that deadline and nothing else.
+        A session idle for less gets its new deadline from ``at`` as always, also after
+        a touch that ``touch_interval`` coalesced; an archived one does not idle out."""
+        short = ExpiryPolicy(
+            idle_timeout=timedelta(seconds=10), touch_interval=timedelta(seconds=5)
+        )
+        appended, touched, exact, recent = (make_session(messages=("a",)) for _ in range(4))
+        parked = make_session(status=SessionStatus.ARCHIVED)
+        for session in (appended, touched, exact, recent, parked):
+            await repository.add(session)  # each idle deadline at(60) under POLICY
+        await raises(
+            SessionNotFound,
+            repository.append(appended.id, [msg("late", 30)], at=at(30), policy=short),
+            "an append after longer idleness than a shorter idle_timeout",
+        )
+        assert await repository.get(appended.id) == attrs.evolve(appended, expires_at=at(10))
+        reply = await repository.touch(touched.id, at=at(30), policy=short, last_messages=0)
+        assert reply is not None and reply.is_expired(at(30))
+        assert reply.expires_at == at(10) and reply.last_active == at(0)
+        assert await repository.get(touched.id) == attrs.evolve(touched, expires_at=at(10))
+        await raises(  # idle exactly as long as the timeout: expired
+            SessionNotFound,
+            repository.append(exact.id, [msg("late", 10)], at=at(10), policy=short),
+            "an append exactly idle_timeout after the last activity",
+        )
+        assert await repository.get(exact.id) == attrs.evolve(exact, expires_at=at(10))
+        moved = await repository.touch(recent.id, at=at(9), policy=short)
+        assert moved is not None and (moved.last_active, moved.expires_at) == (at(9), at(19))
+        coalesced = await repository.touch(recent.id, at=at(13), policy=short)
+        assert coalesced == moved  # moved by less than touch_interval: nothing written
+        added = await repository.append(recent.id, [msg("b", 18)], at=at(18), policy=short)
+        assert (added.last_active, added.expires_at, added.revision) == (at(18), at(28), 1)
+        kept = await repository.touch(parked.id, at=at(30), policy=short)
+        assert kept is not None and kept.expires_at is None and kept.last_active == at(30)
+        ids = {appended.id, touched.id, exact.id}
+        assert set(await repository.expired(at(20))) == ids
+        listed = await repository.list(SessionQuery(visible_at=at(20)))
+        assert {x.id for x in listed.items} == {recent.id, parked.id}
+        for sid in ids:
+            assert await repository.remove_expired(sid, now=at(20)) is not None
+
     async def test_a_save_finds_a_session_expired_at_its_time(
         self, repository: SessionRepository, anyio_backend: Any
     ) -> None:

@@ -104,13 +104,15 @@ class DictRepository(SessionRepository):
             raise SessionNotFound(session_id)
         if current.status.is_terminal:
             raise SessionClosed(session_id, current.status)
+        # The policy's deadline from the stored last_active at or before `at` (an
+        # idle_timeout or max_age added or shortened since the session was written): it
+        # has expired. Record that deadline and nothing else.
+        passed = policy.deadline(current.status, current.created_at, current.last_active, None)
+        if passed is not None and passed <= at:
+            self._sessions[session_id] = attrs.evolve(current, expires_at=passed)
+            raise SessionNotFound(session_id)
         last_active = max(current.last_active, at)
         deadline = policy.deadline(current.status, current.created_at, last_active, None)
-        if deadline is not None and deadline <= at:
-            # Expired under this policy (a max_age added or shortened since the session
-            # was written): record that deadline and nothing else.
-            self._sessions[session_id] = attrs.evolve(current, expires_at=deadline)
-            raise SessionNotFound(session_id)
         total = current.messages.total + len(messages)
         if max_messages is not None and total > max_messages:
             raise LimitExceeded("Messages in this session", max_messages, total)
@@ -138,13 +140,14 @@ class DictRepository(SessionRepository):
         if current is None:
             return None
         if not current.status.is_terminal and not current.is_expired(at):
-            last_active = max(current.last_active, at)
-            deadline = policy.deadline(current.status, current.created_at, last_active, None)
-            if deadline is not None and deadline <= at:
+            status, created_at = current.status, current.created_at
+            passed = policy.deadline(status, created_at, current.last_active, None)
+            if passed is not None and passed <= at:
                 # Expired under this policy (see append()): record that deadline only.
-                current = attrs.evolve(current, expires_at=deadline)
+                current = attrs.evolve(current, expires_at=passed)
                 self._sessions[session_id] = current
             elif policy.should_touch(current.last_active, at):  # honours touch_interval
+                deadline = policy.deadline(status, created_at, at, None)
                 current = attrs.evolve(current, last_active=at, expires_at=deadline)
                 self._sessions[session_id] = current
         return _window(current, last_messages)
