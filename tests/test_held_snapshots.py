@@ -574,7 +574,7 @@ def test_holder_never_mixes_incarnations() -> None:
     held = HeldSnapshots(10)
     life = snapshot(2, revision=3)
     held.keep(life, "first")
-    assert held.entry(life.id) == (life, "first")
+    assert held.entry(life.id) == (life, "first", 0, 0)
     held.keep(attrs.evolve(life, revision=4), "second")  # newer or older? cannot be told
     assert held.get(life.id) is None
     held.keep(life, "second")

@@ -7,11 +7,17 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Final
 
 from .._exceptions import InvalidConfiguration
 from .._models import Message, Session, replace_trusted
 
-__all__ = ["Held", "HeldSnapshots", "Incarnation"]
+__all__ = ["DEFAULT_CACHE_BYTES", "Held", "HeldSnapshots", "Incarnation", "check_cache_bytes"]
+
+#: The default ``snapshot_cache_bytes`` of the SQLite and Redis stores: the held
+#: snapshots' data, counted as stored (document and messages as JSON), is kept under it.
+#: A store's caches of decoded documents or messages get an eighth of it each.
+DEFAULT_CACHE_BYTES: Final = 32 * 2**20
 
 #: Reads that updates are based on, remembered for the save when the snapshot is not
 #: held (the cache is off or the history too long): far more than updates in flight.
@@ -22,8 +28,19 @@ _MAX_BASES = 10_000
 #: times a held snapshot of its earlier life also has. SQLite and Redis store a random
 #: value at each add; None means the store cannot tell (then revisions alone decide).
 Incarnation = object
-#: A held snapshot and the incarnation of the session it was taken from.
-Held = tuple[Session, Incarnation]
+#: A held snapshot, the incarnation of the session it was taken from, and the bytes its
+#: history and its document take as stored (what the byte budget counts).
+Held = tuple[Session, Incarnation, int, int]
+
+
+def check_cache_bytes(value: object) -> int:
+    """``snapshot_cache_bytes``, checked: an int >= 0 (0 turns caching off)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidConfiguration(
+            f"snapshot_cache_bytes must be an int >= 0 (the bytes of stored data the store "
+            f"keeps decoded in memory; 0 turns caching off), got {value!r}."
+        )
+    return value
 
 
 class HeldSnapshots:
@@ -34,8 +51,11 @@ class HeldSnapshots:
     write. Callers :meth:`drop` an entry before any write whose outcome they may not
     learn (errors, cancellation) and :meth:`keep` what the store confirmed.
 
-    Bounded twice: at most ``size`` sessions and at most ``max_messages`` messages in
-    all (a longer history is not held), oldest use dropped first. Thread-safe: a SQLite
+    Bounded three times: at most ``size`` sessions, at most ``max_messages`` messages
+    and at most ``max_bytes`` bytes of data as stored (what the store says a snapshot's
+    history and document take) in all, oldest use dropped first. A session with more
+    than ``max_messages`` messages or ``max_bytes // 4`` bytes is not held (its updates
+    read it first). ``size`` or ``max_bytes`` 0 turns holding off. Thread-safe: a SQLite
     store may serve callers on several event loops. Entries are keyed by the id's
     integer (``uuid.UUID`` hashes in Python code, and an update looks an id up ~10 times).
 
@@ -48,23 +68,31 @@ class HeldSnapshots:
 
     __slots__ = (
         "_bases",
+        "_bytes",
         "_items",
+        "_largest",
         "_lent",
         "_lock",
+        "_max_bytes",
         "_max_messages",
         "_messages",
         "_size",
         "_unread",
     )
 
-    def __init__(self, size: int, *, max_messages: int = 100_000) -> None:
+    def __init__(
+        self, size: int, *, max_messages: int = 100_000, max_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise InvalidConfiguration(
                 f"snapshot_cache must be an int >= 0 (0 turns it off), got {size!r}."
             )
-        self._size = size
+        self._max_bytes = check_cache_bytes(max_bytes)
+        self._size = size if max_bytes else 0
+        self._largest = max_bytes // 4  # a snapshot over this is not held
         self._max_messages = max_messages
         self._messages = 0
+        self._bytes = 0
         self._items: OrderedDict[int, Held] = OrderedDict()
         self._lent: set[int] = set()  # handed out by lend(): the next save checks it
         # lent by lend() from memory (no read for the update), and not changed since
@@ -81,6 +109,24 @@ class HeldSnapshots:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the held snapshots take as stored (at most ``max_bytes``)."""
+        return self._bytes
+
+    def history_bytes(self, session_id: uuid.UUID, revision: int, total: int) -> int | None:
+        """The stored bytes of the held history of ``session_id`` if the held snapshot is
+        of ``revision`` with ``total`` messages (an update's base), else None.
+
+        A store saving an update that appends to its base adds the new messages' bytes
+        to this for the snapshot it then holds (None: it does not hold that one).
+        """
+        with self._lock:
+            entry = self._items.get(session_id.int)
+        if entry is None or entry[0].revision != revision or entry[0].messages.total != total:
+            return None
+        return entry[2]
 
     def get(self, session_id: uuid.UUID) -> Session | None:
         """The held snapshot of a session (marked recently used), or None."""
@@ -165,11 +211,23 @@ class HeldSnapshots:
             return base[1], base[2]
         return None
 
-    def keep(self, session: Session | None, incarnation: Incarnation = None) -> None:
+    def keep(
+        self,
+        session: Session | None,
+        incarnation: Incarnation = None,
+        history_bytes: int = 0,
+        document_bytes: int = 0,
+    ) -> None:
         """Hold ``session`` (of ``incarnation``) if it has its whole history and is not
-        older than the entry; a reply about another incarnation drops the entry."""
+        older than the entry; a reply about another incarnation drops the entry.
+
+        ``history_bytes`` and ``document_bytes`` are what its messages and its document
+        take as stored: the byte budget counts them.
+        """
         if session is None or self._size == 0 or not session.messages.is_complete:
             return
+        nbytes = history_bytes + document_bytes
+        fits = session.messages.total <= self._max_messages and nbytes <= self._largest
         key = session.id.int
         with self._lock:
             entry = self._items.get(key)
@@ -187,22 +245,28 @@ class HeldSnapshots:
                 # lent snapshot stays lent, with these times, as touched() keeps it.
                 relend = held.revision == session.revision and key in self._lent
                 unread = key in self._unread
-                if relend and session.messages.total <= self._max_messages:
+                if relend and fits:
                     self._lent.discard(key)
                 else:
                     relend = False
                 self._pop(key)
-            if session.messages.total > self._max_messages:
+            if not fits:
                 return
-            self._items[key] = (session, incarnation)
+            self._items[key] = (session, incarnation, history_bytes, document_bytes)
             self._messages += session.messages.total
+            self._bytes += nbytes
             if relend:
                 self._lent.add(key)
                 if unread:
                     self._unread.add(key)
-            while len(self._items) > self._size or self._messages > self._max_messages:
+            while (
+                len(self._items) > self._size
+                or self._messages > self._max_messages
+                or self._bytes > self._max_bytes
+            ):
                 oldest_id, oldest = self._items.popitem(last=False)
                 self._messages -= oldest[0].messages.total
+                self._bytes -= oldest[2] + oldest[3]
                 self._unlend(oldest_id, oldest)
 
     def take(self, session_id: uuid.UUID) -> Held | None:
@@ -215,6 +279,7 @@ class HeldSnapshots:
         entry = self._items.pop(key, None)
         if entry is not None:
             self._messages -= entry[0].messages.total
+            self._bytes -= entry[2] + entry[3]
             self._unlend(key, entry)
         return entry
 
@@ -245,10 +310,13 @@ class HeldSnapshots:
         messages: Sequence[Message],
         after: Session,
         incarnation: Incarnation = None,
+        added_bytes: int = 0,
+        document_bytes: int = 0,
     ) -> None:
         """Follow a confirmed append: ``before`` (what :meth:`take` returned) plus
-        ``messages`` with the times and revision of ``after`` (the store's answer, about
-        the session of ``incarnation``)."""
+        ``messages`` (``added_bytes`` as stored) with the times and revision of ``after``
+        (the store's answer, about the session of ``incarnation``, whose stored document
+        takes ``document_bytes``)."""
         if before is None or before[1] != incarnation:
             return
         held = before[0]
@@ -262,15 +330,23 @@ class HeldSnapshots:
                     expires_at=after.expires_at,
                 ),
                 incarnation,
+                before[2] + added_bytes,
+                document_bytes,
             )
 
     def seen(
-        self, session_id: uuid.UUID, session: Session | None, incarnation: Incarnation = None
+        self,
+        session_id: uuid.UUID,
+        session: Session | None,
+        incarnation: Incarnation = None,
+        history_bytes: int = 0,
+        document_bytes: int = 0,
     ) -> Session | None:
         """Follow a read of ``session_id``: hold what it returned, forget a missing one.
 
         A window of the messages is not held, but it still tells the held snapshot's
-        times (a touch moves them without a new revision) or that it is outdated.
+        times (a touch moves them without a new revision) or that it is outdated. The
+        byte counts are as for :meth:`keep` (only a whole history's are used).
         """
         if session is None:
             self.drop(session_id)
@@ -279,7 +355,7 @@ class HeldSnapshots:
             with self._lock:
                 self._follow_base(session_id.int, session, incarnation)
         if session.messages.is_complete:
-            self.keep(session, incarnation)
+            self.keep(session, incarnation, history_bytes, document_bytes)
         else:
             key = session_id.int
             with self._lock:
@@ -314,6 +390,8 @@ class HeldSnapshots:
                         held, last_active=session.last_active, expires_at=session.expires_at
                     ),
                     incarnation,
+                    entry[2],
+                    entry[3],
                 )
 
     def _follow_base(self, key: int, session: Session, incarnation: Incarnation) -> None:
@@ -341,3 +419,4 @@ class HeldSnapshots:
             self._unread.clear()
             self._bases.clear()
             self._messages = 0
+            self._bytes = 0

@@ -99,7 +99,7 @@ from ..abc import (
     decode_cursor,
     encode_cursor,
 )
-from ._held import Held, HeldSnapshots
+from ._held import DEFAULT_CACHE_BYTES, Held, HeldSnapshots, check_cache_bytes
 
 if TYPE_CHECKING:
     import coredis
@@ -959,7 +959,7 @@ def _version(entry: Held | None) -> str:
     """
     if entry is None:
         return ""
-    held, incarnation = entry
+    held, incarnation = entry[0], entry[1]
     return f"{held.revision}@{_us(held.last_active)}@{_opt_us(held.expires_at)}@{incarnation or ''}"
 
 
@@ -984,11 +984,27 @@ class _Decoded(Generic[T]):
 
     Stored documents and messages are immutable values, so equal bytes decode to equal
     objects; sharing them between snapshots is safe and skips repeated validation.
+    Bounded by count and by the stored bytes of its keys (``max_bytes``; each item's
+    decoded object takes about as much again): a key over an eighth of ``max_bytes`` is
+    not kept, and ``max_bytes`` 0 keeps nothing.
     """
 
-    def __init__(self, size: int) -> None:
+    __slots__ = ("_bytes", "_items", "_largest", "_max_bytes", "_size")
+
+    def __init__(self, size: int, max_bytes: int) -> None:
         self._size = size
+        self._max_bytes = max_bytes
+        self._largest = max_bytes // 8
+        self._bytes = 0
         self._items: OrderedDict[Any, T] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        """The stored bytes of the keys kept (at most ``max_bytes``)."""
+        return self._bytes
 
     def get(self, key: Any) -> T | None:
         item = self._items.get(key)
@@ -997,9 +1013,15 @@ class _Decoded(Generic[T]):
         return item
 
     def put(self, key: Any, item: T) -> None:
-        self._items[key] = item
-        if len(self._items) > self._size:
-            self._items.popitem(last=False)
+        size = len(key)
+        if size > self._largest:
+            return
+        items = self._items
+        if key not in items:
+            self._bytes += size
+        items[key] = item
+        while len(items) > self._size or self._bytes > self._max_bytes:
+            self._bytes -= len(items.popitem(last=False)[0])
 
 
 class RedisRepository(SessionRepository, EventTransport):
@@ -1057,7 +1079,12 @@ class RedisRepository(SessionRepository, EventTransport):
     read them, so that the manager's ``update()`` is one round trip (the compare-and-set
     script) instead of a read plus a compare-and-set. The server's revision check stays
     the authority: when another process changed the session, the script refuses the
-    stale snapshot and the manager reads again. ``0`` turns it off.
+    stale snapshot and the manager reads again. ``snapshot_cache_bytes`` (an int >= 0)
+    bounds the remembered sessions' data, counted as stored (document and messages as
+    JSON): a session over a quarter of it is not remembered. The store's caches of
+    decoded documents and of decoded messages get an eighth of it each (an item over
+    1/64 of it is not cached). ``0`` for either turns all of them off: nothing decoded
+    is kept between calls.
 
     :meth:`list` and :meth:`expired` run a script per ``scan_budget`` (an int >= 1, also
     settable as :attr:`scan_budget`) index entries they examine (entries of sessions whose
@@ -1075,9 +1102,11 @@ class RedisRepository(SessionRepository, EventTransport):
         max_connections: int | None = None,
         snapshot_cache: int = 1_000,
         scan_budget: int = 1000,
+        snapshot_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         module = _import_coredis()
         self.scan_budget = scan_budget
+        check_cache_bytes(snapshot_cache_bytes)
         if not isinstance(prefix, str) or not prefix:
             raise InvalidConfiguration(f"prefix must be a non-empty string, got {prefix!r}.")
         if key_expiry_grace is not None and (
@@ -1176,9 +1205,10 @@ class RedisRepository(SessionRepository, EventTransport):
         self._documents = register(_DOCUMENTS)
         self._entered: contextlib.AsyncExitStack | None = None
         self._subscriptions = 0  # open subscribe_events() blocks (each holds a connection)
-        self._held = HeldSnapshots(snapshot_cache)
-        self._docs: _Decoded[Session] = _Decoded(2_000)
-        self._messages: _Decoded[Message] = _Decoded(20_000)
+        self._held = HeldSnapshots(snapshot_cache, max_bytes=snapshot_cache_bytes)
+        decoded = snapshot_cache_bytes // 8 if self._held.enabled else 0
+        self._docs: _Decoded[Session] = _Decoded(2_000, decoded)
+        self._messages: _Decoded[Message] = _Decoded(20_000, decoded)
 
     def __repr__(self) -> str:
         return f"RedisRepository({self._address!r}, prefix={self._prefix!r})"
@@ -1387,12 +1417,21 @@ class RedisRepository(SessionRepository, EventTransport):
         return message
 
     def _from_reply(self, session_id: uuid.UUID, reply: Any) -> Session | None:
+        return self._sized(session_id, reply)[0]
+
+    def _sized(self, session_id: uuid.UUID, reply: Any) -> tuple[Session | None, int, int]:
+        """The session in a script's reply, and the bytes its history and its document
+        take as stored (what held snapshots count; 0 when it will not be held: a window
+        of the history, or holding is off)."""
         if reply is None:
-            return None
+            return None, 0, 0
         doc, revision, last_active, expires_at, _, total, *raw = reply
         loaded = [self._message(item, session_id) for item in raw]
         log = MessageLog(loaded, offset=int(total) - len(loaded))
-        return self._build(session_id, doc, revision, last_active, expires_at, log)
+        session = self._build(session_id, doc, revision, last_active, expires_at, log)
+        if log.offset or not self._held.enabled:
+            return session, 0, 0
+        return session, sum(map(len, raw)), len(doc)
 
     def _fields(self, session: Session) -> list[str | bytes]:
         doc = dump_document(session)
@@ -1425,8 +1464,8 @@ class RedisRepository(SessionRepository, EventTransport):
         if reply == 1 and entry is not None:  # the held snapshot is current: no history sent
             return last_window(entry[0], last_messages), entry[1]
         incarnation = _incarnation(reply)
-        session = self._from_reply(session_id, reply)
-        return self._held.seen(session_id, session, incarnation), incarnation
+        session, history, document = self._sized(session_id, reply)
+        return self._held.seen(session_id, session, incarnation, history, document), incarnation
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
         session_id = self._check_id(session_id)
@@ -1441,12 +1480,14 @@ class RedisRepository(SessionRepository, EventTransport):
         self._check_whole(session)
         sid = str(session.id)
         incarnation = secrets.token_hex(8)
-        args = [sid, *self._fields(session), incarnation]
-        args.extend(dump_message(m) for m in session.messages)
-        added = await self._run(self._add, "an add", self._keys(sid), args)
+        fields = self._fields(session)
+        bodies = [dump_message(m) for m in session.messages]
+        added = await self._run(
+            self._add, "an add", self._keys(sid), [sid, *fields, incarnation, *bodies]
+        )
         if not added:
             raise SessionConflict(session.id, expected_revision=None)
-        self._held.keep(session, incarnation)
+        self._held.keep(session, incarnation, sum(map(len, bodies)), len(fields[0]))
 
     async def save(
         self,
@@ -1460,30 +1501,46 @@ class RedisRepository(SessionRepository, EventTransport):
             raise revision_exhausted(session.id)
         self._check_window_save(session, new_messages)
         unchanged = self._held.lent_unchanged(session.id)
+        # the stored bytes of the history the new messages extend, if it is held
+        history = (
+            None
+            if new_messages is None
+            else self._held.history_bytes(
+                session.id, expected_revision, session.messages.total - len(new_messages)
+            )
+        )
         lent = self._held.before_save(session.id, expected_revision)
         expected = str(expected_revision)
         if lent is not None:
             expected += f"@{_us(lent[0])}@{lent[1] or ''}"
         sid = str(session.id)
         current_too = "c" if self._held.enabled else ""
-        fields = [sid, expected, *self._fields(session)]
+        document = self._fields(session)
+        fields = [sid, expected, *document]
 
-        def arguments(added: Sequence[Message] | None) -> list[str | bytes]:
+        def arguments(added: Sequence[Message] | None) -> tuple[list[str | bytes], int]:
+            """The script's arguments, and the bytes of the messages among them."""
             if added is None:  # rewrite the history
-                args: list[str | bytes] = [*fields, "r" + current_too]
-                args.extend(dump_message(m) for m in session.messages)
+                bodies = [dump_message(m) for m in session.messages]
+                args: list[str | bytes] = [*fields, "r" + current_too, *bodies]
             else:  # append, if that makes the session's total
-                args = [*fields, f"a{current_too}:{session.messages.total}"]
-                args.extend(dump_message(m) for m in added)
-            return args
+                bodies = [dump_message(m) for m in added]
+                args = [*fields, f"a{current_too}:{session.messages.total}", *bodies]
+            return args, sum(map(len, bodies))
 
-        reply = await self._run(self._save, "a save", self._keys(sid), arguments(new_messages))
+        args, sent = arguments(new_messages)
+        if history is not None:
+            history += sent  # the held history and the new messages
+        reply = await self._run(self._save, "a save", self._keys(sid), args)
         if int(reply[0]) == -5:  # new_messages do not extend the stored history
             if not session.messages.is_complete:
                 raise self._not_extending(session, int(reply[1]), len(new_messages or ()))
             # the promise did not hold, but the snapshot has the whole history: store it
             # (nothing was written, and the revision is checked again)
-            reply = await self._run(self._save, "a save", self._keys(sid), arguments(None))
+            args, history = arguments(None)
+            reply = await self._run(self._save, "a save", self._keys(sid), args)
+        elif new_messages is None:
+            history = sent  # the whole history was sent
         code = int(reply[0])
         if code in (-1, -7):  # gone, or expired by the save's time (see _SAVE)
             self._held.drop(session.id)
@@ -1491,16 +1548,18 @@ class RedisRepository(SessionRepository, EventTransport):
         if code == -2:
             if len(reply) > 2:  # the current session: the caller's retry needs no read
                 with contextlib.suppress(CorruptSessionError):  # the retry's read reports it
-                    current = self._from_reply(session.id, reply[2])
-                    self._held.keep(current, _incarnation(reply[2]))
+                    current, *sizes = self._sized(session.id, reply[2])
+                    self._held.keep(current, _incarnation(reply[2]), *sizes)
             raise SessionConflict(
                 session.id,
                 expected_revision=expected_revision,
                 actual_revision=int(reply[1]),
                 stale_snapshot=unchanged,
             )
-        if len(reply) == 2:  # else others lost races for it: read before the next update
-            self._held.keep(session, _text(reply[1]))
+        # Else others lost races for it: read before the next update. Or the history is
+        # not held (too long, or the update was based on a read that was not held).
+        if len(reply) == 2 and history is not None:
+            self._held.keep(session, _text(reply[1]), history, len(document[0]))
 
     async def append(
         self,
@@ -1521,7 +1580,8 @@ class RedisRepository(SessionRepository, EventTransport):
             "" if max_messages is None else str(max_messages),
             self._grace,
         ]
-        args.extend(dump_message(m) for m in messages)
+        bodies = [dump_message(m) for m in messages]
+        args.extend(bodies)
         before = self._held.take(session_id)
         reply = await self._run(self._append, "an append", self._keys(sid), args)
         code = int(reply[0])
@@ -1537,7 +1597,9 @@ class RedisRepository(SessionRepository, EventTransport):
         _, doc, revision, last_active, expires_at, total, incarnation = reply
         log = MessageLog(messages, offset=int(total) - len(messages))
         session = self._build(session_id, doc, revision, last_active, expires_at, log)
-        self._held.appended(before, messages, session, _text(incarnation))
+        self._held.appended(
+            before, messages, session, _text(incarnation), sum(map(len, bodies)), len(doc)
+        )
         return session
 
     async def touch(
@@ -1574,11 +1636,11 @@ class RedisRepository(SessionRepository, EventTransport):
             else:
                 self._held.touched(session, entry[1])
             return last_window(session, last_messages)
-        found = self._from_reply(session_id, reply)
+        found, history, document = self._sized(session_id, reply)
         if found is not None and found.is_expired(at):  # no update will be based on it
             self._held.drop(session_id)
             return found
-        return self._held.seen(session_id, found, _incarnation(reply))
+        return self._held.seen(session_id, found, _incarnation(reply), history, document)
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         session_id = self._check_id(session_id)

@@ -119,7 +119,7 @@ from ..abc import (
     decode_cursor,
     encode_cursor,
 )
-from ._held import HeldSnapshots, Incarnation
+from ._held import DEFAULT_CACHE_BYTES, HeldSnapshots, Incarnation, check_cache_bytes
 
 __all__ = [
     "CHUNK_MESSAGES",
@@ -581,31 +581,49 @@ class _Documents:
     fields here: a hit skips JSON parsing, timestamp parsing, validation and freezing
     of the state. Entries are immutable sessions without messages (templates) with the
     column values their times were made from, so an unchanged ``last_active`` is not
-    converted again either. Bounded, oldest dropped first. Decoding runs on the callers'
-    threads: every operation here is a single dict operation, and a lost race only
-    costs a decode.
+    converted again either. Bounded by count and by the documents' bytes (``max_bytes``;
+    a document over an eighth of it, or over :attr:`MAX_SIZE`, is not kept; 0 keeps
+    nothing), oldest dropped first. Decoding runs on the callers' threads: a lookup is
+    a single dict operation, and changes take a lock (the byte count stays exact).
     """
 
-    __slots__ = ("_entries", "_limit")
+    __slots__ = ("_bytes", "_entries", "_largest", "_limit", "_lock", "_max_bytes")
 
     #: Documents larger than this are not kept (the cache stays small).
     MAX_SIZE: Final = 16_384
 
-    def __init__(self, limit: int = 1024) -> None:
+    def __init__(self, max_bytes: int, limit: int = 1024) -> None:
         self._entries: dict[bytes, _Template] = {}
         self._limit = limit
+        self._max_bytes = max_bytes
+        self._largest = min(self.MAX_SIZE, max_bytes // 8)
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the documents kept (at most ``max_bytes``)."""
+        return self._bytes
 
     def get(self, doc: bytes) -> _Template | None:
         return self._entries.get(doc)
 
     def put(self, doc: bytes, template: _Template) -> None:
-        if len(doc) > self.MAX_SIZE:
+        size = len(doc)
+        if size > self._largest:
             return
-        entries = self._entries
-        if len(entries) >= self._limit and doc not in entries:
-            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
-                del entries[next(iter(entries))]  # unless another thread got there first
-        entries[doc] = template
+        with self._lock:
+            entries = self._entries
+            if doc not in entries:
+                self._bytes += size
+            entries[doc] = template
+            while len(entries) > self._limit or self._bytes > self._max_bytes:
+                oldest = next(iter(entries))
+                del entries[oldest]
+                self._bytes -= len(oldest)
 
 
 #: A cached document: the session without messages, and the ``last_active`` and
@@ -659,6 +677,15 @@ class _Row:
         self.stop = stop
         self.rows = rows
         self.messages = messages
+
+    def sizes(self) -> tuple[int, int]:
+        """The bytes the history and the document take as stored (what held snapshots
+        count), for a read of the whole history; (0, 0) for a window."""
+        if self.start:
+            return 0, 0
+        bodies = self.rows._bodies  # rows join their messages with one separator byte
+        history = sum(map(len, bodies)) - (self.stop - len(bodies))
+        return max(history, 0), len(self.doc)
 
     def decode(self, documents: _Documents | None = None) -> Session:
         cached = None if documents is None else documents.get(self.doc)
@@ -1116,7 +1143,12 @@ class SQLiteRepository(SessionRepository):
       remembers as it last wrote or read them, so the manager's ``update()`` is one hop
       to the worker (the compare-and-set) instead of a read plus a compare-and-set.
       Another process's change makes the compare-and-set refuse the remembered
-      snapshot and the manager reads again. ``0`` turns it off.
+      snapshot and the manager reads again. ``0`` turns it off, and the cache of
+      decoded documents with it: nothing decoded is kept between calls.
+    * ``snapshot_cache_bytes`` — an int >= 0 bounding the remembered sessions' data,
+      counted as stored (document and messages as JSON): a session over a quarter of
+      it is not remembered. The cache of decoded documents gets an eighth of it (a
+      document over 1/64 of it, or over 16 KiB, is not cached). ``0`` turns both off.
     * ``file_mode`` — permissions of a database file this store creates (default
       ``0o600``: session data is readable by its owner only; the umask applies on top).
       SQLite gives the ``-wal`` and ``-shm`` files the database's mode; an existing
@@ -1150,8 +1182,10 @@ class SQLiteRepository(SessionRepository):
         pragmas: Mapping[str, int | str] | None = None,
         snapshot_cache: int = 1_000,
         file_mode: int = 0o600,
+        snapshot_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         _check_file_mode(file_mode)
+        check_cache_bytes(snapshot_cache_bytes)
         if isinstance(synchronous, str):
             synchronous = synchronous.upper()
         if synchronous not in _SYNCHRONOUS:
@@ -1232,8 +1266,8 @@ class SQLiteRepository(SessionRepository):
         self._withdrawn = 0
         self._commits = 0
         self._largest_batch = 0
-        self._documents = _Documents()
-        self._held = HeldSnapshots(snapshot_cache)
+        self._held = HeldSnapshots(snapshot_cache, max_bytes=snapshot_cache_bytes)
+        self._documents = _Documents(snapshot_cache_bytes // 8 if self._held.enabled else 0)
 
     def __repr__(self) -> str:
         return f"SQLiteRepository({str(self._path)!r}, synchronous={self._synchronous!r})"
@@ -2229,7 +2263,7 @@ class SQLiteRepository(SessionRepository):
         row = await self._call(op, write=False, transaction=False)
         if row is None:
             return self._held.seen(sid, None), None
-        session = self._held.seen(sid, row.decode(self._documents), row.incarnation)
+        session = self._held.seen(sid, row.decode(self._documents), row.incarnation, *row.sizes())
         return session, row.incarnation
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
@@ -2243,11 +2277,9 @@ class SQLiteRepository(SessionRepository):
 
     async def add(self, session: Session) -> None:
         self._check_whole(session)
-        incarnation = await self._call(
-            self._op_add(session, _encode(session), _encode_messages(session.messages)),
-            write=True,
-        )
-        self._held.keep(session, incarnation)
+        doc, bodies = _encode(session), _encode_messages(session.messages)
+        incarnation = await self._call(self._op_add(session, doc, bodies), write=True)
+        self._held.keep(session, incarnation, sum(map(len, bodies)), len(doc))
 
     async def save(
         self,
@@ -2264,6 +2296,15 @@ class SQLiteRepository(SessionRepository):
         self._check_window_save(session, new_messages)
         if new_messages is None:
             everything = _encode_messages(session.messages)
+            history: int | None = sum(map(len, everything))
+        else:  # the stored bytes of the history the new messages extend, if it is held
+            assert added is not None
+            history = self._held.history_bytes(
+                session.id, expected_revision, session.messages.total - len(added)
+            )
+            if history is not None:
+                history += sum(map(len, added))
+        doc = _encode(session)
         unchanged = self._held.lent_unchanged(session.id)
         lent = self._held.before_save(session.id, expected_revision)
         expected_last_us = expected_incarnation = None
@@ -2275,7 +2316,7 @@ class SQLiteRepository(SessionRepository):
                 self._op_save(
                     session,
                     expected_revision,
-                    _encode(session),
+                    doc,
                     added,
                     everything,
                     expected_last_us,
@@ -2290,15 +2331,19 @@ class SQLiteRepository(SessionRepository):
             current = saved.current
             if current is not None:
                 with contextlib.suppress(CorruptSessionError):  # the retry's read reports it
-                    self._held.keep(current.decode(self._documents), current.incarnation)
+                    self._held.keep(
+                        current.decode(self._documents), current.incarnation, *current.sizes()
+                    )
             raise SessionConflict(
                 session.id,
                 expected_revision=expected_revision,
                 actual_revision=saved.revision,
                 stale_snapshot=unchanged,
             )
-        if not saved.contested:  # else others lost races for it: read before the next update
-            self._held.keep(session, saved.incarnation)
+        # Else others lost races for it: read before the next update. Or the history is
+        # not held (too long, or the update was based on a read that was not held).
+        if not saved.contested and history is not None:
+            self._held.keep(session, saved.incarnation, history, len(doc))
 
     async def append(
         self,
@@ -2384,7 +2429,9 @@ class SQLiteRepository(SessionRepository):
         if row is None:
             raise SessionNotFound(sid)
         session = row.decode(self._documents)
-        self._held.appended(before, batch, session, row.incarnation)
+        self._held.appended(
+            before, batch, session, row.incarnation, sum(map(len, bodies)), len(row.doc)
+        )
         return session
 
     async def touch(
@@ -2442,7 +2489,7 @@ class SQLiteRepository(SessionRepository):
         if session.is_expired(at):  # no update will be based on it
             self._held.drop(sid)
             return session
-        return self._held.seen(sid, session, row.incarnation)
+        return self._held.seen(sid, session, row.incarnation, *row.sizes())
 
     async def delete(self, session_id: uuid.UUID) -> bool:
         checked = self._check_id(session_id)
