@@ -227,8 +227,9 @@ class SessionDict(MutableMapping[str, Any]):
 
     def __repr__(self) -> str:
         if self._unavailable is not None:
-            why = "locked" if isinstance(self._unavailable, LockTimeout) else "could not be reached"
-            return f"SessionDict(unavailable: the session store {why})"
+            if isinstance(self._unavailable, LockTimeout):
+                return "SessionDict(unavailable: the session is locked by another writer)"
+            return "SessionDict(unavailable: the session store could not be reached)"
         sid = "None (rotating)" if self._rotate else self._id
         return f"SessionDict(id={sid}, keys={sorted(self._data)!r})"
 
@@ -368,11 +369,17 @@ class SessionDict(MutableMapping[str, Any]):
         :class:`InvalidUpdate` after the response started. On an unavailable session
         (the store could not be reached to load it) it expires the cookie all the same
         and leaves the store alone: the stored session stays until it expires (a
-        warning names it); the session is then an empty one like any other.
+        warning names it); the session is then an empty one like any other. A session
+        that was unavailable because another writer held its lock is deleted at the
+        response as usual (if it is still locked then, a warning names it).
         """
         self._check_writable()
         self._check_not_started("clear")
-        if self._unavailable is not None:
+        if isinstance(self._unavailable, LockTimeout):
+            # The store works; that one session was locked: delete it at the response.
+            self._cleared.append(self._unavailable.session_id)
+            self._unavailable = None
+        elif self._unavailable is not None:
             self._unavailable = None
             self._abandoned = True
         if self._id is not None:
@@ -888,7 +895,16 @@ class SessionMiddleware:
         """Store the request's changes; return the Set-Cookie headers to add."""
         cleared, session._cleared = session._cleared, []
         for old_id in cleared:  # every session this request logged out
-            await self.manager.delete(old_id, missing_ok=True)
+            try:
+                await self.manager.delete(old_id, missing_ok=True)
+            except LockTimeout:
+                logger.warning(
+                    "logout in %s: the session %s is locked by another writer, so it was "
+                    "not deleted; the cookie is expired, and the stored session stays until "
+                    "it expires, or delete it with SessionManager.delete()",
+                    _where(scope),
+                    old_id,
+                )
         changes, deleted = session._changes()
         if session._id is None:
             if changes:

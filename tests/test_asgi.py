@@ -1115,6 +1115,63 @@ async def test_a_session_locked_by_another_writer_is_unavailable_and_no_outage(
         assert "could not load the session" not in message
 
 
+async def test_logout_of_a_locked_session_deletes_it_once_the_lock_is_free(
+    anyio_backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The store works; one session's lock was held while the request loaded it. The
+    # logout deletes it server-side at the response (a stolen cookie must die with it);
+    # if the lock is still held then, the cookie is expired all the same and a warning
+    # says the session was locked (not that the store was unreachable).
+    import fcntl
+
+    from asyncsession.stores.files import FileRepository
+
+    store = FileRepository(tmp_path / "store", lock_timeout=0.2)
+    async with store, running(store) as manager:
+        app = outage_app(manager, [])
+        seen: dict[str, str] = {}
+
+        async def probe(scope: Scope, receive: Any, send: Any) -> None:
+            seen["repr"] = repr(get_session(scope))
+            await JSONResponse({})(scope, receive, send)
+
+        async def logout_after_release(scope: Scope, receive: Any, send: Any) -> None:
+            fcntl.flock(holder, fcntl.LOCK_UN)  # free again before the response starts
+            get_session(scope).clear()
+            await JSONResponse({})(scope, receive, send)
+
+        async with client(app) as a, client(app) as b:
+            freed = cookie_id(await a.post("/write", json={"user": "alice"}))
+            stuck = cookie_id(await b.post("/write", json={"user": "bob"}))
+            cookie_a = a.cookies["session"]
+            cookie_b = b.cookies["session"]
+            with caplog.at_level(logging.WARNING, "asyncsession"):
+                for sid, cookie, inner in (
+                    (freed, cookie_a, logout_after_release),
+                    (stuck, cookie_b, None),
+                ):
+                    lock_file = store.directory / "locks" / f"{sid}.lock"
+                    with open(lock_file, "a+b") as holder:  # noqa: ASYNC230 - a local lock file
+                        fcntl.flock(holder, fcntl.LOCK_EX)
+                        headers = {"cookie": f"session={cookie}"}
+                        async with client(SessionMiddleware(probe, manager, secret_key=KEY)) as p:
+                            await p.get("/", headers=headers)
+                        if inner is None:
+                            out = await b.post("/logout")
+                        else:
+                            async with client(
+                                SessionMiddleware(inner, manager, secret_key=KEY)
+                            ) as h:
+                                out = await h.post("/", headers=headers)
+                        assert "Max-Age=0" in out.headers["set-cookie"]
+            assert not await manager.exists(freed)  # deleted server-side
+            assert await manager.exists(stuck)  # still locked at the response: kept
+    assert seen["repr"] == "SessionDict(unavailable: the session is locked by another writer)"
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("logout")]
+    assert len(messages) == 1 and str(stuck) in messages[0], messages
+    assert "locked" in messages[0] and "unreachable" not in messages[0]
+
+
 async def test_logout_works_while_the_store_is_unreachable(
     anyio_backend: str, lone_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
