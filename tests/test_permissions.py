@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -82,6 +83,48 @@ async def test_a_group_shared_file_store_keeps_its_top_directory_unwritable_to_t
     assert mode(root) == 0o750
     assert [mode(root / d) for d in ("sessions", "locks", "quarantine")] == [0o770] * 3
     assert {mode(p) for p in (root / "sessions").iterdir()} == {0o660}
+
+
+@pytest.mark.parametrize("swapped", ["sessions", "locks", "quarantine"])
+async def test_a_file_store_refuses_a_subdirectory_swapped_for_a_link(
+    tmp_path: Path, anyio_backend: str, swapped: str
+) -> None:
+    # A store made before its top directory lost group write: a member renamed one of
+    # its directories and put a link to another place there.
+    root = tmp_path / "store"
+    async with s.FileRepository(root):
+        pass
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.rename(root / swapped, tmp_path / "moved")
+    os.symlink(outside, root / swapped)
+    with pytest.raises(s.StorageError) as info:
+        async with s.FileRepository(root) as repo:
+            await repo.add(make_session())
+    message = str(info.value)
+    assert str(root / swapped) in message and "symbolic link" in message
+    assert list(outside.iterdir()) == []
+
+
+async def test_a_file_store_warns_of_a_top_directory_others_may_write(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "store"
+    async with s.FileRepository(root, file_mode=0o660):
+        pass
+    with caplog.at_level(logging.WARNING, "asyncsession"):
+        async with s.FileRepository(root, file_mode=0o660):
+            pass
+        os.chmod(root, 0o775)  # a group that does not share the store (umask 002)
+        async with s.FileRepository(root):
+            pass
+        assert not caplog.records
+        os.chmod(root, 0o770)  # as releases before this one made it for a shared store
+        async with s.FileRepository(root, file_mode=0o660) as repo:
+            await repo.add(make_session())
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert str(root) in message and "chmod g-w,o-w" in message, message
 
 
 async def test_sqlite_creates_an_owner_only_database_by_default(

@@ -722,6 +722,7 @@ class FileRepository(SessionRepository):
         if created:  # make the new directories themselves survive a power loss
             self._sync_dir(os.fspath(root.parent), written=os.fspath(root))
             self._sync_dir(os.fspath(root), written=self._sessions_dir)
+        self._check_layout(top)
         probe = os.path.join(self._sessions_dir, f"{_TMP_PREFIX}probe-{secrets.token_hex(6)}")
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -733,6 +734,42 @@ class FileRepository(SessionRepository):
             raise self._open_error("write to the store directory", self._sessions_dir, exc) from exc
         self._sync(initial=True)
         self._remove_orphan_locks()
+
+    def _check_layout(self, top: str) -> None:
+        """Refuse a store whose sessions, locks or quarantine directory is a symbolic
+        link (it could send documents and lock files out of the store), and warn of a
+        store directory its group or others may write (where one can be swapped)."""
+        for path in (self._sessions_dir, self._locks_dir, self._quarantine_dir):
+            try:
+                is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+            except OSError as exc:
+                raise self._open_error("access", path, exc) from exc
+            if is_link:
+                raise StorageError(
+                    f"Cannot open a FileRepository at {os.fspath(self._root)}: {path} is a "
+                    "symbolic link, and the store keeps its sessions, locks and quarantine "
+                    "in real directories inside it (a link could send them out of the "
+                    "store). Replace the link with a directory (move its files back), and "
+                    "check who may write to the store directory."
+                )
+        try:
+            mode = os.stat(top).st_mode
+        except OSError as exc:
+            raise self._open_error("access", top, exc) from exc
+        # Group write matters where the group shares the store (file_mode gives it
+        # write); others' write always does.
+        if mode & (0o002 | (0o020 if self._dir_mode & 0o020 else 0)):
+            logger.warning(
+                "the file store directory %s may be written by its %s: whoever may write "
+                "there can swap its sessions or locks directory for a link out of the "
+                "store while it is open. Run `chmod g-w,o-w %s` (the store does not need "
+                "it; only sessions/, locks/ and quarantine/ take file_mode's bits)",
+                top,
+                "group and others"
+                if mode & 0o022 == 0o022
+                else ("group" if mode & 0o020 else "others"),
+                top,
+            )
 
     def _open_error(self, action: str, path: str, exc: OSError) -> StorageError:
         """The error for ``exc`` from ``action`` on ``path`` while opening: one that
