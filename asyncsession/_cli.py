@@ -579,16 +579,17 @@ class _Announcer:
 async def _with_manager(
     repository: SessionRepository, act: Callable[[SessionManager], Awaitable[T]]
 ) -> T:
-    """Run ``act`` with a manager on ``repository`` (no cleanup task); on a store that
-    shares events between processes, announce what it closed, expired or deleted
-    (:class:`_Announcer`)."""
+    """Run ``act`` with a manager on ``repository`` (no cleanup task, and no idle or age
+    policy of its own: the stored deadlines decide what has expired, as the application
+    set them); on a store that shares events between processes, announce what it closed,
+    expired or deleted (:class:`_Announcer`)."""
     if not isinstance(repository, EventTransport):
-        async with SessionManager(repository, cleanup_interval=None) as manager:
+        async with SessionManager(repository, idle_timeout=None, cleanup_interval=None) as manager:
             return await act(manager)
     announcer = _Announcer(repository)
     async with (
         anyio.create_task_group() as tg,
-        SessionManager(repository, cleanup_interval=None) as manager,
+        SessionManager(repository, idle_timeout=None, cleanup_interval=None) as manager,
     ):
         # the subscription ends when the manager exits (first), after the events it
         # holds: the task group then waits until every one is published

@@ -217,6 +217,44 @@ def test_close_delete_purge(run: Run, tmp_path: Path, backend: str) -> None:
     assert [i["id"] for i in as_json(run("list", "--json", "--store", store))["items"]] == [second]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_and_delete_apply_no_idle_policy_of_their_own(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    # The app keeps sessions 7 days idle; these were last active two hours ago. The CLI
+    # has no idle or age policy of its own: closing one closes it (its manager's default
+    # 30-minute idle_timeout found it expired, recorded that and said "no session").
+    run = on_backend(run, backend)
+    db = tmp_path / "s.db"
+    store = f"sqlite:///{db.name}"
+    week = timedelta(days=7)
+
+    async def create() -> list[str]:
+        clock = ManualClock(start=datetime.now(timezone.utc) - timedelta(hours=2))
+        async with s.SessionManager(
+            s.SQLiteRepository(db), idle_timeout=week, cleanup_interval=None, clock=clock
+        ) as m:
+            return [str((await m.create(owner="alice")).id) for _ in range(2)]
+
+    async def statuses() -> list[str | None]:
+        async with s.SessionManager(
+            s.SQLiteRepository(db), idle_timeout=week, cleanup_interval=None
+        ) as m:
+            found: list[str | None] = []
+            for i in ids:
+                try:
+                    found.append(str((await m.get(uuid.UUID(i), touch=False)).status))
+                except s.SessionNotFound:
+                    found.append(None)
+            return found
+
+    ids = anyio.run(create, backend=backend)
+    assert "as exited" in run("close", ids[0], "--store", store).stdout
+    deleted = run("delete", ids[1], "--store", store).stdout
+    assert "Deleted" in deleted and "expired" not in deleted.lower(), deleted
+    assert anyio.run(statuses, backend=backend) == ["exited", None]
+
+
 # -- migrate ----------------------------------------------------------------------------------
 
 
