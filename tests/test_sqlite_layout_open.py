@@ -152,9 +152,14 @@ async def test_a_write_lock_held_past_busy_timeout_at_open_says_so(
     """A second process opening the file while another upgraded a big layout-1 file
     (seconds) was told "SQLite error (database is locked). Pass a writable path to a
     new or existing asyncsession database": the wrong advice. It is told that another
-    connection holds the write lock, to retry or raise busy_timeout, recoverably."""
+    connection holds the write lock, to retry or raise busy_timeout, recoverably.
+    (upgrade=False refuses a layout-4 file before it waits for the lock: it is given a
+    current one.)"""
     path = tmp_path / "s.db"
     await make_layout_4_file(path)
+    if not upgrade:
+        async with SQLiteRepository(path):
+            pass
     with write_lock_held(path):
         with pytest.raises(StorageError) as caught:
             async with SQLiteRepository(path, busy_timeout=0.3, upgrade=upgrade):
@@ -165,7 +170,7 @@ async def test_a_write_lock_held_past_busy_timeout_at_open_says_so(
     assert "retry" in message and "busy_timeout" in message
     assert "Pass a writable path" not in message
     assert caught.value.recoverable
-    assert await anyio.to_thread.run_sync(layout, path) == 4
+    assert await anyio.to_thread.run_sync(layout, path) == (4 if upgrade else SCHEMA_VERSION)
 
 
 async def test_an_open_waiting_for_a_lock_released_within_busy_timeout_succeeds(

@@ -1101,6 +1101,16 @@ class _OlderLayout(StorageError):
         )
 
 
+class _BusyAtOpen(StorageError):
+    """The open found the file's write lock held by another connection for the whole
+    ``busy_timeout`` (``waited``, in seconds); recoverable. ``path`` is the store's."""
+
+    def __init__(self, message: str, path: Path, waited: float) -> None:
+        self.path = path
+        self.waited = waited
+        super().__init__(message, recoverable=True)
+
+
 class SQLiteRepository(SessionRepository):
     """Sessions in a SQLite database file (WAL mode), served by one worker thread.
 
@@ -1981,6 +1991,12 @@ class SQLiteRepository(SessionRepository):
         else:
             cause = "SQLite error"
             advice = "Pass a writable path to a new or existing asyncsession database."
+        if _is_busy(exc):  # the command line words its own advice (it has no busy_timeout)
+            return _BusyAtOpen(
+                f"Cannot open SQLite database {self._path}: {cause} ({exc}). {advice}",
+                self._path,
+                self._busy_timeout,
+            )
         error = self._storage_error(exc)
         return StorageError(
             f"Cannot open SQLite database {self._path}: {cause} ({exc}). {advice}",
@@ -1988,6 +2004,16 @@ class SQLiteRepository(SessionRepository):
         )
 
     def _configure(self, conn: sqlite3.Connection) -> None:
+        # A file the store refuses (another program's, a newer layout, an older one with
+        # upgrade=False) is refused before anything is written to it: switching a
+        # rollback-journal file (a VACUUM INTO backup, another program's database) to
+        # WAL mode, or a pragma from pragmas=, would change it. _upgrade checks again,
+        # under the write lock.
+        self._begin(conn, False)
+        try:
+            self._checked_layout(conn)
+        finally:
+            self._rollback(conn)  # only read
         mode = self._while_busy(conn, "PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal" and not self._memory:
             raise StorageError(
@@ -2060,40 +2086,50 @@ class SQLiteRepository(SessionRepository):
             f"{read!r} ({why}). Pass a value this pragma accepts, or leave it out."
         )
 
+    def _checked_layout(self, conn: sqlite3.Connection) -> int:
+        """The file's layout version (0: a new file, without tables), read in the
+        transaction ``conn`` has begun; a :class:`StorageError` for a file this store does
+        not open: another program's (other tables, another application_id), a newer
+        layout, or an older one when the store does not upgrade (:class:`_OlderLayout`)."""
+        version: int = self._while_busy(conn, "PRAGMA user_version").fetchone()[0]
+        app: int = conn.execute("PRAGMA application_id").fetchone()[0]
+        if version == 0:
+            tables = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+            ).fetchone()[0]
+            if tables:
+                raise StorageError(
+                    f"Cannot open SQLite database {self._path}: it holds other tables, "
+                    "not an asyncsession store. Use a separate file."
+                )
+            return 0
+        if app != APPLICATION_ID:
+            raise StorageError(
+                f"Cannot open SQLite database {self._path}: it is not an asyncsession "
+                f"store (application_id {app:#x}). Use a separate file."
+            )
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"Cannot open SQLite database {self._path}: its layout version {version} "
+                f"is newer than this asyncsession supports ({SCHEMA_VERSION}). Upgrade "
+                "asyncsession."
+            )
+        if version < SCHEMA_VERSION and not self._upgrades:
+            raise _OlderLayout(self._path, version)
+        return version
+
     def _upgrade(self, conn: sqlite3.Connection) -> None:
         """Create the tables, or bring an older layout up to :data:`SCHEMA_VERSION`."""
         self._begin(conn, True)
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            app = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = self._checked_layout(conn)
             created = version == 0  # a new file: built up silently, not "upgraded"
-            if version == 0:
-                tables = conn.execute(
-                    "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
-                ).fetchone()[0]
-                if tables:
-                    raise StorageError(
-                        f"Cannot open SQLite database {self._path}: it holds other tables, "
-                        "not an asyncsession store. Use a separate file."
-                    )
+            if created:
                 for statement in _SCHEMA_V1.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 version = 1
-            elif app != APPLICATION_ID:
-                raise StorageError(
-                    f"Cannot open SQLite database {self._path}: it is not an asyncsession "
-                    f"store (application_id {app:#x}). Use a separate file."
-                )
-            if version > SCHEMA_VERSION:
-                raise StorageError(
-                    f"Cannot open SQLite database {self._path}: its layout version {version} "
-                    f"is newer than this asyncsession supports ({SCHEMA_VERSION}). Upgrade "
-                    "asyncsession."
-                )
-            if not created and version < SCHEMA_VERSION and not self._upgrades:
-                raise _OlderLayout(self._path, version)
             if not created and version < SCHEMA_VERSION:
                 logger.info(
                     "upgrading %s from layout %d to %d", self._path, version, SCHEMA_VERSION
