@@ -89,8 +89,8 @@ from . import (
 from ._manager import _is_retired
 from ._urls import STORE_URL_FORMS, repository_from_url, shown_url
 from .abc import EventTransport
-from .reporting import JsonLinesReporter, Reporter, aggregate, read_reports
-from .stores.sqlite import SCHEMA_VERSION, _OlderLayout
+from .reporting import _REPORT_FILE_MODE, JsonLinesReporter, Reporter, aggregate, read_reports
+from .stores.sqlite import SCHEMA_VERSION, _BusyAtOpen, _OlderLayout
 
 __all__ = ["CLIError", "cli", "open_store", "run"]
 
@@ -670,16 +670,18 @@ def _now() -> datetime:
 # -- output files -------------------------------------------------------------------------
 
 
-def _check_output_file(path: str, option: str, *, replaced: bool) -> None:
+def _check_output_file(
+    path: str, option: str, *, replaced: bool
+) -> tuple[str, os.stat_result | None]:
     """Refuse (usage error, exit 2) an output file that cannot be written, before any work.
 
     Its directory must exist; a file that exists must be writable. A file that is
     ``replaced`` (a new one is written beside it, then renamed over it) also needs a
     writable directory; one that is appended to needs that only to be created. Another
     user's symbolic link or file in a sticky world-writable directory is refused
-    (:func:`_output_target`).
+    (:func:`_output_target`). Returns what :func:`_output_target` found.
     """
-    target, _ = _output_target(path, option)
+    target, found = _output_target(path, option)
     directory = os.path.dirname(target)
     exists = os.path.lexists(target)
     if os.path.isdir(target):
@@ -691,7 +693,7 @@ def _check_output_file(path: str, option: str, *, replaced: bool) -> None:
     elif (replaced or not exists) and not os.access(directory, os.W_OK | os.X_OK):
         problem = f"cannot be written: the directory {directory} is not writable"
     else:
-        return
+        return target, found
     raise CLIError(f"{option} {path} {problem}.", exit_code=2)
 
 
@@ -719,6 +721,18 @@ def _in_sticky_directory_of_another(directory: str, owner: int) -> bool:
     return status.st_mode & shared == shared and owner not in (os.geteuid(), status.st_uid)
 
 
+def _user(uid: int) -> str:
+    """User ``uid`` for a message: ``alice (1001)``, or the uid alone if no account has it."""
+    try:
+        import pwd
+    except ImportError:  # not a POSIX system
+        return str(uid)
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} ({uid})"
+    except KeyError:
+        return str(uid)
+
+
 def _output_target(path: str, option: str) -> tuple[str, os.stat_result | None]:
     """The file that writing to ``path`` writes (:func:`os.path.realpath`), and its
     status (None if there is none yet); :class:`CLIError` (exit 2) for another user's
@@ -733,7 +747,8 @@ def _output_target(path: str, option: str) -> tuple[str, os.stat_result | None]:
         resolved = os.path.realpath(path)
         return resolved, (os.lstat(resolved) if os.path.lexists(resolved) else None)
     resolved = "/" if os.path.isabs(path) else os.getcwd()
-    remaining = [part for part in path.split("/") if part]
+    given = [part for part in path.split("/") if part]
+    remaining = list(given)
     links = 0
     while remaining:
         part = remaining.pop(0)
@@ -753,10 +768,16 @@ def _output_target(path: str, option: str) -> tuple[str, os.stat_result | None]:
             resolved = candidate
             continue
         if _in_sticky_directory_of_another(resolved, status.st_uid):
+            if links == 0 and not remaining:  # the path itself
+                link = f"{option} {path} is"
+            else:  # a step of the path: as the user wrote it, until a link was followed
+                step = given[: len(given) - len(remaining)]
+                shown = ("/" if path.startswith("/") else "") + "/".join(step)
+                link = f"{shown if links == 0 else candidate}, on the path of {option} {path}, is"
             raise CLIError(
-                f"{option} {path} is a symbolic link that user {status.st_uid} made in the "
-                f"sticky world-writable directory {resolved}: it may lead to a file of "
-                "yours; remove the link, or name the file itself.",
+                f"{link} a symbolic link that user {_user(status.st_uid)} made in the sticky "
+                f"world-writable directory {resolved}: it may lead to a file of yours; "
+                "remove the link, or name the file itself.",
                 exit_code=2,
             )
         links += 1
@@ -781,12 +802,68 @@ def _output_target(path: str, option: str) -> tuple[str, os.stat_result | None]:
         os.path.dirname(resolved), status.st_uid
     ):
         raise CLIError(
-            f"{option} {path} is a file of user {status.st_uid} in the sticky "
+            f"{option} {path} is a file of user {_user(status.st_uid)} in the sticky "
             f"world-writable directory {os.path.dirname(resolved)}: that user could read "
             "what is written to it; remove it, or name another file.",
             exit_code=2,
         )
     return resolved, status
+
+
+def _create_appended_file(
+    path: str, option: str, target: str, found: os.stat_result | None
+) -> None:
+    """Create ``path``, a file appended to by path later on (``demo --reports``: the
+    reporter opens it at each report), right after :func:`_check_output_file` found
+    ``target`` (the file ``path`` leads to) and ``found`` there (its status, or None);
+    or make sure the file there is still one it would accept.
+
+    The check alone left the name free: another user could make a link or a file there
+    after it (while the store opened, say), and every report would follow or feed it.
+    Created now (owner-only: :data:`~asyncsession.reporting._REPORT_FILE_MODE` less the
+    umask), it is this user's own; in a sticky directory (``/tmp``) no one else may then
+    remove, rename or replace it. What was made there since the check is refused: a
+    symbolic link (not followed: ``O_NOFOLLOW``), or another user's file or FIFO (not
+    blocked on, not written). A FIFO or a device found at the check (this user's or the
+    directory owner's), or an fd alias, is left to be written in place.
+    """
+    if (found is not None and not stat.S_ISREG(found.st_mode)) or _FD_ALIAS.fullmatch(target):
+        return
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    for name in ("O_NONBLOCK", "O_NOFOLLOW", "O_CLOEXEC", "O_BINARY"):  # as the OS has them
+        flags |= getattr(os, name, 0)
+    try:
+        fd = os.open(target, flags, _REPORT_FILE_MODE)
+    except OSError as exc:
+        try:  # ELOOP for a link (EACCES on some systems), ENXIO for a FIFO: made since?
+            now = os.lstat(target)
+        except OSError:
+            now = None
+        if now is not None and (problem := _changed_since_checked(target, now)):
+            raise CLIError(
+                f"{option} {path} changed while it was checked: {problem}", exit_code=2
+            ) from exc
+        raise CLIError(f"{option} {path} cannot be written: {exc.strerror}.", exit_code=2) from exc
+    try:
+        status = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if problem := _changed_since_checked(target, status):
+        raise CLIError(f"{option} {path} changed while it was checked: {problem}", exit_code=2)
+
+
+def _changed_since_checked(target: str, status: os.stat_result) -> str | None:
+    """What is wrong with ``target``, of ``status``, as a file to append to that
+    :func:`_check_output_file` found a regular file or nothing: None if nothing."""
+    if stat.S_ISLNK(status.st_mode):
+        kind = f"is now a symbolic link that user {_user(status.st_uid)} made"
+    elif not stat.S_ISREG(status.st_mode):
+        kind = f"is no longer a regular file (user {_user(status.st_uid)}'s)"
+    elif _in_sticky_directory_of_another(os.path.dirname(target), status.st_uid):
+        kind = f"is now a file of user {_user(status.st_uid)} in a sticky world-writable directory"
+    else:
+        return None
+    return f"{target} {kind}; remove it, or name another file."
 
 
 def _written_in_place(path: str) -> bool:
@@ -1201,7 +1278,8 @@ def demo(
     never on the store ASYNCSESSION_STORE names.
     """
     if reports is not None:
-        _check_output_file(str(reports), "--reports", replaced=False)
+        checked = _check_output_file(str(reports), "--reports", replaced=False)
+        _create_appended_file(str(reports), "--reports", *checked)
     reporters: list[Reporter] = [JsonLinesReporter(reports)] if reports is not None else []
     result = _with_store(
         store_url,
@@ -2203,28 +2281,25 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
     if output == "-" or _written_in_place(output):
         if output != "-":
             _output_target(output, "--output")  # not another user's FIFO or link in /tmp
-        store = _store(store_url)  # refused before a FIFO's reader is woken
+        store = _store(store_url)
         try:
             if output == "-":
                 result = _on_store(
                     store, backend, lambda repo: _export(repo, sys.stdout.buffer, "stdout", False)
                 )
             else:
-                try:
-                    # append: an fd alias may stand for a redirection with >> (the shell
-                    # has already emptied a > one); a FIFO or a device takes either
-                    stream: IO[bytes] = open(output, "ab")  # noqa: SIM115 (closed below)
-                except OSError as exc:
-                    raise CLIError(
-                        f"--output {output} cannot be written: {exc.strerror}.", exit_code=2
-                    ) from exc
+                # The shell's redirection, opened before the event loop and the store
+                # open descriptors of their own that /dev/fd/N could then name.
+                alias = _FD_ALIAS.fullmatch(os.path.abspath(output))
+                opened = _open_appended(output, blocking=True) if alias else None
                 try:
                     result = _on_store(
-                        store, backend, lambda repo: _export(repo, stream, output, False)
+                        store, backend, lambda repo: _export_in_place(repo, output, opened)
                     )
                 finally:
-                    with contextlib.suppress(OSError):  # what failed the export (it flushed)
-                        stream.close()
+                    if opened is not None:
+                        with contextlib.suppress(OSError):  # what failed the export (it flushed)
+                            opened.close()
         except _WriteFailed as exc:  # a closed pipe (| head), a full disk...
             raise CLIError(
                 f"{exc.message} The output is incomplete: the export stopped there."
@@ -2256,6 +2331,64 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
             raise CLIError(f"{message} The export failed: {output} {kept}.", exit_code) from exc
     count = result.exported
     err.print(f"Exported {count} session{'s' if count != 1 else ''}.")
+
+
+#: How often an export retries opening a FIFO that has no reader yet, in seconds.
+_FIFO_RETRY: Final = 0.05
+
+
+async def _export_in_place(
+    repository: SessionRepository, output: str, opened: IO[bytes] | None
+) -> _Exported:
+    """Export the open ``repository`` into ``output``, a FIFO, a device or the name of an
+    open file descriptor (:func:`_written_in_place`; that one already ``opened``),
+    appended to: an fd alias may stand for a redirection with ``>>`` (the shell has
+    already emptied a ``>`` one).
+
+    A FIFO or a device is opened only now that the store is open: opening a FIFO wakes
+    its reader, and a store that then failed to open would have given it an empty stream
+    and end-of-file, which ``gzip < fifo > backup.gz`` takes for a complete, empty
+    export. A FIFO that has no reader yet is waited for (the open is retried without
+    blocking, so Ctrl-C still cancels the export).
+    """
+    if opened is not None:
+        return await _export(repository, opened, output, False)
+    while (stream := _open_appended(output, blocking=False)) is None:  # noqa: ASYNC110
+        await anyio.sleep(_FIFO_RETRY)  # a reader's arrival has no event to wait on
+    try:
+        return await _export(repository, stream, output, False)
+    finally:
+        with contextlib.suppress(OSError):  # what failed the export (it flushed)
+            stream.close()
+
+
+def _open_appended(output: str, *, blocking: bool) -> IO[bytes] | None:
+    """``output`` (see :func:`_export_in_place`) opened to append to; None, when not
+    ``blocking``, for a FIFO that has no reader yet. :class:`CLIError` (exit 2) if it
+    cannot be opened."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (0 if blocking else os.O_NONBLOCK)
+    try:
+        fd = os.open(output, flags, EXPORT_FILE_MODE)
+    except OSError as exc:
+        # ENXIO: a FIFO without a reader (a device without its driver: refused)
+        if not blocking and exc.errno == errno.ENXIO and _is_fifo(output):
+            return None
+        raise CLIError(
+            f"--output {output} cannot be written: {exc.strerror}.", exit_code=2
+        ) from exc
+    try:
+        os.set_blocking(fd, True)
+        return open(fd, "ab")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _source_name(source: IO[bytes]) -> str:
@@ -2452,6 +2585,12 @@ def _expected(exc: BaseException) -> tuple[str, int] | None:
                 f"as it is. Run `asyncsession migrate --store {url}` to upgrade it "
                 f"(releases that know layout {leaf.layout} at most then refuse the file: "
                 "stop the processes running one first), or use the release that wrote it."
+            ), 1
+        if isinstance(leaf, _BusyAtOpen):  # its advice, busy_timeout=, is not an option here
+            return (
+                f"the SQLite store {leaf.path} is busy: another process held its write lock "
+                f"for the {leaf.waited:g}s this command waits (an upgrade of an older layout, "
+                "say): retry when it is done."
             ), 1
         if isinstance(leaf, SessionError):
             return str(leaf), 1

@@ -197,6 +197,11 @@ class JsonLinesReporter:
 
     A file it creates is its owner's only (``0o600``, the umask on top), as the stores'
     files: the lines hold owners and session ids. A file that exists keeps its mode.
+    ``path`` is opened again for each line, following a symbolic link there, so a file
+    renamed away (log rotation) is followed by a new one. In a directory other users may
+    write to (``/tmp``), create the file first and check that it is a file of yours, as
+    ``asyncsession demo --reports`` does: another user could put a link or a file of
+    theirs at ``path`` until it exists.
 
     The lines are written, in the order of the ``report()`` calls, by one daemon thread
     per reporter (started when needed, ended after a while without reports). One reporter

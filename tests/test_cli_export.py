@@ -889,9 +889,9 @@ def test_export_refuses_another_users_link_anywhere_on_its_path(
     sticky = sticky_directory(tmp_path)
     planted_link(sticky / "d", bashrc.parent)
     assert refused_export(store, sticky / "d" / ".bashrc", backend, monkeypatch) == (
-        f"--output {sticky / 'd' / '.bashrc'} is a symbolic link that user {ATTACKER} made "
-        f"in the sticky world-writable directory {sticky}: it may lead to a file of yours; "
-        "remove the link, or name the file itself."
+        f"{sticky / 'd'}, on the path of --output {sticky / 'd' / '.bashrc'}, is a symbolic "
+        f"link that user {ATTACKER} made in the sticky world-writable directory {sticky}: it "
+        "may lead to a file of yours; remove the link, or name the file itself."
     )
     planted_link(sticky / "x.jsonl", bashrc)
     own = planted_link(tmp_path / "mine.jsonl", sticky / "x.jsonl", os.geteuid())
