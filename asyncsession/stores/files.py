@@ -758,16 +758,15 @@ class FileRepository(SessionRepository):
             raise self._open_error("access", top, exc) from exc
         # Group write matters where the group shares the store (file_mode gives it
         # write); others' write always does.
-        if mode & (0o002 | (0o020 if self._dir_mode & 0o020 else 0)):
+        writable = mode & (0o002 | (self._dir_mode & 0o020))
+        if writable:
             logger.warning(
                 "the file store directory %s may be written by its %s: whoever may write "
                 "there can swap its sessions or locks directory for a link out of the "
                 "store while it is open. Run `chmod g-w,o-w %s` (the store does not need "
                 "it; only sessions/, locks/ and quarantine/ take file_mode's bits)",
                 top,
-                "group and others"
-                if mode & 0o022 == 0o022
-                else ("group" if mode & 0o020 else "others"),
+                {0o022: "group and others", 0o020: "group"}.get(writable, "others"),
                 top,
             )
 
