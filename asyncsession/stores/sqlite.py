@@ -1955,7 +1955,7 @@ class SQLiteRepository(SessionRepository):
                 f"({exc!r}). {_MEMORY_ADVICE}.",
                 recoverable=True,
             )
-        code = _primary_code(exc)
+        code, busy = _primary_code(exc), _is_busy(exc)
         if code == _SQLITE_NOTADB:
             cause = "the file is not a SQLite database"
             advice = "Pass a path to a new or existing asyncsession database."
@@ -1978,7 +1978,7 @@ class SQLiteRepository(SessionRepository):
                 "while a process had it open, and its old -wal and -shm files stayed: "
                 "restart every process using it."
             )
-        elif _is_busy(exc):
+        elif busy:
             cause = (
                 "another connection held its write lock for the whole busy_timeout "
                 f"({self._busy_timeout:g}s)"
@@ -1991,7 +1991,7 @@ class SQLiteRepository(SessionRepository):
         else:
             cause = "SQLite error"
             advice = "Pass a writable path to a new or existing asyncsession database."
-        if _is_busy(exc):  # the command line words its own advice (it has no busy_timeout)
+        if busy:  # the command line words its own advice (it has no busy_timeout)
             return _BusyAtOpen(
                 f"Cannot open SQLite database {self._path}: {cause} ({exc}). {advice}",
                 self._path,
