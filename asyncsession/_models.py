@@ -645,10 +645,12 @@ class ExpiryPolicy:
     * ARCHIVED: ``created_at + max_age`` (parked sessions do not idle out).
     * terminal: ``closed_at + retention``.
 
-    Stores record the deadline with each write. A write or touch of an open session
-    applies this policy from its stored ``last_active`` (see :func:`activity_deadline`),
-    so a limit shortened since it was written can find it expired; a closed session
-    keeps the deadline recorded when it closed, whatever a later policy's ``retention``.
+    Stores record the deadline with each write. A write or touch of an open session at
+    ``at`` first computes this policy's deadline from its stored ``last_active``: if that
+    is at or before ``at`` (a limit shortened since it was written), the session has
+    expired and the store records that deadline; otherwise the new deadline counts from
+    ``max(last_active, at)``. A closed session keeps the deadline recorded when it closed,
+    whatever a later policy's ``retention``.
 
     A ``None`` limit is no limit (limits are positive, at most 36500 days). A deadline
     later than a datetime can hold (after 9999-12-31 UTC) is no deadline either: no clock
