@@ -2199,6 +2199,20 @@ async def test_the_manager_refuses_writes_past_the_last_revision_whatever_the_st
         assert [x.id for x in (await sessions.list(limit=10)).items] == [top.id]
 
 
+def every_write(sessions: s.SessionManager) -> list[Callable[[uuid.UUID], Awaitable[object]]]:
+    """One call of each kind that writes or touches a session, for the expiry tests."""
+    return [
+        lambda sid: sessions.update(sid, lambda x: x.with_state(k=1)),
+        lambda sid: sessions.add_message(sid, "user", "important user turn"),
+        lambda sid: sessions.archive(sid),
+        lambda sid: sessions.rotate(sid),
+        lambda sid: sessions.rotate(sid, lambda x: x.with_state(k=2)),
+        lambda sid: sessions.get(sid),  # a touch
+        lambda sid: sessions.close(sid),
+        lambda sid: sessions.record_error(sid),
+    ]
+
+
 # -- a max_age added or shortened since sessions were written ---------------------------
 
 
@@ -2225,16 +2239,7 @@ async def test_writes_past_a_new_max_age_find_the_session_expired(
     async with s.SessionManager(
         any_repository, idle_timeout=None, max_age=one_day, cleanup_interval=None, clock=clock
     ) as sessions:
-        writes: list[Callable[[uuid.UUID], Awaitable[object]]] = [
-            lambda sid: sessions.update(sid, lambda x: x.with_state(k=1)),
-            lambda sid: sessions.add_message(sid, "user", "important user turn"),
-            lambda sid: sessions.archive(sid),
-            lambda sid: sessions.rotate(sid),
-            lambda sid: sessions.rotate(sid, lambda x: x.with_state(k=2)),
-            lambda sid: sessions.get(sid),  # a touch
-            lambda sid: sessions.close(sid),
-            lambda sid: sessions.record_error(sid),
-        ]
+        writes = every_write(sessions)
         async with sessions.subscribe() as events:
             for sid, write in zip(ids, writes, strict=True):
                 assert await sessions.exists(sid)  # reads see the stored deadline
@@ -2368,16 +2373,7 @@ async def test_writes_past_a_shorter_idle_timeout_find_the_session_expired(
         clock=clock,
         reporters=[collected],
     ) as sessions:
-        writes: list[Callable[[uuid.UUID], Awaitable[object]]] = [
-            lambda sid: sessions.update(sid, lambda x: x.with_state(k=1)),
-            lambda sid: sessions.add_message(sid, "user", "important user turn"),
-            lambda sid: sessions.archive(sid),
-            lambda sid: sessions.rotate(sid),
-            lambda sid: sessions.rotate(sid, lambda x: x.with_state(k=2)),
-            lambda sid: sessions.get(sid),  # a touch
-            lambda sid: sessions.close(sid),
-            lambda sid: sessions.record_error(sid),
-        ]
+        writes = every_write(sessions)
         async with sessions.subscribe() as events:
             for sid, write in zip(ids[:-1], writes, strict=True):
                 assert await sessions.exists(sid)  # reads see the stored deadline
