@@ -29,6 +29,7 @@ from ._exceptions import SerializationError as SerializationError
 from ._exceptions import SessionClosed as SessionClosed
 from ._exceptions import SessionConflict as SessionConflict
 from ._exceptions import SessionError as SessionError
+from ._exceptions import SessionLocked as SessionLocked
 from ._exceptions import SessionNotFound as SessionNotFound
 from ._exceptions import StorageError as StorageError
 from ._exceptions import ValidationError as ValidationError
@@ -89,6 +90,7 @@ __all__ = [
     "SessionError",
     "SessionEvent",
     "SessionIdLogFilter",
+    "SessionLocked",
     "SessionManager",
     "SessionNotFound",
     "SessionQuery",

@@ -23,6 +23,7 @@ what happened and what to do about it::
     │   ├── SchemaVersionError
     │   └── CorruptSessionError
     └── StorageError             the backing store failed (recoverable when a retry can help)
+        └── SessionLocked        another writer held the session's lock too long (recoverable)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "SessionClosed",
     "SessionConflict",
     "SessionError",
+    "SessionLocked",
     "SessionNotFound",
     "StorageError",
     "ValidationError",
@@ -314,6 +316,18 @@ class CorruptSessionError(SerializationError):
 
 class StorageError(SessionError):
     """The backing store failed; ``recoverable`` says whether a retry may help."""
+
+
+class SessionLocked(StorageError):
+    """Another process or task held one session's lock too long (the file store's
+    :class:`~asyncsession.stores.files.LockTimeout`): the store works, only
+    ``session_id`` is busy. Recoverable: retry later."""
+
+    recoverable = True
+
+    def __init__(self, message: str, *, session_id: uuid.UUID) -> None:
+        super().__init__(message)
+        self.session_id = session_id
 
 
 def sole_error(exc: BaseException, keep: BaseException | None = None) -> BaseException:

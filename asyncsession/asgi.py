@@ -43,9 +43,9 @@ set or deleted. Properties:
   the session keep working, on HTTP and websockets. The outage is logged once (a
   warning) until loading works again. :meth:`SessionDict.clear` still logs the visitor
   out: it expires the cookie (the stored session, not reachable, is left to expire).
-  A file-store session locked by another writer past its ``lock_timeout``
-  (:class:`~asyncsession.stores.files.LockTimeout`) is unavailable the same way for that
-  request, logged as a warning about that session, not as an outage.
+  A session locked by another writer for too long (:class:`SessionLocked`, such as the
+  file store's ``LockTimeout`` past ``lock_timeout``) is unavailable the same way for
+  that request, logged as a warning about that session, not as an outage.
 * A session that cannot be read (corrupt, written by a newer asyncsession, or refused
   by the store with a non-recoverable :class:`StorageError`) selects nothing, as an
   unknown cookie: the error is logged naming the session, whose data stays in the
@@ -91,13 +91,13 @@ from ._exceptions import (
     InvalidUpdate,
     SerializationError,
     SessionClosed,
+    SessionLocked,
     SessionNotFound,
     StorageError,
 )
 from ._json import freeze_state
 from ._manager import SessionManager, _Outage
 from ._models import Session
-from .stores.files import LockTimeout
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -227,7 +227,7 @@ class SessionDict(MutableMapping[str, Any]):
 
     def __repr__(self) -> str:
         if self._unavailable is not None:
-            if isinstance(self._unavailable, LockTimeout):
+            if isinstance(self._unavailable, SessionLocked):
                 return "SessionDict(unavailable: the session is locked by another writer)"
             return "SessionDict(unavailable: the session store could not be reached)"
         sid = "None (rotating)" if self._rotate else self._id
@@ -375,7 +375,7 @@ class SessionDict(MutableMapping[str, Any]):
         """
         self._check_writable()
         self._check_not_started("clear")
-        if isinstance(self._unavailable, LockTimeout):
+        if isinstance(self._unavailable, SessionLocked):
             # The store works; that one session was locked: delete it at the response.
             self._cleared.append(self._unavailable.session_id)
             self._unavailable = None
@@ -434,7 +434,7 @@ class SessionDict(MutableMapping[str, Any]):
         if cause is None:
             return
         self._accessed = True  # a response about the outage depends on the cookie too
-        if isinstance(cause, LockTimeout):
+        if isinstance(cause, SessionLocked):
             what = "This session is locked by another writer"
             advice = "retry the request shortly"
         elif cause.recoverable:
@@ -771,7 +771,7 @@ class SessionMiddleware:
         unavailable: StorageError | None = None
         try:
             loaded = await self._load(ids)
-        except LockTimeout as exc:
+        except SessionLocked as exc:
             # Another writer holds this one session (file store): the store works, so
             # this is no outage; the request runs with the session unavailable.
             logger.warning(
@@ -897,7 +897,7 @@ class SessionMiddleware:
         for old_id in cleared:  # every session this request logged out
             try:
                 await self.manager.delete(old_id, missing_ok=True)
-            except LockTimeout:
+            except SessionLocked:
                 logger.warning(
                     "logout in %s: the session %s is locked by another writer, so it was "
                     "not deleted; the cookie is expired, and the stored session stays until "

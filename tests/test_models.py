@@ -65,6 +65,7 @@ PUBLIC_API = {
         "SessionError",
         "SessionEvent",
         "SessionIdLogFilter",
+        "SessionLocked",
         "SessionManager",
         "SessionNotFound",
         "SessionQuery",
@@ -154,6 +155,12 @@ def test_error_tree_and_recoverable_flags() -> None:
     assert isinstance(s.InvalidSessionName("x y"), ValueError)
     assert isinstance(s.SchemaVersionError(2, 1), s.SerializationError)
     assert "Upgrade asyncsession" in str(s.SchemaVersionError(2, 1))
+    from asyncsession.stores.files import LockTimeout
+
+    locked = LockTimeout(sid, "/x/locks/a.lock", 10)
+    assert isinstance(locked, s.SessionLocked) and isinstance(locked, s.StorageError)
+    assert locked.recoverable and locked.session_id == sid
+    assert s.SessionLocked("busy", session_id=sid).recoverable
 
 
 # -- immutability and structure sharing -------------------------------------------------

@@ -72,6 +72,7 @@ from .._exceptions import (
     SerializationError,
     SessionClosed,
     SessionConflict,
+    SessionLocked,
     SessionNotFound,
     StorageError,
     revision_exhausted,
@@ -130,19 +131,17 @@ _NOTES_REMEMBERED = 10_000
 Stamp = tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of a document
 
 
-class LockTimeout(StorageError):
+class LockTimeout(SessionLocked):
     """A session's lock file stayed locked by another process or task for too long."""
 
-    recoverable = True
-
     def __init__(self, session_id: uuid.UUID, path: str, timeout: float) -> None:
-        self.session_id = session_id
         self.path = path
         self.timeout = timeout
         super().__init__(
             f"Session {session_id} is locked by another process or task (lock file {path}); gave "
             f"up after {timeout:g} s. Retry later, or raise FileRepository(lock_timeout=...) "
-            "if writers legitimately hold sessions that long."
+            "if writers legitimately hold sessions that long.",
+            session_id=session_id,
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
