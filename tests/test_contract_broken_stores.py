@@ -34,10 +34,11 @@ from asyncsession.abc import decode_cursor, encode_cursor
 from asyncsession.testing import RepositoryContract
 
 
-class AppendKeepsTheOldDeadline(MemoryRepository):
-    """append() returns the new snapshot but stores the session's old ``expires_at``
-    (an UPDATE that forgot the column): a chat active every 30 s under a 60 s
-    idle_timeout expires 60 s after it started."""
+class _AppendKeepsAnOldField(MemoryRepository):
+    """append() returns the new snapshot but stores the session's old value of
+    ``kept`` (an UPDATE that forgot the column)."""
+
+    kept: str
 
     async def append(
         self,
@@ -55,31 +56,22 @@ class AppendKeepsTheOldDeadline(MemoryRepository):
         if before is not None:
             async with self._lock:
                 current = self._sessions[new.id]
-                self._put(replace_trusted(current, expires_at=before.expires_at), current)
+                old = {self.kept: getattr(before, self.kept)}
+                self._put(replace_trusted(current, **old), current)
         return new
 
 
-class AppendKeepsTheOldActivity(MemoryRepository):
-    """append() returns the new snapshot but stores the session's old ``last_active``."""
+class AppendKeepsTheOldDeadline(_AppendKeepsAnOldField):
+    """...its old ``expires_at``: a chat active every 30 s under a 60 s idle_timeout
+    expires 60 s after it started."""
 
-    async def append(
-        self,
-        session_id: uuid.UUID,
-        messages: Sequence[Message],
-        *,
-        at: datetime,
-        policy: ExpiryPolicy,
-        max_messages: int | None = None,
-    ) -> Session:
-        before = await self.get(session_id)
-        new = await super().append(
-            session_id, messages, at=at, policy=policy, max_messages=max_messages
-        )
-        if before is not None:
-            async with self._lock:
-                current = self._sessions[new.id]
-                self._put(replace_trusted(current, last_active=before.last_active), current)
-        return new
+    kept = "expires_at"
+
+
+class AppendKeepsTheOldActivity(_AppendKeepsAnOldField):
+    """...its old ``last_active``."""
+
+    kept = "last_active"
 
 
 class ListingIndexMissesActivity(MemoryRepository):
