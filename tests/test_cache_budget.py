@@ -22,6 +22,7 @@ from redis_support import RedisServer
 
 from asyncsession import InvalidConfiguration, Session, SessionManager
 from asyncsession._serialization import dump_message
+from asyncsession.stores._held import DecodeCache
 from asyncsession.stores.redis import RedisRepository
 from asyncsession.stores.sqlite import SQLiteRepository
 
@@ -196,3 +197,27 @@ async def test_decode_caches_are_bounded_by_bytes(managers: Callable[..., Any]) 
         window = await store.get(big.id, last_messages=1)
         assert window.messages[0].content == "M" * 9_000 and window.state["pad"] == "S" * 9_000
     assert [(len(cache), cache.nbytes) for cache in decode_caches(store)] == before
+
+
+def test_decode_cache_keeps_the_recently_used() -> None:
+    """The one cache class both stores decode through: least recently used dropped first,
+    within its count and byte bounds; a key over an eighth of the budget, or over
+    ``largest``, is not kept; a budget of 0 keeps nothing."""
+    cache: DecodeCache[int] = DecodeCache(3, 800)
+    for n in range(3):
+        cache.put(b"%d" % n * 10, n)
+    assert cache.get(b"0" * 10) == 0  # now the most recently used
+    cache.put(b"3" * 10, 3)
+    assert [cache.get(b"%d" % n * 10) for n in range(4)] == [0, None, 2, 3]
+    assert len(cache) == 3 and cache.nbytes == 30
+    cache.put(b"4" * 100, 4)  # 100 = 800 // 8: kept, and the bytes push out the oldest
+    cache.put(b"5" * 101, 5)  # over an eighth: not kept
+    assert cache.get(b"4" * 100) == 4 and cache.get(b"5" * 101) is None
+    assert cache.nbytes == sum(len(key) for key in cache._items) <= 800
+    small: DecodeCache[int] = DecodeCache(10, 800, largest=20)
+    small.put(b"x" * 21, 1)
+    assert len(small) == 0
+    off: DecodeCache[int] = DecodeCache(10, 0)
+    off.put(b"", 1)
+    off.put(b"x", 1)
+    assert len(off) == 0 and off.nbytes == 0

@@ -7,12 +7,21 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from .._exceptions import InvalidConfiguration
 from .._models import Message, Session, replace_trusted
 
-__all__ = ["DEFAULT_CACHE_BYTES", "Held", "HeldSnapshots", "Incarnation", "check_cache_bytes"]
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "DecodeCache",
+    "Held",
+    "HeldSnapshots",
+    "Incarnation",
+    "check_cache_bytes",
+]
+
+T = TypeVar("T")
 
 #: The default ``snapshot_cache_bytes`` of the SQLite and Redis stores: the held
 #: snapshots' data, counted as stored (document and messages as JSON), is kept under it.
@@ -41,6 +50,61 @@ def check_cache_bytes(value: object) -> int:
             f"keeps decoded in memory; 0 turns caching off), got {value!r}."
         )
     return value
+
+
+class DecodeCache(Generic[T]):
+    """A bounded LRU of decoded immutable objects keyed by the bytes they were stored as.
+
+    Stored documents and messages are immutable values, so equal bytes decode to equal
+    objects; sharing them between snapshots is safe and skips repeated parsing and
+    validation. Bounded by count (``size``) and by the stored bytes of its keys
+    (``max_bytes``; each decoded object takes about as much again): a key over an
+    eighth of ``max_bytes`` or over ``largest`` is not kept, and ``max_bytes`` 0 keeps
+    nothing. Thread-safe (a SQLite store decodes on its callers' threads).
+    """
+
+    __slots__ = ("_bytes", "_items", "_largest", "_lock", "_max_bytes", "_size")
+
+    def __init__(self, size: int, max_bytes: int, *, largest: int | None = None) -> None:
+        self._size = size
+        self._max_bytes = max_bytes
+        self._largest = max_bytes // 8 if largest is None else min(largest, max_bytes // 8)
+        if not max_bytes:
+            self._largest = -1  # not even an empty key
+        self._bytes = 0
+        self._items: OrderedDict[bytes, T] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        """The stored bytes of the keys kept (at most ``max_bytes``)."""
+        return self._bytes
+
+    def get(self, key: bytes) -> T | None:
+        """The object decoded from ``key`` (marked recently used), or None."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+        return item
+
+    def put(self, key: bytes, item: T) -> None:
+        """Keep ``item`` as decoded from ``key``, dropping the least recently used over
+        the bounds."""
+        size = len(key)
+        if size > self._largest:
+            return
+        with self._lock:
+            items = self._items
+            if key not in items:
+                self._bytes += size
+            items[key] = item
+            items.move_to_end(key)
+            while len(items) > self._size or self._bytes > self._max_bytes:
+                self._bytes -= len(items.popitem(last=False)[0])
 
 
 class HeldSnapshots:

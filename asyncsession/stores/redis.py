@@ -42,7 +42,7 @@ import math
 import re
 import secrets
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -54,7 +54,7 @@ from collections.abc import (
 )
 from datetime import datetime, timedelta, timezone
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import attrs
@@ -99,7 +99,7 @@ from ..abc import (
     decode_cursor,
     encode_cursor,
 )
-from ._held import DEFAULT_CACHE_BYTES, Held, HeldSnapshots, check_cache_bytes
+from ._held import DEFAULT_CACHE_BYTES, DecodeCache, Held, HeldSnapshots, check_cache_bytes
 
 if TYPE_CHECKING:
     import coredis
@@ -979,51 +979,6 @@ def _first_content(first: Any) -> str | None:
         return None
 
 
-class _Decoded(Generic[T]):
-    """A bounded LRU of decoded immutable objects keyed by their stored bytes.
-
-    Stored documents and messages are immutable values, so equal bytes decode to equal
-    objects; sharing them between snapshots is safe and skips repeated validation.
-    Bounded by count and by the stored bytes of its keys (``max_bytes``; each item's
-    decoded object takes about as much again): a key over an eighth of ``max_bytes`` is
-    not kept, and ``max_bytes`` 0 keeps nothing.
-    """
-
-    __slots__ = ("_bytes", "_items", "_largest", "_max_bytes", "_size")
-
-    def __init__(self, size: int, max_bytes: int) -> None:
-        self._size = size
-        self._max_bytes = max_bytes
-        self._largest = max_bytes // 8
-        self._bytes = 0
-        self._items: OrderedDict[Any, T] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def nbytes(self) -> int:
-        """The stored bytes of the keys kept (at most ``max_bytes``)."""
-        return self._bytes
-
-    def get(self, key: Any) -> T | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def put(self, key: Any, item: T) -> None:
-        size = len(key)
-        if size > self._largest:
-            return
-        items = self._items
-        if key not in items:
-            self._bytes += size
-        items[key] = item
-        while len(items) > self._size or self._bytes > self._max_bytes:
-            self._bytes -= len(items.popitem(last=False)[0])
-
-
 class RedisRepository(SessionRepository, EventTransport):
     """Sessions in Redis, shared by every process and machine using the same server.
 
@@ -1207,8 +1162,8 @@ class RedisRepository(SessionRepository, EventTransport):
         self._subscriptions = 0  # open subscribe_events() blocks (each holds a connection)
         self._held = HeldSnapshots(snapshot_cache, max_bytes=snapshot_cache_bytes)
         decoded = snapshot_cache_bytes // 8 if self._held.enabled else 0
-        self._docs: _Decoded[Session] = _Decoded(2_000, decoded)
-        self._messages: _Decoded[Message] = _Decoded(20_000, decoded)
+        self._docs: DecodeCache[Session] = DecodeCache(2_000, decoded)
+        self._messages: DecodeCache[Message] = DecodeCache(20_000, decoded)
 
     def __repr__(self) -> str:
         return f"RedisRepository({self._address!r}, prefix={self._prefix!r})"

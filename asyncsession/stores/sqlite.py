@@ -119,7 +119,13 @@ from ..abc import (
     decode_cursor,
     encode_cursor,
 )
-from ._held import DEFAULT_CACHE_BYTES, HeldSnapshots, Incarnation, check_cache_bytes
+from ._held import (
+    DEFAULT_CACHE_BYTES,
+    DecodeCache,
+    HeldSnapshots,
+    Incarnation,
+    check_cache_bytes,
+)
 
 __all__ = [
     "CHUNK_MESSAGES",
@@ -573,62 +579,15 @@ class _Rows:
 _NO_ROWS = _Rows()
 
 
-class _Documents:
-    """Sessions decoded from stored documents, by the documents' exact bytes.
-
-    A document holds no hot fields and no messages (see the layout), so appends and
-    touches leave it unchanged and the next read of that session finds its decoded
-    fields here: a hit skips JSON parsing, timestamp parsing, validation and freezing
-    of the state. Entries are immutable sessions without messages (templates) with the
-    column values their times were made from, so an unchanged ``last_active`` is not
-    converted again either. Bounded by count and by the documents' bytes (``max_bytes``;
-    a document over an eighth of it, or over :attr:`MAX_SIZE`, is not kept; 0 keeps
-    nothing), oldest dropped first. Decoding runs on the callers' threads: a lookup is
-    a single dict operation, and changes take a lock (the byte count stays exact).
-    """
-
-    __slots__ = ("_bytes", "_entries", "_largest", "_limit", "_lock", "_max_bytes")
-
-    #: Documents larger than this are not kept (the cache stays small).
-    MAX_SIZE: Final = 16_384
-
-    def __init__(self, max_bytes: int, limit: int = 1024) -> None:
-        self._entries: dict[bytes, _Template] = {}
-        self._limit = limit
-        self._max_bytes = max_bytes
-        self._largest = min(self.MAX_SIZE, max_bytes // 8)
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        """The bytes of the documents kept (at most ``max_bytes``)."""
-        return self._bytes
-
-    def get(self, doc: bytes) -> _Template | None:
-        return self._entries.get(doc)
-
-    def put(self, doc: bytes, template: _Template) -> None:
-        size = len(doc)
-        if size > self._largest:
-            return
-        with self._lock:
-            entries = self._entries
-            if doc not in entries:
-                self._bytes += size
-            entries[doc] = template
-            while len(entries) > self._limit or self._bytes > self._max_bytes:
-                oldest = next(iter(entries))
-                del entries[oldest]
-                self._bytes -= len(oldest)
-
-
 #: A cached document: the session without messages, and the ``last_active`` and
-#: ``expires_at`` columns (microseconds) its times were made from.
+#: ``expires_at`` columns (microseconds) its times were made from. A document holds no
+#: hot fields and no messages (see the layout), so appends and touches leave it
+#: unchanged and the next read of the session finds its template in the store's
+#: :class:`DecodeCache`: a hit skips JSON and timestamp parsing, validation and the
+#: freezing of the state, and an unchanged ``last_active`` is not converted again.
 _Template = tuple[Session, int, int | None]
+#: Documents larger than this are not cached (the cache stays small).
+_MAX_DOCUMENT: Final = 16_384
 
 
 class _Row:
@@ -687,7 +646,7 @@ class _Row:
         history = sum(map(len, bodies)) - (self.stop - len(bodies))
         return max(history, 0), len(self.doc)
 
-    def decode(self, documents: _Documents | None = None) -> Session:
+    def decode(self, documents: DecodeCache[_Template] | None = None) -> Session:
         cached = None if documents is None else documents.get(self.doc)
         if self.messages is not None:
             log = MessageLog(self.messages, offset=self.start)
@@ -1277,7 +1236,9 @@ class SQLiteRepository(SessionRepository):
         self._commits = 0
         self._largest_batch = 0
         self._held = HeldSnapshots(snapshot_cache, max_bytes=snapshot_cache_bytes)
-        self._documents = _Documents(snapshot_cache_bytes // 8 if self._held.enabled else 0)
+        self._documents: DecodeCache[_Template] = DecodeCache(
+            1024, snapshot_cache_bytes // 8 if self._held.enabled else 0, largest=_MAX_DOCUMENT
+        )
 
     def __repr__(self) -> str:
         return f"SQLiteRepository({str(self._path)!r}, synchronous={self._synchronous!r})"
