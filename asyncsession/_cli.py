@@ -1847,6 +1847,24 @@ def _layout_upgrade_text(path: Path, layout: int) -> str:
     return f"the layout of SQLite store {path} from version {layout} to {SCHEMA_VERSION}"
 
 
+def _migration_json(
+    plan: _Plan | None, rewritten: int, *, dry_run: bool, upgrade: dict[str, int] | None
+) -> dict[str, object]:
+    """What ``migrate --json`` prints. No plan: a dry run on an older SQLite layout,
+    whose documents are counted only once it is upgraded (the counts are null)."""
+    by_version = None if plan is None else plan.by_version
+    return {
+        "documents": None if plan is None else plan.documents,
+        "rewritten": rewritten,
+        "dry_run": dry_run,
+        "version": CURRENT_VERSION,
+        "to_rewrite": None if plan is None else len(plan.outdated),
+        "outdated": None if plan is None or by_version is None else len(plan.outdated),
+        "by_version": None if by_version is None else {str(v): n for v, n in by_version.items()},
+        "layout_upgrade": upgrade,
+    }
+
+
 @cli.command()
 @click.option(
     "--dry-run", is_flag=True, help="Count the documents per stored schema version; write nothing."
@@ -1900,18 +1918,7 @@ def migrate(dry_run: bool, store_url: str, backend: str, as_json: bool) -> None:
         assert isinstance(store, SQLiteRepository)
         assert upgraded is not None
         if as_json:
-            _print_json(
-                {
-                    "documents": None,
-                    "rewritten": 0,
-                    "dry_run": True,
-                    "version": CURRENT_VERSION,
-                    "to_rewrite": None,
-                    "outdated": None,
-                    "by_version": None,
-                    "layout_upgrade": upgrade,
-                }
-            )
+            _print_json(_migration_json(None, 0, dry_run=True, upgrade=upgrade))
             return
         out.print(
             f"Would upgrade {_layout_upgrade_text(store.path, upgraded)} first: releases "
@@ -1921,24 +1928,8 @@ def migrate(dry_run: bool, store_url: str, backend: str, as_json: bool) -> None:
             "written."
         )
         return
-    known = plan.by_version is not None
     if as_json:
-        _print_json(
-            {
-                "documents": plan.documents,
-                "rewritten": rewritten,
-                "dry_run": dry_run,
-                "version": CURRENT_VERSION,
-                "to_rewrite": len(plan.outdated),
-                "outdated": len(plan.outdated) if known else None,
-                "by_version": (
-                    None
-                    if plan.by_version is None
-                    else {str(v): n for v, n in plan.by_version.items()}
-                ),
-                "layout_upgrade": upgrade,
-            }
-        )
+        _print_json(_migration_json(plan, rewritten, dry_run=dry_run, upgrade=upgrade))
         return
     if upgraded is not None:
         assert isinstance(store, SQLiteRepository)
