@@ -53,7 +53,6 @@ from ._models import (
     Message,
     Session,
     SessionStatus,
-    activity_deadline,
     parse_status,
     replace_trusted,
 )
@@ -818,11 +817,10 @@ class SessionManager:
 
     def _past_deadline(self, session: Session, now: datetime) -> bool:
         """Whether a write or touch of the open ``session`` at ``now`` finds it expired
-        under this manager's policy (see :func:`activity_deadline`)."""
+        under this manager's policy (see :meth:`ExpiryPolicy.activity_deadline`)."""
         if session.status.is_terminal:
             return False
-        _, overdue = activity_deadline(
-            self._policy,
+        _, overdue = self._policy.activity_deadline(
             session.status,
             session.created_at,
             session.last_active,

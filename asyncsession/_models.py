@@ -700,32 +700,33 @@ class ExpiryPolicy:
             session.status, session.created_at, session.last_active, session.closed_at
         )
 
+    def activity_deadline(
+        self,
+        status: SessionStatus,
+        created_at: datetime,
+        last_active: datetime,
+        at: datetime,
+        *,
+        moves: bool = True,
+    ) -> tuple[datetime | None, datetime | None]:
+        """The deadline activity at ``at`` (a write or a touch) gives an open session with
+        these stored fields, and the deadline it has already passed (else None).
 
-def activity_deadline(
-    policy: ExpiryPolicy,
-    status: SessionStatus,
-    created_at: datetime,
-    last_active: datetime,
-    at: datetime,
-    *,
-    moves: bool = True,
-) -> tuple[datetime | None, datetime | None]:
-    """The deadline activity at ``at`` (a write or a touch) gives an open session with
-    these fields under ``policy``, and the deadline it has already passed (else None).
-
-    The session has expired for that activity when the policy's deadline computed from
-    its *stored* ``last_active`` (and ``created_at``) is at or before ``at``: an
-    ``idle_timeout`` or ``max_age`` added or shortened since its last write can leave it
-    so. That deadline is then returned twice; the store records it, nothing else.
-    Otherwise the deadline is computed from ``max(last_active, at)``, the new
-    ``last_active`` (``moves=False``: from the stored one, for a touch that
-    ``touch_interval`` coalesced, or when only the check is wanted). Under the policy
-    the session was written with, the stored deadline is the one from its stored
-    ``last_active``, so this never finds expired what the stored deadline had not.
-    """
-    deadline = policy.deadline(status, created_at, last_active, None)
-    if deadline is not None and deadline <= at:
-        return deadline, deadline
-    if moves and last_active < at:
-        deadline = policy.deadline(status, created_at, at, None)
-    return deadline, None
+        What a store computes on each write and touch (a custom store too). The session
+        has expired for that activity when this policy's deadline from its *stored*
+        ``last_active`` (and ``created_at``) is at or before ``at``: an ``idle_timeout``
+        or ``max_age`` added or shortened since its last write can leave it so. That
+        deadline is then returned twice; the store records it, nothing else, and treats
+        the session as not found. Otherwise the deadline counts from
+        ``max(last_active, at)``, the new ``last_active`` (``moves=False``: from the
+        stored one, for a touch that :meth:`should_touch` coalesced, or when only the
+        check is wanted). Under the policy the session was written with, the stored
+        deadline is the one from its stored ``last_active``, so this never finds expired
+        what the stored deadline had not.
+        """
+        deadline = self.deadline(status, created_at, last_active, None)
+        if deadline is not None and deadline <= at:
+            return deadline, deadline
+        if moves and last_active < at:
+            deadline = self.deadline(status, created_at, at, None)
+        return deadline, None

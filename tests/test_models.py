@@ -303,6 +303,28 @@ def test_expiry_policy() -> None:
     assert s.ExpiryPolicy().deadline(active, NOW, NOW, None) is None
 
 
+def test_activity_deadline() -> None:
+    """What a store computes on each write and touch: the new deadline counts from the
+    activity, unless the deadline from the stored last_active has passed (a shortened
+    idle_timeout), which is then returned as the one passed too."""
+    policy = s.ExpiryPolicy(idle_timeout=timedelta(minutes=30), max_age=timedelta(hours=2))
+    active = s.SessionStatus.ACTIVE
+    at = NOW + timedelta(minutes=20)
+    assert policy.activity_deadline(active, NOW, NOW, at) == (at + timedelta(minutes=30), None)
+    assert policy.activity_deadline(active, NOW, NOW, at, moves=False) == (
+        NOW + timedelta(minutes=30),
+        None,
+    )
+    late = NOW + timedelta(minutes=30)  # the deadline from the stored last_active: passed
+    assert policy.activity_deadline(active, NOW, NOW, late) == (late, late)
+    archived = s.SessionStatus.ARCHIVED  # no idle limit: max_age only
+    assert policy.activity_deadline(archived, NOW, NOW, late) == (
+        NOW + timedelta(hours=2),
+        None,
+    )
+    assert s.ExpiryPolicy().activity_deadline(active, NOW, NOW, late) == (None, None)
+
+
 def test_manual_clock() -> None:
     clock = ManualClock(NOW)
     assert clock.now() == NOW

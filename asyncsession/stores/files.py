@@ -85,7 +85,6 @@ from .._models import (
     MessageLog,
     Session,
     SessionStatus,
-    activity_deadline,
 )
 from .._notes import Notes
 from .._serialization import session_from_document, session_to_document
@@ -1464,8 +1463,8 @@ class FileRepository(SessionRepository):
                 raise SessionNotFound(sid)
             if old.status.is_terminal:
                 raise SessionClosed(sid, old.status)
-            deadline, overdue = activity_deadline(
-                policy, old.status, old.created_at, old.last_active, at
+            deadline, overdue = policy.activity_deadline(
+                old.status, old.created_at, old.last_active, at
             )
             if overdue is not None:  # record that deadline, store nothing else (None: not found)
                 return None, _expiry_recorded(current, overdue)
@@ -1507,8 +1506,8 @@ class FileRepository(SessionRepository):
             if old.status.is_terminal or old.is_expired(at):
                 return current.session(last_messages), None
             moves = policy.should_touch(old.last_active, at)
-            deadline, overdue = activity_deadline(
-                policy, old.status, old.created_at, old.last_active, at, moves=moves
+            deadline, overdue = policy.activity_deadline(
+                old.status, old.created_at, old.last_active, at, moves=moves
             )
             if overdue is not None:  # record that deadline only
                 write = _expiry_recorded(current, overdue)

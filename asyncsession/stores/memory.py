@@ -21,7 +21,6 @@ from .._models import (
     Message,
     Session,
     SessionStatus,
-    activity_deadline,
     last_window,
     replace_trusted,
 )
@@ -196,8 +195,8 @@ class MemoryRepository(SessionRepository):
                 raise SessionNotFound(session_id)
             if old.status.is_terminal:
                 raise SessionClosed(session_id, old.status)
-            deadline, overdue = activity_deadline(
-                policy, old.status, old.created_at, old.last_active, at
+            deadline, overdue = policy.activity_deadline(
+                old.status, old.created_at, old.last_active, at
             )
             if overdue is not None:
                 self._put(replace_trusted(old, expires_at=overdue), old)
@@ -236,8 +235,8 @@ class MemoryRepository(SessionRepository):
             session = old
             if not old.status.is_terminal and not old.is_expired(at):
                 moves = policy.should_touch(old.last_active, at)
-                deadline, overdue = activity_deadline(
-                    policy, old.status, old.created_at, old.last_active, at, moves=moves
+                deadline, overdue = policy.activity_deadline(
+                    old.status, old.created_at, old.last_active, at, moves=moves
                 )
                 if overdue is not None:
                     session = replace_trusted(old, expires_at=overdue)

@@ -252,7 +252,7 @@ local function deadline(st, ca, la, idle, maxage)
 end
 -- A deadline a write or touch finds already past (computed from the stored last_active:
 -- an idle_timeout or max_age added or shortened since the session was written; see
--- activity_deadline in _models.py) is recorded, and nothing else: reads, listings and
+-- ExpiryPolicy.activity_deadline) is recorded, and nothing else: reads, listings and
 -- cleanup then see the session expired. Its keys are kept key_expiry_grace from now
 -- rather than from that deadline, so that cleanup can still find the session and
 -- announce it.

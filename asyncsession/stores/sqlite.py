@@ -94,7 +94,6 @@ from .._models import (
     MessageLog,
     Session,
     SessionStatus,
-    activity_deadline,
     replace_trusted,
     validate_name,
     validate_owner,
@@ -2387,8 +2386,8 @@ class SQLiteRepository(SessionRepository):
             status = _status(sid, status_name)
             if status.is_terminal:
                 raise SessionClosed(sid, status)
-            expires_at, overdue = activity_deadline(
-                policy, status, _time(created_us), _time(last_us), at
+            expires_at, overdue = policy.activity_deadline(
+                status, _time(created_us), _time(last_us), at
             )
             expires_us = None if expires_at is None else _us(expires_at)
             if overdue is not None:
@@ -2457,8 +2456,8 @@ class SQLiteRepository(SessionRepository):
             expired = expires_us is not None and expires_us <= at_us
             if not (status.is_terminal or expired):
                 moves = not (at_us - last_us < interval_us or at_us <= last_us)
-                deadline, overdue = activity_deadline(
-                    policy, status, _time(created_us), _time(last_us), at, moves=moves
+                deadline, overdue = policy.activity_deadline(
+                    status, _time(created_us), _time(last_us), at, moves=moves
                 )
                 if overdue is not None:
                     # Expired under this policy (an idle_timeout or max_age added or
@@ -2647,8 +2646,9 @@ _IDS_PER_STATEMENT: Final = 500
 #: append() in one statement, for the plain ExpiryPolicy: checks (open, unexpired, not
 #: past the policy's deadline from the stored ``last_active`` at ``:at`` (neither
 #: ``created_at + max_age`` nor, if active, ``last_active + idle``), within the limit,
-#: below the last revision; see activity_deadline), new deadline (ExpiryPolicy.deadline
-#: of an open session from ``max(last_active, :at)``, in microseconds) and the counters.
+#: below the last revision; see ExpiryPolicy.activity_deadline), new deadline
+#: (ExpiryPolicy.deadline of an open session from ``max(last_active, :at)``, in
+#: microseconds) and the counters.
 #: No row back means one of the checks failed (or no such session). A deadline past
 #: ``datetime.max`` is stored as none, as ExpiryPolicy.deadline answers. ``revision + 1``
 #: past 2**63 - 1 would make SQLite store a REAL (the session unreadable from then on):

@@ -104,15 +104,16 @@ class DictRepository(SessionRepository):
             raise SessionNotFound(session_id)
         if current.status.is_terminal:
             raise SessionClosed(session_id, current.status)
-        # The policy's deadline from the stored last_active at or before `at` (an
-        # idle_timeout or max_age added or shortened since the session was written): it
-        # has expired. Record that deadline and nothing else.
-        passed = policy.deadline(current.status, current.created_at, current.last_active, None)
-        if passed is not None and passed <= at:
+        # The policy's deadline from the stored last_active, and the one the session
+        # already passed (an idle_timeout or max_age added or shortened since it was
+        # written): then it has expired. Record that deadline and nothing else.
+        deadline, passed = policy.activity_deadline(
+            current.status, current.created_at, current.last_active, at
+        )
+        if passed is not None:
             self._sessions[session_id] = attrs.evolve(current, expires_at=passed)
             raise SessionNotFound(session_id)
         last_active = max(current.last_active, at)
-        deadline = policy.deadline(current.status, current.created_at, last_active, None)
         total = current.messages.total + len(messages)
         if max_messages is not None and total > max_messages:
             raise LimitExceeded("Messages in this session", max_messages, total)
@@ -140,14 +141,15 @@ class DictRepository(SessionRepository):
         if current is None:
             return None
         if not current.status.is_terminal and not current.is_expired(at):
-            status, created_at = current.status, current.created_at
-            passed = policy.deadline(status, created_at, current.last_active, None)
-            if passed is not None and passed <= at:
+            moves = policy.should_touch(current.last_active, at)  # honours touch_interval
+            deadline, passed = policy.activity_deadline(
+                current.status, current.created_at, current.last_active, at, moves=moves
+            )
+            if passed is not None:
                 # Expired under this policy (see append()): record that deadline only.
                 current = attrs.evolve(current, expires_at=passed)
                 self._sessions[session_id] = current
-            elif policy.should_touch(current.last_active, at):  # honours touch_interval
-                deadline = policy.deadline(status, created_at, at, None)
+            elif moves:
                 current = attrs.evolve(current, last_active=at, expires_at=deadline)
                 self._sessions[session_id] = current
         return _window(current, last_messages)
