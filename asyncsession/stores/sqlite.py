@@ -41,6 +41,9 @@ long its operation waited. Callers are answered only after the commit: the worke
 schedules one wake-up per event loop and batch with the loop's own thread-safe scheduler
 (found through its anyio token, so asyncio and trio alike) and goes on with the next
 batch at once, without waiting for the loop to run it.
+A checkpoint (:meth:`SQLiteRepository.checkpoint`) runs outside any transaction, after
+its batch's writes, again while another connection keeps it from finishing (answering
+the reads queued meanwhile), until the batch's ``busy_timeout`` deadline.
 Each open starts a worker with its own queue and connection; the base class runs opens
 and closes one at a time.
 """
@@ -1039,6 +1042,13 @@ class _Locked(Exception):
         self.error = error
 
 
+class _Unfinished(Exception):
+    """Raised on the worker by an operation run outside any transaction (a checkpoint)
+    that another connection kept from finishing: it runs again until the batch's
+    ``busy_timeout`` deadline, then fails with a recoverable :class:`StorageError` of
+    this message (plus how long it waited)."""
+
+
 class _OlderLayout(StorageError):
     """The file's layout is older than :data:`SCHEMA_VERSION` and the store was made with
     ``upgrade=False``: nothing was written. ``layout`` is the file's layout version,
@@ -1104,7 +1114,8 @@ class SQLiteRepository(SessionRepository):
       :class:`InvalidConfiguration`, and so are those that reach beyond this
       connection (``hard_heap_limit``, ``soft_heap_limit``, ``threads``, ...).
       They are applied after the store's own (``wal_autocheckpoint`` is
-      :data:`WAL_AUTOCHECKPOINT` pages unless set here), and each is read back: opening
+      :data:`WAL_AUTOCHECKPOINT` pages and ``secure_delete`` is ``ON`` unless set
+      here; see :meth:`checkpoint`), and each is read back: opening
       fails with :class:`InvalidConfiguration` if one did not take (an unknown name, a
       value SQLite turned into another, such as a word where it wants a number).
     * ``snapshot_cache`` — how many sessions (100,000 messages at most in all) the store
@@ -1253,6 +1264,47 @@ class SQLiteRepository(SessionRepository):
             self._operations, self._withdrawn, self._commits, self._largest_batch
         )
 
+    async def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file and truncate the ``-wal`` file
+        to 0 bytes (SQLite's ``PRAGMA wal_checkpoint(TRUNCATE)``), in one hop to the
+        worker.
+
+        Call it after deleting sessions (or after the manager's expiry cleanup) when
+        their data must be gone from the files: until a checkpoint, the ``-wal`` file
+        still holds the pages the session was written in (the store checkpoints on its
+        own only every :data:`WAL_AUTOCHECKPOINT` pages, and never truncates the file).
+        With ``secure_delete`` on (the store's default), the deleted rows were
+        overwritten with zeros, so afterwards neither file holds them. With
+        ``pragmas={"secure_delete": "off"}``, they remain in the database file's free
+        space until reused or a ``VACUUM``; so do rows deleted before this store turned
+        it on (an older release, or a program of your own).
+
+        Every connection to the file must be done with the log for it to finish: another
+        connection (another process, or another store on this file) reading or writing
+        the database is waited for, up to ``busy_timeout`` (the store's other operations
+        queued meanwhile: its reads are answered, its writes wait), while new writers of
+        other connections wait for the checkpoint. If they are still at it then, this
+        raises a recoverable :class:`StorageError` (part of the log may have been copied;
+        nothing is lost): retry when the other processes are idle. A closed store raises
+        :class:`StorageError` like every other operation; an in-memory database has no
+        log, and nothing is done.
+        """
+        name = f"{self._path.name}-wal"
+
+        def op(conn: sqlite3.Connection) -> None:
+            busy, log, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy or log != copied:
+                pages = f"; {copied} of {log} log pages copied" if log >= 0 else ""
+                raise _Unfinished(
+                    f"Checkpoint of SQLite database {self._path} could not finish: another "
+                    "connection (another process, or another store on this file) kept "
+                    f"reading or writing it (busy={busy}{pages}). Deleted data may remain "
+                    f"in {name} until a checkpoint finishes: retry checkpoint() when the "
+                    "other processes are idle (no long read or write transaction open)."
+                )
+
+        await self._call(op, write=True, transaction=False)
+
     # -- lifecycle ------------------------------------------------------------------
 
     async def _open(self) -> None:
@@ -1314,9 +1366,11 @@ class SQLiteRepository(SessionRepository):
     async def _call(
         self, fn: Callable[[sqlite3.Connection], T], *, write: bool, transaction: bool = True
     ) -> T:
-        """Run ``fn`` on the worker in a transaction (``transaction=False``: a read that
-        runs a single statement, which SQLite already runs as one snapshot)."""
-        request = _Request(fn, write, transaction or write)
+        """Run ``fn`` on the worker in a transaction. ``transaction=False``: for a read,
+        one that runs a single statement, which SQLite already runs as one snapshot; for a
+        write, one that must run outside any transaction (a checkpoint): it runs after
+        its batch's other writes, again while it raises :class:`_Unfinished`."""
+        request = _Request(fn, write, transaction)
         with self._state_lock:  # atomic with _shutdown(): queued before its stop, or refused
             if not self._accepting:
                 raise StorageError(
@@ -1511,11 +1565,72 @@ class SQLiteRepository(SessionRepository):
         since, within the same deadline (it puts off those still busy at the deadline).
         """
         deadline = time.monotonic() + self._busy_timeout
+        outside = [r for r in batch if r.write and not r.transaction]
+        if outside:
+            batch = [r for r in batch if r.transaction or not r.write]
         writes = [r for r in batch if r.write]
         if writes and len(writes) < len(batch):
             self._run_group(conn, [r for r in batch if not r.write], deadline)
             batch = writes
-        self._run_group(conn, batch, deadline, meanwhile if writes else None)
+        if batch:
+            self._run_group(conn, batch, deadline, meanwhile if writes else None)
+        for request in outside:
+            self._run_outside(conn, request, deadline, meanwhile)
+            self._answer([request])
+
+    def _run_outside(
+        self,
+        conn: sqlite3.Connection,
+        request: _Request,
+        deadline: float,
+        meanwhile: Callable[[float], None] | None = None,
+    ) -> None:
+        """Run a write that must run outside any transaction (a checkpoint), again while
+        another connection keeps it from finishing (it raises :class:`_Unfinished`, or
+        SQLite answers busy), until ``deadline``; calls ``meanwhile(deadline)`` between
+        tries. Leaves the outcome in the request for the caller to answer."""
+        assert request.fn is not None
+        assert request.started is not None
+        delay = 0.001
+        while True:
+            start = time.monotonic()
+            try:
+                request.result = request.fn(conn)
+                return
+            except (_Unfinished, sqlite3.OperationalError) as exc:
+                if isinstance(exc, sqlite3.OperationalError) and not _is_busy(exc):
+                    request.error = self._storage_error(exc)
+                    request.error.__cause__ = exc
+                    return
+                now = time.monotonic()
+                if now < deadline:
+                    if meanwhile is not None:
+                        meanwhile(deadline)
+                    if now - start < self._lock_slice / 2:  # SQLite did not wait
+                        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                        delay = min(delay * 2, 0.05)
+                    continue
+                waited = now - request.started
+                if isinstance(exc, _Unfinished):
+                    request.error = StorageError(
+                        f"{exc} It waited {waited:.2f}s (busy_timeout {self._busy_timeout:g}s).",
+                        recoverable=True,
+                    )
+                else:
+                    request.error = self._storage_error(exc, waited)
+                    request.error.__cause__ = exc
+                return
+            except sqlite3.Error as exc:
+                request.error = self._storage_error(exc)
+                request.error.__cause__ = exc
+                return
+            except MemoryError as exc:
+                request.error = self._memory_error(exc)
+                request.error.__cause__ = exc
+                return
+            except Exception as exc:
+                request.error = exc
+                return
 
     def _run_group(
         self,
@@ -1984,6 +2099,10 @@ class SQLiteRepository(SessionRepository):
         # Checkpoints (two fsyncs each) run on the committing thread: with SQLite's
         # default of 1000 pages they took about a fifth of the write time here.
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+        # A deleted session's bytes are overwritten with zeros, not left in the file's
+        # free space (SQLite's own default is off, some builds turn it on): with
+        # checkpoint(), a deletion leaves nothing behind in the files.
+        conn.execute("PRAGMA secure_delete = ON")
         for name, value in self._pragmas.items():
             # An action (optimize, incremental_vacuum) may wait for the write lock.
             self._while_busy(conn, f"PRAGMA {name} = {value}").fetchall()

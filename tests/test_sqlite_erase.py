@@ -1,0 +1,201 @@
+"""SQLiteRepository: what a deleted session leaves on disk (found in a privacy review).
+
+After a delete or an expiry removal, the session's owner, state and messages stayed
+readable with ``strings``: in the ``-wal`` file until a checkpoint (the store's
+autocheckpoint is thousands of pages away under light traffic, and the WAL was never
+truncated), and in the main file's free space on SQLite builds without
+SQLITE_SECURE_DELETE. The store now sets ``PRAGMA secure_delete = ON`` and has
+``checkpoint()``, which leaves the WAL empty. These tests read the files' raw bytes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from contextlib import closing
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncsession import SessionManager, StorageError
+from asyncsession.stores.sqlite import SQLiteRepository
+from asyncsession.testing._contract import POLICY, at, make_session, msg
+
+pytestmark = pytest.mark.anyio
+
+MARKER = "PRIVATE-7f3a9c"
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "sessions.db"
+
+
+def found_in(path: Path) -> bool:
+    """Whether :data:`MARKER` is anywhere in the file's raw bytes (a missing file: no)."""
+    return path.exists() and MARKER.encode() in path.read_bytes()
+
+
+def wal(db: Path) -> Path:
+    return db.with_name(db.name + "-wal")
+
+
+async def store_secret(repo: SQLiteRepository) -> list[uuid.UUID]:
+    """Add a session holding the marker in its owner, state and 70 messages (chunk rows
+    and overflow pages), beside others that stay; returns the ids of the others."""
+    others = [make_session(owner="bob") for _ in range(5)]
+    for other in others:
+        await repo.add(other)
+    secret = make_session(owner=f"alice-{MARKER}", state={"ssn": MARKER})
+    await repo.add(secret)
+    for start in range(0, 70, 10):
+        batch = [msg(f"{MARKER} {i} " + "x" * 200, 1) for i in range(start, start + 10)]
+        await repo.append(secret.id, batch, at=at(1), policy=POLICY)
+    return [secret.id, *(o.id for o in others)]
+
+
+@pytest.mark.parametrize("removal", ["delete", "expiry"])
+async def test_a_removed_session_is_gone_from_the_files_after_checkpoint(
+    db: Path, removal: str, anyio_backend: str
+) -> None:
+    async with SQLiteRepository(db) as repo:
+        secret, *others = await store_secret(repo)
+        if removal == "delete":
+            assert await repo.delete(secret)
+        else:
+            removed = await repo.remove_expired(secret, now=at(3600))
+            assert removed is not None and removed.owner == f"alice-{MARKER}"
+        for i, other in enumerate(others * 10):  # light traffic afterwards
+            await repo.append(other, [msg(f"hi {i}", 2)], at=at(2), policy=POLICY)
+        assert found_in(wal(db))  # the inserts' frames: what the review found
+        await repo.checkpoint()
+        assert wal(db).stat().st_size == 0
+        assert not found_in(db) and not found_in(wal(db))
+        # The store goes on as before.
+        assert (await repo.get(others[0])) is not None
+    assert not found_in(db) and not found_in(wal(db))
+
+
+async def test_secure_delete_is_on_by_default_and_off_keeps_deleted_bytes(
+    db: Path, tmp_path: Path, anyio_backend: str
+) -> None:
+    """The store sets secure_delete itself (SQLite's own default is off; some builds,
+    Debian's among them, turn it on). With pragmas={"secure_delete": "off"} the deleted
+    session stays in the main file's free space after delete + checkpoint: only the WAL
+    is emptied."""
+
+    def setting(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA secure_delete").fetchone()[0])
+
+    async with SQLiteRepository(db) as repo:
+        assert await repo._call(setting, write=False) == 1
+    off = tmp_path / "off.db"
+    async with SQLiteRepository(off, pragmas={"secure_delete": "off"}) as repo:
+        assert await repo._call(setting, write=False) == 0
+        secret, *_ = await store_secret(repo)
+        await repo.checkpoint()  # the secret now in the main file
+        assert await repo.delete(secret)
+        await repo.checkpoint()
+        assert wal(off).stat().st_size == 0
+        assert found_in(off)  # free space, not overwritten
+    async with SQLiteRepository(off, pragmas={"secure_delete": "fast"}) as repo:
+        assert await repo._call(setting, write=False) == 2  # the user's value wins
+
+
+@pytest.mark.parametrize("holder", ["reader", "writer"])
+async def test_checkpoint_blocked_by_another_connection_raises_and_recovers(
+    db: Path, holder: str, anyio_backend: str
+) -> None:
+    """A read (or write) transaction of another connection keeps the WAL in use:
+    checkpoint() raises a recoverable StorageError saying to retry, the store goes on
+    working, and checkpoint() succeeds once the other transaction is gone."""
+    async with SessionManager(SQLiteRepository(db, busy_timeout=0.3), cleanup_interval=None) as m:
+        repo = m.repository
+        assert isinstance(repo, SQLiteRepository)
+        secret = await m.create(owner=f"alice-{MARKER}", state={"ssn": MARKER})
+        await m.add_message(secret.id, "user", f"{MARKER} hello")
+        await m.delete(secret.id)
+        kept = await m.create(owner="carol")
+        with closing(sqlite3.connect(db, isolation_level=None)) as other:
+            if holder == "reader":
+                other.execute("BEGIN")
+                other.execute("SELECT count(*) FROM sessions").fetchone()
+            else:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("DELETE FROM contended")
+            with pytest.raises(StorageError, match="retry checkpoint") as info:
+                await repo.checkpoint()
+            assert info.value.recoverable
+            assert "another connection" in str(info.value)
+            assert found_in(wal(db))
+            # Nothing is broken meanwhile (the manager's get() writes: a touch).
+            found = await repo.get(kept.id)
+            assert found is not None and found.owner == "carol"
+            if holder == "reader":
+                assert (await m.create(owner="dave")).owner == "dave"
+            other.execute("COMMIT")
+        await repo.checkpoint()
+        assert wal(db).stat().st_size == 0
+        assert not found_in(db) and not found_in(wal(db))
+        assert (await m.get(kept.id)).owner == "carol"
+        assert (await m.create(owner="erin")).owner == "erin"
+
+
+async def test_reads_are_answered_while_a_checkpoint_waits(db: Path, anyio_backend: str) -> None:
+    """A checkpoint waiting for another connection's reader does not hold up the store's
+    reads (answered meanwhile); its writes run after it."""
+    events: list[str] = []
+    written = 0.0
+    async with SessionManager(SQLiteRepository(db, busy_timeout=1.5), cleanup_interval=None) as m:
+        repo = m.repository
+        assert isinstance(repo, SQLiteRepository)
+        kept = await m.create(owner="carol")
+        await m.delete((await m.create(owner=f"alice-{MARKER}")).id)
+
+        async def checkpoint() -> None:
+            with pytest.raises(StorageError, match="retry"):
+                await repo.checkpoint()
+            events.append("checkpoint failed")
+
+        async def write() -> None:
+            nonlocal written
+            await m.create(owner="dave")
+            written = time.monotonic()
+            events.append("write")
+
+        with closing(sqlite3.connect(db, isolation_level=None)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM sessions").fetchone()
+            started = time.monotonic()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(checkpoint)
+                for _ in range(5):  # the store's reads (the manager's get() touches)
+                    found = await repo.get(kept.id)
+                    assert found is not None and found.owner == "carol"
+                    events.append("read")
+                tg.start_soon(write)
+            reader.execute("COMMIT")
+        await repo.checkpoint()
+    # The write waited for the checkpoint (their answers may come in the same tick,
+    # woken in either order).
+    assert events[:5] == ["read"] * 5
+    assert sorted(events[5:]) == ["checkpoint failed", "write"]
+    assert written - started > 1.0
+
+
+async def test_checkpoint_on_a_closed_store_raises(db: Path, anyio_backend: str) -> None:
+    repo = SQLiteRepository(db)
+    with pytest.raises(StorageError, match="is not open"):
+        await repo.checkpoint()
+    async with repo:
+        await repo.checkpoint()  # nothing written yet: nothing to do
+    with pytest.raises(StorageError, match="is not open"):
+        await repo.checkpoint()
+
+
+async def test_checkpoint_of_a_memory_database_does_nothing(anyio_backend: str) -> None:
+    async with SQLiteRepository(":memory:") as repo:
+        await repo.add(make_session())
+        await repo.checkpoint()
