@@ -28,6 +28,7 @@ what happened and what to do about it::
 
 from __future__ import annotations
 
+import re
 import sys
 import uuid
 from typing import Any, NoReturn
@@ -78,6 +79,54 @@ class SessionError(Exception):
         # Subclasses build their message in __init__ from other arguments: rebuild
         # without calling it, so errors cross process boundaries (multiprocessing) intact.
         return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article ("an int", "a set")."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def int_digits(value: int) -> str:
+    """How long ``value`` is, for a message that must not show it: its decimal digits
+    (or bits, for an int too long to print)."""
+    try:
+        return _plural(len(str(abs(value))), "digit")
+    except ValueError:  # longer than sys.get_int_max_str_digits()
+        return _plural(abs(value).bit_length(), "bit")
+
+
+def kind_of(value: object) -> str:
+    """What ``value`` is, for an error message that must not show it (apps log these
+    messages, and values, owners and message contents are their users' data): its type
+    and, for text, bytes, ints and containers, its size; e.g. "a str of 12 characters",
+    "a set of 3 items", "a User object"."""
+    cls = type(value)
+    name = cls.__name__
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, float)):
+        return _a(name)
+    if isinstance(value, str):
+        return f"{_a(name)} of {_plural(len(value), 'character')}"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        size = value.nbytes if isinstance(value, memoryview) else len(value)
+        return f"{_a(name if cls is not bytes else 'bytes object')} of {_plural(size, 'byte')}"
+    if isinstance(value, int):
+        return f"{_a(name)} of {int_digits(value)}"
+    if isinstance(value, (set, frozenset, list, tuple, dict)):
+        return f"{_a(name)} of {_plural(len(value), 'item')}"
+    return f"{_a(name)} object"
+
+
+def _character(text: str, index: int) -> str:
+    """The character at ``index`` of ``text``, shown safely: quoted when printable, else
+    its code point."""
+    char = text[index]
+    return repr(char) if char.isprintable() else f"U+{ord(char):04X}"
 
 
 def _rebuild(cls: type[SessionError], args: tuple[Any, ...], state: dict[str, Any]) -> SessionError:
@@ -169,14 +218,29 @@ class ValidationError(SessionError, ValueError):
 
 
 class InvalidSessionName(ValidationError):
-    """A session name is not 1-100 characters of ``[A-Za-z0-9_-]``."""
+    """A session name is not 1-100 characters of ``[A-Za-z0-9_-]``.
+
+    The message describes the name (type, length, the first character not allowed)
+    without showing it; ``.name`` holds it."""
 
     def __init__(self, name: object) -> None:
         self.name = name
+        if not isinstance(name, str):
+            problem = f"{kind_of(name)} is not a str"
+        elif not name:
+            problem = "it is empty"
+        elif len(name) > 100:
+            problem = f"{kind_of(name)} is longer than 100"
+        else:
+            bad = next((i for i, char in enumerate(name) if not _NAME_CHAR.match(char)), 0)
+            problem = f"{kind_of(name)} has {_character(name, bad)} at index {bad}"
         super().__init__(
-            f"Invalid session name {name!r}: use 1 to 100 characters from letters, digits, "
-            "'-' and '_' (for example 'my-feature')."
+            f"Invalid session name (not shown): {problem}. Use 1 to 100 characters from "
+            "letters, digits, '-' and '_' (for example 'my-feature')."
         )
+
+
+_NAME_CHAR = re.compile(r"[A-Za-z0-9_-]")
 
 
 class InvalidSessionId(ValidationError, TypeError):
@@ -196,18 +260,38 @@ class InvalidSessionId(ValidationError, TypeError):
 
 
 class InvalidOwner(ValidationError):
-    """An owner is not a non-empty string of at most 256 printable characters."""
+    """An owner is not a non-empty string of at most 256 printable characters.
+
+    Owners are user ids and e-mail addresses: the message describes the owner (type,
+    length, the first character that is not printable) without showing it; ``.owner``
+    holds it."""
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
+        if not isinstance(owner, str):
+            problem = f"{kind_of(owner)} is not a str"
+        elif not owner:
+            problem = "the str is empty"
+        elif len(owner) > 256:
+            problem = f"{kind_of(owner)} is longer than 256"
+        else:
+            bad = next((i for i, char in enumerate(owner) if not char.isprintable()), 0)
+            problem = (
+                f"{kind_of(owner)} has a character that is not printable "
+                f"({_character(owner, bad)}) at index {bad}"
+            )
         super().__init__(
-            f"Invalid owner {owner!r}: use a non-empty string of at most 256 printable "
-            "characters (a user id or e-mail address), or None."
+            f"Invalid owner (not shown): {problem}. Use a non-empty str of at most 256 "
+            "printable characters (a user id or e-mail address), or None."
         )
 
 
 class InvalidJSONValue(ValidationError):
-    """A state or message-data value is not a JSON value."""
+    """A state or message-data value is not a JSON value.
+
+    The message names where the value is (``.path``, e.g. ``state['prefs']['user']``)
+    and what it is (type, size), never the value itself: state and message data are
+    users' data, and apps log these errors."""
 
     def __init__(self, path: str, problem: str) -> None:
         self.path = path
@@ -221,11 +305,22 @@ class InvalidJSONValue(ValidationError):
 
 
 class InvalidRole(ValidationError):
-    """A message role is not one of the known roles."""
+    """A message role is not one of the known roles.
+
+    A role that looks like a role name (up to 32 letters, digits and ``_.:-``) is shown;
+    anything else (message content passed as the role, say) only by type and length.
+    ``.role`` holds it."""
 
     def __init__(self, role: object, allowed: tuple[str, ...]) -> None:
         self.role = role
-        super().__init__(f"Invalid message role {role!r}: use one of {', '.join(allowed)}.")
+        if isinstance(role, str) and _ROLE_LIKE.fullmatch(role):
+            shown = repr(role)
+        else:
+            shown = f"(not shown: {kind_of(role)})"
+        super().__init__(f"Invalid message role {shown}: use one of {', '.join(allowed)}.")
+
+
+_ROLE_LIKE = re.compile(r"[A-Za-z0-9_.:-]{1,32}")
 
 
 class LimitExceeded(ValidationError):
@@ -274,7 +369,7 @@ class InvalidCursor(ValidationError):
     def __init__(self, cursor: object) -> None:
         self.cursor = cursor
         super().__init__(
-            f"Invalid cursor {cursor!r}: pass the next_cursor of a previous page of the "
+            f"Invalid cursor {cursor!r:.80}: pass the next_cursor of a previous page of the "
             "same listing, or None for the first page."
         )
 

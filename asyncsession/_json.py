@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import math
 from collections.abc import Mapping
 from typing import Any, NoReturn, Union
 
-from ._exceptions import InvalidJSONValue
+from ._exceptions import InvalidJSONValue, int_digits, kind_of
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -119,13 +121,43 @@ def _validated(items: dict[str, Any], height: int) -> FrozenDict:
 EMPTY = _validated({}, 1)
 
 
-def _check_str(value: str, path: str) -> None:
+def _check_str(value: str, path: str, key: bool = False) -> None:
     try:
         value.encode("utf-8")
-    except UnicodeEncodeError:
+    except UnicodeEncodeError as exc:
+        what = f"a key ({kind_of(value)})" if key else kind_of(value)
         raise InvalidJSONValue(
-            path, "string contains a lone surrogate and is not valid Unicode"
+            path,
+            f"{what} has a lone surrogate at index {exc.start} and is not valid Unicode; "
+            "remove it, or decode the text with errors='replace'",
         ) from None
+
+
+def _too_big(value: int, path: str) -> InvalidJSONValue:
+    return InvalidJSONValue(
+        path,
+        f"{'a negative' if value < 0 else 'an'} int of {int_digits(value)} does not fit "
+        "in 64 bits (-2**63 to 2**64 - 1); store it as a str (str(value))",
+    )
+
+
+def _not_json(value: object) -> str:
+    """Why ``value`` (of no JSON type) is refused and what to store instead, without
+    showing it (state and message data are users' data, and apps log these errors)."""
+    if isinstance(value, (set, frozenset)):
+        hint = "convert it to a list first (e.g. sorted(value))"
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        hint = "decode it to a str first (value.decode(), or base64 for binary data)"
+    elif isinstance(value, (datetime.date, datetime.time)):
+        hint = "convert it to a str first (value.isoformat())"
+    elif dataclasses.is_dataclass(value):
+        hint = "convert it to a dict first (dataclasses.asdict(value))"
+    else:
+        hint = (
+            "convert it to a dict, list, str or number first (e.g. "
+            "dataclasses.asdict(value), model.model_dump(), str(value))"
+        )
+    return f"{kind_of(value)} is not a JSON value; {hint}"
 
 
 def _too_deep(path: str) -> InvalidJSONValue:
@@ -162,7 +194,7 @@ def _freeze(value: object, path: str, room: int) -> tuple[Any, int]:
         return value, 0
     if cls is int:
         if not _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]
-            raise InvalidJSONValue(path, f"integer {value} does not fit in 64 bits")
+            raise _too_big(value, path)  # type: ignore[arg-type]
         return value, 0
     if cls is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
@@ -182,9 +214,13 @@ def _freeze(value: object, path: str, room: int) -> tuple[Any, int]:
         for key, item in value.items():
             if type(key) is not str:
                 if not isinstance(key, str):
-                    raise InvalidJSONValue(path, f"key {key!r} is not a string")
+                    raise InvalidJSONValue(
+                        path,
+                        f"a key of type {type(key).__name__} is not a string; convert "
+                        "keys with str(key)",
+                    )
                 key = plain_str(key)  # a str enum member's value, not its name
-            _check_str(key, path)
+            _check_str(key, path, key=True)
             out[key], height = _freeze(item, f"{path}[{key!r}]", room - 1)
             if height > below:
                 below = height
@@ -209,7 +245,7 @@ def _freeze(value: object, path: str, room: int) -> tuple[Any, int]:
         return _freeze(int(value), path, room)
     if isinstance(value, float):
         return _freeze(float(value), path, room)
-    raise InvalidJSONValue(path, f"{type(value).__name__} {value!r:.60} is not a JSON value")
+    raise InvalidJSONValue(path, _not_json(value))
 
 
 def freeze_state(value: object) -> FrozenDict:

@@ -42,6 +42,7 @@ from ._exceptions import (
     SessionConflict,
     SessionNotFound,
     StorageError,
+    kind_of,
     leaf_ids,
     reraise,
     sole_error,
@@ -912,7 +913,7 @@ class SessionManager:
         if isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
             raise InvalidUpdate(
                 "add_messages() takes a list of (role, content[, data]) items; "
-                f"got {messages!r:.60}."
+                f"got {kind_of(messages)}."
             )
         sid = _parse_id(session_id)
         await self._after_rotation(sid)
@@ -1584,7 +1585,7 @@ def _fields(item: object) -> tuple[str, str, Any]:
         role, content, *rest = item
         return role, content, rest[0] if rest else None
     raise InvalidUpdate(
-        f"add_messages() takes (role, content) or (role, content, data) items; got {item!r:.60}."
+        f"add_messages() takes (role, content) or (role, content, data) items; got {kind_of(item)}."
     )
 
 

@@ -22,6 +22,7 @@ from ._exceptions import (
     InvalidSessionName,
     SessionError,
     ValidationError,
+    kind_of,
 )
 from ._json import EMPTY, freeze_json, freeze_state, merge_state, plain_str
 
@@ -188,7 +189,7 @@ class MessageLog(Sequence[Message]):
         items = list(messages)
         for item in items:
             if not isinstance(item, Message):
-                raise TypeError(f"MessageLog holds Message objects, got {item!r:.60}")
+                raise TypeError(f"MessageLog holds Message objects, got {kind_of(item)}")
         if offset < 0:
             raise ValueError("offset must be >= 0")
         self._items = items
@@ -254,7 +255,7 @@ class MessageLog(Sequence[Message]):
                 f"invalid message ({type(exc).__name__}: {exc})", session_id=decoder.session_id
             ) from exc
         if not isinstance(message, Message):
-            raise TypeError(f"the message decoder returned {message!r:.60}")
+            raise TypeError(f"the message decoder returned {kind_of(message)}")
         items[position] = message
         return message
 
@@ -354,7 +355,7 @@ class MessageLog(Sequence[Message]):
     def append(self, message: Message) -> MessageLog:
         """Return a new log with ``message`` at the end (O(1) amortized)."""
         if not isinstance(message, Message):
-            raise TypeError(f"append() takes a Message, got {message!r:.60}")
+            raise TypeError(f"append() takes a Message, got {kind_of(message)}")
         items = self._items
         stop = self._stop
         log = _new_log(type(self))
@@ -431,8 +432,8 @@ def _to_log(value: Iterable[Message] | None) -> MessageLog:
     for item in items:
         if not isinstance(item, Message):
             raise InvalidConfiguration(
-                f"Session.messages holds Message objects, got {type(item).__name__} "
-                f"{item!r:.60}. Add messages with Session.with_message()."
+                f"Session.messages holds Message objects, got {kind_of(item)}. Add "
+                "messages with Session.with_message()."
             )
     return MessageLog(items)
 

@@ -37,7 +37,7 @@ _converter = make_converter()
 
 def _parse_datetime(value: Any, _: Any) -> datetime:
     if not isinstance(value, str):
-        raise ValueError(f"expected an ISO 8601 string, got {value!r:.40}")
+        raise ValueError(f"expected an ISO 8601 string, got {type(value).__name__}")
     if value.endswith(("Z", "z")):
         value = value[:-1] + "+00:00"
     return datetime.fromisoformat(value)
@@ -58,7 +58,7 @@ def _unstructure_message(message: Message) -> dict[str, Any]:
 
 def _structure_message(value: Any, _: Any) -> Message:
     if not isinstance(value, dict):
-        raise ValueError(f"message must be an object, got {value!r:.40}")
+        raise ValueError(f"message must be an object, got {type(value).__name__}")
     return Message(
         value["role"],
         value["content"],
@@ -70,14 +70,14 @@ def _structure_message(value: Any, _: Any) -> Message:
 def _strict_int(value: Any, _: Any) -> int:
     # cattrs' default hook calls int(), which takes 1.7, True and "3"
     if type(value) is not int:
-        raise ValueError(f"expected an integer, got {value!r:.40}")
+        raise ValueError(f"expected an integer, got {type(value).__name__}")
     return value
 
 
 def _strict_str(value: Any, _: Any) -> str:
     # cattrs' default hook calls str(), which takes 42 and ["x"]
     if type(value) is not str:
-        raise ValueError(f"expected a string, got {value!r:.40}")
+        raise ValueError(f"expected a string, got {type(value).__name__}")
     return value
 
 
@@ -87,7 +87,7 @@ def _strict_optional_str(value: Any, _: Any) -> str | None:
 
 def _parse_uuid(value: Any, _: Any) -> uuid.UUID:
     if type(value) is not str:
-        raise ValueError(f"expected a UUID string, got {value!r:.40}")
+        raise ValueError(f"expected a UUID string, got {type(value).__name__}")
     return uuid.UUID(value)
 
 
@@ -204,7 +204,17 @@ def _describe(exc: BaseException) -> list[str]:
         for inner in inner_exceptions:
             out.extend(_describe(inner))
         return out
-    return [f"{type(exc).__name__}: {exc}"]
+    # cattrs notes which field failed; the messages above show types, not stored values
+    field = next(
+        (
+            note.rpartition(" @ attribute ")[2]
+            for note in getattr(exc, "__notes__", ())
+            if isinstance(note, str) and " @ attribute " in note
+        ),
+        None,
+    )
+    text = f"{type(exc).__name__}: {exc}"
+    return [f"{field}: {text}" if field else text]
 
 
 def dumps(session: Session) -> bytes:

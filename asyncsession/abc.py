@@ -60,7 +60,7 @@ def _statuses(value: object) -> frozenset[SessionStatus] | None:
 
 def _search(instance: object, attribute: object, value: Any) -> None:
     if value is not None and not isinstance(value, str):
-        raise InvalidConfiguration(f"search must be a str or None; got {value!r}.")
+        raise InvalidConfiguration(f"search must be a str or None; got {type(value).__name__}.")
 
 
 def _limit(instance: object, attribute: object, value: int) -> None:

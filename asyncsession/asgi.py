@@ -243,7 +243,7 @@ class SessionDict(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         self._check_change()
         if not isinstance(key, str):
-            raise InvalidUpdate(f"Session keys must be strings, got {key!r}.")
+            raise InvalidUpdate(_not_a_key(key))
         freeze_state({key: value})  # a value that is not JSON is refused here, not at save
         self._data[key] = value
         self._set.add(key)
@@ -299,7 +299,7 @@ class SessionDict(MutableMapping[str, Any]):
         self._check_change()
         for key in items:
             if not isinstance(key, str):
-                raise InvalidUpdate(f"Session keys must be strings, got {_short(key)}.")
+                raise InvalidUpdate(_not_a_key(key))
         freeze_state(items)  # every value checked before any is set
         for key, value in items.items():
             self._data[key] = value
@@ -574,6 +574,15 @@ def _check_prefix(cookie_name: str, *, secure: bool, path: str, domain: str | No
             "otherwise, so visitors would never keep a session. Pass those settings, or "
             "use a cookie name without the prefix."
         )
+
+
+def _not_a_key(key: object) -> str:
+    """The refusal of a session key that is not a str, without showing it (it may be
+    a user's data: an e-mail address, a card number)."""
+    return (
+        f"Session keys must be strings, got a key of type {type(key).__name__}; convert "
+        "it with str(key)."
+    )
 
 
 def _short(value: object) -> str:

@@ -921,6 +921,39 @@ async def test_non_json_value_set_inside_a_nested_value_becomes_500(
     assert await count(memory_manager) == 0
 
 
+async def test_the_logged_save_error_leaves_out_the_value(
+    memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ERROR record of a save refused for a non-JSON value (its message, the
+    exception's text and the traceback, as a handler formats them) names the key path
+    and the value's type, never the value: here a user's e-mail address and birth date
+    in an object's repr (privacy review)."""
+    Profile = types.SimpleNamespace
+    refused: list[BaseException] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        session = scope["session"]
+        with pytest.raises(s.InvalidUpdate) as info:
+            session[4111111111111111] = "x"  # a key that is not a str, refused at once
+        refused.append(info.value)
+        session["prefs"] = {"a": 1}
+        session["prefs"]["user"] = Profile(email="alice@example.com", dob="1980-01-02")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    wrapped = SessionMiddleware(app, memory_manager, secret_key=KEY)
+    with caplog.at_level(logging.ERROR, "asyncsession.asgi"):
+        async with client(wrapped) as http:
+            response = await http.get("/")
+    assert response.status_code == 500
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    logged = logging.Formatter().format(record)
+    assert "alice@example.com" not in logged and "1980-01-02" not in logged
+    assert "state['prefs']['user']: a SimpleNamespace object is not a JSON value" in logged
+    (error,) = refused
+    assert "4111111111111111" not in str(error) and "int" in str(error)
+
+
 # --- bare ASGI, websocket, lifespan ---------------------------------------------------
 
 

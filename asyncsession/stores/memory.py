@@ -14,6 +14,7 @@ from .._exceptions import (
     SessionClosed,
     SessionConflict,
     SessionNotFound,
+    kind_of,
 )
 from .._migrations import CURRENT_VERSION
 from .._models import (
@@ -207,7 +208,7 @@ class MemoryRepository(SessionRepository):
             revision = self._next_revision(session_id, old.revision)
             for message in messages:
                 if not isinstance(message, Message):
-                    raise TypeError(f"append() takes Message objects, got {message!r:.60}")
+                    raise TypeError(f"append() takes Message objects, got {kind_of(message)}")
             new = replace_trusted(
                 old,
                 messages=old.messages.extend(messages),
