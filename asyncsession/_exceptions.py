@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 import sys
 import uuid
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 if sys.version_info < (3, 11):
@@ -129,6 +130,19 @@ def _character(text: str, index: int) -> str:
     return repr(char) if char.isprintable() else f"U+{ord(char):04X}"
 
 
+def _text_problem(value: object, limit: int, allowed: Callable[[str], object], refused: str) -> str:
+    """What is wrong with ``value`` as a str of 1 to ``limit`` characters that are each
+    ``allowed``, told without showing it (``refused`` names a character that is not)."""
+    if not isinstance(value, str):
+        return f"{kind_of(value)} is not a str"
+    if not value:
+        return "the str is empty"
+    if len(value) > limit:
+        return f"{kind_of(value)} is longer than {limit}"
+    bad = next((i for i, char in enumerate(value) if not allowed(char)), 0)
+    return f"{kind_of(value)} has {refused} ({_character(value, bad)}) at index {bad}"
+
+
 def _rebuild(cls: type[SessionError], args: tuple[Any, ...], state: dict[str, Any]) -> SessionError:
     error = cls.__new__(cls)
     error.args = args
@@ -225,15 +239,7 @@ class InvalidSessionName(ValidationError):
 
     def __init__(self, name: object) -> None:
         self.name = name
-        if not isinstance(name, str):
-            problem = f"{kind_of(name)} is not a str"
-        elif not name:
-            problem = "it is empty"
-        elif len(name) > 100:
-            problem = f"{kind_of(name)} is longer than 100"
-        else:
-            bad = next((i for i, char in enumerate(name) if not _NAME_CHAR.match(char)), 0)
-            problem = f"{kind_of(name)} has {_character(name, bad)} at index {bad}"
+        problem = _text_problem(name, 100, _NAME_CHAR.match, "a character not allowed")
         super().__init__(
             f"Invalid session name (not shown): {problem}. Use 1 to 100 characters from "
             "letters, digits, '-' and '_' (for example 'my-feature')."
@@ -268,18 +274,7 @@ class InvalidOwner(ValidationError):
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
-        if not isinstance(owner, str):
-            problem = f"{kind_of(owner)} is not a str"
-        elif not owner:
-            problem = "the str is empty"
-        elif len(owner) > 256:
-            problem = f"{kind_of(owner)} is longer than 256"
-        else:
-            bad = next((i for i, char in enumerate(owner) if not char.isprintable()), 0)
-            problem = (
-                f"{kind_of(owner)} has a character that is not printable "
-                f"({_character(owner, bad)}) at index {bad}"
-            )
+        problem = _text_problem(owner, 256, str.isprintable, "a character that is not printable")
         super().__init__(
             f"Invalid owner (not shown): {problem}. Use a non-empty str of at most 256 "
             "printable characters (a user id or e-mail address), or None."
