@@ -41,9 +41,11 @@ long its operation waited. Callers are answered only after the commit: the worke
 schedules one wake-up per event loop and batch with the loop's own thread-safe scheduler
 (found through its anyio token, so asyncio and trio alike) and goes on with the next
 batch at once, without waiting for the loop to run it.
-A checkpoint (:meth:`SQLiteRepository.checkpoint`) runs outside any transaction, after
-its batch's writes, again while another connection keeps it from finishing (answering
-the reads queued meanwhile), until the batch's ``busy_timeout`` deadline.
+A checkpoint (:meth:`SQLiteRepository.checkpoint`, with its optional ``VACUUM``) runs
+outside any transaction, after its batch's writes, one by one with the batch's other
+checkpoints, under the same rules: again while another connection keeps it from
+finishing (answering the reads queued meanwhile), until the batch's ``busy_timeout``
+deadline; once one gives up there (or the batch's writes did), the others fail at once.
 Each open starts a worker with its own queue and connection; the base class runs opens
 and closes one at a time.
 """
@@ -1264,34 +1266,54 @@ class SQLiteRepository(SessionRepository):
             self._operations, self._withdrawn, self._commits, self._largest_batch
         )
 
-    async def checkpoint(self) -> None:
+    async def checkpoint(self, *, vacuum: bool = False) -> None:
         """Copy the write-ahead log into the database file and truncate the ``-wal`` file
         to 0 bytes (SQLite's ``PRAGMA wal_checkpoint(TRUNCATE)``), in one hop to the
-        worker.
+        worker, after the writes queued before it.
 
         Call it after deleting sessions (or after the manager's expiry cleanup) when
-        their data must be gone from the files: until a checkpoint, the ``-wal`` file
-        still holds the pages the session was written in (the store checkpoints on its
-        own only every :data:`WAL_AUTOCHECKPOINT` pages, and never truncates the file).
-        With ``secure_delete`` on (the store's default), the deleted rows were
-        overwritten with zeros, so afterwards neither file holds them. With
-        ``pragmas={"secure_delete": "off"}``, they remain in the database file's free
-        space until reused or a ``VACUUM``; so do rows deleted before this store turned
-        it on (an older release, or a program of your own).
+        their data must leave the files. Until a checkpoint, the ``-wal`` file still
+        holds the pages the sessions were written in: the store's own checkpoints (every
+        :data:`WAL_AUTOCHECKPOINT` pages) copy the log but leave the file its size, old
+        pages readable until overwritten; SQLite deletes the ``-wal`` file only when
+        the last connection to the database closes.
 
-        Every connection to the file must be done with the log for it to finish: another
-        connection (another process, or another store on this file) reading or writing
-        the database is waited for, up to ``busy_timeout`` (the store's other operations
-        queued meanwhile: its reads are answered, its writes wait), while new writers of
-        other connections wait for the checkpoint. If they are still at it then, this
-        raises a recoverable :class:`StorageError` (part of the log may have been copied;
-        nothing is lost): retry when the other processes are idle. A closed store raises
+        What it guarantees: the ``-wal`` file is truncated to 0 bytes. Deleted rows were
+        overwritten with zeros by ``secure_delete`` (on by default), but SQLite may leave
+        older copies of rows in pages' free space (when it reorganises a page as rows
+        grow and move), so fragments of deleted sessions may remain in the database file
+        until a ``VACUUM``; so do rows deleted with ``pragmas={"secure_delete": "off"}``
+        or before this store turned it on (an older release, or a program of your own).
+
+        ``vacuum=True`` runs ``VACUUM`` first, then the checkpoint: the database file is
+        rewritten from its live rows, so no copy of a deleted row remains in either file.
+        It costs a rewrite of the whole file: it needs free disk space of up to about
+        twice the file's size (a temporary copy, then the log holding every page until
+        the checkpoint), and it holds the write lock while it runs, so other processes'
+        writes wait (up to their busy timeout) and this store's other operations wait on
+        its worker. Use it where erasure must be complete, such as a nightly job after
+        the expiry cleanup, not after every deletion.
+
+        Every connection to the file must be done with the log for the checkpoint to
+        finish: another connection (another process, or another store on this file)
+        reading or writing the database is waited for, up to ``busy_timeout`` (the
+        store's other operations queued meanwhile: its reads are answered, its writes
+        wait), while new writers of other connections wait for the checkpoint; ``VACUUM``
+        waits the same way for another connection's write. If they are still at it then,
+        this raises a recoverable :class:`StorageError` (part of the log may have been
+        copied; nothing is lost): retry when the other processes are idle. A retry after
+        a ``VACUUM`` that finished runs it again. A closed store raises
         :class:`StorageError` like every other operation; an in-memory database has no
-        log, and nothing is done.
+        log (``vacuum=True`` still compacts it).
         """
         name = f"{self._path.name}-wal"
+        vacuumed = not vacuum
 
         def op(conn: sqlite3.Connection) -> None:
+            nonlocal vacuumed
+            if not vacuumed:  # a retry repeats only the checkpoint
+                conn.execute("VACUUM")
+                vacuumed = True
             busy, log, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if busy or log != copied:
                 pages = f"; {copied} of {log} log pages copied" if log >= 0 else ""
@@ -1572,65 +1594,11 @@ class SQLiteRepository(SessionRepository):
         if writes and len(writes) < len(batch):
             self._run_group(conn, [r for r in batch if not r.write], deadline)
             batch = writes
+        gave_up = None
         if batch:
-            self._run_group(conn, batch, deadline, meanwhile if writes else None)
-        for request in outside:
-            self._run_outside(conn, request, deadline, meanwhile)
-            self._answer([request])
-
-    def _run_outside(
-        self,
-        conn: sqlite3.Connection,
-        request: _Request,
-        deadline: float,
-        meanwhile: Callable[[float], None] | None = None,
-    ) -> None:
-        """Run a write that must run outside any transaction (a checkpoint), again while
-        another connection keeps it from finishing (it raises :class:`_Unfinished`, or
-        SQLite answers busy), until ``deadline``; calls ``meanwhile(deadline)`` between
-        tries. Leaves the outcome in the request for the caller to answer."""
-        assert request.fn is not None
-        assert request.started is not None
-        delay = 0.001
-        while True:
-            start = time.monotonic()
-            try:
-                request.result = request.fn(conn)
-                return
-            except (_Unfinished, sqlite3.OperationalError) as exc:
-                if isinstance(exc, sqlite3.OperationalError) and not _is_busy(exc):
-                    request.error = self._storage_error(exc)
-                    request.error.__cause__ = exc
-                    return
-                now = time.monotonic()
-                if now < deadline:
-                    if meanwhile is not None:
-                        meanwhile(deadline)
-                    if now - start < self._lock_slice / 2:  # SQLite did not wait
-                        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                        delay = min(delay * 2, 0.05)
-                    continue
-                waited = now - request.started
-                if isinstance(exc, _Unfinished):
-                    request.error = StorageError(
-                        f"{exc} It waited {waited:.2f}s (busy_timeout {self._busy_timeout:g}s).",
-                        recoverable=True,
-                    )
-                else:
-                    request.error = self._storage_error(exc, waited)
-                    request.error.__cause__ = exc
-                return
-            except sqlite3.Error as exc:
-                request.error = self._storage_error(exc)
-                request.error.__cause__ = exc
-                return
-            except MemoryError as exc:
-                request.error = self._memory_error(exc)
-                request.error.__cause__ = exc
-                return
-            except Exception as exc:
-                request.error = exc
-                return
+            gave_up = self._run_group(conn, batch, deadline, meanwhile if writes else None)
+        if outside:  # after the batch's writes: one by one, never in a transaction
+            self._run_group(conn, outside, deadline, meanwhile, gave_up=gave_up)
 
     def _run_group(
         self,
@@ -1640,13 +1608,18 @@ class SQLiteRepository(SessionRepository):
         meanwhile: Callable[[float], None] | None = None,
         *,
         put_off: Callable[[list[_Request]], None] | None = None,
-    ) -> None:
+        gave_up: sqlite3.Error | _Unfinished | None = None,
+    ) -> sqlite3.Error | _Unfinished | None:
         """Run ``group`` (all reads, or all writes) in one transaction if it can, else one
         by one before ``deadline``; answer each request as soon as its outcome is known.
+        Returns the busy error an operation gave up on at the deadline, if one did.
 
-        With ``put_off``, the requests still busy at the deadline are handed to it,
-        unanswered, instead of failing."""
-        if len(group) > 1:
+        Writes that must run outside any transaction (a checkpoint) always run one by
+        one. With ``put_off``, the requests still busy at the deadline are handed to it,
+        unanswered, instead of failing. ``gave_up``: an earlier group of the batch gave
+        up at the deadline with this error; this group's requests fail with it at once
+        (none waits once more)."""
+        if len(group) > 1 and all(r.transaction or not r.write for r in group):
             try:
                 self._run_batch(conn, group, deadline, meanwhile)
             except _Locked as exc:
@@ -1655,17 +1628,17 @@ class SQLiteRepository(SessionRepository):
                 self._rollback(conn)
                 if put_off is not None:
                     put_off(group)
-                    return
+                    return None
                 for request in group:
                     self._still_locked(request, exc.error)
                 self._answer(group)
-                return
+                return exc.error
             except _Replaced as exc:
                 self._rollback(conn)
                 for request in group:  # one exception each: raised in different tasks
                     request.result, request.error = None, StorageError(str(exc))
                 self._answer(group)
-                return
+                return None
             except (_Aborted, sqlite3.Error) as exc:
                 logger.warning(
                     "group commit of %d operations on %s failed (%s); running them one by one",
@@ -1676,8 +1649,8 @@ class SQLiteRepository(SessionRepository):
                 self._rollback(conn)
             else:
                 self._answer(group)
-                return
-        locked: sqlite3.Error | None = None
+                return None
+        locked = gave_up
         still_busy: list[_Request] = []
         for request in group:  # SQLite's own waits for a lock are slices of the deadline
             if locked is None:  # once one gave up at the deadline, none waits once more
@@ -1692,14 +1665,23 @@ class SQLiteRepository(SessionRepository):
         if still_busy:
             assert put_off is not None
             put_off(still_busy)
+        return locked
 
-    def _still_locked(self, request: _Request, error: sqlite3.Error) -> None:
-        """Fail ``request`` with the busy ``error`` it (or another operation of its
-        group) got at the group's deadline, saying how long it waited."""
+    def _still_locked(self, request: _Request, error: sqlite3.Error | _Unfinished) -> None:
+        """Fail ``request`` with the busy ``error`` (or :class:`_Unfinished`) it, or
+        another operation of its group, got at the group's deadline, saying how long it
+        waited."""
         assert request.started is not None
+        waited = time.monotonic() - request.started
         request.result = None
-        request.error = self._storage_error(error, time.monotonic() - request.started)
-        request.error.__cause__ = error
+        if isinstance(error, _Unfinished):
+            request.error = StorageError(
+                f"{error} It waited {waited:.2f}s (busy_timeout {self._busy_timeout:g}s).",
+                recoverable=True,
+            )
+        else:
+            request.error = self._storage_error(error, waited)
+            request.error.__cause__ = error
 
     def _run_batch(
         self,
@@ -1764,13 +1746,20 @@ class SQLiteRepository(SessionRepository):
         request: _Request,
         deadline: float,
         meanwhile: Callable[[float], None] | None = None,
-    ) -> sqlite3.Error | None:
+    ) -> sqlite3.Error | _Unfinished | None:
         """Run ``request`` in its own transaction, again while the database is busy,
         until ``deadline``. Returns the busy error it gave up on at the deadline, leaving
-        the request unanswered for the caller to fail or put off; else None."""
+        the request unanswered for the caller to fail or put off; else None.
+
+        A request with ``transaction=False`` runs outside any transaction: a read of one
+        statement (called without ``meanwhile``), or a write that must (a checkpoint).
+        That write also runs again while it raises :class:`_Unfinished` (another
+        connection kept it from finishing), returned like a busy error at the deadline,
+        and ``meanwhile(deadline)`` is called between its tries."""
         assert request.fn is not None
         delay = 0.001
         while True:
+            start = time.monotonic()
             try:
                 if not request.transaction:
                     request.result = request.fn(conn)
@@ -1788,18 +1777,27 @@ class SQLiteRepository(SessionRepository):
                 self._commits += 1
                 self._largest_batch = max(self._largest_batch, 1)
                 return None
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, _Unfinished) as exc:
                 self._rollback(conn)
-                busy = _is_busy(exc)
-                if busy and time.monotonic() + delay < deadline:
+                request.result = None
+                if isinstance(exc, sqlite3.Error) and not _is_busy(exc):
+                    request.error = self._storage_error(exc)
+                    request.error.__cause__ = exc
+                    return None
+                now = time.monotonic()
+                if meanwhile is not None and not request.transaction:
+                    if now >= deadline:
+                        return exc
+                    meanwhile(deadline)  # the reads queued since are answered
+                    if now - start < self._lock_slice / 2:  # SQLite did not wait
+                        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                        delay = min(delay * 2, 0.05)
+                    continue
+                if now + delay < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 0.05)
                     continue
-                if busy:
-                    return exc
-                request.error = self._storage_error(exc)
-                request.error.__cause__ = exc
-                return None
+                return exc
             except MemoryError as exc:
                 self._rollback(conn)
                 request.error = self._memory_error(exc)
@@ -2100,8 +2098,8 @@ class SQLiteRepository(SessionRepository):
         # default of 1000 pages they took about a fifth of the write time here.
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
         # A deleted session's bytes are overwritten with zeros, not left in the file's
-        # free space (SQLite's own default is off, some builds turn it on): with
-        # checkpoint(), a deletion leaves nothing behind in the files.
+        # free space (SQLite's own default is off, some builds turn it on). Older
+        # copies of rows in pages' free space remain until a VACUUM: see checkpoint().
         conn.execute("PRAGMA secure_delete = ON")
         for name, value in self._pragmas.items():
             # An action (optimize, incremental_vacuum) may wait for the write lock.
