@@ -15,6 +15,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._exceptions import InvalidConfiguration
 from ._models import Session
+from ._notes import Overflow
 
 __all__ = ["EventKind", "SessionEvent", "Subscription"]
 
@@ -63,7 +64,9 @@ class Subscription:
     Overflow policy: each subscription buffers up to ``buffer`` events. When a slow
     subscriber's buffer is full, new events *for that subscriber* are dropped (counted
     in :attr:`dropped`, visible as gaps in ``seq``) so the manager and other
-    subscribers never wait. Iteration ends when the subscription or manager closes.
+    subscribers never wait; the first drop logs a warning, the next ones nothing until
+    the subscriber has taken every buffered event (then an info line says how many it
+    missed). Iteration ends when the subscription or manager closes.
 
     It receives events from its creation on. The manager holds it inside ``async with``
     and while a task waits for its next event; otherwise weakly: one used without
@@ -80,6 +83,13 @@ class Subscription:
         self._receive: MemoryObjectReceiveStream[SessionEvent]
         self._send, self._receive = anyio.create_memory_object_stream[SessionEvent](buffer)
         self.dropped = 0
+        self._overflow = Overflow(
+            logger,
+            f"event subscriber is too slow: its buffer of {buffer} events is full, so new "
+            "events for it are dropped until it takes the buffered ones; %d dropped so far "
+            "(see subscription.dropped)",
+            "event subscriber caught up; %d events were dropped for it meanwhile",
+        )
         self._entered = False
         self._waiting = 0  # tasks waiting in __anext__ (several may share it)
         hub._subscribers.add(self)
@@ -96,9 +106,8 @@ class Subscription:
         try:
             self._send.send_nowait(event)
         except anyio.WouldBlock:
-            if self.dropped == 0:
-                logger.warning("event subscriber is too slow; dropping events for it")
             self.dropped += 1
+            self._overflow.dropped(self.dropped)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._hub._subscribers.discard(self)
             self._hub._held.discard(self)
@@ -136,7 +145,10 @@ class Subscription:
         if not self._entered and self in self._hub._subscribers:
             held.add(self)  # a task waiting here keeps it (asyncio keeps no task alive)
         try:
-            return await self._receive.receive()
+            event = await self._receive.receive()
+            if self._overflow.active:
+                self._caught_up()
+            return event
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             self._receive.close()
             raise StopAsyncIteration from None
@@ -148,7 +160,14 @@ class Subscription:
     def receive_nowait(self) -> SessionEvent:
         """Return a buffered event; raise :class:`anyio.WouldBlock` if none is buffered,
         or :class:`anyio.EndOfStream` once the subscription has ended and is drained."""
-        return self._receive.receive_nowait()
+        event = self._receive.receive_nowait()
+        if self._overflow.active:
+            self._caught_up()
+        return event
+
+    def _caught_up(self) -> None:
+        if not self._receive.statistics().current_buffer_used:
+            self._overflow.drained()
 
 
 class EventHub:

@@ -57,7 +57,7 @@ from ._models import (
     parse_status,
     replace_trusted,
 )
-from ._notes import Notes
+from ._notes import Notes, Overflow
 from .abc import EventTransport, Page, SessionQuery, SessionRepository
 from .reporting import Reporter, SessionReport
 
@@ -71,6 +71,9 @@ _EXIT_REPORT_CALL_SECONDS = 5.0
 #: How long leaving the manager waits for the calls under way to finish before it closes
 #: the store under them.
 _CALLS_AT_EXIT_SECONDS = 5.0
+
+#: Most events a sharing manager hands its transport at once (``publish_events``).
+_SHARE_BATCH = 500
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -157,7 +160,8 @@ SessionId = Union[uuid.UUID, str]
 
 @attrs.frozen(slots=True)
 class SessionStats:
-    """Counts reported by :meth:`SessionManager.stats`."""
+    """Counts reported by :meth:`SessionManager.stats`. ``events_unshared``: events a
+    sharing manager (``share_events=True``) did not share with other processes."""
 
     by_status: Mapping[SessionStatus, int]
     subscribers: int
@@ -165,11 +169,23 @@ class SessionStats:
     expired_total: int
     reports_dropped: int = 0
     removals_failed: int = 0
+    events_unshared: int = 0
 
     @property
     def total(self) -> int:
         """All stored sessions."""
         return sum(self.by_status.values())
+
+
+@attrs.frozen(slots=True)
+class _SharedEvent:
+    """One of a manager's events on its way to other processes (a ``RemoteEvent``)."""
+
+    kind: str
+    session_id: uuid.UUID
+    at: datetime
+    revision: int | None
+    origin: str
 
 
 def _positive_int_or_none(value: int | None, name: str) -> int | None:
@@ -251,6 +267,14 @@ class SessionManager:
     number of reporters plus one in all; reports still queued then are dropped, counted
     in ``stats().reports_dropped`` and logged once with their number. A reporter that
     raises (even a cancellation of its own) is logged and the manager carries on.
+    While it runs, reports that do not fit the queue (``event_buffer``) are dropped and
+    counted there too, with one warning per episode (until the reporters caught up).
+
+    With ``share_events=True`` the manager hands its store everything it has queued for
+    other processes at once (up to 500 events, in one round trip with Redis). Events
+    that do not fit the queue (``event_buffer``), whose publishing failed, or that were
+    still queued when the manager left are not shared: counted in
+    ``stats().events_unshared``, with one warning per episode.
     """
 
     def __init__(
@@ -330,12 +354,26 @@ class SessionManager:
         self._reports: MemoryObjectSendStream[SessionReport] | None = None
         self._reports_done = anyio.Event()
         self._reports_dropped = 0
+        self._reports_overflow = Overflow(
+            logger,
+            f"reporters are too slow: their queue of {self._event_buffer} reports is full, "
+            "so the reports of sessions that end are dropped until they catch up; %d "
+            "dropped so far (see stats().reports_dropped)",
+            "reporters caught up; %d reports were dropped meanwhile",
+        )
         self._reports_draining = False  # exit began: reporter_timeout=None gets a bound
         self._report_queue: MemoryObjectReceiveStream[SessionReport] | None = None
         self._report_current: SessionReport | None = None  # not yet passed to every reporter
         self._report_call: anyio.CancelScope | None = None  # the reporter call under way
-        self._outbox: MemoryObjectSendStream[tuple[str, uuid.UUID, datetime, int | None]] | None
-        self._outbox = None
+        self._outbox: MemoryObjectSendStream[_SharedEvent] | None = None
+        self._events_unshared = 0  # dropped (outbox full), failed, or left at exit
+        self._outbox_overflow = Overflow(
+            logger,
+            f"event sharing is too slow: its queue of {self._event_buffer} events is full, "
+            "so events are dropped, not shared, until it drains; %d not shared so far "
+            "(see stats().events_unshared)",
+            "event sharing caught up; %d events were not shared meanwhile",
+        )
         self._published = anyio.Event()  # set once the outbox is closed and emptied
         self._locks = KeyedLocks()
         self._rotating: set[uuid.UUID] = set()  # ids whose rotation holds their lock
@@ -510,7 +548,7 @@ class SessionManager:
             with anyio.move_on_after(_SHARE_AT_EXIT_SECONDS, shield=True):
                 await self._published.wait()
             left = outbox.statistics().current_buffer_used
-            if left:
+            if left:  # counted in events_unshared when the publishing task ends
                 logger.warning(
                     "%s events were not shared at exit (publishing stopped, or took more "
                     "than %g s)",
@@ -651,6 +689,7 @@ class SessionManager:
             expired_total=self._expired_total,
             reports_dropped=self._reports_dropped,
             removals_failed=self._removals_failed,
+            events_unshared=self._events_unshared,
         )
 
     # -- writing ----------------------------------------------------------------------
@@ -1171,19 +1210,22 @@ class SessionManager:
                 )
             except anyio.WouldBlock:
                 self._reports_dropped += 1
-                logger.warning("reporters are too slow; dropped the report of %s", sid)
+                self._reports_overflow.dropped(self._reports_dropped)
         if self._outbox is not None:
             revision = session.revision if session is not None else None
             try:
-                self._outbox.send_nowait((kind.value, sid, at, revision))
+                self._outbox.send_nowait(_SharedEvent(kind.value, sid, at, revision, self._origin))
             except anyio.WouldBlock:
-                logger.warning("event sharing is too slow; %s of %s not shared", kind, sid)
+                self._events_unshared += 1
+                self._outbox_overflow.dropped(self._events_unshared)
 
     async def _report_loop(self, receive: MemoryObjectReceiveStream[SessionReport]) -> None:
         """Pass each report to every reporter in turn (``__aexit__`` closes ``receive``)."""
         try:
             async for report in receive:
                 self._report_current = report
+                if self._reports_overflow.active and not receive.statistics().current_buffer_used:
+                    self._reports_overflow.drained()
                 for reporter in self._reporters:
                     await self._report_to(reporter, report)
                 self._report_current = None
@@ -1242,25 +1284,43 @@ class SessionManager:
     async def _share_events_loop(self, *, task_status: TaskStatus[None]) -> None:
         transport = self._repository
         assert isinstance(transport, EventTransport)
-        send, receive = anyio.create_memory_object_stream[
-            tuple[str, uuid.UUID, datetime, int | None]
-        ](self._event_buffer)
+        send, receive = anyio.create_memory_object_stream[_SharedEvent](self._event_buffer)
         self._outbox = send
         published = self._published = anyio.Event()
 
         async def publish() -> None:
+            """Hand the transport everything queued (up to ``_SHARE_BATCH`` events) at
+            once: one round trip shares a whole burst."""
             trouble = _Outage("sharing events")
             try:
                 async with receive:
-                    async for kind, sid, at, revision in receive:
-                        try:
-                            await transport.publish_event(
-                                kind, sid, at=at, revision=revision, origin=self._origin
-                            )
-                        except Exception as exc:
-                            trouble.failed(exc, f"could not share event {kind} of {sid}")
-                        else:
-                            trouble.worked()
+                    try:
+                        async for first in receive:
+                            batch = [first]
+                            while len(batch) < _SHARE_BATCH:
+                                try:
+                                    batch.append(receive.receive_nowait())
+                                except (anyio.WouldBlock, anyio.EndOfStream):
+                                    break
+                            if not receive.statistics().current_buffer_used:
+                                self._outbox_overflow.drained()
+                            try:
+                                await transport.publish_events(batch)
+                            except Exception as exc:
+                                self._events_unshared += len(batch)
+                                trouble.failed(
+                                    exc,
+                                    f"could not share {len(batch)} "
+                                    f"event{'' if len(batch) == 1 else 's'} (counted in "
+                                    "stats().events_unshared)",
+                                )
+                            except BaseException:  # cancelled: the manager left meanwhile
+                                self._events_unshared += len(batch)
+                                raise
+                            else:
+                                trouble.worked()
+                    finally:  # cancelled: what is still queued is not shared either
+                        self._events_unshared += receive.statistics().current_buffer_used
             finally:  # emptied after the manager closed the outbox, or cancelled
                 published.set()
 

@@ -1,4 +1,5 @@
-"""A bounded memory of sessions passed over for now, so each is warned about once."""
+"""Warnings given once: about each session passed over for now (a bounded memory of
+them), and about each episode of drops from a full queue."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 import uuid
 from collections.abc import Iterable
 
-__all__ = ["Notes"]
+__all__ = ["Notes", "Overflow"]
 
 
 class Notes:
@@ -90,3 +91,38 @@ class Notes:
         with self._lock:
             self._causes.clear()
             self._overflow = False
+
+
+class Overflow:
+    """Warnings about what a full queue drops: one per episode, not one per item.
+
+    :meth:`dropped` warns at the first drop of an episode (``warning % total``, with the
+    count so far, which the caller keeps where its users read it) and says nothing at
+    the others. :meth:`drained`, called by the queue's reader when it has taken every
+    queued item, ends the episode with ``caught_up % dropped_in_episode`` at info level.
+    """
+
+    __slots__ = ("_caught_up", "_episode", "_log", "_warning")
+
+    def __init__(self, log: logging.Logger, warning: str, caught_up: str) -> None:
+        self._log = log
+        self._warning = warning
+        self._caught_up = caught_up
+        self._episode = 0  # dropped since the episode began; 0: no episode under way
+
+    @property
+    def active(self) -> bool:
+        """Whether an episode is under way (items were dropped since the last drain)."""
+        return self._episode > 0
+
+    def dropped(self, total: int) -> None:
+        """One item was dropped; ``total`` is how many in all, this one included."""
+        if not self._episode:
+            self._log.warning(self._warning, total)
+        self._episode += 1
+
+    def drained(self) -> None:
+        """The reader emptied the queue: the episode, if any, is over."""
+        if self._episode:
+            episode, self._episode = self._episode, 0
+            self._log.info(self._caught_up, episode)

@@ -656,6 +656,28 @@ class EventTransport(ABC):
     ) -> int:
         """Announce an event to other processes; return how many received it."""
 
+    async def publish_events(self, events: Sequence[RemoteEvent]) -> int:
+        """Announce several events, in order; return how many receptions there were in
+        all (the sum of what :meth:`publish_event` returns for each).
+
+        A sharing manager hands over everything it has queued at once (up to 500 events).
+        The default calls :meth:`publish_event` for each in turn, so a transport that
+        has only that keeps working; override it to send a batch in one round trip
+        (:class:`~asyncsession.stores.redis.RedisRepository` does). If it raises, the
+        manager counts the whole batch as not shared, although events before the
+        failure may have gone out.
+        """
+        heard = 0
+        for event in events:
+            heard += await self.publish_event(
+                event.kind,
+                event.session_id,
+                at=event.at,
+                revision=event.revision,
+                origin=event.origin,
+            )
+        return heard
+
     @abstractmethod
     def subscribe_events(self) -> AbstractAsyncContextManager[AsyncIterator[RemoteEvent]]:
         """``async with store.subscribe_events() as events: async for e in events: ...``"""

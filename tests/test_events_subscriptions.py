@@ -4,6 +4,7 @@ helper-27)."""
 from __future__ import annotations
 
 import gc
+import logging
 import warnings
 from typing import Any
 
@@ -138,3 +139,31 @@ async def test_tasks_sharing_a_subscription_keep_it_while_any_waits(anyio_backen
         with anyio.fail_after(10):
             await done.wait()
     assert got == {"once": 1, "rest": 5}
+
+
+async def test_a_slow_subscriber_is_warned_about_once_per_episode(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Drops for a subscriber whose buffer is full give one WARNING (with the count and
+    where it is kept), an INFO once it has taken every buffered event, and one WARNING
+    again if it falls behind again; subscription.dropped counts them all."""
+    caplog.set_level(logging.INFO, logger="asyncsession")
+    async with s.SessionManager(s.MemoryRepository()) as manager:
+        session = await manager.create()
+        async with manager.subscribe(buffer=2) as slow:
+            for episode in (1, 2):
+                for i in range(10):  # 2 fit, 8 do not
+                    await manager.add_message(session.id, "user", f"m{i}")
+                assert slow.dropped == 8 * episode
+                warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+                assert len(warnings) == episode
+                assert "subscription.dropped" in warnings[-1]
+                assert f"{8 * episode - 7} dropped so far" in warnings[-1]
+                slow.receive_nowait()
+                still = [r for r in caplog.records if "caught up" in r.getMessage()]
+                assert len(still) == episode - 1  # one event is still buffered
+                await slow.__anext__()  # the last buffered one
+                caught_up = [
+                    r.getMessage() for r in caplog.records if "caught up" in r.getMessage()
+                ]
+                assert len(caught_up) == episode and "8 events" in caught_up[-1]

@@ -46,7 +46,7 @@ from asyncsession import (
     StorageError,
     repository_from_url,
 )
-from asyncsession.stores.redis import REMOVE_ATTEMPTS, RedisRepository
+from asyncsession.stores.redis import REMOVE_ATTEMPTS, RedisEvent, RedisRepository
 from asyncsession.testing import RepositoryContract
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -499,6 +499,54 @@ async def test_events_of_ids_that_are_not_uuids_are_refused(redis_server: RedisS
             assert await a.publish_event("deleted", Shouting(int=sid.int), at=T0) == 1
             event = await events.__anext__()  # the refused ones never went out
     assert (event.kind, event.session_id, type(event.session_id)) == ("deleted", sid, uuid.UUID)
+
+
+@pytest.mark.anyio
+async def test_a_batch_of_events_goes_out_in_one_request_as_single_events(
+    redis_server: RedisServer,
+) -> None:
+    """publish_events() sends a whole batch in one round trip (a manager sharing a burst
+    of events sent one PUBLISH at a time, ~1/RTT events per second), and each event
+    still travels as its own message, as publish_event() sends it: subscribers of
+    earlier releases read them alike. An id that is not a UUID refuses the whole batch
+    before anything is sent; an empty batch sends nothing."""
+    key_prefix = prefix()
+    ids = [uuid.uuid4() for _ in range(3)]
+    batch = [
+        RedisEvent("created", ids[0], T0, None, "a"),
+        RedisEvent("message_added", ids[1], T0 + timedelta(seconds=1), 7, "a"),
+        RedisEvent("deleted", ids[2], T0 + timedelta(seconds=2), None, ""),
+    ]
+    async with (
+        RedisRepository(redis_server.url, prefix=key_prefix) as a,
+        RedisRepository(redis_server.url, prefix=key_prefix) as b,
+        b.subscribe_events() as events,
+    ):
+        with anyio.fail_after(10):
+            await publish_until_heard(a, "updated", ids[0], origin="warm-up")
+            assert (await events.__anext__()).origin == "warm-up"
+            info = await a.client.info("commandstats")
+            before = info.get("cmdstat_evalsha", {}).get("calls", 0)
+            assert await a.publish_events(batch) == 3  # one subscriber heard each
+            info = await a.client.info("commandstats")
+            assert info["cmdstat_evalsha"]["calls"] == before + 1
+            heard = [await events.__anext__() for _ in batch]
+            for event in batch:  # the same events, one at a time
+                await a.publish_event(
+                    event.kind,
+                    event.session_id,
+                    at=event.at,
+                    revision=event.revision,
+                    origin=event.origin,
+                )
+            singly = [await events.__anext__() for _ in batch]
+            assert await a.publish_events([]) == 0
+            with pytest.raises(InvalidSessionId):
+                await a.publish_events([batch[0], RedisEvent("deleted", "x", T0, None, "a")])  # type: ignore[arg-type]
+            await a.publish_event("closed", ids[1], at=T0, origin="after")
+            after = await events.__anext__()  # the refused batch never went out
+    assert heard == batch == singly
+    assert (after.kind, after.origin) == ("closed", "after")
 
 
 @pytest.mark.anyio

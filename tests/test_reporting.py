@@ -1276,3 +1276,58 @@ def test_two_first_reports_in_a_forked_child_start_the_reporter_afresh_once(
     it is started afresh once, and both lines are written."""
     # 1 line from the parent, 2 from the child
     assert lines_of_forked_child(_FORK_RACE_SCRIPT, anyio_backend, tmp_path) == 3
+
+
+class Gated:
+    """A slow reporter: each report waits until the gate opens."""
+
+    def __init__(self) -> None:
+        self.reports: list[SessionReport] = []
+        self.gate = anyio.Event()
+        self.passed = 0  # reports that went through the gate
+        self._passing = anyio.Event()
+
+    async def report(self, report: SessionReport) -> None:
+        self.reports.append(report)
+        await self.gate.wait()
+        self.passed += 1
+        self._passing.set()
+
+    async def wait_passed(self, count: int) -> None:
+        with anyio.fail_after(HANG_GUARD):
+            while self.passed < count:
+                self._passing = anyio.Event()
+                await self._passing.wait()
+
+
+async def test_a_burst_of_dropped_reports_is_warned_about_once(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slow reporter and 3,000 sessions closed in a burst gave 1,994 warning lines, one
+    per dropped report (soak review): one warning per episode now, with the count so far
+    and where to read it, and an INFO once the reporters caught up."""
+    caplog.set_level(logging.INFO, logger="asyncsession")
+    gated = Gated()
+    async with s.SessionManager(
+        s.MemoryRepository(),
+        reporters=[gated],
+        reporter_timeout=None,
+        event_buffer=10,
+        cleanup_interval=None,
+    ) as sessions:
+        for episode in (1, 2):
+            gated.gate = anyio.Event()
+            await sessions.close((await sessions.create()).id)
+            await anyio.wait_all_tasks_blocked()  # the report loop waits in the reporter
+            for _ in range(100):  # 10 fit in the queue, 90 do not
+                await sessions.close((await sessions.create()).id)
+            assert (await sessions.stats()).reports_dropped == 90 * episode
+            warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len(warnings) == episode
+            assert "reporters are too slow" in warnings[-1]
+            assert f"{90 * episode - 89} dropped so far" in warnings[-1]
+            assert "stats().reports_dropped" in warnings[-1]
+            gated.gate.set()
+            await gated.wait_passed(11 * episode)
+            caught_up = [r.getMessage() for r in caplog.records if "caught up" in r.getMessage()]
+            assert len(caught_up) == episode and "90 reports" in caught_up[-1]

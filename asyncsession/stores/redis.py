@@ -94,6 +94,7 @@ from .._urls import check_redis_url, shown_url
 from ..abc import (
     EventTransport,
     Page,
+    RemoteEvent,
     SessionQuery,
     SessionRepository,
     decode_cursor,
@@ -114,6 +115,7 @@ T = TypeVar("T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
 _CHUNK = 1000  # RPUSH arguments per call inside scripts (Lua's unpack() stack limit)
+_PUBLISH_BATCH = 1000  # events per publish_events() request (bounds one script's run)
 _ALL_MESSAGES = 2**53  # a longer last_messages means all (Lua numbers are doubles)
 #: How many times :meth:`RedisRepository.remove_expired` tries to remove (or, unreadable,
 #: keep) the version of an expired session it read, reading it again whenever it changed
@@ -537,6 +539,16 @@ for i, key in ipairs(KEYS) do
   out[i] = redis.call('HGET', key, 'd')
 end
 return out
+"""
+
+# ARGV P channel payload... : one PUBLISH per event (each its own message, as
+# publish_event sends it), the whole batch in one round trip
+_PUBLISH = """
+local heard = 0
+for i = 3, #ARGV do
+  heard = heard + redis.call('PUBLISH', ARGV[2], ARGV[i])
+end
+return heard
 """
 
 # KEYS zset; ARGV P max after want statuses visible_at first budget
@@ -1158,6 +1170,7 @@ class RedisRepository(SessionRepository, EventTransport):
         self._expired = register(_EXPIRED)
         self._list = register(_LIST)
         self._documents = register(_DOCUMENTS)
+        self._publish = register(_PUBLISH)
         self._entered: contextlib.AsyncExitStack | None = None
         self._subscriptions = 0  # open subscribe_events() blocks (each holds a connection)
         self._held = HeldSnapshots(snapshot_cache, max_bytes=snapshot_cache_bytes)
@@ -1800,7 +1813,40 @@ class RedisRepository(SessionRepository, EventTransport):
         Only ids and metadata travel (never session contents): subscribers re-read the
         session if they need it. ``origin`` lets a process ignore its own events.
         """
-        payload = orjson.dumps(
+        payload = self._event_payload(kind, session_id, at, revision, origin)
+        with self._errors("a publish"):
+            return await self._client.publish(self.events_channel, payload)
+
+    async def publish_events(self, events: Sequence[RemoteEvent]) -> int:
+        """Announce several events, in order, in one round trip (a script that publishes
+        each as its own message, exactly as :meth:`publish_event` does, so every
+        subscriber, of any release, reads them alike); return how many receptions there
+        were in all. Every id is checked first: one that is not a :class:`uuid.UUID`
+        raises :class:`~asyncsession.InvalidSessionId` and nothing is sent. A batch of
+        more than 1,000 events goes out in requests of 1,000.
+        """
+        payloads = [
+            self._event_payload(e.kind, e.session_id, e.at, e.revision, e.origin) for e in events
+        ]
+        heard = 0
+        for start in range(0, len(payloads), _PUBLISH_BATCH):
+            chunk = payloads[start : start + _PUBLISH_BATCH]
+            heard += int(
+                await self._run(
+                    self._publish,
+                    f"a publish of {len(chunk)} events",
+                    (),
+                    [self.events_channel, *chunk],
+                    write=False,
+                )
+            )
+        return heard
+
+    def _event_payload(
+        self, kind: str, session_id: uuid.UUID, at: datetime, revision: int | None, origin: str
+    ) -> bytes:
+        """An event as it travels: JSON of its ids and metadata (never session contents)."""
+        return orjson.dumps(
             {
                 "kind": str(kind),
                 "session_id": str(self._check_id(session_id)),
@@ -1809,8 +1855,6 @@ class RedisRepository(SessionRepository, EventTransport):
                 "origin": origin,
             }
         )
-        with self._errors("a publish"):
-            return await self._client.publish(self.events_channel, payload)
 
     @contextlib.asynccontextmanager
     async def subscribe_events(self) -> AsyncIterator[AsyncIterator[RedisEvent]]:
