@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import uuid
+from collections import deque
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -40,6 +41,8 @@ from ._exceptions import (
     SerializationError,
     SessionClosed,
     SessionConflict,
+    SessionError,
+    SessionLocked,
     SessionNotFound,
     StorageError,
     kind_of,
@@ -1397,58 +1400,91 @@ class SessionManager:
         manager remembers up to 10 000 such sessions at once; beyond, one warning says
         so and the others' failures are logged at debug level only, until fewer than
         5 000 are stuck.
-        After a storage error the store is asked for its expired sessions again: if that
-        fails too, the store itself is failing (unreachable, say) and the pass ends with
-        that error rather than wait out every removal's timeout. Cancelling
-        a pass, or leaving the manager, stops it before the next removal
-        (:class:`ManagerNotRunning` after the exit); a removal under way finishes and
-        is announced.
+        The store itself failing ends the pass with its error (the next pass tries
+        again), rather than wait out every removal's timeout and log each session: a
+        store that fails when asked for its expired sessions again after a storage
+        error (unreachable, say), or a second removal failing with a recoverable
+        :class:`StorageError` before any succeeds (a write lock another process holds,
+        a full disk: reads may still work). A recoverable error that names one session
+        (:class:`SessionLocked`) is that session's own.
+        The pass yields to the event loop before each removal, so other tasks (the
+        reporters, subscribers) run meanwhile, on every store. When the reports of the
+        sessions it expires outrun the reporters, it waits for room in their buffer
+        rather than drop them, up to ``reporter_timeout`` (5 s if None) times the number
+        of reporters plus one in all; beyond that, reports are dropped and counted as
+        usual. Cancelling a pass, or leaving the manager, stops it before the next
+        removal (:class:`ManagerNotRunning` after the exit); a removal under way
+        finishes and is announced.
         """
         now = self._clock.now()
         removed_total = 0
         # Ids tried and not removed (unreadable, locked elsewhere, taken by another
         # manager): a store may list them again, so each scan asks past them.
         passed: set[uuid.UUID] = set()
+        # A removal that failed as a store failing as a whole does (see
+        # _store_wide_suspect): the store's failure if the next removal tried fails so
+        # too; if one works instead, that session is tried once more (the store may
+        # have just recovered), and a second failure is its own.
+        suspect: tuple[uuid.UUID, SessionError] | None = None
+        retried: set[uuid.UUID] = set()
+        room = _ReportRoom(self._report_call_seconds() * (len(self._reporters) + 1))
         try:
             while True:
                 limit = self._cleanup_batch + len(passed)
                 ids = await self._repository.expired(now, limit=limit)
-                tried = 0
-                for sid in ids:
-                    if sid in passed:
-                        continue
-                    tried += 1
-                    # Each removal is shielded: stop between them when cancelled.
-                    await anyio.lowlevel.checkpoint_if_cancelled()
+                todo = deque(sid for sid in ids if sid not in passed)
+                tried = len(todo)
+                while todo:
+                    sid = todo.popleft()
+                    # Each removal is shielded: stop between them when cancelled. Yield
+                    # too: a store that never waits (memory) would hold the event loop
+                    # for the whole pass, and reports and events pile up meanwhile.
+                    await anyio.lowlevel.checkpoint()
                     self._check_running()  # the manager left meanwhile: stop here
                     try:
                         with anyio.CancelScope(shield=True):  # a removal is always announced
-                            removed = await self._expire(sid, now)
+                            taken = await self._take_expired(sid, now)
                     except (SerializationError, StorageError) as exc:
                         # One session that cannot be removed stops no others.
-                        self._removals_failed += 1
-                        self._unremovable.note(
-                            sid,
-                            f"{type(exc).__name__}: {exc}",
-                            "cannot remove expired session %s: %s",
-                            sid,
-                            exc,
-                        )
+                        if sid not in retried:  # counted once a pass
+                            self._removals_failed += 1
+                        passed.add(sid)
+                        if _store_wide_suspect(exc) and sid not in retried:
+                            if suspect is not None:
+                                raise  # two in a row: the store is failing, not they
+                            suspect = (sid, exc)
+                        else:
+                            self._note_unremovable(sid, exc)
                         if isinstance(exc, StorageError):
                             # This session, or the whole store? A store that fails this
                             # too ends the pass here (the next pass tries again).
                             await self._repository.expired(now, limit=1)
-                    else:
-                        if removed:
-                            self._unremovable.resolved(
-                                sid, "removed expired session %s at last", sid
-                            )
-                            removed_total += 1
-                            continue
+                        continue
+                    if suspect is not None:  # the store works: try that session again
+                        again = suspect[0]
+                        suspect = None
+                        retried.add(again)
+                        passed.discard(again)
+                        todo.appendleft(again)
+                    if taken is None:
                         self._unremovable.forget((sid,))
-                    passed.add(sid)
+                        passed.add(sid)
+                        continue
+                    self._unremovable.resolved(sid, "removed expired session %s at last", sid)
+                    removed_total += 1
+                    session, report = taken
+                    queued = False
+                    try:
+                        if report:
+                            queued = await self._queue_report(session, room)
+                    finally:
+                        self._emit(
+                            EventKind.EXPIRED, sid, session, now, report=report and not queued
+                        )
                 if len(ids) < limit or tried == 0:
                     break
+            if suspect is not None:  # nothing was tried after it: its own failure
+                self._note_unremovable(*suspect)
             # Every expired session was listed: forget failures of sessions that are no
             # longer there (removed or revived elsewhere), so that memory follows what is
             # stuck now.
@@ -1460,29 +1496,67 @@ class SessionManager:
         await anyio.lowlevel.checkpoint_if_cancelled()  # see _whole_write
         return removed_total
 
-    async def _expire(self, sid: uuid.UUID, now: datetime) -> bool:
-        """Remove ``sid`` if it has expired at ``now`` and announce it; True if removed.
+    def _note_unremovable(self, sid: uuid.UUID, exc: SessionError) -> None:
+        self._unremovable.note(
+            sid, f"{type(exc).__name__}: {exc}", "cannot remove expired session %s: %s", sid, exc
+        )
 
-        A session that was still open is reported as EXPIRED; one closed earlier was
-        reported when it closed, so only the event is sent. The document a rotation
-        retired (see :func:`_is_retired`) is removed silently: False, no event, not
-        counted; the rotation already announced the old id's end.
+    async def _queue_report(self, session: Session, room: _ReportRoom) -> bool:
+        """Queue the report of ``session``, which cleanup expired, waiting for room in
+        the reporters' buffer within what is left of ``room``; True if it is queued."""
+        reports = self._reports
+        if reports is None:
+            return False
+        report = SessionReport.from_session(session, self._report_attributes)
+        try:
+            reports.send_nowait(report)
+            return True
+        except anyio.WouldBlock:
+            pass
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return False
+        if room.left <= 0:
+            return False
+        start = anyio.current_time()
+        try:
+            with anyio.move_on_after(room.left):
+                await reports.send(report)
+                return True
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            room.left -= anyio.current_time() - start
+        return False
+
+    async def _expire(self, sid: uuid.UUID, now: datetime) -> bool:
+        """Remove ``sid`` if it has expired at ``now`` and announce it; True if removed."""
+        taken = await self._take_expired(sid, now)
+        if taken is None:
+            return False
+        session, report = taken
+        self._emit(EventKind.EXPIRED, sid, session, now, report=report)
+        return True
+
+    async def _take_expired(self, sid: uuid.UUID, now: datetime) -> tuple[Session, bool] | None:
+        """Remove ``sid`` if it has expired at ``now``: the session to announce as
+        EXPIRED and whether to report it, or None if nothing was removed.
+
+        A session that was still open is announced with status EXPIRED and reported;
+        one closed earlier was reported when it closed, so only the event is sent. The
+        document a rotation retired (see :func:`_is_retired`) is removed silently:
+        None, not counted; the rotation already announced the old id's end.
         """
         session = await self._repository.remove_expired(sid, now=now)
         if session is None:
-            return False
+            return None
         if _is_retired(session):
             logger.debug("removed the document %s that a rotation retired", sid)
-            return False
+            return None
         self._expired_total += 1
         if session.status.is_terminal:
-            self._emit(EventKind.EXPIRED, sid, session, now, report=False)
-        else:
-            session = attrs.evolve(
-                session, status=SessionStatus.EXPIRED, closed_at=session.expires_at
-            )
-            self._emit(EventKind.EXPIRED, sid, session, now)
-        return True
+            return session, False
+        session = attrs.evolve(session, status=SessionStatus.EXPIRED, closed_at=session.expires_at)
+        return session, True
 
     async def wait_for_cleanup(self) -> None:
         """Wait until the cleanup pass that is running or due next has finished.
@@ -1601,6 +1675,25 @@ class _Outage:
         if self._failing:
             self._failing = False
             logger.info("%s works again", self._job)
+
+
+def _store_wide_suspect(exc: Exception) -> bool:
+    """Whether a failed removal's ``exc`` is what a store raises when it fails as a
+    whole: a recoverable :class:`StorageError` (locked by another process, full,
+    unreachable, overloaded; a retry may help, so not a defect of one document) that
+    names no session (:class:`SessionLocked` does: that session is busy, the store
+    works)."""
+    return isinstance(exc, StorageError) and exc.recoverable and not isinstance(exc, SessionLocked)
+
+
+class _ReportRoom:
+    """How long, in all, a cleanup pass may still wait for room in the reporters'
+    buffer (seconds)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, seconds: float) -> None:
+        self.left = seconds
 
 
 #: How long a leaving manager waits for its queued events to be shared (share_events).

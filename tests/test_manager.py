@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import asyncsession as s
 import asyncsession._manager
 from asyncsession.abc import EventTransport, RemoteEvent
+from asyncsession.reporting import JsonLinesReporter, SessionReport, read_reports
 from asyncsession.stores.redis import RedisRepository
 from asyncsession.testing import ManualClock
 
@@ -1681,7 +1682,7 @@ class Collected:
     def __init__(self) -> None:
         self.reports: list[s.SessionReport] = []
 
-    async def report(self, report: s.SessionReport) -> None:
+    async def report(self, report: SessionReport) -> None:
         self.reports.append(report)
 
 
@@ -1837,8 +1838,10 @@ async def test_a_storage_error_on_one_session_does_not_stop_the_purge(
     anyio_backend: str, clock: ManualClock, caplog: pytest.LogCaptureFixture, batch: int
 ) -> None:
     store = OneFailing()
+    # The loop's first pass is due after this purge (a pass running alongside would
+    # take some of its sessions: each yields between removals).
     async with s.SessionManager(
-        store, idle_timeout=IDLE, cleanup_interval=60, cleanup_batch=batch, clock=clock
+        store, idle_timeout=IDLE, cleanup_interval=2 * IDLE, cleanup_batch=batch, clock=clock
     ) as sessions:
         first = await sessions.create()
         store.failing = first.id  # the earliest deadline: met first in every pass
@@ -1847,7 +1850,9 @@ async def test_a_storage_error_on_one_session_does_not_stop_the_purge(
         clock.advance(IDLE + 1)
         with anyio.fail_after(10), caplog.at_level(logging.WARNING, "asyncsession"):
             assert await sessions.purge_expired() == 4
-            assert store.attempts == 1  # passed over once, not retried in the pass
+            # passed over, and tried once more after the next removal worked (it
+            # might have been the store's failure, just ended): not again in the pass
+            assert store.attempts == 2
             assert not any([await store.get(o.id) for o in others])
             assert any(str(first.id) in r.getMessage() for r in caplog.records)
             # later sessions are removed by the cleanup loop too, pass after pass
@@ -1855,8 +1860,9 @@ async def test_a_storage_error_on_one_session_does_not_stop_the_purge(
             clock.advance(IDLE + 60)
             await sessions.wait_for_cleanup()
         assert await store.get(later.id) is None
-        assert store.attempts == 2
+        assert store.attempts == 4
         stats = await sessions.stats()
+        # once a pass
         assert stats.total == 1 and stats.expired_total == 5 and stats.removals_failed == 2
 
 
@@ -1901,6 +1907,239 @@ async def test_a_store_failing_mid_pass_ends_the_pass(
         assert store.scans == 2
         store.gone = False
         assert await sessions.purge_expired() == 19  # the next pass tries again
+
+
+class Instant:
+    """A reporter that returns at once (no await), keeping the ids it was given."""
+
+    def __init__(self) -> None:
+        self.ids: list[uuid.UUID] = []
+
+    async def report(self, report: SessionReport) -> None:
+        self.ids.append(report.session_id)
+
+
+async def test_a_cleanup_pass_lets_the_event_loop_run_between_removals(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    """On the memory store, whose operations never yield, a cleanup pass held the event
+    loop until it was done (100,000 expired sessions: 1.5 s), and the reports and events
+    of its sessions piled up meanwhile: of 3,000, an instant reporter got 1,000 and a
+    subscriber draining all along 1,000 (soak review). The pass yields before each
+    removal now: other tasks run during it, and nothing is dropped."""
+    store = s.MemoryRepository()
+    reporter = Instant()
+    async with s.SessionManager(
+        store, idle_timeout=60, cleanup_interval=30, clock=clock, reporters=[reporter]
+    ) as sessions:
+        created = {(await sessions.create()).id for _ in range(3000)}
+        got: list[uuid.UUID] = []
+        left_seen: set[int] = set()  # what a bystander task saw stored, pass after pass
+
+        async def bystander() -> None:
+            while True:
+                await anyio.lowlevel.checkpoint()
+                left_seen.add(len(store))
+
+        with anyio.fail_after(60):
+            async with sessions.subscribe() as events, anyio.create_task_group() as tg:
+
+                async def drain() -> None:
+                    async for event in events:
+                        assert event.kind is s.EventKind.EXPIRED
+                        got.append(event.session_id)
+
+                tg.start_soon(drain)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(bystander)
+                clock.advance(61)
+                await sessions.wait_for_cleanup()
+                while len(got) < 3000 or len(reporter.ids) < 3000:
+                    await anyio.lowlevel.checkpoint()
+                tg.cancel_scope.cancel()
+        stats = await sessions.stats()
+    assert stats.expired_total == 3000 and stats.total == 0
+    assert stats.reports_dropped == 0 and events.dropped == 0
+    assert set(got) == set(reporter.ids) == created
+    # The bystander ran between removals all through the pass, not only before or after
+    # it (trio's scheduler, which runs ready tasks in either order, may let two removals
+    # run between two of its turns).
+    assert len(left_seen & set(range(1, 3000))) > 1500
+
+
+async def test_a_cleanup_pass_waits_for_a_reporter_that_writes_rather_than_drop(
+    anyio_backend: str, clock: ManualClock, tmp_path: Path
+) -> None:
+    """A reporter that takes a few turns of the event loop per report (the library's own
+    JsonLinesReporter, which hands each line to a thread) fell behind a pass over 3,000
+    expired sessions even with the pass yielding: two thirds of the reports were dropped.
+    The pass waits for room in the reporters' buffer now."""
+    path = tmp_path / "health.jsonl"
+    async with s.SessionManager(
+        s.MemoryRepository(),
+        idle_timeout=60,
+        cleanup_interval=30,
+        clock=clock,
+        reporters=[JsonLinesReporter(path)],
+    ) as sessions:
+        created = {(await sessions.create()).id for _ in range(3000)}
+        clock.advance(61)
+        with anyio.fail_after(60):
+            await sessions.wait_for_cleanup()
+        stats = await sessions.stats()
+        assert stats.expired_total == 3000 and stats.reports_dropped == 0
+    assert {r.session_id for r in read_reports(path)} == created
+
+
+class Stuck:
+    """A reporter that never returns by itself."""
+
+    calls = 0
+
+    async def report(self, report: SessionReport) -> None:
+        self.calls += 1
+        await anyio.sleep_forever()
+
+
+async def test_a_stuck_reporter_does_not_hold_a_cleanup_pass(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    """Waiting for room in the reporters' buffer is bounded: reporter_timeout (5 s if
+    None) times the reporters plus one, in all, per pass; then the pass goes on and
+    drops reports as before, counting them."""
+    reporter = Stuck()
+    async with s.SessionManager(
+        s.MemoryRepository(),
+        idle_timeout=60,
+        cleanup_interval=30,
+        clock=clock,
+        reporters=[reporter],
+        reporter_timeout=0.05,
+        event_buffer=10,
+    ) as sessions:
+        for _ in range(100):
+            await sessions.create()
+        clock.advance(61)
+        with anyio.fail_after(60):
+            await sessions.wait_for_cleanup()
+        stats = await sessions.stats()
+        assert stats.expired_total == 100 and stats.total == 0
+        assert stats.reports_dropped > 0  # beyond the waiting budget
+        assert reporter.calls < 90  # nowhere near one timeout per removal
+
+
+class RemovalsFailFor(s.MemoryRepository):
+    """A memory store whose next ``failing`` removals fail as a store does when it
+    fails as a whole (a recoverable StorageError), or, ``locked``, as one whose
+    sessions are each locked by another process (SessionLocked)."""
+
+    def __init__(self, *, locked: bool = False) -> None:
+        super().__init__()
+        self.locked = locked
+        self.failing = 0
+        self.attempts = 0
+
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> s.Session | None:
+        self.attempts += 1
+        if self.failing:
+            self.failing -= 1
+            if self.locked:
+                raise s.SessionLocked(f"{session_id} is locked (test)", session_id=session_id)
+            raise s.StorageError("the store is busy (test)", recoverable=True)
+        return await super().remove_expired(session_id, now=now)
+
+
+async def test_a_removal_failing_once_as_the_store_would_is_tried_again_at_once(
+    anyio_backend: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that recovers while a pass runs (a lock another process held until
+    then) failed one removal: that session is tried again once the next removal
+    works, so it is removed in this pass, and nothing is warned about."""
+    caplog.set_level(logging.DEBUG, "asyncsession")
+    store = RemovalsFailFor()
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=None, clock=clock
+    ) as sessions:
+        for _ in range(5):
+            await sessions.create()
+        clock.advance(IDLE + 1)
+        store.failing = 1
+        assert await sessions.purge_expired() == 5
+        assert store.attempts == 6
+        assert (await sessions.stats()).removals_failed == 1
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_sessions_locked_one_by_one_are_each_their_own_failure(
+    anyio_backend: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SessionLocked names one busy session (the store works): several in a row are
+    passed over one by one, each warned about, and do not end the pass."""
+    caplog.set_level(logging.WARNING, "asyncsession")
+    store = RemovalsFailFor(locked=True)
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=None, clock=clock
+    ) as sessions:
+        for _ in range(5):
+            await sessions.create()
+        clock.advance(IDLE + 1)
+        store.failing = 3
+        assert await sessions.purge_expired() == 2
+        assert (await sessions.stats()).removals_failed == 3
+        assert len([r for r in caplog.records if "cannot remove" in r.getMessage()]) == 3
+        assert await sessions.purge_expired() == 3  # unlocked now
+
+
+async def test_a_store_locked_by_another_process_is_one_outage_not_one_warning_a_session(
+    anyio_backend: str, clock: ManualClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another connection held SQLite's write lock (BEGIN EXCLUSIVE) through a pass: as
+    reads still worked, the pass waited out busy_timeout for each expired session and
+    warned about each (then logged each "removed at last"), and removals_failed grew by
+    one a session (soak review: 37 warnings in 20 s). A second removal failing so in a
+    row ends the pass as a store outage now: one warning for it, then debug lines, and
+    "works again" once a pass works."""
+    caplog.set_level(logging.DEBUG, "asyncsession")
+    db = tmp_path / "sessions.db"
+    async with s.SessionManager(
+        s.SQLiteRepository(db, busy_timeout=0.2),
+        idle_timeout=IDLE,
+        cleanup_interval=60,
+        clock=clock,
+    ) as sessions:
+        created = [(await sessions.create()).id for _ in range(30)]
+        holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            clock.advance(IDLE + 60)
+            with anyio.fail_after(60):
+                await sessions.wait_for_cleanup()
+                stats = await sessions.stats()
+                assert stats.removals_failed == 2  # the two removals that told the outage
+                assert stats.expired_total == 0 and stats.total == 30
+                clock.advance(60)
+                await sessions.wait_for_cleanup()  # still locked: at debug level only
+                assert (await sessions.stats()).removals_failed == 4
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        async with sessions.subscribe() as events:
+            clock.advance(60)
+            with anyio.fail_after(60):
+                await sessions.wait_for_cleanup()
+            assert sorted(sid for _, sid in drain(events)) == sorted(created)
+        stats = await sessions.stats()
+        assert stats.expired_total == 30 and stats.total == 0 and stats.removals_failed == 4
+    logged = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == "asyncsession._manager" and r.levelno >= logging.INFO
+    ]
+    [warning] = [message for level, message in logged if level == "WARNING"]
+    assert warning.startswith("session cleanup pass failed; retrying next interval: ")
+    assert "stayed locked by another connection" in warning
+    assert ("INFO", "session cleanup works again") in logged
+    assert not [m for _, m in logged if "cannot remove" in m or "at last" in m]
 
 
 def sql(db: Path, *statements: str) -> None:
@@ -2881,7 +3120,7 @@ async def test_only_the_calls_of_this_run_are_awaited_and_counted_once(
 class SlowReporter:
     """A reporter that takes its time (longer than any test waits)."""
 
-    async def report(self, report: s.SessionReport) -> None:
+    async def report(self, report: SessionReport) -> None:
         await anyio.sleep(3600)
 
 
