@@ -370,6 +370,12 @@ class SessionManager:
         self._report_call: anyio.CancelScope | None = None  # the reporter call under way
         self._outbox: MemoryObjectSendStream[_SharedEvent] | None = None
         self._events_unshared = 0  # dropped (outbox full), failed, or left at exit
+        self._sharing = 0  # events of the batch the transport is publishing now
+        # cleanup passes waiting for room in the reporters' buffer (the exit ends them)
+        self._room_waits: set[anyio.CancelScope] = set()
+        # expired sessions whose failed removals ended a pass as a store failure: later
+        # passes try them after the others (see purge_expired)
+        self._deferred: set[uuid.UUID] = set()
         self._outbox_overflow = Overflow(
             logger,
             f"event sharing is too slow: its queue of {self._event_buffer} events is full, "
@@ -517,6 +523,8 @@ class SessionManager:
         """Refuse new calls, stop cleanup, let the calls under way finish, then let
         queued events and reports out, each within a bound."""
         self._running = False
+        for waiting in self._room_waits:  # a pass waiting for report room: stop waiting
+            waiting.cancel()  # (its removal is announced now, while the queues are open)
         if self._cleanup_done is not None:  # wake wait_for_cleanup(): no pass will come
             self._cleanup_done.set()
         scope, self._cleanup_scope = self._cleanup_scope, None
@@ -550,8 +558,10 @@ class SessionManager:
             outbox.close()
             with anyio.move_on_after(_SHARE_AT_EXIT_SECONDS, shield=True):
                 await self._published.wait()
-            left = outbox.statistics().current_buffer_used
-            if left:  # counted in events_unshared when the publishing task ends
+            # queued, and the batch still going out (counted in events_unshared when
+            # the publishing task ends)
+            left = outbox.statistics().current_buffer_used + self._sharing
+            if left:
                 logger.warning(
                     "%s events were not shared at exit (publishing stopped, or took more "
                     "than %g s)",
@@ -1305,8 +1315,7 @@ class SessionManager:
                                     batch.append(receive.receive_nowait())
                                 except (anyio.WouldBlock, anyio.EndOfStream):
                                     break
-                            if not receive.statistics().current_buffer_used:
-                                self._outbox_overflow.drained()
+                            self._sharing = len(batch)
                             try:
                                 await transport.publish_events(batch)
                             except Exception as exc:
@@ -1322,6 +1331,11 @@ class SessionManager:
                                 raise
                             else:
                                 trouble.worked()
+                            finally:
+                                self._sharing = 0
+                            # caught up only if nothing queued up while the batch went out
+                            if not receive.statistics().current_buffer_used:
+                                self._outbox_overflow.drained()
                     finally:  # cancelled: what is still queued is not shared either
                         self._events_unshared += receive.statistics().current_buffer_used
             finally:  # emptied after the manager closed the outbox, or cancelled
@@ -1403,10 +1417,12 @@ class SessionManager:
         The store itself failing ends the pass with its error (the next pass tries
         again), rather than wait out every removal's timeout and log each session: a
         store that fails when asked for its expired sessions again after a storage
-        error (unreachable, say), or a second removal failing with a recoverable
-        :class:`StorageError` before any succeeds (a write lock another process holds,
-        a full disk: reads may still work). A recoverable error that names one session
-        (:class:`SessionLocked`) is that session's own.
+        error (unreachable, say), or two removals in a row failing with a recoverable
+        :class:`StorageError` (a write lock another process holds, a full disk: reads
+        may still work). Later passes try those two sessions after the others, and a
+        failure of theirs then is their own, so two broken sessions cannot stop cleanup.
+        A recoverable error that names one session (:class:`SessionLocked`) is that
+        session's own.
         The pass yields to the event loop before each removal, so other tasks (the
         reporters, subscribers) run meanwhile, on every store. When the reports of the
         sessions it expires outrun the reporters, it waits for room in their buffer
@@ -1432,7 +1448,11 @@ class SessionManager:
             while True:
                 limit = self._cleanup_batch + len(passed)
                 ids = await self._repository.expired(now, limit=limit)
-                todo = deque(sid for sid in ids if sid not in passed)
+                # sessions that ended an earlier pass go last (stable: keeps the order)
+                deferred = self._deferred
+                todo = deque(
+                    sorted((sid for sid in ids if sid not in passed), key=deferred.__contains__)
+                )
                 tried = len(todo)
                 while todo:
                     sid = todo.popleft()
@@ -1449,9 +1469,13 @@ class SessionManager:
                         if sid not in retried:  # counted once a pass
                             self._removals_failed += 1
                         passed.add(sid)
-                        if _store_wide_suspect(exc) and sid not in retried:
+                        if _store_wide_suspect(exc) and not (sid in retried or sid in deferred):
                             if suspect is not None:
-                                raise  # two in a row: the store is failing, not they
+                                # Two in a row: the store is failing, not they. Later
+                                # passes try them last, so that two broken sessions
+                                # cannot end every pass before the others.
+                                deferred.update((suspect[0], sid))
+                                raise
                             suspect = (sid, exc)
                         else:
                             self._note_unremovable(sid, exc)
@@ -1466,6 +1490,7 @@ class SessionManager:
                         retried.add(again)
                         passed.discard(again)
                         todo.appendleft(again)
+                    deferred.discard(sid)
                     if taken is None:
                         self._unremovable.forget((sid,))
                         passed.add(sid)
@@ -1490,6 +1515,7 @@ class SessionManager:
             # stuck now.
             noted = self._unremovable.noted()
             self._unremovable.forget(sid for sid in noted if sid not in passed)
+            self._deferred.intersection_update(passed)
         finally:
             if removed_total:
                 logger.info("expired %s sessions", removed_total)
@@ -1515,16 +1541,18 @@ class SessionManager:
             pass
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return False
-        if room.left <= 0:
+        if room.left <= 0 or not self._running:
             return False
         start = anyio.current_time()
         try:
-            with anyio.move_on_after(room.left):
+            with anyio.move_on_after(room.left) as waiting:
+                self._room_waits.add(waiting)  # the manager's exit ends the wait
                 await reports.send(report)
                 return True
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         finally:
+            self._room_waits.discard(waiting)
             room.left -= anyio.current_time() - start
         return False
 

@@ -2001,6 +2001,58 @@ class Stuck:
         await anyio.sleep_forever()
 
 
+async def test_leaving_ends_a_purge_waiting_for_report_room(
+    anyio_backend: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purge_expired() waiting for room in the reporters' buffer when the manager
+    leaves stops waiting at once: the session it removed is announced while the
+    queues are still open (its report counted as dropped), and the pass stops. The
+    wait went on past the exit's wait for calls under way, and the removal's EXPIRED
+    event and report were lost, counted nowhere."""
+    # the pass may wait reporter_timeout x 2 = 1 s for room, longer than the exit waits
+    # for calls under way (0.1 s here, 5 s by default)
+    monkeypatch.setattr(asyncsession._manager, "_CALLS_AT_EXIT_SECONDS", 0.1)
+    reporter = Stuck()
+    sessions = s.SessionManager(
+        s.MemoryRepository(),
+        idle_timeout=IDLE,
+        cleanup_interval=None,
+        clock=clock,
+        reporters=[reporter],
+        reporter_timeout=0.5,
+        event_buffer=1,
+    )
+    outcome: list[object] = []
+    async with anyio.create_task_group() as tg:
+        async with sessions:
+            subscription = sessions.subscribe(buffer=100)
+            for _ in range(6):
+                await sessions.create()
+            clock.advance(IDLE + 1)
+
+            async def purge() -> None:
+                try:
+                    outcome.append(await sessions.purge_expired())
+                except s.ManagerNotRunning as exc:
+                    outcome.append(exc)
+
+            tg.start_soon(purge)
+            await anyio.wait_all_tasks_blocked()  # the pass waits for room now
+        events = []
+        while True:
+            try:
+                events.append(subscription.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+    expired = sessions._expired_total  # (stats() needs a running manager)
+    assert expired >= 3  # one reported, one queued, one waiting for room
+    assert [e.kind for e in events] == [s.EventKind.CREATED] * 6 + [s.EventKind.EXPIRED] * expired
+    # the report the pass waited to queue is counted as dropped (so are those the
+    # reporter was cut off on at exit)
+    assert sessions._reports_dropped >= 1 and reporter.calls >= 1
+    assert len(outcome) == 1
+
+
 async def test_a_stuck_reporter_does_not_hold_a_cleanup_pass(
     anyio_backend: str, clock: ManualClock
 ) -> None:
@@ -2068,6 +2120,49 @@ async def test_a_removal_failing_once_as_the_store_would_is_tried_again_at_once(
         assert store.attempts == 6
         assert (await sessions.stats()).removals_failed == 1
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+class BrokenSessions(s.MemoryRepository):
+    """A memory store whose removals of the ``broken`` sessions always fail with a
+    recoverable StorageError (what a store failing as a whole raises), the others work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken: set[uuid.UUID] = set()
+
+    async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> s.Session | None:
+        if session_id in self.broken:
+            raise s.StorageError("cannot remove this one (test)", recoverable=True)
+        return await super().remove_expired(session_id, now=now)
+
+
+async def test_two_broken_sessions_in_a_row_do_not_stop_cleanup(
+    anyio_backend: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two sessions whose removals always fail as a failing store's would, first in
+    deadline order: they end a pass as a store outage once, and later passes try them
+    after the others, so the rest are removed and only those two stay (each its own
+    failure from then on). They ended every pass before the others, for good."""
+    caplog.set_level(logging.WARNING, "asyncsession")
+    store = BrokenSessions()
+    async with s.SessionManager(
+        store, idle_timeout=IDLE, cleanup_interval=None, clock=clock
+    ) as sessions:
+        first = [await sessions.create() for _ in range(2)]
+        clock.advance(1)
+        for _ in range(5):
+            await sessions.create()
+        store.broken = {session.id for session in first}
+        clock.advance(IDLE + 1)
+        with pytest.raises(s.StorageError, match="cannot remove this one"):
+            await sessions.purge_expired()
+        assert await sessions.purge_expired() == 5
+        assert await sessions.purge_expired() == 0
+        assert sorted(store._sessions) == sorted(session.id for session in first)
+        warned = [r.getMessage() for r in caplog.records if "cannot remove" in r.getMessage()]
+        assert len(warned) == 2  # once each, when they failed as their own
+        store.broken = set()
+        assert await sessions.purge_expired() == 2
 
 
 async def test_sessions_locked_one_by_one_are_each_their_own_failure(

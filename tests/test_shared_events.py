@@ -315,6 +315,42 @@ async def test_an_overflowing_outbox_warns_once_per_episode_with_an_exact_count(
     ]
 
 
+async def test_an_outbox_emptied_into_a_batch_still_overflowing_is_one_episode(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The outbox empties each time the publisher takes its events into a batch; with
+    event_buffer <= 500 that ended the overflow episode ("caught up") before the batch
+    went out, so under constant overload every round trip logged a WARNING and an INFO
+    (second read: 48 of each in a second). The episode ends only once a batch went out
+    and nothing was queued meanwhile."""
+    caplog.set_level(logging.INFO, logger="asyncsession")
+    store = GatedTransport()
+    async with s.SessionManager(
+        store, share_events=True, cleanup_interval=None, event_buffer=2
+    ) as m:
+        session = await m.create()
+        await store.wait_published(1)
+        store.hold()
+        await m.add_message(session.id, "user", "taken")
+        await anyio.wait_all_tasks_blocked()  # its publish waits at the gate
+        for _ in range(10):  # 2 fit in the outbox, 8 do not
+            await m.add_message(session.id, "user", "queued")
+        store.release()  # "taken" goes out; the next batch takes the 2 queued ...
+        store.hold()  # ... and waits at the gate again
+        await store.wait_published(2)
+        await anyio.wait_all_tasks_blocked()
+        for _ in range(10):  # still overloaded: 2 fit, 8 do not
+            await m.add_message(session.id, "user", "queued")
+        assert (await m.stats()).events_unshared == 16
+        assert len(logged(caplog, logging.WARNING, "event sharing")) == 1
+        assert logged(caplog, logging.INFO, "event sharing caught up") == []
+        store.release()
+        await store.wait_published(6)
+        await anyio.wait_all_tasks_blocked()
+        [caught_up] = logged(caplog, logging.INFO, "event sharing caught up")
+        assert "16 events" in caught_up
+
+
 class FailingTransport(GatedTransport):
     """A transport whose server is down: every publish fails as a store's would."""
 
@@ -389,7 +425,8 @@ async def test_events_left_at_exit_are_counted_unshared(
     anyio_backend: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A manager leaving while its transport hangs counts the events it could not share:
-    those still queued (logged at exit) and the batch under way."""
+    those still queued and the batch under way (the warning at exit left that batch
+    out)."""
     monkeypatch.setattr("asyncsession._manager._SHARE_AT_EXIT_SECONDS", 0.2)
     store = GatedTransport()
     manager = s.SessionManager(store, share_events=True, cleanup_interval=None)
@@ -399,7 +436,7 @@ async def test_events_left_at_exit_are_counted_unshared(
         await anyio.wait_all_tasks_blocked()  # its publish waits at the gate
         await manager.add_message(session.id, "user", "a")
         await manager.add_message(session.id, "user", "b")
-    assert logged(caplog, logging.WARNING, "2 events were not shared at exit")
+    assert logged(caplog, logging.WARNING, "3 events were not shared at exit")
     store.release()
     async with manager:  # the count stays with the manager
         assert (await manager.stats()).events_unshared == 3
