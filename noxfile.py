@@ -34,9 +34,19 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package."""
+    """mypy --strict on the package and on the examples (as users' code)."""
     session.install("-e", ".[typecheck]")
     session.run("mypy", "--strict", "asyncsession")
+    # one run per example suite: each has its own conftest.py
+    for target in (
+        "examples/quickstart.py",
+        "examples/chat_server.py",
+        "examples/websocket_gateway.py",
+        "examples/custom_store",
+        "examples/pytest_anyio_suite",
+        "examples/pytest_asyncio_suite",
+    ):
+        session.run("mypy", "--strict", target)
 
 
 @nox.session(default=False)

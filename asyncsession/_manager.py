@@ -80,6 +80,7 @@ _SHARE_BATCH = 500
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+_Manager = TypeVar("_Manager", bound="SessionManager")  # a subclass's own type
 
 
 class _Calls:
@@ -446,7 +447,7 @@ class SessionManager:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def __aenter__(self) -> SessionManager:
+    async def __aenter__(self: _Manager) -> _Manager:
         if self._running or self._stack is not None or self._starting:
             raise InvalidConfiguration("This SessionManager is already running.")
         self._starting = True  # until entry ends: a second entry meanwhile is refused

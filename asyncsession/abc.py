@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -61,6 +61,11 @@ def _statuses(value: object) -> frozenset[SessionStatus] | None:
 def _search(instance: object, attribute: object, value: Any) -> None:
     if value is not None and not isinstance(value, str):
         raise InvalidConfiguration(f"search must be a str or None; got {type(value).__name__}.")
+
+
+#: A store type: ``async with SQLiteRepository(path) as repo`` gives ``repo`` its own
+#: type (its own methods, such as ``checkpoint()``, type-check).
+_Store = TypeVar("_Store", bound="SessionRepository")
 
 
 def _limit(instance: object, attribute: object, value: int) -> None:
@@ -272,7 +277,7 @@ class SessionRepository(ABC):
     _open_count: int = 0
     _transitions: _TransitionLock | None = None
 
-    async def __aenter__(self) -> SessionRepository:
+    async def __aenter__(self: _Store) -> _Store:
         await self.open()
         return self
 
