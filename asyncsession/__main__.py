@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sys.stderr.write(
             f"asyncsession: the command line needs the {missing!r} package; install it "
-            "with `pip install asyncsession[cli]`.\n"
+            "with `pip install 'asyncsession[cli]'`.\n"
         )
         return 2
     return run(argv)

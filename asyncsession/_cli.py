@@ -264,7 +264,7 @@ def open_store(url: str) -> SessionRepository:
     except ImportError as exc:
         raise CLIError(
             "Redis stores need the coredis client; install it with "
-            "`pip install asyncsession[redis]`.",
+            "`pip install 'asyncsession[redis]'`.",
             exit_code=2,
         ) from exc
     except SessionError as exc:
@@ -274,7 +274,7 @@ def open_store(url: str) -> SessionRepository:
 def _check_backend(backend: str) -> None:
     if backend == "trio" and importlib.util.find_spec("trio") is None:
         raise CLIError(
-            "--backend trio needs trio; install it with `pip install asyncsession[trio]`.",
+            "--backend trio needs trio; install it with `pip install 'asyncsession[trio]'`.",
             exit_code=2,
         )
 

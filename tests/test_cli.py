@@ -954,7 +954,7 @@ def test_missing_cli_extra(tmp_path: Path) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         "asyncsession: the command line needs the 'rich' package; install it with "
-        "`pip install asyncsession[cli]`."
+        "`pip install 'asyncsession[cli]'`."
     )
 
 

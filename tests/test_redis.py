@@ -395,7 +395,7 @@ def test_missing_coredis_gives_a_helpful_import_error() -> None:
         check=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout
-    assert "pip install asyncsession[redis]" in out
+    assert "pip install 'asyncsession[redis]'" in out
 
 
 def test_bad_arguments_are_rejected() -> None:

@@ -630,7 +630,7 @@ def _import_coredis() -> ModuleType:
     except ImportError as exc:
         raise ImportError(
             "RedisRepository needs the coredis client (6.x); install it with "
-            "`pip install asyncsession[redis]`."
+            "`pip install 'asyncsession[redis]'`."
         ) from exc
 
 
@@ -854,7 +854,7 @@ def _bounding_waits(pool: Any, timeout: float | None) -> None:
         raise RuntimeError(
             f"coredis {importlib.import_module('coredis').__version__} has a connection "
             "pool this store does not know; install coredis 6.x "
-            "(`pip install asyncsession[redis]`)."
+            "(`pip install 'asyncsession[redis]'`)."
         )
     slots = _PoolSlots(pool.max_connections, timeout)
     pool._available_connections = slots
