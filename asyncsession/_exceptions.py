@@ -94,33 +94,72 @@ def _plural(count: int, noun: str) -> str:
 def int_digits(value: int) -> str:
     """How long ``value`` is, for a message that must not show it: its decimal digits
     (or bits, for an int too long to print)."""
+    plain = int.__abs__(value)  # a plain int, whatever an int subclass overrides
     try:
-        return _plural(len(str(abs(value))), "digit")
+        return _plural(len(int.__repr__(plain)), "digit")
     except ValueError:  # longer than sys.get_int_max_str_digits()
-        return _plural(abs(value).bit_length(), "bit")
+        return _plural(plain.bit_length(), "bit")
+
+
+def type_name(cls: type) -> str:
+    """The name of ``cls`` for a message: a builtin's bare name ("set"), any other
+    type's module and qualified name ("numpy.bool", "myapp.models.User"): numpy 2's
+    ``numpy.bool`` is named "bool", and "a bool object is not a JSON value" misled."""
+    try:
+        name = cls.__qualname__
+        module = cls.__module__
+    except Exception:  # a metaclass's property, say
+        return "object"
+    if not isinstance(name, str) or not name:
+        name = "object"
+    if isinstance(module, str) and module and module != "builtins":
+        name = f"{module}.{name}"
+    return name
+
+
+#: The builtin types kind_of() gives a size for, with the unit of that size: the size is
+#: the base type's own (``set.__len__(value)``), never a subclass's ``__len__``.
+_SIZED: tuple[tuple[type, str], ...] = (
+    (str, "character"),
+    (bytes, "byte"),
+    (bytearray, "byte"),
+    (list, "item"),
+    (tuple, "item"),
+    (dict, "item"),
+    (set, "item"),
+    (frozenset, "item"),
+)
 
 
 def kind_of(value: object) -> str:
     """What ``value`` is, for an error message that must not show it (apps log these
     messages, and values, owners and message contents are their users' data): its type
     and, for text, bytes, ints and containers, its size; e.g. "a str of 12 characters",
-    "a set of 3 items", "a User object"."""
-    cls = type(value)
-    name = cls.__name__
+    "a set of 3 items", "a myapp.User object".
+
+    It never raises: the size comes from the builtin base type (a lazily loaded
+    collection whose ``__len__`` fails is still "a myapp.LazySet"), and is left out
+    when even that fails."""
     if value is None:
         return "None"
-    if isinstance(value, (bool, float)):
-        return _a(name)
-    if isinstance(value, str):
-        return f"{_a(name)} of {_plural(len(value), 'character')}"
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        size = value.nbytes if isinstance(value, memoryview) else len(value)
-        return f"{_a(name if cls is not bytes else 'bytes object')} of {_plural(size, 'byte')}"
-    if isinstance(value, int):
-        return f"{_a(name)} of {int_digits(value)}"
-    if isinstance(value, (set, frozenset, list, tuple, dict)):
-        return f"{_a(name)} of {_plural(len(value), 'item')}"
-    return f"{_a(name)} object"
+    cls = type(value)
+    name = _a(type_name(cls))
+    try:
+        if isinstance(value, (bool, float)):
+            return name
+        if isinstance(value, int):
+            return f"{name} of {int_digits(value)}"
+        if isinstance(value, memoryview):
+            return f"{name} of {_plural(value.nbytes, 'byte')}"  # ValueError once released
+        for base, unit in _SIZED:
+            if isinstance(value, base):
+                size = base.__len__(value)  # type: ignore[attr-defined]
+                if cls is bytes:
+                    name = "a bytes object"
+                return f"{name} of {_plural(size, unit)}"
+    except Exception:
+        return name
+    return name if cls is object else f"{name} object"
 
 
 def _character(text: str, index: int) -> str:
@@ -135,12 +174,37 @@ def _text_problem(value: object, limit: int, allowed: Callable[[str], object], r
     ``allowed``, told without showing it (``refused`` names a character that is not)."""
     if not isinstance(value, str):
         return f"{kind_of(value)} is not a str"
-    if not value:
+    text = str.__str__(value)  # a subclass's own len() or iteration may fail
+    if not text:
         return "the str is empty"
-    if len(value) > limit:
+    if len(text) > limit:
         return f"{kind_of(value)} is longer than {limit}"
-    bad = next((i for i, char in enumerate(value) if not allowed(char)), 0)
-    return f"{kind_of(value)} has {refused} ({_character(value, bad)}) at index {bad}"
+    bad = next((i for i, char in enumerate(text) if not allowed(char)), 0)
+    return f"{kind_of(value)} has {refused} ({_character(text, bad)}) at index {bad}"
+
+
+def uuid_text(value: object) -> str | None:
+    """``value`` if it is the text of a UUID (it then says nothing about anyone, and can
+    be shown), else None."""
+    if not isinstance(value, str):
+        return None
+    text = str.__str__(value)
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return None
+    return text
+
+
+def _shown_id(session_id: object) -> str:
+    """A session id for a message: a UUID or a UUID's text as it is; anything else (a
+    client's string, an e-mail address passed by mistake) only by type and length."""
+    if isinstance(session_id, uuid.UUID):
+        return str(session_id)
+    text = uuid_text(session_id)
+    if text is not None:
+        return repr(text)
+    return f"(id not shown: {kind_of(session_id)}, not a UUID)"
 
 
 def _rebuild(cls: type[SessionError], args: tuple[Any, ...], state: dict[str, Any]) -> SessionError:
@@ -155,11 +219,13 @@ class SessionNotFound(SessionError, LookupError):
 
     def __init__(self, session_id: Any) -> None:
         self.session_id = session_id
-        # Not an id (a client's string, say): quoted and cut short, never a new log line.
-        shown = session_id if isinstance(session_id, uuid.UUID) else f"{session_id!r:.80}"
+        # Not an id (a client's string, an e-mail address passed by mistake): described,
+        # never quoted (apps log this error).
+        shown = _shown_id(session_id)
+        hint = "" if shown[0] != "(" else " Session ids are UUIDs (uuid.UUID or their text)."
         super().__init__(
             f"Session {shown} was not found: it does not exist, has expired or was "
-            "deleted. Create a new session with SessionManager.create()."
+            f"deleted. Create a new session with SessionManager.create().{hint}"
         )
 
 
@@ -258,10 +324,12 @@ class InvalidSessionId(ValidationError, TypeError):
 
     def __init__(self, session_id: object) -> None:
         self.session_id = session_id
+        text = uuid_text(session_id)
+        got = kind_of(session_id) if text is None else f"the str {text!r}"
         super().__init__(
-            f"Session ids are uuid.UUID objects, got {type(session_id).__name__} "
-            f"{session_id!r:.60}; nothing was read or written. Convert text with "
-            "uuid.UUID(text) (SessionManager methods take either form)."
+            f"Session ids are uuid.UUID objects, got {got}; nothing was read or written. "
+            "Convert a UUID's text with uuid.UUID(text) (SessionManager methods take "
+            "either form)."
         )
 
 
@@ -302,20 +370,33 @@ class InvalidJSONValue(ValidationError):
 class InvalidRole(ValidationError):
     """A message role is not one of the known roles.
 
-    A role that looks like a role name (up to 32 letters, digits and ``_.:-``) is shown;
-    anything else (message content passed as the role, say) only by type and length.
-    ``.role`` holds it."""
+    The role is shown only when it is a known role but for case or surrounding
+    whitespace (``'User '``); anything else (message content passed as the role, say)
+    is described (type, length, whitespace) without showing it. ``.role`` holds it."""
 
     def __init__(self, role: object, allowed: tuple[str, ...]) -> None:
         self.role = role
-        if isinstance(role, str) and _ROLE_LIKE.fullmatch(role):
-            shown = repr(role)
+        known = ", ".join(allowed)
+        if not isinstance(role, str):
+            problem = f" (not shown): {kind_of(role)} is not a str"
         else:
-            shown = f"(not shown: {kind_of(role)})"
-        super().__init__(f"Invalid message role {shown}: use one of {', '.join(allowed)}.")
-
-
-_ROLE_LIKE = re.compile(r"[A-Za-z0-9_.:-]{1,32}")
+            text = str.__str__(role)
+            close = next((a for a in allowed if a == text.strip().lower()), None)
+            if close is not None:
+                problem = f" {text!r}: it differs from {close!r} in case or surrounding spaces"
+            elif not text:
+                problem = ": the str is empty"
+            elif text != text.strip():
+                problem = (
+                    f" (not shown): {kind_of(role)} with leading or trailing whitespace "
+                    "is not a known role"
+                )
+            else:
+                problem = (
+                    f" (not shown): {kind_of(role)} is not a known role (are the role "
+                    "and the content swapped?)"
+                )
+        super().__init__(f"Invalid message role{problem}; use one of {known}.")
 
 
 class LimitExceeded(ValidationError):
@@ -363,9 +444,11 @@ class InvalidCursor(ValidationError):
 
     def __init__(self, cursor: object) -> None:
         self.cursor = cursor
+        # A cursor made by the library holds no user data, but a wrong argument might.
         super().__init__(
-            f"Invalid cursor {cursor!r:.80}: pass the next_cursor of a previous page of the "
-            "same listing, or None for the first page."
+            f"Invalid cursor (not shown: {kind_of(cursor)}): pass the next_cursor of a "
+            "previous page of the same listing (same owner, status and search), or None "
+            "for the first page."
         )
 
 

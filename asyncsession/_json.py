@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, NoReturn, Union
 
-from ._exceptions import InvalidJSONValue, int_digits, kind_of
+from ._exceptions import InvalidJSONValue, int_digits, kind_of, type_name
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -152,12 +152,25 @@ def _not_json(value: object) -> str:
         hint = "convert it to a str first (value.isoformat())"
     elif dataclasses.is_dataclass(value):
         hint = "convert it to a dict first (dataclasses.asdict(value))"
+    elif _has_item(value):
+        hint = (
+            "convert it to a plain Python value first (value.item() for a NumPy scalar, "
+            "value.tolist() for an array)"
+        )
     else:
         hint = (
             "convert it to a dict, list, str or number first (e.g. "
             "dataclasses.asdict(value), model.model_dump(), str(value))"
         )
     return f"{kind_of(value)} is not a JSON value; {hint}"
+
+
+def _has_item(value: object) -> bool:
+    """Whether ``value``'s type has an ``item()`` method, as NumPy scalars do."""
+    try:
+        return callable(getattr(type(value), "item", None))
+    except Exception:  # a metaclass's __getattr__, say
+        return False
 
 
 def _too_deep(path: str) -> InvalidJSONValue:
@@ -216,7 +229,7 @@ def _freeze(value: object, path: str, room: int) -> tuple[Any, int]:
                 if not isinstance(key, str):
                     raise InvalidJSONValue(
                         path,
-                        f"a key of type {type(key).__name__} is not a string; convert "
+                        f"a key of type {type_name(type(key))} is not a string; convert "
                         "keys with str(key)",
                     )
                 key = plain_str(key)  # a str enum member's value, not its name
@@ -255,7 +268,7 @@ def freeze_state(value: object) -> FrozenDict:
     if type(value) is FrozenDict and _height_of(value) is not None:
         return value
     if not isinstance(value, Mapping):
-        raise InvalidJSONValue("state", f"{type(value).__name__} is not a mapping")
+        raise InvalidJSONValue("state", f"{type_name(type(value))} is not a mapping")
     frozen = freeze_json(value, "state")
     assert isinstance(frozen, FrozenDict)
     return frozen

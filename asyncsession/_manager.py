@@ -1755,9 +1755,15 @@ def _check_last_messages(value: object) -> None:
 
 def _check_callable(fn: object) -> None:
     if not callable(fn):
+        hint = "For example `lambda s: s.with_state(count=1)`."
+        if isinstance(fn, Mapping):
+            hint = (
+                "To merge a mapping into the state pass `lambda s: s.with_state(values)`, "
+                "or call SessionManager.set_state(session_id, **values)."
+            )
         raise InvalidUpdate(
-            f"The update function must be callable (snapshot -> new snapshot); got {fn!r:.60}. "
-            "For example `lambda s: s.with_state(count=1)`."
+            "The update function must be callable (snapshot -> new snapshot); got "
+            f"{kind_of(fn)}. {hint}"
         )
 
 

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from ._exceptions import CorruptSessionError, SchemaVersionError
+from ._exceptions import CorruptSessionError, SchemaVersionError, kind_of
 from ._models import SessionStatus
 
 __all__ = ["CURRENT_VERSION", "MIGRATIONS", "LEGACY_NAMESPACE", "document_version", "migrate"]
@@ -106,8 +106,12 @@ def document_version(doc: Any, *, session_id: Any = None) -> int:
         )
     version = doc.get("version")
     if type(version) is not int or version < 0:
+        what = "missing" if "version" not in doc else kind_of(version)
+        if type(version) is int:
+            what = "a negative int"
         raise CorruptSessionError(
-            f"document has no valid 'version' field ({version!r:.40})", session_id=session_id
+            f"document has no valid 'version' field ({what}; expected an int >= 0)",
+            session_id=session_id,
         )
     return version
 

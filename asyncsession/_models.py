@@ -77,6 +77,13 @@ def parse_status(value: object) -> SessionStatus:
         ) from None
 
 
+def status_problem(value: object) -> str:
+    """Why a stored ``value`` is no :class:`SessionStatus`, without showing it (a damaged
+    document's field may hold any text, and stores log these errors)."""
+    known = ", ".join(status.value for status in SessionStatus)
+    return f"{kind_of(value)} is not a known status ({known})"
+
+
 def validate_name(name: object) -> str | None:
     """Return ``name`` if it is None or 1-100 characters of ``[A-Za-z0-9_-]`` (a str
     enum member: its value)."""
@@ -449,8 +456,8 @@ def _id(value: uuid.UUID | str) -> uuid.UUID:
         except ValueError:
             pass
     raise InvalidConfiguration(
-        f"Session.id must be a UUID or its string form; got {type(value).__name__} "
-        f"{value!r:.60}. Ids come from SessionManager.create(); keep the one you were given."
+        f"Session.id must be a UUID or its string form; got {kind_of(value)} (not shown). "
+        "Ids come from SessionManager.create(); keep the one you were given."
     )
 
 

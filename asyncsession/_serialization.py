@@ -17,10 +17,20 @@ from ._exceptions import (
     SchemaVersionError,
     SerializationError,
     SessionError,
+    kind_of,
+    uuid_text,
 )
 from ._json import FrozenDict
 from ._migrations import CURRENT_VERSION, document_version, migrate
-from ._models import EMPTY_LOG, Message, MessageLog, Session, SessionStatus, replace_trusted
+from ._models import (
+    EMPTY_LOG,
+    Message,
+    MessageLog,
+    Session,
+    SessionStatus,
+    replace_trusted,
+    status_problem,
+)
 
 __all__ = [
     "dump_message",
@@ -35,12 +45,15 @@ __all__ = [
 _converter = make_converter()
 
 
-def _parse_datetime(value: Any, _: Any) -> datetime:
+def _parse_datetime(value: Any, _: Any, field: str = "") -> datetime:
+    # fromisoformat's error quotes the text, and stores log unreadable documents
     if not isinstance(value, str):
-        raise ValueError(f"expected an ISO 8601 string, got {type(value).__name__}")
-    if value.endswith(("Z", "z")):
-        value = value[:-1] + "+00:00"
-    return datetime.fromisoformat(value)
+        raise ValueError(f"{field}expected an ISO 8601 string, got {kind_of(value)}")
+    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{field}{kind_of(value)} is not an ISO 8601 time") from None
 
 
 def _parse_optional_datetime(value: Any, _: Any) -> datetime | None:
@@ -62,7 +75,7 @@ def _structure_message(value: Any, _: Any) -> Message:
     return Message(
         value["role"],
         value["content"],
-        _parse_datetime(value["timestamp"], None),
+        _parse_datetime(value["timestamp"], None, "a message's timestamp: "),
         value.get("data"),
     )
 
@@ -113,7 +126,17 @@ def _structure_log(value: Any, _: Any) -> MessageLog:
 _converter.register_structure_hook(MessageLog, _structure_log)
 _converter.register_unstructure_hook(FrozenDict, lambda d: d)
 _converter.register_structure_hook_func(lambda t: t == Mapping[str, Any], lambda v, _: v)
-_converter.register_structure_hook(SessionStatus, lambda v, _: SessionStatus(v))
+
+
+def _parse_status(value: Any, _: Any) -> SessionStatus:
+    # SessionStatus()'s error quotes the text, and stores log unreadable documents
+    try:
+        return SessionStatus(value)
+    except (TypeError, ValueError):
+        raise ValueError(status_problem(value)) from None
+
+
+_converter.register_structure_hook(SessionStatus, _parse_status)
 _converter.register_unstructure_hook(SessionStatus, lambda s: s.value)
 
 _base_unstructure = _converter.get_unstructure_hook(Session)
@@ -186,10 +209,11 @@ def session_from_document(
     return session
 
 
-def _id_of(doc: dict[str, Any]) -> Any:
-    """The id a document declares, for error messages (None when it has no usable one)."""
-    value = doc.get("id")
-    return value if isinstance(value, str) and len(value) <= 64 else None
+def _id_of(doc: dict[str, Any]) -> uuid.UUID | None:
+    """The id a document declares, for error messages: None unless it is a UUID's text
+    (a damaged id may be any stored text, and stores log these errors)."""
+    text = uuid_text(doc.get("id"))
+    return None if text is None else uuid.UUID(text)
 
 
 def _replace_messages(session: Session, messages: MessageLog) -> Session:

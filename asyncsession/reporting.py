@@ -30,7 +30,7 @@ import attrs
 import orjson
 
 from ._clock import utc
-from ._exceptions import CorruptSessionError, InvalidConfiguration, SessionError
+from ._exceptions import CorruptSessionError, InvalidConfiguration, SessionError, kind_of
 from ._json import freeze_state
 from ._loops import set_soon
 from ._models import Session, SessionStatus, parse_status, validate_owner
@@ -59,7 +59,10 @@ logger = logging.getLogger(__name__)
 
 def _report_id(value: object) -> uuid.UUID:
     if not isinstance(value, uuid.UUID):
-        raise InvalidConfiguration(f"session_id must be a uuid.UUID; got {value!r:.60}.")
+        raise InvalidConfiguration(
+            f"session_id must be a uuid.UUID; got {kind_of(value)} (not shown). Convert a "
+            "UUID's text with uuid.UUID(text)."
+        )
     return value
 
 

@@ -949,7 +949,7 @@ async def test_the_logged_save_error_leaves_out_the_value(
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     logged = logging.Formatter().format(record)
     assert "alice@example.com" not in logged and "1980-01-02" not in logged
-    assert "state['prefs']['user']: a SimpleNamespace object is not a JSON value" in logged
+    assert "state['prefs']['user']: a types.SimpleNamespace object is not a JSON value" in logged
     (error,) = refused
     assert "4111111111111111" not in str(error) and "int" in str(error)
 

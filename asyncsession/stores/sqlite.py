@@ -100,6 +100,7 @@ from .._models import (
     Session,
     SessionStatus,
     replace_trusted,
+    status_problem,
     validate_name,
     validate_owner,
 )
@@ -2818,4 +2819,6 @@ def _status(session_id: uuid.UUID, value: str) -> SessionStatus:
     try:
         return SessionStatus(value)
     except ValueError:
-        raise CorruptSessionError(f"unknown status {value!r}", session_id=session_id) from None
+        raise CorruptSessionError(
+            f"its status column: {status_problem(value)}", session_id=session_id
+        ) from None
