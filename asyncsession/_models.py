@@ -84,6 +84,18 @@ def status_problem(value: object) -> str:
     return f"{kind_of(value)} is not a known status ({known})"
 
 
+def stored_status(value: str, session_id: uuid.UUID) -> SessionStatus:
+    """A store's status field ``value`` of session ``session_id``, as a
+    :class:`SessionStatus`; a damaged one raises :class:`CorruptSessionError` (without
+    showing it)."""
+    try:
+        return SessionStatus(value)
+    except ValueError:
+        raise CorruptSessionError(
+            f"its status field: {status_problem(value)}", session_id=session_id
+        ) from None
+
+
 def validate_name(name: object) -> str | None:
     """Return ``name`` if it is None or 1-100 characters of ``[A-Za-z0-9_-]`` (a str
     enum member: its value)."""

@@ -1185,6 +1185,25 @@ async def test_a_document_holding_another_session_is_corrupt_even_when_decoded_b
         assert [s.id for s in listed] == [a.id]  # B is skipped as unreadable, not listed as A
 
 
+@pytest.mark.anyio
+async def test_damaged_status_counts_raise_a_storage_error_that_does_not_show_them(
+    store: RedisRepository,
+) -> None:
+    """count_by_status() raised a bare ValueError quoting the damaged field of the
+    counts hash (error privacy second read)."""
+    await store.add(new_session())
+    key = f"{store.prefix}i:cnt"
+    await store.client.hset(key, {"alice@example.com": "1"})
+    with pytest.raises(StorageError, match="are damaged") as info:
+        await store.count_by_status()
+    assert "alice" not in str(info.value)
+    await store.client.hdel(key, ["alice@example.com"])
+    await store.client.hset(key, {"active": "x@example.com"})
+    with pytest.raises(StorageError, match="the count of active is not an integer") as info:
+        await store.count_by_status()
+    assert "example" not in str(info.value)
+
+
 # -- a URL's percent-encoded password -------------------------------------------------------
 
 PASSWORD = "s3cr/t@x:%41"  # '/', '@' and ':' must be percent-encoded in a URL; so must '%'

@@ -82,6 +82,8 @@ from .._models import (
     SessionStatus,
     last_window,
     replace_trusted,
+    status_problem,
+    stored_status,
 )
 from .._serialization import (
     dump_document,
@@ -113,6 +115,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_STATUS_VALUES = frozenset(status.value for status in SessionStatus)
 _US = timedelta(microseconds=1)
 _CHUNK = 1000  # RPUSH arguments per call inside scripts (Lua's unpack() stack limit)
 _PUBLISH_BATCH = 1000  # events per publish_events() request (bounds one script's run)
@@ -1556,7 +1559,7 @@ class RedisRepository(SessionRepository, EventTransport):
         if code == -1:
             raise SessionNotFound(session_id)
         if code == -3:
-            raise SessionClosed(session_id, SessionStatus(_text(reply[1])))
+            raise SessionClosed(session_id, stored_status(_text(reply[1]), session_id))
         if code == -4:
             assert max_messages is not None
             raise LimitExceeded("Messages in this session", max_messages, int(reply[1]))
@@ -1761,7 +1764,22 @@ class RedisRepository(SessionRepository, EventTransport):
         key = f"{self._prefix}i:cnt" if owner is None else f"{self._prefix}oc:{owner}"
         with self._errors("a count"):
             raw = await self._client.hgetall(key)
-        counts = {SessionStatus(_text(k)): int(v) for k, v in raw.items()}
+        counts: dict[SessionStatus, int] = {}
+        for field, value in raw.items():
+            name = _text(field)
+            try:
+                counts[SessionStatus(name)] = int(value)
+            except ValueError:
+                problem = (
+                    f"the count of {name} is not an integer"
+                    if name in _STATUS_VALUES
+                    else f"a field: {status_problem(name)}"
+                )
+                raise StorageError(
+                    f"The status counts {key} in Redis are damaged ({problem}). Export the "
+                    "sessions (asyncsession export) and import them under a new prefix, "
+                    "or restore a backup."
+                ) from None
         return {status: n for status, n in counts.items() if n > 0}
 
     async def document_versions(self, session_ids: Iterable[uuid.UUID]) -> Mapping[uuid.UUID, int]:

@@ -100,7 +100,7 @@ from .._models import (
     Session,
     SessionStatus,
     replace_trusted,
-    status_problem,
+    stored_status,
     validate_name,
     validate_owner,
 )
@@ -2501,7 +2501,7 @@ class SQLiteRepository(SessionRepository):
             pk, doc, count, status_name, created_us, last_us, expires_us, revision, life = row
             if expires_us is not None and expires_us <= at_us:
                 raise SessionNotFound(sid)
-            status = _status(sid, status_name)
+            status = stored_status(status_name, sid)
             if status.is_terminal:
                 raise SessionClosed(sid, status)
             expires_at, overdue = policy.activity_deadline(
@@ -2570,7 +2570,7 @@ class SQLiteRepository(SessionRepository):
             if found is None:
                 return None
             pk, doc, count, status_name, created_us, last_us, expires_us, revision, life = found
-            status = _status(sid, status_name)
+            status = stored_status(status_name, sid)
             expired = expires_us is not None and expires_us <= at_us
             if not (status.is_terminal or expired):
                 moves = not (at_us - last_us < interval_us or at_us <= last_us)
@@ -2813,12 +2813,3 @@ def _append_parameters(
         "last": _LAST_US,  # a later deadline is none (ExpiryPolicy.deadline: never)
         "top": MAX_REVISION,  # the last revision: the fallback path explains the refusal
     }
-
-
-def _status(session_id: uuid.UUID, value: str) -> SessionStatus:
-    try:
-        return SessionStatus(value)
-    except ValueError:
-        raise CorruptSessionError(
-            f"its status column: {status_problem(value)}", session_id=session_id
-        ) from None
