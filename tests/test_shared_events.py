@@ -128,6 +128,20 @@ def logged(caplog: pytest.LogCaptureFixture, level: int, text: str) -> list[str]
     return [r.getMessage() for r in caplog.records if r.levelno == level and text in r.getMessage()]
 
 
+async def burst(manager: s.SessionManager, tasks: int, appends: int) -> None:
+    """``tasks`` sessions created, then ``appends`` messages added to each by a task of
+    its own, all at once."""
+    ids = [(await manager.create()).id for _ in range(tasks)]
+
+    async def write(sid: Any) -> None:
+        for i in range(appends):
+            await manager.add_message(sid, "user", f"m{i}")
+
+    async with anyio.create_task_group() as tg:
+        for sid in ids:
+            tg.start_soon(write, sid)
+
+
 async def test_a_burst_from_many_tasks_reaches_the_other_manager_complete(
     two_managers: tuple[s.SessionManager, s.SessionManager], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -138,15 +152,7 @@ async def test_a_burst_from_many_tasks_reaches_the_other_manager_complete(
     one, two = two_managers
     tasks, appends = 50, 100
     async with two.subscribe(buffer=100_000) as events:
-        ids = [(await one.create()).id for _ in range(tasks)]
-
-        async def write(sid: Any) -> None:
-            for i in range(appends):
-                await one.add_message(sid, "user", f"m{i}")
-
-        async with anyio.create_task_group() as tg:
-            for sid in ids:
-                tg.start_soon(write, sid)
+        await burst(one, tasks, appends)
         heard: dict[Any, int] = {}
         with anyio.fail_after(60):  # guard only: pub/sub delivery is asynchronous
             while sum(heard.values()) < tasks * (appends + 1):
@@ -178,15 +184,7 @@ async def test_events_that_do_not_fit_the_outbox_are_counted_and_warned_once_per
         two.subscribe(buffer=100_000) as events,
     ):
         tasks, appends = 20, 50
-        ids = [(await one.create()).id for _ in range(tasks)]
-
-        async def write(sid: Any) -> None:
-            for i in range(appends):
-                await one.add_message(sid, "user", f"m{i}")
-
-        async with anyio.create_task_group() as tg:
-            for sid in ids:
-                tg.start_soon(write, sid)
+        await burst(one, tasks, appends)
         total, heard = tasks * (1 + appends), 0
         with anyio.fail_after(30):  # guard only: pub/sub delivery is asynchronous
             while heard + (await one.stats()).events_unshared < total:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import random
 import re
 import sqlite3
-import time
 import uuid
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import anyio
@@ -43,6 +43,20 @@ def found_in(path: Path) -> bool:
 
 def wal(db: Path) -> Path:
     return db.with_name(db.name + "-wal")
+
+
+@contextmanager
+def holding(db: Path, holder: str) -> Iterator[sqlite3.Connection]:
+    """Another connection to ``db`` holding a read transaction (``holder`` "reader") or
+    the write lock ("writer") open, for the checkpoint to wait for."""
+    with closing(sqlite3.connect(db, isolation_level=None)) as other:
+        if holder == "reader":
+            other.execute("BEGIN")
+            other.execute("SELECT count(*) FROM sessions").fetchone()
+        else:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("DELETE FROM contended")
+        yield other
 
 
 async def store_secret(repo: SQLiteRepository) -> list[uuid.UUID]:
@@ -121,13 +135,7 @@ async def test_checkpoint_blocked_by_another_connection_raises_and_recovers(
         await m.add_message(secret.id, "user", f"{MARKER} hello")
         await m.delete(secret.id)
         kept = await m.create(owner="carol")
-        with closing(sqlite3.connect(db, isolation_level=None)) as other:
-            if holder == "reader":
-                other.execute("BEGIN")
-                other.execute("SELECT count(*) FROM sessions").fetchone()
-            else:
-                other.execute("BEGIN IMMEDIATE")
-                other.execute("DELETE FROM contended")
+        with holding(db, holder) as other:
             with pytest.raises(StorageError, match="retry checkpoint") as info:
                 await repo.checkpoint()
             assert info.value.recoverable
@@ -148,14 +156,24 @@ async def test_checkpoint_blocked_by_another_connection_raises_and_recovers(
 
 async def test_reads_are_answered_while_a_checkpoint_waits(db: Path, anyio_backend: str) -> None:
     """A checkpoint waiting for another connection's reader does not hold up the store's
-    reads (answered meanwhile); its writes run after it."""
+    reads (answered meanwhile); its writes run after it (the worker's own statements, in
+    the order it ran them, show it)."""
     events: list[str] = []
-    written = 0.0
-    async with SessionManager(SQLiteRepository(db, busy_timeout=1.5), cleanup_interval=None) as m:
+    ran: list[str] = []
+
+    def trace(statement: str) -> None:
+        if "wal_checkpoint" in statement or statement.startswith("INSERT INTO sessions"):
+            ran.append("checkpoint" if "wal_checkpoint" in statement else "insert")
+
+    def install(conn: sqlite3.Connection) -> None:
+        conn.set_trace_callback(trace)
+
+    async with SessionManager(SQLiteRepository(db, busy_timeout=0.5), cleanup_interval=None) as m:
         repo = m.repository
         assert isinstance(repo, SQLiteRepository)
         kept = await m.create(owner="carol")
         await m.delete((await m.create(owner=f"alice-{MARKER}")).id)
+        await repo._call(install, write=False, transaction=False)
 
         async def checkpoint() -> None:
             with pytest.raises(StorageError, match="retry"):
@@ -163,29 +181,26 @@ async def test_reads_are_answered_while_a_checkpoint_waits(db: Path, anyio_backe
             events.append("checkpoint failed")
 
         async def write() -> None:
-            nonlocal written
             await m.create(owner="dave")
-            written = time.monotonic()
             events.append("write")
 
-        with closing(sqlite3.connect(db, isolation_level=None)) as reader:
-            reader.execute("BEGIN")
-            reader.execute("SELECT count(*) FROM sessions").fetchone()
-            started = time.monotonic()
+        with holding(db, "reader"):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(checkpoint)
+                await anyio.wait_all_tasks_blocked()  # the checkpoint waits for the reader
                 for _ in range(5):  # the store's reads (the manager's get() touches)
                     found = await repo.get(kept.id)
                     assert found is not None and found.owner == "carol"
                     events.append("read")
                 tg.start_soon(write)
-            reader.execute("COMMIT")
         await repo.checkpoint()
-    # The write waited for the checkpoint (their answers may come in the same tick,
-    # woken in either order).
+    # The reads were answered while the checkpoint waited; the write ran after its last
+    # try (their answers may come in the same tick, woken in either order).
     assert events[:5] == ["read"] * 5
     assert sorted(events[5:]) == ["checkpoint failed", "write"]
-    assert written - started > 1.0
+    first_insert = ran.index("insert")
+    assert ran[:first_insert] and set(ran[:first_insert]) == {"checkpoint"}
+    assert ran[first_insert:] == ["insert", "checkpoint"]  # dave, then the last checkpoint
 
 
 async def test_checkpoint_on_a_closed_store_raises(db: Path, anyio_backend: str) -> None:
@@ -310,13 +325,7 @@ async def test_checkpoint_vacuum_blocked_by_another_connection_raises_and_recove
     async with SQLiteRepository(db, busy_timeout=0.2) as repo:
         secret, *others = await store_secret(repo)
         assert await repo.delete(secret)
-        with closing(sqlite3.connect(db, isolation_level=None)) as other:
-            if holder == "reader":
-                other.execute("BEGIN")
-                other.execute("SELECT count(*) FROM sessions").fetchone()
-            else:
-                other.execute("BEGIN IMMEDIATE")
-                other.execute("DELETE FROM contended")
+        with holding(db, holder) as other:
             with pytest.raises(StorageError, match="retry") as info:
                 await repo.checkpoint(vacuum=True)
             assert info.value.recoverable
