@@ -1223,8 +1223,7 @@ class SessionManager:
                     SessionReport.from_session(session, self._report_attributes)
                 )
             except anyio.WouldBlock:
-                self._reports_dropped += 1
-                self._reports_overflow.dropped(self._reports_dropped)
+                self._drop_report()
         if self._outbox is not None:
             revision = session.revision if session is not None else None
             try:
@@ -1499,14 +1498,11 @@ class SessionManager:
                     self._unremovable.resolved(sid, "removed expired session %s at last", sid)
                     removed_total += 1
                     session, report = taken
-                    queued = False
                     try:
-                        if report:
-                            queued = await self._queue_report(session, room)
+                        if report:  # queued, or counted as dropped
+                            await self._queue_report(session, room)
                     finally:
-                        self._emit(
-                            EventKind.EXPIRED, sid, session, now, report=report and not queued
-                        )
+                        self._emit(EventKind.EXPIRED, sid, session, now, report=False)
                 if len(ids) < limit or tried == 0:
                     break
             if suspect is not None:  # nothing was tried after it: its own failure
@@ -1528,34 +1524,44 @@ class SessionManager:
             sid, f"{type(exc).__name__}: {exc}", "cannot remove expired session %s: %s", sid, exc
         )
 
-    async def _queue_report(self, session: Session, room: _ReportRoom) -> bool:
+    async def _queue_report(self, session: Session, room: _ReportRoom) -> None:
         """Queue the report of ``session``, which cleanup expired, waiting for room in
-        the reporters' buffer within what is left of ``room``; True if it is queued."""
+        the reporters' buffer within what is left of ``room``; a report that does not
+        get in (no room in time, the manager leaving, cancelled) is counted as dropped."""
         reports = self._reports
         if reports is None:
-            return False
+            return
         report = SessionReport.from_session(session, self._report_attributes)
+        queued = False
         try:
-            reports.send_nowait(report)
-            return True
-        except anyio.WouldBlock:
-            pass
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return False
-        if room.left <= 0 or not self._running:
-            return False
-        start = anyio.current_time()
-        try:
+            try:
+                reports.send_nowait(report)
+                queued = True
+                return
+            except anyio.WouldBlock:
+                pass
+            if room.left <= 0 or not self._running:
+                return
+            start = anyio.current_time()
             with anyio.move_on_after(room.left) as waiting:
                 self._room_waits.add(waiting)  # the manager's exit ends the wait
-                await reports.send(report)
-                return True
+                try:
+                    await reports.send(report)
+                    queued = True
+                finally:
+                    self._room_waits.discard(waiting)
+                    room.left -= anyio.current_time() - start
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         finally:
-            self._room_waits.discard(waiting)
-            room.left -= anyio.current_time() - start
-        return False
+            if not queued:
+                self._drop_report()
+
+    def _drop_report(self) -> None:
+        """Count a report dropped (the reporters' buffer was full), warning once per
+        episode."""
+        self._reports_dropped += 1
+        self._reports_overflow.dropped(self._reports_dropped)
 
     async def _expire(self, sid: uuid.UUID, now: datetime) -> bool:
         """Remove ``sid`` if it has expired at ``now`` and announce it; True if removed."""

@@ -32,6 +32,7 @@ from ._exceptions import (
     InvalidSessionId,
     InvalidUpdate,
     revision_exhausted,
+    type_name,
 )
 from ._json import plain_str
 from ._loops import set_soon
@@ -60,7 +61,7 @@ def _statuses(value: object) -> frozenset[SessionStatus] | None:
 
 def _search(instance: object, attribute: object, value: Any) -> None:
     if value is not None and not isinstance(value, str):
-        raise InvalidConfiguration(f"search must be a str or None; got {type(value).__name__}.")
+        raise InvalidConfiguration(f"search must be a str or None; got {type_name(type(value))}.")
 
 
 #: A store type: ``async with SQLiteRepository(path) as repo`` gives ``repo`` its own

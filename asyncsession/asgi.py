@@ -94,6 +94,7 @@ from ._exceptions import (
     SessionLocked,
     SessionNotFound,
     StorageError,
+    type_name,
 )
 from ._json import freeze_state
 from ._manager import SessionManager, _Outage
@@ -580,7 +581,7 @@ def _not_a_key(key: object) -> str:
     """The refusal of a session key that is not a str, without showing it (it may be
     a user's data: an e-mail address, a card number)."""
     return (
-        f"Session keys must be strings, got a key of type {type(key).__name__}; convert "
+        f"Session keys must be strings, got a key of type {type_name(type(key))}; convert "
         "it with str(key)."
     )
 

@@ -1,4 +1,5 @@
-"""Recently written snapshots a store keeps to base the next update on (no round trip)."""
+"""Recently written snapshots a store keeps to base the next update on (no round trip),
+and the cache of decoded stored documents and messages."""
 
 from __future__ import annotations
 
