@@ -60,7 +60,7 @@ from ._models import (
     parse_status,
     replace_trusted,
 )
-from ._notes import Notes, Overflow
+from ._notes import Notes, Overflow, cause_of
 from .abc import EventTransport, Page, SessionQuery, SessionRepository
 from .reporting import Reporter, SessionReport
 
@@ -1520,9 +1520,7 @@ class SessionManager:
         return removed_total
 
     def _note_unremovable(self, sid: uuid.UUID, exc: SessionError) -> None:
-        self._unremovable.note(
-            sid, f"{type(exc).__name__}: {exc}", "cannot remove expired session %s: %s", sid, exc
-        )
+        self._unremovable.note(sid, cause_of(exc), "cannot remove expired session %s: %s", sid, exc)
 
     async def _queue_report(self, session: Session, room: _ReportRoom) -> None:
         """Queue the report of ``session``, which cleanup expired, waiting for room in

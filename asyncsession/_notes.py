@@ -4,11 +4,22 @@ them), and about each episode of drops from a full queue."""
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Iterable
 
-__all__ = ["Notes", "Overflow"]
+__all__ = ["Notes", "Overflow", "cause_of"]
+
+#: A duration in seconds as error messages give them ("waited 5.01s", "after 2 s").
+_SECONDS = re.compile(r"\b\d+(?:\.\d+)?(?: ?s\b)")
+
+
+def cause_of(exc: BaseException) -> str:
+    """The cause ``exc`` tells, for :meth:`Notes.note`: its type and message, with the
+    durations in the message left out, so that the same failure waiting a little longer
+    or shorter (a busy SQLite error states how long it waited) is not a new cause."""
+    return f"{type(exc).__name__}: {_SECONDS.sub('(some time)', str(exc))}"
 
 
 class Notes:

@@ -2237,6 +2237,37 @@ async def test_a_store_locked_by_another_process_is_one_outage_not_one_warning_a
     assert not [m for _, m in logged if "cannot remove" in m or "at last" in m]
 
 
+async def test_a_lone_session_locked_through_several_passes_is_warned_about_once(
+    anyio_backend: str, clock: ManualClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lone expired session while another connection holds SQLite's write lock fails
+    as its own failure each pass. Its busy error says how long it waited, which differs
+    from pass to pass: that is not a new cause, so it was warned about once, not at
+    every pass (the rest at debug level), until the lock went."""
+    caplog.set_level(logging.DEBUG, "asyncsession")
+    db = tmp_path / "sessions.db"
+    async with s.SessionManager(
+        s.SQLiteRepository(db, busy_timeout=0.2),
+        idle_timeout=IDLE,
+        cleanup_interval=None,
+        clock=clock,
+    ) as sessions:
+        lone = (await sessions.create()).id
+        clock.advance(IDLE + 1)
+        holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            for _ in range(3):
+                assert await sessions.purge_expired() == 0
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert await sessions.purge_expired() == 1
+    about = [r for r in caplog.records if str(lone) in r.getMessage()]
+    levels = [r.levelname for r in about]
+    assert levels == ["WARNING", "DEBUG", "DEBUG", "INFO"], levels
+
+
 def sql(db: Path, *statements: str) -> None:
     """Run ``statements`` on the SQLite file ``db``, behind the store's back."""
     with closing(sqlite3.connect(db)) as conn, conn:
