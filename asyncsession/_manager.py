@@ -1479,9 +1479,7 @@ class SessionManager:
                             suspect = (sid, exc)
                         else:
                             self._note_unremovable(sid, exc)
-                        if isinstance(exc, StorageError) and not isinstance(
-                            exc, SessionLocked
-                        ):
+                        if isinstance(exc, StorageError) and not isinstance(exc, SessionLocked):
                             # This session, or the whole store? A store that fails this
                             # too ends the pass here (the next pass tries again).
                             # SessionLocked names its session: the store works.
