@@ -31,6 +31,7 @@ from ._exceptions import (
     InvalidCursor,
     InvalidSessionId,
     InvalidUpdate,
+    kind_of,
     revision_exhausted,
     type_name,
 )
@@ -271,7 +272,8 @@ class SessionRepository(ABC):
       exit closes the store its application still holds open.)
     * Ids are :class:`uuid.UUID`: every operation taking one raises
       :class:`InvalidSessionId` for anything else (see :meth:`_check_id`), before it
-      reads or writes anything.
+      reads or writes anything. :meth:`append` raises :class:`InvalidUpdate` for
+      messages that are not :class:`Message` objects (see :meth:`_check_messages`).
       (The methods below do not each repeat this.)
     """
 
@@ -352,6 +354,28 @@ class SessionRepository(ABC):
         """:meth:`_check_id` of each id, in order, each id once (for
         :meth:`document_versions`)."""
         return list(dict.fromkeys(map(SessionRepository._check_id, session_ids)))
+
+    @staticmethod
+    def _check_messages(messages: object) -> tuple[Message, ...]:
+        """The precondition of :meth:`append`: ``messages`` as a tuple, or
+        :class:`InvalidUpdate` if it is not a sequence of :class:`Message` objects (text,
+        a dict, None, ...). Stores call it before they read or write anything; custom
+        stores should too."""
+        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
+            raise InvalidUpdate(
+                "append() takes a sequence of asyncsession.Message objects; got "
+                f"{kind_of(messages)}. (SessionManager.add_messages() takes (role, "
+                "content) items and makes the messages.)"
+            )
+        batch = tuple(messages)
+        for index, item in enumerate(batch):
+            if not isinstance(item, Message):
+                raise InvalidUpdate(
+                    "append() takes a sequence of asyncsession.Message objects; item "
+                    f"{index} is {kind_of(item)}. (SessionManager.add_messages() takes "
+                    "(role, content) items and makes the messages.)"
+                )
+        return batch
 
     @staticmethod
     def _check_revision_step(session: Session, expected_revision: int) -> None:

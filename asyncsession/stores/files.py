@@ -1455,7 +1455,7 @@ class FileRepository(SessionRepository):
         max_messages: int | None = None,
     ) -> Session:
         sid = self._check_id(session_id)  # only plain UUIDs ever become file names
-        messages = tuple(messages)
+        messages = self._check_messages(messages)
 
         def step(current: _Doc | None) -> tuple[Session | None, _Action]:
             old = None if current is None else current.skeleton

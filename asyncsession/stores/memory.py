@@ -14,7 +14,6 @@ from .._exceptions import (
     SessionClosed,
     SessionConflict,
     SessionNotFound,
-    kind_of,
 )
 from .._migrations import CURRENT_VERSION
 from .._models import (
@@ -190,6 +189,7 @@ class MemoryRepository(SessionRepository):
         max_messages: int | None = None,
     ) -> Session:
         session_id = self._check_id(session_id)
+        messages = self._check_messages(messages)
         async with self._lock:
             old = self._sessions.get(session_id)
             if old is None or old.is_expired(at):
@@ -206,9 +206,6 @@ class MemoryRepository(SessionRepository):
             if max_messages is not None and total > max_messages:
                 raise LimitExceeded("Messages in this session", max_messages, total)
             revision = self._next_revision(session_id, old.revision)
-            for message in messages:
-                if not isinstance(message, Message):
-                    raise TypeError(f"append() takes Message objects, got {kind_of(message)}")
             new = replace_trusted(
                 old,
                 messages=old.messages.extend(messages),

@@ -1542,6 +1542,7 @@ class RedisRepository(SessionRepository, EventTransport):
         max_messages: int | None = None,
     ) -> Session:
         session_id = self._check_id(session_id)
+        messages = self._check_messages(messages)
         sid = str(session_id)
         args: list[str | bytes] = [
             sid,

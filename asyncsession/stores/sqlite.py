@@ -2469,7 +2469,7 @@ class SQLiteRepository(SessionRepository):
         max_messages: int | None = None,
     ) -> Session:
         sid = self._check_id(session_id)
-        batch = list(messages)
+        batch = list(self._check_messages(messages))
         bodies = _encode_messages(batch)
         at_us = _us(at)
         one_statement = _append_parameters(sid, batch, at_us, policy, max_messages)

@@ -832,6 +832,34 @@ class RepositoryContract:
         ok = await repository.append(live.id, [msg("c")], at=at(1), policy=POLICY, max_messages=3)
         assert ok.messages.total == 3
 
+    async def test_append_takes_message_objects(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """An append of anything but a sequence of :class:`Message` objects (text, a
+        dict, None, a list holding a str or a dict) raises :class:`InvalidUpdate`, a
+        ValidationError, and stores nothing (see ``SessionRepository._check_messages``)."""
+        session = make_session(messages=("a",))
+        await repository.add(session)
+        bad_batches: list[object] = [
+            "hi",
+            b"hi",
+            None,
+            {"role": "user", "content": "hi"},
+            ["hi"],
+            [msg("b"), {"role": "user", "content": "hi"}],
+            [msg("b"), None],
+        ]
+        for bad in bad_batches:
+            what = f"append() of {type(bad).__name__} {bad!r:.40}"
+            error = await raises(
+                InvalidUpdate,
+                repository.append(session.id, bad, at=at(1), policy=POLICY),  # type: ignore[arg-type]
+                what,
+            )
+            assert isinstance(error, ValueError) and not error.recoverable, what
+            assert "Message" in str(error), (what, str(error))
+            assert await repository.get(session.id) == session, f"{what} wrote"
+
     async def test_last_messages_window(
         self, repository: SessionRepository, anyio_backend: Any
     ) -> None:

@@ -98,6 +98,7 @@ class DictRepository(SessionRepository):
         max_messages: int | None = None,
     ) -> Session:
         session_id = self._check_id(session_id)
+        messages = self._check_messages(messages)  # InvalidUpdate if not Message objects
         await anyio.lowlevel.checkpoint()
         current = self._sessions.get(session_id)
         if current is None or current.is_expired(at):
