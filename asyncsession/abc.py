@@ -25,6 +25,7 @@ import anyio.lowlevel
 import attrs
 import orjson
 
+from ._clock import utc
 from ._exceptions import (
     MAX_REVISION,
     InvalidConfiguration,
@@ -273,7 +274,10 @@ class SessionRepository(ABC):
     * Ids are :class:`uuid.UUID`: every operation taking one raises
       :class:`InvalidSessionId` for anything else (see :meth:`_check_id`), before it
       reads or writes anything. :meth:`append` raises :class:`InvalidUpdate` for
-      messages that are not :class:`Message` objects (see :meth:`_check_messages`).
+      messages that are not :class:`Message` objects (see :meth:`_check_messages`);
+      ``at`` and ``now`` that are not timezone-aware datetimes, and an
+      :meth:`expired` ``limit`` below 1, raise :class:`InvalidConfiguration` (see
+      :meth:`_check_time` and :meth:`_check_limit`).
       (The methods below do not each repeat this.)
     """
 
@@ -354,6 +358,31 @@ class SessionRepository(ABC):
         """:meth:`_check_id` of each id, in order, each id once (for
         :meth:`document_versions`)."""
         return list(dict.fromkeys(map(SessionRepository._check_id, session_ids)))
+
+    @staticmethod
+    def _check_time(value: object, name: str) -> datetime:
+        """The precondition on the time :meth:`append`, :meth:`touch` (``at``),
+        :meth:`remove_expired` and :meth:`expired` (``now``) take: ``value`` in UTC, or
+        :class:`InvalidConfiguration` for a naive datetime or anything but a datetime.
+        Stores call it before they read or write anything; custom stores should too."""
+        if not isinstance(value, datetime):
+            raise InvalidConfiguration(
+                f"{name} must be a timezone-aware datetime; got {kind_of(value)}. Use "
+                "datetime.now(timezone.utc)."
+            )
+        return utc(value, name)
+
+    @staticmethod
+    def _check_limit(limit: object) -> int:
+        """The precondition of :meth:`expired`: ``limit`` is an int of at least 1
+        (:class:`InvalidConfiguration` otherwise)."""
+        if type(limit) is not int or limit < 1:
+            small = type(limit) is int and limit > -(10**6)
+            raise InvalidConfiguration(
+                "expired() takes limit=, an int of at least 1; got "
+                f"{limit if small else kind_of(limit)}."
+            )
+        return limit
 
     @staticmethod
     def _check_messages(messages: object) -> tuple[Message, ...]:

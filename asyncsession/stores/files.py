@@ -1455,6 +1455,7 @@ class FileRepository(SessionRepository):
         max_messages: int | None = None,
     ) -> Session:
         sid = self._check_id(session_id)  # only plain UUIDs ever become file names
+        at = self._check_time(at, "at")
         messages = self._check_messages(messages)
 
         def step(current: _Doc | None) -> tuple[Session | None, _Action]:
@@ -1498,6 +1499,7 @@ class FileRepository(SessionRepository):
         last_messages: int | None = None,
     ) -> Session | None:
         sid = self._check_id(session_id)  # only plain UUIDs ever become file names
+        at = self._check_time(at, "at")
 
         def step(current: _Doc | None) -> tuple[Session | None, _Action]:
             if current is None:
@@ -1536,6 +1538,7 @@ class FileRepository(SessionRepository):
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
         sid = self._check_id(session_id)  # only plain UUIDs ever become file names
+        now = self._check_time(now, "now")
 
         def step(current: _Doc | None) -> tuple[Session | None, _Action]:
             if current is None or not current.skeleton.is_expired(now):
@@ -1570,6 +1573,8 @@ class FileRepository(SessionRepository):
         return removed
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
+        now = self._check_time(now, "now")
+        limit = self._check_limit(limit)
         self._check_open()
         if self._shared:
             await self._call(self._sync)

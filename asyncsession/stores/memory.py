@@ -189,6 +189,7 @@ class MemoryRepository(SessionRepository):
         max_messages: int | None = None,
     ) -> Session:
         session_id = self._check_id(session_id)
+        at = self._check_time(at, "at")
         messages = self._check_messages(messages)
         async with self._lock:
             old = self._sessions.get(session_id)
@@ -226,6 +227,7 @@ class MemoryRepository(SessionRepository):
         last_messages: int | None = None,
     ) -> Session | None:
         session_id = self._check_id(session_id)
+        at = self._check_time(at, "at")
         async with self._lock:
             old = self._sessions.get(session_id)
             if old is None:
@@ -261,6 +263,7 @@ class MemoryRepository(SessionRepository):
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
         session_id = self._check_id(session_id)
+        now = self._check_time(now, "now")
         async with self._lock:
             old = self._sessions.get(session_id)
             if old is None or not old.is_expired(now):
@@ -269,6 +272,8 @@ class MemoryRepository(SessionRepository):
             return old
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
+        now = self._check_time(now, "now")
+        limit = self._check_limit(limit)
         found: list[tuple[datetime, int, uuid.UUID]] = []
         seen: set[uuid.UUID] = set()
         async with self._lock:

@@ -1542,6 +1542,7 @@ class RedisRepository(SessionRepository, EventTransport):
         max_messages: int | None = None,
     ) -> Session:
         session_id = self._check_id(session_id)
+        at = self._check_time(at, "at")
         messages = self._check_messages(messages)
         sid = str(session_id)
         args: list[str | bytes] = [
@@ -1583,6 +1584,7 @@ class RedisRepository(SessionRepository, EventTransport):
         last_messages: int | None = None,
     ) -> Session | None:
         session_id = self._check_id(session_id)
+        at = self._check_time(at, "at")
         entry = self._held.entry(session_id)
         sid = str(session_id)
         args = [
@@ -1635,6 +1637,7 @@ class RedisRepository(SessionRepository, EventTransport):
         next cleanup pass: None.
         """
         session_id = self._check_id(session_id)
+        now = self._check_time(now, "now")
         entry = self._held.take(session_id)
         session = None if entry is None else entry[0]
         known, keep = _version(entry), ""
@@ -1675,8 +1678,8 @@ class RedisRepository(SessionRepository, EventTransport):
         return None
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
-        if type(limit) is not int or limit < 1:
-            raise InvalidConfiguration(f"limit must be an int >= 1, got {limit!r}.")
+        now = self._check_time(now, "now")
+        limit = self._check_limit(limit)
         # in index order: by deadline rounded to a double (exact up to 2**53 us, in 2255),
         # then by id among those that round to one score; an id is reported once
         found: dict[str, None] = {}

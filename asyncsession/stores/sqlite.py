@@ -2469,6 +2469,7 @@ class SQLiteRepository(SessionRepository):
         max_messages: int | None = None,
     ) -> Session:
         sid = self._check_id(session_id)
+        at = self._check_time(at, "at")
         batch = list(self._check_messages(messages))
         bodies = _encode_messages(batch)
         at_us = _us(at)
@@ -2557,6 +2558,7 @@ class SQLiteRepository(SessionRepository):
         last_messages: int | None = None,
     ) -> Session | None:
         sid = self._check_id(session_id)
+        at = self._check_time(at, "at")
         at_us = _us(at)
 
         interval_us = policy.touch_interval // timedelta(microseconds=1)
@@ -2621,6 +2623,7 @@ class SQLiteRepository(SessionRepository):
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
         sid = self._check_id(session_id)
+        now = self._check_time(now, "now")
         self._held.drop(sid)
         now_us = _us(now)
 
@@ -2644,6 +2647,8 @@ class SQLiteRepository(SessionRepository):
         return await self._call(op, write=True)
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
+        now = self._check_time(now, "now")
+        limit = self._check_limit(limit)
         now_us = _us(now)
         most = _sql_int(limit)
 

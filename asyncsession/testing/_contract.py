@@ -28,6 +28,7 @@ import orjson
 
 from .._exceptions import (
     CorruptSessionError,
+    InvalidConfiguration,
     InvalidCursor,
     InvalidSessionId,
     InvalidUpdate,
@@ -859,6 +860,44 @@ class RepositoryContract:
             assert isinstance(error, ValueError) and not error.recoverable, what
             assert "Message" in str(error), (what, str(error))
             assert await repository.get(session.id) == session, f"{what} wrote"
+
+    async def test_times_are_aware_datetimes_and_limits_positive(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """``at`` (append, touch) and ``now`` (remove_expired, expired) must be
+        timezone-aware datetimes, and expired()'s ``limit`` an int of at least 1:
+        anything else raises :class:`InvalidConfiguration` (a ValidationError), reading
+        and writing nothing (see ``SessionRepository._check_time`` and ``_check_limit``).
+        An aware time in another zone is the same instant."""
+        session = make_session(messages=("a",))
+        await repository.add(session)
+        naive = at(1000).replace(tzinfo=None)
+        for bad in (naive, "2026-01-01T00:00:00Z", at(1000).timestamp(), None):
+            operations: list[tuple[str, Callable[[Any], Awaitable[object]]]] = [
+                (
+                    "append",
+                    lambda t: repository.append(session.id, [msg("b")], at=t, policy=POLICY),
+                ),
+                ("touch", lambda t: repository.touch(session.id, at=t, policy=POLICY)),
+                ("remove_expired", lambda t: repository.remove_expired(session.id, now=t)),
+                ("expired", lambda t: repository.expired(t)),
+            ]
+            for what, operation in operations:
+                error = await raises(
+                    InvalidConfiguration, operation(bad), f"{what}() at {type(bad).__name__}"
+                )
+                assert isinstance(error, ValueError) and "timezone-aware" in str(error), what
+        limits: list[Any] = [0, -1, "5", 2.0, None, True]
+        for limit in limits:
+            await raises(
+                InvalidConfiguration, repository.expired(at(1000), limit=limit), f"limit={limit!r}"
+            )
+        assert await repository.get(session.id) == session
+        eastern = at(1000).astimezone(timezone(timedelta(hours=-5)))
+        assert list(await repository.expired(eastern, limit=1)) == [session.id]
+        removed = await repository.remove_expired(session.id, now=eastern)
+        assert removed is not None and removed.id == session.id
+        assert await repository.get(session.id) is None
 
     async def test_last_messages_window(
         self, repository: SessionRepository, anyio_backend: Any

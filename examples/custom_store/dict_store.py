@@ -98,6 +98,7 @@ class DictRepository(SessionRepository):
         max_messages: int | None = None,
     ) -> Session:
         session_id = self._check_id(session_id)
+        at = self._check_time(at, "at")  # InvalidConfiguration if naive
         messages = self._check_messages(messages)  # InvalidUpdate if not Message objects
         await anyio.lowlevel.checkpoint()
         current = self._sessions.get(session_id)
@@ -137,6 +138,7 @@ class DictRepository(SessionRepository):
         last_messages: int | None = None,
     ) -> Session | None:
         session_id = self._check_id(session_id)
+        at = self._check_time(at, "at")
         await anyio.lowlevel.checkpoint()
         current = self._sessions.get(session_id)
         if current is None:
@@ -162,6 +164,7 @@ class DictRepository(SessionRepository):
 
     async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> Session | None:
         session_id = self._check_id(session_id)
+        now = self._check_time(now, "now")
         await anyio.lowlevel.checkpoint()
         current = self._sessions.get(session_id)
         if current is None or not current.is_expired(now):
@@ -169,6 +172,8 @@ class DictRepository(SessionRepository):
         return self._sessions.pop(session_id)
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
+        now = self._check_time(now, "now")
+        limit = self._check_limit(limit)  # InvalidConfiguration if < 1
         await anyio.lowlevel.checkpoint()
         due = [s for s in self._sessions.values() if s.is_expired(now)]
         due.sort(key=lambda s: (s.expires_at, s.id.int))
