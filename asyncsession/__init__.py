@@ -36,6 +36,7 @@ from ._exceptions import ValidationError as ValidationError
 from ._json import FrozenDict as FrozenDict
 from ._manager import SessionManager as SessionManager
 from ._manager import SessionStats as SessionStats
+from ._manager import UpdateFn as UpdateFn
 from ._migrations import CURRENT_VERSION as CURRENT_VERSION
 from ._models import ROLES as ROLES
 from ._models import ExpiryPolicy as ExpiryPolicy
@@ -100,6 +101,7 @@ __all__ = [
     "StorageError",
     "Subscription",
     "SystemClock",
+    "UpdateFn",
     "ValidationError",
     "current_session_id",
     "dumps",

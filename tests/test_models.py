@@ -75,6 +75,7 @@ PUBLIC_API = {
         "StorageError",
         "Subscription",
         "SystemClock",
+        "UpdateFn",
         "ValidationError",
         "current_session_id",
         "dumps",
