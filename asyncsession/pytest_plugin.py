@@ -2,7 +2,10 @@
 
 Fixtures:
 
-* ``session_clock``: a :class:`~asyncsession.testing.ManualClock`.
+* ``session_clock``: a :class:`~asyncsession.testing.ManualClock` starting at the current
+  real UTC time (whole seconds), so it suits every store, Redis included (its server
+  deletes keys by its own real clock); override it with ``ManualClock(start=...)`` for a
+  fixed date.
 * ``session_repository``: a fresh :class:`~asyncsession.MemoryRepository` (override it to
   test against another store; the manager opens and closes it).
 * ``session_manager_options``: keyword arguments for the manager (override it, e.g.
@@ -61,7 +64,7 @@ _LOOP_SCOPES: tuple[_LoopScope, ...] = ("function", "class", "module", "package"
 
 @pytest.fixture
 def session_clock() -> ManualClock:
-    """A manual clock: time moves only by ``advance()``."""
+    """A manual clock at the current real UTC time: time moves only by ``advance()``."""
     return ManualClock()
 
 

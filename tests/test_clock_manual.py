@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 
 import anyio
 import anyio.lowlevel
 import pytest
 
-from asyncsession import InvalidConfiguration
+from asyncsession import InvalidConfiguration, SessionManager, SessionNotFound
+from asyncsession.stores.redis import RedisRepository
 from asyncsession.testing import ManualClock
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -124,3 +127,53 @@ async def test_a_microsecond_sleep_still_waits_for_the_clock(anyio_backend: str)
         assert not woke.is_set()
         clock.advance(timedelta(microseconds=1))
         await woke.wait()
+
+
+def test_the_default_start_is_now_to_the_whole_second() -> None:
+    """Stores that expire data on their own clock (Redis) need a manual time near the
+    real one: the default start is the current UTC time, truncated to the second."""
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    clock = ManualClock()
+    after = datetime.now(timezone.utc)
+    assert before <= clock.now() <= after
+    assert clock.now().microsecond == 0 and clock.now().tzinfo is timezone.utc
+    assert ManualClock(START).now() == START  # a fixed date still when asked for
+
+
+@pytest.fixture
+async def redis_store(
+    request: pytest.FixtureRequest, anyio_backend: str
+) -> AsyncIterator[RedisRepository]:
+    """A Redis store with the default key_expiry_grace (keys go by the server's clock)."""
+    server = request.getfixturevalue("redis_server")
+    prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    store = RedisRepository(server.url, prefix=prefix)
+    try:
+        yield store
+    finally:
+        async with RedisRepository(server.url, prefix=prefix) as cleaner:
+            keys = [key async for key in cleaner.client.scan_iter(match=f"{prefix}*")]
+            if keys:
+                await cleaner.client.delete(keys)
+
+
+@pytest.mark.anyio
+async def test_a_default_manual_clock_drives_a_redis_store(redis_store: RedisRepository) -> None:
+    """A session stamped at a fixed past date had its Redis keys deleted by the server as
+    soon as they were written (deadline + key_expiry_grace already past)."""
+    clock = ManualClock()
+    async with SessionManager(
+        redis_store, idle_timeout=60, cleanup_interval=30, clock=clock
+    ) as sessions:
+        session = await sessions.create()
+        await sessions.add_message(session.id, "user", "hi")
+        got = await sessions.get(session.id, touch=False)
+        assert [m.content for m in got.messages] == ["hi"]
+        clock.advance(59)
+        assert await sessions.exists(session.id)
+        clock.advance(1)  # the idle timeout
+        with pytest.raises(SessionNotFound):
+            await sessions.get(session.id)
+        clock.advance(30)  # past a cleanup pass
+        await sessions.wait_for_cleanup()
+        assert not await sessions.exists(session.id)

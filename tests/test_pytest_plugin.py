@@ -6,11 +6,14 @@ import inspect
 import shutil
 import subprocess
 import sys
+import uuid
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import anyio
 import pytest
 
+from asyncsession.stores.redis import RedisRepository
 from asyncsession.testing import RepositoryContract
 
 pytest_plugins = ["pytester"]
@@ -176,6 +179,59 @@ def test_overriding_the_repository_and_options(pytester: pytest.Pytester) -> Non
     )
     result = pytester.runpytest_subprocess(*plugin_args(), *ANYIO_ONLY, "-W", "error")
     result.assert_outcomes(passed=1)
+
+
+def test_the_session_clock_works_with_a_redis_repository(
+    pytester: pytest.Pytester, request: pytest.FixtureRequest
+) -> None:
+    """Redis deletes keys by the server's real clock: the plugin's clock starts at the
+    real time, so a suite overriding session_repository with Redis keeps its sessions."""
+    server = request.getfixturevalue("redis_server")
+    prefix = f"plugin-{uuid.uuid4().hex[:8]}:"
+    pytester.makeconftest(
+        f"""
+        import pytest
+        from asyncsession.stores.redis import RedisRepository
+
+        @pytest.fixture(params=["asyncio", "trio"])
+        def anyio_backend(request):
+            return request.param
+
+        @pytest.fixture
+        def session_repository():
+            return RedisRepository({server.url!r}, prefix={prefix!r})
+
+        @pytest.fixture
+        def session_manager_options():
+            return {{"idle_timeout": 60, "cleanup_interval": 30}}
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.anyio
+        async def test_redis(session_manager, session_clock):
+            s = await session_manager.create()
+            await session_manager.add_message(s.id, "user", "hi")
+            assert len((await session_manager.get(s.id)).messages) == 1
+            session_clock.advance(60)
+            await session_manager.wait_for_cleanup()
+            assert not await session_manager.exists(s.id)
+        """
+    )
+    try:
+        result = pytester.runpytest_subprocess(*plugin_args(), *ANYIO_ONLY, "-W", "error")
+    finally:
+        anyio.run(_delete_keys, server.url, prefix)
+    result.assert_outcomes(passed=2)  # asyncio and trio
+
+
+async def _delete_keys(url: str, prefix: str) -> None:
+    async with RedisRepository(url, prefix=prefix) as store:
+        keys = [key async for key in store.client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await store.client.delete(keys)
 
 
 def test_sync_test_gets_a_clear_error(pytester: pytest.Pytester) -> None:

@@ -15,8 +15,6 @@ from .._exceptions import InvalidConfiguration
 
 __all__ = ["ManualClock"]
 
-_DEFAULT_START = datetime(2026, 1, 1, tzinfo=timezone.utc)
-
 
 class ManualClock:
     """A deterministic clock for tests: time moves only by :meth:`advance`.
@@ -24,12 +22,25 @@ class ManualClock:
     ``sleep()`` waits until the clock has been advanced far enough, so a manager's
     cleanup loop runs exactly when a test moves time past its interval. No real time
     passes and nothing sleeps.
+
+    ``start`` is the time it starts at (timezone-aware; kept in UTC). By default that is
+    the current real UTC time, truncated to the whole second, so a ManualClock works with
+    every store, Redis included, whose server deletes a session's keys by its own real
+    clock (``key_expiry_grace`` after the session's deadline): times far in the past
+    would have them deleted as soon as they are written. Pass ``start=`` for a fixed,
+    reproducible date: any date with the stores that keep time only by the clock they
+    are given (memory, SQLite, files); with Redis, a date in the past needs a
+    ``key_expiry_grace`` that reaches from it past the real time.
     """
 
     def __init__(self, start: datetime | None = None) -> None:
-        start = start if start is not None else _DEFAULT_START
-        if start.tzinfo is None:
-            raise InvalidConfiguration("ManualClock(start=...) must be timezone-aware.")
+        if start is None:
+            start = datetime.now(timezone.utc).replace(microsecond=0)
+        elif not isinstance(start, datetime) or start.tzinfo is None:
+            raise InvalidConfiguration(
+                f"ManualClock(start=...) must be a timezone-aware datetime, e.g. "
+                f"datetime(2026, 1, 1, tzinfo=timezone.utc); got {start!r:.60}."
+            )
         self._now = start.astimezone(timezone.utc)
         self._sleepers: list[tuple[datetime, int, anyio.Event]] = []
         self._forever = 0  # sleeps longer than any time a datetime can hold
