@@ -400,17 +400,77 @@ def _finish_writes_at_exit() -> None:
         reporter._finish_writes(deadline)
 
 
-class LoggingReporter:
-    """Logs each report (logger ``asyncsession.reporting`` at INFO by default)."""
+def _reporter_logger(value: object) -> logging.Logger | logging.LoggerAdapter[Any]:
+    """``LoggingReporter``'s ``logger``: a Logger or LoggerAdapter, a logger's name, or
+    None (``asyncsession.reporting``)."""
+    if value is None:
+        return logger
+    if isinstance(value, str):
+        return logging.getLogger(value)
+    if isinstance(value, (logging.Logger, logging.LoggerAdapter)):
+        return value
+    raise InvalidConfiguration(
+        f"LoggingReporter(logger=...) takes a logging.Logger (or LoggerAdapter), a logger's "
+        f"name such as 'myapp.health', or None for 'asyncsession.reporting'; got "
+        f"{kind_of(value)}. The level is the second argument: "
+        f"LoggingReporter(logger, level=logging.INFO)."
+    )
 
-    def __init__(self, logger: logging.Logger | None = None, level: int = logging.INFO) -> None:
-        self.logger = logger if logger is not None else logging.getLogger(__name__)
-        self.level = level
+
+def _reporter_level(value: object) -> int:
+    """``LoggingReporter``'s ``level``: an int >= 0 or a level's name ("INFO", "debug")."""
+    if isinstance(value, str):
+        for name in (value, value.upper()):
+            number = logging.getLevelName(name)  # the number of a registered name
+            if type(number) is int:
+                return number
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    shown = repr(value)[:60] if isinstance(value, (str, int)) else kind_of(value)
+    raise InvalidConfiguration(
+        f"LoggingReporter(level=...) takes an int level such as logging.INFO (20) or a "
+        f"level's name such as 'INFO' or 'DEBUG'; got {shown}."
+    )
+
+
+class LoggingReporter:
+    """Logs each report (logger ``asyncsession.reporting`` at INFO by default).
+
+    ``logger`` is a :class:`logging.Logger` or :class:`logging.LoggerAdapter`, a logger's
+    name (``"myapp.health"``, for ``logging.getLogger(name)``), or None for
+    ``asyncsession.reporting``. ``level`` is an int level (``logging.INFO``) or a level's
+    name (``"INFO"``, ``"debug"``). Anything else raises
+    :class:`~asyncsession.InvalidConfiguration` here, not at each report. Both are
+    read-only afterwards (:attr:`logger` is the Logger itself, :attr:`level` the int).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | str | None = None,
+        level: int | str = logging.INFO,
+    ) -> None:
+        self._logger = _reporter_logger(logger)
+        self._level = _reporter_level(level)
+
+    @property
+    def logger(self) -> logging.Logger | logging.LoggerAdapter[Any]:
+        """Where the reports are logged."""
+        return self._logger
+
+    @property
+    def level(self) -> int:
+        """The level they are logged at."""
+        return self._level
+
+    def __repr__(self) -> str:
+        name = logging.getLevelName(self._level)
+        level = repr(name) if not name.startswith("Level ") else str(self._level)
+        return f"LoggingReporter(logger={self._logger.name!r}, level={level})"
 
     async def report(self, report: SessionReport) -> None:
         """Log one line: id, status, duration, errors, owner, attributes."""
-        self.logger.log(
-            self.level,
+        self._logger.log(
+            self._level,
             "session %s ended %s after %.3fs with %s errors (owner=%s %s)",
             report.session_id,
             report.status.value,
