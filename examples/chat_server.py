@@ -25,6 +25,12 @@ Store URLs (``asyncsession.repository_from_url``): ``sqlite:///relative.db`` or
 ``file:///abs/dir``, ``redis://...``. Set ``CHAT_SECRET_KEY`` so cookies outlive a restart.
 With hypercorn directly: ``hypercorn --worker-class trio 'chat_server:create_app()'`` (from
 ``examples/``; the store comes from ``CHAT_STORE``).
+
+Several worker processes (``hypercorn --workers 4``, or servers behind a load balancer)
+need Redis and one ``CHAT_SECRET_KEY``: on Redis the app turns on ``share_events``, so a
+browser's event stream hears what it posted through any worker. SQLite and files can be
+shared by processes but not their events: each stream then shows only what its own worker
+handled (reload the page to see the rest), so run them in one process.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 import asyncsession as s
+from asyncsession.abc import EventTransport
 from asyncsession.asgi import SessionMiddleware, get_session
 
 logger = logging.getLogger("chat_server")
@@ -93,8 +100,10 @@ def create_app(
     not ``Secure`` by default because the demo serves plain HTTP on localhost.
     """
     if manager is None or isinstance(manager, str):
-        url = manager or os.environ.get("CHAT_STORE", DEFAULT_STORE)
-        sessions = s.SessionManager(s.repository_from_url(url), idle_timeout=3600)
+        store = s.repository_from_url(manager or os.environ.get("CHAT_STORE", DEFAULT_STORE))
+        # Redis tells the other worker processes about changes; other stores cannot.
+        shared = isinstance(store, EventTransport)
+        sessions = s.SessionManager(store, idle_timeout=3600, share_events=shared)
     else:
         sessions = manager()
     key = secret_key or os.environ.get("CHAT_SECRET_KEY")
@@ -206,21 +215,29 @@ async def _event_stream(
     """SSE for one session: its new messages, state changes and its end.
 
     "ready" is sent once subscribed, so a client that waits for it misses nothing.
+    Another worker's events carry no session (``event.remote``): it is read again.
     """
     async with sessions.subscribe() as subscription:
         yield _sse("ready", {"session_id": str(session_id)})
         async for event in subscription:
             if event.session_id != session_id:
                 continue
-            if event.session is None or event.kind in (s.EventKind.DELETED, s.EventKind.EXPIRED):
+            if event.kind in (s.EventKind.DELETED, s.EventKind.EXPIRED):
                 yield _sse("ended", {"kind": event.kind.value})
                 return
-            new = _messages(event.session, seen)
+            session = event.session
+            if session is None:  # another worker's event (event.remote): read the session
+                try:
+                    session = await sessions.get(session_id, touch=False)
+                except s.SessionNotFound:  # expired or deleted since
+                    yield _sse("ended", {"kind": "not_found"})
+                    return
+            new = _messages(session, seen)
             if new:
                 seen = new[-1]["index"] + 1
             yield _sse(
                 event.kind.value,
-                {"messages": new, "interrupts": event.session.state.get("interrupts", 0)},
+                {"messages": new, "interrupts": session.state.get("interrupts", 0)},
             )
 
 
@@ -295,7 +312,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--store", default=os.environ.get("CHAT_STORE", DEFAULT_STORE))
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("CHAT_STORE", DEFAULT_STORE),
+        help="store URL (default: %(default)s); several processes: redis://... (live updates)",
+    )
     parser.add_argument("--server", choices=["hypercorn", "uvicorn"], default="hypercorn")
     parser.add_argument("--worker-class", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--secure-cookies", action="store_true", help="serve behind HTTPS")

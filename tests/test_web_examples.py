@@ -24,6 +24,7 @@ import anyio
 import httpx
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from redis_support import RedisServer
 from web_support import CHAT, GATEWAY, SERVERS, serve, serve_sync
 
 import asyncsession as s
@@ -160,6 +161,44 @@ async def test_chat_sessions_survive_a_restart(
             answer = await again.post("/api/messages", json={"text": "after"})
             assert [m["content"] for m in answer.json()["messages"]] == ["after", "#2 retfa"]
             assert answer.json()["session_id"] == state["session_id"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("listener", "poster"),
+    [("hypercorn-trio", "hypercorn-asyncio"), ("uvicorn", "hypercorn-trio")],
+)
+async def test_chat_sse_hears_messages_posted_through_another_worker_on_redis(
+    listener: str,
+    poster: str,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    server_log: IO[bytes],
+) -> None:
+    # Two worker processes on one Redis, as behind a load balancer: a browser's event
+    # stream on one worker must show what it posted through the other, and keep going.
+    store = f"{redis_server.url}?prefix=chat-{uuid.uuid4().hex[:8]}:"
+    with anyio.fail_after(120):
+        async with (
+            serve(CHAT, listener, store, server_log) as a,
+            serve(CHAT, poster, store, server_log) as b,
+            httpx.AsyncClient(timeout=60) as browser,  # cookies are per host, not port
+        ):
+            sid = (await browser.post(f"{a}/api/session")).json()["session_id"]
+            async with browser.stream("GET", f"{a}/api/events") as response:
+                events = EventStream(response)
+                assert await events.next() == ("ready", {"session_id": sid})
+                await browser.post(f"{b}/api/messages", json={"text": "via b"})
+                with anyio.fail_after(30):  # guard only: pub/sub delivery is asynchronous
+                    assert await contents_until(events, "#1 b aiv") == ["via b", "#1 b aiv"]
+                await browser.post(f"{a}/api/messages", json={"text": "via a"})
+                await browser.post(f"{b}/api/messages", json={"text": "b again"})
+                with anyio.fail_after(30):
+                    seen = await contents_until(events, "#3 niaga b")
+                assert seen == ["via a", "#2 a aiv", "b again", "#3 niaga b"]
+                await browser.post(f"{b}/api/logout")  # deleted on b: a's stream ends
+                with anyio.fail_after(30):
+                    assert (await events.drain())[-1:] == ["ended"]
 
 
 # --- chat server, in process ------------------------------------------------------------
