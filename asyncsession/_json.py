@@ -44,6 +44,17 @@ def plain_str(value: Any) -> Any:
     return value
 
 
+def plain_text(value: str) -> str:
+    """:func:`plain_str` as the converter of a text field: typed, so that type checkers
+    refuse anything but text there (the field's validator refuses it at run time)."""
+    return plain_str(value)  # type: ignore[no-any-return]
+
+
+def plain_optional_text(value: str | None) -> str | None:
+    """:func:`plain_text` of a field that may be None."""
+    return plain_str(value)  # type: ignore[no-any-return]
+
+
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
@@ -261,7 +272,7 @@ def _freeze(value: object, path: str, room: int) -> tuple[Any, int]:
     raise InvalidJSONValue(path, _not_json(value))
 
 
-def freeze_state(value: object) -> FrozenDict:
+def freeze_state(value: Mapping[str, Any] | None) -> FrozenDict:
     """Validate and freeze a session's state mapping."""
     if value is None:
         return EMPTY

@@ -24,7 +24,15 @@ from ._exceptions import (
     ValidationError,
     kind_of,
 )
-from ._json import EMPTY, freeze_json, freeze_state, merge_state, plain_str
+from ._json import (
+    EMPTY,
+    freeze_json,
+    freeze_state,
+    merge_state,
+    plain_optional_text,
+    plain_str,
+    plain_text,
+)
 
 __all__ = [
     "ROLES",
@@ -66,7 +74,7 @@ _OPEN = frozenset({SessionStatus.ACTIVE, SessionStatus.ARCHIVED})
 _ACTIVE, _ARCHIVED = SessionStatus.ACTIVE, SessionStatus.ARCHIVED
 
 
-def parse_status(value: object) -> SessionStatus:
+def parse_status(value: SessionStatus | str) -> SessionStatus:
     """``value`` as a :class:`SessionStatus` (or its string value); else a typed error."""
     try:
         return SessionStatus(value)
@@ -107,7 +115,7 @@ def validate_name(name: object) -> str | None:
     return name
 
 
-def validate_owner(owner: object) -> str | None:
+def validate_owner(owner: str | None) -> str | None:
     """Return ``owner`` if it is None or a non-empty printable string of ≤ 256 chars (a
     str enum member: its value)."""
     owner = plain_str(owner)
@@ -162,8 +170,8 @@ class Message:
     """One message of a conversation."""
 
     # A str enum member (class Role(str, Enum), StrEnum) stands for its value.
-    role: str = attrs.field(converter=plain_str, validator=_validate_role)
-    content: str = attrs.field(converter=plain_str, validator=_check_content)
+    role: str = attrs.field(converter=plain_text, validator=_validate_role)
+    content: str = attrs.field(converter=plain_text, validator=_check_content)
     timestamp: datetime = attrs.field(converter=_timestamp)
     data: Any = attrs.field(default=None, converter=_freeze_data)
 
@@ -515,8 +523,12 @@ class Session:
     created_at: datetime = attrs.field(converter=_created_at)
     last_active: datetime = attrs.field(converter=_last_active)
     # A str enum member stands for its value, as in state (see plain_str).
-    owner: str | None = attrs.field(default=None, converter=plain_str, validator=_validate_owner)
-    name: str | None = attrs.field(default=None, converter=plain_str, validator=_validate_name)
+    owner: str | None = attrs.field(
+        default=None, converter=plain_optional_text, validator=_validate_owner
+    )
+    name: str | None = attrs.field(
+        default=None, converter=plain_optional_text, validator=_validate_name
+    )
     status: SessionStatus = attrs.field(default=SessionStatus.ACTIVE, converter=parse_status)
     closed_at: datetime | None = attrs.field(default=None, converter=_closed_at)
     expires_at: datetime | None = attrs.field(default=None, converter=_expires_at)

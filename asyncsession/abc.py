@@ -36,7 +36,7 @@ from ._exceptions import (
     revision_exhausted,
     type_name,
 )
-from ._json import plain_str
+from ._json import plain_optional_text
 from ._loops import set_soon
 from ._models import ExpiryPolicy, Message, Session, SessionStatus, parse_status
 
@@ -51,7 +51,9 @@ __all__ = [
 ]
 
 
-def _statuses(value: object) -> frozenset[SessionStatus] | None:
+def _statuses(
+    value: SessionStatus | str | Iterable[SessionStatus | str] | None,
+) -> frozenset[SessionStatus] | None:
     if value is None:
         return None
     if isinstance(value, (SessionStatus, str)):
@@ -91,9 +93,9 @@ class SessionQuery:
     """
 
     # A str enum member stands for its value, as stored (see plain_str).
-    owner: str | None = attrs.field(default=None, converter=plain_str)
+    owner: str | None = attrs.field(default=None, converter=plain_optional_text)
     status: frozenset[SessionStatus] | None = attrs.field(default=None, converter=_statuses)
-    search: str | None = attrs.field(default=None, converter=plain_str, validator=_search)
+    search: str | None = attrs.field(default=None, converter=plain_optional_text, validator=_search)
     limit: int = attrs.field(default=50, validator=_limit)
     cursor: str | None = None
     visible_at: datetime | None = None

@@ -57,7 +57,7 @@ _REPORT_FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BIN
 logger = logging.getLogger(__name__)
 
 
-def _report_id(value: object) -> uuid.UUID:
+def _report_id(value: uuid.UUID) -> uuid.UUID:
     if not isinstance(value, uuid.UUID):
         raise InvalidConfiguration(
             f"session_id must be a uuid.UUID; got {kind_of(value)} (not shown). Convert a "
@@ -66,7 +66,7 @@ def _report_id(value: object) -> uuid.UUID:
     return value
 
 
-def _report_time(value: object) -> datetime:
+def _report_time(value: datetime) -> datetime:
     if not isinstance(value, datetime):
         raise InvalidConfiguration(
             f"report times must be timezone-aware datetimes; got {value!r:.60}."
@@ -77,7 +77,7 @@ def _report_time(value: object) -> datetime:
         raise InvalidConfiguration(f"report time {value!r:.60} is out of range.") from None
 
 
-def _report_errors(value: object) -> int:
+def _report_errors(value: int) -> int:
     if type(value) is not int or value < 0:
         raise InvalidConfiguration(f"errors must be an int >= 0; got {value!r:.60}.")
     return value
