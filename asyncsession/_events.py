@@ -94,6 +94,16 @@ class Subscription:
         self._waiting = 0  # tasks waiting in __anext__ (several may share it)
         hub._subscribers.add(self)
 
+    def __repr__(self) -> str:
+        stats = self._receive.statistics()
+        size = int(stats.max_buffer_size)
+        if self not in self._hub._subscribers:
+            return f"<Subscription closed (buffer {size}), {self.dropped} dropped>"
+        return (
+            f"<Subscription receiving: {stats.current_buffer_used} of {size} buffered, "
+            f"{self.dropped} dropped>"
+        )
+
     def __del__(self) -> None:
         # Dropped without aclose(): the hub let go of it too (it holds it weakly). Close
         # the streams quietly; nobody can be waiting on them any more.

@@ -167,3 +167,15 @@ async def test_a_slow_subscriber_is_warned_about_once_per_episode(
                     r.getMessage() for r in caplog.records if "caught up" in r.getMessage()
                 ]
                 assert len(caught_up) == episode and "8 events" in caught_up[-1]
+
+
+async def test_a_subscription_shows_its_buffer_and_drops(anyio_backend: str) -> None:
+    """A subscription's repr says whether it receives, how much of its buffer is used
+    and how many events were dropped for it (no ids, no session data)."""
+    async with s.SessionManager(s.MemoryRepository()) as sessions:
+        async with sessions.subscribe(buffer=2) as events:
+            assert repr(events) == "<Subscription receiving: 0 of 2 buffered, 0 dropped>"
+            created = [await sessions.create(owner="alice@example.com") for _ in range(3)]
+            assert repr(events) == "<Subscription receiving: 2 of 2 buffered, 1 dropped>"
+            assert "alice" not in repr(events) and str(created[0].id) not in repr(events)
+        assert repr(events) == "<Subscription closed (buffer 2), 1 dropped>"
