@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, Union, overload, runtime_checkable
 
 import anyio
 
-from ._exceptions import InvalidConfiguration
+from ._exceptions import InvalidConfiguration, kind_of
 
-__all__ = ["Clock", "Duration", "SystemClock", "current_time", "to_timedelta"]
+__all__ = ["Clock", "Duration", "SystemClock", "current_time", "to_seconds", "to_timedelta"]
 
 #: A duration argument: seconds as int/float, a timedelta, or None for "no limit".
 Duration = Union[int, float, timedelta, None]
@@ -47,31 +47,125 @@ class SystemClock:
 _LONGEST = timedelta(days=36500)  # deadlines stay far inside datetime's range
 
 
-def to_timedelta(
-    value: Duration, name: str, none: str = "Use None to disable it."
-) -> timedelta | None:
-    """Convert a duration argument to a positive timedelta, or None.
+def _span(longest: timedelta) -> str:
+    """``longest`` for a message: whole days as days, anything shorter in seconds."""
+    if longest >= timedelta(days=1) and not longest % timedelta(days=1):
+        return f"{longest.days} days"
+    return f"{longest.total_seconds():g} seconds"
 
-    ``none`` ends the refusal of a zero or negative value: what ``None`` would do.
-    """
-    if value is None:
+
+def _shown(value: object) -> str:
+    """``value`` for a message: its repr when short, else what it is ("an int of 5000
+    digits"): a huge int has no repr at all (``sys.get_int_max_str_digits()``)."""
+    try:
+        text = repr(value)
+    except Exception:
+        return kind_of(value)
+    return text if len(text) <= 80 else kind_of(value)
+
+
+def _takes(name: str, none: str | None, zero: bool, longest: timedelta) -> str:
+    """The start of a refusal: what ``name`` accepts."""
+    low = "0 or more" if zero else "above 0"
+    return (
+        f"{name} must be seconds (an int or float) or a timedelta, {low} and at most "
+        f"{_span(longest)}{', or None' if none is not None else ''}"
+    )
+
+
+def _checked(
+    value: object, name: str, none: str | None, zero: bool, longest: timedelta
+) -> int | float | timedelta | None:
+    """``value`` itself once it is a duration in range (see :func:`to_timedelta`).
+
+    Numbers are compared as given, never converted first: NaN and the infinities fail
+    every comparison, and an int too large for a float or a timedelta is simply too
+    long."""
+    if value is None and none is not None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, timedelta)):
         raise InvalidConfiguration(
-            f"{name} must be seconds (int or float), a timedelta, or None; got {value!r}."
+            f"{_takes(name, none, zero, longest)}; got {_shown(value)}. Write e.g. 30 or "
+            "timedelta(seconds=30)."
         )
-    try:
-        delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
-    except (OverflowError, ValueError):  # inf, nan, or beyond timedelta's range
-        too_long = not isinstance(value, timedelta) and value > 0  # nan > 0 is False
-        delta = _LONGEST * 2 if too_long else timedelta(0)
-    if delta <= timedelta(0):
-        raise InvalidConfiguration(f"{name} must be positive; got {value!r}. {none}")
-    if delta > _LONGEST:
+    if isinstance(value, timedelta):
+        too_short = value < timedelta(0) if zero else value <= timedelta(0)
+        too_long = value > longest
+    else:
+        too_short = not (value >= 0 if zero else value > 0)  # NaN counts as too short
+        too_long = not too_short and value > longest.total_seconds()
+    if too_short or too_long:
+        if none is None or (too_short and zero):
+            hint = ""
+        elif too_long:
+            hint = " Use None for no limit."
+        else:  # 0 or below, refused: perhaps meant as "off", which None is
+            hint = f" {none}"
         raise InvalidConfiguration(
-            f"{name} must be at most {_LONGEST.days} days; got {value!r}. Use None for no limit."
+            f"{_takes(name, none, zero, longest)}; got {_shown(value)}.{hint}"
+        )
+    return value
+
+
+@overload
+def to_timedelta(
+    value: object, name: str, none: None, *, zero: bool = ..., longest: timedelta = ...
+) -> timedelta: ...
+@overload
+def to_timedelta(
+    value: object, name: str, none: str = ..., *, zero: bool = ..., longest: timedelta = ...
+) -> timedelta | None: ...
+def to_timedelta(
+    value: object,
+    name: str,
+    none: str | None = "Use None to disable it.",
+    *,
+    zero: bool = False,
+    longest: timedelta = _LONGEST,
+) -> timedelta | None:
+    """The one parser of public duration arguments: ``value`` as a timedelta, or None.
+
+    ``value`` is seconds (an int or a float, not a bool) or a :class:`timedelta`, above 0
+    (0 or more with ``zero``) and at most ``longest`` (100 years by default). ``none``
+    says what ``None`` does for this argument, and ends the refusal of a value too short;
+    ``none=None`` refuses ``None``. Anything else raises :class:`InvalidConfiguration`
+    naming ``name``, the types and the range accepted.
+    """
+    checked = _checked(value, name, none, zero, longest)
+    if checked is None or isinstance(checked, timedelta):
+        return checked
+    delta = timedelta(seconds=checked)
+    if not zero and not delta:  # below a microsecond, timedelta's resolution
+        raise InvalidConfiguration(
+            f"{_takes(name, none, zero, longest)}; got {_shown(value)}, less than a "
+            f"microsecond (the shortest timedelta).{f' {none}' if none is not None else ''}"
         )
     return delta
+
+
+@overload
+def to_seconds(
+    value: object, name: str, *, none: None = ..., zero: bool = ..., longest: timedelta = ...
+) -> float: ...
+@overload
+def to_seconds(
+    value: object, name: str, *, none: str, zero: bool = ..., longest: timedelta = ...
+) -> float | None: ...
+def to_seconds(
+    value: object,
+    name: str,
+    *,
+    none: str | None = None,
+    zero: bool = False,
+    longest: timedelta = _LONGEST,
+) -> float | None:
+    """:func:`to_timedelta`'s check, for an argument kept as float seconds (store
+    timeouts): a number is returned as given (as a float), a timedelta as its seconds.
+    ``None`` is refused unless ``none`` says what it does."""
+    checked = _checked(value, name, none, zero, longest)
+    if checked is None:
+        return None
+    return checked.total_seconds() if isinstance(checked, timedelta) else float(checked)
 
 
 def utc(value: datetime, name: str = "datetime") -> datetime:

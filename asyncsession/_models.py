@@ -12,7 +12,7 @@ from typing import Any, overload
 
 import attrs
 
-from ._clock import _LONGEST, current_time, utc
+from ._clock import Duration, current_time, to_timedelta, utc
 from ._exceptions import (
     CorruptSessionError,
     InvalidConfiguration,
@@ -643,22 +643,22 @@ def last_window(session: Session, last_messages: int | None) -> Session:
     return replace_trusted(session, messages=session.messages.tail(last_messages))
 
 
-def _limit(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, timedelta) or not timedelta(0) < value <= _LONGEST:
-        raise InvalidConfiguration(
-            f"ExpiryPolicy.{attribute.name} must be a timedelta above 0 and at most "
-            f"{_LONGEST.days} days, or None for no limit; got {value!r:.60}."
-        )
+def _idle_timeout(value: Duration) -> timedelta | None:
+    return to_timedelta(value, "ExpiryPolicy.idle_timeout", "Use None for no idle timeout.")
 
 
-def _interval(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, timedelta) or not timedelta(0) <= value <= _LONGEST:
-        raise InvalidConfiguration(
-            f"ExpiryPolicy.{attribute.name} must be a timedelta of 0 to {_LONGEST.days} "
-            f"days (0: every touch moves last_active); got {value!r:.60}."
-        )
+def _max_age(value: Duration) -> timedelta | None:
+    return to_timedelta(value, "ExpiryPolicy.max_age", "Use None for no absolute limit.")
+
+
+def _retention(value: Duration) -> timedelta | None:
+    return to_timedelta(
+        value, "ExpiryPolicy.retention", "None keeps closed sessions until they are deleted."
+    )
+
+
+def _touch_interval(value: int | float | timedelta) -> timedelta:
+    return to_timedelta(value, "ExpiryPolicy.touch_interval", None, zero=True)
 
 
 def _after(start: datetime, delta: timedelta) -> datetime | None:
@@ -684,16 +684,18 @@ class ExpiryPolicy:
     ``max(last_active, at)``. A closed session keeps the deadline recorded when it closed,
     whatever a later policy's ``retention``.
 
-    A ``None`` limit is no limit (limits are positive, at most 36500 days). A deadline
+    Limits are seconds (an int or float) or a :class:`~datetime.timedelta`, stored as a
+    timedelta: positive and at most 36500 days, or ``None`` for no limit
+    (``touch_interval``: 0 to 36500 days). A deadline
     later than a datetime can hold (after 9999-12-31 UTC) is no deadline either: no clock
     reaches it. A touch (activity without a change) moves ``last_active`` only when it
     moves it by at least ``touch_interval``, so frequent reads do not each become a write.
     """
 
-    idle_timeout: timedelta | None = attrs.field(default=None, validator=_limit)
-    max_age: timedelta | None = attrs.field(default=None, validator=_limit)
-    retention: timedelta | None = attrs.field(default=None, validator=_limit)
-    touch_interval: timedelta = attrs.field(default=timedelta(0), validator=_interval)
+    idle_timeout: timedelta | None = attrs.field(default=None, converter=_idle_timeout)
+    max_age: timedelta | None = attrs.field(default=None, converter=_max_age)
+    retention: timedelta | None = attrs.field(default=None, converter=_retention)
+    touch_interval: timedelta = attrs.field(default=timedelta(0), converter=_touch_interval)
 
     def should_touch(self, last_active: datetime, at: datetime) -> bool:
         """Whether activity at ``at`` moves ``last_active`` (coalesced by ``touch_interval``)."""

@@ -233,7 +233,7 @@ def test_a_deadline_past_the_last_datetime_is_never() -> None:
 @pytest.mark.parametrize(
     "changes",
     [
-        {"idle_timeout": 60},
+        {"idle_timeout": "60"},
         {"max_age": timedelta(0)},
         {"retention": -DAY},
         {"max_age": timedelta(days=36501)},

@@ -54,7 +54,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -63,6 +63,7 @@ import anyio.to_thread
 import attrs
 import orjson
 
+from .._clock import to_seconds
 from .._exceptions import (
     MAX_REVISION,
     CorruptSessionError,
@@ -559,7 +560,8 @@ class _Index:
 class FileRepository(SessionRepository):
     """Sessions as JSON files in ``directory``, safe to share between processes.
 
-    * ``lock_timeout``: the longest an operation waits for a session's lock, queued
+    * ``lock_timeout`` (seconds or a ``timedelta``, above 0; default 10): the longest an
+      operation waits for a session's lock, queued
       behind this process's tasks and then polling another process's lock file, before
       raising :class:`LockTimeout` (a recoverable :class:`StorageError`).
     * ``fsync``: fsync documents and the directory on every write (durable across power
@@ -598,19 +600,14 @@ class FileRepository(SessionRepository):
         self,
         directory: str | os.PathLike[str],
         *,
-        lock_timeout: float = 10.0,
+        lock_timeout: float | timedelta = 10.0,
         fsync: bool = True,
         shared: bool = True,
         max_threads: int = 8,
         file_mode: int = 0o600,
     ) -> None:
         _check_file_mode(file_mode)
-        if isinstance(lock_timeout, bool) or not (
-            isinstance(lock_timeout, (int, float)) and 0 < lock_timeout < float("inf")
-        ):
-            raise InvalidConfiguration(
-                f"lock_timeout must be a positive number of seconds, got {lock_timeout!r}."
-            )
+        lock_seconds = to_seconds(lock_timeout, "lock_timeout")
         if type(max_threads) is not int or max_threads < 1:
             raise InvalidConfiguration(f"max_threads must be an int >= 1, got {max_threads!r}.")
         if fcntl is None:
@@ -622,7 +619,7 @@ class FileRepository(SessionRepository):
         self._sessions_dir = str(self._root / "sessions")
         self._locks_dir = str(self._root / "locks")
         self._quarantine_dir = str(self._root / "quarantine")
-        self._lock_timeout = float(lock_timeout)
+        self._lock_timeout = lock_seconds
         self._fsync = fsync
         self._shared = shared
         self._max_threads = max_threads

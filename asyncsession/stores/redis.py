@@ -60,6 +60,7 @@ import anyio
 import attrs
 import orjson
 
+from .._clock import to_seconds, to_timedelta
 from .._exceptions import (
     MAX_REVISION,
     CorruptSessionError,
@@ -705,7 +706,7 @@ class _PoolBusy(TimeoutError):
         """The error of a wait that took ``timeout`` with ``connecting`` of ``size`` slots
         lent to requests still setting up their connection."""
         stuck = f" ({connecting} of {size} still connecting)" if connecting else ""
-        return cls(f"no free connection within {timeout} s{stuck}", connecting=connecting)
+        return cls(f"no free connection within {_secs(timeout)}{stuck}", connecting=connecting)
 
 
 class _Waiter:
@@ -933,6 +934,11 @@ def _opt_us(value: datetime | None) -> str:
     return "" if value is None else str(_us(value))
 
 
+def _secs(timeout: float | None) -> str:
+    """The store's ``timeout`` for a message: ``1 s``, ``0.3 s``."""
+    return "no time limit" if timeout is None else f"{timeout:g} s"
+
+
 def _delta_us(value: timedelta | None) -> str:
     return "-1" if value is None else str(value // _US)
 
@@ -1023,9 +1029,11 @@ class RedisRepository(SessionRepository, EventTransport):
     other, e.g. ``app:`` and ``app:o:``): an owner name containing ``:`` would then name
     an index key of the other store, and each store's listings and counts would corrupt
     the other's.
-    ``key_expiry_grace`` is how long after a session's deadline Redis deletes its data
-    by itself (``None``: never); it runs on the Redis server's clock, so keep it well
-    above the cleanup interval. ``timeout`` (seconds) bounds connecting, each reply and
+    ``key_expiry_grace`` (seconds or a ``timedelta``, 0 or more; default an hour) is how
+    long after a session's deadline Redis deletes its data by itself (``None``: never);
+    it runs on the Redis server's clock, so keep it well above the cleanup interval.
+    ``timeout`` (seconds or a ``timedelta``, above 0; ``None``: unbounded; default 10)
+    bounds connecting, each reply and
     the wait for a free connection for a store-made client (a request that waited longer
     raises :class:`~asyncsession.StorageError` and sent nothing; the error blames the
     server, not ``max_connections``, when connections were still being set up meanwhile).
@@ -1067,8 +1075,8 @@ class RedisRepository(SessionRepository, EventTransport):
         client_or_url: str | coredis.Redis[Any],
         *,
         prefix: str = "asyncsession:",
-        key_expiry_grace: timedelta | None = timedelta(hours=1),
-        timeout: float | None = 10.0,
+        key_expiry_grace: float | timedelta | None = timedelta(hours=1),
+        timeout: float | timedelta | None = 10.0,
         max_connections: int | None = None,
         snapshot_cache: int = 1_000,
         scan_budget: int = 1000,
@@ -1079,18 +1087,13 @@ class RedisRepository(SessionRepository, EventTransport):
         check_cache_bytes(snapshot_cache_bytes)
         if not isinstance(prefix, str) or not prefix:
             raise InvalidConfiguration(f"prefix must be a non-empty string, got {prefix!r}.")
-        if key_expiry_grace is not None and (
-            not isinstance(key_expiry_grace, timedelta) or key_expiry_grace < timedelta(0)
-        ):
-            raise InvalidConfiguration(
-                f"key_expiry_grace must be a timedelta >= 0 or None, got {key_expiry_grace!r}."
-            )
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
-        ):
-            raise InvalidConfiguration(
-                f"timeout must be positive seconds or None, got {timeout!r}."
-            )
+        grace = to_timedelta(
+            key_expiry_grace,
+            "key_expiry_grace",
+            "Use None to have Redis never delete the keys by itself.",
+            zero=True,
+        )
+        timeout = to_seconds(timeout, "timeout", none="Use None for no time limit.")
         if max_connections is not None and (
             type(max_connections) is not int or max_connections < 1
         ):
@@ -1100,7 +1103,7 @@ class RedisRepository(SessionRepository, EventTransport):
                 f"{max_connections!r}."
             )
         self._prefix = prefix
-        self._grace = _delta_us(key_expiry_grace)
+        self._grace = _delta_us(grace)
         self._timeout = timeout
         self._owns_client = isinstance(client_or_url, str)
         self._errors_module = importlib.import_module("coredis.exceptions")
@@ -1245,7 +1248,7 @@ class RedisRepository(SessionRepository, EventTransport):
                 )
                 raise StorageError(
                     f"No connection to Redis at {self._address} for {action} within "
-                    f"{self._timeout} s: {exc.connecting} of the client's "
+                    f"{_secs(self._timeout)}: {exc.connecting} of the client's "
                     f"{pool.max_connections} connections were still connecting{others}: "
                     "the server, or the network to it, is slow or not answering; nothing "
                     "was sent. Check that the server is running, reachable and not "
@@ -1254,7 +1257,7 @@ class RedisRepository(SessionRepository, EventTransport):
                 ) from exc
             raise StorageError(
                 f"All {pool.max_connections} connections of the client for Redis at "
-                f"{self._address} stayed in use for {self._timeout} s, so {action} got "
+                f"{self._address} stayed in use for {_secs(self._timeout)}, so {action} got "
                 "none; nothing was sent. Connections are held by subscribe_events() blocks "
                 "and by blocking commands, pipelines and subscriptions on store.client: "
                 "raise max_connections, or hold fewer at once.",
@@ -1264,7 +1267,10 @@ class RedisRepository(SessionRepository, EventTransport):
             if _unsent(exc):  # no connection was handed out (store-made pool, or a subscription)
                 timed_out = any(isinstance(e, TimeoutError) for e in (exc, exc.__cause__))
                 if timed_out and self._owns_client:
-                    why = f" within {self._timeout} s (connecting or its handshake took too long)"
+                    why = (
+                        f" within {_secs(self._timeout)} (connecting or its handshake took "
+                        "too long)"
+                    )
                 elif timed_out:
                     why = (
                         " within the client's own timeouts (its connect_timeout, "
@@ -2006,7 +2012,7 @@ class RedisRepository(SessionRepository, EventTransport):
         if scope.cancelled_caught and not leaving and not connected:  # a store-made client
             raise StorageError(
                 f"No connection to Redis at {self._address} for the subscription to "
-                f"{self.events_channel!r} within {self._timeout} s of its turn in the pool "
+                f"{self.events_channel!r} within {_secs(self._timeout)} of its turn in the pool "
                 "(connecting or its handshake took that long: the server, or the network to "
                 "it, is slow or not answering); nothing was sent. Check that the server is "
                 "running and reachable; the store reconnects by itself.",
@@ -2015,7 +2021,7 @@ class RedisRepository(SessionRepository, EventTransport):
         if scope.cancelled_caught and not leaving:
             raise StorageError(
                 f"Redis at {self._address} did not confirm a subscription to "
-                f"{self.events_channel!r} within {self._timeout} s. Check that the server "
+                f"{self.events_channel!r} within {_secs(self._timeout)}. Check that the server "
                 "is running and reachable.",
                 recoverable=True,
             )

@@ -77,6 +77,7 @@ import anyio.to_thread
 import attrs
 import orjson
 
+from .._clock import to_seconds
 from .._exceptions import (
     MAX_REVISION,
     CorruptSessionError,
@@ -154,6 +155,8 @@ CHUNK_MESSAGES: Final = 32
 WAL_AUTOCHECKPOINT: Final = 4000
 #: ``PRAGMA application_id`` of asyncsession databases ("asss").
 APPLICATION_ID: Final = 0x61737373
+#: The longest ``busy_timeout``.
+_LONGEST_BUSY: Final = timedelta(hours=1)
 #: Longest single wait (seconds) inside SQLite for another connection's lock. A write
 #: waits for the lock in slices like this until its ``busy_timeout`` deadline, and the
 #: worker answers the reads queued meanwhile between two slices.
@@ -1099,7 +1102,8 @@ class SQLiteRepository(SessionRepository):
       acknowledged write (one fsync per commit batch); ``"NORMAL"`` (default) keeps the
       database consistent but may lose the writes of the last moments before the
       failure (fsync at checkpoints only); ``"OFF"`` may corrupt the database.
-    * ``busy_timeout`` — seconds to wait for another connection's write lock before
+    * ``busy_timeout`` — how long (seconds or a ``timedelta``, above 0 and at most an
+      hour; default 5) to wait for another connection's write lock before
       the operation fails with a recoverable :class:`StorageError`. A read answered
       while a write waits for that lock, and finding the database busy too, runs again
       after the write with a ``busy_timeout`` of its own (see the module docstring).
@@ -1158,7 +1162,7 @@ class SQLiteRepository(SessionRepository):
         path: str | os.PathLike[str],
         *,
         synchronous: str = "NORMAL",
-        busy_timeout: float = 5.0,
+        busy_timeout: float | timedelta = 5.0,
         upgrade: bool = True,
         max_batch: int = 256,
         pragmas: Mapping[str, int | str] | None = None,
@@ -1174,14 +1178,7 @@ class SQLiteRepository(SessionRepository):
             raise InvalidConfiguration(
                 f"synchronous must be one of {', '.join(_SYNCHRONOUS)}; got {synchronous!r}."
             )
-        if (
-            isinstance(busy_timeout, bool)
-            or not isinstance(busy_timeout, (int, float))
-            or not (0 < busy_timeout <= 3600)
-        ):
-            raise InvalidConfiguration(
-                f"busy_timeout must be seconds between 0 and 3600; got {busy_timeout!r}."
-            )
+        busy_seconds = to_seconds(busy_timeout, "busy_timeout", longest=_LONGEST_BUSY)
         if type(upgrade) is not bool:
             raise InvalidConfiguration(f"upgrade must be True or False; got {upgrade!r}.")
         if type(max_batch) is not int or not 1 <= max_batch <= 10_000:
@@ -1235,7 +1232,7 @@ class SQLiteRepository(SessionRepository):
         self._identity: tuple[int, int] | None = None
         self._file_mode = file_mode
         self._synchronous = synchronous
-        self._busy_timeout = float(busy_timeout)
+        self._busy_timeout = busy_seconds
         self._upgrades = upgrade
         self._lock_slice = min(self._busy_timeout, _LOCK_SLICE)
         self._max_batch = max_batch
