@@ -33,6 +33,10 @@ def test_advance_refuses_what_no_datetime_holds() -> None:
     for bad in (math.nan, -math.inf):
         with pytest.raises(InvalidConfiguration):
             clock.advance(bad)
+    # not seconds: True was one second, "5" a bare TypeError
+    for wrong in (True, "5", None, [1]):
+        with pytest.raises(InvalidConfiguration, match=r"seconds .* or a timedelta"):
+            clock.advance(wrong)  # type: ignore[arg-type]
     for too_far in (math.inf, 1e300, 1e12, timedelta.max):
         with pytest.raises(InvalidConfiguration, match="past the last time"):
             clock.advance(too_far)

@@ -57,6 +57,11 @@ class ManualClock:
         """Move time forward and wake the sleepers whose time has come."""
         if isinstance(seconds, timedelta):
             delta = seconds
+        elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise InvalidConfiguration(
+                "ManualClock.advance() needs seconds (an int or float) or a timedelta, got "
+                f"{type(seconds).__name__}."
+            )
         else:
             try:
                 delta = timedelta(seconds=seconds)
