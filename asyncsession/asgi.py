@@ -1,8 +1,7 @@
 """Web sessions for ASGI applications (Starlette, FastAPI, any ASGI framework).
 
 :class:`SessionMiddleware` keeps each browser's session in a :class:`SessionManager`;
-the browser holds only a cookie with the session id and the time it was sent, signed
-by HMAC-SHA256::
+the browser holds only a cookie with the session id signed by HMAC-SHA256::
 
     app = SessionMiddleware(app, manager, secret_key=os.environ["SESSION_KEY"])
 
@@ -40,9 +39,16 @@ set or deleted. Properties:
 * Loading a request's session only reads it (``get(touch=False)``), so a write lock
   another process holds (SQLite: a ``VACUUM``, a migration) holds up no request that
   does not write. The visit (a touch, which moves ``last_active`` and the idle deadline,
-  at most once per ``touch_interval``) is recorded after the response is complete,
-  unless the request wrote to the session; if that fails (the lock outlasted
-  ``busy_timeout``), it is logged once until a visit is recorded again.
+  at most once per ``touch_interval``) is recorded by a task started with the request,
+  concurrently with the application: it counts from when the request arrived, however
+  long the request (a streaming response, a websocket) or its background tasks run and
+  whether or not the application raises, and it never holds up a response that does
+  not write: saving the request's changes, a rotation and
+  :meth:`SessionDict.ensure_created` wait for it, so they find the deadline it moved
+  (take the id for :class:`SessionManager` calls from ``ensure_created()``). The
+  middleware waits for it before it returns. If it fails (the lock outlasted
+  ``busy_timeout``), that is logged once until a visit is recorded again; the response
+  is not affected.
 * If the store cannot be read to load the session of a request that carries a
   cookie (a recoverable :class:`StorageError`), the request runs anyway with an
   unavailable session: any use of it raises :class:`StorageError` (the load's error as
@@ -63,14 +69,7 @@ set or deleted. Properties:
   the new id);
   :meth:`SessionDict.clear` deletes it server-side and expires the cookie. A slow
   request that finishes after a logout or login cannot bring the old session back:
-  its changes are dropped with a logged warning, and it sends no cookie. Nor can a
-  request the browser sent before them that runs after them (on another worker, say)
-  start a new session, whose cookie would replace the login's: when its cookie was
-  sent less than a minute earlier (at most half the idle timeout) and names a session
-  deleted or rotated away, its changes are dropped the same way, and
-  :meth:`SessionDict.ensure_created` raises :class:`SessionNotFound`. A session found
-  expired (cleanup has not removed it yet) or closed does not count: a write starts a
-  new one at once.
+  its changes are dropped with a logged warning, and it sends no cookie.
 * ``websocket`` connections see the session read-only; ``lifespan`` passes through.
 
 Only the ASGI protocol is used here; no web framework is imported.
@@ -96,8 +95,11 @@ from collections.abc import (
     Mapping,
     MutableMapping,
 )
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, Literal, Union
+
+import anyio
+import anyio.abc
 
 from ._exceptions import (
     InvalidConfiguration,
@@ -111,7 +113,7 @@ from ._exceptions import (
     type_name,
 )
 from ._json import freeze_state
-from ._manager import SessionManager, _is_retired, _Outage
+from ._manager import SessionManager, _Outage
 from ._models import Session
 
 if sys.version_info < (3, 11):
@@ -129,16 +131,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 SecretKey = Union[str, bytes]
 SecretKeys = Union[SecretKey, list[SecretKey], tuple[SecretKey, ...]]
 
-_SIGNATURE_CONTEXT = b"asyncsession.asgi.v1\x00"  # cookies of id only (older releases)
-_TIMED_CONTEXT = b"asyncsession.asgi.v2\x00"  # cookies of id and the time they were sent
-_SECONDS = re.compile(r"0|[1-9][0-9]{0,10}")  # up to year 5138
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-#: How long after a response sent a session's cookie a request carrying it may still be
-#: one the browser sent before a later response (a login's) replaced that cookie. A
-#: request whose cookie's session was deleted or rotated away meanwhile starts no new
-#: session then (its cookie would replace the login's); at most half the idle timeout,
-#: so a session that expired idle never counts as ended moments ago.
-_RECENT = timedelta(seconds=60)
+_SIGNATURE_CONTEXT = b"asyncsession.asgi.v1\x00"
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _COOKIE_ATTRIBUTE = re.compile(r"[!-:<-~]*")  # printable ASCII but ';' (RFC 6265)
@@ -147,8 +140,8 @@ _MAX_AGE_LIMIT = int(timedelta.max.total_seconds())  # the largest a timedelta c
 #: The load failures of each manager's store, logged once per outage however many
 #: middleware instances (sub-applications) share the manager.
 _OUTAGES: weakref.WeakKeyDictionary[SessionManager, _Outage] = weakref.WeakKeyDictionary()
-#: The same for recording visits (the touch after a response), which a store another
-#: process holds locked fails while reads work.
+#: The same for recording visits (the touch started with each request), which a store
+#: another process holds locked fails while reads work.
 _VISITS: weakref.WeakKeyDictionary[SessionManager, _Outage] = weakref.WeakKeyDictionary()
 
 
@@ -198,40 +191,14 @@ def _applying(changes: dict[str, Any], deleted: set[str]) -> Callable[[Session],
     return apply
 
 
-class _CookieSessionEnded(SessionNotFound):
-    """ensure_created() in a request whose cookie's session ended moments ago (rotated
-    at a login or deleted by another request, which ran after this one was sent)."""
-
-    def __init__(self, session_id: uuid.UUID) -> None:
-        super().__init__(session_id)
-        self.args = (
-            f"The session in this request's cookie ({session_id}) ended moments ago: "
-            "rotated at a login or deleted (logged out) by another request, which ran "
-            "after this one was sent. No new session is created for this request: its "
-            "cookie would replace the one the browser got from that request. Answer "
-            "e.g. 409 so that the client retries with the cookie it holds now.",
-        )
-
-
-async def _ended_moments_ago(manager: SessionManager, session_id: uuid.UUID) -> bool:
-    """Whether the session of a cookie sent moments ago, which the load did not find,
-    was deleted or rotated away (nothing stored, or the document a rotation retired),
-    rather than expired or closed (still stored so): a visitor whose session expired
-    starts a new one at once."""
-    stored = await manager.repository.get(session_id, last_messages=0)
-    return stored is None or _is_retired(stored)
-
-
 class _Loaded:
-    """What loading a request's cookies found: the live ``session`` (or None), the id
-    of a session ``ended`` moments ago (see :func:`_ended_moments_ago`) and the ids
-    whose visit is ``due`` to be recorded after the response."""
+    """What loading a request's cookies found: the live ``session`` (or None) and the
+    ids whose visit is ``due`` (see :meth:`SessionMiddleware._visit`)."""
 
-    __slots__ = ("due", "ended", "session")
+    __slots__ = ("due", "session")
 
     def __init__(self) -> None:
         self.session: Session | None = None
-        self.ended: uuid.UUID | None = None
         self.due: list[uuid.UUID] = []
 
 
@@ -288,10 +255,8 @@ class SessionDict(MutableMapping[str, Any]):
         self._complete = False  # the final body was sent: a change now is only logged
         self._changed_when_complete = False
         self._abandoned = False  # clear() on an unavailable session: cookie expired only
-        # The session of a cookie sent moments ago that the load did not find: this
-        # request may have been sent before a login rotated it (see _ended_moments_ago).
-        self._ended: uuid.UUID | None = None
-        self._wrote = False  # this request stored a change of the loaded session
+        # Set once this request's visit is recorded, while one is (SessionMiddleware._visit).
+        self._visit: anyio.Event | None = None
 
     def __repr__(self) -> str:
         if self._unavailable is not None:
@@ -452,9 +417,7 @@ class SessionDict(MutableMapping[str, Any]):
             self._abandoned = True
         if self._id is not None:
             self._cleared.append(self._id)
-            self._wrote = True  # logged out: its visit is not recorded
         self._id = None
-        self._ended = None  # the visitor's own logout: keys set now start a new session
         self._expire_cookie = True
         self._new_cookie = False
         self._rotate = False
@@ -470,15 +433,16 @@ class SessionDict(MutableMapping[str, Any]):
         append messages with :meth:`SessionManager.add_message`. After :meth:`rotate`
         on an existing session it rotates at once, so the id it returns stays valid.
         Raises :class:`InvalidUpdate` after the response started, when the new session's
-        cookie could no longer be sent, and :class:`SessionNotFound` when the request's
-        cookie, sent less than a minute after a response, names a session deleted or
-        rotated away since (at a login, by a request that ran after this one was sent):
-        a new session's cookie would replace the one the browser holds now.
+        cookie could no longer be sent. While the request's visit (which moves the idle
+        deadline) is still being recorded, it waits for it first, so that the id it gives
+        works in a request that came just before that deadline.
         """
         self._check_available()
         self._check_writable()
         self._check_not_started("ensure_created")
         self._accessed = True
+        if self._id is not None:
+            await self._visited()
         if self._rotate and self._id is not None:
             changes, deleted = self._changes()
             try:
@@ -490,15 +454,9 @@ class SessionDict(MutableMapping[str, Any]):
             else:
                 self._id = rotated.id
                 self._new_cookie = True
-                self._wrote = True
                 self._mark_saved()
             self._rotate = False
         if self._id is None:
-            ended = self._ended
-            if ended is not None:
-                if await _ended_moments_ago(self._manager, ended):
-                    raise _CookieSessionEnded(ended)
-                self._ended = None
             changes, _deleted = self._changes()
             session = await self._manager.create(state=changes)
             self._id = session.id
@@ -507,6 +465,13 @@ class SessionDict(MutableMapping[str, Any]):
         return self._id
 
     # -- internals ------------------------------------------------------------------------
+
+    async def _visited(self) -> None:
+        """Wait until this request's visit is recorded, if one is under way: a write of
+        the session must find the idle deadline that the request's arrival moved (the
+        touch landing after the write's read would leave it expired for that write)."""
+        if self._visit is not None:
+            await self._visit.wait()
 
     def _check_available(self) -> None:
         cause = self._unavailable
@@ -779,54 +744,37 @@ class SessionMiddleware:
 
     # -- cookies -------------------------------------------------------------------------
 
-    def _signature(self, key: bytes, signed: str, context: bytes = _TIMED_CONTEXT) -> bytes:
-        digest = hmac.new(key, context + signed.encode(), hashlib.sha256).digest()
+    def _signature(self, key: bytes, session_id: str) -> bytes:
+        digest = hmac.new(key, _SIGNATURE_CONTEXT + session_id.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=")
 
     def sign(self, session_id: uuid.UUID) -> str:
-        """The cookie value for a session id, sent now:
-        ``<uuid>.<seconds since 1970 by the manager's clock>.<base64url HMAC-SHA256>``."""
-        seconds = (self.manager.clock.now() - _EPOCH) // timedelta(seconds=1)
-        signed = f"{session_id}.{max(seconds, 0)}"
-        return f"{signed}.{self._signature(self._keys[0], signed).decode()}"
+        """The cookie value for a session id: ``<uuid>.<base64url HMAC-SHA256>``."""
+        text = str(session_id)
+        return f"{text}.{self._signature(self._keys[0], text).decode()}"
 
     def unsign(self, value: str) -> uuid.UUID | None:
         """The session id in a cookie value, or None unless some key signed it."""
-        verified = self._verify(value)
-        return None if verified is None else verified[0]
-
-    def _verify(self, value: str) -> tuple[uuid.UUID, datetime | None] | None:
-        """The session id in a cookie value and when it was sent (None in a cookie of
-        an older release, which holds only the id), or None unless some key signed it."""
-        signed, dot, signature = value.rpartition(".")
-        if not dot or not signature.isascii():
+        text, dot, signature = value.rpartition(".")
+        if not dot or not _CANONICAL_UUID.fullmatch(text) or not signature.isascii():
             return None
-        sent: datetime | None = None
-        context = _SIGNATURE_CONTEXT
-        text = signed
-        if not _CANONICAL_UUID.fullmatch(signed):
-            text, dot, seconds = signed.rpartition(".")
-            if not dot or not _CANONICAL_UUID.fullmatch(text) or not _SECONDS.fullmatch(seconds):
-                return None
-            sent, context = _EPOCH + timedelta(seconds=int(seconds)), _TIMED_CONTEXT
         given = signature.encode()
         valid = False
         for key in self._keys:
-            valid |= hmac.compare_digest(self._signature(key, signed, context), given)
-        return (uuid.UUID(text), sent) if valid else None
+            valid |= hmac.compare_digest(self._signature(key, text), given)
+        return uuid.UUID(text) if valid else None
 
-    def _cookie_ids(self, scope: Scope) -> list[tuple[uuid.UUID, datetime | None]]:
-        """The session ids in the request's cookies, each with when it was sent."""
-        found: list[tuple[uuid.UUID, datetime | None]] = []
+    def _cookie_ids(self, scope: Scope) -> list[uuid.UUID]:
+        found: list[uuid.UUID] = []
         for name, raw in scope.get("headers") or ():
             if name.lower() != b"cookie":
                 continue
             for part in raw.decode("latin-1").split(";"):
                 key, eq, value = part.partition("=")
                 if eq and key.strip() == self.cookie_name:
-                    verified = self._verify(value.strip().strip('"'))
-                    if verified is not None and all(verified[0] != sid for sid, _ in found):
-                        found.append(verified)
+                    session_id = self.unsign(value.strip().strip('"'))
+                    if session_id is not None and session_id not in found:
+                        found.append(session_id)
         return found
 
     def _set_cookie(self, session_id: uuid.UUID) -> tuple[bytes, bytes]:
@@ -844,26 +792,22 @@ class SessionMiddleware:
 
     # -- ASGI ------------------------------------------------------------------------------
 
-    async def _load(self, ids: list[tuple[uuid.UUID, datetime | None]]) -> _Loaded:
+    async def _load(self, ids: list[uuid.UUID]) -> _Loaded:
         """The first live session of ``ids``; raises only a recoverable StorageError
         (the store is unreachable: an outage, not something about one session).
 
         Loading only reads (``get(touch=False)``): a read never waits for a write lock
         another process holds (SQLite), so such a lock holds up no request that does
-        not write. The visit is recorded after the response (see :meth:`_visit`), in
-        ``due``: the session, if that moves its ``last_active``, and one past this
-        manager's deadline, which the touch records as a touching read would have.
+        not write. The visit is recorded by :meth:`_visit`, for the ids in ``due``: the
+        session, if the visit moves its ``last_active``, and one past this manager's
+        deadline, which the touch records as a touching read would have.
         """
         loaded = _Loaded()
         now = self.manager.clock.now()
-        policy = self.manager.policy
-        recent = _RECENT if policy.idle_timeout is None else min(_RECENT, policy.idle_timeout / 2)
-        for session_id, sent in ids:
+        for session_id in ids:
             try:
                 session = await self.manager.get(session_id, touch=False, last_messages=0)
             except SessionNotFound:
-                if loaded.ended is None and sent is not None and now - sent < recent:
-                    loaded.ended = session_id  # maybe rotated at a login meanwhile
                 continue
             except SerializationError:  # corrupt, or from a newer asyncsession
                 # The visitor starts afresh; the data stays in the store for you.
@@ -889,7 +833,7 @@ class SessionMiddleware:
                 loaded.due.append(session_id)
                 continue
             loaded.session = session
-            if policy.should_touch(session.last_active, now):
+            if self.manager.policy.should_touch(session.last_active, now):
                 loaded.due.append(session_id)
             return loaded
         return loaded
@@ -940,11 +884,44 @@ class SessionMiddleware:
         session = SessionDict(
             self.manager, loaded.session, read_only=kind == "websocket", unavailable=unavailable
         )
-        session._ended = loaded.ended
         scope["session"] = session
-        if kind == "websocket":
+        if not loaded.due:
+            await self._run(scope, receive, send, session, ids)
+            return
+        # The visit is recorded while the application runs: it counts from the request's
+        # start (a slow upload, a stream or a websocket spanning the idle deadline keeps
+        # the session), holds up no response, and is recorded whether the application
+        # raises or not. The application's exception is held while the visit finishes
+        # and raised as it is, never in an exception group; a cancellation (the server
+        # stopping the request) cancels the visit as well.
+        # Writes of the session wait for the visit (SessionDict._visited).
+        error: BaseException | None = None
+        session._visit = anyio.Event()
+        async with anyio.create_task_group() as visiting:
+            await visiting.start(self._visit, loaded.due, scope, session._visit)
+            try:
+                await self._run(scope, receive, send, session, ids)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                error = exc
+        if error is not None:
+            try:
+                raise error
+            finally:
+                error = None  # no reference cycle through the traceback
+
+    async def _run(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        session: SessionDict,
+        ids: list[uuid.UUID],
+    ) -> None:
+        """Run the application with ``session``; for HTTP, save it as the response starts."""
+        if scope["type"] == "websocket":
             await self.app(scope, receive, send)
-            await self._visit(loaded, session, scope)
             return
 
         failed = False
@@ -961,7 +938,7 @@ class SessionMiddleware:
                         "expired, but the stored session %s was not deleted; it stays "
                         "until it expires, or delete it with SessionManager.delete()",
                         _where(scope),
-                        ", ".join(str(sid) for sid, _sent in ids),
+                        ", ".join(map(str, ids)),
                     )
                 try:
                     headers = await self._save(session, scope)
@@ -990,8 +967,6 @@ class SessionMiddleware:
             if not (failed and _only_response_ended(exc)):
                 raise
             return  # the app stopped because we ended its response; the error is logged
-        if not failed:
-            await self._visit(loaded, session, scope)
         if failed or not (session._dirty or session._new_cookie):
             return
         lost = []
@@ -1012,37 +987,51 @@ class SessionMiddleware:
             why = "they were made after the response started"
         logger.warning("%s: %s (%s)", " and ".join(lost), why, _where(scope))
 
-    async def _visit(self, loaded: _Loaded, session: SessionDict, scope: Scope) -> None:
-        """Record the visit to each session ``loaded.due`` names (a touch: it moves
-        ``last_active`` and the idle deadline) once the response is complete, so that
-        a store whose write lock another process holds (SQLite) delays no response:
-        best-effort, failures logged once until a visit is recorded again. Skipped for
-        the loaded session if this request wrote to it (which moved them), rotated it
-        or logged it out."""
-        live = None if loaded.session is None else loaded.session.id
-        for session_id in loaded.due:
-            if session_id == live and session._wrote:
-                continue
-            try:
-                await self.manager.get(session_id, last_messages=0)
-            except (SessionNotFound, SessionClosed):
-                continue  # ended meanwhile, or expired (its deadline recorded now)
-            except Exception as exc:
-                self._visits.failed(
-                    exc,
-                    f"could not record the visit of {_where(scope)} to session "
-                    f"{session_id}: the idle deadline was not moved (the response was not "
-                    "held up)",
-                )
-                continue
-            self._visits.worked()
+    async def _visit(
+        self,
+        due: list[uuid.UUID],
+        scope: Scope,
+        done: anyio.Event,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Record the visit to each session in ``due`` (a touch: it moves ``last_active``
+        and the idle deadline), concurrently with the application, then set ``done``.
+        The first touch takes its time before the application starts
+        (:meth:`SessionManager.get` reads the clock before it awaits). Best-effort: a
+        failure is logged once until a visit is recorded again, and never reaches the
+        response."""
+        task_status.started()
+        try:
+            for session_id in due:
+                try:
+                    await self.manager.get(session_id, last_messages=0)
+                except (SessionNotFound, SessionClosed):
+                    continue  # ended meanwhile, or expired (its deadline recorded now)
+                except Exception as exc:
+                    self._visits.failed(
+                        exc,
+                        f"could not record the visit of {_where(scope)} to session "
+                        f"{session_id}: the idle deadline was not moved (the response was "
+                        "not held up)",
+                    )
+                    continue
+                self._visits.worked()
+        finally:
+            done.set()
 
-    async def _still_live(self, session_id: uuid.UUID, scope: Scope) -> bool:
+    async def _still_live(self, session: SessionDict, session_id: uuid.UUID, scope: Scope) -> bool:
         """True if the session is still stored and open (looked at, not touched)."""
         try:
             stored = await self.manager.get(session_id, touch=False, last_messages=0)
         except SessionNotFound:
-            return False
+            visit = session._visit
+            if visit is None or visit.is_set():
+                return False
+            # Maybe found expired before this request's visit landed (it came just before
+            # the idle deadline): look again once the visit is recorded.
+            await visit.wait()
+            return await self._still_live(session, session_id, scope)
         except StorageError:  # the browser keeps its cookie; only its Max-Age is not renewed
             logger.warning(
                 "could not check session %s for %s; its cookie is not refreshed",
@@ -1068,25 +1057,6 @@ class SessionMiddleware:
                     old_id,
                 )
         changes, deleted = session._changes()
-        ended = session._ended
-        if session._id is None and changes and ended is not None:
-            if await _ended_moments_ago(self.manager, ended):
-                # This request was sent before another one (a login) rotated or deleted
-                # the session of its cookie. A new session's cookie would replace the
-                # one that request sent (if this response arrives last): the visitor
-                # logged out right after a login, the change in an orphan session.
-                logger.warning(
-                    "session %s was logged out or rotated (at a login) moments before "
-                    "%s ran, which its browser had sent before that; dropping its "
-                    "changes to keys %s, and sending no cookie, which would replace the "
-                    "new one",
-                    ended,
-                    _where(scope),
-                    sorted(changes),
-                )
-                session._data = {}
-                changes = {}
-            session._ended = None
         if session._id is None:
             if changes:
                 created = await self.manager.create(state=changes)
@@ -1094,14 +1064,15 @@ class SessionMiddleware:
                 session._new_cookie = True
         else:
             sid = session._id
+            if session._rotate or changes or deleted:
+                await session._visited()
             try:
                 if session._rotate:  # one step: the changes never exist under the old id
                     apply = _applying(changes, deleted) if changes or deleted else None
                     session._id = (await self.manager.rotate(sid, apply)).id
-                    session._new_cookie = session._wrote = True
+                    session._new_cookie = True
                 elif changes or deleted:
                     await self.manager.update(sid, _applying(changes, deleted))
-                    session._wrote = True
             except (SessionNotFound, SessionClosed):
                 logger.warning(
                     "session %s was logged out, rotated or expired while %s ran; "
@@ -1121,7 +1092,7 @@ class SessionMiddleware:
             session._id is not None
             and not session._new_cookie
             and not (changes or deleted)
-            and not await self._still_live(session._id, scope)
+            and not await self._still_live(session, session._id, scope)
         ):
             session._id = None
         headers: list[tuple[bytes, bytes]] = []

@@ -603,9 +603,8 @@ async def test_cookie_attributes(memory_manager: s.SessionManager) -> None:
     value, *attributes = [part.strip() for part in header.split(";")]
     name, _, signed = value.partition("=")
     assert name == "session"
-    text, sent, signature = signed.split(".")
+    text, _, signature = signed.partition(".")
     assert str(uuid.UUID(text)) == text
-    assert sent.isdigit()  # seconds since 1970 when it was sent (see test_asgi_workers)
     assert len(signature) == 43  # base64url of 32 bytes, unpadded
     assert set(attributes) == {
         "Path=/",
@@ -619,22 +618,19 @@ async def test_cookie_attributes(memory_manager: s.SessionManager) -> None:
 
 def _forgeries(middleware: SessionMiddleware, victim: uuid.UUID) -> dict[str, str]:
     good = middleware.sign(victim)
-    text, sent, signature = good.split(".")
+    text, _, signature = good.partition(".")
     wrong_key = SessionMiddleware(_noop, middleware.manager, secret_key="another-key").sign(victim)
     flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
     return {
-        "forged signature": f"{text}.{sent}.{flipped}",
+        "forged signature": f"{text}.{flipped}",
         "wrong key": wrong_key,
         "truncated signature": good[:-3],
-        "no signature": f"{text}.{sent}",
-        "no time": f"{text}.{signature}",
-        "other time": f"{text}.{int(sent) - 1}.{signature}",
-        "time with a sign": f"{text}.+{sent}.{signature}",
+        "no signature": text,
         "empty": "",
         "garbage": "not-a-session-value",
-        "uppercase id": f"{text.upper()}.{sent}.{signature}",
+        "uppercase id": f"{text.upper()}.{signature}",
         "padded signature": f"{good}==",
-        "non-ascii signature": f"{text}.{sent}.{signature[:-1]}é",
+        "non-ascii signature": f"{text}.{signature[:-1]}é",
         "two dots": f"{text}.{signature}.{signature}",
         "unknown id, valid signature": middleware.sign(uuid.uuid4()),
     }
@@ -658,11 +654,6 @@ async def test_tampered_cookies_never_select_or_adopt(memory_manager: s.SessionM
             assert response.json()["data"] == {}, label
             assert "set-cookie" not in response.headers, label
             response = await attacker.post("/write", json={"x": 1}, headers=headers)
-            if label == "unknown id, valid signature":
-                # Our own cookie, sent moments ago, of a session gone: maybe rotated at
-                # a login meanwhile, so the write starts no session (test_asgi_workers).
-                assert "set-cookie" not in response.headers, label
-                continue
             new_id = cookie_id(response)
             assert str(new_id) != claimed.lower(), label
             assert new_id != victim, label
