@@ -46,9 +46,11 @@ set or deleted. Properties:
   not write: saving the request's changes, a rotation and
   :meth:`SessionDict.ensure_created` wait for it, so they find the deadline it moved
   (take the id for :class:`SessionManager` calls from ``ensure_created()``). The
-  middleware waits for it before it returns. If it fails (the lock outlasted
-  ``busy_timeout``), that is logged once until a visit is recorded again; the response
-  is not affected.
+  middleware waits for it before it returns, so an exception the application lets out
+  (which an error middleware outside this one turns into a 500) waits for it too;
+  ``KeyboardInterrupt`` and ``SystemExit`` cancel it and go on at once. If it fails
+  (the lock outlasted ``busy_timeout``), that is logged once until a visit is recorded
+  again; the response is not affected.
 * If the store cannot be read to load the session of a request that carries a
   cookie (a recoverable :class:`StorageError`), the request runs anyway with an
   unavailable session: any use of it raises :class:`StorageError` (the load's error as
@@ -110,6 +112,8 @@ from ._exceptions import (
     SessionLocked,
     SessionNotFound,
     StorageError,
+    reraise,
+    sole_error,
     type_name,
 )
 from ._json import freeze_state
@@ -895,16 +899,29 @@ class SessionMiddleware:
         # and raised as it is, never in an exception group; a cancellation (the server
         # stopping the request) cancels the visit as well.
         # Writes of the session wait for the visit (SessionDict._visited).
-        error: BaseException | None = None
+        # What stops the server (KeyboardInterrupt, SystemExit) cancels the visit and
+        # goes on at once. Should one escape the visit itself (a store's touch, Ctrl-C on
+        # trio), it wins over the application's error, which becomes its context.
+        error: Exception | None = None
         session._visit = anyio.Event()
-        async with anyio.create_task_group() as visiting:
-            await visiting.start(self._visit, loaded.due, scope, session._visit)
-            try:
-                await self._run(scope, receive, send, session, ids)
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as exc:
-                error = exc
+        try:
+            async with anyio.create_task_group() as visiting:
+                await visiting.start(self._visit, loaded.due, scope, session._visit)
+                try:
+                    await self._run(scope, receive, send, session, ids)
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception as exc:
+                    error = exc
+                except BaseException:
+                    visiting.cancel_scope.cancel()
+                    raise
+        except BaseExceptionGroup as group:
+            escaped = sole_error(group)
+            if error is not None and escaped.__context__ is None:
+                escaped.__context__ = error
+            error = None
+            reraise(escaped)
         if error is not None:
             try:
                 raise error

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from starlette.background import BackgroundTask
@@ -511,3 +512,95 @@ async def test_cookies_keep_the_released_format(anyio_backend: str) -> None:
         response = await call(make_app(manager), "GET", "/read", released)
         assert response.json() == {"a": 1}
         assert cookie_of(response) == released
+
+
+class Halt(BaseException):
+    """An error that is no Exception, as KeyboardInterrupt is."""
+
+
+class TouchHangs(s.MemoryRepository):
+    """A memory store whose touches wait until cancelled (a store that has stopped
+    answering writes), or raise ``escape`` (an error that is no Exception) once
+    ``failed`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang = False
+        self.escape: BaseException | None = None
+        self.touching = anyio.Event()
+        self.failed = anyio.Event()
+
+    async def touch(self, *args: Any, **kwargs: Any) -> s.Session | None:
+        if self.escape is not None:
+            await self.failed.wait()
+            raise self.escape
+        if self.hang:
+            self.touching.set()
+            await anyio.sleep_forever()
+        return await super().touch(*args, **kwargs)
+
+
+async def raw_request(middleware: SessionMiddleware, cookie: str) -> None:
+    """One GET / through ``middleware`` with ``cookie``, without a client in between."""
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [(b"cookie", f"session={cookie}".encode())],
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        pass
+
+    await middleware(scope, receive, send)
+
+
+async def test_what_stops_the_server_goes_on_without_waiting_for_the_visit(
+    anyio_backend: str,
+) -> None:
+    # A SystemExit (or KeyboardInterrupt) the application raised waited, held, for the
+    # visit under way (up to the store's timeout: busy_timeout under a SQLite lock).
+    clock = ManualClock()
+    store = TouchHangs()
+    async with running(store, clock=clock) as manager:
+        cookie = cookie_of(await call(make_app(manager), "POST", "/write", json={"a": 1}))
+        clock.advance(5)  # past touch_interval: a visit is due
+        store.hang = True
+
+        async def stops(scope: Scope, receive: Any, send: Any) -> None:
+            await store.touching.wait()  # the visit is under way
+            raise SystemExit(3)
+
+        middleware = SessionMiddleware(stops, manager, secret_key=KEY)
+        with anyio.fail_after(30):  # a guard: it waited for the hanging visit forever
+            with pytest.raises(SystemExit) as stopped:
+                await raw_request(middleware, cookie)
+        assert stopped.value.code == 3
+
+
+async def test_an_error_that_escapes_the_visit_is_raised_alone_with_the_apps_as_context(
+    anyio_backend: str,
+) -> None:
+    # An error that is no Exception out of the visit's touch (Ctrl-C lands in any task
+    # on trio; a third-party store) came out in an exception group, and the
+    # application's own error was lost. (Halt stands for KeyboardInterrupt, which
+    # asyncio would also raise out of the event loop, ending the test run.)
+    clock = ManualClock()
+    store = TouchHangs()
+    async with running(store, clock=clock) as manager:
+        cookie = cookie_of(await call(make_app(manager), "POST", "/write", json={"a": 1}))
+        clock.advance(5)
+        store.escape = Halt()
+
+        async def fails(scope: Scope, receive: Any, send: Any) -> None:
+            store.failed.set()  # the touch raises once the application has failed
+            raise Boom("the application failed")
+
+        middleware = SessionMiddleware(fails, manager, secret_key=KEY)
+        with pytest.raises(Halt) as interrupted:
+            await raw_request(middleware, cookie)
+        assert interrupted.value is store.escape
+        assert isinstance(interrupted.value.__context__, Boom)
