@@ -376,6 +376,11 @@ class RepositoryContract:
         stale = repository.save(changed(session, state={"k": 3}), expected_revision=0)
         assert (await raises(SessionConflict, stale, "a stale save")).recoverable
         assert await repository.get(session.id) == first
+        # A save based on a revision the store has not reached yet conflicts too (a
+        # store that only refused older bases passed the lines above).
+        ahead = attrs.evolve(first, state={"k": 4}, revision=3)
+        await raises(SessionConflict, repository.save(ahead, expected_revision=2), "ahead")
+        assert await repository.get(session.id) == first
 
     async def test_revisions_stay_exact_up_to_2_to_the_63(
         self, repository: SessionRepository, anyio_backend: Any
@@ -928,6 +933,28 @@ class RepositoryContract:
         assert list(await repository.expired(at(89))) == []
         assert list(await repository.expired(at(90))) == [session.id]
 
+    async def test_late_appends_and_touches_never_move_activity_back(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """An append or touch whose ``at`` is earlier than the stored ``last_active`` (a
+        writer whose clock lags, a request that read the time before another wrote)
+        keeps ``last_active`` and the idle deadline where they are: activity never moves
+        back. (Setting ``last_active = at`` passed every other contract test.)"""
+        session = make_session(messages=("a",))
+        await repository.add(session)
+        moved = await repository.touch(session.id, at=at(30), policy=POLICY)
+        assert moved is not None and moved.last_active == at(30)
+        appended = await repository.append(session.id, [msg("b", 10)], at=at(10), policy=POLICY)
+        assert appended.last_active == at(30) and appended.expires_at == at(90)
+        assert appended.revision == 1 and appended.messages.total == 2
+        touched = await repository.touch(session.id, at=at(20), policy=POLICY)
+        assert touched is not None
+        assert touched.last_active == at(30) and touched.expires_at == at(90)
+        stored = await repository.get(session.id)
+        assert stored is not None
+        assert stored.last_active == at(30) and stored.expires_at == at(90)
+        assert list(await repository.expired(at(89))) == []
+
     async def test_touch_never_revives(
         self, repository: SessionRepository, anyio_backend: Any
     ) -> None:
@@ -1076,6 +1103,41 @@ class RepositoryContract:
         assert await ids(visible_at=at(62)) == [d.id, c.id]
         page = await repository.list(SessionQuery(owner="alice", limit=1))
         assert page.items[0].messages.total == 0
+
+    async def test_list_and_count_by_every_set_of_statuses(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """A status filter keeps exactly the sessions of the statuses asked for, however
+        many (any subset of the statuses, each alone or with others, with or without an
+        owner), and count_by_status() counts each status, for an owner or all. (A filter
+        that kept only its first status, or let one closed status through, passed every
+        other test: review of the state machine.)"""
+        made: list[Session] = []
+        for i, status in enumerate(SessionStatus):
+            for j, who in enumerate(("alice", "bob")):
+                made.append(make_session(owner=who, created=2 * i + j, status=status))
+        for session in made:
+            await repository.add(session)
+        newest_first = sorted(made, key=lambda s: s.created_at, reverse=True)
+        statuses = list(SessionStatus)
+        for mask in range(1, 2 ** len(statuses)):
+            wanted = {status for bit, status in enumerate(statuses) if mask >> bit & 1}
+            owner: str | None
+            for owner in (None, "alice"):
+                query = SessionQuery(owner=owner, status=wanted)
+                got = [s.id for s in (await repository.list(query)).items]
+                expected = [
+                    s.id for s in newest_first if s.status in wanted and owner in (None, s.owner)
+                ]
+                assert got == expected, (sorted(wanted), owner)
+        for owner in (None, "alice", "bob", "nobody"):
+            counts = dict(await repository.count_by_status(owner))
+            expected_counts = {
+                status: n
+                for status in SessionStatus
+                if (n := sum(s.status is status and owner in (None, s.owner) for s in made))
+            }
+            assert counts == expected_counts, owner
 
     async def test_list_pages_stay_correct_during_creates(
         self, repository: SessionRepository, anyio_backend: Any
