@@ -9,6 +9,7 @@ yields an open, empty :class:`asyncsession.SessionRepository`.
 from __future__ import annotations
 
 import importlib
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,12 @@ from asyncsession import SessionRepository
 # No per-example deadline: hypothesis's default (200 ms of wall-clock time per example)
 # fails correct code on a loaded machine. A test that must be fast says so itself.
 settings.register_profile("asyncsession", deadline=None)
-settings.load_profile("asyncsession")
+# HYPOTHESIS_PROFILE=nightly: a long run (the state machine takes its budget from it).
+settings.register_profile(
+    "nightly", settings.get_profile("asyncsession"), max_examples=300, stateful_step_count=50
+)
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or "asyncsession"
+settings.load_profile(HYPOTHESIS_PROFILE)
 
 STORES = sorted(p.stem.removeprefix("_store_") for p in Path(__file__).parent.glob("_store_*.py"))
 
