@@ -175,8 +175,8 @@ def utc(value: datetime, name: str = "datetime") -> datetime:
         return value  # the common case, first
     if not isinstance(value, datetime):
         raise InvalidConfiguration(
-            f"{name} must be a timezone-aware datetime; got {type(value).__name__} "
-            f"{value!r:.60}. Use datetime.now(timezone.utc)."
+            f"{name} must be a timezone-aware datetime; got {kind_of(value)}. Use "
+            "datetime.now(timezone.utc)."
         )
     try:
         offset = value.utcoffset()

@@ -11,6 +11,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+import asyncsession as s
 from asyncsession import InvalidConfiguration, SessionManager, SessionNotFound
 from asyncsession.stores.redis import RedisRepository
 from asyncsession.testing import ManualClock
@@ -181,3 +182,18 @@ async def test_a_default_manual_clock_drives_a_redis_store(redis_store: RedisRep
         clock.advance(30)  # past a cleanup pass
         await sessions.wait_for_cleanup()
         assert not await sessions.exists(session.id)
+
+
+def test_a_time_that_is_no_datetime_is_refused_without_showing_it() -> None:
+    """utc() quoted what it refused with repr(), which raises ValueError for an int of
+    more than 4300 digits; ManualClock(start=) and jump_to() went through it too."""
+    huge = 10**5000
+    for refuse in (
+        lambda: ManualClock(start=huge),  # type: ignore[arg-type]
+        lambda: ManualClock(START).jump_to(huge),  # type: ignore[arg-type]
+        lambda: s.Message("user", "hi", huge),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidConfiguration, match="timezone-aware datetime; got an int"):
+            refuse()
+    with pytest.raises(InvalidConfiguration, match="must be timezone-aware; got naive"):
+        ManualClock(start=datetime(2026, 1, 1))

@@ -36,12 +36,7 @@ class ManualClock:
     def __init__(self, start: datetime | None = None) -> None:
         if start is None:
             start = datetime.now(timezone.utc).replace(microsecond=0)
-        elif not isinstance(start, datetime) or start.tzinfo is None:
-            raise InvalidConfiguration(
-                f"ManualClock(start=...) must be a timezone-aware datetime, e.g. "
-                f"datetime(2026, 1, 1, tzinfo=timezone.utc); got {start!r:.60}."
-            )
-        self._now = start.astimezone(timezone.utc)
+        self._now = utc(start, "ManualClock(start=...)")
         self._sleepers: list[tuple[datetime, int, anyio.Event]] = []
         self._forever = 0  # sleeps longer than any time a datetime can hold
         self._seq = itertools.count()
