@@ -895,13 +895,12 @@ class SessionMiddleware:
         # The visit is recorded while the application runs: it counts from the request's
         # start (a slow upload, a stream or a websocket spanning the idle deadline keeps
         # the session), holds up no response, and is recorded whether the application
-        # raises or not. The application's exception is held while the visit finishes
-        # and raised as it is, never in an exception group; a cancellation (the server
-        # stopping the request) cancels the visit as well.
-        # Writes of the session wait for the visit (SessionDict._visited).
-        # What stops the server (KeyboardInterrupt, SystemExit) cancels the visit and
-        # goes on at once. Should one escape the visit itself (a store's touch, Ctrl-C on
-        # trio), it wins over the application's error, which becomes its context.
+        # raises or not; writes of the session wait for it (SessionDict._visited). The
+        # application's Exception is held while the visit finishes, then raised as it
+        # is, never in an exception group. Anything else (a cancellation, SystemExit,
+        # KeyboardInterrupt) leaves at once: the task group cancels the visit. Should one
+        # escape the visit itself (a store's touch, Ctrl-C on trio), it wins over the
+        # application's error, which becomes its context.
         error: Exception | None = None
         session._visit = anyio.Event()
         try:
@@ -909,13 +908,8 @@ class SessionMiddleware:
                 await visiting.start(self._visit, loaded.due, scope, session._visit)
                 try:
                     await self._run(scope, receive, send, session, ids)
-                except anyio.get_cancelled_exc_class():
-                    raise
                 except Exception as exc:
                     error = exc
-                except BaseException:
-                    visiting.cancel_scope.cancel()
-                    raise
         except BaseExceptionGroup as group:
             escaped = sole_error(group)
             if error is not None and escaped.__context__ is None:
@@ -1037,18 +1031,20 @@ class SessionMiddleware:
         finally:
             done.set()
 
-    async def _still_live(self, session: SessionDict, session_id: uuid.UUID, scope: Scope) -> bool:
-        """True if the session is still stored and open (looked at, not touched)."""
+    async def _still_live(self, session: SessionDict, scope: Scope) -> bool:
+        """True if the request's session is still stored and open (looked at, not
+        touched); found expired while this request's visit is under way, it waits for
+        the visit and looks again (the request came just before the idle deadline)."""
+        session_id = session._id
+        assert session_id is not None
         try:
             stored = await self.manager.get(session_id, touch=False, last_messages=0)
         except SessionNotFound:
             visit = session._visit
             if visit is None or visit.is_set():
                 return False
-            # Maybe found expired before this request's visit landed (it came just before
-            # the idle deadline): look again once the visit is recorded.
-            await visit.wait()
-            return await self._still_live(session, session_id, scope)
+            await session._visited()
+            return await self._still_live(session, scope)
         except StorageError:  # the browser keeps its cookie; only its Max-Age is not renewed
             logger.warning(
                 "could not check session %s for %s; its cookie is not refreshed",
@@ -1109,7 +1105,7 @@ class SessionMiddleware:
             session._id is not None
             and not session._new_cookie
             and not (changes or deleted)
-            and not await self._still_live(session, session._id, scope)
+            and not await self._still_live(session, scope)
         ):
             session._id = None
         headers: list[tuple[bytes, bytes]] = []
