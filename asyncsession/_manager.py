@@ -21,7 +21,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar, Union
+from typing import Any, Concatenate, ParamSpec, TypeGuard, TypeVar, Union
 
 import anyio
 import anyio.lowlevel
@@ -1479,10 +1479,9 @@ class SessionManager:
                             suspect = (sid, exc)
                         else:
                             self._note_unremovable(sid, exc)
-                        if isinstance(exc, StorageError) and not isinstance(exc, SessionLocked):
+                        if _store_failure(exc):
                             # This session, or the whole store? A store that fails this
                             # too ends the pass here (the next pass tries again).
-                            # SessionLocked names its session: the store works.
                             await self._repository.expired(now, limit=1)
                         continue
                     if suspect is not None:  # the store works: try that session again
@@ -1711,13 +1710,18 @@ class _Outage:
             logger.info("%s works again", self._job)
 
 
+def _store_failure(exc: Exception) -> TypeGuard[StorageError]:
+    """Whether ``exc`` may be the store's failure, not one session's: a
+    :class:`StorageError` that names no session (:class:`SessionLocked` does: that
+    session is busy, the store works)."""
+    return isinstance(exc, StorageError) and not isinstance(exc, SessionLocked)
+
+
 def _store_wide_suspect(exc: Exception) -> bool:
     """Whether a failed removal's ``exc`` is what a store raises when it fails as a
-    whole: a recoverable :class:`StorageError` (locked by another process, full,
-    unreachable, overloaded; a retry may help, so not a defect of one document) that
-    names no session (:class:`SessionLocked` does: that session is busy, the store
-    works)."""
-    return isinstance(exc, StorageError) and exc.recoverable and not isinstance(exc, SessionLocked)
+    whole: a recoverable :func:`_store_failure` (locked by another process, full,
+    unreachable, overloaded; a retry may help, so not a defect of one document)."""
+    return _store_failure(exc) and exc.recoverable
 
 
 class _ReportRoom:
