@@ -8,7 +8,7 @@ from typing import Protocol, Union, overload, runtime_checkable
 
 import anyio
 
-from ._exceptions import InvalidConfiguration, kind_of
+from ._exceptions import InvalidConfiguration, kind_of, shown
 
 __all__ = ["Clock", "Duration", "SystemClock", "current_time", "to_seconds", "to_timedelta"]
 
@@ -54,16 +54,6 @@ def _span(longest: timedelta) -> str:
     return f"{longest.total_seconds():g} seconds"
 
 
-def _shown(value: object) -> str:
-    """``value`` for a message: its repr when short, else what it is ("an int of 5000
-    digits"): a huge int has no repr at all (``sys.get_int_max_str_digits()``)."""
-    try:
-        text = repr(value)
-    except Exception:
-        return kind_of(value)
-    return text if len(text) <= 80 else kind_of(value)
-
-
 def _takes(name: str, none: str | None, zero: bool, longest: timedelta) -> str:
     """The start of a refusal: what ``name`` accepts."""
     low = "0 or more" if zero else "above 0"
@@ -85,7 +75,7 @@ def _checked(
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, timedelta)):
         raise InvalidConfiguration(
-            f"{_takes(name, none, zero, longest)}; got {_shown(value)}. Write e.g. 30 or "
+            f"{_takes(name, none, zero, longest)}; got {shown(value)}. Write e.g. 30 or "
             "timedelta(seconds=30)."
         )
     if isinstance(value, timedelta):
@@ -102,7 +92,7 @@ def _checked(
         else:  # 0 or below, refused: perhaps meant as "off", which None is
             hint = f" {none}"
         raise InvalidConfiguration(
-            f"{_takes(name, none, zero, longest)}; got {_shown(value)}.{hint}"
+            f"{_takes(name, none, zero, longest)}; got {shown(value)}.{hint}"
         )
     return value
 
@@ -137,7 +127,7 @@ def to_timedelta(
     delta = timedelta(seconds=checked)
     if not zero and not delta:  # below a microsecond, timedelta's resolution
         raise InvalidConfiguration(
-            f"{_takes(name, none, zero, longest)}; got {_shown(value)}, less than a "
+            f"{_takes(name, none, zero, longest)}; got {shown(value)}, less than a "
             f"microsecond (the shortest timedelta).{f' {none}' if none is not None else ''}"
         )
     return delta

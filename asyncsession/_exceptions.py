@@ -162,6 +162,17 @@ def kind_of(value: object) -> str:
     return name if cls is object else f"{name} object"
 
 
+def shown(value: object) -> str:
+    """A setting's ``value`` for an error message: its repr when short, else what it is
+    (:func:`kind_of`: "an int of 16610 bits"; a huge int has no repr at all, see
+    ``sys.get_int_max_str_digits()``). Only for arguments that are not users' data."""
+    try:
+        text = repr(value)
+    except Exception:
+        return kind_of(value)
+    return text if len(text) <= 80 else kind_of(value)
+
+
 def _character(text: str, index: int) -> str:
     """The character at ``index`` of ``text``, shown safely: quoted when printable, else
     its code point."""

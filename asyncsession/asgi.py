@@ -113,6 +113,7 @@ from ._exceptions import (
     SessionNotFound,
     StorageError,
     reraise,
+    shown,
     sole_error,
     type_name,
 )
@@ -635,15 +636,6 @@ def _not_a_key(key: object) -> str:
     )
 
 
-def _short(value: object) -> str:
-    """A repr for an error message, cut short (a huge int has no repr on 3.11+)."""
-    try:
-        text = repr(value)
-    except ValueError:  # int longer than sys.get_int_max_str_digits()
-        return f"an int of {value.bit_length()} bits" if isinstance(value, int) else "?"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _seconds(value: float | timedelta | None) -> int | None:
     if value is None:
         return None
@@ -656,7 +648,7 @@ def _seconds(value: float | timedelta | None) -> int | None:
     ):
         raise InvalidConfiguration(
             "max_age must be a positive number of seconds (at most "
-            f"{_MAX_AGE_LIMIT}, timedelta.max), a timedelta or None; got {_short(value)}."
+            f"{_MAX_AGE_LIMIT}, timedelta.max), a timedelta or None; got {shown(value)}."
         )
     return math.ceil(seconds)
 
@@ -701,7 +693,7 @@ class SessionMiddleware:
         for name, flag in (("secure", secure), ("http_only", http_only)):
             if not isinstance(flag, bool):  # the string "false" would count as true
                 raise InvalidConfiguration(
-                    f"{name} must be True or False, got {_short(flag)}; convert settings "
+                    f"{name} must be True or False, got {shown(flag)}; convert settings "
                     "read from the environment or a file to a bool first."
                 )
         if same_site == "none" and not secure:

@@ -30,7 +30,7 @@ import attrs
 import orjson
 
 from ._clock import utc
-from ._exceptions import CorruptSessionError, InvalidConfiguration, SessionError, kind_of
+from ._exceptions import CorruptSessionError, InvalidConfiguration, SessionError, kind_of, shown
 from ._json import freeze_state
 from ._loops import set_soon
 from ._models import Session, SessionStatus, parse_status, validate_owner
@@ -554,7 +554,7 @@ def _bucket(value: object) -> timedelta:
     if period is None or period <= timedelta(0):
         raise InvalidConfiguration(
             f"bucket is the length of each period: a positive number of seconds or a "
-            f"positive timedelta (e.g. 3600 or timedelta(hours=1)); got {value!r}."
+            f"positive timedelta (e.g. 3600 or timedelta(hours=1)); got {shown(value)}."
         )
     return period
 
