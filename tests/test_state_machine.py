@@ -43,6 +43,16 @@ from asyncsession.testing._contract import POLICY, at
 T = TypeVar("T")
 
 STATUSES = list(s.SessionStatus)
+OWNERS = st.sampled_from([None, "alice", "bob"])
+NAMES = st.sampled_from([None, "alpha", "Beta-2"])
+FIRST_MESSAGES = st.sampled_from([None, "Hello", "beta test"])
+# The invariant lists with one of these filters in turn (besides the unfiltered listing).
+FILTERS: list[tuple[str | None, frozenset[s.SessionStatus] | None]] = [
+    *((None, frozenset({status})) for status in STATUSES),
+    ("alice", frozenset({s.SessionStatus.ACTIVE, s.SessionStatus.ARCHIVED})),
+    ("bob", frozenset(STATUSES) - {s.SessionStatus.ACTIVE, s.SessionStatus.ARCHIVED}),
+    ("alice", None),
+]
 OPEN = frozenset({s.SessionStatus.ACTIVE, s.SessionStatus.ARCHIVED})
 # Each example runs under one of these (a store's stored deadline then always agrees
 # with the policy, as it does for a manager that keeps its policy).
@@ -120,8 +130,14 @@ def model_sort_key(session: s.Session) -> tuple[datetime, int]:
 def assert_same(got: s.Session | None, want: s.Session) -> None:
     """Every field equal; of the messages, only the total (a store may return a window)."""
     assert got is not None, f"missing {want.id}"
-    assert got.messages.total == want.messages.total, (got, want)
-    assert attrs.evolve(got, messages=want.messages) == want, (got, want)
+    differ = {
+        field.name: (getattr(got, field.name), getattr(want, field.name))
+        for field in attrs.fields(s.Session)
+        if field.name != "messages" and getattr(got, field.name) != getattr(want, field.name)
+    }
+    assert not differ, f"{want.id}: (got, model) {differ}"
+    assert got.messages.total == want.messages.total, (got.messages.total, want.messages.total)
+    assert attrs.evolve(got, messages=want.messages) == want
 
 
 def tail(messages: Iterable[s.Message], last: int | None) -> list[s.Message]:
@@ -144,6 +160,7 @@ def test_store_matches_model(
             self.model: dict[uuid.UUID, s.Session] = {}
             self.seconds = 0.0
             self.policy = POLICY
+            self.checks = 0
             self.portal_cm = start_blocking_portal(backend)
             self.portal = self.portal_cm.__enter__()
             directory = tmp_path / uuid.uuid4().hex
@@ -182,6 +199,14 @@ def test_store_matches_model(
                 return
             raise AssertionError(f"expected {error.__name__}")
 
+        def counts(self, owner: str | None) -> dict[s.SessionStatus, int]:
+            """The model's sessions per status (of ``owner``; None: of everyone)."""
+            counts: dict[s.SessionStatus, int] = {}
+            for x in self.model.values():
+                if owner is None or x.owner == owner:
+                    counts[x.status] = counts.get(x.status, 0) + 1
+            return counts
+
         def list_all(
             self,
             limit: int,
@@ -218,21 +243,39 @@ def test_store_matches_model(
             for got, want in zip(seen, expected, strict=True):
                 assert_same(got, want)
 
-        @initialize(policy=st.sampled_from(POLICIES))
-        def start(self, policy: s.ExpiryPolicy) -> None:
+        @initialize(
+            target=ids,
+            policy=st.sampled_from(POLICIES),
+            first_sessions=st.lists(
+                st.tuples(st.uuids(version=4), OWNERS, NAMES, FIRST_MESSAGES), max_size=4
+            ),
+        )
+        def start(
+            self,
+            policy: s.ExpiryPolicy,
+            first_sessions: list[tuple[uuid.UUID, str | None, str | None, str | None]],
+        ) -> Any:
+            """The policy of this example, and a few sessions to start with."""
             self.policy = policy
             assert self.call(self.repo.count_by_status) == {}
+            return multiple(*(self.create(*fields) for fields in first_sessions))
 
         @rule(
             target=ids,
             sid=st.uuids(version=4),
-            owner=st.sampled_from([None, "alice", "bob"]),
-            name=st.sampled_from([None, "alpha", "Beta-2"]),
-            first=st.sampled_from([None, "Hello", "beta test"]),
+            owner=OWNERS,
+            name=NAMES,
+            first=FIRST_MESSAGES,
         )
+        def create_one(
+            self, sid: uuid.UUID, owner: str | None, name: str | None, first: str | None
+        ) -> uuid.UUID:
+            return self.create(sid, owner, name, first)
+
         def create(
             self, sid: uuid.UUID, owner: str | None, name: str | None, first: str | None
-        ) -> Any:
+        ) -> uuid.UUID:
+            """Add a session (an id in use: SessionConflict, and the model keeps its own)."""
             now = self.now
             session = s.Session(
                 sid,
@@ -246,7 +289,7 @@ def test_store_matches_model(
             )
             if sid in self.model:
                 self.expect(s.SessionConflict, self.repo.add, session)
-                return multiple()
+                return sid
             self.call(self.repo.add, session)
             self.model[sid] = session
             return sid
@@ -255,7 +298,7 @@ def test_store_matches_model(
             sid=ids,
             value=st.integers(0, 9),
             status=st.sampled_from(STATUSES),
-            owner=st.sampled_from([None, "alice", "bob"]),
+            owner=OWNERS,
             extra=st.sampled_from([0, 0, 1, 2, 33]),
             rewrite=st.booleans(),
         )
@@ -303,6 +346,13 @@ def test_store_matches_model(
                 return
             self.call(self.repo.save, new, **kwargs)
             self.model[sid] = new
+
+        @rule(sid=ids, status=st.sampled_from(STATUSES[1:]), value=st.integers(0, 9))
+        def close(self, sid: uuid.UUID, status: s.SessionStatus, value: int) -> None:
+            """A save that archives or closes (as frequent as other saves)."""
+            self.save(
+                sid, value, status, self.model[sid].owner if sid in self.model else None, 0, False
+            )
 
         @rule(sid=ids, offset=st.sampled_from([-1, 1]))
         def stale_save(self, sid: uuid.UUID, offset: int) -> None:
@@ -443,25 +493,23 @@ def test_store_matches_model(
 
         @rule(owner=st.sampled_from(["alice", "bob"]))
         def counts_by_owner(self, owner: str) -> None:
-            counts: dict[s.SessionStatus, int] = {}
-            for x in self.model.values():
-                if x.owner == owner:
-                    counts[x.status] = counts.get(x.status, 0) + 1
-            assert dict(self.call(self.repo.count_by_status, owner)) == counts
+            assert dict(self.call(self.repo.count_by_status, owner)) == self.counts(owner)
 
         @invariant()
         def store_matches_model(self) -> None:
             # The index-backed reads first: a get() may repair or refresh what they read.
             self.list_all(limit=3)
+            owner, status = FILTERS[self.checks % len(FILTERS)]
+            self.checks += 1
+            self.list_all(2, owner, status, visible_at=self.now)
+            if owner is not None:
+                assert dict(self.call(self.repo.count_by_status, owner)) == self.counts(owner)
             due = {sid for sid, x in self.model.items() if model_expired(x, self.now)}
             found = self.call(self.repo.expired, self.now, limit=10_000)
             assert set(found) == due and len(found) == len(due)
             deadlines = [self.model[sid].expires_at for sid in found]
             assert deadlines == sorted(deadlines)  # type: ignore[type-var]
-            counts: dict[s.SessionStatus, int] = {}
-            for x in self.model.values():
-                counts[x.status] = counts.get(x.status, 0) + 1
-            assert dict(self.call(self.repo.count_by_status)) == counts
+            assert dict(self.call(self.repo.count_by_status)) == self.counts(None)
             for sid, expected in self.model.items():
                 assert self.call(self.repo.get, sid) == expected
 
