@@ -71,7 +71,7 @@ POLICIES = [
 
 def default_budget(store: str) -> settings:
     """Examples and steps of the default run (HYPOTHESIS_PROFILE unset)."""
-    return settings(max_examples=25 if store == "memory" else 12, stateful_step_count=25)
+    return settings(max_examples=100 if store == "memory" else 40, stateful_step_count=30)
 
 
 def model_deadline(
@@ -511,7 +511,9 @@ def test_store_matches_model(
             assert deadlines == sorted(deadlines)  # type: ignore[type-var]
             assert dict(self.call(self.repo.count_by_status)) == self.counts(None)
             for sid, expected in self.model.items():
-                assert self.call(self.repo.get, sid) == expected
+                got = self.call(self.repo.get, sid)
+                assert_same(got, expected)
+                assert got == expected  # the whole history too
 
     budget = default_budget(store) if HYPOTHESIS_PROFILE == "asyncsession" else settings()
     run_state_machine_as_test(
