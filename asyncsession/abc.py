@@ -34,6 +34,7 @@ from ._exceptions import (
     InvalidUpdate,
     kind_of,
     revision_exhausted,
+    shown,
     type_name,
 )
 from ._json import plain_optional_text
@@ -374,10 +375,8 @@ class SessionRepository(ABC):
         """The precondition of :meth:`expired`: ``limit`` is an int of at least 1
         (:class:`InvalidConfiguration` otherwise)."""
         if type(limit) is not int or limit < 1:
-            small = type(limit) is int and limit > -(10**6)
             raise InvalidConfiguration(
-                "expired() takes limit=, an int of at least 1; got "
-                f"{limit if small else kind_of(limit)}."
+                f"expired() takes limit=, an int of at least 1; got {shown(limit)}."
             )
         return limit
 
