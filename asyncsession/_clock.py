@@ -87,8 +87,8 @@ def _checked(
     if too_short or too_long:
         if none is None or (too_short and zero):
             hint = ""
-        elif too_long:
-            hint = " Use None for no limit."
+        elif too_long:  # beyond timedelta.max, None is no way out either
+            hint = " Use None for no limit." if longest < timedelta.max else ""
         else:  # 0 or below, refused: perhaps meant as "off", which None is
             hint = f" {none}"
         raise InvalidConfiguration(

@@ -103,6 +103,7 @@ from typing import Any, Literal, Union
 import anyio
 import anyio.abc
 
+from ._clock import to_timedelta
 from ._exceptions import (
     InvalidConfiguration,
     InvalidJSONValue,
@@ -141,7 +142,6 @@ _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _COOKIE_ATTRIBUTE = re.compile(r"[!-:<-~]*")  # printable ASCII but ';' (RFC 6265)
 _MISSING = object()
-_MAX_AGE_LIMIT = int(timedelta.max.total_seconds())  # the largest a timedelta can say
 #: The load failures of each manager's store, logged once per outage however many
 #: middleware instances (sub-applications) share the manager.
 _OUTAGES: weakref.WeakKeyDictionary[SessionManager, _Outage] = weakref.WeakKeyDictionary()
@@ -637,20 +637,14 @@ def _not_a_key(key: object) -> str:
 
 
 def _seconds(value: float | timedelta | None) -> int | None:
-    if value is None:
-        return None
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    # Compared, not converted: NaN and infinities fail, and a huge int never becomes a float.
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, (int, float))
-        or not 0 < seconds <= _MAX_AGE_LIMIT
-    ):
-        raise InvalidConfiguration(
-            "max_age must be a positive number of seconds (at most "
-            f"{_MAX_AGE_LIMIT}, timedelta.max), a timedelta or None; got {shown(value)}."
-        )
-    return math.ceil(seconds)
+    """``max_age`` as whole seconds for the cookie (rounded up), or None."""
+    delta = to_timedelta(
+        value,
+        "max_age",
+        "Use None for a cookie that ends with the browser session.",
+        longest=timedelta.max,
+    )
+    return None if delta is None else math.ceil(delta.total_seconds())
 
 
 class SessionMiddleware:

@@ -224,3 +224,30 @@ def test_bad_durations_raise_invalid_configuration_naming_the_parameter(
         assert name in text, text
         assert "seconds" in text and "timedelta" in text, text  # the types it takes
         assert len(text) < 600 and "0" * 80 not in text, text  # never the huge value itself
+
+
+def test_cookie_max_age_goes_through_the_same_parser() -> None:
+    """``SessionMiddleware(max_age=)`` is parsed like every other duration; it only
+    reaches further (to ``timedelta.max``) and None means a browser-session cookie."""
+    from asyncsession.asgi import SessionMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("never called")
+
+    manager = s.SessionManager(s.MemoryRepository())
+
+    def make(value: Any) -> SessionMiddleware:
+        return SessionMiddleware(app, manager, secret_key="k" * 32, max_age=value)
+
+    assert make(timedelta.max).max_age == 86_400_000_000_000
+    assert make(timedelta(seconds=2.5)).max_age == make(2.5).max_age == 3  # rounded up
+    assert make(None).max_age is None
+    for value in (0, -1, float("nan"), timedelta(0), True, "60", HUGE, 1e300, 1e-7):
+        with pytest.raises(s.InvalidConfiguration) as info:
+            make(value)
+        text = str(info.value)
+        assert "max_age" in text and "seconds" in text and "timedelta" in text, text
+        assert len(text) < 600 and "0" * 80 not in text, text
+        assert "no limit" not in text, text  # None is no "no limit" for a cookie
+    with pytest.raises(s.InvalidConfiguration, match="ends with the browser session"):
+        make(0)
