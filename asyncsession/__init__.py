@@ -34,6 +34,7 @@ from ._exceptions import SessionNotFound as SessionNotFound
 from ._exceptions import StorageError as StorageError
 from ._exceptions import ValidationError as ValidationError
 from ._json import FrozenDict as FrozenDict
+from ._manager import SessionId as SessionId
 from ._manager import SessionManager as SessionManager
 from ._manager import SessionStats as SessionStats
 from ._manager import UpdateFn as UpdateFn
@@ -90,6 +91,7 @@ __all__ = [
     "SessionConflict",
     "SessionError",
     "SessionEvent",
+    "SessionId",
     "SessionIdLogFilter",
     "SessionLocked",
     "SessionManager",

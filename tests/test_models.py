@@ -64,6 +64,7 @@ PUBLIC_API = {
         "SessionConflict",
         "SessionError",
         "SessionEvent",
+        "SessionId",
         "SessionIdLogFilter",
         "SessionLocked",
         "SessionManager",
