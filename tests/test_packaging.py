@@ -29,3 +29,12 @@ def test_the_built_wheel_contains_py_typed(tmp_path: Path) -> None:
         names = set(archive.namelist())
     assert "asyncsession/py.typed" in names
     assert "asyncsession/__init__.py" in names
+    (license_file,) = (n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+    with zipfile.ZipFile(wheel) as archive:
+        assert b"MIT License" in archive.read(license_file)
+        (metadata_name,) = (n for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = archive.read(metadata_name).decode()
+    assert "License-Expression: MIT" in metadata and "License-File: LICENSE" in metadata
+    # coredis 6.0-6.8 lack what the Redis store uses (see stores/redis.py _COREDIS_OLDEST)
+    assert "Requires-Dist: coredis<7,>=6.9; extra == 'redis'" in metadata
+    assert not any(n.startswith(("tests/", "benchmarks/", "examples/")) for n in names)

@@ -398,6 +398,31 @@ def test_missing_coredis_gives_a_helpful_import_error() -> None:
     assert "pip install 'asyncsession[redis]'" in out
 
 
+def test_a_coredis_older_than_6_9_is_refused_at_construction() -> None:
+    """coredis 6.0-6.8 lack names and pool methods the store uses (found by installing
+    each): refused up front, naming the version, instead of an AttributeError later."""
+    code = (
+        "import sys, types\n"
+        "old = types.ModuleType('coredis')\n"
+        "old.__version__ = '6.8.0'\n"
+        "sys.modules['coredis'] = old\n"
+        "import asyncsession.stores.redis as r\n"
+        "try:\n"
+        "    r.RedisRepository('redis://127.0.0.1:6379')\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout
+    assert "coredis 6.8.0 is installed" in out and "6.9 or later" in out, out
+    assert "pip install 'asyncsession[redis]'" in out
+
+
 def test_bad_arguments_are_rejected() -> None:
     for kwargs in ({"prefix": ""}, {"timeout": 0}, {"key_expiry_grace": timedelta(-1)}):
         with pytest.raises(ValueError):

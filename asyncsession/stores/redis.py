@@ -121,6 +121,7 @@ _US = timedelta(microseconds=1)
 _CHUNK = 1000  # RPUSH arguments per call inside scripts (Lua's unpack() stack limit)
 _PUBLISH_BATCH = 1000  # events per publish_events() request (bounds one script's run)
 _ALL_MESSAGES = 2**53  # a longer last_messages means all (Lua numbers are doubles)
+_COREDIS_OLDEST = (6, 9)  # the first coredis release with everything the store uses
 #: How many times :meth:`RedisRepository.remove_expired` tries to remove (or, unreadable,
 #: keep) the version of an expired session it read, reading it again whenever it changed
 #: meanwhile, before it leaves the session to the next cleanup pass.
@@ -629,13 +630,24 @@ def _with_helpers(body: str) -> str:
 
 
 def _import_coredis() -> ModuleType:
+    """coredis, once it is a release this store works with (6.9 or later 6.x)."""
     try:
-        return importlib.import_module("coredis")
+        module = importlib.import_module("coredis")
     except ImportError as exc:
         raise ImportError(
-            "RedisRepository needs the coredis client (6.x); install it with "
-            "`pip install 'asyncsession[redis]'`."
+            "RedisRepository needs the coredis client (6.9 or later, below 7); install it "
+            "with `pip install 'asyncsession[redis]'`."
         ) from exc
+    version = str(getattr(module, "__version__", ""))
+    release = re.match(r"(\d+)\.(\d+)", version)
+    if release is not None and (int(release[1]), int(release[2])) < _COREDIS_OLDEST:
+        # Earlier 6.x releases lack names and pool methods the store uses: they would
+        # fail later, on first use, with an AttributeError.
+        raise ImportError(
+            f"RedisRepository needs coredis 6.9 or later (below 7); coredis {version} is "
+            "installed. Upgrade it with `pip install 'asyncsession[redis]'`."
+        )
+    return module
 
 
 _CONNECTION_STREAMS = (
@@ -857,7 +869,7 @@ def _bounding_waits(pool: Any, timeout: float | None) -> None:
     if current is None or len(current) != pool.max_connections:
         raise RuntimeError(
             f"coredis {importlib.import_module('coredis').__version__} has a connection "
-            "pool this store does not know; install coredis 6.x "
+            "pool this store does not know; install coredis 6.9 or later 6.x "
             "(`pip install 'asyncsession[redis]'`)."
         )
     slots = _PoolSlots(pool.max_connections, timeout)
