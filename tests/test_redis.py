@@ -378,47 +378,37 @@ async def test_connection_refused_names_the_address() -> None:
     assert f"{HOST}:{port}" in str(info.value)
 
 
-def test_missing_coredis_gives_a_helpful_import_error() -> None:
+def _construction_error(coredis_setup: str) -> str:
+    """The ImportError constructing a RedisRepository gives, in a fresh interpreter
+    where ``coredis_setup`` stood in for coredis first."""
     code = (
-        "import sys\n"
-        "sys.modules['coredis'] = None\n"
+        f"import sys, types\n{coredis_setup}\n"
         "import asyncsession.stores.redis as r\n"
         "try:\n"
         "    r.RedisRepository('redis://127.0.0.1:6379')\n"
         "except ImportError as exc:\n"
         "    print(exc)\n"
     )
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         check=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout
+
+
+def test_missing_coredis_gives_a_helpful_import_error() -> None:
+    out = _construction_error("sys.modules['coredis'] = None")
     assert "pip install 'asyncsession[redis]'" in out
 
 
 def test_a_coredis_older_than_6_9_is_refused_at_construction() -> None:
     """coredis 6.0-6.8 lack names and pool methods the store uses (found by installing
     each): refused up front, naming the version, instead of an AttributeError later."""
-    code = (
-        "import sys, types\n"
-        "old = types.ModuleType('coredis')\n"
-        "old.__version__ = '6.8.0'\n"
-        "sys.modules['coredis'] = old\n"
-        "import asyncsession.stores.redis as r\n"
-        "try:\n"
-        "    r.RedisRepository('redis://127.0.0.1:6379')\n"
-        "except ImportError as exc:\n"
-        "    print(exc)\n"
+    out = _construction_error(
+        "old = types.ModuleType('coredis')\nold.__version__ = '6.8.0'\nsys.modules['coredis'] = old"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    ).stdout
     assert "coredis 6.8.0 is installed" in out and "6.9 or later" in out, out
     assert "pip install 'asyncsession[redis]'" in out
 
