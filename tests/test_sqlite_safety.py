@@ -11,6 +11,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def db(tmp_path: Path) -> Path:
 
 
 def owners(path: Path) -> list[str]:
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn:
         return [r[0] for r in conn.execute("SELECT owner FROM sessions ORDER BY owner")]
 
 
@@ -109,7 +110,7 @@ async def test_a_replaced_or_moved_database_file_fails_writes(
     for stale in ("s.db-wal", "s.db-shm"):  # the operator's part (README)
         os.remove(tmp_path / stale)
     assert owners(path) == ["other"] * 50
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     moved = tmp_path / "moved.db"
     async with SQLiteRepository(path) as repo:
@@ -157,7 +158,7 @@ async def test_closing_a_store_on_a_replaced_file_leaves_the_wal_another_process
         assert old.stdin is not None and old.stdout is not None
         try:
             assert old.stdout.readline() == "open\n"
-            with sqlite3.connect(path) as conn:  # A idle, its WAL checkpointed
+            with closing(sqlite3.connect(path)) as conn:  # A idle, its WAL checkpointed
                 assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
             os.replace(restore, path)
             async with SQLiteRepository(path) as repo:
@@ -175,7 +176,7 @@ async def test_closing_a_store_on_a_replaced_file_leaves_the_wal_another_process
             if old.poll() is None:
                 old.kill()
     assert owners(path) == ["new"] * 10
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
