@@ -23,6 +23,7 @@ import pytest
 from redis_support import RedisServer
 
 from asyncsession import (
+    ExpiryPolicy,
     InvalidConfiguration,
     Message,
     Session,
@@ -419,6 +420,31 @@ async def test_only_a_stale_held_snapshot_gets_an_attempt_more_and_the_error_cou
             await a.update(session.id, written_elsewhere)
         assert calls == 3 and info.value.attempts == 3
         assert (await a.get(session.id, touch=False)).state == {"n": 2}
+
+
+async def test_a_refusal_is_no_stale_snapshot_when_this_process_wrote(
+    place: Place, anyio_backend: str
+) -> None:
+    """Two updates of one session in flight in one process (two managers over one
+    store, say): the first is refused because this process appended since. That the
+    second was lent a remembered snapshot nothing changed since does not make the
+    refusal a stale snapshot (another process's doing; the state machine found it
+    reported so, which gives a manager's update an attempt more)."""
+    policy = ExpiryPolicy(idle_timeout=timedelta(seconds=60))
+    async with place.open() as store:
+        session = Session(uuid.uuid4(), T0, T0, expires_at=T0 + timedelta(seconds=60))
+        await store.add(session)
+        first = await store.get_for_update(session.id)  # an update of revision 0
+        assert first is not None
+        later = T0 + timedelta(seconds=1)
+        await store.append(session.id, [Message("user", "hi", later)], at=later, policy=policy)
+        second = await store.get_for_update(session.id)  # one of revision 1, held
+        assert second is not None and second.revision == 1
+        with pytest.raises(SessionConflict) as info:
+            await store.save(attrs.evolve(first, revision=1), expected_revision=0)
+        assert not info.value.stale_snapshot
+        await store.save(attrs.evolve(second, state={"n": 1}, revision=2), expected_revision=1)
+        assert (await store.get(session.id)) == attrs.evolve(second, state={"n": 1}, revision=2)
 
 
 async def test_a_touch_under_another_policy_is_not_overruled(

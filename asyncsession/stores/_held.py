@@ -242,17 +242,25 @@ class HeldSnapshots:
                     self._bases.pop(key, None)
             return entry
 
-    def lent_unchanged(self, session_id: uuid.UUID) -> bool:
-        """Whether the update about to be saved is based on a snapshot :meth:`lend`
-        handed out from memory (not read for it) that this store has not seen change
-        since. Call it before :meth:`before_save`. If the save is refused then, the
-        snapshot was outdated by another process (before or while the update ran), not
-        by a write of this store: the store says so in its :class:`SessionConflict`
-        (``stale_snapshot``).
+    def lent_unchanged(self, session_id: uuid.UUID, expected_revision: int) -> bool:
+        """Whether the update about to be saved (at ``expected_revision``) is based on a
+        snapshot :meth:`lend` handed out from memory (not read for it) that this store
+        has not seen change since. Call it before :meth:`before_save`. If the save is
+        refused then, the snapshot was outdated by another process (before or while the
+        update ran), not by a write of this store: the store says so in its
+        :class:`SessionConflict` (``stale_snapshot``). An update of another revision
+        than the lent snapshot's was based on an earlier one (another update in flight
+        was lent this one since), which may be this store's doing.
         """
         key = session_id.int
         with self._lock:
-            return key in self._unread and key in self._lent
+            entry = self._items.get(key)
+            return (
+                key in self._unread
+                and key in self._lent
+                and entry is not None
+                and entry[0].revision == expected_revision
+            )
 
     def before_save(
         self, session_id: uuid.UUID, expected_revision: int

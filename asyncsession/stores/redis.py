@@ -1489,7 +1489,7 @@ class RedisRepository(SessionRepository, EventTransport):
         if session.revision > MAX_REVISION:  # HINCRBY could not go on from it: refuse it
             raise revision_exhausted(session.id)
         self._check_window_save(session, new_messages)
-        unchanged = self._held.lent_unchanged(session.id)
+        unchanged = self._held.lent_unchanged(session.id, expected_revision)
         # the stored bytes of the history the new messages extend, if it is held
         history = (
             None

@@ -2416,7 +2416,7 @@ class SQLiteRepository(SessionRepository):
             if history is not None:
                 history += sum(map(len, added))
         doc = _encode(session)
-        unchanged = self._held.lent_unchanged(session.id)
+        unchanged = self._held.lent_unchanged(session.id, expected_revision)
         lent = self._held.before_save(session.id, expected_revision)
         expected_last_us = expected_incarnation = None
         if lent is not None:
