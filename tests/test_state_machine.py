@@ -328,19 +328,19 @@ def test_store_matches_model(
             return any(writer != mine for _, writer, _ in self.log[sid][base + 1 :])
 
         def pick(self, sid: uuid.UUID, *statuses: s.SessionStatus) -> uuid.UUID:
-            """``sid`` if it is of one of ``statuses`` and not expired, else the first such
-            session (by id) if there is one, else ``sid``: so that rare states (an
+            """``sid`` if it is of one of ``statuses`` and not expired, else such a
+            session active last if there is one, else ``sid``: so that rare states (an
             archived session, say) meet the rules they matter to."""
             current = self.model.get(sid)
             fine = current is not None and current.status in statuses
             if fine and not model_expired(current, self.now):  # type: ignore[arg-type]
                 return sid
             fits = [
-                x.id
+                x
                 for x in self.model.values()
                 if x.status in statuses and not model_expired(x, self.now)
             ]
-            return min(fits, key=lambda i: i.int, default=sid)
+            return max(fits, key=model_sort_key).id if fits else sid
 
         def found(
             self, sid: uuid.UUID, inst: int, snapshot: s.Session
@@ -762,15 +762,19 @@ def test_store_matches_model(
         )
         def update_while(self, inst: int, other: int, sid: uuid.UUID, meanwhile: str) -> None:
             """An update through one instance while another (or the same) instance
-            touches its session a second later, appends to it, saves it, restores it (see
-            ``restore``), deletes it or reads a window of it (the scenarios of an update
-            in flight in one step, whichever rules this example runs)."""
+            touches its session (at touch_interval after last_active, if not 0),
+            appends to it, saves it, restores it (see ``restore``), deletes it or reads
+            a window of it (the scenarios of an update in flight in one step, whichever
+            rules this example runs)."""
             lend = self.lent(inst, sid)
             if lend is None:
                 return
-            if meanwhile == "touch":
-                self.now += timedelta(seconds=1)
-                self.touch(other, sid, 0, "now")  # a window: the held history stays
+            if meanwhile == "touch":  # a window: the held history stays
+                if self.policy.touch_interval:  # exactly touch_interval after last_active
+                    self.touch(other, sid, 0, "interval")
+                else:
+                    self.now += timedelta(seconds=1)
+                    self.touch(other, sid, 0, "now")
             elif meanwhile == "append":
                 self.append(
                     inst=other, sid=sid, archived=False, n=1, to_chunk=None, cap_delta=None, lag=0
@@ -807,7 +811,7 @@ def test_store_matches_model(
             to_chunk=TO_CHUNK,
             cap_delta=st.none() | st.integers(-1, 1),
             lag=st.sampled_from([0, 0, 5, 30]),
-            archived=st.sampled_from([False, False, True]),
+            archived=st.booleans(),
         )
         def append(
             self,
@@ -946,14 +950,15 @@ def test_store_matches_model(
             ]
             return max(alive, key=model_sort_key).id if alive else None
 
-        @rule(inst=INSTANCES)
-        def append_to_newest(self, inst: int) -> None:
-            """One message to the open session active last (histories grow past chunk
-            boundaries one message at a time)."""
+        @rule(inst=INSTANCES, archived=st.booleans())
+        def append_to_newest(self, inst: int, archived: bool) -> None:
+            """One message to the open session active last (``archived``: rather the
+            archived one active last, which update_newest makes often): histories grow
+            past chunk boundaries one message at a time."""
             sid = self.newest_alive()
             if sid is not None:
                 self.append(
-                    inst=inst, sid=sid, archived=False, n=1, to_chunk=None, cap_delta=None, lag=0
+                    inst=inst, sid=sid, archived=archived, n=1, to_chunk=None, cap_delta=None, lag=0
                 )
 
         @rule()
