@@ -1020,8 +1020,12 @@ def test_store_matches_model(
 
         @rule(inst=INSTANCES, limit=st.integers(1, 3))
         def expired_limit(self, inst: int, limit: int) -> None:
+            self.check_expired(self.repo(inst), limit)
+
+        def check_expired(self, repo: s.SessionRepository, limit: int) -> None:
+            """expired() with a small limit: that many of the earliest deadlines."""
             due = [x for x in self.model.values() if model_expired(x, self.now)]
-            found = self.call(self.repo(inst).expired, self.now, limit=limit)
+            found = self.call(repo.expired, self.now, limit=limit)
             assert len(found) == min(limit, len(due))
             assert len(set(found)) == len(found)
             assert all(i in self.model and model_expired(self.model[i], self.now) for i in found)
@@ -1045,22 +1049,51 @@ def test_store_matches_model(
                 repo = self.observer
             else:
                 repo = self.repos[self.checks // 2 % len(self.repos)]
-            self.list_all(repo, limit=3)
             owner, status = FILTERS[self.checks % len(FILTERS)]
+
+            def counts() -> None:
+                assert dict(self.call(repo.count_by_status)) == self.counts(None)
+                if owner is not None:
+                    assert dict(self.call(repo.count_by_status, owner)) == self.counts(owner)
+
+            def expired() -> None:
+                due = {sid for sid, x in self.model.items() if model_expired(x, self.now)}
+                found = self.call(repo.expired, self.now, limit=10_000)
+                assert set(found) == due and len(found) == len(due)
+                deadlines = [self.model[sid].expires_at for sid in found]
+                assert deadlines == sorted(deadlines)  # type: ignore[type-var]
+
+            def listings() -> None:
+                self.list_all(repo, limit=3)
+                self.list_all(repo, 2, owner, status, visible_at=self.now)
+
+            # Each first in turn (a file store instance rescans the directory for
+            # whichever comes first).
+            turn = self.checks % 3
             self.checks += 1
-            self.list_all(repo, 2, owner, status, visible_at=self.now)
-            if owner is not None:
-                assert dict(self.call(repo.count_by_status, owner)) == self.counts(owner)
-            due = {sid for sid, x in self.model.items() if model_expired(x, self.now)}
-            found = self.call(repo.expired, self.now, limit=10_000)
-            assert set(found) == due and len(found) == len(due)
-            deadlines = [self.model[sid].expires_at for sid in found]
-            assert deadlines == sorted(deadlines)  # type: ignore[type-var]
-            assert dict(self.call(repo.count_by_status)) == self.counts(None)
+            for check in [counts, expired, listings][turn:] + [counts, expired, listings][:turn]:
+                check()
+            self.check_expired(repo, 1 + self.checks % 3)
             for sid, expected in self.model.items():
                 got = self.call(repo.get, sid)
                 assert_same(got, expected)
                 assert got == expected  # the whole history too
+            if self.model:
+                # A window of the longest history (starting inside a SQLite chunk, say),
+                # read, and returned by a touch that moves nothing (not after last_active).
+                longest = max(self.model.values(), key=lambda x: (x.messages.total, x.id.int))
+                last = [1, 2, 3, 31, 33][self.checks % 5]
+                got = self.call(repo.get, longest.id, last_messages=last)
+                assert got is not None and list(got.messages) == tail(longest.messages, last)
+                got = self.call(
+                    repo.touch,
+                    longest.id,
+                    at=longest.last_active,
+                    policy=self.policy,
+                    last_messages=last,
+                )
+                assert_same(got, longest)
+                assert got is not None and list(got.messages) == tail(longest.messages, last)
 
         def check_held(self) -> None:
             """What each instance holds to base updates on (without a read) is the
