@@ -8,7 +8,8 @@ each with its own held snapshots (the file store: its own index); every operatio
 through either, and both must agree with the one model. The invariant reads through each
 instance in turn and, every other step, through an observer instance that holds nothing
 (a read through an instance refreshes what it holds, which would hide a stale snapshot);
-it also looks at what each instance holds directly.
+it also looks at what each instance holds directly. It lists and counts every step, and
+reads a session whole through a reader once after each change of it.
 
 The model computes deadlines, listing filters and touch coalescing with small functions
 of its own (not the library's ``ExpiryPolicy``/``SessionQuery``), so a bug there cannot
