@@ -34,7 +34,7 @@ from asyncsession import (
     SessionStatus,
 )
 from asyncsession.abc import SessionRepository
-from asyncsession.stores._held import HeldSnapshots
+from asyncsession.stores._held import _MAX_BASES_PER_SESSION, HeldSnapshots
 from asyncsession.stores.redis import RedisRepository
 from asyncsession.stores.sqlite import SQLiteRepository
 from asyncsession.testing import ManualClock
@@ -288,6 +288,62 @@ async def test_an_update_based_on_a_fresh_read_is_not_applied_to_another_life(
         result = await a.update(created.id, fn)
         assert calls == 2 and result.state == {"life": 2, "n": 1}
         assert (await b.get(created.id, touch=False)).state == {"life": 2, "n": 1}
+
+
+@pytest.mark.parametrize("cache", [1000, 0])
+async def test_two_updates_in_flight_each_check_the_life_they_were_based_on(
+    place: Place, cache: int, anyio_backend: str
+) -> None:
+    """Two tasks update one session through one store (two managers share it: one
+    manager runs its updates of a session one at a time). Another process deletes it
+    and adds it again (same revision and times) after the first task's update read it;
+    the second task reads the new life and starts its update. The first update's save
+    must be refused, not overwrite the new life (review finding of helper-159: what the
+    saves check was kept per session, so the second update's read replaced the first's)."""
+    clock = ManualClock(T0)
+    async with AsyncExitStack() as stack:
+        shared = place.open(snapshot_cache=cache)
+        a, a2, b = [
+            await stack.enter_async_context(
+                SessionManager(store, clock=clock, cleanup_interval=None)
+            )
+            for store in (shared, shared, place.open(snapshot_cache=cache))
+        ]
+        created = await a.create(state={"life": 1})
+        based_on: dict[str, list[int]] = {"first": [], "second": []}
+        first_read, second_read, finish_first = anyio.Event(), anyio.Event(), anyio.Event()
+
+        def update(name: str, read: anyio.Event, wait: Callable[[], Awaitable[None]]) -> Any:
+            async def fn(old: Session) -> Session:
+                based_on[name].append(old.state["life"])
+                if len(based_on[name]) == 1:
+                    read.set()
+                    await wait()
+                return old.with_state({**old.state, name: True})
+
+            return fn
+
+        async def first() -> None:
+            await a.update(created.id, update("first", first_read, finish_first.wait))
+            first_done.set()
+
+        async def second() -> None:
+            await a2.get(created.id)  # reads (and holds) the new life
+            await a2.update(created.id, update("second", second_read, first_done.wait))
+
+        first_done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await first_read.wait()
+            await b.delete(created.id)
+            await b.repository.add(created.with_state({"life": 2}))
+            tg.start_soon(second)
+            await second_read.wait()
+            finish_first.set()  # the second update saves after the first is done
+        stored = await b.get(created.id, touch=False)
+    assert based_on["first"] == [1, 2], "the first update must be applied to the new life"
+    assert based_on["second"][0] == 2
+    assert stored.state == {"life": 2, "first": True, "second": True}
 
 
 async def test_reads_of_a_session_deleted_and_added_again_elsewhere_are_fresh(
@@ -687,6 +743,37 @@ def test_holder_keeps_the_check_of_a_lent_snapshot_whatever_removes_it() -> None
     assert held.get(life.id) is None
     assert held.before_save(life.id, 3) == (life.last_active, "one")
     assert held.before_save(life.id, 3) is None  # checked once
+
+
+def test_holder_keeps_what_each_updaters_save_checks() -> None:
+    """Updates of one session in flight in several tasks (updaters): each save checks
+    the snapshot its own update was based on, whatever others were lent or read since."""
+    life = snapshot(2, revision=3)
+    later = T0 + timedelta(seconds=5)
+    held = HeldSnapshots(10)
+    held.keep(life, "one")
+    assert held.lend(life.id, "first") is life and held.lend(life.id, "second") is life
+    assert held.lent_unchanged(life.id, 3, "first") and held.lent_unchanged(life.id, 3, "second")
+    assert not held.lent_unchanged(life.id, 3, "third")  # never lent it
+    held.touched(attrs.evolve(life, last_active=later), "one")  # both follow own touches
+    held.seen(life.id, None)  # deleted elsewhere: it may come back in another life
+    reborn = attrs.evolve(life, last_active=T0 + timedelta(seconds=9))
+    held.seen(reborn.id, reborn, "two")  # read here, held now
+    assert held.lend(life.id, "third") is reborn
+    held.seen(life.id, attrs.evolve(reborn, messages=reborn.messages.tail(1)), "two")
+    assert held.before_save(life.id, 3, "first") == (later, "one")
+    assert held.before_save(life.id, 3, "third") == (reborn.last_active, "two")
+    assert held.before_save(life.id, 3, "second") == (later, "one")
+    assert held.before_save(life.id, 3, "second") is None  # checked once
+
+    long = snapshot(6, revision=2)  # not held: only what the saves check is kept
+    small = HeldSnapshots(10, max_messages=5)
+    for updater in range(_MAX_BASES_PER_SESSION + 1):
+        small.lend_read(
+            attrs.evolve(long, last_active=T0 + timedelta(seconds=updater)), updater=updater
+        )
+    assert small.before_save(long.id, 2, 0) is None  # the oldest of one session's go first
+    assert small.before_save(long.id, 2, 1) == (T0 + timedelta(seconds=1), None)
 
 
 @pytest.mark.parametrize("read", ["repository", "manager"])

@@ -6,9 +6,11 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from datetime import datetime
 from typing import Final, Generic, TypeVar
+
+import anyio
 
 from .._exceptions import InvalidConfiguration
 from .._models import Message, Session, replace_trusted
@@ -20,6 +22,7 @@ __all__ = [
     "HeldSnapshots",
     "Incarnation",
     "check_cache_bytes",
+    "current_updater",
 ]
 
 T = TypeVar("T")
@@ -29,9 +32,14 @@ T = TypeVar("T")
 #: A store's caches of decoded documents or messages get an eighth of it each.
 DEFAULT_CACHE_BYTES: Final = 32 * 2**20
 
-#: Reads that updates are based on, remembered for the save when the snapshot is not
-#: held (the cache is off or the history too long): far more than updates in flight.
+#: What the saves of updates in flight check (the revision, ``last_active`` and
+#: incarnation each was based on), remembered when the snapshot is not held (the cache is
+#: off, the history too long, or the entry left): far more than updates in flight. An
+#: update that never saves (its function raised, the session was closed) leaves its
+#: entry until it is evicted, oldest first, or its task updates that session again.
 _MAX_BASES = 10_000
+#: ... and at most this many for one session (a read of it scans them).
+_MAX_BASES_PER_SESSION = 128
 
 #: What a store tells one life of a session from the next by: a session deleted and
 #: added again under the same id (an import, say) may come back with a revision and
@@ -41,6 +49,21 @@ Incarnation = object
 #: A held snapshot, the incarnation of the session it was taken from, and the bytes its
 #: history and its document take as stored (what the byte budget counts).
 Held = tuple[Session, Incarnation, int, int]
+#: Who an update is for (see :func:`current_updater`): the task that runs it.
+Updater = Hashable
+#: What the save of an update must find stored: the revision, ``last_active`` and
+#: incarnation of the session the update was based on.
+_Base = tuple[int, datetime, Incarnation]
+
+
+def current_updater() -> Updater:
+    """The task calling: what tells an update's save from another task's update of the
+    same session in flight through the same store (see :class:`HeldSnapshots`).
+
+    A manager's update reads and saves in one task; tasks that read and save the same
+    session by turns in one task share what the saves check (the latest read's).
+    """
+    return anyio.get_current_task().id
 
 
 def check_cache_bytes(value: object) -> int:
@@ -129,6 +152,12 @@ class HeldSnapshots:
     is newer cannot be told), and :meth:`before_save` hands the incarnation to the
     compare-and-set of an update based on a lent snapshot, or on a read that
     :meth:`lend_read` recorded when nothing was held.
+
+    What a save checks is kept per updater (:func:`current_updater`, the task running
+    the update): two updates of one session in flight through one store, in two tasks,
+    each check the snapshot they were based on, even when another process deleted and
+    added the session again in between (same revision, another life) and one of them
+    was based on the new life.
     """
 
     __slots__ = (
@@ -141,8 +170,8 @@ class HeldSnapshots:
         "_max_bytes",
         "_max_messages",
         "_messages",
+        "_nbases",
         "_size",
-        "_unread",
     )
 
     def __init__(
@@ -159,12 +188,15 @@ class HeldSnapshots:
         self._messages = 0
         self._bytes = 0
         self._items: OrderedDict[int, Held] = OrderedDict()
-        self._lent: set[int] = set()  # handed out by lend(): the next save checks it
-        # lent by lend() from memory (no read for the update), and not changed since
-        self._unread: set[int] = set()
-        # read by get_for_update() when nothing was held and not held since: the revision,
-        # last_active and incarnation the next save checks (see lend_read())
-        self._bases: OrderedDict[int, tuple[int, datetime, Incarnation]] = OrderedDict()
+        # The held snapshot of a session handed out by lend() to these updaters, whose
+        # saves check it: True when lent from memory (no read for the update) and not
+        # changed since, False when the update read it (lend_read()).
+        self._lent: dict[int, dict[Updater, bool]] = {}
+        # What the save of each updater's update of a session checks when the snapshot
+        # it was based on is not held (see lend_read() and _unlend()), least recently
+        # recorded session first; _nbases counts them all.
+        self._bases: OrderedDict[int, dict[Updater, _Base]] = OrderedDict()
+        self._nbases = 0
         self._lock = threading.Lock()
 
     @property
@@ -202,22 +234,26 @@ class HeldSnapshots:
         """The held snapshot and its incarnation (marked recently used), or None."""
         return self._use(session_id.int, lend=False)
 
-    def lend(self, session_id: uuid.UUID) -> Session | None:
-        """The held snapshot, for an update to be based on (see :meth:`before_save`).
+    def lend(self, session_id: uuid.UUID, updater: Updater = None) -> Session | None:
+        """The held snapshot, for an update of ``updater`` to be based on (see
+        :meth:`before_save`).
 
         When None, the store reads the session and hands the read to :meth:`lend_read`.
         """
-        entry = self._use(session_id.int, lend=True)
+        entry = self._use(session_id.int, lend=True, updater=updater)
         return None if entry is None else entry[0]
 
-    def lend_read(self, session: Session | None, incarnation: Incarnation = None) -> None:
-        """Follow the read that an update is based on because :meth:`lend` had nothing.
+    def lend_read(
+        self, session: Session | None, incarnation: Incarnation = None, updater: Updater = None
+    ) -> None:
+        """Follow the read that an update of ``updater`` is based on because
+        :meth:`lend` had nothing.
 
         The save then checks that read's revision, ``last_active`` and incarnation as
         it checks a lent snapshot's: a session deleted and added again in between (same
         revision, another incarnation) is not overwritten. The read is lent if it is
         held now; else (the cache is off, the history too long) just what the save
-        checks is remembered, for at most the latest ``_MAX_BASES`` such reads.
+        checks is remembered (see ``_MAX_BASES``).
         """
         if session is None:
             return
@@ -225,61 +261,60 @@ class HeldSnapshots:
         with self._lock:
             entry = self._items.get(key)
             if entry is not None and entry[0] is session and entry[1] == incarnation:
-                self._lent.add(key)
-                self._unread.discard(key)  # read for this update
-                self._bases.pop(key, None)
+                self._lent.setdefault(key, {})[updater] = False  # read for this update
+                self._forget(key, updater)
                 return
-            self._remember(key, (session.revision, session.last_active, incarnation))
+            self._remember(key, updater, (session.revision, session.last_active, incarnation))
 
-    def _use(self, key: int, *, lend: bool) -> Held | None:
+    def _use(self, key: int, *, lend: bool, updater: Updater = None) -> Held | None:
         with self._lock:
             entry = self._items.get(key)
             if entry is not None:
                 self._items.move_to_end(key)
                 if lend:
-                    self._lent.add(key)
-                    self._unread.add(key)
-                    self._bases.pop(key, None)
+                    self._lent.setdefault(key, {})[updater] = True
+                    self._forget(key, updater)
             return entry
 
-    def lent_unchanged(self, session_id: uuid.UUID, expected_revision: int) -> bool:
-        """Whether the update about to be saved (at ``expected_revision``) is based on a
-        snapshot :meth:`lend` handed out from memory (not read for it) that this store
-        has not seen change since. Call it before :meth:`before_save`. If the save is
-        refused then, the snapshot was outdated by another process (before or while the
-        update ran), not by a write of this store: the store says so in its
-        :class:`SessionConflict` (``stale_snapshot``). An update of another revision
-        than the lent snapshot's was based on an earlier one (another update in flight
-        was lent this one since), which may be this store's doing.
+    def lent_unchanged(
+        self, session_id: uuid.UUID, expected_revision: int, updater: Updater = None
+    ) -> bool:
+        """Whether the update of ``updater`` about to be saved (at
+        ``expected_revision``) is based on a snapshot :meth:`lend` handed out from
+        memory (not read for it) that this store has not seen change since. Call it
+        before :meth:`before_save`. If the save is refused then, the snapshot was
+        outdated by another process (before or while the update ran), not by a write of
+        this store: the store says so in its :class:`SessionConflict`
+        (``stale_snapshot``). An update of another revision than the lent snapshot's was
+        based on an earlier one (the updater was lent this one since), which may be this
+        store's doing.
         """
         key = session_id.int
         with self._lock:
             entry = self._items.get(key)
             return (
-                key in self._unread
-                and key in self._lent
-                and entry is not None
+                entry is not None
+                and self._lent.get(key, {}).get(updater, False)
                 and entry[0].revision == expected_revision
             )
 
     def before_save(
-        self, session_id: uuid.UUID, expected_revision: int
+        self, session_id: uuid.UUID, expected_revision: int, updater: Updater = None
     ) -> tuple[datetime, Incarnation] | None:
         """Forget the held snapshot until the save is confirmed (errors, cancellation).
 
-        When the update was based on a snapshot :meth:`lend` handed out (or a read
-        :meth:`lend_read` recorded), returns the ``last_active`` and the incarnation the
-        save must also find stored, else None. The ``last_active`` is the lent
-        snapshot's (or recorded read's) as this store last saw it (its own reads and
-        touches since move it, see :meth:`touched`), so a touch by another process since
-        is not overruled; the
-        incarnation keeps a session deleted and added again since from being
-        overwritten.
+        When the update of ``updater`` was based on a snapshot :meth:`lend` handed out
+        (or a read :meth:`lend_read` recorded), returns the ``last_active`` and the
+        incarnation the save must also find stored, else None. The ``last_active`` is
+        the lent snapshot's (or recorded read's) as this store last saw it (its own
+        reads and touches since move it, see :meth:`touched`), so a touch by another
+        process since is not overruled; the incarnation keeps a session deleted and
+        added again since from being overwritten.
         """
         key = session_id.int
         with self._lock:
-            self._pop(key)  # a lent snapshot becomes what the save checks (see _pop)
-            base = self._bases.pop(key, None)
+            self._pop(key)  # lent snapshots become what their saves check (see _pop)
+            base = self._forget(key, updater)
         if base is not None and base[0] == expected_revision:
             return base[1], base[2]
         return None
@@ -304,7 +339,7 @@ class HeldSnapshots:
         key = session.id.int
         with self._lock:
             entry = self._items.get(key)
-            relend = False
+            lent = None
             if entry is not None:
                 held = entry[0]
                 if entry[1] != incarnation:
@@ -316,22 +351,16 @@ class HeldSnapshots:
                     return  # a reply that raced with a newer local write
                 # The same revision of the same life (a read, perhaps seeing a touch): a
                 # lent snapshot stays lent, with these times, as touched() keeps it.
-                relend = held.revision == session.revision and key in self._lent
-                unread = key in self._unread
-                if relend and fits:
-                    self._lent.discard(key)
-                else:
-                    relend = False
+                if held.revision == session.revision and fits:
+                    lent = self._lent.pop(key, None)
                 self._pop(key)
             if not fits:
                 return
             self._items[key] = (session, incarnation, history_bytes, document_bytes)
             self._messages += session.messages.total
             self._bytes += nbytes
-            if relend:
-                self._lent.add(key)
-                if unread:
-                    self._unread.add(key)
+            if lent:
+                self._lent[key] = lent
             while (
                 len(self._items) > self._size
                 or self._messages > self._max_messages
@@ -357,25 +386,50 @@ class HeldSnapshots:
         return entry
 
     def _unlend(self, key: int, entry: Held) -> None:
-        """An entry leaves (lock held): if it was lent, what the save of the update based
-        on it must check moves to the recorded reads (:meth:`before_save` finds it there).
+        """An entry leaves (lock held): if it was lent, what the saves of the updates
+        based on it must check moves to the recorded reads (:meth:`before_save` finds
+        it there).
 
         Whatever removes the entry meanwhile (a read of this or another life, a delete,
-        an append, an eviction), the update's save still checks the revision,
+        an append, an eviction), an update's save still checks the revision,
         ``last_active`` and incarnation it was based on, so a session deleted and added
         again elsewhere is never overwritten by it.
         """
-        self._unread.discard(key)
-        if key in self._lent:
-            self._lent.discard(key)
-            self._remember(key, (entry[0].revision, entry[0].last_active, entry[1]))
+        lent = self._lent.pop(key, None)
+        if lent:
+            base = (entry[0].revision, entry[0].last_active, entry[1])
+            for updater in lent:
+                self._remember(key, updater, base)
 
-    def _remember(self, key: int, base: tuple[int, datetime, Incarnation]) -> None:
-        """Record what the save of an update must check (lock held), newest last."""
-        self._bases[key] = base
-        self._bases.move_to_end(key)
-        while len(self._bases) > _MAX_BASES:
-            self._bases.popitem(last=False)
+    def _remember(self, key: int, updater: Updater, base: _Base) -> None:
+        """Record what the save of ``updater``'s update must check (lock held), newest
+        last; the oldest go over ``_MAX_BASES`` (``_MAX_BASES_PER_SESSION``)."""
+        bases = self._bases.get(key)
+        if bases is None:
+            bases = self._bases[key] = {}
+        else:
+            self._bases.move_to_end(key)
+        if bases.pop(updater, None) is None:
+            self._nbases += 1
+        bases[updater] = base
+        if len(bases) > _MAX_BASES_PER_SESSION:
+            del bases[next(iter(bases))]
+            self._nbases -= 1
+        while self._nbases > _MAX_BASES:
+            self._nbases -= len(self._bases.popitem(last=False)[1])
+
+    def _forget(self, key: int, updater: Updater) -> _Base | None:
+        """Remove and return what the save of ``updater``'s update of a session was to
+        check (lock held), if recorded."""
+        bases = self._bases.get(key)
+        if bases is None:
+            return None
+        base = bases.pop(updater, None)
+        if base is not None:
+            self._nbases -= 1
+            if not bases:
+                del self._bases[key]
+        return base
 
     def appended(
         self,
@@ -468,16 +522,18 @@ class HeldSnapshots:
                 )
 
     def _follow_base(self, key: int, session: Session, incarnation: Incarnation) -> None:
-        """A recorded read (:meth:`lend_read`) follows this store's later reads and
+        """Recorded reads (:meth:`lend_read`) follow this store's later reads and
         touches of the same revision and life, as a lent snapshot does (lock held)."""
-        base = self._bases.get(key)
-        if (
-            base is not None
-            and base[0] == session.revision
-            and base[2] == incarnation
-            and base[1] < session.last_active
-        ):
-            self._bases[key] = (base[0], session.last_active, incarnation)
+        bases = self._bases.get(key)
+        if bases is None:
+            return
+        for updater, base in bases.items():
+            if (
+                base[0] == session.revision
+                and base[2] == incarnation
+                and base[1] < session.last_active
+            ):
+                bases[updater] = (base[0], session.last_active, incarnation)
 
     def drop(self, session_id: uuid.UUID) -> None:
         """Forget a session (its next update reads it again; one in flight keeps its
@@ -489,7 +545,7 @@ class HeldSnapshots:
         with self._lock:
             self._items.clear()
             self._lent.clear()
-            self._unread.clear()
             self._bases.clear()
+            self._nbases = 0
             self._messages = 0
             self._bytes = 0

@@ -103,7 +103,14 @@ from ..abc import (
     decode_cursor,
     encode_cursor,
 )
-from ._held import DEFAULT_CACHE_BYTES, DecodeCache, Held, HeldSnapshots, check_cache_bytes
+from ._held import (
+    DEFAULT_CACHE_BYTES,
+    DecodeCache,
+    Held,
+    HeldSnapshots,
+    check_cache_bytes,
+    current_updater,
+)
 
 if TYPE_CHECKING:
     import coredis
@@ -1458,11 +1465,12 @@ class RedisRepository(SessionRepository, EventTransport):
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
         session_id = self._check_id(session_id)
-        held = self._held.lend(session_id)
+        updater = current_updater()
+        held = self._held.lend(session_id, updater)
         if held is not None:
             return held
         session, incarnation = await self._read(session_id)
-        self._held.lend_read(session, incarnation)  # the save checks this read's life
+        self._held.lend_read(session, incarnation, updater)  # the save checks this life
         return session
 
     async def add(self, session: Session) -> None:
@@ -1489,7 +1497,8 @@ class RedisRepository(SessionRepository, EventTransport):
         if session.revision > MAX_REVISION:  # HINCRBY could not go on from it: refuse it
             raise revision_exhausted(session.id)
         self._check_window_save(session, new_messages)
-        unchanged = self._held.lent_unchanged(session.id, expected_revision)
+        updater = current_updater()
+        unchanged = self._held.lent_unchanged(session.id, expected_revision, updater)
         # the stored bytes of the history the new messages extend, if it is held
         history = (
             None
@@ -1498,7 +1507,7 @@ class RedisRepository(SessionRepository, EventTransport):
                 session.id, expected_revision, session.messages.total - len(new_messages)
             )
         )
-        lent = self._held.before_save(session.id, expected_revision)
+        lent = self._held.before_save(session.id, expected_revision, updater)
         expected = str(expected_revision)
         if lent is not None:
             expected += f"@{_us(lent[0])}@{lent[1] or ''}"

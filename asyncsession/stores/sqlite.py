@@ -131,6 +131,7 @@ from ._held import (
     HeldSnapshots,
     Incarnation,
     check_cache_bytes,
+    current_updater,
 )
 
 __all__ = [
@@ -2379,11 +2380,12 @@ class SQLiteRepository(SessionRepository):
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:
         sid = self._check_id(session_id)
-        held = self._held.lend(sid)
+        updater = current_updater()
+        held = self._held.lend(sid, updater)
         if held is not None:
             return held
         session, incarnation = await self._get(sid)
-        self._held.lend_read(session, incarnation)  # the save checks this read's life
+        self._held.lend_read(session, incarnation, updater)  # the save checks this life
         return session
 
     async def add(self, session: Session) -> None:
@@ -2416,8 +2418,9 @@ class SQLiteRepository(SessionRepository):
             if history is not None:
                 history += sum(map(len, added))
         doc = _encode(session)
-        unchanged = self._held.lent_unchanged(session.id, expected_revision)
-        lent = self._held.before_save(session.id, expected_revision)
+        updater = current_updater()
+        unchanged = self._held.lent_unchanged(session.id, expected_revision, updater)
+        lent = self._held.before_save(session.id, expected_revision, updater)
         expected_last_us = expected_incarnation = None
         if lent is not None:
             expected_last_us = _us(lent[0])
