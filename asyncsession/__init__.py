@@ -33,6 +33,7 @@ from ._exceptions import SessionLocked as SessionLocked
 from ._exceptions import SessionNotFound as SessionNotFound
 from ._exceptions import StorageError as StorageError
 from ._exceptions import ValidationError as ValidationError
+from ._exceptions import WrongTask as WrongTask
 from ._json import FrozenDict as FrozenDict
 from ._manager import SessionId as SessionId
 from ._manager import SessionManager as SessionManager
@@ -105,6 +106,7 @@ __all__ = [
     "SystemClock",
     "UpdateFn",
     "ValidationError",
+    "WrongTask",
     "current_session_id",
     "dumps",
     "loads",

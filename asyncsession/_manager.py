@@ -45,6 +45,7 @@ from ._exceptions import (
     SessionLocked,
     SessionNotFound,
     StorageError,
+    WrongTask,
     kind_of,
     leaf_ids,
     reraise,
@@ -52,6 +53,7 @@ from ._exceptions import (
 )
 from ._json import freeze_state
 from ._locks import KeyedLocks
+from ._loops import current_task
 from ._models import (
     ExpiryPolicy,
     Message,
@@ -387,6 +389,7 @@ class SessionManager:
         self._published = anyio.Event()  # set once the outbox is closed and emptied
         self._locks = KeyedLocks()
         self._rotating: set[uuid.UUID] = set()  # ids whose rotation holds their lock
+        self._host: object = None  # the task that entered the manager (see __aexit__)
         self._events = EventHub()
         self._running = False
         self._starting = False
@@ -485,6 +488,7 @@ class SessionManager:
         self._stack = stack
         self._calls = _Calls()
         self._running = True
+        self._host = current_task()  # the exit must be in this task (its task group's)
         return self
 
     async def __aexit__(
@@ -493,6 +497,8 @@ class SessionManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        if self._stack is not None and self._host is not current_task():
+            raise WrongTask("This SessionManager")
         try:
             await self._wind_down()
         except BaseException as error:

@@ -1295,6 +1295,33 @@ async def test_entering_a_manager_twice_at_once_is_refused(anyio_backend: str) -
     assert not sessions.running
 
 
+async def test_leaving_a_manager_from_another_task_is_refused_and_stops_nothing(
+    anyio_backend: str,
+) -> None:
+    """A task group must be left by the task that entered it (pytest-asyncio runs an
+    async fixture's setup and teardown in two tasks): the exit from another task raises
+    WrongTask, saying what to do, and leaves the manager running for its own task."""
+    sessions = s.SessionManager(s.MemoryRepository(), cleanup_interval=30)
+    entered, leave = anyio.Event(), anyio.Event()
+
+    async def host() -> None:
+        async with sessions:
+            entered.set()
+            await leave.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(host)
+        await entered.wait()
+        with pytest.raises(s.WrongTask, match="session_manager fixture") as caught:
+            await sessions.__aexit__(None, None, None)
+        assert isinstance(caught.value, RuntimeError) and not caught.value.recoverable
+        assert sessions.running  # nothing was stopped or closed
+        created = await sessions.create()
+        assert await sessions.exists(created.id)
+        leave.set()
+    assert not sessions.running  # its own task left it
+
+
 def test_touch_interval_is_capped_at_half_the_idle_timeout() -> None:
     policy = s.SessionManager(s.MemoryRepository(), idle_timeout=10, touch_interval=60).policy
     assert policy.touch_interval == timedelta(seconds=5)

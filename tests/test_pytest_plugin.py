@@ -278,6 +278,52 @@ def test_manager_errors_on_entry_surface_in_setup(pytester: pytest.Pytester) -> 
     result.stdout.fnmatch_lines(["*StorageError*parent directory*"])
 
 
+def readme_fixture_recipe() -> str:
+    """The README's pytest-asyncio fixture that hosts a manager in a task of its own."""
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    at = readme.index("@pytest_asyncio.fixture\nasync def sessions(tmp_path)")
+    start = readme.rindex("```python\n", 0, at) + len("```python\n")
+    return readme[start : readme.index("```", at)]
+
+
+def test_own_pytest_asyncio_fixtures_get_wrong_task_and_the_readme_recipe_works(
+    pytester: pytest.Pytester,
+) -> None:
+    """pytest-asyncio runs an async fixture's setup and teardown in two tasks: a plain
+    `async with SessionManager` around `yield` is refused at teardown with WrongTask
+    (saying what to do); the README's fixture, hosting the block in one task, works."""
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makepyfile(
+        test_plain="""
+        import pytest, pytest_asyncio
+        from asyncsession import SessionManager, SQLiteRepository
+
+        @pytest_asyncio.fixture
+        async def sessions(tmp_path):
+            async with SessionManager(SQLiteRepository(tmp_path / "s.db")) as manager:
+                yield manager
+
+        @pytest.mark.asyncio
+        async def test_plain(sessions):
+            assert await sessions.exists((await sessions.create()).id)
+        """,
+        test_recipe=readme_fixture_recipe()
+        + """
+import pytest
+
+@pytest.mark.asyncio
+async def test_recipe(sessions):
+    created = await sessions.create()
+    assert await sessions.exists(created.id)
+""",
+    )
+    result = pytester.runpytest_subprocess(*plugin_args(), "-p", "no:randomly")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_plain*", "*WrongTask*"])
+
+
 def test_importing_the_plugin_is_cheap() -> None:
     code = (
         "import sys, asyncsession.pytest_plugin as p; "
