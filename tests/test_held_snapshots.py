@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, closing
 from datetime import datetime, timedelta, timezone
@@ -344,6 +345,62 @@ async def test_two_updates_in_flight_each_check_the_life_they_were_based_on(
     assert based_on["first"] == [1, 2], "the first update must be applied to the new life"
     assert based_on["second"][0] == 2
     assert stored.state == {"life": 2, "first": True, "second": True}
+
+
+class Refused(Exception):
+    pass
+
+
+def refuse(session: Session) -> Session:
+    raise Refused
+
+
+async def test_updates_that_never_saved_do_not_crowd_out_the_check_of_one_in_flight(
+    pair: tuple[SessionManager, SessionManager, ManualClock],
+) -> None:
+    """Many updates of a session that never save (their function raised) leave what
+    their saves would have checked; a long-lived task's update in flight must keep its
+    own check all the same, and the session's new life (deleted and added again
+    elsewhere, then read here) must not be overwritten (review finding of helper-160:
+    the long-lived task's earlier lend kept its old place and was dropped as oldest)."""
+    a, b, _ = pair
+    created = await a.create(state={"life": 1})
+    await a.get(created.id)  # held here
+    go, read, finish = anyio.Event(), anyio.Event(), anyio.Event()
+    based_on: list[int] = []
+
+    async def fn(old: Session) -> Session:
+        based_on.append(old.state["life"])
+        if len(based_on) == 1:
+            read.set()
+            await finish.wait()
+        return old.with_state({**old.state, "by": "long-lived"})
+
+    async def long_lived() -> None:
+        with pytest.raises(Refused):
+            await a.update(created.id, refuse)  # an earlier update of it failed
+        await go.wait()
+        await a.update(created.id, fn)
+
+    async def request() -> None:
+        with pytest.raises(Refused):
+            await a.update(created.id, refuse)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(long_lived)
+        await anyio.wait_all_tasks_blocked()
+        async with anyio.create_task_group() as requests:
+            for _ in range(_MAX_BASES_PER_SESSION + 72):
+                requests.start_soon(request)
+        go.set()
+        await read.wait()
+        await b.delete(created.id)
+        await b.repository.add(created.with_state({"life": 2}))  # same revision and times
+        await a.get(created.id)  # this process reads the new life
+        finish.set()
+    assert based_on == [1, 2]
+    stored = await b.get(created.id, touch=False)
+    assert stored.state == {"life": 2, "by": "long-lived"}
 
 
 async def test_reads_of_a_session_deleted_and_added_again_elsewhere_are_fresh(
@@ -774,6 +831,18 @@ def test_holder_keeps_what_each_updaters_save_checks() -> None:
         )
     assert small.before_save(long.id, 2, 0) is None  # the oldest of one session's go first
     assert small.before_save(long.id, 2, 1) == (T0 + timedelta(seconds=1), None)
+
+    class Task:  # what current_updater() refers to weakly
+        pass
+
+    alive, ended = Task(), [Task() for _ in range(_MAX_BASES_PER_SESSION - 1)]
+    held.keep(life, "three")
+    held.lend(life.id, weakref.ref(alive))  # lent first: the oldest
+    for task in ended:
+        held.lend(life.id, weakref.ref(task))
+    del task, ended  # those tasks ended: their lends go before the oldest live one
+    held.lend(life.id, "one more")
+    assert held.before_save(life.id, 3, weakref.ref(alive)) == (life.last_active, "three")
 
 
 @pytest.mark.parametrize("read", ["repository", "manager"])

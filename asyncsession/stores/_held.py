@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from datetime import datetime
 from typing import Final, Generic, TypeVar
 
-import anyio
-
 from .._exceptions import InvalidConfiguration
+from .._loops import current_task
 from .._models import Message, Session, replace_trusted
 
 __all__ = [
@@ -36,9 +36,12 @@ DEFAULT_CACHE_BYTES: Final = 32 * 2**20
 #: incarnation each was based on), remembered when the snapshot is not held (the cache is
 #: off, the history too long, or the entry left): far more than updates in flight. An
 #: update that never saves (its function raised, the session was closed) leaves its
-#: entry until it is evicted, oldest first, or its task updates that session again.
+#: entry until its task ends, it is evicted (oldest first) or its task updates that
+#: session again.
 _MAX_BASES = 10_000
-#: ... and at most this many for one session (a read of it scans them).
+#: ... and at most this many updaters of one session are remembered, or lent its held
+#: snapshot (a read of it scans them): the tasks that ended go first, then the ones that
+#: lent or read it least recently.
 _MAX_BASES_PER_SESSION = 128
 
 #: What a store tells one life of a session from the next by: a session deleted and
@@ -57,13 +60,30 @@ _Base = tuple[int, datetime, Incarnation]
 
 
 def current_updater() -> Updater:
-    """The task calling: what tells an update's save from another task's update of the
-    same session in flight through the same store (see :class:`HeldSnapshots`).
+    """The task calling (a weak reference to it): what tells an update's save from
+    another task's update of the same session in flight through the same store (see
+    :class:`HeldSnapshots`), and what is forgotten once that task has ended.
 
-    A manager's update reads and saves in one task; tasks that read and save the same
-    session by turns in one task share what the saves check (the latest read's).
+    A manager's update reads and saves in one task; updates of the same session
+    interleaved in one task share what their saves check (the latest read's).
     """
-    return anyio.get_current_task().id
+    return weakref.ref(current_task())
+
+
+def _ended(updater: Updater) -> bool:
+    """Whether ``updater`` is a task that has ended (nothing it lent can be saved)."""
+    return type(updater) is weakref.ReferenceType and updater() is None
+
+
+def _trim(updaters: dict[Updater, T]) -> int:
+    """Keep at most ``_MAX_BASES_PER_SESSION`` of a session's ``updaters``: those of
+    tasks that ended go first, then the oldest. Returns how many went."""
+    before = len(updaters)
+    for updater in [u for u in updaters if _ended(u)]:
+        del updaters[updater]
+    while len(updaters) > _MAX_BASES_PER_SESSION:
+        del updaters[next(iter(updaters))]
+    return before - len(updaters)
 
 
 def check_cache_bytes(value: object) -> int:
@@ -261,8 +281,7 @@ class HeldSnapshots:
         with self._lock:
             entry = self._items.get(key)
             if entry is not None and entry[0] is session and entry[1] == incarnation:
-                self._lent.setdefault(key, {})[updater] = False  # read for this update
-                self._forget(key, updater)
+                self._lend_to(key, updater, unread=False)  # read for this update
                 return
             self._remember(key, updater, (session.revision, session.last_active, incarnation))
 
@@ -272,9 +291,21 @@ class HeldSnapshots:
             if entry is not None:
                 self._items.move_to_end(key)
                 if lend:
-                    self._lent.setdefault(key, {})[updater] = True
-                    self._forget(key, updater)
+                    self._lend_to(key, updater, unread=True)
             return entry
+
+    def _lend_to(self, key: int, updater: Updater, *, unread: bool) -> None:
+        """``updater`` was lent the held snapshot of a session (lock held): its save
+        checks it from now on, and not what was remembered for it before."""
+        lent = self._lent.get(key)
+        if lent is None:
+            lent = self._lent[key] = {}
+        else:
+            lent.pop(updater, None)  # the newest last (_trim drops the oldest)
+        lent[updater] = unread
+        if len(lent) > _MAX_BASES_PER_SESSION:
+            _trim(lent)
+        self._forget(key, updater)
 
     def lent_unchanged(
         self, session_id: uuid.UUID, expected_revision: int, updater: Updater = None
@@ -399,7 +430,8 @@ class HeldSnapshots:
         if lent:
             base = (entry[0].revision, entry[0].last_active, entry[1])
             for updater in lent:
-                self._remember(key, updater, base)
+                if not _ended(updater):
+                    self._remember(key, updater, base)
 
     def _remember(self, key: int, updater: Updater, base: _Base) -> None:
         """Record what the save of ``updater``'s update must check (lock held), newest
@@ -413,8 +445,7 @@ class HeldSnapshots:
             self._nbases += 1
         bases[updater] = base
         if len(bases) > _MAX_BASES_PER_SESSION:
-            del bases[next(iter(bases))]
-            self._nbases -= 1
+            self._nbases -= _trim(bases)
         while self._nbases > _MAX_BASES:
             self._nbases -= len(self._bases.popitem(last=False)[1])
 
