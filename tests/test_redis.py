@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import pickle
 import random
@@ -376,6 +377,52 @@ async def test_connection_refused_names_the_address() -> None:
             await store.get(uuid.uuid4())
     assert info.value.recoverable
     assert f"{HOST}:{port}" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_a_store_may_be_opened_by_one_task_and_closed_by_another(
+    redis_server: RedisServer,
+) -> None:
+    """coredis ties a client to the task that enters it; the store enters its client in
+    a task of its own, so a task that has ended may open it (a startup hook) and another
+    close it, again and again, and nothing stays connected after the close."""
+
+    async def connected(probe: coredis.Redis[str]) -> int:
+        return len([c for c in (await probe.client_list()) if c.get("name") != "probe"])
+
+    async with coredis.Redis(
+        host=HOST, port=redis_server.port, decode_responses=True, client_name="probe"
+    ) as probe:
+        before = await connected(probe)
+        store = RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+        session = Session(uuid.uuid4(), T0, T0)
+        for _ in range(2):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.open)  # opened by a task that then ends
+            await store.add(session)
+            assert await store.get(session.id) == session
+            assert await connected(probe) > before
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.aclose)  # closed by yet another
+            assert await connected(probe) == before
+            session = Session(uuid.uuid4(), T0, T0)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_store_left_open_ends_quietly_with_its_event_loop(
+    redis_server: RedisServer, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The task that holds the client ends with the event loop (cancelled) if nobody
+    closed the store: no error, no warning (on trio an error there would end the run)."""
+
+    async def main() -> bool:
+        store = RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+        await store.open()
+        return await store.count_by_status() == {}
+
+    with caplog.at_level(logging.WARNING, logger="asyncsession"):
+        assert anyio.run(main, backend=backend)
+    assert not caplog.records
 
 
 def _construction_error(coredis_setup: str) -> str:

@@ -75,6 +75,7 @@ from .._exceptions import (
     revision_exhausted,
     sole_error,
 )
+from .._loops import HostedContext
 from .._models import (
     ExpiryPolicy,
     Message,
@@ -1196,7 +1197,9 @@ class RedisRepository(SessionRepository, EventTransport):
         self._list = register(_LIST)
         self._documents = register(_DOCUMENTS)
         self._publish = register(_PUBLISH)
-        self._entered: contextlib.AsyncExitStack | None = None
+        # the store-made client, entered and left by a task of its own (see _open)
+        self._host = HostedContext(self._client, f"asyncsession Redis client for {self._address}")
+        self._entered = False
         self._subscriptions = 0  # open subscribe_events() blocks (each holds a connection)
         self._held = HeldSnapshots(snapshot_cache, max_bytes=snapshot_cache_bytes)
         decoded = snapshot_cache_bytes // 8 if self._held.enabled else 0
@@ -1239,17 +1242,19 @@ class RedisRepository(SessionRepository, EventTransport):
     async def _open(self) -> None:
         if not self._owns_client:
             return
-        stack = contextlib.AsyncExitStack()
+        # coredis ties a client to the task that enters it (its connection pool enters a
+        # task group there), so a task of the store's own enters and leaves it: any task
+        # may open the store and any other close it (a startup hook's task, say).
         with self._errors("connect"):
-            await stack.enter_async_context(self._client)
-        self._entered = stack
+            await self._host.enter()
+        self._entered = True
         logger.debug("opened Redis store at %s (prefix %s)", self._address, self._prefix)
 
     async def _close(self) -> None:
         self._held.clear()
-        stack, self._entered = self._entered, None
-        if stack is not None:
-            await stack.aclose()
+        if self._entered:
+            self._entered = False
+            await self._host.leave()
             logger.debug("closed Redis store at %s", self._address)
 
     # -- helpers --------------------------------------------------------------------------
