@@ -22,10 +22,8 @@ _DETACHED: set[asyncio.Task[None]] = set()
 def current_task() -> object:
     """The running task object itself (asyncio's or trio's), not a description of it:
     kept, it tells that task from any later one (an id may be reused once it ends)."""
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no asyncio loop runs in this thread: trio does
-        task = None
+    loop = asyncio._get_running_loop()  # None, not an exception, when trio runs
+    task = None if loop is None else asyncio.current_task(loop)
     if task is not None:
         return task
     import trio  # only when trio runs, so it is installed
