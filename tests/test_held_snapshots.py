@@ -835,6 +835,15 @@ def test_holder_keeps_what_each_updaters_save_checks() -> None:
     class Task:  # what current_updater() refers to weakly
         pass
 
+    # read in one task, saved in another (a blocking portal's calls): the save checks
+    # the newest read by a task that ended, and the older ones are forgotten
+    portal_tasks = [Task(), Task()]
+    small.lend_read(attrs.evolve(long, last_active=T0), updater=weakref.ref(portal_tasks[0]))
+    small.lend_read(long, updater=weakref.ref(portal_tasks[1]))
+    del portal_tasks
+    assert small.before_save(long.id, 2, "saving task") == (long.last_active, None)
+    assert small.before_save(long.id, 2, "saving task") is None
+
     alive, ended = Task(), [Task() for _ in range(_MAX_BASES_PER_SESSION - 1)]
     held.keep(life, "three")
     held.lend(life.id, weakref.ref(alive))  # lent first: the oldest

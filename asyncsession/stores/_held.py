@@ -75,6 +75,19 @@ def _ended(updater: Updater) -> bool:
     return type(updater) is weakref.ReferenceType and updater() is None
 
 
+def _drop_ended(updaters: dict[Updater, T], *, keep_newest: bool) -> list[T]:
+    """Remove the entries of tasks that ended (but the newest of them if
+    ``keep_newest``) from a session's ``updaters``; return their values, oldest first.
+
+    An update read in one task and saved in another (each call through a blocking
+    portal is a task of its own) is known only by the newest such entry, as if by one
+    anonymous updater: older ones were superseded."""
+    ended = [u for u in updaters if _ended(u)]
+    if keep_newest and ended:
+        ended.pop()
+    return [updaters.pop(u) for u in ended]
+
+
 def _trim(updaters: dict[Updater, T]) -> int:
     """Keep at most ``_MAX_BASES_PER_SESSION`` of a session's ``updaters``: those of
     tasks that ended go first, then the oldest. Returns how many went."""
@@ -284,6 +297,7 @@ class HeldSnapshots:
                 self._lend_to(key, updater, unread=False)  # read for this update
                 return
             self._remember(key, updater, (session.revision, session.last_active, incarnation))
+            self._drop_ended_bases(key)
 
     def _use(self, key: int, *, lend: bool, updater: Updater = None) -> Held | None:
         with self._lock:
@@ -303,8 +317,10 @@ class HeldSnapshots:
         else:
             lent.pop(updater, None)  # the newest last (_trim drops the oldest)
         lent[updater] = unread
-        if len(lent) > _MAX_BASES_PER_SESSION:
-            _trim(lent)
+        if len(lent) > 1:
+            _drop_ended(lent, keep_newest=True)
+            if len(lent) > _MAX_BASES_PER_SESSION:
+                _trim(lent)
         self._forget(key, updater)
 
     def lent_unchanged(
@@ -340,12 +356,18 @@ class HeldSnapshots:
         the lent snapshot's (or recorded read's) as this store last saw it (its own
         reads and touches since move it, see :meth:`touched`), so a touch by another
         process since is not overruled; the incarnation keeps a session deleted and
-        added again since from being overwritten.
+        added again since from being overwritten. An update read in one task and saved
+        in another (each call of a blocking portal is a task) has nothing recorded for
+        the saving task: the save checks the latest lend or read of the session by a
+        task that has ended then (none: the revision alone decides).
         """
         key = session_id.int
         with self._lock:
             self._pop(key)  # lent snapshots become what their saves check (see _pop)
             base = self._forget(key, updater)
+            if base is None:  # read in a task that ended (a portal's calls): the latest's
+                ended = self._drop_ended_bases(key, keep_newest=False)
+                base = ended[-1] if ended else None
         if base is not None and base[0] == expected_revision:
             return base[1], base[2]
         return None
@@ -430,8 +452,8 @@ class HeldSnapshots:
         if lent:
             base = (entry[0].revision, entry[0].last_active, entry[1])
             for updater in lent:
-                if not _ended(updater):
-                    self._remember(key, updater, base)
+                self._remember(key, updater, base)
+            self._drop_ended_bases(key)
 
     def _remember(self, key: int, updater: Updater, base: _Base) -> None:
         """Record what the save of ``updater``'s update must check (lock held), newest
@@ -448,6 +470,17 @@ class HeldSnapshots:
             self._nbases -= _trim(bases)
         while self._nbases > _MAX_BASES:
             self._nbases -= len(self._bases.popitem(last=False)[1])
+
+    def _drop_ended_bases(self, key: int, *, keep_newest: bool = True) -> list[_Base]:
+        """:func:`_drop_ended` on what is remembered for a session (lock held)."""
+        bases = self._bases.get(key)
+        if bases is None or (keep_newest and len(bases) < 2):
+            return []
+        dropped = _drop_ended(bases, keep_newest=keep_newest)
+        self._nbases -= len(dropped)
+        if not bases:
+            del self._bases[key]
+        return dropped
 
     def _forget(self, key: int, updater: Updater) -> _Base | None:
         """Remove and return what the save of ``updater``'s update of a session was to
