@@ -4,8 +4,10 @@ context entered and left by a task of its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
+import threading
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -57,28 +59,55 @@ def _spawn_detached(fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> N
 
 class HostedContext:
     """An async context manager entered and left by a task of its own (its host), so
-    that any task of the loop may :meth:`enter` and :meth:`leave` it.
+    that any task may :meth:`enter` and :meth:`leave` it.
 
     For what must be left by the task that entered it (a coredis client enters a task
     group), when the task that opens a store is not the one that closes it: a startup
     hook's task, a pytest-asyncio fixture's setup and teardown. The host ends when
-    :meth:`leave` is called, or with the event loop (cancelled).
+    :meth:`leave` is called (from any task of any event loop), or on its own: when its
+    event loop ends (cancelled), or when the context fails (logged); :attr:`ended`
+    tells.
     """
 
-    __slots__ = ("_context", "_done", "_failure", "_name", "_stop")
+    __slots__ = (
+        "_context",
+        "_done",
+        "_done_here",
+        "_ended",
+        "_failure",
+        "_name",
+        "_stop",
+        "_token",
+    )
 
     def __init__(self, context: AbstractAsyncContextManager[object], name: str) -> None:
         self._context = context
         self._name = name
         self._stop: anyio.Event | None = None  # set: the host leaves
-        self._done: anyio.Event | None = None  # set: the host has ended
+        self._token: anyio.lowlevel.EventLoopToken | None = None  # the host's loop
+        self._done = threading.Event()  # set: the host has ended (any thread may wait)
+        self._done_here: anyio.Event | None = None  # the same, for its own event loop
+        self._ended: BaseException | None = None  # why the host ended on its own
         self._failure: list[BaseException] = []  # what entering or leaving raised
 
+    @property
+    def ended(self) -> BaseException | None:
+        """Why the host ended without :meth:`leave` (its event loop ended: a
+        cancellation; the context failed: its error), or None while it runs."""
+        return self._ended
+
     async def enter(self) -> None:
-        """Have the host enter the context; raise what entering raised."""
-        ready, stop, done = anyio.Event(), anyio.Event(), anyio.Event()
+        """Have a new host enter the context; raise what entering raised."""
+        ready, stop, done, done_here = (
+            anyio.Event(),
+            anyio.Event(),
+            threading.Event(),
+            anyio.Event(),
+        )
         failure: list[BaseException] = []
-        self._stop, self._done, self._failure = stop, done, failure
+        self._stop, self._failure, self._ended = stop, failure, None
+        self._done, self._done_here = done, done_here
+        self._token = anyio.lowlevel.current_token()
 
         async def host() -> None:
             try:
@@ -86,13 +115,17 @@ class HostedContext:
                     ready.set()
                     await stop.wait()
             except BaseException as exc:  # a detached task must not raise
-                failure.append(exc)
-                cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
-                if ready.is_set() and not stop.is_set() and not cancelled:
-                    logger.warning("%s ended on its own: %r", self._name, exc)
+                if not ready.is_set() or stop.is_set():
+                    failure.append(exc)  # enter() or leave() raises it
+                else:
+                    self._ended = exc
+                    if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                        with contextlib.suppress(BaseException):  # on trio it would end the run
+                            logger.warning("%s ended on its own: %r", self._name, exc)
             finally:
                 ready.set()
                 done.set()
+                done_here.set()
 
         _spawn_detached(host, self._name)
         try:
@@ -106,13 +139,16 @@ class HostedContext:
 
     async def leave(self, *, raise_failure: bool = True) -> None:
         """Have the host leave the context and wait for it (even when cancelled); raise
-        what leaving raised."""
+        what leaving raised (not what ended the host on its own: that was logged)."""
         stop, self._stop = self._stop, None
-        if stop is None or self._done is None:
+        token, done, done_here = self._token, self._done, self._done_here
+        if stop is None or token is None or done_here is None:
             return
-        stop.set()
         with anyio.CancelScope(shield=True):
-            await self._done.wait()
-        failure = self._failure[0] if self._failure else None
-        if raise_failure and not isinstance(failure, (type(None), anyio.get_cancelled_exc_class())):
-            raise failure
+            if anyio.lowlevel.current_token() == token:
+                stop.set()
+                await done_here.wait()
+            elif set_soon(token, stop):  # the host's loop runs in another thread
+                await anyio.to_thread.run_sync(done.wait)
+        if raise_failure and self._failure:
+            raise self._failure[0]

@@ -16,6 +16,7 @@ import pickle
 import random
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -423,6 +424,71 @@ def test_a_store_left_open_ends_quietly_with_its_event_loop(
     with caplog.at_level(logging.WARNING, logger="asyncsession"):
         assert anyio.run(main, backend=backend)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_store_left_open_by_an_ended_event_loop_says_to_reopen_it(
+    redis_server: RedisServer, backend: str
+) -> None:
+    """Its client ended with the loop that opened it: calls in the next loop say to
+    close the store and open it again, and that works."""
+    store = RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    anyio.run(store.open, backend=backend)
+
+    async def next_run() -> None:
+        with pytest.raises(StorageError, match=r"event loop ended.*close the store and open"):
+            await store.count_by_status()
+        await store.aclose()
+        async with store:
+            assert await store.count_by_status() == {}
+
+    anyio.run(next_run, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_last_close_may_come_from_another_event_loop(
+    redis_server: RedisServer, backend: str
+) -> None:
+    """Opened by a loop in one thread and by one in another, closed twice by the second
+    while the first still runs: the close ends the first loop's client (it would wait
+    forever for it, on asyncio, or end the trio run), and the first may open it again."""
+    store = RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    opened, closed = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    async def first() -> None:
+        await store.open()
+        opened.set()
+        await anyio.to_thread.run_sync(closed.wait)
+        async with store:  # the client was left: it opens again here
+            results["first"] = await store.count_by_status()
+
+    async def second() -> None:
+        await anyio.to_thread.run_sync(opened.wait)
+        await store.open()
+        await store.aclose()
+        await store.aclose()  # the last close: the client's host runs in the first loop
+        closed.set()
+        results["second"] = "closed"
+
+    def run(fn: Callable[[], Awaitable[None]], name: str) -> None:
+        try:
+            anyio.run(fn, backend=backend)
+        except BaseException as exc:  # reported below
+            results[name] = exc
+            opened.set()
+            closed.set()
+
+    threads = [
+        threading.Thread(target=run, args=(first, "first")),
+        threading.Thread(target=run, args=(second, "second")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a close never returned"
+    assert results == {"first": {}, "second": "closed"}
 
 
 def _construction_error(coredis_setup: str) -> str:

@@ -1346,6 +1346,17 @@ class RedisRepository(SessionRepository, EventTransport):
         except RuntimeError as exc:
             if "not initialized" not in str(exc):
                 raise
+            ended = self._host.ended if self._entered else None
+            if ended is not None:
+                why = (
+                    "its event loop ended"
+                    if isinstance(ended, anyio.get_cancelled_exc_class())
+                    else f"it failed: {ended!r}"
+                )
+                raise StorageError(
+                    f"The coredis client this store made for {self._address} has ended "
+                    f"({why}): close the store and open it again."
+                ) from exc
             raise StorageError(
                 f"The coredis client for {self._address} is not open: open the store "
                 "(`async with store:`) and, for a client you passed in, enter it first "
