@@ -57,6 +57,16 @@ def _spawn_detached(fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> N
     trio.lowlevel.spawn_system_task(fn, name=name, context=contextvars.copy_context())
 
 
+def _wait_for_host(done: threading.Event, token: anyio.lowlevel.EventLoopToken) -> bool:
+    """Wait (in a worker thread) until a host in another event loop has ended; False if
+    that loop stopped first (an asyncio loop stopped but not closed never runs it)."""
+    loop = token.native_token
+    while not done.wait(0.05):
+        if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
+            return done.is_set()
+    return True
+
+
 class HostedContext:
     """An async context manager entered and left by a task of its own (its host), so
     that any task may :meth:`enter` and :meth:`leave` it.
@@ -148,7 +158,15 @@ class HostedContext:
             if anyio.lowlevel.current_token() == token:
                 stop.set()
                 await done_here.wait()
-            elif set_soon(token, stop):  # the host's loop runs in another thread
-                await anyio.to_thread.run_sync(done.wait)
+            # else the host's loop runs in another thread (or has ended: nothing to do)
+            elif set_soon(token, stop) and not await anyio.to_thread.run_sync(
+                _wait_for_host, done, token
+            ):
+                with contextlib.suppress(Exception):
+                    logger.warning(
+                        "%s was not left: its event loop stopped before it could run "
+                        "again (close stores before their event loop stops)",
+                        self._name,
+                    )
         if raise_failure and self._failure:
             raise self._failure[0]

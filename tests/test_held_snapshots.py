@@ -8,6 +8,7 @@ live session.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid
 import weakref
@@ -35,7 +36,7 @@ from asyncsession import (
     SessionStatus,
 )
 from asyncsession.abc import SessionRepository
-from asyncsession.stores._held import _MAX_BASES_PER_SESSION, HeldSnapshots
+from asyncsession.stores._held import _MAX_BASES_PER_SESSION, HeldSnapshots, current_updater
 from asyncsession.stores.redis import RedisRepository
 from asyncsession.stores.sqlite import SQLiteRepository
 from asyncsession.testing import ManualClock
@@ -852,6 +853,35 @@ def test_holder_keeps_what_each_updaters_save_checks() -> None:
     del task, ended  # those tasks ended: their lends go before the oldest live one
     held.lend(life.id, "one more")
     assert held.before_save(life.id, 3, weakref.ref(alive)) == (life.last_active, "three")
+
+    # A session's records all of tasks that ended, then one more: none kept, no empty
+    # entry left behind (review finding of helper-162)
+    fresh = HeldSnapshots(10)
+    tasks = [Task() for _ in range(_MAX_BASES_PER_SESSION + 1)]
+    for task in tasks[:-1]:  # reads of it while it is not held
+        fresh.lend_read(life, "four", weakref.ref(task))
+    fresh.keep(life, "four")
+    fresh.lend(life.id, weakref.ref(tasks[-1]))
+    del task, tasks
+    fresh.take(life.id)  # the held snapshot leaves: its lend becomes a record
+    assert all(fresh._bases.values()) and fresh._nbases == sum(map(len, fresh._bases.values()))
+
+
+def test_an_asyncio_task_that_is_done_has_ended_though_referred_to() -> None:
+    """A read in a task something still refers to (``t = create_task(...); await t``),
+    saved in another: the save checks that read, as a portal's (helper-162)."""
+    held = HeldSnapshots(10, max_messages=1)
+    long = snapshot(3, revision=2)  # not held
+
+    async def main() -> None:
+        async def read() -> None:
+            held.lend_read(long, "life", current_updater())
+
+        task = asyncio.create_task(read())
+        await task
+        assert held.before_save(long.id, 2, current_updater()) == (long.last_active, "life")
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("read", ["repository", "manager"])

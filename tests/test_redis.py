@@ -7,6 +7,7 @@ once, cancellation, a server restart, refused connections and the optional impor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import json
@@ -430,19 +431,44 @@ def test_a_store_left_open_ends_quietly_with_its_event_loop(
 def test_a_store_left_open_by_an_ended_event_loop_says_to_reopen_it(
     redis_server: RedisServer, backend: str
 ) -> None:
-    """Its client ended with the loop that opened it: calls in the next loop say to
-    close the store and open it again, and that works."""
+    """Its client ended with the loop that opened it (twice): calls in the next loop say
+    to open the store again, and that works, however many opens are unmatched."""
     store = RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
-    anyio.run(store.open, backend=backend)
+
+    async def first_run() -> None:
+        await store.open()
+        await store.open()
 
     async def next_run() -> None:
-        with pytest.raises(StorageError, match=r"event loop ended.*close the store and open"):
+        with pytest.raises(StorageError, match=r"event loop ended.*open the store again"):
             await store.count_by_status()
-        await store.aclose()
-        async with store:
+        await store.open()
+        assert await store.count_by_status() == {}
+        for _ in range(3):
+            await store.aclose()
+        async with store:  # closed for good above: opens afresh
             assert await store.count_by_status() == {}
 
+    anyio.run(first_run, backend=backend)
     anyio.run(next_run, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_close_from_another_loop_gives_up_on_a_stopped_loop(
+    redis_server: RedisServer, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client's host waits in an asyncio loop that stopped (not closed) and never
+    runs again: a close from another loop returns, saying so, instead of waiting."""
+    store = RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(store.open())
+        with caplog.at_level(logging.WARNING, logger="asyncsession"):
+            anyio.run(store.aclose, backend=backend)
+        assert "its event loop stopped" in caplog.text
+        loop.run_until_complete(asyncio.gather(*asyncio.all_tasks(loop)))  # it leaves now
+    finally:
+        loop.close()
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -3,6 +3,7 @@ and the cache of decoded stored documents and messages."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 import weakref
@@ -71,8 +72,12 @@ def current_updater() -> Updater:
 
 
 def _ended(updater: Updater) -> bool:
-    """Whether ``updater`` is a task that has ended (nothing it lent can be saved)."""
-    return type(updater) is weakref.ReferenceType and updater() is None
+    """Whether ``updater`` is a task that has ended (nothing it lent can be saved): gone,
+    or an asyncio task that something still refers to but that is done."""
+    if type(updater) is not weakref.ReferenceType:
+        return False
+    task = updater()
+    return task is None or (isinstance(task, asyncio.Task) and task.done())
 
 
 def _drop_ended(updaters: dict[Updater, T], *, keep_newest: bool) -> list[T]:
@@ -468,6 +473,8 @@ class HeldSnapshots:
         bases[updater] = base
         if len(bases) > _MAX_BASES_PER_SESSION:
             self._nbases -= _trim(bases)
+            if not bases:  # all of tasks that ended, this one too
+                del self._bases[key]
         while self._nbases > _MAX_BASES:
             self._nbases -= len(self._bases.popitem(last=False)[1])
 

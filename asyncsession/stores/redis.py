@@ -1250,6 +1250,24 @@ class RedisRepository(SessionRepository, EventTransport):
         self._entered = True
         logger.debug("opened Redis store at %s (prefix %s)", self._address, self._prefix)
 
+    async def open(self) -> None:
+        """Open the store (counted, see :meth:`SessionRepository.open`). A client that
+        ended on its own while the store was open (its event loop ended) is entered
+        again, however many opens are still unmatched."""
+        await super().open()
+        if not (self._entered and self._host.ended is not None):
+            return
+        transitions = self._transition_lock()
+        await transitions.acquire()
+        try:
+            if self._entered and self._host.ended is not None:
+                self._held.clear()
+                await self._host.leave(raise_failure=False)
+                with self._errors("connect"):
+                    await self._host.enter()
+        finally:
+            transitions.release()
+
     async def _close(self) -> None:
         self._held.clear()
         if self._entered:
@@ -1355,7 +1373,8 @@ class RedisRepository(SessionRepository, EventTransport):
                 )
                 raise StorageError(
                     f"The coredis client this store made for {self._address} has ended "
-                    f"({why}): close the store and open it again."
+                    f"({why}): open the store again (`await store.open()`, or close it "
+                    "and open it), and close it as often as it was opened."
                 ) from exc
             raise StorageError(
                 f"The coredis client for {self._address} is not open: open the store "
