@@ -306,14 +306,14 @@ class ManagerNotRunning(SessionError):
 
 
 class WrongTask(SessionError, RuntimeError):
-    """A manager (or a store holding a task's resources) was left in another task than
-    the one that entered it; nothing was stopped or closed."""
+    """A manager was left in another task than the one that entered it (its task group
+    belongs to that task); nothing was stopped or closed."""
 
     def __init__(self, what: str) -> None:
         self.what = what
         super().__init__(
             f"{what} was entered in one task and is being left in another: a task group "
-            "(or a client) entered by a task must be left by that same task. Enter and "
+            "entered by a task must be left by that same task. Enter and "
             "leave it with `async with` in one task. Under pytest-asyncio, whose async "
             "fixtures run their setup and their teardown in two tasks, use asyncsession's "
             "session_manager fixture (override session_repository for another store), or "
