@@ -97,8 +97,7 @@ def _trim(updaters: dict[Updater, T]) -> int:
     """Keep at most ``_MAX_BASES_PER_SESSION`` of a session's ``updaters``: those of
     tasks that ended go first, then the oldest. Returns how many went."""
     before = len(updaters)
-    for updater in [u for u in updaters if _ended(u)]:
-        del updaters[updater]
+    _drop_ended(updaters, keep_newest=False)
     while len(updaters) > _MAX_BASES_PER_SESSION:
         del updaters[next(iter(updaters))]
     return before - len(updaters)
