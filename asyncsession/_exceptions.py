@@ -306,18 +306,16 @@ class ManagerNotRunning(SessionError):
 
 
 class WrongTask(SessionError, RuntimeError):
-    """A manager was left in another task than the one that entered it (its task group
-    belongs to that task); nothing was stopped or closed."""
+    """A manager was left in another task than the one that entered it, while that task
+    still runs (its task group belongs to that task); nothing was stopped or closed."""
 
     def __init__(self, what: str) -> None:
         self.what = what
         super().__init__(
-            f"{what} was entered in one task and is being left in another: a task group "
-            "entered by a task must be left by that same task. Enter and "
-            "leave it with `async with` in one task. Under pytest-asyncio, whose async "
-            "fixtures run their setup and their teardown in two tasks, use asyncsession's "
-            "session_manager fixture (override session_repository for another store), or "
-            "host the `async with` in one task that the fixture starts and stops."
+            f"{what} was entered by a task that is still running and is being left by "
+            "another: a task group must be left by the task that entered it. Leave it in "
+            "that task: enter and leave it with `async with` in one task (an asyncio task "
+            "that has ended is the one exception: another task may then leave it)."
         )
 
 

@@ -33,6 +33,13 @@ def current_task() -> object:
     return trio.lowlevel.current_task()
 
 
+def has_ended(task: object) -> bool:
+    """True if ``task`` (from :func:`current_task`) is an asyncio task that is done.
+
+    (A trio task cannot end inside a task group it entered: trio ends the run.)"""
+    return isinstance(task, asyncio.Task) and task.done()
+
+
 def set_soon(token: anyio.lowlevel.EventLoopToken, event: anyio.Event) -> bool:
     """Set ``event`` in the event loop ``token`` names (from any thread), without waiting
     for that loop to run it. False if that loop has ended (and its tasks with it)."""

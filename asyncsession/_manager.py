@@ -53,7 +53,7 @@ from ._exceptions import (
 )
 from ._json import freeze_state
 from ._locks import KeyedLocks
-from ._loops import current_task
+from ._loops import current_task, has_ended
 from ._models import (
     ExpiryPolicy,
     Message,
@@ -65,6 +65,9 @@ from ._models import (
 from ._notes import Notes, Overflow, cause_of
 from .abc import EventTransport, Page, SessionQuery, SessionRepository
 from .reporting import Reporter, SessionReport
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["SessionManager", "SessionStats", "UpdateFn"]
 
@@ -100,6 +103,49 @@ class _Calls:
         self.count -= 1
         if not self.count and self.done is not None:
             self.done.set()
+
+
+class _Background:
+    """The tasks one run of a manager started in its task group, counted by the tasks
+    themselves: an exit that cannot leave the group (the task that entered it has
+    ended) still waits for them, and learns what they raised."""
+
+    __slots__ = ("count", "failures", "idle", "scope")
+
+    def __init__(self, scope: anyio.CancelScope | None) -> None:
+        self.scope = scope  # the task group's
+        self.count = 0
+        self.idle: anyio.Event | None = None  # set when the count reaches 0
+        self.failures: list[BaseException] = []  # what the tasks raised (not cancellation)
+
+    def counted(self, fn: Callable[_P, Awaitable[None]]) -> Callable[_P, Coroutine[Any, Any, None]]:
+        """``fn``, counted while it runs (a task cancelled before it starts never runs
+        and is never counted)."""
+
+        @functools.wraps(fn)
+        async def run(*args: _P.args, **kwargs: _P.kwargs) -> None:
+            self.count += 1
+            try:
+                await fn(*args, **kwargs)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                self.failures.append(exc)
+                raise
+            finally:
+                self.count -= 1
+                if not self.count and self.idle is not None:
+                    self.idle.set()
+
+        return run
+
+    async def stop(self) -> None:
+        """Cancel the tasks and wait until none of them runs."""
+        if self.scope is not None:
+            self.scope.cancel()
+        while self.count:
+            idle = self.idle = anyio.Event()
+            await idle.wait()
 
 
 class _Call:
@@ -390,6 +436,7 @@ class SessionManager:
         self._locks = KeyedLocks()
         self._rotating: set[uuid.UUID] = set()  # ids whose rotation holds their lock
         self._host: object = None  # the task that entered the manager (see __aexit__)
+        self._background = _Background(None)  # the task group's tasks
         self._events = EventHub()
         self._running = False
         self._starting = False
@@ -459,6 +506,7 @@ class SessionManager:
             await stack.enter_async_context(self._repository)
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
+            background = self._background = _Background(task_group.cancel_scope)
             self._cleanup_done = anyio.Event()
             if self._reporters:
                 send, receive = anyio.create_memory_object_stream[SessionReport](self._event_buffer)
@@ -466,16 +514,24 @@ class SessionManager:
                 self._report_queue = receive
                 self._reports_done = anyio.Event()
                 self._reports_draining = False
-                task_group.start_soon(self._report_loop, receive, name="asyncsession reports")
+                task_group.start_soon(
+                    background.counted(self._report_loop), receive, name="asyncsession reports"
+                )
             if self._share_events:
-                await task_group.start(self._share_events_loop, name="asyncsession events")
+                await task_group.start(
+                    background.counted(self._share_events_loop), name="asyncsession events"
+                )
             if self._cleanup_interval is not None:
                 first_pass = self._clock.now() + self._cleanup_interval
                 self._cleanup_due, self._cleanup_ended_at = first_pass, None
                 scope = self._cleanup_scope = anyio.CancelScope()
                 ended = self._cleanup_ended = anyio.Event()
                 task_group.start_soon(
-                    self._cleanup_loop, first_pass, scope, ended, name="asyncsession cleanup"
+                    background.counted(self._cleanup_loop),
+                    first_pass,
+                    scope,
+                    ended,
+                    name="asyncsession cleanup",
                 )
         except BaseException as exc:
             await stack.aclose()
@@ -498,7 +554,10 @@ class SessionManager:
         tb: TracebackType | None,
     ) -> bool | None:
         if self._stack is not None and self._host is not current_task():
-            raise WrongTask("This SessionManager")
+            if not has_ended(self._host):
+                raise WrongTask("This SessionManager")
+            await self._leave_for_ended_host()
+            return None
         try:
             await self._wind_down()
         except BaseException as error:
@@ -525,6 +584,25 @@ class SessionManager:
             if single is error:
                 raise
             reraise(single)
+
+    async def _leave_for_ended_host(self) -> None:
+        """Stop as ``__aexit__`` does when the task that entered the manager has ended
+        (asyncio: a pytest-asyncio fixture's setup), so nothing can leave its task group:
+        wind down, cancel the group's tasks and wait for them, close the store, and
+        leave the group to be collected with that task."""
+        self._stack = None  # dropped: leaving its task group needs the ended task
+        try:
+            await self._wind_down()
+        except BaseException:
+            self._close_queues()  # interrupted: stop anyway, then raise the interruption
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._background.stop()
+            await self._repository.__aexit__(None, None, None)
+        failures = self._background.failures
+        if failures:  # what the task group would have raised (the tasks catch Exception)
+            raise sole_error(BaseExceptionGroup("unhandled errors in a TaskGroup", failures))
 
     async def _wind_down(self) -> None:
         """Refuse new calls, stop cleanup, let the calls under way finish, then let

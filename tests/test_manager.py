@@ -1298,9 +1298,9 @@ async def test_entering_a_manager_twice_at_once_is_refused(anyio_backend: str) -
 async def test_leaving_a_manager_from_another_task_is_refused_and_stops_nothing(
     anyio_backend: str,
 ) -> None:
-    """A task group must be left by the task that entered it (pytest-asyncio runs an
-    async fixture's setup and teardown in two tasks): the exit from another task raises
-    WrongTask, saying what to do, and leaves the manager running for its own task."""
+    """A task group must be left by the task that entered it: the exit from another task,
+    while that one still runs, raises WrongTask, saying what to do, and leaves the manager
+    running for its own task."""
     sessions = s.SessionManager(s.MemoryRepository(), cleanup_interval=30)
     entered, leave = anyio.Event(), anyio.Event()
 
@@ -1312,7 +1312,7 @@ async def test_leaving_a_manager_from_another_task_is_refused_and_stops_nothing(
     async with anyio.create_task_group() as tg:
         tg.start_soon(host)
         await entered.wait()
-        with pytest.raises(s.WrongTask, match="session_manager fixture") as caught:
+        with pytest.raises(s.WrongTask, match="Leave it in that task") as caught:
             await sessions.__aexit__(None, None, None)
         assert isinstance(caught.value, RuntimeError) and not caught.value.recoverable
         assert sessions.running  # nothing was stopped or closed
@@ -1320,6 +1320,101 @@ async def test_leaving_a_manager_from_another_task_is_refused_and_stops_nothing(
         assert await sessions.exists(created.id)
         leave.set()
     assert not sessions.running  # its own task left it
+
+
+class RecordingTransport(QuietTransport):
+    """A QuietTransport that records the events it publishes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[str] = []
+
+    async def publish_event(
+        self,
+        kind: str,
+        session_id: uuid.UUID,
+        *,
+        at: datetime,
+        revision: int | None = None,
+        origin: str = "",
+    ) -> int:
+        self.published.append(kind)
+        return await super().publish_event(
+            kind, session_id, at=at, revision=revision, origin=origin
+        )
+
+
+_BACKGROUND = {"asyncsession cleanup", "asyncsession reports", "asyncsession events"}
+
+
+def test_a_manager_whose_entering_task_ended_is_left_by_another_task(tmp_path: Path) -> None:
+    """asyncio only (a trio task cannot end inside a task group it entered): when the
+    task that entered the manager has ended, as a pytest-asyncio fixture's setup has,
+    another task leaves it like `async with` would: queued reports and events go out,
+    the background tasks end and the store is closed."""
+    import asyncio
+
+    path = tmp_path / "reports.jsonl"
+
+    async def main() -> None:
+        store = RecordingTransport()
+        sessions = s.SessionManager(
+            store, share_events=True, cleanup_interval=30, reporters=[JsonLinesReporter(path)]
+        )
+        await asyncio.create_task(sessions.__aenter__())  # that task ends here
+        created = await sessions.create()
+        await sessions.close(created.id)
+        assert {t.get_name() for t in asyncio.all_tasks()} >= _BACKGROUND
+        assert await sessions.__aexit__(None, None, None) is None
+        assert not sessions.running and store.closed
+        assert not _BACKGROUND & {t.get_name() for t in asyncio.all_tasks()}
+        assert [r.session_id for r in read_reports(path)] == [created.id]
+        assert "created" in store.published
+        with pytest.raises(s.ManagerNotRunning):
+            await sessions.create()
+        async with sessions:  # and it runs again in one task as usual
+            assert await sessions.get(created.id)
+
+    asyncio.run(main())
+
+
+def test_a_manager_whose_entering_task_ended_closes_its_store_when_interrupted(
+    tmp_path: Path,
+) -> None:
+    """Leaving it from another task that is cancelled while a call is still under way:
+    the background tasks still end and the store is still closed (a SQLite store's
+    thread stops); the cancellation is raised."""
+    import asyncio
+
+    async def main() -> None:
+        sessions = s.SessionManager(s.SQLiteRepository(tmp_path / "s.db"), cleanup_interval=30)
+        await asyncio.create_task(sessions.__aenter__())
+        created = await sessions.create()
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(session: s.Session) -> s.Session:
+            started.set()
+            await release.wait()
+            return session.with_state(done=True)
+
+        call = asyncio.create_task(sessions.update(created.id, slow))
+        await started.wait()
+        leaving = asyncio.create_task(sessions.__aexit__(None, None, None))
+        for _ in range(10):  # let the exit begin: it waits for the call under way
+            await asyncio.sleep(0)
+        assert not leaving.done()
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert not sessions.running
+        assert not _BACKGROUND & {t.get_name() for t in asyncio.all_tasks()}
+        release.set()
+        with pytest.raises(s.StorageError, match="not open"):  # closed under it
+            await call
+        async with s.SQLiteRepository(tmp_path / "s.db") as reopened:
+            assert (await reopened.get(created.id)).revision == created.revision
+
+    asyncio.run(main())
 
 
 def test_touch_interval_is_capped_at_half_the_idle_timeout() -> None:
