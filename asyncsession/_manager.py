@@ -440,6 +440,7 @@ class SessionManager:
         self._events = EventHub()
         self._running = False
         self._starting = False
+        self._leaving = False  # an exit for an ended entering task is under way
         self._calls = _Calls()  # public operations under way (see _call)
         self._stack: AsyncExitStack | None = None
         self._cleanup_passes = 0
@@ -498,6 +499,11 @@ class SessionManager:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def __aenter__(self: _Manager) -> _Manager:
+        if self._leaving:
+            raise InvalidConfiguration(
+                "This SessionManager is still being left (its exit waits for the calls "
+                "under way); enter it again once that exit has returned."
+            )
         if self._running or self._stack is not None or self._starting:
             raise InvalidConfiguration("This SessionManager is already running.")
         self._starting = True  # until entry ends: a second entry meanwhile is refused
@@ -591,16 +597,23 @@ class SessionManager:
         wind down, cancel the group's tasks and wait for them, close the store, and
         leave the group to be collected with that task."""
         self._stack = None  # dropped: leaving its task group needs the ended task
+        self._leaving = True  # no new entry meanwhile (its tasks would be stopped here)
+        background = self._background
         try:
             await self._wind_down()
         except BaseException:
             self._close_queues()  # interrupted: stop anyway, then raise the interruption
             raise
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._background.stop()
-            await self._repository.__aexit__(None, None, None)
-        failures = self._background.failures
+            try:
+                with anyio.CancelScope(shield=True):
+                    await background.stop()
+            finally:  # even if asyncio's own cancellation got through the shield
+                try:
+                    await self._repository.__aexit__(None, None, None)
+                finally:
+                    self._leaving = False
+        failures = background.failures
         if failures:  # what the task group would have raised (the tasks catch Exception)
             raise sole_error(BaseExceptionGroup("unhandled errors in a TaskGroup", failures))
 

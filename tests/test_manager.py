@@ -1181,12 +1181,15 @@ async def test_an_outage_is_logged_once_by_the_cleanup_loop_and_its_end_too(
 
 class QuietTransport(s.MemoryRepository, EventTransport):
     """A memory store with an event transport that hears nothing, whose publishing hangs
-    while ``stuck`` (a server that stopped answering), and that records its close."""
+    while ``stuck`` (a server that stopped answering), and that records its close and
+    the kinds of the events it published."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stuck = False
         self.closed = False
+        self.published: list[str] = []
+        self.gate: anyio.Event | None = None  # publishing waits for it, uncancellable
 
     async def _close(self) -> None:
         self.closed = True
@@ -1202,6 +1205,10 @@ class QuietTransport(s.MemoryRepository, EventTransport):
     ) -> int:
         if self.stuck:
             await anyio.sleep_forever()
+        if self.gate is not None:
+            with anyio.CancelScope(shield=True):
+                await self.gate.wait()
+        self.published.append(kind)
         return 0
 
     @asynccontextmanager
@@ -1322,28 +1329,6 @@ async def test_leaving_a_manager_from_another_task_is_refused_and_stops_nothing(
     assert not sessions.running  # its own task left it
 
 
-class RecordingTransport(QuietTransport):
-    """A QuietTransport that records the events it publishes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.published: list[str] = []
-
-    async def publish_event(
-        self,
-        kind: str,
-        session_id: uuid.UUID,
-        *,
-        at: datetime,
-        revision: int | None = None,
-        origin: str = "",
-    ) -> int:
-        self.published.append(kind)
-        return await super().publish_event(
-            kind, session_id, at=at, revision=revision, origin=origin
-        )
-
-
 _BACKGROUND = {"asyncsession cleanup", "asyncsession reports", "asyncsession events"}
 
 
@@ -1357,7 +1342,7 @@ def test_a_manager_whose_entering_task_ended_is_left_by_another_task(tmp_path: P
     path = tmp_path / "reports.jsonl"
 
     async def main() -> None:
-        store = RecordingTransport()
+        store = QuietTransport()
         sessions = s.SessionManager(
             store, share_events=True, cleanup_interval=30, reporters=[JsonLinesReporter(path)]
         )
@@ -1413,6 +1398,79 @@ def test_a_manager_whose_entering_task_ended_closes_its_store_when_interrupted(
             await call
         async with s.SQLiteRepository(tmp_path / "s.db") as reopened:
             assert (await reopened.get(created.id)).revision == created.revision
+
+    asyncio.run(main())
+
+
+def test_a_manager_whose_entering_task_ended_closes_its_store_if_cancelled_at_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled while it waits for a background task that ignores cancellation (an
+    event still being published), that exit still closes the store (helper-163)."""
+    import asyncio
+
+    monkeypatch.setattr(asyncsession._manager, "_SHARE_AT_EXIT_SECONDS", 0.01)
+
+    async def main() -> None:
+        store = QuietTransport()
+        sessions = s.SessionManager(store, share_events=True, cleanup_interval=None)
+        await asyncio.create_task(sessions.__aenter__())
+        gate = store.gate = asyncio.Event()
+        await sessions.create()  # its event is held at the gate
+        gave_up = asyncio.Event()  # the exit stopped waiting for it: it stops the tasks
+
+        class Hook(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "not shared at exit" in record.getMessage():
+                    gave_up.set()
+
+        hook = Hook()
+        logging.getLogger("asyncsession._manager").addHandler(hook)
+        try:
+            leaving = asyncio.create_task(sessions.__aexit__(None, None, None))
+            with anyio.fail_after(10):  # guard only
+                await gave_up.wait()
+        finally:
+            logging.getLogger("asyncsession._manager").removeHandler(hook)
+        await asyncio.sleep(0)
+        assert not leaving.done()
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert store.closed
+        gate.set()
+
+    asyncio.run(main())
+
+
+def test_a_manager_cannot_be_entered_while_an_exit_for_its_ended_task_runs() -> None:
+    """Entering it again while that exit still waits for a call under way is refused,
+    as during any exit, so the exit cannot stop the new run's tasks (helper-163)."""
+    import asyncio
+
+    async def main() -> None:
+        sessions = s.SessionManager(s.MemoryRepository(), cleanup_interval=30)
+        await asyncio.create_task(sessions.__aenter__())
+        created = await sessions.create()
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(session: s.Session) -> s.Session:
+            started.set()
+            await release.wait()
+            return session
+
+        call = asyncio.create_task(sessions.update(created.id, slow))
+        await started.wait()
+        leaving = asyncio.create_task(sessions.__aexit__(None, None, None))
+        for _ in range(10):  # let the exit begin: it waits for the call under way
+            await asyncio.sleep(0)
+        with pytest.raises(s.InvalidConfiguration, match="still being left"):
+            await asyncio.create_task(sessions.__aenter__())
+        release.set()
+        await call
+        await leaving
+        async with sessions:  # afterwards it runs as usual, with its cleanup loop
+            assert "asyncsession cleanup" in {t.get_name() for t in asyncio.all_tasks()}
 
     asyncio.run(main())
 

@@ -3,7 +3,6 @@ and the cache of decoded stored documents and messages."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import uuid
 import weakref
@@ -13,7 +12,7 @@ from datetime import datetime
 from typing import Final, Generic, TypeVar
 
 from .._exceptions import InvalidConfiguration
-from .._loops import current_task
+from .._loops import current_task, has_ended
 from .._models import Message, Session, replace_trusted
 
 __all__ = [
@@ -77,7 +76,7 @@ def _ended(updater: Updater) -> bool:
     if type(updater) is not weakref.ReferenceType:
         return False
     task = updater()
-    return task is None or (isinstance(task, asyncio.Task) and task.done())
+    return task is None or has_ended(task)
 
 
 def _drop_ended(updaters: dict[Updater, T], *, keep_newest: bool) -> list[T]:
