@@ -54,7 +54,7 @@ def test_anyio_suite_on_asyncio_and_trio(pytester: pytest.Pytester) -> None:
 
 def test_pytest_asyncio_strict_suite(pytester: pytest.Pytester) -> None:
     result = run_example(pytester, "pytest_asyncio_suite")
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=6)
 
 
 def test_custom_store_passes_the_contract(pytester: pytest.Pytester) -> None:

@@ -58,3 +58,10 @@ async def test_concurrent_tasks_see_their_own_session(
             return asyncsession.current_session_id() == session.id
 
     assert all(await asyncio.gather(*(user(n) for n in ("ann", "ben", "cat"))))
+
+
+@pytest.mark.asyncio
+async def test_own_sqlite_manager(sqlite_sessions: asyncsession.SessionManager) -> None:
+    session = await sqlite_sessions.create(state={"step": 1})
+    await sqlite_sessions.set_state(session.id, step=2)
+    assert (await sqlite_sessions.get(session.id)).state == {"step": 2}
