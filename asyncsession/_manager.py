@@ -440,7 +440,8 @@ class SessionManager:
         self._events = EventHub()
         self._running = False
         self._starting = False
-        self._leaving = False  # an exit for an ended entering task is under way
+        self._leaving: anyio.Event | None = None  # set when an exit for an ended
+        # entering task (see _leave_for_ended_host) has returned; None: none under way
         self._calls = _Calls()  # public operations under way (see _call)
         self._stack: AsyncExitStack | None = None
         self._cleanup_passes = 0
@@ -499,13 +500,14 @@ class SessionManager:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def __aenter__(self: _Manager) -> _Manager:
-        if self._leaving:
-            raise InvalidConfiguration(
-                "This SessionManager is still being left (its exit waits for the calls "
-                "under way); enter it again once that exit has returned."
-            )
         if self._running or self._stack is not None or self._starting:
             raise InvalidConfiguration("This SessionManager is already running.")
+        if self._leaving is not None or self._background.count:
+            raise InvalidConfiguration(
+                "This SessionManager is still being left: its exit waits for the calls "
+                "under way, or the tasks of its last run are still stopping (that exit was "
+                "cancelled while it waited for them). Enter it again once they have ended."
+            )
         self._starting = True  # until entry ends: a second entry meanwhile is refused
         stack = AsyncExitStack()
         try:
@@ -559,6 +561,9 @@ class SessionManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        if self._leaving is not None:  # another task is leaving it: wait for that exit
+            await self._leaving.wait()
+            return None
         if self._stack is not None and self._host is not current_task():
             if not has_ended(self._host):
                 raise WrongTask("This SessionManager")
@@ -597,7 +602,7 @@ class SessionManager:
         wind down, cancel the group's tasks and wait for them, close the store, and
         leave the group to be collected with that task."""
         self._stack = None  # dropped: leaving its task group needs the ended task
-        self._leaving = True  # no new entry meanwhile (its tasks would be stopped here)
+        leaving = self._leaving = anyio.Event()  # no new entry or exit meanwhile
         background = self._background
         try:
             await self._wind_down()
@@ -612,7 +617,8 @@ class SessionManager:
                 try:
                     await self._repository.__aexit__(None, None, None)
                 finally:
-                    self._leaving = False
+                    self._leaving = None
+                    leaving.set()
         failures = background.failures
         if failures:  # what the task group would have raised (the tasks catch Exception)
             raise sole_error(BaseExceptionGroup("unhandled errors in a TaskGroup", failures))

@@ -1434,11 +1434,52 @@ def test_a_manager_whose_entering_task_ended_closes_its_store_if_cancelled_at_th
             logging.getLogger("asyncsession._manager").removeHandler(hook)
         await asyncio.sleep(0)
         assert not leaving.done()
+        events = next(t for t in asyncio.all_tasks() if t.get_name() == "asyncsession events")
         leaving.cancel()
         with pytest.raises(asyncio.CancelledError):
             await leaving
         assert store.closed
+        with pytest.raises(s.InvalidConfiguration, match="still stopping"):
+            await sessions.__aenter__()  # its last run's task would share its state
         gate.set()
+        await asyncio.wait([events])
+        async with sessions:  # once that task has ended
+            assert sessions.running
+
+    asyncio.run(main())
+
+
+def test_two_exits_for_an_ended_entering_task_both_return_once_it_is_left() -> None:
+    """A second exit while the first for an ended entering task runs waits for it:
+    neither returns before the store is closed (helper-164)."""
+    import asyncio
+
+    async def main() -> None:
+        store = QuietTransport()
+        sessions = s.SessionManager(store, cleanup_interval=30)
+        await asyncio.create_task(sessions.__aenter__())
+        created = await sessions.create()
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(session: s.Session) -> s.Session:
+            started.set()
+            await release.wait()
+            return session
+
+        call = asyncio.create_task(sessions.update(created.id, slow))
+        await started.wait()
+        first = asyncio.create_task(sessions.__aexit__(None, None, None))
+        for _ in range(10):  # let the first exit begin: it waits for the call
+            await asyncio.sleep(0)
+        second = asyncio.create_task(sessions.__aexit__(None, None, None))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not second.done()
+        release.set()
+        await second
+        assert store.closed and not sessions.running
+        await first
+        await call
 
     asyncio.run(main())
 
