@@ -1363,6 +1363,33 @@ def test_a_manager_whose_entering_task_ended_is_left_by_another_task(tmp_path: P
     asyncio.run(main())
 
 
+async def leave_with_a_call_under_way(
+    sessions: s.SessionManager, fn: Callable[[s.Session], s.Session] = lambda x: x
+) -> tuple[Any, Any, Any, s.Session]:
+    """Enter ``sessions`` in an asyncio task that then ends, create a session, start an
+    update of it (``fn``) that waits for ``release``, and start leaving from another
+    task, which waits for that call: (the exit's task, the call's task, release, the
+    session)."""
+    import asyncio
+
+    await asyncio.create_task(sessions.__aenter__())  # that task ends here
+    created = await sessions.create()
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(session: s.Session) -> s.Session:
+        started.set()
+        await release.wait()
+        return fn(session)
+
+    call = asyncio.create_task(sessions.update(created.id, slow))
+    await started.wait()
+    leaving = asyncio.create_task(sessions.__aexit__(None, None, None))
+    for _ in range(10):  # let the exit begin: it waits for the call under way
+        await asyncio.sleep(0)
+    assert not leaving.done()
+    return leaving, call, release, created
+
+
 def test_a_manager_whose_entering_task_ended_closes_its_store_when_interrupted(
     tmp_path: Path,
 ) -> None:
@@ -1373,21 +1400,9 @@ def test_a_manager_whose_entering_task_ended_closes_its_store_when_interrupted(
 
     async def main() -> None:
         sessions = s.SessionManager(s.SQLiteRepository(tmp_path / "s.db"), cleanup_interval=30)
-        await asyncio.create_task(sessions.__aenter__())
-        created = await sessions.create()
-        started, release = asyncio.Event(), asyncio.Event()
-
-        async def slow(session: s.Session) -> s.Session:
-            started.set()
-            await release.wait()
-            return session.with_state(done=True)
-
-        call = asyncio.create_task(sessions.update(created.id, slow))
-        await started.wait()
-        leaving = asyncio.create_task(sessions.__aexit__(None, None, None))
-        for _ in range(10):  # let the exit begin: it waits for the call under way
-            await asyncio.sleep(0)
-        assert not leaving.done()
+        leaving, call, release, created = await leave_with_a_call_under_way(
+            sessions, lambda x: x.with_state(done=True)
+        )
         leaving.cancel()
         with pytest.raises(asyncio.CancelledError):
             await leaving
@@ -1457,20 +1472,7 @@ def test_two_exits_for_an_ended_entering_task_both_return_once_it_is_left() -> N
     async def main() -> None:
         store = QuietTransport()
         sessions = s.SessionManager(store, cleanup_interval=30)
-        await asyncio.create_task(sessions.__aenter__())
-        created = await sessions.create()
-        started, release = asyncio.Event(), asyncio.Event()
-
-        async def slow(session: s.Session) -> s.Session:
-            started.set()
-            await release.wait()
-            return session
-
-        call = asyncio.create_task(sessions.update(created.id, slow))
-        await started.wait()
-        first = asyncio.create_task(sessions.__aexit__(None, None, None))
-        for _ in range(10):  # let the first exit begin: it waits for the call
-            await asyncio.sleep(0)
+        first, call, release, _ = await leave_with_a_call_under_way(sessions)
         second = asyncio.create_task(sessions.__aexit__(None, None, None))
         for _ in range(10):
             await asyncio.sleep(0)
@@ -1491,20 +1493,7 @@ def test_a_manager_cannot_be_entered_while_an_exit_for_its_ended_task_runs() -> 
 
     async def main() -> None:
         sessions = s.SessionManager(s.MemoryRepository(), cleanup_interval=30)
-        await asyncio.create_task(sessions.__aenter__())
-        created = await sessions.create()
-        started, release = asyncio.Event(), asyncio.Event()
-
-        async def slow(session: s.Session) -> s.Session:
-            started.set()
-            await release.wait()
-            return session
-
-        call = asyncio.create_task(sessions.update(created.id, slow))
-        await started.wait()
-        leaving = asyncio.create_task(sessions.__aexit__(None, None, None))
-        for _ in range(10):  # let the exit begin: it waits for the call under way
-            await asyncio.sleep(0)
+        leaving, call, release, _ = await leave_with_a_call_under_way(sessions)
         with pytest.raises(s.InvalidConfiguration, match="still being left"):
             await asyncio.create_task(sessions.__aenter__())
         release.set()
