@@ -505,8 +505,9 @@ class SessionManager:
         if self._leaving is not None or self._background.count:
             raise InvalidConfiguration(
                 "This SessionManager is still being left: its exit waits for the calls "
-                "under way, or the tasks of its last run are still stopping (that exit was "
-                "cancelled while it waited for them). Enter it again once they have ended."
+                "under way, or the tasks of its last run are still stopping (after an exit "
+                "that was cancelled, they may take longer). Enter it again once they have "
+                "ended."
             )
         self._starting = True  # until entry ends: a second entry meanwhile is refused
         stack = AsyncExitStack()
