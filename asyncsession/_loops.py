@@ -37,7 +37,7 @@ def has_ended(task: object) -> bool:
     """True if ``task`` (from :func:`current_task`) is an asyncio task that is done.
 
     (A trio task cannot end inside a task group it entered: trio ends the run.)"""
-    return isinstance(task, asyncio.Task) and task.done()
+    return asyncio.isfuture(task) and task.done()
 
 
 def set_soon(token: anyio.lowlevel.EventLoopToken, event: anyio.Event) -> bool:
@@ -54,7 +54,8 @@ def _spawn_detached(fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> N
     """Run ``fn()`` in a task of the running loop that no task group owns (trio: a
     system task). ``fn`` must not raise: on trio that would end the whole run."""
     task = current_task()
-    if isinstance(task, asyncio.Task):
+    if asyncio.isfuture(task):  # any asyncio task class: not only the C one (3.10's
+        # backports.asyncio.runner, which pytest-asyncio uses there, subclasses the other)
         detached = task.get_loop().create_task(fn(), name=name)
         _DETACHED.add(detached)
         detached.add_done_callback(_DETACHED.discard)

@@ -1417,6 +1417,25 @@ def test_a_manager_whose_entering_task_ended_closes_its_store_when_interrupted(
     asyncio.run(main())
 
 
+def test_a_manager_entered_by_a_pure_python_asyncio_task_that_ended(tmp_path: Path) -> None:
+    """The same with a task of asyncio's pure-Python class, which Python 3.10's
+    backports.asyncio.runner (so pytest-asyncio there) subclasses."""
+    import asyncio
+
+    async def main() -> None:
+        sessions = s.SessionManager(s.SQLiteRepository(tmp_path / "s.db"), cleanup_interval=30)
+        loop = asyncio.get_running_loop()
+        await asyncio.tasks._PyTask(sessions.__aenter__(), loop=loop)  # type: ignore[attr-defined]
+        created = await sessions.create()
+        await sessions.__aexit__(None, None, None)
+        assert not sessions.running
+        assert not _BACKGROUND & {t.get_name() for t in asyncio.all_tasks()}
+        async with s.SQLiteRepository(tmp_path / "s.db") as reopened:
+            assert await reopened.get(created.id) == created
+
+    asyncio.run(main())
+
+
 def test_a_manager_whose_entering_task_ended_closes_its_store_if_cancelled_at_the_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -410,6 +410,23 @@ async def test_a_store_may_be_opened_by_one_task_and_closed_by_another(
             session = Session(uuid.uuid4(), T0, T0)
 
 
+def test_a_store_opened_in_a_pure_python_asyncio_task(redis_server: RedisServer) -> None:
+    """asyncio only: an asyncio task of the pure-Python class (on Python 3.10,
+    pytest-asyncio runs tests in backports.asyncio.runner's tasks, which subclass it)
+    hosts the client as the C class's tasks do."""
+    import asyncio
+
+    async def use() -> None:
+        async with RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:") as store:
+            assert await store.count_by_status() == {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.tasks._PyTask(use(), loop=loop)  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_a_store_left_open_ends_quietly_with_its_event_loop(
     redis_server: RedisServer, backend: str, caplog: pytest.LogCaptureFixture
