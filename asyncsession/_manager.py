@@ -1073,6 +1073,12 @@ class SessionManager:
                 f"got {kind_of(messages)}."
             )
         sid = _parse_id(session_id)
+        if self._locks.held_here(sid):  # else each run of that function appends again
+            raise RuntimeError(
+                f"This task is running an update function of session {sid}: add the "
+                "message in the function instead (return s.with_message(role, content)), "
+                "or after update() returns."
+            )
         await self._after_rotation(sid)
         now = self._clock.now()
         batch = [

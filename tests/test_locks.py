@@ -120,3 +120,34 @@ async def test_a_nested_update_of_the_same_session_raises(anyio_backend: str) ->
         with anyio.fail_after(5), pytest.raises(RuntimeError, match="own session"):
             await sessions.update(session.id, nested)
         assert (await sessions.update(session.id, lambda s: s.with_state(n=1))).state == {"n": 1}
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_an_update_function_adding_a_message_to_its_own_session_raises(
+    anyio_backend: str, store: str, tmp_path: Any
+) -> None:
+    # appends take no lock, so each run of the function used to append once more
+    # (16 runs: 16 messages, then SessionConflict)
+    from asyncsession import MemoryRepository, SessionManager, SQLiteRepository
+
+    repo = MemoryRepository() if store == "memory" else SQLiteRepository(tmp_path / "s.db")
+    async with SessionManager(repo, cleanup_interval=None) as sessions:
+        session = await sessions.create()
+        other = await sessions.create()
+        runs = 0
+
+        async def appends(snapshot: Any) -> Any:
+            nonlocal runs
+            runs += 1
+            await sessions.add_message(other.id, "user", "another session is fine")
+            await sessions.add_message(session.id, "user", "hello")
+            return snapshot.with_state(k=1)
+
+        with anyio.fail_after(5), pytest.raises(RuntimeError, match=r"with_message\(role"):
+            await sessions.update(session.id, appends)
+        assert runs == 1
+        after = await sessions.get(session.id, touch=False)
+        assert (after.messages.total, after.revision, dict(after.state)) == (0, 0, {})
+        assert (await sessions.get(other.id)).messages.total == 1
+        added = await sessions.update(session.id, lambda s: s.with_message("user", "hello"))
+        assert [m.content for m in added.messages] == ["hello"]
