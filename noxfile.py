@@ -40,6 +40,7 @@ def typecheck(session: nox.Session) -> None:
     # one run per example suite: each has its own conftest.py
     for target in (
         "examples/quickstart.py",
+        "examples/agent_loop.py",
         "examples/chat_server.py",
         "examples/websocket_gateway.py",
         "examples/custom_store",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import sqlite3
@@ -3526,3 +3527,82 @@ async def test_an_exit_interrupted_while_reports_drain_counts_them_dropped(
     else:  # the bound let one or two reach the reporter (and time out there)
         assert manager._reports_dropped in (1, 2)
         assert "queued session reports reached every reporter" in caplog.text
+
+
+def _agent_example() -> Any:
+    """examples/agent_loop.py, imported as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "agent_loop.py"
+    spec = importlib.util.spec_from_file_location("agent_loop_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # attrs resolves the example's annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_messages_can_be_undone_and_cleared_through_update(
+    sessions: s.SessionManager,
+) -> None:
+    """The README's and examples/agent_loop.py's undo: an update whose snapshot has fewer
+    messages rewrites the stored history, also after windowed reads of it."""
+    agent = _agent_example()
+    session = await sessions.create()
+    for turn in range(12):
+        await sessions.add_messages(
+            session.id, [("user", f"q{turn}"), ("assistant", "", {"tool": [turn]})]
+        )
+        await sessions.add_message(session.id, "assistant", f"a{turn}")
+    assert (await sessions.get(session.id, last_messages=4)).messages.total == 36
+    undone = await sessions.update(session.id, agent.undo_last_turn)
+    assert undone.messages.total == 33
+    again = await sessions.get(session.id)
+    assert [m.content for m in again.messages][:3] == ["q0", "", "a0"]
+    assert [m.content for m in again.messages][-3:] == ["q10", "", "a10"]
+    tail = await sessions.get(session.id, last_messages=2)
+    assert ([m.content for m in tail.messages], tail.messages.offset) == (["", "a10"], 31)
+    appended = await sessions.add_message(session.id, "user", "q11 again")
+    assert appended.messages.total == 34
+    cleared = await sessions.update(session.id, lambda x: attrs.evolve(x, messages=()))
+    assert cleared.messages.total == 0
+    assert (await sessions.get(session.id)).messages.total == 0
+    assert (await sessions.add_message(session.id, "user", "fresh")).messages.total == 1
+    assert [m.content for m in (await sessions.get(session.id)).messages] == ["fresh"]
+
+
+async def test_agent_turns_of_one_conversation_answer_all_before_them(
+    sessions: s.SessionManager,
+) -> None:
+    """examples/agent_loop.py: turns started together (a double submit) never save a
+    reply to a stale history: a reply is only ever saved right after what it answered."""
+    agent = _agent_example()
+    session = await sessions.create()
+    answers: list[str] = []
+
+    async def one(text: str) -> None:
+        answers.append(await agent.turn(sessions, session.id, text))
+
+    async with anyio.create_task_group() as tg:
+        for text in ("weather in Oslo", "hi", "weather in Rome", "bye"):
+            tg.start_soon(one, text)
+    history = list((await sessions.get(session.id)).messages)
+    assert len(answers) == 4
+    assert history[-1].role == "assistant" and history[-1].data is None
+    for before, reply in itertools.pairwise(history):
+        if reply.role == "tool":
+            assert before.role == "assistant" and before.data["tool"] == "weather"
+        elif reply.role == "assistant" and reply.data is None:  # a reply the model wrote
+            assert before.role in ("user", "tool")  # never after another reply
+    assert sorted(m.content for m in history if m.role == "user") == sorted(
+        ["weather in Oslo", "hi", "weather in Rome", "bye"]
+    )
+
+
+async def test_the_agent_example_runs(
+    anyio_backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await _agent_example().main("sqlite")
+    out = capsys.readouterr().out
+    assert "It is 14 °C in Oslo." in out and "carol: 2 messages" in out
+    assert "oops" not in out  # carol's last turn was undone
