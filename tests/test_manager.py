@@ -3606,3 +3606,25 @@ async def test_the_agent_example_runs(
     out = capsys.readouterr().out
     assert "It is 14 °C in Oslo." in out and "carol: 2 messages" in out
     assert "oops" not in out  # carol's last turn was undone
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+async def test_the_readme_conversation_snippet_works(sessions: s.SessionManager) -> None:
+    text = await anyio.Path(README).read_text(encoding="utf-8")
+    at = text.index("window = await sessions.get(sid, last_messages=20)")
+    lines = text[at : text.index("```", at)].splitlines()
+    namespace: dict[str, Any] = {"attrs": attrs}
+
+    async def run(code: list[str]) -> list[s.Message]:
+        body = "".join(f"    {line}\n" for line in code)
+        exec(compile(f"async def snippet(sessions, sid):\n{body}", "README", "exec"), namespace)
+        session = await sessions.create()
+        await namespace["snippet"](sessions, session.id)
+        return list((await sessions.get(session.id)).messages)
+
+    assert await run(lines) == []  # the last line clears the conversation
+    [call] = await run(lines[:-1])  # the tool call and its result added, the result undone
+    assert (call.role, call.content) == ("assistant", "")
+    assert call.data == {"tool": "weather", "arguments": {"city": "Oslo"}}
