@@ -1064,7 +1064,7 @@ class SessionManager:
         """Append several ``(role, content)`` or ``(role, content, data)`` messages atomically.
 
         Returns the session with a window of the new messages, as :meth:`add_message`.
-        An empty list stores nothing and returns the session as it is.
+        An empty list stores nothing and returns the session with an empty window.
         """
         given: object = messages  # checked at run time, whatever the annotation says
         if isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
@@ -1084,8 +1084,8 @@ class SessionManager:
         batch = [
             Message(role, content, now, data) for role, content, data in map(_fields, messages)
         ]
-        if not batch:  # nothing to store: no write, no event
-            session = await self.get(sid, touch=False)
+        if not batch:  # nothing to store: no write, no event, no history read
+            session = await self.get(sid, touch=False, last_messages=0)
             if session.status.is_terminal:
                 raise SessionClosed(sid, session.status)
             return session

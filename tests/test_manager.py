@@ -1557,6 +1557,8 @@ async def test_bad_arguments_get_typed_errors_and_store_nothing(
     assert same.revision == session.revision
     two = await sessions.add_messages(session.id, [("user", "hi"), ("tool", "42", {"x": 1})])
     assert [(m.content, m.data) for m in two.messages[-2:]] == [("hi", None), ("42", {"x": 1})]
+    none = await sessions.add_messages(session.id, [])  # a window of nothing new, as README
+    assert (len(none.messages), none.messages.total, none.revision) == (0, 2, two.revision)
 
 
 @pytest.mark.parametrize(
