@@ -33,6 +33,11 @@ def current_task() -> object:
     return trio.lowlevel.current_task()
 
 
+def running_backend() -> str:
+    """``"asyncio"`` or ``"trio"``: the event loop the caller runs in."""
+    return "trio" if asyncio._get_running_loop() is None else "asyncio"
+
+
 def has_ended(task: object) -> bool:
     """True if ``task`` (from :func:`current_task`) is an asyncio task that is done.
 

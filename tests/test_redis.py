@@ -534,6 +534,34 @@ def test_the_last_close_may_come_from_another_event_loop(
     assert results == {"first": {}, "second": "closed"}
 
 
+@pytest.mark.parametrize("closed", [True, False], ids=["closed", "left-open"])
+@pytest.mark.parametrize("backends", [("asyncio", "trio"), ("trio", "asyncio")])
+def test_a_store_made_from_a_url_reopens_on_the_other_event_loop(
+    redis_server: RedisServer, backends: tuple[str, str], closed: bool
+) -> None:
+    """One store object used by a run of each backend (anyio's test plugin runs a
+    module's tests on asyncio and then on trio): the client the store made is made
+    anew for the other backend, whether the first run closed the store or left it open
+    to end with its loop."""
+    store = RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+
+    async def run(n: int) -> int:
+        if n and not closed:
+            with pytest.raises(StorageError, match=r"open the store again"):
+                await store.count_by_status()
+        async with contextlib.AsyncExitStack() as stack:
+            if closed:
+                await stack.enter_async_context(store)
+            else:
+                await store.open()
+            await store.add(Session(uuid.uuid4(), T0, T0))
+            return sum((await store.count_by_status()).values())
+
+    assert anyio.run(run, 0, backend=backends[0]) == 1
+    assert anyio.run(run, 1, backend=backends[1]) == 2
+    assert anyio.run(run, 2, backend=backends[0]) == 3
+
+
 def _construction_error(coredis_setup: str) -> str:
     """The ImportError constructing a RedisRepository gives, in a fresh interpreter
     where ``coredis_setup`` stood in for coredis first."""

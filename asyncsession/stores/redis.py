@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import importlib
 import logging
@@ -75,7 +76,7 @@ from .._exceptions import (
     revision_exhausted,
     sole_error,
 )
-from .._loops import HostedContext
+from .._loops import HostedContext, running_backend
 from .._models import (
     ExpiryPolicy,
     Message,
@@ -1140,33 +1141,15 @@ class RedisRepository(SessionRepository, EventTransport):
                     f"{shown_url(client_or_url)!r}."
                 )
             check_redis_url(client_or_url, takes_prefix=False)
-            try:
-                client: coredis.Redis[Any] = module.Redis.from_url(
-                    client_or_url,
-                    # a user name or password with '/', '@', ':' ... is percent-encoded in
-                    # the URL: without this coredis would send it to the server still encoded
-                    decode_components=True,
-                    retry_policy=self._retry.NoRetryPolicy(),
-                    # the URL cannot override these (check_redis_url refuses its timeouts)
-                    stream_timeout=timeout,
-                    connect_timeout=timeout,
-                    # No pool_timeout: coredis's also bounds connection setup, and a setup
-                    # it cancels never gives its pool slot back (a few slow connects would
-                    # use up the pool for good). Setup is bounded by connect_timeout and
-                    # stream_timeout, every request by stream_timeout, and the wait for a
-                    # free connection by _bounding_waits.
-                    max_connections=max_connections,
-                )
-            except OSError as exc:  # a TLS file of a rediss:// URL that cannot be loaded
-                raise InvalidConfiguration(
-                    f"Invalid Redis URL {shown_url(client_or_url)!r}: its TLS files could not "
-                    f"be loaded ({exc}); check ssl_certfile, ssl_keyfile and ssl_ca_certs."
-                ) from None
-            _closing_connections(client.connection_pool)
-            _bounding_waits(client.connection_pool, timeout)
-            _marking_unsent(client.connection_pool, self._connection_errors)
+            # A client's pool works on one event loop backend: a store opened again
+            # under the other one makes its client anew (see _enter_client).
+            self._make_client: Callable[[], coredis.Redis[Any]] | None = functools.partial(
+                self._client_from_url, module, client_or_url, timeout, max_connections
+            )
+            client = self._make_client()
         elif isinstance(client_or_url, module.Redis):
             client = client_or_url
+            self._make_client = None
         else:
             raise InvalidConfiguration(
                 f"RedisRepository takes a redis:// URL or a coredis.Redis client, got "
@@ -1199,12 +1182,43 @@ class RedisRepository(SessionRepository, EventTransport):
         self._publish = register(_PUBLISH)
         # the store-made client, entered and left by a task of its own (see _open)
         self._host = HostedContext(self._client, f"asyncsession Redis client for {self._address}")
+        self._client_backend: str | None = None  # the backend that last entered the client
         self._entered = False
         self._subscriptions = 0  # open subscribe_events() blocks (each holds a connection)
         self._held = HeldSnapshots(snapshot_cache, max_bytes=snapshot_cache_bytes)
         decoded = snapshot_cache_bytes // 8 if self._held.enabled else 0
         self._docs: DecodeCache[Session] = DecodeCache(2_000, decoded)
         self._messages: DecodeCache[Message] = DecodeCache(20_000, decoded)
+
+    def _client_from_url(
+        self, module: ModuleType, url: str, timeout: float | None, max_connections: int | None
+    ) -> coredis.Redis[Any]:
+        try:
+            client: coredis.Redis[Any] = module.Redis.from_url(
+                url,
+                # a user name or password with '/', '@', ':' ... is percent-encoded in
+                # the URL: without this coredis would send it to the server still encoded
+                decode_components=True,
+                retry_policy=self._retry.NoRetryPolicy(),
+                # the URL cannot override these (check_redis_url refuses its timeouts)
+                stream_timeout=timeout,
+                connect_timeout=timeout,
+                # No pool_timeout: coredis's also bounds connection setup, and a setup
+                # it cancels never gives its pool slot back (a few slow connects would
+                # use up the pool for good). Setup is bounded by connect_timeout and
+                # stream_timeout, every request by stream_timeout, and the wait for a
+                # free connection by _bounding_waits.
+                max_connections=max_connections,
+            )
+        except OSError as exc:  # a TLS file of a rediss:// URL that cannot be loaded
+            raise InvalidConfiguration(
+                f"Invalid Redis URL {shown_url(url)!r}: its TLS files could not "
+                f"be loaded ({exc}); check ssl_certfile, ssl_keyfile and ssl_ca_certs."
+            ) from None
+        _closing_connections(client.connection_pool)
+        _bounding_waits(client.connection_pool, timeout)
+        _marking_unsent(client.connection_pool, self._connection_errors)
+        return client
 
     def __repr__(self) -> str:
         return f"RedisRepository({self._address!r}, prefix={self._prefix!r})"
@@ -1245,8 +1259,7 @@ class RedisRepository(SessionRepository, EventTransport):
         # coredis ties a client to the task that enters it (its connection pool enters a
         # task group there), so a task of the store's own enters and leaves it: any task
         # may open the store and any other close it (a startup hook's task, say).
-        with self._errors("connect"):
-            await self._host.enter()
+        await self._enter_client()
         self._entered = True
         logger.debug("opened Redis store at %s (prefix %s)", self._address, self._prefix)
 
@@ -1263,10 +1276,22 @@ class RedisRepository(SessionRepository, EventTransport):
             if self._entered and self._host.ended is not None:
                 self._held.clear()
                 await self._host.leave(raise_failure=False)
-                with self._errors("connect"):
-                    await self._host.enter()
+                await self._enter_client()
         finally:
             transitions.release()
+
+    async def _enter_client(self) -> None:
+        """Have the host enter the store-made client, made anew if it was last entered
+        under the other event loop backend (its pool's locks belong to that one)."""
+        backend = running_backend()
+        if self._make_client is not None and self._client_backend not in (None, backend):
+            self._client = self._make_client()
+            self._host = HostedContext(
+                self._client, f"asyncsession Redis client for {self._address}"
+            )
+        with self._errors("connect"):
+            await self._host.enter()
+        self._client_backend = backend
 
     async def _close(self) -> None:
         self._held.clear()
