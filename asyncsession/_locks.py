@@ -105,10 +105,5 @@ class KeyedLocks:
     def __call__(self, key: uuid.UUID) -> _Held:
         return _Held(self, key)
 
-    def held_here(self, key: uuid.UUID) -> bool:
-        """Whether the current task holds ``key`` (e.g. runs an update function of it)."""
-        entry = self._entries.get(key.int)
-        return entry is not None and entry.owner is self._current_task()
-
     def __len__(self) -> int:
         return len(self._entries)

@@ -165,6 +165,28 @@ class _Call:
 _calling: ContextVar[_Call | None] = ContextVar("asyncsession_calling", default=None)
 
 
+class _InUpdateFn:
+    """An update function of one session running (in :data:`_in_update_fn` meanwhile)."""
+
+    __slots__ = ("live", "manager", "outer", "sid")
+
+    def __init__(self, manager: SessionManager, sid: uuid.UUID, outer: _InUpdateFn | None):
+        self.manager = manager
+        self.sid = sid
+        self.outer = outer  # the update function this one runs inside, if any
+        self.live = True
+
+
+#: The update functions the current task runs inside (tasks started in one inherit it,
+#: hence ``live``, as for :data:`_calling`).
+_in_update_fn: ContextVar[_InUpdateFn | None] = ContextVar(
+    "asyncsession_in_update_fn", default=None
+)
+
+
+_RETURN_THE_CHANGE = "return the changed snapshot from the function instead"
+
+
 def _nested_in(manager: SessionManager) -> bool:
     """True inside one of ``manager``'s public calls, while it is under way."""
     outer = _calling.get()
@@ -853,7 +875,20 @@ class SessionManager:
         sid = _parse_id(session_id)
         return await self._update(sid, fn)
 
+    def _refuse_in_update_fn(self, sid: uuid.UUID, call: str, instead: str) -> None:
+        """Raise if the caller runs inside an update function of ``sid`` (or in a task one
+        started, which it may be waiting for: the session's lock would never come)."""
+        mark = _in_update_fn.get()
+        while mark is not None:
+            if mark.sid == sid and mark.live and mark.manager is self:
+                raise RuntimeError(
+                    f"{call} of session {sid} from inside an update function of its own "
+                    f"session (or a task it started): {instead}."
+                )
+            mark = mark.outer
+
     async def _update(self, sid: uuid.UUID, fn: UpdateFn) -> Session:
+        self._refuse_in_update_fn(sid, "A write", _RETURN_THE_CHANGE)
         allowed = self._max_retries
         attempts = 0
         async with self._locks(sid):
@@ -888,11 +923,15 @@ class SessionManager:
     async def _apply(self, fn: UpdateFn, old: Session) -> object:
         """``fn(old)``, awaited if it is async, with this manager's clock active."""
         token = active_clock.set(self._clock)
+        mark = _InUpdateFn(self, old.id, _in_update_fn.get())
+        marked = _in_update_fn.set(mark)
         try:
             result = fn(old)
             if inspect.isawaitable(result):
                 result = await result
         finally:
+            mark.live = False
+            _in_update_fn.reset(marked)
             active_clock.reset(token)
         return result
 
@@ -1073,12 +1112,12 @@ class SessionManager:
                 f"got {kind_of(messages)}."
             )
         sid = _parse_id(session_id)
-        if self._locks.held_here(sid):  # else each run of that function appends again
-            raise RuntimeError(
-                f"This task is running an update function of session {sid}: add the "
-                "message in the function instead (return s.with_message(role, content)), "
-                "or after update() returns."
-            )
+        self._refuse_in_update_fn(  # else each run of that function would append again
+            sid,
+            "add_message()",
+            "add the message in the function instead (return s.with_message(role, "
+            "content)), or after update() returns",
+        )
         await self._after_rotation(sid)
         now = self._clock.now()
         batch = [
@@ -1144,6 +1183,7 @@ class SessionManager:
         if fn is not None:
             _check_callable(fn)
         sid = _parse_id(session_id)
+        self._refuse_in_update_fn(sid, "rotate()", _RETURN_THE_CHANGE)
         async with self._locks(sid):
             self._rotating.add(sid)
             try:

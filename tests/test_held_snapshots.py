@@ -510,11 +510,25 @@ async def test_only_a_stale_held_snapshot_gets_an_attempt_more_and_the_error_cou
         session = await a.create(state={"n": 0})
         await a.update(session.id, bump("n"))  # a holds it
         calls = 0
+        # another task of this process, started before the updates, appends for fn (fn
+        # and the tasks it starts may not append to their own session)
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        send, receive = anyio.create_memory_object_stream[anyio.Event](1)
+
+        async def appender() -> None:
+            async with receive:
+                async for done in receive:
+                    await a.add_message(session.id, "user", "again")
+                    done.set()
+
+        tg.start_soon(appender)
 
         async def appending_here(x: Session) -> Session:
             nonlocal calls
             calls += 1
-            await a.add_message(session.id, "user", "again")
+            done = anyio.Event()
+            await send.send(done)
+            await done.wait()
             return x.with_state(n=-1)
 
         with pytest.raises(SessionConflict, match="during 2 attempts") as info:
@@ -534,6 +548,7 @@ async def test_only_a_stale_held_snapshot_gets_an_attempt_more_and_the_error_cou
             await a.update(session.id, written_elsewhere)
         assert calls == 3 and info.value.attempts == 3
         assert (await a.get(session.id, touch=False)).state == {"n": 2}
+        send.close()
 
 
 async def test_a_refusal_is_no_stale_snapshot_when_this_process_wrote(

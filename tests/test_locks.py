@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Any
 
@@ -151,3 +152,58 @@ async def test_an_update_function_adding_a_message_to_its_own_session_raises(
         assert (await sessions.get(other.id)).messages.total == 1
         added = await sessions.update(session.id, lambda s: s.with_message("user", "hello"))
         assert [m.content for m in added.messages] == ["hello"]
+
+
+async def test_an_update_function_may_not_add_to_its_session_from_a_task_it_starts(
+    anyio_backend: str, tmp_path: Any
+) -> None:
+    """A task started inside the function (a task group there, asyncio.gather) is refused
+    too (an append used to be stored once per run, a write to wait for the lock forever);
+    one it starts elsewhere may write once the function has returned."""
+    from asyncsession import SessionManager, SQLiteRepository
+
+    async with (
+        SessionManager(SQLiteRepository(tmp_path / "s.db"), cleanup_interval=None) as sessions,
+        anyio.create_task_group() as outer,
+    ):
+        session = await sessions.create()
+        runs = 0
+        appended = anyio.Event()
+
+        async def in_a_task_group(snapshot: Any) -> Any:
+            nonlocal runs
+            runs += 1
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sessions.add_message, session.id, "user", "hello")
+            return snapshot
+
+        with anyio.fail_after(5), pytest.raises(BaseException) as caught:
+            await sessions.update(session.id, in_a_task_group)
+        assert caught.group_contains(RuntimeError, match="or a task it started")
+        assert runs == 1 and (await sessions.get(session.id)).messages.total == 0
+
+        async def writes_in_a_task(snapshot: Any) -> Any:  # used to wait for the lock forever
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(functools.partial(sessions.set_state, session.id, k=2))
+            return snapshot
+
+        with anyio.fail_after(5), pytest.raises(BaseException) as caught:
+            await sessions.update(session.id, writes_in_a_task)
+        assert caught.group_contains(RuntimeError, match="own session")
+
+        async def later() -> None:
+            await sessions.add_message(session.id, "user", "after the update")
+            appended.set()
+
+        def starts_later(snapshot: Any) -> Any:
+            outer.start_soon(later)  # runs after the function has returned
+            return snapshot.with_state(k=1)
+
+        with anyio.fail_after(5):
+            await sessions.update(session.id, starts_later)
+            await appended.wait()
+        after = await sessions.get(session.id)
+        assert ([m.content for m in after.messages], dict(after.state)) == (
+            ["after the update"],
+            {"k": 1},
+        )
