@@ -78,10 +78,10 @@ async def turn(sessions: s.SessionManager, session_id: s.SessionId, text: str) -
             messages = [("assistant", "", call), ("tool", "", result)]
         else:
             messages = [("assistant", reply.text, None)]
-        seen = window.messages.total
+        seen = window.revision  # every write bumps it (an undo too: totals can repeat)
 
         def answer(x: s.Session, seen: int = seen, messages: Any = messages) -> s.Session:
-            if x.messages.total != seen:  # compare-and-append: a reply to all before it
+            if x.revision != seen:  # compare-and-append: a reply to all before it
                 raise Raced
             for role, content, data in messages:
                 x = x.with_message(role, content, data=data)

@@ -3601,6 +3601,39 @@ async def test_agent_turns_of_one_conversation_answer_all_before_them(
     )
 
 
+async def test_an_agent_reply_to_an_undone_question_is_not_saved(
+    sessions: s.SessionManager,
+) -> None:
+    """Undo and a new question while the model answers the old one (edit and resend):
+    the history's total is what the model saw, but the answer must not be saved
+    (rev18's repro of the example's first compare-and-append, on totals)."""
+    agent = _agent_example()
+    model, asked, release = agent.fake_model, anyio.Event(), anyio.Event()
+
+    async def slow_model(history: Sequence[s.Message]) -> Any:
+        if history[-1].content == "2+2?":
+            asked.set()
+            await release.wait()
+        return await model(history)
+
+    agent.fake_model = slow_model
+    session = await sessions.create()
+    answers: list[str] = []
+
+    async def ask() -> None:
+        answers.append(await agent.turn(sessions, session.id, "2+2?"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask)
+        await asked.wait()
+        await sessions.update(session.id, agent.undo_last_turn)
+        await sessions.add_message(session.id, "user", "3+3?")
+        release.set()
+    history = [(m.role, m.content) for m in (await sessions.get(session.id)).messages]
+    assert history == [("user", "3+3?"), ("assistant", answers[0])]
+    assert "3+3?" in answers[0] and "2+2?" not in answers[0]
+
+
 async def test_the_agent_example_runs(
     anyio_backend: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
