@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
@@ -33,9 +34,12 @@ def current_task() -> object:
     return trio.lowlevel.current_task()
 
 
-def running_backend() -> str:
-    """``"asyncio"`` or ``"trio"``: the event loop the caller runs in."""
-    return "trio" if asyncio._get_running_loop() is None else "asyncio"
+def running_backend() -> str | None:
+    """``"asyncio"`` or ``"trio"``: the event loop the caller runs in; None outside one."""
+    if asyncio._get_running_loop() is not None:
+        return "asyncio"
+    trio = sys.modules.get("trio")  # not imported: not running
+    return "trio" if trio is not None and trio.lowlevel.in_trio_run() else None
 
 
 def has_ended(task: object) -> bool:

@@ -562,6 +562,23 @@ def test_a_store_made_from_a_url_reopens_on_the_other_event_loop(
     assert anyio.run(run, 2, backend=backends[0]) == 3
 
 
+@pytest.mark.parametrize("backends", [("asyncio", "trio"), ("trio", "asyncio")])
+def test_a_store_made_in_a_run_of_one_backend_opens_under_the_other(
+    redis_server: RedisServer, backends: tuple[str, str]
+) -> None:
+    """coredis gives a client made while an event loop runs that backend's locks."""
+
+    async def make() -> RedisRepository:
+        return RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+
+    async def use(store: RedisRepository) -> int:
+        async with store:
+            await store.add(Session(uuid.uuid4(), T0, T0))
+            return sum((await store.count_by_status()).values())
+
+    assert anyio.run(use, anyio.run(make, backend=backends[0]), backend=backends[1]) == 1
+
+
 def _construction_error(coredis_setup: str) -> str:
     """The ImportError constructing a RedisRepository gives, in a fresh interpreter
     where ``coredis_setup`` stood in for coredis first."""

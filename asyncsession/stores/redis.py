@@ -1182,7 +1182,8 @@ class RedisRepository(SessionRepository, EventTransport):
         self._publish = register(_PUBLISH)
         # the store-made client, entered and left by a task of its own (see _open)
         self._host = HostedContext(self._client, f"asyncsession Redis client for {self._address}")
-        self._client_backend: str | None = None  # the backend that last entered the client
+        # the backend the client belongs to: its pool takes the running one's locks
+        self._client_backend: str | None = running_backend()
         self._entered = False
         self._subscriptions = 0  # open subscribe_events() blocks (each holds a connection)
         self._held = HeldSnapshots(snapshot_cache, max_bytes=snapshot_cache_bytes)
