@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import settings
 
@@ -58,6 +59,38 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"file://{tmp_path / 'files'}"
     server = request.getfixturevalue("redis_server")
     return f"redis://127.0.0.1:{server.port}/0?prefix=cli-{uuid.uuid4().hex[:8]}:"
+
+
+Call = Callable[[], Awaitable[object]]
+
+
+@pytest.fixture
+async def other_task(anyio_backend: str) -> AsyncIterator[Callable[[Call], Awaitable[None]]]:
+    """``await other_task(call)`` awaits ``call()`` in a task started before the test ran:
+    a write by another task of this process, e.g. while an update function runs (a task
+    the function starts itself may not write its own session)."""
+    send, receive = anyio.create_memory_object_stream[tuple[Call, list[Exception], anyio.Event]](1)
+
+    async def serve() -> None:
+        async with receive:
+            async for call, errors, done in receive:
+                try:
+                    await call()
+                except Exception as exc:  # raised in the caller's task instead
+                    errors.append(exc)
+                done.set()
+
+    async def run(call: Call) -> None:
+        errors: list[Exception] = []
+        done = anyio.Event()
+        await send.send((call, errors, done))
+        await done.wait()
+        if errors:
+            raise errors[0]
+
+    async with anyio.create_task_group() as tg, send:
+        tg.start_soon(serve)
+        yield run
 
 
 # --- Redis store fixtures (appended block; owned by the RedisRepository work) -------------

@@ -494,7 +494,7 @@ async def test_a_stale_held_snapshot_does_not_use_up_a_retry(
 
 
 async def test_only_a_stale_held_snapshot_gets_an_attempt_more_and_the_error_counts_it(
-    place: Place, anyio_backend: str
+    place: Place, anyio_backend: str, other_task: Callable[[Any], Awaitable[None]]
 ) -> None:
     """The extra attempt is for a remembered snapshot another process had outdated
     before the update began, once; conflicts with writes of this process while fn runs
@@ -510,25 +510,11 @@ async def test_only_a_stale_held_snapshot_gets_an_attempt_more_and_the_error_cou
         session = await a.create(state={"n": 0})
         await a.update(session.id, bump("n"))  # a holds it
         calls = 0
-        # another task of this process, started before the updates, appends for fn (fn
-        # and the tasks it starts may not append to their own session)
-        tg = await stack.enter_async_context(anyio.create_task_group())
-        send, receive = anyio.create_memory_object_stream[anyio.Event](1)
-
-        async def appender() -> None:
-            async with receive:
-                async for done in receive:
-                    await a.add_message(session.id, "user", "again")
-                    done.set()
-
-        tg.start_soon(appender)
 
         async def appending_here(x: Session) -> Session:
             nonlocal calls
             calls += 1
-            done = anyio.Event()
-            await send.send(done)
-            await done.wait()
+            await other_task(lambda: a.add_message(session.id, "user", "again"))
             return x.with_state(n=-1)
 
         with pytest.raises(SessionConflict, match="during 2 attempts") as info:
@@ -548,7 +534,6 @@ async def test_only_a_stale_held_snapshot_gets_an_attempt_more_and_the_error_cou
             await a.update(session.id, written_elsewhere)
         assert calls == 3 and info.value.attempts == 3
         assert (await a.get(session.id, touch=False)).state == {"n": 2}
-        send.close()
 
 
 async def test_a_refusal_is_no_stale_snapshot_when_this_process_wrote(

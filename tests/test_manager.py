@@ -36,6 +36,7 @@ if sys.version_info < (3, 11):
 pytestmark = pytest.mark.anyio
 
 IDLE = 1800
+OtherTask = Callable[[Callable[[], Awaitable[object]]], Awaitable[None]]  # conftest's fixture
 
 
 @pytest.fixture
@@ -225,7 +226,7 @@ async def test_callback_cannot_change_managed_fields(sessions: s.SessionManager)
 
 
 async def test_conflicting_writer_is_retried_then_bounded(
-    any_repository: s.SessionRepository, clock: ManualClock
+    any_repository: s.SessionRepository, clock: ManualClock, other_task: OtherTask
 ) -> None:
     async with s.SessionManager(any_repository, clock=clock, max_retries=3) as sessions:
         session = await sessions.create(state={"n": 0})
@@ -235,7 +236,7 @@ async def test_conflicting_writer_is_retried_then_bounded(
             nonlocal calls
             calls += 1
             if calls == 1:  # another writer commits between our read and our save
-                await sessions.add_message(session.id, "user", "sneaky")
+                await other_task(lambda: sessions.add_message(session.id, "user", "sneaky"))
             return x.with_state(n=x.state["n"] + 1)
 
         result = await sessions.update(session.id, interfering)
@@ -244,7 +245,7 @@ async def test_conflicting_writer_is_retried_then_bounded(
         assert result.revision == 2
 
         async def always_conflicting(x: s.Session) -> s.Session:
-            await sessions.add_message(session.id, "user", "again")
+            await other_task(lambda: sessions.add_message(session.id, "user", "again"))
             return x.with_state(n=-1)
 
         with pytest.raises(s.SessionConflict) as info:
@@ -3087,7 +3088,7 @@ async def test_an_unchanged_policy_expires_nothing_before_its_stored_deadline(
 
 
 async def test_update_runs_the_function_max_retries_times_on_every_store(
-    any_repository: s.SessionRepository, clock: ManualClock
+    any_repository: s.SessionRepository, clock: ManualClock, other_task: OtherTask
 ) -> None:
     """A callback that keeps conflicting runs max_retries times, and the error says so;
     the SQLite and Redis stores ran it once more (review finding)."""
@@ -3098,7 +3099,7 @@ async def test_update_runs_the_function_max_retries_times_on_every_store(
         async def always_conflicting(x: s.Session) -> s.Session:
             nonlocal calls
             calls += 1
-            await sessions.add_message(session.id, "user", "again")
+            await other_task(lambda: sessions.add_message(session.id, "user", "again"))
             return x.with_state(n=-1)
 
         with pytest.raises(s.SessionConflict, match="during 4 attempts") as info:
