@@ -1112,12 +1112,13 @@ class SessionManager:
                 f"got {kind_of(messages)}."
             )
         sid = _parse_id(session_id)
-        self._refuse_in_update_fn(  # else each run of that function would append again
-            sid,
-            "add_message()",
-            "add the message in the function instead (return s.with_message(role, "
-            "content)), or after update() returns",
-        )
+        if _in_update_fn.get() is not None:  # else each run of that function appends again
+            self._refuse_in_update_fn(
+                sid,
+                "add_message()",
+                "add the message in the function instead (return s.with_message(role, "
+                "content)), or after update() returns",
+            )
         await self._after_rotation(sid)
         now = self._clock.now()
         batch = [
