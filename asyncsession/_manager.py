@@ -1309,6 +1309,8 @@ class SessionManager:
         as this reads the session, which is then not found.
         """
         sid = _parse_id(session_id)
+        if sid in self._rotating:  # it would wait for the rotation's function forever
+            self._refuse_in_update_fn(sid, "delete()", "delete it after rotate() returns")
         await self._after_rotation(sid)
         now = self._clock.now()
         # An expired session is already gone for every reader: it is removed as expired

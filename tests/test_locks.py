@@ -207,3 +207,26 @@ async def test_an_update_function_may_not_add_to_its_session_from_a_task_it_star
             ["after the update"],
             {"k": 1},
         )
+
+
+async def test_a_task_a_rotation_function_starts_may_not_delete_the_session(
+    anyio_backend: str,
+) -> None:
+    """It would wait for the rotation to end, which waits for it (it hung: rev18b)."""
+    from asyncsession import MemoryRepository, SessionManager, SessionNotFound
+
+    async with SessionManager(MemoryRepository(), cleanup_interval=None) as sessions:
+        session = await sessions.create()
+
+        async def deletes_in_a_task(snapshot: Any) -> Any:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sessions.delete, session.id)
+            return snapshot
+
+        with anyio.fail_after(5), pytest.raises(BaseException) as caught:
+            await sessions.rotate(session.id, deletes_in_a_task)
+        assert caught.group_contains(RuntimeError, match=r"delete\(\) of session")
+        assert (await sessions.get(session.id)).id == session.id  # nothing rotated
+        assert await sessions.delete(session.id)  # and it can be deleted now
+        with pytest.raises(SessionNotFound):
+            await sessions.get(session.id)
