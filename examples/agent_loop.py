@@ -67,6 +67,8 @@ async def turn(sessions: s.SessionManager, session_id: s.SessionId, text: str) -
     await sessions.add_message(session_id, "user", text)
     for _step in range(MAX_STEPS):
         window = await sessions.get(session_id, last_messages=CONTEXT)
+        if not window.messages:  # cleared meanwhile: nothing left to answer
+            return ""
         last = window.messages[-1]
         if last.role == "assistant" and last.data is None:  # another turn answered it all
             return last.content
@@ -78,10 +80,11 @@ async def turn(sessions: s.SessionManager, session_id: s.SessionId, text: str) -
             messages = [("assistant", "", call), ("tool", "", result)]
         else:
             messages = [("assistant", reply.text, None)]
-        seen = window.revision  # every write bumps it (an undo too: totals can repeat)
 
-        def answer(x: s.Session, seen: int = seen, messages: Any = messages) -> s.Session:
-            if x.revision != seen:  # compare-and-append: a reply to all before it
+        def answer(x: s.Session, seen: s.Session = window, messages: Any = messages) -> s.Session:
+            # compare-and-append: a reply to all before it. The total alone would miss an
+            # undo plus a new message; the revision would refuse a mere state change.
+            if x.messages.total != seen.messages.total or x.messages[-1] != seen.messages[-1]:
                 raise Raced
             for role, content, data in messages:
                 x = x.with_message(role, content, data=data)

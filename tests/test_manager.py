@@ -3635,6 +3635,38 @@ async def test_an_agent_reply_to_an_undone_question_is_not_saved(
     assert "3+3?" in answers[0] and "2+2?" not in answers[0]
 
 
+async def test_an_agent_reply_survives_a_state_write_while_the_model_answers(
+    sessions: s.SessionManager,
+) -> None:
+    """A state write while the model answers leaves the history as the model saw it: the
+    reply is saved after one model call (rev18b: comparing revisions re-asked the model
+    on every state write, and failed under steady ones)."""
+    agent = _agent_example()
+    model, asked, release = agent.fake_model, anyio.Event(), anyio.Event()
+    calls = 0
+
+    async def slow_model(history: Sequence[s.Message]) -> Any:
+        nonlocal calls
+        calls += 1
+        asked.set()
+        await release.wait()
+        return await model(history)
+
+    agent.fake_model = slow_model
+    session = await sessions.create()
+    answers: list[str] = []
+
+    async def ask() -> None:
+        answers.append(await agent.turn(sessions, session.id, "hello"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask)
+        await asked.wait()
+        await sessions.set_state(session.id, seen_at="now")
+        release.set()
+    assert calls == 1 and answers == ["You said 1 thing(s) so far; the last: 'hello'."]
+
+
 async def test_the_agent_example_runs(
     anyio_backend: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
