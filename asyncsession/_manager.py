@@ -880,7 +880,8 @@ class SessionManager:
         started, which it may be waiting for: the session's lock would never come)."""
         mark = _in_update_fn.get()
         while mark is not None:
-            if mark.sid == sid and mark.live and mark.manager is self:
+            # Any manager of this store: another one's write would make fn run again.
+            if mark.sid == sid and mark.live and mark.manager._repository is self._repository:
                 raise RuntimeError(
                     f"{call} of session {sid} from inside an update function of its own "
                     f"session (or a task it started): {instead}."
@@ -923,7 +924,10 @@ class SessionManager:
     async def _apply(self, fn: UpdateFn, old: Session) -> object:
         """``fn(old)``, awaited if it is async, with this manager's clock active."""
         token = active_clock.set(self._clock)
-        mark = _InUpdateFn(self, old.id, _in_update_fn.get())
+        outer = _in_update_fn.get()
+        while outer is not None and not outer.live:  # ended: keep chains short
+            outer = outer.outer
+        mark = _InUpdateFn(self, old.id, outer)
         marked = _in_update_fn.set(mark)
         try:
             result = fn(old)

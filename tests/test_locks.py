@@ -230,3 +230,75 @@ async def test_a_task_a_rotation_function_starts_may_not_delete_the_session(
         assert await sessions.delete(session.id)  # and it can be deleted now
         with pytest.raises(SessionNotFound):
             await sessions.get(session.id)
+
+
+async def test_an_update_function_may_not_add_through_another_manager_of_its_store(
+    anyio_backend: str,
+) -> None:
+    """Another manager's append would make the function run again, once per run (16
+    messages, then SessionConflict): refused as the own manager's is. Other sessions
+    and other stores are written as usual."""
+    from asyncsession import MemoryRepository, SessionManager
+
+    repo = MemoryRepository()
+    async with (
+        SessionManager(repo, cleanup_interval=None) as first,
+        SessionManager(repo, cleanup_interval=None) as second,
+        SessionManager(MemoryRepository(), cleanup_interval=None) as elsewhere,
+    ):
+        session, other = await first.create(), await first.create()
+        unrelated = await elsewhere.create()
+        runs = 0
+
+        async def appends_through_the_second(snapshot: Any) -> Any:
+            nonlocal runs
+            runs += 1
+            await second.add_message(other.id, "user", "another session is fine")
+            await elsewhere.add_message(unrelated.id, "user", "another store too")
+            await second.add_message(session.id, "user", "hello")
+            return snapshot.with_state(k=1)
+
+        with anyio.fail_after(5), pytest.raises(RuntimeError, match="own session"):
+            await first.update(session.id, appends_through_the_second)
+        assert runs == 1
+        assert (await first.get(session.id)).messages.total == 0
+        assert (await first.get(other.id)).messages.total == 1
+        assert (await elsewhere.get(unrelated.id)).messages.total == 1
+
+
+async def test_update_functions_that_schedule_the_next_one_do_not_pile_up(
+    anyio_backend: str,
+) -> None:
+    """A job whose update function starts the job's next run (which updates after the
+    function has returned): each run sees only the live functions it runs in, not every
+    earlier run (their chain grew by one per run, and every append walked it)."""
+    from asyncsession import MemoryRepository, SessionManager
+    from asyncsession._manager import _in_update_fn
+
+    depths: list[int] = []
+    done = anyio.Event()
+    async with (
+        SessionManager(MemoryRepository(), cleanup_interval=None) as sessions,
+        anyio.create_task_group() as jobs,
+    ):
+        session = await sessions.create()
+
+        async def run(left: int) -> None:
+            await sessions.update(session.id, functools.partial(step, left))
+
+        def step(left: int, snapshot: Any) -> Any:
+            depth, mark = 0, _in_update_fn.get()
+            while mark is not None:
+                depth, mark = depth + 1, mark.outer
+            depths.append(depth)
+            if left:
+                jobs.start_soon(run, left - 1)
+            else:
+                done.set()
+            return snapshot.with_state(left=left)
+
+        with anyio.fail_after(10):
+            await run(20)
+            await done.wait()
+        assert depths == [1] * 21
+        assert (await sessions.get(session.id)).state == {"left": 0}
