@@ -36,10 +36,18 @@ def current_task() -> object:
 
 def running_backend() -> str | None:
     """``"asyncio"`` or ``"trio"``: the event loop the caller runs in; None outside one."""
-    if asyncio._get_running_loop() is not None:
-        return "asyncio"
     trio = sys.modules.get("trio")  # not imported: not running
-    return "trio" if trio is not None and trio.lowlevel.in_trio_run() else None
+    if trio is not None and trio.lowlevel.in_trio_run():
+        # Trio's guest mode runs inside an asyncio loop: ask sniffio (a trio dependency)
+        # whose task this is, as anyio does.
+        import sniffio
+
+        try:
+            if sniffio.current_async_library() == "trio":
+                return "trio"
+        except sniffio.AsyncLibraryNotFoundError:
+            pass
+    return "asyncio" if asyncio._get_running_loop() is not None else None
 
 
 def has_ended(task: object) -> bool:

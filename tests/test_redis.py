@@ -579,6 +579,63 @@ def test_a_store_made_in_a_run_of_one_backend_opens_under_the_other(
     assert anyio.run(use, anyio.run(make, backend=backends[0]), backend=backends[1]) == 1
 
 
+@pytest.mark.parametrize("backends", [("asyncio", "trio"), ("trio", "asyncio")])
+def test_an_open_cancelled_on_the_other_event_loop_leaves_the_store_usable(
+    redis_server: RedisServer, backends: tuple[str, str]
+) -> None:
+    """The client made anew for the other backend belongs to it even when entering it is
+    cancelled (a startup timeout): the first backend's next open makes its own again."""
+    store = RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+
+    async def use() -> int:
+        async with store:
+            await store.add(Session(uuid.uuid4(), T0, T0))
+            return sum((await store.count_by_status()).values())
+
+    async def cancelled_open() -> bool:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await store.open()
+        return scope.cancelled_caught
+
+    assert anyio.run(use, backend=backends[0]) == 1
+    assert anyio.run(cancelled_open, backend=backends[1])
+    assert anyio.run(use, backend=backends[0]) == 2
+    assert anyio.run(use, backend=backends[1]) == 3
+
+
+def test_a_store_made_under_asyncio_opens_in_a_trio_guest_run(redis_server: RedisServer) -> None:
+    """Trio's guest mode runs trio inside an asyncio loop: the store tells whose task
+    opens it (trio's) and makes its client for trio."""
+
+    async def make() -> RedisRepository:
+        return RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+
+    async def use(store: RedisRepository) -> int:
+        async with store:
+            await store.add(Session(uuid.uuid4(), T0, T0))
+            return sum((await store.count_by_status()).values())
+
+    store = anyio.run(make, backend="asyncio")
+
+    async def host() -> int:
+        import trio
+
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        trio.lowlevel.start_guest_run(
+            use,
+            store,
+            run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+            done_callback=done.set_result,
+        )
+        count: int = (await asyncio.wait_for(done, 60)).unwrap()
+        return count
+
+    assert asyncio.run(host()) == 1
+    assert anyio.run(use, store, backend="asyncio") == 2
+
+
 def _construction_error(coredis_setup: str) -> str:
     """The ImportError constructing a RedisRepository gives, in a fresh interpreter
     where ``coredis_setup`` stood in for coredis first."""

@@ -1290,9 +1290,10 @@ class RedisRepository(SessionRepository, EventTransport):
             self._host = HostedContext(
                 self._client, f"asyncsession Redis client for {self._address}"
             )
+        # Whether or not entering works: a half-entered pool belongs to this backend too.
+        self._client_backend = backend
         with self._errors("connect"):
             await self._host.enter()
-        self._client_backend = backend
 
     async def _close(self) -> None:
         self._held.clear()
