@@ -348,14 +348,17 @@ class InvalidSessionId(ValidationError, TypeError):
     :class:`TypeError`, as the SQLite store raised before.
     """
 
-    def __init__(self, session_id: object) -> None:
+    def __init__(self, session_id: object, *, hint: str | None = None) -> None:
         self.session_id = session_id
         text = uuid_text(session_id)
         got = kind_of(session_id) if text is None else f"the str {text!r}"
+        if hint is None:
+            hint = (
+                "Convert a UUID's text with uuid.UUID(text) (SessionManager methods take "
+                "either form)."
+            )
         super().__init__(
-            f"Session ids are uuid.UUID objects, got {got}; nothing was read or written. "
-            "Convert a UUID's text with uuid.UUID(text) (SessionManager methods take "
-            "either form)."
+            f"Session ids are uuid.UUID objects, got {got}; nothing was read or written. {hint}"
         )
 
 
@@ -434,11 +437,23 @@ class LimitExceeded(ValidationError):
         self.limit = limit
         self.actual = actual
         if hint is None:
-            hint = (
-                "Start a new session, trim the content, or configure a higher limit on "
-                "the SessionManager."
-            )
+            hint = "Nothing was written. Shorten it, or configure a higher limit."
         super().__init__(f"{what} would be {actual}, over the limit of {limit}. {hint}")
+
+
+def too_many_messages(limit: int, total: int) -> LimitExceeded:
+    """The error of a write that would give a session more than ``limit`` messages
+    (``max_messages``); every store and the manager raise it before writing anything."""
+    return LimitExceeded(
+        "Messages in this session",
+        limit,
+        total,
+        hint=(
+            "Nothing was written. Start a new session, drop old messages in an update "
+            "(attrs.evolve(x, messages=x.messages[-n:])), or configure a higher "
+            "max_messages."
+        ),
+    )
 
 
 #: The last revision a session can have: revisions are signed 64-bit integers in the
@@ -503,14 +518,16 @@ class SchemaVersionError(SerializationError):
 class CorruptSessionError(SerializationError):
     """Stored bytes are not a readable session document."""
 
-    def __init__(self, detail: str, *, session_id: Any = None) -> None:
+    def __init__(self, detail: str, *, session_id: Any = None, message: str | None = None) -> None:
         self.session_id = session_id
         self.detail = detail
-        where = f"Session {session_id}" if session_id is not None else "A stored session"
-        super().__init__(
-            f"{where} is corrupt: {detail}. Restore it from a backup or delete it; other "
-            "sessions are unaffected."
-        )
+        if message is None:  # ``message``: the whole text, for bytes that are not a session
+            where = f"Session {session_id}" if session_id is not None else "A stored session"
+            message = (
+                f"{where} is corrupt: {detail}. Restore it from a backup or delete it; "
+                "other sessions are unaffected."
+            )
+        super().__init__(message)
 
 
 class StorageError(SessionError):

@@ -83,8 +83,9 @@ class FrozenDict(dict[str, Any]):
 
     def _readonly(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError(
-            "Session state is read-only. Change it with session.with_state(...) inside "
-            "SessionManager.update()."
+            "Session state and message data are read-only. Change state with "
+            "session.with_state(...) inside SessionManager.update(); for a mutable copy "
+            "of either, json.loads(json.dumps(value))."
         )
 
     __setitem__ = _readonly

@@ -35,6 +35,7 @@ from ._context import _current
 from ._events import EventHub, EventKind, Subscription
 from ._exceptions import (
     InvalidConfiguration,
+    InvalidSessionId,
     InvalidUpdate,
     LimitExceeded,
     ManagerNotRunning,
@@ -50,6 +51,7 @@ from ._exceptions import (
     leaf_ids,
     reraise,
     sole_error,
+    too_many_messages,
 )
 from ._json import freeze_state
 from ._locks import KeyedLocks
@@ -1074,7 +1076,7 @@ class SessionManager:
 
     def _check_messages(self, messages: Iterable[Message], total: int) -> None:
         if self._max_messages is not None and total > self._max_messages:
-            raise LimitExceeded("Messages in this session", self._max_messages, total)
+            raise too_many_messages(self._max_messages, total)
         limit = self._max_message_size
         if limit is not None:
             for message in messages:
@@ -1312,7 +1314,12 @@ class SessionManager:
         A store that sets damaged documents aside (the file store's quarantine) does so
         as this reads the session, which is then not found.
         """
-        sid = _parse_id(session_id)
+        try:
+            sid = _parse_id(session_id)
+        except SessionNotFound:  # a malformed id (a client's cookie): no such session
+            if missing_ok:
+                return False
+            raise
         if sid in self._rotating:  # it would wait for the rotation's function forever
             self._refuse_in_update_fn(sid, "delete()", "delete it after rotate() returns")
         await self._after_rotation(sid)
@@ -1946,11 +1953,14 @@ def _fields(item: object) -> tuple[str, str, Any]:
 def _parse_id(session_id: SessionId) -> uuid.UUID:
     if type(session_id) is uuid.UUID:
         return session_id
-    if isinstance(session_id, str):
+    given: object = session_id  # checked at run time, whatever the annotation says
+    if isinstance(given, str):
         try:
-            return uuid.UUID(session_id)
+            return uuid.UUID(given)
         except ValueError:
-            raise SessionNotFound(session_id) from None
-    if isinstance(session_id, uuid.UUID):  # a subclass: its plain UUID, as stores keep it
-        return uuid.UUID(int=session_id.int)
+            raise SessionNotFound(given) from None
+    if isinstance(given, uuid.UUID):  # a subclass: its plain UUID, as stores keep it
+        return uuid.UUID(int=given.int)
+    if isinstance(given, Session):  # a slip, not an unknown id: it exists
+        raise InvalidSessionId(session_id, hint="Pass the session's id: session.id.")
     raise SessionNotFound(session_id)

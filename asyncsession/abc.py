@@ -39,7 +39,7 @@ from ._exceptions import (
 )
 from ._json import plain_optional_text
 from ._loops import set_soon
-from ._models import ExpiryPolicy, Message, Session, SessionStatus, parse_status
+from ._models import ExpiryPolicy, Message, Session, SessionStatus, parse_status, validate_owner
 
 __all__ = [
     "EventTransport",
@@ -62,6 +62,12 @@ def _statuses(
     if not isinstance(value, Iterable):
         raise InvalidConfiguration(f"status must be a status or a list of them; got {value!r}.")
     return frozenset(parse_status(v) for v in value)
+
+
+def _owner(instance: object, attribute: object, value: Any) -> None:
+    # As create() checks it: an owner of another type (a UUID, an int) would match
+    # nothing on one store and its text on another.
+    validate_owner(value)
 
 
 def _search(instance: object, attribute: object, value: Any) -> None:
@@ -94,7 +100,7 @@ class SessionQuery:
     """
 
     # A str enum member stands for its value, as stored (see plain_str).
-    owner: str | None = attrs.field(default=None, converter=plain_optional_text)
+    owner: str | None = attrs.field(default=None, converter=plain_optional_text, validator=_owner)
     status: frozenset[SessionStatus] | None = attrs.field(default=None, converter=_statuses)
     search: str | None = attrs.field(default=None, converter=plain_optional_text, validator=_search)
     limit: int = attrs.field(default=50, validator=_limit)

@@ -152,9 +152,19 @@ class SessionReport:
                 data.get("attributes") or {},
             )
         except KeyError as exc:
-            raise CorruptSessionError(f"invalid session report (missing {exc})") from exc
+            raise _bad_report(f"invalid session report (missing {exc})") from exc
         except (SessionError, TypeError, ValueError) as exc:
-            raise CorruptSessionError(f"invalid session report ({exc})") from exc
+            raise _bad_report(f"invalid session report ({exc})") from exc
+
+
+def _bad_report(detail: str, where: str = "") -> CorruptSessionError:
+    """The error for report data that is not a report (not a stored session's)."""
+    fix = (
+        "JsonLinesReporter writes one report, a JSON object, per line: fix or remove that line"
+        if where
+        else "Pass what SessionReport.to_dict() returns"
+    )
+    return CorruptSessionError(f"{where}{detail}", message=f"{where}{detail}. {fix}.")
 
 
 def _parse_report_time(value: object) -> datetime:
@@ -495,11 +505,11 @@ def read_reports(path: str | os.PathLike[str]) -> Iterator[SessionReport]:
             try:
                 data = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                raise CorruptSessionError(f"{name} line {number}: not JSON ({exc})") from exc
+                raise _bad_report(f"not JSON ({exc})", f"{name} line {number}: ") from exc
             try:
                 yield SessionReport.from_dict(data)
             except CorruptSessionError as exc:
-                raise CorruptSessionError(f"{name} line {number}: {exc.detail}") from exc
+                raise _bad_report(exc.detail, f"{name} line {number}: ") from exc
 
 
 @attrs.frozen(slots=True)

@@ -436,3 +436,41 @@ async def test_a_client_string_that_is_no_id_is_not_quoted_in_not_found(
     assert len(text) < 250
     known = uuid.uuid4()
     assert str(s.SessionNotFound(known)).startswith(f"Session {known} was not found")
+
+
+@pytest.mark.anyio
+async def test_owners_and_ids_of_the_wrong_type_are_typed_errors_on_every_store(
+    repository: s.SessionRepository,
+) -> None:
+    """Found by helper-171: ``list(owner=uuid)`` found nothing on the memory and file
+    stores and raised StorageError on SQLite (``owner=42`` matched "42" there only); a
+    Session passed as an id was "not found" (``exists()`` said False); ``delete(text,
+    missing_ok=True)`` raised for text that is no id."""
+    async with s.SessionManager(repository, cleanup_interval=None) as m:
+        session = await m.create(owner="42")
+        for owner in (uuid.UUID(int=42), 42, ["42"], ""):
+            with pytest.raises(s.InvalidOwner):
+                await m.list(owner=owner)  # type: ignore[arg-type]
+            with pytest.raises(s.InvalidOwner):
+                s.SessionQuery(owner=owner)  # type: ignore[arg-type]
+        assert [x.id for x in (await m.list(owner="42")).items] == [session.id]
+        assert [x.id for x in (await repository.list(s.SessionQuery(owner="42"))).items] == [
+            session.id
+        ]
+
+        given: Any = session
+        calls: list[Callable[[Any], Any]] = [
+            m.get,
+            m.exists,
+            m.delete,
+            lambda x: m.add_message(x, "user", "hi"),
+            lambda x: m.set_state(x, k=1),
+        ]
+        for call in calls:
+            with pytest.raises(s.InvalidSessionId, match=r"Pass the session's id: session\.id"):
+                await call(given)
+        assert await m.delete("not-an-id", missing_ok=True) is False
+        with pytest.raises(s.SessionNotFound):
+            await m.delete("not-an-id")
+        after = await m.get(session.id)
+        assert (after.revision, after.messages.total, dict(after.state)) == (0, 0, {})

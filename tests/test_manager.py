@@ -533,7 +533,7 @@ async def test_bad_input_is_rejected_and_nothing_is_stored(
             await sessions.add_message(session.id, "wizard", "hi")
         with pytest.raises(s.InvalidJSONValue):
             await sessions.add_message(session.id, "user", "hi", data={"x": math.nan})
-        with pytest.raises(s.LimitExceeded):
+        with pytest.raises(s.LimitExceeded, match="Shorten it"):
             await sessions.add_message(session.id, "user", "x" * 11)
         with pytest.raises(s.LimitExceeded, match="data as JSON"):  # data counts too
             await sessions.add_message(session.id, "user", "hi", data={"blob": "y" * 100})
@@ -546,9 +546,9 @@ async def test_bad_input_is_rejected_and_nothing_is_stored(
             await sessions.update(session.id, lambda x: x.with_name("bad name"))
         await sessions.add_message(session.id, "user", "one")
         await sessions.add_message(session.id, "user", "two")
-        with pytest.raises(s.LimitExceeded):
+        with pytest.raises(s.LimitExceeded, match="configure a higher max_messages"):
             await sessions.add_message(session.id, "user", "three")
-        with pytest.raises(s.LimitExceeded):
+        with pytest.raises(s.LimitExceeded, match=r"messages=x\.messages\[-n:\]"):
             await sessions.update(session.id, lambda x: x.with_message("user", "three"))
         after = await sessions.get(session.id)
         assert [m.content for m in after.messages] == ["one", "two"]

@@ -216,7 +216,7 @@ def test_state_is_deeply_read_only_and_copied_on_the_way_in() -> None:
         for frozen in (session.state, nested):
             plain = dict(frozen)
             mutate(plain)  # a valid call: a plain dict takes it
-            with pytest.raises(TypeError, match="Session state is read-only"):
+            with pytest.raises(TypeError, match="Session state and message data are read-only"):
                 mutate(frozen)
         assert session.state == expected
         assert session.state["a"][1] is nested and nested == {"a": 2}

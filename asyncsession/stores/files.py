@@ -68,7 +68,6 @@ from .._exceptions import (
     MAX_REVISION,
     CorruptSessionError,
     InvalidConfiguration,
-    LimitExceeded,
     SchemaVersionError,
     SerializationError,
     SessionClosed,
@@ -77,6 +76,7 @@ from .._exceptions import (
     SessionNotFound,
     StorageError,
     revision_exhausted,
+    too_many_messages,
 )
 from .._locks import KeyedLocks
 from .._migrations import CURRENT_VERSION, document_version
@@ -1468,7 +1468,7 @@ class FileRepository(SessionRepository):
                 return None, _expiry_recorded(current, overdue)
             total = old.messages.total + len(messages)
             if max_messages is not None and total > max_messages:
-                raise LimitExceeded("Messages in this session", max_messages, total)
+                raise too_many_messages(max_messages, total)
             if old.revision >= MAX_REVISION:
                 raise revision_exhausted(sid)
             skeleton = attrs.evolve(

@@ -10,10 +10,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
 from .._exceptions import (
-    LimitExceeded,
     SessionClosed,
     SessionConflict,
     SessionNotFound,
+    too_many_messages,
 )
 from .._migrations import CURRENT_VERSION
 from .._models import (
@@ -205,7 +205,7 @@ class MemoryRepository(SessionRepository):
                 raise SessionNotFound(session_id)
             total = old.messages.total + len(messages)
             if max_messages is not None and total > max_messages:
-                raise LimitExceeded("Messages in this session", max_messages, total)
+                raise too_many_messages(max_messages, total)
             revision = self._next_revision(session_id, old.revision)
             new = replace_trusted(
                 old,

@@ -66,7 +66,6 @@ from .._exceptions import (
     MAX_REVISION,
     CorruptSessionError,
     InvalidConfiguration,
-    LimitExceeded,
     SerializationError,
     SessionClosed,
     SessionConflict,
@@ -75,6 +74,7 @@ from .._exceptions import (
     reraise,
     revision_exhausted,
     sole_error,
+    too_many_messages,
 )
 from .._loops import HostedContext, running_backend
 from .._models import (
@@ -1653,7 +1653,7 @@ class RedisRepository(SessionRepository, EventTransport):
             raise SessionClosed(session_id, stored_status(_text(reply[1]), session_id))
         if code == -4:
             assert max_messages is not None
-            raise LimitExceeded("Messages in this session", max_messages, int(reply[1]))
+            raise too_many_messages(max_messages, int(reply[1]))
         if code == -6:
             raise revision_exhausted(session_id)
         _, doc, revision, last_active, expires_at, total, incarnation = reply

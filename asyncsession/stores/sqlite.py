@@ -82,13 +82,13 @@ from .._exceptions import (
     MAX_REVISION,
     CorruptSessionError,
     InvalidConfiguration,
-    LimitExceeded,
     SessionClosed,
     SessionConflict,
     SessionError,
     SessionNotFound,
     StorageError,
     revision_exhausted,
+    too_many_messages,
 )
 from .._json import freeze_json, freeze_state
 from .._migrations import CURRENT_VERSION
@@ -2516,7 +2516,7 @@ class SQLiteRepository(SessionRepository):
                 return None
             total = count + len(batch)
             if max_messages is not None and total > max_messages:
-                raise LimitExceeded("Messages in this session", max_messages, total)
+                raise too_many_messages(max_messages, total)
             if revision >= MAX_REVISION:  # SQLite's revision + 1 would store a REAL
                 raise revision_exhausted(sid)
             if at_us > last_us:
