@@ -604,7 +604,21 @@ def _as_keys(secret_key: object, fallback_keys: object) -> tuple[bytes, ...]:
                 "secrets.token_urlsafe(32)); got an empty or non-text key."
             )
         keys.append(key)
+    short = sum(len(key) < _SHORT_KEY for key in keys)
+    if short:  # HMAC keys: one cookie lets anyone test guesses offline
+        logger.warning(
+            "Cookie keys (secret_key, fallback_keys) shorter than %d bytes: %d of %d. A "
+            "short key can be guessed offline from one session cookie, and then any "
+            "session forged. Use random keys, e.g. secrets.token_urlsafe(32).",
+            _SHORT_KEY,
+            short,
+            len(keys),
+        )
     return tuple(keys)
+
+
+#: Keys shorter than this (in bytes) are logged as guessable.
+_SHORT_KEY = 32
 
 
 def _check_prefix(cookie_name: str, *, secure: bool, path: str, domain: str | None) -> None:

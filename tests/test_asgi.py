@@ -705,6 +705,21 @@ def test_a_single_fallback_key_string_is_one_key() -> None:
     assert middleware.unsign(one_letter) is None
 
 
+def test_short_cookie_keys_are_logged_as_guessable(caplog: pytest.LogCaptureFixture) -> None:
+    """One signed cookie lets anyone test key guesses offline (helper-171 found a
+    5-character key taken silently): a key under 32 bytes is logged, never shown."""
+    manager = s.SessionManager(s.MemoryRepository())
+    strong = "k" * 32
+    with caplog.at_level(logging.WARNING, logger="asyncsession.asgi"):
+        SessionMiddleware(_noop, manager, secret_key=strong, fallback_keys=[strong.encode()])
+        assert caplog.records == []
+        SessionMiddleware(_noop, manager, secret_key="hunter2", fallback_keys=[strong, "old"])
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "shorter than 32 bytes: 2 of 3" in message and "secrets.token_urlsafe" in message
+    assert "hunter2" not in message and "old" not in message
+
+
 async def test_several_session_cookies_pick_the_valid_one(memory_manager: s.SessionManager) -> None:
     middleware = SessionMiddleware(_noop, memory_manager, secret_key=KEY)
     async with client(make_app(memory_manager)) as http:
