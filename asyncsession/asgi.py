@@ -745,6 +745,9 @@ class SessionMiddleware:
             attributes.append("Secure")
         attributes.append(f"SameSite={same_site.capitalize()}")
         self._attributes = "; ".join(attributes)
+        # Whether a new Secure cookie sent over plain HTTP (not to localhost) has been
+        # logged yet: once per middleware.
+        self._plain_http_warned = not secure
 
     # -- cookies -------------------------------------------------------------------------
 
@@ -1113,6 +1116,17 @@ class SessionMiddleware:
             # New, or the same value again (as Starlette's middleware does): Max-Age
             # counts from the last request, and the current first key signs it.
             headers.append(self._set_cookie(session._id))
+            if session._new_cookie and not self._plain_http_warned and _plain_http(scope):
+                self._plain_http_warned = True
+                logger.warning(
+                    "%s: a new session cookie marked Secure went out over plain HTTP; "
+                    "browsers and HTTP clients will not send it back over http (only "
+                    "browsers on localhost do), so every request there arrives without "
+                    "its session. Serve over https (behind a TLS proxy, have the server "
+                    "trust X-Forwarded-Proto, e.g. uvicorn --proxy-headers), or pass "
+                    "secure=False for plain-http development and tests.",
+                    _where(scope),
+                )
         elif session._id is None and session._expire_cookie:
             headers.append(self._expire_cookie())
         session._rotate = session._new_cookie = session._expire_cookie = False
@@ -1140,6 +1154,21 @@ def _is_final(message: ASGIMessage) -> bool:
     if kind in ("http.response.body", "http.response.zerocopysend"):
         return not message.get("more_body", False)
     return bool(kind == "http.response.pathsend")
+
+
+def _plain_http(scope: Scope) -> bool:
+    """True for a request over plain http or ws to a host other than localhost (to which
+    browsers send Secure cookies over http too)."""
+    if scope.get("scheme", "http") not in ("http", "ws"):
+        return False
+    host = ""
+    for name, value in scope.get("headers") or ():
+        if name.lower() == b"host":
+            host = value.decode("latin-1")
+            break
+    host = host.rpartition("]")[0] + "]" if host.startswith("[") else host.partition(":")[0]
+    host = host.lower().rstrip(".")
+    return host not in ("localhost", "127.0.0.1", "[::1]") and not host.endswith(".localhost")
 
 
 def _where(scope: Scope, *, path_only: bool = False) -> str:

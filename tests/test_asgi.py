@@ -720,6 +720,34 @@ def test_short_cookie_keys_are_logged_as_guessable(caplog: pytest.LogCaptureFixt
     assert "hunter2" not in message and "old" not in message
 
 
+async def test_a_secure_cookie_sent_over_plain_http_is_logged_once(
+    memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the default secure=True, a client on http:// never sends the cookie back and
+    every request seems to lose its session (helper-171: nothing said why). The first new
+    cookie over plain http is logged, once per middleware; https and localhost are not."""
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "asyncsession.asgi"]
+
+    async def post(app: Starlette, base: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=base) as http:
+            return await http.post("/write", json={"a": 1})
+
+    with caplog.at_level(logging.WARNING, logger="asyncsession.asgi"):
+        app = make_app(memory_manager)
+        for base in ("https://testserver", "http://localhost:8000", "http://127.0.0.1"):
+            assert "Secure" in (await post(app, base)).headers["set-cookie"]
+        assert warnings() == []
+        for _ in range(2):
+            assert "session=" in (await post(app, "http://testserver")).headers["set-cookie"]
+        assert await post(make_app(memory_manager, secure=False), "http://testserver")
+    (message,) = warnings()
+    assert message.startswith("POST /write: a new session cookie marked Secure went out over")
+    assert "secure=False" in message and "--proxy-headers" in message
+
+
 async def test_several_session_cookies_pick_the_valid_one(memory_manager: s.SessionManager) -> None:
     middleware = SessionMiddleware(_noop, memory_manager, secret_key=KEY)
     async with client(make_app(memory_manager)) as http:
