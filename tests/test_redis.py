@@ -534,6 +534,18 @@ def test_the_last_close_may_come_from_another_event_loop(
     assert results == {"first": {}, "second": "closed"}
 
 
+def _url_store(server: RedisServer) -> RedisRepository:
+    """A store that makes its own client from the server's URL (a fresh key prefix)."""
+    return RedisRepository(server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+
+
+async def _add_one_and_count(store: RedisRepository) -> int:
+    """Open ``store``, add a session, and return how many it holds."""
+    async with store:
+        await store.add(Session(uuid.uuid4(), T0, T0))
+        return sum((await store.count_by_status()).values())
+
+
 @pytest.mark.parametrize("closed", [True, False], ids=["closed", "left-open"])
 @pytest.mark.parametrize("backends", [("asyncio", "trio"), ("trio", "asyncio")])
 def test_a_store_made_from_a_url_reopens_on_the_other_event_loop(
@@ -543,7 +555,7 @@ def test_a_store_made_from_a_url_reopens_on_the_other_event_loop(
     module's tests on asyncio and then on trio): the client the store made is made
     anew for the other backend, whether the first run closed the store or left it open
     to end with its loop."""
-    store = RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    store = _url_store(redis_server)
 
     async def run(n: int) -> int:
         if n and not closed:
@@ -569,14 +581,10 @@ def test_a_store_made_in_a_run_of_one_backend_opens_under_the_other(
     """coredis gives a client made while an event loop runs that backend's locks."""
 
     async def make() -> RedisRepository:
-        return RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+        return _url_store(redis_server)
 
-    async def use(store: RedisRepository) -> int:
-        async with store:
-            await store.add(Session(uuid.uuid4(), T0, T0))
-            return sum((await store.count_by_status()).values())
-
-    assert anyio.run(use, anyio.run(make, backend=backends[0]), backend=backends[1]) == 1
+    store = anyio.run(make, backend=backends[0])
+    assert anyio.run(_add_one_and_count, store, backend=backends[1]) == 1
 
 
 @pytest.mark.parametrize("backends", [("asyncio", "trio"), ("trio", "asyncio")])
@@ -585,12 +593,7 @@ def test_an_open_cancelled_on_the_other_event_loop_leaves_the_store_usable(
 ) -> None:
     """The client made anew for the other backend belongs to it even when entering it is
     cancelled (a startup timeout): the first backend's next open makes its own again."""
-    store = RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
-
-    async def use() -> int:
-        async with store:
-            await store.add(Session(uuid.uuid4(), T0, T0))
-            return sum((await store.count_by_status()).values())
+    store = _url_store(redis_server)
 
     async def cancelled_open() -> bool:
         with anyio.CancelScope() as scope:
@@ -598,10 +601,10 @@ def test_an_open_cancelled_on_the_other_event_loop_leaves_the_store_usable(
             await store.open()
         return scope.cancelled_caught
 
-    assert anyio.run(use, backend=backends[0]) == 1
+    assert anyio.run(_add_one_and_count, store, backend=backends[0]) == 1
     assert anyio.run(cancelled_open, backend=backends[1])
-    assert anyio.run(use, backend=backends[0]) == 2
-    assert anyio.run(use, backend=backends[1]) == 3
+    assert anyio.run(_add_one_and_count, store, backend=backends[0]) == 2
+    assert anyio.run(_add_one_and_count, store, backend=backends[1]) == 3
 
 
 def test_a_store_made_under_asyncio_opens_in_a_trio_guest_run(redis_server: RedisServer) -> None:
@@ -609,12 +612,7 @@ def test_a_store_made_under_asyncio_opens_in_a_trio_guest_run(redis_server: Redi
     opens it (trio's) and makes its client for trio."""
 
     async def make() -> RedisRepository:
-        return RedisRepository(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
-
-    async def use(store: RedisRepository) -> int:
-        async with store:
-            await store.add(Session(uuid.uuid4(), T0, T0))
-            return sum((await store.count_by_status()).values())
+        return _url_store(redis_server)
 
     store = anyio.run(make, backend="asyncio")
 
@@ -624,7 +622,7 @@ def test_a_store_made_under_asyncio_opens_in_a_trio_guest_run(redis_server: Redi
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
         trio.lowlevel.start_guest_run(
-            use,
+            _add_one_and_count,
             store,
             run_sync_soon_threadsafe=loop.call_soon_threadsafe,
             done_callback=done.set_result,
@@ -633,7 +631,7 @@ def test_a_store_made_under_asyncio_opens_in_a_trio_guest_run(redis_server: Redi
         return count
 
     assert asyncio.run(host()) == 1
-    assert anyio.run(use, store, backend="asyncio") == 2
+    assert anyio.run(_add_one_and_count, store, backend="asyncio") == 2
 
 
 def _construction_error(coredis_setup: str) -> str:
