@@ -2713,6 +2713,8 @@ class SQLiteRepository(SessionRepository):
         return Page(tuple(items), next_cursor)
 
     async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
+        owner = validate_owner(owner)
+
         def op(conn: sqlite3.Connection) -> list[tuple[str, int]]:
             if owner is None:
                 sql = "SELECT status, count(*) FROM sessions GROUP BY status"

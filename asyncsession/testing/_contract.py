@@ -30,6 +30,7 @@ from .._exceptions import (
     CorruptSessionError,
     InvalidConfiguration,
     InvalidCursor,
+    InvalidOwner,
     InvalidSessionId,
     InvalidUpdate,
     LimitExceeded,
@@ -1268,6 +1269,12 @@ class RepositoryContract:
         assert counts == {SessionStatus.ACTIVE: 4, SessionStatus.CRASHED: 2}
         assert await status_counts(repository, "p") == {SessionStatus.ACTIVE: 1}
         assert await status_counts(repository, "nobody") == {}
+        # An owner that no session can have (not a non-empty printable str of at most
+        # 256 characters) is a mistake: InvalidOwner, as SessionQuery(owner=...) raises,
+        # not {} on one store and the owner's text's count on another.
+        bad: Any
+        for bad in (uuid.UUID(int=1), 42, "", "x" * 257):
+            await raises(InvalidOwner, repository.count_by_status(bad), f"count_by_status({bad!r})")
 
     async def test_counts_follow_changes_and_removals(
         self, repository: SessionRepository, anyio_backend: Any
