@@ -113,6 +113,11 @@ def type_name(cls: type) -> str:
         return "object"
     if not isinstance(name, str) or not name:
         name = "object"
+    if isinstance(module, str) and module.startswith("asyncsession._"):
+        # One of ours: by its public name (asyncsession.Session) where it has one.
+        package = sys.modules.get("asyncsession")
+        if getattr(package, name, None) is cls:
+            module = "asyncsession"
     if isinstance(module, str) and module and module != "builtins":
         name = f"{module}.{name}"
     return name

@@ -1316,8 +1316,8 @@ class SessionManager:
         """
         try:
             sid = _parse_id(session_id)
-        except SessionNotFound:  # a malformed id (a client's cookie): no such session
-            if missing_ok:
+        except SessionNotFound:
+            if missing_ok and isinstance(session_id, str):  # text that is no id: no session
                 return False
             raise
         if sid in self._rotating:  # it would wait for the rotation's function forever
