@@ -607,9 +607,10 @@ def _as_keys(secret_key: object, fallback_keys: object) -> tuple[bytes, ...]:
     short = sum(len(key) < _SHORT_KEY for key in keys)
     if short:  # HMAC keys: one cookie lets anyone test guesses offline
         logger.warning(
-            "Cookie keys (secret_key, fallback_keys) shorter than %d bytes: %d of %d. A "
-            "short key can be guessed offline from one session cookie, and then any "
-            "session forged. Use random keys, e.g. secrets.token_urlsafe(32).",
+            "Cookie keys (secret_key, fallback_keys) shorter than the recommended %d "
+            "bytes: %d of %d. A key that is not random enough (a password, a word) can be "
+            "guessed offline from one session cookie, and then any session forged. Use "
+            "random keys, e.g. secrets.token_urlsafe(32).",
             _SHORT_KEY,
             short,
             len(keys),
@@ -1120,11 +1121,10 @@ class SessionMiddleware:
                 self._plain_http_warned = True
                 logger.warning(
                     "%s: a new session cookie marked Secure went out over plain HTTP; "
-                    "browsers and HTTP clients will not send it back over http (only "
-                    "browsers on localhost do), so every request there arrives without "
-                    "its session. Serve over https (behind a TLS proxy, have the server "
-                    "trust X-Forwarded-Proto, e.g. uvicorn --proxy-headers), or pass "
-                    "secure=False for plain-http development and tests.",
+                    "browsers (except on localhost) and HTTP clients do not send it back "
+                    "over http, so their next requests arrive without the session. Serve "
+                    "over https, or pass secure=False for plain-http development and "
+                    "tests.",
                     _where(scope),
                 )
         elif session._id is None and session._expire_cookie:
@@ -1158,14 +1158,18 @@ def _is_final(message: ASGIMessage) -> bool:
 
 def _plain_http(scope: Scope) -> bool:
     """True for a request over plain http or ws to a host other than localhost (to which
-    browsers send Secure cookies over http too)."""
+    browsers send Secure cookies over http too), unless a proxy says its client used
+    https (a TLS proxy the server does not take ``X-Forwarded-Proto`` from: the browser
+    does send the cookie back)."""
     if scope.get("scheme", "http") not in ("http", "ws"):
         return False
     host = ""
     for name, value in scope.get("headers") or ():
-        if name.lower() == b"host":
+        name = name.lower()
+        if name == b"host":
             host = value.decode("latin-1")
-            break
+        elif name in (b"x-forwarded-proto", b"forwarded") and b"https" in value.lower():
+            return False
     host = host.rpartition("]")[0] + "]" if host.startswith("[") else host.partition(":")[0]
     host = host.lower().rstrip(".")
     return host not in ("localhost", "127.0.0.1", "[::1]") and not host.endswith(".localhost")
