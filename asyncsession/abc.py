@@ -363,6 +363,13 @@ class SessionRepository(ABC):
         raise InvalidSessionId(session_id)
 
     @staticmethod
+    def _check_owner(owner: object) -> str | None:
+        """The precondition of :meth:`count_by_status`: return ``owner`` (None, or a str
+        enum member's value), or raise :class:`InvalidOwner` for what no session can
+        have as its owner (not a non-empty printable str of at most 256 characters)."""
+        return validate_owner(owner)  # type: ignore[arg-type]  # checked at run time
+
+    @staticmethod
     def _check_ids(session_ids: Iterable[object]) -> list[uuid.UUID]:
         """:meth:`_check_id` of each id, in order, each id once (for
         :meth:`document_versions`)."""

@@ -86,7 +86,6 @@ from .._models import (
     MessageLog,
     Session,
     SessionStatus,
-    validate_owner,
 )
 from .._notes import Notes
 from .._serialization import session_from_document, session_to_document
@@ -1618,7 +1617,7 @@ class FileRepository(SessionRepository):
         return Page(items, next_cursor)
 
     async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
-        owner = validate_owner(owner)
+        owner = self._check_owner(owner)
         self._check_open()
         if self._shared:
             await self._call(self._sync)

@@ -23,7 +23,6 @@ from .._models import (
     SessionStatus,
     last_window,
     replace_trusted,
-    validate_owner,
 )
 from ..abc import (
     Page,
@@ -320,7 +319,7 @@ class MemoryRepository(SessionRepository):
         return Page(items, next_cursor)
 
     async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
-        owner = validate_owner(owner)
+        owner = self._check_owner(owner)
         async with self._lock:
             if owner is None:
                 return {status: n for status, n in self._counts.items() if n}

@@ -87,7 +87,6 @@ from .._models import (
     replace_trusted,
     status_problem,
     stored_status,
-    validate_owner,
 )
 from .._serialization import (
     dump_document,
@@ -1855,7 +1854,7 @@ class RedisRepository(SessionRepository, EventTransport):
         return Page(page, next_cursor)
 
     async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
-        owner = validate_owner(owner)
+        owner = self._check_owner(owner)
         key = f"{self._prefix}i:cnt" if owner is None else f"{self._prefix}oc:{owner}"
         with self._errors("a count"):
             raw = await self._client.hgetall(key)

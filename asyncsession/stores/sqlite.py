@@ -2713,7 +2713,7 @@ class SQLiteRepository(SessionRepository):
         return Page(tuple(items), next_cursor)
 
     async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
-        owner = validate_owner(owner)
+        owner = self._check_owner(owner)
 
         def op(conn: sqlite3.Connection) -> list[tuple[str, int]]:
             if owner is None:

@@ -194,6 +194,7 @@ class DictRepository(SessionRepository):
         return Page(items, next_cursor)
 
     async def count_by_status(self, owner: str | None = None) -> Mapping[SessionStatus, int]:
+        owner = self._check_owner(owner)
         await anyio.lowlevel.checkpoint()
         return Counter(
             s.status for s in self._sessions.values() if owner is None or s.owner == owner
