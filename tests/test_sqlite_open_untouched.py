@@ -149,3 +149,23 @@ async def test_an_older_layout_is_refused_at_once_while_another_connection_write
         writer.execute("ROLLBACK")
         writer.close()
     assert f"layout version {SCHEMA_VERSION - 1}, older than" in error.message
+
+
+async def test_opening_a_current_file_to_read_it_changes_no_byte(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """The open's write probe (which turns a read-only file into an error at open) was
+    committed on every open: `asyncsession list` or `migrate --dry-run` changed the file,
+    a backup copy changed as it was read, and a full disk failed the open of a store
+    plain sqlite3 could still read (ops19 by helper-173). Now it is rolled back."""
+    path = tmp_path / "s.db"
+    async with SQLiteRepository(path) as repo:
+        await repo.add(make_session(owner="o"))
+    before = digests(tmp_path)
+    async with SQLiteRepository(path) as repo:
+        assert [s.owner for s in (await repo.list(SessionQuery())).items] == ["o"]
+        assert await repo.count_by_status() != {}
+    assert digests(tmp_path) == before
+    async with SQLiteRepository(path) as repo:  # and writes still work
+        await repo.add(make_session(owner="p"))
+        assert len((await repo.list(SessionQuery())).items) == 2

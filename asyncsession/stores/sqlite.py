@@ -2210,6 +2210,7 @@ class SQLiteRepository(SessionRepository):
                 logger.info(
                     "upgrading %s from layout %d to %d", self._path, version, SCHEMA_VERSION
                 )
+            changed = created or version < SCHEMA_VERSION
             warnings: list[str] = []
             while version < SCHEMA_VERSION:
                 warning = _UPGRADES[version](conn, self._path)
@@ -2220,9 +2221,11 @@ class SQLiteRepository(SessionRepository):
             # Written even when unchanged: a write probe. SQLite opens a file this
             # process may not write (its mode, its owner, its -wal or -shm file, a
             # read-only mount) for reading only, without a word, and every write would
-            # fail later: opening fails here instead, with SQLITE_READONLY.
+            # fail later: opening fails here instead, with SQLITE_READONLY. Unchanged,
+            # it is rolled back: opening an up-to-date file leaves it as it was (a
+            # backup copy, `asyncsession list`, `migrate --dry-run`, a full disk).
             conn.execute(f"PRAGMA user_version = {version}")
-            conn.execute("COMMIT")
+            conn.execute("COMMIT" if changed else "ROLLBACK")
         except BaseException:
             self._rollback(conn)
             raise
