@@ -2494,7 +2494,17 @@ def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: s
     async def act(repository: SessionRepository) -> tuple[int, int]:
         # Read every target first (also with --replace): a store that fails to read
         # fails before anything is written.
-        existing = [s.id for s in sessions if await repository.get(s.id, last_messages=0)]
+        existing = []
+        for session in sessions:
+            try:
+                if await repository.get(session.id, last_messages=0):
+                    existing.append(session.id)
+            except CorruptSessionError as exc:  # what a backup is for, but not over it
+                raise CLIError(
+                    f"session {session.id} is stored in {shown_url(store_url)} but cannot "
+                    f"be read ({exc.detail}); nothing was imported. Delete it first "
+                    f"(asyncsession delete {session.id}), then import again."
+                ) from exc
         if existing and not replace:
             raise CLIError(
                 f"{len(existing)} of the {len(sessions)} sessions already exist in "

@@ -607,6 +607,30 @@ def test_export_import_round_trip_is_exact(
         assert s.dumps(attrs.evolve(session, revision=original.revision)) == s.dumps(original)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_import_over_a_damaged_session_says_to_delete_it_first(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """The damaged session's error says to restore it from a backup, but importing the
+    backup failed on the same error, --replace too (ops19 by helper-173)."""
+    run = on_backend(run, backend)
+    url = "sqlite:///a.db"
+    run("demo", "--users", "2", "--rounds", "3", "--seed", "1", "--json", "--store", url)
+    exported = run("export", "--store", url).stdout
+    sid = s.loads(exported.splitlines()[0]).id
+    with contextlib.closing(sqlite3.connect(tmp_path / "a.db")) as conn, conn:
+        conn.execute("UPDATE sessions SET doc = ? WHERE id = ?", (b"{not json", str(sid)))
+    for replace in ([], ["--replace"]):
+        result = run("import", *replace, "--store", url, stdin=exported, ok=None)
+        line = assert_one_line_error(result, 1)
+        assert f"session {sid} is stored in" in line and "nothing was imported" in line
+        assert f"Delete it first (asyncsession delete {sid}), then import again" in line
+    run("delete", str(sid), "--store", url)
+    run("import", "--replace", "--store", url, stdin=exported)
+    shown = as_json(run("show", str(sid), "--json", "--store", url))
+    assert shown["id"] == str(sid)
+
+
 @pytest.mark.anyio
 async def test_import_replace_reaches_running_applications(
     run: Run, store_url: str, anyio_backend: str
