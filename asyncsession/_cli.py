@@ -1451,11 +1451,22 @@ def show(session_id: str, last: int, store_url: str, backend: str, as_json: bool
     """Show one session with its last messages."""
     sid = _parse_id(session_id, store_url)
 
-    async def fetch(repository: SessionRepository) -> Session | None:
-        return await repository.get(sid, last_messages=last)
+    async def fetch(repository: SessionRepository) -> tuple[Session | None, list[Path]]:
+        session = await repository.get(sid, last_messages=last)
+        set_aside: list[Path] = []
+        if session is None and isinstance(repository, FileRepository):
+            set_aside = [path for qid, path in await repository.quarantined() if qid == sid]
+        return session, set_aside
 
-    session = _with_store(store_url, backend, fetch)
+    session, set_aside = _with_store(store_url, backend, fetch)
     if session is None:
+        if set_aside:  # not "no session": its damaged document is kept for repair
+            raise CLIError(
+                f"session {sid} in {shown_url(store_url)} cannot be read: its damaged "
+                f"document was moved to {set_aside[-1]}. Repair it and move it back into "
+                "sessions/ (without its checksum field), or delete that file; `stats` "
+                "counts such documents."
+            )
         raise _missing(sid, store_url)
     now = _now()
     messages = list(session.messages)[-last:] if last else []

@@ -631,6 +631,28 @@ def test_import_over_a_damaged_session_says_to_delete_it_first(
     assert shown["id"] == str(sid)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_show_of_a_quarantined_session_says_where_its_document_went(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """It said "no session" though the document is kept in quarantine/ (ops19)."""
+    run = on_backend(run, backend)
+    url = "file://./fs"
+    run("demo", "--users", "1", "--rounds", "1", "--json", "--store", url)
+    (document,) = (tmp_path / "fs" / "sessions").iterdir()
+    document.write_bytes(document.read_bytes()[:50])  # truncated
+    result = run("show", document.stem, "--store", url, ok=None)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    warning, line = result.stderr.strip().splitlines()  # the store's warning as it moves it
+    kept = Path("fs") / "quarantine" / document.name
+    assert "is corrupt" in warning and line.startswith("asyncsession: error: ")
+    assert f"session {document.stem} in file://./fs cannot be read" in line
+    assert f"moved to {kept}. Repair it and move it back into sessions/" in line
+    assert (tmp_path / kept).exists()
+    line = assert_one_line_error(run("show", str(uuid.uuid4()), "--store", url, ok=None), 1)
+    assert line.startswith("asyncsession: error: no session ")
+
+
 @pytest.mark.anyio
 async def test_import_replace_reaches_running_applications(
     run: Run, store_url: str, anyio_backend: str
