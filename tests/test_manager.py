@@ -3602,34 +3602,56 @@ async def test_agent_turns_of_one_conversation_answer_all_before_them(
     )
 
 
+async def _answer_while(
+    sessions: s.SessionManager,
+    sid: uuid.UUID,
+    question: str,
+    meanwhile: Callable[[], Awaitable[object]],
+    *,
+    pause_at: str | None = None,
+) -> tuple[list[str], int]:
+    """The agent example's ``turn(question)``, with ``meanwhile()`` run while its fake
+    model answers (every call waits, or only the one whose last message is ``pause_at``);
+    returns the answers and how many model calls there were."""
+    agent = _agent_example()
+    model, asked, release = agent.fake_model, anyio.Event(), anyio.Event()
+    calls = 0
+
+    async def slow_model(history: Sequence[s.Message]) -> Any:
+        nonlocal calls
+        calls += 1
+        if pause_at is None or history[-1].content == pause_at:
+            asked.set()
+            await release.wait()
+        return await model(history)
+
+    agent.fake_model = slow_model
+    answers: list[str] = []
+
+    async def ask() -> None:
+        answers.append(await agent.turn(sessions, sid, question))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask)
+        await asked.wait()
+        await meanwhile()
+        release.set()
+    return answers, calls
+
+
 async def test_an_agent_reply_to_an_undone_question_is_not_saved(
     sessions: s.SessionManager,
 ) -> None:
     """Undo and a new question while the model answers the old one (edit and resend):
     the history's total is what the model saw, but the answer must not be saved
     (rev18's repro of the example's first compare-and-append, on totals)."""
-    agent = _agent_example()
-    model, asked, release = agent.fake_model, anyio.Event(), anyio.Event()
-
-    async def slow_model(history: Sequence[s.Message]) -> Any:
-        if history[-1].content == "2+2?":
-            asked.set()
-            await release.wait()
-        return await model(history)
-
-    agent.fake_model = slow_model
     session = await sessions.create()
-    answers: list[str] = []
 
-    async def ask() -> None:
-        answers.append(await agent.turn(sessions, session.id, "2+2?"))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ask)
-        await asked.wait()
-        await sessions.update(session.id, agent.undo_last_turn)
+    async def edit_and_resend() -> None:
+        await sessions.update(session.id, _agent_example().undo_last_turn)
         await sessions.add_message(session.id, "user", "3+3?")
-        release.set()
+
+    answers, _ = await _answer_while(sessions, session.id, "2+2?", edit_and_resend, pause_at="2+2?")
     history = [(m.role, m.content) for m in (await sessions.get(session.id)).messages]
     assert history == [("user", "3+3?"), ("assistant", answers[0])]
     assert "3+3?" in answers[0] and "2+2?" not in answers[0]
@@ -3641,29 +3663,12 @@ async def test_an_agent_reply_survives_a_state_write_while_the_model_answers(
     """A state write while the model answers leaves the history as the model saw it: the
     reply is saved after one model call (rev18b: comparing revisions re-asked the model
     on every state write, and failed under steady ones)."""
-    agent = _agent_example()
-    model, asked, release = agent.fake_model, anyio.Event(), anyio.Event()
-    calls = 0
-
-    async def slow_model(history: Sequence[s.Message]) -> Any:
-        nonlocal calls
-        calls += 1
-        asked.set()
-        await release.wait()
-        return await model(history)
-
-    agent.fake_model = slow_model
     session = await sessions.create()
-    answers: list[str] = []
 
-    async def ask() -> None:
-        answers.append(await agent.turn(sessions, session.id, "hello"))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ask)
-        await asked.wait()
+    async def write_state() -> None:
         await sessions.set_state(session.id, seen_at="now")
-        release.set()
+
+    answers, calls = await _answer_while(sessions, session.id, "hello", write_state)
     assert calls == 1 and answers == ["You said 1 thing(s) so far; the last: 'hello'."]
 
 
