@@ -631,28 +631,6 @@ def test_import_over_a_damaged_session_says_to_delete_it_first(
     assert shown["id"] == str(sid)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_show_of_a_quarantined_session_says_where_its_document_went(
-    run: Run, tmp_path: Path, backend: str
-) -> None:
-    """It said "no session" though the document is kept in quarantine/ (ops19)."""
-    run = on_backend(run, backend)
-    url = "file://./fs"
-    run("demo", "--users", "1", "--rounds", "1", "--json", "--store", url)
-    (document,) = (tmp_path / "fs" / "sessions").iterdir()
-    document.write_bytes(document.read_bytes()[:50])  # truncated
-    result = run("show", document.stem, "--store", url, ok=None)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    warning, line = result.stderr.strip().splitlines()  # the store's warning as it moves it
-    kept = Path("fs") / "quarantine" / document.name
-    assert "is corrupt" in warning and line.startswith("asyncsession: error: ")
-    assert f"session {document.stem} in file://./fs cannot be read" in line
-    assert f"moved to {kept}. Repair it and move it back into sessions/" in line
-    assert (tmp_path / kept).exists()
-    line = assert_one_line_error(run("show", str(uuid.uuid4()), "--store", url, ok=None), 1)
-    assert line.startswith("asyncsession: error: no session ")
-
-
 @pytest.mark.anyio
 async def test_import_replace_reaches_running_applications(
     run: Run, store_url: str, anyio_backend: str
@@ -937,7 +915,14 @@ def test_corrupt_file_document_is_quarantined(run: Run, tmp_path: Path, backend:
     warning, error = result.stderr.strip().splitlines()
     assert warning.startswith("asyncsession: warning: session document")
     assert "is corrupt" in warning and "quarantine" in warning
-    assert error.startswith(f"asyncsession: error: no session {sid}")
+    # not "no session": the document is kept for repair (ops19 by helper-173)
+    kept = directory / "quarantine" / f"{sid}.json"
+    assert error.startswith(f"asyncsession: error: session {sid} in file://{directory} cannot")
+    assert f"moved to {kept}. Repair it and move it back into sessions/" in error
+    assert kept.exists()
+    unknown = run("show", str(uuid.uuid4()), "--store", f"file://{directory}", ok=None)
+    line = assert_one_line_error(unknown, 1)
+    assert line.startswith("asyncsession: error: no session ")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
