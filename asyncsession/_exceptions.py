@@ -32,7 +32,7 @@ import re
 import sys
 import uuid
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -401,12 +401,22 @@ class InvalidJSONValue(ValidationError):
         )
 
 
+#: Other frameworks' names for a role, which :class:`InvalidRole` names the role for.
+_ROLE_ALIASES: Final = {
+    "model": ("assistant", "Gemini's and google-adk's name for"),
+    "ai": ("assistant", "LangChain's name for"),
+    "human": ("user", "LangChain's name for"),
+    "function": ("tool", "OpenAI's former name for"),
+}
+
+
 class InvalidRole(ValidationError):
     """A message role is not one of the known roles.
 
     The role is shown only when it is a known role but for case or surrounding
-    whitespace (``'User '``); anything else (message content passed as the role, say)
-    is described (type, length, whitespace) without showing it. ``.role`` holds it."""
+    whitespace (``'User '``), or another framework's name for one (``'model'``);
+    anything else (message content passed as the role, say) is described (type, length,
+    whitespace) without showing it. ``.role`` holds it."""
 
     def __init__(self, role: object, allowed: tuple[str, ...]) -> None:
         self.role = role
@@ -416,8 +426,11 @@ class InvalidRole(ValidationError):
         else:
             text = str.__str__(role)
             close = next((a for a in allowed if a == text.strip().lower()), None)
+            alias = _ROLE_ALIASES.get(text.strip().lower())
             if close is not None:
                 problem = f" {text!r}: it differs from {close!r} in case or surrounding spaces"
+            elif alias is not None and alias[0] in allowed:
+                problem = f" {text!r} ({alias[1]} {alias[0]!r})"
             elif not text:
                 problem = ": the str is empty"
             elif text != text.strip():

@@ -1093,10 +1093,9 @@ class SessionManager:
     ) -> Session:
         """Append one message (O(1)) and return the session.
 
-        ``role`` is one of ``user``, ``assistant``, ``system``, ``tool``; ``data`` is
-        optional JSON. The returned snapshot's ``messages`` is a window holding the new
-        message (``messages.total`` exact; every built-in store): :meth:`get` reads the
-        history.
+        ``role`` is one of :data:`ROLES`; ``data`` is optional JSON. The returned
+        snapshot's ``messages`` is a window holding the new message (``messages.total``
+        exact; every built-in store): :meth:`get` reads the history.
         """
         return await self.add_messages(session_id, [(role, content, data)])
 

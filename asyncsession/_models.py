@@ -45,8 +45,9 @@ __all__ = [
     "validate_owner",
 ]
 
-#: The message roles a session accepts.
-ROLES: tuple[str, ...] = ("user", "assistant", "system", "tool")
+#: The message roles a session accepts (``"developer"`` is OpenAI's name for the
+#: instructions that newer models take in place of ``"system"``).
+ROLES: tuple[str, ...] = ("user", "assistant", "system", "developer", "tool")
 _ROLES = frozenset(ROLES)
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,100}")
 

@@ -346,6 +346,11 @@ ROLE_CASES: list[tuple[object, tuple[str, ...], tuple[str, ...]]] = [
     (" Assistant\t", (), ("differs from 'assistant'",)),
     (f" {EMAIL} ", (EMAIL,), ("leading or trailing whitespace",)),
     ([EMAIL], (EMAIL,), ("a list of 1 item is not a str",)),
+    # another framework's name for a role
+    ("model", (), ("'model' (Gemini's and google-adk's name for 'assistant')",)),
+    (" Human", (), ("' Human' (LangChain's name for 'user')",)),
+    ("function", (), ("'function' (OpenAI's former name for 'tool')",)),
+    ("models", ("models",), ("a str of 6 characters is not a known role",)),
 ]
 
 
@@ -364,7 +369,7 @@ async def test_a_role_is_shown_only_when_it_is_a_known_role_misspelt(
         with pytest.raises(s.InvalidRole) as info:
             await call()
         text = assert_private(info.value, *hidden)
-        for part in (*shown, "use one of user, assistant, system, tool"):
+        for part in (*shown, "use one of user, assistant, system, developer, tool"):
             assert part in text, text
         assert info.value.role == role
 

@@ -1562,6 +1562,19 @@ async def test_bad_arguments_get_typed_errors_and_store_nothing(
     assert (len(none.messages), none.messages.total, none.revision) == (0, 2, two.revision)
 
 
+async def test_every_role_is_stored_and_read_back(sessions: s.SessionManager) -> None:
+    """The role "developer" (OpenAI's instructions for newer models) was refused."""
+    session = await sessions.create()
+    await sessions.add_messages(session.id, [(role, f"as {role}") for role in s.ROLES])
+    await sessions.add_message(session.id, "developer", "be brief")
+    stored = await sessions.get(session.id, touch=False)
+    assert [m.role for m in stored.messages] == [*s.ROLES, "developer"]
+    assert "developer" in s.ROLES
+    with pytest.raises(s.InvalidRole, match=r"'model' \(Gemini's and google-adk's name for "):
+        await sessions.add_message(session.id, "model", "hi")
+    assert (await sessions.get(session.id, touch=False)).revision == stored.revision
+
+
 @pytest.mark.parametrize(
     "options",
     [
