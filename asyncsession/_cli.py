@@ -2010,6 +2010,11 @@ class _Exported:
         return self.unreadable + self.unlisted
 
     @property
+    def total(self) -> int:
+        """Sessions known to be stored: the store's count, or more if more were seen."""
+        return max(self.stored, self.exported + self.left_out)
+
+    @property
     def complete(self) -> bool:
         """Whether every session stored throughout the export was written."""
         return not self.left_out and not self.unconfirmed
@@ -2233,7 +2238,6 @@ def _incomplete(result: _Exported) -> str:
     """What an export that is not complete says about the sessions it may have missed."""
     text = ""
     if result.left_out:
-        total = max(result.stored, result.exported + result.left_out)
         parts = []
         if result.unreadable:
             parts.append(f"{result.unreadable} could not be read (see the warnings above)")
@@ -2243,7 +2247,7 @@ def _incomplete(result: _Exported) -> str:
                 "listings (listings skip unreadable sessions: see the warnings above; if the "
                 "store kept changing while the export checked it, export again)"
             )
-        text = f"{result.left_out} of the {total} stored sessions were not exported: "
+        text = f"{result.left_out} of the {result.total} stored sessions were not exported: "
         text += "; ".join(parts) + "."
     if result.unconfirmed:
         changing = (
@@ -2262,22 +2266,29 @@ def _incomplete(result: _Exported) -> str:
     type=click.Path(dir_okay=False, allow_dash=True),
     default="-",
     show_default=True,
-    help="JSON Lines file to write (- for stdout). It is replaced only by a complete "
-    "export: a failed one leaves it as it was. A new file is readable by you only (0600, "
+    help="JSON Lines file to write (- for stdout). It is replaced only by an export that "
+    "succeeds: a failed one leaves it as it was. A new file is readable by you only (0600, "
     "less the umask); a replaced one keeps its read/write/execute permissions, and its "
     "owner and group as far as you may set them (if the group cannot be kept, the new file "
     "gives its group no access). A FIFO, a device or /dev/stdout is written in place, like stdout.",
 )
+@click.option(
+    "--skip-unreadable",
+    is_flag=True,
+    help="Write the sessions that can be read and exit 0 when others cannot (damaged "
+    "ones, or a newer release's): the warnings name them, and the summary counts them.",
+)
 @_store_option
 @_backend_option
-def export_sessions(output: str, store_url: str, backend: str) -> None:
+def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend: str) -> None:
     """Write every stored session as JSON Lines (asyncsession.dumps documents).
 
-    Fails (status 1) if any session could not be read (the store's warnings say which),
-    or if sessions were created or deleted around every one of its counts of the store
-    so that it could not confirm it missed none, leaving the --output file as it was; on
-    stdout, what was written is then incomplete. A session its listing missed (touched
-    meanwhile) is found by listing the store again, and written too.
+    Fails (status 1) if any session could not be read (the store's warnings say which;
+    --skip-unreadable writes the others), or if sessions were created or deleted around
+    every one of its counts of the store so that it could not confirm it missed none,
+    leaving the --output file as it was; on stdout, what was written is then incomplete.
+    A session its listing missed (touched meanwhile) is found by listing the store
+    again, and written too.
     """
     _check_backend(backend)
     if output == "-" or _written_in_place(output):
@@ -2306,12 +2317,12 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
             raise CLIError(
                 f"{exc.message} The output is incomplete: the export stopped there."
             ) from exc
-        if result.left_out:
+        if result.left_out and not skip_unreadable:
             raise CLIError(
                 f"{_incomplete(result)} The output is incomplete: the {result.exported} "
                 "sessions written are not a complete export."
             )
-        if not result.complete:
+        if result.unconfirmed:
             raise CLIError(
                 f"{_incomplete(result)} The output may be incomplete: the "
                 f"{result.exported} sessions written may not be a complete export."
@@ -2323,7 +2334,7 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
             store = _store(store_url)  # refused before a new file is made beside the output
             with _replacing(output, "--output") as stream:
                 result = _on_store(store, backend, lambda repo: _export(repo, stream, output, True))
-                if not result.complete:
+                if result.unconfirmed or (result.left_out and not skip_unreadable):
                     raise CLIError(_incomplete(result))
         except Exception as exc:
             expected = _expected(exc)
@@ -2332,7 +2343,13 @@ def export_sessions(output: str, store_url: str, backend: str) -> None:
             message, exit_code = expected
             raise CLIError(f"{message} The export failed: {output} {kept}.", exit_code) from exc
     count = result.exported
-    err.print(f"Exported {count} session{'s' if count != 1 else ''}.")
+    if result.left_out:  # --skip-unreadable
+        err.print(
+            f"Exported {count} of the {result.total} stored sessions; skipped "
+            f"{result.left_out} that could not be read (see the warnings above)."
+        )
+    else:
+        err.print(f"Exported {count} session{'s' if count != 1 else ''}.")
 
 
 #: How often an export retries opening a FIFO that has no reader yet, in seconds.

@@ -1147,6 +1147,29 @@ def test_export_of_unreadable_sessions_fails_and_keeps_the_previous_file(
     ]
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("what", ["document", "message"])
+def test_export_skip_unreadable_writes_the_sessions_it_can_read(
+    run: Run, tmp_path: Path, backend: str, what: str
+) -> None:
+    """One damaged session failed every export: a backup of the others took the partial
+    stdout of a failed run. --skip-unreadable writes them, names the others, exits 0."""
+    db = tmp_path / "s.db"
+    ids = populate(s.SQLiteRepository(db), backend=backend, live=3)
+    damage(db, ids[1], what)
+    store = ("--store", "sqlite:///s.db", "--backend", backend)
+    summary = (
+        "Exported 2 of the 3 stored sessions; skipped 1 that could not be read (see the "
+        "warnings above)."
+    )
+    for output in ("backup.jsonl", "-"):
+        result = run("export", "--skip-unreadable", "-o", output, *store)
+        assert any(ids[1] in line for line in result.stderr.splitlines()), result.stderr
+        assert summary in result.stderr
+        data = result.stdout if output == "-" else (tmp_path / output).read_text()
+        assert [str(x.id) for x in map(s.loads, data.splitlines())] == [ids[2], ids[0]]
+
+
 class BrokenStore(s.MemoryRepository):
     """A memory store whose reads fail from the ``fail_at``-th on (the disk went away)."""
 
