@@ -69,6 +69,7 @@ from . import (
     EventKind,
     FileRepository,
     InvalidCursor,
+    InvalidOwner,
     InvalidUpdate,
     SerializationError,
     Session,
@@ -1389,14 +1390,21 @@ def list_sessions(
 ) -> None:
     """List sessions, most recently active first (one page)."""
     now = _now()
-    query = SessionQuery(
-        owner=owner,
-        status=[SessionStatus(s) for s in status] or None,
-        search=search,
-        limit=limit,
-        cursor=cursor,
-        visible_at=None if include_expired else now,
-    )
+    try:
+        query = SessionQuery(
+            owner=owner,
+            status=[SessionStatus(s) for s in status] or None,
+            search=search,
+            limit=limit,
+            cursor=cursor,
+            visible_at=None if include_expired else now,
+        )
+    except InvalidOwner as exc:
+        raise CLIError(
+            f"invalid --owner (not shown): {exc.problem}. Pass the owner's user id or e-mail "
+            "address as the application stored it, or leave --owner out.",
+            2,
+        ) from exc
 
     async def fetch(repository: SessionRepository) -> tuple[list[Session], str | None]:
         try:

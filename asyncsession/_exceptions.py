@@ -372,11 +372,12 @@ class InvalidOwner(ValidationError):
 
     Owners are user ids and e-mail addresses: the message describes the owner (type,
     length, the first character that is not printable) without showing it; ``.owner``
-    holds it."""
+    holds it, and ``.problem`` that description alone."""
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
         problem = _text_problem(owner, 256, str.isprintable, "a character that is not printable")
+        self.problem = problem
         super().__init__(
             f"Invalid owner (not shown): {problem}. Use a non-empty str of at most 256 "
             "printable characters (a user id or e-mail address), or None."

@@ -968,6 +968,10 @@ def test_usage_errors_exit_2(run: Run, tmp_path: Path, backend: str) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
     line = assert_one_line_error(run("list", "--cursor", "xyz", ok=None), 2)
     assert "invalid --cursor 'xyz'" in line and "omit --cursor" in line and "None" not in line
+    # the owner's problem in the command's terms: it said "..., or None." (exit 1)
+    line = assert_one_line_error(run("list", "--owner", "", ok=None), 2)
+    assert "invalid --owner (not shown): the str is empty" in line
+    assert line.endswith("or leave --owner out.") and "None" not in line
     line = assert_one_line_error(run("stats", "--bucket", "99999999999d", ok=None), 2)
     assert "too long" in line
     result = run("close", str(uuid.uuid4()), "--status", "active", ok=None)
