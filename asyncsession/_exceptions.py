@@ -460,6 +460,17 @@ class LimitExceeded(ValidationError):
         super().__init__(f"{what} would be {actual}, over the limit of {limit}. {hint}")
 
 
+def check_flag(value: object, name: str) -> bool:
+    """``value`` if it is True or False; else :class:`InvalidConfiguration` (the str
+    ``"false"`` would count as true)."""
+    if not isinstance(value, bool):
+        raise InvalidConfiguration(
+            f"{name} must be True or False, got {shown(value)}; convert settings read from "
+            "the environment or a file to a bool first."
+        )
+    return value
+
+
 def too_many_messages(limit: int, total: int) -> LimitExceeded:
     """The error of a write that would give a session more than ``limit`` messages
     (``max_messages``); every store and the manager raise it before writing anything."""

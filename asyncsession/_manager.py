@@ -47,6 +47,7 @@ from ._exceptions import (
     SessionNotFound,
     StorageError,
     WrongTask,
+    check_flag,
     kind_of,
     leaf_ids,
     reraise,
@@ -415,7 +416,7 @@ class SessionManager:
         self._event_buffer = _positive_int(event_buffer, "event_buffer", 1000)
         self._cleanup_batch = _positive_int(cleanup_batch, "cleanup_batch", 1000)
         checked_reporters = _check_reporters(reporters)
-        if share_events and not isinstance(repository, EventTransport):
+        if check_flag(share_events, "share_events") and not isinstance(repository, EventTransport):
             raise InvalidConfiguration(
                 f"share_events=True needs a store that can share events between processes "
                 f"(e.g. RedisRepository); {type(repository).__name__} cannot."
@@ -768,6 +769,7 @@ class SessionManager:
         if not self._running and not _nested_in(self):  # as _call does, inline: the
             raise ManagerNotRunning()  # hottest path (a nested read is counted too)
         _check_last_messages(last_messages)
+        check_flag(touch, "touch")
         sid = _parse_id(session_id)
         now = self._clock.now()
         calls = self._calls
@@ -1313,6 +1315,7 @@ class SessionManager:
         A store that sets damaged documents aside (the file store's quarantine) does so
         as this reads the session, which is then not found.
         """
+        check_flag(missing_ok, "missing_ok")
         try:
             sid = _parse_id(session_id)
         except SessionNotFound:

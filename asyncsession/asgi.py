@@ -113,8 +113,8 @@ from ._exceptions import (
     SessionLocked,
     SessionNotFound,
     StorageError,
+    check_flag,
     reraise,
-    shown,
     sole_error,
     type_name,
 )
@@ -699,12 +699,8 @@ class SessionMiddleware:
             raise InvalidConfiguration(
                 f"same_site must be 'lax', 'strict' or 'none', got {same_site!r}."
             )
-        for name, flag in (("secure", secure), ("http_only", http_only)):
-            if not isinstance(flag, bool):  # the string "false" would count as true
-                raise InvalidConfiguration(
-                    f"{name} must be True or False, got {shown(flag)}; convert settings "
-                    "read from the environment or a file to a bool first."
-                )
+        check_flag(secure, "secure")
+        check_flag(http_only, "http_only")
         if same_site == "none" and not secure:
             raise InvalidConfiguration("same_site='none' requires secure=True.")
         for name, value in (("path", path), ("domain", domain)):

@@ -477,3 +477,35 @@ async def test_owners_and_ids_of_the_wrong_type_are_typed_errors_on_every_store(
             await m.delete("not-an-id")
         after = await m.get(session.id)
         assert (after.revision, after.messages.total, dict(after.state)) == (0, 0, {})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", ["false", "no", 0, 1, None])
+async def test_flags_take_only_true_or_false(tmp_path: Any, value: Any) -> None:
+    """A setting read from the environment ("false") counted as true: get(touch="no")
+    touched the session, delete(missing_ok="no") returned False for a missing one, and
+    FileRepository(fsync="false") kept syncing; 0 and None passed as False."""
+    flag = r"must be True or False, got .*; convert settings read from the environment"
+    for make in (
+        lambda: s.FileRepository(tmp_path / "files", fsync=value),
+        lambda: s.FileRepository(tmp_path / "files", shared=value),
+        lambda: s.SQLiteRepository(tmp_path / "s.db", upgrade=value),
+        lambda: s.SessionManager(s.MemoryRepository(), share_events=value),
+    ):
+        with pytest.raises(s.InvalidConfiguration, match=flag):
+            make()
+    async with s.SQLiteRepository(tmp_path / "s.db") as repository:
+        with pytest.raises(s.InvalidConfiguration, match=f"vacuum {flag}"):
+            await repository.checkpoint(vacuum=value)
+    clock = ManualClock()
+    async with s.SessionManager(s.MemoryRepository(), clock=clock) as sessions:
+        session = await sessions.create()
+        clock.advance(60)
+        with pytest.raises(s.InvalidConfiguration, match=f"touch {flag}"):
+            await sessions.get(session.id, touch=value)
+        with pytest.raises(s.InvalidConfiguration, match=f"missing_ok {flag}"):
+            await sessions.delete(uuid.uuid4(), missing_ok=value)
+        with pytest.raises(s.InvalidConfiguration, match=f"missing_ok {flag}"):
+            await sessions.delete(session.id, missing_ok=value)
+        stored = await sessions.get(session.id, touch=False)
+        assert stored.last_active == session.last_active  # neither touched nor deleted

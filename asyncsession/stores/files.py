@@ -75,6 +75,7 @@ from .._exceptions import (
     SessionLocked,
     SessionNotFound,
     StorageError,
+    check_flag,
     revision_exhausted,
     too_many_messages,
 )
@@ -607,6 +608,8 @@ class FileRepository(SessionRepository):
         file_mode: int = 0o600,
     ) -> None:
         _check_file_mode(file_mode)
+        check_flag(fsync, "fsync")
+        check_flag(shared, "shared")
         lock_seconds = to_seconds(lock_timeout, "lock_timeout")
         if type(max_threads) is not int or max_threads < 1:
             raise InvalidConfiguration(f"max_threads must be an int >= 1, got {max_threads!r}.")

@@ -87,6 +87,7 @@ from .._exceptions import (
     SessionError,
     SessionNotFound,
     StorageError,
+    check_flag,
     revision_exhausted,
     too_many_messages,
 )
@@ -1180,8 +1181,7 @@ class SQLiteRepository(SessionRepository):
                 f"synchronous must be one of {', '.join(_SYNCHRONOUS)}; got {synchronous!r}."
             )
         busy_seconds = to_seconds(busy_timeout, "busy_timeout", longest=_LONGEST_BUSY)
-        if type(upgrade) is not bool:
-            raise InvalidConfiguration(f"upgrade must be True or False; got {upgrade!r}.")
+        check_flag(upgrade, "upgrade")
         if type(max_batch) is not int or not 1 <= max_batch <= 10_000:
             raise InvalidConfiguration(
                 f"max_batch must be an int from 1 to 10000; got {max_batch!r}."
@@ -1306,7 +1306,7 @@ class SQLiteRepository(SessionRepository):
         log (``vacuum=True`` still compacts it).
         """
         name = f"{self._path.name}-wal"
-        vacuumed = not vacuum
+        vacuumed = not check_flag(vacuum, "vacuum")
 
         def op(conn: sqlite3.Connection) -> None:
             nonlocal vacuumed
