@@ -89,7 +89,7 @@ from . import (
 )
 from ._manager import _is_retired
 from ._urls import STORE_URL_FORMS, repository_from_url, shown_url
-from .abc import EventTransport
+from .abc import SKIPPED_SESSION_ATTRIBUTE, EventTransport
 from .reporting import _REPORT_FILE_MODE, JsonLinesReporter, Reporter, aggregate, read_reports
 from .stores.sqlite import SCHEMA_VERSION, _BusyAtOpen, _OlderLayout
 
@@ -2027,6 +2027,17 @@ class _Exported:
         """Whether every session stored throughout the export was written."""
         return not self.left_out and not self.unconfirmed
 
+    def succeeded(self, skip_unreadable: bool) -> bool:
+        """Whether the export is complete or, with ``--skip-unreadable``, lacks only
+        sessions known (by id) to be unreadable: a session that no listing showed may
+        be a readable one the listings kept missing (touched meanwhile)."""
+        return self.complete or (skip_unreadable and not self.unlisted and not self.unconfirmed)
+
+
+def _stored(count: int, total: int) -> str:
+    """``"2 of the 3 stored sessions"``."""
+    return f"{count} of the {total} stored session{'s' if total != 1 else ''}"
+
 
 @attrs.define
 class _Export:
@@ -2040,11 +2051,22 @@ class _Export:
     written: set[uuid.UUID] = attrs.field(factory=set)
     unreadable: set[uuid.UUID] = attrs.field(factory=set)
     gone: set[uuid.UUID] = attrs.field(factory=set)  # listed, then found deleted
+    # the sessions the store's listings skipped as unreadable (see _SkippedByListings)
+    skipped: list[uuid.UUID] = attrs.field(factory=list)
+    _taken: int = 0
+
+    def _newly_skipped(self) -> list[uuid.UUID]:
+        new = self.skipped[self._taken :]
+        self._taken += len(new)
+        return new
 
     async def list_ids(self) -> list[uuid.UUID]:
         """List the whole store: the ids it holds, each once (a session whose
-        ``last_active`` moved back while it was listed can be on two pages)."""
-        ids = list(dict.fromkeys(await _all_ids(self.repository)))
+        ``last_active`` moved back while it was listed can be on two pages). The
+        sessions the listing skipped because it could not read them count as listed:
+        reading them fails, so they are counted as unreadable."""
+        listed = await _all_ids(self.repository)
+        ids = list(dict.fromkeys([*listed, *self._newly_skipped()]))
         self._note(ids)
         return ids
 
@@ -2060,7 +2082,7 @@ class _Export:
         while True:
             page = await self.repository.list(SessionQuery(limit=limit, cursor=cursor))
             limit = PAGE
-            ids = [session.id for session in page.items]
+            ids = [session.id for session in page.items] + self._newly_skipped()
             reached = any(sid in self.listed for sid in ids)
             self._note(ids)
             if reached or page.next_cursor is None:
@@ -2201,6 +2223,28 @@ class _Export:
             )
 
 
+class _SkippedByListings(logging.Handler):
+    """While in use, collects into ``ids`` the sessions the stores' listings skip
+    because they cannot read them (their warnings name them: ``log_skipped``)."""
+
+    def __init__(self, ids: list[uuid.UUID]) -> None:
+        super().__init__(logging.WARNING)
+        self.ids = ids
+        self._logger = logging.getLogger("asyncsession")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sid = getattr(record, SKIPPED_SESSION_ATTRIBUTE, None)
+        if isinstance(sid, uuid.UUID):
+            self.ids.append(sid)
+
+    def __enter__(self) -> _SkippedByListings:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._logger.removeHandler(self)
+
+
 async def _export(
     repository: SessionRepository, output: IO[bytes], name: str, show_progress: bool
 ) -> _Exported:
@@ -2218,7 +2262,7 @@ async def _export(
     and counts (:meth:`_Export.set_aside`).
     """
     export = _Export(repository, output, name)
-    with _progress(show_progress) as progress:
+    with _progress(show_progress) as progress, _SkippedByListings(export.skipped):
         task = progress.add_task("Reading the store", total=None)
         ids = await export.list_ids()
         progress.update(task, total=len(ids), completed=0, description="Exporting")
@@ -2255,7 +2299,7 @@ def _incomplete(result: _Exported) -> str:
                 "listings (listings skip unreadable sessions: see the warnings above; if the "
                 "store kept changing while the export checked it, export again)"
             )
-        text = f"{result.left_out} of the {result.total} stored sessions were not exported: "
+        text = f"{_stored(result.left_out, result.total)} were not exported: "
         text += "; ".join(parts) + "."
     if result.unconfirmed:
         changing = (
@@ -2284,7 +2328,8 @@ def _incomplete(result: _Exported) -> str:
     "--skip-unreadable",
     is_flag=True,
     help="Write the sessions that can be read and exit 0 when others cannot (damaged "
-    "ones, or a newer release's): the warnings name them, and the summary counts them.",
+    "ones, or a newer release's): the warnings name them, and the summary counts them. "
+    "It will not replace a non-empty --output file, which may hold their last good copy.",
 )
 @_store_option
 @_backend_option
@@ -2325,7 +2370,7 @@ def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend:
             raise CLIError(
                 f"{exc.message} The output is incomplete: the export stopped there."
             ) from exc
-        if result.left_out and not skip_unreadable:
+        if result.unlisted or (result.unreadable and not skip_unreadable):
             raise CLIError(
                 f"{_incomplete(result)} The output is incomplete: the {result.exported} "
                 "sessions written are not a complete export."
@@ -2339,11 +2384,21 @@ def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend:
         _check_output_file(output, "--output", replaced=True)
         kept = "was left as it was" if os.path.lexists(output) else "was not written"
         try:
+            previous = os.path.getsize(output) if os.path.lexists(output) else 0
+        except OSError:  # a dangling link: replaced by a new file
+            previous = 0
+        try:
             store = _store(store_url)  # refused before a new file is made beside the output
             with _replacing(output, "--output") as stream:
                 result = _on_store(store, backend, lambda repo: _export(repo, stream, output, True))
-                if result.unconfirmed or (result.left_out and not skip_unreadable):
+                if not result.succeeded(skip_unreadable):
                     raise CLIError(_incomplete(result))
+                if result.unreadable and previous:
+                    raise CLIError(
+                        f"{_stored(result.unreadable, result.total)} could not be read (see "
+                        f"the warnings above), and {output} holds an earlier export, which "
+                        "may have the last good copy of them: export to a new file."
+                    )
         except Exception as exc:
             expected = _expected(exc)
             if expected is None:
@@ -2351,10 +2406,10 @@ def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend:
             message, exit_code = expected
             raise CLIError(f"{message} The export failed: {output} {kept}.", exit_code) from exc
     count = result.exported
-    if result.left_out:  # --skip-unreadable
+    if result.unreadable:  # --skip-unreadable
         err.print(
-            f"Exported {count} of the {result.total} stored sessions; skipped "
-            f"{result.left_out} that could not be read (see the warnings above)."
+            f"Exported {_stored(count, result.total)}; skipped {result.unreadable} that "
+            "could not be read (see the warnings above)."
         )
     else:
         err.print(f"Exported {count} session{'s' if count != 1 else ''}.")

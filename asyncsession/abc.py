@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -45,10 +46,12 @@ __all__ = [
     "EventTransport",
     "Page",
     "RemoteEvent",
+    "SKIPPED_SESSION_ATTRIBUTE",
     "SessionQuery",
     "SessionRepository",
     "decode_cursor",
     "encode_cursor",
+    "log_skipped",
 ]
 
 
@@ -157,6 +160,23 @@ def _check_file_mode(file_mode: object) -> None:
             "file_mode must be permission bits from 0o600 to 0o777 that let the owner "
             f"read and write (e.g. 0o600 or 0o640), got {file_mode!r}."
         )
+
+
+#: The attribute of the log record of a listing that skips a session it cannot read:
+#: the session's id (``asyncsession export`` reads it, to count that session as
+#: unreadable rather than as one no listing found).
+SKIPPED_SESSION_ATTRIBUTE = "asyncsession_skipped_session"
+
+
+def log_skipped(logger: logging.Logger, session_id: uuid.UUID, exc: BaseException) -> None:
+    """Log that a listing skips session ``session_id``, which it cannot read (``exc``),
+    as a warning whose record names the session (:data:`SKIPPED_SESSION_ATTRIBUTE`)."""
+    logger.warning(
+        "listing skips unreadable session %s: %s",
+        session_id,
+        exc,
+        extra={SKIPPED_SESSION_ATTRIBUTE: session_id},
+    )
 
 
 def encode_cursor(last_active: datetime, session_id: uuid.UUID, query: SessionQuery) -> str:

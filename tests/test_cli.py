@@ -1172,6 +1172,15 @@ def test_export_skip_unreadable_writes_the_sessions_it_can_read(
         assert summary in result.stderr
         data = result.stdout if output == "-" else (tmp_path / output).read_text()
         assert [str(x.id) for x in map(s.loads, data.splitlines())] == [ids[2], ids[0]]
+    # An earlier export may hold the last good copy of the damaged session: kept.
+    (tmp_path / "backup.jsonl").write_text("earlier\n")
+    error = error_lines(run("export", "--skip-unreadable", "-o", "backup.jsonl", *store, ok=None))
+    assert error[-1] == (
+        "asyncsession: error: 1 of the 3 stored sessions could not be read (see the warnings "
+        "above), and backup.jsonl holds an earlier export, which may have the last good copy "
+        "of them: export to a new file. The export failed: backup.jsonl was left as it was."
+    )
+    assert (tmp_path / "backup.jsonl").read_text() == "earlier\n"
 
 
 class BrokenStore(s.MemoryRepository):

@@ -331,14 +331,42 @@ def test_sessions_created_meanwhile_do_not_hide_an_unreadable_one(
     with pytest.raises(_cli.CLIError) as caught:
         export(store, output, backend, monkeypatch)
     message = caught.value.message
+    # the listings' warnings name it: it is unreadable, not "in none of its listings"
     assert message.startswith("1 of the ") and (
-        " stored sessions were not exported: 1 were counted by the store but are in none "
-        "of its listings (listings skip unreadable sessions: see the warnings above" in message
+        " stored sessions were not exported: 1 could not be read (see the warnings above)."
+        in message
     )
     assert not output.exists()
     export(store, output, backend, monkeypatch, "--skip-unreadable")  # writes the others
     exported = exported_ids(output)
     assert ids[2] not in exported and set(ids) - {ids[2]} <= exported
+
+
+@BACKENDS
+def test_skip_unreadable_never_skips_a_session_the_listings_kept_missing(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A readable session touched ahead of every listing's cursor is in none of them:
+    --skip-unreadable counted it as unreadable and exited 0 without it (helper-174)."""
+    clock = [later()]
+    missed: list[uuid.UUID] = []
+    seen = 0
+
+    async def hook(store: s.SessionRepository, listing: int, page: s.Page) -> None:
+        nonlocal seen
+        if listing == seen:
+            return  # not a listing's first page
+        seen = listing
+        if not missed:
+            missed.append(one_not_in(page, ids))
+        for sid in [missed[0], *(x.id for x in page.items)]:  # it, then the page again
+            clock[0] += timedelta(seconds=1)
+            assert await store.touch(sid, at=clock[0], policy=s.ExpiryPolicy())
+
+    store, ids = busy(f"sqlite:///{tmp_path / 's.db'}", backend, monkeypatch, hook)
+    message = failed_export(store, tmp_path, backend, monkeypatch, "--skip-unreadable")
+    assert "1 were counted by the store but are in none of its listings" in message
+    assert message.endswith("The export failed: {output} was left as it was.")
 
 
 @BACKENDS

@@ -88,10 +88,12 @@ PUBLIC_API = {
         "EventTransport",
         "Page",
         "RemoteEvent",
+        "SKIPPED_SESSION_ATTRIBUTE",
         "SessionQuery",
         "SessionRepository",
         "decode_cursor",
         "encode_cursor",
+        "log_skipped",
     ],
     "asyncsession.asgi": ["SessionDict", "SessionMiddleware", "get_session"],
     "asyncsession.pytest_plugin": [

@@ -104,6 +104,7 @@ from ..abc import (
     SessionRepository,
     decode_cursor,
     encode_cursor,
+    log_skipped,
 )
 from ._held import (
     DEFAULT_CACHE_BYTES,
@@ -1838,7 +1839,7 @@ class RedisRepository(SessionRepository, EventTransport):
                 try:
                     session = self._build(sid, doc, revision, last_active, expires_at, window)
                 except SerializationError as exc:  # as the other stores: list the rest
-                    logger.warning("listing skips unreadable session %s: %s", sid, exc)
+                    log_skipped(logger, sid, exc)
                     continue
                 if query.search and not query.matches_fields(session, _first_content(first)):
                     continue

@@ -125,6 +125,7 @@ from ..abc import (
     _check_file_mode,
     decode_cursor,
     encode_cursor,
+    log_skipped,
 )
 from ._held import (
     DEFAULT_CACHE_BYTES,
@@ -2700,13 +2701,12 @@ class SQLiteRepository(SessionRepository):
         rows = await self._call(op, write=False, transaction=False)
         items: list[Session] = []
         for sid, doc, count, last_us, expires_us, revision in rows[: query.limit]:
+            session_id = uuid.UUID(sid)
             try:
-                row = _Row(
-                    uuid.UUID(sid), doc, last_us, expires_us, revision, count, count, _NO_ROWS
-                )
+                row = _Row(session_id, doc, last_us, expires_us, revision, count, count, _NO_ROWS)
                 items.append(row.decode(self._documents))
             except SessionError as exc:
-                logger.warning("listing skips unreadable session %s: %s", sid, exc)
+                log_skipped(logger, session_id, exc)
         next_cursor = None
         if len(rows) > query.limit:
             last_id, _, _, last_us, _, _ = rows[query.limit - 1]
