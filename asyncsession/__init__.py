@@ -35,6 +35,7 @@ from ._exceptions import StorageError as StorageError
 from ._exceptions import ValidationError as ValidationError
 from ._exceptions import WrongTask as WrongTask
 from ._json import FrozenDict as FrozenDict
+from ._json import thaw as thaw
 from ._manager import SessionId as SessionId
 from ._manager import SessionManager as SessionManager
 from ._manager import SessionStats as SessionStats
@@ -111,4 +112,5 @@ __all__ = [
     "dumps",
     "loads",
     "repository_from_url",
+    "thaw",
 ]

@@ -86,6 +86,7 @@ from . import (
     ValidationError,
     dumps,
     loads,
+    thaw,
 )
 from ._manager import _is_retired
 from ._urls import STORE_URL_FORMS, repository_from_url, shown_url
@@ -611,14 +612,6 @@ def _when(when: datetime | None) -> str:
     if when is None:
         return "-"
     return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_thaw(v) for v in value]
-    return value
 
 
 def _summary(session: Session, now: datetime) -> dict[str, Any]:
@@ -1481,14 +1474,14 @@ def show(session_id: str, last: int, store_url: str, backend: str, as_json: bool
     first_number = session.messages.total - len(messages) + 1
     if as_json:
         data = _summary(session, now)
-        data["state"] = _thaw(session.state)
+        data["state"] = thaw(session.state)
         data["last_messages"] = [
             {
                 "index": first_number + i,
                 "role": m.role,
                 "content": m.content,
                 "timestamp": _iso(m.timestamp),
-                "data": _thaw(m.data),
+                "data": thaw(m.data),
             }
             for i, m in enumerate(messages)
         ]
@@ -1509,7 +1502,7 @@ def show(session_id: str, last: int, store_url: str, backend: str, as_json: bool
         ("messages", str(session.messages.total)),
         ("errors", str(session.errors)),
         ("revision", str(session.revision)),
-        ("state", orjson.dumps(_thaw(session.state)).decode()),
+        ("state", orjson.dumps(thaw(session.state)).decode()),
     ):
         info.add_row(field, _plain(value))
     out.print(info)

@@ -18,7 +18,7 @@ __all__ = [
     "freeze_state",
     "merge_state",
     "plain_str",
-    "thaw_json",
+    "thaw",
 ]
 
 #: A JSON value as stored: dicts are :class:`FrozenDict`, arrays are tuples.
@@ -85,7 +85,7 @@ class FrozenDict(dict[str, Any]):
         raise TypeError(
             "Session state and message data are read-only. Change state with "
             "session.with_state(...) inside SessionManager.update(); for a mutable copy "
-            "of either, json.loads(json.dumps(value))."
+            "of either, asyncsession.thaw(value)."
         )
 
     __setitem__ = _readonly
@@ -300,10 +300,12 @@ def merge_state(state: Mapping[str, Any], updates: Mapping[str, Any]) -> FrozenD
     return _validated({**state, **frozen}, max(old, _height_of(frozen) or 1))
 
 
-def thaw_json(value: Any) -> Any:
-    """Return a mutable deep copy (dicts and lists) of a frozen JSON value."""
-    if isinstance(value, dict):
-        return {k: thaw_json(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [thaw_json(v) for v in value]
+def thaw(value: Any) -> Any:
+    """A plain, mutable deep copy of a JSON value read from a session: its read-only
+    dicts (:class:`FrozenDict`, any mapping) become dicts and its tuples lists, e.g.
+    ``thaw(message.data)`` or ``thaw(session.state)`` to hand on or change."""
+    if isinstance(value, Mapping):
+        return {key: thaw(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [thaw(item) for item in value]
     return value

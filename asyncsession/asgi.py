@@ -118,7 +118,7 @@ from ._exceptions import (
     sole_error,
     type_name,
 )
-from ._json import freeze_state
+from ._json import freeze_state, thaw
 from ._manager import SessionManager, _Outage
 from ._models import Session
 
@@ -163,15 +163,6 @@ def _only_response_ended(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_only_response_ended(inner) for inner in exc.exceptions)
     return _chain_has_response_ended(exc)
-
-
-def _thaw(value: Any) -> Any:
-    """A mutable deep copy of a stored JSON value (read-only dicts and tuples thawed)."""
-    if isinstance(value, Mapping):
-        return {key: _thaw(item) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_thaw(item) for item in value]
-    return value
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -246,8 +237,8 @@ class SessionDict(MutableMapping[str, Any]):
         self._unavailable = unavailable  # the error that kept the session from loading
         self._id: uuid.UUID | None = session.id if session is not None else None
         state = session.state if session is not None else {}
-        self._data: dict[str, Any] = _thaw(state)
-        self._baseline: dict[str, Any] = _thaw(state)
+        self._data: dict[str, Any] = thaw(state)
+        self._baseline: dict[str, Any] = thaw(state)
         self._set: set[str] = set()
         self._deleted: set[str] = set()
         self._read_only = read_only
@@ -313,7 +304,7 @@ class SessionDict(MutableMapping[str, Any]):
         session alone), e.g. ``JSONResponse(request.session.copy())``."""
         self._check_available()
         self._accessed = True
-        copied: dict[str, Any] = _thaw(self._data)
+        copied: dict[str, Any] = thaw(self._data)
         return copied
 
     def __or__(self, other: object) -> dict[str, Any]:
@@ -545,7 +536,7 @@ class SessionDict(MutableMapping[str, Any]):
         return {key: self._data[key] for key in changed}, deleted
 
     def _mark_saved(self) -> None:
-        self._baseline = _thaw(self._data)
+        self._baseline = thaw(self._data)
         self._set.clear()
         self._deleted.clear()
 

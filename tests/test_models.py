@@ -83,6 +83,7 @@ PUBLIC_API = {
         "dumps",
         "loads",
         "repository_from_url",
+        "thaw",
     ],
     "asyncsession.abc": [
         "EventTransport",

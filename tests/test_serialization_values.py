@@ -229,3 +229,20 @@ def test_a_too_deep_path_is_shortened_in_the_message() -> None:
         freeze_json(value, "state")
     assert len(info.value.path) > 10_000  # all of it, for code
     assert len(str(info.value)) < 400 and "limit of" in str(info.value)  # readable
+
+
+def test_thaw_gives_a_plain_mutable_copy_of_state_and_message_data() -> None:
+    """Every user wrote their own thaw (json.loads(json.dumps(...)) at best): the state
+    and message data of a session come back as FrozenDicts and tuples."""
+    value = {"ids": [1, 2], "deep": {"k": [{"x": None}, "t"]}, "n": 1.5}
+    session = make_session(state=value).with_message("user", "hi", data=value)
+    for frozen in (session.state, session.messages[-1].data):
+        assert frozen != value  # tuples are never equal to lists
+        plain = s.thaw(frozen)
+        assert plain == value
+        plain["deep"]["k"][0]["x"] = 1  # all of it mutable
+        plain["ids"].append(3)
+        assert type(plain) is dict and type(plain["deep"]) is dict
+    assert s.thaw(None) is None and s.thaw("text") == "text"
+    with pytest.raises(TypeError, match=r"for a mutable copy of either, asyncsession\.thaw"):
+        session.state["ids"] = []  # type: ignore[index]
