@@ -41,6 +41,7 @@ def typecheck(session: nox.Session) -> None:
     for target in (
         "examples/quickstart.py",
         "examples/agent_loop.py",
+        "examples/openai_agents_session.py",
         "examples/chat_server.py",
         "examples/websocket_gateway.py",
         "examples/custom_store",

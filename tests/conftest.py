@@ -9,16 +9,20 @@ yields an open, empty :class:`asyncsession.SessionRepository`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from hypothesis import settings
 
-from asyncsession import SessionRepository
+from asyncsession import SessionManager, SessionRepository
+from asyncsession.testing import ManualClock
 
 # No per-example deadline: hypothesis's default (200 ms of wall-clock time per example)
 # fails correct code on a loaded machine. A test that must be fast says so itself.
@@ -47,6 +51,44 @@ async def any_repository(
     module = importlib.import_module(f"_store_{request.param}")
     async with module.open_store(request, tmp_path) as repository:
         yield repository
+
+
+#: The idle timeout of the ``sessions`` fixture's manager, in seconds.
+IDLE = 1800
+#: The type of the ``other_task`` fixture.
+OtherTask = Callable[[Callable[[], Awaitable[object]]], Awaitable[None]]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """The clock of the ``sessions`` fixture's manager."""
+    return ManualClock()
+
+
+@pytest.fixture
+async def sessions(
+    any_repository: SessionRepository, clock: ManualClock
+) -> AsyncIterator[SessionManager]:
+    """A running manager over each store: idle timeout :data:`IDLE`, retention 600 s,
+    time from ``clock``. No cleanup loop: tests that advance the clock then purge
+    explicitly would race a background pass (tests of the loop make their own manager)."""
+    async with SessionManager(
+        any_repository, idle_timeout=IDLE, retention=600, cleanup_interval=None, clock=clock
+    ) as manager:
+        yield manager
+
+
+def load_example(filename: str) -> Any:
+    """``examples/<filename>``, imported as a module (registered in ``sys.modules``:
+    attrs resolves an example's annotations through it)."""
+    path = Path(__file__).resolve().parent.parent / "examples" / filename
+    name = f"example_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(params=["sqlite", "file", "redis"])

@@ -20,6 +20,7 @@ import anyio.lowlevel
 import attrs
 import pytest
 from _store_redis import open_store as open_redis_store
+from conftest import IDLE, OtherTask, load_example
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,26 +35,6 @@ if sys.version_info < (3, 11):
     from exceptiongroup import ExceptionGroup
 
 pytestmark = pytest.mark.anyio
-
-IDLE = 1800
-OtherTask = Callable[[Callable[[], Awaitable[object]]], Awaitable[None]]  # conftest's fixture
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def sessions(
-    any_repository: s.SessionRepository, clock: ManualClock
-) -> AsyncIterator[s.SessionManager]:
-    # No cleanup loop here: tests that advance the clock then purge explicitly would race
-    # a background pass. Tests of the loop make their own manager.
-    async with s.SessionManager(
-        any_repository, idle_timeout=IDLE, retention=600, cleanup_interval=None, clock=clock
-    ) as manager:
-        yield manager
 
 
 async def count(sessions: s.SessionManager) -> int:
@@ -3547,15 +3528,7 @@ async def test_an_exit_interrupted_while_reports_drain_counts_them_dropped(
 
 def _agent_example() -> Any:
     """examples/agent_loop.py, imported as a module."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "examples" / "agent_loop.py"
-    spec = importlib.util.spec_from_file_location("agent_loop_example", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # attrs resolves the example's annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_example("agent_loop.py")
 
 
 async def test_messages_can_be_undone_and_cleared_through_update(
