@@ -1049,8 +1049,9 @@ def cli() -> None:
     Every command takes --store URL (default sqlite:///asyncsession.db, or env
     ASYNCSESSION_STORE, which demo ignores) and --backend asyncio|trio; most take --json.
     Only demo and import create a store; the others refuse one that does not exist.
-    Commands that only read (list, show, stats, export, migrate --dry-run) never upgrade
-    an older SQLite layout: the release that wrote it may still be using the file.
+    Commands that change no session (list, show, stats, export, checkpoint, migrate
+    --dry-run) never upgrade an older SQLite layout: the release that wrote it may still
+    be using the file.
     """
 
 
@@ -1765,6 +1766,46 @@ def purge(store_url: str, backend: str, as_json: bool) -> None:
         _print_json({"purged": count})
     else:
         out.print(f"Purged {count} expired session{'s' if count != 1 else ''}.")
+
+
+@cli.command()
+@click.option(
+    "--vacuum",
+    is_flag=True,
+    help="Run VACUUM first, so that no copy of a deleted row stays in the database file "
+    "either. It rewrites the file (free disk space up to about twice its size) and holds "
+    "the write lock while it runs.",
+)
+@_common
+def checkpoint(vacuum: bool, store_url: str, backend: str, as_json: bool) -> None:
+    """SQLite: copy the write-ahead log into the database and truncate it to 0 bytes.
+
+    After `delete` or `purge`, for erasure: until a checkpoint, the -wal file still holds
+    the pages the deleted sessions were written in (see "Deleting personal data" in the
+    README). Other stores have no such log: the command refuses them (status 2).
+    """
+    _check_backend(backend)
+    store = _store(store_url)
+    if not isinstance(store, SQLiteRepository):
+        raise CLIError(
+            f"--store {shown_url(store_url)} is not a SQLite store: only SQLite keeps a "
+            "write-ahead log to checkpoint (a file store unlinks a deleted session's "
+            "document; Redis's persistence files follow its own settings).",
+            2,
+        )
+
+    async def act(repository: SessionRepository) -> int:
+        await cast(SQLiteRepository, repository).checkpoint(vacuum=vacuum)
+        return store.path.stat().st_size
+
+    size = _on_store(store, backend, act)
+    if as_json:
+        _print_json({"database_bytes": size, "vacuumed": vacuum})
+    else:
+        done = "Vacuumed and checkpointed" if vacuum else "Checkpointed"
+        out.print(
+            _plain(f"{done} {store.path} ({size} bytes): its -wal file was truncated to 0 bytes.")
+        )
 
 
 #: How often the CLI reads a session again after another writer beat its compare-and-set.

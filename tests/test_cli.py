@@ -25,7 +25,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1012,6 +1012,7 @@ def test_console_script(tmp_path: Path, backend: str) -> None:
 
 
 COMMANDS = [
+    "checkpoint",
     "close",
     "delete",
     "demo",
@@ -1181,6 +1182,35 @@ def test_export_skip_unreadable_writes_the_sessions_it_can_read(
         "of them: export to a new file. The export failed: backup.jsonl was left as it was."
     )
     assert (tmp_path / "backup.jsonl").read_text() == "earlier\n"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkpoint_erases_deleted_sessions_from_the_sqlite_files(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """No command did it: while an application kept the store open, a session deleted
+    with `asyncsession delete` stayed readable in the database file. `checkpoint
+    --vacuum` leaves no copy of it in the database or its -wal file."""
+    run = on_backend(run, backend)
+    db, wal = tmp_path / "s.db", tmp_path / "s.db-wal"
+    ids = populate(s.SQLiteRepository(db), backend=backend, live=2)
+
+    def files() -> bytes:
+        return db.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+    with closing(sqlite3.connect(db)) as app:  # the application's: the -wal file stays
+        assert app.execute("SELECT count(*) FROM sessions").fetchall() == [(2,)]
+        run("delete", ids[0], "--store", "sqlite:///s.db")
+        assert b"message 0 of 0" in files()  # deleted, not erased
+        result = run("checkpoint", "--vacuum", "--store", "sqlite:///s.db")
+        assert result.stdout.startswith("Vacuumed and checkpointed s.db (")
+        assert not wal.exists() or wal.stat().st_size == 0
+        assert b"message 0 of 0" not in files() and b"message 0 of 1" in files()
+        result = run("checkpoint", "--json", "--store", "sqlite:///s.db")
+        assert as_json(result) == {"database_bytes": db.stat().st_size, "vacuumed": False}
+    populate(s.FileRepository(tmp_path / "files"), backend=backend, live=1)
+    line = assert_one_line_error(run("checkpoint", "--store", "file://./files", ok=None), 2)
+    assert "is not a SQLite store: only SQLite keeps a write-ahead log" in line
 
 
 class BrokenStore(s.MemoryRepository):
@@ -1399,6 +1429,7 @@ READING: list[tuple[str, ...]] = [
     ("export",),
     ("export", "-o", "backup.jsonl"),
     ("purge",),
+    ("checkpoint",),
     ("close", "00000000-0000-4000-8000-000000000000"),
     ("delete", "00000000-0000-4000-8000-000000000000"),
     ("migrate",),
