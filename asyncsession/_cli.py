@@ -1384,21 +1384,14 @@ def list_sessions(
 ) -> None:
     """List sessions, most recently active first (one page)."""
     now = _now()
-    try:
-        query = SessionQuery(
-            owner=owner,
-            status=[SessionStatus(s) for s in status] or None,
-            search=search,
-            limit=limit,
-            cursor=cursor,
-            visible_at=None if include_expired else now,
-        )
-    except InvalidOwner as exc:
-        raise CLIError(
-            f"invalid --owner (not shown): {exc.problem}. Pass the owner's user id or e-mail "
-            "address as the application stored it, or leave --owner out.",
-            2,
-        ) from exc
+    query = SessionQuery(
+        owner=None if owner is None else _checked_owner(owner),
+        status=[SessionStatus(s) for s in status] or None,
+        search=search,
+        limit=limit,
+        cursor=cursor,
+        visible_at=None if include_expired else now,
+    )
 
     async def fetch(repository: SessionRepository) -> tuple[list[Session], str | None]:
         try:
@@ -1708,26 +1701,26 @@ def close(session_id: str, status: str, store_url: str, backend: str, as_json: b
 
 
 @cli.command()
-@click.argument("session_id", metavar="ID")
+@click.argument("session_id", metavar="[ID]", required=False)
+@click.option(
+    "--owner",
+    help="Instead of one ID: every stored session of this owner (expired and closed ones "
+    "too), e.g. for an erasure request.",
+)
 @_common
-def delete(session_id: str, store_url: str, backend: str, as_json: bool) -> None:
-    """Delete a session now (whatever its status)."""
-    sid = _parse_id(session_id, store_url)
+def delete(
+    session_id: str | None, owner: str | None, store_url: str, backend: str, as_json: bool
+) -> None:
+    """Delete a session now (whatever its status), or every session of an --owner."""
+    if (session_id is None) == (owner is None):
+        raise CLIError("pass the ID of the session to delete, or --owner OWNER (not both).", 2)
+    if owner is not None:
+        _delete_owner(_checked_owner(owner), store_url, backend, as_json)
+        return
+    sid = _parse_id(session_id or "", store_url)
 
     async def act(repository: SessionRepository) -> bool:
-        # Not the manager's delete: that one removes an expired session as expired and
-        # says it was not found, where this deletes whatever is stored. It announces
-        # what the manager's would, though: EXPIRED for an expired session (nothing for
-        # the document a rotation retired: the rotation announced its end), else DELETED.
-        try:
-            if await _remove_if_expired(repository, sid):
-                return True
-        except SerializationError:  # unreadable, and kept by the store: deleted unread
-            pass
-        deleted = await repository.delete(sid)
-        if deleted and isinstance(repository, EventTransport):
-            await _Announcer(repository).announce(EventKind.DELETED, sid, _now(), None)
-        return deleted
+        return await _delete_one(repository, sid)
 
     if not _with_store(store_url, backend, act, writes=True):
         raise _missing(sid, store_url)
@@ -1735,6 +1728,81 @@ def delete(session_id: str, store_url: str, backend: str, as_json: bool) -> None
         _print_json({"deleted": str(sid)})
     else:
         out.print(f"Deleted {sid}.")
+
+
+def _checked_owner(owner: str) -> str:
+    """``--owner``, or a usage error (exit 2) saying what is wrong with it."""
+    try:
+        SessionQuery(owner=owner)
+    except InvalidOwner as exc:
+        raise CLIError(
+            f"invalid --owner (not shown): {exc.problem}. Pass the owner's user id or e-mail "
+            "address as the application stored it, or leave --owner out.",
+            2,
+        ) from exc
+    return owner
+
+
+async def _delete_one(repository: SessionRepository, sid: uuid.UUID) -> bool:
+    """Delete session ``sid``, whatever is stored; whether there was one.
+
+    Not the manager's delete: that one removes an expired session as expired and says
+    it was not found, where this deletes whatever is stored. It announces what the
+    manager's would, though: EXPIRED for an expired session (nothing for the document a
+    rotation retired: the rotation announced its end), else DELETED.
+    """
+    try:
+        if await _remove_if_expired(repository, sid):
+            return True
+    except SerializationError:  # unreadable, and kept by the store: deleted unread
+        pass
+    deleted = await repository.delete(sid)
+    if deleted and isinstance(repository, EventTransport):
+        await _Announcer(repository).announce(EventKind.DELETED, sid, _now(), None)
+    return deleted
+
+
+def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> None:
+    """``delete --owner``: every stored session of ``owner``, listed, then deleted.
+
+    A session that cannot be read is left out of listings (the store warns), so whether
+    it is the owner's is unknown: the command deletes the others, then fails (exit 1)
+    saying how many, so that an erasure is never reported complete while one may remain.
+    """
+    skipped: list[uuid.UUID] = []
+
+    async def act(repository: SessionRepository) -> tuple[list[uuid.UUID], bool]:
+        ids: list[uuid.UUID] = []
+        cursor: str | None = None
+        with _SkippedByListings(skipped):
+            while True:
+                query = SessionQuery(owner=owner, limit=PAGE, cursor=cursor)
+                page = await repository.list(query)
+                ids.extend(session.id for session in page.items)
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+        deleted = [sid for sid in dict.fromkeys(ids) if await _delete_one(repository, sid)]
+        return deleted, isinstance(repository, SQLiteRepository)
+
+    deleted, sqlite = _with_store(store_url, backend, act, writes=True)
+    count = len(deleted)
+    if as_json:
+        _print_json({"deleted": [str(sid) for sid in deleted]})
+    else:
+        out.print(f"Deleted {count} session{'s' if count != 1 else ''}.")
+        if count and sqlite:
+            out.print(
+                "Their data stays in the database files until `asyncsession checkpoint "
+                "--vacuum` (see Deleting personal data in the README)."
+            )
+    unknown = len(set(skipped))
+    if unknown:
+        raise CLIError(
+            f"{unknown} stored session{'s' if unknown != 1 else ''} could not be read, so "
+            "whether they are this owner's is unknown (see the warnings above): inspect "
+            "them with `asyncsession show ID` and delete them by ID."
+        )
 
 
 async def _remove_if_expired(repository: SessionRepository, sid: uuid.UUID) -> bool:

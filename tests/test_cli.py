@@ -104,17 +104,23 @@ def on_backend(run: Run, backend: str) -> Run:
 
 
 def populate(
-    repository: s.SessionRepository, *, backend: str, expired: int = 0, live: int = 2
+    repository: s.SessionRepository,
+    *,
+    backend: str,
+    expired: int = 0,
+    live: int = 2,
+    owner: str = "alice",
+    expired_owner: str = "bob",
 ) -> list[str]:
-    """Store ``live`` sessions and ``expired`` already-expired ones (on ``backend``);
-    return the live ids."""
+    """Store ``live`` sessions of ``owner`` and ``expired`` already-expired ones of
+    ``expired_owner`` (on ``backend``); return the live ids."""
 
     async def main() -> list[str]:
         now = datetime.now(timezone.utc)
         ids = []
         async with s.SessionManager(repository, idle_timeout=3600, cleanup_interval=None) as m:
             for i in range(live):
-                session = await m.create(owner="alice", name=f"chat-{i}", state={"i": i})
+                session = await m.create(owner=owner, name=f"chat-{i}", state={"i": i})
                 for n in range(3):
                     await m.add_message(session.id, "user", f"message {n} of {i}")
                 ids.append(str(session.id))
@@ -123,7 +129,7 @@ def populate(
             repository, idle_timeout=60, cleanup_interval=None, clock=clock
         ) as m:
             for _ in range(expired):
-                await m.create(owner="bob")
+                await m.create(owner=expired_owner)
         return ids
 
     return anyio.run(main, backend=backend)
@@ -215,6 +221,75 @@ def test_close_delete_purge(run: Run, tmp_path: Path, backend: str) -> None:
     assert "Deleted" in run("delete", first, "--store", store).stdout
     assert_one_line_error(run("show", first, "--store", store, ok=None), 1)
     assert [i["id"] for i in as_json(run("list", "--json", "--store", store))["items"]] == [second]
+
+
+def stored_owners(url: str, backend: str) -> list[str | None]:
+    """The owner of every stored session (expired ones too), sorted."""
+
+    async def main() -> list[str | None]:
+        async with s.repository_from_url(url) as repository:
+            page = await repository.list(s.SessionQuery(limit=1000))
+            return sorted(x.owner or "" for x in page.items)
+
+    return anyio.run(main, backend=backend)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delete_owner_deletes_every_stored_session_of_the_owner(
+    run: Run, store_url: str, backend: str
+) -> None:
+    """An erasure request took a listing and one `delete ID` per session; expired ones
+    were in no `list` without --all. `delete --owner` deletes them all, closed and
+    expired ones included, and no one else's."""
+    run = on_backend(run, backend)
+    alice = populate(s.repository_from_url(store_url), backend=backend, live=3)
+    run("close", alice[0], "--store", store_url)
+    # expired ones (Redis removes them by itself), and others' sessions
+    populate(
+        s.repository_from_url(store_url),
+        backend=backend,
+        live=2,
+        owner="bob",
+        expired=2,
+        expired_owner="alice",
+    )
+    result = run("delete", "--owner", "alice", "--json", "--store", store_url)
+    deleted = as_json(result)["deleted"]
+    assert set(alice) <= set(deleted) and len(deleted) == len(set(deleted))
+    assert len(deleted) == (3 if store_url.startswith("redis") else 5)
+    assert stored_owners(store_url, backend) == ["bob", "bob"]
+    result = run("delete", "--owner", "bob", "--store", store_url)
+    assert result.stdout.startswith("Deleted 2 sessions.")
+    assert ("checkpoint --vacuum" in result.stdout) == store_url.startswith("sqlite")
+    assert stored_owners(store_url, backend) == []
+    assert run("delete", "--owner", "bob", "--store", store_url).stdout == "Deleted 0 sessions.\n"
+    for args in ((), (alice[1], "--owner", "alice")):
+        line = assert_one_line_error(run("delete", *args, "--store", store_url, ok=None), 2)
+        assert line.endswith("pass the ID of the session to delete, or --owner OWNER (not both).")
+    line = assert_one_line_error(run("delete", "--owner", "", "--store", store_url, ok=None), 2)
+    assert "invalid --owner (not shown): the str is empty" in line
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delete_owner_fails_while_an_unreadable_session_may_be_the_owners(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """A session whose document cannot be read is in no listing, so no owner's: the
+    others are deleted, and the command says the erasure may be incomplete (exit 1)."""
+    run = on_backend(run, backend)
+    db = tmp_path / "s.db"
+    ids = populate(s.SQLiteRepository(db), backend=backend, live=3)
+    damage(db, ids[1], "document")
+    lines = error_lines(run("delete", "--owner", "alice", "--store", "sqlite:///s.db", ok=None))
+    assert any(ids[1] in line for line in lines[:-1])  # the store's warning names it
+    assert lines[-1] == (
+        "asyncsession: error: 1 stored session could not be read, so whether they are this "
+        "owner's is unknown (see the warnings above): inspect them with `asyncsession show "
+        "ID` and delete them by ID."
+    )
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT id FROM sessions").fetchall() == [(ids[1],)]
+    run("delete", ids[1], "--store", "sqlite:///s.db")  # deleted unread, by id
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
