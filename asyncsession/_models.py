@@ -22,6 +22,7 @@ from ._exceptions import (
     InvalidSessionName,
     SessionError,
     ValidationError,
+    check_flag,
     kind_of,
 )
 from ._json import (
@@ -762,6 +763,6 @@ class ExpiryPolicy:
         deadline = self.deadline(status, created_at, last_active, None)
         if deadline is not None and deadline <= at:
             return deadline, deadline
-        if moves and last_active < at:
+        if check_flag(moves, "moves") and last_active < at:
             deadline = self.deadline(status, created_at, at, None)
         return deadline, None

@@ -233,6 +233,7 @@ class SessionDict(MutableMapping[str, Any]):
         read_only: bool = False,
         unavailable: StorageError | None = None,
     ) -> None:
+        check_flag(read_only, "read_only")
         self._manager = manager
         self._unavailable = unavailable  # the error that kept the session from loading
         self._id: uuid.UUID | None = session.id if session is not None else None

@@ -14,6 +14,7 @@ import pytest
 
 import asyncsession as s
 from asyncsession._clock import utc
+from asyncsession.asgi import SessionDict
 from asyncsession.testing import ManualClock
 
 NOW = datetime(2024, 1, 2, tzinfo=timezone.utc)
@@ -491,6 +492,9 @@ async def test_flags_take_only_true_or_false(tmp_path: Any, value: Any) -> None:
         lambda: s.FileRepository(tmp_path / "files", shared=value),
         lambda: s.SQLiteRepository(tmp_path / "s.db", upgrade=value),
         lambda: s.SessionManager(s.MemoryRepository(), share_events=value),
+        lambda: s.ExpiryPolicy().activity_deadline(
+            s.SessionStatus.ACTIVE, NOW, NOW, NOW, moves=value
+        ),
     ):
         with pytest.raises(s.InvalidConfiguration, match=flag):
             make()
@@ -509,3 +513,5 @@ async def test_flags_take_only_true_or_false(tmp_path: Any, value: Any) -> None:
             await sessions.delete(session.id, missing_ok=value)
         stored = await sessions.get(session.id, touch=False)
         assert stored.last_active == session.last_active  # neither touched nor deleted
+        with pytest.raises(s.InvalidConfiguration, match=f"read_only {flag}"):
+            SessionDict(sessions, stored, read_only=value)
