@@ -36,6 +36,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Iterable,
     Iterator,
     Mapping,
@@ -90,7 +91,7 @@ from . import (
 )
 from ._manager import _is_retired
 from ._urls import STORE_URL_FORMS, repository_from_url, shown_url
-from .abc import SKIPPED_SESSION_ATTRIBUTE, EventTransport
+from .abc import EventTransport, _collecting_skipped
 from .reporting import _REPORT_FILE_MODE, JsonLinesReporter, Reporter, aggregate, read_reports
 from .stores.sqlite import SCHEMA_VERSION, _BusyAtOpen, _OlderLayout
 
@@ -1765,16 +1766,16 @@ async def _delete_one(repository: SessionRepository, sid: uuid.UUID) -> bool:
 def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> None:
     """``delete --owner``: every stored session of ``owner``, listed, then deleted.
 
-    A session that cannot be read is left out of listings (the store warns), so whether
-    it is the owner's is unknown: the command deletes the others, then fails (exit 1)
-    saying how many, so that an erasure is never reported complete while one may remain.
+    A session that cannot be read is left out of listings (the store warns), and a file
+    store's quarantined documents are in none, so whether they are the owner's is
+    unknown: the command deletes the others, then fails (exit 1) saying how many, so
+    that an erasure is never reported complete while one may remain.
     """
-    skipped: list[uuid.UUID] = []
 
-    async def act(repository: SessionRepository) -> tuple[list[uuid.UUID], bool]:
+    async def act(repository: SessionRepository) -> tuple[list[uuid.UUID], bool, str]:
         ids: list[uuid.UUID] = []
         cursor: str | None = None
-        with _SkippedByListings(skipped):
+        with _collecting_skipped() as skipped:
             while True:
                 query = SessionQuery(owner=owner, limit=PAGE, cursor=cursor)
                 page = await repository.list(query)
@@ -1783,9 +1784,26 @@ def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> No
                     break
                 cursor = page.next_cursor
         deleted = [sid for sid in dict.fromkeys(ids) if await _delete_one(repository, sid)]
-        return deleted, isinstance(repository, SQLiteRepository)
+        unknown = len(set(skipped))
+        aside = ""
+        if isinstance(repository, FileRepository):
+            unknown += len(await repository.unreadable())
+            quarantined = len(await repository.quarantined())
+            if quarantined:
+                aside = (
+                    f" {repository.directory / 'quarantine'} holds {quarantined} damaged "
+                    f"session document{'s' if quarantined != 1 else ''} (the store never "
+                    "deletes them): remove this owner's yourself."
+                )
+        if unknown:
+            aside = (
+                f" {unknown} stored session{'s' if unknown != 1 else ''} could not be read, "
+                "so whether they are this owner's is unknown (see the warnings above): "
+                f"inspect them with `asyncsession show ID` and delete them by ID.{aside}"
+            )
+        return deleted, isinstance(repository, SQLiteRepository), aside.strip()
 
-    deleted, sqlite = _with_store(store_url, backend, act, writes=True)
+    deleted, sqlite, unchecked = _with_store(store_url, backend, act, writes=True)
     count = len(deleted)
     if as_json:
         _print_json({"deleted": [str(sid) for sid in deleted]})
@@ -1796,13 +1814,8 @@ def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> No
                 "Their data stays in the database files until `asyncsession checkpoint "
                 "--vacuum` (see Deleting personal data in the README)."
             )
-    unknown = len(set(skipped))
-    if unknown:
-        raise CLIError(
-            f"{unknown} stored session{'s' if unknown != 1 else ''} could not be read, so "
-            "whether they are this owner's is unknown (see the warnings above): inspect "
-            "them with `asyncsession show ID` and delete them by ID."
-        )
+    if unchecked:
+        raise CLIError(unchecked)
 
 
 async def _remove_if_expired(repository: SessionRepository, sid: uuid.UUID) -> bool:
@@ -2113,6 +2126,8 @@ class _Exported:
     unreadable: int  # listed, but reading it failed
     unlisted: int  # counted by the store, but in none of its listings (at least this many)
     unconfirmed: int  # counted; maybe sessions created or deleted while it checked
+    # stored sessions it could not write: unreadable ones, and quarantined documents
+    damaged: frozenset[uuid.UUID] = frozenset()
 
     @property
     def left_out(self) -> int:
@@ -2153,7 +2168,8 @@ class _Export:
     written: set[uuid.UUID] = attrs.field(factory=set)
     unreadable: set[uuid.UUID] = attrs.field(factory=set)
     gone: set[uuid.UUID] = attrs.field(factory=set)  # listed, then found deleted
-    # the sessions the store's listings skipped as unreadable (see _SkippedByListings)
+    quarantined: set[uuid.UUID] = attrs.field(factory=set)  # a file store's, not listed
+    # the sessions the store's listings skipped as unreadable (abc.log_skipped)
     skipped: list[uuid.UUID] = attrs.field(factory=list)
     _taken: int = 0
 
@@ -2314,6 +2330,7 @@ class _Export:
                 self.unreadable.add(sid)
             else:
                 kept.append(path)
+                self.quarantined.add(sid)
         if kept:
             logger.warning(
                 "%s holds %d quarantined session document%s, not exported: the store moves "
@@ -2323,28 +2340,6 @@ class _Export:
                 len(kept),
                 "" if len(kept) == 1 else "s",
             )
-
-
-class _SkippedByListings(logging.Handler):
-    """While in use, collects into ``ids`` the sessions the stores' listings skip
-    because they cannot read them (their warnings name them: ``log_skipped``)."""
-
-    def __init__(self, ids: list[uuid.UUID]) -> None:
-        super().__init__(logging.WARNING)
-        self.ids = ids
-        self._logger = logging.getLogger("asyncsession")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        sid = getattr(record, SKIPPED_SESSION_ATTRIBUTE, None)
-        if isinstance(sid, uuid.UUID):
-            self.ids.append(sid)
-
-    def __enter__(self) -> _SkippedByListings:
-        self._logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._logger.removeHandler(self)
 
 
 async def _export(
@@ -2364,7 +2359,8 @@ async def _export(
     and counts (:meth:`_Export.set_aside`).
     """
     export = _Export(repository, output, name)
-    with _progress(show_progress) as progress, _SkippedByListings(export.skipped):
+    with _progress(show_progress) as progress, _collecting_skipped() as skipped:
+        export.skipped = skipped
         task = progress.add_task("Reading the store", total=None)
         ids = await export.list_ids()
         progress.update(task, total=len(ids), completed=0, description="Exporting")
@@ -2385,7 +2381,25 @@ async def _export(
         len(export.unreadable),
         check.unlisted,
         check.unconfirmed,
+        frozenset(export.unreadable | export.quarantined),
     )
+
+
+def _mentioned_in(path: str, ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+    """The ``ids`` whose text occurs in file ``path`` (all of them if it cannot be read:
+    it may hold them)."""
+    wanted = {str(sid).encode(): sid for sid in ids}
+    found: set[uuid.UUID] = set()
+    try:
+        with open(path, "rb") as file:
+            tail = b""
+            while chunk := file.read(1 << 20):
+                data = tail + chunk
+                found.update(sid for text, sid in wanted.items() if text in data)
+                tail = data[-35:]  # an id split across two chunks
+    except OSError:
+        return set(ids)
+    return found
 
 
 def _incomplete(result: _Exported) -> str:
@@ -2421,8 +2435,9 @@ def _incomplete(result: _Exported) -> str:
     default="-",
     show_default=True,
     help="JSON Lines file to write (- for stdout). It is replaced only by an export that "
-    "succeeds: a failed one leaves it as it was. A new file is readable by you only (0600, "
-    "less the umask); a replaced one keeps its read/write/execute permissions, and its "
+    "succeeds: a failed one leaves it as it was, and so does one that could not read a "
+    "session this file holds (its last good copy, maybe). A new file is readable by you "
+    "only (0600, less the umask); a replaced one keeps its read/write/execute permissions, and its "
     "owner and group as far as you may set them (if the group cannot be kept, the new file "
     "gives its group no access). A FIFO, a device or /dev/stdout is written in place, like stdout.",
 )
@@ -2430,8 +2445,7 @@ def _incomplete(result: _Exported) -> str:
     "--skip-unreadable",
     is_flag=True,
     help="Write the sessions that can be read and exit 0 when others cannot (damaged "
-    "ones, or a newer release's): the warnings name them, and the summary counts them. "
-    "It will not replace a non-empty --output file, which may hold their last good copy.",
+    "ones, or a newer release's): the warnings name them, and the summary counts them.",
 )
 @_store_option
 @_backend_option
@@ -2486,20 +2500,18 @@ def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend:
         _check_output_file(output, "--output", replaced=True)
         kept = "was left as it was" if os.path.lexists(output) else "was not written"
         try:
-            previous = os.path.getsize(output) if os.path.lexists(output) else 0
-        except OSError:  # a dangling link: replaced by a new file
-            previous = 0
-        try:
             store = _store(store_url)  # refused before a new file is made beside the output
             with _replacing(output, "--output") as stream:
                 result = _on_store(store, backend, lambda repo: _export(repo, stream, output, True))
                 if not result.succeeded(skip_unreadable):
                     raise CLIError(_incomplete(result))
-                if result.unreadable and previous:
+                held = _mentioned_in(output, result.damaged) if os.path.exists(output) else ()
+                if held:
                     raise CLIError(
-                        f"{_stored(result.unreadable, result.total)} could not be read (see "
-                        f"the warnings above), and {output} holds an earlier export, which "
-                        "may have the last good copy of them: export to a new file."
+                        f"{output} holds an earlier export with the last good copy of "
+                        f"{len(held)} stored session{'s' if len(held) != 1 else ''} that "
+                        "cannot be read now (see the warnings above): export to a new file, "
+                        f"and keep {output} to restore {'it' if len(held) == 1 else 'them'} from."
                     )
         except Exception as exc:
             expected = _expected(exc)

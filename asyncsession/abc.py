@@ -9,6 +9,7 @@ backing store, so SQLite, a directory of files and Redis can all implement it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import threading
@@ -17,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -46,7 +48,6 @@ __all__ = [
     "EventTransport",
     "Page",
     "RemoteEvent",
-    "SKIPPED_SESSION_ATTRIBUTE",
     "SessionQuery",
     "SessionRepository",
     "decode_cursor",
@@ -162,21 +163,31 @@ def _check_file_mode(file_mode: object) -> None:
         )
 
 
-#: The attribute of the log record of a listing that skips a session it cannot read:
-#: the session's id (``asyncsession export`` reads it, to count that session as
-#: unreadable rather than as one no listing found).
-SKIPPED_SESSION_ATTRIBUTE = "asyncsession_skipped_session"
+#: The ids of the sessions listings skip as unreadable, collected while
+#: :func:`_collecting_skipped` runs in this context (None: nobody collects them).
+_skipped: ContextVar[list[uuid.UUID] | None] = ContextVar("asyncsession_skipped", default=None)
 
 
 def log_skipped(logger: logging.Logger, session_id: uuid.UUID, exc: BaseException) -> None:
-    """Log that a listing skips session ``session_id``, which it cannot read (``exc``),
-    as a warning whose record names the session (:data:`SKIPPED_SESSION_ATTRIBUTE`)."""
-    logger.warning(
-        "listing skips unreadable session %s: %s",
-        session_id,
-        exc,
-        extra={SKIPPED_SESSION_ATTRIBUTE: session_id},
-    )
+    """Log that a listing skips session ``session_id``, which it cannot read (``exc``):
+    a store's ``list()`` calls it for each such session, so that ``asyncsession export``
+    and ``delete --owner`` can count the session as unreadable rather than missing."""
+    logger.warning("listing skips unreadable session %s: %s", session_id, exc)
+    collected = _skipped.get()
+    if collected is not None:
+        collected.append(session_id)
+
+
+@contextlib.contextmanager
+def _collecting_skipped() -> Iterator[list[uuid.UUID]]:
+    """Collect the ids :func:`log_skipped` is given while in it (in this context, and
+    the tasks it starts), whatever logging is configured to keep."""
+    collected: list[uuid.UUID] = []
+    token = _skipped.set(collected)
+    try:
+        yield collected
+    finally:
+        _skipped.reset(token)
 
 
 def encode_cursor(last_active: datetime, session_id: uuid.UUID, query: SessionQuery) -> str:

@@ -4,6 +4,7 @@ that are not regular files."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import shutil
@@ -343,6 +344,28 @@ def test_sessions_created_meanwhile_do_not_hide_an_unreadable_one(
 
 
 @BACKENDS
+@pytest.mark.parametrize("level", [logging.ERROR, logging.CRITICAL + 1])
+def test_skip_unreadable_does_not_depend_on_logging(
+    backend: str, level: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The skipped sessions' ids came from the stores' log records, which an embedding
+    program's logging configuration can drop: --skip-unreadable then failed (helper-176)."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    ids = add_sessions(s.repository_from_url(url), backend, 3)
+    store = s.repository_from_url(url)
+    anyio.run(overwrite_document, store, ids[1], b'{"version": 1, "id', backend=backend)
+    library = logging.getLogger("asyncsession")
+    old = library.level
+    library.setLevel(level)  # setLevel: the logger caches what it drops
+    try:
+        output = tmp_path / "backup.jsonl"
+        export(store, output, backend, monkeypatch, "--skip-unreadable")
+    finally:
+        library.setLevel(old)
+    assert exported_ids(output) == {ids[0], ids[2]}
+
+
+@BACKENDS
 def test_skip_unreadable_never_skips_a_session_the_listings_kept_missing(
     backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -399,12 +422,14 @@ def file_store(
     return s.FileRepository(tmp_path / "files"), ids
 
 
-def run_export(tmp_path: Path, backend: str) -> subprocess.CompletedProcess[str]:
+def run_export(
+    tmp_path: Path, backend: str, output: str = "backup.jsonl"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             *EXPORT,
             "-o",
-            "backup.jsonl",
+            output,
             "--store",
             f"file://{tmp_path / 'files'}",
             "--backend",
@@ -446,6 +471,30 @@ def test_export_warns_of_quarantined_documents(backend: str, tmp_path: Path) -> 
         "its checksum field), or delete it."
     ]
     assert "Exported 2 sessions." in result.stderr
+
+
+@BACKENDS
+def test_export_keeps_a_backup_holding_a_quarantined_sessions_last_good_copy(
+    backend: str, tmp_path: Path
+) -> None:
+    """A session the file store quarantined (an application's read found it damaged) is
+    in no listing: the nightly export replaced the backup that held its last good copy,
+    with a warning and exit 0 (helper-176)."""
+    store, ids = file_store(tmp_path, backend, 3)
+    assert run_export(tmp_path, backend).returncode == 0
+    backup = (tmp_path / "backup.jsonl").read_bytes()
+    quarantine(store, backend, ids[1])
+    result = run_export(tmp_path, backend)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "asyncsession: error: backup.jsonl holds an earlier export with the last good copy "
+        "of 1 stored session that cannot be read now (see the warnings above): export to a "
+        "new file, and keep backup.jsonl to restore it from. The export failed: "
+        "backup.jsonl was left as it was."
+    )
+    assert (tmp_path / "backup.jsonl").read_bytes() == backup
+    assert run_export(tmp_path, backend, "new.jsonl").returncode == 0  # nothing lost there
+    assert exported_ids(tmp_path / "new.jsonl") == {ids[0], ids[2]}
 
 
 @BACKENDS

@@ -89,7 +89,6 @@ PUBLIC_API = {
         "EventTransport",
         "Page",
         "RemoteEvent",
-        "SKIPPED_SESSION_ATTRIBUTE",
         "SessionQuery",
         "SessionRepository",
         "decode_cursor",
