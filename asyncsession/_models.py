@@ -81,10 +81,19 @@ def parse_status(value: SessionStatus | str) -> SessionStatus:
     try:
         return SessionStatus(value)
     except (TypeError, ValueError):  # TypeError: an unhashable value
+        close = value.strip().lower() if isinstance(value, str) else None
+        hint = (
+            f" (it differs from {close!r} in case or surrounding spaces)"
+            if close in _STATUS_VALUES
+            else ""
+        )
         raise InvalidConfiguration(
-            f"Unknown session status {value!r}: use one of "
+            f"Unknown session status {value!r}{hint}: use one of "
             f"{', '.join(status.value for status in SessionStatus)}."
         ) from None
+
+
+_STATUS_VALUES = frozenset(status.value for status in SessionStatus)
 
 
 def status_problem(value: object) -> str:

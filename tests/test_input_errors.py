@@ -515,3 +515,18 @@ async def test_flags_take_only_true_or_false(tmp_path: Any, value: Any) -> None:
         assert stored.last_active == session.last_active  # neither touched nor deleted
         with pytest.raises(s.InvalidConfiguration, match=f"read_only {flag}"):
             SessionDict(sessions, stored, read_only=value)
+
+
+@pytest.mark.anyio
+async def test_a_status_in_another_case_gets_a_hint() -> None:
+    """status="CRASHED" got only the list of statuses, without the hint roles get."""
+    async with s.SessionManager(s.MemoryRepository()) as sessions:
+        session = await sessions.create()
+        with pytest.raises(s.InvalidConfiguration) as info:
+            await sessions.close(session.id, status="CRASHED")
+        assert "'CRASHED' (it differs from 'crashed' in case or surrounding spaces)" in str(
+            info.value
+        )
+        with pytest.raises(s.InvalidConfiguration, match=r"^Unknown session status 'gone': use"):
+            await sessions.list(status="gone")
+        assert (await sessions.get(session.id, touch=False)).status is s.SessionStatus.ACTIVE
