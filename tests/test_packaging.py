@@ -1,9 +1,11 @@
 """The package ships what its metadata promises: the ``py.typed`` marker (PEP 561) that
-the ``Typing :: Typed`` classifier announces, so type checkers read our annotations."""
+the ``Typing :: Typed`` classifier announces, so type checkers read our annotations; and
+the README's table of contents matches its sections."""
 
 from __future__ import annotations
 
 import importlib.resources
+import re
 import subprocess
 import sys
 import zipfile
@@ -38,3 +40,23 @@ def test_the_built_wheel_contains_py_typed(tmp_path: Path) -> None:
     # coredis 6.0-6.8 lack what the Redis store uses (see stores/redis.py _COREDIS_OLDEST)
     assert "Requires-Dist: coredis<7,>=6.9; extra == 'redis'" in metadata
     assert not any(n.startswith(("tests/", "benchmarks/", "examples/")) for n in names)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_contents_lists_every_section_with_its_anchor() -> None:
+    """The README's Contents names every section (## and ###) in order, and every link
+    to a section of the README (#anchor) leads to one."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^#{2,3} (.+)$", text, re.MULTILINE)
+    anchors = {_anchor(h) for h in headings}
+    contents = text[text.index("## Contents") : text.index("## Quick start")]
+    listed = re.findall(r"\[([^\]]+)\]\(#([^)]+)\)", contents)
+    wanted = [h for h in headings if h != "Contents"]
+    assert [name for name, _ in listed] == [h.replace("`", "") for h in wanted]
+    assert [link for _, link in listed] == [_anchor(h) for h in wanted]
+    for link in re.findall(r"\]\(#([^)]+)\)", text):
+        assert link in anchors, link
