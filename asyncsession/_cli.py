@@ -72,6 +72,7 @@ from . import (
     InvalidCursor,
     InvalidOwner,
     InvalidUpdate,
+    RedisRepository,
     SerializationError,
     Session,
     SessionConflict,
@@ -1763,47 +1764,75 @@ async def _delete_one(repository: SessionRepository, sid: uuid.UUID) -> bool:
     return deleted
 
 
+#: How often ``delete --owner`` lists the owner's sessions again, for those a listing
+#: missed (written while it paged, they moved ahead of it).
+OWNER_ROUNDS: Final = 5
+
+
 def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> None:
     """``delete --owner``: every stored session of ``owner``, listed, then deleted.
 
-    A session that cannot be read is left out of listings (the store warns), and a file
-    store's quarantined documents are in none, so whether they are the owner's is
-    unknown: the command deletes the others, then fails (exit 1) saying how many, so
-    that an erasure is never reported complete while one may remain.
+    A session written while the listing pages moves ahead of it: the owner's sessions
+    are listed again until a listing finds none left (at most :data:`OWNER_ROUNDS`
+    times), and the store's count of them must then be 0. The SQLite and Redis stores
+    list an owner's sessions by their owner column or index, so a session they skip as
+    unreadable is the owner's: it is deleted unread. A file store's unreadable entries
+    and quarantined documents are in no listing: whether they are the owner's is
+    unknown. The command fails (exit 1) while any of those may remain, so that an
+    erasure is never reported complete while one may.
     """
 
     async def act(repository: SessionRepository) -> tuple[list[uuid.UUID], bool, str]:
-        ids: list[uuid.UUID] = []
-        cursor: str | None = None
-        with _collecting_skipped() as skipped:
-            while True:
-                query = SessionQuery(owner=owner, limit=PAGE, cursor=cursor)
-                page = await repository.list(query)
-                ids.extend(session.id for session in page.items)
-                if page.next_cursor is None:
-                    break
-                cursor = page.next_cursor
-        deleted = [sid for sid in dict.fromkeys(ids) if await _delete_one(repository, sid)]
-        unknown = len(set(skipped))
-        aside = ""
+        # built-in stores whose listing by owner filters before it reads a document
+        by_owner_index = isinstance(repository, (SQLiteRepository, RedisRepository))
+        deleted: list[uuid.UUID] = []
+        unknown: set[uuid.UUID] = set()
+        for _ in range(OWNER_ROUNDS):
+            ids: list[uuid.UUID] = []
+            cursor: str | None = None
+            with _collecting_skipped() as skipped:
+                while True:
+                    query = SessionQuery(owner=owner, limit=PAGE, cursor=cursor)
+                    page = await repository.list(query)
+                    ids.extend(session.id for session in page.items)
+                    if page.next_cursor is None:
+                        break
+                    cursor = page.next_cursor
+            if by_owner_index:
+                ids.extend(skipped)
+            else:
+                unknown.update(skipped)
+            found = [sid for sid in dict.fromkeys(ids) if await _delete_one(repository, sid)]
+            deleted.extend(found)
+            if not found:
+                break
+        left = sum((await repository.count_by_status(owner)).values())
+        problems: list[str] = []
+        if left:
+            problems.append(
+                f"{left} of this owner's sessions {'is' if left == 1 else 'are'} still stored "
+                "(written while the command ran, or unreadable: see any "
+                "warnings above); run it again once the owner's access is stopped."
+            )
         if isinstance(repository, FileRepository):
-            unknown += len(await repository.unreadable())
+            unknown.update(sid for sid, _ in await repository.unreadable())
             quarantined = len(await repository.quarantined())
             if quarantined:
-                aside = (
-                    f" {repository.directory / 'quarantine'} holds {quarantined} damaged "
+                problems.append(
+                    f"{repository.directory / 'quarantine'} holds {quarantined} damaged "
                     f"session document{'s' if quarantined != 1 else ''} (the store never "
                     "deletes them): remove this owner's yourself."
                 )
         if unknown:
-            aside = (
-                f" {unknown} stored session{'s' if unknown != 1 else ''} could not be read, "
-                "so whether they are this owner's is unknown (see the warnings above): "
-                f"inspect them with `asyncsession show ID` and delete them by ID.{aside}"
+            problems.insert(
+                0,
+                f"{len(unknown)} stored session{'s' if len(unknown) != 1 else ''} could not "
+                "be read, so whether they are this owner's is unknown (see the warnings "
+                "above): inspect them with `asyncsession show ID` and delete them by ID.",
             )
-        return deleted, isinstance(repository, SQLiteRepository), aside.strip()
+        return deleted, isinstance(repository, SQLiteRepository), " ".join(problems)
 
-    deleted, sqlite, unchecked = _with_store(store_url, backend, act, writes=True)
+    deleted, sqlite, unfinished = _with_store(store_url, backend, act, writes=True)
     count = len(deleted)
     if as_json:
         _print_json({"deleted": [str(sid) for sid in deleted]})
@@ -1814,8 +1843,8 @@ def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> No
                 "Their data stays in the database files until `asyncsession checkpoint "
                 "--vacuum` (see Deleting personal data in the README)."
             )
-    if unchecked:
-        raise CLIError(unchecked)
+    if unfinished:
+        raise CLIError(unfinished)
 
 
 async def _remove_if_expired(repository: SessionRepository, sid: uuid.UUID) -> bool:
@@ -2330,7 +2359,8 @@ class _Export:
                 self.unreadable.add(sid)
             else:
                 kept.append(path)
-                self.quarantined.add(sid)
+                if sid not in self.written:  # else restored since (imported again, say)
+                    self.quarantined.add(sid)
         if kept:
             logger.warning(
                 "%s holds %d quarantined session document%s, not exported: the store moves "
@@ -2387,7 +2417,7 @@ async def _export(
 
 def _mentioned_in(path: str, ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
     """The ``ids`` whose text occurs in file ``path`` (all of them if it cannot be read:
-    it may hold them)."""
+    it may hold them). One pass over the file, whatever the number of ids."""
     wanted = {str(sid).encode(): sid for sid in ids}
     found: set[uuid.UUID] = set()
     try:
@@ -2395,11 +2425,14 @@ def _mentioned_in(path: str, ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
             tail = b""
             while chunk := file.read(1 << 20):
                 data = tail + chunk
-                found.update(sid for text, sid in wanted.items() if text in data)
+                found.update(wanted[text] for text in _UUID_TEXT.findall(data) if text in wanted)
                 tail = data[-35:]  # an id split across two chunks
     except OSError:
         return set(ids)
     return found
+
+
+_UUID_TEXT: Final = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _incomplete(result: _Exported) -> str:

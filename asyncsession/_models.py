@@ -769,9 +769,10 @@ class ExpiryPolicy:
         deadline is the one from its stored ``last_active``, so this never finds expired
         what the stored deadline had not.
         """
+        check_flag(moves, "moves")
         deadline = self.deadline(status, created_at, last_active, None)
         if deadline is not None and deadline <= at:
             return deadline, deadline
-        if check_flag(moves, "moves") and last_active < at:
+        if moves and last_active < at:
             deadline = self.deadline(status, created_at, at, None)
         return deadline, None

@@ -34,6 +34,7 @@ from asyncsession import _cli
 
 EXPORT = [sys.executable, "-m", "asyncsession", "export"]
 EXPORT_TO_STDOUT = [*EXPORT, "-o", "/dev/stdout"]
+IMPORT = [sys.executable, "-m", "asyncsession", "import"]
 BACKENDS = pytest.mark.parametrize("backend", ["asyncio", "trio"])
 
 
@@ -412,6 +413,85 @@ def test_a_session_damaged_while_the_export_runs_fails_it(
     )
 
 
+# -- delete --owner while the application writes -------------------------------------------
+
+
+def delete_owner(store: s.SessionRepository, backend: str, monkeypatch: Any, *options: str) -> None:
+    monkeypatch.setattr(_cli, "open_store", lambda url: store)
+    monkeypatch.setattr(_cli, "PAGE", 2)
+    args = ["delete", "--owner", "alice", "--backend", backend, *options]
+    _cli.cli.main(args, prog_name="asyncsession", standalone_mode=False)
+
+
+async def alices(store: s.SessionRepository, count: int) -> list[uuid.UUID]:
+    sessions = [s.Session(uuid.uuid4(), later(), later(), owner="alice") for _ in range(count)]
+    for session in sessions:
+        await store.add(session)
+    return [x.id for x in sessions]
+
+
+@BACKENDS
+def test_delete_owner_deletes_a_session_written_while_it_lists(
+    backend: str, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session written while the listing paged moved ahead of it, into the pages
+    already read: `delete --owner` said "Deleted N" and exited 0, leaving it (helper-177)."""
+    store = s.repository_from_url(store_url)
+    ids: list[uuid.UUID] = []
+    clock = [later()]
+    touched: list[uuid.UUID] = []
+
+    async def setup() -> None:
+        async with store:
+            ids.extend(await alices(store, 6))
+
+    anyio.run(setup, backend=backend)
+    listed = store.list
+
+    async def list_and_touch(query: s.SessionQuery) -> s.Page:
+        page = await listed(query)
+        if query.cursor is None and not touched:  # the first page: touch one further on
+            touched.append(one_not_in(page, ids))
+            clock[0] += timedelta(minutes=1)
+            assert await store.touch(touched[0], at=clock[0], policy=s.ExpiryPolicy())
+        return page
+
+    monkeypatch.setattr(store, "list", list_and_touch)
+    delete_owner(store, backend, monkeypatch)
+
+    async def left() -> int:
+        async with s.repository_from_url(store_url) as again:
+            return sum((await again.count_by_status("alice")).values())
+
+    assert touched and anyio.run(left, backend=backend) == 0
+
+
+@BACKENDS
+def test_delete_owner_fails_while_the_owner_keeps_writing(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions created for the owner at every listing outlast its rounds: exit 1."""
+    store = s.repository_from_url(f"sqlite:///{tmp_path / 's.db'}")
+    anyio.run(_open_and_add, store, backend=backend)
+    listed = store.list
+
+    async def list_and_create(query: s.SessionQuery) -> s.Page:
+        page = await listed(query)
+        await alices(store, 1)
+        return page
+
+    monkeypatch.setattr(store, "list", list_and_create)
+    with pytest.raises(_cli.CLIError) as caught:
+        delete_owner(store, backend, monkeypatch)
+    assert caught.value.message.startswith("1 of this owner's sessions is still stored")
+    assert caught.value.message.endswith("run it again once the owner's access is stopped.")
+
+
+async def _open_and_add(store: s.SessionRepository) -> None:
+    async with store:
+        await alices(store, 3)
+
+
 # -- what the file store leaves out of its listings and counts (found by helper-62) ------------
 
 
@@ -495,6 +575,21 @@ def test_export_keeps_a_backup_holding_a_quarantined_sessions_last_good_copy(
     assert (tmp_path / "backup.jsonl").read_bytes() == backup
     assert run_export(tmp_path, backend, "new.jsonl").returncode == 0  # nothing lost there
     assert exported_ids(tmp_path / "new.jsonl") == {ids[0], ids[2]}
+    # restored from the backup (its damaged copy stays in quarantine/), it is readable
+    # again: exports over files that hold it succeed (they were refused for good)
+    files = f"file://{tmp_path / 'files'}"
+    restore = subprocess.run(
+        [*IMPORT, "backup.jsonl", "--replace", "--backend", backend, "--store", files],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert restore.returncode == 0, restore.stderr
+    for output in ("new.jsonl", "backup.jsonl"):
+        result = run_export(tmp_path, backend, output)
+        assert result.returncode == 0, result.stderr
+        assert exported_ids(tmp_path / output) == set(ids)
 
 
 @BACKENDS

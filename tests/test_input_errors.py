@@ -495,6 +495,9 @@ async def test_flags_take_only_true_or_false(tmp_path: Any, value: Any) -> None:
         lambda: s.ExpiryPolicy().activity_deadline(
             s.SessionStatus.ACTIVE, NOW, NOW, NOW, moves=value
         ),
+        lambda: s.ExpiryPolicy(idle_timeout=60).activity_deadline(  # already overdue
+            s.SessionStatus.ACTIVE, NOW, NOW, NOW + timedelta(hours=1), moves=value
+        ),
     ):
         with pytest.raises(s.InvalidConfiguration, match=flag):
             make()

@@ -1321,7 +1321,7 @@ class SQLiteRepository(SessionRepository):
                     f"Checkpoint of SQLite database {self._path} could not finish: another "
                     "connection (another process, or another store on this file) kept "
                     f"reading or writing it (busy={busy}{pages}). Deleted data may remain "
-                    f"in {name} until a checkpoint finishes: retry checkpoint() when the "
+                    f"in {name} until a checkpoint finishes: retry the checkpoint when the "
                     "other processes are idle (no long read or write transaction open)."
                 )
 
