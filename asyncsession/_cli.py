@@ -1811,8 +1811,8 @@ def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> No
         if left:
             problems.append(
                 f"{left} of this owner's sessions {'is' if left == 1 else 'are'} still stored "
-                "(written while the command ran, or unreadable: see any "
-                "warnings above); run it again once the owner's access is stopped."
+                "(written while the command ran): run it again once the owner's access "
+                "is stopped."
             )
         if isinstance(repository, FileRepository):
             unknown.update(sid for sid, _ in await repository.unreadable())
@@ -2348,6 +2348,7 @@ class _Export:
                 logger.warning("cannot export session %s: %s", sid, exc)
                 self.unreadable.add(sid)
         kept: list[Path] = []
+        restored: list[Path] = []
         for sid, path in await repository.quarantined():
             if sid in self.listed and not self.done(sid):
                 logger.warning(
@@ -2357,10 +2358,22 @@ class _Export:
                     path,
                 )
                 self.unreadable.add(sid)
+            elif sid in self.written:  # restored since (imported again, say)
+                restored.append(path)
             else:
                 kept.append(path)
-                if sid not in self.written:  # else restored since (imported again, say)
-                    self.quarantined.add(sid)
+                self.quarantined.add(sid)
+        if restored:
+            logger.warning(
+                "%s holds the old, damaged document%s of %d session%s restored since (and "
+                "exported): delete %s once you no longer need %s.",
+                restored[0].parent,
+                "" if len(restored) == 1 else "s",
+                len(restored),
+                "" if len(restored) == 1 else "s",
+                "it" if len(restored) == 1 else "them",
+                "it" if len(restored) == 1 else "them",
+            )
         if kept:
             logger.warning(
                 "%s holds %d quarantined session document%s, not exported: the store moves "
@@ -2425,14 +2438,19 @@ def _mentioned_in(path: str, ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
             tail = b""
             while chunk := file.read(1 << 20):
                 data = tail + chunk
-                found.update(wanted[text] for text in _UUID_TEXT.findall(data) if text in wanted)
+                for text in _UUID_TEXT.findall(data):
+                    sid = wanted.get(text.lower())  # other tools may write UUIDs in capitals
+                    if sid is not None:
+                        found.add(sid)
                 tail = data[-35:]  # an id split across two chunks
     except OSError:
         return set(ids)
     return found
 
 
-_UUID_TEXT: Final = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID_TEXT: Final = re.compile(
+    rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
+)
 
 
 def _incomplete(result: _Exported) -> str:

@@ -487,6 +487,35 @@ def test_delete_owner_fails_while_the_owner_keeps_writing(
     assert caught.value.message.endswith("run it again once the owner's access is stopped.")
 
 
+@BACKENDS
+def test_delete_owner_deletes_the_owners_unreadable_sessions(
+    backend: str, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite and Redis list an owner's sessions by owner column or index: one they skip
+    as unreadable is the owner's, and is deleted unread (it was left, exit 1). A file
+    store quarantines it: whether it was the owner's is unknown (exit 1)."""
+    store = s.repository_from_url(store_url)
+    ids: list[uuid.UUID] = []
+
+    async def setup() -> None:
+        async with store:
+            ids.extend(await alices(store, 3))
+            await overwrite_document(store, ids[1], b'{"version": 1, "id')
+
+    anyio.run(setup, backend=backend)
+    if store_url.startswith("file"):
+        with pytest.raises(_cli.CLIError, match="quarantine holds 1 damaged session document"):
+            delete_owner(store, backend, monkeypatch)
+    else:
+        delete_owner(store, backend, monkeypatch)
+
+    async def left() -> int:
+        async with s.repository_from_url(store_url) as again:
+            return sum((await again.count_by_status("alice")).values())
+
+    assert anyio.run(left, backend=backend) == 0
+
+
 async def _open_and_add(store: s.SessionRepository) -> None:
     async with store:
         await alices(store, 3)
@@ -590,6 +619,25 @@ def test_export_keeps_a_backup_holding_a_quarantined_sessions_last_good_copy(
         result = run_export(tmp_path, backend, output)
         assert result.returncode == 0, result.stderr
         assert exported_ids(tmp_path / output) == set(ids)
+        # it said to repair the old document and move it back over the restored session
+        assert "not exported" not in result.stderr
+        assert (
+            "quarantine holds the old, damaged document of 1 session restored since (and "
+            "exported): delete it once you no longer need it." in result.stderr
+        )
+
+
+def test_a_previous_export_is_searched_for_ids_in_any_case_across_chunks(
+    tmp_path: Path,
+) -> None:
+    """Another tool may write the ids in capitals (import accepts them): an export then
+    replaced a backup holding a damaged session's last good copy (helper-178)."""
+    upper, split, absent = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    path = tmp_path / "backup.jsonl"
+    head = f'{{"id": "{str(upper).upper()}"}}\n'.encode()
+    cut = (1 << 20) - len(head) - 10  # the second id straddles the first 1 MiB read
+    path.write_bytes(head + b" " * cut + f'{{"id": "{split}"}}\n'.encode())
+    assert _cli._mentioned_in(str(path), [upper, split, absent]) == {upper, split}
 
 
 @BACKENDS
