@@ -136,7 +136,7 @@ async def test_checkpoint_blocked_by_another_connection_raises_and_recovers(
         await m.delete(secret.id)
         kept = await m.create(owner="carol")
         with holding(db, holder) as other:
-            with pytest.raises(StorageError, match="retry checkpoint") as info:
+            with pytest.raises(StorageError, match="retry the checkpoint") as info:
                 await repo.checkpoint()
             assert info.value.recoverable
             assert "another connection" in str(info.value)
@@ -388,7 +388,7 @@ async def test_checkpoints_of_one_batch_stop_waiting_once_one_gives_up(
         assert len(failures) == calls
         for failure in failures:
             assert failure.recoverable
-            assert "retry checkpoint" in str(failure)
+            assert "retry the checkpoint" in str(failure)
             assert "It waited" in str(failure)
         assert 0 < len(ran) < calls // 2
         ran.clear()
