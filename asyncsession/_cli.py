@@ -511,18 +511,18 @@ def _missing(value: object, url: str) -> CLIError:
     return CLIError(f"no session {value} in {shown_url(url)}.")
 
 
-async def _all_ids(repository: SessionRepository) -> list[uuid.UUID]:
-    """Every stored session id (expired and closed ones included), newest first."""
-    ids: list[uuid.UUID] = []
-    async for session in _all_sessions(repository):
-        ids.append(session.id)
-    return ids
+async def _all_ids(repository: SessionRepository, owner: str | None = None) -> list[uuid.UUID]:
+    """Every stored session id (expired and closed ones included; of ``owner`` only if
+    given), newest first."""
+    return [session.id async for session in _all_sessions(repository, owner)]
 
 
-async def _all_sessions(repository: SessionRepository) -> AsyncIterator[Session]:
+async def _all_sessions(
+    repository: SessionRepository, owner: str | None = None
+) -> AsyncIterator[Session]:
     cursor: str | None = None
     while True:
-        page = await repository.list(SessionQuery(limit=PAGE, cursor=cursor))
+        page = await repository.list(SessionQuery(owner=owner, limit=PAGE, cursor=cursor))
         for session in page.items:
             yield session
         if page.next_cursor is None:
@@ -1788,16 +1788,8 @@ def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> No
         deleted: list[uuid.UUID] = []
         unknown: set[uuid.UUID] = set()
         for _ in range(OWNER_ROUNDS):
-            ids: list[uuid.UUID] = []
-            cursor: str | None = None
             with _collecting_skipped() as skipped:
-                while True:
-                    query = SessionQuery(owner=owner, limit=PAGE, cursor=cursor)
-                    page = await repository.list(query)
-                    ids.extend(session.id for session in page.items)
-                    if page.next_cursor is None:
-                        break
-                    cursor = page.next_cursor
+                ids = await _all_ids(repository, owner)
             if by_owner_index:
                 ids.extend(skipped)
             else:
