@@ -90,6 +90,7 @@ from . import (
     loads,
     thaw,
 )
+from ._exceptions import _plural
 from ._manager import _is_retired
 from ._urls import STORE_URL_FORMS, repository_from_url, shown_url
 from .abc import EventTransport, _collecting_skipped
@@ -1811,14 +1812,14 @@ def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> No
             quarantined = len(await repository.quarantined())
             if quarantined:
                 problems.append(
-                    f"{repository.directory / 'quarantine'} holds {quarantined} damaged "
-                    f"session document{'s' if quarantined != 1 else ''} (the store never "
+                    f"{repository.directory / 'quarantine'} holds "
+                    f"{_plural(quarantined, 'damaged session document')} (the store never "
                     "deletes them): remove this owner's yourself."
                 )
         if unknown:
             problems.insert(
                 0,
-                f"{len(unknown)} stored session{'s' if len(unknown) != 1 else ''} could not "
+                f"{_plural(len(unknown), 'stored session')} could not "
                 "be read, so whether they are this owner's is unknown (see the warnings "
                 "above): inspect them with `asyncsession show ID` and delete them by ID.",
             )
@@ -2552,7 +2553,7 @@ def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend:
                 if held:
                     raise CLIError(
                         f"{output} holds an earlier export with the last good copy of "
-                        f"{len(held)} stored session{'s' if len(held) != 1 else ''} that "
+                        f"{_plural(len(held), 'stored session')} that "
                         "cannot be read now (see the warnings above): export to a new file, "
                         f"and keep {output} to restore {'it' if len(held) == 1 else 'them'} from."
                     )
