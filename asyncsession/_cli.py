@@ -3042,7 +3042,14 @@ def _interrupted() -> int:
     """Say the command was interrupted; return its exit status."""
     global _said_interrupted
     with contextlib.suppress(OSError):
-        sys.stderr.write("asyncsession: interrupted.\n")
+        _flush(sys.stderr)  # what the command wrote comes first
+        # Marked said before the line is written: a second Ctrl-C landing just after the
+        # write ends the process without a line of its own (marked after, the line came
+        # out twice). Its handler runs in between only while stderr blocks (a full pipe,
+        # which the line would not get through anyway) or, on Python 3.10, which checks
+        # for signals at every bytecode, in the few bytecodes before the call.
+        _said_interrupted = True
+        sys.stderr.write("asyncsession: interrupted.\n")  # stderr is line-buffered
         _flush(sys.stderr)
     _said_interrupted = True
     return _INTERRUPTED
