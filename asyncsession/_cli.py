@@ -1733,6 +1733,13 @@ def delete(
         out.print(f"Deleted {sid}.")
 
 
+def _lists_by_owner_column(repository: SessionRepository) -> bool:
+    """Whether ``repository``'s listing by owner filters on an owner column or index
+    before it reads a document (the SQLite and Redis stores): a session such a listing
+    skips as unreadable is that owner's."""
+    return isinstance(repository, (SQLiteRepository, RedisRepository))
+
+
 def _checked_owner(owner: str) -> str:
     """``--owner``, or a usage error (exit 2) saying what is wrong with it."""
     try:
@@ -1784,8 +1791,7 @@ def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> No
     """
 
     async def act(repository: SessionRepository) -> tuple[list[uuid.UUID], bool, str]:
-        # built-in stores whose listing by owner filters before it reads a document
-        by_owner_index = isinstance(repository, (SQLiteRepository, RedisRepository))
+        by_owner_index = _lists_by_owner_column(repository)
         deleted: list[uuid.UUID] = []
         unknown: set[uuid.UUID] = set()
         for _ in range(OWNER_ROUNDS):
@@ -2150,6 +2156,9 @@ class _Exported:
     unconfirmed: int  # counted; maybe sessions created or deleted while it checked
     # stored sessions it could not write: unreadable ones, and quarantined documents
     damaged: frozenset[uuid.UUID] = frozenset()
+    owner: str | None = None  # --owner: only this owner's sessions were exported
+    # with an owner: unreadable sessions whose owner is unknown (maybe this one)
+    unknown: int = 0
 
     @property
     def left_out(self) -> int:
@@ -2162,9 +2171,14 @@ class _Exported:
         return max(self.stored, self.exported + self.left_out)
 
     @property
+    def skipped(self) -> bool:
+        """Whether sessions that could not be read were left out (``--skip-unreadable``)."""
+        return bool(self.unreadable or self.unknown)
+
+    @property
     def complete(self) -> bool:
         """Whether every session stored throughout the export was written."""
-        return not self.left_out and not self.unconfirmed
+        return not self.left_out and not self.unconfirmed and not self.unknown
 
     def succeeded(self, skip_unreadable: bool) -> bool:
         """Whether the export is complete or, with ``--skip-unreadable``, lacks only
@@ -2173,9 +2187,10 @@ class _Exported:
         return self.complete or (skip_unreadable and not self.unlisted and not self.unconfirmed)
 
 
-def _stored(count: int, total: int) -> str:
-    """``"2 of the 3 stored sessions"``."""
-    return f"{count} of the {total} stored session{'s' if total != 1 else ''}"
+def _stored(count: int, total: int, owner: str | None = None) -> str:
+    """``"2 of the 3 stored sessions"`` (``"2 of this owner's 3 ..."`` with an owner)."""
+    whose = "the" if owner is None else "this owner's"
+    return f"{count} of {whose} {total} stored session{'s' if total != 1 else ''}"
 
 
 @attrs.define
@@ -2185,6 +2200,7 @@ class _Export:
     repository: SessionRepository
     output: IO[bytes]
     name: str  # the output's, for errors
+    owner: str | None = None  # export this owner's sessions only
     # every session any listing showed, and the order in which they were first listed
     listed: dict[uuid.UUID, int] = attrs.field(factory=dict)
     written: set[uuid.UUID] = attrs.field(factory=set)
@@ -2193,11 +2209,19 @@ class _Export:
     quarantined: set[uuid.UUID] = attrs.field(factory=set)  # a file store's, not listed
     # the sessions the store's listings skipped as unreadable (abc.log_skipped)
     skipped: list[uuid.UUID] = attrs.field(factory=list)
+    # with an owner: unreadable sessions whose owner is unknown (maybe this one)
+    unknown: set[uuid.UUID] = attrs.field(factory=set)
     _taken: int = 0
 
     def _newly_skipped(self) -> list[uuid.UUID]:
+        """The sessions the listings skipped since the last call: listed, as unreadable
+        ones. With an owner, a store that does not list by an owner column may have
+        skipped another owner's: those are ``unknown`` instead."""
         new = self.skipped[self._taken :]
         self._taken += len(new)
+        if self.owner is not None and not _lists_by_owner_column(self.repository):
+            self.unknown.update(new)
+            return []
         return new
 
     async def list_ids(self) -> list[uuid.UUID]:
@@ -2205,7 +2229,7 @@ class _Export:
         ``last_active`` moved back while it was listed can be on two pages). The
         sessions the listing skipped because it could not read them count as listed:
         reading them fails, so they are counted as unreadable."""
-        listed = await _all_ids(self.repository)
+        listed = await _all_ids(self.repository, self.owner)
         ids = list(dict.fromkeys([*listed, *self._newly_skipped()]))
         self._note(ids)
         return ids
@@ -2220,7 +2244,8 @@ class _Export:
         cursor: str | None = None
         limit = min(PAGE, FRONT_PAGE)  # quick to read: the count follows at once
         while True:
-            page = await self.repository.list(SessionQuery(limit=limit, cursor=cursor))
+            query = SessionQuery(owner=self.owner, limit=limit, cursor=cursor)
+            page = await self.repository.list(query)
             limit = PAGE
             ids = [session.id for session in page.items] + self._newly_skipped()
             reached = any(sid in self.listed for sid in ids)
@@ -2235,9 +2260,12 @@ class _Export:
 
     async def write(self, sid: uuid.UUID) -> bool:
         """Read session ``sid`` and write it out; return whether it is stored (a session
-        that cannot be read is stored, and counted as unreadable)."""
+        that cannot be read is stored, and counted as unreadable). With an owner, another
+        owner's session is not written, and counts as not stored."""
         try:
             session = await self.repository.get(sid)
+            if session is not None and self.owner is not None and session.owner != self.owner:
+                return False
             # messages may be decoded lazily, so a damaged one can fail dumps() too
             line = None if session is None else dumps(session) + b"\n"
         except SerializationError as exc:
@@ -2287,7 +2315,7 @@ class _Export:
             attempt: list[tuple[int, int]] = []
             for _ in range(COUNTS_PER_ATTEMPT):
                 await self.list_front()
-                stored = sum((await self.repository.count_by_status()).values())
+                stored = sum((await self.repository.count_by_status(self.owner)).values())
                 attempt.append((stored, len(self.listed)))
             listed_before = attempt[-1][1]
             after = await self.list_ids()
@@ -2327,10 +2355,11 @@ class _Export:
         """Account for the file store's documents that none of its listings or counts hold.
 
         Those it cannot read (a newer release's, permissions, I/O errors) are read here:
-        they fail the export. A quarantined document of a session the export listed but
-        did not write was found damaged while the export ran (by a rescan of the store,
-        or by another process's read), after which its session reads as deleted: it is
-        unreadable too. The other documents in quarantine are only a warning.
+        they fail the export (with an owner, as ``unknown``: whose they are is unknown).
+        A quarantined document of a session the export listed but did not write was
+        found damaged while the export ran (by a rescan of the store, or by another
+        process's read), after which its session reads as deleted: it is unreadable
+        too. The other documents in quarantine are only a warning.
         """
         for sid, _ in await repository.unreadable():
             if self.done(sid):
@@ -2339,7 +2368,7 @@ class _Export:
                 await self.write(sid)
             except StorageError as exc:  # this entry only: its read failed before
                 logger.warning("cannot export session %s: %s", sid, exc)
-                self.unreadable.add(sid)
+                (self.unreadable if self.owner is None else self.unknown).add(sid)
         kept: list[Path] = []
         restored: list[Path] = []
         for sid, path in await repository.quarantined():
@@ -2369,19 +2398,26 @@ class _Export:
             )
         if kept:
             logger.warning(
-                "%s holds %d quarantined session document%s, not exported: the store moves "
-                "the documents it finds damaged there and never deletes them. Repair one "
-                "and move it back into sessions/ (without its checksum field), or delete it.",
+                "%s holds %d quarantined session document%s, not exported%s: the store "
+                "moves the documents it finds damaged there and never deletes them. Repair "
+                "one and move it back into sessions/ (without its checksum field), or "
+                "delete it.",
                 kept[0].parent,
                 len(kept),
                 "" if len(kept) == 1 else "s",
+                "" if self.owner is None else " (whose they are is unknown)",
             )
 
 
 async def _export(
-    repository: SessionRepository, output: IO[bytes], name: str, show_progress: bool
+    repository: SessionRepository,
+    output: IO[bytes],
+    name: str,
+    show_progress: bool,
+    owner: str | None = None,
 ) -> _Exported:
-    """Write every session the store lists to ``output``; count those it could not.
+    """Write every session the store lists to ``output`` (of ``owner`` only, if given);
+    count those it could not.
 
     Every listed session is read and written, once. Then :meth:`_Export.check` lists the
     store again: sessions the first listing missed are written too, and sessions the
@@ -2394,7 +2430,7 @@ async def _export(
     exported too. A file store is also asked for the documents it leaves out of listings
     and counts (:meth:`_Export.set_aside`).
     """
-    export = _Export(repository, output, name)
+    export = _Export(repository, output, name, owner)
     with _progress(show_progress) as progress, _collecting_skipped() as skipped:
         export.skipped = skipped
         task = progress.add_task("Reading the store", total=None)
@@ -2417,7 +2453,9 @@ async def _export(
         len(export.unreadable),
         check.unlisted,
         check.unconfirmed,
-        frozenset(export.unreadable | export.quarantined),
+        frozenset(export.unreadable | export.quarantined | export.unknown),
+        owner,
+        len(export.unknown),
     )
 
 
@@ -2459,8 +2497,15 @@ def _incomplete(result: _Exported) -> str:
                 "listings (listings skip unreadable sessions: see the warnings above; if the "
                 "store kept changing while the export checked it, export again)"
             )
-        text = f"{_stored(result.left_out, result.total)} were not exported: "
+        text = f"{_stored(result.left_out, result.total, result.owner)} were not exported: "
         text += "; ".join(parts) + "."
+    if result.unknown:
+        unknown = (
+            f"{_plural(result.unknown, 'stored session')} could not be read, so whether "
+            f"{'it is' if result.unknown == 1 else 'they are'} this owner's is unknown (see "
+            "the warnings above)."
+        )
+        text = f"{text} {unknown}" if text else unknown
     if result.unconfirmed:
         changing = (
             "the store kept changing while the export checked it (sessions were created or "
@@ -2491,10 +2536,18 @@ def _incomplete(result: _Exported) -> str:
     help="Write the sessions that can be read and exit 0 when others cannot (damaged "
     "ones, or a newer release's): the warnings name them, and the summary counts them.",
 )
+@click.option(
+    "--owner",
+    help="Only the sessions of this owner (expired and closed ones too), e.g. for an "
+    "access request.",
+)
 @_store_option
 @_backend_option
-def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend: str) -> None:
-    """Write every stored session as JSON Lines (asyncsession.dumps documents).
+def export_sessions(
+    output: str, skip_unreadable: bool, owner: str | None, store_url: str, backend: str
+) -> None:
+    """Write every stored session (or every one of an --owner) as JSON Lines
+    (asyncsession.dumps documents).
 
     Fails (status 1) if any session could not be read (the store's warnings say which;
     --skip-unreadable writes the others), or if sessions were created or deleted around
@@ -2504,6 +2557,8 @@ def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend:
     again, and written too.
     """
     _check_backend(backend)
+    if owner is not None:
+        owner = _checked_owner(owner)
     if output == "-" or _written_in_place(output):
         if output != "-":
             _output_target(output, "--output")  # not another user's FIFO or link in /tmp
@@ -2511,7 +2566,9 @@ def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend:
         try:
             if output == "-":
                 result = _on_store(
-                    store, backend, lambda repo: _export(repo, sys.stdout.buffer, "stdout", False)
+                    store,
+                    backend,
+                    lambda repo: _export(repo, sys.stdout.buffer, "stdout", False, owner),
                 )
             else:
                 # The shell's redirection, opened before the event loop and the store
@@ -2520,7 +2577,7 @@ def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend:
                 opened = _open_appended(output, blocking=True) if alias else None
                 try:
                     result = _on_store(
-                        store, backend, lambda repo: _export_in_place(repo, output, opened)
+                        store, backend, lambda repo: _export_in_place(repo, output, opened, owner)
                     )
                 finally:
                     if opened is not None:
@@ -2530,7 +2587,7 @@ def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend:
             raise CLIError(
                 f"{exc.message} The output is incomplete: the export stopped there."
             ) from exc
-        if result.unlisted or (result.unreadable and not skip_unreadable):
+        if result.unlisted or (result.skipped and not skip_unreadable):
             raise CLIError(
                 f"{_incomplete(result)} The output is incomplete: the {result.exported} "
                 "sessions written are not a complete export."
@@ -2546,7 +2603,9 @@ def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend:
         try:
             store = _store(store_url)  # refused before a new file is made beside the output
             with _replacing(output, "--output") as stream:
-                result = _on_store(store, backend, lambda repo: _export(repo, stream, output, True))
+                result = _on_store(
+                    store, backend, lambda repo: _export(repo, stream, output, True, owner)
+                )
                 if not result.succeeded(skip_unreadable):
                     raise CLIError(_incomplete(result))
                 held = _mentioned_in(output, result.damaged) if os.path.exists(output) else ()
@@ -2564,13 +2623,18 @@ def export_sessions(output: str, skip_unreadable: bool, store_url: str, backend:
             message, exit_code = expected
             raise CLIError(f"{message} The export failed: {output} {kept}.", exit_code) from exc
     count = result.exported
+    summary = f"Exported {_plural(count, 'session')}{'' if owner is None else ' of this owner'}"
     if result.unreadable:  # --skip-unreadable
-        err.print(
-            f"Exported {_stored(count, result.total)}; skipped {result.unreadable} that "
-            "could not be read (see the warnings above)."
+        summary = (
+            f"Exported {_stored(count, result.total, owner)}; skipped {result.unreadable} "
+            "that could not be read"
         )
-    else:
-        err.print(f"Exported {count} session{'s' if count != 1 else ''}.")
+    if result.unknown:  # --skip-unreadable, with --owner
+        summary += (
+            f"; skipped {_plural(result.unknown, 'stored session')} that could not be read, "
+            "whose owner is unknown"
+        )
+    err.print(f"{summary} (see the warnings above)." if result.skipped else f"{summary}.")
 
 
 #: How often an export retries opening a FIFO that has no reader yet, in seconds.
@@ -2578,7 +2642,7 @@ _FIFO_RETRY: Final = 0.05
 
 
 async def _export_in_place(
-    repository: SessionRepository, output: str, opened: IO[bytes] | None
+    repository: SessionRepository, output: str, opened: IO[bytes] | None, owner: str | None
 ) -> _Exported:
     """Export the open ``repository`` into ``output``, a FIFO, a device or the name of an
     open file descriptor (:func:`_written_in_place`; that one already ``opened``),
@@ -2592,11 +2656,11 @@ async def _export_in_place(
     blocking, so Ctrl-C still cancels the export).
     """
     if opened is not None:
-        return await _export(repository, opened, output, False)
+        return await _export(repository, opened, output, False, owner)
     while (stream := _open_appended(output, blocking=False)) is None:  # noqa: ASYNC110
         await anyio.sleep(_FIFO_RETRY)  # a reader's arrival has no event to wait on
     try:
-        return await _export(repository, stream, output, False)
+        return await _export(repository, stream, output, False, owner)
     finally:
         with contextlib.suppress(OSError):  # what failed the export (it flushed)
             stream.close()

@@ -270,6 +270,90 @@ def test_delete_owner_deletes_every_stored_session_of_the_owner(
     assert "invalid --owner (not shown): the str is empty" in line
 
 
+def exported(path: Path) -> list[str]:
+    """The ids in an export file, sorted."""
+    return sorted(str(s.loads(line).id) for line in path.read_bytes().splitlines())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_owner_writes_every_stored_session_of_the_owner(
+    run: Run, store_url: str, backend: str, tmp_path: Path
+) -> None:
+    """An access request: `export --owner` writes the owner's stored sessions, closed
+    and expired ones included, and no one else's."""
+    run = on_backend(run, backend)
+    alice = populate(s.repository_from_url(store_url), backend=backend, live=3)
+    run("close", alice[0], "--store", store_url)
+    populate(
+        s.repository_from_url(store_url),
+        backend=backend,
+        live=2,
+        owner="bob",
+        expired=2,
+        expired_owner="alice",
+    )
+    result = run("export", "--owner", "alice", "-o", "alice.jsonl", "--store", store_url)
+    written = exported(tmp_path / "alice.jsonl")
+    assert set(alice) <= set(written)
+    count = 3 if store_url.startswith("redis") else 5  # Redis removes expired ones itself
+    assert len(written) == count
+    assert result.stderr.splitlines()[-1] == f"Exported {count} sessions of this owner."
+    result = run("export", "--owner", "bob", "--store", store_url)  # to stdout
+    assert len(result.stdout.splitlines()) == 2
+    assert {s.loads(line).owner for line in result.stdout.encode().splitlines()} == {"bob"}
+    result = run("export", "--owner", "carol", "--store", store_url)
+    assert result.stdout == "" and result.stderr == "Exported 0 sessions of this owner.\n"
+    line = assert_one_line_error(run("export", "--owner", "", "--store", store_url, ok=None), 2)
+    assert "invalid --owner (not shown): the str is empty" in line
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_owner_of_unreadable_sessions(run: Run, tmp_path: Path, backend: str) -> None:
+    """SQLite lists an owner's sessions by its owner column: a session it skips as
+    unreadable is the owner's and fails the owner's export (--skip-unreadable writes the
+    others), and another owner's export does not see it. A file store's unreadable
+    entry may be anyone's: it fails every owner's export, saying so."""
+    run = on_backend(run, backend)
+    db = tmp_path / "s.db"
+    ids = populate(s.SQLiteRepository(db), backend=backend, live=3)
+    other = populate(s.SQLiteRepository(db), backend=backend, live=1, owner="Alice")
+    carol = populate(s.SQLiteRepository(db), backend=backend, live=1, owner="carol")
+    damage(db, ids[1], "document")
+    damage(db, other[0], "document")
+    sqlite = ("--store", "sqlite:///s.db")
+    lines = error_lines(run("export", "--owner", "alice", "-o", "a.jsonl", *sqlite, ok=None))
+    assert lines[-1] == (
+        "asyncsession: error: 1 of this owner's 3 stored sessions were not exported: 1 "
+        "could not be read (see the warnings above). The export failed: a.jsonl was not "
+        "written."
+    )
+    assert any(ids[1] in line for line in lines) and not any(other[0] in x for x in lines)
+    result = run("export", "--owner", "alice", "--skip-unreadable", "-o", "a.jsonl", *sqlite)
+    assert exported(tmp_path / "a.jsonl") == sorted([ids[0], ids[2]])
+    assert result.stderr.splitlines()[-1] == (
+        "Exported 2 of this owner's 3 stored sessions; skipped 1 that could not be read "
+        "(see the warnings above)."
+    )
+    result = run("export", "--owner", "carol", "-o", "c.jsonl", *sqlite)
+    assert exported(tmp_path / "c.jsonl") == carol
+    files = ("--store", "file://./files")
+    ids = populate(s.FileRepository(tmp_path / "files"), backend=backend, live=2)
+    populate(s.FileRepository(tmp_path / "files"), backend=backend, live=1, owner="bob")
+    (tmp_path / "files" / "sessions" / f"{uuid.uuid4()}.json").mkdir()  # reading it fails
+    lines = error_lines(run("export", "--owner", "alice", "-o", "a.jsonl", *files, ok=None))
+    assert lines[-1] == (
+        "asyncsession: error: 1 stored session could not be read, so whether it is this "
+        "owner's is unknown (see the warnings above). The export failed: a.jsonl was left "
+        "as it was."
+    )
+    result = run("export", "--owner", "alice", "--skip-unreadable", "-o", "a.jsonl", *files)
+    assert exported(tmp_path / "a.jsonl") == sorted(ids)
+    assert result.stderr.splitlines()[-1] == (
+        "Exported 2 sessions of this owner; skipped 1 stored session that could not be "
+        "read, whose owner is unknown (see the warnings above)."
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_delete_owner_of_unreadable_sessions(run: Run, tmp_path: Path, backend: str) -> None:
     """SQLite lists an owner's sessions by its owner column, so a session it skips as
