@@ -1826,7 +1826,8 @@ def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> No
             problems.insert(
                 0,
                 f"{_plural(len(unknown), 'stored session')} could not "
-                "be read, so whether they are this owner's is unknown (see the warnings "
+                f"be read, so whether {'it is' if len(unknown) == 1 else 'they are'} this "
+                "owner's is unknown (see the warnings "
                 "above): inspect them with `asyncsession show ID` and delete them by ID.",
             )
         return deleted, isinstance(repository, SQLiteRepository), " ".join(problems)
@@ -2256,7 +2257,7 @@ class _Export:
 
     def done(self, sid: uuid.UUID) -> bool:
         """Whether session ``sid`` was written, or found unreadable, already."""
-        return sid in self.written or sid in self.unreadable
+        return sid in self.written or sid in self.unreadable or sid in self.unknown
 
     async def write(self, sid: uuid.UUID) -> bool:
         """Read session ``sid`` and write it out; return whether it is stored (a session
@@ -2265,6 +2266,11 @@ class _Export:
         try:
             session = await self.repository.get(sid)
             if session is not None and self.owner is not None and session.owner != self.owner:
+                logger.warning(
+                    "session %s, listed as this owner's, belongs to another owner now: "
+                    "not exported",
+                    sid,
+                )
                 return False
             # messages may be decoded lazily, so a damaged one can fail dumps() too
             line = None if session is None else dumps(session) + b"\n"
@@ -2282,11 +2288,13 @@ class _Export:
         return True
 
     async def exists(self, sid: uuid.UUID) -> bool:
-        """Whether session ``sid`` is stored now (readable or not)."""
+        """Whether session ``sid`` is stored now (readable or not; with an owner, as
+        that owner's: one handed to another owner meanwhile is not in its count)."""
         try:
-            return await self.repository.get(sid, last_messages=0) is not None
+            session = await self.repository.get(sid, last_messages=0)
         except SerializationError:
             return True
+        return session is not None and (self.owner is None or session.owner == self.owner)
 
     async def check(self) -> _Check:
         """Write what the earlier listings missed; confirm that the store holds no
@@ -2368,7 +2376,10 @@ class _Export:
                 await self.write(sid)
             except StorageError as exc:  # this entry only: its read failed before
                 logger.warning("cannot export session %s: %s", sid, exc)
-                (self.unreadable if self.owner is None else self.unknown).add(sid)
+                self.unreadable.add(sid)
+            if self.owner is not None and sid in self.unreadable:  # whose, is unknown
+                self.unreadable.discard(sid)
+                self.unknown.add(sid)
         kept: list[Path] = []
         restored: list[Path] = []
         for sid, path in await repository.quarantined():
@@ -2382,9 +2393,13 @@ class _Export:
                 self.unreadable.add(sid)
             elif sid in self.written:  # restored since (imported again, say)
                 restored.append(path)
+            elif self.owner is not None and await self._restored_for_another(sid):
+                continue
             else:
                 kept.append(path)
                 self.quarantined.add(sid)
+                if self.owner is not None:  # it may be the owner's: as delete --owner
+                    self.unknown.add(sid)
         if restored:
             logger.warning(
                 "%s holds the old, damaged document%s of %d session%s restored since (and "
@@ -2407,6 +2422,15 @@ class _Export:
                 "" if len(kept) == 1 else "s",
                 "" if self.owner is None else " (whose they are is unknown)",
             )
+
+    async def _restored_for_another(self, sid: uuid.UUID) -> bool:
+        """Whether session ``sid``, quarantined once, is stored again as another owner's
+        (its quarantined document is then an old copy of someone else's session)."""
+        try:
+            session = await self.repository.get(sid, last_messages=0)
+        except (SerializationError, StorageError):
+            return False
+        return session is not None and session.owner != self.owner
 
 
 async def _export(
@@ -2492,16 +2516,19 @@ def _incomplete(result: _Exported) -> str:
         if result.unreadable:
             parts.append(f"{result.unreadable} could not be read (see the warnings above)")
         if result.unlisted:
+            one = result.unlisted == 1
             parts.append(
-                f"{result.unlisted} were counted by the store but are in none of its "
-                "listings (listings skip unreadable sessions: see the warnings above; if the "
-                "store kept changing while the export checked it, export again)"
+                f"{result.unlisted} {'was' if one else 'were'} counted by the store but "
+                f"{'is' if one else 'are'} in none of its listings (listings skip unreadable "
+                "sessions: see the warnings above; if the store kept changing while the "
+                "export checked it, export again)"
             )
-        text = f"{_stored(result.left_out, result.total, result.owner)} were not exported: "
+        were = "was" if result.left_out == 1 else "were"
+        text = f"{_stored(result.left_out, result.total, result.owner)} {were} not exported: "
         text += "; ".join(parts) + "."
     if result.unknown:
         unknown = (
-            f"{_plural(result.unknown, 'stored session')} could not be read, so whether "
+            f"{_plural(result.unknown, 'session')} could not be read, so whether "
             f"{'it is' if result.unknown == 1 else 'they are'} this owner's is unknown (see "
             "the warnings above)."
         )
@@ -2631,8 +2658,8 @@ def export_sessions(
         )
     if result.unknown:  # --skip-unreadable, with --owner
         summary += (
-            f"; skipped {_plural(result.unknown, 'stored session')} that could not be read, "
-            "whose owner is unknown"
+            f"; skipped {_plural(result.unknown, 'session')} that could not be read, whose "
+            "owner is unknown"
         )
     err.print(f"{summary} (see the warnings above)." if result.skipped else f"{summary}.")
 
@@ -3109,9 +3136,10 @@ def _interrupted() -> int:
         _flush(sys.stderr)  # what the command wrote comes first
         # Marked said before the line is written: a second Ctrl-C landing just after the
         # write ends the process without a line of its own (marked after, the line came
-        # out twice). Its handler runs in between only while stderr blocks (a full pipe,
-        # which the line would not get through anyway) or, on Python 3.10, which checks
-        # for signals at every bytecode, in the few bytecodes before the call.
+        # out twice). Its handler runs in between only while stderr blocks (a full pipe:
+        # the process then ends at once, as a second Ctrl-C should, without the line) or,
+        # on Python 3.10, which checks for signals at every bytecode, in the few bytecodes
+        # before the call.
         _said_interrupted = True
         sys.stderr.write("asyncsession: interrupted.\n")  # stderr is line-buffered
         _flush(sys.stderr)

@@ -335,7 +335,7 @@ def test_sessions_created_meanwhile_do_not_hide_an_unreadable_one(
     message = caught.value.message
     # the listings' warnings name it: it is unreadable, not "in none of its listings"
     assert message.startswith("1 of the ") and (
-        " stored sessions were not exported: 1 could not be read (see the warnings above)."
+        " stored sessions was not exported: 1 could not be read (see the warnings above)."
         in message
     )
     assert not output.exists()
@@ -389,7 +389,7 @@ def test_skip_unreadable_never_skips_a_session_the_listings_kept_missing(
 
     store, ids = busy(f"sqlite:///{tmp_path / 's.db'}", backend, monkeypatch, hook)
     message = failed_export(store, tmp_path, backend, monkeypatch, "--skip-unreadable")
-    assert "1 were counted by the store but are in none of its listings" in message
+    assert "1 was counted by the store but is in none of its listings" in message
     assert message.endswith("The export failed: {output} was left as it was.")
 
 
@@ -408,7 +408,7 @@ def test_a_session_damaged_while_the_export_runs_fails_it(
 
     store, _ = busy(store_url, backend, monkeypatch, hook)
     assert failed_export(store, tmp_path, backend, monkeypatch) == (
-        "1 of the 6 stored sessions were not exported: 1 could not be read (see the "
+        "1 of the 6 stored sessions was not exported: 1 could not be read (see the "
         "warnings above). The export failed: {output} was left as it was."
     )
 
@@ -434,6 +434,43 @@ def test_export_owner_checks_the_owners_sessions_while_others_are_written(
     output = tmp_path / "alice.jsonl"
     export(store, output, backend, monkeypatch, "--owner", "alice")
     assert missed and exported_ids(output) == set(ids)
+
+
+@BACKENDS
+def test_export_owner_does_not_count_a_session_handed_to_another_owner(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One of the owner's sessions touched ahead of every listing is in none of them;
+    another, written already, handed to another owner before the check's counts still
+    counted as known to them: the two cancelled out and the export exited 0 without the
+    missed session (helper-180)."""
+    clock = [later()]
+    missed: list[uuid.UUID] = []
+    handed: list[uuid.UUID] = []
+    seen = 0
+
+    async def hook(store: s.SessionRepository, listing: int, page: s.Page) -> None:
+        nonlocal seen
+        if listing == seen:
+            return  # not a listing's first page
+        seen = listing
+        if not missed:
+            missed.append(one_not_in(page, ids))
+        for sid in [missed[0], *(x.id for x in page.items)]:  # it, then the page again
+            clock[0] += timedelta(seconds=1)
+            assert await store.touch(sid, at=clock[0], policy=s.ExpiryPolicy())
+        if listing == 2 and not handed:  # the check's first listing, before its counts
+            handed.append(next(sid for sid in ids if sid != missed[0]))
+            old = await store.get(handed[0])
+            assert old is not None
+            clock[0] += timedelta(seconds=1)
+            new = attrs.evolve(old, owner="bob", revision=old.revision + 1, last_active=clock[0])
+            await store.save(new, expected_revision=old.revision)
+
+    store, _ = busy(f"sqlite:///{tmp_path / 's.db'}", backend, monkeypatch, hook, count=0)
+    ids = anyio.run(_add_alices, store, backend=backend)
+    message = failed_export(store, tmp_path, backend, monkeypatch, "--owner", "alice")
+    assert handed and "1 was counted by the store but is in none of its listings" in message
 
 
 async def _add_alices(store: s.SessionRepository) -> list[uuid.UUID]:
@@ -720,7 +757,7 @@ def test_a_document_quarantined_while_the_export_runs_fails_it(
     with pytest.raises(_cli.CLIError) as caught:
         export(store, output, backend, monkeypatch)
     assert caught.value.message == (
-        "1 of the 6 stored sessions were not exported: 1 could not be read (see the "
+        "1 of the 6 stored sessions was not exported: 1 could not be read (see the "
         f"warnings above). The export failed: {output} was not written."
     )
 
