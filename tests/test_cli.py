@@ -235,17 +235,11 @@ def stored_owners(url: str, backend: str) -> list[str | None]:
     return anyio.run(main, backend=backend)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_delete_owner_deletes_every_stored_session_of_the_owner(
-    run: Run, store_url: str, backend: str
-) -> None:
-    """An erasure request took a listing and one `delete ID` per session; expired ones
-    were in no `list` without --all. `delete --owner` deletes them all, closed and
-    expired ones included, and no one else's."""
-    run = on_backend(run, backend)
+def alice_and_bob(run: Run, store_url: str, backend: str) -> list[str]:
+    """Store 3 live sessions of alice (one closed), 2 expired ones of alice (Redis
+    removes them by itself) and 2 live ones of bob; return alice's live ids."""
     alice = populate(s.repository_from_url(store_url), backend=backend, live=3)
     run("close", alice[0], "--store", store_url)
-    # expired ones (Redis removes them by itself), and others' sessions
     populate(
         s.repository_from_url(store_url),
         backend=backend,
@@ -254,6 +248,18 @@ def test_delete_owner_deletes_every_stored_session_of_the_owner(
         expired=2,
         expired_owner="alice",
     )
+    return alice
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delete_owner_deletes_every_stored_session_of_the_owner(
+    run: Run, store_url: str, backend: str
+) -> None:
+    """An erasure request took a listing and one `delete ID` per session; expired ones
+    were in no `list` without --all. `delete --owner` deletes them all, closed and
+    expired ones included, and no one else's."""
+    run = on_backend(run, backend)
+    alice = alice_and_bob(run, store_url, backend)
     result = run("delete", "--owner", "alice", "--json", "--store", store_url)
     deleted = as_json(result)["deleted"]
     assert set(alice) <= set(deleted) and len(deleted) == len(set(deleted))
@@ -283,16 +289,7 @@ def test_export_owner_writes_every_stored_session_of_the_owner(
     """An access request: `export --owner` writes the owner's stored sessions, closed
     and expired ones included, and no one else's."""
     run = on_backend(run, backend)
-    alice = populate(s.repository_from_url(store_url), backend=backend, live=3)
-    run("close", alice[0], "--store", store_url)
-    populate(
-        s.repository_from_url(store_url),
-        backend=backend,
-        live=2,
-        owner="bob",
-        expired=2,
-        expired_owner="alice",
-    )
+    alice = alice_and_bob(run, store_url, backend)
     result = run("export", "--owner", "alice", "-o", "alice.jsonl", "--store", store_url)
     written = exported(tmp_path / "alice.jsonl")
     assert set(alice) <= set(written)

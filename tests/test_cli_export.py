@@ -118,6 +118,31 @@ def later() -> datetime:
     return datetime.now(timezone.utc) + timedelta(minutes=1)
 
 
+@attrs.define
+class OneAhead:
+    """A :data:`Hook` that touches one of ``ids`` ahead of each listing's cursor at the
+    listing's first page (then that page again), so that no listing shows it: ``missed``."""
+
+    ids: list[uuid.UUID] = attrs.field(factory=list)
+    missed: list[uuid.UUID] = attrs.field(factory=list)
+    clock: datetime = attrs.field(factory=later)
+    seen: int = 0  # the listings begun
+
+    def tick(self) -> datetime:
+        """A second after the last touch."""
+        self.clock += timedelta(seconds=1)
+        return self.clock
+
+    async def __call__(self, store: s.SessionRepository, listing: int, page: s.Page) -> None:
+        if listing == self.seen:
+            return  # not a listing's first page
+        self.seen = listing
+        if not self.missed:
+            self.missed.append(one_not_in(page, self.ids))
+        for sid in [self.missed[0], *(x.id for x in page.items)]:  # it, then the page again
+            assert await store.touch(sid, at=self.tick(), policy=s.ExpiryPolicy())
+
+
 @BACKENDS
 def test_a_session_created_and_one_deleted_during_the_export_do_not_fail_it(
     backend: str, store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -372,22 +397,9 @@ def test_skip_unreadable_never_skips_a_session_the_listings_kept_missing(
 ) -> None:
     """A readable session touched ahead of every listing's cursor is in none of them:
     --skip-unreadable counted it as unreadable and exited 0 without it (helper-174)."""
-    clock = [later()]
-    missed: list[uuid.UUID] = []
-    seen = 0
-
-    async def hook(store: s.SessionRepository, listing: int, page: s.Page) -> None:
-        nonlocal seen
-        if listing == seen:
-            return  # not a listing's first page
-        seen = listing
-        if not missed:
-            missed.append(one_not_in(page, ids))
-        for sid in [missed[0], *(x.id for x in page.items)]:  # it, then the page again
-            clock[0] += timedelta(seconds=1)
-            assert await store.touch(sid, at=clock[0], policy=s.ExpiryPolicy())
-
-    store, ids = busy(f"sqlite:///{tmp_path / 's.db'}", backend, monkeypatch, hook)
+    ahead = OneAhead()
+    store, ids = busy(f"sqlite:///{tmp_path / 's.db'}", backend, monkeypatch, ahead)
+    ahead.ids.extend(ids)
     message = failed_export(store, tmp_path, backend, monkeypatch, "--skip-unreadable")
     assert "1 was counted by the store but is in none of its listings" in message
     assert message.endswith("The export failed: {output} was left as it was.")
@@ -444,31 +456,21 @@ def test_export_owner_does_not_count_a_session_handed_to_another_owner(
     another, written already, handed to another owner before the check's counts still
     counted as known to them: the two cancelled out and the export exited 0 without the
     missed session (helper-180)."""
-    clock = [later()]
-    missed: list[uuid.UUID] = []
+    ahead = OneAhead()
     handed: list[uuid.UUID] = []
-    seen = 0
 
     async def hook(store: s.SessionRepository, listing: int, page: s.Page) -> None:
-        nonlocal seen
-        if listing == seen:
-            return  # not a listing's first page
-        seen = listing
-        if not missed:
-            missed.append(one_not_in(page, ids))
-        for sid in [missed[0], *(x.id for x in page.items)]:  # it, then the page again
-            clock[0] += timedelta(seconds=1)
-            assert await store.touch(sid, at=clock[0], policy=s.ExpiryPolicy())
+        await ahead(store, listing, page)
         if listing == 2 and not handed:  # the check's first listing, before its counts
-            handed.append(next(sid for sid in ids if sid != missed[0]))
+            handed.append(next(sid for sid in ahead.ids if sid != ahead.missed[0]))
             old = await store.get(handed[0])
             assert old is not None
-            clock[0] += timedelta(seconds=1)
-            new = attrs.evolve(old, owner="bob", revision=old.revision + 1, last_active=clock[0])
+            at = ahead.tick()
+            new = attrs.evolve(old, owner="bob", revision=old.revision + 1, last_active=at)
             await store.save(new, expected_revision=old.revision)
 
     store, _ = busy(f"sqlite:///{tmp_path / 's.db'}", backend, monkeypatch, hook, count=0)
-    ids = anyio.run(_add_alices, store, backend=backend)
+    ahead.ids.extend(anyio.run(_add_alices, store, backend=backend))
     message = failed_export(store, tmp_path, backend, monkeypatch, "--owner", "alice")
     assert handed and "1 was counted by the store but is in none of its listings" in message
 
