@@ -485,15 +485,25 @@ async def test_a_request_cancelled_while_its_visit_waits_for_a_lock_ends_by_busy
     clock = ManualClock()
     db = tmp_path / "sessions.db"
     events: list[str] = []
+    returned = False
     async with running(s.SQLiteRepository(db, busy_timeout=1), clock=clock) as manager:
         app = make_app(manager, events)
         cookie = cookie_of(await call(app, "POST", "/write", json={"a": 1}))
         clock.advance(5)
         with write_locked(db):
             with anyio.fail_after(30):  # a guard: the wait ends with the store's give-up
-                with anyio.move_on_after(0.2) as waited:
+                async with anyio.create_task_group() as waited:
+
+                    async def cancel_once_answered() -> None:  # the visit then waits
+                        while "/read answered" not in events:  # noqa: ASYNC110 (a plain list)
+                            await anyio.sleep(0.01)
+                        await anyio.sleep(0.05)
+                        waited.cancel_scope.cancel()
+
+                    waited.start_soon(cancel_once_answered)
                     await call(app, "GET", "/read", cookie)
-            assert waited.cancelled_caught
+                    returned = True
+            assert not returned  # the call waited for the visit, and was cancelled
         assert events == ["/write answered", "/read answered"]  # the response went out
         assert (await call(app, "GET", "/read", cookie)).json() == {"a": 1}
         assert (await manager.get(id_of(cookie), touch=False)).last_active == clock.now()

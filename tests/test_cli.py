@@ -1974,7 +1974,10 @@ def test_ctrl_c_stops_an_export_blocked_on_a_pipe_nobody_reads(
             process.stderr.close()
     finally:
         os.close(read)
-    assert process.returncode == 130, stderr
+    # -SIGINT: a first Ctrl-C that found the export only slow ended it, and the next one
+    # landed while the interpreter shut down (its handlers are gone then); a shell
+    # reports that as 130 too
+    assert process.returncode in (130, -signal.SIGINT), stderr
     assert stderr.strip().endswith("asyncsession: interrupted."), stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
 

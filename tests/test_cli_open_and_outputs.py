@@ -261,7 +261,11 @@ def test_demo_reports_file_cannot_be_planted_after_its_check(backend: str, plant
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            time.sleep(1.5)  # --reports checked by now
+            # --reports is checked, and then created, before the store opens
+            deadline = time.monotonic() + 60
+            while not os.path.lexists(reports):
+                assert demo.poll() is None and time.monotonic() < deadline, "no reports file"
+                time.sleep(0.01)
             if plant == "link":
                 planted = as_attacker("ln", "-sf", str(bashrc), str(reports))
             else:

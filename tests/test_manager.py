@@ -2727,12 +2727,17 @@ async def test_beyond_the_sessions_remembered_as_unremovable_one_warning_says_so
 
 
 async def test_a_purge_that_outlives_its_manager_stops_at_the_exit(
-    anyio_backend: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
+    anyio_backend: str,
+    clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A purge the application started outside the manager's block stops before its
     next removal once the manager has left (ManagerNotRunning): it used to go on
     against the closed store, logging each remaining session as a failed removal and
     returning as if it had worked (found by helper-54)."""
+    # the exit waits this long for the purge, paused until the exit is over
+    monkeypatch.setattr(asyncsession._manager, "_CALLS_AT_EXIT_SECONDS", 0.2)
     store = AwaitingRemovals(pause_at=3)
     manager = s.SessionManager(store, idle_timeout=IDLE, cleanup_interval=None, clock=clock)
     outcome: list[BaseException] = []

@@ -168,7 +168,7 @@ async def test_reads_are_answered_while_a_checkpoint_waits(db: Path, anyio_backe
     def install(conn: sqlite3.Connection) -> None:
         conn.set_trace_callback(trace)
 
-    async with SessionManager(SQLiteRepository(db, busy_timeout=0.5), cleanup_interval=None) as m:
+    async with SessionManager(SQLiteRepository(db, busy_timeout=2), cleanup_interval=None) as m:
         repo = m.repository
         assert isinstance(repo, SQLiteRepository)
         kept = await m.create(owner="carol")

@@ -143,7 +143,7 @@ async def test_an_older_layout_is_refused_at_once_while_another_connection_write
     writer = raw(path)
     writer.execute("BEGIN IMMEDIATE")
     try:
-        with anyio.fail_after(3):
+        with anyio.fail_after(15):
             error = await refused(path, upgrade=False, busy_timeout=30)
     finally:
         writer.execute("ROLLBACK")

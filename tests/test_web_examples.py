@@ -93,8 +93,8 @@ async def test_chat_users_are_isolated_and_sse_is_per_session(
     with anyio.fail_after(120):
         async with (
             serve(CHAT, kind, store, server_log) as url,
-            httpx.AsyncClient(base_url=url) as alice,
-            httpx.AsyncClient(base_url=url) as bob,
+            httpx.AsyncClient(base_url=url, timeout=60) as alice,
+            httpx.AsyncClient(base_url=url, timeout=60) as bob,
         ):
             page = await alice.get("/")
             assert page.status_code == 200 and "EventSource" in page.text
@@ -148,14 +148,16 @@ async def test_chat_sessions_survive_a_restart(
     with anyio.fail_after(120):
         async with (
             serve(CHAT, first, store, server_log) as url,
-            httpx.AsyncClient(base_url=url) as alice,
+            httpx.AsyncClient(base_url=url, timeout=60) as alice,
         ):
             await alice.post("/api/messages", json={"text": "before restart"})
             state = (await alice.get("/api/state")).json()
             cookie = alice.cookies["chat_session"]
         async with (
             serve(CHAT, second, store, server_log) as url,
-            httpx.AsyncClient(base_url=url, headers={"cookie": f"chat_session={cookie}"}) as again,
+            httpx.AsyncClient(
+                base_url=url, headers={"cookie": f"chat_session={cookie}"}, timeout=60
+            ) as again,
         ):
             assert (await again.get("/api/state")).json() == state
             answer = await again.post("/api/messages", json={"text": "after"})
