@@ -2221,7 +2221,8 @@ class _Export:
         new = self.skipped[self._taken :]
         self._taken += len(new)
         if self.owner is not None and not _lists_by_owner_column(self.repository):
-            self.unknown.update(new)
+            # until a listing of the owner's shows it (written then: see write())
+            self.unknown.update(sid for sid in new if sid not in self.written)
             return []
         return new
 
@@ -2257,26 +2258,29 @@ class _Export:
 
     def done(self, sid: uuid.UUID) -> bool:
         """Whether session ``sid`` was written, or found unreadable, already."""
-        return sid in self.written or sid in self.unreadable or sid in self.unknown
+        return sid in self.written or sid in self.unreadable
 
-    async def write(self, sid: uuid.UUID) -> bool:
+    async def write(self, sid: uuid.UUID, *, listed: bool = True) -> bool:
         """Read session ``sid`` and write it out; return whether it is stored (a session
         that cannot be read is stored, and counted as unreadable). With an owner, another
-        owner's session is not written, and counts as not stored."""
+        owner's session is not written, and counts as not stored; a session no listing
+        of the owner's showed (not ``listed``: a file store's unreadable entry) that
+        cannot be read is ``unknown``."""
         try:
             session = await self.repository.get(sid)
             if session is not None and self.owner is not None and session.owner != self.owner:
-                logger.warning(
-                    "session %s, listed as this owner's, belongs to another owner now: "
-                    "not exported",
-                    sid,
-                )
+                if listed:
+                    logger.warning(
+                        "session %s, listed as this owner's, belongs to another owner now: "
+                        "not exported",
+                        sid,
+                    )
                 return False
             # messages may be decoded lazily, so a damaged one can fail dumps() too
             line = None if session is None else dumps(session) + b"\n"
         except SerializationError as exc:
             logger.warning("cannot export session %s: %s", sid, exc)
-            self.unreadable.add(sid)
+            self._unreadable(sid, listed)
             return True
         if line is None:
             return False
@@ -2285,7 +2289,17 @@ class _Export:
         except OSError as exc:
             raise _WriteFailed(_os_failure(f"write {self.name}", exc).message) from exc
         self.written.add(sid)
+        self.unknown.discard(sid)  # a listing skipped it once; it is the owner's
         return True
+
+    def _unreadable(self, sid: uuid.UUID, listed: bool) -> None:
+        """Count session ``sid`` as unreadable: the owner's if a listing of the owner's
+        showed it (or there is no owner), else ``unknown``."""
+        if listed or self.owner is None:
+            self.unknown.discard(sid)
+            self.unreadable.add(sid)
+        else:
+            self.unknown.add(sid)
 
     async def exists(self, sid: uuid.UUID) -> bool:
         """Whether session ``sid`` is stored now (readable or not; with an owner, as
@@ -2370,16 +2384,13 @@ class _Export:
         too. The other documents in quarantine are only a warning.
         """
         for sid, _ in await repository.unreadable():
-            if self.done(sid):
+            if self.done(sid) or sid in self.unknown:
                 continue
             try:
-                await self.write(sid)
+                await self.write(sid, listed=False)
             except StorageError as exc:  # this entry only: its read failed before
                 logger.warning("cannot export session %s: %s", sid, exc)
-                self.unreadable.add(sid)
-            if self.owner is not None and sid in self.unreadable:  # whose, is unknown
-                self.unreadable.discard(sid)
-                self.unknown.add(sid)
+                self._unreadable(sid, listed=False)
         kept: list[Path] = []
         restored: list[Path] = []
         for sid, path in await repository.quarantined():
@@ -2393,8 +2404,6 @@ class _Export:
                 self.unreadable.add(sid)
             elif sid in self.written:  # restored since (imported again, say)
                 restored.append(path)
-            elif self.owner is not None and await self._restored_for_another(sid):
-                continue
             else:
                 kept.append(path)
                 self.quarantined.add(sid)
@@ -2422,15 +2431,6 @@ class _Export:
                 "" if len(kept) == 1 else "s",
                 "" if self.owner is None else " (whose they are is unknown)",
             )
-
-    async def _restored_for_another(self, sid: uuid.UUID) -> bool:
-        """Whether session ``sid``, quarantined once, is stored again as another owner's
-        (its quarantined document is then an old copy of someone else's session)."""
-        try:
-            session = await self.repository.get(sid, last_messages=0)
-        except (SerializationError, StorageError):
-            return False
-        return session is not None and session.owner != self.owner
 
 
 async def _export(
@@ -2506,6 +2506,13 @@ def _mentioned_in(path: str, ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
 _UUID_TEXT: Final = re.compile(
     rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
 )
+
+
+def _written(result: _Exported) -> str:
+    """``"the 2 sessions written"`` (``"the session written"`` for one)."""
+    if result.exported == 1:
+        return "the session written"
+    return f"the {result.exported} sessions written"
 
 
 def _incomplete(result: _Exported) -> str:
@@ -2616,13 +2623,13 @@ def export_sessions(
             ) from exc
         if result.unlisted or (result.skipped and not skip_unreadable):
             raise CLIError(
-                f"{_incomplete(result)} The output is incomplete: the {result.exported} "
-                "sessions written are not a complete export."
+                f"{_incomplete(result)} The output is incomplete: {_written(result)} "
+                f"{'is' if result.exported == 1 else 'are'} not a complete export."
             )
         if result.unconfirmed:
             raise CLIError(
-                f"{_incomplete(result)} The output may be incomplete: the "
-                f"{result.exported} sessions written may not be a complete export."
+                f"{_incomplete(result)} The output may be incomplete: {_written(result)} "
+                "may not be a complete export."
             )
     else:
         _check_output_file(output, "--output", replaced=True)

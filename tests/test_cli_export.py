@@ -4,6 +4,7 @@ that are not regular files."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pwd
@@ -31,6 +32,8 @@ pytest.importorskip("rich")
 from test_cli import add_sessions, assert_one_line_error, overwrite_document
 
 from asyncsession import _cli
+from asyncsession.abc import log_skipped
+from asyncsession.stores import files
 
 EXPORT = [sys.executable, "-m", "asyncsession", "export"]
 EXPORT_TO_STDOUT = [*EXPORT, "-o", "/dev/stdout"]
@@ -473,6 +476,68 @@ def test_export_owner_does_not_count_a_session_handed_to_another_owner(
     ahead.ids.extend(anyio.run(_add_alices, store, backend=backend))
     message = failed_export(store, tmp_path, backend, monkeypatch, "--owner", "alice")
     assert handed and "1 was counted by the store but is in none of its listings" in message
+
+
+@BACKENDS
+@pytest.mark.parametrize("options", [[], ["--skip-unreadable"]])
+def test_export_owner_writes_a_session_a_listing_skipped_once(
+    backend: str, options: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that lists by reading documents (no owner column) skips a session it
+    cannot read for a moment, through abc.log_skipped: whose it is, is unknown. The
+    next listing shows it as the owner's: it is written, and the export succeeds (it
+    was never written; --skip-unreadable exited 0 calling it unreadable: helper-181)."""
+    store = s.MemoryRepository()
+    ids = anyio.run(alices, store, 3, backend=backend)
+    listed = store.list
+    skipped: list[uuid.UUID] = []
+
+    async def list_skipping_once(query: s.SessionQuery) -> s.Page:
+        page = await listed(query)
+        if not skipped:
+            skipped.append(page.items[0].id)
+            log_skipped(logging.getLogger("a-store"), skipped[0], OSError("for a moment"))
+            page = s.Page(page.items[1:], page.next_cursor)
+        return page
+
+    monkeypatch.setattr(store, "list", list_skipping_once)
+    output = tmp_path / "alice.jsonl"
+    export(store, output, backend, monkeypatch, "--owner", "alice", *options)
+    assert skipped and exported_ids(output) == set(ids)
+
+
+@BACKENDS
+def test_export_owner_does_not_call_an_entry_it_could_not_scan_the_owners(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """Another owner's document the file store could not read when it scanned the
+    directory, readable since, is not the owner's: it was logged as "listed as this
+    owner's, belongs to another owner now" (helper-181)."""
+    store = s.FileRepository(tmp_path / "files")
+
+    async def setup() -> uuid.UUID:
+        async with store:
+            await alices(store, 2)
+            bob = s.Session(uuid.uuid4(), later(), later(), owner="bob")
+            await store.add(bob)
+            return bob.id
+
+    bob = str(anyio.run(setup, backend=backend))
+    read = files.FileRepository._read_bytes
+    failed: list[str] = []
+
+    def fails_once(path: str) -> Any:
+        if bob in path and not failed:
+            failed.append(path)
+            raise files._storage_error("open", path, OSError(errno.EIO, "I/O error"))
+        return read(path)
+
+    monkeypatch.setattr(files.FileRepository, "_read_bytes", staticmethod(fails_once))
+    output = tmp_path / "alice.jsonl"
+    with caplog.at_level(logging.WARNING, "asyncsession"):
+        export(store, output, backend, monkeypatch, "--owner", "alice")
+    assert failed and len(exported_ids(output)) == 2
+    assert not [r for r in caplog.records if "listed as this owner's" in r.getMessage()]
 
 
 async def _add_alices(store: s.SessionRepository) -> list[uuid.UUID]:
