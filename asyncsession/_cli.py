@@ -2381,7 +2381,8 @@ class _Export:
         A quarantined document of a session the export listed but did not write was
         found damaged while the export ran (by a rescan of the store, or by another
         process's read), after which its session reads as deleted: it is unreadable
-        too. The other documents in quarantine are only a warning.
+        too. The other documents in quarantine are only a warning, unless there is an
+        owner: whose they are is unknown, so they are ``unknown`` too.
         """
         for sid, _ in await repository.unreadable():
             if self.done(sid) or sid in self.unknown:
