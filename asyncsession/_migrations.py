@@ -6,8 +6,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from ._exceptions import CorruptSessionError, SchemaVersionError, kind_of
-from ._models import SessionStatus
+from ._exceptions import CorruptSessionError, InvalidSessionName, SchemaVersionError, kind_of
+from ._models import SessionStatus, validate_name
 
 __all__ = ["CURRENT_VERSION", "MIGRATIONS", "LEGACY_NAMESPACE", "document_version", "migrate"]
 
@@ -21,6 +21,12 @@ Migration = Callable[[dict[str, Any]], dict[str, Any]]
 
 #: The terminal statuses as version-0 documents spell them (the values of SessionStatus).
 _TERMINAL = frozenset(status.value for status in SessionStatus if status.is_terminal)
+
+#: Fields that every version-1 document has and version 0 never had: a "version 0"
+#: document with any of them is a later document whose version field changed (one
+#: flipped bit turns 1 into 0). Not ``revision`` or ``expires_at``: the SQLite store
+#: supplies those from its columns to a document of any version.
+_LATER_FIELDS = frozenset({"created_at", "closed_at", "errors", "state", "messages"})
 
 
 def _legacy_key(custom_fields: dict[str, Any]) -> str:
@@ -39,12 +45,24 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
     user message, and ``custom_fields`` (an object, or absent) the state. The old id
     and counters go into the state under ``"legacy"``; when ``custom_fields`` already
     has a ``"legacy"`` key it is kept as it is, and the counters go under the first of
-    ``"_legacy"``, ``"__legacy"``, ... that it does not use.
+    ``"_legacy"``, ``"__legacy"``, ... that it does not use. A name that version 0
+    allowed and this version does not (any letter or digit, not only ASCII ones) goes
+    there too, as ``"name"``; the session then has no name.
+
+    A document with a field of version 1 (``state``, ``messages``, ``created_at``, ...)
+    is no version-0 document: it raises :class:`CorruptSessionError` rather than lose
+    its messages and state.
 
     Version 0 has no close time: a session with a terminal status closed at its last
     activity (``closed_at = last_active``), so that its duration and reports have an
     end. ``expires_at`` stays None: the migration knows no policy (no retention).
     """
+    later = sorted(_LATER_FIELDS.intersection(doc))
+    if later:
+        raise CorruptSessionError(
+            f"a document marked version 0 has fields of version 1 ({', '.join(later)}): "
+            "its version field is damaged"
+        )
     old_id = doc.get("id")
     if not isinstance(old_id, str) or not old_id:
         raise CorruptSessionError("version-0 document has no string id")
@@ -52,7 +70,7 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
         new_id = str(uuid.UUID(old_id))
     except ValueError:
         new_id = str(uuid.uuid5(LEGACY_NAMESPACE, old_id))
-    created = doc.get("created", doc.get("created_at"))
+    created = doc.get("created")
     last_active = doc.get("last_active", created)
     status = doc.get("status", "active")
     closed = last_active if isinstance(status, str) and status in _TERMINAL else None
@@ -68,16 +86,23 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
             f"version-0 document's 'custom_fields' is {type(custom_fields).__name__}, not an object"
         )
     state = dict(custom_fields)
-    state[_legacy_key(custom_fields)] = {
+    legacy = {
         "id": old_id,
         "message_count": doc.get("message_count", 0),
         "file_count": doc.get("file_count", 0),
     }
+    name = doc.get("name")
+    if isinstance(name, str):
+        try:
+            validate_name(name)
+        except InvalidSessionName:  # e.g. "café-notes": version 0 took any letter
+            legacy["name"], name = name, None
+    state[_legacy_key(custom_fields)] = legacy
     return {
         "version": 1,
         "id": new_id,
         "owner": doc.get("owner"),
-        "name": doc.get("name"),
+        "name": name,
         "status": status,
         "created_at": created,
         "last_active": last_active,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -45,13 +47,26 @@ __all__ = [
 _converter = make_converter()
 
 
+if sys.version_info >= (3, 11):
+    _fromisoformat: Callable[[str], datetime] = datetime.fromisoformat
+else:
+    _FRACTION = re.compile(r"(?<=:\d\d)[.,](\d+)")
+
+    def _fromisoformat(text: str) -> datetime:
+        """As Python 3.11's: any number of fraction digits (RFC 3339 writers such as
+        chrono give 9), truncated to microseconds; 3.10 takes only 3 or 6."""
+        return datetime.fromisoformat(
+            _FRACTION.sub(lambda m: "." + m[1][:6].ljust(6, "0"), text, count=1)
+        )
+
+
 def _parse_datetime(value: Any, _: Any, field: str = "") -> datetime:
     # fromisoformat's error quotes the text, and stores log unreadable documents
     if not isinstance(value, str):
         raise ValueError(f"{field}expected an ISO 8601 string, got {kind_of(value)}")
     text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
     try:
-        return datetime.fromisoformat(text)
+        return _fromisoformat(text)
     except ValueError:
         raise ValueError(f"{field}{kind_of(value)} is not an ISO 8601 time") from None
 

@@ -540,6 +540,32 @@ async def test_newer_schema_is_refused_not_quarantined(repo: FileRepository) -> 
     assert path.exists() and quarantined(repo) == []
 
 
+async def test_a_checksummed_document_whose_version_bit_flipped_is_damaged(
+    repo: FileRepository,
+) -> None:
+    """helper-182: the checksum was checked at the current version only, so a flipped bit
+    that made "version": 1 read 0 passed, and the "version 0" migration dropped the
+    messages and state (a read returned an empty session; the next write saved it). A
+    flip to a newer version is refused and left in place, as any newer document."""
+    sessions = [make_session(messages=("hi",), state={"plan": "pro"}) for _ in range(3)]
+    for session in sessions:
+        await repo.add(session)
+    for session, flip in zip(sessions[:2], (0x01, 0x02), strict=True):  # "1" -> "0", "3"
+        path = doc_path(repo, session.id)
+        data = bytearray(path.read_bytes())
+        at = data.index(b'"version": 1') + len(b'"version": ')
+        data[at] ^= flip
+        path.write_bytes(bytes(data))
+    zero, newer, intact = sessions
+    with pytest.raises(CorruptSessionError, match="checksum"):
+        await repo.get(zero.id)
+    assert [path.name for path in quarantined(repo)] == [f"{zero.id}.json"]
+    with pytest.raises(asyncsession.SchemaVersionError):
+        await repo.get(newer.id)
+    assert doc_path(repo, newer.id).exists()
+    assert await repo.get(intact.id) == intact
+
+
 async def test_document_versions_quarantine_what_get_would(
     repo: FileRepository, caplog: pytest.LogCaptureFixture
 ) -> None:

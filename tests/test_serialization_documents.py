@@ -142,6 +142,52 @@ def test_version_zero_terminal_sessions_closed_at_their_last_activity(
     assert session.closed_at == (session.created_at if status.is_terminal else None)
 
 
+@pytest.mark.parametrize("field", ["messages", "state", "created_at", "errors"])
+def test_a_document_marked_version_zero_with_version_one_fields_is_corrupt(field: str) -> None:
+    """helper-182: a current document whose version field reads 0 (one flipped bit) was
+    "migrated": its messages and state were dropped without a word. Version 0 never had
+    these fields, so such a document is damaged."""
+    relabelled = document(version=0)
+    with pytest.raises(s.CorruptSessionError, match="fields of version 1"):
+        s.loads(orjson.dumps(relabelled))
+    with pytest.raises(s.CorruptSessionError, match=field):
+        s.loads(orjson.dumps(v0(**{field: document()[field]})))
+
+
+def test_a_version_zero_name_this_version_refuses_moves_to_legacy() -> None:
+    """helper-182: version 0 took any letter or digit in a name ("café-notes"); such a
+    document was refused as corrupt (and a file store quarantined it). The session now
+    has no name, and the old one is kept with the other version-0 fields."""
+    session = s.loads(orjson.dumps(v0(name="café-notes")))
+    assert session.name is None
+    assert session.state["legacy"] == {
+        "id": "old-id",
+        "message_count": 1,
+        "file_count": 2,
+        "name": "café-notes",
+    }
+    assert s.loads(orjson.dumps(v0(name="notes-1"))).name == "notes-1"
+    assert "name" not in s.loads(orjson.dumps(v0(name="notes-1"))).state["legacy"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2025-01-01T10:00:00.123456789Z", 123456),  # chrono's RFC 3339 (seed 002)
+        ("2025-01-01T10:00:00.1234567+00:00", 123456),
+        ("2025-01-01T10:00:00.5Z", 500000),
+        ("2025-01-01T10:00:00.12Z", 120000),
+        ("2025-01-01T10:00:00Z", 0),
+    ],
+)
+def test_times_with_any_number_of_fraction_digits_load(text: str, expected: int) -> None:
+    """helper-182: on Python 3.10, fromisoformat takes 3 or 6 fraction digits only, so a
+    version-0 document with nanoseconds was refused as corrupt. Every version now reads
+    them as 3.11 does: truncated to microseconds."""
+    session = s.loads(orjson.dumps(v0(created=text, last_active=text)))
+    assert session.created_at == datetime(2025, 1, 1, 10, 0, 0, expected, tzinfo=timezone.utc)
+
+
 @pytest.mark.anyio
 async def test_a_version_zero_terminal_session_is_kept_until_deleted(
     anyio_backend: str, tmp_path: Path

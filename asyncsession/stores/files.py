@@ -243,16 +243,21 @@ def _version(data: bytes, sid: uuid.UUID) -> int:
 def _check(doc: dict[str, Any], sid: uuid.UUID, stamp: Stamp) -> _Doc:
     """Validate a parsed document (consumes it); raise like :func:`_parse`."""
     checksum = doc.pop(_CHECKSUM, None)
-    if checksum is None or doc.get("version") != CURRENT_VERSION:
+    version = doc.get("version")
+    if checksum is not None and not (type(version) is int and version > CURRENT_VERSION):
+        # Checked whatever version up to ours the document says: a damaged version field
+        # ("version": 0 is one flipped bit from 1) must not pass unchecked. A newer
+        # release's document is left to raise SchemaVersionError (its checksum may differ).
+        try:
+            body = orjson.dumps(doc)
+        except TypeError as exc:  # orjson.JSONEncodeError, e.g. nested past orjson's limit
+            raise _Damaged(f"the document cannot be encoded again ({exc})") from exc
+        if not (isinstance(checksum, str) and hmac.compare_digest(checksum, _digest(body))):
+            raise _Damaged("checksum mismatch (damaged bytes)")
+    if checksum is None or version != CURRENT_VERSION:
         # Hand-written or older documents: validate (and migrate) them in full.
         full = _structure(doc, sid)
         return _Doc(session_to_document(full), _skeleton(full), stamp)
-    try:
-        body = orjson.dumps(doc)
-    except TypeError as exc:  # orjson.JSONEncodeError, e.g. nested past orjson's limit
-        raise _Damaged(f"the document cannot be encoded again ({exc})") from exc
-    if not (isinstance(checksum, str) and hmac.compare_digest(checksum, _digest(body))):
-        raise _Damaged("checksum mismatch (damaged bytes)")
     messages = doc.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise _Damaged("'messages' is not a list of objects")
