@@ -16,7 +16,9 @@ Fixtures:
 ``session_manager`` works with anyio's pytest plugin (asyncio and trio: tests marked
 ``@pytest.mark.anyio``) and with pytest-asyncio on asyncio (tests marked
 ``@pytest.mark.asyncio``, strict or auto mode, any ``loop_scope``; auto mode takes over
-anyio-marked tests too, so a suite with anyio tests uses strict mode). It is a plain
+anyio-marked tests too, so a suite with anyio tests uses strict mode: in auto mode,
+``session_manager`` fails an anyio-marked test with a message saying so). Overrides of
+the three fixtures above may be parametrized (``params=``). It is a plain
 fixture that picks the
 async fixture of the plugin running the test:
 
@@ -81,9 +83,25 @@ def session_manager_options() -> dict[str, Any]:
 
 
 @pytest.fixture
-def session_manager(request: pytest.FixtureRequest) -> SessionManager:
+def session_manager(
+    request: pytest.FixtureRequest,
+    session_clock: ManualClock,
+    session_repository: SessionRepository,
+    session_manager_options: dict[str, Any],
+) -> SessionManager:
     """A running SessionManager over ``session_repository`` driven by ``session_clock``."""
+    # The three fixtures above are requested here, though the variant below builds the
+    # manager, so that pytest sees them among the test's fixtures: an override of one of
+    # them with params= then parametrizes the test (via getfixturevalue alone, it fails).
     if "anyio_backend" in request.fixturenames:
+        if _asyncio_auto_mode(request.config):
+            pytest.fail(
+                "session_manager: pytest-asyncio's auto mode runs anyio-marked tests itself, "
+                "on another event loop than anyio's fixtures (the manager's tasks would never "
+                "run). Set asyncio_mode = strict and mark pytest-asyncio tests "
+                "@pytest.mark.asyncio, or run the anyio tests with -p no:asyncio.",
+                pytrace=False,
+            )
         manager: SessionManager = request.getfixturevalue(_ANYIO_FIXTURE)
         return manager
     if request.node.get_closest_marker("asyncio") is not None:
@@ -97,6 +115,14 @@ def session_manager(request: pytest.FixtureRequest) -> SessionManager:
         "(@pytest.mark.anyio) or by pytest-asyncio (@pytest.mark.asyncio).",
         pytrace=False,
     )
+
+
+def _asyncio_auto_mode(config: pytest.Config) -> bool:
+    """Whether pytest-asyncio runs, in auto mode (``--asyncio-mode`` or the ini option)."""
+    if not config.pluginmanager.has_plugin("asyncio"):
+        return False
+    mode = config.getoption("asyncio_mode", None) or config.getini("asyncio_mode")
+    return str(mode) == "auto"
 
 
 def _test_loop_scope(request: pytest.FixtureRequest) -> str:

@@ -179,6 +179,87 @@ def test_overriding_the_repository_and_options(pytester: pytest.Pytester) -> Non
     result.assert_outcomes(passed=1)
 
 
+PARAMETRIZED_OVERRIDES = """
+import pytest
+from asyncsession import MemoryRepository, SQLiteRepository
+
+@pytest.fixture(params=["memory", "sqlite"])
+def session_repository(request, tmp_path):
+    if request.param == "memory":
+        return MemoryRepository()
+    return SQLiteRepository(tmp_path / "sessions.db")
+
+@pytest.fixture(params=[None, 2])
+def session_manager_options(request):
+    return {"max_messages": request.param}
+"""
+
+PARAMETRIZED_TEST = """
+import pytest
+from asyncsession import LimitExceeded
+
+async def fill(session_manager, session_manager_options):
+    session = await session_manager.create()
+    await session_manager.add_messages(session.id, [("user", "a", None)] * 2)
+    if session_manager_options["max_messages"] is None:
+        await session_manager.add_message(session.id, "user", "c")
+    else:
+        with pytest.raises(LimitExceeded):
+            await session_manager.add_message(session.id, "user", "c")
+
+@pytest.mark.{mark}
+async def test_each_store(session_manager, session_manager_options):
+    await fill(session_manager, session_manager_options)
+"""
+
+
+@pytest.mark.parametrize("runner", ["anyio", "asyncio"])
+def test_parametrized_overrides_parametrize_tests_that_use_only_the_manager(
+    pytester: pytest.Pytester, runner: str
+) -> None:
+    """helper-183: ``session_manager`` loaded the three fixtures by getfixturevalue only,
+    so pytest did not see them among the test's fixtures, and an override with params=
+    (the way to run one suite on several stores) failed every test with pytest's "The
+    requested fixture has no parameter defined for test"."""
+    if runner == "asyncio":
+        pytester.makeini(
+            "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+        )
+    pytester.makeconftest(PARAMETRIZED_OVERRIDES)
+    pytester.makepyfile(PARAMETRIZED_TEST.replace("{mark}", runner))
+    args = ANYIO_ONLY if runner == "anyio" else ()
+    result = pytester.runpytest_subprocess(*plugin_args(), *args, "-W", "error", "-v")
+    # 2 stores x 2 option sets (x asyncio and trio with anyio)
+    result.assert_outcomes(passed=8 if runner == "anyio" else 4)
+    result.stdout.fnmatch_lines(["*test_each_store?*2-sqlite*PASSED*"])
+
+
+def test_anyio_tests_in_pytest_asyncio_auto_mode_fail_with_a_message(
+    pytester: pytest.Pytester,
+) -> None:
+    """helper-183: pytest-asyncio's auto mode runs anyio-marked tests on its own loop, not
+    the one anyio's fixtures run on: the manager's cleanup never ran, so
+    ``wait_for_cleanup()`` hung on asyncio (and trio failed with "must be called from
+    async context"). The fixture now says what to change."""
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.anyio
+        async def test_expiry(session_manager, session_clock):
+            await session_manager.create()
+            session_clock.advance(1800)
+            await session_manager.wait_for_cleanup()
+        """
+    )
+    result = pytester.runpytest_subprocess(*plugin_args(), timeout=120)
+    result.assert_outcomes(errors=2)  # asyncio and trio
+    result.stdout.fnmatch_lines(["*auto mode runs anyio-marked tests*asyncio_mode = strict*"])
+
+
 def test_the_session_clock_works_with_a_redis_repository(
     pytester: pytest.Pytester, request: pytest.FixtureRequest
 ) -> None:
