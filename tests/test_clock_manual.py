@@ -29,6 +29,17 @@ def test_jump_to_refuses_naive_datetimes() -> None:
     assert clock.now().tzinfo is timezone.utc
 
 
+def test_jump_to_an_earlier_time_names_both_times() -> None:
+    """helper-183: the error quoted an advance() by a negative timedelta, a call the user
+    never made."""
+    clock = ManualClock(START)
+    with pytest.raises(InvalidConfiguration) as info:
+        clock.jump_to(START - timedelta(days=365))
+    assert "jump_to(2025-01-01T00:00:00+00:00)" in str(info.value)
+    assert "2026-01-01T00:00:00+00:00" in str(info.value) and "advance" not in str(info.value)
+    assert clock.now() == START and clock.jump_to(START) == START
+
+
 def test_advance_refuses_what_no_datetime_holds() -> None:
     clock = ManualClock(START)
     for bad in (math.nan, -math.inf):

@@ -25,6 +25,8 @@ from asyncsession import (
     Message,
     Page,
     Session,
+    SessionConflict,
+    SessionNotFound,
     SessionQuery,
     SessionRepository,
     SessionStatus,
@@ -284,6 +286,29 @@ class TiesByIdAscending(MemoryRepository):
     )
 
 
+class CheckThenSave(MemoryRepository):
+    """save() compares the revision, then (a second round trip) writes: concurrent saves
+    based on one revision all win."""
+
+    async def save(
+        self,
+        session: Session,
+        *,
+        expected_revision: int,
+        new_messages: Sequence[Message] | None = None,
+    ) -> None:
+        stored = await self.get(session.id)
+        if stored is None:
+            raise SessionNotFound(session.id)
+        if stored.revision != expected_revision:
+            raise SessionConflict(
+                session.id, expected_revision=expected_revision, actual_revision=stored.revision
+            )
+        await anyio.lowlevel.checkpoint()
+        async with self._lock:
+            self._put(session, self._sessions[session.id])
+
+
 class CountsWithZeros(MemoryRepository):
     """count_by_status() answers every status, 0 for those with no sessions."""
 
@@ -365,6 +390,11 @@ Contract = Callable[[RepositoryContract, SessionRepository, str], Awaitable[None
             "by id descending",
         ),
         (CountsWithZeros, RepositoryContract.test_count_by_status, "leave out statuses"),
+        (
+            CheckThenSave,
+            RepositoryContract.test_concurrent_compare_and_set_has_one_winner,
+            "8 of 8 concurrent saves.*exactly one",
+        ),
     ],
     ids=lambda value: getattr(value, "__name__", None) or "",
 )

@@ -81,7 +81,13 @@ class ManualClock:
 
     def jump_to(self, when: datetime) -> datetime:
         """Advance to the absolute time ``when`` (timezone-aware, not earlier than now)."""
-        return self.advance(utc(when, "ManualClock.jump_to(when)") - self._now)
+        target = utc(when, "ManualClock.jump_to(when)")
+        if target < self._now:
+            raise InvalidConfiguration(
+                f"ManualClock cannot go backwards: jump_to({target.isoformat()}) is before "
+                f"the clock's time, {self._now.isoformat()}."
+            )
+        return self.advance(target - self._now)
 
     @property
     def sleepers(self) -> int:

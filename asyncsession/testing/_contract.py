@@ -1343,7 +1343,11 @@ class RepositoryContract:
             for n in range(8):
                 tg.start_soon(writer, n)
         loaded = await repository.get(session.id)
-        assert len(wins) == 1
+        assert len(wins) == 1, (
+            f"{len(wins)} of 8 concurrent saves with expected_revision=0 succeeded: "
+            "compare-and-set must let exactly one win (check the revision and write in "
+            "one step, with no await between them)"
+        )
         assert loaded is not None and loaded.state == {"winner": wins[0]} and loaded.revision == 1
 
     async def test_cancelled_operations_leave_whole_states(
