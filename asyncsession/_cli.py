@@ -72,6 +72,7 @@ from . import (
     InvalidCursor,
     InvalidOwner,
     InvalidUpdate,
+    MemoryRepository,
     RedisRepository,
     SerializationError,
     Session,
@@ -90,7 +91,7 @@ from . import (
     loads,
     thaw,
 )
-from ._exceptions import _plural
+from ._exceptions import _plural, tilde_note
 from ._manager import _is_retired
 from ._urls import STORE_URL_FORMS, repository_from_url, shown_url
 from .abc import EventTransport, _collecting_skipped
@@ -309,13 +310,18 @@ _REPORTS_ALONE = (
 )
 
 
-def _in_one_process(url: str) -> bool:
-    """Whether the store ``url`` names lives in this process only: ``memory://``, or an
-    in-memory SQLite database (``sqlite:///:memory:``, also percent-encoded, which
-    :func:`repository_from_url` hands to sqlite3 as the path ``:memory:``)."""
-    scheme, _, rest = url.partition("://")
-    scheme = scheme.lower()
-    return scheme == "memory" or (scheme == "sqlite" and urllib.parse.unquote(rest) == "/:memory:")
+def _in_one_process(store: SessionRepository | str) -> bool:
+    """Whether ``store`` (or the store a URL names) lives in this process only: a
+    :class:`MemoryRepository` (``memory://``), or an in-memory SQLite database: any URL
+    whose path :class:`SQLiteRepository` takes as ``:memory:`` (``sqlite:///:memory:``,
+    percent-encoded, ``sqlite:///./:memory:``...)."""
+    if isinstance(store, str):
+        if store.partition("://")[0].lower() not in ("memory", "sqlite"):
+            return False
+        store = repository_from_url(store)
+    if isinstance(store, SQLiteRepository):
+        return os.fspath(store.path) == ":memory:"
+    return isinstance(store, MemoryRepository)
 
 
 def _check_exists(repository: SessionRepository, advice: str = _CREATE_ONE) -> None:
@@ -324,7 +330,10 @@ def _check_exists(repository: SessionRepository, advice: str = _CREATE_ONE) -> N
     and leave a stray database or directory behind). ``advice`` ends the message."""
     if isinstance(repository, SQLiteRepository):
         if _absent(repository.path):
-            raise CLIError(f"no SQLite store at {os.path.abspath(repository.path)}; {advice}")
+            raise CLIError(
+                f"no SQLite store at {os.path.abspath(repository.path)}"
+                f"{tilde_note(repository.path)}; {advice}"
+            )
     elif isinstance(repository, FileRepository):
         root = repository.directory
         if _absent(root):
@@ -333,7 +342,9 @@ def _check_exists(repository: SessionRepository, advice: str = _CREATE_ONE) -> N
             problem = "the directory holds no sessions/ folder"
         else:
             return
-        raise CLIError(f"no file store at {os.path.abspath(root)} ({problem}); {advice}")
+        raise CLIError(
+            f"no file store at {os.path.abspath(root)} ({problem}){tilde_note(root)}; {advice}"
+        )
 
 
 def _store(
@@ -359,7 +370,7 @@ def _store(
     only see a new, empty store that vanishes with it.
     """
     repository = open_store(url)
-    if not memory and _in_one_process(url):
+    if not memory and _in_one_process(repository):
         context = click.get_current_context(silent=True)
         command = f"`{context.info_name}`" if context is not None else "this command"
         raise CLIError(
@@ -369,7 +380,7 @@ def _store(
             "sqlite:///:memory: suit only `asyncsession demo`.",
             exit_code=2,
         )
-    if not creates and not _in_one_process(url):  # nothing on disk to look for
+    if not creates and not _in_one_process(repository):  # nothing on disk to look for
         _check_exists(repository, advice)
     if isinstance(repository, SQLiteRepository) and not (creates or writes):
         repository._upgrades = False  # unopened, and this command's own

@@ -137,6 +137,14 @@ _SIZED: tuple[tuple[type, str], ...] = (
 )
 
 
+def tilde_note(path: object) -> str:
+    """A note for a path that does not exist and starts with ``~`` (a shell expands it;
+    Python and store URLs do not), else ``""``."""
+    if str(path).startswith("~"):
+        return " ('~' is not expanded here: write the home directory's path, as the shell would)"
+    return ""
+
+
 def kind_of(value: object) -> str:
     """What ``value`` is, for an error message that must not show it (apps log these
     messages, and values, owners and message contents are their users' data): its type

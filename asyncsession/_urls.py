@@ -34,6 +34,7 @@ _DEFAULT_PREFIX = "asyncsession:"
 _DB_PATH = re.compile(r"/?|/[0-9]+/?")
 _DIGITS = re.compile(r"[0-9]+")
 _BOOLEANS = ("0", "1", "false", "true", "no", "yes", "n", "y", "f", "t")
+_TRUE = ("1", "true", "yes", "y", "t")
 _CERT_REQS = ("none", "optional", "required")
 #: The Redis URL query parameters accepted, besides ``prefix`` (``repository_from_url``'s).
 _REDIS_PARAMETERS = ("db", "client_name", "max_idle_time", "noevict", "notouch")
@@ -110,6 +111,17 @@ def _shown(url: str) -> str:
     return repr(shown_url(url))
 
 
+def _check_text(url: str) -> None:
+    """Refuse a URL with whitespace around it or a control character in it (a newline
+    left at the end by an environment file): it would name another file, directory or
+    prefix, without an error."""
+    if url != url.strip() or any(c < " " or c == "\x7f" for c in url):
+        raise InvalidConfiguration(
+            f"Invalid store URL {_shown(url)}: it has whitespace at an end or a control "
+            "character (a newline?); remove it. Write a space in a path as %20."
+        )
+
+
 def _local_path(url: str, path: str) -> str:
     """The percent-decoded file system path of a ``sqlite:``/``file:`` URL's ``path``."""
     if "?" in path or "#" in path:
@@ -172,6 +184,17 @@ def _check_redis_query(shown: str, scheme: str, query: str, *, takes_prefix: boo
         raise InvalidConfiguration(
             f"Invalid Redis URL {shown}: ssl_certfile and ssl_keyfile (a client certificate "
             "and its key) go together; give both or neither."
+        )
+    values = dict(items)
+    if (
+        scheme == "rediss"
+        and values.get("ssl_cert_reqs") == "none"
+        and values.get("ssl_check_hostname", "").lower() in _TRUE
+    ):
+        raise InvalidConfiguration(
+            f"Invalid Redis URL {shown}: ssl_cert_reqs=none checks no certificate, so "
+            "there is no host name to check; drop ssl_check_hostname=true, or require a "
+            "certificate (ssl_cert_reqs=required)."
         )
 
 
@@ -255,11 +278,21 @@ def check_redis_url(url: str, *, takes_prefix: bool) -> None:
             f"Invalid Redis URL {shown}: {problem}. Write it as redis://host:6379/0 (IPv6 as "
             f"redis://[::1]:6379/0); {_ENCODING_HINT}."
         ) from None
+    _check_text(url)
     userinfo = url.partition("://")[2].rpartition("@")[0]
     if "?" in userinfo or "#" in userinfo:  # the query would hold part of the password
         raise InvalidConfiguration(
             f"Invalid Redis URL {shown}: a '?' or '#' comes before its last '@'; "
             f"{_ENCODING_HINT}, and an '@' in the query as %40."
+        )
+    if scheme != "unix" and "/" in userinfo:  # the path would hold part of the password
+        raise InvalidConfiguration(
+            f"Invalid Redis URL {shown}: a '/' comes before its last '@'; {_ENCODING_HINT}."
+        )
+    if "#" in url:  # the client drops a fragment: ?prefix=a#b would be the prefix "a"
+        raise InvalidConfiguration(
+            f"Invalid Redis URL {shown}: a Redis URL takes no fragment ('#...'); write a "
+            "'#' in a query value as %23."
         )
     _check_redis_query(shown, scheme, parts.query, takes_prefix=takes_prefix)
     if scheme == "unix":
@@ -316,6 +349,7 @@ def repository_from_url(url: str) -> SessionRepository:
     from .stores.memory import MemoryRepository
     from .stores.sqlite import SQLiteRepository
 
+    _check_text(url)
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     bad = InvalidConfiguration(f"Invalid store URL {_shown(url)}; use one of: {STORE_URL_FORMS}.")
@@ -347,5 +381,8 @@ def repository_from_url(url: str) -> SessionRepository:
         except SessionError:
             raise
         except ValueError as exc:  # anything else the Redis client cannot parse
-            raise InvalidConfiguration(f"Invalid Redis URL {_shown(url)}: {exc}.") from None
+            raise InvalidConfiguration(
+                f"Invalid Redis URL {_shown(url)}: {str(exc).rstrip('.')}. Write it as "
+                "redis://host:6379/0?prefix=app: (rediss:// for TLS)."
+            ) from None
     raise bad

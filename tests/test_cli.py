@@ -2302,7 +2302,10 @@ def test_stats_of_reports_without_a_store_suggests_memory(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite:///%3Amemory%3A"])
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///:memory:", "sqlite:///%3Amemory%3A", "sqlite:///./:memory:", "sqlite:///:memory:/"],
+)
 def test_an_in_memory_sqlite_store_is_treated_like_memory(
     run: Run, tmp_path: Path, backend: str, url: str
 ) -> None:
@@ -2317,6 +2320,9 @@ def test_an_in_memory_sqlite_store_is_treated_like_memory(
         line = assert_one_line_error(run(*command, "--store", url, ok=None), 2)
         assert url in line and "one process" in line and "demo" in line, line
     assert list(tmp_path.iterdir()) == []
+    # helper-185: the last two forms passed the URL-text check, and import wrote there
+    line = assert_one_line_error(run("import", "--store", url, stdin="", ok=None), 2)
+    assert "one process" in line, line
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

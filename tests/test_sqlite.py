@@ -27,6 +27,7 @@ from asyncsession import (
     CURRENT_VERSION,
     CorruptSessionError,
     ExpiryPolicy,
+    FileRepository,
     InvalidConfiguration,
     InvalidSessionId,
     LimitExceeded,
@@ -351,6 +352,21 @@ async def test_missing_directory(tmp_path: Path, anyio_backend: str) -> None:
             pass
     assert str(path) in str(info.value)
     assert not path.parent.exists()
+    assert "'~' is not expanded" not in str(info.value)
+
+
+async def test_a_missing_directory_under_tilde_says_it_is_not_expanded(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-185: sqlite:///~/x.db said "directory ~ does not exist" only."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError, match="'~' is not expanded here"):
+        async with SQLiteRepository("~/asyncsession-test/s.db"):
+            pass
+    with pytest.raises(StorageError, match="'~' is not expanded here"):
+        async with FileRepository("~/asyncsession-test/store"):
+            pass
+    assert os.listdir(tmp_path) == []
 
 
 async def test_path_under_a_regular_file(tmp_path: Path, anyio_backend: str) -> None:

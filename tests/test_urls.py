@@ -111,6 +111,11 @@ def test_errors_do_not_show_the_password() -> None:
         "unix://app:S3cr/tPass@/run/r.sock?db=x",
         "redis://app@S3cr?tPass@db.example:6379/0",
         "unix://app@S3cr#tPass@/run/r.sock",
+        # helper-185: an empty or numeric part before the '/' parsed as a port, and the
+        # path error quoted the rest of the password
+        "redis://admin:/S3crPass@db.example.com:6379/0",
+        "redis://admin:6379/S3crPass@db.example/0",
+        "rediss://admin:/S3crPass@db.example/0",
     ],
 )
 def test_errors_do_not_show_a_password_with_url_delimiters(url: str) -> None:
@@ -266,6 +271,14 @@ def test_redis_repository_refuses_a_prefix_in_its_url() -> None:
         ("rediss://localhost/0?ssl_ca_certs=", "ssl_ca_certs= gives no file"),
         ("rediss://localhost/0?ssl_certfile=/c.pem", "ssl_certfile and ssl_keyfile"),
         ("rediss://localhost/0?ssl_keyfile=/k.pem", "give both or neither"),
+        # helper-185: the client dropped a fragment (two prefixes became one) ...
+        ("redis://localhost/0?client_name=a#1", "takes no fragment"),
+        ("redis://localhost/0#x", "write a '#' in a query value as %23"),
+        # ... and ssl's ValueError escaped RedisRepository
+        (
+            "rediss://localhost/0?ssl_cert_reqs=none&ssl_check_hostname=true",
+            "drop ssl_check_hostname=true",
+        ),
     ],
 )
 def test_bad_redis_query_values_are_refused(entry: str, url: str, says: str) -> None:
@@ -337,6 +350,30 @@ def test_local_paths_are_percent_decoded(tmp_path: Path) -> None:
     assert isinstance(files, s.FileRepository) and files.directory == Path("my dir")
     files = s.repository_from_url(f"file://{tmp_path}/caf%C3%A9")
     assert isinstance(files, s.FileRepository) and files.directory == tmp_path / "café"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///prod.db\n",
+        "sqlite:///prod.db ",
+        " sqlite:///prod.db",
+        "sqlite:///pro\td.db",
+        "file:///tmp/dir\n",
+        "memory://\r\n",
+        "redis://localhost/0?prefix=app:\n",
+        "redis://localhost/0\x7f",
+    ],
+)
+def test_urls_with_whitespace_at_an_end_or_control_characters_are_refused(url: str) -> None:
+    """helper-185: a trailing newline (an environment file's) became part of the file
+    name, directory or prefix: the CLI made a new, empty store without an error."""
+    pytest.importorskip("coredis")
+    with pytest.raises(s.InvalidConfiguration, match="whitespace at an end or a control"):
+        s.repository_from_url(url)
+    if url.startswith("redis"):
+        with pytest.raises(s.InvalidConfiguration, match="whitespace at an end"):
+            s.RedisRepository(url)
 
 
 @pytest.mark.parametrize(
@@ -429,3 +466,29 @@ def test_cli_on_a_unix_socket(unix_socket: str, tmp_path: Path, backend: str) ->
     demo = cli("demo", "--users", "4", "--rounds", "3", "--json")
     listing = cli("list", "--json", "--all")
     assert len(listing["items"]) == demo["users"] == 4
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("option", ["notouch", "noevict"])
+async def test_a_client_option_the_server_is_too_old_for_says_so(
+    redis_server: Any, anyio_backend: str, option: str
+) -> None:
+    """helper-185: ?notouch= (Redis 7.2) and ?noevict= (7.0) made every operation fail on
+    an older server with "unknown subcommand 'NO-TOUCH'", not naming the option."""
+    from asyncsession.stores.redis import _CLIENT_OPTIONS
+
+    release = next(r for name, _, r in _CLIENT_OPTIONS if name == option)
+    async with s.RedisRepository(redis_server.url) as plain:
+        version = (await plain.client.info("server"))["redis_version"]
+    too_old = tuple(map(int, str(version).split(".")[:2])) < tuple(map(int, release.split(".")))
+    session = s.Session(uuid.uuid4(), datetime.now(timezone.utc), datetime.now(timezone.utc))
+    url = f"{redis_server.url}?{option}=true&prefix=opt-{uuid.uuid4().hex[:8]}:"
+    async with s.repository_from_url(url) as store:
+        if too_old:
+            with pytest.raises(s.StorageError) as caught:
+                await store.add(session)
+            assert f"?{option}= needs Redis {release} or later" in str(caught.value)
+            assert "leave it out" in str(caught.value)
+        else:
+            await store.add(session)
+            assert await store.get(session.id) == session

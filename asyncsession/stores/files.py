@@ -77,6 +77,7 @@ from .._exceptions import (
     StorageError,
     check_flag,
     revision_exhausted,
+    tilde_note,
     too_many_messages,
 )
 from .._locks import KeyedLocks
@@ -701,7 +702,7 @@ class FileRepository(SessionRepository):
         if not parent_is_dir:
             raise StorageError(
                 f"Cannot open a FileRepository at {root}: the parent directory "
-                f"{root.parent} does not exist. Create it first."
+                f"{root.parent} does not exist{tilde_note(root.parent)}. Create it first."
             )
         created = False
         # The root through its symbolic link, if it is one: os.mkdir does not follow a

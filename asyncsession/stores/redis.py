@@ -1022,6 +1022,22 @@ def _first_content(first: Any) -> str | None:
         return None
 
 
+#: The URL options whose CLIENT subcommand older servers do not know, and the release
+#: that brought it.
+_CLIENT_OPTIONS = (("notouch", "NO-TOUCH", "7.2"), ("noevict", "NO-EVICT", "7.0"))
+
+
+def _option_advice(text: str) -> str:
+    """What to do when the server refused a URL option's CLIENT subcommand."""
+    for option, subcommand, release in _CLIENT_OPTIONS:
+        if f"'{subcommand}'" in text.upper():
+            return (
+                f". The URL's ?{option}= needs Redis {release} or later (CLIENT "
+                f"{subcommand}); leave it out for this server."
+            )
+    return ""
+
+
 class RedisRepository(SessionRepository, EventTransport):
     """Sessions in Redis, shared by every process and machine using the same server.
 
@@ -1217,6 +1233,11 @@ class RedisRepository(SessionRepository, EventTransport):
                 f"Invalid Redis URL {shown_url(url)!r}: its TLS files could not "
                 f"be loaded ({exc}); check ssl_certfile, ssl_keyfile and ssl_ca_certs."
             ) from None
+        except ValueError as exc:  # anything else coredis (or ssl) cannot take
+            raise InvalidConfiguration(
+                f"Invalid Redis URL {shown_url(url)!r}: {str(exc).rstrip('.')}. Write it as "
+                "redis://host:6379/0 (rediss:// for TLS)."
+            ) from None
         _closing_connections(client.connection_pool)
         _bounding_waits(client.connection_pool, timeout)
         _marking_unsent(client.connection_pool, self._connection_errors)
@@ -1386,7 +1407,8 @@ class RedisRepository(SessionRepository, EventTransport):
             text = str(exc)
             recoverable = text.startswith(("OOM", "BUSY", "LOADING", "READONLY", "TRYAGAIN"))
             raise StorageError(
-                f"Redis at {self._address} refused {action}: {type(exc).__name__}: {text}",
+                f"Redis at {self._address} refused {action}: {type(exc).__name__}: {text}"
+                + _option_advice(text),
                 recoverable=recoverable,
             ) from exc
         except RuntimeError as exc:

@@ -89,6 +89,7 @@ from .._exceptions import (
     StorageError,
     check_flag,
     revision_exhausted,
+    tilde_note,
     too_many_messages,
 )
 from .._json import freeze_json, freeze_state
@@ -1974,7 +1975,7 @@ class SQLiteRepository(SessionRepository):
             if not parent_found:
                 raise StorageError(
                     f"Cannot open SQLite database {path}: directory {parent} does not "
-                    "exist. Create it first."
+                    f"exist{tilde_note(parent)}. Create it first."
                 )
             if not parent_is_dir:
                 raise StorageError(
