@@ -72,7 +72,6 @@ from . import (
     InvalidCursor,
     InvalidOwner,
     InvalidUpdate,
-    MemoryRepository,
     RedisRepository,
     SerializationError,
     Session,
@@ -310,18 +309,17 @@ _REPORTS_ALONE = (
 )
 
 
-def _in_one_process(store: SessionRepository | str) -> bool:
-    """Whether ``store`` (or the store a URL names) lives in this process only: a
-    :class:`MemoryRepository` (``memory://``), or an in-memory SQLite database: any URL
-    whose path :class:`SQLiteRepository` takes as ``:memory:`` (``sqlite:///:memory:``,
+def _in_one_process(url: str, repository: SessionRepository | None = None) -> bool:
+    """Whether the store ``url`` names (``repository``, if built already) lives in this
+    process only: ``memory://``, or an in-memory SQLite database: any URL whose path
+    :class:`SQLiteRepository` takes as ``:memory:`` (``sqlite:///:memory:``,
     percent-encoded, ``sqlite:///./:memory:``...)."""
-    if isinstance(store, str):
-        if store.partition("://")[0].lower() not in ("memory", "sqlite"):
-            return False
-        store = repository_from_url(store)
-    if isinstance(store, SQLiteRepository):
-        return os.fspath(store.path) == ":memory:"
-    return isinstance(store, MemoryRepository)
+    scheme = url.partition("://")[0].lower()
+    if scheme != "sqlite":
+        return scheme == "memory"
+    if repository is None:
+        repository = repository_from_url(url)
+    return isinstance(repository, SQLiteRepository) and os.fspath(repository.path) == ":memory:"
 
 
 def _check_exists(repository: SessionRepository, advice: str = _CREATE_ONE) -> None:
@@ -370,7 +368,7 @@ def _store(
     only see a new, empty store that vanishes with it.
     """
     repository = open_store(url)
-    if not memory and _in_one_process(repository):
+    if not memory and _in_one_process(url, repository):
         context = click.get_current_context(silent=True)
         command = f"`{context.info_name}`" if context is not None else "this command"
         raise CLIError(
@@ -380,7 +378,7 @@ def _store(
             "sqlite:///:memory: suit only `asyncsession demo`.",
             exit_code=2,
         )
-    if not creates and not _in_one_process(repository):  # nothing on disk to look for
+    if not creates and not _in_one_process(url, repository):  # nothing on disk to look for
         _check_exists(repository, advice)
     if isinstance(repository, SQLiteRepository) and not (creates or writes):
         repository._upgrades = False  # unopened, and this command's own
