@@ -169,8 +169,12 @@ class Subscription:
 
     def receive_nowait(self) -> SessionEvent:
         """Return a buffered event; raise :class:`anyio.WouldBlock` if none is buffered,
-        or :class:`anyio.EndOfStream` once the subscription has ended and is drained."""
-        event = self._receive.receive_nowait()
+        or :class:`anyio.EndOfStream` once the subscription has ended and is drained (the
+        manager exited), or was closed (``aclose()``, the end of ``async with``)."""
+        try:
+            event = self._receive.receive_nowait()
+        except anyio.ClosedResourceError:  # aclose() closed it: ended, as __anext__ says
+            raise anyio.EndOfStream from None
         if self._overflow.active:
             self._caught_up()
         return event

@@ -62,6 +62,9 @@ logger = logging.getLogger("chat_server")
 
 DEFAULT_STORE = "sqlite:///chat.db"
 MAX_TEXT = 2000
+#: The largest request body read: MAX_TEXT characters as JSON escapes ("\\uXXXX") and room.
+MAX_BODY = 6 * MAX_TEXT + 1024
+ENDED = {"error": "this conversation has ended (logged out, expired or closed); start anew"}
 
 
 def assistant_reply(number: int, text: str) -> str:
@@ -128,9 +131,19 @@ def create_app(
         return JSONResponse(_state(await sessions.get(sid, touch=False)))
 
     async def send_message(request: Request) -> JSONResponse:
+        too_big = JSONResponse({"error": f"the body is over {MAX_BODY} bytes"}, 413)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            return too_big  # without reading it
+        raw = b""
+        async with contextlib.aclosing(request.stream()) as chunks:
+            async for chunk in chunks:  # read no more than MAX_BODY bytes
+                raw += chunk
+                if len(raw) > MAX_BODY:  # a chunked body, without a content-length
+                    return too_big
         try:
-            body = await request.json()
-        except ValueError:  # not JSON, not UTF-8, or empty
+            body = json.loads(raw)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, empty, nested too deep
             return JSONResponse({"error": 'the body must be JSON: {"text": "..."}'}, 400)
         text = body.get("text") if isinstance(body, dict) else None
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
@@ -143,7 +156,12 @@ def create_app(
                 "assistant", assistant_reply(number, text)
             )
 
-        session = await sessions.update(sid, exchange)
+        try:
+            session = await sessions.update(sid, exchange)
+        except (s.SessionNotFound, s.SessionClosed):  # logged out in another tab, expired...
+            return JSONResponse(ENDED, 409)
+        except s.ValidationError:  # e.g. a lone surrogate ("\ud800"): not storable text
+            return JSONResponse({"error": "text must be valid Unicode text"}, 400)
         return JSONResponse({"session_id": str(sid), "messages": _messages(session)[-2:]})
 
     async def state(request: Request) -> JSONResponse:
@@ -160,7 +178,10 @@ def create_app(
                 "system", "Interrupted by the user."
             )
 
-        session = await sessions.update(session.id, mark)
+        try:
+            session = await sessions.update(session.id, mark)
+        except (s.SessionNotFound, s.SessionClosed):  # logged out in another tab, expired...
+            return JSONResponse(ENDED, 409)
         return JSONResponse(_state(session))
 
     async def logout(request: Request) -> JSONResponse:

@@ -31,6 +31,9 @@ async def main(store: str) -> None:
         async with s.SessionManager(
             repo, idle_timeout=0.5, cleanup_interval=0.2, retention=60
         ) as sessions:
+            # Events from now on are buffered for this subscription until it reads them
+            # (so alice's expiry below cannot pass unseen, however slow the steps between).
+            events = sessions.subscribe()
             alice = await sessions.create(owner="alice", name="my-feature", state={"step": 1})
             print(f"created   {alice}")
 
@@ -54,7 +57,7 @@ async def main(store: str) -> None:
             stats = await sessions.stats()
             print(f"stats     { {k.value: v for k, v in stats.by_status.items()} }")
 
-            async with sessions.subscribe() as events:
+            async with events:
                 print("waiting   for alice's session to idle out (0.5 s) ...")
                 async for event in events:
                     if event.kind is s.EventKind.EXPIRED and event.session_id == alice.id:

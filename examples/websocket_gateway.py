@@ -7,8 +7,9 @@ Protocol (JSON text frames)::
     server → {"type": "reply", "session_id": "<uuid>", "text": "echo: hi", "count": 1}
     client → {"type": "bye", "session_id": "<uuid>"}
     server → {"type": "bye", "session_id": "<uuid>"}  then closes with code 1000
-    server → {"type": "error", "error": "..."}   then closes with code 4401 (bad session)
-                                                  or 1008 (malformed message)
+    server → {"type": "error", "error": "..."}   then closes with code 4401 (bad session),
+                                                  1008 (malformed message) or 1009
+                                                  (a frame over 64 KiB)
 
 A message must carry this connection's live session id: an unknown, foreign, malformed
 or expired id gets an error and the socket is closed. When the connection ends its
@@ -42,7 +43,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import asyncsession as s
 
@@ -52,6 +53,8 @@ DEFAULT_STORE = "sqlite:///gateway.db"
 CLEAN_CLOSE_CODES = frozenset({1000, 1001})
 BAD_SESSION = 4401
 POLICY_VIOLATION = 1008
+TOO_BIG = 1009
+MAX_FRAME = 64 * 1024  # characters of one text frame
 
 
 class ProtocolError(Exception):
@@ -72,9 +75,12 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
 
     async def handle(session: s.Session, frame: Mapping[str, Any]) -> dict[str, Any]:
         """Validate one client message and answer it."""
+        raw = frame.get("text") or ""
+        if len(raw) > MAX_FRAME:
+            raise ProtocolError(f"messages are limited to {MAX_FRAME} characters", TOO_BIG)
         try:
-            data = json.loads(frame.get("text") or "")
-        except ValueError:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             raise ProtocolError("messages must be JSON text", POLICY_VIOLATION) from None
         if not isinstance(data, dict) or data.get("type") not in ("message", "bye"):
             raise ProtocolError('expected {"type": "message" or "bye", ...}', POLICY_VIOLATION)
@@ -85,14 +91,16 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
         text = data.get("text")
         if not isinstance(text, str):
             raise ProtocolError("text must be a string", POLICY_VIOLATION)
+        reply = f"echo: {text}"
         try:
             await sessions.get(session.id, last_messages=0)  # live? (counts as activity)
-        except s.SessionNotFound:
+            stored = await sessions.add_messages(
+                session.id, [("user", text, None), ("assistant", reply, None)]
+            )
+        except (s.SessionNotFound, s.SessionClosed):  # expired, or closed by an admin
             raise ProtocolError("invalid or expired session", BAD_SESSION) from None
-        reply = f"echo: {text}"
-        stored = await sessions.add_messages(
-            session.id, [("user", text, None), ("assistant", reply, None)]
-        )
+        except s.ValidationError:  # e.g. a lone surrogate ("\ud800"): not storable text
+            raise ProtocolError("text must be valid Unicode text", POLICY_VIOLATION) from None
         count = stored.messages.total // 2
         return {"type": "reply", "session_id": str(session.id), "text": reply, "count": count}
 
@@ -121,6 +129,15 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
                     status = s.SessionStatus.EXITED
                     await websocket.close(code=1000)
                     return
+        except WebSocketDisconnect as exc:  # the client closed while a frame was sent
+            code = exc.code  # 1006 from Starlette: the client's own code comes in receive()
+            with anyio.move_on_after(1):
+                frame = await websocket.receive()
+                if frame["type"] == "websocket.disconnect":
+                    code = frame.get("code", code)
+            if code in CLEAN_CLOSE_CODES:
+                status = s.SessionStatus.EXITED
+            logger.info("session %s disconnected with code %s", session.id, code)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 try:

@@ -58,6 +58,10 @@ async def test_a_subscription_nobody_holds_stops_receiving(anyio_backend: str) -
         assert (await manager.stats()).subscribers == 1
         await kept.aclose()
         assert (await manager.stats()).subscribers == 0
+        # helper-184: a closed one raised anyio.ClosedResourceError, not as documented
+        for ended in (kept, scoped):
+            with pytest.raises(anyio.EndOfStream):
+                ended.receive_nowait()
 
 
 async def test_a_refused_buffer_leaves_nothing_behind(anyio_backend: str) -> None:

@@ -3531,6 +3531,29 @@ async def test_an_exit_interrupted_while_reports_drain_counts_them_dropped(
         assert "queued session reports reached every reporter" in caplog.text
 
 
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+async def test_the_quickstart_sees_the_expiry_however_slow_its_steps(
+    store: str, anyio_backend: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """helper-184: examples/quickstart.py subscribed after alice's last activity and
+    waited for her expiry without a bound: steps slower than the idle timeout plus a
+    cleanup pass (0.7 s: a loaded machine) let the event pass, and it waited for ever.
+    It subscribes before the steps now; ``stats()`` here takes a second."""
+    stats = s.SessionManager.stats
+
+    async def slow_stats(self: s.SessionManager) -> s.SessionStats:
+        await anyio.sleep(1)
+        return await stats(self)
+
+    monkeypatch.setattr(s.SessionManager, "stats", slow_stats)
+    with anyio.fail_after(30):
+        await load_example("quickstart.py").main(store)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("expired ") for line in lines), lines
+    assert "get       -> SessionNotFound" in lines
+    assert "bob       still readable after close: status=crashed" in lines
+
+
 def _agent_example() -> Any:
     """examples/agent_loop.py, imported as a module."""
     return load_example("agent_loop.py")

@@ -214,13 +214,45 @@ async def test_chat_bad_message_bodies_get_400() -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
             await http.post("/api/session")
             json_type = {"content-type": "application/json"}
-            for body in (b"{not json", b"", b"\xff\xfe", b"[]", b'{"text": 5}', b'{"text": ""}'):
+            bodies = [b"{not json", b"", b"\xff\xfe", b"[]", b'{"text": 5}', b'{"text": ""}']
+            # helper-184: these two answered 500 (RecursionError; InvalidJSONValue)
+            bodies += [b"[" * 6000 + b"]" * 6000, b'{"text": "a\\ud800b"}']
+            for body in bodies:
                 response = await http.post("/api/messages", content=body, headers=json_type)
                 assert response.status_code == 400, body
                 assert "error" in response.json(), body
+            huge = b'{"text": "' + b"x" * 50_000 + b'"}'  # read whole before, any size
+            response = await http.post("/api/messages", content=huge, headers=json_type)
+            assert response.status_code == 413 and "bytes" in response.json()["error"]
             assert (await http.get("/api/state")).json()["messages"] == []
             (stored,) = await sessions.list(limit=10)
             assert stored.messages.total == 0
+
+
+@pytest.mark.anyio
+async def test_chat_a_conversation_ended_meanwhile_gets_409(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """helper-184: a logout in another tab between finding the session and updating it
+    (or an expiry, or an admin's close) answered 500."""
+    app = load_example(CHAT).create_app("memory://", secret_key="in-process-test-key")
+    async with app.state.sessions as sessions:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            sid = uuid.UUID((await http.post("/api/session")).json()["session_id"])
+            update = sessions.update
+
+            async def ended_first(session_id: Any, fn: Any, **options: Any) -> s.Session:
+                await sessions.close(session_id)  # as `asyncsession close` would
+                return await update(session_id, fn, **options)
+
+            monkeypatch.setattr(sessions, "update", ended_first)
+            for path, body in (("/api/messages", {"text": "hi"}), ("/api/interrupt", None)):
+                response = await http.post(path, json=body)
+                assert response.status_code == 409, (path, response.text)
+                assert "ended" in response.json()["error"]
+                await sessions.delete(sid)  # the same after a logout elsewhere
+                sid = uuid.UUID((await http.post("/api/session")).json()["session_id"])
 
 
 @pytest.mark.anyio
@@ -257,6 +289,12 @@ class WebSocketHarness:
         self.from_app: MemoryObjectReceiveStream[dict[str, Any]]
         self.app_out, self.from_app = anyio.create_memory_object_stream[dict[str, Any]](100)
         self.done = anyio.Event()
+        self.client_gone = False  # sends raise OSError, as uvicorn's to a closed client
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if self.client_gone and message["type"] == "websocket.send":
+            raise OSError("client disconnected")
+        await self.app_out.send(message)
 
     async def run(self) -> None:
         scope = {
@@ -274,7 +312,7 @@ class WebSocketHarness:
         }
         try:
             async with self.app_out:
-                await self.app(scope, self.app_in.receive, self.app_out.send)
+                await self.app(scope, self.app_in.receive, self._send)
         finally:
             self.done.set()
 
@@ -386,11 +424,55 @@ async def test_gateway_foreign_session_id_is_rejected() -> None:
 
 
 @pytest.mark.anyio
-async def test_gateway_malformed_message_is_a_policy_violation() -> None:
-    async with gateway() as (app, _sessions), connection(app) as (ws, _sid):
-        await ws.to_app.send({"type": "websocket.receive", "text": "{not json"})
-        assert (await ws.receive_json())["type"] == "error"
-        assert (await ws.receive())["code"] == 1008
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", 1008),
+        # helper-184: these three closed with 1011 and no error frame (RecursionError,
+        # InvalidJSONValue from the store), and a 5 MB text was stored
+        ("[" * 6000 + "]" * 6000, 1008),
+        ('{"type": "message", "session_id": "SID", "text": "a\\ud800b"}', 1008),
+        ('{"type": "message", "session_id": "SID", "text": "' + "x" * 70_000 + '"}', 1009),
+    ],
+    ids=["not-json", "deep", "lone-surrogate", "too-big"],
+)
+async def test_gateway_malformed_message_is_a_policy_violation(frame: str, code: int) -> None:
+    async with gateway() as (app, sessions):
+        async with connection(app) as (ws, sid):
+            text = frame.replace("SID", str(sid))
+            await ws.to_app.send({"type": "websocket.receive", "text": text})
+            assert (await ws.receive_json())["type"] == "error"
+            assert (await ws.receive())["code"] == code
+        session = await sessions.get(sid, touch=False)
+        assert session.status == s.SessionStatus.ABNORMAL and session.messages.total == 0
+
+
+@pytest.mark.anyio
+async def test_gateway_session_closed_elsewhere_gets_error_and_close() -> None:
+    """helper-184: a session closed by an admin (``asyncsession close``) while its socket
+    was open made the next message fail with SessionClosed: close code 1011, no error."""
+    async with gateway() as (app, sessions):
+        async with connection(app) as (ws, sid):
+            await sessions.close(sid, status=s.SessionStatus.CRASHED)
+            await ws.send_json({"type": "message", "session_id": str(sid), "text": "x"})
+            error = await ws.receive_json()
+            assert error == {"type": "error", "error": "invalid or expired session"}
+            assert (await ws.receive())["code"] == 4401
+        assert await status_of(sessions, sid) == s.SessionStatus.CRASHED
+
+
+@pytest.mark.anyio
+async def test_gateway_client_closing_while_a_reply_is_sent_keeps_its_close_code() -> None:
+    """helper-184: under uvicorn a send to a client that just closed (code 1000) raises
+    OSError, which Starlette turns into WebSocketDisconnect(1006): the session ended
+    ABNORMAL with a traceback. The gateway now reads the client's close frame."""
+    async with gateway() as (app, sessions):
+        async with connection(app) as (ws, sid):
+            ws.client_gone = True
+            await ws.send_json({"type": "message", "session_id": str(sid), "text": "x"})
+            await ws.to_app.send({"type": "websocket.disconnect", "code": 1000})
+        session = await sessions.get(sid, touch=False)
+        assert session.status == s.SessionStatus.EXITED and session.messages.total == 2
 
 
 @pytest.mark.anyio
