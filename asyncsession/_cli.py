@@ -1047,10 +1047,13 @@ def _parse_period(value: str) -> timedelta:
         period = timedelta.max
     if period > _MAX_PERIOD:
         raise CLIError(f"period {value!r} is too long; use at most 36500d (100 years).", 2)
+    if period < _MIN_PERIOD:  # under a microsecond rounds to nothing
+        raise CLIError(f"period {value!r} is too short; use at least 1s.", 2)
     return period
 
 
 _MAX_PERIOD: Final = timedelta(days=36500)
+_MIN_PERIOD: Final = timedelta(seconds=1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

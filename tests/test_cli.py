@@ -1166,6 +1166,9 @@ def test_usage_errors_exit_2(run: Run, tmp_path: Path, backend: str) -> None:
     assert line.endswith("or leave --owner out.") and "None" not in line
     line = assert_one_line_error(run("stats", "--bucket", "99999999999d", ok=None), 2)
     assert "too long" in line
+    # helper-185: it spoke of timedelta(hours=1) and "got datetime.timedelta(0)"
+    line = assert_one_line_error(run("stats", "--bucket", "0.0000001", ok=None), 2)
+    assert "period '0.0000001' is too short; use at least 1s." in line
     result = run("close", str(uuid.uuid4()), "--status", "active", ok=None)
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
