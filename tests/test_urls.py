@@ -53,7 +53,9 @@ def test_redis_url_parts() -> None:
     store = redis_store("redis://127.0.0.1:6390/4?prefix=p:")
     assert (store.prefix, str(pool(store).location)) == ("p:", "127.0.0.1:6390")
     assert pool(store).connection_kwargs["db"] == 4
-    assert redis_store("redis://[::1]:6390/").prefix == "asyncsession:"
+    ipv6 = redis_store("redis://[::1]:6390/")
+    assert ipv6.prefix == "asyncsession:"
+    assert repr(ipv6) == "RedisRepository('[::1]:6390', prefix='asyncsession:')"  # not ::1:6390
     assert redis_store("rediss://example.com/2?prefix=app%3Av1%3A").prefix == "app:v1:"
 
 

@@ -1022,6 +1022,17 @@ def _first_content(first: Any) -> str | None:
         return None
 
 
+def _location_text(location: object) -> str:
+    """A server's address for messages and repr: ``host:port`` (``[::1]:6379`` for an
+    IPv6 address, as URLs write it), or a socket's path."""
+    if location is None:
+        return "(unknown address)"
+    host, port = getattr(location, "host", None), getattr(location, "port", None)
+    if isinstance(host, str) and ":" in host and port is not None:
+        return f"[{host}]:{port}"
+    return repr(location)
+
+
 #: The URL options whose CLIENT subcommand older servers do not know, and the release
 #: that brought it.
 _CLIENT_OPTIONS = (("notouch", "NO-TOUCH", "7.2"), ("noevict", "NO-EVICT", "7.0"))
@@ -1179,7 +1190,7 @@ class RedisRepository(SessionRepository, EventTransport):
         db = getattr(client.connection_pool, "connection_kwargs", {}).get("db") or 0
         self._events_channel = f"{prefix}events:{int(db)}"
         location = client.connection_pool.location
-        self._address = repr(location) if location is not None else "(unknown address)"
+        self._address = _location_text(location)
         self._no_script: type[Exception] = self._errors_module.NoScriptError
         self._key: Callable[[str], Any] = importlib.import_module("coredis.typing").Key
 
