@@ -140,7 +140,8 @@ _SIZED: tuple[tuple[type, str], ...] = (
 def tilde_note(path: object) -> str:
     """A note for a path that does not exist and starts with ``~`` (a shell expands it;
     Python and store URLs do not), else ``""``."""
-    if str(path).startswith("~"):
+    text = str(path)
+    if text.startswith("~") or text == "/~" or text.startswith("/~/"):  # file:///~/x
         return " ('~' is not expanded here: write the home directory's path, as the shell would)"
     return ""
 

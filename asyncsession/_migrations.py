@@ -25,8 +25,9 @@ _TERMINAL = frozenset(status.value for status in SessionStatus if status.is_term
 #: Fields that every version-1 document has and version 0 never had: a "version 0"
 #: document with any of them is a later document whose version field changed (one
 #: flipped bit turns 1 into 0). Not ``revision`` or ``expires_at``: the SQLite store
-#: supplies those from its columns to a document of any version.
-_LATER_FIELDS = frozenset({"created_at", "closed_at", "errors", "state", "messages"})
+#: supplies those from its columns to a document of any version. Not ``created_at``:
+#: version-0 documents that spell ``created`` so are read.
+_LATER_FIELDS = frozenset({"closed_at", "errors", "state", "messages"})
 
 
 def _legacy_key(custom_fields: dict[str, Any]) -> str:
@@ -49,8 +50,8 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
     allowed and this version does not (any letter or digit, not only ASCII ones) goes
     there too, as ``"name"``; the session then has no name.
 
-    A document with a field of version 1 (``state``, ``messages``, ``created_at``, ...)
-    is no version-0 document: it raises :class:`CorruptSessionError` rather than lose
+    A document with a field of version 1 (``state``, ``messages``, ``errors``,
+    ``closed_at``) is no version-0 document: it raises :class:`CorruptSessionError` rather than lose
     its messages and state.
 
     Version 0 has no close time: a session with a terminal status closed at its last
@@ -70,7 +71,7 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
         new_id = str(uuid.UUID(old_id))
     except ValueError:
         new_id = str(uuid.uuid5(LEGACY_NAMESPACE, old_id))
-    created = doc.get("created")
+    created = doc.get("created", doc.get("created_at"))
     last_active = doc.get("last_active", created)
     status = doc.get("status", "active")
     closed = last_active if isinstance(status, str) and status in _TERMINAL else None

@@ -18,7 +18,7 @@ import collections
 import re
 import urllib.parse
 
-from ._exceptions import InvalidConfiguration, SessionError
+from ._exceptions import InvalidConfiguration, SessionError, tilde_note
 from .abc import SessionRepository
 
 __all__ = ["STORE_URL_FORMS", "repository_from_url"]
@@ -352,7 +352,9 @@ def repository_from_url(url: str) -> SessionRepository:
     _check_text(url)
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
-    bad = InvalidConfiguration(f"Invalid store URL {_shown(url)}; use one of: {STORE_URL_FORMS}.")
+    bad = InvalidConfiguration(
+        f"Invalid store URL {_shown(url)}{tilde_note(rest)}; use one of: {STORE_URL_FORMS}."
+    )
     if not sep:
         raise bad
     if scheme == "sqlite":

@@ -62,8 +62,9 @@ logger = logging.getLogger("chat_server")
 
 DEFAULT_STORE = "sqlite:///chat.db"
 MAX_TEXT = 2000
-#: The largest request body read: MAX_TEXT characters as JSON escapes ("\\uXXXX") and room.
-MAX_BODY = 6 * MAX_TEXT + 1024
+#: The largest request body read: MAX_TEXT characters as JSON escapes (12 bytes for a
+#: character beyond the BMP: "\\ud83d\\ude00", as json.dumps writes it) and room.
+MAX_BODY = 12 * MAX_TEXT + 1024
 ENDED = {"error": "this conversation has ended (logged out, expired or closed); start anew"}
 
 
@@ -160,8 +161,10 @@ def create_app(
             session = await sessions.update(sid, exchange)
         except (s.SessionNotFound, s.SessionClosed):  # logged out in another tab, expired...
             return JSONResponse(ENDED, 409)
-        except s.ValidationError:  # e.g. a lone surrogate ("\ud800"): not storable text
+        except s.InvalidJSONValue:  # e.g. a lone surrogate ("\ud800"): not storable text
             return JSONResponse({"error": "text must be valid Unicode text"}, 400)
+        except s.LimitExceeded as exc:  # a manager with max_messages or max_message_size
+            return JSONResponse({"error": f"{exc.what} is limited to {exc.limit}"}, 413)
         return JSONResponse({"session_id": str(sid), "messages": _messages(session)[-2:]})
 
     async def state(request: Request) -> JSONResponse:

@@ -54,7 +54,7 @@ CLEAN_CLOSE_CODES = frozenset({1000, 1001})
 BAD_SESSION = 4401
 POLICY_VIOLATION = 1008
 TOO_BIG = 1009
-MAX_FRAME = 64 * 1024  # characters of one text frame
+MAX_FRAME = 64 * 1024  # bytes of one text frame (UTF-8)
 
 
 class ProtocolError(Exception):
@@ -76,8 +76,8 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
     async def handle(session: s.Session, frame: Mapping[str, Any]) -> dict[str, Any]:
         """Validate one client message and answer it."""
         raw = frame.get("text") or ""
-        if len(raw) > MAX_FRAME:
-            raise ProtocolError(f"messages are limited to {MAX_FRAME} characters", TOO_BIG)
+        if len(raw.encode("utf-8", "surrogatepass")) > MAX_FRAME:
+            raise ProtocolError(f"messages are limited to {MAX_FRAME} bytes", TOO_BIG)
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: nested too deep
@@ -99,8 +99,10 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
             )
         except (s.SessionNotFound, s.SessionClosed):  # expired, or closed by an admin
             raise ProtocolError("invalid or expired session", BAD_SESSION) from None
-        except s.ValidationError:  # e.g. a lone surrogate ("\ud800"): not storable text
+        except s.InvalidJSONValue:  # e.g. a lone surrogate ("\ud800"): not storable text
             raise ProtocolError("text must be valid Unicode text", POLICY_VIOLATION) from None
+        except s.LimitExceeded as exc:  # a manager with max_messages or max_message_size
+            raise ProtocolError(f"{exc.what} is limited to {exc.limit}", POLICY_VIOLATION) from None
         count = stored.messages.total // 2
         return {"type": "reply", "session_id": str(session.id), "text": reply, "count": count}
 

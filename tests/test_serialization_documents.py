@@ -76,6 +76,14 @@ def test_version_zero_custom_fields_must_be_an_object(custom: object) -> None:
     assert info.value.session_id == sid and str(sid) in str(info.value)
 
 
+def test_version_zero_may_spell_created_as_created_at() -> None:
+    """helper-186: refusing version-1 fields in version-0 documents must not refuse
+    this spelling, which the migration has always read."""
+    doc = v0()
+    doc["created_at"] = doc.pop("created")
+    assert s.loads(orjson.dumps(doc)).created_at == datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+
 def test_version_zero_without_custom_fields_or_with_null() -> None:
     for doc in (v0(), v0(custom_fields=None), v0(custom_fields={})):
         assert s.loads(orjson.dumps(doc)).state == {
@@ -142,7 +150,7 @@ def test_version_zero_terminal_sessions_closed_at_their_last_activity(
     assert session.closed_at == (session.created_at if status.is_terminal else None)
 
 
-@pytest.mark.parametrize("field", ["messages", "state", "created_at", "errors"])
+@pytest.mark.parametrize("field", ["messages", "state", "closed_at", "errors"])
 def test_a_document_marked_version_zero_with_version_one_fields_is_corrupt(field: str) -> None:
     """helper-182: a current document whose version field reads 0 (one flipped bit) was
     "migrated": its messages and state were dropped without a word. Version 0 never had

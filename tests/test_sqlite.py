@@ -366,6 +366,9 @@ async def test_a_missing_directory_under_tilde_says_it_is_not_expanded(
     with pytest.raises(StorageError, match="'~' is not expanded here"):
         async with FileRepository("~/asyncsession-test/store"):
             pass
+    with pytest.raises(StorageError, match="'~' is not expanded here"):  # file:///~/store
+        async with FileRepository("/~/asyncsession-test/store"):
+            pass
     assert os.listdir(tmp_path) == []
 
 

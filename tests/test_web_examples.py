@@ -227,6 +227,10 @@ async def test_chat_bad_message_bodies_get_400() -> None:
             assert (await http.get("/api/state")).json()["messages"] == []
             (stored,) = await sessions.list(limit=10)
             assert stored.messages.total == 0
+            # helper-186: the longest text, escaped as json.dumps writes it, still fits
+            longest = json.dumps({"text": "\U0001f600" * 2000}).encode()
+            response = await http.post("/api/messages", content=longest, headers=json_type)
+            assert response.status_code == 200, response.text
 
 
 @pytest.mark.anyio
@@ -253,6 +257,23 @@ async def test_chat_a_conversation_ended_meanwhile_gets_409(
                 assert "ended" in response.json()["error"]
                 await sessions.delete(sid)  # the same after a logout elsewhere
                 sid = uuid.UUID((await http.post("/api/session")).json()["session_id"])
+
+
+@pytest.mark.anyio
+async def test_chat_a_manager_limit_is_413_with_what_it_limits() -> None:
+    """helper-186: a LimitExceeded (max_messages) was answered "text must be valid
+    Unicode text", as every ValidationError was."""
+    app = load_example(CHAT).create_app(
+        lambda: s.SessionManager(s.MemoryRepository(), max_messages=2),
+        secret_key="in-process-test-key",
+    )
+    async with app.state.sessions:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            assert (await http.post("/api/messages", json={"text": "one"})).status_code == 200
+            response = await http.post("/api/messages", json={"text": "two"})
+            assert response.status_code == 413
+            assert response.json() == {"error": "Messages in this session is limited to 2"}
 
 
 @pytest.mark.anyio
@@ -333,10 +354,12 @@ class WebSocketHarness:
 
 
 @contextlib.asynccontextmanager
-async def gateway(clock: ManualClock | None = None) -> AsyncIterator[tuple[Any, s.SessionManager]]:
+async def gateway(
+    clock: ManualClock | None = None, **options: Any
+) -> AsyncIterator[tuple[Any, s.SessionManager]]:
     module = load_example(GATEWAY)
     app = module.create_app(
-        lambda: s.SessionManager(s.MemoryRepository(), idle_timeout=60, clock=clock)
+        lambda: s.SessionManager(s.MemoryRepository(), idle_timeout=60, clock=clock, **options)
     )
     async with app.state.sessions as sessions:
         yield app, sessions
@@ -433,8 +456,10 @@ async def test_gateway_foreign_session_id_is_rejected() -> None:
         ("[" * 6000 + "]" * 6000, 1008),
         ('{"type": "message", "session_id": "SID", "text": "a\\ud800b"}', 1008),
         ('{"type": "message", "session_id": "SID", "text": "' + "x" * 70_000 + '"}', 1009),
+        # helper-186: the limit counted characters; these are 40,000 of 80,000 bytes
+        ('{"type": "message", "session_id": "SID", "text": "' + "é" * 40_000 + '"}', 1009),
     ],
-    ids=["not-json", "deep", "lone-surrogate", "too-big"],
+    ids=["not-json", "deep", "lone-surrogate", "too-big", "too-many-bytes"],
 )
 async def test_gateway_malformed_message_is_a_policy_violation(frame: str, code: int) -> None:
     async with gateway() as (app, sessions):
@@ -445,6 +470,21 @@ async def test_gateway_malformed_message_is_a_policy_violation(frame: str, code:
             assert (await ws.receive())["code"] == code
         session = await sessions.get(sid, touch=False)
         assert session.status == s.SessionStatus.ABNORMAL and session.messages.total == 0
+
+
+@pytest.mark.anyio
+async def test_gateway_a_manager_limit_is_a_policy_violation_saying_what_it_limits() -> None:
+    """helper-186: a LimitExceeded (max_messages) was answered "text must be valid
+    Unicode text"."""
+    async with gateway(max_messages=2) as (app, sessions):
+        async with connection(app) as (ws, sid):
+            await ws.send_json({"type": "message", "session_id": str(sid), "text": "one"})
+            assert (await ws.receive_json())["type"] == "reply"
+            await ws.send_json({"type": "message", "session_id": str(sid), "text": "two"})
+            error = await ws.receive_json()
+            assert error == {"type": "error", "error": "Messages in this session is limited to 2"}
+            assert (await ws.receive())["code"] == 1008
+        assert (await sessions.get(sid, touch=False)).messages.total == 2
 
 
 @pytest.mark.anyio

@@ -1418,8 +1418,8 @@ class RedisRepository(SessionRepository, EventTransport):
             text = str(exc)
             recoverable = text.startswith(("OOM", "BUSY", "LOADING", "READONLY", "TRYAGAIN"))
             raise StorageError(
-                f"Redis at {self._address} refused {action}: {type(exc).__name__}: {text}"
-                + _option_advice(text),
+                f"Redis at {self._address} refused {action}: {type(exc).__name__}: "
+                + (f"{text.rstrip('.')}{advice}" if (advice := _option_advice(text)) else text),
                 recoverable=recoverable,
             ) from exc
         except RuntimeError as exc:
