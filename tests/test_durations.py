@@ -45,12 +45,10 @@ async def test_sqlite_busy_timeout_takes_a_timedelta(tmp_path: Path, anyio_backe
         other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         other.execute("BEGIN IMMEDIATE")  # another connection holds the write lock
         try:
-            start = anyio.current_time()
             with pytest.raises(s.StorageError, match="locked") as info:
                 await repo.append(session.id, [msg("x")], at=at(1), policy=POLICY)
-            assert anyio.current_time() - start < 5
             assert info.value.recoverable
-            assert "busy_timeout 0.2s" in str(info.value)
+            assert "busy_timeout 0.2s" in str(info.value)  # the one applied (default: 5s)
         finally:
             other.execute("ROLLBACK")
             other.close()
@@ -106,11 +104,11 @@ async def test_redis_timeout_given_as_a_timedelta_bounds_a_reply(anyio_backend: 
             store = RedisRepository(
                 f"redis://127.0.0.1:{port}/0", timeout=timedelta(milliseconds=300)
             )
-            start = anyio.current_time()
-            with anyio.fail_after(10), pytest.raises(s.StorageError):
+            # The default timeout (10 s) would end this fail_after first (TimeoutError);
+            # no elapsed time is measured (helper-187: a stalled machine failed that).
+            with anyio.fail_after(8), pytest.raises(s.StorageError):
                 async with store:
                     await store.count_by_status()
-            assert anyio.current_time() - start < 5
             tg.cancel_scope.cancel()
 
 

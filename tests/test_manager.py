@@ -3069,7 +3069,9 @@ async def test_an_unchanged_policy_expires_nothing_before_its_stored_deadline(
         sid = (await sessions.create()).id
         for op, seconds in steps:
             clock.advance(seconds)
-            stored = await sessions.get(sid, touch=False) if await sessions.exists(sid) else None
+            # The store's copy, not the manager's view: a manager that expired sessions
+            # early would hide them from its own get() and exists() too (helper-187).
+            stored = await sessions.repository.get(sid)
             try:
                 if op == "get":
                     await sessions.get(sid)
@@ -3080,7 +3082,10 @@ async def test_an_unchanged_policy_expires_nothing_before_its_stored_deadline(
                 else:
                     await sessions.get(sid, touch=False)
             except s.SessionNotFound:
-                assert stored is None, f"{op} at {clock.now()} found {stored!r} expired"
+                assert stored is not None and stored.expires_at is not None
+                assert stored.expires_at <= clock.now(), (
+                    f"{op} at {clock.now()} found {stored!r} expired"
+                )
                 return
             assert stored is not None and stored.expires_at is not None
             assert stored.expires_at > clock.now()
@@ -3501,7 +3506,9 @@ async def test_an_exit_interrupted_while_reports_drain_counts_them_dropped(
         s.MemoryRepository(),
         cleanup_interval=None,
         reporters=[SlowReporter()],
-        reporter_timeout=0.5,
+        # asyncio: a drain far longer than the 0.1 s before the cancellation, so that a
+        # slow machine cannot let it end first (helper-187)
+        reporter_timeout=60 if anyio_backend == "asyncio" else 0.5,
     )
     async with anyio.create_task_group() as tasks:
         await manager.__aenter__()
@@ -3526,8 +3533,9 @@ async def test_an_exit_interrupted_while_reports_drain_counts_them_dropped(
     if anyio_backend == "asyncio":  # cut off at once: the one under way and two queued
         assert manager._reports_dropped == 3
         assert "the manager exited before 3 queued session reports" in caplog.text
-    else:  # the bound let one or two reach the reporter (and time out there)
-        assert manager._reports_dropped in (1, 2)
+    else:  # the bound let up to two reach the reporter (and time out there); how many
+        # depends on how long the machine took since the first close (helper-187)
+        assert 1 <= manager._reports_dropped <= 3
         assert "queued session reports reached every reporter" in caplog.text
 
 

@@ -38,7 +38,7 @@ def test_the_readme_portal_example_works(
             [stored] = page.items
             assert stored.messages.total == 1
 
-    anyio.run(check)
+    anyio.run(check, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

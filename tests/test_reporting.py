@@ -251,8 +251,10 @@ async def test_reports_cut_off_at_exit_are_counted_and_logged(
     timed_out = caplog.text.count("timed out")
     async with sessions:  # the count stays with the manager
         dropped = (await sessions.stats()).reports_dropped
-    assert timed_out >= 1  # the call stuck at exit got the exit bound
-    assert dropped >= 1 and dropped + timed_out == 5  # every report is accounted for
+    # Every report is accounted for. (Usually the call stuck at exit times out at the
+    # exit bound, but a machine that stalls past 0.05 s cuts it off instead: counted as
+    # dropped, helper-187.)
+    assert dropped >= 1 and dropped + timed_out == 5
     warnings = [
         r.getMessage() for r in caplog.records if "queued session reports" in r.getMessage()
     ]
