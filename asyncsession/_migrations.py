@@ -51,8 +51,8 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
     there too, as ``"name"``; the session then has no name.
 
     A document with a field of version 1 (``state``, ``messages``, ``errors``,
-    ``closed_at``) is no version-0 document: it raises :class:`CorruptSessionError` rather than lose
-    its messages and state.
+    ``closed_at``) is no version-0 document: it raises :class:`CorruptSessionError`
+    rather than lose its messages and state.
 
     Version 0 has no close time: a session with a terminal status closed at its last
     activity (``closed_at = last_active``), so that its duration and reports have an
