@@ -106,6 +106,11 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
         count = stored.messages.total // 2
         return {"type": "reply", "session_id": str(session.id), "text": reply, "count": count}
 
+    def disconnected(session: s.Session, code: int) -> s.SessionStatus:
+        """The status a client's close with ``code`` ends its session with."""
+        logger.info("session %s disconnected with code %s", session.id, code)
+        return s.SessionStatus.EXITED if code in CLEAN_CLOSE_CODES else s.SessionStatus.ABNORMAL
+
     async def gateway(websocket: WebSocket) -> None:
         await websocket.accept()
         session = await sessions.create(name="websocket")
@@ -115,10 +120,7 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
             while True:
                 frame = await websocket.receive()
                 if frame["type"] == "websocket.disconnect":
-                    code = frame.get("code", 1005)
-                    if code in CLEAN_CLOSE_CODES:
-                        status = s.SessionStatus.EXITED
-                    logger.info("session %s disconnected with code %s", session.id, code)
+                    status = disconnected(session, frame.get("code", 1005))
                     return
                 try:
                     answer = await handle(session, frame)
@@ -137,9 +139,7 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
                 frame = await websocket.receive()
                 if frame["type"] == "websocket.disconnect":
                     code = frame.get("code", code)
-            if code in CLEAN_CLOSE_CODES:
-                status = s.SessionStatus.EXITED
-            logger.info("session %s disconnected with code %s", session.id, code)
+            status = disconnected(session, code)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 try:
