@@ -441,6 +441,7 @@ class SessionManager:
         self._reports_draining = False  # exit began: reporter_timeout=None gets a bound
         self._report_queue: MemoryObjectReceiveStream[SessionReport] | None = None
         self._report_current: SessionReport | None = None  # not yet passed to every reporter
+        self._report_next = 0  # the index of the reporter it goes to next
         self._report_call: anyio.CancelScope | None = None  # the reporter call under way
         self._outbox: MemoryObjectSendStream[_SharedEvent] | None = None
         self._events_unshared = 0  # dropped (outbox full), failed, or left at exit
@@ -709,6 +710,9 @@ class SessionManager:
             # time for the report in progress to pass every reporter, and one more
             with anyio.move_on_after(per_call * (len(self._reporters) + 1), shield=True):
                 await self._reports_done.wait()
+                # A cancellation of the block around the manager cancelled the report
+                # loop with the rest of its task group: pass what it left from here.
+                await self._pass_left_reports()
             # Count what is cut off now: nothing takes reports from the queue any more,
             # because leaving the task group (after this) first cancels the report loop.
             self._drop_cut_off_reports()
@@ -1402,16 +1406,34 @@ class SessionManager:
         """Pass each report to every reporter in turn (``__aexit__`` closes ``receive``)."""
         try:
             async for report in receive:
-                self._report_current = report
                 if self._reports_overflow.active and not receive.statistics().current_buffer_used:
                     self._reports_overflow.drained()
-                for reporter in self._reporters:
-                    await self._report_to(reporter, report)
-                self._report_current = None
+                await self._pass_report(report, 0)
         except anyio.ClosedResourceError:  # exit counted what was left
             pass
         finally:
             self._reports_done.set()
+
+    async def _pass_report(self, report: SessionReport, first: int) -> None:
+        """Pass ``report`` to the reporters from index ``first`` on, in turn."""
+        self._report_current = report
+        for index in range(first, len(self._reporters)):
+            self._report_next = index + 1
+            await self._report_to(self._reporters[index], report)
+        self._report_current = None
+
+    async def _pass_left_reports(self) -> None:
+        """At exit, after a cancellation ended the report loop early: the report it was
+        passing goes on to the reporters not yet called (the one interrupted is not
+        called again: it may have it), then the queued reports to every reporter."""
+        if self._report_current is not None:
+            await self._pass_report(self._report_current, self._report_next)
+        while self._report_queue is not None:
+            try:
+                report = self._report_queue.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            await self._pass_report(report, 0)
 
     async def _report_to(self, reporter: Reporter, report: SessionReport) -> None:
         """One bounded reporter call; whatever the reporter raises is logged, except a

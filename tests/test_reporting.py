@@ -236,6 +236,45 @@ async def test_cancelling_the_manager_while_a_reporter_runs_still_cancels(
     assert "failed" not in caplog.text  # the manager's own cancellation is no failure
 
 
+async def test_reports_queued_when_the_block_is_cancelled_still_reach_every_reporter(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cancelling the block around the manager (a shutdown: a task group cancelled, a
+    `fail_after`, asyncio's Ctrl-C) cancelled the report loop with the manager's task
+    group, and every queued report was dropped at once (helper-188). The exit passes them
+    on itself, within its bound; the report under way goes on to the reporters not yet
+    called, and the one the cancellation interrupted is not called with it again."""
+
+    class Blocks:
+        def __init__(self) -> None:
+            self.started = anyio.Event()
+            self.calls = 0
+
+        async def report(self, report: SessionReport) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                self.started.set()
+                await anyio.sleep_forever()
+
+    blocking, collected = Blocks(), Collecting()
+    with anyio.CancelScope() as outer:
+        async with s.SessionManager(
+            s.MemoryRepository(),
+            reporters=[blocking, collected],
+            reporter_timeout=60,
+            cleanup_interval=None,
+        ) as sessions:
+            closed = [await sessions.close((await sessions.create()).id) for _ in range(20)]
+            await blocking.started.wait()  # the first report is under way, 19 are queued
+            outer.cancel()
+            await anyio.lowlevel.checkpoint()
+    assert outer.cancelled_caught
+    assert blocking.calls == 20  # the interrupted report was not passed to it again
+    assert [r.session_id for r in collected.reports] == [c.id for c in closed]
+    assert sessions._reports_dropped == 0
+    assert "dropped" not in caplog.text and "failed" not in caplog.text
+
+
 async def test_reports_cut_off_at_exit_are_counted_and_logged(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
