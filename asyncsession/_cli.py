@@ -1568,15 +1568,26 @@ class _SetAside:
     folder: Path  # quarantine/
 
 
-def _read_report_file(path: Path) -> list[Any]:
-    """Every report in ``path``; :class:`CLIError` naming the first bad line."""
+def _read_report_file(path: Path, skip_bad_lines: bool) -> list[Any]:
+    """Every report in ``path``; :class:`CLIError` naming the first bad line, or with
+    ``skip_bad_lines`` a note on stderr of how many were skipped."""
+    bad: list[CorruptSessionError] = []
     try:
-        return list(read_reports(path))
+        reports = list(read_reports(path, on_bad_line=bad.append if skip_bad_lines else None))
     except CorruptSessionError as exc:
         raise CLIError(
-            f"cannot read the reports: {exc.detail}. Fix or delete that line "
-            "(each line must be one JSON report as JsonLinesReporter writes it)."
+            f"cannot read the reports: {exc.detail}. Fix or delete that line (each line "
+            "must be one JSON report as JsonLinesReporter writes it), or pass "
+            "--skip-bad-lines to leave such lines out."
         ) from exc
+    if bad:
+        err.print(
+            _plain(
+                f"Skipped {len(bad)} bad line{'' if len(bad) == 1 else 's'} "
+                f"(the first: {bad[0].detail})."
+            )
+        )
+    return reports
 
 
 @cli.command()
@@ -1590,14 +1601,29 @@ def _read_report_file(path: Path) -> list[Any]:
     help="Aggregate this JSON Lines report file (JsonLinesReporter, demo --reports) "
     "instead of the stored sessions (reports also cover purged sessions).",
 )
+@click.option(
+    "--skip-bad-lines",
+    is_flag=True,
+    help="With --reports: leave out lines that are not reports (torn by a full disk or "
+    "a killed process), with a note of how many, instead of failing.",
+)
 @_common
-def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_json: bool) -> None:
+def stats(
+    bucket: str,
+    reports: Path | None,
+    skip_bad_lines: bool,
+    store_url: str,
+    backend: str,
+    as_json: bool,
+) -> None:
     """Sessions by status, and release health per period (crash-free rate).
 
     For a file store, also the documents it set aside: quarantined (found damaged) and
     unreadable (left out of listings and counts).
     """
     period = _parse_period(bucket)
+    if skip_bad_lines and reports is None:
+        raise CLIError("--skip-bad-lines applies to a report file: pass it with --reports FILE.", 2)
     now = _now()
 
     async def fetch(
@@ -1606,7 +1632,9 @@ def stats(bucket: str, reports: Path | None, store_url: str, backend: str, as_js
         counts = await repository.count_by_status()
         awaiting = await _awaiting_purge(repository, now)
         if reports is not None:
-            items: Iterable[Any] = await anyio.to_thread.run_sync(_read_report_file, reports)
+            items: Iterable[Any] = await anyio.to_thread.run_sync(
+                _read_report_file, reports, skip_bad_lines
+            )
         else:
             items = [s async for s in _all_sessions(repository)]
         aside = None

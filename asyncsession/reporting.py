@@ -20,7 +20,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, runtime_checkable
 
@@ -52,7 +52,7 @@ _EXIT_WRITE_SECONDS = 5.0  # how long the interpreter's exit waits for lines que
 #: since its lines hold owners and session ids. A file that exists keeps its own.
 _REPORT_FILE_MODE = 0o600
 #: How a report file is opened: appended to, created if need be; O_BINARY on Windows.
-_REPORT_FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+_REPORT_FILE_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
 
 logger = logging.getLogger(__name__)
 
@@ -283,14 +283,7 @@ class JsonLinesReporter:
         while (write := self._next_line()) is not None:
             failure: Exception | None = None
             try:
-                fd = os.open(self.path, _REPORT_FILE_FLAGS, _REPORT_FILE_MODE)
-                try:
-                    handle = open(fd, "ab")  # noqa: SIM115 (closed below)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                with handle:
-                    handle.write(write.line)
+                _append_line(self.path, write.line)
             except Exception as exc:
                 failure = exc
             finally:
@@ -382,6 +375,25 @@ class JsonLinesReporter:
                 lost,
                 self.path,
             )
+
+
+def _append_line(path: str, line: bytes) -> None:
+    """Append ``line`` to ``path``, on a line of its own: after a write that failed part
+    way (a full disk) or a process killed while writing, the file ends in a torn line,
+    which would otherwise swallow this one too."""
+    try:
+        fd = os.open(path, _REPORT_FILE_FLAGS, _REPORT_FILE_MODE)
+        readable = True
+    except PermissionError:  # a file we may append to but not read
+        fd = os.open(path, _REPORT_FILE_FLAGS & ~os.O_RDWR | os.O_WRONLY, _REPORT_FILE_MODE)
+        readable = False
+    with open(fd, "ab") as handle:
+        size = os.fstat(fd).st_size
+        if readable and size:
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":
+                line = b"\n" + line
+        handle.write(line)  # O_APPEND: at the end, wherever the offset is
 
 
 #: Reporters whose lines still queued or being written the interpreter's exit waits for
@@ -491,11 +503,16 @@ class LoggingReporter:
         )
 
 
-def read_reports(path: str | os.PathLike[str]) -> Iterator[SessionReport]:
+def read_reports(
+    path: str | os.PathLike[str],
+    *,
+    on_bad_line: Callable[[CorruptSessionError], object] | None = None,
+) -> Iterator[SessionReport]:
     """Read the reports a :class:`JsonLinesReporter` wrote (blank lines skipped).
 
     A line that is not a valid report raises :class:`CorruptSessionError` naming the file
-    and the line number.
+    and the line number; with ``on_bad_line``, that error is passed to it instead and the
+    line skipped (a line torn by a full disk or a killed process leaves the rest readable).
     """
     name = os.fspath(path)
     with open(path, "rb") as handle:
@@ -503,13 +520,20 @@ def read_reports(path: str | os.PathLike[str]) -> Iterator[SessionReport]:
             if not line.strip():
                 continue
             try:
-                data = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise _bad_report(f"not JSON ({exc})", f"{name} line {number}: ") from exc
-            try:
-                yield SessionReport.from_dict(data)
+                try:
+                    data = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise _bad_report(f"not JSON ({exc})", f"{name} line {number}: ") from exc
+                try:
+                    report = SessionReport.from_dict(data)
+                except CorruptSessionError as exc:
+                    raise _bad_report(exc.detail, f"{name} line {number}: ") from exc
             except CorruptSessionError as exc:
-                raise _bad_report(exc.detail, f"{name} line {number}: ") from exc
+                if on_bad_line is None:
+                    raise
+                on_bad_line(exc)
+                continue
+            yield report
 
 
 @attrs.frozen(slots=True)

@@ -813,6 +813,51 @@ def test_cli_stats_reports_a_bad_report_line_without_a_traceback(
     assert "reports.jsonl line 2" in lines[0]
 
 
+async def test_a_report_after_a_torn_line_starts_a_line_of_its_own(tmp_path: Path) -> None:
+    """A write that failed part way (a full disk, a file size limit) or a process killed
+    while writing leaves the file ending in a torn line; the next report was appended to
+    it, so it was lost too, and read_reports() stopped there (helper-188)."""
+    path = tmp_path / "reports.jsonl"
+    path.write_bytes(_report_line() + _report_line()[:40])  # torn: no newline
+    collected = Collecting()
+    reporter = JsonLinesReporter(path)
+    async with s.SessionManager(
+        s.MemoryRepository(), reporters=[reporter, collected], cleanup_interval=None
+    ) as sessions:
+        closed = await sessions.close((await sessions.create()).id)
+        await collected.wait_for(1)
+    with pytest.raises(s.CorruptSessionError, match=r"reports\.jsonl line 2: not JSON"):
+        list(read_reports(path))
+    bad: list[s.CorruptSessionError] = []
+    reports = list(read_reports(path, on_bad_line=bad.append))
+    assert [r.session_id for r in reports][1:] == [closed.id] and len(reports) == 2
+    assert len(bad) == 1 and "line 2" in str(bad[0])
+
+
+def _stats(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "asyncsession", "stats", "--store", "memory://", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+
+
+def test_cli_stats_skips_bad_report_lines_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "reports.jsonl"
+    path.write_bytes(_report_line() + b'{"session_id": "torn' + b"\n" + _report_line())
+    failed = _stats(tmp_path, "--reports", str(path), "--json")
+    assert failed.returncode == 1 and "--skip-bad-lines" in failed.stderr
+    result = _stats(tmp_path, "--reports", str(path), "--json", "--skip-bad-lines")
+    assert result.returncode == 0, result.stderr
+    health = orjson.loads(result.stdout)["health"]
+    assert sum(bucket["started"] for bucket in health) == 2
+    assert "Skipped 1 bad line (the first: " in result.stderr and "line 2" in result.stderr
+    alone = _stats(tmp_path, "--skip-bad-lines")
+    assert alone.returncode == 2 and "--reports FILE" in alone.stderr
+
+
 # -- current session ------------------------------------------------------------------
 
 
