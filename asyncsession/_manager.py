@@ -1064,7 +1064,17 @@ class SessionManager:
         # Checked here whatever the store (a third party's too): LimitExceeded at 2**63 - 1.
         revision = SessionRepository._next_revision(old.id, old.revision)
         added = new.messages.added_since(old.messages)
-        self._check_messages(new.messages if added is None else added, new.messages.total)
+        # The caps hold for what the update adds: a session stored under higher caps (an
+        # earlier deployment's) can still be closed, changed and trimmed under lower ones.
+        if added is None:  # a rewritten history: its messages that were not there before
+            before = {id(message) for message in old.messages}
+            fresh: Iterable[Message] = [m for m in new.messages if id(m) not in before]
+        else:
+            fresh = added
+        if new.messages.total > old.messages.total:
+            self._check_messages(fresh, new.messages.total)
+        else:
+            self._check_messages(fresh, 0)
         closed_at = new.closed_at
         if new.status.is_terminal:
             closed_at = closed_at or now

@@ -537,6 +537,38 @@ async def test_bad_input_is_rejected_and_nothing_is_stored(
         assert await count(sessions) == 1
 
 
+async def test_sessions_stored_under_higher_caps_can_still_be_changed_closed_and_trimmed(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    """A later deployment (or another service on the store) lowering max_messages or
+    max_message_size made every update of a session stored before fail with
+    LimitExceeded, closing and trimming it included (helper-191). The caps hold for what
+    an update adds."""
+    async with s.SessionManager(any_repository, clock=clock) as sessions:
+        session = await sessions.create()
+        await sessions.add_messages(session.id, [("user", f"message {i}") for i in range(5)])
+    async with s.SessionManager(
+        any_repository, clock=clock, max_messages=3, max_message_size=8
+    ) as sessions:
+        await sessions.set_state(session.id, k=1)
+        await sessions.record_error(session.id)
+        await sessions.archive(session.id)
+        with pytest.raises(s.LimitExceeded, match="would be 6"):  # growing is refused
+            await sessions.update(session.id, lambda x: x.with_message("user", "six"))
+        with pytest.raises(s.LimitExceeded, match="Message size"):  # new ones are checked
+            await sessions.update(
+                session.id,
+                lambda x: attrs.evolve(x, messages=x.messages[-1:]).with_message("user", "x" * 9),
+            )
+        trimmed = await sessions.update(
+            session.id, lambda x: attrs.evolve(x, messages=x.messages[-2:])
+        )
+        assert [m.content for m in trimmed.messages] == ["message 3", "message 4"]
+        closed = await sessions.close(session.id)
+        assert closed.status is s.SessionStatus.EXITED and closed.state == {"k": 1}
+        assert closed.errors == 1 and closed.messages.total == 2
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
