@@ -34,6 +34,7 @@ from ._exceptions import SessionNotFound as SessionNotFound
 from ._exceptions import StorageError as StorageError
 from ._exceptions import ValidationError as ValidationError
 from ._exceptions import WrongTask as WrongTask
+from ._exceptions import WrongThread as WrongThread
 from ._json import FrozenDict as FrozenDict
 from ._json import thaw as thaw
 from ._manager import SessionId as SessionId
@@ -108,6 +109,7 @@ __all__ = [
     "UpdateFn",
     "ValidationError",
     "WrongTask",
+    "WrongThread",
     "current_session_id",
     "dumps",
     "loads",

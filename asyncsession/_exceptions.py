@@ -333,6 +333,22 @@ class WrongTask(SessionError, RuntimeError):
         )
 
 
+class WrongThread(SessionError, RuntimeError):
+    """A manager was called from another thread than the one whose event loop runs it
+    (entered it); its locks and events belong to that loop. Nothing was done."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(
+            f"{what} runs in another thread's event loop (the one that entered it) and "
+            "was called from this thread; its locks and events belong to that loop, so "
+            "nothing was done. Call it in that loop: from a worker thread it started, with "
+            "`anyio.from_thread.run(...)`; from any thread, through a blocking portal "
+            "that entered it (`portal.wrap_async_context_manager(manager)`, then "
+            "`portal.call(...)`; see the README)."
+        )
+
+
 class ValidationError(SessionError, ValueError):
     """Bad input: the call was rejected and nothing was stored."""
 

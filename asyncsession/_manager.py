@@ -7,6 +7,7 @@ import inspect
 import logging
 import math
 import sys
+import threading
 import uuid
 from collections import deque
 from collections.abc import (
@@ -47,6 +48,7 @@ from ._exceptions import (
     SessionNotFound,
     StorageError,
     WrongTask,
+    WrongThread,
     check_flag,
     kind_of,
     leaf_ids,
@@ -209,6 +211,8 @@ def _call(
             return await method(self, *args, **kwargs)
         if not self._running:
             raise ManagerNotRunning()
+        if threading.get_ident() != self._thread:
+            raise WrongThread("This SessionManager")
         calls = self._calls
         calls.count += 1
         this = _Call(self)
@@ -462,6 +466,7 @@ class SessionManager:
         self._locks = KeyedLocks()
         self._rotating: set[uuid.UUID] = set()  # ids whose rotation holds their lock
         self._host: object = None  # the task that entered the manager (see __aexit__)
+        self._thread: int | None = None  # the thread whose event loop entered it
         self._background = _Background(None)  # the task group's tasks
         self._events = EventHub()
         self._running = False
@@ -580,6 +585,7 @@ class SessionManager:
         self._calls = _Calls()
         self._running = True
         self._host = current_task()  # the exit must be in this task (its task group's)
+        self._thread = threading.get_ident()  # calls must come from its event loop's thread
         return self
 
     async def __aexit__(
@@ -758,6 +764,8 @@ class SessionManager:
     def _check_running(self) -> None:
         if not self._running:
             raise ManagerNotRunning()
+        if threading.get_ident() != self._thread:
+            raise WrongThread("This SessionManager")
 
     # -- reading ----------------------------------------------------------------------
 
@@ -772,6 +780,8 @@ class SessionManager:
         """
         if not self._running and not _nested_in(self):  # as _call does, inline: the
             raise ManagerNotRunning()  # hottest path (a nested read is counted too)
+        if threading.get_ident() != self._thread:
+            raise WrongThread("This SessionManager")
         _check_last_messages(last_messages)
         check_flag(touch, "touch")
         sid = _parse_id(session_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -1344,6 +1345,58 @@ async def test_leaving_a_manager_from_another_task_is_refused_and_stops_nothing(
     assert not sessions.running  # its own task left it
 
 
+async def test_a_manager_called_from_another_threads_event_loop_refuses_and_does_nothing(
+    anyio_backend: str,
+) -> None:
+    """Its locks and events belong to the event loop that entered it: called from another
+    thread's loop, a contended update hung, a subscriber was never woken, and a write
+    that was stored raised trio's AssertionError or asyncio's RuntimeError (helper-191).
+    Each call now raises WrongThread, before doing anything; a worker thread reaches it
+    through anyio.from_thread."""
+    async with s.SessionManager(s.MemoryRepository(), cleanup_interval=30) as sessions:
+        session = await sessions.create()
+        refused: list[BaseException] = []
+
+        async def from_another_loop() -> None:
+            calls: list[Callable[[], Awaitable[object]]] = [
+                lambda: sessions.create(name="elsewhere"),
+                lambda: sessions.get(session.id),
+                lambda: sessions.exists(session.id),
+                lambda: sessions.set_state(session.id, who="thread"),
+                lambda: sessions.add_message(session.id, "user", "hi"),
+                lambda: sessions.list(),
+                sessions.purge_expired,
+                sessions.wait_for_cleanup,
+            ]
+            for call in calls:
+                try:
+                    with anyio.move_on_after(5):  # hang guard (the old code hung here)
+                        await call()
+                except s.WrongThread as exc:
+                    refused.append(exc)
+            try:
+                sessions.subscribe()
+            except s.WrongThread as exc:
+                refused.append(exc)
+
+        def other_thread() -> None:
+            anyio.run(from_another_loop, backend=anyio_backend)
+
+        with anyio.fail_after(30):  # hang guard, not a speed assertion
+            await anyio.to_thread.run_sync(other_thread, abandon_on_cancel=True)
+        assert len(refused) == 9
+        assert isinstance(refused[0], RuntimeError) and "anyio.from_thread.run" in str(refused[0])
+        after = await sessions.get(session.id)
+        assert after.revision == session.revision and after.state == {}
+        assert after.messages.total == 0 and (await sessions.stats()).total == 1
+
+        def worker() -> s.Session:
+            return anyio.from_thread.run(functools.partial(sessions.set_state, session.id, x=1))
+
+        assert (await anyio.to_thread.run_sync(worker)).state == {"x": 1}
+
+
+_BACKGROUND = {"asyncsession cleanup", "asyncsession reports", "asyncsession events"}
 _BACKGROUND = {"asyncsession cleanup", "asyncsession reports", "asyncsession events"}
 
 
