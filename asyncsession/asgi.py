@@ -68,7 +68,7 @@ set or deleted. Properties:
 * :meth:`SessionDict.rotate` moves the session to a fresh id (call it at login), in
   one step with the request's changes, which never exist under the old id; until then
   :attr:`SessionDict.id` is None (``await ensure_created()`` rotates at once and gives
-  the new id);
+  the new id; concurrent calls, from tasks of one handler, get the same id);
   :meth:`SessionDict.clear` deletes it server-side and expires the cookie. A slow
   request that finishes after a logout or login cannot bring the old session back:
   its changes are dropped with a logged warning, and it sends no cookie.
@@ -118,7 +118,7 @@ from ._exceptions import (
     sole_error,
     type_name,
 )
-from ._json import freeze_state, thaw
+from ._json import FrozenDict, freeze_state, thaw
 from ._manager import SessionManager, _Outage
 from ._models import Session
 
@@ -254,6 +254,10 @@ class SessionDict(MutableMapping[str, Any]):
         self._abandoned = False  # clear() on an unavailable session: cookie expired only
         # Set once this request's visit is recorded, while one is (SessionMiddleware._visit).
         self._visit: anyio.Event | None = None
+        # Held by ensure_created(), which works out the changes, awaits the store, then
+        # records what it wrote: a second caller finds the id the first one made instead
+        # of creating (or rotating) again.
+        self._writing = anyio.Lock()
 
     def __repr__(self) -> str:
         if self._unavailable is not None:
@@ -433,33 +437,39 @@ class SessionDict(MutableMapping[str, Any]):
         cookie could no longer be sent. While the request's visit (which moves the idle
         deadline) is still being recorded, it waits for it first, so that the id it gives
         works in a request that came just before that deadline.
+
+        Tasks of the handler that call it at once all get the same id: a call waits
+        for the one under way (one session, one rotation). A change made by another
+        task while it stores the session was not stored with it; it is saved when the
+        response starts, as any other.
         """
-        self._check_available()
-        self._check_writable()
-        self._check_not_started("ensure_created")
-        self._accessed = True
-        if self._id is not None:
-            await self._visited()
-        if self._rotate and self._id is not None:
-            changes, deleted = self._changes()
-            try:
-                rotated = await self._manager.rotate(self._id, _applying(changes, deleted))
-            except (SessionNotFound, SessionClosed):  # logged out meanwhile: start afresh
-                self._id = None
-                self._data = {key: self._data[key] for key in changes}
-                self._baseline = {}
-            else:
-                self._id = rotated.id
+        async with self._writing:  # a concurrent call waits, then finds this one's id
+            self._check_available()
+            self._check_writable()
+            self._check_not_started("ensure_created")
+            self._accessed = True
+            if self._id is not None:
+                await self._visited()
+            if self._rotate and self._id is not None:
+                changes, deleted = self._pending()
+                try:
+                    rotated = await self._manager.rotate(self._id, _applying(changes, deleted))
+                except (SessionNotFound, SessionClosed):  # logged out meanwhile: start afresh
+                    self._id = None
+                    self._data = {key: self._data[key] for key in self._changes()[0]}
+                    self._baseline = {}
+                else:
+                    self._id = rotated.id
+                    self._new_cookie = True
+                    self._mark_written(changes, deleted)
+                self._rotate = False
+            if self._id is None:
+                changes, deleted = self._pending()
+                session = await self._manager.create(state=changes)
+                self._id = session.id
                 self._new_cookie = True
-                self._mark_saved()
-            self._rotate = False
-        if self._id is None:
-            changes, _deleted = self._changes()
-            session = await self._manager.create(state=changes)
-            self._id = session.id
-            self._new_cookie = True
-            self._mark_saved()
-        return self._id
+                self._mark_written(changes, deleted)
+            return self._id
 
     # -- internals ------------------------------------------------------------------------
 
@@ -540,6 +550,25 @@ class SessionDict(MutableMapping[str, Any]):
         self._baseline = thaw(self._data)
         self._set.clear()
         self._deleted.clear()
+
+    def _pending(self) -> tuple[FrozenDict, set[str]]:
+        """The changes to write now, as :meth:`_changes`, their values frozen: a copy
+        of what is written, which a change made while it is written does not alter
+        (pass it to :meth:`_mark_written` once it is stored)."""
+        changes, deleted = self._changes()
+        return freeze_state(changes), deleted
+
+    def _mark_written(self, changes: Mapping[str, Any], deleted: set[str]) -> None:
+        """Record ``changes`` and ``deleted`` (from :meth:`_pending`) as stored. A key
+        set, deleted or changed inside since they were worked out (by another task of
+        the request while the store was awaited) stays pending: it differs from what
+        was written."""
+        for key, value in changes.items():
+            self._baseline[key] = thaw(value)
+            self._set.discard(key)
+        for key in deleted:
+            self._baseline.pop(key, None)
+            self._deleted.discard(key)
 
     @property
     def _dirty(self) -> bool:

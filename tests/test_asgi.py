@@ -210,23 +210,40 @@ async def test_rotate_keeps_data_and_kills_old_id(manager: s.SessionManager) -> 
 
 
 class PausingRepository(s.MemoryRepository):
-    """A memory store whose next ``add`` waits for ``release`` (after setting ``entered``),
-    or fails while ``failing_adds`` is set."""
+    """A memory store whose next ``add`` (with ``pause_saves``, its next ``add`` or
+    ``save``: an update's write) waits for ``release`` (after setting ``entered``), or
+    whose adds fail while ``failing_adds`` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, pause_saves: bool = False) -> None:
         super().__init__()
         self.entered = anyio.Event()
         self.release: anyio.Event | None = None
         self.failing_adds = False
+        self.pause_saves = pause_saves
 
-    async def add(self, session: s.Session) -> None:
-        if self.failing_adds:
-            raise s.StorageError("disk on fire", recoverable=True)
+    def hold(self) -> anyio.Event:
+        """Hold the next write until the event returned is set (``entered``: a new
+        event, set once the write waits)."""
+        self.entered = anyio.Event()
+        self.release = anyio.Event()
+        return self.release
+
+    async def _pause(self) -> None:
         if self.release is not None:
             release, self.release = self.release, None
             self.entered.set()
             await release.wait()
+
+    async def add(self, session: s.Session) -> None:
+        if self.failing_adds:
+            raise s.StorageError("disk on fire", recoverable=True)
+        await self._pause()
         await super().add(session)
+
+    async def save(self, session: s.Session, **kwargs: Any) -> None:
+        if self.pause_saves:
+            await self._pause()
+        await super().save(session, **kwargs)
 
 
 async def test_login_changes_never_exist_under_the_old_id(anyio_backend: str) -> None:
@@ -291,6 +308,94 @@ async def test_ensure_created_after_a_logout_meanwhile_starts_a_fresh_session(
     sid = await session.ensure_created()
     assert sid != stored.id
     assert (await memory_manager.get(sid)).state == {"user": "alice"}  # not the old cart
+
+
+@pytest.mark.parametrize("rotating", [False, True], ids=["create", "rotate"])
+async def test_changes_made_while_ensure_created_writes_are_saved_at_the_response(
+    anyio_backend: str, rotating: bool
+) -> None:
+    # Another task of the handler sets a key and changes a nested value while
+    # ensure_created() awaits the store: they were not written then, so they stay
+    # pending and the response saves them.
+    store = PausingRepository()
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        session["user"] = "alice"
+        session.setdefault("cart", [])
+        if rotating:
+            session.rotate()
+        release = store.hold()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(session.ensure_created)
+            await store.entered.wait()  # ensure_created() is storing the session
+            session["prefs"] = "dark"
+            session["cart"].append("book")
+            release.set()
+        await JSONResponse({})(scope, receive, send)
+
+    async with running(store) as manager:
+        middleware = SessionMiddleware(handler, manager, secret_key=KEY)
+        headers: dict[str, str] = {}
+        if rotating:
+            seeded = await manager.create(state={"cart": []})
+            headers = {"cookie": f"session={middleware.sign(seeded.id)}"}
+        with anyio.fail_after(10):
+            async with client(middleware) as http:
+                sid = cookie_id(await http.get("/", headers=headers))
+        assert (await manager.get(sid)).state == {
+            "user": "alice",
+            "cart": ("book",),
+            "prefs": "dark",
+        }
+        assert await count(manager) == 1
+
+
+@pytest.mark.parametrize("rotating", [False, True], ids=["create", "rotate"])
+async def test_concurrent_ensure_created_calls_give_one_session(
+    anyio_backend: str, rotating: bool
+) -> None:
+    # Two tasks of one handler call ensure_created() at once. A fresh visitor gets one
+    # session, not one per call (the other orphaned); after rotate(), the second call
+    # does not rotate again, find the old id gone and start afresh without the
+    # visitor's data.
+    store = PausingRepository()
+    ids: list[uuid.UUID] = []
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        session["user"] = "alice"
+        if rotating:
+            session.rotate()
+        calling = anyio.Event()
+
+        async def ensure(event: anyio.Event | None = None) -> None:
+            if event is not None:
+                event.set()  # the call below starts before the first one is done
+            ids.append(await session.ensure_created())
+
+        release = store.hold()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ensure)
+            await store.entered.wait()  # the first call is storing the session
+            tg.start_soon(ensure, calling)
+            await calling.wait()
+            release.set()
+        await JSONResponse({})(scope, receive, send)
+
+    async with running(store) as manager:
+        middleware = SessionMiddleware(handler, manager, secret_key=KEY)
+        headers: dict[str, str] = {}
+        if rotating:
+            seeded = await manager.create(state={"cart": ["book"]})
+            headers = {"cookie": f"session={middleware.sign(seeded.id)}"}
+        with anyio.fail_after(10):
+            async with client(middleware) as http:
+                sid = cookie_id(await http.get("/", headers=headers))
+        assert ids == [sid, sid]
+        assert await count(manager) == 1
+        expected = {"cart": ("book",), "user": "alice"} if rotating else {"user": "alice"}
+        assert (await manager.get(sid)).state == expected
 
 
 async def test_reading_the_id_varies_on_cookie(memory_manager: s.SessionManager) -> None:
