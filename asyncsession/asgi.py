@@ -254,9 +254,9 @@ class SessionDict(MutableMapping[str, Any]):
         self._abandoned = False  # clear() on an unavailable session: cookie expired only
         # Set once this request's visit is recorded, while one is (SessionMiddleware._visit).
         self._visit: anyio.Event | None = None
-        # Held by ensure_created(), which works out the changes, awaits the store, then
-        # records what it wrote: a second caller finds the id the first one made instead
-        # of creating (or rotating) again.
+        # Held by ensure_created() and the save at the response, each of which works out
+        # the changes, awaits the store, then records what it wrote: a second caller
+        # finds the id the first one made instead of creating (or rotating) again.
         self._writing = anyio.Lock()
 
     def __repr__(self) -> str:
@@ -545,11 +545,6 @@ class SessionDict(MutableMapping[str, Any]):
                 changed.add(key)
         deleted = (self._deleted | set(self._baseline)) - set(self._data)
         return {key: self._data[key] for key in changed}, deleted
-
-    def _mark_saved(self) -> None:
-        self._baseline = thaw(self._data)
-        self._set.clear()
-        self._deleted.clear()
 
     def _pending(self) -> tuple[FrozenDict, set[str]]:
         """The changes to write now, as :meth:`_changes`, their values frozen: a copy
@@ -1077,7 +1072,12 @@ class SessionMiddleware:
         return not stored.is_closed
 
     async def _save(self, session: SessionDict, scope: Scope) -> list[tuple[bytes, bytes]]:
-        """Store the request's changes; return the Set-Cookie headers to add."""
+        """Store the request's changes; return the Set-Cookie headers to add. An
+        ``ensure_created()`` under way finishes first: its session is the one saved."""
+        async with session._writing:
+            return await self._write(session, scope)
+
+    async def _write(self, session: SessionDict, scope: Scope) -> list[tuple[bytes, bytes]]:
         cleared, session._cleared = session._cleared, []
         for old_id in cleared:  # every session this request logged out
             try:
@@ -1090,7 +1090,8 @@ class SessionMiddleware:
                     _where(scope),
                     old_id,
                 )
-        changes, deleted = session._changes()
+        changes, deleted = session._pending()
+        written = True
         if session._id is None:
             if changes:
                 created = await self.manager.create(state=changes)
@@ -1116,8 +1117,11 @@ class SessionMiddleware:
                     sorted(set(changes) | deleted),
                 )
                 session._id = None
-                session._data = {}
+                session._data, session._baseline = {}, {}
+                session._set.clear()
+                session._deleted.clear()
                 session._new_cookie = session._expire_cookie = False
+                written = False
         # When nothing of this request went to the store, a concurrent login (rotate),
         # logout or a handler's delete/close may have ended the session meanwhile: its
         # cookie again would overwrite the one that request sent, so it is only refreshed
@@ -1147,7 +1151,11 @@ class SessionMiddleware:
         elif session._id is None and session._expire_cookie:
             headers.append(self._expire_cookie())
         session._rotate = session._new_cookie = session._expire_cookie = False
-        session._mark_saved()
+        if written:
+            # What was written, not the session as it is now: a change inside a nested
+            # value made meanwhile (by a task still running) stays pending, to be logged
+            # as lost at the end of the request.
+            session._mark_written(changes, deleted)
         return headers
 
 

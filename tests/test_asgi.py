@@ -398,6 +398,44 @@ async def test_concurrent_ensure_created_calls_give_one_session(
         assert (await manager.get(sid)).state == expected
 
 
+async def test_a_response_starting_while_ensure_created_writes_sends_its_session(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The response's save waits for an ensure_created() under way and sends the cookie
+    # of the session it made, instead of creating a second one.
+    store = PausingRepository()
+    made: list[uuid.UUID] = []
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        session["cart"] = ["book"]
+        responding = anyio.Event()
+
+        async def ensure() -> None:
+            made.append(await session.ensure_created())
+
+        async def respond() -> None:
+            responding.set()
+            await JSONResponse({})(scope, receive, send)
+
+        release = store.hold()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ensure)
+            await store.entered.wait()  # ensure_created() is storing the session
+            tg.start_soon(respond)
+            await responding.wait()
+            release.set()
+
+    async with running(store) as manager:
+        with caplog.at_level(logging.WARNING, "asyncsession.asgi"), anyio.fail_after(10):
+            async with client(SessionMiddleware(handler, manager, secret_key=KEY)) as http:
+                response = await http.get("/")
+        assert made == [cookie_id(response)]
+        assert await count(manager) == 1
+        assert (await manager.get(made[0])).state == {"cart": ("book",)}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 async def test_reading_the_id_varies_on_cookie(memory_manager: s.SessionManager) -> None:
     async def whoami(scope: Scope, receive: Any, send: Any) -> None:
         await JSONResponse({"id": str(get_session(scope).id)})(scope, receive, send)
@@ -1157,6 +1195,44 @@ async def test_nested_changes_after_response_start_are_reported(
             await http.get("/", headers=cookie)
     assert any("after the response started" in r.getMessage() for r in caplog.records)
     assert (await memory_manager.get(sid)).state == {"cart": (1,)}
+
+
+async def test_a_nested_change_made_while_the_response_saves_is_logged_as_lost(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A task still running changes a nested value while the save at the response awaits
+    # the store: that change was not written, so it is logged as lost, not taken as saved.
+    store = PausingRepository(pause_saves=True)
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        session["seen"] = True
+        cart = session["cart"]
+        release = store.hold()
+
+        async def add_to_cart() -> None:
+            await store.entered.wait()  # the response's save is storing "seen"
+            cart.append("book")
+            release.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(add_to_cart)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with running(store) as manager:
+        seeded = await manager.create(state={"cart": []})
+        middleware = SessionMiddleware(app, manager, secret_key=KEY)
+        cookie = {"cookie": f"session={middleware.sign(seeded.id)}"}
+        with caplog.at_level(logging.WARNING, "asyncsession.asgi"), anyio.fail_after(10):
+            async with client(middleware) as http:
+                assert (await http.get("/", headers=cookie)).status_code == 200
+        assert (await manager.get(seeded.id)).state == {"cart": (), "seen": True}
+    assert any(
+        "keys ['cart'] were not saved" in r.getMessage()
+        and "after the response started" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_changes_without_any_response_are_reported(
