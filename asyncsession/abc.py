@@ -89,6 +89,12 @@ def _limit(instance: object, attribute: object, value: int) -> None:
         raise InvalidConfiguration(f"limit must be an int from 1 to 10000, got {value!r}.")
 
 
+def _visible_at(value: datetime | None) -> datetime | None:
+    # In UTC, as every store compares it: a naive time or text would be compared with
+    # aware deadlines (a TypeError on one store, a match on another).
+    return None if value is None else utc(value, "SessionQuery.visible_at")
+
+
 @attrs.frozen(slots=True)
 class SessionQuery:
     """What :meth:`SessionRepository.list` takes: filters, and which page of at most
@@ -99,7 +105,8 @@ class SessionQuery:
     ids' text), so that a cursor, the ``(last_active, id)`` of a page's last item, says
     where the next page starts. ``search`` matches the name or the first message,
     case-insensitively. ``visible_at`` hides sessions whose ``expires_at`` has passed at
-    that time. ``cursor`` is None for the first page, then the previous :class:`Page`'s
+    that time (a timezone-aware datetime, kept in UTC; :class:`InvalidConfiguration`
+    otherwise). ``cursor`` is None for the first page, then the previous :class:`Page`'s
     ``next_cursor``; it only fits a query with the same filters (see :meth:`fingerprint`).
     """
 
@@ -109,7 +116,7 @@ class SessionQuery:
     search: str | None = attrs.field(default=None, converter=plain_optional_text, validator=_search)
     limit: int = attrs.field(default=50, validator=_limit)
     cursor: str | None = None
-    visible_at: datetime | None = None
+    visible_at: datetime | None = attrs.field(default=None, converter=_visible_at)
 
     def fingerprint(self) -> str:
         """A short digest of the filters, so a cursor cannot move to another query."""
