@@ -324,7 +324,10 @@ class SessionRepository(ABC):
       messages that are not :class:`Message` objects (see :meth:`_check_messages`);
       ``at`` and ``now`` that are not timezone-aware datetimes, and an
       :meth:`expired` ``limit`` below 1, raise :class:`InvalidConfiguration` (see
-      :meth:`_check_time` and :meth:`_check_limit`).
+      :meth:`_check_time` and :meth:`_check_limit`), as do a ``policy`` that is not an
+      :class:`~asyncsession.ExpiryPolicy` and a ``last_messages`` or ``max_messages``
+      that is neither None nor an int (see :meth:`_check_policy`,
+      :meth:`_check_last_messages` and :meth:`_check_max_messages`).
       (The methods below do not each repeat this.)
     """
 
@@ -430,6 +433,45 @@ class SessionRepository(ABC):
                 f"expired() takes limit=, an int of at least 1; got {shown(limit)}."
             )
         return limit
+
+    @staticmethod
+    def _check_policy(policy: object) -> ExpiryPolicy:
+        """The precondition of :meth:`append` and :meth:`touch`: ``policy`` is an
+        :class:`~asyncsession.ExpiryPolicy` (:class:`InvalidConfiguration` otherwise,
+        None included). Stores call it before they read or write anything; custom
+        stores should too."""
+        if not isinstance(policy, ExpiryPolicy):
+            raise InvalidConfiguration(
+                "append() and touch() take policy=, an asyncsession.ExpiryPolicy (e.g. "
+                f"ExpiryPolicy(idle_timeout=timedelta(minutes=30))); got {kind_of(policy)}."
+            )
+        return policy
+
+    @staticmethod
+    def _check_max_messages(max_messages: object) -> int | None:
+        """The precondition of :meth:`append`: ``max_messages`` is None (no cap) or an
+        int, not a bool (:class:`InvalidConfiguration` otherwise: text, a float, True).
+        Stores call it before they read or write anything; custom stores should too."""
+        if max_messages is not None and type(max_messages) is not int:
+            raise InvalidConfiguration(
+                "append() takes max_messages=, an int (the most messages the session may "
+                f"hold) or None for no cap; got {shown(max_messages)}."
+            )
+        return max_messages
+
+    @staticmethod
+    def _check_last_messages(last_messages: object) -> int | None:
+        """The precondition of :meth:`get` and :meth:`touch`: ``last_messages`` is None
+        (the whole history) or an int, not a bool (:class:`InvalidConfiguration`
+        otherwise: text, a float, True); an int of 0 or less loads no messages. Stores
+        call it before they read or write anything; custom stores should too."""
+        if last_messages is not None and type(last_messages) is not int:
+            raise InvalidConfiguration(
+                "get() and touch() take last_messages=, an int (how many of the last "
+                "messages to load; 0 for none) or None for the whole history; got "
+                f"{shown(last_messages)}."
+            )
+        return last_messages
 
     @staticmethod
     def _check_messages(messages: object) -> tuple[Message, ...]:
@@ -540,7 +582,8 @@ class SessionRepository(ABC):
         """Return the stored session, or None.
 
         With ``last_messages=n`` only the last ``n`` messages are loaded (the returned
-        ``messages`` is a window; ``messages.total`` stays exact).
+        ``messages`` is a window; ``messages.total`` stays exact); none for ``n`` of 0 or
+        less, all of them for ``n`` of the total or more.
         """
 
     async def get_for_update(self, session_id: uuid.UUID) -> Session | None:

@@ -1394,6 +1394,7 @@ class FileRepository(SessionRepository):
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
         sid = self._check_id(session_id)  # only plain UUIDs ever become file names
+        last_messages = self._check_last_messages(last_messages)
 
         def step(current: _Doc | None) -> tuple[Session | None, _Action]:
             return (None if current is None else current.session(last_messages)), None
@@ -1463,6 +1464,8 @@ class FileRepository(SessionRepository):
         sid = self._check_id(session_id)  # only plain UUIDs ever become file names
         at = self._check_time(at, "at")
         messages = self._check_messages(messages)
+        policy = self._check_policy(policy)
+        max_messages = self._check_max_messages(max_messages)
 
         def step(current: _Doc | None) -> tuple[Session | None, _Action]:
             old = None if current is None else current.skeleton
@@ -1506,6 +1509,8 @@ class FileRepository(SessionRepository):
     ) -> Session | None:
         sid = self._check_id(session_id)  # only plain UUIDs ever become file names
         at = self._check_time(at, "at")
+        policy = self._check_policy(policy)
+        last_messages = self._check_last_messages(last_messages)
 
         def step(current: _Doc | None) -> tuple[Session | None, _Action]:
             if current is None:

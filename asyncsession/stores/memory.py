@@ -137,6 +137,7 @@ class MemoryRepository(SessionRepository):
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
         session_id = self._check_id(session_id)
+        last_messages = self._check_last_messages(last_messages)
         async with self._lock:
             session = self._sessions.get(session_id)
         if session is None:
@@ -191,6 +192,8 @@ class MemoryRepository(SessionRepository):
         session_id = self._check_id(session_id)
         at = self._check_time(at, "at")
         messages = self._check_messages(messages)
+        policy = self._check_policy(policy)
+        max_messages = self._check_max_messages(max_messages)
         async with self._lock:
             old = self._sessions.get(session_id)
             if old is None or old.is_expired(at):
@@ -228,6 +231,8 @@ class MemoryRepository(SessionRepository):
     ) -> Session | None:
         session_id = self._check_id(session_id)
         at = self._check_time(at, "at")
+        policy = self._check_policy(policy)
+        last_messages = self._check_last_messages(last_messages)
         async with self._lock:
             old = self._sessions.get(session_id)
             if old is None:

@@ -1544,7 +1544,8 @@ class RedisRepository(SessionRepository, EventTransport):
     async def get(
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
-        return (await self._read(self._check_id(session_id), last_messages))[0]
+        session_id = self._check_id(session_id)
+        return (await self._read(session_id, self._check_last_messages(last_messages)))[0]
 
     async def _read(
         self, session_id: uuid.UUID, last_messages: int | None = None
@@ -1667,6 +1668,8 @@ class RedisRepository(SessionRepository, EventTransport):
         session_id = self._check_id(session_id)
         at = self._check_time(at, "at")
         messages = self._check_messages(messages)
+        policy = self._check_policy(policy)
+        max_messages = self._check_max_messages(max_messages)
         sid = str(session_id)
         args: list[str | bytes] = [
             sid,
@@ -1708,6 +1711,8 @@ class RedisRepository(SessionRepository, EventTransport):
     ) -> Session | None:
         session_id = self._check_id(session_id)
         at = self._check_time(at, "at")
+        policy = self._check_policy(policy)
+        last_messages = self._check_last_messages(last_messages)
         entry = self._held.entry(session_id)
         sid = str(session_id)
         args = [

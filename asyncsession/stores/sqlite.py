@@ -2367,7 +2367,8 @@ class SQLiteRepository(SessionRepository):
     async def get(
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
-        return (await self._get(self._check_id(session_id), last_messages))[0]
+        sid = self._check_id(session_id)
+        return (await self._get(sid, self._check_last_messages(last_messages)))[0]
 
     async def _get(
         self, sid: uuid.UUID, last_messages: int | None = None
@@ -2476,6 +2477,8 @@ class SQLiteRepository(SessionRepository):
         sid = self._check_id(session_id)
         at = self._check_time(at, "at")
         batch = list(self._check_messages(messages))
+        policy = self._check_policy(policy)
+        max_messages = self._check_max_messages(max_messages)
         bodies = _encode_messages(batch)
         at_us = _us(at)
         one_statement = _append_parameters(sid, batch, at_us, policy, max_messages)
@@ -2564,6 +2567,8 @@ class SQLiteRepository(SessionRepository):
     ) -> Session | None:
         sid = self._check_id(session_id)
         at = self._check_time(at, "at")
+        policy = self._check_policy(policy)
+        last_messages = self._check_last_messages(last_messages)
         at_us = _us(at)
 
         interval_us = policy.touch_interval // timedelta(microseconds=1)

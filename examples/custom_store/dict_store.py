@@ -50,6 +50,7 @@ class DictRepository(SessionRepository):
         self, session_id: uuid.UUID, *, last_messages: int | None = None
     ) -> Session | None:
         session_id = self._check_id(session_id)  # a uuid.UUID, else InvalidSessionId
+        last_messages = self._check_last_messages(last_messages)  # None or an int
         await anyio.lowlevel.checkpoint()
         session = self._sessions.get(session_id)
         return None if session is None else _window(session, last_messages)
@@ -100,6 +101,8 @@ class DictRepository(SessionRepository):
         session_id = self._check_id(session_id)
         at = self._check_time(at, "at")  # InvalidConfiguration if naive
         messages = self._check_messages(messages)  # InvalidUpdate if not Message objects
+        policy = self._check_policy(policy)  # InvalidConfiguration if not an ExpiryPolicy
+        max_messages = self._check_max_messages(max_messages)  # None or an int
         await anyio.lowlevel.checkpoint()
         current = self._sessions.get(session_id)
         if current is None or current.is_expired(at):
@@ -139,6 +142,8 @@ class DictRepository(SessionRepository):
     ) -> Session | None:
         session_id = self._check_id(session_id)
         at = self._check_time(at, "at")
+        policy = self._check_policy(policy)
+        last_messages = self._check_last_messages(last_messages)
         await anyio.lowlevel.checkpoint()
         current = self._sessions.get(session_id)
         if current is None:
