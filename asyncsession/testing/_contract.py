@@ -905,6 +905,88 @@ class RepositoryContract:
         assert removed is not None and removed.id == session.id
         assert await repository.get(session.id) is None
 
+    async def test_counts_policies_and_visible_at_are_checked(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """``last_messages`` (get, touch) and ``max_messages`` (append) are None or an
+        int, never a bool, a float or text, and ``policy`` (append, touch) is an
+        :class:`ExpiryPolicy`: anything else raises :class:`InvalidConfiguration` (a
+        ValidationError), before the store reads anything (so also for an unknown id),
+        writing nothing (see ``SessionRepository._check_last_messages``,
+        ``_check_max_messages`` and ``_check_policy``). ``SessionQuery(visible_at=...)``
+        takes timezone-aware datetimes only, and an aware time in another zone is the
+        same instant to every store. A store that passed such values on got them
+        stored (``max_messages="3"``), answered with one message (``last_messages=True``)
+        or failed with its own error."""
+        session = make_session(messages=("a", "b", "c"))
+        missing = uuid.uuid4()
+        await repository.add(session)
+        bad_counts: list[Any] = [True, False, 1.5, 2.0, "2", b"2", [2]]
+        bad_policies: list[Any] = [None, {"idle_timeout": 60}, timedelta(seconds=60), 60]
+        operations: list[tuple[str, str, Callable[[uuid.UUID, Any], Awaitable[object]]]] = [
+            ("last_messages", "get", lambda sid, n: repository.get(sid, last_messages=n)),
+            (
+                "last_messages",
+                "touch",
+                lambda sid, n: repository.touch(sid, at=at(30), policy=POLICY, last_messages=n),
+            ),
+            (
+                "max_messages",
+                "append",
+                lambda sid, n: repository.append(
+                    sid, [msg("d", 1)], at=at(1), policy=POLICY, max_messages=n
+                ),
+            ),
+        ]
+        for name, what, operation in operations:
+            for bad in bad_counts:
+                for sid, whose in ((session.id, "a stored"), (missing, "an unknown")):
+                    call = f"{what}({name}={bad!r}) of {whose} id"
+                    error = await raises(InvalidConfiguration, operation(sid, bad), call)
+                    assert isinstance(error, ValueError) and name in str(error), (call, str(error))
+                    assert await repository.get(session.id) == session, f"{call} wrote"
+        policy_operations: list[tuple[str, Callable[[uuid.UUID, Any], Awaitable[object]]]] = [
+            ("append", lambda sid, p: repository.append(sid, [msg("d", 1)], at=at(1), policy=p)),
+            ("touch", lambda sid, p: repository.touch(sid, at=at(30), policy=p)),
+        ]
+        for what, operation in policy_operations:
+            for bad in bad_policies:
+                for sid, whose in ((session.id, "a stored"), (missing, "an unknown")):
+                    call = f"{what}(policy={bad!r}) of {whose} id"
+                    error = await raises(InvalidConfiguration, operation(sid, bad), call)
+                    assert "ExpiryPolicy" in str(error), (call, str(error))
+                    assert await repository.get(session.id) == session, f"{call} wrote"
+        assert await repository.get(missing) is None
+
+        # every int is a count: 0 or less loads none, a huge one all of them
+        for n, contents in [(0, []), (-1, []), (2, ["b", "c"]), (2**70, ["a", "b", "c"])]:
+            window = await repository.get(session.id, last_messages=n)
+            assert window is not None and window.messages.total == 3, n
+            assert [m.content for m in window.messages] == contents, n
+        grown = await repository.append(
+            session.id, [msg("d", 1)], at=at(1), policy=POLICY, max_messages=2**70
+        )
+        assert grown.messages.total == 4 and grown.revision == 1
+
+        bad_times: list[Any] = [
+            at(1).replace(tzinfo=None),
+            "2026-01-01T12:00:00Z",
+            at(1).timestamp(),
+            at(1).date(),
+        ]
+        for bad in bad_times:
+            try:
+                SessionQuery(visible_at=bad)
+            except InvalidConfiguration as error:
+                assert "timezone-aware" in str(error), (bad, str(error))
+            else:
+                raise AssertionError(f"SessionQuery(visible_at={bad!r}) must raise")
+        eastern = timezone(timedelta(hours=-5))
+        for seconds, listed in [(30, [session.id]), (62, [])]:
+            query = SessionQuery(visible_at=at(seconds).astimezone(eastern))
+            ids = [s.id for s in (await repository.list(query)).items]
+            assert ids == listed, (seconds, ids)
+
     async def test_last_messages_window(
         self, repository: SessionRepository, anyio_backend: Any
     ) -> None:
