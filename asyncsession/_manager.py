@@ -304,6 +304,11 @@ def _check_reporters(reporters: object) -> tuple[Reporter, ...]:
         )
     found = tuple(reporters)
     for reporter in found:
+        if isinstance(reporter, type):  # its report() would fail at every call
+            raise InvalidConfiguration(
+                f"reporters must be reporter objects, not classes: pass an instance, e.g. "
+                f"{reporter.__name__}() instead of {reporter.__name__}."
+            )
         report = getattr(reporter, "report", None)
         if not callable(report):
             raise InvalidConfiguration(

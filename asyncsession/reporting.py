@@ -77,6 +77,16 @@ def _report_time(value: datetime) -> datetime:
         raise InvalidConfiguration(f"report time {value!r:.60} is out of range.") from None
 
 
+def _report_status(value: SessionStatus | str) -> SessionStatus:
+    status = parse_status(value)
+    if not status.is_terminal:
+        raise InvalidConfiguration(
+            f"a report is of a session that ended: its status is exited, crashed, abnormal "
+            f"or expired, not {status.value}."
+        )
+    return status
+
+
 def _report_errors(value: int) -> int:
     if type(value) is not int or value < 0:
         raise InvalidConfiguration(f"errors must be an int >= 0; got {value!r:.60}.")
@@ -88,16 +98,25 @@ class SessionReport:
     """One ended session: status, duration, errors, owner and user-chosen attributes.
 
     Bad field values raise :class:`~asyncsession.InvalidConfiguration` (times must be
-    timezone-aware; they are kept in UTC).
+    timezone-aware, and are kept in UTC; ``ended_at`` is not before ``started_at``; the
+    status is a terminal one).
     """
 
     session_id: uuid.UUID = attrs.field(converter=_report_id)
     owner: str | None = attrs.field(converter=validate_owner)
-    status: SessionStatus = attrs.field(converter=parse_status)
+    status: SessionStatus = attrs.field(converter=_report_status)
     started_at: datetime = attrs.field(converter=_report_time)
     ended_at: datetime = attrs.field(converter=_report_time)
     errors: int = attrs.field(converter=_report_errors)
     attributes: Mapping[str, Any] = attrs.field(factory=dict, converter=freeze_state)
+
+    @ended_at.validator
+    def _ends_after_start(self, attribute: object, value: datetime) -> None:
+        if value < self.started_at:
+            raise InvalidConfiguration(
+                f"a report's ended_at ({value.isoformat()}) is before its started_at "
+                f"({self.started_at.isoformat()}); a session cannot end before it starts."
+            )
 
     @property
     def duration(self) -> timedelta:

@@ -770,6 +770,21 @@ def test_report_times_are_kept_in_utc_and_naive_ones_refused() -> None:
         SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 1.5)
     from_z = SessionReport.from_dict({**report.to_dict(), "ended_at": "2026-01-01T00:00:00Z"})
     assert from_z.ended_at == t0
+    # A session that has not ended, or that ended before it started, is no report: it
+    # counted as ended with a 100% crash-free rate, or with a negative duration
+    # (helper-188).
+    for status in (s.SessionStatus.ACTIVE, "archived"):
+        with pytest.raises(s.InvalidConfiguration, match="exited, crashed, abnormal or expired"):
+            SessionReport(uuid.uuid4(), None, status, t0, t0, 0)
+    with pytest.raises(s.InvalidConfiguration, match="before its started_at"):
+        SessionReport(uuid.uuid4(), None, "exited", t0, t0 - timedelta(microseconds=1), 0)
+    with pytest.raises(s.CorruptSessionError, match="not active"):
+        SessionReport.from_dict({**report.to_dict(), "status": "active"})
+
+
+def test_a_reporter_class_instead_of_an_instance_is_refused() -> None:
+    with pytest.raises(s.InvalidConfiguration, match=r"LoggingReporter\(\) instead of"):
+        s.SessionManager(s.MemoryRepository(), reporters=[LoggingReporter])
 
 
 def test_aggregate_takes_the_bucket_in_seconds_and_refuses_anything_else() -> None:
