@@ -1644,7 +1644,8 @@ def stats(
                 len(await repository.unreadable()),
                 repository.directory / "quarantine",
             )
-        return counts, awaiting, aggregate(items, bucket=period), aside
+        # expired sessions cleanup has not removed yet count as expired, as their reports
+        return counts, awaiting, aggregate(items, bucket=period, now=now), aside
 
     # with --reports, memory:// stands for "no store": its counts are all zero
     counts, awaiting, buckets, aside = _with_store(

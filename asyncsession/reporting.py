@@ -613,16 +613,23 @@ def _bucket(value: object) -> timedelta:
 
 
 def aggregate(
-    items: Iterable[Session | SessionReport], *, bucket: float | timedelta = timedelta(hours=1)
+    items: Iterable[Session | SessionReport],
+    *,
+    bucket: float | timedelta = timedelta(hours=1),
+    now: datetime | None = None,
 ) -> list[HealthBucket]:
     """Per-period release health from reports or stored sessions, oldest period first.
 
     ``bucket`` is the period: seconds or a :class:`~datetime.timedelta`. Open sessions
-    count as started only; terminal ones also as ended at ``closed_at``.
+    count as started only; terminal ones also as ended at ``closed_at``. With ``now``
+    (a timezone-aware datetime), an open session that has expired by then (cleanup has
+    not removed it yet) counts as EXPIRED at its ``expires_at``, as its report will.
     """
     # Any length: a period past datetime's range is refused in _floor, with the dates
     # that overflow.
     period = _bucket(bucket)
+    if now is not None:
+        now = utc(now, "aggregate()'s now")
     started: dict[datetime, int] = {}
     ended: dict[datetime, dict[SessionStatus, int]] = {}
     errored: dict[datetime, int] = {}
@@ -633,7 +640,19 @@ def aggregate(
             created = item.started_at
         elif isinstance(item, Session):
             created = item.created_at
-            report = SessionReport.from_session(item) if item.status.is_terminal else None
+            if item.status.is_terminal:
+                report = SessionReport.from_session(item)
+            elif now is not None and item.expires_at is not None and item.expires_at <= now:
+                report = SessionReport(
+                    item.id,
+                    item.owner,
+                    SessionStatus.EXPIRED,
+                    item.created_at,
+                    item.expires_at,
+                    item.errors,
+                )
+            else:
+                report = None
         else:
             raise InvalidConfiguration(
                 f"aggregate() takes Session and SessionReport objects; got {item!r:.60}."

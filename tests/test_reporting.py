@@ -706,6 +706,56 @@ def test_aggregate_release_health() -> None:
         aggregate([], bucket=timedelta(0))
 
 
+def test_aggregate_counts_stored_sessions_expired_by_now_as_expired() -> None:
+    """Sessions that expired but that cleanup has not removed yet are still ACTIVE in the
+    store: `stats` counted them as started only, so its crash-free rate left them out
+    (helper-188). With now=, they count as EXPIRED at their deadline, as their reports."""
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    idle = s.Session(uuid.uuid4(), t0, t0, expires_at=t0 + timedelta(minutes=90))
+    live = s.Session(uuid.uuid4(), t0, t0, expires_at=t0 + timedelta(days=1))
+    crashed = s.Session(
+        uuid.uuid4(), t0, t0, status=s.SessionStatus.CRASHED, closed_at=t0 + timedelta(minutes=5)
+    )
+    later = t0 + timedelta(hours=2)
+    first, second = aggregate([idle, live, crashed], now=later)
+    assert first.started == 3 and first.ended == {s.SessionStatus.CRASHED: 1}
+    assert second.start == t0 + timedelta(hours=1)
+    assert second.ended == {s.SessionStatus.EXPIRED: 1} and second.crash_free_rate == 1.0
+    assert len(aggregate([idle, live, crashed])) == 1  # without now, as before
+    with pytest.raises(s.InvalidConfiguration, match="timezone-aware"):
+        aggregate([idle], now=datetime(2026, 1, 2))
+
+
+STATS = (sys.executable, "-m", "asyncsession", "stats")
+
+
+async def test_cli_stats_counts_sessions_expired_before_cleanup_as_expired(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    clock = ManualClock(start=datetime(2025, 3, 1, 10, tzinfo=timezone.utc))
+    async with s.SessionManager(
+        s.SQLiteRepository(path), idle_timeout=60, cleanup_interval=None, clock=clock
+    ) as sessions:
+        crashed = await sessions.create()
+        await sessions.close(crashed.id, status=s.SessionStatus.CRASHED)
+        for _ in range(3):
+            await sessions.create()  # left to expire: cleanup never runs
+    result = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [*STATS, "--json", "--bucket", "1d", "--store", f"sqlite:///{path}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+    )
+    assert result.returncode == 0, result.stderr
+    (day,) = orjson.loads(result.stdout)["health"]
+    assert day["started"] == 4 and day["ended"]["expired"] == 3 and day["ended"]["crashed"] == 1
+    assert day["crash_free_rate"] == 0.75
+
+
 def test_reports_round_trip_and_bad_lines(tmp_path: Path) -> None:
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     report = SessionReport(uuid.uuid4(), None, s.SessionStatus.EXITED, t0, t0, 0, {"k": [1]})
