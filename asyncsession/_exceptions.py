@@ -310,13 +310,23 @@ class SessionConflict(SessionError):
 
 
 class ManagerNotRunning(SessionError):
-    """The manager was used before ``async with`` entered it or after it exited."""
+    """The manager was used before ``async with`` entered it or after it exited, or it
+    exited while the call was under way and closed its store under it."""
 
-    def __init__(self) -> None:
-        super().__init__(
-            "The SessionManager is not running. Use it inside "
-            "`async with SessionManager(repository) as sessions:`."
-        )
+    def __init__(self, *, closed_under_call: float | None = None) -> None:
+        if closed_under_call is None:
+            text = (
+                "The SessionManager is not running. Use it inside "
+                "`async with SessionManager(repository) as sessions:`."
+            )
+        else:
+            text = (
+                "The SessionManager exited while this call was under way: it waited "
+                f"{closed_under_call:g} s for the calls made while it ran, then closed its "
+                "store under them, so this call failed (its store's error is the cause). "
+                "Let such calls finish, or cancel them, before the manager's block ends."
+            )
+        super().__init__(text)
 
 
 class WrongTask(SessionError, RuntimeError):

@@ -98,11 +98,19 @@ class _Calls:
     its exit waits for them. A call still under way from an earlier run is not counted
     against a later one."""
 
-    __slots__ = ("count", "done")
+    __slots__ = ("count", "cut_off", "done")
 
     def __init__(self) -> None:
         self.count = 0
         self.done: anyio.Event | None = None  # set when the count reaches 0, once exit began
+        self.cut_off = False  # the exit closed the store under calls still under way
+
+    def closed_under(self, exc: StorageError) -> ManagerNotRunning | None:
+        """What a call gets for ``exc`` when the exit closed the store under it: the
+        store's "not open" would advise opening a store the call's user did open."""
+        if not self.cut_off:
+            return None
+        return ManagerNotRunning(closed_under_call=_CALLS_AT_EXIT_SECONDS)
 
     def ended(self) -> None:
         self.count -= 1
@@ -219,6 +227,10 @@ def _call(
         token = _calling.set(this)
         try:
             return await method(self, *args, **kwargs)
+        except StorageError as exc:
+            if (instead := calls.closed_under(exc)) is not None:
+                raise instead from exc
+            raise
         finally:
             this.live = False
             _calling.reset(token)
@@ -683,6 +695,7 @@ class SessionManager:
             with anyio.move_on_after(_CALLS_AT_EXIT_SECONDS, shield=True):
                 await done.wait()
             if calls.count:
+                calls.cut_off = True
                 logger.warning(
                     "%d call%s made while the manager ran %s still under way when it "
                     "exited (after %g s); the store is closed under %s",
@@ -800,6 +813,10 @@ class SessionManager:
                 )
             else:
                 session = await self._repository.get(sid, last_messages=last_messages)
+        except StorageError as exc:
+            if (instead := calls.closed_under(exc)) is not None:
+                raise instead from exc
+            raise
         finally:
             calls.ended()
         if session is None or session.is_expired(now):
@@ -1678,6 +1695,8 @@ class SessionManager:
                         with anyio.CancelScope(shield=True):  # a removal is always announced
                             taken = await self._take_expired(sid, now)
                     except (SerializationError, StorageError) as exc:
+                        if not self._running:  # the exit closed the store under this pass
+                            raise
                         # One session that cannot be removed stops no others.
                         if sid not in retried:  # counted once a pass
                             self._removals_failed += 1

@@ -557,8 +557,9 @@ def delete_owner(store: s.SessionRepository, backend: str, monkeypatch: Any, *op
 
 async def alices(store: s.SessionRepository, count: int) -> list[uuid.UUID]:
     sessions = [s.Session(uuid.uuid4(), later(), later(), owner="alice") for _ in range(count)]
-    for session in sessions:
-        await store.add(session)
+    async with store:  # nested in the caller's open, if any
+        for session in sessions:
+            await store.add(session)
     return [x.id for x in sessions]
 
 

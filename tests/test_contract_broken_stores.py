@@ -196,10 +196,12 @@ class OpensAndClosesItself(MemoryRepository):
     async def open(self) -> None:
         await anyio.lowlevel.checkpoint()
         self.connection = object()
+        self._open_count = 1  # open, not counted (the memory store checks it)
 
     async def aclose(self) -> None:
         await anyio.lowlevel.checkpoint()
         self.connection = None
+        self._open_count = 0
 
     def _connected(self) -> None:
         if self.connection is None:

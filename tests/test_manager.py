@@ -2032,7 +2032,8 @@ async def test_leaving_during_a_cleanup_pass_stops_it_and_announces_every_remova
                 await store.reached.wait()  # leave during the pass's third removal
     # The pass stopped after the removal under way (not at the end of its batch)...
     assert store.removed == 3
-    removed = {sid for sid in created if await store.get(sid) is None}
+    async with store:
+        removed = {sid for sid in created if await store.get(sid) is None}
     assert len(removed) == 3
     # ... and each removal it made was announced and reported before they closed.
     expired = [e.session_id for e in drained(events) if e.kind is s.EventKind.EXPIRED]
@@ -2842,10 +2843,53 @@ async def test_a_purge_that_outlives_its_manager_stops_at_the_exit(
                 tg.start_soon(purge)
                 await store.reached.wait()  # leave during the third removal
             store.proceed.set()
-    assert len(outcome) == 1
-    assert store.calls == store.removed == 3
+    assert len(outcome) == 1 and "closed its store under them" in str(outcome[0])
+    # the removal under way when the exit closed the store failed with it (the memory
+    # store, as the others, refuses a closed store's calls)
+    assert store.calls == 3 and store.removed == 2
     assert manager._removals_failed == 0
     assert not [r for r in caplog.records if "cannot remove" in r.getMessage()]
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_a_call_the_exit_closed_the_store_under_says_so(
+    store: str, anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call still under way when the exit stopped waiting for it got the store's "is
+    not open: use async with SQLiteRepository(path)", advice its user had followed, and
+    the memory store stored it after the exit, unannounced (helper-191). Both now raise
+    ManagerNotRunning saying what happened, with the store's error as the cause."""
+    monkeypatch.setattr(asyncsession._manager, "_CALLS_AT_EXIT_SECONDS", 0.2)
+    repository = (
+        s.MemoryRepository() if store == "memory" else s.SQLiteRepository(tmp_path / "s.db")
+    )
+    manager = s.SessionManager(repository, cleanup_interval=None)
+    outcome: list[BaseException] = []
+    release = anyio.Event()
+
+    async def slow(session: s.Session) -> s.Session:
+        await release.wait()
+        return session.with_state(late=True)
+
+    async def update(sid: uuid.UUID) -> None:
+        try:
+            await manager.update(sid, slow)
+        except s.ManagerNotRunning as exc:
+            outcome.append(exc)
+
+    with anyio.fail_after(30):  # hang guard, not a speed assertion
+        async with anyio.create_task_group() as tg:
+            async with manager:
+                created = await manager.create()
+                tg.start_soon(update, created.id)
+                await anyio.wait_all_tasks_blocked()
+            release.set()  # after the exit closed the store
+    assert len(outcome) == 1
+    assert "exited while this call was under way" in str(outcome[0])
+    assert isinstance(outcome[0].__cause__, s.StorageError)
+    async with repository:
+        stored = await repository.get(created.id)
+    assert stored is not None and stored.state == {}  # nothing stored after the exit
 
 
 async def test_leaving_before_the_cleanup_loop_has_started(

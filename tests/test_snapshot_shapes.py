@@ -9,6 +9,7 @@ files and Redis (review of the user-asyncio app: listmsgs.py, windows.py).
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from asyncsession import (
@@ -17,6 +18,7 @@ from asyncsession import (
     SessionManager,
     SessionQuery,
     SessionRepository,
+    StorageError,
 )
 from asyncsession.testing import ManualClock
 from asyncsession.testing._contract import POLICY, at, make_session, msg
@@ -102,3 +104,45 @@ async def test_memory_windows_share_the_stored_history() -> None:
         assert stored is not None
         for window in (appended.messages, listed.messages):
             assert window._items is stored.messages._items
+
+
+async def test_a_closed_store_refuses_every_operation_alike(
+    any_repository: SessionRepository,
+) -> None:
+    """The memory store (the pytest plugin's default) worked unopened and after the
+    manager closed it, where the durable stores raise StorageError: a test that read the
+    store after `async with SessionManager(store)` passed on memory only (helper-190).
+    Every store refuses alike, keeps what it holds, and opens again."""
+    session = make_session(messages=("a",))
+    await any_repository.add(session)
+    other = make_session(created=1)
+    await any_repository.aclose()  # the fixture's open: the last close
+    try:
+        calls = {
+            "get": lambda: any_repository.get(session.id),
+            "add": lambda: any_repository.add(other),
+            "save": lambda: any_repository.save(
+                attrs.evolve(session, revision=1), expected_revision=0
+            ),
+            "append": lambda: any_repository.append(
+                session.id, [msg("b", 1)], at=at(1), policy=POLICY
+            ),
+            "touch": lambda: any_repository.touch(session.id, at=at(1), policy=POLICY),
+            "delete": lambda: any_repository.delete(session.id),
+            "list": lambda: any_repository.list(SessionQuery()),
+            "count_by_status": lambda: any_repository.count_by_status(),
+            "expired": lambda: any_repository.expired(at(10**6)),
+            "remove_expired": lambda: any_repository.remove_expired(session.id, now=at(1)),
+        }
+        refused = []
+        for name, call in calls.items():
+            try:
+                await call()
+            except StorageError as exc:
+                assert "not open" in str(exc), (name, exc)
+                refused.append(name)
+        assert refused == list(calls)
+    finally:
+        await any_repository.open()  # for the fixture, which closes it
+    assert await any_repository.get(session.id) == session  # kept, nothing written
+    assert await any_repository.get(other.id) is None

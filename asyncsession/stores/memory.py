@@ -13,6 +13,7 @@ from .._exceptions import (
     SessionClosed,
     SessionConflict,
     SessionNotFound,
+    StorageError,
     too_many_messages,
 )
 from .._migrations import CURRENT_VERSION
@@ -45,9 +46,19 @@ class _Lock(_TransitionLock):
     woken through their own loop.
     """
 
-    __slots__ = ()
+    __slots__ = ("_store",)
+
+    def __init__(self, store: MemoryRepository) -> None:
+        super().__init__()
+        self._store = store
 
     async def __aenter__(self) -> None:
+        if self._store._open_count == 0:  # as the durable stores, so tests tell the same
+            raise StorageError(
+                f"{self._store!r} is not open. Use `async with MemoryRepository() as repo:` "
+                "or pass it to a SessionManager, which opens it (what it holds stays "
+                "while it is closed: open it again to read it)."
+            )
         await self.acquire()
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -65,13 +76,17 @@ class MemoryRepository(SessionRepository):
     ``messages.total``) and :meth:`append` returns a window of the appended messages.
     Nothing survives the process: use :class:`SQLiteRepository` for durability.
 
+    Like every store, it is opened (``async with``, or by the manager) before use, and
+    refuses calls with :class:`StorageError` while it is not open; what it holds stays
+    while it is closed, and it opens again.
+
     No operation awaits while holding the lock, and the lock is taken without an
     event-loop checkpoint when it is free, so uncontended operations never yield. The
     lock belongs to no event loop: one store may serve asyncio, then trio (or the reverse).
     """
 
     def __init__(self) -> None:
-        self._lock = _Lock()
+        self._lock = _Lock(self)
         self._sessions: dict[uuid.UUID, Session] = {}
         self._by_owner: dict[str | None, set[uuid.UUID]] = {}
         self._counts: Counter[SessionStatus] = Counter()
