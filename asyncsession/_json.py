@@ -273,15 +273,16 @@ def _freeze(value: object, path: str, room: int) -> tuple[Any, int]:
     raise InvalidJSONValue(path, _not_json(value))
 
 
-def freeze_state(value: Mapping[str, Any] | None) -> FrozenDict:
-    """Validate and freeze a session's state mapping."""
+def freeze_state(value: Mapping[str, Any] | None, where: str = "state") -> FrozenDict:
+    """Validate and freeze a session's state mapping (or another JSON object, named
+    ``where`` in errors)."""
     if value is None:
         return EMPTY
     if type(value) is FrozenDict and _height_of(value) is not None:
         return value
     if not isinstance(value, Mapping):
-        raise InvalidJSONValue("state", f"{type_name(type(value))} is not a mapping")
-    frozen = freeze_json(value, "state")
+        raise InvalidJSONValue(where, f"{type_name(type(value))} is not a mapping")
+    frozen = freeze_json(value, where)
     assert isinstance(frozen, FrozenDict)
     return frozen
 

@@ -443,7 +443,7 @@ class SessionManager:
                 f"(e.g. RedisRepository); {type(repository).__name__} cannot."
             )
         self._reporters = checked_reporters
-        self._report_attributes = freeze_state(report_attributes)
+        self._report_attributes = freeze_state(report_attributes, "report_attributes")
         self._reporter_timeout = to_timedelta(
             reporter_timeout, "reporter_timeout", "Use None for no bound while running."
         )

@@ -87,6 +87,10 @@ def _report_status(value: SessionStatus | str) -> SessionStatus:
     return status
 
 
+def _report_attributes(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return freeze_state(value, "attributes")
+
+
 def _report_errors(value: int) -> int:
     if type(value) is not int or value < 0:
         raise InvalidConfiguration(f"errors must be an int >= 0; got {value!r:.60}.")
@@ -108,7 +112,7 @@ class SessionReport:
     started_at: datetime = attrs.field(converter=_report_time)
     ended_at: datetime = attrs.field(converter=_report_time)
     errors: int = attrs.field(converter=_report_errors)
-    attributes: Mapping[str, Any] = attrs.field(factory=dict, converter=freeze_state)
+    attributes: Mapping[str, Any] = attrs.field(factory=dict, converter=_report_attributes)
 
     @ended_at.validator
     def _ends_after_start(self, attribute: object, value: datetime) -> None:
@@ -168,7 +172,7 @@ class SessionReport:
                 _parse_report_time(data["started_at"]),
                 _parse_report_time(data["ended_at"]),
                 data["errors"],
-                data.get("attributes") or {},
+                data.get("attributes"),  # absent or null: none; anything else is checked
             )
         except KeyError as exc:
             raise _bad_report(f"invalid session report (missing {exc})") from exc

@@ -832,6 +832,26 @@ def test_report_times_are_kept_in_utc_and_naive_ones_refused() -> None:
         SessionReport.from_dict({**report.to_dict(), "status": "active"})
 
 
+def test_bad_report_attributes_are_named_as_such() -> None:
+    """They were named "state" in errors, and from_dict() turned [], "", 0 or false into
+    no attributes while it refused [1] (helper-188)."""
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with pytest.raises(s.InvalidJSONValue, match=r"^attributes: list is not a mapping"):
+        SessionReport(uuid.uuid4(), None, "exited", t0, t0, 0, [])  # type: ignore[arg-type]
+    with pytest.raises(s.InvalidJSONValue, match=r"^attributes\['k'\]"):
+        SessionReport(uuid.uuid4(), None, "exited", t0, t0, 0, {"k": {1, 2}})
+    with pytest.raises(s.InvalidJSONValue, match=r"^report_attributes\['k'\]"):
+        s.SessionManager(s.MemoryRepository(), report_attributes={"k": b"x"})
+    good = SessionReport(uuid.uuid4(), None, "exited", t0, t0, 0).to_dict()
+    for bad in ([], "", 0, False, [1]):
+        with pytest.raises(s.CorruptSessionError, match="attributes"):
+            SessionReport.from_dict({**good, "attributes": bad})
+    for none in ({}, None):
+        assert SessionReport.from_dict({**good, "attributes": none}).attributes == {}
+    del good["attributes"]
+    assert SessionReport.from_dict(good).attributes == {}
+
+
 def test_a_reporter_class_instead_of_an_instance_is_refused() -> None:
     with pytest.raises(s.InvalidConfiguration, match=r"LoggingReporter\(\) instead of"):
         s.SessionManager(s.MemoryRepository(), reporters=[LoggingReporter])
