@@ -727,7 +727,9 @@ class SessionRepository(ABC):
         """Return one page of sessions matching ``query``, in the order
         :class:`SessionQuery` describes (newest ``last_active`` first, ties by id
         descending), by the sessions' stored ``last_active``: appends and touches move
-        sessions up, as saves do.
+        sessions up, as saves do. (The Redis store's index rounds times as for
+        :meth:`expired`: before 1685 or after June 2255, activity times that round to one
+        value are listed by id.)
 
         Items may hold a window of their messages (``messages.total`` is exact).
         """
