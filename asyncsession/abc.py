@@ -213,8 +213,15 @@ def decode_cursor(query: SessionQuery) -> tuple[datetime, uuid.UUID] | None:
     """Return the position ``query.cursor`` resumes after, or None for the first page.
 
     Raises :class:`InvalidCursor` for a cursor that is malformed or was made for a
-    query with other filters (another owner, status or search: its fingerprint differs).
+    query with other filters (another owner, status or search: its fingerprint differs),
+    and :class:`InvalidConfiguration` for a ``query`` that is not a
+    :class:`SessionQuery` (every store's :meth:`SessionRepository.list` calls this first).
     """
+    if not isinstance(query, SessionQuery):
+        raise InvalidConfiguration(
+            f"list() takes a SessionQuery, e.g. SessionQuery(owner='alice', limit=20), or "
+            f"SessionQuery() for every session; got {kind_of(query)}."
+        )
     cursor = query.cursor
     if cursor is None:
         return None

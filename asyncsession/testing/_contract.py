@@ -986,6 +986,13 @@ class RepositoryContract:
             query = SessionQuery(visible_at=at(seconds).astimezone(eastern))
             ids = [s.id for s in (await repository.list(query)).items]
             assert ids == listed, (seconds, ids)
+        for not_a_query in (None, {"owner": "alice"}, "alice"):
+            try:
+                await repository.list(not_a_query)  # type: ignore[arg-type]
+            except InvalidConfiguration as error:  # decode_cursor() checks it for you
+                assert "SessionQuery" in str(error), str(error)
+            else:
+                raise AssertionError(f"list({not_a_query!r}) must raise InvalidConfiguration")
 
     async def test_last_messages_window(
         self, repository: SessionRepository, anyio_backend: Any
