@@ -310,6 +310,24 @@ async def test_ensure_created_after_a_logout_meanwhile_starts_a_fresh_session(
     assert (await memory_manager.get(sid)).state == {"user": "alice"}  # not the old cart
 
 
+@asynccontextmanager
+async def one_visit(
+    store: s.SessionRepository, app: Any, seed: dict[str, Any] | None
+) -> AsyncIterator[tuple[s.SessionManager, uuid.UUID]]:
+    """One request to ``app`` behind the middleware (with the cookie of a session of
+    state ``seed``, unless None); yields the running manager and the cookie's id."""
+    async with running(store) as manager:
+        middleware = SessionMiddleware(app, manager, secret_key=KEY)
+        headers: dict[str, str] = {}
+        if seed is not None:
+            seeded = await manager.create(state=seed)
+            headers = {"cookie": f"session={middleware.sign(seeded.id)}"}
+        with anyio.fail_after(10):
+            async with client(middleware) as http:
+                sid = cookie_id(await http.get("/", headers=headers))
+        yield manager, sid
+
+
 @pytest.mark.parametrize("rotating", [False, True], ids=["create", "rotate"])
 async def test_changes_made_while_ensure_created_writes_are_saved_at_the_response(
     anyio_backend: str, rotating: bool
@@ -334,15 +352,7 @@ async def test_changes_made_while_ensure_created_writes_are_saved_at_the_respons
             release.set()
         await JSONResponse({})(scope, receive, send)
 
-    async with running(store) as manager:
-        middleware = SessionMiddleware(handler, manager, secret_key=KEY)
-        headers: dict[str, str] = {}
-        if rotating:
-            seeded = await manager.create(state={"cart": []})
-            headers = {"cookie": f"session={middleware.sign(seeded.id)}"}
-        with anyio.fail_after(10):
-            async with client(middleware) as http:
-                sid = cookie_id(await http.get("/", headers=headers))
+    async with one_visit(store, handler, {"cart": []} if rotating else None) as (manager, sid):
         assert (await manager.get(sid)).state == {
             "user": "alice",
             "cart": ("book",),
@@ -383,15 +393,8 @@ async def test_concurrent_ensure_created_calls_give_one_session(
             release.set()
         await JSONResponse({})(scope, receive, send)
 
-    async with running(store) as manager:
-        middleware = SessionMiddleware(handler, manager, secret_key=KEY)
-        headers: dict[str, str] = {}
-        if rotating:
-            seeded = await manager.create(state={"cart": ["book"]})
-            headers = {"cookie": f"session={middleware.sign(seeded.id)}"}
-        with anyio.fail_after(10):
-            async with client(middleware) as http:
-                sid = cookie_id(await http.get("/", headers=headers))
+    seed = {"cart": ["book"]} if rotating else None
+    async with one_visit(store, handler, seed) as (manager, sid):
         assert ids == [sid, sid]
         assert await count(manager) == 1
         expected = {"cart": ("book",), "user": "alice"} if rotating else {"user": "alice"}
