@@ -215,12 +215,13 @@ def _call(
 
     @functools.wraps(method)
     async def call(self: SessionManager, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if _nested_in(self):
-            return await method(self, *args, **kwargs)
-        if not self._running:
+        nested = _nested_in(self)
+        if not nested and not self._running:
             raise ManagerNotRunning()
-        if threading.get_ident() != self._thread:
+        if threading.get_ident() != self._thread:  # also nested: a thread copies the context
             raise WrongThread("This SessionManager")
+        if nested:
+            return await method(self, *args, **kwargs)
         calls = self._calls
         calls.count += 1
         this = _Call(self)
@@ -301,6 +302,19 @@ def _positive_int(value: int | None, name: str, default: int) -> int:
             f"{name} must be an int >= 1 (default {default}); got {value!r}."
         )
     return value
+
+
+def _not_in(messages: Iterable[Message], old: Session) -> list[Message]:
+    """The messages of a rewritten history that are not in ``old``'s (by value: a trim
+    that rebuilt equal copies keeps them)."""
+    before: dict[tuple[str, str, datetime], list[Message]] = {}
+    for message in old.messages:
+        before.setdefault((message.role, message.content, message.timestamp), []).append(message)
+    return [
+        m
+        for m in messages
+        if not any(m == kept for kept in before.get((m.role, m.content, m.timestamp), ()))
+    ]
 
 
 def _check_reporters(reporters: object) -> tuple[Reporter, ...]:
@@ -1098,21 +1112,20 @@ class SessionManager:
         added = new.messages.added_since(old.messages)
         # The caps hold for what the update adds: a session stored under higher caps (an
         # earlier deployment's) can still be closed, changed and trimmed under lower ones.
-        if added is None:  # a rewritten history: its messages that were not there before
-            before = {id(message) for message in old.messages}
-            fresh: Iterable[Message] = [m for m in new.messages if id(m) not in before]
-        else:
-            fresh = added
+        fresh: Iterable[Message] = added if added is not None else _not_in(new.messages, old)
         if new.messages.total > old.messages.total:
             self._check_messages(fresh, new.messages.total)
         else:
             self._check_messages(fresh, 0)
+        last_active = max(old.last_active, now)
         closed_at = new.closed_at
         if new.status.is_terminal:
-            closed_at = closed_at or now
+            # not before the session's last activity, even when this manager's clock is
+            # behind the one that wrote it (another server's): a session never ends
+            # before it starts
+            closed_at = closed_at or last_active
         elif closed_at is not None:
             closed_at = None
-        last_active = max(old.last_active, now)
         prepared = replace_trusted(  # new was validated when fn built it
             new,
             last_active=last_active,
@@ -1469,6 +1482,13 @@ class SessionManager:
         passing goes on to the reporters not yet called (the one interrupted is not
         called again: it may have it), then the queued reports to every reporter."""
         if self._report_current is not None:
+            # The reporter call the cancellation cut off: that reporter may not have it.
+            self._reports_dropped += 1
+            logger.warning(
+                "the manager's block was cancelled while a reporter had a session report; "
+                "that reporter may not have it (counted in stats().reports_dropped), the "
+                "reporters after it get it"
+            )
             await self._pass_report(self._report_current, self._report_next)
         while self._report_queue is not None:
             try:
@@ -1695,7 +1715,7 @@ class SessionManager:
                         with anyio.CancelScope(shield=True):  # a removal is always announced
                             taken = await self._take_expired(sid, now)
                     except (SerializationError, StorageError) as exc:
-                        if not self._running:  # the exit closed the store under this pass
+                        if self._calls.cut_off:  # the exit closed the store under this pass
                             raise
                         # One session that cannot be removed stops no others.
                         if sid not in retried:  # counted once a pass

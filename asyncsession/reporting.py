@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -52,7 +53,7 @@ _EXIT_WRITE_SECONDS = 5.0  # how long the interpreter's exit waits for lines que
 #: since its lines hold owners and session ids. A file that exists keeps its own.
 _REPORT_FILE_MODE = 0o600
 #: How a report file is opened: appended to, created if need be; O_BINARY on Windows.
-_REPORT_FILE_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+_REPORT_FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +132,10 @@ class SessionReport:
     def from_session(
         cls, session: Session, attributes: Mapping[str, Any] | None = None
     ) -> SessionReport:
-        """Report a session that ended (its ``closed_at`` is the end)."""
+        """Report a session that ended (its ``closed_at`` is the end; never before its
+        start, which a clock behind the one that created it could make it)."""
         ended = session.closed_at or session.expires_at or session.last_active
+        ended = max(ended, session.created_at)
         return cls(
             session.id,
             session.owner,
@@ -402,21 +405,33 @@ class JsonLinesReporter:
 
 def _append_line(path: str, line: bytes) -> None:
     """Append ``line`` to ``path``, on a line of its own: after a write that failed part
-    way (a full disk) or a process killed while writing, the file ends in a torn line,
-    which would otherwise swallow this one too."""
-    try:
-        fd = os.open(path, _REPORT_FILE_FLAGS, _REPORT_FILE_MODE)
-        readable = True
-    except PermissionError:  # a file we may append to but not read
-        fd = os.open(path, _REPORT_FILE_FLAGS & ~os.O_RDWR | os.O_WRONLY, _REPORT_FILE_MODE)
-        readable = False
+    way (a full disk) or a process killed while writing, a regular file ends in a torn
+    line, which would otherwise swallow this one too."""
+    fd = os.open(path, _REPORT_FILE_FLAGS, _REPORT_FILE_MODE)
     with open(fd, "ab") as handle:
-        size = os.fstat(fd).st_size
-        if readable and size:
-            os.lseek(fd, size - 1, os.SEEK_SET)
-            if os.read(fd, 1) != b"\n":
-                line = b"\n" + line
-        handle.write(line)  # O_APPEND: at the end, wherever the offset is
+        if _ends_torn(path, os.fstat(fd)):
+            line = b"\n" + line
+        handle.write(line)
+
+
+def _ends_torn(path: str, written: os.stat_result) -> bool:
+    """Whether the regular file ``written`` (open at ``path``) ends in a torn line. Read
+    through a second descriptor (the first is write-only: a FIFO opened for reading too
+    would never wait for its reader), if ``path`` is still that file and readable."""
+    if not stat.S_ISREG(written.st_mode) or not written.st_size:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except OSError:  # not readable by us (a write-only file), or renamed away meanwhile
+        return False
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (written.st_dev, written.st_ino) or not now.st_size:
+            return False
+        os.lseek(fd, now.st_size - 1, os.SEEK_SET)
+        return os.read(fd, 1) != b"\n"
+    finally:
+        os.close(fd)
 
 
 #: Reporters whose lines still queued or being written the interpreter's exit waits for

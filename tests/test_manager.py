@@ -12,7 +12,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -568,6 +568,46 @@ async def test_sessions_stored_under_higher_caps_can_still_be_changed_closed_and
         closed = await sessions.close(session.id)
         assert closed.status is s.SessionStatus.EXITED and closed.state == {"k": 1}
         assert closed.errors == 1 and closed.messages.total == 2
+
+
+async def test_a_trim_that_rebuilds_equal_messages_is_no_addition(clock: ManualClock) -> None:
+    """What an update adds is decided by value: equal copies of kept messages are not
+    new (by identity, a trim that rebuilt them was refused; helper-194)."""
+    repository = s.MemoryRepository()
+    async with s.SessionManager(repository, clock=clock) as sessions:
+        session = await sessions.create()
+        await sessions.add_messages(session.id, [("user", f"message {i}") for i in range(5)])
+    async with s.SessionManager(
+        repository, clock=clock, max_messages=3, max_message_size=8
+    ) as sessions:
+        trimmed = await sessions.update(
+            session.id,
+            lambda x: attrs.evolve(x, messages=[attrs.evolve(m) for m in x.messages[-2:]]),
+        )
+        assert [m.content for m in trimmed.messages] == ["message 3", "message 4"]
+
+
+async def test_a_close_by_a_manager_whose_clock_is_behind_never_ends_before_the_start(
+    anyio_backend: str,
+) -> None:
+    """Two servers share a store, one's clock a minute behind the other's: its close
+    stored closed_at before created_at, then the report of it raised to the caller
+    after the close was stored (helper-194)."""
+    repository = s.MemoryRepository()
+    ahead = ManualClock(start=datetime(2026, 1, 1, 12, 1, tzinfo=timezone.utc))
+    behind = ManualClock(start=datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc))
+    collected = Collected()
+    async with (
+        s.SessionManager(repository, clock=ahead, cleanup_interval=None) as a,
+        s.SessionManager(
+            repository, clock=behind, cleanup_interval=None, reporters=[collected]
+        ) as b,
+    ):
+        session = await a.create()
+        closed = await b.close(session.id, status=s.SessionStatus.CRASHED)
+        assert closed.closed_at == session.created_at
+    (report,) = collected.reports
+    assert report.duration == timedelta(0) and report.status is s.SessionStatus.CRASHED
 
 
 @pytest.mark.parametrize(
@@ -1394,6 +1434,16 @@ async def test_a_manager_called_from_another_threads_event_loop_refuses_and_does
             return anyio.from_thread.run(functools.partial(sessions.set_state, session.id, x=1))
 
         assert (await anyio.to_thread.run_sync(worker)).state == {"x": 1}
+
+        # A worker thread copies the context, the manager's "nested call" mark included:
+        # from an update function, another thread's loop got past the check (helper-194).
+        async def calls_from_a_thread(x: s.Session) -> s.Session:
+            await anyio.to_thread.run_sync(other_thread)
+            return x
+
+        refused.clear()
+        await sessions.update(session.id, calls_from_a_thread)
+        assert len(refused) == 9
 
 
 _BACKGROUND = {"asyncsession cleanup", "asyncsession reports", "asyncsession events"}
@@ -2849,6 +2899,48 @@ async def test_a_purge_that_outlives_its_manager_stops_at_the_exit(
     assert store.calls == 3 and store.removed == 2
     assert manager._removals_failed == 0
     assert not [r for r in caplog.records if "cannot remove" in r.getMessage()]
+
+
+async def test_a_purge_under_way_at_exit_passes_over_a_broken_session(
+    anyio_backend: str, clock: ManualClock
+) -> None:
+    """The exit waits for calls under way: a removal failing then is that session's own,
+    passed over and counted, as at any time (the pass raised it instead while the exit
+    waited; helper-194)."""
+
+    class BrokenRemoval(s.MemoryRepository):
+        broken: uuid.UUID | None = None
+        reached = anyio.Event()
+        proceed = anyio.Event()
+
+        async def remove_expired(self, session_id: uuid.UUID, *, now: datetime) -> s.Session | None:
+            if session_id == self.broken:
+                self.reached.set()
+                await self.proceed.wait()
+                raise s.CorruptSessionError("bad document", session_id=session_id)
+            return await super().remove_expired(session_id, now=now)
+
+    store = BrokenRemoval()
+    manager = s.SessionManager(store, idle_timeout=IDLE, cleanup_interval=None, clock=clock)
+    outcome: list[int] = []
+
+    async def purge() -> None:
+        outcome.append(await manager.purge_expired())
+
+    async def fail_the_removal_once_the_exit_waits() -> None:
+        await store.reached.wait()
+        await anyio.wait_all_tasks_blocked()
+        store.proceed.set()
+
+    with anyio.fail_after(10):  # hang guard, not a speed assertion
+        async with anyio.create_task_group() as tg:
+            async with manager:
+                store.broken = (await manager.create()).id
+                clock.advance(IDLE + 1)
+                tg.start_soon(purge)
+                tg.start_soon(fail_the_removal_once_the_exit_waits)
+                await store.reached.wait()
+    assert outcome == [0] and manager._removals_failed == 1
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
