@@ -420,8 +420,8 @@ def _ends_torn(path: str, written: os.stat_result) -> bool:
     would never wait for its reader), if ``path`` is still that file and readable."""
     if not stat.S_ISREG(written.st_mode) or not written.st_size:
         return False
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:  # non-blocking: a FIFO renamed to path meanwhile must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError:  # not readable by us (a write-only file), or renamed away meanwhile
         return False
     try:
