@@ -204,7 +204,12 @@ class _WholeWrites:
             if buffer is None or os.linesep != "\n":  # an embedding program's text stream
                 return int(stream.write(text))
             _flush(stream)  # what was written through the text layer goes first
-            data = text.encode(stream.encoding or "utf-8", stream.errors or "strict")
+            errors = stream.errors or "strict"
+            # a terminal that cannot show a character (PYTHONIOENCODING=ascii) gets its
+            # escape, not a traceback after the command did its work
+            data = text.encode(
+                stream.encoding or "utf-8", "backslashreplace" if errors == "strict" else errors
+            )
             _write_all(buffer, data)
         except BrokenPipeError:
             raise
@@ -521,6 +526,32 @@ def _missing(value: object, url: str) -> CLIError:
     return CLIError(f"no session {value} in {shown_url(url)}.")
 
 
+async def _not_live(repository: SessionRepository, sid: uuid.UUID, url: str) -> CLIError:
+    """The error of a command that found no live session ``sid``: "no session", unless
+    a file store quarantined its damaged document (kept for repair, and what an erasure
+    must remove), or it is stored but expired (cleanup has not removed it yet)."""
+    if isinstance(repository, FileRepository):
+        set_aside = [path for qid, path in await repository.quarantined() if qid == sid]
+        if set_aside:
+            return CLIError(
+                f"session {sid} in {shown_url(url)} cannot be read: its damaged document "
+                f"was moved to {set_aside[-1]}. Repair it and move it back into sessions/ "
+                "(without its checksum field), or delete that file; `stats` counts such "
+                "documents."
+            )
+    try:
+        stored = await repository.get(sid, last_messages=0)
+    except SessionError:
+        stored = None
+    if stored is not None and stored.expires_at is not None and stored.is_expired(_now()):
+        return CLIError(
+            f"session {sid} in {shown_url(url)} expired at {_iso(stored.expires_at)}: it is "
+            f"no longer live, so it cannot be changed. `asyncsession delete {sid}` deletes "
+            "it now; `asyncsession purge` removes every expired session."
+        )
+    return _missing(sid, url)
+
+
 async def _all_ids(repository: SessionRepository, owner: str | None = None) -> list[uuid.UUID]:
     """Every stored session id (expired and closed ones included; of ``owner`` only if
     given), newest first."""
@@ -650,11 +681,30 @@ def _status_text(session: Session, now: datetime) -> str:
 
 
 def _print_json(value: Any) -> None:
+    text = orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
     try:
-        out.file.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):  # an ASCII stdout: JSON's own escapes
+        text = _NON_ASCII.sub(_json_escape, text)
+    try:
+        out.file.write(text + "\n")
         out.file.flush()
     except BrokenPipeError:
         raise _OutputClosed from None
+
+
+#: Characters JSON text needs escaped on a stdout that cannot encode them (every
+#: character beyond ASCII is inside a JSON string in orjson's output).
+_NON_ASCII = re.compile("[^\x00-\x7f]")
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    """``\\uXXXX`` for one character (a surrogate pair beyond the BMP)."""
+    code = ord(match.group())
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def _progress(enabled: bool = True) -> Progress:
@@ -701,6 +751,39 @@ def _check_output_file(
     else:
         return target, found
     raise CLIError(f"{option} {path} {problem}.", exit_code=2)
+
+
+def _check_not_the_store(path: str, option: str, repository: SessionRepository) -> None:
+    """Refuse (usage error, exit 2) an output that is the store's own file: a SQLite
+    database (or its -wal, -shm or -journal file), or a path in a file store's
+    directory. Written there, it replaced the database under the store and any process
+    using it, or became a document of the store."""
+    target = os.path.realpath(path)
+    if isinstance(repository, SQLiteRepository):
+        database = os.path.realpath(repository.path)
+        for own in (database, *(database + end for end in ("-wal", "-shm", "-journal"))):
+            if target == own or _same_file(target, own):
+                raise CLIError(
+                    f"{option} {path} is the store's own file ({own}): writing it would "
+                    "replace the database under every process using it. Name another file.",
+                    exit_code=2,
+                )
+    elif isinstance(repository, FileRepository):
+        directory = os.path.realpath(repository.directory)
+        if target == directory or target.startswith(directory.rstrip(os.sep) + os.sep):
+            raise CLIError(
+                f"{option} {path} is in the file store's directory {directory}. Name a "
+                "file outside it.",
+                exit_code=2,
+            )
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` both exist and are one file (a hard link, say)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 _FD_ALIAS = re.compile(r"/dev/(stdout|stderr|fd/[0-9]+)|/proc/(self|[0-9]+)/fd/[0-9]+")
@@ -1289,6 +1372,7 @@ def demo(
     """
     if reports is not None:
         checked = _check_output_file(str(reports), "--reports", replaced=False)
+        _check_not_the_store(str(reports), "--reports", open_store(store_url))
         _create_appended_file(str(reports), "--reports", *checked)
     reporters: list[Reporter] = [JsonLinesReporter(reports)] if reports is not None else []
     result = _with_store(
@@ -1461,23 +1545,13 @@ def show(session_id: str, last: int, store_url: str, backend: str, as_json: bool
     """Show one session with its last messages."""
     sid = _parse_id(session_id, store_url)
 
-    async def fetch(repository: SessionRepository) -> tuple[Session | None, list[Path]]:
+    async def fetch(repository: SessionRepository) -> Session:
         session = await repository.get(sid, last_messages=last)
-        set_aside: list[Path] = []
-        if session is None and isinstance(repository, FileRepository):
-            set_aside = [path for qid, path in await repository.quarantined() if qid == sid]
-        return session, set_aside
+        if session is None:
+            raise await _not_live(repository, sid, store_url)
+        return session
 
-    session, set_aside = _with_store(store_url, backend, fetch)
-    if session is None:
-        if set_aside:  # not "no session": its damaged document is kept for repair
-            raise CLIError(
-                f"session {sid} in {shown_url(store_url)} cannot be read: its damaged "
-                f"document was moved to {set_aside[-1]}. Repair it and move it back into "
-                "sessions/ (without its checksum field), or delete that file; `stats` "
-                "counts such documents."
-            )
-        raise _missing(sid, store_url)
+    session = _with_store(store_url, backend, fetch)
     now = _now()
     messages = list(session.messages)[-last:] if last else []
     first_number = session.messages.total - len(messages) + 1
@@ -1732,7 +1806,7 @@ def close(session_id: str, status: str, store_url: str, backend: str, as_json: b
         try:
             return await manager.close(sid, status=SessionStatus(status))
         except SessionNotFound:
-            raise _missing(sid, store_url) from None
+            raise await _not_live(manager.repository, sid, store_url) from None
 
     async def act(repository: SessionRepository) -> Session:
         return await _with_manager(repository, close_it)
@@ -1763,11 +1837,11 @@ def delete(
         return
     sid = _parse_id(session_id or "", store_url)
 
-    async def act(repository: SessionRepository) -> bool:
-        return await _delete_one(repository, sid)
+    async def act(repository: SessionRepository) -> None:
+        if not await _delete_one(repository, sid):
+            raise await _not_live(repository, sid, store_url)
 
-    if not _with_store(store_url, backend, act, writes=True):
-        raise _missing(sid, store_url)
+    _with_store(store_url, backend, act, writes=True)
     if as_json:
         _print_json({"deleted": str(sid)})
     else:
@@ -1835,17 +1909,29 @@ def _delete_owner(owner: str, store_url: str, backend: str, as_json: bool) -> No
         by_owner_index = _lists_by_owner_column(repository)
         deleted: list[uuid.UUID] = []
         unknown: set[uuid.UUID] = set()
-        for _ in range(OWNER_ROUNDS):
-            with _collecting_skipped() as skipped:
-                ids = await _all_ids(repository, owner)
-            if by_owner_index:
-                ids.extend(skipped)
-            else:
-                unknown.update(skipped)
-            found = [sid for sid in dict.fromkeys(ids) if await _delete_one(repository, sid)]
-            deleted.extend(found)
-            if not found:
-                break
+
+        def so_far() -> str:
+            return (
+                f"{_plural(len(deleted), 'session')} of this owner deleted before the "
+                "interruption (the one under way perhaps too): the erasure is not "
+                "complete; run the command again."
+            )
+
+        with _noted_if_interrupted(so_far):
+            for _ in range(OWNER_ROUNDS):
+                with _collecting_skipped() as skipped:
+                    ids = await _all_ids(repository, owner)
+                if by_owner_index:
+                    ids.extend(skipped)
+                else:
+                    unknown.update(skipped)
+                found = []
+                for sid in dict.fromkeys(ids):
+                    if await _delete_one(repository, sid):
+                        found.append(sid)
+                        deleted.append(sid)
+                if not found:
+                    break
         left = sum((await repository.count_by_status(owner)).values())
         problems: list[str] = []
         if left:
@@ -2639,6 +2725,8 @@ def export_sessions(
         if output != "-":
             _output_target(output, "--output")  # not another user's FIFO or link in /tmp
         store = _store(store_url)
+        if output != "-":
+            _check_not_the_store(output, "--output", store)
         try:
             if output == "-":
                 result = _on_store(
@@ -2678,6 +2766,7 @@ def export_sessions(
         kept = "was left as it was" if os.path.lexists(output) else "was not written"
         try:
             store = _store(store_url)  # refused before a new file is made beside the output
+            _check_not_the_store(output, "--output", store)
             with _replacing(output, "--output") as stream:
                 result = _on_store(
                     store, backend, lambda repo: _export(repo, stream, output, True, owner)
@@ -2901,9 +2990,18 @@ def import_sessions(source: IO[bytes], replace: bool, store_url: str, backend: s
                 "Pass --replace to overwrite them."
             )
         replaced = 0
-        with _progress() as progress:
+        done = 0
+
+        def so_far() -> str:
+            return (
+                f"{done} of the {len(sessions)} sessions were imported before the "
+                "interruption (the one under way perhaps too); run the import again with "
+                "--replace to finish."
+            )
+
+        with _noted_if_interrupted(so_far), _progress() as progress:
             task = progress.add_task("Importing", total=len(sessions))
-            for done, session in enumerate(sessions):
+            for done, session in enumerate(sessions):  # so_far() reads done
                 try:
                     if replace:
                         replaced += await _replace(repository, session)
@@ -3168,6 +3266,20 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 _said_interrupted = False  # "asyncsession: interrupted." is on stderr
+
+
+@contextlib.contextmanager
+def _noted_if_interrupted(note: Callable[[], str]) -> Iterator[None]:
+    """Say ``note()`` on stderr (how far the work got, what to do) if Ctrl-C (a
+    KeyboardInterrupt or a cancellation, not an error) interrupts the block, before
+    "asyncsession: interrupted."."""
+    try:
+        yield
+    except BaseException as exc:
+        if not isinstance(exc, Exception):
+            with contextlib.suppress(Exception):
+                err.print(_plain(note()))
+        raise
 
 
 def _exit_interrupted() -> NoReturn:

@@ -2404,3 +2404,152 @@ async def test_cli_delete_of_an_expired_session_announces_it_expired(
 async def _gone(url: str, sid: uuid.UUID) -> bool:
     async with s.repository_from_url(url) as repository:
         return await repository.get(sid) is None and (await repository.count_by_status()) == {}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_ascii_stdout_gets_escapes_not_a_traceback(tmp_path: Path, backend: str) -> None:
+    """A stdout that cannot encode a stored owner (PYTHONIOENCODING=ascii, latin-1) ended
+    list/show/close with a traceback, after close had stored its change (helper-196).
+    Tables show escapes; --json stays valid JSON, with JSON's own escapes."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    (sid,) = populate(s.repository_from_url(url), backend=backend, live=1, owner="ünï例😀")
+
+    def ascii_run(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**_env(), "PYTHONIOENCODING": "ascii"}
+        command = [sys.executable, "-m", "asyncsession", *args, "--store", url]
+        return subprocess.run(
+            [*command, "--backend", backend],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            encoding="ascii",
+            timeout=120,
+        )
+
+    listed = ascii_run("list")
+    assert listed.returncode == 0, listed.stderr
+    assert "\\xfcn\\xef" in listed.stdout
+    shown = ascii_run("show", sid, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["owner"] == "ünï例😀"
+    closed = ascii_run("close", sid, "--json")
+    assert closed.returncode == 0, closed.stderr
+    assert json.loads(closed.stdout)["status"] == "exited"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_and_reports_refuse_the_stores_own_files(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """`export -o s.db` replaced the SQLite database with the export (under every process
+    using it), and `demo --reports` appended to it (helper-196). A store's own files, and
+    paths in a file store's directory, are refused (exit 2), and nothing is written."""
+    run_on = on_backend(run, backend)
+    run_on("demo", "--users", "2", "--rounds", "1", "--store", "sqlite:///s.db")
+    before = (tmp_path / "s.db").read_bytes()
+    for target in ("s.db", "./s.db", "s.db-wal"):
+        result = run_on("export", "-o", target, "--store", "sqlite:///s.db", ok=None)
+        assert "is the store's own file" in assert_one_line_error(result, 2)
+    result = run_on("demo", "--reports", "s.db", "--store", "sqlite:///s.db", ok=None)
+    assert "is the store's own file" in assert_one_line_error(result, 2)
+    assert run_on("list", "--json", "--store", "sqlite:///s.db").returncode == 0
+    assert (tmp_path / "s.db").read_bytes()[:16] == before[:16] == b"SQLite format 3\x00"
+    run_on("demo", "--users", "2", "--rounds", "1", "--store", "file://./files")
+    for target in ("files/out.jsonl", "files/sessions/x.json"):
+        result = run_on("export", "-o", target, "--store", "file://./files", ok=None)
+        assert "file store's directory" in assert_one_line_error(result, 2)
+        assert not (tmp_path / target).exists()
+
+
+_CTRL_C_AT_THE_THIRD = """
+import os, signal, sys, anyio
+from asyncsession import _cli
+from asyncsession.stores.sqlite import SQLiteRepository
+
+method = sys.argv[1]
+original = getattr(SQLiteRepository, method)
+calls = 0
+
+async def interrupted(self, *args, **kwargs):
+    global calls
+    calls += 1
+    if calls == 3:  # Ctrl-C while the third one is under way
+        os.kill(os.getpid(), signal.SIGINT)
+        await anyio.sleep(60)
+    return await original(self, *args, **kwargs)
+
+setattr(SQLiteRepository, method, interrupted)
+sys.exit(_cli.run(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ctrl_c_during_import_or_erasure_says_how_far_it_got(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """An import or a `delete --owner` interrupted part way said only "interrupted.",
+    where any other failure says how many sessions were done and what to do (helper-196)."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    populate(s.repository_from_url(url), backend=backend, live=5)
+    export = run("export", "--store", url, "--backend", backend).stdout
+
+    def interrupted(method: str, *command: str, stdin: str = "") -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-c", _CTRL_C_AT_THE_THIRD, method, *command],
+            cwd=tmp_path,
+            env=_env(),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 130, result.stderr
+        assert "Traceback" not in result.stderr
+        return [x for x in result.stderr.splitlines() if x.strip() and "Importing" not in x]
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    lines = interrupted("add", "import", "--store", other, "--backend", backend, stdin=export)
+    assert lines[-2:] == [
+        "2 of the 5 sessions were imported before the interruption (the one under way "
+        "perhaps too); run the import again with --replace to finish.",
+        "asyncsession: interrupted.",
+    ], lines
+    erase = ("delete", "--owner", "alice", "--store", url, "--backend", backend)
+    lines = interrupted("delete", *erase)
+    assert lines[-2:] == [
+        "2 sessions of this owner deleted before the interruption (the one under way "
+        "perhaps too): the erasure is not complete; run the command again.",
+        "asyncsession: interrupted.",
+    ], lines
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_and_delete_say_why_a_session_is_not_live(
+    run: Run, tmp_path: Path, backend: str
+) -> None:
+    """`delete ID` / `close ID` of a session whose damaged document the file store
+    quarantined said "no session" (an erasure by id then left the copy in quarantine/),
+    and `close` of an expired session not yet purged said the same (helper-196)."""
+    run_on = on_backend(run, backend)
+    files_url = f"file://{tmp_path / 'files'}"
+    damaged, kept = populate(s.repository_from_url(files_url), backend=backend, live=2)
+    (tmp_path / "files" / "sessions" / f"{damaged}.json").write_text('{"broken')
+    for command in (("show", damaged), ("delete", damaged), ("close", damaged)):
+        result = run_on(*command, "--store", files_url, ok=None)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        line = result.stderr.strip().splitlines()[-1]  # after the warning of its quarantine
+        assert "cannot be read: its damaged document was moved to" in line, command
+        assert f"quarantine/{damaged}" in line
+    assert run_on("show", kept, "--store", files_url).returncode == 0
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    populate(s.repository_from_url(url), backend=backend, live=0, expired=1)
+    listed = as_json(run_on("list", "--all", "--json", "--store", url))
+    (expired,) = [item["id"] for item in listed["items"]]
+    line = assert_one_line_error(run_on("close", expired, "--store", url, ok=None), 1)
+    assert f"session {expired} in {url} expired at " in line
+    assert f"asyncsession delete {expired}" in line
+    assert run_on("delete", expired, "--store", url).returncode == 0
+    line = assert_one_line_error(run_on("close", expired, "--store", url, ok=None), 1)
+    assert line == f"asyncsession: error: no session {expired} in {url}."
