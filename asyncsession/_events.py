@@ -42,7 +42,10 @@ class SessionEvent:
 
     ``session`` is the snapshot after the change (for EXPIRED, the session as it was
     removed, with status EXPIRED if it was still open; None for DELETED and for remote
-    events, which carry the announcing manager's ``origin``).
+    events, which carry the announcing manager's ``origin``). ``revision`` is the
+    session's revision after the change (None for DELETED), for remote events too: events
+    of one session from several managers may arrive out of order, and the revision
+    tells which state is the later.
     """
 
     kind: EventKind
@@ -51,6 +54,7 @@ class SessionEvent:
     at: datetime
     seq: int
     origin: str | None = None
+    revision: int | None = None
 
     @property
     def remote(self) -> bool:
@@ -207,11 +211,14 @@ class EventHub:
         session: Session | None,
         at: datetime,
         origin: str | None = None,
+        revision: int | None = None,
     ) -> None:
         if not self._subscribers:
             return
         self._seq += 1
-        event = SessionEvent(kind, session_id, session, at, self._seq, origin)
+        if session is not None:
+            revision = session.revision
+        event = SessionEvent(kind, session_id, session, at, self._seq, origin, revision)
         for subscription in tuple(self._subscribers):
             subscription._offer(event)
 

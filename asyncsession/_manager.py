@@ -1624,7 +1624,12 @@ class SessionManager:
                             except ValueError:
                                 continue
                             self._events.publish(
-                                kind, event.session_id, None, event.at, origin=event.origin
+                                kind,
+                                event.session_id,
+                                None,
+                                event.at,
+                                origin=event.origin,
+                                revision=event.revision,
                             )
                 except Exception as exc:
                     # A store that cannot subscribe now (its server is down or not up yet:

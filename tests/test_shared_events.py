@@ -44,15 +44,24 @@ async def test_a_manager_receives_other_managers_events(
             remote = await events.__anext__()
         assert remote.kind is s.EventKind.CREATED and remote.session_id == created.id
         assert remote.remote and remote.session is None and remote.origin
+        # the revision comes along, so a subscriber can order one session's events from
+        # several managers (it was dropped on arrival; helper-195)
+        assert remote.revision == 0
         await one.add_message(created.id, "user", "hi")
         await one.close(created.id)
         with anyio.fail_after(30):
-            kinds = [(await events.__anext__()).kind for _ in range(2)]
-        assert kinds == [s.EventKind.MESSAGE_ADDED, s.EventKind.CLOSED]
+            later = [await events.__anext__() for _ in range(2)]
+        assert [e.kind for e in later] == [s.EventKind.MESSAGE_ADDED, s.EventKind.CLOSED]
+        assert [e.revision for e in later] == [1, 2]
         local = await two.create()
         with anyio.fail_after(30):
             mine = await events.__anext__()
         assert mine.session_id == local.id and not mine.remote  # own events once, local
+        assert mine.revision == 0 == mine.session.revision  # type: ignore[union-attr]
+        await two.delete(local.id)
+        with anyio.fail_after(30):
+            deleted = await events.__anext__()
+        assert deleted.kind is s.EventKind.DELETED and deleted.revision is None
 
 
 async def test_a_short_lived_manager_shares_its_last_events_before_it_leaves(
