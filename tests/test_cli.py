@@ -54,6 +54,19 @@ def _env() -> dict[str, str]:
     return env
 
 
+def python(cwd: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python *args`` in ``cwd``, without the ASYNCSESSION_ variables."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.fixture
 def run(tmp_path: Path) -> Run:
     """``run(*args, ok=True)``: ``python -m asyncsession *args`` in tmp_path."""
@@ -61,15 +74,7 @@ def run(tmp_path: Path) -> Run:
     def run(
         *args: str, ok: bool | None = True, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "asyncsession", *args],
-            cwd=tmp_path,
-            env=_env(),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = python(tmp_path, "-m", "asyncsession", *args, stdin=stdin)
         if ok is True:
             assert result.returncode == 0, result.stderr
         elif ok is False:
@@ -2495,15 +2500,7 @@ def test_ctrl_c_during_import_or_erasure_says_how_far_it_got(
     export = run("export", "--store", url, "--backend", backend).stdout
 
     def interrupted(method: str, *command: str, stdin: str = "") -> list[str]:
-        result = subprocess.run(
-            [sys.executable, "-c", _CTRL_C_AT_THE_THIRD, method, *command],
-            cwd=tmp_path,
-            env=_env(),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = python(tmp_path, "-c", _CTRL_C_AT_THE_THIRD, method, *command, stdin=stdin)
         assert result.returncode == 130, result.stderr
         assert "Traceback" not in result.stderr
         return [x for x in result.stderr.splitlines() if x.strip() and "Importing" not in x]
