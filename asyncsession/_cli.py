@@ -699,7 +699,8 @@ _NON_ASCII = re.compile("[^\x00-\x7f]")
 
 
 def _json_escape(match: re.Match[str]) -> str:
-    """``\\uXXXX`` for one character (a surrogate pair beyond the BMP)."""
+    """The JSON escape of one character: backslash, u, four hex digits (two such, a
+    surrogate pair, beyond the BMP)."""
     code = ord(match.group())
     if code < 0x10000:
         return f"\\u{code:04x}"
