@@ -237,8 +237,11 @@ def _console(name: str) -> _Console:
 out = _console("stdout")
 err = _console("stderr")
 
-#: Control characters but tab and newline (C0, DEL, C1): shown as escapes, not sent.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+#: Control characters but tab and newline (C0, DEL, C1), and the bidirectional-text
+#: controls (marks, embeddings, overrides, isolates: they reorder what a terminal shows
+#: after them, so a stored value could disguise itself or the columns next to it):
+#: shown as escapes, not sent.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _bumped(session: Session, revision: int) -> Session:

@@ -1255,7 +1255,9 @@ def store_odd_values(url: str, backend: str) -> str:
         async with s.SessionManager(s.repository_from_url(url), cleanup_interval=None) as m:
             await m.create(owner="ops[/]")
             session = await m.create(owner="[red]bob :smile:")
-            await m.add_message(session.id, "user", "[bold]hi[/] :smile: \x1b[31mred\x07")
+            await m.add_message(
+                session.id, "user", "[bold]hi[/] :smile: \x1b[31mred\x07 \u202eevil\u2066"
+            )
             return str(session.id)
 
     return anyio.run(main, backend=backend)
@@ -1279,6 +1281,8 @@ def test_user_values_are_printed_as_they_are(run: Run, tmp_path: Path, backend: 
     shown = run("show", sid, *common).stdout
     assert "[red]bob :smile:" in shown
     assert "[bold]hi[/] :smile: \\x1b[31mred\\x07" in shown and "\x1b" not in shown
+    # bidirectional-text controls, which reorder what a terminal shows (helper-196)
+    assert "\\u202eevil\\u2066" in shown and "\u202e" not in shown
 
     assert f"Sessions by status in {url}" in run("stats", *common).stdout
     demo = run("demo", "--users", "2", "--rounds", "2", *common).stdout
