@@ -3230,14 +3230,11 @@ _INTERRUPTED: Final = 130  # 128 + SIGINT, as shells report for a program Ctrl-C
 
 
 def _run(argv: Sequence[str] | None) -> int:
+    args = list(argv) if argv is not None else sys.argv[1:]
     try:
-        result = cli.main(
-            args=list(argv) if argv is not None else None,
-            prog_name="asyncsession",
-            standalone_mode=False,
-        )
+        result = cli.main(args=args, prog_name="asyncsession", standalone_mode=False)
     except click.ClickException as exc:
-        exc.show()
+        _from_the_environment(exc, args).show()
         return exc.exit_code
     except click.Abort as exc:  # click's stand-in for a KeyboardInterrupt or an EOFError
         if isinstance(exc.__cause__, KeyboardInterrupt):
@@ -3267,6 +3264,26 @@ def _run(argv: Sequence[str] | None) -> int:
         _fail(expected[0])
         return expected[1]
     return result if isinstance(result, int) else 0
+
+
+def _from_the_environment(exc: click.ClickException, args: list[str]) -> click.ClickException:
+    """A bad ``--backend`` that came from ASYNCSESSION_BACKEND, named as such (click
+    names the option, which the command line did not have); else ``exc``."""
+    value = os.environ.get("ASYNCSESSION_BACKEND")
+    param = getattr(exc, "param", None)
+    if (
+        not isinstance(exc, click.BadParameter)
+        or param is None
+        or param.name != "backend"
+        or value is None
+        or any(arg == "--backend" or arg.startswith("--backend=") for arg in args)
+    ):
+        return exc
+    return click.UsageError(
+        f"ASYNCSESSION_BACKEND={value!r} is not an event loop: set it to asyncio or trio, "
+        "or unset it.",
+        ctx=exc.ctx,
+    )
 
 
 _said_interrupted = False  # "asyncsession: interrupted." is on stderr

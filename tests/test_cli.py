@@ -2554,3 +2554,21 @@ def test_close_and_delete_say_why_a_session_is_not_live(
     assert run_on("delete", expired, "--store", url).returncode == 0
     line = assert_one_line_error(run_on("close", expired, "--store", url, ok=None), 1)
     assert line == f"asyncsession: error: no session {expired} in {url}."
+
+
+def test_a_bad_backend_from_the_environment_is_named_as_such(tmp_path: Path) -> None:
+    """ASYNCSESSION_BACKEND=bogus was reported as "Invalid value for '--backend'", an
+    option the command line did not have (helper-196)."""
+
+    def listing(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**_env(), "ASYNCSESSION_BACKEND": "bogus"}
+        command = [sys.executable, "-m", "asyncsession", "list", "--store", "memory://"]
+        return subprocess.run(
+            [*command, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    result = listing()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Error: ASYNCSESSION_BACKEND='bogus' is not an event loop" in result.stderr
+    for given in (["--backend", "bogus"], ["--backend=bogus"]):
+        assert "Invalid value for '--backend'" in listing(*given).stderr
