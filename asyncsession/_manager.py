@@ -105,9 +105,10 @@ class _Calls:
         self.done: anyio.Event | None = None  # set when the count reaches 0, once exit began
         self.cut_off = False  # the exit closed the store under calls still under way
 
-    def closed_under(self, exc: StorageError) -> ManagerNotRunning | None:
-        """What a call gets for ``exc`` when the exit closed the store under it: the
-        store's "not open" would advise opening a store the call's user did open."""
+    def closed_under(self) -> ManagerNotRunning | None:
+        """What a call gets instead of its store's error once the exit closed the store
+        under it (None before): the store's "not open" would advise opening a store the
+        call's user did open."""
         if not self.cut_off:
             return None
         return ManagerNotRunning(closed_under_call=_CALLS_AT_EXIT_SECONDS)
@@ -229,7 +230,7 @@ def _call(
         try:
             return await method(self, *args, **kwargs)
         except StorageError as exc:
-            if (instead := calls.closed_under(exc)) is not None:
+            if (instead := calls.closed_under()) is not None:
                 raise instead from exc
             raise
         finally:
@@ -828,7 +829,7 @@ class SessionManager:
             else:
                 session = await self._repository.get(sid, last_messages=last_messages)
         except StorageError as exc:
-            if (instead := calls.closed_under(exc)) is not None:
+            if (instead := calls.closed_under()) is not None:
                 raise instead from exc
             raise
         finally:
