@@ -627,6 +627,13 @@ def leaf_ids(exc: BaseException) -> set[int]:
     return set().union(*(leaf_ids(inner) for inner in exc.exceptions))
 
 
+def holds(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` is a ``kind``, or an exception group with one inside."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(holds(inner, kind) for inner in exc.exceptions)
+    return isinstance(exc, kind)
+
+
 def reraise(exc: BaseException) -> NoReturn:
     """Raise ``exc`` again, from inside an ``except`` block, as it was: its
     ``__context__``, ``__cause__`` and ``__suppress_context__`` are kept (a plain

@@ -47,6 +47,7 @@ from asyncsession import (
     SessionRepository,
     SessionStatus,
     StorageError,
+    Subscription,
     repository_from_url,
 )
 from asyncsession.stores.redis import REMOVE_ATTEMPTS, RedisEvent, RedisRepository
@@ -1277,44 +1278,72 @@ async def test_subscriptions_leave_a_connection_for_everything_else(
                     assert await store.get(session.id) is not None
 
 
-@asynccontextmanager
-async def tcp_proxy(target_port: int) -> AsyncIterator[tuple[int, dict[str, bool]]]:
-    """A TCP proxy to 127.0.0.1:``target_port``: its port and a switch. While
-    ``switch["stall"]`` is true, new connections are accepted and never answered (a
-    hung middlebox during a network blip); after that they are forwarded."""
-    switch = {"stall": True}
+class Network:
+    """The switches of :func:`tcp_proxy`."""
 
-    async def pipe(source: anyio.abc.ByteStream, sink: anyio.abc.ByteStream) -> None:
+    def __init__(self) -> None:
+        #: new connections are accepted and never answered (a hung middlebox during a
+        #: network blip); when false they are forwarded
+        self.stall = True
+        self._open: set[object] = set()
+        self._dead: set[object] = set()
+
+    def black_hole(self) -> None:
+        """From now on the connections open now carry nothing either way, and are not
+        closed (a NAT or load balancer that forgot them without a reset); later ones
+        are forwarded."""
+        self._dead |= self._open
+
+    def opened(self) -> object:
+        """A token for a connection just opened."""
+        token = object()
+        self._open.add(token)
+        return token
+
+    def carries(self, token: object) -> bool:
+        """Whether the connection of ``token`` still carries data."""
+        return token not in self._dead
+
+
+@asynccontextmanager
+async def tcp_proxy(target_port: int) -> AsyncIterator[tuple[int, Network]]:
+    """A TCP proxy to 127.0.0.1:``target_port``: its port and its :class:`Network`
+    switches (new connections stall until ``network.stall = False``)."""
+    network = Network()
+
+    async def pipe(source: anyio.abc.ByteStream, sink: anyio.abc.ByteStream, pair: object) -> None:
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             async for chunk in source:
-                await sink.send(chunk)
+                if network.carries(pair):
+                    await sink.send(chunk)
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             await sink.send_eof()
 
     async def handle(client: anyio.abc.SocketStream) -> None:
         async with client:
-            if switch["stall"]:
+            if network.stall:
                 await anyio.sleep_forever()
+            pair = network.opened()
             async with await anyio.connect_tcp(HOST, target_port) as upstream:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(pipe, client, upstream)
-                    tg.start_soon(pipe, upstream, client)
+                    tg.start_soon(pipe, client, upstream, pair)
+                    tg.start_soon(pipe, upstream, client, pair)
 
     listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, handle)
-        yield port, switch
+        yield port, network
         tg.cancel_scope.cancel()
 
 
 @asynccontextmanager
 async def proxied_store(
     server: RedisServer, *, store_timeout: float
-) -> AsyncIterator[tuple[RedisRepository, dict[str, bool]]]:
+) -> AsyncIterator[tuple[RedisRepository, Network]]:
     """A store (``timeout=store_timeout``) with two connections reaching ``server``
-    through :func:`tcp_proxy`, and the proxy's switch (stalling new connections until
-    ``switch["stall"] = False``)."""
+    through :func:`tcp_proxy`, and the proxy's :class:`Network` (stalling new
+    connections until ``network.stall = False``)."""
     async with (
         tcp_proxy(server.port) as (port, switch),
         RedisRepository(
@@ -1338,12 +1367,102 @@ async def test_slow_connects_during_a_network_blip_do_not_use_up_the_pool(
                 await store.get(uuid.uuid4())
             assert info.value.recoverable
             assert "nothing was sent" in str(info.value)
-        switch["stall"] = False  # the network is back
+        switch.stall = False  # the network is back
         with anyio.fail_after(10):
             assert await store.get(uuid.uuid4()) is None  # the pool still has its slots
             session = new_session()
             await store.add(session)
             assert await store.get(session.id) is not None
+
+
+@pytest.mark.anyio
+async def test_a_connection_that_stopped_carrying_anything_is_dropped(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection the network silently stopped carrying (a NAT that forgot it, no
+    reset) stayed in the pool after its request timed out, so every later request on
+    it timed out too, for as long as the kernel kept the connection."""
+    async with proxied_store(redis_server, store_timeout=0.5) as (store, network):
+        network.stall = False
+        session = new_session()
+        await store.add(session)
+        network.black_hole()
+        with pytest.raises(StorageError) as info:
+            await store.get(session.id)
+        assert info.value.recoverable and "did not answer" in str(info.value)
+        assert "its connection is dropped" in caplog.text
+        with anyio.fail_after(10):
+            for _ in range(3):  # a new connection, and it stays
+                got = await store.get(session.id)
+                assert got is not None and got.id == session.id
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("client", ["store-made", "passed"])
+async def test_a_subscription_whose_connection_stopped_carrying_anything_recovers(
+    redis_server: RedisServer, client: str
+) -> None:
+    """A manager sharing events through a connection the network silently stopped
+    carrying never heard another manager's events again: the keep-alive PING timed
+    out and was retried on the same dead connection for ever. A passed client's
+    subscription connection is dropped too (its own stream_timeout bounds the PING)."""
+    key_prefix = prefix()
+    send, receive = anyio.create_memory_object_stream[uuid.UUID](100_000)
+
+    async def listen(subscription: Subscription) -> None:
+        async for event in subscription:
+            send.send_nowait(event.session_id)
+
+    async def heard(session_id: uuid.UUID, within: float) -> bool:
+        with anyio.move_on_after(within):
+            async for received in receive:
+                if received == session_id:
+                    return True
+        return False
+
+    async with (
+        send,
+        receive,
+        tcp_proxy(redis_server.port) as (port, network),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        network.stall = False
+        url = f"redis://{HOST}:{port}/0"
+        if client == "passed":
+            own = coredis.Redis.from_url(
+                url, stream_timeout=0.5, connect_timeout=0.5, max_connections=2
+            )
+            await stack.enter_async_context(own)
+        store = (
+            RedisRepository(url, prefix=key_prefix, timeout=0.5, max_connections=2)
+            if client == "store-made"
+            else RedisRepository(own, prefix=key_prefix, timeout=0.5)
+        )
+        async with (
+            SessionManager(
+                store,
+                share_events=True,
+                cleanup_interval=None,
+            ) as listener,
+            SessionManager(
+                RedisRepository(redis_server.url, prefix=key_prefix),
+                share_events=True,
+                cleanup_interval=None,
+            ) as speaker,
+            anyio.create_task_group() as tg,
+        ):
+            subscription = listener.subscribe()
+            tg.start_soon(listen, subscription)
+            first = await speaker.create()
+            assert await heard(first.id, within=10)
+            network.black_hole()
+            with anyio.fail_after(20):  # a regression never heard another event
+                while not await heard((later := await speaker.create()).id, within=0.3):
+                    pass
+            with anyio.fail_after(10):  # the dropped connection's pool slot came back
+                assert (await listener.get(later.id)).id == later.id
+            await subscription.aclose()
+            tg.cancel_scope.cancel()
 
 
 @pytest.mark.anyio
@@ -1658,7 +1777,7 @@ async def test_a_request_cancelled_while_its_connection_is_set_up_gives_its_slot
                     await anyio.wait_all_tasks_blocked()  # the handshake is never answered
                     scope.cancel()
             assert scope.cancelled_caught
-        switch["stall"] = False  # the network is back
+        switch.stall = False  # the network is back
         await assert_store_works(store)
 
 
@@ -1727,7 +1846,7 @@ async def test_requests_queued_behind_stalled_connects_blame_the_server_not_the_
         assert all(exc.recoverable and "nothing was sent" in str(exc) for exc in errors), texts
         assert not any("max_connections" in text for text in texts), texts
         assert any("connections were still connecting" in text for text in texts), texts
-        switch["stall"] = False  # the network is back
+        switch.stall = False  # the network is back
         await assert_store_works(store)
 
 
@@ -1811,7 +1930,7 @@ async def test_subscriptions_never_cancel_a_passed_clients_connection_setup(
                     text = str(info.value)
                     assert "No connection to Redis" in text and "nothing was sent" in text
                     assert "within the client's own timeouts" in text, text
-            switch["stall"] = False  # the network is back
+            switch.stall = False  # the network is back
             await assert_store_works(store)
             with anyio.fail_after(20):
                 async with store.subscribe_events() as events:

@@ -43,6 +43,7 @@ import math
 import re
 import secrets
 import uuid
+import weakref
 from collections import deque
 from collections.abc import (
     AsyncGenerator,
@@ -71,6 +72,7 @@ from .._exceptions import (
     SessionConflict,
     SessionNotFound,
     StorageError,
+    holds,
     reraise,
     revision_exhausted,
     sole_error,
@@ -670,15 +672,22 @@ _CONNECTION_STREAMS = (
 )
 
 
-def _closing_connections(pool: Any) -> None:
-    """Make a pool's connections close their buffers when connecting fails.
+def _store_connections(pool: Any) -> None:
+    """Adjust the connections of a store-made client's pool (coredis 6.9 does neither):
 
-    coredis 6.9 leaves them open then (a ResourceWarning at garbage collection for every
-    failed connect while Redis is down); only store-made clients are adjusted.
+    - close their buffers when connecting fails (else a ResourceWarning at garbage
+      collection for every failed connect while Redis is down);
+    - drop a connection one of whose requests timed out. coredis leaves it in the pool,
+      its unanswered request first in line: when the network silently stopped carrying
+      its packets (a NAT or load balancer that forgot an idle connection, without a
+      reset), every later request on it, and a subscription's keep-alive PING, timed
+      out on that same dead connection for as long as the kernel kept it (a quarter of
+      an hour and more). A request that is cancelled still leaves its connection be (its
+      late reply is read and dropped), as other requests sent on it are still waiting.
     """
     base = pool.connection_class
 
-    class ClosingConnection(base):  # type: ignore[misc,valid-type]
+    class StoreConnection(base):  # type: ignore[misc,valid-type]
         async def run(self, *args: Any, **kwargs: Any) -> None:
             try:
                 await super().run(*args, **kwargs)
@@ -688,9 +697,46 @@ def _closing_connections(pool: Any) -> None:
                     if stream is not None:
                         stream.close()
 
-    ClosingConnection.__name__ = ClosingConnection.__qualname__ = base.__name__
-    pool.connection_class = ClosingConnection
+        def create_request(self, *args: Any, **kwargs: Any) -> Any:
+            request = super().create_request(*args, **kwargs)
+            _dropping_on_timeout(request, weakref.ref(self))
+            return request
 
+    StoreConnection.__name__ = StoreConnection.__qualname__ = base.__name__
+    pool.connection_class = StoreConnection
+
+
+def _dropping_on_timeout(request: Any, connection: Callable[[], Any]) -> None:
+    """Have ``request`` invalidate its connection (``connection()``, a weak reference)
+    when it times out waiting for its reply.
+
+    coredis calls ``_handle_response_cancellation`` both when the reply timed out
+    (having set the request's error to a :class:`TimeoutError` first) and when the wait
+    was cancelled; only the first drops the connection. Weak references keep the request
+    and its connection out of a reference cycle.
+    """
+    handle = type(request)._handle_response_cancellation
+    own = weakref.ref(request)
+
+    def handled(reason: str) -> None:
+        current = own()
+        if current is None:
+            return
+        if isinstance(current._exc, TimeoutError) and (dropped := connection()) is not None:
+            logger.warning(
+                "Redis at %s did not answer in time (%s): its connection is dropped and "
+                "the next request makes a new one",
+                getattr(dropped, "location", "?"),
+                reason,
+            )
+            dropped.invalidate(reason)
+        handle(current, reason)
+
+    request._handle_response_cancellation = handled
+
+
+# coredis's default: a subscription that heard nothing for this long PINGs the server
+_SUBSCRIPTION_IDLE = 15.0
 
 _UNSENT = "_asyncsession_unsent"
 
@@ -1249,7 +1295,7 @@ class RedisRepository(SessionRepository, EventTransport):
                 f"Invalid Redis URL {shown_url(url)!r}: {str(exc).rstrip('.')}. Write it as "
                 "redis://host:6379/0 (rediss:// for TLS)."
             ) from None
-        _closing_connections(client.connection_pool)
+        _store_connections(client.connection_pool)
         _bounding_waits(client.connection_pool, timeout)
         _marking_unsent(client.connection_pool, self._connection_errors)
         return client
@@ -2027,7 +2073,10 @@ class RedisRepository(SessionRepository, EventTransport):
         the next event while it is down raises :class:`~asyncsession.StorageError`, often
         as soon as the connection is lost (or, when the reconnect got there first, waits
         until the server is back); after the error the iterator has ended for good: leave
-        the block and subscribe again. Leaving the block stops the reconnecting and takes at
+        the block and subscribe again. A subscription that heard nothing for ``timeout``
+        seconds (at most 15) PINGs the server; with no reply within ``timeout`` (a passed
+        client: its ``stream_timeout``) its connection is dropped and made again, as for a
+        lost one. Leaving the block stops the reconnecting and takes at
         most the store's ``timeout`` even when the server is gone (that lost connection
         is not an error then). What the ``async with`` block raises comes out as it is
         (not in an exception group).
@@ -2060,7 +2109,13 @@ class RedisRepository(SessionRepository, EventTransport):
         policy = _subscription_policy(self._retry, self._connection_errors)
         timeout = math.inf if self._timeout is None else self._timeout
         pubsub = self._client.pubsub(
-            channels=[self.events_channel], retry_policy=policy, subscription_timeout=timeout
+            channels=[self.events_channel],
+            retry_policy=policy,
+            subscription_timeout=timeout,
+            # an idle subscription PINGs the server this often: with a store-made
+            # client, a connection that no longer carries anything is then dropped
+            # and made again (see _store_connections)
+            max_idle_seconds=min(timeout, _SUBSCRIPTION_IDLE),
         )
         # The deadline never covers the wait for a pool slot: a store-made pool bounds
         # that itself (then _PoolBusy, which says so), and with a client of the caller's
@@ -2084,21 +2139,35 @@ class RedisRepository(SessionRepository, EventTransport):
         @contextlib.asynccontextmanager
         async def acquiring() -> AsyncIterator[Any]:
             nonlocal connected
-            async with contextlib.AsyncExitStack() as stack:
-                # (coredis making a lost connection again starts no deadline)
-                token = _ON_TAKE.set(start if self._owns_client and not connected else None)
-                try:
-                    connection = await stack.enter_async_context(acquire())
-                except self._connection_errors as exc:
+            dead = None
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    # (coredis making a lost connection again starts no deadline)
+                    token = _ON_TAKE.set(start if self._owns_client and not connected else None)
+                    try:
+                        connection = await stack.enter_async_context(acquire())
+                    except self._connection_errors as exc:
+                        if not connected:
+                            _mark_unsent(exc)  # the subscription sent nothing yet
+                        raise
+                    finally:
+                        _ON_TAKE.reset(token)
                     if not connected:
-                        _mark_unsent(exc)  # the subscription sent nothing yet
-                    raise
-                finally:
-                    _ON_TAKE.reset(token)
-                if not connected:
-                    connected = True
-                    start()
-                yield connection
+                        connected = True
+                        start()
+                    try:
+                        yield connection
+                    except BaseException as exc:
+                        if holds(exc, TimeoutError):  # the keep-alive PING got no answer
+                            dead = connection
+                        raise
+            finally:
+                # The connection no longer carries anything: coredis would make the
+                # subscription again on it. Dropped once back in the pool (a connection
+                # dropped while lent loses a passed client's pool its slot); a store-made
+                # client's connection dropped itself already (_store_connections).
+                if dead is not None:
+                    dead.invalidate("the subscription's keep-alive PING got no answer")
 
         pubsub.acquire_connection = acquiring  # type: ignore[method-assign]
         raised: BaseException | None = None  # what the caller's block raised
