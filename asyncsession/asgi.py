@@ -245,6 +245,7 @@ class SessionDict(MutableMapping[str, Any]):
         self._read_only = read_only
         self._rotate = False
         self._cleared: list[uuid.UUID] = []  # stored sessions logged out by this request
+        self._clears = 0  # calls of clear(): an ensure_created() under way sees a logout
         self._new_cookie = False
         self._expire_cookie = False
         self._accessed = False
@@ -418,6 +419,7 @@ class SessionDict(MutableMapping[str, Any]):
             self._abandoned = True
         if self._id is not None:
             self._cleared.append(self._id)
+        self._clears += 1
         self._id = None
         self._expire_cookie = True
         self._new_cookie = False
@@ -441,24 +443,33 @@ class SessionDict(MutableMapping[str, Any]):
         Tasks of the handler that call it at once all get the same id: a call waits
         for the one under way (one session, one rotation). A change made by another
         task while it stores the session was not stored with it; it is saved when the
-        response starts, as any other.
+        response starts, as any other. A :meth:`clear` by another task while it stores
+        the session logs that session out too (the id returned is deleted at the
+        response and its cookie is not sent).
         """
         async with self._writing:  # a concurrent call waits, then finds this one's id
             self._check_available()
             self._check_writable()
             self._check_not_started("ensure_created")
             self._accessed = True
+            clears = self._clears
             if self._id is not None:
+                visiting = self._id
                 await self._visited()
+                if self._clears != clears:  # logged out meanwhile: clear() dropped it
+                    return visiting
             if self._rotate and self._id is not None:
                 changes, deleted = self._pending()
                 try:
                     rotated = await self._manager.rotate(self._id, _applying(changes, deleted))
                 except (SessionNotFound, SessionClosed):  # logged out meanwhile: start afresh
-                    self._id = None
-                    self._data = {key: self._data[key] for key in self._changes()[0]}
-                    self._baseline = {}
+                    if self._clears == clears:
+                        self._id = None
+                        self._data = {key: self._data[key] for key in self._changes()[0]}
+                        self._baseline = {}
                 else:
+                    if self._clears != clears:
+                        return self._logged_out(rotated.id)
                     self._id = rotated.id
                     self._new_cookie = True
                     self._mark_written(changes, deleted)
@@ -466,10 +477,18 @@ class SessionDict(MutableMapping[str, Any]):
             if self._id is None:
                 changes, deleted = self._pending()
                 session = await self._manager.create(state=changes)
+                if self._clears != clears:
+                    return self._logged_out(session.id)
                 self._id = session.id
                 self._new_cookie = True
                 self._mark_written(changes, deleted)
             return self._id
+
+    def _logged_out(self, session_id: uuid.UUID) -> uuid.UUID:
+        """``session_id``, which :meth:`ensure_created` stored while a :meth:`clear`
+        came: delete it at the response (what was set after the clear stays pending)."""
+        self._cleared.append(session_id)
+        return session_id
 
     # -- internals ------------------------------------------------------------------------
 

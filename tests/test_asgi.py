@@ -361,6 +361,55 @@ async def test_changes_made_while_ensure_created_writes_are_saved_at_the_respons
         assert await count(manager) == 1
 
 
+@pytest.mark.parametrize("then", [None, "bob"], ids=["logout", "new-user"])
+@pytest.mark.parametrize("rotating", [False, True], ids=["create", "rotate"])
+async def test_a_logout_while_ensure_created_writes_logs_its_session_out(
+    anyio_backend: str, rotating: bool, then: str | None
+) -> None:
+    # clear() by another task while ensure_created() stores the session: the session
+    # it made (or rotated to) was still given to the browser, undoing the logout. A
+    # key set after the clear starts a fresh session, as after any clear().
+    store = PausingRepository()
+    made: list[uuid.UUID] = []
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        session["user"] = "alice"
+        if rotating:
+            session.rotate()
+
+        async def ensure() -> None:
+            made.append(await session.ensure_created())
+
+        release = store.hold()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ensure)
+            await store.entered.wait()  # ensure_created() is storing the session
+            session.clear()
+            if then is not None:
+                session["user"] = then
+            release.set()
+        await JSONResponse({})(scope, receive, send)
+
+    async with running(store) as manager:
+        middleware = SessionMiddleware(handler, manager, secret_key=KEY)
+        headers: dict[str, str] = {}
+        if rotating:
+            seeded = await manager.create(state={"cart": ["book"]})
+            headers = {"cookie": f"session={middleware.sign(seeded.id)}"}
+        with anyio.fail_after(10):
+            async with client(middleware) as http:
+                response = await http.get("/", headers=headers)
+        assert len(made) == 1
+        if then is None:
+            assert "max-age=0" in response.headers["set-cookie"].lower()  # cookie expired
+            assert await count(manager) == 0  # neither the old nor the new session is left
+        else:
+            fresh = cookie_id(response)
+            assert fresh != made[0] and await count(manager) == 1
+            assert (await manager.get(fresh)).state == {"user": then}
+
+
 @pytest.mark.parametrize("rotating", [False, True], ids=["create", "rotate"])
 async def test_concurrent_ensure_created_calls_give_one_session(
     anyio_backend: str, rotating: bool
