@@ -444,51 +444,49 @@ class SessionDict(MutableMapping[str, Any]):
         for the one under way (one session, one rotation). A change made by another
         task while it stores the session was not stored with it; it is saved when the
         response starts, as any other. A :meth:`clear` by another task while it stores
-        the session logs that session out too (the id returned is deleted at the
-        response and its cookie is not sent).
+        the session logs that session out too (it is deleted at the response); the call
+        then starts afresh, as ``clear()`` and then ``ensure_created()`` would, and
+        returns the fresh session's id (it holds what was set after the clear).
         """
         async with self._writing:  # a concurrent call waits, then finds this one's id
-            self._check_available()
-            self._check_writable()
-            self._check_not_started("ensure_created")
-            self._accessed = True
-            clears = self._clears
-            if self._id is not None:
-                visiting = self._id
-                await self._visited()
-                if self._clears != clears:  # logged out meanwhile: clear() dropped it
-                    return visiting
-            if self._rotate and self._id is not None:
-                changes, deleted = self._pending()
-                try:
-                    rotated = await self._manager.rotate(self._id, _applying(changes, deleted))
-                except (SessionNotFound, SessionClosed):  # logged out meanwhile: start afresh
-                    if self._clears == clears:
-                        self._id = None
+            while True:  # again after a clear() that came while the store was written
+                self._check_available()
+                self._check_writable()
+                self._check_not_started("ensure_created")
+                self._accessed = True
+                clears = self._clears
+                if self._id is not None:
+                    await self._visited()
+                    if self._clears != clears:  # clear() queued that session's deletion
+                        continue
+                if self._rotate and self._id is not None:
+                    changes, deleted = self._pending()
+                    try:
+                        rotated = await self._manager.rotate(self._id, _applying(changes, deleted))
+                    except (SessionNotFound, SessionClosed):  # logged out elsewhere meanwhile
+                        if self._clears != clears:
+                            continue
+                        self._id = None  # start afresh
                         self._data = {key: self._data[key] for key in self._changes()[0]}
                         self._baseline = {}
-                else:
+                    else:
+                        if self._clears != clears:
+                            self._cleared.append(rotated.id)
+                            continue
+                        self._id = rotated.id
+                        self._new_cookie = True
+                        self._mark_written(changes, deleted)
+                    self._rotate = False
+                if self._id is None:
+                    changes, deleted = self._pending()
+                    session = await self._manager.create(state=changes)
                     if self._clears != clears:
-                        return self._logged_out(rotated.id)
-                    self._id = rotated.id
+                        self._cleared.append(session.id)
+                        continue
+                    self._id = session.id
                     self._new_cookie = True
                     self._mark_written(changes, deleted)
-                self._rotate = False
-            if self._id is None:
-                changes, deleted = self._pending()
-                session = await self._manager.create(state=changes)
-                if self._clears != clears:
-                    return self._logged_out(session.id)
-                self._id = session.id
-                self._new_cookie = True
-                self._mark_written(changes, deleted)
-            return self._id
-
-    def _logged_out(self, session_id: uuid.UUID) -> uuid.UUID:
-        """``session_id``, which :meth:`ensure_created` stored while a :meth:`clear`
-        came: delete it at the response (what was set after the clear stays pending)."""
-        self._cleared.append(session_id)
-        return session_id
+                return self._id
 
     # -- internals ------------------------------------------------------------------------
 
@@ -1019,7 +1017,16 @@ class SessionMiddleware:
         if session._dirty:
             changes, deleted = session._changes()
             keys = sorted(set(changes) | deleted)
-            lost.append(f"session changes{f' to keys {keys}' if keys else ''} were not saved")
+            if keys or session._rotate or not session._cleared:
+                lost.append(f"session changes{f' to keys {keys}' if keys else ''} were not saved")
+            if session._cleared:
+                one = len(session._cleared) == 1
+                lost.append(
+                    f"the logout was not done: the stored session{'' if one else 's'} "
+                    f"{', '.join(map(str, session._cleared))} "
+                    f"{'stays' if one else 'stay'} until expiry, or delete "
+                    f"{'it' if one else 'them'} with SessionManager.delete()"
+                )
         if session._new_cookie:  # ensure_created() made a session nobody will hear of
             lost.append(f"the cookie of the new session {session._id} was never sent")
         if not session._started:

@@ -211,25 +211,30 @@ async def test_rotate_keeps_data_and_kills_old_id(manager: s.SessionManager) -> 
 
 class PausingRepository(s.MemoryRepository):
     """A memory store whose next ``add`` (with ``pause_saves``, its next ``add`` or
-    ``save``: an update's write) waits for ``release`` (after setting ``entered``), or
-    whose adds fail while ``failing_adds`` is set."""
+    ``save``: an update's write), or next call of the method :meth:`hold` names, waits
+    for ``release`` (after setting ``entered``); its adds fail while ``failing_adds`` is
+    set. ``adds`` lists the ids added."""
 
     def __init__(self, *, pause_saves: bool = False) -> None:
         super().__init__()
         self.entered = anyio.Event()
         self.release: anyio.Event | None = None
+        self.held: str | None = None
         self.failing_adds = False
         self.pause_saves = pause_saves
+        self.adds: list[uuid.UUID] = []
 
-    def hold(self) -> anyio.Event:
-        """Hold the next write until the event returned is set (``entered``: a new
-        event, set once the write waits)."""
+    def hold(self, method: str | None = None) -> anyio.Event:
+        """Hold the next write (or the next call of ``method``: "touch", "get",
+        "get_for_update") until the event returned is set (``entered``: a new event,
+        set once the call waits)."""
         self.entered = anyio.Event()
         self.release = anyio.Event()
+        self.held = method
         return self.release
 
-    async def _pause(self) -> None:
-        if self.release is not None:
+    async def _pause(self, method: str) -> None:
+        if self.release is not None and self.held in (method, None if method == "add" else ""):
             release, self.release = self.release, None
             self.entered.set()
             await release.wait()
@@ -237,13 +242,26 @@ class PausingRepository(s.MemoryRepository):
     async def add(self, session: s.Session) -> None:
         if self.failing_adds:
             raise s.StorageError("disk on fire", recoverable=True)
-        await self._pause()
+        await self._pause("add")
+        self.adds.append(session.id)
         await super().add(session)
 
     async def save(self, session: s.Session, **kwargs: Any) -> None:
         if self.pause_saves:
-            await self._pause()
+            await self._pause("add")
         await super().save(session, **kwargs)
+
+    async def touch(self, session_id: uuid.UUID, **kwargs: Any) -> Any:
+        await self._pause("touch")
+        return await super().touch(session_id, **kwargs)
+
+    async def get(self, session_id: uuid.UUID, **kwargs: Any) -> s.Session | None:
+        await self._pause("get")
+        return await super().get(session_id, **kwargs)
+
+    async def get_for_update(self, session_id: uuid.UUID) -> s.Session | None:
+        await self._pause("get_for_update")
+        return await super().get_for_update(session_id)
 
 
 async def test_login_changes_never_exist_under_the_old_id(anyio_backend: str) -> None:
@@ -361,14 +379,17 @@ async def test_changes_made_while_ensure_created_writes_are_saved_at_the_respons
         assert await count(manager) == 1
 
 
+@pytest.mark.parametrize("callers", [1, 2])
 @pytest.mark.parametrize("then", [None, "bob"], ids=["logout", "new-user"])
 @pytest.mark.parametrize("rotating", [False, True], ids=["create", "rotate"])
 async def test_a_logout_while_ensure_created_writes_logs_its_session_out(
-    anyio_backend: str, rotating: bool, then: str | None
+    anyio_backend: str, rotating: bool, then: str | None, callers: int
 ) -> None:
     # clear() by another task while ensure_created() stores the session: the session
-    # it made (or rotated to) was still given to the browser, undoing the logout. A
-    # key set after the clear starts a fresh session, as after any clear().
+    # it made (or rotated to) was still given to the browser, undoing the logout. Now
+    # it is deleted, and the call starts afresh as clear() + ensure_created() would: a
+    # fresh session with what was set after the clear, the same for a second caller
+    # that was waiting.
     store = PausingRepository()
     made: list[uuid.UUID] = []
 
@@ -378,36 +399,83 @@ async def test_a_logout_while_ensure_created_writes_logs_its_session_out(
         if rotating:
             session.rotate()
 
-        async def ensure() -> None:
+        async def ensure(started: anyio.Event | None = None) -> None:
+            if started is not None:
+                started.set()
             made.append(await session.ensure_created())
 
         release = store.hold()
         async with anyio.create_task_group() as tg:
             tg.start_soon(ensure)
             await store.entered.wait()  # ensure_created() is storing the session
+            if callers == 2:
+                waiting = anyio.Event()
+                tg.start_soon(ensure, waiting)
+                await waiting.wait()
             session.clear()
             if then is not None:
                 session["user"] = then
             release.set()
         await JSONResponse({})(scope, receive, send)
 
-    async with running(store) as manager:
+    seed = {"cart": ["book"]} if rotating else None
+    async with one_visit(store, handler, seed) as (manager, sid):
+        assert made == [sid] * callers
+        assert await count(manager) == 1  # the old session and the one stored are gone
+        assert (await manager.get(sid)).state == ({} if then is None else {"user": then})
+
+
+@pytest.mark.parametrize("during", ["visit", "rotation"])
+async def test_a_logout_while_ensure_created_awaits_the_store_starts_afresh_once(
+    anyio_backend: str, during: str
+) -> None:
+    # clear() while ensure_created() waits for the request's visit, or while its
+    # rotation finds the session logged out elsewhere: the logged-out session is gone
+    # and one fresh session holds what was set after the clear (no throwaway one).
+    store = PausingRepository()
+    made: list[uuid.UUID] = []
+    gone: list[uuid.UUID] = []
+
+    async def handler(scope: Scope, receive: Any, send: Any) -> None:
+        session = get_session(scope)
+        session["user"] = "alice"
+        if during == "rotation":
+            old = session.id
+            assert old is not None
+            gone.append(old)
+            await manager.delete(old)  # another request logged out meanwhile
+            session.rotate()
+            release = store.hold("get")  # the rotation's read of the session waits
+        else:
+            assert session.id is not None
+            gone.append(session.id)
+            release = visit_release
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ensure, session)
+            await store.entered.wait()
+            await anyio.wait_all_tasks_blocked()  # ensure_created() waits on the store
+            session.clear()
+            session["user"] = "bob"
+            release.set()
+        await JSONResponse({})(scope, receive, send)
+
+    async def ensure(session: SessionDict) -> None:
+        made.append(await session.ensure_created())
+
+    async with running(store, touch_interval=None) as manager:
         middleware = SessionMiddleware(handler, manager, secret_key=KEY)
-        headers: dict[str, str] = {}
-        if rotating:
-            seeded = await manager.create(state={"cart": ["book"]})
-            headers = {"cookie": f"session={middleware.sign(seeded.id)}"}
+        seeded = await manager.create(state={"cart": ["book"]})
+        visit_release = store.hold("touch") if during == "visit" else anyio.Event()
+        # (the request's visit waits for visit_release)
+        store.adds.clear()
         with anyio.fail_after(10):
             async with client(middleware) as http:
-                response = await http.get("/", headers=headers)
-        assert len(made) == 1
-        if then is None:
-            assert "max-age=0" in response.headers["set-cookie"].lower()  # cookie expired
-            assert await count(manager) == 0  # neither the old nor the new session is left
-        else:
-            fresh = cookie_id(response)
-            assert fresh != made[0] and await count(manager) == 1
-            assert (await manager.get(fresh)).state == {"user": then}
+                response = await http.get(
+                    "/", headers={"cookie": f"session={middleware.sign(seeded.id)}"}
+                )
+        assert gone == [seeded.id] and made == [cookie_id(response)] == store.adds
+        assert await count(manager) == 1
+        assert (await manager.get(made[0])).state == {"user": "bob"}
 
 
 @pytest.mark.parametrize("rotating", [False, True], ids=["create", "rotate"])
@@ -751,6 +819,25 @@ async def _unused_receive() -> Scope:
 
 async def _unused_send(message: Scope) -> None:
     raise AssertionError("not called")
+
+
+async def test_a_logout_whose_response_never_went_out_is_reported(
+    memory_manager: s.SessionManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        get_session(scope).clear()  # and then no response at all
+
+    stored = await memory_manager.create(state={"user": "alice"})
+    middleware = SessionMiddleware(app, memory_manager, secret_key=KEY)
+    cookie = f"session={middleware.sign(stored.id)}".encode()
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [(b"cookie", cookie)]}
+    with caplog.at_level(logging.WARNING, "asyncsession.asgi"):
+        await middleware(scope, _unused_receive, _unused_send)
+    assert await memory_manager.exists(stored.id)  # nothing is done without a response
+    (record,) = caplog.records
+    text = record.getMessage()
+    assert f"the logout was not done: the stored session {stored.id} stays" in text
+    assert "sent no response" in text and "changes" not in text
 
 
 async def test_a_new_session_whose_cookie_never_went_out_is_reported(
