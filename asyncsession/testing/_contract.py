@@ -42,6 +42,7 @@ from .._exceptions import (
 from .._manager import SessionManager
 from .._migrations import CURRENT_VERSION
 from .._models import ExpiryPolicy, Message, Session, SessionStatus, replace_trusted
+from .._serialization import loads
 from ..abc import SessionQuery, SessionRepository
 from ._clock import ManualClock
 
@@ -294,6 +295,28 @@ async def stored_whole(
         f"{what} changed the stored session: {loaded!r:.300}"
     )
     return loaded is not None
+
+
+async def indexes_agree(repository: SessionRepository, loaded: Session, what: str) -> None:
+    """The deadline index (``expired()``) and a listing agree with ``loaded``, the session
+    just read: its ``expires_at`` and its ``last_active``. A store that writes a session's
+    document and its indexes apart, interrupted between them, fails, naming ``what``."""
+    deadline = loaded.expires_at
+    apart = (
+        f"{what} left the deadline index apart from the stored expires_at {deadline}: "
+        "write a session's document and its indexes in one atomic step"
+    )
+    if deadline is not None:
+        early = deadline - timedelta(microseconds=1)
+        assert loaded.id not in await repository.expired(early), apart
+        assert loaded.id in await repository.expired(deadline), apart
+    else:
+        assert loaded.id not in await repository.expired(at(10**8)), apart
+    items = [s for s in (await repository.list(SessionQuery())).items if s.id == loaded.id]
+    assert [s.last_active for s in items] == [loaded.last_active], (
+        f"{what}: listed with last_active {[s.last_active for s in items]}, stored "
+        f"{loaded.last_active}; write the listing index with the document"
+    )
 
 
 class RepositoryContract:
@@ -1057,6 +1080,29 @@ class RepositoryContract:
         assert await repository.touch(closed.id, at=at(1), policy=POLICY) == closed
         assert await repository.get(closed.id) == closed
 
+    async def test_activity_after_the_stored_deadline_never_revives(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """A session whose stored ``expires_at`` has passed stays expired, even under a
+        policy that would give it a later deadline (a manager started again with a
+        longer ``idle_timeout``): ``touch()`` returns it unchanged and ``append()``
+        raises :class:`SessionNotFound`, storing nothing."""
+        session = make_session(messages=("a",))  # expires at(60) under POLICY
+        await repository.add(session)
+        longer = ExpiryPolicy(idle_timeout=timedelta(seconds=120), max_age=None)
+        touched = await repository.touch(session.id, at=at(70), policy=longer)
+        assert touched == session, (
+            "touch() after the stored expires_at revived the session under a longer "
+            f"policy: {touched!r:.300}; a session with expires_at <= at is returned unchanged"
+        )
+        await raises(
+            SessionNotFound,
+            repository.append(session.id, [msg("late", 70)], at=at(70), policy=longer),
+            "append() after the stored expires_at, under a longer policy,",
+        )
+        assert await repository.get(session.id) == session
+        assert session.id in await repository.expired(at(70))
+
     async def test_delete(self, repository: SessionRepository, anyio_backend: Any) -> None:
         session = make_session(messages=("x",))
         await repository.add(session)
@@ -1071,9 +1117,14 @@ class RepositoryContract:
             await repository.add(session)
         forever = attrs.evolve(make_session(), expires_at=None)
         await repository.add(forever)
-        assert list(await repository.expired(at(59))) == []
-        assert list(await repository.expired(at(62))) == [s.id for s in sessions[:3]]
-        assert list(await repository.expired(at(1000), limit=2)) == [s.id for s in sessions[:2]]
+        order = (
+            "expired(now) lists the ids whose expires_at <= now, earliest deadline first, "
+            "at most limit of them"
+        )
+        assert list(await repository.expired(at(59))) == [], order
+        assert list(await repository.expired(at(62))) == [s.id for s in sessions[:3]], order
+        due = [s.id for s in sessions[:2]]
+        assert list(await repository.expired(at(1000), limit=2)) == due, order
         # the index follows saves (made before the deadline: see
         # test_a_save_finds_a_session_expired_at_its_time)
         moved = changed(sessions[0], last_active=at(50), expires_at=at(110))
@@ -1155,10 +1206,17 @@ class RepositoryContract:
                 assert session.id not in await repository.expired(at(60)), what
                 continue
             if session is bad:  # repaired: removed with its history
-                await self.replace_document(repository, bad.id, version_0_document(bad))
+                repair = version_0_document(bad)
+                await self.replace_document(repository, bad.id, repair)
                 repaired = await repository.remove_expired(bad.id, now=at(60))
                 assert repaired is not None and repaired.id == bad.id
-                assert repaired.messages.total == 1
+                # the history kept beside the document, or (a store that keeps it in
+                # the document) what the repairing document holds: none
+                held = loads(repair).messages.total
+                assert repaired.messages.total in (1, held), (
+                    f"the repaired session was removed with {repaired.messages.total} "
+                    f"messages, neither its history (1) nor its document's ({held})"
+                )
             else:
                 assert await repository.delete(newer.id) is True
             assert session.id not in await repository.expired(at(60))
@@ -1479,6 +1537,7 @@ class RepositoryContract:
             whole = [t for j in range(i + 1) if f"c{j}" in present for t in (f"c{j}", f"d{j}")]
             assert contents == whole, f"an append cancelled after {i} checkpoints: {contents}"
             assert f"c{i}" in present or not finished, "a finished append was lost"
+            await indexes_agree(repository, loaded, f"an append cancelled after {i} checkpoints")
 
         await cancel_at_each_await(operation, check)
         loaded = await repository.get(session.id)
@@ -1489,16 +1548,24 @@ class RepositoryContract:
     async def test_saves_cancelled_at_each_await_leave_whole_states(
         self, repository: SessionRepository, anyio_backend: Any
     ) -> None:
-        session = make_session(messages=("start",))
+        # Each save moves last_active and the deadline (the index must follow); neither
+        # deadline is ever reached, however many saves are cut off before they write.
+        session = attrs.evolve(make_session(messages=("start",)), expires_at=at(10**6))
         await repository.add(session)
         current = session
         pending = session
 
         def operation(i: int) -> Callable[[], Awaitable[object]]:
             nonlocal pending
-            new = msg(f"s{i}", 1)
+            new = msg(f"s{i}", 1 + i)
             base = current
-            pending = changed(base, messages=base.messages.append(new), state={"k": i})
+            pending = changed(
+                base,
+                messages=base.messages.append(new),
+                state={"k": i},
+                last_active=at(1 + i),
+                expires_at=at(10**6 + i),
+            )
             save = pending
             return lambda: repository.save(
                 save, expected_revision=base.revision, new_messages=[new]
@@ -1512,6 +1579,7 @@ class RepositoryContract:
                 f"a save cancelled after {i} checkpoints left neither the old nor the new "
                 f"state: {loaded!r:.300}"
             )
+            await indexes_agree(repository, loaded, f"a save cancelled after {i} checkpoints")
             current = loaded
 
         await cancel_at_each_await(operation, check)
