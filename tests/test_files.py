@@ -545,21 +545,36 @@ async def test_a_checksummed_document_whose_version_bit_flipped_is_damaged(
 ) -> None:
     """helper-182: the checksum was checked at the current version only, so a flipped bit
     that made "version": 1 read 0 passed, and the "version 0" migration dropped the
-    messages and state (a read returned an empty session; the next write saved it). A
-    flip to a newer version is refused and left in place, as any newer document."""
-    sessions = [make_session(messages=("hi",), state={"plan": "pro"}) for _ in range(3)]
+    messages and state (a read returned an empty session; the next write saved it).
+    helper-199: a flip to 3, 5 or 9 said "Upgrade asyncsession" and left the file in
+    place for good, though the checksum covers it at version 1. A newer release's own
+    document (its checksum covers its version) is still refused and left in place."""
+    sessions = [make_session(messages=("hi",), state={"plan": "pro"}) for _ in range(6)]
     for session in sessions:
         await repo.add(session)
-    for session, flip in zip(sessions[:2], (0x01, 0x02), strict=True):  # "1" -> "0", "3"
+    flips = (0x01, 0x02, 0x04, 0x08)  # "1" -> "0", "3", "5", "9"
+    for session, flip in zip(sessions, flips, strict=False):
         path = doc_path(repo, session.id)
         data = bytearray(path.read_bytes())
         at = data.index(b'"version": 1') + len(b'"version": ')
         data[at] ^= flip
         path.write_bytes(bytes(data))
-    zero, newer, intact = sessions
+    *flipped, newer, intact = sessions
+    future = orjson.loads(doc_path(repo, newer.id).read_bytes())
+    future.pop("checksum")
+    future["version"] = 3
+    doc_path(repo, newer.id).write_bytes(files._encode(future, newer.id))
+    assert await repo.document_versions([newer.id]) == {newer.id: 3}
     with pytest.raises(CorruptSessionError, match="checksum"):
-        await repo.get(zero.id)
-    assert [path.name for path in quarantined(repo)] == [f"{zero.id}.json"]
+        await repo.get(flipped[0].id)
+    with pytest.raises(CorruptSessionError, match="damaged version field"):
+        await repo.document_versions([flipped[1].id])
+    for session in flipped[2:]:
+        with pytest.raises(CorruptSessionError, match="damaged version field: it says"):
+            await repo.get(session.id)
+    assert sorted(path.name for path in quarantined(repo)) == sorted(
+        f"{session.id}.json" for session in flipped
+    )
     with pytest.raises(asyncsession.SchemaVersionError):
         await repo.get(newer.id)
     assert doc_path(repo, newer.id).exists()

@@ -238,13 +238,39 @@ def _version(data: bytes, sid: uuid.UUID) -> int:
         raise _Damaged(exc.detail) from exc
     if version <= CURRENT_VERSION:
         _check(doc, sid, (0, 0, 0))
+    else:
+        _check_newer(doc)
     return version
+
+
+def _check_newer(doc: dict[str, Any]) -> None:
+    """Raise :class:`_Damaged` for a document whose version says a newer release but
+    whose checksum covers the same body at a version this release writes or reads: a
+    damaged version field ("version": 1 is one flipped bit from 3, 5 or 9), not a newer
+    release's document (whose checksum covers its own version)."""
+    checksum = doc.get(_CHECKSUM)
+    if not isinstance(checksum, str):
+        return
+    body = {key: value for key, value in doc.items() if key != _CHECKSUM}
+    stated = body.get("version")
+    for version in range(CURRENT_VERSION + 1):
+        try:
+            encoded = orjson.dumps({**body, "version": version})
+        except TypeError:  # orjson.JSONEncodeError: then it was never written so either
+            return
+        if hmac.compare_digest(checksum, _digest(encoded)):
+            raise _Damaged(
+                f"damaged version field: it says {stated}, but the checksum covers the "
+                f"document at version {version}"
+            )
 
 
 def _check(doc: dict[str, Any], sid: uuid.UUID, stamp: Stamp) -> _Doc:
     """Validate a parsed document (consumes it); raise like :func:`_parse`."""
-    checksum = doc.pop(_CHECKSUM, None)
     version = doc.get("version")
+    if type(version) is int and version > CURRENT_VERSION:
+        _check_newer(doc)
+    checksum = doc.pop(_CHECKSUM, None)
     if checksum is not None and not (type(version) is int and version > CURRENT_VERSION):
         # Checked whatever version up to ours the document says: a damaged version field
         # ("version": 0 is one flipped bit from 1) must not pass unchecked. A newer
