@@ -50,6 +50,7 @@ from asyncsession import (
     Subscription,
     repository_from_url,
 )
+from asyncsession.stores import redis as redis_store
 from asyncsession.stores.redis import REMOVE_ATTEMPTS, RedisEvent, RedisRepository
 from asyncsession.testing import RepositoryContract
 
@@ -1287,12 +1288,18 @@ class Network:
         self.stall = True
         self._open: set[object] = set()
         self._dead: set[object] = set()
+        self.replies_at = 0.0
 
     def black_hole(self) -> None:
         """From now on the connections open now carry nothing either way, and are not
         closed (a NAT or load balancer that forgot them without a reset); later ones
         are forwarded."""
         self._dead |= self._open
+
+    def stall_replies(self, seconds: float) -> None:
+        """Hold what the server sends for ``seconds`` from now, then pass it on in order
+        (a server busy for a while: a slow script, a fork for a snapshot)."""
+        self.replies_at = anyio.current_time() + seconds
 
     def opened(self) -> object:
         """A token for a connection just opened."""
@@ -1311,9 +1318,13 @@ async def tcp_proxy(target_port: int) -> AsyncIterator[tuple[int, Network]]:
     switches (new connections stall until ``network.stall = False``)."""
     network = Network()
 
-    async def pipe(source: anyio.abc.ByteStream, sink: anyio.abc.ByteStream, pair: object) -> None:
+    async def pipe(
+        source: anyio.abc.ByteStream, sink: anyio.abc.ByteStream, pair: object, replies: bool
+    ) -> None:
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             async for chunk in source:
+                if replies:
+                    await anyio.sleep_until(network.replies_at)
                 if network.carries(pair):
                     await sink.send(chunk)
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -1326,8 +1337,8 @@ async def tcp_proxy(target_port: int) -> AsyncIterator[tuple[int, Network]]:
             pair = network.opened()
             async with await anyio.connect_tcp(HOST, target_port) as upstream:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(pipe, client, upstream, pair)
-                    tg.start_soon(pipe, upstream, client, pair)
+                    tg.start_soon(pipe, client, upstream, pair, False)
+                    tg.start_soon(pipe, upstream, client, pair, True)
 
     listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
@@ -1390,7 +1401,7 @@ async def test_a_connection_that_stopped_carrying_anything_is_dropped(
         with pytest.raises(StorageError) as info:
             await store.get(session.id)
         assert info.value.recoverable and "did not answer" in str(info.value)
-        assert "its connection is dropped" in caplog.text
+        assert "its connection is retired" in caplog.text
         with anyio.fail_after(10):
             for _ in range(3):  # a new connection, and it stays
                 got = await store.get(session.id)
@@ -1398,14 +1409,57 @@ async def test_a_connection_that_stopped_carrying_anything_is_dropped(
 
 
 @pytest.mark.anyio
+async def test_a_slow_reply_retires_its_connection_but_fails_no_other_request(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Requests share a connection. When one timed out, closing the connection at once
+    failed another request sent on it that was answered within its own deadline
+    ("Connection lost!", "the write may or may not have been applied"), and a warning
+    came for each timed-out request. Now the connection is retired: taken out of the
+    pool, closed once its replies came, with one warning."""
+    async with proxied_store(redis_server, store_timeout=0.5) as (store, network):
+        network.stall = False
+        first, second = new_session(), new_session()
+        await store.add(first)
+        outcome: dict[str, object] = {}
+
+        async def late() -> None:  # sent at once, answered after 0.7 s: times out
+            try:
+                await store.get(first.id)
+            except StorageError as exc:
+                outcome["late"] = exc
+
+        async def in_time() -> None:  # sent 0.3 s later on the same connection
+            await anyio.sleep(0.3)
+            await store.add(second)
+            outcome["in time"] = True
+
+        with caplog.at_level(logging.WARNING, "asyncsession.stores.redis"):
+            network.stall_replies(0.7)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(late)
+                tg.start_soon(in_time)
+        assert isinstance(outcome.get("late"), StorageError), outcome
+        assert outcome.get("in time") is True, outcome
+        retired = [r for r in caplog.records if "its connection is retired" in r.getMessage()]
+        assert len(retired) == 1, caplog.text
+        with anyio.fail_after(10):  # both pool slots work
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(store.get, second.id)
+            assert (await store.get(second.id)).id == second.id
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("client", ["store-made", "passed"])
 async def test_a_subscription_whose_connection_stopped_carrying_anything_recovers(
-    redis_server: RedisServer, client: str
+    redis_server: RedisServer, client: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A manager sharing events through a connection the network silently stopped
     carrying never heard another manager's events again: the keep-alive PING timed
     out and was retried on the same dead connection for ever. A passed client's
     subscription connection is dropped too (its own stream_timeout bounds the PING)."""
+    monkeypatch.setattr(redis_store, "_SUBSCRIPTION_IDLE", 1.0)  # not 15 s of silence
     key_prefix = prefix()
     send, receive = anyio.create_memory_object_stream[uuid.UUID](100_000)
 

@@ -677,17 +677,23 @@ def _store_connections(pool: Any) -> None:
 
     - close their buffers when connecting fails (else a ResourceWarning at garbage
       collection for every failed connect while Redis is down);
-    - drop a connection one of whose requests timed out. coredis leaves it in the pool,
-      its unanswered request first in line: when the network silently stopped carrying
-      its packets (a NAT or load balancer that forgot an idle connection, without a
-      reset), every later request on it, and a subscription's keep-alive PING, timed
-      out on that same dead connection for as long as the kernel kept it (a quarter of
-      an hour and more). A request that is cancelled still leaves its connection be (its
-      late reply is read and dropped), as other requests sent on it are still waiting.
+    - retire a connection one of whose requests timed out. coredis leaves it in the
+      pool, its unanswered request first in line: when the network silently stopped
+      carrying its packets (a NAT or load balancer that forgot an idle connection,
+      without a reset), every later request on it, and a subscription's keep-alive
+      PING, timed out on that same dead connection for as long as the kernel kept it
+      (a quarter of an hour and more). A retired connection is taken out of the pool at
+      once (its slot is free for a new one) and closed as soon as none of the requests
+      already sent on it is still within its own deadline: a merely slow server still
+      answers those (its late replies are read in order), a dead network times them
+      out. A request that is cancelled leaves its connection be (its late reply is
+      read and dropped), as other requests sent on it are still waiting.
     """
     base = pool.connection_class
 
     class StoreConnection(base):  # type: ignore[misc,valid-type]
+        retiring = False
+
         async def run(self, *args: Any, **kwargs: Any) -> None:
             try:
                 await super().run(*args, **kwargs)
@@ -699,21 +705,56 @@ def _store_connections(pool: Any) -> None:
 
         def create_request(self, *args: Any, **kwargs: Any) -> Any:
             request = super().create_request(*args, **kwargs)
-            _dropping_on_timeout(request, weakref.ref(self))
+            _retiring_on_timeout(request, weakref.ref(self))
             return request
+
+        def retire(self, reason: str) -> None:
+            """A request on this connection timed out (see above)."""
+            if not self._ready:  # its handshake: coredis fails the connect itself
+                return
+            if not self.retiring:
+                self.retiring = True
+                logger.warning(
+                    "Redis at %s did not answer in time (%s): its connection is retired; "
+                    "new requests get another one",
+                    getattr(self, "location", "?"),
+                    reason,
+                )
+                slots = pool._available_connections
+                if isinstance(slots, _PoolSlots) and self in slots:  # idle: free its slot
+                    slots.remove(self)
+                    slots.free()
+                # else it is lent: the store's release frees its slot (_bounding_waits)
+            self.close_if_done(reason)
+
+        def close_if_done(self, reason: str) -> None:
+            """Close a retiring connection once no request on it still waits for its
+            reply within its deadline (answered ones have left the queue)."""
+            if not any(_waiting(request) for request in self._requests):
+                self.invalidate(reason)
+
+        def _data_received(self, data: bytes) -> None:
+            super()._data_received(data)
+            if self.retiring:  # late replies came: close once the last one did
+                self.close_if_done("retired, and its late replies came")
 
     StoreConnection.__name__ = StoreConnection.__qualname__ = base.__name__
     pool.connection_class = StoreConnection
 
 
-def _dropping_on_timeout(request: Any, connection: Callable[[], Any]) -> None:
-    """Have ``request`` invalidate its connection (``connection()``, a weak reference)
-    when it times out waiting for its reply.
+def _waiting(request: Any) -> bool:
+    """Whether a coredis request still waits for its reply within its deadline."""
+    return not request.complete and not isinstance(getattr(request, "_exc", None), TimeoutError)
+
+
+def _retiring_on_timeout(request: Any, connection: Callable[[], Any]) -> None:
+    """Have ``request`` retire its connection (``connection()``, a weak reference, see
+    :func:`_store_connections`) when it times out waiting for its reply.
 
     coredis calls ``_handle_response_cancellation`` both when the reply timed out
     (having set the request's error to a :class:`TimeoutError` first) and when the wait
-    was cancelled; only the first drops the connection. Weak references keep the request
-    and its connection out of a reference cycle.
+    was cancelled; only the first retires the connection. Weak references keep the
+    request and its connection out of a reference cycle.
     """
     handle = type(request)._handle_response_cancellation
     own = weakref.ref(request)
@@ -722,14 +763,8 @@ def _dropping_on_timeout(request: Any, connection: Callable[[], Any]) -> None:
         current = own()
         if current is None:
             return
-        if isinstance(current._exc, TimeoutError) and (dropped := connection()) is not None:
-            logger.warning(
-                "Redis at %s did not answer in time (%s): its connection is dropped and "
-                "the next request makes a new one",
-                getattr(dropped, "location", "?"),
-                reason,
-            )
-            dropped.invalidate(reason)
+        if isinstance(current._exc, TimeoutError) and (retired := connection()) is not None:
+            retired.retire(reason)
         handle(current, reason)
 
     request._handle_response_cancellation = handled
@@ -952,6 +987,10 @@ def _bounding_waits(pool: Any, timeout: float | None) -> None:
                 slots.connecting -= 1
 
     def releasing(connection: Any) -> None:
+        if getattr(connection, "retiring", False):  # see _store_connections
+            pool.statistics.connection_released(connection)
+            slots.free()
+            return
         usable = connection.usable
         release(connection)
         if not usable:  # coredis drops a dead connection and its slot with it
@@ -2073,10 +2112,10 @@ class RedisRepository(SessionRepository, EventTransport):
         the next event while it is down raises :class:`~asyncsession.StorageError`, often
         as soon as the connection is lost (or, when the reconnect got there first, waits
         until the server is back); after the error the iterator has ended for good: leave
-        the block and subscribe again. A subscription that heard nothing for ``timeout``
-        seconds (at most 15) PINGs the server; with no reply within ``timeout`` (a passed
-        client: its ``stream_timeout``) its connection is dropped and made again, as for a
-        lost one. Leaving the block stops the reconnecting and takes at
+        the block and subscribe again. A subscription that heard nothing for 15 s PINGs
+        the server; with no reply within ``timeout`` (a passed client: its
+        ``stream_timeout``) its connection is dropped and made again, as for a lost one.
+        Leaving the block stops the reconnecting and takes at
         most the store's ``timeout`` even when the server is gone (that lost connection
         is not an error then). What the ``async with`` block raises comes out as it is
         (not in an exception group).
@@ -2112,10 +2151,10 @@ class RedisRepository(SessionRepository, EventTransport):
             channels=[self.events_channel],
             retry_policy=policy,
             subscription_timeout=timeout,
-            # an idle subscription PINGs the server this often: with a store-made
-            # client, a connection that no longer carries anything is then dropped
-            # and made again (see _store_connections)
-            max_idle_seconds=min(timeout, _SUBSCRIPTION_IDLE),
+            # an idle subscription PINGs the server this often: a connection that no
+            # longer carries anything is then dropped and made again (a store-made
+            # client's in _store_connections, a passed one's in acquiring() below)
+            max_idle_seconds=_SUBSCRIPTION_IDLE,
         )
         # The deadline never covers the wait for a pool slot: a store-made pool bounds
         # that itself (then _PoolBusy, which says so), and with a client of the caller's
