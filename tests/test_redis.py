@@ -1451,6 +1451,36 @@ async def test_a_slow_reply_retires_its_connection_but_fails_no_other_request(
 
 
 @pytest.mark.anyio
+async def test_a_retired_connection_closes_though_a_request_on_it_was_cancelled(
+    redis_server: RedisServer,
+) -> None:
+    """A retired connection waited for the reply of a request whose caller had given up
+    (cancelled): on a dead network it never came, so each such stall left one more
+    connection open, beyond max_connections."""
+    async with proxied_store(redis_server, store_timeout=0.5) as (store, network):
+        network.stall = False
+        session = new_session()
+        await store.add(session)
+        pool = store.client.connection_pool
+        for _ in range(4):
+            network.black_hole()  # the connections open now; new ones pass
+
+            async def gives_up() -> None:
+                with anyio.move_on_after(0.2):
+                    await store.get(session.id)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(gives_up)
+                await anyio.sleep(0.05)
+                with pytest.raises(StorageError):
+                    await store.get(session.id)  # on the same connection: times out
+            await anyio.sleep(0.1)
+            assert (await store.get(session.id)).id == session.id  # a new connection
+        await anyio.sleep(0.7)  # past every deadline of the requests sent on them
+        assert len(pool._online_connections) <= pool.max_connections
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("client", ["store-made", "passed"])
 async def test_a_subscription_whose_connection_stopped_carrying_anything_recovers(
     redis_server: RedisServer, client: str, monkeypatch: pytest.MonkeyPatch

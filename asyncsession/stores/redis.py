@@ -708,12 +708,22 @@ def _store_connections(pool: Any) -> None:
             _retiring_on_timeout(request, weakref.ref(self))
             return request
 
+        @property
+        def reusable(self) -> bool:
+            # a retiring connection handed to a waiting request as it retired: coredis
+            # closes it and makes a new one in its slot
+            return not self.retiring and bool(super().reusable)
+
         def retire(self, reason: str) -> None:
             """A request on this connection timed out (see above)."""
             if not self._ready:  # its handshake: coredis fails the connect itself
                 return
             if not self.retiring:
                 self.retiring = True
+                if self._task_group is not None and self._stream_timeout is not None:
+                    # whatever else is queued on it (a request sent without waiting for
+                    # its reply) is past its deadline by then
+                    self._task_group.start_soon(self.close_later, self._stream_timeout)
                 logger.warning(
                     "Redis at %s did not answer in time (%s): its connection is retired; "
                     "new requests get another one",
@@ -726,6 +736,10 @@ def _store_connections(pool: Any) -> None:
                     slots.free()
                 # else it is lent: the store's release frees its slot (_bounding_waits)
             self.close_if_done(reason)
+
+        async def close_later(self, delay: float) -> None:
+            await anyio.sleep(delay)
+            self.invalidate("retired, and its requests' deadlines passed")
 
         def close_if_done(self, reason: str) -> None:
             """Close a retiring connection once no request on it still waits for its
@@ -742,9 +756,17 @@ def _store_connections(pool: Any) -> None:
     pool.connection_class = StoreConnection
 
 
+_ABANDONED = "_asyncsession_abandoned"
+
+
 def _waiting(request: Any) -> bool:
-    """Whether a coredis request still waits for its reply within its deadline."""
-    return not request.complete and not isinstance(getattr(request, "_exc", None), TimeoutError)
+    """Whether a coredis request still waits for its reply within its deadline (not
+    answered, not timed out, and its caller still awaits it)."""
+    return (
+        not request.complete
+        and not isinstance(getattr(request, "_exc", None), TimeoutError)
+        and not getattr(request, _ABANDONED, False)
+    )
 
 
 def _retiring_on_timeout(request: Any, connection: Callable[[], Any]) -> None:
@@ -753,8 +775,9 @@ def _retiring_on_timeout(request: Any, connection: Callable[[], Any]) -> None:
 
     coredis calls ``_handle_response_cancellation`` both when the reply timed out
     (having set the request's error to a :class:`TimeoutError` first) and when the wait
-    was cancelled; only the first retires the connection. Weak references keep the
-    request and its connection out of a reference cycle.
+    was cancelled; only the first retires the connection, the second marks the request
+    abandoned (a retiring connection does not wait for its reply). Weak references keep
+    the request and its connection out of a reference cycle.
     """
     handle = type(request)._handle_response_cancellation
     own = weakref.ref(request)
@@ -763,8 +786,14 @@ def _retiring_on_timeout(request: Any, connection: Callable[[], Any]) -> None:
         current = own()
         if current is None:
             return
-        if isinstance(current._exc, TimeoutError) and (retired := connection()) is not None:
-            retired.retire(reason)
+        owner = connection()
+        if isinstance(current._exc, TimeoutError):
+            if owner is not None:
+                owner.retire(reason)
+        else:  # cancelled: nobody waits for its reply any more
+            setattr(current, _ABANDONED, True)
+            if owner is not None and owner.retiring:
+                owner.close_if_done(reason)
         handle(current, reason)
 
     request._handle_response_cancellation = handled
