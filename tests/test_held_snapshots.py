@@ -884,6 +884,29 @@ def test_an_asyncio_task_that_is_done_has_ended_though_referred_to() -> None:
     asyncio.run(main())
 
 
+def test_a_trio_task_whose_coroutine_returned_has_ended_though_referred_to() -> None:
+    """A read in a finished trio task something still refers to (a blocking portal's
+    call, until the garbage collector runs), saved in another: the save checked the
+    revision alone, so a session deleted and added again meanwhile was overwritten
+    (the state machine found it on Redis)."""
+    trio = pytest.importorskip("trio")
+    held = HeldSnapshots(10, max_messages=1)
+    long = snapshot(3, revision=2)  # not held
+    kept: list[object] = []
+
+    async def main() -> None:
+        async def read() -> None:
+            kept.append(trio.lowlevel.current_task())
+            held.lend_read(long, "life", current_updater())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+        assert kept  # the task object lives on
+        assert held.before_save(long.id, 2, current_updater()) == (long.last_active, "life")
+
+    trio.run(main)
+
+
 @pytest.mark.parametrize("read", ["repository", "manager"])
 async def test_a_read_while_fn_runs_does_not_let_the_save_overwrite_another_life(
     pair: tuple[SessionManager, SessionManager, ManualClock], read: str

@@ -3,6 +3,7 @@ and the cache of decoded stored documents and messages."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 import uuid
 import weakref
@@ -72,11 +73,16 @@ def current_updater() -> Updater:
 
 def _ended(updater: Updater) -> bool:
     """Whether ``updater`` is a task that has ended (nothing it lent can be saved): gone,
-    or an asyncio task that something still refers to but that is done."""
+    or a task that something still refers to but that is done (an asyncio task, or a
+    trio task whose coroutine has returned: a finished call of a blocking portal, kept
+    alive until the garbage collector runs)."""
     if type(updater) is not weakref.ReferenceType:
         return False
     task = updater()
-    return task is None or has_ended(task)
+    if task is None or has_ended(task):
+        return True
+    coro = getattr(task, "coro", None)
+    return inspect.iscoroutine(coro) and coro.cr_frame is None
 
 
 def _drop_ended(updaters: dict[Updater, T], *, keep_newest: bool) -> list[T]:
