@@ -470,23 +470,31 @@ class SessionDict(MutableMapping[str, Any]):
                         self._data = {key: self._data[key] for key in self._changes()[0]}
                         self._baseline = {}
                     else:
-                        if self._clears != clears:
-                            self._cleared.append(rotated.id)
+                        if self._adopt(rotated.id, clears, changes, deleted) is None:
                             continue
-                        self._id = rotated.id
-                        self._new_cookie = True
-                        self._mark_written(changes, deleted)
                     self._rotate = False
                 if self._id is None:
                     changes, deleted = self._pending()
                     session = await self._manager.create(state=changes)
-                    if self._clears != clears:
-                        self._cleared.append(session.id)
+                    adopted = self._adopt(session.id, clears, changes, deleted)
+                    if adopted is None:
                         continue
-                    self._id = session.id
-                    self._new_cookie = True
-                    self._mark_written(changes, deleted)
+                    return adopted
                 return self._id
+
+    def _adopt(
+        self, session_id: uuid.UUID, clears: int, changes: Mapping[str, Any], deleted: set[str]
+    ) -> uuid.UUID | None:
+        """Make ``session_id``, just stored with ``changes`` and ``deleted``, this
+        session's (its cookie goes out) and return it, unless a :meth:`clear` came since
+        ``clears`` was counted: then it is deleted at the response, and None returned."""
+        if self._clears != clears:
+            self._cleared.append(session_id)
+            return None
+        self._id = session_id
+        self._new_cookie = True
+        self._mark_written(changes, deleted)
+        return session_id
 
     # -- internals ------------------------------------------------------------------------
 
