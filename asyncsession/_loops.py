@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import logging
 import sys
 import threading
@@ -51,10 +52,15 @@ def running_backend() -> str | None:
 
 
 def has_ended(task: object) -> bool:
-    """True if ``task`` (from :func:`current_task`) is an asyncio task that is done.
+    """True if ``task`` (from :func:`current_task`) has ended though something still
+    refers to it: an asyncio task that is done, or a trio task whose coroutine has
+    returned (a finished call of a blocking portal, until the garbage collector runs).
 
     (A trio task cannot end inside a task group it entered: trio ends the run.)"""
-    return asyncio.isfuture(task) and task.done()
+    if asyncio.isfuture(task):
+        return task.done()
+    coro = getattr(task, "coro", None)
+    return inspect.iscoroutine(coro) and coro.cr_frame is None
 
 
 def set_soon(token: anyio.lowlevel.EventLoopToken, event: anyio.Event) -> bool:

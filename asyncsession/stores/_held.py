@@ -3,7 +3,6 @@ and the cache of decoded stored documents and messages."""
 
 from __future__ import annotations
 
-import inspect
 import threading
 import uuid
 import weakref
@@ -73,16 +72,11 @@ def current_updater() -> Updater:
 
 def _ended(updater: Updater) -> bool:
     """Whether ``updater`` is a task that has ended (nothing it lent can be saved): gone,
-    or a task that something still refers to but that is done (an asyncio task, or a
-    trio task whose coroutine has returned: a finished call of a blocking portal, kept
-    alive until the garbage collector runs)."""
+    or a task that something still refers to but that is done (see :func:`has_ended`)."""
     if type(updater) is not weakref.ReferenceType:
         return False
     task = updater()
-    if task is None or has_ended(task):
-        return True
-    coro = getattr(task, "coro", None)
-    return inspect.iscoroutine(coro) and coro.cr_frame is None
+    return task is None or has_ended(task)
 
 
 def _drop_ended(updaters: dict[Updater, T], *, keep_newest: bool) -> list[T]:
