@@ -352,7 +352,15 @@ def main() -> None:
 
         if args.worker_class != "asyncio":
             parser.error("uvicorn runs on asyncio only")
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        # An open page never ends its event stream: without a grace period uvicorn
+        # would wait for it on Ctrl+C for good (hypercorn's graceful_timeout below).
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=2,
+        )
         return
     from hypercorn.config import Config
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import signal
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +27,7 @@ import httpx
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis_support import RedisServer
-from web_support import CHAT, GATEWAY, SERVERS, serve, serve_sync
+from web_support import CHAT, GATEWAY, SERVERS, serve, serve_process, serve_sync
 
 import asyncsession as s
 from asyncsession.testing import ManualClock
@@ -80,6 +82,8 @@ async def contents_until(events: EventStream, last: str) -> list[str]:
         seen.extend(m["content"] for m in data["messages"])
     return seen
 
+
+STOP_LIMIT = 30  # seconds; a hang guard, not a timing assertion (the grace period is 2 s)
 
 # --- chat server, real process ---------------------------------------------------------
 
@@ -293,6 +297,32 @@ async def test_chat_activity_keeps_the_cookie_fresh() -> None:
             ):
                 assert response.status_code == 200
                 assert response.headers["set-cookie"] == cookie
+
+
+@pytest.mark.parametrize("kind", sorted(SERVERS))
+def test_chat_server_stops_on_ctrl_c_while_a_browser_listens(
+    kind: str, tmp_path: Path, server_log: IO[bytes]
+) -> None:
+    # An open page keeps its event stream open for good: Ctrl+C must still stop the
+    # server (uvicorn waited for that stream without end unless given a grace period).
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+    with (
+        serve_process(CHAT, kind, store, server_log) as (process, address),
+        httpx.Client(base_url=f"http://{address}", timeout=None) as browser,
+    ):
+        assert browser.post("/api/session").status_code == 200
+        with browser.stream("GET", "/api/events") as stream:
+            lines = stream.iter_lines()
+            assert next(lines) == "event: ready"
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=STOP_LIMIT)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{kind} did not stop on Ctrl+C with a stream open")
+            assert process.returncode == 0
+            with contextlib.suppress(httpx.TransportError):  # cut, or ended in order
+                for _ in lines:
+                    pass
 
 
 # --- websocket gateway, in process -----------------------------------------------------

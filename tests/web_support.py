@@ -73,6 +73,15 @@ async def serve(script: Path, kind: str, store: str, log: IO[bytes]) -> AsyncIte
 @contextlib.contextmanager
 def serve_sync(script: Path, kind: str, store: str, log: IO[bytes]) -> Iterator[str]:
     """Like :func:`serve`, for synchronous tests."""
+    with serve_process(script, kind, store, log) as (_, address):
+        yield address
+
+
+@contextlib.contextmanager
+def serve_process(
+    script: Path, kind: str, store: str, log: IO[bytes]
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """:func:`serve_sync` that also yields the server's process."""
     port = free_port()
     process = subprocess.Popen(
         command(script, kind, port, store), stdout=log, stderr=subprocess.STDOUT, env=environment()
@@ -87,7 +96,7 @@ def serve_sync(script: Path, kind: str, store: str, log: IO[bytes]) -> Iterator[
                 break
             except OSError:
                 time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
+        yield process, f"127.0.0.1:{port}"
     finally:
         process.terminate()
         try:
