@@ -26,11 +26,13 @@ Store URLs (``asyncsession.repository_from_url``): ``sqlite:///relative.db`` or
 With hypercorn directly: ``hypercorn --worker-class trio 'chat_server:create_app()'`` (from
 ``examples/``; the store comes from ``CHAT_STORE``).
 
-Several worker processes (``hypercorn --workers 4``, or servers behind a load balancer)
-need Redis and one ``CHAT_SECRET_KEY``: on Redis the app turns on ``share_events``, so a
-browser's event stream hears what it posted through any worker. SQLite and files can be
-shared by processes but not their events: each stream then shows only what its own worker
-handled (reload the page to see the rest), so run them in one process.
+Several worker processes (``hypercorn --workers 4 'chat_server:create_app()'`` from
+``examples/``, or servers behind a load balancer) need Redis and one ``CHAT_SECRET_KEY``
+(without it each worker signs with a key of its own and rejects the others' cookies):
+on Redis the app turns on ``share_events``, so a browser's event stream hears what it
+posted through any worker. SQLite and files can be shared by processes but not their
+events: each stream then shows only what its own worker handled (reload the page to see
+the rest), so run them in one process.
 """
 
 from __future__ import annotations
@@ -112,7 +114,11 @@ def create_app(
         sessions = manager()
     key = secret_key or os.environ.get("CHAT_SECRET_KEY")
     if not key:
-        logger.warning("CHAT_SECRET_KEY is not set; cookies will not survive a restart")
+        logger.warning(
+            "CHAT_SECRET_KEY is not set: a random key is used, so cookies will not survive "
+            "a restart, and with several workers each rejects the others' cookies (a "
+            "browser then starts a new conversation); set it to one secret for them all"
+        )
         key = secrets.token_urlsafe(32)
 
     async def current(request: Request) -> s.Session | None:
