@@ -736,6 +736,14 @@ class RepositoryContract:
             "save() of a window without new_messages",
         )
         assert await repository.get(session.id) == session
+        # bad input, refused before the store reads anything (so also for an unknown id)
+        unknown = changed(attrs.evolve(window, id=uuid.uuid4()), state={"k": 2})
+        await raises(
+            InvalidUpdate,
+            repository.save(unknown, expected_revision=0),
+            "save() of a window without new_messages, of an unknown id",
+        )
+        assert await repository.get(unknown.id) is None
         # new_messages that do not extend the stored history to the window's total
         e = msg("e", 1)
         grown = changed(window, messages=window.messages.append(e), state={"k": 3})

@@ -19,7 +19,6 @@ import attrs
 
 from asyncsession import (
     ExpiryPolicy,
-    InvalidUpdate,
     LimitExceeded,
     Message,
     Page,
@@ -56,9 +55,8 @@ class DictRepository(SessionRepository):
         return None if session is None else _window(session, last_messages)
 
     async def add(self, session: Session) -> None:
+        self._check_whole(session)  # InvalidUpdate for a window (read with last_messages)
         await anyio.lowlevel.checkpoint()
-        if not session.messages.is_complete:  # read with last_messages: a window
-            raise InvalidUpdate("add() needs the whole history, not a window of it.")
         if session.id in self._sessions:
             raise SessionConflict(session.id)
         self._sessions[session.id] = session
@@ -71,6 +69,7 @@ class DictRepository(SessionRepository):
         new_messages: Sequence[Message] | None = None,
     ) -> None:
         self._check_revision_step(session, expected_revision)  # +1, within the limit
+        self._check_window_save(session, new_messages)  # a window needs new_messages
         await anyio.lowlevel.checkpoint()
         current = self._sessions.get(session.id)
         if current is None:
@@ -83,10 +82,11 @@ class DictRepository(SessionRepository):
         if not session.messages.is_complete:
             # A window of the history (read with last_messages): the stored history
             # grown by new_messages is the history, if they make the window's total.
-            total = current.messages.total + len(new_messages or ())
-            if new_messages is None or total != session.messages.total:
-                raise InvalidUpdate("save() of a window needs the new_messages it added.")
-            session = attrs.evolve(session, messages=current.messages.extend(new_messages))
+            added = new_messages or ()  # (None: refused by _check_window_save above)
+            stored = current.messages.total
+            if stored + len(added) != session.messages.total:
+                raise self._not_extending(session, stored, len(added))
+            session = attrs.evolve(session, messages=current.messages.extend(added))
         self._sessions[session.id] = session
 
     async def append(
