@@ -116,3 +116,11 @@ __all__ = [
     "repository_from_url",
     "thaw",
 ]
+
+# Tracebacks name the exceptions as users import them (asyncsession.SessionNotFound),
+# not by their private module; pickling finds them there too.
+for _name in __all__:
+    _public = globals()[_name]
+    if isinstance(_public, type) and issubclass(_public, BaseException):
+        _public.__module__ = __name__
+del _name, _public

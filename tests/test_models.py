@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import pickle
+import traceback
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -168,6 +169,23 @@ def test_error_tree_and_recoverable_flags() -> None:
     assert locked.recoverable and locked.session_id == sid
     assert s.SessionLocked("busy", session_id=sid).recoverable
 
+
+
+def test_errors_are_named_as_users_import_them() -> None:
+    # A traceback's last line names the exception; asyncsession._exceptions.X invited
+    # imports from a private module.
+    errors = [getattr(s, n) for n in s.__all__ if isinstance(getattr(s, n), type)]
+    errors = [e for e in errors if issubclass(e, BaseException)]
+    assert len(errors) == 22 and s.SessionError in errors
+    for error in errors:
+        assert error.__module__ == "asyncsession", error
+    sid = uuid.uuid4()
+    (line,) = traceback.format_exception_only(s.SessionNotFound(sid))
+    assert line.startswith(f"asyncsession.SessionNotFound: Session {sid} was not found")
+    conflict = pickle.loads(
+        pickle.dumps(s.SessionConflict(sid, expected_revision=1, actual_revision=2))
+    )
+    assert type(conflict) is s.SessionConflict and str(conflict).startswith(f"Session {sid}")
 
 # -- immutability and structure sharing -------------------------------------------------
 
