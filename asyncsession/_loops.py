@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-logger = logging.getLogger("asyncsession")
+logger = logging.getLogger(__name__)
 
 #: Detached asyncio tasks (the loop keeps only weak references to its tasks).
 _DETACHED: set[asyncio.Task[None]] = set()
