@@ -170,7 +170,6 @@ def test_error_tree_and_recoverable_flags() -> None:
     assert s.SessionLocked("busy", session_id=sid).recoverable
 
 
-
 def test_errors_are_named_as_users_import_them() -> None:
     # A traceback's last line names the exception; asyncsession._exceptions.X invited
     # imports from a private module.
@@ -186,6 +185,7 @@ def test_errors_are_named_as_users_import_them() -> None:
         pickle.dumps(s.SessionConflict(sid, expected_revision=1, actual_revision=2))
     )
     assert type(conflict) is s.SessionConflict and str(conflict).startswith(f"Session {sid}")
+
 
 # -- immutability and structure sharing -------------------------------------------------
 
