@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
+import threading
 import uuid
 from collections import deque
-from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
+
+from ._loops import current_task, set_soon
 
 __all__ = ["KeyedLocks"]
 
 
-def _task_function() -> Callable[[], object]:
-    """The running backend's own current-task function (anyio's costs ~3 µs a call)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        import trio  # not asyncio: anyio's other backend
+class _Waiter:
+    __slots__ = ("event", "granted", "owner", "thread", "token")
 
-        return trio.lowlevel.current_task
-    return asyncio.current_task
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.event = anyio.Event()
+        self.token = anyio.lowlevel.current_token()  # its event loop, to wake it from others
+        self.thread = threading.get_ident()  # that loop's thread
+        self.granted = False  # handed the lock (under the mutex)
 
 
 class _Entry:
@@ -28,8 +30,7 @@ class _Entry:
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
-        # the tasks waiting for the key, in arrival order
-        self.waiters: deque[tuple[anyio.Event, object]] = deque()
+        self.waiters: deque[_Waiter] = deque()  # the tasks waiting for the key, in order
 
 
 class _Held:
@@ -41,69 +42,70 @@ class _Held:
         self._id = key.int
 
     async def __aenter__(self) -> None:
-        me = self._locks._current_task()
-        entries = self._locks._entries
-        entry = entries.get(self._id)
-        if entry is None:  # free: taken without a checkpoint (like fast_acquire)
-            entries[self._id] = _Entry(me)
-            return
-        if entry.owner is me:
-            raise RuntimeError(
-                f"This task already holds session {self._key}'s lock: an update function "
-                "must not update, close or rotate its own session through the manager "
-                "(return the changed snapshot instead)."
-            )
-        turn = anyio.Event()
-        entry.waiters.append((turn, me))
+        me = current_task()
+        locks = self._locks
+        with locks._mutex:
+            entry = locks._entries.get(self._id)
+            if entry is None:  # free: taken without a checkpoint (like fast_acquire)
+                locks._entries[self._id] = _Entry(me)
+                return
+            if entry.owner is me:
+                raise RuntimeError(
+                    f"This task already holds session {self._key}'s lock: an update "
+                    "function must not update, close or rotate its own session through "
+                    "the manager (return the changed snapshot instead)."
+                )
+            waiter = _Waiter(me)
+            entry.waiters.append(waiter)
         try:
-            await turn.wait()
+            await waiter.event.wait()
         except BaseException:
-            if turn.is_set():  # handed over just as we were cancelled: pass it on
-                self._release()
-            else:
-                entry.waiters.remove((turn, me))
+            with locks._mutex:
+                if waiter.granted:  # handed over just as we were cancelled: pass it on
+                    locks._hand_over(self._id)
+                else:
+                    entry.waiters.remove(waiter)
             raise
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        entries = self._locks._entries
-        entry = entries[self._id]
-        if entry.waiters:
-            turn, entry.owner = entry.waiters.popleft()  # the next waiter owns it (FIFO)
-            turn.set()
-        else:
-            del entries[self._id]
+        locks = self._locks
+        with locks._mutex:
+            locks._hand_over(self._id)
 
 
 class KeyedLocks:
     """``async with locks(key):`` serializes tasks per key; unused keys cost nothing.
 
-    An uncontended key costs a dict entry and no event-loop primitive (updates take one
-    per call). Not reentrant: a task acquiring a key it holds gets ``RuntimeError``
-    instead of waiting for itself. Keyed by the id's integer (``uuid.UUID`` hashes in
-    Python code).
+    An uncontended key costs a dict entry and no event-loop primitive. Not reentrant: a
+    task acquiring a key it holds gets ``RuntimeError`` instead of waiting for itself.
+    Tasks of several event loops (in several threads, asyncio and trio alike) may share
+    the locks: a waiter is woken through its own loop. Keyed by the id's integer
+    (``uuid.UUID`` hashes in Python code).
     """
 
-    __slots__ = ("_entries", "_task")
+    __slots__ = ("_entries", "_mutex")
 
     def __init__(self) -> None:
         self._entries: dict[int, _Entry] = {}
-        self._task: Callable[[], object] | None = None
-
-    def _current_task(self) -> object:
-        task = self._task
-        if task is not None:
-            try:
-                return task()
-            except RuntimeError:  # now used under the other backend
-                pass
-        self._task = task = _task_function()
-        return task()
+        self._mutex = threading.Lock()  # guards _entries and every entry's fields
 
     def __call__(self, key: uuid.UUID) -> _Held:
         return _Held(self, key)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def _hand_over(self, key: int) -> None:
+        """Give ``key``'s lock to its longest waiter whose loop still runs, or free it
+        (mutex held)."""
+        entry = self._entries[key]
+        while entry.waiters:
+            waiter = entry.waiters.popleft()
+            entry.owner, waiter.granted = waiter.owner, True  # FIFO
+            if waiter.thread == threading.get_ident():
+                waiter.event.set()
+                return
+            if set_soon(waiter.token, waiter.event):
+                return
+            # its event loop has ended, and its task with it: the next waiter
+        del self._entries[key]

@@ -1470,3 +1470,60 @@ async def test_import_works_without_fcntl(anyio_backend: str) -> None:
     assert result.stdout.decode().strip() == (
         "FileRepository needs POSIX file locks (fcntl); use SQLiteRepository on this platform."
     )
+
+
+@pytest.mark.parametrize("backends", [("asyncio", "trio"), ("trio", "trio")], ids="+".join)
+def test_one_store_serves_managers_on_event_loops_in_two_threads(
+    backends: tuple[str, str], tmp_path: Path
+) -> None:
+    # helper-204: the per-session locks woke a waiter of the other loop from the wrong
+    # thread, and the worker-thread limiter belonged to the loop that opened the store:
+    # raw AssertionError/RuntimeError, and false LockTimeouts after long waits.
+    repo = FileRepository(tmp_path / "s", fsync=False)
+
+    async def create() -> uuid.UUID:
+        async with SessionManager(repo) as sessions:
+            return (await sessions.create()).id
+
+    sid = anyio.run(create)
+    both_open, both_done = threading.Barrier(2), threading.Barrier(2)
+    failures: list[BaseException] = []
+
+    async def writer(name: str) -> None:
+        async with SessionManager(repo) as sessions:
+            await anyio.to_thread.run_sync(both_open.wait)  # the store is open in both
+
+            async def add(n: int) -> None:
+                for i in range(10):
+                    await sessions.add_message(sid, "user", f"{name}-{n}-{i}")
+
+            with anyio.fail_after(120):  # a hang guard
+                async with anyio.create_task_group() as tg:
+                    for n in range(2):
+                        tg.start_soon(add, n)
+            await anyio.to_thread.run_sync(both_done.wait)
+
+    def run(name: str, backend: str) -> None:
+        try:
+            anyio.run(writer, name, backend=backend)
+        except BaseException as exc:
+            failures.append(exc)
+            both_open.abort()
+            both_done.abort()
+
+    threads = [
+        threading.Thread(target=run, args=(f"{backend}{i}", backend))
+        for i, backend in enumerate(backends)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+    async def read() -> list[str]:
+        async with SessionManager(repo) as sessions:
+            return [m.content for m in (await sessions.get(sid)).messages]
+
+    contents = anyio.run(read)
+    assert len(contents) == len(set(contents)) == 2 * 2 * 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 import uuid
 from typing import Any
 
@@ -304,3 +305,89 @@ async def test_update_functions_that_schedule_the_next_one_do_not_pile_up(
             await done.wait()
         assert depths == [1] * 21
         assert (await sessions.get(session.id)).state == {"left": 0}
+
+
+# -- tasks of several event loops (a store such as FileRepository shared by managers on
+# loops in several threads) ------------------------------------------------------------
+
+LOOP_PAIRS = [("asyncio", "trio"), ("trio", "trio"), ("asyncio", "asyncio")]
+
+
+@pytest.mark.parametrize("backends", LOOP_PAIRS, ids="+".join)
+def test_tasks_of_loops_in_several_threads_share_a_key(backends: tuple[str, str]) -> None:
+    # helper-204: a waiter's event was set from the other loop's thread (trio asserted,
+    # asyncio raised "no running event loop" or never woke), so holders hung and raised.
+    locks = KeyedLocks()
+    guard = threading.Lock()
+    inside: list[int] = []
+    entered: list[str] = []
+    failures: list[BaseException] = []
+
+    async def loop(name: str) -> None:
+        async def task(n: int) -> None:
+            for _ in range(20):
+                async with locks(A):
+                    with guard:
+                        inside.append(n)
+                        assert len(inside) == 1, "two holders at once"
+                    entered.append(name)
+                    await anyio.lowlevel.checkpoint()
+                    with guard:
+                        inside.remove(n)
+
+        with anyio.fail_after(60):  # a hang guard
+            async with anyio.create_task_group() as tg:
+                for n in range(3):
+                    tg.start_soon(task, n + 10 * len(name))
+
+    def run(name: str, backend: str) -> None:
+        try:
+            anyio.run(loop, name, backend=backend)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(f"{backend}-{i}", backend))
+        for i, backend in enumerate(backends)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert len(entered) == 2 * 3 * 20 and len(locks) == 0
+
+
+def test_trio_tasks_in_guest_mode_are_told_apart() -> None:
+    # helper-204: with trio running as a guest of an asyncio loop, the locks asked
+    # asyncio for the current task (None for every trio task): the second of two trio
+    # tasks was told it already held the key.
+    import asyncio
+
+    import trio
+
+    locks = KeyedLocks()
+    order: list[int] = []
+
+    async def trio_main() -> None:
+        async def task(n: int) -> None:
+            async with locks(A):
+                order.append(n)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(task, 1)
+            nursery.start_soon(task, 2)
+
+    async def host() -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        trio.lowlevel.start_guest_run(
+            trio_main,
+            run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+            done_callback=done.set_result,
+        )
+        (await asyncio.wait_for(done, 60)).unwrap()
+
+    asyncio.run(host())
+    assert sorted(order) == [1, 2] and len(locks) == 0

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import attrs
 import orjson
@@ -602,7 +603,8 @@ class FileRepository(SessionRepository):
     * ``shared``: other processes may write the directory. Listing, ``count_by_status``
       and ``expired`` then re-read documents changed on disk since their last call;
       with False the in-process index is trusted (the directory belongs to this process).
-    * ``max_threads``: worker threads this store may use at once.
+    * ``max_threads``: worker threads this store may use at once (in the event loop
+      that opened it; tasks of other loops use their loop's default limiter).
     * ``file_mode``: permissions of the documents and lock files this store creates
       (default ``0o600``: session data is readable by its owner only); the directories
       it creates get the matching ``x`` bits (``0o700``). The process umask applies on
@@ -678,6 +680,7 @@ class FileRepository(SessionRepository):
         self._expiry_notes = Notes(logger, remembered=_NOTES_REMEMBERED)
         self._scan_notes = Notes(logger, remembered=_NOTES_REMEMBERED)
         self._limiter: anyio.CapacityLimiter | None = None
+        self._limiter_loop: object = None  # the event loop the limiter belongs to
 
     def __repr__(self) -> str:
         return f"FileRepository({os.fspath(self._root)!r})"
@@ -699,6 +702,7 @@ class FileRepository(SessionRepository):
 
     async def _open(self) -> None:
         self._limiter = anyio.CapacityLimiter(self._max_threads)
+        self._limiter_loop = anyio.lowlevel.current_token().native_token
         try:
             await self._call(self._open_sync)
         except BaseException:
@@ -855,7 +859,9 @@ class FileRepository(SessionRepository):
         return self._limiter
 
     async def _call(self, fn: Callable[..., R], *args: Any) -> R:
-        limiter = self._check_open()
+        limiter: anyio.CapacityLimiter | None = self._check_open()
+        if anyio.lowlevel.current_token().native_token is not self._limiter_loop:
+            limiter = None  # it belongs to the loop that opened the store: this loop's own
         result: R = await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
         return result
 
