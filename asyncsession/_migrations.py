@@ -6,8 +6,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from ._exceptions import CorruptSessionError, InvalidSessionName, SchemaVersionError, kind_of
-from ._models import SessionStatus, validate_name
+from ._exceptions import (
+    CorruptSessionError,
+    InvalidOwner,
+    InvalidSessionName,
+    SchemaVersionError,
+    kind_of,
+)
+from ._models import SessionStatus, validate_name, validate_owner
 
 __all__ = ["CURRENT_VERSION", "MIGRATIONS", "LEGACY_NAMESPACE", "document_version", "migrate"]
 
@@ -48,7 +54,9 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
     has a ``"legacy"`` key it is kept as it is, and the counters go under the first of
     ``"_legacy"``, ``"__legacy"``, ... that it does not use. A name that version 0
     allowed and this version does not (any letter or digit, not only ASCII ones) goes
-    there too, as ``"name"``; the session then has no name.
+    there too, as ``"name"``; the session then has no name. So does an owner this
+    version refuses (empty, longer than 256 characters, not printable), as ``"owner"``;
+    the session then has no owner.
 
     A document with a field of version 1 (``state``, ``messages``, ``errors``,
     ``closed_at``) is no version-0 document: it raises :class:`CorruptSessionError`
@@ -98,11 +106,17 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
             validate_name(name)
         except InvalidSessionName:  # e.g. "café-notes": version 0 took any letter
             legacy["name"], name = name, None
+    owner = doc.get("owner")
+    if isinstance(owner, str):
+        try:
+            validate_owner(owner)
+        except InvalidOwner:  # e.g. "" or a tab: version 0 checked no owner
+            legacy["owner"], owner = owner, None
     state[_legacy_key(custom_fields)] = legacy
     return {
         "version": 1,
         "id": new_id,
-        "owner": doc.get("owner"),
+        "owner": owner,
         "name": name,
         "status": status,
         "created_at": created,

@@ -187,9 +187,11 @@ def session_from_document(
 ) -> Session:
     """Build a Session from a stored document of any known version.
 
-    ``messages`` supplies the history when the document was stored without it.
-    Migrations run first; every field of the (migrated) document must be present and
-    of its exact JSON type (no coercion: ``1.7`` is not a revision, ``42`` not a name).
+    ``messages`` supplies the history when the document was stored without it (or a
+    window of it); messages a document of an older version held itself come first (see
+    :func:`history_after`). Migrations run first; every field of the (migrated)
+    document must be present and of its exact JSON type (no coercion: ``1.7`` is not a
+    revision, ``42`` not a name).
     Raises :class:`SchemaVersionError` for a newer version and
     :class:`CorruptSessionError` (naming ``session_id``, or else the document's id) for
     anything else, including a migration that fails on a malformed older document.
@@ -199,8 +201,11 @@ def session_from_document(
             f"expected a JSON object, got {type(doc).__name__}", session_id=session_id
         )
     try:
+        # An older document's own messages (version 0's first message) have no rows in
+        # a store that keeps messages apart: they are kept, before the supplied history.
+        own_messages = messages is None or document_version(doc) < CURRENT_VERSION
         doc = migrate(dict(doc), session_id=session_id)
-        if messages is not None:
+        if not own_messages:
             doc["messages"] = []
         missing = [key for key in _REQUIRED_KEYS if key not in doc]
         if missing:
@@ -220,8 +225,21 @@ def session_from_document(
             f"invalid document ({detail})", session_id=session_id or _id_of(doc)
         ) from exc
     if messages is not None:
-        session = _replace_messages(session, messages)
+        session = _replace_messages(session, history_after(session.messages, messages))
     return session
+
+
+def history_after(older: MessageLog, history: MessageLog) -> MessageLog:
+    """``history`` (a store's stored messages, or a window of them) after ``older``, the
+    messages an older document version held itself (version 0's first message): a
+    store that keeps messages apart from the document has none of them stored (a window
+    the stored ones do not fill holds them too). A save of the whole history stores
+    them."""
+    if not older.total:
+        return history
+    if history.is_complete:
+        return MessageLog([*older, *history])
+    return MessageLog(list(history), offset=older.total + history.offset)
 
 
 def _id_of(doc: dict[str, Any]) -> uuid.UUID | None:

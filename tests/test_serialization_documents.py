@@ -178,6 +178,19 @@ def test_a_version_zero_name_this_version_refuses_moves_to_legacy() -> None:
     assert "name" not in s.loads(orjson.dumps(v0(name="notes-1"))).state["legacy"]
 
 
+@pytest.mark.parametrize("owner", ["", "a" * 257, "tab\there", "line\nbreak"])
+def test_a_version_zero_owner_this_version_refuses_moves_to_legacy(owner: str) -> None:
+    """helper-204: version 0 checked no owner; a document with one this version refuses
+    was corrupt (a file store quarantined it), though an equally refused name moved to
+    the legacy fields. The owner now does the same."""
+    session = s.loads(orjson.dumps(v0(owner=owner)))
+    assert session.owner is None and session.state["legacy"]["owner"] == owner
+    kept = s.loads(orjson.dumps(v0(owner="alice@example.com")))
+    assert kept.owner == "alice@example.com" and "owner" not in kept.state["legacy"]
+    with pytest.raises(s.CorruptSessionError):  # not text: ill-typed, as before
+        s.loads(orjson.dumps(v0(owner=42)))
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

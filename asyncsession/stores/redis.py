@@ -93,6 +93,7 @@ from .._models import (
 from .._serialization import (
     dump_document,
     dump_message,
+    history_after,
     load_message,
     load_version,
     session_from_document,
@@ -1612,7 +1613,7 @@ class RedisRepository(SessionRepository, EventTransport):
             revision=int(revision),
             last_active=_datetime(last_active),
             expires_at=None if expires_at is None else _datetime(expires_at),
-            messages=messages,
+            messages=history_after(base.messages, messages),  # (an older document's own)
         )
 
     def _message(self, raw: Any, session_id: uuid.UUID) -> Message:

@@ -133,9 +133,9 @@ def changed(session: Session, **changes: Any) -> Session:
     return attrs.evolve(session, revision=session.revision + 1, **changes)
 
 
-def version_0_document(session: Session) -> bytes:
+def version_0_document(session: Session, first_message: str | None = None) -> bytes:
     """A schema-version-0 document of ``session`` (seed 002's format), as stored bytes."""
-    doc = {
+    doc: dict[str, Any] = {
         "version": 0,
         "id": str(session.id),
         "created": session.created_at.isoformat(),
@@ -147,6 +147,8 @@ def version_0_document(session: Session) -> bytes:
         "message_count": session.messages.total,
         "file_count": 0,
     }
+    if first_message is not None:  # version 0 kept it in the document
+        doc["first_message"] = first_message
     return orjson.dumps(doc)
 
 
@@ -2013,6 +2015,31 @@ class RepositoryContract:
             newer.id: CURRENT_VERSION + 1,
             current.id: CURRENT_VERSION,
         }
+
+    async def test_an_old_documents_own_message_is_kept(
+        self, repository: SessionRepository, anyio_backend: Any
+    ) -> None:
+        """Version 0 kept the first message in the document. A store that keeps
+        messages apart from it (SQLite, Redis) has no stored message for it: it comes
+        before the stored ones, in reads and appends, until a save stores it."""
+        session = make_session()
+        await repository.add(session)
+        await self.replace_document(repository, session.id, version_0_document(session, "one"))
+        loaded = await repository.get(session.id)
+        assert loaded is not None and [m.content for m in loaded.messages] == ["one"]
+        assert loaded.messages[0] == Message("user", "one", session.created_at, None)
+        appended = await repository.append(session.id, [msg("two", 1)], at=at(1), policy=POLICY)
+        assert appended.messages.total == 2 and appended.messages[-1].content == "two"
+        loaded = await repository.get(session.id)
+        assert loaded is not None and [m.content for m in loaded.messages] == ["one", "two"]
+        # (a store may give such a message in a window the stored ones do not fill)
+        window = await repository.get(session.id, last_messages=1)
+        assert window is not None and window.messages.total == 2
+        assert list(window.messages) == list(loaded.messages)[window.messages.offset :]
+        await repository.save(changed(loaded), expected_revision=loaded.revision)
+        assert await known_versions(repository, [session.id]) == {session.id: CURRENT_VERSION}
+        saved = await repository.get(session.id)
+        assert saved is not None and list(saved.messages) == list(loaded.messages)
 
     async def test_document_versions_refuse_unreadable_documents(
         self, repository: SessionRepository, anyio_backend: Any
