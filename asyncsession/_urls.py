@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import re
+import unicodedata
 import urllib.parse
 
 from ._exceptions import InvalidConfiguration, SessionError, tilde_note
@@ -93,13 +94,14 @@ def shown_url(url: str) -> str:
 
 
 def _masked_query(url: str) -> str:
-    """``url`` with the value of each ``password`` query parameter masked."""
+    """``url`` with the value of each query parameter whose name holds ``pass``
+    (``password``, ``Password``, ``passphrase``) masked."""
     head, question_mark, query = url.partition("?")
     if not question_mark:
         return url
     query, hash_sign, fragment = query.partition("#")
     items = [
-        f"{name}=***" if urllib.parse.unquote_plus(name) == "password" else item
+        f"{name}=***" if "pass" in urllib.parse.unquote_plus(name).lower() else item
         for item in query.split("&")
         for name in [item.partition("=")[0]]
     ]
@@ -115,7 +117,7 @@ def _check_text(url: str) -> None:
     """Refuse a URL with whitespace around it or a control character in it (a newline
     left at the end by an environment file): it would name another file, directory or
     prefix, without an error."""
-    if url != url.strip() or any(c < " " or c == "\x7f" for c in url):
+    if url != url.strip() or any(unicodedata.category(c) == "Cc" for c in url):
         raise InvalidConfiguration(
             f"Invalid store URL {_shown(url)}: it has whitespace at an end or a control "
             "character (a newline?); remove it. Write a space in a path as %20."
@@ -126,19 +128,19 @@ def _local_path(url: str, path: str) -> str:
     """The percent-decoded file system path of a ``sqlite:``/``file:`` URL's ``path``."""
     if "?" in path or "#" in path:
         raise InvalidConfiguration(
-            f"Invalid store URL {url!r}: sqlite: and file: URLs take no query string or "
+            f"Invalid store URL {_shown(url)}: sqlite: and file: URLs take no query string or "
             "fragment. Write a '?' in a file name as %3F and a '#' as %23."
         )
     try:
         decoded = urllib.parse.unquote(path, errors="strict")
     except UnicodeDecodeError:
         raise InvalidConfiguration(
-            f"Invalid store URL {url!r}: its percent-escapes are not UTF-8 text. "
+            f"Invalid store URL {_shown(url)}: its percent-escapes are not UTF-8 text. "
             "Percent-encode the path's UTF-8 bytes (a space is %20)."
         ) from None
     if "\x00" in decoded:
         raise InvalidConfiguration(
-            f"Invalid store URL {url!r}: a path cannot contain a NUL character (%00)."
+            f"Invalid store URL {_shown(url)}: a path cannot contain a NUL character (%00)."
         )
     return decoded
 
@@ -263,6 +265,26 @@ def check_redis_url(url: str, *, takes_prefix: bool) -> None:
     """
     scheme = url.partition("://")[0]
     shown = _shown(url)
+    _check_text(url)
+    # Before urlsplit: a '#', '?' or '/' in a password ends the authority there, and
+    # urlsplit then reads the rest of the password as a port.
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if "?" in userinfo or "#" in userinfo:  # the query would hold part of the password
+        raise InvalidConfiguration(
+            f"Invalid Redis URL {shown}: a '?' or '#' comes before its last '@'; "
+            f"{_ENCODING_HINT}, and an '@' in the query as %40."
+        )
+    if scheme != "unix" and "/" in userinfo:  # the path would hold part of the password
+        raise InvalidConfiguration(
+            f"Invalid Redis URL {shown}: a '/' comes before its last '@'; {_ENCODING_HINT}."
+        )
+    try:
+        urllib.parse.unquote(userinfo, errors="strict")
+    except UnicodeDecodeError:  # the client would turn the bytes into U+FFFD
+        raise InvalidConfiguration(
+            f"Invalid Redis URL {shown}: the percent-escapes of its user name or password "
+            f"are not UTF-8 text; {_ENCODING_HINT}."
+        ) from None
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -278,17 +300,6 @@ def check_redis_url(url: str, *, takes_prefix: bool) -> None:
             f"Invalid Redis URL {shown}: {problem}. Write it as redis://host:6379/0 (IPv6 as "
             f"redis://[::1]:6379/0); {_ENCODING_HINT}."
         ) from None
-    _check_text(url)
-    userinfo = url.partition("://")[2].rpartition("@")[0]
-    if "?" in userinfo or "#" in userinfo:  # the query would hold part of the password
-        raise InvalidConfiguration(
-            f"Invalid Redis URL {shown}: a '?' or '#' comes before its last '@'; "
-            f"{_ENCODING_HINT}, and an '@' in the query as %40."
-        )
-    if scheme != "unix" and "/" in userinfo:  # the path would hold part of the password
-        raise InvalidConfiguration(
-            f"Invalid Redis URL {shown}: a '/' comes before its last '@'; {_ENCODING_HINT}."
-        )
     if "#" in url:  # the client drops a fragment: ?prefix=a#b would be the prefix "a"
         raise InvalidConfiguration(
             f"Invalid Redis URL {shown}: a Redis URL takes no fragment ('#...'); write a "

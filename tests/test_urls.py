@@ -365,6 +365,8 @@ def test_local_paths_are_percent_decoded(tmp_path: Path) -> None:
         "memory://\r\n",
         "redis://localhost/0?prefix=app:\n",
         "redis://localhost/0\x7f",
+        "sqlite:///a\x9b31mb.db",  # helper-204: C1 control characters passed
+        "redis://localhost/0?prefix=a\x85b",
     ],
 )
 def test_urls_with_whitespace_at_an_end_or_control_characters_are_refused(url: str) -> None:
@@ -376,6 +378,51 @@ def test_urls_with_whitespace_at_an_end_or_control_characters_are_refused(url: s
     if url.startswith("redis"):
         with pytest.raises(s.InvalidConfiguration, match="whitespace at an end"):
             s.RedisRepository(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://user:s3cr3t#x@h/0", "a '?' or '#' comes before its last '@'"),
+        ("redis://user:s3cr3t?x@h:6379/0", "a '?' or '#' comes before its last '@'"),
+        ("redis://user:s3/cr3t@h/0", "a '/' comes before its last '@'"),
+        ("redis://user:%ff@h/0", "are not UTF-8 text"),
+    ],
+)
+def test_a_password_the_url_cannot_carry_is_named_as_the_problem(url: str, says: str) -> None:
+    """helper-204: an unencoded '#', '?' or '/' in a password was reported as "its port
+    is not a number", and a password that is not UTF-8 became U+FFFD for the client."""
+    pytest.importorskip("coredis")
+    with pytest.raises(s.InvalidConfiguration, match="Invalid Redis URL") as caught:
+        s.repository_from_url(url)
+    assert says in str(caught.value) and "port" not in str(caught.value)
+    assert "s3cr3t" not in str(caught.value) and "%ff" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///x.db?password=hunter2",
+        "file:///tmp/store?passphrase=hunter2",
+        "redis://localhost/0?Password=hunter2",
+    ],
+)
+def test_a_password_like_query_parameter_is_masked_in_every_error(url: str) -> None:
+    """helper-204: local URLs' errors quoted the URL as written, and only a parameter
+    named exactly ``password`` was masked."""
+    pytest.importorskip("coredis")
+    with pytest.raises(s.InvalidConfiguration) as caught:
+        s.repository_from_url(url)
+    assert "hunter2" not in str(caught.value) and "=***" in str(caught.value)
+
+
+def test_a_sqlite_path_naming_a_directory_is_refused(tmp_path: Path) -> None:
+    """helper-204: sqlite:///mystore/ quietly made a database file named mystore."""
+    with pytest.raises(s.InvalidConfiguration, match="names a directory"):
+        s.repository_from_url("sqlite:///mystore/")
+    with pytest.raises(s.InvalidConfiguration, match="names a directory"):
+        s.SQLiteRepository(f"{tmp_path}/")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_tilde_in_a_file_url_is_said_not_to_be_expanded() -> None:

@@ -1227,6 +1227,11 @@ class SQLiteRepository(SessionRepository):
                     "SQLite would take another word for it without an error, in a way "
                     "reading it back cannot show."
                 )
+        if isinstance(path, str) and path.endswith(("/", os.sep)):  # Path() would drop it
+            raise InvalidConfiguration(
+                f"The SQLite path {path!r} ends with a separator, so it names a directory; "
+                f"name the database file in it, e.g. {path + 'sessions.db'!r}."
+            )
         self._path = Path(path)
         self._memory = os.fspath(self._path) == ":memory:"
         # The file SQLite opened, resolved at the open (see _connect), and its
