@@ -20,9 +20,12 @@ class SessionIdLogFilter(logging.Filter):
     """Adds ``record.session_id`` (the current session id, or ``"-"``) to log records.
 
     ``handler.addFilter(SessionIdLogFilter())`` and use ``%(session_id)s`` in the format.
+    A record that already has one (``logger.info(..., extra={"session_id": sid})``)
+    keeps it.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        current = _current.get()
-        record.session_id = str(current) if current is not None else "-"
+        if not hasattr(record, "session_id"):
+            current = _current.get()
+            record.session_id = str(current) if current is not None else "-"
         return True

@@ -1022,8 +1022,10 @@ async def test_log_filter_adds_the_current_session_id(caplog: pytest.LogCaptureF
             log.info("outside")
             async with sessions.bind(session.id):
                 log.info("inside")
+                # helper-204: an id given with the record was overwritten
+                log.info("given", extra={"session_id": "chosen"})
     ids = {r.getMessage(): r.session_id for r in caplog.records if r.name == log.name}  # type: ignore[attr-defined]
-    assert ids == {"outside": "-", "inside": str(session.id)}
+    assert ids == {"outside": "-", "inside": str(session.id), "given": "chosen"}
 
 
 _FORK_SCRIPT = """
