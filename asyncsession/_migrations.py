@@ -161,8 +161,9 @@ def migrate(doc: dict[str, Any], *, session_id: Any = None) -> dict[str, Any]:
 
     Raises :class:`SchemaVersionError` for a newer version and
     :class:`CorruptSessionError` (naming ``session_id``) for a document without a valid
-    version. A step may raise anything on a malformed document:
-    :func:`asyncsession._serialization.session_from_document` turns that into
+    version. A step raises :class:`CorruptSessionError`, or ``KeyError``,
+    ``TypeError``, ``ValueError`` or ``AttributeError`` on a malformed document:
+    :func:`asyncsession._serialization.session_from_document` turns those into
     :class:`CorruptSessionError`.
     """
     version = document_version(doc, session_id=session_id)
