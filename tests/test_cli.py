@@ -2317,7 +2317,8 @@ def test_stats_of_reports_without_a_store_suggests_memory(
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "url",
-    ["sqlite:///:memory:", "sqlite:///%3Amemory%3A", "sqlite:///./:memory:", "sqlite:///:memory:/"],
+    # (sqlite:///:memory:/ names a directory: refused, see test_urls)
+    ["sqlite:///:memory:", "sqlite:///%3Amemory%3A", "sqlite:///./:memory:"],
 )
 def test_an_in_memory_sqlite_store_is_treated_like_memory(
     run: Run, tmp_path: Path, backend: str, url: str
