@@ -68,8 +68,9 @@ async def test_endless_sleeps_wait_until_cancelled(seconds: float, anyio_backend
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(sleeper)
-        while clock.sleepers == 0:
-            await anyio.lowlevel.checkpoint()
+        with anyio.fail_after(60):  # a hang guard
+            while clock.sleepers == 0:
+                await anyio.lowlevel.checkpoint()
         clock.advance(timedelta(days=365 * 1000))
         for _ in range(10):
             await anyio.lowlevel.checkpoint()
@@ -89,8 +90,9 @@ async def test_long_sleeps_within_range_still_wake(anyio_backend: str) -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(sleeper)
-        while clock.sleepers == 0:
-            await anyio.lowlevel.checkpoint()
+        with anyio.fail_after(60):  # a hang guard
+            while clock.sleepers == 0:
+                await anyio.lowlevel.checkpoint()
         clock.advance(1e10 - 1)
         for _ in range(5):
             await anyio.lowlevel.checkpoint()
@@ -136,8 +138,9 @@ async def test_a_microsecond_sleep_still_waits_for_the_clock(anyio_backend: str)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(sleeper)
-        while clock.sleepers == 0:
-            await anyio.lowlevel.checkpoint()
+        with anyio.fail_after(60):  # a hang guard
+            while clock.sleepers == 0:
+                await anyio.lowlevel.checkpoint()
         for _ in range(5):
             await anyio.lowlevel.checkpoint()
         assert not woke.is_set()

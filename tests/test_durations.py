@@ -158,6 +158,20 @@ def _manager(name: str) -> Callable[[Any], object]:
     return lambda value: s.SessionManager(s.MemoryRepository(), **{name: value})
 
 
+def _seconds(name: str, made: Any) -> float:
+    """The duration ``made`` (what a PARAMETERS constructor returned) keeps, in seconds."""
+    kept: dict[str, Callable[[Any], Any]] = {
+        "busy_timeout": lambda store: store._busy_timeout,
+        "lock_timeout": lambda store: store._lock_timeout,
+        "timeout": lambda store: store._timeout,
+        "key_expiry_grace": lambda store: int(store._grace) / 1e6,  # microseconds, as text
+        "idle_timeout": lambda manager: manager.policy.idle_timeout,
+        "cleanup_interval": lambda manager: manager._cleanup_interval,
+    }
+    value = kept.get(name, lambda policy: getattr(policy, name.rpartition(".")[2]))(made)
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
 # (name in messages, constructor, None accepted, 0 accepted, longest)
 DAYS = timedelta(days=36500)
 PARAMETERS: list[tuple[str, Callable[[Any], object], bool, bool, timedelta]] = [
@@ -182,6 +196,9 @@ def test_seconds_and_timedeltas_are_both_accepted(
     for value in (1, 2.5, timedelta(seconds=2.5), timedelta(minutes=3), longest):
         make(value)
     make(longest.total_seconds())
+    # both forms mean the same duration (seconds are not read as another unit)
+    for seconds, delta in ((2.5, timedelta(seconds=2.5)), (180, timedelta(minutes=3))):
+        assert _seconds(name, make(seconds)) == _seconds(name, make(delta)) == seconds, name
     if none:
         make(None)
     if zero:

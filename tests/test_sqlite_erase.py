@@ -340,10 +340,19 @@ async def test_checkpoint_vacuum_blocked_by_another_connection_raises_and_recove
 
 async def test_checkpoint_vacuum_of_a_memory_database(anyio_backend: str) -> None:
     async with SQLiteRepository(":memory:") as repo:
-        session = make_session()
-        await repo.add(session)
-        await repo.checkpoint(vacuum=True)
-        assert await repo.get(session.id) is not None
+        sessions = [make_session() for _ in range(300)]
+        for session in sessions:
+            await repo.add(session)
+        for session in sessions[1:]:
+            await repo.delete(session.id)
+
+        def pages(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("PRAGMA page_count").fetchone()[0])
+
+        before = await repo._call(pages, write=False)
+        await repo.checkpoint(vacuum=True)  # compacts it: there is no log to truncate
+        assert await repo._call(pages, write=False) < before / 2
+        assert await repo.get(sessions[0].id) == sessions[0]
 
 
 async def test_checkpoints_of_one_batch_stop_waiting_once_one_gives_up(
