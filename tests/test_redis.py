@@ -1288,7 +1288,9 @@ class Network:
         self.stall = True
         self._open: set[object] = set()
         self._dead: set[object] = set()
-        self.replies_at = 0.0
+        self.requests = 0  # chunks passed on to the server
+        self._more = anyio.Event()  # set (and replaced) at each of them
+        self._held: anyio.Event | None = None
 
     def black_hole(self) -> None:
         """From now on the connections open now carry nothing either way, and are not
@@ -1296,10 +1298,27 @@ class Network:
         are forwarded."""
         self._dead |= self._open
 
-    def stall_replies(self, seconds: float) -> None:
-        """Hold what the server sends for ``seconds`` from now, then pass it on in order
-        (a server busy for a while: a slow script, a fork for a snapshot)."""
-        self.replies_at = anyio.current_time() + seconds
+    def hold_replies(self) -> None:
+        """Hold what the server sends from now until :meth:`release_replies`, then pass
+        it on in order (a server busy for a while: a slow script, a fork for a snapshot)."""
+        self._held = anyio.Event()
+
+    def release_replies(self) -> None:
+        if self._held is not None:
+            self._held.set()
+            self._held = None
+
+    async def sent(self, count: int) -> None:
+        """Wait until ``count`` chunks in all have been passed on to the server."""
+        with anyio.fail_after(30):  # a hang guard
+            while self.requests < count:
+                await self._more.wait()
+
+    def passed_on(self) -> None:
+        """A chunk was passed on to the server."""
+        self.requests += 1
+        self._more.set()
+        self._more = anyio.Event()
 
     def opened(self) -> object:
         """A token for a connection just opened."""
@@ -1323,10 +1342,13 @@ async def tcp_proxy(target_port: int) -> AsyncIterator[tuple[int, Network]]:
     ) -> None:
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             async for chunk in source:
-                if replies:
-                    await anyio.sleep_until(network.replies_at)
+                held = network._held
+                if replies and held is not None:
+                    await held.wait()
                 if network.carries(pair):
                     await sink.send(chunk)
+                    if not replies:
+                        network.passed_on()
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             await sink.send_eof()
 
@@ -1417,28 +1439,37 @@ async def test_a_slow_reply_retires_its_connection_but_fails_no_other_request(
     ("Connection lost!", "the write may or may not have been applied"), and a warning
     came for each timed-out request. Now the connection is retired: taken out of the
     pool, closed once its replies came, with one warning."""
-    async with proxied_store(redis_server, store_timeout=0.5) as (store, network):
+    async with proxied_store(redis_server, store_timeout=3) as (store, network):
         network.stall = False
         first, second = new_session(), new_session()
         await store.add(first)
         outcome: dict[str, object] = {}
 
-        async def late() -> None:  # sent at once, answered after 0.7 s: times out
+        late_done = anyio.Event()
+
+        async def late() -> None:  # its reply is held past its deadline: times out
             try:
                 await store.get(first.id)
             except StorageError as exc:
                 outcome["late"] = exc
+            late_done.set()
 
-        async def in_time() -> None:  # sent 0.3 s later on the same connection
-            await anyio.sleep(0.3)
+        async def in_time() -> None:  # answered once late timed out: 1.5 s to spare
             await store.add(second)
             outcome["in time"] = True
 
         with caplog.at_level(logging.WARNING, "asyncsession.stores.redis"):
-            network.stall_replies(0.7)
+            network.hold_replies()
             async with anyio.create_task_group() as tg:
+                sent = network.requests
                 tg.start_soon(late)
+                await network.sent(sent + 1)
+                await anyio.sleep(1.5)  # so in_time's deadline comes 1.5 s after late's
                 tg.start_soon(in_time)
+                await network.sent(sent + 2)
+                with anyio.fail_after(30):  # a hang guard
+                    await late_done.wait()
+                network.release_replies()
         assert isinstance(outcome.get("late"), StorageError), outcome
         assert outcome.get("in time") is True, outcome
         retired = [r for r in caplog.records if "its connection is retired" in r.getMessage()]
@@ -1476,8 +1507,10 @@ async def test_a_retired_connection_closes_though_a_request_on_it_was_cancelled(
                     await store.get(session.id)  # on the same connection: times out
             await anyio.sleep(0.1)
             assert (await store.get(session.id)).id == session.id  # a new connection
-        await anyio.sleep(0.7)  # past every deadline of the requests sent on them
-        assert len(pool._online_connections) <= pool.max_connections
+        # closed by the deadlines of the requests sent on them at the latest
+        with anyio.fail_after(30):  # a regression keeps them open: this fails
+            while len(pool._online_connections) > pool.max_connections:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
 
 
 @pytest.mark.anyio
