@@ -18,7 +18,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 import test_cli
 from test_cli import BACKENDS, Run, assert_one_line_error, on_backend, populate
@@ -82,7 +84,7 @@ class FifoReader:
         self.received: bytes | None = None
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
-        time.sleep(0.2)  # waiting in open() by now
+        wait_in_fifo_open(self.thread)
 
     def _read(self) -> None:
         with open(self.fifo, "rb") as stream:  # blocks until a writer opens it
@@ -104,6 +106,22 @@ class FifoReader:
                 stream.write(data)
         self.thread.join(10)
         return self.received
+
+
+def wait_in_fifo_open(thread: threading.Thread) -> None:
+    """Wait until ``thread`` blocks in the open() of a FIFO (Linux names that wait
+    ``wait_for_partner``); where the kernel does not tell, give it a moment."""
+    wchan = Path(f"/proc/self/task/{thread.native_id}/wchan")
+    start = time.monotonic()
+    seen: set[str] = set()
+    while wchan.exists() and (now := wchan.read_text()) != "wait_for_partner":
+        seen.add(now)
+        if seen == {"0"} and time.monotonic() > start + 2:
+            return  # a kernel that hides where threads wait: 2 s is the moment
+        assert time.monotonic() < start + 30 and thread.is_alive(), "not in open()"
+        time.sleep(0.005)
+    if not wchan.exists():
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -149,9 +167,7 @@ def test_an_export_to_a_fifo_waits_for_its_reader(tmp_path: Path, backend: str) 
         text=True,
     )
     try:
-        time.sleep(1)
-        assert export.poll() is None  # waiting for a reader
-        with open(fifo, "rb") as reader:
+        with open(fifo, "rb") as reader:  # (that it waited: the test below)
             received = reader.read()
         _, stderr = export.communicate(timeout=60)
     finally:
@@ -160,6 +176,49 @@ def test_an_export_to_a_fifo_waits_for_its_reader(tmp_path: Path, backend: str) 
             export.wait()
     assert export.returncode == 0, stderr
     assert sorted(str(s.loads(line).id) for line in received.splitlines()) == sorted(ids)
+
+
+@pytest.mark.anyio
+async def test_an_export_to_a_fifo_without_a_reader_waits_for_one(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIFO no one reads yet is retried (its open would fail with ENXIO) until a
+    reader comes, as a shell's ``>`` waits."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    tries = 0
+    open_appended = _cli._open_appended
+
+    def counted(output: str, *, blocking: bool) -> Any:
+        nonlocal tries
+        stream = open_appended(output, blocking=blocking)
+        tries += stream is None
+        return stream
+
+    monkeypatch.setattr(_cli, "_open_appended", counted)
+    exported: list[Any] = []
+
+    def read() -> bytes:
+        with open(fifo, "rb") as reader:
+            return reader.read()
+
+    async with s.SessionManager(s.MemoryRepository(), cleanup_interval=None) as sessions:
+        ids = sorted([str((await sessions.create()).id) for _ in range(3)])
+        async with anyio.create_task_group() as tg:
+
+            async def export() -> None:
+                exported.append(
+                    await _cli._export_in_place(sessions.repository, str(fifo), None, None)
+                )
+
+            tg.start_soon(export)
+            with anyio.fail_after(60):  # a hang guard
+                while tries < 3:  # noqa: ASYNC110 - the tries are counted in the export
+                    await anyio.sleep(0.01)
+            assert exported == []  # still waiting for a reader
+            received = await anyio.to_thread.run_sync(read)
+    assert sorted(str(s.loads(line).id) for line in received.splitlines()) == ids
+    assert len(exported) == 1
 
 
 def account() -> tuple[int, str]:
