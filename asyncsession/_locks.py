@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import uuid
 from collections import deque
@@ -15,13 +16,13 @@ __all__ = ["KeyedLocks"]
 
 
 class _Waiter:
-    __slots__ = ("event", "granted", "owner", "thread", "token")
+    __slots__ = ("event", "granted", "loop", "owner", "token")
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
         self.event = anyio.Event()
         self.token = anyio.lowlevel.current_token()  # its event loop, to wake it from others
-        self.thread = threading.get_ident()  # that loop's thread
+        self.loop = self.token.native_token
         self.granted = False  # handed the lock (under the mutex)
 
 
@@ -42,35 +43,18 @@ class _Held:
         self._id = key.int
 
     async def __aenter__(self) -> None:
-        me = current_task()
         locks = self._locks
-        with locks._mutex:
-            entry = locks._entries.get(self._id)
-            if entry is None:  # free: taken without a checkpoint (like fast_acquire)
-                locks._entries[self._id] = _Entry(me)
-                return
-            if entry.owner is me:
-                raise RuntimeError(
-                    f"This task already holds session {self._key}'s lock: an update "
-                    "function must not update, close or rotate its own session through "
-                    "the manager (return the changed snapshot instead)."
-                )
-            waiter = _Waiter(me)
-            entry.waiters.append(waiter)
+        waiter = locks._enter(self._id, self._key)
+        if waiter is None:  # free: taken without a checkpoint (like fast_acquire)
+            return
         try:
             await waiter.event.wait()
         except BaseException:
-            with locks._mutex:
-                if waiter.granted:  # handed over just as we were cancelled: pass it on
-                    locks._hand_over(self._id)
-                else:
-                    entry.waiters.remove(waiter)
+            locks._give_up(self._id, waiter)
             raise
 
     async def __aexit__(self, *exc_info: object) -> None:
-        locks = self._locks
-        with locks._mutex:
-            locks._hand_over(self._id)
+        self._locks._release(self._id)
 
 
 class KeyedLocks:
@@ -79,8 +63,10 @@ class KeyedLocks:
     An uncontended key costs a dict entry and no event-loop primitive. Not reentrant: a
     task acquiring a key it holds gets ``RuntimeError`` instead of waiting for itself.
     Tasks of several event loops (in several threads, asyncio and trio alike) may share
-    the locks: a waiter is woken through its own loop. Keyed by the id's integer
-    (``uuid.UUID`` hashes in Python code).
+    the locks: a waiter is woken through its own loop, and one whose loop has closed is
+    passed over (a loop stopped but not closed with a task still waiting holds the key
+    up until it closes: cancel a loop's tasks before stopping it). Keyed by the id's
+    integer (``uuid.UUID`` hashes in Python code).
     """
 
     __slots__ = ("_entries", "_mutex")
@@ -95,17 +81,77 @@ class KeyedLocks:
     def __len__(self) -> int:
         return len(self._entries)
 
+    # The three steps below change the entries under the mutex. On trio, Ctrl-C must not
+    # interrupt them half way (waiters of other event loops would be stranded): they are
+    # protected from KeyboardInterrupt once trio is in use (see _protect_from_ki).
+
+    def _enter(self, key: int, name: uuid.UUID) -> _Waiter | None:
+        """Take ``key`` if it is free (None), else queue the current task (its waiter)."""
+        if not _KI_PROTECTED:
+            _protect_from_ki()
+        me = current_task()
+        with self._mutex:
+            entry = self._entries.get(key)
+            if entry is None:
+                self._entries[key] = _Entry(me)
+                return None
+            if entry.owner is me:
+                raise RuntimeError(
+                    f"This task already holds session {name}'s lock: an update function "
+                    "must not update, close or rotate its own session through the "
+                    "manager (return the changed snapshot instead)."
+                )
+            waiter = _Waiter(me)
+            entry.waiters.append(waiter)
+            return waiter
+
+    def _give_up(self, key: int, waiter: _Waiter) -> None:
+        """``waiter``'s wait ended (cancelled): leave the queue, or pass the key on if it
+        was handed over just then."""
+        with self._mutex:
+            if waiter.granted:
+                self._hand_over(key)
+                return
+            entry = self._entries.get(key)
+            if entry is not None and waiter in entry.waiters:  # (not if passed over)
+                entry.waiters.remove(waiter)
+
+    def _release(self, key: int) -> None:
+        with self._mutex:
+            self._hand_over(key)
+
     def _hand_over(self, key: int) -> None:
-        """Give ``key``'s lock to its longest waiter whose loop still runs, or free it
-        (mutex held)."""
+        """Give ``key`` to its longest waiter whose loop still runs, or free it (mutex
+        held)."""
         entry = self._entries[key]
+        here: object = None
         while entry.waiters:
             waiter = entry.waiters.popleft()
             entry.owner, waiter.granted = waiter.owner, True  # FIFO
-            if waiter.thread == threading.get_ident():
+            if here is None:
+                here = anyio.lowlevel.current_token().native_token
+            if waiter.loop is here:
                 waiter.event.set()
                 return
             if set_soon(waiter.token, waiter.event):
                 return
-            # its event loop has ended, and its task with it: the next waiter
+            # Its event loop has closed: the waiter will never run (its coroutine may
+            # still be closed later, by the garbage collector: it must not pass the key
+            # on then, not being its owner). The next waiter.
+            waiter.granted = False
         del self._entries[key]
+
+
+_KI_PROTECTED = False
+
+
+def _protect_from_ki() -> None:
+    """Protect :class:`KeyedLocks`' steps from trio's KeyboardInterrupt, once trio is
+    imported (importing it here would cost asyncio users its import)."""
+    global _KI_PROTECTED
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return
+    for step in (KeyedLocks._enter, KeyedLocks._give_up, KeyedLocks._release):
+        trio.lowlevel.enable_ki_protection(step)
+    _KI_PROTECTED = True

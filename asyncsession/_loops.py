@@ -26,11 +26,16 @@ _DETACHED: set[asyncio.Task[None]] = set()
 def current_task() -> object:
     """The running task object itself (asyncio's or trio's), not a description of it:
     kept, it tells that task from any later one (an id may be reused once it ends)."""
-    loop = asyncio._get_running_loop()  # None, not an exception, when trio runs
+    imported = sys.modules.get("trio")  # not imported: not running
+    # First: a trio task may run inside an asyncio task (trio.run called in one, or
+    # trio's guest mode), whose loop asyncio then reports as running.
+    if imported is not None and imported.lowlevel.in_trio_task():
+        return imported.lowlevel.current_task()
+    loop = asyncio._get_running_loop()
     task = None if loop is None else asyncio.current_task(loop)
     if task is not None:
         return task
-    import trio  # only when trio runs, so it is installed
+    import trio  # outside any task: trio's error says so
 
     return trio.lowlevel.current_task()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import uuid
 from typing import Any
@@ -391,3 +392,147 @@ def test_trio_tasks_in_guest_mode_are_told_apart() -> None:
 
     asyncio.run(host())
     assert sorted(order) == [1, 2] and len(locks) == 0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_waiter_whose_loop_closed_is_passed_over_and_never_passes_the_key_on(
+    backend: str,
+) -> None:
+    # helper-206: a waiter left pending in an asyncio loop that was closed was passed
+    # over but kept its grant; when the garbage collector closed its coroutine later, it
+    # "passed on" a key someone else held: two holders, then a KeyError.
+    import asyncio
+    import gc
+
+    locks = KeyedLocks()
+    holding, release = threading.Event(), threading.Event()
+
+    async def first() -> None:
+        async with locks(A):
+            holding.set()
+            await anyio.to_thread.run_sync(release.wait)
+
+    def abandoned() -> None:  # a background loop stopped with a task still waiting
+        loop = asyncio.new_event_loop()
+
+        async def waiter() -> None:
+            async with locks(A):
+                raise AssertionError("a closed loop's task ran")
+
+        async def main() -> None:
+            task = loop.create_task(waiter())
+            while len(locks._entries[A.int].waiters) < 1:  # noqa: ASYNC110 - another thread
+                await asyncio.sleep(0)
+            del task  # left pending: the loop closes with it
+
+        loop.run_until_complete(main())
+        loop.close()
+
+    holder = threading.Thread(target=anyio.run, args=(first,), kwargs={"backend": backend})
+    holder.start()
+    holding.wait()
+    abandoned()
+    release.set()
+    holder.join()
+    assert len(locks) == 0  # the waiter of the closed loop was passed over
+
+    async def later() -> list[str]:
+        log: list[str] = []
+        inside: list[str] = []
+
+        async def hold(name: str) -> None:
+            async with locks(A):
+                inside.append(name)
+                log.append(f"{name} among {inside}")
+                if name == "c":
+                    while not locks._entries[A.int].waiters:  # d queues
+                        await anyio.lowlevel.checkpoint()
+                    gc.collect()  # the abandoned coroutine is closed now
+                    await anyio.sleep(0.01)
+                inside.remove(name)
+
+        with anyio.fail_after(60):  # a hang guard
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold, "c")
+                await anyio.lowlevel.checkpoint()
+                tg.start_soon(hold, "d")
+        return log
+
+    assert anyio.run(later, backend=backend) == ["c among ['c']", "d among ['d']"]
+    assert len(locks) == 0
+
+
+def test_trio_run_inside_an_asyncio_task_tells_its_tasks_apart() -> None:
+    # helper-206: trio.run called (synchronously) in an asyncio task: every trio task
+    # was taken for that asyncio task, so a second one "already held" the key.
+    import asyncio
+
+    import trio
+
+    locks = KeyedLocks()
+    got: list[int] = []
+
+    async def two_tasks() -> None:
+        async def task(n: int) -> None:
+            async with locks(A):
+                got.append(n)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(task, 1)
+            nursery.start_soon(task, 2)
+
+    async def main() -> None:
+        trio.run(two_tasks)
+
+    asyncio.run(main())
+    assert sorted(got) == [1, 2] and len(locks) == 0
+
+
+@pytest.mark.parametrize("line", ["popleft", "granted", "set_soon"])
+def test_ctrl_c_while_trio_hands_a_key_to_another_loop_strands_no_one(line: str) -> None:
+    # helper-206: a KeyboardInterrupt that trio raised part way through a hand-over left
+    # the key locked for good, or a waiter of another loop never woken. The steps under
+    # the mutex are protected from it (delivered after them).
+    import signal
+    import sys
+
+    import asyncsession._locks as module
+
+    source = inspect.getsource(module.KeyedLocks._hand_over).splitlines()
+    marker = {"popleft": "popleft()", "granted": "waiter.granted = ", "set_soon": "set_soon("}
+    first = module.KeyedLocks._hand_over.__code__.co_firstlineno
+    target = first + next(i for i, text in enumerate(source) if marker[line] in text)
+    locks = KeyedLocks()
+    outcome: list[str] = []
+
+    def at_line(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == target:
+            sys.settrace(None)
+            frame.f_trace = None
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C there
+        return at_line
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return at_line if frame.f_code is module.KeyedLocks._hand_over.__code__ else None
+
+    async def other() -> None:
+        with anyio.move_on_after(30):  # a hang guard
+            async with locks(A):
+                outcome.append("the other loop's task got the key")
+
+    async def main() -> None:
+        async with locks(A):
+            waiting.start()
+            while not locks._entries[A.int].waiters:  # noqa: ASYNC110 - another thread
+                await anyio.sleep(0.001)
+            sys.settrace(tracer)
+        outcome.append("released")
+
+    waiting = threading.Thread(target=anyio.run, args=(other,), kwargs={"backend": "asyncio"})
+    with pytest.raises(KeyboardInterrupt):
+        anyio.run(main, backend="trio")
+    sys.settrace(None)
+    waiting.join()
+    assert outcome == ["released", "the other loop's task got the key"]
+    assert len(locks) == 0
