@@ -344,14 +344,23 @@ class MessageLog(Sequence[Message]):
         if index < 0:  # index becomes a position in self._items
             index += self._stop
             if index < start:
-                raise IndexError("message index out of range")
+                raise self._out_of_range()
         else:
             index += start
             if index >= self._stop:
-                raise IndexError("message index out of range")
+                raise self._out_of_range()
         if self._decoder is None:
             return self._items[index]  # type: ignore[no-any-return]
         return self._load(index)
+
+    def _out_of_range(self) -> IndexError:
+        if self.is_complete:
+            return IndexError("message index out of range")
+        return IndexError(
+            f"message index out of range: this log is a window of {len(self)} of the "
+            f"session's {self.total} messages (a list item, or what add_message returned); "
+            "read the session with get(id) for the others"
+        )
 
     def __iter__(self) -> Iterator[Message]:
         if self._decoder is None:

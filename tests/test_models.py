@@ -283,6 +283,19 @@ class _RacingList(list):  # type: ignore[type-arg]
         super().append(item)
 
 
+def test_an_index_past_a_window_says_it_is_a_window() -> None:
+    # helper-208: a list item's messages (a window of none) raised a bare "message index
+    # out of range" for messages[-1], which the session does have.
+    message = s.Message("user", "x", datetime(2026, 1, 1, tzinfo=timezone.utc), None)
+    window = s.MessageLog([message], offset=3)
+    for index in (-2, 1):
+        with pytest.raises(IndexError, match="a window of 1 of the session's 4 messages"):
+            window[index]
+    assert window[-1] == window[0] == message
+    with pytest.raises(IndexError, match=r"^message index out of range$"):
+        s.MessageLog([message])[1]  # the whole history: nothing more to say
+
+
 def test_message_log_append_forks_when_another_append_won_the_position() -> None:
     first = s.Message("user", "one", NOW)
     theirs = s.Message("assistant", "theirs", NOW)
