@@ -2039,8 +2039,15 @@ def _fields(item: object) -> tuple[str, str, Any]:
     if isinstance(item, (tuple, list)) and len(item) in (2, 3):
         role, content, *rest = item
         return role, content, rest[0] if rest else None
+    hint = ""
+    if isinstance(item, Mapping):  # an openai-agents or chat-completions item, say
+        hint = (
+            ' For a dict such as {"role": ..., "content": ...} pass (item["role"], '
+            'item["content"]), or (role, "", item) to keep the whole item as data.'
+        )
     raise InvalidUpdate(
-        f"add_messages() takes (role, content) or (role, content, data) items; got {kind_of(item)}."
+        "add_messages() takes (role, content) or (role, content, data) items; got "
+        f"{kind_of(item)}.{hint}"
     )
 
 

@@ -1933,6 +1933,11 @@ async def test_add_messages_takes_lists_too_and_refuses_closed_sessions(
     for bad in (None, 5, "user: hi"):
         with pytest.raises(s.InvalidUpdate):
             await sessions.add_messages(session.id, bad)  # type: ignore[arg-type]
+    # helper-208: an openai-agents item (a dict) is told how to pass it
+    item = {"role": "user", "content": "hi"}
+    with pytest.raises(s.InvalidUpdate, match=r'pass \(item\["role"\], item\["content"\]\)'):
+        await sessions.add_messages(session.id, [item])  # type: ignore[list-item]
+    assert (await sessions.get(session.id)).messages.total == 2  # nothing added
     await sessions.close(session.id)
     with pytest.raises(s.SessionClosed):
         await sessions.add_messages(session.id, [])
