@@ -64,8 +64,9 @@ class KeyedLocks:
     task acquiring a key it holds gets ``RuntimeError`` instead of waiting for itself.
     Tasks of several event loops (in several threads, asyncio and trio alike) may share
     the locks: a waiter is woken through its own loop, and one whose loop has closed is
-    passed over (a loop stopped but not closed with a task still waiting holds the key
-    up until it closes: cancel a loop's tasks before stopping it). Keyed by the id's
+    passed over. A task left holding or waiting for a key in a loop that was stopped
+    with its tasks still pending holds that key up for good: cancel a loop's tasks
+    before stopping it, as ``asyncio.run`` and ``anyio.run`` do. Keyed by the id's
     integer (``uuid.UUID`` hashes in Python code).
     """
 
@@ -129,7 +130,7 @@ class KeyedLocks:
             waiter = entry.waiters.popleft()
             entry.owner, waiter.granted = waiter.owner, True  # FIFO
             if here is None:
-                here = anyio.lowlevel.current_token().native_token
+                here = _current_loop()
             if waiter.loop is here:
                 waiter.event.set()
                 return
@@ -142,6 +143,16 @@ class KeyedLocks:
         del self._entries[key]
 
 
+def _current_loop() -> object:
+    """The running event loop's token, or a stand-in outside one (a waiter's coroutine
+    closed by the garbage collector: every waiter is then woken through its own loop)."""
+    try:
+        return anyio.lowlevel.current_token().native_token
+    except RuntimeError:  # anyio's NoEventLoopError (a RuntimeError) outside a loop
+        return _NO_LOOP
+
+
+_NO_LOOP = object()
 _KI_PROTECTED = False
 
 
