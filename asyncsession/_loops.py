@@ -28,9 +28,17 @@ def current_task() -> object:
     kept, it tells that task from any later one (an id may be reused once it ends)."""
     imported = sys.modules.get("trio")  # not imported: not running
     # First: a trio task may run inside an asyncio task (trio.run called in one, or
-    # trio's guest mode), whose loop asyncio then reports as running.
-    if imported is not None and imported.lowlevel.in_trio_task():
-        return imported.lowlevel.current_task()
+    # trio's guest mode), whose loop asyncio then reports as running. Trio names itself
+    # in sniffio's thread-local (sniffio is trio's dependency) while its code runs: a
+    # cheap test before its own.
+    if imported is not None:
+        sniffio = sys.modules.get("sniffio")
+        if (
+            sniffio is not None
+            and sniffio.thread_local.name == "trio"
+            and imported.lowlevel.in_trio_task()
+        ):
+            return imported.lowlevel.current_task()
     loop = asyncio._get_running_loop()
     task = None if loop is None else asyncio.current_task(loop)
     if task is not None:
