@@ -420,8 +420,9 @@ def test_a_sqlite_path_naming_a_directory_is_refused(tmp_path: Path) -> None:
     """helper-204: sqlite:///mystore/ quietly made a database file named mystore."""
     with pytest.raises(s.InvalidConfiguration, match="names a directory"):
         s.repository_from_url("sqlite:///mystore/")
-    with pytest.raises(s.InvalidConfiguration, match="names a directory"):
-        s.SQLiteRepository(f"{tmp_path}/")
+    for path in (f"{tmp_path}/", f"{tmp_path}/.", f"{tmp_path}/sub/.."):
+        with pytest.raises(s.InvalidConfiguration, match="names a directory"):
+            s.SQLiteRepository(path)
     assert list(tmp_path.iterdir()) == []
 
 

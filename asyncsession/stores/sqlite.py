@@ -1227,10 +1227,12 @@ class SQLiteRepository(SessionRepository):
                     "SQLite would take another word for it without an error, in a way "
                     "reading it back cannot show."
                 )
-        if isinstance(path, str) and path.endswith(("/", os.sep)):  # Path() would drop it
+        if isinstance(path, str) and (
+            path.endswith(("/", os.sep)) or os.path.basename(path) in (".", "..")
+        ):  # "store/" and "store/." name a directory, but Path() would make them "store"
             raise InvalidConfiguration(
-                f"The SQLite path {path!r} ends with a separator, so it names a directory; "
-                f"name the database file in it, e.g. {path + 'sessions.db'!r}."
+                f"The SQLite path {path!r} names a directory; name the database file in "
+                f"it, e.g. {os.path.join(path, 'sessions.db')!r}."
             )
         self._path = Path(path)
         self._memory = os.fspath(self._path) == ":memory:"
