@@ -536,3 +536,55 @@ def test_ctrl_c_while_trio_hands_a_key_to_another_loop_strands_no_one(line: str)
     waiting.join()
     assert outcome == ["released", "the other loop's task got the key"]
     assert len(locks) == 0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_granted_waiter_closed_outside_any_loop_hands_the_key_on(backend: str) -> None:
+    # helper-209: a key handed to a task of a loop stopped with it pending was passed on
+    # when that task's coroutine was closed (after the loop closed, outside any loop)
+    # only half way: the next waiter was made the owner but never woken.
+    import asyncio
+    import time
+
+    locks = KeyedLocks()
+    holding, release = threading.Event(), threading.Event()
+    outcome: list[str] = []
+
+    async def first() -> None:
+        async with locks(A):
+            holding.set()
+            await anyio.to_thread.run_sync(release.wait)
+
+    async def last() -> None:
+        with anyio.move_on_after(30):  # a hang guard
+            async with locks(A):
+                outcome.append("the last waiter got the key")
+
+    holder = threading.Thread(target=anyio.run, args=(first,), kwargs={"backend": backend})
+    holder.start()
+    holding.wait()
+    loop = asyncio.new_event_loop()
+
+    async def abandoned() -> None:
+        async with locks(A):
+            raise AssertionError("a stopped loop's task ran")
+
+    async def start() -> asyncio.Task[None]:
+        task = loop.create_task(abandoned())
+        while not locks._entries[A.int].waiters:  # noqa: ASYNC110 - another thread's
+            await asyncio.sleep(0)
+        return task
+
+    task = loop.run_until_complete(start())  # stopped with the task waiting
+    waiter = threading.Thread(target=anyio.run, args=(last,), kwargs={"backend": backend})
+    waiter.start()
+    deadline = time.monotonic() + 30  # a hang guard
+    while len(locks._entries[A.int].waiters) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    release.set()
+    holder.join()  # handed to the stopped loop's task, which cannot run
+    loop.close()
+    task.get_coro().close()  # as the garbage collector would, outside any loop
+    waiter.join()
+    assert outcome == ["the last waiter got the key"] and len(locks) == 0
