@@ -24,6 +24,7 @@ import orjson
 import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
+from loops_support import run_in_threads
 
 import asyncsession
 from asyncsession import (
@@ -1487,7 +1488,6 @@ def test_one_store_serves_managers_on_event_loops_in_two_threads(
 
     sid = anyio.run(create)
     both_open, both_done = threading.Barrier(2), threading.Barrier(2)
-    failures: list[BaseException] = []
 
     async def writer(name: str) -> None:
         async with SessionManager(repo) as sessions:
@@ -1503,23 +1503,11 @@ def test_one_store_serves_managers_on_event_loops_in_two_threads(
                         tg.start_soon(add, n)
             await anyio.to_thread.run_sync(both_done.wait)
 
-    def run(name: str, backend: str) -> None:
-        try:
-            anyio.run(writer, name, backend=backend)
-        except BaseException as exc:
-            failures.append(exc)
-            both_open.abort()
-            both_done.abort()
+    def release_the_other() -> None:
+        both_open.abort()
+        both_done.abort()
 
-    threads = [
-        threading.Thread(target=run, args=(f"{backend}{i}", backend))
-        for i, backend in enumerate(backends)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    assert run_in_threads(writer, backends, on_failure=release_the_other) == []
 
     async def read() -> list[str]:
         async with SessionManager(repo) as sessions:

@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from loops_support import run_in_threads
 
 from asyncsession._locks import KeyedLocks
 
@@ -322,7 +323,6 @@ def test_tasks_of_loops_in_several_threads_share_a_key(backends: tuple[str, str]
     guard = threading.Lock()
     inside: list[int] = []
     entered: list[str] = []
-    failures: list[BaseException] = []
 
     async def loop(name: str) -> None:
         async def task(n: int) -> None:
@@ -341,21 +341,7 @@ def test_tasks_of_loops_in_several_threads_share_a_key(backends: tuple[str, str]
                 for n in range(3):
                     tg.start_soon(task, n + 10 * len(name))
 
-    def run(name: str, backend: str) -> None:
-        try:
-            anyio.run(loop, name, backend=backend)
-        except BaseException as exc:
-            failures.append(exc)
-
-    threads = [
-        threading.Thread(target=run, args=(f"{backend}-{i}", backend))
-        for i, backend in enumerate(backends)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    assert run_in_threads(loop, backends) == []
     assert len(entered) == 2 * 3 * 20 and len(locks) == 0
 
 
