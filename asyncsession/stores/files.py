@@ -706,12 +706,12 @@ class FileRepository(SessionRepository):
         try:
             await self._call(self._open_sync)
         except BaseException:
-            self._limiter = None
+            self._limiter = self._limiter_loop = None
             self._index.clear()
             raise
 
     async def _close(self) -> None:
-        self._limiter = None
+        self._limiter = self._limiter_loop = None  # (not keeping a closed loop alive)
         self._index.clear()
         self._expiry_notes.clear()
         self._scan_notes.clear()
