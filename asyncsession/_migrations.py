@@ -6,13 +6,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from ._exceptions import (
-    CorruptSessionError,
-    InvalidOwner,
-    InvalidSessionName,
-    SchemaVersionError,
-    kind_of,
-)
+from ._exceptions import CorruptSessionError, SchemaVersionError, ValidationError, kind_of
 from ._models import SessionStatus, validate_name, validate_owner
 
 __all__ = ["CURRENT_VERSION", "MIGRATIONS", "LEGACY_NAMESPACE", "document_version", "migrate"]
@@ -100,18 +94,17 @@ def _v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
         "message_count": doc.get("message_count", 0),
         "file_count": doc.get("file_count", 0),
     }
-    name = doc.get("name")
-    if isinstance(name, str):
-        try:
-            validate_name(name)
-        except InvalidSessionName:  # e.g. "café-notes": version 0 took any letter
-            legacy["name"], name = name, None
-    owner = doc.get("owner")
-    if isinstance(owner, str):
-        try:
-            validate_owner(owner)
-        except InvalidOwner:  # e.g. "" or a tab: version 0 checked no owner
-            legacy["owner"], owner = owner, None
+    # Text version 0 allowed and this version refuses ("café-notes" as a name: version
+    # 0 took any letter; "" or a tab as an owner: it checked none) goes to legacy.
+    kept: dict[str, Any] = {}
+    for key, validate in (("name", validate_name), ("owner", validate_owner)):
+        value = kept[key] = doc.get(key)
+        if isinstance(value, str):
+            try:
+                validate(value)
+            except ValidationError:
+                legacy[key], kept[key] = value, None
+    name, owner = kept["name"], kept["owner"]
     state[_legacy_key(custom_fields)] = legacy
     return {
         "version": 1,
