@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import uuid
+import weakref
 from collections import deque
 
 import anyio
@@ -12,7 +13,7 @@ import anyio.lowlevel
 
 from ._loops import current_task, set_soon
 
-__all__ = ["KeyedLocks"]
+__all__ = ["KeyedLocks", "locks_of"]
 
 
 class _Waiter:
@@ -141,6 +142,24 @@ class KeyedLocks:
             # on then, not being its owner). The next waiter.
             waiter.granted = False
         del self._entries[key]
+
+
+def locks_of(store: object) -> KeyedLocks:
+    """The :class:`KeyedLocks` every manager of ``store`` in this process shares, so that
+    their updates of one session wait in turn instead of colliding in the store."""
+    with _SHARED_MUTEX:
+        for key in [k for k, (ref, _locks) in _SHARED.items() if ref() is None]:
+            del _SHARED[key]  # stores gone (few: one entry per live store)
+        found = _SHARED.get(id(store))
+        if found is not None and found[0]() is store:
+            return found[1]
+        locks = KeyedLocks()
+        _SHARED[id(store)] = (weakref.ref(store), locks)  # (stores have no __slots__)
+        return locks
+
+
+_SHARED: dict[int, tuple[weakref.ref[object], KeyedLocks]] = {}
+_SHARED_MUTEX = threading.Lock()
 
 
 def _current_loop() -> object:

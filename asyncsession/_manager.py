@@ -57,7 +57,7 @@ from ._exceptions import (
     too_many_messages,
 )
 from ._json import freeze_state
-from ._locks import KeyedLocks
+from ._locks import locks_of
 from ._loops import current_task, has_ended
 from ._models import (
     ExpiryPolicy,
@@ -495,7 +495,7 @@ class SessionManager:
             "event sharing caught up; %d events were not shared meanwhile",
         )
         self._published = anyio.Event()  # set once the outbox is closed and emptied
-        self._locks = KeyedLocks()
+        self._locks = locks_of(repository)  # shared by the store's managers
         self._rotating: set[uuid.UUID] = set()  # ids whose rotation holds their lock
         self._host: object = None  # the task that entered the manager (see __aexit__)
         self._thread: int | None = None  # the thread whose event loop entered it
@@ -918,9 +918,10 @@ class SessionManager:
         """Atomically replace a session by ``fn(snapshot)`` and return the saved result.
 
         ``fn`` may be sync or async. It runs again, on a fresh snapshot, if the session
-        is written while it runs by anything but this manager's updates, closes and
-        rotations (which wait for each other): a message appended, even by another task
-        of this process, or a write by another manager or process. So keep side effects
+        is written while it runs by anything but the updates, closes and rotations of
+        this store object's managers (which wait for each other): a message appended,
+        even by another task of this process, or a write by another process or store
+        object. So keep side effects
         out of ``fn``. If it raises, nothing is saved and the exception propagates. If
         the session expires while ``fn`` runs, nothing is saved and
         :class:`SessionNotFound` is raised. ``fn`` may not change ``id``, ``created_at``
