@@ -331,15 +331,18 @@ class ManagerNotRunning(SessionError):
 
 class WrongTask(SessionError, RuntimeError):
     """A manager was left in another task than the one that entered it, while that task
-    still runs (its task group belongs to that task); nothing was stopped or closed."""
+    still runs (its task group belongs to that task); nothing was stopped or closed. Also
+    raised by a ``bind()`` block left in another task than the one that entered it."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, *, detail: str | None = None) -> None:
         self.what = what
         super().__init__(
-            f"{what} was entered by a task that is still running and is being left by "
-            "another: a task group must be left by the task that entered it. Leave it in "
-            "that task: enter and leave it with `async with` in one task (an asyncio task "
-            "that has ended is the one exception: another task may then leave it)."
+            detail
+            if detail is not None
+            else f"{what} was entered by a task that is still running and is being left "
+            "by another: a task group must be left by the task that entered it. Leave it "
+            "in that task: enter and leave it with `async with` in one task (an asyncio "
+            "task that has ended is the one exception: another task may then leave it)."
         )
 
 

@@ -1425,7 +1425,16 @@ class SessionManager:
         try:
             yield session
         finally:
-            _current.reset(token)
+            try:
+                _current.reset(token)
+            except ValueError as exc:  # the token belongs to another task's context
+                what = f"bind() of session {session.id}"
+                raise WrongTask(
+                    what,
+                    detail=f"{what} was entered by one task and left by another, which "
+                    "cannot undo it: the session stays current in the task that entered "
+                    "it. Enter and leave `async with sessions.bind(...)` in one task.",
+                ) from exc
 
     # -- events -------------------------------------------------------------------------
 

@@ -413,6 +413,7 @@ def test_every_error_survives_pickling() -> None:
         s.SessionConflict(sid, attempts=3),
         s.ManagerNotRunning(),
         s.WrongTask("This SessionManager"),
+        s.WrongTask("bind() of session x", detail="left by another task"),
         s.WrongThread("This SessionManager"),
         s.InvalidSessionName("bad name"),
         s.InvalidOwner(""),

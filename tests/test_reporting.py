@@ -1013,6 +1013,32 @@ async def test_bind_sets_the_current_session_for_the_task_and_its_children() -> 
     }
 
 
+async def test_a_bind_left_by_another_task_raises_wrong_task_saying_what_to_do() -> None:
+    """helper-204: leaving a bind() block from another task raised the raw ValueError of
+    ContextVar.reset; it raises WrongTask, and the entering task keeps the session."""
+    async with s.SessionManager(s.MemoryRepository()) as sessions:
+        session = await sessions.create()
+        block = sessions.bind(session.id)
+        seen: list[uuid.UUID | None] = []
+        left = anyio.Event()
+
+        async def enter_then_look() -> None:
+            await block.__aenter__()
+            seen.append(s.current_session_id())
+            await left.wait()
+            seen.append(s.current_session_id())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(enter_then_look)
+            while not seen:
+                await anyio.lowlevel.checkpoint()
+            with pytest.raises(s.WrongTask, match=r"in one task\.$") as caught:
+                await block.__aexit__(None, None, None)
+            left.set()
+        assert isinstance(caught.value, RuntimeError) and str(session.id) in str(caught.value)
+        assert seen == [session.id, session.id] and s.current_session_id() is None
+
+
 async def test_log_filter_adds_the_current_session_id(caplog: pytest.LogCaptureFixture) -> None:
     log = logging.getLogger("asyncsession.tests.context")
     caplog.handler.addFilter(s.SessionIdLogFilter())
