@@ -72,6 +72,9 @@ class Subscription:
     the subscriber has taken every buffered event (then an info line says how many it
     missed). Iteration ends when the subscription or manager closes.
 
+    One made with ``session_id`` receives only that session's events (its ``seq`` then
+    skips the other sessions' events: count drops with :attr:`dropped`).
+
     It receives events from its creation on. The manager holds it inside ``async with``
     and while a task waits for its next event; otherwise weakly: one used without
     ``async with`` (or abandoned) stops receiving once nothing refers to it any more,
@@ -79,10 +82,11 @@ class Subscription:
     it (even one nobody keeps a handle of) keeps it while it waits.
     """
 
-    def __init__(self, hub: EventHub, buffer: int) -> None:
+    def __init__(self, hub: EventHub, buffer: int, session_id: uuid.UUID | None = None) -> None:
         if type(buffer) is not int or buffer < 1:
             raise InvalidConfiguration(f"buffer must be an int >= 1, got {buffer!r}.")
         self._hub = hub
+        self.session_id = session_id  # only this session's events (None: every event)
         self._send: MemoryObjectSendStream[SessionEvent]
         self._receive: MemoryObjectReceiveStream[SessionEvent]
         self._send, self._receive = anyio.create_memory_object_stream[SessionEvent](buffer)
@@ -96,7 +100,7 @@ class Subscription:
         )
         self._entered = False
         self._waiting = 0  # tasks waiting in __anext__ (several may share it)
-        hub._subscribers.add(self)
+        hub._add(self)
 
     def __repr__(self) -> str:
         stats = self._receive.statistics()
@@ -123,12 +127,10 @@ class Subscription:
             self.dropped += 1
             self._overflow.dropped(self.dropped)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._hub._subscribers.discard(self)
-            self._hub._held.discard(self)
+            self._hub._discard(self)
 
     def _end(self) -> None:
-        self._hub._subscribers.discard(self)
-        self._hub._held.discard(self)
+        self._hub._discard(self)
         self._send.close()
 
     async def aclose(self) -> None:
@@ -188,6 +190,10 @@ class Subscription:
             self._overflow.drained()
 
 
+#: Per-session subscription sets the hub keeps before it first looks for empty ones.
+_FIRST_SWEEP = 64
+
+
 class EventHub:
     """Fans events out to subscriptions without ever blocking the publisher."""
 
@@ -196,9 +202,41 @@ class EventHub:
         # ``async with``, its task cancelled) leaves with its last reference, instead
         # of buffering events for no one for ever.
         self._subscribers: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        # Those for every event, and those for one session's, by its id.
+        self._everything: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._by_session: dict[uuid.UUID, weakref.WeakSet[Subscription]] = {}
+        self._sweep_at = _FIRST_SWEEP  # see _add
         # Strongly: the ones inside ``async with`` or waited on by a task.
         self._held: set[Subscription] = set()
         self._seq = 0
+
+    def _add(self, subscription: Subscription) -> None:
+        self._subscribers.add(subscription)
+        sid = subscription.session_id
+        if sid is None:
+            self._everything.add(subscription)
+            return
+        by_session = self._by_session
+        by_session.setdefault(sid, weakref.WeakSet()).add(subscription)
+        if len(by_session) >= self._sweep_at:
+            # Subscriptions dropped without closing leave their session's set empty:
+            # forget those now and then, so the index follows the live subscriptions.
+            for empty in [key for key, same in by_session.items() if not same]:
+                del by_session[empty]
+            self._sweep_at = max(_FIRST_SWEEP, 2 * len(by_session))
+
+    def _discard(self, subscription: Subscription) -> None:
+        """Stop offering events to ``subscription``."""
+        self._subscribers.discard(subscription)
+        self._held.discard(subscription)
+        self._everything.discard(subscription)
+        sid = subscription.session_id
+        if sid is not None:
+            same = self._by_session.get(sid)
+            if same is not None:
+                same.discard(subscription)
+                if not same:
+                    self._by_session.pop(sid, None)
 
     @property
     def subscriber_count(self) -> int:
@@ -219,8 +257,15 @@ class EventHub:
         if session is not None:
             revision = session.revision
         event = SessionEvent(kind, session_id, session, at, self._seq, origin, revision)
-        for subscription in tuple(self._subscribers):
+        for subscription in tuple(self._everything):
             subscription._offer(event)
+        same = self._by_session.get(session_id)
+        if same is not None:
+            subscriptions = tuple(same)
+            if not subscriptions:  # all dropped without closing
+                self._by_session.pop(session_id, None)
+            for subscription in subscriptions:
+                subscription._offer(event)
 
     def close(self) -> None:
         for subscription in tuple(self._subscribers):

@@ -1654,15 +1654,20 @@ class SessionManager:
                         task_status.started()
                 await anyio.sleep(1)
 
-    def subscribe(self, *, buffer: int | None = None) -> Subscription:
+    def subscribe(
+        self, *, buffer: int | None = None, session_id: SessionId | None = None
+    ) -> Subscription:
         """Receive lifecycle events: ``async with sessions.subscribe() as events:``.
 
-        A slow subscriber never stalls the manager: beyond ``buffer`` (default the
-        manager's ``event_buffer``) undelivered events, new ones are dropped for it and
-        counted in ``Subscription.dropped``.
+        With ``session_id``, only that session's events (publishing to many such
+        subscriptions costs per subscriber of the session, not per subscriber). A slow
+        subscriber never stalls the manager: beyond ``buffer`` (default the manager's
+        ``event_buffer``) undelivered events, new ones are dropped for it and counted in
+        ``Subscription.dropped``.
         """
         self._check_running()
-        return Subscription(self._events, buffer if buffer is not None else self._event_buffer)
+        sid = None if session_id is None else _parse_id(session_id)
+        return Subscription(self._events, buffer if buffer is not None else self._event_buffer, sid)
 
     # -- expiry ---------------------------------------------------------------------------
 

@@ -247,11 +247,9 @@ async def _event_stream(
     "ready" is sent once subscribed, so a client that waits for it misses nothing.
     Another worker's events carry no session (``event.remote``): it is read again.
     """
-    async with sessions.subscribe() as subscription:
+    async with sessions.subscribe(session_id=session_id) as subscription:
         yield _sse("ready", {"session_id": str(session_id)})
         async for event in subscription:
-            if event.session_id != session_id:
-                continue
             if event.kind in (s.EventKind.DELETED, s.EventKind.EXPIRED):
                 yield _sse("ended", {"kind": event.kind.value})
                 return

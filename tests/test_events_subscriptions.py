@@ -183,3 +183,82 @@ async def test_a_subscription_shows_its_buffer_and_drops(anyio_backend: str) -> 
             assert repr(events) == "<Subscription receiving: 2 of 2 buffered, 1 dropped>"
             assert "alice" not in repr(events) and str(created[0].id) not in repr(events)
         assert repr(events) == "<Subscription closed (buffer 2), 1 dropped>"
+
+
+async def test_a_subscription_for_one_session_receives_its_events_only(
+    anyio_backend: str,
+) -> None:
+    async with s.SessionManager(s.MemoryRepository()) as manager:
+        a = await manager.create()
+        b = await manager.create()
+        async with (
+            manager.subscribe(session_id=a.id, buffer=2) as only_a,
+            manager.subscribe(session_id=str(b.id)) as only_b,
+            manager.subscribe() as every,
+        ):
+            assert only_a.session_id == a.id and only_b.session_id == b.id
+            assert every.session_id is None
+            for n in range(10):  # a busy other session fills no one else's buffer
+                await manager.add_message(b.id, "user", f"b{n}")
+            await manager.add_message(a.id, "user", "a0")
+            await manager.close(a.id)
+            got_a = [only_a.receive_nowait() for _ in range(2)]
+            with pytest.raises(anyio.WouldBlock):
+                only_a.receive_nowait()
+            assert [(e.kind, e.session_id) for e in got_a] == [
+                (s.EventKind.MESSAGE_ADDED, a.id),
+                (s.EventKind.CLOSED, a.id),
+            ]
+            assert only_a.dropped == 0
+            assert [e.seq for e in got_a] == [11, 12]  # seq skips the other session's
+            got_b = [only_b.receive_nowait() for _ in range(10)]
+            assert {e.session_id for e in got_b} == {b.id}
+            assert [e.seq for e in got_b] == list(range(1, 11))
+            with pytest.raises(anyio.WouldBlock):
+                only_b.receive_nowait()
+            assert [every.receive_nowait().seq for _ in range(12)] == list(range(1, 13))
+            assert (await manager.stats()).subscribers == 3
+        assert (await manager.stats()).subscribers == 0
+
+
+async def test_a_subscription_for_one_session_counts_its_own_drops(anyio_backend: str) -> None:
+    async with s.SessionManager(s.MemoryRepository()) as manager:
+        a = await manager.create()
+        async with manager.subscribe(session_id=a.id, buffer=1) as only_a:
+            for n in range(3):
+                await manager.add_message(a.id, "user", f"a{n}")
+            assert only_a.receive_nowait().session.messages[-1].content == "a0"  # type: ignore[union-attr]
+            assert only_a.dropped == 2
+
+
+async def test_subscribing_to_a_malformed_id_or_a_session_registers_nothing(
+    anyio_backend: str,
+) -> None:
+    async with s.SessionManager(s.MemoryRepository()) as manager:
+        session = await manager.create()
+        with pytest.raises(s.SessionNotFound):
+            manager.subscribe(session_id="not-an-id")
+        bad: Any = session
+        with pytest.raises(s.InvalidSessionId, match=r"session\.id"):
+            manager.subscribe(session_id=bad)
+        assert (await manager.stats()).subscribers == 0
+
+
+async def test_one_session_subscriptions_dropped_unclosed_leave_the_index(
+    anyio_backend: str,
+) -> None:
+    """Subscriptions for one session each, dropped without closing (a handler that
+    returned), do not keep their sessions' index entries: it follows the live ones."""
+    async with s.SessionManager(s.MemoryRepository()) as manager:
+        ids = [(await manager.create()).id for _ in range(300)]
+        for sid in ids:
+            manager.subscribe(session_id=sid)  # dropped at once
+        gc.collect()
+        async with manager.subscribe(session_id=ids[0]) as kept:
+            hub = manager._events
+            assert len(hub._by_session) < 150
+            assert (await manager.stats()).subscribers == 1
+            await manager.add_message(ids[0], "user", "hi")
+            await manager.add_message(ids[1], "user", "hi")  # its empty entry goes
+            assert kept.receive_nowait().session_id == ids[0]
+            assert ids[1] not in hub._by_session

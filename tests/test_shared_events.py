@@ -64,6 +64,31 @@ async def test_a_manager_receives_other_managers_events(
         assert deleted.kind is s.EventKind.DELETED and deleted.revision is None
 
 
+async def test_a_subscription_for_one_session_hears_other_managers_events_of_it(
+    two_managers: tuple[s.SessionManager, s.SessionManager],
+) -> None:
+    one, two = two_managers
+    async with two.subscribe() as every:
+        watched = await one.create()
+        other = await one.create()
+        with anyio.fail_after(30):  # both CREATED events have come (they are not for it)
+            assert [(await every.__anext__()).session_id for _ in range(2)] == [
+                watched.id,
+                other.id,
+            ]
+    async with two.subscribe(session_id=watched.id) as events:
+        await one.add_message(other.id, "user", "not for this subscriber")
+        await one.add_message(watched.id, "user", "for it")
+        with anyio.fail_after(30):  # guard only: pub/sub delivery is asynchronous
+            remote = await events.__anext__()
+        assert remote.remote and remote.session_id == watched.id
+        assert remote.kind is s.EventKind.MESSAGE_ADDED and remote.revision == 1
+        await one.close(watched.id)
+        with anyio.fail_after(30):
+            closed = await events.__anext__()
+        assert closed.kind is s.EventKind.CLOSED and closed.session_id == watched.id
+
+
 async def test_a_short_lived_manager_shares_its_last_events_before_it_leaves(
     redis_server: Any, anyio_backend: str, request: pytest.FixtureRequest
 ) -> None:
