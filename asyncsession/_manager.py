@@ -53,6 +53,7 @@ from ._exceptions import (
     kind_of,
     leaf_ids,
     reraise,
+    shown,
     sole_error,
     too_many_messages,
 )
@@ -872,6 +873,51 @@ class SessionManager:
             visible_at=self._clock.now(),
         )
         return await self._repository.list(query)
+
+    def iterate(
+        self,
+        *,
+        owner: str | None = None,
+        status: SessionStatus | Iterable[SessionStatus] | None = None,
+        search: str | None = None,
+        page_size: int = 100,
+    ) -> AsyncIterator[Session]:
+        """Every live session the filters match, in :meth:`list`'s order, read a page of
+        ``page_size`` at a time: ``async for session in sessions.iterate(owner=...):``.
+
+        The filters are checked at once. As when paging by hand, a session written or
+        touched while you iterate, and not yet reached, moves to the front and is left
+        out; none is yielded twice.
+        """
+        self._check_running()
+        if type(page_size) is not int or not 1 <= page_size <= 10_000:
+            raise InvalidConfiguration(
+                f"page_size must be an int from 1 to 10000, got {shown(page_size)}."
+            )
+        query = SessionQuery(
+            owner=owner,
+            status=status,
+            search=search,
+            limit=page_size,
+            visible_at=self._clock.now(),
+        )
+        return self._pages(query)
+
+    async def _pages(self, query: SessionQuery) -> AsyncIterator[Session]:
+        cursor: str | None = None
+        while True:
+            page = await self.list(
+                owner=query.owner,
+                status=query.status,
+                search=query.search,
+                limit=query.limit,
+                cursor=cursor,
+            )
+            for session in page.items:
+                yield session
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     @_call
     async def stats(self) -> SessionStats:

@@ -544,6 +544,44 @@ async def test_list_filters_orders_and_pages(
         await sessions.list(cursor="nonsense")
 
 
+async def test_iterate_yields_every_matching_session_a_page_at_a_time(
+    sessions: s.SessionManager, clock: ManualClock
+) -> None:
+    made = []
+    for i in range(8):
+        clock.advance(1)
+        made.append(await sessions.create(owner="alice" if i % 2 else "bob"))
+    clock.advance(1)
+    await sessions.close(made[3].id)  # a write: it moves to the front
+    alice = [x.id for x in (await sessions.list(owner="alice", limit=100)).items]
+    assert len(alice) == 4
+    assert [x.id async for x in sessions.iterate(owner="alice", page_size=3)] == alice
+    everyone = [x.id async for x in sessions.iterate(page_size=1)]
+    assert everyone == [made[3].id] + [x.id for x in reversed(made) if x != made[3]]
+    # a one-shot iterable of statuses serves every page, not just the first
+    live = (st for st in [s.SessionStatus.ACTIVE])
+    got = [x.id async for x in sessions.iterate(status=live, page_size=2)]
+    assert got == everyone[1:]
+    assert [x.id async for x in sessions.iterate(search="nothing like it")] == []
+
+
+async def test_iterate_checks_its_arguments_at_the_call(sessions: s.SessionManager) -> None:
+    bad: Any
+    for bad in (0, 10_001, 2.0, True, "5"):
+        with pytest.raises(s.InvalidConfiguration, match="page_size must be an int"):
+            sessions.iterate(page_size=bad)
+    with pytest.raises(s.InvalidOwner):
+        sessions.iterate(owner="")
+    with pytest.raises(s.InvalidConfiguration):
+        sessions.iterate(status=["nope"])  # type: ignore[list-item]
+
+
+async def test_iterate_needs_a_running_manager() -> None:
+    manager = s.SessionManager(s.MemoryRepository())
+    with pytest.raises(s.ManagerNotRunning):
+        manager.iterate()
+
+
 # -- validation -----------------------------------------------------------------------
 
 
