@@ -202,7 +202,7 @@ def create_app(
         if session is None:
             return JSONResponse({"error": "start a conversation first"}, 409)
         return StreamingResponse(
-            _event_stream(sessions, session.id, session.messages.total),
+            _event_stream(sessions, session.id, session.messages.total, session.revision),
             media_type="text/event-stream",
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
@@ -240,33 +240,51 @@ def _sse(event: str, data: dict[str, Any]) -> str:
 
 
 async def _event_stream(
-    sessions: s.SessionManager, session_id: uuid.UUID, seen: int
+    sessions: s.SessionManager, session_id: uuid.UUID, seen: int, revision: int
 ) -> AsyncIterator[str]:
     """SSE for one session: its new messages, state changes and its end.
 
-    "ready" is sent once subscribed, so a client that waits for it misses nothing.
-    Another worker's events carry no session (``event.remote``): it is read again.
+    "ready" is sent once subscribed, so a client that waits for it misses nothing: the
+    session is read again first, and a change since the page read it (at ``revision``)
+    or its end follows "ready". Another worker's events carry no session
+    (``event.remote``): it is read again too.
     """
     async with sessions.subscribe(session_id=session_id) as subscription:
+        session = await _read(sessions, session_id)
         yield _sse("ready", {"session_id": str(session_id)})
-        async for event in subscription:
+        if session is None:  # it ended before the subscription began
+            yield _sse("ended", {"kind": "not_found"})
+            return
+        if session.revision == revision:
+            session = None  # unchanged since the page read it: wait for the first event
+        kind = s.EventKind.UPDATED.value
+        events = subscription.__aiter__()
+        while True:
+            if session is not None:
+                new = _messages(session, seen)
+                if new:
+                    seen = new[-1]["index"] + 1
+                interrupts = session.state.get("interrupts", 0)
+                yield _sse(kind, {"messages": new, "interrupts": interrupts})
+            event = await anext(events, None)
+            if event is None:  # the server is shutting down
+                return
             if event.kind in (s.EventKind.DELETED, s.EventKind.EXPIRED):
                 yield _sse("ended", {"kind": event.kind.value})
                 return
-            session = event.session
-            if session is None:  # another worker's event (event.remote): read the session
-                try:
-                    session = await sessions.get(session_id, touch=False)
-                except s.SessionNotFound:  # expired or deleted since
-                    yield _sse("ended", {"kind": "not_found"})
-                    return
-            new = _messages(session, seen)
-            if new:
-                seen = new[-1]["index"] + 1
-            yield _sse(
-                event.kind.value,
-                {"messages": new, "interrupts": session.state.get("interrupts", 0)},
-            )
+            kind = event.kind.value
+            session = event.session or await _read(sessions, session_id)
+            if session is None:  # expired or deleted since another worker's event
+                yield _sse("ended", {"kind": "not_found"})
+                return
+
+
+async def _read(sessions: s.SessionManager, session_id: uuid.UUID) -> s.Session | None:
+    """The session, or None once it expired, was deleted or rotated away."""
+    try:
+        return await sessions.get(session_id, touch=False)
+    except s.SessionNotFound:
+        return None
 
 
 PAGE = """<!doctype html>

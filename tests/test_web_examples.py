@@ -264,6 +264,48 @@ async def test_chat_a_conversation_ended_meanwhile_gets_409(
 
 
 @pytest.mark.anyio
+async def test_chat_events_of_a_session_that_changed_or_ended_before_subscribing() -> None:
+    """helper-211: the page reads the session, then its event stream subscribes; a
+    session deleted in between left the stream waiting for ever after "ready", and a
+    message added in between reached the page only with the next event."""
+    chat = load_example(CHAT)
+
+    def parsed(chunk: str) -> tuple[str, Any]:
+        head, data = chunk.strip().split("\n")
+        return head.removeprefix("event: "), json.loads(data.removeprefix("data: "))
+
+    async with s.SessionManager(s.MemoryRepository()) as sessions:
+        ended = await sessions.create()
+        await sessions.delete(ended.id)
+        with anyio.fail_after(30):
+            got = [parsed(c) async for c in chat._event_stream(sessions, ended.id, 0, 0)]
+        assert [kind for kind, _ in got] == ["ready", "ended"]
+
+        changed = await sessions.create()
+        await sessions.add_message(changed.id, "user", "sent before the stream began")
+        stream = chat._event_stream(sessions, changed.id, 0, 0)
+        with anyio.fail_after(30):
+            assert parsed(await anext(stream))[0] == "ready"
+            kind, data = parsed(await anext(stream))
+            assert kind == "updated" and [m["content"] for m in data["messages"]] == [
+                "sent before the stream began"
+            ]
+            await sessions.add_message(changed.id, "user", "then this")
+            kind, data = parsed(await anext(stream))
+            assert kind == "message_added"
+            assert [m["content"] for m in data["messages"]] == ["then this"]
+        await stream.aclose()
+
+        quiet = await sessions.create()  # unchanged: nothing until its first event
+        stream = chat._event_stream(sessions, quiet.id, 0, quiet.revision)
+        with anyio.fail_after(30):
+            assert parsed(await anext(stream))[0] == "ready"
+            await sessions.close(quiet.id)
+            assert parsed(await anext(stream))[0] == "closed"
+        await stream.aclose()
+
+
+@pytest.mark.anyio
 async def test_chat_a_manager_limit_is_413_with_what_it_limits() -> None:
     """helper-186: a LimitExceeded (max_messages) was answered "text must be valid
     Unicode text", as every ValidationError was."""
