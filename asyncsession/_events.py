@@ -86,7 +86,7 @@ class Subscription:
         if type(buffer) is not int or buffer < 1:
             raise InvalidConfiguration(f"buffer must be an int >= 1, got {buffer!r}.")
         self._hub = hub
-        self.session_id = session_id  # only this session's events (None: every event)
+        self._session_id = session_id
         self._send: MemoryObjectSendStream[SessionEvent]
         self._receive: MemoryObjectReceiveStream[SessionEvent]
         self._send, self._receive = anyio.create_memory_object_stream[SessionEvent](buffer)
@@ -101,6 +101,11 @@ class Subscription:
         self._entered = False
         self._waiting = 0  # tasks waiting in __anext__ (several may share it)
         hub._add(self)
+
+    @property
+    def session_id(self) -> uuid.UUID | None:
+        """The session whose events it receives (None: every session's)."""
+        return self._session_id
 
     def __repr__(self) -> str:
         stats = self._receive.statistics()
@@ -212,7 +217,7 @@ class EventHub:
 
     def _add(self, subscription: Subscription) -> None:
         self._subscribers.add(subscription)
-        sid = subscription.session_id
+        sid = subscription._session_id
         if sid is None:
             self._everything.add(subscription)
             return
@@ -230,7 +235,7 @@ class EventHub:
         self._subscribers.discard(subscription)
         self._held.discard(subscription)
         self._everything.discard(subscription)
-        sid = subscription.session_id
+        sid = subscription._session_id
         if sid is not None:
             same = self._by_session.get(sid)
             if same is not None:

@@ -1479,7 +1479,8 @@ class SessionManager:
                     what,
                     detail=f"{what} was entered by one task and left by another, which "
                     "cannot undo it: the session stays current in the task that entered "
-                    "it. Enter and leave `async with sessions.bind(...)` in one task.",
+                    "it. Enter and leave `async with sessions.bind(...)` in one task (in "
+                    "an async generator, close it with `contextlib.aclosing`).",
                 ) from exc
 
     # -- events -------------------------------------------------------------------------
@@ -1706,7 +1707,10 @@ class SessionManager:
         """Receive lifecycle events: ``async with sessions.subscribe() as events:``.
 
         With ``session_id``, only that session's events (publishing to many such
-        subscriptions costs per subscriber of the session, not per subscriber). A slow
+        subscriptions costs per subscriber of the session, not per subscriber). The id
+        is not looked up: one that matches no session receives nothing, and a rotated
+        session's subscription gets DELETED for its old id (the new id's CREATED goes to
+        subscriptions for every session). A slow
         subscriber never stalls the manager: beyond ``buffer`` (default the manager's
         ``event_buffer``) undelivered events, new ones are dropped for it and counted in
         ``Subscription.dropped``.

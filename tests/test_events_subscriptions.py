@@ -198,6 +198,8 @@ async def test_a_subscription_for_one_session_receives_its_events_only(
         ):
             assert only_a.session_id == a.id and only_b.session_id == b.id
             assert every.session_id is None
+            with pytest.raises(AttributeError):  # the hub files it under this id
+                only_a.session_id = b.id  # type: ignore[misc]
             for n in range(10):  # a busy other session fills no one else's buffer
                 await manager.add_message(b.id, "user", f"b{n}")
             await manager.add_message(a.id, "user", "a0")

@@ -1032,7 +1032,7 @@ async def test_a_bind_left_by_another_task_raises_wrong_task_saying_what_to_do()
             tg.start_soon(enter_then_look)
             while not seen:
                 await anyio.lowlevel.checkpoint()
-            with pytest.raises(s.WrongTask, match=r"in one task\.$") as caught:
+            with pytest.raises(s.WrongTask, match=r"in one task \(in an async generator") as caught:
                 await block.__aexit__(None, None, None)
             left.set()
         assert isinstance(caught.value, RuntimeError) and str(session.id) in str(caught.value)
