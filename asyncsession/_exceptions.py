@@ -311,10 +311,20 @@ class SessionConflict(SessionError):
 
 class ManagerNotRunning(SessionError):
     """The manager was used before ``async with`` entered it or after it exited, or it
-    exited while the call was under way and closed its store under it."""
+    exited while the call was under way and closed its store under it, or while the call
+    waited for a session's lock (held by another manager of its store)."""
 
-    def __init__(self, *, closed_under_call: float | None = None) -> None:
-        if closed_under_call is None:
+    def __init__(
+        self, *, closed_under_call: float | None = None, waited_for_lock: bool = False
+    ) -> None:
+        if waited_for_lock:
+            text = (
+                "The SessionManager began to exit while this call waited for the "
+                "session's lock (another manager of its store held it), so nothing was "
+                "done. Let such calls finish, or cancel them, before the manager's block "
+                "ends."
+            )
+        elif closed_under_call is None:
             text = (
                 "The SessionManager is not running. Use it inside "
                 "`async with SessionManager(repository) as sessions:`."

@@ -146,7 +146,8 @@ class KeyedLocks:
 
 def locks_of(store: object) -> KeyedLocks:
     """The :class:`KeyedLocks` every manager of ``store`` in this process shares, so that
-    their updates of one session wait in turn instead of colliding in the store."""
+    their updates of one session wait in turn instead of colliding in the store (a
+    store that cannot be weakly referenced gets fresh locks each time)."""
     with _SHARED_MUTEX:
         for key in [k for k, (ref, _locks) in _SHARED.items() if ref() is None]:
             del _SHARED[key]  # stores gone (few: one entry per live store)
@@ -154,7 +155,10 @@ def locks_of(store: object) -> KeyedLocks:
         if found is not None and found[0]() is store:
             return found[1]
         locks = KeyedLocks()
-        _SHARED[id(store)] = (weakref.ref(store), locks)  # (stores have no __slots__)
+        try:
+            _SHARED[id(store)] = (weakref.ref(store), locks)
+        except TypeError:  # a registered virtual subclass with __slots__: its own locks
+            return locks
         return locks
 
 

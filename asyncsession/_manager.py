@@ -485,6 +485,7 @@ class SessionManager:
         self._sharing = 0  # events of the batch the transport is publishing now
         # cleanup passes waiting for room in the reporters' buffer (the exit ends them)
         self._room_waits: set[anyio.CancelScope] = set()
+        self._lock_waits: set[anyio.CancelScope] = set()  # calls waiting for a lock
         # expired sessions whose failed removals ended a pass as a store failure: later
         # passes try them after the others (see purge_expired)
         self._deferred: set[uuid.UUID] = set()
@@ -695,6 +696,8 @@ class SessionManager:
         self._running = False
         for waiting in self._room_waits:  # a pass waiting for report room: stop waiting
             waiting.cancel()  # (its removal is announced now, while the queues are open)
+        for waiting in self._lock_waits:  # held by another manager of the store, maybe
+            waiting.cancel()  # for long: those calls raise ManagerNotRunning
         if self._cleanup_done is not None:  # wake wait_for_cleanup(): no pass will come
             self._cleanup_done.set()
         scope, self._cleanup_scope = self._cleanup_scope, None
@@ -990,11 +993,30 @@ class SessionManager:
                 )
             mark = mark.outer
 
+    @asynccontextmanager
+    async def _holding(self, sid: uuid.UUID) -> AsyncIterator[None]:
+        """Hold ``sid``'s lock, which every manager of the store shares. Waiting for it
+        ends when this manager starts to exit (:class:`ManagerNotRunning`): another
+        manager's update may hold it for long, and this exit waits for this call."""
+        held = self._locks(sid)
+        with anyio.CancelScope() as waiting:
+            self._lock_waits.add(waiting)
+            try:
+                await held.__aenter__()
+            finally:
+                self._lock_waits.discard(waiting)
+        if waiting.cancelled_caught:
+            raise ManagerNotRunning(waited_for_lock=True)
+        try:
+            yield
+        finally:
+            await held.__aexit__(None, None, None)
+
     async def _update(self, sid: uuid.UUID, fn: UpdateFn) -> Session:
         self._refuse_in_update_fn(sid, "A write", _RETURN_THE_CHANGE)
         allowed = self._max_retries
         attempts = 0
-        async with self._locks(sid):
+        async with self._holding(sid):
             while attempts < allowed:
                 attempts += 1
                 old, before = await self._read_open(sid, held=True)
@@ -1299,7 +1321,7 @@ class SessionManager:
             _check_callable(fn)
         sid = _parse_id(session_id)
         self._refuse_in_update_fn(sid, "rotate()", _RETURN_THE_CHANGE)
-        async with self._locks(sid):
+        async with self._holding(sid):
             self._rotating.add(sid)
             try:
                 new, now = await self._rotate(sid, fn)

@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 from loops_support import run_in_threads
 
-from asyncsession._locks import KeyedLocks
+from asyncsession._locks import KeyedLocks, locks_of
 
 pytestmark = pytest.mark.anyio
 
@@ -574,3 +574,31 @@ def test_a_granted_waiter_closed_outside_any_loop_hands_the_key_on(backend: str)
     task.get_coro().close()  # as the garbage collector would, outside any loop
     waiter.join()
     assert outcome == ["the last waiter got the key"] and len(locks) == 0
+
+
+def test_a_store_has_one_set_of_locks_while_it_lives() -> None:
+    class Store:
+        pass
+
+    class Slotted:
+        __slots__ = ()
+
+    store = Store()
+    assert locks_of(store) is locks_of(store)
+    assert locks_of(Store()) is not locks_of(store)
+    # helper-210: a store that cannot be weakly referenced (a registered virtual
+    # subclass with __slots__) was refused with TypeError; it gets locks of its own
+    slotted = Slotted()
+    assert isinstance(locks_of(slotted), KeyedLocks)
+    assert locks_of(slotted) is not locks_of(slotted)
+    reused = 0
+    for _ in range(100):  # a dead store's id reused by a new one: fresh locks
+        old = Store()
+        old_locks = locks_of(old)
+        old_id = id(old)
+        del old
+        new = Store()
+        if id(new) == old_id:
+            reused += 1
+            assert locks_of(new) is not old_locks
+    assert reused  # (CPython reuses a freed object's memory at once)

@@ -236,6 +236,55 @@ async def test_conflicting_writer_is_retried_then_bounded(
         assert (await sessions.get(session.id)).state == {"n": 1}
 
 
+async def test_an_exit_ends_its_calls_waiting_for_another_managers_lock(
+    any_repository: s.SessionRepository,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """helper-210: a manager's update waiting for a session's lock that another manager
+    of the store held kept the first manager's exit waiting (5 s, then a warning that
+    the store was closed under it; it was not), and then ran its function and saved
+    after the exit. The exit now ends such waits: ManagerNotRunning, nothing done."""
+    monkeypatch.setattr(asyncsession._manager, "_CALLS_AT_EXIT_SECONDS", 3600)
+    async with s.SessionManager(any_repository) as first:
+        session = await first.create(state={"by": []})
+        holding, go_on = anyio.Event(), anyio.Event()
+        ran: list[str] = []
+
+        async def slow(x: s.Session) -> s.Session:
+            ran.append("first")
+            holding.set()
+            await go_on.wait()
+            return x.with_state(by=[*x.state["by"], "first"])
+
+        def quick(x: s.Session) -> s.Session:
+            ran.append("second")
+            return x.with_state(by=[*x.state["by"], "second"])
+
+        outcome: list[BaseException] = []
+
+        async def second_update(second: s.SessionManager) -> None:
+            try:
+                await second.update(session.id, quick)
+            except s.ManagerNotRunning as exc:
+                outcome.append(exc)
+
+        with anyio.fail_after(60), caplog.at_level(logging.WARNING):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first.update, session.id, slow)
+                await holding.wait()
+                async with s.SessionManager(any_repository) as second:
+                    tg.start_soon(second_update, second)
+                    await anyio.wait_all_tasks_blocked()
+                # the second manager has exited while the first's function still runs
+                assert len(outcome) == 1 and "waited for the session's lock" in str(outcome[0])
+                go_on.set()
+        assert ran == ["first"]
+        stored = await first.get(session.id, touch=False)
+        assert stored.state["by"] == ("first",) and stored.revision == 1
+        assert not [r for r in caplog.records if "still under way" in r.getMessage()]
+
+
 async def test_managers_of_one_store_racing_for_one_session_never_run_out_of_retries(
     any_repository: s.SessionRepository,
 ) -> None:

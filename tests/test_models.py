@@ -412,6 +412,7 @@ def test_every_error_survives_pickling() -> None:
         s.SessionClosed(sid, s.SessionStatus.EXITED),
         s.SessionConflict(sid, attempts=3),
         s.ManagerNotRunning(),
+        s.ManagerNotRunning(waited_for_lock=True),
         s.WrongTask("This SessionManager"),
         s.WrongTask("bind() of session x", detail="left by another task"),
         s.WrongThread("This SessionManager"),
