@@ -83,6 +83,12 @@ class KeyedLocks:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def owner(self, key: uuid.UUID) -> object:
+        """The task holding ``key`` (or handed it and not yet resumed), None if free."""
+        with self._mutex:
+            entry = self._entries.get(key.int)
+            return None if entry is None else entry.owner
+
     # The three steps below change the entries under the mutex. On trio, Ctrl-C must not
     # interrupt them half way (waiters of other event loops would be stranded): they are
     # protected from KeyboardInterrupt once trio is in use (see _protect_from_ki).
@@ -183,9 +189,13 @@ def _protect_from_ki() -> None:
     """Protect :class:`KeyedLocks`' steps from trio's KeyboardInterrupt, once trio is
     imported (importing it here would cost asyncio users its import)."""
     global _KI_PROTECTED
-    trio = sys.modules.get("trio")
-    if trio is None:
+    # (Another thread may be importing trio: its lowlevel module comes last. Until then,
+    # no trio run can be under way, and the next call looks again.)
+    enable = getattr(
+        getattr(sys.modules.get("trio"), "lowlevel", None), "enable_ki_protection", None
+    )
+    if enable is None:
         return
     for step in (KeyedLocks._enter, KeyedLocks._give_up, KeyedLocks._release):
-        trio.lowlevel.enable_ki_protection(step)
+        enable(step)
     _KI_PROTECTED = True

@@ -120,6 +120,40 @@ class _Calls:
             self.done.set()
 
 
+class _Pages:
+    """:meth:`SessionManager.iterate`: a plain async iterator (an async generator would
+    need closing when a loop leaves it early, on trio)."""
+
+    __slots__ = ("_cursor", "_done", "_items", "_manager", "_query")
+
+    def __init__(self, manager: SessionManager, query: SessionQuery) -> None:
+        self._manager = manager
+        self._query = query
+        self._items: deque[Session] = deque()
+        self._cursor: str | None = None
+        self._done = False
+
+    def __aiter__(self) -> _Pages:
+        return self
+
+    async def __anext__(self) -> Session:
+        while not self._items:
+            if self._done:
+                raise StopAsyncIteration
+            query = self._query
+            page = await self._manager.list(
+                owner=query.owner,
+                status=query.status,
+                search=query.search,
+                limit=query.limit,
+                cursor=self._cursor,
+            )
+            self._items.extend(page.items)
+            self._cursor = page.next_cursor
+            self._done = page.next_cursor is None
+        return self._items.popleft()
+
+
 class _Background:
     """The tasks one run of a manager started in its task group, counted by the tasks
     themselves: an exit that cannot leave the group (the task that entered it has
@@ -485,7 +519,10 @@ class SessionManager:
         self._sharing = 0  # events of the batch the transport is publishing now
         # cleanup passes waiting for room in the reporters' buffer (the exit ends them)
         self._room_waits: set[anyio.CancelScope] = set()
-        self._lock_waits: set[anyio.CancelScope] = set()  # calls waiting for a lock
+        # Calls waiting for a session's lock (scope: session, task), and the tasks of
+        # this manager's calls holding one: see _holding.
+        self._lock_waits: dict[anyio.CancelScope, tuple[uuid.UUID, object]] = {}
+        self._lock_holders: set[object] = set()
         # expired sessions whose failed removals ended a pass as a store failure: later
         # passes try them after the others (see purge_expired)
         self._deferred: set[uuid.UUID] = set()
@@ -498,7 +535,7 @@ class SessionManager:
         )
         self._published = anyio.Event()  # set once the outbox is closed and emptied
         self._locks = locks_of(repository)  # shared by the store's managers
-        self._rotating: set[uuid.UUID] = set()  # ids whose rotation holds their lock
+        self._rotating: dict[uuid.UUID, anyio.Event] = {}  # set when the rotation ends
         self._host: object = None  # the task that entered the manager (see __aexit__)
         self._thread: int | None = None  # the thread whose event loop entered it
         self._background = _Background(None)  # the task group's tasks
@@ -696,8 +733,7 @@ class SessionManager:
         self._running = False
         for waiting in self._room_waits:  # a pass waiting for report room: stop waiting
             waiting.cancel()  # (its removal is announced now, while the queues are open)
-        for waiting in self._lock_waits:  # held by another manager of the store, maybe
-            waiting.cancel()  # for long: those calls raise ManagerNotRunning
+        self._end_lock_waits()  # behind other managers' calls (they may take long)
         if self._cleanup_done is not None:  # wake wait_for_cleanup(): no pass will come
             self._cleanup_done.set()
         scope, self._cleanup_scope = self._cleanup_scope, None
@@ -890,37 +926,18 @@ class SessionManager:
 
         The filters are checked at once. As when paging by hand, a session written or
         touched while you iterate, and not yet reached, moves to the front and is left
-        out; none is yielded twice.
+        out; none is yielded twice. Leaving the loop early needs no clean-up.
         """
-        self._check_running()
+        if not (self._running or _nested_in(self)):
+            raise ManagerNotRunning()
+        if threading.get_ident() != self._thread:
+            raise WrongThread("This SessionManager")
         if type(page_size) is not int or not 1 <= page_size <= 10_000:
             raise InvalidConfiguration(
                 f"page_size must be an int from 1 to 10000, got {shown(page_size)}."
             )
-        query = SessionQuery(
-            owner=owner,
-            status=status,
-            search=search,
-            limit=page_size,
-            visible_at=self._clock.now(),
-        )
-        return self._pages(query)
-
-    async def _pages(self, query: SessionQuery) -> AsyncIterator[Session]:
-        cursor: str | None = None
-        while True:
-            page = await self.list(
-                owner=query.owner,
-                status=query.status,
-                search=query.search,
-                limit=query.limit,
-                cursor=cursor,
-            )
-            for session in page.items:
-                yield session
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        query = SessionQuery(owner=owner, status=status, search=search, limit=page_size)
+        return _Pages(self, query)
 
     @_call
     async def stats(self) -> SessionStats:
@@ -995,22 +1012,38 @@ class SessionManager:
 
     @asynccontextmanager
     async def _holding(self, sid: uuid.UUID) -> AsyncIterator[None]:
-        """Hold ``sid``'s lock, which every manager of the store shares. Waiting for it
-        ends when this manager starts to exit (:class:`ManagerNotRunning`): another
-        manager's update may hold it for long, and this exit waits for this call."""
+        """Hold ``sid``'s lock, which every manager of the store shares. Once this
+        manager has begun to exit, a wait behind another manager's call ends
+        (:class:`ManagerNotRunning`): that call may take long, and the exit waits for
+        this one. A wait behind this manager's own calls goes on, as they finish."""
         held = self._locks(sid)
+        me = current_task()
         with anyio.CancelScope() as waiting:
-            self._lock_waits.add(waiting)
+            self._lock_waits[waiting] = (sid, me)
             try:
+                if not self._running:  # a call made by a call under way at the exit
+                    self._end_lock_waits()
                 await held.__aenter__()
             finally:
-                self._lock_waits.discard(waiting)
+                del self._lock_waits[waiting]
         if waiting.cancelled_caught:
             raise ManagerNotRunning(waited_for_lock=True)
+        self._lock_holders.add(me)
         try:
             yield
         finally:
+            self._lock_holders.discard(me)
             await held.__aexit__(None, None, None)
+            if not self._running and self._lock_waits:
+                self._end_lock_waits()  # the lock may have gone to another manager
+
+    def _end_lock_waits(self) -> None:
+        """End the waits for a lock that another manager's call holds (at the exit)."""
+        mine = self._lock_holders.union(task for _sid, task in self._lock_waits.values())
+        for waiting, (sid, _task) in self._lock_waits.items():
+            owner = self._locks.owner(sid)
+            if owner is not None and owner not in mine:
+                waiting.cancel()
 
     async def _update(self, sid: uuid.UUID, fn: UpdateFn) -> Session:
         self._refuse_in_update_fn(sid, "A write", _RETURN_THE_CHANGE)
@@ -1322,11 +1355,12 @@ class SessionManager:
         sid = _parse_id(session_id)
         self._refuse_in_update_fn(sid, "rotate()", _RETURN_THE_CHANGE)
         async with self._holding(sid):
-            self._rotating.add(sid)
+            self._rotating[sid] = rotated = anyio.Event()
             try:
                 new, now = await self._rotate(sid, fn)
             finally:
-                self._rotating.discard(sid)
+                del self._rotating[sid]
+                rotated.set()
         self._emit(EventKind.CREATED, new.id, new, now)
         self._emit(EventKind.DELETED, sid, None, now)
         await anyio.lowlevel.checkpoint_if_cancelled()  # see _whole_write
@@ -1334,9 +1368,9 @@ class SessionManager:
 
     async def _after_rotation(self, sid: uuid.UUID) -> None:
         """Wait while this manager rotates ``sid`` (appends and deletes take no lock)."""
-        if sid in self._rotating:
-            async with self._locks(sid):
-                pass
+        rotated = self._rotating.get(sid)
+        if rotated is not None:
+            await rotated.wait()
 
     async def _rotate(self, sid: uuid.UUID, fn: UpdateFn | None) -> tuple[Session, datetime]:
         for _attempt in range(self._max_retries):

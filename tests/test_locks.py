@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
 import uuid
 from typing import Any
@@ -602,3 +603,21 @@ def test_a_store_has_one_set_of_locks_while_it_lives() -> None:
             reused += 1
             assert locks_of(new) is not old_locks
     assert reused  # (CPython reuses a freed object's memory at once)
+
+
+def test_a_half_imported_trio_is_looked_at_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """helper-212: with trio imported by another thread at that moment (no lowlevel
+    module yet), taking a lock raised AttributeError."""
+    import types
+
+    import asyncsession._locks as locks_module
+
+    monkeypatch.setattr(locks_module, "_KI_PROTECTED", False)
+    monkeypatch.setitem(sys.modules, "trio", types.ModuleType("trio"))
+
+    async def take() -> None:
+        async with KeyedLocks()(uuid.uuid4()):
+            pass
+
+    anyio.run(take, backend="asyncio")
+    assert locks_module._KI_PROTECTED is False  # not yet: looked at again next time

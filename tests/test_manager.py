@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import itertools
 import logging
 import math
@@ -283,6 +284,144 @@ async def test_an_exit_ends_its_calls_waiting_for_another_managers_lock(
         stored = await first.get(session.id, touch=False)
         assert stored.state["by"] == ("first",) and stored.revision == 1
         assert not [r for r in caplog.records if "still under way" in r.getMessage()]
+
+
+async def until_exiting(manager: s.SessionManager) -> None:
+    """Return once ``manager``'s exit has begun (it refuses new calls)."""
+    with anyio.fail_after(30):
+        while manager._running:
+            await anyio.lowlevel.checkpoint()
+
+
+async def test_an_exit_lets_its_own_updates_queued_for_a_session_run(
+    any_repository: s.SessionRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-212: the exit ended every wait for a session's lock, also those behind
+    this manager's own update, whose writes were lost (ManagerNotRunning)."""
+    monkeypatch.setattr(asyncsession._manager, "_CALLS_AT_EXIT_SECONDS", 3600)
+    holding, go_on = anyio.Event(), anyio.Event()
+    outcome: dict[str, object] = {}
+
+    async def slow(x: s.Session) -> s.Session:
+        holding.set()
+        await go_on.wait()
+        return x.with_state(a=1)
+
+    async def update(manager: s.SessionManager, sid: uuid.UUID, name: str, fn: Any) -> None:
+        try:
+            outcome[name] = (await manager.update(sid, fn)).state
+        except s.ManagerNotRunning as exc:
+            outcome[name] = exc
+
+    async def release_when_exiting(manager: s.SessionManager) -> None:
+        await until_exiting(manager)
+        go_on.set()
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg, s.SessionManager(any_repository) as one:
+            sid = (await one.create()).id
+            tg.start_soon(update, one, sid, "first", slow)
+            await holding.wait()
+            tg.start_soon(update, one, sid, "second", lambda x: x.with_state(b=2))
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(release_when_exiting, one)
+    assert outcome == {"first": {"a": 1}, "second": {"a": 1, "b": 2}}
+
+
+async def test_a_call_made_by_a_call_under_way_at_the_exit_stops_waiting_for_a_lock(
+    any_repository: s.SessionRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-212: an update function running when its manager's exit began updated
+    another session, whose lock another manager held: the wait began after the exit
+    had ended the waits, so the exit waited (5 s, then a warning) and the nested
+    update ran after it."""
+    monkeypatch.setattr(asyncsession._manager, "_CALLS_AT_EXIT_SECONDS", 3600)
+    outcome: dict[str, object] = {}
+    with anyio.fail_after(60):
+        async with s.SessionManager(any_repository) as other:
+            x = (await other.create()).id
+            y = (await other.create()).id
+            other_holds, other_go = anyio.Event(), anyio.Event()
+
+            async def hold_y(session: s.Session) -> s.Session:
+                other_holds.set()
+                await other_go.wait()
+                return session
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(other.update, y, hold_y)
+                await other_holds.wait()
+                async with s.SessionManager(any_repository) as one:
+                    in_fn = anyio.Event()
+
+                    async def outer(session: s.Session) -> s.Session:
+                        in_fn.set()
+                        await until_exiting(one)
+                        try:
+                            await one.update(y, lambda z: z.with_state(nested=True))
+                        except s.ManagerNotRunning as exc:
+                            outcome["nested"] = exc
+                        return session.with_state(outer=True)
+
+                    async def call() -> None:
+                        outcome["outer"] = (await one.update(x, outer)).state
+
+                    tg.start_soon(call)
+                    await in_fn.wait()
+                assert "waited for the session's lock" in str(outcome["nested"])
+                assert outcome["outer"] == {"outer": True}
+                other_go.set()
+            assert (await other.get(y, touch=False)).state == {}
+
+
+async def test_an_append_after_a_rotation_waits_for_that_rotation_only(
+    any_repository: s.SessionRepository,
+) -> None:
+    """helper-212: an append made while this manager rotated the session waited for
+    the session's lock, also behind another manager's update queued meanwhile."""
+
+    class Refused(Exception):
+        pass
+
+    async with (
+        s.SessionManager(any_repository) as one,
+        s.SessionManager(any_repository) as other,
+    ):
+        sid = (await one.create()).id
+        rotating, rotate_go = anyio.Event(), anyio.Event()
+        other_go, appended = anyio.Event(), anyio.Event()
+
+        async def refuse_later(session: s.Session) -> s.Session:
+            rotating.set()
+            await rotate_go.wait()
+            raise Refused
+
+        async def rotate() -> None:
+            with pytest.raises(Refused):
+                await one.rotate(sid, refuse_later)
+
+        async def other_update(session: s.Session) -> s.Session:
+            await other_go.wait()
+            return session.with_state(other=True)
+
+        async def append() -> None:
+            await one.add_message(sid, "user", "after the rotation")
+            appended.set()
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(rotate)
+                await rotating.wait()
+                tg.start_soon(other.update, sid, other_update)
+                await anyio.wait_all_tasks_blocked()  # queued for the lock
+                tg.start_soon(append)
+                await anyio.wait_all_tasks_blocked()  # waits for the rotation
+                assert not appended.is_set()
+                rotate_go.set()
+                await appended.wait()  # while the other manager's update still runs
+                other_go.set()
+        stored = await one.get(sid, touch=False)
+        assert stored.state == {"other": True} and stored.messages.total == 1
 
 
 async def test_managers_of_one_store_racing_for_one_session_never_run_out_of_retries(
@@ -612,6 +751,17 @@ async def test_iterate_yields_every_matching_session_a_page_at_a_time(
     got = [x.id async for x in sessions.iterate(status=live, page_size=2)]
     assert got == everyone[1:]
     assert [x.id async for x in sessions.iterate(search="nothing like it")] == []
+
+
+async def test_leaving_an_iteration_early_needs_no_clean_up(sessions: s.SessionManager) -> None:
+    """helper-212: iterate() was an async generator; left early on trio, it warned that
+    it should have been closed (an error under this suite's filterwarnings)."""
+    for _ in range(3):
+        await sessions.create()
+    async for _session in sessions.iterate(page_size=1):
+        break
+    gc.collect()
+    assert len([x async for x in sessions.iterate(page_size=2)]) == 3
 
 
 async def test_iterate_checks_its_arguments_at_the_call(sessions: s.SessionManager) -> None:
