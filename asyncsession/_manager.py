@@ -153,6 +153,11 @@ class _Pages:
             self._done = page.next_cursor is None
         return self._items.popleft()
 
+    async def aclose(self) -> None:
+        """End the iteration (for ``contextlib.aclosing``; nothing needs closing)."""
+        self._done = True
+        self._items.clear()
+
 
 class _Background:
     """The tasks one run of a manager started in its task group, counted by the tasks
@@ -926,7 +931,8 @@ class SessionManager:
 
         The filters are checked at once. As when paging by hand, a session written or
         touched while you iterate, and not yet reached, moves to the front and is left
-        out; none is yielded twice. Leaving the loop early needs no clean-up.
+        out; none is yielded twice. Leaving the loop early needs no clean-up
+        (``aclose()`` ends it, for ``contextlib.aclosing``).
         """
         if not (self._running or _nested_in(self)):
             raise ManagerNotRunning()
@@ -1764,9 +1770,10 @@ class SessionManager:
 
         With ``session_id``, only that session's events (publishing to many such
         subscriptions costs per subscriber of the session, not per subscriber). The id
-        is not looked up: one that matches no session receives nothing, and a rotated
-        session's subscription gets DELETED for its old id (the new id's CREATED goes to
-        subscriptions for every session). A slow
+        is not looked up: one that matches no session receives nothing (malformed text
+        raises :class:`SessionNotFound`), and a rotated session's subscription gets
+        DELETED for its old id and goes on (stop on DELETED or EXPIRED yourself; the new
+        id's CREATED goes to subscriptions for every session). A slow
         subscriber never stalls the manager: beyond ``buffer`` (default the manager's
         ``event_buffer``) undelivered events, new ones are dropped for it and counted in
         ``Subscription.dropped``.

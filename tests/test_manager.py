@@ -762,6 +762,10 @@ async def test_leaving_an_iteration_early_needs_no_clean_up(sessions: s.SessionM
         break
     gc.collect()
     assert len([x async for x in sessions.iterate(page_size=2)]) == 3
+    async with contextlib.aclosing(sessions.iterate(page_size=2)) as pages:
+        assert (await anext(pages)) is not None
+        await pages.aclose()  # ends it, items of the page read included
+        assert [x async for x in pages] == []
 
 
 async def test_iterate_checks_its_arguments_at_the_call(sessions: s.SessionManager) -> None:
