@@ -124,7 +124,7 @@ class _Pages:
     """:meth:`SessionManager.iterate`: a plain async iterator (an async generator would
     need closing when a loop leaves it early, on trio)."""
 
-    __slots__ = ("_cursor", "_done", "_items", "_manager", "_query")
+    __slots__ = ("_cursor", "_done", "_items", "_manager", "_query", "_reading")
 
     def __init__(self, manager: SessionManager, query: SessionQuery) -> None:
         self._manager = manager
@@ -132,6 +132,7 @@ class _Pages:
         self._items: deque[Session] = deque()
         self._cursor: str | None = None
         self._done = False
+        self._reading = False  # a task is reading the next page
 
     def __aiter__(self) -> _Pages:
         return self
@@ -140,14 +141,23 @@ class _Pages:
         while not self._items:
             if self._done:
                 raise StopAsyncIteration
-            query = self._query
-            page = await self._manager.list(
-                owner=query.owner,
-                status=query.status,
-                search=query.search,
-                limit=query.limit,
-                cursor=self._cursor,
-            )
+            if self._reading:  # two tasks would read one page twice
+                raise RuntimeError(
+                    "Another task is reading this iterate()'s next page: give each task "
+                    "an iterate() of its own."
+                )
+            self._reading = True
+            try:
+                query = self._query
+                page = await self._manager.list(
+                    owner=query.owner,
+                    status=query.status,
+                    search=query.search,
+                    limit=query.limit,
+                    cursor=self._cursor,
+                )
+            finally:
+                self._reading = False
             self._items.extend(page.items)
             self._cursor = page.next_cursor
             self._done = page.next_cursor is None
@@ -527,7 +537,7 @@ class SessionManager:
         # Calls waiting for a session's lock (scope: session, task), and the tasks of
         # this manager's calls holding one: see _holding.
         self._lock_waits: dict[anyio.CancelScope, tuple[uuid.UUID, object]] = {}
-        self._lock_holders: set[object] = set()
+        self._lock_holders: dict[uuid.UUID, object] = {}
         # expired sessions whose failed removals ended a pass as a store failure: later
         # passes try them after the others (see purge_expired)
         self._deferred: set[uuid.UUID] = set()
@@ -1024,31 +1034,37 @@ class SessionManager:
         this one. A wait behind this manager's own calls goes on, as they finish."""
         held = self._locks(sid)
         me = current_task()
+        taken = False
         with anyio.CancelScope() as waiting:
             self._lock_waits[waiting] = (sid, me)
             try:
                 if not self._running:  # a call made by a call under way at the exit
                     self._end_lock_waits()
                 await held.__aenter__()
+                taken = True
             finally:
                 del self._lock_waits[waiting]
-        if waiting.cancelled_caught:
+                if not taken and not self._running:
+                    self._end_lock_waits()  # a lock handed to it went on to the next
+        if not taken:  # (the wait was ended: otherwise its cancellation propagates)
             raise ManagerNotRunning(waited_for_lock=True)
-        self._lock_holders.add(me)
+        self._lock_holders[sid] = me
         try:
             yield
         finally:
-            self._lock_holders.discard(me)
+            del self._lock_holders[sid]
             await held.__aexit__(None, None, None)
             if not self._running and self._lock_waits:
                 self._end_lock_waits()  # the lock may have gone to another manager
 
     def _end_lock_waits(self) -> None:
-        """End the waits for a lock that another manager's call holds (at the exit)."""
-        mine = self._lock_holders.union(task for _sid, task in self._lock_waits.values())
+        """End the waits for a session's lock that another manager's call holds, or was
+        handed (at the exit); not those behind this manager's own calls."""
         for waiting, (sid, _task) in self._lock_waits.items():
             owner = self._locks.owner(sid)
-            if owner is not None and owner not in mine:
+            if owner is None or owner is self._lock_holders.get(sid):
+                continue
+            if not any(o == sid and t is owner for o, t in self._lock_waits.values()):
                 waiting.cancel()
 
     async def _update(self, sid: uuid.UUID, fn: UpdateFn) -> Session:

@@ -328,6 +328,44 @@ async def test_an_exit_lets_its_own_updates_queued_for_a_session_run(
     assert outcome == {"first": {"a": 1}, "second": {"a": 1, "b": 2}}
 
 
+async def test_an_exit_lets_an_update_queued_behind_its_own_nesting_update_run(
+    any_repository: s.SessionRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-213: an update function that updated another session during the exit
+    made its task look like no holder of its own session once the inner update ended,
+    so the update queued behind it was ended (ManagerNotRunning, write lost)."""
+    monkeypatch.setattr(asyncsession._manager, "_CALLS_AT_EXIT_SECONDS", 3600)
+    outcome: dict[str, object] = {}
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg, s.SessionManager(any_repository) as one:
+            x = (await one.create()).id
+            y = (await one.create()).id
+            in_fn, exiting = anyio.Event(), anyio.Event()
+
+            async def outer(session: s.Session) -> s.Session:
+                in_fn.set()
+                await exiting.wait()
+                await one.update(y, lambda z: z.with_state(nested=True))
+                return session.with_state(outer=True)
+
+            async def tell_when_exiting() -> None:
+                await until_exiting(one)
+                exiting.set()
+
+            async def call(name: str, fn: Any) -> None:
+                try:
+                    outcome[name] = (await one.update(x, fn)).state
+                except s.ManagerNotRunning as exc:
+                    outcome[name] = exc
+
+            tg.start_soon(call, "outer", outer)
+            await in_fn.wait()
+            tg.start_soon(call, "queued", lambda z: z.with_state(queued=True))
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(tell_when_exiting)
+    assert outcome == {"outer": {"outer": True}, "queued": {"outer": True, "queued": True}}
+
+
 async def test_a_call_made_by_a_call_under_way_at_the_exit_stops_waiting_for_a_lock(
     any_repository: s.SessionRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -766,6 +804,32 @@ async def test_leaving_an_iteration_early_needs_no_clean_up(sessions: s.SessionM
         assert (await anext(pages)) is not None
         await pages.aclose()  # ends it, items of the page read included
         assert [x async for x in pages] == []
+
+
+async def test_tasks_sharing_one_iteration_never_get_a_session_twice(
+    sessions: s.SessionManager,
+) -> None:
+    """helper-213: two tasks reading one iterate() at once could both read the same
+    page (on stores whose list() awaits): every session came twice."""
+    made = {(await sessions.create()).id for _ in range(6)}
+    pages = sessions.iterate(page_size=2)
+    got: list[uuid.UUID] = []
+    refused: list[RuntimeError] = []
+
+    async def read() -> None:
+        try:
+            async for session in pages:
+                got.append(session.id)
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        tg.start_soon(read)
+    assert len(got) == len(set(got)) and set(got) <= made
+    assert all("an iterate() of its own" in str(exc) for exc in refused)
+    if not refused:  # (the memory store's list() does not await: no overlap)
+        assert set(got) == made
 
 
 async def test_iterate_checks_its_arguments_at_the_call(sessions: s.SessionManager) -> None:
