@@ -44,17 +44,27 @@ class _Held:
         self._id = key.int
 
     async def __aenter__(self) -> None:
-        locks = self._locks
-        waiter = locks._enter(self._id, self._key)
-        if waiter is None:  # free: taken without a checkpoint (like fast_acquire)
-            return
+        waiter = self.take_or_queue()
+        if waiter is not None:
+            await self.wait(waiter)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def take_or_queue(self) -> _Waiter | None:
+        """Take the key if it is free (None: taken without a checkpoint, like
+        fast_acquire), else queue the current task: then ``await wait(waiter)``."""
+        return self._locks._enter(self._id, self._key)
+
+    async def wait(self, waiter: _Waiter) -> None:
+        """Wait until ``waiter`` (this task, queued) is handed the key."""
         try:
             await waiter.event.wait()
         except BaseException:
-            locks._give_up(self._id, waiter)
+            self._locks._give_up(self._id, waiter)
             raise
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    def release(self) -> None:
         self._locks._release(self._id)
 
 

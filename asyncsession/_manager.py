@@ -120,6 +120,48 @@ class _Calls:
             self.done.set()
 
 
+class _Holding:
+    """Holds a session's lock, which every manager of the store shares. Once the
+    manager has begun to exit, a wait behind another manager's call ends
+    (:class:`ManagerNotRunning`): that call may take long, and the exit waits for this
+    one. A wait behind this manager's own calls goes on, as they finish."""
+
+    __slots__ = ("_held", "_manager", "_sid")
+
+    def __init__(self, manager: SessionManager, sid: uuid.UUID) -> None:
+        self._manager = manager
+        self._sid = sid
+        self._held = manager._locks(sid)
+
+    async def __aenter__(self) -> None:
+        manager, sid, held = self._manager, self._sid, self._held
+        waiter = held.take_or_queue()
+        if waiter is not None:  # another task holds it: wait, as long as the exit allows
+            waits = manager._lock_waits
+            taken = False
+            with anyio.CancelScope() as waiting:
+                waits[waiting] = (sid, waiter.owner)
+                try:
+                    if not manager._running:  # a call made by a call under way at the exit
+                        manager._end_lock_waits()
+                    await held.wait(waiter)
+                    taken = True
+                finally:
+                    del waits[waiting]
+                    if not taken and not manager._running:
+                        manager._end_lock_waits()  # a lock handed to it went on
+            if not taken:  # (the wait was ended: otherwise its cancellation propagates)
+                raise ManagerNotRunning(waited_for_lock=True)
+        manager._lock_holders.add(sid)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        manager = self._manager
+        manager._lock_holders.discard(self._sid)
+        self._held.release()
+        if not manager._running and manager._lock_waits:
+            manager._end_lock_waits()  # the lock may have gone to another manager
+
+
 class _Pages:
     """:meth:`SessionManager.iterate`: a plain async iterator (an async generator would
     need closing when a loop leaves it early, on trio)."""
@@ -537,7 +579,7 @@ class SessionManager:
         # Calls waiting for a session's lock (scope: session, task), and the tasks of
         # this manager's calls holding one: see _holding.
         self._lock_waits: dict[anyio.CancelScope, tuple[uuid.UUID, object]] = {}
-        self._lock_holders: dict[uuid.UUID, object] = {}
+        self._lock_holders: set[uuid.UUID] = set()
         # expired sessions whose failed removals ended a pass as a store failure: later
         # passes try them after the others (see purge_expired)
         self._deferred: set[uuid.UUID] = set()
@@ -1026,43 +1068,19 @@ class SessionManager:
                 )
             mark = mark.outer
 
-    @asynccontextmanager
-    async def _holding(self, sid: uuid.UUID) -> AsyncIterator[None]:
-        """Hold ``sid``'s lock, which every manager of the store shares. Once this
-        manager has begun to exit, a wait behind another manager's call ends
-        (:class:`ManagerNotRunning`): that call may take long, and the exit waits for
-        this one. A wait behind this manager's own calls goes on, as they finish."""
-        held = self._locks(sid)
-        me = current_task()
-        taken = False
-        with anyio.CancelScope() as waiting:
-            self._lock_waits[waiting] = (sid, me)
-            try:
-                if not self._running:  # a call made by a call under way at the exit
-                    self._end_lock_waits()
-                await held.__aenter__()
-                taken = True
-            finally:
-                del self._lock_waits[waiting]
-                if not taken and not self._running:
-                    self._end_lock_waits()  # a lock handed to it went on to the next
-        if not taken:  # (the wait was ended: otherwise its cancellation propagates)
-            raise ManagerNotRunning(waited_for_lock=True)
-        self._lock_holders[sid] = me
-        try:
-            yield
-        finally:
-            del self._lock_holders[sid]
-            await held.__aexit__(None, None, None)
-            if not self._running and self._lock_waits:
-                self._end_lock_waits()  # the lock may have gone to another manager
+    def _holding(self, sid: uuid.UUID) -> _Holding:
+        """``async with`` holds ``sid``'s lock, which every manager of the store
+        shares (see :class:`_Holding`)."""
+        return _Holding(self, sid)
 
     def _end_lock_waits(self) -> None:
         """End the waits for a session's lock that another manager's call holds, or was
         handed (at the exit); not those behind this manager's own calls."""
         for waiting, (sid, _task) in self._lock_waits.items():
+            if sid in self._lock_holders:
+                continue
             owner = self._locks.owner(sid)
-            if owner is None or owner is self._lock_holders.get(sid):
+            if owner is None:
                 continue
             if not any(o == sid and t is owner for o, t in self._lock_waits.values()):
                 waiting.cancel()
