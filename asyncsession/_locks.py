@@ -7,13 +7,15 @@ import threading
 import uuid
 import weakref
 from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
 
 import anyio
 import anyio.lowlevel
 
 from ._loops import current_task, set_soon
 
-__all__ = ["KeyedLocks", "locks_of"]
+__all__ = ["KeyedLocks", "ki_protected", "locks_of"]
 
 
 class _Waiter:
@@ -193,11 +195,22 @@ def _current_loop() -> object:
 
 _NO_LOOP = object()
 _KI_PROTECTED = False
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def ki_protected(step: _F) -> _F:
+    """Mark ``step`` (a function or ``async def`` that takes or gives back a lock) to be
+    protected from trio's KeyboardInterrupt, as :class:`KeyedLocks`' own steps are: a
+    Ctrl-C between taking a lock and the code that gives it back would keep it taken."""
+    _KI_STEPS.append(step)
+    if _KI_PROTECTED:
+        _protect_from_ki()
+    return step
 
 
 def _protect_from_ki() -> None:
-    """Protect :class:`KeyedLocks`' steps from trio's KeyboardInterrupt, once trio is
-    imported (importing it here would cost asyncio users its import)."""
+    """Protect the lock steps (see :func:`ki_protected`) from trio's KeyboardInterrupt,
+    once trio is imported (importing it here would cost asyncio users its import)."""
     global _KI_PROTECTED
     # (Another thread may be importing trio: its lowlevel module comes last. Until then,
     # no trio run can be under way, and the next call looks again.)
@@ -206,6 +219,15 @@ def _protect_from_ki() -> None:
     )
     if enable is None:
         return
-    for step in (KeyedLocks._enter, KeyedLocks._give_up, KeyedLocks._release):
-        enable(step)
+    for step in _KI_STEPS:
+        enable(step)  # (trio marks the code object: the function stays the same)
     _KI_PROTECTED = True
+
+
+_KI_STEPS: list[Callable[..., object]] = [
+    KeyedLocks._enter,
+    KeyedLocks._give_up,
+    KeyedLocks._release,
+    _Held.__aenter__,
+    _Held.__aexit__,
+]

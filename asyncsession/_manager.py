@@ -58,7 +58,7 @@ from ._exceptions import (
     too_many_messages,
 )
 from ._json import freeze_state
-from ._locks import locks_of
+from ._locks import ki_protected, locks_of
 from ._loops import current_task, has_ended
 from ._models import (
     ExpiryPolicy,
@@ -133,6 +133,7 @@ class _Holding:
         self._sid = sid
         self._held = manager._locks(sid)
 
+    @ki_protected
     async def __aenter__(self) -> None:
         manager, sid, held = self._manager, self._sid, self._held
         waiter = held.take_or_queue()
@@ -154,6 +155,7 @@ class _Holding:
                 raise ManagerNotRunning(waited_for_lock=True)
         manager._lock_holders.add(sid)
 
+    @ki_protected
     async def __aexit__(self, *exc_info: object) -> None:
         manager = self._manager
         manager._lock_holders.discard(self._sid)
@@ -576,8 +578,8 @@ class SessionManager:
         self._sharing = 0  # events of the batch the transport is publishing now
         # cleanup passes waiting for room in the reporters' buffer (the exit ends them)
         self._room_waits: set[anyio.CancelScope] = set()
-        # Calls waiting for a session's lock (scope: session, task), and the tasks of
-        # this manager's calls holding one: see _holding.
+        # Calls waiting for a session's lock (scope: session, waiting task), and the
+        # sessions whose lock this manager's calls hold: see _Holding.
         self._lock_waits: dict[anyio.CancelScope, tuple[uuid.UUID, object]] = {}
         self._lock_holders: set[uuid.UUID] = set()
         # expired sessions whose failed removals ended a pass as a store failure: later

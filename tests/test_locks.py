@@ -621,3 +621,31 @@ def test_a_half_imported_trio_is_looked_at_again_later(monkeypatch: pytest.Monke
 
     anyio.run(take, backend="asyncio")
     assert locks_module._KI_PROTECTED is False  # not yet: looked at again next time
+
+
+def test_taking_and_giving_back_a_managers_session_lock_is_protected_from_ctrl_c() -> None:
+    """helper-215: a Ctrl-C (trio raises KeyboardInterrupt anywhere not protected) between
+    taking a session's lock and the code that gives it back kept the lock for good."""
+    import trio
+
+    import asyncsession as s
+
+    seen: list[bool] = []
+
+    class Recording(set[uuid.UUID]):
+        def add(self, sid: uuid.UUID) -> None:  # called while the lock is taken
+            seen.append(trio.lowlevel.currently_ki_protected())
+            super().add(sid)
+
+        def discard(self, sid: uuid.UUID) -> None:  # called while it is given back
+            seen.append(trio.lowlevel.currently_ki_protected())
+            super().discard(sid)
+
+    async def main() -> None:
+        async with s.SessionManager(s.MemoryRepository()) as sessions:
+            sid = (await sessions.create()).id
+            sessions._lock_holders = Recording()
+            await sessions.update(sid, lambda x: x.with_state(n=1))
+
+    anyio.run(main, backend="trio")
+    assert seen == [True, True]
