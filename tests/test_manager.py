@@ -237,6 +237,27 @@ async def test_conflicting_writer_is_retried_then_bounded(
         assert (await sessions.get(session.id)).state == {"n": 1}
 
 
+class FirstHoldsSecondWaits:
+    """Two update functions that add their names to ``state["log"]`` and to ``ran``:
+    ``first`` holds the session (sets ``holding``, then waits for ``go_on``),
+    ``second`` does not wait."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+        self.holding = anyio.Event()
+        self.go_on = anyio.Event()
+
+    async def first(self, x: s.Session) -> s.Session:
+        self.ran.append("first")
+        self.holding.set()
+        await self.go_on.wait()
+        return x.with_state(log=[*x.state["log"], "first"])
+
+    def second(self, x: s.Session) -> s.Session:
+        self.ran.append("second")
+        return x.with_state(log=[*x.state["log"], "second"])
+
+
 async def test_an_exit_ends_its_calls_waiting_for_another_managers_lock(
     any_repository: s.SessionRepository,
     monkeypatch: pytest.MonkeyPatch,
@@ -248,41 +269,29 @@ async def test_an_exit_ends_its_calls_waiting_for_another_managers_lock(
     after the exit. The exit now ends such waits: ManagerNotRunning, nothing done."""
     monkeypatch.setattr(asyncsession._manager, "_CALLS_AT_EXIT_SECONDS", 3600)
     async with s.SessionManager(any_repository) as first:
-        session = await first.create(state={"by": []})
-        holding, go_on = anyio.Event(), anyio.Event()
-        ran: list[str] = []
-
-        async def slow(x: s.Session) -> s.Session:
-            ran.append("first")
-            holding.set()
-            await go_on.wait()
-            return x.with_state(by=[*x.state["by"], "first"])
-
-        def quick(x: s.Session) -> s.Session:
-            ran.append("second")
-            return x.with_state(by=[*x.state["by"], "second"])
-
+        session = await first.create(state={"log": []})
+        updates = FirstHoldsSecondWaits()
         outcome: list[BaseException] = []
 
         async def second_update(second: s.SessionManager) -> None:
             try:
-                await second.update(session.id, quick)
+                await second.update(session.id, updates.second)
             except s.ManagerNotRunning as exc:
                 outcome.append(exc)
 
         with anyio.fail_after(60), caplog.at_level(logging.WARNING):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(first.update, session.id, slow)
-                await holding.wait()
+                tg.start_soon(first.update, session.id, updates.first)
+                await updates.holding.wait()
                 async with s.SessionManager(any_repository) as second:
                     tg.start_soon(second_update, second)
                     await anyio.wait_all_tasks_blocked()
                 # the second manager has exited while the first's function still runs
                 assert len(outcome) == 1 and "waited for the session's lock" in str(outcome[0])
-                go_on.set()
-        assert ran == ["first"]
+                updates.go_on.set()
+        assert updates.ran == ["first"]
         stored = await first.get(session.id, touch=False)
-        assert stored.state["by"] == ("first",) and stored.revision == 1
+        assert stored.state["log"] == ("first",) and stored.revision == 1
         assert not [r for r in caplog.records if "still under way" in r.getMessage()]
 
 
@@ -502,35 +511,22 @@ async def test_managers_of_one_store_take_turns_updating_a_session(
         s.SessionManager(any_repository) as second,
     ):
         session = await first.create(state={"log": []})
-        calls: list[str] = []
-        holding = anyio.Event()
-        go_on = anyio.Event()
-
-        async def slow(x: s.Session) -> s.Session:
-            calls.append("first")
-            holding.set()
-            await go_on.wait()
-            return x.with_state(log=[*x.state["log"], "first"])
-
-        def quick(x: s.Session) -> s.Session:
-            calls.append("second")
-            return x.with_state(log=[*x.state["log"], "second"])
-
+        updates = FirstHoldsSecondWaits()
         done = anyio.Event()
 
         async def second_update() -> None:
-            await second.update(session.id, quick)
+            await second.update(session.id, updates.second)
             done.set()
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(first.update, session.id, slow)
-            await holding.wait()
+            tg.start_soon(first.update, session.id, updates.first)
+            await updates.holding.wait()
             tg.start_soon(second_update)
             for _ in range(50):
                 await anyio.lowlevel.checkpoint()
-            assert calls == ["first"] and not done.is_set()  # waiting for the lock
-            go_on.set()
-        assert calls == ["first", "second"]
+            assert updates.ran == ["first"] and not done.is_set()  # waiting for the lock
+            updates.go_on.set()
+        assert updates.ran == ["first", "second"]
         final = await first.get(session.id, touch=False)
         assert final.state["log"] == ("first", "second") and final.revision == 2
 
