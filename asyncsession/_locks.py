@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import uuid
@@ -173,10 +174,8 @@ def locks_of(store: object) -> KeyedLocks:
         if found is not None and found[0]() is store:
             return found[1]
         locks = KeyedLocks()
-        try:
+        with contextlib.suppress(TypeError):  # (a virtual subclass with __slots__: not kept)
             _SHARED[id(store)] = (weakref.ref(store), locks)
-        except TypeError:  # a registered virtual subclass with __slots__: its own locks
-            return locks
         return locks
 
 
