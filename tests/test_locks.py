@@ -346,6 +346,21 @@ def test_tasks_of_loops_in_several_threads_share_a_key(backends: tuple[str, str]
     assert len(entered) == 2 * 3 * 20 and len(locks) == 0
 
 
+async def two_trio_tasks_take_a(locks: KeyedLocks, taken: list[int]) -> None:
+    """Two trio tasks of one nursery take key A in turn, adding their numbers to
+    ``taken`` (a lock that took them for one task would refuse the second)."""
+    import trio
+
+    async def task(n: int) -> None:
+        async with locks(A):
+            taken.append(n)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(task, 1)
+        nursery.start_soon(task, 2)
+
+
 def test_trio_tasks_in_guest_mode_are_told_apart() -> None:
     # helper-204: with trio running as a guest of an asyncio loop, the locks asked
     # asyncio for the current task (None for every trio task): the second of two trio
@@ -356,16 +371,7 @@ def test_trio_tasks_in_guest_mode_are_told_apart() -> None:
 
     locks = KeyedLocks()
     order: list[int] = []
-
-    async def trio_main() -> None:
-        async def task(n: int) -> None:
-            async with locks(A):
-                order.append(n)
-                await trio.lowlevel.checkpoint()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(task, 1)
-            nursery.start_soon(task, 2)
+    trio_main = functools.partial(two_trio_tasks_take_a, locks, order)
 
     async def host() -> None:
         loop = asyncio.get_running_loop()
@@ -459,18 +465,8 @@ def test_trio_run_inside_an_asyncio_task_tells_its_tasks_apart() -> None:
     locks = KeyedLocks()
     got: list[int] = []
 
-    async def two_tasks() -> None:
-        async def task(n: int) -> None:
-            async with locks(A):
-                got.append(n)
-                await trio.lowlevel.checkpoint()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(task, 1)
-            nursery.start_soon(task, 2)
-
     async def main() -> None:
-        trio.run(two_tasks)
+        trio.run(two_trio_tasks_take_a, locks, got)
 
     asyncio.run(main())
     assert sorted(got) == [1, 2] and len(locks) == 0
