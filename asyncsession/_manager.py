@@ -1113,9 +1113,9 @@ class SessionManager:
                         return new
                 except SessionConflict as exc:
                     if attempts == 1 and exc.stale_snapshot:
-                        # The store's remembered snapshot was out of date before this
-                        # update began (another process wrote): not a conflict with fn,
-                        # so it does not use up one of the caller's attempts.
+                        # The store's remembered snapshot went out of date before or
+                        # while fn ran (another store object or process wrote): the first
+                        # try does not use up one of the caller's attempts.
                         allowed += 1
                     logger.debug("session %s changed concurrently; retrying update", sid)
         raise SessionConflict(sid, attempts=attempts)
