@@ -164,6 +164,17 @@ class _Holding:
             manager._end_lock_waits()  # the lock may have gone to another manager
 
 
+# Fields an update function may not change, and why: the manager sets them.
+_MANAGED_FIELDS = {
+    "id": "rotate() gives a session a new id",
+    "created_at": "set when the session is created",
+    "revision": "each write adds one",
+    "last_active": "each write sets it from the manager's clock",
+    "closed_at": "set when the status becomes terminal",
+    "expires_at": "computed from the status, the times and the expiry policy",
+}
+
+
 class _Pages:
     """:meth:`SessionManager.iterate`: a plain async iterator (an async generator would
     need closing when a loop leaves it early, on trio)."""
@@ -1050,8 +1061,10 @@ class SessionManager:
         object. So keep side effects
         out of ``fn``. If it raises, nothing is saved and the exception propagates. If
         the session expires while ``fn`` runs, nothing is saved and
-        :class:`SessionNotFound` is raised. ``fn`` may not change ``id``, ``created_at``
-        or ``revision``; setting a terminal status closes the session.
+        :class:`SessionNotFound` is raised. ``fn`` may not change ``id``, ``created_at``,
+        ``revision`` or the times the manager keeps (``last_active``, ``closed_at``,
+        ``expires_at``): :class:`InvalidUpdate`. Setting a terminal status closes the
+        session.
         """
         _check_callable(fn)
         sid = _parse_id(session_id)
@@ -1237,16 +1250,13 @@ class SessionManager:
                 f"The update function returned {type(new).__name__}, not a Session. Return "
                 "a changed copy, e.g. `lambda s: s.with_state(count=1)`."
             )
-        if new.id != old.id or new.created_at != old.created_at or new.revision != old.revision:
-            field = next(
-                name
-                for name in ("id", "created_at", "revision")
-                if getattr(new, name) != getattr(old, name)
-            )
-            raise InvalidUpdate(
-                f"The update function changed Session.{field}, which is managed by "
-                "asyncsession. Change owner, name, state, messages or status instead."
-            )
+        for field in _MANAGED_FIELDS:
+            if getattr(new, field) != getattr(old, field):
+                raise InvalidUpdate(
+                    f"The update function changed Session.{field}, which is managed by "
+                    f"asyncsession ({_MANAGED_FIELDS[field]}). Change owner, name, state, "
+                    "messages or status instead."
+                )
         if not new.messages.is_complete:
             raise InvalidUpdate(
                 "The update function returned a window of the message history; append to "
@@ -1263,14 +1273,10 @@ class SessionManager:
         else:
             self._check_messages(fresh, 0)
         last_active = max(old.last_active, now)
-        closed_at = new.closed_at
-        if new.status.is_terminal:
-            # not before the session's last activity, even when this manager's clock is
-            # behind the one that wrote it (another server's): a session never ends
-            # before it starts
-            closed_at = closed_at or last_active
-        elif closed_at is not None:
-            closed_at = None
+        # not before the session's last activity, even when this manager's clock is
+        # behind the one that wrote it (another server's): a session never ends before
+        # it starts
+        closed_at = last_active if new.status.is_terminal else None
         prepared = replace_trusted(  # new was validated when fn built it
             new,
             last_active=last_active,

@@ -198,9 +198,17 @@ async def test_callback_cannot_change_managed_fields(sessions: s.SessionManager)
         {"id": uuid.uuid4()},
         {"created_at": session.created_at - timedelta(days=1)},
         {"revision": 7},
+        # the times the manager keeps: a closed_at from fn moved a session's end before
+        # its start (deleted at once) or decades past its retention
+        {"last_active": session.last_active + timedelta(days=1)},
+        {"expires_at": session.created_at + timedelta(days=1)},
+        {"expires_at": None},
+        {"status": s.SessionStatus.EXITED, "closed_at": session.created_at - timedelta(days=2)},
+        {"status": s.SessionStatus.EXITED, "closed_at": session.created_at + timedelta(days=9)},
     ]
     for change in bad_changes:
-        with pytest.raises(s.InvalidUpdate):
+        field = next(name for name in change if name != "status")
+        with pytest.raises(s.InvalidUpdate, match=rf"changed Session\.{field}, which is managed"):
             await sessions.update(session.id, lambda x, c=change: attrs.evolve(x, **c))
     with pytest.raises(s.InvalidUpdate):
         await sessions.update(session.id, lambda x: {"not": "a session"})  # type: ignore[arg-type,return-value]
