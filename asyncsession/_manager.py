@@ -65,6 +65,7 @@ from ._models import (
     Message,
     Session,
     SessionStatus,
+    check_state_changes,
     parse_status,
     replace_trusted,
 )
@@ -1354,9 +1355,14 @@ class SessionManager:
             self._emit(EventKind.MESSAGE_ADDED, sid, session, now)
         return session
 
-    async def set_state(self, session_id: SessionId, **changes: Any) -> Session:
-        """Merge keyword ``changes`` into the session's state."""
-        return await self.update(session_id, lambda s: s.with_state(changes))
+    async def set_state(
+        self, session_id: SessionId, changes: Mapping[str, Any] | None = None, /, **kw: Any
+    ) -> Session:
+        """Merge ``changes`` (a mapping, keywords, or both) into the session's state, as
+        :meth:`Session.with_state` does: ``set_state(id, cart=1)``,
+        ``set_state(id, {"user-id": 7})``."""
+        check_state_changes(changes, "set_state(", "id, ")
+        return await self.update(session_id, lambda s: s.with_state(changes, **kw))
 
     @_call
     async def close(

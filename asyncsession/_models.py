@@ -501,6 +501,17 @@ def _id(value: uuid.UUID | str) -> uuid.UUID:
     )
 
 
+def check_state_changes(changes: object, call: str, first: str) -> None:
+    """Refuse a positional ``changes`` of ``with_state``/``set_state`` that is no mapping
+    (``call`` is how the call starts, ``first`` what comes before ``changes``)."""
+    if changes is not None and not isinstance(changes, Mapping):
+        raise InvalidJSONValue(
+            "state",
+            f"{call}) takes a mapping of changes or keywords, not {type(changes).__name__}; "
+            f"e.g. {call}{first}{{'cart': 1}}) or {call}{first}cart=1)",
+        )
+
+
 def _validate_name(instance: object, attribute: object, value: Any) -> None:
     validate_name(value)
 
@@ -581,12 +592,7 @@ class Session:
 
     def with_state(self, changes: Mapping[str, Any] | None = None, /, **kw: Any) -> Session:
         """Return a copy whose state has ``changes`` (and keyword changes) merged in."""
-        if changes is not None and not isinstance(changes, Mapping):
-            raise InvalidJSONValue(
-                "state",
-                f"with_state() takes a mapping of changes or keywords, not "
-                f"{type(changes).__name__}; e.g. with_state({{'cart': 1}}) or with_state(cart=1)",
-            )
+        check_state_changes(changes, "with_state(", "")
         updates = dict(changes) if changes else {}
         updates.update(kw)
         return replace_trusted(self, state=merge_state(self.state, updates))

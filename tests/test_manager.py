@@ -216,6 +216,21 @@ async def test_callback_cannot_change_managed_fields(sessions: s.SessionManager)
     assert after.revision == 0 and after == session
 
 
+async def test_set_state_takes_a_mapping_keywords_or_both(sessions: s.SessionManager) -> None:
+    """set_state took keywords only: a mapping (as with_state takes) was a raw TypeError,
+    and keys that are no identifiers needed update() (helper-218)."""
+    session = await sessions.create(state={"k": 0})
+    changed = await sessions.set_state(session.id, {"user-id": 7, "k": 1}, k=2, session_id=3)
+    assert changed.state == {"k": 2, "user-id": 7, "session_id": 3}
+    for bad in ("cart", [("k", 1)], 5):
+        with pytest.raises(
+            s.InvalidJSONValue, match=r"set_state\(\) takes a mapping.*set_state\(id, cart=1\)"
+        ):
+            await sessions.set_state(session.id, bad)  # type: ignore[arg-type]
+    after = await sessions.get(session.id, touch=False)
+    assert after == changed  # nothing written
+
+
 async def test_conflicting_writer_is_retried_then_bounded(
     any_repository: s.SessionRepository, clock: ManualClock, other_task: OtherTask
 ) -> None:
