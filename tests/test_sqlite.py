@@ -403,8 +403,19 @@ async def test_read_only_location(tmp_path: Path, anyio_backend: str) -> None:
         (tmp_path / "ro").chmod(0o700)
 
 
-async def test_not_a_database(db: Path, anyio_backend: str) -> None:
-    junk = b"this is not a database, " * 100
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"this is not a database, " * 100,
+        # SQLite itself takes a one-byte file for an empty database and overwrites it
+        # (helper-218), and a short start of its header is no database either
+        b"x",
+        b"\n",
+        b"SQLite format",
+    ],
+    ids=["text", "one-byte", "newline", "header-start"],
+)
+async def test_not_a_database(db: Path, junk: bytes, anyio_backend: str) -> None:
     await anyio.Path(db).write_bytes(junk)
     with pytest.raises(StorageError, match="not a SQLite database") as info:
         async with SQLiteRepository(db):

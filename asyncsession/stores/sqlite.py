@@ -978,6 +978,9 @@ def _run_soon(token: anyio.lowlevel.EventLoopToken, requests: Sequence[_Request]
         raise anyio.RunFinishedError from exc
 
 
+# The first 16 bytes of every SQLite database file.
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
 # sqlite3_errstr() texts of the primary codes we act on: Python 3.10's exceptions carry
 # no sqlite_errorcode (added in 3.11), only this message.
 _CODE_BY_MESSAGE = {
@@ -1935,6 +1938,20 @@ class SQLiteRepository(SessionRepository):
             ) from exc
         return status.st_dev, status.st_ino
 
+    def _refuse_foreign_file(self) -> None:
+        """Raise SQLite's "not a database" for a non-empty file that lacks SQLite's
+        header: SQLite itself takes a one-byte file (a stray newline) for an empty
+        database and overwrites it."""
+        if self._memory:
+            return
+        try:
+            with open(self._file, "rb") as file:
+                head = file.read(len(_SQLITE_HEADER))
+        except OSError:  # SQLite reports what it cannot read, with the path
+            return
+        if head and head != _SQLITE_HEADER:
+            raise sqlite3.DatabaseError("file is not a database")
+
     def _check_file(self) -> None:
         """Fail a write batch, before its commit, if the database file at the path is no
         longer the one this connection has open (deleted, renamed or replaced): SQLite
@@ -2021,6 +2038,7 @@ class SQLiteRepository(SessionRepository):
             # The file the connection has open: _check_file compares with it before each
             # commit. Taken right after SQLite opened it.
             self._identity = self._file_identity()
+            self._refuse_foreign_file()
             self._configure(conn)
         except BaseException as exc:
             conn.close()
