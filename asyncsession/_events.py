@@ -6,6 +6,7 @@ import enum
 import logging
 import uuid
 import weakref
+from collections.abc import Iterable
 from datetime import datetime
 from types import TracebackType
 
@@ -14,7 +15,7 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._exceptions import InvalidConfiguration
-from ._models import Session
+from ._models import Session, parse_choice
 from ._notes import Overflow
 
 __all__ = ["EventKind", "SessionEvent", "Subscription"]
@@ -34,6 +35,22 @@ class EventKind(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def parse_kinds(
+    kinds: EventKind | str | Iterable[EventKind | str] | None,
+) -> frozenset[EventKind] | None:
+    """``subscribe(kinds=...)`` as a set of :class:`EventKind` (None: every kind)."""
+    if kinds is None:
+        return None
+    if isinstance(kinds, str):  # an EventKind is a str too
+        return frozenset({parse_choice(EventKind, kinds, "event kind")})
+    if not isinstance(kinds, Iterable):
+        raise InvalidConfiguration(
+            f"kinds must be an event kind or an iterable of them (or None for every kind); "
+            f"got {type(kinds).__name__}."
+        )
+    return frozenset(parse_choice(EventKind, kind, "event kind") for kind in kinds)
 
 
 @attrs.frozen(slots=True)
@@ -72,8 +89,9 @@ class Subscription:
     the subscriber has taken every buffered event (then an info line says how many it
     missed). Iteration ends when the subscription or manager closes.
 
-    One made with ``session_id`` receives only that session's events (its ``seq`` then
-    skips the other sessions' events: count drops with :attr:`dropped`).
+    One made with ``session_id`` receives only that session's events, and one made with
+    ``kinds`` only events of those kinds (its ``seq`` then skips the others: count drops
+    with :attr:`dropped`).
 
     It receives events from its creation on. The manager holds it inside ``async with``
     and while a task waits for its next event; otherwise weakly: one used without
@@ -82,11 +100,18 @@ class Subscription:
     it (even one nobody keeps a handle of) keeps it while it waits.
     """
 
-    def __init__(self, hub: EventHub, buffer: int, session_id: uuid.UUID | None = None) -> None:
+    def __init__(
+        self,
+        hub: EventHub,
+        buffer: int,
+        session_id: uuid.UUID | None = None,
+        kinds: frozenset[EventKind] | None = None,
+    ) -> None:
         if type(buffer) is not int or buffer < 1:
             raise InvalidConfiguration(f"buffer must be an int >= 1, got {buffer!r}.")
         self._hub = hub
         self._session_id = session_id
+        self._kinds = kinds
         self._send: MemoryObjectSendStream[SessionEvent]
         self._receive: MemoryObjectReceiveStream[SessionEvent]
         self._send, self._receive = anyio.create_memory_object_stream[SessionEvent](buffer)
@@ -107,6 +132,11 @@ class Subscription:
         """The session whose events it receives (None: every session's)."""
         return self._session_id
 
+    @property
+    def kinds(self) -> frozenset[EventKind] | None:
+        """The kinds of event it receives (None: every kind)."""
+        return self._kinds
+
     def __repr__(self) -> str:
         stats = self._receive.statistics()
         size = int(stats.max_buffer_size)
@@ -126,6 +156,9 @@ class Subscription:
                 stream.close()
 
     def _offer(self, event: SessionEvent) -> None:
+        kinds = self._kinds
+        if kinds is not None and event.kind not in kinds:
+            return
         try:
             self._send.send_nowait(event)
         except anyio.WouldBlock:

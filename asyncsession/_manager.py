@@ -33,7 +33,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._clock import Clock, Duration, SystemClock, active_clock, to_timedelta
 from ._context import _current
-from ._events import EventHub, EventKind, Subscription
+from ._events import EventHub, EventKind, Subscription, parse_kinds
 from ._exceptions import (
     InvalidConfiguration,
     InvalidSessionId,
@@ -1812,9 +1812,17 @@ class SessionManager:
                 await anyio.sleep(1)
 
     def subscribe(
-        self, *, buffer: int | None = None, session_id: SessionId | None = None
+        self,
+        *,
+        buffer: int | None = None,
+        session_id: SessionId | None = None,
+        kinds: EventKind | str | Iterable[EventKind | str] | None = None,
     ) -> Subscription:
         """Receive lifecycle events: ``async with sessions.subscribe() as events:``.
+
+        With ``kinds`` (an :class:`EventKind`, its value, or several), only events of
+        those kinds, remote ones too: ``kinds={"closed", "expired", "deleted"}`` for
+        sessions' ends. Events of other kinds never take room in its buffer.
 
         With ``session_id``, only that session's events (publishing to many such
         subscriptions costs per subscriber of the session, not per subscriber). The id
@@ -1828,7 +1836,9 @@ class SessionManager:
         """
         self._check_running()
         sid = None if session_id is None else _parse_id(session_id)
-        return Subscription(self._events, buffer if buffer is not None else self._event_buffer, sid)
+        wanted = parse_kinds(kinds)
+        size = buffer if buffer is not None else self._event_buffer
+        return Subscription(self._events, size, sid, wanted)
 
     # -- expiry ---------------------------------------------------------------------------
 

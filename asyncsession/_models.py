@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from itertools import islice
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import attrs
 
@@ -76,24 +76,30 @@ _OPEN = frozenset({SessionStatus.ACTIVE, SessionStatus.ARCHIVED})
 _ACTIVE, _ARCHIVED = SessionStatus.ACTIVE, SessionStatus.ARCHIVED
 
 
-def parse_status(value: SessionStatus | str) -> SessionStatus:
-    """``value`` as a :class:`SessionStatus` (or its string value); else a typed error."""
+_Choice = TypeVar("_Choice", bound=enum.Enum)
+
+
+def parse_choice(cls: type[_Choice], value: object, what: str) -> _Choice:
+    """``value`` as a member of the str enum ``cls`` (or its string value); else
+    :class:`InvalidConfiguration` naming ``what`` and the choices."""
     try:
-        return SessionStatus(value)
+        return cls(value)
     except (TypeError, ValueError):  # TypeError: an unhashable value
+        choices = [member.value for member in cls]
         close = value.strip().lower() if isinstance(value, str) else None
         hint = (
             f" (it differs from {close!r} in case or surrounding spaces)"
-            if close in _STATUS_VALUES
+            if close in choices
             else ""
         )
         raise InvalidConfiguration(
-            f"Unknown session status {value!r}{hint}: use one of "
-            f"{', '.join(status.value for status in SessionStatus)}."
+            f"Unknown {what} {value!r}{hint}: use one of {', '.join(choices)}."
         ) from None
 
 
-_STATUS_VALUES = frozenset(status.value for status in SessionStatus)
+def parse_status(value: SessionStatus | str) -> SessionStatus:
+    """``value`` as a :class:`SessionStatus` (or its string value); else a typed error."""
+    return parse_choice(SessionStatus, value, "session status")
 
 
 def status_problem(value: object) -> str:

@@ -233,6 +233,52 @@ async def test_a_subscription_for_one_session_counts_its_own_drops(anyio_backend
             assert only_a.dropped == 2
 
 
+async def test_a_subscription_for_some_kinds_receives_those_only(anyio_backend: str) -> None:
+    async with s.SessionManager(s.MemoryRepository()) as manager:
+        a = await manager.create()
+        ends = {s.EventKind.CLOSED, s.EventKind.EXPIRED, s.EventKind.DELETED}
+        async with (
+            manager.subscribe(kinds={"closed", s.EventKind.EXPIRED, "deleted"}, buffer=2) as end,
+            manager.subscribe(kinds="message_added", session_id=a.id) as a_messages,
+            manager.subscribe(kinds=[]) as nothing,
+            manager.subscribe() as every,
+        ):
+            assert end.kinds == ends and a_messages.kinds == {s.EventKind.MESSAGE_ADDED}
+            assert every.kinds is None and nothing.kinds == frozenset()
+            b = await manager.create()
+            for n in range(10):  # other kinds take no room in a buffer of two
+                await manager.add_message(a.id, "user", f"a{n}")
+                await manager.add_message(b.id, "user", f"b{n}")
+            await manager.close(a.id)
+            await manager.delete(b.id)
+            got = [end.receive_nowait() for _ in range(2)]
+            assert [(e.kind, e.session_id) for e in got] == [
+                (s.EventKind.CLOSED, a.id),
+                (s.EventKind.DELETED, b.id),
+            ]
+            assert end.dropped == 0 and [e.seq for e in got] == [22, 23]
+            contents = [a_messages.receive_nowait().session.messages[-1].content for _ in range(10)]  # type: ignore[union-attr]
+            assert contents == [f"a{n}" for n in range(10)]
+            for subscription in (end, a_messages, nothing):
+                with pytest.raises(anyio.WouldBlock):
+                    subscription.receive_nowait()
+            assert [every.receive_nowait().seq for _ in range(23)] == list(range(1, 24))
+
+
+async def test_unknown_kinds_are_refused_and_register_nothing(anyio_backend: str) -> None:
+    async with s.SessionManager(s.MemoryRepository()) as manager:
+        with pytest.raises(s.InvalidConfiguration, match=r"'Closed' \(it differs from 'closed'"):
+            manager.subscribe(kinds=["created", "Closed"])
+        with pytest.raises(s.InvalidConfiguration, match="Unknown event kind 'gone': use one of"):
+            manager.subscribe(kinds="gone")
+        bad: Any = 3
+        with pytest.raises(s.InvalidConfiguration, match="an iterable of them"):
+            manager.subscribe(kinds=bad)
+        with pytest.raises(s.InvalidConfiguration, match="Unknown event kind"):
+            manager.subscribe(kinds=[{}])  # unhashable
+        assert (await manager.stats()).subscribers == 0
+
+
 async def test_subscribing_to_a_malformed_id_or_a_session_registers_nothing(
     anyio_backend: str,
 ) -> None:

@@ -89,6 +89,21 @@ async def test_a_subscription_for_one_session_hears_other_managers_events_of_it(
         assert closed.kind is s.EventKind.CLOSED and closed.session_id == watched.id
 
 
+async def test_a_subscription_for_some_kinds_filters_other_managers_events_too(
+    two_managers: tuple[s.SessionManager, s.SessionManager],
+) -> None:
+    one, two = two_managers
+    async with two.subscribe(kinds=("closed", "deleted")) as ends:
+        session = await one.create()
+        await one.add_message(session.id, "user", "not an end")
+        await one.close(session.id)
+        await one.delete(session.id)
+        with anyio.fail_after(30):  # guard only: pub/sub delivery is asynchronous
+            got = [await ends.__anext__() for _ in range(2)]
+        assert all(e.remote and e.session_id == session.id for e in got)
+        assert [e.kind for e in got] == [s.EventKind.CLOSED, s.EventKind.DELETED]
+
+
 async def test_a_short_lived_manager_shares_its_last_events_before_it_leaves(
     redis_server: Any, anyio_backend: str, request: pytest.FixtureRequest
 ) -> None:
