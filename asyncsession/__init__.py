@@ -38,6 +38,7 @@ from ._exceptions import WrongThread as WrongThread
 from ._json import FrozenDict as FrozenDict
 from ._json import thaw as thaw
 from ._manager import SessionId as SessionId
+from ._manager import SessionIterator as SessionIterator
 from ._manager import SessionManager as SessionManager
 from ._manager import SessionStats as SessionStats
 from ._manager import UpdateFn as UpdateFn
@@ -96,6 +97,7 @@ __all__ = [
     "SessionEvent",
     "SessionId",
     "SessionIdLogFilter",
+    "SessionIterator",
     "SessionLocked",
     "SessionManager",
     "SessionNotFound",

@@ -76,7 +76,7 @@ from .reporting import Reporter, SessionReport
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["SessionManager", "SessionStats", "UpdateFn"]
+__all__ = ["SessionIterator", "SessionManager", "SessionStats", "UpdateFn"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +176,10 @@ _MANAGED_FIELDS = {
 }
 
 
-class _Pages:
-    """:meth:`SessionManager.iterate`: a plain async iterator (an async generator would
-    need closing when a loop leaves it early, on trio)."""
+class SessionIterator:
+    """What :meth:`SessionManager.iterate` returns: an async iterator of sessions that
+    reads a page at a time. A plain one (an async generator would need closing when a
+    loop leaves it early, on trio); :meth:`aclose` ends it."""
 
     __slots__ = ("_cursor", "_done", "_items", "_manager", "_query", "_reading")
 
@@ -190,7 +191,7 @@ class _Pages:
         self._done = False
         self._reading = False  # a task is reading the next page
 
-    def __aiter__(self) -> _Pages:
+    def __aiter__(self) -> SessionIterator:
         return self
 
     async def __anext__(self) -> Session:
@@ -991,7 +992,7 @@ class SessionManager:
         status: SessionStatus | Iterable[SessionStatus] | None = None,
         search: str | None = None,
         page_size: int = 100,
-    ) -> AsyncIterator[Session]:
+    ) -> SessionIterator:
         """Every live session the filters match, in :meth:`list`'s order, read a page of
         ``page_size`` at a time: ``async for session in sessions.iterate(owner=...):``.
 
@@ -1009,7 +1010,7 @@ class SessionManager:
                 f"page_size must be an int from 1 to 10000, got {shown(page_size)}."
             )
         query = SessionQuery(owner=owner, status=status, search=search, limit=page_size)
-        return _Pages(self, query)
+        return SessionIterator(self, query)
 
     @_call
     async def stats(self) -> SessionStats:

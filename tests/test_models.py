@@ -67,6 +67,7 @@ PUBLIC_API = {
         "SessionEvent",
         "SessionId",
         "SessionIdLogFilter",
+        "SessionIterator",
         "SessionLocked",
         "SessionManager",
         "SessionNotFound",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Iterator
 
-from asyncsession import Message, Page, Session, SessionManager, SessionQuery
+from asyncsession import Message, Page, Session, SessionIterator, SessionManager, SessionQuery
 from asyncsession.abc import SessionRepository
 
 
@@ -21,6 +21,18 @@ def test_page_methods_name_their_types() -> None:
         "items": tuple[Session, ...],
         "next_cursor": str | None,
     }
+
+
+def test_iterate_names_a_type_that_has_aclose() -> None:
+    """``iterate()`` was typed ``AsyncIterator[Session]``, so ``await it.aclose()`` (the
+    README's) and ``contextlib.aclosing(it)`` failed ``mypy --strict`` (session 26 note)."""
+    assert typing.get_type_hints(SessionManager.iterate)["return"] is SessionIterator
+    hints = {
+        name: typing.get_type_hints(getattr(SessionIterator, name))
+        for name in ("__anext__", "aclose")
+    }
+    assert hints["__anext__"]["return"] is Session
+    assert hints["aclose"]["return"] is type(None)
 
 
 def test_entering_a_store_or_manager_gives_its_own_type() -> None:
