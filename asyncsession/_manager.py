@@ -165,14 +165,14 @@ class _Holding:
             manager._end_lock_waits()  # the lock may have gone to another manager
 
 
-# Fields an update function may not change, and why: the manager sets them.
+# Fields an update function may not change, and why. (The save sets last_active and
+# expires_at whatever fn returns: a function that builds on a snapshot read before a
+# touch, of the same revision, has an older last_active and is no mistake.)
 _MANAGED_FIELDS = {
     "id": "rotate() gives a session a new id",
     "created_at": "set when the session is created",
     "revision": "each write adds one",
-    "last_active": "each write sets it from the manager's clock",
-    "closed_at": "set when the status becomes terminal",
-    "expires_at": "computed from the status, the times and the expiry policy",
+    "closed_at": "set to the time of the save that gives it a terminal status",
 }
 
 
@@ -1064,9 +1064,9 @@ class SessionManager:
         out of ``fn``. If it raises, nothing is saved and the exception propagates. If
         the session expires while ``fn`` runs, nothing is saved and
         :class:`SessionNotFound` is raised. ``fn`` may not change ``id``, ``created_at``,
-        ``revision`` or the times the manager keeps (``last_active``, ``closed_at``,
-        ``expires_at``): :class:`InvalidUpdate`. Setting a terminal status closes the
-        session.
+        ``revision`` or ``closed_at`` (:class:`InvalidUpdate`); the save sets
+        ``last_active`` and ``expires_at``, whatever ``fn`` returns. Setting a terminal
+        status closes the session.
         """
         _check_callable(fn)
         sid = _parse_id(session_id)
@@ -1357,11 +1357,12 @@ class SessionManager:
         return session
 
     async def set_state(
-        self, session_id: SessionId, changes: Mapping[str, Any] | None = None, /, **kw: Any
+        self, session_id: SessionId, changes: Mapping[str, Any] | None = None, **kw: Any
     ) -> Session:
         """Merge ``changes`` (a mapping, keywords, or both) into the session's state, as
         :meth:`Session.with_state` does: ``set_state(id, cart=1)``,
-        ``set_state(id, {"user-id": 7})``."""
+        ``set_state(id, {"changes": 7})`` (the keys ``session_id`` and ``changes`` go in
+        the mapping)."""
         check_state_changes(changes, "set_state(", "id, ")
         return await self.update(session_id, lambda s: s.with_state(changes, **kw))
 
@@ -2213,7 +2214,7 @@ def _check_callable(fn: object) -> None:
         if isinstance(fn, Mapping):
             hint = (
                 "To merge a mapping into the state pass `lambda s: s.with_state(values)`, "
-                "or call SessionManager.set_state(session_id, **values)."
+                "or call SessionManager.set_state(session_id, values)."
             )
         raise InvalidUpdate(
             "The update function must be callable (snapshot -> new snapshot); got "

@@ -198,11 +198,8 @@ async def test_callback_cannot_change_managed_fields(sessions: s.SessionManager)
         {"id": uuid.uuid4()},
         {"created_at": session.created_at - timedelta(days=1)},
         {"revision": 7},
-        # the times the manager keeps: a closed_at from fn moved a session's end before
-        # its start (deleted at once) or decades past its retention
-        {"last_active": session.last_active + timedelta(days=1)},
-        {"expires_at": session.created_at + timedelta(days=1)},
-        {"expires_at": None},
+        # a closed_at from fn moved a session's end before its start (deleted at once)
+        # or decades past its retention (helper-218)
         {"status": s.SessionStatus.EXITED, "closed_at": session.created_at - timedelta(days=2)},
         {"status": s.SessionStatus.EXITED, "closed_at": session.created_at + timedelta(days=9)},
     ]
@@ -216,12 +213,43 @@ async def test_callback_cannot_change_managed_fields(sessions: s.SessionManager)
     assert after.revision == 0 and after == session
 
 
+async def test_the_save_sets_last_active_and_expires_at_whatever_fn_returns(
+    any_repository: s.SessionRepository, clock: ManualClock
+) -> None:
+    """Building on a snapshot read before a touch (same revision, older last_active) is
+    no mistake, so these two are set by the save rather than refused (helper-219)."""
+    async with s.SessionManager(any_repository, clock=clock, idle_timeout=60) as sessions:
+        session = await sessions.create()
+        earlier = await sessions.get(session.id, touch=False)
+        clock.advance(10)
+        await sessions.get(session.id)  # a touch: last_active moves, the revision stays
+        saved = await sessions.update(session.id, lambda x: earlier.with_state(n=2))
+        assert saved.state == {"n": 2} and saved.revision == 1
+        assert saved.last_active == clock.now()
+        assert saved.expires_at == clock.now() + timedelta(seconds=60)
+        clock.advance(5)
+        moved = await sessions.update(
+            session.id,
+            lambda x: attrs.evolve(
+                x, last_active=x.created_at, expires_at=x.created_at + timedelta(days=9)
+            ),
+        )
+        assert moved.last_active == clock.now()
+        assert moved.expires_at == clock.now() + timedelta(seconds=60)
+        closed = await sessions.update(
+            session.id, lambda x: attrs.evolve(x, status=s.SessionStatus.EXITED)
+        )
+        assert closed.closed_at == closed.last_active == clock.now()
+
+
 async def test_set_state_takes_a_mapping_keywords_or_both(sessions: s.SessionManager) -> None:
-    """set_state took keywords only: a mapping (as with_state takes) was a raw TypeError,
-    and keys that are no identifiers needed update() (helper-218)."""
+    """set_state took keywords only: a mapping (as with_state takes) was a raw TypeError
+    (helper-218). The id may still be passed by keyword (helper-219)."""
     session = await sessions.create(state={"k": 0})
-    changed = await sessions.set_state(session.id, {"user-id": 7, "k": 1}, k=2, session_id=3)
+    changed = await sessions.set_state(session.id, {"user-id": 7, "k": 1, "session_id": 3}, k=2)
     assert changed.state == {"k": 2, "user-id": 7, "session_id": 3}
+    changed = await sessions.set_state(session_id=session.id, changes={"changes": 4})
+    assert changed.state == {"k": 2, "user-id": 7, "session_id": 3, "changes": 4}
     for bad in ("cart", [("k", 1)], 5):
         with pytest.raises(
             s.InvalidJSONValue, match=r"set_state\(\) takes a mapping.*set_state\(id, cart=1\)"

@@ -408,12 +408,12 @@ async def test_read_only_location(tmp_path: Path, anyio_backend: str) -> None:
     [
         b"this is not a database, " * 100,
         # SQLite itself takes a one-byte file for an empty database and overwrites it
-        # (helper-218), and a short start of its header is no database either
+        # (helper-218); no database is shorter than a page of 512 bytes
         b"x",
         b"\n",
-        b"SQLite format",
+        b"SQLite format 3\x00" + bytes(495),
     ],
-    ids=["text", "one-byte", "newline", "header-start"],
+    ids=["text", "one-byte", "newline", "header-and-no-page"],
 )
 async def test_not_a_database(db: Path, junk: bytes, anyio_backend: str) -> None:
     await anyio.Path(db).write_bytes(junk)
@@ -422,6 +422,36 @@ async def test_not_a_database(db: Path, junk: bytes, anyio_backend: str) -> None
             pass
     assert str(db) in str(info.value)
     assert await anyio.Path(db).read_bytes() == junk  # never overwritten
+
+
+async def test_a_first_page_sqlite_recovers_from_the_wal_is_opened(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """The check against foreign files looked at the main file's header alone, so it
+    refused a database whose damaged first page SQLite restores from the -wal file (a
+    write torn by a crash, simulated here; helper-219)."""
+    path, crashed = tmp_path / "a.db", tmp_path / "b.db"
+    async with SessionManager(SQLiteRepository(path)) as sessions:
+        session = await sessions.create(owner="alice")
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        writer.execute("CREATE TABLE extra(x)")  # page 1 (the schema) now in the -wal
+        for suffix in ("", "-wal"):  # the files as a crash leaves them
+            crashed.with_name(crashed.name + suffix).write_bytes(
+                path.with_name(path.name + suffix).read_bytes()
+            )
+    finally:
+        writer.close()
+    with crashed.open("r+b") as file:
+        file.write(bytes(16))  # the main file's header is gone
+    async with SessionManager(SQLiteRepository(crashed)) as sessions:
+        assert (await sessions.get(session.id)).owner == "alice"
+
+
+def test_pragmas_must_be_a_mapping() -> None:
+    with pytest.raises(InvalidConfiguration, match="pragmas must be a mapping"):
+        SQLiteRepository("x.db", pragmas=5)  # type: ignore[arg-type]
 
 
 def test_bad_options() -> None:

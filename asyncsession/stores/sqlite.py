@@ -978,8 +978,8 @@ def _run_soon(token: anyio.lowlevel.EventLoopToken, requests: Sequence[_Request]
         raise anyio.RunFinishedError from exc
 
 
-# The first 16 bytes of every SQLite database file.
-_SQLITE_HEADER = b"SQLite format 3\x00"
+# The smallest page size: a database file is empty or at least one page long.
+_SQLITE_MIN_PAGE = 512
 
 # sqlite3_errstr() texts of the primary codes we act on: Python 3.10's exceptions carry
 # no sqlite_errorcode (added in 3.11), only this message.
@@ -1190,6 +1190,11 @@ class SQLiteRepository(SessionRepository):
         if type(max_batch) is not int or not 1 <= max_batch <= 10_000:
             raise InvalidConfiguration(
                 f"max_batch must be an int from 1 to 10000; got {max_batch!r}."
+            )
+        if pragmas is not None and not isinstance(pragmas, Mapping):
+            raise InvalidConfiguration(
+                f"pragmas must be a mapping of pragma names to values, e.g. "
+                f'{{"cache_size": -65536}}; got {type(pragmas).__name__}.'
             )
         extra = dict(pragmas or {})
         for name, value in extra.items():
@@ -1939,17 +1944,19 @@ class SQLiteRepository(SessionRepository):
         return status.st_dev, status.st_ino
 
     def _refuse_foreign_file(self) -> None:
-        """Raise SQLite's "not a database" for a non-empty file that lacks SQLite's
-        header: SQLite itself takes a one-byte file (a stray newline) for an empty
-        database and overwrites it."""
+        """Raise SQLite's "not a database" for a file shorter than any database page
+        (512 bytes) that is not empty: SQLite itself takes a one-byte file (a stray
+        newline) for an empty database and overwrites it. Longer files are SQLite's to
+        judge (it refuses what it cannot read, and recovers a damaged first page from
+        the -wal file)."""
         if self._memory:
             return
         try:
             with open(self._file, "rb") as file:
-                head = file.read(len(_SQLITE_HEADER))
+                head = file.read(_SQLITE_MIN_PAGE)
         except OSError:  # SQLite reports what it cannot read, with the path
             return
-        if head and head != _SQLITE_HEADER:
+        if 0 < len(head) < _SQLITE_MIN_PAGE:
             raise sqlite3.DatabaseError("file is not a database")
 
     def _check_file(self) -> None:
