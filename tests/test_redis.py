@@ -676,10 +676,11 @@ def test_bad_arguments_are_rejected() -> None:
         with pytest.raises(ValueError):
             RedisRepository(f"redis://{HOST}:6379", **kwargs)
     # coredis raised ValueError/TypeError for some, and took 0 (its default) and True
-    for bad in (0, -1, "4", 1.5, True, False):
-        with pytest.raises(InvalidConfiguration, match=r"max_connections must be an int >= 1"):
+    # and a huge one (meant as "no limit") took gigabytes for its slots (helper-220)
+    for bad in (0, -1, "4", 1.5, True, False, 100_001, 10**12):
+        with pytest.raises(InvalidConfiguration, match=r"max_connections must be an int from 1 to"):
             RedisRepository(f"redis://{HOST}:6379", max_connections=bad)  # type: ignore[arg-type]
-    for good in (None, 1, 64):
+    for good in (None, 1, 64, 100_000):
         store = RedisRepository(f"redis://{HOST}:6379", max_connections=good)
         assert store.client.connection_pool.max_connections == (good or 64)
     with pytest.raises(ValueError):
@@ -921,6 +922,20 @@ async def test_expiry_scan_examines_a_bounded_number_of_entries_per_script(
     assert dict(await store.count_by_status("o")) == {SessionStatus.ACTIVE: len(live)}
     page = await store.list(SessionQuery(owner="o"))
     assert {s.id for s in page} == {s.id for s in live}
+
+
+@pytest.mark.anyio
+async def test_huge_limits_and_scan_budgets_mean_no_bound(store: RedisRepository) -> None:
+    """Redis refused an expiry scan whose limit and scan budget were both 2**63 or more
+    (Lua printed their sum as a float; helper-220)."""
+    sessions = [new_session(created=T0 + timedelta(seconds=i), owner="o") for i in range(3)]
+    for session in sessions:
+        await store.add(session)
+    store.scan_budget = 2**64
+    found = await store.expired(T0 + timedelta(days=1), limit=2**64)
+    assert found == [session.id for session in sessions]
+    page = await store.list(SessionQuery(owner="o"))
+    assert {session.id for session in page} == {session.id for session in sessions}
 
 
 @pytest.mark.anyio

@@ -516,6 +516,20 @@ redis.call('DEL', s, m)
 return 1
 """
 
+#: The most connections a client the store makes may have (coredis sets up a slot for
+#: each at once: a billion took gigabytes).
+_MAX_CONNECTIONS = 100_000
+
+#: The largest count handed to a script: Lua's numbers are doubles, printed with 14
+#: digits, and a count Redis reads back from one must be an integer.
+_SCRIPT_COUNT_MAX = 2**31 - 1
+
+
+def _count(n: int) -> str:
+    """A count (a limit, a scan budget) as a script argument; larger ones mean as much."""
+    return str(min(n, _SCRIPT_COUNT_MAX))
+
+
 # ARGV P now limit offset budget
 # Examines at most ``budget`` index entries (sessions found, stale entries forgotten and
 # entries not due), so one call never blocks the server for long; {1, ids, examined,
@@ -1183,7 +1197,7 @@ class RedisRepository(SessionRepository, EventTransport):
     ``max_connections`` and its timeouts override this store's options, and stop
     waiting for the replies the store needs with ``noreply``. The key prefix is the
     ``prefix`` argument here (``?prefix=`` is :func:`asyncsession.repository_from_url`'s).
-    ``max_connections`` (an int >= 1, or ``None`` for coredis's default) caps the
+    ``max_connections`` (an int from 1 to 100,000, or ``None`` for coredis's default) caps the
     connections of a store-made client; each :meth:`subscribe_events` block holds one
     and one must stay free, so subscribing needs at least 2. A client you pass keeps
     its own pool.
@@ -1259,11 +1273,13 @@ class RedisRepository(SessionRepository, EventTransport):
         )
         timeout = to_seconds(timeout, "timeout", none="Use None for no time limit.")
         if max_connections is not None and (
-            type(max_connections) is not int or max_connections < 1
+            type(max_connections) is not int or not 1 <= max_connections <= _MAX_CONNECTIONS
         ):
             raise InvalidConfiguration(
-                f"max_connections must be an int >= 1 (connections of the store's client; "
-                f"at least 2 to subscribe to events) or None for coredis's default, got "
+                f"max_connections must be an int from 1 to {_MAX_CONNECTIONS} (connections "
+                f"of the store's client, which keeps a slot for each; at least 2 to "
+                f"subscribe to events; a Redis server serves 10000 clients by default) or "
+                f"None for coredis's default, got "
                 f"{max_connections!r}."
             )
         self._prefix = prefix
@@ -1934,9 +1950,9 @@ class RedisRepository(SessionRepository, EventTransport):
                 [],
                 [
                     str(_us(now)),
-                    str(limit - len(found)),
+                    _count(limit - len(found)),
                     str(len(found) + skipped),
-                    str(self.scan_budget),
+                    _count(self.scan_budget),
                 ],
                 write=False,  # it only prunes index entries whose data Redis expired
             )
@@ -1981,7 +1997,7 @@ class RedisRepository(SessionRepository, EventTransport):
                     statuses,
                     visible,
                     "1" if query.search else "0",
-                    str(self.scan_budget),
+                    _count(self.scan_budget),
                 ],
                 write=False,  # it only prunes index entries whose data Redis expired
             )
