@@ -15,7 +15,7 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._exceptions import InvalidConfiguration
-from ._models import Session, parse_choice
+from ._models import Session, parse_choices
 from ._notes import Overflow
 
 __all__ = ["EventKind", "SessionEvent", "Subscription"]
@@ -41,16 +41,7 @@ def parse_kinds(
     kinds: EventKind | str | Iterable[EventKind | str] | None,
 ) -> frozenset[EventKind] | None:
     """``subscribe(kinds=...)`` as a set of :class:`EventKind` (None: every kind)."""
-    if kinds is None:
-        return None
-    if isinstance(kinds, str):  # an EventKind is a str too
-        return frozenset({parse_choice(EventKind, kinds, "event kind")})
-    if not isinstance(kinds, Iterable):
-        raise InvalidConfiguration(
-            f"kinds must be an event kind or an iterable of them (or None for every kind); "
-            f"got {type(kinds).__name__}."
-        )
-    return frozenset(parse_choice(EventKind, kind, "event kind") for kind in kinds)
+    return parse_choices(EventKind, kinds, "event kind", "kinds")
 
 
 @attrs.frozen(slots=True)
@@ -84,8 +75,9 @@ class Subscription:
 
     Overflow policy: each subscription buffers up to ``buffer`` events. When a slow
     subscriber's buffer is full, new events *for that subscriber* are dropped (counted
-    in :attr:`dropped`, visible as gaps in ``seq``) so the manager and other
-    subscribers never wait; the first drop logs a warning, the next ones nothing until
+    in :attr:`dropped`; for a subscription to every event, also visible as gaps in
+    ``seq``) so the manager and other subscribers never wait; the first drop logs a
+    warning, the next ones nothing until
     the subscriber has taken every buffered event (then an info line says how many it
     missed). Iteration ends when the subscription or manager closes.
 

@@ -215,13 +215,16 @@ class SessionIterator:
                 )
             finally:
                 self._reading = False
+            if self._done:  # aclose() came while the page was read: the page is not used
+                raise StopAsyncIteration
             self._items.extend(page.items)
             self._cursor = page.next_cursor
             self._done = page.next_cursor is None
         return self._items.popleft()
 
     async def aclose(self) -> None:
-        """End the iteration (for ``contextlib.aclosing``; nothing needs closing)."""
+        """End the iteration, also one that another task is reading a page of (for
+        ``contextlib.aclosing``; nothing needs closing)."""
         self._done = True
         self._items.clear()
 

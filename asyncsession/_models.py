@@ -97,6 +97,26 @@ def parse_choice(cls: type[_Choice], value: object, what: str) -> _Choice:
         ) from None
 
 
+def parse_choices(
+    cls: type[_Choice], value: object, what: str, argument: str
+) -> frozenset[_Choice] | None:
+    """``value`` (None, one member of the str enum ``cls`` or its string value, or an
+    iterable of them) as a set of members; None stays None (no filter). ``argument`` is
+    the parameter's name for the error."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return frozenset({parse_choice(cls, value, what)})
+    if isinstance(value, (bytes, bytearray, memoryview, Mapping)) or not isinstance(
+        value, Iterable
+    ):
+        raise InvalidConfiguration(
+            f"{argument} must be a {what}, or a list or set of them (None for no filter); "
+            f"got {type(value).__name__}."
+        )
+    return frozenset(parse_choice(cls, member, what) for member in value)
+
+
 def parse_status(value: SessionStatus | str) -> SessionStatus:
     """``value`` as a :class:`SessionStatus` (or its string value); else a typed error."""
     return parse_choice(SessionStatus, value, "session status")

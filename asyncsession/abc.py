@@ -42,7 +42,7 @@ from ._exceptions import (
 )
 from ._json import plain_optional_text
 from ._loops import set_soon
-from ._models import ExpiryPolicy, Message, Session, SessionStatus, parse_status, validate_owner
+from ._models import ExpiryPolicy, Message, Session, SessionStatus, parse_choices, validate_owner
 
 __all__ = [
     "EventTransport",
@@ -59,13 +59,7 @@ __all__ = [
 def _statuses(
     value: SessionStatus | str | Iterable[SessionStatus | str] | None,
 ) -> frozenset[SessionStatus] | None:
-    if value is None:
-        return None
-    if isinstance(value, (SessionStatus, str)):
-        return frozenset({parse_status(value)})
-    if not isinstance(value, Iterable):
-        raise InvalidConfiguration(f"status must be a status or a list of them; got {value!r}.")
-    return frozenset(parse_status(v) for v in value)
+    return parse_choices(SessionStatus, value, "session status", "status")
 
 
 def _owner(instance: object, attribute: object, value: Any) -> None:

@@ -732,6 +732,12 @@ class SessionMiddleware:
         domain: str | None = None,
         http_only: bool = True,
     ) -> None:
+        if not callable(app):
+            raise InvalidConfiguration(
+                f"app must be an ASGI application (an async callable taking scope, receive "
+                f"and send), got {type(app).__name__}; with Starlette or FastAPI use "
+                "app.add_middleware(SessionMiddleware, manager=..., secret_key=...)."
+            )
         if not isinstance(manager, SessionManager):
             raise InvalidConfiguration(f"manager must be a SessionManager, got {manager!r}.")
         if not isinstance(cookie_name, str) or not _COOKIE_NAME.fullmatch(cookie_name):

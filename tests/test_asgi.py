@@ -1072,6 +1072,9 @@ def test_configuration_errors() -> None:
             SessionMiddleware(_noop, manager, **options)
     with pytest.raises(s.InvalidConfiguration):
         SessionMiddleware(_noop, object(), secret_key=KEY)  # type: ignore[arg-type]
+    for app in (None, 5, "app"):  # accepted, to fail at the first request (helper-220)
+        with pytest.raises(s.InvalidConfiguration, match="app must be an ASGI application"):
+            SessionMiddleware(app, manager, secret_key=KEY)  # type: ignore[arg-type]
     assert SessionMiddleware(_noop, manager, secret_key=KEY, max_age=0.5).max_age == 1
     longest = SessionMiddleware(_noop, manager, secret_key=KEY, max_age=timedelta.max)
     assert longest.max_age == 86_400_000_000_000

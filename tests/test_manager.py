@@ -853,6 +853,37 @@ async def test_leaving_an_iteration_early_needs_no_clean_up(sessions: s.SessionM
         assert [x async for x in pages] == []
 
 
+async def test_aclose_ends_an_iteration_whose_page_another_task_reads(
+    sessions: s.SessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-220: the page read when aclose() came was used, and the iteration went
+    on through every page."""
+    for _ in range(5):
+        await sessions.create()
+    pages = sessions.iterate(page_size=2)
+    read, go_on = anyio.Event(), anyio.Event()
+    list_pages = sessions.list
+
+    async def a_slow_list(**query: Any) -> s.Page:
+        page = await list_pages(**query)
+        read.set()
+        await go_on.wait()
+        return page
+
+    monkeypatch.setattr(sessions, "list", a_slow_list)
+    got: list[s.Session] = []
+
+    async def reader() -> None:
+        got.extend([x async for x in pages])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await read.wait()
+        await pages.aclose()
+        go_on.set()
+    assert got == []
+
+
 async def test_tasks_sharing_one_iteration_never_get_a_session_twice(
     sessions: s.SessionManager,
 ) -> None:
@@ -888,6 +919,11 @@ async def test_iterate_checks_its_arguments_at_the_call(sessions: s.SessionManag
         sessions.iterate(owner="")
     with pytest.raises(s.InvalidConfiguration):
         sessions.iterate(status=["nope"])  # type: ignore[list-item]
+    for bad in (b"active", {"active": True, "exited": False}, 3):
+        with pytest.raises(s.InvalidConfiguration, match="a list or set of them"):
+            sessions.iterate(status=bad)
+        with pytest.raises(s.InvalidConfiguration, match="a list or set of them"):
+            await sessions.list(status=bad)
 
 
 async def test_iterate_needs_a_running_manager() -> None:
