@@ -1527,7 +1527,9 @@ class SessionManager:
 
     @_call
     async def delete(self, session_id: SessionId, *, missing_ok: bool = False) -> bool:
-        """Delete a session now; raise :class:`SessionNotFound` unless ``missing_ok``.
+        """Delete a session now; raise :class:`SessionNotFound` unless ``missing_ok``
+        (with it, text that is no session id and None return False, as a missing
+        session does).
 
         An expired session counts as gone already: it is removed as expired (EXPIRED,
         reported), unless its document cannot be read (cleanup leaves it for this): then
@@ -1541,7 +1543,9 @@ class SessionManager:
         try:
             sid = _parse_id(session_id)
         except SessionNotFound:
-            if missing_ok and isinstance(session_id, str):  # text that is no id: no session
+            # text that is no id, or None (a cookie or header that is not there): no
+            # session; other types are a mistake
+            if missing_ok and (session_id is None or isinstance(session_id, str)):
                 return False
             raise
         if sid in self._rotating:  # it would wait for the rotation's function forever

@@ -111,7 +111,8 @@ def parse_choices(
         value, Iterable
     ):
         raise InvalidConfiguration(
-            f"{argument} must be a {what}, or a list or set of them (None for no filter); "
+            f"{argument} must be {'an' if what[0] in 'aeiou' else 'a'} {what}, or a list "
+            f"or set of them (None for no filter); "
             f"got {type(value).__name__}."
         )
     return frozenset(parse_choice(cls, member, what) for member in value)
