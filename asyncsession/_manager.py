@@ -1968,7 +1968,8 @@ class SessionManager:
             self._deferred.intersection_update(passed)
         finally:
             if removed_total:
-                logger.info("expired %s sessions", removed_total)
+                plural = "" if removed_total == 1 else "s"
+                logger.info("expired %d session%s", removed_total, plural)
         await anyio.lowlevel.checkpoint_if_cancelled()  # see _whole_write
         return removed_total
 
