@@ -632,6 +632,13 @@ def sole_error(exc: BaseException, keep: BaseException | None = None) -> BaseExc
     return exc
 
 
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception in ``exc`` that is not a group (``exc`` itself if it is not)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def leaf_ids(exc: BaseException) -> set[int]:
     """The ids of the exceptions in ``exc`` that are not groups (``exc`` itself if it is
     not a group)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -166,6 +167,53 @@ async def test_a_manager_starts_before_its_redis_and_hears_events_once_it_is_up(
                 assert any(
                     r.getMessage() == "the event subscription works again" for r in caplog.records
                 )
+    finally:
+        server.stop()
+
+
+async def test_a_lost_subscription_is_logged_and_made_again_once_the_server_is_back(
+    anyio_backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """coredis made a lost subscription again with backoff of up to 16 s, so it heard
+    nothing for up to 16 s after the server came back, and on asyncio nothing said that
+    events were being missed (helper-223)."""
+    require_redis()
+    binary = redis_binary()
+    assert binary is not None
+    server = RedisServer(binary, tmp_path, free_port(), appendonly=False)
+    server.start()
+    caplog.set_level(logging.INFO, logger="asyncsession")
+
+    async def hear_one_created(writer: s.SessionManager, events: s.Subscription) -> None:
+        while True:  # events published while it is not subscribed are lost
+            with contextlib.suppress(s.StorageError):
+                await writer.create()
+            with anyio.move_on_after(0.5):
+                if (await events.__anext__()).remote:
+                    return
+
+    try:
+        store = s.RedisRepository(server.url, prefix="lost:", timeout=2)
+        other = s.RedisRepository(server.url, prefix="lost:", timeout=2)
+        async with (
+            s.SessionManager(store, share_events=True) as listener,
+            s.SessionManager(other, share_events=True) as writer,
+            listener.subscribe(kinds="created") as events,
+        ):
+            with anyio.fail_after(30):  # guard only: pub/sub delivery is asynchronous
+                await hear_one_created(writer, events)
+            await anyio.to_thread.run_sync(server.stop)
+            with anyio.fail_after(30):
+                while not logged(caplog, logging.WARNING, "lost its connection"):  # noqa: ASYNC110 (a log record, no event)
+                    await anyio.sleep(0.05)
+            warnings = logged(caplog, logging.WARNING, f"{store.events_channel!r} at Redis")
+            assert warnings and all(
+                "published until it is made again are lost" in w for w in warnings
+            )
+            await anyio.to_thread.run_sync(server.start)
+            with anyio.fail_after(30):  # guard only (the wait between attempts is <= 1 s)
+                await hear_one_created(writer, events)
+        assert logged(caplog, logging.INFO, "has a connection again")
     finally:
         server.stop()
 

@@ -72,6 +72,7 @@ from .._exceptions import (
     SessionConflict,
     SessionNotFound,
     StorageError,
+    first_leaf,
     holds,
     reraise,
     revision_exhausted,
@@ -1059,18 +1060,30 @@ def _marking_unsent(pool: Any, errors: tuple[type[BaseException], ...]) -> None:
     pool.get_connection = marked
 
 
-def _subscription_policy(retry: ModuleType, errors: tuple[type[BaseException], ...]) -> Any:
+def _subscription_policy(
+    retry: ModuleType,
+    errors: tuple[type[BaseException], ...],
+    lost: Callable[[BaseException], None],
+) -> Any:
     """A coredis retry policy for a subscription: its first connect is not retried (the
     caller hears at once that Redis is unreachable); once it is ``live``, a lost connection
-    is made again with backoff, as coredis does by default."""
+    is made again with backoff, as coredis does by default. The first retry after the
+    connection was lost calls ``lost`` (``down`` is then True until it is made again)."""
 
     class Resubscribe(retry.ExponentialBackoffRetryPolicy):  # type: ignore[misc,name-defined]
         live = False
+        down = False
 
         def will_retry(self, exc: BaseException) -> bool:
-            return self.live and bool(super().will_retry(exc))
+            again = self.live and bool(super().will_retry(exc))
+            if again and not self.down:
+                self.down = True
+                lost(exc)
+            return again
 
-    return Resubscribe(errors, retries=None, base_delay=0.1, max_delay=16, jitter=True)
+    # at most a second between attempts: a subscription made again 16 s after the
+    # server came back (coredis's default) missed 16 s of events (helper-223)
+    return Resubscribe(errors, retries=None, base_delay=0.1, max_delay=1, jitter=True)
 
 
 def _us(value: datetime) -> int:
@@ -2154,11 +2167,11 @@ class RedisRepository(SessionRepository, EventTransport):
         :class:`~asyncsession.StorageError` saying nothing was sent; an unreachable
         server raises it at once. Pub/sub is fire-and-forget: events
         published while this subscriber is disconnected are lost. When the connection is
-        lost, coredis makes it again in the background (with backoff), but asking for
-        the next event while it is down raises :class:`~asyncsession.StorageError`, often
-        as soon as the connection is lost (or, when the reconnect got there first, waits
-        until the server is back); after the error the iterator has ended for good: leave
-        the block and subscribe again. A subscription that heard nothing for 15 s PINGs
+        lost, coredis makes it again in the background, trying at least once a second (a
+        warning says the connection was lost, an info line when it is back): iterating
+        then goes on after the gap, or, when coredis gives the subscription up, raises
+        :class:`~asyncsession.StorageError`; after the error the iterator has ended for
+        good: leave the block and subscribe again. A subscription that heard nothing for 15 s PINGs
         the server; with no reply within ``timeout`` (a passed client: its
         ``stream_timeout``) its connection is dropped and made again, as for a lost one.
         Leaving the block stops the reconnecting and takes at
@@ -2191,7 +2204,21 @@ class RedisRepository(SessionRepository, EventTransport):
     @contextlib.asynccontextmanager
     async def _subscription(self) -> AsyncIterator[AsyncIterator[RedisEvent]]:
         """:meth:`subscribe_events` once its connection is counted."""
-        policy = _subscription_policy(self._retry, self._connection_errors)
+        channel, address = self.events_channel, self._address
+
+        def lost(exc: BaseException) -> None:
+            # (coredis makes it again in the background, so no error reaches the
+            # subscriber: this line is how an operator learns that events were missed)
+            exc = first_leaf(exc)  # not the task group of coredis's around it
+            logger.warning(
+                "the subscription to %r at Redis %s lost its connection (%s); events "
+                "published until it is made again are lost; making it again",
+                channel,
+                address,
+                f"{type(exc).__name__}: {str(exc)[:200]}",
+            )
+
+        policy = _subscription_policy(self._retry, self._connection_errors, lost)
         timeout = math.inf if self._timeout is None else self._timeout
         pubsub = self._client.pubsub(
             channels=[self.events_channel],
@@ -2240,6 +2267,13 @@ class RedisRepository(SessionRepository, EventTransport):
                     if not connected:
                         connected = True
                         start()
+                    elif policy.down:
+                        policy.down = False
+                        logger.info(
+                            "the subscription to %r at Redis %s has a connection again",
+                            channel,
+                            address,
+                        )
                     try:
                         yield connection
                     except BaseException as exc:
