@@ -213,7 +213,8 @@ async def test_a_lost_subscription_is_logged_and_made_again_once_the_server_is_b
             await anyio.to_thread.run_sync(server.start)
             with anyio.fail_after(30):  # guard only (the wait between attempts is <= 1 s)
                 await hear_one_created(writer, events)
-        assert logged(caplog, logging.INFO, "has a connection again")
+        back = logged(caplog, logging.INFO, f"{store.events_channel!r} at Redis")
+        assert back and all(line.endswith("works again") for line in back)
     finally:
         server.stop()
 

@@ -42,6 +42,8 @@ import logging
 import math
 import re
 import secrets
+import sys
+import time
 import uuid
 import weakref
 from collections import deque
@@ -57,6 +59,9 @@ from collections.abc import (
 from datetime import datetime, timedelta, timezone
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 import anyio
 import attrs
@@ -516,6 +521,9 @@ unindex(id, h[6], h[5])
 redis.call('DEL', s, m)
 return 1
 """
+
+#: Seconds between two warnings that one subscription lost its connection.
+_RESUBSCRIBE_WARNING_EVERY = 60.0
 
 #: The most connections a client the store makes may have (coredis sets up a slot for
 #: each at once: a billion took gigabytes).
@@ -1358,6 +1366,8 @@ class RedisRepository(SessionRepository, EventTransport):
         self._client_backend: str | None = running_backend()
         self._entered = False
         self._subscriptions = 0  # open subscribe_events() blocks (each holds a connection)
+        # when a subscription of this store last warned that it lost its connection
+        self._subscription_warned_at: float | None = None
         self._held = HeldSnapshots(snapshot_cache, max_bytes=snapshot_cache_bytes)
         decoded = snapshot_cache_bytes // 8 if self._held.enabled else 0
         self._docs: DecodeCache[Session] = DecodeCache(2_000, decoded)
@@ -2168,10 +2178,12 @@ class RedisRepository(SessionRepository, EventTransport):
         server raises it at once. Pub/sub is fire-and-forget: events
         published while this subscriber is disconnected are lost. When the connection is
         lost, coredis makes it again in the background, trying at least once a second (a
-        warning says the connection was lost, an info line when it is back): iterating
-        then goes on after the gap, or, when coredis gives the subscription up, raises
-        :class:`~asyncsession.StorageError`; after the error the iterator has ended for
-        good: leave the block and subscribe again. A subscription that heard nothing for 15 s PINGs
+        warning says the connection was lost, an info line when the server confirmed the
+        subscription again): iterating then goes on after the gap, or raises
+        :class:`~asyncsession.StorageError` (when coredis gives the subscription up, and
+        often on trio, where coredis may end a subscription it has just made again);
+        after the error the iterator has ended for good: leave the block and subscribe
+        again. A subscription that heard nothing for 15 s PINGs
         the server; with no reply within ``timeout`` (a passed client: its
         ``stream_timeout``) its connection is dropped and made again, as for a lost one.
         Leaving the block stops the reconnecting and takes at
@@ -2205,18 +2217,39 @@ class RedisRepository(SessionRepository, EventTransport):
     async def _subscription(self) -> AsyncIterator[AsyncIterator[RedisEvent]]:
         """:meth:`subscribe_events` once its connection is counted."""
         channel, address = self.events_channel, self._address
+        # A warning per lost connection, at most one a minute per store (a server that
+        # takes the subscription and drops it again, or answers LOADING, loses it every
+        # second, and on trio each loss ends the subscription: the manager makes a new
+        # one); the info line once it is confirmed again after its warning.
+        warned = False
 
         def lost(exc: BaseException) -> None:
             # (coredis makes it again in the background, so no error reaches the
             # subscriber: this line is how an operator learns that events were missed)
+            nonlocal warned
             exc = first_leaf(exc)  # not the task group of coredis's around it
-            logger.warning(
+            now = time.monotonic()
+            last = self._subscription_warned_at
+            quiet = last is not None and now - last < _RESUBSCRIBE_WARNING_EVERY
+            logger.log(
+                logging.DEBUG if quiet else logging.WARNING,
                 "the subscription to %r at Redis %s lost its connection (%s); events "
                 "published until it is made again are lost; making it again",
                 channel,
                 address,
                 f"{type(exc).__name__}: {str(exc)[:200]}",
             )
+            if not quiet:
+                self._subscription_warned_at, warned = now, True
+
+        def confirmed() -> None:
+            """The server confirmed the subscription (also each time it is made again)."""
+            nonlocal warned
+            if policy.down:
+                policy.down = False
+                if warned:
+                    warned = False
+                    logger.info("the subscription to %r at Redis %s works again", channel, address)
 
         policy = _subscription_policy(self._retry, self._connection_errors, lost)
         timeout = math.inf if self._timeout is None else self._timeout
@@ -2267,13 +2300,6 @@ class RedisRepository(SessionRepository, EventTransport):
                     if not connected:
                         connected = True
                         start()
-                    elif policy.down:
-                        policy.down = False
-                        logger.info(
-                            "the subscription to %r at Redis %s has a connection again",
-                            channel,
-                            address,
-                        )
                     try:
                         yield connection
                     except BaseException as exc:
@@ -2296,7 +2322,7 @@ class RedisRepository(SessionRepository, EventTransport):
                 async with pubsub:
                     scope.deadline = math.inf  # only subscribing and leaving are bounded
                     policy.live = True
-                    events = self._events(pubsub)
+                    events = self._events(pubsub, confirmed)
                     try:
                         yield events
                     except BaseException as exc:
@@ -2312,6 +2338,14 @@ class RedisRepository(SessionRepository, EventTransport):
                         await events.aclose()
         except BaseException as exc:
             inner = sole_error(exc, raised)
+            if isinstance(raised, Exception) and isinstance(inner, BaseExceptionGroup):
+                # The block's own error (the iterator's StorageError) with errors of the
+                # subscription it no longer needs (a keep-alive PING answered LOADING,
+                # on trio): the block's error, as it is.
+                _own, rest = inner.split(lambda error: error is raised)
+                if _own is not None and (rest is None or isinstance(rest, ExceptionGroup)):
+                    logger.debug("subscription to %s ended with %r", self.events_channel, rest)
+                    reraise(raised)
             if inner is raised or not isinstance(inner, Exception):
                 reraise(inner)
             if leaving and isinstance(inner, self._connection_errors):
@@ -2337,10 +2371,15 @@ class RedisRepository(SessionRepository, EventTransport):
                 recoverable=True,
             )
 
-    async def _events(self, pubsub: Any) -> AsyncGenerator[RedisEvent, None]:
+    async def _events(
+        self, pubsub: Any, confirmed: Callable[[], None]
+    ) -> AsyncGenerator[RedisEvent, None]:
         with self._errors("an event subscription"):
             async for message in pubsub:
-                if message is None or message.get("type") != "message":
+                kind = None if message is None else message.get("type")
+                if kind != "message":
+                    if kind == "subscribe":
+                        confirmed()
                     continue
                 try:
                     data = orjson.loads(message["data"])
