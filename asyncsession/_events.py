@@ -77,9 +77,9 @@ class Subscription:
     subscriber's buffer is full, new events *for that subscriber* are dropped (counted
     in :attr:`dropped`; for a subscription to every event, also visible as gaps in
     ``seq``) so the manager and other subscribers never wait; the first drop logs a
-    warning, the next ones nothing until
-    the subscriber has taken every buffered event (then an info line says how many it
-    missed). Iteration ends when the subscription or manager closes.
+    warning, the next ones nothing until the subscriber has taken every buffered event
+    (then an info line says how many it missed). Iteration ends when the subscription
+    or manager closes.
 
     One made with ``session_id`` receives only that session's events, and one made with
     ``kinds`` only events of those kinds (its ``seq`` then skips the others: count drops
