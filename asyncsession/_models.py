@@ -112,8 +112,7 @@ def parse_choices(
     ):
         raise InvalidConfiguration(
             f"{argument} must be {'an' if what[0] in 'aeiou' else 'a'} {what}, or a list "
-            f"or set of them (None for no filter); "
-            f"got {type(value).__name__}."
+            f"or set of them (None for no filter); got {type(value).__name__}."
         )
     return frozenset(parse_choice(cls, member, what) for member in value)
 

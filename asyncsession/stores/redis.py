@@ -2342,8 +2342,8 @@ class RedisRepository(SessionRepository, EventTransport):
                 # The block's own error (the iterator's StorageError) with errors of the
                 # subscription it no longer needs (a keep-alive PING answered LOADING,
                 # on trio): the block's error, as it is.
-                _own, rest = inner.split(lambda error: error is raised)
-                if _own is not None and (rest is None or isinstance(rest, ExceptionGroup)):
+                own, rest = inner.split(lambda error: error is raised)
+                if own is not None and (rest is None or isinstance(rest, ExceptionGroup)):
                     logger.debug("subscription to %s ended with %r", self.events_channel, rest)
                     reraise(raised)
             if inner is raised or not isinstance(inner, Exception):
