@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import (
@@ -89,6 +90,10 @@ _CALLS_AT_EXIT_SECONDS = 5.0
 
 #: Most events a sharing manager hands its transport at once (``publish_events``).
 _SHARE_BATCH = 500
+
+#: A recurring job (cleanup, event sharing and subscription, the ASGI loads) warns about
+#: its store failing at most once in this many seconds.
+_OUTAGE_WARNING_EVERY = 60.0
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -2134,13 +2139,17 @@ async def _whole_write() -> AsyncIterator[None]:
 class _Outage:
     """Logs the failures of one recurring job: a store's :class:`StorageError` (its
     server down, a network blip) once, in one line, until the job works again (then at
-    info level); tracebacks at debug level. Other errors, likely bugs, every time."""
+    info level), and at most one such warning a minute (a server that fails and recovers
+    every second gets one warning and one "works again", then debug lines); tracebacks
+    at debug level. Other errors, likely bugs, every time."""
 
-    __slots__ = ("_failing", "_job")
+    __slots__ = ("_failing", "_job", "_warned", "_warned_at")
 
     def __init__(self, job: str) -> None:
         self._job = job
         self._failing = False
+        self._warned = False  # the current outage was warned about
+        self._warned_at: float | None = None  # time.monotonic() of the last warning
 
     def failed(self, exc: Exception, message: str) -> None:
         if not isinstance(exc, StorageError):
@@ -2150,6 +2159,11 @@ class _Outage:
             logger.debug("%s (still): %s", message, exc, exc_info=exc)
             return
         self._failing = True
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < _OUTAGE_WARNING_EVERY:
+            logger.debug("%s (within a minute of the last warning): %s", message, exc, exc_info=exc)
+            return
+        self._warned, self._warned_at = True, now
         logger.warning(
             "%s: %s (further failures at debug level until %s works again)",
             message,
@@ -2161,7 +2175,9 @@ class _Outage:
     def worked(self) -> None:
         if self._failing:
             self._failing = False
-            logger.info("%s works again", self._job)
+            level = logging.INFO if self._warned else logging.DEBUG
+            self._warned = False
+            logger.log(level, "%s works again", self._job)
 
 
 def _store_failure(exc: Exception) -> TypeGuard[StorageError]:

@@ -1684,6 +1684,41 @@ async def test_an_outage_is_logged_once_by_the_cleanup_loop_and_its_end_too(
     assert all(r.exc_info is None for r in caplog.records if r.levelno > logging.DEBUG)
 
 
+@pytest.mark.parametrize("window", [60.0, 0.0])
+async def test_outages_within_a_minute_of_a_warning_are_not_warned_about_again(
+    anyio_backend: str,
+    clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    window: float,
+) -> None:
+    """A store that fails and works again every other pass (a flapping server) warned
+    and said "works again" for each outage: on a job that runs every second (the event
+    subscription against a server that drops it at once) that was ~60 warnings a minute.
+    Now one warning a minute (``window``, in real seconds), the rest at debug level."""
+    monkeypatch.setattr("asyncsession._manager._OUTAGE_WARNING_EVERY", window)
+    caplog.set_level(logging.DEBUG, logger="asyncsession")
+    store = FailingScans()
+    async with s.SessionManager(store, cleanup_interval=60, clock=clock) as sessions:
+        for down in [True, False] * 3:
+            store.down = down
+            clock.advance(60)
+            await sessions.wait_for_cleanup()
+    logged = [
+        (r.levelname, r.getMessage()) for r in caplog.records if r.name == "asyncsession._manager"
+    ]
+    warned = [m for level, m in logged if level == "WARNING"]
+    back = [level for level, m in logged if m == "session cleanup works again"]
+    if window:
+        assert len(warned) == 1
+        assert back == ["INFO", "DEBUG", "DEBUG"]
+        quiet = [m for level, m in logged if "within a minute of the last warning" in m]
+        assert len(quiet) == 2 and all(m.endswith("the server is down (test)") for m in quiet)
+    else:
+        assert len(warned) == 3
+        assert back == ["INFO", "INFO", "INFO"]
+
+
 class QuietTransport(s.MemoryRepository, EventTransport):
     """A memory store with an event transport that hears nothing, whose publishing hangs
     while ``stuck`` (a server that stopped answering), and that records its close and
