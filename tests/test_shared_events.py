@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -184,14 +184,6 @@ async def test_a_lost_subscription_is_logged_and_made_again_once_the_server_is_b
     server.start()
     caplog.set_level(logging.INFO, logger="asyncsession")
 
-    async def hear_one_created(writer: s.SessionManager, events: s.Subscription) -> None:
-        while True:  # events published while it is not subscribed are lost
-            with contextlib.suppress(s.StorageError):
-                await writer.create()
-            with anyio.move_on_after(0.5):
-                if (await events.__anext__()).remote:
-                    return
-
     try:
         store = s.RedisRepository(server.url, prefix="lost:", timeout=2)
         other = s.RedisRepository(server.url, prefix="lost:", timeout=2)
@@ -201,7 +193,7 @@ async def test_a_lost_subscription_is_logged_and_made_again_once_the_server_is_b
             listener.subscribe(kinds="created") as events,
         ):
             with anyio.fail_after(30):  # guard only: pub/sub delivery is asynchronous
-                await hear_one_created(writer, events)
+                await hear_one_created(writer.create, events)
             await anyio.to_thread.run_sync(server.stop)
             with anyio.fail_after(30):
                 while not logged(caplog, logging.WARNING, "lost its connection"):  # noqa: ASYNC110 (a log record, no event)
@@ -212,7 +204,7 @@ async def test_a_lost_subscription_is_logged_and_made_again_once_the_server_is_b
             )
             await anyio.to_thread.run_sync(server.start)
             with anyio.fail_after(30):  # guard only (the wait between attempts is <= 1 s)
-                await hear_one_created(writer, events)
+                await hear_one_created(writer.create, events)
         back = logged(caplog, logging.INFO, f"{store.events_channel!r} at Redis")
         assert back and all(line.endswith("works again") for line in back)
     finally:
@@ -220,6 +212,69 @@ async def test_a_lost_subscription_is_logged_and_made_again_once_the_server_is_b
 
 
 # -- sharing bursts ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [60.0, 0.0])
+async def test_a_subscription_dropped_again_and_again_is_warned_about_once_a_minute(
+    anyio_backend: str,
+    lone_redis: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    window: float,
+) -> None:
+    """Each lost connection of a store's subscription is warned about, at most once a
+    minute (``window``) per store; the others at debug level (a server that drops it
+    every second gave a warning a second)."""
+    monkeypatch.setattr("asyncsession.stores.redis._RESUBSCRIBE_WARNING_EVERY", window)
+    caplog.set_level(logging.DEBUG, logger="asyncsession")
+    store = s.RedisRepository(lone_redis.url, prefix="flap:", timeout=2)
+
+    async with (
+        s.RedisRepository(lone_redis.url, prefix="flap:", timeout=2) as other,
+        s.SessionManager(store, share_events=True) as listener,
+        listener.subscribe(kinds="created") as events,
+    ):
+
+        async def announce() -> None:  # (a store that publishes and is not subscribed)
+            now = datetime.now(timezone.utc)
+            await other.publish_event("created", uuid.uuid4(), at=now, origin="writer")
+
+        with anyio.fail_after(30):  # guard only: pub/sub delivery is asynchronous
+            await hear_one_created(announce, events)
+            for _ in range(3):
+                await anyio.to_thread.run_sync(
+                    lone_redis.command, "CLIENT", "KILL", "TYPE", "pubsub"
+                )
+                await hear_one_created(announce, events)  # subscribed again
+    store_lines = [  # (on trio the manager's own "subscribing again" names the channel too)
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.name == "asyncsession.stores.redis" and store.events_channel in r.getMessage()
+    ]
+    warned = [m for level, m in store_lines if level == logging.WARNING]
+    quiet = [m for level, m in store_lines if level == logging.DEBUG and "lost its" in m]
+    back = [m for level, m in store_lines if level == logging.INFO]
+    assert all("lost its connection" in line for line in warned)
+    assert all(line.endswith("works again") for line in back)
+    # On trio each loss also ends the manager's subscription (it makes a new one): one
+    # warning of its own a minute too.
+    manager = [r for r in caplog.records if r.name == "asyncsession._manager"]
+    assert len([r for r in manager if r.levelno == logging.WARNING]) <= 1
+    if window:
+        assert len(warned) == 1 and len(quiet) >= 2 and len(back) == 1
+    else:
+        assert len(warned) >= 3 and not quiet and len(back) >= 3
+
+
+async def hear_one_created(create: Callable[[], Awaitable[object]], events: s.Subscription) -> None:
+    """Create sessions (``writer.create``, say) until ``events`` hears one as a remote
+    event (events published while it is not subscribed are lost)."""
+    while True:
+        with contextlib.suppress(s.StorageError):
+            await create()
+        with anyio.move_on_after(0.5):
+            if (await events.__anext__()).remote:
+                return
 
 
 def logged(caplog: pytest.LogCaptureFixture, level: int, text: str) -> list[str]:
