@@ -1380,7 +1380,8 @@ class SessionManager:
     ) -> Session:
         """Make a session terminal (EXITED by default; or CRASHED, ABNORMAL, EXPIRED).
 
-        A closed session rejects updates with :class:`SessionClosed` and stays readable
+        A closed session rejects updates with :class:`SessionClosed`, a second
+        ``close()`` too (the first one's status and time stand), and stays readable
         until ``retention`` passes.
         """
         status = parse_status(status)
