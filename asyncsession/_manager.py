@@ -2141,8 +2141,9 @@ class _Outage:
     """Logs the failures of one recurring job: a store's :class:`StorageError` (its
     server down, a network blip) once, in one line, until the job works again (then at
     info level), and at most one such warning a minute (a server that fails and recovers
-    every second gets one warning and one "works again", then debug lines); tracebacks
-    at debug level. Other errors, likely bugs, every time."""
+    every second gets one warning and one "works again", then debug lines; an outage
+    that began within the minute is warned about if it still goes on after it);
+    tracebacks at debug level. Other errors, likely bugs, every time."""
 
     __slots__ = ("_failing", "_job", "_warned", "_warned_at")
 
@@ -2156,15 +2157,18 @@ class _Outage:
         if not isinstance(exc, StorageError):
             logger.error("%s", message, exc_info=exc)
             return
-        if self._failing:
+        now = time.monotonic()
+        recently = self._warned_at is not None and now - self._warned_at < _OUTAGE_WARNING_EVERY
+        if self._failing and (self._warned or recently):
             logger.debug("%s (still): %s", message, exc, exc_info=exc)
             return
-        self._failing = True
-        now = time.monotonic()
-        if self._warned_at is not None and now - self._warned_at < _OUTAGE_WARNING_EVERY:
+        if recently:  # a new outage soon after the last warning
+            self._failing = True
             logger.debug("%s (within a minute of the last warning): %s", message, exc, exc_info=exc)
             return
-        self._warned, self._warned_at = True, now
+        # a new outage, or one that began within the minute and still goes on after it
+        self._failing = self._warned = True
+        self._warned_at = now
         logger.warning(
             "%s: %s (further failures at debug level until %s works again)",
             message,

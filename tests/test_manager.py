@@ -1695,28 +1695,38 @@ async def test_outages_within_a_minute_of_a_warning_are_not_warned_about_again(
     """A store that fails and works again every other pass (a flapping server) warned
     and said "works again" for each outage: on a job that runs every second (the event
     subscription against a server that drops it at once) that was ~60 warnings a minute.
-    Now one warning a minute (``window``, in real seconds), the rest at debug level."""
+    Now one warning a minute (``window``, in real seconds), the rest at debug level; an
+    outage that began within the minute is warned about once it goes on past it."""
     monkeypatch.setattr("asyncsession._manager._OUTAGE_WARNING_EVERY", window)
     caplog.set_level(logging.DEBUG, logger="asyncsession")
     store = FailingScans()
+
+    async def cleanup_pass(down: bool) -> None:
+        store.down = down
+        clock.advance(60)
+        await sessions.wait_for_cleanup()
+
     async with s.SessionManager(store, cleanup_interval=60, clock=clock) as sessions:
         for down in [True, False] * 3:
-            store.down = down
-            clock.advance(60)
-            await sessions.wait_for_cleanup()
+            await cleanup_pass(down)
+        await cleanup_pass(True)  # an outage that begins within the minute...
+        monkeypatch.setattr("asyncsession._manager._OUTAGE_WARNING_EVERY", 0.0)
+        await cleanup_pass(True)  # ...and still goes on after it
+        await cleanup_pass(True)
+        await cleanup_pass(False)
     logged = [
         (r.levelname, r.getMessage()) for r in caplog.records if r.name == "asyncsession._manager"
     ]
     warned = [m for level, m in logged if level == "WARNING"]
     back = [level for level, m in logged if m == "session cleanup works again"]
     if window:
-        assert len(warned) == 1
-        assert back == ["INFO", "DEBUG", "DEBUG"]
+        assert len(warned) == 2
+        assert back == ["INFO", "DEBUG", "DEBUG", "INFO"]
         quiet = [m for level, m in logged if "within a minute of the last warning" in m]
-        assert len(quiet) == 2 and all(m.endswith("the server is down (test)") for m in quiet)
+        assert len(quiet) == 3 and all(m.endswith("the server is down (test)") for m in quiet)
     else:
-        assert len(warned) == 3
-        assert back == ["INFO", "INFO", "INFO"]
+        assert len(warned) == 4
+        assert back == ["INFO", "INFO", "INFO", "INFO"]
 
 
 class QuietTransport(s.MemoryRepository, EventTransport):
