@@ -6,6 +6,7 @@ import functools
 import inspect
 import logging
 import math
+import re
 import sys
 import threading
 import time
@@ -91,9 +92,11 @@ _CALLS_AT_EXIT_SECONDS = 5.0
 #: Most events a sharing manager hands its transport at once (``publish_events``).
 _SHARE_BATCH = 500
 
-#: A recurring job (cleanup, event sharing and subscription, the ASGI loads) warns about
-#: its store failing at most once in this many seconds.
+#: A recurring job (cleanup, event sharing and subscription, the ASGI middleware's loads
+#: and visits) warns about a kind of failure of its store at most once in this many
+#: seconds, and remembers this many kinds.
 _OUTAGE_WARNING_EVERY = 60.0
+_OUTAGE_KINDS = 16
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -2140,39 +2143,51 @@ async def _whole_write() -> AsyncIterator[None]:
 class _Outage:
     """Logs the failures of one recurring job: a store's :class:`StorageError` (its
     server down, a network blip) once, in one line, until the job works again (then at
-    info level), and at most one such warning a minute (a server that fails and recovers
-    every second gets one warning and one "works again", then debug lines; an outage
-    that began within the minute is warned about if it still goes on after it);
-    tracebacks at debug level. Other errors, likely bugs, every time."""
+    info level); tracebacks at debug level. Other errors, likely bugs, every time.
 
-    __slots__ = ("_failing", "_job", "_warned", "_warned_at")
+    At most one warning a minute for each kind of failure (:func:`_failure_kind`): a
+    server that fails and recovers every second gets one warning and one "works again",
+    then debug lines; an outage that began within the minute is warned about if it still
+    goes on after it, or when it fails in another way."""
+
+    __slots__ = ("_failing", "_job", "_since", "_warned", "_warned_kinds")
 
     def __init__(self, job: str) -> None:
         self._job = job
         self._failing = False
+        self._since = 0.0  # time.monotonic() when the current outage began
         self._warned = False  # the current outage was warned about
-        self._warned_at: float | None = None  # time.monotonic() of the last warning
+        self._warned_kinds: dict[str, float] = {}  # kind -> time of its last warning
 
     def failed(self, exc: Exception, message: str) -> None:
         if not isinstance(exc, StorageError):
             logger.error("%s", message, exc_info=exc)
             return
         now = time.monotonic()
-        recently = self._warned_at is not None and now - self._warned_at < _OUTAGE_WARNING_EVERY
-        if self._failing and (self._warned or recently):
+        if not self._failing:
+            self._failing, self._since = True, now
+        kind = _failure_kind(exc)
+        last = self._warned_kinds.get(kind)
+        if last is not None and last >= self._since:  # warned about in this outage
             logger.debug("%s (still): %s", message, exc, exc_info=exc)
             return
-        if recently:  # a new outage soon after the last warning
-            self._failing = True
+        if last is not None and now - last < _OUTAGE_WARNING_EVERY:
             logger.debug("%s (within a minute of the last warning): %s", message, exc, exc_info=exc)
             return
-        # a new outage, or one that began within the minute and still goes on after it
-        self._failing = self._warned = True
-        self._warned_at = now
+        self._warned = True
+        self._warned_kinds = {  # (the kinds warned about in the last minute, this one last)
+            k: at for k, at in self._warned_kinds.items() if now - at < _OUTAGE_WARNING_EVERY
+        }
+        self._warned_kinds.pop(kind, None)
+        self._warned_kinds[kind] = now
+        while len(self._warned_kinds) > _OUTAGE_KINDS:
+            del self._warned_kinds[next(iter(self._warned_kinds))]
+        lasted = now - self._since
         logger.warning(
-            "%s: %s (further failures at debug level until %s works again)",
+            "%s: %s (%sfurther failures at debug level until %s works again)",
             message,
             exc,
+            f"failing for {lasted:.0f} s; " if lasted >= 1 else "",
             self._job,
         )
         logger.debug("%s", message, exc_info=exc)
@@ -2183,6 +2198,16 @@ class _Outage:
             level = logging.INFO if self._warned else logging.DEBUG
             self._warned = False
             logger.log(level, "%s works again", self._job)
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """What tells one failure from another for :class:`_Outage`'s limit: the error's type
+    and the first line of its message without its numbers (ports, ids, counts, seconds)."""
+    text = str(exc).partition("\n")[0][:300]
+    return f"{type(exc).__qualname__}: {_NUMBERS.sub('#', text)}"
+
+
+_NUMBERS = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}|\d+(?:\.\d+)?")
 
 
 def _store_failure(exc: Exception) -> TypeGuard[StorageError]:

@@ -1650,10 +1650,11 @@ class FailingScans(s.MemoryRepository):
     """A memory store whose deadline scans fail while ``down`` (its server unreachable)."""
 
     down = False
+    error = "the server is down (test)"
 
     async def expired(self, now: datetime, *, limit: int = 1000) -> Sequence[uuid.UUID]:
         if self.down:
-            raise s.StorageError("the server is down (test)")
+            raise s.StorageError(self.error)
         return await super().expired(now, limit=limit)
 
 
@@ -1727,6 +1728,33 @@ async def test_outages_within_a_minute_of_a_warning_are_not_warned_about_again(
     else:
         assert len(warned) == 4
         assert back == ["INFO", "INFO", "INFO", "INFO"]
+
+
+async def test_another_kind_of_failure_within_a_minute_of_a_warning_is_warned_about(
+    anyio_backend: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The once-a-minute limit is per kind of failure (its type and message, numbers
+    aside): a full disk right after a locked database is warned about too."""
+    caplog.set_level(logging.INFO, logger="asyncsession")
+    store = FailingScans()
+    async with s.SessionManager(store, cleanup_interval=60, clock=clock) as sessions:
+        for down, error in [
+            (True, "locked for 5.0 s by pid 123 (test)"),
+            (False, ""),
+            (True, "locked for 2.5 s by pid 456 (test)"),  # the same kind: not warned
+            (True, "disk full (test)"),  # the outage goes on, failing in another way
+            (False, ""),
+            (True, "disk full (test)"),
+            (False, ""),
+        ]:
+            store.down, store.error = down, error
+            clock.advance(60)
+            await sessions.wait_for_cleanup()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2
+    assert "pid 123" in warned[0] and "disk full" in warned[1]
+    back = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert back == ["session cleanup works again"] * 2  # after the warned outages only
 
 
 class QuietTransport(s.MemoryRepository, EventTransport):

@@ -1071,12 +1071,13 @@ def _marking_unsent(pool: Any, errors: tuple[type[BaseException], ...]) -> None:
 def _subscription_policy(
     retry: ModuleType,
     errors: tuple[type[BaseException], ...],
-    lost: Callable[[BaseException], None],
+    lost: Callable[[BaseException, bool], None],
 ) -> Any:
     """A coredis retry policy for a subscription: its first connect is not retried (the
     caller hears at once that Redis is unreachable); once it is ``live``, a lost connection
     is made again with backoff, as coredis does by default. The first retry after the
-    connection was lost calls ``lost`` (``down`` is then True until it is made again)."""
+    connection was lost calls ``lost(exc, True)`` (``down`` is then True until it is made
+    again), each later one ``lost(exc, False)``."""
 
     class Resubscribe(retry.ExponentialBackoffRetryPolicy):  # type: ignore[misc,name-defined]
         live = False
@@ -1084,9 +1085,9 @@ def _subscription_policy(
 
         def will_retry(self, exc: BaseException) -> bool:
             again = self.live and bool(super().will_retry(exc))
-            if again and not self.down:
-                self.down = True
-                lost(exc)
+            if again:
+                first, self.down = not self.down, True
+                lost(exc, first)
             return again
 
     # at most a second between attempts: a subscription made again 16 s after the
@@ -2220,25 +2221,41 @@ class RedisRepository(SessionRepository, EventTransport):
         # A warning per lost connection, at most one a minute per store (a server that
         # takes the subscription and drops it again, or answers LOADING, loses it every
         # second, and on trio each loss ends the subscription: the manager makes a new
-        # one); the info line once it is confirmed again after its warning.
+        # one), and one for a loss that was not warned about but still lasts once that
+        # minute has passed; the info line once it is confirmed again after its warning.
         warned = False
+        lost_at = 0.0
 
-        def lost(exc: BaseException) -> None:
+        def lost(exc: BaseException, first: bool) -> None:
             # (coredis makes it again in the background, so no error reaches the
             # subscriber: this line is how an operator learns that events were missed)
-            nonlocal warned
+            nonlocal warned, lost_at
             exc = first_leaf(exc)  # not the task group of coredis's around it
             now = time.monotonic()
+            if first:
+                lost_at = now
             last = self._subscription_warned_at
-            quiet = last is not None and now - last < _RESUBSCRIBE_WARNING_EVERY
-            logger.log(
-                logging.DEBUG if quiet else logging.WARNING,
-                "the subscription to %r at Redis %s lost its connection (%s); events "
-                "published until it is made again are lost; making it again",
-                channel,
-                address,
-                f"{type(exc).__name__}: {str(exc)[:200]}",
-            )
+            quiet = warned or (last is not None and now - last < _RESUBSCRIBE_WARNING_EVERY)
+            cause = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if first:
+                logger.log(
+                    logging.DEBUG if quiet else logging.WARNING,
+                    "the subscription to %r at Redis %s lost its connection (%s); events "
+                    "published until it is made again are lost; making it again",
+                    channel,
+                    address,
+                    cause,
+                )
+            elif not quiet:
+                logger.warning(
+                    "the subscription to %r at Redis %s is still lost %.0f s after its "
+                    "connection dropped (%s); events published until it is made again are "
+                    "lost; still trying",
+                    channel,
+                    address,
+                    now - lost_at,
+                    cause,
+                )
             if not quiet:
                 self._subscription_warned_at, warned = now, True
 
