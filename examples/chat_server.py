@@ -50,6 +50,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -120,6 +121,13 @@ def create_app(
             "browser then starts a new conversation); set it to one secret for them all"
         )
         key = secrets.token_urlsafe(32)
+    streams: set[s.Subscription] = set()  # the open event streams' subscriptions
+
+    async def end_event_streams() -> None:
+        """End every open event stream (its page's EventSource connects again, to
+        another worker or once the server is back)."""
+        for subscription in list(streams):
+            await subscription.aclose()
 
     async def current(request: Request) -> s.Session | None:
         sid = get_session(request.scope).id
@@ -202,7 +210,7 @@ def create_app(
         if session is None:
             return JSONResponse({"error": "start a conversation first"}, 409)
         return StreamingResponse(
-            _event_stream(sessions, session.id, session.messages.total, session.revision),
+            _event_stream(sessions, session.id, session.messages.total, session.revision, streams),
             media_type="text/event-stream",
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
@@ -232,6 +240,7 @@ def create_app(
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.sessions = sessions
+    app.state.end_event_streams = end_event_streams
     return app
 
 
@@ -240,43 +249,52 @@ def _sse(event: str, data: dict[str, Any]) -> str:
 
 
 async def _event_stream(
-    sessions: s.SessionManager, session_id: uuid.UUID, seen: int, revision: int
+    sessions: s.SessionManager,
+    session_id: uuid.UUID,
+    seen: int,
+    revision: int,
+    streams: set[s.Subscription],
 ) -> AsyncIterator[str]:
     """SSE for one session: its new messages, state changes and its end.
 
     "ready" is sent once subscribed, so a client that waits for it misses nothing: the
     session is read again first, and a change since the page read it (at ``revision``)
     or its end follows "ready". Another worker's events carry no session
-    (``event.remote``): it is read again too.
+    (``event.remote``): it is read again too. It ends when its subscription does: the
+    manager leaving, or ``end_event_streams`` (it is in ``streams`` meanwhile).
     """
     async with sessions.subscribe(session_id=session_id) as subscription:
-        session = await _read(sessions, session_id)
-        yield _sse("ready", {"session_id": str(session_id)})
-        if session is None:  # it ended before the subscription began
-            yield _sse("ended", {"kind": "not_found"})
-            return
-        if session.revision == revision:
-            session = None  # unchanged since the page read it: wait for the first event
-        kind = s.EventKind.UPDATED.value
-        events = subscription.__aiter__()
-        while True:
-            if session is not None:
-                new = _messages(session, seen)
-                if new:
-                    seen = new[-1]["index"] + 1
-                interrupts = session.state.get("interrupts", 0)
-                yield _sse(kind, {"messages": new, "interrupts": interrupts})
-            event = await anext(events, None)
-            if event is None:  # the server is shutting down
-                return
-            if event.kind in (s.EventKind.DELETED, s.EventKind.EXPIRED):
-                yield _sse("ended", {"kind": event.kind.value})
-                return
-            kind = event.kind.value
-            session = event.session or await _read(sessions, session_id)
-            if session is None:  # expired or deleted since another worker's event
+        streams.add(subscription)
+        try:
+            session = await _read(sessions, session_id)
+            yield _sse("ready", {"session_id": str(session_id)})
+            if session is None:  # it ended before the subscription began
                 yield _sse("ended", {"kind": "not_found"})
                 return
+            if session.revision == revision:
+                session = None  # unchanged since the page read it: wait for an event
+            kind = s.EventKind.UPDATED.value
+            events = subscription.__aiter__()
+            while True:
+                if session is not None:
+                    new = _messages(session, seen)
+                    if new:
+                        seen = new[-1]["index"] + 1
+                    interrupts = session.state.get("interrupts", 0)
+                    yield _sse(kind, {"messages": new, "interrupts": interrupts})
+                event = await anext(events, None)
+                if event is None:  # the server is stopping (the page connects again)
+                    return
+                if event.kind in (s.EventKind.DELETED, s.EventKind.EXPIRED):
+                    yield _sse("ended", {"kind": event.kind.value})
+                    return
+                kind = event.kind.value
+                session = event.session or await _read(sessions, session_id)
+                if session is None:  # expired or deleted since another worker's event
+                    yield _sse("ended", {"kind": "not_found"})
+                    return
+        finally:
+            streams.discard(subscription)
 
 
 async def _read(sessions: s.SessionManager, session_id: uuid.UUID) -> s.Session | None:
@@ -389,14 +407,19 @@ def main() -> None:
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]
     config.graceful_timeout = 2
+
+    async def until_signalled() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+        # An open page never ends its event stream, and hypercorn on Python 3.12+ waits
+        # for open connections past graceful_timeout, without end (hypercorn#308): end
+        # the streams as it stops.
+        await app.state.end_event_streams()
+
     if args.worker_class == "trio":
         import trio
         from hypercorn.trio import serve as trio_serve
-
-        async def until_signalled() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    return
 
         trio.run(functools.partial(trio_serve, app, config, shutdown_trigger=until_signalled))  # type: ignore[arg-type]
     else:
@@ -404,7 +427,7 @@ def main() -> None:
 
         from hypercorn.asyncio import serve as asyncio_serve
 
-        asyncio.run(asyncio_serve(app, config))  # type: ignore[arg-type]
+        asyncio.run(asyncio_serve(app, config, shutdown_trigger=until_signalled))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
