@@ -17,7 +17,11 @@ session is closed: EXITED after a clean end (a "bye" message, or a close frame w
 1000/1001), ABNORMAL after an abrupt disconnect, a protocol error or a server error.
 Hypercorn reports every client-initiated close as code 1006 (pgjones/hypercorn#127), so
 there only "bye" ends a session cleanly; uvicorn passes the client's close code on.
-``GET /sessions/{id}`` shows a session's status (an admin view for demos and tests).
+When the server stops (Ctrl+C, SIGTERM) the open connections are closed with 1001
+(going away), their sessions EXITED: ``app.state.end_connections()``, called by ``main()``
+as hypercorn stops (on Python 3.12+ hypercorn waits for open connections without end,
+pgjones/hypercorn#308). ``GET /sessions/{id}`` shows a session's status (an admin view
+for demos and tests).
 
 Run it::
 
@@ -111,36 +115,56 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
         logger.info("session %s disconnected with code %s", session.id, code)
         return s.SessionStatus.EXITED if code in CLEAN_CLOSE_CODES else s.SessionStatus.ABNORMAL
 
-    async def gateway(websocket: WebSocket) -> None:
-        await websocket.accept()
-        session = await sessions.create(name="websocket")
-        status = s.SessionStatus.ABNORMAL
+    connections: set[anyio.CancelScope] = set()  # one per open connection
+
+    async def end_connections() -> None:
+        """Close every open connection with 1001 (going away), its session EXITED: the
+        server is stopping."""
+        for serving in list(connections):
+            serving.cancel()
+
+    async def converse(websocket: WebSocket, session: s.Session) -> s.SessionStatus:
+        """Answer the client's messages until the connection ends; return the status
+        its session ends with."""
         try:
             await websocket.send_json({"type": "session_created", "session_id": str(session.id)})
             while True:
                 frame = await websocket.receive()
                 if frame["type"] == "websocket.disconnect":
-                    status = disconnected(session, frame.get("code", 1005))
-                    return
+                    return disconnected(session, frame.get("code", 1005))
                 try:
                     answer = await handle(session, frame)
                 except ProtocolError as exc:
                     await websocket.send_json({"type": "error", "error": str(exc)})
                     await websocket.close(code=exc.code)
-                    return
+                    return s.SessionStatus.ABNORMAL
                 await websocket.send_json(answer)
                 if answer["type"] == "bye":
-                    status = s.SessionStatus.EXITED
                     await websocket.close(code=1000)
-                    return
+                    return s.SessionStatus.EXITED
         except WebSocketDisconnect as exc:  # the client closed while a frame was sent
             code = exc.code  # 1006 from Starlette: the client's own code comes in receive()
             with anyio.move_on_after(1):
                 frame = await websocket.receive()
                 if frame["type"] == "websocket.disconnect":
                     code = frame.get("code", code)
-            status = disconnected(session, code)
+            return disconnected(session, code)
+
+    async def gateway(websocket: WebSocket) -> None:
+        await websocket.accept()
+        session = await sessions.create(name="websocket")
+        status = s.SessionStatus.ABNORMAL
+        serving = anyio.CancelScope()
+        try:
+            with serving:
+                connections.add(serving)
+                status = await converse(websocket, session)
+            if serving.cancelled_caught:  # end_connections(): the server is stopping
+                status = s.SessionStatus.EXITED
+                with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+                    await websocket.close(code=1001)
         finally:
+            connections.discard(serving)
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 try:
                     await sessions.close(session.id, status=status)
@@ -170,6 +194,7 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
         lifespan=lifespan,
     )
     app.state.sessions = sessions
+    app.state.end_connections = end_connections
     return app
 
 
@@ -195,14 +220,18 @@ def main() -> None:
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]
     config.graceful_timeout = 2
+
+    async def until_signalled() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+        # hypercorn on Python 3.12+ waits for open connections past graceful_timeout,
+        # without end (hypercorn#308): close them as it stops.
+        await app.state.end_connections()
+
     if args.worker_class == "trio":
         import trio
         from hypercorn.trio import serve as trio_serve
-
-        async def until_signalled() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    return
 
         trio.run(functools.partial(trio_serve, app, config, shutdown_trigger=until_signalled))  # type: ignore[arg-type]
     else:
@@ -210,7 +239,7 @@ def main() -> None:
 
         from hypercorn.asyncio import serve as asyncio_serve
 
-        asyncio.run(asyncio_serve(app, config))  # type: ignore[arg-type]
+        asyncio.run(asyncio_serve(app, config, shutdown_trigger=until_signalled))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -620,6 +621,36 @@ def wait_for_status(address: str, sid: str, expected: str) -> dict[str, Any]:
             if data.get("status") == expected or time.monotonic() > deadline:
                 return data
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize("kind", sorted(SERVERS))
+def test_gateway_stops_on_ctrl_c_with_a_connection_open(
+    kind: str, tmp_path: Path, server_log: IO[bytes]
+) -> None:
+    # hypercorn on Python 3.12+ waited for the open connection for good (hypercorn#308):
+    # the gateway closes its connections as it stops, 1001 (going away), sessions EXITED.
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    db = tmp_path / "gateway.db"
+    with (
+        serve_process(GATEWAY, kind, f"sqlite:///{db}", server_log) as (process, address),
+        connect(f"ws://{address}/ws", open_timeout=10, close_timeout=5) as ws,
+    ):
+        sid = json.loads(ws.recv(timeout=10))["session_id"]
+        process.send_signal(signal.SIGINT)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=STOP_LIMIT)
+        try:
+            process.wait(timeout=STOP_LIMIT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{kind} did not stop on Ctrl+C with a connection open")
+        assert process.returncode == 0
+    if kind.startswith("hypercorn"):  # (uvicorn closes them itself, 1012)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        with contextlib.closing(sqlite3.connect(db)) as stored:
+            [(status,)] = stored.execute("SELECT status FROM sessions WHERE id = ?", [sid])
+        assert status == "exited"
 
 
 @pytest.mark.parametrize("kind", sorted(SERVERS))
