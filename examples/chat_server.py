@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ import secrets
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -121,13 +120,7 @@ def create_app(
             "browser then starts a new conversation); set it to one secret for them all"
         )
         key = secrets.token_urlsafe(32)
-    streams: set[s.Subscription] = set()  # the open event streams' subscriptions
-
-    async def end_event_streams() -> None:
-        """End every open event stream (its page's EventSource connects again, to
-        another worker or once the server is back)."""
-        for subscription in list(streams):
-            await subscription.aclose()
+    streams = OpenStreams()
 
     async def current(request: Request) -> s.Session | None:
         sid = get_session(request.scope).id
@@ -240,8 +233,36 @@ def create_app(
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.sessions = sessions
-    app.state.end_event_streams = end_event_streams
+    app.state.end_event_streams = streams.end
     return app
+
+
+class OpenStreams:
+    """The open event streams' subscriptions, ended together when the server stops (an
+    open page never ends its stream; its EventSource connects again, to another worker
+    or once the server is back)."""
+
+    def __init__(self) -> None:
+        self._open: set[s.Subscription] = set()
+        self.stopping = False
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    async def add(self, subscription: s.Subscription) -> None:
+        """Hold ``subscription`` until :meth:`discard`; end it at once if stopping."""
+        self._open.add(subscription)
+        if self.stopping:  # a stream that began as the server was stopping
+            await subscription.aclose()
+
+    def discard(self, subscription: s.Subscription) -> None:
+        self._open.discard(subscription)
+
+    async def end(self) -> None:
+        """End every open stream, and any that begins from now on."""
+        self.stopping = True
+        for subscription in list(self._open):
+            await subscription.aclose()
 
 
 def _sse(event: str, data: dict[str, Any]) -> str:
@@ -253,7 +274,7 @@ async def _event_stream(
     session_id: uuid.UUID,
     seen: int,
     revision: int,
-    streams: set[s.Subscription],
+    streams: OpenStreams,
 ) -> AsyncIterator[str]:
     """SSE for one session: its new messages, state changes and its end.
 
@@ -261,10 +282,10 @@ async def _event_stream(
     session is read again first, and a change since the page read it (at ``revision``)
     or its end follows "ready". Another worker's events carry no session
     (``event.remote``): it is read again too. It ends when its subscription does: the
-    manager leaving, or ``end_event_streams`` (it is in ``streams`` meanwhile).
+    manager leaving, or the server stopping (``streams.end()``).
     """
     async with sessions.subscribe(session_id=session_id) as subscription:
-        streams.add(subscription)
+        await streams.add(subscription)
         try:
             session = await _read(sessions, session_id)
             yield _sse("ready", {"session_id": str(session_id)})
@@ -408,26 +429,40 @@ def main() -> None:
     config.bind = [f"{args.host}:{args.port}"]
     config.graceful_timeout = 2
 
-    async def until_signalled() -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                break
-        # An open page never ends its event stream, and hypercorn on Python 3.12+ waits
-        # for open connections past graceful_timeout, without end (hypercorn#308): end
-        # the streams as it stops.
-        await app.state.end_event_streams()
+    async def serve(serve_app: Callable[..., Awaitable[Any]]) -> None:
+        """Serve until SIGINT or SIGTERM. An open page never ends its event stream,
+        and hypercorn's asyncio worker on Python 3.12+ waits for open connections past
+        graceful_timeout, without end (hypercorn#308): each signal ends the streams
+        (again: one that began meanwhile), and hypercorn stops after the first."""
+        stop = anyio.Event()
+
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    if stop.is_set():
+                        logger.info("stopping: ending the open event streams again")
+                    stop.set()
+                    await app.state.end_event_streams()
+
+        async def run() -> None:
+            await serve_app(app, config, shutdown_trigger=stop.wait)
+            tg.cancel_scope.cancel()  # (on_signals)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)  # not in this task: hypercorn leaves it marked as cancelled
+            await on_signals()
 
     if args.worker_class == "trio":
         import trio
         from hypercorn.trio import serve as trio_serve
 
-        trio.run(functools.partial(trio_serve, app, config, shutdown_trigger=until_signalled))  # type: ignore[arg-type]
+        trio.run(serve, trio_serve)
     else:
         import asyncio
 
         from hypercorn.asyncio import serve as asyncio_serve
 
-        asyncio.run(asyncio_serve(app, config, shutdown_trigger=until_signalled))  # type: ignore[arg-type]
+        asyncio.run(serve(asyncio_serve))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ session is closed: EXITED after a clean end (a "bye" message, or a close frame w
 Hypercorn reports every client-initiated close as code 1006 (pgjones/hypercorn#127), so
 there only "bye" ends a session cleanly; uvicorn passes the client's close code on.
 When the server stops (Ctrl+C, SIGTERM) the open connections are closed with 1001
-(going away), their sessions EXITED: ``app.state.end_connections()``, called by ``main()``
-as hypercorn stops (on Python 3.12+ hypercorn waits for open connections without end,
-pgjones/hypercorn#308). ``GET /sessions/{id}`` shows a session's status (an admin view
+(going away), their sessions EXITED, and so is one that begins as it stops:
+``app.state.end_connections()``, called by ``main()`` on each signal (hypercorn's asyncio
+worker on Python 3.12+ waits for open connections without end, pgjones/hypercorn#308). ``GET /sessions/{id}`` shows a session's status (an admin view
 for demos and tests).
 
 Run it::
@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -67,6 +66,33 @@ class ProtocolError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+class OpenConnections:
+    """A cancel scope per open connection, cancelled together when the server stops:
+    each connection is then closed with 1001 (going away), its session EXITED."""
+
+    def __init__(self) -> None:
+        self._open: set[anyio.CancelScope] = set()
+        self.stopping = False
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[anyio.CancelScope]:
+        """A connection's scope (not entered), cancelled already if stopping."""
+        serving = anyio.CancelScope()
+        if self.stopping:
+            serving.cancel()
+        self._open.add(serving)
+        try:
+            yield serving
+        finally:
+            self._open.discard(serving)
+
+    async def end(self) -> None:
+        """End every open connection, and any that begins from now on."""
+        self.stopping = True
+        for serving in list(self._open):
+            serving.cancel()
 
 
 def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> Starlette:
@@ -115,13 +141,7 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
         logger.info("session %s disconnected with code %s", session.id, code)
         return s.SessionStatus.EXITED if code in CLEAN_CLOSE_CODES else s.SessionStatus.ABNORMAL
 
-    connections: set[anyio.CancelScope] = set()  # one per open connection
-
-    async def end_connections() -> None:
-        """Close every open connection with 1001 (going away), its session EXITED: the
-        server is stopping."""
-        for serving in list(connections):
-            serving.cancel()
+    connections = OpenConnections()
 
     async def converse(websocket: WebSocket, session: s.Session) -> s.SessionStatus:
         """Answer the client's messages until the connection ends; return the status
@@ -151,25 +171,24 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
             return disconnected(session, code)
 
     async def gateway(websocket: WebSocket) -> None:
-        await websocket.accept()
-        session = await sessions.create(name="websocket")
-        status = s.SessionStatus.ABNORMAL
-        serving = anyio.CancelScope()
-        try:
-            with serving:
-                connections.add(serving)
-                status = await converse(websocket, session)
-            if serving.cancelled_caught:  # end_connections(): the server is stopping
-                status = s.SessionStatus.EXITED
-                with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
-                    await websocket.close(code=1001)
-        finally:
-            connections.discard(serving)
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                try:
-                    await sessions.close(session.id, status=status)
-                except (s.SessionNotFound, s.SessionClosed):
-                    logger.info("session %s had already ended", session.id)
+        # Held from the start: one that begins as the server stops ends at once too.
+        with connections.held() as serving:
+            await websocket.accept()
+            session = await sessions.create(name="websocket")
+            status = s.SessionStatus.ABNORMAL
+            try:
+                with serving:
+                    status = await converse(websocket, session)
+                if serving.cancelled_caught:  # connections.end(): the server is stopping
+                    status = s.SessionStatus.EXITED
+                    with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+                        await websocket.close(code=1001)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    try:
+                        await sessions.close(session.id, status=status)
+                    except (s.SessionNotFound, s.SessionClosed):
+                        logger.info("session %s had already ended", session.id)
 
     async def show(request: Request) -> JSONResponse:
         try:
@@ -194,7 +213,7 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
         lifespan=lifespan,
     )
     app.state.sessions = sessions
-    app.state.end_connections = end_connections
+    app.state.end_connections = connections.end
     return app
 
 
@@ -221,25 +240,40 @@ def main() -> None:
     config.bind = [f"{args.host}:{args.port}"]
     config.graceful_timeout = 2
 
-    async def until_signalled() -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                break
-        # hypercorn on Python 3.12+ waits for open connections past graceful_timeout,
-        # without end (hypercorn#308): close them as it stops.
-        await app.state.end_connections()
+    async def serve(serve_app: Callable[..., Awaitable[Any]]) -> None:
+        """Serve until SIGINT or SIGTERM. hypercorn's asyncio worker on Python 3.12+
+        waits for open connections past graceful_timeout, without end (hypercorn#308):
+        each signal closes the connections (again: one that began meanwhile), and
+        hypercorn stops after the first."""
+        stop = anyio.Event()
+
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    if stop.is_set():
+                        logger.info("stopping: closing the open connections again")
+                    stop.set()
+                    await app.state.end_connections()
+
+        async def run() -> None:
+            await serve_app(app, config, shutdown_trigger=stop.wait)
+            tg.cancel_scope.cancel()  # (on_signals)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)  # not in this task: hypercorn leaves it marked as cancelled
+            await on_signals()
 
     if args.worker_class == "trio":
         import trio
         from hypercorn.trio import serve as trio_serve
 
-        trio.run(functools.partial(trio_serve, app, config, shutdown_trigger=until_signalled))  # type: ignore[arg-type]
+        trio.run(serve, trio_serve)
     else:
         import asyncio
 
         from hypercorn.asyncio import serve as asyncio_serve
 
-        asyncio.run(asyncio_serve(app, config, shutdown_trigger=until_signalled))  # type: ignore[arg-type]
+        asyncio.run(serve(asyncio_serve))
 
 
 if __name__ == "__main__":
