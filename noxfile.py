@@ -24,6 +24,17 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", *session.posargs)
 
 
+@nox.session(python=PYTHONS[0], default=False)
+def lowest(session: nox.Session) -> None:
+    """The test suite on the oldest releases pyproject.toml allows (its floors hold)."""
+    session.install("uv")
+    session.run(
+        "uv", "pip", "install", "--python", session.virtualenv.location,
+        "--resolution", "lowest-direct", "-e", ".[test]",
+    )  # fmt: skip
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff lint and format check."""
