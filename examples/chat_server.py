@@ -43,13 +43,11 @@ import json
 import logging
 import os
 import secrets
-import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -408,61 +406,18 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_app(args.store, secure_cookies=args.secure_cookies)
-    if args.server == "uvicorn":
-        import uvicorn
+    if args.server == "uvicorn" and args.worker_class != "asyncio":
+        parser.error("uvicorn runs on asyncio only")
+    from serving import run  # (beside this file: copy it along)
 
-        if args.worker_class != "asyncio":
-            parser.error("uvicorn runs on asyncio only")
-        # An open page never ends its event stream: without a grace period uvicorn
-        # would wait for it on Ctrl+C for good (hypercorn's graceful_timeout below).
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level="warning",
-            timeout_graceful_shutdown=2,
-        )
-        return
-    from hypercorn.config import Config
-
-    config = Config()
-    config.bind = [f"{args.host}:{args.port}"]
-    config.graceful_timeout = 2
-
-    async def serve(serve_app: Callable[..., Awaitable[Any]]) -> None:
-        """Serve until SIGINT or SIGTERM. An open page never ends its event stream,
-        and hypercorn's asyncio worker on Python 3.12+ waits for open connections past
-        graceful_timeout, without end (hypercorn#308): each signal ends the streams
-        (again: one that began meanwhile), and hypercorn stops after the first."""
-        stop = anyio.Event()
-
-        async def on_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    if stop.is_set():
-                        logger.info("stopping: ending the open event streams again")
-                    stop.set()
-                    await app.state.end_event_streams()
-
-        async def run() -> None:
-            await serve_app(app, config, shutdown_trigger=stop.wait)
-            tg.cancel_scope.cancel()  # (on_signals)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run)  # not in this task: hypercorn leaves it marked as cancelled
-            await on_signals()
-
-    if args.worker_class == "trio":
-        import trio
-        from hypercorn.trio import serve as trio_serve
-
-        trio.run(serve, trio_serve)
-    else:
-        import asyncio
-
-        from hypercorn.asyncio import serve as asyncio_serve
-
-        asyncio.run(serve(asyncio_serve))
+    run(
+        app,
+        server=args.server,
+        worker_class=args.worker_class,
+        host=args.host,
+        port=args.port,
+        on_signal=app.state.end_event_streams,
+    )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ Hypercorn reports every client-initiated close as code 1006 (pgjones/hypercorn#1
 there only "bye" ends a session cleanly; uvicorn passes the client's close code on.
 When the server stops (Ctrl+C, SIGTERM) the open connections are closed with 1001
 (going away), their sessions EXITED, and so is one that begins as it stops:
-``app.state.end_connections()``, called by ``main()`` on each signal (hypercorn's asyncio
-worker on Python 3.12+ waits for open connections without end, pgjones/hypercorn#308). ``GET /sessions/{id}`` shows a session's status (an admin view
-for demos and tests).
+``app.state.end_connections()``, which ``main()`` awaits on each signal (see
+``serving.py``: hypercorn's asyncio worker on Python 3.12+ waits for open connections
+without end, pgjones/hypercorn#308). ``GET /sessions/{id}`` shows a session's status (an
+admin view for demos and tests).
 
 Run it::
 
@@ -36,9 +37,8 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -227,53 +227,18 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_app(args.store)
-    if args.server == "uvicorn":
-        import uvicorn
+    if args.server == "uvicorn" and args.worker_class != "asyncio":
+        parser.error("uvicorn runs on asyncio only")
+    from serving import run  # (beside this file: copy it along)
 
-        if args.worker_class != "asyncio":
-            parser.error("uvicorn runs on asyncio only")
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-        return
-    from hypercorn.config import Config
-
-    config = Config()
-    config.bind = [f"{args.host}:{args.port}"]
-    config.graceful_timeout = 2
-
-    async def serve(serve_app: Callable[..., Awaitable[Any]]) -> None:
-        """Serve until SIGINT or SIGTERM. hypercorn's asyncio worker on Python 3.12+
-        waits for open connections past graceful_timeout, without end (hypercorn#308):
-        each signal closes the connections (again: one that began meanwhile), and
-        hypercorn stops after the first."""
-        stop = anyio.Event()
-
-        async def on_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    if stop.is_set():
-                        logger.info("stopping: closing the open connections again")
-                    stop.set()
-                    await app.state.end_connections()
-
-        async def run() -> None:
-            await serve_app(app, config, shutdown_trigger=stop.wait)
-            tg.cancel_scope.cancel()  # (on_signals)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run)  # not in this task: hypercorn leaves it marked as cancelled
-            await on_signals()
-
-    if args.worker_class == "trio":
-        import trio
-        from hypercorn.trio import serve as trio_serve
-
-        trio.run(serve, trio_serve)
-    else:
-        import asyncio
-
-        from hypercorn.asyncio import serve as asyncio_serve
-
-        asyncio.run(serve(asyncio_serve))
+    run(
+        app,
+        server=args.server,
+        worker_class=args.worker_class,
+        host=args.host,
+        port=args.port,
+        on_signal=app.state.end_connections,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""Serve an ASGI app under hypercorn (asyncio or trio worker) or uvicorn until SIGINT or
+SIGTERM: the ``main()`` of ``chat_server.py`` and ``websocket_gateway.py``.
+
+An app with long-lived responses (event streams, websockets) must end them itself as the
+server stops: hypercorn's asyncio worker on Python 3.12+ waits for open connections past
+its ``graceful_timeout`` without end (pgjones/hypercorn#308). ``on_signal`` is awaited on
+each signal (on a later one again: for a response that began meanwhile); the server stops
+after the first. Copy this file along with an example you adapt.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+logger = logging.getLogger("serving")
+
+GRACE = 2  # seconds the server gives open requests once it stops
+
+
+def run(
+    app: Any,
+    *,
+    server: str,
+    worker_class: str,
+    host: str,
+    port: int,
+    on_signal: Callable[[], Awaitable[None]],
+) -> None:
+    """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM (uvicorn: asyncio only)."""
+    if server == "uvicorn":
+        import uvicorn
+
+        # uvicorn ends open websockets itself, but waits for an open stream without end
+        # unless given a grace period
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE)
+        return
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.graceful_timeout = GRACE
+
+    async def serve(serve_app: Callable[..., Awaitable[Any]]) -> None:
+        stop = anyio.Event()
+
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    if stop.is_set():
+                        logger.info("stopping: ending the open responses again")
+                    stop.set()
+                    await on_signal()
+
+        async def hypercorn() -> None:
+            await serve_app(app, config, shutdown_trigger=stop.wait)
+            tg.cancel_scope.cancel()  # (on_signals)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hypercorn)  # not in this task: hypercorn leaves it marked cancelled
+            await on_signals()
+
+    if worker_class == "trio":
+        import trio
+        from hypercorn.trio import serve as trio_serve
+
+        trio.run(serve, trio_serve)
+    else:
+        import asyncio
+
+        from hypercorn.asyncio import serve as asyncio_serve
+
+        asyncio.run(serve(asyncio_serve))
