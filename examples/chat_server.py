@@ -392,32 +392,20 @@ main();
 
 
 def main() -> None:
+    from serving import add_arguments, run  # (beside this file: copy it along)
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    add_arguments(parser, port=8000)
     parser.add_argument(
         "--store",
         default=os.environ.get("CHAT_STORE", DEFAULT_STORE),
         help="store URL (default: %(default)s); several processes: redis://... (live updates)",
     )
-    parser.add_argument("--server", choices=["hypercorn", "uvicorn"], default="hypercorn")
-    parser.add_argument("--worker-class", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--secure-cookies", action="store_true", help="serve behind HTTPS")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_app(args.store, secure_cookies=args.secure_cookies)
-    if args.server == "uvicorn" and args.worker_class != "asyncio":
-        parser.error("uvicorn runs on asyncio only")
-    from serving import run  # (beside this file: copy it along)
-
-    run(
-        app,
-        server=args.server,
-        worker_class=args.worker_class,
-        host=args.host,
-        port=args.port,
-        on_signal=app.state.end_event_streams,
-    )
+    run(app, args, on_signal=app.state.end_event_streams)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ after the first. Copy this file along with an example you adapt.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,16 +24,26 @@ logger = logging.getLogger("serving")
 GRACE = 2  # seconds the server gives open requests once it stops
 
 
+def add_arguments(parser: argparse.ArgumentParser, *, port: int) -> None:
+    """The command line options :func:`run` takes: --host, --port, --server, --worker-class."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--server", choices=["hypercorn", "uvicorn"], default="hypercorn")
+    parser.add_argument("--worker-class", choices=["asyncio", "trio"], default="asyncio")
+
+
 def run(
     app: Any,
+    options: argparse.Namespace,
     *,
-    server: str,
-    worker_class: str,
-    host: str,
-    port: int,
     on_signal: Callable[[], Awaitable[None]],
 ) -> None:
-    """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM (uvicorn: asyncio only)."""
+    """Serve ``app`` as ``options`` (from :func:`add_arguments`) say, until SIGINT or
+    SIGTERM."""
+    server, worker_class = options.server, options.worker_class
+    host, port = options.host, options.port
+    if server == "uvicorn" and worker_class != "asyncio":
+        sys.exit("uvicorn runs on asyncio only: pass --worker-class asyncio")
     if server == "uvicorn":
         import uvicorn
 

@@ -227,18 +227,7 @@ async def test_a_subscription_dropped_again_and_again_is_warned_about_once_a_min
     every second gave a warning a second)."""
     monkeypatch.setattr("asyncsession.stores.redis._RESUBSCRIBE_WARNING_EVERY", window)
     caplog.set_level(logging.DEBUG, logger="asyncsession")
-    store = s.RedisRepository(lone_redis.url, prefix="flap:", timeout=2)
-
-    async with (
-        s.RedisRepository(lone_redis.url, prefix="flap:", timeout=2) as other,
-        s.SessionManager(store, share_events=True) as listener,
-        listener.subscribe(kinds="created") as events,
-    ):
-
-        async def announce() -> None:  # (a store that publishes and is not subscribed)
-            now = datetime.now(timezone.utc)
-            await other.publish_event("created", uuid.uuid4(), at=now, origin="writer")
-
+    async with listening(lone_redis.url, "flap:") as (store, events, announce):
         with anyio.fail_after(30):  # guard only: pub/sub delivery is asynchronous
             await hear_one_created(announce, events)
             for _ in range(3):
@@ -275,17 +264,7 @@ async def test_a_lost_subscription_not_warned_about_is_once_it_lasts_past_the_mi
     """A subscription lost within a minute of the last warning was never warned about,
     however long the server stayed away (its log's last word was "works again")."""
     caplog.set_level(logging.DEBUG, logger="asyncsession")
-    store = s.RedisRepository(lone_redis.url, prefix="long:", timeout=2)
-    async with (
-        s.RedisRepository(lone_redis.url, prefix="long:", timeout=2) as other,
-        s.SessionManager(store, share_events=True) as listener,
-        listener.subscribe(kinds="created") as events,
-    ):
-
-        async def announce() -> None:
-            now = datetime.now(timezone.utc)
-            await other.publish_event("created", uuid.uuid4(), at=now, origin="writer")
-
+    async with listening(lone_redis.url, "long:") as (_, events, announce):
         with anyio.fail_after(30):  # guard only: pub/sub delivery is asynchronous
             await hear_one_created(announce, events)
             await anyio.to_thread.run_sync(lone_redis.command, "CLIENT", "KILL", "TYPE", "pubsub")
@@ -309,6 +288,26 @@ async def test_a_lost_subscription_not_warned_about_is_once_it_lasts_past_the_mi
     [warning] = [m for level, m in lines if level == logging.WARNING]
     assert "is still lost" in warning and "published until it is made again are lost" in warning
     assert lines[-1][1].endswith("works again")
+
+
+@asynccontextmanager
+async def listening(
+    url: str, prefix: str
+) -> AsyncIterator[tuple[s.RedisRepository, s.Subscription, Callable[[], Awaitable[None]]]]:
+    """A sharing manager's store and its subscription to CREATED events, and an
+    ``announce()`` that publishes one through another store (not subscribed itself)."""
+    store = s.RedisRepository(url, prefix=prefix, timeout=2)
+    async with (
+        s.RedisRepository(url, prefix=prefix, timeout=2) as other,
+        s.SessionManager(store, share_events=True) as listener,
+        listener.subscribe(kinds="created") as events,
+    ):
+
+        async def announce() -> None:
+            now = datetime.now(timezone.utc)
+            await other.publish_event("created", uuid.uuid4(), at=now, origin="writer")
+
+        yield store, events, announce
 
 
 async def hear_one_created(create: Callable[[], Awaitable[object]], events: s.Subscription) -> None:
