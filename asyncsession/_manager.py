@@ -96,7 +96,7 @@ _SHARE_BATCH = 500
 #: and visits) warns about a kind of failure of its store at most once in this many
 #: seconds, and remembers this many kinds.
 _OUTAGE_WARNING_EVERY = 60.0
-_OUTAGE_KINDS = 16
+_OUTAGE_KINDS = 64
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -2150,14 +2150,17 @@ class _Outage:
     then debug lines; an outage that began within the minute is warned about if it still
     goes on after it, or when it fails in another way."""
 
-    __slots__ = ("_failing", "_job", "_since", "_warned", "_warned_kinds")
+    __slots__ = ("_failing", "_job", "_outage", "_since", "_warned", "_warned_kinds")
 
     def __init__(self, job: str) -> None:
         self._job = job
         self._failing = False
-        self._since = 0.0  # time.monotonic() when the current outage began
-        self._warned = False  # the current outage was warned about
-        self._warned_kinds: dict[str, float] = {}  # kind -> time of its last warning
+        self._outage = 0  # the number of the current (or last) outage
+        self._since = 0.0  # time.monotonic() when it began
+        self._warned = False  # it was warned about
+        # kind -> (the outage, the time) of its last warning: this outage's, and others'
+        # of the last minute, oldest first
+        self._warned_kinds: dict[str, tuple[int, float]] = {}
 
     def failed(self, exc: Exception, message: str) -> None:
         if not isinstance(exc, StorageError):
@@ -2165,22 +2168,23 @@ class _Outage:
             return
         now = time.monotonic()
         if not self._failing:
-            self._failing, self._since = True, now
+            self._failing, self._outage, self._since = True, self._outage + 1, now
         kind = _failure_kind(exc)
-        last = self._warned_kinds.get(kind)
-        if last is not None and last >= self._since:  # warned about in this outage
+        outage, last = self._warned_kinds.get(kind, (0, -math.inf))
+        if outage == self._outage:
             logger.debug("%s (still): %s", message, exc, exc_info=exc)
             return
-        if last is not None and now - last < _OUTAGE_WARNING_EVERY:
+        if now - last < _OUTAGE_WARNING_EVERY:
             logger.debug("%s (within a minute of the last warning): %s", message, exc, exc_info=exc)
             return
         self._warned = True
-        self._warned_kinds = {  # (the kinds warned about in the last minute, this one last)
-            k: at for k, at in self._warned_kinds.items() if now - at < _OUTAGE_WARNING_EVERY
+        self._warned_kinds = {
+            k: (n, at)
+            for k, (n, at) in self._warned_kinds.items()
+            if k != kind and (n == self._outage or now - at < _OUTAGE_WARNING_EVERY)
         }
-        self._warned_kinds.pop(kind, None)
-        self._warned_kinds[kind] = now
-        while len(self._warned_kinds) > _OUTAGE_KINDS:
+        self._warned_kinds[kind] = (self._outage, now)
+        while len(self._warned_kinds) > _OUTAGE_KINDS:  # the oldest go
             del self._warned_kinds[next(iter(self._warned_kinds))]
         lasted = now - self._since
         logger.warning(
@@ -2202,12 +2206,13 @@ class _Outage:
 
 def _failure_kind(exc: BaseException) -> str:
     """What tells one failure from another for :class:`_Outage`'s limit: the error's type
-    and the first line of its message without its numbers (ports, ids, counts, seconds)."""
+    and the first line of its message without its numbers (ports, ids, counts, seconds,
+    hexadecimal names such as a temporary file's or an address)."""
     text = str(exc).partition("\n")[0][:300]
     return f"{type(exc).__qualname__}: {_NUMBERS.sub('#', text)}"
 
 
-_NUMBERS = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}|\d+(?:\.\d+)?")
+_NUMBERS = re.compile(r"0[xX][0-9a-fA-F]+|\b[0-9a-fA-F]*\d[0-9a-fA-F]*\b|\d+")
 
 
 def _store_failure(exc: Exception) -> TypeGuard[StorageError]:

@@ -392,7 +392,7 @@ main();
 
 
 def main() -> None:
-    from serving import add_arguments, run  # (beside this file: copy it along)
+    from serving import add_arguments, run  # beside this file (in a package: .serving)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     add_arguments(parser, port=8000)

@@ -19,6 +19,9 @@ from typing import Any
 
 import anyio
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 logger = logging.getLogger("serving")
 
 GRACE = 2  # seconds the server gives open requests once it stops
@@ -72,9 +75,17 @@ def run(
             await serve_app(app, config, shutdown_trigger=stop.wait)
             tg.cancel_scope.cancel()  # (on_signals)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(hypercorn)  # not in this task: hypercorn leaves it marked cancelled
-            await on_signals()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hypercorn)  # not in this task: hypercorn leaves it cancelled
+                await on_signals()
+        except BaseExceptionGroup as group:  # hypercorn's own error (a port in use), alone
+            error: BaseException = group
+            while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+                error = error.exceptions[0]
+            if error is group:
+                raise
+            raise error from None
 
     if worker_class == "trio":
         import trio

@@ -13,12 +13,14 @@ Protocol (JSON text frames)::
 
 A message must carry this connection's live session id: an unknown, foreign, malformed
 or expired id gets an error and the socket is closed. When the connection ends its
-session is closed: EXITED after a clean end (a "bye" message, or a close frame with code
-1000/1001), ABNORMAL after an abrupt disconnect, a protocol error or a server error.
+session is closed: EXITED after a clean end (a "bye" message, a close frame with code
+1000/1001, or the server stopping), ABNORMAL after an abrupt disconnect, a protocol error
+or a server error.
 Hypercorn reports every client-initiated close as code 1006 (pgjones/hypercorn#127), so
 there only "bye" ends a session cleanly; uvicorn passes the client's close code on.
 When the server stops (Ctrl+C, SIGTERM) the open connections are closed with 1001
-(going away), their sessions EXITED, and so is one that begins as it stops:
+(going away; uvicorn closes them itself, with 1012), their sessions EXITED, and so is one
+that begins as it stops:
 ``app.state.end_connections()``, which ``main()`` awaits on each signal (see
 ``serving.py``: hypercorn's asyncio worker on Python 3.12+ waits for open connections
 without end, pgjones/hypercorn#308). ``GET /sessions/{id}`` shows a session's status (an
@@ -53,7 +55,7 @@ import asyncsession as s
 logger = logging.getLogger("websocket_gateway")
 
 DEFAULT_STORE = "sqlite:///gateway.db"
-CLEAN_CLOSE_CODES = frozenset({1000, 1001})
+CLEAN_CLOSE_CODES = frozenset({1000, 1001, 1012})  # 1012: uvicorn stopping
 BAD_SESSION = 4401
 POLICY_VIOLATION = 1008
 TOO_BIG = 1009
@@ -218,7 +220,7 @@ def create_app(manager: Callable[[], s.SessionManager] | str | None = None) -> S
 
 
 def main() -> None:
-    from serving import add_arguments, run  # (beside this file: copy it along)
+    from serving import add_arguments, run  # beside this file (in a package: .serving)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     add_arguments(parser, port=8001)

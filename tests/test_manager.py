@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -1728,6 +1729,67 @@ async def test_outages_within_a_minute_of_a_warning_are_not_warned_about_again(
     else:
         assert len(warned) == 4
         assert back == ["INFO", "INFO", "INFO", "INFO"]
+
+
+def outage_log(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    steps: Sequence[tuple[float, str | None]],
+) -> list[tuple[float, str]]:
+    """Drive one recurring job's outage log (``_Outage``) by hand: at each (time, error)
+    step the job fails with that ``StorageError`` message, or works (None); return the
+    times and levels of the lines above debug level."""
+    now = [0.0]
+    monkeypatch.setattr(asyncsession._manager, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    caplog.set_level(logging.INFO, logger="asyncsession")
+    job = asyncsession._manager._Outage("the job")
+    lines = []
+    for now[0], error in steps:
+        caplog.clear()
+        if error is None:
+            job.worked()
+        else:
+            job.failed(s.StorageError(error), "the job failed")
+        lines += [(now[0], r.levelname) for r in caplog.records]
+    return lines
+
+
+def test_a_failure_is_one_kind_whatever_numbers_and_hexadecimal_names_it_holds(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file store's temporary names (hexadecimal) made every full-disk failure a
+    kind of its own: one warning a failure (helper-228)."""
+    full = "Could not write /d/.tmp-{}.json: No space left on device [errno 28]"
+    names = ["4ac70eea-50e2cdd5", "9bc70eff-10e2aaa5", "0bad1dea-77aa00ff", "deadbee5-c0ffee00"]
+    steps = [(float(i), full.format(name)) for i, name in enumerate(names)]
+    assert outage_log(monkeypatch, caplog, [*steps, (9, None)]) == [(0, "WARNING"), (9, "INFO")]
+
+
+def test_kinds_warned_about_in_an_outage_are_not_warned_about_again_in_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kind warned about more than a minute earlier in the same outage was warned about
+    again; and with the clock not moving between a warning, the end of its outage and the
+    next failure (a coarse clock), that next outage was never warned about (helper-228)."""
+    steps: list[tuple[float, str | None]] = [(0, "A"), (1, "B"), (100, "C"), (101, "A"), (102, "B")]
+    assert outage_log(monkeypatch, caplog, steps) == [
+        (0, "WARNING"),
+        (1, "WARNING"),
+        (100, "WARNING"),
+    ]
+    same_tick: list[tuple[float, str | None]] = [
+        (0, "A"),
+        (0, None),
+        (0, "A"),
+        (61, "A"),
+        (62, None),
+    ]
+    assert outage_log(monkeypatch, caplog, same_tick) == [
+        (0, "WARNING"),
+        (0, "INFO"),
+        (61, "WARNING"),  # the outage that began at 0, within the minute, goes on
+        (62, "INFO"),
+    ]
 
 
 async def test_another_kind_of_failure_within_a_minute_of_a_warning_is_warned_about(
