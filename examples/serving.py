@@ -43,11 +43,10 @@ def run(
 ) -> None:
     """Serve ``app`` as ``options`` (from :func:`add_arguments`) say, until SIGINT or
     SIGTERM."""
-    server, worker_class = options.server, options.worker_class
     host, port = options.host, options.port
-    if server == "uvicorn" and worker_class != "asyncio":
-        sys.exit("uvicorn runs on asyncio only: pass --worker-class asyncio")
-    if server == "uvicorn":
+    if options.server == "uvicorn":
+        if options.worker_class != "asyncio":
+            sys.exit("uvicorn runs on asyncio only: pass --worker-class asyncio")
         import uvicorn
 
         # uvicorn ends open websockets itself, but waits for an open stream without end
@@ -87,7 +86,7 @@ def run(
                 raise
             raise error from None
 
-    if worker_class == "trio":
+    if options.worker_class == "trio":
         import trio
         from hypercorn.trio import serve as trio_serve
 
